@@ -1,0 +1,220 @@
+"""The worker↔delivery channel: length-prefixed frames on an AF_UNIX stream, bodies as fds.
+
+Each worker holds its own stream connection to the delivery process (the master owns the
+listening socket, so a restarted delivery process is simply reconnected to). A frame is
+
+    !II header-length body-length | header (JSON, UTF-8) | inline body (body-length bytes)
+
+Small bodies ride inline; a large one is written by the worker to an unlinked temp file whose
+descriptor travels in SCM_RIGHTS ancillary data attached to the frame's first byte (header
+`"fd": true`), so a 25 MiB message costs the channel a few hundred bytes and never stalls other
+sessions. Requests carry an `id`; the delivery process answers each with a header-only frame
+`{"id", "code", "status", "text"}` once the message is durable (or has failed).
+
+Both directions are non-blocking and buffered and both ends always keep reading, so neither side
+can block the other (the write–write deadlock of a naive pipe design). See docs/channel.md.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import json
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+PREFIX = struct.Struct("!II")
+MAX_HEADER = 1 << 20
+MAX_INLINE = 256 * 1024
+_FD_SPACE = socket.CMSG_SPACE(64 * array.array("i").itemsize)
+_READ_SIZE = 256 * 1024
+
+FrameHandler = Callable[[dict[str, Any], bytes, int | None], None]
+
+
+class ChannelError(Exception):
+    """The peer broke the framing; the connection is closed."""
+
+
+class Channel:
+    """One end of a channel connection, driven by the running asyncio loop."""
+
+    def __init__(
+        self, sock: socket.socket, on_frame: FrameHandler, on_close: Callable[[], None]
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._on_frame = on_frame
+        self._on_close = on_close
+        self._in = bytearray()
+        self._fds: collections.deque[int] = collections.deque()
+        self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self._writing = False
+        self.closed = False
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def send(self, header: dict[str, Any], body: bytes = b"", fd: int | None = None) -> None:
+        """Queue one frame. The channel owns `fd` from here on and closes it once sent."""
+        if self.closed:
+            if fd is not None:
+                os.close(fd)
+            raise ConnectionError("channel closed")
+        if fd is not None:
+            header = {**header, "fd": True}
+        encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
+        self._out.append((PREFIX.pack(len(encoded), len(body)) + encoded + body, _fds(fd)))
+        if not self._writing:
+            self._flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            self._loop.remove_writer(self.sock.fileno())
+        for _, fds in self._out:
+            for fd in fds:
+                os.close(fd)
+        for fd in self._fds:
+            os.close(fd)
+        self._out.clear()
+        self._fds.clear()
+        self.sock.close()
+        self._on_close()
+
+    def _flush(self) -> None:
+        while self._out:
+            data, fds = self._out[0]
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            try:
+                sent = self.sock.sendmsg([data], ancillary if fds else [])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            for fd in fds:
+                os.close(fd)
+            if sent < len(data):
+                self._out[0] = (data[sent:], [])
+            else:
+                self._out.popleft()
+        want_writer = bool(self._out)
+        if want_writer != self._writing:
+            if want_writer:
+                self._loop.add_writer(self.sock.fileno(), self._flush)
+            else:
+                self._loop.remove_writer(self.sock.fileno())
+            self._writing = want_writer
+
+    def _readable(self) -> None:
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(_READ_SIZE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self._fds.extend(fds)
+        if not data:
+            self.close()
+            return
+        self._in += data
+        try:
+            self._parse()
+        except ChannelError:
+            self.close()
+
+    def _parse(self) -> None:
+        while len(self._in) >= PREFIX.size and not self.closed:
+            header_len, body_len = PREFIX.unpack_from(self._in)
+            if header_len > MAX_HEADER:
+                raise ChannelError("header too large")
+            end = PREFIX.size + header_len + body_len
+            if len(self._in) < end:
+                return
+            try:
+                header = json.loads(self._in[PREFIX.size : PREFIX.size + header_len])
+            except ValueError as exc:
+                raise ChannelError("bad header") from exc
+            body = bytes(self._in[PREFIX.size + header_len : end])
+            del self._in[:end]
+            fd = None
+            if header.get("fd"):
+                if not self._fds:
+                    raise ChannelError("frame announces a descriptor that did not arrive")
+                fd = self._fds.popleft()
+            self._on_frame(header, body, fd)
+
+
+def _fds(fd: int | None) -> list[int]:
+    return [] if fd is None else [fd]
+
+
+class Client:
+    """The worker's side: request/answer over one channel, reconnecting when it breaks."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._channel: Channel | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 0
+
+    async def request(
+        self, header: dict[str, Any], body: bytes = b"", fd: int | None = None
+    ) -> dict[str, Any]:
+        """Send one request and wait for its answer; raises on timeout or a broken channel."""
+        channel = self._channel if self._channel and not self._channel.closed else None
+        if channel is None:
+            try:
+                channel = self._channel = await self._connect()
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+        self._next_id += 1
+        request_id = self._next_id
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            channel.send({**header, "id": request_id}, body, fd)
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _connect(self) -> Channel:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, self.path)
+        except BaseException:
+            sock.close()
+            raise
+        return Channel(sock, self._answered, self._broken)
+
+    def _answered(self, header: dict[str, Any], body: bytes, fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)
+        future = self._pending.get(header.get("id", -1))
+        if future is not None and not future.done():
+            future.set_result(header)
+
+    def _broken(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("delivery process went away"))
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()

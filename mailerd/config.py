@@ -1,0 +1,343 @@
+"""Configuration: the command-line and INI contract turned into one frozen `Config`.
+
+`load(argv)` parses options (getopt-style, short and long, via argparse), reads the INI file
+named by `-c` (or the default one when it exists), lets the command line override it, and
+validates every value. Any problem raises `ConfigError` naming the option; `cli` turns that
+into exit status 2. Nothing here binds or opens anything except the config file itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailerd import __version__
+
+DEFAULT_CONFIG = "/etc/mailerd/mailerd.conf"
+DEFAULT_SPOOL = "/var/spool/mail"
+DEFAULT_QUEUE = "/var/spool/mailerd"
+DEFAULT_MAX_MESSAGE_SIZE = 26214400
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_MAX_ERRORS = 20
+DEFAULT_MAX_SESSIONS = 1000
+DEFAULT_MAX_SESSIONS_PER_IP = 50
+
+
+class ConfigError(Exception):
+    """A bad option or config value; the message names it."""
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """One listening endpoint and the trust its clients get (from the option, not the address)."""
+
+    host: str
+    port: int
+    trusted: bool
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    spool: Path
+    queue: Path
+    domains: tuple[str, ...]
+    listeners: tuple[ListenAddress, ...]
+    hostname: str
+    workers: int
+    user: str | None = None
+    foreground: bool = False
+    pidfile: Path | None = None
+    config_file: Path | None = None
+    dns_server: tuple[str, int] | None = None
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    timeout: float = DEFAULT_TIMEOUT
+    max_errors: int = DEFAULT_MAX_ERRORS
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_sessions_per_ip: int = DEFAULT_MAX_SESSIONS_PER_IP
+    verbose: bool = False
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+# (long name, short letter or None, takes a value, repeatable, help)
+OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
+    ("config", "c", True, False, "INI config file (default /etc/mailerd/mailerd.conf if present)"),
+    ("spool", "s", True, False, "mailbox root (default /var/spool/mail)"),
+    ("domain", "d", True, True, "a local domain; repeatable (default: the FQDN and localhost)"),
+    ("queue", "q", True, False, "outbound queue and state (default /var/spool/mailerd)"),
+    ("port", "p", True, False, "default port of every listener (default 25)"),
+    ("listen-local", "l", True, True, "trusted listener ADDR[:PORT]; repeatable; 'none' for none"),
+    ("listen-network", "n", True, True, "untrusted listener ADDR[:PORT]; repeatable; 'none'"),
+    ("interface", "i", True, False, "interface of the default untrusted listener"),
+    ("hostname", "H", True, False, "name in the banner, EHLO reply and Received headers"),
+    ("workers", "w", True, False, "worker processes (default: CPU count)"),
+    ("user", "u", True, False, "drop privileges to this user after binding"),
+    ("foreground", "f", False, False, "do not daemonize; log to stderr"),
+    ("pidfile", "P", True, False, "write the master's pid here"),
+    ("dns-server", None, True, False, "resolver IP[:PORT] instead of /etc/resolv.conf"),
+    ("max-message-size", None, True, False, "SIZE limit in bytes (default 26214400)"),
+    ("timeout", None, True, False, "idle/command timeout, e.g. 30s, 5m (default 5m)"),
+    ("max-errors", None, True, False, "bad commands tolerated per session (default 20)"),
+    ("max-sessions", None, True, False, "total concurrent sessions (default 1000)"),
+    ("max-sessions-per-ip", None, True, False, "sessions per client IP on untrusted listeners"),
+    ("verbose", "v", False, False, "log more, including the SMTP dialogue"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error and exit status 2, as the contract says."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mailerd",
+        description="A lightweight personal mail server.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, short, takes_value, repeatable, text in OPTIONS:
+        flags = [f"-{short}", f"--{name}"] if short else [f"--{name}"]
+        dest = name.replace("-", "_")
+        if not takes_value:
+            parser.add_argument(*flags, dest=dest, action="store_true", help=text)
+        elif repeatable:
+            parser.add_argument(*flags, dest=dest, action="append", metavar="VALUE", help=text)
+        else:
+            parser.add_argument(*flags, dest=dest, metavar="VALUE", help=text)
+    parser.add_argument("-V", "--version", action="version", version=f"mailerd {__version__}")
+    return parser
+
+
+def load(argv: list[str]) -> Config:
+    """Parse argv (without the program name) and the config file into a validated Config."""
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.get("config")
+    raw: dict[str, object] = {}
+    if config_path is not None or os.path.exists(DEFAULT_CONFIG):
+        raw.update(read_ini(config_path or DEFAULT_CONFIG))
+    raw.update(args)
+    return from_values(raw, Path(str(raw["config"])) if raw.get("config") else None)
+
+
+def read_ini(path: str) -> dict[str, object]:
+    """Read the [mailerd] section; keys are long option names, lists split on commas/space."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}".replace("\n", " ")) from exc
+    if not parser.has_section("mailerd"):
+        raise ConfigError(f"config file {path}: no [mailerd] section")
+    known = {name: (takes, rep) for name, _, takes, rep, _ in OPTIONS}
+    values: dict[str, object] = {"config": path}
+    for key, value in parser.items("mailerd"):
+        if key not in known or key == "config":
+            raise ConfigError(f"config file {path}: unknown key '{key}'")
+        takes_value, repeatable = known[key]
+        dest = key.replace("-", "_")
+        if not takes_value:
+            values[dest] = _parse_bool(key, value)
+        elif repeatable:
+            values[dest] = [v for v in re.split(r"[,\s]+", value) if v]
+        else:
+            values[dest] = value.strip()
+    return values
+
+
+def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
+    """Validate merged raw values (strings, lists, bools) into a Config."""
+    port = _parse_int("port", raw.get("port", "25"), 1, 65535)
+    local = _listen_list("listen-local", raw.get("listen_local"), port, True)
+    network = _listen_list("listen-network", raw.get("listen_network"), port, False)
+    if local is None:
+        local = [ListenAddress(h, port, True) for h in loopback_addresses()]
+    if network is None:
+        iface = str(raw.get("interface") or default_interface() or "")
+        network = [ListenAddress(h, port, False) for h in interface_addresses(iface)]
+    listeners = tuple(local + network)
+    if len(set((a.host, a.port) for a in listeners)) != len(listeners):
+        raise ConfigError("listen-local/listen-network: the same address is given twice")
+    fqdn = socket.getfqdn()
+    domains = tuple(_parse_domains(raw.get("domain") or [fqdn, "localhost"]))
+    return Config(
+        spool=Path(str(raw.get("spool", DEFAULT_SPOOL))),
+        queue=Path(str(raw.get("queue", DEFAULT_QUEUE))),
+        domains=domains,
+        listeners=listeners,
+        hostname=_parse_hostname(str(raw.get("hostname") or fqdn)),
+        workers=_parse_int("workers", raw.get("workers", os.cpu_count() or 1), 1, 256),
+        user=str(raw["user"]) if raw.get("user") else None,
+        foreground=bool(raw.get("foreground", False)),
+        pidfile=Path(str(raw["pidfile"])) if raw.get("pidfile") else None,
+        config_file=config_file,
+        dns_server=_parse_dns(raw["dns_server"]) if raw.get("dns_server") else None,
+        max_message_size=_parse_int(
+            "max-message-size", raw.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE), 1, 2**40
+        ),
+        timeout=parse_duration("timeout", raw.get("timeout", DEFAULT_TIMEOUT)),
+        max_errors=_parse_int("max-errors", raw.get("max_errors", DEFAULT_MAX_ERRORS), 0, 10**6),
+        max_sessions=_parse_int(
+            "max-sessions", raw.get("max_sessions", DEFAULT_MAX_SESSIONS), 1, 10**7
+        ),
+        max_sessions_per_ip=_parse_int(
+            "max-sessions-per-ip",
+            raw.get("max_sessions_per_ip", DEFAULT_MAX_SESSIONS_PER_IP),
+            1,
+            10**7,
+        ),
+        verbose=bool(raw.get("verbose", False)),
+    )
+
+
+def _parse_int(name: str, value: object, low: int, high: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"--{name}: not a whole number: '{value}'") from None
+    if not low <= number <= high:
+        raise ConfigError(f"--{name}: {number} is out of range {low}..{high}")
+    return number
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off", ""):
+        return False
+    raise ConfigError(f"--{name}: not a boolean: '{value}'")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(name: str, value: object) -> float:
+    """'30s', '5m', '1h', '2d' or plain seconds → seconds (float, > 0)."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"--{name}: not a duration (like 30s, 5m, 1h): '{value}'")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_address(name: str, text: str, default_port: int) -> tuple[str, int]:
+    """ADDR[:PORT] → (host, port). ADDR is 1.2.3.4, ::1, [::1]:2525 or 127.0.0.1:2525."""
+    text = text.strip()
+    host, port = text, default_port
+    bracketed = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text)
+    if bracketed:
+        host = bracketed.group(1)
+        if bracketed.group(2):
+            port = _parse_int(name, bracketed.group(2), 1, 65535)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = _parse_int(name, port_text, 1, 65535)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        raise ConfigError(f"--{name}: not an IP address[:port]: '{text}'") from None
+
+
+def _listen_list(
+    name: str, values: object, port: int, trusted: bool
+) -> list[ListenAddress] | None:
+    if values is None:
+        return None
+    items = [str(v) for v in values]  # type: ignore[attr-defined]
+    if [v.lower() for v in items] == ["none"]:
+        return []
+    return [ListenAddress(*parse_address(name, item, port), trusted) for item in items]
+
+
+def _parse_dns(value: object) -> tuple[str, int]:
+    return parse_address("dns-server", str(value), 53)
+
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def _parse_domains(values: object) -> list[str]:
+    domains = []
+    for value in values:  # type: ignore[attr-defined]
+        domain = str(value).strip().lower().rstrip(".")
+        if not domain or not all(_LABEL.match(label) for label in domain.split(".")):
+            raise ConfigError(f"--domain: not a domain name: '{value}'")
+        domains.append(domain)
+    return domains
+
+
+def _parse_hostname(value: str) -> str:
+    name = value.strip().rstrip(".")
+    if not name or not all(_LABEL.match(label) for label in name.lower().split(".")):
+        raise ConfigError(f"--hostname: not a host name: '{value}'")
+    return name
+
+
+def loopback_addresses() -> list[str]:
+    addresses = ["127.0.0.1"]
+    if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
+        addresses.append("::1")
+    return addresses
+
+
+def default_interface() -> str | None:
+    """The interface of the IPv4 default route, from /proc/net/route."""
+    try:
+        with open("/proc/net/route") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == "00000000":
+                    return fields[0]
+    except OSError:
+        pass
+    return None
+
+
+def interface_addresses(iface: str) -> list[str]:
+    """The IPv4 and global IPv6 addresses of an interface (link-local ones need a scope)."""
+    if not iface:
+        return []
+    found = []
+    ipv4 = _ipv4_address(iface)
+    if ipv4:
+        found.append(ipv4)
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) == 6 and fields[5] == iface and fields[3] == "00":
+                    found.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
+    except OSError:
+        pass
+    return found
+
+
+def _ipv4_address(iface: str) -> str | None:
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", iface.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])

@@ -1,0 +1,60 @@
+"""Listening sockets: the only place that binds. The master opens them all before forking."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from mailerd.config import ListenAddress
+
+BACKLOG = 4096
+
+
+def bind(listen: ListenAddress) -> socket.socket:
+    """A listening TCP socket for one address, inheritable by the forked workers."""
+    sock = socket.socket(listen.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if listen.family == socket.AF_INET6:
+            # One socket per family, so [::] never swallows the IPv4 port (and vice versa).
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def bind_all(listens: tuple[ListenAddress, ...]) -> list[tuple[socket.socket, ListenAddress]]:
+    bound: list[tuple[socket.socket, ListenAddress]] = []
+    try:
+        for listen in listens:
+            try:
+                bound.append((bind(listen), listen))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from exc
+    except OSError:
+        for sock, _ in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """The delivery service socket (mode 0600 in a 0700 directory: only we may submit mail)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(BACKLOG)
+    sock.set_inheritable(True)
+    return sock

@@ -1,0 +1,75 @@
+"""Relay policy and local-recipient naming: pure verdicts, no I/O ("never an open relay").
+
+`route()` decides, for one RCPT address and the trust of the listener it arrived on, whether it
+is a local mailbox, a remote address to queue, or refused (with the exact reply). Only the domain
+after the last `@` decides (the SMTP grammar has already stripped any source route); `%`, `!` and
+quoted local parts are never re-parsed as routing. Whether a local mailbox *exists* is I/O and is
+asked by the caller (`mailbox.Spool.exists`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailerd.smtp.events import Address, Reply
+
+POSTMASTER = "postmaster"
+
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+ROUTING_DENIED = Reply(554, "5.7.1", "Relay access denied: sender-specified routing not allowed")
+BAD_MAILBOX = Reply(550, "5.1.3", "Bad destination mailbox address syntax")
+NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
+
+# Characters that route mail in old conventions (user%host, host!user, "user@host"@here).
+_ROUTING_CHARS = frozenset("%!@")
+
+
+@dataclass(frozen=True)
+class Local:
+    mailbox: str
+
+
+@dataclass(frozen=True)
+class Remote:
+    domain: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    reply: Reply
+
+
+Route = Local | Remote | Refused
+
+
+def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
+    """A domain is local if it equals, or ends in '.' + , one of the configured suffixes."""
+    domain = domain.lower().rstrip(".")
+    return any(domain == d or domain.endswith("." + d) for d in local_domains)
+
+
+def route(address: Address, *, trusted: bool, local_domains: tuple[str, ...]) -> Route:
+    if address.domain == "":
+        # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted.
+        if address.local.lower() == POSTMASTER:
+            return Local(POSTMASTER)
+        return Refused(BAD_MAILBOX)
+    if not is_local_domain(address.domain, local_domains):
+        return Remote(address.domain.lower()) if trusted else Refused(RELAY_DENIED)
+    if not trusted and _ROUTING_CHARS.intersection(address.local):
+        return Refused(ROUTING_DENIED)
+    name = mailbox_name(address.local)
+    return Local(name) if name is not None else Refused(BAD_MAILBOX)
+
+
+def mailbox_name(local_part: str) -> str | None:
+    """The spool directory name for a local part, or None when it could escape the spool.
+
+    Lower-cased; a `+tag` suffix is dropped (user+tag delivers to user).
+    """
+    name = local_part.lower().split("+", 1)[0]
+    if not name or name.startswith(".") or "/" in name:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return None
+    return name

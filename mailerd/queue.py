@@ -1,0 +1,106 @@
+"""The durable outbound queue under `--queue`: one message file and one envelope file per item.
+
+Layout (all under the queue directory):
+- `msg/<id>`: the message as it will be sent (our Received: header + the received body, CRLF).
+- `env/<id>`: JSON envelope with per-recipient state. It is written after the message and its
+  rename is the commit point: a `msg/` file without an envelope is debris from a crash before
+  the commit (nobody was told 250) and is removed at start-up.
+- `tmp/`: unlinked spill files for large bodies in transit; `private/`: the delivery socket.
+
+Every change is write-new, fsync, rename, fsync the directory. Only the delivery process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mailerd import durable, trace
+
+SUBDIRS = ("msg", "env", "tmp", "private")
+
+
+@dataclass
+class Recipient:
+    address: str
+    mailbox: str | None = None  # set for a local recipient whose delivery is being retried
+    state: str = "pending"  # pending | sent | bounced
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class Envelope:
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    created: float = field(default_factory=time.time)
+    next_attempt: float = 0.0
+    size: int = 0
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Envelope:
+        raw = json.loads(data)
+        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
+        return cls(**raw)
+
+
+class Queue:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def create_dirs(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        for sub in SUBDIRS:
+            (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+
+    def put(self, envelope: Envelope, head: bytes, body: durable.Body) -> None:
+        """Store a new item durably (message first, envelope last as the commit point)."""
+        msg = str(self.root / "msg" / envelope.id)
+        durable.write_synced(msg, head, body)
+        durable.fsync_dir(str(self.root / "msg"))
+        envelope.size = os.path.getsize(msg)
+        self.update(envelope)
+
+    def update(self, envelope: Envelope) -> None:
+        """Atomically replace an item's envelope (recipient states, next attempt)."""
+        durable.replace_synced(str(self.root / "env" / envelope.id), envelope.to_json())
+        durable.fsync_dir(str(self.root / "env"))
+
+    def remove(self, queue_id: str) -> None:
+        for path in (self.root / "env" / queue_id, self.root / "msg" / queue_id):
+            path.unlink(missing_ok=True)
+        durable.fsync_dir(str(self.root / "env"))
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.root / "msg" / queue_id
+
+    def load(self) -> list[Envelope]:
+        """All committed items; removes crash debris (messages without envelopes, temp files)."""
+        envelopes = []
+        env_dir = self.root / "env"
+        for name in sorted(os.listdir(env_dir)):
+            if ".tmp" in name:
+                (env_dir / name).unlink(missing_ok=True)
+                continue
+            try:
+                envelopes.append(Envelope.from_json((env_dir / name).read_bytes()))
+            except (ValueError, TypeError, KeyError):
+                continue  # unreadable: leave it for a human rather than lose it
+        known = {e.id for e in envelopes} | set(os.listdir(env_dir))
+        for name in os.listdir(self.root / "msg"):
+            if name not in known:
+                (self.root / "msg" / name).unlink(missing_ok=True)
+        return envelopes
+
+
+def new_envelope(sender: str, recipients: list[Recipient], **kw: object) -> Envelope:
+    return Envelope(id=trace.new_id(), sender=sender, recipients=recipients, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,62 @@
+"""Trace information: queue ids and the Received:/Return-Path: headers (RFC 5321 §4.4). Pure."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import re
+import time
+
+_UNSAFE = re.compile(r"[^\x21-\x7e\u0080-\U0010ffff]")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+_ID_ALPHABET = "0123456789ABCDEFGHJKLMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
+
+
+def new_id() -> str:
+    """A sortable, collision-resistant id: milliseconds since the epoch + 40 random bits."""
+    number = (int(time.time() * 1000) << 40) | int.from_bytes(os.urandom(5), "big")
+    digits = []
+    while number:
+        number, rest = divmod(number, 32)
+        digits.append(_ID_ALPHABET[rest])
+    return "".join(reversed(digits))
+
+
+def _clean(text: str) -> str:
+    """Header-safe: one token, no controls or spaces (a hostile EHLO must not add headers)."""
+    return _UNSAFE.sub("?", text)[:255] or "unknown"
+
+
+def _path(address: str) -> str:
+    """An address for inside <>: controls removed, so it cannot break the header."""
+    return _CONTROLS.sub("", address)
+
+
+def received(
+    *,
+    helo: str,
+    peer_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipient: str | None,
+    when: float | None = None,
+) -> bytes:
+    """A Received: header, folded over three lines, CRLF-terminated.
+
+    `protocol` is the RFC 3848 WITH keyword: SMTP, ESMTP, UTF8SMTP. `recipient` is given only
+    when the message has exactly one, so other recipients are not disclosed.
+    """
+    peer = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
+    date = email.utils.formatdate(when, localtime=True)
+    for_clause = f"\r\n\tfor <{_path(recipient)}>" if recipient else ""
+    text = (
+        f"Received: from {_clean(helo)} ([{peer}])\r\n"
+        f"\tby {hostname} (mailerd) with {protocol} id {queue_id}{for_clause};\r\n"
+        f"\t{date}\r\n"
+    )
+    return text.encode("utf-8")
+
+
+def return_path(sender: str) -> bytes:
+    return f"Return-Path: <{_path(sender)}>\r\n".encode()

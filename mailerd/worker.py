@@ -1,0 +1,325 @@
+"""A worker process: accepts on the inherited listeners and runs many SMTP sessions at once.
+
+Each connection is an asyncio Protocol that moves bytes between the socket and a sans-I/O
+`smtp.Session`; the only decisions made here are the ones that need I/O or a clock: session caps
+at connect, the idle timeout, whether a local mailbox exists, and committing a finished message
+through the delivery channel (the 250 is sent only after the delivery process says "durable").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import os
+import signal
+import socket
+from typing import Any
+
+from setproctitle import setproctitle
+
+from mailerd import policy
+from mailerd.channel import MAX_INLINE, Client
+from mailerd.config import Config, ListenAddress
+from mailerd.mailbox import Spool
+from mailerd.smtp import (
+    NEED_DATA,
+    PAUSED,
+    Address,
+    BodyData,
+    CloseConnection,
+    Envelope,
+    MessageAborted,
+    MessageComplete,
+    Reply,
+    Session,
+    SessionConfig,
+)
+
+log = logging.getLogger("mailerd.worker")
+
+COMMIT_TIMEOUT = 120.0  # well below the client's 10 min wait for the final reply (RFC 5321 4.5.3.2)
+SHUTDOWN_GRACE = 10.0
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
+COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
+
+
+class BodyBuffer:
+    """The message body in transit: in memory while small, then an unlinked temp file."""
+
+    def __init__(self, spill_dir: str) -> None:
+        self._spill_dir = spill_dir
+        self._memory = bytearray()
+        self._fd: int | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None and len(self._memory) + len(data) <= MAX_INLINE:
+            self._memory += data
+            return
+        if self._fd is None:
+            self._fd = os.open(self._spill_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            self._write(bytes(self._memory))
+            self._memory = bytearray()
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]  # type: ignore[arg-type]
+
+    def take(self) -> tuple[bytes, int | None]:
+        """Hand over the body (bytes, or a descriptor the caller now owns) and reset."""
+        body, fd = bytes(self._memory), self._fd
+        self._memory, self._fd = bytearray(), None
+        return body, fd
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._memory, self._fd = bytearray(), None
+
+
+class Connection(asyncio.Protocol):
+    """One SMTP session: socket bytes ↔ Session events."""
+
+    def __init__(self, worker: Worker, listen: ListenAddress) -> None:
+        self.worker = worker
+        self.listen = listen
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.peer = "?"
+        self.body = BodyBuffer(worker.spill_dir)
+        self.committing = False
+        self.closing = False
+        self.last_activity = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else "?"
+        refusal = self.worker.admit(self)
+        if refusal is not None:
+            log.info("refused connection from [%s]: %s", self.peer, refusal.text)
+            transport.write(refusal.to_bytes())  # type: ignore[attr-defined]
+            transport.close()
+            return
+        log.debug("connect from [%s] on %s", self.peer, self.listen)
+        self.session = Session(self.worker.session_config, self.check_recipient)
+        self.last_activity = self.worker.loop.time()
+        self.timer = self.worker.loop.call_later(self.worker.cfg.timeout, self.check_timeout)
+        self.pump()
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None or self.closing:
+            return
+        self.last_activity = self.worker.loop.time()
+        self.session.receive_data(data)
+        self.pump()
+
+    def eof_received(self) -> bool:
+        if self.session is not None and not self.closing:
+            self.session.receive_data(b"")
+            self.pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.committing:
+            self.body.discard()
+        if self.session is not None:
+            log.debug("disconnect from [%s]", self.peer)
+        self.worker.release(self)
+
+    # -- session driving -------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Run the session until it needs input or waits on a commit; send what it said."""
+        assert self.session is not None and self.transport is not None
+        out = []
+        while True:
+            event = self.session.next_event()
+            if event is NEED_DATA:
+                break
+            if event is PAUSED:
+                self.transport.pause_reading()
+                break
+            if isinstance(event, Reply):
+                out.append(event.to_bytes())
+            elif isinstance(event, BodyData):
+                self.body.write(event.data)
+            elif isinstance(event, MessageComplete):
+                self.committing = True
+                asyncio.create_task(self.commit(event.envelope))
+            elif isinstance(event, MessageAborted):
+                self.body.discard()
+            elif isinstance(event, CloseConnection):
+                self.close(out)
+                return
+        if out:
+            self.transport.write(b"".join(out))
+        if self.worker.stopping and self.idle():
+            self.close([SHUTTING_DOWN.to_bytes()])
+
+    def close(self, out: list[bytes]) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self.transport is not None:
+            if out:
+                self.transport.write(b"".join(out))
+            self.transport.close()
+
+    def idle(self) -> bool:
+        """Between transactions: safe to say 421 and go without losing anything in progress."""
+        return self.session is not None and not self.committing and self.session.idle
+
+    async def commit(self, envelope: Envelope) -> None:
+        body, fd = self.body.take()
+        try:
+            answer = await self.worker.delivery.request(self.commit_header(envelope), body, fd)
+            reply = Reply(int(answer["code"]), answer["status"], answer["text"])
+        except Exception as exc:  # timeout, broken channel: 451, never a 250 we cannot back
+            log.warning("commit for [%s] failed: %r", self.peer, exc)
+            reply = COMMIT_FAILED
+        self.committing = False
+        if self.closing or self.session is None:
+            return
+        self.session.commit_done(reply)
+        self.transport.resume_reading()  # type: ignore[union-attr]
+        self.last_activity = self.worker.loop.time()
+        self.pump()
+
+    def commit_header(self, envelope: Envelope) -> dict[str, Any]:
+        recipients = []
+        for address in envelope.recipients:
+            route = policy.route(
+                address, trusted=self.listen.trusted, local_domains=self.worker.cfg.domains
+            )
+            mailbox = route.mailbox if isinstance(route, policy.Local) else None
+            recipients.append({"address": str(address), "mailbox": mailbox})
+        protocol = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if envelope.esmtp else "SMTP")
+        return {
+            "sender": str(envelope.sender) if envelope.sender else "",
+            "recipients": recipients,
+            "helo": envelope.helo,
+            "peer": self.peer,
+            "protocol": protocol,
+            "body": envelope.body,
+            "smtputf8": envelope.smtputf8,
+        }
+
+    def check_recipient(self, address: Address) -> Reply | None:
+        route = policy.route(
+            address, trusted=self.listen.trusted, local_domains=self.worker.cfg.domains
+        )
+        if isinstance(route, policy.Refused):
+            return route.reply
+        if isinstance(route, policy.Local) and not self.worker.spool.exists(route.mailbox):
+            return policy.NO_SUCH_USER
+        return None
+
+    def check_timeout(self) -> None:
+        if self.closing or self.session is None:
+            return
+        loop = self.worker.loop
+        remaining = self.last_activity + self.worker.cfg.timeout - loop.time()
+        if self.committing or remaining > 0:
+            self.timer = loop.call_later(max(remaining, 1.0), self.check_timeout)
+            return
+        log.info("timeout for [%s]", self.peer)
+        self.close([self.session.timeout().to_bytes()])
+
+
+class Worker:
+    def __init__(
+        self, cfg: Config, listeners: list[tuple[socket.socket, ListenAddress]], slot: int
+    ) -> None:
+        self.cfg = cfg
+        self.listeners = listeners
+        self.slot = slot
+        self.spill_dir = str(cfg.queue / "tmp")
+        self.spool = Spool(cfg.spool)
+        self.session_config = SessionConfig(
+            hostname=cfg.hostname,
+            max_message_size=cfg.max_message_size,
+            max_errors=cfg.max_errors,
+        )
+        self.delivery = Client(str(cfg.queue / "private" / "delivery.sock"), COMMIT_TIMEOUT)
+        self.connections: set[Connection] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.max_sessions = max(1, math.ceil(cfg.max_sessions / cfg.workers))
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+
+    def admit(self, conn: Connection) -> Reply | None:
+        """Session caps at connect: total per worker, and per client IP on untrusted listeners."""
+        if self.stopping:
+            return SHUTTING_DOWN
+        if len(self.connections) >= self.max_sessions:
+            return Session.refuse(self.cfg.hostname, "Too many connections, try again later")
+        if not conn.listen.trusted and self.per_ip[conn.peer] >= self.cfg.max_sessions_per_ip:
+            return Session.refuse(self.cfg.hostname, "Too many connections from your address")
+        self.connections.add(conn)
+        self.per_ip[conn.peer] += 1
+        return None
+
+    def release(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.per_ip[conn.peer] -= 1
+            if self.per_ip[conn.peer] <= 0:
+                del self.per_ip[conn.peer]
+
+    async def main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, stop.set)
+        servers = [
+            await self.loop.create_server(
+                lambda listen=listen: Connection(self, listen), sock=sock, backlog=4096
+            )
+            for sock, listen in self.listeners
+        ]
+        watchdog = asyncio.create_task(self._watch_master(stop))
+        await stop.wait()
+        watchdog.cancel()
+        await self._shutdown(servers)
+
+    async def _watch_master(self, stop: asyncio.Event) -> None:
+        """Exit when the master is gone (we were re-parented), rather than linger unsupervised."""
+        parent = os.getppid()
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        stop.set()
+
+    async def _shutdown(self, servers: list[asyncio.AbstractServer]) -> None:
+        """Stop accepting; idle sessions get 421 now, busy ones after their transaction."""
+        self.stopping = True
+        for server in servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.idle():
+                conn.close([SHUTTING_DOWN.to_bytes()])
+        deadline = self.loop.time() + SHUTDOWN_GRACE
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if not conn.committing:
+                conn.close([SHUTTING_DOWN.to_bytes()])
+        while any(c.committing for c in self.connections) and self.loop.time() < deadline + 30:
+            await asyncio.sleep(0.05)
+        self.delivery.close()
+
+
+def run(cfg: Config, listeners: list[tuple[socket.socket, ListenAddress]], slot: int) -> int:
+    """Entry point of a forked worker process."""
+    setproctitle(f"mailerd: worker {slot}")
+    asyncio.run(Worker(cfg, listeners, slot).main())
+    return 0

@@ -1,0 +1,92 @@
+"""The command-line and INI contract."""
+
+import pytest
+
+from mailerd import config
+from mailerd.config import ConfigError, ListenAddress
+
+
+def load(*argv):
+    return config.load(["-l", "127.0.0.1", "-n", "none", *argv])
+
+
+def test_defaults():
+    cfg = config.load(["-n", "none"])
+    assert cfg.spool.as_posix() == "/var/spool/mail" and cfg.queue.as_posix() == "/var/spool/mailerd"
+    assert "localhost" in cfg.domains
+    assert ListenAddress("127.0.0.1", 25, True) in cfg.listeners
+    assert cfg.max_message_size == 26214400 and cfg.timeout == 300 and cfg.max_errors == 20
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1.2.3.4", ("1.2.3.4", 25)),
+        ("::1", ("::1", 25)),
+        ("[::1]:2525", ("::1", 2525)),
+        ("127.0.0.1:2525", ("127.0.0.1", 2525)),
+        ("[2001:db8::1]", ("2001:db8::1", 25)),
+    ],
+)
+def test_addresses(text, expected):
+    assert config.parse_address("listen-local", text, 25) == expected
+
+
+def test_listener_roles_come_from_the_option():
+    cfg = config.load(["-p", "2525", "-l", "127.0.0.1", "-n", "127.0.0.1:2526", "-n", "::1"])
+    assert cfg.listeners == (
+        ListenAddress("127.0.0.1", 2525, True),
+        ListenAddress("127.0.0.1", 2526, False),
+        ListenAddress("::1", 2525, False),
+    )
+
+
+def test_repeatable_domains_and_durations():
+    cfg = load("-d", "Example.org", "--domain", "example.net", "--timeout", "30s")
+    assert cfg.domains == ("example.org", "example.net") and cfg.timeout == 30
+    assert config.parse_duration("timeout", "5m") == 300
+    assert config.parse_duration("timeout", "1h") == 3600
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--bogus"], "--bogus"),
+        (["-w", "x"], "workers"),
+        (["--timeout", "5parsecs"], "timeout"),
+        (["-l", "1.2.3.999"], "listen-local"),
+        (["-p", "70000"], "port"),
+        (["-d", "bad domain"], "domain"),
+    ],
+)
+def test_bad_values_name_the_option(argv, names):
+    with pytest.raises(ConfigError) as info:
+        config.load(argv)
+    assert names in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_ini_file_and_command_line_override(tmp_path):
+    ini = tmp_path / "mailerd.conf"
+    ini.write_text(
+        "[mailerd]\nspool = /srv/mail\ndomain = a.example, b.example c.example\n"
+        "listen-local = 127.0.0.1:2600, [::1]:2600\nlisten-network = none\nworkers = 3\n"
+    )
+    cfg = config.load(["-c", str(ini)])
+    assert cfg.spool.as_posix() == "/srv/mail" and cfg.workers == 3
+    assert cfg.domains == ("a.example", "b.example", "c.example")
+    assert len(cfg.listeners) == 2
+    cfg = config.load(["-c", str(ini), "-w", "1", "-d", "z.example"])
+    assert cfg.workers == 1 and cfg.domains == ("z.example",)
+
+
+def test_ini_errors(tmp_path):
+    ini = tmp_path / "bad.conf"
+    ini.write_text("[mailerd]\nworkers = many\n")
+    with pytest.raises(ConfigError, match="workers"):
+        config.load(["-c", str(ini)])
+    ini.write_text("[mailerd]\ncolour = blue\n")
+    with pytest.raises(ConfigError, match="colour"):
+        config.load(["-c", str(ini)])
+    with pytest.raises(ConfigError, match="missing.conf"):
+        config.load(["-c", str(tmp_path / "missing.conf")])

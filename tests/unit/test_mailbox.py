@@ -1,0 +1,136 @@
+"""The spool contract: numbering, counter, status files, lockf between processes, durability."""
+
+import fcntl
+import multiprocessing
+import os
+import threading
+
+import pytest
+
+from mailerd.mailbox import Delivery, MailboxLocked, Spool, next_number
+
+
+def messages(spool_dir):
+    return sorted(int(n) for n in os.listdir(spool_dir) if n.isdigit())
+
+
+def test_numbers_start_at_one_with_recent_status(tmp_path):
+    spool = Spool(tmp_path)
+    assert spool.deliver("bob", [Delivery(b"H: 1\r\n", b"one\r\n")]) == [1]
+    assert spool.deliver("bob", [Delivery(b"", b"two\r\n"), Delivery(b"", b"three\r\n")]) == [2, 3]
+    box = tmp_path / "bob"
+    assert (box / "1").read_bytes() == b"H: 1\r\none\r\n"
+    assert (box / "3").read_bytes() == b"three\r\n"
+    assert (box / "2.status").read_bytes() == b"\\Recent\n"
+    assert oct((box / "1").stat().st_mode & 0o777) == "0o600"
+    assert oct(box.stat().st_mode & 0o777) == "0o700"
+    assert not [n for n in os.listdir(box) if n.startswith(".tmp")]
+
+
+def test_numbers_never_reused_after_newest_deleted(tmp_path):
+    spool = Spool(tmp_path)
+    spool.deliver("bob", [Delivery(b"", b"x")] * 3)
+    os.unlink(tmp_path / "bob" / "3")
+    os.unlink(tmp_path / "bob" / "3.status")
+    assert spool.deliver("bob", [Delivery(b"", b"x")]) == [4]
+
+
+def test_hand_made_mailbox_continues_from_largest(tmp_path):
+    box = tmp_path / "carol"
+    box.mkdir()
+    for n in (1, 7, 3):
+        (box / str(n)).write_bytes(b"old")
+    assert Spool(tmp_path).deliver("carol", [Delivery(b"", b"new")]) == [8]
+
+
+def test_crash_leftovers_heal(tmp_path):
+    spool = Spool(tmp_path)
+    spool.deliver("bob", [Delivery(b"", b"x")])
+    box = tmp_path / "bob"
+    # A crash after renaming message 2 but before the counter moved, and an orphan 3.status.
+    (box / "2").write_bytes(b"committed")
+    (box / "3.status").write_bytes(b"stale")
+    (box / ".counter").write_bytes(b"garbage")
+    assert next_number(str(box)) == 3
+    assert spool.deliver("bob", [Delivery(b"", b"y")]) == [3]
+    assert (box / "3.status").read_bytes() == b"\\Recent\n"
+
+
+def test_body_from_a_descriptor(tmp_path):
+    fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR)
+    os.write(fd, b"A" * 3_000_000)
+    try:
+        Spool(tmp_path).deliver("big", [Delivery(b"Head\r\n", fd), Delivery(b"", fd)])
+    finally:
+        os.close(fd)
+    assert (tmp_path / "big" / "1").read_bytes() == b"Head\r\n" + b"A" * 3_000_000
+    assert (tmp_path / "big" / "2").stat().st_size == 3_000_000
+
+
+def test_exists(tmp_path):
+    spool = Spool(tmp_path)
+    (tmp_path / "dave").mkdir()
+    assert spool.exists("dave") and spool.exists("postmaster") and spool.exists("root")
+    assert not spool.exists("nobody-here-xyz")
+
+
+def test_lock_held_elsewhere_times_out(tmp_path):
+    spool = Spool(tmp_path, lock_timeout=0.2)
+    spool.deliver("bob", [Delivery(b"", b"x")])
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+
+    def hold():
+        fd = os.open(tmp_path / "bob" / ".lock", os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        ready.set()
+        release.wait(10)
+
+    holder = multiprocessing.Process(target=hold)
+    holder.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(MailboxLocked):
+            spool.deliver("bob", [Delivery(b"", b"y")])
+    finally:
+        release.set()
+        holder.join(10)
+    assert spool.deliver("bob", [Delivery(b"", b"y")]) == [2]
+
+
+def _deliver_many(root, count):
+    spool = Spool(root)
+    for i in range(count):
+        spool.deliver("shared", [Delivery(b"", b"%d\r\n" % os.getpid())])
+
+
+def test_processes_serialise_on_lockf(tmp_path):
+    procs = [multiprocessing.Process(target=_deliver_many, args=(tmp_path, 25)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    box = tmp_path / "shared"
+    assert messages(box) == list(range(1, 101))
+    assert all((box / f"{n}.status").exists() for n in range(1, 101))
+
+
+def test_disk_errors_leave_nothing_visible(tmp_path, monkeypatch):
+    spool = Spool(tmp_path)
+    spool.deliver("bob", [Delivery(b"", b"x")])
+    real_fsync = os.fsync
+    calls = threading.local()
+
+    def failing_fsync(fd):
+        calls.n = getattr(calls, "n", 0) + 1
+        if calls.n == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        spool.deliver("bob", [Delivery(b"", b"y")])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    box = tmp_path / "bob"
+    assert messages(box) == [1]
+    assert not [n for n in os.listdir(box) if n.startswith(".tmp")]
+    assert spool.deliver("bob", [Delivery(b"", b"z")]) == [2]
