@@ -256,9 +256,7 @@ def parse_address(name: str, text: str, default_port: int) -> tuple[str, int]:
         raise ConfigError(f"--{name}: not an IP address[:port]: '{text}'") from None
 
 
-def _listen_list(
-    name: str, values: object, port: int, trusted: bool
-) -> list[ListenAddress] | None:
+def _listen_list(name: str, values: object, port: int, trusted: bool) -> list[ListenAddress] | None:
     if values is None:
         return None
     items = [str(v) for v in values]  # type: ignore[attr-defined]

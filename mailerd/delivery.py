@@ -26,7 +26,7 @@ from typing import Any
 from mailerd import durable, trace
 from mailerd.channel import Channel
 from mailerd.config import Config
-from mailerd.mailbox import Delivery, MailboxLocked, Spool, MAILBOX_BUSY
+from mailerd.mailbox import MAILBOX_BUSY, Delivery, MailboxLocked, Spool
 from mailerd.queue import Envelope, Queue, Recipient
 from mailerd.smtp.events import Reply
 
@@ -45,9 +45,7 @@ class MailboxWriter:
         self._spool = spool
         self._executor = executor
         self._done = done
-        self._waiting: collections.deque[tuple[Delivery, asyncio.Future[int]]] = (
-            collections.deque()
-        )
+        self._waiting: collections.deque[tuple[Delivery, asyncio.Future[int]]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
 
     def submit(self, message: Delivery) -> asyncio.Future[int]:
@@ -122,11 +120,15 @@ class DeliveryService:
         holder.append(channel)
         self.channels.add(channel)
 
-    def _on_request(self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None) -> None:
+    def _on_request(
+        self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None
+    ) -> None:
         self.in_flight += 1
         asyncio.create_task(self._serve(channel, header, body, fd))
 
-    async def _serve(self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None) -> None:
+    async def _serve(
+        self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None
+    ) -> None:
         try:
             reply = await self.commit(header, body if fd is None else fd)
         except Exception:  # never let one bad request kill the process
@@ -182,20 +184,32 @@ class DeliveryService:
         failed = []
         for (name, r), result in zip(by_mailbox.items(), results, strict=True):
             if isinstance(result, BaseException):
-                log.warning("%s: to=<%s>, relay=local, status=deferred (%s)", queue_id, r["address"], result)
+                log.warning(
+                    "%s: to=<%s>, relay=local, status=deferred (%s)", queue_id, r["address"], result
+                )
                 failed.append((r, result))
             else:
                 log.info(
                     "%s: to=<%s>, relay=local, status=sent (mailbox %s, message %d)",
-                    queue_id, r["address"], name, result,
+                    queue_id,
+                    r["address"],
+                    name,
+                    result,
                 )
         return failed
 
     async def _queue_local_retry(
-        self, queue_id: str, request: dict[str, Any], received: bytes, body: durable.Body, failed: list
+        self,
+        queue_id: str,
+        request: dict[str, Any],
+        received: bytes,
+        body: durable.Body,
+        failed: list,
     ) -> Reply | None:
         """Queue the local recipients whose mailbox failed; None if that worked (then 250)."""
-        recipients = [Recipient(r["address"], mailbox=r["mailbox"], last_error=str(e)) for r, e in failed]
+        recipients = [
+            Recipient(r["address"], mailbox=r["mailbox"], last_error=str(e)) for r, e in failed
+        ]
         envelope = self._envelope(trace.new_id(), request, recipients)
         envelope.next_attempt = envelope.created + LOCAL_RETRY_INTERVAL
         try:
@@ -208,7 +222,9 @@ class DeliveryService:
                 return MAILBOX_BUSY
             return durable.error_reply(first if isinstance(first, OSError) else exc)
 
-    def _envelope(self, queue_id: str, request: dict[str, Any], recipients: list[Recipient]) -> Envelope:
+    def _envelope(
+        self, queue_id: str, request: dict[str, Any], recipients: list[Recipient]
+    ) -> Envelope:
         return Envelope(
             id=queue_id,
             sender=request["sender"],

@@ -7,6 +7,7 @@ directory. Only after the directory fsync may anyone be told the data is safe.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -90,7 +91,5 @@ def replace_synced(path: str, data: bytes, owner: tuple[int, int] | None = None)
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -45,10 +46,8 @@ def bind_all(listens: tuple[ListenAddress, ...]) -> list[tuple[socket.socket, Li
 
 def bind_unix(path: Path) -> socket.socket:
     """The delivery service socket (mode 0600 in a 0700 directory: only we may submit mail)."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

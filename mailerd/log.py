@@ -1,4 +1,4 @@
-"""Logging set-up: one line per event to stderr in the foreground (syslog comes with daemonizing)."""
+"""Logging set-up: one line per event to stderr in the foreground (syslog comes later)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ mailbox); across processes and mailerd instances lockf does the work.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -52,7 +53,7 @@ class Spool:
         self.lock_timeout = lock_timeout
 
     def exists(self, name: str) -> bool:
-        """A recipient is deliverable if its mailbox exists, it is a system account, or postmaster."""
+        """Deliverable: its mailbox exists, it is a system account, or it is postmaster."""
         if name == "postmaster" or (self.root / name).is_dir():
             return True
         try:
@@ -68,9 +69,7 @@ class Spool:
         """
         directory = self._ensure_mailbox(name)
         owner = _owner_of(directory)
-        lock_fd = os.open(
-            directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
+        lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             self._lock(lock_fd)
             return self._deliver_locked(str(directory), owner, messages)
@@ -153,10 +152,8 @@ def largest_number(directory: str) -> int:
 
 def _remove_stale(*paths: str) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def _owner_of(directory: Path) -> tuple[int, int] | None:

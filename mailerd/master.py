@@ -14,6 +14,7 @@ which first finishes every commit in flight, and exit 0.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import resource
@@ -80,8 +81,10 @@ class Master:
             self.spawn("worker", slot)
         log.info(
             "mailerd started: %s; domains %s",
-            ", ".join(f"{listen} ({'local' if listen.trusted else 'network'})"
-                      for _, listen in self.smtp_sockets),
+            ", ".join(
+                f"{listen} ({'local' if listen.trusted else 'network'})"
+                for _, listen in self.smtp_sockets
+            ),
             ", ".join(self.cfg.domains),
         )
         while not self.stopping:
@@ -224,10 +227,8 @@ class Master:
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _describe(code: int) -> str:

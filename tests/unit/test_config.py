@@ -12,7 +12,9 @@ def load(*argv):
 
 def test_defaults():
     cfg = config.load(["-n", "none"])
-    assert cfg.spool.as_posix() == "/var/spool/mail" and cfg.queue.as_posix() == "/var/spool/mailerd"
+    assert (
+        cfg.spool.as_posix() == "/var/spool/mail" and cfg.queue.as_posix() == "/var/spool/mailerd"
+    )
     assert "localhost" in cfg.domains
     assert ListenAddress("127.0.0.1", 25, True) in cfg.listeners
     assert cfg.max_message_size == 26214400 and cfg.timeout == 300 and cfg.max_errors == 20

@@ -99,7 +99,7 @@ def test_lock_held_elsewhere_times_out(tmp_path):
 
 def _deliver_many(root, count):
     spool = Spool(root)
-    for i in range(count):
+    for _i in range(count):
         spool.deliver("shared", [Delivery(b"", b"%d\r\n" % os.getpid())])
 
 
