@@ -1,0 +1,98 @@
+"""The worker↔delivery channel over a real socketpair: framing, descriptors, back-pressure."""
+
+import asyncio
+import os
+import socket
+
+from mailerd.channel import Channel
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def pair(on_frame_b):
+    a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    closed = asyncio.Event()
+    a = Channel(a_sock, lambda h, b, fd: None, closed.set)
+    b = Channel(b_sock, on_frame_b, lambda: None)
+    return a, b, closed
+
+
+def test_frames_arrive_in_order_with_bodies_and_descriptors(tmp_path):
+    async def main():
+        got = []
+        done = asyncio.Event()
+
+        def on_frame(header, body, fd):
+            data = None
+            if fd is not None:
+                data = os.pread(fd, 10_000_000, 0)
+                os.close(fd)
+            got.append((header["n"], body, data))
+            if len(got) == 200:
+                done.set()
+
+        a, b, _ = await pair(on_frame)
+        for n in range(200):
+            if n % 10 == 0:
+                fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR)
+                os.write(fd, b"F%d" % n * 100_000)
+                a.send({"n": n}, b"", fd)
+            else:
+                a.send({"n": n, "ü": "snow ☃"}, b"x%d" % n * 1000)
+        await done.wait()
+        a.close()
+        b.close()
+        return got
+
+    got = run(main())
+    assert [n for n, _, _ in got] == list(range(200))
+    for n, body, data in got:
+        if n % 10 == 0:
+            assert data == b"F%d" % n * 100_000 and body == b""
+        else:
+            assert body == b"x%d" % n * 1000 and data is None
+
+
+def test_large_writes_do_not_block_and_both_directions_flow():
+    async def main():
+        received = []
+        done = asyncio.Event()
+
+        def on_frame(header, body, fd):
+            received.append(len(body))
+            if len(received) == 50:
+                done.set()
+
+        a, b, _ = await pair(on_frame)
+        # 50 × 256 KiB is far beyond the socket buffer: send() must queue, not block.
+        for _ in range(50):
+            a.send({}, b"y" * 262144)
+        await done.wait()
+        return received
+
+    assert run(main()) == [262144] * 50
+
+
+def test_peer_close_is_reported():
+    async def main():
+        a, b, closed = await pair(lambda h, body, fd: None)
+        b.close()
+        await closed.wait()
+        return a.closed
+
+    assert run(main())
+
+
+def test_garbage_closes_the_channel():
+    async def main():
+        a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        closed = asyncio.Event()
+        Channel(b_sock, lambda h, body, fd: None, closed.set)
+        a_sock.sendall(b"\x00\x00\x00\x05\x00\x00\x00\x00{bad}")
+        await closed.wait()
+        a_sock.close()
+        return True
+
+    assert run(main())
