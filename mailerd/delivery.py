@@ -154,6 +154,15 @@ class DeliveryService:
             recipient=recipients[0]["address"] if len(recipients) == 1 else None,
         )
         sender = request["sender"]
+        log.info(
+            "%s: client=[%s], helo=%s, from=<%s>, size=%d, nrcpt=%d",
+            queue_id,
+            request["peer"],
+            request["helo"],
+            sender,
+            len(body) if isinstance(body, bytes) else os.fstat(body).st_size,
+            len(recipients),
+        )
         remote = [Recipient(r["address"]) for r in recipients if r["mailbox"] is None]
         if remote:
             envelope = self._envelope(queue_id, request, remote)
@@ -162,7 +171,8 @@ class DeliveryService:
             except OSError as exc:
                 log.error("%s: queue write failed: %s", queue_id, exc)
                 return durable.error_reply(exc)
-            log.info("%s: from=<%s>, nrcpt=%d queued for relay", queue_id, sender, len(remote))
+            for r in remote:
+                log.info("%s: to=<%s>, relay=queue, status=queued", queue_id, r.address)
         failed = await self._deliver_local(queue_id, sender, received, body, recipients)
         if failed:
             reply = await self._queue_local_retry(queue_id, request, received, body, failed)

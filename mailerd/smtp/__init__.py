@@ -1,0 +1,36 @@
+"""Sans-I/O SMTP server protocol: bytes in, events out (RFC 5321 server side).
+
+The I/O layer feeds ``Session.receive_data()`` and loops over
+``Session.next_event()`` until it returns ``NEED_DATA`` or ``PAUSED``.
+"""
+
+from .events import (
+    NEED_DATA,
+    PAUSED,
+    Address,
+    BodyData,
+    CloseConnection,
+    Envelope,
+    Event,
+    MessageAborted,
+    MessageComplete,
+    Reply,
+    Sentinel,
+)
+from .session import Session, SessionConfig
+
+__all__ = [
+    "NEED_DATA",
+    "PAUSED",
+    "Address",
+    "BodyData",
+    "CloseConnection",
+    "Envelope",
+    "Event",
+    "MessageAborted",
+    "MessageComplete",
+    "Reply",
+    "Sentinel",
+    "Session",
+    "SessionConfig",
+]

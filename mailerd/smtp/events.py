@@ -1,0 +1,167 @@
+"""Events exchanged between the SMTP state machine and its I/O layer.
+
+Everything here is an immutable value: the session hands these out from
+``Session.next_event()`` and the caller acts on them (write a reply, store a
+body chunk, commit a message, close the socket).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Final
+
+__all__ = [
+    "NEED_DATA",
+    "PAUSED",
+    "Address",
+    "BodyData",
+    "CloseConnection",
+    "Envelope",
+    "Event",
+    "MessageAborted",
+    "MessageComplete",
+    "Reply",
+    "Sentinel",
+]
+
+
+class Sentinel:
+    """A unique marker object whose repr is its name (NEED_DATA, PAUSED)."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+    # Sentinels are compared by identity, so copies must be the same object.
+    def __copy__(self) -> Sentinel:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Sentinel:
+        return self
+
+    def __reduce__(self) -> str:
+        return self._name
+
+
+#: The session has consumed all buffered input; call receive_data().
+NEED_DATA: Final = Sentinel("NEED_DATA")
+#: A message is being committed; call commit_done() before anything else happens.
+PAUSED: Final = Sentinel("PAUSED")
+
+# RFC 3463 status-code: class "." subject "." detail; class must match the reply.
+_STATUS_RE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One (possibly multi-line) SMTP reply.
+
+    ``status`` is the RFC 3463 enhanced status code, repeated on every line as
+    RFC 2034 requires.  It is None only where RFC 2034 section 4 exempts the
+    reply (greeting, EHLO/HELO success, 3xx) and the RFC 5321 grammar wants the
+    domain or an EHLO keyword right after the code.
+    """
+
+    code: int
+    status: str | None
+    text: str
+    close: bool = False
+
+    def __post_init__(self) -> None:
+        # Validate eagerly: a malformed reply would desynchronise the client,
+        # so it is better to fail where the bad Reply is built.
+        code = self.code
+        if not (200 <= code <= 559 and code // 10 % 10 <= 5):
+            raise ValueError(f"invalid SMTP reply code {code!r}")
+        if self.status is not None and (
+            not _STATUS_RE.match(self.status) or self.status[0] != str(code)[0]
+        ):
+            raise ValueError(f"invalid enhanced status {self.status!r} for {code}")
+        if "\r" in self.text or not all(line.strip() for line in self.text.split("\n")):
+            # Every line needs text: some clients (Thunderbird) choke on a bare "250".
+            raise ValueError(f"reply text must be non-empty lines without CR: {self.text!r}")
+
+    @cached_property
+    def _wire(self) -> bytes:
+        prefix = f"{self.status} " if self.status else ""
+        lines = self.text.split("\n")
+        last = len(lines) - 1
+        return "".join(
+            f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
+            for i, line in enumerate(lines)
+        ).encode("utf-8")
+
+    def to_bytes(self) -> bytes:
+        """The reply as sent on the wire, CRLF-terminated lines."""
+        return self._wire
+
+
+@dataclass(frozen=True)
+class BodyData:
+    """A chunk of message content: dot-unstuffed, CRLF line ends, in order."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Address:
+    """A mailbox from MAIL FROM / RCPT TO.
+
+    ``local`` has quotes and backslash escapes removed when it was a
+    quoted-string (``quoted`` is then True); ``domain`` is as given, with
+    brackets kept for address literals, and "" only for RCPT TO:<postmaster>.
+    """
+
+    local: str
+    domain: str
+    quoted: bool
+
+    def __str__(self) -> str:
+        if not self.local and not self.domain and not self.quoted:
+            return ""
+        # Imported here because grammar imports this module.
+        from .grammar import format_local_part
+
+        local = format_local_part(self.local)
+        return f"{local}@{self.domain}" if self.domain else local
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Everything the client said about a message apart from its content."""
+
+    sender: Address | None  # None = null reverse-path <>
+    recipients: tuple[Address, ...]
+    helo: str
+    esmtp: bool
+    body: str  # "7BIT" or "8BITMIME"
+    smtputf8: bool
+    declared_size: int | None
+
+
+@dataclass(frozen=True)
+class MessageComplete:
+    """The body is complete; the session is PAUSED until commit_done()."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class MessageAborted:
+    """Discard the body received so far; the reply follows as its own event."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class CloseConnection:
+    """Nothing more will come: the peer hung up or a closing reply was sent."""
+
+
+Event = Reply | BodyData | MessageComplete | MessageAborted | CloseConnection | Sentinel

@@ -1,0 +1,1095 @@
+"""The SMTP session state machine: every reply code, DATA/BDAT, limits, pipelining."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from mailerd.smtp import (
+    NEED_DATA,
+    PAUSED,
+    Address,
+    BodyData,
+    CloseConnection,
+    Envelope,
+    MessageAborted,
+    MessageComplete,
+    Reply,
+    Session,
+    SessionConfig,
+)
+
+QUEUED = Reply(250, "2.0.0", "Queued")
+
+
+class Client:
+    """Drives a Session like the I/O layer does and records what came out.
+
+    ``send()`` feeds bytes and returns the replies they produced.  A
+    MessageComplete is answered at once with ``commit_reply`` unless
+    ``auto_commit`` is off, in which case the session stays PAUSED.
+    """
+
+    def __init__(
+        self,
+        check: Callable[[Address], Reply | None] | None = None,
+        *,
+        auto_commit: bool = True,
+        commit_reply: Reply = QUEUED,
+        **config: int,
+    ) -> None:
+        self.session = Session(SessionConfig("mx.example", **config), check or (lambda a: None))
+        self.auto_commit = auto_commit
+        self.commit_reply = commit_reply
+        self.events: list[object] = []
+        self.messages: list[tuple[Envelope, bytes]] = []
+        self.aborted: list[str] = []
+        self.closed = False
+        self.paused = False
+        self._body: list[bytes] = []
+        greeting = self.drain()
+        assert [r.code for r in greeting] == [220]
+
+    def drain(self) -> list[Reply]:
+        replies = []
+        while True:
+            event = self.session.next_event()
+            if event is NEED_DATA:
+                self.paused = False
+                return replies
+            if event is PAUSED:
+                self.paused = True
+                return replies
+            self.events.append(event)
+            if isinstance(event, Reply):
+                replies.append(event)
+            elif isinstance(event, BodyData):
+                self._body.append(event.data)
+            elif isinstance(event, MessageAborted):
+                self.aborted.append(event.reason)
+                self._body = []
+            elif isinstance(event, MessageComplete):
+                self.messages.append((event.envelope, b"".join(self._body)))
+                self._body = []
+                if self.auto_commit:
+                    self.session.commit_done(self.commit_reply)
+            elif isinstance(event, CloseConnection):
+                self.closed = True
+                return replies
+            else:  # pragma: no cover - a new event type would need a test
+                raise AssertionError(f"unexpected event {event!r}")
+
+    def send(self, data: bytes) -> list[Reply]:
+        self.session.receive_data(data)
+        return self.drain()
+
+    def cmd(self, line: str | bytes) -> Reply:
+        raw = line.encode() if isinstance(line, str) else line
+        replies = self.send(raw + b"\r\n")
+        assert len(replies) == 1, replies
+        return replies[0]
+
+    def codes(self, data: bytes) -> list[int]:
+        return [r.code for r in self.send(data)]
+
+    def ready(self, helo: str = "EHLO client.example") -> Client:
+        assert self.cmd(helo).code == 250
+        return self
+
+    def transaction(self, sender: str = "<a@example.org>", rcpt: str = "<b@example.net>") -> Client:
+        self.ready()
+        assert self.cmd(f"MAIL FROM:{sender}").code == 250
+        assert self.cmd(f"RCPT TO:{rcpt}").code == 250
+        return self
+
+
+def status(reply: Reply) -> tuple[int, str | None]:
+    return reply.code, reply.status
+
+
+# --- Reply ---------------------------------------------------------------------
+
+
+def test_reply_bytes_single_and_multi_line():
+    assert Reply(250, "2.0.0", "OK").to_bytes() == b"250 2.0.0 OK\r\n"
+    assert Reply(214, "2.0.0", "a\nb\nc").to_bytes() == (
+        b"214-2.0.0 a\r\n214-2.0.0 b\r\n214 2.0.0 c\r\n"
+    )
+    assert Reply(220, None, "mx ESMTP").to_bytes() == b"220 mx ESMTP\r\n"
+
+
+@pytest.mark.parametrize(
+    "code,status,text",
+    [
+        (250, None, ""),
+        (250, None, "a\n\nb"),
+        (250, "2.0.0", " "),
+        (250, "2.0.0", "a\rb"),
+        (250, "5.0.0", "class mismatch"),
+        (250, "2.0", "short"),
+        (99, None, "x"),
+        (600, None, "x"),
+        (260, None, "second digit"),
+    ],
+)
+def test_reply_rejects_malformed_replies(code, status, text):
+    with pytest.raises(ValueError):
+        Reply(code, status, text)
+
+
+def test_reply_is_frozen_and_hashable():
+    reply = Reply(250, "2.0.0", "OK")
+    assert reply == Reply(250, "2.0.0", "OK") and hash(reply) == hash(Reply(250, "2.0.0", "OK"))
+    with pytest.raises(AttributeError):
+        reply.code = 550  # type: ignore[misc]
+
+
+def test_sentinels_have_useful_reprs():
+    assert repr(NEED_DATA) == "NEED_DATA" and repr(PAUSED) == "PAUSED"
+    assert NEED_DATA is not PAUSED
+
+
+# --- greeting, EHLO, HELO -----------------------------------------------------
+
+
+def test_greeting_is_first_event():
+    session = Session(SessionConfig("mx.example"), lambda a: None)
+    greeting = session.next_event()
+    assert greeting == Reply(220, None, "mx.example ESMTP mailerd")
+    assert greeting.to_bytes() == b"220 mx.example ESMTP mailerd\r\n"
+    assert session.next_event() is NEED_DATA
+
+
+def test_ehlo_reply_is_parseable_by_smtplib_rules():
+    reply = Client().cmd("EHLO client.example")
+    lines = reply.to_bytes().decode().split("\r\n")[:-1]
+    assert lines[0] == "250-mx.example Hello"
+    assert lines[-1].startswith("250 ")
+    assert all(line[:4] == "250-" for line in lines[:-1])
+    keywords = {line[4:].split(" ")[0]: line[4:] for line in lines[1:]}
+    assert keywords["SIZE"] == "SIZE 26214400"
+    for keyword in (
+        "PIPELINING",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "HELP",
+        "CHUNKING",
+    ):
+        assert keyword in keywords
+    assert reply.status is None  # RFC 2034 section 4 exempts EHLO replies
+
+
+def test_ehlo_advertises_configured_size():
+    reply = Client(max_message_size=1234).cmd("EHLO x")
+    assert "\nSIZE 1234\n" in reply.text
+
+
+@pytest.mark.parametrize(
+    "argument", ["client.example", "[127.0.0.1]", "[IPv6:::1]", "[ipv6:::1]", "[IPV6:2001:db8::1]"]
+)
+def test_ehlo_and_helo_accept_domains_and_address_literals(argument):
+    assert Client().cmd(f"EHLO {argument}").code == 250
+    reply = Client().cmd(f"HELO {argument}")
+    assert reply.code == 250 and reply.text.startswith("mx.example")
+
+
+@pytest.mark.parametrize(
+    "line", ["EHLO", "EHLO ", "HELO", "EHLO a b", "EHLO [1.2.3.999]", "HELO -x"]
+)
+def test_ehlo_helo_syntax_errors(line):
+    assert status(Client().cmd(line)) == (501, "5.5.4")
+
+
+def test_verbs_are_case_insensitive():
+    client = Client()
+    assert client.cmd("ehlo x").code == 250
+    assert client.cmd("mail from:<a@b>").code == 250
+    assert client.cmd("Rcpt To:<c@d>").code == 250
+    assert client.cmd("data").code == 354
+
+
+def test_helo_session_is_not_esmtp():
+    client = Client()
+    client.cmd("HELO client.example")
+    client.cmd("MAIL FROM:<a@b>")
+    client.cmd("RCPT TO:<c@d>")
+    client.cmd("DATA")
+    client.send(b"x\r\n.\r\n")
+    envelope, _ = client.messages[0]
+    assert envelope.helo == "client.example" and envelope.esmtp is False
+
+
+# --- sequence errors -------------------------------------------------------------
+
+
+def test_mail_before_helo():
+    assert status(Client().cmd("MAIL FROM:<a@b>")) == (503, "5.5.1")
+
+
+def test_nested_mail():
+    client = Client().ready()
+    client.cmd("MAIL FROM:<a@b>")
+    assert status(client.cmd("MAIL FROM:<a@b>")) == (503, "5.5.1")
+
+
+def test_rcpt_before_mail():
+    assert status(Client().ready().cmd("RCPT TO:<a@b>")) == (503, "5.5.1")
+
+
+def test_data_before_mail():
+    assert status(Client().ready().cmd("DATA")) == (503, "5.5.1")
+    assert status(Client().cmd("DATA")) == (503, "5.5.1")
+
+
+def test_data_without_accepted_recipient():
+    client = Client(lambda a: Reply(550, "5.1.1", "No such user"))
+    client.ready().cmd("MAIL FROM:<a@b>")
+    assert status(client.cmd("RCPT TO:<c@d>")) == (550, "5.1.1")
+    assert status(client.cmd("DATA")) == (554, "5.5.1")
+
+
+# --- MAIL FROM -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "MAIL FROM:<a@b>",
+        "MAIL FROM: <a@b>",
+        "MAIL FROM:<>",
+        "MAIL FROM:<a@b> SIZE=123 BODY=8BITMIME",
+        "MAIL FROM:<a@b> BODY=7bit",
+        "MAIL FROM:<a@b> SMTPUTF8",
+        "MAIL FROM:<@relay.example:a@b>",
+        'MAIL FROM:<"quoted sender"@b>',
+        "MAIL FROM:<a@[192.0.2.1]>",
+    ],
+)
+def test_mail_accepted(line):
+    assert status(Client().ready().cmd(line)) == (250, "2.1.0")
+
+
+def test_mail_parameters_reach_the_envelope():
+    client = Client().transaction(sender="<a@b> SIZE=123 BODY=8BITMIME")
+    client.cmd("DATA")
+    client.send(b"x\r\n.\r\n")
+    envelope, body = client.messages[0]
+    assert envelope == Envelope(
+        sender=Address("a", "b", False),
+        recipients=(Address("b", "example.net", False),),
+        helo="client.example",
+        esmtp=True,
+        body="8BITMIME",
+        smtputf8=False,
+        declared_size=123,
+    )
+    assert body == b"x\r\n"
+
+
+def test_null_sender_is_none():
+    client = Client().transaction(sender="<>")
+    client.cmd("DATA")
+    client.send(b".\r\n")
+    assert client.messages[0][0].sender is None
+
+
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        ("MAIL FROM:<a@b> SIZE=26214401", (552, "5.3.4")),
+        ("MAIL FROM:<a@b> SIZE=abc", (501, "5.5.4")),
+        ("MAIL FROM:<a@b> SIZE", (501, "5.5.4")),
+        ("MAIL FROM:<a@b> BODY=BINARYMIME", (501, "5.5.4")),
+        ("MAIL FROM:<a@b> SMTPUTF8=yes", (501, "5.5.4")),
+        ("MAIL FROM:<a@b> SIZE=1 SIZE=2", (501, "5.5.4")),
+        ("MAIL FROM:<a@b> FOO=bar", (555, "5.5.4")),
+        ("MAIL FROM:<a@b> RET=HDRS", (555, "5.5.4")),
+        ("MAIL FROM:<a@b> SIZE==1", (501, "5.5.4")),
+        ("MAIL", (501, "5.5.4")),
+        ("MAIL TO:<a@b>", (501, "5.5.4")),
+        ("MAIL FROM:a@b", (501, "5.1.7")),
+        ("MAIL FROM:<a..b@c>", (501, "5.1.7")),
+        ("MAIL FROM:<a@b", (501, "5.1.7")),
+        ("MAIL FROM:<a@[1.2.3.4.5]>", (501, "5.1.7")),
+        ("MAIL FROM:<jörg@b>", (553, "5.6.7")),
+        ("MAIL FROM:<a@bücher.de>", (553, "5.6.7")),
+    ],
+)
+def test_mail_errors(line, expected):
+    assert status(Client().ready().cmd(line)) == expected
+
+
+def test_mail_size_limit_follows_config():
+    assert Client(max_message_size=100).ready().cmd("MAIL FROM:<a@b> SIZE=101").code == 552
+    assert Client(max_message_size=100).ready().cmd("MAIL FROM:<a@b> SIZE=100").code == 250
+
+
+def test_failed_mail_does_not_start_a_transaction():
+    client = Client().ready()
+    client.cmd("MAIL FROM:<a@b> FOO=1")
+    assert client.cmd("RCPT TO:<c@d>").code == 503
+    assert client.cmd("MAIL FROM:<a@b>").code == 250
+
+
+def test_invalid_utf8_in_address_is_a_syntax_error():
+    client = Client().ready()
+    assert status(client.cmd(b"MAIL FROM:<\xff\xfe@client.test>")) == (501, "5.5.2")
+    client.cmd("MAIL FROM:<a@b> SMTPUTF8")
+    assert client.cmd(b"RCPT TO:<\xc3(@x>").code == 501
+
+
+# --- RCPT TO ---------------------------------------------------------------------
+
+
+def test_rcpt_replies_and_recipients():
+    seen: list[Address] = []
+
+    def check(address: Address) -> Reply | None:
+        seen.append(address)
+        return None
+
+    client = Client(check).ready()
+    client.cmd("MAIL FROM:<a@b>")
+    lines = [
+        ("RCPT TO:<user@example.org>", Address("user", "example.org", False)),
+        ("RCPT TO: <user2@example.org>", Address("user2", "example.org", False)),
+        ("RCPT TO:<Postmaster>", Address("Postmaster", "", False)),
+        ("RCPT TO:<postmaster@example.org>", Address("postmaster", "example.org", False)),
+        ("RCPT TO:<@a,@b:user@c>", Address("user", "c", False)),
+        ('RCPT TO:<"a b"@x>', Address("a b", "x", True)),
+        ("RCPT TO:<u@[1.2.3.4]>", Address("u", "[1.2.3.4]", False)),
+        ("RCPT TO:<u@[IPv6:2001:db8::1]>", Address("u", "[IPv6:2001:db8::1]", False)),
+    ]
+    for line, _ in lines:
+        assert status(client.cmd(line)) == (250, "2.1.5"), line
+    assert seen == [address for _, address in lines]
+    client.cmd("DATA")
+    client.send(b".\r\n")
+    assert client.messages[0][0].recipients == tuple(seen)
+
+
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        ("RCPT TO:<a@b> NOTIFY=NEVER", (555, "5.5.4")),
+        ("RCPT TO:<a@b> X", (555, "5.5.4")),
+        ("RCPT", (501, "5.5.4")),
+        ("RCPT FROM:<a@b>", (501, "5.5.4")),
+        ("RCPT TO:<>", (550, "5.1.3")),
+        ("RCPT TO:<..@example.org>", (550, "5.1.3")),
+        ("RCPT TO:<user@remote.test@example.org>", (550, "5.1.3")),
+        ("RCPT TO:a@b", (550, "5.1.3")),
+        ('RCPT TO:<"a\x01b"@example.org>', (550, "5.1.3")),
+        ("RCPT TO:<jörg@b>", (553, "5.6.7")),
+    ],
+)
+def test_rcpt_errors(line, expected):
+    called = []
+    client = Client(lambda a: called.append(a)).ready()
+    client.cmd("MAIL FROM:<a@b>")
+    assert status(client.cmd(line)) == expected
+    assert called == []  # the policy only sees acceptable recipients
+
+
+def test_smtputf8_allows_utf8_addresses():
+    client = Client().ready()
+    assert client.cmd("MAIL FROM:<jörg@bücher.de> SMTPUTF8").code == 250
+    assert client.cmd("RCPT TO:<用户@例子.广告>").code == 250
+    assert client.cmd('RCPT TO:<"ü ü"@x>').code == 250
+    client.cmd("DATA")
+    client.send("Subject: ü\r\n\r\n✓\r\n.\r\n".encode())
+    envelope, body = client.messages[0]
+    assert envelope.smtputf8 and envelope.sender == Address("jörg", "bücher.de", False)
+    assert envelope.recipients[0] == Address("用户", "例子.广告", False)
+    assert body == "Subject: ü\r\n\r\n✓\r\n".encode()
+
+
+def test_recipient_limit():
+    calls = []
+    client = Client(lambda a: calls.append(a), max_recipients=3).ready()
+    client.cmd("MAIL FROM:<a@b>")
+    replies = client.send(b"".join(b"RCPT TO:<u%d@x>\r\n" % i for i in range(5)))
+    assert [status(r) for r in replies] == [(250, "2.1.5")] * 3 + [(452, "4.5.3")] * 2
+    assert len(calls) == 3  # not called for refused-by-count recipients
+    assert client.cmd("DATA").code == 354
+    client.send(b"x\r\n.\r\n")
+    assert len(client.messages[0][0].recipients) == 3
+
+
+def test_default_recipient_limit_is_100():
+    client = Client().ready()
+    client.cmd("MAIL FROM:<a@b>")
+    codes = client.codes(b"".join(b"RCPT TO:<u%d@x>\r\n" % i for i in range(102)))
+    assert codes == [250] * 100 + [452, 452]
+
+
+def test_check_recipient_reply_is_sent_and_positive_replies_accept():
+    def check(address: Address) -> Reply | None:
+        if address.local == "nobody":
+            return Reply(550, "5.1.1", "No such user")
+        if address.local == "relay":
+            return Reply(554, "5.7.1", "Relay access denied")
+        if address.local == "fwd":
+            return Reply(251, "2.1.5", "User not local; will forward")
+        return None
+
+    client = Client(check).ready()
+    client.cmd("MAIL FROM:<a@b>")
+    assert status(client.cmd("RCPT TO:<nobody@x>")) == (550, "5.1.1")
+    assert status(client.cmd("RCPT TO:<relay@x>")) == (554, "5.7.1")
+    assert status(client.cmd("RCPT TO:<fwd@x>")) == (251, "2.1.5")
+    assert client.cmd("DATA").code == 354
+    client.send(b".\r\n")
+    assert client.messages[0][0].recipients == (Address("fwd", "x", False),)
+
+
+# --- other commands ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line,expected",
+    [
+        ("NOOP", (250, "2.0.0")),
+        ("NOOP anything at all", (250, "2.0.0")),
+        ("RSET", (250, "2.0.0")),
+        ("VRFY someone", (252, "2.5.0")),
+        ("VRFY", (501, "5.5.4")),
+        ("HELP", (214, "2.0.0")),
+        ("HELP MAIL", (214, "2.0.0")),
+        ("DATA x", (501, "5.5.4")),
+        ("RSET x", (501, "5.5.4")),
+        ("QUIT x", (501, "5.5.4")),
+        ("EXIT x", (501, "5.5.4")),
+        ("BOGUS", (500, "5.5.2")),
+        ("GET / HTTP/1.1", (500, "5.5.2")),
+    ],
+)
+def test_simple_commands(line, expected):
+    reply = Client().cmd(line)
+    assert status(reply) == expected and not reply.close
+
+
+def test_help_is_multi_line_with_status_on_every_line():
+    wire = Client().cmd("HELP").to_bytes()
+    assert wire.count(b"\r\n") == 2 and wire.startswith(b"214-2.0.0 ") and b"\r\n214 2.0.0 " in wire
+
+
+@pytest.mark.parametrize(
+    "verb", ["EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "STARTTLS", "AUTH", "expn"]
+)
+def test_known_but_unimplemented_verbs(verb):
+    assert status(Client().cmd(f"{verb} x")) == (502, "5.5.1")
+    assert status(Client().cmd(verb)) == (502, "5.5.1")
+
+
+@pytest.mark.parametrize("verb", ["QUIT", "EXIT", "quit", "Exit"])
+def test_quit_and_exit_close(verb):
+    client = Client()
+    reply = client.cmd(verb)
+    assert status(reply) == (221, "2.0.0") and reply.close
+    assert client.closed
+    assert isinstance(client.session.next_event(), CloseConnection)
+    client.session.receive_data(b"NOOP\r\n")  # ignored after the closing reply
+    assert isinstance(client.session.next_event(), CloseConnection)
+
+
+def test_rset_resets_the_transaction():
+    client = Client().transaction()
+    client.cmd("RSET")
+    assert client.cmd("RCPT TO:<c@d>").code == 503
+    assert client.cmd("MAIL FROM:<a@b>").code == 250
+
+
+@pytest.mark.parametrize("greeting", ["EHLO again.example", "HELO again.example"])
+def test_ehlo_and_helo_reset_the_transaction(greeting):
+    client = Client().transaction()
+    assert client.cmd(greeting).code == 250
+    assert client.cmd("DATA").code == 503
+    assert client.cmd("MAIL FROM:<a@b>").code == 250
+
+
+def test_failed_ehlo_keeps_the_transaction():
+    client = Client().transaction()
+    assert client.cmd("EHLO").code == 501
+    assert client.cmd("DATA").code == 354
+
+
+# --- garbage and line length -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"\xff\xfe\x80\xc3(garbage", b"\x00\x00\x00", b"\xc0\xaf\xed\xa0\x80 MAIL", b"NO\xffOP", b""],
+)
+def test_garbage_gets_500_and_the_session_survives(line):
+    client = Client()
+    assert status(client.cmd(line)) == (500, "5.5.2")
+    assert client.cmd("EHLO x").code == 250
+
+
+def test_bare_lf_inside_a_command_line_is_not_a_separator():
+    client = Client().ready()
+    replies = client.send(b"MAIL FROM:<a@b>\nRCPT TO:<c@d>\r\n")
+    assert [status(r) for r in replies] == [(500, "5.5.2")]
+    assert client.send(b"NOOP\n") == []  # no CRLF yet: nothing to answer
+    assert client.codes(b"\r\n") == [500]
+
+
+def test_command_line_of_exactly_512_octets():
+    line = b"NOOP " + b"x" * (512 - 7)
+    assert len(line + b"\r\n") == 512
+    assert Client().cmd(line).code == 250
+
+
+@pytest.mark.parametrize("length", [513, 514, 600, 5000, 100_000])
+def test_long_command_line_gets_one_500(length):
+    line = b"NOOP " + b"x" * (length - 7) + b"\r\n"
+    assert len(line) == length
+    client = Client()
+    replies = client.send(line + b"NOOP\r\n")
+    assert [status(r) for r in replies] == [(500, "5.5.6"), (250, "2.0.0")]
+
+
+@pytest.mark.parametrize("piece", [1, 7, 511, 512, 513, 4096])
+def test_long_command_line_in_pieces(piece):
+    data = b"MAIL FROM:<" + b"a" * 3000 + b"@b>\r\nNOOP\r\n"
+    client = Client()
+    replies = []
+    for i in range(0, len(data), piece):
+        replies += client.send(data[i : i + piece])
+    assert [status(r) for r in replies] == [(500, "5.5.6"), (250, "2.0.0")]
+
+
+def test_long_line_buffer_is_bounded():
+    client = Client()
+    for _ in range(100):
+        client.send(b"x" * 10_000)
+    assert len(client.session._buf) < 1024  # white-box: nothing accumulates
+    assert client.codes(b"\r\n") == [500]
+
+
+def test_crlf_split_across_chunks_in_commands():
+    client = Client()
+    assert client.send(b"NOOP\r") == []
+    assert client.codes(b"\nNOOP") == [250]
+    assert client.codes(b"\r\n") == [250]
+
+
+# --- error limit -----------------------------------------------------------------
+
+
+def test_too_many_errors_closes():
+    client = Client(max_errors=3)
+    replies = client.send(b"BOGUS\r\nMAIL FROM:bad\r\nRCPT TO:<x@y>\r\nNOOP\r\nDATA\r\nNOOP\r\n")
+    assert [r.code for r in replies] == [500, 503, 503, 250, 421]
+    assert status(replies[-1]) == (421, "4.7.0") and replies[-1].close
+    assert client.closed
+
+
+def test_every_error_reply_counts():
+    client = Client(lambda a: Reply(550, "5.1.1", "No such user"), max_errors=20)
+    client.ready()
+    client.cmd("MAIL FROM:<a@b>")
+    codes = client.codes(b"RCPT TO:<x@y>\r\n" * 21)
+    assert codes == [550] * 20 + [421]
+
+
+def test_commit_failures_do_not_count():
+    client = Client(max_errors=1, commit_reply=Reply(451, "4.3.0", "Storage failure"))
+    for _ in range(3):
+        client.transaction()
+        client.cmd("DATA")
+        assert [status(r) for r in client.send(b"x\r\n.\r\n")] == [(451, "4.3.0")]
+    assert client.cmd("BOGUS").code == 500
+    assert client.cmd("BOGUS").code == 421
+
+
+# --- DATA ------------------------------------------------------------------------
+
+
+def test_simple_message():
+    client = Client().transaction()
+    assert status(client.cmd("DATA")) == (354, None)
+    assert client.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n") == [QUEUED]
+    assert client.messages[0][1] == b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def test_354_text_and_wire_format():
+    reply = Client().transaction().cmd("DATA")
+    assert reply.to_bytes() == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+
+
+def test_empty_message():
+    client = Client().transaction()
+    client.cmd("DATA")
+    assert client.send(b".\r\n") == [QUEUED]
+    assert client.messages[0][1] == b""
+    assert not [e for e in client.events if isinstance(e, BodyData)]
+
+
+def test_dot_unstuffing():
+    client = Client().transaction()
+    client.cmd("DATA")
+    client.send(b"..leading\r\n.\r\n")  # wait: ".\r\n" right after a line ends the data
+    assert client.messages[0][1] == b".leading\r\n"
+    client.transaction()
+    client.cmd("DATA")
+    client.send(b"a\r\n..\r\n...\r\n. x\r\n.\r\n")
+    assert client.messages[1][1] == b"a\r\n.\r\n..\r\n x\r\n"
+
+
+@pytest.mark.parametrize("cut", range(1, 12))
+def test_end_of_data_split_anywhere(cut):
+    data = b"abc\r\n..d\r\n.\r\nNOOP\r\n"
+    client = Client().transaction()
+    client.cmd("DATA")
+    replies = client.send(data[:cut]) + client.send(data[cut:])
+    assert [r.code for r in replies] == [250, 250]
+    assert client.messages[0][1] == b"abc\r\n.d\r\n"
+
+
+def test_body_is_emitted_in_large_chunks():
+    client = Client().transaction()
+    client.cmd("DATA")
+    chunk = (b"y" * 78 + b"\r\n") * 800
+    for _ in range(10):
+        client.send(chunk)
+    bodies = [e for e in client.events if isinstance(e, BodyData)]
+    assert len(bodies) == 10
+    client.send(b".\r\n")
+    assert client.messages[0][1] == chunk * 10
+
+
+SMUGGLING_VECTORS = [
+    b"\n.\n",
+    b"\r.\r",
+    b"\r.\n",
+    b"\n.\r",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r\n",
+]
+SMUGGLED = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\nSMUGGLED\r\n"
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("vector", SMUGGLING_VECTORS, ids=repr)
+def test_smuggling_vectors(vector, split):
+    client = Client().transaction()
+    client.cmd("DATA")
+    first = b"Subject: real\r\n\r\nreal" + vector
+    rest = SMUGGLED + b".\r\nQUIT\r\n"
+    replies = client.send(first + rest) if not split else client.send(first) + client.send(rest)
+    assert len(replies) == 2 and replies[1].code == 221
+    stripped = (first + SMUGGLED).replace(b"\r\n", b"")
+    if b"\r" in stripped or b"\n" in stripped:
+        assert status(replies[0]) == (550, "5.5.2")
+        assert "bare CR or LF" in replies[0].text
+        assert client.messages == [] and client.aborted == ["bare CR or LF in message"]
+    else:  # the NUL vector: one message holding the would-be commands as text
+        assert replies[0] == QUEUED
+        assert len(client.messages) == 1
+        assert client.messages[0][1] == (first + SMUGGLED).replace(b"\r\n.", b"\r\n")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"line one\nline two\r\n",
+        b"line one\rline two\r\n",
+        b"Subject: x\r\n\r\nends with bare LF\n\r\n",
+        b"Subject: x\r\n\r\nbare CR at line end\r\r\n",
+        b"\n\r\n",
+    ],
+)
+def test_bare_line_ending_rejected_and_session_continues(bad):
+    client = Client().transaction()
+    client.cmd("DATA")
+    replies = client.send(bad + b".\r\n")
+    assert [status(r) for r in replies] == [(550, "5.5.2")]
+    assert client.aborted == ["bare CR or LF in message"]
+    assert [e for e in client.events if isinstance(e, MessageAborted)]
+    # the transaction is over, the session is not
+    assert client.cmd("RCPT TO:<c@d>").code == 503
+    client.transaction()
+    client.cmd("DATA")
+    assert client.send(b"clean\r\n.\r\n") == [QUEUED]
+
+
+def test_no_body_data_after_a_bare_lf_is_seen():
+    client = Client().transaction()
+    client.cmd("DATA")
+    client.send(b"good\r\n")
+    client.send(b"bad\n")
+    client.send(b"more\r\n")
+    bodies = [e.data for e in client.events if isinstance(e, BodyData)]
+    assert b"".join(bodies) == b"good"  # the final CRLF is still held back
+    client.send(b".\r\n")
+    assert client.aborted and not client.messages
+
+
+def test_text_line_too_long():
+    client = Client().transaction()
+    client.cmd("DATA")
+    assert client.send(b"x" * 998 + b"\r\n.\r\n") == [QUEUED]
+    client.transaction()
+    client.cmd("DATA")
+    replies = client.send(b"ok\r\n" + b"x" * 999 + b"\r\nmore\r\n")
+    assert replies == []  # keeps reading to the end of data
+    replies = client.send(b".\r\nNOOP\r\n")
+    assert [status(r) for r in replies] == [(500, "5.5.6"), (250, "2.0.0")]
+    assert client.aborted == ["line too long"] and len(client.messages) == 1
+
+
+def test_text_line_limit_is_configurable():
+    client = Client(max_text_line=10).transaction()
+    client.cmd("DATA")
+    assert client.codes(b"12345678\r\n123456789\r\n.\r\n") == [500]
+
+
+@pytest.mark.parametrize("size", [102, 1000, 100_000])
+def test_message_too_big(size):
+    client = Client(max_message_size=100).transaction()
+    client.cmd("DATA")
+    body = (b"x" * 8 + b"\r\n") * (size // 10)
+    if size % 10:
+        body += b"x" * (size % 10 - 2) + b"\r\n"
+    assert len(body) == size
+    replies = client.send(body[:50]) + client.send(body[50:] + b".\r\nNOOP\r\n")
+    assert [status(r) for r in replies] == [(552, "5.3.4"), (250, "2.0.0")]
+    assert client.aborted == ["message too big"]
+    emitted = sum(len(e.data) for e in client.events if isinstance(e, BodyData))
+    assert emitted <= 100
+
+
+def test_message_of_exactly_the_maximum_size():
+    client = Client(max_message_size=100).transaction()
+    client.cmd("DATA")
+    assert client.send(b"x" * 98 + b"\r\n.\r\n") == [QUEUED]
+
+
+def test_size_is_counted_after_unstuffing():
+    client = Client(max_message_size=10).transaction()
+    client.cmd("DATA")
+    assert client.send(b"..." + b"x" * 5 + b"\r\n.\r\n") == [QUEUED]  # 10 octets decoded
+
+
+def test_bare_cr_lf_wins_over_other_problems():
+    client = Client(max_message_size=10).transaction()
+    client.cmd("DATA")
+    assert client.codes(b"x" * 2000 + b"\n\r\n.\r\n") == [550]
+
+
+# --- PAUSED and commit_done -------------------------------------------------------
+
+
+def test_pipelined_commands_wait_while_paused():
+    client = Client(auto_commit=False).transaction()
+    client.cmd("DATA")
+    replies = client.send(
+        b"body\r\n.\r\nMAIL FROM:<x@y>\r\nRCPT TO:<z@w>\r\nDATA\r\nsecond\r\n.\r\n"
+    )
+    assert replies == [] and client.paused and len(client.messages) == 1
+    assert client.session.next_event() is PAUSED
+    client.session.receive_data(b"QUIT\r\n")  # kept as well
+    assert client.session.next_event() is PAUSED
+    client.session.commit_done(QUEUED)
+    replies = client.drain()
+    assert [r.code for r in replies] == [250, 250, 250, 354]
+    assert client.paused and len(client.messages) == 2
+    assert client.messages[1][0].sender == Address("x", "y", False)
+    assert client.messages[1][1] == b"second\r\n"
+    client.session.commit_done(Reply(554, "5.7.0", "Rejected by content filter"))
+    replies = client.drain()
+    assert [r.code for r in replies] == [554, 221] and client.closed
+
+
+def test_commit_done_resets_the_transaction():
+    client = Client().transaction()
+    client.cmd("DATA")
+    client.send(b"x\r\n.\r\n")
+    assert client.cmd("RCPT TO:<c@d>").code == 503
+    assert client.cmd("MAIL FROM:<a@b>").code == 250
+
+
+def test_commit_done_without_message_is_an_error():
+    session = Session(SessionConfig("mx.example"), lambda a: None)
+    with pytest.raises(RuntimeError):
+        session.commit_done(QUEUED)
+
+
+def test_commit_done_with_closing_reply():
+    client = Client(commit_reply=Reply(421, "4.3.0", "mx.example shutting down", close=True))
+    client.transaction()
+    client.cmd("DATA")
+    assert client.codes(b"x\r\n.\r\nNOOP\r\n") == [421]
+    assert client.closed
+
+
+def test_eof_while_paused_still_delivers_the_commit_reply():
+    client = Client(auto_commit=False).transaction()
+    client.cmd("DATA")
+    client.send(b"x\r\n.\r\nQUIT\r\n")
+    client.session.receive_data(b"")
+    assert client.session.next_event() is PAUSED
+    client.session.commit_done(QUEUED)
+    assert [r.code for r in client.drain()] == [250, 221] and client.closed
+
+
+# --- pipelining --------------------------------------------------------------------
+
+
+def test_pipelined_transaction_replies_in_order():
+    client = Client(lambda a: Reply(550, "5.1.1", "No such user") if a.local == "x" else None)
+    replies = client.send(
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@d>\r\nRCPT TO:<x@d>\r\nRCPT TO:<v@d>\r\nDATA\r\n"
+    )
+    assert [r.code for r in replies] == [250, 250, 250, 550, 250, 354]
+    replies = client.send(b"body\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<p@d>\r\nQUIT\r\n")
+    assert [r.code for r in replies] == [250, 250, 250, 221]
+    assert [len(env.recipients) for env, _ in client.messages] == [2]
+
+
+def test_everything_in_one_chunk():
+    client = Client()
+    replies = client.send(
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<u@d>\r\nDATA\r\nhi\r\n.\r\n"
+        b"MAIL FROM:<a@b>\r\nRCPT TO:<u@d>\r\nDATA\r\nthere\r\n.\r\nQUIT\r\n"
+    )
+    assert [r.code for r in replies] == [250, 250, 250, 354, 250, 250, 250, 354, 250, 221]
+    assert [body for _, body in client.messages] == [b"hi\r\n", b"there\r\n"]
+
+
+# --- EOF, timeout, refuse ---------------------------------------------------------------
+
+
+def test_eof_in_command_mode():
+    client = Client().ready()
+    client.send(b"NOOP")  # incomplete line is dropped
+    assert client.send(b"") == [] and client.closed
+    assert client.aborted == []
+
+
+def test_eof_mid_data():
+    client = Client().transaction()
+    client.cmd("DATA")
+    client.send(b"partial")
+    client.send(b"")
+    assert client.aborted == ["connection closed by peer"] and client.closed
+    kinds = [type(e) for e in client.events[-2:]]
+    assert kinds == [MessageAborted, CloseConnection]
+
+
+def test_eof_right_after_greeting():
+    session = Session(SessionConfig("mx.example"), lambda a: None)
+    session.receive_data(b"")
+    assert isinstance(session.next_event(), Reply)
+    assert isinstance(session.next_event(), CloseConnection)
+
+
+def test_timeout():
+    client = Client().ready()
+    reply = client.session.timeout()
+    assert status(reply) == (421, "4.4.2") and reply.close
+    assert reply.text.startswith("mx.example ")
+    assert isinstance(client.session.next_event(), CloseConnection)
+    client.session.receive_data(b"NOOP\r\n")
+    assert isinstance(client.session.next_event(), CloseConnection)
+
+
+def test_timeout_mid_data_aborts_the_message():
+    client = Client().transaction()
+    client.cmd("DATA")
+    client.send(b"partial\r\n")
+    client.session.timeout()
+    client.drain()
+    assert client.aborted == ["timeout"] and client.closed
+
+
+def test_refuse():
+    reply = Session.refuse("mx.example", "Too many connections, try again later")
+    assert status(reply) == (421, "4.7.0") and reply.close
+    assert reply.to_bytes() == b"421 4.7.0 mx.example Too many connections, try again later\r\n"
+
+
+def test_idle_between_transactions_only():
+    client = Client(auto_commit=False)
+    session = client.session
+    assert session.idle
+    client.cmd("EHLO x")
+    assert session.idle
+    client.cmd("MAIL FROM:<a@b>")
+    assert not session.idle
+    client.cmd("RCPT TO:<c@d>")
+    client.cmd("DATA")
+    client.send(b"partial")
+    assert not session.idle
+    client.send(b"\r\n.\r\n")
+    assert client.paused and not session.idle
+    session.commit_done(QUEUED)
+    assert not session.idle  # the commit reply is still queued
+    client.drain()
+    assert session.idle
+    client.cmd("QUIT")
+    assert not session.idle
+
+
+def test_receive_data_accepts_bytes_like_and_copies_it():
+    client = Client()
+    buffer = bytearray(b"NOOP\r\n")
+    client.session.receive_data(memoryview(buffer))
+    buffer[:] = b"XXXX\r\n"
+    assert [r.code for r in client.drain()] == [250]
+
+
+# --- BDAT (RFC 3030 CHUNKING) ---------------------------------------------------------
+
+
+def test_bdat_single_last_chunk():
+    client = Client().transaction()
+    assert client.send(b"BDAT 5 LAST\r\nhello") == [QUEUED]
+    assert client.messages[0][1] == b"hello"
+
+
+def test_bdat_several_chunks_content_is_raw():
+    client = Client().transaction()
+    replies = client.send(b"BDAT 7\r\n.a\r\n.\r\n")
+    assert [status(r) for r in replies] == [(250, "2.0.0")]
+    replies = client.send(b"BDAT 3\r\nb\r\nBDAT 0 last\r\n")
+    assert replies == [Reply(250, "2.0.0", "3 octets received"), QUEUED]
+    assert client.messages[0][1] == b".a\r\n.\r\nb\r\n"  # not dot-unstuffed
+
+
+def test_bdat_chunk_split_over_reads():
+    client = Client().transaction()
+    data = b"BDAT 10 LAST\r\n0123456789NOOP\r\n"
+    replies = []
+    for i in range(len(data)):
+        replies += client.send(data[i : i + 1])
+    assert replies == [QUEUED, Reply(250, "2.0.0", "OK")]
+    assert client.messages[0][1] == b"0123456789"
+
+
+@pytest.mark.parametrize(
+    "setup,expected",
+    [("", (503, "5.5.1")), ("MAIL", (503, "5.5.1")), ("NORCPT", (554, "5.5.1"))],
+)
+def test_bdat_refused_chunk_is_still_read(setup, expected):
+    client = Client(lambda a: Reply(550, "5.1.1", "No such user"))
+    if setup:
+        client.ready()
+    if setup == "NORCPT":
+        client.cmd("MAIL FROM:<a@b>")
+        client.cmd("RCPT TO:<x@y>")
+    replies = client.send(b"BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n")
+    assert [status(r) for r in replies] == [expected, (250, "2.0.0")]
+    assert not client.closed and client.messages == []
+
+
+def test_bdat_bad_syntax_closes():
+    client = Client().transaction()
+    reply = client.cmd("BDAT x")
+    assert status(reply) == (501, "5.5.4") and reply.close and client.closed
+
+
+def test_data_after_bdat_is_a_sequence_error():
+    client = Client().transaction()
+    client.send(b"BDAT 2\r\nab")
+    assert status(client.cmd("DATA")) == (503, "5.5.1")
+
+
+def test_bdat_too_big_aborts_at_the_chunk():
+    client = Client(max_message_size=10).transaction()
+    assert client.codes(b"BDAT 6\r\n123456") == [250]
+    replies = client.send(b"BDAT 6\r\n123456BDAT 1 LAST\r\nx")
+    assert [status(r) for r in replies] == [(552, "5.3.4"), (503, "5.5.1")]
+    assert client.aborted == ["message too big"] and client.messages == []
+
+
+def test_bdat_crlf_may_straddle_chunks_but_bare_ends_are_rejected():
+    client = Client().transaction()
+    client.send(b"BDAT 2\r\na\rBDAT 3 LAST\r\n\nb\n")
+    assert client.aborted == ["bare CR or LF in message"]
+    client.transaction()
+    assert client.send(b"BDAT 2\r\na\rBDAT 3 LAST\r\n\nbc") == [
+        Reply(250, "2.0.0", "2 octets received"),
+        QUEUED,
+    ]
+    assert client.messages[0][1] == b"a\r\nbc"
+
+
+def test_rset_between_bdat_chunks_aborts():
+    client = Client().transaction()
+    client.send(b"BDAT 2\r\nab")
+    assert client.codes(b"RSET\r\n") == [250]
+    assert client.aborted == ["transaction reset by RSET"]
+    assert [type(e) for e in client.events[-2:]] == [MessageAborted, Reply]
+
+
+def test_eof_between_bdat_chunks_aborts():
+    client = Client().transaction()
+    client.send(b"BDAT 2\r\nab")
+    client.send(b"")
+    assert client.aborted == ["connection closed by peer"] and client.closed
+
+
+# --- a real client -------------------------------------------------------------------------
+
+
+def _serve(sock: socket.socket, received: list[tuple[Envelope, bytes]]) -> None:
+    """A minimal blocking I/O loop around Session, just enough for smtplib."""
+    session = Session(SessionConfig("mx.example"), lambda a: None)
+    body: list[bytes] = []
+    with sock:
+        while True:
+            event = session.next_event()
+            if event is NEED_DATA:
+                session.receive_data(sock.recv(65536))
+            elif isinstance(event, Reply):
+                sock.sendall(event.to_bytes())
+            elif isinstance(event, BodyData):
+                body.append(event.data)
+            elif isinstance(event, MessageComplete):
+                received.append((event.envelope, b"".join(body)))
+                body.clear()
+                session.commit_done(QUEUED)
+            elif isinstance(event, CloseConnection):
+                return
+
+
+def test_smtplib_interoperates():
+    server_sock, client_sock = socket.socketpair()
+    received: list[tuple[Envelope, bytes]] = []
+    thread = threading.Thread(target=_serve, args=(server_sock, received), daemon=True)
+    thread.start()
+    client = smtplib.SMTP()
+    client.sock = client_sock
+    client.file = None
+    try:
+        code, banner = client.getreply()
+        assert code == 220 and banner.startswith(b"mx.example")
+        client.ehlo("client.example")
+        assert client.has_extn("pipelining") and client.has_extn("smtputf8")
+        assert client.has_extn("enhancedstatuscodes")
+        assert int(client.esmtp_features["size"]) == 26214400
+        message = b"Subject: test\r\n\r\n.leading dot\r\n..two\r\nend"
+        refused = client.sendmail("a@example.org", ["b@example.net"], message)
+        assert refused == {}
+        utf8 = "Subject: ü\r\n\r\nbody\r\n".encode()
+        client.sendmail("jörg@example.org", ["ü@example.net"], utf8, mail_options=["SMTPUTF8"])
+        assert client.verify("x")[0] == 252
+        assert client.noop()[0] == 250
+    finally:
+        client.quit()
+        thread.join(5)
+    assert received[0][1] == message + b"\r\n"
+    assert received[0][0].body == "7BIT"
+    assert received[1][0].sender == Address("jörg", "example.org", False)
+    assert received[1][1] == utf8
