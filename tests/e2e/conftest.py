@@ -1,0 +1,734 @@
+"""End-to-end harness: run the real ``python -m mailerd`` as a subprocess and talk SMTP to it.
+
+Everything here is loopback-only with high ports, so no test needs root.  Every network
+operation carries a timeout and every wait polls, so a broken server fails a test instead of
+hanging the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_DOMAINS = ("example.org", "example.net")
+HOSTNAME = "mx.example.org"
+CRLF = b"\r\n"
+IO_TIMEOUT = 15.0  # seconds, for any single socket read or write
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 20.0
+
+ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+# --------------------------------------------------------------------------------------------
+# Polling
+# --------------------------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value; return it, or the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------------------------
+# Ports
+# --------------------------------------------------------------------------------------------
+
+_handed_out: set[int] = set()
+_port_lock = threading.Lock()
+
+
+def free_port() -> int:
+    """A TCP port that is free on both 127.0.0.1 and ::1 (bound to port 0, then closed)."""
+    with _port_lock:
+        for _ in range(200):
+            s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            try:
+                s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s6.bind(("::1", 0))
+                port = s6.getsockname()[1]
+                if port in _handed_out:
+                    continue
+                s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    s4.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                finally:
+                    s4.close()
+            finally:
+                s6.close()
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("could not find a free port on 127.0.0.1 and ::1")
+
+
+# --------------------------------------------------------------------------------------------
+# Raw SMTP client
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    code: int
+    lines: list[str]  # text after "NNN-" / "NNN " of every line
+    raw: bytes = b""
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def enhanced(self) -> str | None:
+        """The enhanced status code (RFC 3463) of the first line, if there is one."""
+        return enhanced_of(self.lines[0]) if self.lines else None
+
+    def line_codes(self) -> list[str | None]:
+        return [enhanced_of(line) for line in self.lines]
+
+    def __str__(self) -> str:
+        return self.raw.decode("utf-8", "replace").rstrip("\r\n")
+
+
+def enhanced_of(text: str) -> str | None:
+    first = text.split(" ", 1)[0] if text else ""
+    return first if ENHANCED_RE.match(first) else None
+
+
+class SMTPConn:
+    """A byte-exact SMTP client on a raw socket, for tests that need control over every octet."""
+
+    def __init__(self, host: str, port: int, timeout: float = IO_TIMEOUT):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.settimeout(timeout)
+        self.buf = b""
+        self.transcript: list[tuple[str, bytes]] = []
+
+    # -- low level --------------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        self.transcript.append(("C", data))
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def read_line(self) -> bytes:
+        """One line including its CRLF/LF; b"" at EOF (a partial last line is returned as is)."""
+        while b"\n" not in self.buf:
+            if not self._fill():
+                line, self.buf = self.buf, b""
+                return line
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line + b"\n"
+
+    def read_reply(self) -> Reply:
+        """Read one (possibly multi-line) reply; raises EOFError if the server closed first."""
+        lines: list[str] = []
+        raw = b""
+        while True:
+            line = self.read_line()
+            if not line:
+                raise EOFError(f"connection closed by server (partial reply: {raw!r})")
+            raw += line
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            if len(text) < 3 or not text[:3].isdigit() or (len(text) > 3 and text[3] not in " -"):
+                raise AssertionError(f"malformed reply line {line!r}")
+            lines.append(text[4:])
+            if len(text) == 3 or text[3] == " ":
+                reply = Reply(int(text[:3]), lines, raw)
+                self.transcript.append(("S", raw))
+                return reply
+
+    def cmd(self, line: str | bytes) -> Reply:
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        self.send(line + CRLF)
+        return self.read_reply()
+
+    def read_replies(self, n: int) -> list[Reply]:
+        return [self.read_reply() for _ in range(n)]
+
+    def read_all_replies(self, timeout: float = IO_TIMEOUT) -> tuple[list[Reply], bool]:
+        """Read replies until EOF or until nothing arrives for ``timeout``; (replies, saw_eof)."""
+        replies: list[Reply] = []
+        old = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                try:
+                    replies.append(self.read_reply())
+                except EOFError:
+                    return replies, True
+                except TimeoutError:
+                    return replies, False
+                except ConnectionResetError:
+                    return replies, True
+        finally:
+            self.sock.settimeout(old)
+
+    def wait_eof(self, timeout: float = IO_TIMEOUT) -> bytes | None:
+        """Read until EOF; return the bytes read before it, or None if no EOF within timeout."""
+        deadline = time.monotonic() + timeout
+        data, self.buf = self.buf, b""
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+        return None
+
+    # -- conveniences -------------------------------------------------------------------------
+    def banner(self) -> Reply:
+        return self.read_reply()
+
+    def ehlo(self, name: str = "client.test") -> Reply:
+        return self.cmd(f"EHLO {name}")
+
+    def start(self, helo: str = "client.test") -> None:
+        """Read the banner and EHLO, asserting both succeed."""
+        b = self.banner()
+        assert b.code == 220, f"banner: {b}"
+        r = self.ehlo(helo)
+        assert r.code == 250, f"EHLO: {r}"
+
+    def dialogue(self) -> str:
+        out = []
+        for who, data in self.transcript:
+            shown = data if len(data) < 400 else data[:200] + b" ... " + data[-100:]
+            out.append(f"{who}: {shown!r}")
+        return "\n".join(out)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> SMTPConn:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def expect(reply: Reply, code: int, enhanced: str | None = None, conn: SMTPConn | None = None):
+    msg = f"expected {code} {enhanced or ''}, got {reply}"
+    if conn is not None:
+        msg += "\n--- dialogue ---\n" + conn.dialogue()
+    assert reply.code == code, msg
+    if enhanced is not None:
+        assert reply.enhanced == enhanced, msg
+    return reply
+
+
+# --------------------------------------------------------------------------------------------
+# Stored messages
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stored:
+    return_path: bytes  # the full "Return-Path: ..." line without CRLF
+    received: bytes  # the Received header, unfolded, without CRLF
+    rest: bytes  # everything after the two prepended headers: the message as received
+    raw: bytes = field(repr=False, default=b"")
+
+
+def parse_stored(raw: bytes) -> Stored:
+    """Split a stored message into its Return-Path line, Received header and the original."""
+    assert raw.startswith(b"Return-Path: "), (
+        f"stored message must start with Return-Path: {raw[:200]!r}"
+    )
+    rp_end = raw.index(CRLF)
+    return_path = raw[:rp_end]
+    assert b"\n" not in return_path and b"\r" not in return_path, raw[:200]
+    pos = rp_end + 2
+    assert raw.startswith(b"Received: ", pos), f"second header must be Received: {raw[:300]!r}"
+    end = raw.index(CRLF, pos)
+    received = raw[pos:end]
+    pos = end + 2
+    while raw[pos : pos + 1] in (b" ", b"\t"):  # folded continuation lines
+        end = raw.index(CRLF, pos)
+        received += b" " + raw[pos:end].strip()
+        pos = end + 2
+    assert b"\n" not in received.replace(b"\r\n", b""), raw[:300]
+    return Stored(return_path, received, raw[pos:], raw)
+
+
+def check_stored(
+    raw: bytes,
+    *,
+    sender: str,
+    helo: str,
+    body: bytes,
+    hostname: str = HOSTNAME,
+    protocols: tuple[str, ...] = ("ESMTP",),
+) -> Stored:
+    st = parse_stored(raw)
+    assert st.return_path == f"Return-Path: <{sender}>".encode(), st.return_path
+    received = st.received.decode("utf-8", "replace")
+    words = received.split()
+    assert words[:3] == ["Received:", "from", helo], (
+        f"Received must start 'from {helo}': {received}"
+    )
+    assert re.search(rf"\bby {re.escape(hostname)}\b", received), f"no 'by {hostname}': {received}"
+    with_re = r"\bwith (" + "|".join(map(re.escape, protocols)) + r")\b"
+    assert re.search(with_re, received), f"no 'with {'/'.join(protocols)}': {received}"
+    assert st.rest == body, (
+        "stored body differs from what was sent\n"
+        f" sent:   {body[:300]!r}\n stored: {st.rest[:300]!r}"
+    )
+    return st
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+
+def proc_cmdline(pid: int) -> str | None:
+    """The process title as shown by ps (NULs → spaces, stripped); None if the pid is gone."""
+    try:
+        data = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return data.replace(b"\0", b" ").decode("utf-8", "replace").strip()
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a process, or None if it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    after = data[data.rindex(")") + 2 :].split()
+    return after[0], int(after[1])
+
+
+def pid_alive(pid: int) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct, live children of ``pid`` (read from /proc, like ``ps --ppid``)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        st = proc_stat(int(entry))
+        if st and st[1] == pid and st[0] not in ("Z", "X"):
+            out.append(int(entry))
+    return sorted(out)
+
+
+def descendants_of(pid: int) -> list[int]:
+    result: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        result.extend(kids)
+        todo.extend(kids)
+    return sorted(result)
+
+
+# --------------------------------------------------------------------------------------------
+# The server under test
+# --------------------------------------------------------------------------------------------
+
+
+def listing(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, bytes | None]:
+    """Every path under ``root`` (relative) → file content (None for directories)."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir != "." and rel_dir.split(os.sep)[0] in exclude:
+            continue
+        for d in dirnames:
+            rel = os.path.normpath(os.path.join(rel_dir, d))
+            if rel.split(os.sep)[0] not in exclude:
+                out[rel + "/"] = None
+        for f in filenames:
+            rel = os.path.normpath(os.path.join(rel_dir, f))
+            if rel.split(os.sep)[0] in exclude:
+                continue
+            try:
+                out[rel] = Path(dirpath, f).read_bytes()
+            except OSError:
+                out[rel] = b"<unreadable>"
+    return out
+
+
+def files_under(root: Path) -> set[str]:
+    """Relative paths of all regular files under ``root`` (not sockets, FIFOs or dirs)."""
+    if not root.exists():
+        return set()
+    out = set()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if os.path.isfile(p):
+                out.add(os.path.relpath(p, root))
+    return out
+
+
+class Mailerd:
+    """One mailerd instance: ``-l`` (trusted) and ``-n`` (untrusted) on 127.0.0.1 and ::1."""
+
+    def __init__(
+        self,
+        base: Path,
+        *,
+        spool: Path | None = None,
+        queue: Path | None = None,
+        domains: tuple[str, ...] = LOCAL_DOMAINS,
+        hostname: str = HOSTNAME,
+        workers: int = 2,
+        extra: tuple[str, ...] | list[str] = (),
+        name: str = "mailerd",
+    ):
+        self.base = Path(base)
+        self.spool = Path(spool) if spool else self.base / "spool"
+        self.queue = Path(queue) if queue else self.base / "queue"
+        self.logdir = self.base / "logs"
+        self.name = name
+        self.domains = domains
+        self.hostname = hostname
+        self.workers = workers
+        self.extra = list(extra)
+        self.trusted_port = free_port()
+        self.untrusted_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        self.spool.mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def argv(self) -> list[str]:
+        args = [sys.executable, "-m", "mailerd", "-f", "-s", str(self.spool), "-q", str(self.queue)]
+        for d in self.domains:
+            args += ["-d", d]
+        args += ["-H", self.hostname, "-w", str(self.workers)]
+        args += ["-l", f"127.0.0.1:{self.trusted_port}", "-l", f"[::1]:{self.trusted_port}"]
+        args += ["-n", f"127.0.0.1:{self.untrusted_port}", "-n", f"[::1]:{self.untrusted_port}"]
+        return args + self.extra
+
+    def start(self, wait: bool = True) -> Mailerd:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.logdir / f"{self.name}.stdout", "wb")  # noqa: SIM115
+        self._err = open(self.logdir / f"{self.name}.stderr", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.argv(),
+            cwd=self.base,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=self._err,
+            start_new_session=True,  # own process group, so cleanup can find stragglers
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stderr_text(self) -> str:
+        try:
+            return (self.logdir / f"{self.name}.stderr").read_text("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def crashes(self) -> list[str]:
+        """Python tracebacks the server wrote to stderr (each with the line that precedes it)."""
+        lines = self.stderr_text().splitlines()
+        out = []
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback (most recent call last)"):
+                end = i + 1
+                while end < len(lines) and (lines[end].startswith(" ") or not lines[end]):
+                    end += 1
+                out.append("\n".join(lines[max(0, i - 1) : end + 1]))
+        return out
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [
+            ("127.0.0.1", self.trusted_port),
+            ("::1", self.trusted_port),
+            ("127.0.0.1", self.untrusted_port),
+            ("::1", self.untrusted_port),
+        ]
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        for host, port in self.endpoints():
+            while True:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"mailerd exited with {self.proc.returncode} during startup:\n"
+                        f"{self.stderr_text()}"
+                    )
+                try:
+                    with socket.create_connection((host, port), timeout=2) as s:
+                        s.settimeout(max(0.5, deadline - time.monotonic()))
+                        data = b""
+                        while b"\n" not in data:
+                            chunk = s.recv(1024)
+                            if not chunk:
+                                break
+                            data += chunk
+                        if data.startswith(b"220"):
+                            with contextlib.suppress(OSError):
+                                s.sendall(b"QUIT\r\n")
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"mailerd not ready on [{host}]:{port} after {timeout}s:\n"
+                        f"{self.stderr_text()}"
+                    )
+                time.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, wait; SIGKILL the group on timeout. Returns the exit status."""
+        if self.proc is None:
+            return self.returncode
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.returncode = self.proc.returncode
+        self._reap_group()
+        return self.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    def _reap_group(self) -> None:
+        """Kill any process still in our process group (workers orphaned by a broken master)."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for f in (getattr(self, "_out", None), getattr(self, "_err", None)):
+            if f is not None:
+                f.close()
+
+    def group_members(self) -> list[int]:
+        """Live processes in the server's process group (including orphaned ones)."""
+        assert self.proc is not None
+        pgid = self.proc.pid
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                data = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = data[data.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                out.append(int(entry))
+        return sorted(out)
+
+    # -- processes ------------------------------------------------------------------------------
+    def children(self) -> list[int]:
+        return children_of(self.pid)
+
+    def descendants(self) -> list[int]:
+        return descendants_of(self.pid)
+
+    def titles(self) -> dict[int, str]:
+        out = {}
+        for pid in self.descendants():
+            title = proc_cmdline(pid)
+            if title is not None:
+                out[pid] = title
+        return out
+
+    def worker_pids(self) -> list[int]:
+        return sorted(p for p, t in self.titles().items() if t.startswith("mailerd: worker"))
+
+    # -- clients --------------------------------------------------------------------------------
+    def port(self, trusted: bool) -> int:
+        return self.trusted_port if trusted else self.untrusted_port
+
+    def connect(self, trusted: bool = True, host: str = "127.0.0.1") -> SMTPConn:
+        return SMTPConn(host, self.port(trusted))
+
+    def smtp(
+        self, trusted: bool = True, host: str = "127.0.0.1", helo: str = "client.test"
+    ) -> smtplib.SMTP:
+        return smtplib.SMTP(host, self.port(trusted), local_hostname=helo, timeout=IO_TIMEOUT)
+
+    # -- spool ----------------------------------------------------------------------------------
+    def add_user(self, user: str) -> Path:
+        p = self.spool / user
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def messages(self, user: str) -> list[int]:
+        """Message numbers in a mailbox (files named only by digits), sorted."""
+        box = self.spool / user
+        if not box.is_dir():
+            return []
+        return sorted(int(f.name) for f in box.iterdir() if f.name.isdigit() and f.is_file())
+
+    def read(self, user: str, n: int) -> bytes:
+        return (self.spool / user / str(n)).read_bytes()
+
+    def status(self, user: str, n: int) -> bytes:
+        return (self.spool / user / f"{n}.status").read_bytes()
+
+    def wait_messages(self, user: str, count: int, timeout: float = 10.0) -> list[int]:
+        wait_until(lambda: len(self.messages(user)) >= count, timeout)
+        return self.messages(user)
+
+    def queue_files(self) -> set[str]:
+        return files_under(self.queue)
+
+
+def has_recent(status: bytes) -> bool:
+    return any(line.strip() == b"\\Recent" for line in status.splitlines())
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mailerd_factory(tmp_path: Path) -> Iterator[Callable[..., Mailerd]]:
+    """Build (and by default start) Mailerd instances that are always stopped at teardown."""
+    made: list[Mailerd] = []
+
+    def make(start: bool = True, base: Path | None = None, cls: type = Mailerd, **kw) -> Mailerd:
+        if base is None:
+            base = tmp_path if not made else tmp_path / f"instance{len(made)}"
+        base.mkdir(parents=True, exist_ok=True)
+        kw.setdefault("name", f"mailerd{len(made)}")
+        m = cls(base, **kw)
+        made.append(m)
+        if start:
+            m.start()
+        return m
+
+    yield make
+    problems = []
+    for m in made:
+        if m.proc is None:
+            continue
+        was_running = m.proc.poll() is None
+        rc = m.stop()
+        if was_running and rc != 0:
+            problems.append(f"{m.name}: exit status {rc} after SIGTERM")
+        problems += [f"{m.name} logged a crash:\n{c}" for c in m.crashes()]
+    if problems:
+        pytest.fail("server problems seen at teardown:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def mailerd(mailerd_factory) -> Mailerd:
+    """A fresh, started instance with default options."""
+    return mailerd_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_mailerd(tmp_path_factory) -> Iterator[Mailerd]:
+    """One started instance per test module, for tests that use their own mailboxes."""
+    base = tmp_path_factory.mktemp("shared")
+    m = Mailerd(base, name="shared")
+    m.start()
+    yield m
+    finish(m)
+
+
+def finish(m: Mailerd) -> None:
+    """Stop a module-scoped instance; fail (at teardown) on a bad exit status or a crash."""
+    was_running = m.proc is not None and m.proc.poll() is None
+    rc = m.stop()
+    problems = [f"exit status {rc} after SIGTERM"] if was_running and rc != 0 else []
+    problems += [f"logged a crash:\n{c}" for c in m.crashes()]
+    if problems:
+        pytest.fail(f"{m.name}: " + "\n".join(problems), pytrace=False)
+
+
+_counter = 0
+_counter_lock = threading.Lock()
+
+
+def unique(prefix: str = "u") -> str:
+    """A short, unique, lower-case mailbox name."""
+    global _counter
+    with _counter_lock:
+        _counter += 1
+        return f"{prefix}{os.getpid() % 1000}x{_counter}"
+
+
+def run_mailerd(args: list[str], timeout: float = 15.0, cwd: Path | None = None):
+    """Run ``python -m mailerd ARGS`` to completion (for option errors, -h, -V).
+
+    Returns a CompletedProcess; if it is still running after ``timeout`` (for instance because
+    a bad option was wrongly accepted and the server started), its whole process group is
+    killed and the returncode is None.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailerd", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=cwd or REPO,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        rc: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=10)
+        rc = None
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # stray workers of a wrongly started server
+    return subprocess.CompletedProcess(proc.args, rc, out, err)

@@ -1,0 +1,375 @@
+"""Command line, configuration file, startup errors and process titles."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    Mailerd,
+    SMTPConn,
+    check_stored,
+    expect,
+    free_port,
+    proc_cmdline,
+    run_mailerd,
+    wait_until,
+)
+
+LONG_OPTIONS = [
+    "--config",
+    "--spool",
+    "--domain",
+    "--queue",
+    "--port",
+    "--listen-local",
+    "--listen-network",
+    "--hostname",
+    "--workers",
+    "--foreground",
+    "--pidfile",
+    "--version",
+    "--help",
+    "--max-message-size",
+    "--timeout",
+    "--max-errors",
+]
+
+
+def package_version() -> str:
+    text = (Path(__file__).resolve().parents[2] / "mailerd" / "__init__.py").read_text()
+    return re.search(r'__version__\s*=\s*["\']([^"\']+)', text).group(1)
+
+
+def valid_args(tmp_path: Path) -> list[str]:
+    """A complete, valid command line (so that an added bad option is the only problem)."""
+    p1, p2 = free_port(), free_port()
+    return [
+        "-f",
+        "-s",
+        str(tmp_path / "spool"),
+        "-q",
+        str(tmp_path / "queue"),
+        "-d",
+        "example.org",
+        "-H",
+        "mx.example.org",
+        "-w",
+        "1",
+        "-l",
+        f"127.0.0.1:{p1}",
+        "-n",
+        f"127.0.0.1:{p2}",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# -V, -h
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", ["-V", "--version"])
+def test_version(opt: str):
+    p = run_mailerd([opt])
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    out = p.stdout + p.stderr
+    assert package_version() in out, f"version {package_version()} not in {out!r}"
+    assert len(out.strip().splitlines()) == 1, out
+
+
+@pytest.mark.parametrize("opt", ["-h", "--help"])
+def test_help(opt: str):
+    p = run_mailerd([opt])
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+    assert "usage" in p.stdout.lower(), p.stdout
+    missing = [o for o in LONG_OPTIONS if o not in p.stdout]
+    assert not missing, f"--help does not mention {missing}:\n{p.stdout}"
+
+
+# --------------------------------------------------------------------------------------------
+# Bad options
+# --------------------------------------------------------------------------------------------
+
+BAD_OPTIONS = [
+    pytest.param(["--bogus"], ["--bogus"], id="unknown-option"),
+    pytest.param(["-w", "x"], ["-w", "--workers"], id="workers-not-a-number"),
+    pytest.param(["--timeout", "5parsecs"], ["--timeout"], id="timeout-unit"),
+    pytest.param(["--timeout", "soon"], ["--timeout"], id="timeout-word"),
+    pytest.param(["-l", "1.2.3.999"], ["-l", "--listen-local"], id="listen-bad-ip"),
+    pytest.param(["-n", "127.0.0.1:99999"], ["-n", "--listen-network"], id="listen-bad-port"),
+    pytest.param(["-l", "[::1"], ["-l", "--listen-local"], id="listen-bad-bracket"),
+    pytest.param(["-p", "70000"], ["-p", "--port"], id="port-out-of-range"),
+    pytest.param(["-p", "smtp25"], ["-p", "--port"], id="port-not-a-number"),
+    pytest.param(["--max-message-size", "lots"], ["--max-message-size"], id="size-word"),
+    pytest.param(["--max-errors", "many"], ["--max-errors"], id="max-errors-word"),
+]
+
+
+def _names_option(message: str, names: list[str]) -> bool:
+    return any(re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", message) for n in names)
+
+
+@pytest.mark.parametrize("bad,names", BAD_OPTIONS)
+def test_bad_option_exits_2(tmp_path: Path, bad: list[str], names: list[str]):
+    p = run_mailerd(valid_args(tmp_path) + bad)
+    assert p.returncode is not None, f"{bad}: mailerd did not exit (started anyway?)"
+    assert p.returncode == 2, f"{bad}: exit {p.returncode}, stderr {p.stderr!r}"
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, f"{bad}: expected a one-line message, got {p.stderr!r}"
+    assert _names_option(lines[0], names), f"{bad}: message does not name {names}: {lines[0]!r}"
+
+
+@pytest.mark.parametrize("value", ["30s", "5m"])
+def test_timeout_durations_accepted(mailerd_factory, value: str):
+    """Durations in the documented forms start the server."""
+    m = mailerd_factory(extra=["--timeout", value])
+    with m.connect() as c:
+        c.start()
+        expect(c.cmd("NOOP"), 250, conn=c)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration file
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigMailerd(Mailerd):
+    """Runs ``mailerd -f -c CONFIG [extra...]``; listens where the test says."""
+
+    def __init__(self, base: Path, *, config: Path, listen: list[tuple[str, int]], **kw):
+        super().__init__(base, **kw)
+        self.config = config
+        self.listen = listen
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "mailerd", "-f", "-c", str(self.config), *self.extra]
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        return self.listen
+
+
+def _deliver(host: str, port: int, rcpt: str, body: bytes) -> None:
+    with smtplib.SMTP(host, port, local_hostname="client.test", timeout=15) as s:
+        assert s.sendmail("sender@client.test", [rcpt], body) == {}
+        s.quit()
+
+
+@pytest.mark.parametrize(
+    "sep", [", ", " ", ",", " ,\n  "], ids=["comma-space", "space", "comma", "multiline"]
+)
+def test_config_file(mailerd_factory, tmp_path: Path, sep: str):
+    port = free_port()
+    spool = tmp_path / "cfgspool"
+    cfg = tmp_path / "mailerd.conf"
+    cfg.write_text(
+        "[mailerd]\n"
+        f"spool = {spool}\n"
+        f"queue = {tmp_path / 'cfgqueue'}\n"
+        f"domain = a.test{sep}b.test\n"
+        f"listen-local = 127.0.0.1:{port}{sep}[::1]:{port}\n"
+        "hostname = cfg.example\n"
+        "workers = 1\n"
+    )
+    m = mailerd_factory(
+        cls=ConfigMailerd,
+        config=cfg,
+        listen=[("127.0.0.1", port), ("::1", port)],
+        spool=spool,
+    )
+    m.add_user("cfguser")
+    body = b"Subject: config\r\n\r\nvia config\r\n"
+    _deliver("127.0.0.1", port, "cfguser@a.test", body)
+    _deliver("::1", port, "cfguser@b.test", body)
+    assert m.wait_messages("cfguser", 2, timeout=5) == [1, 2]
+    for n in (1, 2):
+        check_stored(
+            m.read("cfguser", n),
+            sender="sender@client.test",
+            helo="client.test",
+            body=body,
+            hostname="cfg.example",
+        )
+    # both domains are local: an unknown user there is refused, not relayed
+    with SMTPConn("127.0.0.1", port) as c:
+        c.start()
+        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
+        expect(c.cmd("RCPT TO:<nobody-cfg@a.test>"), 550, "5.1.1", conn=c)
+        expect(c.cmd("RCPT TO:<nobody-cfg@b.test>"), 550, "5.1.1", conn=c)
+        c.cmd("QUIT")
+
+
+def test_command_line_overrides_config(mailerd_factory, tmp_path: Path):
+    port = free_port()
+    cfg_spool = tmp_path / "cfgspool"
+    cli_spool = tmp_path / "clispool"
+    cfg = tmp_path / "mailerd.conf"
+    cfg.write_text(
+        "[mailerd]\n"
+        f"spool = {cfg_spool}\n"
+        f"queue = {tmp_path / 'cfgqueue'}\n"
+        "domain = a.test, b.test\n"
+        f"listen-local = 127.0.0.1:{port}\n"
+        "hostname = cfg.example\n"
+        "workers = 3\n"
+    )
+    (cfg_spool / "over").mkdir(parents=True)
+    m = mailerd_factory(
+        cls=ConfigMailerd,
+        config=cfg,
+        listen=[("127.0.0.1", port)],
+        spool=cli_spool,
+        extra=["-s", str(cli_spool), "-H", "cli.example", "--workers", "1"],
+    )
+    m.add_user("over")
+    body = b"Subject: override\r\n\r\noverride\r\n"
+    _deliver("127.0.0.1", port, "over@a.test", body)
+    assert m.wait_messages("over", 1, timeout=5) == [1]
+    check_stored(
+        m.read("over", 1),
+        sender="sender@client.test",
+        helo="client.test",
+        body=body,
+        hostname="cli.example",
+    )
+    assert not any(cfg_spool.joinpath("over").iterdir()), "delivered into the config's spool"
+    workers = wait_until(
+        lambda: [t for t in m.titles().values() if t.startswith("mailerd: worker")], timeout=10
+    )
+    assert len(workers) == 1, f"--workers 1 must override workers = 3: {m.titles()}"
+
+
+BAD_CONFIG = [
+    pytest.param("workers = x\n", ["workers"], id="workers"),
+    pytest.param("timeout = 5parsecs\n", ["timeout"], id="timeout"),
+    pytest.param("listen-local = 1.2.3.999\n", ["listen-local"], id="listen-local"),
+    pytest.param("max-message-size = big\n", ["max-message-size"], id="max-message-size"),
+    pytest.param("bogus-key = 1\n", ["bogus-key"], id="unknown-key"),
+]
+
+
+@pytest.mark.parametrize("line,names", BAD_CONFIG)
+def test_bad_config_value_exits_2(tmp_path: Path, line: str, names: list[str]):
+    cfg = tmp_path / "bad.conf"
+    cfg.write_text(
+        "[mailerd]\n"
+        f"spool = {tmp_path / 'spool'}\n"
+        f"queue = {tmp_path / 'queue'}\n"
+        "domain = example.org\n"
+        f"listen-local = 127.0.0.1:{free_port()}\n" + line
+    )
+    p = run_mailerd(["-f", "-c", str(cfg)])
+    assert p.returncode is not None, f"{line!r}: mailerd did not exit (started anyway?)"
+    assert p.returncode == 2, f"{line!r}: exit {p.returncode}, stderr {p.stderr!r}"
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, f"{line!r}: expected a one-line message, got {p.stderr!r}"
+    names = names + [f"--{n}" for n in names]  # the key, or the option it stands for
+    assert _names_option(lines[0], names), f"message does not name {names}: {lines[0]!r}"
+
+
+def test_missing_config_file(tmp_path: Path):
+    missing = tmp_path / "nope.conf"
+    p = run_mailerd(["-f", "-c", str(missing)])
+    assert p.returncode not in (0, None), (p.returncode, p.stderr)
+    assert "nope.conf" in p.stderr, p.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Startup errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_port_in_use(tmp_path: Path, family: str):
+    if family == "ipv4":
+        blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        blocker.bind(("127.0.0.1", 0))
+        addr = "127.0.0.1:{}"
+    else:
+        blocker = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        blocker.bind(("::1", 0))
+        addr = "[::1]:{}"
+    blocker.listen(1)
+    try:
+        port = blocker.getsockname()[1]
+        args = valid_args(tmp_path) + ["-l", addr.format(port)]
+        p = run_mailerd(args)
+    finally:
+        blocker.close()
+    assert p.returncode is not None, "mailerd kept running although its port was taken"
+    assert p.returncode != 0
+    assert "Address already in use" in p.stderr, p.stderr
+
+
+def test_spool_cannot_be_created(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    args = valid_args(tmp_path)
+    args[args.index("-s") + 1] = str(blocker / "spool")
+    p = run_mailerd(args)
+    assert p.returncode is not None, "mailerd kept running without a spool"
+    assert p.returncode != 0
+    assert "Not a directory" in p.stderr, p.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------
+
+
+def test_process_titles(mailerd: Mailerd):
+    m = mailerd
+
+    def complete():
+        titles = list(m.titles().values())
+        has = (
+            any(re.match(r"mailerd: worker 1(\s|$)", t) for t in titles)
+            and any(re.match(r"mailerd: worker 2(\s|$)", t) for t in titles)
+            and any(re.match(r"mailerd: delivery(\s|$)", t) for t in titles)
+        )
+        return has and titles
+
+    titles = wait_until(complete, timeout=10)
+    master = proc_cmdline(m.pid) or ""
+    assert re.match(r"mailerd: master(\s|$)", master), f"master title: {master!r}"
+    assert titles, f"missing titles; children are: {m.titles()}"
+    workers = [t for t in m.titles().values() if t.startswith("mailerd: worker")]
+    assert len(workers) == 2, workers
+
+
+def test_pidfile(mailerd_factory, tmp_path: Path):
+    pidfile = tmp_path / "run" / "mailerd.pid"
+    pidfile.parent.mkdir()
+    m = mailerd_factory(extra=["-P", str(pidfile)])
+    assert wait_until(pidfile.exists, timeout=5), "pidfile not written"
+    assert pidfile.read_text().strip() == str(m.pid)
+
+
+def test_default_port_option(mailerd_factory, tmp_path: Path):
+    """-p sets the port of every listener given without one."""
+    port = free_port()
+
+    class PortMailerd(Mailerd):
+        def argv(self):
+            return [
+                sys.executable, "-m", "mailerd", "-f",
+                "-s", str(self.spool), "-q", str(self.queue), "-d", "example.org",
+                "-p", str(port), "-l", "127.0.0.1", "-l", "::1",
+                "-n", f"127.0.0.1:{self.untrusted_port}",
+            ]  # fmt: skip
+
+        def endpoints(self):
+            return [("127.0.0.1", port), ("::1", port), ("127.0.0.1", self.untrusted_port)]
+
+    mailerd_factory(cls=PortMailerd)
+    for host in ("127.0.0.1", "::1"):
+        with SMTPConn(host, port) as c:
+            c.start()
+            expect(c.cmd("MAIL FROM:<a@client.test>"), 250, conn=c)
+            # the -p listeners are the trusted ones: a remote recipient is fine there
+            expect(c.cmd("RCPT TO:<someone@remote.test>"), 250, conn=c)
+            c.cmd("QUIT")
