@@ -162,11 +162,23 @@ def _fds(fd: int | None) -> list[int]:
 
 
 class Client:
-    """The worker's side: request/answer over one channel, reconnecting when it breaks."""
+    """The requesting side: request/answer over one channel.
 
-    def __init__(self, path: str, timeout: float) -> None:
+    With a `path` it connects (and reconnects after a break) to a listening socket, as workers
+    do to the delivery process; with a connected `sock` it uses that one socket for its life.
+    """
+
+    def __init__(
+        self,
+        path: str | None,
+        timeout: float,
+        sock: socket.socket | None = None,
+        on_broken: Callable[[], None] | None = None,
+    ) -> None:
         self.path = path
         self.timeout = timeout
+        self._sock = sock
+        self._on_broken = on_broken
         self._channel: Channel | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
@@ -194,6 +206,11 @@ class Client:
             self._pending.pop(request_id, None)
 
     async def _connect(self) -> Channel:
+        if self.path is None:
+            sock, self._sock = self._sock, None
+            if sock is None:
+                raise ConnectionError("channel closed")
+            return Channel(sock, self._answered, self._broken)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
@@ -213,7 +230,9 @@ class Client:
     def _broken(self) -> None:
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(ConnectionError("delivery process went away"))
+                future.set_exception(ConnectionError("peer process went away"))
+        if self._on_broken is not None:
+            self._on_broken()
 
     def close(self) -> None:
         if self._channel is not None:

@@ -1,4 +1,5 @@
-"""Command-line entry point: `mailerd [options]` runs the server (see `config` for options)."""
+"""Command-line entry point: `mailerd [options]` runs the server (see `config` for options);
+`mailerd queue …` inspects and manages the outbound queue (see `queuectl`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from mailerd import config
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["queue"]:
+        from mailerd import queuectl
+
+        return queuectl.main(argv[1:])
     try:
         cfg = config.load(argv)
     except config.ConfigError as exc:
@@ -17,3 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     from mailerd import master
 
     return master.run(cfg)
+
+
+def queue_main() -> int:
+    """The `mailerd-queue` console script: the same as `mailerd queue`."""
+    from mailerd import queuectl
+
+    return queuectl.main(sys.argv[1:])

@@ -69,6 +69,16 @@ class Config:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_sessions_per_ip: int = DEFAULT_MAX_SESSIONS_PER_IP
     verbose: bool = False
+    relayhost: tuple[str, int] | None = None
+    relay_auth: Path | None = None
+    outbound_tls: str = "may"
+    outbound_ip: str = "both"
+    retry_after: float = 300.0
+    max_retry: float = 3600.0
+    max_queue_time: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0
+    max_outbound: int = 20
+    max_per_domain: int = 4
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -94,6 +104,27 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("max-sessions", None, True, False, "total concurrent sessions (default 1000)"),
     ("max-sessions-per-ip", None, True, False, "sessions per client IP on untrusted listeners"),
     ("verbose", "v", False, False, "log more, including the SMTP dialogue"),
+    ("relayhost", None, True, False, "smarthost HOST[:PORT] for all outbound mail (no MX lookup)"),
+    ("relay-auth", None, True, False, "file holding 'username:password' for AUTH at the relayhost"),
+    ("outbound-tls", None, True, False, "may (default), encrypt, verify or none"),
+    (
+        "outbound-ip",
+        None,
+        True,
+        False,
+        "ipv4, ipv6 or both (default): address families to send over",
+    ),
+    ("retry-after", None, True, False, "first retry of deferred mail (default 5m; doubles to 1h)"),
+    (
+        "max-queue-time",
+        None,
+        True,
+        False,
+        "bounce what is still undelivered after this (default 5d)",
+    ),
+    ("delay-warning", None, True, False, "warn the sender after this (default 4h; 0 = never)"),
+    ("max-outbound", None, True, False, "concurrent outbound deliveries in all (default 20)"),
+    ("max-per-domain", None, True, False, "concurrent outbound deliveries per domain (default 4)"),
 )
 
 
@@ -202,7 +233,48 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
             10**7,
         ),
         verbose=bool(raw.get("verbose", False)),
+        relayhost=_parse_relayhost(str(raw["relayhost"])) if raw.get("relayhost") else None,
+        relay_auth=Path(str(raw["relay_auth"])) if raw.get("relay_auth") else None,
+        outbound_tls=_parse_choice("outbound-tls", raw.get("outbound_tls", "may"), TLS_CHOICES),
+        outbound_ip=_parse_choice("outbound-ip", raw.get("outbound_ip", "both"), IP_CHOICES),
+        retry_after=parse_duration("retry-after", raw.get("retry_after", 300.0)),
+        max_queue_time=parse_duration("max-queue-time", raw.get("max_queue_time", "5d")),
+        delay_warning=_parse_optional_duration("delay-warning", raw.get("delay_warning", "4h")),
+        max_outbound=_parse_int("max-outbound", raw.get("max_outbound", 20), 1, 10000),
+        max_per_domain=_parse_int("max-per-domain", raw.get("max_per_domain", 4), 1, 10000),
     )
+
+
+TLS_CHOICES = ("may", "encrypt", "verify", "none")
+IP_CHOICES = ("ipv4", "ipv6", "both")
+
+
+def _parse_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    text = str(value).strip().lower()
+    if text not in choices:
+        raise ConfigError(f"--{name}: must be one of {', '.join(choices)}: '{value}'")
+    return text
+
+
+def _parse_optional_duration(name: str, value: object) -> float:
+    """A duration, or 0/never/off for "never"."""
+    if str(value).strip().lower() in ("0", "never", "off", "no"):
+        return 0.0
+    return parse_duration(name, value)
+
+
+def _parse_relayhost(value: str) -> tuple[str, int]:
+    """HOST[:PORT], [IPv6]:PORT or an IP; default port 25."""
+    text = value.strip()
+    try:
+        return parse_address("relayhost", text, 25)
+    except ConfigError:
+        pass
+    host, _, port = text.partition(":")
+    host = host.strip("[]")
+    if not host or not all(_LABEL.match(label) for label in host.lower().rstrip(".").split(".")):
+        raise ConfigError(f"--relayhost: not HOST[:PORT]: '{value}'")
+    return host.lower().rstrip("."), _parse_int("relayhost", port, 1, 65535) if port else 25
 
 
 def _parse_int(name: str, value: object, low: int, high: int) -> int:

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mailerd import durable, trace
+from mailerd import durable
 
 SUBDIRS = ("msg", "env", "tmp", "private")
 
@@ -42,6 +42,7 @@ class Envelope:
     size: int = 0
     smtputf8: bool = False
     body_8bit: bool = False
+    warned: bool = False  # the delay warning has been sent
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), ensure_ascii=False).encode("utf-8")
@@ -83,24 +84,26 @@ class Queue:
     def message_path(self, queue_id: str) -> Path:
         return self.root / "msg" / queue_id
 
-    def load(self) -> list[Envelope]:
-        """All committed items; removes crash debris (messages without envelopes, temp files)."""
+    def load(self, clean: bool = True) -> list[Envelope]:
+        """All committed items; with `clean`, removes crash debris (orphan messages, temp files).
+
+        Only the delivery process may clean: another process could see a message whose envelope
+        is being written at this very moment.
+        """
         envelopes = []
         env_dir = self.root / "env"
         for name in sorted(os.listdir(env_dir)):
             if ".tmp" in name:
-                (env_dir / name).unlink(missing_ok=True)
+                if clean:
+                    (env_dir / name).unlink(missing_ok=True)
                 continue
             try:
                 envelopes.append(Envelope.from_json((env_dir / name).read_bytes()))
-            except (ValueError, TypeError, KeyError):
-                continue  # unreadable: leave it for a human rather than lose it
-        known = {e.id for e in envelopes} | set(os.listdir(env_dir))
-        for name in os.listdir(self.root / "msg"):
-            if name not in known:
-                (self.root / "msg" / name).unlink(missing_ok=True)
+            except (OSError, ValueError, TypeError, KeyError):
+                continue  # unreadable or just removed: leave it for a human rather than lose it
+        if clean:
+            known = set(os.listdir(env_dir))
+            for name in os.listdir(self.root / "msg"):
+                if name not in known:
+                    (self.root / "msg" / name).unlink(missing_ok=True)
         return envelopes
-
-
-def new_envelope(sender: str, recipients: list[Recipient], **kw: object) -> Envelope:
-    return Envelope(id=trace.new_id(), sender=sender, recipients=recipients, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""`mailerd queue`: list, flush and delete queued mail, like Postfix's mailq/postqueue/postsuper.
+
+It talks to the running daemon's delivery process over `<queue>/private/delivery.sock` (the same
+channel the workers use), so changes never race the scheduler. When no daemon is running, the
+list is read from the queue directory and a delete removes the files directly.
+
+    mailerd queue [-c FILE] [-q DIR]            list
+    mailerd queue [-c FILE] [-q DIR] flush      retry everything now
+    mailerd queue [-c FILE] [-q DIR] delete ID… remove messages
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mailerd import config
+from mailerd.channel import Client
+from mailerd.queue import Envelope, Queue
+
+TIMEOUT = 30.0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mailerd queue", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", help="config file (for its queue setting)")
+    parser.add_argument("-q", "--queue", help="queue directory")
+    parser.add_argument("action", nargs="?", default="list", choices=("list", "flush", "delete"))
+    parser.add_argument("ids", nargs="*", metavar="ID")
+    args = parser.parse_args(argv)
+    queue_dir = _queue_dir(args)
+    if args.action == "delete" and not args.ids:
+        parser.error("delete needs at least one queue ID")
+    try:
+        answer = asyncio.run(_ask(queue_dir, {"op": args.action, "ids": args.ids}))
+    except (OSError, TimeoutError, ConnectionError):
+        answer = None
+    if args.action == "list":
+        items = answer["items"] if answer else [e.__dict__ for e in _load(queue_dir)]
+        print(format_listing(items, time.time()))
+        return 0
+    if args.action == "flush":
+        if answer is None:
+            print("mailerd queue: mailerd is not running; nothing to flush", file=sys.stderr)
+            return 1
+        print(f"flushed: {answer.get('count', 0)} message(s) will be retried now")
+        return 0
+    return _delete(queue_dir, args.ids, answer)
+
+
+def _queue_dir(args: argparse.Namespace) -> Path:
+    if args.queue:
+        return Path(args.queue)
+    argv = ["-n", "none", "-l", "none"] + (["-c", args.config] if args.config else [])
+    try:
+        return config.load(argv).queue
+    except config.ConfigError as exc:
+        print(f"mailerd queue: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+async def _ask(queue_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
+    client = Client(str(queue_dir / "private" / "delivery.sock"), TIMEOUT)
+    try:
+        return await client.request(request)
+    finally:
+        client.close()
+
+
+def _load(queue_dir: Path) -> list[Envelope]:
+    try:
+        return Queue(queue_dir).load(clean=False)
+    except FileNotFoundError:
+        return []
+
+
+def _delete(queue_dir: Path, ids: list[str], answer: dict[str, Any] | None) -> int:
+    if answer is not None:
+        deleted = set(answer.get("deleted", []))
+    else:
+        queue = Queue(queue_dir)
+        deleted = {i for i in ids if (queue_dir / "env" / i).exists()}
+        for queue_id in deleted:
+            queue.remove(queue_id)
+    for queue_id in ids:
+        print(f"{queue_id}: {'deleted' if queue_id in deleted else 'not in the queue'}")
+    return 0 if deleted == set(ids) else 1
+
+
+def format_listing(items: list[dict[str, Any]], now: float) -> str:
+    """A mailq-like listing: one block per message, recipients indented below."""
+    if not items:
+        return "Mail queue is empty"
+    lines = [f"{'Queue ID':<20} {'Age':>6} {'Size':>9}  Sender / Recipients"]
+    total = 0
+    for item in sorted(items, key=lambda i: i["created"]):
+        total += item.get("size", 0)
+        age = _age(now - item["created"])
+        sender = item["sender"] or "MAILER-DAEMON"
+        lines.append(f"{item['id']:<20} {age:>6} {item.get('size', 0):>9}  <{sender}>")
+        next_in = item.get("next_attempt", 0) - now
+        for r in item["recipients"]:
+            state = r["state"]
+            if state == "pending":
+                when = f"next try in {_age(next_in)}" if next_in > 0 else "next try now"
+                error = f": {r['last_error']}" if r.get("last_error") else ""
+                lines.append(f"{'':<38}<{r['address']}> ({when}{error})")
+            else:
+                lines.append(f"{'':<38}<{r['address']}> ({state})")
+    lines.append(f"-- {total // 1024} KiB in {len(items)} message(s)")
+    return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -1,0 +1,172 @@
+"""The privileged mailbox writer: the one small part of mailerd that keeps root.
+
+Mailboxes belong to their users (0700/0600), so writing them needs privilege, while the rest of
+the delivery process speaks SMTP to the Internet and must not have it. So the delivery process,
+still root, forks this writer over a socketpair and then drops to the mail user. The writer
+parses nothing from the network: it receives `{"mailbox"}` plus the headers to prepend and the
+body (inline or as a descriptor) over the channel, writes with `mailbox.Spool` under lockf, and
+answers with the message number. It exits when the delivery process closes the socketpair.
+
+Requests that pile up for one mailbox are committed as one batch with one directory fsync
+(group commit); different mailboxes are written in parallel by a small thread pool, one writer
+task per mailbox at a time (POSIX locks do not exclude threads of one process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from mailerd import durable
+from mailerd.channel import Channel, Client
+from mailerd.mailbox import Delivery, MailboxLocked, Spool
+
+MAX_BATCH = 64
+THREADS = 4
+TIMEOUT = 120.0
+
+
+class MailboxWriter:
+    """Serialises one mailbox's deliveries and commits whatever queued up as one batch."""
+
+    def __init__(
+        self,
+        name: str,
+        spool: Spool,
+        executor: ThreadPoolExecutor,
+        done: Callable[[str], None],
+    ) -> None:
+        self.name = name
+        self._spool = spool
+        self._executor = executor
+        self._done = done
+        self._waiting: collections.deque[tuple[Delivery, asyncio.Future[int]]] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, message: Delivery) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append((message, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
+            messages = [m for m, _ in batch]
+            try:
+                numbers = await loop.run_in_executor(
+                    self._executor, self._spool.deliver, self.name, messages
+                )
+            except (OSError, MailboxLocked) as exc:
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, future), number in zip(batch, numbers, strict=True):
+                future.set_result(number)
+        self._task = None
+        self._done(self.name)
+
+
+class SpoolService:
+    """The writer process's loop: one channel in, mailbox writes out."""
+
+    def __init__(self, spool_root: Path, sock: socket.socket) -> None:
+        self.spool = Spool(spool_root)
+        self.sock = sock
+        self.executor = ThreadPoolExecutor(THREADS, thread_name_prefix="spool")
+        self.writers: dict[str, MailboxWriter] = {}
+        self.closed = asyncio.Event()
+        self.channel: Channel | None = None
+
+    async def run(self) -> None:
+        self.channel = Channel(self.sock, self._on_request, self.closed.set)
+        await self.closed.wait()
+        # Finish what was handed over: the answers cannot be sent, but the data is written and
+        # the delivery side, having no answer, queues those recipients for a retry.
+        while self.writers:
+            await asyncio.sleep(0.01)
+        self.executor.shutdown(wait=True)
+
+    def _on_request(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
+        asyncio.create_task(self._serve(header, inline, fd))
+
+    async def _serve(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
+        head_len = int(header.get("head", len(inline)))
+        head, body = inline[:head_len], (inline[head_len:] if fd is None else fd)
+        try:
+            number = await self._writer(header["mailbox"]).submit(Delivery(head, body))
+            answer: dict[str, Any] = {"number": number}
+        except MailboxLocked:
+            answer = {"error": "mailbox locked", "locked": True}
+        except OSError as exc:
+            answer = {"error": str(exc), "errno": exc.errno}
+        finally:
+            if fd is not None:
+                os.close(fd)
+        if self.channel is not None and not self.channel.closed:
+            self.channel.send({"id": header.get("id"), **answer})
+
+    def _writer(self, name: str) -> MailboxWriter:
+        writer = self.writers.get(name)
+        if writer is None:
+            writer = self.writers[name] = MailboxWriter(
+                name, self.spool, self.executor, lambda n: self.writers.pop(n, None)
+            )
+        return writer
+
+
+class SpoolClient:
+    """The delivery process's handle on its writer."""
+
+    def __init__(self, sock: socket.socket, on_broken: Callable[[], None]) -> None:
+        self._client = Client(None, TIMEOUT, sock=sock, on_broken=on_broken)
+
+    async def deliver(self, mailbox: str, head: bytes, body: durable.Body) -> int:
+        """Write one message into `mailbox`; its number, or OSError/MailboxLocked."""
+        if isinstance(body, bytes):
+            answer = await self._client.request(
+                {"mailbox": mailbox, "head": len(head)}, head + body
+            )
+        else:
+            # The channel closes the descriptor it sends; the caller keeps its own.
+            answer = await self._client.request({"mailbox": mailbox}, head, os.dup(body))
+        if "number" in answer:
+            return int(answer["number"])
+        if answer.get("locked"):
+            raise MailboxLocked()
+        raise OSError(answer.get("errno") or 5, answer.get("error", "spool write failed"))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def fork_writer(spool_root: Path) -> tuple[int, socket.socket]:
+    """Fork the writer (call before dropping privileges, outside any event loop)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid:
+        theirs.close()
+        return pid, ours
+    code = 1
+    try:
+        ours.close()
+        from setproctitle import setproctitle
+
+        setproctitle("mailerd: mailbox writer")
+        # It stops when the delivery process closes the socketpair, never on a signal aimed at
+        # the whole process group (Ctrl-C), so no handed-over message is cut short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        asyncio.run(SpoolService(spool_root, theirs).run())
+        code = 0
+    finally:
+        os._exit(code)
