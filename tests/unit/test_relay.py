@@ -1,0 +1,189 @@
+"""One outbound attempt (relay.attempt) against real aiosmtpd servers on loopback."""
+
+import socket
+import ssl
+import subprocess
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from mailerd import relay
+
+
+class Recorder:
+    """An aiosmtpd handler that records transactions and can refuse chosen recipients."""
+
+    def __init__(self, refuse=(), defer=(), data_reply=None):
+        self.refuse = set(refuse)
+        self.defer = set(defer)
+        self.data_reply = data_reply
+        self.messages = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.refuse:
+            return f"550 5.1.1 <{address}>: user unknown"
+        if address in self.defer:
+            return "451 4.3.0 try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(
+            {
+                "from": envelope.mail_from,
+                "to": list(envelope.rcpt_tos),
+                "data": envelope.original_content,
+                "tls": session.ssl is not None,
+                "auth": session.auth_data,
+            }
+        )
+        return "250 2.0.0 Ok: queued"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def message(tmp_path):
+    path = tmp_path / "msg"
+    path.write_bytes(b"Subject: test\r\n\r\nhello\r\n.leading dot\r\n")
+    return lambda *rcpts: relay.Message("alice@example.org", tuple(rcpts), path)
+
+
+@pytest.fixture
+def server():
+    controllers = []
+
+    def start(handler, **kw):
+        controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **kw)
+        controller.start()
+        controllers.append(controller)
+        return relay.Hop("mx.test", "127.0.0.1", controller.port)
+
+    yield start
+    for controller in controllers:
+        controller.stop()
+
+
+SETTINGS = relay.Settings(helo="mx.example.org", timeout=10, connect_timeout=5)
+
+
+def test_delivers_with_dot_stuffing_intact(server, message):
+    handler = Recorder()
+    hop = server(handler)
+    results = relay.attempt([hop], message("bob@remote.test"), SETTINGS)
+    assert results["bob@remote.test"].ok
+    assert handler.messages[0]["data"] == b"Subject: test\r\n\r\nhello\r\n.leading dot\r\n"
+    assert handler.messages[0]["from"] == "alice@example.org"
+
+
+def test_per_recipient_results_in_one_transaction(server, message):
+    handler = Recorder(refuse={"gone@remote.test"}, defer={"later@remote.test"})
+    hop = server(handler)
+    results = relay.attempt(
+        [hop], message("ok@remote.test", "gone@remote.test", "later@remote.test"), SETTINGS
+    )
+    assert results["ok@remote.test"].ok
+    assert results["gone@remote.test"].permanent
+    assert results["gone@remote.test"].status == "5.1.1"
+    assert "user unknown" in results["gone@remote.test"].text
+    later = results["later@remote.test"]
+    assert not later.ok and not later.permanent
+    assert len(handler.messages) == 1 and handler.messages[0]["to"] == ["ok@remote.test"]
+
+
+def test_refused_connection_falls_back_to_next_hop(server, message):
+    dead = relay.Hop("dead.test", "127.0.0.1", free_port())
+    handler = Recorder()
+    hop = server(handler)
+    results = relay.attempt([dead, hop], message("bob@remote.test"), SETTINGS)
+    assert results["bob@remote.test"].ok and results["bob@remote.test"].host == "mx.test"
+
+
+def test_all_hops_dead_is_transient(message):
+    dead = relay.Hop("dead.test", "127.0.0.1", free_port())
+    result = relay.attempt([dead], message("bob@remote.test"), SETTINGS)["bob@remote.test"]
+    assert result.code == 451 and not result.permanent and "connect" in result.text
+
+
+def test_data_rejection_applies_to_all_accepted(server, message):
+    hop = server(Recorder(data_reply="554 5.6.0 content rejected"))
+    results = relay.attempt([hop], message("a@remote.test", "b@remote.test"), SETTINGS)
+    assert all(r.permanent and r.status == "5.6.0" for r in results.values())
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tls")
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=smarthost.test",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def authenticator(server, session, envelope, mechanism, auth_data):
+    ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (
+        b"user",
+        b"secret",
+    )
+    return AuthResult(success=ok, auth_data=auth_data)
+
+
+def test_starttls_unverified_and_auth(server, message, certificate):
+    handler = Recorder()
+    hop = server(
+        handler, tls_context=certificate, authenticator=authenticator, auth_require_tls=True
+    )
+    settings = relay.Settings(helo="mx.example.org", auth=("user", "secret"), timeout=10)
+    assert relay.attempt([hop], message("bob@remote.test"), settings)["bob@remote.test"].ok
+    assert handler.messages[0]["tls"] and handler.messages[0]["auth"].login == b"user"
+
+
+def test_bad_password_defers(server, message, certificate):
+    hop = server(Recorder(), tls_context=certificate, authenticator=authenticator)
+    # aiosmtpd stalls one of smtplib's mechanism attempts; a short timeout keeps this quick.
+    settings = relay.Settings(helo="mx.example.org", auth=("user", "wrong"), timeout=2)
+    result = relay.attempt([hop], message("bob@remote.test"), settings)["bob@remote.test"]
+    assert result.code == 451 and "AUTH failed" in result.text
+
+
+def test_verify_policy_refuses_a_self_signed_certificate(server, message, certificate):
+    handler = Recorder()
+    hop = server(handler, tls_context=certificate)
+    settings = relay.Settings(helo="mx.example.org", tls="verify", timeout=10)
+    result = relay.attempt([hop], message("bob@remote.test"), settings)["bob@remote.test"]
+    assert not result.ok and not result.permanent and not handler.messages
+
+
+def test_password_never_sent_in_clear(server, message):
+    handler = Recorder()
+    hop = server(handler, authenticator=authenticator, auth_require_tls=False)
+    settings = relay.Settings(helo="mx.example.org", auth=("user", "secret"), timeout=10)
+    result = relay.attempt([hop], message("bob@remote.test"), settings)["bob@remote.test"]
+    assert result.code == 451 and "without TLS" in result.text and not handler.messages
