@@ -1,0 +1,350 @@
+"""Where to deliver a remote domain's mail: the hosts and addresses to try, or why not.
+
+`resolve()` turns a recipient domain into a `Route` (the mail exchangers to try, best first,
+each with its addresses) or a `Failure` that says whether to bounce now or retry later. It
+follows RFC 5321 5.1: MX records in preference order with equal preferences in random order,
+the implicit MX (the domain's own addresses) when there is no MX record, NXDOMAIN as an error
+and temporary DNS errors as "retry"; and it discards our own host and every less preferred one
+so that mail never loops back to us. RFC 7505 null MX bounces at once. Domain literals
+(`[192.0.2.1]`, `[IPv6:2001:db8::1]`) need no DNS. Status codes follow RFC 3463.
+
+All DNS goes through the dnspython asyncio resolver passed in (see `make_resolver()`); the
+lookups for the hosts of one domain run concurrently, so one slow nameserver costs one timeout,
+not one per host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.resolver
+
+# Which address records to ask for, in the order to try them within one host.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "both": ("AAAA", "A"),
+    "ipv4": ("A",),
+    "ipv6": ("AAAA",),
+}
+_IP_VERSION = {"A": 4, "AAAA": 6}
+# However many MX records a domain publishes, only this many (the best) are looked at.
+MAX_MX_CONSIDERED = 32
+# A UDP query is sent again after this long (within the resolver's overall timeout).
+_RETRY_INTERVAL = 2.0
+# What a host name may look like once IDNA-encoded (letters, digits, hyphens; underscores are
+# tolerated, as resolvers do).
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str  # MX host name (or the domain itself for an implicit MX, or the literal)
+    preference: int
+    addresses: tuple[str, ...]  # IPs to try for this host, in order
+
+
+@dataclass(frozen=True)
+class Route:
+    targets: tuple[Target, ...]  # in the order to try
+    implicit: bool  # no MX record: the domain's own AAAA/A (RFC 5321 5.1), or a literal
+
+
+@dataclass(frozen=True)
+class Failure:
+    permanent: bool  # True: bounce now; False: defer and retry
+    code: int  # SMTP-style code for logs/DSN, e.g. 556
+    status: str  # enhanced status, e.g. "5.1.10"
+    text: str  # human text
+
+
+def make_resolver(
+    dns_server: tuple[str, int] | None, timeout: float = 10.0
+) -> dns.asyncresolver.Resolver:
+    """A resolver asking exactly `dns_server` (address, port), or the system's nameservers.
+
+    `timeout` bounds each lookup as a whole (UDP queries are repeated within it). With no
+    `dns_server`, /etc/resolv.conf is read now; dns.resolver.NoResolverConfiguration is
+    raised if it is missing or names no nameserver.
+    """
+    if dns_server is None:
+        resolver = dns.asyncresolver.Resolver()
+    else:
+        # configure=False: never read /etc/resolv.conf, so no search list or other server.
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        host, port = dns_server
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+    resolver.lifetime = timeout
+    resolver.timeout = min(timeout, _RETRY_INTERVAL)
+    # EDNS with the DNS Flag Day 2020 buffer size, so that large MX sets rarely need TCP.
+    resolver.use_edns(0, 0, 1232)
+    return resolver
+
+
+async def resolve(
+    domain: str,
+    resolver: dns.asyncresolver.Resolver,
+    *,
+    families: str = "both",
+    own_names: frozenset[str] = frozenset(),
+    own_addresses: frozenset[str] = frozenset(),
+    rng: random.Random | None = None,
+    max_hosts: int = 5,
+) -> Route | Failure:
+    """Where to deliver mail for `domain` (the part after the last @), or why not.
+
+    `families` is "both", "ipv4" or "ipv6"; `own_names` and `own_addresses` are the names and
+    addresses this server is known by (loop detection); `rng` orders equal preferences.
+    """
+    if families not in FAMILIES:
+        raise ValueError(f"families must be one of {', '.join(FAMILIES)}, not {families!r}")
+    own = _Self.make(own_names, own_addresses)
+    if domain.startswith("["):
+        return _literal_route(domain, families, own)
+    try:
+        name = _domain_name(domain)
+    except ValueError as e:
+        return Failure(True, 553, "5.1.2", f"Bad destination domain {domain}: {e}")
+    try:
+        answer = await resolver.resolve(name, "MX")
+    except dns.resolver.NoAnswer:
+        return await _implicit_route(name, resolver, families, own)
+    except dns.resolver.NXDOMAIN:
+        return Failure(True, 550, "5.1.2", f"Host or domain name not found: {_text(name)}")
+    except dns.exception.DNSException as e:
+        return _dns_failure(name, "MX", e)
+    records = [(rdata.preference, rdata.exchange) for rdata in answer]
+    if all(exchange == dns.name.root for _, exchange in records):
+        # RFC 7505: "MX 0 ." says the domain accepts no mail at all. (A lone "." with another
+        # preference is not strictly a null MX but means the same, and nothing else is usable.)
+        return Failure(True, 556, "5.1.10", f"Domain {_text(name)} does not accept mail (null MX)")
+    hosts = _order(records, rng or random.Random())
+    return await _mx_route(name, hosts, resolver, families, own, max_hosts)
+
+
+# --- names and literals -------------------------------------------------------------------
+
+
+def _domain_name(domain: str) -> dns.name.Name:
+    """The absolute DNS name for a mail domain, IDNA-encoded; ValueError if there is none."""
+    text = domain.strip()
+    if text in ("", ".") or text.startswith("."):
+        raise ValueError("empty or malformed name")
+    try:
+        # An absolute name: the resolver's search list must never be applied to mail domains.
+        name = dns.name.from_text(text, origin=dns.name.root)
+    except dns.exception.DNSException as e:
+        raise ValueError(_exception_text(e)) from None
+    except UnicodeError:
+        raise ValueError("cannot be encoded as IDNA") from None
+    if not _HOSTNAME.fullmatch(_text(name)):
+        raise ValueError("not a valid host name")
+    return name
+
+
+def _text(name: dns.name.Name) -> str:
+    """A name as we show and compare it: ASCII (A-labels), lower case, no final dot."""
+    return name.to_text(omit_final_dot=True).lower()
+
+
+def _literal_route(domain: str, families: str, own: _Self) -> Route | Failure:
+    try:
+        address = _parse_literal(domain)
+    except ValueError:
+        return Failure(True, 553, "5.1.2", f"Bad destination address literal {domain}")
+    if address.version not in {_IP_VERSION[t] for t in FAMILIES[families]}:
+        return Failure(True, 550, "5.4.4", f"{domain}: IPv{address.version} delivery is turned off")
+    if own.has_address(address):
+        return _loop_failure(domain)
+    return Route((Target(domain, 0, (str(address),)),), implicit=True)
+
+
+def _parse_literal(domain: str) -> IPAddress:
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 4.1.3); ValueError otherwise."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        raise ValueError(domain)
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        return ipaddress.IPv6Address(inner[5:])
+    return ipaddress.IPv4Address(inner)
+
+
+# --- ourselves -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Self:
+    """The names and addresses this server answers to, normalised for comparison."""
+
+    names: frozenset[str]
+    addresses: frozenset[IPAddress]
+
+    @classmethod
+    def make(cls, names: frozenset[str], addresses: frozenset[str]) -> _Self:
+        normal_names = set()
+        for n in names:
+            try:
+                normal_names.add(_text(_domain_name(n)))
+            except ValueError:
+                normal_names.add(n.lower().rstrip("."))  # cannot match a DNS name anyway
+        return cls(frozenset(normal_names), frozenset(_unmapped(a) for a in addresses))
+
+    def has_name(self, name: dns.name.Name) -> bool:
+        return _text(name) in self.names
+
+    def has_address(self, address: IPAddress | str) -> bool:
+        return _unmapped(address) in self.addresses
+
+
+def _unmapped(address: IPAddress | str) -> IPAddress:
+    """An address with IPv4-mapped IPv6 (::ffff:192.0.2.1) turned into plain IPv4."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _loop_failure(domain: str) -> Failure:
+    return Failure(True, 554, "5.4.6", f"mail for {domain} loops back to myself")
+
+
+# --- MX ------------------------------------------------------------------------------------
+
+
+def _order(
+    records: list[tuple[int, dns.name.Name]], rng: random.Random
+) -> list[tuple[int, dns.name.Name]]:
+    """MX hosts by preference, equal preferences shuffled (RFC 5321 5.1 spreads the load).
+
+    A host listed twice keeps its best preference; "." (no host) is dropped; only the first
+    MAX_MX_CONSIDERED hosts are kept.
+    """
+    best: dict[dns.name.Name, int] = {}
+    for preference, exchange in records:
+        if exchange != dns.name.root:
+            best[exchange] = min(preference, best.get(exchange, preference))
+    ordered: list[tuple[int, dns.name.Name]] = []
+    for preference in sorted(set(best.values())):
+        # Sorted first so that the result depends only on rng, not on the answer's order.
+        group = sorted(h for h, p in best.items() if p == preference)
+        rng.shuffle(group)
+        ordered.extend((preference, h) for h in group)
+    return ordered[:MAX_MX_CONSIDERED]
+
+
+async def _mx_route(
+    domain: dns.name.Name,
+    hosts: list[tuple[int, dns.name.Name]],
+    resolver: dns.asyncresolver.Resolver,
+    families: str,
+    own: _Self,
+    max_hosts: int,
+) -> Route | Failure:
+    # RFC 5321 5.1: if we are one of the MX hosts, only strictly better ones may be used.
+    cutoff = _cutoff(p for p, h in hosts if own.has_name(h))
+    hosts = [(p, h) for p, h in hosts if cutoff is None or p < cutoff]
+    lookups = await asyncio.gather(*(_addresses(h, resolver, families) for _, h in hosts))
+    pairs = list(zip(hosts, lookups, strict=True))
+    by_address = _cutoff(p for (p, _), look in pairs if any(map(own.has_address, look.addresses)))
+    if by_address is not None:
+        cutoff = by_address if cutoff is None else min(cutoff, by_address)
+    kept = [(p, h, look) for (p, h), look in pairs if cutoff is None or p < cutoff]
+    if cutoff is not None and not kept:
+        return _loop_failure(_text(domain))
+    targets = tuple(Target(_text(h), p, look.addresses) for p, h, look in kept if look.addresses)
+    if targets:
+        return Route(targets[:max_hosts], implicit=False)
+    lookups = [look for _, _, look in kept]
+    return _no_address_failure(lookups, families, f"for the MX hosts of {_text(domain)}")
+
+
+def _cutoff(preferences: Iterable[int]) -> int | None:
+    """The best preference at which we appear: it and everything after it are discarded."""
+    return min(preferences, default=None)
+
+
+async def _implicit_route(
+    domain: dns.name.Name, resolver: dns.asyncresolver.Resolver, families: str, own: _Self
+) -> Route | Failure:
+    """No MX record: the domain's own addresses act as an MX of preference 0 (RFC 5321 5.1)."""
+    look = await _addresses(domain, resolver, families)
+    if own.has_name(domain) or any(map(own.has_address, look.addresses)):
+        return _loop_failure(_text(domain))
+    if look.addresses:
+        return Route((Target(_text(domain), 0, look.addresses),), implicit=True)
+    return _no_address_failure([look], families, f"and no MX record for {_text(domain)}")
+
+
+def _no_address_failure(lookups: list[_Lookup], families: str, where: str) -> Failure:
+    # Any temporary error might be hiding the address we need: retry rather than bounce.
+    errors = [look.error for look in lookups if look.error]
+    if errors:
+        return Failure(False, 451, "4.4.3", errors[0])
+    kind = {"both": "IPv6 or IPv4", "ipv4": "IPv4", "ipv6": "IPv6"}[families]
+    # RFC 3463 X.4.4 "unable to route": the DNS has no usable next hop for the domain.
+    return Failure(True, 550, "5.4.4", f"No {kind} address {where}")
+
+
+# --- address lookups -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    addresses: tuple[str, ...]
+    error: str | None  # a temporary failure, as text; None if the answers were definite
+
+
+async def _addresses(
+    host: dns.name.Name, resolver: dns.asyncresolver.Resolver, families: str
+) -> _Lookup:
+    """The host's addresses, IPv6 first, both families asked at once."""
+    rdtypes = FAMILIES[families]
+    results = await asyncio.gather(*(_address_records(host, t, resolver) for t in rdtypes))
+    addresses: list[str] = []
+    errors = []
+    for found, error in results:
+        for address in found:
+            if address not in addresses:
+                addresses.append(address)
+        if error:
+            errors.append(error)
+    return _Lookup(tuple(addresses), errors[0] if errors else None)
+
+
+async def _address_records(
+    host: dns.name.Name, rdtype: str, resolver: dns.asyncresolver.Resolver
+) -> tuple[list[str], str | None]:
+    try:
+        answer = await resolver.resolve(host, rdtype)
+    except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+        return [], None  # a definite "none": this host is simply unusable
+    except dns.exception.DNSException as e:
+        return [], _dns_failure(host, rdtype, e).text
+    return [str(ipaddress.ip_address(rdata.address)) for rdata in answer], None
+
+
+def _dns_failure(name: dns.name.Name, rdtype: str, error: dns.exception.DNSException) -> Failure:
+    """A temporary failure (RFC 5321 5.1: queue and retry) for a lookup that did not finish."""
+    return Failure(
+        False, 451, "4.4.3", f"DNS lookup failed: {_text(name)} {rdtype}: {_exception_text(error)}"
+    )
+
+
+def _exception_text(error: dns.exception.DNSException) -> str:
+    if isinstance(error, dns.exception.Timeout):
+        return "timed out"
+    if isinstance(error, dns.resolver.NoNameservers):
+        # Its errors are (server, tcp, port, exception or rcode text, response) tuples.
+        reasons = [str(e[3]) for e in error.kwargs.get("errors") or []]
+        return f"no nameserver answered ({'; '.join(dict.fromkeys(reasons)) or 'none configured'})"
+    return str(error) or type(error).__name__
