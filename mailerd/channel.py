@@ -237,3 +237,6 @@ class Client:
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
+        if self._sock is not None:  # never used: the peer must still see EOF
+            self._sock.close()
+            self._sock = None

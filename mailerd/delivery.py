@@ -14,77 +14,42 @@ with one directory fsync (group commit), which is what makes 20 clients into one
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import signal
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
 from typing import Any
 
-from mailerd import durable, trace
+from mailerd import durable, privileges, spoolwriter, trace
 from mailerd.channel import Channel
 from mailerd.config import Config
-from mailerd.mailbox import MAILBOX_BUSY, Delivery, MailboxLocked, Spool
+from mailerd.mailbox import MAILBOX_BUSY, MailboxLocked, Spool
+from mailerd.outbound import Outbound
 from mailerd.queue import Envelope, Queue, Recipient
 from mailerd.smtp.events import Reply
+from mailerd.spoolwriter import SpoolClient
 
 log = logging.getLogger("mailerd.delivery")
 
-MAX_BATCH = 64
-LOCAL_RETRY_INTERVAL = 60.0
+LOCAL_RETRY_DELAY = 60.0
 DRAIN_TIMEOUT = 60.0
 
 
-class MailboxWriter:
-    """Serialises one mailbox's deliveries and commits whatever queued up as one batch."""
-
-    def __init__(self, name: str, spool: Spool, executor: ThreadPoolExecutor, done: Any) -> None:
-        self.name = name
-        self._spool = spool
-        self._executor = executor
-        self._done = done
-        self._waiting: collections.deque[tuple[Delivery, asyncio.Future[int]]] = collections.deque()
-        self._task: asyncio.Task[None] | None = None
-
-    def submit(self, message: Delivery) -> asyncio.Future[int]:
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting.append((message, future))
-        if self._task is None:
-            self._task = asyncio.create_task(self._drain())
-        return future
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._waiting:
-            batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
-            messages = [m for m, _ in batch]
-            try:
-                numbers = await loop.run_in_executor(
-                    self._executor, self._spool.deliver, self.name, messages
-                )
-            except (OSError, MailboxLocked) as exc:
-                for _, future in batch:
-                    future.set_exception(exc)
-                continue
-            for (_, future), number in zip(batch, numbers, strict=True):
-                future.set_result(number)
-        self._task = None
-        self._done(self.name)
-
-
 class DeliveryService:
-    def __init__(self, cfg: Config, listener: socket.socket) -> None:
+    def __init__(self, cfg: Config, listener: socket.socket, writer: socket.socket) -> None:
         self.cfg = cfg
         self.listener = listener
-        self.spool = Spool(cfg.spool)
+        self.spool = Spool(cfg.spool)  # read-only here: existence checks
+        self.writer = SpoolClient(writer, self._writer_lost)
         self.queue = Queue(cfg.queue)
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool")
-        self.writers: dict[str, MailboxWriter] = {}
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="queue")
         self.channels: set[Channel] = set()
         self.in_flight = 0
         self.stopping = asyncio.Event()
+        self.outbound = Outbound(cfg, self.queue, self.deliver_local)
+        self.lost_writer = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -92,11 +57,14 @@ class DeliveryService:
             loop.add_signal_handler(sig, self.stopping.set)
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
-        retry = asyncio.create_task(self._retry_local_loop())
+        self.outbound.load(await self._in_thread(self.queue.load))
+        scheduler = asyncio.create_task(self.outbound.run())
         await self.stopping.wait()
         loop.remove_reader(self.listener.fileno())
         await self._drain()
-        retry.cancel()
+        scheduler.cancel()
+        await self.outbound.stop()
+        self.writer.close()
         self.executor.shutdown(wait=True)
 
     async def _drain(self) -> None:
@@ -120,6 +88,36 @@ class DeliveryService:
         holder.append(channel)
         self.channels.add(channel)
 
+    async def deliver_local(self, mailbox: str, head: bytes, body: durable.Body) -> int:
+        """Write one message into a mailbox (for the scheduler: retries and bounces).
+
+        A mailbox that does not exist (a bounce to a forged local sender) goes to postmaster
+        rather than creating a directory for a user nobody knows.
+        """
+        if not self.spool.exists(mailbox):
+            mailbox = "postmaster"
+        return await self.writer.deliver(mailbox, head, body)
+
+    def _writer_lost(self) -> None:
+        if not self.stopping.is_set():
+            # Fail-stop: without its writer this process cannot deliver locally, and having
+            # dropped privileges it cannot start another; the master restarts us.
+            log.error("the mailbox writer went away; restarting the delivery process")
+            self.lost_writer = True
+            self.stopping.set()
+
+    async def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`mailerd queue` requests: list, flush, delete."""
+        op = request.get("op")
+        if op == "list":
+            return {"items": [asdict(e) for e in self.outbound.items.values()]}
+        if op == "flush":
+            return {"count": self.outbound.flush()}
+        if op == "delete":
+            ids = [str(i) for i in request.get("ids", [])]
+            return {"deleted": [i for i in ids if await self.outbound.delete(i)]}
+        return {"error": f"unknown request {op!r}"}
+
     def _on_request(
         self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None
     ) -> None:
@@ -129,6 +127,12 @@ class DeliveryService:
     async def _serve(
         self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None
     ) -> None:
+        if "op" in header:
+            self.in_flight -= 1
+            answer = await self.control(header)
+            if not channel.closed:
+                channel.send({"id": header.get("id"), **answer})
+            return
         try:
             reply = await self.commit(header, body if fd is None else fd)
         except Exception:  # never let one bad request kill the process
@@ -171,6 +175,7 @@ class DeliveryService:
             except OSError as exc:
                 log.error("%s: queue write failed: %s", queue_id, exc)
                 return durable.error_reply(exc)
+            self.outbound.add(envelope)
             for r in remote:
                 log.info("%s: to=<%s>, relay=queue, status=queued", queue_id, r.address)
         failed = await self._deliver_local(queue_id, sender, received, body, recipients)
@@ -189,7 +194,7 @@ class DeliveryService:
         by_mailbox: dict[str, dict[str, Any]] = {}
         for r in local:
             by_mailbox.setdefault(r["mailbox"], r)
-        futures = [self._writer(name).submit(Delivery(head, body)) for name in by_mailbox]
+        futures = [self.writer.deliver(name, head, body) for name in by_mailbox]
         results = await asyncio.gather(*futures, return_exceptions=True)
         failed = []
         for (name, r), result in zip(by_mailbox.items(), results, strict=True):
@@ -221,9 +226,10 @@ class DeliveryService:
             Recipient(r["address"], mailbox=r["mailbox"], last_error=str(e)) for r, e in failed
         ]
         envelope = self._envelope(trace.new_id(), request, recipients)
-        envelope.next_attempt = envelope.created + LOCAL_RETRY_INTERVAL
+        envelope.next_attempt = envelope.created + LOCAL_RETRY_DELAY
         try:
             await self._in_thread(self.queue.put, envelope, received, body)
+            self.outbound.add(envelope)
             return None
         except OSError as exc:
             log.error("%s: cannot queue local retry: %s", queue_id, exc)
@@ -243,50 +249,8 @@ class DeliveryService:
             body_8bit=request.get("body") == "8BITMIME",
         )
 
-    def _writer(self, name: str) -> MailboxWriter:
-        writer = self.writers.get(name)
-        if writer is None:
-            writer = self.writers[name] = MailboxWriter(
-                name, self.spool, self.executor, self._writer_done
-            )
-        return writer
-
-    def _writer_done(self, name: str) -> None:
-        self.writers.pop(name, None)
-
     async def _in_thread(self, func: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
-
-    async def _retry_local_loop(self) -> None:
-        """Retry queued local recipients (their mailbox failed at receipt) until delivered."""
-        while True:
-            try:
-                await self._retry_local_once()
-            except Exception:
-                log.exception("local retry pass failed")
-            await asyncio.sleep(LOCAL_RETRY_INTERVAL)
-
-    async def _retry_local_once(self) -> None:
-        for envelope in await self._in_thread(self.queue.load):
-            pending = [r for r in envelope.recipients if r.mailbox and r.state == "pending"]
-            if not pending or envelope.next_attempt > time.time():
-                continue
-            path = str(self.queue.message_path(envelope.id))
-            head = trace.return_path(envelope.sender)
-            with open(path, "rb") as f:
-                body = f.read()
-            for r in pending:
-                try:
-                    await self._writer(r.mailbox).submit(Delivery(head, body))
-                    r.state = "sent"
-                except (OSError, MailboxLocked) as exc:
-                    r.attempts += 1
-                    r.last_error = str(exc)
-            if all(r.state != "pending" for r in envelope.recipients):
-                await self._in_thread(self.queue.remove, envelope.id)
-            else:
-                envelope.next_attempt = time.time() + LOCAL_RETRY_INTERVAL
-                await self._in_thread(self.queue.update, envelope)
 
 
 def reply_fields(reply: Reply) -> dict[str, Any]:
@@ -294,6 +258,16 @@ def reply_fields(reply: Reply) -> dict[str, Any]:
 
 
 def run(cfg: Config, listener: socket.socket) -> int:
-    """Entry point of the forked delivery process."""
-    asyncio.run(DeliveryService(cfg, listener).run())
-    return 0
+    """Entry point of the forked delivery process (started as root when mailerd is).
+
+    Forks the mailbox writer while still privileged, drops to the mail user (reaching the spool
+    and queue through descriptors opened before the drop, whatever their parents' modes), serves
+    until told to stop, then waits for the writer to finish what it was handed.
+    """
+    writer_pid, writer_sock = spoolwriter.fork_writer(cfg.spool, [listener])
+    cfg = replace(cfg, spool=privileges.keep_dir(cfg.spool), queue=privileges.keep_dir(cfg.queue))
+    privileges.drop(cfg.user)
+    service = DeliveryService(cfg, listener, writer_sock)
+    asyncio.run(service.run())
+    os.waitpid(writer_pid, 0)
+    return 1 if service.lost_writer else 0

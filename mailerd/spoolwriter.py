@@ -149,8 +149,11 @@ class SpoolClient:
         self._client.close()
 
 
-def fork_writer(spool_root: Path) -> tuple[int, socket.socket]:
-    """Fork the writer (call before dropping privileges, outside any event loop)."""
+def fork_writer(spool_root: Path, inherited: list[socket.socket]) -> tuple[int, socket.socket]:
+    """Fork the writer (call before dropping privileges, outside any event loop).
+
+    `inherited` are sockets of the parent the writer must not keep open.
+    """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid:
@@ -159,6 +162,8 @@ def fork_writer(spool_root: Path) -> tuple[int, socket.socket]:
     code = 1
     try:
         ours.close()
+        for sock in inherited:
+            sock.close()
         from setproctitle import setproctitle
 
         setproctitle("mailerd: mailbox writer")

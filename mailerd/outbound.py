@@ -1,0 +1,375 @@
+"""The outbound scheduler: works the durable queue until every recipient is delivered or bounced.
+
+Runs inside the delivery process. Each queue item is attempted when due: its pending remote
+recipients are grouped by domain (one SMTP transaction per domain, several recipients in it), or
+all sent to the smarthost; pending local recipients (a mailbox write failed at receipt) are
+retried locally. Per-recipient results are written back atomically after every attempt, so a
+crash can at worst resend to recipients of the one attempt in flight.
+
+Deferred recipients are retried after `--retry-after`, doubling up to an hour, with jitter so a
+restart does not retry everything at the same instant (chasquid's nextDelay). Permanent failures,
+and anything still pending after `--max-queue-time`, are bounced with an RFC 3464 DSN to the
+sender (never for the null sender); a delay warning goes out once after `--delay-warning`.
+
+Concurrency is bounded in total and per domain; SMTP runs in a thread pool, so a dead or
+tar-pitting MX only ever holds its own thread and its own domain's slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dns.asyncresolver
+
+from mailerd import dsn, mx, policy, relay, trace
+from mailerd.config import Config, default_interface, interface_addresses, loopback_addresses
+from mailerd.queue import Envelope, Queue, Recipient
+
+log = logging.getLogger("mailerd.outbound")
+
+LocalDeliver = Callable[[str, bytes, bytes | int], Awaitable[int]]
+
+MAX_HEADER_BYTES = 64 * 1024
+IDLE_WAKE = 60.0
+
+
+class Outbound:
+    def __init__(self, cfg: Config, queue: Queue, deliver_local: LocalDeliver) -> None:
+        self.cfg = cfg
+        self.queue = queue
+        self.deliver_local = deliver_local
+        self.items: dict[str, Envelope] = {}
+        self.busy: set[str] = set()
+        self.wake = asyncio.Event()
+        self.total = asyncio.Semaphore(cfg.max_outbound)
+        self.per_domain: dict[str, asyncio.Semaphore] = collections.defaultdict(
+            lambda: asyncio.Semaphore(cfg.max_per_domain)
+        )
+        self.pool = ThreadPoolExecutor(cfg.max_outbound, thread_name_prefix="smtp")
+        try:
+            self.resolver: dns.asyncresolver.Resolver | None = mx.make_resolver(cfg.dns_server)
+        except Exception as exc:  # no /etc/resolv.conf: local mail must still work
+            log.error("no DNS resolver (%s): outbound mail will wait; see --dns-server", exc)
+            self.resolver = None
+        self.settings = relay.Settings(
+            helo=cfg.hostname,
+            tls=cfg.outbound_tls,
+            auth=read_credentials(cfg.relay_auth) if cfg.relay_auth else None,
+            plain_auth=cfg.outbound_tls == "none",
+        )
+        self.own_names = frozenset({cfg.hostname.lower()})
+        self.own_addresses = frozenset(own_addresses(cfg))
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    # -- queue membership --------------------------------------------------------------------
+
+    def load(self, envelopes: list[Envelope]) -> None:
+        for envelope in envelopes:
+            self.items[envelope.id] = envelope
+        self.wake.set()
+
+    def add(self, envelope: Envelope) -> None:
+        self.items[envelope.id] = envelope
+        self.wake.set()
+
+    def flush(self) -> int:
+        """Retry everything now (`mailerd queue flush`)."""
+        for envelope in self.items.values():
+            envelope.next_attempt = 0.0
+        self.wake.set()
+        return len(self.items)
+
+    async def delete(self, queue_id: str) -> bool:
+        if queue_id not in self.items:
+            return False
+        while queue_id in self.busy:  # let an attempt in flight finish writing its state
+            await asyncio.sleep(0.05)
+        self.items.pop(queue_id, None)
+        await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, queue_id)
+        log.info("%s: removed by administrator", queue_id)
+        return True
+
+    # -- the scheduling loop -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            now = time.time()
+            next_due = now + IDLE_WAKE
+            for envelope in list(self.items.values()):
+                if envelope.id in self.busy:
+                    continue
+                if envelope.next_attempt <= now:
+                    self._start(envelope)
+                else:
+                    next_due = min(next_due, envelope.next_attempt)
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), max(0.05, next_due - time.time()))
+
+    def _start(self, envelope: Envelope) -> None:
+        self.busy.add(envelope.id)
+        task = asyncio.create_task(self._process(envelope))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _process(self, envelope: Envelope) -> None:
+        try:
+            await self._attempt(envelope)
+        except Exception:
+            log.exception("%s: delivery attempt failed", envelope.id)
+            envelope.next_attempt = time.time() + self.cfg.retry_after
+        finally:
+            self.busy.discard(envelope.id)
+            self.wake.set()
+
+    async def _attempt(self, envelope: Envelope) -> None:
+        pending = [r for r in envelope.recipients if r.state == "pending"]
+        groups: dict[str, list[Recipient]] = collections.defaultdict(list)
+        for recipient in pending:
+            groups[self._group_of(recipient)].append(recipient)
+        outcomes = await asyncio.gather(
+            *(self._attempt_group(envelope, key, members) for key, members in groups.items())
+        )
+        results: dict[str, relay.Result] = {}
+        for outcome in outcomes:
+            results.update(outcome)
+        await self._settle(envelope, pending, results)
+
+    def _group_of(self, recipient: Recipient) -> str:
+        if recipient.mailbox:
+            return "local:" + recipient.mailbox
+        if self.cfg.relayhost:
+            return "relayhost"
+        return "domain:" + recipient.address.rpartition("@")[2].lower()
+
+    async def _attempt_group(
+        self, envelope: Envelope, key: str, members: list[Recipient]
+    ) -> dict[str, relay.Result]:
+        kind, _, name = key.partition(":")
+        if kind == "local":
+            return await self._retry_local(envelope, name, members)
+        domain = self.cfg.relayhost[0] if kind == "relayhost" else name  # type: ignore[index]
+        async with self.total, self.per_domain[domain]:
+            return await self._remote(envelope, kind == "relayhost", domain, members)
+
+    async def _retry_local(
+        self, envelope: Envelope, mailbox: str, members: list[Recipient]
+    ) -> dict[str, relay.Result]:
+        path = self.queue.message_path(envelope.id)
+        head = trace.return_path(envelope.sender)
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+            number = await self.deliver_local(mailbox, head, body)
+        except Exception as exc:
+            result = relay.Result(451, "4.2.0", f"local delivery failed: {exc}")
+        else:
+            result = relay.Result(250, "2.0.0", f"delivered to mailbox {mailbox} as {number}")
+        return {r.address: result for r in members}
+
+    async def _remote(
+        self, envelope: Envelope, smarthost: bool, domain: str, members: list[Recipient]
+    ) -> dict[str, relay.Result]:
+        addresses = [r.address for r in members]
+        hops = await self._hops(domain, smarthost)
+        if isinstance(hops, mx.Failure):
+            result = relay.Result(hops.code, hops.status, hops.text)
+            return dict.fromkeys(addresses, result)
+        message = relay.Message(
+            sender=envelope.sender,
+            recipients=tuple(addresses),
+            path=self.queue.message_path(envelope.id),
+            smtputf8=envelope.smtputf8,
+            body_8bit=envelope.body_8bit,
+        )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, relay.attempt, hops, message, self.settings)
+
+    async def _hops(self, domain: str, smarthost: bool) -> list[relay.Hop] | mx.Failure:
+        port = self.cfg.relayhost[1] if smarthost and self.cfg.relayhost else 25
+        if self.resolver is None:
+            return mx.Failure(False, 451, "4.4.3", "no DNS resolver configured")
+        route = await mx.resolve(
+            domain if not _is_ip(domain) else f"[{domain}]",
+            self.resolver,
+            families=self.cfg.outbound_ip,
+            own_names=self.own_names,
+            own_addresses=self.own_addresses,
+        )
+        if isinstance(route, mx.Failure):
+            return route
+        return [relay.Hop(t.host, a, port) for t in route.targets for a in t.addresses]
+
+    # -- recording results -------------------------------------------------------------------
+
+    async def _settle(
+        self, envelope: Envelope, pending: list[Recipient], results: dict[str, relay.Result]
+    ) -> None:
+        now = time.time()
+        expired = now - envelope.created > self.cfg.max_queue_time
+        bounced: list[dsn.RecipientStatus] = []
+        for recipient in pending:
+            result = results.get(recipient.address)
+            if result is None:
+                continue
+            recipient.attempts += 1
+            recipient.last_error = "" if result.ok else result.line()
+            self._log(envelope, recipient, result, now)
+            if result.ok:
+                recipient.state = "sent"
+            elif result.permanent or expired:
+                recipient.state = "bounced"
+                bounced.append(_bounce_status(recipient, result, expired))
+        still = [r for r in envelope.recipients if r.state == "pending"]
+        if still:
+            attempts = max(r.attempts for r in still)
+            envelope.next_attempt = now + self.backoff(attempts)
+        loop = asyncio.get_running_loop()
+        if bounced:
+            await self._notify(envelope, bounced, now)
+        if still and self._should_warn(envelope, now):
+            await self._notify(envelope, [_delay_status(r) for r in still], now)
+            envelope.warned = True
+        if still:
+            await loop.run_in_executor(None, self.queue.update, envelope)
+        else:
+            self.items.pop(envelope.id, None)
+            await loop.run_in_executor(None, self.queue.remove, envelope.id)
+            log.info("%s: removed", envelope.id)
+
+    def backoff(self, attempts: int) -> float:
+        base = min(self.cfg.retry_after * 2 ** max(attempts - 1, 0), self.cfg.max_retry)
+        base = max(base, min(self.cfg.retry_after, self.cfg.max_retry))
+        return base * random.uniform(0.9, 1.1)
+
+    def _should_warn(self, envelope: Envelope, now: float) -> bool:
+        return (
+            bool(self.cfg.delay_warning)
+            and not envelope.warned
+            and envelope.sender != ""
+            and now - envelope.created > self.cfg.delay_warning
+        )
+
+    def _log(
+        self, envelope: Envelope, recipient: Recipient, result: relay.Result, now: float
+    ) -> None:
+        status = "sent" if result.ok else ("bounced" if result.permanent else "deferred")
+        where = (
+            "local"
+            if recipient.mailbox
+            else (f"{result.host}[{result.address}]" if result.host else "none")
+        )
+        log.info(
+            "%s: to=<%s>, relay=%s, delay=%.1f, status=%s (%s)",
+            envelope.id,
+            recipient.address,
+            where,
+            now - envelope.created,
+            status,
+            result.line(),
+        )
+
+    # -- bounces -----------------------------------------------------------------------------
+
+    async def _notify(
+        self, envelope: Envelope, statuses: list[dsn.RecipientStatus], now: float
+    ) -> None:
+        """Send a DSN to the sender: never for <>, and a bounce itself goes from <>."""
+        if envelope.sender == "":
+            log.info("%s: not bouncing: null sender", envelope.id)
+            return
+        loop = asyncio.get_running_loop()
+        original = await loop.run_in_executor(
+            None, _read_head, self.queue.message_path(envelope.id)
+        )
+        message = dsn.compose(
+            hostname=self.cfg.hostname,
+            sender=envelope.sender,
+            original=original,
+            recipients=statuses,
+            queue_id=envelope.id,
+            arrival=envelope.created,
+            now=now,
+            smtputf8=envelope.smtputf8,
+        )
+        await self.submit_notice(envelope.sender, message, envelope.smtputf8)
+
+    async def submit_notice(self, to: str, message: bytes, smtputf8: bool) -> None:
+        """Deliver a DSN: into the local mailbox, or queued with sender <> for a remote one."""
+        local, _, domain = to.rpartition("@")
+        if policy.is_local_domain(domain, self.cfg.domains) or not domain:
+            name = policy.mailbox_name(local or to) or "postmaster"
+            await self.deliver_local(name, trace.return_path(""), message)
+            log.info("bounce to <%s> delivered to mailbox %s", to, name)
+            return
+        envelope = Envelope(
+            id=trace.new_id(), sender="", recipients=[Recipient(to)], smtputf8=smtputf8
+        )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.queue.put, envelope, b"", message)
+        self.add(envelope)
+        log.info("%s: bounce to <%s> queued", envelope.id, to)
+
+
+def _bounce_status(
+    recipient: Recipient, result: relay.Result, expired: bool
+) -> dsn.RecipientStatus:
+    status = result.status
+    text = result.line()
+    if not result.permanent:  # expired while deferred: "delivery time expired" (RFC 3463 X.4.7)
+        status = "5.4.7"
+        text = f"delivery time expired; last error: {result.line()}"
+    return dsn.RecipientStatus(recipient.address, "failed", status, text, result.host)
+
+
+def _delay_status(recipient: Recipient) -> dsn.RecipientStatus:
+    code = recipient.last_error.split(" ", 2)
+    status = code[1] if len(code) > 1 and code[1][:1] == "4" else "4.0.0"
+    return dsn.RecipientStatus(recipient.address, "delayed", status, recipient.last_error, None)
+
+
+def _read_head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(MAX_HEADER_BYTES)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def own_addresses(cfg: Config) -> set[str]:
+    """Addresses that are us: a relay to any of them would loop."""
+    found = {listen.host for listen in cfg.listeners} | set(loopback_addresses())
+    iface = default_interface()
+    if iface:
+        found.update(interface_addresses(iface))
+    return found
+
+
+def read_credentials(path: Path) -> tuple[str, str]:
+    """'username:password' on the first line (the file should be readable only by root/mail)."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        log.warning("%s is readable by others; chmod 600 it", path)
+    line = path.read_text(encoding="utf-8").splitlines()[0].strip()
+    user, sep, password = line.partition(":")
+    if not sep or not user:
+        raise ValueError(f"{path}: expected 'username:password' on the first line")
+    return user, password

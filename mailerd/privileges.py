@@ -1,0 +1,201 @@
+"""Privileges: the master binds as root; every child that talks to the network runs as `-u`.
+
+Who calls what:
+- `master.run` calls `resolve()` once (the `-u` user, `mail` by default when started as root,
+  nothing when not root) and `prepare_queue()` before forking, so the dropped children can use
+  `<queue>/tmp` (body spill files) and `<queue>/private` (the delivery socket).
+- Each worker calls `keep_dir()` for what it must reach after the drop, then `drop()` before its
+  event loop starts: nothing accepts or parses SMTP as root.
+- The delivery process calls `drop()` itself, after forking the small root helper that writes
+  mailboxes owned by their users (the master leaves it root for that reason).
+
+The master itself stays root: it re-binds port 25 on SIGHUP and creates new directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailerd.config import DEFAULT_USER
+
+log = logging.getLogger("mailerd.privileges")
+
+QUEUE_SUBDIRS = ("msg", "env", "tmp", "private")
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+class PrivilegeError(Exception):
+    """The user cannot be used, or the switch did not (fully) happen; the message says why."""
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def lookup(name: str) -> Account:
+    """The account for `-u NAME`; refuses unknown users and anything with uid 0."""
+    try:
+        entry = pwd.getpwnam(name)
+    except (KeyError, UnicodeEncodeError, ValueError):
+        raise PrivilegeError(
+            f"user '{name}' does not exist: create it (adduser --system --group {name}) "
+            "or name another one with -u"
+        ) from None
+    if entry.pw_uid == 0:
+        raise PrivilegeError(
+            f"-u {name}: refusing to run the workers as root; name an unprivileged user"
+        )
+    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def resolve(user: str | None) -> str | None:
+    """The user the children will run as, or None when there is nothing to drop (not root).
+
+    Raises PrivilegeError if the user does not exist or is root.
+    """
+    if os.geteuid() != 0:
+        if user is not None and _current_user() != user:
+            log.warning("-u %s ignored: not started as root, so already unprivileged", user)
+        return None
+    return lookup(user or DEFAULT_USER).name
+
+
+def drop(user: str | None) -> None:
+    """Become `user` for good (groups, gid, uid), then check that root cannot come back.
+
+    `None` means "nothing to drop" (what `resolve()` returns when not root). Raises
+    PrivilegeError on any failure: the caller must then exit, not carry on privileged.
+    """
+    if user is None:
+        return
+    account = lookup(user)
+    if os.geteuid() != 0:
+        if os.geteuid() == account.uid:
+            return
+        raise PrivilegeError(f"cannot switch to user '{user}': not running as root")
+    try:
+        os.initgroups(account.name, account.gid)
+        os.setresgid(account.gid, account.gid, account.gid)
+        os.setresuid(account.uid, account.uid, account.uid)
+    except OSError as exc:
+        raise PrivilegeError(f"cannot switch to user '{user}': {exc.strerror}") from exc
+    _no_new_privileges()
+    verify(account)
+
+
+def verify(account: Account) -> None:
+    """Raise PrivilegeError unless every id is the account's and root is out of reach."""
+    if os.getresuid() != (account.uid,) * 3 or os.getresgid() != (account.gid,) * 3:
+        raise PrivilegeError(
+            f"switch to '{account.name}' incomplete: uids {os.getresuid()}, gids {os.getresgid()}"
+        )
+    for regain in (os.setuid, os.seteuid):
+        try:
+            regain(0)
+        except PermissionError:
+            continue
+        raise PrivilegeError(f"still able to become root after switching to '{account.name}'")
+    if account.gid != 0:
+        try:
+            os.setgid(0)
+        except PermissionError:
+            pass
+        else:
+            raise PrivilegeError(f"still able to take gid 0 after switching to '{account.name}'")
+    capabilities = _capabilities()
+    if any(capabilities.get(k, 0) for k in ("CapPrm", "CapEff")):
+        raise PrivilegeError(f"capabilities left after switching to '{account.name}'")
+
+
+def _no_new_privileges() -> None:
+    """prctl(PR_SET_NO_NEW_PRIVS): no setuid program can hand root back (best effort)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def _capabilities() -> dict[str, int]:
+    found = {}
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.startswith("Cap"):
+                found[key] = int(value.strip(), 16)
+    return found
+
+
+def _current_user() -> str | None:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return None
+
+
+def keep_dir(path: Path) -> Path:
+    """A path to `path` that keeps working after the drop, whatever its parents' modes.
+
+    The directory is opened (O_PATH) while still privileged and then reached through
+    /proc/self/fd/N, so a spool or queue below a private directory (a home, a 0700 temp dir)
+    stays usable: only the directory's own permissions count from then on. Call it in the
+    process that will use the path (descriptors are per process), before `drop()`.
+    """
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return Path(f"/proc/self/fd/{fd}")
+
+
+def prepare_queue(queue: Path, user: str | None) -> None:
+    """Hand `<queue>/{msg,env,tmp,private}` (mode 0700) and the delivery socket to `user`.
+
+    Called by the master (root) before forking. Files already in the queue (left by a run as
+    root) are handed over too, but only regular files with a single link, through a descriptor
+    opened without following symlinks, so a planted link cannot make root chown anything else.
+    """
+    if user is None:
+        return
+    account = lookup(user)
+    for sub in QUEUE_SUBDIRS:
+        directory = queue / sub
+        os.chown(directory, account.uid, account.gid, follow_symlinks=False)
+        os.chmod(directory, 0o700, follow_symlinks=False)
+        for entry in os.scandir(directory):
+            _hand_over(entry.path, account)
+
+
+def _hand_over(path: str, account: Account) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        # A socket (the delivery socket) or a symlink: sockets are chowned by path, without
+        # following links; anything else is left alone.
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode):
+                os.chown(path, account.uid, account.gid, follow_symlinks=False)
+        return
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid != account.uid:
+            os.fchown(fd, account.uid, account.gid)
+    finally:
+        os.close(fd)
+
+
+def chown_path(path: Path, user: str | None, mode: int | None = None) -> None:
+    """Give one file the user's ownership (e.g. a log file the children must reopen)."""
+    if user is None or os.geteuid() != 0:
+        return
+    account = lookup(user)
+    os.chown(path, account.uid, account.gid, follow_symlinks=False)
+    if mode is not None:
+        os.chmod(path, mode, follow_symlinks=False)
