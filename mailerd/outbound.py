@@ -206,8 +206,10 @@ class Outbound:
             domain if not _is_ip(domain) else f"[{domain}]",
             self.resolver,
             families=self.cfg.outbound_ip,
-            own_names=self.own_names,
-            own_addresses=self.own_addresses,
+            # A configured smarthost may well be on this machine (another port, a filter):
+            # the administrator chose it, so no loop check.
+            own_names=frozenset() if smarthost else self.own_names,
+            own_addresses=frozenset() if smarthost else self.own_addresses,
         )
         if isinstance(route, mx.Failure):
             return route
@@ -267,11 +269,7 @@ class Outbound:
         self, envelope: Envelope, recipient: Recipient, result: relay.Result, now: float
     ) -> None:
         status = "sent" if result.ok else ("bounced" if result.permanent else "deferred")
-        where = (
-            "local"
-            if recipient.mailbox
-            else (f"{result.host}[{result.address}]" if result.host else "none")
-        )
+        where = "local" if recipient.mailbox else _relay_name(result)
         log.info(
             "%s: to=<%s>, relay=%s, delay=%.1f, status=%s (%s)",
             envelope.id,
@@ -322,6 +320,14 @@ class Outbound:
         await loop.run_in_executor(None, self.queue.put, envelope, b"", message)
         self.add(envelope)
         log.info("%s: bounce to <%s> queued", envelope.id, to)
+
+
+def _relay_name(result: relay.Result) -> str:
+    """Postfix-style `host[ip]` (just `[ip]` for an address literal), or none."""
+    if not result.address:
+        return "none"
+    host = "" if (result.host or "").startswith("[") else (result.host or "")
+    return f"{host}[{result.address}]"
 
 
 def _bounce_status(
