@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 TLS_POLICIES = ("may", "encrypt", "verify", "none")
+HEADER_SCAN = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -185,13 +186,11 @@ def _login(client: smtplib.SMTP, hop: Hop, settings: Settings) -> None:
 
 def _mail_from(client: smtplib.SMTP, hop: Hop, message: Message) -> None:
     options = []
-    if message.smtputf8:
-        if not client.has_extn("smtputf8"):
-            result = Result(
-                553, "5.6.7", "The recipient's server does not support SMTPUTF8", hop.host
-            )
-            raise _HopFailed(result, final=True)
+    if message.smtputf8 and client.has_extn("smtputf8"):
         options.append("SMTPUTF8")
+    elif message.smtputf8 and needs_smtputf8(message):
+        result = Result(553, "5.6.7", "The recipient's server does not support SMTPUTF8", hop.host)
+        raise _HopFailed(result, final=True)
     if message.body_8bit and client.has_extn("8bitmime"):
         options.append("BODY=8BITMIME")
     if client.has_extn("size"):
@@ -200,6 +199,17 @@ def _mail_from(client: smtplib.SMTP, hop: Hop, message: Message) -> None:
     if code != 250:
         result = _reply(hop, code, text, "5.1.0" if code >= 500 else "4.1.0")
         raise _HopFailed(result, final=result.permanent)
+
+
+def needs_smtputf8(message: Message) -> bool:
+    """Whether the message really needs SMTPUTF8 (RFC 6531): a client may ask for it even when
+    every address and header is ASCII, and such mail can go to any server."""
+    addresses = [message.sender, *message.recipients]
+    if not all(a.isascii() for a in addresses):
+        return True
+    with open(message.path, "rb") as f:
+        head = f.read(HEADER_SCAN).split(b"\r\n\r\n", 1)[0]
+    return not head.isascii()
 
 
 def _rcpt_to(client: smtplib.SMTP, hop: Hop, message: Message) -> tuple[dict[str, Result], list]:

@@ -187,3 +187,18 @@ def test_password_never_sent_in_clear(server, message):
     settings = relay.Settings(helo="mx.example.org", auth=("user", "secret"), timeout=10)
     result = relay.attempt([hop], message("bob@remote.test"), settings)["bob@remote.test"]
     assert result.code == 451 and "without TLS" in result.text and not handler.messages
+
+
+def test_smtputf8_only_when_the_message_needs_it(server, tmp_path):
+    handler = Recorder()
+    hop = server(handler, enable_SMTPUTF8=False)
+    ascii_path = tmp_path / "ascii"
+    ascii_path.write_bytes(b"Subject: plain\r\n\r\nbody\r\n")
+    utf8_path = tmp_path / "utf8"
+    utf8_path.write_bytes("Subject: caf\u00e9\r\n\r\nbody\r\n".encode())
+    plain = relay.Message("a@example.org", ("b@remote.test",), ascii_path, smtputf8=True)
+    assert relay.attempt([hop], plain, SETTINGS)["b@remote.test"].ok
+    needs = relay.Message("a@example.org", ("b@remote.test",), utf8_path, smtputf8=True)
+    result = relay.attempt([hop], needs, SETTINGS)["b@remote.test"]
+    assert result.permanent and result.status == "5.6.7"
+    assert len(handler.messages) == 1
