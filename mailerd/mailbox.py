@@ -82,20 +82,28 @@ class Spool:
         first = next_number(directory)
         numbers = list(range(first, first + len(messages)))
         staged = [f"{directory}/.tmp.{os.getpid()}.{number}" for number in numbers]
+        fds: list[int] = []
         try:
             for tmp, message in zip(staged, messages, strict=True):
                 _remove_stale(tmp, tmp + ".status")
-                durable.write_synced(tmp + ".status", NEW_FLAGS, b"", owner)
-                durable.write_synced(tmp, message.head, message.body, owner)
+                fds.append(durable.write_new(tmp + ".status", NEW_FLAGS, b"", owner))
+                fds.append(durable.write_new(tmp, message.head, message.body, owner))
+            durable.fsync_all(fds)
             for tmp, number in zip(staged, numbers, strict=True):
                 os.rename(tmp + ".status", f"{directory}/{number}.status")
                 os.rename(tmp, f"{directory}/{number}")
-            durable.replace_synced(f"{directory}/{COUNTER_NAME}", b"%d\n" % numbers[-1], owner)
+            # The counter is a hint (next_number() heals a stale one), so it is not fsync'd.
+            durable.replace_synced(
+                f"{directory}/{COUNTER_NAME}", b"%d\n" % numbers[-1], owner, sync=False
+            )
             durable.fsync_dir(directory)
         except BaseException:
             for tmp in staged:
                 _remove_stale(tmp, tmp + ".status")
             raise
+        finally:
+            for fd in fds:
+                os.close(fd)
         return numbers
 
     def _lock(self, fd: int) -> None:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import dns.asyncresolver
 import dns.exception
 import dns.name
-import dns.nameserver
 import dns.resolver
 
 # Which address records to ask for, in the order to try them within one host.
@@ -83,7 +82,9 @@ def make_resolver(
         # configure=False: never read /etc/resolv.conf, so no search list or other server.
         resolver = dns.asyncresolver.Resolver(configure=False)
         host, port = dns_server
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+        # nameservers + port rather than dns.nameserver (dnspython >= 2.4): Debian 12 has 2.3.
+        resolver.port = port  # first: a version may bind the port when nameservers are set
+        resolver.nameservers = [host]
     resolver.lifetime = timeout
     resolver.timeout = min(timeout, _RETRY_INTERVAL)
     # EDNS with the DNS Flag Day 2020 buffer size, so that large MX sets rarely need TCP.

@@ -118,12 +118,14 @@ def test_disk_errors_leave_nothing_visible(tmp_path, monkeypatch):
     spool = Spool(tmp_path)
     spool.deliver("bob", [Delivery(b"", b"x")])
     real_fsync = os.fsync
-    calls = threading.local()
+    calls = []
+    lock = threading.Lock()
 
     def failing_fsync(fd):
-        calls.n = getattr(calls, "n", 0) + 1
-        if calls.n == 2:
-            raise OSError(28, "No space left on device")
+        with lock:  # fsyncs of one batch run in several threads
+            calls.append(fd)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
