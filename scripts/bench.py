@@ -1,0 +1,1278 @@
+"""Benchmark mailerd against a private reference Postfix on the same machine.
+
+Run it through scripts/bench (which runs scripts/setup --bench and raises the descriptor limit).
+Everything goes to 127.0.0.1 only and nothing asks DNS: addresses are numeric, hostnames given.
+
+Per server, per concurrency level C (1, 10, 50 clients):
+  * throughput: Postfix's smtp-source sends M 4 KiB messages over C parallel sessions (a new
+    connection per message, no pipelining); msgs/s = M / wall time until the last 250. Repeated
+    (--repeat, 3 by default) and the median run reported. mailerd replies 250 only after the
+    message is fsynced into the mailbox; Postfix replies 250 once its queue file is fsynced,
+    and we also time until its local delivery has put all M into the Maildir ("mbox s").
+  * CPU: utime+stime(+cutime+cstime) from /proc/PID/stat summed over the server's process tree
+    (master + descendants; reaped children show up in their parent's cutime/cstime), before the
+    run and after it (for Postfix after the mailbox is complete), divided by M. The machine's
+    other CPU use in the same window ("others") tells how noisy the measurement was.
+  * memory: PSS (from /proc/PID/smaps_rollup) summed over the process tree, sampled every
+    ~0.2 s during the level's phases; the peak is reported.
+  * latency: a separate phase with C concurrent timing clients of our own (asyncio, one
+    connection per message like smtp-source): time from connect() to the 250 after the final
+    "."; median and p99 over up to L messages.
+Then idle connections: open N TCP connections, count those greeted with 220 within 10 s, the
+servers' memory while they are held, and the time of one message sent meanwhile.
+Postfix: a private instance (own config, queue and data directories under var/bench-*, smtpd on
+a free loopback port only, Maildir delivery for a temporary system user), removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import errno
+import json
+import math
+import os
+import pwd
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+HOST = "127.0.0.1"
+HELO = "bench.localhost"
+SENDER = "sender@example.org"
+MSG_LEN = 4096
+PF_USER = "mdbench"
+PF_USER_GECOS = "mailerd bench temporary user"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def log(*args):
+    print("bench:", *args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc helpers
+
+def proc_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, user ticks, system ticks) for every process, each including the process's
+    reaped children (utime+cutime, stime+cstime)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rp = data.rfind(b")")
+        fields = data[rp + 2:].split()
+        # fields[0] = state (stat field 3), [1] = ppid (4), [11..14] = utime stime cutime cstime
+        try:
+            u, st, cu, cs = (int(x) for x in fields[11:15])
+            table[int(name)] = (int(fields[1]), u + cu, st + cs)
+        except (IndexError, ValueError):
+            continue
+    return table
+
+
+def tree_pids(root: int, table) -> list[int]:
+    children = collections.defaultdict(list)
+    for pid, row in table.items():
+        children[row[0]].append(pid)
+    out, stack, seen = [], [root], set()
+    while stack and len(out) < 100000:
+        pid = stack.pop()
+        if pid in seen or pid not in table:
+            continue
+        seen.add(pid)
+        out.append(pid)
+        stack.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_snapshot(root: int) -> dict:
+    """CPU seconds so far: the server tree (user, sys), the whole machine (busy), and this
+    process and its reaped children (smtp-source), to tell the server's share from others'."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    # user nice system idle iowait irq softirq steal: processes' time only (interrupts and
+    # hypervisor steal are not attributable)
+    busy = (v[0] + v[1] + v[2]) / CLK_TCK
+    own = sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
+              for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    table = proc_table()
+    pids = tree_pids(root, table)
+    kpids = tree_pids(2, table)                 # kthreadd's: kernel threads (jbd2, kworkers)
+    return {"t": time.monotonic(),
+            "procs": {p: (proc_name(p), table[p][1] + table[p][2]) for p in pids},
+            "user": sum(table[p][1] for p in pids) / CLK_TCK,
+            "sys": sum(table[p][2] for p in pids) / CLK_TCK,
+            "kthreads": {p: table[p][1] + table[p][2] for p in kpids},
+            "busy": busy, "own": own}
+
+
+def proc_name(pid: int) -> str:
+    """The process title (mailerd's setproctitle, or the program's base name), digits as N."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0")[0].decode(errors="replace").strip()
+    except OSError:
+        argv0 = ""
+    name = os.path.basename(argv0.split(" -")[0]) if argv0.startswith("/") else argv0
+    return re.sub(r"\d+", "N", name.split(" -")[0].strip()) or "?"
+
+
+def pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+class Sampler(threading.Thread):
+    """Samples the summed PSS of a process tree; peak() gives the peak since the last reset."""
+
+    def __init__(self, root: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.lock = threading.Lock()
+        self.stop_ev = threading.Event()
+        self._peak = self._peak_procs = 0
+        self.last = 0
+
+    def sample(self) -> tuple[int, int]:
+        table = proc_table()
+        pids = tree_pids(self.root, table)
+        return sum(pss_bytes(p) for p in pids), len(pids)
+
+    def run(self):
+        while not self.stop_ev.is_set():
+            t0 = time.monotonic()
+            total, n = self.sample()
+            with self.lock:
+                self.last = total
+                self._peak = max(self._peak, total)
+                self._peak_procs = max(self._peak_procs, n)
+            spent = time.monotonic() - t0
+            self.stop_ev.wait(max(self.interval, 2 * spent))
+
+    def reset(self):
+        with self.lock:
+            self._peak = self._peak_procs = 0
+
+    def peak(self) -> tuple[int, int]:
+        total, n = self.sample()
+        with self.lock:
+            self.last = total
+            self._peak = max(self._peak, total)
+            self._peak_procs = max(self._peak_procs, n)
+            return self._peak, self._peak_procs
+
+    def stop(self):
+        self.stop_ev.set()
+        self.join(5)
+
+
+# ---------------------------------------------------------------------------------------------
+# SMTP helpers
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_banner(port: int, limit: float, proc: subprocess.Popen | None = None) -> str | None:
+    """Poll until the server greets with 220 (bounded); returns the banner line or None."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return None
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as s:
+                s.settimeout(max(0.5, deadline - time.monotonic()))
+                data = b""
+                while b"\n" not in data and len(data) < 4096:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                line = data.split(b"\n")[0].decode(errors="replace").strip()
+                if line.startswith("220"):
+                    try:
+                        s.sendall(b"QUIT\r\n")
+                        s.recv(512)
+                    except OSError:
+                        pass
+                    return line
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return None
+
+
+def make_message(rcpt: str, n: int) -> bytes:
+    head = (f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: mailerd bench {n}\r\n"
+            f"Message-ID: <{n}.{os.getpid()}.{time.time_ns()}@{HELO}>\r\n"
+            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n\r\n")
+    line = b"La de da de da " * 5 + b"la de da.\r\n"        # 86 bytes
+    body = (line * (MSG_LEN // len(line) + 1))[:MSG_LEN - 2] + b"\r\n"
+    return head.encode() + body + b".\r\n"
+
+
+class SMTPFail(Exception):
+    pass
+
+
+async def _expect(reader: asyncio.StreamReader, code: bytes, what: str) -> None:
+    for _ in range(100):                     # bounded multi-line reply
+        line = await reader.readline()
+        if not line:
+            raise SMTPFail(f"connection closed awaiting {what}")
+        if len(line) < 4 or line[3:4] != b"-":
+            if not line.startswith(code):
+                raise SMTPFail(f"{what}: {line.decode(errors='replace').strip()[:120]}")
+            return
+    raise SMTPFail(f"{what}: reply too long")
+
+
+async def _one_message(port: int, rcpt: str, n: int) -> tuple[float, float]:
+    msg = make_message(rcpt, n)
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection(HOST, port, limit=65536)
+    try:
+        await _expect(reader, b"220", "banner")
+        writer.write(f"EHLO {HELO}\r\n".encode())
+        await _expect(reader, b"250", "EHLO")
+        writer.write(f"MAIL FROM:<{SENDER}>\r\n".encode())
+        await _expect(reader, b"250", "MAIL")
+        writer.write(f"RCPT TO:<{rcpt}>\r\n".encode())
+        await _expect(reader, b"250", "RCPT")
+        writer.write(b"DATA\r\n")
+        await _expect(reader, b"354", "DATA")
+        writer.write(msg)
+        await writer.drain()
+        t1 = time.monotonic()
+        await _expect(reader, b"250", "end of data")
+        t2 = time.monotonic()
+        writer.write(b"QUIT\r\n")
+        with contextlib.suppress(asyncio.TimeoutError, SMTPFail, OSError):
+            await asyncio.wait_for(_expect(reader, b"221", "QUIT"), 5)
+        return t2 - t0, t2 - t1
+    finally:
+        writer.close()
+        with contextlib.suppress(asyncio.TimeoutError, OSError):
+            await asyncio.wait_for(writer.wait_closed(), 2)
+
+
+def latency_run(port: int, rcpt: str, clients: int, total: int, time_limit: float,
+                msg_timeout: float = 30.0) -> dict:
+    """`clients` concurrent sequential senders, `total` messages at most, new ones only before
+    time_limit (each message itself is bounded to msg_timeout)."""
+    lat, dot, errors = [], [], collections.Counter()
+    state = {"left": total}
+
+    async def sender(deadline):
+        while state["left"] > 0 and time.monotonic() < deadline:
+            state["left"] -= 1
+            try:
+                a, b = await asyncio.wait_for(_one_message(port, rcpt, state["left"]),
+                                              msg_timeout)
+                lat.append(a)
+                dot.append(b)
+            except TimeoutError:
+                errors[f"no 250 within {msg_timeout:g} s"] += 1
+            except SMTPFail as e:
+                errors[str(e)] += 1
+            except OSError as e:
+                errors[f"{type(e).__name__}: {e.strerror or e}"] += 1
+
+    async def main():
+        t0 = time.monotonic()
+        await asyncio.gather(*(sender(t0 + time_limit) for _ in range(clients)))
+        return time.monotonic() - t0
+
+    elapsed = asyncio.run(main())
+    return {"n": len(lat), "seconds": elapsed, "lat": lat, "dot": dot, "errors": dict(errors)}
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(p / 100 * len(v)) - 1))]   # nearest rank
+
+
+def run_smtp_source(port: int, rcpt: str, sessions: int, count: int, timeout: float) -> dict:
+    """Run smtp-source; its -c counter (one "N\\r" per completed message, flushed each time)
+    gives the time of every 250, hence the longest pause between two of them."""
+    cmd = ["smtp-source", "-c", "-s", str(sessions), "-m", str(count), "-l", str(MSG_LEN),
+           "-M", HELO, "-f", SENDER, "-t", rcpt, f"{HOST}:{port}"]
+    with tempfile.TemporaryFile() as errf:
+        t0 = time.monotonic()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL)
+        deadline = t0 + timeout
+        out = bytearray()
+        stamps = []                                  # time of each completed message
+        timed_out = False
+        try:
+            fd = p.stdout.fileno()
+            sel = selectors.DefaultSelector()
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    timed_out = True
+                    p.kill()
+                    break
+                if not sel.select(min(left, 1.0)):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                now = time.monotonic()
+                stamps.extend([now] * chunk.count(b"\r"))
+                out += chunk
+            sel.close()
+            p.wait(10)
+        except BaseException:
+            p.kill()
+            p.wait()
+            raise
+        finally:
+            p.stdout.close()
+        t1 = time.monotonic()
+        errf.seek(0)
+        err = errf.read(65536)
+    nums = re.findall(rb"\d+", bytes(out))
+    done = int(nums[-1]) if nums else 0
+    error = None
+    if timed_out:
+        error = f"smtp-source timed out after {timeout:.0f} s"
+    elif p.returncode != 0:
+        error = (err.decode(errors="replace").strip().splitlines() or [f"exit {p.returncode}"])[-1]
+    elif done != count:
+        error = f"smtp-source reported {done} of {count} messages"
+    points = [t0, *stamps, t1]
+    gaps = [(b - a, a - t0) for a, b in zip(points, points[1:], strict=False)]
+    gap, gap_at = max(gaps) if gaps else (0.0, 0.0)
+    return {"cmd": " ".join(cmd), "seconds": t1 - t0, "done": done, "error": error,
+            "t_start": t0, "t_end": t1, "max_gap": gap, "max_gap_at": gap_at}
+
+
+def idle_test(port: int, n: int, window: float, hold: float, sampler: Sampler,
+              rcpt: str) -> dict:
+    """Open n connections without blocking; count 220 banners seen within `window` seconds of
+    the first connect; hold them `hold` more seconds while sampling the server's memory, and
+    meanwhile time one message sent on a new connection (bounded to 5 s)."""
+    sel = selectors.DefaultSelector()
+    socks: list[socket.socket] = []
+    greeted = other = closed = opened = 0
+    errors = collections.Counter()
+    other_lines = collections.Counter()
+    sampler.reset()
+    t0 = time.monotonic()
+    deadline = t0 + window
+    t_all = None
+    open_failed = None
+    try:
+        while time.monotonic() < deadline and greeted + other + closed + sum(errors.values()) < n:
+            batch = 0
+            while opened < n and batch < 250 and open_failed is None:
+                try:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                except OSError as e:
+                    open_failed = f"socket() failed after {opened}: {e.strerror}"
+                    break
+                s.setblocking(False)
+                rc = s.connect_ex((HOST, port))
+                opened += 1
+                batch += 1
+                if rc not in (0, errno.EINPROGRESS):
+                    errors[errno.errorcode.get(rc, str(rc))] += 1
+                    s.close()
+                    continue
+                socks.append(s)
+                sel.register(s, selectors.EVENT_READ, bytearray())
+            if open_failed is not None and opened < n:
+                errors["not opened"] = n - opened
+                opened = n
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            timeout = 0.0 if (opened < n and batch) else min(0.2, remaining)
+            for key, _ in sel.select(timeout):
+                s, buf = key.fileobj, key.data
+                try:
+                    data = s.recv(1024)
+                except OSError as e:
+                    errors[errno.errorcode.get(e.errno, str(e.errno))] += 1
+                    sel.unregister(s)
+                    continue
+                if not data:
+                    closed += 1
+                    sel.unregister(s)
+                    continue
+                buf += data
+                if b"\n" in buf or len(buf) > 512:
+                    sel.unregister(s)
+                    line = bytes(buf).split(b"\n")[0].decode(errors="replace").strip()
+                    if line.startswith("220"):
+                        greeted += 1
+                    else:
+                        other += 1
+                        other_lines[line[:80]] += 1
+        if greeted == n:
+            t_all = time.monotonic() - t0
+        pending = n - greeted - other - closed - sum(errors.values())
+        hold_end = time.monotonic() + hold
+        probe = latency_run(port, rcpt, 1, 1, 5.0, msg_timeout=5.0)
+        while time.monotonic() < hold_end:
+            time.sleep(0.1)
+        peak, procs = sampler.peak()
+        held_now = sampler.last
+    finally:
+        sel.close()
+        for s in socks:
+            s.close()
+    return {"n": n, "greeted": greeted, "other_reply": other, "other_lines": dict(other_lines),
+            "closed_before_banner": closed, "no_reply": max(0, pending),
+            "errors": dict(errors), "seconds_all_greeted": t_all, "window": window,
+            "peak_mem": peak, "mem_at_end": held_now, "peak_procs": procs,
+            "probe_ms": _ms(probe["lat"][0]) if probe["lat"] else None,
+            "probe_errors": probe["errors"],
+            "open_failed": open_failed}
+
+
+# ---------------------------------------------------------------------------------------------
+# servers
+
+class ServerError(Exception):
+    pass
+
+
+class Server:
+    name = "?"
+    rcpt = "user@localhost"
+    port = 0
+
+    def root_pid(self) -> int:
+        raise NotImplementedError
+
+    def mailbox_count(self) -> int | None:
+        return None
+
+    def settle(self, limit: float) -> None:
+        """Wait until the server has nothing left to do for earlier messages (bounded)."""
+
+    def wait_mailbox(self, target: int, limit: float) -> float | None:
+        return None
+
+    def prepare_idle(self, n: int) -> str:
+        return ""
+
+    def problems(self) -> list[str]:
+        return []
+
+    def describe(self) -> str:
+        return ""
+
+    def running(self) -> bool:
+        return alive(self.root_pid())
+
+    def remember_pids(self) -> None:
+        pass
+
+    def exit_evidence(self) -> str:
+        return ""
+
+
+class Mailerd(Server):
+    name = "mailerd"
+
+    def __init__(self, base: Path, workers: int, max_sessions: int):
+        self.base = base / "mailerd"
+        self.spool = self.base / "spool"
+        self.queue = self.base / "queue"
+        self.logfile = self.base / "mailerd.log"
+        self.workers = workers
+        self.max_sessions = max_sessions
+        self.proc: subprocess.Popen | None = None
+        self.known_pids: set[int] = set()
+        self.note = ""
+
+    def _cmd(self, with_max: bool) -> list[str]:
+        cmd = [str(ROOT / ".venv/bin/python"), "-m", "mailerd", "-f",
+               "-s", str(self.spool), "-q", str(self.queue), "-d", "localhost",
+               "-H", HELO, "-w", str(self.workers), "-l", f"{HOST}:{self.port}",
+               "-n", "none", "--timeout", "5m"]
+        if with_max:
+            cmd += ["--max-sessions", str(self.max_sessions)]
+        return cmd
+
+    def start(self) -> None:
+        (self.spool / "user").mkdir(parents=True, exist_ok=True)
+        self.queue.mkdir(parents=True, exist_ok=True)
+        for with_max in (True, False):
+            self.port = free_port()
+            cmd = self._cmd(with_max)
+            self.cmd = " ".join(cmd)
+            with open(self.logfile, "ab") as logf:
+                logf.write(f"=== {self.cmd}\n".encode())
+                logf.flush()
+                offset = logf.tell()
+                self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=logf,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            banner = wait_banner(self.port, 30, self.proc)
+            if banner:
+                self.banner = banner
+                self.remember_pids()
+                if not with_max:
+                    self.note = "mailerd did not accept --max-sessions; started without it"
+                return
+            rc = self.proc.poll()
+            tail = self.log_tail(15)
+            if rc is None:
+                self.stop()
+                raise ServerError(f"mailerd gave no 220 banner within 30 s; log:\n{tail}")
+            try:
+                with open(self.logfile, "rb") as f:
+                    f.seek(offset)
+                    own = f.read(65536).decode(errors="replace")
+            except OSError:
+                own = ""
+            if with_max and "max-sessions" in own:
+                log("mailerd rejected --max-sessions; retrying without it")
+                continue
+            raise ServerError(f"mailerd exited with status {rc} before greeting; log:\n{tail}")
+        raise ServerError("mailerd did not start")
+
+    def describe(self) -> str:
+        return f"ran: {self.cmd}".replace(str(self.base), "VAR")
+
+    def exit_evidence(self) -> str:
+        rc = self.proc.poll() if self.proc else None
+        how = (f"killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0
+               else f"exit status {rc}")
+        tail = "\n    ".join(self.log_tail(12).splitlines())
+        return f" (master {how}); last log lines:\n    {tail}"
+
+    def remember_pids(self):
+        if self.proc and self.proc.poll() is None:
+            self.known_pids.update(tree_pids(self.proc.pid, proc_table()))
+
+    def root_pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, n: int) -> str:
+        try:
+            lines = self.logfile.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def mailbox_count(self) -> int | None:
+        return count_mailbox(self.spool / "user")
+
+    def problems(self) -> list[str]:
+        try:
+            lines = self.logfile.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        pat = re.compile(r"error|exception|traceback|critical|fatal|warning", re.I)
+        bad = [line for line in lines if pat.search(line)]
+        if not bad:
+            return []
+        kinds = collections.Counter(re.sub(r"\d+", "N", line)[:160] for line in bad)
+        out = [f"mailerd log: {len(bad)} error/warning lines; most common (digits as N):"]
+        out += [f"  {c} x {k}" for k, c in kinds.most_common(8)]
+        first = next((i for i, line in enumerate(lines) if "Traceback" in line), None)
+        if first is not None:
+            out.append("first traceback:")
+            out += ["  " + line[:200] for line in lines[max(0, first - 1):first + 25]]
+        return out
+
+    def stop(self) -> None:
+        if not self.proc:
+            return
+        self.remember_pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                log(f"mailerd master {self.proc.pid} ignored SIGTERM for 15 s; SIGKILL")
+                self.proc.kill()
+                self.proc.wait(5)
+        # Workers that outlived their master: they are ours (started by this run), end them by id.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(alive(p) for p in self.known_pids):
+            time.sleep(0.1)
+        for pid in self.known_pids:
+            if alive(pid) and pid != os.getpid():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmdline = f.read()
+                except OSError:
+                    continue
+                if b"mailerd" in cmdline:
+                    log(f"mailerd process {pid} outlived its master; SIGKILL")
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+        self.proc = None
+
+
+def count_mailbox(path: Path) -> int | None:
+    """Messages in a mailerd mailbox: `<user>/<N>` files (`<N>.status`, dot-files aside)."""
+    try:
+        return sum(1 for e in os.scandir(path) if e.name.isdigit() and e.is_file())
+    except OSError:
+        return None
+
+
+class Postfix(Server):
+    name = "postfix"
+
+    def __init__(self, base: Path, process_limit: int, idle_limit: int):
+        self.base = base / "postfix"
+        self.etc = self.base / "etc"
+        self.queue = self.base / "queue"
+        self.data = self.base / "data"
+        self.home = self.base / "home"
+        self.maildir = self.home / "Maildir"
+        self.logfile = self.base / "maillog"
+        self.process_limit = process_limit
+        self.idle_limit = idle_limit
+        self.rcpt = f"{PF_USER}@localhost"
+        self.created_user = False
+        self.started = False
+        self.master = None
+        self.known_pids: set[int] = set()
+        self.note = ""
+
+    def _postfix(self, *args, check=True, timeout=60) -> subprocess.CompletedProcess:
+        p = subprocess.run(["postfix", "-c", str(self.etc), *args], capture_output=True,
+                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and p.returncode != 0:
+            raise ServerError(f"postfix {' '.join(args)} failed ({p.returncode}): "
+                              f"{(p.stderr or p.stdout).strip()}")
+        return p
+
+    def _master_cf(self, smtpd_maxproc: str) -> str:
+        rows = [
+            (str(self.port), "inet", "n", "-", "n", "-", smtpd_maxproc, "smtpd"),
+            ("pickup", "unix", "n", "-", "n", "60", "1", "pickup"),
+            ("cleanup", "unix", "n", "-", "n", "-", "0", "cleanup"),
+            ("qmgr", "unix", "n", "-", "n", "300", "1", "qmgr"),
+            ("rewrite", "unix", "-", "-", "n", "-", "-", "trivial-rewrite"),
+            ("bounce", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("defer", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("trace", "unix", "-", "-", "n", "-", "0", "bounce"),
+            ("verify", "unix", "-", "-", "n", "-", "1", "verify"),
+            ("flush", "unix", "n", "-", "n", "1000?", "0", "flush"),
+            ("proxymap", "unix", "-", "-", "n", "-", "-", "proxymap"),
+            ("showq", "unix", "n", "-", "n", "-", "-", "showq"),
+            ("error", "unix", "-", "-", "n", "-", "-", "error"),
+            ("retry", "unix", "-", "-", "n", "-", "-", "error"),
+            ("discard", "unix", "-", "-", "n", "-", "-", "discard"),
+            ("local", "unix", "-", "n", "n", "-", "-", "local"),
+            ("anvil", "unix", "-", "-", "n", "-", "1", "anvil"),
+            ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
+            ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
+        ]
+        return "".join("{:<10} {:<10} {:<3} {:<3} {:<3} {:<6} {:<5} {}\n".format(*r) for r in rows)
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise ServerError("the Postfix reference needs root (temporary user, private instance)")
+        for tool in ("postfix", "postconf", "smtp-source"):
+            if not shutil.which(tool):
+                raise ServerError(f"{tool} not found (scripts/setup --bench installs Postfix)")
+        try:
+            pw = pwd.getpwnam(PF_USER)
+        except KeyError:
+            pw = None
+        if pw is not None:
+            if pw.pw_gecos != PF_USER_GECOS:
+                raise ServerError(f"a user named {PF_USER} exists and is not ours; not touching it")
+            if os.path.isdir(pw.pw_dir):
+                raise ServerError(f"user {PF_USER} exists with home {pw.pw_dir}: another "
+                                  "scripts/bench seems to be running; try again later")
+            log(f"removing user {PF_USER} left over by an earlier interrupted run")
+            subprocess.run(["userdel", PF_USER], check=False, capture_output=True)
+        for d in (self.etc, self.queue, self.data, self.home):
+            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.base.parent, self.base, self.etc, self.queue, self.home):
+            os.chmod(d, 0o755)
+        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", str(self.home),
+                        "--shell", "/usr/sbin/nologin", "--comment", PF_USER_GECOS, PF_USER],
+                       check=True, capture_output=True)
+        self.created_user = True
+        pw = pwd.getpwnam(PF_USER)
+        for sub in ("", "new", "cur", "tmp"):
+            d = self.maildir / sub
+            d.mkdir(parents=True, exist_ok=True)
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+            os.chmod(d, 0o700)
+        os.chown(self.home, pw.pw_uid, pw.pw_gid)
+        pf = pwd.getpwnam("postfix")
+        os.chown(self.data, pf.pw_uid, pf.pw_gid)
+        os.chmod(self.data, 0o700)
+
+        self.port = free_port()
+        main_cf = f"""# private benchmark instance written by scripts/bench; never on port 25
+compatibility_level = 3.6
+config_directory = {self.etc}
+queue_directory = {self.queue}
+data_directory = {self.data}
+mail_owner = postfix
+setgid_group = postdrop
+syslog_name = postfix-bench
+maillog_file = {self.logfile}
+maillog_file_prefixes = {self.base}
+inet_interfaces = {HOST}
+inet_protocols = ipv4
+myhostname = {HELO}
+mydomain = localhost
+myorigin = $myhostname
+mydestination = localhost
+mynetworks = 127.0.0.0/8
+relayhost =
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+lmtp_host_lookup = native
+smtpd_peername_lookup = no
+alias_maps =
+alias_database =
+local_recipient_maps = proxy:unix:passwd.byname
+home_mailbox = Maildir/
+biff = no
+append_dot_mydomain = no
+default_process_limit = {self.process_limit}
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_client_message_rate_limit = 0
+smtpd_client_recipient_rate_limit = 0
+smtpd_client_event_limit_exceptions = 127.0.0.0/8
+"""
+        (self.etc / "main.cf").write_text(main_cf)
+        (self.etc / "master.cf").write_text(self._master_cf("-"))
+        self._postfix("check")
+        self._postfix("start")
+        self.started = True
+        pidfile = self.queue / "pid" / "master.pid"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                self.master = int(pidfile.read_text().split()[0])
+                break
+            except (OSError, ValueError, IndexError):
+                time.sleep(0.1)
+        if not self.master:
+            raise ServerError("postfix started but wrote no master.pid")
+        banner = wait_banner(self.port, 15)
+        if not banner:
+            raise ServerError(f"postfix gave no 220 banner within 15 s; log:\n{self.log_tail(15)}")
+        self.banner = banner
+        self.known_pids.update(tree_pids(self.master, proc_table()))
+
+    def root_pid(self) -> int:
+        return self.master
+
+    def remember_pids(self) -> None:
+        if self.master:
+            self.known_pids.update(tree_pids(self.master, proc_table()))
+
+    def exit_evidence(self) -> str:
+        tail = "\n    ".join(self.log_tail(12).splitlines())
+        return f"; last log lines:\n    {tail}"
+
+    def describe(self) -> str:
+        return (f"private instance ({self.etc}/main.cf), smtpd on {HOST}:{self.port}, "
+                f"default_process_limit = {self.process_limit}, queue + Maildir on the same fs, "
+                f"local delivery to {PF_USER} (temporary user), logging to a file via postlogd")
+
+    def log_tail(self, n: int) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def mailbox_count(self) -> int:
+        n = 0
+        for sub in ("new", "cur"):
+            with contextlib.suppress(OSError):
+                n += sum(1 for _ in os.scandir(self.maildir / sub))
+        return n
+
+    def queue_count(self) -> int:
+        n = 0
+        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
+            for _, _, files in os.walk(self.queue / sub):
+                n += len(files)
+        return n
+
+    def settle(self, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and self.queue_count() > 0:
+            time.sleep(0.1)
+
+    def wait_mailbox(self, target: int, limit: float) -> float | None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if self.mailbox_count() >= target:
+                return time.monotonic()
+            time.sleep(0.02)
+        return None
+
+    def prepare_idle(self, n: int) -> str:
+        maxproc = min(n, self.idle_limit)
+        (self.etc / "master.cf").write_text(self._master_cf(str(maxproc)))
+        self._postfix("reload")
+        time.sleep(1.5)
+        return (f"Postfix runs one smtpd process per connection; its smtpd process limit was "
+                f"raised to {maxproc} for this test (--postfix-idle-limit)")
+
+    def problems(self) -> list[str]:
+        try:
+            lines = self.logfile.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        pat = re.compile(r"(warning|error|fatal|panic):", re.I)
+        bad = [line.split("]: ", 1)[-1] for line in lines if pat.search(line)]
+        if not bad:
+            return []
+        kinds = collections.Counter(re.sub(r"\d+", "N", line)[:160] for line in bad)
+        out = [f"postfix log: {len(bad)} warning/error lines; most common:"]
+        out += [f"  {c} x {k}" for k, c in kinds.most_common(6)]
+        return out
+
+    def stop(self) -> None:
+        if self.started:
+            if self.master:
+                self.known_pids.update(tree_pids(self.master, proc_table()))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._postfix("stop", check=False, timeout=30)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and any(alive(p) for p in self.known_pids):
+                time.sleep(0.1)
+            for pid in self.known_pids:
+                if alive(pid):
+                    log(f"postfix process {pid} still running after stop; SIGKILL")
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+            self.started = False
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.created_user:
+            r = subprocess.run(["userdel", PF_USER], capture_output=True, text=True)
+            if r.returncode != 0:
+                log(f"userdel {PF_USER} failed: {r.stderr.strip()}")
+            self.created_user = False
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark proper
+
+def bench_server(srv: Server, args) -> dict:
+    res = {"server": srv.name, "levels": [], "idle": None, "notes": []}
+    log(f"starting {srv.name}")
+    srv.start()
+    if getattr(srv, "note", ""):
+        res["notes"].append(srv.note)
+    res["banner"] = srv.banner
+    res["port"] = srv.port
+    res["notes"].insert(0, srv.describe())
+    sampler = Sampler(srv.root_pid())
+    sampler.start()
+    mailbox_start = srv.mailbox_count()
+    accepted_total = 0
+    try:
+        for c in args.levels:
+            sampler.reset()
+            runs = []
+            for i in range(args.repeat):
+                srv.settle(60)
+                time.sleep(0.5)
+                log(f"{srv.name}: {c} clients: smtp-source {args.messages} messages"
+                    + (f" (run {i + 1}/{args.repeat})" if args.repeat > 1 else ""))
+                run = throughput_run(srv, c, args)
+                accepted_total += run["msgs"]
+                runs.append(run)
+                if run["smtp_source_error"]:
+                    log(f"{srv.name}: smtp-source: {run['smtp_source_error']} "
+                        f"({run['msgs']}/{args.messages} done)")
+                if not srv.running():
+                    break
+            median = sorted(runs, key=lambda r: r["msgs_per_s"])[(len(runs) - 1) // 2]
+            level = {"clients": c, "requested": args.messages, **median,
+                     "runs_msgs_per_s": [r["msgs_per_s"] for r in runs], "runs": list(runs)}
+            if srv.running():
+                srv.settle(60)
+                log(f"{srv.name}: {c} clients: latency, up to {args.lat_messages} messages")
+                lr = latency_run(srv.port, srv.rcpt, c, args.lat_messages, args.lat_time)
+            else:
+                lr = {"n": 0, "seconds": 0.0, "lat": [], "dot": [], "errors": {}}
+            accepted_total += lr["n"]
+            peak, procs = sampler.peak()
+            level.update({
+                "peak_mem": peak, "peak_procs": procs,
+                "lat_n": lr["n"], "lat_seconds": lr["seconds"],
+                "lat_median_ms": _ms(statistics.median(lr["lat"]) if lr["lat"] else None),
+                "lat_p99_ms": _ms(pct(lr["lat"], 99)),
+                "dot_median_ms": _ms(statistics.median(lr["dot"]) if lr["dot"] else None),
+                "dot_p99_ms": _ms(pct(lr["dot"], 99)),
+                "lat_errors": lr["errors"],
+            })
+            res["levels"].append(level)
+            if lr["errors"]:
+                log(f"{srv.name}: latency client errors: {lr['errors']}")
+            srv.remember_pids()
+            if not srv.running():
+                res["died"] = (f"{srv.name} stopped running during the {c}-client level"
+                               + srv.exit_evidence())
+                log(res["died"])
+                return res
+        srv.settle(60)
+        if mailbox_start is not None:
+            time.sleep(0.5)
+            if isinstance(srv, Postfix):
+                srv.wait_mailbox(mailbox_start + accepted_total, 60)
+            got = srv.mailbox_count()
+            res["mailbox_check"] = {"accepted_250": accepted_total,
+                                    "in_mailbox": got - mailbox_start if got is not None else None}
+        if args.idle > 0:
+            note = srv.prepare_idle(args.idle)
+            if note:
+                res["notes"].append(note)
+            log(f"{srv.name}: idle test, {args.idle} connections")
+            res["idle"] = idle_test(srv.port, args.idle, 10.0, args.idle_hold, sampler,
+                                    srv.rcpt)
+            srv.remember_pids()
+            time.sleep(1)
+            if isinstance(srv, Mailerd) and srv.proc.poll() is not None:
+                res["notes"].append(f"mailerd master exited (status {srv.proc.returncode}) "
+                                    "during/after the idle test")
+            elif not wait_banner(srv.port, 15):
+                res["notes"].append("no 220 banner within 15 s after the idle connections closed")
+    finally:
+        sampler.stop()
+        res["problems"] = srv.problems()
+        srv.stop()
+    return res
+
+
+def throughput_run(srv: Server, c: int, args) -> dict:
+    before_box = srv.mailbox_count()
+    cpu0 = cpu_snapshot(srv.root_pid())
+    ss = run_smtp_source(srv.port, srv.rcpt, c, args.messages, args.ss_timeout)
+    box_secs = None
+    if isinstance(srv, Postfix) and before_box is not None:
+        t_box = srv.wait_mailbox(before_box + ss["done"], 120)
+        if t_box is not None:
+            box_secs = t_box - ss["t_start"]
+    time.sleep(0.3)
+    cpu1 = cpu_snapshot(srv.root_pid())
+    done = ss["done"]
+    k0, k1 = cpu0.pop("kthreads"), cpu1.pop("kthreads")
+    p0, p1 = cpu0.pop("procs"), cpu1.pop("procs")
+    by_name = collections.Counter()
+    for pid, (name, ticks) in p1.items():         # a reaped process counts in its parent's
+        by_name[name] += max(0, ticks - p0.get(pid, (name, 0))[1])
+    d = {k: cpu1[k] - cpu0[k] for k in cpu0}
+    # per thread: kernel threads come and go (kworkers)
+    d["kthreads"] = sum(max(0, t - k0.get(p, 0)) for p, t in k1.items()) / CLK_TCK
+    return {
+        "msgs": done, "seconds": ss["seconds"],
+        "msgs_per_s": done / ss["seconds"] if done else 0.0,
+        "smtp_source_error": ss["error"], "smtp_source_cmd": ss["cmd"],
+        "mailbox_seconds": box_secs,
+        "cpu_user_seconds": d["user"], "cpu_sys_seconds": d["sys"],
+        "cpu_ms_per_msg": (d["user"] + d["sys"]) * 1000 / done if done else None,
+        "kthreads_seconds": d["kthreads"],
+        "cpu_by_process_ms_per_msg": {k: v * 1000 / CLK_TCK / done for k, v
+                                      in by_name.most_common()} if done else {},
+        "other_cores": max(0.0, d["busy"] - d["user"] - d["sys"] - d["own"]
+                           - d["kthreads"]) / d["t"],
+        "max_gap": ss["max_gap"], "max_gap_at": ss["max_gap_at"],
+    }
+
+
+def _ms(x):
+    return None if x is None else x * 1000
+
+
+def _per(level: dict, key: str) -> str:
+    return fmt(level[key] * 1000 / level["msgs"] if level["msgs"] else None, ".2f")
+
+
+def _row(cells, widths) -> str:
+    return "  ".join(c.rjust(x) if i else c.ljust(x)
+                     for i, (c, x) in enumerate(zip(cells, widths, strict=True)))
+
+
+def fmt(x, spec, none="-"):
+    return none if x is None else format(x, spec)
+
+
+def report(results: list[dict], args, fsinfo: str) -> None:
+    print()
+    print(f"mailerd benchmark: {MSG_LEN}-byte messages to 127.0.0.1, {os.cpu_count()} CPUs, "
+          f"spools on {fsinfo}")
+    print(f"  msgs/s   smtp-source -s C -m M -l {MSG_LEN} (a new connection per message, no "
+          "pipelining):")
+    print("           M / wall time to its last 250. mailerd's 250 = fsynced into the mailbox;")
+    print("           Postfix's 250 = its queue file fsynced (local delivery follows: mbox s)")
+    print("  mbox s   Postfix only: seconds from the start until all M were in its Maildir")
+    print("  latency  a separate phase: C concurrent asyncio clients of this script, one")
+    print("           connection per message, connect() to the 250 after the final '.', in ms;")
+    print("           n = messages timed")
+    print("  CPU      utime+stime of the server's process tree (reaped children included),")
+    print("           over the smtp-source run (for Postfix: until the Maildir was complete) / M")
+    print("  peak MB  summed PSS of the server's processes, sampled every ~0.2 s over the level")
+    print("  others   CPU cores kept busy by unrelated processes meanwhile (noise: "
+          f"{os.cpu_count()} cores in all)")
+    print()
+    hdr = ("server", "clients", "msgs", "seconds", "msgs/s", "lat med", "lat p99", "n",
+           "CPU ms/msg", "peak MB", "mbox s", "others")
+    w = (8, 7, 6, 7, 7, 7, 7, 4, 10, 7, 6, 6)
+    print(_row(hdr, w))
+    print("  ".join("-" * x for x in w))
+    for r in results:
+        for L in r["levels"]:
+            row = (r["server"], str(L["clients"]), str(L["msgs"]), fmt(L["seconds"], ".2f"),
+                   fmt(L["msgs_per_s"], ".1f"), fmt(L["lat_median_ms"], ".1f"),
+                   fmt(L["lat_p99_ms"], ".1f"), str(L["lat_n"]), fmt(L["cpu_ms_per_msg"], ".2f"),
+                   fmt(L["peak_mem"] / 2**20, ".1f"), fmt(L["mailbox_seconds"], ".2f"),
+                   fmt(L["other_cores"], ".2f"))
+            print(_row(row, w))
+    print("  (latency in ms; the 250 after '.' alone, median/p99 ms: " + "; ".join(
+        f"{r['server']} " + ", ".join(f"{L['clients']}c {fmt(L['dot_median_ms'], '.1f')}/"
+                                      f"{fmt(L['dot_p99_ms'], '.1f')}" for L in r["levels"])
+        for r in results) + ")")
+    print("  (CPU user/sys ms per msg: " + "; ".join(
+        f"{r['server']} " + ", ".join(
+            f"{L['clients']}c {_per(L, 'cpu_user_seconds')}/{_per(L, 'cpu_sys_seconds')}"
+            for L in r["levels"]) for r in results) + ";")
+    print("   kernel threads meanwhile, e.g. journal commits, ms per msg, not in CPU: " + "; ".join(
+        f"{r['server']} " + ", ".join(f"{L['clients']}c {_per(L, 'kthreads_seconds')}"
+                                      for L in r["levels"]) for r in results) + ")")
+    print("  CPU ms/msg by process (a parent includes the children it reaped meanwhile):")
+    for r in results:
+        for L in r["levels"]:
+            parts = [f"{k} {v:.2f}" for k, v in L["cpu_by_process_ms_per_msg"].items()
+                     if v >= 0.005]
+            print(f"    {r['server']} {L['clients']}c: " + ", ".join(parts[:8]))
+    by = {r["server"]: {L["clients"]: L for L in r["levels"]} for r in results}
+    if "mailerd" in by and "postfix" in by and 10 in by["mailerd"] and 10 in by["postfix"]:
+        a, b = by["mailerd"][10]["msgs_per_s"], by["postfix"][10]["msgs_per_s"]
+        if b:
+            print(f"\nmailerd/Postfix msgs/s at 10 clients: {a / b:.2f}  ({a:.1f} vs {b:.1f})")
+    print()
+    for r in results:
+        i = r.get("idle")
+        if i:
+            t = (f", all greeted after {i['seconds_all_greeted']:.2f} s"
+                 if i["seconds_all_greeted"] is not None else "")
+            print(f"idle connections, {r['server']}: greeted within {i['window']:.0f} s: "
+                  f"{i['greeted']} / {i['n']}{t}; memory while held: "
+                  f"{i['mem_at_end'] / 2**20:.1f} MB (peak {i['peak_mem'] / 2**20:.1f} MB, "
+                  f"{i['peak_procs']} processes)")
+            extra = []
+            if i["other_reply"]:
+                extra.append(f"{i['other_reply']} other replies {i['other_lines']}")
+            if i["closed_before_banner"]:
+                extra.append(f"{i['closed_before_banner']} closed before a banner")
+            if i["no_reply"]:
+                extra.append(f"{i['no_reply']} no reply yet")
+            if i["errors"]:
+                extra.append(f"errors {i['errors']}")
+            if i["open_failed"]:
+                extra.append(i["open_failed"])
+            if i["probe_ms"] is not None:
+                extra.append(f"meanwhile one message on a new connection: {i['probe_ms']:.1f} ms")
+            else:
+                extra.append(f"meanwhile one message on a new connection: failed "
+                             f"{i['probe_errors']}")
+            if extra:
+                print("    " + "; ".join(extra))
+    for r in results:
+        lines = []
+        for L in r["levels"]:
+            if L["smtp_source_error"]:
+                lines.append(f"{L['clients']} clients: smtp-source: {L['smtp_source_error']} "
+                             f"({L['msgs']}/{L['requested']} messages done)")
+            if len(L["runs_msgs_per_s"]) > 1:
+                lines.append(f"{L['clients']} clients: msgs/s of the {len(L['runs_msgs_per_s'])} "
+                             "smtp-source runs, in order: "
+                             + ", ".join(f"{x:.1f}" for x in L["runs_msgs_per_s"])
+                             + " (the median one is in the table)")
+            if L["max_gap"] >= 0.5:
+                lines.append(f"{L['clients']} clients: no 250 for {L['max_gap']:.2f} s "
+                             f"(from {L['max_gap_at']:.2f} s into the smtp-source run)")
+            if L["lat_errors"]:
+                lines.append(f"{L['clients']} clients: latency client errors: {L['lat_errors']}")
+            if r["server"] == "postfix" and L["mailbox_seconds"] is None:
+                lines.append(f"{L['clients']} clients: mailbox not complete within 120 s")
+        mc = r.get("mailbox_check")
+        if mc and mc["in_mailbox"] is not None and mc["in_mailbox"] != mc["accepted_250"]:
+            lines.append(f"mailbox check: {mc['accepted_250']} messages got 250 but "
+                         f"{mc['in_mailbox']} are in the mailbox")
+        if r.get("died"):
+            lines.append("FAILED: " + r["died"])
+        lines += r.get("notes", [])
+        lines += r.get("problems", [])
+        if lines:
+            print(f"\nnotes, {r['server']}:")
+            for line in lines:
+                print("  " + line)
+    print()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 200 messages per level, 1000 idle connections")
+    ap.add_argument("--only", choices=("mailerd", "postfix"))
+    ap.add_argument("--messages", type=int, help="smtp-source messages per level (2000)")
+    ap.add_argument("--lat-messages", type=int, help="latency-phase messages per level (1000)")
+    ap.add_argument("--lat-time", type=float, help="latency-phase time limit, s (15)")
+    ap.add_argument("--idle", type=int, help="idle connections (10000; 0 skips)")
+    ap.add_argument("--idle-hold", type=float, default=2.0,
+                    help="seconds to hold the idle connections after the 10 s window (2)")
+    ap.add_argument("--levels", default="1,10,50", help="concurrency levels (1,10,50)")
+    ap.add_argument("--repeat", type=int,
+                    help="smtp-source runs per level; the median one is reported (3; quick 1)")
+    ap.add_argument("--workers", type=int, default=2, help="mailerd -w (2)")
+    ap.add_argument("--max-sessions", type=int, default=20000, help="mailerd --max-sessions")
+    ap.add_argument("--postfix-process-limit", type=int, default=200,
+                    help="Postfix default_process_limit for the throughput runs (200)")
+    ap.add_argument("--postfix-idle-limit", type=int, default=1000,
+                    help="Postfix smtpd process limit for the idle test (1000)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--keep", action="store_true", help="keep the spools and logs in var/")
+    args = ap.parse_args()
+    q = args.quick
+    args.messages = args.messages or (200 if q else 2000)
+    args.lat_messages = args.lat_messages or (100 if q else 1000)
+    args.lat_time = args.lat_time or (4.0 if q else 15.0)
+    args.idle = (1000 if q else 10000) if args.idle is None else args.idle
+    args.repeat = args.repeat or (1 if q else 3)
+    args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    args.ss_timeout = max(60.0, args.messages / 10)
+    if any(c < 1 or c > 1000 for c in args.levels) or args.messages < 1:
+        ap.error("levels must be 1..1000 and --messages >= 1")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = args.idle + 256
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(want, 65536))
+                                                       if hard != resource.RLIM_INFINITY
+                                                       else max(want, 65536), hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft < want:
+            log(f"descriptor limit {soft} < {want}: idle test reduced to {soft - 256}")
+            args.idle = max(0, soft - 256)
+
+    def on_signal(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, on_signal)
+
+    (ROOT / "var").mkdir(exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="bench-", dir=ROOT / "var"))
+    try:
+        fsinfo = subprocess.run(["stat", "-f", "-c", "%T", str(base)], capture_output=True,
+                                text=True).stdout.strip() + f" ({base})"
+    except OSError:
+        fsinfo = str(base)
+    servers = []
+    if args.only in (None, "mailerd"):
+        servers.append(Mailerd(base, args.workers, args.max_sessions))
+    if args.only in (None, "postfix"):
+        servers.append(Postfix(base, args.postfix_process_limit, args.postfix_idle_limit))
+    results, failed = [], []
+    t0 = time.monotonic()
+    try:
+        for srv in servers:
+            try:
+                results.append(bench_server(srv, args))
+                if results[-1].get("died"):
+                    failed.append(srv.name)
+            except ServerError as e:
+                log(f"{srv.name} failed: {e}")
+                failed.append(srv.name)
+            finally:
+                if isinstance(srv, Postfix):
+                    srv.cleanup()
+                else:
+                    srv.stop()
+    except Interrupted as e:
+        log(f"interrupted ({e}); cleaning up")
+        for srv in servers:
+            try:
+                srv.cleanup() if isinstance(srv, Postfix) else srv.stop()
+            except Exception as ee:  # keep cleaning the rest
+                log(f"cleanup of {srv.name}: {ee}")
+        return 130
+    finally:
+        for srv in servers:
+            if isinstance(srv, Postfix) and srv.created_user:
+                srv.cleanup()
+        if args.keep:
+            log(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+    if results:
+        report(results, args, fsinfo)
+        print(f"(total {time.monotonic() - t0:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "failed": failed}, indent=1))
+    if failed:
+        print(f"FAILED (did not start or stopped running): {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
