@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import pwd
 import time
@@ -41,6 +42,16 @@ class Delivery:
 
     head: bytes
     body: durable.Body
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A message written and fsync'd under a temporary name, waiting to be numbered."""
+
+    tmp: str
+
+
+_sequence = itertools.count(1)
 
 
 class MailboxLocked(Exception):
@@ -67,44 +78,70 @@ class Spool:
 
         Raises OSError (or MailboxLocked) if nothing of the batch could be committed.
         """
+        return self.commit(name, self.stage(name, messages))
+
+    def stage(self, name: str, messages: list[Delivery]) -> list[Staged]:
+        """Phase 1, no lock needed: write each message and its status under temporary names
+        in the mailbox directory and fsync them (all at once).
+
+        Staging needs no number, so it can overlap another batch's commit; the caller must
+        `commit()` or `discard()` what it staged.
+        """
         directory = self._ensure_mailbox(name)
         owner = _owner_of(directory)
-        lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            self._lock(lock_fd)
-            return self._deliver_locked(str(directory), owner, messages)
-        finally:
-            os.close(lock_fd)  # closing releases the lockf lock
-
-    def _deliver_locked(
-        self, directory: str, owner: tuple[int, int] | None, messages: list[Delivery]
-    ) -> list[int]:
-        first = next_number(directory)
-        numbers = list(range(first, first + len(messages)))
-        staged = [f"{directory}/.tmp.{os.getpid()}.{number}" for number in numbers]
+        staged: list[Staged] = []
         fds: list[int] = []
         try:
-            for tmp, message in zip(staged, messages, strict=True):
-                _remove_stale(tmp, tmp + ".status")
+            for message in messages:
+                tmp = f"{directory}/.tmp.{os.getpid()}.{next(_sequence)}"
+                staged.append(Staged(tmp))
                 fds.append(durable.write_new(tmp + ".status", NEW_FLAGS, b"", owner))
                 fds.append(durable.write_new(tmp, message.head, message.body, owner))
             durable.fsync_all(fds)
-            for tmp, number in zip(staged, numbers, strict=True):
-                os.rename(tmp + ".status", f"{directory}/{number}.status")
-                os.rename(tmp, f"{directory}/{number}")
-            # The counter is a hint (next_number() heals a stale one), so it is not fsync'd.
-            durable.replace_synced(
-                f"{directory}/{COUNTER_NAME}", b"%d\n" % numbers[-1], owner, sync=False
-            )
-            durable.fsync_dir(directory)
         except BaseException:
-            for tmp in staged:
-                _remove_stale(tmp, tmp + ".status")
+            self.discard(staged)
             raise
         finally:
             for fd in fds:
                 os.close(fd)
+        return staged
+
+    def commit(self, name: str, staged: list[Staged]) -> list[int]:
+        """Phase 2, under the lock: number the staged messages, rename them into place (status
+        first, the message last: the commit point), update the counter, fsync the directory."""
+        directory = self.root / name
+        try:
+            lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except BaseException:
+            self.discard(staged)
+            raise
+        try:
+            self._lock(lock_fd)
+            return self._commit_locked(str(directory), staged)
+        except BaseException:
+            self.discard(staged)
+            raise
+        finally:
+            os.close(lock_fd)  # closing releases the lockf lock
+
+    def _commit_locked(self, directory: str, staged: list[Staged]) -> list[int]:
+        first = next_number(directory)
+        numbers = list(range(first, first + len(staged)))
+        for item, number in zip(staged, numbers, strict=True):
+            os.rename(item.tmp + ".status", f"{directory}/{number}.status")
+            os.rename(item.tmp, f"{directory}/{number}")
+        # The counter is a hint (next_number() heals a stale one), so it is not fsync'd.
+        owner = _owner_of(Path(directory))
+        durable.replace_synced(
+            f"{directory}/{COUNTER_NAME}", b"%d\n" % numbers[-1], owner, sync=False
+        )
+        durable.fsync_dir(directory)
         return numbers
+
+    @staticmethod
+    def discard(staged: list[Staged]) -> None:
+        for item in staged:
+            _remove_stale(item.tmp, item.tmp + ".status")
 
     def _lock(self, fd: int) -> None:
         # Non-blocking attempts with back-off, so an IMAP server sitting on the lock costs
