@@ -48,7 +48,7 @@ class DeliveryService:
         self.channels: set[Channel] = set()
         self.in_flight = 0
         self.stopping = asyncio.Event()
-        self.outbound = Outbound(cfg, self.queue, self.deliver_local)
+        self.outbound = Outbound(cfg, self.queue, self.deliver_local, cfg.relay_credentials)
         self.lost_writer = False
 
     async def run(self) -> None:

@@ -292,6 +292,10 @@ def _no_address_failure(lookups: list[_Lookup], families: str, where: str) -> Fa
     if errors:
         return Failure(False, 451, "4.4.3", errors[0])
     kind = {"both": "IPv6 or IPv4", "ipv4": "IPv4", "ipv6": "IPv6"}[families]
+    if families != "both":
+        # Our own restriction (--outbound-ip) is what rules the hosts out: the administrator
+        # can lift it, so wait rather than bounce (until the queue lifetime runs out).
+        return Failure(False, 451, "4.4.4", f"No {kind} address {where} (outbound-ip {families})")
     # RFC 3463 X.4.4 "unable to route": the DNS has no usable next hop for the domain.
     return Failure(True, 550, "5.4.4", f"No {kind} address {where}")
 

@@ -43,7 +43,13 @@ IDLE_WAKE = 60.0
 
 
 class Outbound:
-    def __init__(self, cfg: Config, queue: Queue, deliver_local: LocalDeliver) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        queue: Queue,
+        deliver_local: LocalDeliver,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.queue = queue
         self.deliver_local = deliver_local
@@ -63,7 +69,7 @@ class Outbound:
         self.settings = relay.Settings(
             helo=cfg.hostname,
             tls=cfg.outbound_tls,
-            auth=read_credentials(cfg.relay_auth) if cfg.relay_auth else None,
+            auth=credentials,
             plain_auth=cfg.outbound_tls == "none",
         )
         self.own_names = frozenset({cfg.hostname.lower()})
@@ -163,7 +169,9 @@ class Outbound:
         if kind == "local":
             return await self._retry_local(envelope, name, members)
         domain = self.cfg.relayhost[0] if kind == "relayhost" else name  # type: ignore[index]
-        async with self.total, self.per_domain[domain]:
+        # The domain's own slot first: a backlog for one slow domain must wait on its own
+        # limit without holding global slots that other domains need.
+        async with self.per_domain[domain], self.total:
             return await self._remote(envelope, kind == "relayhost", domain, members)
 
     async def _retry_local(
@@ -229,12 +237,12 @@ class Outbound:
                 continue
             recipient.attempts += 1
             recipient.last_error = "" if result.ok else result.line()
-            self._log(envelope, recipient, result, now)
             if result.ok:
                 recipient.state = "sent"
             elif result.permanent or expired:
                 recipient.state = "bounced"
                 bounced.append(_bounce_status(recipient, result, expired))
+            self._log(envelope, recipient, result, now)
         still = [r for r in envelope.recipients if r.state == "pending"]
         if still:
             attempts = max(r.attempts for r in still)
@@ -268,7 +276,7 @@ class Outbound:
     def _log(
         self, envelope: Envelope, recipient: Recipient, result: relay.Result, now: float
     ) -> None:
-        status = "sent" if result.ok else ("bounced" if result.permanent else "deferred")
+        status = {"sent": "sent", "bounced": "bounced"}.get(recipient.state, "deferred")
         where = "local" if recipient.mailbox else _relay_name(result)
         log.info(
             "%s: to=<%s>, relay=%s, delay=%.1f, status=%s (%s)",
@@ -367,15 +375,3 @@ def own_addresses(cfg: Config) -> set[str]:
     if iface:
         found.update(interface_addresses(iface))
     return found
-
-
-def read_credentials(path: Path) -> tuple[str, str]:
-    """'username:password' on the first line (the file should be readable only by root/mail)."""
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        log.warning("%s is readable by others; chmod 600 it", path)
-    line = path.read_text(encoding="utf-8").splitlines()[0].strip()
-    user, sep, password = line.partition(":")
-    if not sep or not user:
-        raise ValueError(f"{path}: expected 'username:password' on the first line")
-    return user, password
