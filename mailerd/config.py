@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import configparser
 import ipaddress
+import logging
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mailerd import __version__
@@ -27,6 +28,8 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_ERRORS = 20
 DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_MAX_SESSIONS_PER_IP = 50
+DEFAULT_USER = "mail"  # the children's user when started as root without -u
+DEFAULT_PIDFILE = "/run/mailerd.pid"  # when daemonizing as root without -P
 
 
 class ConfigError(Exception):
@@ -71,6 +74,8 @@ class Config:
     verbose: bool = False
     relayhost: tuple[str, int] | None = None
     relay_auth: Path | None = None
+    # Read while loading (as root, before any privilege drop); never shown in a repr.
+    relay_credentials: tuple[str, str] | None = field(default=None, repr=False)
     outbound_tls: str = "may"
     outbound_ip: str = "both"
     retry_after: float = 300.0
@@ -79,6 +84,7 @@ class Config:
     delay_warning: float = 4 * 3600.0
     max_outbound: int = 20
     max_per_domain: int = 4
+    log_file: Path | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -94,9 +100,9 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("interface", "i", True, False, "interface of the default untrusted listener"),
     ("hostname", "H", True, False, "name in the banner, EHLO reply and Received headers"),
     ("workers", "w", True, False, "worker processes (default: CPU count)"),
-    ("user", "u", True, False, "drop privileges to this user after binding"),
+    ("user", "u", True, False, "children run as this user (default mail when started as root)"),
     ("foreground", "f", False, False, "do not daemonize; log to stderr"),
-    ("pidfile", "P", True, False, "write the master's pid here"),
+    ("pidfile", "P", True, False, "master's pid file (default /run/mailerd.pid for a root daemon)"),
     ("dns-server", None, True, False, "resolver IP[:PORT] instead of /etc/resolv.conf"),
     ("max-message-size", None, True, False, "SIZE limit in bytes (default 26214400)"),
     ("timeout", None, True, False, "idle/command timeout, e.g. 30s, 5m (default 5m)"),
@@ -125,6 +131,7 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("delay-warning", None, True, False, "warn the sender after this (default 4h; 0 = never)"),
     ("max-outbound", None, True, False, "concurrent outbound deliveries in all (default 20)"),
     ("max-per-domain", None, True, False, "concurrent outbound deliveries per domain (default 4)"),
+    ("log-file", None, True, False, "log to FILE instead of syslog/stderr (reopened on SIGUSR1)"),
 )
 
 
@@ -204,8 +211,9 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     listeners = tuple(local + network)
     if len(set((a.host, a.port) for a in listeners)) != len(listeners):
         raise ConfigError("listen-local/listen-network: the same address is given twice")
-    fqdn = socket.getfqdn()
-    domains = tuple(_parse_domains(raw.get("domain") or [fqdn, "localhost"]))
+    # getfqdn() may ask the resolver: only when a default actually needs it.
+    fqdn = "" if raw.get("domain") and raw.get("hostname") else socket.getfqdn()
+    domains = tuple(dict.fromkeys(_parse_domains(raw.get("domain") or [fqdn, "localhost"])))
     return Config(
         spool=Path(str(raw.get("spool", DEFAULT_SPOOL))),
         queue=Path(str(raw.get("queue", DEFAULT_QUEUE))),
@@ -235,6 +243,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         verbose=bool(raw.get("verbose", False)),
         relayhost=_parse_relayhost(str(raw["relayhost"])) if raw.get("relayhost") else None,
         relay_auth=Path(str(raw["relay_auth"])) if raw.get("relay_auth") else None,
+        relay_credentials=read_credentials(raw.get("relay_auth")),
         outbound_tls=_parse_choice("outbound-tls", raw.get("outbound_tls", "may"), TLS_CHOICES),
         outbound_ip=_parse_choice("outbound-ip", raw.get("outbound_ip", "both"), IP_CHOICES),
         retry_after=parse_duration("retry-after", raw.get("retry_after", 300.0)),
@@ -242,10 +251,49 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         delay_warning=_parse_optional_duration("delay-warning", raw.get("delay_warning", "4h")),
         max_outbound=_parse_int("max-outbound", raw.get("max_outbound", 20), 1, 10000),
         max_per_domain=_parse_int("max-per-domain", raw.get("max_per_domain", 4), 1, 10000),
+        log_file=Path(str(raw["log_file"])) if raw.get("log_file") else None,
+    )
+
+
+def absolute(cfg: Config, base: Path) -> Config:
+    """The same Config with every relative path made absolute against `base` (the start-up
+    directory), so that it still means the same after the daemon's chdir("/")."""
+
+    def fix(path: Path | None) -> Path | None:
+        return None if path is None else base / path
+
+    return replace(
+        cfg,
+        spool=base / cfg.spool,
+        queue=base / cfg.queue,
+        pidfile=fix(cfg.pidfile),
+        config_file=fix(cfg.config_file),
+        relay_auth=fix(cfg.relay_auth),
+        log_file=fix(cfg.log_file),
     )
 
 
 TLS_CHOICES = ("may", "encrypt", "verify", "none")
+
+
+def read_credentials(path: object) -> tuple[str, str] | None:
+    """`username:password` on the first line of the --relay-auth file (None: no file)."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline().strip()
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--relay-auth: cannot read {path}: {exc}") from exc
+    user, sep, password = line.partition(":")
+    if not sep or not user:
+        raise ConfigError(f"--relay-auth: {path}: expected 'username:password' on the first line")
+    if mode & 0o077:
+        logging.getLogger("mailerd").warning("%s is readable by others: chmod 600 it", path)
+    return user, password
+
+
 IP_CHOICES = ("ipv4", "ipv6", "both")
 
 
