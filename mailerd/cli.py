@@ -1,5 +1,11 @@
 """Command-line entry point: `mailerd [options]` runs the server (see `config` for options);
-`mailerd queue …` inspects and manages the outbound queue (see `queuectl`)."""
+`mailerd queue …` inspects and manages the outbound queue (see `queuectl`).
+
+Exit status: 0 after a clean stop (or, without -f, once the daemon is up and accepting);
+2 for a bad option or config value; 1 when start-up fails (a port in use, a directory that
+cannot be created, an unknown -u user, a pid file held by a running mailerd), with the reason
+on stderr.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mailerd import master
 
-    return master.run(cfg)
+    return master.run(cfg, argv)
 
 
 def queue_main() -> int:

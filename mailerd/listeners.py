@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from pathlib import Path
@@ -36,12 +37,25 @@ def bind_all(listens: tuple[ListenAddress, ...]) -> list[tuple[socket.socket, Li
             try:
                 bound.append((bind(listen), listen))
             except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from exc
+                raise OSError(exc.errno, describe_bind_error(listen, exc)) from exc
     except OSError:
         for sock, _ in bound:
             sock.close()
         raise
     return bound
+
+
+def describe_bind_error(listen: ListenAddress, exc: OSError) -> str:
+    """What failed, and what the administrator can do about it."""
+    text = f"cannot listen on {listen}: {exc.strerror}"
+    if exc.errno == errno.EADDRINUSE:
+        text += " (another program, perhaps another mail server, has this port: stop it, or "
+        text += "choose other addresses with -l/-n)"
+    elif exc.errno == errno.EACCES and listen.port < 1024:
+        text += " (ports below 1024 need root: start mailerd as root, it drops privileges)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        text += " (this machine has no such address: check -l/-n/-i)"
+    return text
 
 
 def bind_unix(path: Path) -> socket.socket:

@@ -1,14 +1,129 @@
-"""Logging set-up: one line per event to stderr in the foreground (syslog comes later)."""
+"""Logging set-up: one line per event, to stderr (-f), syslog (daemon) or a file (--log-file).
+
+- Foreground (`-f`): stderr, with a timestamp.
+- Daemon: syslog, facility `mail`, ident `mailerd[pid]`, through /dev/log; when there is no
+  /dev/log (a container without a syslog daemon), stderr, which the daemon has pointed at
+  /dev/null: `master.run` warns about that at the terminal before detaching.
+- `--log-file FILE` (either mode): appended to FILE, which SIGUSR1 reopens for logrotate.
+
+Reopening follows the signal rule (handlers only record): `request_reopen()` just bumps a
+counter, and the file handler reopens at its next record. The master reopens (and so creates)
+the file itself first, as root, and hands it to the unprivileged user, so that the children,
+which get SIGUSR1 forwarded, can open it again after their drop.
+"""
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
 import sys
+from pathlib import Path
+
+SYSLOG_SOCKET = "/dev/log"
+FOREGROUND_FORMAT = "%(asctime)s mailerd[%(process)d]: %(message)s"
+SYSLOG_FORMAT = "mailerd[%(process)d]: %(message)s"
+
+_reopen_requests = 0
 
 
-def setup(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s mailerd[%(process)d]: %(message)s"))
+def request_reopen(*_: object) -> None:
+    """Ask every file handler to reopen its file at its next record (signal-handler safe)."""
+    global _reopen_requests
+    _reopen_requests += 1
+
+
+class ReopeningFileHandler(logging.FileHandler):
+    """A FileHandler that reopens its file (by name) after `request_reopen()`.
+
+    If the reopen fails (the file is not there yet, or not ours), the old stream is kept and
+    the reopen is tried again at the next record, so no record is lost on the way.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path), mode="a", encoding="utf-8")
+        self._seen = _reopen_requests
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._seen != _reopen_requests:
+            self.reopen()
+        super().emit(record)
+
+    def reopen(self) -> bool:
+        wanted = _reopen_requests
+        self.acquire()
+        try:
+            try:
+                stream = self._open()
+            except OSError:
+                return False
+            old, self.stream = self.stream, stream
+            if old is not None:
+                old.close()
+            self._seen = wanted
+            return True
+        finally:
+            self.release()
+
+
+def setup(verbose: bool, *, log_file: Path | None = None, syslog: bool = False) -> None:
+    """Install the one root handler; raises OSError if `log_file` cannot be opened."""
+    handler: logging.Handler
+    if log_file is not None:
+        handler = ReopeningFileHandler(log_file)
+        handler.setFormatter(logging.Formatter(FOREGROUND_FORMAT))
+    elif syslog and syslog_available():
+        handler = logging.handlers.SysLogHandler(
+            address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+        handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FOREGROUND_FORMAT))
     root = logging.getLogger()
+    for old in root.handlers:
+        old.close()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    set_verbose(verbose)
+
+
+def set_verbose(verbose: bool) -> None:
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("asyncio").setLevel(logging.INFO)  # not "Using selector ..." per process
+
+
+def syslog_available() -> bool:
+    return os.path.exists(SYSLOG_SOCKET)
+
+
+def reopen() -> bool:
+    """Reopen the log file now (master, in its loop); False if there is none or it failed."""
+    request_reopen()
+    reopened = False
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ReopeningFileHandler):
+            reopened = handler.reopen() or reopened
+    return reopened
+
+
+def pin_directories() -> None:
+    """In a child about to drop privileges: reopen the log file later through its directory
+    opened now, so a file below a directory the user cannot traverse stays reopenable."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ReopeningFileHandler):
+            path = Path(handler.baseFilename)
+            try:
+                fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            handler.baseFilename = f"/proc/self/fd/{fd}/{path.name}"
+
+
+def file_descriptors() -> list[int]:
+    """Descriptors the log handlers hold (to keep across daemonizing)."""
+    fds = []
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        if isinstance(handler, ReopeningFileHandler) and stream is not None:
+            fds.append(stream.fileno())
+    return fds

@@ -1,14 +1,27 @@
 """The master process: binds every endpoint, forks the delivery process and the workers,
-restarts children that die (with back-off), and shuts everything down in order.
+restarts children that die (with back-off), reloads on SIGHUP, and shuts everything down in
+order. It stays root (when started as root): it must re-bind port 25 on a reload; every child
+drops to the `-u` user (see `privileges`).
 
 Signals are only recorded by their handlers (a self-pipe wakes the loop via set_wakeup_fd); all
 work happens in the loop, as in gunicorn's arbiter: `handle_<signal>` methods, a reap loop that
 runs `waitpid(WNOHANG)` until nothing is left (SIGCHLDs coalesce), a boot-failure exit code that
-stops the master instead of respawning forever.
+stops the master instead of respawning forever. Signals are blocked across fork(), so a child
+never runs the master's handlers nor dies of a signal that arrives before it set its own.
+
+Children are numbered by generation. SIGHUP re-reads the configuration (a bad one is logged and
+the running one kept), binds new listeners and closes removed ones (an unchanged address keeps
+its socket, so no connection is refused), starts a new delivery process and a new generation
+of workers, and retires the old ones: the old delivery process gets SIGTERM (it drains its
+commits and exits; the master owns the delivery socket, so the new one accepts on it and the
+workers' channels reconnect to it), old workers get SIGUSR2 (stop accepting, finish every
+session, exit; see `worker`). Old children that exit are not respawned; one that overstays its
+deadline is killed.
 
 Shutdown (SIGTERM/SIGINT): stop accepting (workers close their listeners), let live sessions
 finish within the grace period (idle ones get 421 at once), then stop the delivery process,
-which first finishes every commit in flight, and exit 0.
+which first finishes every commit in flight, and exit 0. SIGUSR1 reopens the log file (and is
+passed on to the children).
 """
 
 from __future__ import annotations
@@ -23,24 +36,29 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from setproctitle import getproctitle, setproctitle
 
-from mailerd import delivery, listeners, worker
+from mailerd import config, delivery, listeners, privileges, worker
+from mailerd import daemon as daemonize
 from mailerd import log as logsetup
-from mailerd.config import Config, ListenAddress
+from mailerd.config import Config, ConfigError, ListenAddress
 from mailerd.queue import Queue
 
 log = logging.getLogger("mailerd.master")
 
 getproctitle()  # initialise setproctitle before anything moves argv (gunicorn #3430)
 
-BOOT_ERROR = 3  # a child exiting with this cannot work at all: stop instead of respawning
+BOOT_ERROR = worker.BOOT_ERROR  # a child exiting with this cannot work at all: stop
 STOP_WORKERS_TIMEOUT = worker.SHUTDOWN_GRACE + worker.COMMIT_TIMEOUT / 4
 STOP_DELIVERY_TIMEOUT = delivery.DRAIN_TIMEOUT + 5
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0
+MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# Blocked across fork() until the child has its own handlers.
+FORK_BLOCKED = {*MASTER_SIGNALS, signal.SIGUSR2}
 
 
 @dataclass
@@ -48,6 +66,10 @@ class Child:
     kind: str  # "worker" or "delivery"
     slot: int
     started: float
+    generation: int = 0
+    ready: bool = False
+    retiring: bool = False
+    deadline: float | None = None  # killed if still alive then (old generations only)
 
 
 class Master:
@@ -56,55 +78,104 @@ class Master:
         cfg: Config,
         smtp_sockets: list[tuple[socket.socket, ListenAddress]],
         delivery_socket: socket.socket,
+        *,
+        argv: list[str] | None = None,
+        start_dir: Path | None = None,
+        pidfile: daemonize.PidFile | None = None,
+        notifier: daemonize.Notifier | None = None,
     ) -> None:
+        """`argv` is what SIGHUP re-reads (None: reload refused). The pid file (its lock) and
+        the start-up pipe (`notifier`, told "ready" once every worker accepts) are the
+        master's own: children close them."""
         self.cfg = cfg
         self.smtp_sockets = smtp_sockets
         self.delivery_socket = delivery_socket
+        self.argv = argv
+        self.start_dir = start_dir or Path.cwd()
+        self.pidfile = pidfile
+        self.notifier = notifier
+        self.generation = 0
         self.children: dict[int, Child] = {}
         self.failures: collections.Counter[tuple[str, int]] = collections.Counter()
         self.due: dict[tuple[str, int], float] = {}  # respawns waiting for their back-off
         self.signals: collections.deque[int] = collections.deque()
+        self.boot_errors: list[str] = []
         self.stopping = False
         self.exit_code = 0
+        self.status_r = self.status_w = -1
 
     # -- main loop -----------------------------------------------------------------------
 
     def run(self) -> int:
         setproctitle("mailerd: master")
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wake_r = wake_r
-        signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Children say "ready" / "error ..." here, one short line per write (atomic).
+        self.status_r, self.status_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        for sig in MASTER_SIGNALS:
             signal.signal(sig, self._record)
         self.spawn("delivery", 0)
         for slot in range(1, self.cfg.workers + 1):
             self.spawn("worker", slot)
-        log.info(
-            "mailerd started: %s; domains %s",
+        log.info("mailerd started: %s", self._describe_config())
+        while not self.stopping:
+            self._wait(1.0)
+            self._read_status()
+            self._dispatch_signals()
+            self.reap()
+            self._respawn_due()
+            self._check_ready()
+            self._enforce_deadlines()
+        self._stop_all()
+        return self.exit_code
+
+    def _describe_config(self) -> str:
+        return "{}; domains {}; workers {}{}".format(
             ", ".join(
                 f"{listen} ({'local' if listen.trusted else 'network'})"
                 for _, listen in self.smtp_sockets
             ),
             ", ".join(self.cfg.domains),
+            self.cfg.workers,
+            f"; children run as {self.cfg.user}" if self.cfg.user else "",
         )
-        while not self.stopping:
-            self._wait(1.0)
-            self._dispatch_signals()
-            self.reap()
-            self._respawn_due()
-        self._stop_all()
-        return self.exit_code
 
     def _record(self, signum: int, frame: object) -> None:
         self.signals.append(signum)  # only record: logging or reaping here can deadlock
 
     def _wait(self, timeout: float) -> None:
         try:
-            select.select([self.wake_r], [], [], timeout)
+            select.select([self.wake_r, self.status_r], [], [], timeout)
             while os.read(self.wake_r, 4096):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+
+    def _read_status(self) -> None:
+        data = b""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while chunk := os.read(self.status_r, 65536):
+                data += chunk
+        for line in data.decode("utf-8", "replace").splitlines():
+            pid_text, _, message = line.partition(" ")
+            child = self.children.get(int(pid_text)) if pid_text.isdigit() else None
+            if message == "ready":
+                if child is not None:
+                    child.ready = True
+            elif message.startswith("error "):
+                self.boot_errors.append(message[6:])
+
+    def _check_ready(self) -> None:
+        """Tell whoever started us (the waiting `mailerd` command) once every worker accepts."""
+        if self.notifier is None or self.notifier.done:
+            return
+        current = [
+            c
+            for c in self.children.values()
+            if c.kind == "worker" and c.generation == self.generation and c.ready
+        ]
+        if len(current) >= self.cfg.workers:
+            self.notifier.ready()
 
     def _dispatch_signals(self) -> None:
         while self.signals:
@@ -129,21 +200,148 @@ class Master:
         self.stopping = True
 
     def handle_sighup(self) -> None:
-        """Reload: not implemented yet (issue 4); logged so the administrator knows."""
-        log.warning("SIGHUP: configuration reload is not implemented yet; restart to apply")
+        """Reload the configuration; see the module docstring."""
+        log.info("reloading the configuration (SIGHUP)")
+        self.reload()
 
     def handle_sigusr1(self) -> None:
-        """Reopen logs: nothing to reopen while logging to stderr."""
+        """Reopen the log file (after logrotate moved it) here, then in every child."""
+        if logsetup.reopen():
+            if self.cfg.log_file is not None:
+                with contextlib.suppress(OSError, privileges.PrivilegeError):
+                    privileges.chown_path(self.cfg.log_file, self.cfg.user, 0o640)
+            log.info("log file reopened (SIGUSR1)")
+        else:
+            log.info("SIGUSR1: no log file to reopen")
+        for pid in self.children:
+            _kill(pid, signal.SIGUSR1)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Apply the configuration file as it is now; False (old one kept) on any error."""
+        try:
+            new = self._load_config()
+            try:
+                new.spool.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot create spool {new.spool}: {exc.strerror}"
+                ) from exc
+            sockets, removed = self._rebind(new.listeners)
+        except ConfigError as exc:
+            log.error("reload failed, the running configuration is kept: %s", exc)
+            return False
+        except privileges.PrivilegeError as exc:
+            log.error("reload failed, the running configuration is kept: %s", exc)
+            return False
+        except OSError as exc:
+            log.error("reload failed, the running configuration is kept: %s", exc.strerror or exc)
+            return False
+        # Closed before forking, or the new children would inherit (and keep open, without
+        # accepting) a port that is meant to be gone.
+        for sock in removed:
+            sock.close()
+        old = list(self.children.items())
+        grace = self.cfg.timeout + STOP_WORKERS_TIMEOUT + 30  # old sessions, old timeout
+        self.cfg = new
+        self.smtp_sockets = sockets
+        self.generation += 1
+        self.due.clear()
+        self.failures.clear()
+        logsetup.set_verbose(new.verbose)
+        # The old delivery process first (it stops accepting on the shared socket, then
+        # drains), then the new one; new workers before the old ones stop accepting.
+        for pid, child in old:
+            if child.kind == "delivery" and not child.retiring:
+                self._retire(pid, child, signal.SIGTERM, STOP_DELIVERY_TIMEOUT)
+        self.spawn("delivery", 0)
+        for slot in range(1, new.workers + 1):
+            self.spawn("worker", slot)
+        for pid, child in old:
+            if child.kind == "worker" and not child.retiring:
+                self._retire(pid, child, signal.SIGUSR2, grace)
+        log.info(
+            "configuration reloaded (generation %d): %s", self.generation, self._describe_config()
+        )
+        return True
+
+    def _retire(self, pid: int, child: Child, sig: int, grace: float) -> None:
+        child.retiring = True
+        child.deadline = time.monotonic() + grace
+        _kill(pid, sig)
+
+    def _load_config(self) -> Config:
+        """Parse the same command line (and so the same config file) again, as at start-up."""
+        if self.argv is None:
+            raise ConfigError("no command line to re-read (not started by mailerd.master.run)")
+        here = os.getcwd()
+        with contextlib.suppress(OSError):
+            os.chdir(self.start_dir)  # relative paths mean what they meant at start-up
+        try:
+            new = config.absolute(config.load(self.argv), self.start_dir)
+        finally:
+            with contextlib.suppress(OSError):
+                os.chdir(here)
+        user = privileges.resolve(new.user)
+        for name, value, kept in (
+            ("queue", new.queue, self.cfg.queue),
+            ("user", user, self.cfg.user),
+            ("log-file", new.log_file, self.cfg.log_file),
+        ):
+            if value != kept:
+                log.warning("reload: a new %s takes a restart; keeping %s", name, kept)
+        if new.pidfile is not None and new.pidfile != self.cfg.pidfile:
+            log.warning("reload: a new pidfile takes a restart; keeping %s", self.cfg.pidfile)
+        return replace(
+            new,
+            queue=self.cfg.queue,
+            user=self.cfg.user,
+            log_file=self.cfg.log_file,
+            pidfile=self.cfg.pidfile,
+            foreground=self.cfg.foreground,
+        )
+
+    def _rebind(
+        self, wanted: tuple[ListenAddress, ...]
+    ) -> tuple[list[tuple[socket.socket, ListenAddress]], list[socket.socket]]:
+        """Sockets for `wanted` (unchanged addresses keep theirs) and the ones to close."""
+        current = {(listen.host, listen.port): sock for sock, listen in self.smtp_sockets}
+        result: list[tuple[socket.socket, ListenAddress]] = []
+        fresh: list[socket.socket] = []
+        try:
+            for listen in wanted:
+                sock = current.get((listen.host, listen.port))
+                if sock is None:
+                    try:
+                        sock = listeners.bind(listen)
+                    except OSError as exc:
+                        raise OSError(
+                            exc.errno, listeners.describe_bind_error(listen, exc)
+                        ) from exc
+                    fresh.append(sock)
+                result.append((sock, listen))
+        except OSError:
+            for sock in fresh:
+                sock.close()
+            raise
+        keep = {(listen.host, listen.port) for listen in wanted}
+        removed = [sock for key, sock in current.items() if key not in keep]
+        return result, removed
 
     # -- children --------------------------------------------------------------------------
 
     def spawn(self, kind: str, slot: int) -> None:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
         pid = os.fork()
         if pid:
-            self.children[pid] = Child(kind, slot, time.monotonic())
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            self.children[pid] = Child(kind, slot, time.monotonic(), self.generation)
             return
         code = 1
         try:
+            self._child_signals()
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             code = self._child_main(kind, slot)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -153,18 +351,36 @@ class Master:
             logging.shutdown()
             os._exit(code)
 
-    def _child_main(self, kind: str, slot: int) -> int:
+    def _child_signals(self) -> None:
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal hang-up is the master's
+        signal.signal(signal.SIGUSR1, logsetup.request_reopen)
+        signal.signal(signal.SIGUSR2, worker.request_retire)
+
+    def _child_main(self, kind: str, slot: int) -> int:
+        own = [self.wake_r, self.wake_w, self.status_r]
+        if self.pidfile is not None and self.pidfile.fd is not None:
+            own.append(self.pidfile.fd)  # the lock must die with the master, not linger
+        if self.notifier is not None and self.notifier.fd is not None:
+            own.append(self.notifier.fd)
+        for fd in own:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        logsetup.pin_directories()  # before any drop: the log file stays reopenable
         if kind == "delivery":
+            os.close(self.status_w)
             for sock, _ in self.smtp_sockets:
                 sock.close()
             setproctitle("mailerd: delivery")
+            # Still root here: the delivery process forks its privileged mailbox writer and
+            # then calls privileges.drop(cfg.user) itself.
             return delivery.run(self.cfg, self.delivery_socket)
         self.delivery_socket.close()
-        return worker.run(self.cfg, self.smtp_sockets, slot)
+        return worker.run(
+            self.cfg, self.smtp_sockets, slot, user=self.cfg.user, status_fd=self.status_w
+        )
 
     def reap(self) -> None:
         while True:
@@ -182,6 +398,18 @@ class Master:
         key = (child.kind, child.slot)
         code = os.waitstatus_to_exitcode(status)
         if self.stopping:
+            return
+        if child.generation != self.generation or child.retiring:
+            level = logging.INFO if code == 0 else logging.WARNING
+            log.log(
+                level,
+                "old %s %d (pid %d, generation %d) finished with %s",
+                child.kind,
+                child.slot,
+                pid,
+                child.generation,
+                _describe(code),
+            )
             return
         log.warning("%s %d (pid %d) exited with %s", child.kind, child.slot, pid, _describe(code))
         if code == BOOT_ERROR:
@@ -202,6 +430,19 @@ class Master:
                 del self.due[key]
                 self.spawn(*key)
 
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for pid, child in list(self.children.items()):
+            if child.deadline is not None and now > child.deadline:
+                log.error(
+                    "old %s %d (pid %d) did not finish in time after a reload; killing it",
+                    child.kind,
+                    child.slot,
+                    pid,
+                )
+                child.deadline = None
+                _kill(pid, signal.SIGKILL)
+
     def _stop_all(self) -> None:
         for sock, _ in self.smtp_sockets:
             sock.close()
@@ -210,9 +451,11 @@ class Master:
         log.info("stopped")
 
     def _stop_kind(self, kind: str, timeout: float) -> None:
-        pids = [pid for pid, child in self.children.items() if child.kind == kind]
-        for pid in pids:
-            _kill(pid, signal.SIGTERM)
+        for pid, child in self.children.items():
+            # A retiring worker gets TERM too (it is an escalation, not a repeat); a delivery
+            # process already told to stop is not told twice.
+            if child.kind == kind and not (kind == "delivery" and child.retiring):
+                _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while any(c.kind == kind for c in self.children.values()):
             if time.monotonic() > deadline:
@@ -222,8 +465,17 @@ class Master:
                         _kill(pid, signal.SIGKILL)
                 deadline = float("inf")
             self._wait(0.1)
+            self._read_status()  # drained, or select() would return at once: a busy loop
             self.signals.clear()
             self.reap()
+
+    def failure(self) -> str:
+        """Why start-up failed, for the waiting `mailerd` command."""
+        if self.boot_errors:
+            return self.boot_errors[-1]
+        if self.exit_code == 0:
+            return "stopped by a signal before it was ready"
+        return "a child process could not start; see the system log (or --log-file)"
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -246,7 +498,14 @@ def prepare(cfg: Config) -> tuple[list[tuple[socket.socket, ListenAddress]], soc
     except OSError as exc:
         raise OSError(exc.errno, f"cannot create queue {cfg.queue}: {exc.strerror}") from exc
     smtp_sockets = listeners.bind_all(cfg.listeners)
-    delivery_socket = listeners.bind_unix(cfg.queue / "private" / "delivery.sock")
+    try:
+        delivery_socket = listeners.bind_unix(cfg.queue / "private" / "delivery.sock")
+    except OSError as exc:
+        for sock, _ in smtp_sockets:
+            sock.close()
+        raise OSError(
+            exc.errno, f"cannot create the delivery socket in {cfg.queue}: {exc.strerror}"
+        ) from exc
     return smtp_sockets, delivery_socket
 
 
@@ -257,18 +516,86 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run(cfg: Config) -> int:
+def _fail(message: str) -> int:
+    print(f"mailerd: {message}", file=sys.stderr)
+    return 1
+
+
+def run(cfg: Config, argv: list[str] | None = None) -> int:
+    """Start mailerd: everything that can fail is checked while still at the terminal
+    (user, pid file, log file, directories, every bind); then detach unless -f; then supervise.
+    `argv` is what SIGHUP re-reads."""
     logsetup.setup(cfg.verbose)
     raise_fd_limit()
+    start_dir = Path.cwd()
+    cfg = config.absolute(cfg, start_dir)
     try:
+        user = privileges.resolve(cfg.user)
+    except privileges.PrivilegeError as exc:
+        return _fail(str(exc))
+    pidfile_path = cfg.pidfile
+    if pidfile_path is None and not cfg.foreground and os.geteuid() == 0:
+        pidfile_path = Path(config.DEFAULT_PIDFILE)
+    cfg = replace(cfg, user=user, pidfile=pidfile_path)
+
+    pidfile = daemonize.PidFile(pidfile_path) if pidfile_path is not None else None
+    bound: list[socket.socket] = []
+    try:
+        if pidfile is not None:
+            pidfile.acquire()
+        if cfg.log_file is not None:
+            try:
+                logsetup.setup(cfg.verbose, log_file=cfg.log_file)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot open log file {cfg.log_file}: {exc.strerror}"
+                ) from exc
+            privileges.chown_path(cfg.log_file, user, 0o640)
         smtp_sockets, delivery_socket = prepare(cfg)
-    except OSError as exc:
-        print(f"mailerd: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    if cfg.pidfile is not None:
-        cfg.pidfile.write_text(f"{os.getpid()}\n")
+        bound = [sock for sock, _ in smtp_sockets] + [delivery_socket]
+        privileges.prepare_queue(cfg.queue, user)
+    except (OSError, daemonize.PidFileError, privileges.PrivilegeError) as exc:
+        for sock in bound:
+            sock.close()
+        if pidfile is not None:
+            pidfile.release()
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return _fail(text)
+
+    notifier: daemonize.Notifier | None = None
+    if not cfg.foreground:
+        if cfg.log_file is None and not logsetup.syslog_available():
+            print(
+                f"mailerd: warning: no {logsetup.SYSLOG_SOCKET} (is a syslog daemon running?): "
+                "the daemon's log is lost; use --log-file FILE, or -f to log to stderr",
+                file=sys.stderr,
+            )
+        preserve = [*(sock.fileno() for sock in bound), *logsetup.file_descriptors()]
+        if pidfile is not None and pidfile.fd is not None:
+            preserve.append(pidfile.fd)
+        notifier = daemonize.detach(preserve)
+        if cfg.log_file is None:
+            logsetup.setup(cfg.verbose, syslog=True)
+    if pidfile is not None:
+        pidfile.write(os.getpid())
+
+    master = Master(
+        cfg,
+        smtp_sockets,
+        delivery_socket,
+        argv=argv,
+        start_dir=start_dir,
+        pidfile=pidfile,
+        notifier=notifier,
+    )
     try:
-        return Master(cfg, smtp_sockets, delivery_socket).run()
+        code = master.run()
+    except BaseException:
+        log.exception("master crashed")
+        code = 1
     finally:
-        if cfg.pidfile is not None:
-            cfg.pidfile.unlink(missing_ok=True)
+        if pidfile is not None:
+            pidfile.release()
+    if notifier is not None and not notifier.done:
+        notifier.failed(master.failure())
+    return code

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailerd.config import DEFAULT_USER
+from mailerd.queue import SUBDIRS as QUEUE_SUBDIRS
 
 log = logging.getLogger("mailerd.privileges")
 
-QUEUE_SUBDIRS = ("msg", "env", "tmp", "private")
 _PR_SET_NO_NEW_PRIVS = 38
 
 

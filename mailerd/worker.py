@@ -4,22 +4,35 @@ Each connection is an asyncio Protocol that moves bytes between the socket and a
 `smtp.Session`; the only decisions made here are the ones that need I/O or a clock: session caps
 at connect, the idle timeout, whether a local mailbox exists, and committing a finished message
 through the delivery channel (the 250 is sent only after the delivery process says "durable").
+
+Start-up (`run`): reach the spool, `<queue>/tmp` and `<queue>/private` through directories
+opened while still root (`privileges.keep_dir`), drop to the `-u` user, and only then start
+the event loop and accept. The worker tells the master on its status pipe when it accepts
+("ready") or why it cannot start ("error"), which is what `mailerd` waits for before it returns.
+
+Signals: SIGTERM/SIGINT = shut down (idle sessions get 421 now, busy ones after their
+transaction, all within SHUTDOWN_GRACE). SIGUSR2 = retire after a reload: stop accepting at
+once, let every session end on its own (QUIT, its idle timeout), and only after the idle
+timeout fall back to the shutdown path, so a reload drops no session. SIGUSR1 = reopen logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import os
 import signal
 import socket
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from setproctitle import setproctitle
 
-from mailerd import policy
+from mailerd import policy, privileges
 from mailerd.channel import MAX_INLINE, Client
 from mailerd.config import Config, ListenAddress
 from mailerd.mailbox import Spool
@@ -43,6 +56,39 @@ COMMIT_TIMEOUT = 120.0  # well below the client's 10 min wait for the final repl
 SHUTDOWN_GRACE = 10.0
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
+BOOT_ERROR = 3  # exit status of a child that cannot work at all: the master stops, not respawns
+LOG_LINE_MAX = 200  # -v dialogue: longer command lines and replies are cut
+
+_retire_requested = False
+
+
+def request_retire(*_: object) -> None:
+    """SIGUSR2 before the event loop runs: remembered, acted on once it does."""
+    global _retire_requested
+    _retire_requested = True
+
+
+def _shorten(text: str) -> str:
+    """Cut to LOG_LINE_MAX and escape control characters (no forged log lines, no escapes)."""
+    cut = text if len(text) <= LOG_LINE_MAX else text[:LOG_LINE_MAX] + "..."
+    if cut.isprintable():
+        return cut
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut)
+
+
+class LoggingSession(Session):
+    """With -v: every command line the session parses, at DEBUG, with the client's address.
+
+    Only command lines go through `_handle_command`, never message content (DATA or BDAT
+    chunks), so no message text reaches the log. (A public per-command hook on Session would
+    be nicer than overriding this method; until then the override is confined to -v.)
+    """
+
+    client = "?"
+
+    def _handle_command(self, line: bytes) -> None:
+        log.debug("%s < %s", self.client, _shorten(line.decode("utf-8", "backslashreplace")))
+        super()._handle_command(line)  # type: ignore[misc]
 
 
 class BodyBuffer:
@@ -89,6 +135,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.peer = "?"
+        self.client = "?"  # [ip]:port, what the log calls this connection
         self.body = BodyBuffer(worker.spill_dir)
         self.committing = False
         self.closing = False
@@ -101,14 +148,20 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "?"
+        self.client = f"[{peer[0]}]:{peer[1]}" if peer else "?"
         refusal = self.worker.admit(self)
         if refusal is not None:
-            log.info("refused connection from [%s]: %s", self.peer, refusal.text)
+            log.info("refused connection from %s: %s", self.client, refusal.text)
             transport.write(refusal.to_bytes())  # type: ignore[attr-defined]
             transport.close()
             return
-        log.debug("connect from [%s] on %s", self.peer, self.listen)
-        self.session = Session(self.worker.session_config, self.check_recipient)
+        log.info("connect from %s on %s", self.client, self.listen)
+        if self.worker.cfg.verbose:
+            session = LoggingSession(self.worker.session_config, self.check_recipient)
+            session.client = self.client
+            self.session = session
+        else:
+            self.session = Session(self.worker.session_config, self.check_recipient)
         self.last_activity = self.worker.loop.time()
         self.timer = self.worker.loop.call_later(self.worker.cfg.timeout, self.check_timeout)
         self.pump()
@@ -133,7 +186,7 @@ class Connection(asyncio.Protocol):
         if not self.committing:
             self.body.discard()
         if self.session is not None:
-            log.debug("disconnect from [%s]", self.peer)
+            log.info("disconnect from %s", self.client)
         self.worker.release(self)
 
     # -- session driving -------------------------------------------------------------
@@ -150,6 +203,8 @@ class Connection(asyncio.Protocol):
                 self.transport.pause_reading()
                 break
             if isinstance(event, Reply):
+                if self.worker.cfg.verbose:
+                    self.log_reply(event)
                 out.append(event.to_bytes())
             elif isinstance(event, BodyData):
                 self.body.write(event.data)
@@ -165,6 +220,10 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
         if self.worker.stopping and self.idle():
             self.close([SHUTTING_DOWN.to_bytes()])
+
+    def log_reply(self, reply: Reply) -> None:
+        text = reply.to_bytes().decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", " | ")
+        log.debug("%s > %s", self.client, _shorten(text))
 
     def close(self, out: list[bytes]) -> None:
         if self.closing:
@@ -185,7 +244,9 @@ class Connection(asyncio.Protocol):
             answer = await self.worker.delivery.request(self.commit_header(envelope), body, fd)
             reply = Reply(int(answer["code"]), answer["status"], answer["text"])
         except Exception as exc:  # timeout, broken channel: 451, never a 250 we cannot back
-            log.warning("commit for [%s] failed: %r", self.peer, exc)
+            log.warning(
+                "commit for %s failed, answered 451 (the client will retry): %r", self.client, exc
+            )
             reply = COMMIT_FAILED
         self.committing = False
         if self.closing or self.session is None:
@@ -232,25 +293,35 @@ class Connection(asyncio.Protocol):
         if self.committing or remaining > 0:
             self.timer = loop.call_later(max(remaining, 1.0), self.check_timeout)
             return
-        log.info("timeout for [%s]", self.peer)
+        log.info("timeout for %s", self.client)
         self.close([self.session.timeout().to_bytes()])
 
 
 class Worker:
     def __init__(
-        self, cfg: Config, listeners: list[tuple[socket.socket, ListenAddress]], slot: int
+        self,
+        cfg: Config,
+        listeners: list[tuple[socket.socket, ListenAddress]],
+        slot: int,
+        *,
+        spool: Path | None = None,
+        spill_dir: Path | None = None,
+        private_dir: Path | None = None,
     ) -> None:
+        """`spool`, `spill_dir` and `private_dir` default to the configured paths; `run` passes
+        the /proc/self/fd forms that keep working after the privilege drop."""
         self.cfg = cfg
         self.listeners = listeners
         self.slot = slot
-        self.spill_dir = str(cfg.queue / "tmp")
-        self.spool = Spool(cfg.spool)
+        self.spill_dir = str(spill_dir or cfg.queue / "tmp")
+        self.spool = Spool(spool or cfg.spool)
         self.session_config = SessionConfig(
             hostname=cfg.hostname,
             max_message_size=cfg.max_message_size,
             max_errors=cfg.max_errors,
         )
-        self.delivery = Client(str(cfg.queue / "private" / "delivery.sock"), COMMIT_TIMEOUT)
+        private = private_dir or cfg.queue / "private"
+        self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
         self.connections: set[Connection] = set()
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.max_sessions = max(1, math.ceil(cfg.max_sessions / cfg.workers))
@@ -276,21 +347,45 @@ class Worker:
             if self.per_ip[conn.peer] <= 0:
                 del self.per_ip[conn.peer]
 
-    async def main(self) -> None:
+    async def main(self, on_ready: Callable[[], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        retire = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, stop.set)
+        self.loop.add_signal_handler(signal.SIGUSR2, retire.set)
+        if _retire_requested:
+            retire.set()
         servers = [
             await self.loop.create_server(
                 lambda listen=listen: Connection(self, listen), sock=sock, backlog=4096
             )
             for sock, listen in self.listeners
         ]
+        if on_ready is not None:
+            on_ready()
         watchdog = asyncio.create_task(self._watch_master(stop))
+        retiring = asyncio.create_task(self._retire(retire, stop, servers))
         await stop.wait()
         watchdog.cancel()
+        retiring.cancel()
         await self._shutdown(servers)
+
+    async def _retire(
+        self, retire: asyncio.Event, stop: asyncio.Event, servers: list[asyncio.AbstractServer]
+    ) -> None:
+        """After a reload: stop accepting now; exit when the last session has ended by itself,
+        or take the shutdown path once the idle timeout has passed (a session kept busy
+        forever must not keep an old generation alive forever)."""
+        await retire.wait()
+        setproctitle(f"mailerd: worker {self.slot} (retiring)")
+        for server in servers:
+            server.close()
+        log.info("worker %d retiring: %d session(s) to finish", self.slot, len(self.connections))
+        deadline = self.loop.time() + self.cfg.timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        stop.set()
 
     async def _watch_master(self, stop: asyncio.Event) -> None:
         """Exit when the master is gone (we were re-parented), rather than linger unsupervised."""
@@ -318,8 +413,35 @@ class Worker:
         self.delivery.close()
 
 
-def run(cfg: Config, listeners: list[tuple[socket.socket, ListenAddress]], slot: int) -> int:
-    """Entry point of a forked worker process."""
+def run(
+    cfg: Config,
+    listeners: list[tuple[socket.socket, ListenAddress]],
+    slot: int,
+    *,
+    user: str | None = None,
+    status_fd: int | None = None,
+) -> int:
+    """Entry point of a forked worker process (still root when the master is)."""
     setproctitle(f"mailerd: worker {slot}")
-    asyncio.run(Worker(cfg, listeners, slot).main())
+    try:
+        spool = privileges.keep_dir(cfg.spool)
+        spill_dir = privileges.keep_dir(cfg.queue / "tmp")
+        private_dir = privileges.keep_dir(cfg.queue / "private")
+        privileges.drop(user)
+    except (OSError, privileges.PrivilegeError) as exc:
+        message = f"worker {slot} cannot start: {exc}"
+        log.error("%s", message)
+        report(status_fd, f"error {message}")
+        return BOOT_ERROR
+    worker = Worker(cfg, listeners, slot, spool=spool, spill_dir=spill_dir, private_dir=private_dir)
+    asyncio.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
     return 0
+
+
+def report(status_fd: int | None, text: str) -> None:
+    """One line to the master's status pipe ("ready" or "error ..."); atomic below PIPE_BUF."""
+    if status_fd is None:
+        return
+    line = f"{os.getpid()} {text}".replace("\n", " ")[:1000] + "\n"
+    with contextlib.suppress(OSError):  # the master is gone: nothing to tell
+        os.write(status_fd, line.encode("utf-8", "replace"))

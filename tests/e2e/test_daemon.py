@@ -1,0 +1,561 @@
+"""mailerd as a real Unix daemon: detach, pid file, reload on SIGHUP, log reopening, privileges.
+
+Every test starts the real ``python -m mailerd`` *without* ``-f``: the command must return only
+once the daemon accepts, and the daemon is then found through its pid file. Each instance has
+its own config file (so SIGHUP has something to re-read), pid file and ``--log-file`` (this
+machine may have no syslog daemon), all under the test's directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    HOSTNAME,
+    REPO,
+    SMTPConn,
+    check_stored,
+    descendants_of,
+    expect,
+    free_port,
+    pid_alive,
+    proc_cmdline,
+    wait_until,
+)
+
+START_TIMEOUT = 60.0
+BODY = b"Subject: daemon test\r\n\r\nHello from the daemon tests.\r\n"
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict ({} if the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def uids(pid: int) -> list[int]:
+    """Real, effective, saved and filesystem uid."""
+    return [int(x) for x in proc_status(pid).get("Uid", "").split()]
+
+
+def stat_fields(pid: int) -> list[str]:
+    data = Path(f"/proc/{pid}/stat").read_text()
+    return data[data.rindex(")") + 2 :].split()
+
+
+def holders(path: Path) -> list[int]:
+    """Processes with a descriptor or working directory under ``path`` (what a leftover
+    daemon of ours would have: its pid file, its log file, its sockets' directory)."""
+    prefix = str(path)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        links = [f"/proc/{entry}/cwd"]
+        with contextlib.suppress(OSError):
+            links += [f"/proc/{entry}/fd/{fd}" for fd in os.listdir(f"/proc/{entry}/fd")]
+        for link in links:
+            with contextlib.suppress(OSError):
+                if os.readlink(link).startswith(prefix):
+                    found.append(int(entry))
+                    break
+    return found
+
+
+def listening_inodes(pid: int) -> set[str]:
+    out = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:"):
+                    out.add(target)
+    return out
+
+
+def port_refuses(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+class Daemon:
+    """One daemonized mailerd, configured by an INI file that tests rewrite before SIGHUP."""
+
+    def __init__(
+        self,
+        base: Path,
+        *,
+        domains: tuple[str, ...] = ("example.org",),
+        workers: int = 2,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.base = base
+        self.spool = base / "spool"
+        self.queue = base / "queue"
+        self.config = base / "mailerd.conf"
+        self.pidfile = base / "run" / "mailerd.pid"
+        self.log_file = base / "mailerd.log"
+        self.trusted_port = free_port()
+        self.untrusted_port = free_port()
+        self.domains = domains
+        self.workers = workers
+        self.extra = list(extra)
+        self.master: int | None = None
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+
+    def write_config(self, **changes: object) -> None:
+        values: dict[str, object] = {
+            "spool": self.spool,
+            "queue": self.queue,
+            "domain": ", ".join(self.domains),
+            "hostname": HOSTNAME,
+            "workers": self.workers,
+            "listen-local": f"127.0.0.1:{self.trusted_port}, [::1]:{self.trusted_port}",
+            "listen-network": f"127.0.0.1:{self.untrusted_port}, [::1]:{self.untrusted_port}",
+            "pidfile": self.pidfile,
+            "log-file": self.log_file,
+        }
+        values.update({k.replace("_", "-"): v for k, v in changes.items()})
+        text = "[mailerd]\n" + "".join(f"{k} = {v}\n" for k, v in values.items() if v is not None)
+        self.config.write_text(text)
+
+    def command(self, *args: str) -> subprocess.CompletedProcess:
+        """Run ``mailerd -c CONFIG ARGS`` to completion (it must come back by itself)."""
+        return subprocess.run(
+            [sys.executable, "-m", "mailerd", "-c", str(self.config), *self.extra, *args],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT + 10,
+        )
+
+    def start(self) -> subprocess.CompletedProcess:
+        p = self.command()
+        assert p.returncode == 0, f"start failed ({p.returncode}): {p.stderr}\n{self.log()}"
+        self.master = int(self.pidfile.read_text().split()[0])
+        return p
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def wait_log(self, text: str, timeout: float = 10.0, after: int = 0) -> bool:
+        return bool(wait_until(lambda: text in self.log()[after:], timeout))
+
+    def signal(self, sig: int) -> None:
+        assert self.master is not None
+        os.kill(self.master, sig)
+
+    def reload(self, **changes: object) -> int:
+        """Rewrite the config, SIGHUP, and wait for the master to log the outcome; returns the
+        log position before it, for wait_log(after=...)."""
+        self.write_config(**changes)
+        mark = len(self.log())
+        self.signal(signal.SIGHUP)
+        assert wait_until(
+            lambda: (
+                "configuration reloaded" in self.log()[mark:]
+                or "reload failed" in self.log()[mark:]
+            ),
+            10,
+        ), f"no reload outcome logged:\n{self.log()[mark:]}"
+        return mark
+
+    def titled(self, prefix: str) -> list[int]:
+        assert self.master is not None
+        return sorted(
+            p for p in descendants_of(self.master) if (proc_cmdline(p) or "").startswith(prefix)
+        )
+
+    def workers_now(self) -> list[int]:
+        return [p for p in self.titled("mailerd: worker") if "retiring" not in proc_cmdline(p)]
+
+    def connect(self, trusted: bool = False) -> SMTPConn:
+        return SMTPConn("127.0.0.1", self.trusted_port if trusted else self.untrusted_port)
+
+    def add_user(self, user: str) -> None:
+        (self.spool / user).mkdir(parents=True, exist_ok=True)
+
+    def messages(self, user: str) -> list[int]:
+        box = self.spool / user
+        if not box.is_dir():
+            return []
+        return sorted(int(f.name) for f in box.iterdir() if f.name.isdigit())
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """SIGTERM the master; True if it and its children are gone in time."""
+        if self.master is None or not pid_alive(self.master):
+            return True
+        family = [self.master, *descendants_of(self.master)]
+        self.signal(signal.SIGTERM)
+        return bool(wait_until(lambda: not any(pid_alive(p) for p in family), timeout))
+
+    def kill(self) -> None:
+        if self.master is None:
+            return
+        for pid in [self.master, *descendants_of(self.master)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def crashes(self) -> list[str]:
+        return [
+            block
+            for block in self.log().split("\n2")
+            if "Traceback (most recent call last)" in block
+        ]
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(base: Path | None = None, **kw) -> Daemon:
+        base = base or tmp_path / f"d{len(made)}"
+        base.mkdir(parents=True, exist_ok=True)
+        d = Daemon(base, **kw)
+        made.append(d)
+        return d
+
+    yield make
+    problems = []
+    for d in made:
+        if not d.stop():
+            problems.append(f"{d.base}: did not stop within 30 s of SIGTERM")
+            d.kill()
+        problems += [f"{d.base}: crash logged:\n{c}" for c in d.crashes()]
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+def deliver(d: Daemon, to: str, *, trusted: bool = False, body: bytes = BODY) -> None:
+    with d.connect(trusted) as c:
+        c.start()
+        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
+        expect(c.cmd(f"RCPT TO:<{to}>"), 250, conn=c)
+        expect(c.cmd("DATA"), 354, conn=c)
+        c.send(body + b".\r\n")
+        expect(c.read_reply(), 250, conn=c)
+        c.cmd("QUIT")
+
+
+# --------------------------------------------------------------------------------------------
+# Detaching, pid file, start-up errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_daemonizes_and_returns_when_ready(daemon_factory):
+    d = daemon_factory()
+    d.add_user("alice")
+    p = d.start()
+    assert p.stdout == "" and p.stderr == "", (p.stdout, p.stderr)
+    # No waiting: the command came back only once the workers accept.
+    with d.connect() as c:
+        expect(c.banner(), 220, conn=c)
+    master = d.master
+    assert master is not None
+    assert (proc_cmdline(master) or "").startswith("mailerd: master")
+    fields = stat_fields(master)
+    ppid, session, tty = int(fields[1]), int(fields[3]), int(fields[4])
+    assert tty == 0, "the daemon still has a controlling terminal"
+    assert session != os.getsid(0), "the daemon is still in the caller's session"
+    assert ppid != os.getpid()
+    assert os.readlink(f"/proc/{master}/cwd") == "/"
+    assert proc_status(master).get("Umask") == "0022"
+    for fd in (0, 1, 2):
+        assert os.readlink(f"/proc/{master}/fd/{fd}") == "/dev/null"
+    assert len(d.workers_now()) == 2 and len(d.titled("mailerd: delivery")) >= 1
+    deliver(d, "alice@example.org")
+    assert wait_until(lambda: d.messages("alice") == [1], 5)
+    check_stored(
+        (d.spool / "alice" / "1").read_bytes(),
+        sender="sender@client.test",
+        helo="client.test",
+        body=BODY,
+    )
+    # SIGTERM: everything stops, and the pid file goes with the master.
+    family = [master, *descendants_of(master)]
+    assert d.stop(), f"still running: {[p for p in family if pid_alive(p)]}"
+    assert not d.pidfile.exists(), "pid file left behind after SIGTERM"
+    assert "stopped" in d.log()
+
+
+def test_second_start_with_same_pidfile_is_refused(daemon_factory):
+    d = daemon_factory()
+    d.start()
+    again = d.command()
+    assert again.returncode == 1, (again.returncode, again.stderr)
+    assert "already running" in again.stderr and str(d.master) in again.stderr, again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert int(d.pidfile.read_text()) == d.master and pid_alive(d.master)
+    with d.connect() as c:
+        expect(c.banner(), 220, conn=c)
+
+
+def test_stale_pidfile_is_taken_over(daemon_factory):
+    d = daemon_factory()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    d.pidfile.write_text(f"{dead.pid}\n")
+    d.start()
+    assert d.master != dead.pid and pid_alive(d.master)
+
+
+def test_busy_port_fails_and_leaves_no_daemon(daemon_factory):
+    d = daemon_factory()
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("127.0.0.1", d.untrusted_port))
+    blocker.listen(1)
+    try:
+        p = d.command()
+    finally:
+        blocker.close()
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "Address already in use" in p.stderr and str(d.untrusted_port) in p.stderr, p.stderr
+    assert not d.pidfile.exists()
+    assert holders(d.base) == [], "a process of this instance is still alive"
+
+
+def test_unknown_user_fails_at_start(daemon_factory):
+    if os.geteuid() != 0:
+        pytest.skip("-u is only used when started as root")
+    d = daemon_factory(extra=("-u", "no-such-user-here"))
+    p = d.command()
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "no-such-user-here" in p.stderr and "does not exist" in p.stderr, p.stderr
+    assert holders(d.base) == []
+
+
+# --------------------------------------------------------------------------------------------
+# SIGHUP
+# --------------------------------------------------------------------------------------------
+
+
+def test_reload_adds_domain_and_keeps_sessions(daemon_factory):
+    d = daemon_factory(domains=("example.org",))
+    d.add_user("alice")
+    d.start()
+    old_workers = d.workers_now()
+    old_delivery = d.titled("mailerd: delivery")
+
+    # Sessions opened before the reload: one in a transaction, one idle after EHLO.
+    busy = d.connect()
+    busy.start()
+    expect(busy.cmd("MAIL FROM:<sender@client.test>"), 250, conn=busy)
+    expect(busy.cmd("RCPT TO:<alice@example.org>"), 250, conn=busy)
+    expect(busy.cmd("RCPT TO:<alice@example.com>"), 554, conn=busy)  # not ours (yet)
+    idle = d.connect()
+    idle.start()
+
+    mark = d.reload(domain="example.org, example.com")
+    assert "configuration reloaded" in d.log()[mark:], d.log()[mark:]
+
+    # New sessions get the new domain at once.
+    deliver(d, "alice@example.com")
+
+    # The old sessions go on with their transactions and get their 250.
+    expect(busy.cmd("DATA"), 354, conn=busy)
+    busy.send(BODY + b".\r\n")
+    expect(busy.read_reply(), 250, conn=busy)
+    expect(idle.cmd("MAIL FROM:<sender@client.test>"), 250, conn=idle)
+    expect(idle.cmd("RCPT TO:<alice@example.org>"), 250, conn=idle)
+    expect(idle.cmd("DATA"), 354, conn=idle)
+    idle.send(BODY + b".\r\n")
+    expect(idle.read_reply(), 250, conn=idle)
+    assert wait_until(lambda: len(d.messages("alice")) == 3, 10), d.messages("alice")
+
+    # Old workers stay while they have sessions, and go once those end.
+    assert any(pid_alive(p) for p in old_workers), "old workers did not wait for their sessions"
+    for c in (busy, idle):
+        expect(c.cmd("QUIT"), 221, conn=c)
+        c.close()
+    assert wait_until(lambda: not any(pid_alive(p) for p in old_workers), 15), old_workers
+    assert wait_until(lambda: not any(pid_alive(p) for p in old_delivery), 70), old_delivery
+    new_workers = d.workers_now()
+    assert len(new_workers) == 2 and not set(new_workers) & set(old_workers), new_workers
+    assert "old worker" in d.log()[mark:]
+
+
+def test_reload_with_broken_config_keeps_the_old_one(daemon_factory):
+    d = daemon_factory()
+    d.add_user("alice")
+    d.start()
+    workers = d.workers_now()
+    mark = d.reload(workers="lots")
+    tail = d.log()[mark:]
+    assert "reload failed" in tail and "workers" in tail, tail
+    assert "configuration reloaded" not in tail
+    deliver(d, "alice@example.org")
+    assert wait_until(lambda: d.messages("alice") == [1], 5)
+    assert d.workers_now() == workers, "a failed reload must not replace the workers"
+    # A repaired file is taken at the next SIGHUP.
+    mark = d.reload(workers=1)
+    assert "configuration reloaded" in d.log()[mark:]
+    assert wait_until(lambda: len(d.workers_now()) == 1, 10), d.workers_now()
+
+
+def test_reload_rebinds_changed_listener(daemon_factory):
+    d = daemon_factory()
+    d.start()
+    master = d.master
+    assert master is not None
+    old_port, new_port = d.untrusted_port, free_port()
+    sockets_before = listening_inodes(master)
+    mark = d.reload(listen_network=f"127.0.0.1:{new_port}, [::1]:{new_port}")
+    assert "configuration reloaded" in d.log()[mark:], d.log()[mark:]
+    for host in ("127.0.0.1", "::1"):
+        with SMTPConn(host, new_port) as c:
+            expect(c.banner(), 220, conn=c)
+    assert wait_until(lambda: port_refuses(old_port), 10), f"port {old_port} still accepts"
+    assert wait_until(lambda: port_refuses(old_port, "::1"), 10)
+    with d.connect(trusted=True) as c:
+        expect(c.banner(), 220, conn=c)
+    # The unchanged listeners kept their sockets (same inodes in the master).
+    kept = sockets_before & listening_inodes(master)
+    assert len(kept) >= 2, (sockets_before, listening_inodes(master))
+
+
+def test_reload_to_a_busy_port_keeps_the_old_listeners(daemon_factory):
+    d = daemon_factory()
+    d.start()
+    workers = d.workers_now()
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    try:
+        busy = blocker.getsockname()[1]
+        mark = d.reload(listen_network=f"127.0.0.1:{busy}")
+    finally:
+        blocker.close()
+    tail = d.log()[mark:]
+    assert "reload failed" in tail and "Address already in use" in tail, tail
+    with d.connect() as c:
+        expect(c.banner(), 220, conn=c)
+    assert d.workers_now() == workers
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+def test_sigusr1_reopens_the_log_file(daemon_factory):
+    d = daemon_factory()
+    d.add_user("alice")
+    d.start()
+    rotated = d.log_file.with_name("mailerd.log.1")
+    d.log_file.rename(rotated)
+    d.signal(signal.SIGUSR1)
+    assert wait_until(d.log_file.exists, 5), "SIGUSR1 did not reopen the log file"
+    assert d.wait_log("reopened")
+    deliver(d, "alice@example.org")
+    # The workers and the delivery process write to the new file too (they reopen after
+    # their privilege drop, so the file must be theirs to open).
+    assert d.wait_log("connect from"), d.log()
+    assert d.wait_log("status=sent"), d.log()
+    assert "connect from" not in rotated.read_text().split("reopen")[-1]
+
+
+def test_verbose_logs_the_dialogue_but_not_the_content(daemon_factory):
+    d = daemon_factory(extra=("-v",))
+    d.add_user("alice")
+    d.start()
+    secret = b"Subject: s\r\n\r\nTOP-SECRET-BODY-LINE\r\n"
+    deliver(d, "alice@example.org", body=secret)
+    assert d.wait_log("> 221"), d.log()
+    log = d.log()
+    assert "< MAIL FROM:<sender@client.test>" in log, log
+    assert "< RCPT TO:<alice@example.org>" in log
+    assert "> 354 " in log and "> 250 2.0.0 Ok: queued as" in log
+    assert "[127.0.0.1]:" in log  # every dialogue line names the client
+    assert "TOP-SECRET-BODY-LINE" not in log
+
+
+# --------------------------------------------------------------------------------------------
+# Privileges (root only)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_base() -> Iterator[Path]:
+    """A base directory every user can traverse (tmp_path's parents are 0700); requested
+    before daemon_factory, so it is removed only after the daemon has stopped."""
+    base = Path(tempfile.mkdtemp(prefix="mailerd-priv-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_children_run_as_the_user(open_base: Path, daemon_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: privileges are only dropped when started as root")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' user on this machine")
+    d = daemon_factory(base=open_base / "d", extra=("-u", "nobody"))
+    d.add_user("alice")
+    d.start()
+    master = d.master
+    assert master is not None
+    assert uids(master) == [0, 0, 0, 0], "the master must stay root (it rebinds port 25)"
+    workers = d.workers_now()
+    assert len(workers) == 2
+    for pid in workers:
+        assert uids(pid) == [nobody.pw_uid] * 4, (pid, proc_status(pid))
+        status = proc_status(pid)
+        assert status["Gid"].split() == [str(nobody.pw_gid)] * 4, status
+        assert "0" not in status.get("Groups", "").split(), status
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+        assert status.get("NoNewPrivs") == "1", status
+    deliveries = d.titled("mailerd: delivery")
+    assert deliveries, "no delivery process"
+    for pid in deliveries:
+        assert uids(pid) == [nobody.pw_uid] * 4, ("delivery", pid, proc_status(pid))
+    for sub in ("msg", "env", "tmp", "private"):
+        st = (d.queue / sub).stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (nobody.pw_uid, 0o700), sub
+    # Mail still arrives, a large one too (its body goes through <queue>/tmp as a file).
+    deliver(d, "alice@example.org")
+    big = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+    big += (b"y" * 78 + b"\r\n") * 5000
+    deliver(d, "alice@example.org", body=big)
+    assert wait_until(lambda: d.messages("alice") == [1, 2], 10), d.messages("alice")
+    st = check_stored(
+        (d.spool / "alice" / "2").read_bytes(), sender="sender@client.test", helo="client.test",
+        body=big,
+    )  # fmt: skip
+    assert st.rest == big
+    # A reload as root keeps it that way.
+    d.reload(domain="example.org, example.com")
+    assert wait_until(lambda: len(d.workers_now()) == 2 and set(d.workers_now()) != set(workers))
+    for pid in d.workers_now():
+        assert uids(pid) == [nobody.pw_uid] * 4
+    deliver(d, "alice@example.com")
+    assert wait_until(lambda: len(d.messages("alice")) == 3, 10)
