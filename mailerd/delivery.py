@@ -57,13 +57,13 @@ class DeliveryService:
             loop.add_signal_handler(sig, self.stopping.set)
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
-        self.outbound.load(await self._in_thread(self.queue.load))
         scheduler = asyncio.create_task(self.outbound.run())
         await self.stopping.wait()
         loop.remove_reader(self.listener.fileno())
+        stopping_outbound = asyncio.create_task(self.outbound.stop())
         await self._drain()
+        await stopping_outbound
         scheduler.cancel()
-        await self.outbound.stop()
         self.writer.close()
         self.executor.shutdown(wait=True)
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import ipaddress
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +42,7 @@ LocalDeliver = Callable[[str, bytes, bytes | int], Awaitable[int]]
 
 MAX_HEADER_BYTES = 64 * 1024
 IDLE_WAKE = 60.0
+STOP_GRACE = 30.0  # attempts in flight at shutdown get this long to finish
 
 
 class Outbound:
@@ -75,6 +78,8 @@ class Outbound:
         self.own_names = frozenset({cfg.hostname.lower()})
         self.own_addresses = frozenset(own_addresses(cfg))
         self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self.lock_fd: int | None = None
 
     # -- queue membership --------------------------------------------------------------------
 
@@ -107,7 +112,12 @@ class Outbound:
     # -- the scheduling loop -----------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
+        """Work the queue, once this process holds the queue's scheduler lock."""
+        loop = asyncio.get_running_loop()
+        self.lock_fd = await self._lock_queue()
+        # A fresh view: a previous scheduler (before a reload or a crash) may just have changed it.
+        self.load(await loop.run_in_executor(None, self.queue.load))
+        while not self.stopping:
             now = time.time()
             next_due = now + IDLE_WAKE
             for envelope in list(self.items.values()):
@@ -121,16 +131,41 @@ class Outbound:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.05, next_due - time.time()))
 
+    async def _lock_queue(self) -> int:
+        """One scheduler per queue: during a reload the old delivery process finishes its
+        attempts while the new one starts; the new one waits here until the old one is done,
+        so no queue item is ever attempted by two processes."""
+        fd = os.open(self.queue.root / "private" / "scheduler.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if not waited:
+                    log.info("waiting for the previous scheduler of this queue to finish")
+                    waited = True
+                await asyncio.sleep(0.2)
+
     def _start(self, envelope: Envelope) -> None:
         self.busy.add(envelope.id)
         task = asyncio.create_task(self._process(envelope))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Start nothing new, let attempts in flight record their results (within `grace`),
+        then give the queue to the next scheduler."""
+        self.stopping = True
+        self.wake.set()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace)
         for task in list(self.tasks):
-            task.cancel()
+            task.cancel()  # its recipients stay pending: at worst one resend, never a loss
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     async def _process(self, envelope: Envelope) -> None:
         try:

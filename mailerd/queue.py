@@ -12,6 +12,7 @@ Every change is write-new, fsync, rename, fsync the directory. Only the delivery
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from mailerd import durable
 
 SUBDIRS = ("msg", "env", "tmp", "private")
+DEBRIS_AGE = 3600.0
 
 
 @dataclass
@@ -103,7 +105,11 @@ class Queue:
                 continue  # unreadable or just removed: leave it for a human rather than lose it
         if clean:
             known = set(os.listdir(env_dir))
+            cutoff = time.time() - DEBRIS_AGE
             for name in os.listdir(self.root / "msg"):
-                if name not in known:
-                    (self.root / "msg" / name).unlink(missing_ok=True)
+                path = self.root / "msg" / name
+                # Old enough that no put() can still be between its message and its envelope.
+                with contextlib.suppress(FileNotFoundError):
+                    if name not in known and path.stat().st_mtime < cutoff:
+                        path.unlink()
         return envelopes
