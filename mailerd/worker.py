@@ -76,21 +76,6 @@ def _shorten(text: str) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut)
 
 
-class LoggingSession(Session):
-    """With -v: every command line the session parses, at DEBUG, with the client's address.
-
-    Only command lines go through `_handle_command`, never message content (DATA or BDAT
-    chunks), so no message text reaches the log. (A public per-command hook on Session would
-    be nicer than overriding this method; until then the override is confined to -v.)
-    """
-
-    client = "?"
-
-    def _handle_command(self, line: bytes) -> None:
-        log.debug("%s < %s", self.client, _shorten(line.decode("utf-8", "backslashreplace")))
-        super()._handle_command(line)  # type: ignore[misc]
-
-
 class BodyBuffer:
     """The message body in transit: in memory while small, then an unlinked temp file."""
 
@@ -156,15 +141,15 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         log.info("connect from %s on %s", self.client, self.listen)
-        if self.worker.cfg.verbose:
-            session = LoggingSession(self.worker.session_config, self.check_recipient)
-            session.client = self.client
-            self.session = session
-        else:
-            self.session = Session(self.worker.session_config, self.check_recipient)
+        on_command = self.log_command if self.worker.cfg.verbose else None
+        self.session = Session(self.worker.session_config, self.check_recipient, on_command)
         self.last_activity = self.worker.loop.time()
         self.timer = self.worker.loop.call_later(self.worker.cfg.timeout, self.check_timeout)
         self.pump()
+
+    def log_command(self, line: bytes) -> None:
+        """-v: each command line at DEBUG (the session never passes message content here)."""
+        log.debug("%s < %s", self.client, _shorten(line.decode("utf-8", "backslashreplace")))
 
     def data_received(self, data: bytes) -> None:
         if self.session is None or self.closing:

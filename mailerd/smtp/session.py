@@ -160,10 +160,15 @@ class Session:
     """One SMTP server conversation; see the module docstring for the loop."""
 
     def __init__(
-        self, config: SessionConfig, check_recipient: Callable[[Address], Reply | None]
+        self,
+        config: SessionConfig,
+        check_recipient: Callable[[Address], Reply | None],
+        on_command: Callable[[bytes], None] | None = None,
     ) -> None:
         self._config = config
         self._check_recipient = check_recipient
+        # Called with every command line (never message content), e.g. for -v logging.
+        self._on_command = on_command
         self._events: deque[Event] = deque([Reply(220, None, f"{config.hostname} ESMTP mailerd")])
         self._state = _State.COMMAND
         # Unparsed input is self._buf[self._pos:] followed by self._pending.
@@ -426,6 +431,8 @@ class Session:
     # --- commands -----------------------------------------------------------
 
     def _handle_command(self, line: bytes) -> None:
+        if self._on_command is not None:
+            self._on_command(line)
         if b"\r" in line or b"\n" in line:
             # Only CRLF ends a line; a bare CR/LF is never taken as a separator.
             self._send(_BARE_CR_LF_COMMAND)

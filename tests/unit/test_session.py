@@ -1093,3 +1093,14 @@ def test_smtplib_interoperates():
     assert received[0][0].body == "7BIT"
     assert received[1][0].sender == Address("jörg", "example.org", False)
     assert received[1][1] == utf8
+
+
+def test_on_command_sees_command_lines_but_never_message_content():
+    seen = []
+    session = Session(SessionConfig(hostname="mx.test"), lambda a: None, seen.append)
+    session.receive_data(
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@y>\r\nDATA\r\nsecret body\r\n.\r\nQUIT\r\n"
+    )
+    while session.next_event() not in (NEED_DATA, PAUSED):
+        pass
+    assert seen == [b"EHLO c", b"MAIL FROM:<a@b>", b"RCPT TO:<x@y>", b"DATA"]
