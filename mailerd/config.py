@@ -110,7 +110,7 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("max-sessions", None, True, False, "total concurrent sessions (default 1000)"),
     ("max-sessions-per-ip", None, True, False, "sessions per client IP on untrusted listeners"),
     ("verbose", "v", False, False, "log more, including the SMTP dialogue"),
-    ("relayhost", None, True, False, "smarthost HOST[:PORT] for all outbound mail (no MX lookup)"),
+    ("relayhost", None, True, False, "smarthost for all outbound mail instead of each domain's MX"),
     ("relay-auth", None, True, False, "file holding 'username:password' for AUTH at the relayhost"),
     ("outbound-tls", None, True, False, "may (default), encrypt, verify or none"),
     (
@@ -135,6 +135,18 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
 )
 
 
+METAVARS = {
+    "config": "FILE", "spool": "DIR", "domain": "SUFFIX", "queue": "DIR", "port": "PORT",
+    "listen-local": "ADDR[:PORT]", "listen-network": "ADDR[:PORT]", "interface": "NAME",
+    "hostname": "NAME", "workers": "N", "user": "NAME", "pidfile": "FILE",
+    "dns-server": "IP[:PORT]", "max-message-size": "BYTES", "timeout": "DURATION",
+    "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N",
+    "relayhost": "HOST[:PORT]", "relay-auth": "FILE", "outbound-tls": "POLICY",
+    "outbound-ip": "FAMILY", "retry-after": "DURATION", "max-queue-time": "DURATION",
+    "delay-warning": "DURATION", "max-outbound": "N", "max-per-domain": "N", "log-file": "FILE",
+}  # fmt: skip
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error and exit status 2, as the contract says."""
 
@@ -146,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mailerd",
         description="A lightweight personal mail server.",
+        epilog="mailerd queue [-c FILE] [-q DIR] [list | flush | delete ID...] shows and "
+        "manages the outbound queue. Signals: HUP reloads, TERM stops, USR1 reopens logs.",
         argument_default=argparse.SUPPRESS,
     )
     for name, short, takes_value, repeatable, text in OPTIONS:
@@ -154,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         if not takes_value:
             parser.add_argument(*flags, dest=dest, action="store_true", help=text)
         elif repeatable:
-            parser.add_argument(*flags, dest=dest, action="append", metavar="VALUE", help=text)
+            parser.add_argument(
+                *flags, dest=dest, action="append", metavar=METAVARS[name], help=text
+            )
         else:
-            parser.add_argument(*flags, dest=dest, metavar="VALUE", help=text)
+            parser.add_argument(*flags, dest=dest, metavar=METAVARS[name], help=text)
     parser.add_argument("-V", "--version", action="version", version=f"mailerd {__version__}")
     return parser
 
