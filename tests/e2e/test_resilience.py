@@ -1,0 +1,72 @@
+"""Session caps at connect, and the delivery process dying under the workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from .conftest import Mailerd, expect, wait_until
+
+
+def test_total_session_cap_refuses_with_421(mailerd_factory):
+    m: Mailerd = mailerd_factory(workers=1, extra=["--max-sessions", "2"])
+    held = [m.connect(), m.connect()]
+    for c in held:
+        expect(c.banner(), 220)
+    with m.connect() as third:
+        reply = third.banner()
+        expect(reply, 421, "4.7.0")
+        assert third.wait_eof() is not None
+    held[0].close()
+    # A freed slot is usable again (the worker notices the close asynchronously).
+    assert wait_until(lambda: _greeted(m), timeout=5)
+    held[1].close()
+
+
+def _greeted(m: Mailerd) -> bool:
+    with m.connect() as c:
+        return c.banner().code == 220
+
+
+def test_per_ip_cap_applies_to_untrusted_listeners_only(mailerd_factory):
+    m: Mailerd = mailerd_factory(workers=1, extra=["--max-sessions-per-ip", "2"])
+    untrusted = [m.connect(trusted=False), m.connect(trusted=False)]
+    for c in untrusted:
+        expect(c.banner(), 220)
+    with m.connect(trusted=False) as third:
+        expect(third.banner(), 421, "4.7.0")
+    # Local clients (the trusted listener) are not counted against an address cap.
+    trusted = [m.connect(trusted=True) for _ in range(3)]
+    for c in trusted:
+        expect(c.banner(), 220)
+    for c in untrusted + trusted:
+        c.close()
+
+
+def test_delivery_process_restart(mailerd: Mailerd):
+    """kill -9 of the delivery process: the master starts a new one on the same socket, the
+    workers reconnect, and mail flows again; nothing that got a 250 is missing."""
+    m = mailerd
+    m.add_user("carol")
+    with m.smtp() as s:
+        body = b"Subject: 1\r\n\r\none\r\n"
+        assert s.sendmail("a@client.test", ["carol@example.org"], body) == {}
+    delivery = [pid for pid, title in m.titles().items() if title.startswith("mailerd: delivery")]
+    assert len(delivery) == 1, m.titles()
+    os.kill(delivery[0], signal.SIGKILL)
+    replaced = wait_until(
+        lambda: [
+            p
+            for p, t in m.titles().items()
+            if t.startswith("mailerd: delivery") and p != delivery[0]
+        ],
+        timeout=10,
+    )
+    assert replaced, f"delivery process not replaced: {m.titles()}"
+    accepted = 1
+    for i in range(6):  # new sessions on every worker reconnect and commit
+        with m.smtp(host="127.0.0.1" if i % 2 else "::1") as s:
+            body = f"Subject: after {i}\r\n\r\nafter {i}\r\n".encode()
+            assert s.sendmail("a@client.test", ["carol@example.org"], body) == {}
+            accepted += 1
+    assert m.wait_messages("carol", accepted, timeout=10) == list(range(1, accepted + 1))
