@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from mailerd import durable, privileges, spoolwriter, trace
+from mailerd import durable, eventloop, privileges, spoolwriter, trace
 from mailerd.channel import Channel
 from mailerd.config import Config
 from mailerd.mailbox import MAILBOX_BUSY, MailboxLocked, Spool
@@ -268,6 +268,6 @@ def run(cfg: Config, listener: socket.socket) -> int:
     cfg = replace(cfg, spool=privileges.keep_dir(cfg.spool), queue=privileges.keep_dir(cfg.queue))
     privileges.drop(cfg.user)
     service = DeliveryService(cfg, listener, writer_sock)
-    asyncio.run(service.run())
+    eventloop.run(service.run())
     os.waitpid(writer_pid, 0)
     return 1 if service.lost_writer else 0

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mailerd import durable
+from mailerd import durable, eventloop
 from mailerd.channel import Channel, Client
 from mailerd.mailbox import Delivery, MailboxLocked, Spool
 
@@ -186,7 +186,7 @@ def fork_writer(spool_root: Path, inherited: list[socket.socket]) -> tuple[int, 
         # the whole process group (Ctrl-C), so no handed-over message is cut short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        asyncio.run(SpoolService(spool_root, theirs).run())
+        eventloop.run(SpoolService(spool_root, theirs).run())
         code = 0
     finally:
         os._exit(code)

@@ -32,7 +32,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from mailerd import policy, privileges
+from mailerd import eventloop, policy, privileges
 from mailerd.channel import MAX_INLINE, Client
 from mailerd.config import Config, ListenAddress
 from mailerd.mailbox import Spool
@@ -419,7 +419,7 @@ def run(
         report(status_fd, f"error {message}")
         return BOOT_ERROR
     worker = Worker(cfg, listeners, slot, spool=spool, spill_dir=spill_dir, private_dir=private_dir)
-    asyncio.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
+    eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
     return 0
 
 
