@@ -23,6 +23,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from mailerd import durable, eventloop, privileges, spoolwriter, trace
+from mailerd import log as logsetup
 from mailerd.channel import Channel
 from mailerd.config import Config
 from mailerd.mailbox import MAILBOX_BUSY, MailboxLocked, Spool
@@ -55,6 +56,7 @@ class DeliveryService:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
         scheduler = asyncio.create_task(self.outbound.run())
@@ -97,6 +99,13 @@ class DeliveryService:
         if not self.spool.exists(mailbox):
             mailbox = "postmaster"
         return await self.writer.deliver(mailbox, head, body)
+
+    def _reopen_logs(self) -> None:
+        """SIGUSR1 (forwarded by the master): reopen ours, and tell the writer over its channel
+        (it runs as root, so the unprivileged delivery process may not signal it)."""
+        logsetup.request_reopen()
+        task = asyncio.create_task(self.writer.reopen_logs())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _writer_lost(self) -> None:
         if not self.stopping.is_set():

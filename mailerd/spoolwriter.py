@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mailerd import durable, eventloop
+from mailerd import log as logsetup
 from mailerd.channel import Channel, Client
 from mailerd.mailbox import Delivery, MailboxLocked, Spool
 
@@ -115,6 +116,10 @@ class SpoolService:
         asyncio.create_task(self._serve(header, inline, fd))
 
     async def _serve(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
+        if header.get("op") == "reopen-logs":
+            logsetup.request_reopen()
+            self._answer(header, {})
+            return
         head_len = int(header.get("head", len(inline)))
         head, body = inline[:head_len], (inline[head_len:] if fd is None else fd)
         try:
@@ -127,6 +132,9 @@ class SpoolService:
         finally:
             if fd is not None:
                 os.close(fd)
+        self._answer(header, answer)
+
+    def _answer(self, header: dict[str, Any], answer: dict[str, Any]) -> None:
         if self.channel is not None and not self.channel.closed:
             self.channel.send({"id": header.get("id"), **answer})
 
@@ -159,6 +167,9 @@ class SpoolClient:
         if answer.get("locked"):
             raise MailboxLocked()
         raise OSError(answer.get("errno") or 5, answer.get("error", "spool write failed"))
+
+    async def reopen_logs(self) -> None:
+        await self._client.request({"op": "reopen-logs"})
 
     def close(self) -> None:
         self._client.close()
