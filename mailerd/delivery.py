@@ -273,7 +273,11 @@ def run(cfg: Config, listener: socket.socket) -> int:
     and queue through descriptors opened before the drop, whatever their parents' modes), serves
     until told to stop, then waits for the writer to finish what it was handed.
     """
-    writer_pid, writer_sock = spoolwriter.fork_writer(cfg.spool, [listener])
+    # mailerd's own unprivileged user may write Debian's group-writable spool: a directory it
+    # owns there is never taken for a mailbox.
+    untrusted = privileges.lookup(cfg.user).uid if cfg.user else None
+    spool = Spool(cfg.spool, untrusted_uid=untrusted)
+    writer_pid, writer_sock = spoolwriter.fork_writer(spool, [listener])
     cfg = replace(cfg, spool=privileges.keep_dir(cfg.spool), queue=privileges.keep_dir(cfg.queue))
     privileges.drop(cfg.user)
     service = DeliveryService(cfg, listener, writer_sock)

@@ -47,21 +47,35 @@ def error_reply(exc: OSError) -> Reply:
     return IO_ERROR
 
 
-def write_synced(path: str, head: bytes, body: Body, owner: tuple[int, int] | None = None) -> None:
+def write_synced(
+    path: str,
+    head: bytes,
+    body: Body,
+    owner: tuple[int, int] | None = None,
+    dir_fd: int | None = None,
+) -> None:
     """Create `path` (must not exist) with head + body, chown it if asked, and fsync it."""
-    fd = write_new(path, head, body, owner)
+    fd = write_new(path, head, body, owner, dir_fd)
     try:
         os.fsync(fd)
     except BaseException:
-        _unlink_quietly(path)
+        _unlink_quietly(path, dir_fd)
         raise
     finally:
         os.close(fd)
 
 
-def write_new(path: str, head: bytes, body: Body, owner: tuple[int, int] | None = None) -> int:
-    """Create `path` (must not exist) with head + body; return the open, not yet synced fd."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def write_new(
+    path: str,
+    head: bytes,
+    body: Body,
+    owner: tuple[int, int] | None = None,
+    dir_fd: int | None = None,
+) -> int:
+    """Create `path` (must not exist; O_EXCL never follows a link) with head + body, relative
+    to `dir_fd` if given; return the open, not yet synced descriptor."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600, dir_fd=dir_fd)
     try:
         if owner is not None:
             os.fchown(fd, *owner)
@@ -72,7 +86,7 @@ def write_new(path: str, head: bytes, body: Body, owner: tuple[int, int] | None 
             copy_fd(body, fd)
     except BaseException:
         os.close(fd)
-        _unlink_quietly(path)
+        _unlink_quietly(path, dir_fd)
         raise
     return fd
 
@@ -124,7 +138,11 @@ def fsync_dir(path: str) -> None:
 
 
 def replace_synced(
-    path: str, data: bytes, owner: tuple[int, int] | None = None, sync: bool = True
+    path: str,
+    data: bytes,
+    owner: tuple[int, int] | None = None,
+    sync: bool = True,
+    dir_fd: int | None = None,
 ) -> None:
     """Atomically replace a small file's content (tmp [+ fsync] + rename); caller fsyncs the dir.
 
@@ -132,14 +150,14 @@ def replace_synced(
     durable by the caller's directory fsync, and a torn or stale content is recomputed.
     """
     tmp = f"{path}.tmp{os.getpid()}"
-    _unlink_quietly(tmp)
+    _unlink_quietly(tmp, dir_fd)
     if sync:
-        write_synced(tmp, data, b"", owner)
+        write_synced(tmp, data, b"", owner, dir_fd)
     else:
-        os.close(write_new(tmp, data, b"", owner))
-    os.rename(tmp, path)
+        os.close(write_new(tmp, data, b"", owner, dir_fd))
+    os.rename(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)

@@ -23,11 +23,12 @@ import fcntl
 import itertools
 import os
 import pwd
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailerd import durable
+from mailerd import durable, policy
 from mailerd.smtp.events import Reply
 
 LOCK_NAME = ".lock"
@@ -44,104 +45,97 @@ class Delivery:
     body: durable.Body
 
 
-@dataclass(frozen=True)
-class Staged:
-    """A message written and fsync'd under a temporary name, waiting to be numbered."""
-
-    tmp: str
-
-
-_sequence = itertools.count(1)
-
-
 class MailboxLocked(Exception):
     """The mailbox lock was held by someone else for longer than the deadline."""
 
 
+class MailboxUnsafe(OSError):
+    """The mailbox is not a plain directory we may write (a symlink, a file, a wrong owner)."""
+
+
+_sequence = itertools.count(1)
+
+# Every open inside a mailbox: never follow a link, never block on a FIFO.
+_SAFE = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
 class Spool:
-    def __init__(self, root: Path, lock_timeout: float = 60.0) -> None:
+    """The spool root. `deliver()` runs as root in the mailbox writer, so everything below the
+    root is reached through directory descriptors and opened with O_NOFOLLOW: a user (or the
+    unprivileged mail user, which may write Debian's group-writable spool) cannot turn a
+    symlink, a FIFO or a planted directory into a root write elsewhere."""
+
+    def __init__(self, root: Path, lock_timeout: float = 60.0, untrusted_uid: int | None = None):
         self.root = root
         self.lock_timeout = lock_timeout
+        self.untrusted_uid = untrusted_uid  # mailerd's own unprivileged user: never a mailbox owner
 
     def exists(self, name: str) -> bool:
         """Deliverable: its mailbox exists, it is a system account, or it is postmaster."""
-        if name == "postmaster" or (self.root / name).is_dir():
-            return True
         try:
-            pwd.getpwnam(name)
-        except (KeyError, UnicodeEncodeError, ValueError):
+            if name == "postmaster" or (self.root / name).is_dir():
+                return True
+        except OSError:  # e.g. a name too long for the file system: no such mailbox
             return False
-        return True
+        return _account_owner(name) is not None
 
     def deliver(self, name: str, messages: list[Delivery]) -> list[int]:
         """Store messages in mailbox `name`, durably, in order; return their numbers.
 
-        Raises OSError (or MailboxLocked) if nothing of the batch could be committed.
+        Raises OSError (MailboxUnsafe, or MailboxLocked) if nothing of the batch was committed.
         """
-        return self.commit(name, self.stage(name, messages))
+        if policy.mailbox_name(name) != name:
+            raise MailboxUnsafe(errno.EINVAL, f"not a mailbox name: {name!r}")
+        directory = self._open_mailbox(name)
+        try:
+            owner = _owner_of(directory)
+            staged = self._stage(directory, owner, messages)
+            return self._commit(directory, owner, staged)
+        finally:
+            os.close(directory)
 
-    def stage(self, name: str, messages: list[Delivery]) -> list[Staged]:
-        """Phase 1, no lock needed: write each message and its status under temporary names
-        in the mailbox directory and fsync them (all at once).
-
-        Staging needs no number, so it can overlap another batch's commit; the caller must
-        `commit()` or `discard()` what it staged.
-        """
-        directory = self._ensure_mailbox(name)
-        owner = _owner_of(directory)
-        staged: list[Staged] = []
+    def _stage(self, directory: int, owner: Owner, messages: list[Delivery]) -> list[str]:
+        """Write each message and its status under temporary names; fsync them all at once."""
+        staged: list[str] = []
         fds: list[int] = []
         try:
             for message in messages:
-                tmp = f"{directory}/.tmp.{os.getpid()}.{next(_sequence)}"
-                staged.append(Staged(tmp))
-                fds.append(durable.write_new(tmp + ".status", NEW_FLAGS, b"", owner))
-                fds.append(durable.write_new(tmp, message.head, message.body, owner))
+                tmp = f".tmp.{os.getpid()}.{next(_sequence)}"
+                staged.append(tmp)
+                fds.append(durable.write_new(tmp + ".status", NEW_FLAGS, b"", owner, directory))
+                fds.append(durable.write_new(tmp, message.head, message.body, owner, directory))
             durable.fsync_all(fds)
         except BaseException:
-            self.discard(staged)
+            _discard(directory, staged)
             raise
         finally:
             for fd in fds:
                 os.close(fd)
         return staged
 
-    def commit(self, name: str, staged: list[Staged]) -> list[int]:
-        """Phase 2, under the lock: number the staged messages, rename them into place (status
-        first, the message last: the commit point), update the counter, fsync the directory."""
-        directory = self.root / name
+    def _commit(self, directory: int, owner: Owner, staged: list[str]) -> list[int]:
+        """Under the lock: number the staged messages, rename them into place (status first,
+        the message last: the commit point), update the counter, fsync the directory."""
         try:
-            lock_fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            lock_fd = _open_lock(directory, owner)
+            try:
+                self._lock(lock_fd)
+                first = next_number(directory)
+                numbers = list(range(first, first + len(staged)))
+                for tmp, number in zip(staged, numbers, strict=True):
+                    _rename(directory, tmp + ".status", f"{number}.status")
+                    _rename(directory, tmp, str(number))
+                # The counter is a hint (next_number() heals a stale one), so it is not fsync'd.
+                durable.replace_synced(
+                    COUNTER_NAME, b"%d\n" % numbers[-1], owner, sync=False, dir_fd=directory
+                )
+                os.fsync(directory)
+                return numbers
+            finally:
+                os.close(lock_fd)  # closing releases the lockf lock
         except BaseException:
-            self.discard(staged)
+            _discard(directory, staged)
             raise
-        try:
-            self._lock(lock_fd)
-            return self._commit_locked(str(directory), staged)
-        except BaseException:
-            self.discard(staged)
-            raise
-        finally:
-            os.close(lock_fd)  # closing releases the lockf lock
-
-    def _commit_locked(self, directory: str, staged: list[Staged]) -> list[int]:
-        first = next_number(directory)
-        numbers = list(range(first, first + len(staged)))
-        for item, number in zip(staged, numbers, strict=True):
-            os.rename(item.tmp + ".status", f"{directory}/{number}.status")
-            os.rename(item.tmp, f"{directory}/{number}")
-        # The counter is a hint (next_number() heals a stale one), so it is not fsync'd.
-        owner = _owner_of(Path(directory))
-        durable.replace_synced(
-            f"{directory}/{COUNTER_NAME}", b"%d\n" % numbers[-1], owner, sync=False
-        )
-        durable.fsync_dir(directory)
-        return numbers
-
-    @staticmethod
-    def discard(staged: list[Staged]) -> None:
-        for item in staged:
-            _remove_stale(item.tmp, item.tmp + ".status")
 
     def _lock(self, fd: int) -> None:
         # Non-blocking attempts with back-off, so an IMAP server sitting on the lock costs
@@ -160,52 +154,118 @@ class Spool:
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
 
-    def _ensure_mailbox(self, name: str) -> Path:
-        directory = self.root / name
-        if directory.is_dir():
-            return directory
+    def _open_mailbox(self, name: str) -> int:
+        """A descriptor of `<spool>/<name>`, created (0700, owned by the account) if missing.
+
+        Refused (MailboxUnsafe) when it is a symlink or not a directory, or when its owner is
+        wrong: an account's mailbox must be the account's (or root's), and no mailbox may
+        belong to mailerd's own unprivileged user.
+        """
+        root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            return directory
-        owner = _account_owner(name)
-        if owner is not None and os.geteuid() == 0:
-            os.chown(directory, *owner)
-        durable.fsync_dir(str(self.root))
+            account = _account_owner(name)
+            try:
+                directory = _open_dir(root, name)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=root)
+                directory = _open_dir(root, name)
+                if account is not None and os.geteuid() == 0:
+                    os.fchown(directory, *account)
+                os.fsync(root)
+        finally:
+            os.close(root)
+        st = os.fstat(directory)
+        wrong_for_account = account is not None and st.st_uid not in (account[0], 0)
+        if wrong_for_account or st.st_uid == self.untrusted_uid:
+            os.close(directory)
+            raise MailboxUnsafe(
+                errno.EPERM, f"mailbox {name} has the wrong owner (uid {st.st_uid})"
+            )
         return directory
 
 
-def next_number(directory: str) -> int:
+Owner = tuple[int, int] | None
+
+
+def _open_dir(parent: int, name: str) -> int:
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | _SAFE, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise MailboxUnsafe(exc.errno, f"mailbox {name} is not a directory") from exc
+        raise
+
+
+def _open_lock(directory: int, owner: Owner) -> int:
+    """`.lock`, created if needed and owned like the mailbox, so the user's IMAP server can
+    take the same lock; a symlink or anything but a regular file is refused."""
+    fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _SAFE, 0o600, dir_fd=directory)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise MailboxUnsafe(errno.EPERM, "the mailbox lock is not a regular file")
+    if owner is not None and (st.st_uid, st.st_gid) != owner:
+        os.fchown(fd, *owner)
+    return fd
+
+
+def next_number(directory: int) -> int:
     """The next free N: one past the counter, skipping numbers a crash left committed.
 
     Without a readable counter (a hand-made mailbox) it continues from the largest N present.
     An orphan `N.status` without its message is simply overwritten.
     """
-    try:
-        with open(f"{directory}/{COUNTER_NAME}", "rb") as f:
-            candidate = int(f.read().strip() or b"x") + 1
-    except (FileNotFoundError, ValueError):
-        candidate = largest_number(directory) + 1
-    while os.path.exists(f"{directory}/{candidate}"):
+    counter = _read_counter(directory)
+    candidate = (counter if counter is not None else largest_number(directory)) + 1
+    while _exists(directory, str(candidate)):
         candidate += 1
     return candidate
 
 
-def largest_number(directory: str) -> int:
+def _read_counter(directory: int) -> int | None:
+    try:
+        fd = os.open(COUNTER_NAME, os.O_RDONLY | _SAFE, dir_fd=directory)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a FIFO or device planted there must not stall or flood us
+        return int(os.read(fd, 32).strip() or b"x")
+    except ValueError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def largest_number(directory: int) -> int:
     return max((int(n) for n in os.listdir(directory) if n.isdigit() and n.isascii()), default=0)
 
 
-def _remove_stale(*paths: str) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+def _exists(directory: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
-def _owner_of(directory: Path) -> tuple[int, int] | None:
+def _rename(directory: int, source: str, target: str) -> None:
+    os.rename(source, target, src_dir_fd=directory, dst_dir_fd=directory)
+
+
+def _discard(directory: int, staged: list[str]) -> None:
+    for tmp in staged:
+        for name in (tmp, tmp + ".status"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=directory)
+
+
+def _owner_of(directory: int) -> Owner:
     """Files go to the mailbox directory's owner (meaningful only when we run as root)."""
     if os.geteuid() != 0:
         return None
-    st = directory.stat()
+    st = os.fstat(directory)
     return (st.st_uid, st.st_gid)
 
 

@@ -135,7 +135,8 @@ class Outbound:
         """One scheduler per queue: during a reload the old delivery process finishes its
         attempts while the new one starts; the new one waits here until the old one is done,
         so no queue item is ever attempted by two processes."""
-        fd = os.open(self.queue.root / "private" / "scheduler.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # flock works on a read-only descriptor: the file may belong to root or to us.
+        fd = os.open(self.queue.scheduler_lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         waited = False
         while True:
             try:

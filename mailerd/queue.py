@@ -64,6 +64,13 @@ class Queue:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
         for sub in SUBDIRS:
             (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+        # Made here, at start-up, rather than by the first scheduler: the queue's layout is
+        # complete before anything is accepted.
+        self.scheduler_lock.touch(mode=0o600, exist_ok=True)
+
+    @property
+    def scheduler_lock(self) -> Path:
+        return self.root / "private" / "scheduler.lock"
 
     def put(self, envelope: Envelope, head: bytes, body: durable.Body) -> None:
         """Store a new item durably (message first, envelope last as the commit point)."""

@@ -22,7 +22,6 @@ import signal
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from mailerd import durable, eventloop
@@ -95,8 +94,8 @@ class MailboxWriter:
 class SpoolService:
     """The writer process's loop: one channel in, mailbox writes out."""
 
-    def __init__(self, spool_root: Path, sock: socket.socket) -> None:
-        self.spool = Spool(spool_root)
+    def __init__(self, spool: Spool, sock: socket.socket) -> None:
+        self.spool = spool
         self.sock = sock
         self.executor = ThreadPoolExecutor(THREADS, thread_name_prefix="mailbox")
         self.writers: dict[str, MailboxWriter] = {}
@@ -175,7 +174,7 @@ class SpoolClient:
         self._client.close()
 
 
-def fork_writer(spool_root: Path, inherited: list[socket.socket]) -> tuple[int, socket.socket]:
+def fork_writer(spool: Spool, inherited: list[socket.socket]) -> tuple[int, socket.socket]:
     """Fork the writer (call before dropping privileges, outside any event loop).
 
     `inherited` are sockets of the parent the writer must not keep open.
@@ -197,7 +196,7 @@ def fork_writer(spool_root: Path, inherited: list[socket.socket]) -> tuple[int, 
         # the whole process group (Ctrl-C), so no handed-over message is cut short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        eventloop.run(SpoolService(spool_root, theirs).run())
+        eventloop.run(SpoolService(spool, theirs).run())
         code = 0
     finally:
         os._exit(code)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from mailerd.mailbox import Delivery, MailboxLocked, Spool, next_number
+from mailerd.mailbox import Delivery, MailboxLocked, MailboxUnsafe, Spool, next_number
 
 
 def messages(spool_dir):
@@ -51,7 +51,11 @@ def test_crash_leftovers_heal(tmp_path):
     (box / "2").write_bytes(b"committed")
     (box / "3.status").write_bytes(b"stale")
     (box / ".counter").write_bytes(b"garbage")
-    assert next_number(str(box)) == 3
+    fd = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert next_number(fd) == 3
+    finally:
+        os.close(fd)
     assert spool.deliver("bob", [Delivery(b"", b"y")]) == [3]
     assert (box / "3.status").read_bytes() == b"\\Recent\n"
 
@@ -136,3 +140,76 @@ def test_disk_errors_leave_nothing_visible(tmp_path, monkeypatch):
     assert messages(box) == [1]
     assert not [n for n in os.listdir(box) if n.startswith(".tmp")]
     assert spool.deliver("bob", [Delivery(b"", b"z")]) == [2]
+
+
+# -- the mailbox writer runs as root: nothing in a mailbox may redirect its writes ------------
+
+
+def test_symlinked_lock_is_not_followed(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    (tmp_path / "spool").mkdir()
+    box = tmp_path / "spool" / "eve"
+    box.mkdir()
+    target = tmp_path / "created_by_writer"
+    os.symlink(target, box / ".lock")
+    with pytest.raises(OSError):
+        spool.deliver("eve", [Delivery(b"", b"x")])
+    assert not target.exists()
+    assert not [n for n in os.listdir(box) if n.startswith(".tmp")]
+
+
+def test_fifo_counter_neither_blocks_nor_counts(tmp_path):
+    spool = Spool(tmp_path)
+    box = tmp_path / "eve"
+    box.mkdir()
+    os.mkfifo(box / ".counter")
+    (box / "4").write_bytes(b"old")
+    # Would block forever (as root, holding the lock) if the FIFO were opened for reading.
+    assert spool.deliver("eve", [Delivery(b"", b"x")]) == [5]
+
+
+def test_symlinked_mailbox_is_refused(tmp_path):
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    elsewhere = tmp_path / "rootonly"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, spool_dir / "daemon")
+    with pytest.raises(MailboxUnsafe):
+        Spool(spool_dir).deliver("daemon", [Delivery(b"", b"x")])
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", ".hidden", "UPPER", "x+tag", ""])
+def test_names_are_checked_by_the_writer_too(tmp_path, name):
+    with pytest.raises(MailboxUnsafe):
+        Spool(tmp_path).deliver(name, [Delivery(b"", b"x")])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
+def test_account_mailbox_with_a_foreign_owner_is_refused(tmp_path):
+    import pwd
+
+    daemon = pwd.getpwnam("daemon")
+    nobody = pwd.getpwnam("nobody")
+    box = tmp_path / "daemon"
+    box.mkdir()
+    os.chown(box, nobody.pw_uid, nobody.pw_gid)  # planted by someone else
+    with pytest.raises(MailboxUnsafe):
+        Spool(tmp_path).deliver("daemon", [Delivery(b"", b"x")])
+    os.chown(box, daemon.pw_uid, daemon.pw_gid)
+    assert Spool(tmp_path).deliver("daemon", [Delivery(b"", b"x")]) == [1]
+    lock = os.stat(box / ".lock")
+    assert (lock.st_uid, lock.st_gid) == (daemon.pw_uid, daemon.pw_gid)  # the IMAP side can lock
+    assert os.stat(box / "1").st_uid == daemon.pw_uid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
+def test_mailbox_owned_by_mailerds_own_user_is_refused(tmp_path):
+    import pwd
+
+    mail = pwd.getpwnam("mail")
+    box = tmp_path / "virtual"
+    box.mkdir()
+    os.chown(box, mail.pw_uid, mail.pw_gid)
+    with pytest.raises(MailboxUnsafe):
+        Spool(tmp_path, untrusted_uid=mail.pw_uid).deliver("virtual", [Delivery(b"", b"x")])
