@@ -118,6 +118,8 @@ class DeliveryService:
     async def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """`mailerd queue` requests: list, flush, delete."""
         op = request.get("op")
+        if op in ("list", "flush") and self.outbound.lock_fd is not None:
+            await self.outbound.rescan()
         if op == "list":
             return {"items": [asdict(e) for e in self.outbound.items.values()]}
         if op == "flush":

@@ -42,6 +42,7 @@ LocalDeliver = Callable[[str, bytes, bytes | int], Awaitable[int]]
 
 MAX_HEADER_BYTES = 64 * 1024
 IDLE_WAKE = 60.0
+RESCAN_INTERVAL = 10.0  # look for items another (retiring) delivery process queued
 STOP_GRACE = 30.0  # attempts in flight at shutdown get this long to finish
 
 
@@ -104,8 +105,12 @@ class Outbound:
             return False
         while queue_id in self.busy:  # let an attempt in flight finish writing its state
             await asyncio.sleep(0.05)
-        self.items.pop(queue_id, None)
-        await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, queue_id)
+        self.busy.add(queue_id)  # and start none while the files go
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, queue_id)
+            self.items.pop(queue_id, None)
+        finally:
+            self.busy.discard(queue_id)
         log.info("%s: removed by administrator", queue_id)
         return True
 
@@ -117,9 +122,13 @@ class Outbound:
         self.lock_fd = await self._lock_queue()
         # A fresh view: a previous scheduler (before a reload or a crash) may just have changed it.
         self.load(await loop.run_in_executor(None, self.queue.load))
+        next_rescan = time.monotonic() + RESCAN_INTERVAL
         while not self.stopping:
+            if time.monotonic() >= next_rescan:
+                await self.rescan()
+                next_rescan = time.monotonic() + RESCAN_INTERVAL
             now = time.time()
-            next_due = now + IDLE_WAKE
+            next_due = min(now + IDLE_WAKE, time.time() + RESCAN_INTERVAL)
             for envelope in list(self.items.values()):
                 if envelope.id in self.busy:
                     continue
@@ -130,6 +139,22 @@ class Outbound:
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.05, next_due - time.time()))
+
+    async def rescan(self) -> int:
+        """Pick up items on disk that this scheduler does not know: during a reload the old
+        delivery process may still commit (and queue) mail after this one took over."""
+        loop = asyncio.get_running_loop()
+        unknown = await loop.run_in_executor(None, lambda: self.queue.ids() - set(self.items))
+        found = 0
+        for queue_id in unknown:
+            envelope = await loop.run_in_executor(None, self.queue.read, queue_id)
+            if envelope is not None and queue_id not in self.items:
+                self.items[queue_id] = envelope
+                found += 1
+        if found:
+            log.info("picked up %d queued message(s) from disk", found)
+            self.wake.set()
+        return found
 
     async def _lock_queue(self) -> int:
         """One scheduler per queue: during a reload the old delivery process finishes its
@@ -292,8 +317,9 @@ class Outbound:
         if still:
             await loop.run_in_executor(None, self.queue.update, envelope)
         else:
-            self.items.pop(envelope.id, None)
+            # Files first, then memory: a rescan must never find the files of a forgotten item.
             await loop.run_in_executor(None, self.queue.remove, envelope.id)
+            self.items.pop(envelope.id, None)
             log.info("%s: removed", envelope.id)
 
     def backoff(self, attempts: int) -> float:

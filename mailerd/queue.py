@@ -93,6 +93,15 @@ class Queue:
     def message_path(self, queue_id: str) -> Path:
         return self.root / "msg" / queue_id
 
+    def ids(self) -> set[str]:
+        return {n for n in os.listdir(self.root / "env") if ".tmp" not in n}
+
+    def read(self, queue_id: str) -> Envelope | None:
+        try:
+            return Envelope.from_json((self.root / "env" / queue_id).read_bytes())
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
     def load(self, clean: bool = True) -> list[Envelope]:
         """All committed items; with `clean`, removes crash debris (orphan messages, temp files).
 

@@ -70,3 +70,49 @@ def test_delivery_process_restart(mailerd: Mailerd):
             assert s.sendmail("a@client.test", ["carol@example.org"], body) == {}
             accepted += 1
     assert m.wait_messages("carol", accepted, timeout=10) == list(range(1, accepted + 1))
+
+
+class _Recorder:
+    def __init__(self):
+        self.rcpts: list[str] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.rcpts.extend(envelope.rcpt_tos)
+        return "250 2.0.0 Ok"
+
+
+def test_mail_committed_by_the_old_generation_after_a_reload_is_delivered(mailerd_factory):
+    """A session opened before SIGHUP finishes its transaction on the old worker and the old
+    delivery process, after the new scheduler took over the queue: it must still go out."""
+    from aiosmtpd.controller import Controller
+
+    from .conftest import free_port
+
+    recorder = _Recorder()
+    smarthost = Controller(recorder, hostname="127.0.0.1", port=free_port())
+    smarthost.start()
+    try:
+        m: Mailerd = mailerd_factory(
+            workers=1, extra=["--relayhost", f"127.0.0.1:{smarthost.port}", "--retry-after", "1s"]
+        )
+        with m.connect() as c:
+            c.start()
+            for rcpt in ("first@remote.test", "second@remote.test"):
+                expect(c.cmd("MAIL FROM:<a@example.org>"), 250, conn=c)
+                expect(c.cmd(f"RCPT TO:<{rcpt}>"), 250, conn=c)
+                if rcpt.startswith("second"):
+                    old_workers = set(m.worker_pids())
+                    m.signal(signal.SIGHUP)
+                    renewed = lambda old=old_workers: set(m.worker_pids()) - old  # noqa: E731
+                    assert wait_until(renewed, timeout=10)
+                expect(c.cmd("DATA"), 354, conn=c)
+                c.send(b"Subject: " + rcpt.encode() + b"\r\n\r\nhello\r\n.\r\n")
+                expect(c.read_reply(), 250, conn=c)
+            expect(c.cmd("QUIT"), 221, conn=c)
+        assert wait_until(lambda: "second@remote.test" in recorder.rcpts, timeout=25), (
+            recorder.rcpts,
+            m.queue_files(),
+        )
+        assert sorted(recorder.rcpts) == ["first@remote.test", "second@remote.test"]
+    finally:
+        smarthost.stop()
