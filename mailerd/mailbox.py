@@ -72,12 +72,22 @@ class Spool:
 
     def exists(self, name: str) -> bool:
         """Deliverable: its mailbox exists, it is a system account, or it is postmaster."""
+        return self.state(name) == "ok"
+
+    def state(self, name: str) -> str:
+        """ "ok" (a mailbox, an account or postmaster), "unknown", or "not-a-directory" (an
+        mbox file sits where the mailbox directory would be)."""
         try:
-            if name == "postmaster" or (self.root / name).is_dir():
-                return True
-        except OSError:  # e.g. a name too long for the file system: no such mailbox
-            return False
-        return _account_owner(name) is not None
+            st = os.stat(self.root / name)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP):
+                return "unknown"  # no mailbox can have such a name
+            raise
+        if st is not None:
+            return "ok" if stat.S_ISDIR(st.st_mode) else "not-a-directory"
+        return "ok" if name == "postmaster" or _account_owner(name) is not None else "unknown"
 
     def deliver(self, name: str, messages: list[Delivery]) -> list[int]:
         """Store messages in mailbox `name`, durably, in order; return their numbers.

@@ -55,6 +55,11 @@ log = logging.getLogger("mailerd.worker")
 COMMIT_TIMEOUT = 120.0  # well below the client's 10 min wait for the final reply (RFC 5321 4.5.3.2)
 SHUTDOWN_GRACE = 10.0
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
+INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection", close=True)
+CHECK_FAILED = Reply(451, "4.3.0", "Cannot check the mailbox now; try again later")
+# An mbox file where mailerd wants a mailbox directory (e.g. Debian's /var/mail/<user>): keep the
+# mail coming back (4xx) until the administrator converts or moves it.
+MAILBOX_NOT_A_DIRECTORY = Reply(450, "4.2.0", "Mailbox unavailable: it is not a directory")
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
 BOOT_ERROR = 3  # exit status of a child that cannot work at all: the master stops, not respawns
 LOG_LINE_MAX = 200  # -v dialogue: longer command lines and replies are cut
@@ -123,6 +128,7 @@ class Connection(asyncio.Protocol):
         self.client = "?"  # [ip]:port, what the log calls this connection
         self.body = BodyBuffer(worker.spill_dir)
         self.committing = False
+        self.write_paused = False
         self.closing = False
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
@@ -156,7 +162,24 @@ class Connection(asyncio.Protocol):
             return
         self.last_activity = self.worker.loop.time()
         self.session.receive_data(data)
-        self.pump()
+        try:
+            self.pump()
+        except Exception:
+            # A bug must cost this one session, with a reply and a log line, not go unnoticed.
+            log.exception("internal error in the session with %s", self.client)
+            self.close([INTERNAL_ERROR.to_bytes()])
+
+    def pause_writing(self) -> None:
+        """The client does not read its replies: stop reading its commands until it does
+        (otherwise a client pipelining NOOPs forever grows our reply buffer without limit)."""
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+            self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.closing and not self.committing:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         if self.session is not None and not self.closing:
@@ -237,7 +260,8 @@ class Connection(asyncio.Protocol):
         if self.closing or self.session is None:
             return
         self.session.commit_done(reply)
-        self.transport.resume_reading()  # type: ignore[union-attr]
+        if not self.write_paused:
+            self.transport.resume_reading()  # type: ignore[union-attr]
         self.last_activity = self.worker.loop.time()
         self.pump()
 
@@ -266,8 +290,16 @@ class Connection(asyncio.Protocol):
         )
         if isinstance(route, policy.Refused):
             return route.reply
-        if isinstance(route, policy.Local) and not self.worker.spool.exists(route.mailbox):
-            return policy.NO_SUCH_USER
+        if isinstance(route, policy.Local):
+            try:
+                state = self.worker.spool.state(route.mailbox)
+            except OSError as exc:
+                log.error("cannot check mailbox %s: %s", route.mailbox, exc)
+                return CHECK_FAILED
+            if state == "unknown":
+                return policy.NO_SUCH_USER
+            if state == "not-a-directory":
+                return MAILBOX_NOT_A_DIRECTORY
         return None
 
     def check_timeout(self) -> None:

@@ -224,6 +224,10 @@ class Session:
         if self._state is not _State.PAUSED:
             raise RuntimeError("commit_done() called without a pending MessageComplete")
         self._state = _State.COMMAND
+        if 200 <= reply.code < 300:
+            # A delivered message shows a working client: only errors since then count
+            # (as Postfix does), so a long session with an occasional unknown recipient lives.
+            self._errors = 0
         self._send(reply, count=False)  # storage errors are not the client's fault
 
     def timeout(self) -> Reply:
@@ -532,7 +536,9 @@ class Session:
             self._send(_NEED_SMTPUTF8)
             return
         if len(self._recipients) >= self._config.max_recipients:
-            self._send(_TOO_MANY_RECIPIENTS)
+            # Not an error: RFC 5321 4.5.3.1.10 expects the client to send the rest later, and
+            # counting it would end a large pipelined transaction with 421.
+            self._send(_TOO_MANY_RECIPIENTS, count=False)
             return
         refusal = self._check_recipient(recipient)
         if refusal is None:

@@ -116,3 +116,45 @@ def test_mail_committed_by_the_old_generation_after_a_reload_is_delivered(mailer
         assert sorted(recorder.rcpts) == ["first@remote.test", "second@remote.test"]
     finally:
         smarthost.stop()
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_a_client_that_never_reads_its_replies_cannot_grow_the_worker(mailerd_factory):
+    import socket
+    import time
+
+    m: Mailerd = mailerd_factory(workers=1)
+    [worker] = m.worker_pids()
+    before = _rss_kb(worker)
+    sock = socket.create_connection(("127.0.0.1", m.port(trusted=False)), timeout=5)
+    sock.setblocking(False)
+    chunk = b"NOOP\r\n" * 10000
+    sent, deadline = 0, time.monotonic() + 8
+    while time.monotonic() < deadline and sent < 200_000_000:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)  # the server stopped reading: what we want
+    grown_mb = (_rss_kb(worker) - before) / 1024
+    sock.close()
+    # Without back-pressure the worker keeps reading and buffering replies (measured: +35 MB in
+    # 8 s, growing); with it, it stops reading once the replies back up (+5 MB).
+    assert grown_mb < 15, f"worker grew {grown_mb:.0f} MB after {sent / 1e6:.0f} MB of NOOPs"
+    with m.smtp() as s:  # and it still serves others
+        assert s.noop()[0] == 250
+
+
+def test_overlong_local_part_gets_a_reply(mailerd: Mailerd):
+    with mailerd.connect(trusted=False) as c:
+        c.start()
+        expect(c.cmd("MAIL FROM:<a@client.test>"), 250, conn=c)
+        r = c.cmd("RCPT TO:<" + "a" * 300 + "@example.org>")
+        assert r.code == 550, r
+        expect(c.cmd("NOOP"), 250, conn=c)

@@ -1104,3 +1104,30 @@ def test_on_command_sees_command_lines_but_never_message_content():
     while session.next_event() not in (NEED_DATA, PAUSED):
         pass
     assert seen == [b"EHLO c", b"MAIL FROM:<a@b>", b"RCPT TO:<x@y>", b"DATA"]
+
+
+def test_recipients_over_the_limit_are_not_errors():
+    # RFC 5321 4.5.3.1.10: the client sends the rest later; a 421 would lose the 100 accepted.
+    client = Client(max_errors=5)
+    client.cmd("EHLO c")
+    client.cmd("MAIL FROM:<a@b>")
+    rcpts = b"".join(b"RCPT TO:<r%d@x>\r\n" % i for i in range(125))
+    replies = client.send(rcpts + b"DATA\r\n")
+    assert [r.code for r in replies] == [250] * 100 + [452] * 25 + [354]
+    assert not client.closed
+
+
+def test_a_delivered_message_resets_the_error_count():
+    client = Client(max_errors=2)
+    client.cmd("EHLO c")
+    for _ in range(4):  # each transaction: two refused commands, then a delivered message
+        assert client.cmd("BOGUS").code == 500
+        assert client.cmd("RCPT TO:<x@y>").code == 503
+        client.cmd("MAIL FROM:<a@b>")
+        client.cmd("RCPT TO:<x@y>")
+        client.cmd("DATA")
+        assert [r.code for r in client.send(b"hi\r\n.\r\n")] == [250]
+    assert not client.closed
+    for _ in range(2):
+        client.cmd("BOGUS")
+    assert client.cmd("BOGUS").code == 421 and client.closed
