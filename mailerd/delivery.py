@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
@@ -36,6 +37,7 @@ log = logging.getLogger("mailerd.delivery")
 
 LOCAL_RETRY_DELAY = 60.0
 DRAIN_TIMEOUT = 60.0
+HEADER_SCAN = 64 * 1024  # how much of a submission is searched for Date:/Message-ID:
 
 
 class DeliveryService:
@@ -181,8 +183,9 @@ class DeliveryService:
         remote = [Recipient(r["address"]) for r in recipients if r["mailbox"] is None]
         if remote:
             envelope = self._envelope(queue_id, request, remote)
+            head = received + self._completion(request, queue_id, body)
             try:
-                await self._in_thread(self.queue.put, envelope, received, body)
+                await self._in_thread(self.queue.put, envelope, head, body)
             except OSError as exc:
                 log.error("%s: queue write failed: %s", queue_id, exc)
                 return durable.error_reply(exc)
@@ -195,6 +198,17 @@ class DeliveryService:
             if reply is not None:
                 return reply
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _completion(self, request: dict[str, Any], queue_id: str, body: durable.Body) -> bytes:
+        """Date:/Message-ID: for a submission from a local program that lacks them, as an MTA
+        should add them before mail leaves (big providers refuse mail without a Message-ID).
+        Only on the outgoing copy: a local mailbox gets the message as received."""
+        if not request.get("trusted"):
+            return b""
+        scan = body[:HEADER_SCAN] if isinstance(body, bytes) else os.pread(body, HEADER_SCAN, 0)
+        return trace.missing_headers(
+            scan, queue_id=queue_id, hostname=self.cfg.hostname, when=time.time()
+        )
 
     async def _deliver_local(
         self, queue_id: str, sender: str, received: bytes, body: durable.Body, recipients: list

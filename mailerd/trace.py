@@ -47,6 +47,8 @@ def received(
     `protocol` is the RFC 3848 WITH keyword: SMTP, ESMTP, UTF8SMTP. `recipient` is given only
     when the message has exactly one, so other recipients are not disclosed.
     """
+    if protocol != "UTF8SMTP":
+        helo = helo.encode("ascii", "replace").decode()  # 8-bit headers need SMTPUTF8
     peer = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
     date = email.utils.formatdate(when, localtime=True)
     for_clause = f"\r\n\tfor <{_path(recipient)}>" if recipient else ""
@@ -60,3 +62,26 @@ def received(
 
 def return_path(sender: str) -> bytes:
     return f"Return-Path: <{_path(sender)}>\r\n".encode()
+
+
+def missing_headers(message_start: bytes, *, queue_id: str, hostname: str, when: float) -> bytes:
+    """`Date:` and `Message-ID:` lines for a submission that lacks them (as Postfix's cleanup
+    adds for local clients: big providers refuse mail without a Message-ID).
+
+    `message_start` is the beginning of the message; only its header section is looked at.
+    """
+    header_end = message_start.find(b"\r\n\r\n")
+    section = message_start if header_end < 0 else message_start[: header_end + 2]
+    if message_start.startswith(b"\r\n"):
+        section = b""  # no header section at all
+    names = {
+        line.split(b":", 1)[0].strip().lower()
+        for line in section.split(b"\r\n")
+        if line and line[:1] not in (b" ", b"\t") and b":" in line
+    }
+    added = b""
+    if b"date" not in names:
+        added += f"Date: {email.utils.formatdate(when, localtime=True)}\r\n".encode()
+    if b"message-id" not in names:
+        added += f"Message-ID: <{queue_id}@{hostname}>\r\n".encode()
+    return added

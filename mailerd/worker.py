@@ -282,6 +282,7 @@ class Connection(asyncio.Protocol):
             "protocol": protocol,
             "body": envelope.body,
             "smtputf8": envelope.smtputf8,
+            "trusted": self.listen.trusted,
         }
 
     def check_recipient(self, address: Address) -> Reply | None:
