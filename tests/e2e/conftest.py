@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from harness import wait_for_banner
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_DOMAINS = ("example.org", "example.net")
@@ -487,35 +488,10 @@ class Mailerd:
         ]
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         for host, port in self.endpoints():
-            while True:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"mailerd exited with {self.proc.returncode} during startup:\n"
-                        f"{self.stderr_text()}"
-                    )
-                try:
-                    with socket.create_connection((host, port), timeout=2) as s:
-                        s.settimeout(max(0.5, deadline - time.monotonic()))
-                        data = b""
-                        while b"\n" not in data:
-                            chunk = s.recv(1024)
-                            if not chunk:
-                                break
-                            data += chunk
-                        if data.startswith(b"220"):
-                            with contextlib.suppress(OSError):
-                                s.sendall(b"QUIT\r\n")
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"mailerd not ready on [{host}]:{port} after {timeout}s:\n"
-                        f"{self.stderr_text()}"
-                    )
-                time.sleep(0.05)
+            wait_for_banner(self.proc, host, port, deadline, self.stderr_text)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -53,7 +53,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -63,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import wait_for_banner
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -665,31 +665,9 @@ class Mailerd:
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mailerd exited with {self.proc.returncode} at start-up:\n{self.log_text()}"
-                )
-            try:
-                with socket.create_connection((NS_V4, self.port), timeout=2) as s:
-                    s.settimeout(max(0.5, deadline - time.monotonic()))
-                    data = b""
-                    while b"\n" not in data:
-                        chunk = s.recv(1024)
-                        if not chunk:
-                            break
-                        data += chunk
-                    if data.startswith(b"220"):
-                        with contextlib.suppress(OSError):
-                            s.sendall(b"QUIT\r\n")
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mailerd not ready after {timeout}s:\n{self.log_text()}")
-            time.sleep(0.1)
+        wait_for_banner(self.proc, NS_V4, self.port, deadline, self.log_text)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM the master (the `ip netns exec` child execs into it) and wait."""
