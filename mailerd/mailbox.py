@@ -279,9 +279,23 @@ def _owner_of(directory: int) -> Owner:
     return (st.st_uid, st.st_gid)
 
 
+_ACCOUNT_TTL = 60.0
+_accounts: dict[str, tuple[float, tuple[int, int] | None]] = {}
+
+
 def _account_owner(name: str) -> tuple[int, int] | None:
+    """The account's (uid, gid), or None; cached for a minute, because an NSS lookup can cost
+    dozens of system calls (libnss_systemd's userdb probing) and runs for every batch."""
+    now = time.monotonic()
+    cached = _accounts.get(name)
+    if cached is not None and now - cached[0] < _ACCOUNT_TTL:
+        return cached[1]
     try:
         entry = pwd.getpwnam(name)
+        owner: tuple[int, int] | None = (entry.pw_uid, entry.pw_gid)
     except (KeyError, UnicodeEncodeError, ValueError):
-        return None
-    return (entry.pw_uid, entry.pw_gid)
+        owner = None
+    if len(_accounts) > 10000:  # names come from the network: keep the cache bounded
+        _accounts.clear()
+    _accounts[name] = (now, owner)
+    return owner
