@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import itertools
+import logging
 import os
 import pwd
 import stat
@@ -30,6 +31,8 @@ from pathlib import Path
 
 from mailerd import durable, policy
 from mailerd.smtp.events import Reply
+
+log = logging.getLogger("mailerd.mailbox")
 
 LOCK_NAME = ".lock"
 COUNTER_NAME = ".counter"
@@ -135,10 +138,15 @@ class Spool:
                 for tmp, number in zip(staged, numbers, strict=True):
                     _rename(directory, tmp + ".status", f"{number}.status")
                     _rename(directory, tmp, str(number))
-                # The counter is a hint (next_number() heals a stale one), so it is not fsync'd.
-                durable.replace_synced(
-                    COUNTER_NAME, b"%d\n" % numbers[-1], owner, sync=False, dir_fd=directory
-                )
+                # The counter is a hint (next_number() heals a stale one), so it is not fsync'd,
+                # and failing to update it (a full disk) must not fail messages already renamed
+                # into place: that would have them delivered twice.
+                try:
+                    durable.replace_synced(
+                        COUNTER_NAME, b"%d\n" % numbers[-1], owner, sync=False, dir_fd=directory
+                    )
+                except OSError as exc:
+                    log.warning("mailbox counter not updated (%s); it heals on the next one", exc)
                 os.fsync(directory)
                 return numbers
             finally:

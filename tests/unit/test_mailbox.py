@@ -213,3 +213,19 @@ def test_mailbox_owned_by_mailerds_own_user_is_refused(tmp_path):
     os.chown(box, mail.pw_uid, mail.pw_gid)
     with pytest.raises(MailboxUnsafe):
         Spool(tmp_path, untrusted_uid=mail.pw_uid).deliver("virtual", [Delivery(b"", b"x")])
+
+
+def test_a_failed_counter_update_does_not_fail_committed_messages(tmp_path, monkeypatch):
+    from mailerd import durable
+
+    spool = Spool(tmp_path)
+    spool.deliver("bob", [Delivery(b"", b"x")])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(durable, "replace_synced", full_disk)
+    # Renamed into place before the counter: reported as delivered, not failed (no duplicate).
+    assert spool.deliver("bob", [Delivery(b"", b"y"), Delivery(b"", b"z")]) == [2, 3]
+    monkeypatch.undo()
+    assert spool.deliver("bob", [Delivery(b"", b"w")]) == [4]  # the stale counter healed
