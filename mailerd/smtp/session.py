@@ -100,6 +100,8 @@ _BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 _BAD_RECIPIENT = Reply(550, "5.1.3", "Bad recipient address syntax")
 _BAD_PARAMS = Reply(501, "5.5.4", "Syntax error in parameters")
 _RCPT_PARAMS = Reply(555, "5.5.4", "RCPT TO parameters not recognized or not implemented")
+_PARAMS_NEED_EHLO = Reply(555, "5.5.4", "MAIL FROM parameters need EHLO, not HELO")
+_BDAT_NEEDS_EHLO = Reply(503, "5.5.1", "Bad sequence of commands: BDAT needs EHLO")
 _MAIL_PARAMS = Reply(555, "5.5.4", "MAIL FROM parameters not recognized or not implemented")
 _BAD_SIZE = Reply(501, "5.5.4", "SIZE requires a decimal number")
 _BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
@@ -493,6 +495,10 @@ class Session:
         except GrammarError as exc:
             self._send(_grammar_reply(exc, _MAIL_SYNTAX, _BAD_SENDER))
             return
+        if params and not self._esmtp:
+            # RFC 1869 / 5321 4.1.1.11: parameters belong to extensions, offered only to EHLO.
+            self._send(_PARAMS_NEED_EHLO)
+            return
         options = _mail_options(params)
         if isinstance(options, Reply):
             self._send(options)
@@ -572,7 +578,9 @@ class Session:
         # The chunk is read even when refused: its octets must not be parsed
         # as commands (RFC 3030 section 3).
         refusal = None
-        if not self._in_mail:
+        if not self._esmtp:
+            refusal = _BDAT_NEEDS_EHLO  # CHUNKING is only offered in the EHLO reply
+        elif not self._in_mail:
             refusal = _NEED_MAIL
         elif not self._recipients:
             refusal = _NO_RECIPIENTS

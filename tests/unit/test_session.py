@@ -1131,3 +1131,16 @@ def test_a_delivered_message_resets_the_error_count():
     for _ in range(2):
         client.cmd("BOGUS")
     assert client.cmd("BOGUS").code == 421 and client.closed
+
+
+def test_extensions_need_ehlo():
+    client = Client()
+    client.cmd("HELO c")
+    reply = client.cmd("MAIL FROM:<a@b> BODY=8BITMIME")
+    assert (reply.code, reply.status) == (555, "5.5.4")
+    assert client.cmd("MAIL FROM:<a@b>").code == 250
+    assert client.cmd("RCPT TO:<x@y>").code == 250
+    # The refused chunk is still consumed, never parsed as commands.
+    replies = client.send(b"BDAT 6 LAST\r\nQUIT\r\n")
+    assert [(r.code, r.status) for r in replies] == [(503, "5.5.1")]
+    assert client.cmd("NOOP").code == 250
