@@ -44,3 +44,26 @@ def _greeted(host: str, port: int, deadline: float) -> bool:
     except OSError:
         pass
     return False
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Poll ``predicate`` until it returns a truthy value; return it, or the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def tracebacks(log_text: str) -> list[str]:
+    """Python tracebacks in a server's log (each with the line that precedes it)."""
+    lines = log_text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last)"):
+            end = i + 1
+            while end < len(lines) and (lines[end].startswith(" ") or not lines[end]):
+                end += 1
+            out.append("\n".join(lines[max(0, i - 1) : end + 1]))
+    return out

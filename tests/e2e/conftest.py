@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from harness import wait_for_banner
+from harness import tracebacks, wait_for_banner, wait_until  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_DOMAINS = ("example.org", "example.net")
@@ -38,16 +38,6 @@ ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 # --------------------------------------------------------------------------------------------
 # Polling
 # --------------------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05):
-    """Poll ``predicate`` until it returns a truthy value; return it, or the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,16 +458,8 @@ class Mailerd:
             return ""
 
     def crashes(self) -> list[str]:
-        """Python tracebacks the server wrote to stderr (each with the line that precedes it)."""
-        lines = self.stderr_text().splitlines()
-        out = []
-        for i, line in enumerate(lines):
-            if line.startswith("Traceback (most recent call last)"):
-                end = i + 1
-                while end < len(lines) and (lines[end].startswith(" ") or not lines[end]):
-                    end += 1
-                out.append("\n".join(lines[max(0, i - 1) : end + 1]))
-        return out
+        """Python tracebacks the server wrote to stderr."""
+        return tracebacks(self.stderr_text())
 
     def endpoints(self) -> list[tuple[str, int]]:
         return [

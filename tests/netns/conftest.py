@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import wait_for_banner
+from harness import tracebacks, wait_for_banner, wait_until  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -148,16 +148,6 @@ LOG_RE = re.compile(
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy; return it (or the last value)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 _tokens = itertools.count(1)
@@ -763,15 +753,7 @@ class Mailerd:
         return [d["status"] for d in self.deliveries(rcpt)]
 
     def crashes(self) -> list[str]:
-        lines = self.log_text().splitlines()
-        out = []
-        for i, line in enumerate(lines):
-            if line.startswith("Traceback (most recent call last)"):
-                end = i + 1
-                while end < len(lines) and (lines[end].startswith(" ") or not lines[end]):
-                    end += 1
-                out.append("\n".join(lines[max(0, i - 1) : end + 1]))
-        return out
+        return tracebacks(self.log_text())
 
     # -- submitting -----------------------------------------------------------------------
     def smtp(self) -> smtplib.SMTP:

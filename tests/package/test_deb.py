@@ -47,13 +47,13 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from harness import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_DEB = REPO / "scripts" / "build-deb"
@@ -686,10 +686,12 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
     token2 = uuid.uuid4().hex
     with smtp(ports["local"]) as s:
         s.sendmail(f"{USER}@{DOMAIN}", [f"friend@{REMOTE}"], message(f"friend@{REMOTE}", token2))
-    got = wait_for(lambda: [m for m in fake_mx.messages if token2.encode() in m.data], 30)
+    got = wait_until(
+        lambda: [m for m in fake_mx.messages if token2.encode() in m.data], 30, interval=0.2
+    )
     assert got, f"the fake MX received nothing in 30 s{queue_state(t)}{syslog_tail(t)}"
     assert got[0].sender == f"{USER}@{DOMAIN}" and got[0].recipients == [f"friend@{REMOTE}"]
-    assert wait_for(lambda: not t.out(["ls", "-A", f"{QUEUE}/env"]).strip(), 15), (
+    assert wait_until(lambda: not t.out(["ls", "-A", f"{QUEUE}/env"]).strip(), 15, 0.2), (
         "the relayed message is still queued" + queue_state(t)
     )
 
@@ -698,7 +700,9 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
     t.write(CONF, config_text(ports, [DOMAIN, DOMAIN2], fake_mx.port).encode())
     reload = t.run([INIT, "reload"], check=False)
     assert reload.returncode == 0, reload
-    accepted = wait_for(lambda: rcpt_code(ports["network"], f"{USER}@{DOMAIN2}") == 250, 20)
+    accepted = wait_until(
+        lambda: rcpt_code(ports["network"], f"{USER}@{DOMAIN2}") == 250, 20, interval=0.2
+    )
     assert accepted, f"{DOMAIN2} still refused 20 s after reload{syslog_tail(t)}"
     token3 = uuid.uuid4().hex
     with smtp(ports["network"]) as s:
@@ -814,15 +818,6 @@ def message(to: str, token: str) -> bytes:
         f"From: someone <someone@{REMOTE}>\r\nTo: <{to}>\r\nSubject: package test {token}\r\n"
         f"Message-ID: <{token}@{CLIENT_NAME}>\r\n\r\nbody {token}\r\n"
     ).encode()
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def child_pids(t: Target, parent: int) -> list[int]:
