@@ -6,9 +6,9 @@ local mailbox — and answers once, so the worker can say 250. Partial success i
 a 451 (which would duplicate the mailboxes already written): a local recipient whose mailbox
 failed is queued for a later local retry, and only if that fails too does the worker get 4xx.
 
-Mailbox writes run in a small thread pool, one writer task per mailbox at a time (lockf does not
-exclude threads of one process); requests that pile up for a mailbox are committed as a batch
-with one directory fsync (group commit), which is what makes 20 clients into one mailbox fast.
+Mailboxes are written by the privileged mailbox writer it forks (`spoolwriter`), which batches
+what piles up for one mailbox; queue files are written here, in a small thread pool, and the
+outbound scheduler (`outbound`) works the queue from this process too.
 """
 
 from __future__ import annotations
