@@ -52,6 +52,10 @@ class Channel:
         self._on_frame = on_frame
         self._on_close = on_close
         self._in = bytearray()
+        # One receive buffer for the channel's life: recvmsg() with a fresh 256 KiB bytes object
+        # per call costs an mmap/munmap pair and page faults for every frame.
+        self._buffer = bytearray(_READ_SIZE)
+        self._view = memoryview(self._buffer)
         self._fds: collections.deque[int] = collections.deque()
         self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         self._writing = False
@@ -115,7 +119,9 @@ class Channel:
 
     def _readable(self) -> None:
         try:
-            data, ancdata, _, _ = self.sock.recvmsg(_READ_SIZE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+            size, ancdata, _, _ = self.sock.recvmsg_into(
+                [self._view], _FD_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -126,10 +132,10 @@ class Channel:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 self._fds.extend(fds)
-        if not data:
+        if not size:
             self.close()
             return
-        self._in += data
+        self._in += self._view[:size]
         try:
             self._parse()
         except ChannelError:
@@ -155,6 +161,11 @@ class Channel:
                     raise ChannelError("frame announces a descriptor that did not arrive")
                 fd = self._fds.popleft()
             self._on_frame(header, body, fd)
+
+
+def _expire(future: asyncio.Future[dict[str, Any]]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("no answer in time"))
 
 
 def _fds(fd: int | None) -> list[int]:
@@ -197,12 +208,16 @@ class Client:
                 raise
         self._next_id += 1
         request_id = self._next_id
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._pending[request_id] = future
+        # A plain timer rather than asyncio.wait_for(), which costs a task per request.
+        timer = loop.call_later(self.timeout, _expire, future)
         try:
             channel.send({**header, "id": request_id}, body, fd)
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+            return await future
         finally:
+            timer.cancel()
             self._pending.pop(request_id, None)
 
     async def _connect(self) -> Channel:

@@ -96,3 +96,44 @@ def test_garbage_closes_the_channel():
         return True
 
     assert run(main())
+
+
+def test_client_requests_get_their_own_answers_a_timeout_or_a_broken_channel():
+    """Client.request: answers matched by id out of order; no answer in time is a
+    TimeoutError (and a late answer is ignored); the peer going away fails what is pending."""
+    from mailerd.channel import Client
+
+    async def main():
+        c_sock, s_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        held = []
+
+        def on_frame(header, body, fd):
+            if header.get("hold"):
+                held.append(header)
+            else:
+                server.send({"id": header["id"], "echo": body.decode()})
+
+        server = Channel(s_sock, on_frame, lambda: None)
+        client = Client(None, 0.2, sock=c_sock)
+        answers = await asyncio.gather(*(client.request({}, b"m%d" % n) for n in range(50)))
+        assert [a["echo"] for a in answers] == ["m%d" % n for n in range(50)]
+        try:
+            await client.request({"hold": True})
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("no TimeoutError")
+        server.send({"id": held[0]["id"], "echo": "late"})  # ignored, nobody waits
+        assert (await client.request({}, b"after"))["echo"] == "after"
+        pending = asyncio.ensure_future(client.request({"hold": True}))
+        await asyncio.sleep(0.05)
+        server.close()
+        try:
+            await pending
+        except ConnectionError:
+            pass
+        else:
+            raise AssertionError("no ConnectionError")
+        client.close()
+
+    run(main())
