@@ -142,9 +142,7 @@ class Spool:
                 # and failing to update it (a full disk) must not fail messages already renamed
                 # into place: that would have them delivered twice.
                 try:
-                    durable.replace_synced(
-                        COUNTER_NAME, b"%d\n" % numbers[-1], owner, sync=False, dir_fd=directory
-                    )
+                    _store_counter(directory, numbers[-1], owner)
                 except OSError as exc:
                     log.warning("mailbox counter not updated (%s); it heals on the next one", exc)
                 os.fsync(directory)
@@ -239,6 +237,31 @@ def next_number(directory: int) -> int:
     while _exists(directory, str(candidate)):
         candidate += 1
     return candidate
+
+
+def _store_counter(directory: int, number: int, owner: Owner) -> None:
+    """Record the last N in `.counter` (a hint: not fsync'd, see next_number).
+
+    Normally overwritten in place: replacing it by a rename costs about 150 µs per batch,
+    because ext4 writes out a file's data before it is renamed over another (auto_da_alloc).
+    Anything but a plain file of the mailbox's owner with one link, or a longer old text, is
+    replaced by a rename instead, so a planted file is never written through.
+    """
+    data = b"%d\n" % number
+    try:
+        fd = os.open(COUNTER_NAME, os.O_WRONLY | _SAFE, dir_fd=directory)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            st = os.fstat(fd)
+            ours = owner is None or (st.st_uid, st.st_gid) == owner
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and ours and st.st_size <= len(data):
+                os.pwrite(fd, data, 0)  # numbers only grow: the new text covers the old one
+                return
+        finally:
+            os.close(fd)
+    durable.replace_synced(COUNTER_NAME, data, owner, sync=False, dir_fd=directory)
 
 
 def _read_counter(directory: int) -> int | None:

@@ -116,7 +116,7 @@ def test_client_requests_get_their_own_answers_a_timeout_or_a_broken_channel():
         server = Channel(s_sock, on_frame, lambda: None)
         client = Client(None, 0.2, sock=c_sock)
         answers = await asyncio.gather(*(client.request({}, b"m%d" % n) for n in range(50)))
-        assert [a["echo"] for a in answers] == ["m%d" % n for n in range(50)]
+        assert [a["echo"] for a in answers] == [f"m{n}" for n in range(50)]
         try:
             await client.request({"hold": True})
         except TimeoutError:

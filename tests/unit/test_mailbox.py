@@ -216,7 +216,7 @@ def test_mailbox_owned_by_mailerds_own_user_is_refused(tmp_path):
 
 
 def test_a_failed_counter_update_does_not_fail_committed_messages(tmp_path, monkeypatch):
-    from mailerd import durable
+    from mailerd import mailbox
 
     spool = Spool(tmp_path)
     spool.deliver("bob", [Delivery(b"", b"x")])
@@ -224,8 +224,29 @@ def test_a_failed_counter_update_does_not_fail_committed_messages(tmp_path, monk
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(durable, "replace_synced", full_disk)
+    monkeypatch.setattr(mailbox, "_store_counter", full_disk)
     # Renamed into place before the counter: reported as delivered, not failed (no duplicate).
     assert spool.deliver("bob", [Delivery(b"", b"y"), Delivery(b"", b"z")]) == [2, 3]
     monkeypatch.undo()
     assert spool.deliver("bob", [Delivery(b"", b"w")]) == [4]  # the stale counter healed
+
+
+def test_counter_is_updated_in_place_but_never_written_through_a_planted_file(tmp_path):
+    spool = Spool(tmp_path)
+    assert spool.deliver("bob", [Delivery(b"", b"x")] * 9) == list(range(1, 10))
+    box = tmp_path / "bob"
+    inode = os.stat(box / ".counter").st_ino
+    assert spool.deliver("bob", [Delivery(b"", b"y")]) == [10]
+    assert (box / ".counter").read_bytes() == b"10\n"
+    assert os.stat(box / ".counter").st_ino == inode  # overwritten, not replaced
+    # A hard link (to a file elsewhere) or a longer text is replaced, never written through.
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious\n")
+    (box / ".counter").unlink()
+    os.link(outside, box / ".counter")
+    assert spool.deliver("bob", [Delivery(b"", b"z")]) == [11]
+    assert outside.read_bytes() == b"precious\n"
+    assert (box / ".counter").read_bytes() == b"11\n"
+    (box / ".counter").write_bytes(b"11\n# a note\n")
+    assert spool.deliver("bob", [Delivery(b"", b"w")]) == [12]
+    assert (box / ".counter").read_bytes() == b"12\n"
