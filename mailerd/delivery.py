@@ -219,8 +219,7 @@ class DeliveryService:
         by_mailbox: dict[str, dict[str, Any]] = {}
         for r in local:
             by_mailbox.setdefault(r["mailbox"], r)
-        futures = [self.writer.deliver(name, head, body) for name in by_mailbox]
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await self._write_mailboxes(list(by_mailbox), head, body)
         failed = []
         for (name, r), result in zip(by_mailbox.items(), results, strict=True):
             if isinstance(result, BaseException):
@@ -237,6 +236,18 @@ class DeliveryService:
                     result,
                 )
         return failed
+
+    async def _write_mailboxes(
+        self, names: list[str], head: bytes, body: durable.Body
+    ) -> list[int | BaseException]:
+        """Each mailbox's message number, or the exception that failed it."""
+        if len(names) == 1:  # the common case, without gather's task per mailbox
+            try:
+                return [await self.writer.deliver(names[0], head, body)]
+            except Exception as exc:
+                return [exc]
+        futures = [self.writer.deliver(name, head, body) for name in names]
+        return await asyncio.gather(*futures, return_exceptions=True)
 
     async def _queue_local_retry(
         self,
