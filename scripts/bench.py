@@ -3,23 +3,32 @@
 Run it through scripts/bench (which runs scripts/setup --bench and raises the descriptor limit).
 Everything goes to 127.0.0.1 only and nothing asks DNS: addresses are numeric, hostnames given.
 
-Per server, per concurrency level C (1, 10, 50 clients):
+Both servers are started together and measured per concurrency level C (1, 10, 50 clients):
   * throughput: Postfix's smtp-source sends M 4 KiB messages over C parallel sessions (a new
     connection per message, no pipelining); msgs/s = M / wall time until the last 250. Repeated
     (--repeat, 3 by default) and the median run reported. mailerd replies 250 only after the
     message is fsynced into the mailbox; Postfix replies 250 once its queue file is fsynced,
     and we also time until its local delivery has put all M into the Maildir ("mbox s").
+    The two servers' runs are interleaved: repeat i is one mailerd run and one Postfix run back
+    to back (mailerd first when i is odd, Postfix first when it is even; both servers settled
+    before each run), because the disk's speed drifts over minutes (up to 2x here, and the run
+    after a large deletion is often slow): running all of one server's levels and then the
+    other's let a slow spell land on one server only. Each pair also gives a "paired" ratio,
+    mailerd/Postfix msgs/s; the median of those is reported beside the ratio of the medians.
   * CPU: utime+stime(+cutime+cstime) from /proc/PID/stat summed over the server's process tree
     (master + descendants; reaped children show up in their parent's cutime/cstime), before the
-    run and after it (for Postfix after the mailbox is complete), divided by M. The machine's
-    other CPU use in the same window ("others") tells how noisy the measurement was.
+    server's own run and after it (for Postfix after the mailbox is complete), divided by M.
+    The machine's other CPU use in the same window ("others", which includes the idle other
+    server) tells how noisy the measurement was.
   * memory: PSS (from /proc/PID/smaps_rollup) summed over the process tree, sampled every
     ~0.2 s during the level's phases; the peak is reported.
-  * latency: a separate phase with C concurrent timing clients of our own (asyncio, one
-    connection per message like smtp-source): time from connect() to the 250 after the final
-    "."; median and p99 over up to L messages.
-Then idle connections: open N TCP connections, count those greeted with 220 within 10 s, the
-servers' memory while they are held, and the time of one message sent meanwhile.
+  * latency: a separate phase after the level's throughput runs, one server after the other,
+    with C concurrent timing clients of our own (asyncio, one connection per message like
+    smtp-source): time from connect() to the 250 after the final "."; median and p99 over up
+    to L messages.
+Then, one server after the other, idle connections: open N TCP connections, count those greeted
+with 220 within 10 s, the server's memory while they are held, and the time of one message sent
+meanwhile; that server is then stopped. --only runs one server alone (no pairs).
 Postfix: a private instance (own config, queue and data directories under var/bench-*, smtpd on
 a free loopback port only, Maildir delivery for a temporary system user), removed afterwards.
 """
@@ -911,92 +920,203 @@ smtpd_client_event_limit_exceptions = 127.0.0.0/8
 # ---------------------------------------------------------------------------------------------
 # the benchmark proper
 
-def bench_server(srv: Server, args) -> dict:
-    res = {"server": srv.name, "levels": [], "idle": None, "notes": []}
-    log(f"starting {srv.name}")
-    srv.start()
-    if getattr(srv, "note", ""):
-        res["notes"].append(srv.note)
-    res["banner"] = srv.banner
-    res["port"] = srv.port
-    res["notes"].insert(0, srv.describe())
-    sampler = Sampler(srv.root_pid())
-    sampler.start()
-    mailbox_start = srv.mailbox_count()
-    accepted_total = 0
+class Bench:
+    """One server's part of the benchmark: its results so far, its memory sampler, the messages
+    it has accepted (for the mailbox check), and whether it is still being measured."""
+
+    def __init__(self, srv: Server):
+        self.srv = srv
+        self.res = {"server": srv.name, "levels": [], "idle": None, "notes": []}
+        self.sampler: Sampler | None = None
+        self.mailbox_start: int | None = None
+        self.accepted = 0
+        self.active = False                 # started, not failed, not stopped yet
+        self.runs: list[dict] = []          # the current level's smtp-source runs
+        self.going = False                  # still running during the current level
+
+    def start(self) -> None:
+        srv = self.srv
+        log(f"starting {srv.name}")
+        srv.start()
+        if getattr(srv, "note", ""):
+            self.res["notes"].append(srv.note)
+        self.res["banner"] = srv.banner
+        self.res["port"] = srv.port
+        self.res["notes"].insert(0, srv.describe())
+        self.sampler = Sampler(srv.root_pid())
+        self.sampler.start()
+        self.mailbox_start = srv.mailbox_count()
+        self.active = True
+
+    def finish(self) -> None:
+        """Stop the sampler and the server (the first time only), keeping its log's problems."""
+        self.active = self.going = False
+        if self.sampler is not None:
+            self.sampler.stop()
+            self.sampler = None
+            self.res["problems"] = self.srv.problems()
+        self.srv.stop()
+
+
+def shut(srv: Server) -> None:
+    srv.cleanup() if isinstance(srv, Postfix) else srv.stop()
+
+
+def settle(benches: list[Bench]) -> None:
+    """Let every server still running finish earlier messages (Postfix: its queue), so that no
+    server's leftover work overlaps the next run, whichever server that run is for."""
+    for b in benches:
+        if b.going and b.srv.running():
+            b.srv.settle(60)
+
+
+def bench_servers(servers: list[Server], args) -> tuple[list[dict], list[dict], list[str]]:
+    """Start the servers, run each level with the servers' smtp-source runs interleaved, then
+    per server its mailbox check and idle test. Returns (results, paired ratios, failed)."""
+    benches: list[Bench] = []
+    failed: list[str] = []
+    paired: list[dict] = []
     try:
+        for srv in servers:
+            b = Bench(srv)
+            try:
+                b.start()
+            except ServerError as e:
+                log(f"{srv.name} failed: {e}")
+                failed.append(srv.name)
+                shut(srv)
+                continue
+            benches.append(b)
         for c in args.levels:
-            sampler.reset()
-            runs = []
-            for i in range(args.repeat):
-                srv.settle(60)
-                time.sleep(0.5)
-                log(f"{srv.name}: {c} clients: smtp-source {args.messages} messages"
-                    + (f" (run {i + 1}/{args.repeat})" if args.repeat > 1 else ""))
-                run = throughput_run(srv, c, args)
-                accepted_total += run["msgs"]
-                runs.append(run)
-                if run["smtp_source_error"]:
-                    log(f"{srv.name}: smtp-source: {run['smtp_source_error']} "
-                        f"({run['msgs']}/{args.messages} done)")
-                if not srv.running():
-                    break
-            median = sorted(runs, key=lambda r: r["msgs_per_s"])[(len(runs) - 1) // 2]
-            level = {"clients": c, "requested": args.messages, **median,
-                     "runs_msgs_per_s": [r["msgs_per_s"] for r in runs], "runs": list(runs)}
-            if srv.running():
-                srv.settle(60)
-                log(f"{srv.name}: {c} clients: latency, up to {args.lat_messages} messages")
-                lr = latency_run(srv.port, srv.rcpt, c, args.lat_messages, args.lat_time)
-            else:
-                lr = {"n": 0, "seconds": 0.0, "lat": [], "dot": [], "errors": {}}
-            accepted_total += lr["n"]
-            peak, procs = sampler.peak()
-            level.update({
-                "peak_mem": peak, "peak_procs": procs,
-                "lat_n": lr["n"], "lat_seconds": lr["seconds"],
-                "lat_median_ms": _ms(statistics.median(lr["lat"]) if lr["lat"] else None),
-                "lat_p99_ms": _ms(pct(lr["lat"], 99)),
-                "dot_median_ms": _ms(statistics.median(lr["dot"]) if lr["dot"] else None),
-                "dot_p99_ms": _ms(pct(lr["dot"], 99)),
-                "lat_errors": lr["errors"],
-            })
-            res["levels"].append(level)
-            if lr["errors"]:
-                log(f"{srv.name}: latency client errors: {lr['errors']}")
-            srv.remember_pids()
-            if not srv.running():
-                res["died"] = (f"{srv.name} stopped running during the {c}-client level"
-                               + srv.exit_evidence())
-                log(res["died"])
-                return res
-        srv.settle(60)
-        if mailbox_start is not None:
-            time.sleep(0.5)
-            if isinstance(srv, Postfix):
-                srv.wait_mailbox(mailbox_start + accepted_total, 60)
-            got = srv.mailbox_count()
-            res["mailbox_check"] = {"accepted_250": accepted_total,
-                                    "in_mailbox": got - mailbox_start if got is not None else None}
-        if args.idle > 0:
-            note = srv.prepare_idle(args.idle)
-            if note:
-                res["notes"].append(note)
-            log(f"{srv.name}: idle test, {args.idle} connections")
-            res["idle"] = idle_test(srv.port, args.idle, 10.0, args.idle_hold, sampler,
-                                    srv.rcpt)
-            srv.remember_pids()
-            time.sleep(1)
-            if isinstance(srv, Mailerd) and srv.proc.poll() is not None:
-                res["notes"].append(f"mailerd master exited (status {srv.proc.returncode}) "
-                                    "during/after the idle test")
-            elif not wait_banner(srv.port, 15):
-                res["notes"].append("no 220 banner within 15 s after the idle connections closed")
+            live = [b for b in benches if b.active]
+            if not live:
+                break
+            pair = bench_level(live, c, args)
+            if pair is not None:
+                paired.append(pair)
+            for b in live:
+                if b.res.get("died"):
+                    failed.append(b.srv.name)
+                    b.finish()
+        live = [b for b in benches if b.active]
+        for b in live:
+            b.going = True
+        settle(live)
+        time.sleep(0.5)
+        for b in live:
+            if b.mailbox_start is not None:
+                if isinstance(b.srv, Postfix):
+                    b.srv.wait_mailbox(b.mailbox_start + b.accepted, 60)
+                got = b.srv.mailbox_count()
+                b.res["mailbox_check"] = {
+                    "accepted_250": b.accepted,
+                    "in_mailbox": got - b.mailbox_start if got is not None else None}
+        for b in live:
+            try:
+                if args.idle > 0:
+                    idle_phase(b, args)
+            except ServerError as e:
+                b.res["died"] = f"{b.srv.name} failed before/during the idle test: {e}"
+                log(b.res["died"])
+                failed.append(b.srv.name)
+            finally:
+                b.finish()                  # the next server's idle test runs alone
     finally:
-        sampler.stop()
-        res["problems"] = srv.problems()
-        srv.stop()
-    return res
+        for b in benches:
+            b.finish()
+    return [b.res for b in benches], paired, failed
+
+
+def bench_level(live: list[Bench], c: int, args) -> dict | None:
+    """One concurrency level for every server in `live` (mailerd first in the list): `repeat`
+    rounds of one smtp-source run per server, back to back (mailerd first in even rounds,
+    Postfix first in odd ones), then each server's latency phase. Fills each server's level
+    results; returns the paired ratios when both servers ran."""
+    for b in live:
+        b.sampler.reset()
+        b.runs = []
+        b.going = True
+    names = [b.srv.name for b in live]
+    both = names == ["mailerd", "postfix"]
+    pair = {"clients": c, "ratios": [], "first": []} if both else None
+    for i in range(args.repeat):
+        got = {}
+        for b in live if i % 2 == 0 else live[::-1]:
+            if not b.going:
+                continue
+            srv = b.srv
+            settle(live)
+            time.sleep(0.5)
+            log(f"{srv.name}: {c} clients: smtp-source {args.messages} messages"
+                + (f" (run {i + 1}/{args.repeat})" if args.repeat > 1 else ""))
+            run = throughput_run(srv, c, args)
+            b.accepted += run["msgs"]
+            b.runs.append(run)
+            got[srv.name] = run
+            if run["smtp_source_error"]:
+                log(f"{srv.name}: smtp-source: {run['smtp_source_error']} "
+                    f"({run['msgs']}/{args.messages} done)")
+            if not srv.running():
+                b.going = False
+        if pair is not None:
+            m, p = got.get("mailerd"), got.get("postfix")
+            ratio = (m["msgs_per_s"] / p["msgs_per_s"]
+                     if m is not None and p is not None and p["msgs_per_s"] else None)
+            pair["ratios"].append(ratio)
+            pair["first"].append(next(iter(got), None))
+            if ratio is not None:
+                log(f"{c} clients: run {i + 1}: mailerd/postfix msgs/s {ratio:.2f}")
+    if pair is not None:
+        ok = [r for r in pair["ratios"] if r is not None]
+        pair["median"] = statistics.median(ok) if ok else None
+    for b in live:
+        srv, runs = b.srv, b.runs
+        median = sorted(runs, key=lambda r: r["msgs_per_s"])[(len(runs) - 1) // 2]
+        level = {"clients": c, "requested": args.messages, **median,
+                 "runs_msgs_per_s": [r["msgs_per_s"] for r in runs], "runs": list(runs)}
+        if srv.running():
+            settle(live)
+            log(f"{srv.name}: {c} clients: latency, up to {args.lat_messages} messages")
+            lr = latency_run(srv.port, srv.rcpt, c, args.lat_messages, args.lat_time)
+        else:
+            lr = {"n": 0, "seconds": 0.0, "lat": [], "dot": [], "errors": {}}
+        b.accepted += lr["n"]
+        peak, procs = b.sampler.peak()
+        level.update({
+            "peak_mem": peak, "peak_procs": procs,
+            "lat_n": lr["n"], "lat_seconds": lr["seconds"],
+            "lat_median_ms": _ms(statistics.median(lr["lat"]) if lr["lat"] else None),
+            "lat_p99_ms": _ms(pct(lr["lat"], 99)),
+            "dot_median_ms": _ms(statistics.median(lr["dot"]) if lr["dot"] else None),
+            "dot_p99_ms": _ms(pct(lr["dot"], 99)),
+            "lat_errors": lr["errors"],
+        })
+        b.res["levels"].append(level)
+        if lr["errors"]:
+            log(f"{srv.name}: latency client errors: {lr['errors']}")
+        srv.remember_pids()
+        if not srv.running():
+            b.going = False
+            b.res["died"] = (f"{srv.name} stopped running during the {c}-client level"
+                             + srv.exit_evidence())
+            log(b.res["died"])
+    return pair
+
+
+def idle_phase(b: Bench, args) -> None:
+    srv, res = b.srv, b.res
+    note = srv.prepare_idle(args.idle)
+    if note:
+        res["notes"].append(note)
+    log(f"{srv.name}: idle test, {args.idle} connections")
+    res["idle"] = idle_test(srv.port, args.idle, 10.0, args.idle_hold, b.sampler, srv.rcpt)
+    srv.remember_pids()
+    time.sleep(1)
+    if isinstance(srv, Mailerd) and srv.proc.poll() is not None:
+        res["notes"].append(f"mailerd master exited (status {srv.proc.returncode}) "
+                            "during/after the idle test")
+    elif not wait_banner(srv.port, 15):
+        res["notes"].append("no 220 banner within 15 s after the idle connections closed")
 
 
 def throughput_run(srv: Server, c: int, args) -> dict:
@@ -1052,7 +1172,11 @@ def fmt(x, spec, none="-"):
     return none if x is None else format(x, spec)
 
 
-def report(results: list[dict], args, fsinfo: str) -> None:
+def _clients(c: int) -> str:
+    return f"{c} client" + ("" if c == 1 else "s")
+
+
+def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
     print()
     print(f"mailerd benchmark: {MSG_LEN}-byte messages to 127.0.0.1, {os.cpu_count()} CPUs, "
           f"spools on {fsinfo}")
@@ -1060,6 +1184,10 @@ def report(results: list[dict], args, fsinfo: str) -> None:
           "pipelining):")
     print("           M / wall time to its last 250. mailerd's 250 = fsynced into the mailbox;")
     print("           Postfix's 250 = its queue file fsynced (local delivery follows: mbox s)")
+    if paired:
+        print("           The servers' runs alternate, back to back (run 1: mailerd then Postfix,")
+        print("           run 2: Postfix then mailerd, ...) so both face the same disk; the paired")
+        print("           runs' ratio is mailerd/Postfix msgs/s within each such pair")
     print("  mbox s   Postfix only: seconds from the start until all M were in its Maildir")
     print("  latency  a separate phase: C concurrent asyncio clients of this script, one")
     print("           connection per message, connect() to the 250 after the final '.', in ms;")
@@ -1101,10 +1229,25 @@ def report(results: list[dict], args, fsinfo: str) -> None:
                      if v >= 0.005]
             print(f"    {r['server']} {L['clients']}c: " + ", ".join(parts[:8]))
     by = {r["server"]: {L["clients"]: L for L in r["levels"]} for r in results}
-    if "mailerd" in by and "postfix" in by and 10 in by["mailerd"] and 10 in by["postfix"]:
-        a, b = by["mailerd"][10]["msgs_per_s"], by["postfix"][10]["msgs_per_s"]
-        if b:
-            print(f"\nmailerd/Postfix msgs/s at 10 clients: {a / b:.2f}  ({a:.1f} vs {b:.1f})")
+    pairs = {p["clients"]: p for p in paired}
+    if "mailerd" in by and "postfix" in by:
+        lines = []
+        for c in by["mailerd"]:
+            if c not in by["postfix"]:
+                continue
+            a, b = by["mailerd"][c]["msgs_per_s"], by["postfix"][c]["msgs_per_s"]
+            if b:
+                lines.append(f"mailerd/Postfix msgs/s at {_clients(c)}: {a / b:.2f}  "
+                             f"({a:.1f} vs {b:.1f})")
+            p = pairs.get(c)
+            if p and p["median"] is not None:
+                n = len(p["ratios"])
+                lines.append(f"  median of the {n} paired run{'s' if n != 1 else ''}: "
+                             f"{p['median']:.2f}  (pairs: "
+                             + ", ".join(fmt(x, ".2f") for x in p["ratios"]) + ")")
+        if lines:
+            print()
+            print("\n".join(lines))
     print()
     for r in results:
         i = r.get("idle")
@@ -1171,7 +1314,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 200 messages per level, 1000 idle connections")
-    ap.add_argument("--only", choices=("mailerd", "postfix"))
+    ap.add_argument("--only", choices=("mailerd", "postfix"),
+                    help="benchmark one server alone (no paired runs)")
     ap.add_argument("--messages", type=int, help="smtp-source messages per level (2000)")
     ap.add_argument("--lat-messages", type=int, help="latency-phase messages per level (1000)")
     ap.add_argument("--lat-time", type=float, help="latency-phase time limit, s (15)")
@@ -1180,7 +1324,8 @@ def main() -> int:
                     help="seconds to hold the idle connections after the 10 s window (2)")
     ap.add_argument("--levels", default="1,10,50", help="concurrency levels (1,10,50)")
     ap.add_argument("--repeat", type=int,
-                    help="smtp-source runs per level; the median one is reported (3; quick 1)")
+                    help="smtp-source runs per level and server, interleaved between the "
+                    "servers; the median one is reported (3; quick 1)")
     ap.add_argument("--workers", type=int, default=2, help="mailerd -w (2)")
     ap.add_argument("--max-sessions", type=int, default=20000, help="mailerd --max-sessions")
     ap.add_argument("--postfix-process-limit", type=int, default=200,
@@ -1230,27 +1375,15 @@ def main() -> int:
         servers.append(Mailerd(base, args.workers, args.max_sessions))
     if args.only in (None, "postfix"):
         servers.append(Postfix(base, args.postfix_process_limit, args.postfix_idle_limit))
-    results, failed = [], []
+    results, paired, failed = [], [], []
     t0 = time.monotonic()
     try:
-        for srv in servers:
-            try:
-                results.append(bench_server(srv, args))
-                if results[-1].get("died"):
-                    failed.append(srv.name)
-            except ServerError as e:
-                log(f"{srv.name} failed: {e}")
-                failed.append(srv.name)
-            finally:
-                if isinstance(srv, Postfix):
-                    srv.cleanup()
-                else:
-                    srv.stop()
+        results, paired, failed = bench_servers(servers, args)
     except Interrupted as e:
         log(f"interrupted ({e}); cleaning up")
         for srv in servers:
             try:
-                srv.cleanup() if isinstance(srv, Postfix) else srv.stop()
+                shut(srv)
             except Exception as ee:  # keep cleaning the rest
                 log(f"cleanup of {srv.name}: {ee}")
         return 130
@@ -1263,10 +1396,11 @@ def main() -> int:
         else:
             shutil.rmtree(base, ignore_errors=True)
     if results:
-        report(results, args, fsinfo)
+        report(results, paired, args, fsinfo)
         print(f"(total {time.monotonic() - t0:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "failed": failed}, indent=1))
+        Path(args.json).write_text(json.dumps({"results": results, "paired": paired,
+                                              "failed": failed}, indent=1))
     if failed:
         print(f"FAILED (did not start or stopped running): {', '.join(failed)}",
               file=sys.stderr)
