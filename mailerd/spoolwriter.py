@@ -75,7 +75,7 @@ class MailboxWriter:
                 numbers = await loop.run_in_executor(
                     self._executor, self._spool.deliver, self.name, [m for m, _ in batch]
                 )
-            except (OSError, MailboxLocked) as exc:
+            except Exception as exc:  # OSError, MailboxLocked, or a bug: answered either way
                 for _, future in batch:
                     future.set_exception(exc)
                 continue
@@ -112,25 +112,29 @@ class SpoolService:
         self.executor.shutdown(wait=True)
 
     def _on_request(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
-        asyncio.create_task(self._serve(header, inline, fd))
-
-    async def _serve(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
+        # Callbacks rather than a task per request: this is the hot path of every delivery.
         if header.get("op") == "reopen-logs":
             logsetup.request_reopen()
             self._answer(header, {})
             return
         head_len = int(header.get("head", len(inline)))
         head, body = inline[:head_len], (inline[head_len:] if fd is None else fd)
-        try:
-            number = await self._writer(header["mailbox"]).submit(Delivery(head, body))
-            answer: dict[str, Any] = {"number": number}
-        except MailboxLocked:
+        future = self._writer(header["mailbox"]).submit(Delivery(head, body))
+        future.add_done_callback(lambda f: self._written(header, fd, f))
+
+    def _written(self, header: dict[str, Any], fd: int | None, future: asyncio.Future[int]) -> None:
+        if fd is not None:
+            os.close(fd)
+        exc = future.exception()
+        if exc is None:
+            answer: dict[str, Any] = {"number": future.result()}
+        elif isinstance(exc, MailboxLocked):
             answer = {"error": "mailbox locked", "locked": True}
-        except OSError as exc:
+        elif isinstance(exc, OSError):
             answer = {"error": str(exc), "errno": exc.errno}
-        finally:
-            if fd is not None:
-                os.close(fd)
+        else:
+            log.error("mailbox write failed: %r", exc)
+            answer = {"error": repr(exc), "errno": 5}
         self._answer(header, answer)
 
     def _answer(self, header: dict[str, Any], answer: dict[str, Any]) -> None:
