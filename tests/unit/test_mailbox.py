@@ -118,9 +118,21 @@ def test_processes_serialise_on_lockf(tmp_path):
     assert all((box / f"{n}.status").exists() for n in range(1, 101))
 
 
-def test_disk_errors_leave_nothing_visible(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["aio", "threads"])
+def test_disk_errors_leave_nothing_visible(tmp_path, monkeypatch, how):
+    from mailerd import aiofsync
+
     spool = Spool(tmp_path)
     spool.deliver("bob", [Delivery(b"", b"x")])
+    real_aio = aiofsync.fsync_all
+
+    def failing_aio(fds):
+        if how == "threads":
+            raise aiofsync.Unavailable(38, "not here")
+        real_aio(fds)
+        raise OSError(28, "No space left on device")  # one of them failed
+
+    monkeypatch.setattr(aiofsync, "fsync_all", failing_aio)
     real_fsync = os.fsync
     calls = []
     lock = threading.Lock()
@@ -136,6 +148,7 @@ def test_disk_errors_leave_nothing_visible(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         spool.deliver("bob", [Delivery(b"", b"y")])
     monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(aiofsync, "fsync_all", real_aio)
     box = tmp_path / "bob"
     assert messages(box) == [1]
     assert not [n for n in os.listdir(box) if n.startswith(".tmp")]

@@ -1,0 +1,132 @@
+"""fsync many files at once through Linux AIO (IOCB_CMD_FSYNC, Linux 4.18 and later).
+
+A batch of new mailbox files must all be fsync'd before they are renamed into place. Doing that
+from a pool of Python threads costs about 30 futex calls and a dozen context switches per
+message (each thread wakes, takes the GIL, sets a future), which was a third of the mailbox
+writer's CPU. One io_submit() hands the whole batch to the kernel, which runs the fsyncs
+concurrently in its own workers (so they still share device cache flushes), and one
+io_getevents() waits for all of them: measured, 0.13 instead of 0.30 ms of CPU per message
+for batches of 5, with the same or lower latency.
+
+The standard library has no binding for these system calls, so they are made with ctypes
+(x86_64 and aarch64 numbers). `Unavailable` says they do not work here; the caller keeps a
+thread-pool path for everywhere else (another architecture, a seccomp filter, aio-max-nr).
+Each thread has its own AIO context, so concurrent batches never reap each other's events;
+a context does not survive fork(), so a child makes its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+import threading
+
+# io_setup, io_destroy, io_submit, io_getevents
+_SYSCALLS = {"x86_64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4)}
+_IOCB = struct.Struct("=QIIHhIQQqQII")  # struct iocb, little-endian 64-bit layout
+_EVENT = struct.Struct("=QQqq")  # struct io_event: data, obj, res, res2
+_IOCB_CMD_FSYNC = 2
+DEPTH = 256  # events per context: the largest batch submitted at once
+
+_local = threading.local()
+_libc: ctypes.CDLL | None = None
+
+
+def _syscall(number: int, *args: object) -> int:
+    assert _libc is not None
+    while True:
+        result = _libc.syscall(number, *args)
+        if result >= 0:
+            return int(result)
+        code = ctypes.get_errno()
+        if code != errno.EINTR:
+            raise OSError(code, os.strerror(code))
+
+
+def _numbers() -> tuple[int, int, int, int] | None:
+    global _libc
+    numbers = _SYSCALLS.get(platform.machine())
+    if numbers is None or struct.calcsize("P") != 8:
+        return None
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    return numbers
+
+
+class Unavailable(OSError):
+    """AIO cannot be used here (nothing was submitted): use another way."""
+
+
+def _context() -> int:
+    """This thread's AIO context, made on first use (and again after a fork)."""
+    pid = os.getpid()
+    if getattr(_local, "pid", None) != pid:
+        _local.pid, _local.ctx = pid, None
+        numbers = _numbers()
+        if numbers is None:
+            raise Unavailable(errno.ENOSYS, "no AIO system call numbers for this machine")
+        ctx = ctypes.c_ulong(0)
+        try:
+            _syscall(numbers[0], ctypes.c_long(DEPTH), ctypes.byref(ctx))
+        except OSError as exc:  # ENOSYS (seccomp), EAGAIN (aio-max-nr reached)
+            raise Unavailable(exc.errno, f"io_setup: {exc.strerror}") from exc
+        _local.ctx = ctx.value
+    if _local.ctx is None:
+        raise Unavailable(errno.ENOSYS, "AIO unavailable in this process")
+    return int(_local.ctx)
+
+
+def fsync_all(fds: list[int]) -> None:
+    """fsync every descriptor; raise the first error after all of them have finished.
+
+    Raises Unavailable, before anything was submitted, if AIO cannot be used here; once
+    submitted, every fsync is waited for, whatever the outcome.
+    """
+    ctx = _context()
+    numbers = _numbers()
+    assert numbers is not None
+    first_error = 0
+    for start in range(0, len(fds), DEPTH):
+        first_error = _batch(ctx, numbers, fds[start : start + DEPTH]) or first_error
+    if first_error:
+        raise OSError(first_error, os.strerror(first_error))
+
+
+def _batch(ctx: int, numbers: tuple[int, int, int, int], fds: list[int]) -> int:
+    """Submit and reap one batch; the first error number, or 0."""
+    blocks = [
+        ctypes.create_string_buffer(
+            _IOCB.pack(i, 0, 0, _IOCB_CMD_FSYNC, 0, fd, 0, 0, 0, 0, 0, 0), _IOCB.size
+        )
+        for i, fd in enumerate(fds)
+    ]
+    pointers = (ctypes.c_void_p * len(fds))(*[ctypes.addressof(b) for b in blocks])
+    events = ctypes.create_string_buffer(_EVENT.size * len(fds))
+    submitted = 0
+    error = 0
+    try:
+        while submitted < len(fds):
+            pending = ctypes.byref(pointers, submitted * ctypes.sizeof(ctypes.c_void_p))
+            submitted += _syscall(numbers[2], ctypes.c_ulong(ctx), len(fds) - submitted, pending)
+    except OSError as exc:
+        if submitted == 0:
+            raise Unavailable(exc.errno, f"io_submit: {exc.strerror}") from exc
+        error = exc.errno or errno.EIO
+        for fd in fds[submitted:]:  # the rest the slow way; the submitted ones are reaped below
+            try:
+                os.fsync(fd)
+            except OSError as sync_exc:
+                error = error or sync_exc.errno or errno.EIO
+    reaped = 0
+    while reaped < submitted:
+        got = _syscall(numbers[3], ctypes.c_ulong(ctx), 1, submitted - reaped, events, None)
+        for k in range(got):
+            result = _EVENT.unpack_from(events, k * _EVENT.size)[2]
+            if result < 0 and not error:
+                error = -result
+        reaped += got
+    return error
