@@ -32,6 +32,7 @@ MAX_HEADER = 1 << 20
 MAX_INLINE = 256 * 1024
 _FD_SPACE = socket.CMSG_SPACE(64 * array.array("i").itemsize)
 _READ_SIZE = 256 * 1024
+_MAX_GATHER = 64  # frames per sendmsg() (IOV_MAX is 1024)
 
 FrameHandler = Callable[[dict[str, Any], bytes, int | None], None]
 
@@ -59,6 +60,8 @@ class Channel:
         self._fds: collections.deque[int] = collections.deque()
         self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         self._writing = False
+        self._flush_soon = False
+        self._closing = False
         self.closed = False
         self._loop.add_reader(sock.fileno(), self._readable)
 
@@ -72,12 +75,20 @@ class Channel:
             header = {**header, "fd": True}
         encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
         self._out.append((PREFIX.pack(len(encoded), len(body)) + encoded + body, _fds(fd)))
-        if not self._writing:
-            self._flush()
+        if not self._writing and not self._flush_soon:
+            # At the end of this loop iteration, so that the frames queued meanwhile (a batch
+            # of answers, say) leave in one sendmsg() rather than one each.
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
 
     def close(self) -> None:
         if self.closed:
             return
+        if self._out and not self._closing:
+            self._closing = True
+            self._flush()  # what was queued in this loop iteration still goes, if it can
+            if self.closed:
+                return
         self.closed = True
         self._loop.remove_reader(self.sock.fileno())
         if self._writing:
@@ -93,11 +104,14 @@ class Channel:
         self._on_close()
 
     def _flush(self) -> None:
+        self._flush_soon = False
+        if self.closed:
+            return
         while self._out:
-            data, fds = self._out[0]
+            buffers, fds = self._next_send()
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
             try:
-                sent = self.sock.sendmsg([data], ancillary if fds else [])
+                sent = self.sock.sendmsg(buffers, ancillary if fds else [])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -105,10 +119,7 @@ class Channel:
                 return
             for fd in fds:
                 os.close(fd)
-            if sent < len(data):
-                self._out[0] = (data[sent:], [])
-            else:
-                self._out.popleft()
+            self._consume(sent)
         want_writer = bool(self._out)
         if want_writer != self._writing:
             if want_writer:
@@ -116,6 +127,31 @@ class Channel:
             else:
                 self._loop.remove_writer(self.sock.fileno())
             self._writing = want_writer
+
+    def _next_send(self) -> tuple[list[bytes], list[int]]:
+        """What one sendmsg() takes: a frame with descriptors alone (they travel with its
+        bytes), else the run of descriptor-free frames at the head of the queue."""
+        data, fds = self._out[0]
+        if fds:
+            return [data], fds
+        buffers = []
+        size = 0
+        for data, fds in self._out:
+            if fds or len(buffers) == _MAX_GATHER or (buffers and size + len(data) > _READ_SIZE):
+                break
+            buffers.append(data)
+            size += len(data)
+        return buffers, []
+
+    def _consume(self, sent: int) -> None:
+        """Drop `sent` bytes from the head of the queue (the descriptors went with the first)."""
+        while sent:
+            data, _ = self._out[0]
+            if sent < len(data):
+                self._out[0] = (data[sent:], [])
+                return
+            sent -= len(data)
+            self._out.popleft()
 
     def _readable(self) -> None:
         try:

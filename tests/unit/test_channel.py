@@ -137,3 +137,49 @@ def test_client_requests_get_their_own_answers_a_timeout_or_a_broken_channel():
         client.close()
 
     run(main())
+
+
+def test_frames_queued_together_leave_together_and_survive_a_close():
+    """Frames sent in one loop iteration go out in one sendmsg(); closing right after sending
+    still delivers them; a frame with a descriptor keeps it."""
+
+    async def main():
+        got = []
+        done = asyncio.Event()
+
+        def on_frame(header, body, fd):
+            if fd is not None:
+                os.close(fd)
+            got.append((header["n"], body, fd is not None))
+            if len(got) == 7:
+                done.set()
+
+        a, b, _ = await pair(on_frame)
+        sends = []
+        real = a.sock.sendmsg
+        a.sock = type("Spy", (), {})()  # count the system calls the channel makes
+        a.sock.sendmsg = lambda buffers, anc: sends.append(len(buffers)) or real(buffers, anc)
+        for n in range(3):
+            a.send({"n": n}, b"x" * n)
+        read_end, write_end = os.pipe()
+        a.send({"n": 3}, b"", read_end)
+        for n in range(4, 7):
+            a.send({"n": n}, b"y")
+        await asyncio.sleep(0.05)
+        assert sends == [3, 1, 3]
+        os.close(write_end)
+        await asyncio.wait_for(done.wait(), 5)
+        assert [g[0] for g in got] == list(range(7)) and [g[2] for g in got].count(True) == 1
+
+        got.clear()
+        done.clear()
+        c, d, _ = await pair(on_frame)
+        for n in range(7):
+            c.send({"n": n}, b"z")
+        c.close()
+        await asyncio.wait_for(done.wait(), 5)
+        assert [g[0] for g in got] == list(range(7))
+        b.close()
+        d.close()
+
+    run(main())
