@@ -80,6 +80,11 @@ def setup(verbose: bool, *, log_file: Path | None = None, syslog: bool = False) 
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FOREGROUND_FORMAT))
+    # The logging HOWTO's "Optimization" settings: the formats use no caller, thread or
+    # multiprocessing fields, and every message costs a few log lines.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for old in root.handlers:
         old.close()
