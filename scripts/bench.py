@@ -118,6 +118,21 @@ def tree_pids(root: int, table) -> list[int]:
     return out
 
 
+DISK_STAT: Path | None = None  # /sys/dev/block/M:m/stat of the file system under var/
+
+
+def disk_snapshot() -> tuple[int, int, int] | None:
+    """(write requests, sectors written, flush requests) completed by the spools' disk so far;
+    None where the kernel does not say (no such file, or before Linux 5.5 for flushes)."""
+    if DISK_STAT is None:
+        return None
+    try:
+        fields = [int(x) for x in DISK_STAT.read_text().split()]
+    except (OSError, ValueError):
+        return None
+    return (fields[4], fields[6], fields[15]) if len(fields) > 15 else None
+
+
 def cpu_snapshot(root: int) -> dict:
     """CPU seconds so far: the server tree (user, sys), the whole machine (busy), and this
     process and its reaped children (smtp-source), to tell the server's share from others'."""
@@ -1122,6 +1137,7 @@ def idle_phase(b: Bench, args) -> None:
 def throughput_run(srv: Server, c: int, args) -> dict:
     before_box = srv.mailbox_count()
     cpu0 = cpu_snapshot(srv.root_pid())
+    disk0 = disk_snapshot()
     ss = run_smtp_source(srv.port, srv.rcpt, c, args.messages, args.ss_timeout)
     box_secs = None
     if isinstance(srv, Postfix) and before_box is not None:
@@ -1130,7 +1146,11 @@ def throughput_run(srv: Server, c: int, args) -> dict:
             box_secs = t_box - ss["t_start"]
     time.sleep(0.3)
     cpu1 = cpu_snapshot(srv.root_pid())
+    disk1 = disk_snapshot()
     done = ss["done"]
+    disk = None
+    if disk0 is not None and disk1 is not None and done:
+        disk = [(b - a) / done for a, b in zip(disk0, disk1, strict=True)]
     k0, k1 = cpu0.pop("kthreads"), cpu1.pop("kthreads")
     p0, p1 = cpu0.pop("procs"), cpu1.pop("procs")
     by_name = collections.Counter()
@@ -1152,6 +1172,10 @@ def throughput_run(srv: Server, c: int, args) -> dict:
         "other_cores": max(0.0, d["busy"] - d["user"] - d["sys"] - d["own"]
                            - d["kthreads"]) / d["t"],
         "max_gap": ss["max_gap"], "max_gap_at": ss["max_gap_at"],
+        # the whole disk's counters (other writers included, as with "others")
+        "disk_writes_per_msg": disk[0] if disk else None,
+        "disk_kib_per_msg": disk[1] / 2 if disk else None,
+        "disk_flushes_per_msg": disk[2] if disk else None,
     }
 
 
@@ -1222,6 +1246,13 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
     print("   kernel threads meanwhile, e.g. journal commits, ms per msg, not in CPU: " + "; ".join(
         f"{r['server']} " + ", ".join(f"{L['clients']}c {_per(L, 'kthreads_seconds')}"
                                       for L in r["levels"]) for r in results) + ")")
+    if any(L.get("disk_writes_per_msg") is not None for r in results for L in r["levels"]):
+        print("  (disk write requests / KiB written / cache flushes per msg, over the same window: "
+              + "; ".join(f"{r['server']} " + ", ".join(
+                  f"{L['clients']}c {fmt(L.get('disk_writes_per_msg'), '.1f')}/"
+                  f"{fmt(L.get('disk_kib_per_msg'), '.0f')}/"
+                  f"{fmt(L.get('disk_flushes_per_msg'), '.1f')}" for L in r["levels"])
+                  for r in results) + ")")
     print("  CPU ms/msg by process (a parent includes the children it reaped meanwhile):")
     for r in results:
         for L in r["levels"]:
@@ -1365,6 +1396,10 @@ def main() -> int:
 
     (ROOT / "var").mkdir(exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="bench-", dir=ROOT / "var"))
+    global DISK_STAT
+    dev = os.stat(base).st_dev
+    stat_file = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
+    DISK_STAT = stat_file if stat_file.exists() else None
     try:
         fsinfo = subprocess.run(["stat", "-f", "-c", "%T", str(base)], capture_output=True,
                                 text=True).stdout.strip() + f" ({base})"
