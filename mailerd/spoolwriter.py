@@ -126,7 +126,7 @@ class SpoolService:
     def _written(self, header: dict[str, Any], fd: int | None, future: asyncio.Future[int]) -> None:
         if fd is not None:
             os.close(fd)
-        exc = future.exception()
+        exc = asyncio.CancelledError() if future.cancelled() else future.exception()
         if exc is None:
             answer: dict[str, Any] = {"number": future.result()}
         elif isinstance(exc, MailboxLocked):
