@@ -36,9 +36,12 @@ _libc: ctypes.CDLL | None = None
 
 
 def _syscall(number: int, *args: object) -> int:
+    """syscall(2), retried on EINTR. Integers are passed as C longs: syscall() is variadic
+    and reads every argument as a long, and ctypes would pass a Python int as a C int."""
     assert _libc is not None
+    c_args = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
     while True:
-        result = _libc.syscall(number, *args)
+        result = _libc.syscall(ctypes.c_long(number), *c_args)
         if result >= 0:
             return int(result)
         code = ctypes.get_errno()
@@ -71,7 +74,7 @@ def _context() -> int:
             raise Unavailable(errno.ENOSYS, "no AIO system call numbers for this machine")
         ctx = ctypes.c_ulong(0)
         try:
-            _syscall(numbers[0], ctypes.c_long(DEPTH), ctypes.byref(ctx))
+            _syscall(numbers[0], DEPTH, ctypes.byref(ctx))
         except OSError as exc:  # ENOSYS (seccomp), EAGAIN (aio-max-nr reached)
             raise Unavailable(exc.errno, f"io_setup: {exc.strerror}") from exc
         _local.ctx = ctx.value
@@ -111,7 +114,7 @@ def _batch(ctx: int, numbers: tuple[int, int, int, int], fds: list[int]) -> int:
     try:
         while submitted < len(fds):
             pending = ctypes.byref(pointers, submitted * ctypes.sizeof(ctypes.c_void_p))
-            submitted += _syscall(numbers[2], ctypes.c_ulong(ctx), len(fds) - submitted, pending)
+            submitted += _syscall(numbers[2], ctx, len(fds) - submitted, pending)
     except OSError as exc:
         if submitted == 0:
             raise Unavailable(exc.errno, f"io_submit: {exc.strerror}") from exc
@@ -123,7 +126,7 @@ def _batch(ctx: int, numbers: tuple[int, int, int, int], fds: list[int]) -> int:
                 error = error or sync_exc.errno or errno.EIO
     reaped = 0
     while reaped < submitted:
-        got = _syscall(numbers[3], ctypes.c_ulong(ctx), 1, submitted - reaped, events, None)
+        got = _syscall(numbers[3], ctx, 1, submitted - reaped, events, None)
         for k in range(got):
             result = _EVENT.unpack_from(events, k * _EVENT.size)[2]
             if result < 0 and not error:
