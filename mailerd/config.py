@@ -108,7 +108,7 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("timeout", None, True, False, "idle/command timeout, e.g. 30s, 5m (default 5m)"),
     ("max-errors", None, True, False, "bad commands tolerated per session (default 20)"),
     ("max-sessions", None, True, False, "total concurrent sessions (default 1000)"),
-    ("max-sessions-per-ip", None, True, False, "sessions per client IP (untrusted), per worker"),
+    ("max-sessions-per-ip", None, True, False, "sessions per client IP (untrusted listeners)"),
     ("verbose", "v", False, False, "log more, including the SMTP dialogue"),
     ("relayhost", None, True, False, "smarthost for all outbound mail instead of each domain's MX"),
     ("relay-auth", None, True, False, "file holding 'username:password' for AUTH at the relayhost"),

@@ -46,6 +46,7 @@ from mailerd import daemon as daemonize
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
 from mailerd.queue import Queue
+from mailerd.sessions import SessionTable
 
 log = logging.getLogger("mailerd.master")
 
@@ -70,6 +71,7 @@ class Child:
     ready: bool = False
     retiring: bool = False
     deadline: float | None = None  # killed if still alive then (old generations only)
+    session_row: int | None = None  # its row of the shared session table (workers)
 
 
 class Master:
@@ -103,6 +105,8 @@ class Master:
         self.stopping = False
         self.exit_code = 0
         self.status_r = self.status_w = -1
+        # Rows for the workers alive at once: this generation's, retiring ones after reloads.
+        self.sessions = SessionTable(max(16, 4 * cfg.workers))
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -332,17 +336,22 @@ class Master:
     # -- children --------------------------------------------------------------------------
 
     def spawn(self, kind: str, slot: int) -> None:
+        row = self.sessions.claim() if kind == "worker" else None
+        if kind == "worker" and row is None:
+            log.warning("worker %d counts its sessions alone: no free session-table row", slot)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
         pid = os.fork()
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            self.children[pid] = Child(kind, slot, time.monotonic(), self.generation)
+            self.children[pid] = Child(
+                kind, slot, time.monotonic(), self.generation, session_row=row
+            )
             return
         code = 1
         try:
             self._child_signals()
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            code = self._child_main(kind, slot)
+            code = self._child_main(kind, slot, row)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -359,7 +368,7 @@ class Master:
         signal.signal(signal.SIGUSR1, logsetup.request_reopen)
         signal.signal(signal.SIGUSR2, worker.request_retire)
 
-    def _child_main(self, kind: str, slot: int) -> int:
+    def _child_main(self, kind: str, slot: int, session_row: int | None = None) -> int:
         own = [self.wake_r, self.wake_w, self.status_r]
         if self.pidfile is not None and self.pidfile.fd is not None:
             own.append(self.pidfile.fd)  # the lock must die with the master, not linger
@@ -379,7 +388,13 @@ class Master:
             return delivery.run(self.cfg, self.delivery_socket)
         self.delivery_socket.close()
         return worker.run(
-            self.cfg, self.smtp_sockets, slot, user=self.cfg.user, status_fd=self.status_w
+            self.cfg,
+            self.smtp_sockets,
+            slot,
+            user=self.cfg.user,
+            status_fd=self.status_w,
+            sessions=self.sessions,
+            session_row=session_row,
         )
 
     def reap(self) -> None:
@@ -392,6 +407,8 @@ class Master:
                 return
             child = self.children.pop(pid, None)
             if child is not None:
+                if child.session_row is not None:  # its sessions ended with it
+                    self.sessions.release(child.session_row)
                 self._child_exited(pid, child, status)
 
     def _child_exited(self, pid: int, child: Child, status: int) -> None:

@@ -19,10 +19,8 @@ timeout fall back to the shutdown path, so a reload drops no session. SIGUSR1 = 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-import math
 import os
 import signal
 import socket
@@ -36,6 +34,7 @@ from mailerd import eventloop, policy, privileges
 from mailerd.channel import MAX_INLINE, Client
 from mailerd.config import Config, ListenAddress
 from mailerd.mailbox import Spool
+from mailerd.sessions import SessionTable
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
@@ -325,6 +324,8 @@ class Worker:
         spool: Path | None = None,
         spill_dir: Path | None = None,
         private_dir: Path | None = None,
+        sessions: SessionTable | None = None,
+        session_row: int | None = None,
     ) -> None:
         """`spool`, `spill_dir` and `private_dir` default to the configured paths; `run` passes
         the /proc/self/fd forms that keep working after the privilege drop."""
@@ -341,29 +342,34 @@ class Worker:
         private = private_dir or cfg.queue / "private"
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
         self.connections: set[Connection] = set()
-        self.per_ip: collections.Counter[str] = collections.Counter()
-        self.max_sessions = max(1, math.ceil(cfg.max_sessions / cfg.workers))
+        if sessions is None:  # alone (tests): a table of its own
+            sessions, session_row = SessionTable(1), 0
+        # Shared with the other workers (sessions.py); counted alone if no row was free.
+        self.sessions = sessions.counter(session_row)
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def admit(self, conn: Connection) -> Reply | None:
-        """Session caps at connect: total per worker, and per client IP on untrusted listeners."""
+        """Session caps at connect, over all workers: the total, and per client address on
+        untrusted listeners."""
         if self.stopping:
             return SHUTTING_DOWN
-        if len(self.connections) >= self.max_sessions:
+        if self.sessions.total() >= self.cfg.max_sessions:
             return Session.refuse(self.cfg.hostname, "Too many connections, try again later")
-        if not conn.listen.trusted and self.per_ip[conn.peer] >= self.cfg.max_sessions_per_ip:
+        counted = None if conn.listen.trusted else conn.peer
+        if (
+            counted is not None
+            and self.sessions.for_address(counted) >= self.cfg.max_sessions_per_ip
+        ):
             return Session.refuse(self.cfg.hostname, "Too many connections from your address")
         self.connections.add(conn)
-        self.per_ip[conn.peer] += 1
+        self.sessions.opened(counted)
         return None
 
     def release(self, conn: Connection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
-            self.per_ip[conn.peer] -= 1
-            if self.per_ip[conn.peer] <= 0:
-                del self.per_ip[conn.peer]
+            self.sessions.closed(None if conn.listen.trusted else conn.peer)
 
     async def main(self, on_ready: Callable[[], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
@@ -438,6 +444,8 @@ def run(
     *,
     user: str | None = None,
     status_fd: int | None = None,
+    sessions: SessionTable | None = None,
+    session_row: int | None = None,
 ) -> int:
     """Entry point of a forked worker process (still root when the master is)."""
     setproctitle(f"mailerd: worker {slot}")
@@ -451,7 +459,16 @@ def run(
         log.error("%s", message)
         report(status_fd, f"error {message}")
         return BOOT_ERROR
-    worker = Worker(cfg, listeners, slot, spool=spool, spill_dir=spill_dir, private_dir=private_dir)
+    worker = Worker(
+        cfg,
+        listeners,
+        slot,
+        spool=spool,
+        spill_dir=spill_dir,
+        private_dir=private_dir,
+        sessions=sessions,
+        session_row=session_row,
+    )
     eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
     return 0
 

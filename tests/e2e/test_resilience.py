@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from .conftest import Mailerd, expect, wait_until
 
@@ -23,8 +24,8 @@ def test_total_session_cap_refuses_with_421(mailerd_factory):
     held[1].close()
 
 
-def _greeted(m: Mailerd) -> bool:
-    with m.connect() as c:
+def _greeted(m: Mailerd, trusted: bool = True) -> bool:
+    with m.connect(trusted=trusted) as c:
         return c.banner().code == 220
 
 
@@ -40,6 +41,62 @@ def test_per_ip_cap_applies_to_untrusted_listeners_only(mailerd_factory):
     for c in trusted:
         expect(c.banner(), 220)
     for c in untrusted + trusted:
+        c.close()
+
+
+def test_session_caps_hold_across_workers(mailerd_factory):
+    """Each worker accepts on its own, but the caps are the server's: with three workers, a
+    per-address cap of 2 admits two sessions from one address, not two per worker; the total
+    cap likewise. (Ten refused attempts: counted per worker, some would land on a worker
+    that holds none and be let in.)"""
+    m: Mailerd = mailerd_factory(workers=3, extra=["--max-sessions-per-ip", "2"])
+    held = _hold(m, 2, trusted=False)
+    for _ in range(10):
+        with m.connect(trusted=False) as extra:
+            expect(extra.banner(), 421, "4.7.0")
+    held.pop().close()
+    assert wait_until(lambda: _greeted(m, trusted=False), timeout=5)
+    for c in held:
+        c.close()
+
+    t: Mailerd = mailerd_factory(workers=3, extra=["--max-sessions", "3"])
+    held = _hold(t, 3, trusted=True)
+    for _ in range(10):
+        with t.connect(trusted=False) as extra:
+            expect(extra.banner(), 421, "4.7.0")
+    for c in held:
+        c.close()
+
+
+def _hold(m: Mailerd, n: int, trusted: bool) -> list:
+    """n greeted sessions. The start-up probes' sessions end asynchronously after they close,
+    so a 421 is retried for a while: once n are held, nothing else is counted."""
+    held: list = []
+    deadline = time.monotonic() + 10
+    while len(held) < n:
+        c = m.connect(trusted=trusted)
+        reply = c.banner()
+        if reply.code == 220:
+            held.append(c)
+            continue
+        c.close()
+        assert time.monotonic() < deadline, f"could not hold {n} sessions: {reply}"
+        time.sleep(0.05)
+    return held
+
+
+def test_sessions_of_a_killed_worker_are_not_counted_forever(mailerd_factory):
+    m: Mailerd = mailerd_factory(workers=2, extra=["--max-sessions-per-ip", "2"])
+    held = _hold(m, 2, trusted=False)
+    old = m.worker_pids()
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: len(set(m.worker_pids()) - set(old)) == 2, timeout=10)
+    for c in held:
+        c.close()
+    again = [m.connect(trusted=False) for _ in range(2)]
+    for c in again:
+        expect(c.banner(), 220)
         c.close()
 
 

@@ -1,0 +1,44 @@
+"""The session table shared by the workers: counts across processes, rows freed with them."""
+
+import os
+
+from mailerd.sessions import SessionTable
+
+
+def test_counts_are_seen_by_every_process_and_a_row_is_forgotten_when_released():
+    table = SessionTable(4)
+    rows = [table.claim(), table.claim()]
+    assert rows == [0, 1]
+    # Two "workers" (forked, like the master's) each open sessions in their own row.
+    pids = []
+    for row, count in zip(rows, (3, 2), strict=True):
+        pid = os.fork()
+        if pid == 0:
+            counter = table.counter(row)
+            for _ in range(count):
+                counter.opened("192.0.2.1")
+            counter.opened(None)  # a trusted session: in the total only
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    view = table.counter(table.claim())
+    assert view.total() == 7
+    assert view.for_address("192.0.2.1") == 5
+    assert view.for_address("192.0.2.2") in (0, 5)  # 0 unless it shares the bucket
+    table.release(rows[0])  # that worker is gone, with its sessions
+    assert view.total() == 3 and view.for_address("192.0.2.1") == 2
+    assert table.claim() == rows[0]  # reused, and zeroed
+
+
+def test_closing_never_goes_below_zero_and_a_full_table_counts_alone():
+    table = SessionTable(1)
+    own = table.counter(table.claim())
+    own.opened("2001:db8::1")
+    own.closed("2001:db8::1")
+    own.closed("2001:db8::1")
+    assert own.total() == 0 and own.for_address("2001:db8::1") == 0
+    assert table.claim() is None
+    alone = table.counter(None)
+    alone.opened("2001:db8::1")
+    assert alone.total() == 1 and own.total() == 0
