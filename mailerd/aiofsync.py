@@ -17,6 +17,7 @@ a context does not survive fork(), so a child makes its own.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -125,11 +126,19 @@ def _batch(ctx: int, numbers: tuple[int, int, int, int], fds: list[int]) -> int:
             except OSError as sync_exc:
                 error = error or sync_exc.errno or errno.EIO
     reaped = 0
-    while reaped < submitted:
-        got = _syscall(numbers[3], ctx, 1, submitted - reaped, events, None)
-        for k in range(got):
-            result = _EVENT.unpack_from(events, k * _EVENT.size)[2]
-            if result < 0 and not error:
-                error = -result
-        reaped += got
+    try:
+        while reaped < submitted:
+            got = _syscall(numbers[3], ctx, 1, submitted - reaped, events, None)
+            for k in range(got):
+                result = _EVENT.unpack_from(events, k * _EVENT.size)[2]
+                if result < 0 and not error:
+                    error = -result
+            reaped += got
+    except OSError:
+        # Events left in the context would be counted for the next batch: destroy it (that
+        # waits for what is in flight) and let this thread make a new one.
+        _local.pid = None
+        with contextlib.suppress(OSError):
+            _syscall(numbers[1], ctx)
+        raise
     return error

@@ -83,3 +83,32 @@ def test_without_aio_the_thread_pool_does_it(tmp_path, monkeypatch):
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_a_failed_wait_discards_the_context(tmp_path, monkeypatch):
+    fds = files(tmp_path, 3)
+    try:
+        try:
+            aiofsync.fsync_all(fds)
+        except aiofsync.Unavailable as exc:
+            pytest.skip(f"no AIO here: {exc}")
+        getevents = aiofsync._numbers()[3]
+        real = aiofsync._syscall
+        destroyed = []
+
+        def failing(number, *args):
+            if number == getevents:
+                raise OSError(errno.EFAULT, "injected")
+            if number == aiofsync._numbers()[1]:
+                destroyed.append(args[0])
+            return real(number, *args)
+
+        monkeypatch.setattr(aiofsync, "_syscall", failing)
+        with pytest.raises(OSError):
+            aiofsync.fsync_all(fds)
+        assert destroyed  # io_destroy waited for what was in flight
+        monkeypatch.undo()
+        aiofsync.fsync_all(fds)  # a fresh context, no stale events
+    finally:
+        for fd in fds:
+            os.close(fd)
