@@ -239,6 +239,42 @@ def expect(reply: Reply, code: int, enhanced: str | None = None, conn: SMTPConn 
     return reply
 
 
+def ehlo_keywords(reply: Reply) -> set[str]:
+    """The upper-cased extension keywords of an EHLO reply (every line after the first)."""
+    return {line.split()[0].upper() for line in reply.lines[1:] if line.split()}
+
+
+def mail_rcpt(
+    c: SMTPConn, rcpt: str, *, sender: str = "sender@client.test", params: str = ""
+) -> None:
+    """Send MAIL FROM:<sender> [params] and RCPT TO:<rcpt>, expecting 250 for each."""
+    mail = f"MAIL FROM:<{sender}> {params}" if params else f"MAIL FROM:<{sender}>"
+    expect(c.cmd(mail), 250, conn=c)
+    expect(c.cmd(f"RCPT TO:<{rcpt}>"), 250, conn=c)
+
+
+def send_data(c: SMTPConn, body: bytes, code: int = 250, enhanced: str | None = None) -> Reply:
+    """Send DATA (expecting 354), then ``body`` and the final dot; expect ``code`` at the end."""
+    expect(c.cmd("DATA"), 354, conn=c)
+    c.send(body + b".\r\n")
+    return expect(c.read_reply(), code, enhanced, conn=c)
+
+
+def send_message(
+    c: SMTPConn,
+    rcpt: str,
+    body: bytes,
+    *,
+    sender: str = "sender@client.test",
+    params: str = "",
+    code: int = 250,
+    enhanced: str | None = None,
+) -> Reply:
+    """One transaction to one recipient: MAIL and RCPT (250), DATA (354), ``code`` at the end."""
+    mail_rcpt(c, rcpt, sender=sender, params=params)
+    return send_data(c, body, code, enhanced)
+
+
 # --------------------------------------------------------------------------------------------
 # Stored messages
 # --------------------------------------------------------------------------------------------
@@ -564,6 +600,12 @@ class Mailerd:
         p = self.spool / user
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+    def new_user(self, prefix: str = "u") -> str:
+        """Create a mailbox with a fresh ``unique(prefix)`` name and return that name."""
+        user = unique(prefix)
+        self.add_user(user)
+        return user
 
     def messages(self, user: str) -> list[int]:
         """Message numbers in a mailbox (files named only by digits), sorted."""

@@ -30,8 +30,11 @@ from .conftest import (
     descendants_of,
     expect,
     free_port,
+    mail_rcpt,
     pid_alive,
     proc_cmdline,
+    send_data,
+    send_message,
     wait_until,
 )
 
@@ -255,11 +258,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 def deliver(d: Daemon, to: str, *, trusted: bool = False, body: bytes = BODY) -> None:
     with d.connect(trusted) as c:
         c.start()
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{to}>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(body + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_message(c, to, body)
         c.cmd("QUIT")
 
 
@@ -365,8 +364,7 @@ def test_reload_adds_domain_and_keeps_sessions(daemon_factory):
     # Sessions opened before the reload: one in a transaction, one idle after EHLO.
     busy = d.connect()
     busy.start()
-    expect(busy.cmd("MAIL FROM:<sender@client.test>"), 250, conn=busy)
-    expect(busy.cmd("RCPT TO:<alice@example.org>"), 250, conn=busy)
+    mail_rcpt(busy, "alice@example.org")
     expect(busy.cmd("RCPT TO:<alice@example.com>"), 554, conn=busy)  # not ours (yet)
     idle = d.connect()
     idle.start()
@@ -378,14 +376,8 @@ def test_reload_adds_domain_and_keeps_sessions(daemon_factory):
     deliver(d, "alice@example.com")
 
     # The old sessions go on with their transactions and get their 250.
-    expect(busy.cmd("DATA"), 354, conn=busy)
-    busy.send(BODY + b".\r\n")
-    expect(busy.read_reply(), 250, conn=busy)
-    expect(idle.cmd("MAIL FROM:<sender@client.test>"), 250, conn=idle)
-    expect(idle.cmd("RCPT TO:<alice@example.org>"), 250, conn=idle)
-    expect(idle.cmd("DATA"), 354, conn=idle)
-    idle.send(BODY + b".\r\n")
-    expect(idle.read_reply(), 250, conn=idle)
+    send_data(busy, BODY)
+    send_message(idle, "alice@example.org", BODY)
     assert wait_until(lambda: len(d.messages("alice")) == 3, 10), d.messages("alice")
 
     # Old workers stay while they have sessions, and go once those end.

@@ -6,7 +6,15 @@ import time
 
 import pytest
 
-from .conftest import Mailerd, SMTPConn, check_stored, expect, unique
+from .conftest import (
+    Mailerd,
+    SMTPConn,
+    check_stored,
+    expect,
+    mail_rcpt,
+    send_data,
+    send_message,
+)
 
 
 @pytest.mark.parametrize("length", [513, 600, 5000, 100_000])
@@ -37,18 +45,13 @@ def test_command_line_of_exactly_512_octets_is_fine(shared_mailerd: Mailerd):
 def test_long_line_inside_transaction(shared_mailerd: Mailerd):
     """An overlong MAIL FROM is refused as a whole; the transaction can then start normally."""
     m = shared_mailerd
-    user = unique("longmail")
-    m.add_user(user)
+    user = m.new_user("longmail")
     body = b"Subject: after long line\r\n\r\nok\r\n"
     with m.connect() as c:
         c.start()
         c.send(b"MAIL FROM:<" + b"a" * 600 + b"@client.test>\r\n")
         expect(c.read_reply(), 500, "5.5.6", conn=c)
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(body + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_message(c, f"{user}@example.org", body)
         c.cmd("QUIT")
     assert m.wait_messages(user, 1, timeout=5) == [1]
     check_stored(m.read(user, 1), sender="sender@client.test", helo="client.test", body=body)
@@ -56,8 +59,7 @@ def test_long_line_inside_transaction(shared_mailerd: Mailerd):
 
 def test_too_many_recipients(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("many")
-    m.add_user(user)
+    user = m.new_user("many")
     with m.connect() as c:
         c.start()
         expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
@@ -68,9 +70,7 @@ def test_too_many_recipients(shared_mailerd: Mailerd):
         expect(replies[100], 452, "4.5.3", conn=c)
         expect(replies[101], 452, "4.5.3", conn=c)
         # the transaction itself stays valid for the 100 accepted recipients
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(b"Subject: many\r\n\r\nmany\r\n.\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_data(c, b"Subject: many\r\n\r\nmany\r\n")
         expect(c.cmd("QUIT"), 221, conn=c)
     assert m.wait_messages(user, 1, timeout=5), "the message was not delivered"
 
@@ -112,8 +112,7 @@ def test_idle_timeout_in_data(quick_timeout: Mailerd):
     m.add_user("slow")
     with m.connect() as c:
         c.start()
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd("RCPT TO:<slow@example.org>"), 250, conn=c)
+        mail_rcpt(c, "slow@example.org")
         expect(c.cmd("DATA"), 354, conn=c)
         c.send(b"Subject: never finished\r\n\r\npartial")
         _expect_timeout(c, time.monotonic())
@@ -188,8 +187,7 @@ def test_max_errors_counts_other_errors(strict: Mailerd):
 )
 def test_garbage_gets_500_and_session_survives(shared_mailerd: Mailerd, garbage: bytes):
     m = shared_mailerd
-    user = unique("garbage")
-    m.add_user(user)
+    user = m.new_user("garbage")
     body = b"Subject: after garbage\r\n\r\nstill fine\r\n"
     with m.connect() as c:
         c.start()
@@ -198,11 +196,7 @@ def test_garbage_gets_500_and_session_survives(shared_mailerd: Mailerd, garbage:
         assert r.code == 500, f"garbage {garbage!r} should get 500: {r}"
         assert r.enhanced and r.enhanced.startswith("5."), r
         expect(c.cmd("NOOP"), 250, conn=c)
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(body + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_message(c, f"{user}@example.org", body)
         expect(c.cmd("QUIT"), 221, conn=c)
     check_stored(m.read(user, 1), sender="sender@client.test", helo="client.test", body=body)
 

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import Mailerd, check_stored, expect, finish, listing, unique, wait_until
+from .conftest import (
+    Mailerd,
+    check_stored,
+    expect,
+    finish,
+    listing,
+    send_data,
+    send_message,
+    wait_until,
+)
 
 HOSTS = [pytest.param("127.0.0.1", id="ipv4"), pytest.param("::1", id="ipv6")]
 
@@ -67,9 +76,7 @@ def test_untrusted_refuses_relay_trick(relay_server: Mailerd, host: str, rcpt: s
             assert (str(r.code), r.enhanced) == exact, f"{rcpt}: expected {exact}, got {r}"
         # a local recipient in the same transaction is still fine; the message must reach only it
         expect(c.cmd("RCPT TO:<local@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(body + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_data(c, body)
         expect(c.cmd("QUIT"), 221, conn=c)
     after = _snapshot(m)
     new_local = [n for n in m.messages("local") if n not in local_before]
@@ -113,9 +120,7 @@ def test_untrusted_refuses_relay_alone(relay_server: Mailerd, host: str):
 @pytest.mark.parametrize("host", HOSTS)
 def test_untrusted_accepts_local_domains(relay_server: Mailerd, host: str):
     m = relay_server
-    users = [unique("rl"), unique("rl")]
-    for u in users:
-        m.add_user(u)
+    users = [m.new_user("rl"), m.new_user("rl")]
     rcpts = [f"{users[0]}@example.org", f"{users[1]}@example.net"]
     body = b"Subject: local\r\n\r\nlocal delivery on the untrusted listener\r\n"
     with m.smtp(trusted=False, host=host) as s:
@@ -132,11 +137,12 @@ def test_trusted_accepts_remote(mailerd: Mailerd, host: str):
     before = m.queue_files()
     with m.connect(trusted=True, host=host) as c:
         c.start()
-        expect(c.cmd("MAIL FROM:<sender@example.org>"), 250, conn=c)
-        expect(c.cmd("RCPT TO:<user@remote.test>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(b"Subject: outbound\r\n\r\noutbound\r\n.\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_message(
+            c,
+            "user@remote.test",
+            b"Subject: outbound\r\n\r\noutbound\r\n",
+            sender="sender@example.org",
+        )
         expect(c.cmd("QUIT"), 221, conn=c)
     assert wait_until(lambda: m.queue_files() - before, timeout=5, interval=0.01), (
         f"nothing queued under {m.queue}"

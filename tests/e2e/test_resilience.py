@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from .conftest import Mailerd, expect, wait_until
+from .conftest import Mailerd, expect, mail_rcpt, send_data, wait_until
 
 
 def test_total_session_cap_refuses_with_421(mailerd_factory):
@@ -155,16 +155,13 @@ def test_mail_committed_by_the_old_generation_after_a_reload_is_delivered(mailer
         with m.connect() as c:
             c.start()
             for rcpt in ("first@remote.test", "second@remote.test"):
-                expect(c.cmd("MAIL FROM:<a@example.org>"), 250, conn=c)
-                expect(c.cmd(f"RCPT TO:<{rcpt}>"), 250, conn=c)
+                mail_rcpt(c, rcpt, sender="a@example.org")
                 if rcpt.startswith("second"):
                     old_workers = set(m.worker_pids())
                     m.signal(signal.SIGHUP)
                     renewed = lambda old=old_workers: set(m.worker_pids()) - old  # noqa: E731
                     assert wait_until(renewed, timeout=10)
-                expect(c.cmd("DATA"), 354, conn=c)
-                c.send(b"Subject: " + rcpt.encode() + b"\r\n\r\nhello\r\n.\r\n")
-                expect(c.read_reply(), 250, conn=c)
+                send_data(c, b"Subject: " + rcpt.encode() + b"\r\n\r\nhello\r\n")
             expect(c.cmd("QUIT"), 221, conn=c)
         assert wait_until(lambda: "second@remote.test" in recorder.rcpts, timeout=25), (
             recorder.rcpts,

@@ -6,7 +6,17 @@ import time
 
 import pytest
 
-from .conftest import Mailerd, check_stored, expect, files_under, finish, listing, unique
+from .conftest import (
+    Mailerd,
+    check_stored,
+    ehlo_keywords,
+    expect,
+    files_under,
+    finish,
+    listing,
+    mail_rcpt,
+    send_message,
+)
 
 # End-of-data look-alikes from https://github.com/hannob/smtpsmug; only CRLF.CRLF ends data.
 VECTORS = [
@@ -54,8 +64,7 @@ def evil_messages(m: Mailerd) -> list[str]:
 @pytest.mark.parametrize("vector", VECTORS)
 def test_smuggling_vector(smug_server: Mailerd, vector: bytes, split: bool):
     m = smug_server
-    victim = unique("victim")
-    m.add_user(victim)
+    victim = m.new_user("victim")
     real = (
         b"From: sender@client.test\r\n"
         b"To: " + victim.encode() + b"@example.org\r\n"
@@ -75,8 +84,7 @@ def test_smuggling_vector(smug_server: Mailerd, vector: bytes, split: bool):
     data = real + vector + smuggled
     with m.connect() as c:
         c.start()
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{victim}@example.org>"), 250, conn=c)
+        mail_rcpt(c, f"{victim}@example.org")
         expect(c.cmd("DATA"), 354, conn=c)
         if split:
             c.send(real + vector)
@@ -126,23 +134,14 @@ def test_smuggling_vector(smug_server: Mailerd, vector: bytes, split: bool):
 )
 def test_bare_line_ending_rejected_and_session_continues(smug_server: Mailerd, bad: bytes):
     m = smug_server
-    user = unique("bare")
-    m.add_user(user)
+    user = m.new_user("bare")
     good = b"Subject: good\r\n\r\nclean\r\n"
     with m.connect() as c:
         c.start()
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(bad + b".\r\n")
-        expect(c.read_reply(), 550, "5.5.2", conn=c)
+        send_message(c, f"{user}@example.org", bad, code=550, enhanced="5.5.2")
         assert m.messages(user) == []
         # the session continues and a clean message goes through
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(good + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_message(c, f"{user}@example.org", good)
         expect(c.cmd("QUIT"), 221, conn=c)
     assert m.messages(user) == [1]
     check_stored(m.read(user, 1), sender="sender@client.test", helo="client.test", body=good)
@@ -225,12 +224,11 @@ def test_traversal_recipient_rejected(traversal_server: Mailerd, rcpt, allowed, 
 def test_bdat_content_is_never_parsed_as_commands(smug_server: Mailerd, vector: bytes):
     """Inside a BDAT chunk, end-of-data look-alikes and commands are just message bytes."""
     m = smug_server
-    victim = unique("bdatvictim")
-    m.add_user(victim)
+    victim = m.new_user("bdatvictim")
     with m.connect() as c:
         c.start()
         c.send(b"EHLO client.test\r\n")
-        keywords = {line.split()[0].upper() for line in c.read_reply().lines[1:] if line.split()}
+        keywords = ehlo_keywords(c.read_reply())
         if "CHUNKING" not in keywords:
             pytest.skip("CHUNKING not advertised")
         chunk = (
@@ -240,8 +238,7 @@ def test_bdat_content_is_never_parsed_as_commands(smug_server: Mailerd, vector: 
             + victim.encode()
             + b"@example.org>\r\nDATA\r\nsmuggled\r\n.\r\n"
         )
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{victim}@example.org>"), 250, conn=c)
+        mail_rcpt(c, f"{victim}@example.org")
         c.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"QUIT\r\n")
         replies, eof = c.read_all_replies(timeout=10)
         dialogue = c.dialogue()

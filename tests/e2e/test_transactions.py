@@ -12,9 +12,13 @@ from .conftest import (
     IO_TIMEOUT,
     Mailerd,
     check_stored,
+    ehlo_keywords,
     expect,
     has_recent,
+    mail_rcpt,
     parse_stored,
+    send_data,
+    send_message,
     unique,
     wait_until,
 )
@@ -34,6 +38,25 @@ def make_body(token: str, extra: bytes = b"") -> bytes:
     )
 
 
+def _raw_transaction(
+    m: Mailerd, user: str, body: bytes, sender: str = "sender@client.test", params: str = ""
+) -> None:
+    """A raw session to ``user@example.org``: banner, EHLO, one ``send_message``, then QUIT."""
+    with m.connect() as c:
+        c.start()
+        send_message(c, f"{user}@example.org", body, sender=sender, params=params)
+        c.cmd("QUIT")
+
+
+def _deliver(m: Mailerd, user: str, token: str, extra: bytes = b"") -> bytes:
+    """Send ``make_body(token, extra)`` to ``user@example.org`` with smtplib; return the body."""
+    body = make_body(token, extra)
+    with m.smtp() as s:
+        assert s.sendmail("sender@client.test", [f"{user}@example.org"], body) == {}
+        s.quit()
+    return body
+
+
 def only_message(m: Mailerd, user: str) -> bytes:
     nums = m.wait_messages(user, 1, timeout=5)
     assert nums == [1], f"mailbox {user}: expected exactly message 1, got {nums}"
@@ -50,7 +73,7 @@ def test_ehlo_advertises_extensions(shared_mailerd: Mailerd):
     with shared_mailerd.connect() as c:
         expect(c.banner(), 220)
         r = expect(c.ehlo(), 250)
-        keywords = {line.split()[0].upper() for line in r.lines[1:] if line.split()}
+        keywords = ehlo_keywords(r)
         for kw in ("PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"):
             assert kw in keywords, f"EHLO does not advertise {kw}: {r}"
         c.cmd("QUIT")
@@ -59,8 +82,7 @@ def test_ehlo_advertises_extensions(shared_mailerd: Mailerd):
 def test_every_reply_has_enhanced_status_code(shared_mailerd: Mailerd):
     """RFC 2034: all replies except the greeting, the EHLO reply and 354 carry one."""
     m = shared_mailerd
-    user = unique("esc")
-    m.add_user(user)
+    user = m.new_user("esc")
     with m.connect() as c:
         c.start()
         replies = [
@@ -98,8 +120,7 @@ def test_every_reply_has_enhanced_status_code(shared_mailerd: Mailerd):
 @pytest.mark.parametrize("host", HOSTS)
 def test_smtplib_transaction(shared_mailerd: Mailerd, host: str, trusted: bool):
     m = shared_mailerd
-    user = unique("tx")
-    m.add_user(user)
+    user = m.new_user("tx")
     token = uuid.uuid4().hex
     body = make_body(token)
     with m.smtp(trusted=trusted, host=host, helo="client.test") as s:
@@ -113,17 +134,9 @@ def test_smtplib_transaction(shared_mailerd: Mailerd, host: str, trusted: bool):
 
 def test_null_sender(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("null")
-    m.add_user(user)
+    user = m.new_user("null")
     body = make_body("bounce")
-    with m.connect() as c:
-        c.start()
-        expect(c.cmd("MAIL FROM:<>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(body + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
-        c.cmd("QUIT")
+    _raw_transaction(m, user, body, sender="")
     raw = only_message(m, user)
     assert raw.startswith(b"Return-Path: <>\r\n"), raw[:100]
     check_stored(raw, sender="", helo="client.test", body=body)
@@ -131,9 +144,7 @@ def test_null_sender(shared_mailerd: Mailerd):
 
 def test_several_recipients_in_two_domains(shared_mailerd: Mailerd):
     m = shared_mailerd
-    users = [unique("multi") for _ in range(4)]
-    for u in users:
-        m.add_user(u)
+    users = [m.new_user("multi") for _ in range(4)]
     rcpts = [
         f"{users[0]}@example.org",
         f"{users[1]}@example.net",
@@ -151,8 +162,7 @@ def test_several_recipients_in_two_domains(shared_mailerd: Mailerd):
 
 def test_pipelining_replies_in_order(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("pipe")
-    m.add_user(user)
+    user = m.new_user("pipe")
     body = make_body("pipelined")
     with m.connect() as c:
         c.start()
@@ -179,31 +189,19 @@ def test_pipelining_replies_in_order(shared_mailerd: Mailerd):
 
 def test_dot_stuffing_with_smtplib(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("dots")
-    m.add_user(user)
+    user = m.new_user("dots")
     extra = b".\r\n..\r\n.leading dot\r\n..two dots\r\n...three\r\n. \r\nmid.dle\r\n.\r\n"
-    body = make_body("dots", extra)
-    with m.smtp() as s:
-        assert s.sendmail("sender@client.test", [f"{user}@example.org"], body) == {}
-        s.quit()
+    body = _deliver(m, user, "dots", extra)
     check_stored(only_message(m, user), sender="sender@client.test", helo="client.test", body=body)
 
 
 def test_dot_unstuffing_raw(shared_mailerd: Mailerd):
     """Exactly one leading dot is removed from lines that start with a dot."""
     m = shared_mailerd
-    user = unique("rawdots")
-    m.add_user(user)
+    user = m.new_user("rawdots")
     sent = b"Subject: dots\r\n\r\n..\r\n...\r\n..x\r\n.y\r\nz.\r\n....\r\n"
     expected = b"Subject: dots\r\n\r\n.\r\n..\r\n.x\r\ny\r\nz.\r\n...\r\n"
-    with m.connect() as c:
-        c.start()
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(sent + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
-        c.cmd("QUIT")
+    _raw_transaction(m, user, sent)
     check_stored(
         only_message(m, user), sender="sender@client.test", helo="client.test", body=expected
     )
@@ -211,8 +209,7 @@ def test_dot_unstuffing_raw(shared_mailerd: Mailerd):
 
 def test_8bit_body_byte_exact(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("eight")
-    m.add_user(user)
+    user = m.new_user("eight")
     high = bytes(range(0x80, 0x100))
     assert b"\r" not in high and b"\n" not in high
     body = (
@@ -243,17 +240,12 @@ def test_8bit_body_byte_exact(shared_mailerd: Mailerd):
 )
 def test_thunderbird_style(shared_mailerd: Mailerd, host: str, helo: str):
     m = shared_mailerd
-    user = unique("tb")
-    m.add_user(user)
+    user = m.new_user("tb")
     body = make_body("thunderbird")
     with m.connect(host=host) as c:
         expect(c.banner(), 220)
         expect(c.cmd(f"EHLO {helo}"), 250, conn=c)
-        expect(c.cmd("MAIL FROM:<a@b> SIZE=123 BODY=8BITMIME"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(body + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_message(c, f"{user}@example.org", body, sender="a@b", params="SIZE=123 BODY=8BITMIME")
         expect(c.cmd("QUIT"), 221, conn=c)
     check_stored(only_message(m, user), sender="a@b", helo=helo, body=body)
 
@@ -267,8 +259,7 @@ def test_thunderbird_style(shared_mailerd: Mailerd, host: str, helo: str):
 @pytest.mark.parametrize("host", HOSTS)
 def test_swaks(shared_mailerd: Mailerd, host: str):
     m = shared_mailerd
-    user = unique("swaks")
-    m.add_user(user)
+    user = m.new_user("swaks")
     token = uuid.uuid4().hex
     cmd = [
         "swaks",
@@ -305,8 +296,7 @@ def test_swaks(shared_mailerd: Mailerd, host: str):
 )
 def test_curl(shared_mailerd: Mailerd, tmp_path, url_host: str):
     m = shared_mailerd
-    user = unique("curl")
-    m.add_user(user)
+    user = m.new_user("curl")
     body = make_body(uuid.uuid4().hex, b".starts with a dot\r\n")
     f = tmp_path / "mail.eml"
     f.write_bytes(body)
@@ -354,28 +344,31 @@ def _send_raw(m: Mailerd, rcpt: str, body: bytes, trusted: bool = True) -> list:
         return [r_mail, r_rcpt, None, r_end]
 
 
-def test_plus_tag_delivers_to_user(shared_mailerd: Mailerd):
-    m = shared_mailerd
-    user = unique("plus")
-    m.add_user(user)
-    body = make_body("plus")
-    r = _send_raw(m, f"{user}+some.tag@example.org", body)
+def _deliver_raw(m: Mailerd, rcpt: str, body: bytes, trusted: bool = True) -> None:
+    """``_send_raw``, then expect 250 for its RCPT and for its end of data."""
+    r = _send_raw(m, rcpt, body, trusted=trusted)
     expect(r[1], 250)
     expect(r[3], 250)
+
+
+def _check_lands_in(m: Mailerd, user: str, rcpt: str, token: str, not_created: str) -> None:
+    """Deliver to ``rcpt``: it is ``user``'s only message and no ``not_created`` box appears."""
+    body = make_body(token)
+    _deliver_raw(m, rcpt, body)
     check_stored(only_message(m, user), sender="sender@client.test", helo="client.test", body=body)
-    assert not (m.spool / f"{user}+some.tag").exists()
+    assert not (m.spool / not_created).exists()
+
+
+def test_plus_tag_delivers_to_user(shared_mailerd: Mailerd):
+    m = shared_mailerd
+    user = m.new_user("plus")
+    _check_lands_in(m, user, f"{user}+some.tag@example.org", "plus", f"{user}+some.tag")
 
 
 def test_mailbox_name_is_lower_cased(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("case")
-    m.add_user(user)
-    body = make_body("case")
-    r = _send_raw(m, f"{user.upper()}@EXAMPLE.Org", body)
-    expect(r[1], 250)
-    expect(r[3], 250)
-    check_stored(only_message(m, user), sender="sender@client.test", helo="client.test", body=body)
-    assert not (m.spool / user.upper()).exists()
+    user = m.new_user("case")
+    _check_lands_in(m, user, f"{user.upper()}@EXAMPLE.Org", "case", user.upper())
 
 
 @pytest.mark.parametrize(
@@ -386,9 +379,7 @@ def test_postmaster_always_accepted(mailerd: Mailerd, rcpt: str):
     assert not (m.spool / "postmaster").exists()
     body = make_body("pm")
     for trusted in (True, False):
-        r = _send_raw(m, rcpt, body, trusted=trusted)
-        expect(r[1], 250)
-        expect(r[3], 250)
+        _deliver_raw(m, rcpt, body, trusted=trusted)
     nums = m.wait_messages("postmaster", 2, timeout=5)
     assert nums == [1, 2]
     for n in nums:
@@ -418,9 +409,7 @@ def test_system_account_is_local_user(mailerd: Mailerd):
     m = mailerd
     assert not (m.spool / "root").exists()
     body = make_body("root")
-    r = _send_raw(m, "root@example.org", body, trusted=False)
-    expect(r[1], 250)
-    expect(r[3], 250)
+    _deliver_raw(m, "root@example.org", body, trusted=False)
     check_stored(
         only_message(m, "root"), sender="sender@client.test", helo="client.test", body=body
     )
@@ -433,11 +422,7 @@ def test_trusted_listener_queues_remote_recipient(mailerd: Mailerd, host: str):
     spool_before = {p.name for p in m.spool.iterdir()}
     with m.connect(host=host, trusted=True) as c:
         c.start()
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd("RCPT TO:<someone@remote.test>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(make_body("remote") + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_message(c, "someone@remote.test", make_body("remote"))
         new = wait_until(lambda: m.queue_files() - before, timeout=5, interval=0.01)
         c.cmd("QUIT")
     assert new, f"no new file under the queue dir {m.queue}: {sorted(m.queue_files())}"
@@ -468,18 +453,14 @@ def test_size_advertised(small: Mailerd):
 
 def test_size_declared_too_big_rejected_at_mail(small: Mailerd):
     m = small
-    user = unique("size")
-    m.add_user(user)
+    user = m.new_user("size")
     with m.connect() as c:
         c.start()
         expect(c.cmd(f"MAIL FROM:<sender@client.test> SIZE={LIMIT * 5}"), 552, "5.3.4", conn=c)
         # the session goes on; a transaction within the limit works
-        expect(c.cmd(f"MAIL FROM:<sender@client.test> SIZE={LIMIT // 2}"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
+        mail_rcpt(c, f"{user}@example.org", params=f"SIZE={LIMIT // 2}")
         body = b"Subject: small\r\n\r\nsmall\r\n"
-        c.send(body + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_data(c, body)
         c.cmd("QUIT")
     check_stored(only_message(m, user), sender="sender@client.test", helo="client.test", body=body)
 
@@ -487,14 +468,12 @@ def test_size_declared_too_big_rejected_at_mail(small: Mailerd):
 @pytest.mark.parametrize("size", [LIMIT * 3, 2_000_000])
 def test_size_actual_too_big_rejected_after_data(small: Mailerd, size: int):
     m = small
-    user = unique("big")
-    m.add_user(user)
+    user = m.new_user("big")
     line = b"x" * 78 + b"\r\n"
     big = b"Subject: big\r\n\r\n" + line * (size // len(line) + 1)
     with m.connect() as c:
         c.start()
-        expect(c.cmd("MAIL FROM:<sender@client.test> SIZE=100"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
+        mail_rcpt(c, f"{user}@example.org", params="SIZE=100")
         expect(c.cmd("DATA"), 354, conn=c)
         c.send(big + b".\r\n")
         r = c.read_reply()
@@ -509,14 +488,6 @@ def test_size_actual_too_big_rejected_after_data(small: Mailerd, size: int):
 # --------------------------------------------------------------------------------------------
 # Mailbox numbering
 # --------------------------------------------------------------------------------------------
-
-
-def _deliver(m: Mailerd, user: str, token: str) -> bytes:
-    body = make_body(token)
-    with m.smtp() as s:
-        assert s.sendmail("sender@client.test", [f"{user}@example.org"], body) == {}
-        s.quit()
-    return body
 
 
 def test_numbering_continues_from_hand_made_mailbox(shared_mailerd: Mailerd):
@@ -541,8 +512,7 @@ def test_numbering_continues_from_hand_made_mailbox(shared_mailerd: Mailerd):
 
 def test_numbering_not_reused_after_delete(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("reuse")
-    m.add_user(user)
+    user = m.new_user("reuse")
     _deliver(m, user, "one")
     _deliver(m, user, "two")
     assert m.wait_messages(user, 2, timeout=5) == [1, 2]
@@ -573,8 +543,7 @@ def test_numbering_not_reused_after_delete(shared_mailerd: Mailerd):
 def test_pipelined_transactions_back_to_back(shared_mailerd: Mailerd):
     """RFC 2920: the end of one message and the next transaction may share a write."""
     m = shared_mailerd
-    user = unique("b2b")
-    m.add_user(user)
+    user = m.new_user("b2b")
     first, second = make_body("first"), make_body("second")
     with m.connect() as c:
         c.start()
@@ -598,27 +567,17 @@ def test_pipelined_transactions_back_to_back(shared_mailerd: Mailerd):
 
 def test_empty_message(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("empty")
-    m.add_user(user)
-    with m.connect() as c:
-        c.start()
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
-        c.cmd("QUIT")
+    user = m.new_user("empty")
+    _raw_transaction(m, user, b"")
     check_stored(only_message(m, user), sender="sender@client.test", helo="client.test", body=b"")
 
 
 def test_rset_forgets_recipients(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("rset")
-    m.add_user(user)
+    user = m.new_user("rset")
     with m.connect() as c:
         c.start()
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
+        mail_rcpt(c, f"{user}@example.org")
         expect(c.cmd("RSET"), 250, conn=c)
         r = c.cmd("DATA")
         assert r.code == 503, f"DATA after RSET must be a bad sequence: {r}"
@@ -631,17 +590,12 @@ def test_rset_forgets_recipients(shared_mailerd: Mailerd):
 def test_helo_session(shared_mailerd: Mailerd):
     """Plain HELO (RFC 821 clients) still delivers."""
     m = shared_mailerd
-    user = unique("helo")
-    m.add_user(user)
+    user = m.new_user("helo")
     body = make_body("helo")
     with m.connect() as c:
         expect(c.banner(), 220)
         expect(c.cmd("HELO old.client.test"), 250, conn=c)
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(body + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
+        send_message(c, f"{user}@example.org", body)
         c.cmd("QUIT")
     st = parse_stored(only_message(m, user))
     assert st.return_path == b"Return-Path: <sender@client.test>"
@@ -651,17 +605,9 @@ def test_helo_session(shared_mailerd: Mailerd):
 
 def test_smtputf8(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("utf")
-    m.add_user(user)
+    user = m.new_user("utf")
     body = "Subject: grüße\r\nFrom: Jörg <jörg@bücher.test>\r\n\r\nHällo wörld ✓\r\n".encode()
-    with m.connect() as c:
-        c.start()
-        expect(c.cmd("MAIL FROM:<jörg@bücher.test> SMTPUTF8 BODY=8BITMIME"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        expect(c.cmd("DATA"), 354, conn=c)
-        c.send(body + b".\r\n")
-        expect(c.read_reply(), 250, conn=c)
-        c.cmd("QUIT")
+    _raw_transaction(m, user, body, sender="jörg@bücher.test", params="SMTPUTF8 BODY=8BITMIME")
     check_stored(
         only_message(m, user),
         sender="jörg@bücher.test",
@@ -674,21 +620,19 @@ def test_smtputf8(shared_mailerd: Mailerd):
 def _ehlo_keywords(c) -> set[str]:
     expect(c.banner(), 220)
     r = expect(c.ehlo(), 250)
-    return {line.split()[0].upper() for line in r.lines[1:] if line.split()}
+    return ehlo_keywords(r)
 
 
 def test_bdat_chunks_stored_verbatim(shared_mailerd: Mailerd):
     """If CHUNKING is advertised, BDAT content is stored as sent: no dot-unstuffing."""
     m = shared_mailerd
-    user = unique("bdat")
-    m.add_user(user)
+    user = m.new_user("bdat")
     part1 = b"Subject: chunked\r\n\r\n..two dots stay two\r\n.\r\n"
     part2 = b".one dot stays\r\nend\r\n"
     with m.connect() as c:
         if "CHUNKING" not in _ehlo_keywords(c):
             pytest.skip("CHUNKING not advertised")
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
+        mail_rcpt(c, f"{user}@example.org")
         c.send(b"BDAT %d\r\n" % len(part1) + part1)
         expect(c.read_reply(), 250, conn=c)
         c.send(b"BDAT %d LAST\r\n" % len(part2) + part2)
@@ -701,8 +645,7 @@ def test_bdat_chunks_stored_verbatim(shared_mailerd: Mailerd):
 
 def test_bdat_pipelined_and_zero_last(shared_mailerd: Mailerd):
     m = shared_mailerd
-    user = unique("bdat0")
-    m.add_user(user)
+    user = m.new_user("bdat0")
     body = make_body("bdat-pipelined")
     with m.connect() as c:
         if "CHUNKING" not in _ehlo_keywords(c):
@@ -722,14 +665,12 @@ def test_bdat_pipelined_and_zero_last(shared_mailerd: Mailerd):
 
 def test_bdat_too_big(small: Mailerd):
     m = small
-    user = unique("bdatbig")
-    m.add_user(user)
+    user = m.new_user("bdatbig")
     chunk = b"x" * 600 + b"\r\n"
     with m.connect() as c:
         if "CHUNKING" not in _ehlo_keywords(c):
             pytest.skip("CHUNKING not advertised")
-        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
+        mail_rcpt(c, f"{user}@example.org")
         c.send(b"BDAT %d\r\n" % len(chunk) + chunk)
         first = c.read_reply()
         replies = [first]
