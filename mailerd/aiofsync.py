@@ -27,6 +27,8 @@ import threading
 
 # io_setup, io_destroy, io_submit, io_getevents
 _SYSCALLS = {"x86_64": (206, 207, 209, 208), "aarch64": (0, 1, 2, 4)}
+_NUMBERS = _SYSCALLS.get(platform.machine()) if struct.calcsize("P") == 8 else None
+_IO_SETUP, _IO_DESTROY, _IO_SUBMIT, _IO_GETEVENTS = _NUMBERS or (-1, -1, -1, -1)
 _IOCB = struct.Struct("=QIIHhIQQqQII")  # struct iocb, little-endian 64-bit layout
 _EVENT = struct.Struct("=QQqq")  # struct io_event: data, obj, res, res2
 _IOCB_CMD_FSYNC = 2
@@ -39,7 +41,10 @@ _libc: ctypes.CDLL | None = None
 def _syscall(number: int, *args: object) -> int:
     """syscall(2), retried on EINTR. Integers are passed as C longs: syscall() is variadic
     and reads every argument as a long, and ctypes would pass a Python int as a C int."""
-    assert _libc is not None
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
     c_args = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
     while True:
         result = _libc.syscall(ctypes.c_long(number), *c_args)
@@ -48,17 +53,6 @@ def _syscall(number: int, *args: object) -> int:
         code = ctypes.get_errno()
         if code != errno.EINTR:
             raise OSError(code, os.strerror(code))
-
-
-def _numbers() -> tuple[int, int, int, int] | None:
-    global _libc
-    numbers = _SYSCALLS.get(platform.machine())
-    if numbers is None or struct.calcsize("P") != 8:
-        return None
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    return numbers
 
 
 class Unavailable(OSError):
@@ -70,12 +64,11 @@ def _context() -> int:
     pid = os.getpid()
     if getattr(_local, "pid", None) != pid:
         _local.pid, _local.ctx = pid, None
-        numbers = _numbers()
-        if numbers is None:
+        if _NUMBERS is None:
             raise Unavailable(errno.ENOSYS, "no AIO system call numbers for this machine")
         ctx = ctypes.c_ulong(0)
         try:
-            _syscall(numbers[0], DEPTH, ctypes.byref(ctx))
+            _syscall(_IO_SETUP, DEPTH, ctypes.byref(ctx))
         except OSError as exc:  # ENOSYS (seccomp), EAGAIN (aio-max-nr reached)
             raise Unavailable(exc.errno, f"io_setup: {exc.strerror}") from exc
         _local.ctx = ctx.value
@@ -91,16 +84,14 @@ def fsync_all(fds: list[int]) -> None:
     submitted, every fsync is waited for, whatever the outcome.
     """
     ctx = _context()
-    numbers = _numbers()
-    assert numbers is not None
     first_error = 0
     for start in range(0, len(fds), DEPTH):
-        first_error = _batch(ctx, numbers, fds[start : start + DEPTH]) or first_error
+        first_error = _batch(ctx, fds[start : start + DEPTH]) or first_error
     if first_error:
         raise OSError(first_error, os.strerror(first_error))
 
 
-def _batch(ctx: int, numbers: tuple[int, int, int, int], fds: list[int]) -> int:
+def _batch(ctx: int, fds: list[int]) -> int:
     """Submit and reap one batch; the first error number, or 0."""
     blocks = [
         ctypes.create_string_buffer(
@@ -115,7 +106,7 @@ def _batch(ctx: int, numbers: tuple[int, int, int, int], fds: list[int]) -> int:
     try:
         while submitted < len(fds):
             pending = ctypes.byref(pointers, submitted * ctypes.sizeof(ctypes.c_void_p))
-            submitted += _syscall(numbers[2], ctx, len(fds) - submitted, pending)
+            submitted += _syscall(_IO_SUBMIT, ctx, len(fds) - submitted, pending)
     except OSError as exc:
         if submitted == 0:
             raise Unavailable(exc.errno, f"io_submit: {exc.strerror}") from exc
@@ -128,7 +119,7 @@ def _batch(ctx: int, numbers: tuple[int, int, int, int], fds: list[int]) -> int:
     reaped = 0
     try:
         while reaped < submitted:
-            got = _syscall(numbers[3], ctx, 1, submitted - reaped, events, None)
+            got = _syscall(_IO_GETEVENTS, ctx, 1, submitted - reaped, events, None)
             for k in range(got):
                 result = _EVENT.unpack_from(events, k * _EVENT.size)[2]
                 if result < 0 and not error:
@@ -139,6 +130,6 @@ def _batch(ctx: int, numbers: tuple[int, int, int, int], fds: list[int]) -> int:
         # waits for what is in flight) and let this thread make a new one.
         _local.pid = None
         with contextlib.suppress(OSError):
-            _syscall(numbers[1], ctx)
+            _syscall(_IO_DESTROY, ctx)
         raise
     return error
