@@ -336,9 +336,11 @@ class Master:
     # -- children --------------------------------------------------------------------------
 
     def spawn(self, kind: str, slot: int) -> None:
-        row = self.sessions.claim() if kind == "worker" else None
-        if kind == "worker" and row is None:
-            log.warning("worker %d counts its sessions alone: no free session-table row", slot)
+        row = None
+        if kind == "worker":
+            row = self.sessions.claim()
+            if row is None:
+                log.warning("worker %d counts its sessions alone: no free session-table row", slot)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
         pid = os.fork()
         if pid:

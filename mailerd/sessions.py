@@ -47,12 +47,6 @@ class SessionTable:
         self.cells[start : start + self.stride] = memoryview(bytes(self.stride * _CELL)).cast("I")
         self._free.append(row)
 
-    def counter(self, row: int | None) -> SessionCounter:
-        """A worker's view: its own row, or (with None) a private one counted alone."""
-        if row is None:
-            return SessionCounter(SessionTable(1, self.buckets), 0)
-        return SessionCounter(self, row)
-
 
 class SessionCounter:
     """One worker's counting: checks read every row, updates touch its own."""
@@ -89,3 +83,11 @@ class SessionCounter:
     def _decrement(self, cell: int) -> None:
         if self._cells[cell] > 0:
             self._cells[cell] -= 1
+
+
+def counter(table: SessionTable | None, row: int | None) -> SessionCounter:
+    """A worker's view: its row of the shared table or, with no table or no free row (a worker
+    started alone, a full table), a private row that counts its own sessions only."""
+    if table is None or row is None:
+        return SessionCounter(SessionTable(1), 0)
+    return SessionCounter(table, row)

@@ -34,7 +34,7 @@ from mailerd import eventloop, policy, privileges
 from mailerd.channel import MAX_INLINE, Client
 from mailerd.config import Config, ListenAddress
 from mailerd.mailbox import Spool
-from mailerd.sessions import SessionTable
+from mailerd.sessions import SessionTable, counter
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
@@ -342,10 +342,7 @@ class Worker:
         private = private_dir or cfg.queue / "private"
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
         self.connections: set[Connection] = set()
-        if sessions is None:  # alone (tests): a table of its own
-            sessions, session_row = SessionTable(1), 0
-        # Shared with the other workers (sessions.py); counted alone if no row was free.
-        self.sessions = sessions.counter(session_row)
+        self.sessions = counter(sessions, session_row)  # shared with the other workers
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
