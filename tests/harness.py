@@ -4,9 +4,11 @@ because pytest puts tests/ on sys.path for those packages' conftest files."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 
 def wait_for_banner(
@@ -67,3 +69,60 @@ def tracebacks(log_text: str) -> list[str]:
                 end += 1
             out.append("\n".join(lines[max(0, i - 1) : end + 1]))
     return out
+
+
+# -- processes, read from /proc ---------------------------------------------------------------
+
+_GONE = ("Z", "X")  # zombie or dead: not alive
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone, or not ours to read
+        return None
+    return data[data.rindex(")") + 2 :].split()
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a process, or None if it is gone."""
+    fields = _stat(pid)
+    return None if fields is None else (fields[0], int(fields[1]))
+
+
+def pid_alive(pid: int) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st[0] not in _GONE
+
+
+def _live_processes() -> dict[int, tuple[int, int]]:
+    """pid → (ppid, process group) of every live process, from one scan of /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(entry)) and fields[0] not in _GONE:
+            table[int(entry)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct, live children of ``pid`` (like ``ps --ppid``)."""
+    return sorted(p for p, (ppid, _) in _live_processes().items() if ppid == pid)
+
+
+def descendants_of(pid: int) -> list[int]:
+    """Every live process below ``pid``."""
+    table = _live_processes()
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, (ppid, _) in table.items() if ppid == parent]
+        found += kids
+        todo += kids
+    return sorted(found)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid`` (orphans that left their parent included)."""
+    return sorted(p for p, (_, group) in _live_processes().items() if group == pgid)

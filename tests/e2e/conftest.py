@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from harness import tracebacks, wait_for_banner, wait_until  # noqa: F401 (re-exported)
+from harness import (  # noqa: F401 (re-exported)
+    children_of,
+    descendants_of,
+    pid_alive,
+    tracebacks,
+    wait_for_banner,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_DOMAINS = ("example.org", "example.net")
@@ -349,43 +356,6 @@ def proc_cmdline(pid: int) -> str | None:
     return data.replace(b"\0", b" ").decode("utf-8", "replace").strip()
 
 
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of a process, or None if it is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    after = data[data.rindex(")") + 2 :].split()
-    return after[0], int(after[1])
-
-
-def pid_alive(pid: int) -> bool:
-    st = proc_stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct, live children of ``pid`` (read from /proc, like ``ps --ppid``)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        st = proc_stat(int(entry))
-        if st and st[1] == pid and st[0] not in ("Z", "X"):
-            out.append(int(entry))
-    return sorted(out)
-
-
-def descendants_of(pid: int) -> list[int]:
-    result: list[int] = []
-    todo = [pid]
-    while todo:
-        kids = children_of(todo.pop())
-        result.extend(kids)
-        todo.extend(kids)
-    return sorted(result)
-
-
 # --------------------------------------------------------------------------------------------
 # The server under test
 # --------------------------------------------------------------------------------------------
@@ -547,23 +517,6 @@ class Mailerd:
         for f in (getattr(self, "_out", None), getattr(self, "_err", None)):
             if f is not None:
                 f.close()
-
-    def group_members(self) -> list[int]:
-        """Live processes in the server's process group (including orphaned ones)."""
-        assert self.proc is not None
-        pgid = self.proc.pid
-        out = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                data = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = data[data.rindex(")") + 2 :].split()
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                out.append(int(entry))
-        return sorted(out)
 
     # -- processes ------------------------------------------------------------------------------
     def children(self) -> list[int]:

@@ -62,7 +62,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import tracebacks, wait_for_banner, wait_until  # noqa: F401 (re-exported)
+from harness import (  # noqa: F401 (re-exported)
+    descendants_of,
+    group_members,
+    pid_alive,
+    tracebacks,
+    wait_for_banner,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -183,20 +190,6 @@ def _run(argv: list[str], check: bool = True, timeout: float = 30.0) -> subproce
     return proc
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
 def _terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM our child (by pid), then SIGKILL its process group if it does not exit."""
     if proc.poll() is None:
@@ -260,7 +253,7 @@ def _cleanup_stale_namespaces() -> None:
     for line in listing.splitlines():
         name = line.split()[0] if line.split() else ""
         m = re.fullmatch(rf"{NS_PREFIX}(\d+)-\d+", name)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         for pid in Netns(name, "", "", Path()).pids():
             with contextlib.suppress(ProcessLookupError):
@@ -675,54 +668,21 @@ class Mailerd:
                 return None
         return self.proc.returncode
 
-    def group_pids(self) -> list[int]:
-        """Live processes whose process group is the master's."""
-        assert self.proc is not None
-        out = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                data = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = data[data.rindex(")") + 2 :].split()
-            if int(fields[2]) == self.proc.pid and fields[0] not in ("Z", "X"):
-                out.append(int(entry))
-        return sorted(out)
-
-    def descendants(self) -> list[int]:
-        assert self.proc is not None
-        parents: dict[int, int] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    data = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                parents[int(entry)] = int(data[data.rindex(")") + 2 :].split()[1])
-        found, todo = [], [self.proc.pid]
-        while todo:
-            p = todo.pop()
-            kids = [c for c, pp in parents.items() if pp == p]
-            found += kids
-            todo += kids
-        return sorted(found)
-
     def kill9(self) -> list[int]:
         """SIGKILL the whole process group (master + children) and wait until all are gone.
 
         Returns the pids that were killed."""
         assert self.proc is not None
-        victims = sorted(set(self.group_pids()) | set(self.descendants()) | {self.proc.pid})
+        family = set(group_members(self.proc.pid)) | set(descendants_of(self.proc.pid))
+        victims = sorted(family | {self.proc.pid})
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         for pid in victims:  # a child that left the group is still ours: by pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(10)
-        gone = wait_until(lambda: not any(_pid_alive(p) for p in victims), 10)
-        assert gone, f"processes survived SIGKILL: {[p for p in victims if _pid_alive(p)]}"
+        gone = wait_until(lambda: not any(pid_alive(p) for p in victims), 10)
+        assert gone, f"processes survived SIGKILL: {[p for p in victims if pid_alive(p)]}"
         return victims
 
     # -- logs -----------------------------------------------------------------------------
