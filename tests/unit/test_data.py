@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from datacases import SMUGGLING_VECTORS, decode
 
 from mailerd.smtp.data import BodyChecker, DataDecoder
-
-
-def decode(*chunks: bytes) -> tuple[bytes, bool, bytes]:
-    """Feed chunks; return (content, finished, bytes after the terminator)."""
-    decoder = DataDecoder()
-    out = []
-    for i, chunk in enumerate(chunks):
-        out.append(decoder.feed(chunk))
-        if decoder.finished:
-            return b"".join(out), True, decoder.rest + b"".join(chunks[i + 1 :])
-    return b"".join(out), False, b""
 
 
 def check(*pieces: bytes, max_size: int = 10_000, max_line: int = 1000) -> BodyChecker:
@@ -74,20 +64,6 @@ def test_byte_by_byte():
             rest = decoder.rest + stream[i + 1 :]
             break
     assert (out, rest) == (b".a\r\nb\r\n.\r\n", b"QUIT\r\n")
-
-
-# hannob/smtpsmug: end-of-data look-alikes.  None of them may end DATA.
-SMUGGLING_VECTORS = [
-    b"\n.\n",
-    b"\r.\r",
-    b"\r.\n",
-    b"\n.\r",
-    b"\n.\r\n",
-    b"\r\n.\n",
-    b"\r.\r\n",
-    b"\r\n.\r",
-    b"\r\n\x00.\r\n",
-]
 
 
 @pytest.mark.parametrize("vector", SMUGGLING_VECTORS, ids=repr)

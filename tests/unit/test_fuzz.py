@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from datacases import decode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +27,7 @@ from mailerd.smtp import (
     Session,
     SessionConfig,
 )
-from mailerd.smtp.data import BodyChecker, DataDecoder
+from mailerd.smtp.data import BodyChecker
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -281,16 +282,6 @@ def stuff(body: bytes) -> bytes:
     return wire + b".\r\n"
 
 
-def feed(chunks: list[bytes]) -> tuple[bytes, bool, bytes]:
-    decoder = DataDecoder()
-    out = []
-    for i, chunk in enumerate(chunks):
-        out.append(decoder.feed(chunk))
-        if decoder.finished:
-            return b"".join(out), True, decoder.rest + b"".join(chunks[i + 1 :])
-    return b"".join(out), False, b""
-
-
 body_bytes = st.lists(
     st.one_of(
         st.sampled_from([b"\r\n", b".", b"\r", b"\n", b"..", b"\r\n.\r\n", b"x"]), st.binary()
@@ -304,7 +295,7 @@ body_bytes = st.lists(
 def test_stuffing_then_decoding_round_trips(body, trailer, cuts):
     wire = stuff(body) + trailer
     expected = body if not body or body.endswith(b"\r\n") else body + b"\r\n"
-    assert feed(split_at(wire, cuts)) == (expected, True, trailer)
+    assert decode(*split_at(wire, cuts)) == (expected, True, trailer)
 
 
 @settings(max_examples=300, deadline=None)
@@ -312,7 +303,7 @@ def test_stuffing_then_decoding_round_trips(body, trailer, cuts):
 def test_only_crlf_dot_crlf_ends_data(data, cuts):
     stream = b"\r\n" + data  # DATA content starts at the beginning of a line
     end = stream.find(b"\r\n.\r\n")
-    content, finished, rest = feed(split_at(data, cuts))
+    content, finished, rest = decode(*split_at(data, cuts))
     assert finished == (end >= 0)
     if finished:
         assert rest == stream[end + 5 :]

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from datacases import SMUGGLING_VECTORS
 
 from mailerd.smtp import (
     NEED_DATA,
@@ -665,17 +666,6 @@ def test_body_is_emitted_in_large_chunks():
     assert client.messages[0][1] == chunk * 10
 
 
-SMUGGLING_VECTORS = [
-    b"\n.\n",
-    b"\r.\r",
-    b"\r.\n",
-    b"\n.\r",
-    b"\n.\r\n",
-    b"\r\n.\n",
-    b"\r.\r\n",
-    b"\r\n.\r",
-    b"\r\n\x00.\r\n",
-]
 SMUGGLED = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\nSMUGGLED\r\n"
 
 
