@@ -35,6 +35,7 @@ _READ_SIZE = 256 * 1024
 _MAX_GATHER = 64  # frames per sendmsg() (IOV_MAX is 1024)
 
 FrameHandler = Callable[[dict[str, Any], bytes, int | None], None]
+Answer = tuple[dict[str, Any], int | None]  # an answer's header, and the descriptor it carried
 
 
 class ChannelError(Exception):
@@ -199,7 +200,7 @@ class Channel:
             self._on_frame(header, body, fd)
 
 
-def _expire(future: asyncio.Future[dict[str, Any]]) -> None:
+def _expire(future: asyncio.Future[Answer]) -> None:
     if not future.done():
         future.set_exception(TimeoutError("no answer in time"))
 
@@ -227,13 +228,22 @@ class Client:
         self._sock = sock
         self._on_broken = on_broken
         self._channel: Channel | None = None
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[int, asyncio.Future[Answer]] = {}
         self._next_id = 0
 
     async def request(
         self, header: dict[str, Any], body: bytes = b"", fd: int | None = None
     ) -> dict[str, Any]:
         """Send one request and wait for its answer; raises on timeout or a broken channel."""
+        answer, passed = await self.request_fd(header, body, fd)
+        if passed is not None:  # nobody asked for one: not ours to keep open
+            os.close(passed)
+        return answer
+
+    async def request_fd(
+        self, header: dict[str, Any], body: bytes = b"", fd: int | None = None
+    ) -> Answer:
+        """`request`, for an answer that may carry a descriptor: the caller owns it."""
         channel = self._channel if self._channel and not self._channel.closed else None
         if channel is None:
             try:
@@ -245,7 +255,7 @@ class Client:
         self._next_id += 1
         request_id = self._next_id
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        future: asyncio.Future[Answer] = loop.create_future()
         self._pending[request_id] = future
         # A plain timer rather than asyncio.wait_for(), which costs a task per request.
         timer = loop.call_later(self.timeout, _expire, future)
@@ -272,11 +282,11 @@ class Client:
         return Channel(sock, self._answered, self._broken)
 
     def _answered(self, header: dict[str, Any], body: bytes, fd: int | None) -> None:
-        if fd is not None:
-            os.close(fd)
         future = self._pending.get(header.get("id", -1))
         if future is not None and not future.done():
-            future.set_result(header)
+            future.set_result((header, fd))
+        elif fd is not None:
+            os.close(fd)
 
     def _broken(self) -> None:
         for future in self._pending.values():

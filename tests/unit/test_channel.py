@@ -139,6 +139,36 @@ def test_client_requests_get_their_own_answers_a_timeout_or_a_broken_channel():
     run(main())
 
 
+def test_an_answer_can_carry_a_descriptor_to_whoever_asked_for_it(tmp_path):
+    """request_fd hands the answer's descriptor to the caller (how a worker gets its channel
+    to the mailbox writer); request, which expects none, closes one rather than leak it."""
+    from mailerd.channel import Client
+
+    async def main():
+        c_sock, s_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+        def on_frame(header, body, fd):
+            passed = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR)
+            os.write(passed, b"for %s" % body)
+            server.send({"id": header["id"]}, b"", passed)
+
+        server = Channel(s_sock, on_frame, lambda: None)
+        client = Client(None, 5, sock=c_sock)
+        answer, fd = await client.request_fd({}, b"you")
+        assert fd is not None and os.pread(fd, 100, 0) == b"for you"
+        os.close(fd)
+        before = set(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            assert "id" in await client.request({}, b"nobody")
+        await asyncio.sleep(0.05)
+        leaked = set(os.listdir("/proc/self/fd")) - before
+        assert not leaked, f"descriptors left open: {leaked}"
+        client.close()
+        server.close()
+
+    run(main())
+
+
 def test_frames_queued_together_leave_together_and_survive_a_close():
     """Frames sent in one loop iteration go out in one sendmsg(); closing right after sending
     still delivers them; a frame with a descriptor keeps it."""
