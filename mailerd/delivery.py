@@ -1,14 +1,18 @@
-"""The delivery process: the only writer of the spool and the queue.
+"""The delivery process: the only writer of the spool (through its mailbox writer) and the queue.
 
-Workers send each finished envelope over their channel (see `channel`); for each request this
-process writes the message durably — remote recipients into the outbound queue first, then each
-local mailbox — and answers once, so the worker can say 250. Partial success is not answered with
-a 451 (which would duplicate the mailboxes already written): a local recipient whose mailbox
-failed is queued for a later local retry, and only if that fails too does the worker get 4xx.
+Workers send each finished envelope with a remote recipient over their channel (see `channel`);
+for each request this process writes the message durably — remote recipients into the outbound
+queue first, then each local mailbox — and answers once, so the worker can say 250. Partial
+success is not answered with a 451 (which would duplicate the mailboxes already written): a
+local recipient whose mailbox failed is queued for a later local retry, and only if that fails
+too does the worker get 4xx.
 
 Mailboxes are written by the privileged mailbox writer it forks (`spoolwriter`), which batches
-what piles up for one mailbox; queue files are written here, in a small thread pool, and the
-outbound scheduler (`outbound`) works the queue from this process too.
+what piles up for one mailbox. A message whose recipients are all local goes from the worker
+straight to that writer, over a channel this process hands out (`mailbox-channel`); the worker
+comes back here only to queue copies that failed (`retry-local`). Queue files are written here,
+in a small thread pool, and the outbound scheduler (`outbound`) works the queue from this
+process too.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from mailerd import durable, eventloop, privileges, spoolwriter, trace
+from mailerd import commit, durable, eventloop, privileges, spoolwriter, trace
 from mailerd import log as logsetup
 from mailerd.channel import Channel
 from mailerd.config import Config
@@ -72,10 +76,14 @@ class DeliveryService:
         self.executor.shutdown(wait=True)
 
     async def _drain(self) -> None:
-        """Finish requests in flight; workers close their channels as they exit."""
+        """Finish requests in flight; workers close their channels as they exit. Without a
+        writer, only the requests in flight: the workers stay, and every moment spent waiting
+        for them is one in which no local mail can be delivered."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT
-        while (self.in_flight or self.channels) and loop.time() < deadline:
+        while (
+            self.in_flight or (self.channels and not self.lost_writer)
+        ) and loop.time() < deadline:
             await asyncio.sleep(0.05)
 
     def _accept(self) -> None:
@@ -140,14 +148,26 @@ class DeliveryService:
     async def _serve(
         self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None
     ) -> None:
-        if "op" in header:
+        op = header.get("op")
+        if op is not None and op != "retry-local" and fd is not None:
+            os.close(fd)  # no other request takes a descriptor
+            fd = None
+        if op == "mailbox-channel":
+            self.in_flight -= 1
+            await self._hand_out_writer(channel, header)
+            return
+        if op not in (None, "retry-local"):
             self.in_flight -= 1
             answer = await self.control(header)
             if not channel.closed:
                 channel.send({"id": header.get("id"), **answer})
             return
         try:
-            reply = await self.commit(header, body if fd is None else fd)
+            content = body if fd is None else fd
+            if op == "retry-local":
+                reply = await self.retry_local(header, content)
+            else:
+                reply = await self.commit(header, content)
         except Exception:  # never let one bad request kill the process
             log.exception("commit failed")
             reply = durable.IO_ERROR
@@ -160,26 +180,9 @@ class DeliveryService:
 
     async def commit(self, request: dict[str, Any], body: durable.Body) -> Reply:
         """Make one message durable for all its recipients; the answer for the worker."""
-        queue_id = trace.new_id()
+        queue_id, received = commit.begin(request, self.cfg.hostname, commit.body_size(body))
         recipients = request["recipients"]
-        received = trace.received(
-            helo=request["helo"],
-            peer_ip=request["peer"],
-            hostname=self.cfg.hostname,
-            protocol=request["protocol"],
-            queue_id=queue_id,
-            recipient=recipients[0]["address"] if len(recipients) == 1 else None,
-        )
         sender = request["sender"]
-        log.info(
-            "%s: client=[%s], helo=%s, from=<%s>, size=%d, nrcpt=%d",
-            queue_id,
-            request["peer"],
-            request["helo"],
-            sender,
-            len(body) if isinstance(body, bytes) else os.fstat(body).st_size,
-            len(recipients),
-        )
         remote = [Recipient(r["address"]) for r in recipients if r["mailbox"] is None]
         if remote:
             envelope = self._envelope(queue_id, request, remote)
@@ -192,12 +195,41 @@ class DeliveryService:
             self.outbound.add(envelope)
             for r in remote:
                 log.info("%s: to=<%s>, relay=queue, status=queued", queue_id, r.address)
-        failed = await self._deliver_local(queue_id, sender, received, body, recipients)
+        failed = await commit.write_local(
+            self.writer.deliver, queue_id, sender, received, body, recipients
+        )
         if failed:
             reply = await self._queue_local_retry(queue_id, request, received, body, failed)
             if reply is not None:
                 return reply
         return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    async def retry_local(self, request: dict[str, Any], body: durable.Body) -> Reply:
+        """A worker wrote a message's local copies itself and some failed: queue those."""
+        queue_id = str(request["queue_id"])
+        received = str(request["received"]).encode("utf-8")
+        failed = commit.decode_failures(request["failed"])
+        reply = await self._queue_local_retry(queue_id, request, received, body, failed)
+        return reply or Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    async def _hand_out_writer(self, channel: Channel, header: dict[str, Any]) -> None:
+        """A worker's own connection to the mailbox writer, for messages whose recipients are
+        all local: one end goes to the writer, the other back to the worker."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await self.writer.adopt(os.dup(theirs.fileno()))
+        except Exception as exc:
+            ours.close()
+            if not channel.closed:
+                channel.send({"id": header.get("id"), "error": f"no mailbox writer: {exc}"})
+            return
+        finally:
+            theirs.close()
+        if channel.closed:
+            ours.close()
+            return
+        channel.send({"id": header.get("id")}, fd=os.dup(ours.fileno()))
+        ours.close()
 
     def _completion(self, request: dict[str, Any], queue_id: str, body: durable.Body) -> bytes:
         """Date:/Message-ID: for a submission from a local program that lacks them, as an MTA
@@ -209,45 +241,6 @@ class DeliveryService:
         return trace.missing_headers(
             scan, queue_id=queue_id, hostname=self.cfg.hostname, when=time.time()
         )
-
-    async def _deliver_local(
-        self, queue_id: str, sender: str, received: bytes, body: durable.Body, recipients: list
-    ) -> list[tuple[dict[str, Any], Exception]]:
-        head = trace.return_path(sender) + received
-        local = [r for r in recipients if r["mailbox"] is not None]
-        # One copy per mailbox even if two addresses (user, user+tag) map to it.
-        by_mailbox: dict[str, dict[str, Any]] = {}
-        for r in local:
-            by_mailbox.setdefault(r["mailbox"], r)
-        results = await self._write_mailboxes(list(by_mailbox), head, body)
-        failed = []
-        for (name, r), result in zip(by_mailbox.items(), results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning(
-                    "%s: to=<%s>, relay=local, status=deferred (%s)", queue_id, r["address"], result
-                )
-                failed.append((r, result))
-            else:
-                log.info(
-                    "%s: to=<%s>, relay=local, status=sent (mailbox %s, message %d)",
-                    queue_id,
-                    r["address"],
-                    name,
-                    result,
-                )
-        return failed
-
-    async def _write_mailboxes(
-        self, names: list[str], head: bytes, body: durable.Body
-    ) -> list[int | BaseException]:
-        """Each mailbox's message number, or the exception that failed it."""
-        if len(names) == 1:  # the common case, without gather's task per mailbox
-            try:
-                return [await self.writer.deliver(names[0], head, body)]
-            except Exception as exc:
-                return [exc]
-        futures = [self.writer.deliver(name, head, body) for name in names]
-        return await asyncio.gather(*futures, return_exceptions=True)
 
     async def _queue_local_retry(
         self,

@@ -4,8 +4,13 @@ Mailboxes belong to their users (0700/0600), so writing them needs privilege, wh
 the delivery process speaks SMTP to the Internet and must not have it. So the delivery process,
 still root, forks this writer over a socketpair and then drops to the mail user. The writer
 parses nothing from the network: it receives `{"mailbox"}` plus the headers to prepend and the
-body (inline or as a descriptor) over the channel, writes with `mailbox.Spool` under lockf, and
+body (inline or as a descriptor) over a channel, writes with `mailbox.Spool` under lockf, and
 answers with the message number. It exits when the delivery process closes the socketpair.
+
+Besides that first channel, each worker gets one of its own, which the delivery process hands
+out (`{"op": "adopt"}` carries the writer's end): a message whose recipients are all local then
+costs one process hop instead of two. A worker's channel carries mailbox writes only; ops come
+from the delivery process alone.
 
 Requests that pile up for one mailbox are committed as one batch with one directory fsync
 (group commit); different mailboxes are written in parallel by a small thread pool, one writer
@@ -93,7 +98,8 @@ class MailboxWriter:
 
 
 class SpoolService:
-    """The writer process's loop: one channel in, mailbox writes out."""
+    """The writer process's loop: channels in (the delivery process's, and one per worker it
+    hands over), mailbox writes out."""
 
     def __init__(self, spool: Spool, sock: socket.socket) -> None:
         self.spool = spool
@@ -102,28 +108,64 @@ class SpoolService:
         self.writers: dict[str, MailboxWriter] = {}
         self.closed = asyncio.Event()
         self.channel: Channel | None = None
+        self.workers: set[Channel] = set()
 
     async def run(self) -> None:
-        self.channel = Channel(self.sock, self._on_request, self.closed.set)
+        self.channel = Channel(self.sock, self._on_control, self.closed.set)
         await self.closed.wait()
-        # Finish what was handed over: the answers cannot be sent, but the data is written and
-        # the delivery side, having no answer, queues those recipients for a retry.
+        # Finish what was handed over. A worker still gets its answers; the delivery process's
+        # cannot be sent, but the data is written and that side, having no answer, queues those
+        # recipients for a retry. Then the workers' channels close: they ask the next delivery
+        # process (the master starts one) for a new writer.
         while self.writers:
             await asyncio.sleep(0.01)
+        for channel in list(self.workers):
+            channel.close()
         self.executor.shutdown(wait=True)
 
-    def _on_request(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
-        # Callbacks rather than a task per request: this is the hot path of every delivery.
-        if header.get("op") == "reopen-logs":
+    def _on_control(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
+        """A frame from the delivery process: an op, or a mailbox write like a worker's."""
+        op = header.get("op")
+        if op == "reopen-logs":
             logsetup.request_reopen()
-            self._answer(header, {})
+            self._answer(self.channel, header, {})
+        elif op == "adopt" and fd is not None:
+            self._adopt(fd)
+            self._answer(self.channel, header, {})
+        else:
+            self._on_request(self.channel, header, inline, fd)  # type: ignore[arg-type]
+
+    def _adopt(self, fd: int) -> None:
+        holder: list[Channel] = []
+        channel = Channel(
+            socket.socket(fileno=fd),
+            lambda h, b, f: self._on_request(holder[0], h, b, f),
+            lambda: self.workers.discard(holder[0]),
+        )
+        holder.append(channel)
+        self.workers.add(channel)
+
+    def _on_request(
+        self, channel: Channel, header: dict[str, Any], inline: bytes, fd: int | None
+    ) -> None:
+        # Callbacks rather than a task per request: this is the hot path of every delivery.
+        if "op" in header or not isinstance(header.get("mailbox"), str):
+            if fd is not None:
+                os.close(fd)
+            self._answer(channel, header, {"error": "not a mailbox write", "errno": 22})
             return
         head_len = int(header.get("head", len(inline)))
         head, body = inline[:head_len], (inline[head_len:] if fd is None else fd)
         future = self._writer(header["mailbox"]).submit(Delivery(head, body))
-        future.add_done_callback(lambda f: self._written(header, fd, f))
+        future.add_done_callback(lambda f: self._written(channel, header, fd, f))
 
-    def _written(self, header: dict[str, Any], fd: int | None, future: asyncio.Future[int]) -> None:
+    def _written(
+        self,
+        channel: Channel,
+        header: dict[str, Any],
+        fd: int | None,
+        future: asyncio.Future[int],
+    ) -> None:
         if fd is not None:
             os.close(fd)
         exc = asyncio.CancelledError() if future.cancelled() else future.exception()
@@ -136,11 +178,13 @@ class SpoolService:
         else:
             log.error("mailbox write failed: %r", exc)
             answer = {"error": repr(exc), "errno": 5}
-        self._answer(header, answer)
+        self._answer(channel, header, answer)
 
-    def _answer(self, header: dict[str, Any], answer: dict[str, Any]) -> None:
-        if self.channel is not None and not self.channel.closed:
-            self.channel.send({"id": header.get("id"), **answer})
+    def _answer(
+        self, channel: Channel | None, header: dict[str, Any], answer: dict[str, Any]
+    ) -> None:
+        if channel is not None and not channel.closed:
+            channel.send({"id": header.get("id"), **answer})
 
     def _writer(self, name: str) -> MailboxWriter:
         writer = self.writers.get(name)
@@ -152,7 +196,7 @@ class SpoolService:
 
 
 class SpoolClient:
-    """The delivery process's handle on its writer."""
+    """A handle on the writer: the delivery process's, or a worker's own."""
 
     def __init__(self, sock: socket.socket, on_broken: Callable[[], None]) -> None:
         self._client = Client(None, TIMEOUT, sock=sock, on_broken=on_broken)
@@ -175,8 +219,57 @@ class SpoolClient:
     async def reopen_logs(self) -> None:
         await self._client.request({"op": "reopen-logs"})
 
+    async def adopt(self, fd: int) -> None:
+        """Give the writer one end of a worker's channel (the channel closes `fd`)."""
+        await self._client.request({"op": "adopt"}, b"", fd)
+
     def close(self) -> None:
         self._client.close()
+
+
+class WriterLink:
+    """A worker's own channel to the writer, asked of the delivery process on first use and
+    again after it breaks (the writer is restarted along with the delivery process)."""
+
+    RETRY_AFTER = 1.0  # after a refusal, commits take the delivery process's path meanwhile
+
+    def __init__(self, delivery: Client) -> None:
+        self._delivery = delivery
+        self._client: SpoolClient | None = None
+        self._lock = asyncio.Lock()
+        self._retry_at = 0.0
+
+    async def get(self) -> SpoolClient:
+        """The channel; raises (ConnectionError, TimeoutError) when there is none to be had."""
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._client is None:
+                self._client = await self._ask()
+            return self._client
+
+    async def _ask(self) -> SpoolClient:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._retry_at:
+            raise ConnectionError("no mailbox writer channel yet")
+        try:
+            answer, fd = await self._delivery.request_fd({"op": "mailbox-channel"})
+            if fd is None:
+                raise ConnectionError(answer.get("error", "no mailbox writer channel"))
+        except Exception:
+            self._retry_at = loop.time() + self.RETRY_AFTER
+            raise
+        client = SpoolClient(socket.socket(fileno=fd), lambda: self._lost(client))
+        return client
+
+    def _lost(self, client: SpoolClient) -> None:
+        if self._client is client:
+            self._client = None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 def fork_writer(spool: Spool, inherited: list[socket.socket]) -> tuple[int, socket.socket]:

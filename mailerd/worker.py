@@ -3,7 +3,8 @@
 Each connection is an asyncio Protocol that moves bytes between the socket and a sans-I/O
 `smtp.Session`; the only decisions made here are the ones that need I/O or a clock: session caps
 at connect, the idle timeout, whether a local mailbox exists, and committing a finished message
-through the delivery channel (the 250 is sent only after the delivery process says "durable").
+(the 250 is sent only once it is durable): through the delivery process, or, when every
+recipient is local, straight to the mailbox writer over the worker's own channel to it.
 
 Start-up (`run`): reach the spool, `<queue>/tmp` and `<queue>/private` through directories
 opened while still root (`privileges.keep_dir`), drop to the `-u` user, and only then start
@@ -30,7 +31,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from mailerd import eventloop, policy, privileges
+from mailerd import commit, durable, eventloop, policy, privileges
 from mailerd.channel import MAX_INLINE, Client
 from mailerd.config import Config, ListenAddress
 from mailerd.mailbox import Spool
@@ -48,6 +49,7 @@ from mailerd.smtp import (
     Session,
     SessionConfig,
 )
+from mailerd.spoolwriter import SpoolClient, WriterLink
 
 log = logging.getLogger("mailerd.worker")
 
@@ -248,7 +250,7 @@ class Connection(asyncio.Protocol):
     async def commit(self, envelope: Envelope) -> None:
         body, fd = self.body.take()
         try:
-            answer = await self.worker.delivery.request(self.commit_header(envelope), body, fd)
+            answer = await self.worker.commit(self.commit_header(envelope), body, fd)
             reply = Reply(int(answer["code"]), answer["status"], answer["text"])
         except Exception as exc:  # timeout, broken channel: 451, never a 250 we cannot back
             log.warning(
@@ -341,10 +343,55 @@ class Worker:
         )
         private = private_dir or cfg.queue / "private"
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
+        self.writer = WriterLink(self.delivery)
         self.connections: set[Connection] = set()
         self.sessions = counter(sessions, session_row)  # shared with the other workers
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+
+    async def commit(self, header: dict[str, Any], body: bytes, fd: int | None) -> dict[str, Any]:
+        """Make a finished message durable; the answer (code, status, text) for its client.
+
+        A message whose recipients are all local goes straight to the mailbox writer over this
+        worker's own channel; any other, or when that channel cannot be had, to the delivery
+        process. Takes ownership of `fd`.
+        """
+        if commit.all_local(header):
+            try:
+                writer = await self.writer.get()
+            except Exception as exc:  # the delivery path still works, or answers 451
+                log.debug("no mailbox writer channel (%r); committing through delivery", exc)
+            else:
+                return await self._commit_local(writer, header, body, fd)
+        return await self.delivery.request(header, body, fd)
+
+    async def _commit_local(
+        self, writer: SpoolClient, header: dict[str, Any], body: bytes, fd: int | None
+    ) -> dict[str, Any]:
+        """Write each local copy; the copies that failed are queued for a local retry by the
+        delivery process (see `commit`)."""
+        content: durable.Body = body if fd is None else fd
+        try:
+            queue_id, received = commit.begin(header, self.cfg.hostname, commit.body_size(content))
+            failed = await commit.write_local(
+                writer.deliver, queue_id, header["sender"], received, content, header["recipients"]
+            )
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if not failed:
+            if fd is not None:
+                os.close(fd)
+            return commit.ok(queue_id)
+        retry = {
+            **header,
+            "op": "retry-local",
+            "queue_id": queue_id,
+            "received": received.decode("utf-8"),
+            "failed": commit.encode_failures(failed),
+        }
+        return await self.delivery.request(retry, body, fd)
 
     def admit(self, conn: Connection) -> Reply | None:
         """Session caps at connect, over all workers: the total, and per client address on
@@ -431,6 +478,7 @@ class Worker:
                 conn.close([SHUTTING_DOWN.to_bytes()])
         while any(c.committing for c in self.connections) and self.loop.time() < deadline + 30:
             await asyncio.sleep(0.05)
+        self.writer.close()
         self.delivery.close()
 
 

@@ -1,9 +1,12 @@
-"""Session caps at connect, and the delivery process dying under the workers."""
+"""Session caps at connect, the delivery process or its mailbox writer dying under the workers,
+and a local copy that fails."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 from .conftest import Mailerd, expect, mail_rcpt, send_data, wait_until
@@ -212,3 +215,77 @@ def test_overlong_local_part_gets_a_reply(mailerd: Mailerd):
         r = c.cmd("RCPT TO:<" + "a" * 300 + "@example.org>")
         assert r.code == 550, r
         expect(c.cmd("NOOP"), 250, conn=c)
+
+
+def _queue_cli(m: Mailerd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mailerd", "queue", "-q", str(m.queue), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _received_id(raw: bytes) -> bytes:
+    return raw.split(b" id ", 1)[1].split(b";", 1)[0]
+
+
+def test_a_local_copy_that_fails_is_queued_and_delivered_later(mailerd: Mailerd):
+    """All recipients local, so the worker writes through its own channel to the mailbox
+    writer. One mailbox fails (its .lock is a directory): the others keep their copy, the
+    client still gets 250 (a 451 would duplicate them), and the failed copy waits in the queue
+    until it can be written — here, after the fault is fixed and the queue flushed."""
+    m = mailerd
+    good, bad = m.new_user("good"), m.new_user("bad")
+    (m.spool / bad / ".lock").mkdir()
+    queued = m.queue_files()
+    body = b"Subject: half\r\n\r\none copy now, one later\r\n"
+    with m.smtp() as s:
+        assert (
+            s.sendmail("a@client.test", [f"{good}@example.org", f"{bad}@example.org"], body) == {}
+        )
+    assert m.messages(good) == [1] and m.messages(bad) == []
+    assert wait_until(lambda: m.queue_files() - queued, timeout=5), "no local retry queued"
+    with m.smtp() as s:  # the only recipient failing: still 250, still queued
+        assert (
+            s.sendmail("a@client.test", [f"{bad}@example.org"], b"Subject: two\r\n\r\n2\r\n") == {}
+        )
+    assert m.messages(bad) == []
+    (m.spool / bad / ".lock").rmdir()
+    flushed = _queue_cli(m, "flush")
+    assert flushed.returncode == 0, flushed.stderr
+    assert m.wait_messages(bad, 2, timeout=15) == [1, 2]
+    copies = [m.read(bad, 1), m.read(bad, 2)]
+    first = next(c for c in copies if b"Subject: half" in c)
+    assert first.startswith(b"Return-Path: <a@client.test>\r\nReceived: ")
+    assert _received_id(first) == _received_id(m.read(good, 1)), "the retry is the same message"
+    assert m.messages(good) == [1], "the copy that succeeded was not written twice"
+
+
+def test_mailbox_writer_restart(mailerd: Mailerd):
+    """kill -9 of the root mailbox writer: the delivery process gives up (it cannot fork a new
+    one unprivileged), the master starts both again, and the workers' own channels to the old
+    writer are replaced: local mail flows again on every worker."""
+    m = mailerd
+    user = m.new_user("w")
+    with m.smtp() as s:
+        assert (
+            s.sendmail("a@client.test", [f"{user}@example.org"], b"Subject: 0\r\n\r\n0\r\n") == {}
+        )
+    writers = [p for p, t in m.titles().items() if t.startswith("mailerd: mailbox writer")]
+    assert len(writers) == 1, m.titles()
+    os.kill(writers[0], signal.SIGKILL)
+    replaced = wait_until(
+        lambda: [
+            p
+            for p, t in m.titles().items()
+            if t.startswith("mailerd: mailbox writer") and p != writers[0]
+        ],
+        timeout=15,
+    )
+    assert replaced, f"mailbox writer not replaced: {m.titles()}"
+    for i in range(1, 7):  # new sessions on both workers
+        with m.smtp(host="127.0.0.1" if i % 2 else "::1") as s:
+            body = f"Subject: {i}\r\n\r\n{i}\r\n".encode()
+            assert s.sendmail("a@client.test", [f"{user}@example.org"], body) == {}
+    assert m.wait_messages(user, 7, timeout=10) == list(range(1, 8))
