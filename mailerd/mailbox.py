@@ -92,10 +92,11 @@ class Spool:
             return "ok" if stat.S_ISDIR(st.st_mode) else "not-a-directory"
         return "ok" if name == "postmaster" or _account_owner(name) is not None else "unknown"
 
-    def deliver(self, name: str, messages: list[Delivery]) -> list[int]:
+    def deliver(self, name: str, messages: list[Delivery], *, wait: bool = True) -> list[int]:
         """Store messages in mailbox `name`, durably, in order; return their numbers.
 
         Raises OSError (MailboxUnsafe, or MailboxLocked) if nothing of the batch was committed.
+        With `wait=False` a lock held by someone else raises MailboxLocked at once.
         """
         if policy.mailbox_name(name) != name:
             raise MailboxUnsafe(errno.EINVAL, f"not a mailbox name: {name!r}")
@@ -103,7 +104,7 @@ class Spool:
         try:
             owner = _owner_of(directory)
             staged = self._stage(directory, owner, messages)
-            return self._commit(directory, owner, staged)
+            return self._commit(directory, owner, staged, wait)
         finally:
             os.close(directory)
 
@@ -126,13 +127,13 @@ class Spool:
                 os.close(fd)
         return staged
 
-    def _commit(self, directory: int, owner: Owner, staged: list[str]) -> list[int]:
+    def _commit(self, directory: int, owner: Owner, staged: list[str], wait: bool) -> list[int]:
         """Under the lock: number the staged messages, rename them into place (status first,
         the message last: the commit point), update the counter, fsync the directory."""
         try:
             lock_fd = _open_lock(directory, owner)
             try:
-                self._lock(lock_fd)
+                self._lock(lock_fd, wait)
                 first = next_number(directory)
                 numbers = list(range(first, first + len(staged)))
                 for tmp, number in zip(staged, numbers, strict=True):
@@ -153,10 +154,10 @@ class Spool:
             _discard(directory, staged)
             raise
 
-    def _lock(self, fd: int) -> None:
+    def _lock(self, fd: int, wait: bool = True) -> None:
         # Non-blocking attempts with back-off, so an IMAP server sitting on the lock costs
         # this mailbox a bounded wait (then a 451 and a retry), not a stuck thread forever.
-        deadline = time.monotonic() + self.lock_timeout
+        deadline = time.monotonic() + (self.lock_timeout if wait else 0.0)
         pause = 0.001
         while True:
             try:

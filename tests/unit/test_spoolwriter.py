@@ -1,0 +1,89 @@
+"""The mailbox writer's loop over real sockets: batches in the loop or a thread, and the
+channels the delivery process hands it for workers."""
+
+import asyncio
+import fcntl
+import multiprocessing
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+from mailerd.channel import Client
+from mailerd.mailbox import Delivery, Spool
+from mailerd.spoolwriter import MailboxWriter, SpoolClient, SpoolService
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def _hold_lock(path, ready, release):
+    fd = os.open(path, os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    ready.set()
+    release.wait(20)
+
+
+def test_a_locked_mailbox_waits_in_a_thread_not_in_the_loop(tmp_path):
+    """Small batches are written in the loop's thread, but one whose lock is held elsewhere (an
+    IMAP server) must not stall the loop: it waits in the pool while other mailboxes go on."""
+    spool = Spool(tmp_path, lock_timeout=20)
+    spool.deliver("bob", [Delivery(b"", b"x\r\n")])
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.Process(
+        target=_hold_lock, args=(tmp_path / "bob" / ".lock", ready, release)
+    )
+    holder.start()
+
+    async def main():
+        executor = ThreadPoolExecutor(2)
+        try:
+            bob = MailboxWriter("bob", spool, executor, lambda n: None)
+            carol = MailboxWriter("carol", spool, executor, lambda n: None)
+            for_bob = bob.submit(Delivery(b"", b"y\r\n"))
+            await asyncio.sleep(0.2)
+            assert await asyncio.wait_for(carol.submit(Delivery(b"", b"z\r\n")), 5) == 1
+            assert not for_bob.done()
+            release.set()
+            assert await asyncio.wait_for(for_bob, 15) == 2
+        finally:
+            executor.shutdown(wait=True)
+
+    try:
+        assert ready.wait(10)
+        run(main())
+    finally:
+        release.set()
+        holder.join(10)
+    assert sorted(int(n) for n in os.listdir(tmp_path / "bob") if n.isdigit()) == [1, 2]
+
+
+def test_a_worker_channel_carries_mailbox_writes_and_nothing_else(tmp_path):
+    """The delivery process hands the writer a worker's end (`adopt`); on it the worker can
+    write a mailbox, but an op (here the delivery process's own reopen-logs) is refused, and
+    when the delivery process's channel closes the worker's closes too."""
+    spool = Spool(tmp_path)
+    (tmp_path / "dave").mkdir()
+
+    async def main():
+        control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        service = SpoolService(spool, service_end)
+        serving = asyncio.create_task(service.run())
+        delivery = SpoolClient(control, lambda: None)
+        worker_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        await delivery.adopt(os.dup(writer_end.fileno()))
+        writer_end.close()
+        lost = asyncio.Event()
+        worker = Client(None, 5, sock=worker_end, on_broken=lost.set)
+        number = await worker.request({"mailbox": "dave", "head": 4}, b"X: 1hello\r\n")
+        assert number == {"id": 1, "number": 1}
+        refused = await worker.request({"op": "reopen-logs"})
+        assert refused["errno"] == 22 and "number" not in refused
+        assert await delivery.deliver("dave", b"", b"second\r\n") == 2
+        delivery.close()
+        await asyncio.wait_for(lost.wait(), 5)
+        await asyncio.wait_for(serving, 5)
+
+    run(main())
+    assert (tmp_path / "dave" / "1").read_bytes() == b"X: 1hello\r\n"
+    assert (tmp_path / "dave" / "2").read_bytes() == b"second\r\n"
