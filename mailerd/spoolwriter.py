@@ -42,6 +42,7 @@ MAX_BATCH = 64
 INLINE_BATCH = 1 << 20  # bytes; a batch this small is written without a thread (_deliver_here)
 THREADS = 4  # mailboxes written at once
 TIMEOUT = 120.0
+MAX_WORKER_CHANNELS = 256  # one per live worker is the norm; this bounds the writer's descriptors
 
 
 class MailboxWriter:
@@ -156,6 +157,10 @@ class SpoolService:
             logsetup.request_reopen()
             self._answer(self.channel, header, {})
         elif op == "adopt" and fd is not None:
+            if len(self.workers) >= MAX_WORKER_CHANNELS:
+                os.close(fd)  # a worker asking again and again: it uses the delivery path
+                self._answer(self.channel, header, {"error": "too many worker channels"})
+                return
             self._adopt(fd)
             self._answer(self.channel, header, {})
         else:
@@ -247,7 +252,9 @@ class SpoolClient:
 
     async def adopt(self, fd: int) -> None:
         """Give the writer one end of a worker's channel (the channel closes `fd`)."""
-        await self._client.request({"op": "adopt"}, b"", fd)
+        answer = await self._client.request({"op": "adopt"}, b"", fd)
+        if "error" in answer:
+            raise ConnectionError(answer["error"])
 
     def close(self) -> None:
         self._client.close()

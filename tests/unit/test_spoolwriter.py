@@ -87,3 +87,35 @@ def test_a_worker_channel_carries_mailbox_writes_and_nothing_else(tmp_path):
     run(main())
     assert (tmp_path / "dave" / "1").read_bytes() == b"X: 1hello\r\n"
     assert (tmp_path / "dave" / "2").read_bytes() == b"second\r\n"
+
+
+def test_the_writer_adopts_a_bounded_number_of_worker_channels(tmp_path, monkeypatch):
+    """A worker that keeps asking cannot run the root writer out of descriptors: past the cap
+    the adopt is refused (the worker then commits through the delivery process)."""
+    from mailerd import spoolwriter
+
+    monkeypatch.setattr(spoolwriter, "MAX_WORKER_CHANNELS", 2)
+
+    async def main():
+        control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        service = SpoolService(Spool(tmp_path), service_end)
+        serving = asyncio.create_task(service.run())
+        delivery = SpoolClient(control, lambda: None)
+        kept = []
+        for n in range(3):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            kept.append(ours)
+            try:
+                await delivery.adopt(os.dup(theirs.fileno()))
+            except ConnectionError:
+                assert n == 2
+            else:
+                assert n < 2
+            theirs.close()
+        assert len(service.workers) == 2
+        delivery.close()
+        await asyncio.wait_for(serving, 5)
+        for sock in kept:
+            sock.close()
+
+    run(main())
