@@ -33,6 +33,7 @@ MAX_INLINE = 256 * 1024
 _FD_SPACE = socket.CMSG_SPACE(64 * array.array("i").itemsize)
 _READ_SIZE = 256 * 1024
 _MAX_GATHER = 64  # frames per sendmsg() (IOV_MAX is 1024)
+_MAX_PENDING_FDS = 64  # descriptors received ahead of the frames that announce them
 
 FrameHandler = Callable[[dict[str, Any], bytes, int | None], None]
 Answer = tuple[dict[str, Any], int | None]  # an answer's header, and the descriptor it carried
@@ -46,9 +47,14 @@ class Channel:
     """One end of a channel connection, driven by the running asyncio loop."""
 
     def __init__(
-        self, sock: socket.socket, on_frame: FrameHandler, on_close: Callable[[], None]
+        self,
+        sock: socket.socket,
+        on_frame: FrameHandler,
+        on_close: Callable[[], None],
+        max_body: int | None = None,
     ) -> None:
         sock.setblocking(False)
+        self._max_body = max_body
         self.sock = sock
         self._loop = asyncio.get_running_loop()
         self._on_frame = on_frame
@@ -169,6 +175,9 @@ class Channel:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 self._fds.extend(fds)
+        if len(self._fds) > _MAX_PENDING_FDS:  # sent without frames announcing them
+            self.close()
+            return
         if not size:
             self.close()
             return
@@ -183,6 +192,8 @@ class Channel:
             header_len, body_len = PREFIX.unpack_from(self._in)
             if header_len > MAX_HEADER:
                 raise ChannelError("header too large")
+            if self._max_body is not None and body_len > self._max_body:
+                raise ChannelError("inline body too large")
             end = PREFIX.size + header_len + body_len
             if len(self._in) < end:
                 return

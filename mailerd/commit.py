@@ -114,7 +114,7 @@ def encode_failures(failed: list[Failure]) -> list[dict[str, Any]]:
     return [
         {
             **r,
-            "error": str(exc),
+            "error": (exc.strerror if isinstance(exc, OSError) else None) or str(exc),
             "errno": getattr(exc, "errno", None) or 5,
             "locked": isinstance(exc, MailboxLocked),
         }

@@ -33,7 +33,7 @@ from typing import Any
 
 from mailerd import durable, eventloop
 from mailerd import log as logsetup
-from mailerd.channel import Channel, Client
+from mailerd.channel import MAX_INLINE, Channel, Client
 from mailerd.mailbox import Delivery, MailboxLocked, Spool
 
 log = logging.getLogger("mailerd.spool")
@@ -42,6 +42,9 @@ MAX_BATCH = 64
 INLINE_BATCH = 1 << 20  # bytes; a batch this small is written without a thread (_deliver_here)
 THREADS = 4  # mailboxes written at once
 TIMEOUT = 120.0
+FINISH_QUIET = 0.1  # s without a worker's write before the writer closes its channels
+FINISH_LIMIT = 5.0
+MAX_HEAD = 64 * 1024  # Return-Path: and Received: ahead of a worker's inline body
 MAX_WORKER_CHANNELS = 256  # one per live worker is the norm; this bounds the writer's descriptors
 
 
@@ -61,11 +64,14 @@ class MailboxWriter:
         spool: Spool,
         executor: ThreadPoolExecutor,
         done: Callable[[str], None],
+        alone: Callable[[], bool] = lambda: True,
     ) -> None:
         self.name = name
         self._spool = spool
         self._executor = executor
         self._done = done
+        self._alone = alone
+        self._warm = False  # a batch went through the pool: mailbox made, account looked up
         self._waiting: collections.deque[tuple[Delivery, asyncio.Future[int]]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
 
@@ -83,11 +89,13 @@ class MailboxWriter:
             started = loop.time()
             messages = [m for m, _ in batch]
             try:
-                numbers = self._deliver_here(messages) if _small(messages) else None
+                here = self._warm and self._alone() and _small(messages)
+                numbers = self._deliver_here(messages) if here else None
                 if numbers is None:
                     numbers = await loop.run_in_executor(
                         self._executor, self._spool.deliver, self.name, messages
                     )
+                    self._warm = True
             except Exception as exc:  # OSError, MailboxLocked, or a bug: answered either way
                 for _, future in batch:
                     future.set_exception(exc)
@@ -105,9 +113,15 @@ class MailboxWriter:
 
     def _deliver_here(self, messages: list[Delivery]) -> list[int] | None:
         """Commit a small batch in the event loop's own thread: the handoff to a pool thread and
-        back is two wake-ups, a good part of a 250's latency when both cores are busy. Blocks
-        the loop for about one batch's fsync; frames that arrive meanwhile make the next batch.
-        None when the lock is taken (an IMAP server): then the pool waits for it, not us."""
+        back is two wake-ups, a good part of a 250's latency when both cores are busy.
+
+        Only for a mailbox being written back to back (the first batch went through the pool,
+        so its directory exists and its account is cached: no mkdir, no NSS lookup here, except
+        the account cache's refresh once a minute) and only while no other mailbox is being
+        written, whose commits would otherwise wait behind this one. It blocks the loop for
+        about one batch's fsync; frames that arrive meanwhile make the next batch. None when the
+        lock is taken (an IMAP server): then the batch is written again in the pool, which
+        waits for the lock, not us."""
         try:
             return self._spool.deliver(self.name, messages, wait=False)
         except MailboxLocked:
@@ -136,19 +150,35 @@ class SpoolService:
         self.closed = asyncio.Event()
         self.channel: Channel | None = None
         self.workers: set[Channel] = set()
+        self.outstanding = 0  # mailbox writes received and not yet answered
 
     async def run(self) -> None:
         self.channel = Channel(self.sock, self._on_control, self.closed.set)
         await self.closed.wait()
-        # Finish what was handed over. A worker still gets its answers; the delivery process's
-        # cannot be sent, but the data is written and that side, having no answer, queues those
-        # recipients for a retry. Then the workers' channels close: they ask the next delivery
-        # process (the master starts one) for a new writer.
-        while self.writers:
-            await asyncio.sleep(0.01)
+        await self._finish()
         for channel in list(self.workers):
             channel.close()
         self.executor.shutdown(wait=True)
+
+    async def _finish(self) -> None:
+        """Finish what was handed over before the workers' channels close.
+
+        The delivery process's answers cannot be sent, but the data is written and that side,
+        having no answer, queues those recipients for a retry. A worker still gets its answers,
+        including for what it sent just before the close (until its channel has been quiet for
+        FINISH_QUIET, at most FINISH_LIMIT): an answer lost here would be retried and delivered
+        twice. What it sends later is never read, fails on its side, and is queued for a retry
+        through the next delivery process (the master starts one), which hands out a new writer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FINISH_LIMIT
+        quiet_since = loop.time()
+        while loop.time() < deadline or self.outstanding:
+            if self.outstanding:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= FINISH_QUIET:
+                return
+            await asyncio.sleep(0.01)
 
     def _on_control(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
         """A frame from the delivery process: an op, or a mailbox write like a worker's."""
@@ -172,6 +202,7 @@ class SpoolService:
             socket.socket(fileno=fd),
             lambda h, b, f: self._on_request(holder[0], h, b, f),
             lambda: self.workers.discard(holder[0]),
+            max_body=MAX_INLINE + MAX_HEAD,  # larger bodies come as descriptors
         )
         holder.append(channel)
         self.workers.add(channel)
@@ -180,14 +211,20 @@ class SpoolService:
         self, channel: Channel, header: dict[str, Any], inline: bytes, fd: int | None
     ) -> None:
         # Callbacks rather than a task per request: this is the hot path of every delivery.
-        if "op" in header or not isinstance(header.get("mailbox"), str):
+        head_len = header.get("head", len(inline))
+        if (
+            "op" in header
+            or not isinstance(header.get("mailbox"), str)
+            or type(head_len) is not int
+            or not 0 <= head_len <= len(inline)
+        ):
             if fd is not None:
                 os.close(fd)
             self._answer(channel, header, {"error": "not a mailbox write", "errno": 22})
             return
-        head_len = int(header.get("head", len(inline)))
         head, body = inline[:head_len], (inline[head_len:] if fd is None else fd)
         future = self._writer(header["mailbox"]).submit(Delivery(head, body))
+        self.outstanding += 1
         future.add_done_callback(lambda f: self._written(channel, header, fd, f))
 
     def _written(
@@ -205,11 +242,12 @@ class SpoolService:
         elif isinstance(exc, MailboxLocked):
             answer = {"error": "mailbox locked", "locked": True}
         elif isinstance(exc, OSError):
-            answer = {"error": str(exc), "errno": exc.errno}
+            answer = {"error": exc.strerror or str(exc), "errno": exc.errno}
         else:
             log.error("mailbox write failed: %r", exc)
             answer = {"error": repr(exc), "errno": 5}
         self._answer(channel, header, answer)
+        self.outstanding -= 1
 
     def _answer(
         self, channel: Channel | None, header: dict[str, Any], answer: dict[str, Any]
@@ -221,7 +259,11 @@ class SpoolService:
         writer = self.writers.get(name)
         if writer is None:
             writer = self.writers[name] = MailboxWriter(
-                name, self.spool, self.executor, lambda n: self.writers.pop(n, None)
+                name,
+                self.spool,
+                self.executor,
+                lambda n: self.writers.pop(n, None),
+                lambda: len(self.writers) == 1,
             )
         return writer
 

@@ -25,22 +25,24 @@ def _hold_lock(path, ready, release):
 
 
 def test_a_locked_mailbox_waits_in_a_thread_not_in_the_loop(tmp_path):
-    """Small batches are written in the loop's thread, but one whose lock is held elsewhere (an
-    IMAP server) must not stall the loop: it waits in the pool while other mailboxes go on."""
+    """A mailbox written back to back has its small batches written in the loop's thread, but
+    one whose lock is held elsewhere (an IMAP server) must not stall the loop: it waits in the
+    pool while other mailboxes go on."""
     spool = Spool(tmp_path, lock_timeout=20)
-    spool.deliver("bob", [Delivery(b"", b"x\r\n")])
     ready, release = multiprocessing.Event(), multiprocessing.Event()
     holder = multiprocessing.Process(
         target=_hold_lock, args=(tmp_path / "bob" / ".lock", ready, release)
     )
-    holder.start()
 
     async def main():
         executor = ThreadPoolExecutor(2)
         try:
             bob = MailboxWriter("bob", spool, executor, lambda n: None)
             carol = MailboxWriter("carol", spool, executor, lambda n: None)
-            for_bob = bob.submit(Delivery(b"", b"y\r\n"))
+            assert await bob.submit(Delivery(b"", b"x\r\n")) == 1  # the pool: now warm
+            holder.start()
+            assert await asyncio.get_running_loop().run_in_executor(None, ready.wait, 10)
+            for_bob = bob.submit(Delivery(b"", b"y\r\n"))  # tried here, then the pool
             await asyncio.sleep(0.2)
             assert await asyncio.wait_for(carol.submit(Delivery(b"", b"z\r\n")), 5) == 1
             assert not for_bob.done()
@@ -50,11 +52,11 @@ def test_a_locked_mailbox_waits_in_a_thread_not_in_the_loop(tmp_path):
             executor.shutdown(wait=True)
 
     try:
-        assert ready.wait(10)
         run(main())
     finally:
         release.set()
-        holder.join(10)
+        if holder.pid is not None:
+            holder.join(10)
     assert sorted(int(n) for n in os.listdir(tmp_path / "bob") if n.isdigit()) == [1, 2]
 
 
@@ -117,5 +119,70 @@ def test_the_writer_adopts_a_bounded_number_of_worker_channels(tmp_path, monkeyp
         await asyncio.wait_for(serving, 5)
         for sock in kept:
             sock.close()
+
+    run(main())
+
+
+async def _service_with_worker(tmp_path):
+    """A running SpoolService, the delivery process's client, and one adopted worker client."""
+    control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    service = SpoolService(Spool(tmp_path), service_end)
+    serving = asyncio.create_task(service.run())
+    delivery = SpoolClient(control, lambda: None)
+    worker_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    await delivery.adopt(os.dup(writer_end.fileno()))
+    writer_end.close()
+    lost = asyncio.Event()
+    worker = Client(None, 5, sock=worker_end, on_broken=lost.set)
+    return serving, delivery, worker, lost
+
+
+def test_malformed_worker_frames_are_refused_or_close_the_channel(tmp_path):
+    """The root writer reads frames straight from workers: a bad `head` is refused with EINVAL
+    and nothing is written; an inline body larger than a worker ever sends closes the channel
+    (it is not buffered in root's memory)."""
+    from mailerd.spoolwriter import MAX_HEAD, MAX_INLINE
+
+    (tmp_path / "dave").mkdir()
+
+    async def main():
+        serving, delivery, worker, lost = await _service_with_worker(tmp_path)
+        for head in ("4", 99, -1, 1.5, None):
+            answer = await worker.request({"mailbox": "dave", "head": head}, b"abc")
+            assert answer.get("errno") == 22 and "number" not in answer, (head, answer)
+        try:
+            await worker.request({"mailbox": "dave"}, b"x" * (MAX_INLINE + MAX_HEAD + 1))
+        except ConnectionError:
+            pass
+        else:
+            raise AssertionError("an oversized frame was accepted")
+        await asyncio.wait_for(lost.wait(), 5)
+        delivery.close()
+        await asyncio.wait_for(serving, 5)
+
+    run(main())
+    assert os.listdir(tmp_path / "dave") == [] or not any(
+        n.isdigit() for n in os.listdir(tmp_path / "dave")
+    )
+
+
+def test_writes_in_flight_are_answered_before_the_worker_channels_close(tmp_path):
+    """When the delivery process closes its channel (a stop, a reload), the writer finishes what
+    it was handed and a worker still gets every answer: a lost answer would be queued for a
+    retry and delivered twice."""
+    (tmp_path / "erin").mkdir()
+
+    async def main():
+        serving, delivery, worker, lost = await _service_with_worker(tmp_path)
+        pending = [
+            asyncio.ensure_future(worker.request({"mailbox": "erin"}, b"m%d\r\n" % n))
+            for n in range(40)
+        ]
+        await asyncio.sleep(0)
+        delivery.close()
+        answers = await asyncio.gather(*pending)
+        assert sorted(a["number"] for a in answers) == list(range(1, 41))
+        await asyncio.wait_for(lost.wait(), 5)
+        await asyncio.wait_for(serving, 5)
 
     run(main())
