@@ -103,6 +103,18 @@ def test_sessions_of_a_killed_worker_are_not_counted_forever(mailerd_factory):
         c.close()
 
 
+def _kill_and_wait_for_a_new_one(m: Mailerd, title: str) -> None:
+    """kill -9 the one process with this title; wait until the master has started another."""
+    old = [pid for pid, t in m.titles().items() if t.startswith(title)]
+    assert len(old) == 1, m.titles()
+    os.kill(old[0], signal.SIGKILL)
+    replaced = wait_until(
+        lambda: [p for p, t in m.titles().items() if t.startswith(title) and p != old[0]],
+        timeout=15,
+    )
+    assert replaced, f"{title} not replaced: {m.titles()}"
+
+
 def test_delivery_process_restart(mailerd: Mailerd):
     """kill -9 of the delivery process: the master starts a new one on the same socket, the
     workers reconnect, and mail flows again; nothing that got a 250 is missing."""
@@ -111,18 +123,7 @@ def test_delivery_process_restart(mailerd: Mailerd):
     with m.smtp() as s:
         body = b"Subject: 1\r\n\r\none\r\n"
         assert s.sendmail("a@client.test", ["carol@example.org"], body) == {}
-    delivery = [pid for pid, title in m.titles().items() if title.startswith("mailerd: delivery")]
-    assert len(delivery) == 1, m.titles()
-    os.kill(delivery[0], signal.SIGKILL)
-    replaced = wait_until(
-        lambda: [
-            p
-            for p, t in m.titles().items()
-            if t.startswith("mailerd: delivery") and p != delivery[0]
-        ],
-        timeout=10,
-    )
-    assert replaced, f"delivery process not replaced: {m.titles()}"
+    _kill_and_wait_for_a_new_one(m, "mailerd: delivery")
     accepted = 1
     for i in range(6):  # new sessions on every worker reconnect and commit
         with m.smtp(host="127.0.0.1" if i % 2 else "::1") as s:
@@ -272,18 +273,7 @@ def test_mailbox_writer_restart(mailerd: Mailerd):
         assert (
             s.sendmail("a@client.test", [f"{user}@example.org"], b"Subject: 0\r\n\r\n0\r\n") == {}
         )
-    writers = [p for p, t in m.titles().items() if t.startswith("mailerd: mailbox writer")]
-    assert len(writers) == 1, m.titles()
-    os.kill(writers[0], signal.SIGKILL)
-    replaced = wait_until(
-        lambda: [
-            p
-            for p, t in m.titles().items()
-            if t.startswith("mailerd: mailbox writer") and p != writers[0]
-        ],
-        timeout=15,
-    )
-    assert replaced, f"mailbox writer not replaced: {m.titles()}"
+    _kill_and_wait_for_a_new_one(m, "mailerd: mailbox writer")
     for i in range(1, 7):  # new sessions on both workers
         with m.smtp(host="127.0.0.1" if i % 2 else "::1") as s:
             body = f"Subject: {i}\r\n\r\n{i}\r\n".encode()

@@ -17,6 +17,20 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def _service_with_worker(tmp_path):
+    """A running SpoolService, the delivery process's client, and one adopted worker client."""
+    control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    service = SpoolService(Spool(tmp_path), service_end)
+    serving = asyncio.create_task(service.run())
+    delivery = SpoolClient(control, lambda: None)
+    worker_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    await delivery.adopt(os.dup(writer_end.fileno()))
+    writer_end.close()
+    lost = asyncio.Event()
+    worker = Client(None, 5, sock=worker_end, on_broken=lost.set)
+    return serving, delivery, worker, lost
+
+
 def _hold_lock(path, ready, release):
     fd = os.open(path, os.O_RDWR)
     fcntl.lockf(fd, fcntl.LOCK_EX)
@@ -64,19 +78,10 @@ def test_a_worker_channel_carries_mailbox_writes_and_nothing_else(tmp_path):
     """The delivery process hands the writer a worker's end (`adopt`); on it the worker can
     write a mailbox, but an op (here the delivery process's own reopen-logs) is refused, and
     when the delivery process's channel closes the worker's closes too."""
-    spool = Spool(tmp_path)
     (tmp_path / "dave").mkdir()
 
     async def main():
-        control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        service = SpoolService(spool, service_end)
-        serving = asyncio.create_task(service.run())
-        delivery = SpoolClient(control, lambda: None)
-        worker_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        await delivery.adopt(os.dup(writer_end.fileno()))
-        writer_end.close()
-        lost = asyncio.Event()
-        worker = Client(None, 5, sock=worker_end, on_broken=lost.set)
+        serving, delivery, worker, lost = await _service_with_worker(tmp_path)
         number = await worker.request({"mailbox": "dave", "head": 4}, b"X: 1hello\r\n")
         assert number == {"id": 1, "number": 1}
         refused = await worker.request({"op": "reopen-logs"})
@@ -121,20 +126,6 @@ def test_the_writer_adopts_a_bounded_number_of_worker_channels(tmp_path, monkeyp
             sock.close()
 
     run(main())
-
-
-async def _service_with_worker(tmp_path):
-    """A running SpoolService, the delivery process's client, and one adopted worker client."""
-    control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    service = SpoolService(Spool(tmp_path), service_end)
-    serving = asyncio.create_task(service.run())
-    delivery = SpoolClient(control, lambda: None)
-    worker_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    await delivery.adopt(os.dup(writer_end.fileno()))
-    writer_end.close()
-    lost = asyncio.Event()
-    worker = Client(None, 5, sock=worker_end, on_broken=lost.set)
-    return serving, delivery, worker, lost
 
 
 def test_malformed_worker_frames_are_refused_or_close_the_channel(tmp_path):
