@@ -177,3 +177,135 @@ def test_writes_in_flight_are_answered_before_the_worker_channels_close(tmp_path
         await asyncio.wait_for(serving, 5)
 
     run(main())
+
+
+def _record_syncs(monkeypatch, events, watched, fail_combined=False):
+    """Log every fsync (is a directory among the descriptors? which of the `watched`
+    futures, by number, were resolved when it began?) and every commit's numbers."""
+    import stat
+
+    from mailerd import durable
+
+    def is_dir(fd):
+        return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+    real_fsync_all, real_fsync, real_commit = durable.fsync_all, os.fsync, Spool.commit
+
+    def resolved():
+        return tuple(n for n, f in sorted(watched.items()) if f.done())
+
+    def fsync_all(fds):
+        with_dir, before = any(is_dir(fd) for fd in fds), resolved()
+        if fail_combined and with_dir:
+            raise OSError(5, "injected")
+        real_fsync_all(fds)
+        events.append(("fsync_all", with_dir, before))
+
+    def fsync(fd):
+        before = resolved()
+        real_fsync(fd)
+        events.append(("fsync", is_dir(fd), before))
+
+    def commit(self, *args, **kw):
+        numbers = real_commit(self, *args, **kw)
+        events.append(("renamed", tuple(numbers), kw.get("sync", True)))
+        return numbers
+
+    monkeypatch.setattr(durable, "fsync_all", fsync_all)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Spool, "commit", commit)
+
+
+async def _warm_writer(tmp_path, events):
+    """A MailboxWriter for 'fay' whose first batch went through the pool."""
+    executor = ThreadPoolExecutor(1)
+    writer = MailboxWriter("fay", Spool(tmp_path), executor, lambda n: None)
+    assert await writer.submit(Delivery(b"", b"1\r\n")) == 1
+    events.clear()
+    return writer, executor
+
+
+def _answered(future, events):
+    future.add_done_callback(
+        lambda f: events.append(("answered", f.result() if not f.exception() else f.exception()))
+    )
+    return future
+
+
+def test_a_batch_renamed_in_the_loop_is_answered_only_after_a_directory_fsync(
+    tmp_path, monkeypatch
+):
+    """Pipelined commits: batch 2 is renamed without its directory fsync, which rides with
+    batch 3's file fsyncs; batch 3, with nothing after it, gets a directory fsync of its own.
+    Neither is answered before the fsync that makes its renames durable."""
+    (tmp_path / "fay").mkdir()
+    events = []
+
+    async def main():
+        writer, executor = await _warm_writer(tmp_path, events)
+        watched = {}
+        _record_syncs(monkeypatch, events, watched)
+        second = watched[2] = _answered(writer.submit(Delivery(b"", b"2\r\n")), events)
+        await asyncio.sleep(0)  # the writer takes batch 2 alone, renames it, yields once
+        third = watched[3] = _answered(writer.submit(Delivery(b"", b"3\r\n")), events)
+        assert await asyncio.wait_for(second, 5) == 2
+        assert await asyncio.wait_for(third, 5) == 3
+        executor.shutdown(wait=True)
+
+    run(main())
+    assert [e for e in events if e[0] != "answered"] == [
+        ("fsync_all", False, ()),  # batch 2's files
+        ("renamed", (2,), False),
+        ("fsync_all", True, ()),  # batch 3's files and the directory; 2 not yet answered
+        ("renamed", (3,), False),
+        ("fsync", True, (2,)),  # nothing came next: the directory alone; 3 not yet answered
+    ], events
+    assert ("answered", 2) in events and ("answered", 3) in events
+    assert sorted(n for n in os.listdir(tmp_path / "fay") if not n.startswith(".")) == [
+        "1",
+        "1.status",
+        "2",
+        "2.status",
+        "3",
+        "3.status",
+    ]
+
+
+def test_when_the_next_batch_fails_the_renamed_one_is_still_synced_and_answered(
+    tmp_path, monkeypatch
+):
+    """The combined fsync fails: the renamed batch gets a directory fsync of its own and its
+    250; the failing batch gets the error and leaves no temporary file behind."""
+    (tmp_path / "fay").mkdir()
+    events = []
+
+    async def main():
+        writer, executor = await _warm_writer(tmp_path, events)
+        watched = {}
+        _record_syncs(monkeypatch, events, watched, fail_combined=True)
+        second = watched[2] = _answered(writer.submit(Delivery(b"", b"2\r\n")), events)
+        await asyncio.sleep(0)
+        third = _answered(writer.submit(Delivery(b"", b"3\r\n")), events)
+        assert await asyncio.wait_for(second, 5) == 2
+        try:
+            await asyncio.wait_for(third, 5)
+        except OSError as exc:
+            assert exc.errno == 5
+        else:
+            raise AssertionError("batch 3 did not fail")
+        executor.shutdown(wait=True)
+
+    run(main())
+    assert events[:3] == [
+        ("fsync_all", False, ()),
+        ("renamed", (2,), False),
+        ("fsync", True, ()),  # the combined one failed: the directory alone, before the 250
+    ], events
+    assert ("answered", 2) in events
+    assert sorted(n for n in os.listdir(tmp_path / "fay") if n[0] != ".") == [
+        "1",
+        "1.status",
+        "2",
+        "2.status",
+    ]
+    assert not [n for n in os.listdir(tmp_path / "fay") if n.startswith(".tmp")]
