@@ -26,7 +26,6 @@ import os
 import pwd
 import stat
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,28 +98,18 @@ class Spool:
         Raises OSError (MailboxUnsafe, or MailboxLocked) if nothing of the batch was committed.
         With `wait=False` a lock held by someone else raises MailboxLocked at once.
         """
-        directory, owner = self.open(name)
-        try:
-            staged = self.stage(directory, owner, messages)
-            return self.commit(directory, owner, staged, wait=wait)
-        finally:
-            os.close(directory)
-
-    def open(self, name: str) -> tuple[int, Owner]:
-        """A checked descriptor of mailbox `name` (the caller closes it) and the owner its
-        files get. The steps of `deliver` can then be run one by one (see `spoolwriter`)."""
         if policy.mailbox_name(name) != name:
             raise MailboxUnsafe(errno.EINVAL, f"not a mailbox name: {name!r}")
         directory = self._open_mailbox(name)
-        return directory, _owner_of(directory)
+        try:
+            owner = _owner_of(directory)
+            staged = self._stage(directory, owner, messages)
+            return self._commit(directory, owner, staged, wait)
+        finally:
+            os.close(directory)
 
-    def stage(
-        self, directory: int, owner: Owner, messages: list[Delivery], also_sync: Sequence[int] = ()
-    ) -> list[str]:
-        """Write each message and its status under temporary names; fsync them all at once,
-        together with the descriptors in `also_sync` (the directory of a batch renamed before:
-        its fsync then costs no round trip of its own). If this raises, the `also_sync`
-        descriptors may not have been synced."""
+    def _stage(self, directory: int, owner: Owner, messages: list[Delivery]) -> list[str]:
+        """Write each message and its status under temporary names; fsync them all at once."""
         staged: list[str] = []
         fds: list[int] = []
         try:
@@ -129,7 +118,7 @@ class Spool:
                 staged.append(tmp)
                 fds.append(durable.write_new(tmp + ".status", NEW_FLAGS, b"", owner, directory))
                 fds.append(durable.write_new(tmp, message.head, message.body, owner, directory))
-            durable.fsync_all(fds + list(also_sync))
+            durable.fsync_all(fds)
         except BaseException:
             _discard(directory, staged)
             raise
@@ -138,20 +127,9 @@ class Spool:
                 os.close(fd)
         return staged
 
-    def commit(
-        self,
-        directory: int,
-        owner: Owner,
-        staged: list[str],
-        *,
-        wait: bool = True,
-        sync: bool = True,
-    ) -> list[int]:
+    def _commit(self, directory: int, owner: Owner, staged: list[str], wait: bool) -> list[int]:
         """Under the lock: number the staged messages, rename them into place (status first,
-        the message last: the commit point), update the counter, fsync the directory.
-
-        With `sync=False` the directory fsync is the caller's, before it may call the messages
-        durable (readers can see them from here on; a crash before that fsync can lose them)."""
+        the message last: the commit point), update the counter, fsync the directory."""
         try:
             lock_fd = _open_lock(directory, owner)
             try:
@@ -168,8 +146,7 @@ class Spool:
                     _store_counter(directory, numbers[-1], owner)
                 except OSError as exc:
                     log.warning("mailbox counter not updated (%s); it heals on the next one", exc)
-                if sync:
-                    os.fsync(directory)
+                os.fsync(directory)
                 return numbers
             finally:
                 os.close(lock_fd)  # closing releases the lockf lock

@@ -14,11 +14,9 @@ from the delivery process alone.
 
 Requests that pile up for one mailbox are committed as one batch with one directory fsync
 (group commit), one writer task per mailbox at a time (POSIX locks do not exclude threads of one
-process). A small batch of in-memory bodies for a mailbox written back to back is committed in
-the event loop's own thread, which saves two wake-ups per batch, and pipelined: its directory
-fsync rides with the next batch's file fsyncs, and it is answered only then. A large batch, or
-one whose lock is taken (an IMAP server holding it), goes to a small thread pool, so that it
-waits there and other mailboxes go on.
+process). A small batch of in-memory bodies is written in the event loop's own thread, which
+saves two wake-ups per batch; a large one, or one whose lock is taken (an IMAP server holding
+it), goes to a small thread pool, so that it waits there and other mailboxes go on.
 """
 
 from __future__ import annotations
@@ -41,9 +39,7 @@ from mailerd.mailbox import Delivery, MailboxLocked, Spool
 log = logging.getLogger("mailerd.spool")
 
 MAX_BATCH = 64
-WARM_FOR = 60.0  # s after a mailbox's last commit during which its batches may be written here
-WARM_LIMIT = 10000
-INLINE_BATCH = 1 << 20  # bytes; a batch this small is written without a thread (_commit_here)
+INLINE_BATCH = 1 << 20  # bytes; a batch this small is written without a thread (_deliver_here)
 THREADS = 4  # mailboxes written at once
 TIMEOUT = 120.0
 FINISH_QUIET = 0.1  # s without a worker's write before the writer closes its channels
@@ -57,11 +53,9 @@ class MailboxWriter:
 
     A batch is written, all its files fsync'd at once (one AIO submission, `aiofsync`; the
     concurrent fsyncs share the device's cache flushes), then
-    numbered and renamed under the lock with one directory fsync — in the pool, or in the
-    loop's thread where that directory fsync rides with the next batch's (`_commit_here`).
-    (Staging each message as it arrives, overlapping the previous batch's commit, was measured
-    slower: 1,015 against 1,772 messages/s for 10 concurrent senders, because the fsyncs no
-    longer share commits.)
+    numbered and renamed under the lock with one directory fsync. (Staging each message as it
+    arrives, overlapping the previous batch's commit, was measured slower: 1,015 against 1,772
+    messages/s for 10 concurrent senders, because the fsyncs no longer share commits.)
     """
 
     def __init__(
@@ -71,21 +65,15 @@ class MailboxWriter:
         executor: ThreadPoolExecutor,
         done: Callable[[str], None],
         alone: Callable[[], bool] = lambda: True,
-        warm: dict[str, float] | None = None,
     ) -> None:
         self.name = name
         self._spool = spool
         self._executor = executor
         self._done = done
         self._alone = alone
-        # When each mailbox last had a batch committed (shared by the writers of all mailboxes,
-        # which come and go with their queues): recently means made and its account looked up.
-        self._warm = warm if warm is not None else {}
+        self._warm = False  # a batch went through the pool: mailbox made, account looked up
         self._waiting: collections.deque[tuple[Delivery, asyncio.Future[int]]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
-        # A batch renamed into place in the loop, not yet durable: its futures, its numbers,
-        # and the mailbox descriptor whose fsync will make it so.
-        self._renamed: tuple[Batch, list[int], int] | None = None
 
     def submit(self, message: Delivery) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -96,29 +84,21 @@ class MailboxWriter:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._waiting or self._renamed is not None:
-            if not self._waiting:
-                # A batch renamed but not yet durable: one loop turn for the next batch to
-                # arrive and carry its directory fsync; if none did, the fsync goes alone.
-                await asyncio.sleep(0)
-                if not self._waiting:
-                    self._sync_renamed()
-                    continue
+        while self._waiting:
             batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
             started = loop.time()
             messages = [m for m, _ in batch]
-            here = self._is_warm(loop.time()) and self._alone() and _small(messages)
-            if here and self._commit_here(batch):
-                self._warm[self.name] = loop.time()
-                continue
-            self._sync_renamed()  # the pool's batch comes after it, with its own fsync
             try:
-                numbers = await loop.run_in_executor(
-                    self._executor, self._spool.deliver, self.name, messages
-                )
-                self._warm[self.name] = loop.time()
+                here = self._warm and self._alone() and _small(messages)
+                numbers = self._deliver_here(messages) if here else None
+                if numbers is None:
+                    numbers = await loop.run_in_executor(
+                        self._executor, self._spool.deliver, self.name, messages
+                    )
+                    self._warm = True
             except Exception as exc:  # OSError, MailboxLocked, or a bug: answered either way
-                _fail(batch, exc)
+                for _, future in batch:
+                    future.set_exception(exc)
                 continue
             log.debug(
                 "mailbox %s: %d message(s) committed in %.1f ms",
@@ -126,108 +106,26 @@ class MailboxWriter:
                 len(batch),
                 (loop.time() - started) * 1000,
             )
-            _succeed(batch, numbers)
+            for (_, future), number in zip(batch, numbers, strict=True):
+                future.set_result(number)
         self._task = None
         self._done(self.name)
 
-    def _is_warm(self, now: float) -> bool:
-        if len(self._warm) > WARM_LIMIT:  # names come from the network: keep the dict bounded
-            for name in [n for n, t in self._warm.items() if now - t >= WARM_FOR]:
-                del self._warm[name]
-        return now - self._warm.get(self.name, -WARM_FOR) < WARM_FOR
+    def _deliver_here(self, messages: list[Delivery]) -> list[int] | None:
+        """Commit a small batch in the event loop's own thread: the handoff to a pool thread and
+        back is two wake-ups, a good part of a 250's latency when both cores are busy.
 
-    def _commit_here(self, batch: Batch) -> bool:
-        """Commit a small batch in the event loop's own thread; False (nothing written) when
-        the lock is taken by someone else (an IMAP server): the pool then waits for it, not us.
-
-        The handoff to a pool thread and back is two wake-ups, a good part of a 250's latency
-        when both cores are busy. And the batch is pipelined with the next one: renamed into
-        place here, it becomes durable (and is answered) when the next batch's files are
-        fsync'd, in the same AIO submission as the directory fsync, so a mailbox written back
-        to back pays one device round trip per batch instead of two. (Measured at 10 clients:
-        +3-9 % msgs/s in five interleaved pairs.) The next batch is at most one loop turn away;
-        without one the directory fsync runs alone.
-
-        Only for a mailbox written in the last WARM_FOR seconds (its directory exists and its
-        account is cached: no mkdir, no NSS lookup here, except the account cache's refresh once
-        a minute; the first batch in a while goes through the pool) and only while no other
-        mailbox is being written, whose commits would otherwise wait behind this one. It blocks
-        the loop for about one batch's fsync; frames that arrive meanwhile make the next batch.
-        """
-        messages = [m for m, _ in batch]
+        Only for a mailbox being written back to back (the first batch went through the pool,
+        so its directory exists and its account is cached: no mkdir, no NSS lookup here, except
+        the account cache's refresh once a minute) and only while no other mailbox is being
+        written, whose commits would otherwise wait behind this one. It blocks the loop for
+        about one batch's fsync; frames that arrive meanwhile make the next batch. None when the
+        lock is taken (an IMAP server): then the batch is written again in the pool, which
+        waits for the lock, not us."""
         try:
-            directory, owner = self._spool.open(self.name)
-        except Exception as exc:
-            self._sync_renamed()
-            _fail(batch, exc)
-            return True
-        try:
-            also = self._carry_renamed(directory)
-            try:
-                staged = self._spool.stage(directory, owner, messages, also_sync=also)
-            except BaseException:
-                self._sync_renamed()  # its fsync may not have happened
-                raise
-            self._release_renamed()
-            numbers = self._spool.commit(directory, owner, staged, wait=False, sync=False)
+            return self._spool.deliver(self.name, messages, wait=False)
         except MailboxLocked:
-            os.close(directory)
-            return False
-        except Exception as exc:
-            os.close(directory)
-            _fail(batch, exc)
-            return True
-        self._renamed = (batch, numbers, directory)
-        return True
-
-    def _carry_renamed(self, directory: int) -> list[int]:
-        """The descriptor whose fsync makes the renamed batch durable, to go with the next
-        batch's files: `directory` if it is the same one (the mailbox was not replaced since),
-        else nothing, once the renamed batch has been synced on its own."""
-        if self._renamed is None:
-            return []
-        if os.path.samestat(os.fstat(directory), os.fstat(self._renamed[2])):
-            return [directory]
-        self._sync_renamed()
-        return []
-
-    def _release_renamed(self) -> None:
-        """The renamed batch's directory fsync has happened: answer it."""
-        if self._renamed is not None:
-            batch, numbers, directory = self._renamed
-            self._renamed = None
-            os.close(directory)
-            _succeed(batch, numbers)
-
-    def _sync_renamed(self) -> None:
-        """fsync the renamed batch's directory on its own, then answer it. If that fails the
-        messages are in place but not known durable: answered as failed, so the sender tries
-        again (a possible duplicate, never a loss)."""
-        if self._renamed is None:
-            return
-        batch, numbers, directory = self._renamed
-        self._renamed = None
-        try:
-            os.fsync(directory)
-        except OSError as exc:
-            _fail(batch, exc)
-            return
-        finally:
-            os.close(directory)
-        _succeed(batch, numbers)
-
-
-Batch = list[tuple[Delivery, "asyncio.Future[int]"]]
-
-
-def _succeed(batch: Batch, numbers: list[int]) -> None:
-    for (_, future), number in zip(batch, numbers, strict=True):
-        future.set_result(number)
-
-
-def _fail(batch: Batch, exc: Exception) -> None:
-    for _, future in batch:
-        future.set_exception(exc)
+            return None
 
 
 def _small(messages: list[Delivery]) -> bool:
@@ -253,7 +151,6 @@ class SpoolService:
         self.channel: Channel | None = None
         self.workers: set[Channel] = set()
         self.outstanding = 0  # mailbox writes received and not yet answered
-        self.warm: dict[str, float] = {}  # see MailboxWriter
 
     async def run(self) -> None:
         self.channel = Channel(self.sock, self._on_control, self.closed.set)
@@ -367,7 +264,6 @@ class SpoolService:
                 self.executor,
                 lambda n: self.writers.pop(n, None),
                 lambda: len(self.writers) == 1,
-                self.warm,
             )
         return writer
 
