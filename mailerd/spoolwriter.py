@@ -39,6 +39,8 @@ from mailerd.mailbox import Delivery, MailboxLocked, Spool
 log = logging.getLogger("mailerd.spool")
 
 MAX_BATCH = 64
+WARM_FOR = 60.0  # s after a mailbox's last commit during which its batches may be written here
+WARM_LIMIT = 10000
 INLINE_BATCH = 1 << 20  # bytes; a batch this small is written without a thread (_deliver_here)
 THREADS = 4  # mailboxes written at once
 TIMEOUT = 120.0
@@ -65,13 +67,16 @@ class MailboxWriter:
         executor: ThreadPoolExecutor,
         done: Callable[[str], None],
         alone: Callable[[], bool] = lambda: True,
+        warm: dict[str, float] | None = None,
     ) -> None:
         self.name = name
         self._spool = spool
         self._executor = executor
         self._done = done
         self._alone = alone
-        self._warm = False  # a batch went through the pool: mailbox made, account looked up
+        # When each mailbox last had a batch committed, shared by the writers of all mailboxes
+        # (they come and go with their queues): recently means made and its account cached.
+        self._warm = warm if warm is not None else {}
         self._waiting: collections.deque[tuple[Delivery, asyncio.Future[int]]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
 
@@ -89,13 +94,13 @@ class MailboxWriter:
             started = loop.time()
             messages = [m for m, _ in batch]
             try:
-                here = self._warm and self._alone() and _small(messages)
+                here = self._is_warm(started) and self._alone() and _small(messages)
                 numbers = self._deliver_here(messages) if here else None
                 if numbers is None:
                     numbers = await loop.run_in_executor(
                         self._executor, self._spool.deliver, self.name, messages
                     )
-                    self._warm = True
+                self._warm[self.name] = loop.time()
             except Exception as exc:  # OSError, MailboxLocked, or a bug: answered either way
                 for _, future in batch:
                     future.set_exception(exc)
@@ -111,17 +116,22 @@ class MailboxWriter:
         self._task = None
         self._done(self.name)
 
+    def _is_warm(self, now: float) -> bool:
+        if len(self._warm) > WARM_LIMIT:  # names come from the network: keep the dict bounded
+            self._warm.clear()  # (the pool then warms each mailbox again, once)
+        return now - self._warm.get(self.name, -WARM_FOR) < WARM_FOR
+
     def _deliver_here(self, messages: list[Delivery]) -> list[int] | None:
         """Commit a small batch in the event loop's own thread: the handoff to a pool thread and
         back is two wake-ups, a good part of a 250's latency when both cores are busy.
 
-        Only for a mailbox being written back to back (the first batch went through the pool,
-        so its directory exists and its account is cached: no mkdir, no NSS lookup here, except
-        the account cache's refresh once a minute) and only while no other mailbox is being
-        written, whose commits would otherwise wait behind this one. It blocks the loop for
-        about one batch's fsync; frames that arrive meanwhile make the next batch. None when the
-        lock is taken (an IMAP server): then the batch is written again in the pool, which
-        waits for the lock, not us."""
+        Only for a mailbox committed in the last WARM_FOR seconds (its directory exists and its
+        account is cached: no mkdir, no NSS lookup here, except the account cache's refresh once
+        a minute; the first batch in a while goes through the pool) and only while no other
+        mailbox is being written, whose commits would otherwise wait behind this one. It blocks
+        the loop for about one batch's fsync; frames that arrive meanwhile make the next batch.
+        None when the lock is taken (an IMAP server): then the batch is written again in the
+        pool, which waits for the lock, not us."""
         try:
             return self._spool.deliver(self.name, messages, wait=False)
         except MailboxLocked:
@@ -151,6 +161,7 @@ class SpoolService:
         self.channel: Channel | None = None
         self.workers: set[Channel] = set()
         self.outstanding = 0  # mailbox writes received and not yet answered
+        self.warm: dict[str, float] = {}  # see MailboxWriter
 
     async def run(self) -> None:
         self.channel = Channel(self.sock, self._on_control, self.closed.set)
@@ -264,6 +275,7 @@ class SpoolService:
                 self.executor,
                 lambda n: self.writers.pop(n, None),
                 lambda: len(self.writers) == 1,
+                self.warm,
             )
         return writer
 

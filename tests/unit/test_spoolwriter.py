@@ -2,6 +2,7 @@
 channels the delivery process hands it for workers."""
 
 import asyncio
+import contextlib
 import fcntl
 import multiprocessing
 import os
@@ -175,5 +176,53 @@ def test_writes_in_flight_are_answered_before_the_worker_channels_close(tmp_path
         assert sorted(a["number"] for a in answers) == list(range(1, 41))
         await asyncio.wait_for(lost.wait(), 5)
         await asyncio.wait_for(serving, 5)
+
+    run(main())
+
+
+def test_a_mailbox_committed_lately_is_written_in_the_loop_by_the_next_writer(
+    tmp_path, monkeypatch
+):
+    """Writers come and go with their queues; whether a mailbox is warm (its first batch in a
+    while went through the pool, so no mkdir or account lookup is left for the loop) is kept
+    across them."""
+    (tmp_path / "gus").mkdir()
+    spool = Spool(tmp_path)
+    waits = []
+    real = Spool.deliver
+
+    def deliver(self, name, messages, *, wait=True):
+        waits.append(wait)
+        return real(self, name, messages, wait=wait)
+
+    monkeypatch.setattr(Spool, "deliver", deliver)
+
+    async def main():
+        executor = ThreadPoolExecutor(1)
+        warm = {}
+        try:
+            for n in (1, 2, 3):
+                writer = MailboxWriter("gus", spool, executor, lambda name: None, warm=warm)
+                assert await writer.submit(Delivery(b"", b"%d\r\n" % n)) == n
+        finally:
+            executor.shutdown(wait=True)
+
+    run(main())
+    assert waits[:3] == [True, False, False]  # the pool, then the loop's thread
+
+
+def test_a_failed_commit_does_not_warm_the_mailbox(tmp_path):
+    """A commit that failed (here: the mailbox name is refused) leaves the mailbox cold."""
+
+    async def main():
+        executor = ThreadPoolExecutor(1)
+        warm = {}
+        try:
+            writer = MailboxWriter("../x", Spool(tmp_path), executor, lambda name: None, warm=warm)
+            with contextlib.suppress(OSError):
+                await writer.submit(Delivery(b"", b"x\r\n"))
+            assert warm == {}
+        finally:
+            executor.shutdown(wait=True)
 
     run(main())
