@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from mailerd import aiofsync
 from mailerd.smtp.events import Reply
@@ -104,7 +104,11 @@ def fsync_all(fds: list[int]) -> None:
         return
     except aiofsync.Unavailable:
         pass
-    for future in [_pool().submit(os.fsync, fd) for fd in fds]:
+    futures = [_pool().submit(os.fsync, fd) for fd in fds]
+    # Every fsync finishes before any error is raised, as with AIO: the caller closes these
+    # descriptors next, and a number reused meanwhile must not be fsync'd by a late thread.
+    wait(futures)
+    for future in futures:
         future.result()
 
 

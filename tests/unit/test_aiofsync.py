@@ -83,6 +83,31 @@ def test_without_aio_the_thread_pool_does_it(files, monkeypatch):
     assert sorted(synced) == sorted(fds)
 
 
+def test_without_aio_an_error_too_waits_for_every_fsync(files, monkeypatch):
+    """The thread fallback, like AIO, raises only once every fsync has finished: the caller
+    closes the descriptors next, and a late thread must not fsync a reused number."""
+    import time
+
+    def unavailable(fds):
+        raise aiofsync.Unavailable(errno.ENOSYS, "test")
+
+    fds = files(2)
+    finished = []
+
+    def fsync(fd):
+        if fd == fds[0]:
+            raise OSError(errno.EIO, "injected")
+        time.sleep(0.3)
+        finished.append(fd)
+
+    monkeypatch.setattr(aiofsync, "fsync_all", unavailable)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as raised:
+        durable.fsync_all(fds)
+    assert raised.value.errno == errno.EIO
+    assert finished == [fds[1]], "fsync_all raised before the other fsync had finished"
+
+
 def test_a_failed_wait_discards_the_context(files, monkeypatch):
     fds = files(3)
     aio_or_skip(fds)
