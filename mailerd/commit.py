@@ -20,6 +20,7 @@ from typing import Any
 
 from mailerd import durable, trace
 from mailerd.mailbox import MailboxLocked
+from mailerd.smtp.events import Reply
 
 log = logging.getLogger("mailerd.delivery")
 
@@ -135,5 +136,11 @@ def decode_failures(items: list[dict[str, Any]]) -> list[Failure]:
     return failed
 
 
-def ok(queue_id: str) -> dict[str, Any]:
-    return {"code": 250, "status": "2.0.0", "text": f"Ok: queued as {queue_id}"}
+def queued(queue_id: str) -> Reply:
+    """The reply to a message that is durable for all its recipients."""
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def answer_fields(reply: Reply) -> dict[str, Any]:
+    """A reply as a commit's answer carries it (docs/channel.md)."""
+    return {"code": reply.code, "status": reply.status, "text": reply.text}

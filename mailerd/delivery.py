@@ -149,15 +149,13 @@ class DeliveryService:
         self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None
     ) -> None:
         op = header.get("op")
-        if op is not None and op != "retry-local" and fd is not None:
-            os.close(fd)  # no other request takes a descriptor
-            fd = None
-        if op == "mailbox-channel":
+        if op not in (None, "retry-local"):  # a request that writes no message
             self.in_flight -= 1
-            await self._hand_out_writer(channel, header)
-            return
-        if op not in (None, "retry-local"):
-            self.in_flight -= 1
+            if fd is not None:
+                os.close(fd)  # none of these takes a descriptor
+            if op == "mailbox-channel":
+                await self._hand_out_writer(channel, header)
+                return
             answer = await self.control(header)
             if not channel.closed:
                 channel.send({"id": header.get("id"), **answer})
@@ -176,7 +174,7 @@ class DeliveryService:
                 os.close(fd)
             self.in_flight -= 1
         if not channel.closed:
-            channel.send({"id": header.get("id"), **reply_fields(reply)})
+            channel.send({"id": header.get("id"), **commit.answer_fields(reply)})
 
     async def commit(self, request: dict[str, Any], body: durable.Body) -> Reply:
         """Make one message durable for all its recipients; the answer for the worker."""
@@ -202,7 +200,7 @@ class DeliveryService:
             reply = await self._queue_local_retry(queue_id, request, received, body, failed)
             if reply is not None:
                 return reply
-        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        return commit.queued(queue_id)
 
     async def retry_local(self, request: dict[str, Any], body: durable.Body) -> Reply:
         """A worker wrote a message's local copies itself and some failed: queue those."""
@@ -210,26 +208,23 @@ class DeliveryService:
         received = str(request["received"]).encode("utf-8")
         failed = commit.decode_failures(request["failed"])
         reply = await self._queue_local_retry(queue_id, request, received, body, failed)
-        return reply or Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        return reply or commit.queued(queue_id)
 
     async def _hand_out_writer(self, channel: Channel, header: dict[str, Any]) -> None:
         """A worker's own connection to the mailbox writer, for messages whose recipients are
         all local: one end goes to the writer, the other back to the worker."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await self.writer.adopt(os.dup(theirs.fileno()))
+            await self.writer.adopt(theirs.detach())  # the channel closes what it is given
         except Exception as exc:
             ours.close()
             if not channel.closed:
                 channel.send({"id": header.get("id"), "error": f"no mailbox writer: {exc}"})
             return
-        finally:
-            theirs.close()
         if channel.closed:
             ours.close()
             return
-        channel.send({"id": header.get("id")}, fd=os.dup(ours.fileno()))
-        ours.close()
+        channel.send({"id": header.get("id")}, fd=ours.detach())
 
     def _completion(self, request: dict[str, Any], queue_id: str, body: durable.Body) -> bytes:
         """Date:/Message-ID: for a submission from a local program that lacks them, as an MTA
@@ -280,10 +275,6 @@ class DeliveryService:
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
-
-
-def reply_fields(reply: Reply) -> dict[str, Any]:
-    return {"code": reply.code, "status": reply.status, "text": reply.text}
 
 
 def run(cfg: Config, listener: socket.socket) -> int:

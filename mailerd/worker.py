@@ -383,7 +383,7 @@ class Worker:
         if not failed:
             if fd is not None:
                 os.close(fd)
-            return commit.ok(queue_id)
+            return commit.answer_fields(commit.queued(queue_id))
         retry = {
             **header,
             "op": "retry-local",
