@@ -57,3 +57,32 @@ def test_hostile_helo_cannot_add_header_lines():
         recipient=None,
     )
     assert header.count(b"\r\n") == 3 and b"\r\nBcc" not in header
+
+
+def test_the_cached_date_is_the_date_of_that_second():
+    import email.utils
+
+    for when in (0, 0.9, 1, 86400 * 365.25 * 30, 86400 * 365.25 * 30 + 0.5, 1):
+        assert trace.rfc5322_date(when) == email.utils.formatdate(int(when), localtime=True)
+
+
+def test_queue_ids_differ_across_forked_processes():
+    """`random` is reseeded in a forked child: two workers forked from one master, asked
+    for an id in the same millisecond, must not give the same one."""
+    import os
+
+    readers = []
+    for _ in range(2):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, trace.new_id().encode())
+            os._exit(0)
+        os.close(w)
+        readers.append((pid, r))
+    ids = []
+    for pid, r in readers:
+        os.waitpid(pid, 0)
+        ids.append(os.read(r, 100)[-8:])  # the last 40 bits: the random part
+        os.close(r)
+    assert ids[0] != ids[1]
