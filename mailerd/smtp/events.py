@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Final
 
 __all__ = [
@@ -86,9 +85,11 @@ class Reply:
         if "\r" in self.text or not all(line.strip() for line in self.text.split("\n")):
             # Every line needs text: some clients (Thunderbird) choke on a bare "250".
             raise ValueError(f"reply text must be non-empty lines without CR: {self.text!r}")
+        # Encoded once, here: a reply is sent at least once, and functools.cached_property
+        # takes a lock on every access (Python 3.11).
+        object.__setattr__(self, "_wire", self._encode())
 
-    @cached_property
-    def _wire(self) -> bytes:
+    def _encode(self) -> bytes:
         prefix = f"{self.status} " if self.status else ""
         lines = self.text.split("\n")
         last = len(lines) - 1
@@ -99,7 +100,7 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """The reply as sent on the wire, CRLF-terminated lines."""
-        return self._wire
+        return self._wire  # type: ignore[attr-defined, no-any-return]
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,7 @@ class Address:
     def __str__(self) -> str:
         if not self.local and not self.domain and not self.quoted:
             return ""
-        # Imported here because grammar imports this module.
-        from .grammar import format_local_part
-
-        local = format_local_part(self.local)
+        local = _format_local_part(self.local)
         return f"{local}@{self.domain}" if self.domain else local
 
 
@@ -162,6 +160,15 @@ class MessageAborted:
 @dataclass(frozen=True)
 class CloseConnection:
     """Nothing more will come: the peer hung up or a closing reply was sent."""
+
+
+def _format_local_part(local: str) -> str:
+    global _format_local_part
+    # Bound on first use, because grammar imports this module.
+    from .grammar import format_local_part
+
+    _format_local_part = format_local_part
+    return format_local_part(local)
 
 
 Event = Reply | BodyData | MessageComplete | MessageAborted | CloseConnection | Sentinel

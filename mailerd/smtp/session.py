@@ -154,6 +154,11 @@ def _ehlo_reply(hostname: str, max_size: int) -> Reply:
     return Reply(250, None, "\n".join(keywords))
 
 
+@lru_cache(maxsize=16)
+def _greeting(hostname: str) -> Reply:
+    return Reply(220, None, f"{hostname} ESMTP mailerd")
+
+
 def _is_ascii(address: Address) -> bool:
     return address.local.isascii() and address.domain.isascii()
 
@@ -171,7 +176,7 @@ class Session:
         self._check_recipient = check_recipient
         # Called with every command line (never message content), e.g. for -v logging.
         self._on_command = on_command
-        self._events: deque[Event] = deque([Reply(220, None, f"{config.hostname} ESMTP mailerd")])
+        self._events: deque[Event] = deque([_greeting(config.hostname)])
         self._state = _State.COMMAND
         # Unparsed input is self._buf[self._pos:] followed by self._pending.
         self._buf = b""
