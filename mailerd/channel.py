@@ -56,7 +56,7 @@ class Channel:
         sock.setblocking(False)
         self._max_body = max_body
         self.sock = sock
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._on_frame = on_frame
         self._on_close = on_close
         self._in = bytearray()
@@ -70,7 +70,7 @@ class Channel:
         self._flush_soon = False
         self._closing = False
         self.closed = False
-        self._loop.add_reader(sock.fileno(), self._readable)
+        self.loop.add_reader(sock.fileno(), self._readable)
 
     def send(self, header: dict[str, Any], body: bytes = b"", fd: int | None = None) -> None:
         """Queue one frame. The channel owns `fd` from here on and closes it once sent."""
@@ -86,7 +86,7 @@ class Channel:
             # At the end of this loop iteration, so that the frames queued meanwhile (a batch
             # of answers, say) leave in one sendmsg() rather than one each.
             self._flush_soon = True
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
 
     def close(self) -> None:
         if self.closed:
@@ -97,9 +97,9 @@ class Channel:
             if self.closed:
                 return
         self.closed = True
-        self._loop.remove_reader(self.sock.fileno())
+        self.loop.remove_reader(self.sock.fileno())
         if self._writing:
-            self._loop.remove_writer(self.sock.fileno())
+            self.loop.remove_writer(self.sock.fileno())
         for _, fds in self._out:
             for fd in fds:
                 os.close(fd)
@@ -130,9 +130,9 @@ class Channel:
         want_writer = bool(self._out)
         if want_writer != self._writing:
             if want_writer:
-                self._loop.add_writer(self.sock.fileno(), self._flush)
+                self.loop.add_writer(self.sock.fileno(), self._flush)
             else:
-                self._loop.remove_writer(self.sock.fileno())
+                self.loop.remove_writer(self.sock.fileno())
             self._writing = want_writer
 
     def _next_send(self) -> tuple[list[bytes], list[int]]:
@@ -198,8 +198,9 @@ class Channel:
             if len(self._in) < end:
                 return
             try:
-                header = json.loads(self._in[PREFIX.size : PREFIX.size + header_len])
-            except ValueError as exc:
+                # Decoded here: json.loads() of bytes first guesses their encoding.
+                header = json.loads(self._in[PREFIX.size : PREFIX.size + header_len].decode())
+            except ValueError as exc:  # (UnicodeDecodeError included)
                 raise ChannelError("bad header") from exc
             body = bytes(self._in[PREFIX.size + header_len : end])
             del self._in[:end]
@@ -265,7 +266,7 @@ class Client:
                 raise
         self._next_id += 1
         request_id = self._next_id
-        loop = asyncio.get_running_loop()
+        loop = channel.loop  # (asyncio.get_running_loop() makes a getpid() call each time)
         future: asyncio.Future[Answer] = loop.create_future()
         self._pending[request_id] = future
         # A plain timer rather than asyncio.wait_for(), which costs a task per request.

@@ -70,6 +70,7 @@ class Spool:
 
     def __init__(self, root: Path, lock_timeout: float = 60.0, untrusted_uid: int | None = None):
         self.root = root
+        self._prefix = os.path.join(root, "")  # state() runs for every recipient: no pathlib
         self.lock_timeout = lock_timeout
         self.untrusted_uid = untrusted_uid  # mailerd's own unprivileged user: never a mailbox owner
 
@@ -81,7 +82,7 @@ class Spool:
         """ "ok" (a mailbox, an account or postmaster), "unknown", or "not-a-directory" (an
         mbox file sits where the mailbox directory would be)."""
         try:
-            st = os.stat(self.root / name)
+            st = os.stat(self._prefix + name)
         except FileNotFoundError:
             st = None
         except OSError as exc:

@@ -79,16 +79,18 @@ class MailboxWriter:
         self._warm = warm if warm is not None else {}
         self._waiting: collections.deque[tuple[Delivery, asyncio.Future[int]]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
+        # Kept: asyncio.get_running_loop() costs a getpid() call, and this runs per message.
+        self._loop = asyncio.get_running_loop()
 
     def submit(self, message: Delivery) -> asyncio.Future[int]:
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[int] = self._loop.create_future()
         self._waiting.append((message, future))
         if self._task is None:
-            self._task = asyncio.create_task(self._drain())
+            self._task = self._loop.create_task(self._drain())
         return future
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         while self._waiting:
             batch = [self._waiting.popleft() for _ in range(min(MAX_BATCH, len(self._waiting)))]
             started = loop.time()

@@ -220,7 +220,8 @@ class Connection(asyncio.Protocol):
                 self.body.write(event.data)
             elif isinstance(event, MessageComplete):
                 self.committing = True
-                asyncio.create_task(self.commit(event.envelope))
+                # (The loop's own create_task: asyncio.create_task() costs a getpid() call.)
+                self.worker.loop.create_task(self.commit(event.envelope))
             elif isinstance(event, MessageAborted):
                 self.body.discard()
             elif isinstance(event, CloseConnection):
