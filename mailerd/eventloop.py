@@ -8,6 +8,7 @@ works the same, only slower.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -20,6 +21,10 @@ except ImportError:  # optional: behaviour is the same without it
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a process's main coroutine to the end (each mailerd process calls this once)."""
+    # What exists by now (modules, configuration) lives as long as the process: keep it out
+    # of the collector's full passes, which would otherwise walk all of it again each time.
+    gc.freeze()
     # Runner(loop_factory=...) rather than uvloop.run(), which Debian 12's uvloop 0.17 lacks.
     factory = uvloop.new_event_loop if uvloop is not None else None
     with asyncio.Runner(loop_factory=factory) as runner:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -516,9 +515,6 @@ def run(
         sessions=sessions,
         session_row=session_row,
     )
-    # What exists now (modules, configuration) lives as long as the process: keep it out of
-    # the collector's full passes, which would otherwise walk all of it again each time.
-    gc.freeze()
     eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
     return 0
 
