@@ -52,9 +52,11 @@ class Channel:
         on_frame: FrameHandler,
         on_close: Callable[[], None],
         max_body: int | None = None,
+        eager: bool = False,
     ) -> None:
         sock.setblocking(False)
         self._max_body = max_body
+        self._eager = eager
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self._on_frame = on_frame
@@ -82,7 +84,9 @@ class Channel:
             header = {**header, "fd": True}
         encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
         self._out.append((PREFIX.pack(len(encoded), len(body)) + encoded + body, _fds(fd)))
-        if not self._writing and not self._flush_soon:
+        if self._eager and not self._writing and not self._flush_soon:
+            self._flush()  # a request: at once (there is rarely a second one to wait for)
+        elif not self._writing and not self._flush_soon:
             # At the end of this loop iteration, so that the frames queued meanwhile (a batch
             # of answers, say) leave in one sendmsg() rather than one each.
             self._flush_soon = True
@@ -283,7 +287,7 @@ class Client:
             sock, self._sock = self._sock, None
             if sock is None:
                 raise ConnectionError("channel closed")
-            return Channel(sock, self._answered, self._broken)
+            return Channel(sock, self._answered, self._broken, eager=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
@@ -291,7 +295,7 @@ class Client:
         except BaseException:
             sock.close()
             raise
-        return Channel(sock, self._answered, self._broken)
+        return Channel(sock, self._answered, self._broken, eager=True)
 
     def _answered(self, header: dict[str, Any], body: bytes, fd: int | None) -> None:
         future = self._pending.get(header.get("id", -1))

@@ -213,3 +213,19 @@ def test_frames_queued_together_leave_together_and_survive_a_close():
         d.close()
 
     run(main())
+
+
+def test_an_eager_channel_sends_a_request_before_the_loop_runs_again():
+    """A Client's channel (eager) writes a request at once: waiting for the end of the loop
+    iteration would add other sessions' work to every message's wait for its 250."""
+
+    async def main():
+        a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        eager = Channel(a_sock, lambda h, b, fd: None, lambda: None, eager=True)
+        eager.send({"n": 1}, b"body")
+        b_sock.setblocking(False)
+        assert b"body" in b_sock.recv(1000)  # no await in between
+        eager.close()
+        b_sock.close()
+
+    run(main())
