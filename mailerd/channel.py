@@ -56,6 +56,9 @@ class Channel:
     ) -> None:
         sock.setblocking(False)
         self._max_body = max_body
+        # Eager: each frame is sent at once, not at the end of the loop iteration. For the
+        # frames on a message's way to its 250 (a worker's requests, the writer's answers to
+        # workers), where waiting for the iteration to end added its other work to every wait.
         self._eager = eager
         self.sock = sock
         self.loop = asyncio.get_running_loop()
@@ -85,7 +88,7 @@ class Channel:
         encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
         self._out.append((PREFIX.pack(len(encoded), len(body)) + encoded + body, _fds(fd)))
         if self._eager and not self._writing and not self._flush_soon:
-            self._flush()  # a request: at once (there is rarely a second one to wait for)
+            self._flush()
         elif not self._writing and not self._flush_soon:
             # At the end of this loop iteration, so that the frames queued meanwhile (a batch
             # of answers, say) leave in one sendmsg() rather than one each.

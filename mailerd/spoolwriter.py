@@ -216,6 +216,7 @@ class SpoolService:
             lambda h, b, f: self._on_request(holder[0], h, b, f),
             lambda: self.workers.discard(holder[0]),
             max_body=MAX_INLINE + MAX_HEAD,  # larger bodies come as descriptors
+            eager=True,  # each answer leaves as soon as it is known (measured: +8 to +30 %)
         )
         holder.append(channel)
         self.workers.add(channel)
