@@ -80,10 +80,10 @@ def write_new(
     try:
         if owner is not None:
             os.fchown(fd, *owner)
-        write_all(fd, head)
         if isinstance(body, bytes):
-            write_all(fd, body)
+            _write_both(fd, head, body)
         else:
+            write_all(fd, head)
             copy_fd(body, fd)
     except BaseException:
         os.close(fd)
@@ -116,6 +116,15 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _write_both(fd: int, head: bytes, body: bytes) -> None:
+    """head + body in one writev() (the mailbox writer writes two files per message)."""
+    done = os.writev(fd, [head, body]) if head and body else 0
+    if done < len(head):
+        write_all(fd, head[done:])
+        done = len(head)
+    write_all(fd, body[done - len(head) :])
 
 
 def copy_fd(source: int, target: int) -> None:

@@ -251,8 +251,7 @@ class Connection(asyncio.Protocol):
     async def commit(self, envelope: Envelope) -> None:
         body, fd = self.body.take()
         try:
-            answer = await self.worker.commit(self.commit_header(envelope), body, fd)
-            reply = Reply(int(answer["code"]), answer["status"], answer["text"])
+            reply = await self.worker.commit(self.commit_header(envelope), body, fd)
         except Exception as exc:  # timeout, broken channel: 451, never a 250 we cannot back
             log.warning(
                 "commit for %s failed, answered 451 (the client will retry): %r", self.client, exc
@@ -350,8 +349,8 @@ class Worker:
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
-    async def commit(self, header: dict[str, Any], body: bytes, fd: int | None) -> dict[str, Any]:
-        """Make a finished message durable; the answer (code, status, text) for its client.
+    async def commit(self, header: dict[str, Any], body: bytes, fd: int | None) -> Reply:
+        """Make a finished message durable; the reply for its client.
 
         A message whose recipients are all local goes straight to the mailbox writer over this
         worker's own channel; any other, or when that channel cannot be had, to the delivery
@@ -364,11 +363,11 @@ class Worker:
                 log.debug("no mailbox writer channel (%r); committing through delivery", exc)
             else:
                 return await self._commit_local(writer, header, body, fd)
-        return await self.delivery.request(header, body, fd)
+        return _reply(await self.delivery.request(header, body, fd))
 
     async def _commit_local(
         self, writer: SpoolClient, header: dict[str, Any], body: bytes, fd: int | None
-    ) -> dict[str, Any]:
+    ) -> Reply:
         """Write each local copy; the copies that failed are queued for a local retry by the
         delivery process (see `commit`)."""
         content: durable.Body = body if fd is None else fd
@@ -384,7 +383,7 @@ class Worker:
         if not failed:
             if fd is not None:
                 os.close(fd)
-            return commit.answer_fields(commit.queued(queue_id))
+            return commit.queued(queue_id)
         retry = {
             **header,
             "op": "retry-local",
@@ -392,7 +391,7 @@ class Worker:
             "received": received.decode("utf-8"),
             "failed": commit.encode_failures(failed),
         }
-        return await self.delivery.request(retry, body, fd)
+        return _reply(await self.delivery.request(retry, body, fd))
 
     def admit(self, conn: Connection) -> Reply | None:
         """Session caps at connect, over all workers: the total, and per client address on
@@ -517,6 +516,11 @@ def run(
     )
     eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
     return 0
+
+
+def _reply(answer: dict[str, Any]) -> Reply:
+    """The delivery process's answer to a commit (docs/channel.md) as the client's reply."""
+    return Reply(int(answer["code"]), answer["status"], answer["text"])
 
 
 def report(status_fd: int | None, text: str) -> None:
