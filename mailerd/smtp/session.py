@@ -159,6 +159,11 @@ def _greeting(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP mailerd")
 
 
+@lru_cache(maxsize=16)
+def _helo_reply(hostname: str) -> Reply:
+    return Reply(250, None, f"{hostname} Hello")
+
+
 def _is_ascii(address: Address) -> bool:
     return address.local.isascii() and address.domain.isascii()
 
@@ -483,7 +488,7 @@ class Session:
         if esmtp:
             self._send(_ehlo_reply(config.hostname, config.max_message_size))
         else:
-            self._send(Reply(250, None, f"{config.hostname} Hello"))
+            self._send(_helo_reply(config.hostname))
 
     def _cmd_mail(self, argument: str | None) -> None:
         if self._helo is None:
