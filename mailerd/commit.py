@@ -144,3 +144,8 @@ def queued(queue_id: str) -> Reply:
 def answer_fields(reply: Reply) -> dict[str, Any]:
     """A reply as a commit's answer carries it (docs/channel.md)."""
     return {"code": reply.code, "status": reply.status, "text": reply.text}
+
+
+def answer_reply(answer: dict[str, Any]) -> Reply:
+    """The reply a commit's answer carries (the inverse of `answer_fields`)."""
+    return Reply(int(answer["code"]), answer["status"], answer["text"])

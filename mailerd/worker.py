@@ -363,7 +363,7 @@ class Worker:
                 log.debug("no mailbox writer channel (%r); committing through delivery", exc)
             else:
                 return await self._commit_local(writer, header, body, fd)
-        return _reply(await self.delivery.request(header, body, fd))
+        return commit.answer_reply(await self.delivery.request(header, body, fd))
 
     async def _commit_local(
         self, writer: SpoolClient, header: dict[str, Any], body: bytes, fd: int | None
@@ -391,7 +391,7 @@ class Worker:
             "received": received.decode("utf-8"),
             "failed": commit.encode_failures(failed),
         }
-        return _reply(await self.delivery.request(retry, body, fd))
+        return commit.answer_reply(await self.delivery.request(retry, body, fd))
 
     def admit(self, conn: Connection) -> Reply | None:
         """Session caps at connect, over all workers: the total, and per client address on
@@ -516,11 +516,6 @@ def run(
     )
     eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
     return 0
-
-
-def _reply(answer: dict[str, Any]) -> Reply:
-    """The delivery process's answer to a commit (docs/channel.md) as the client's reply."""
-    return Reply(int(answer["code"]), answer["status"], answer["text"])
 
 
 def report(status_fd: int | None, text: str) -> None:
