@@ -87,9 +87,11 @@ class Channel:
             header = {**header, "fd": True}
         encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
         self._out.append((PREFIX.pack(len(encoded), len(body)) + encoded + body, _fds(fd)))
-        if self._eager and not self._writing and not self._flush_soon:
+        if self._writing or self._flush_soon:
+            return  # (a flush is already due)
+        if self._eager:
             self._flush()
-        elif not self._writing and not self._flush_soon:
+        else:
             # At the end of this loop iteration, so that the frames queued meanwhile (a batch
             # of answers, say) leave in one sendmsg() rather than one each.
             self._flush_soon = True
