@@ -1,8 +1,12 @@
 """The log line format: LineFormatter writes what logging.Formatter would, only cheaper."""
 
+import io
 import logging
+import logging.handlers
 import os
+import socket
 import sys
+import time
 
 import pytest
 
@@ -47,3 +51,136 @@ def test_a_forked_child_logs_its_own_process_id():
     line = os.read(r, 1000).decode()
     os.close(r)
     assert line == f"mailerd[{pid}]: to=<a@b>"
+
+
+# -- MailLogger's lean path: the same lines as the standard path, which it leaves for anything
+#    unusual (a traceback, a mapping argument, a handler someone added).
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """log.setup()'s state, put back afterwards: install(handler) makes it the lean one."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(log, "_lean", None)
+    monkeypatch.setattr(root, "level", logging.INFO)
+
+    def install(handler):
+        root.handlers = [handler]
+        log._lean = handler
+        return handler
+
+    return install
+
+
+def _stream_handler(stream):
+    handler = log.LineStreamHandler(stream)
+    handler.setFormatter(log.LineFormatter(stamped=True))
+    return handler
+
+
+def _lines(stream) -> list[str]:
+    return [line.split(" mailerd[", 1)[1] for line in stream.getvalue().splitlines()]
+
+
+def test_module_loggers_are_mail_loggers():
+    assert isinstance(logging.getLogger("mailerd.worker"), log.MailLogger)
+
+
+def test_a_lean_line_is_the_standard_line(installed, monkeypatch):
+    lean, standard = io.StringIO(), io.StringIO()
+    installed(_stream_handler(lean))
+    logger = logging.getLogger("mailerd.test-lean")
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
+    logger.info("%s: to=<%s>, message %d", "ID", "a@b", 7)
+    logger.info("plain 100%")  # no arguments: no %-formatting, as with LogRecord
+    logger.debug("below the level: nothing")
+    installed(_stream_handler(standard))
+    monkeypatch.setattr(log.MailLogger, "_log", logging.Logger._log)  # the standard path
+    logger.info("%s: to=<%s>, message %d", "ID", "a@b", 7)
+    logger.info("plain 100%")
+    assert lean.getvalue() == standard.getvalue()
+    assert _lines(lean) == [
+        f"{os.getpid()}]: ID: to=<a@b>, message 7",
+        f"{os.getpid()}]: plain 100%",
+    ]
+    assert lean.getvalue().startswith(
+        logging.Formatter(log.FOREGROUND_FORMAT).formatTime(_record(1_800_000_000.25))
+    )
+
+
+def test_unusual_lines_take_the_standard_path(installed):
+    out = io.StringIO()
+    installed(_stream_handler(out))
+    logger = logging.getLogger("mailerd.test-unusual")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logger.exception("failed for %s", "x")
+    logger.info("%(who)s logged in", {"who": "mapping"})
+    text = out.getvalue()
+    assert "failed for x\nTraceback" in text and "ValueError: boom" in text
+    assert "mapping logged in" in text
+
+
+def test_a_handler_added_later_sees_every_line(installed):
+    out = io.StringIO()
+    installed(_stream_handler(out))
+    seen = []
+    added = logging.Handler()
+    added.emit = seen.append  # (as pytest's caplog adds its handler to the root)
+    logging.getLogger().addHandler(added)
+    logging.getLogger("mailerd.test-added").info("to=<%s>", "a@b")
+    assert [r.getMessage() for r in seen] == ["to=<a@b>"]
+    assert _lines(out) == [f"{os.getpid()}]: to=<a@b>"]
+
+
+def test_a_failing_write_is_reported_as_the_standard_path_reports_it(installed, capsys):
+    class Broken(io.StringIO):
+        def write(self, text):
+            raise OSError("disk full")
+
+    installed(_stream_handler(Broken()))
+    logging.getLogger("mailerd.test-broken").info("lost line")
+    assert "disk full" in capsys.readouterr().err  # Handler.handleError's report
+
+
+def test_a_syslog_datagram_is_the_standard_one(installed, tmp_path):
+    path = str(tmp_path / "log")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    try:
+        handler = installed(
+            log.LineSysLogHandler(address=path, facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        )
+        handler.setFormatter(log.LineFormatter(stamped=False))
+        logger = logging.getLogger("mailerd.test-syslog")
+        logger.warning("to=<%s>, status=deferred", "a@b")
+        lean = server.recv(4096)
+        handler.emit(
+            logger.makeRecord(
+                logger.name, logging.WARNING, None, 0, "to=<%s>, status=deferred", ("a@b",), None
+            )
+        )
+        assert (
+            lean
+            == server.recv(4096)
+            == f"<20>mailerd[{os.getpid()}]: to=<a@b>, status=deferred\0".encode()
+        )
+        handler.close()
+    finally:
+        server.close()
+
+
+def test_the_lean_path_reopens_the_log_file(installed, tmp_path):
+    path = tmp_path / "mailerd.log"
+    handler = installed(log.ReopeningFileHandler(path))
+    handler.setFormatter(log.LineFormatter(stamped=True))
+    logger = logging.getLogger("mailerd.test-reopen")
+    logger.info("before")
+    path.rename(tmp_path / "mailerd.log.1")
+    log.request_reopen()
+    logger.info("after")
+    handler.close()
+    assert "before" in (tmp_path / "mailerd.log.1").read_text()
+    assert "after" in path.read_text() and "before" not in path.read_text()
