@@ -64,6 +64,7 @@ MAILBOX_NOT_A_DIRECTORY = Reply(450, "4.2.0", "Mailbox unavailable: it is not a 
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
 BOOT_ERROR = 3  # exit status of a child that cannot work at all: the master stops, not respawns
 LOG_LINE_MAX = 200  # -v dialogue: longer command lines and replies are cut
+MAX_ROUTES = 1000  # remembered recipient routes per session (a transaction has at most 100)
 
 _retire_requested = False
 
@@ -133,6 +134,7 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.routes: dict[Address, policy.Route] = {}  # accepted recipients' routes
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -269,11 +271,10 @@ class Connection(asyncio.Protocol):
     def commit_header(self, envelope: Envelope) -> dict[str, Any]:
         recipients = []
         for address in envelope.recipients:
-            route = policy.route(
-                address, trusted=self.listen.trusted, local_domains=self.worker.cfg.domains
-            )
+            route = self.routes.get(address) or self.route(address)
             mailbox = route.mailbox if isinstance(route, policy.Local) else None
             recipients.append({"address": str(address), "mailbox": mailbox})
+        self.routes.clear()
         protocol = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if envelope.esmtp else "SMTP")
         return {
             "sender": str(envelope.sender) if envelope.sender else "",
@@ -286,10 +287,13 @@ class Connection(asyncio.Protocol):
             "trusted": self.listen.trusted,
         }
 
-    def check_recipient(self, address: Address) -> Reply | None:
-        route = policy.route(
+    def route(self, address: Address) -> policy.Route:
+        return policy.route(
             address, trusted=self.listen.trusted, local_domains=self.worker.cfg.domains
         )
+
+    def check_recipient(self, address: Address) -> Reply | None:
+        route = self.route(address)
         if isinstance(route, policy.Refused):
             return route.reply
         if isinstance(route, policy.Local):
@@ -302,6 +306,9 @@ class Connection(asyncio.Protocol):
                 return policy.NO_SUCH_USER
             if state == "not-a-directory":
                 return MAILBOX_NOT_A_DIRECTORY
+        if len(self.routes) >= MAX_ROUTES:  # transactions reset without a message
+            self.routes.clear()
+        self.routes[address] = route  # for commit_header(), so routed once
         return None
 
     def check_timeout(self) -> None:
