@@ -4,6 +4,7 @@ import fcntl
 import multiprocessing
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -76,6 +77,26 @@ def test_exists(tmp_path):
     (tmp_path / "dave").mkdir()
     assert spool.exists("dave") and spool.exists("postmaster") and spool.exists("root")
     assert not spool.exists("nobody-here-xyz")
+
+
+def test_state_through_a_kept_directory(tmp_path):
+    """A worker reaches the spool as /proc/self/fd/N (privileges.keep_dir); state() looks
+    names up below it, as it would through the path."""
+    (tmp_path / "dave").mkdir()
+    (tmp_path / "mbox").write_bytes(b"")
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        spool = Spool(Path(f"/proc/self/fd/{fd}"))
+        assert [spool.state(n) for n in ("dave", "mbox", "nobody-here-xyz", "postmaster")] == [
+            "ok",
+            "not-a-directory",
+            "unknown",
+            "ok",
+        ]
+        (tmp_path / "erin").mkdir()  # made after the first lookup: seen
+        assert spool.state("erin") == "ok"
+    finally:
+        os.close(fd)
 
 
 def test_lock_held_elsewhere_times_out(tmp_path):
