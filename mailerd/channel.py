@@ -56,9 +56,9 @@ class Channel:
     ) -> None:
         sock.setblocking(False)
         self._max_body = max_body
-        # Eager: each frame is sent at once, not at the end of the loop iteration. For the
-        # frames on a message's way to its 250 (a worker's requests, the writer's answers to
-        # workers), where waiting for the iteration to end added its other work to every wait.
+        # Eager: each frame is sent at once, not at the end of the loop iteration. For a
+        # worker's requests, on a message's way to its 250, where waiting for the iteration to
+        # end added its other work to every wait. (The writer's answers: see flush().)
         self._eager = eager
         self.sock = sock
         self.loop = asyncio.get_running_loop()
@@ -118,6 +118,10 @@ class Channel:
         self._fds.clear()
         self.sock.close()
         self._on_close()
+
+    def flush(self) -> None:
+        """Send what is queued now, rather than at the end of the loop iteration."""
+        self._flush()
 
     def _flush(self) -> None:
         self._flush_soon = False

@@ -4,12 +4,16 @@ channels the delivery process hands it for workers."""
 import asyncio
 import contextlib
 import fcntl
+import json
 import multiprocessing
 import os
+import re
+import select
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from mailerd.channel import Client
+from mailerd.channel import PREFIX, Client
 from mailerd.mailbox import Delivery, Spool
 from mailerd.spoolwriter import MailboxWriter, SpoolClient, SpoolService
 
@@ -226,3 +230,57 @@ def test_a_failed_commit_does_not_warm_the_mailbox(tmp_path):
             executor.shutdown(wait=True)
 
     run(main())
+
+
+def test_a_batchs_answers_leave_before_the_next_batch_is_written(tmp_path):
+    """The answers of a batch are sent as soon as it is committed, all of a worker's in one
+    go, and before the requests that came meanwhile are written: left to the futures'
+    callbacks, they would wait behind that next batch's fsyncs."""
+    (tmp_path / "dave").mkdir()
+    answered_first: list[bool] = []
+    sent_meanwhile = threading.Event()
+
+    class Watched(Spool):
+        def deliver(self, name, messages, *, wait=True):
+            if not answered_first and not sent_meanwhile.is_set():
+                sent_meanwhile.wait(5)  # the first batch: hold it while request 4 comes
+            else:
+                readable, _, _ = select.select([worker_end], [], [], 0)
+                answered_first.append(bool(readable))
+            return super().deliver(name, messages, wait=wait)
+
+    control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def frame(n: int) -> bytes:
+        header = json.dumps({"id": n, "mailbox": "dave", "head": 0}).encode()
+        body = b"message %d\r\n" % n
+        return PREFIX.pack(len(header), len(body)) + header + body
+
+    async def main():
+        service = SpoolService(Watched(tmp_path), service_end)
+        serving = asyncio.create_task(service.run())
+        delivery = SpoolClient(control, lambda: None)
+        await delivery.adopt(os.dup(writer_end.fileno()))
+        writer_end.close()
+        worker_end.sendall(frame(1) + frame(2) + frame(3))
+        await asyncio.sleep(0.2)  # the first batch (1-3) is being written in the pool
+        worker_end.sendall(frame(4))
+        await asyncio.sleep(0.1)
+        sent_meanwhile.set()
+        worker_end.setblocking(False)
+        received = b""
+        while received.count(b'"number"') < 4:
+            received += await asyncio.get_running_loop().sock_recv(worker_end, 65536)
+        delivery.close()
+        await asyncio.wait_for(serving, 5)
+        return received
+
+    received = run(main())
+    assert answered_first == [True]
+    assert [json.loads(part)["number"] for part in re.findall(rb"\{[^}]*\}", received)] == [
+        1,
+        2,
+        3,
+        4,
+    ]
