@@ -26,6 +26,7 @@ import os
 import pwd
 import stat
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ class Spool:
                 self._root_path_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
                 return None
+            weakref.finalize(self, os.close, self._root_path_fd)
         return self._root_path_fd
 
     def deliver(self, name: str, messages: list[Delivery], *, wait: bool = True) -> list[int]:

@@ -262,7 +262,11 @@ class SpoolService:
         channels = set()
         for future in futures:
             channel, header, fd = self.asking.pop(future)
-            self._written(channel, header, fd, future)
+            self.outstanding -= 1
+            try:
+                self._written(channel, header, fd, future)
+            except Exception:  # a bug: it must not stop the other answers, nor this mailbox
+                log.exception("answering a mailbox write failed")
             channels.add(channel)
         for channel in channels:
             channel.flush()
@@ -287,7 +291,6 @@ class SpoolService:
             log.error("mailbox write failed: %r", exc)
             answer = {"error": repr(exc), "errno": 5}
         self._answer(channel, header, answer)
-        self.outstanding -= 1
 
     def _answer(
         self, channel: Channel | None, header: dict[str, Any], answer: dict[str, Any]

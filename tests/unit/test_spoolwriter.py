@@ -284,3 +284,32 @@ def test_a_batchs_answers_leave_before_the_next_batch_is_written(tmp_path):
         3,
         4,
     ]
+
+
+def test_a_failing_answer_stops_neither_the_others_nor_the_mailbox(tmp_path, monkeypatch):
+    """A bug while answering one write (here: raised for request 2) is logged; the other
+    answers of the batch still leave, and the mailbox's later writes are still answered."""
+    (tmp_path / "dave").mkdir()
+    original = SpoolService._written
+
+    def failing(self, channel, header, fd, future):
+        if header.get("id") == 2:
+            raise RuntimeError("bug")
+        original(self, channel, header, fd, future)
+
+    monkeypatch.setattr(SpoolService, "_written", failing)
+
+    async def main():
+        serving, delivery, worker, lost = await _service_with_worker(tmp_path)
+        first, second, third = (
+            asyncio.create_task(worker.request({"mailbox": "dave", "head": 0}, b"m\r\n"))
+            for _ in range(3)
+        )
+        assert (await first)["number"] == 1 and (await third)["number"] == 3
+        later = await worker.request({"mailbox": "dave", "head": 0}, b"later\r\n")
+        assert later["number"] == 4
+        second.cancel()
+        delivery.close()
+        await asyncio.wait_for(serving, 5)
+
+    run(main())
