@@ -159,7 +159,10 @@ class _LineStream:
     def emit_line(self, level: int, created: float, text: str) -> bool:
         """Write one line as emit() would; False (nothing written) on any error, for the
         caller to take the standard path, which reports it."""
-        line = self.formatter.line(created, text) + "\n"  # type: ignore[attr-defined]
+        try:
+            line = self.formatter.line(created, text) + "\n"  # type: ignore[attr-defined]
+        except Exception:  # not a LineFormatter (someone set another): the standard path
+            return False
         self.acquire()  # type: ignore[attr-defined]
         try:
             self.stream.write(line)  # type: ignore[attr-defined]

@@ -184,3 +184,11 @@ def test_the_lean_path_reopens_the_log_file(installed, tmp_path):
     handler.close()
     assert "before" in (tmp_path / "mailerd.log.1").read_text()
     assert "after" in path.read_text() and "before" not in path.read_text()
+
+
+def test_another_formatter_on_the_handler_takes_the_standard_path(installed):
+    out = io.StringIO()
+    handler = installed(_stream_handler(out))
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.getLogger("mailerd.test-formatter").info("to=<%s>", "a@b")
+    assert out.getvalue() == "INFO to=<a@b>\n"
