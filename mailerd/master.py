@@ -41,7 +41,7 @@ from pathlib import Path
 
 from setproctitle import getproctitle, setproctitle
 
-from mailerd import config, delivery, listeners, privileges, worker
+from mailerd import config, delivery, listeners, preload, privileges, worker
 from mailerd import daemon as daemonize
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
@@ -523,7 +523,7 @@ def prepare(cfg: Config) -> tuple[list[tuple[socket.socket, ListenAddress]], soc
         for sock, _ in smtp_sockets:
             sock.close()
         raise OSError(
-            exc.errno, f"cannot create the delivery socket in {cfg.queue}: {exc.strerror}"
+            exc.errno, f"cannot create the delivery socket in {cfg.queue}: {exc.strerror or exc}"
         ) from exc
     return smtp_sockets, delivery_socket
 
@@ -533,6 +533,16 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def read_by_children(cfg: Config) -> dict[Path, str]:
+    """Files the children open by name after dropping privileges, each with the fix to print
+    when they cannot (everything else they reach through descriptors opened before the drop,
+    and their code is loaded before it: see `preload`)."""
+    found = {}
+    if cfg.dns_server is None:  # the delivery process's resolver reads it when it starts
+        found[Path("/etc/resolv.conf")] = "make it readable (chmod 644), or give --dns-server"
+    return found
 
 
 def _fail(message: str) -> int:
@@ -545,6 +555,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
     (user, pid file, log file, directories, every bind); then detach unless -f; then supervise.
     `argv` is what SIGHUP re-reads."""
     logsetup.setup(cfg.verbose)
+    preload.preload()  # before any fork: the children may not be able to read the code
     raise_fd_limit()
     start_dir = Path.cwd()
     cfg = config.absolute(cfg, start_dir)
@@ -552,6 +563,13 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
         user = privileges.resolve(cfg.user)
     except privileges.PrivilegeError as exc:
         return _fail(str(exc))
+    needed = read_by_children(cfg)
+    problems = privileges.unreadable(user, list(needed))
+    if problems:
+        path, reason = problems[0]
+        return _fail(
+            f"the children run as {user} and cannot read {path} ({reason}): {needed[path]}"
+        )
     pidfile_path = cfg.pidfile
     if pidfile_path is None and not cfg.foreground and os.geteuid() == 0:
         pidfile_path = Path(config.DEFAULT_PIDFILE)

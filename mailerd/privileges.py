@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import pwd
@@ -24,6 +23,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailerd import preload
 from mailerd.config import DEFAULT_USER
 from mailerd.queue import SUBDIRS as QUEUE_SUBDIRS
 
@@ -92,6 +92,7 @@ def drop(user: str | None) -> None:
         raise PrivilegeError(f"cannot switch to user '{user}': {exc.strerror}") from exc
     _no_new_privileges()
     verify(account)
+    preload.guard()
 
 
 def verify(account: Account) -> None:
@@ -121,7 +122,7 @@ def verify(account: Account) -> None:
 def _no_new_privileges() -> None:
     """prctl(PR_SET_NO_NEW_PRIVS): no setuid program can hand root back (best effort)."""
     with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library is already loaded: no search
         libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
@@ -152,6 +153,45 @@ def keep_dir(path: Path) -> Path:
     """
     fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     return Path(f"/proc/self/fd/{fd}")
+
+
+def unreadable(user: str | None, paths: list[Path]) -> list[tuple[Path, str]]:
+    """Which of `paths` `user` cannot read, each with the reason: asked by a child process
+    that becomes the user (its groups included), as the children will. Call before forking
+    anything else: the answer decides whether mailerd can start at all."""
+    if user is None or not paths:
+        return []
+    account = lookup(user)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the probe: never returns
+        code = 1
+        try:
+            os.close(read_end)
+            os.initgroups(account.name, account.gid)
+            os.setresgid(account.gid, account.gid, account.gid)
+            os.setresuid(account.uid, account.uid, account.uid)
+            report = []
+            for path in paths:
+                try:
+                    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+                except OSError as exc:
+                    report.append(f"{path}\0{exc.strerror}")
+            os.write(write_end, "\n".join(report).encode("utf-8", "surrogateescape"))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with open(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return [(path, "cannot check (the probe process failed)") for path in paths]
+    found = []
+    for line in data.decode("utf-8", "surrogateescape").splitlines():
+        path, _, reason = line.partition("\0")
+        found.append((Path(path), reason))
+    return found
 
 
 def prepare_queue(queue: Path, user: str | None) -> None:

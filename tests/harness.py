@@ -71,6 +71,17 @@ def tracebacks(log_text: str) -> list[str]:
     return out
 
 
+def late_imports(log_text: str) -> list[str]:
+    """Lines where a child imported a module after dropping privileges (mailerd/preload.py):
+    harmless in a readable checkout, fatal in one the `mail` user cannot read."""
+    return [line for line in log_text.splitlines() if "late import of " in line]
+
+
+def server_problems(log_text: str) -> list[str]:
+    """What in a server's log fails the test that ran it: tracebacks and late imports."""
+    return tracebacks(log_text) + late_imports(log_text)
+
+
 # -- processes, read from /proc ---------------------------------------------------------------
 
 _GONE = ("Z", "X")  # zombie or dead: not alive

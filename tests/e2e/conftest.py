@@ -26,6 +26,7 @@ from harness import (  # noqa: F401 (re-exported)
     children_of,
     descendants_of,
     pid_alive,
+    server_problems,
     tracebacks,
     wait_for_banner,
     wait_until,
@@ -464,8 +465,8 @@ class Mailerd:
             return ""
 
     def crashes(self) -> list[str]:
-        """Python tracebacks the server wrote to stderr."""
-        return tracebacks(self.stderr_text())
+        """Python tracebacks and late imports in the server's stderr."""
+        return server_problems(self.stderr_text())
 
     def endpoints(self) -> list[tuple[str, int]]:
         return [

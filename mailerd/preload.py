@@ -1,0 +1,185 @@
+"""Everything a child process may import, imported by the master before it forks anything.
+
+Children drop to the `-u` user (`mail`), which may not be able to read the code at all: a
+checkout or a virtualenv under root's home (mode 0700), or a pyenv interpreter there. An import
+after the drop then fails with ModuleNotFoundError at the worst moment — after a 250, in the
+middle of a delivery — so every module a child can need is imported here first, including the
+parts that libraries import lazily on first use (dnspython's asyncio backend and record classes,
+the IDNA codec, `email`'s header machinery, `ssl`). Forked children share these pages
+copy-on-write as well.
+
+`guard()` runs in each child right after its privilege drop: any import that still happens
+later is logged (once per module) as a "late import", which the test suite treats as a failure,
+so a lazy import that this list misses is found by the tests, not by a user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.abc
+import logging
+import pkgutil
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+log = logging.getLogger("mailerd.preload")
+
+# Standard-library modules the children use, or that the libraries below import on first use.
+STDLIB = (
+    "asyncio",
+    "asyncio.sslproto",
+    "asyncio.staggered",
+    "asyncio.trsock",
+    "asyncio.unix_events",
+    "base64",
+    "concurrent.futures",
+    "concurrent.futures.thread",
+    "ctypes",
+    "email",
+    "email._encoded_words",
+    "email._header_value_parser",
+    "email._parseaddr",
+    "email._policybase",
+    "email.base64mime",
+    "email.charset",
+    "email.contentmanager",
+    "email.encoders",
+    "email.errors",
+    "email.feedparser",
+    "email.generator",
+    "email.header",
+    "email.headerregistry",
+    "email.iterators",
+    "email.message",
+    "email.mime.base",
+    "email.mime.multipart",
+    "email.mime.nonmultipart",
+    "email.mime.text",
+    "email.parser",
+    "email.policy",
+    "email.quoprimime",
+    "email.utils",
+    "encodings.ascii",
+    "encodings.idna",
+    "encodings.latin_1",
+    "encodings.punycode",
+    "encodings.utf_8",
+    "hashlib",
+    "hmac",
+    "json",
+    "json.decoder",
+    "json.encoder",
+    "json.scanner",
+    "logging.handlers",
+    "quopri",
+    "random",
+    "secrets",
+    "smtplib",
+    "ssl",
+    "stringprep",
+    "textwrap",
+    "unicodedata",
+)
+
+# Third-party packages (with the submodules they load lazily); missing optional ones are skipped.
+LIBRARIES = (
+    "daemon",
+    "dns.asyncbackend",
+    "dns._asyncio_backend",
+    "dns.asyncquery",
+    "dns.asyncresolver",
+    "dns.edns",
+    "dns.exception",
+    "dns.flags",
+    "dns.inet",
+    "dns.message",
+    "dns.name",
+    "dns.rcode",
+    "dns.rdata",
+    "dns.rdataclass",
+    "dns.rdatatype",
+    "dns.resolver",
+    "dns.reversename",
+    "setproctitle",
+)
+OPTIONAL = ("sniffio", "uvloop")  # dnspython asks for sniffio on every lookup
+
+# Imported by the master itself or only by commands that never fork a child.
+NOT_FOR_CHILDREN = ("mailerd.__main__",)
+
+_done = False
+
+
+def preload() -> None:
+    """Import every module a child may need (idempotent; call before forking)."""
+    global _done
+    if _done:
+        return
+    for name in (*STDLIB, *LIBRARIES):
+        importlib.import_module(name)
+    for name in OPTIONAL:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    _load_dns_types()
+    _import_package("mailerd")
+    _done = True
+
+
+def _load_dns_types() -> None:
+    """Every DNS record class: dnspython imports one the first time a record of its type is
+    parsed (an MX answer, a TXT record, the SOA of a negative answer…)."""
+    import dns.rdata
+
+    load_all = getattr(dns.rdata, "load_all_types", None)
+    if load_all is not None:
+        load_all()
+        return
+    import dns.rdtypes  # dnspython < 2.2 has no load_all_types()
+
+    _import_package(dns.rdtypes.__name__)
+
+
+def _import_package(name: str) -> None:
+    package = importlib.import_module(name)
+    for info in pkgutil.walk_packages(package.__path__, prefix=name + "."):
+        if info.name not in NOT_FOR_CHILDREN:
+            importlib.import_module(info.name)
+
+
+class _LateImports(importlib.abc.MetaPathFinder):
+    """Sees every import that is not already loaded; never finds anything itself.
+
+    A module that the other finders cannot find either is not reported: libraries probe for
+    optional ones (dnspython for sniffio) whether or not they are installed."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> None:
+        if fullname not in self.seen:
+            self.seen.add(fullname)
+            if self._findable(fullname, path, target):
+                log.error(
+                    "late import of %s after dropping privileges (add it to mailerd/preload.py)",
+                    fullname,
+                )
+        return None
+
+    def _findable(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None
+    ) -> bool:
+        return any(
+            hasattr(finder, "find_spec") and finder.find_spec(fullname, path, target) is not None
+            for finder in sys.meta_path
+            if finder is not self
+        )
+
+
+def guard() -> None:
+    """In a child that has just dropped privileges: report every import from now on."""
+    if not any(isinstance(finder, _LateImports) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _LateImports())
