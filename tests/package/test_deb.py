@@ -56,7 +56,6 @@ import pytest
 from harness import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD_DEB = REPO / "scripts" / "build-deb"
 
 USER = "mdpkgtest"  # the local recipient; created for the test, removed after
 DOMAIN = "pkgtest.example"
@@ -402,12 +401,36 @@ def make_target() -> Target:
 # --------------------------------------------------------------------------------------------
 
 
+def private_clone(home: Path) -> Path:
+    """The checkout's files (tracked, and new ones not ignored) copied below `home`, made mode
+    0700 as root's home is: what `git clone` into /root gives, with this tree's changes."""
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    clone = home / "mailerd"
+    for name in filter(None, listed.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, clone / name)
+    return clone
+
+
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory) -> Path:
+    """Built from a private clone: lintian runs as nobody, who cannot enter root's home."""
     out = tmp_path_factory.mktemp("deb")
+    clone = private_clone(tmp_path_factory.mktemp("private") / "home")
     try:
         result = subprocess.run(
-            [str(BUILD_DEB), str(out)], capture_output=True, text=True, timeout=600
+            [str(clone / "scripts" / "build-deb"), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
     except subprocess.TimeoutExpired:
         pytest.fail("scripts/build-deb took more than 10 minutes")
