@@ -66,6 +66,7 @@ from harness import (  # noqa: F401 (re-exported)
     descendants_of,
     group_members,
     pid_alive,
+    server_problems,
     tracebacks,
     wait_for_banner,
     wait_until,
@@ -222,20 +223,21 @@ class Netns:
         return ["ip", "netns", "exec", self.name, *argv]
 
     def run(self, argv: list[str], timeout: float = 30.0, **kw: Any) -> subprocess.CompletedProcess:
+        kw.setdefault("cwd", REPO)
         return subprocess.run(
-            self.cmd(*argv), capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw
+            self.cmd(*argv), capture_output=True, text=True, timeout=timeout, **kw
         )
 
     def popen(self, argv: list[str], log: Path, **kw: Any) -> subprocess.Popen:
         """Start argv in the namespace (own session, so its pid is its process group id)."""
         out = open(log, "ab")  # noqa: SIM115 - closed by the caller through proc.stdout
+        kw.setdefault("cwd", REPO)
         try:
             return subprocess.Popen(
                 self.cmd(*argv),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
                 start_new_session=True,
                 **kw,
             )
@@ -599,8 +601,14 @@ class Mailerd:
         extra: tuple[str, ...] | list[str] = (),
         retry_after: str = "1s",
         name: str = "mailerd",
+        python: str = PYTHON,
+        cwd: Path = REPO,
     ) -> None:
         self.ns = ns
+        # The interpreter, and so the installation, mailerd runs from; `python -m` also
+        # imports from the working directory, so it runs in `cwd`.
+        self.python = python
+        self.cwd = cwd
         self.base = base
         self.port = port
         self.untrusted = untrusted
@@ -616,7 +624,7 @@ class Mailerd:
 
     def argv(self) -> list[str]:
         return [
-            PYTHON,
+            self.python,
             "-m",
             "mailerd",
             "-f",
@@ -643,7 +651,7 @@ class Mailerd:
         self.starts += 1
         with open(self.log, "a") as f:
             f.write(f"=== test harness: start #{self.starts}: {' '.join(self.argv())}\n")
-        self.proc = self.ns.popen(self.argv(), self.log)
+        self.proc = self.ns.popen(self.argv(), self.log, cwd=self.cwd)
         self.wait_ready()
         return self
 
@@ -713,7 +721,7 @@ class Mailerd:
         return [d["status"] for d in self.deliveries(rcpt)]
 
     def crashes(self) -> list[str]:
-        return tracebacks(self.log_text())
+        return server_problems(self.log_text())
 
     # -- submitting -----------------------------------------------------------------------
     def smtp(self) -> smtplib.SMTP:
@@ -795,7 +803,9 @@ class Mailerd:
     def queue_cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
         """`python -m mailerd queue -q QUEUE ARGS…`, run inside the namespace."""
         return self.ns.run(
-            [PYTHON, "-m", "mailerd", "queue", "-q", str(self.queue), *args], timeout=timeout
+            [self.python, "-m", "mailerd", "queue", "-q", str(self.queue), *args],
+            timeout=timeout,
+            cwd=self.cwd,
         )
 
     def wait_delivery(self, rcpt: str, status: str, timeout: float = 15.0) -> dict:
