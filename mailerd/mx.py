@@ -11,12 +11,17 @@ so that mail never loops back to us. RFC 7505 null MX bounces at once. Domain li
 All DNS goes through the dnspython asyncio resolver passed in (see `make_resolver()`); the
 lookups for the hosts of one domain run concurrently, so one slow nameserver costs one timeout,
 not one per host.
+
+The test suite sets MAILERD_FORBID_SYSTEM_RESOLVER in the environment: `make_resolver()` then
+refuses to use the machine's resolver (no --dns-server), so no test can send a query for its
+made-up domains to the real DNS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import random
 import re
 from collections.abc import Iterable
@@ -44,6 +49,13 @@ _LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+FORBID_SYSTEM_RESOLVER = "MAILERD_FORBID_SYSTEM_RESOLVER"
+
+
+class SystemResolverForbidden(RuntimeError):
+    """A resolver without --dns-server was asked for where the test suite forbids it."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,11 @@ def make_resolver(
     raised if it is missing or names no nameserver.
     """
     if dns_server is None:
+        if os.environ.get(FORBID_SYSTEM_RESOLVER):
+            raise SystemResolverForbidden(
+                f"{FORBID_SYSTEM_RESOLVER} is set: give mailerd --dns-server (a test's own DNS "
+                "server), or run it in a network namespace with its own resolv.conf"
+            )
         resolver = dns.asyncresolver.Resolver()
     else:
         # configure=False: never read /etc/resolv.conf, so no search list or other server.

@@ -67,6 +67,8 @@ class Outbound:
         self.pool = ThreadPoolExecutor(cfg.max_outbound, thread_name_prefix="smtp")
         try:
             self.resolver: dns.asyncresolver.Resolver | None = mx.make_resolver(cfg.dns_server)
+        except mx.SystemResolverForbidden:
+            raise  # a test without its own DNS: fail loudly
         except Exception as exc:  # no /etc/resolv.conf: local mail must still work
             log.error("no DNS resolver (%s): outbound mail will wait; see --dns-server", exc)
             self.resolver = None

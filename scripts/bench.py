@@ -59,6 +59,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from dnsserver import DNSServer, Records  # noqa: E402  (the test suite's DNS server)
+
+_dns: DNSServer | None = None
+
+
+GUARD = {"MAILERD_FORBID_SYSTEM_RESOLVER": "1"}  # see mailerd/mx.py
+
+
+def bench_dns() -> str:
+    """--dns-server for every mailerd the benchmark runs: a DNS server of its own that knows no
+    name, so nothing the benchmark does can ask the machine's resolver."""
+    global _dns
+    if _dns is None:
+        _dns = DNSServer(Records(), HOST)
+        _dns.start()
+    return f"{_dns.host}:{_dns.port}"
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 HOST = "127.0.0.1"
@@ -603,7 +621,7 @@ class Mailerd(Server):
         cmd = [str(ROOT / ".venv/bin/python"), "-m", "mailerd", "-f",
                "-s", str(self.spool), "-q", str(self.queue), "-d", "localhost",
                "-H", HELO, "-w", str(self.workers), "-l", f"{HOST}:{self.port}",
-               "-n", "none", "--timeout", "5m"]
+               "-n", "none", "--timeout", "5m", "--dns-server", bench_dns()]
         if with_max:
             cmd += ["--max-sessions", str(self.max_sessions)]
         return cmd
@@ -620,7 +638,8 @@ class Mailerd(Server):
                 logf.flush()
                 offset = logf.tell()
                 self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=logf,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             env={**os.environ, **GUARD})
             banner = wait_banner(self.port, 30, self.proc)
             if banner:
                 self.banner = banner

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from dnsserver import DNSServer, Records
 from harness import (  # noqa: F401 (re-exported)
     children_of,
     descendants_of,
@@ -397,8 +398,23 @@ def files_under(root: Path) -> set[str]:
     return out
 
 
+_dns: DNSServer | None = None
+
+
+def suite_dns() -> tuple[str, int]:
+    """The suite's own DNS server (in this process, for the whole session): it knows no name at
+    all, so mail for a remote domain bounces as NXDOMAIN without a query ever leaving."""
+    global _dns
+    if _dns is None:
+        _dns = DNSServer(Records())
+        _dns.start()
+    return _dns.host, _dns.port
+
+
 class Mailerd:
-    """One mailerd instance: ``-l`` (trusted) and ``-n`` (untrusted) on 127.0.0.1 and ::1."""
+    """One mailerd instance: ``-l`` (trusted) and ``-n`` (untrusted) on 127.0.0.1 and ::1.
+
+    Unless the test gives its own ``--dns-server``, it gets the suite's (`suite_dns`)."""
 
     def __init__(
         self,
@@ -435,7 +451,14 @@ class Mailerd:
         args += ["-H", self.hostname, "-w", str(self.workers)]
         args += ["-l", f"127.0.0.1:{self.trusted_port}", "-l", f"[::1]:{self.trusted_port}"]
         args += ["-n", f"127.0.0.1:{self.untrusted_port}", "-n", f"[::1]:{self.untrusted_port}"]
-        return args + self.extra
+        return args + self.dns_args() + self.extra
+
+    def dns_args(self) -> list[str]:
+        """--dns-server of the suite's DNS server, unless the test gives its own."""
+        if "--dns-server" in self.extra:
+            return []
+        host, port = suite_dns()
+        return ["--dns-server", f"{host}:{port}"]
 
     def start(self, wait: bool = True) -> Mailerd:
         self.logdir.mkdir(parents=True, exist_ok=True)

@@ -147,7 +147,10 @@ class ConfigMailerd(Mailerd):
         self.listen = listen
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "mailerd", "-f", "-c", str(self.config), *self.extra]
+        return [
+            sys.executable, "-m", "mailerd", "-f", "-c", str(self.config),
+            *self.dns_args(), *self.extra,
+        ]  # fmt: skip
 
     def endpoints(self) -> list[tuple[str, int]]:
         return self.listen
@@ -359,7 +362,7 @@ def test_default_port_option(mailerd_factory, tmp_path: Path):
                 sys.executable, "-m", "mailerd", "-f",
                 "-s", str(self.spool), "-q", str(self.queue), "-d", "example.org",
                 "-p", str(port), "-l", "127.0.0.1", "-l", "::1",
-                "-n", f"127.0.0.1:{self.untrusted_port}",
+                "-n", f"127.0.0.1:{self.untrusted_port}", *self.dns_args(),
             ]  # fmt: skip
 
         def endpoints(self):

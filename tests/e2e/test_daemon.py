@@ -35,6 +35,7 @@ from .conftest import (
     proc_cmdline,
     send_data,
     send_message,
+    suite_dns,
     wait_until,
 )
 
@@ -139,6 +140,7 @@ class Daemon:
             "listen-network": f"127.0.0.1:{self.untrusted_port}, [::1]:{self.untrusted_port}",
             "pidfile": self.pidfile,
             "log-file": self.log_file,
+            "dns-server": "{}:{}".format(*suite_dns()),
         }
         values.update({k.replace("_", "-"): v for k, v in changes.items()})
         text = "[mailerd]\n" + "".join(f"{k} = {v}\n" for k, v in values.items() if v is not None)

@@ -222,8 +222,15 @@ class Netns:
     def cmd(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 
+    @staticmethod
+    def env() -> dict[str, str]:
+        """The environment of what runs inside: the namespace's resolv.conf names the test's
+        DNS server, so mailerd may use "the machine's resolver" there (tests/conftest.py)."""
+        return {k: v for k, v in os.environ.items() if k != "MAILERD_FORBID_SYSTEM_RESOLVER"}
+
     def run(self, argv: list[str], timeout: float = 30.0, **kw: Any) -> subprocess.CompletedProcess:
         kw.setdefault("cwd", REPO)
+        kw.setdefault("env", self.env())
         return subprocess.run(
             self.cmd(*argv), capture_output=True, text=True, timeout=timeout, **kw
         )
@@ -232,6 +239,7 @@ class Netns:
         """Start argv in the namespace (own session, so its pid is its process group id)."""
         out = open(log, "ab")  # noqa: SIM115 - closed by the caller through proc.stdout
         kw.setdefault("cwd", REPO)
+        kw.setdefault("env", self.env())
         try:
             return subprocess.Popen(
                 self.cmd(*argv),
