@@ -3,7 +3,9 @@
 ``DataDecoder`` finds the end of DATA (only CRLF "." CRLF counts: a bare CR or
 LF never ends it, which defeats SMTP smuggling) and removes dot-stuffing.
 ``BodyChecker`` enforces the content policy on the decoded bytes: size limit,
-text line length limit and the rejection of bare CR / bare LF.
+text line length limit and the rejection of bare CR / bare LF and of NUL (RFC
+5322 text never contains it, and servers downstream differ on what they make
+of it).
 
 Both work on whole chunks with C-level bytes methods (find, replace, count,
 split) and hold back at most four bytes between calls, so a 25 MiB message
@@ -83,7 +85,7 @@ class BodyChecker:
 
     Errors are recorded, never raised, and all checks keep running to the
     end: the final verdict is then chosen by a fixed priority (bare CR/LF,
-    then line length, then size) and does not depend on how the input was
+    then NUL, then line length, then size) and does not depend on how the input was
     split into chunks.
     """
 
@@ -94,6 +96,7 @@ class BodyChecker:
         "_line_len",
         "_cr_pending",
         "bare_cr_lf",
+        "nul",
         "line_too_long",
         "too_big",
     )
@@ -105,12 +108,13 @@ class BodyChecker:
         self._line_len = 0  # octets of the current unterminated line
         self._cr_pending = False  # the last byte seen was a CR
         self.bare_cr_lf = False
+        self.nul = False
         self.line_too_long = False
         self.too_big = False
 
     @property
     def ok(self) -> bool:
-        return not (self.bare_cr_lf or self.line_too_long or self.too_big)
+        return not (self.bare_cr_lf or self.nul or self.line_too_long or self.too_big)
 
     def feed(self, piece: bytes) -> None:
         """Account for the next piece of content."""
@@ -121,6 +125,8 @@ class BodyChecker:
             self.too_big = True
         if not self.bare_cr_lf:
             self._check_line_ends(piece)
+        if not self.nul and b"\0" in piece:
+            self.nul = True
         if not self.line_too_long:
             self._check_line_lengths(piece)
 

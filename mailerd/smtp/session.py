@@ -110,6 +110,7 @@ _DUPLICATE_PARAM = Reply(501, "5.5.4", "Duplicate parameter")
 _BARE_CR_LF_MESSAGE = Reply(
     550, "5.5.2", "Message rejected: bare CR or LF found, lines must end with CRLF"
 )
+_NUL_MESSAGE = Reply(550, "5.6.0", "Message rejected: NUL character found")
 _TEXT_LINE_TOO_LONG = Reply(500, "5.5.6", "Message rejected: line too long")
 
 
@@ -423,6 +424,8 @@ class Session:
         # Fixed priority, so the verdict never depends on chunk boundaries.
         if checker.bare_cr_lf:
             failure, reason = _BARE_CR_LF_MESSAGE, "bare CR or LF in message"
+        elif checker.nul:
+            failure, reason = _NUL_MESSAGE, "NUL in message"
         elif checker.line_too_long:
             failure, reason = _TEXT_LINE_TOO_LONG, "line too long"
         elif checker.too_big:

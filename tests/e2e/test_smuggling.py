@@ -108,6 +108,11 @@ def test_smuggling_vector(smug_server: Mailerd, vector: bytes, split: bool):
             f"bare CR/LF in DATA must be rejected with 550 5.5.2:\n{dialogue}"
         )
         assert nums == [], f"rejected message was stored: {nums}"
+    elif b"\x00" in data:
+        assert (outcome.code, outcome.enhanced) == (550, "5.6.0"), (
+            f"NUL in DATA must be rejected with 550 5.6.0:\n{dialogue}"
+        )
+        assert nums == [], f"rejected message was stored: {nums}"
     else:
         assert len(nums) <= 1, nums
         if outcome.code == 250:
@@ -130,6 +135,7 @@ def test_smuggling_vector(smug_server: Mailerd, vector: bytes, split: bool):
         pytest.param(b"line one\rline two\r\n", id="bare-CR"),
         pytest.param(b"Subject: x\r\n\r\nends with bare LF\n\r\n", id="bare-LF-before-end"),
         pytest.param(b"Subject: x\r\n\r\nbare CR at line end\r\r\n", id="CR-CRLF"),
+        pytest.param(b"Subject: x\r\n\r\nNUL\x00inside\r\n", id="NUL"),
     ],
 )
 def test_bare_line_ending_rejected_and_session_continues(smug_server: Mailerd, bad: bytes):
@@ -138,7 +144,8 @@ def test_bare_line_ending_rejected_and_session_continues(smug_server: Mailerd, b
     good = b"Subject: good\r\n\r\nclean\r\n"
     with m.connect() as c:
         c.start()
-        send_message(c, f"{user}@example.org", bad, code=550, enhanced="5.5.2")
+        enhanced = "5.6.0" if b"\x00" in bad else "5.5.2"
+        send_message(c, f"{user}@example.org", bad, code=550, enhanced=enhanced)
         assert m.messages(user) == []
         # the session continues and a clean message goes through
         send_message(c, f"{user}@example.org", good)

@@ -125,6 +125,12 @@ def test_bare_cr_or_lf(pieces):
     assert checker.bare_cr_lf and not checker.ok
 
 
+@pytest.mark.parametrize("pieces", [(b"a\x00b\r\n",), (b"ab\r\n", b"\x00"), (b"\x00",)])
+def test_nul(pieces):
+    checker = check(*pieces)
+    assert checker.nul and not checker.ok and not checker.bare_cr_lf
+
+
 def test_line_length_limit_counts_crlf():
     assert check(b"x" * 998 + b"\r\n").ok
     assert check(b"x" * 999 + b"\r\n").line_too_long

@@ -683,10 +683,10 @@ def test_smuggling_vectors(vector, split):
         assert status(replies[0]) == (550, "5.5.2")
         assert "bare CR or LF" in replies[0].text
         assert client.messages == [] and client.aborted == ["bare CR or LF in message"]
-    else:  # the NUL vector: one message holding the would-be commands as text
-        assert replies[0] == QUEUED
-        assert len(client.messages) == 1
-        assert client.messages[0][1] == (first + SMUGGLED).replace(b"\r\n.", b"\r\n")
+    else:  # the NUL vector: refused as a whole, the would-be commands never run
+        assert b"\x00" in vector
+        assert status(replies[0]) == (550, "5.6.0")
+        assert client.messages == [] and client.aborted == ["NUL in message"]
 
 
 @pytest.mark.parametrize(
@@ -708,6 +708,25 @@ def test_bare_line_ending_rejected_and_session_continues(bad):
     assert [e for e in client.events if isinstance(e, MessageAborted)]
     # the transaction is over, the session is not
     assert client.cmd("RCPT TO:<c@d>").code == 503
+    client.transaction()
+    client.cmd("DATA")
+    assert client.send(b"clean\r\n.\r\n") == [QUEUED]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"NUL\x00inside\r\n", b"\x00\r\n", b"Subject: x\x00\r\n\r\nbody\r\n"],
+)
+def test_nul_rejected_and_session_continues(bad):
+    """NUL is refused like a bare CR or LF: 550, nothing stored, in DATA and in BDAT."""
+    client = Client().transaction()
+    client.cmd("DATA")
+    assert [status(r) for r in client.send(bad + b".\r\n")] == [(550, "5.6.0")]
+    assert client.aborted == ["NUL in message"] and client.messages == []
+    client.transaction()
+    replies = client.send(b"BDAT %d LAST\r\n" % len(bad) + bad)
+    assert [status(r) for r in replies] == [(550, "5.6.0")]
+    assert client.messages == []
     client.transaction()
     client.cmd("DATA")
     assert client.send(b"clean\r\n.\r\n") == [QUEUED]
