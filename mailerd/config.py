@@ -21,6 +21,8 @@ from pathlib import Path
 from mailerd import __version__
 
 DEFAULT_CONFIG = "/etc/mailerd/mailerd.conf"
+MAILNAME = "/etc/mailname"  # Debian's "mail name" of the machine (see default_identity)
+DEFAULT_ALIASES = "/etc/aliases"
 DEFAULT_SPOOL = "/var/spool/mail"
 DEFAULT_QUEUE = "/var/spool/mailerd"
 DEFAULT_MAX_MESSAGE_SIZE = 26214400
@@ -227,15 +229,16 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     listeners = tuple(local + network)
     if len(set((a.host, a.port) for a in listeners)) != len(listeners):
         raise ConfigError("listen-local/listen-network: the same address is given twice")
-    # getfqdn() may ask the resolver: only when a default actually needs it.
-    fqdn = "" if raw.get("domain") and raw.get("hostname") else socket.getfqdn()
-    domains = tuple(dict.fromkeys(_parse_domains(raw.get("domain") or [fqdn, "localhost"])))
+    default_domains, default_hostname = (
+        ([], "") if raw.get("domain") and raw.get("hostname") else default_identity()
+    )
+    domains = tuple(dict.fromkeys(_parse_domains(raw.get("domain") or default_domains)))
     return Config(
         spool=Path(str(raw.get("spool", DEFAULT_SPOOL))),
         queue=Path(str(raw.get("queue", DEFAULT_QUEUE))),
         domains=domains,
         listeners=listeners,
-        hostname=_parse_hostname(str(raw.get("hostname") or fqdn)),
+        hostname=_parse_hostname(str(raw.get("hostname") or default_hostname)),
         workers=_parse_int("workers", raw.get("workers", os.cpu_count() or 1), 1, 256),
         user=str(raw["user"]) if raw.get("user") else None,
         foreground=bool(raw.get("foreground", False)),
@@ -269,6 +272,31 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         max_per_domain=_parse_int("max-per-domain", raw.get("max_per_domain", 4), 1, 10000),
         log_file=Path(str(raw["log_file"])) if raw.get("log_file") else None,
     )
+
+
+def default_identity() -> tuple[list[str], str]:
+    """The local domains and the host name when -d and -H are not given, as Debian's MTAs do:
+    the mail name (/etc/mailname), then the FQDN, then localhost; the host name is the FQDN,
+    or the mail name when the FQDN is not qualified (no dot)."""
+    mailname = read_mailname()
+    fqdn = socket.getfqdn()  # may ask the resolver: only when a default is needed
+    domains = [name for name in (mailname, fqdn, "localhost") if name and _is_domain(name)]
+    hostname = fqdn if "." in fqdn or not mailname else mailname
+    return list(dict.fromkeys(d.lower().rstrip(".") for d in domains)), hostname
+
+
+def read_mailname(path: str | None = None) -> str | None:
+    """The first line of /etc/mailname, if it names a domain."""
+    try:
+        with open(path or MAILNAME, encoding="utf-8") as f:
+            name = f.readline().strip().lower().rstrip(".")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name and _is_domain(name) else None
+
+
+def _is_domain(name: str) -> bool:
+    return all(_LABEL.match(label) for label in name.lower().rstrip(".").split("."))
 
 
 def absolute(cfg: Config, base: Path) -> Config:

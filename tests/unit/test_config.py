@@ -92,3 +92,24 @@ def test_ini_errors(tmp_path):
         config.load(["-c", str(ini)])
     with pytest.raises(ConfigError, match="missing.conf"):
         config.load(["-c", str(tmp_path / "missing.conf")])
+
+
+def test_identity_follows_debian(tmp_path, monkeypatch):
+    """Without -d/-H: /etc/mailname is the first local domain, then the FQDN, then localhost;
+    the host name is the FQDN, or the mail name when the FQDN has no dot."""
+    mailname = tmp_path / "mailname"
+    mailname.write_text("Mail.Example.ORG.\n")
+    monkeypatch.setattr(config, "MAILNAME", str(mailname))
+    monkeypatch.setattr(config.socket, "getfqdn", lambda: "host.example.net")
+    cfg = load()
+    assert cfg.domains == ("mail.example.org", "host.example.net", "localhost")
+    assert cfg.hostname == "host.example.net"
+    monkeypatch.setattr(config.socket, "getfqdn", lambda: "host")
+    assert load().hostname == "mail.example.org"
+    assert load().domains == ("mail.example.org", "host", "localhost")
+    mailname.write_text("not a domain!\n")
+    assert load().domains == ("host", "localhost") and load().hostname == "host"
+    mailname.unlink()
+    monkeypatch.setattr(config.socket, "getfqdn", lambda: "host.example.net")
+    assert load().domains == ("host.example.net", "localhost")
+    assert load("-d", "given.example").domains == ("given.example",)
