@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> int:
     except (OSError, TimeoutError, ConnectionError):
         answer = None
     if args.action == "list":
-        items = answer["items"] if answer else [e.__dict__ for e in _load(queue_dir)]
+        items = answer["items"] if answer else [asdict(e) for e in _load(queue_dir)]
         print(format_listing(items, time.time()))
         return 0
     if args.action == "flush":

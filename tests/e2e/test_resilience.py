@@ -279,3 +279,20 @@ def test_mailbox_writer_restart(mailerd: Mailerd):
             body = f"Subject: {i}\r\n\r\n{i}\r\n".encode()
             assert s.sendmail("a@client.test", [f"{user}@example.org"], body) == {}
     assert m.wait_messages(user, 7, timeout=10) == list(range(1, 8))
+
+
+def test_queue_lists_offline(mailerd: Mailerd):
+    """`mailerd queue` with the daemon stopped reads the queue directory itself (it once died
+    with "'Recipient' object is not subscriptable" on any non-empty queue)."""
+    m = mailerd
+    bad = m.new_user("offline")
+    (m.spool / bad / ".lock").mkdir()  # the copy fails and waits in the queue
+    queued = m.queue_files()
+    with m.smtp() as s:
+        assert s.sendmail("a@client.test", [f"{bad}@example.org"], b"Subject: q\r\n\r\nq\r\n") == {}
+    assert wait_until(lambda: m.queue_files() - queued, timeout=5), "no local retry queued"
+    assert m.stop() == 0
+    listed = _queue_cli(m)
+    assert listed.returncode == 0, listed.stderr
+    assert f"<{bad}@example.org>" in listed.stdout and "<a@client.test>" in listed.stdout
+    assert "1 message(s)" in listed.stdout
