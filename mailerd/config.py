@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mailerd import __version__
+from mailerd.aliases import AliasError, Aliases
 
 DEFAULT_CONFIG = "/etc/mailerd/mailerd.conf"
 MAILNAME = "/etc/mailname"  # Debian's "mail name" of the machine (see default_identity)
@@ -87,6 +88,9 @@ class Config:
     max_outbound: int = 20
     max_per_domain: int = 4
     log_file: Path | None = None
+    aliases_file: Path = Path(DEFAULT_ALIASES)
+    # The expanded aliases file: read by the master (load_aliases) before it forks.
+    aliases: Aliases = field(default_factory=Aliases, compare=False, repr=False)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -134,6 +138,7 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("max-outbound", None, True, False, "concurrent outbound deliveries in all (default 20)"),
     ("max-per-domain", None, True, False, "concurrent outbound deliveries per domain (default 4)"),
     ("log-file", None, True, False, "log to FILE instead of syslog/stderr (reopened on SIGUSR1)"),
+    ("aliases", None, True, False, "aliases file (default /etc/aliases)"),
 )
 
 
@@ -146,6 +151,7 @@ METAVARS = {
     "relayhost": "HOST[:PORT]", "relay-auth": "FILE", "outbound-tls": "POLICY",
     "outbound-ip": "FAMILY", "retry-after": "DURATION", "max-queue-time": "DURATION",
     "delay-warning": "DURATION", "max-outbound": "N", "max-per-domain": "N", "log-file": "FILE",
+    "aliases": "FILE",
 }  # fmt: skip
 
 
@@ -271,6 +277,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         max_outbound=_parse_int("max-outbound", raw.get("max_outbound", 20), 1, 10000),
         max_per_domain=_parse_int("max-per-domain", raw.get("max_per_domain", 4), 1, 10000),
         log_file=Path(str(raw["log_file"])) if raw.get("log_file") else None,
+        aliases_file=Path(str(raw.get("aliases") or DEFAULT_ALIASES)),
     )
 
 
@@ -314,7 +321,17 @@ def absolute(cfg: Config, base: Path) -> Config:
         config_file=fix(cfg.config_file),
         relay_auth=fix(cfg.relay_auth),
         log_file=fix(cfg.log_file),
+        aliases_file=base / cfg.aliases_file,
     )
+
+
+def load_aliases(cfg: Config) -> Config:
+    """The same Config with its aliases file read and expanded (ConfigError if unreadable)."""
+    try:
+        table = Aliases.load(str(cfg.aliases_file), cfg.domains)
+    except AliasError as exc:
+        raise ConfigError(f"--aliases: {exc}") from exc
+    return replace(cfg, aliases=table)
 
 
 TLS_CHOICES = ("may", "encrypt", "verify", "none")

@@ -29,6 +29,7 @@ from typing import Any
 
 from mailerd import commit, durable, eventloop, privileges, spoolwriter, trace
 from mailerd import log as logsetup
+from mailerd.aliases import normal_address
 from mailerd.channel import Channel
 from mailerd.config import Config
 from mailerd.mailbox import MAILBOX_BUSY, MailboxLocked, Spool
@@ -181,7 +182,12 @@ class DeliveryService:
         queue_id, received = commit.begin(request, self.cfg.hostname, commit.body_size(body))
         recipients = request["recipients"]
         sender = request["sender"]
-        remote = [Recipient(r["address"]) for r in recipients if r["mailbox"] is None]
+        remote = [
+            Recipient(address)
+            for address in dict.fromkeys(
+                normal_address(r["address"]) for r in recipients if r["mailbox"] is None
+            )
+        ]
         if remote:
             envelope = self._envelope(queue_id, request, remote)
             head = received + self._completion(request, queue_id, body)

@@ -109,6 +109,19 @@ class Spool:
             weakref.finalize(self, os.close, self._root_path_fd)
         return self._root_path_fd
 
+    def files_in_the_way(self) -> list[str]:
+        """Names of the spool's plain files that stand where a mailbox directory would (a
+        Debian mbox file, /var/spool/mail/<user>): mail for them cannot be delivered."""
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return []
+        return sorted(
+            e.name
+            for e in entries
+            if e.is_file(follow_symlinks=False) and policy.mailbox_name(e.name) == e.name
+        )
+
     def deliver(self, name: str, messages: list[Delivery], *, wait: bool = True) -> list[int]:
         """Store messages in mailbox `name`, durably, in order; return their numbers.
 

@@ -41,10 +41,11 @@ from pathlib import Path
 
 from setproctitle import getproctitle, setproctitle
 
-from mailerd import config, delivery, listeners, preload, privileges, worker
+from mailerd import aliases, config, delivery, listeners, preload, privileges, worker
 from mailerd import daemon as daemonize
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
+from mailerd.mailbox import Spool
 from mailerd.queue import Queue
 from mailerd.sessions import SessionTable
 
@@ -122,6 +123,8 @@ class Master:
         for slot in range(1, self.cfg.workers + 1):
             self.spawn("worker", slot)
         log.info("mailerd started: %s", self._describe_config())
+        aliases.report(self.cfg.aliases)
+        report_files_in_the_way(self.cfg.spool)
         while not self.stopping:
             self._wait(1.0)
             self._read_status()
@@ -265,6 +268,8 @@ class Master:
         for pid, child in old:
             if child.kind == "worker" and not child.retiring:
                 self._retire(pid, child, signal.SIGUSR2, grace)
+        aliases.report(new.aliases)
+        report_files_in_the_way(new.spool)
         log.info(
             "configuration reloaded (generation %d): %s", self.generation, self._describe_config()
         )
@@ -283,7 +288,7 @@ class Master:
         with contextlib.suppress(OSError):
             os.chdir(self.start_dir)  # relative paths mean what they meant at start-up
         try:
-            new = config.absolute(config.load(self.argv), self.start_dir)
+            new = config.load_aliases(config.absolute(config.load(self.argv), self.start_dir))
         finally:
             with contextlib.suppress(OSError):
                 os.chdir(here)
@@ -535,6 +540,18 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def report_files_in_the_way(spool: Path) -> None:
+    """Warn about every mbox file where a mailbox directory should be: mail for that user is
+    answered 450 until it is moved aside (README, 'Mailboxes')."""
+    for name in Spool(spool).files_in_the_way():
+        log.warning(
+            "mailbox %s is a file (an mbox?), not a directory: mail for %s is refused with 450 "
+            "until it is moved aside; see the README, 'Mailboxes'",
+            spool / name,
+            name,
+        )
+
+
 def read_by_children(cfg: Config) -> dict[Path, str]:
     """Files the children open by name after dropping privileges, each with the fix to print
     when they cannot (everything else they reach through descriptors opened before the drop,
@@ -559,6 +576,10 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
     raise_fd_limit()
     start_dir = Path.cwd()
     cfg = config.absolute(cfg, start_dir)
+    try:
+        cfg = config.load_aliases(cfg)
+    except ConfigError as exc:
+        return _fail(str(exc))
     try:
         user = privileges.resolve(cfg.user)
     except privileges.PrivilegeError as exc:

@@ -1,16 +1,18 @@
 """Relay policy and local-recipient naming: pure verdicts, no I/O ("never an open relay").
 
 `route()` decides, for one RCPT address and the trust of the listener it arrived on, whether it
-is a local mailbox, a remote address to queue, or refused (with the exact reply). Only the domain
-after the last `@` decides (the SMTP grammar has already stripped any source route); `%`, `!` and
-quoted local parts are never re-parsed as routing. Whether a local mailbox *exists* is I/O and is
-asked by the caller (`mailbox.Spool.exists`).
+is a local mailbox, an alias (`aliases`: mailboxes and forwarding addresses), a remote address to
+queue, or refused (with the exact reply). Only the domain after the last `@` decides (the SMTP
+grammar has already stripped any source route); `%`, `!` and quoted local parts are never
+re-parsed as routing. Whether a local mailbox *exists* is I/O and is asked by the caller
+(`mailbox.Spool.state`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mailerd.aliases import Aliases
 from mailerd.smtp.events import Address, Reply
 
 POSTMASTER = "postmaster"
@@ -19,6 +21,7 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 ROUTING_DENIED = Reply(554, "5.7.1", "Relay access denied: sender-specified routing not allowed")
 BAD_MAILBOX = Reply(550, "5.1.3", "Bad destination mailbox address syntax")
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
+ALIAS_LOOP = Reply(550, "5.4.6", "Mail forwarding loop for this address")
 
 # Characters that route mail in old conventions (user%host, host!user, "user@host"@here).
 _ROUTING_CHARS = frozenset("%!@")
@@ -35,11 +38,23 @@ class Remote:
 
 
 @dataclass(frozen=True)
+class Alias:
+    """An address of the aliases file: a copy for each mailbox and each forwarding address."""
+
+    name: str
+    mailboxes: tuple[str, ...]
+    forwards: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Refused:
     reply: Reply
+    why: str = ""  # for the log, when the reply does not say it all
 
 
-Route = Local | Remote | Refused
+Route = Local | Alias | Remote | Refused
+
+_NO_ALIASES = Aliases()
 
 
 def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
@@ -48,18 +63,36 @@ def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
     return any(domain == d or domain.endswith("." + d) for d in local_domains)
 
 
-def route(address: Address, *, trusted: bool, local_domains: tuple[str, ...]) -> Route:
+def route(
+    address: Address,
+    *,
+    trusted: bool,
+    local_domains: tuple[str, ...],
+    aliases: Aliases = _NO_ALIASES,
+) -> Route:
     if address.domain == "":
         # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted.
         if address.local.lower() == POSTMASTER:
-            return Local(POSTMASTER)
+            return _local(POSTMASTER, aliases)
         return Refused(BAD_MAILBOX)
     if not is_local_domain(address.domain, local_domains):
         return Remote(address.domain.lower()) if trusted else Refused(RELAY_DENIED)
     if not trusted and _ROUTING_CHARS.intersection(address.local):
         return Refused(ROUTING_DENIED)
-    name = mailbox_name(address.local)
-    return Local(name) if name is not None else Refused(BAD_MAILBOX)
+    return _local(address.local, aliases)
+
+
+def _local(local_part: str, aliases: Aliases) -> Route:
+    expansion = aliases.lookup(local_part) if aliases.table else None
+    if expansion is None:
+        name = mailbox_name(local_part)
+        return Local(name) if name is not None else Refused(BAD_MAILBOX)
+    name = local_part.lower()
+    if expansion.loop:
+        return Refused(ALIAS_LOOP, f"alias {name} is part of a loop")
+    if not expansion.deliverable:
+        return Refused(NO_SUCH_USER, f"alias {name} has no usable target")
+    return Alias(name, expansion.mailboxes, expansion.forwards)
 
 
 def mailbox_name(local_part: str) -> str | None:

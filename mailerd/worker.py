@@ -31,7 +31,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from mailerd import commit, durable, eventloop, policy, privileges
+from mailerd import commit, durable, eventloop, privileges, recipients
 from mailerd.channel import MAX_INLINE, Client
 from mailerd.config import Config, ListenAddress
 from mailerd.mailbox import Spool
@@ -45,6 +45,7 @@ from mailerd.smtp import (
     Envelope,
     MessageAborted,
     MessageComplete,
+    Rejected,
     Reply,
     Session,
     SessionConfig,
@@ -57,10 +58,6 @@ COMMIT_TIMEOUT = 120.0  # well below the client's 10 min wait for the final repl
 SHUTDOWN_GRACE = 10.0
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
 INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection", close=True)
-CHECK_FAILED = Reply(451, "4.3.0", "Cannot check the mailbox now; try again later")
-# An mbox file where mailerd wants a mailbox directory (e.g. Debian's /var/mail/<user>): keep the
-# mail coming back (4xx) until the administrator converts or moves it.
-MAILBOX_NOT_A_DIRECTORY = Reply(450, "4.2.0", "Mailbox unavailable: it is not a directory")
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
 BOOT_ERROR = 3  # exit status of a child that cannot work at all: the master stops, not respawns
 LOG_LINE_MAX = 200  # -v dialogue: longer command lines and replies are cut
@@ -73,6 +70,17 @@ def request_retire(*_: object) -> None:
     """SIGUSR2 before the event loop runs: remembered, acted on once it does."""
     global _retire_requested
     _retire_requested = True
+
+
+def _line(reply: Reply) -> str:
+    """A reply on one line, for the log."""
+    text = reply.text.replace("\n", " ")
+    return _shorten(" ".join(str(part) for part in (reply.code, reply.status, text) if part))
+
+
+def _sender_of(event: Rejected) -> str | None:
+    """The from= of a refusal: the address MAIL asked for, or the transaction's."""
+    return event.path if event.verb == "MAIL" else event.sender
 
 
 def _shorten(text: str) -> str:
@@ -134,7 +142,8 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        self.routes: dict[Address, policy.Route] = {}  # accepted recipients' routes
+        # Accepted recipients' copies: resolved once, at RCPT, for commit_header().
+        self.routes: dict[Address, tuple[recipients.Target, ...]] = {}
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -145,7 +154,7 @@ class Connection(asyncio.Protocol):
         self.client = f"[{peer[0]}]:{peer[1]}" if peer else "?"
         refusal = self.worker.admit(self)
         if refusal is not None:
-            log.info("refused connection from %s: %s", self.client, refusal.text)
+            log.info("NOQUEUE: reject: CONNECT from unknown[%s]: %s", self.peer, _line(refusal))
             transport.write(refusal.to_bytes())  # type: ignore[attr-defined]
             transport.close()
             return
@@ -225,6 +234,8 @@ class Connection(asyncio.Protocol):
                 self.worker.loop.create_task(self.commit(event.envelope))
             elif isinstance(event, MessageAborted):
                 self.body.discard()
+            elif isinstance(event, Rejected):
+                self.log_rejected(event)
             elif isinstance(event, CloseConnection):
                 self.close(out)
                 return
@@ -232,6 +243,34 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
         if self.worker.stopping and self.idle():
             self.close([SHUTTING_DOWN.to_bytes()])
+
+    def log_rejected(self, event: Rejected) -> None:
+        """One line per refused or deferred mail command, in Postfix's words (fail2ban's
+        filter in etc/fail2ban reads them)."""
+        self.log_reject(event.verb, event.reply, _sender_of(event), event.esmtp, event.helo, event)
+
+    def log_reject(
+        self,
+        verb: str,
+        reply: Reply,
+        sender: str | None,
+        esmtp: bool,
+        helo: str | None,
+        event: Rejected | None = None,
+    ) -> None:
+        fields = [] if sender is None else [f"from=<{sender}>"]
+        if event is not None and event.verb == "RCPT" and event.path is not None:
+            fields.append(f"to=<{event.path}>")
+        fields.append("proto=ESMTP" if esmtp else "proto=SMTP")
+        if helo:
+            fields.append(f"helo=<{helo}>")
+        log.info(
+            "NOQUEUE: reject: %s from unknown[%s]: %s; %s",
+            _shorten(verb) or "command",
+            self.peer,
+            _line(reply),
+            _shorten(" ".join(fields)),
+        )
 
     def log_reply(self, reply: Reply) -> None:
         text = reply.to_bytes().decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", " | ")
@@ -259,6 +298,9 @@ class Connection(asyncio.Protocol):
                 "commit for %s failed, answered 451 (the client will retry): %r", self.client, exc
             )
             reply = COMMIT_FAILED
+        if reply.code >= 400:  # a deferral: logged like a refusal
+            sender = str(envelope.sender) if envelope.sender else ""
+            self.log_reject("DATA", reply, sender, envelope.esmtp, envelope.helo)
         self.committing = False
         if self.closing or self.session is None:
             return
@@ -269,16 +311,17 @@ class Connection(asyncio.Protocol):
         self.pump()
 
     def commit_header(self, envelope: Envelope) -> dict[str, Any]:
-        recipients = []
+        copies = []
         for address in envelope.recipients:
-            route = self.routes.get(address) or self.route(address)
-            mailbox = route.mailbox if isinstance(route, policy.Local) else None
-            recipients.append({"address": str(address), "mailbox": mailbox})
+            targets = self.routes.get(address)
+            if targets is None:  # (forgotten after MAX_ROUTES)
+                targets = self.resolve(address).targets
+            copies += [{"address": t.address, "mailbox": t.mailbox} for t in targets]
         self.routes.clear()
         protocol = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if envelope.esmtp else "SMTP")
         return {
             "sender": str(envelope.sender) if envelope.sender else "",
-            "recipients": recipients,
+            "recipients": copies,
             "helo": envelope.helo,
             "peer": self.peer,
             "protocol": protocol,
@@ -287,28 +330,24 @@ class Connection(asyncio.Protocol):
             "trusted": self.listen.trusted,
         }
 
-    def route(self, address: Address) -> policy.Route:
-        return policy.route(
-            address, trusted=self.listen.trusted, local_domains=self.worker.cfg.domains
+    def resolve(self, address: Address) -> recipients.Resolved:
+        cfg = self.worker.cfg
+        return recipients.resolve(
+            address,
+            trusted=self.listen.trusted,
+            local_domains=cfg.domains,
+            aliases=cfg.aliases,
+            spool=self.worker.spool,
+            spool_path=str(cfg.spool),
         )
 
     def check_recipient(self, address: Address) -> Reply | None:
-        route = self.route(address)
-        if isinstance(route, policy.Refused):
-            return route.reply
-        if isinstance(route, policy.Local):
-            try:
-                state = self.worker.spool.state(route.mailbox)
-            except OSError as exc:
-                log.error("cannot check mailbox %s: %s", route.mailbox, exc)
-                return CHECK_FAILED
-            if state == "unknown":
-                return policy.NO_SUCH_USER
-            if state == "not-a-directory":
-                return MAILBOX_NOT_A_DIRECTORY
+        resolved = self.resolve(address)
+        if resolved.refusal is not None:
+            return resolved.refusal
         if len(self.routes) >= MAX_ROUTES:  # transactions reset without a message
             self.routes.clear()
-        self.routes[address] = route  # for commit_header(), so routed once
+        self.routes[address] = resolved.targets  # for commit_header(), so resolved once
         return None
 
     def check_timeout(self) -> None:

@@ -14,6 +14,7 @@ from .events import (
     Event,
     MessageAborted,
     MessageComplete,
+    Rejected,
     Reply,
     Sentinel,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "Event",
     "MessageAborted",
     "MessageComplete",
+    "Rejected",
     "Reply",
     "Sentinel",
     "Session",

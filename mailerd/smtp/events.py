@@ -21,6 +21,7 @@ __all__ = [
     "Event",
     "MessageAborted",
     "MessageComplete",
+    "Rejected",
     "Reply",
     "Sentinel",
 ]
@@ -158,6 +159,27 @@ class MessageAborted:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """A mail command (MAIL, RCPT, DATA, BDAT, the end of a message) was refused or deferred,
+    or the session is closed for too many errors: the I/O layer logs it (Postfix's
+    "NOQUEUE: reject:" line, what an operator and fail2ban read). It comes right before the
+    Reply it describes."""
+
+    verb: str
+    argument: str  # the command's argument as given ("" for DATA)
+    reply: Reply
+    sender: str | None  # the transaction's reverse-path ("" for <>), None before MAIL
+    helo: str | None
+    esmtp: bool
+
+    @property
+    def path(self) -> str | None:
+        """The address in the argument (between the first < and the last >), if any."""
+        start, end = self.argument.find("<"), self.argument.rfind(">")
+        return self.argument[start + 1 : end] if 0 <= start < end else None
+
+
+@dataclass(frozen=True)
 class CloseConnection:
     """Nothing more will come: the peer hung up or a closing reply was sent."""
 
@@ -171,4 +193,4 @@ def _format_local_part(local: str) -> str:
     return format_local_part(local)
 
 
-Event = Reply | BodyData | MessageComplete | MessageAborted | CloseConnection | Sentinel
+Event = Reply | BodyData | MessageComplete | MessageAborted | Rejected | CloseConnection | Sentinel

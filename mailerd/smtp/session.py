@@ -30,6 +30,7 @@ from .events import (
     Event,
     MessageAborted,
     MessageComplete,
+    Rejected,
     Reply,
 )
 from .grammar import (
@@ -133,6 +134,8 @@ _BDAT_SYNTAX = _syntax("BDAT size [LAST], closing connection", close=True)
 _BDAT_RE = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 # Known to SMTP but deliberately unsupported: 502 rather than 500.
+# Commands whose refusals are mail refused: each one is reported as a Rejected event.
+_MAIL_VERBS = frozenset({"MAIL", "RCPT", "DATA", "BDAT"})
 _UNSUPPORTED_VERBS = frozenset(
     {"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "STARTTLS", "AUTH"}
 )
@@ -199,6 +202,8 @@ class Session:
         self._bdat_size = 0
         self._bdat_last = False
         self._bdat_refusal: Reply | None = None  # reply for a chunk being skipped
+        self._verb = ""  # the command being answered, and its argument (for Rejected)
+        self._argument = ""
         self._clear_transaction()
 
     # --- public API ---------------------------------------------------------
@@ -241,7 +246,9 @@ class Session:
             # A delivered message shows a working client: only errors since then count
             # (as Postfix does), so a long session with an occasional unknown recipient lives.
             self._errors = 0
-        self._send(reply, count=False)  # storage errors are not the client's fault
+        # Storage errors are not the client's fault, and the caller, who holds the message,
+        # reports them.
+        self._send(reply, count=False, report=False)
 
     def timeout(self) -> Reply:
         """The peer was idle too long: return the 421 to send; the session ends."""
@@ -308,6 +315,7 @@ class Session:
         self._pos = end + 2
         if self._discarding or end + 2 - pos > limit:
             self._discarding = False
+            self._verb = self._argument = ""
             self._send(_LINE_TOO_LONG)
         else:
             self._handle_command(buf[pos:end])
@@ -357,8 +365,9 @@ class Session:
 
     # --- replies and transaction state --------------------------------------
 
-    def _send(self, reply: Reply, *, count: bool = True) -> None:
-        """Queue a reply, enforcing the error limit and closing replies."""
+    def _send(self, reply: Reply, *, count: bool = True, report: bool = True) -> None:
+        """Queue a reply, enforcing the error limit and closing replies; a refused mail
+        command, or the end of a session for its errors, comes with a Rejected event."""
         if count and reply.code >= 400:
             self._errors += 1
             if self._errors > self._config.max_errors:
@@ -368,11 +377,19 @@ class Session:
                     f"{self._config.hostname} Too many errors, closing connection",
                     close=True,
                 )
+        if report and reply.code >= 400 and (self._verb in _MAIL_VERBS or reply.code == 421):
+            self._report(reply)
         if reply.close:
             self._abort_transaction("connection closing")
         self._events.append(reply)
         if reply.close:
             self._close()
+
+    def _report(self, reply: Reply) -> None:
+        sender = str(self._sender or "") if self._in_mail else None
+        self._events.append(
+            Rejected(self._verb, self._argument, reply, sender, self._helo, self._esmtp)
+        )
 
     def _close(self) -> None:
         self._state = _State.CLOSED
@@ -419,6 +436,7 @@ class Session:
         """A DATA body or a BDAT chunk has been read completely."""
         checker = self._checker
         assert checker is not None
+        self._verb, self._argument = ("BDAT", "") if self._bdat_used else ("DATA", "")
         if last:
             checker.finish()
         # Fixed priority, so the verdict never depends on chunk boundaries.
@@ -444,12 +462,14 @@ class Session:
         else:
             self._send(Reply(250, "2.0.0", f"{self._bdat_size} octets received"))
             return
+        self._report(failure)  # before the abort forgets the sender
         self._abort_transaction(reason)
-        self._send(failure)
+        self._send(failure, report=False)
 
     # --- commands -----------------------------------------------------------
 
     def _handle_command(self, line: bytes) -> None:
+        self._verb = self._argument = ""
         if self._on_command is not None:
             self._on_command(line)
         if b"\r" in line or b"\n" in line:
@@ -461,6 +481,7 @@ class Session:
         except GrammarError:
             self._send(_UNKNOWN_COMMAND)
             return
+        self._verb, self._argument = verb, ""
         handler = _HANDLERS.get(verb)
         if handler is None:
             self._send(_NOT_IMPLEMENTED if verb in _UNSUPPORTED_VERBS else _UNKNOWN_COMMAND)
@@ -470,8 +491,10 @@ class Session:
             try:
                 argument = decode_argument(raw)
             except GrammarError:
+                self._argument = raw.decode("utf-8", "backslashreplace")
                 self._send(_BAD_UTF8)
                 return
+            self._argument = argument
         handler(self, argument)
 
     def _cmd_ehlo(self, argument: str | None) -> None:

@@ -19,6 +19,7 @@ from mailerd.smtp import (
     Envelope,
     MessageAborted,
     MessageComplete,
+    Rejected,
     Reply,
     Session,
     SessionConfig,
@@ -49,6 +50,7 @@ class Client:
         self.events: list[object] = []
         self.messages: list[tuple[Envelope, bytes]] = []
         self.aborted: list[str] = []
+        self.rejected: list[Rejected] = []
         self.closed = False
         self.paused = False
         self._body: list[bytes] = []
@@ -73,6 +75,8 @@ class Client:
             elif isinstance(event, MessageAborted):
                 self.aborted.append(event.reason)
                 self._body = []
+            elif isinstance(event, Rejected):
+                self.rejected.append(event)
             elif isinstance(event, MessageComplete):
                 self.messages.append((event.envelope, b"".join(self._body)))
                 self._body = []
@@ -1153,3 +1157,63 @@ def test_extensions_need_ehlo():
     replies = client.send(b"BDAT 6 LAST\r\nQUIT\r\n")
     assert [(r.code, r.status) for r in replies] == [(503, "5.5.1")]
     assert client.cmd("NOOP").code == 250
+
+
+# --- Rejected: what the I/O layer logs -----------------------------------------------------
+
+
+def test_a_refused_recipient_is_reported_with_its_transaction():
+    refuse = Reply(554, "5.7.1", "Relay access denied")
+    client = Client(lambda a: refuse if a.domain == "remote.test" else None)
+    client.ready("EHLO client.example")
+    client.cmd("MAIL FROM:<a@example.org>")
+    assert client.cmd("RCPT TO:<x@remote.test>") == refuse
+    assert client.cmd("RCPT TO:<ok@example.org>").code == 250
+    assert client.rejected == [
+        Rejected("RCPT", "TO:<x@remote.test>", refuse, "a@example.org", "client.example", True)
+    ]
+    assert client.rejected[0].path == "x@remote.test"
+    # the event comes right before the reply it describes
+    index = client.events.index(client.rejected[0])
+    assert client.events[index + 1] == refuse
+
+
+def test_refused_mail_commands_are_reported_and_others_are_not():
+    client = Client()
+    client.cmd("MAIL FROM:<a@example.org>")  # before EHLO: 503
+    client.ready()
+    client.cmd("MAIL FROM:<bad address>")
+    client.cmd("RCPT TO:<b@example.net>")  # no MAIL: 503
+    client.cmd("DATA")
+    client.cmd("EHLO")  # syntax error, but not a mail command
+    client.cmd("FOO")
+    client.cmd("VRFY")
+    assert [(r.verb, r.reply.code, r.sender) for r in client.rejected] == [
+        ("MAIL", 503, None),
+        ("MAIL", 501, None),
+        ("RCPT", 503, None),
+        ("DATA", 503, None),
+    ]
+    assert client.rejected[1].path == "bad address"
+
+
+def test_a_refused_message_is_reported_with_its_sender():
+    client = Client().transaction(sender="<s@example.org>")
+    client.cmd("DATA")
+    client.send(b"bare\nLF\r\n.\r\n")
+    client.transaction(sender="<>")
+    client.send(b"BDAT 3 LAST\r\na\x00b")
+    assert [(r.verb, r.reply.code, r.sender) for r in client.rejected] == [
+        ("DATA", 550, "s@example.org"),
+        ("BDAT", 550, ""),
+    ]
+
+
+def test_closing_for_too_many_errors_is_reported_and_a_commit_failure_is_not():
+    client = Client(commit_reply=Reply(451, "4.3.0", "Local error"), max_errors=2)
+    client.transaction()
+    client.cmd("DATA")
+    assert client.send(b"x\r\n.\r\n")[0].code == 451
+    assert client.rejected == []  # the caller, who holds the message, reports that one
+    client.send(b"FOO\r\nFOO\r\nFOO\r\n")
+    assert [(r.verb, r.reply.code) for r in client.rejected] == [("FOO", 421)]

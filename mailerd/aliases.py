@@ -1,0 +1,240 @@
+"""/etc/aliases: local names that deliver to other mailboxes or addresses, resolved in advance.
+
+The file is Debian's (sendmail's) format, read by the master as root at start-up and on every
+reload (SIGHUP; `newaliases` sends one):
+
+    # comment
+    postmaster:    root
+    root:          alice
+    team:          alice, bob,
+                   carol@example.net          (a line that starts with a space continues)
+    "quoted name": alice
+
+A name applies to every local domain and is matched without regard to case, first as given and
+then without its `+tag` (`team+x` finds `team`). A target is a local name (itself looked up
+again: aliases of aliases), an address in a local domain (the same), or a remote address (the
+message is forwarded there). A name that lists itself (`alice: alice, alice@backup.example`)
+delivers to its own mailbox, as sendmail does. Any other cycle is a loop: mail for every name in
+it is refused (550 5.4.6) and the loop is logged when the file is read.
+
+Targets that are programs (`|command`), files (`/path`) or includes (`:include:`) are refused
+and logged, never run or written: mailerd runs no program and writes no file on behalf of mail.
+A name whose every target is refused is unknown (550 5.1.1).
+
+Everything is expanded once, when the file is read (`Aliases.load`), so that the RCPT check is
+one dictionary lookup (`policy.route`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+log = logging.getLogger("mailerd.aliases")
+
+MAX_DEPTH = 20  # aliases of aliases of ...
+MAX_TARGETS = 1000  # what one name may expand to
+
+
+class AliasError(Exception):
+    """The aliases file cannot be read at all; the message says why."""
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """Where mail for one alias goes."""
+
+    mailboxes: tuple[str, ...] = ()  # local mailbox names
+    forwards: tuple[str, ...] = ()  # remote addresses
+    refused: tuple[tuple[str, str], ...] = ()  # (target, why) never used
+    loop: bool = False  # the name is part of a cycle: nothing is delivered
+
+    @property
+    def deliverable(self) -> bool:
+        return not self.loop and bool(self.mailboxes or self.forwards)
+
+
+@dataclass(frozen=True)
+class Aliases:
+    """The expanded table: name → Expansion. Empty when there is no file."""
+
+    table: Mapping[str, Expansion] = field(default_factory=dict)
+    path: str | None = None
+    problems: tuple[str, ...] = ()  # what was refused or broken, one line each
+
+    def lookup(self, local_part: str) -> Expansion | None:
+        name = local_part.lower()
+        found = self.table.get(name)
+        if found is None and "+" in name:
+            found = self.table.get(name.split("+", 1)[0])
+        return found
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @classmethod
+    def load(cls, path: str, local_domains: tuple[str, ...]) -> Aliases:
+        """Read and expand `path`; a missing file is an empty table. Raises AliasError when the
+        file exists but cannot be read."""
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return cls(path=path)
+        except OSError as exc:
+            raise AliasError(f"cannot read {path}: {exc.strerror}") from exc
+        entries, problems = parse(text)
+        return build(entries, local_domains, path=path, problems=problems)
+
+
+# -- reading the file -------------------------------------------------------------------------
+
+_NAME = re.compile(r'\s*("(?:[^"\\]|\\.)*"|[^:\s]+)\s*:(.*)', re.S)
+
+
+def parse(text: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Entries (name → raw targets, in order) and the problems found, with line numbers."""
+    entries: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for number, logical in _logical_lines(text):
+        match = _NAME.match(logical)
+        if match is None:
+            problems.append(f"line {number}: not 'name: target, ...'")
+            continue
+        name = match[1].strip('"').lower()
+        targets = [t for t in _split_targets(match[2]) if t]
+        if not targets:
+            problems.append(f"line {number}: {name} has no target")
+            continue
+        if name in entries:
+            problems.append(f"line {number}: {name} is defined again (the first one counts)")
+            continue
+        entries[name] = targets
+    return entries, problems
+
+
+def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
+    """Lines with their continuations joined (a line starting with blank continues the last);
+    comments and blank lines dropped. Yields (first line's number, text)."""
+    current: list[str] = []
+    start = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in " \t" and current:
+            current.append(line.strip())
+            continue
+        if current:
+            yield start, " ".join(current)
+        current, start = [line.strip()], number
+    if current:
+        yield start, " ".join(current)
+
+
+def _split_targets(text: str) -> list[str]:
+    """Comma-separated targets; commas inside double quotes do not split."""
+    targets, current, quoted = [], [], False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            targets.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    targets.append("".join(current).strip())
+    return targets
+
+
+# -- expanding --------------------------------------------------------------------------------
+
+
+def refusal(target: str) -> str | None:
+    """Why a target is never used, or None."""
+    bare = target.strip('"').strip()
+    if bare.startswith("|"):
+        return "a program: mailerd never runs programs for mail"
+    if bare.startswith("/"):
+        return "a file: mailerd never writes files for mail"
+    if bare.lower().startswith(":include:"):
+        return "an :include: list: not supported"
+    if not bare or any(c.isspace() or ord(c) < 32 for c in bare):
+        return "not an address"
+    return None
+
+
+def build(
+    entries: Mapping[str, list[str]],
+    local_domains: tuple[str, ...],
+    *,
+    path: str | None = None,
+    problems: Iterable[str] = (),
+) -> Aliases:
+    """Expand every entry in advance; loops and refused targets become logged problems."""
+    from mailerd.policy import is_local_domain, mailbox_name  # (policy imports this module)
+
+    found = list(problems)
+    table: dict[str, Expansion] = {}
+
+    def expand(name: str, path_: tuple[str, ...]) -> tuple[list[str], list[str], list, bool]:
+        mailboxes: list[str] = []
+        forwards: list[str] = []
+        refused: list[tuple[str, str]] = []
+        loop = False
+        for target in entries[name]:
+            why = refusal(target)
+            if why is not None:
+                refused.append((target, why))
+                continue
+            bare = target.strip('"').strip()
+            local, at, domain = bare.rpartition("@")
+            if at and not is_local_domain(domain, local_domains):
+                forwards.append(bare)
+                continue
+            key = (local if at else bare).lower()
+            if key == name or key not in entries:  # itself (its own mailbox), or a mailbox
+                box = mailbox_name(key)
+                if box is None:
+                    refused.append((target, "not a mailbox name"))
+                else:
+                    mailboxes.append(box)
+            elif key in path_ or len(path_) >= MAX_DEPTH:
+                loop = True
+            else:
+                more = expand(key, (*path_, key))
+                mailboxes += more[0]
+                forwards += more[1]
+                refused += more[2]
+                loop = loop or more[3]
+        return mailboxes, forwards, refused, loop
+
+    for name in entries:
+        mailboxes, forwards, refused, loop = expand(name, (name,))
+        boxes = tuple(dict.fromkeys(mailboxes))
+        remote = tuple(dict.fromkeys(normal_address(a) for a in forwards))
+        if len(boxes) + len(remote) > MAX_TARGETS:
+            found.append(f"{name}: more than {MAX_TARGETS} targets; treated as a loop")
+            loop = True
+        table[name] = Expansion(boxes, remote, tuple(refused), loop)
+        if loop:
+            found.append(f"{name}: alias loop; mail for it is refused")
+        for target, why in refused:
+            found.append(f"{name}: target {target} refused ({why})")
+    return Aliases(table, path, tuple(dict.fromkeys(found)))
+
+
+def normal_address(address: str) -> str:
+    """The form two addresses are compared in: the domain's case does not count, the local
+    part's may (RFC 5321 2.4)."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}" if at else address
+
+
+def report(aliases: Aliases) -> None:
+    """Log what the file held and every problem, once (at start-up and at each reload)."""
+    for problem in aliases.problems:
+        log.warning("aliases %s: %s", aliases.path, problem)
+    if aliases.table or aliases.problems:
+        log.info("aliases %s: %d name(s)", aliases.path, len(aliases))

@@ -1,0 +1,96 @@
+"""A recipient's deliveries: the relay policy and the aliases (`policy.route`), then the checks
+that need the file system and the user database (does the mailbox exist, is it a directory).
+
+Used for every RCPT by the worker, for every recipient of a `sendmail` submission by the pickup,
+and for bounces to local senders, so that all three decide alike. The answer is the list of
+copies to make (a mailbox, or an address to relay to), or the reply that refuses the recipient.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from mailerd import policy
+from mailerd.aliases import Aliases
+from mailerd.mailbox import Spool
+from mailerd.smtp.events import Address, Reply
+
+log = logging.getLogger("mailerd.recipients")
+
+CHECK_FAILED = Reply(451, "4.3.0", "Cannot check the mailbox now; try again later")
+# An mbox file where mailerd wants a mailbox directory (e.g. Debian's /var/mail/<user>): keep the
+# mail coming back (4xx) until the administrator converts or moves it.
+MAILBOX_NOT_A_DIRECTORY = Reply(450, "4.2.0", "Mailbox unavailable: it is not a directory")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One copy of a message: into a local mailbox, or relayed to an address."""
+
+    address: str  # the recipient as given (a local copy), or where to relay it
+    mailbox: str | None  # None: relay
+
+
+@dataclass(frozen=True)
+class Resolved:
+    targets: tuple[Target, ...] = ()
+    refusal: Reply | None = None  # set: the recipient is refused with this (and no targets)
+
+
+def resolve(
+    address: Address,
+    *,
+    trusted: bool,
+    local_domains: tuple[str, ...],
+    aliases: Aliases,
+    spool: Spool,
+    spool_path: str,
+) -> Resolved:
+    """Where mail for `address` goes, or why it cannot. `spool_path` names the spool in log
+    lines (`spool.root` may be a /proc/self/fd path)."""
+    route = policy.route(address, trusted=trusted, local_domains=local_domains, aliases=aliases)
+    if isinstance(route, policy.Refused):
+        if route.why:
+            log.warning("<%s>: %s", address, route.why)
+        return Resolved(refusal=route.reply)
+    if isinstance(route, policy.Remote):
+        return Resolved((Target(str(address), None),))
+    if isinstance(route, policy.Local):
+        refusal = check_mailbox(spool, spool_path, route.mailbox)
+        if refusal is not None:
+            return Resolved(refusal=refusal)
+        return Resolved((Target(str(address), route.mailbox),))
+    targets = []
+    for mailbox in route.mailboxes:
+        refusal = check_mailbox(spool, spool_path, mailbox)
+        if refusal is None:
+            targets.append(Target(str(address), mailbox))
+        elif refusal is policy.NO_SUCH_USER:
+            log.warning("alias %s: target %s has no mailbox; skipped", route.name, mailbox)
+        else:
+            return Resolved(refusal=refusal)  # a temporary problem: the whole alias waits
+    targets += [Target(forward, None) for forward in route.forwards]
+    if not targets:
+        return Resolved(refusal=policy.NO_SUCH_USER)
+    return Resolved(tuple(targets))
+
+
+def check_mailbox(spool: Spool, spool_path: str, mailbox: str) -> Reply | None:
+    """Whether `mailbox` can take mail now: None, or the reply that says why not."""
+    try:
+        state = spool.state(mailbox)
+    except OSError as exc:
+        log.error("cannot check mailbox %s: %s", mailbox, exc)
+        return CHECK_FAILED
+    if state == "unknown":
+        return policy.NO_SUCH_USER
+    if state == "not-a-directory":
+        log.error(
+            "mailbox %s is a file (an mbox?), not a directory: mail for it waits (450) until "
+            "it is moved aside; see the README, 'Mailboxes'",
+            os.path.join(spool_path, mailbox),
+        )
+        return MAILBOX_NOT_A_DIRECTORY
+    return None

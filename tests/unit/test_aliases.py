@@ -1,0 +1,130 @@
+"""aliases: reading /etc/aliases and expanding it in advance; policy.route with aliases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailerd import aliases, policy
+from mailerd.aliases import Aliases, Expansion
+from mailerd.smtp.events import Address
+
+LOCAL = ("example.org",)
+
+DEBIAN_DEFAULT = """\
+# /etc/aliases
+mailer-daemon: postmaster
+postmaster: root
+nobody: root
+hostmaster: root
+usenet: root
+news: root
+webmaster: root
+www: root
+ftp: root
+abuse: root
+noc: root
+security: root
+root: alice
+"""
+
+
+def table(text: str) -> Aliases:
+    entries, problems = aliases.parse(text)
+    return aliases.build(entries, LOCAL, problems=problems)
+
+
+def test_debian_default_file_resolves_through_root():
+    t = table(DEBIAN_DEFAULT)
+    for name in ("root", "postmaster", "MAILER-DAEMON", "abuse"):
+        assert t.lookup(name) == Expansion(mailboxes=("alice",)), name
+    assert t.problems == ()
+
+
+def test_lists_continuations_quotes_and_comments():
+    t = table(
+        "team: alice, bob,\n"
+        "      carol@example.org\n"
+        '"Sales Team": "dave"\n'
+        "# a comment\n"
+        "\n"
+        "ops:\talice,\n\tERIN@Remote.Example\n"
+    )
+    assert t.lookup("team") == Expansion(mailboxes=("alice", "bob", "carol"))
+    assert t.lookup("sales team") == Expansion(mailboxes=("dave",))
+    assert t.lookup("ops") == Expansion(mailboxes=("alice",), forwards=("ERIN@remote.example",))
+
+
+def test_aliases_of_aliases_self_reference_and_tags():
+    t = table("a: b\nb: c, b\nc: carol\nkeep: keep, keep@backup.example\n")
+    assert t.lookup("a") == Expansion(mailboxes=("carol", "b"))
+    assert t.lookup("keep") == Expansion(mailboxes=("keep",), forwards=("keep@backup.example",))
+    assert t.lookup("a+tag") == t.lookup("a")  # the +tag is dropped when the whole is unknown
+    assert t.lookup("A") == t.lookup("a")
+
+
+def test_loops_are_found_and_refused():
+    t = table("a: b\nb: c\nc: a\nd: a\nok: alice\n")
+    for name in ("a", "b", "c", "d"):
+        assert t.lookup(name).loop and not t.lookup(name).deliverable, name
+    assert t.lookup("ok").deliverable
+    assert any("a: alias loop" in p for p in t.problems)
+    route = policy.route(
+        Address("a", "example.org", False), trusted=False, local_domains=LOCAL, aliases=t
+    )
+    assert isinstance(route, policy.Refused) and route.reply.code == 550
+    assert route.reply.status == "5.4.6" and "loop" in route.why
+
+
+@pytest.mark.parametrize(
+    "target", ["|/usr/bin/evil", '"|/usr/bin/evil arg"', "/tmp/file", ":include:/etc/list"]
+)
+def test_programs_files_and_includes_are_refused(target):
+    t = table(f"x: {target}\ny: alice, {target}\n")
+    assert not t.lookup("x").deliverable
+    assert t.lookup("y") == Expansion(
+        mailboxes=("alice",), refused=((target, aliases.refusal(target)),)
+    )
+    assert sum(target in p for p in t.problems) == 2
+    route = policy.route(
+        Address("x", "example.org", False), trusted=True, local_domains=LOCAL, aliases=t
+    )
+    assert isinstance(route, policy.Refused) and route.reply.status == "5.1.1"
+
+
+def test_a_local_domain_target_is_looked_up_again_and_a_remote_one_forwarded():
+    t = table("a: root@example.org, sub@mail.example.org, x@other.example\nroot: alice\n")
+    assert t.lookup("a") == Expansion(mailboxes=("alice", "sub"), forwards=("x@other.example",))
+
+
+def test_broken_lines_are_problems_not_errors():
+    t = table("no colon here\nempty:\nok: alice\nok: bob\n")
+    assert t.lookup("ok") == Expansion(mailboxes=("alice",))
+    assert len(t.problems) == 3
+
+
+def test_load_missing_file_is_empty_and_unreadable_is_an_error(tmp_path: Path):
+    assert len(Aliases.load(str(tmp_path / "none"), LOCAL)) == 0
+    with pytest.raises(aliases.AliasError):
+        Aliases.load(str(tmp_path), LOCAL)  # a directory
+    path = tmp_path / "aliases"
+    path.write_text(DEBIAN_DEFAULT)
+    assert Aliases.load(str(path), LOCAL).lookup("root") == Expansion(mailboxes=("alice",))
+
+
+def test_route_applies_aliases_to_every_local_domain_and_postmaster():
+    t = table("postmaster: root\nroot: alice\nlist: alice, bob@far.example\n")
+    for address in (Address("postmaster", "", False), Address("Root", "sub.example.org", False)):
+        assert policy.route(address, trusted=False, local_domains=LOCAL, aliases=t) == (
+            policy.Alias(address.local.lower(), ("alice",), ())
+        )
+    route = policy.route(
+        Address("list", "example.org", False), trusted=False, local_domains=LOCAL, aliases=t
+    )
+    assert route == policy.Alias("list", ("alice",), ("bob@far.example",))
+    # the relay rules still come first
+    route = policy.route(
+        Address("list", "far.example", False), trusted=False, local_domains=LOCAL, aliases=t
+    )
+    assert route == policy.Refused(policy.RELAY_DENIED)
