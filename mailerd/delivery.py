@@ -34,6 +34,7 @@ from mailerd.channel import Channel
 from mailerd.config import Config
 from mailerd.mailbox import MAILBOX_BUSY, MailboxLocked, Spool
 from mailerd.outbound import Outbound
+from mailerd.pickup import Pickup, Taken
 from mailerd.queue import Envelope, Queue, Recipient
 from mailerd.smtp.events import Reply
 from mailerd.spoolwriter import SpoolClient
@@ -56,7 +57,10 @@ class DeliveryService:
         self.channels: set[Channel] = set()
         self.in_flight = 0
         self.stopping = asyncio.Event()
-        self.outbound = Outbound(cfg, self.queue, self.deliver_local, cfg.relay_credentials)
+        self.outbound = Outbound(
+            cfg, self.queue, self.deliver_local, cfg.relay_credentials, self.spool
+        )
+        self.pickup = Pickup(cfg, self.queue, self.spool, self.executor, self._picked_up)
         self.lost_writer = False
 
     async def run(self) -> None:
@@ -66,8 +70,10 @@ class DeliveryService:
         loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
-        scheduler = asyncio.create_task(self.outbound.run())
+        scheduler = asyncio.create_task(self.outbound.run(before=self.pickup.first))
+        pickup = asyncio.create_task(self._pick_up())
         await self.stopping.wait()
+        pickup.cancel()
         loop.remove_reader(self.listener.fileno())
         stopping_outbound = asyncio.create_task(self.outbound.stop())
         await self._drain()
@@ -87,6 +93,30 @@ class DeliveryService:
         ) and loop.time() < deadline:
             await asyncio.sleep(0.05)
 
+    async def _pick_up(self) -> None:
+        """The maildrop's pickup, once this process works the queue (after a reload the old
+        delivery process may still, until it is done) and the first look is done."""
+        await self.outbound.ready.wait()
+        try:
+            await self.pickup.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the maildrop's pickup stopped; sendmail's mail waits for a restart")
+
+    def _picked_up(self, taken: Taken) -> None:
+        task = asyncio.create_task(self._schedule(taken))
+        task.add_done_callback(_log_failure)
+
+    async def _schedule(self, taken: Taken) -> None:
+        """A new queue item from the maildrop: its refused recipients' bounce first (it reads
+        the queued message, which a quick delivery of the others would remove), then the
+        scheduler."""
+        if taken.refused:
+            await self.outbound.refuse(taken.envelope, taken.refused)
+        if any(r.state == "pending" for r in taken.envelope.recipients):
+            self.outbound.add(taken.envelope)
+
     def _accept(self) -> None:
         try:
             sock, _ = self.listener.accept()
@@ -102,13 +132,7 @@ class DeliveryService:
         self.channels.add(channel)
 
     async def deliver_local(self, mailbox: str, head: bytes, body: durable.Body) -> int:
-        """Write one message into a mailbox (for the scheduler: retries and bounces).
-
-        A mailbox that does not exist (a bounce to a forged local sender) goes to postmaster
-        rather than creating a directory for a user nobody knows.
-        """
-        if not self.spool.exists(mailbox):
-            mailbox = "postmaster"
+        """Write one message into a mailbox (for the scheduler: retries and bounces)."""
         return await self.writer.deliver(mailbox, head, body)
 
     def _reopen_logs(self) -> None:
@@ -281,6 +305,12 @@ class DeliveryService:
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """A background task's done-callback: its failure is logged, never lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_name(), exc_info=task.exception())
 
 
 def run(cfg: Config, listener: socket.socket) -> int:

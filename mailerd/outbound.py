@@ -32,9 +32,11 @@ from pathlib import Path
 
 import dns.asyncresolver
 
-from mailerd import dsn, mx, policy, relay, trace
+from mailerd import dsn, mx, policy, recipients, relay, trace
 from mailerd.config import Config, default_interface, interface_addresses, loopback_addresses
+from mailerd.mailbox import Spool
 from mailerd.queue import Envelope, Queue, Recipient
+from mailerd.smtp.events import Address
 
 log = logging.getLogger("mailerd.outbound")
 
@@ -53,10 +55,14 @@ class Outbound:
         queue: Queue,
         deliver_local: LocalDeliver,
         credentials: tuple[str, str] | None = None,
+        spool: Spool | None = None,
     ) -> None:
+        """`spool` (read-only: existence checks) routes bounces to local senders."""
         self.cfg = cfg
         self.queue = queue
         self.deliver_local = deliver_local
+        self.spool = spool or Spool(cfg.spool)
+        self.ready = asyncio.Event()  # set once this process works the queue (lock held)
         self.items: dict[str, Envelope] = {}
         self.busy: set[str] = set()
         self.wake = asyncio.Event()
@@ -118,12 +124,17 @@ class Outbound:
 
     # -- the scheduling loop -----------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Work the queue, once this process holds the queue's scheduler lock."""
+    async def run(self, before: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Work the queue, once this process holds the queue's scheduler lock; `before` runs
+        once the queue is loaded and before the first attempt (the maildrop's first pickup,
+        which must see an item it queued before a crash while that item is still there)."""
         loop = asyncio.get_running_loop()
         self.lock_fd = await self._lock_queue()
         # A fresh view: a previous scheduler (before a reload or a crash) may just have changed it.
         self.load(await loop.run_in_executor(None, self.queue.load))
+        if before is not None:
+            await before()
+        self.ready.set()
         next_rescan = time.monotonic() + RESCAN_INTERVAL
         while not self.stopping:
             if time.monotonic() >= next_rescan:
@@ -377,14 +388,55 @@ class Outbound:
         )
         await self.submit_notice(envelope.sender, message, envelope.smtputf8)
 
+    async def refuse(self, envelope: Envelope, statuses: list[dsn.RecipientStatus]) -> None:
+        """Bounce recipients refused before any attempt (a `sendmail` submission's unknown
+        users): they are already recorded as bounced in the queue item."""
+        for status in statuses:
+            log.info(
+                "%s: to=<%s>, relay=none, delay=0, status=bounced (%s %s)",
+                envelope.id,
+                status.address,
+                status.status,
+                status.diagnostic,
+            )
+        await self._notify(envelope, statuses, time.time())
+        if not any(r.state == "pending" for r in envelope.recipients):
+            await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, envelope.id)
+            self.items.pop(envelope.id, None)
+            log.info("%s: removed", envelope.id)
+
     async def submit_notice(self, to: str, message: bytes, smtputf8: bool) -> None:
-        """Deliver a DSN: into the local mailbox, or queued with sender <> for a remote one."""
-        local, _, domain = to.rpartition("@")
-        if policy.is_local_domain(domain, self.cfg.domains) or not domain:
-            name = policy.mailbox_name(local or to) or "postmaster"
-            await self.deliver_local(name, trace.return_path(""), message)
-            log.info("bounce to <%s> delivered to mailbox %s", to, name)
+        """Deliver a DSN: into the local mailboxes the address leads to (aliases included;
+        postmaster's when it leads nowhere, as for a forged local sender), or queued with
+        sender <> for a remote one."""
+        targets = self._local_targets(to)
+        if targets is None:
+            await self._queue_notice(to, message, smtputf8)
             return
+        for target in targets or (recipients.Target(to, "postmaster"),):
+            if target.mailbox is None:  # an alias that forwards: the notice follows it
+                await self._queue_notice(target.address, message, smtputf8)
+                continue
+            await self.deliver_local(target.mailbox, trace.return_path(""), message)
+            log.info("bounce to <%s> delivered to mailbox %s", to, target.mailbox)
+
+    def _local_targets(self, to: str) -> tuple[recipients.Target, ...] | None:
+        """Where a notice to a local address goes (empty: nowhere); None for a remote one."""
+        local, _, domain = to.rpartition("@")
+        if domain and not policy.is_local_domain(domain, self.cfg.domains):
+            return None
+        address = Address(local or to, domain, False)
+        resolved = recipients.resolve(
+            address,
+            trusted=True,
+            local_domains=self.cfg.domains,
+            aliases=self.cfg.aliases,
+            spool=self.spool,
+            spool_path=str(self.cfg.spool),
+        )
+        return resolved.targets
+
+    async def _queue_notice(self, to: str, message: bytes, smtputf8: bool) -> None:
         envelope = Envelope(
             id=trace.new_id(), sender="", recipients=[Recipient(to)], smtputf8=smtputf8
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from mailerd import preload
 from mailerd.config import DEFAULT_USER
+from mailerd.maildrop import MAILDROP
 from mailerd.queue import SUBDIRS as QUEUE_SUBDIRS
 
 log = logging.getLogger("mailerd.privileges")
@@ -195,19 +196,23 @@ def unreadable(user: str | None, paths: list[Path]) -> list[tuple[Path, str]]:
 
 
 def prepare_queue(queue: Path, user: str | None) -> None:
-    """Hand `<queue>/{msg,env,tmp,private}` (mode 0700) and the delivery socket to `user`.
+    """Hand the queue's directories (with their modes, queue.SUBDIRS) and the delivery socket
+    and pickup FIFO to `user`.
 
     Called by the master (root) before forking. Files already in the queue (left by a run as
     root) are handed over too, but only regular files with a single link, through a descriptor
     opened without following symlinks, so a planted link cannot make root chown anything else.
+    The maildrop's files are left alone: their owner is who submitted them.
     """
     if user is None:
         return
     account = lookup(user)
-    for sub in QUEUE_SUBDIRS:
+    for sub, mode in QUEUE_SUBDIRS.items():
         directory = queue / sub
         os.chown(directory, account.uid, account.gid, follow_symlinks=False)
-        os.chmod(directory, 0o700, follow_symlinks=False)
+        os.chmod(directory, mode, follow_symlinks=False)
+        if sub == MAILDROP:
+            continue
         for entry in os.scandir(directory):
             _hand_over(entry.path, account)
 
@@ -216,16 +221,16 @@ def _hand_over(path: str, account: Account) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        # A socket (the delivery socket) or a symlink: sockets are chowned by path, without
-        # following links; anything else is left alone.
+        # A socket (the delivery socket: it cannot be opened) or a symlink: a socket is
+        # chowned by path, without following links; anything else is left alone.
         with contextlib.suppress(OSError):
-            st = os.lstat(path)
-            if stat.S_ISSOCK(st.st_mode):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.chown(path, account.uid, account.gid, follow_symlinks=False)
         return
     try:
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid != account.uid:
+        ours = stat.S_ISFIFO(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
+        if ours and st.st_uid != account.uid:  # (the FIFO: the pickup's)
             os.fchown(fd, account.uid, account.gid)
     finally:
         os.close(fd)

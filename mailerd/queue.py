@@ -6,6 +6,8 @@ Layout (all under the queue directory):
   rename is the commit point: a `msg/` file without an envelope is debris from a crash before
   the commit (nobody was told 250) and is removed at start-up.
 - `tmp/`: unlinked spill files for large bodies in transit; `private/`: the delivery socket.
+- `maildrop/` (mode 1733) and `public/pickup` (a FIFO, mode 0622): where `sendmail` leaves mail
+  for the pickup, and how it wakes it (see `maildrop`).
 
 Every change is write-new, fsync, rename, fsync the directory. Only the delivery process writes.
 """
@@ -20,8 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mailerd import durable
+from mailerd.maildrop import MAILDROP, PICKUP_FIFO, PUBLIC
 
-SUBDIRS = ("msg", "env", "tmp", "private")
+# Each directory and its mode: the children's user owns them all (privileges.prepare_queue).
+# Anyone may drop mail into the maildrop (but not list or read it) and poke the pickup.
+SUBDIRS = {"msg": 0o700, "env": 0o700, "tmp": 0o700, "private": 0o700}
+SUBDIRS |= {MAILDROP: 0o1733, PUBLIC: 0o755}
+PICKUP_MODE = 0o622
 DEBRIS_AGE = 3600.0
 
 
@@ -62,11 +69,20 @@ class Queue:
 
     def create_dirs(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
-        for sub in SUBDIRS:
-            (self.root / sub).mkdir(exist_ok=True, mode=0o700)
+        for sub, mode in SUBDIRS.items():
+            (self.root / sub).mkdir(exist_ok=True, mode=mode)
+            os.chmod(self.root / sub, mode)  # mkdir's mode passes through the umask
         # Made here, at start-up, rather than by the first scheduler: the queue's layout is
         # complete before anything is accepted.
         self.scheduler_lock.touch(mode=0o600, exist_ok=True)
+        if not self.pickup_fifo.is_fifo():
+            self.pickup_fifo.unlink(missing_ok=True)
+            os.mkfifo(self.pickup_fifo, PICKUP_MODE)
+        os.chmod(self.pickup_fifo, PICKUP_MODE)
+
+    @property
+    def pickup_fifo(self) -> Path:
+        return self.root / PUBLIC / PICKUP_FIFO
 
     @property
     def scheduler_lock(self) -> Path:

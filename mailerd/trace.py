@@ -65,6 +65,15 @@ def received(
     return text.encode("utf-8")
 
 
+def received_local(*, uid: int, hostname: str, queue_id: str, when: float | None = None) -> bytes:
+    """The Received: header of mail a local user handed to `sendmail`: who submitted it (the
+    uid, as Postfix writes it), so that `-f` stays usable and still accountable."""
+    return (
+        f"Received: by {hostname} (mailerd, from userid {uid})\r\n"
+        f"\tid {queue_id}; {rfc5322_date(when)}\r\n"
+    ).encode()
+
+
 _date_cache: tuple[int, str] = (-1, "")
 
 

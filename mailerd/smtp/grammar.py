@@ -21,6 +21,7 @@ __all__ = [
     "format_local_part",
     "is_address_literal",
     "is_helo_domain",
+    "parse_address",
     "parse_mail_from",
     "parse_params",
     "parse_rcpt_to",
@@ -165,6 +166,18 @@ def _parse_path(text: str) -> tuple[Address, str]:
     if quoted:
         local = _QUOTED_PAIR_RE.sub(r"\1", local[1:-1])
     return Address(local, domain, quoted), text[match.end() :]
+
+
+def parse_address(text: str) -> Address:
+    """Parse a bare mailbox, as written between the angle brackets of a path: "local@domain",
+    or "postmaster" alone. For addresses that come from elsewhere than a MAIL or RCPT command
+    (the maildrop)."""
+    if _POSTMASTER_RE.fullmatch(f"<{text}>"):
+        return Address(text, "", False)
+    address, rest = _parse_path(f"<{text}>")
+    if rest:
+        raise GrammarError("address", "malformed address")
+    return address
 
 
 def parse_mail_from(argument: str) -> tuple[Address | None, list[Param]]:

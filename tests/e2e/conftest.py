@@ -13,6 +13,7 @@ import re
 import signal
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -378,8 +379,12 @@ def listing(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, bytes | None
             rel = os.path.normpath(os.path.join(rel_dir, f))
             if rel.split(os.sep)[0] in exclude:
                 continue
+            path = Path(dirpath, f)
+            if not stat.S_ISREG(path.lstat().st_mode):
+                out[rel] = b"<not a file>"  # the pickup's FIFO, a socket: never read those
+                continue
             try:
-                out[rel] = Path(dirpath, f).read_bytes()
+                out[rel] = path.read_bytes()
             except OSError:
                 out[rel] = b"<unreadable>"
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mailerd.smtp import grammar
 from mailerd.smtp.events import Address
 from mailerd.smtp.grammar import (
     GrammarError,
@@ -285,3 +286,22 @@ def test_address_round_trips_through_str():
         address, _ = parse_rcpt_to(argument)
         again, _ = parse_rcpt_to(f"TO:<{address}>")
         assert (again.local, again.domain) == (address.local, address.domain)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a@example.org", Address("a", "example.org", False)),
+        ('"x y"@example.org', Address("x y", "example.org", True)),
+        ("PostMaster", Address("PostMaster", "", False)),
+        ("u@[192.0.2.1]", Address("u", "[192.0.2.1]", False)),
+    ],
+)
+def test_parse_address(text, expected):
+    assert grammar.parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "root", "a@b@c", "<a@b.c>", "a@b.c>", "a@b.c x", "a@"])
+def test_parse_address_refuses(text):
+    with pytest.raises(grammar.GrammarError):
+        grammar.parse_address(text)
