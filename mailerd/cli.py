@@ -1,21 +1,42 @@
 """Command-line entry point: `mailerd [options]` runs the server (see `config` for options);
-`mailerd queue …` inspects and manages the outbound queue (see `queuectl`).
+`mailerd queue …` inspects and manages the outbound queue (see `queuectl`); `mailerd sendmail …`
+is the machine's mail command (see `sendmail`).
+
+Run under another name (a symlink to the `mailerd` script), it is that program: `sendmail`
+(what /usr/sbin/sendmail is), `mailq` (`sendmail -bp`, the queue listing) and `newaliases`.
+Those names never load the server's modules: `sendmail` must start fast for every cron mail.
 
 Exit status: 0 after a clean stop (or, without -f, once the daemon is up and accepting);
 2 for a bad option or config value; 1 when start-up fails (a port in use, a directory that
 cannot be created, an unknown -u user, a pid file held by a running mailerd), with the reason
-on stderr.
+on stderr. `sendmail`'s are those of sysexits.h (see `sendmail`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mailerd import config
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        program, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
+    else:
+        program = "mailerd"
+    if program == "sendmail" or argv[:1] == ["sendmail"]:
+        from mailerd import sendmail
+
+        return sendmail.main(argv if program == "sendmail" else argv[1:])
+    if program == "mailq":
+        from mailerd import sendmail
+
+        return sendmail.main(["-bp", *argv])
+    if program == "newaliases":
+        from mailerd import aliases
+
+        return aliases.newaliases_main(argv)
     if argv[:1] == ["queue"]:
         from mailerd import queuectl
 

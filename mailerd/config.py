@@ -166,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mailerd",
         description="A lightweight personal mail server.",
-        epilog="mailerd queue [-c FILE] [-q DIR] [list | flush | delete ID...] shows and "
-        "manages the outbound queue. Signals: HUP reloads, TERM stops, USR1 reopens logs.",
+        epilog="Subcommands: mailerd queue [-c FILE] [-q DIR] [list | flush | delete ID...] "
+        "shows and manages the outbound queue; mailerd sendmail [options] [recipient...] is "
+        "the machine's mail command (also run as sendmail, mailq = sendmail -bp, and "
+        "newaliases). Signals: HUP reloads, TERM stops, USR1 reopens logs.",
         argument_default=argparse.SUPPRESS,
     )
     for name, short, takes_value, repeatable, text in OPTIONS:
@@ -238,7 +240,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     default_domains, default_hostname = (
         ([], "") if raw.get("domain") and raw.get("hostname") else default_identity()
     )
-    domains = tuple(dict.fromkeys(_parse_domains(raw.get("domain") or default_domains)))
+    domains = tuple(dict.fromkeys(parse_domains(raw.get("domain") or default_domains)))
     return Config(
         spool=Path(str(raw.get("spool", DEFAULT_SPOOL))),
         queue=Path(str(raw.get("queue", DEFAULT_QUEUE))),
@@ -453,7 +455,7 @@ def _parse_dns(value: object) -> tuple[str, int]:
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
-def _parse_domains(values: object) -> list[str]:
+def parse_domains(values: object) -> list[str]:
     domains = []
     for value in values:  # type: ignore[attr-defined]
         domain = str(value).strip().lower().rstrip(".")

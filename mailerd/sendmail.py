@@ -1,0 +1,680 @@
+"""`sendmail`: the machine's mail command, as cron, mail(1), mutt, PHP and scripts run it.
+
+Every Debian program that mails runs /usr/sbin/sendmail (a link to the `mailerd` script, which
+dispatches on its name; also `mailerd sendmail`). It reads one message from standard input,
+completes its header (From:, Date:, Message-ID: when missing; Bcc: removed), stores it in the
+maildrop with `maildrop.submit()`, which returns only once the file is durable, and then wakes
+a running daemon (`maildrop.poke()`). It exits 0 only then; with the daemon stopped the mail
+waits in the maildrop. Any local user may run it, even as /usr/bin/python3 without any
+third-party package: this module imports only mailerd modules that import only the standard
+library, and the other modes' (-bs, -bp, -q, -bi) only when asked for.
+
+    sendmail [options] [--] [recipient ...]
+
+    -t              recipients also from To:/Cc:/Bcc: (Resent-To/Cc/Bcc: when there are any)
+    -i, -oi         a line holding a single "." does not end the message
+    -f ADDR, -r ADDR  envelope sender ("" or <> for the null sender); default USER@DOMAIN
+    -F NAME         full name for an added From: (default: the user's GECOS name)
+    -B 7BIT|8BITMIME  body type (default: 8BITMIME when the message has 8-bit bytes)
+    -C FILE         config file (default /etc/mailerd/mailerd.conf when readable)
+    -bm             read a message and queue it (the default)
+    -bs             SMTP on standard input and output; each message queued before its 250
+                    (From:, Date:, Message-ID: added as for -bm; a Bcc: is the client's affair)
+    -bp             list the queue (as `mailq`)      -q    deliver the queue now
+    -bi, -I         rebuild the aliases (as `newaliases`)
+    -oX, -v, -N dsn, -R ret, -V envid, -X log, -L label, -h N, -O opt, -p proto, -e x,
+    -c, -G, -m, -n, -U, -x   accepted and ignored
+
+Recipients without a domain (cron gives a user name) get DOMAIN: the config's first `domain`,
+else /etc/mailname, else the host's FQDN. Input lines may end in LF or CRLF and are stored with
+CRLF; a bare CR ends a line too (a progress meter's output stays readable); a line longer than
+998 octets is folded with CRLF SPACE, as Postfix's smtp_line_length_limit does; a NUL is refused.
+A leading mbox "From " line is dropped.
+
+Exit status (sysexits): 0 queued; EX_USAGE (64) a bad option or no recipient; EX_DATAERR (65) a
+bad address, a NUL, a message too large; EX_CONFIG (78) an unusable -C file; EX_TEMPFAIL (75)
+the maildrop cannot be written (missing, full, not permitted): nothing was queued, try again;
+EX_IOERR (74) standard input unreadable; EX_OSERR (71) no passwd entry for the user when one is
+needed; EX_NOPERM (77) -bp by a user who may not read the queue (its directories are the
+daemon's, 0700); EX_SOFTWARE (70) a bug. Every failure says why on stderr, in one line, and
+never as a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.utils import getaddresses
+from typing import BinaryIO
+
+from mailerd import config, maildrop, trace
+from mailerd.smtp.events import Address, Envelope, Reply
+from mailerd.smtp.grammar import GrammarError, parse_address
+
+MAX_LINE = 998  # octets without CRLF (RFC 5322 2.1.1); longer lines are folded
+IDLE_TIMEOUT = 300.0  # seconds a -bs client may stay silent
+SIZE_SLACK = 65536  # input beyond the size limit that Bcc:/From_ removal might still save
+
+# getopt-style letters: those that take a value (attached or the next argument), and flags.
+_WITH_VALUE = frozenset("BCFLNORVXbefhoprq")
+_FLAGS = frozenset("GIUcimntvx")
+_MODES = {"m": "send", "s": "smtp", "p": "list", "i": "aliases"}
+
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_CR_BEFORE_LF = re.compile(rb"\r+\n")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class Failure(Exception):
+    """Stop with `status` (sysexits) and `message` on stderr."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    mode: str = "send"  # send (-bm), smtp (-bs), list (-bp), flush (-q), aliases (-bi)
+    recipients: list[str] = field(default_factory=list)
+    extract: bool = False  # -t
+    ignore_dots: bool = False  # -i, -oi
+    sender: str | None = None  # -f/-r; "" is the null sender
+    full_name: str | None = None  # -F
+    body: str | None = None  # -B
+    config_file: str | None = None  # -C
+
+
+def parse_options(argv: list[str]) -> Options:
+    """Sendmail's options, getopt-style (flags may be grouped, values attached or separate),
+    up to `--` or the first argument that is not an option (POSIX: Postfix's order too)."""
+    opts = Options()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-":
+            i -= 1
+            break
+        pos = 1
+        while pos < len(arg):
+            letter = arg[pos]
+            pos += 1
+            if letter in _FLAGS:
+                _flag(opts, letter)
+                continue
+            if letter not in _WITH_VALUE:
+                raise Failure(os.EX_USAGE, f"unknown option -{letter}")
+            if letter == "q":  # -q, -q30m, -qR...: the value is optional and only attached
+                opts.mode = "flush"
+                break
+            if pos < len(arg):
+                value = arg[pos:]
+            elif i < len(argv):
+                value = argv[i]
+                i += 1
+            else:
+                raise Failure(os.EX_USAGE, f"option -{letter} needs a value")
+            _option(opts, letter, value)
+            break
+    opts.recipients.extend(argv[i:])
+    return opts
+
+
+def _flag(opts: Options, letter: str) -> None:
+    if letter == "t":
+        opts.extract = True
+    elif letter == "i":
+        opts.ignore_dots = True
+    elif letter == "I":
+        opts.mode = "aliases"
+    # G (gateway), U (initial submission), c, m (me too), n (no aliasing), v, x: nothing to do
+
+
+def _option(opts: Options, letter: str, value: str) -> None:
+    if letter in "fr":
+        opts.sender = value
+    elif letter == "F":
+        opts.full_name = value
+    elif letter == "C":
+        opts.config_file = value
+    elif letter == "B":
+        body = value.upper()
+        if body not in maildrop.BODY_TYPES:
+            raise Failure(os.EX_USAGE, f"-B takes 7BIT or 8BITMIME, not {value!r}")
+        opts.body = body
+    elif letter == "b":
+        if value not in _MODES:
+            raise Failure(os.EX_USAGE, f"-b{value} is not supported")
+        opts.mode = _MODES[value]
+    elif letter == "o" and value == "i":
+        opts.ignore_dots = True
+    # -oX (error and delivery modes...), -N, -R, -V, -X, -L, -h, -O, -p, -e: ignored
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """What sendmail needs of the config file; the names it falls back on are found lazily,
+    since socket.getfqdn() may wait for the resolver and most mail needs neither."""
+
+    queue: str = config.DEFAULT_QUEUE
+    domains: tuple[str, ...] = ()
+    configured_hostname: str | None = None
+    max_message_size: int = config.DEFAULT_MAX_MESSAGE_SIZE
+    _domain: str | None = None
+    _hostname: str | None = None
+
+    def domain(self) -> str:
+        """The domain of unqualified addresses: the first local domain."""
+        if self._domain is None:
+            self._domain = self.domains[0] if self.domains else config.read_mailname() or _fqdn()
+        return self._domain
+
+    def hostname(self) -> str:
+        """This host's name, for Message-ID: and the -bs greeting."""
+        if self._hostname is None:
+            self._hostname = self.configured_hostname or config.read_mailname() or _fqdn()
+        return self._hostname
+
+
+def load_settings(path: str | None) -> Settings:
+    """From `-C FILE` (a directory means its mailerd.conf, as Postfix's -C), else from the
+    default config file when this user may read it; config.load() would validate listeners."""
+    if path is None:
+        if not os.access(config.DEFAULT_CONFIG, os.R_OK):
+            return Settings()
+        path = config.DEFAULT_CONFIG
+    elif os.path.isdir(path):
+        path = os.path.join(path, "mailerd.conf")
+    try:
+        raw = config.read_ini(path)
+        domains = tuple(config.parse_domains(raw.get("domain") or []))
+        hostname = raw.get("hostname")
+        size = raw.get("max_message_size", config.DEFAULT_MAX_MESSAGE_SIZE)
+        return Settings(
+            queue=str(raw.get("queue") or config.DEFAULT_QUEUE),
+            domains=domains,
+            configured_hostname=config._parse_hostname(str(hostname)) if hostname else None,
+            max_message_size=config._parse_int("max-message-size", size, 1, 2**40),
+        )
+    except config.ConfigError as exc:
+        raise Failure(os.EX_CONFIG, str(exc)) from None
+
+
+def _fqdn() -> str:
+    name = socket.getfqdn().lower().rstrip(".")
+    return name if name and config._is_domain(name) else "localhost"
+
+
+# -- who is sending ----------------------------------------------------------------------------
+
+
+@dataclass
+class Identity:
+    """The invoking user (the login name for the default sender, GECOS for From:)."""
+
+    settings: Settings
+    full_name_option: str | None = None
+    _entry: pwd.struct_passwd | None = None
+
+    def entry(self) -> pwd.struct_passwd:
+        if self._entry is None:
+            try:
+                self._entry = pwd.getpwuid(os.getuid())
+            except KeyError:
+                raise Failure(os.EX_OSERR, f"no login name for user ID {os.getuid()}") from None
+        return self._entry
+
+    def address(self) -> str:
+        return f"{self.entry().pw_name}@{self.settings.domain()}"
+
+    def full_name(self) -> str:
+        if self.full_name_option is not None:
+            name = self.full_name_option
+        else:
+            entry = self.entry()
+            # GECOS: the name is the first comma-separated field; "&" stands for the login.
+            login = entry.pw_name
+            name = entry.pw_gecos.split(",", 1)[0].replace("&", login[:1].upper() + login[1:])
+        return _CONTROLS.sub(" ", name).strip()  # never a line break into the header
+
+
+def envelope_sender(opts: Options, identity: Identity) -> str:
+    """The -f address checked and qualified ("" for <>), or the user's own address."""
+    if opts.sender is None:
+        return check_address(identity.address(), sender=True)
+    text = opts.sender.strip()
+    if text in ("", "<>"):
+        return ""
+    addresses = _split_addresses(text)
+    if len(addresses) != 1:
+        raise Failure(os.EX_DATAERR, f"bad sender address: {opts.sender!r}")
+    return check_address(qualify(addresses[0], identity.settings.domain), sender=True)
+
+
+def command_line_recipients(opts: Options, settings: Settings) -> list[str]:
+    recipients = []
+    for arg in opts.recipients:
+        addresses = _split_addresses(arg)
+        if not addresses:
+            raise Failure(os.EX_DATAERR, f"bad recipient address: {arg!r}")
+        recipients += [check_address(qualify(a, settings.domain)) for a in addresses]
+    return recipients
+
+
+def _split_addresses(text: str) -> list[str]:
+    """The addresses of a command-line argument: `a@b`, `<a@b>`, `Name <a@b>`, or a list of
+    those separated by commas (outside quotes and angle brackets). Nothing is unquoted or
+    squeezed as the header parser would (getaddresses() reads `a@exa mple.org` as
+    `a@example.org`): what is not one address is refused by the grammar afterwards."""
+    pieces = []
+    start = depth = 0
+    for i, ch in _unquoted(text):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    pieces.append(text[start:])
+    return [_angle_address(p.strip()) for p in pieces if p.strip()]
+
+
+def _angle_address(piece: str) -> str:
+    """`Name <addr>` → `addr` (the last < outside quotes starts it); anything else as is."""
+    if not piece.endswith(">"):
+        return piece
+    opening = max((i for i, ch in _unquoted(piece) if ch == "<"), default=-1)
+    return piece[opening + 1 : -1] if opening >= 0 else piece
+
+
+def _unquoted(text: str) -> Iterator[tuple[int, str]]:
+    """(index, character) of the characters outside quoted strings."""
+    quoted = escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif not quoted:
+            yield i, ch
+
+
+def qualify(address: str, domain: Callable[[], str]) -> str:
+    """`user` → `user@DOMAIN`, as every MTA does for local submissions."""
+    _, at, after = address.rpartition("@")
+    if not at or '"' in after:  # no @ outside a quoted local part
+        return f"{address}@{domain()}"
+    return address
+
+
+def check_address(address: str, *, sender: bool = False) -> str:
+    """The address in the SMTP grammar's canonical form (what the pickup will check)."""
+    try:
+        address.encode("utf-8")  # not bytes that were no UTF-8 (surrogates)
+        return str(parse_address(address))
+    except (GrammarError, UnicodeEncodeError):
+        what = "sender" if sender else "recipient"
+        raise Failure(os.EX_DATAERR, f"bad {what} address syntax: <{address}>") from None
+
+
+# -- the message -------------------------------------------------------------------------------
+
+
+def read_input(stream: BinaryIO | None, *, stop_at_dot: bool, limit: int) -> bytes:
+    """Standard input up to EOF, or (without -i) up to a line holding a single ".", which is
+    where the caller may stop writing and wait for us: nothing after it is read."""
+    if stream is None:  # started without a standard input
+        return b""
+    try:
+        if not stop_at_dot:
+            data = stream.read(limit + 1)
+        else:
+            chunks: list[bytes] = []
+            size = 0
+            while size <= limit:
+                line = stream.readline(limit + 1 - size)
+                if not line or line.rstrip(b"\r\n") == b".":
+                    break
+                chunks.append(line)
+                size += len(line)
+            data = b"".join(chunks)
+    except OSError as exc:
+        raise Failure(os.EX_IOERR, f"cannot read the message: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise Failure(os.EX_DATAERR, "message too large")
+    return data
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """The lines of the input without their ends (LF, CRLF, or a bare CR); NUL refused."""
+    if b"\0" in data:
+        raise Failure(os.EX_DATAERR, "the message contains a NUL character; nothing sent")
+    if b"\r" in data:
+        data = _CR_BEFORE_LF.sub(b"\n", data).replace(b"\r", b"\n")
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def fold_long_lines(lines: list[bytes]) -> list[bytes]:
+    """Lines over 998 octets broken with CRLF SPACE (never inside a UTF-8 sequence)."""
+    if not lines or max(map(len, lines)) <= MAX_LINE:
+        return lines
+    out: list[bytes] = []
+    for line in lines:
+        while len(line) > MAX_LINE:
+            cut = MAX_LINE
+            while cut > MAX_LINE - 3 and 0x80 <= line[cut] < 0xC0:
+                cut -= 1  # a UTF-8 continuation byte: cut before its sequence
+            out.append(line[:cut])
+            line = b" " + line[cut:]
+        out.append(line)
+    return out
+
+
+Field = list[bytes]  # a header field's lines: the first, then its folded continuations
+
+
+def split_header(lines: list[bytes]) -> tuple[list[Field], list[bytes]]:
+    """(header fields, body lines). The header ends at an empty line (dropped) or at the first
+    line that is no field, which then starts the body; a leading mbox From_ line is dropped."""
+    if lines and lines[0].startswith(b"From "):
+        lines = lines[1:]
+    fields: list[Field] = []
+    for i, line in enumerate(lines):
+        if not line:
+            return fields, lines[i + 1 :]
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        elif _FIELD_NAME.match(line):
+            fields.append([line])
+        else:
+            return fields, lines[i:]
+    return fields, []
+
+
+def field_name(f: Field) -> str:
+    return f[0].split(b":", 1)[0].strip().lower().decode("ascii")
+
+
+def header_recipients(fields: list[Field], settings: Settings) -> list[str]:
+    """-t: the addresses of To:, Cc: and Bcc:, or of the Resent- ones when there are any."""
+    names = {field_name(f) for f in fields}
+    wanted = ("to", "cc", "bcc")
+    if names & {"resent-to", "resent-cc", "resent-bcc"}:
+        wanted = ("resent-to", "resent-cc", "resent-bcc")
+    values = []
+    for f in fields:
+        if field_name(f) in wanted:
+            text = b"".join(f).decode("utf-8", "surrogateescape")  # unfolded: CRLFs dropped
+            values.append(text.split(":", 1)[1])
+    recipients = []
+    for _, address in getaddresses(values):
+        if address:  # an empty group ("undisclosed-recipients:;") has none
+            recipients.append(check_address(qualify(address, settings.domain)))
+    return recipients
+
+
+def complete_message(
+    fields: list[Field], body: list[bytes], sender: str, identity: Identity, *, strip_bcc: bool
+) -> bytes:
+    """The message with CRLF line ends: Bcc: removed (when asked), then From:, Date: and
+    Message-ID: added at the end of the header when they are missing."""
+    if strip_bcc:
+        fields = [f for f in fields if field_name(f) not in ("bcc", "resent-bcc")]
+    names = {field_name(f) for f in fields}
+    lines = [line for f in fields for line in f]
+    if "from" not in names:
+        lines += fold_long_lines([author_field(sender or identity.address(), identity)])
+    if "date" not in names:
+        lines.append(f"Date: {trace.rfc5322_date()}".encode())
+    if "message-id" not in names:
+        lines.append(f"Message-ID: <{trace.new_id()}@{identity.settings.hostname()}>".encode())
+    lines.append(b"")
+    lines += body
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+def author_field(address: str, identity: Identity) -> bytes:
+    """`From: "Full Name" <address>`; a non-ASCII name as an RFC 2047 encoded-word."""
+    name = identity.full_name()
+    if not name:
+        return f"From: {address}".encode()
+    if name.isascii():
+        display = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    else:
+        from email.header import Header
+
+        display = Header(name, "utf-8").encode(maxlinelen=0)
+    return f"From: {display} <{address}>".encode()
+
+
+def body_type(message: bytes, declared: str | None) -> str:
+    """8BITMIME when the message has 8-bit bytes, whatever -B said (7BIT would be a lie that
+    the outbound side would repeat); otherwise -B's type, 7BIT by default."""
+    if not message.isascii():
+        return "8BITMIME"
+    return declared or "7BIT"
+
+
+# -- storing -----------------------------------------------------------------------------------
+
+
+def store(
+    settings: Settings, sender: str, recipients: list[str], message: bytes, body: str
+) -> list[str]:
+    """Submit durably (several files when there are more recipients than one may hold); the
+    names. On failure the files already written are removed: nothing is half sent."""
+    step = maildrop.MAX_RECIPIENTS
+    names: list[str] = []
+    try:
+        for start in range(0, len(recipients), step):
+            part = recipients[start : start + step]
+            names.append(maildrop.submit(settings.queue, sender, part, message, body))
+    except OSError as exc:
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(settings.queue, maildrop.MAILDROP, name))
+        where = os.path.join(settings.queue, maildrop.MAILDROP)
+        reason = exc.strerror or str(exc)
+        raise Failure(os.EX_TEMPFAIL, f"cannot write to the maildrop {where}: {reason}") from None
+    maildrop.poke(settings.queue)
+    return names
+
+
+def send(opts: Options, settings: Settings, stdin: BinaryIO | None) -> int:
+    """-bm: one message from standard input into the maildrop."""
+    identity = Identity(settings, opts.full_name)
+    sender = envelope_sender(opts, identity)
+    recipients = command_line_recipients(opts, settings)
+    if not recipients and not opts.extract:
+        raise Failure(os.EX_USAGE, "no recipient addresses given (or -t)")
+    limit = settings.max_message_size + SIZE_SLACK
+    data = read_input(stdin, stop_at_dot=not opts.ignore_dots, limit=limit)
+    fields, body = split_header(fold_long_lines(split_lines(data)))
+    if opts.extract:
+        recipients += header_recipients(fields, settings)
+    recipients = list(dict.fromkeys(recipients))
+    if not recipients:
+        raise Failure(os.EX_USAGE, "no recipient addresses found in the message header")
+    message = complete_message(fields, body, sender, identity, strip_bcc=True)
+    if len(message) > settings.max_message_size:
+        raise Failure(os.EX_DATAERR, f"message too large ({settings.max_message_size} max)")
+    store(settings, sender, recipients, message, body_type(message, opts.body))
+    return 0
+
+
+# -- sendmail -bs ------------------------------------------------------------------------------
+
+
+def serve_smtp(settings: Settings, identity: Identity, infd: int = 0, outfd: int = 1) -> int:
+    """SMTP on a pipe (`sendmail -bs`, as MUAs and swaks use it): the server's own Session,
+    with each message submitted to the maildrop before its 250."""
+    from mailerd import policy
+    from mailerd.smtp import (
+        NEED_DATA,
+        BodyData,
+        CloseConnection,
+        MessageAborted,
+        MessageComplete,
+        Session,
+        SessionConfig,
+    )
+
+    domains = settings.domains or (settings.domain(),)
+
+    def check_recipient(address: Address) -> Reply | None:
+        # As on a trusted listener: only a malformed local mailbox name is refused here.
+        verdict = policy.route(address, trusted=True, local_domains=domains)
+        return verdict.reply if isinstance(verdict, policy.Refused) else None
+
+    cfg = SessionConfig(hostname=settings.hostname(), max_message_size=settings.max_message_size)
+    session = Session(cfg, check_recipient)
+    pending = bytearray()
+    body: list[bytes] = []
+    while True:
+        event = session.next_event()
+        if isinstance(event, Reply):
+            pending += event.to_bytes()
+        elif isinstance(event, BodyData):
+            body.append(event.data)
+        elif isinstance(event, MessageAborted):
+            body = []
+        elif isinstance(event, MessageComplete):
+            session.commit_done(_commit(settings, identity, event.envelope, b"".join(body)))
+            body = []
+        elif isinstance(event, CloseConnection):
+            return 0 if _write_all(outfd, pending) else os.EX_IOERR
+        elif event is NEED_DATA:
+            if not _write_all(outfd, pending):
+                return os.EX_IOERR
+            pending.clear()
+            data = _read_some(infd, IDLE_TIMEOUT)
+            if data is None:
+                pending += session.timeout().to_bytes()
+            else:
+                session.receive_data(data)
+        # Anything else (Rejected, for the daemon's log) needs nothing here.
+
+
+def _commit(settings: Settings, identity: Identity, envelope: Envelope, content: bytes) -> Reply:
+    """Queue one message of a -bs session; the reply to its end of data."""
+    sender = str(envelope.sender) if envelope.sender is not None else ""
+    recipients = [str(r) for r in envelope.recipients]
+    lines = content.split(b"\r\n")
+    if lines[-1] == b"":  # DATA content ends with CRLF; BDAT content need not
+        lines.pop()
+    fields, body = split_header(lines)
+    message = complete_message(fields, body, sender, identity, strip_bcc=False)
+    if len(message) > settings.max_message_size:
+        size = settings.max_message_size
+        return Reply(552, "5.3.4", f"Message too big for system (maximum {size} octets)")
+    kind = "8BITMIME" if envelope.body == "8BITMIME" else body_type(message, None)
+    try:
+        names = store(settings, sender, recipients, message, kind)
+    except Failure as exc:
+        return Reply(451, "4.3.0", f"Error: {exc}")
+    return Reply(250, "2.0.0", f"Ok: queued as {names[0].split('-')[0]}")
+
+
+def _read_some(fd: int, timeout: float) -> bytes | None:
+    """Up to 64 KiB from fd; b"" at its end (or on a read error), None after `timeout`."""
+    import select
+
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            return None
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> bool:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:  # the client went away
+        return False
+    return True
+
+
+# -- the other modes ---------------------------------------------------------------------------
+
+
+def queue_command(settings: Settings, action: str) -> int:
+    """-bp / mailq and -q: `mailerd queue list|flush` on this config's queue."""
+    from mailerd import queuectl
+
+    try:
+        return queuectl.main(["-q", settings.queue, action])
+    except OSError as exc:
+        status = os.EX_NOPERM if isinstance(exc, PermissionError) else os.EX_TEMPFAIL
+        raise Failure(status, f"cannot read the queue {settings.queue}: {exc.strerror}") from None
+
+
+def rebuild_aliases(opts: Options) -> int:
+    from mailerd import aliases
+
+    return aliases.newaliases_main(["-C", opts.config_file] if opts.config_file else [])
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def main(argv: list[str], stdin: BinaryIO | None = None) -> int:
+    """Run `sendmail ARGV`; the exit status. `stdin` is where -bm reads the message (default:
+    standard input)."""
+    try:
+        return _run(argv, stdin)
+    except Failure as exc:
+        _complain(str(exc))
+        return exc.status
+    except KeyboardInterrupt:
+        _complain("interrupted; nothing sent")
+        return os.EX_TEMPFAIL
+    except Exception as exc:  # never a traceback to cron; never an exit 0 either
+        _complain(f"internal error: {type(exc).__name__}: {exc}")
+        return os.EX_SOFTWARE
+
+
+def _run(argv: list[str], stdin: BinaryIO | None) -> int:
+    opts = parse_options(argv)
+    if opts.mode == "aliases":
+        return rebuild_aliases(opts)
+    settings = load_settings(opts.config_file)
+    if opts.mode == "list":
+        return queue_command(settings, "list")
+    if opts.mode == "flush":
+        return queue_command(settings, "flush")
+    if opts.mode == "smtp":
+        return serve_smtp(settings, Identity(settings, opts.full_name))
+    if stdin is None and sys.stdin is not None:
+        stdin = sys.stdin.buffer
+    return send(opts, settings, stdin)
+
+
+def _complain(message: str) -> None:
+    # Without a stderr (closed), the exit status alone says it.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(f"sendmail: {message}", file=sys.stderr, flush=True)
