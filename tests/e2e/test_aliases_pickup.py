@@ -1,0 +1,257 @@
+"""Aliases over SMTP and for the maildrop's pickup, and the pickup itself (files written
+straight with mailerd.maildrop, as `sendmail` writes them; tests/e2e/test_sendmail.py drives the
+command).
+
+The aliases file is given with --aliases; mail for its names lands in the target mailboxes, a
+loop and a program target are refused and logged (and the program never runs), a remote target
+is queued. The pickup takes what was dropped while the daemon was stopped, refuses invalid files
+(logged, removed), never queues a file twice, and bounces an unknown local recipient to the
+submitter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailerd import config, maildrop, pickup
+from mailerd.mailbox import Spool
+from mailerd.queue import Queue
+
+from .conftest import Mailerd, expect, wait_until
+
+ALIASES = """\
+# like Debian's
+mailer-daemon: postmaster
+postmaster: root
+root: {admin}
+team: {admin}, {b}, {c}
+far: {b}, someone@remote.test
+loop1: loop2
+loop2: loop1
+runs: "|/bin/touch {marker}"
+"""
+
+
+@pytest.fixture
+def aliased(mailerd_factory, tmp_path: Path):
+    names = {"admin": "", "b": "", "c": ""}
+    m: Mailerd = mailerd_factory(start=False)
+    for key in names:
+        names[key] = m.new_user(key)
+    marker = tmp_path / "program-ran"
+    path = tmp_path / "aliases"
+    path.write_text(ALIASES.format(marker=marker, **names))
+    m.extra += ["--aliases", str(path)]
+    m.start()
+    return m, names, marker
+
+
+def _deliver(m: Mailerd, rcpt: str, subject: str, trusted: bool = False) -> int:
+    with m.smtp(trusted=trusted) as s:
+        refused = s.sendmail("a@client.test", [rcpt], f"Subject: {subject}\r\n\r\nx\r\n".encode())
+        assert refused == {}
+    return 250
+
+
+def test_aliases_over_smtp(aliased):
+    m, names, marker = aliased
+    admin, b, c = names["admin"], names["b"], names["c"]
+    _deliver(m, "root@example.org", "to root")
+    _deliver(m, "PostMaster@example.net", "to postmaster")  # every local domain, any case
+    _deliver(m, "mailer-daemon@example.org", "to mailer-daemon")
+    _deliver(m, "team@example.org", "to the team")
+    assert m.wait_messages(admin, 4) == [1, 2, 3, 4]
+    assert m.wait_messages(b, 1) == [1] and m.wait_messages(c, 1) == [1]
+    # a remote target is queued even from the network listener: the administrator chose it
+    queued = m.queue_files()
+    _deliver(m, "far@example.org", "forwarded")
+    assert m.wait_messages(b, 2) == [1, 2]
+    assert wait_until(lambda: m.queue_files() - queued or "someone@remote.test" in m.stderr_text())
+    # a loop and a program are refused at RCPT, logged, and nothing runs
+    with m.connect(trusted=False) as conn:
+        conn.start()
+        expect(conn.cmd("MAIL FROM:<a@client.test>"), 250, conn=conn)
+        expect(conn.cmd("RCPT TO:<loop1@example.org>"), 550, "5.4.6", conn=conn)
+        expect(conn.cmd("RCPT TO:<runs@example.org>"), 550, "5.1.1", conn=conn)
+        conn.cmd("QUIT")
+    log = m.stderr_text()
+    assert "alias loop1 is part of a loop" in log
+    assert "runs: target" in log and "never runs programs" in log
+    assert "NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.4.6" in log
+    assert not marker.exists()
+
+
+def _drop(m: Mailerd, sender: str, recipients: list[str], body: bytes) -> str:
+    return maildrop.submit(str(m.queue), sender, recipients, body)
+
+
+def _message(subject: str) -> bytes:
+    return f"From: root@example.org\r\nSubject: {subject}\r\n\r\nbody\r\n".encode()
+
+
+def _crash_after_queueing(m: Mailerd, name: str) -> None:
+    """What a pickup that died between queueing a file and removing it leaves: both."""
+    cfg = config.load_aliases(
+        config.load(
+            ["-s", str(m.spool), "-q", str(m.queue), "-l", "none", "-n", "none"]
+            + [a for d in m.domains for a in ("-d", d)]
+            + ["-H", m.hostname, "--aliases", m.extra[m.extra.index("--aliases") + 1]]
+        )
+    )
+    directory = os.open(m.queue / maildrop.MAILDROP, os.O_RDONLY | os.O_DIRECTORY)
+    path = m.queue / maildrop.MAILDROP / name
+    content = path.read_bytes()
+    try:
+        taken = pickup.Pickup(cfg, Queue(m.queue), Spool(m.spool), None, print).take(
+            directory, name
+        )
+    finally:
+        os.close(directory)
+    assert taken is not None and not path.exists()
+    path.write_bytes(content)
+    path.chmod(0o644)
+
+
+def test_dropped_while_stopped_is_delivered_at_start_once(aliased):
+    m, names, _ = aliased
+    admin = names["admin"]
+    assert m.stop() == 0
+    first = _drop(m, "root@example.org", ["root@example.org"], _message("one"))
+    second = _drop(m, "", ["postmaster", f"{names['b']}@example.org"], _message("two"))
+    again = _drop(m, "root@example.org", ["root@example.org"], _message("three"))
+    _crash_after_queueing(m, again)
+    maildrop_dir = m.queue / maildrop.MAILDROP
+    m.start()
+    assert m.wait_messages(admin, 3) == [1, 2, 3]
+    assert m.wait_messages(names["b"], 1) == [1]
+    assert wait_until(lambda: not any(maildrop_dir.iterdir()), 10), list(maildrop_dir.iterdir())
+    raw = m.read(admin, 1)
+    assert b"Received: by mx.example.org (mailerd, from userid 0)" in raw
+    assert raw.startswith(b"Return-Path: <root@example.org>\r\n")
+    log = m.stderr_text()
+    assert f"{first.split('-')[0]}: uid=0 from=<root@example.org>" in log
+    assert f"{second.split('-')[0]}: uid=0 from=<>" in log
+    assert f"{again}: already queued from the maildrop" in log
+    time.sleep(1)  # nothing more comes
+    assert m.messages(admin) == [1, 2, 3]
+    assert sorted(b"three" in m.read(admin, n) for n in (1, 2, 3)) == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"not json\nx\r\n", "header is not JSON"),
+        (
+            json.dumps({"version": 1, "sender": "a@b.c", "recipients": [], "body": "7BIT"}).encode()
+            + b"\nx\r\n",
+            "0 recipients",
+        ),
+        (
+            json.dumps(
+                {
+                    "version": 1,
+                    "sender": "a@b.c",
+                    "recipients": ["root@example.org"],
+                    "body": "7BIT",
+                }
+            ).encode()
+            + b"\nbare LF\n",
+            "bare CR or LF",
+        ),
+        (
+            json.dumps(
+                {
+                    "version": 1,
+                    "sender": "a@b.c",
+                    "recipients": ["root@example.org"],
+                    "body": "7BIT",
+                }
+            ).encode()
+            + b"\nNUL\x00\r\n",
+            "NUL",
+        ),
+        (
+            json.dumps(
+                {
+                    "version": 1,
+                    "sender": "<evil>",
+                    "recipients": ["root@example.org"],
+                    "body": "7BIT",
+                }
+            ).encode()
+            + b"\nx\r\n",
+            "bad address",
+        ),
+    ],  # fmt: skip
+)
+def test_invalid_files_are_logged_and_removed(aliased, content: bytes, why: str):
+    m, names, _ = aliased
+    name = maildrop.new_name()
+    path = m.queue / maildrop.MAILDROP / name
+    path.write_bytes(content)
+    path.chmod(0o644)
+    maildrop.poke(str(m.queue))
+    assert wait_until(lambda: not path.exists(), 10)
+    assert wait_until(lambda: f"maildrop {name} (uid 0): {why}" in m.stderr_text(), 5), (
+        m.stderr_text()[-2000:]
+    )
+    assert m.messages(names["admin"]) == []
+
+
+def test_unknown_local_recipient_is_bounced_to_the_submitter(aliased):
+    m, names, _ = aliased
+    admin = names["admin"]
+    _drop(
+        m,
+        f"{admin}@example.org",
+        ["nosuchuser@example.org", f"{names['c']}@example.org"],
+        _message("x"),
+    )
+    maildrop.poke(str(m.queue))
+    assert m.wait_messages(names["c"], 1) == [1]
+    assert m.wait_messages(admin, 1) == [1]
+    bounce = m.read(admin, 1)
+    assert b"multipart/report" in bounce and b"nosuchuser" in bounce
+    assert b"Return-Path: <>" in bounce
+
+
+def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_path: Path):
+    """`sendmail -bi` (what `newaliases` runs) reads the file as the daemon will, reports its
+    problems, and makes the running daemon reload it: a new alias works at once."""
+    m: Mailerd = mailerd_factory(start=False)
+    user = m.new_user("na")
+    aliases_file, pidfile = tmp_path / "aliases", tmp_path / "mailerd.pid"
+    aliases_file.write_text(f"old: {user}\n")
+    conf = tmp_path / "newaliases.conf"
+    conf.write_text(
+        f"[mailerd]\naliases = {aliases_file}\npidfile = {pidfile}\ndomain = example.org\n"
+    )
+    m.extra += ["--aliases", str(aliases_file), "-P", str(pidfile)]
+    m.start()
+    with m.connect() as c:
+        c.start()
+        expect(c.cmd("MAIL FROM:<a@client.test>"), 250, conn=c)
+        expect(c.cmd("RCPT TO:<new@example.org>"), 550, "5.1.1", conn=c)
+    aliases_file.write_text(f"old: {user}\nnew: old\nbad: |/bin/true\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "mailerd", "sendmail", "-bi", "-C", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (
+        "3 aliases, 1 problem(s)" in run.stderr and "bad: target |/bin/true refused" in run.stderr
+    )
+    assert f"mailerd (pid {m.pid}) reloads it now" in run.stderr
+    assert wait_until(lambda: "configuration reloaded" in m.stderr_text(), 15)
+    with m.smtp() as s:
+        assert s.sendmail("a@client.test", ["new@example.org"], b"Subject: n\r\n\r\nn\r\n") == {}
+    assert m.wait_messages(user, 1) == [1]
