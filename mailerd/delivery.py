@@ -131,9 +131,12 @@ class DeliveryService:
         holder.append(channel)
         self.channels.add(channel)
 
-    async def deliver_local(self, mailbox: str, head: bytes, body: durable.Body) -> int:
-        """Write one message into a mailbox (for the scheduler: retries and bounces)."""
-        return await self.writer.deliver(mailbox, head, body)
+    async def deliver_local(
+        self, mailbox: str, head: bytes, body: durable.Body, since: float | None = None
+    ) -> int:
+        """Write one message into a mailbox (for the scheduler: queued local copies and
+        bounces); `since` marks a redelivery (see mailbox.Delivery)."""
+        return await self.writer.deliver(mailbox, head, body, since)
 
     def _reopen_logs(self) -> None:
         """SIGUSR1 (forwarded by the master): reopen ours, and tell the writer over its channel

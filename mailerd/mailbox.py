@@ -43,10 +43,15 @@ MAILBOX_BUSY = Reply(451, "4.2.0", "Mailbox busy (locked); try again later")
 
 @dataclass(frozen=True)
 class Delivery:
-    """One message for one mailbox: the headers to prepend and the body."""
+    """One message for one mailbox: the headers to prepend and the body.
+
+    `since` marks a redelivery (from the queue, after a crash or an attempt whose outcome was
+    lost): if a message that starts with the same bytes was committed since then, it is that
+    message's number that is returned, and nothing is written twice."""
 
     head: bytes
     body: durable.Body
+    since: float | None = None
 
 
 class MailboxLocked(Exception):
@@ -134,7 +139,7 @@ class Spool:
         try:
             owner = _owner_of(directory)
             staged = self._stage(directory, owner, messages)
-            return self._commit(directory, owner, staged, wait)
+            return self._commit(directory, owner, messages, staged, wait)
         finally:
             os.close(directory)
 
@@ -158,27 +163,44 @@ class Spool:
                 os.close(fd)
         return staged
 
-    def _commit(self, directory: int, owner: Owner, staged: list[str], wait: bool) -> list[int]:
+    def _commit(
+        self,
+        directory: int,
+        owner: Owner,
+        messages: list[Delivery],
+        staged: list[str],
+        wait: bool,
+    ) -> list[int]:
         """Under the lock: number the staged messages, rename them into place (status first,
-        the message last: the commit point), update the counter, fsync the directory."""
+        the message last: the commit point), update the counter, fsync the directory. A
+        redelivery already there gets its existing number and its staged copy is dropped."""
         try:
             lock_fd = _open_lock(directory, owner)
             try:
                 self._lock(lock_fd, wait)
+                numbers: list[int | None] = [
+                    None if m.since is None else delivered(directory, m) for m in messages
+                ]
+                fresh = [tmp for tmp, n in zip(staged, numbers, strict=True) if n is None]
+                _discard(directory, [t for t, n in zip(staged, numbers, strict=True) if n])
+                if not fresh:
+                    return [n for n in numbers if n is not None]
                 first = next_number(directory)
-                numbers = list(range(first, first + len(staged)))
+                new = iter(range(first, first + len(fresh)))
+                numbers = [next(new) if n is None else n for n in numbers]
                 for tmp, number in zip(staged, numbers, strict=True):
-                    _rename(directory, tmp + ".status", f"{number}.status")
-                    _rename(directory, tmp, str(number))
+                    if tmp in fresh:
+                        _rename(directory, tmp + ".status", f"{number}.status")
+                        _rename(directory, tmp, str(number))
                 # The counter is a hint (next_number() heals a stale one), so it is not fsync'd,
                 # and failing to update it (a full disk) must not fail messages already renamed
                 # into place: that would have them delivered twice.
                 try:
-                    _store_counter(directory, numbers[-1], owner)
+                    _store_counter(directory, first + len(fresh) - 1, owner)
                 except OSError as exc:
                     log.warning("mailbox counter not updated (%s); it heals on the next one", exc)
                 os.fsync(directory)
-                return numbers
+                return [n for n in numbers if n is not None]
             finally:
                 os.close(lock_fd)  # closing releases the lockf lock
         except BaseException:
@@ -309,6 +331,40 @@ def _read_counter(directory: int) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+REDELIVERY_PREFIX = 4096  # octets compared to recognise a message already delivered
+REDELIVERY_SCAN = 2000  # newest messages looked at, at most
+CLOCK_SLACK = 60.0  # seconds: a message is looked for if written this long before `since`
+
+
+def delivered(directory: int, message: Delivery) -> int | None:
+    """The number of a message written since `message.since` that starts with the same bytes
+    (its Return-Path: and Received: headers, which name its queue id and date), if any. Looked
+    for among the newest messages only, and only for a redelivery: it costs a directory listing
+    and a read of a few files."""
+    assert message.since is not None
+    prefix = message.head + _body_start(message.body, REDELIVERY_PREFIX - len(message.head))
+    numbers = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and n.isascii())
+    for number in reversed(numbers[-REDELIVERY_SCAN:]):
+        try:
+            fd = os.open(str(number), os.O_RDONLY | _SAFE, dir_fd=directory)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_mtime < message.since - CLOCK_SLACK:
+                return None  # older than the message itself: it was never delivered here
+            if os.pread(fd, len(prefix), 0) == prefix:
+                return number
+        finally:
+            os.close(fd)
+    return None
+
+
+def _body_start(body: durable.Body, size: int) -> bytes:
+    if size <= 0:
+        return b""
+    return body[:size] if isinstance(body, bytes) else os.pread(body, size, 0)
 
 
 def largest_number(directory: int) -> int:

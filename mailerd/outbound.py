@@ -29,6 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import dns.asyncresolver
 
@@ -40,7 +41,10 @@ from mailerd.smtp.events import Address
 
 log = logging.getLogger("mailerd.outbound")
 
-LocalDeliver = Callable[[str, bytes, bytes | int], Awaitable[int]]
+class LocalDeliver(Protocol):
+    async def __call__(
+        self, mailbox: str, head: bytes, body: bytes | int, since: float | None = None
+    ) -> int: ...
 
 MAX_HEADER_BYTES = 64 * 1024
 IDLE_WAKE = 60.0
@@ -64,6 +68,7 @@ class Outbound:
         self.spool = spool or Spool(cfg.spool)
         self.ready = asyncio.Event()  # set once this process works the queue (lock held)
         self.items: dict[str, Envelope] = {}
+        self.recovered: set[str] = set()  # items found on disk (see load)
         self.busy: set[str] = set()
         self.wake = asyncio.Event()
         self.total = asyncio.Semaphore(cfg.max_outbound)
@@ -93,8 +98,11 @@ class Outbound:
     # -- queue membership --------------------------------------------------------------------
 
     def load(self, envelopes: list[Envelope]) -> None:
+        """Items read from disk: queued before this process started (a crash, a reload, a
+        restart), so an earlier attempt may have delivered some of their local copies."""
         for envelope in envelopes:
             self.items[envelope.id] = envelope
+            self.recovered.add(envelope.id)
         self.wake.set()
 
     def add(self, envelope: Envelope) -> None:
@@ -117,6 +125,7 @@ class Outbound:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, queue_id)
             self.items.pop(queue_id, None)
+            self.recovered.discard(queue_id)
         finally:
             self.busy.discard(queue_id)
         log.info("%s: removed by administrator", queue_id)
@@ -163,6 +172,7 @@ class Outbound:
             envelope = await loop.run_in_executor(None, self.queue.read, queue_id)
             if envelope is not None and queue_id not in self.items:
                 self.items[queue_id] = envelope
+                self.recovered.add(queue_id)
                 found += 1
         if found:
             log.info("picked up %d queued message(s) from disk", found)
@@ -253,9 +263,13 @@ class Outbound:
     ) -> dict[str, relay.Result]:
         path = self.queue.message_path(envelope.id)
         head = trace.return_path(envelope.sender)
+        # After a crash or an attempt whose answer was lost, the copy may be there already.
+        again = envelope.id in self.recovered or any(r.attempts for r in members)
         try:
             body = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
-            number = await self.deliver_local(mailbox, head, body)
+            number = await self.deliver_local(
+                mailbox, head, body, envelope.created if again else None
+            )
         except Exception as exc:
             result = relay.Result(451, "4.2.0", f"local delivery failed: {exc}")
         else:
@@ -333,6 +347,7 @@ class Outbound:
             # Files first, then memory: a rescan must never find the files of a forgotten item.
             await loop.run_in_executor(None, self.queue.remove, envelope.id)
             self.items.pop(envelope.id, None)
+            self.recovered.discard(envelope.id)
             log.info("%s: removed", envelope.id)
 
     def backoff(self, attempts: int) -> float:
@@ -403,6 +418,7 @@ class Outbound:
         if not any(r.state == "pending" for r in envelope.recipients):
             await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, envelope.id)
             self.items.pop(envelope.id, None)
+            self.recovered.discard(envelope.id)
             log.info("%s: removed", envelope.id)
 
     async def submit_notice(self, to: str, message: bytes, smtputf8: bool) -> None:

@@ -248,7 +248,10 @@ class SpoolService:
             self._answer(channel, header, {"error": "not a mailbox write", "errno": 22})
             return
         head, body = inline[:head_len], (inline[head_len:] if fd is None else fd)
-        future = self._writer(header["mailbox"]).submit(Delivery(head, body))
+        since = header.get("since")
+        if not isinstance(since, int | float) or isinstance(since, bool):
+            since = None  # (a redelivery's time: anything else is a plain delivery)
+        future = self._writer(header["mailbox"]).submit(Delivery(head, body, since))
         self.outstanding += 1
         self.asking[future] = (channel, header, fd)
 
@@ -319,15 +322,19 @@ class SpoolClient:
     def __init__(self, sock: socket.socket, on_broken: Callable[[], None]) -> None:
         self._client = Client(None, TIMEOUT, sock=sock, on_broken=on_broken)
 
-    async def deliver(self, mailbox: str, head: bytes, body: durable.Body) -> int:
-        """Write one message into `mailbox`; its number, or OSError/MailboxLocked."""
+    async def deliver(
+        self, mailbox: str, head: bytes, body: durable.Body, since: float | None = None
+    ) -> int:
+        """Write one message into `mailbox`; its number, or OSError/MailboxLocked. `since`:
+        a redelivery (mailbox.Delivery), not written again if it is there already."""
+        request: dict[str, Any] = {"mailbox": mailbox}
+        if since is not None:
+            request["since"] = since
         if isinstance(body, bytes):
-            answer = await self._client.request(
-                {"mailbox": mailbox, "head": len(head)}, head + body
-            )
+            answer = await self._client.request({**request, "head": len(head)}, head + body)
         else:
             # The channel closes the descriptor it sends; the caller keeps its own.
-            answer = await self._client.request({"mailbox": mailbox}, head, os.dup(body))
+            answer = await self._client.request(request, head, os.dup(body))
         if "number" in answer:
             return int(answer["number"])
         if answer.get("locked"):

@@ -255,3 +255,30 @@ def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_
     with m.smtp() as s:
         assert s.sendmail("a@client.test", ["new@example.org"], b"Subject: n\r\n\r\nn\r\n") == {}
     assert m.wait_messages(user, 1) == [1]
+
+
+def test_kill_9_during_pickup_loses_and_doubles_nothing(aliased):
+    """40 submissions wait in the maildrop; the daemon is killed (SIGKILL, the whole process
+    group) while it picks them up and delivers them, three times at different moments, then
+    left to finish: every message is in the mailbox exactly once."""
+    m, names, _ = aliased
+    admin = names["admin"]
+    assert m.stop() == 0
+    subjects = [f"pickup-{n}" for n in range(40)]
+    for subject in subjects:
+        _drop(m, "root@example.org", ["root@example.org"], _message(subject))
+    for delivered in (1, 12, 25):  # killed once this many are in the mailbox
+        m.start(wait=False)
+        assert wait_until(lambda n=delivered: len(m.messages(admin)) >= n, 20)
+        m.kill()
+        m.proc = None
+    m.start()
+    assert m.wait_messages(admin, len(subjects), timeout=20)
+    time.sleep(1)  # nothing more comes
+    seen = [
+        line.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        for n in m.messages(admin)
+        for line in [m.read(admin, n)]
+    ]
+    assert sorted(seen) == sorted(subjects), f"{len(seen)} copies of {len(subjects)} messages"
+    assert not any((m.queue / maildrop.MAILDROP).iterdir())

@@ -284,3 +284,29 @@ def test_counter_is_updated_in_place_but_never_written_through_a_planted_file(tm
     (box / ".counter").write_bytes(b"11\n# a note\n")
     assert spool.deliver("bob", [Delivery(b"", b"w")]) == [12]
     assert (box / ".counter").read_bytes() == b"12\n"
+
+
+def test_a_redelivery_already_there_is_not_written_twice(tmp_path):
+    """A copy from the queue after a crash (mailbox.Delivery.since): if a message starting
+    with the same bytes was committed since then, its number comes back and nothing is added."""
+    import time
+
+    spool = Spool(tmp_path)
+    head = b"Return-Path: <a@b.example>\r\n"
+    body = b"Received: by mx (mailerd, from userid 0)\r\n\tid QUEUEID1; date\r\n\r\nx\r\n"
+    since = time.time()
+    assert spool.deliver("bob", [Delivery(head, b"other\r\n"), Delivery(head, body)]) == [1, 2]
+    assert spool.deliver("bob", [Delivery(head, b"later\r\n")]) == [3]
+    # the redelivery finds message 2; a plain delivery of the same bytes is a new message
+    assert spool.deliver("bob", [Delivery(head, body, since)]) == [2]
+    assert messages(tmp_path / "bob") == [1, 2, 3]
+    batch = [Delivery(head, b"new\r\n", since), Delivery(head, body, since), Delivery(head, body)]
+    assert spool.deliver("bob", batch) == [4, 2, 5]
+    assert messages(tmp_path / "bob") == [1, 2, 3, 4, 5]
+    assert not [n for n in os.listdir(tmp_path / "bob") if n.startswith(".tmp")]
+    assert (tmp_path / "bob" / ".counter").read_text().strip() == "5"
+    # a message older than the redelivery's own time is not it (it was never delivered since)
+    old = since - 3600
+    for n in (2, 5):
+        os.utime(tmp_path / "bob" / str(n), (old, old))
+    assert spool.deliver("bob", [Delivery(head, body, since)]) == [6]
