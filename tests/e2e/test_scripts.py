@@ -1,0 +1,103 @@
+"""scripts/server as a new user runs it: it says it is listening only once it is, and every
+command it prints works (swaks, curl, sendmail) and lands a message in the mailbox it names.
+
+It runs in a copy of the checkout (its `var/` is the copy's) that shares this checkout's .venv,
+on its fixed port 2525; skipped when that port is taken.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, wait_until
+
+PORT = 2525
+
+
+def _port_taken() -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", PORT))
+        except OSError:
+            return True
+    return False
+
+
+def _copy_checkout(target: Path) -> Path:
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    (target / ".venv").symlink_to(REPO / ".venv")
+    return target
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    if _port_taken():
+        pytest.skip(f"port {PORT} is taken: scripts/server uses it")
+    if not (REPO / ".venv" / "bin" / "python").exists():
+        pytest.skip("no .venv to share")
+    checkout = _copy_checkout(tmp_path / "checkout")
+    out = open(tmp_path / "server.out", "w+b")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [str(checkout / "scripts" / "server")],
+        cwd=checkout,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield checkout, proc, tmp_path / "server.out"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        out.close()
+
+
+def test_scripts_server_prints_commands_that_work(server):
+    checkout, proc, out = server
+    text = lambda: out.read_bytes().decode("utf-8", "replace")  # noqa: E731
+    assert wait_until(lambda: "It lands in" in text() or proc.poll() is not None, 60), text()
+    assert proc.poll() is None, text()
+    # "listening" is said only once it listens: a connection right now gets the banner
+    with socket.create_connection(("127.0.0.1", PORT), timeout=5) as s:
+        assert s.recv(100).startswith(b"220 ")
+    commands = [line.strip() for line in text().splitlines() if line.startswith("  ")]
+    assert len(commands) == 3, text()
+    match = re.search(r"It lands in var/spool/(\S+)/1", text())
+    assert match, text()
+    mailbox = checkout / "var" / "spool" / match[1]
+    for n, command in enumerate(commands, 1):
+        run = subprocess.run(
+            ["bash", "-c", command], cwd=checkout, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, f"{command}\n{run.stdout}\n{run.stderr}"
+        assert wait_until(lambda n=n: (mailbox / str(n)).exists(), 10), (command, text())
+    time.sleep(0.2)
+    assert sorted(p.name for p in mailbox.iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(20) in (0, 130), text()
+    assert "Traceback" not in text()
