@@ -300,7 +300,8 @@ class Connection(asyncio.Protocol):
             reply = COMMIT_FAILED
         if reply.code >= 400:  # a deferral: logged like a refusal
             sender = str(envelope.sender) if envelope.sender else ""
-            self.log_reject("DATA", reply, sender, envelope.esmtp, envelope.helo)
+            verb = "BDAT" if envelope.chunked else "DATA"
+            self.log_reject(verb, reply, sender, envelope.esmtp, envelope.helo)
         self.committing = False
         if self.closing or self.session is None:
             return

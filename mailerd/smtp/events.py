@@ -142,6 +142,7 @@ class Envelope:
     body: str  # "7BIT" or "8BITMIME"
     smtputf8: bool
     declared_size: int | None
+    chunked: bool = False  # the content came with BDAT, not DATA
 
 
 @dataclass(frozen=True)

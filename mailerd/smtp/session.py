@@ -368,15 +368,8 @@ class Session:
     def _send(self, reply: Reply, *, count: bool = True, report: bool = True) -> None:
         """Queue a reply, enforcing the error limit and closing replies; a refused mail
         command, or the end of a session for its errors, comes with a Rejected event."""
-        if count and reply.code >= 400:
-            self._errors += 1
-            if self._errors > self._config.max_errors:
-                reply = Reply(
-                    421,
-                    "4.7.0",
-                    f"{self._config.hostname} Too many errors, closing connection",
-                    close=True,
-                )
+        if count:
+            reply = self._counted(reply)
         if report and reply.code >= 400 and (self._verb in _MAIL_VERBS or reply.code == 421):
             self._report(reply)
         if reply.close:
@@ -384,6 +377,19 @@ class Session:
         self._events.append(reply)
         if reply.close:
             self._close()
+
+    def _counted(self, reply: Reply) -> Reply:
+        """Count an error reply; past the limit, the 421 that closes the session instead."""
+        if reply.code >= 400:
+            self._errors += 1
+            if self._errors > self._config.max_errors:
+                return Reply(
+                    421,
+                    "4.7.0",
+                    f"{self._config.hostname} Too many errors, closing connection",
+                    close=True,
+                )
+        return reply
 
     def _report(self, reply: Reply) -> None:
         sender = str(self._sender or "") if self._in_mail else None
@@ -425,6 +431,7 @@ class Session:
             body=self._body_type,
             smtputf8=self._smtputf8,
             declared_size=self._declared_size,
+            chunked=self._bdat_used,
         )
 
     def _start_content(self) -> None:
@@ -462,9 +469,10 @@ class Session:
         else:
             self._send(Reply(250, "2.0.0", f"{self._bdat_size} octets received"))
             return
+        failure = self._counted(failure)  # (it may be the error that closes the session)
         self._report(failure)  # before the abort forgets the sender
         self._abort_transaction(reason)
-        self._send(failure, report=False)
+        self._send(failure, count=False, report=False)
 
     # --- commands -----------------------------------------------------------
 

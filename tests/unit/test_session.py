@@ -1217,3 +1217,13 @@ def test_closing_for_too_many_errors_is_reported_and_a_commit_failure_is_not():
     assert client.rejected == []  # the caller, who holds the message, reports that one
     client.send(b"FOO\r\nFOO\r\nFOO\r\n")
     assert [(r.verb, r.reply.code) for r in client.rejected] == [("FOO", 421)]
+
+
+def test_a_refused_message_that_ends_the_session_is_reported_as_the_421():
+    client = Client(max_errors=2)
+    client.transaction()
+    client.send(b"FOO\r\nFOO\r\n")
+    client.cmd("DATA")
+    replies = client.send(b"bare\nLF\r\n.\r\n")
+    assert [r.code for r in replies] == [421] and client.closed
+    assert [(r.verb, r.reply.code) for r in client.rejected] == [("DATA", 421)]

@@ -1,0 +1,572 @@
+"""Every refusal and deferral is one "NOQUEUE: reject:" line at the default level, and the
+fail2ban filter shipped in etc/fail2ban matches the abusive ones and nothing else.
+
+One module-scoped run provokes each rejection kind once, with real clients over real sockets on
+127.0.0.1 and ::1, against two servers started without -v: "main" (--max-errors 2, an aliases
+file with a loop, --max-message-size) and "caps" (one worker, --max-sessions-per-ip 1,
+--max-sessions 2). The kinds run one after the other, each in sessions that are over (QUIT or
+the server's close, then EOF) before the next starts, so the log lines that appear during one
+kind are that kind's alone. The tests then check those lines, and run Debian's fail2ban-regex
+over the servers' whole logs: as written (the foreground and --log-file format) and rewritten
+the way syslog stores the same lines in /var/log/mail.log; and the example jail's settings as
+fail2ban-client reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, Mailerd, Reply, SMTPConn, expect, finish, wait_until
+
+FILTER = REPO / "etc" / "fail2ban" / "filter.d" / "mailerd.conf"
+JAIL = REPO / "etc" / "fail2ban" / "jail.d" / "mailerd.conf"
+FAIL2BAN_REGEX = shutil.which("fail2ban-regex")
+# The filter's "before = common.conf" is the one fail2ban ships (the filter is installed beside it).
+COMMON_CONF = Path("/etc/fail2ban/filter.d/common.conf")
+
+MAX_SIZE = 10_000
+ALIASES = "loop1: loop2\nloop2: loop1\n"
+USER = "alice"  # a mailbox, for the transactions that get as far as DATA
+MBOX_USER = "mboxuser"  # a plain file in the spool where this mailbox would be
+
+# "2026-12-04 15:22:45,985 mailerd[123]: text" (mailerd/log.py, FOREGROUND_FORMAT); any program
+# name, for the foreign line of _extra_lines()
+FOREGROUND_RE = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d) (\d\d:\d\d:\d\d),\d{3} (([\w/]+)\[\d+\]: (.*))\Z", re.DOTALL
+)
+MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+
+# --------------------------------------------------------------------------------------------
+# Sessions
+# --------------------------------------------------------------------------------------------
+
+
+def _open(m: Mailerd, host: str, trusted: bool = False, helo: str | None = "client.test"):
+    """A session past the banner (and EHLO unless `helo` is None)."""
+    c = SMTPConn(host, m.port(trusted))
+    if helo is None:
+        expect(c.banner(), 220, conn=c)
+    else:
+        c.start(helo)
+    return c
+
+
+def _quit(c: SMTPConn) -> None:
+    """End a session and wait until the server has closed it (and so logged all about it)."""
+    expect(c.cmd("QUIT"), 221, conn=c)
+    assert c.wait_eof() is not None, "no EOF after QUIT\n" + c.dialogue()
+    c.close()
+
+
+def _closed_by_server(c: SMTPConn) -> None:
+    assert c.wait_eof() is not None, "the server did not close\n" + c.dialogue()
+    c.close()
+
+
+def _rcpt(rcpt: str, sender: str = "probe@remote.test") -> Callable[[Mailerd, str], Reply]:
+    def provoke(m: Mailerd, host: str) -> Reply:
+        c = _open(m, host, helo="probe.test")
+        expect(c.cmd(f"MAIL FROM:<{sender}>"), 250, conn=c)
+        reply = c.cmd(f"RCPT TO:<{rcpt}>")
+        _quit(c)
+        return reply
+
+    return provoke
+
+
+def _mail(command: str, helo: str | None) -> Callable[[Mailerd, str], Reply]:
+    def provoke(m: Mailerd, host: str) -> Reply:
+        c = _open(m, host, helo=helo)
+        reply = c.cmd(command)
+        _quit(c)
+        return reply
+
+    return provoke
+
+
+def _data(body: bytes) -> Callable[[Mailerd, str], Reply]:
+    """A whole transaction to USER whose content is refused after the final dot."""
+
+    def provoke(m: Mailerd, host: str) -> Reply:
+        c = _open(m, host, helo="sloppy.test")
+        expect(c.cmd("MAIL FROM:<writer@remote.test>"), 250, conn=c)
+        expect(c.cmd(f"RCPT TO:<{USER}@example.org>"), 250, conn=c)
+        expect(c.cmd("DATA"), 354, conn=c)
+        c.send(body + b"\r\n.\r\n")
+        reply = c.read_reply()
+        _quit(c)
+        return reply
+
+    return provoke
+
+
+def _too_many_errors(m: Mailerd, host: str) -> Reply:
+    """--max-errors 2: the third bad command closes the session. Unknown commands, so that the
+    two before are not mail commands and log nothing themselves."""
+    c = _open(m, host, helo="noisy.test")
+    expect(c.cmd("FOO"), 500, "5.5.2", conn=c)
+    expect(c.cmd("FOO"), 500, "5.5.2", conn=c)
+    reply = c.cmd("FOO")
+    _closed_by_server(c)
+    return reply
+
+
+def _per_ip_cap(m: Mailerd, host: str) -> Reply:
+    """--max-sessions-per-ip 1 on the network listener: a second session from the address."""
+    held = _open(m, host, helo=None)
+    c = SMTPConn(host, m.port(False))
+    reply = c.banner()
+    _closed_by_server(c)
+    _quit(held)
+    return reply
+
+
+def _total_cap(m: Mailerd, host: str) -> Reply:
+    """--max-sessions 2 (over both listeners): a third session, from anyone."""
+    held = [_open(m, host, helo=None), _open(m, host, trusted=True, helo=None)]
+    c = SMTPConn(host, m.port(True))
+    reply = c.banner()
+    _closed_by_server(c)
+    for h in held:
+        _quit(h)
+    return reply
+
+
+def _queue_write_fails(m: Mailerd, host: str) -> Reply:
+    """A message for a remote address on the trusted listener, while the queue cannot be
+    written (a directory the unprivileged children cannot enter): our fault, so a 451."""
+    c = _open(m, host, trusted=True, helo="laptop.test")
+    expect(c.cmd("MAIL FROM:<me@example.org>"), 250, conn=c)
+    expect(c.cmd("RCPT TO:<friend@remote.test>"), 250, conn=c)
+    expect(c.cmd("DATA"), 354, conn=c)
+    msg = m.queue / "msg"
+    mode = msg.stat().st_mode
+    msg.chmod(0)
+    try:
+        c.send(b"Subject: queued\r\n\r\nthe queue is broken\r\n.\r\n")
+        reply = c.read_reply()
+    finally:
+        msg.chmod(mode)
+    _quit(c)
+    return reply
+
+
+# --------------------------------------------------------------------------------------------
+# The kinds
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One rejection: how a client provokes it, the reply it gets, the line mailerd logs."""
+
+    name: str
+    provoke: Callable[[Mailerd, str], Reply]
+    host: str  # the client's address
+    verb: str
+    reply: str  # code, status and text, as on the wire (first line) and in the log
+    fields: str  # what follows "; " in the log line ("" for CONNECT: no such part)
+    banned: bool  # the fail2ban filter must match this line (else it must not)
+    server: str = "main"
+
+    def message(self) -> str:
+        text = f"NOQUEUE: reject: {self.verb} from unknown[{self.host}]: {self.reply}"
+        return f"{text}; {self.fields}" if self.fields else text
+
+
+def _fields(sender: str, rcpt: str | None, helo: str | None, proto: str = "ESMTP") -> str:
+    parts = [f"from=<{sender}>"] + ([f"to=<{rcpt}>"] if rcpt is not None else [])
+    return " ".join(parts + [f"proto={proto}"] + ([f"helo=<{helo}>"] if helo else []))
+
+
+V4, V6 = "127.0.0.1", "::1"
+KINDS = [
+    # RCPT on the network listener: relaying and probing for addresses are abuse
+    Kind(
+        "relay-denied",
+        _rcpt("victim@remote.test"),
+        V4,
+        "RCPT",
+        "554 5.7.1 Relay access denied",
+        _fields("probe@remote.test", "victim@remote.test", "probe.test"),
+        banned=True,
+    ),
+    Kind(
+        "sender-specified-routing",
+        _rcpt("user%remote.test@example.org"),
+        V6,
+        "RCPT",
+        "554 5.7.1 Relay access denied: sender-specified routing not allowed",
+        _fields("probe@remote.test", "user%remote.test@example.org", "probe.test"),
+        banned=True,
+    ),
+    Kind(
+        "unknown-user",
+        _rcpt("nosuchuser@example.org"),
+        V6,
+        "RCPT",
+        "550 5.1.1 No such user here",
+        _fields("probe@remote.test", "nosuchuser@example.org", "probe.test"),
+        banned=True,
+    ),
+    Kind(
+        "bad-recipient-syntax",
+        _rcpt("a..b@example.org"),
+        V4,
+        "RCPT",
+        "550 5.1.3 Bad recipient address syntax",
+        _fields("probe@remote.test", "a..b@example.org", "probe.test"),
+        banned=True,
+    ),
+    # ... but an alias loop is the administrator's doing
+    Kind(
+        "alias-loop",
+        _rcpt("loop1@example.org"),
+        V4,
+        "RCPT",
+        "550 5.4.6 Mail forwarding loop for this address",
+        _fields("probe@remote.test", "loop1@example.org", "probe.test"),
+        banned=False,
+    ),
+    # and so is a mailbox that is an mbox file: a deferral, the sender will retry
+    Kind(
+        "mailbox-is-a-file",
+        _rcpt(f"{MBOX_USER}@example.org"),
+        V4,
+        "RCPT",
+        "450 4.2.0 Mailbox unavailable: it is not a directory",
+        _fields("probe@remote.test", f"{MBOX_USER}@example.org", "probe.test"),
+        banned=False,
+    ),
+    # MAIL: no MTA sends it before EHLO, or with parameters it was not offered
+    Kind(
+        "mail-before-ehlo",
+        _mail("MAIL FROM:<early@remote.test>", helo=None),
+        V4,
+        "MAIL",
+        "503 5.5.1 Bad sequence of commands: send EHLO or HELO first",
+        _fields("early@remote.test", None, None, proto="SMTP"),
+        banned=True,
+    ),
+    Kind(
+        "bad-mail-parameter",
+        _mail("MAIL FROM:<odd@remote.test> FOO=BAR", helo="odd.test"),
+        V6,
+        "MAIL",
+        "555 5.5.4 MAIL FROM parameters not recognized or not implemented",
+        _fields("odd@remote.test", None, "odd.test"),
+        banned=True,
+    ),
+    # a big message is not an attack, whether its size is declared or found
+    Kind(
+        "declared-size-too-big",
+        _mail(f"MAIL FROM:<big@remote.test> SIZE={MAX_SIZE + 1}", helo="big.test"),
+        V4,
+        "MAIL",
+        f"552 5.3.4 Message size exceeds fixed maximum of {MAX_SIZE} octets",
+        _fields("big@remote.test", None, "big.test"),
+        banned=False,
+    ),
+    # refused content: a sloppy client, not an attacker (and the sender hears of it)
+    Kind(
+        "bare-lf",
+        _data(b"Subject: bare LF\r\n\r\none line\nanother line"),
+        V4,
+        "DATA",
+        "550 5.5.2 Message rejected: bare CR or LF found, lines must end with CRLF",
+        _fields("writer@remote.test", None, "sloppy.test"),
+        banned=False,
+    ),
+    Kind(
+        "nul",
+        _data(b"Subject: NUL\r\n\r\nnul \0 here"),
+        V6,
+        "DATA",
+        "550 5.6.0 Message rejected: NUL character found",
+        _fields("writer@remote.test", None, "sloppy.test"),
+        banned=False,
+    ),
+    Kind(
+        "message-too-big",
+        _data(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * (MAX_SIZE // 70) + b"end"),
+        V4,
+        "DATA",
+        f"552 5.3.4 Message too big for system (maximum {MAX_SIZE} octets)",
+        _fields("writer@remote.test", None, "sloppy.test"),
+        banned=False,
+    ),
+    # a deferral at the end of the data that is ours: the queue cannot be written
+    Kind(
+        "queue-write-fails",
+        _queue_write_fails,
+        V4,
+        "DATA",
+        "451 4.3.0 Local error in processing; try again later",
+        _fields("me@example.org", None, "laptop.test"),
+        banned=False,
+    ),
+    # the session is closed for its errors: the verb is the command that was one too many
+    Kind(
+        "too-many-errors",
+        _too_many_errors,
+        V6,
+        "FOO",
+        "421 4.7.0 mx.example.org Too many errors, closing connection",
+        "proto=ESMTP helo=<noisy.test>",
+        banned=True,
+    ),
+    # connections turned away: one address holding too many is abuse; a full server is not
+    # the fault of whoever arrives next
+    Kind(
+        "too-many-sessions-from-the-address",
+        _per_ip_cap,
+        V6,
+        "CONNECT",
+        "421 4.7.0 mx.example.org Too many connections from your address",
+        "",
+        banned=True,
+        server="caps",
+    ),
+    Kind(
+        "too-many-sessions-in-all",
+        _total_cap,
+        V4,
+        "CONNECT",
+        "421 4.7.0 mx.example.org Too many connections, try again later",
+        "",
+        banned=False,
+        server="caps",
+    ),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    servers: dict[str, Mailerd]
+    lines: dict[str, list[str]]  # kind name -> the NOQUEUE lines logged while it ran
+    logs: dict[str, list[str]]  # server name -> its whole log once every kind had run
+
+    def log_lines(self) -> list[str]:
+        """Every line both servers logged, in the foreground format."""
+        return [line for lines in self.logs.values() for line in lines]
+
+
+def _noqueue(m: Mailerd) -> list[str]:
+    return [line for line in m.stderr_text().splitlines() if "NOQUEUE: reject:" in line]
+
+
+def _sessions_over(m: Mailerd) -> bool:
+    """Every session the server logged has ended (the start-up probes' included)."""
+    text = m.stderr_text()
+    return text.count(": connect from ") == text.count(": disconnect from ")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Iterator[Run]:
+    base = tmp_path_factory.mktemp("rejections")
+    aliases = base / "aliases"
+    aliases.write_text(ALIASES)
+    main = Mailerd(
+        base / "main",
+        name="main",
+        extra=["--max-errors", "2", "--aliases", str(aliases)]
+        + ["--max-message-size", str(MAX_SIZE)],
+    )
+    main.add_user(USER)
+    (main.spool / MBOX_USER).write_bytes(b"From someone Thu Dec  4 15:22:45 2026\n\nold mail\n")
+    caps = Mailerd(
+        base / "caps",
+        name="caps",
+        workers=1,  # a closed session is released before the next connection is looked at
+        extra=["--max-sessions-per-ip", "1", "--max-sessions", "2"],
+    )
+    servers = {"main": main, "caps": caps}
+    try:
+        for m in servers.values():
+            assert "-v" not in m.argv() and "--verbose" not in m.argv()
+            m.start()
+        # The start-up probes' sessions must be over, or they count against the caps.
+        assert wait_until(lambda: _sessions_over(caps), timeout=5), caps.stderr_text()
+        lines = {}
+        for kind in KINDS:
+            m = servers[kind.server]
+            before = len(_noqueue(m))
+            reply = kind.provoke(m, kind.host)
+            assert f"{reply.code} {reply.lines[0]}" == kind.reply, f"{kind.name}: got {reply}"
+            lines[kind.name] = _noqueue(m)[before:]
+        # (A snapshot: the tests below that add sessions do not change what fail2ban reads.)
+        logs = {name: m.stderr_text().splitlines() for name, m in servers.items()}
+        yield Run(servers, lines, logs)
+    finally:
+        for m in servers.values():
+            finish(m)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+def test_each_rejection_is_one_line(run: Run, kind: Kind):
+    lines = run.lines[kind.name]
+    assert len(lines) == 1, f"{kind.name}: expected one NOQUEUE line, got {lines}"
+    match = FOREGROUND_RE.match(lines[0])
+    assert match and match.group(6) == "mailerd", f"not mailerd's foreground format: {lines[0]!r}"
+    assert match.group(7) == kind.message()
+
+
+def test_no_other_rejection_lines(run: Run):
+    """Nothing else was refused: the start-up probes, the held sessions, the QUITs logged no
+    NOQUEUE line, and every line is in some kind's window."""
+    logged = [line for line in run.log_lines() if "NOQUEUE: reject:" in line]
+    assert sorted(logged) == sorted(line for lines in run.lines.values() for line in lines)
+
+
+def test_too_many_errors_at_the_end_of_a_message_is_logged_as_such(run: Run):
+    """--max-errors 2, and the third error is a refused message: the client gets 421 and the
+    session is closed, so the line must say 421 (what fail2ban counts), not the 550."""
+    m = run.servers["main"]
+    before = len(_noqueue(m))
+    c = _open(m, V4, helo="noisy.test")
+    expect(c.cmd("FOO"), 500, "5.5.2", conn=c)
+    expect(c.cmd("FOO"), 500, "5.5.2", conn=c)
+    expect(c.cmd("MAIL FROM:<noisy@remote.test>"), 250, conn=c)
+    expect(c.cmd(f"RCPT TO:<{USER}@example.org>"), 250, conn=c)
+    expect(c.cmd("DATA"), 354, conn=c)
+    c.send(b"bare\nLF\r\n.\r\n")
+    expect(c.read_reply(), 421, "4.7.0", conn=c)
+    _closed_by_server(c)
+    lines = _noqueue(m)[before:]
+    assert len(lines) == 1, lines
+    assert ": 421 4.7.0 mx.example.org Too many errors, closing connection;" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# fail2ban
+# --------------------------------------------------------------------------------------------
+
+
+def _syslog(line: str, iso: bool = False) -> str:
+    """A foreground line as syslog stores it: rsyslog's traditional file format (Debian 12's
+    /var/log/mail.log), or its high-precision RFC 3339 one."""
+    match = FOREGROUND_RE.match(line)
+    assert match, f"not in the foreground format: {line!r}"
+    year, month, day, hms, rest, _, _ = match.groups()
+    if iso:
+        return f"{year}-{month}-{day}T{hms}.123456+00:00 mx {rest}"
+    return f"{MONTHS[int(month) - 1]} {int(day):2} {hms} mx {rest}"
+
+
+RENDERINGS = {
+    "foreground": lambda line: line,
+    "syslog": _syslog,
+    "syslog-rfc3339": lambda line: _syslog(line, iso=True),
+}
+
+
+def _extra_lines(run: Run) -> list[str]:
+    """Lines no test client can provoke, in the form of a real one: a full disk's deferral,
+    and Postfix's line for the same relay attempt in a mail.log both write to (not ours)."""
+    queue = run.lines["queue-write-fails"][0]
+    relay = run.lines["relay-denied"][0]
+    return [
+        queue.replace(
+            "451 4.3.0 Local error in processing; try again later",
+            "452 4.3.1 Insufficient system storage",
+        ),
+        relay.replace(" mailerd[", " postfix/smtpd["),
+    ]
+
+
+def _installed_filter(tmp_path: Path) -> Path:
+    """The filter as installed: in a filter.d beside fail2ban's common.conf, which its
+    [INCLUDES] reads. (Given etc/fail2ban/filter.d/mailerd.conf, fail2ban-regex takes
+    etc/fail2ban for the configuration directory, finds no common.conf there and says nothing:
+    every line would be missed.)"""
+    filter_d = tmp_path / "fail2ban" / "filter.d"
+    filter_d.mkdir(parents=True)
+    shutil.copy(COMMON_CONF, filter_d)
+    return Path(shutil.copy(FILTER, filter_d))
+
+
+@pytest.mark.skipif(FAIL2BAN_REGEX is None, reason="fail2ban-regex missing (Debian's fail2ban)")
+@pytest.mark.parametrize("rendering", sorted(RENDERINGS))
+def test_fail2ban_matches_the_abuse_and_nothing_else(run: Run, tmp_path: Path, rendering: str):
+    render = RENDERINGS[rendering]
+    log = [render(line) for line in run.log_lines() + _extra_lines(run)]
+    logfile = tmp_path / "mail.log"
+    logfile.write_text("".join(line + "\n" for line in log), "utf-8")
+    expected = sorted(
+        (kind.host, render(line)) for kind in KINDS if kind.banned for line in run.lines[kind.name]
+    )
+    assert len(expected) == sum(kind.banned for kind in KINDS)
+    filter_file = _installed_filter(tmp_path)
+    # "<ip> <msg>": for each match, the address fail2ban would ban and the whole line.
+    result = subprocess.run(
+        [FAIL2BAN_REGEX, "-o", "<ip> <msg>", str(logfile), str(filter_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LANG": "C.UTF-8"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    matched = sorted(tuple(out.split(" ", 1)) for out in result.stdout.splitlines())
+    assert matched == expected, f"fail2ban-regex output:\n{result.stdout}{result.stderr}"
+    # And the summary agrees, with no line taken for another reason (ignored, an error).
+    summary = subprocess.run(
+        [FAIL2BAN_REGEX, str(logfile), str(filter_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LANG": "C.UTF-8"},
+    )
+    assert summary.returncode == 0, summary.stdout + summary.stderr
+    counts = f"Lines: {len(log)} lines, 0 ignored, {len(expected)} matched, "
+    assert counts + f"{len(log) - len(expected)} missed" in summary.stdout, summary.stdout
+
+
+FAIL2BAN_CLIENT = shutil.which("fail2ban-client")
+
+
+def _jail_commands(tmp_path: Path, local: str | None) -> list[str]:
+    """The commands fail2ban-client would send its server (-d: dump, start nothing) for a copy
+    of Debian's /etc/fail2ban with only our jail and filter added, and `local` as
+    jail.d/mailerd.local (what an administrator writes to enable it)."""
+    conf = tmp_path / "etc-fail2ban"
+    shutil.copytree("/etc/fail2ban", conf)
+    for other in (conf / "jail.d").iterdir():  # Debian's sshd jail, anything installed
+        other.unlink()
+    shutil.copy(FILTER, conf / "filter.d")
+    shutil.copy(JAIL, conf / "jail.d")
+    if local is not None:
+        (conf / "jail.d" / "mailerd.local").write_text(local)
+    result = subprocess.run(
+        [FAIL2BAN_CLIENT, "-c", str(conf), "-d"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.mark.skipif(FAIL2BAN_CLIENT is None, reason="fail2ban-client missing (Debian's fail2ban)")
+def test_the_example_jail_is_off_until_enabled(tmp_path: Path):
+    assert not [line for line in _jail_commands(tmp_path, None) if "mailerd" in line]
+    commands = _jail_commands(tmp_path / "enabled", "[mailerd]\nenabled = true\n")
+    assert "['add', 'mailerd', 'auto']" in commands  # backend auto
+    assert "['start', 'mailerd']" in commands
+    jail = "\n".join(commands)
+    assert "--dports smtp,submission,submissions " in jail  # the ban covers every mail port
+    assert "NOQUEUE: reject: RCPT from unknown" in jail  # the filter is ours
+    assert "'addjournalmatch', '_SYSTEMD_UNIT=mailerd.service'" in jail
