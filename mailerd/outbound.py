@@ -41,10 +41,12 @@ from mailerd.smtp.events import Address
 
 log = logging.getLogger("mailerd.outbound")
 
+
 class LocalDeliver(Protocol):
     async def __call__(
         self, mailbox: str, head: bytes, body: bytes | int, since: float | None = None
     ) -> int: ...
+
 
 MAX_HEADER_BYTES = 64 * 1024
 IDLE_WAKE = 60.0
