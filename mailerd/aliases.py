@@ -258,9 +258,9 @@ def newaliases_main(argv: list[str]) -> int:
 
     path = argv[argv.index("-C") + 1] if "-C" in argv[:-1] else None
     try:
-        raw = config.read_ini(path) if path or os.access(config.DEFAULT_CONFIG, os.R_OK) else {}
-        if path is None and raw:
+        if path is None and os.access(config.DEFAULT_CONFIG, os.R_OK):
             path = config.DEFAULT_CONFIG
+        raw = config.read_ini(path) if path else {}
         domains = tuple(config.parse_domains(raw.get("domain") or [])) or tuple(
             config.default_identity()[0]
         )

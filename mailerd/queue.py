@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,22 +64,58 @@ class Envelope:
         return cls(**raw)
 
 
+_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _fchmod_at(directory: int, name: str, mode: int, kind: int = 0) -> None:
+    """chmod `name` below `directory`, refusing a link (ELOOP) rather than following it."""
+    fd = os.open(name, _NOFOLLOW | kind, dir_fd=directory)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _make_fifo(directory: int, name: str) -> None:
+    """The pickup FIFO, in place of anything else (a leftover file, a link) but a directory."""
+    try:
+        st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISFIFO(st.st_mode):
+        os.unlink(name, dir_fd=directory)  # (IsADirectoryError for a directory: left to a human)
+        st = None
+    if st is None:
+        os.mkfifo(name, PICKUP_MODE, dir_fd=directory)
+    _fchmod_at(directory, name, PICKUP_MODE)
+
+
 class Queue:
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def create_dirs(self) -> None:
+        """Make the queue's layout (SUBDIRS, the scheduler's lock, the pickup FIFO) with its
+        modes. Run as root at every start, below directories that `privileges.prepare_queue`
+        then gives the children's user: nothing here follows a link planted in one of them."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
-        for sub, mode in SUBDIRS.items():
-            (self.root / sub).mkdir(exist_ok=True, mode=mode)
-            os.chmod(self.root / sub, mode)  # mkdir's mode passes through the umask
+        root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for sub, mode in SUBDIRS.items():
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(sub, mode, dir_fd=root)
+                _fchmod_at(root, sub, mode, os.O_DIRECTORY)  # mkdir's mode passed the umask
+            public = os.open(PUBLIC, _NOFOLLOW | os.O_DIRECTORY, dir_fd=root)
+            try:
+                _make_fifo(public, PICKUP_FIFO)
+            finally:
+                os.close(public)
+        finally:
+            os.close(root)
         # Made here, at start-up, rather than by the first scheduler: the queue's layout is
         # complete before anything is accepted.
-        self.scheduler_lock.touch(mode=0o600, exist_ok=True)
-        if not self.pickup_fifo.is_fifo():
-            self.pickup_fifo.unlink(missing_ok=True)
-            os.mkfifo(self.pickup_fifo, PICKUP_MODE)
-        os.chmod(self.pickup_fifo, PICKUP_MODE)
+        lock = os.open(self.scheduler_lock, os.O_RDONLY | os.O_CREAT | _NOFOLLOW, 0o600)
+        os.close(lock)
 
     @property
     def pickup_fifo(self) -> Path:

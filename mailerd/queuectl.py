@@ -7,6 +7,9 @@ list is read from the queue directory and a delete removes the files directly.
     mailerd queue [-c FILE] [-q DIR]            list
     mailerd queue [-c FILE] [-q DIR] flush      retry everything now
     mailerd queue [-c FILE] [-q DIR] delete ID… remove messages
+    mailerd queue [-c FILE] [-q DIR] init       make the queue's layout, as the daemon does
+                                                at start (the .deb's postinst runs it, so
+                                                that sendmail works before the first start)
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mailerd queue", description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", help="config file (for its queue setting)")
     parser.add_argument("-q", "--queue", help="queue directory")
-    parser.add_argument("action", nargs="?", default="list", choices=("list", "flush", "delete"))
+    parser.add_argument(
+        "action", nargs="?", default="list", choices=("list", "flush", "delete", "init")
+    )
     parser.add_argument("ids", nargs="*", metavar="ID")
     args = parser.parse_args(argv)
     queue_dir = _queue_dir(args)
     if args.action == "delete" and not args.ids:
         parser.error("delete needs at least one queue ID")
+    if args.action == "init":
+        return _init(queue_dir, args.config)
     try:
         answer = asyncio.run(_ask(queue_dir, {"op": args.action, "ids": args.ids}))
     except (OSError, TimeoutError, ConnectionError):
@@ -51,6 +58,21 @@ def main(argv: list[str]) -> int:
         print(f"flushed: {answer.get('count', 0)} message(s) will be retried now")
         return 0
     return _delete(queue_dir, args.ids, answer)
+
+
+def _init(queue_dir: Path, config_file: str | None) -> int:
+    """The queue's directories, modes and owners (the children's user), as at start-up."""
+    from mailerd import privileges
+
+    argv = ["-n", "none", "-l", "none"] + (["-c", config_file] if config_file else [])
+    try:
+        user = privileges.resolve(config.load(argv).user)
+        Queue(queue_dir).create_dirs()
+        privileges.prepare_queue(queue_dir, user)
+    except (config.ConfigError, privileges.PrivilegeError, OSError) as exc:
+        print(f"mailerd queue: cannot make {queue_dir}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _queue_dir(args: argparse.Namespace) -> Path:

@@ -128,3 +128,22 @@ def test_route_applies_aliases_to_every_local_domain_and_postmaster():
         Address("list", "far.example", False), trusted=False, local_domains=LOCAL, aliases=t
     )
     assert route == policy.Refused(policy.RELAY_DENIED)
+
+
+def test_newaliases_reads_the_default_config(tmp_path: Path, monkeypatch, capsys):
+    """Without -C: the daemon's config file (as installed), its aliases file and pid file."""
+    from mailerd import config
+
+    path = tmp_path / "aliases"
+    path.write_text("root: alice\nbad: |/bin/true\n")
+    conf = tmp_path / "mailerd.conf"
+    conf.write_text(
+        f"[mailerd]\naliases = {path}\npidfile = {tmp_path / 'none.pid'}\ndomain = example.org\n"
+    )
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", str(conf))
+    assert aliases.newaliases_main([]) == 0
+    err = capsys.readouterr().err
+    assert f"{path}: 2 aliases, 1 problem(s)" in err
+    assert "mailerd is not running" in err
+    conf.write_text("[mailerd]\nno-such-key = 1\n")
+    assert aliases.newaliases_main([]) == 78  # EX_CONFIG
