@@ -2,12 +2,21 @@
 
 `scripts/build-deb` builds ``mailerd_<version>_all.deb``; the package is then installed with
 ``apt-get install ./mailerd_….deb`` (which pulls python3-dnspython, python3-daemon and
-python3-setproctitle from the archive), configured for the test (loopback-only high ports, the
-domain ``pkgtest.example``, a smarthost that is an aiosmtpd receiver run by the test), and driven
-through ``/etc/init.d/mailerd``: start, deliver one message to a local user, relay one to the fake
-MX, reload after adding a domain, status, stop; then ``apt-get purge mailerd`` — which must remove
-the configuration and the queue but never the users' mailboxes — and the test removes what it
-made itself (its user and that user's mailbox).
+python3-setproctitle from the archive), its debconf question (the mail name) preseeded with
+``debconf-set-selections`` to ``pkgtest.example``, which must land in /etc/mailname. The postinst
+must have made the queue as mailerd lays it out (``mailerd.queue.SUBDIRS``, the maildrop and the
+pickup FIFO), and /usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq and /usr/bin/newaliases
+must be links to mailerd. With /etc/aliases sending root's mail to the test user, mail to root
+is sent before the daemon ever ran (as cron sends it, and through /usr/lib/sendmail); then
+mailerd is configured for the test (loopback-only high ports, no ``domain``: the mail name is
+the local domain, a smarthost that is an aiosmtpd receiver run by the test), and driven through
+``/etc/init.d/mailerd``: start (the waiting mail is delivered), deliver one message to a local
+user, mail root with ``mail`` (bsd-mailx, installed with apt), ``mailq``, ``newaliases`` (the
+daemon reloads the aliases), relay one to the fake MX, reload after adding a domain, status,
+stop; ``dpkg-reconfigure`` keeps a hand-edited /etc/mailname; then ``apt-get purge mailerd`` —
+which must remove the configuration, the queue and the debconf answers but never the users'
+mailboxes nor /etc/mailname — and the test removes what it made itself (its user and that
+user's mailbox, /etc/aliases and /etc/mailname, or their previous contents put back).
 
 Where the package is installed (``MAILERD_PKGTEST_MODE``):
 
@@ -31,8 +40,9 @@ user is left on /etc, /var, /usr, /run, /opt, /srv or /home that was not there b
 sandbox: among what the sandbox itself wrote, so other tests changing the machine meanwhile do
 not count).
 
-Needs root and Debian (dpkg, apt-get); marked slow (``scripts/test --full`` runs it). About a
-minute when the build dependencies are already installed.
+Needs root and Debian (dpkg, apt-get, and the archive for bsd-mailx); marked slow
+(``scripts/test --full`` runs it). About a minute when the build dependencies are already
+installed.
 """
 
 from __future__ import annotations
@@ -68,6 +78,18 @@ MX_HOST = "127.0.0.2"  # the fake MX; not 127.0.0.1, which mailerd knows as itse
 SPOOL = "/var/spool/mail"
 QUEUE = "/var/spool/mailerd"
 CONF = "/etc/mailerd/mailerd.conf"
+MAILNAME = DOMAIN  # the debconf answer, preseeded: mailerd's first local domain through it
+MAILNAME_FILE = "/etc/mailname"
+ALIASES = "/etc/aliases"
+# The machine's mail commands, links to mailerd (relative, as lintian wants)
+MTA_LINKS = {
+    "/usr/sbin/sendmail": "mailerd",
+    "/usr/lib/sendmail": "../sbin/sendmail",
+    "/usr/bin/mailq": "../sbin/mailerd",
+    "/usr/bin/newaliases": "../sbin/mailerd",
+}
+MAN_LINKS = ("sendmail", "mailq", "newaliases", "mailerd-queue")
+MAILX = "bsd-mailx"  # Debian's mail(1); it needs a mail-transport-agent
 INIT = "/etc/init.d/mailerd"
 PIDFILE = "/run/mailerd.pid"
 POLICY_RC_D = "/usr/sbin/policy-rc.d"
@@ -85,6 +107,7 @@ ENV = {
     "APT_LISTCHANGES_FRONTEND": "none",
 }
 APT = ["apt-get", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=120"]
+DEBCONF_PURGE = ["debconf-communicate", "mailerd"]  # with "PURGE" on its input
 
 pytestmark = [
     pytest.mark.slow,
@@ -244,6 +267,9 @@ if mountpoint -q /run; then
     mount -t tmpfs -o mode=0755 tmpfs "$r/run"
     mkdir -m 1777 "$r/run/lock"
 fi
+# No man-db index updates (its dpkg trigger takes seconds at every install and purge, and
+# nothing here reads the index), as Debian's CI images do; only inside the overlay.
+rm -f "$r/var/lib/man-db/auto-update"
 # a resolver config that works inside (it may be a symlink into the host's /run)
 cat /etc/resolv.conf > "$b/resolv.conf" 2>/dev/null || true
 rm -f "$r/etc/resolv.conf"
@@ -449,9 +475,11 @@ class Machine:
     deb: Path
     made_policy: bool = False
     made_user: bool = False
+    preseeded: bool = False
     packages_before: set[str] = field(default_factory=set)
     footprint_before: set[str] = field(default_factory=set)
     backups: dict[str, tuple[bytes, tuple[str, str, str]]] = field(default_factory=dict)
+    absent: set[str] = field(default_factory=set)  # files to remove again (the test made them)
 
     def installed_packages(self) -> set[str]:
         out = self.target.out(["dpkg-query", "-W", "-f", "${Package}\t${db:Status-Status}\n"])
@@ -477,6 +505,12 @@ def machine(deb: Path) -> Iterator[Machine]:
     m = Machine(target, deb)
     try:
         m.footprint_before = target.footprint()
+        # the install writes /etc/mailname and the test /etc/aliases: both are put back
+        for path in (MAILNAME_FILE, ALIASES):
+            if target.exists(path):
+                m.backups[path] = (target.read(path), target.stat(path))
+            else:
+                m.absent.add(path)
         if isinstance(target, Host):
             m.packages_before = m.installed_packages()
             # useradd/userdel rewrite these backups; put them back as they were
@@ -515,11 +549,15 @@ def cleanup(m: Machine) -> list[str]:
     if m.made_user:  # the mailbox did not exist before the user was made: it is the test's
         attempt(f"userdel {USER}", lambda: t.run(["userdel", USER]))
         attempt(f"remove {SPOOL}/{USER}", lambda: t.run(["rm", "-rf", "--", f"{SPOOL}/{USER}"]))
+    if m.preseeded:  # the purge's db_purge did it, unless the install failed before
+        attempt("purge the debconf answers", lambda: t.run(DEBCONF_PURGE, input=b"PURGE\n"))
     if m.made_policy:
         attempt("remove policy-rc.d", lambda: t.run(["rm", "-f", POLICY_RC_D]))
     for path, (data, (owner, group, mode)) in m.backups.items():
         attempt(f"restore {path}", lambda p=path, d=data, m=mode: t.write(p, d, m))
         attempt(f"chown {path}", lambda p=path, o=f"{owner}:{group}": t.run(["chown", o, p]))
+    for path in m.absent:
+        attempt(f"remove {path}", lambda p=path: t.run(["rm", "-f", "--", p]))
     if isinstance(t, Host):
         with contextlib.suppress(Exception):
             t.run(["rm", "-f", "/tmp/" + m.deb.name])
@@ -585,6 +623,7 @@ def test_package_metadata(deb: Path):
     assert fields["Architecture"] == "all"
     depends = _names(fields["Depends"])
     assert {"python3-dnspython", "python3-daemon", "python3-setproctitle"} <= depends, depends
+    assert "debconf" in depends, depends  # (${misc:Depends}, from dh_installdebconf)
     for relation in ("Provides", "Conflicts", "Replaces"):
         assert "mail-transport-agent" in _names(fields.get(relation, "")), relation
 
@@ -603,6 +642,8 @@ def test_package_metadata(deb: Path):
         "./usr/share/man/man8/mailerd.8.gz",
         "./usr/lib/python3/dist-packages/mailerd/__init__.py",
         "./usr/share/doc/mailerd/copyright",
+        *(f".{path}" for path in MTA_LINKS),
+        *(f"./usr/share/man/man8/{name}.8.gz" for name in MAN_LINKS),
     ):
         assert path in files, f"{path} is not in the package"
     assert not any(p.startswith("./usr/lib/python3/dist-packages/tests") for p in files)
@@ -613,11 +654,16 @@ def test_package_metadata(deb: Path):
         assert {CONF, INIT, "/etc/default/mailerd"} <= conffiles, conffiles
         postrm = Path(control, "postrm").read_text()
         postinst = Path(control, "postinst").read_text()
+        templates = Path(control, "templates").read_text()
+        assert os.access(Path(control, "config"), os.X_OK), "no executable debconf config"
+    assert "Template: mailerd/mailname\nType: string\n" in templates, templates
+    assert re.search(r"^\s*db_purge\b", _code(postrm), re.M), "purge keeps the debconf answers"
+    assert "/etc/mailname" in _code(postinst) and "/etc/mailerd/mailerd.conf" not in _code(postinst)
     # purge removes the config and the queue, and never the users' mailboxes
     assert re.search(r"rm -rf /etc/mailerd\b", postrm)
     assert re.search(r"rm -rf /var/spool/mailerd\b", postrm)
     assert not re.search(r"/var/(spool/)?mail(\s|/|$)", _code(postrm)), "postrm touches mailboxes"
-    assert "/var/spool/mailerd" in postinst and "#DEBHELPER#" not in postinst
+    assert "mailerd queue init" in _code(postinst) and "#DEBHELPER#" not in postinst
 
     report = deb.with_name(f"mailerd_{version()}.lintian.txt")
     assert report.is_file(), "scripts/build-deb keeps lintian's report beside the .deb"
@@ -644,29 +690,63 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
     if not t.exists(POLICY_RC_D):
         t.write(POLICY_RC_D, b"#!/bin/sh\nexit 101\n", "755")
         machine.made_policy = True
+    # The mail name, preseeded as an automated installation does (the install is
+    # non-interactive, so the question is not shown).
+    preseed = f"mailerd mailerd/mailname string {MAILNAME}\n".encode()
+    machine.preseeded = True
+    t.run(["debconf-set-selections"], input=preseed)
     package = f"/tmp/{machine.deb.name}"
     t.write(package, machine.deb.read_bytes())
-    result = t.run(APT + ["install", package], check=False, timeout=300)
-    if result.returncode != 0:  # perhaps no package lists yet
-        t.run(["apt-get", "-q", "update"], timeout=300)
-        t.run(APT + ["install", package], timeout=300)
+    apt_install(t, package)  # (removes an installed MTA: Conflicts: mail-transport-agent)
     assert machine.mailerd_state() == "installed"
 
-    # what the postinst made
-    assert t.stat(QUEUE)[:2] == ("mail", "mail"), t.stat(QUEUE)
-    for sub in ("msg", "env", "tmp", "private"):
-        assert t.stat(f"{QUEUE}/{sub}") == ("mail", "mail", "700"), (sub, t.stat(f"{QUEUE}/{sub}"))
+    # what the postinst made: /etc/mailname from the answer, and the queue with its maildrop
+    assert t.read(MAILNAME_FILE) == f"{MAILNAME}\n".encode()
+    assert f"mailerd/mailname: {MAILNAME}" in t.out(["debconf-show", "mailerd"])
+    check_queue_layout(t)
     assert t.exists(SPOOL)
     conffiles = t.out(["dpkg-query", "-W", "-f", "${Conffiles}", "mailerd"])
     assert CONF in conffiles, conffiles
 
-    # -- configure and start ---------------------------------------------------------------
+    # the machine's mail commands, and their manual pages, are links to mailerd's
+    for path, target in MTA_LINKS.items():
+        assert t.out(["readlink", path]).strip() == target, path
+        assert t.out(["readlink", "-e", path]).strip() == "/usr/sbin/mailerd", path
+    man8 = "/usr/share/man/man8"
+    if t.exists(f"{man8}/mailerd.8.gz"):  # (unless dpkg is told to leave out manual pages)
+        for name in MAN_LINKS:
+            page = t.out(["readlink", "-e", f"{man8}/{name}.8.gz"]).strip()
+            assert page == f"{man8}/mailerd.8.gz", name
+
+    # -- configure -------------------------------------------------------------------------
     t.run(
         ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
         + ["--shell", "/usr/sbin/nologin", USER]
     )
     machine.made_user = True
-    t.write(CONF, config_text(ports, [DOMAIN], fake_mx.port).encode())
+    t.write(ALIASES, f"# written by tests/package/test_deb.py\nroot: {USER}\n".encode())
+    box = f"{SPOOL}/{USER}"
+
+    # -- the mail commands work before the daemon ever ran: the mail waits in the maildrop ---
+    # As Debian's cron sends a job's output (`root` without a domain gets the mail name).
+    cron_token = uuid.uuid4().hex
+    t.run(
+        ["/usr/sbin/sendmail", "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
+        input=cron_message(cron_token),
+    )
+    # As an old script does, through the traditional path
+    script_token = uuid.uuid4().hex
+    t.run(
+        ["/usr/lib/sendmail", "-t", "-oi"],
+        input=f"To: root\nSubject: script {script_token}\n\nbody {script_token}\n".encode(),
+    )
+    waiting = t.out(["ls", "-A", f"{QUEUE}/maildrop"]).split()
+    assert len(waiting) == 2, waiting
+    assert t.run(["/usr/bin/mailq"]).returncode == 0  # (the maildrop is not the queue)
+
+    # -- start -----------------------------------------------------------------------------
+    # Without `domain` in the config: the local domain is the mail name, the debconf answer.
+    t.write(CONF, config_text(ports, None, fake_mx.port).encode())
     start = t.run([INIT, "start"], check=False, timeout=60)
     assert start.returncode == 0, (
         f"{INIT} start exited {start.returncode}:\n{_text(start.stdout)}{_text(start.stderr)}"
@@ -692,11 +772,43 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
     token = uuid.uuid4().hex
     with smtp(ports["network"]) as s:
         s.sendmail(f"someone@{REMOTE}", [f"{USER}@{DOMAIN}"], message(f"{USER}@{DOMAIN}", token))
-    box = f"{SPOOL}/{USER}"
-    stored = t.read(f"{box}/1")
-    assert token.encode() in stored, stored[:500]
-    assert t.stat(f"{box}/1")[0] == USER, "a mailbox belongs to its user"
+    first = stored(t, box, token)
+    assert t.stat(first)[0] == USER, "a mailbox belongs to its user"
     assert t.stat(box)[0] == USER
+
+    # the mail from the maildrop was picked up at the start, for root: the alias's mailbox
+    raw = t.read(stored(t, box, cron_token))
+    assert submitted_by_root(raw), raw[:800]
+    assert raw.startswith(f"Return-Path: <root@{MAILNAME}>\r\n".encode()), raw[:800]
+    assert f"Subject: Cron <root@{HOSTNAME}> job {cron_token}".encode() in raw, raw[:800]
+    assert "ünïcødé".encode() in raw, "8-bit body intact"
+    raw = t.read(stored(t, box, script_token))
+    assert submitted_by_root(raw), raw[:800]
+    assert f"Subject: script {script_token}".encode() in raw, raw[:800]
+    emptied = wait_until(lambda: not t.out(["ls", "-A", f"{QUEUE}/maildrop"]).strip(), 10, 0.2)
+    assert emptied, "the pickup leaves the files in the maildrop"
+
+    # mail(1), as users and scripts run it: Debian's bsd-mailx, which needs an MTA
+    apt_install(t, MAILX)
+    mail_token = uuid.uuid4().hex
+    t.run(f"echo 'body {mail_token}' | mail -s 'mail(1) {mail_token}' root")
+    raw = t.read(stored(t, box, mail_token))
+    assert submitted_by_root(raw), raw[:800]
+    assert f"Subject: mail(1) {mail_token}".encode() in raw, raw[:800]
+
+    # mailq lists the queue (empty: everything was local)
+    listing = t.run(["/usr/bin/mailq"])
+    assert _text(listing.stdout).strip(), listing
+
+    # newaliases checks /etc/aliases and has the daemon reload it
+    alias_rcpt = f"pkgalias@{DOMAIN}"
+    assert rcpt_code(ports["network"], alias_rcpt) == 550, "not an alias yet"
+    t.write(ALIASES, f"root: {USER}\npkgalias: root\n".encode())
+    said = t.run(["/usr/bin/newaliases"])
+    assert "2 aliases" in _text(said.stderr) and "reloads" in _text(said.stderr), said
+    reloaded = wait_until(lambda: rcpt_code(ports["network"], alias_rcpt) == 250, 20, 0.2)
+    assert reloaded, f"{alias_rcpt} still refused 20 s after newaliases{syslog_tail(t)}"
+    assert int(t.read(PIDFILE).split()[0]) == master, "a reload, not a restart"
 
     # the network listener never relays
     with smtp(ports["network"]) as s:
@@ -730,7 +842,7 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
     token3 = uuid.uuid4().hex
     with smtp(ports["network"]) as s:
         s.sendmail(f"someone@{REMOTE}", [f"{USER}@{DOMAIN2}"], message(f"{USER}@{DOMAIN2}", token3))
-    assert token3.encode() in t.read(f"{box}/2")
+    third = stored(t, box, token3)
     assert int(t.read(PIDFILE).split()[0]) == master, "reload must not restart the master"
     status = t.run([INIT, "status"], check=False)
     assert status.returncode == 0 and "running" in _text(status.stdout), status
@@ -781,16 +893,30 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
     assert str(ports["network"]) in said or "in use" in said, said
     assert not t.exists(PIDFILE) or t.run([INIT, "status"], check=False).returncode != 0
 
-    # -- purge: config and queue go, the users' mailboxes stay ------------------------------
-    t.run(APT + ["purge", "mailerd"], timeout=120)
+    # -- reconfigure: /etc/mailname edited by hand is the answer, never overwritten ----------
+    edited = f"edited.{DOMAIN}"
+    t.write(MAILNAME_FILE, f"{edited}\n".encode())
+    inode = t.out(["stat", "-c", "%i", MAILNAME_FILE])
+    t.run(["dpkg-reconfigure", "-f", "noninteractive", "mailerd"], timeout=120)
+    assert t.read(MAILNAME_FILE) == f"{edited}\n".encode()
+    assert t.out(["stat", "-c", "%i", MAILNAME_FILE]) == inode, "rewritten though unchanged"
+    assert f"mailerd/mailname: {edited}" in t.out(["debconf-show", "mailerd"])
+    check_queue_layout(t)  # the postinst again, on the existing queue
+
+    # -- purge: config and queue go, the users' mailboxes and /etc/mailname stay ------------
+    t.run(APT + ["purge", "mailerd"], timeout=120)  # (bsd-mailx, needing an MTA, goes too)
     assert machine.mailerd_state() == "not-installed"
-    for path in ("/etc/mailerd", QUEUE, INIT, "/etc/default/mailerd", "/usr/sbin/mailerd"):
+    gone = ["/etc/mailerd", QUEUE, INIT, "/etc/default/mailerd", "/usr/sbin/mailerd", *MTA_LINKS]
+    for path in gone:
         assert not t.exists(path), f"{path} survived the purge"
     assert t.exists(SPOOL), "purge removed the mailbox spool"
-    assert token.encode() in t.read(f"{box}/1"), "purge touched a user's mailbox"
-    assert token3.encode() in t.read(f"{box}/2")
-    # the rest (the test user and its mailbox, policy-rc.d, pulled-in packages) is undone by the
-    # machine fixture, which then checks that nothing named after mailerd or the user is left
+    assert token.encode() in t.read(first), "purge touched a user's mailbox"
+    assert token3.encode() in t.read(third)
+    assert t.read(MAILNAME_FILE) == f"{edited}\n".encode(), "/etc/mailname is not mailerd's"
+    assert "mailerd/" not in t.out(["debconf-show", "mailerd"]), "debconf answers not purged"
+    # the rest (the test user and its mailbox, policy-rc.d, /etc/mailname and /etc/aliases,
+    # pulled-in packages) is undone by the machine fixture, which then checks that nothing
+    # named after mailerd or the user is left
 
 
 # --------------------------------------------------------------------------------------------
@@ -798,19 +924,86 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
 # --------------------------------------------------------------------------------------------
 
 
-def config_text(ports: dict[str, int], domains: list[str], mx_port: int) -> str:
+def config_text(ports: dict[str, int], domains: list[str] | None, mx_port: int) -> str:
+    """The test's config; without `domains`, mailerd's default (/etc/mailname first)."""
+    domain = f"domain = {', '.join(domains)}\n" if domains else ""
     return (
         "# written by tests/package/test_deb.py\n"
         "[mailerd]\n"
         f"spool = {SPOOL}\n"
         f"queue = {QUEUE}\n"
-        f"domain = {', '.join(domains)}\n"
+        f"{domain}"
         f"hostname = {HOSTNAME}\n"
         f"listen-local = 127.0.0.1:{ports['local']}\n"
         f"listen-network = 127.0.0.1:{ports['network']}\n"
         "workers = 1\n"
         f"relayhost = {MX_HOST}:{mx_port}\n"
     )
+
+
+def apt_install(t: Target, package: str) -> None:
+    """`apt-get install` a package (a name or a .deb path), updating the lists if need be."""
+    result = t.run(APT + ["install", package], check=False, timeout=300)
+    if result.returncode != 0:  # perhaps no package lists yet, or stale ones
+        t.run(["apt-get", "-q", "update"], timeout=300)
+        t.run(APT + ["install", package], timeout=300)
+
+
+def check_queue_layout(t: Target) -> None:
+    """The queue as mailerd lays it out (mailerd.queue.SUBDIRS, with their modes, and the pickup
+    FIFO), every entry owned by the daemon's user: what `sendmail` needs before a first start.
+    The queue directory itself is root's, as when the daemon makes it: its user cannot replace
+    an entry by a link for root to follow."""
+    from mailerd import maildrop, queue
+
+    fifo = f"{maildrop.PUBLIC}/{maildrop.PICKUP_FIFO}"
+    want = {"": ("755", "directory")}
+    want |= {sub: (f"{mode:o}", "directory") for sub, mode in queue.SUBDIRS.items()}
+    want[fifo] = (f"{queue.PICKUP_MODE:o}", "fifo")
+    paths = [f"{QUEUE}/{name}".rstrip("/") for name in want]
+    out = t.out(["stat", "-c", "%U %G %a %F", *paths]).splitlines()  # (links not followed)
+    got = dict(zip(want, [tuple(line.split(" ", 3)) for line in out], strict=True))
+    expected = {name: ("mail", "mail", *mode_type) for name, mode_type in want.items()}
+    expected[""] = ("root", "root", "755", "directory")
+    assert got == expected
+
+
+def stored(t: Target, box: str, token: str, timeout: float = 30.0) -> str:
+    """The path of the message in mailbox `box` that holds `token`, once it has arrived."""
+
+    def find() -> str | None:
+        found = t.run(["grep", "-rlF", "--", token, box], check=False)
+        paths = [p for p in _text(found.stdout).split() if not p.endswith(".status")]
+        return paths[0] if paths else None
+
+    path = wait_until(find, timeout, interval=0.2)
+    assert path, (
+        f"nothing with {token} in {box} after {timeout:.0f} s{queue_state(t)}{syslog_tail(t)}"
+    )
+    return path
+
+
+def submitted_by_root(raw: bytes) -> bool:
+    """The stored message came through the maildrop from uid 0 (its Received: field says so)."""
+    return re.search(rb"^Received: by \S+ \(mailerd, from userid 0\)\r\n", raw, re.M) is not None
+
+
+def cron_message(token: str) -> bytes:
+    """A job's output as Debian's cron pipes it to `sendmail -FCronDaemon -i -B8BITMIME -oem`."""
+    return (
+        "From: root (Cron Daemon)\n"
+        "To: root\n"
+        f"Subject: Cron <root@{HOSTNAME}> job {token}\n"
+        "MIME-Version: 1.0\n"
+        "Content-Type: text/plain; charset=UTF-8\n"
+        "Content-Transfer-Encoding: 8bit\n"
+        "X-Cron-Env: <SHELL=/bin/sh>\n"
+        "X-Cron-Env: <HOME=/root>\n"
+        "X-Cron-Env: <PATH=/usr/bin:/bin>\n"
+        "X-Cron-Env: <LOGNAME=root>\n"
+        "\n"
+        f"job output {token}: ünïcødé\n"
+    ).encode()
 
 
 def free_port(host: str) -> int:

@@ -113,3 +113,19 @@ def test_identity_follows_debian(tmp_path, monkeypatch):
     monkeypatch.setattr(config.socket, "getfqdn", lambda: "host.example.net")
     assert load().domains == ("host.example.net", "localhost")
     assert load("-d", "given.example").domains == ("given.example",)
+
+
+def test_the_example_config_documents_every_option():
+    """etc/mailerd.conf (installed as /etc/mailerd/mailerd.conf) names every option a config
+    file may hold, and nothing else (a misspelt key would be a start-up error)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "etc" / "mailerd.conf").read_text()
+    named = {
+        line.lstrip("#").split("=")[0].strip()
+        for line in text.splitlines()
+        if " = " in line and not line.startswith("# ")
+    }
+    options = {name for name, *_ in config.OPTIONS}
+    assert options - {"config", "foreground"} - named == set()
+    assert named - options == set()
