@@ -30,8 +30,8 @@ from typing import Any
 from mailerd import commit, durable, eventloop, privileges, spoolwriter, trace
 from mailerd import log as logsetup
 from mailerd.aliases import normal_address
-from mailerd.channel import Channel
 from mailerd.config import Config
+from mailerd.ipc.channel import Channel
 from mailerd.mailbox import MAILBOX_BUSY, MailboxLocked, Spool
 from mailerd.outbound import Outbound
 from mailerd.pickup import Pickup, Taken

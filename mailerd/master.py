@@ -45,9 +45,9 @@ from mailerd import aliases, config, delivery, listeners, preload, privileges, w
 from mailerd import daemon as daemonize
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
+from mailerd.ipc.sessiontable import SessionTable
 from mailerd.mailbox import Spool
 from mailerd.queue import Queue
-from mailerd.sessions import SessionTable
 
 log = logging.getLogger("mailerd.master")
 

@@ -26,10 +26,11 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from mailerd import maildrop, policy, recipients, trace
+from mailerd import policy, recipients, trace
 from mailerd.aliases import normal_address
 from mailerd.config import Config
 from mailerd.dsn import RecipientStatus
+from mailerd.ipc import maildrop
 from mailerd.mailbox import Spool
 from mailerd.queue import Envelope, Queue, Recipient
 from mailerd.smtp.events import Reply

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mailerd import durable
-from mailerd.maildrop import MAILDROP, PICKUP_FIFO, PUBLIC
+from mailerd.ipc.maildrop import MAILDROP, PICKUP_FIFO, PUBLIC
 
 # Each directory and its mode: the children's user owns them all (privileges.prepare_queue).
 # Anyone may drop mail into the maildrop (but not list or read it) and poke the pickup.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mailerd import config
-from mailerd.channel import Client
+from mailerd.ipc.channel import Client
 from mailerd.queue import Envelope, Queue
 
 TIMEOUT = 30.0

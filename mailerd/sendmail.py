@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import BinaryIO
 
-from mailerd import config, maildrop, trace
+from mailerd import config, trace
+from mailerd.ipc import maildrop
 from mailerd.smtp.events import Address, Envelope, Reply
 from mailerd.smtp.grammar import GrammarError, parse_address
 

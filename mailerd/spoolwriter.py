@@ -33,7 +33,7 @@ from typing import Any
 
 from mailerd import durable, eventloop
 from mailerd import log as logsetup
-from mailerd.channel import MAX_INLINE, Channel, Client
+from mailerd.ipc.channel import MAX_INLINE, Channel, Client
 from mailerd.mailbox import Delivery, MailboxLocked, Spool
 
 log = logging.getLogger("mailerd.spool")

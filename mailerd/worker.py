@@ -32,10 +32,10 @@ from typing import Any
 from setproctitle import setproctitle
 
 from mailerd import commit, durable, eventloop, privileges, recipients
-from mailerd.channel import MAX_INLINE, Client
 from mailerd.config import Config, ListenAddress
+from mailerd.ipc.channel import MAX_INLINE, Client
+from mailerd.ipc.sessiontable import SessionTable, counter
 from mailerd.mailbox import Spool
-from mailerd.sessions import SessionTable, counter
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,

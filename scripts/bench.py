@@ -77,6 +77,7 @@ def bench_dns() -> str:
         _dns.start()
     return f"{_dns.host}:{_dns.port}"
 
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 HOST = "127.0.0.1"
@@ -96,8 +97,9 @@ def unjournalled_ext4(path: Path) -> bool:
     dev = os.stat(path).st_dev
     try:
         name = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve().name
-        fstype = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
-                                text=True).stdout.strip()
+        fstype = subprocess.run(
+            ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return False
     jbd2 = Path("/proc/fs/jbd2")
@@ -114,9 +116,11 @@ def wait_for_deleted_inodes() -> None:
     left = deleted + RECENTLY_DELETED - time.time()
     if left <= 0 or not unjournalled_ext4(ROOT / "var"):
         return
-    log(f"the previous run deleted its files {RECENTLY_DELETED - left:.0f} s ago; ext4 without "
+    log(
+        f"the previous run deleted its files {RECENTLY_DELETED - left:.0f} s ago; ext4 without "
         f"a journal makes every new file skip them for up to {RECENTLY_DELETED:.0f} s, which "
-        f"would slow both servers: waiting {left:.0f} s (--no-wait to skip)")
+        f"would slow both servers: waiting {left:.0f} s (--no-wait to skip)"
+    )
     time.sleep(left)
 
 
@@ -126,6 +130,7 @@ def log(*args):
 
 # ---------------------------------------------------------------------------------------------
 # /proc helpers
+
 
 def proc_table() -> dict[int, tuple[int, int, int]]:
     """pid -> (ppid, user ticks, system ticks) for every process, each including the process's
@@ -140,7 +145,7 @@ def proc_table() -> dict[int, tuple[int, int, int]]:
         except OSError:
             continue
         rp = data.rfind(b")")
-        fields = data[rp + 2:].split()
+        fields = data[rp + 2 :].split()
         # fields[0] = state (stat field 3), [1] = ppid (4), [11..14] = utime stime cutime cstime
         try:
             u, st, cu, cs = (int(x) for x in fields[11:15])
@@ -197,17 +202,22 @@ def cpu_snapshot(root: int) -> dict:
     # user nice system idle iowait irq softirq steal: processes' time only (interrupts and
     # hypervisor steal are not attributable)
     busy = (v[0] + v[1] + v[2]) / CLK_TCK
-    own = sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
-              for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    own = sum(
+        resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
+        for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
     table = proc_table()
     pids = tree_pids(root, table)
-    kpids = tree_pids(2, table)                 # kthreadd's: kernel threads (jbd2, kworkers)
-    return {"t": time.monotonic(),
-            "procs": {p: (proc_name(p), table[p][1] + table[p][2]) for p in pids},
-            "user": sum(table[p][1] for p in pids) / CLK_TCK,
-            "sys": sum(table[p][2] for p in pids) / CLK_TCK,
-            "kthreads": {p: table[p][1] + table[p][2] for p in kpids},
-            "busy": busy, "own": own}
+    kpids = tree_pids(2, table)  # kthreadd's: kernel threads (jbd2, kworkers)
+    return {
+        "t": time.monotonic(),
+        "procs": {p: (proc_name(p), table[p][1] + table[p][2]) for p in pids},
+        "user": sum(table[p][1] for p in pids) / CLK_TCK,
+        "sys": sum(table[p][2] for p in pids) / CLK_TCK,
+        "kthreads": {p: table[p][1] + table[p][2] for p in kpids},
+        "busy": busy,
+        "own": own,
+    }
 
 
 def proc_name(pid: int) -> str:
@@ -240,7 +250,7 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        return data[data.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+        return data[data.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
     except OSError:
         return False
 
@@ -292,6 +302,7 @@ class Sampler(threading.Thread):
 # ---------------------------------------------------------------------------------------------
 # SMTP helpers
 
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -328,11 +339,13 @@ def wait_banner(port: int, limit: float, proc: subprocess.Popen | None = None) -
 
 
 def make_message(rcpt: str, n: int) -> bytes:
-    head = (f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: mailerd bench {n}\r\n"
-            f"Message-ID: <{n}.{os.getpid()}.{time.time_ns()}@{HELO}>\r\n"
-            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n\r\n")
-    line = b"La de da de da " * 5 + b"la de da.\r\n"        # 86 bytes
-    body = (line * (MSG_LEN // len(line) + 1))[:MSG_LEN - 2] + b"\r\n"
+    head = (
+        f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: mailerd bench {n}\r\n"
+        f"Message-ID: <{n}.{os.getpid()}.{time.time_ns()}@{HELO}>\r\n"
+        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n\r\n"
+    )
+    line = b"La de da de da " * 5 + b"la de da.\r\n"  # 86 bytes
+    body = (line * (MSG_LEN // len(line) + 1))[: MSG_LEN - 2] + b"\r\n"
     return head.encode() + body + b".\r\n"
 
 
@@ -341,7 +354,7 @@ class SMTPFail(Exception):
 
 
 async def _expect(reader: asyncio.StreamReader, code: bytes, what: str) -> None:
-    for _ in range(100):                     # bounded multi-line reply
+    for _ in range(100):  # bounded multi-line reply
         line = await reader.readline()
         if not line:
             raise SMTPFail(f"connection closed awaiting {what}")
@@ -381,8 +394,9 @@ async def _one_message(port: int, rcpt: str, n: int) -> tuple[float, float]:
             await asyncio.wait_for(writer.wait_closed(), 2)
 
 
-def latency_run(port: int, rcpt: str, clients: int, total: int, time_limit: float,
-                msg_timeout: float = 30.0) -> dict:
+def latency_run(
+    port: int, rcpt: str, clients: int, total: int, time_limit: float, msg_timeout: float = 30.0
+) -> dict:
     """`clients` concurrent sequential senders, `total` messages at most, new ones only before
     time_limit (each message itself is bounded to msg_timeout)."""
     lat, dot, errors = [], [], collections.Counter()
@@ -392,8 +406,7 @@ def latency_run(port: int, rcpt: str, clients: int, total: int, time_limit: floa
         while state["left"] > 0 and time.monotonic() < deadline:
             state["left"] -= 1
             try:
-                a, b = await asyncio.wait_for(_one_message(port, rcpt, state["left"]),
-                                              msg_timeout)
+                a, b = await asyncio.wait_for(_one_message(port, rcpt, state["left"]), msg_timeout)
                 lat.append(a)
                 dot.append(b)
             except TimeoutError:
@@ -416,20 +429,35 @@ def pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
     v = sorted(values)
-    return v[min(len(v) - 1, max(0, math.ceil(p / 100 * len(v)) - 1))]   # nearest rank
+    return v[min(len(v) - 1, max(0, math.ceil(p / 100 * len(v)) - 1))]  # nearest rank
 
 
 def run_smtp_source(port: int, rcpt: str, sessions: int, count: int, timeout: float) -> dict:
     """Run smtp-source; its -c counter (one "N\\r" per completed message, flushed each time)
     gives the time of every 250, hence the longest pause between two of them."""
-    cmd = ["smtp-source", "-c", "-s", str(sessions), "-m", str(count), "-l", str(MSG_LEN),
-           "-M", HELO, "-f", SENDER, "-t", rcpt, f"{HOST}:{port}"]
+    cmd = [
+        "smtp-source",
+        "-c",
+        "-s",
+        str(sessions),
+        "-m",
+        str(count),
+        "-l",
+        str(MSG_LEN),
+        "-M",
+        HELO,
+        "-f",
+        SENDER,
+        "-t",
+        rcpt,
+        f"{HOST}:{port}",
+    ]
     with tempfile.TemporaryFile() as errf:
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL)
         deadline = t0 + timeout
         out = bytearray()
-        stamps = []                                  # time of each completed message
+        stamps = []  # time of each completed message
         timed_out = False
         try:
             fd = p.stdout.fileno()
@@ -472,12 +500,19 @@ def run_smtp_source(port: int, rcpt: str, sessions: int, count: int, timeout: fl
     points = [t0, *stamps, t1]
     gaps = [(b - a, a - t0) for a, b in zip(points, points[1:], strict=False)]
     gap, gap_at = max(gaps) if gaps else (0.0, 0.0)
-    return {"cmd": " ".join(cmd), "seconds": t1 - t0, "done": done, "error": error,
-            "t_start": t0, "t_end": t1, "max_gap": gap, "max_gap_at": gap_at}
+    return {
+        "cmd": " ".join(cmd),
+        "seconds": t1 - t0,
+        "done": done,
+        "error": error,
+        "t_start": t0,
+        "t_end": t1,
+        "max_gap": gap,
+        "max_gap_at": gap_at,
+    }
 
 
-def idle_test(port: int, n: int, window: float, hold: float, sampler: Sampler,
-              rcpt: str) -> dict:
+def idle_test(port: int, n: int, window: float, hold: float, sampler: Sampler, rcpt: str) -> dict:
     """Open n connections without blocking; count 220 banners seen within `window` seconds of
     the first connect; hold them `hold` more seconds while sampling the server's memory, and
     meanwhile time one message sent on a new connection (bounded to 5 s)."""
@@ -551,17 +586,28 @@ def idle_test(port: int, n: int, window: float, hold: float, sampler: Sampler,
         sel.close()
         for s in socks:
             s.close()
-    return {"n": n, "greeted": greeted, "other_reply": other, "other_lines": dict(other_lines),
-            "closed_before_banner": closed, "no_reply": max(0, pending),
-            "errors": dict(errors), "seconds_all_greeted": t_all, "window": window,
-            "peak_mem": peak, "mem_at_end": held_now, "peak_procs": procs,
-            "probe_ms": _ms(probe["lat"][0]) if probe["lat"] else None,
-            "probe_errors": probe["errors"],
-            "open_failed": open_failed}
+    return {
+        "n": n,
+        "greeted": greeted,
+        "other_reply": other,
+        "other_lines": dict(other_lines),
+        "closed_before_banner": closed,
+        "no_reply": max(0, pending),
+        "errors": dict(errors),
+        "seconds_all_greeted": t_all,
+        "window": window,
+        "peak_mem": peak,
+        "mem_at_end": held_now,
+        "peak_procs": procs,
+        "probe_ms": _ms(probe["lat"][0]) if probe["lat"] else None,
+        "probe_errors": probe["errors"],
+        "open_failed": open_failed,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # servers
+
 
 class ServerError(Exception):
     pass
@@ -618,10 +664,30 @@ class Mailerd(Server):
         self.note = ""
 
     def _cmd(self, with_max: bool) -> list[str]:
-        cmd = [str(ROOT / ".venv/bin/python"), "-m", "mailerd", "-f",
-               "-s", str(self.spool), "-q", str(self.queue), "-d", "localhost",
-               "-H", HELO, "-w", str(self.workers), "-l", f"{HOST}:{self.port}",
-               "-n", "none", "--timeout", "5m", "--dns-server", bench_dns()]
+        cmd = [
+            str(ROOT / ".venv/bin/python"),
+            "-m",
+            "mailerd",
+            "-f",
+            "-s",
+            str(self.spool),
+            "-q",
+            str(self.queue),
+            "-d",
+            "localhost",
+            "-H",
+            HELO,
+            "-w",
+            str(self.workers),
+            "-l",
+            f"{HOST}:{self.port}",
+            "-n",
+            "none",
+            "--timeout",
+            "5m",
+            "--dns-server",
+            bench_dns(),
+        ]
         if with_max:
             cmd += ["--max-sessions", str(self.max_sessions)]
         return cmd
@@ -637,9 +703,14 @@ class Mailerd(Server):
                 logf.write(f"=== {self.cmd}\n".encode())
                 logf.flush()
                 offset = logf.tell()
-                self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=logf,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             env={**os.environ, **GUARD})
+                self.proc = subprocess.Popen(
+                    cmd,
+                    cwd=str(ROOT),
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, **GUARD},
+                )
             banner = wait_banner(self.port, 30, self.proc)
             if banner:
                 self.banner = banner
@@ -669,8 +740,11 @@ class Mailerd(Server):
 
     def exit_evidence(self) -> str:
         rc = self.proc.poll() if self.proc else None
-        how = (f"killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0
-               else f"exit status {rc}")
+        how = (
+            f"killed by {signal.Signals(-rc).name}"
+            if rc is not None and rc < 0
+            else f"exit status {rc}"
+        )
         tail = "\n    ".join(self.log_tail(12).splitlines())
         return f" (master {how}); last log lines:\n    {tail}"
 
@@ -706,7 +780,7 @@ class Mailerd(Server):
         first = next((i for i, line in enumerate(lines) if "Traceback" in line), None)
         if first is not None:
             out.append("first traceback:")
-            out += ["  " + line[:200] for line in lines[max(0, first - 1):first + 25]]
+            out += ["  " + line[:200] for line in lines[max(0, first - 1) : first + 25]]
         return out
 
     def stop(self) -> None:
@@ -768,11 +842,18 @@ class Postfix(Server):
         self.note = ""
 
     def _postfix(self, *args, check=True, timeout=60) -> subprocess.CompletedProcess:
-        p = subprocess.run(["postfix", "-c", str(self.etc), *args], capture_output=True,
-                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        p = subprocess.run(
+            ["postfix", "-c", str(self.etc), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if check and p.returncode != 0:
-            raise ServerError(f"postfix {' '.join(args)} failed ({p.returncode}): "
-                              f"{(p.stderr or p.stdout).strip()}")
+            raise ServerError(
+                f"postfix {' '.join(args)} failed ({p.returncode}): "
+                f"{(p.stderr or p.stdout).strip()}"
+            )
         return p
 
     def _master_cf(self, smtpd_maxproc: str) -> str:
@@ -813,17 +894,32 @@ class Postfix(Server):
             if pw.pw_gecos != PF_USER_GECOS:
                 raise ServerError(f"a user named {PF_USER} exists and is not ours; not touching it")
             if os.path.isdir(pw.pw_dir):
-                raise ServerError(f"user {PF_USER} exists with home {pw.pw_dir}: another "
-                                  "scripts/bench seems to be running; try again later")
+                raise ServerError(
+                    f"user {PF_USER} exists with home {pw.pw_dir}: another "
+                    "scripts/bench seems to be running; try again later"
+                )
             log(f"removing user {PF_USER} left over by an earlier interrupted run")
             subprocess.run(["userdel", PF_USER], check=False, capture_output=True)
         for d in (self.etc, self.queue, self.data, self.home):
             d.mkdir(parents=True, exist_ok=True)
         for d in (self.base.parent, self.base, self.etc, self.queue, self.home):
             os.chmod(d, 0o755)
-        subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", str(self.home),
-                        "--shell", "/usr/sbin/nologin", "--comment", PF_USER_GECOS, PF_USER],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                str(self.home),
+                "--shell",
+                "/usr/sbin/nologin",
+                "--comment",
+                PF_USER_GECOS,
+                PF_USER,
+            ],
+            check=True,
+            capture_output=True,
+        )
         self.created_user = True
         pw = pwd.getpwnam(PF_USER)
         for sub in ("", "new", "cur", "tmp"):
@@ -905,9 +1001,11 @@ smtpd_client_event_limit_exceptions = 127.0.0.0/8
         return f"; last log lines:\n    {tail}"
 
     def describe(self) -> str:
-        return (f"private instance ({self.etc}/main.cf), smtpd on {HOST}:{self.port}, "
-                f"default_process_limit = {self.process_limit}, queue + Maildir on the same fs, "
-                f"local delivery to {PF_USER} (temporary user), logging to a file via postlogd")
+        return (
+            f"private instance ({self.etc}/main.cf), smtpd on {HOST}:{self.port}, "
+            f"default_process_limit = {self.process_limit}, queue + Maildir on the same fs, "
+            f"local delivery to {PF_USER} (temporary user), logging to a file via postlogd"
+        )
 
     def log_tail(self, n: int) -> str:
         try:
@@ -947,8 +1045,10 @@ smtpd_client_event_limit_exceptions = 127.0.0.0/8
         (self.etc / "master.cf").write_text(self._master_cf(str(maxproc)))
         self._postfix("reload")
         time.sleep(1.5)
-        return (f"Postfix runs one smtpd process per connection; its smtpd process limit was "
-                f"raised to {maxproc} for this test (--postfix-idle-limit)")
+        return (
+            f"Postfix runs one smtpd process per connection; its smtpd process limit was "
+            f"raised to {maxproc} for this test (--postfix-idle-limit)"
+        )
 
     def problems(self) -> list[str]:
         try:
@@ -992,6 +1092,7 @@ smtpd_client_event_limit_exceptions = 127.0.0.0/8
 # ---------------------------------------------------------------------------------------------
 # the benchmark proper
 
+
 class Bench:
     """One server's part of the benchmark: its results so far, its memory sampler, the messages
     it has accepted (for the mailbox check), and whether it is still being measured."""
@@ -1002,9 +1103,9 @@ class Bench:
         self.sampler: Sampler | None = None
         self.mailbox_start: int | None = None
         self.accepted = 0
-        self.active = False                 # started, not failed, not stopped yet
-        self.runs: list[dict] = []          # the current level's smtp-source runs
-        self.going = False                  # still running during the current level
+        self.active = False  # started, not failed, not stopped yet
+        self.runs: list[dict] = []  # the current level's smtp-source runs
+        self.going = False  # still running during the current level
 
     def start(self) -> None:
         srv = self.srv
@@ -1082,7 +1183,8 @@ def bench_servers(servers: list[Server], args) -> tuple[list[dict], list[dict], 
                 got = b.srv.mailbox_count()
                 b.res["mailbox_check"] = {
                     "accepted_250": b.accepted,
-                    "in_mailbox": got - b.mailbox_start if got is not None else None}
+                    "in_mailbox": got - b.mailbox_start if got is not None else None,
+                }
         for b in live:
             try:
                 if args.idle > 0:
@@ -1092,7 +1194,7 @@ def bench_servers(servers: list[Server], args) -> tuple[list[dict], list[dict], 
                 log(b.res["died"])
                 failed.append(b.srv.name)
             finally:
-                b.finish()                  # the next server's idle test runs alone
+                b.finish()  # the next server's idle test runs alone
     finally:
         for b in benches:
             b.finish()
@@ -1119,21 +1221,28 @@ def bench_level(live: list[Bench], c: int, args) -> dict | None:
             srv = b.srv
             settle(live)
             time.sleep(0.5)
-            log(f"{srv.name}: {c} clients: smtp-source {args.messages} messages"
-                + (f" (run {i + 1}/{args.repeat})" if args.repeat > 1 else ""))
+            log(
+                f"{srv.name}: {c} clients: smtp-source {args.messages} messages"
+                + (f" (run {i + 1}/{args.repeat})" if args.repeat > 1 else "")
+            )
             run = throughput_run(srv, c, args)
             b.accepted += run["msgs"]
             b.runs.append(run)
             got[srv.name] = run
             if run["smtp_source_error"]:
-                log(f"{srv.name}: smtp-source: {run['smtp_source_error']} "
-                    f"({run['msgs']}/{args.messages} done)")
+                log(
+                    f"{srv.name}: smtp-source: {run['smtp_source_error']} "
+                    f"({run['msgs']}/{args.messages} done)"
+                )
             if not srv.running():
                 b.going = False
         if pair is not None:
             m, p = got.get("mailerd"), got.get("postfix")
-            ratio = (m["msgs_per_s"] / p["msgs_per_s"]
-                     if m is not None and p is not None and p["msgs_per_s"] else None)
+            ratio = (
+                m["msgs_per_s"] / p["msgs_per_s"]
+                if m is not None and p is not None and p["msgs_per_s"]
+                else None
+            )
             pair["ratios"].append(ratio)
             pair["first"].append(next(iter(got), None))
             if ratio is not None:
@@ -1144,8 +1253,13 @@ def bench_level(live: list[Bench], c: int, args) -> dict | None:
     for b in live:
         srv, runs = b.srv, b.runs
         median = sorted(runs, key=lambda r: r["msgs_per_s"])[(len(runs) - 1) // 2]
-        level = {"clients": c, "requested": args.messages, **median,
-                 "runs_msgs_per_s": [r["msgs_per_s"] for r in runs], "runs": list(runs)}
+        level = {
+            "clients": c,
+            "requested": args.messages,
+            **median,
+            "runs_msgs_per_s": [r["msgs_per_s"] for r in runs],
+            "runs": list(runs),
+        }
         if srv.running():
             settle(live)
             log(f"{srv.name}: {c} clients: latency, up to {args.lat_messages} messages")
@@ -1154,23 +1268,28 @@ def bench_level(live: list[Bench], c: int, args) -> dict | None:
             lr = {"n": 0, "seconds": 0.0, "lat": [], "dot": [], "errors": {}}
         b.accepted += lr["n"]
         peak, procs = b.sampler.peak()
-        level.update({
-            "peak_mem": peak, "peak_procs": procs,
-            "lat_n": lr["n"], "lat_seconds": lr["seconds"],
-            "lat_median_ms": _ms(statistics.median(lr["lat"]) if lr["lat"] else None),
-            "lat_p99_ms": _ms(pct(lr["lat"], 99)),
-            "dot_median_ms": _ms(statistics.median(lr["dot"]) if lr["dot"] else None),
-            "dot_p99_ms": _ms(pct(lr["dot"], 99)),
-            "lat_errors": lr["errors"],
-        })
+        level.update(
+            {
+                "peak_mem": peak,
+                "peak_procs": procs,
+                "lat_n": lr["n"],
+                "lat_seconds": lr["seconds"],
+                "lat_median_ms": _ms(statistics.median(lr["lat"]) if lr["lat"] else None),
+                "lat_p99_ms": _ms(pct(lr["lat"], 99)),
+                "dot_median_ms": _ms(statistics.median(lr["dot"]) if lr["dot"] else None),
+                "dot_p99_ms": _ms(pct(lr["dot"], 99)),
+                "lat_errors": lr["errors"],
+            }
+        )
         b.res["levels"].append(level)
         if lr["errors"]:
             log(f"{srv.name}: latency client errors: {lr['errors']}")
         srv.remember_pids()
         if not srv.running():
             b.going = False
-            b.res["died"] = (f"{srv.name} stopped running during the {c}-client level"
-                             + srv.exit_evidence())
+            b.res["died"] = (
+                f"{srv.name} stopped running during the {c}-client level" + srv.exit_evidence()
+            )
             log(b.res["died"])
     return pair
 
@@ -1185,8 +1304,9 @@ def idle_phase(b: Bench, args) -> None:
     srv.remember_pids()
     time.sleep(1)
     if isinstance(srv, Mailerd) and srv.proc.poll() is not None:
-        res["notes"].append(f"mailerd master exited (status {srv.proc.returncode}) "
-                            "during/after the idle test")
+        res["notes"].append(
+            f"mailerd master exited (status {srv.proc.returncode}) during/after the idle test"
+        )
     elif not wait_banner(srv.port, 15):
         res["notes"].append("no 220 banner within 15 s after the idle connections closed")
 
@@ -1211,24 +1331,31 @@ def throughput_run(srv: Server, c: int, args) -> dict:
     k0, k1 = cpu0.pop("kthreads"), cpu1.pop("kthreads")
     p0, p1 = cpu0.pop("procs"), cpu1.pop("procs")
     by_name = collections.Counter()
-    for pid, (name, ticks) in p1.items():         # a reaped process counts in its parent's
+    for pid, (name, ticks) in p1.items():  # a reaped process counts in its parent's
         by_name[name] += max(0, ticks - p0.get(pid, (name, 0))[1])
     d = {k: cpu1[k] - cpu0[k] for k in cpu0}
     # per thread: kernel threads come and go (kworkers)
     d["kthreads"] = sum(max(0, t - k0.get(p, 0)) for p, t in k1.items()) / CLK_TCK
     return {
-        "msgs": done, "seconds": ss["seconds"],
+        "msgs": done,
+        "seconds": ss["seconds"],
         "msgs_per_s": done / ss["seconds"] if done else 0.0,
-        "smtp_source_error": ss["error"], "smtp_source_cmd": ss["cmd"],
+        "smtp_source_error": ss["error"],
+        "smtp_source_cmd": ss["cmd"],
         "mailbox_seconds": box_secs,
-        "cpu_user_seconds": d["user"], "cpu_sys_seconds": d["sys"],
+        "cpu_user_seconds": d["user"],
+        "cpu_sys_seconds": d["sys"],
         "cpu_ms_per_msg": (d["user"] + d["sys"]) * 1000 / done if done else None,
         "kthreads_seconds": d["kthreads"],
-        "cpu_by_process_ms_per_msg": {k: v * 1000 / CLK_TCK / done for k, v
-                                      in by_name.most_common()} if done else {},
-        "other_cores": max(0.0, d["busy"] - d["user"] - d["sys"] - d["own"]
-                           - d["kthreads"]) / d["t"],
-        "max_gap": ss["max_gap"], "max_gap_at": ss["max_gap_at"],
+        "cpu_by_process_ms_per_msg": {
+            k: v * 1000 / CLK_TCK / done for k, v in by_name.most_common()
+        }
+        if done
+        else {},
+        "other_cores": max(0.0, d["busy"] - d["user"] - d["sys"] - d["own"] - d["kthreads"])
+        / d["t"],
+        "max_gap": ss["max_gap"],
+        "max_gap_at": ss["max_gap_at"],
         # the whole disk's counters (other writers included, as with "others")
         "disk_writes_per_msg": disk[0] if disk else None,
         "disk_kib_per_msg": disk[1] / 2 if disk else None,
@@ -1245,8 +1372,9 @@ def _per(level: dict, key: str) -> str:
 
 
 def _row(cells, widths) -> str:
-    return "  ".join(c.rjust(x) if i else c.ljust(x)
-                     for i, (c, x) in enumerate(zip(cells, widths, strict=True)))
+    return "  ".join(
+        c.rjust(x) if i else c.ljust(x) for i, (c, x) in enumerate(zip(cells, widths, strict=True))
+    )
 
 
 def fmt(x, spec, none="-"):
@@ -1259,10 +1387,14 @@ def _clients(c: int) -> str:
 
 def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
     print()
-    print(f"mailerd benchmark: {MSG_LEN}-byte messages to 127.0.0.1, {os.cpu_count()} CPUs, "
-          f"spools on {fsinfo}")
-    print(f"  msgs/s   smtp-source -s C -m M -l {MSG_LEN} (a new connection per message, no "
-          "pipelining):")
+    print(
+        f"mailerd benchmark: {MSG_LEN}-byte messages to 127.0.0.1, {os.cpu_count()} CPUs, "
+        f"spools on {fsinfo}"
+    )
+    print(
+        f"  msgs/s   smtp-source -s C -m M -l {MSG_LEN} (a new connection per message, no "
+        "pipelining):"
+    )
     print("           M / wall time to its last 250. mailerd's 250 = fsynced into the mailbox;")
     print("           Postfix's 250 = its queue file fsynced (local delivery follows: mbox s)")
     if paired:
@@ -1276,45 +1408,99 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
     print("  CPU      utime+stime of the server's process tree (reaped children included),")
     print("           over the smtp-source run (for Postfix: until the Maildir was complete) / M")
     print("  peak MB  summed PSS of the server's processes, sampled every ~0.2 s over the level")
-    print("  others   CPU cores kept busy by unrelated processes meanwhile (noise: "
-          f"{os.cpu_count()} cores in all)")
+    print(
+        "  others   CPU cores kept busy by unrelated processes meanwhile (noise: "
+        f"{os.cpu_count()} cores in all)"
+    )
     print()
-    hdr = ("server", "clients", "msgs", "seconds", "msgs/s", "lat med", "lat p99", "n",
-           "CPU ms/msg", "peak MB", "mbox s", "others")
+    hdr = (
+        "server",
+        "clients",
+        "msgs",
+        "seconds",
+        "msgs/s",
+        "lat med",
+        "lat p99",
+        "n",
+        "CPU ms/msg",
+        "peak MB",
+        "mbox s",
+        "others",
+    )
     w = (8, 7, 6, 7, 7, 7, 7, 4, 10, 7, 6, 6)
     print(_row(hdr, w))
     print("  ".join("-" * x for x in w))
     for r in results:
         for L in r["levels"]:
-            row = (r["server"], str(L["clients"]), str(L["msgs"]), fmt(L["seconds"], ".2f"),
-                   fmt(L["msgs_per_s"], ".1f"), fmt(L["lat_median_ms"], ".1f"),
-                   fmt(L["lat_p99_ms"], ".1f"), str(L["lat_n"]), fmt(L["cpu_ms_per_msg"], ".2f"),
-                   fmt(L["peak_mem"] / 2**20, ".1f"), fmt(L["mailbox_seconds"], ".2f"),
-                   fmt(L["other_cores"], ".2f"))
+            row = (
+                r["server"],
+                str(L["clients"]),
+                str(L["msgs"]),
+                fmt(L["seconds"], ".2f"),
+                fmt(L["msgs_per_s"], ".1f"),
+                fmt(L["lat_median_ms"], ".1f"),
+                fmt(L["lat_p99_ms"], ".1f"),
+                str(L["lat_n"]),
+                fmt(L["cpu_ms_per_msg"], ".2f"),
+                fmt(L["peak_mem"] / 2**20, ".1f"),
+                fmt(L["mailbox_seconds"], ".2f"),
+                fmt(L["other_cores"], ".2f"),
+            )
             print(_row(row, w))
-    print("  (latency in ms; the 250 after '.' alone, median/p99 ms: " + "; ".join(
-        f"{r['server']} " + ", ".join(f"{L['clients']}c {fmt(L['dot_median_ms'], '.1f')}/"
-                                      f"{fmt(L['dot_p99_ms'], '.1f')}" for L in r["levels"])
-        for r in results) + ")")
-    print("  (CPU user/sys ms per msg: " + "; ".join(
-        f"{r['server']} " + ", ".join(
-            f"{L['clients']}c {_per(L, 'cpu_user_seconds')}/{_per(L, 'cpu_sys_seconds')}"
-            for L in r["levels"]) for r in results) + ";")
-    print("   kernel threads meanwhile, e.g. journal commits, ms per msg, not in CPU: " + "; ".join(
-        f"{r['server']} " + ", ".join(f"{L['clients']}c {_per(L, 'kthreads_seconds')}"
-                                      for L in r["levels"]) for r in results) + ")")
+    print(
+        "  (latency in ms; the 250 after '.' alone, median/p99 ms: "
+        + "; ".join(
+            f"{r['server']} "
+            + ", ".join(
+                f"{L['clients']}c {fmt(L['dot_median_ms'], '.1f')}/{fmt(L['dot_p99_ms'], '.1f')}"
+                for L in r["levels"]
+            )
+            for r in results
+        )
+        + ")"
+    )
+    print(
+        "  (CPU user/sys ms per msg: "
+        + "; ".join(
+            f"{r['server']} "
+            + ", ".join(
+                f"{L['clients']}c {_per(L, 'cpu_user_seconds')}/{_per(L, 'cpu_sys_seconds')}"
+                for L in r["levels"]
+            )
+            for r in results
+        )
+        + ";"
+    )
+    print(
+        "   kernel threads meanwhile, e.g. journal commits, ms per msg, not in CPU: "
+        + "; ".join(
+            f"{r['server']} "
+            + ", ".join(f"{L['clients']}c {_per(L, 'kthreads_seconds')}" for L in r["levels"])
+            for r in results
+        )
+        + ")"
+    )
     if any(L.get("disk_writes_per_msg") is not None for r in results for L in r["levels"]):
-        print("  (disk write requests / KiB written / cache flushes per msg, over the same window: "
-              + "; ".join(f"{r['server']} " + ", ".join(
-                  f"{L['clients']}c {fmt(L.get('disk_writes_per_msg'), '.1f')}/"
-                  f"{fmt(L.get('disk_kib_per_msg'), '.0f')}/"
-                  f"{fmt(L.get('disk_flushes_per_msg'), '.1f')}" for L in r["levels"])
-                  for r in results) + ")")
+        print(
+            "  (disk write requests / KiB written / cache flushes per msg, over the same window: "
+            + "; ".join(
+                f"{r['server']} "
+                + ", ".join(
+                    f"{L['clients']}c {fmt(L.get('disk_writes_per_msg'), '.1f')}/"
+                    f"{fmt(L.get('disk_kib_per_msg'), '.0f')}/"
+                    f"{fmt(L.get('disk_flushes_per_msg'), '.1f')}"
+                    for L in r["levels"]
+                )
+                for r in results
+            )
+            + ")"
+        )
     print("  CPU ms/msg by process (a parent includes the children it reaped meanwhile):")
     for r in results:
         for L in r["levels"]:
-            parts = [f"{k} {v:.2f}" for k, v in L["cpu_by_process_ms_per_msg"].items()
-                     if v >= 0.005]
+            parts = [
+                f"{k} {v:.2f}" for k, v in L["cpu_by_process_ms_per_msg"].items() if v >= 0.005
+            ]
             print(f"    {r['server']} {L['clients']}c: " + ", ".join(parts[:8]))
     by = {r["server"]: {L["clients"]: L for L in r["levels"]} for r in results}
     pairs = {p["clients"]: p for p in paired}
@@ -1325,14 +1511,18 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
                 continue
             a, b = by["mailerd"][c]["msgs_per_s"], by["postfix"][c]["msgs_per_s"]
             if b:
-                lines.append(f"mailerd/Postfix msgs/s at {_clients(c)}: {a / b:.2f}  "
-                             f"({a:.1f} vs {b:.1f})")
+                lines.append(
+                    f"mailerd/Postfix msgs/s at {_clients(c)}: {a / b:.2f}  ({a:.1f} vs {b:.1f})"
+                )
             p = pairs.get(c)
             if p and p["median"] is not None:
                 n = len(p["ratios"])
-                lines.append(f"  median of the {n} paired run{'s' if n != 1 else ''}: "
-                             f"{p['median']:.2f}  (pairs: "
-                             + ", ".join(fmt(x, ".2f") for x in p["ratios"]) + ")")
+                lines.append(
+                    f"  median of the {n} paired run{'s' if n != 1 else ''}: "
+                    f"{p['median']:.2f}  (pairs: "
+                    + ", ".join(fmt(x, ".2f") for x in p["ratios"])
+                    + ")"
+                )
         if lines:
             print()
             print("\n".join(lines))
@@ -1340,12 +1530,17 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
     for r in results:
         i = r.get("idle")
         if i:
-            t = (f", all greeted after {i['seconds_all_greeted']:.2f} s"
-                 if i["seconds_all_greeted"] is not None else "")
-            print(f"idle connections, {r['server']}: greeted within {i['window']:.0f} s: "
-                  f"{i['greeted']} / {i['n']}{t}; memory while held: "
-                  f"{i['mem_at_end'] / 2**20:.1f} MB (peak {i['peak_mem'] / 2**20:.1f} MB, "
-                  f"{i['peak_procs']} processes)")
+            t = (
+                f", all greeted after {i['seconds_all_greeted']:.2f} s"
+                if i["seconds_all_greeted"] is not None
+                else ""
+            )
+            print(
+                f"idle connections, {r['server']}: greeted within {i['window']:.0f} s: "
+                f"{i['greeted']} / {i['n']}{t}; memory while held: "
+                f"{i['mem_at_end'] / 2**20:.1f} MB (peak {i['peak_mem'] / 2**20:.1f} MB, "
+                f"{i['peak_procs']} processes)"
+            )
             extra = []
             if i["other_reply"]:
                 extra.append(f"{i['other_reply']} other replies {i['other_lines']}")
@@ -1360,32 +1555,41 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
             if i["probe_ms"] is not None:
                 extra.append(f"meanwhile one message on a new connection: {i['probe_ms']:.1f} ms")
             else:
-                extra.append(f"meanwhile one message on a new connection: failed "
-                             f"{i['probe_errors']}")
+                extra.append(
+                    f"meanwhile one message on a new connection: failed {i['probe_errors']}"
+                )
             if extra:
                 print("    " + "; ".join(extra))
     for r in results:
         lines = []
         for L in r["levels"]:
             if L["smtp_source_error"]:
-                lines.append(f"{L['clients']} clients: smtp-source: {L['smtp_source_error']} "
-                             f"({L['msgs']}/{L['requested']} messages done)")
+                lines.append(
+                    f"{L['clients']} clients: smtp-source: {L['smtp_source_error']} "
+                    f"({L['msgs']}/{L['requested']} messages done)"
+                )
             if len(L["runs_msgs_per_s"]) > 1:
-                lines.append(f"{L['clients']} clients: msgs/s of the {len(L['runs_msgs_per_s'])} "
-                             "smtp-source runs, in order: "
-                             + ", ".join(f"{x:.1f}" for x in L["runs_msgs_per_s"])
-                             + " (the median one is in the table)")
+                lines.append(
+                    f"{L['clients']} clients: msgs/s of the {len(L['runs_msgs_per_s'])} "
+                    "smtp-source runs, in order: "
+                    + ", ".join(f"{x:.1f}" for x in L["runs_msgs_per_s"])
+                    + " (the median one is in the table)"
+                )
             if L["max_gap"] >= 0.5:
-                lines.append(f"{L['clients']} clients: no 250 for {L['max_gap']:.2f} s "
-                             f"(from {L['max_gap_at']:.2f} s into the smtp-source run)")
+                lines.append(
+                    f"{L['clients']} clients: no 250 for {L['max_gap']:.2f} s "
+                    f"(from {L['max_gap_at']:.2f} s into the smtp-source run)"
+                )
             if L["lat_errors"]:
                 lines.append(f"{L['clients']} clients: latency client errors: {L['lat_errors']}")
             if r["server"] == "postfix" and L["mailbox_seconds"] is None:
                 lines.append(f"{L['clients']} clients: mailbox not complete within 120 s")
         mc = r.get("mailbox_check")
         if mc and mc["in_mailbox"] is not None and mc["in_mailbox"] != mc["accepted_250"]:
-            lines.append(f"mailbox check: {mc['accepted_250']} messages got 250 but "
-                         f"{mc['in_mailbox']} are in the mailbox")
+            lines.append(
+                f"mailbox check: {mc['accepted_250']} messages got 250 but "
+                f"{mc['in_mailbox']} are in the mailbox"
+            )
         if r.get("died"):
             lines.append("FAILED: " + r["died"])
         lines += r.get("notes", [])
@@ -1398,32 +1602,57 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 200 messages per level, 1000 idle connections")
-    ap.add_argument("--only", choices=("mailerd", "postfix"),
-                    help="benchmark one server alone (no paired runs)")
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 200 messages per level, 1000 idle connections",
+    )
+    ap.add_argument(
+        "--only", choices=("mailerd", "postfix"), help="benchmark one server alone (no paired runs)"
+    )
     ap.add_argument("--messages", type=int, help="smtp-source messages per level (2000)")
     ap.add_argument("--lat-messages", type=int, help="latency-phase messages per level (1000)")
     ap.add_argument("--lat-time", type=float, help="latency-phase time limit, s (15)")
     ap.add_argument("--idle", type=int, help="idle connections (10000; 0 skips)")
-    ap.add_argument("--idle-hold", type=float, default=2.0,
-                    help="seconds to hold the idle connections after the 10 s window (2)")
+    ap.add_argument(
+        "--idle-hold",
+        type=float,
+        default=2.0,
+        help="seconds to hold the idle connections after the 10 s window (2)",
+    )
     ap.add_argument("--levels", default="1,10,50", help="concurrency levels (1,10,50)")
-    ap.add_argument("--repeat", type=int,
-                    help="smtp-source runs per level and server, interleaved between the "
-                    "servers; the median one is reported (3; quick 1)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        help="smtp-source runs per level and server, interleaved between the "
+        "servers; the median one is reported (3; quick 1)",
+    )
     ap.add_argument("--workers", type=int, default=2, help="mailerd -w (2)")
     ap.add_argument("--max-sessions", type=int, default=20000, help="mailerd --max-sessions")
-    ap.add_argument("--postfix-process-limit", type=int, default=200,
-                    help="Postfix default_process_limit for the throughput runs (200)")
-    ap.add_argument("--postfix-idle-limit", type=int, default=1000,
-                    help="Postfix smtpd process limit for the idle test (1000)")
+    ap.add_argument(
+        "--postfix-process-limit",
+        type=int,
+        default=200,
+        help="Postfix default_process_limit for the throughput runs (200)",
+    )
+    ap.add_argument(
+        "--postfix-idle-limit",
+        type=int,
+        default=1000,
+        help="Postfix smtpd process limit for the idle test (1000)",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the spools and logs in var/")
-    ap.add_argument("--no-wait", action="store_true",
-                    help="start at once even if the previous run deleted its files < 6 min ago")
+    ap.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="start at once even if the previous run deleted its files < 6 min ago",
+    )
     args = ap.parse_args()
     q = args.quick
     args.messages = args.messages or (200 if q else 2000)
@@ -1440,9 +1669,15 @@ def main() -> int:
     want = args.idle + 256
     if soft < want:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(want, 65536))
-                                                       if hard != resource.RLIM_INFINITY
-                                                       else max(want, 65536), hard))
+            resource.setrlimit(
+                resource.RLIMIT_NOFILE,
+                (
+                    min(hard, max(want, 65536))
+                    if hard != resource.RLIM_INFINITY
+                    else max(want, 65536),
+                    hard,
+                ),
+            )
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft < want:
             log(f"descriptor limit {soft} < {want}: idle test reduced to {soft - 256}")
@@ -1450,6 +1685,7 @@ def main() -> int:
 
     def on_signal(signum, frame):
         raise Interrupted(signal.Signals(signum).name)
+
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, on_signal)
 
@@ -1462,8 +1698,12 @@ def main() -> int:
     stat_file = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
     DISK_STAT = stat_file if stat_file.exists() else None
     try:
-        fsinfo = subprocess.run(["stat", "-f", "-c", "%T", str(base)], capture_output=True,
-                                text=True).stdout.strip() + f" ({base})"
+        fsinfo = (
+            subprocess.run(
+                ["stat", "-f", "-c", "%T", str(base)], capture_output=True, text=True
+            ).stdout.strip()
+            + f" ({base})"
+        )
     except OSError:
         fsinfo = str(base)
     servers = []
@@ -1496,11 +1736,11 @@ def main() -> int:
         report(results, paired, args, fsinfo)
         print(f"(total {time.monotonic() - t0:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "paired": paired,
-                                              "failed": failed}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"results": results, "paired": paired, "failed": failed}, indent=1)
+        )
     if failed:
-        print(f"FAILED (did not start or stopped running): {', '.join(failed)}",
-              file=sys.stderr)
+        print(f"FAILED (did not start or stopped running): {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from mailerd import config, maildrop, pickup
+from mailerd import config, pickup
+from mailerd.ipc import maildrop
 from mailerd.mailbox import Spool
 from mailerd.queue import Queue
 

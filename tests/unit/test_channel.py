@@ -4,7 +4,7 @@ import asyncio
 import os
 import socket
 
-from mailerd.channel import Channel
+from mailerd.ipc.channel import Channel
 
 
 def run(coro):
@@ -101,7 +101,7 @@ def test_garbage_closes_the_channel():
 def test_client_requests_get_their_own_answers_a_timeout_or_a_broken_channel():
     """Client.request: answers matched by id out of order; no answer in time is a
     TimeoutError (and a late answer is ignored); the peer going away fails what is pending."""
-    from mailerd.channel import Client
+    from mailerd.ipc.channel import Client
 
     async def main():
         c_sock, s_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -142,7 +142,7 @@ def test_client_requests_get_their_own_answers_a_timeout_or_a_broken_channel():
 def test_an_answer_can_carry_a_descriptor_to_whoever_asked_for_it(tmp_path):
     """request_fd hands the answer's descriptor to the caller (how a worker gets its channel
     to the mailbox writer); request, which expects none, closes one rather than leak it."""
-    from mailerd.channel import Client
+    from mailerd.ipc.channel import Client
 
     async def main():
         c_sock, s_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

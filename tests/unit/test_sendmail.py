@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from mailerd import maildrop, sendmail
+from mailerd import sendmail
+from mailerd.ipc import maildrop
 from mailerd.sendmail import Failure, parse_options
 
 REPO = Path(__file__).resolve().parents[2]

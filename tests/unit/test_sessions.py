@@ -2,7 +2,7 @@
 
 import os
 
-from mailerd.sessions import SessionTable, counter
+from mailerd.ipc.sessiontable import SessionTable, counter
 
 
 def test_counts_are_seen_by_every_process_and_a_row_is_forgotten_when_released():

@@ -13,7 +13,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from mailerd.channel import PREFIX, Client
+from mailerd.ipc.channel import PREFIX, Client
 from mailerd.mailbox import Delivery, Spool
 from mailerd.spoolwriter import MailboxWriter, SpoolClient, SpoolService
 
