@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mailerd import durable, trace
-from mailerd.mailbox import MailboxLocked
 from mailerd.smtp.events import Reply
+from mailerd.spool import MailboxLocked
 
 log = logging.getLogger("mailerd.delivery")
 
@@ -134,6 +134,9 @@ def decode_failures(items: list[dict[str, Any]]) -> list[Failure]:
         )
         failed.append((r, exc))
     return failed
+
+
+MAILBOX_BUSY = Reply(451, "4.2.0", "Mailbox busy (locked); try again later")
 
 
 def queued(queue_id: str) -> Reply:

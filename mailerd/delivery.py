@@ -7,7 +7,7 @@ success is not answered with a 451 (which would duplicate the mailboxes already 
 local recipient whose mailbox failed is queued for a later local retry, and only if that fails
 too does the worker get 4xx.
 
-Mailboxes are written by the privileged mailbox writer it forks (`spoolwriter`), which batches
+Mailboxes are written by the privileged mailbox writer it starts (`writer`), which batches
 what piles up for one mailbox. A message whose recipients are all local goes from the worker
 straight to that writer, over a channel this process hands out (`mailbox-channel`); the worker
 comes back here only to queue copies that failed (`retry-local`). Queue files are written here,
@@ -27,17 +27,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from mailerd import commit, durable, eventloop, privileges, spoolwriter, trace
+from mailerd import commit, durable, eventloop, privileges, trace
 from mailerd import log as logsetup
 from mailerd.aliases import normal_address
+from mailerd.commit import MAILBOX_BUSY
 from mailerd.config import Config
 from mailerd.ipc.channel import Channel
-from mailerd.mailbox import MAILBOX_BUSY, MailboxLocked, Spool
+from mailerd.ipc.writer_client import WriterClient
 from mailerd.outbound import Outbound
 from mailerd.pickup import Pickup, Taken
 from mailerd.queue import Envelope, Queue, Recipient
 from mailerd.smtp.events import Reply
-from mailerd.spoolwriter import SpoolClient
+from mailerd.spool import MailboxLocked, Spool
+from mailerd.writer import service as writer_service
+from mailerd.writer.mailbox import MailboxStore
 
 log = logging.getLogger("mailerd.delivery")
 
@@ -51,7 +54,7 @@ class DeliveryService:
         self.cfg = cfg
         self.listener = listener
         self.spool = Spool(cfg.spool)  # read-only here: existence checks
-        self.writer = SpoolClient(writer, self._writer_lost)
+        self.writer = WriterClient(writer, self._writer_lost)
         self.queue = Queue(cfg.queue)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="queue")
         self.channels: set[Channel] = set()
@@ -326,8 +329,8 @@ def run(cfg: Config, listener: socket.socket) -> int:
     # mailerd's own unprivileged user may write Debian's group-writable spool: a directory it
     # owns there is never taken for a mailbox.
     untrusted = privileges.lookup(cfg.user).uid if cfg.user else None
-    spool = Spool(cfg.spool, untrusted_uid=untrusted)
-    writer_pid, writer_sock = spoolwriter.fork_writer(spool, [listener])
+    spool = MailboxStore(cfg.spool, untrusted_uid=untrusted)
+    writer_pid, writer_sock = writer_service.start(spool, [listener])
     cfg = replace(cfg, spool=privileges.keep_dir(cfg.spool), queue=privileges.keep_dir(cfg.queue))
     privileges.drop(cfg.user)
     service = DeliveryService(cfg, listener, writer_sock)

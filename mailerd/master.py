@@ -46,8 +46,8 @@ from mailerd import daemon as daemonize
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
 from mailerd.ipc.sessiontable import SessionTable
-from mailerd.mailbox import Spool
 from mailerd.queue import Queue
+from mailerd.spool import Spool
 
 log = logging.getLogger("mailerd.master")
 

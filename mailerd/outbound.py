@@ -35,9 +35,9 @@ import dns.asyncresolver
 
 from mailerd import dsn, mx, policy, recipients, relay, trace
 from mailerd.config import Config, default_interface, interface_addresses, loopback_addresses
-from mailerd.mailbox import Spool
 from mailerd.queue import Envelope, Queue, Recipient
 from mailerd.smtp.events import Address
+from mailerd.spool import Spool
 
 log = logging.getLogger("mailerd.outbound")
 

@@ -31,10 +31,10 @@ from mailerd.aliases import normal_address
 from mailerd.config import Config
 from mailerd.dsn import RecipientStatus
 from mailerd.ipc import maildrop
-from mailerd.mailbox import Spool
 from mailerd.queue import Envelope, Queue, Recipient
 from mailerd.smtp.events import Reply
 from mailerd.smtp.grammar import GrammarError, parse_address
+from mailerd.spool import Spool
 
 log = logging.getLogger("mailerd.pickup")
 

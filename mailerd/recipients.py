@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from mailerd import policy
 from mailerd.aliases import Aliases
-from mailerd.mailbox import Spool
 from mailerd.smtp.events import Address, Reply
+from mailerd.spool import Spool
 
 log = logging.getLogger("mailerd.recipients")
 

@@ -35,7 +35,7 @@ from mailerd import commit, durable, eventloop, privileges, recipients
 from mailerd.config import Config, ListenAddress
 from mailerd.ipc.channel import MAX_INLINE, Client
 from mailerd.ipc.sessiontable import SessionTable, counter
-from mailerd.mailbox import Spool
+from mailerd.ipc.writer_client import WriterClient, WriterLink
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
@@ -50,7 +50,7 @@ from mailerd.smtp import (
     Session,
     SessionConfig,
 )
-from mailerd.spoolwriter import SpoolClient, WriterLink
+from mailerd.spool import Spool
 
 log = logging.getLogger("mailerd.worker")
 
@@ -413,7 +413,7 @@ class Worker:
         return commit.answer_reply(await self.delivery.request(header, body, fd))
 
     async def _commit_local(
-        self, writer: SpoolClient, header: dict[str, Any], body: bytes, fd: int | None
+        self, writer: WriterClient, header: dict[str, Any], body: bytes, fd: int | None
     ) -> Reply:
         """Write each local copy; the copies that failed are queued for a local retry by the
         delivery process (see `commit`)."""

@@ -22,8 +22,8 @@ import pytest
 
 from mailerd import config, pickup
 from mailerd.ipc import maildrop
-from mailerd.mailbox import Spool
 from mailerd.queue import Queue
+from mailerd.spool import Spool
 
 from .conftest import Mailerd, expect, wait_until
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mailerd.mailbox import Delivery, MailboxLocked, MailboxUnsafe, Spool, next_number
+from mailerd.spool import MailboxLocked, Spool
+from mailerd.writer.mailbox import Copy, MailboxStore, MailboxUnsafe, next_number
 
 
 def messages(spool_dir):
@@ -16,9 +17,9 @@ def messages(spool_dir):
 
 
 def test_numbers_start_at_one_with_recent_status(tmp_path):
-    spool = Spool(tmp_path)
-    assert spool.deliver("bob", [Delivery(b"H: 1\r\n", b"one\r\n")]) == [1]
-    assert spool.deliver("bob", [Delivery(b"", b"two\r\n"), Delivery(b"", b"three\r\n")]) == [2, 3]
+    spool = MailboxStore(tmp_path)
+    assert spool.deliver("bob", [Copy(b"H: 1\r\n", b"one\r\n")]) == [1]
+    assert spool.deliver("bob", [Copy(b"", b"two\r\n"), Copy(b"", b"three\r\n")]) == [2, 3]
     box = tmp_path / "bob"
     assert (box / "1").read_bytes() == b"H: 1\r\none\r\n"
     assert (box / "3").read_bytes() == b"three\r\n"
@@ -29,11 +30,11 @@ def test_numbers_start_at_one_with_recent_status(tmp_path):
 
 
 def test_numbers_never_reused_after_newest_deleted(tmp_path):
-    spool = Spool(tmp_path)
-    spool.deliver("bob", [Delivery(b"", b"x")] * 3)
+    spool = MailboxStore(tmp_path)
+    spool.deliver("bob", [Copy(b"", b"x")] * 3)
     os.unlink(tmp_path / "bob" / "3")
     os.unlink(tmp_path / "bob" / "3.status")
-    assert spool.deliver("bob", [Delivery(b"", b"x")]) == [4]
+    assert spool.deliver("bob", [Copy(b"", b"x")]) == [4]
 
 
 def test_hand_made_mailbox_continues_from_largest(tmp_path):
@@ -41,12 +42,12 @@ def test_hand_made_mailbox_continues_from_largest(tmp_path):
     box.mkdir()
     for n in (1, 7, 3):
         (box / str(n)).write_bytes(b"old")
-    assert Spool(tmp_path).deliver("carol", [Delivery(b"", b"new")]) == [8]
+    assert MailboxStore(tmp_path).deliver("carol", [Copy(b"", b"new")]) == [8]
 
 
 def test_crash_leftovers_heal(tmp_path):
-    spool = Spool(tmp_path)
-    spool.deliver("bob", [Delivery(b"", b"x")])
+    spool = MailboxStore(tmp_path)
+    spool.deliver("bob", [Copy(b"", b"x")])
     box = tmp_path / "bob"
     # A crash after renaming message 2 but before the counter moved, and an orphan 3.status.
     (box / "2").write_bytes(b"committed")
@@ -57,7 +58,7 @@ def test_crash_leftovers_heal(tmp_path):
         assert next_number(fd) == 3
     finally:
         os.close(fd)
-    assert spool.deliver("bob", [Delivery(b"", b"y")]) == [3]
+    assert spool.deliver("bob", [Copy(b"", b"y")]) == [3]
     assert (box / "3.status").read_bytes() == b"\\Recent\n"
 
 
@@ -65,7 +66,7 @@ def test_body_from_a_descriptor(tmp_path):
     fd = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR)
     os.write(fd, b"A" * 3_000_000)
     try:
-        Spool(tmp_path).deliver("big", [Delivery(b"Head\r\n", fd), Delivery(b"", fd)])
+        MailboxStore(tmp_path).deliver("big", [Copy(b"Head\r\n", fd), Copy(b"", fd)])
     finally:
         os.close(fd)
     assert (tmp_path / "big" / "1").read_bytes() == b"Head\r\n" + b"A" * 3_000_000
@@ -100,8 +101,8 @@ def test_state_through_a_kept_directory(tmp_path):
 
 
 def test_lock_held_elsewhere_times_out(tmp_path):
-    spool = Spool(tmp_path, lock_timeout=0.2)
-    spool.deliver("bob", [Delivery(b"", b"x")])
+    spool = MailboxStore(tmp_path, lock_timeout=0.2)
+    spool.deliver("bob", [Copy(b"", b"x")])
     ready, release = multiprocessing.Event(), multiprocessing.Event()
 
     def hold():
@@ -115,17 +116,17 @@ def test_lock_held_elsewhere_times_out(tmp_path):
     try:
         assert ready.wait(10)
         with pytest.raises(MailboxLocked):
-            spool.deliver("bob", [Delivery(b"", b"y")])
+            spool.deliver("bob", [Copy(b"", b"y")])
     finally:
         release.set()
         holder.join(10)
-    assert spool.deliver("bob", [Delivery(b"", b"y")]) == [2]
+    assert spool.deliver("bob", [Copy(b"", b"y")]) == [2]
 
 
 def _deliver_many(root, count):
-    spool = Spool(root)
+    spool = MailboxStore(root)
     for _i in range(count):
-        spool.deliver("shared", [Delivery(b"", b"%d\r\n" % os.getpid())])
+        spool.deliver("shared", [Copy(b"", b"%d\r\n" % os.getpid())])
 
 
 def test_processes_serialise_on_lockf(tmp_path):
@@ -143,8 +144,8 @@ def test_processes_serialise_on_lockf(tmp_path):
 def test_disk_errors_leave_nothing_visible(tmp_path, monkeypatch, how):
     from mailerd import aiofsync
 
-    spool = Spool(tmp_path)
-    spool.deliver("bob", [Delivery(b"", b"x")])
+    spool = MailboxStore(tmp_path)
+    spool.deliver("bob", [Copy(b"", b"x")])
     real_aio = aiofsync.fsync_all
 
     def failing_aio(fds):
@@ -167,39 +168,39 @@ def test_disk_errors_leave_nothing_visible(tmp_path, monkeypatch, how):
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError):
-        spool.deliver("bob", [Delivery(b"", b"y")])
+        spool.deliver("bob", [Copy(b"", b"y")])
     monkeypatch.setattr(os, "fsync", real_fsync)
     monkeypatch.setattr(aiofsync, "fsync_all", real_aio)
     box = tmp_path / "bob"
     assert messages(box) == [1]
     assert not [n for n in os.listdir(box) if n.startswith(".tmp")]
-    assert spool.deliver("bob", [Delivery(b"", b"z")]) == [2]
+    assert spool.deliver("bob", [Copy(b"", b"z")]) == [2]
 
 
 # -- the mailbox writer runs as root: nothing in a mailbox may redirect its writes ------------
 
 
 def test_symlinked_lock_is_not_followed(tmp_path):
-    spool = Spool(tmp_path / "spool")
+    spool = MailboxStore(tmp_path / "spool")
     (tmp_path / "spool").mkdir()
     box = tmp_path / "spool" / "eve"
     box.mkdir()
     target = tmp_path / "created_by_writer"
     os.symlink(target, box / ".lock")
     with pytest.raises(OSError):
-        spool.deliver("eve", [Delivery(b"", b"x")])
+        spool.deliver("eve", [Copy(b"", b"x")])
     assert not target.exists()
     assert not [n for n in os.listdir(box) if n.startswith(".tmp")]
 
 
 def test_fifo_counter_neither_blocks_nor_counts(tmp_path):
-    spool = Spool(tmp_path)
+    spool = MailboxStore(tmp_path)
     box = tmp_path / "eve"
     box.mkdir()
     os.mkfifo(box / ".counter")
     (box / "4").write_bytes(b"old")
     # Would block forever (as root, holding the lock) if the FIFO were opened for reading.
-    assert spool.deliver("eve", [Delivery(b"", b"x")]) == [5]
+    assert spool.deliver("eve", [Copy(b"", b"x")]) == [5]
 
 
 def test_symlinked_mailbox_is_refused(tmp_path):
@@ -209,14 +210,14 @@ def test_symlinked_mailbox_is_refused(tmp_path):
     elsewhere.mkdir()
     os.symlink(elsewhere, spool_dir / "daemon")
     with pytest.raises(MailboxUnsafe):
-        Spool(spool_dir).deliver("daemon", [Delivery(b"", b"x")])
+        MailboxStore(spool_dir).deliver("daemon", [Copy(b"", b"x")])
     assert os.listdir(elsewhere) == []
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", ".hidden", "UPPER", "x+tag", ""])
 def test_names_are_checked_by_the_writer_too(tmp_path, name):
     with pytest.raises(MailboxUnsafe):
-        Spool(tmp_path).deliver(name, [Delivery(b"", b"x")])
+        MailboxStore(tmp_path).deliver(name, [Copy(b"", b"x")])
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
@@ -229,9 +230,9 @@ def test_account_mailbox_with_a_foreign_owner_is_refused(tmp_path):
     box.mkdir()
     os.chown(box, nobody.pw_uid, nobody.pw_gid)  # planted by someone else
     with pytest.raises(MailboxUnsafe):
-        Spool(tmp_path).deliver("daemon", [Delivery(b"", b"x")])
+        MailboxStore(tmp_path).deliver("daemon", [Copy(b"", b"x")])
     os.chown(box, daemon.pw_uid, daemon.pw_gid)
-    assert Spool(tmp_path).deliver("daemon", [Delivery(b"", b"x")]) == [1]
+    assert MailboxStore(tmp_path).deliver("daemon", [Copy(b"", b"x")]) == [1]
     lock = os.stat(box / ".lock")
     assert (lock.st_uid, lock.st_gid) == (daemon.pw_uid, daemon.pw_gid)  # the IMAP side can lock
     assert os.stat(box / "1").st_uid == daemon.pw_uid
@@ -246,31 +247,31 @@ def test_mailbox_owned_by_mailerds_own_user_is_refused(tmp_path):
     box.mkdir()
     os.chown(box, mail.pw_uid, mail.pw_gid)
     with pytest.raises(MailboxUnsafe):
-        Spool(tmp_path, untrusted_uid=mail.pw_uid).deliver("virtual", [Delivery(b"", b"x")])
+        MailboxStore(tmp_path, untrusted_uid=mail.pw_uid).deliver("virtual", [Copy(b"", b"x")])
 
 
 def test_a_failed_counter_update_does_not_fail_committed_messages(tmp_path, monkeypatch):
-    from mailerd import mailbox
+    from mailerd.writer import mailbox
 
-    spool = Spool(tmp_path)
-    spool.deliver("bob", [Delivery(b"", b"x")])
+    spool = MailboxStore(tmp_path)
+    spool.deliver("bob", [Copy(b"", b"x")])
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(mailbox, "_store_counter", full_disk)
     # Renamed into place before the counter: reported as delivered, not failed (no duplicate).
-    assert spool.deliver("bob", [Delivery(b"", b"y"), Delivery(b"", b"z")]) == [2, 3]
+    assert spool.deliver("bob", [Copy(b"", b"y"), Copy(b"", b"z")]) == [2, 3]
     monkeypatch.undo()
-    assert spool.deliver("bob", [Delivery(b"", b"w")]) == [4]  # the stale counter healed
+    assert spool.deliver("bob", [Copy(b"", b"w")]) == [4]  # the stale counter healed
 
 
 def test_counter_is_updated_in_place_but_never_written_through_a_planted_file(tmp_path):
-    spool = Spool(tmp_path)
-    assert spool.deliver("bob", [Delivery(b"", b"x")] * 9) == list(range(1, 10))
+    spool = MailboxStore(tmp_path)
+    assert spool.deliver("bob", [Copy(b"", b"x")] * 9) == list(range(1, 10))
     box = tmp_path / "bob"
     inode = os.stat(box / ".counter").st_ino
-    assert spool.deliver("bob", [Delivery(b"", b"y")]) == [10]
+    assert spool.deliver("bob", [Copy(b"", b"y")]) == [10]
     assert (box / ".counter").read_bytes() == b"10\n"
     assert os.stat(box / ".counter").st_ino == inode  # overwritten, not replaced
     # A hard link (to a file elsewhere) or a longer text is replaced, never written through.
@@ -278,29 +279,29 @@ def test_counter_is_updated_in_place_but_never_written_through_a_planted_file(tm
     outside.write_bytes(b"precious\n")
     (box / ".counter").unlink()
     os.link(outside, box / ".counter")
-    assert spool.deliver("bob", [Delivery(b"", b"z")]) == [11]
+    assert spool.deliver("bob", [Copy(b"", b"z")]) == [11]
     assert outside.read_bytes() == b"precious\n"
     assert (box / ".counter").read_bytes() == b"11\n"
     (box / ".counter").write_bytes(b"11\n# a note\n")
-    assert spool.deliver("bob", [Delivery(b"", b"w")]) == [12]
+    assert spool.deliver("bob", [Copy(b"", b"w")]) == [12]
     assert (box / ".counter").read_bytes() == b"12\n"
 
 
 def test_a_redelivery_already_there_is_not_written_twice(tmp_path):
-    """A copy from the queue after a crash (mailbox.Delivery.since): if a message starting
+    """A copy from the queue after a crash (mailbox.Copy.since): if a message starting
     with the same bytes was committed since then, its number comes back and nothing is added."""
     import time
 
-    spool = Spool(tmp_path)
+    spool = MailboxStore(tmp_path)
     head = b"Return-Path: <a@b.example>\r\n"
     body = b"Received: by mx (mailerd, from userid 0)\r\n\tid QUEUEID1; date\r\n\r\nx\r\n"
     since = time.time()
-    assert spool.deliver("bob", [Delivery(head, b"other\r\n"), Delivery(head, body)]) == [1, 2]
-    assert spool.deliver("bob", [Delivery(head, b"later\r\n")]) == [3]
+    assert spool.deliver("bob", [Copy(head, b"other\r\n"), Copy(head, body)]) == [1, 2]
+    assert spool.deliver("bob", [Copy(head, b"later\r\n")]) == [3]
     # the redelivery finds message 2; a plain delivery of the same bytes is a new message
-    assert spool.deliver("bob", [Delivery(head, body, since)]) == [2]
+    assert spool.deliver("bob", [Copy(head, body, since)]) == [2]
     assert messages(tmp_path / "bob") == [1, 2, 3]
-    batch = [Delivery(head, b"new\r\n", since), Delivery(head, body, since), Delivery(head, body)]
+    batch = [Copy(head, b"new\r\n", since), Copy(head, body, since), Copy(head, body)]
     assert spool.deliver("bob", batch) == [4, 2, 5]
     assert messages(tmp_path / "bob") == [1, 2, 3, 4, 5]
     assert not [n for n in os.listdir(tmp_path / "bob") if n.startswith(".tmp")]
@@ -309,4 +310,4 @@ def test_a_redelivery_already_there_is_not_written_twice(tmp_path):
     old = since - 3600
     for n in (2, 5):
         os.utime(tmp_path / "bob" / str(n), (old, old))
-    assert spool.deliver("bob", [Delivery(head, body, since)]) == [6]
+    assert spool.deliver("bob", [Copy(head, body, since)]) == [6]

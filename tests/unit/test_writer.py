@@ -14,8 +14,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from mailerd.ipc.channel import PREFIX, Client
-from mailerd.mailbox import Delivery, Spool
-from mailerd.spoolwriter import MailboxWriter, SpoolClient, SpoolService
+from mailerd.ipc.writer_client import WriterClient
+from mailerd.writer.mailbox import Copy, MailboxStore
+from mailerd.writer.service import MailboxQueue, WriterService
 
 
 def run(coro):
@@ -23,11 +24,11 @@ def run(coro):
 
 
 async def _service_with_worker(tmp_path):
-    """A running SpoolService, the delivery process's client, and one adopted worker client."""
+    """A running WriterService, the delivery process's client, and one adopted worker client."""
     control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    service = SpoolService(Spool(tmp_path), service_end)
+    service = WriterService(MailboxStore(tmp_path), service_end)
     serving = asyncio.create_task(service.run())
-    delivery = SpoolClient(control, lambda: None)
+    delivery = WriterClient(control, lambda: None)
     worker_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     await delivery.adopt(os.dup(writer_end.fileno()))
     writer_end.close()
@@ -47,7 +48,7 @@ def test_a_locked_mailbox_waits_in_a_thread_not_in_the_loop(tmp_path):
     """A mailbox written back to back has its small batches written in the loop's thread, but
     one whose lock is held elsewhere (an IMAP server) must not stall the loop: it waits in the
     pool while other mailboxes go on."""
-    spool = Spool(tmp_path, lock_timeout=20)
+    spool = MailboxStore(tmp_path, lock_timeout=20)
     ready, release = multiprocessing.Event(), multiprocessing.Event()
     holder = multiprocessing.Process(
         target=_hold_lock, args=(tmp_path / "bob" / ".lock", ready, release)
@@ -56,14 +57,14 @@ def test_a_locked_mailbox_waits_in_a_thread_not_in_the_loop(tmp_path):
     async def main():
         executor = ThreadPoolExecutor(2)
         try:
-            bob = MailboxWriter("bob", spool, executor, lambda n: None)
-            carol = MailboxWriter("carol", spool, executor, lambda n: None)
-            assert await bob.submit(Delivery(b"", b"x\r\n")) == 1  # the pool: now warm
+            bob = MailboxQueue("bob", spool, executor, lambda n: None)
+            carol = MailboxQueue("carol", spool, executor, lambda n: None)
+            assert await bob.submit(Copy(b"", b"x\r\n")) == 1  # the pool: now warm
             holder.start()
             assert await asyncio.get_running_loop().run_in_executor(None, ready.wait, 10)
-            for_bob = bob.submit(Delivery(b"", b"y\r\n"))  # tried here, then the pool
+            for_bob = bob.submit(Copy(b"", b"y\r\n"))  # tried here, then the pool
             await asyncio.sleep(0.2)
-            assert await asyncio.wait_for(carol.submit(Delivery(b"", b"z\r\n")), 5) == 1
+            assert await asyncio.wait_for(carol.submit(Copy(b"", b"z\r\n")), 5) == 1
             assert not for_bob.done()
             release.set()
             assert await asyncio.wait_for(for_bob, 15) == 2
@@ -104,15 +105,15 @@ def test_a_worker_channel_carries_mailbox_writes_and_nothing_else(tmp_path):
 def test_the_writer_adopts_a_bounded_number_of_worker_channels(tmp_path, monkeypatch):
     """A worker that keeps asking cannot run the root writer out of descriptors: past the cap
     the adopt is refused (the worker then commits through the delivery process)."""
-    from mailerd import spoolwriter
+    from mailerd.writer import service
 
-    monkeypatch.setattr(spoolwriter, "MAX_WORKER_CHANNELS", 2)
+    monkeypatch.setattr(service, "MAX_WORKER_CHANNELS", 2)
 
     async def main():
         control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        service = SpoolService(Spool(tmp_path), service_end)
+        service = WriterService(MailboxStore(tmp_path), service_end)
         serving = asyncio.create_task(service.run())
-        delivery = SpoolClient(control, lambda: None)
+        delivery = WriterClient(control, lambda: None)
         kept = []
         for n in range(3):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -137,7 +138,7 @@ def test_malformed_worker_frames_are_refused_or_close_the_channel(tmp_path):
     """The root writer reads frames straight from workers: a bad `head` is refused with EINVAL
     and nothing is written; an inline body larger than a worker ever sends closes the channel
     (it is not buffered in root's memory)."""
-    from mailerd.spoolwriter import MAX_HEAD, MAX_INLINE
+    from mailerd.writer.service import MAX_HEAD, MAX_INLINE
 
     (tmp_path / "dave").mkdir()
 
@@ -191,23 +192,23 @@ def test_a_mailbox_committed_lately_is_written_in_the_loop_by_the_next_writer(
     while went through the pool, so no mkdir or account lookup is left for the loop) is kept
     across them."""
     (tmp_path / "gus").mkdir()
-    spool = Spool(tmp_path)
+    spool = MailboxStore(tmp_path)
     waits = []
-    real = Spool.deliver
+    real = MailboxStore.deliver
 
     def deliver(self, name, messages, *, wait=True):
         waits.append(wait)
         return real(self, name, messages, wait=wait)
 
-    monkeypatch.setattr(Spool, "deliver", deliver)
+    monkeypatch.setattr(MailboxStore, "deliver", deliver)
 
     async def main():
         executor = ThreadPoolExecutor(1)
         warm = {}
         try:
             for n in (1, 2, 3):
-                writer = MailboxWriter("gus", spool, executor, lambda name: None, warm=warm)
-                assert await writer.submit(Delivery(b"", b"%d\r\n" % n)) == n
+                writer = MailboxQueue("gus", spool, executor, lambda name: None, warm=warm)
+                assert await writer.submit(Copy(b"", b"%d\r\n" % n)) == n
         finally:
             executor.shutdown(wait=True)
 
@@ -222,9 +223,11 @@ def test_a_failed_commit_does_not_warm_the_mailbox(tmp_path):
         executor = ThreadPoolExecutor(1)
         warm = {}
         try:
-            writer = MailboxWriter("../x", Spool(tmp_path), executor, lambda name: None, warm=warm)
+            writer = MailboxQueue(
+                "../x", MailboxStore(tmp_path), executor, lambda name: None, warm=warm
+            )
             with contextlib.suppress(OSError):
-                await writer.submit(Delivery(b"", b"x\r\n"))
+                await writer.submit(Copy(b"", b"x\r\n"))
             assert warm == {}
         finally:
             executor.shutdown(wait=True)
@@ -240,7 +243,7 @@ def test_a_batchs_answers_leave_before_the_next_batch_is_written(tmp_path):
     answered_first: list[bool] = []
     sent_meanwhile = threading.Event()
 
-    class Watched(Spool):
+    class Watched(MailboxStore):
         def deliver(self, name, messages, *, wait=True):
             if not answered_first and not sent_meanwhile.is_set():
                 sent_meanwhile.wait(5)  # the first batch: hold it while request 4 comes
@@ -258,9 +261,9 @@ def test_a_batchs_answers_leave_before_the_next_batch_is_written(tmp_path):
         return PREFIX.pack(len(header), len(body)) + header + body
 
     async def main():
-        service = SpoolService(Watched(tmp_path), service_end)
+        service = WriterService(Watched(tmp_path), service_end)
         serving = asyncio.create_task(service.run())
-        delivery = SpoolClient(control, lambda: None)
+        delivery = WriterClient(control, lambda: None)
         await delivery.adopt(os.dup(writer_end.fileno()))
         writer_end.close()
         worker_end.sendall(frame(1) + frame(2) + frame(3))
@@ -290,14 +293,14 @@ def test_a_failing_answer_stops_neither_the_others_nor_the_mailbox(tmp_path, mon
     """A bug while answering one write (here: raised for request 2) is logged; the other
     answers of the batch still leave, and the mailbox's later writes are still answered."""
     (tmp_path / "dave").mkdir()
-    original = SpoolService._written
+    original = WriterService._written
 
     def failing(self, channel, header, fd, future):
         if header.get("id") == 2:
             raise RuntimeError("bug")
         original(self, channel, header, fd, future)
 
-    monkeypatch.setattr(SpoolService, "_written", failing)
+    monkeypatch.setattr(WriterService, "_written", failing)
 
     async def main():
         serving, delivery, worker, lost = await _service_with_worker(tmp_path)

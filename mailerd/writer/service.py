@@ -1,11 +1,12 @@
-"""The privileged mailbox writer: the one small part of mailerd that keeps root.
+"""The mailbox writer's process: the one small part of mailerd that keeps root.
 
 Mailboxes belong to their users (0700/0600), so writing them needs privilege, while the rest of
 the delivery process speaks SMTP to the Internet and must not have it. So the delivery process,
-still root, forks this writer over a socketpair and then drops to the mail user. The writer
-parses nothing from the network: it receives `{"mailbox"}` plus the headers to prepend and the
-body (inline or as a descriptor) over a channel, writes with `mailbox.Spool` under lockf, and
-answers with the message number. It exits when the delivery process closes the socketpair.
+still root, starts this writer over a socketpair (`start`) and then drops to the mail user. The
+writer parses nothing from the network: it receives `{"mailbox"}` plus the headers to prepend
+and the body (inline or as a descriptor) over a channel, writes with `mailbox.MailboxStore` under
+lockf, and answers with the message number. It exits when the delivery process closes the
+socketpair. Its clients are in `ipc.writer_client`.
 
 Besides that first channel, each worker gets one of its own, which the delivery process hands
 out (`{"op": "adopt"}` carries the writer's end): a message whose recipients are all local then
@@ -31,10 +32,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from mailerd import durable, eventloop
+from mailerd import eventloop
 from mailerd import log as logsetup
-from mailerd.ipc.channel import MAX_INLINE, Channel, Client
-from mailerd.mailbox import Delivery, MailboxLocked, Spool
+from mailerd.ipc.channel import MAX_INLINE, Channel
+from mailerd.spool import MailboxLocked
+from mailerd.writer.mailbox import Copy, MailboxStore
 
 log = logging.getLogger("mailerd.spool")
 
@@ -50,7 +52,7 @@ MAX_HEAD = 64 * 1024  # Return-Path: and Received: ahead of a worker's inline bo
 MAX_WORKER_CHANNELS = 256  # one per live worker is the norm; this bounds the writer's descriptors
 
 
-class MailboxWriter:
+class MailboxQueue:
     """Serialises one mailbox's deliveries and commits whatever queued up as one batch.
 
     A batch is written, all its files fsync'd at once (one AIO submission, `aiofsync`; the
@@ -63,7 +65,7 @@ class MailboxWriter:
     def __init__(
         self,
         name: str,
-        spool: Spool,
+        spool: MailboxStore,
         executor: ThreadPoolExecutor,
         done: Callable[[str], None],
         alone: Callable[[], bool] = lambda: True,
@@ -78,13 +80,13 @@ class MailboxWriter:
         # When each mailbox last had a batch committed, shared by the writers of all mailboxes
         # (they come and go with their queues): recently means made and its account cached.
         self._warm = warm if warm is not None else {}
-        self._waiting: collections.deque[tuple[Delivery, asyncio.Future[int]]] = collections.deque()
+        self._waiting: collections.deque[tuple[Copy, asyncio.Future[int]]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._settled = settled
         # Kept: asyncio.get_running_loop() costs a getpid() call, and this runs per message.
         self._loop = asyncio.get_running_loop()
 
-    def submit(self, message: Delivery) -> asyncio.Future[int]:
+    def submit(self, message: Copy) -> asyncio.Future[int]:
         future: asyncio.Future[int] = self._loop.create_future()
         self._waiting.append((message, future))
         if self._task is None:
@@ -122,7 +124,7 @@ class MailboxWriter:
         self._task = None
         self._done(self.name)
 
-    def _settle(self, batch: list[tuple[Delivery, asyncio.Future[int]]]) -> None:
+    def _settle(self, batch: list[tuple[Copy, asyncio.Future[int]]]) -> None:
         """Tell `settled` at once that the batch's futures are done (their callbacks would run
         only in the next loop iteration, which may start with the next batch's fsyncs)."""
         if self._settled is not None:
@@ -133,7 +135,7 @@ class MailboxWriter:
             self._warm.clear()  # (the pool then warms each mailbox again, once)
         return now - self._warm.get(self.name, -WARM_FOR) < WARM_FOR
 
-    def _deliver_here(self, messages: list[Delivery]) -> list[int] | None:
+    def _deliver_here(self, messages: list[Copy]) -> list[int] | None:
         """Commit a small batch in the event loop's own thread: the handoff to a pool thread and
         back is two wake-ups, a good part of a 250's latency when both cores are busy.
 
@@ -150,7 +152,7 @@ class MailboxWriter:
             return None
 
 
-def _small(messages: list[Delivery]) -> bool:
+def _small(messages: list[Copy]) -> bool:
     """In-memory bodies, INLINE_BATCH bytes at most (a large body's fsync takes longer)."""
     size = 0
     for message in messages:
@@ -160,22 +162,22 @@ def _small(messages: list[Delivery]) -> bool:
     return size <= INLINE_BATCH
 
 
-class SpoolService:
+class WriterService:
     """The writer process's loop: channels in (the delivery process's, and one per worker it
     hands over), mailbox writes out."""
 
-    def __init__(self, spool: Spool, sock: socket.socket) -> None:
+    def __init__(self, spool: MailboxStore, sock: socket.socket) -> None:
         self.spool = spool
         self.sock = sock
         self.executor = ThreadPoolExecutor(THREADS, thread_name_prefix="mailbox")
-        self.writers: dict[str, MailboxWriter] = {}
+        self.writers: dict[str, MailboxQueue] = {}
         self.closed = asyncio.Event()
         self.channel: Channel | None = None
         self.workers: set[Channel] = set()
         self.outstanding = 0  # mailbox writes received and not yet answered
         # Each write's asker, until its batch settles (_settled answers them all at once).
         self.asking: dict[asyncio.Future[int], tuple[Channel, dict[str, Any], int | None]] = {}
-        self.warm: dict[str, float] = {}  # see MailboxWriter
+        self.warm: dict[str, float] = {}  # see MailboxQueue
 
     async def run(self) -> None:
         self.channel = Channel(self.sock, self._on_control, self.closed.set)
@@ -251,7 +253,7 @@ class SpoolService:
         since = header.get("since")
         if not isinstance(since, int | float) or isinstance(since, bool):
             since = None  # (a redelivery's time: anything else is a plain delivery)
-        future = self._writer(header["mailbox"]).submit(Delivery(head, body, since))
+        future = self._writer(header["mailbox"]).submit(Copy(head, body, since))
         self.outstanding += 1
         self.asking[future] = (channel, header, fd)
 
@@ -301,10 +303,10 @@ class SpoolService:
         if channel is not None and not channel.closed:
             channel.send({"id": header.get("id"), **answer})
 
-    def _writer(self, name: str) -> MailboxWriter:
+    def _writer(self, name: str) -> MailboxQueue:
         writer = self.writers.get(name)
         if writer is None:
-            writer = self.writers[name] = MailboxWriter(
+            writer = self.writers[name] = MailboxQueue(
                 name,
                 self.spool,
                 self.executor,
@@ -316,90 +318,7 @@ class SpoolService:
         return writer
 
 
-class SpoolClient:
-    """A handle on the writer: the delivery process's, or a worker's own."""
-
-    def __init__(self, sock: socket.socket, on_broken: Callable[[], None]) -> None:
-        self._client = Client(None, TIMEOUT, sock=sock, on_broken=on_broken)
-
-    async def deliver(
-        self, mailbox: str, head: bytes, body: durable.Body, since: float | None = None
-    ) -> int:
-        """Write one message into `mailbox`; its number, or OSError/MailboxLocked. `since`:
-        a redelivery (mailbox.Delivery), not written again if it is there already."""
-        request: dict[str, Any] = {"mailbox": mailbox}
-        if since is not None:
-            request["since"] = since
-        if isinstance(body, bytes):
-            answer = await self._client.request({**request, "head": len(head)}, head + body)
-        else:
-            # The channel closes the descriptor it sends; the caller keeps its own.
-            answer = await self._client.request(request, head, os.dup(body))
-        if "number" in answer:
-            return int(answer["number"])
-        if answer.get("locked"):
-            raise MailboxLocked()
-        raise OSError(answer.get("errno") or 5, answer.get("error", "spool write failed"))
-
-    async def reopen_logs(self) -> None:
-        await self._client.request({"op": "reopen-logs"})
-
-    async def adopt(self, fd: int) -> None:
-        """Give the writer one end of a worker's channel (the channel closes `fd`)."""
-        answer = await self._client.request({"op": "adopt"}, b"", fd)
-        if "error" in answer:
-            raise ConnectionError(answer["error"])
-
-    def close(self) -> None:
-        self._client.close()
-
-
-class WriterLink:
-    """A worker's own channel to the writer, asked of the delivery process on first use and
-    again after it breaks (the writer is restarted along with the delivery process)."""
-
-    RETRY_AFTER = 1.0  # after a refusal, commits take the delivery process's path meanwhile
-
-    def __init__(self, delivery: Client) -> None:
-        self._delivery = delivery
-        self._client: SpoolClient | None = None
-        self._lock = asyncio.Lock()
-        self._retry_at = 0.0
-
-    async def get(self) -> SpoolClient:
-        """The channel; raises (ConnectionError, TimeoutError) when there is none to be had."""
-        if self._client is not None:
-            return self._client
-        async with self._lock:
-            if self._client is None:
-                self._client = await self._ask()
-            return self._client
-
-    async def _ask(self) -> SpoolClient:
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._retry_at:
-            raise ConnectionError("no mailbox writer channel yet")
-        try:
-            answer, fd = await self._delivery.request_fd({"op": "mailbox-channel"})
-            if fd is None:
-                raise ConnectionError(answer.get("error", "no mailbox writer channel"))
-        except Exception:
-            self._retry_at = loop.time() + self.RETRY_AFTER
-            raise
-        client = SpoolClient(socket.socket(fileno=fd), lambda: self._lost(client))
-        return client
-
-    def _lost(self, client: SpoolClient) -> None:
-        if self._client is client:
-            self._client = None
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-
-def fork_writer(spool: Spool, inherited: list[socket.socket]) -> tuple[int, socket.socket]:
+def start(spool: MailboxStore, inherited: list[socket.socket]) -> tuple[int, socket.socket]:
     """Fork the writer (call before dropping privileges, outside any event loop).
 
     `inherited` are sockets of the parent the writer must not keep open.
@@ -421,7 +340,7 @@ def fork_writer(spool: Spool, inherited: list[socket.socket]) -> tuple[int, sock
         # the whole process group (Ctrl-C), so no handed-over message is cut short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        eventloop.run(SpoolService(spool, theirs).run())
+        eventloop.run(WriterService(spool, theirs).run())
         code = 0
     finally:
         os._exit(code)

@@ -1,4 +1,5 @@
-"""The mailbox spool: `<spool>/<user>/<N>` and `<N>.status`, numbered under a lockf lock.
+"""Writing mailboxes: `<spool>/<user>/<N>` and `<N>.status`, numbered under a lockf lock.
+Only the mailbox writer (root) does this; everything else reads the spool through `spool`.
 
 Contract (an IMAP server reads it):
 - N = 1, 2, 3 … in order of reception, never reused: the last N is kept in `<user>/.counter`;
@@ -23,27 +24,22 @@ import fcntl
 import itertools
 import logging
 import os
-import pwd
 import stat
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from mailerd import durable, policy
-from mailerd.smtp.events import Reply
+from mailerd.spool import COUNTER_NAME, LOCK_NAME, MailboxLocked, account_owner
 
 log = logging.getLogger("mailerd.mailbox")
 
-LOCK_NAME = ".lock"
-COUNTER_NAME = ".counter"
 NEW_FLAGS = b"\\Recent\n"
-MAILBOX_BUSY = Reply(451, "4.2.0", "Mailbox busy (locked); try again later")
 
 
 @dataclass(frozen=True)
-class Delivery:
-    """One message for one mailbox: the headers to prepend and the body.
+class Copy:
+    """A copy of a message for one mailbox: the headers to prepend and the body.
 
     `since` marks a redelivery (from the queue, after a crash or an attempt whose outcome was
     lost): if a message that starts with the same bytes was committed since then, it is that
@@ -52,10 +48,6 @@ class Delivery:
     head: bytes
     body: durable.Body
     since: float | None = None
-
-
-class MailboxLocked(Exception):
-    """The mailbox lock was held by someone else for longer than the deadline."""
 
 
 class MailboxUnsafe(OSError):
@@ -68,66 +60,18 @@ _sequence = itertools.count(1)
 _SAFE = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-class Spool:
-    """The spool root. `deliver()` runs as root in the mailbox writer, so everything below the
-    root is reached through directory descriptors and opened with O_NOFOLLOW: a user (or the
-    unprivileged mail user, which may write Debian's group-writable spool) cannot turn a
-    symlink, a FIFO or a planted directory into a root write elsewhere."""
+class MailboxStore:
+    """The spool root, for writing. `deliver()` runs as root in the mailbox writer, so
+    everything below the root is reached through directory descriptors and opened with
+    O_NOFOLLOW: a user (or the unprivileged mail user, which may write Debian's group-writable
+    spool) cannot turn a symlink, a FIFO or a planted directory into a root write elsewhere."""
 
     def __init__(self, root: Path, lock_timeout: float = 60.0, untrusted_uid: int | None = None):
         self.root = root
-        self._prefix = os.path.join(root, "")  # state() runs for every recipient: no pathlib
-        self._root_path_fd: int | None = None  # see _lookup_dir()
         self.lock_timeout = lock_timeout
         self.untrusted_uid = untrusted_uid  # mailerd's own unprivileged user: never a mailbox owner
 
-    def exists(self, name: str) -> bool:
-        """Deliverable: its mailbox exists, it is a system account, or it is postmaster."""
-        return self.state(name) == "ok"
-
-    def state(self, name: str) -> str:
-        """ "ok" (a mailbox, an account or postmaster), "unknown", or "not-a-directory" (an
-        mbox file sits where the mailbox directory would be)."""
-        try:
-            root = self._lookup_dir()
-            st = os.stat(name, dir_fd=root) if root is not None else os.stat(self._prefix + name)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP):
-                return "unknown"  # no mailbox can have such a name
-            raise
-        if st is not None:
-            return "ok" if stat.S_ISDIR(st.st_mode) else "not-a-directory"
-        return "ok" if name == "postmaster" or _account_owner(name) is not None else "unknown"
-
-    def _lookup_dir(self) -> int | None:
-        """An O_PATH descriptor of the root for state()'s lookups, opened once per process:
-        the root is often /proc/self/fd/N (privileges.keep_dir), which costs a walk through
-        /proc on every lookup (2.5 µs more per recipient); None (use the path) if it cannot be
-        opened. A forked child inherits it with the Spool, and it names the same directory."""
-        if self._root_path_fd is None:
-            try:
-                self._root_path_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
-                return None
-            weakref.finalize(self, os.close, self._root_path_fd)
-        return self._root_path_fd
-
-    def files_in_the_way(self) -> list[str]:
-        """Names of the spool's plain files that stand where a mailbox directory would (a
-        Debian mbox file, /var/spool/mail/<user>): mail for them cannot be delivered."""
-        try:
-            entries = list(os.scandir(self.root))
-        except OSError:
-            return []
-        return sorted(
-            e.name
-            for e in entries
-            if e.is_file(follow_symlinks=False) and policy.mailbox_name(e.name) == e.name
-        )
-
-    def deliver(self, name: str, messages: list[Delivery], *, wait: bool = True) -> list[int]:
+    def deliver(self, name: str, messages: list[Copy], *, wait: bool = True) -> list[int]:
         """Store messages in mailbox `name`, durably, in order; return their numbers.
 
         Raises OSError (MailboxUnsafe, or MailboxLocked) if nothing of the batch was committed.
@@ -143,7 +87,7 @@ class Spool:
         finally:
             os.close(directory)
 
-    def _stage(self, directory: int, owner: Owner, messages: list[Delivery]) -> list[str]:
+    def _stage(self, directory: int, owner: Owner, messages: list[Copy]) -> list[str]:
         """Write each message and its status under temporary names; fsync them all at once."""
         staged: list[str] = []
         fds: list[int] = []
@@ -167,7 +111,7 @@ class Spool:
         self,
         directory: int,
         owner: Owner,
-        messages: list[Delivery],
+        messages: list[Copy],
         staged: list[str],
         wait: bool,
     ) -> list[int]:
@@ -233,7 +177,7 @@ class Spool:
         """
         root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            account = _account_owner(name)
+            account = account_owner(name)
             try:
                 directory = _open_dir(root, name)
             except FileNotFoundError:
@@ -338,7 +282,7 @@ REDELIVERY_SCAN = 2000  # newest messages looked at, at most
 CLOCK_SLACK = 60.0  # seconds: a message is looked for if written this long before `since`
 
 
-def delivered(directory: int, message: Delivery) -> int | None:
+def delivered(directory: int, message: Copy) -> int | None:
     """The number of a message written since `message.since` that starts with the same bytes
     (its Return-Path: and Received: headers, which name its queue id and date), if any. Looked
     for among the newest messages only, and only for a redelivery: it costs a directory listing
@@ -396,25 +340,3 @@ def _owner_of(directory: int) -> Owner:
         return None
     st = os.fstat(directory)
     return (st.st_uid, st.st_gid)
-
-
-_ACCOUNT_TTL = 60.0
-_accounts: dict[str, tuple[float, tuple[int, int] | None]] = {}
-
-
-def _account_owner(name: str) -> tuple[int, int] | None:
-    """The account's (uid, gid), or None; cached for a minute, because an NSS lookup can cost
-    dozens of system calls (libnss_systemd's userdb probing) and runs for every batch."""
-    now = time.monotonic()
-    cached = _accounts.get(name)
-    if cached is not None and now - cached[0] < _ACCOUNT_TTL:
-        return cached[1]
-    try:
-        entry = pwd.getpwnam(name)
-        owner: tuple[int, int] | None = (entry.pw_uid, entry.pw_gid)
-    except (KeyError, UnicodeEncodeError, ValueError):
-        owner = None
-    if len(_accounts) > 10000:  # names come from the network: keep the cache bounded
-        _accounts.clear()
-    _accounts[name] = (now, owner)
-    return owner

@@ -1,0 +1,103 @@
+"""The spool as everyone may see it: `<spool>/<user>/` mailboxes, whether one can take mail
+now, and the files that stand where a mailbox should be. Read-only; used by the workers (the RCPT
+check), the delivery process and the pickup. Writing is the mailbox writer's (`writer.mailbox`),
+which keeps the layout's contract (docs there).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import stat
+import time
+import weakref
+from pathlib import Path
+
+from mailerd import policy
+
+LOCK_NAME = ".lock"
+COUNTER_NAME = ".counter"
+
+
+class MailboxLocked(Exception):
+    """The mailbox lock was held by someone else (an IMAP server) for longer than the deadline:
+    raised by the writer, and by its clients when the writer answers so."""
+
+
+class Spool:
+    """The spool root, for lookups. A root given as /proc/self/fd/N (privileges.keep_dir) keeps
+    working after the privilege drop."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._prefix = os.path.join(root, "")  # state() runs for every recipient: no pathlib
+        self._root_path_fd: int | None = None  # see _lookup_dir()
+
+    def exists(self, name: str) -> bool:
+        """Deliverable: its mailbox exists, it is a system account, or it is postmaster."""
+        return self.state(name) == "ok"
+
+    def state(self, name: str) -> str:
+        """ "ok" (a mailbox, an account or postmaster), "unknown", or "not-a-directory" (an
+        mbox file sits where the mailbox directory would be)."""
+        try:
+            root = self._lookup_dir()
+            st = os.stat(name, dir_fd=root) if root is not None else os.stat(self._prefix + name)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP):
+                return "unknown"  # no mailbox can have such a name
+            raise
+        if st is not None:
+            return "ok" if stat.S_ISDIR(st.st_mode) else "not-a-directory"
+        return "ok" if name == "postmaster" or account_owner(name) is not None else "unknown"
+
+    def _lookup_dir(self) -> int | None:
+        """An O_PATH descriptor of the root for state()'s lookups, opened once per process:
+        the root is often /proc/self/fd/N (privileges.keep_dir), which costs a walk through
+        /proc on every lookup (2.5 µs more per recipient); None (use the path) if it cannot be
+        opened. A forked child inherits it with the Spool, and it names the same directory."""
+        if self._root_path_fd is None:
+            try:
+                self._root_path_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            weakref.finalize(self, os.close, self._root_path_fd)
+        return self._root_path_fd
+
+    def files_in_the_way(self) -> list[str]:
+        """Names of the spool's plain files that stand where a mailbox directory would (a
+        Debian mbox file, /var/spool/mail/<user>): mail for them cannot be delivered."""
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return []
+        return sorted(
+            e.name
+            for e in entries
+            if e.is_file(follow_symlinks=False) and policy.mailbox_name(e.name) == e.name
+        )
+
+
+_ACCOUNT_TTL = 60.0
+_accounts: dict[str, tuple[float, tuple[int, int] | None]] = {}
+
+
+def account_owner(name: str) -> tuple[int, int] | None:
+    """The account's (uid, gid), or None; cached for a minute, because an NSS lookup can cost
+    dozens of system calls (libnss_systemd's userdb probing) and runs for every batch."""
+    now = time.monotonic()
+    cached = _accounts.get(name)
+    if cached is not None and now - cached[0] < _ACCOUNT_TTL:
+        return cached[1]
+    try:
+        entry = pwd.getpwnam(name)
+        owner: tuple[int, int] | None = (entry.pw_uid, entry.pw_gid)
+    except (KeyError, UnicodeEncodeError, ValueError):
+        owner = None
+    if len(_accounts) > 10000:  # names come from the network: keep the cache bounded
+        _accounts.clear()
+    _accounts[name] = (now, owner)
+    return owner
