@@ -41,12 +41,13 @@ from pathlib import Path
 
 from setproctitle import getproctitle, setproctitle
 
-from mailerd import aliases, config, delivery, listeners, preload, privileges, worker
+from mailerd import aliases, config, listeners, preload, privileges, worker
 from mailerd import daemon as daemonize
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
+from mailerd.delivery import process as delivery
+from mailerd.delivery.queue import Queue
 from mailerd.ipc.sessiontable import SessionTable
-from mailerd.queue import Queue
 from mailerd.spool import Spool
 
 log = logging.getLogger("mailerd.master")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from mailerd import preload
 from mailerd.config import DEFAULT_USER
+from mailerd.delivery.queue import SUBDIRS as QUEUE_SUBDIRS
 from mailerd.ipc.maildrop import MAILDROP
-from mailerd.queue import SUBDIRS as QUEUE_SUBDIRS
 
 log = logging.getLogger("mailerd.privileges")
 

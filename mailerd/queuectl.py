@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mailerd import config
+from mailerd.delivery.queue import Queue, QueueItem
 from mailerd.ipc.channel import Client
-from mailerd.queue import Envelope, Queue
 
 TIMEOUT = 30.0
 
@@ -94,7 +94,7 @@ async def _ask(queue_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
         client.close()
 
 
-def _load(queue_dir: Path) -> list[Envelope]:
+def _load(queue_dir: Path) -> list[QueueItem]:
     try:
         return Queue(queue_dir).load(clean=False)
     except FileNotFoundError:

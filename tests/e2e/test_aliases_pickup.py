@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from mailerd import config, pickup
+from mailerd import config
+from mailerd.delivery import pickup
+from mailerd.delivery.queue import Queue
 from mailerd.ipc import maildrop
-from mailerd.queue import Queue
 from mailerd.spool import Spool
 
 from .conftest import Mailerd, expect, wait_until

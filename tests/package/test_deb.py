@@ -954,7 +954,7 @@ def check_queue_layout(t: Target) -> None:
     FIFO), every entry owned by the daemon's user: what `sendmail` needs before a first start.
     The queue directory itself is root's, as when the daemon makes it: its user cannot replace
     an entry by a link for root to follow."""
-    from mailerd import queue
+    from mailerd.delivery import queue
     from mailerd.ipc import maildrop
 
     fifo = f"{maildrop.PUBLIC}/{maildrop.PICKUP_FIFO}"

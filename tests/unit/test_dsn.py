@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mailerd import dsn
+from mailerd.delivery import dsn
 
 ARRIVAL = 1_700_000_000.0
 NOW = ARRIVAL + 3600

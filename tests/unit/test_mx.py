@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mailerd import mx
+from mailerd.delivery import mx
 
 
 def _load_dnsserver():

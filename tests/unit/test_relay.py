@@ -8,7 +8,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from mailerd import relay
+from mailerd.delivery import relay
 
 
 class Recorder:

@@ -33,9 +33,10 @@ from typing import Protocol
 
 import dns.asyncresolver
 
-from mailerd import dsn, mx, policy, recipients, relay, trace
+from mailerd import policy, recipients, trace
 from mailerd.config import Config, default_interface, interface_addresses, loopback_addresses
-from mailerd.queue import Envelope, Queue, Recipient
+from mailerd.delivery import dsn, mx, relay
+from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.smtp.events import Address
 from mailerd.spool import Spool
 
@@ -54,7 +55,7 @@ RESCAN_INTERVAL = 10.0  # look for items another (retiring) delivery process que
 STOP_GRACE = 30.0  # attempts in flight at shutdown get this long to finish
 
 
-class Outbound:
+class Scheduler:
     def __init__(
         self,
         cfg: Config,
@@ -69,7 +70,7 @@ class Outbound:
         self.deliver_local = deliver_local
         self.spool = spool or Spool(cfg.spool)
         self.ready = asyncio.Event()  # set once this process works the queue (lock held)
-        self.items: dict[str, Envelope] = {}
+        self.items: dict[str, QueueItem] = {}
         self.recovered: set[str] = set()  # items found on disk (see load)
         self.busy: set[str] = set()
         self.wake = asyncio.Event()
@@ -99,22 +100,22 @@ class Outbound:
 
     # -- queue membership --------------------------------------------------------------------
 
-    def load(self, envelopes: list[Envelope]) -> None:
+    def load(self, items: list[QueueItem]) -> None:
         """Items read from disk: queued before this process started (a crash, a reload, a
         restart), so an earlier attempt may have delivered some of their local copies."""
-        for envelope in envelopes:
-            self.items[envelope.id] = envelope
-            self.recovered.add(envelope.id)
+        for item in items:
+            self.items[item.id] = item
+            self.recovered.add(item.id)
         self.wake.set()
 
-    def add(self, envelope: Envelope) -> None:
-        self.items[envelope.id] = envelope
+    def add(self, item: QueueItem) -> None:
+        self.items[item.id] = item
         self.wake.set()
 
     def flush(self) -> int:
         """Retry everything now (`mailerd queue flush`)."""
-        for envelope in self.items.values():
-            envelope.next_attempt = 0.0
+        for item in self.items.values():
+            item.next_attempt = 0.0
         self.wake.set()
         return len(self.items)
 
@@ -153,13 +154,13 @@ class Outbound:
                 next_rescan = time.monotonic() + RESCAN_INTERVAL
             now = time.time()
             next_due = min(now + IDLE_WAKE, time.time() + RESCAN_INTERVAL)
-            for envelope in list(self.items.values()):
-                if envelope.id in self.busy:
+            for item in list(self.items.values()):
+                if item.id in self.busy:
                     continue
-                if envelope.next_attempt <= now:
-                    self._start(envelope)
+                if item.next_attempt <= now:
+                    self._start(item)
                 else:
-                    next_due = min(next_due, envelope.next_attempt)
+                    next_due = min(next_due, item.next_attempt)
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.05, next_due - time.time()))
@@ -171,9 +172,9 @@ class Outbound:
         unknown = await loop.run_in_executor(None, lambda: self.queue.ids() - set(self.items))
         found = 0
         for queue_id in unknown:
-            envelope = await loop.run_in_executor(None, self.queue.read, queue_id)
-            if envelope is not None and queue_id not in self.items:
-                self.items[queue_id] = envelope
+            item = await loop.run_in_executor(None, self.queue.read, queue_id)
+            if item is not None and queue_id not in self.items:
+                self.items[queue_id] = item
                 self.recovered.add(queue_id)
                 found += 1
         if found:
@@ -198,9 +199,9 @@ class Outbound:
                     waited = True
                 await asyncio.sleep(0.2)
 
-    def _start(self, envelope: Envelope) -> None:
-        self.busy.add(envelope.id)
-        task = asyncio.create_task(self._process(envelope))
+    def _start(self, item: QueueItem) -> None:
+        self.busy.add(item.id)
+        task = asyncio.create_task(self._process(item))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -218,28 +219,28 @@ class Outbound:
             os.close(self.lock_fd)
             self.lock_fd = None
 
-    async def _process(self, envelope: Envelope) -> None:
+    async def _process(self, item: QueueItem) -> None:
         try:
-            await self._attempt(envelope)
+            await self._attempt(item)
         except Exception:
-            log.exception("%s: delivery attempt failed", envelope.id)
-            envelope.next_attempt = time.time() + self.cfg.retry_after
+            log.exception("%s: delivery attempt failed", item.id)
+            item.next_attempt = time.time() + self.cfg.retry_after
         finally:
-            self.busy.discard(envelope.id)
+            self.busy.discard(item.id)
             self.wake.set()
 
-    async def _attempt(self, envelope: Envelope) -> None:
-        pending = [r for r in envelope.recipients if r.state == "pending"]
+    async def _attempt(self, item: QueueItem) -> None:
+        pending = [r for r in item.recipients if r.state == "pending"]
         groups: dict[str, list[Recipient]] = collections.defaultdict(list)
         for recipient in pending:
             groups[self._group_of(recipient)].append(recipient)
         outcomes = await asyncio.gather(
-            *(self._attempt_group(envelope, key, members) for key, members in groups.items())
+            *(self._attempt_group(item, key, members) for key, members in groups.items())
         )
         results: dict[str, relay.Result] = {}
         for outcome in outcomes:
             results.update(outcome)
-        await self._settle(envelope, pending, results)
+        await self._settle(item, pending, results)
 
     def _group_of(self, recipient: Recipient) -> str:
         if recipient.mailbox:
@@ -249,29 +250,27 @@ class Outbound:
         return "domain:" + recipient.address.rpartition("@")[2].lower()
 
     async def _attempt_group(
-        self, envelope: Envelope, key: str, members: list[Recipient]
+        self, item: QueueItem, key: str, members: list[Recipient]
     ) -> dict[str, relay.Result]:
         kind, _, name = key.partition(":")
         if kind == "local":
-            return await self._retry_local(envelope, name, members)
+            return await self._retry_local(item, name, members)
         domain = self.cfg.relayhost[0] if kind == "relayhost" else name  # type: ignore[index]
         # The domain's own slot first: a backlog for one slow domain must wait on its own
         # limit without holding global slots that other domains need.
         async with self.per_domain[domain], self.total:
-            return await self._remote(envelope, kind == "relayhost", domain, members)
+            return await self._remote(item, kind == "relayhost", domain, members)
 
     async def _retry_local(
-        self, envelope: Envelope, mailbox: str, members: list[Recipient]
+        self, item: QueueItem, mailbox: str, members: list[Recipient]
     ) -> dict[str, relay.Result]:
-        path = self.queue.message_path(envelope.id)
-        head = trace.return_path(envelope.sender)
+        path = self.queue.message_path(item.id)
+        head = trace.return_path(item.sender)
         # After a crash or an attempt whose answer was lost, the copy may be there already.
-        again = envelope.id in self.recovered or any(r.attempts for r in members)
+        again = item.id in self.recovered or any(r.attempts for r in members)
         try:
             body = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
-            number = await self.deliver_local(
-                mailbox, head, body, envelope.created if again else None
-            )
+            number = await self.deliver_local(mailbox, head, body, item.created if again else None)
         except Exception as exc:
             result = relay.Result(451, "4.2.0", f"local delivery failed: {exc}")
         else:
@@ -279,7 +278,7 @@ class Outbound:
         return {r.address: result for r in members}
 
     async def _remote(
-        self, envelope: Envelope, smarthost: bool, domain: str, members: list[Recipient]
+        self, item: QueueItem, smarthost: bool, domain: str, members: list[Recipient]
     ) -> dict[str, relay.Result]:
         addresses = [r.address for r in members]
         hops = await self._hops(domain, smarthost)
@@ -287,11 +286,11 @@ class Outbound:
             result = relay.Result(hops.code, hops.status, hops.text)
             return dict.fromkeys(addresses, result)
         message = relay.Message(
-            sender=envelope.sender,
+            sender=item.sender,
             recipients=tuple(addresses),
-            path=self.queue.message_path(envelope.id),
-            smtputf8=envelope.smtputf8,
-            body_8bit=envelope.body_8bit,
+            path=self.queue.message_path(item.id),
+            smtputf8=item.smtputf8,
+            body_8bit=item.body_8bit,
         )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, relay.attempt, hops, message, self.settings)
@@ -316,10 +315,10 @@ class Outbound:
     # -- recording results -------------------------------------------------------------------
 
     async def _settle(
-        self, envelope: Envelope, pending: list[Recipient], results: dict[str, relay.Result]
+        self, item: QueueItem, pending: list[Recipient], results: dict[str, relay.Result]
     ) -> None:
         now = time.time()
-        expired = now - envelope.created > self.cfg.max_queue_time
+        expired = now - item.created > self.cfg.max_queue_time
         bounced: list[dsn.RecipientStatus] = []
         for recipient in pending:
             result = results.get(recipient.address)
@@ -332,50 +331,48 @@ class Outbound:
             elif result.permanent or expired:
                 recipient.state = "bounced"
                 bounced.append(_bounce_status(recipient, result, expired))
-            self._log(envelope, recipient, result, now)
-        still = [r for r in envelope.recipients if r.state == "pending"]
+            self._log(item, recipient, result, now)
+        still = [r for r in item.recipients if r.state == "pending"]
         if still:
             attempts = max(r.attempts for r in still)
-            envelope.next_attempt = now + self.backoff(attempts)
+            item.next_attempt = now + self.backoff(attempts)
         loop = asyncio.get_running_loop()
         if bounced:
-            await self._notify(envelope, bounced, now)
-        if still and self._should_warn(envelope, now):
-            await self._notify(envelope, [_delay_status(r) for r in still], now)
-            envelope.warned = True
+            await self._notify(item, bounced, now)
+        if still and self._should_warn(item, now):
+            await self._notify(item, [_delay_status(r) for r in still], now)
+            item.warned = True
         if still:
-            await loop.run_in_executor(None, self.queue.update, envelope)
+            await loop.run_in_executor(None, self.queue.update, item)
         else:
             # Files first, then memory: a rescan must never find the files of a forgotten item.
-            await loop.run_in_executor(None, self.queue.remove, envelope.id)
-            self.items.pop(envelope.id, None)
-            self.recovered.discard(envelope.id)
-            log.info("%s: removed", envelope.id)
+            await loop.run_in_executor(None, self.queue.remove, item.id)
+            self.items.pop(item.id, None)
+            self.recovered.discard(item.id)
+            log.info("%s: removed", item.id)
 
     def backoff(self, attempts: int) -> float:
         base = min(self.cfg.retry_after * 2 ** max(attempts - 1, 0), self.cfg.max_retry)
         base = max(base, min(self.cfg.retry_after, self.cfg.max_retry))
         return base * random.uniform(0.9, 1.1)
 
-    def _should_warn(self, envelope: Envelope, now: float) -> bool:
+    def _should_warn(self, item: QueueItem, now: float) -> bool:
         return (
             bool(self.cfg.delay_warning)
-            and not envelope.warned
-            and envelope.sender != ""
-            and now - envelope.created > self.cfg.delay_warning
+            and not item.warned
+            and item.sender != ""
+            and now - item.created > self.cfg.delay_warning
         )
 
-    def _log(
-        self, envelope: Envelope, recipient: Recipient, result: relay.Result, now: float
-    ) -> None:
+    def _log(self, item: QueueItem, recipient: Recipient, result: relay.Result, now: float) -> None:
         status = {"sent": "sent", "bounced": "bounced"}.get(recipient.state, "deferred")
         where = "local" if recipient.mailbox else _relay_name(result)
         log.info(
             "%s: to=<%s>, relay=%s, delay=%.1f, status=%s (%s)",
-            envelope.id,
+            item.id,
             recipient.address,
             where,
-            now - envelope.created,
+            now - item.created,
             status,
             result.line(),
         )
@@ -383,45 +380,43 @@ class Outbound:
     # -- bounces -----------------------------------------------------------------------------
 
     async def _notify(
-        self, envelope: Envelope, statuses: list[dsn.RecipientStatus], now: float
+        self, item: QueueItem, statuses: list[dsn.RecipientStatus], now: float
     ) -> None:
         """Send a DSN to the sender: never for <>, and a bounce itself goes from <>."""
-        if envelope.sender == "":
-            log.info("%s: not bouncing: null sender", envelope.id)
+        if item.sender == "":
+            log.info("%s: not bouncing: null sender", item.id)
             return
         loop = asyncio.get_running_loop()
-        original = await loop.run_in_executor(
-            None, _read_head, self.queue.message_path(envelope.id)
-        )
+        original = await loop.run_in_executor(None, _read_head, self.queue.message_path(item.id))
         message = dsn.compose(
             hostname=self.cfg.hostname,
-            sender=envelope.sender,
+            sender=item.sender,
             original=original,
             recipients=statuses,
-            queue_id=envelope.id,
-            arrival=envelope.created,
+            queue_id=item.id,
+            arrival=item.created,
             now=now,
-            smtputf8=envelope.smtputf8,
+            smtputf8=item.smtputf8,
         )
-        await self.submit_notice(envelope.sender, message, envelope.smtputf8)
+        await self.submit_notice(item.sender, message, item.smtputf8)
 
-    async def refuse(self, envelope: Envelope, statuses: list[dsn.RecipientStatus]) -> None:
+    async def refuse(self, item: QueueItem, statuses: list[dsn.RecipientStatus]) -> None:
         """Bounce recipients refused before any attempt (a `sendmail` submission's unknown
         users): they are already recorded as bounced in the queue item."""
         for status in statuses:
             log.info(
                 "%s: to=<%s>, relay=none, delay=0, status=bounced (%s %s)",
-                envelope.id,
+                item.id,
                 status.address,
                 status.status,
                 status.diagnostic,
             )
-        await self._notify(envelope, statuses, time.time())
-        if not any(r.state == "pending" for r in envelope.recipients):
-            await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, envelope.id)
-            self.items.pop(envelope.id, None)
-            self.recovered.discard(envelope.id)
-            log.info("%s: removed", envelope.id)
+        await self._notify(item, statuses, time.time())
+        if not any(r.state == "pending" for r in item.recipients):
+            await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, item.id)
+            self.items.pop(item.id, None)
+            self.recovered.discard(item.id)
+            log.info("%s: removed", item.id)
 
     async def submit_notice(self, to: str, message: bytes, smtputf8: bool) -> None:
         """Deliver a DSN: into the local mailboxes the address leads to (aliases included;
@@ -455,13 +450,13 @@ class Outbound:
         return resolved.targets
 
     async def _queue_notice(self, to: str, message: bytes, smtputf8: bool) -> None:
-        envelope = Envelope(
+        item = QueueItem(
             id=trace.new_id(), sender="", recipients=[Recipient(to)], smtputf8=smtputf8
         )
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.queue.put, envelope, b"", message)
-        self.add(envelope)
-        log.info("%s: bounce to <%s> queued", envelope.id, to)
+        await loop.run_in_executor(None, self.queue.put, item, b"", message)
+        self.add(item)
+        log.info("%s: bounce to <%s> queued", item.id, to)
 
 
 def _relay_name(result: relay.Result) -> str:

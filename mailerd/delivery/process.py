@@ -1,6 +1,6 @@
 """The delivery process: the only writer of the spool (through its mailbox writer) and the queue.
 
-Workers send each finished envelope with a remote recipient over their channel (see `channel`);
+Workers send each finished message with a remote recipient over their channel (see `channel`);
 for each request this process writes the message durably — remote recipients into the outbound
 queue first, then each local mailbox — and answers once, so the worker can say 250. Partial
 success is not answered with a 451 (which would duplicate the mailboxes already written): a
@@ -32,11 +32,11 @@ from mailerd import log as logsetup
 from mailerd.aliases import normal_address
 from mailerd.commit import MAILBOX_BUSY
 from mailerd.config import Config
+from mailerd.delivery.pickup import Pickup, Taken
+from mailerd.delivery.queue import Queue, QueueItem, Recipient
+from mailerd.delivery.scheduler import Scheduler
 from mailerd.ipc.channel import Channel
 from mailerd.ipc.writer_client import WriterClient
-from mailerd.outbound import Outbound
-from mailerd.pickup import Pickup, Taken
-from mailerd.queue import Envelope, Queue, Recipient
 from mailerd.smtp.events import Reply
 from mailerd.spool import MailboxLocked, Spool
 from mailerd.writer import service as writer_service
@@ -60,7 +60,7 @@ class DeliveryService:
         self.channels: set[Channel] = set()
         self.in_flight = 0
         self.stopping = asyncio.Event()
-        self.outbound = Outbound(
+        self.scheduler = Scheduler(
             cfg, self.queue, self.deliver_local, cfg.relay_credentials, self.spool
         )
         self.pickup = Pickup(cfg, self.queue, self.spool, self.executor, self._picked_up)
@@ -73,12 +73,12 @@ class DeliveryService:
         loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
-        scheduler = asyncio.create_task(self.outbound.run(before=self.pickup.first))
+        scheduler = asyncio.create_task(self.scheduler.run(before=self.pickup.first))
         pickup = asyncio.create_task(self._pick_up())
         await self.stopping.wait()
         pickup.cancel()
         loop.remove_reader(self.listener.fileno())
-        stopping_outbound = asyncio.create_task(self.outbound.stop())
+        stopping_outbound = asyncio.create_task(self.scheduler.stop())
         await self._drain()
         await stopping_outbound
         scheduler.cancel()
@@ -99,7 +99,7 @@ class DeliveryService:
     async def _pick_up(self) -> None:
         """The maildrop's pickup, once this process works the queue (after a reload the old
         delivery process may still, until it is done) and the first look is done."""
-        await self.outbound.ready.wait()
+        await self.scheduler.ready.wait()
         try:
             await self.pickup.run()
         except asyncio.CancelledError:
@@ -116,9 +116,9 @@ class DeliveryService:
         the queued message, which a quick delivery of the others would remove), then the
         scheduler."""
         if taken.refused:
-            await self.outbound.refuse(taken.envelope, taken.refused)
-        if any(r.state == "pending" for r in taken.envelope.recipients):
-            self.outbound.add(taken.envelope)
+            await self.scheduler.refuse(taken.item, taken.refused)
+        if any(r.state == "pending" for r in taken.item.recipients):
+            self.scheduler.add(taken.item)
 
     def _accept(self) -> None:
         try:
@@ -159,15 +159,15 @@ class DeliveryService:
     async def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """`mailerd queue` requests: list, flush, delete."""
         op = request.get("op")
-        if op in ("list", "flush") and self.outbound.lock_fd is not None:
-            await self.outbound.rescan()
+        if op in ("list", "flush") and self.scheduler.lock_fd is not None:
+            await self.scheduler.rescan()
         if op == "list":
-            return {"items": [asdict(e) for e in self.outbound.items.values()]}
+            return {"items": [asdict(e) for e in self.scheduler.items.values()]}
         if op == "flush":
-            return {"count": self.outbound.flush()}
+            return {"count": self.scheduler.flush()}
         if op == "delete":
             ids = [str(i) for i in request.get("ids", [])]
-            return {"deleted": [i for i in ids if await self.outbound.delete(i)]}
+            return {"deleted": [i for i in ids if await self.scheduler.delete(i)]}
         return {"error": f"unknown request {op!r}"}
 
     def _on_request(
@@ -219,14 +219,14 @@ class DeliveryService:
             )
         ]
         if remote:
-            envelope = self._envelope(queue_id, request, remote)
+            item = self._item(queue_id, request, remote)
             head = received + self._completion(request, queue_id, body)
             try:
-                await self._in_thread(self.queue.put, envelope, head, body)
+                await self._in_thread(self.queue.put, item, head, body)
             except OSError as exc:
                 log.error("%s: queue write failed: %s", queue_id, exc)
                 return durable.error_reply(exc)
-            self.outbound.add(envelope)
+            self.scheduler.add(item)
             for r in remote:
                 log.info("%s: to=<%s>, relay=queue, status=queued", queue_id, r.address)
         failed = await commit.write_local(
@@ -285,11 +285,11 @@ class DeliveryService:
         recipients = [
             Recipient(r["address"], mailbox=r["mailbox"], last_error=str(e)) for r, e in failed
         ]
-        envelope = self._envelope(trace.new_id(), request, recipients)
-        envelope.next_attempt = envelope.created + LOCAL_RETRY_DELAY
+        item = self._item(trace.new_id(), request, recipients)
+        item.next_attempt = item.created + LOCAL_RETRY_DELAY
         try:
-            await self._in_thread(self.queue.put, envelope, received, body)
-            self.outbound.add(envelope)
+            await self._in_thread(self.queue.put, item, received, body)
+            self.scheduler.add(item)
             return None
         except OSError as exc:
             log.error("%s: cannot queue local retry: %s", queue_id, exc)
@@ -298,10 +298,10 @@ class DeliveryService:
                 return MAILBOX_BUSY
             return durable.error_reply(first if isinstance(first, OSError) else exc)
 
-    def _envelope(
+    def _item(
         self, queue_id: str, request: dict[str, Any], recipients: list[Recipient]
-    ) -> Envelope:
-        return Envelope(
+    ) -> QueueItem:
+        return QueueItem(
             id=queue_id,
             sender=request["sender"],
             recipients=recipients,

@@ -2,9 +2,9 @@
 
 Layout (all under the queue directory):
 - `msg/<id>`: the message as it will be sent (our Received: header + the received body, CRLF).
-- `env/<id>`: JSON envelope with per-recipient state. It is written after the message and its
-  rename is the commit point: a `msg/` file without an envelope is debris from a crash before
-  the commit (nobody was told 250) and is removed at start-up.
+- `env/<id>`: the item's envelope, JSON with per-recipient state. It is written after the
+  message and its rename is the commit point: a `msg/` file without an envelope is debris from a
+  crash before the commit (nobody was told 250) and is removed at start-up.
 - `tmp/`: unlinked spill files for large bodies in transit; `private/`: the delivery socket.
 - `maildrop/` (mode 1733) and `public/pickup` (a FIFO, mode 0622): where `sendmail` leaves mail
   for the pickup, and how it wakes it (see `maildrop`).
@@ -43,7 +43,7 @@ class Recipient:
 
 
 @dataclass
-class Envelope:
+class QueueItem:
     id: str
     sender: str
     recipients: list[Recipient]
@@ -58,7 +58,7 @@ class Envelope:
         return json.dumps(asdict(self), ensure_ascii=False).encode("utf-8")
 
     @classmethod
-    def from_json(cls, data: bytes) -> Envelope:
+    def from_json(cls, data: bytes) -> QueueItem:
         raw = json.loads(data)
         raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
         return cls(**raw)
@@ -125,17 +125,17 @@ class Queue:
     def scheduler_lock(self) -> Path:
         return self.root / "private" / "scheduler.lock"
 
-    def put(self, envelope: Envelope, head: bytes, body: durable.Body) -> None:
+    def put(self, item: QueueItem, head: bytes, body: durable.Body) -> None:
         """Store a new item durably (message first, envelope last as the commit point)."""
-        msg = str(self.root / "msg" / envelope.id)
+        msg = str(self.root / "msg" / item.id)
         durable.write_synced(msg, head, body)
         durable.fsync_dir(str(self.root / "msg"))
-        envelope.size = os.path.getsize(msg)
-        self.update(envelope)
+        item.size = os.path.getsize(msg)
+        self.update(item)
 
-    def update(self, envelope: Envelope) -> None:
+    def update(self, item: QueueItem) -> None:
         """Atomically replace an item's envelope (recipient states, next attempt)."""
-        durable.replace_synced(str(self.root / "env" / envelope.id), envelope.to_json())
+        durable.replace_synced(str(self.root / "env" / item.id), item.to_json())
         durable.fsync_dir(str(self.root / "env"))
 
     def remove(self, queue_id: str) -> None:
@@ -149,19 +149,19 @@ class Queue:
     def ids(self) -> set[str]:
         return {n for n in os.listdir(self.root / "env") if ".tmp" not in n}
 
-    def read(self, queue_id: str) -> Envelope | None:
+    def read(self, queue_id: str) -> QueueItem | None:
         try:
-            return Envelope.from_json((self.root / "env" / queue_id).read_bytes())
+            return QueueItem.from_json((self.root / "env" / queue_id).read_bytes())
         except (OSError, ValueError, TypeError, KeyError):
             return None
 
-    def load(self, clean: bool = True) -> list[Envelope]:
+    def load(self, clean: bool = True) -> list[QueueItem]:
         """All committed items; with `clean`, removes crash debris (orphan messages, temp files).
 
         Only the delivery process may clean: another process could see a message whose envelope
         is being written at this very moment.
         """
-        envelopes = []
+        items = []
         env_dir = self.root / "env"
         for name in sorted(os.listdir(env_dir)):
             if ".tmp" in name:
@@ -169,7 +169,7 @@ class Queue:
                     (env_dir / name).unlink(missing_ok=True)
                 continue
             try:
-                envelopes.append(Envelope.from_json((env_dir / name).read_bytes()))
+                items.append(QueueItem.from_json((env_dir / name).read_bytes()))
             except (OSError, ValueError, TypeError, KeyError):
                 continue  # unreadable or just removed: leave it for a human rather than lose it
         if clean:
@@ -181,4 +181,4 @@ class Queue:
                 with contextlib.suppress(FileNotFoundError):
                     if name not in known and path.stat().st_mtime < cutoff:
                         path.unlink()
-        return envelopes
+        return items

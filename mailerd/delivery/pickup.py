@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from mailerd import policy, recipients, trace
 from mailerd.aliases import normal_address
 from mailerd.config import Config
-from mailerd.dsn import RecipientStatus
+from mailerd.delivery.dsn import RecipientStatus
+from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.ipc import maildrop
-from mailerd.queue import Envelope, Queue, Recipient
 from mailerd.smtp.events import Reply
 from mailerd.smtp.grammar import GrammarError, parse_address
 from mailerd.spool import Spool
@@ -45,7 +45,7 @@ RESCAN = 60.0  # seconds between looks without a poke
 class Taken:
     """One submission, now a queue item; and the recipients refused at once (to bounce)."""
 
-    envelope: Envelope
+    item: QueueItem
     refused: list[RecipientStatus]
 
 
@@ -146,30 +146,30 @@ class Pickup:
             log.info("%s: already queued from the maildrop; removing its file", name)
             _remove(directory, name)
             return None
-        envelope, refused = self._envelope(submission)
+        item, refused = self._item(submission)
         head = trace.received_local(
             uid=submission.uid, hostname=self.cfg.hostname, queue_id=submission.queue_id
         )
         try:
-            self.queue.put(envelope, head, submission.message)
+            self.queue.put(item, head, submission.message)
         except OSError as exc:
             self._report_once(name, f"cannot queue it: {exc.strerror or exc}")
             return None
         _remove(directory, name)
         log.info(
             "%s: uid=%d from=<%s>, size=%d, nrcpt=%d (maildrop)",
-            envelope.id,
+            item.id,
             submission.uid,
             submission.sender,
             len(submission.message),
-            len(envelope.recipients),
+            len(item.recipients),
         )
-        for r in envelope.recipients:
+        for r in item.recipients:
             if r.state == "pending":
-                log.info("%s: to=<%s>, relay=queue, status=queued", envelope.id, r.address)
-        return Taken(envelope, refused)
+                log.info("%s: to=<%s>, relay=queue, status=queued", item.id, r.address)
+        return Taken(item, refused)
 
-    def _envelope(self, submission: maildrop.Submission) -> tuple[Envelope, list[RecipientStatus]]:
+    def _item(self, submission: maildrop.Submission) -> tuple[QueueItem, list[RecipientStatus]]:
         queued: dict[str, Recipient] = {}  # one copy per mailbox, one per remote address
         refused: list[RecipientStatus] = []
         for text in submission.recipients:
@@ -178,14 +178,14 @@ class Pickup:
                     refused.append(status)
                 key = f"/{recipient.mailbox}" if recipient.mailbox else normal_address(text)
                 queued.setdefault(key, recipient)
-        envelope = Envelope(
+        item = QueueItem(
             id=submission.queue_id,
             sender=submission.sender,
             recipients=list(queued.values()),
             smtputf8=submission.smtputf8,
             body_8bit=submission.body == "8BITMIME",
         )
-        return envelope, refused
+        return item, refused
 
     def _route(self, text: str) -> list[tuple[Recipient, RecipientStatus | None]]:
         """The queue recipients for one address of a submission; a status for each one that
