@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"mailerd: error: {exc}", file=sys.stderr)
         return 2
-    from mailerd import master
+    from mailerd.master import startup
 
-    return master.run(cfg, argv)
+    return startup.run(cfg, argv)
 
 
 def queue_main() -> int:

@@ -3,7 +3,7 @@
 - Foreground (`-f`): stderr, with a timestamp.
 - Daemon: syslog, facility `mail`, ident `mailerd[pid]`, through /dev/log; when there is no
   /dev/log (a container without a syslog daemon), stderr, which the daemon has pointed at
-  /dev/null: `master.run` warns about that at the terminal before detaching.
+  /dev/null: `master.startup.run` warns about that at the terminal before detaching.
 - `--log-file FILE` (either mode): appended to FILE, which SIGUSR1 reopens for logrotate.
 
 Reopening follows the signal rule (handlers only record): `request_reopen()` just bumps a

@@ -1,9 +1,9 @@
 """Privileges: the master binds as root; every child that talks to the network runs as `-u`.
 
 Who calls what:
-- `master.run` calls `resolve()` once (the `-u` user, `mail` by default when started as root,
-  nothing when not root) and `prepare_queue()` before forking, so the dropped children can use
-  `<queue>/tmp` (body spill files) and `<queue>/private` (the delivery socket).
+- `master.startup.run` calls `resolve()` once (the `-u` user, `mail` by default when started as
+  root, nothing when not root) and `prepare_queue()` before forking, so the dropped children can
+  use `<queue>/tmp` (body spill files) and `<queue>/private` (the delivery socket).
 - Each worker calls `keep_dir()` for what it must reach after the drop, then `drop()` before its
   event loop starts: nothing accepts or parses SMTP as root.
 - The delivery process calls `drop()` itself, after forking the small root helper that writes

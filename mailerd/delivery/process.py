@@ -37,6 +37,7 @@ from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.delivery.scheduler import Scheduler
 from mailerd.ipc.channel import Channel
 from mailerd.ipc.writer_client import WriterClient
+from mailerd.lifecycle import DRAIN_TIMEOUT
 from mailerd.smtp.events import Reply
 from mailerd.spool import MailboxLocked, Spool
 from mailerd.writer import service as writer_service
@@ -45,7 +46,6 @@ from mailerd.writer.mailbox import MailboxStore
 log = logging.getLogger("mailerd.delivery")
 
 LOCAL_RETRY_DELAY = 60.0
-DRAIN_TIMEOUT = 60.0
 HEADER_SCAN = 64 * 1024  # how much of a submission is searched for Date:/Message-ID:
 
 

@@ -1,0 +1,56 @@
+"""What the master and its children agree on about their lives: the exit status that means
+"cannot start at all", how long each side waits for the other, the signals a fresh child starts
+with, and the status line a child writes to the master.
+
+Imported by the master and by every child, so that neither reaches into the other's package for
+a constant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+from mailerd import log as logsetup
+
+BOOT_ERROR = 3  # exit status of a child that cannot work at all: the master stops, not respawns
+# A worker waits this long for a commit's answer: well below the client's 10 min wait for the
+# reply to the final dot (RFC 5321 4.5.3.2), where a late 250 would make a duplicate.
+COMMIT_TIMEOUT = 120.0
+SHUTDOWN_GRACE = 10.0  # a worker's idle sessions get 421 at once, busy ones within this
+DRAIN_TIMEOUT = 60.0  # the delivery process finishes the commits in flight within this
+# How long the master waits for each kind of child to stop before it kills it.
+STOP_WORKERS_TIMEOUT = SHUTDOWN_GRACE + COMMIT_TIMEOUT / 4
+STOP_DELIVERY_TIMEOUT = DRAIN_TIMEOUT + 5
+
+_retire_requested = False
+
+
+def request_retire(*_: object) -> None:
+    """SIGUSR2 in a worker before its event loop runs: remembered, acted on once it does."""
+    global _retire_requested
+    _retire_requested = True
+
+
+def retire_requested() -> bool:
+    return _retire_requested
+
+
+def child_signals() -> None:
+    """In a freshly forked child (signals still blocked): none of the master's handlers."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal hang-up is the master's
+    signal.signal(signal.SIGUSR1, logsetup.request_reopen)
+    signal.signal(signal.SIGUSR2, request_retire)
+
+
+def report(status_fd: int | None, text: str) -> None:
+    """One line to the master's status pipe ("ready" or "error ..."); atomic below PIPE_BUF."""
+    if status_fd is None:
+        return
+    line = f"{os.getpid()} {text}".replace("\n", " ")[:1000] + "\n"
+    with contextlib.suppress(OSError):  # the master is gone: nothing to tell
+        os.write(status_fd, line.encode("utf-8", "replace"))

@@ -1,0 +1,160 @@
+"""Starting mailerd: everything that can fail is checked while still at the terminal (the
+user, the files the children must read, the pid file, the log file, the directories, every
+bind); then the master detaches (unless -f) and supervises (`arbiter.Master`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from mailerd import config, preload, privileges
+from mailerd import log as logsetup
+from mailerd.config import Config, ConfigError, ListenAddress
+from mailerd.delivery.queue import Queue
+from mailerd.master import daemon as daemonize
+from mailerd.master import listeners
+from mailerd.master.arbiter import Master
+
+log = logging.getLogger("mailerd.master")
+
+
+def prepare(cfg: Config) -> tuple[list[tuple[socket.socket, ListenAddress]], socket.socket]:
+    """Create the directories and bind every endpoint; OSError says what failed."""
+    try:
+        cfg.spool.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create spool {cfg.spool}: {exc.strerror}") from exc
+    try:
+        Queue(cfg.queue).create_dirs()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create queue {cfg.queue}: {exc.strerror}") from exc
+    smtp_sockets = listeners.bind_all(cfg.listeners)
+    try:
+        delivery_socket = listeners.bind_unix(cfg.queue / "private" / "delivery.sock")
+    except OSError as exc:
+        for sock, _ in smtp_sockets:
+            sock.close()
+        raise OSError(
+            exc.errno, f"cannot create the delivery socket in {cfg.queue}: {exc.strerror or exc}"
+        ) from exc
+    return smtp_sockets, delivery_socket
+
+
+def raise_fd_limit() -> None:
+    """Thousands of idle sessions need thousands of descriptors: take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def read_by_children(cfg: Config) -> dict[Path, str]:
+    """Files the children open by name after dropping privileges, each with the fix to print
+    when they cannot (everything else they reach through descriptors opened before the drop,
+    and their code is loaded before it: see `preload`)."""
+    found = {}
+    if cfg.dns_server is None:  # the delivery process's resolver reads it when it starts
+        found[Path("/etc/resolv.conf")] = "make it readable (chmod 644), or give --dns-server"
+    return found
+
+
+def _fail(message: str) -> int:
+    print(f"mailerd: {message}", file=sys.stderr)
+    return 1
+
+
+def run(cfg: Config, argv: list[str] | None = None) -> int:
+    """Start mailerd: everything that can fail is checked while still at the terminal
+    (user, pid file, log file, directories, every bind); then detach unless -f; then supervise.
+    `argv` is what SIGHUP re-reads."""
+    logsetup.setup(cfg.verbose)
+    preload.preload()  # before any fork: the children may not be able to read the code
+    raise_fd_limit()
+    start_dir = Path.cwd()
+    cfg = config.absolute(cfg, start_dir)
+    try:
+        cfg = config.load_aliases(cfg)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    try:
+        user = privileges.resolve(cfg.user)
+    except privileges.PrivilegeError as exc:
+        return _fail(str(exc))
+    needed = read_by_children(cfg)
+    problems = privileges.unreadable(user, list(needed))
+    if problems:
+        path, reason = problems[0]
+        return _fail(
+            f"the children run as {user} and cannot read {path} ({reason}): {needed[path]}"
+        )
+    pidfile_path = cfg.pidfile
+    if pidfile_path is None and not cfg.foreground and os.geteuid() == 0:
+        pidfile_path = Path(config.DEFAULT_PIDFILE)
+    cfg = replace(cfg, user=user, pidfile=pidfile_path)
+
+    pidfile = daemonize.PidFile(pidfile_path) if pidfile_path is not None else None
+    bound: list[socket.socket] = []
+    try:
+        if pidfile is not None:
+            pidfile.acquire()
+        if cfg.log_file is not None:
+            try:
+                logsetup.setup(cfg.verbose, log_file=cfg.log_file)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot open log file {cfg.log_file}: {exc.strerror}"
+                ) from exc
+            privileges.chown_path(cfg.log_file, user, 0o640)
+        smtp_sockets, delivery_socket = prepare(cfg)
+        bound = [sock for sock, _ in smtp_sockets] + [delivery_socket]
+        privileges.prepare_queue(cfg.queue, user)
+    except (OSError, daemonize.PidFileError, privileges.PrivilegeError) as exc:
+        for sock in bound:
+            sock.close()
+        if pidfile is not None:
+            pidfile.release()
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return _fail(text)
+
+    notifier: daemonize.Notifier | None = None
+    if not cfg.foreground:
+        if cfg.log_file is None and not logsetup.syslog_available():
+            print(
+                f"mailerd: warning: no {logsetup.SYSLOG_SOCKET} (is a syslog daemon running?): "
+                "the daemon's log is lost; use --log-file FILE, or -f to log to stderr",
+                file=sys.stderr,
+            )
+        preserve = [*(sock.fileno() for sock in bound), *logsetup.file_descriptors()]
+        if pidfile is not None and pidfile.fd is not None:
+            preserve.append(pidfile.fd)
+        notifier = daemonize.detach(preserve)
+        if cfg.log_file is None:
+            logsetup.setup(cfg.verbose, syslog=True)
+    if pidfile is not None:
+        pidfile.write(os.getpid())
+
+    master = Master(
+        cfg,
+        smtp_sockets,
+        delivery_socket,
+        argv=argv,
+        start_dir=start_dir,
+        pidfile=pidfile,
+        notifier=notifier,
+    )
+    try:
+        code = master.run()
+    except BaseException:
+        log.exception("master crashed")
+        code = 1
+    finally:
+        if pidfile is not None:
+            pidfile.release()
+    if notifier is not None and not notifier.done:
+        notifier.failed(master.failure())
+    return code

@@ -1,0 +1,295 @@
+"""One SMTP connection: bytes between the socket and a sans-I/O `smtp.Session`, and the
+decisions that need I/O or a clock: the idle timeout, whether a recipient's mailbox exists
+(`recipients`), and the commit of a finished message (the 250 only once it is durable). Every
+refused mail command is logged here, in Postfix's words, and with -v the dialogue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from mailerd import recipients
+from mailerd.config import ListenAddress
+from mailerd.smtp import (
+    NEED_DATA,
+    PAUSED,
+    Address,
+    BodyData,
+    CloseConnection,
+    Envelope,
+    MessageAborted,
+    MessageComplete,
+    Rejected,
+    Reply,
+    Session,
+)
+from mailerd.worker.body import BodyBuffer
+
+if TYPE_CHECKING:
+    from mailerd.worker.process import Worker
+
+log = logging.getLogger("mailerd.worker")
+
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
+INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection", close=True)
+COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
+LOG_LINE_MAX = 200  # -v dialogue: longer command lines and replies are cut
+MAX_ROUTES = 1000  # remembered recipient routes per session (a transaction has at most 100)
+
+
+class Connection(asyncio.Protocol):
+    """One SMTP session: socket bytes ↔ Session events."""
+
+    def __init__(self, worker: Worker, listen: ListenAddress) -> None:
+        self.worker = worker
+        self.listen = listen
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.peer = "?"
+        self.client = "?"  # [ip]:port, what the log calls this connection
+        self.body = BodyBuffer(worker.spill_dir)
+        self.committing = False
+        self.write_paused = False
+        self.closing = False
+        self.last_activity = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        # Accepted recipients' copies: resolved once, at RCPT, for commit_header().
+        self.routes: dict[Address, tuple[recipients.Target, ...]] = {}
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else "?"
+        self.client = f"[{peer[0]}]:{peer[1]}" if peer else "?"
+        refusal = self.worker.admit(self)
+        if refusal is not None:
+            log.info("NOQUEUE: reject: CONNECT from unknown[%s]: %s", self.peer, _line(refusal))
+            transport.write(refusal.to_bytes())  # type: ignore[attr-defined]
+            transport.close()
+            return
+        log.info("connect from %s on %s", self.client, self.listen)
+        on_command = self.log_command if self.worker.cfg.verbose else None
+        self.session = Session(self.worker.session_config, self.check_recipient, on_command)
+        self.last_activity = self.worker.loop.time()
+        self.timer = self.worker.loop.call_later(self.worker.cfg.timeout, self.check_timeout)
+        self.pump()
+
+    def log_command(self, line: bytes) -> None:
+        """-v: each command line at DEBUG (the session never passes message content here)."""
+        log.debug("%s < %s", self.client, _shorten(line.decode("utf-8", "backslashreplace")))
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None or self.closing:
+            return
+        self.last_activity = self.worker.loop.time()
+        self.session.receive_data(data)
+        try:
+            self.pump()
+        except Exception:
+            # A bug must cost this one session, with a reply and a log line, not go unnoticed.
+            log.exception("internal error in the session with %s", self.client)
+            self.close([INTERNAL_ERROR.to_bytes()])
+
+    def pause_writing(self) -> None:
+        """The client does not read its replies: stop reading its commands until it does
+        (otherwise a client pipelining NOOPs forever grows our reply buffer without limit)."""
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+            self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and not self.closing and not self.committing:
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self.session is not None and not self.closing:
+            self.session.receive_data(b"")
+            self.pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.committing:
+            self.body.discard()
+        if self.session is not None:
+            log.info("disconnect from %s", self.client)
+        self.worker.release(self)
+
+    # -- session driving -------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Run the session until it needs input or waits on a commit; send what it said."""
+        assert self.session is not None and self.transport is not None
+        out = []
+        while True:
+            event = self.session.next_event()
+            if event is NEED_DATA:
+                break
+            if event is PAUSED:
+                self.transport.pause_reading()
+                break
+            if isinstance(event, Reply):
+                if self.worker.cfg.verbose:
+                    self.log_reply(event)
+                out.append(event.to_bytes())
+            elif isinstance(event, BodyData):
+                self.body.write(event.data)
+            elif isinstance(event, MessageComplete):
+                self.committing = True
+                # (The loop's own create_task: asyncio.create_task() costs a getpid() call.)
+                self.worker.loop.create_task(self.commit(event.envelope))
+            elif isinstance(event, MessageAborted):
+                self.body.discard()
+            elif isinstance(event, Rejected):
+                self.log_rejected(event)
+            elif isinstance(event, CloseConnection):
+                self.close(out)
+                return
+        if out:
+            self.transport.write(b"".join(out))
+        if self.worker.stopping and self.idle():
+            self.close([SHUTTING_DOWN.to_bytes()])
+
+    def log_rejected(self, event: Rejected) -> None:
+        """One line per refused or deferred mail command, in Postfix's words (fail2ban's
+        filter in etc/fail2ban reads them)."""
+        self.log_reject(event.verb, event.reply, _sender_of(event), event.esmtp, event.helo, event)
+
+    def log_reject(
+        self,
+        verb: str,
+        reply: Reply,
+        sender: str | None,
+        esmtp: bool,
+        helo: str | None,
+        event: Rejected | None = None,
+    ) -> None:
+        fields = [] if sender is None else [f"from=<{sender}>"]
+        if event is not None and event.verb == "RCPT" and event.path is not None:
+            fields.append(f"to=<{event.path}>")
+        fields.append("proto=ESMTP" if esmtp else "proto=SMTP")
+        if helo:
+            fields.append(f"helo=<{helo}>")
+        log.info(
+            "NOQUEUE: reject: %s from unknown[%s]: %s; %s",
+            _shorten(verb) or "command",
+            self.peer,
+            _line(reply),
+            _shorten(" ".join(fields)),
+        )
+
+    def log_reply(self, reply: Reply) -> None:
+        text = reply.to_bytes().decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", " | ")
+        log.debug("%s > %s", self.client, _shorten(text))
+
+    def close(self, out: list[bytes]) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self.transport is not None:
+            if out:
+                self.transport.write(b"".join(out))
+            self.transport.close()
+
+    def idle(self) -> bool:
+        """Between transactions: safe to say 421 and go without losing anything in progress."""
+        return self.session is not None and not self.committing and self.session.idle
+
+    async def commit(self, envelope: Envelope) -> None:
+        body, fd = self.body.take()
+        try:
+            reply = await self.worker.commit(self.commit_header(envelope), body, fd)
+        except Exception as exc:  # timeout, broken channel: 451, never a 250 we cannot back
+            log.warning(
+                "commit for %s failed, answered 451 (the client will retry): %r", self.client, exc
+            )
+            reply = COMMIT_FAILED
+        if reply.code >= 400:  # a deferral: logged like a refusal
+            sender = str(envelope.sender) if envelope.sender else ""
+            verb = "BDAT" if envelope.chunked else "DATA"
+            self.log_reject(verb, reply, sender, envelope.esmtp, envelope.helo)
+        self.committing = False
+        if self.closing or self.session is None:
+            return
+        self.session.commit_done(reply)
+        if not self.write_paused:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        self.last_activity = self.worker.loop.time()
+        self.pump()
+
+    def commit_header(self, envelope: Envelope) -> dict[str, Any]:
+        copies = []
+        for address in envelope.recipients:
+            targets = self.routes.get(address)
+            if targets is None:  # (forgotten after MAX_ROUTES)
+                targets = self.resolve(address).targets
+            copies += [{"address": t.address, "mailbox": t.mailbox} for t in targets]
+        self.routes.clear()
+        protocol = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if envelope.esmtp else "SMTP")
+        return {
+            "sender": str(envelope.sender) if envelope.sender else "",
+            "recipients": copies,
+            "helo": envelope.helo,
+            "peer": self.peer,
+            "protocol": protocol,
+            "body": envelope.body,
+            "smtputf8": envelope.smtputf8,
+            "trusted": self.listen.trusted,
+        }
+
+    def resolve(self, address: Address) -> recipients.Resolved:
+        cfg = self.worker.cfg
+        return recipients.resolve(
+            address,
+            trusted=self.listen.trusted,
+            local_domains=cfg.domains,
+            aliases=cfg.aliases,
+            spool=self.worker.spool,
+            spool_path=str(cfg.spool),
+        )
+
+    def check_recipient(self, address: Address) -> Reply | None:
+        resolved = self.resolve(address)
+        if resolved.refusal is not None:
+            return resolved.refusal
+        if len(self.routes) >= MAX_ROUTES:  # transactions reset without a message
+            self.routes.clear()
+        self.routes[address] = resolved.targets  # for commit_header(), so resolved once
+        return None
+
+    def check_timeout(self) -> None:
+        if self.closing or self.session is None:
+            return
+        loop = self.worker.loop
+        remaining = self.last_activity + self.worker.cfg.timeout - loop.time()
+        if self.committing or remaining > 0:
+            self.timer = loop.call_later(max(remaining, 1.0), self.check_timeout)
+            return
+        log.info("timeout for %s", self.client)
+        self.close([self.session.timeout().to_bytes()])
+
+
+def _line(reply: Reply) -> str:
+    """A reply on one line, for the log."""
+    text = reply.text.replace("\n", " ")
+    return _shorten(" ".join(str(part) for part in (reply.code, reply.status, text) if part))
+
+
+def _sender_of(event: Rejected) -> str | None:
+    """The from= of a refusal: the address MAIL asked for, or the transaction's."""
+    return event.path if event.verb == "MAIL" else event.sender
+
+
+def _shorten(text: str) -> str:
+    """Cut to LOG_LINE_MAX and escape control characters (no forged log lines, no escapes)."""
+    cut = text if len(text) <= LOG_LINE_MAX else text[:LOG_LINE_MAX] + "..."
+    if cut.isprintable():
+        return cut
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut)

@@ -1,0 +1,242 @@
+"""A worker process: accepts on the inherited listeners and runs many SMTP sessions at once
+(one `connection.Connection` each), with the session caps at connect, and commits finished
+messages: through the delivery process, or, when every recipient is local, straight to the
+mailbox writer over the worker's own channel to it.
+
+Start-up (`run`): reach the spool, `<queue>/tmp` and `<queue>/private` through directories
+opened while still root (`privileges.keep_dir`), drop to the `-u` user, and only then start
+the event loop and accept. The worker tells the master on its status pipe when it accepts
+("ready") or why it cannot start ("error"), which is what `mailerd` waits for before it returns.
+
+Signals: SIGTERM/SIGINT = shut down (idle sessions get 421 now, busy ones after their
+transaction, all within SHUTDOWN_GRACE). SIGUSR2 = retire after a reload: stop accepting at
+once, let every session end on its own (QUIT, its idle timeout), and only after the idle
+timeout fall back to the shutdown path, so a reload drops no session. SIGUSR1 = reopen logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from setproctitle import setproctitle
+
+from mailerd import commit, durable, eventloop, lifecycle, privileges
+from mailerd.config import Config, ListenAddress
+from mailerd.ipc.channel import Client
+from mailerd.ipc.sessiontable import SessionTable, counter
+from mailerd.ipc.writer_client import WriterClient, WriterLink
+from mailerd.lifecycle import BOOT_ERROR, COMMIT_TIMEOUT, SHUTDOWN_GRACE, report
+from mailerd.smtp import Reply, Session, SessionConfig
+from mailerd.spool import Spool
+from mailerd.worker.connection import SHUTTING_DOWN, Connection
+
+log = logging.getLogger("mailerd.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        cfg: Config,
+        listeners: list[tuple[socket.socket, ListenAddress]],
+        slot: int,
+        *,
+        spool: Path | None = None,
+        spill_dir: Path | None = None,
+        private_dir: Path | None = None,
+        sessions: SessionTable | None = None,
+        session_row: int | None = None,
+    ) -> None:
+        """`spool`, `spill_dir` and `private_dir` default to the configured paths; `run` passes
+        the /proc/self/fd forms that keep working after the privilege drop."""
+        self.cfg = cfg
+        self.listeners = listeners
+        self.slot = slot
+        self.spill_dir = str(spill_dir or cfg.queue / "tmp")
+        self.spool = Spool(spool or cfg.spool)
+        self.session_config = SessionConfig(
+            hostname=cfg.hostname,
+            max_message_size=cfg.max_message_size,
+            max_errors=cfg.max_errors,
+        )
+        private = private_dir or cfg.queue / "private"
+        self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
+        self.writer = WriterLink(self.delivery)
+        self.connections: set[Connection] = set()
+        self.sessions = counter(sessions, session_row)  # shared with the other workers
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+
+    async def commit(self, header: dict[str, Any], body: bytes, fd: int | None) -> Reply:
+        """Make a finished message durable; the reply for its client.
+
+        A message whose recipients are all local goes straight to the mailbox writer over this
+        worker's own channel; any other, or when that channel cannot be had, to the delivery
+        process. Takes ownership of `fd`.
+        """
+        if commit.all_local(header):
+            try:
+                writer = await self.writer.get()
+            except Exception as exc:  # the delivery path still works, or answers 451
+                log.debug("no mailbox writer channel (%r); committing through delivery", exc)
+            else:
+                return await self._commit_local(writer, header, body, fd)
+        return commit.answer_reply(await self.delivery.request(header, body, fd))
+
+    async def _commit_local(
+        self, writer: WriterClient, header: dict[str, Any], body: bytes, fd: int | None
+    ) -> Reply:
+        """Write each local copy; the copies that failed are queued for a local retry by the
+        delivery process (see `commit`)."""
+        content: durable.Body = body if fd is None else fd
+        try:
+            queue_id, received = commit.begin(header, self.cfg.hostname, commit.body_size(content))
+            failed = await commit.write_local(
+                writer.deliver, queue_id, header["sender"], received, content, header["recipients"]
+            )
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if not failed:
+            if fd is not None:
+                os.close(fd)
+            return commit.queued(queue_id)
+        retry = {
+            **header,
+            "op": "retry-local",
+            "queue_id": queue_id,
+            "received": received.decode("utf-8"),
+            "failed": commit.encode_failures(failed),
+        }
+        return commit.answer_reply(await self.delivery.request(retry, body, fd))
+
+    def admit(self, conn: Connection) -> Reply | None:
+        """Session caps at connect, over all workers: the total, and per client address on
+        untrusted listeners."""
+        if self.stopping:
+            return SHUTTING_DOWN
+        if self.sessions.total() >= self.cfg.max_sessions:
+            return Session.refuse(self.cfg.hostname, "Too many connections, try again later")
+        counted = None if conn.listen.trusted else conn.peer
+        if (
+            counted is not None
+            and self.sessions.for_address(counted) >= self.cfg.max_sessions_per_ip
+        ):
+            return Session.refuse(self.cfg.hostname, "Too many connections from your address")
+        self.connections.add(conn)
+        self.sessions.opened(counted)
+        return None
+
+    def release(self, conn: Connection) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.sessions.closed(None if conn.listen.trusted else conn.peer)
+
+    async def main(self, on_ready: Callable[[], None] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        retire = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, stop.set)
+        self.loop.add_signal_handler(signal.SIGUSR2, retire.set)
+        if lifecycle.retire_requested():
+            retire.set()
+        servers = [
+            await self.loop.create_server(
+                lambda listen=listen: Connection(self, listen), sock=sock, backlog=4096
+            )
+            for sock, listen in self.listeners
+        ]
+        if on_ready is not None:
+            on_ready()
+        watchdog = asyncio.create_task(self._watch_master(stop))
+        retiring = asyncio.create_task(self._retire(retire, stop, servers))
+        await stop.wait()
+        watchdog.cancel()
+        retiring.cancel()
+        await self._shutdown(servers)
+
+    async def _retire(
+        self, retire: asyncio.Event, stop: asyncio.Event, servers: list[asyncio.AbstractServer]
+    ) -> None:
+        """After a reload: stop accepting now; exit when the last session has ended by itself,
+        or take the shutdown path once the idle timeout has passed (a session kept busy
+        forever must not keep an old generation alive forever)."""
+        await retire.wait()
+        setproctitle(f"mailerd: worker {self.slot} (retiring)")
+        for server in servers:
+            server.close()
+        log.info("worker %d retiring: %d session(s) to finish", self.slot, len(self.connections))
+        deadline = self.loop.time() + self.cfg.timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        stop.set()
+
+    async def _watch_master(self, stop: asyncio.Event) -> None:
+        """Exit when the master is gone (we were re-parented), rather than linger unsupervised."""
+        parent = os.getppid()
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        stop.set()
+
+    async def _shutdown(self, servers: list[asyncio.AbstractServer]) -> None:
+        """Stop accepting; idle sessions get 421 now, busy ones after their transaction."""
+        self.stopping = True
+        for server in servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.idle():
+                conn.close([SHUTTING_DOWN.to_bytes()])
+        deadline = self.loop.time() + SHUTDOWN_GRACE
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if not conn.committing:
+                conn.close([SHUTTING_DOWN.to_bytes()])
+        while any(c.committing for c in self.connections) and self.loop.time() < deadline + 30:
+            await asyncio.sleep(0.05)
+        self.writer.close()
+        self.delivery.close()
+
+
+def run(
+    cfg: Config,
+    listeners: list[tuple[socket.socket, ListenAddress]],
+    slot: int,
+    *,
+    user: str | None = None,
+    status_fd: int | None = None,
+    sessions: SessionTable | None = None,
+    session_row: int | None = None,
+) -> int:
+    """Entry point of a forked worker process (still root when the master is)."""
+    setproctitle(f"mailerd: worker {slot}")
+    try:
+        spool = privileges.keep_dir(cfg.spool)
+        spill_dir = privileges.keep_dir(cfg.queue / "tmp")
+        private_dir = privileges.keep_dir(cfg.queue / "private")
+        privileges.drop(user)
+    except (OSError, privileges.PrivilegeError) as exc:
+        message = f"worker {slot} cannot start: {exc}"
+        log.error("%s", message)
+        report(status_fd, f"error {message}")
+        return BOOT_ERROR
+    worker = Worker(
+        cfg,
+        listeners,
+        slot,
+        spool=spool,
+        spill_dir=spill_dir,
+        private_dir=private_dir,
+        sessions=sessions,
+        session_row=session_row,
+    )
+    eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
+    return 0
