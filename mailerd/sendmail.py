@@ -50,7 +50,6 @@ import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from email.utils import getaddresses
 from typing import BinaryIO
 
 from mailerd import config, trace
@@ -280,7 +279,7 @@ def command_line_recipients(opts: Options, settings: Settings) -> list[str]:
 def _split_addresses(text: str) -> list[str]:
     """The addresses of a command-line argument: `a@b`, `<a@b>`, `Name <a@b>`, or a list of
     those separated by commas (outside quotes and angle brackets). Nothing is unquoted or
-    squeezed as the header parser would (getaddresses() reads `a@exa mple.org` as
+    squeezed as a header parser would (getaddresses() reads `a@exa mple.org` as
     `a@example.org`): what is not one address is refused by the grammar afterwards."""
     pieces = []
     start = depth = 0
@@ -423,16 +422,33 @@ def header_recipients(fields: list[Field], settings: Settings) -> list[str]:
     wanted = ("to", "cc", "bcc")
     if names & {"resent-to", "resent-cc", "resent-bcc"}:
         wanted = ("resent-to", "resent-cc", "resent-bcc")
-    values = []
-    for f in fields:
-        if field_name(f) in wanted:
-            text = b"".join(f).decode("utf-8", "surrogateescape")  # unfolded: CRLFs dropped
-            values.append(text.split(":", 1)[1])
     recipients = []
-    for _, address in getaddresses(values):
-        if address:  # an empty group ("undisclosed-recipients:;") has none
-            recipients.append(check_address(qualify(address, settings.domain)))
+    for f in fields:
+        name = field_name(f)
+        if name in wanted:
+            text = b"".join(f).decode("utf-8", "surrogateescape")  # unfolded: CRLFs dropped
+            recipients += [check_address(qualify(a, settings.domain)) for a in _addresses(text)]
     return recipients
+
+
+def _addresses(field: str) -> list[str]:
+    """The addresses of one To:/Cc:/Bcc: field, by the email package's RFC 5322 parser
+    (groups, comments, quoted names, encoded words). A field it finds broken is refused rather
+    than guessed at: email.utils.getaddresses() answers differently across Python's security
+    releases (CVE-2023-27043), the header registry does not."""
+    from email import errors, policy
+
+    name, _, value = field.partition(":")
+    header = policy.default.header_factory(name, value.strip())
+    for defect in header.defects:
+        # A user name without a domain ("To: root") is what local mail looks like: qualified
+        # by the caller, as on the command line.
+        if isinstance(defect, errors.InvalidHeaderDefect) and _NO_DOMAIN not in str(defect):
+            raise Failure(os.EX_DATAERR, f"bad address in {name.strip()}: {value.strip()}")
+    return [a.addr_spec for a in header.addresses if a.addr_spec]
+
+
+_NO_DOMAIN = "local part with no domain"
 
 
 def complete_message(

@@ -233,7 +233,13 @@ PICKUP = f"{maildrop.PUBLIC}/{maildrop.PICKUP_FIFO}"
 
 
 def _submissions(directory: int) -> list[str]:
-    return sorted(n for n in os.listdir(directory) if maildrop.is_submission_name(n))
+    """The maildrop's submissions, oldest first (names alone sort by millisecond only)."""
+    found = []
+    for name in os.listdir(directory):
+        if maildrop.is_submission_name(name):
+            with contextlib.suppress(FileNotFoundError):
+                found.append((os.stat(name, dir_fd=directory).st_mtime_ns, name))
+    return [name for _, name in sorted(found)]
 
 
 def _remove(directory: int, name: str) -> None:

@@ -304,6 +304,22 @@ def test_t_ignores_empty_groups_and_qualifies_names(conf, queue):
     assert only(queue).recipients == ("root@example.org",)
 
 
+def test_t_reads_comments_quotes_and_groups(conf, queue):
+    """Commas inside a comment or a quoted name do not split (Debian's Python 3.11 refuses
+    such a field in email.utils.getaddresses() since its CVE-2023-27043 fix)."""
+    data = (
+        b"To: root@example.org (Root, the admin), \"Doe, Jane\" <jane@example.org>\n"
+        b"Cc: team: a@example.org, b@example.org;\n\nx\n"
+    )
+    assert run(conf, ["-t", "-i"], data) == 0
+    assert only(queue).recipients == (
+        "root@example.org",
+        "jane@example.org",
+        "a@example.org",
+        "b@example.org",
+    )
+
+
 def test_t_without_any_recipient(conf, queue, capsys):
     assert run(conf, ["-t", "-i"], b"Subject: nobody\n\nx\n") == os.EX_USAGE
     assert "no recipient" in capsys.readouterr().err and submissions(queue) == []
