@@ -1,6 +1,6 @@
 """Command-line entry point: `mailerd [options]` runs the server (see `config` for options);
-`mailerd queue …` inspects and manages the outbound queue (see `queuectl`); `mailerd sendmail …`
-is the machine's mail command (see `sendmail`).
+`mailerd queue …` inspects and manages the outbound queue (see `commands.queue`); `mailerd
+sendmail …` is the machine's mail command (see `commands.sendmail`).
 
 Run under another name (a symlink to the `mailerd` script), it is that program: `sendmail`
 (what /usr/sbin/sendmail is), `mailq` (`sendmail -bp`, the queue listing) and `newaliases`.
@@ -26,21 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         program = "mailerd"
     if program == "sendmail" or argv[:1] == ["sendmail"]:
-        from mailerd import sendmail
+        from mailerd.commands import sendmail
 
         return sendmail.main(argv if program == "sendmail" else argv[1:])
     if program == "mailq":
-        from mailerd import sendmail
+        from mailerd.commands import sendmail
 
         return sendmail.main(["-bp", *argv])
     if program == "newaliases":
-        from mailerd import aliases
+        from mailerd.commands import newaliases
 
-        return aliases.newaliases_main(argv)
+        return newaliases.main(argv)
     if argv[:1] == ["queue"]:
-        from mailerd import queuectl
+        from mailerd.commands import queue
 
-        return queuectl.main(argv[1:])
+        return queue.main(argv[1:])
     try:
         cfg = config.load(argv)
     except config.ConfigError as exc:
@@ -53,6 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def queue_main() -> int:
     """The `mailerd-queue` console script: the same as `mailerd queue`."""
-    from mailerd import queuectl
+    from mailerd.commands import queue
 
-    return queuectl.main(sys.argv[1:])
+    return queue.main(sys.argv[1:])

@@ -27,14 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from mailerd import commit, durable, eventloop, privileges, trace
+from mailerd import durable, eventloop, intake, privileges, trace
 from mailerd import log as logsetup
 from mailerd.aliases import normal_address
-from mailerd.commit import MAILBOX_BUSY
 from mailerd.config import Config
 from mailerd.delivery.pickup import Pickup, Taken
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.delivery.scheduler import Scheduler
+from mailerd.intake import MAILBOX_BUSY
 from mailerd.ipc.channel import Channel
 from mailerd.ipc.writer_client import WriterClient
 from mailerd.lifecycle import DRAIN_TIMEOUT
@@ -205,11 +205,11 @@ class DeliveryService:
                 os.close(fd)
             self.in_flight -= 1
         if not channel.closed:
-            channel.send({"id": header.get("id"), **commit.answer_fields(reply)})
+            channel.send({"id": header.get("id"), **intake.answer_fields(reply)})
 
     async def commit(self, request: dict[str, Any], body: durable.Body) -> Reply:
         """Make one message durable for all its recipients; the answer for the worker."""
-        queue_id, received = commit.begin(request, self.cfg.hostname, commit.body_size(body))
+        queue_id, received = intake.begin(request, self.cfg.hostname, intake.body_size(body))
         recipients = request["recipients"]
         sender = request["sender"]
         remote = [
@@ -229,22 +229,22 @@ class DeliveryService:
             self.scheduler.add(item)
             for r in remote:
                 log.info("%s: to=<%s>, relay=queue, status=queued", queue_id, r.address)
-        failed = await commit.write_local(
+        failed = await intake.write_local(
             self.writer.deliver, queue_id, sender, received, body, recipients
         )
         if failed:
             reply = await self._queue_local_retry(queue_id, request, received, body, failed)
             if reply is not None:
                 return reply
-        return commit.queued(queue_id)
+        return intake.queued(queue_id)
 
     async def retry_local(self, request: dict[str, Any], body: durable.Body) -> Reply:
         """A worker wrote a message's local copies itself and some failed: queue those."""
         queue_id = str(request["queue_id"])
         received = str(request["received"]).encode("utf-8")
-        failed = commit.decode_failures(request["failed"])
+        failed = intake.decode_failures(request["failed"])
         reply = await self._queue_local_retry(queue_id, request, received, body, failed)
-        return reply or commit.queued(queue_id)
+        return reply or intake.queued(queue_id)
 
     async def _hand_out_writer(self, channel: Channel, header: dict[str, Any]) -> None:
         """A worker's own connection to the mailbox writer, for messages whose recipients are

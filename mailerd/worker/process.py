@@ -27,7 +27,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from mailerd import commit, durable, eventloop, lifecycle, privileges
+from mailerd import durable, eventloop, intake, lifecycle, privileges
 from mailerd.config import Config, ListenAddress
 from mailerd.ipc.channel import Client
 from mailerd.ipc.sessiontable import SessionTable, counter
@@ -80,14 +80,14 @@ class Worker:
         worker's own channel; any other, or when that channel cannot be had, to the delivery
         process. Takes ownership of `fd`.
         """
-        if commit.all_local(header):
+        if intake.all_local(header):
             try:
                 writer = await self.writer.get()
             except Exception as exc:  # the delivery path still works, or answers 451
                 log.debug("no mailbox writer channel (%r); committing through delivery", exc)
             else:
                 return await self._commit_local(writer, header, body, fd)
-        return commit.answer_reply(await self.delivery.request(header, body, fd))
+        return intake.answer_reply(await self.delivery.request(header, body, fd))
 
     async def _commit_local(
         self, writer: WriterClient, header: dict[str, Any], body: bytes, fd: int | None
@@ -96,8 +96,8 @@ class Worker:
         delivery process (see `commit`)."""
         content: durable.Body = body if fd is None else fd
         try:
-            queue_id, received = commit.begin(header, self.cfg.hostname, commit.body_size(content))
-            failed = await commit.write_local(
+            queue_id, received = intake.begin(header, self.cfg.hostname, intake.body_size(content))
+            failed = await intake.write_local(
                 writer.deliver, queue_id, header["sender"], received, content, header["recipients"]
             )
         except BaseException:
@@ -107,15 +107,15 @@ class Worker:
         if not failed:
             if fd is not None:
                 os.close(fd)
-            return commit.queued(queue_id)
+            return intake.queued(queue_id)
         retry = {
             **header,
             "op": "retry-local",
             "queue_id": queue_id,
             "received": received.decode("utf-8"),
-            "failed": commit.encode_failures(failed),
+            "failed": intake.encode_failures(failed),
         }
-        return commit.answer_reply(await self.delivery.request(retry, body, fd))
+        return intake.answer_reply(await self.delivery.request(retry, body, fd))
 
     def admit(self, conn: Connection) -> Reply | None:
         """Session caps at connect, over all workers: the total, and per client address on

@@ -8,6 +8,7 @@ import pytest
 
 from mailerd import aliases, policy
 from mailerd.aliases import Aliases, Expansion
+from mailerd.commands import newaliases
 from mailerd.smtp.events import Address
 
 LOCAL = ("example.org",)
@@ -141,9 +142,9 @@ def test_newaliases_reads_the_default_config(tmp_path: Path, monkeypatch, capsys
         f"[mailerd]\naliases = {path}\npidfile = {tmp_path / 'none.pid'}\ndomain = example.org\n"
     )
     monkeypatch.setattr(config, "DEFAULT_CONFIG", str(conf))
-    assert aliases.newaliases_main([]) == 0
+    assert newaliases.main([]) == 0
     err = capsys.readouterr().err
     assert f"{path}: 2 aliases, 1 problem(s)" in err
     assert "mailerd is not running" in err
     conf.write_text("[mailerd]\nno-such-key = 1\n")
-    assert aliases.newaliases_main([]) == 78  # EX_CONFIG
+    assert newaliases.main([]) == 78  # EX_CONFIG

@@ -641,19 +641,19 @@ def _write_all(fd: int, data: bytes | bytearray) -> bool:
 
 def queue_command(settings: Settings, action: str) -> int:
     """-bp / mailq and -q: `mailerd queue list|flush` on this config's queue."""
-    from mailerd import queuectl
+    from mailerd.commands import queue
 
     try:
-        return queuectl.main(["-q", settings.queue, action])
+        return queue.main(["-q", settings.queue, action])
     except OSError as exc:
         status = os.EX_NOPERM if isinstance(exc, PermissionError) else os.EX_TEMPFAIL
         raise Failure(status, f"cannot read the queue {settings.queue}: {exc.strerror}") from None
 
 
 def rebuild_aliases(opts: Options) -> int:
-    from mailerd import aliases
+    from mailerd.commands import newaliases
 
-    return aliases.newaliases_main(["-C", opts.config_file] if opts.config_file else [])
+    return newaliases.main(["-C", opts.config_file] if opts.config_file else [])
 
 
 # -- entry point -------------------------------------------------------------------------------

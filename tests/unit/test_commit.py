@@ -1,9 +1,0 @@
-"""commit: a reply survives the trip through a commit's answer unchanged."""
-
-from mailerd import commit
-from mailerd.smtp.events import Reply
-
-
-def test_a_reply_round_trips_through_its_answer_fields():
-    for reply in (commit.queued("Q1"), Reply(452, "4.3.1", "Insufficient system storage")):
-        assert commit.answer_reply(commit.answer_fields(reply)) == reply
