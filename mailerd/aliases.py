@@ -32,6 +32,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from mailerd.names import is_local_domain, mailbox_name
+
 log = logging.getLogger("mailerd.aliases")
 
 MAX_DEPTH = 20  # aliases of aliases of ...
@@ -173,8 +175,6 @@ def build(
     problems: Iterable[str] = (),
 ) -> Aliases:
     """Expand every entry in advance; loops and refused targets become logged problems."""
-    from mailerd.policy import is_local_domain, mailbox_name  # (policy imports this module)
-
     found = list(problems)
     table: dict[str, Expansion] = {}
 

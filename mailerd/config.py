@@ -18,11 +18,10 @@ import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from mailerd import __version__
+from mailerd import __version__, host
 from mailerd.aliases import AliasError, Aliases
 
 DEFAULT_CONFIG = "/etc/mailerd/mailerd.conf"
-MAILNAME = "/etc/mailname"  # Debian's "mail name" of the machine (see default_identity)
 DEFAULT_ALIASES = "/etc/aliases"
 DEFAULT_SPOOL = "/var/spool/mail"
 DEFAULT_QUEUE = "/var/spool/mailerd"
@@ -230,15 +229,15 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     local = _listen_list("listen-local", raw.get("listen_local"), port, True)
     network = _listen_list("listen-network", raw.get("listen_network"), port, False)
     if local is None:
-        local = [ListenAddress(h, port, True) for h in loopback_addresses()]
+        local = [ListenAddress(h, port, True) for h in host.loopback_addresses()]
     if network is None:
-        iface = str(raw.get("interface") or default_interface() or "")
-        network = [ListenAddress(h, port, False) for h in interface_addresses(iface)]
+        iface = str(raw.get("interface") or host.default_interface() or "")
+        network = [ListenAddress(h, port, False) for h in host.interface_addresses(iface)]
     listeners = tuple(local + network)
     if len(set((a.host, a.port) for a in listeners)) != len(listeners):
         raise ConfigError("listen-local/listen-network: the same address is given twice")
     default_domains, default_hostname = (
-        ([], "") if raw.get("domain") and raw.get("hostname") else default_identity()
+        ([], "") if raw.get("domain") and raw.get("hostname") else host.identity()
     )
     domains = tuple(dict.fromkeys(parse_domains(raw.get("domain") or default_domains)))
     return Config(
@@ -281,31 +280,6 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         log_file=Path(str(raw["log_file"])) if raw.get("log_file") else None,
         aliases_file=Path(str(raw.get("aliases") or DEFAULT_ALIASES)),
     )
-
-
-def default_identity() -> tuple[list[str], str]:
-    """The local domains and the host name when -d and -H are not given, as Debian's MTAs do:
-    the mail name (/etc/mailname), then the FQDN, then localhost; the host name is the FQDN,
-    or the mail name when the FQDN is not qualified (no dot)."""
-    mailname = read_mailname()
-    fqdn = socket.getfqdn()  # may ask the resolver: only when a default is needed
-    domains = [name for name in (mailname, fqdn, "localhost") if name and _is_domain(name)]
-    hostname = fqdn if "." in fqdn or not mailname else mailname
-    return list(dict.fromkeys(d.lower().rstrip(".") for d in domains)), hostname
-
-
-def read_mailname(path: str | None = None) -> str | None:
-    """The first line of /etc/mailname, if it names a domain."""
-    try:
-        with open(path or MAILNAME, encoding="utf-8") as f:
-            name = f.readline().strip().lower().rstrip(".")
-    except (OSError, UnicodeDecodeError):
-        return None
-    return name if name and _is_domain(name) else None
-
-
-def _is_domain(name: str) -> bool:
-    return all(_LABEL.match(label) for label in name.lower().rstrip(".").split("."))
 
 
 def absolute(cfg: Config, base: Path) -> Config:
@@ -470,55 +444,3 @@ def _parse_hostname(value: str) -> str:
     if not name or not all(_LABEL.match(label) for label in name.lower().split(".")):
         raise ConfigError(f"--hostname: not a host name: '{value}'")
     return name
-
-
-def loopback_addresses() -> list[str]:
-    addresses = ["127.0.0.1"]
-    if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
-        addresses.append("::1")
-    return addresses
-
-
-def default_interface() -> str | None:
-    """The interface of the IPv4 default route, from /proc/net/route."""
-    try:
-        with open("/proc/net/route") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if len(fields) > 2 and fields[1] == "00000000":
-                    return fields[0]
-    except OSError:
-        pass
-    return None
-
-
-def interface_addresses(iface: str) -> list[str]:
-    """The IPv4 and global IPv6 addresses of an interface (link-local ones need a scope)."""
-    if not iface:
-        return []
-    found = []
-    ipv4 = _ipv4_address(iface)
-    if ipv4:
-        found.append(ipv4)
-    try:
-        with open("/proc/net/if_inet6") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) == 6 and fields[5] == iface and fields[3] == "00":
-                    found.append(str(ipaddress.IPv6Address(bytes.fromhex(fields[0]))))
-    except OSError:
-        pass
-    return found
-
-
-def _ipv4_address(iface: str) -> str | None:
-    import fcntl
-    import struct
-
-    siocgifaddr = 0x8915
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", iface.encode()[:15]))
-        except OSError:
-            return None
-    return socket.inet_ntoa(packed[20:24])

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailerd.aliases import Aliases
+from mailerd.names import is_local_domain, mailbox_name
 from mailerd.smtp.events import Address, Reply
 
 POSTMASTER = "postmaster"
@@ -57,12 +58,6 @@ Route = Local | Alias | Remote | Refused
 _NO_ALIASES = Aliases()
 
 
-def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
-    """A domain is local if it equals, or ends in '.' + , one of the configured suffixes."""
-    domain = domain.lower().rstrip(".")
-    return any(domain == d or domain.endswith("." + d) for d in local_domains)
-
-
 def route(
     address: Address,
     *,
@@ -93,16 +88,3 @@ def _local(local_part: str, aliases: Aliases) -> Route:
     if not expansion.deliverable:
         return Refused(NO_SUCH_USER, f"alias {name} has no usable target")
     return Alias(name, expansion.mailboxes, expansion.forwards)
-
-
-def mailbox_name(local_part: str) -> str | None:
-    """The spool directory name for a local part, or None when it could escape the spool.
-
-    Lower-cased; a `+tag` suffix is dropped (user+tag delivers to user).
-    """
-    name = local_part.lower().split("+", 1)[0]
-    if not name or name.startswith(".") or "/" in name:
-        return None
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return None
-    return name

@@ -102,6 +102,7 @@ LIBRARIES = (
     "dns.rdatatype",
     "dns.resolver",
     "dns.reversename",
+    "psutil",
     "setproctitle",
 )
 OPTIONAL = ("sniffio", "uvloop")  # dnspython asks for sniffio on every lookup

@@ -14,7 +14,7 @@ import time
 import weakref
 from pathlib import Path
 
-from mailerd import policy
+from mailerd import names
 
 LOCK_NAME = ".lock"
 COUNTER_NAME = ".counter"
@@ -77,7 +77,7 @@ class Spool:
         return sorted(
             e.name
             for e in entries
-            if e.is_file(follow_symlinks=False) and policy.mailbox_name(e.name) == e.name
+            if e.is_file(follow_symlinks=False) and names.mailbox_name(e.name) == e.name
         )
 
 

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-from mailerd import config
+from mailerd import config, host
 from mailerd.aliases import AliasError, Aliases
 
 
@@ -24,9 +24,7 @@ def main(argv: list[str]) -> int:
         if path is None and os.access(config.DEFAULT_CONFIG, os.R_OK):
             path = config.DEFAULT_CONFIG
         raw = config.read_ini(path) if path else {}
-        domains = tuple(config.parse_domains(raw.get("domain") or [])) or tuple(
-            config.default_identity()[0]
-        )
+        domains = tuple(config.parse_domains(raw.get("domain") or [])) or tuple(host.identity()[0])
     except config.ConfigError as exc:
         say(str(exc))
         return os.EX_CONFIG

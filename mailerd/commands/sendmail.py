@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from mailerd import config, trace
+from mailerd import config, host, trace
 from mailerd.ipc import maildrop
 from mailerd.smtp.events import Address, Envelope, Reply
 from mailerd.smtp.grammar import GrammarError, parse_address
@@ -181,13 +181,13 @@ class Settings:
     def domain(self) -> str:
         """The domain of unqualified addresses: the first local domain."""
         if self._domain is None:
-            self._domain = self.domains[0] if self.domains else config.read_mailname() or _fqdn()
+            self._domain = self.domains[0] if self.domains else host.read_mailname() or _fqdn()
         return self._domain
 
     def hostname(self) -> str:
         """This host's name, for Message-ID: and the -bs greeting."""
         if self._hostname is None:
-            self._hostname = self.configured_hostname or config.read_mailname() or _fqdn()
+            self._hostname = self.configured_hostname or host.read_mailname() or _fqdn()
         return self._hostname
 
 
@@ -217,7 +217,7 @@ def load_settings(path: str | None) -> Settings:
 
 def _fqdn() -> str:
     name = socket.getfqdn().lower().rstrip(".")
-    return name if name and config._is_domain(name) else "localhost"
+    return name if name and host.is_domain(name) else "localhost"
 
 
 # -- who is sending ----------------------------------------------------------------------------

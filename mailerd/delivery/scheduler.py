@@ -33,10 +33,11 @@ from typing import Protocol
 
 import dns.asyncresolver
 
-from mailerd import policy, recipients, trace
-from mailerd.config import Config, default_interface, interface_addresses, loopback_addresses
+from mailerd import names, recipients, trace
+from mailerd.config import Config
 from mailerd.delivery import dsn, mx, relay
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
+from mailerd.host import default_interface, interface_addresses, loopback_addresses
 from mailerd.smtp.events import Address
 from mailerd.spool import Spool
 
@@ -436,7 +437,7 @@ class Scheduler:
     def _local_targets(self, to: str) -> tuple[recipients.Target, ...] | None:
         """Where a notice to a local address goes (empty: nowhere); None for a remote one."""
         local, _, domain = to.rpartition("@")
-        if domain and not policy.is_local_domain(domain, self.cfg.domains):
+        if domain and not names.is_local_domain(domain, self.cfg.domains):
             return None
         address = Address(local or to, domain, False)
         resolved = recipients.resolve(

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailerd import durable, policy
+from mailerd import durable, names
 from mailerd.spool import COUNTER_NAME, LOCK_NAME, MailboxLocked, account_owner
 
 log = logging.getLogger("mailerd.mailbox")
@@ -77,7 +77,7 @@ class MailboxStore:
         Raises OSError (MailboxUnsafe, or MailboxLocked) if nothing of the batch was committed.
         With `wait=False` a lock held by someone else raises MailboxLocked at once.
         """
-        if policy.mailbox_name(name) != name:
+        if names.mailbox_name(name) != name:
             raise MailboxUnsafe(errno.EINVAL, f"not a mailbox name: {name!r}")
         directory = self._open_mailbox(name)
         try:

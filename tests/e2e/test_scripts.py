@@ -44,7 +44,14 @@ def _copy_checkout(target: Path) -> Path:
         if source.is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target / name)
-    (target / ".venv").symlink_to(REPO / ".venv")
+    # The checkout's virtualenv, shared, with a set-up stamp of the copy's own: scripts/setup
+    # must not reinstall mailerd into it from the copy (an editable install pointing here).
+    venv = target / ".venv"
+    venv.mkdir()
+    for entry in (REPO / ".venv").iterdir():
+        if entry.name != ".mailerd-setup":
+            (venv / entry.name).symlink_to(entry)
+    (venv / ".mailerd-setup").touch()
     return target
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mailerd import config
+from mailerd import config, host
 from mailerd.config import ConfigError, ListenAddress
 
 
@@ -99,18 +99,18 @@ def test_identity_follows_debian(tmp_path, monkeypatch):
     the host name is the FQDN, or the mail name when the FQDN has no dot."""
     mailname = tmp_path / "mailname"
     mailname.write_text("Mail.Example.ORG.\n")
-    monkeypatch.setattr(config, "MAILNAME", str(mailname))
-    monkeypatch.setattr(config.socket, "getfqdn", lambda: "host.example.net")
+    monkeypatch.setattr(host, "MAILNAME", str(mailname))
+    monkeypatch.setattr(host.socket, "getfqdn", lambda: "host.example.net")
     cfg = load()
     assert cfg.domains == ("mail.example.org", "host.example.net", "localhost")
     assert cfg.hostname == "host.example.net"
-    monkeypatch.setattr(config.socket, "getfqdn", lambda: "host")
+    monkeypatch.setattr(host.socket, "getfqdn", lambda: "host")
     assert load().hostname == "mail.example.org"
     assert load().domains == ("mail.example.org", "host", "localhost")
     mailname.write_text("not a domain!\n")
     assert load().domains == ("host", "localhost") and load().hostname == "host"
     mailname.unlink()
-    monkeypatch.setattr(config.socket, "getfqdn", lambda: "host.example.net")
+    monkeypatch.setattr(host.socket, "getfqdn", lambda: "host.example.net")
     assert load().domains == ("host.example.net", "localhost")
     assert load("-d", "given.example").domains == ("given.example",)
 

@@ -1,0 +1,84 @@
+"""This machine, as mailerd needs to know it: its names (the mail name in /etc/mailname, the
+FQDN) and its addresses (the loopback's, and every address of an interface, from psutil: the
+secondary IPv4 addresses too, which the old SIOCGIFADDR ioctl could not see). Used for the
+defaults of -d, -H, -l and -n, and by the scheduler to recognise mail that would loop back to
+us.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+
+MAILNAME = "/etc/mailname"  # Debian's "mail name" of the machine
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def identity() -> tuple[list[str], str]:
+    """The local domains and the host name when -d and -H are not given, as Debian's MTAs do:
+    the mail name (/etc/mailname), then the FQDN, then localhost; the host name is the FQDN,
+    or the mail name when the FQDN is not qualified (no dot)."""
+    mailname = read_mailname()
+    fqdn = socket.getfqdn()  # may ask the resolver: only when a default is needed
+    domains = [name for name in (mailname, fqdn, "localhost") if name and is_domain(name)]
+    hostname = fqdn if "." in fqdn or not mailname else mailname
+    return list(dict.fromkeys(d.lower().rstrip(".") for d in domains)), hostname
+
+
+def read_mailname(path: str | None = None) -> str | None:
+    """The first line of /etc/mailname, if it names a domain."""
+    try:
+        with open(path or MAILNAME, encoding="utf-8") as f:
+            name = f.readline().strip().lower().rstrip(".")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if name and is_domain(name) else None
+
+
+def is_domain(name: str) -> bool:
+    return all(_LABEL.match(label) for label in name.lower().rstrip(".").split("."))
+
+
+def loopback_addresses() -> list[str]:
+    addresses = ["127.0.0.1"]
+    if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
+        addresses.append("::1")
+    return addresses
+
+
+def default_interface() -> str | None:
+    """The interface of the IPv4 default route (/proc/net/route), else of the IPv6 one."""
+    for fields in _table("/proc/net/route")[1:]:
+        if len(fields) > 2 and fields[1] == "00000000":  # destination 0.0.0.0
+            return fields[0]
+    for fields in _table("/proc/net/ipv6_route"):
+        # destination, its prefix length, ..., the interface last: ::/0, not the loopback
+        if len(fields) == 10 and fields[0] == "0" * 32 and fields[1] == "00" and fields[9] != "lo":
+            return fields[9]
+    return None
+
+
+def _table(path: str) -> list[list[str]]:
+    try:
+        with open(path) as f:
+            return [line.split() for line in f]
+    except OSError:
+        return []
+
+
+def interface_addresses(iface: str) -> list[str]:
+    """Every IPv4 and global IPv6 address of an interface (link-local ones need a scope, and
+    nothing listens on them), in the order the kernel lists them."""
+    import psutil  # (here: sendmail imports this module and must need nothing beyond the stdlib)
+
+    found = []
+    for entry in psutil.net_if_addrs().get(iface, []) if iface else []:
+        if entry.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        address = ipaddress.ip_address(entry.address.split("%", 1)[0])
+        if address.is_link_local:
+            continue
+        found.append(str(address))
+    return found

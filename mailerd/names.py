@@ -1,0 +1,23 @@
+"""Local names, the rules everyone applies alike: which domains are ours, and which mailbox a
+local part names (or none, when it could escape the spool). Pure."""
+
+from __future__ import annotations
+
+
+def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
+    """A domain is local if it equals, or ends in '.' + , one of the configured suffixes."""
+    domain = domain.lower().rstrip(".")
+    return any(domain == d or domain.endswith("." + d) for d in local_domains)
+
+
+def mailbox_name(local_part: str) -> str | None:
+    """The spool directory name for a local part, or None when it could escape the spool.
+
+    Lower-cased; a `+tag` suffix is dropped (user+tag delivers to user).
+    """
+    name = local_part.lower().split("+", 1)[0]
+    if not name or name.startswith(".") or "/" in name:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return None
+    return name
