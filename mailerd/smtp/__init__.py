@@ -18,7 +18,8 @@ from .events import (
     Reply,
     Sentinel,
 )
-from .session import Session, SessionConfig
+from .session import Session
+from .settings import SessionConfig
 
 __all__ = [
     "NEED_DATA",

@@ -8,17 +8,19 @@ clock here: timeouts are reported by the caller through ``timeout()``.
 
 Input is parsed lazily in ``next_event()``, which is what makes pipelining
 and the PAUSED state simple: unparsed bytes just wait in the buffer.
+
+This module reads the input (command lines, DATA, BDAT chunks) and keeps the
+transaction; what each command means is in ``commands``, its replies in
+``replies``, the content checks in ``data``.
 """
 
 from __future__ import annotations
 
 import enum
-import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
 
+from .commands import Commands
 from .data import BodyChecker, DataDecoder
 from .events import (
     NEED_DATA,
@@ -33,29 +35,16 @@ from .events import (
     Rejected,
     Reply,
 )
-from .grammar import (
-    GrammarError,
-    Param,
-    decode_argument,
-    is_helo_domain,
-    parse_mail_from,
-    parse_rcpt_to,
-    split_command,
+from .replies import (
+    BARE_CR_LF_MESSAGE,
+    LINE_TOO_LONG,
+    NUL_MESSAGE,
+    TEXT_LINE_TOO_LONG,
+    greeting,
 )
+from .settings import SessionConfig
 
 __all__ = ["Session", "SessionConfig"]
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """Per-listener settings; limits are in octets unless named otherwise."""
-
-    hostname: str
-    max_message_size: int = 26214400
-    max_errors: int = 20
-    max_recipients: int = 100
-    max_command_line: int = 512  # including CRLF (RFC 5321 4.5.3.1.4)
-    max_text_line: int = 1000  # including CRLF (RFC 5321 4.5.3.1.6)
 
 
 class _State(enum.Enum):
@@ -68,111 +57,11 @@ class _State(enum.Enum):
 
 _CLOSE = CloseConnection()
 
-# Replies that never change.  RFC 2034 section 4 exempts 3xx replies from
-# enhanced codes, hence the 354 without one.
-_MAIL_OK = Reply(250, "2.1.0", "Sender OK")
-_RCPT_OK = Reply(250, "2.1.5", "Recipient OK")
-_START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
-_OK = Reply(250, "2.0.0", "OK")
-_RESET_OK = Reply(250, "2.0.0", "Reset OK")
-_BYE = Reply(221, "2.0.0", "Bye", close=True)
-_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-_HELP = Reply(
-    214,
-    "2.0.0",
-    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\n"
-    "See RFC 5321 for their syntax",
-)
-_UNKNOWN_COMMAND = Reply(500, "5.5.2", "Syntax error, command unrecognized")
-_BARE_CR_LF_COMMAND = Reply(500, "5.5.2", "Syntax error, bare CR or LF in command line")
-_LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long")
-_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
-_BAD_UTF8 = Reply(501, "5.5.2", "Syntax error, argument is not valid UTF-8")
-_NEED_HELO = Reply(503, "5.5.1", "Bad sequence of commands: send EHLO or HELO first")
-_NESTED_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: sender already specified")
-_NEED_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: send MAIL first")
-_DATA_AFTER_BDAT = Reply(503, "5.5.1", "Bad sequence of commands: DATA after BDAT")
-_NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
-_TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
-_NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
-_BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
-# 550 rather than 501: the same answer the recipient policy gives for an
-# unusable mailbox name, so probing with malformed names learns nothing new.
-_BAD_RECIPIENT = Reply(550, "5.1.3", "Bad recipient address syntax")
-_BAD_PARAMS = Reply(501, "5.5.4", "Syntax error in parameters")
-_RCPT_PARAMS = Reply(555, "5.5.4", "RCPT TO parameters not recognized or not implemented")
-_PARAMS_NEED_EHLO = Reply(555, "5.5.4", "MAIL FROM parameters need EHLO, not HELO")
-_BDAT_NEEDS_EHLO = Reply(503, "5.5.1", "Bad sequence of commands: BDAT needs EHLO")
-_MAIL_PARAMS = Reply(555, "5.5.4", "MAIL FROM parameters not recognized or not implemented")
-_BAD_SIZE = Reply(501, "5.5.4", "SIZE requires a decimal number")
-_BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
-_BAD_SMTPUTF8 = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
-_DUPLICATE_PARAM = Reply(501, "5.5.4", "Duplicate parameter")
-_BARE_CR_LF_MESSAGE = Reply(
-    550, "5.5.2", "Message rejected: bare CR or LF found, lines must end with CRLF"
-)
-_NUL_MESSAGE = Reply(550, "5.6.0", "Message rejected: NUL character found")
-_TEXT_LINE_TOO_LONG = Reply(500, "5.5.6", "Message rejected: line too long")
-
-
-def _syntax(usage: str, *, close: bool = False) -> Reply:
-    return Reply(501, "5.5.4", f"Syntax: {usage}", close=close)
-
-
-_EHLO_SYNTAX = _syntax("EHLO hostname")
-_HELO_SYNTAX = _syntax("HELO hostname")
-_MAIL_SYNTAX = _syntax("MAIL FROM:<address> [parameters]")
-_RCPT_SYNTAX = _syntax("RCPT TO:<address>")
-_DATA_SYNTAX = _syntax("DATA")
-_RSET_SYNTAX = _syntax("RSET")
-_QUIT_SYNTAX = _syntax("QUIT")
-_VRFY_SYNTAX = _syntax("VRFY address")
-# Without a valid size the chunk cannot be skipped; reading its octets as
-# commands would be command injection, so the connection is closed.
-_BDAT_SYNTAX = _syntax("BDAT size [LAST], closing connection", close=True)
-
-_BDAT_RE = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
-_BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
-# Known to SMTP but deliberately unsupported: 502 rather than 500.
 # Commands whose refusals are mail refused: each one is reported as a Rejected event.
 _MAIL_VERBS = frozenset({"MAIL", "RCPT", "DATA", "BDAT"})
-_UNSUPPORTED_VERBS = frozenset(
-    {"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "STARTTLS", "AUTH"}
-)
 
 
-@lru_cache(maxsize=16)
-def _ehlo_reply(hostname: str, max_size: int) -> Reply:
-    # RFC 5321 ehlo-ok-rsp: domain first, then one keyword per line, so no
-    # enhanced status code here (RFC 2034 section 4 exempts EHLO replies).
-    keywords = (
-        f"{hostname} Hello",
-        "PIPELINING",
-        f"SIZE {max_size}",
-        "8BITMIME",
-        "ENHANCEDSTATUSCODES",
-        "SMTPUTF8",
-        "CHUNKING",
-        "HELP",
-    )
-    return Reply(250, None, "\n".join(keywords))
-
-
-@lru_cache(maxsize=16)
-def _greeting(hostname: str) -> Reply:
-    return Reply(220, None, f"{hostname} ESMTP mailerd")
-
-
-@lru_cache(maxsize=16)
-def _helo_reply(hostname: str) -> Reply:
-    return Reply(250, None, f"{hostname} Hello")
-
-
-def _is_ascii(address: Address) -> bool:
-    return address.local.isascii() and address.domain.isascii()
-
-
-class Session:
+class Session(Commands):
     """One SMTP server conversation; see the module docstring for the loop."""
 
     def __init__(
@@ -185,7 +74,7 @@ class Session:
         self._check_recipient = check_recipient
         # Called with every command line (never message content), e.g. for -v logging.
         self._on_command = on_command
-        self._events: deque[Event] = deque([_greeting(config.hostname)])
+        self._events: deque[Event] = deque([greeting(config.hostname)])
         self._state = _State.COMMAND
         # Unparsed input is self._buf[self._pos:] followed by self._pending.
         self._buf = b""
@@ -316,7 +205,7 @@ class Session:
         if self._discarding or end + 2 - pos > limit:
             self._discarding = False
             self._verb = self._argument = ""
-            self._send(_LINE_TOO_LONG)
+            self._send(LINE_TOO_LONG)
         else:
             self._handle_command(buf[pos:end])
         return True
@@ -422,6 +311,18 @@ class Session:
             self._events.append(MessageAborted(reason))
         self._clear_transaction()
 
+    def _read_data(self) -> None:
+        """DATA was accepted: what follows is dot-stuffed content up to CRLF.CRLF."""
+        self._decoder = DataDecoder()
+        self._state = _State.DATA
+
+    def _read_chunk(self, size: int, last: bool, refusal: Reply | None) -> None:
+        """BDAT: the next `size` octets are content, read even when refused (RFC 3030 3)."""
+        self._bdat_refusal = refusal
+        self._bdat_size = self._bdat_remaining = size
+        self._bdat_last = last
+        self._state = _State.BDAT
+
     def _envelope(self) -> Envelope:
         return Envelope(
             sender=self._sender,
@@ -448,11 +349,11 @@ class Session:
             checker.finish()
         # Fixed priority, so the verdict never depends on chunk boundaries.
         if checker.bare_cr_lf:
-            failure, reason = _BARE_CR_LF_MESSAGE, "bare CR or LF in message"
+            failure, reason = BARE_CR_LF_MESSAGE, "bare CR or LF in message"
         elif checker.nul:
-            failure, reason = _NUL_MESSAGE, "NUL in message"
+            failure, reason = NUL_MESSAGE, "NUL in message"
         elif checker.line_too_long:
-            failure, reason = _TEXT_LINE_TOO_LONG, "line too long"
+            failure, reason = TEXT_LINE_TOO_LONG, "line too long"
         elif checker.too_big:
             failure = Reply(
                 552,
@@ -475,230 +376,3 @@ class Session:
         self._send(failure, count=False, report=False)
 
     # --- commands -----------------------------------------------------------
-
-    def _handle_command(self, line: bytes) -> None:
-        self._verb = self._argument = ""
-        if self._on_command is not None:
-            self._on_command(line)
-        if b"\r" in line or b"\n" in line:
-            # Only CRLF ends a line; a bare CR/LF is never taken as a separator.
-            self._send(_BARE_CR_LF_COMMAND)
-            return
-        try:
-            verb, raw = split_command(line)
-        except GrammarError:
-            self._send(_UNKNOWN_COMMAND)
-            return
-        self._verb, self._argument = verb, ""
-        handler = _HANDLERS.get(verb)
-        if handler is None:
-            self._send(_NOT_IMPLEMENTED if verb in _UNSUPPORTED_VERBS else _UNKNOWN_COMMAND)
-            return
-        argument = None
-        if raw is not None:
-            try:
-                argument = decode_argument(raw)
-            except GrammarError:
-                self._argument = raw.decode("utf-8", "backslashreplace")
-                self._send(_BAD_UTF8)
-                return
-            self._argument = argument
-        handler(self, argument)
-
-    def _cmd_ehlo(self, argument: str | None) -> None:
-        self._greet(argument, esmtp=True)
-
-    def _cmd_helo(self, argument: str | None) -> None:
-        self._greet(argument, esmtp=False)
-
-    def _greet(self, argument: str | None, *, esmtp: bool) -> None:
-        if argument is None or not is_helo_domain(argument):
-            self._send(_EHLO_SYNTAX if esmtp else _HELO_SYNTAX)
-            return
-        self._abort_transaction("transaction reset by EHLO/HELO")
-        self._helo = argument
-        self._esmtp = esmtp
-        config = self._config
-        if esmtp:
-            self._send(_ehlo_reply(config.hostname, config.max_message_size))
-        else:
-            self._send(_helo_reply(config.hostname))
-
-    def _cmd_mail(self, argument: str | None) -> None:
-        if self._helo is None:
-            self._send(_NEED_HELO)
-            return
-        if self._in_mail:
-            self._send(_NESTED_MAIL)
-            return
-        if argument is None:
-            self._send(_MAIL_SYNTAX)
-            return
-        try:
-            sender, params = parse_mail_from(argument)
-        except GrammarError as exc:
-            self._send(_grammar_reply(exc, _MAIL_SYNTAX, _BAD_SENDER))
-            return
-        if params and not self._esmtp:
-            # RFC 1869 / 5321 4.1.1.11: parameters belong to extensions, offered only to EHLO.
-            self._send(_PARAMS_NEED_EHLO)
-            return
-        options = _mail_options(params)
-        if isinstance(options, Reply):
-            self._send(options)
-            return
-        body, smtputf8, size = options
-        if size is not None and size > self._config.max_message_size:
-            self._send(
-                Reply(
-                    552,
-                    "5.3.4",
-                    f"Message size exceeds fixed maximum of {self._config.max_message_size} octets",
-                )
-            )
-            return
-        if sender is not None and not smtputf8 and not _is_ascii(sender):
-            self._send(_NEED_SMTPUTF8)
-            return
-        self._in_mail = True
-        self._sender = sender
-        self._body_type = body
-        self._smtputf8 = smtputf8
-        self._declared_size = size
-        self._send(_MAIL_OK)
-
-    def _cmd_rcpt(self, argument: str | None) -> None:
-        if not self._in_mail:
-            self._send(_NEED_MAIL)
-            return
-        if argument is None:
-            self._send(_RCPT_SYNTAX)
-            return
-        try:
-            recipient, params = parse_rcpt_to(argument)
-        except GrammarError as exc:
-            self._send(_grammar_reply(exc, _RCPT_SYNTAX, _BAD_RECIPIENT))
-            return
-        if params:
-            self._send(_RCPT_PARAMS)
-            return
-        if not self._smtputf8 and not _is_ascii(recipient):
-            self._send(_NEED_SMTPUTF8)
-            return
-        if len(self._recipients) >= self._config.max_recipients:
-            # Not an error: RFC 5321 4.5.3.1.10 expects the client to send the rest later, and
-            # counting it would end a large pipelined transaction with 421.
-            self._send(_TOO_MANY_RECIPIENTS, count=False)
-            return
-        refusal = self._check_recipient(recipient)
-        if refusal is None:
-            self._recipients.append(recipient)
-            self._send(_RCPT_OK)
-            return
-        if refusal.code < 400:  # a custom positive answer (e.g. 251) still accepts
-            self._recipients.append(recipient)
-        self._send(refusal)
-
-    def _cmd_data(self, argument: str | None) -> None:
-        if argument is not None:
-            self._send(_DATA_SYNTAX)
-        elif not self._in_mail:
-            self._send(_NEED_MAIL)
-        elif self._bdat_used:
-            self._send(_DATA_AFTER_BDAT)
-        elif not self._recipients:
-            self._send(_NO_RECIPIENTS)
-        else:
-            self._send(_START_DATA)
-            self._start_content()
-            self._decoder = DataDecoder()
-            self._state = _State.DATA
-
-    def _cmd_bdat(self, argument: str | None) -> None:
-        match = _BDAT_RE.fullmatch(argument or "")
-        if match is None:
-            self._send(_BDAT_SYNTAX)
-            return
-        # The chunk is read even when refused: its octets must not be parsed
-        # as commands (RFC 3030 section 3).
-        refusal = None
-        if not self._esmtp:
-            refusal = _BDAT_NEEDS_EHLO  # CHUNKING is only offered in the EHLO reply
-        elif not self._in_mail:
-            refusal = _NEED_MAIL
-        elif not self._recipients:
-            refusal = _NO_RECIPIENTS
-        elif not self._bdat_used:
-            self._bdat_used = True
-            self._start_content()
-        self._bdat_refusal = refusal
-        self._bdat_size = self._bdat_remaining = int(match.group(1))
-        self._bdat_last = match.group(2) is not None
-        self._state = _State.BDAT
-
-    def _cmd_rset(self, argument: str | None) -> None:
-        if argument is not None:
-            self._send(_RSET_SYNTAX)
-            return
-        self._abort_transaction("transaction reset by RSET")
-        self._send(_RESET_OK)
-
-    def _cmd_noop(self, argument: str | None) -> None:
-        self._send(_OK)
-
-    def _cmd_quit(self, argument: str | None) -> None:
-        self._send(_QUIT_SYNTAX if argument is not None else _BYE)
-
-    def _cmd_vrfy(self, argument: str | None) -> None:
-        self._send(_VRFY_SYNTAX if argument is None else _VRFY)
-
-    def _cmd_help(self, argument: str | None) -> None:
-        self._send(_HELP)
-
-
-def _grammar_reply(exc: GrammarError, usage: Reply, bad_address: Reply) -> Reply:
-    if exc.part == "address":
-        return bad_address
-    if exc.part == "params":
-        return _BAD_PARAMS
-    return usage
-
-
-def _mail_options(params: list[Param]) -> tuple[str, bool, int | None] | Reply:
-    """Validate MAIL parameters; return (body, smtputf8, size) or an error reply."""
-    seen = {key for key, _ in params}
-    if len(seen) != len(params):
-        return _DUPLICATE_PARAM
-    if not seen <= {"SIZE", "BODY", "SMTPUTF8"}:
-        return _MAIL_PARAMS
-    body, smtputf8, size = "7BIT", False, None
-    for key, value in params:
-        if key == "SIZE":
-            if value is None or not value.isascii() or not value.isdigit():
-                return _BAD_SIZE
-            size = int(value)
-        elif key == "BODY":
-            body = (value or "").upper()
-            if body not in _BODY_TYPES:
-                return _BAD_BODY
-        elif value is not None:  # SMTPUTF8
-            return _BAD_SMTPUTF8
-        else:
-            smtputf8 = True
-    return body, smtputf8, size
-
-
-_HANDLERS: dict[str, Callable[[Session, str | None], None]] = {
-    "EHLO": Session._cmd_ehlo,
-    "HELO": Session._cmd_helo,
-    "MAIL": Session._cmd_mail,
-    "RCPT": Session._cmd_rcpt,
-    "DATA": Session._cmd_data,
-    "BDAT": Session._cmd_bdat,
-    "RSET": Session._cmd_rset,
-    "NOOP": Session._cmd_noop,
-    "QUIT": Session._cmd_quit,
-    "EXIT": Session._cmd_quit,  # alias required by the issue
-    "VRFY": Session._cmd_vrfy,
-    "HELP": Session._cmd_help,
-}

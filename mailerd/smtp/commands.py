@@ -1,0 +1,337 @@
+"""What each SMTP command means: its syntax, its preconditions and its reply, given the
+session's state. `Session` (the state machine that reads the input, in `session`) inherits
+these handlers; everything that changes how input is read (DATA, BDAT, closing) goes back to
+it through the methods declared below. Pure.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from .events import Address, Reply
+from .grammar import (
+    GrammarError,
+    Param,
+    decode_argument,
+    is_helo_domain,
+    parse_mail_from,
+    parse_rcpt_to,
+    split_command,
+)
+from .replies import (
+    BAD_BODY,
+    BAD_PARAMS,
+    BAD_RECIPIENT,
+    BAD_SENDER,
+    BAD_SIZE,
+    BAD_SMTPUTF8,
+    BAD_UTF8,
+    BARE_CR_LF_COMMAND,
+    BDAT_NEEDS_EHLO,
+    BDAT_SYNTAX,
+    BYE,
+    DATA_AFTER_BDAT,
+    DATA_SYNTAX,
+    DUPLICATE_PARAM,
+    EHLO_SYNTAX,
+    HELO_SYNTAX,
+    HELP,
+    MAIL_OK,
+    MAIL_PARAMS,
+    MAIL_SYNTAX,
+    NEED_HELO,
+    NEED_MAIL,
+    NEED_SMTPUTF8,
+    NESTED_MAIL,
+    NO_RECIPIENTS,
+    NOT_IMPLEMENTED,
+    OK,
+    PARAMS_NEED_EHLO,
+    QUIT_SYNTAX,
+    RCPT_OK,
+    RCPT_PARAMS,
+    RCPT_SYNTAX,
+    RESET_OK,
+    RSET_SYNTAX,
+    START_DATA,
+    TOO_MANY_RECIPIENTS,
+    UNKNOWN_COMMAND,
+    VRFY,
+    VRFY_SYNTAX,
+    ehlo_reply,
+    helo_reply,
+)
+from .settings import SessionConfig
+
+_BDAT_RE = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
+_BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
+# Known to SMTP but deliberately unsupported: 502 rather than 500.
+_UNSUPPORTED_VERBS = frozenset(
+    {"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "STARTTLS", "AUTH"}
+)
+
+
+class Commands:
+    """The command handlers of `session.Session` (a mixin: the state lives there)."""
+
+    _config: SessionConfig
+    _check_recipient: Callable[[Address], Reply | None]
+    _on_command: Callable[[bytes], None] | None
+    _helo: str | None
+    _esmtp: bool
+    _in_mail: bool
+    _sender: Address | None
+    _recipients: list[Address]
+    _body_type: str
+    _smtputf8: bool
+    _declared_size: int | None
+    _bdat_used: bool
+    _verb: str
+    _argument: str
+
+    # -- provided by Session ------------------------------------------------------------------
+
+    def _send(self, reply: Reply, *, count: bool = True, report: bool = True) -> None:
+        raise NotImplementedError
+
+    def _abort_transaction(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _start_content(self) -> None:
+        raise NotImplementedError
+
+    def _read_data(self) -> None:
+        raise NotImplementedError
+
+    def _read_chunk(self, size: int, last: bool, refusal: Reply | None) -> None:
+        raise NotImplementedError
+
+    # -- the commands -------------------------------------------------------------------------
+
+    def _handle_command(self, line: bytes) -> None:
+        self._verb = self._argument = ""
+        if self._on_command is not None:
+            self._on_command(line)
+        if b"\r" in line or b"\n" in line:
+            # Only CRLF ends a line; a bare CR/LF is never taken as a separator.
+            self._send(BARE_CR_LF_COMMAND)
+            return
+        try:
+            verb, raw = split_command(line)
+        except GrammarError:
+            self._send(UNKNOWN_COMMAND)
+            return
+        self._verb, self._argument = verb, ""
+        handler = HANDLERS.get(verb)
+        if handler is None:
+            self._send(NOT_IMPLEMENTED if verb in _UNSUPPORTED_VERBS else UNKNOWN_COMMAND)
+            return
+        argument = None
+        if raw is not None:
+            try:
+                argument = decode_argument(raw)
+            except GrammarError:
+                self._argument = raw.decode("utf-8", "backslashreplace")
+                self._send(BAD_UTF8)
+                return
+            self._argument = argument
+        handler(self, argument)
+
+    def _cmd_ehlo(self, argument: str | None) -> None:
+        self._greet(argument, esmtp=True)
+
+    def _cmd_helo(self, argument: str | None) -> None:
+        self._greet(argument, esmtp=False)
+
+    def _greet(self, argument: str | None, *, esmtp: bool) -> None:
+        if argument is None or not is_helo_domain(argument):
+            self._send(EHLO_SYNTAX if esmtp else HELO_SYNTAX)
+            return
+        self._abort_transaction("transaction reset by EHLO/HELO")
+        self._helo = argument
+        self._esmtp = esmtp
+        config = self._config
+        if esmtp:
+            self._send(ehlo_reply(config.hostname, config.max_message_size))
+        else:
+            self._send(helo_reply(config.hostname))
+
+    def _cmd_mail(self, argument: str | None) -> None:
+        if self._helo is None:
+            self._send(NEED_HELO)
+            return
+        if self._in_mail:
+            self._send(NESTED_MAIL)
+            return
+        if argument is None:
+            self._send(MAIL_SYNTAX)
+            return
+        try:
+            sender, params = parse_mail_from(argument)
+        except GrammarError as exc:
+            self._send(_grammar_reply(exc, MAIL_SYNTAX, BAD_SENDER))
+            return
+        if params and not self._esmtp:
+            # RFC 1869 / 5321 4.1.1.11: parameters belong to extensions, offered only to EHLO.
+            self._send(PARAMS_NEED_EHLO)
+            return
+        options = _mail_options(params)
+        if isinstance(options, Reply):
+            self._send(options)
+            return
+        body, smtputf8, size = options
+        if size is not None and size > self._config.max_message_size:
+            self._send(
+                Reply(
+                    552,
+                    "5.3.4",
+                    f"Message size exceeds fixed maximum of {self._config.max_message_size} octets",
+                )
+            )
+            return
+        if sender is not None and not smtputf8 and not _is_ascii(sender):
+            self._send(NEED_SMTPUTF8)
+            return
+        self._in_mail = True
+        self._sender = sender
+        self._body_type = body
+        self._smtputf8 = smtputf8
+        self._declared_size = size
+        self._send(MAIL_OK)
+
+    def _cmd_rcpt(self, argument: str | None) -> None:
+        if not self._in_mail:
+            self._send(NEED_MAIL)
+            return
+        if argument is None:
+            self._send(RCPT_SYNTAX)
+            return
+        try:
+            recipient, params = parse_rcpt_to(argument)
+        except GrammarError as exc:
+            self._send(_grammar_reply(exc, RCPT_SYNTAX, BAD_RECIPIENT))
+            return
+        if params:
+            self._send(RCPT_PARAMS)
+            return
+        if not self._smtputf8 and not _is_ascii(recipient):
+            self._send(NEED_SMTPUTF8)
+            return
+        if len(self._recipients) >= self._config.max_recipients:
+            # Not an error: RFC 5321 4.5.3.1.10 expects the client to send the rest later, and
+            # counting it would end a large pipelined transaction with 421.
+            self._send(TOO_MANY_RECIPIENTS, count=False)
+            return
+        refusal = self._check_recipient(recipient)
+        if refusal is None:
+            self._recipients.append(recipient)
+            self._send(RCPT_OK)
+            return
+        if refusal.code < 400:  # a custom positive answer (e.g. 251) still accepts
+            self._recipients.append(recipient)
+        self._send(refusal)
+
+    def _cmd_data(self, argument: str | None) -> None:
+        if argument is not None:
+            self._send(DATA_SYNTAX)
+        elif not self._in_mail:
+            self._send(NEED_MAIL)
+        elif self._bdat_used:
+            self._send(DATA_AFTER_BDAT)
+        elif not self._recipients:
+            self._send(NO_RECIPIENTS)
+        else:
+            self._send(START_DATA)
+            self._start_content()
+            self._read_data()
+
+    def _cmd_bdat(self, argument: str | None) -> None:
+        match = _BDAT_RE.fullmatch(argument or "")
+        if match is None:
+            self._send(BDAT_SYNTAX)
+            return
+        # The chunk is read even when refused: its octets must not be parsed
+        # as commands (RFC 3030 section 3).
+        refusal = None
+        if not self._esmtp:
+            refusal = BDAT_NEEDS_EHLO  # CHUNKING is only offered in the EHLO reply
+        elif not self._in_mail:
+            refusal = NEED_MAIL
+        elif not self._recipients:
+            refusal = NO_RECIPIENTS
+        elif not self._bdat_used:
+            self._bdat_used = True
+            self._start_content()
+        self._read_chunk(int(match.group(1)), match.group(2) is not None, refusal)
+
+    def _cmd_rset(self, argument: str | None) -> None:
+        if argument is not None:
+            self._send(RSET_SYNTAX)
+            return
+        self._abort_transaction("transaction reset by RSET")
+        self._send(RESET_OK)
+
+    def _cmd_noop(self, argument: str | None) -> None:
+        self._send(OK)
+
+    def _cmd_quit(self, argument: str | None) -> None:
+        self._send(QUIT_SYNTAX if argument is not None else BYE)
+
+    def _cmd_vrfy(self, argument: str | None) -> None:
+        self._send(VRFY_SYNTAX if argument is None else VRFY)
+
+    def _cmd_help(self, argument: str | None) -> None:
+        self._send(HELP)
+
+
+def _grammar_reply(exc: GrammarError, usage: Reply, bad_address: Reply) -> Reply:
+    if exc.part == "address":
+        return bad_address
+    if exc.part == "params":
+        return BAD_PARAMS
+    return usage
+
+
+def _mail_options(params: list[Param]) -> tuple[str, bool, int | None] | Reply:
+    """Validate MAIL parameters; return (body, smtputf8, size) or an error reply."""
+    seen = {key for key, _ in params}
+    if len(seen) != len(params):
+        return DUPLICATE_PARAM
+    if not seen <= {"SIZE", "BODY", "SMTPUTF8"}:
+        return MAIL_PARAMS
+    body, smtputf8, size = "7BIT", False, None
+    for key, value in params:
+        if key == "SIZE":
+            if value is None or not value.isascii() or not value.isdigit():
+                return BAD_SIZE
+            size = int(value)
+        elif key == "BODY":
+            body = (value or "").upper()
+            if body not in _BODY_TYPES:
+                return BAD_BODY
+        elif value is not None:  # SMTPUTF8
+            return BAD_SMTPUTF8
+        else:
+            smtputf8 = True
+    return body, smtputf8, size
+
+
+def _is_ascii(address: Address) -> bool:
+    return address.local.isascii() and address.domain.isascii()
+
+
+HANDLERS: dict[str, Callable[[Commands, str | None], None]] = {
+    "EHLO": Commands._cmd_ehlo,
+    "HELO": Commands._cmd_helo,
+    "MAIL": Commands._cmd_mail,
+    "RCPT": Commands._cmd_rcpt,
+    "DATA": Commands._cmd_data,
+    "BDAT": Commands._cmd_bdat,
+    "RSET": Commands._cmd_rset,
+    "NOOP": Commands._cmd_noop,
+    "QUIT": Commands._cmd_quit,
+    "EXIT": Commands._cmd_quit,  # alias required by the issue
+    "VRFY": Commands._cmd_vrfy,
+    "HELP": Commands._cmd_help,
+}
