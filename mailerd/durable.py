@@ -13,7 +13,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from mailerd import aiofsync
-from mailerd.smtp.events import Reply
 
 # A message body travels either as bytes or as an open file descriptor (read from offset 0).
 Body = bytes | int
@@ -36,16 +35,6 @@ def _forget_pool_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage")
-IO_ERROR = Reply(451, "4.3.0", "Local error in processing; try again later")
-
-
-def error_reply(exc: OSError) -> Reply:
-    """The SMTP answer for a failed write: a full disk is 452 4.3.1, anything else 451 4.3.0."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DISK_FULL
-    return IO_ERROR
 
 
 def write_synced(

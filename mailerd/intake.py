@@ -1,61 +1,75 @@
-"""Committing a finished envelope: its queue id, its trace header, and its local copies.
+"""Taking in a finished message: its queue id, its trace header, its local copies, and the one
+reply its client gets — the table that turns storage errors into SMTP replies is here and
+nowhere else (storage itself raises OSError, MailboxLocked…, and knows no SMTP).
 
-Two processes commit messages, with the same steps and the same log lines: the delivery process
-(any message with a remote recipient: queue first, then the local copies) and a worker (a
-message whose recipients are all local: straight to the mailbox writer, one process hop instead
-of two). `request` is the worker's commit header (see docs/channel.md).
+Two processes take messages in, with the same steps and the same log lines: the delivery
+process (any message with a remote recipient: queue first, then the local copies) and a worker
+(a message whose recipients are all local: straight to the mailbox writer, one process hop
+instead of two). Both work from the same `ipc.messages.Commit`.
 
 A local copy that fails is not answered 451 (the copies already written would be delivered
 twice): the caller queues that recipient for a later local retry, and only if that fails too
-does the client get 4xx. Over the channel a failure travels as `{"error", "errno", "locked"}`.
+does the client get 4xx. Over the channel a failure travels as an `ipc.messages.FailedCopy`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
 
 from mailerd import durable, trace
+from mailerd.ipc.messages import Commit, FailedCopy, Outcome, Target
 from mailerd.smtp.events import Reply
 from mailerd.spool import MailboxLocked
 
 log = logging.getLogger("mailerd.delivery")
 
 WriteCopy = Callable[[str, bytes, durable.Body], Awaitable[int]]
-Failure = tuple[dict[str, Any], Exception]  # a recipient of the request, and what failed it
+Failure = tuple[Target, BaseException]  # a local copy, and what failed it
+
+# What a client hears when storing its message failed: the whole table.
+DISK_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+MAILBOX_BUSY = Reply(451, "4.2.0", "Mailbox busy (locked); try again later")
+IO_ERROR = Reply(451, "4.3.0", "Local error in processing; try again later")
 
 
-def all_local(request: dict[str, Any]) -> bool:
-    return all(r["mailbox"] is not None for r in request["recipients"])
+def storage_reply(exc: BaseException) -> Reply:
+    """The reply for a failed write: a full disk or quota is 452 4.3.1, a mailbox locked too
+    long 451 4.2.0, anything else 451 4.3.0."""
+    if isinstance(exc, MailboxLocked):
+        return MAILBOX_BUSY
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DISK_FULL
+    return IO_ERROR
 
 
 def body_size(body: durable.Body) -> int:
     return len(body) if isinstance(body, bytes) else os.fstat(body).st_size
 
 
-def begin(request: dict[str, Any], hostname: str, size: int) -> tuple[str, bytes]:
+def begin(request: Commit, hostname: str, size: int) -> tuple[str, bytes]:
     """A new queue id and the message's Received: header; logs the message's first line."""
     queue_id = trace.new_id()
-    recipients = request["recipients"]
+    targets = request.targets
     received = trace.received(
-        helo=request["helo"],
-        peer_ip=request["peer"],
+        helo=request.helo,
+        peer_ip=request.peer,
         hostname=hostname,
-        protocol=request["protocol"],
+        protocol=request.protocol,
         queue_id=queue_id,
-        recipient=recipients[0]["address"] if len(recipients) == 1 else None,
+        recipient=targets[0].address if len(targets) == 1 else None,
     )
     log.info(
         "%s: client=[%s], helo=%s, from=<%s>, size=%d, nrcpt=%d",
         queue_id,
-        request["peer"],
-        request["helo"],
-        request["sender"],
+        request.peer,
+        request.helo,
+        request.sender,
         size,
-        len(recipients),
+        len(targets),
     )
     return queue_id, received
 
@@ -66,28 +80,28 @@ async def write_local(
     sender: str,
     received: bytes,
     body: durable.Body,
-    recipients: list[dict[str, Any]],
+    targets: Iterable[Target],
 ) -> list[Failure]:
     """One copy per local mailbox (two addresses, user and user+tag, share one); the local
-    recipients whose copy failed."""
+    copies that failed."""
     head = trace.return_path(sender) + received
-    by_mailbox: dict[str, dict[str, Any]] = {}
-    for r in recipients:
-        if r["mailbox"] is not None:
-            by_mailbox.setdefault(r["mailbox"], r)
+    by_mailbox: dict[str, Target] = {}
+    for target in targets:
+        if target.mailbox is not None:
+            by_mailbox.setdefault(target.mailbox, target)
     results = await _write_all(write, list(by_mailbox), head, body)
-    failed = []
-    for (name, r), result in zip(by_mailbox.items(), results, strict=True):
+    failed: list[Failure] = []
+    for (name, target), result in zip(by_mailbox.items(), results, strict=True):
         if isinstance(result, Exception):
             log.warning(
-                "%s: to=<%s>, relay=local, status=deferred (%s)", queue_id, r["address"], result
+                "%s: to=<%s>, relay=local, status=deferred (%s)", queue_id, target.address, result
             )
-            failed.append((r, result))
+            failed.append((target, result))
         else:
             log.info(
                 "%s: to=<%s>, relay=local, status=sent (mailbox %s, message %d)",
                 queue_id,
-                r["address"],
+                target.address,
                 name,
                 result,
             )
@@ -104,39 +118,29 @@ async def _write_all(
         except Exception as exc:
             return [exc]
     results = await asyncio.gather(*(write(n, head, body) for n in names), return_exceptions=True)
+    found: list[int | Exception] = []
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, Exception):
             raise result  # cancellation is not a mailbox failure
-    return results  # type: ignore[return-value]
+        found.append(result)
+    return found
 
 
-def encode_failures(failed: list[Failure]) -> list[dict[str, Any]]:
+def encode_failures(failed: list[Failure]) -> tuple[FailedCopy, ...]:
     """Failures as a worker sends them to the delivery process for a local retry."""
-    return [
-        {
-            **r,
-            "error": (exc.strerror if isinstance(exc, OSError) else None) or str(exc),
-            "errno": getattr(exc, "errno", None) or 5,
-            "locked": isinstance(exc, MailboxLocked),
-        }
-        for r, exc in failed
-    ]
-
-
-def decode_failures(items: list[dict[str, Any]]) -> list[Failure]:
-    failed: list[Failure] = []
-    for item in items:
-        r = {"address": str(item["address"]), "mailbox": str(item["mailbox"])}
-        exc: Exception = (
-            MailboxLocked()
-            if item.get("locked")
-            else OSError(int(item.get("errno") or 5), str(item.get("error", "")))
+    return tuple(
+        FailedCopy(
+            target,
+            (exc.strerror if isinstance(exc, OSError) else None) or str(exc),
+            getattr(exc, "errno", None) or 5,
+            isinstance(exc, MailboxLocked),
         )
-        failed.append((r, exc))
-    return failed
+        for target, exc in failed
+    )
 
 
-MAILBOX_BUSY = Reply(451, "4.2.0", "Mailbox busy (locked); try again later")
+def decode_failures(items: Iterable[FailedCopy]) -> list[Failure]:
+    return [(f.target, MailboxLocked() if f.locked else OSError(f.errno, f.error)) for f in items]
 
 
 def queued(queue_id: str) -> Reply:
@@ -144,11 +148,11 @@ def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
-def answer_fields(reply: Reply) -> dict[str, Any]:
-    """A reply as a commit's answer carries it (docs/channel.md)."""
-    return {"code": reply.code, "status": reply.status, "text": reply.text}
+def outcome(reply: Reply) -> Outcome:
+    """A reply as the answer to a commit carries it."""
+    return Outcome(reply.code, reply.status or "", reply.text)
 
 
-def answer_reply(answer: dict[str, Any]) -> Reply:
-    """The reply a commit's answer carries (the inverse of `answer_fields`)."""
-    return Reply(int(answer["code"]), answer["status"], answer["text"])
+def reply_of(answer: Outcome) -> Reply:
+    """The reply an answer to a commit carries (the inverse of `outcome`)."""
+    return Reply(answer.code, answer.status or None, answer.text)

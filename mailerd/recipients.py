@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from mailerd import policy
 from mailerd.aliases import Aliases
+from mailerd.ipc.messages import Target
 from mailerd.smtp.events import Address, Reply
 from mailerd.spool import Spool
 
@@ -23,14 +24,6 @@ CHECK_FAILED = Reply(451, "4.3.0", "Cannot check the mailbox now; try again late
 # An mbox file where mailerd wants a mailbox directory (e.g. Debian's /var/mail/<user>): keep the
 # mail coming back (4xx) until the administrator converts or moves it.
 MAILBOX_NOT_A_DIRECTORY = Reply(450, "4.2.0", "Mailbox unavailable: it is not a directory")
-
-
-@dataclass(frozen=True)
-class Target:
-    """One copy of a message: into a local mailbox, or relayed to an address."""
-
-    address: str  # the recipient as given (a local copy), or where to relay it
-    mailbox: str | None  # None: relay
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,14 @@ from typing import Any
 from mailerd import config
 from mailerd.delivery.queue import Queue, QueueItem
 from mailerd.ipc.channel import Client
+from mailerd.ipc.messages import (
+    Deleted,
+    DeleteQueued,
+    Flushed,
+    FlushQueue,
+    ListQueue,
+    QueueListing,
+)
 
 TIMEOUT = 30.0
 
@@ -43,21 +51,22 @@ def main(argv: list[str]) -> int:
         parser.error("delete needs at least one queue ID")
     if args.action == "init":
         return _init(queue_dir, args.config)
+    request = {"list": ListQueue(), "flush": FlushQueue(), "delete": DeleteQueued(tuple(args.ids))}
     try:
-        answer = asyncio.run(_ask(queue_dir, {"op": args.action, "ids": args.ids}))
+        answer = asyncio.run(_ask(queue_dir, request[args.action].encode()))
     except (OSError, TimeoutError, ConnectionError):
-        answer = None
+        answer = None  # no daemon: the list is read, and a delete done, right here
     if args.action == "list":
-        items = answer["items"] if answer else [asdict(e) for e in _load(queue_dir)]
-        print(format_listing(items, time.time()))
+        items = QueueListing.decode(answer).items if answer else None
+        print(format_listing(list(items or [asdict(e) for e in _load(queue_dir)]), time.time()))
         return 0
     if args.action == "flush":
         if answer is None:
             print("mailerd queue: mailerd is not running; nothing to flush", file=sys.stderr)
             return 1
-        print(f"flushed: {answer.get('count', 0)} message(s) will be retried now")
+        print(f"flushed: {Flushed.decode(answer).count} message(s) will be retried now")
         return 0
-    return _delete(queue_dir, args.ids, answer)
+    return _delete(queue_dir, args.ids, Deleted.decode(answer) if answer else None)
 
 
 def _init(queue_dir: Path, config_file: str | None) -> int:
@@ -101,9 +110,9 @@ def _load(queue_dir: Path) -> list[QueueItem]:
         return []
 
 
-def _delete(queue_dir: Path, ids: list[str], answer: dict[str, Any] | None) -> int:
+def _delete(queue_dir: Path, ids: list[str], answer: Deleted | None) -> int:
     if answer is not None:
-        deleted = set(answer.get("deleted", []))
+        deleted = set(answer.ids)
     else:
         queue = Queue(queue_dir)
         deleted = {i for i in ids if (queue_dir / "env" / i).exists()}

@@ -9,7 +9,7 @@ too does the worker get 4xx.
 
 Mailboxes are written by the privileged mailbox writer it starts (`writer`), which batches
 what piles up for one mailbox. A message whose recipients are all local goes from the worker
-straight to that writer, over a channel this process hands out (`mailbox-channel`); the worker
+straight to that writer, over a channel this process hands out (`WriterChannel`); the worker
 comes back here only to queue copies that failed (`retry-local`). Queue files are written here,
 in a small thread pool, and the outbound scheduler (`outbound`) works the queue from this
 process too.
@@ -34,8 +34,23 @@ from mailerd.config import Config
 from mailerd.delivery.pickup import Pickup, Taken
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.delivery.scheduler import Scheduler
-from mailerd.intake import MAILBOX_BUSY
 from mailerd.ipc.channel import Channel
+from mailerd.ipc.messages import (
+    BadMessage,
+    Commit,
+    Deleted,
+    DeleteQueued,
+    Flushed,
+    FlushQueue,
+    ListQueue,
+    Message,
+    QueueListing,
+    Refused,
+    RetryLocal,
+    WriterChannel,
+    WriterChannelGiven,
+    decode_request,
+)
 from mailerd.ipc.writer_client import WriterClient
 from mailerd.lifecycle import DRAIN_TIMEOUT
 from mailerd.smtp.events import Reply
@@ -44,6 +59,9 @@ from mailerd.writer import service as writer_service
 from mailerd.writer.mailbox import MailboxStore
 
 log = logging.getLogger("mailerd.delivery")
+
+# What workers and `mailerd queue` may ask of this process (ipc.messages).
+SERVED = (Commit, RetryLocal, WriterChannel, ListQueue, FlushQueue, DeleteQueued)
 
 LOCAL_RETRY_DELAY = 60.0
 HEADER_SCAN = 64 * 1024  # how much of a submission is searched for Date:/Message-ID:
@@ -156,19 +174,16 @@ class DeliveryService:
             self.lost_writer = True
             self.stopping.set()
 
-    async def control(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def control(self, request: Message) -> Message:
         """`mailerd queue` requests: list, flush, delete."""
-        op = request.get("op")
-        if op in ("list", "flush") and self.scheduler.lock_fd is not None:
+        if isinstance(request, ListQueue | FlushQueue) and self.scheduler.lock_fd is not None:
             await self.scheduler.rescan()
-        if op == "list":
-            return {"items": [asdict(e) for e in self.scheduler.items.values()]}
-        if op == "flush":
-            return {"count": self.scheduler.flush()}
-        if op == "delete":
-            ids = [str(i) for i in request.get("ids", [])]
-            return {"deleted": [i for i in ids if await self.scheduler.delete(i)]}
-        return {"error": f"unknown request {op!r}"}
+        if isinstance(request, ListQueue):
+            return QueueListing(tuple(asdict(e) for e in self.scheduler.items.values()))
+        if isinstance(request, FlushQueue):
+            return Flushed(self.scheduler.flush())
+        assert isinstance(request, DeleteQueued)
+        return Deleted(tuple([i for i in request.ids if await self.scheduler.delete(i)]))
 
     def _on_request(
         self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None
@@ -179,43 +194,47 @@ class DeliveryService:
     async def _serve(
         self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None
     ) -> None:
-        op = header.get("op")
-        if op not in (None, "retry-local"):  # a request that writes no message
+        try:
+            request = decode_request(header, SERVED)
+        except BadMessage as exc:
+            log.error("a request this process does not serve: %s", exc)
+            request = Refused(str(exc))
+        if not isinstance(request, Commit | RetryLocal):  # a request that writes no message
             self.in_flight -= 1
             if fd is not None:
                 os.close(fd)  # none of these takes a descriptor
-            if op == "mailbox-channel":
+            if isinstance(request, WriterChannel):
                 await self._hand_out_writer(channel, header)
                 return
-            answer = await self.control(header)
-            if not channel.closed:
-                channel.send({"id": header.get("id"), **answer})
+            answer = request if isinstance(request, Refused) else await self.control(request)
+            self._answer(channel, header, answer)
             return
         try:
             content = body if fd is None else fd
-            if op == "retry-local":
-                reply = await self.retry_local(header, content)
+            if isinstance(request, RetryLocal):
+                reply = await self.retry_local(request, content)
             else:
-                reply = await self.commit(header, content)
+                reply = await self.commit(request, content)
         except Exception:  # never let one bad request kill the process
             log.exception("commit failed")
-            reply = durable.IO_ERROR
+            reply = intake.IO_ERROR
         finally:
             if fd is not None:
                 os.close(fd)
             self.in_flight -= 1
-        if not channel.closed:
-            channel.send({"id": header.get("id"), **intake.answer_fields(reply)})
+        self._answer(channel, header, intake.outcome(reply))
 
-    async def commit(self, request: dict[str, Any], body: durable.Body) -> Reply:
+    def _answer(self, channel: Channel, header: dict[str, Any], answer: Message) -> None:
+        if not channel.closed:
+            channel.send({"id": header.get("id"), **answer.encode()})
+
+    async def commit(self, request: Commit, body: durable.Body) -> Reply:
         """Make one message durable for all its recipients; the answer for the worker."""
         queue_id, received = intake.begin(request, self.cfg.hostname, intake.body_size(body))
-        recipients = request["recipients"]
-        sender = request["sender"]
         remote = [
             Recipient(address)
             for address in dict.fromkeys(
-                normal_address(r["address"]) for r in recipients if r["mailbox"] is None
+                normal_address(t.address) for t in request.targets if t.mailbox is None
             )
         ]
         if remote:
@@ -225,12 +244,12 @@ class DeliveryService:
                 await self._in_thread(self.queue.put, item, head, body)
             except OSError as exc:
                 log.error("%s: queue write failed: %s", queue_id, exc)
-                return durable.error_reply(exc)
+                return intake.storage_reply(exc)
             self.scheduler.add(item)
             for r in remote:
                 log.info("%s: to=<%s>, relay=queue, status=queued", queue_id, r.address)
         failed = await intake.write_local(
-            self.writer.deliver, queue_id, sender, received, body, recipients
+            self.writer.deliver, queue_id, request.sender, received, body, request.targets
         )
         if failed:
             reply = await self._queue_local_retry(queue_id, request, received, body, failed)
@@ -238,13 +257,14 @@ class DeliveryService:
                 return reply
         return intake.queued(queue_id)
 
-    async def retry_local(self, request: dict[str, Any], body: durable.Body) -> Reply:
+    async def retry_local(self, request: RetryLocal, body: durable.Body) -> Reply:
         """A worker wrote a message's local copies itself and some failed: queue those."""
-        queue_id = str(request["queue_id"])
-        received = str(request["received"]).encode("utf-8")
-        failed = intake.decode_failures(request["failed"])
-        reply = await self._queue_local_retry(queue_id, request, received, body, failed)
-        return reply or intake.queued(queue_id)
+        failed = intake.decode_failures(request.failed)
+        received = request.received.encode("utf-8")
+        reply = await self._queue_local_retry(
+            request.queue_id, request.commit, received, body, failed
+        )
+        return reply or intake.queued(request.queue_id)
 
     async def _hand_out_writer(self, channel: Channel, header: dict[str, Any]) -> None:
         """A worker's own connection to the mailbox writer, for messages whose recipients are
@@ -254,19 +274,18 @@ class DeliveryService:
             await self.writer.adopt(theirs.detach())  # the channel closes what it is given
         except Exception as exc:
             ours.close()
-            if not channel.closed:
-                channel.send({"id": header.get("id"), "error": f"no mailbox writer: {exc}"})
+            self._answer(channel, header, WriterChannelGiven(f"no mailbox writer: {exc}"))
             return
         if channel.closed:
             ours.close()
             return
-        channel.send({"id": header.get("id")}, fd=ours.detach())
+        channel.send({"id": header.get("id"), **WriterChannelGiven().encode()}, fd=ours.detach())
 
-    def _completion(self, request: dict[str, Any], queue_id: str, body: durable.Body) -> bytes:
+    def _completion(self, request: Commit, queue_id: str, body: durable.Body) -> bytes:
         """Date:/Message-ID: for a submission from a local program that lacks them, as an MTA
         should add them before mail leaves (big providers refuse mail without a Message-ID).
         Only on the outgoing copy: a local mailbox gets the message as received."""
-        if not request.get("trusted"):
+        if not request.trusted:
             return b""
         scan = body[:HEADER_SCAN] if isinstance(body, bytes) else os.pread(body, HEADER_SCAN, 0)
         return trace.missing_headers(
@@ -276,15 +295,13 @@ class DeliveryService:
     async def _queue_local_retry(
         self,
         queue_id: str,
-        request: dict[str, Any],
+        request: Commit,
         received: bytes,
         body: durable.Body,
-        failed: list,
+        failed: list[intake.Failure],
     ) -> Reply | None:
         """Queue the local recipients whose mailbox failed; None if that worked (then 250)."""
-        recipients = [
-            Recipient(r["address"], mailbox=r["mailbox"], last_error=str(e)) for r, e in failed
-        ]
+        recipients = [Recipient(t.address, mailbox=t.mailbox, last_error=str(e)) for t, e in failed]
         item = self._item(trace.new_id(), request, recipients)
         item.next_attempt = item.created + LOCAL_RETRY_DELAY
         try:
@@ -293,20 +310,17 @@ class DeliveryService:
             return None
         except OSError as exc:
             log.error("%s: cannot queue local retry: %s", queue_id, exc)
-            first = failed[0][1]
-            if isinstance(first, MailboxLocked):
-                return MAILBOX_BUSY
-            return durable.error_reply(first if isinstance(first, OSError) else exc)
+            first = failed[0][1]  # (the copy's own failure says more than the queue's)
+            cause = first if isinstance(first, OSError | MailboxLocked) else exc
+            return intake.storage_reply(cause)
 
-    def _item(
-        self, queue_id: str, request: dict[str, Any], recipients: list[Recipient]
-    ) -> QueueItem:
+    def _item(self, queue_id: str, request: Commit, recipients: list[Recipient]) -> QueueItem:
         return QueueItem(
             id=queue_id,
-            sender=request["sender"],
+            sender=request.sender,
             recipients=recipients,
-            smtputf8=bool(request.get("smtputf8")),
-            body_8bit=request.get("body") == "8BITMIME",
+            smtputf8=request.smtputf8,
+            body_8bit=request.body == "8BITMIME",
         )
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:

@@ -38,6 +38,7 @@ from mailerd.config import Config
 from mailerd.delivery import dsn, mx, relay
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.host import default_interface, interface_addresses, loopback_addresses
+from mailerd.ipc.messages import Target
 from mailerd.smtp.events import Address
 from mailerd.spool import Spool
 
@@ -267,8 +268,9 @@ class Scheduler:
     ) -> dict[str, relay.Result]:
         path = self.queue.message_path(item.id)
         head = trace.return_path(item.sender)
-        # After a crash or an attempt whose answer was lost, the copy may be there already.
-        again = item.id in self.recovered or any(r.attempts for r in members)
+        # The copy may be there already: after a crash, after an attempt whose answer was lost,
+        # and for a copy a worker queued when its writer went away (its last_error is set).
+        again = item.id in self.recovered or any(r.attempts or r.last_error for r in members)
         try:
             body = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
             number = await self.deliver_local(mailbox, head, body, item.created if again else None)
@@ -427,14 +429,14 @@ class Scheduler:
         if targets is None:
             await self._queue_notice(to, message, smtputf8)
             return
-        for target in targets or (recipients.Target(to, "postmaster"),):
+        for target in targets or (Target(to, "postmaster"),):
             if target.mailbox is None:  # an alias that forwards: the notice follows it
                 await self._queue_notice(target.address, message, smtputf8)
                 continue
             await self.deliver_local(target.mailbox, trace.return_path(""), message)
             log.info("bounce to <%s> delivered to mailbox %s", to, target.mailbox)
 
-    def _local_targets(self, to: str) -> tuple[recipients.Target, ...] | None:
+    def _local_targets(self, to: str) -> tuple[Target, ...] | None:
         """Where a notice to a local address goes (empty: nowhere); None for a remote one."""
         local, _, domain = to.rpartition("@")
         if domain and not names.is_local_domain(domain, self.cfg.domains):

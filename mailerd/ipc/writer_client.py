@@ -9,10 +9,19 @@ import asyncio
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
 
 from mailerd import durable
 from mailerd.ipc.channel import Client
+from mailerd.ipc.messages import (
+    Adopt,
+    Done,
+    MailboxWrite,
+    ReopenLogs,
+    WriterChannel,
+    WriterChannelGiven,
+    Written,
+    write_answer,
+)
 from mailerd.spool import MailboxLocked
 
 TIMEOUT = 120.0
@@ -28,29 +37,27 @@ class WriterClient:
         self, mailbox: str, head: bytes, body: durable.Body, since: float | None = None
     ) -> int:
         """Write one message into `mailbox`; its number, or OSError/MailboxLocked. `since`:
-        a redelivery (mailbox.Delivery), not written again if it is there already."""
-        request: dict[str, Any] = {"mailbox": mailbox}
-        if since is not None:
-            request["since"] = since
+        a redelivery (messages.MailboxWrite), not written again if it is there already."""
+        request = MailboxWrite(mailbox, len(head), since).encode()
         if isinstance(body, bytes):
-            answer = await self._client.request({**request, "head": len(head)}, head + body)
+            answer = write_answer(await self._client.request(request, head + body))
         else:
             # The channel closes the descriptor it sends; the caller keeps its own.
-            answer = await self._client.request(request, head, os.dup(body))
-        if "number" in answer:
-            return int(answer["number"])
-        if answer.get("locked"):
+            answer = write_answer(await self._client.request(request, head, os.dup(body)))
+        if isinstance(answer, Written):
+            return answer.number
+        if answer.locked:
             raise MailboxLocked()
-        raise OSError(answer.get("errno") or 5, answer.get("error", "spool write failed"))
+        raise OSError(answer.errno, answer.error)
 
     async def reopen_logs(self) -> None:
-        await self._client.request({"op": "reopen-logs"})
+        await self._client.request(ReopenLogs().encode())
 
     async def adopt(self, fd: int) -> None:
         """Give the writer one end of a worker's channel (the channel closes `fd`)."""
-        answer = await self._client.request({"op": "adopt"}, b"", fd)
-        if "error" in answer:
-            raise ConnectionError(answer["error"])
+        answer = Done.decode(await self._client.request(Adopt().encode(), b"", fd))
+        if answer.error is not None:
+            raise ConnectionError(answer.error)
 
     def close(self) -> None:
         self._client.close()
@@ -82,9 +89,10 @@ class WriterLink:
         if loop.time() < self._retry_at:
             raise ConnectionError("no mailbox writer channel yet")
         try:
-            answer, fd = await self._delivery.request_fd({"op": "mailbox-channel"})
+            header, fd = await self._delivery.request_fd(WriterChannel().encode())
             if fd is None:
-                raise ConnectionError(answer.get("error", "no mailbox writer channel"))
+                error = WriterChannelGiven.decode(header).error
+                raise ConnectionError(error or "no mailbox writer channel")
         except Exception:
             self._retry_at = loop.time() + self.RETRY_AFTER
             raise

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mailerd import recipients
 from mailerd.config import ListenAddress
+from mailerd.ipc.messages import Commit, Target
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
@@ -55,8 +56,8 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        # Accepted recipients' copies: resolved once, at RCPT, for commit_header().
-        self.routes: dict[Address, tuple[recipients.Target, ...]] = {}
+        # Accepted recipients' copies: resolved once, at RCPT, for commit_request().
+        self.routes: dict[Address, tuple[Target, ...]] = {}
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -205,7 +206,7 @@ class Connection(asyncio.Protocol):
     async def commit(self, envelope: Envelope) -> None:
         body, fd = self.body.take()
         try:
-            reply = await self.worker.commit(self.commit_header(envelope), body, fd)
+            reply = await self.worker.commit(self.commit_request(envelope), body, fd)
         except Exception as exc:  # timeout, broken channel: 451, never a 250 we cannot back
             log.warning(
                 "commit for %s failed, answered 451 (the client will retry): %r", self.client, exc
@@ -224,25 +225,26 @@ class Connection(asyncio.Protocol):
         self.last_activity = self.worker.loop.time()
         self.pump()
 
-    def commit_header(self, envelope: Envelope) -> dict[str, Any]:
-        copies = []
+    def commit_request(self, envelope: Envelope) -> Commit:
+        """What the client said, and each copy to make (resolved at RCPT), as a commit."""
+        targets: list[Target] = []
         for address in envelope.recipients:
-            targets = self.routes.get(address)
-            if targets is None:  # (forgotten after MAX_ROUTES)
-                targets = self.resolve(address).targets
-            copies += [{"address": t.address, "mailbox": t.mailbox} for t in targets]
+            resolved = self.routes.get(address)
+            if resolved is None:  # (forgotten after MAX_ROUTES)
+                resolved = self.resolve(address).targets
+            targets += resolved
         self.routes.clear()
         protocol = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if envelope.esmtp else "SMTP")
-        return {
-            "sender": str(envelope.sender) if envelope.sender else "",
-            "recipients": copies,
-            "helo": envelope.helo,
-            "peer": self.peer,
-            "protocol": protocol,
-            "body": envelope.body,
-            "smtputf8": envelope.smtputf8,
-            "trusted": self.listen.trusted,
-        }
+        return Commit(
+            sender=str(envelope.sender) if envelope.sender else "",
+            targets=tuple(targets),
+            helo=envelope.helo,
+            peer=self.peer,
+            protocol=protocol,
+            body=envelope.body,
+            smtputf8=envelope.smtputf8,
+            trusted=self.listen.trusted,
+        )
 
     def resolve(self, address: Address) -> recipients.Resolved:
         cfg = self.worker.cfg
@@ -261,7 +263,7 @@ class Connection(asyncio.Protocol):
             return resolved.refusal
         if len(self.routes) >= MAX_ROUTES:  # transactions reset without a message
             self.routes.clear()
-        self.routes[address] = resolved.targets  # for commit_header(), so resolved once
+        self.routes[address] = resolved.targets  # for commit_request(), so resolved once
         return None
 
     def check_timeout(self) -> None:

@@ -23,13 +23,13 @@ import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from setproctitle import setproctitle
 
 from mailerd import durable, eventloop, intake, lifecycle, privileges
 from mailerd.config import Config, ListenAddress
 from mailerd.ipc.channel import Client
+from mailerd.ipc.messages import Commit, Outcome, RetryLocal
 from mailerd.ipc.sessiontable import SessionTable, counter
 from mailerd.ipc.writer_client import WriterClient, WriterLink
 from mailerd.lifecycle import BOOT_ERROR, COMMIT_TIMEOUT, SHUTDOWN_GRACE, report
@@ -73,32 +73,32 @@ class Worker:
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
-    async def commit(self, header: dict[str, Any], body: bytes, fd: int | None) -> Reply:
+    async def commit(self, request: Commit, body: bytes, fd: int | None) -> Reply:
         """Make a finished message durable; the reply for its client.
 
         A message whose recipients are all local goes straight to the mailbox writer over this
         worker's own channel; any other, or when that channel cannot be had, to the delivery
         process. Takes ownership of `fd`.
         """
-        if intake.all_local(header):
+        if request.all_local:
             try:
                 writer = await self.writer.get()
             except Exception as exc:  # the delivery path still works, or answers 451
                 log.debug("no mailbox writer channel (%r); committing through delivery", exc)
             else:
-                return await self._commit_local(writer, header, body, fd)
-        return intake.answer_reply(await self.delivery.request(header, body, fd))
+                return await self._commit_local(writer, request, body, fd)
+        return await self._ask_delivery(request, body, fd)
 
     async def _commit_local(
-        self, writer: WriterClient, header: dict[str, Any], body: bytes, fd: int | None
+        self, writer: WriterClient, request: Commit, body: bytes, fd: int | None
     ) -> Reply:
         """Write each local copy; the copies that failed are queued for a local retry by the
         delivery process (see `commit`)."""
         content: durable.Body = body if fd is None else fd
         try:
-            queue_id, received = intake.begin(header, self.cfg.hostname, intake.body_size(content))
+            queue_id, received = intake.begin(request, self.cfg.hostname, intake.body_size(content))
             failed = await intake.write_local(
-                writer.deliver, queue_id, header["sender"], received, content, header["recipients"]
+                writer.deliver, queue_id, request.sender, received, content, request.targets
             )
         except BaseException:
             if fd is not None:
@@ -108,14 +108,16 @@ class Worker:
             if fd is not None:
                 os.close(fd)
             return intake.queued(queue_id)
-        retry = {
-            **header,
-            "op": "retry-local",
-            "queue_id": queue_id,
-            "received": received.decode("utf-8"),
-            "failed": intake.encode_failures(failed),
-        }
-        return intake.answer_reply(await self.delivery.request(retry, body, fd))
+        retry = RetryLocal(
+            request, queue_id, received.decode("utf-8"), intake.encode_failures(failed)
+        )
+        return await self._ask_delivery(retry, body, fd)
+
+    async def _ask_delivery(
+        self, request: Commit | RetryLocal, body: bytes, fd: int | None
+    ) -> Reply:
+        answer = await self.delivery.request(request.encode(), body, fd)
+        return intake.reply_of(Outcome.decode(answer))
 
     def admit(self, conn: Connection) -> Reply | None:
         """Session caps at connect, over all workers: the total, and per client address on

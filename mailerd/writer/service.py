@@ -9,7 +9,7 @@ lockf, and answers with the message number. It exits when the delivery process c
 socketpair. Its clients are in `ipc.writer_client`.
 
 Besides that first channel, each worker gets one of its own, which the delivery process hands
-out (`{"op": "adopt"}` carries the writer's end): a message whose recipients are all local then
+out (an `Adopt` message carries the writer's end): a message whose recipients are all local then
 costs one process hop instead of two. A worker's channel carries mailbox writes only; ops come
 from the delivery process alone.
 
@@ -35,6 +35,17 @@ from typing import Any
 from mailerd import eventloop
 from mailerd import log as logsetup
 from mailerd.ipc.channel import MAX_INLINE, Channel
+from mailerd.ipc.messages import (
+    Adopt,
+    BadMessage,
+    Done,
+    MailboxWrite,
+    Message,
+    ReopenLogs,
+    WriteFailed,
+    Written,
+    decode_request,
+)
 from mailerd.spool import MailboxLocked
 from mailerd.writer.mailbox import Copy, MailboxStore
 
@@ -209,19 +220,23 @@ class WriterService:
 
     def _on_control(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
         """A frame from the delivery process: an op, or a mailbox write like a worker's."""
-        op = header.get("op")
-        if op == "reopen-logs":
+        try:
+            request = decode_request(header, (ReopenLogs, Adopt, MailboxWrite))
+        except BadMessage:
+            request = None  # (answered below, as a worker's would be)
+        if isinstance(request, ReopenLogs):
             logsetup.request_reopen()
-            self._answer(self.channel, header, {})
-        elif op == "adopt" and fd is not None:
+            self._answer(self.channel, header, Done())
+        elif isinstance(request, Adopt) and fd is not None:
             if len(self.workers) >= MAX_WORKER_CHANNELS:
                 os.close(fd)  # a worker asking again and again: it uses the delivery path
-                self._answer(self.channel, header, {"error": "too many worker channels"})
+                self._answer(self.channel, header, Done("too many worker channels"))
                 return
             self._adopt(fd)
-            self._answer(self.channel, header, {})
+            self._answer(self.channel, header, Done())
         else:
-            self._on_request(self.channel, header, inline, fd)  # type: ignore[arg-type]
+            assert self.channel is not None
+            self._on_request(self.channel, header, inline, fd)
 
     def _adopt(self, fd: int) -> None:
         holder: list[Channel] = []
@@ -238,22 +253,18 @@ class WriterService:
         self, channel: Channel, header: dict[str, Any], inline: bytes, fd: int | None
     ) -> None:
         # Callbacks rather than a task per request: this is the hot path of every delivery.
-        head_len = header.get("head", len(inline))
-        if (
-            "op" in header
-            or not isinstance(header.get("mailbox"), str)
-            or type(head_len) is not int
-            or not 0 <= head_len <= len(inline)
-        ):
+        try:
+            request = decode_request(header, (MailboxWrite,))
+            if not isinstance(request, MailboxWrite) or request.head > len(inline):
+                raise BadMessage("head: longer than the frame's body")
+        except BadMessage as exc:
             if fd is not None:
                 os.close(fd)
-            self._answer(channel, header, {"error": "not a mailbox write", "errno": 22})
+            self._answer(channel, header, WriteFailed(f"not a mailbox write: {exc}", 22))
             return
-        head, body = inline[:head_len], (inline[head_len:] if fd is None else fd)
-        since = header.get("since")
-        if not isinstance(since, int | float) or isinstance(since, bool):
-            since = None  # (a redelivery's time: anything else is a plain delivery)
-        future = self._writer(header["mailbox"]).submit(Copy(head, body, since))
+        head = inline[: request.head]
+        body = inline[request.head :] if fd is None else fd
+        future = self._writer(request.mailbox).submit(Copy(head, body, request.since))
         self.outstanding += 1
         self.asking[future] = (channel, header, fd)
 
@@ -286,22 +297,21 @@ class WriterService:
         if fd is not None:
             os.close(fd)
         exc = asyncio.CancelledError() if future.cancelled() else future.exception()
+        answer: Message
         if exc is None:
-            answer: dict[str, Any] = {"number": future.result()}
+            answer = Written(future.result())
         elif isinstance(exc, MailboxLocked):
-            answer = {"error": "mailbox locked", "locked": True}
+            answer = WriteFailed("mailbox locked", locked=True)
         elif isinstance(exc, OSError):
-            answer = {"error": exc.strerror or str(exc), "errno": exc.errno}
+            answer = WriteFailed(exc.strerror or str(exc), exc.errno or 5)
         else:
             log.error("mailbox write failed: %r", exc)
-            answer = {"error": repr(exc), "errno": 5}
+            answer = WriteFailed(repr(exc))
         self._answer(channel, header, answer)
 
-    def _answer(
-        self, channel: Channel | None, header: dict[str, Any], answer: dict[str, Any]
-    ) -> None:
+    def _answer(self, channel: Channel | None, header: dict[str, Any], answer: Message) -> None:
         if channel is not None and not channel.closed:
-            channel.send({"id": header.get("id"), **answer})
+            channel.send({"id": header.get("id"), **answer.encode()})
 
     def _writer(self, name: str) -> MailboxQueue:
         writer = self.writers.get(name)

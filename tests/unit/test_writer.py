@@ -88,7 +88,9 @@ def test_a_worker_channel_carries_mailbox_writes_and_nothing_else(tmp_path):
 
     async def main():
         serving, delivery, worker, lost = await _service_with_worker(tmp_path)
-        number = await worker.request({"mailbox": "dave", "head": 4}, b"X: 1hello\r\n")
+        number = await worker.request(
+            {"op": "write", "mailbox": "dave", "head": 4}, b"X: 1hello\r\n"
+        )
         assert number == {"id": 1, "number": 1}
         refused = await worker.request({"op": "reopen-logs"})
         assert refused["errno"] == 22 and "number" not in refused
@@ -145,10 +147,12 @@ def test_malformed_worker_frames_are_refused_or_close_the_channel(tmp_path):
     async def main():
         serving, delivery, worker, lost = await _service_with_worker(tmp_path)
         for head in ("4", 99, -1, 1.5, None):
-            answer = await worker.request({"mailbox": "dave", "head": head}, b"abc")
+            answer = await worker.request({"op": "write", "mailbox": "dave", "head": head}, b"abc")
             assert answer.get("errno") == 22 and "number" not in answer, (head, answer)
         try:
-            await worker.request({"mailbox": "dave"}, b"x" * (MAX_INLINE + MAX_HEAD + 1))
+            await worker.request(
+                {"op": "write", "mailbox": "dave"}, b"x" * (MAX_INLINE + MAX_HEAD + 1)
+            )
         except ConnectionError:
             pass
         else:
@@ -172,7 +176,9 @@ def test_writes_in_flight_are_answered_before_the_worker_channels_close(tmp_path
     async def main():
         serving, delivery, worker, lost = await _service_with_worker(tmp_path)
         pending = [
-            asyncio.ensure_future(worker.request({"mailbox": "erin"}, b"m%d\r\n" % n))
+            asyncio.ensure_future(
+                worker.request({"op": "write", "mailbox": "erin", "head": 0}, b"m%d\r\n" % n)
+            )
             for n in range(40)
         ]
         await asyncio.sleep(0)
@@ -256,7 +262,7 @@ def test_a_batchs_answers_leave_before_the_next_batch_is_written(tmp_path):
     worker_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def frame(n: int) -> bytes:
-        header = json.dumps({"id": n, "mailbox": "dave", "head": 0}).encode()
+        header = json.dumps({"id": n, "op": "write", "mailbox": "dave", "head": 0}).encode()
         body = b"message %d\r\n" % n
         return PREFIX.pack(len(header), len(body)) + header + body
 
@@ -305,11 +311,13 @@ def test_a_failing_answer_stops_neither_the_others_nor_the_mailbox(tmp_path, mon
     async def main():
         serving, delivery, worker, lost = await _service_with_worker(tmp_path)
         first, second, third = (
-            asyncio.create_task(worker.request({"mailbox": "dave", "head": 0}, b"m\r\n"))
+            asyncio.create_task(
+                worker.request({"op": "write", "mailbox": "dave", "head": 0}, b"m\r\n")
+            )
             for _ in range(3)
         )
         assert (await first)["number"] == 1 and (await third)["number"] == 3
-        later = await worker.request({"mailbox": "dave", "head": 0}, b"later\r\n")
+        later = await worker.request({"op": "write", "mailbox": "dave", "head": 0}, b"later\r\n")
         assert later["number"] == 4
         second.cancel()
         delivery.close()
