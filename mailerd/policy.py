@@ -5,7 +5,7 @@ is a local mailbox, an alias (`aliases`: mailboxes and forwarding addresses), a 
 queue, or refused (with the exact reply). Only the domain after the last `@` decides (the SMTP
 grammar has already stripped any source route); `%`, `!` and quoted local parts are never
 re-parsed as routing. Whether a local mailbox *exists* is I/O and is asked by the caller
-(`mailbox.Spool.state`).
+(`spool.Spool.state`).
 """
 
 from __future__ import annotations

@@ -40,9 +40,11 @@ def resolve(
     aliases: Aliases,
     spool: Spool,
     spool_path: str,
+    cached_only: bool = False,
 ) -> Resolved:
     """Where mail for `address` goes, or why it cannot. `spool_path` names the spool in log
-    lines (`spool.root` may be a /proc/self/fd path)."""
+    lines (`spool.root` may be a /proc/self/fd path). With `cached_only`, spool.LookupNeeded
+    when the answer needs the user database (see Spool.state)."""
     route = policy.route(address, trusted=trusted, local_domains=local_domains, aliases=aliases)
     if isinstance(route, policy.Refused):
         if route.why:
@@ -51,13 +53,13 @@ def resolve(
     if isinstance(route, policy.Remote):
         return Resolved((Target(str(address), None),))
     if isinstance(route, policy.Local):
-        refusal = check_mailbox(spool, spool_path, route.mailbox)
+        refusal = check_mailbox(spool, spool_path, route.mailbox, cached_only)
         if refusal is not None:
             return Resolved(refusal=refusal)
         return Resolved((Target(str(address), route.mailbox),))
     targets = []
     for mailbox in route.mailboxes:
-        refusal = check_mailbox(spool, spool_path, mailbox)
+        refusal = check_mailbox(spool, spool_path, mailbox, cached_only)
         if refusal is None:
             targets.append(Target(str(address), mailbox))
         elif refusal is policy.NO_SUCH_USER:
@@ -70,10 +72,12 @@ def resolve(
     return Resolved(tuple(targets))
 
 
-def check_mailbox(spool: Spool, spool_path: str, mailbox: str) -> Reply | None:
+def check_mailbox(
+    spool: Spool, spool_path: str, mailbox: str, cached_only: bool = False
+) -> Reply | None:
     """Whether `mailbox` can take mail now: None, or the reply that says why not."""
     try:
-        state = spool.state(mailbox)
+        state = spool.state(mailbox, cached_only=cached_only)
     except OSError as exc:
         log.error("cannot check mailbox %s: %s", mailbox, exc)
         return CHECK_FAILED

@@ -25,6 +25,11 @@ class MailboxLocked(Exception):
     raised by the writer, and by its clients when the writer answers so."""
 
 
+class LookupNeeded(Exception):
+    """The answer needs the user database (an account not in the cache), and the caller asked
+    for none: a cold NSS lookup may take long (LDAP, sssd), so the worker makes it in a thread."""
+
+
 class Spool:
     """The spool root, for lookups. A root given as /proc/self/fd/N (privileges.keep_dir) keeps
     working after the privilege drop."""
@@ -38,9 +43,10 @@ class Spool:
         """Deliverable: its mailbox exists, it is a system account, or it is postmaster."""
         return self.state(name) == "ok"
 
-    def state(self, name: str) -> str:
+    def state(self, name: str, *, cached_only: bool = False) -> str:
         """ "ok" (a mailbox, an account or postmaster), "unknown", or "not-a-directory" (an
-        mbox file sits where the mailbox directory would be)."""
+        mbox file sits where the mailbox directory would be). With `cached_only`, LookupNeeded
+        instead of asking the user database (only a name without a mailbox needs it)."""
         try:
             root = self._lookup_dir()
             st = os.stat(name, dir_fd=root) if root is not None else os.stat(self._prefix + name)
@@ -52,7 +58,9 @@ class Spool:
             raise
         if st is not None:
             return "ok" if stat.S_ISDIR(st.st_mode) else "not-a-directory"
-        return "ok" if name == "postmaster" or account_owner(name) is not None else "unknown"
+        if name == "postmaster":
+            return "ok"
+        return "ok" if account_owner(name, cached_only=cached_only) is not None else "unknown"
 
     def _lookup_dir(self) -> int | None:
         """An O_PATH descriptor of the root for state()'s lookups, opened once per process:
@@ -85,13 +93,16 @@ _ACCOUNT_TTL = 60.0
 _accounts: dict[str, tuple[float, tuple[int, int] | None]] = {}
 
 
-def account_owner(name: str) -> tuple[int, int] | None:
+def account_owner(name: str, *, cached_only: bool = False) -> tuple[int, int] | None:
     """The account's (uid, gid), or None; cached for a minute, because an NSS lookup can cost
-    dozens of system calls (libnss_systemd's userdb probing) and runs for every batch."""
+    dozens of system calls (libnss_systemd's userdb probing) and runs for every batch. With
+    `cached_only`, LookupNeeded rather than a lookup."""
     now = time.monotonic()
     cached = _accounts.get(name)
     if cached is not None and now - cached[0] < _ACCOUNT_TTL:
         return cached[1]
+    if cached_only:
+        raise LookupNeeded(name)
     try:
         entry = pwd.getpwnam(name)
         owner: tuple[int, int] | None = (entry.pw_uid, entry.pw_gid)

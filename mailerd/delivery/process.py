@@ -1,6 +1,6 @@
 """The delivery process: the only writer of the spool (through its mailbox writer) and the queue.
 
-Workers send each finished message with a remote recipient over their channel (see `channel`);
+Workers send each finished message with a remote recipient over their channel (see `ipc.channel`);
 for each request this process writes the message durably — remote recipients into the outbound
 queue first, then each local mailbox — and answers once, so the worker can say 250. Partial
 success is not answered with a 451 (which would duplicate the mailboxes already written): a
@@ -10,8 +10,8 @@ too does the worker get 4xx.
 Mailboxes are written by the privileged mailbox writer it starts (`writer`), which batches
 what piles up for one mailbox. A message whose recipients are all local goes from the worker
 straight to that writer, over a channel this process hands out (`WriterChannel`); the worker
-comes back here only to queue copies that failed (`retry-local`). Queue files are written here,
-in a small thread pool, and the outbound scheduler (`outbound`) works the queue from this
+comes back here only to queue copies that failed (`RetryLocal`). Queue files are written here,
+in a small thread pool, and the outbound scheduler (`scheduler`) works the queue from this
 process too.
 """
 

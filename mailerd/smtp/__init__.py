@@ -7,6 +7,7 @@ The I/O layer feeds ``Session.receive_data()`` and loops over
 from .events import (
     NEED_DATA,
     PAUSED,
+    PENDING,
     Address,
     BodyData,
     CloseConnection,
@@ -24,6 +25,7 @@ from .settings import SessionConfig
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "PENDING",
     "Address",
     "BodyData",
     "CloseConnection",

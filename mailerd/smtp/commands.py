@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .events import Address, Reply
+from .events import PENDING, Address, Reply, Sentinel
 from .grammar import (
     GrammarError,
     Param,
@@ -76,7 +76,7 @@ class Commands:
     """The command handlers of `session.Session` (a mixin: the state lives there)."""
 
     _config: SessionConfig
-    _check_recipient: Callable[[Address], Reply | None]
+    _check_recipient: Callable[[Address], Reply | Sentinel | None]
     _on_command: Callable[[bytes], None] | None
     _helo: str | None
     _esmtp: bool
@@ -105,6 +105,9 @@ class Commands:
         raise NotImplementedError
 
     def _read_chunk(self, size: int, last: bool, refusal: Reply | None) -> None:
+        raise NotImplementedError
+
+    def _wait_for_verdict(self, recipient: Address) -> None:
         raise NotImplementedError
 
     # -- the commands -------------------------------------------------------------------------
@@ -223,7 +226,13 @@ class Commands:
             # counting it would end a large pipelined transaction with 421.
             self._send(TOO_MANY_RECIPIENTS, count=False)
             return
-        refusal = self._check_recipient(recipient)
+        verdict = self._check_recipient(recipient)
+        if verdict is PENDING:  # the I/O layer answers later: the session waits for it
+            self._wait_for_verdict(recipient)
+            return
+        self._recipient_verdict(recipient, verdict)
+
+    def _recipient_verdict(self, recipient: Address, refusal: Reply | None) -> None:
         if refusal is None:
             self._recipients.append(recipient)
             self._send(RCPT_OK)

@@ -14,6 +14,7 @@ from typing import Final
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "PENDING",
     "Address",
     "BodyData",
     "CloseConnection",
@@ -51,8 +52,12 @@ class Sentinel:
 
 #: The session has consumed all buffered input; call receive_data().
 NEED_DATA: Final = Sentinel("NEED_DATA")
-#: A message is being committed; call commit_done() before anything else happens.
+#: A message is being committed, or a recipient checked; call commit_done() or
+#: recipient_checked() before anything else happens.
 PAUSED: Final = Sentinel("PAUSED")
+#: What a recipient check may answer when its verdict needs I/O: the session pauses and the
+#: I/O layer gives the verdict later, through Session.recipient_checked().
+PENDING: Final = Sentinel("PENDING")
 
 # RFC 3463 status-code: class "." subject "." detail; class must match the reply.
 _STATUS_RE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")

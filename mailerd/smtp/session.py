@@ -34,6 +34,7 @@ from .events import (
     MessageComplete,
     Rejected,
     Reply,
+    Sentinel,
 )
 from .replies import (
     BARE_CR_LF_MESSAGE,
@@ -52,6 +53,7 @@ class _State(enum.Enum):
     DATA = "data"  # reading a dot-stuffed DATA body
     BDAT = "bdat"  # reading the octets of one BDAT chunk
     PAUSED = "paused"  # MessageComplete handed out, waiting for commit_done()
+    CHECKING = "checking"  # a recipient's verdict is PENDING: waiting for recipient_checked()
     CLOSED = "closed"
 
 
@@ -67,7 +69,7 @@ class Session(Commands):
     def __init__(
         self,
         config: SessionConfig,
-        check_recipient: Callable[[Address], Reply | None],
+        check_recipient: Callable[[Address], Reply | Sentinel | None],
         on_command: Callable[[bytes], None] | None = None,
     ) -> None:
         self._config = config
@@ -91,6 +93,7 @@ class Session(Commands):
         self._bdat_size = 0
         self._bdat_last = False
         self._bdat_refusal: Reply | None = None  # reply for a chunk being skipped
+        self._checking: Address | None = None  # the recipient whose verdict is PENDING
         self._verb = ""  # the command being answered, and its argument (for Rejected)
         self._argument = ""
         self._clear_transaction()
@@ -115,7 +118,7 @@ class Session(Commands):
             state = self._state
             if state is _State.CLOSED:
                 return _CLOSE
-            if state is _State.PAUSED:
+            if state is _State.PAUSED or state is _State.CHECKING:
                 return PAUSED
             if not self._step(state):
                 if not self._eof:
@@ -138,6 +141,17 @@ class Session(Commands):
         # Storage errors are not the client's fault, and the caller, who holds the message,
         # reports them.
         self._send(reply, count=False, report=False)
+
+    def recipient_checked(self, refusal: Reply | None) -> None:
+        """The verdict on the recipient whose check answered PENDING: None accepts it, a Reply
+        refuses it (or, below 400, accepts it with that reply). Parsing then goes on."""
+        if self._state is _State.CLOSED:
+            return  # timed out meanwhile: nothing left to answer
+        if self._state is not _State.CHECKING or self._checking is None:
+            raise RuntimeError("recipient_checked() called without a pending recipient check")
+        recipient, self._checking = self._checking, None
+        self._state = _State.COMMAND
+        self._recipient_verdict(recipient, refusal)
 
     def timeout(self) -> Reply:
         """The peer was idle too long: return the 421 to send; the session ends."""
@@ -310,6 +324,10 @@ class Session(Commands):
         if self._body_started:
             self._events.append(MessageAborted(reason))
         self._clear_transaction()
+
+    def _wait_for_verdict(self, recipient: Address) -> None:
+        self._checking = recipient
+        self._state = _State.CHECKING
 
     def _read_data(self) -> None:
         """DATA was accepted: what follows is dot-stuffed content up to CRLF.CRLF."""

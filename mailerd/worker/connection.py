@@ -16,6 +16,7 @@ from mailerd.ipc.messages import Commit, Target
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
+    PENDING,
     Address,
     BodyData,
     CloseConnection,
@@ -24,8 +25,10 @@ from mailerd.smtp import (
     MessageComplete,
     Rejected,
     Reply,
+    Sentinel,
     Session,
 )
+from mailerd.spool import LookupNeeded
 from mailerd.worker.body import BodyBuffer
 
 if TYPE_CHECKING:
@@ -246,7 +249,7 @@ class Connection(asyncio.Protocol):
             trusted=self.listen.trusted,
         )
 
-    def resolve(self, address: Address) -> recipients.Resolved:
+    def resolve(self, address: Address, cached_only: bool = False) -> recipients.Resolved:
         cfg = self.worker.cfg
         return recipients.resolve(
             address,
@@ -255,10 +258,38 @@ class Connection(asyncio.Protocol):
             aliases=cfg.aliases,
             spool=self.worker.spool,
             spool_path=str(cfg.spool),
+            cached_only=cached_only,
         )
 
-    def check_recipient(self, address: Address) -> Reply | None:
-        resolved = self.resolve(address)
+    def check_recipient(self, address: Address) -> Reply | Sentinel | None:
+        """The RCPT verdict, now if it needs no user database lookup (a mailbox that exists, an
+        account looked up in the last minute); otherwise PENDING, and the lookup runs in a
+        thread: a cold NSS lookup (LDAP, sssd) must not stall every session of this worker."""
+        try:
+            resolved = self.resolve(address, cached_only=True)
+        except LookupNeeded:
+            future = self.worker.loop.run_in_executor(self.worker.lookups, self.resolve, address)
+            future.add_done_callback(lambda f: self.recipient_checked(address, f))
+            return PENDING
+        return self.accept(address, resolved)
+
+    def recipient_checked(
+        self, address: Address, future: asyncio.Future[recipients.Resolved]
+    ) -> None:
+        if self.closing or self.session is None:
+            return
+        try:
+            reply = self.accept(address, future.result())
+        except Exception:
+            log.exception("checking <%s> failed", address)
+            reply = recipients.CHECK_FAILED
+        self.session.recipient_checked(reply)
+        if not self.write_paused and not self.committing:
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        self.last_activity = self.worker.loop.time()
+        self.pump()
+
+    def accept(self, address: Address, resolved: recipients.Resolved) -> Reply | None:
         if resolved.refusal is not None:
             return resolved.refusal
         if len(self.routes) >= MAX_ROUTES:  # transactions reset without a message

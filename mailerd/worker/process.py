@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setproctitle import setproctitle
@@ -69,6 +70,9 @@ class Worker:
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
         self.writer = WriterLink(self.delivery)
         self.connections: set[Connection] = set()
+        # User database lookups for RCPT checks (see Connection.check_recipient): a couple of
+        # threads, so a slow NSS server holds those sessions only.
+        self.lookups = ThreadPoolExecutor(2, thread_name_prefix="nss")
         self.sessions = counter(sessions, session_row)  # shared with the other workers
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -206,6 +210,7 @@ class Worker:
             await asyncio.sleep(0.05)
         self.writer.close()
         self.delivery.close()
+        self.lookups.shutdown(wait=False, cancel_futures=True)
 
 
 def run(

@@ -13,6 +13,7 @@ from datacases import SMUGGLING_VECTORS
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
+    PENDING,
     Address,
     BodyData,
     CloseConnection,
@@ -1227,3 +1228,48 @@ def test_a_refused_message_that_ends_the_session_is_reported_as_the_421():
     replies = client.send(b"bare\nLF\r\n.\r\n")
     assert [r.code for r in replies] == [421] and client.closed
     assert [(r.verb, r.reply.code) for r in client.rejected] == [("DATA", 421)]
+
+
+# --- a recipient verdict that comes later (PENDING) -----------------------------------------
+
+
+def test_a_pending_recipient_pauses_the_session_until_its_verdict():
+    """The check answers PENDING (the worker looks the account up in a thread): nothing more is
+    parsed, pipelined commands included, until recipient_checked() gives the verdict."""
+    pending = {"slow@example.org"}
+    client = Client(lambda a: PENDING if f"{a.local}@{a.domain}" in pending else None)
+    client.ready()
+    client.cmd("MAIL FROM:<a@example.org>")
+    replies = client.send(b"RCPT TO:<slow@example.org>\r\nRCPT TO:<fast@example.org>\r\nDATA\r\n")
+    assert replies == [] and client.paused
+    assert client.session.next_event() is PAUSED
+    client.session.recipient_checked(None)
+    assert [r.code for r in client.drain()] == [250, 250, 354]
+    assert client.send(b"x\r\n.\r\n") == [QUEUED]
+    envelope, _ = client.messages[0]
+    assert [str(r) for r in envelope.recipients] == ["slow@example.org", "fast@example.org"]
+
+
+def test_a_pending_recipient_can_be_refused_and_is_reported():
+    refusal = Reply(550, "5.1.1", "No such user here")
+    client = Client(lambda a: PENDING)
+    client.ready()
+    client.cmd("MAIL FROM:<a@example.org>")
+    assert client.send(b"RCPT TO:<x@example.org>\r\nNOOP\r\n") == []
+    client.session.recipient_checked(refusal)
+    assert client.drain() == [refusal, Reply(250, "2.0.0", "OK")]
+    assert [(r.verb, r.reply.code, r.path) for r in client.rejected] == [
+        ("RCPT", 550, "x@example.org")
+    ]
+
+
+def test_a_verdict_nobody_asked_for_is_a_bug_and_a_late_one_after_a_timeout_is_dropped():
+    client = Client(lambda a: PENDING)
+    client.ready()
+    with pytest.raises(RuntimeError):
+        client.session.recipient_checked(None)
+    client.cmd("MAIL FROM:<a@example.org>")
+    client.send(b"RCPT TO:<x@example.org>\r\n")
+    assert client.session.timeout().code == 421
+    client.session.recipient_checked(None)  # the lookup finished after the session ended
+    assert client.drain() == []

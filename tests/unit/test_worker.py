@@ -1,0 +1,82 @@
+"""worker: a session whose RCPT needs a slow user database lookup holds only itself.
+
+A real Worker accepts on a real socket in this test's event loop; the user database is made
+slow (pwd.getpwnam takes 0.5 s) and a recipient that is an account without a mailbox yet needs
+it. Another session on the same worker must be answered meanwhile: the lookup runs in a thread
+(Connection.check_recipient answers PENDING), not in the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pwd
+import socket
+import time
+from pathlib import Path
+
+from mailerd import config, spool
+from mailerd.config import ListenAddress
+from mailerd.worker.process import Worker
+
+SLOW = 0.5
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    """One whole SMTP reply (its last line has a space after the code)."""
+    lines = b""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 5)
+        lines += line
+        if len(line) < 4 or line[3:4] == b" ":
+            return lines
+
+
+def test_a_slow_account_lookup_holds_only_its_own_session(tmp_path: Path, monkeypatch):
+    real = pwd.getpwnam
+
+    def slow(name: str):
+        time.sleep(SLOW)
+        return real(name)
+
+    monkeypatch.setattr(spool.pwd, "getpwnam", slow)
+    spool._accounts.clear()
+    (tmp_path / "spool").mkdir()
+    for sub in ("tmp", "private"):
+        (tmp_path / "queue" / sub).mkdir(parents=True)
+    cfg = config.load(
+        ["-s", str(tmp_path / "spool"), "-q", str(tmp_path / "queue"), "-d", "example.org",
+         "-H", "mx.example.org", "-l", "none", "-n", "none", "--dns-server", "127.0.0.1:9"]
+    )  # fmt: skip
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    worker = Worker(cfg, [(sock, ListenAddress("127.0.0.1", port, True))], 1)
+
+    async def main() -> tuple[float, float, bytes]:
+        serving = asyncio.create_task(worker.main())
+        await asyncio.sleep(0.05)
+        (ra, wa), (rb, wb) = [await asyncio.open_connection("127.0.0.1", port) for _ in "ab"]
+        for reader, writer in ((ra, wa), (rb, wb)):
+            await _reply(reader)
+            writer.write(b"EHLO client.example\r\n")
+            await _reply(reader)
+        wa.write(b"MAIL FROM:<a@example.org>\r\n")
+        await _reply(ra)
+        start = time.monotonic()
+        wa.write(b"RCPT TO:<root@example.org>\r\n")  # an account, no mailbox: a lookup
+        await asyncio.sleep(0.05)
+        wb.write(b"NOOP\r\n")
+        await _reply(rb)
+        other = time.monotonic() - start
+        verdict = await _reply(ra)
+        slow_one = time.monotonic() - start
+        for writer in (wa, wb):
+            writer.close()
+        worker.stopping = True
+        serving.cancel()
+        return other, slow_one, verdict
+
+    other, slow_one, verdict = asyncio.run(main())
+    sock.close()
+    assert verdict.startswith(b"250 "), verdict
+    assert slow_one >= SLOW
+    assert other < SLOW / 2, f"the other session waited {other:.2f} s for the lookup"
