@@ -1,12 +1,12 @@
 """fsync many files at once through Linux AIO (IOCB_CMD_FSYNC, Linux 4.18 and later).
 
 A batch of new mailbox files must all be fsync'd before they are renamed into place. Doing that
-from a pool of Python threads costs about 30 futex calls and a dozen context switches per
-message (each thread wakes, takes the GIL, sets a future), which was a third of the mailbox
-writer's CPU. One io_submit() hands the whole batch to the kernel, which runs the fsyncs
-concurrently in its own workers (so they still share device cache flushes), and one
-io_getevents() waits for all of them: measured, 0.13 instead of 0.30 ms of CPU per message
-for batches of 5, with the same or lower latency.
+from a pool of Python threads costs dozens of futex calls and context switches per message
+(each thread wakes, takes the GIL, sets a future), a large part of the mailbox writer's CPU.
+One io_submit() hands the whole batch to the kernel, which runs the fsyncs concurrently in its
+own workers (so they still share device cache flushes), and one io_getevents() waits for all
+of them: less than half the CPU per message, with the same or lower latency (the README's
+benchmark section has the figures).
 
 The standard library has no binding for these system calls, so they are made with ctypes
 (x86_64 and aarch64 numbers). `Unavailable` says they do not work here; the caller keeps a

@@ -1,6 +1,6 @@
 """The asyncio event loop every mailerd process runs: uvloop when it is installed.
 
-uvloop (libuv, MagicStack) runs the same asyncio code with roughly half the per-event overhead;
+uvloop (libuv, MagicStack) runs the same asyncio code with less overhead per event;
 mailerd's hot paths are many small socket events, so it pays. Without it, asyncio's own loop
 works the same, only slower.
 """

@@ -55,7 +55,7 @@ class LineFormatter(logging.Formatter):
     """FOREGROUND_FORMAT (`stamped`) or SYSLOG_FORMAT, built without the general machinery.
 
     Mail is logged a few lines per message, and logging.Formatter's strftime and %-formatting
-    of the record's dictionary, and LogRecord's getpid(), were a third of the cost of a line:
+    of the record's dictionary, and LogRecord's getpid(), were much of the cost of a line:
     here the date and time are formatted once per second and the process id is kept from the
     last fork. A record with a traceback or stack takes the general path.
     """
@@ -97,13 +97,14 @@ class LineFormatter(logging.Formatter):
 class MailLogger(logging.Logger):
     """A Logger whose plain lines skip the LogRecord when they can.
 
-    A line costs about 8 µs through LogRecord, Logger.handle, Handler.handle and
-    Formatter.format, and a message is logged in four; most of that builds and routes a record
-    that ends up as one formatted line. So when the line would go nowhere but to the one
-    handler `setup()` installed (this logger has no handlers or filters of its own, it hangs
-    directly below the root, and nobody has added a handler or filter since), the text goes
-    straight to that handler's `emit_line()`. Anything else (a traceback, `extra`, a test's
-    capturing handler, a formatting error) takes the standard path, unchanged.
+    A message is logged in four lines, and most of a line's cost through LogRecord,
+    Logger.handle, Handler.handle and Formatter.format goes into building and routing a record
+    that ends up as one formatted line (the README's benchmark section has the figures). So
+    when the line would go nowhere but to the one handler `setup()` installed (this logger has
+    no handlers or filters of its own, it hangs directly below the root, and nobody has added a
+    handler or filter since), the text goes straight to that handler's `emit_line()`. Anything
+    else (a traceback, `extra`, a test's capturing handler, a formatting error) takes the
+    standard path, unchanged.
     """
 
     def _log(  # type: ignore[override]

@@ -65,7 +65,7 @@ class Spool:
     def _lookup_dir(self) -> int | None:
         """An O_PATH descriptor of the root for state()'s lookups, opened once per process:
         the root is often /proc/self/fd/N (privileges.keep_dir), which costs a walk through
-        /proc on every lookup (2.5 µs more per recipient); None (use the path) if it cannot be
+        /proc on every lookup, once per recipient; None (use the path) if it cannot be
         opened. A forked child inherits it with the Spool, and it names the same directory."""
         if self._root_path_fd is None:
             try:

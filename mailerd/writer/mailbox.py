@@ -240,7 +240,7 @@ def next_number(directory: int) -> int:
 def _store_counter(directory: int, number: int, owner: Owner) -> None:
     """Record the last N in `.counter` (a hint: not fsync'd, see next_number).
 
-    Normally overwritten in place: replacing it by a rename costs about 150 µs per batch,
+    Normally overwritten in place: replacing it by a rename costs a data write-out per batch,
     because ext4 writes out a file's data before it is renamed over another (auto_da_alloc).
     Anything but a plain file of the mailbox's owner with one link, or a longer old text, is
     replaced by a rename instead, so a planted file is never written through.

@@ -69,8 +69,8 @@ class MailboxQueue:
     A batch is written, all its files fsync'd at once (one AIO submission, `aiofsync`; the
     concurrent fsyncs share the device's cache flushes), then
     numbered and renamed under the lock with one directory fsync. (Staging each message as it
-    arrives, overlapping the previous batch's commit, was measured slower: 1,015 against 1,772
-    messages/s for 10 concurrent senders, because the fsyncs no longer share commits.)
+    arrives, overlapping the previous batch's commit, was measured much slower, because the
+    fsyncs no longer share commits: the README's benchmark section has the figures.)
     """
 
     def __init__(
@@ -273,7 +273,7 @@ class WriterService:
 
         Right here, not in the futures' callbacks: those run in the next loop iteration, and
         a batch of the next requests may be written first, so that the answers wait for its
-        fsyncs (about 1.5 ms). Sending each answer at once (an eager channel) avoided that
+        fsyncs. Sending each answer at once (an eager channel) avoided that
         wait but cost a sendmsg(), and a wake-up of its worker, per message."""
         channels = set()
         for future in futures:
