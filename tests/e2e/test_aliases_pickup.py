@@ -253,7 +253,7 @@ def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_
     assert (
         "3 aliases, 1 problem(s)" in run.stderr and "bad: target |/bin/true refused" in run.stderr
     )
-    assert f"mailerd (pid {m.pid}) reloads it now" in run.stderr
+    assert f"mailerd (pid {m.pid}) reloads the aliases file now" in run.stderr
     assert wait_until(lambda: "configuration reloaded" in m.stderr_text(), 15)
     with m.smtp() as s:
         assert s.sendmail("a@client.test", ["new@example.org"], b"Subject: n\r\n\r\nn\r\n") == {}
