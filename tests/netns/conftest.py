@@ -839,18 +839,24 @@ def finish(m: Mailerd) -> list[str]:
     return problems
 
 
-def check_outbound_ready(m: Mailerd) -> None:
-    """Skip (not fail) while the server has no outbound side at all: no --relayhost option."""
-    proc = m.ns.run([PYTHON, "-m", "mailerd", "--help"])
-    if "--relayhost" not in proc.stdout:
-        pytest.skip("this mailerd has no outbound delivery yet (--relayhost not in --help)")
+def check_mailerd_runs(m: Mailerd) -> None:
+    """Fail, never skip, when `python -m mailerd --help` does not work in the namespace (the
+    package does not import, say), with what it printed: the module's tests cannot run."""
+    proc = m.ns.run([m.python, "-m", "mailerd", "--help"], cwd=m.cwd)
+    if proc.returncode != 0 or "--relayhost" not in proc.stdout:
+        pytest.fail(
+            f"`{m.python} -m mailerd --help` in {m.cwd} failed (exit status {proc.returncode}, "
+            f"or no --relayhost option):\n--- stdout ---\n{proc.stdout}\n"
+            f"--- stderr ---\n{proc.stderr}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="module")
 def mta(internet: Internet, tmp_path_factory) -> Iterator[Mailerd]:
     base = tmp_path_factory.mktemp("mta")
     m = Mailerd(internet.netns, base, name="mta")
-    check_outbound_ready(m)
+    check_mailerd_runs(m)
     m.start()
     yield m
     problems = finish(m)
