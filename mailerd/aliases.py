@@ -137,7 +137,9 @@ def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
 
 def _split_targets(text: str) -> list[str]:
     """Comma-separated targets; commas inside double quotes do not split."""
-    targets, current, quoted = [], [], False
+    targets: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in text:
         if char == '"':
             quoted = not quoted
@@ -178,7 +180,9 @@ def build(
     found = list(problems)
     table: dict[str, Expansion] = {}
 
-    def expand(name: str, path_: tuple[str, ...]) -> tuple[list[str], list[str], list, bool]:
+    def expand(
+        name: str, path_: tuple[str, ...]
+    ) -> tuple[list[str], list[str], list[tuple[str, str]], bool]:
         mailboxes: list[str] = []
         forwards: list[str] = []
         refused: list[tuple[str, str]] = []

@@ -15,8 +15,10 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NoReturn
 
 from mailerd import __version__, host
 from mailerd.aliases import AliasError, Aliases
@@ -157,7 +159,7 @@ METAVARS = {
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error and exit status 2, as the contract says."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
 
 
@@ -269,7 +271,9 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         verbose=bool(raw.get("verbose", False)),
         relayhost=_parse_relayhost(str(raw["relayhost"])) if raw.get("relayhost") else None,
         relay_auth=Path(str(raw["relay_auth"])) if raw.get("relay_auth") else None,
-        relay_credentials=read_credentials(raw.get("relay_auth")),
+        relay_credentials=read_credentials(
+            str(raw["relay_auth"]) if raw.get("relay_auth") else None
+        ),
         outbound_tls=_parse_choice("outbound-tls", raw.get("outbound_tls", "may"), TLS_CHOICES),
         outbound_ip=_parse_choice("outbound-ip", raw.get("outbound_ip", "both"), IP_CHOICES),
         retry_after=parse_duration("retry-after", raw.get("retry_after", 300.0)),
@@ -313,7 +317,7 @@ def load_aliases(cfg: Config) -> Config:
 TLS_CHOICES = ("may", "encrypt", "verify", "none")
 
 
-def read_credentials(path: object) -> tuple[str, str] | None:
+def read_credentials(path: str | None) -> tuple[str, str] | None:
     """`username:password` on the first line of the --relay-auth file (None: no file)."""
     if not path:
         return None
@@ -416,10 +420,18 @@ def parse_address(name: str, text: str, default_port: int) -> tuple[str, int]:
 def _listen_list(name: str, values: object, port: int, trusted: bool) -> list[ListenAddress] | None:
     if values is None:
         return None
-    items = [str(v) for v in values]  # type: ignore[attr-defined]
+    items = _strings(values)
     if [v.lower() for v in items] == ["none"]:
         return []
     return [ListenAddress(*parse_address(name, item, port), trusted) for item in items]
+
+
+def _strings(values: object) -> list[str]:
+    """A repeatable option's raw values as strings (they come as a list: the command line's,
+    or the INI file's value split)."""
+    if not isinstance(values, Iterable):
+        raise TypeError(f"not a list of values: {values!r}")
+    return [str(v) for v in values]
 
 
 def _parse_dns(value: object) -> tuple[str, int]:
@@ -431,8 +443,8 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 def parse_domains(values: object) -> list[str]:
     domains = []
-    for value in values:  # type: ignore[attr-defined]
-        domain = str(value).strip().lower().rstrip(".")
+    for value in _strings(values):
+        domain = value.strip().lower().rstrip(".")
         if not domain or not all(_LABEL.match(label) for label in domain.split(".")):
             raise ConfigError(f"--domain: not a domain name: '{value}'")
         domains.append(domain)

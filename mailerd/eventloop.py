@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# uvloop's loop factory, or None for asyncio's own loop.
+_uvloop_factory: Callable[[], asyncio.AbstractEventLoop] | None
 try:
     import uvloop
 except ImportError:  # optional: behaviour is the same without it
-    uvloop = None
+    _uvloop_factory = None
+else:
+    _uvloop_factory = uvloop.new_event_loop
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -26,6 +30,5 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     # of the collector's full passes, which would otherwise walk all of it again each time.
     gc.freeze()
     # Runner(loop_factory=...) rather than uvloop.run(), which Debian 12's uvloop 0.17 lacks.
-    factory = uvloop.new_event_loop if uvloop is not None else None
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=_uvloop_factory) as runner:
         return runner.run(main)

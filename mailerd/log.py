@@ -23,9 +23,10 @@ import logging.handlers
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from socket import socket as Socket
+from typing import Any, Protocol, TextIO
 
 SYSLOG_SOCKET = "/dev/log"
 FOREGROUND_FORMAT = "%(asctime)s mailerd[%(process)d]: %(message)s"
@@ -107,7 +108,7 @@ class MailLogger(logging.Logger):
     standard path, unchanged.
     """
 
-    def _log(  # type: ignore[override]
+    def _log(
         self,
         level: int,
         msg: object,
@@ -136,7 +137,7 @@ class MailLogger(logging.Logger):
             and _line_args(args)
         ):
             try:
-                text = msg % args if args else str(msg)  # type: ignore[operator]
+                text = msg % args if args else str(msg)
             except Exception:  # the standard path reports it (Handler.handleError)
                 pass
             else:
@@ -154,39 +155,64 @@ def _line_args(args: object) -> bool:
     return not (isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], Mapping))
 
 
+class _StreamHandler(Protocol):
+    """What _LineStream uses of the logging.StreamHandler it is mixed into."""
+
+    @property
+    def formatter(self) -> logging.Formatter | None: ...
+    @property
+    def stream(self) -> TextIO | None: ...  # (a FileHandler's is None until opened)
+    def acquire(self) -> None: ...
+    def release(self) -> None: ...
+
+
 class _LineStream:
     """emit_line() for the stream handlers (stderr and the log file)."""
 
-    def emit_line(self, level: int, created: float, text: str) -> bool:
+    def emit_line(self: _StreamHandler, level: int, created: float, text: str) -> bool:
         """Write one line as emit() would; False (nothing written) on any error, for the
         caller to take the standard path, which reports it."""
-        try:
-            line = self.formatter.line(created, text) + "\n"  # type: ignore[attr-defined]
-        except Exception:  # not a LineFormatter (someone set another): the standard path
+        formatter = self.formatter
+        if not isinstance(formatter, LineFormatter):  # someone set another: the standard path
             return False
-        self.acquire()  # type: ignore[attr-defined]
         try:
-            self.stream.write(line)  # type: ignore[attr-defined]
-            self.stream.flush()  # type: ignore[attr-defined]
+            line = formatter.line(created, text) + "\n"
+        except Exception:
+            return False
+        self.acquire()
+        try:
+            stream = self.stream
+            if stream is None:
+                return False
+            stream.write(line)
+            stream.flush()
             return True
         except Exception:
             return False
         finally:
-            self.release()  # type: ignore[attr-defined]
+            self.release()
 
 
-class LineStreamHandler(_LineStream, logging.StreamHandler):  # type: ignore[type-arg]
+class LineStreamHandler(_LineStream, logging.StreamHandler[TextIO]):
     """StreamHandler with the lean path (MailLogger)."""
 
 
 class LineSysLogHandler(logging.handlers.SysLogHandler):
     """SysLogHandler with the lean path (MailLogger): the datagram emit() would send."""
 
+    # SysLogHandler's own, undocumented and so left out of the stubs: its socket (None until
+    # createSocket()) and the method that (re)connects it to a Unix socket.
+    socket: Socket | None
+    _connect_unixsocket: Callable[[str | tuple[str, int]], None]
+
     def emit_line(self, level: int, created: float, text: str) -> bool:
         try:
             name = self.mapPriority(logging.getLevelName(level))
             prio = f"<{self.encodePriority(self.facility, name)}>"
-            msg = self.ident + self.formatter.line(created, text)  # type: ignore[union-attr]
+            formatter = self.formatter
+            if not isinstance(formatter, LineFormatter):  # someone set another
+                return False
+            msg = self.ident + formatter.line(created, text)
             if self.append_nul:
                 msg += "\000"
             data = prio.encode("utf-8") + msg.encode("utf-8")
@@ -196,11 +222,15 @@ class LineSysLogHandler(logging.handlers.SysLogHandler):
                     return False
                 if not self.socket:
                     self.createSocket()
+                sock = self.socket
+                if sock is None:  # (createSocket() failed)
+                    return False
                 try:
-                    self.socket.send(data)
+                    sock.send(data)
                 except OSError:
-                    self.socket.close()
+                    sock.close()
                     self._connect_unixsocket(self.address)
+                    assert self.socket is not None  # (or it raised)
                     self.socket.send(data)
             finally:
                 self.release()
@@ -265,7 +295,7 @@ def setup(verbose: bool, *, log_file: Path | None = None, syslog: bool = False) 
         handler.setFormatter(LineFormatter(stamped=True))
     # The logging HOWTO's "Optimization" settings: the formats use no caller, thread or
     # multiprocessing fields, and every message costs a few log lines.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging.logProcesses = False  # LineFormatter has the process id

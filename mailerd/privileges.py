@@ -190,8 +190,8 @@ def unreadable(user: str | None, paths: list[Path]) -> list[tuple[Path, str]]:
         return [(path, "cannot check (the probe process failed)") for path in paths]
     found = []
     for line in data.decode("utf-8", "surrogateescape").splitlines():
-        path, _, reason = line.partition("\0")
-        found.append((Path(path), reason))
+        name, _, reason = line.partition("\0")
+        found.append((Path(name), reason))
     return found
 
 

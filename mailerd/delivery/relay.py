@@ -123,15 +123,24 @@ def _transaction(hop: Hop, message: Message, settings: Settings) -> dict[str, Re
         client.close()
 
 
+class _Client(smtplib.SMTP):
+    """smtplib's client, declaring the undocumented attribute that `_connect` sets."""
+
+    # smtplib's own: connect() sets it and starttls() gives it as the TLS server name. The
+    # stubs leave it out, being undocumented.
+    _host: str
+
+
 def _connect(hop: Hop, settings: Settings) -> smtplib.SMTP:
-    client = smtplib.SMTP(timeout=settings.connect_timeout, local_hostname=settings.helo)
+    client = _Client(timeout=settings.connect_timeout, local_hostname=settings.helo)
     try:
         code, text = client.connect(hop.address, hop.port)
     except (OSError, smtplib.SMTPException) as exc:
         client.close()
         raise _HopFailed(_transient(hop, f"connect to {hop.address}:{hop.port}: {exc}")) from exc
     client._host = hop.host  # smtplib uses it as the TLS server name; we connected by address
-    client.sock.settimeout(settings.timeout)  # type: ignore[union-attr]
+    assert client.sock is not None  # (connect() succeeded)
+    client.sock.settimeout(settings.timeout)
     if code != 220:
         client.close()
         raise _HopFailed(_reply(hop, code, text, "4.4.2"))
@@ -212,9 +221,11 @@ def needs_smtputf8(message: Message) -> bool:
     return not head.isascii()
 
 
-def _rcpt_to(client: smtplib.SMTP, hop: Hop, message: Message) -> tuple[dict[str, Result], list]:
+def _rcpt_to(
+    client: smtplib.SMTP, hop: Hop, message: Message
+) -> tuple[dict[str, Result], list[str]]:
     results: dict[str, Result] = {}
-    accepted = []
+    accepted: list[str] = []
     for recipient in message.recipients:
         code, text = client.rcpt(recipient)
         if code in (250, 251):

@@ -257,7 +257,11 @@ class Scheduler:
         kind, _, name = key.partition(":")
         if kind == "local":
             return await self._retry_local(item, name, members)
-        domain = self.cfg.relayhost[0] if kind == "relayhost" else name  # type: ignore[index]
+        if kind == "relayhost":
+            assert self.cfg.relayhost is not None  # (_group_of() makes this group only then)
+            domain = self.cfg.relayhost[0]
+        else:
+            domain = name
         # The domain's own slot first: a backlog for one slow domain must wait on its own
         # limit without holding global slots that other domains need.
         async with self.per_domain[domain], self.total:
@@ -355,7 +359,8 @@ class Scheduler:
             log.info("%s: removed", item.id)
 
     def backoff(self, attempts: int) -> float:
-        base = min(self.cfg.retry_after * 2 ** max(attempts - 1, 0), self.cfg.max_retry)
+        # (float: int ** int is typed Any, as a negative exponent would give a float)
+        base: float = min(self.cfg.retry_after * 2 ** max(attempts - 1, 0), self.cfg.max_retry)
         base = max(base, min(self.cfg.retry_after, self.cfg.max_retry))
         return base * random.uniform(0.9, 1.1)
 

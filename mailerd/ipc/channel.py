@@ -154,7 +154,7 @@ class Channel:
         data, fds = self._out[0]
         if fds:
             return [data], fds
-        buffers = []
+        buffers: list[bytes] = []
         size = 0
         for data, fds in self._out:
             if fds or len(buffers) == _MAX_GATHER or (buffers and size + len(data) > _READ_SIZE):

@@ -19,7 +19,7 @@ process and the mailbox writer read these from other processes, and the writer r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
 M = TypeVar("M", bound="Message")
@@ -69,9 +69,11 @@ class Message:
 
     __slots__ = ()
     op: ClassVar[str] = ""
+    # Every message is a dataclass: declared here, for fields() below.
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
 
     def encode(self) -> dict[str, Any]:
-        header = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        header = {f.name: getattr(self, f.name) for f in fields(self)}
         return {"op": self.op, **header} if self.op else header
 
     @classmethod
@@ -81,7 +83,7 @@ class Message:
     @classmethod
     def wire_fields(cls) -> list[str]:
         """The header's keys (besides `op` and the channel's `id` and `fd`)."""
-        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        return [f.name for f in fields(cls)]
 
 
 # -- parts ----------------------------------------------------------------------------------
@@ -446,7 +448,8 @@ ROUTES: tuple[tuple[type[Message], str, str, tuple[type[Message], ...]], ...] = 
 
 def decode_request(header: dict[str, Any], allowed: tuple[type[Message], ...]) -> Message:
     """The request a frame's header holds, if it is one of `allowed` (BadMessage if not)."""
-    kind = REQUESTS.get(header.get("op"))  # type: ignore[arg-type]
+    op = header.get("op")
+    kind = REQUESTS.get(op) if isinstance(op, str) else None
     if kind is None or kind not in allowed:
         raise BadMessage(f"not a request here: {header.get('op')!r}")
     return kind.decode(header)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .events import PENDING, Address, Reply, Sentinel
+from .events import PENDING, Address, RecipientVerdict, Reply
 from .grammar import (
     GrammarError,
     Param,
@@ -76,7 +76,7 @@ class Commands:
     """The command handlers of `session.Session` (a mixin: the state lives there)."""
 
     _config: SessionConfig
-    _check_recipient: Callable[[Address], Reply | Sentinel | None]
+    _check_recipient: Callable[[Address], RecipientVerdict]
     _on_command: Callable[[bytes], None] | None
     _helo: str | None
     _esmtp: bool

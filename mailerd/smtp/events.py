@@ -7,9 +7,10 @@ body chunk, commit a message, close the socket).
 
 from __future__ import annotations
 
+import enum
 import re
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Final, Literal
 
 __all__ = [
     "NEED_DATA",
@@ -22,42 +23,40 @@ __all__ = [
     "Event",
     "MessageAborted",
     "MessageComplete",
+    "RecipientVerdict",
     "Rejected",
     "Reply",
     "Sentinel",
 ]
 
 
-class Sentinel:
-    """A unique marker object whose repr is its name (NEED_DATA, PAUSED)."""
+class Sentinel(enum.Enum):
+    """The session's markers, compared by identity; each repr is its name (NEED_DATA, PAUSED).
 
-    __slots__ = ("_name",)
+    An enum (one member per marker, not instances of a plain class) so that the type checker
+    knows them apart: `event is NEED_DATA` narrows an event's type, and a recipient check's
+    answer can say it is PENDING and nothing else (RecipientVerdict). Copies and pickles of
+    a member are the member itself, as identity needs.
+    """
 
-    def __init__(self, name: str) -> None:
-        self._name = name
+    NEED_DATA = "NEED_DATA"
+    PAUSED = "PAUSED"
+    PENDING = "PENDING"
 
     def __repr__(self) -> str:
-        return self._name
+        return self.name
 
-    # Sentinels are compared by identity, so copies must be the same object.
-    def __copy__(self) -> Sentinel:
-        return self
-
-    def __deepcopy__(self, memo: object) -> Sentinel:
-        return self
-
-    def __reduce__(self) -> str:
-        return self._name
+    __str__ = __repr__
 
 
 #: The session has consumed all buffered input; call receive_data().
-NEED_DATA: Final = Sentinel("NEED_DATA")
+NEED_DATA: Final = Sentinel.NEED_DATA
 #: A message is being committed, or a recipient checked; call commit_done() or
 #: recipient_checked() before anything else happens.
-PAUSED: Final = Sentinel("PAUSED")
+PAUSED: Final = Sentinel.PAUSED
 #: What a recipient check may answer when its verdict needs I/O: the session pauses and the
 #: I/O layer gives the verdict later, through Session.recipient_checked().
-PENDING: Final = Sentinel("PENDING")
+PENDING: Final = Sentinel.PENDING
 
 # RFC 3463 status-code: class "." subject "." detail; class must match the reply.
 _STATUS_RE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
@@ -77,6 +76,8 @@ class Reply:
     status: str | None
     text: str
     close: bool = False
+    # The wire form, set once by __post_init__ (see there); no part of the reply's value.
+    _wire: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Validate eagerly: a malformed reply would desynchronise the client,
@@ -106,7 +107,12 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """The reply as sent on the wire, CRLF-terminated lines."""
-        return self._wire  # type: ignore[attr-defined, no-any-return]
+        return self._wire
+
+
+#: A recipient check's answer: None accepts the recipient, a Reply refuses it (or, below 400,
+#: accepts it with that reply), PENDING has the I/O layer give the verdict later.
+RecipientVerdict = Reply | Literal[Sentinel.PENDING] | None
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from .events import (
     Event,
     MessageAborted,
     MessageComplete,
+    RecipientVerdict,
     Rejected,
     Reply,
-    Sentinel,
 )
 from .replies import (
     BARE_CR_LF_MESSAGE,
@@ -69,7 +69,7 @@ class Session(Commands):
     def __init__(
         self,
         config: SessionConfig,
-        check_recipient: Callable[[Address], Reply | Sentinel | None],
+        check_recipient: Callable[[Address], RecipientVerdict],
         on_command: Callable[[bytes], None] | None = None,
     ) -> None:
         self._config = config

@@ -23,14 +23,9 @@ class BodyBuffer:
             return
         if self._fd is None:
             self._fd = os.open(self._spill_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-            self._write(bytes(self._memory))
+            _write_all(self._fd, bytes(self._memory))
             self._memory = bytearray()
-        self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]  # type: ignore[arg-type]
+        _write_all(self._fd, data)
 
     def take(self) -> tuple[bytes, int | None]:
         """Hand over the body (bytes, or a descriptor the caller now owns) and reset."""
@@ -42,3 +37,10 @@ class BodyBuffer:
         if self._fd is not None:
             os.close(self._fd)
         self._memory, self._fd = bytearray(), None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of `data` to `fd` (os.write() may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

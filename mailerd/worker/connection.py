@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mailerd import recipients
 from mailerd.config import ListenAddress
@@ -23,9 +23,9 @@ from mailerd.smtp import (
     Envelope,
     MessageAborted,
     MessageComplete,
+    RecipientVerdict,
     Rejected,
     Reply,
-    Sentinel,
     Session,
 )
 from mailerd.spool import LookupNeeded
@@ -65,15 +65,17 @@ class Connection(asyncio.Protocol):
     # -- asyncio callbacks ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream server's protocol is given a stream transport (uvloop's does not derive from
+        # asyncio.Transport, so this is a cast, not an isinstance check).
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else "?"
         self.client = f"[{peer[0]}]:{peer[1]}" if peer else "?"
         refusal = self.worker.admit(self)
         if refusal is not None:
             log.info("NOQUEUE: reject: CONNECT from unknown[%s]: %s", self.peer, _line(refusal))
-            transport.write(refusal.to_bytes())  # type: ignore[attr-defined]
-            transport.close()
+            self.transport.write(refusal.to_bytes())
+            self.transport.close()
             return
         log.info("connect from %s on %s", self.client, self.listen)
         on_command = self.log_command if self.worker.cfg.verbose else None
@@ -224,7 +226,8 @@ class Connection(asyncio.Protocol):
             return
         self.session.commit_done(reply)
         if not self.write_paused:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            assert self.transport is not None  # (set with the session, in connection_made)
+            self.transport.resume_reading()
         self.last_activity = self.worker.loop.time()
         self.pump()
 
@@ -261,7 +264,7 @@ class Connection(asyncio.Protocol):
             cached_only=cached_only,
         )
 
-    def check_recipient(self, address: Address) -> Reply | Sentinel | None:
+    def check_recipient(self, address: Address) -> RecipientVerdict:
         """The RCPT verdict, now if it needs no user database lookup (a mailbox that exists, an
         account looked up in the last minute); otherwise PENDING, and the lookup runs in a
         thread: a cold NSS lookup (LDAP, sssd) must not stall every session of this worker."""
@@ -285,7 +288,8 @@ class Connection(asyncio.Protocol):
             reply = recipients.CHECK_FAILED
         self.session.recipient_checked(reply)
         if not self.write_paused and not self.committing:
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            assert self.transport is not None  # (set with the session, in connection_made)
+            self.transport.resume_reading()
         self.last_activity = self.worker.loop.time()
         self.pump()
 

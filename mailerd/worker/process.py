@@ -21,8 +21,9 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from setproctitle import setproctitle
@@ -75,7 +76,7 @@ class Worker:
         self.lookups = ThreadPoolExecutor(2, thread_name_prefix="nss")
         self.sessions = counter(sessions, session_row)  # shared with the other workers
         self.stopping = False
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.loop: asyncio.AbstractEventLoop  # set by main(): a worker serves inside its loop
 
     async def commit(self, request: Commit, body: bytes, fd: int | None) -> Reply:
         """Make a finished message durable; the reply for its client.
@@ -156,7 +157,7 @@ class Worker:
             retire.set()
         servers = [
             await self.loop.create_server(
-                lambda listen=listen: Connection(self, listen), sock=sock, backlog=4096
+                partial(Connection, self, listen), sock=sock, backlog=4096
             )
             for sock, listen in self.listeners
         ]
@@ -170,7 +171,7 @@ class Worker:
         await self._shutdown(servers)
 
     async def _retire(
-        self, retire: asyncio.Event, stop: asyncio.Event, servers: list[asyncio.AbstractServer]
+        self, retire: asyncio.Event, stop: asyncio.Event, servers: Sequence[asyncio.AbstractServer]
     ) -> None:
         """After a reload: stop accepting now; exit when the last session has ended by itself,
         or take the shutdown path once the idle timeout has passed (a session kept busy
@@ -192,7 +193,7 @@ class Worker:
             await asyncio.sleep(1.0)
         stop.set()
 
-    async def _shutdown(self, servers: list[asyncio.AbstractServer]) -> None:
+    async def _shutdown(self, servers: Sequence[asyncio.AbstractServer]) -> None:
         """Stop accepting; idle sessions get 421 now, busy ones after their transaction."""
         self.stopping = True
         for server in servers:

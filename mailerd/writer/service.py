@@ -78,7 +78,7 @@ class MailboxQueue:
         name: str,
         spool: MailboxStore,
         executor: ThreadPoolExecutor,
-        done: Callable[[str], None],
+        done: Callable[[str], object],
         alone: Callable[[], bool] = lambda: True,
         warm: dict[str, float] | None = None,
         settled: Callable[[list[asyncio.Future[int]]], None] | None = None,
