@@ -419,7 +419,8 @@ def suite_dns() -> tuple[str, int]:
 class Mailerd:
     """One mailerd instance: ``-l`` (trusted) and ``-n`` (untrusted) on 127.0.0.1 and ::1.
 
-    Unless the test gives its own ``--dns-server``, it gets the suite's (`suite_dns`)."""
+    Unless the test gives its own ``--dns-server`` and ``--aliases``, it gets the suite's DNS
+    server (`suite_dns`) and no aliases (`isolation_args`)."""
 
     def __init__(
         self,
@@ -456,14 +457,24 @@ class Mailerd:
         args += ["-H", self.hostname, "-w", str(self.workers)]
         args += ["-l", f"127.0.0.1:{self.trusted_port}", "-l", f"[::1]:{self.trusted_port}"]
         args += ["-n", f"127.0.0.1:{self.untrusted_port}", "-n", f"[::1]:{self.untrusted_port}"]
-        return args + self.dns_args() + self.extra
+        return args + self.isolation_args() + self.extra
 
-    def dns_args(self) -> list[str]:
-        """--dns-server of the suite's DNS server, unless the test gives its own."""
-        if "--dns-server" in self.extra:
-            return []
-        host, port = suite_dns()
-        return ["--dns-server", f"{host}:{port}"]
+    def isolation_args(self) -> list[str]:
+        """What keeps this mailerd away from the machine's own setup, unless the test says
+        otherwise: the suite's DNS server (never the machine's resolver) and an empty aliases
+        file (never /etc/aliases, which an MTA package may have filled)."""
+        args = []
+        if "--dns-server" not in self.extra:
+            host, port = suite_dns()
+            args += ["--dns-server", f"{host}:{port}"]
+        if "--aliases" not in self.extra:
+            args += ["--aliases", str(self.no_aliases())]
+        return args
+
+    def no_aliases(self) -> Path:
+        path = self.base / "no-aliases"
+        path.touch()
+        return path
 
     def start(self, wait: bool = True) -> Mailerd:
         self.logdir.mkdir(parents=True, exist_ok=True)

@@ -149,7 +149,7 @@ class ConfigMailerd(Mailerd):
     def argv(self) -> list[str]:
         return [
             sys.executable, "-m", "mailerd", "-f", "-c", str(self.config),
-            *self.dns_args(), *self.extra,
+            *self.isolation_args(), *self.extra,
         ]  # fmt: skip
 
     def endpoints(self) -> list[tuple[str, int]]:
@@ -362,7 +362,7 @@ def test_default_port_option(mailerd_factory, tmp_path: Path):
                 sys.executable, "-m", "mailerd", "-f",
                 "-s", str(self.spool), "-q", str(self.queue), "-d", "example.org",
                 "-p", str(port), "-l", "127.0.0.1", "-l", "::1",
-                "-n", f"127.0.0.1:{self.untrusted_port}", *self.dns_args(),
+                "-n", f"127.0.0.1:{self.untrusted_port}", *self.isolation_args(),
             ]  # fmt: skip
 
         def endpoints(self):

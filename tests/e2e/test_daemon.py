@@ -127,6 +127,7 @@ class Daemon:
         self.master: int | None = None
         self.spool.mkdir(parents=True, exist_ok=True)
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        (base / "no-aliases").touch()
         self.write_config()
 
     def write_config(self, **changes: object) -> None:
@@ -141,6 +142,7 @@ class Daemon:
             "pidfile": self.pidfile,
             "log-file": self.log_file,
             "dns-server": "{}:{}".format(*suite_dns()),
+            "aliases": self.base / "no-aliases",  # never the machine's /etc/aliases
         }
         values.update({k.replace("_", "-"): v for k, v in changes.items()})
         text = "[mailerd]\n" + "".join(f"{k} = {v}\n" for k, v in values.items() if v is not None)

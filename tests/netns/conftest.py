@@ -652,8 +652,15 @@ class Mailerd:
             self.untrusted,
             "--retry-after",
             self.retry_after,
+            *([] if "--aliases" in self.extra else ["--aliases", str(self.no_aliases())]),
             *self.extra,
         ]
+
+    def no_aliases(self) -> Path:
+        """An empty aliases file: never the machine's /etc/aliases."""
+        path = self.base / "no-aliases"
+        path.touch()
+        return path
 
     def start(self) -> Mailerd:
         self.starts += 1
