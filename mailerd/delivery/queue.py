@@ -163,10 +163,14 @@ class Queue:
         """
         items = []
         env_dir = self.root / "env"
+        cutoff = time.time() - DEBRIS_AGE
         for name in sorted(os.listdir(env_dir)):
             if ".tmp" in name:
+                # Old enough that no writer can still be about to rename it into place.
                 if clean:
-                    (env_dir / name).unlink(missing_ok=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        if (env_dir / name).stat().st_mtime < cutoff:
+                            (env_dir / name).unlink()
                 continue
             try:
                 items.append(QueueItem.from_json((env_dir / name).read_bytes()))
@@ -174,7 +178,6 @@ class Queue:
                 continue  # unreadable or just removed: leave it for a human rather than lose it
         if clean:
             known = set(os.listdir(env_dir))
-            cutoff = time.time() - DEBRIS_AGE
             for name in os.listdir(self.root / "msg"):
                 path = self.root / "msg" / name
                 # Old enough that no put() can still be between its message and its envelope.

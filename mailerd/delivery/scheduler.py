@@ -359,8 +359,10 @@ class Scheduler:
             log.info("%s: removed", item.id)
 
     def backoff(self, attempts: int) -> float:
-        # (float: int ** int is typed Any, as a negative exponent would give a float)
-        base: float = min(self.cfg.retry_after * 2 ** max(attempts - 1, 0), self.cfg.max_retry)
+        # The exponent is capped before the power: past 2**64 the cap has long been reached, and
+        # retry_after * 2**1100 would overflow a float (a queue time of weeks gets there).
+        doublings = min(max(attempts - 1, 0), 64)
+        base: float = min(self.cfg.retry_after * float(2**doublings), self.cfg.max_retry)
         base = max(base, min(self.cfg.retry_after, self.cfg.max_retry))
         return base * random.uniform(0.9, 1.1)
 
@@ -434,12 +436,24 @@ class Scheduler:
         if targets is None:
             await self._queue_notice(to, message, smtputf8)
             return
-        for target in targets or (Target(to, "postmaster"),):
+        if not targets:  # a forged or vanished local sender: postmaster reads it, aliases included
+            targets = self._local_targets(self._postmaster(to)) or (Target(to, "postmaster"),)
+        for target in targets:
             if target.mailbox is None:  # an alias that forwards: the notice follows it
                 await self._queue_notice(target.address, message, smtputf8)
                 continue
-            await self.deliver_local(target.mailbox, trace.return_path(""), message)
+            try:
+                await self.deliver_local(target.mailbox, trace.return_path(""), message)
+            except Exception as exc:  # the writer is away: the queue keeps the notice and retries
+                await self._queue_notice(
+                    target.address, message, smtputf8, target.mailbox, f"451 4.2.0 {exc}"
+                )
+                continue
             log.info("bounce to <%s> delivered to mailbox %s", to, target.mailbox)
+
+    def _postmaster(self, to: str) -> str:
+        domain = to.rpartition("@")[2] or (self.cfg.domains[0] if self.cfg.domains else "")
+        return f"postmaster@{domain}" if domain else "postmaster"
 
     def _local_targets(self, to: str) -> tuple[Target, ...] | None:
         """Where a notice to a local address goes (empty: nowhere); None for a remote one."""
@@ -457,10 +471,16 @@ class Scheduler:
         )
         return resolved.targets
 
-    async def _queue_notice(self, to: str, message: bytes, smtputf8: bool) -> None:
-        item = QueueItem(
-            id=trace.new_id(), sender="", recipients=[Recipient(to)], smtputf8=smtputf8
-        )
+    async def _queue_notice(
+        self,
+        to: str,
+        message: bytes,
+        smtputf8: bool,
+        mailbox: str | None = None,
+        error: str = "",
+    ) -> None:
+        recipient = Recipient(to, mailbox=mailbox, last_error=error)
+        item = QueueItem(id=trace.new_id(), sender="", recipients=[recipient], smtputf8=smtputf8)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.queue.put, item, b"", message)
         self.add(item)

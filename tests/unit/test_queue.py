@@ -181,10 +181,14 @@ def test_load_cleans_crash_debris(q):
     fresh = q.root / "msg" / "1FRESH"  # maybe a put() between its two writes right now
     fresh.write_bytes(HEAD)
     age(fresh, DEBRIS_AGE - 60)
-    tmp = q.root / "env" / "1OK.tmp999"  # an update that never got renamed
+    tmp = q.root / "env" / "1OK.tmp999"  # an update that never got renamed, long ago
     tmp.write_bytes(b'{"id": "1OK"')
+    age(tmp, DEBRIS_AGE + 60)
     other_tmp = q.root / "env" / "1NEW.tmp1"
     other_tmp.write_bytes(b"")
+    age(other_tmp, DEBRIS_AGE + 60)
+    writing = q.root / "env" / "1NOW.tmp2"  # a worker's put() about to rename it: not debris
+    writing.write_bytes(b'{"id": "1NOW"')
 
     items = q.load(clean=True)
 
@@ -192,7 +196,8 @@ def test_load_cleans_crash_debris(q):
     assert not old.exists()
     assert fresh.read_bytes() == HEAD
     assert not tmp.exists() and not other_tmp.exists()
-    assert env_names(q) == {"1OK"}
+    assert writing.exists()
+    assert env_names(q) == {"1OK", "1NOW.tmp2"}
     assert set(os.listdir(q.root / "msg")) == {"1OK", "1FRESH"}
     assert q.message_path("1OK").read_bytes() == HEAD + BODY
 
