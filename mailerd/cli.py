@@ -1,6 +1,7 @@
 """Command-line entry point: `mailerd [options]` runs the server (see `config` for options);
 `mailerd queue …` inspects and manages the outbound queue (see `commands.queue`); `mailerd
-sendmail …` is the machine's mail command (see `commands.sendmail`).
+sendmail …` is the machine's mail command (see `commands.sendmail`); `mailerd passwd USER` sets
+a password for authenticated submission (see `commands.passwd`).
 
 Run under another name (a symlink to the `mailerd` script), it is that program: `sendmail`
 (what /usr/sbin/sendmail is), `mailq` (`sendmail -bp`, the queue listing) and `newaliases`.
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from mailerd.commands import queue
 
         return queue.main(argv[1:])
+    if argv[:1] == ["passwd"]:
+        from mailerd.commands import passwd
+
+        return passwd.main(argv[1:])
     try:
         cfg = config.load(argv)
     except config.ConfigError as exc:

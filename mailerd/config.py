@@ -15,13 +15,15 @@ import logging
 import os
 import re
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
-from mailerd import __version__, host
+from mailerd import __version__, host, tls
 from mailerd.aliases import AliasError, Aliases
+from mailerd.credentials import DEFAULT_PASSWD, Credentials, CredentialsError
 
 DEFAULT_CONFIG = "/etc/mailerd/mailerd.conf"
 DEFAULT_ALIASES = "/etc/aliases"
@@ -34,6 +36,15 @@ DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_MAX_SESSIONS_PER_IP = 50
 DEFAULT_USER = "mail"  # the children's user when started as root without -u
 DEFAULT_PIDFILE = "/run/mailerd.pid"  # when daemonizing as root without -P
+SUBMISSION_PORT = 587  # RFC 6409
+SUBMISSIONS_PORT = 465  # RFC 8314: submission over implicit TLS
+
+# The listeners' roles: what a client there may do, set by the option that names the address.
+LOCAL = "local"  # trusted: may send anywhere (the machine's own programs, on loopback)
+NETWORK = "network"  # the Internet's servers: mail for the local domains only
+SUBMISSION = "submission"  # mail programs: STARTTLS, then AUTH, then anywhere (port 587)
+SUBMISSIONS = "submissions"  # the same over TLS from the first byte (port 465)
+ROLES = (LOCAL, NETWORK, SUBMISSION, SUBMISSIONS)
 
 
 class ConfigError(Exception):
@@ -42,11 +53,22 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class ListenAddress:
-    """One listening endpoint and the trust its clients get (from the option, not the address)."""
+    """One listening endpoint and its role (from the option, not the address): what its
+    clients may do."""
 
     host: str
     port: int
-    trusted: bool
+    role: str  # one of ROLES
+
+    @property
+    def trusted(self) -> bool:
+        """Its clients may send anywhere without authenticating (the local listener)."""
+        return self.role == LOCAL
+
+    @property
+    def implicit_tls(self) -> bool:
+        """TLS from the first byte (the submissions listener)."""
+        return self.role == SUBMISSIONS
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -90,8 +112,16 @@ class Config:
     max_per_domain: int = 4
     log_file: Path | None = None
     aliases_file: Path = Path(DEFAULT_ALIASES)
-    # The expanded aliases file: read by the master (load_aliases) before it forks.
+    # The expanded aliases file: read by the master (load_files) before it forks.
     aliases: Aliases = field(default_factory=Aliases, compare=False, repr=False)
+    # Certificate chains and their keys, paired in order; the context the master builds from
+    # them (load_files) before it forks: keys stay root's.
+    tls_pairs: tuple[tls.Pair, ...] = ()
+    tls_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    tls_required: bool = False
+    passwd_file: Path = Path(DEFAULT_PASSWD)
+    # The passwd file as read by the master (load_files); the workers check passwords with it.
+    credentials: Credentials = field(default_factory=Credentials, compare=False, repr=False)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -104,6 +134,20 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("port", "p", True, False, "default port of every listener (default 25)"),
     ("listen-local", "l", True, True, "trusted listener ADDR[:PORT]; repeatable; 'none' for none"),
     ("listen-network", "n", True, True, "untrusted listener ADDR[:PORT]; repeatable; 'none'"),
+    (
+        "listen-submission",
+        None,
+        True,
+        True,
+        "submission listener ADDR[:PORT] (STARTTLS, then AUTH; port 587); repeatable",
+    ),
+    (
+        "listen-submissions",
+        None,
+        True,
+        True,
+        "submission listener with implicit TLS ADDR[:PORT] (port 465); repeatable",
+    ),
     ("interface", "i", True, False, "interface of the default untrusted listener"),
     ("hostname", "H", True, False, "name in the banner, EHLO reply and Received headers"),
     ("workers", "w", True, False, "worker processes (default: CPU count)"),
@@ -140,6 +184,10 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("max-per-domain", None, True, False, "concurrent outbound deliveries per domain (default 4)"),
     ("log-file", None, True, False, "log to FILE instead of syslog/stderr (reopened on SIGUSR1)"),
     ("aliases", None, True, False, "aliases file (default /etc/aliases)"),
+    ("tls-cert", None, True, True, "certificate chain (PEM) for TLS; repeatable, with --tls-key"),
+    ("tls-key", None, True, True, "private key (PEM) of the --tls-cert given in the same place"),
+    ("tls-required", None, False, False, "refuse MAIL before STARTTLS on the network listeners"),
+    ("passwd", None, True, False, f"passwords for AUTH (default {DEFAULT_PASSWD})"),
 )
 
 
@@ -152,7 +200,8 @@ METAVARS = {
     "relayhost": "HOST[:PORT]", "relay-auth": "FILE", "outbound-tls": "POLICY",
     "outbound-ip": "FAMILY", "retry-after": "DURATION", "max-queue-time": "DURATION",
     "delay-warning": "DURATION", "max-outbound": "N", "max-per-domain": "N", "log-file": "FILE",
-    "aliases": "FILE",
+    "aliases": "FILE", "listen-submission": "ADDR[:PORT]", "listen-submissions": "ADDR[:PORT]",
+    "tls-cert": "FILE", "tls-key": "FILE", "passwd": "FILE",
 }  # fmt: skip
 
 
@@ -170,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Subcommands: mailerd queue [-c FILE] [-q DIR] [list | flush | delete ID...] "
         "shows and manages the outbound queue; mailerd sendmail [options] [recipient...] is "
         "the machine's mail command (also run as sendmail, mailq = sendmail -bp, and "
-        "newaliases). Signals: HUP reloads, TERM stops, USR1 reopens logs.",
+        "newaliases); mailerd passwd [--delete] USER sets the password USER authenticates with. "
+        "Signals: HUP reloads, TERM stops, USR1 reopens logs.",
         argument_default=argparse.SUPPRESS,
     )
     for name, short, takes_value, repeatable, text in OPTIONS:
@@ -228,16 +278,27 @@ def read_ini(path: str) -> dict[str, object]:
 def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     """Validate merged raw values (strings, lists, bools) into a Config."""
     port = _parse_int("port", raw.get("port", "25"), 1, 65535)
-    local = _listen_list("listen-local", raw.get("listen_local"), port, True)
-    network = _listen_list("listen-network", raw.get("listen_network"), port, False)
+    local = _listen_list("listen-local", raw.get("listen_local"), port, LOCAL)
+    network = _listen_list("listen-network", raw.get("listen_network"), port, NETWORK)
     if local is None:
-        local = [ListenAddress(h, port, True) for h in host.loopback_addresses()]
+        local = [ListenAddress(h, port, LOCAL) for h in host.loopback_addresses()]
     if network is None:
         iface = str(raw.get("interface") or host.default_interface() or "")
-        network = [ListenAddress(h, port, False) for h in host.interface_addresses(iface)]
-    listeners = tuple(local + network)
+        network = [ListenAddress(h, port, NETWORK) for h in host.interface_addresses(iface)]
+    submission = _listen_list(
+        "listen-submission", raw.get("listen_submission"), SUBMISSION_PORT, SUBMISSION
+    )
+    submissions = _listen_list(
+        "listen-submissions", raw.get("listen_submissions"), SUBMISSIONS_PORT, SUBMISSIONS
+    )
+    listeners = tuple(local + network + (submission or []) + (submissions or []))
     if len(set((a.host, a.port) for a in listeners)) != len(listeners):
-        raise ConfigError("listen-local/listen-network: the same address is given twice")
+        raise ConfigError("listen-*: the same address is given twice")
+    pairs = _tls_pairs(raw.get("tls_cert"), raw.get("tls_key"))
+    if not pairs and (submission or submissions):
+        raise ConfigError("listen-submission(s): submission needs TLS: give --tls-cert/--tls-key")
+    if not pairs and raw.get("tls_required"):
+        raise ConfigError("tls-required: give --tls-cert/--tls-key to offer STARTTLS")
     default_domains, default_hostname = (
         ([], "") if raw.get("domain") and raw.get("hostname") else host.identity()
     )
@@ -283,6 +344,9 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         max_per_domain=_parse_int("max-per-domain", raw.get("max_per_domain", 4), 1, 10000),
         log_file=Path(str(raw["log_file"])) if raw.get("log_file") else None,
         aliases_file=Path(str(raw.get("aliases") or DEFAULT_ALIASES)),
+        tls_pairs=pairs,
+        tls_required=bool(raw.get("tls_required", False)),
+        passwd_file=Path(str(raw.get("passwd") or DEFAULT_PASSWD)),
     )
 
 
@@ -302,16 +366,42 @@ def absolute(cfg: Config, base: Path) -> Config:
         relay_auth=fix(cfg.relay_auth),
         log_file=fix(cfg.log_file),
         aliases_file=base / cfg.aliases_file,
+        tls_pairs=tuple((base / cert, base / key) for cert, key in cfg.tls_pairs),
+        passwd_file=base / cfg.passwd_file,
     )
 
 
-def load_aliases(cfg: Config) -> Config:
-    """The same Config with its aliases file read and expanded (ConfigError if unreadable)."""
+def load_files(cfg: Config) -> Config:
+    """The same Config with the files it names read (as root, by the master, at start-up and
+    on every reload): the aliases expanded, the TLS context built from the certificates and
+    keys, the passwords. ConfigError names the file that cannot be used."""
     try:
         table = Aliases.load(str(cfg.aliases_file), cfg.domains)
     except AliasError as exc:
         raise ConfigError(f"--aliases: {exc}") from exc
-    return replace(cfg, aliases=table)
+    try:
+        context = tls.server_context(cfg.tls_pairs)
+    except tls.TLSError as exc:
+        raise ConfigError(f"--tls-cert: {exc}") from exc
+    try:
+        passwords = Credentials.load(str(cfg.passwd_file))
+    except CredentialsError as exc:
+        raise ConfigError(f"--passwd: {exc}") from exc
+    return replace(cfg, aliases=table, tls_context=context, credentials=passwords)
+
+
+def _tls_pairs(certs: object, keys: object) -> tuple[tls.Pair, ...]:
+    """--tls-cert and --tls-key, paired in the order given."""
+    cert_list = _strings(certs) if certs is not None else []
+    key_list = _strings(keys) if keys is not None else []
+    if len(cert_list) != len(key_list):
+        raise ConfigError(
+            f"tls-cert/tls-key: {len(cert_list)} certificate(s) but {len(key_list)} key(s): "
+            "give one key for each certificate, in the same order"
+        )
+    return tuple(
+        (Path(c.strip()), Path(k.strip())) for c, k in zip(cert_list, key_list, strict=True)
+    )
 
 
 TLS_CHOICES = ("may", "encrypt", "verify", "none")
@@ -417,13 +507,13 @@ def parse_address(name: str, text: str, default_port: int) -> tuple[str, int]:
         raise ConfigError(f"--{name}: not an IP address[:port]: '{text}'") from None
 
 
-def _listen_list(name: str, values: object, port: int, trusted: bool) -> list[ListenAddress] | None:
+def _listen_list(name: str, values: object, port: int, role: str) -> list[ListenAddress] | None:
     if values is None:
         return None
     items = _strings(values)
     if [v.lower() for v in items] == ["none"]:
         return []
-    return [ListenAddress(*parse_address(name, item, port), trusted) for item in items]
+    return [ListenAddress(*parse_address(name, item, port), role) for item in items]
 
 
 def _strings(values: object) -> list[str]:

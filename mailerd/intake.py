@@ -61,6 +61,7 @@ def begin(request: Commit, hostname: str, size: int) -> tuple[str, bytes]:
         protocol=request.protocol,
         queue_id=queue_id,
         recipient=targets[0].address if len(targets) == 1 else None,
+        tls=request.tls,
     )
     log.info(
         "%s: client=[%s], helo=%s, from=<%s>, size=%d, nrcpt=%d",

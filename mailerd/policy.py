@@ -88,3 +88,19 @@ def _local(local_part: str, aliases: Aliases) -> Route:
     if not expansion.deliverable:
         return Refused(NO_SUCH_USER, f"alias {name} has no usable target")
     return Alias(name, expansion.mailboxes, expansion.forwards)
+
+
+def sender_owned(
+    sender: Address, user: str, *, local_domains: tuple[str, ...], aliases: Aliases = _NO_ALIASES
+) -> bool:
+    """May authenticated `user` send as `sender`? Their own name at any local domain (with or
+    without a +tag), or a local alias that delivers to their mailbox (a group alias to each
+    member). Any other address, a remote one included, is somebody else's."""
+    if not sender.domain or not is_local_domain(sender.domain, local_domains):
+        return False
+    if _ROUTING_CHARS.intersection(sender.local):
+        return False
+    found = _local(sender.local, aliases)
+    if isinstance(found, Local):
+        return found.mailbox == user
+    return isinstance(found, Alias) and user in found.mailboxes

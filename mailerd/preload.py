@@ -85,6 +85,9 @@ STDLIB = (
 
 # Third-party packages (with the submodules they load lazily); missing optional ones are skipped.
 LIBRARIES = (
+    "argon2",
+    "argon2.exceptions",
+    "argon2.low_level",
     "daemon",
     "dns.asyncbackend",
     "dns._asyncio_backend",

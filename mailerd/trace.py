@@ -46,19 +46,22 @@ def received(
     queue_id: str,
     recipient: str | None,
     when: float | None = None,
+    tls: str = "",
 ) -> bytes:
-    """A Received: header, folded over three lines, CRLF-terminated.
+    """A Received: header, folded over three lines (four with TLS), CRLF-terminated.
 
-    `protocol` is the RFC 3848 WITH keyword: SMTP, ESMTP, UTF8SMTP. `recipient` is given only
-    when the message has exactly one, so other recipients are not disclosed.
+    `protocol` is the RFC 3848 / RFC 6531 WITH keyword: SMTP, ESMTP, ESMTPS, ESMTPSA,
+    UTF8SMTP, .... `recipient` is given only when the message has exactly one, so other
+    recipients are not disclosed. `tls` (tls.describe) becomes Postfix's `(using ...)` line.
     """
-    if protocol != "UTF8SMTP":
+    if not protocol.startswith("UTF8"):
         helo = helo.encode("ascii", "replace").decode()  # 8-bit headers need SMTPUTF8
     peer = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
     date = rfc5322_date(when)
     for_clause = f"\r\n\tfor <{_path(recipient)}>" if recipient else ""
+    using = f"\t(using {_CONTROLS.sub('', tls)})\r\n" if tls else ""
     text = (
-        f"Received: from {_clean(helo)} ([{peer}])\r\n"
+        f"Received: from {_clean(helo)} ([{peer}])\r\n{using}"
         f"\tby {hostname} (mailerd) with {protocol} id {queue_id}{for_clause};\r\n"
         f"\t{date}\r\n"
     )

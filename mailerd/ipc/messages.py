@@ -142,17 +142,18 @@ class Commit(Message):
     targets: tuple[Target, ...]
     helo: str
     peer: str  # the client's IP address
-    protocol: str  # SMTP, ESMTP or UTF8SMTP (RFC 3848), for the Received: header
+    protocol: str  # ESMTP, ESMTPSA, UTF8SMTPS, ... (RFC 3848, 6531), for the Received: header
     body: str  # 7BIT or 8BITMIME
     smtputf8: bool
     trusted: bool
+    tls: str = ""  # the session's TLS, as the Received: header says it ("" without)
 
     def encode(self) -> dict[str, Any]:
         return {
             "op": self.op, "sender": self.sender,
             "targets": [t.encode() for t in self.targets], "helo": self.helo,
             "peer": self.peer, "protocol": self.protocol, "body": self.body,
-            "smtputf8": self.smtputf8, "trusted": self.trusted,
+            "smtputf8": self.smtputf8, "trusted": self.trusted, "tls": self.tls,
         }  # fmt: skip
 
     @classmethod
@@ -163,7 +164,7 @@ class Commit(Message):
         return cls(
             _str(header, "sender"), targets, _str(header, "helo"), _str(header, "peer"),
             _str(header, "protocol"), _str(header, "body"), _bool(header, "smtputf8"),
-            _bool(header, "trusted"),
+            _bool(header, "trusted"), _str(header, "tls"),
         )  # fmt: skip
 
     @property

@@ -43,6 +43,7 @@ from mailerd import aliases, config, lifecycle, privileges
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
 from mailerd.delivery import process as delivery_process
+from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.sessiontable import SessionTable
 from mailerd.lifecycle import BOOT_ERROR, STOP_DELIVERY_TIMEOUT, STOP_WORKERS_TIMEOUT
 from mailerd.master import daemon as daemonize
@@ -106,6 +107,7 @@ class Master:
         self.status_r = self.status_w = -1
         # Rows for the workers alive at once: this generation's, retiring ones after reloads.
         self.sessions = SessionTable(max(16, 4 * cfg.workers))
+        self.auth_failures = AuthFailures()  # failed AUTH per client address, for every worker
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -135,14 +137,13 @@ class Master:
         return self.exit_code
 
     def _describe_config(self) -> str:
-        return "{}; domains {}; workers {}{}".format(
-            ", ".join(
-                f"{listen} ({'local' if listen.trusted else 'network'})"
-                for _, listen in self.smtp_sockets
-            ),
-            ", ".join(self.cfg.domains),
-            self.cfg.workers,
-            f"; children run as {self.cfg.user}" if self.cfg.user else "",
+        cfg = self.cfg
+        return "{}; domains {}; workers {}{}{}".format(
+            ", ".join(f"{listen} ({listen.role})" for _, listen in self.smtp_sockets),
+            ", ".join(cfg.domains),
+            cfg.workers,
+            f"; TLS with {len(cfg.tls_pairs)} certificate(s)" if cfg.tls_context else "",
+            f"; children run as {cfg.user}" if cfg.user else "",
         )
 
     def _record(self, signum: int, frame: object) -> None:
@@ -286,7 +287,7 @@ class Master:
         with contextlib.suppress(OSError):
             os.chdir(self.start_dir)  # relative paths mean what they meant at start-up
         try:
-            new = config.load_aliases(config.absolute(config.load(self.argv), self.start_dir))
+            new = config.load_files(config.absolute(config.load(self.argv), self.start_dir))
         finally:
             with contextlib.suppress(OSError):
                 os.chdir(here)
@@ -392,6 +393,7 @@ class Master:
             status_fd=self.status_w,
             sessions=self.sessions,
             session_row=session_row,
+            auth_failures=self.auth_failures,
         )
 
     def reap(self) -> None:

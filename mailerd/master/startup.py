@@ -78,7 +78,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
     start_dir = Path.cwd()
     cfg = config.absolute(cfg, start_dir)
     try:
-        cfg = config.load_aliases(cfg)
+        cfg = config.load_files(cfg)
     except ConfigError as exc:
         return _fail(str(exc))
     try:

@@ -9,6 +9,7 @@ from .events import (
     PAUSED,
     PENDING,
     Address,
+    AuthRequest,
     BodyData,
     CloseConnection,
     Envelope,
@@ -19,6 +20,7 @@ from .events import (
     Rejected,
     Reply,
     Sentinel,
+    StartTLS,
 )
 from .session import Session
 from .settings import SessionConfig
@@ -28,6 +30,7 @@ __all__ = [
     "PAUSED",
     "PENDING",
     "Address",
+    "AuthRequest",
     "BodyData",
     "CloseConnection",
     "Envelope",
@@ -40,4 +43,5 @@ __all__ = [
     "Sentinel",
     "Session",
     "SessionConfig",
+    "StartTLS",
 ]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .events import PENDING, Address, RecipientVerdict, Reply
+from . import auth
+from .events import PENDING, Address, AuthRequest, RecipientVerdict, Reply
 from .grammar import (
     GrammarError,
     Param,
@@ -20,6 +21,15 @@ from .grammar import (
     split_command,
 )
 from .replies import (
+    AUTH_CANCELLED,
+    AUTH_FIRST,
+    AUTH_IN_MAIL,
+    AUTH_MECHANISM,
+    AUTH_NEEDS_EHLO,
+    AUTH_NEEDS_TLS,
+    AUTH_SYNTAX,
+    AUTH_TWICE,
+    AUTH_UNDECODABLE,
     BAD_BODY,
     BAD_PARAMS,
     BAD_RECIPIENT,
@@ -52,9 +62,14 @@ from .replies import (
     RCPT_OK,
     RCPT_PARAMS,
     RCPT_SYNTAX,
+    READY_FOR_TLS,
     RESET_OK,
     RSET_SYNTAX,
     START_DATA,
+    STARTTLS_SYNTAX,
+    TLS_ACTIVE,
+    TLS_FIRST,
+    TLS_IN_MAIL,
     TOO_MANY_RECIPIENTS,
     UNKNOWN_COMMAND,
     VRFY,
@@ -67,9 +82,7 @@ from .settings import SessionConfig
 _BDAT_RE = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 # Known to SMTP but deliberately unsupported: 502 rather than 500.
-_UNSUPPORTED_VERBS = frozenset(
-    {"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "STARTTLS", "AUTH"}
-)
+_UNSUPPORTED_VERBS = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
 
 
 class Commands:
@@ -77,6 +90,7 @@ class Commands:
 
     _config: SessionConfig
     _check_recipient: Callable[[Address], RecipientVerdict]
+    _check_sender: Callable[[Address | None, str], Reply | None] | None
     _on_command: Callable[[bytes], None] | None
     _helo: str | None
     _esmtp: bool
@@ -89,6 +103,9 @@ class Commands:
     _bdat_used: bool
     _verb: str
     _argument: str
+    _tls: bool
+    _user: str | None
+    _sasl: tuple[str, str | None] | None  # an AUTH exchange: (mechanism, login so far)
 
     # -- provided by Session ------------------------------------------------------------------
 
@@ -110,12 +127,21 @@ class Commands:
     def _wait_for_verdict(self, recipient: Address) -> None:
         raise NotImplementedError
 
+    def _start_tls(self) -> None:
+        raise NotImplementedError
+
+    def _wait_for_auth(self, request: AuthRequest) -> None:
+        raise NotImplementedError
+
     # -- the commands -------------------------------------------------------------------------
 
     def _handle_command(self, line: bytes) -> None:
+        if self._sasl is not None:
+            self._auth_response(line)
+            return
         self._verb = self._argument = ""
         if self._on_command is not None:
-            self._on_command(line)
+            self._on_command(_loggable(line))
         if b"\r" in line or b"\n" in line:
             # Only CRLF ends a line; a bare CR/LF is never taken as a separator.
             self._send(BARE_CR_LF_COMMAND)
@@ -156,7 +182,9 @@ class Commands:
         self._esmtp = esmtp
         config = self._config
         if esmtp:
-            self._send(ehlo_reply(config.hostname, config.max_message_size))
+            starttls = config.starttls and not self._tls
+            offer_auth = config.auth and (self._tls or config.auth_in_clear)
+            self._send(ehlo_reply(config.hostname, config.max_message_size, starttls, offer_auth))
         else:
             self._send(helo_reply(config.hostname))
 
@@ -166,6 +194,12 @@ class Commands:
             return
         if self._in_mail:
             self._send(NESTED_MAIL)
+            return
+        if self._config.tls_required and not self._tls:
+            self._send(TLS_FIRST)
+            return
+        if self._config.auth_required and self._user is None:
+            self._send(AUTH_FIRST)
             return
         if argument is None:
             self._send(MAIL_SYNTAX)
@@ -179,7 +213,7 @@ class Commands:
             # RFC 1869 / 5321 4.1.1.11: parameters belong to extensions, offered only to EHLO.
             self._send(PARAMS_NEED_EHLO)
             return
-        options = _mail_options(params)
+        options = _mail_options(params, auth_param=self._config.auth)
         if isinstance(options, Reply):
             self._send(options)
             return
@@ -196,6 +230,11 @@ class Commands:
         if sender is not None and not smtputf8 and not _is_ascii(sender):
             self._send(NEED_SMTPUTF8)
             return
+        if self._user is not None and self._check_sender is not None:
+            refusal = self._check_sender(sender, self._user)
+            if refusal is not None:
+                self._send(refusal)
+                return
         self._in_mail = True
         self._sender = sender
         self._body_type = body
@@ -293,6 +332,82 @@ class Commands:
     def _cmd_help(self, argument: str | None) -> None:
         self._send(HELP)
 
+    def _cmd_starttls(self, argument: str | None) -> None:
+        config = self._config
+        if not (config.starttls or config.implicit_tls):
+            self._send(NOT_IMPLEMENTED)
+        elif argument is not None:
+            self._send(STARTTLS_SYNTAX)
+        elif self._tls:
+            self._send(TLS_ACTIVE)
+        elif self._in_mail:
+            self._send(TLS_IN_MAIL)
+        else:
+            self._send(READY_FOR_TLS)
+            self._start_tls()
+
+    def _cmd_auth(self, argument: str | None) -> None:
+        config = self._config
+        mechanism, _, initial = (argument or "").partition(" ")
+        self._argument = mechanism.upper()  # never the response: it holds the password
+        if not config.auth:
+            self._send(NOT_IMPLEMENTED)
+        elif not mechanism:
+            self._send(AUTH_SYNTAX)
+        elif not self._esmtp:
+            self._send(AUTH_NEEDS_EHLO)
+        elif self._user is not None:
+            self._send(AUTH_TWICE)
+        elif self._in_mail:
+            self._send(AUTH_IN_MAIL)
+        elif not (self._tls or config.auth_in_clear):
+            self._send(AUTH_NEEDS_TLS)
+        elif mechanism.upper() not in auth.MECHANISMS:
+            self._send(AUTH_MECHANISM)
+        else:
+            self._sasl = (mechanism.upper(), None)
+            if initial:
+                self._sasl_answer(initial)
+            else:
+                self._send(auth.first_challenge(mechanism.upper()))
+
+    def _auth_response(self, line: bytes) -> None:
+        """A line of an AUTH exchange: a base64 answer to our 334, or `*` to give up."""
+        if self._on_command is not None:
+            self._on_command(b"*** (an AUTH response, not logged)")
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            self._sasl = None
+            self._send(AUTH_UNDECODABLE)
+            return
+        if text.strip() == auth.CANCEL:
+            self._sasl = None
+            self._send(AUTH_CANCELLED)
+            return
+        self._sasl_answer(text)
+
+    def _sasl_answer(self, text: str) -> None:
+        """The client's answer (an initial response or a line after 334): the next prompt, or
+        the request to check the password."""
+        assert self._sasl is not None
+        mechanism, login = self._sasl
+        try:
+            if mechanism == "PLAIN":
+                login, password = auth.plain(text)
+            elif login is None:  # LOGIN, the user name
+                self._sasl = (mechanism, auth.decode(text))
+                self._send(auth.PASSWORD_CHALLENGE)
+                return
+            else:  # LOGIN, the password
+                password = auth.decode(text)
+        except auth.SASLError:
+            self._sasl = None
+            self._send(AUTH_UNDECODABLE)
+            return
+        self._sasl = None
+        self._wait_for_auth(AuthRequest(mechanism, login, password))
+
 
 def _grammar_reply(exc: GrammarError, usage: Reply, bad_address: Reply) -> Reply:
     if exc.part == "address":
@@ -302,15 +417,21 @@ def _grammar_reply(exc: GrammarError, usage: Reply, bad_address: Reply) -> Reply
     return usage
 
 
-def _mail_options(params: list[Param]) -> tuple[str, bool, int | None] | Reply:
-    """Validate MAIL parameters; return (body, smtputf8, size) or an error reply."""
+def _mail_options(
+    params: list[Param], *, auth_param: bool = False
+) -> tuple[str, bool, int | None] | Reply:
+    """Validate MAIL parameters; return (body, smtputf8, size) or an error reply. With
+    `auth_param` (AUTH is offered), AUTH= is taken and ignored (RFC 4954 5: a relaying
+    client's claim of the original submitter, which we do not pass on)."""
     seen = {key for key, _ in params}
     if len(seen) != len(params):
         return DUPLICATE_PARAM
-    if not seen <= {"SIZE", "BODY", "SMTPUTF8"}:
+    if not seen <= ({"SIZE", "BODY", "SMTPUTF8", "AUTH"} if auth_param else _MAIL_PARAMS):
         return MAIL_PARAMS
     body, smtputf8, size = "7BIT", False, None
     for key, value in params:
+        if key == "AUTH":
+            continue
         if key == "SIZE":
             if value is None or not value.isascii() or not value.isdigit():
                 return BAD_SIZE
@@ -324,6 +445,16 @@ def _mail_options(params: list[Param]) -> tuple[str, bool, int | None] | Reply:
         else:
             smtputf8 = True
     return body, smtputf8, size
+
+
+_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
+
+
+def _loggable(line: bytes) -> bytes:
+    """A command line as the -v log may show it: AUTH's initial response is a password."""
+    if line[:5].upper() == b"AUTH " and line.count(b" ") > 1:
+        return b" ".join(line.split(b" ", 2)[:2]) + b" ***"
+    return line
 
 
 def _is_ascii(address: Address) -> bool:
@@ -343,4 +474,6 @@ HANDLERS: dict[str, Callable[[Commands, str | None], None]] = {
     "EXIT": Commands._cmd_quit,  # alias required by the issue
     "VRFY": Commands._cmd_vrfy,
     "HELP": Commands._cmd_help,
+    "STARTTLS": Commands._cmd_starttls,
+    "AUTH": Commands._cmd_auth,
 }

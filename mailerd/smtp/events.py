@@ -17,6 +17,7 @@ __all__ = [
     "PAUSED",
     "PENDING",
     "Address",
+    "AuthRequest",
     "BodyData",
     "CloseConnection",
     "Envelope",
@@ -27,6 +28,7 @@ __all__ = [
     "Rejected",
     "Reply",
     "Sentinel",
+    "StartTLS",
 ]
 
 
@@ -89,7 +91,10 @@ class Reply:
             not _STATUS_RE.match(self.status) or self.status[0] != str(code)[0]
         ):
             raise ValueError(f"invalid enhanced status {self.status!r} for {code}")
-        if "\r" in self.text or not all(line.strip() for line in self.text.split("\n")):
+        if "\r" in self.text or (
+            not all(line.strip() for line in self.text.split("\n"))
+            and not (code == 334 and self.text == "")  # an empty SASL challenge: "334 "
+        ):
             # Every line needs text: some clients (Thunderbird) choke on a bare "250".
             raise ValueError(f"reply text must be non-empty lines without CR: {self.text!r}")
         # Encoded once, here: a reply is sent at least once, and functools.cached_property
@@ -192,6 +197,26 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """The 220 to STARTTLS is out (the Reply came first): start the TLS handshake, and call
+    Session.tls_started() once it is done. Input that came behind STARTTLS, before the
+    handshake, was thrown away (RFC 3207 4.2: it could be an attacker's): `discarded` octets.
+    Bytes given to the session from now on are the first inside TLS."""
+
+    discarded: int
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    """A client asks to authenticate (AUTH): check the password, then call
+    Session.auth_done() with the user it belongs to, or None. The session waits meanwhile."""
+
+    mechanism: str  # PLAIN or LOGIN
+    login: str  # the name the client gave
+    password: str = field(repr=False)  # never shown, never logged
+
+
+@dataclass(frozen=True)
 class CloseConnection:
     """Nothing more will come: the peer hung up or a closing reply was sent."""
 
@@ -205,4 +230,14 @@ def _format_local_part(local: str) -> str:
     return format_local_part(local)
 
 
-Event = Reply | BodyData | MessageComplete | MessageAborted | Rejected | CloseConnection | Sentinel
+Event = (
+    Reply
+    | BodyData
+    | MessageComplete
+    | MessageAborted
+    | Rejected
+    | StartTLS
+    | AuthRequest
+    | CloseConnection
+    | Sentinel
+)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from .auth import MECHANISMS
 from .events import Reply
 
 MAIL_OK = Reply(250, "2.1.0", "Sender OK")
@@ -52,6 +53,23 @@ BARE_CR_LF_MESSAGE = Reply(
 NUL_MESSAGE = Reply(550, "5.6.0", "Message rejected: NUL character found")
 TEXT_LINE_TOO_LONG = Reply(500, "5.5.6", "Message rejected: line too long")
 
+# TLS (RFC 3207) and AUTH (RFC 4954; 538 and 5.7.11 from RFC 4954 6, 530 from RFC 3207 4)
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_ACTIVE = Reply(503, "5.5.1", "Bad sequence of commands: TLS already active")
+TLS_IN_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: STARTTLS during a mail transaction")
+TLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+AUTH_FIRST = Reply(530, "5.7.0", "Authentication required")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_NEEDS_EHLO = Reply(503, "5.5.1", "Bad sequence of commands: send EHLO first")
+AUTH_TWICE = Reply(503, "5.5.1", "Bad sequence of commands: already authenticated")
+AUTH_IN_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: AUTH during a mail transaction")
+AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+AUTH_UNDECODABLE = Reply(501, "5.5.2", "Cannot decode the authentication response")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+
 
 def syntax(usage: str, *, close: bool = False) -> Reply:
     return Reply(501, "5.5.4", f"Syntax: {usage}", close=close)
@@ -65,16 +83,18 @@ DATA_SYNTAX = syntax("DATA")
 RSET_SYNTAX = syntax("RSET")
 QUIT_SYNTAX = syntax("QUIT")
 VRFY_SYNTAX = syntax("VRFY address")
+STARTTLS_SYNTAX = syntax("STARTTLS")
+AUTH_SYNTAX = syntax("AUTH mechanism [initial-response]")
 # Without a valid size the chunk cannot be skipped; reading its octets as
 # commands would be command injection, so the connection is closed.
 BDAT_SYNTAX = syntax("BDAT size [LAST], closing connection", close=True)
 
 
-@lru_cache(maxsize=16)
-def ehlo_reply(hostname: str, max_size: int) -> Reply:
+@lru_cache(maxsize=64)
+def ehlo_reply(hostname: str, max_size: int, starttls: bool = False, auth: bool = False) -> Reply:
     # RFC 5321 ehlo-ok-rsp: domain first, then one keyword per line, so no
     # enhanced status code here (RFC 2034 section 4 exempts EHLO replies).
-    keywords = (
+    keywords = [
         f"{hostname} Hello",
         "PIPELINING",
         f"SIZE {max_size}",
@@ -82,9 +102,20 @@ def ehlo_reply(hostname: str, max_size: int) -> Reply:
         "ENHANCEDSTATUSCODES",
         "SMTPUTF8",
         "CHUNKING",
-        "HELP",
-    )
+    ]
+    if starttls:
+        keywords.append("STARTTLS")
+    if auth:
+        keywords.append("AUTH " + " ".join(MECHANISMS))
+    keywords.append("HELP")
     return Reply(250, None, "\n".join(keywords))
+
+
+@lru_cache(maxsize=16)
+def too_many_auth_failures(hostname: str) -> Reply:
+    return Reply(
+        421, "4.7.0", f"{hostname} Too many failed authentications, closing connection", close=True
+    )
 
 
 @lru_cache(maxsize=16)

@@ -3,8 +3,10 @@
 Bytes go in through ``receive_data()``; ``next_event()`` hands out what the
 I/O layer must do: send a ``Reply``, store ``BodyData``, commit on
 ``MessageComplete`` (then call ``commit_done()``), discard on
-``MessageAborted``, close on ``CloseConnection``.  There is no I/O and no
-clock here: timeouts are reported by the caller through ``timeout()``.
+``MessageAborted``, start TLS on ``StartTLS`` (then ``tls_started()``), check
+a password on ``AuthRequest`` (then ``auth_done()``), close on
+``CloseConnection``.  There is no I/O and no clock here: timeouts are
+reported by the caller through ``timeout()``.
 
 Input is parsed lazily in ``next_event()``, which is what makes pipelining
 and the PAUSED state simple: unparsed bytes just wait in the buffer.
@@ -26,6 +28,7 @@ from .events import (
     NEED_DATA,
     PAUSED,
     Address,
+    AuthRequest,
     BodyData,
     CloseConnection,
     Envelope,
@@ -35,13 +38,18 @@ from .events import (
     RecipientVerdict,
     Rejected,
     Reply,
+    StartTLS,
 )
 from .replies import (
+    AUTH_FAILED,
+    AUTH_OK,
+    AUTH_UNAVAILABLE,
     BARE_CR_LF_MESSAGE,
     LINE_TOO_LONG,
     NUL_MESSAGE,
     TEXT_LINE_TOO_LONG,
     greeting,
+    too_many_auth_failures,
 )
 from .settings import SessionConfig
 
@@ -54,10 +62,14 @@ class _State(enum.Enum):
     BDAT = "bdat"  # reading the octets of one BDAT chunk
     PAUSED = "paused"  # MessageComplete handed out, waiting for commit_done()
     CHECKING = "checking"  # a recipient's verdict is PENDING: waiting for recipient_checked()
+    HANDSHAKE = "handshake"  # StartTLS handed out, waiting for tls_started()
+    AUTHENTICATING = "authenticating"  # AuthRequest handed out, waiting for auth_done()
     CLOSED = "closed"
 
 
 _CLOSE = CloseConnection()
+# States in which the session waits for the I/O layer: next_event() says PAUSED.
+_WAITING = frozenset({_State.PAUSED, _State.CHECKING, _State.HANDSHAKE, _State.AUTHENTICATING})
 
 # Commands whose refusals are mail refused: each one is reported as a Rejected event.
 _MAIL_VERBS = frozenset({"MAIL", "RCPT", "DATA", "BDAT"})
@@ -71,10 +83,15 @@ class Session(Commands):
         config: SessionConfig,
         check_recipient: Callable[[Address], RecipientVerdict],
         on_command: Callable[[bytes], None] | None = None,
+        check_sender: Callable[[Address | None, str], Reply | None] | None = None,
     ) -> None:
+        """`check_sender(sender, user)` says whether an authenticated user may use a sender
+        address in MAIL (None: yes; a Reply refuses it)."""
         self._config = config
         self._check_recipient = check_recipient
-        # Called with every command line (never message content), e.g. for -v logging.
+        self._check_sender = check_sender
+        # Called with every command line (never message content nor a password), e.g. for
+        # -v logging.
         self._on_command = on_command
         self._events: deque[Event] = deque([greeting(config.hostname)])
         self._state = _State.COMMAND
@@ -96,6 +113,10 @@ class Session(Commands):
         self._checking: Address | None = None  # the recipient whose verdict is PENDING
         self._verb = ""  # the command being answered, and its argument (for Rejected)
         self._argument = ""
+        self._tls = config.implicit_tls
+        self._user: str | None = None  # authenticated as
+        self._sasl: tuple[str, str | None] | None = None
+        self._auth_failures = 0
         self._clear_transaction()
 
     # --- public API ---------------------------------------------------------
@@ -118,7 +139,7 @@ class Session(Commands):
             state = self._state
             if state is _State.CLOSED:
                 return _CLOSE
-            if state is _State.PAUSED or state is _State.CHECKING:
+            if state in _WAITING:
                 return PAUSED
             if not self._step(state):
                 if not self._eof:
@@ -152,6 +173,53 @@ class Session(Commands):
         recipient, self._checking = self._checking, None
         self._state = _State.COMMAND
         self._recipient_verdict(recipient, refusal)
+
+    def tls_started(self) -> None:
+        """The TLS handshake asked for by StartTLS is done: the session starts over (RFC 3207
+        4.2: the client says EHLO again; nothing said before TLS counts)."""
+        if self._state is _State.CLOSED:
+            return
+        if self._state is not _State.HANDSHAKE:
+            raise RuntimeError("tls_started() called without a pending StartTLS")
+        self._tls = True
+        self._helo = None
+        self._esmtp = False
+        self._clear_transaction()
+        self._state = _State.COMMAND
+
+    def auth_done(self, user: str | None, *, unavailable: bool = False) -> Reply:
+        """The verdict on an AuthRequest: the user the password belongs to, or None (wrong
+        name or password; with `unavailable`, the check itself failed). Returns the reply the
+        session sends (235, 535, 454, or the 421 that ends a session after too many
+        failures), for the caller's log."""
+        if self._state is _State.CLOSED:
+            return AUTH_FAILED
+        if self._state is not _State.AUTHENTICATING:
+            raise RuntimeError("auth_done() called without a pending AuthRequest")
+        self._state = _State.COMMAND
+        if user is not None:
+            self._user = user
+            reply = AUTH_OK
+        elif unavailable:
+            reply = AUTH_UNAVAILABLE
+        else:
+            self._auth_failures += 1
+            reply = AUTH_FAILED
+            if self._auth_failures >= self._config.max_auth_failures:
+                reply = too_many_auth_failures(self._config.hostname)
+        reply = self._counted(reply)
+        self._send(reply, count=False, report=False)  # the caller logs it, with the user
+        return reply
+
+    @property
+    def tls(self) -> bool:
+        """The session is inside TLS."""
+        return self._tls
+
+    @property
+    def user(self) -> str | None:
+        """The user the client authenticated as, if it did."""
+        return self._user
 
     def timeout(self) -> Reply:
         """The peer was idle too long: return the 421 to send; the session ends."""
@@ -328,6 +396,17 @@ class Session(Commands):
     def _wait_for_verdict(self, recipient: Address) -> None:
         self._checking = recipient
         self._state = _State.CHECKING
+
+    def _start_tls(self) -> None:
+        """The 220 is queued: what the client sent behind STARTTLS is dropped unread (a
+        man in the middle's injection would be taken as said inside TLS, CVE-2011-0411)."""
+        discarded = len(self._take_input())
+        self._events.append(StartTLS(discarded))
+        self._state = _State.HANDSHAKE
+
+    def _wait_for_auth(self, request: AuthRequest) -> None:
+        self._events.append(request)
+        self._state = _State.AUTHENTICATING
 
     def _read_data(self) -> None:
         """DATA was accepted: what follows is dot-stuffed content up to CRLF.CRLF."""

@@ -1,16 +1,19 @@
 """One SMTP connection: bytes between the socket and a sans-I/O `smtp.Session`, and the
 decisions that need I/O or a clock: the idle timeout, whether a recipient's mailbox exists
-(`recipients`), and the commit of a finished message (the 250 only once it is durable). Every
-refused mail command is logged here, in Postfix's words, and with -v the dialogue.
+(`recipients`), the TLS handshake after STARTTLS, the password check of AUTH (in a thread,
+answered late after failures), whose sender addresses an authenticated user may use, and the
+commit of a finished message (the 250 only once it is durable). Every refused mail command and
+failed AUTH is logged here, in Postfix's words, and with -v the dialogue (never a password).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import TYPE_CHECKING, cast
 
-from mailerd import recipients
+from mailerd import policy, recipients, tls
 from mailerd.config import ListenAddress
 from mailerd.ipc.messages import Commit, Target
 from mailerd.smtp import (
@@ -18,6 +21,7 @@ from mailerd.smtp import (
     PAUSED,
     PENDING,
     Address,
+    AuthRequest,
     BodyData,
     CloseConnection,
     Envelope,
@@ -27,6 +31,7 @@ from mailerd.smtp import (
     Rejected,
     Reply,
     Session,
+    StartTLS,
 )
 from mailerd.spool import LookupNeeded
 from mailerd.worker.body import BodyBuffer
@@ -59,6 +64,9 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.last_activity = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.handshaking = False  # between STARTTLS's 220 and the end of the handshake
+        self.released = False
+        self.tls = ""  # the session's TLS as Received: shows it (tls.describe), once on
         # Accepted recipients' copies: resolved once, at RCPT, for commit_request().
         self.routes: dict[Address, tuple[Target, ...]] = {}
 
@@ -77,9 +85,21 @@ class Connection(asyncio.Protocol):
             self.transport.write(refusal.to_bytes())
             self.transport.close()
             return
-        log.info("connect from %s on %s", self.client, self.listen)
+        if self.listen.implicit_tls:
+            self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
+        log.info(
+            "connect from %s on %s%s",
+            self.client,
+            self.listen,
+            f" ({self.tls})" if self.tls else "",
+        )
         on_command = self.log_command if self.worker.cfg.verbose else None
-        self.session = Session(self.worker.session_config, self.check_recipient, on_command)
+        self.session = Session(
+            self.worker.session_configs[self.listen],
+            self.check_recipient,
+            on_command,
+            self.check_sender,
+        )
         self.last_activity = self.worker.loop.time()
         self.timer = self.worker.loop.call_later(self.worker.cfg.timeout, self.check_timeout)
         self.pump()
@@ -93,6 +113,8 @@ class Connection(asyncio.Protocol):
             return
         self.last_activity = self.worker.loop.time()
         self.session.receive_data(data)
+        if self.handshaking:  # decrypted bytes before start_tls() returned: kept for later
+            return
         try:
             self.pump()
         except Exception:
@@ -119,6 +141,9 @@ class Connection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.released:
+            return
+        self.released = True
         self.closing = True
         if self.timer is not None:
             self.timer.cancel()
@@ -155,6 +180,15 @@ class Connection(asyncio.Protocol):
                 self.body.discard()
             elif isinstance(event, Rejected):
                 self.log_rejected(event)
+            elif isinstance(event, StartTLS):
+                # The 220 goes out in clear first; nothing more is read in clear after it.
+                self.transport.write(b"".join(out))
+                out.clear()
+                self.transport.pause_reading()
+                self.handshaking = True
+                self.worker.loop.create_task(self.start_tls(event.discarded))
+            elif isinstance(event, AuthRequest):
+                self.worker.loop.create_task(self.authenticate(event))
             elif isinstance(event, CloseConnection):
                 self.close(out)
                 return
@@ -162,6 +196,93 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
         if self.worker.stopping and self.idle():
             self.close([SHUTTING_DOWN.to_bytes()])
+
+    async def start_tls(self, discarded: int) -> None:
+        """The server side of the TLS handshake after STARTTLS; then the session starts over."""
+        assert self.transport is not None and self.session is not None
+        if discarded:
+            log.warning(
+                "%s: discarded %d bytes pipelined after STARTTLS (sent before the TLS "
+                "handshake: not allowed by RFC 3207, perhaps injected)",
+                self.client,
+                discarded,
+            )
+        context = self.worker.cfg.tls_context
+        assert context is not None  # (STARTTLS is offered only with a certificate)
+        try:
+            transport = await self.worker.loop.start_tls(
+                self.transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.client, _reason(exc))
+            self.closing = True
+            self.transport.close()
+            self.connection_lost(None)  # (asyncio calls it only for a session it handed over)
+            return
+        if transport is None or self.closing:
+            return
+        self.transport = transport
+        self.handshaking = False
+        self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
+        log.info("%s: STARTTLS: %s", self.client, self.tls)
+        self.session.tls_started()
+        self.last_activity = self.worker.loop.time()
+        self.pump()
+
+    async def authenticate(self, request: AuthRequest) -> None:
+        """Check the password in a thread (argon2 takes a tenth of a second on purpose); a
+        failure is answered only after the client address's delay, and logged."""
+        worker = self.worker
+        unavailable = False
+        try:
+            user = await worker.loop.run_in_executor(
+                worker.password_checks,
+                worker.cfg.credentials.verify,
+                request.login,
+                request.password,
+                worker.cfg.domains,
+            )
+        except Exception as exc:
+            log.error("checking a password for %s failed: %r", self.client, exc)
+            user, unavailable = None, True
+        if user is None and not unavailable:
+            await asyncio.sleep(worker.auth_failures.delay(self.peer))
+            worker.auth_failures.failed(self.peer)
+        elif user is not None:
+            worker.auth_failures.succeeded(self.peer)
+        if self.closing or self.session is None:
+            return
+        reply = self.session.auth_done(user, unavailable=unavailable)
+        if user is not None:
+            log.info("%s: authenticated as %s (%s)", self.client, user, request.mechanism)
+        else:
+            log.info(
+                "NOQUEUE: reject: AUTH from unknown[%s]: %s; mechanism=%s user=%s",
+                self.peer,
+                _line(reply),
+                request.mechanism,
+                _shorten(request.login),
+            )
+        self.resume()
+
+    @property
+    def trusted(self) -> bool:
+        """May send anywhere: on the local listener, or authenticated."""
+        return self.listen.trusted or (self.session is not None and self.session.user is not None)
+
+    def check_sender(self, sender: Address | None, user: str) -> Reply | None:
+        """An authenticated user sends as themselves: their name (+tag) at a local domain, an
+        alias that leads to them, or <>. The local listener's clients may use any address."""
+        if self.listen.trusted or sender is None:
+            return None
+        cfg = self.worker.cfg
+        if policy.sender_owned(sender, user, local_domains=cfg.domains, aliases=cfg.aliases):
+            return None
+        return Reply(553, "5.7.1", f"Sender address rejected: not owned by user {user}")
 
     def log_rejected(self, event: Rejected) -> None:
         """One line per refused or deferred mail command, in Postfix's words (fail2ban's
@@ -225,11 +346,7 @@ class Connection(asyncio.Protocol):
         if self.closing or self.session is None:
             return
         self.session.commit_done(reply)
-        if not self.write_paused:
-            assert self.transport is not None  # (set with the session, in connection_made)
-            self.transport.resume_reading()
-        self.last_activity = self.worker.loop.time()
-        self.pump()
+        self.resume()
 
     def commit_request(self, envelope: Envelope) -> Commit:
         """What the client said, and each copy to make (resolved at RCPT), as a commit."""
@@ -240,23 +357,30 @@ class Connection(asyncio.Protocol):
                 resolved = self.resolve(address).targets
             targets += resolved
         self.routes.clear()
-        protocol = "UTF8SMTP" if envelope.smtputf8 else ("ESMTP" if envelope.esmtp else "SMTP")
         return Commit(
             sender=str(envelope.sender) if envelope.sender else "",
             targets=tuple(targets),
             helo=envelope.helo,
             peer=self.peer,
-            protocol=protocol,
+            protocol=self.protocol(envelope),
             body=envelope.body,
             smtputf8=envelope.smtputf8,
-            trusted=self.listen.trusted,
+            trusted=self.trusted,
+            tls=self.tls,
         )
+
+    def protocol(self, envelope: Envelope) -> str:
+        """The Received: header's WITH keyword (RFC 3848, RFC 6531): ESMTP, ESMTPS, ESMTPSA…"""
+        if not envelope.esmtp:
+            return "SMTP"
+        suffix = ("S" if self.tls else "") + ("A" if self.session and self.session.user else "")
+        return ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") + suffix
 
     def resolve(self, address: Address, cached_only: bool = False) -> recipients.Resolved:
         cfg = self.worker.cfg
         return recipients.resolve(
             address,
-            trusted=self.listen.trusted,
+            trusted=self.trusted,
             local_domains=cfg.domains,
             aliases=cfg.aliases,
             spool=self.worker.spool,
@@ -287,6 +411,11 @@ class Connection(asyncio.Protocol):
             log.exception("checking <%s> failed", address)
             reply = recipients.CHECK_FAILED
         self.session.recipient_checked(reply)
+        self.resume()
+
+    def resume(self) -> None:
+        """The session waited on us (a commit, a recipient check, a password) and can go on:
+        read again, unless the client is not reading our replies, and run it."""
         if not self.write_paused and not self.committing:
             assert self.transport is not None  # (set with the session, in connection_made)
             self.transport.resume_reading()
@@ -317,6 +446,14 @@ def _line(reply: Reply) -> str:
     """A reply on one line, for the log."""
     text = reply.text.replace("\n", " ")
     return _shorten(" ".join(str(part) for part in (reply.code, reply.status, text) if part))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
 
 
 def _sender_of(event: Rejected) -> str | None:

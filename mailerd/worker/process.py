@@ -28,8 +28,9 @@ from pathlib import Path
 
 from setproctitle import setproctitle
 
-from mailerd import durable, eventloop, intake, lifecycle, privileges
+from mailerd import config, durable, eventloop, intake, lifecycle, privileges, tls
 from mailerd.config import Config, ListenAddress
+from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import Client
 from mailerd.ipc.messages import Commit, Outcome, RetryLocal
 from mailerd.ipc.sessiontable import SessionTable, counter
@@ -54,6 +55,7 @@ class Worker:
         private_dir: Path | None = None,
         sessions: SessionTable | None = None,
         session_row: int | None = None,
+        auth_failures: AuthFailures | None = None,
     ) -> None:
         """`spool`, `spill_dir` and `private_dir` default to the configured paths; `run` passes
         the /proc/self/fd forms that keep working after the privilege drop."""
@@ -62,11 +64,11 @@ class Worker:
         self.slot = slot
         self.spill_dir = str(spill_dir or cfg.queue / "tmp")
         self.spool = Spool(spool or cfg.spool)
-        self.session_config = SessionConfig(
-            hostname=cfg.hostname,
-            max_message_size=cfg.max_message_size,
-            max_errors=cfg.max_errors,
-        )
+        self.session_configs = {listen: session_config(cfg, listen) for _, listen in listeners}
+        # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads: a
+        # flood of AUTH attempts waits in line instead of taking the worker's memory.
+        self.password_checks = ThreadPoolExecutor(2, thread_name_prefix="auth")
+        self.auth_failures = auth_failures or AuthFailures(64)  # (alone: counts its own)
         private = private_dir or cfg.queue / "private"
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
         self.writer = WriterLink(self.delivery)
@@ -157,7 +159,11 @@ class Worker:
             retire.set()
         servers = [
             await self.loop.create_server(
-                partial(Connection, self, listen), sock=sock, backlog=4096
+                partial(Connection, self, listen),
+                sock=sock,
+                backlog=4096,
+                ssl=self.cfg.tls_context if listen.implicit_tls else None,
+                ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT if listen.implicit_tls else None,
             )
             for sock, listen in self.listeners
         ]
@@ -212,6 +218,28 @@ class Worker:
         self.writer.close()
         self.delivery.close()
         self.lookups.shutdown(wait=False, cancel_futures=True)
+        self.password_checks.shutdown(wait=False, cancel_futures=True)
+
+
+def session_config(cfg: Config, listen: ListenAddress) -> SessionConfig:
+    """What a listener's sessions offer and require (see SessionConfig for the roles)."""
+    certificate = cfg.tls_context is not None
+    role = listen.role
+    return SessionConfig(
+        hostname=cfg.hostname,
+        max_message_size=cfg.max_message_size,
+        max_errors=cfg.max_errors,
+        starttls=certificate and role != config.SUBMISSIONS,
+        implicit_tls=role == config.SUBMISSIONS,
+        # On the local listener only once someone has a password: it changes nothing there
+        # (its clients may send anywhere anyway) but lets a mail program configured for AUTH
+        # work unchanged against localhost.
+        auth=role in (config.SUBMISSION, config.SUBMISSIONS)
+        or (role == config.LOCAL and len(cfg.credentials) > 0),
+        auth_in_clear=role == config.LOCAL,
+        tls_required=role == config.SUBMISSION or (role == config.NETWORK and cfg.tls_required),
+        auth_required=role in (config.SUBMISSION, config.SUBMISSIONS),
+    )
 
 
 def run(
@@ -223,6 +251,7 @@ def run(
     status_fd: int | None = None,
     sessions: SessionTable | None = None,
     session_row: int | None = None,
+    auth_failures: AuthFailures | None = None,
 ) -> int:
     """Entry point of a forked worker process (still root when the master is)."""
     setproctitle(f"mailerd: worker {slot}")
@@ -245,6 +274,7 @@ def run(
         private_dir=private_dir,
         sessions=sessions,
         session_row=session_row,
+        auth_failures=auth_failures,
     )
     eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
     return 0

@@ -7,6 +7,7 @@ hanging the suite.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import os
 import re
@@ -461,15 +462,30 @@ class Mailerd:
 
     def isolation_args(self) -> list[str]:
         """What keeps this mailerd away from the machine's own setup, unless the test says
-        otherwise: the suite's DNS server (never the machine's resolver) and an empty aliases
-        file (never /etc/aliases, which an MTA package may have filled)."""
+        otherwise: the suite's DNS server (never the machine's resolver), an empty aliases
+        file (never /etc/aliases, which an MTA package may have filled) and no passwords
+        (never /etc/mailerd/passwd, which the Debian package test may leave)."""
+        given = set(self.extra) | {f"--{key}" for key in self.config_file_keys()}
         args = []
-        if "--dns-server" not in self.extra:
+        if "--dns-server" not in given:
             host, port = suite_dns()
             args += ["--dns-server", f"{host}:{port}"]
-        if "--aliases" not in self.extra:
+        if "--aliases" not in given:
             args += ["--aliases", str(self.no_aliases())]
+        if "--passwd" not in given:
+            args += ["--passwd", str(self.base / "no-passwd")]
         return args
+
+    def config_file_keys(self) -> set[str]:
+        """The keys the -c file of `extra` sets, if it can be read now (they are the test's)."""
+        if "-c" not in self.extra[:-1]:
+            return set()
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(self.extra[self.extra.index("-c") + 1])
+            return set(parser["mailerd"]) if parser.has_section("mailerd") else set()
+        except (OSError, configparser.Error):
+            return set()
 
     def no_aliases(self) -> Path:
         path = self.base / "no-aliases"

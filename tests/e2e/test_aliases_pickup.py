@@ -100,7 +100,7 @@ def _message(subject: str) -> bytes:
 
 def _crash_after_queueing(m: Mailerd, name: str) -> None:
     """What a pickup that died between queueing a file and removing it leaves: both."""
-    cfg = config.load_aliases(
+    cfg = config.load_files(
         config.load(
             ["-s", str(m.spool), "-q", str(m.queue), "-l", "none", "-n", "none"]
             + [a for d in m.domains for a in ("-d", d)]

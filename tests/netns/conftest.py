@@ -653,6 +653,7 @@ class Mailerd:
             "--retry-after",
             self.retry_after,
             *([] if "--aliases" in self.extra else ["--aliases", str(self.no_aliases())]),
+            *([] if "--passwd" in self.extra else ["--passwd", str(self.base / "no-passwd")]),
             *self.extra,
         ]
 

@@ -16,7 +16,7 @@ def test_defaults():
         cfg.spool.as_posix() == "/var/spool/mail" and cfg.queue.as_posix() == "/var/spool/mailerd"
     )
     assert "localhost" in cfg.domains
-    assert ListenAddress("127.0.0.1", 25, True) in cfg.listeners
+    assert ListenAddress("127.0.0.1", 25, config.LOCAL) in cfg.listeners
     assert cfg.max_message_size == 26214400 and cfg.timeout == 300 and cfg.max_errors == 20
 
 
@@ -37,9 +37,9 @@ def test_addresses(text, expected):
 def test_listener_roles_come_from_the_option():
     cfg = config.load(["-p", "2525", "-l", "127.0.0.1", "-n", "127.0.0.1:2526", "-n", "::1"])
     assert cfg.listeners == (
-        ListenAddress("127.0.0.1", 2525, True),
-        ListenAddress("127.0.0.1", 2526, False),
-        ListenAddress("::1", 2525, False),
+        ListenAddress("127.0.0.1", 2525, config.LOCAL),
+        ListenAddress("127.0.0.1", 2526, config.NETWORK),
+        ListenAddress("::1", 2525, config.NETWORK),
     )
 
 

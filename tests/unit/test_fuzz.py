@@ -1,7 +1,9 @@
 """Property tests (hypothesis) for the SMTP session and the DATA decoder.
 
 1. Any input: no exception, next_event() always comes back, at most one reply
-   per complete line; command-only input gets exactly one reply per line.
+   per complete line; command-only input gets exactly one reply per line (with
+   STARTTLS and AUTH offered too, where what follows STARTTLS in the same read is
+   dropped, so only the first holds there).
 2. How the input is split into reads never changes the outcome.
 3. DATA: stuffing then decoding round-trips, and nothing but CRLF.CRLF ends it.
 """
@@ -19,6 +21,7 @@ from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
     Address,
+    AuthRequest,
     BodyData,
     CloseConnection,
     MessageAborted,
@@ -26,6 +29,7 @@ from mailerd.smtp import (
     Reply,
     Session,
     SessionConfig,
+    StartTLS,
 )
 from mailerd.smtp.data import BodyChecker
 
@@ -43,7 +47,13 @@ CONFIGS = [
         max_text_line=16,
     ),
 ]
-REPLY_LINE = re.compile(rb"[2-5][0-9][0-9][ -][^\r\n]*[^\s][^\r\n]*\r\n")
+# With STARTTLS and AUTH: a submission listener's, and a local one's (AUTH in clear text).
+TLS_CONFIGS = [
+    SessionConfig("mx.example", starttls=True, auth=True, tls_required=True, auth_required=True),
+    SessionConfig("mx.example", starttls=True, auth=True, auth_in_clear=True, max_errors=5),
+]
+REPLY_LINE = re.compile(rb"(?:[2-5][0-9][0-9][ -][^\r\n]*[^\s][^\r\n]*|334 )\r\n")
+PASSWORD = "pw"  # alice's, for the AuthRequests of the runs
 
 
 def check_recipient(address: Address) -> Reply | None:
@@ -63,8 +73,13 @@ class Outcome:
         return [e for e in self.events if isinstance(e, Reply)]
 
 
+def check_sender(sender: Address | None, user: str) -> Reply | None:
+    owned = sender is None or sender.local == user
+    return None if owned else Reply(553, "5.7.1", f"Sender address rejected: not owned by {user}")
+
+
 def run(chunks: list[bytes], config: SessionConfig = CONFIGS[0], eof: bool = True) -> Outcome:
-    session = Session(config, check_recipient)
+    session = Session(config, check_recipient, check_sender=check_sender)
     outcome = Outcome()
     current: list[bytes] = []
     budget = 4 * sum(len(c) + 4 for c in chunks) + 50  # generous bound on events
@@ -92,6 +107,10 @@ def run(chunks: list[bytes], config: SessionConfig = CONFIGS[0], eof: bool = Tru
                 session.commit_done(QUEUED)
             elif isinstance(event, MessageAborted):
                 current.clear()
+            elif isinstance(event, StartTLS):
+                session.tls_started()  # (a handshake that always works)
+            elif isinstance(event, AuthRequest):
+                session.auth_done("alice" if event.password == PASSWORD else None)
             elif isinstance(event, CloseConnection):
                 return True
 
@@ -147,6 +166,17 @@ FRAGMENTS = [
     b"x" * 70,
     b"\n.\n",
     b"\r.\r",
+    b"STARTTLS\r\n",
+    b"AUTH PLAIN AGFsaWNlAHB3\r\n",  # alice, pw
+    b"AUTH PLAIN AGFsaWNlAHg=\r\n",  # alice, x
+    b"AUTH PLAIN\r\n",
+    b"AUTH LOGIN\r\n",
+    b"AUTH LOGIN YWxpY2U=\r\n",
+    b"YWxpY2U=\r\n",
+    b"cHc=\r\n",
+    b"*\r\n",
+    b"=\r\n",
+    b"MAIL FROM:<alice@b> AUTH=<>\r\n",
 ]
 
 fragments = st.lists(
@@ -237,6 +267,14 @@ def test_every_command_line_gets_exactly_one_reply(lines, config):
         assert answered <= len(lines)
     else:
         assert answered == len(lines)
+
+
+@FAST
+@given(data=st.one_of(fragments, st.binary(max_size=300)), config=st.sampled_from(TLS_CONFIGS))
+def test_arbitrary_input_with_tls_and_auth_never_raises(data, config):
+    test_arbitrary_input_never_raises_and_replies_at_most_once_per_line.hypothesis.inner_test(
+        data, config
+    )
 
 
 # --- property 2: split invariance -------------------------------------------------------------

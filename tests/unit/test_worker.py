@@ -49,7 +49,7 @@ def test_a_slow_account_lookup_holds_only_its_own_session(tmp_path: Path, monkey
     )  # fmt: skip
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    worker = Worker(cfg, [(sock, ListenAddress("127.0.0.1", port, True))], 1)
+    worker = Worker(cfg, [(sock, ListenAddress("127.0.0.1", port, config.LOCAL))], 1)
 
     async def main() -> tuple[float, float, bytes]:
         serving = asyncio.create_task(worker.main())

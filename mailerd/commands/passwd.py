@@ -1,0 +1,81 @@
+"""`mailerd passwd [-c FILE] [--passwd FILE] [--delete] USER`: set (or delete) the password USER
+authenticates with on the submission listeners.
+
+The password is read twice from the terminal, or once (one line) from standard input when that
+is not a terminal, hashed with argon2id and written to the passwd file (`--passwd`, else the
+config's `passwd`, else /etc/mailerd/passwd: root's, group mail, mode 0640, replaced
+atomically); then a running mailerd reloads it. USER is a local user name (the mailbox's); it
+logs in as USER or as USER@ any local domain.
+
+Exit status: 0 done; 1 no such user to delete, or the passwords differ; 2 a bad argument;
+78 (EX_CONFIG) an unreadable config or passwd file; 73 (EX_CANTCREAT) the file cannot be
+written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+
+from mailerd import config, credentials
+from mailerd.commands import daemon
+from mailerd.names import mailbox_name
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mailerd passwd", description=__doc__.split("\n")[0] if __doc__ else None
+    )
+    parser.add_argument("-c", "--config", help="config file (for its passwd setting)")
+    parser.add_argument("--passwd", help=f"the passwd file (default {credentials.DEFAULT_PASSWD})")
+    parser.add_argument("--delete", action="store_true", help="delete USER's password")
+    parser.add_argument("user", metavar="USER")
+    args = parser.parse_args(argv)
+
+    def say(text: str) -> None:
+        print(f"mailerd passwd: {text}", file=sys.stderr)
+
+    user = mailbox_name(args.user)
+    if user is None or user != args.user.lower():
+        parser.error(f"not a local user name: {args.user!r}")
+    try:
+        raw = daemon.read_config(args.config)
+    except config.ConfigError as exc:
+        say(str(exc))
+        return os.EX_CONFIG
+    path = args.passwd or str(raw.get("passwd") or credentials.DEFAULT_PASSWD)
+    try:
+        known = dict(credentials.Credentials.load(path).hashes)
+    except credentials.CredentialsError as exc:
+        say(str(exc))
+        return os.EX_CONFIG
+    if args.delete:
+        if known.pop(user, None) is None:
+            say(f"{user} has no password in {path}")
+            return 1
+    else:
+        password = _read_password()
+        if password is None:
+            say("the passwords differ, or none was given; nothing changed")
+            return 1
+        known[user] = credentials.hash_password(password)
+    try:
+        credentials.write(path, known)
+    except OSError as exc:
+        say(f"cannot write {path}: {exc.strerror or exc}")
+        return os.EX_CANTCREAT
+    say(f"{'deleted' if args.delete else 'set'} the password of {user} in {path}")
+    return daemon.reload(raw, path, say)
+
+
+def _read_password() -> str | None:
+    """Twice from the terminal, or one line from standard input; None if they differ or the
+    password is empty."""
+    if sys.stdin.isatty():
+        first = getpass.getpass("New password: ")
+        second = getpass.getpass("Again: ")
+        return first if first and first == second else None
+    line = sys.stdin.readline().rstrip("\r\n")
+    return line or None

@@ -1,0 +1,139 @@
+"""The passwords of authenticated submission: `/etc/mailerd/passwd` (`--passwd FILE`), one
+`user:hash` line per user, the hash argon2id (argon2-cffi's PasswordHasher with RFC 9106's
+second recommended parameters, 64 MiB and 3 passes, named here because Debian 12's argon2-cffi
+has other defaults: a few tenths of a second of CPU per check by design, so that guessing costs
+the guesser). A hash names its own parameters: a file written with others still works.
+
+The master (root) reads the file before it forks and on every SIGHUP; a worker checks a
+password against what it read, in a thread, never in its event loop. `mailerd passwd` changes
+the file (`commands/passwd.py`); it is root's, group `mail`, mode 0640, replaced atomically.
+
+A user is a local user name (a mailbox name); it may log in as `user` or as `user@` any local
+domain. An unknown name costs the same check as a wrong password, so timing tells no names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mailerd.names import is_local_domain, mailbox_name
+
+if TYPE_CHECKING:
+    import argon2
+
+DEFAULT_PASSWD = "/etc/mailerd/passwd"
+GROUP = "mail"  # may read the file (root's, 0640)
+
+
+class CredentialsError(Exception):
+    """The file cannot be read or has a broken line; the message says which."""
+
+
+def _hasher() -> argon2.PasswordHasher:
+    import argon2  # (preloaded for the children; only the daemon and `mailerd passwd` need it)
+
+    return argon2.PasswordHasher(
+        time_cost=3, memory_cost=65536, parallelism=4, hash_len=32, salt_len=16
+    )
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """user name → argon2id hash."""
+
+    hashes: Mapping[str, str] = field(default_factory=dict)
+    path: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    @classmethod
+    def load(cls, path: str) -> Credentials:
+        """Read `path`; a missing file is no users. Raises CredentialsError."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return cls(path=path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CredentialsError(f"cannot read {path}: {exc}") from exc
+        hashes = {}
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            user, sep, hashed = line.partition(":")
+            if not sep or mailbox_name(user) != user or not hashed.startswith("$argon2"):
+                raise CredentialsError(f"{path}, line {number}: not 'user:$argon2id$...'")
+            hashes[user] = hashed
+        return cls(hashes, path)
+
+    def user_for(self, login: str, local_domains: tuple[str, ...]) -> str | None:
+        """The user a login name means (`alice`, `Alice@example.org`), or None."""
+        local, at, domain = login.rpartition("@")
+        if at and not is_local_domain(domain, local_domains):
+            return None
+        return mailbox_name(local if at else login)
+
+    def verify(self, login: str, password: str, local_domains: tuple[str, ...]) -> str | None:
+        """The user, if the password is theirs; None otherwise. Slow on purpose: call it from
+        a thread."""
+        from argon2.exceptions import InvalidHashError, VerificationError
+
+        user = self.user_for(login, local_domains)
+        hashed = self.hashes.get(user or "")
+        try:
+            _hasher().verify(hashed or _DUMMY.hash, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        return user if hashed else None
+
+
+class _Dummy:
+    """A hash to check unknown names against, made on first use (it costs one hash)."""
+
+    _hash: str | None = None
+
+    @property
+    def hash(self) -> str:
+        if self._hash is None:
+            self._hash = _hasher().hash(os.urandom(16).hex())
+        return self._hash
+
+
+_DUMMY = _Dummy()
+
+
+def hash_password(password: str) -> str:
+    return str(_hasher().hash(password))
+
+
+def write(path: str, hashes: Mapping[str, str]) -> None:
+    """Replace the file atomically: root's, group `mail`, mode 0640 (the group when it exists
+    and we may give it)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    text = "".join(f"{user}:{hashed}\n" for user, hashed in sorted(hashes.items()))
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with contextlib.suppress(KeyError, PermissionError):
+            os.fchown(fd, 0 if os.geteuid() == 0 else -1, grp.getgrnam(GROUP).gr_gid)
+        os.fchmod(fd, 0o640)
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temporary)
+        raise
+    os.close(fd)
+    os.rename(temporary, path)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,65 @@
+"""Failed AUTH attempts per client address, shared by all workers: each failure from an
+address makes its next answer wait longer (0.5 s, 1 s, 2 s, … up to 10 s), whichever worker
+the next session lands on, so that guessing passwords costs the guesser time, not us CPU.
+
+The master maps the table before it forks (as `sessiontable`): BUCKETS cells of two doubles,
+[failures, time of the last one]. Addresses are hashed into buckets (IPv6 ones by their /64,
+what one machine is usually given); a shared bucket can only slow down an innocent address a
+little, never speed up a guesser. Any worker writes any cell without a lock: two failures at
+the same instant may count as one, which is harmless for a delay. An address's record is
+forgotten FORGET seconds after its last failure, and at once when it logs in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+import time
+
+BUCKETS = 4096
+FIRST_DELAY = 0.5  # seconds, before the answer to the first failure
+MAX_DELAY = 10.0
+FORGET = 900.0  # seconds without a failure after which an address starts over
+
+
+class AuthFailures:
+    def __init__(self, buckets: int = BUCKETS) -> None:
+        self.buckets = buckets
+        # MAP_SHARED | MAP_ANONYMOUS: the forked workers see the same pages.
+        self._map = mmap.mmap(-1, buckets * 2 * 8)
+        self._cells = memoryview(self._map).cast("d")
+
+    def _cell(self, address: str) -> int:
+        return 2 * (hash(_key(address)) % self.buckets)
+
+    def _count(self, cell: int, now: float) -> float:
+        failures, last = self._cells[cell], self._cells[cell + 1]
+        return failures if now - last < FORGET else 0.0
+
+    def delay(self, address: str, now: float | None = None) -> float:
+        """How long to wait before answering a failed AUTH from `address` (its earlier
+        failures decide)."""
+        now = time.monotonic() if now is None else now
+        failures = min(self._count(self._cell(address), now), 16.0)
+        return float(min(FIRST_DELAY * 2.0**failures, MAX_DELAY))
+
+    def failed(self, address: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        cell = self._cell(address)
+        self._cells[cell] = self._count(cell, now) + 1
+        self._cells[cell + 1] = now
+
+    def succeeded(self, address: str) -> None:
+        cell = self._cell(address)
+        self._cells[cell] = 0.0
+
+
+def _key(address: str) -> str:
+    """What the table counts by: the address, an IPv6 one's /64."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

@@ -1,0 +1,119 @@
+"""TLS for the listeners: the server-side contexts, built by the master (root) from the
+--tls-cert/--tls-key pairs before it forks, so that the workers get ready contexts and never read
+a key file (they could not: keys stay root's).
+
+The configuration follows Mozilla's "intermediate" recommendation (TLS 1.2 and 1.3; for 1.2 only
+ECDHE/DHE key exchange with AES-GCM or ChaCha20-Poly1305), what mail clients and servers of the
+last decade speak. Renegotiation and compression are off. Session tickets are off too: SMTP
+sessions are not resumed, and Microsoft's servers failed the STARTTLS handshake with some servers'
+tickets (chasquid #64, maddy #730).
+
+Several pairs may be given: pairs whose certificates name the same hosts share one context (an
+RSA and an ECDSA certificate for one name: the client's signature algorithms choose); pairs for
+other names get contexts of their own, chosen by the client's SNI; the first is the default.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# Mozilla's intermediate configuration, version 5.7 (TLS 1.2 suites; TLS 1.3's are OpenSSL's).
+CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    )
+)
+HANDSHAKE_TIMEOUT = 30.0  # seconds for a client to finish its handshake
+
+Pair = tuple[Path, Path]  # a certificate chain and its private key
+
+
+class TLSError(Exception):
+    """A certificate or key that cannot be used; the message names the file and the reason."""
+
+
+def server_context(pairs: Sequence[Pair]) -> ssl.SSLContext | None:
+    """The context for every TLS listener (None without certificates); raises TLSError."""
+    groups: dict[frozenset[str], list[Pair]] = {}
+    for cert, key in pairs:
+        groups.setdefault(frozenset(certificate_names(cert)), []).append((cert, key))
+    contexts = [(names, _context(members)) for names, members in groups.items()]
+    if not contexts:
+        return None
+    default = contexts[0][1]
+    if len(contexts) > 1:
+        default.sni_callback = _chooser(contexts)
+    return default
+
+
+def _context(pairs: list[Pair]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.num_tickets = 0
+    context.set_ciphers(CIPHERS)
+    for cert, key in pairs:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            raise TLSError(f"cannot use certificate {cert} with key {key}: {reason}") from exc
+    return context
+
+
+def certificate_names(cert: Path) -> list[str]:
+    """The DNS names a certificate is for (its subjectAltName, else its common name)."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSError(f"cannot read certificate {cert}: {exc}") from exc
+    names = [value.lower() for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS"]
+    if not names:
+        for rdn in decoded.get("subject", ()):
+            names += [value.lower() for kind, value in rdn if kind == "commonName"]
+    return names
+
+
+SNICallback = Callable[[ssl.SSLObject | ssl.SSLSocket, str | None, ssl.SSLContext], None]
+
+
+def _chooser(contexts: list[tuple[frozenset[str], ssl.SSLContext]]) -> SNICallback:
+    def choose(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: ssl.SSLContext) -> None:
+        if name is None:
+            return  # no SNI: the default context
+        for names, context in contexts:
+            if any(_matches(pattern, name.lower()) for pattern in names):
+                sock.context = context
+                return
+
+    return choose
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """A certificate name against a host name: exact, or a wildcard for one leftmost label."""
+    if pattern.startswith("*."):
+        return "." in name and name.split(".", 1)[1] == pattern[2:]
+    return pattern == name
+
+
+def describe(sslobj: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """What a Received: header says of a session's TLS, as Postfix writes it:
+    `TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)`."""
+    if sslobj is None:
+        return None
+    cipher = sslobj.cipher()
+    if cipher is None:
+        return None
+    name, version, bits = cipher
+    return f"{sslobj.version() or version} with cipher {name} ({bits}/{bits} bits)"

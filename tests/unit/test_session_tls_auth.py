@@ -1,0 +1,375 @@
+"""The SMTP session's STARTTLS (RFC 3207) and AUTH (RFC 4954, PLAIN and LOGIN): what each
+listener role offers and requires, the replies, the injection defence, and that no password
+reaches the command log. Pure: the handshake and the password check are the test's answers."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from mailerd.smtp import (
+    NEED_DATA,
+    PAUSED,
+    Address,
+    AuthRequest,
+    CloseConnection,
+    MessageComplete,
+    Rejected,
+    Reply,
+    Session,
+    SessionConfig,
+    StartTLS,
+)
+
+SUBMISSION = SessionConfig(
+    "mx.example", starttls=True, auth=True, tls_required=True, auth_required=True
+)
+SUBMISSIONS = SessionConfig("mx.example", implicit_tls=True, auth=True, auth_required=True)
+LOCAL = SessionConfig("mx.example", starttls=True, auth=True, auth_in_clear=True)
+NETWORK = SessionConfig("mx.example", starttls=True)
+NETWORK_TLS_REQUIRED = SessionConfig("mx.example", starttls=True, tls_required=True)
+QUEUED = Reply(250, "2.0.0", "Queued")
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+class Client:
+    """Drives a session; StartTLS and AuthRequest are answered when `handshake()` and
+    `verdict()` are called (or at once with `auto`)."""
+
+    def __init__(self, config: SessionConfig, *, auto: bool = True, owner: str = "alice"):
+        self.logged: list[bytes] = []
+        self.session = Session(
+            config, lambda a: None, self.logged.append, check_sender=self.check_sender
+        )
+        self.auto = auto
+        self.owner = owner
+        self.starts: list[StartTLS] = []
+        self.requests: list[AuthRequest] = []
+        self.rejected: list[Rejected] = []
+        self.closed = False
+        self.paused = False
+        self.verdicts: list[Reply] = []
+        assert [r.code for r in self.drain()] == [220]
+
+    def check_sender(self, sender: Address | None, user: str) -> Reply | None:
+        if sender is None or sender.local == user:
+            return None
+        return Reply(553, "5.7.1", f"Sender address rejected: not owned by user {user}")
+
+    def drain(self) -> list[Reply]:
+        replies: list[Reply] = []
+        while True:
+            event = self.session.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                self.paused = event is PAUSED
+                return replies
+            if isinstance(event, Reply):
+                replies.append(event)
+            elif isinstance(event, StartTLS):
+                self.starts.append(event)
+                if self.auto:
+                    self.session.tls_started()
+            elif isinstance(event, AuthRequest):
+                self.requests.append(event)
+                if self.auto:
+                    self.verdicts.append(self.session.auth_done(self.check(event)))
+            elif isinstance(event, Rejected):
+                self.rejected.append(event)
+            elif isinstance(event, MessageComplete):
+                self.session.commit_done(QUEUED)
+            elif isinstance(event, CloseConnection):
+                self.closed = True
+                return replies
+
+    def check(self, request: AuthRequest) -> str | None:
+        return "alice" if (request.login, request.password) == ("alice", "secret") else None
+
+    def send(self, data: bytes) -> list[Reply]:
+        self.session.receive_data(data)
+        return self.drain()
+
+    def cmd(self, line: str) -> Reply:
+        replies = self.send(line.encode() + b"\r\n")
+        assert len(replies) == 1, replies
+        return replies[0]
+
+    def ehlo(self) -> list[str]:
+        reply = self.cmd("EHLO client.example")
+        assert reply.code == 250
+        return reply.text.split("\n")[1:]
+
+
+def code(reply: Reply) -> tuple[int, str | None]:
+    return reply.code, reply.status
+
+
+PLAIN_OK = f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'secret')}"
+PLAIN_BAD = f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'wrong')}"
+
+
+# --- what each role offers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, before, inside",
+    [
+        (SUBMISSION, ["STARTTLS"], ["AUTH PLAIN LOGIN"]),
+        (LOCAL, ["STARTTLS", "AUTH PLAIN LOGIN"], ["AUTH PLAIN LOGIN"]),
+        (NETWORK, ["STARTTLS"], []),
+        (SessionConfig("mx.example"), [], None),
+    ],
+    ids=["submission", "local", "network", "no-certificate"],
+)
+def test_ehlo_offers(config, before, inside):
+    c = Client(config)
+    keywords = c.ehlo()
+    assert [k for k in keywords if k.startswith(("STARTTLS", "AUTH"))] == before
+    assert keywords[-1] == "HELP"
+    if inside is None:
+        assert code(c.cmd("STARTTLS")) == (502, "5.5.1")
+        return
+    assert code(c.cmd("STARTTLS")) == (220, "2.0.0")
+    assert [k for k in c.ehlo() if k.startswith(("STARTTLS", "AUTH"))] == inside
+
+
+def test_implicit_tls_offers_auth_and_refuses_starttls():
+    c = Client(SUBMISSIONS)
+    assert "AUTH PLAIN LOGIN" in c.ehlo() and "STARTTLS" not in c.ehlo()
+    assert code(c.cmd("STARTTLS")) == (503, "5.5.1")
+    assert c.session.tls
+
+
+# --- STARTTLS ---------------------------------------------------------------------------------
+
+
+def test_starttls_replies():
+    c = Client(NETWORK)
+    c.ehlo()
+    assert code(c.cmd("STARTTLS now")) == (501, "5.5.4")
+    reply = c.cmd("STARTTLS")
+    assert reply.to_bytes() == b"220 2.0.0 Ready to start TLS\r\n"
+    assert c.session.tls and c.starts == [StartTLS(0)]
+    assert code(c.cmd("STARTTLS")) == (503, "5.5.1")
+
+
+def test_the_session_starts_over_after_the_handshake():
+    c = Client(NETWORK)
+    c.ehlo()
+    assert c.cmd("MAIL FROM:<a@b.example>").code == 250
+    assert code(c.cmd("STARTTLS")) == (503, "5.5.1")  # not inside a transaction
+    assert c.cmd("RSET").code == 250
+    assert c.cmd("STARTTLS").code == 220
+    assert code(c.cmd("MAIL FROM:<a@b.example>")) == (503, "5.5.1")  # EHLO first, again
+    c.ehlo()
+    assert c.cmd("MAIL FROM:<a@b.example>").code == 250
+
+
+def test_bytes_behind_starttls_are_discarded_not_executed():
+    c = Client(NETWORK, auto=False)
+    c.ehlo()
+    replies = c.send(b"STARTTLS\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<a@b.example>\r\n")
+    assert [r.code for r in replies] == [220]
+    assert c.starts == [StartTLS(len(b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<a@b.example>\r\n"))]
+    assert c.paused  # nothing happens until the handshake is done
+    # What comes now is from inside TLS: kept, and read after the handshake.
+    assert c.send(b"EHLO client.example\r\n") == [] and c.paused
+    c.session.tls_started()
+    replies = c.drain()
+    assert [r.code for r in replies] == [250]
+    assert c.cmd("MAIL FROM:<a@b.example>").code == 250
+    assert c.rejected == []  # the injected MAIL was never a command
+
+
+def test_no_tls_no_mail_where_required():
+    c = Client(NETWORK_TLS_REQUIRED)
+    c.ehlo()
+    reply = c.cmd("MAIL FROM:<a@b.example>")
+    assert reply.to_bytes() == b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+    c.cmd("STARTTLS")
+    c.ehlo()
+    assert c.cmd("MAIL FROM:<a@b.example>").code == 250
+
+
+def test_starttls_is_refused_before_ehlo_nowhere():
+    """RFC 3207 allows STARTTLS before EHLO; the session takes it."""
+    c = Client(NETWORK)
+    assert c.cmd("STARTTLS").code == 220
+
+
+# --- AUTH -------------------------------------------------------------------------------------
+
+
+def test_submission_wants_tls_then_auth():
+    c = Client(SUBMISSION)
+    c.ehlo()
+    assert code(c.cmd(PLAIN_OK)) == (538, "5.7.11")
+    assert code(c.cmd("MAIL FROM:<alice@example.org>")) == (530, "5.7.0")
+    c.cmd("STARTTLS")
+    c.ehlo()
+    reply = c.cmd("MAIL FROM:<alice@example.org>")
+    assert reply.to_bytes() == b"530 5.7.0 Authentication required\r\n"
+    assert c.cmd(PLAIN_OK).to_bytes() == b"235 2.7.0 Authentication successful\r\n"
+    assert c.session.user == "alice"
+    assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+
+
+def test_plain_with_and_without_initial_response():
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    challenge = c.cmd("AUTH PLAIN")
+    assert challenge.to_bytes() == b"334 \r\n"
+    assert c.cmd(b64("\0alice\0secret")).code == 235
+    assert c.requests[-1] == AuthRequest("PLAIN", "alice", "secret")
+
+
+def test_login_prompts_and_initial_user_name():
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    assert c.cmd("AUTH LOGIN").to_bytes() == b"334 VXNlcm5hbWU6\r\n"
+    assert c.cmd(b64("alice")).to_bytes() == b"334 UGFzc3dvcmQ6\r\n"
+    assert code(c.cmd(b64("secret"))) == (235, "2.7.0")
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    assert c.cmd(f"auth login {b64('alice')}").to_bytes() == b"334 UGFzc3dvcmQ6\r\n"
+    assert c.cmd(b64("secret")).code == 235
+
+
+@pytest.mark.parametrize(
+    "steps, expected",
+    [
+        (["AUTH"], (501, "5.5.4")),
+        (["AUTH CRAM-MD5"], (504, "5.5.4")),
+        (["AUTH PLAIN", "*"], (501, "5.7.0")),
+        (["AUTH LOGIN", "*"], (501, "5.7.0")),
+        (["AUTH LOGIN", b64("alice"), "*"], (501, "5.7.0")),
+        (["AUTH PLAIN !!!"], (501, "5.5.2")),
+        (["AUTH PLAIN", "not base64"], (501, "5.5.2")),
+        ([f"AUTH PLAIN {b64('just-a-name')}"], (501, "5.5.2")),
+        ([f"AUTH PLAIN {b64('bob' + chr(0) + 'alice' + chr(0) + 'secret')}"], (501, "5.5.2")),
+        (["AUTH LOGIN", b64("alice"), "\xff"], (501, "5.5.2")),
+    ],
+)
+def test_auth_errors_leave_the_session_usable(steps, expected):
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    for step in steps[:-1]:
+        assert c.cmd(step).code == 334
+    assert code(c.cmd(steps[-1])) == expected
+    assert c.requests == [] and c.session.user is None
+    assert c.cmd("NOOP").code == 250
+    assert c.cmd(PLAIN_OK).code == 235
+
+
+def test_auth_sequence_errors():
+    c = Client(SUBMISSIONS)
+    assert code(c.cmd(PLAIN_OK)) == (503, "5.5.1")  # before EHLO
+    c.cmd("HELO client.example")
+    assert code(c.cmd(PLAIN_OK)) == (503, "5.5.1")  # AUTH is an ESMTP extension
+    c.ehlo()
+    assert c.cmd(PLAIN_OK).code == 235
+    assert code(c.cmd(PLAIN_OK)) == (503, "5.5.1")  # twice
+    c = Client(LOCAL)
+    c.ehlo()
+    assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+    assert code(c.cmd(PLAIN_OK)) == (503, "5.5.1")  # inside a transaction
+
+
+def test_the_network_listener_knows_no_auth():
+    c = Client(NETWORK)
+    c.ehlo()
+    c.cmd("STARTTLS")
+    c.ehlo()
+    assert code(c.cmd(PLAIN_OK)) == (502, "5.5.1")
+    assert c.requests == [] and c.session.user is None
+
+
+def test_the_local_listener_takes_auth_in_clear_text():
+    c = Client(LOCAL)
+    c.ehlo()
+    assert c.cmd(PLAIN_OK).code == 235 and not c.session.tls
+
+
+def test_failures_then_421_at_the_third():
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    assert c.cmd(PLAIN_BAD).to_bytes() == b"535 5.7.8 Authentication credentials invalid\r\n"
+    assert code(c.cmd(PLAIN_BAD)) == (535, "5.7.8")
+    assert c.cmd("NOOP").code == 250
+    reply = c.cmd(PLAIN_BAD)
+    assert code(reply) == (421, "4.7.0") and reply.close and c.closed
+    assert c.verdicts == [c.verdicts[0], c.verdicts[0], reply]  # what auth_done returned
+    assert c.rejected == []  # the I/O layer logs AUTH failures itself, with the user
+
+
+def test_a_success_after_failures_is_a_success():
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    for _ in range(2):
+        assert c.cmd(PLAIN_BAD).code == 535
+    assert c.cmd(PLAIN_OK).code == 235
+
+
+def test_the_session_waits_for_the_verdict():
+    c = Client(SUBMISSIONS, auto=False)
+    c.ehlo()
+    assert c.send(f"{PLAIN_OK}\r\nNOOP\r\n".encode()) == [] and c.paused
+    assert c.requests == [AuthRequest("PLAIN", "alice", "secret")]
+    reply = c.session.auth_done("alice")
+    assert [r.code for r in c.drain()] == [235, 250]  # then the pipelined NOOP
+    assert reply.code == 235
+
+
+def test_an_unavailable_check_is_a_temporary_failure():
+    c = Client(SUBMISSIONS, auto=False)
+    c.ehlo()
+    c.send(f"{PLAIN_OK}\r\n".encode())
+    assert code(c.session.auth_done(None, unavailable=True)) == (454, "4.7.0")
+    assert [code(r) for r in c.drain()] == [(454, "4.7.0")]
+
+
+def test_protocol_misuse_of_the_api_raises():
+    c = Client(SUBMISSIONS, auto=False)
+    with pytest.raises(RuntimeError):
+        c.session.auth_done("alice")
+    with pytest.raises(RuntimeError):
+        c.session.tls_started()
+
+
+def test_the_password_never_reaches_the_command_log_nor_an_events_repr():
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    c.cmd(PLAIN_BAD)
+    c.cmd("AUTH LOGIN")
+    c.cmd(b64("alice"))
+    c.cmd(b64("secret"))
+    logged = b"\n".join(c.logged)
+    for secret in (b"secret", b"wrong", b64("secret").encode(), PLAIN_BAD.split()[2].encode()):
+        assert secret not in logged
+    assert b"AUTH PLAIN ***" in logged and b"AUTH LOGIN" in logged
+    assert "secret" not in repr(c.requests) and "wrong" not in repr(c.requests)
+
+
+def test_mail_auth_parameter_is_taken_where_auth_is_offered():
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    c.cmd(PLAIN_OK)
+    assert c.cmd("MAIL FROM:<alice@example.org> AUTH=<>").code == 250
+    c = Client(NETWORK)
+    c.ehlo()
+    assert code(c.cmd("MAIL FROM:<alice@example.org> AUTH=<>")) == (555, "5.5.4")
+
+
+def test_an_authenticated_user_sends_as_themselves():
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    c.cmd(PLAIN_OK)
+    reply = c.cmd("MAIL FROM:<bob@example.org>")
+    assert reply.to_bytes() == b"553 5.7.1 Sender address rejected: not owned by user alice\r\n"
+    assert [r.verb for r in c.rejected] == ["MAIL"]  # logged like every refused MAIL
+    assert c.cmd("MAIL FROM:<>").code == 250
+    c.cmd("RSET")
+    assert c.cmd("MAIL FROM:<alice@example.org>").code == 250

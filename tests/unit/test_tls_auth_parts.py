@@ -1,0 +1,319 @@
+"""The parts of TLS and authenticated submission below the session: the options and their
+checks (config), the server context (tls), the passwd file (credentials), the failed-AUTH
+table the workers share (ipc.authfailures), whose sender addresses a user owns (policy), and
+what each listener role offers (worker.process.session_config)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from certs import CA, make_ca
+
+from mailerd import config, credentials, policy, tls
+from mailerd.aliases import Aliases
+from mailerd.config import ConfigError
+from mailerd.ipc.authfailures import AuthFailures
+from mailerd.smtp import Address
+from mailerd.worker.process import session_config
+
+BASE = ["-n", "none", "-l", "127.0.0.1:2525", "-d", "example.org", "-H", "mx.example.org"]
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory) -> CA:
+    return make_ca(tmp_path_factory.mktemp("ca"))
+
+
+def load(*args: str) -> config.Config:
+    return config.load([*BASE, *args])
+
+
+# --- options ----------------------------------------------------------------------------------
+
+
+def test_submission_listeners_default_to_587_and_465(ca):
+    pair = ca.issue("mx.example.org")
+    cfg = load(
+        "--tls-cert", str(pair.cert), "--tls-key", str(pair.key),
+        "--listen-submission", "127.0.0.1", "--listen-submission", "[::1]:2587",
+        "--listen-submissions", "::1",
+    )  # fmt: skip
+    roles = [(a.host, a.port, a.role) for a in cfg.listeners]
+    assert roles == [
+        ("127.0.0.1", 2525, config.LOCAL),
+        ("127.0.0.1", 587, config.SUBMISSION),
+        ("::1", 2587, config.SUBMISSION),
+        ("::1", 465, config.SUBMISSIONS),
+    ]
+    assert cfg.tls_pairs == ((pair.cert, pair.key),)
+    assert [a.trusted for a in cfg.listeners] == [True, False, False, False]
+    assert [a.implicit_tls for a in cfg.listeners] == [False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--listen-submission", "127.0.0.1"], "submission needs TLS"),
+        (["--listen-submissions", "127.0.0.1"], "submission needs TLS"),
+        (["--tls-required"], "tls-required"),
+        (["--tls-cert", "a.pem"], "1 certificate(s) but 0 key(s)"),
+        (["--tls-cert", "a.pem", "--tls-key", "a.key", "--tls-key", "b.key"], "but 2 key(s)"),
+        (["--listen-submission", "127.0.0.1:2525", "--tls-cert", "a", "--tls-key", "b"], "twice"),
+    ],
+)
+def test_bad_tls_options(args, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        load(*args)
+
+
+def test_the_config_file_pairs_certificates_with_keys_in_order(tmp_path: Path, ca):
+    rsa, ecdsa = ca.issue("mx.example.org", tag="c1"), ca.issue("mx.example.org", kind="ecdsa")
+    ini = tmp_path / "mailerd.conf"
+    ini.write_text(
+        "[mailerd]\n"
+        f"tls-cert = {rsa.cert}, {ecdsa.cert}\n"
+        f"tls-key = {rsa.key}, {ecdsa.key}\n"
+        "tls-required = yes\n"
+        f"passwd = {tmp_path / 'passwd'}\n"
+        "listen-submissions = 127.0.0.1:2465\n"
+    )
+    cfg = load("-c", str(ini))
+    assert cfg.tls_pairs == ((rsa.cert, rsa.key), (ecdsa.cert, ecdsa.key))
+    assert cfg.tls_required and cfg.passwd_file == tmp_path / "passwd"
+    loaded = config.load_files(cfg)
+    assert isinstance(loaded.tls_context, ssl.SSLContext) and len(loaded.credentials) == 0
+
+
+def test_load_files_names_the_file_that_cannot_be_used(tmp_path: Path, ca):
+    pair, other = ca.issue("mx.example.org", tag="p"), ca.issue("mx.example.org", kind="ecdsa")
+    cfg = load("--tls-cert", str(pair.cert), "--tls-key", str(other.key))
+    with pytest.raises(ConfigError, match=str(pair.cert)):
+        config.load_files(cfg)
+    cfg = load("--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(pair.key))
+    with pytest.raises(ConfigError, match="none.pem"):
+        config.load_files(cfg)
+    broken = tmp_path / "passwd"
+    broken.write_text("alice:plaintext\n")
+    with pytest.raises(ConfigError, match=f"{broken}, line 1"):
+        config.load_files(load("--passwd", str(broken)))
+
+
+def test_relative_certificate_paths_mean_the_start_directory(tmp_path: Path):
+    cfg = config.absolute(load("--tls-cert", "c.pem", "--tls-key", "k.pem"), tmp_path)
+    assert cfg.tls_pairs == ((tmp_path / "c.pem", tmp_path / "k.pem"),)
+
+
+# --- what each role offers ----------------------------------------------------------------
+
+
+def test_session_config_by_role(tmp_path: Path, ca):
+    pair = ca.issue("mx.example.org", tag="roles")
+    passwd = tmp_path / "passwd"
+    credentials.write(str(passwd), {"alice": credentials.hash_password("x")})
+    args = [
+        *BASE[2:], "-n", "127.0.0.1:2526", "--tls-cert", str(pair.cert), "--tls-key", str(pair.key),
+        "--listen-submission", "127.0.0.1:2587", "--listen-submissions", "127.0.0.1:2465",
+        "--passwd", str(passwd), "--tls-required",
+    ]  # fmt: skip
+    cfg = config.load_files(config.load(args))
+    offered = {a.role: session_config(cfg, a) for a in cfg.listeners if a.host == "127.0.0.1"}
+
+    def flags(role: str) -> tuple[bool, ...]:
+        s = offered[role]
+        return (s.starttls, s.implicit_tls, s.auth, s.auth_in_clear, s.tls_required,
+                s.auth_required)  # fmt: skip
+
+    assert flags(config.LOCAL) == (True, False, True, True, False, False)
+    assert flags(config.NETWORK) == (True, False, False, False, True, False)
+    assert flags(config.SUBMISSION) == (True, False, True, False, True, True)
+    assert flags(config.SUBMISSIONS) == (False, True, True, False, False, True)
+    # Without passwords the local listener offers no AUTH; without a certificate, no STARTTLS.
+    plain = config.load_files(load("--passwd", str(tmp_path / "none")))
+    local = session_config(plain, plain.listeners[0])
+    assert (local.starttls, local.auth) == (False, False)
+
+
+# --- the server context -------------------------------------------------------------------
+
+
+def handshake(context: ssl.SSLContext, client: ssl.SSLContext, name: str | None) -> bytes:
+    """One in-memory handshake; the certificate the server presented (DER)."""
+    a, b = socket.socketpair()
+    with a, b:
+        server = threading.Thread(target=_serve, args=(context, a))
+        server.start()
+        with client.wrap_socket(b, server_hostname=name) as conn:
+            cert = conn.getpeercert(binary_form=True)
+        server.join(10)
+    assert cert is not None
+    return cert
+
+
+def _serve(context: ssl.SSLContext, sock: socket.socket) -> None:
+    try:
+        with context.wrap_socket(sock, server_side=True) as conn:
+            conn.recv(1)
+    except (OSError, ssl.SSLError):
+        pass
+
+
+def der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def test_sni_chooses_among_names_and_the_first_is_the_default(ca):
+    first = ca.issue("mx.example.org", "smtp.example.org", tag="sni1")
+    second = ca.issue("mail.example.net", "*.example.com", tag="sni2")
+    context = tls.server_context([(first.cert, first.key), (second.cert, second.key)])
+    assert context is not None
+    client = ssl.create_default_context(cafile=str(ca.cert))
+    assert handshake(context, client, "mail.example.net") == der(second.cert)
+    assert handshake(context, client, "mx.example.com") == der(second.cert)  # the wildcard
+    assert handshake(context, client, "smtp.example.org") == der(first.cert)
+    unchecked = ssl.create_default_context(cafile=str(ca.cert))
+    unchecked.check_hostname = False
+    assert handshake(context, unchecked, None) == der(first.cert)
+    assert handshake(context, unchecked, "unknown.example") == der(first.cert)
+
+
+def test_the_context_speaks_tls_12_and_13_only(ca):
+    pair = ca.issue("mx.example.org", tag="versions")
+    context = tls.server_context([(pair.cert, pair.key)])
+    assert context is not None
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.options & ssl.OP_NO_COMPRESSION and context.options & ssl.OP_NO_TICKET
+    assert context.options & ssl.OP_NO_RENEGOTIATION
+    names = {c["name"] for c in context.get_ciphers()}
+    assert not any("CBC" in n or "RC4" in n or n.startswith("AES") for n in names), names
+    assert tls.server_context([]) is None
+
+
+def test_describe_as_postfix_writes_it(ca):
+    pair = ca.issue("mx.example.org", tag="describe")
+    context = tls.server_context([(pair.cert, pair.key)])
+    assert context is not None
+    a, b = socket.socketpair()
+    client = ssl.create_default_context(cafile=str(ca.cert))
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    with a, b:
+        server = threading.Thread(target=_serve, args=(context, a))
+        server.start()
+        with client.wrap_socket(b, server_hostname="mx.example.org") as conn:
+            name, _, bits = conn.cipher()
+            assert tls.describe(conn) == f"TLSv1.2 with cipher {name} ({bits}/{bits} bits)"
+        server.join(10)
+    assert tls.describe(None) is None
+
+
+# --- the passwd file ------------------------------------------------------------------------
+
+
+def test_passwords_round_trip_and_the_file_is_not_for_everyone(tmp_path: Path):
+    path = tmp_path / "etc" / "passwd"
+    credentials.write(str(path), {"alice": credentials.hash_password("s3cret")})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert "s3cret" not in path.read_text() and path.read_text().startswith("alice:$argon2id$")
+    table = credentials.Credentials.load(str(path))
+    domains = ("example.org",)
+    assert table.verify("alice", "s3cret", domains) == "alice"
+    assert table.verify("Alice@mail.example.org", "s3cret", domains) == "alice"
+    assert table.verify("alice", "wrong", domains) is None
+    assert table.verify("alice@remote.example", "s3cret", domains) is None
+    assert table.verify("bob", "s3cret", domains) is None  # unknown: the same cost, no error
+    assert credentials.Credentials.load(str(tmp_path / "missing")).hashes == {}
+
+
+@pytest.mark.parametrize("line", ["alice", "alice:secret", "../x:$argon2id$v=19$m=1,t=1,p=1$a$b"])
+def test_a_broken_passwd_line_is_refused(tmp_path: Path, line: str):
+    path = tmp_path / "passwd"
+    path.write_text(f"# comment\n\n{line}\n")
+    with pytest.raises(credentials.CredentialsError, match="line 3"):
+        credentials.Credentials.load(str(path))
+
+
+def test_the_hash_parameters_are_rfc_9106s():
+    hashed = credentials.hash_password("x")
+    assert "$m=65536,t=3,p=4$" in hashed
+
+
+# --- failed AUTH, shared --------------------------------------------------------------------
+
+
+def test_the_delay_doubles_per_failure_up_to_ten_seconds():
+    table = AuthFailures(256)
+    delays = []
+    for _ in range(7):
+        delays.append(table.delay("192.0.2.1", now=100.0))
+        table.failed("192.0.2.1", now=100.0)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert table.delay("192.0.2.2", now=100.0) == 0.5  # another address
+
+
+def test_failures_are_forgotten_after_a_quiet_while_or_a_login():
+    table = AuthFailures(256)
+    table.failed("192.0.2.1", now=0.0)
+    table.failed("192.0.2.1", now=1.0)
+    assert table.delay("192.0.2.1", now=2.0) == 2.0
+    assert table.delay("192.0.2.1", now=1.0 + 901) == 0.5
+    table.failed("192.0.2.1", now=1000.0)
+    table.succeeded("192.0.2.1")
+    assert table.delay("192.0.2.1", now=1000.0) == 0.5
+
+
+def test_an_ipv6_address_counts_by_its_64():
+    table = AuthFailures(256)
+    table.failed("2001:db8:1:2::1", now=0.0)
+    table.failed("2001:db8:1:2:ffff::9", now=0.0)
+    assert table.delay("2001:db8:1:2::77", now=1.0) == 2.0
+    assert table.delay("2001:db8:1:3::1", now=1.0) == 0.5
+
+
+def test_a_forked_worker_sees_the_others_failures():
+    table = AuthFailures(256)
+    pid = os.fork()
+    if pid == 0:
+        table.failed("198.51.100.7", now=5.0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert table.delay("198.51.100.7", now=6.0) == 1.0
+
+
+# --- whose addresses ----------------------------------------------------------------------
+
+
+ALIASES = "team: alice, bob\nsales: alice\nother: bob\nchain: sales\n"
+
+
+@pytest.mark.parametrize(
+    "sender, owned",
+    [
+        ("alice@example.org", True),
+        ("Alice@Mail.Example.Org", True),  # any local domain, any case
+        ("alice+lists@example.org", True),
+        ("sales@example.org", True),
+        ("chain@example.org", True),  # an alias of an alias of alice
+        ("team@example.org", True),  # a group alice is in
+        ("sales+x@example.org", True),
+        ("other@example.org", False),
+        ("bob@example.org", False),
+        ("alice@remote.example", False),
+        ("alicex@example.org", False),
+        ("alice%remote.example@example.org", False),
+        ("postmaster@example.org", False),
+    ],
+)
+def test_sender_owned(tmp_path: Path, sender: str, owned: bool):
+    path = tmp_path / "aliases"
+    path.write_text(ALIASES)
+    table = Aliases.load(str(path), ("example.org",))
+    local, _, domain = sender.rpartition("@")
+    result = policy.sender_owned(
+        Address(local, domain, False), "alice", local_domains=("example.org",), aliases=table
+    )
+    assert result is owned
