@@ -176,7 +176,7 @@ class Session(Commands):
 
     def tls_started(self) -> None:
         """The TLS handshake asked for by StartTLS is done: the session starts over (RFC 3207
-        4.2: the client says EHLO again; nothing said before TLS counts)."""
+        4.2: the client says EHLO again; nothing said before TLS counts, an AUTH neither)."""
         if self._state is _State.CLOSED:
             return
         if self._state is not _State.HANDSHAKE:
@@ -184,6 +184,7 @@ class Session(Commands):
         self._tls = True
         self._helo = None
         self._esmtp = False
+        self._user = None
         self._clear_transaction()
         self._state = _State.COMMAND
 

@@ -234,18 +234,24 @@ class Connection(asyncio.Protocol):
         self.pump()
 
     async def authenticate(self, request: AuthRequest) -> None:
-        """Check the password in a thread (argon2 takes a tenth of a second on purpose); a
-        failure is answered only after the client address's delay, and logged."""
+        """Check the password in a thread (argon2 takes a tenth of a second on purpose), unless
+        the same login passed a moment ago; a failure is answered only after the client
+        address's delay, and logged."""
         worker = self.worker
         unavailable = False
+        user = worker.recent_logins.get(request.login, request.password, worker.loop.time())
         try:
-            user = await worker.loop.run_in_executor(
-                worker.password_checks,
-                worker.cfg.credentials.verify,
-                request.login,
-                request.password,
-                worker.cfg.domains,
-            )
+            if user is None:
+                user = await worker.loop.run_in_executor(
+                    worker.password_checks,
+                    worker.cfg.credentials.verify,
+                    request.login,
+                    request.password,
+                    worker.cfg.domains,
+                )
+                if user is not None:
+                    now = worker.loop.time()
+                    worker.recent_logins.add(request.login, request.password, user, now)
         except Exception as exc:
             log.error("checking a password for %s failed: %r", self.client, exc)
             user, unavailable = None, True

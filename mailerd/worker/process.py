@@ -30,6 +30,7 @@ from setproctitle import setproctitle
 
 from mailerd import config, durable, eventloop, intake, lifecycle, privileges, tls
 from mailerd.config import Config, ListenAddress
+from mailerd.credentials import RecentLogins
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import Client
 from mailerd.ipc.messages import Commit, Outcome, RetryLocal
@@ -68,6 +69,7 @@ class Worker:
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads: a
         # flood of AUTH attempts waits in line instead of taking the worker's memory.
         self.password_checks = ThreadPoolExecutor(2, thread_name_prefix="auth")
+        self.recent_logins = RecentLogins()
         self.auth_failures = auth_failures or AuthFailures(64)  # (alone: counts its own)
         private = private_dir or cfg.queue / "private"
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)

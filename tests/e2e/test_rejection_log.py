@@ -2,9 +2,10 @@
 fail2ban filter shipped in etc/fail2ban matches the abusive ones and nothing else.
 
 One module-scoped run provokes each rejection kind once, with real clients over real sockets on
-127.0.0.1 and ::1, against two servers started without -v: "main" (--max-errors 2, an aliases
-file with a loop, --max-message-size) and "caps" (one worker, --max-sessions-per-ip 1,
---max-sessions 2). The kinds run one after the other, each in sessions that are over (QUIT or
+127.0.0.1 and ::1, against three servers started without -v: "main" (--max-errors 2, an aliases
+file with a loop, --max-message-size), "caps" (one worker, --max-sessions-per-ip 1,
+--max-sessions 2) and "auth" (a certificate, a submission listener, a user with a password:
+AUTH failures are abuse, an authenticated user's wrong sender address is not). The kinds run one after the other, each in sessions that are over (QUIT or
 the server's close, then EOF) before the next starts, so the log lines that appear during one
 kind are that kind's alone. The tests then check those lines, and run Debian's fail2ban-regex
 over the servers' whole logs: as written (the foreground and --log-file format) and rewritten
@@ -14,9 +15,11 @@ fail2ban-client reads them.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
+import ssl
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, Mailerd, Reply, SMTPConn, expect, finish, wait_until
+from certs import make_ca
+
+from mailerd import credentials
+
+from .conftest import REPO, Mailerd, Reply, SMTPConn, expect, finish, free_port, wait_until
 
 FILTER = REPO / "etc" / "fail2ban" / "filter.d" / "mailerd.conf"
 JAIL = REPO / "etc" / "fail2ban" / "jail.d" / "mailerd.conf"
@@ -35,6 +42,7 @@ COMMON_CONF = Path("/etc/fail2ban/filter.d/common.conf")
 MAX_SIZE = 10_000
 ALIASES = "loop1: loop2\nloop2: loop1\n"
 USER = "alice"  # a mailbox, for the transactions that get as far as DATA
+SUBMITTER, PASSWORD = "sally", "Correct-Horse-7"  # the "auth" server's user
 MBOX_USER = "mboxuser"  # a plain file in the spool where this mailbox would be
 
 # "2026-12-04 15:22:45,985 mailerd[123]: text" (mailerd/log.py, FOREGROUND_FORMAT); any program
@@ -158,6 +166,52 @@ def _queue_write_fails(m: Mailerd, host: str) -> Reply:
         msg.chmod(mode)
     _quit(c)
     return reply
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _auth_plain(login: str, password: str) -> Callable[[Mailerd, str], Reply]:
+    """A wrong password, on the local listener (it offers AUTH in clear text: loopback)."""
+
+    def provoke(m: Mailerd, host: str) -> Reply:
+        c = _open(m, host, trusted=True, helo="guesser.test")
+        reply = c.cmd(f"AUTH PLAIN {_b64(chr(0) + login + chr(0) + password)}")
+        _quit(c)
+        return reply
+
+    return provoke
+
+
+def _auth_login(login: str, password: str) -> Callable[[Mailerd, str], Reply]:
+    def provoke(m: Mailerd, host: str) -> Reply:
+        c = _open(m, host, trusted=True, helo="guesser.test")
+        expect(c.cmd("AUTH LOGIN"), 334, conn=c)
+        expect(c.cmd(_b64(login)), 334, conn=c)
+        reply = c.cmd(_b64(password))
+        _quit(c)
+        return reply
+
+    return provoke
+
+
+def _foreign_sender(m: Mailerd, host: str) -> Reply:
+    """An authenticated user on the submission listener gives another's address."""
+    c = SMTPConn(host, SUBMISSION_PORTS[m.name])
+    c.start("laptop.test")
+    expect(c.cmd("STARTTLS"), 220, conn=c)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    c.sock = context.wrap_socket(c.sock, server_hostname="mx.example.org")
+    expect(c.cmd("EHLO laptop.test"), 250, conn=c)
+    expect(c.cmd(f"AUTH PLAIN {_b64(chr(0) + SUBMITTER + chr(0) + PASSWORD)}"), 235, conn=c)
+    reply = c.cmd(f"MAIL FROM:<{USER}@example.org>")
+    _quit(c)
+    return reply
+
+
+SUBMISSION_PORTS: dict[str, int] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +390,39 @@ KINDS = [
         banned=True,
         server="caps",
     ),
+    # AUTH: a wrong password or an unknown user is guessing; the user name the client gave
+    # comes after the reply, where it cannot name an address to ban
+    Kind(
+        "auth-wrong-password",
+        _auth_plain(SUBMITTER, "guess1"),
+        V4,
+        "AUTH",
+        "535 5.7.8 Authentication credentials invalid",
+        f"mechanism=PLAIN user={SUBMITTER}",
+        banned=True,
+        server="auth",
+    ),
+    Kind(
+        "auth-unknown-user",
+        _auth_login("nobody from unknown[192.0.2.66]", "guess2"),
+        V6,
+        "AUTH",
+        "535 5.7.8 Authentication credentials invalid",
+        "mechanism=LOGIN user=nobody from unknown[192.0.2.66]",
+        banned=True,
+        server="auth",
+    ),
+    # ... but an authenticated user who picked the wrong From address is no attacker
+    Kind(
+        "sender-not-owned",
+        _foreign_sender,
+        V4,
+        "MAIL",
+        f"553 5.7.1 Sender address rejected: not owned by user {SUBMITTER}",
+        _fields(f"{USER}@example.org", None, "laptop.test"),
+        banned=False,
+        server="auth",
+    ),
     Kind(
         "too-many-sessions-in-all",
         _total_cap,
@@ -394,7 +481,19 @@ def run(tmp_path_factory) -> Iterator[Run]:
         workers=1,  # a closed session is released before the next connection is looked at
         extra=["--max-sessions-per-ip", "1", "--max-sessions", "2"],
     )
-    servers = {"main": main, "caps": caps}
+    pki = make_ca(base / "ca")
+    pair = pki.issue("mx.example.org")
+    passwd = base / "passwd"
+    credentials.write(str(passwd), {SUBMITTER: credentials.hash_password(PASSWORD)})
+    SUBMISSION_PORTS["auth"] = port = free_port()
+    auth = Mailerd(
+        base / "auth",
+        name="auth",
+        extra=["--tls-cert", str(pair.cert), "--tls-key", str(pair.key), "--passwd", str(passwd)]
+        + ["--listen-submission", f"127.0.0.1:{port}", "--listen-submission", f"[::1]:{port}"],
+    )
+    auth.add_user(SUBMITTER)
+    servers = {"main": main, "caps": caps, "auth": auth}
     try:
         for m in servers.values():
             assert "-v" not in m.argv() and "--verbose" not in m.argv()

@@ -1,5 +1,6 @@
 """scripts/server as a new user runs it: it says it is listening only once it is, and every
-command it prints works (swaks, curl, sendmail) and lands a message in the mailbox it names.
+command it prints works (swaks, curl, sendmail, and swaks with STARTTLS and AUTH on the
+submission port) and lands a message in the mailbox it names.
 
 It runs in a copy of the checkout (its `var/` is the copy's) that shares this checkout's .venv,
 on its fixed port 2525; skipped when that port is taken.
@@ -93,7 +94,8 @@ def test_scripts_server_prints_commands_that_work(server):
     with socket.create_connection(("127.0.0.1", PORT), timeout=5) as s:
         assert s.recv(100).startswith(b"220 ")
     commands = [line.strip() for line in text().splitlines() if line.startswith("  ")]
-    assert len(commands) == 3, text()
+    assert len(commands) == 4, text()
+    assert "--tls --auth" in commands[3], commands
     match = re.search(r"It lands in var/spool/(\S+)/1", text())
     assert match, text()
     mailbox = checkout / "var" / "spool" / match[1]
@@ -104,7 +106,10 @@ def test_scripts_server_prints_commands_that_work(server):
         assert run.returncode == 0, f"{command}\n{run.stdout}\n{run.stderr}"
         assert wait_until(lambda n=n: (mailbox / str(n)).exists(), 10), (command, text())
     time.sleep(0.2)
-    assert sorted(p.name for p in mailbox.iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+    assert sorted(p.name for p in mailbox.iterdir() if p.name.isdigit()) == ["1", "2", "3", "4"]
+    submitted = (mailbox / "4").read_bytes()
+    assert re.search(rb"\(using TLSv1\.[23] with cipher ", submitted), submitted[:600]
+    assert b" with ESMTPSA id " in submitted, submitted[:600]
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(20) in (0, 130), text()
     assert "Traceback" not in text()

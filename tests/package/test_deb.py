@@ -81,6 +81,9 @@ CONF = "/etc/mailerd/mailerd.conf"
 MAILNAME = DOMAIN  # the debconf answer, preseeded: mailerd's first local domain through it
 MAILNAME_FILE = "/etc/mailname"
 ALIASES = "/etc/aliases"
+PASSWD = "/etc/mailerd/passwd"
+LINEAGE = "/etc/letsencrypt/live/pkgtest-mx"  # where certbot would keep the certificate
+LETSENCRYPT_DIRS = ("/etc/letsencrypt", "/etc/letsencrypt/live", LINEAGE)
 # The machine's mail commands, links to mailerd (relative, as lintian wants)
 MTA_LINKS = {
     "/usr/sbin/sendmail": "mailerd",
@@ -480,6 +483,7 @@ class Machine:
     footprint_before: set[str] = field(default_factory=set)
     backups: dict[str, tuple[bytes, tuple[str, str, str]]] = field(default_factory=dict)
     absent: set[str] = field(default_factory=set)  # files to remove again (the test made them)
+    made_dirs: list[str] = field(default_factory=list)  # directories that were not there
 
     def installed_packages(self) -> set[str]:
         out = self.target.out(["dpkg-query", "-W", "-f", "${Package}\t${db:Status-Status}\n"])
@@ -511,6 +515,8 @@ def machine(deb: Path) -> Iterator[Machine]:
                 m.backups[path] = (target.read(path), target.stat(path))
             else:
                 m.absent.add(path)
+        # the certificate the submission check installs, where certbot keeps them
+        m.made_dirs = [d for d in LETSENCRYPT_DIRS if not target.exists(d)]
         if isinstance(target, Host):
             m.packages_before = m.installed_packages()
             # useradd/userdel rewrite these backups; put them back as they were
@@ -558,6 +564,8 @@ def cleanup(m: Machine) -> list[str]:
         attempt(f"chown {path}", lambda p=path, o=f"{owner}:{group}": t.run(["chown", o, p]))
     for path in m.absent:
         attempt(f"remove {path}", lambda p=path: t.run(["rm", "-f", "--", p]))
+    for path in m.made_dirs:  # (outermost first: what the test made under it goes with it)
+        attempt(f"remove {path}", lambda p=path: t.run(["rm", "-rf", "--", p]))
     if isinstance(t, Host):
         with contextlib.suppress(Exception):
             t.run(["rm", "-f", "/tmp/" + m.deb.name])
@@ -624,6 +632,7 @@ def test_package_metadata(deb: Path):
     depends = _names(fields["Depends"])
     assert {"python3-dnspython", "python3-daemon", "python3-setproctitle"} <= depends, depends
     assert "debconf" in depends, depends  # (${misc:Depends}, from dh_installdebconf)
+    assert "python3-argon2" in depends, depends  # (AUTH's password hashes)
     for relation in ("Provides", "Conflicts", "Replaces"):
         assert "mail-transport-agent" in _names(fields.get(relation, "")), relation
 
@@ -639,6 +648,8 @@ def test_package_metadata(deb: Path):
         "./etc/init.d/mailerd",
         "./etc/default/mailerd",
         "./lib/systemd/system/mailerd.service",
+        "./etc/letsencrypt/renewal-hooks/deploy/mailerd",
+        "./etc/fail2ban/filter.d/mailerd.conf",
         "./usr/share/man/man8/mailerd.8.gz",
         "./usr/lib/python3/dist-packages/mailerd/__init__.py",
         "./usr/share/doc/mailerd/copyright",
@@ -847,6 +858,10 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
     status = t.run([INIT, "status"], check=False)
     assert status.returncode == 0 and "running" in _text(status.stdout), status
 
+    # -- TLS and authenticated submission: a certificate, a password, a reload ---------------
+    check_submission(t, ports, fake_mx.port, box)
+    assert int(t.read(PIDFILE).split()[0]) == master, "reloads, not restarts"
+
     # syslog, facility mail (the sandbox has its own /dev/log and records what arrives)
     if isinstance(t, Sandbox):
         lines = _text(t.read(Sandbox.syslog)).splitlines()
@@ -924,9 +939,68 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
 # --------------------------------------------------------------------------------------------
 
 
+def check_submission(t: Target, ports: dict[str, int], mx_port: int, box: str) -> None:
+    """`mailerd passwd` (python3-argon2 came with the package), a certificate in the config,
+    the submission listener after a reload: STARTTLS, AUTH, a message stored; then the certbot
+    deploy hook the package installs makes mailerd reload the renewed certificate."""
+    from certs import make_ca
+
+    password = f"Pw-{uuid.uuid4().hex[:10]}"
+    done = t.run(["/usr/sbin/mailerd", "passwd", USER], input=f"{password}\n".encode())
+    assert b"set the password" in done.stderr, done
+    assert t.stat(PASSWD) == ("root", "mail", "640"), t.stat(PASSWD)
+    assert password.encode() not in t.read(PASSWD)
+    with tempfile.TemporaryDirectory() as here:
+        pair = make_ca(Path(here)).issue(HOSTNAME)
+        t.run(["mkdir", "-p", LINEAGE])
+        t.write(f"{LINEAGE}/fullchain.pem", pair.cert.read_bytes())
+        t.write(f"{LINEAGE}/privkey.pem", pair.key.read_bytes(), "600")
+    ports["submission"] = free_port("127.0.0.1")
+    t.write(CONF, config_text(ports, [DOMAIN, DOMAIN2], mx_port).encode())
+    assert t.run([INIT, "reload"], check=False).returncode == 0
+    context = ssl_client()
+    token = uuid.uuid4().hex
+
+    def submit() -> bool:
+        try:
+            with smtp(ports["submission"]) as s:
+                s.starttls(context=context)
+                s.login(USER, password)
+                s.sendmail(f"{USER}@{DOMAIN}", [f"{USER}@{DOMAIN}"], message(USER, token))
+        except (OSError, smtplib.SMTPException):
+            return False
+        return True
+
+    assert wait_until(submit, 20, 0.5), f"no submission after the reload{syslog_tail(t)}"
+    raw = t.read(stored(t, box, token))
+    assert b" with ESMTPSA id " in raw and b"(using TLSv1.3 with cipher" in raw, raw[:800]
+
+    hook = "/etc/letsencrypt/renewal-hooks/deploy/mailerd"
+    assert t.run(["test", "-x", hook], check=False).returncode == 0, f"{hook}: not executable"
+    said = t.run(f"RENEWED_LINEAGE={LINEAGE} {hook}")
+    assert b"asked mailerd" in said.stderr, said
+    ignored = t.run(f"RENEWED_LINEAGE=/etc/letsencrypt/live/other.example {hook}")
+    assert b"asked mailerd" not in ignored.stderr, ignored
+
+
+def ssl_client():
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
 def config_text(ports: dict[str, int], domains: list[str] | None, mx_port: int) -> str:
-    """The test's config; without `domains`, mailerd's default (/etc/mailname first)."""
+    """The test's config; without `domains`, mailerd's default (/etc/mailname first). With a
+    submission port, the certificate of LINEAGE and the submission listener."""
     domain = f"domain = {', '.join(domains)}\n" if domains else ""
+    tls = (
+        f"tls-cert = {LINEAGE}/fullchain.pem\ntls-key = {LINEAGE}/privkey.pem\n"
+        f"listen-submission = 127.0.0.1:{ports['submission']}\n"
+        if "submission" in ports
+        else ""
+    )
     return (
         "# written by tests/package/test_deb.py\n"
         "[mailerd]\n"
@@ -938,6 +1012,7 @@ def config_text(ports: dict[str, int], domains: list[str] | None, mx_port: int) 
         f"listen-network = 127.0.0.1:{ports['network']}\n"
         "workers = 1\n"
         f"relayhost = {MX_HOST}:{mx_port}\n"
+        f"{tls}"
     )
 
 

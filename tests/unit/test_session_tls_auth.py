@@ -293,6 +293,16 @@ def test_the_local_listener_takes_auth_in_clear_text():
     assert c.cmd(PLAIN_OK).code == 235 and not c.session.tls
 
 
+def test_starttls_forgets_an_earlier_auth():
+    c = Client(LOCAL)
+    c.ehlo()
+    assert c.cmd(PLAIN_OK).code == 235
+    c.cmd("STARTTLS")
+    assert c.session.user is None
+    c.ehlo()
+    assert c.cmd(PLAIN_OK).code == 235  # not "already authenticated"
+
+
 def test_failures_then_421_at_the_third():
     c = Client(SUBMISSIONS)
     c.ehlo()

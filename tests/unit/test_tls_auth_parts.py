@@ -317,3 +317,16 @@ def test_sender_owned(tmp_path: Path, sender: str, owned: bool):
         Address(local, domain, False), "alice", local_domains=("example.org",), aliases=table
     )
     assert result is owned
+
+
+def test_recent_logins_keep_successes_for_a_while_and_no_password():
+    recent = credentials.RecentLogins(ttl=60.0, size=2)
+    recent.add("alice", "s3cret", "alice", now=0.0)
+    assert recent.get("alice", "s3cret", now=59.0) == "alice"
+    assert recent.get("alice", "wrong", now=1.0) is None
+    assert recent.get("alice", "s3cret", now=61.0) is None  # expired
+    assert b"s3cret" not in repr(recent._seen).encode()
+    recent.add("bob", "x", "bob", now=0.0)
+    recent.add("carol", "y", "carol", now=0.0)  # the oldest goes: at most `size`
+    assert recent.get("alice", "s3cret", now=1.0) is None
+    assert recent.get("carol", "y", now=1.0) == "carol"
