@@ -5,12 +5,13 @@ One module-scoped run provokes each rejection kind once, with real clients over 
 127.0.0.1 and ::1, against three servers started without -v: "main" (--max-errors 2, an aliases
 file with a loop, --max-message-size), "caps" (one worker, --max-sessions-per-ip 1,
 --max-sessions 2) and "auth" (a certificate, a submission listener, a user with a password:
-AUTH failures are abuse, an authenticated user's wrong sender address is not). The kinds run one after the other, each in sessions that are over (QUIT or
-the server's close, then EOF) before the next starts, so the log lines that appear during one
-kind are that kind's alone. The tests then check those lines, and run Debian's fail2ban-regex
-over the servers' whole logs: as written (the foreground and --log-file format) and rewritten
-the way syslog stores the same lines in /var/log/mail.log; and the example jail's settings as
-fail2ban-client reads them.
+AUTH failures are abuse, an authenticated user's wrong sender address is not). The kinds run
+one after the other, each in sessions that are over (QUIT or the server's close, then EOF)
+before the next starts, so the log lines that appear during one kind are that kind's alone.
+The tests then check those lines, and run Debian's fail2ban-regex over the servers' whole
+logs: as written (the foreground and --log-file format) and rewritten the way syslog stores
+the same lines in /var/log/mail.log; and the example jail's settings as fail2ban-client reads
+them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from certs import make_ca
 
 from mailerd import credentials
