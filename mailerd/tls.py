@@ -3,10 +3,12 @@
 a key file (they could not: keys stay root's).
 
 The configuration follows Mozilla's "intermediate" recommendation (TLS 1.2 and 1.3; for 1.2 only
-ECDHE/DHE key exchange with AES-GCM or ChaCha20-Poly1305), what mail clients and servers of the
-last decade speak. Renegotiation and compression are off. Session tickets are off too: SMTP
-sessions are not resumed, and Microsoft's servers failed the STARTTLS handshake with some servers'
-tickets (chasquid #64, maddy #730).
+ECDHE key exchange with AES-GCM or ChaCha20-Poly1305; the client's order of preference, as
+Mozilla advises now that every suite on the list is strong), what mail clients and servers of the
+last decade speak. Its DHE suites are left out: they would need DH parameters loaded, and
+Mozilla's own later versions drop them. Renegotiation and compression are off. Session tickets
+are off too: SMTP sessions are not resumed, and Microsoft's servers failed the STARTTLS handshake
+with some servers' tickets (chasquid #64, maddy #730).
 
 Several pairs may be given: pairs whose certificates name the same hosts share one context (an
 RSA and an ECDSA certificate for one name: the client's signature algorithms choose); pairs for
@@ -19,7 +21,8 @@ import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-# Mozilla's intermediate configuration, version 5.7 (TLS 1.2 suites; TLS 1.3's are OpenSSL's).
+# Mozilla's intermediate configuration, version 5.7, without DHE (TLS 1.2 suites; TLS 1.3's
+# are OpenSSL's).
 CIPHERS = ":".join(
     (
         "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -28,9 +31,6 @@ CIPHERS = ":".join(
         "ECDHE-RSA-AES256-GCM-SHA384",
         "ECDHE-ECDSA-CHACHA20-POLY1305",
         "ECDHE-RSA-CHACHA20-POLY1305",
-        "DHE-RSA-AES128-GCM-SHA256",
-        "DHE-RSA-AES256-GCM-SHA384",
-        "DHE-RSA-CHACHA20-POLY1305",
     )
 )
 HANDSHAKE_TIMEOUT = 30.0  # seconds for a client to finish its handshake
@@ -60,7 +60,7 @@ def _context(pairs: list[Pair]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
-    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE  # (Python sets it for servers)
     context.num_tickets = 0
     context.set_ciphers(CIPHERS)
     for cert, key in pairs:
