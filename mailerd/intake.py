@@ -63,6 +63,8 @@ def begin(request: Commit, hostname: str, size: int) -> tuple[str, bytes]:
         recipient=targets[0].address if len(targets) == 1 else None,
         tls=request.tls,
     )
+    # The inbound checks' verdict goes right below our Received: (RFC 8601 5: with the trace).
+    received += request.auth_results.encode("utf-8")
     log.info(
         "%s: client=[%s], helo=%s, from=<%s>, size=%d, nrcpt=%d",
         queue_id,

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from mailerd import durable, eventloop, intake, privileges, trace
+from mailerd import durable, eventloop, intake, privileges, signing, trace
 from mailerd import log as logsetup
 from mailerd.aliases import normal_address
 from mailerd.config import Config
@@ -53,6 +53,7 @@ from mailerd.ipc.messages import (
 )
 from mailerd.ipc.writer_client import WriterClient
 from mailerd.lifecycle import DRAIN_TIMEOUT
+from mailerd.signing import SigningKey
 from mailerd.smtp.events import Reply
 from mailerd.spool import MailboxLocked, Spool
 from mailerd.writer import service as writer_service
@@ -135,8 +136,9 @@ class DeliveryService:
         scheduler."""
         if taken.refused:
             await self.scheduler.refuse(taken.item, taken.refused)
-        if any(r.state == "pending" for r in taken.item.recipients):
-            self.scheduler.add(taken.item)
+        for item in (taken.local, taken.item):
+            if item is not None and any(r.state == "pending" for r in item.recipients):
+                self.scheduler.add(item)
 
     def _accept(self) -> None:
         try:
@@ -239,7 +241,9 @@ class DeliveryService:
         ]
         if remote:
             item = self._item(queue_id, request, remote)
-            head = received + self._completion(request, queue_id, body)
+            completion = self._completion(request, queue_id, body)
+            head = received + await self._signature(queue_id, request, completion, body)
+            head += completion
             try:
                 await self._in_thread(self.queue.put, item, head, body)
             except OSError as exc:
@@ -292,6 +296,17 @@ class DeliveryService:
             scan, queue_id=queue_id, hostname=self.cfg.hostname, when=time.time()
         )
 
+    async def _signature(
+        self, queue_id: str, request: Commit, completion: bytes, body: durable.Body
+    ) -> bytes:
+        """The DKIM-Signature fields for the outgoing copy of a trusted client's message (see
+        `signing`), made in a thread (a big body takes a while to hash); b"" if none."""
+        keys = self.cfg.dkim_keys
+        if not (keys and request.trusted):
+            return b""
+        signature: bytes = await self._in_thread(sign_outgoing, queue_id, completion, body, keys)
+        return signature
+
     async def _queue_local_retry(
         self,
         queue_id: str,
@@ -325,6 +340,22 @@ class DeliveryService:
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
+
+
+def sign_outgoing(
+    queue_id: str, completion: bytes, body: durable.Body, keys: tuple[SigningKey, ...]
+) -> bytes:
+    """The signatures of a message about to be queued (its added headers, then its body);
+    logged. A message that cannot be signed (no single From: address with a key) goes
+    unsigned, as it would without keys."""
+    try:
+        signature, domain = signing.sign_message(completion + durable.read_body(body), keys)
+    except Exception as exc:  # dkimpy refuses what it cannot parse: unsigned, and say why
+        log.warning("%s: not DKIM-signed: %s", queue_id, exc)
+        return b""
+    if domain is not None:
+        log.info("%s: DKIM-signed for %s", queue_id, domain)
+    return signature
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

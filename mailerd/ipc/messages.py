@@ -147,6 +147,7 @@ class Commit(Message):
     smtputf8: bool
     trusted: bool
     tls: str = ""  # the session's TLS, as the Received: header says it ("" without)
+    auth_results: str = ""  # the inbound checks' Authentication-Results field ("" without)
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -154,6 +155,7 @@ class Commit(Message):
             "targets": [t.encode() for t in self.targets], "helo": self.helo,
             "peer": self.peer, "protocol": self.protocol, "body": self.body,
             "smtputf8": self.smtputf8, "trusted": self.trusted, "tls": self.tls,
+            "auth_results": self.auth_results,
         }  # fmt: skip
 
     @classmethod
@@ -164,7 +166,7 @@ class Commit(Message):
         return cls(
             _str(header, "sender"), targets, _str(header, "helo"), _str(header, "peer"),
             _str(header, "protocol"), _str(header, "body"), _bool(header, "smtputf8"),
-            _bool(header, "trusted"), _str(header, "tls"),
+            _bool(header, "trusted"), _str(header, "tls"), _str(header, "auth_results"),
         )  # fmt: skip
 
     @property

@@ -31,6 +31,8 @@ from setproctitle import setproctitle
 from mailerd import config, durable, eventloop, intake, lifecycle, privileges, tls
 from mailerd.config import Config, ListenAddress
 from mailerd.credentials import RecentLogins
+from mailerd.inbound.lookups import Lookups
+from mailerd.inbound.verifier import Verifier
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import Client
 from mailerd.ipc.messages import Commit, Outcome, RetryLocal
@@ -70,6 +72,10 @@ class Worker:
         # flood of AUTH attempts waits in line instead of taking the worker's memory.
         self.password_checks = ThreadPoolExecutor(2, thread_name_prefix="auth")
         self.recent_logins = RecentLogins()
+        # The inbound checks (SPF, DKIM, DMARC) of mail from the network listeners: made in
+        # main(), with the event loop their DNS runs in; their libraries run in these threads.
+        self.verifier: Verifier | None = None
+        self.checks = ThreadPoolExecutor(4, thread_name_prefix="checks")
         self.auth_failures = auth_failures or AuthFailures(64)  # (alone: counts its own)
         private = private_dir or cfg.queue / "private"
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
@@ -152,6 +158,7 @@ class Worker:
 
     async def main(self, on_ready: Callable[[], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self.verifier = self._verifier()
         stop = asyncio.Event()
         retire = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,6 +184,21 @@ class Worker:
         watchdog.cancel()
         retiring.cancel()
         await self._shutdown(servers)
+
+    def _verifier(self) -> Verifier | None:
+        cfg = self.cfg
+        if cfg.inbound_auth == "off" or not any(
+            listen.role == config.NETWORK for _, listen in self.listeners
+        ):
+            return None
+        return Verifier(
+            cfg.hostname,
+            Lookups.make(cfg.dns_server, cfg.dns_timeout),
+            self.loop,
+            self.checks,
+            timeout=cfg.dns_timeout,
+            enforce=cfg.inbound_auth == "enforce",
+        )
 
     async def _retire(
         self, retire: asyncio.Event, stop: asyncio.Event, servers: Sequence[asyncio.AbstractServer]
@@ -221,6 +243,7 @@ class Worker:
         self.delivery.close()
         self.lookups.shutdown(wait=False, cancel_futures=True)
         self.password_checks.shutdown(wait=False, cancel_futures=True)
+        self.checks.shutdown(wait=False, cancel_futures=True)
 
 
 def session_config(cfg: Config, listen: ListenAddress) -> SessionConfig:
