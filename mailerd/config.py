@@ -102,6 +102,7 @@ class Config:
     max_errors: int = DEFAULT_MAX_ERRORS
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_sessions_per_ip: int = DEFAULT_MAX_SESSIONS_PER_IP
+    min_free: int = DEFAULT_MAX_MESSAGE_SIZE * 3 // 2  # bytes the spool and queue keep free
     verbose: bool = False
     relayhost: tuple[str, int] | None = None
     relay_auth: Path | None = None
@@ -170,6 +171,13 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("max-errors", None, True, False, "bad commands tolerated per session (default 20)"),
     ("max-sessions", None, True, False, "total concurrent sessions (default 1000)"),
     ("max-sessions-per-ip", None, True, False, "sessions per client IP (untrusted listeners)"),
+    (
+        "min-free",
+        None,
+        True,
+        False,
+        "free bytes the spool and queue keep: MAIL gets 452 below (default 1.5 x max size)",
+    ),
     ("verbose", "v", False, False, "log more, including the SMTP dialogue"),
     ("relayhost", None, True, False, "smarthost for all outbound mail instead of each domain's MX"),
     ("relay-auth", None, True, False, "file holding 'username:password' for AUTH at the relayhost"),
@@ -221,7 +229,7 @@ METAVARS = {
     "listen-local": "ADDR[:PORT]", "listen-network": "ADDR[:PORT]", "interface": "NAME",
     "hostname": "NAME", "workers": "N", "user": "NAME", "pidfile": "FILE",
     "dns-server": "IP[:PORT]", "max-message-size": "BYTES", "timeout": "DURATION",
-    "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N",
+    "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N", "min-free": "BYTES",
     "relayhost": "HOST[:PORT]", "relay-auth": "FILE", "outbound-tls": "POLICY",
     "outbound-ip": "FAMILY", "retry-after": "DURATION", "max-queue-time": "DURATION",
     "delay-warning": "DURATION", "max-outbound": "N", "max-per-domain": "N", "log-file": "FILE",
@@ -358,6 +366,12 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
             1,
             10**7,
         ),
+        min_free=_parse_int(
+            "min-free",
+            raw.get("min_free", _default_min_free(raw.get("max_message_size"))),
+            0,
+            2**50,
+        ),
         verbose=bool(raw.get("verbose", False)),
         relayhost=_parse_relayhost(str(raw["relayhost"])) if raw.get("relayhost") else None,
         relay_auth=Path(str(raw["relay_auth"])) if raw.get("relay_auth") else None,
@@ -430,6 +444,17 @@ def load_files(cfg: Config) -> Config:
 
 
 AUTH_MODES = ("off", "header", "enforce")
+
+
+def _default_min_free(max_message_size: object) -> int:
+    """1.5 times the largest message, as Postfix's queue_minfree defaults to."""
+    try:
+        size = int(str(max_message_size)) if max_message_size is not None else 0
+    except ValueError:
+        size = 0  # (the size's own check names the bad value)
+    return (size or DEFAULT_MAX_MESSAGE_SIZE) * 3 // 2
+
+
 # A DKIM selector: DNS labels (RFC 6376 3.1), letters, digits, hyphens, underscores.
 _SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_-]+)*")
 

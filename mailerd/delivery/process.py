@@ -72,7 +72,8 @@ class DeliveryService:
     def __init__(self, cfg: Config, listener: socket.socket, writer: socket.socket) -> None:
         self.cfg = cfg
         self.listener = listener
-        self.spool = Spool(cfg.spool)  # read-only here: existence checks
+        untrusted = privileges.lookup(cfg.user).uid if cfg.user else None
+        self.spool = Spool(cfg.spool, untrusted)  # read-only here: existence checks
         self.writer = WriterClient(writer, self._writer_lost)
         self.queue = Queue(cfg.queue)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="queue")

@@ -42,6 +42,7 @@ from mailerd.lifecycle import BOOT_ERROR, COMMIT_TIMEOUT, SHUTDOWN_GRACE, report
 from mailerd.smtp import Reply, Session, SessionConfig
 from mailerd.spool import Spool
 from mailerd.worker.connection import SHUTTING_DOWN, Connection
+from mailerd.worker.reserve import Reserve
 
 log = logging.getLogger("mailerd.worker")
 
@@ -66,8 +67,11 @@ class Worker:
         self.listeners = listeners
         self.slot = slot
         self.spill_dir = str(spill_dir or cfg.queue / "tmp")
-        self.spool = Spool(spool or cfg.spool)
+        self.spool = Spool(spool or cfg.spool, untrusted_uid(cfg))
         self.session_configs = {listen: session_config(cfg, listen) for _, listen in listeners}
+        self.reserve = Reserve(
+            [("spool", str(spool or cfg.spool)), ("queue", self.spill_dir)], cfg.min_free
+        )
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads: a
         # flood of AUTH attempts waits in line instead of taking the worker's memory.
         self.password_checks = ThreadPoolExecutor(2, thread_name_prefix="auth")
@@ -244,6 +248,17 @@ class Worker:
         self.lookups.shutdown(wait=False, cancel_futures=True)
         self.password_checks.shutdown(wait=False, cancel_futures=True)
         self.checks.shutdown(wait=False, cancel_futures=True)
+
+
+def untrusted_uid(cfg: Config) -> int | None:
+    """mailerd's own unprivileged user (-u), which never owns a mailbox; None when it runs as
+    one user throughout (started without root)."""
+    if cfg.user is None:
+        return None
+    try:
+        return privileges.lookup(cfg.user).uid
+    except privileges.PrivilegeError:
+        return None
 
 
 def session_config(cfg: Config, listen: ListenAddress) -> SessionConfig:
