@@ -57,6 +57,7 @@ getproctitle()  # initialise setproctitle before anything moves argv (gunicorn #
 
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0
+RELOAD_SETTLE_TIMEOUT = 15.0  # a reload is called done after this even if a worker is slow
 MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # Blocked across fork() until the child has its own handlers.
 FORK_BLOCKED = {*MASTER_SIGNALS, signal.SIGUSR2}
@@ -70,6 +71,7 @@ class Child:
     generation: int = 0
     ready: bool = False
     retiring: bool = False
+    retired: bool = False  # a retiring worker said it no longer accepts
     deadline: float | None = None  # killed if still alive then (old generations only)
     session_row: int | None = None  # its row of the shared session table (workers)
 
@@ -105,6 +107,8 @@ class Master:
         self.stopping = False
         self.exit_code = 0
         self.status_r = self.status_w = -1
+        self.reloads = 0  # reloads finished (or failed), told in the reload file
+        self.reload_started: float | None = None  # a reload under way, not yet settled
         # Rows for the workers alive at once: this generation's, retiring ones after reloads.
         self.sessions = SessionTable(max(16, 4 * cfg.workers))
         self.auth_failures = AuthFailures()  # failed AUTH per client address, for every worker
@@ -132,6 +136,7 @@ class Master:
             self.reap()
             self._respawn_due()
             self._check_ready()
+            self._check_reloaded()
             self._enforce_deadlines()
         self._stop_all()
         return self.exit_code
@@ -168,6 +173,9 @@ class Master:
             if message == "ready":
                 if child is not None:
                     child.ready = True
+            elif message == "retired":
+                if child is not None:
+                    child.retired = True
             elif message.startswith("error "):
                 self.boot_errors.append(message[6:])
 
@@ -235,14 +243,10 @@ class Master:
                     exc.errno, f"cannot create spool {new.spool}: {exc.strerror}"
                 ) from exc
             sockets, removed = self._rebind(new.listeners)
-        except ConfigError as exc:
-            log.error("reload failed, the running configuration is kept: %s", exc)
-            return False
-        except privileges.PrivilegeError as exc:
-            log.error("reload failed, the running configuration is kept: %s", exc)
-            return False
-        except OSError as exc:
-            log.error("reload failed, the running configuration is kept: %s", exc.strerror or exc)
+        except (ConfigError, privileges.PrivilegeError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.error("reload failed, the running configuration is kept: %s", reason)
+            self._reloaded("failed")
             return False
         # Closed before forking, or the new children would inherit (and keep open, without
         # accepting) a port that is meant to be gone.
@@ -269,10 +273,31 @@ class Master:
                 self._retire(pid, child, signal.SIGUSR2, grace)
         aliases.report(new.aliases)
         report_files_in_the_way(new.spool)
+        self.reload_started = time.monotonic()
+        return True
+
+    def _check_reloaded(self) -> None:
+        """A reload is done once every new worker accepts and no old one does any longer: only
+        then is it logged, and told to whoever waits for it (`commands.daemon.reload`), so
+        that a session opened after that gets the new configuration."""
+        if self.reload_started is None:
+            return
+        workers = [c for c in self.children.values() if c.kind == "worker"]
+        new_ready = sum(1 for c in workers if c.generation == self.generation and c.ready)
+        old_accepting = any(c.generation != self.generation and not c.retired for c in workers)
+        late = time.monotonic() - self.reload_started > RELOAD_SETTLE_TIMEOUT
+        if (new_ready < self.cfg.workers or old_accepting) and not late:
+            return
+        self.reload_started = None
         log.info(
             "configuration reloaded (generation %d): %s", self.generation, self._describe_config()
         )
-        return True
+        self._reloaded("ok")
+
+    def _reloaded(self, outcome: str) -> None:
+        self.reloads += 1
+        if self.pidfile is not None and self.pidfile.fd is not None:
+            self.pidfile.record_reload(self.reloads, outcome)
 
     def _retire(self, pid: int, child: Child, sig: int, grace: float) -> None:
         child.retiring = True

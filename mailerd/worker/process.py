@@ -160,7 +160,14 @@ class Worker:
             self.connections.discard(conn)
             self.sessions.closed(None if conn.listen.trusted else conn.peer)
 
-    async def main(self, on_ready: Callable[[], None] | None = None) -> None:
+    async def main(
+        self,
+        on_ready: Callable[[], None] | None = None,
+        on_retired: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve until told to stop. `on_ready` is called once the listeners accept,
+        `on_retired` once they no longer do after a reload (the master waits for both before
+        it calls a reload done)."""
         self.loop = asyncio.get_running_loop()
         self.verifier = self._verifier()
         stop = asyncio.Event()
@@ -183,7 +190,7 @@ class Worker:
         if on_ready is not None:
             on_ready()
         watchdog = asyncio.create_task(self._watch_master(stop))
-        retiring = asyncio.create_task(self._retire(retire, stop, servers))
+        retiring = asyncio.create_task(self._retire(retire, stop, servers, on_retired))
         await stop.wait()
         watchdog.cancel()
         retiring.cancel()
@@ -205,7 +212,11 @@ class Worker:
         )
 
     async def _retire(
-        self, retire: asyncio.Event, stop: asyncio.Event, servers: Sequence[asyncio.AbstractServer]
+        self,
+        retire: asyncio.Event,
+        stop: asyncio.Event,
+        servers: Sequence[asyncio.AbstractServer],
+        on_retired: Callable[[], None] | None = None,
     ) -> None:
         """After a reload: stop accepting now; exit when the last session has ended by itself,
         or take the shutdown path once the idle timeout has passed (a session kept busy
@@ -214,6 +225,8 @@ class Worker:
         setproctitle(f"mailerd: worker {self.slot} (retiring)")
         for server in servers:
             server.close()
+        if on_retired is not None:
+            on_retired()
         log.info("worker %d retiring: %d session(s) to finish", self.slot, len(self.connections))
         deadline = self.loop.time() + self.cfg.timeout
         while self.connections and self.loop.time() < deadline:
@@ -316,5 +329,10 @@ def run(
         session_row=session_row,
         auth_failures=auth_failures,
     )
-    eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
+    eventloop.run(
+        worker.main(
+            on_ready=lambda: report(status_fd, "ready"),
+            on_retired=lambda: report(status_fd, "retired"),
+        )
+    )
     return 0
