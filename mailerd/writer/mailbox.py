@@ -122,9 +122,7 @@ class MailboxStore:
             lock_fd = _open_lock(directory, owner)
             try:
                 self._lock(lock_fd, wait)
-                numbers: list[int | None] = [
-                    None if m.since is None else delivered(directory, m) for m in messages
-                ]
+                numbers = delivered(directory, messages)
                 fresh = [tmp for tmp, n in zip(staged, numbers, strict=True) if n is None]
                 _discard(directory, [t for t, n in zip(staged, numbers, strict=True) if n])
                 if not fresh:
@@ -282,13 +280,22 @@ REDELIVERY_SCAN = 2000  # newest messages looked at, at most
 CLOCK_SLACK = 60.0  # seconds: a message is looked for if written this long before `since`
 
 
-def delivered(directory: int, message: Copy) -> int | None:
-    """The number of a message written since `message.since` that starts with the same bytes
-    (its Return-Path: and Received: headers, which name its queue id and date), if any. Looked
-    for among the newest messages only, and only for a redelivery: it costs a directory listing
-    and a read of a few files."""
-    assert message.since is not None
-    prefix = message.head + _body_start(message.body, REDELIVERY_PREFIX - len(message.head))
+def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
+    """For each redelivery of a batch (`since` set), the number of a message written since its
+    `since` that starts with the same bytes (its Return-Path: and Received: headers, which name
+    its queue id and date), if any; None for the others. Looked for among the newest messages
+    only, and only for a redelivery: it costs a directory listing and a read of a few files,
+    once for the whole batch (the copies a dead writer left unanswered come back together)."""
+    found: list[int | None] = [None] * len(messages)
+    # index -> (the bytes it starts with, the mtime before which a message cannot be it)
+    wanted = {
+        i: (m.head + _body_start(m.body, REDELIVERY_PREFIX - len(m.head)), m.since - CLOCK_SLACK)
+        for i, m in enumerate(messages)
+        if m.since is not None
+    }
+    if not wanted:
+        return found
+    longest = max(len(prefix) for prefix, _ in wanted.values())
     numbers = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and n.isascii())
     for number in reversed(numbers[-REDELIVERY_SCAN:]):
         try:
@@ -296,13 +303,19 @@ def delivered(directory: int, message: Copy) -> int | None:
         except OSError:
             continue
         try:
-            if os.fstat(fd).st_mtime < message.since - CLOCK_SLACK:
-                return None  # older than the message itself: it was never delivered here
-            if os.pread(fd, len(prefix), 0) == prefix:
-                return number
+            mtime = os.fstat(fd).st_mtime
+            for i in [i for i, (_, oldest) in wanted.items() if mtime < oldest]:
+                del wanted[i]  # older than that copy itself: it was never delivered here
+            start = os.pread(fd, longest, 0) if wanted else b""
         finally:
             os.close(fd)
-    return None
+        for i, (prefix, _) in list(wanted.items()):
+            if start[: len(prefix)] == prefix:
+                found[i] = number
+                del wanted[i]
+        if not wanted:
+            break
+    return found
 
 
 def _body_start(body: durable.Body, size: int) -> bytes:
