@@ -137,3 +137,25 @@ def test_a_killed_writer_is_replaced_at_once_and_every_copy_lands_once(mailerd_f
     )
     twice = sorted(k for k, n in stored.items() if n > 1)
     assert not twice, f"copies stored twice: {twice[:10]}"
+
+
+def test_local_retries_waiting_in_the_queue_go_when_a_writer_takes_over(mailerd: Mailerd):
+    """A copy waiting in the queue for a local retry (its mailbox failed: the .lock was a
+    directory) goes out as soon as a new writer takes over, without `mailerd queue flush`
+    and long before its retry was due (a minute after it was queued)."""
+    m = mailerd
+    user = m.new_user("wq")
+    (m.spool / user / ".lock").mkdir()
+    with m.smtp() as s:
+        assert (
+            s.sendmail("a@client.test", [f"{user}@example.org"], b"Subject: q\r\n\r\nq\r\n") == {}
+        )
+    assert wait_until(lambda: _queued(m), timeout=5), "no local retry queued"
+    assert m.messages(user) == []
+    (m.spool / user / ".lock").rmdir()
+    [writer] = _pids(m, WRITER)
+    os.kill(writer, signal.SIGKILL)
+    killed = time.monotonic()
+    assert m.wait_messages(user, 1, timeout=FINISHED_WITHIN) == [1]
+    assert wait_until(lambda: not _queued(m), timeout=max(0, killed + 10 - time.monotonic()))
+    assert b"Subject: q" in m.read(user, 1)
