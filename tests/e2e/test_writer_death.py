@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import smtplib
+import subprocess
 import threading
 import time
 import uuid
@@ -159,3 +160,31 @@ def test_local_retries_waiting_in_the_queue_go_when_a_writer_takes_over(mailerd:
     assert m.wait_messages(user, 1, timeout=FINISHED_WITHIN) == [1]
     assert wait_until(lambda: not _queued(m), timeout=max(0, killed + 10 - time.monotonic()))
     assert b"Subject: q" in m.read(user, 1)
+
+
+def _a_dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_temporary_files_of_a_crashed_write_are_removed(mailerd: Mailerd):
+    """What a writer killed in the middle of a batch leaves (its staged message and status,
+    a counter being replaced) is removed when a writer first opens that mailbox; a temporary
+    file whose pid is alive (here this test's) may be a live writer's, and stays."""
+    m = mailerd
+    user = m.new_user("tmp")
+    box = m.spool / user
+    dead = _a_dead_pid()
+    stale = [f".tmp.{dead}.3", f".tmp.{dead}.3.status", f".counter.tmp{dead}"]
+    live = [f".tmp.{os.getpid()}.9", f".tmp.{os.getpid()}.9.status"]
+    for name in stale + live:
+        (box / name).write_bytes(b"Return-Path: <x@y>\r\n\r\nhalf a mess")
+    with m.smtp() as s:
+        assert (
+            s.sendmail("a@client.test", [f"{user}@example.org"], b"Subject: t\r\n\r\nt\r\n") == {}
+        )
+    assert m.messages(user) == [1]
+    left = sorted(n for n in os.listdir(box) if ".tmp" in n)
+    assert left == sorted(live), left
