@@ -33,7 +33,6 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from mailerd import durable, eventloop, intake, privileges, trace
-from mailerd import log as logsetup
 from mailerd.aliases import normal_address
 from mailerd.config import Config
 from mailerd.delivery.pickup import Pickup, Taken
@@ -95,7 +94,6 @@ class DeliveryService:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         master = Channel(self.link, self._from_master, self._master_gone)
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
@@ -163,13 +161,6 @@ class DeliveryService:
         """Write one message into a mailbox (for the scheduler: queued local copies and
         bounces); `since` marks a redelivery (see mailbox.Delivery)."""
         return await self.writer.deliver(mailbox, head, body, since)
-
-    def _reopen_logs(self) -> None:
-        """SIGUSR1 (forwarded by the master): reopen ours, and tell the writer over its channel
-        (it runs as root, so the unprivileged delivery process may not signal it)."""
-        logsetup.request_reopen()
-        task = asyncio.create_task(self.writer.reopen_logs())
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _from_master(self, header: dict[str, Any], body: bytes, fd: int | None) -> None:
         """A frame on the master's link: a new mailbox writer's channel."""

@@ -8,7 +8,7 @@ contract between the processes; docs/channel.md is checked against `describe()` 
     mailerd queue -> delivery ListQueue -> QueueListing, FlushQueue -> Flushed,
                               DeleteQueued -> Deleted
     worker, delivery -> writer MailboxWrite                 -> Written | WriteFailed
-    delivery -> writer        ReopenLogs, Adopt (+ descriptor) -> Done
+    delivery -> writer        Adopt (+ descriptor)          -> Done
     master -> delivery        WriterStarted (+ descriptor)  (no answer)
 
 Each request names its kind in the header's `op`; the channel adds the request's `id`, which
@@ -394,18 +394,6 @@ def write_answer(header: dict[str, Any]) -> Written | WriteFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class ReopenLogs(Message):
-    """SIGUSR1 for the writer, which runs as root: the unprivileged delivery process may not
-    signal it."""
-
-    op: ClassVar[str] = "reopen-logs"
-
-    @classmethod
-    def decode(cls, header: dict[str, Any]) -> ReopenLogs:
-        return cls()
-
-
-@dataclass(frozen=True, slots=True)
 class Adopt(Message):
     """The frame's descriptor is one end of a worker's channel: serve it (MailboxWrite only)."""
 
@@ -418,7 +406,7 @@ class Adopt(Message):
 
 @dataclass(frozen=True, slots=True)
 class Done(Message):
-    """The answer to ReopenLogs and Adopt; `error` when it could not be done."""
+    """The answer to Adopt; `error` when it could not be done."""
 
     error: str | None = None
 
@@ -456,7 +444,6 @@ REQUESTS: dict[str, type[Message]] = {
         FlushQueue,
         DeleteQueued,
         MailboxWrite,
-        ReopenLogs,
         Adopt,
         WriterStarted,
     )  # fmt: skip
@@ -470,7 +457,6 @@ ROUTES: tuple[tuple[type[Message], str, str, tuple[type[Message], ...]], ...] = 
     (FlushQueue, "mailerd queue", "delivery", (Flushed,)),
     (DeleteQueued, "mailerd queue", "delivery", (Deleted,)),
     (MailboxWrite, "worker, delivery", "writer", (Written, WriteFailed)),
-    (ReopenLogs, "delivery", "writer", (Done,)),
     (Adopt, "delivery", "writer", (Done,)),
     (WriterStarted, "master", "delivery", ()),
 )

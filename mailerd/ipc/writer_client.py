@@ -18,7 +18,6 @@ from mailerd.ipc.messages import (
     Adopt,
     Done,
     MailboxWrite,
-    ReopenLogs,
     WriterChannel,
     WriterChannelGiven,
     Written,
@@ -55,9 +54,6 @@ class WriterClient:
         if answer.locked:
             raise MailboxLocked()
         raise OSError(answer.errno, answer.error)
-
-    async def reopen_logs(self) -> None:
-        await self._client.request(ReopenLogs().encode())
 
     async def adopt(self, fd: int) -> None:
         """Give the writer one end of a worker's channel (the channel closes `fd`)."""
@@ -131,10 +127,6 @@ class WriterHandle:
             os.close(fd)
             raise
         await client.adopt(fd)
-
-    async def reopen_logs(self) -> None:
-        if self._client is not None:
-            await self._client.reopen_logs()
 
     def close(self) -> None:
         """The writer finishes what it was handed and exits; none is taken after this."""

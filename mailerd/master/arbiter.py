@@ -387,6 +387,8 @@ class Master:
             if theirs is not None:
                 theirs.close()
             if kind == "delivery":
+                assert ours is not None
+                ours.setblocking(False)  # a stuck delivery process never blocks the master
                 child.link = ours
                 self.spawn("writer", pid)
             elif owner is not None and ours is not None:

@@ -37,7 +37,6 @@ from typing import Any
 from setproctitle import setproctitle
 
 from mailerd import eventloop
-from mailerd import log as logsetup
 from mailerd.ipc.channel import MAX_INLINE, Channel
 from mailerd.ipc.messages import (
     Adopt,
@@ -45,7 +44,6 @@ from mailerd.ipc.messages import (
     Done,
     MailboxWrite,
     Message,
-    ReopenLogs,
     WriteFailed,
     Written,
     decode_request,
@@ -225,13 +223,10 @@ class WriterService:
     def _on_control(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
         """A frame from the delivery process: an op, or a mailbox write like a worker's."""
         try:
-            request = decode_request(header, (ReopenLogs, Adopt, MailboxWrite))
+            request = decode_request(header, (Adopt, MailboxWrite))
         except BadMessage:
             request = None  # (answered below, as a worker's would be)
-        if isinstance(request, ReopenLogs):
-            logsetup.request_reopen()
-            self._answer(self.channel, header, Done())
-        elif isinstance(request, Adopt) and fd is not None:
+        if isinstance(request, Adopt) and fd is not None:
             if len(self.workers) >= MAX_WORKER_CHANNELS:
                 os.close(fd)  # a worker asking again and again: it uses the delivery path
                 self._answer(self.channel, header, Done("too many worker channels"))

@@ -25,7 +25,6 @@ REQUESTS = [
     m.DeleteQueued(("Q1", "Q2")),
     m.MailboxWrite("bob", 40),
     m.MailboxWrite("bob", 0, 1796400000.5),
-    m.ReopenLogs(),
     m.Adopt(),
     m.WriterStarted(),
 ]
@@ -65,7 +64,7 @@ def test_write_answers_are_told_apart():
 
 
 def test_a_request_is_served_only_where_it_is_allowed():
-    header = wire(m.ReopenLogs())
+    header = wire(m.Adopt())
     with pytest.raises(m.BadMessage):
         m.decode_request(header, (m.MailboxWrite,))  # a worker's channel to the writer
     with pytest.raises(m.BadMessage):
