@@ -133,9 +133,6 @@ def test_a_killed_writer_is_replaced_at_once_and_every_copy_lands_once(mailerd_f
     stored = _stored(m, users)
     missing = sorted(set(wanted) - set(stored))
     assert done, f"{took:.1f} s after the kill: missing {missing[:10]}, queued {_queued(m)[:10]}"
-    print(
-        f"\nwriter killed after {before} messages; {len(wanted)} copies in place {took:.2f} s later"
-    )
     twice = sorted(k for k, n in stored.items() if n > 1)
     assert not twice, f"copies stored twice: {twice[:10]}"
 
