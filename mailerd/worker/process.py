@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -111,9 +112,10 @@ class Worker:
     async def _commit_local(
         self, writer: WriterClient, request: Commit, body: bytes, fd: int | None
     ) -> Reply:
-        """Write each local copy; the copies that failed are queued for a local retry by the
-        delivery process (see `commit`)."""
+        """Write each local copy; the copies that failed go to the delivery process, which
+        writes again those whose writer went away and queues the others (see `commit`)."""
         content: durable.Body = body if fd is None else fd
+        since = time.time()
         try:
             queue_id, received = intake.begin(request, self.cfg.hostname, intake.body_size(content))
             failed = await intake.write_local(
@@ -128,7 +130,7 @@ class Worker:
                 os.close(fd)
             return intake.queued(queue_id)
         retry = RetryLocal(
-            request, queue_id, received.decode("utf-8"), intake.encode_failures(failed)
+            request, queue_id, received.decode("utf-8"), intake.encode_failures(failed), since
         )
         return await self._ask_delivery(retry, body, fd)
 
