@@ -1,6 +1,6 @@
 """A message's header section, read the way the DKIM signer and the inbound checks need it:
 where it ends, its fields (name and raw value, continuation lines included), and the domain of
-its single From: address. Pure; the message is bytes with CRLF line ends, as mailerd stores it."""
+its From: addresses. Pure; the message is bytes with CRLF line ends, as mailerd stores it."""
 
 from __future__ import annotations
 
@@ -38,8 +38,16 @@ def fields(message: bytes) -> Iterator[tuple[bytes, int, int]]:
 
 
 def from_domain(message: bytes) -> str | None:
-    """The domain of the message's single From: address, or None (no From:, several
-    addresses or From: fields, or one that does not parse)."""
+    """The domain of the message's From: addresses when there is one (one address, or several
+    of one domain), else None."""
+    domains = from_domains(message)
+    return domains[0] if domains is not None and len(domains) == 1 else None
+
+
+def from_domains(message: bytes) -> list[str] | None:
+    """The distinct domains of the addresses of the message's From: field, lower-cased, in
+    order; None when there is no From:, more than one, or an address without a domain or that
+    does not parse (RFC 5322 allows one From: field with one or more addresses)."""
     section = message[: section_end(message)]
     parsed = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(section)
     try:
@@ -49,6 +57,6 @@ def from_domain(message: bytes) -> str | None:
         addresses = found[0].addresses
     except (ValueError, TypeError, AttributeError, IndexError):
         return None
-    if len(addresses) != 1 or not addresses[0].domain:
+    if not addresses or not all(a.domain for a in addresses):
         return None
-    return str(addresses[0].domain).lower().rstrip(".")
+    return list(dict.fromkeys(str(a.domain).lower().rstrip(".") for a in addresses))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from mailerd import durable, headers
@@ -69,15 +69,17 @@ class Verifier:
         pending: list[asyncio.Future[Any]] = [spf_future, dkim_future]
         await asyncio.wait(pending, timeout=self.timeout)
         spf = _outcome(spf_future, _spf_timeout(sender, helo, self.timeout))
-        dkim = _outcome(dkim_future, [DkimResult("temperror", reason="timed out")])
+        dkim = _outcome(dkim_future, signatures.unfinished(head[:end], "timed out"))
         remaining = max(deadline - self.loop.time(), 0.1)
-        from_domain = headers.from_domain(head)
+        from_domains = headers.from_domains(head)
         try:
             verdict = await asyncio.wait_for(
-                dmarc.evaluate(self.lookups, from_domain, spf, dkim), remaining
+                dmarc.evaluate(self.lookups, from_domains, spf, dkim), remaining
             )
         except TimeoutError:
-            verdict = DmarcResult("temperror", from_domain or "", reason="timed out")
+            verdict = DmarcResult("temperror", ",".join(from_domains or ()), reason="timed out")
+        if not self.enforce:  # dis= says what was done (OpenDMARC's meaning): nothing here
+            verdict = replace(verdict, disposition="none")
         field = results.header(self.hostname, spf, dkim, verdict)
         content = None
         if b"\nauthentication-results:" in b"\n" + head[:end].lower():

@@ -143,7 +143,8 @@ def test_two_keys_give_two_signatures(keys):
         (b"From: a@deep.sub.example.org", "sub.example.org"),  # the nearest parent's
         (b"From: a@other.example.org", "example.org"),
         (b"From: a@example.net", None),  # no key
-        (b"From: a@example.org, b@example.org", None),  # several addresses
+        (b"From: a@example.org, b@example.org", "example.org"),  # several, one domain
+        (b"From: a@example.org, b@example.net", None),  # two domains: DMARC checks both
         (b"To: x@example.org", None),  # no From at all
     ],
 )
