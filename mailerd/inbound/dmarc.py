@@ -58,6 +58,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()  # (the list bundled with publicsuffix2)
 
 
+@functools.lru_cache(maxsize=4096)  # (a few per message, for the same few domains)
 def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the public suffix plus one label (a name unknown to the list has its last
     label as its suffix)."""

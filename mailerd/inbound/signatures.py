@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from mailerd.inbound.lookups import Bridge, TemporaryFailure
+from mailerd import dkim_rsa  # noqa: F401  (its import makes dkimpy's RSA OpenSSL's)
+from mailerd.inbound.lookups import Bridge, NotCached, TemporaryFailure
 
 MAX_SIGNATURES = 10  # checked per message; more are a denial of service, not authentication
 # dkimpy's ValidationErrors that mean "did not verify" (RFC 8601 fail), not "cannot be read".
@@ -70,7 +71,8 @@ def _identity(tags: dict[bytes, bytes]) -> tuple[str, str, str]:
 
 
 def verify(bridge: Bridge, message: bytes) -> list[DkimResult]:
-    """One result per signature (the topmost first), or [none]. Call it in a thread."""
+    """One result per signature (the topmost first), or [none]. Call it in a thread (or with
+    a cache-only bridge, which raises NotCached rather than wait)."""
     checker = dkim.DKIM(message, timeout=bridge.timeout)
     fields = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
     if not fields:
@@ -110,6 +112,8 @@ def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) ->
         return DkimResult(result, domain, selector, b, text.split(" (")[0])
     except dkim.DKIMException as exc:  # the key or the message cannot be used
         return DkimResult("permerror", domain, selector, b, str(exc))
+    except NotCached:
+        raise  # (a cache-only attempt: the caller asks the DNS instead)
     except Exception as exc:  # dkimpy on a message it cannot take apart
         return DkimResult("neutral", domain, selector, b, f"{type(exc).__name__}: {exc}")
     if good:
