@@ -47,10 +47,10 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-def shorten(text: str) -> str:
-    """A text from outside as a log line may show it: cut to LINE_MAX, control characters
+def shorten(text: str, limit: int = LINE_MAX) -> str:
+    """A text from outside as a log line may show it: cut to `limit`, control characters
     escaped (no forged log lines, no terminal escapes)."""
-    cut = text if len(text) <= LINE_MAX else text[:LINE_MAX] + "..."
+    cut = text if len(text) <= limit else text[:limit] + "..."
     if cut.isprintable():
         return cut
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut)
