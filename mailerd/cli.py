@@ -1,7 +1,9 @@
 """Command-line entry point: `mailerd [options]` runs the server (see `config` for options);
 `mailerd queue …` inspects and manages the outbound queue (see `commands.queue`); `mailerd
 sendmail …` is the machine's mail command (see `commands.sendmail`); `mailerd passwd USER` sets
-a password for authenticated submission (see `commands.passwd`).
+a password for authenticated submission (see `commands.passwd`); `mailerd dkim keygen` makes a
+DKIM key (`commands.dkimkeys`); `mailerd dns` prints and checks the DNS records to publish
+(`commands.dnsrecords`).
 
 Run under another name (a symlink to the `mailerd` script), it is that program: `sendmail`
 (what /usr/sbin/sendmail is), `mailq` (`sendmail -bp`, the queue listing) and `newaliases`.
@@ -46,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         from mailerd.commands import passwd
 
         return passwd.main(argv[1:])
+    if argv[:1] == ["dkim"]:
+        from mailerd.commands import dkimkeys
+
+        return dkimkeys.main(argv[1:])
+    if argv[:1] == ["dns"]:
+        from mailerd.commands import dnsrecords
+
+        return dnsrecords.main(argv[1:])
     try:
         cfg = config.load(argv)
     except config.ConfigError as exc:

@@ -19,11 +19,15 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from mailerd import __version__, host, tls
 from mailerd.aliases import AliasError, Aliases
 from mailerd.credentials import DEFAULT_PASSWD, Credentials, CredentialsError
+from mailerd.names import is_local_domain
+
+if TYPE_CHECKING:
+    from mailerd.signing import SigningKey
 
 DEFAULT_CONFIG = "/etc/mailerd/mailerd.conf"
 DEFAULT_ALIASES = "/etc/aliases"
@@ -36,6 +40,7 @@ DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_MAX_SESSIONS_PER_IP = 50
 DEFAULT_USER = "mail"  # the children's user when started as root without -u
 DEFAULT_PIDFILE = "/run/mailerd.pid"  # when daemonizing as root without -P
+DEFAULT_DNS_TIMEOUT = 10.0  # seconds for one DNS lookup, retries included
 SUBMISSION_PORT = 587  # RFC 6409
 SUBMISSIONS_PORT = 465  # RFC 8314: submission over implicit TLS
 
@@ -97,6 +102,7 @@ class Config:
     max_errors: int = DEFAULT_MAX_ERRORS
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_sessions_per_ip: int = DEFAULT_MAX_SESSIONS_PER_IP
+    min_free: int = DEFAULT_MAX_MESSAGE_SIZE * 3 // 2  # bytes the spool and queue keep free
     verbose: bool = False
     relayhost: tuple[str, int] | None = None
     relay_auth: Path | None = None
@@ -122,6 +128,11 @@ class Config:
     passwd_file: Path = Path(DEFAULT_PASSWD)
     # The passwd file as read by the master (load_files); the workers check passwords with it.
     credentials: Credentials = field(default_factory=Credentials, compare=False, repr=False)
+    # --dkim-key DOMAIN:SELECTOR:FILE; the keys the master reads from them (load_files).
+    dkim_specs: tuple[tuple[str, str, Path], ...] = ()
+    dkim_keys: tuple[SigningKey, ...] = field(default=(), compare=False, repr=False)
+    inbound_auth: str = "header"
+    dns_timeout: float = DEFAULT_DNS_TIMEOUT
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -160,6 +171,13 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("max-errors", None, True, False, "bad commands tolerated per session (default 20)"),
     ("max-sessions", None, True, False, "total concurrent sessions (default 1000)"),
     ("max-sessions-per-ip", None, True, False, "sessions per client IP (untrusted listeners)"),
+    (
+        "min-free",
+        None,
+        True,
+        False,
+        "free bytes the spool and queue keep: MAIL gets 452 below (default 1.5 x max size)",
+    ),
     ("verbose", "v", False, False, "log more, including the SMTP dialogue"),
     ("relayhost", None, True, False, "smarthost for all outbound mail instead of each domain's MX"),
     ("relay-auth", None, True, False, "file holding 'username:password' for AUTH at the relayhost"),
@@ -188,6 +206,21 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("tls-key", None, True, True, "private key (PEM) of the --tls-cert given in the same place"),
     ("tls-required", None, False, False, "refuse MAIL before STARTTLS on the network listeners"),
     ("passwd", None, True, False, f"passwords for AUTH (default {DEFAULT_PASSWD})"),
+    (
+        "dkim-key",
+        None,
+        True,
+        True,
+        "DOMAIN:SELECTOR:FILE: DKIM-sign mail from DOMAIN with this key (PEM); repeatable",
+    ),
+    (
+        "inbound-auth",
+        None,
+        True,
+        False,
+        "off, header (default: add Authentication-Results) or enforce (and apply DMARC reject)",
+    ),
+    ("dns-timeout", None, True, False, "bound on each DNS lookup (default 10s)"),
 )
 
 
@@ -196,12 +229,13 @@ METAVARS = {
     "listen-local": "ADDR[:PORT]", "listen-network": "ADDR[:PORT]", "interface": "NAME",
     "hostname": "NAME", "workers": "N", "user": "NAME", "pidfile": "FILE",
     "dns-server": "IP[:PORT]", "max-message-size": "BYTES", "timeout": "DURATION",
-    "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N",
+    "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N", "min-free": "BYTES",
     "relayhost": "HOST[:PORT]", "relay-auth": "FILE", "outbound-tls": "POLICY",
     "outbound-ip": "FAMILY", "retry-after": "DURATION", "max-queue-time": "DURATION",
     "delay-warning": "DURATION", "max-outbound": "N", "max-per-domain": "N", "log-file": "FILE",
     "aliases": "FILE", "listen-submission": "ADDR[:PORT]", "listen-submissions": "ADDR[:PORT]",
     "tls-cert": "FILE", "tls-key": "FILE", "passwd": "FILE",
+    "dkim-key": "DOMAIN:SELECTOR:FILE", "inbound-auth": "MODE", "dns-timeout": "DURATION",
 }  # fmt: skip
 
 
@@ -219,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Subcommands: mailerd queue [-c FILE] [-q DIR] [list | flush | delete ID...] "
         "shows and manages the outbound queue; mailerd sendmail [options] [recipient...] is "
         "the machine's mail command (also run as sendmail, mailq = sendmail -bp, and "
-        "newaliases); mailerd passwd [--delete] USER sets the password USER authenticates with. "
+        "newaliases); mailerd passwd [--delete] USER sets the password USER authenticates with; "
+        "mailerd dkim keygen DOMAIN makes a DKIM key; mailerd dns [--check] prints (and checks) "
+        "the DNS records to publish. "
         "Signals: HUP reloads, TERM stops, USR1 reopens logs.",
         argument_default=argparse.SUPPRESS,
     )
@@ -303,6 +339,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         ([], "") if raw.get("domain") and raw.get("hostname") else host.identity()
     )
     domains = tuple(dict.fromkeys(parse_domains(raw.get("domain") or default_domains)))
+    dkim_specs = _dkim_specs(raw.get("dkim_key"), domains)
     return Config(
         spool=Path(str(raw.get("spool", DEFAULT_SPOOL))),
         queue=Path(str(raw.get("queue", DEFAULT_QUEUE))),
@@ -329,6 +366,12 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
             1,
             10**7,
         ),
+        min_free=_parse_int(
+            "min-free",
+            raw.get("min_free", _default_min_free(raw.get("max_message_size"))),
+            0,
+            2**50,
+        ),
         verbose=bool(raw.get("verbose", False)),
         relayhost=_parse_relayhost(str(raw["relayhost"])) if raw.get("relayhost") else None,
         relay_auth=Path(str(raw["relay_auth"])) if raw.get("relay_auth") else None,
@@ -347,6 +390,9 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         tls_pairs=pairs,
         tls_required=bool(raw.get("tls_required", False)),
         passwd_file=Path(str(raw.get("passwd") or DEFAULT_PASSWD)),
+        dkim_specs=dkim_specs,
+        inbound_auth=_parse_choice("inbound-auth", raw.get("inbound_auth", "header"), AUTH_MODES),
+        dns_timeout=parse_duration("dns-timeout", raw.get("dns_timeout", DEFAULT_DNS_TIMEOUT)),
     )
 
 
@@ -368,6 +414,7 @@ def absolute(cfg: Config, base: Path) -> Config:
         aliases_file=base / cfg.aliases_file,
         tls_pairs=tuple((base / cert, base / key) for cert, key in cfg.tls_pairs),
         passwd_file=base / cfg.passwd_file,
+        dkim_specs=tuple((d, s, base / path) for d, s, path in cfg.dkim_specs),
     )
 
 
@@ -387,7 +434,49 @@ def load_files(cfg: Config) -> Config:
         passwords = Credentials.load(str(cfg.passwd_file))
     except CredentialsError as exc:
         raise ConfigError(f"--passwd: {exc}") from exc
-    return replace(cfg, aliases=table, tls_context=context, credentials=passwords)
+    from mailerd import signing  # (dkimpy and cryptography: not for `sendmail`'s start)
+
+    try:
+        keys = tuple(signing.load_key(d, s, str(path)) for d, s, path in cfg.dkim_specs)
+    except signing.KeyProblem as exc:
+        raise ConfigError(f"--dkim-key: {exc}") from exc
+    return replace(cfg, aliases=table, tls_context=context, credentials=passwords, dkim_keys=keys)
+
+
+AUTH_MODES = ("off", "header", "enforce")
+
+
+def _default_min_free(max_message_size: object) -> int:
+    """1.5 times the largest message, as Postfix's queue_minfree defaults to."""
+    try:
+        size = int(str(max_message_size)) if max_message_size is not None else 0
+    except ValueError:
+        size = 0  # (the size's own check names the bad value)
+    return (size or DEFAULT_MAX_MESSAGE_SIZE) * 3 // 2
+
+
+# A DKIM selector: DNS labels (RFC 6376 3.1), letters, digits, hyphens, underscores.
+_SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_-]+)*")
+
+
+def _dkim_specs(values: object, domains: tuple[str, ...]) -> tuple[tuple[str, str, Path], ...]:
+    """--dkim-key DOMAIN:SELECTOR:FILE, each for a local domain (or one below it)."""
+    specs = []
+    for text in _strings(values) if values is not None else []:
+        domain, sep1, rest = text.partition(":")
+        selector, sep2, path = rest.partition(":")
+        domain = domain.strip().lower().rstrip(".")
+        if not (sep1 and sep2 and domain and _SELECTOR.fullmatch(selector.strip()) and path):
+            raise ConfigError(f"--dkim-key: not DOMAIN:SELECTOR:FILE: '{text}'")
+        selector = selector.strip()
+        if not is_local_domain(domain, domains):
+            raise ConfigError(
+                f"--dkim-key: {domain} is not a local domain: mailerd signs only its own mail"
+            )
+        specs.append((domain, selector, Path(path)))
+    if len({(d, s) for d, s, _ in specs}) != len(specs):
+        raise ConfigError("--dkim-key: the same domain and selector are given twice")
+    return tuple(specs)
 
 
 def _tls_pairs(certs: object, keys: object) -> tuple[tls.Pair, ...]:

@@ -138,6 +138,19 @@ def _copy_by_reading(source: int, target: int, offset: int) -> None:
         offset += len(chunk)
 
 
+def read_body(body: Body) -> bytes:
+    """A body's octets, from memory or from its file (read from offset 0, without moving the
+    descriptor's offset: the file is copied from there later)."""
+    if isinstance(body, bytes):
+        return body
+    parts = []
+    offset = 0
+    while chunk := os.pread(body, 1 << 20, offset):
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -88,7 +88,17 @@ LIBRARIES = (
     "argon2",
     "argon2.exceptions",
     "argon2.low_level",
+    "authres",
+    "authres.dmarc",
+    "cryptography.hazmat.primitives.asymmetric.ed25519",
+    "cryptography.hazmat.primitives.asymmetric.padding",
+    "cryptography.hazmat.primitives.asymmetric.rsa",
+    "cryptography.hazmat.primitives.serialization",
     "daemon",
+    "dkim",
+    "dkim.canonicalization",
+    "dkim.crypto",
+    "dkim.util",
     "dns.asyncbackend",
     "dns._asyncio_backend",
     "dns.asyncquery",
@@ -106,9 +116,13 @@ LIBRARIES = (
     "dns.resolver",
     "dns.reversename",
     "psutil",
+    "publicsuffix2",
     "setproctitle",
+    "spf",
 )
-OPTIONAL = ("sniffio", "uvloop")  # dnspython asks for sniffio on every lookup
+# Missing optional ones are skipped: dnspython asks for sniffio on every lookup; dkimpy verifies
+# and signs Ed25519 with PyNaCl.
+OPTIONAL = ("sniffio", "uvloop", "nacl.encoding", "nacl.signing")
 
 # Imported by the master itself or only by commands that never fork a child.
 NOT_FOR_CHILDREN = ("mailerd.__main__",)
@@ -128,7 +142,16 @@ def preload() -> None:
             importlib.import_module(name)
     _load_dns_types()
     _import_package("mailerd")
+    _warm()
     _done = True
+
+
+def _warm() -> None:
+    """Data that modules read on first use, read now, once, for every child: the Public Suffix
+    List (DMARC's organisational domains)."""
+    from mailerd.inbound import dmarc
+
+    dmarc.organizational_domain("example.org")
 
 
 def _load_dns_types() -> None:

@@ -31,12 +31,38 @@ with 220 within 10 s, the server's memory while they are held, and the time of o
 meanwhile; that server is then stopped. --only runs one server alone (no pairs).
 Postfix: a private instance (own config, queue and data directories under var/bench-*, smtpd on
 a free loopback port only, Maildir delivery for a temporary system user), removed afterwards.
+
+Then the TLS phase (--no-tls: the above alone, as before; --tls-only: this alone), with a new
+mailerd and a new private Postfix, configured as above plus: ONE ECDSA P-256 certificate for
+both (tests/certs.py, made with the openssl command), STARTTLS offered on the listener the
+plaintext runs use, and a submission port: mailerd's --listen-submission with an argon2id
+--passwd file for user@localhost; Postfix's submission service (smtpd_tls_security_level =
+encrypt, smtpd_tls_auth_only, Cyrus SASL: auxprop sasldb, PLAIN LOGIN; permit_sasl_authenticated
+then reject) for its temporary user. Postfix sends no TLS 1.3 session tickets, as mailerd does
+not (with its default tickets, each message waits ~40 ms: see Postfix.start; --postfix-tickets
+keeps them). For each run, STARTTLS then submission (--tls-modes), and level (--tls-levels, 1
+and 10), the servers' runs interleaved and repeated (--repeat) as above:
+  * load: smtp-source has no TLS, so this script's own generator: Python asyncio on uvloop with
+    the ssl module, in processes of its own (--tls-generators; default 1 for 1 client, else 2,
+    the clients split between them), each client looping: connect, 220, EHLO, STARTTLS, a full
+    handshake (no session resumption, no certificate check), EHLO, [AUTH PLAIN, for every
+    message], MAIL, RCPT, DATA with the 4 KiB message of the latency phase, QUIT. M messages per
+    run (--tls-messages, as --messages by default); only those answered with the final 250
+    count; msgs/s = those / time from the first connect to the last 250.
+  * CPU of the server's tree and peak PSS as above; also the generator's own CPU per message
+    ("gen"): it runs on the same cores as the servers. No latency phase, no idle test.
+  * before a run's levels, one probe message per server: one that fails it is left out of that
+    run, with the reason in its notes (so is a Postfix without Cyrus SASL: sasl2-bin,
+    libsasl2-modules). A mailerd worker remembers a successful login for 10 minutes, so
+    argon2id's ~0.18 s of CPU (and 64 MiB) is paid once per worker, not per message.
+The generator runs as `bench.py --load-generator SPEC` (a JSON spec; internal).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import errno
@@ -46,10 +72,12 @@ import os
 import pwd
 import re
 import resource
+import secrets
 import selectors
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -65,7 +93,7 @@ from dnsserver import DNSServer, Records  # noqa: E402  (the test suite's DNS se
 _dns: DNSServer | None = None
 
 
-GUARD = {"MAILERD_FORBID_SYSTEM_RESOLVER": "1"}  # see mailerd/mx.py
+GUARD = {"MAILERD_FORBID_SYSTEM_RESOLVER": "1"}  # see mailerd/resolver.py
 
 
 def bench_dns() -> str:
@@ -338,9 +366,9 @@ def wait_banner(port: int, limit: float, proc: subprocess.Popen | None = None) -
     return None
 
 
-def make_message(rcpt: str, n: int) -> bytes:
+def make_message(rcpt: str, n: int, sender: str = SENDER) -> bytes:
     head = (
-        f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: mailerd bench {n}\r\n"
+        f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: mailerd bench {n}\r\n"
         f"Message-ID: <{n}.{os.getpid()}.{time.time_ns()}@{HELO}>\r\n"
         f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n\r\n"
     )
@@ -512,6 +540,295 @@ def run_smtp_source(port: int, rcpt: str, sessions: int, count: int, timeout: fl
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# the TLS load generator: asyncio + ssl in processes of its own (run_generator starts them as
+# `bench.py --load-generator SPEC`), so that its CPU is neither the servers' nor this process's
+
+
+def auth_plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+async def _tls_message(spec: dict, ctx: ssl.SSLContext, n: int, seen: dict) -> float:
+    """One message on a new connection: banner, EHLO, STARTTLS, a full handshake (no session is
+    offered for resumption), EHLO, AUTH PLAIN when spec["auth"], MAIL, RCPT, DATA, QUIT.
+    Returns the monotonic time of the 250 after the final '.'."""
+    msg = make_message(spec["rcpt"], n, spec["sender"])
+    reader, writer = await asyncio.open_connection(HOST, spec["port"], limit=65536)
+    try:
+        await _expect(reader, b"220", "banner")
+        writer.write(f"EHLO {HELO}\r\n".encode())
+        await _expect(reader, b"250", "EHLO")
+        writer.write(b"STARTTLS\r\n")
+        await _expect(reader, b"220", "STARTTLS")
+        await writer.start_tls(ctx)
+        tls = writer.get_extra_info("ssl_object")
+        if tls.session_reused:
+            seen["resumed"] += 1
+        if "version" not in seen:
+            seen["version"], seen["cipher"] = tls.version(), tls.cipher()[0]
+        writer.write(f"EHLO {HELO}\r\n".encode())
+        await _expect(reader, b"250", "EHLO after STARTTLS")
+        if "ticket" not in seen:  # (a TLS 1.3 ticket comes after the handshake)
+            session = tls.session
+            seen["ticket"] = bool(session and session.has_ticket)
+        if spec["auth"]:
+            writer.write(f"AUTH PLAIN {spec['auth']}\r\n".encode())
+            await _expect(reader, b"235", "AUTH")
+        writer.write(f"MAIL FROM:<{spec['sender']}>\r\n".encode())
+        await _expect(reader, b"250", "MAIL")
+        writer.write(f"RCPT TO:<{spec['rcpt']}>\r\n".encode())
+        await _expect(reader, b"250", "RCPT")
+        writer.write(b"DATA\r\n")
+        await _expect(reader, b"354", "DATA")
+        writer.write(msg)
+        await _expect(reader, b"250", "end of data")
+        done = time.monotonic()
+        writer.write(b"QUIT\r\n")
+        with contextlib.suppress(asyncio.TimeoutError, SMTPFail, OSError):
+            await asyncio.wait_for(_expect(reader, b"221", "QUIT"), 5)
+        return done
+    finally:
+        writer.close()
+        with contextlib.suppress(asyncio.TimeoutError, OSError, ssl.SSLError):
+            await asyncio.wait_for(writer.wait_closed(), 2)
+
+
+async def _generate(spec: dict, ctx: ssl.SSLContext) -> dict:
+    """spec["clients"] sequential senders sharing spec["count"] messages; stops early after
+    max(10, count/10) failed messages."""
+    left = spec["count"]
+    stamps: list[float] = []
+    firsts: list[float] = []
+    errors: collections.Counter = collections.Counter()
+    seen = {"resumed": 0}
+    cap = max(10, spec["count"] // 10)
+
+    async def client():
+        nonlocal left
+        while left > 0 and sum(errors.values()) < cap:
+            left -= 1
+            n = left
+            if not firsts:
+                firsts.append(time.monotonic())
+            try:
+                stamps.append(
+                    await asyncio.wait_for(_tls_message(spec, ctx, n, seen), spec["msg_timeout"])
+                )
+            except TimeoutError:
+                errors[f"no 250 within {spec['msg_timeout']:g} s"] += 1
+            except SMTPFail as e:
+                errors[str(e)] += 1
+            except ssl.SSLError as e:
+                errors[f"TLS: {e.reason or e}"] += 1
+            except OSError as e:
+                errors[f"{type(e).__name__}: {e.strerror or e}"] += 1
+
+    await asyncio.gather(*(client() for _ in range(spec["clients"])))
+    first = firsts[0] if firsts else None
+    return {"stamps": stamps, "first": first, "errors": dict(errors), **seen}
+
+
+def generator_main(spec_json: str) -> int:
+    """A load generator process: says "ready" once set up, starts on "go" (stdin), prints its
+    result as one JSON line, with its own CPU time from "go" to the end."""
+    spec = json.loads(spec_json)
+    factory = None
+    if spec["uvloop"]:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the handshake is complete all the same: only no chain check
+    print("ready", flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 1
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        out = runner.run(_generate(spec, ctx))
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_user"] = r1.ru_utime - r0.ru_utime
+    out["cpu_sys"] = r1.ru_stime - r0.ru_stime
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def _split(total: int, weights: list[int]) -> list[int]:
+    """total split in proportion to weights (whole numbers, summing to total)."""
+    parts = [total * w // sum(weights) for w in weights]
+    for i in range(total - sum(parts)):
+        parts[i % len(parts)] += 1
+    return parts
+
+
+def run_generator(
+    port: int,
+    rcpt: str,
+    sender: str,
+    auth: str | None,
+    clients: int,
+    count: int,
+    procs: int,
+    timeout: float,
+    use_uvloop: bool = True,
+) -> dict:
+    """The TLS counterpart of run_smtp_source: `clients` concurrent senders over `procs`
+    generator processes, `count` messages in all. Only messages answered with the final 250
+    count; seconds = first connect to last 250 (over all processes, CLOCK_MONOTONIC)."""
+    procs = max(1, min(procs, clients, count))
+    shares = _split(clients, [1] * procs)
+    counts = _split(count, shares)
+    with contextlib.ExitStack() as stack:
+        children = []
+        for share, n in zip(shares, counts, strict=True):
+            spec = {
+                "port": port,
+                "rcpt": rcpt,
+                "sender": sender,
+                "auth": auth,
+                "clients": share,
+                "count": n,
+                "msg_timeout": 60.0,
+                "uvloop": use_uvloop,
+            }
+            errf = stack.enter_context(tempfile.TemporaryFile())
+            p = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--load-generator"]
+                + [json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errf,
+            )
+            stack.callback(_end_child, p)
+            children.append((p, errf))
+        outs, timed_out, t_go = _drive_generators([p for p, _ in children], timeout)
+        t1 = time.monotonic()
+        stamps: list[float] = []
+        firsts: list[float] = []
+        errors: collections.Counter = collections.Counter()
+        problems: list[str] = []
+        cpu_user = cpu_sys = 0.0
+        resumed = 0
+        tls = None
+        for (p, errf), out in zip(children, outs, strict=True):
+            try:
+                res = json.loads(bytes(out).strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                p.poll()
+                errf.seek(0)
+                err = errf.read(65536).decode(errors="replace").strip().splitlines()
+                problems.append(f"generator (exit {p.returncode}): {(err or ['no output'])[-1]}")
+                continue
+            stamps += res["stamps"]
+            if res["first"] is not None:
+                firsts.append(res["first"])
+            errors.update(res["errors"])
+            cpu_user += res["cpu_user"]
+            cpu_sys += res["cpu_sys"]
+            resumed += res["resumed"]
+            if "version" in res:
+                tls = f"{res['version']} {res['cipher']}"
+                tls += ", a session ticket sent" if res.get("ticket") else ", no session ticket"
+    stamps.sort()
+    done = len(stamps)
+    t_start = min(firsts) if firsts else t_go
+    t_end = stamps[-1] if stamps else t1
+    error = None
+    if timed_out:
+        error = f"load generator timed out after {timeout:.0f} s"
+    elif problems:
+        error = problems[0]
+    elif errors:
+        error = "; ".join(f"{k} ({v}x)" for k, v in errors.most_common(3))
+    elif done != count:
+        error = f"load generator sent {done} of {count} messages"
+    points = [t_start, *stamps]
+    gaps = [(b - a, a - t_start) for a, b in zip(points, points[1:], strict=False)]
+    gap, gap_at = max(gaps) if gaps else (0.0, 0.0)
+    return {
+        "cmd": f"{len(children)} generator process(es), clients {'+'.join(map(str, shares))}",
+        "seconds": t_end - t_start,
+        "done": done,
+        "error": error,
+        "t_start": t_start,
+        "t_end": t_end,
+        "max_gap": gap,
+        "max_gap_at": gap_at,
+        "gen": {
+            "procs": len(children),
+            "clients": shares,
+            "cpu_user_seconds": cpu_user,
+            "cpu_sys_seconds": cpu_sys,
+            "cpu_ms_per_msg": (cpu_user + cpu_sys) * 1000 / done if done else None,
+            "errors": dict(errors),
+            "resumed": resumed,
+            "tls": tls,
+        },
+    }
+
+
+def _drive_generators(
+    procs: list[subprocess.Popen], timeout: float
+) -> tuple[list[bytearray], bool, float]:
+    """Wait (30 s at most) until every generator is ready, start them together, collect their
+    output until they end or `timeout` passes. Returns (outputs, timed out, time of "go")."""
+    outs = {p.stdout.fileno(): bytearray() for p in procs}
+    sel = selectors.DefaultSelector()
+    for fd in outs:
+        sel.register(fd, selectors.EVENT_READ)
+    ready: set[int] = set()
+    deadline = time.monotonic() + 30
+    while len(ready) < len(outs) and time.monotonic() < deadline:
+        for key, _ in sel.select(0.5):
+            chunk = os.read(key.fd, 65536)
+            outs[key.fd] += chunk
+            if not chunk:  # it ended (its error is in its stderr)
+                sel.unregister(key.fd)
+            if b"ready\n" in outs[key.fd] or not chunk:
+                ready.add(key.fd)
+    t_go = time.monotonic()
+    for p in procs:
+        with contextlib.suppress(OSError):
+            p.stdin.write(b"go\n")
+            p.stdin.close()
+    timed_out = False
+    deadline = t_go + timeout
+    while sel.get_map():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        for key, _ in sel.select(min(left, 1.0)):
+            chunk = os.read(key.fd, 65536)
+            if chunk:
+                outs[key.fd] += chunk
+            else:
+                sel.unregister(key.fd)
+    sel.close()
+    if timed_out:
+        for p in procs:
+            with contextlib.suppress(OSError):
+                p.kill()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return [outs[p.stdout.fileno()].replace(b"ready\n", b"", 1) for p in procs], timed_out, t_go
+
+
+def _end_child(p: subprocess.Popen) -> None:
+    """(cleanup) a generator still running, e.g. after an interruption: ours, ended by id."""
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+    for f in (p.stdin, p.stdout):
+        with contextlib.suppress(OSError):
+            f.close()
+
+
 def idle_test(port: int, n: int, window: float, hold: float, sampler: Sampler, rcpt: str) -> dict:
     """Open n connections without blocking; count 220 banners seen within `window` seconds of
     the first connect; hold them `hold` more seconds while sampling the server's memory, and
@@ -617,6 +934,12 @@ class Server:
     name = "?"
     rcpt = "user@localhost"
     port = 0
+    # the TLS phase's servers: the submission port and who logs in there ("" for none, and
+    # sub_error says why)
+    sub_port = 0
+    sub_user = ""
+    sub_sender = ""
+    sub_error = ""
 
     def root_pid(self) -> int:
         raise NotImplementedError
@@ -649,11 +972,33 @@ class Server:
         return ""
 
 
+class TLSSetup:
+    """What the TLS phase's two servers share: ONE ECDSA P-256 certificate (tests/certs.py, by
+    the openssl command, signed by a throw-away CA that no client checks) and the password of
+    the submission user."""
+
+    kind = "ECDSA P-256"
+
+    def __init__(self, base: Path, postfix_tickets: bool = False):
+        import certs  # tests/certs.py
+
+        pair = certs.make_ca(base / "tls").issue(HELO, kind="ecdsa")
+        self.cert, self.key = pair.cert, pair.key
+        self.password = secrets.token_urlsafe(18)
+        self.postfix_tickets = postfix_tickets
+
+
 class Mailerd(Server):
     name = "mailerd"
 
-    def __init__(self, base: Path, workers: int, max_sessions: int):
-        self.base = base / "mailerd"
+    def __init__(self, base: Path, workers: int, max_sessions: int, tls: TLSSetup | None = None):
+        """With `tls`: the TLS phase's mailerd (its own directory), whose listener offers
+        STARTTLS, beside a submission listener and a passwd file for user@localhost."""
+        self.tls = tls
+        self.base = base / ("mailerd-tls" if tls else "mailerd")
+        self.passwd = self.base / "passwd"
+        if tls:
+            self.sub_user, self.sub_sender = "user", "user@localhost"
         self.spool = self.base / "spool"
         self.queue = self.base / "queue"
         self.logfile = self.base / "mailerd.log"
@@ -688,15 +1033,51 @@ class Mailerd(Server):
             "--dns-server",
             bench_dns(),
         ]
+        if self.tls:
+            cmd += [
+                "--tls-cert",
+                str(self.tls.cert),
+                "--tls-key",
+                str(self.tls.key),
+                "--listen-submission",
+                f"{HOST}:{self.sub_port}",
+                "--passwd",
+                str(self.passwd),
+            ]
         if with_max:
             cmd += ["--max-sessions", str(self.max_sessions)]
         return cmd
 
+    def _write_passwd(self) -> None:
+        """The passwd file, by mailerd's own code (`mailerd passwd` would also signal the
+        machine's running mailerd, if any, to reload)."""
+        code = (
+            "import sys\nfrom mailerd import credentials\n"
+            "credentials.write(sys.argv[1], {sys.argv[2]: credentials.hash_password("
+            "sys.stdin.read())})\n"
+        )
+        p = subprocess.run(
+            [str(ROOT / ".venv/bin/python"), "-c", code, str(self.passwd), self.sub_user],
+            input=self.tls.password,
+            capture_output=True,
+            text=True,
+            cwd=str(ROOT),
+            timeout=60,
+        )
+        if p.returncode != 0:
+            raise ServerError(f"cannot write mailerd's passwd file: {p.stderr.strip()[-300:]}")
+
     def start(self) -> None:
         (self.spool / "user").mkdir(parents=True, exist_ok=True)
         self.queue.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            self._write_passwd()
         for with_max in (True, False):
             self.port = free_port()
+            if self.tls:
+                self.sub_port = free_port()
+                while self.sub_port == self.port:
+                    self.sub_port = free_port()
             cmd = self._cmd(with_max)
             self.cmd = " ".join(cmd)
             with open(self.logfile, "ab") as logf:
@@ -712,6 +1093,11 @@ class Mailerd(Server):
                     env={**os.environ, **GUARD},
                 )
             banner = wait_banner(self.port, 30, self.proc)
+            if banner and self.tls and not wait_banner(self.sub_port, 10, self.proc):
+                self.stop()
+                raise ServerError(
+                    f"mailerd's submission listener gave no 220 banner; log:\n{self.log_tail(15)}"
+                )
             if banner:
                 self.banner = banner
                 self.remember_pids()
@@ -824,8 +1210,13 @@ def count_mailbox(path: Path) -> int | None:
 class Postfix(Server):
     name = "postfix"
 
-    def __init__(self, base: Path, process_limit: int, idle_limit: int):
-        self.base = base / "postfix"
+    def __init__(
+        self, base: Path, process_limit: int, idle_limit: int, tls: TLSSetup | None = None
+    ):
+        """With `tls`: the TLS phase's instance (its own directory): STARTTLS offered on its
+        smtpd, and a submission service (STARTTLS, then Cyrus SASL against a sasldb)."""
+        self.tls = tls
+        self.base = base / ("postfix-tls" if tls else "postfix")
         self.etc = self.base / "etc"
         self.queue = self.base / "queue"
         self.data = self.base / "data"
@@ -835,6 +1226,8 @@ class Postfix(Server):
         self.process_limit = process_limit
         self.idle_limit = idle_limit
         self.rcpt = f"{PF_USER}@localhost"
+        self.sasl_dir = self.etc / "sasl"
+        self.sasldb = self.base / "sasldb2"
         self.created_user = False
         self.started = False
         self.master = None
@@ -878,7 +1271,57 @@ class Postfix(Server):
             ("scache", "unix", "-", "-", "n", "-", "1", "scache"),
             ("postlog", "unix-dgram", "n", "-", "n", "-", "1", "postlogd"),
         ]
-        return "".join("{:<10} {:<10} {:<3} {:<3} {:<3} {:<6} {:<5} {}\n".format(*r) for r in rows)
+        if self.tls:
+            rows.append(("tlsmgr", "unix", "-", "-", "n", "1000?", "1", "tlsmgr"))
+        if self.sub_port:
+            rows.append((str(self.sub_port), "inet", "n", "-", "n", "-", smtpd_maxproc, "smtpd"))
+        text = "".join("{:<10} {:<10} {:<3} {:<3} {:<3} {:<6} {:<5} {}\n".format(*r) for r in rows)
+        if self.sub_port:  # as Debian's master.cf has it, commented out
+            text += (
+                "  -o syslog_name=postfix-bench/submission\n"
+                "  -o smtpd_tls_security_level=encrypt\n"
+                "  -o smtpd_sasl_auth_enable=yes\n"
+                "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject\n"
+                "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n"
+            )
+        return text
+
+    def _setup_sasl(self) -> None:
+        """Cyrus SASL for the submission service: PLAIN and LOGIN against a sasldb holding
+        PF_USER's password (realm = myhostname), readable by smtpd (user postfix, no chroot).
+        Raises ServerError saying what is missing."""
+        if not shutil.which("saslpasswd2"):
+            raise ServerError("saslpasswd2 not found (package sasl2-bin; scripts/setup --bench)")
+        kinds = subprocess.run(
+            ["postconf", "-a"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+        ).stdout.split()
+        if "cyrus" not in kinds:
+            raise ServerError(f"this Postfix has no Cyrus SASL (postconf -a: {' '.join(kinds)})")
+        plugins = [Path(d) / "sasl2" for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib")]
+        plugins += list(Path("/usr/lib").glob("*-linux-gnu*/sasl2"))
+        for mech in ("libplain.so", "libsasldb.so"):
+            if not any((d / mech).exists() for d in plugins):
+                raise ServerError(
+                    f"Cyrus SASL plugin {mech} not found (packages libsasl2-modules, "
+                    "libsasl2-modules-db; scripts/setup --bench)"
+                )
+        self.sasl_dir.mkdir(parents=True, exist_ok=True)
+        (self.sasl_dir / "smtpd.conf").write_text(
+            f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nsasldb_path: {self.sasldb}\n"
+            "mech_list: PLAIN LOGIN\n"
+        )
+        p = subprocess.run(
+            ["saslpasswd2", "-p", "-c", "-f", str(self.sasldb), "-u", HELO, PF_USER],
+            input=self.tls.password,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if p.returncode != 0 or not self.sasldb.exists():
+            raise ServerError(f"saslpasswd2 failed ({p.returncode}): {p.stderr.strip()}")
+        pf = pwd.getpwnam("postfix")
+        os.chown(self.sasldb, pf.pw_uid, pf.pw_gid)
+        os.chmod(self.sasldb, 0o600)
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -968,6 +1411,51 @@ smtpd_client_message_rate_limit = 0
 smtpd_client_recipient_rate_limit = 0
 smtpd_client_event_limit_exceptions = 127.0.0.0/8
 """
+        if self.tls:
+            main_cf += f"""# the TLS phase: STARTTLS offered here, required on the submission port
+smtpd_tls_cert_file = {self.tls.cert}
+smtpd_tls_key_file = {self.tls.key}
+smtpd_tls_security_level = may
+smtpd_tls_loglevel = 0
+"""
+            if not self.tls.postfix_tickets:
+                # No TLS 1.3 session tickets, as mailerd sends none (and the load generator
+                # resumes no session). With them, smtpd writes the ticket and its EHLO reply
+                # in two segments without TCP_NODELAY: Nagle holds the reply until the
+                # client's delayed ACK of the ticket, ~40 ms per message (strace'd).
+                # smtpd_tls_session_cache_timeout = 0 still sends one, and so do NO_TICKET
+                # alone and OpenSSL's NumTickets = 0 alone (tls_config_file, Postfix >= 3.7.6);
+                # the two together send none (tried on Debian 12's Postfix 3.7, OpenSSL 3.0).
+                cnf = self.etc / "openssl-bench.cnf"
+                cnf.write_text(
+                    "# scripts/bench: the OpenSSL settings of the private Postfix instance\n"
+                    "postfix_bench = postfix_bench_settings\n"
+                    "[postfix_bench_settings]\nssl_conf = postfix_bench_ssl\n"
+                    "[postfix_bench_ssl]\nsystem_default = postfix_bench_baseline\n"
+                    "[postfix_bench_baseline]\nNumTickets = 0\n"
+                )
+                main_cf += (
+                    f"tls_config_file = {cnf}\ntls_config_name = postfix_bench\n"
+                    "tls_ssl_options = NO_TICKET\n"
+                )
+            try:
+                self._setup_sasl()
+            except (ServerError, OSError, subprocess.SubprocessError) as e:
+                self.sub_error = f"no submission run for Postfix: {e}"
+                log(self.sub_error)
+            else:
+                self.sub_port = free_port()
+                while self.sub_port == self.port:
+                    self.sub_port = free_port()
+                self.sub_user, self.sub_sender = PF_USER, f"{PF_USER}@localhost"
+                main_cf += f"""# the submission service's SASL (turned on there only, see master.cf)
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+cyrus_sasl_config_path = {self.sasl_dir}
+smtpd_sasl_local_domain = {HELO}
+smtpd_sasl_security_options = noanonymous
+smtpd_tls_auth_only = yes
+"""
         (self.etc / "main.cf").write_text(main_cf)
         (self.etc / "master.cf").write_text(self._master_cf("-"))
         self._postfix("check")
@@ -986,6 +1474,10 @@ smtpd_client_event_limit_exceptions = 127.0.0.0/8
         banner = wait_banner(self.port, 15)
         if not banner:
             raise ServerError(f"postfix gave no 220 banner within 15 s; log:\n{self.log_tail(15)}")
+        if self.sub_port and not wait_banner(self.sub_port, 15):
+            raise ServerError(
+                f"postfix's submission service gave no 220 banner; log:\n{self.log_tail(15)}"
+            )
         self.banner = banner
         self.known_pids.update(tree_pids(self.master, proc_table()))
 
@@ -1001,11 +1493,26 @@ smtpd_client_event_limit_exceptions = 127.0.0.0/8
         return f"; last log lines:\n    {tail}"
 
     def describe(self) -> str:
-        return (
+        text = (
             f"private instance ({self.etc}/main.cf), smtpd on {HOST}:{self.port}, "
             f"default_process_limit = {self.process_limit}, queue + Maildir on the same fs, "
             f"local delivery to {PF_USER} (temporary user), logging to a file via postlogd"
         )
+        if self.tls:
+            text += "; STARTTLS: smtpd_tls_security_level = may, tlsmgr in master.cf, " + (
+                "TLS 1.3 session tickets issued (Postfix's default; --postfix-tickets)"
+                if self.tls.postfix_tickets
+                else "no TLS 1.3 session tickets (tls_ssl_options = NO_TICKET and OpenSSL's "
+                "NumTickets = 0 via tls_config_file: with them smtpd's EHLO reply waits ~40 ms "
+                "for the client's delayed ACK of the ticket, Nagle; --postfix-tickets keeps them)"
+            )
+        if self.sub_port:
+            text += (
+                f"; submission on {HOST}:{self.sub_port}: smtpd_tls_security_level = encrypt, "
+                "smtpd_tls_auth_only, Cyrus SASL (auxprop sasldb, PLAIN LOGIN), "
+                "permit_sasl_authenticated then reject"
+            )
+        return text
 
     def log_tail(self, n: int) -> str:
         try:
@@ -1311,11 +1818,16 @@ def idle_phase(b: Bench, args) -> None:
         res["notes"].append("no 220 banner within 15 s after the idle connections closed")
 
 
-def throughput_run(srv: Server, c: int, args) -> dict:
+def throughput_run(srv: Server, c: int, args, send=None) -> dict:
+    """One measured run: smtp-source, or send() (the TLS phase: run_generator), which returns
+    what run_smtp_source does (and "gen", kept)."""
     before_box = srv.mailbox_count()
     cpu0 = cpu_snapshot(srv.root_pid())
     disk0 = disk_snapshot()
-    ss = run_smtp_source(srv.port, srv.rcpt, c, args.messages, args.ss_timeout)
+    if send is None:
+        ss = run_smtp_source(srv.port, srv.rcpt, c, args.messages, args.ss_timeout)
+    else:
+        ss = send()
     box_secs = None
     if isinstance(srv, Postfix) and before_box is not None:
         t_box = srv.wait_mailbox(before_box + ss["done"], 120)
@@ -1336,7 +1848,7 @@ def throughput_run(srv: Server, c: int, args) -> dict:
     d = {k: cpu1[k] - cpu0[k] for k in cpu0}
     # per thread: kernel threads come and go (kworkers)
     d["kthreads"] = sum(max(0, t - k0.get(p, 0)) for p, t in k1.items()) / CLK_TCK
-    return {
+    out = {
         "msgs": done,
         "seconds": ss["seconds"],
         "msgs_per_s": done / ss["seconds"] if done else 0.0,
@@ -1361,6 +1873,196 @@ def throughput_run(srv: Server, c: int, args) -> dict:
         "disk_kib_per_msg": disk[1] / 2 if disk else None,
         "disk_flushes_per_msg": disk[2] if disk else None,
     }
+    if "gen" in ss:
+        out["gen"] = ss["gen"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the TLS phase: STARTTLS and authenticated submission, each server's runs interleaved
+
+TLS_MODES = ("starttls", "submission")
+MODE_TITLE = {"starttls": "STARTTLS", "submission": "submission"}
+
+
+def tls_send(srv: Server, mode: str, c: int, count: int, args):
+    """The send() of a TLS run of `mode` against `srv`, for throughput_run."""
+    procs = args.tls_generators or min(2, c)
+    if mode == "submission":
+        port, sender = srv.sub_port, srv.sub_sender
+        auth = auth_plain(srv.sub_user, args.tls_setup.password)
+    else:
+        port, sender, auth = srv.port, SENDER, None
+    timeout = max(60.0, count / 5)
+    return lambda: run_generator(port, srv.rcpt, sender, auth, c, count, procs, timeout)
+
+
+def openssl_summary(port: int) -> str | None:
+    """What `openssl s_client -starttls smtp -brief` says of one handshake with the server:
+    protocol, cipher, key exchange, signature (no SNI: the load generator sends none)."""
+    try:
+        p = subprocess.run(
+            ["openssl", "s_client", "-starttls", "smtp", "-connect", f"{HOST}:{port}", "-brief"]
+            + ["-noservername", "-name", HELO],
+            input="QUIT\r\n",
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    want = ("Protocol version", "Ciphersuite", "Peer signature type", "Server Temp Key")
+    parts = []
+    for line in (p.stderr + p.stdout).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in want:
+            parts.append(value.strip())
+    return ", ".join(parts) or None
+
+
+def bench_tls(servers: list[Server], args) -> tuple[list[dict], list[dict], list[str]]:
+    """Start the TLS phase's servers, then per mode (STARTTLS, submission) and level their
+    load-generator runs, interleaved as bench_level does; then the mailbox check.
+    Returns (results, paired ratios, failed)."""
+    benches: list[Bench] = []
+    failed: list[str] = []
+    paired: list[dict] = []
+    try:
+        for srv in servers:
+            b = Bench(srv)
+            try:
+                b.start()
+            except ServerError as e:
+                log(f"{srv.name} (TLS) failed: {e}")
+                failed.append(srv.name)
+                shut(srv)
+                continue
+            b.res["openssl_s_client"] = openssl_summary(srv.port)
+            benches.append(b)
+        for mode in args.tls_modes:
+            usable = []
+            for b in benches:
+                if not b.active:
+                    continue
+                if mode == "submission" and not b.srv.sub_port:
+                    b.res["notes"].append(b.srv.sub_error or "no submission run")
+                    continue
+                # one message first, so that a server that cannot do it is left out of this
+                # mode with the reason rather than measured failing
+                probe = tls_send(b.srv, mode, 1, 1, args)()
+                b.accepted += probe["done"]
+                if probe["done"] != 1:
+                    why = f"{MODE_TITLE[mode]}: a first message failed: {probe['error']}"
+                    log(f"{b.srv.name}: {why}")
+                    b.res["notes"].append(why + "; not measured")
+                    continue
+                usable.append(b)
+            for c in args.tls_levels:
+                live = [b for b in usable if b.active]
+                if not live:
+                    break
+                pair = tls_level(live, mode, c, args)
+                if pair is not None:
+                    paired.append(pair)
+                for b in live:
+                    if b.res.get("died"):
+                        failed.append(b.srv.name)
+                        b.finish()
+        live = [b for b in benches if b.active]
+        for b in live:
+            b.going = True
+        settle(live)
+        time.sleep(0.5)
+        for b in live:
+            if b.mailbox_start is not None:
+                if isinstance(b.srv, Postfix):
+                    b.srv.wait_mailbox(b.mailbox_start + b.accepted, 60)
+                got = b.srv.mailbox_count()
+                b.res["mailbox_check"] = {
+                    "accepted_250": b.accepted,
+                    "in_mailbox": got - b.mailbox_start if got is not None else None,
+                }
+    finally:
+        for b in benches:
+            b.finish()
+    return [b.res for b in benches], paired, failed
+
+
+def tls_level(live: list[Bench], mode: str, c: int, args) -> dict | None:
+    """One mode and concurrency level of the TLS phase for every server in `live`: `repeat`
+    rounds of one load-generator run per server, the order alternating as in bench_level.
+    Fills each server's results; returns the paired ratios when both servers ran."""
+    for b in live:
+        b.sampler.reset()
+        b.runs = []
+        b.going = True
+    count = args.tls_messages
+    both = [b.srv.name for b in live] == ["mailerd", "postfix"]
+    pair = {"mode": mode, "clients": c, "ratios": [], "first": []} if both else None
+    for i in range(args.repeat):
+        got = {}
+        for b in live if i % 2 == 0 else live[::-1]:
+            if not b.going:
+                continue
+            srv = b.srv
+            settle(live)
+            time.sleep(0.5)
+            log(
+                f"{srv.name}: {MODE_TITLE[mode]}, {c} clients: {count} messages"
+                + (f" (run {i + 1}/{args.repeat})" if args.repeat > 1 else "")
+            )
+            run = throughput_run(srv, c, args, send=tls_send(srv, mode, c, count, args))
+            run["error"] = run.pop("smtp_source_error")
+            run["generator"] = run.pop("smtp_source_cmd")
+            b.accepted += run["msgs"]
+            b.runs.append(run)
+            got[srv.name] = run
+            if run["error"]:
+                log(f"{srv.name}: load generator: {run['error']} ({run['msgs']}/{count} done)")
+            if not srv.running():
+                b.going = False
+        if pair is not None:
+            m, p = got.get("mailerd"), got.get("postfix")
+            ratio = (
+                m["msgs_per_s"] / p["msgs_per_s"]
+                if m is not None and p is not None and p["msgs_per_s"]
+                else None
+            )
+            pair["ratios"].append(ratio)
+            pair["first"].append(next(iter(got), None))
+            if ratio is not None:
+                log(f"{MODE_TITLE[mode]}, {c} clients: run {i + 1}: mailerd/postfix {ratio:.2f}")
+    if pair is not None:
+        ok = [r for r in pair["ratios"] if r is not None]
+        pair["median"] = statistics.median(ok) if ok else None
+    for b in live:
+        srv, runs = b.srv, b.runs
+        if not runs:
+            continue
+        median = sorted(runs, key=lambda r: r["msgs_per_s"])[(len(runs) - 1) // 2]
+        peak, procs = b.sampler.peak()
+        b.res["levels"].append(
+            {
+                "mode": mode,
+                "clients": c,
+                "requested": count,
+                **median,
+                "gen_cpu_ms_per_msg": median["gen"]["cpu_ms_per_msg"],
+                "runs_msgs_per_s": [r["msgs_per_s"] for r in runs],
+                "runs": list(runs),
+                "peak_mem": peak,
+                "peak_procs": procs,
+            }
+        )
+        srv.remember_pids()
+        if not srv.running():
+            b.going = False
+            b.res["died"] = (
+                f"{srv.name} stopped running during the {MODE_TITLE[mode]} {c}-client level"
+                + srv.exit_evidence()
+            )
+            log(b.res["died"])
+    return pair
 
 
 def _ms(x):
@@ -1601,6 +2303,157 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
     print()
 
 
+def report_tls(results: list[dict], paired: list[dict], args) -> None:
+    """The TLS phase's table: one row per server, mode and level."""
+    gens = {
+        L["gen"]["procs"]
+        for r in results
+        for L in r["levels"]
+        if L.get("gen")  # (a level whose every run failed has none)
+    }
+    print()
+    print(
+        f"TLS phase: {MSG_LEN}-byte messages to 127.0.0.1, {os.cpu_count()} CPUs; one "
+        f"{args.tls_setup.kind} certificate (tests/certs.py) for both servers"
+    )
+    procs = "/".join(map(str, sorted(gens))) or "-"
+    lines = [
+        "load     this script's own generator: Python asyncio on uvloop + the ssl module",
+        f"         ({ssl.OPENSSL_VERSION}), in {procs} process(es) of its own, C clients in",
+        "         all; each message on a new connection: banner, EHLO, STARTTLS, a full",
+        "         handshake (no session resumption, no certificate check), EHLO, [AUTH PLAIN],",
+        "         MAIL, RCPT, DATA, QUIT",
+        "run      STARTTLS: the listener smtp-source uses, STARTTLS offered (not required);",
+        "         submission: a submission port, STARTTLS then AUTH PLAIN required (a login per",
+        "         message); the same server instance for both",
+        "msgs/s   messages answered with the final 250 / time from the first connect to the",
+        "         last 250; the median of the runs, which alternate between the servers, back",
+        "         to back; the paired ratio is mailerd/Postfix msgs/s within each such pair",
+        "CPU      utime+stime of the server's process tree (reaped children included) over the",
+        "         run (Postfix: until its Maildir was complete) / msgs",
+        "gen      the load generator's own CPU (user+sys, all its processes) / msgs: it shares",
+        "         the machine's cores with the server",
+        "peak MB  summed PSS of the server's processes, sampled every ~0.2 s over the level",
+        "others   CPU cores kept busy by unrelated processes meanwhile (noise)",
+    ]
+    print("\n".join("  " + line for line in lines))
+    print()
+    hdr = (
+        "server",
+        "run",
+        "clients",
+        "msgs",
+        "seconds",
+        "msgs/s",
+        "CPU ms/msg",
+        "gen ms/msg",
+        "peak MB",
+        "mbox s",
+        "others",
+    )
+    w = (8, 10, 7, 6, 7, 7, 10, 10, 7, 6, 6)
+    print(_row(hdr, w))
+    print("  ".join("-" * x for x in w))
+    for r in results:
+        for L in r["levels"]:
+            row = (
+                r["server"],
+                MODE_TITLE[L["mode"]],
+                str(L["clients"]),
+                str(L["msgs"]),
+                fmt(L["seconds"], ".2f"),
+                fmt(L["msgs_per_s"], ".1f"),
+                fmt(L["cpu_ms_per_msg"], ".2f"),
+                fmt(L["gen_cpu_ms_per_msg"], ".2f"),
+                fmt(L["peak_mem"] / 2**20, ".1f"),
+                fmt(L["mailbox_seconds"], ".2f"),
+                fmt(L["other_cores"], ".2f"),
+            )
+            print(_row(row, w))
+    print("  CPU ms/msg by process (a parent includes the children it reaped meanwhile):")
+    for r in results:
+        for L in r["levels"]:
+            parts = [
+                f"{k} {v:.2f}" for k, v in L["cpu_by_process_ms_per_msg"].items() if v >= 0.005
+            ]
+            print(
+                f"    {r['server']} {MODE_TITLE[L['mode']]} {L['clients']}c: "
+                + ", ".join(parts[:8])
+            )
+    by = {r["server"]: {(L["mode"], L["clients"]): L for L in r["levels"]} for r in results}
+    pairs = {(p["mode"], p["clients"]): p for p in paired}
+    if "mailerd" in by and "postfix" in by:
+        lines = []
+        for key, L in by["mailerd"].items():
+            if key not in by["postfix"]:
+                continue
+            a, b = L["msgs_per_s"], by["postfix"][key]["msgs_per_s"]
+            title = f"{MODE_TITLE[key[0]]} at {_clients(key[1])}"
+            if b:
+                lines.append(f"mailerd/Postfix msgs/s, {title}: {a / b:.2f}  ({a:.1f} vs {b:.1f})")
+            p = pairs.get(key)
+            if p and p["median"] is not None:
+                n = len(p["ratios"])
+                lines.append(
+                    f"  median of the {n} paired run{'s' if n != 1 else ''}: "
+                    f"{p['median']:.2f}  (pairs: "
+                    + ", ".join(fmt(x, ".2f") for x in p["ratios"])
+                    + ")"
+                )
+        if lines:
+            print()
+            print("\n".join(lines))
+    for r in results:
+        lines = []
+        if r.get("openssl_s_client"):
+            lines.append(f"openssl s_client -starttls smtp saw: {r['openssl_s_client']}")
+        seen = sorted({L["gen"]["tls"] for L in r["levels"] if (L.get("gen") or {}).get("tls")})
+        if seen:
+            lines.append("the load generator saw: " + "; ".join(seen))
+        for L in r["levels"]:
+            title = f"{MODE_TITLE[L['mode']]}, {_clients(L['clients'])}"
+            if L["error"]:
+                lines.append(
+                    f"{title}: load generator: {L['error']} ({L['msgs']}/{L['requested']} done)"
+                )
+            if len(L["runs_msgs_per_s"]) > 1:
+                lines.append(
+                    f"{title}: msgs/s of the {len(L['runs_msgs_per_s'])} runs, in order: "
+                    + ", ".join(f"{x:.1f}" for x in L["runs_msgs_per_s"])
+                )
+            if L["max_gap"] >= 0.5:
+                lines.append(
+                    f"{title}: no 250 for {L['max_gap']:.2f} s "
+                    f"(from {L['max_gap_at']:.2f} s into the run)"
+                )
+            gen = L.get("gen") or {}
+            if gen.get("resumed"):
+                lines.append(f"{title}: {gen['resumed']} handshakes resumed a session (unexpected)")
+            if r["server"] == "postfix" and L["mailbox_seconds"] is None:
+                lines.append(f"{title}: mailbox not complete within 120 s")
+        if r["server"] == "mailerd" and any(L["mode"] == "submission" for L in r["levels"]):
+            lines.append(
+                "submission: a mailerd worker remembers a successful login for 10 minutes, so "
+                "argon2id's ~0.18 s of CPU is paid once per worker (in the probe message or the "
+                "first run), not per message"
+            )
+        mc = r.get("mailbox_check")
+        if mc and mc["in_mailbox"] is not None and mc["in_mailbox"] != mc["accepted_250"]:
+            lines.append(
+                f"mailbox check: {mc['accepted_250']} messages got 250 but "
+                f"{mc['in_mailbox']} are in the mailbox"
+            )
+        if r.get("died"):
+            lines.append("FAILED: " + r["died"])
+        lines += r.get("notes", [])
+        lines += r.get("problems", [])
+        if lines:
+            print(f"\nnotes, TLS, {r['server']}:")
+            for line in lines:
+                print("  " + line)
+    print()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         prog="scripts/bench",
@@ -1610,7 +2463,7 @@ def main() -> int:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 200 messages per level, 1000 idle connections",
+        help="smoke run: 200 messages per level (TLS runs too), 1000 idle connections",
     )
     ap.add_argument(
         "--only", choices=("mailerd", "postfix"), help="benchmark one server alone (no paired runs)"
@@ -1631,6 +2484,40 @@ def main() -> int:
         type=int,
         help="smtp-source runs per level and server, interleaved between the "
         "servers; the median one is reported (3; quick 1)",
+    )
+    ap.add_argument(
+        "--no-tls", action="store_true", help="plaintext only: skip the TLS phase (as before #14)"
+    )
+    ap.add_argument(
+        "--tls-only",
+        action="store_true",
+        help="the TLS phase only (STARTTLS and submission runs; no plaintext runs, no idle test)",
+    )
+    ap.add_argument(
+        "--tls-levels", default="1,10", help="the TLS phase's concurrency levels (1,10)"
+    )
+    ap.add_argument(
+        "--tls-modes",
+        default="starttls,submission",
+        help="the TLS phase's runs: starttls (the smtp listener, STARTTLS), submission "
+        "(STARTTLS then AUTH PLAIN on a submission port) (starttls,submission)",
+    )
+    ap.add_argument(
+        "--tls-messages", type=int, help="messages per TLS run (as --messages: 2000; quick 200)"
+    )
+    ap.add_argument(
+        "--tls-generators",
+        type=int,
+        default=0,
+        help="load generator processes per TLS run, the clients split between them "
+        "(default: 1 for 1 client, else 2)",
+    )
+    ap.add_argument(
+        "--postfix-tickets",
+        action="store_true",
+        help="TLS phase: let Postfix send TLS 1.3 session tickets, its default (by default "
+        "here it sends none, as mailerd: with them its EHLO reply after the handshake waits "
+        "~40 ms for the client's delayed ACK)",
     )
     ap.add_argument("--workers", type=int, default=2, help="mailerd -w (2)")
     ap.add_argument("--max-sessions", type=int, default=20000, help="mailerd --max-sessions")
@@ -1664,6 +2551,18 @@ def main() -> int:
     args.ss_timeout = max(60.0, args.messages / 10)
     if any(c < 1 or c > 1000 for c in args.levels) or args.messages < 1:
         ap.error("levels must be 1..1000 and --messages >= 1")
+    if args.no_tls and args.tls_only:
+        ap.error("--no-tls and --tls-only exclude each other")
+    args.tls_messages = args.tls_messages or args.messages
+    args.tls_levels = [int(x) for x in args.tls_levels.split(",") if x.strip()]
+    args.tls_modes = [x.strip() for x in args.tls_modes.split(",") if x.strip()]
+    if any(m not in TLS_MODES for m in args.tls_modes):
+        ap.error(f"--tls-modes: {', '.join(TLS_MODES)}")
+    if any(c < 1 or c > 1000 for c in args.tls_levels) or args.tls_messages < 1:
+        ap.error("--tls-levels must be 1..1000 and --tls-messages >= 1")
+    if args.tls_generators < 0:
+        ap.error("--tls-generators >= 0")
+    args.tls_setup = None
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = args.idle + 256
@@ -1706,15 +2605,43 @@ def main() -> int:
         )
     except OSError:
         fsinfo = str(base)
-    servers = []
-    if args.only in (None, "mailerd"):
-        servers.append(Mailerd(base, args.workers, args.max_sessions))
-    if args.only in (None, "postfix"):
-        servers.append(Postfix(base, args.postfix_process_limit, args.postfix_idle_limit))
+    servers: list[Server] = []
+    tls_servers: list[Server] = []
+    if not args.tls_only:
+        if args.only in (None, "mailerd"):
+            servers.append(Mailerd(base, args.workers, args.max_sessions))
+        if args.only in (None, "postfix"):
+            servers.append(Postfix(base, args.postfix_process_limit, args.postfix_idle_limit))
     results, paired, failed = [], [], []
+    tls_results, tls_paired, tls_failed = [], [], []
     t0 = time.monotonic()
     try:
-        results, paired, failed = bench_servers(servers, args)
+        if servers:
+            results, paired, failed = bench_servers(servers, args)
+            for srv in servers:  # (the TLS phase's Postfix needs the temporary user afresh)
+                shut(srv)
+        if not args.no_tls:
+            try:
+                args.tls_setup = TLSSetup(base, args.postfix_tickets)
+            except (OSError, subprocess.SubprocessError) as e:
+                log(f"no TLS phase: cannot make the certificate: {e}")
+                tls_failed.append("certificate")
+            else:
+                if args.only in (None, "mailerd"):
+                    tls_servers.append(
+                        Mailerd(base, args.workers, args.max_sessions, tls=args.tls_setup)
+                    )
+                if args.only in (None, "postfix"):
+                    tls_servers.append(
+                        Postfix(
+                            base,
+                            args.postfix_process_limit,
+                            args.postfix_idle_limit,
+                            tls=args.tls_setup,
+                        )
+                    )
+                servers += tls_servers
+                tls_results, tls_paired, tls_failed = bench_tls(tls_servers, args)
     except Interrupted as e:
         log(f"interrupted ({e}); cleaning up")
         for srv in servers:
@@ -1734,11 +2661,23 @@ def main() -> int:
             DELETED_MARK.write_text(f"{time.time():.0f}\n")
     if results:
         report(results, paired, args, fsinfo)
+    if tls_results:
+        report_tls(tls_results, tls_paired, args)
+    if results or tls_results:
         print(f"(total {time.monotonic() - t0:.0f} s)")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"results": results, "paired": paired, "failed": failed}, indent=1)
-        )
+        out = {"results": results, "paired": paired, "failed": failed}
+        if not args.no_tls:
+            out["tls"] = {
+                "results": tls_results,
+                "paired": tls_paired,
+                "failed": tls_failed,
+                "certificate": TLSSetup.kind,
+                "generator": f"Python {sys.version.split()[0]} asyncio on uvloop, ssl "
+                f"({ssl.OPENSSL_VERSION})",
+            }
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    failed += [f"{name} (TLS phase)" for name in tls_failed]
     if failed:
         print(f"FAILED (did not start or stopped running): {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -1746,4 +2685,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--load-generator"]:
+        sys.exit(generator_main(sys.argv[2]))
     sys.exit(main())

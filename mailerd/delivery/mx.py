@@ -8,20 +8,15 @@ and temporary DNS errors as "retry"; and it discards our own host and every less
 so that mail never loops back to us. RFC 7505 null MX bounces at once. Domain literals
 (`[192.0.2.1]`, `[IPv6:2001:db8::1]`) need no DNS. Status codes follow RFC 3463.
 
-All DNS goes through the dnspython asyncio resolver passed in (see `make_resolver()`); the
+All DNS goes through the dnspython asyncio resolver passed in (see `mailerd.resolver`); the
 lookups for the hosts of one domain run concurrently, so one slow nameserver costs one timeout,
 not one per host.
-
-The test suite sets MAILERD_FORBID_SYSTEM_RESOLVER in the environment: `make_resolver()` then
-refuses to use the machine's resolver (no --dns-server), so no test can send a query for its
-made-up domains to the real DNS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import random
 import re
 from collections.abc import Iterable
@@ -32,6 +27,10 @@ import dns.exception
 import dns.name
 import dns.resolver
 
+from mailerd.resolver import SystemResolverForbidden, make_resolver
+
+__all__ = ["Failure", "Route", "SystemResolverForbidden", "Target", "make_resolver", "resolve"]
+
 # Which address records to ask for, in the order to try them within one host.
 FAMILIES: dict[str, tuple[str, ...]] = {
     "both": ("AAAA", "A"),
@@ -41,21 +40,12 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 _IP_VERSION = {"A": 4, "AAAA": 6}
 # However many MX records a domain publishes, only this many (the best) are looked at.
 MAX_MX_CONSIDERED = 32
-# A UDP query is sent again after this long (within the resolver's overall timeout).
-_RETRY_INTERVAL = 2.0
 # What a host name may look like once IDNA-encoded (letters, digits, hyphens; underscores are
 # tolerated, as resolvers do).
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-FORBID_SYSTEM_RESOLVER = "MAILERD_FORBID_SYSTEM_RESOLVER"
-
-
-class SystemResolverForbidden(RuntimeError):
-    """A resolver without --dns-server was asked for where the test suite forbids it."""
 
 
 @dataclass(frozen=True)
@@ -77,36 +67,6 @@ class Failure:
     code: int  # SMTP-style code for logs/DSN, e.g. 556
     status: str  # enhanced status, e.g. "5.1.10"
     text: str  # human text
-
-
-def make_resolver(
-    dns_server: tuple[str, int] | None, timeout: float = 10.0
-) -> dns.asyncresolver.Resolver:
-    """A resolver asking exactly `dns_server` (address, port), or the system's nameservers.
-
-    `timeout` bounds each lookup as a whole (UDP queries are repeated within it). With no
-    `dns_server`, /etc/resolv.conf is read now; dns.resolver.NoResolverConfiguration is
-    raised if it is missing or names no nameserver.
-    """
-    if dns_server is None:
-        if os.environ.get(FORBID_SYSTEM_RESOLVER):
-            raise SystemResolverForbidden(
-                f"{FORBID_SYSTEM_RESOLVER} is set: give mailerd --dns-server (a test's own DNS "
-                "server), or run it in a network namespace with its own resolv.conf"
-            )
-        resolver = dns.asyncresolver.Resolver()
-    else:
-        # configure=False: never read /etc/resolv.conf, so no search list or other server.
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        host, port = dns_server
-        # nameservers + port rather than dns.nameserver (dnspython >= 2.4): Debian 12 has 2.3.
-        resolver.port = port  # first: a version may bind the port when nameservers are set
-        resolver.nameservers = [host]
-    resolver.lifetime = timeout
-    resolver.timeout = min(timeout, _RETRY_INTERVAL)
-    # EDNS with the DNS Flag Day 2020 buffer size, so that large MX sets rarely need TCP.
-    resolver.use_edns(0, 0, 1232)
-    return resolver
 
 
 async def resolve(

@@ -13,6 +13,12 @@ at once and whose remote ones it relays. A recipient that cannot exist (an unkno
 alias loop) is bounced to the sender. The queue item is durable before the file is removed,
 and its id comes from the file's name: if mailerd dies in between, the next pickup finds the
 item already queued and only removes the file, so nothing is lost and nothing is doubled.
+
+Mail that leaves is DKIM-signed here, as a trusted client's is at its commit (`signing`). Local
+copies are not signed: a message for both local and remote recipients becomes two items, the
+local copies' (unsigned, id `<id>-local`, queued first) and the remote ones' (signed, the
+file's id, the commit point). Were mailerd to die between the two, the local copies would be
+queued twice and delivered twice; nothing would be lost.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from mailerd import policy, recipients, trace
+from mailerd import durable, policy, recipients, signing, trace
 from mailerd.aliases import normal_address
 from mailerd.config import Config
 from mailerd.delivery.dsn import RecipientStatus
@@ -43,10 +49,12 @@ RESCAN = 60.0  # seconds between looks without a poke
 
 @dataclass
 class Taken:
-    """One submission, now a queue item; and the recipients refused at once (to bounce)."""
+    """One submission, now a queue item; the recipients refused at once (to bounce); and the
+    item of its local copies when those had to be kept apart from a signed message."""
 
     item: QueueItem
     refused: list[RecipientStatus]
+    local: QueueItem | None = None
 
 
 class Pickup:
@@ -150,8 +158,12 @@ class Pickup:
         head = trace.received_local(
             uid=submission.uid, hostname=self.cfg.hostname, queue_id=submission.queue_id
         )
+        signature = self._signature(item, submission.message)
+        local = self._local_part(item) if signature else None
         try:
-            self.queue.put(item, head, submission.message)
+            if local is not None:
+                self.queue.put(local, head, submission.message)
+            self.queue.put(item, head + signature, submission.message)
         except OSError as exc:
             self._report_once(name, f"cannot queue it: {exc.strerror or exc}")
             return None
@@ -164,10 +176,40 @@ class Pickup:
             len(submission.message),
             len(item.recipients),
         )
-        for r in item.recipients:
-            if r.state == "pending":
-                log.info("%s: to=<%s>, relay=queue, status=queued", item.id, r.address)
-        return Taken(item, refused)
+        for part in (local, item) if local is not None else (item,):
+            for r in part.recipients:
+                if r.state == "pending":
+                    log.info("%s: to=<%s>, relay=queue, status=queued", part.id, r.address)
+        return Taken(item, refused, local)
+
+    def _signature(self, item: QueueItem, message: bytes) -> bytes:
+        """DKIM-Signature fields for the item's remote copies, if any leave (see `signing`)."""
+        keys = self.cfg.dkim_keys
+        if not keys or not any(r.mailbox is None and r.state == "pending" for r in item.recipients):
+            return b""
+        try:
+            signature, domain = signing.sign_message(durable.read_body(message), keys)
+        except Exception as exc:  # dkimpy refuses what it cannot parse: unsigned, and say why
+            log.warning("%s: not DKIM-signed: %s", item.id, exc)
+            return b""
+        if domain is not None:
+            log.info("%s: DKIM-signed for %s", item.id, domain)
+        return signature
+
+    @staticmethod
+    def _local_part(item: QueueItem) -> QueueItem | None:
+        """Move the item's local copies into an item of their own (None if it has none)."""
+        local = [r for r in item.recipients if r.mailbox is not None]
+        if not local:
+            return None
+        item.recipients = [r for r in item.recipients if r.mailbox is None]
+        return QueueItem(
+            id=f"{item.id}-local",
+            sender=item.sender,
+            recipients=local,
+            smtputf8=item.smtputf8,
+            body_8bit=item.body_8bit,
+        )
 
     def _item(self, submission: maildrop.Submission) -> tuple[QueueItem, list[RecipientStatus]]:
         queued: dict[str, Recipient] = {}  # one copy per mailbox, one per remote address

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
+from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 from mailerd import policy, recipients, tls
-from mailerd.config import ListenAddress
+from mailerd.config import NETWORK, ListenAddress
 from mailerd.ipc.messages import Commit, Target
 from mailerd.log import shorten
 from mailerd.smtp import (
@@ -98,7 +100,7 @@ class Connection(asyncio.Protocol):
             self.worker.session_configs[self.listen],
             self.check_recipient,
             on_command,
-            self.check_sender,
+            self.check_mail,
         )
         self.last_activity = self.worker.loop.time()
         self.timer = self.worker.loop.call_later(self.worker.cfg.timeout, self.check_timeout)
@@ -280,6 +282,16 @@ class Connection(asyncio.Protocol):
         """May send anywhere: on the local listener, or authenticated."""
         return self.listen.trusted or (self.session is not None and self.session.user is not None)
 
+    def check_mail(
+        self, sender: Address | None, size: int | None, user: str | None
+    ) -> Reply | None:
+        """The last word on MAIL: room for the message in the spool and the queue (see
+        `reserve.Reserve`), then, for an authenticated user, that the sender is theirs."""
+        refusal = self.worker.reserve.check(size)
+        if refusal is not None:
+            return refusal
+        return None if user is None else self.check_sender(sender, user)
+
     def check_sender(self, sender: Address | None, user: str) -> Reply | None:
         """An authenticated user sends as themselves: their name (+tag) at a local domain, an
         alias that leads to them, or <>. The local listener's clients may use any address."""
@@ -338,7 +350,14 @@ class Connection(asyncio.Protocol):
     async def commit(self, envelope: Envelope) -> None:
         body, fd = self.body.take()
         try:
-            reply = await self.worker.commit(self.commit_request(envelope), body, fd)
+            request = self.commit_request(envelope)
+            refusal = None
+            if self.worker.verifier is not None and self.listen.role == NETWORK:
+                request, body, fd, refusal = await self.verify(request, body, fd)
+            if refusal is not None:
+                reply = refusal
+            else:
+                reply = await self.worker.commit(request, body, fd)
         except Exception as exc:  # timeout, broken channel: 451, never a 250 we cannot back
             log.warning(
                 "commit for %s failed, answered 451 (the client will retry): %r", self.client, exc
@@ -353,6 +372,33 @@ class Connection(asyncio.Protocol):
             return
         self.session.commit_done(reply)
         self.resume()
+
+    async def verify(
+        self, request: Commit, body: bytes, fd: int | None
+    ) -> tuple[Commit, bytes, int | None, Reply | None]:
+        """SPF, DKIM and DMARC for a message from another server (see `inbound`): the commit
+        with its Authentication-Results field, the body without forged ones, and the refusal
+        that `--inbound-auth enforce` makes of a DMARC reject (the body is then closed)."""
+        assert self.worker.verifier is not None
+        try:
+            verdict = await self.worker.verifier.check(
+                self.peer, request.helo, request.sender, body if fd is None else fd
+            )
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        log.info("%s: %s, from=<%s>", self.client, verdict.summary, request.sender)
+        if verdict.refusal is not None:
+            if fd is not None:
+                os.close(fd)
+            return request, b"", None, verdict.refusal
+        if verdict.content is not None:
+            log.info("%s: removed a forged Authentication-Results field", self.client)
+            if fd is not None:
+                os.close(fd)
+            body, fd = verdict.content, None
+        return replace(request, auth_results=verdict.header), body, fd, None
 
     def commit_request(self, envelope: Envelope) -> Commit:
         """What the client said, and each copy to make (resolved at RCPT), as a commit."""

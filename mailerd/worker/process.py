@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -31,6 +32,8 @@ from setproctitle import setproctitle
 from mailerd import config, durable, eventloop, intake, lifecycle, privileges, tls
 from mailerd.config import Config, ListenAddress
 from mailerd.credentials import RecentLogins
+from mailerd.inbound.lookups import Lookups
+from mailerd.inbound.verifier import Verifier
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import Client
 from mailerd.ipc.messages import Commit, Outcome, RetryLocal
@@ -40,6 +43,7 @@ from mailerd.lifecycle import BOOT_ERROR, COMMIT_TIMEOUT, SHUTDOWN_GRACE, report
 from mailerd.smtp import Reply, Session, SessionConfig
 from mailerd.spool import Spool
 from mailerd.worker.connection import SHUTTING_DOWN, Connection
+from mailerd.worker.reserve import Reserve
 
 log = logging.getLogger("mailerd.worker")
 
@@ -64,12 +68,19 @@ class Worker:
         self.listeners = listeners
         self.slot = slot
         self.spill_dir = str(spill_dir or cfg.queue / "tmp")
-        self.spool = Spool(spool or cfg.spool)
+        self.spool = Spool(spool or cfg.spool, untrusted_uid(cfg))
         self.session_configs = {listen: session_config(cfg, listen) for _, listen in listeners}
+        self.reserve = Reserve(
+            [("spool", str(spool or cfg.spool)), ("queue", self.spill_dir)], cfg.min_free
+        )
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads: a
         # flood of AUTH attempts waits in line instead of taking the worker's memory.
         self.password_checks = ThreadPoolExecutor(2, thread_name_prefix="auth")
         self.recent_logins = RecentLogins()
+        # The inbound checks (SPF, DKIM, DMARC) of mail from the network listeners: made in
+        # main(), with the event loop their DNS runs in; their libraries run in these threads.
+        self.verifier: Verifier | None = None
+        self.checks = ThreadPoolExecutor(4, thread_name_prefix="checks")
         self.auth_failures = auth_failures or AuthFailures(64)  # (alone: counts its own)
         private = private_dir or cfg.queue / "private"
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
@@ -101,9 +112,10 @@ class Worker:
     async def _commit_local(
         self, writer: WriterClient, request: Commit, body: bytes, fd: int | None
     ) -> Reply:
-        """Write each local copy; the copies that failed are queued for a local retry by the
-        delivery process (see `commit`)."""
+        """Write each local copy; the copies that failed go to the delivery process, which
+        writes again those whose writer went away and queues the others (see `commit`)."""
         content: durable.Body = body if fd is None else fd
+        since = time.time()
         try:
             queue_id, received = intake.begin(request, self.cfg.hostname, intake.body_size(content))
             failed = await intake.write_local(
@@ -118,7 +130,7 @@ class Worker:
                 os.close(fd)
             return intake.queued(queue_id)
         retry = RetryLocal(
-            request, queue_id, received.decode("utf-8"), intake.encode_failures(failed)
+            request, queue_id, received.decode("utf-8"), intake.encode_failures(failed), since
         )
         return await self._ask_delivery(retry, body, fd)
 
@@ -150,8 +162,16 @@ class Worker:
             self.connections.discard(conn)
             self.sessions.closed(None if conn.listen.trusted else conn.peer)
 
-    async def main(self, on_ready: Callable[[], None] | None = None) -> None:
+    async def main(
+        self,
+        on_ready: Callable[[], None] | None = None,
+        on_retired: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve until told to stop. `on_ready` is called once the listeners accept,
+        `on_retired` once they no longer do after a reload (the master waits for both before
+        it calls a reload done)."""
         self.loop = asyncio.get_running_loop()
+        self.verifier = self._verifier()
         stop = asyncio.Event()
         retire = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,14 +192,33 @@ class Worker:
         if on_ready is not None:
             on_ready()
         watchdog = asyncio.create_task(self._watch_master(stop))
-        retiring = asyncio.create_task(self._retire(retire, stop, servers))
+        retiring = asyncio.create_task(self._retire(retire, stop, servers, on_retired))
         await stop.wait()
         watchdog.cancel()
         retiring.cancel()
         await self._shutdown(servers)
 
+    def _verifier(self) -> Verifier | None:
+        cfg = self.cfg
+        if cfg.inbound_auth == "off" or not any(
+            listen.role == config.NETWORK for _, listen in self.listeners
+        ):
+            return None
+        return Verifier(
+            cfg.hostname,
+            Lookups.make(cfg.dns_server, cfg.dns_timeout),
+            self.loop,
+            self.checks,
+            timeout=cfg.dns_timeout,
+            enforce=cfg.inbound_auth == "enforce",
+        )
+
     async def _retire(
-        self, retire: asyncio.Event, stop: asyncio.Event, servers: Sequence[asyncio.AbstractServer]
+        self,
+        retire: asyncio.Event,
+        stop: asyncio.Event,
+        servers: Sequence[asyncio.AbstractServer],
+        on_retired: Callable[[], None] | None = None,
     ) -> None:
         """After a reload: stop accepting now; exit when the last session has ended by itself,
         or take the shutdown path once the idle timeout has passed (a session kept busy
@@ -188,6 +227,8 @@ class Worker:
         setproctitle(f"mailerd: worker {self.slot} (retiring)")
         for server in servers:
             server.close()
+        if on_retired is not None:
+            on_retired()
         log.info("worker %d retiring: %d session(s) to finish", self.slot, len(self.connections))
         deadline = self.loop.time() + self.cfg.timeout
         while self.connections and self.loop.time() < deadline:
@@ -221,6 +262,18 @@ class Worker:
         self.delivery.close()
         self.lookups.shutdown(wait=False, cancel_futures=True)
         self.password_checks.shutdown(wait=False, cancel_futures=True)
+        self.checks.shutdown(wait=False, cancel_futures=True)
+
+
+def untrusted_uid(cfg: Config) -> int | None:
+    """mailerd's own unprivileged user (-u), which never owns a mailbox; None when it runs as
+    one user throughout (started without root)."""
+    if cfg.user is None:
+        return None
+    try:
+        return privileges.lookup(cfg.user).uid
+    except privileges.PrivilegeError:
+        return None
 
 
 def session_config(cfg: Config, listen: ListenAddress) -> SessionConfig:
@@ -278,5 +331,10 @@ def run(
         session_row=session_row,
         auth_failures=auth_failures,
     )
-    eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
+    eventloop.run(
+        worker.main(
+            on_ready=lambda: report(status_fd, "ready"),
+            on_retired=lambda: report(status_fd, "retired"),
+        )
+    )
     return 0

@@ -297,10 +297,13 @@ class Stored:
     received: bytes  # the Received header, unfolded, without CRLF
     rest: bytes  # everything after the two prepended headers: the message as received
     raw: bytes = field(repr=False, default=b"")
+    auth_results: bytes = b""  # mailerd's Authentication-Results field, unfolded, if any
 
 
 def parse_stored(raw: bytes) -> Stored:
-    """Split a stored message into its Return-Path line, Received header and the original."""
+    """Split a stored message into its Return-Path line, Received header (and the
+    Authentication-Results field the inbound checks add to mail from the network listener)
+    and the original."""
     assert raw.startswith(b"Return-Path: "), (
         f"stored message must start with Return-Path: {raw[:200]!r}"
     )
@@ -317,7 +320,17 @@ def parse_stored(raw: bytes) -> Stored:
         received += b" " + raw[pos:end].strip()
         pos = end + 2
     assert b"\n" not in received.replace(b"\r\n", b""), raw[:300]
-    return Stored(return_path, received, raw[pos:], raw)
+    auth_results = b""
+    if raw.startswith(b"Authentication-Results: ", pos):  # the inbound checks' field (ours)
+        end = raw.index(CRLF, pos)
+        auth_results = raw[pos:end]
+        pos = end + 2
+        while raw[pos : pos + 1] in (b" ", b"\t"):
+            end = raw.index(CRLF, pos)
+            auth_results += b" " + raw[pos:end].strip()
+            pos = end + 2
+        assert re.match(rb"Authentication-Results: [^;\s]+;", auth_results), raw[:600]
+    return Stored(return_path, received, raw[pos:], raw, auth_results)
 
 
 def check_stored(

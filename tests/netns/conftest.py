@@ -46,6 +46,7 @@ import email
 import email.message
 import email.policy
 import email.utils
+import fcntl
 import itertools
 import json
 import os
@@ -287,6 +288,46 @@ def _require_netns() -> None:
 def network_namespace() -> Iterator[Netns]:
     """A fresh namespace with the veth pair and addresses above; removed on exit."""
     _require_netns()
+    with _machine_lock():
+        yield from _network_namespace()
+
+
+_lock_depth = 0
+_lock_fd: int | None = None
+LOCK_FILE = "/run/lock/mailerd-netns-tests.lock"
+LOCK_WAIT = 1800.0  # seconds: another run's whole netns suite may be ahead of this one
+
+
+@contextlib.contextmanager
+def _machine_lock() -> Iterator[None]:
+    """One test run's namespaces at a time on this machine: they all use the same addresses
+    (198.51.100.0/24, 2001:db8::/32) on the host side, so two runs at once (two checkouts, two
+    engineers) would route each other's packets. Another run's holding it is waited for."""
+    global _lock_depth, _lock_fd
+    if _lock_depth == 0:
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    pytest.fail(f"{LOCK_FILE}: another test run kept the namespaces too long")
+                time.sleep(0.5)
+        _lock_fd = fd
+    _lock_depth += 1
+    try:
+        yield
+    finally:
+        _lock_depth -= 1
+        if _lock_depth == 0 and _lock_fd is not None:
+            os.close(_lock_fd)  # (closing releases the lock)
+            _lock_fd = None
+
+
+def _network_namespace() -> Iterator[Netns]:
     _cleanup_stale_namespaces()
     n = next(_ns_counter)
     pid = os.getpid()

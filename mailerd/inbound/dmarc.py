@@ -1,0 +1,142 @@
+"""DMARC (RFC 7489): does the message's From: domain vouch for it, through an SPF or DKIM
+pass whose domain is aligned with it, and what does that domain ask to be done when not?
+
+A small evaluator over the worker's resolver (there is no maintained DMARC library in Debian):
+the policy record at `_dmarc.<From domain>`, else at `_dmarc.<organisational domain>`, the
+organisational domain from the Public Suffix List (Debian's `publicsuffix` data, read with
+publicsuffix2); relaxed alignment (the same organisational domain) unless the record says
+`adkim=s`/`aspf=s` (the same domain); `p=`, `sp=` for a subdomain's mail, `pct=` sampling.
+Reports (rua/ruf) are not sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from publicsuffix2 import PublicSuffixList
+
+from mailerd.inbound.lookups import Lookups, TemporaryFailure
+from mailerd.inbound.sender_policy import SpfResult
+from mailerd.inbound.signatures import DkimResult
+
+PSL_FILE = "/usr/share/publicsuffix/public_suffix_list.dat"  # Debian's `publicsuffix`
+POLICIES = ("none", "quarantine", "reject")
+
+
+@dataclass(frozen=True)
+class Policy:
+    p: str
+    sp: str
+    pct: int
+    adkim: str  # "r" or "s"
+    aspf: str
+
+
+@dataclass(frozen=True)
+class DmarcResult:
+    result: str  # pass, fail, none, temperror, permerror
+    from_domain: str = ""
+    policy: str = ""  # the policy that applies to this From domain (p= or sp=), if any
+    disposition: str = "none"  # what the policy asks for this message: none/quarantine/reject
+    reason: str = ""
+
+    @property
+    def rejects(self) -> bool:
+        return self.result == "fail" and self.disposition == "reject"
+
+
+@functools.cache
+def _psl() -> PublicSuffixList:
+    if os.path.exists(PSL_FILE):
+        return PublicSuffixList(psl_file=PSL_FILE)
+    return PublicSuffixList()  # (the list bundled with publicsuffix2)
+
+
+def organizational_domain(domain: str) -> str:
+    """RFC 7489 3.2: the public suffix plus one label (a name unknown to the list has its last
+    label as its suffix)."""
+    domain = domain.lower().rstrip(".")
+    suffix = _psl().get_tld(domain) or domain.rpartition(".")[2]
+    if domain == suffix or not domain.endswith("." + suffix):
+        return domain
+    head = domain[: -len(suffix) - 1]
+    return f"{head.rpartition('.')[2]}.{suffix}"
+
+
+def aligned(a: str, b: str, mode: str) -> bool:
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    if mode == "s":
+        return a == b
+    return organizational_domain(a) == organizational_domain(b)
+
+
+def parse(record: str) -> Policy | None:
+    """A DMARC record (`v=DMARC1; p=reject; ...`), or None if it is not a usable one."""
+    tags: dict[str, str] = {}
+    for part in record.split(";"):
+        name, sep, value = part.partition("=")
+        if sep:
+            tags.setdefault(name.strip().lower(), value.strip())
+    if tags.get("v") != "DMARC1":
+        return None
+    p = tags.get("p", "").lower()
+    if p not in POLICIES:
+        if "rua" not in tags:
+            return None
+        p = "none"  # RFC 7489 6.6.3: a record with reports but no valid p= means "none"
+    sp = tags.get("sp", "").lower()
+    try:
+        pct = max(0, min(100, int(tags.get("pct", "100"))))
+    except ValueError:
+        pct = 100
+    return Policy(
+        p=p,
+        sp=sp if sp in POLICIES else p,
+        pct=pct,
+        adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
+        aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
+    )
+
+
+async def discover(lookups: Lookups, from_domain: str) -> Policy | None:
+    """The policy for `from_domain` (RFC 7489 6.6.3); TemporaryFailure passes through."""
+    for domain in dict.fromkeys([from_domain, organizational_domain(from_domain)]):
+        records = [r for r in await lookups.txt(f"_dmarc.{domain}") if r.startswith("v=DMARC1")]
+        if len(records) == 1:
+            policy = parse(records[0])
+            if policy is not None:
+                return policy
+        if len(records) > 1:
+            return None  # several records: no policy at all (6.6.3 step 5)
+    return None
+
+
+async def evaluate(
+    lookups: Lookups,
+    from_domain: str | None,
+    spf: SpfResult,
+    dkim: Sequence[DkimResult],
+    rng: random.Random | None = None,
+) -> DmarcResult:
+    if from_domain is None:
+        return DmarcResult("permerror", reason="not exactly one From: address")
+    try:
+        policy = await discover(lookups, from_domain)
+    except TemporaryFailure as exc:
+        return DmarcResult("temperror", from_domain, reason=str(exc))
+    if policy is None:
+        return DmarcResult("none", from_domain)
+    spf_ok = spf.result == "pass" and aligned(spf.domain, from_domain, policy.aspf)
+    dkim_ok = any(r.result == "pass" and aligned(r.domain, from_domain, policy.adkim) for r in dkim)
+    subdomain = organizational_domain(from_domain) != from_domain
+    applies = policy.sp if subdomain else policy.p
+    if spf_ok or dkim_ok:
+        return DmarcResult("pass", from_domain, applies, "none")
+    disposition = applies
+    if (rng or random).randrange(100) >= policy.pct:  # not sampled: one step milder (7.1)
+        disposition = {"reject": "quarantine", "quarantine": "none"}.get(applies, "none")
+    return DmarcResult("fail", from_domain, applies, disposition)

@@ -1,0 +1,103 @@
+"""DNS for the inbound checks: one asynchronous, caching resolver per worker (see
+`mailerd.resolver`), asked from the event loop directly (DMARC) and from the threads where
+pyspf and dkimpy run, which ask synchronously: `Bridge` turns their calls into coroutines run
+in the worker's event loop, so that every query goes through the one resolver and its cache,
+and waits at most the lookup timeout."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from mailerd.resolver import make_resolver
+
+
+class TemporaryFailure(Exception):
+    """The DNS did not answer (a timeout, SERVFAIL, no server): try later, not "no record"."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a lookup found: the records' texts (TXT: the strings joined) or nothing."""
+
+    records: tuple[str, ...]
+    exists: bool  # False: NXDOMAIN (the name does not exist at all)
+
+
+class Lookups:
+    def __init__(self, resolver: dns.asyncresolver.Resolver) -> None:
+        self.resolver = resolver
+
+    @classmethod
+    def make(cls, dns_server: tuple[str, int] | None, timeout: float) -> Lookups:
+        return cls(make_resolver(dns_server, timeout, cache=True))
+
+    async def query(self, name: str, rdtype: str) -> Answer:
+        """Records of `rdtype` at `name`; TemporaryFailure when the DNS cannot say."""
+        try:
+            answer = await self.resolver.resolve(
+                dns.name.from_text(name), rdtype, raise_on_no_answer=False, search=False
+            )
+        except dns.resolver.NXDOMAIN:
+            return Answer((), exists=False)
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            raise TemporaryFailure(f"{name} {rdtype}: {exc}") from exc
+        except dns.exception.DNSException as exc:  # a name that cannot be a DNS name, ...
+            raise TemporaryFailure(f"{name} {rdtype}: {exc}") from exc
+        if answer.rrset is None:
+            return Answer((), exists=True)
+        return Answer(tuple(_text(rdata) for rdata in answer.rrset), exists=True)
+
+    async def txt(self, name: str) -> tuple[str, ...]:
+        return (await self.query(name, "TXT")).records
+
+
+def _text(rdata: object) -> str:
+    strings = getattr(rdata, "strings", None)
+    if strings is not None:  # TXT: one record is several strings, to be joined (RFC 7208 3.3)
+        return b"".join(strings).decode("utf-8", "replace")
+    return str(rdata.to_text())  # type: ignore[attr-defined]
+
+
+class Bridge:
+    """Synchronous lookups for a library running in a thread: each is a coroutine in the
+    event loop `loop`, waited for at most `timeout` seconds."""
+
+    def __init__(self, lookups: Lookups, loop: asyncio.AbstractEventLoop, timeout: float):
+        self.lookups = lookups
+        self.loop = loop
+        self.timeout = timeout
+
+    def query(self, name: str, rdtype: str) -> Answer:
+        future = asyncio.run_coroutine_threadsafe(self.lookups.query(name, rdtype), self.loop)
+        try:
+            return future.result(self.timeout)
+        except TimeoutError as exc:
+            future.cancel()
+            raise TemporaryFailure(f"{name} {rdtype}: no answer in {self.timeout:g} s") from exc
+
+    def rdata(self, name: str, rdtype: str) -> list[object]:
+        """The parsed records (dnspython rdata), for pyspf, which wants MX preferences."""
+        future = asyncio.run_coroutine_threadsafe(self._rdata(name, rdtype), self.loop)
+        try:
+            return future.result(self.timeout)
+        except TimeoutError as exc:
+            future.cancel()
+            raise TemporaryFailure(f"{name} {rdtype}: no answer in {self.timeout:g} s") from exc
+
+    async def _rdata(self, name: str, rdtype: str) -> list[object]:
+        try:
+            answer = await self.lookups.resolver.resolve(
+                dns.name.from_text(name), rdtype, raise_on_no_answer=False, search=False
+            )
+        except dns.resolver.NXDOMAIN:
+            return []
+        except dns.exception.DNSException as exc:
+            raise TemporaryFailure(f"{name} {rdtype}: {exc}") from exc
+        return list(answer.rrset) if answer.rrset is not None else []

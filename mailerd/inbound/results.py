@@ -1,0 +1,106 @@
+"""The Authentication-Results header (RFC 8601) that records the inbound checks, and the
+removal of any that arrives claiming to be ours.
+
+One field, our host name as its authserv-id, one result per method and DKIM signature, folded
+one per line; the values are written by authres (Debian python3-authres). A field that arrives
+with our authserv-id could only be a forger's attempt to pre-stamp a pass: it is removed before
+the message is stored (RFC 8601 5); fields of other authserv-ids are left alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from authres.core import AuthenticationResult, AuthenticationResultProperty
+
+from mailerd import headers
+from mailerd.inbound.dmarc import DmarcResult
+from mailerd.inbound.sender_policy import SpfResult
+from mailerd.inbound.signatures import DkimResult
+
+NAME = b"authentication-results"
+# The authserv-id: the first token of the value, after any comments.
+_AUTHSERV_ID = re.compile(rb"\s*(?:\([^)]*\)\s*)*([^\s;()]+)")
+
+
+def header(authserv_id: str, spf: SpfResult, dkim: Sequence[DkimResult], dmarc: DmarcResult) -> str:
+    """The whole field, CRLF-terminated."""
+    parts = [_spf(spf), *(_dkim(r) for r in dkim), _dmarc(dmarc)]
+    return f"Authentication-Results: {authserv_id};\r\n\t" + ";\r\n\t".join(parts) + "\r\n"
+
+
+def _spf(result: SpfResult) -> str:
+    return str(
+        AuthenticationResult(
+            "spf",
+            result=result.result,
+            properties=[_property("smtp", result.identity, result.value)],
+        )
+    )
+
+
+def _dkim(result: DkimResult) -> str:
+    properties = []
+    if result.domain:
+        properties.append(_property("header", "d", result.domain))
+    if result.selector:
+        properties.append(_property("header", "s", result.selector))
+    if result.b:
+        properties.append(_property("header", "b", result.b))
+    comment = result.reason if result.result not in ("pass", "none") and result.reason else None
+    return str(
+        AuthenticationResult(
+            "dkim", result=result.result, result_comment=_comment(comment), properties=properties
+        )
+    )
+
+
+def _dmarc(result: DmarcResult) -> str:
+    comment = f"p={result.policy} dis={result.disposition}" if result.policy else None
+    properties = [_property("header", "from", result.from_domain)] if result.from_domain else []
+    return str(
+        AuthenticationResult(
+            "dmarc", result=result.result, result_comment=comment, properties=properties
+        )
+    )
+
+
+def _property(kind: str, name: str, value: str) -> AuthenticationResultProperty:
+    return AuthenticationResultProperty(kind, name, value)
+
+
+def _comment(text: str | None) -> str | None:
+    """Text fit for a header comment: one line, no parentheses or backslashes, not too long."""
+    if not text:
+        return None
+    clean = re.sub(r"[()\\\x00-\x1f\x7f]", " ", text)
+    clean = " ".join(clean.split())
+    return clean[:120] or None
+
+
+def ours(value: bytes, authserv_id: str) -> bool:
+    """Does an Authentication-Results value (what follows the colon) bear `authserv_id`?"""
+    match = _AUTHSERV_ID.match(value)
+    if match is None:
+        return False
+    return match.group(1).decode("ascii", "replace").lower() == authserv_id.lower()
+
+
+def without_forged(message: bytes, authserv_id: str) -> bytes | None:
+    """The message without the Authentication-Results fields bearing our authserv-id, or None
+    when it has none (nothing to change)."""
+    cuts = [
+        (start, end)
+        for name, start, end in headers.fields(message)
+        if name == NAME and ours(message[start:end].split(b":", 1)[1], authserv_id)
+    ]
+    if not cuts:
+        return None
+    out = []
+    position = 0
+    for start, end in cuts:
+        out.append(message[position:start])
+        position = end
+    out.append(message[position:])
+    return b"".join(out)

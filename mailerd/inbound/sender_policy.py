@@ -1,0 +1,86 @@
+"""SPF (RFC 7208): may the client's address send mail for the envelope sender's domain?
+
+pyspf (Debian python3-spf) evaluates the policy; it runs in a thread, as it asks DNS
+synchronously, and its lookups go through the worker's resolver (`lookups.Bridge`): pyspf's
+module-level `DNSLookup` function is the hook it offers for that (its own test suite replaces it
+the same way). The identity checked is the MAIL FROM address, or, for the null sender <>, the
+HELO name (RFC 7208 2.3, 2.4). Results are RFC 7208's: pass, fail, softfail, neutral, none,
+permerror, temperror.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import spf
+
+from mailerd.inbound.lookups import Bridge, TemporaryFailure
+
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
+
+_local = threading.local()  # the Bridge of the check running in this thread
+_Pair = tuple[tuple[str, str], object]  # pyspf's ((name, type), data)
+
+
+@dataclass(frozen=True)
+class SpfResult:
+    result: str
+    identity: str  # "mailfrom" or "helo"
+    value: str  # the MAIL FROM address, or the HELO name
+    domain: str  # the domain whose policy was checked (what DMARC aligns)
+    explanation: str = ""
+
+
+def identity(sender: str, helo: str) -> tuple[str, str, str]:
+    """(kind, value, domain) of what SPF checks for this envelope."""
+    if sender:
+        domain = sender.rpartition("@")[2].lower().rstrip(".")
+        return "mailfrom", sender, domain
+    name = helo.lower().rstrip(".")
+    return "helo", helo, name
+
+
+def check(bridge: Bridge, ip: str, sender: str, helo: str) -> SpfResult:
+    """The SPF verdict (call it in a thread: it waits on DNS)."""
+    kind, value, domain = identity(sender, helo)
+    if not domain or domain.startswith("[") or "." not in domain:
+        return SpfResult("none", kind, value, domain, "no domain to check")
+    _local.bridge = bridge
+    try:
+        # pyspf's query: `s` the sender (postmaster@HELO for <>, RFC 7208 2.4), `h` the HELO.
+        query = spf.query(i=ip, s=sender or f"postmaster@{domain}", h=helo, timeout=bridge.timeout)
+        result, _code, explanation = query.check()
+    except TemporaryFailure as exc:
+        return SpfResult("temperror", kind, value, domain, str(exc))
+    finally:
+        _local.bridge = None
+    result = str(result).lower()
+    if result not in RESULTS:  # pyspf's "ambiguous", or an old name
+        result = "permerror" if result in ("unknown", "ambiguous") else "neutral"
+    return SpfResult(result, kind, value, domain, str(explanation))
+
+
+def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list[_Pair]:
+    """pyspf's DNSLookup: ((name, type), data) pairs as its dnspython lookup returns them."""
+    bridge: Bridge | None = getattr(_local, "bridge", None)
+    if bridge is None:
+        raise spf.TempError("DNS lookups outside a mailerd check")
+    try:
+        records = bridge.rdata(name, qtype)
+    except TemporaryFailure as exc:
+        raise spf.TempError(f"DNS {exc}") from exc
+    out: list[_Pair] = []
+    for rdata in records:
+        if qtype in ("A", "AAAA"):
+            out.append(((name, qtype), rdata.address))  # type: ignore[attr-defined]
+        elif qtype == "MX":
+            out.append(((name, qtype), (rdata.preference, rdata.exchange)))  # type: ignore[attr-defined]
+        elif qtype == "PTR":
+            out.append(((name, qtype), rdata.target.to_text(True)))  # type: ignore[attr-defined]
+        elif qtype in ("TXT", "SPF"):
+            out.append(((name, qtype), rdata.strings))  # type: ignore[attr-defined]
+    return out
+
+
+spf.DNSLookup = _lookup

@@ -1,0 +1,103 @@
+"""DKIM (RFC 6376; Ed25519 by RFC 8463): does each signature of a message verify?
+
+dkimpy (Debian python3-dkim; Ed25519 through PyNaCl) verifies; it runs in a thread (hashing a
+big body takes a while, and it asks DNS synchronously), and its key lookups go through the
+worker's resolver (`lookups.Bridge`). dkimpy says only True or False; what our DNS function saw
+tells a missing key (permerror) and an unanswered lookup (temperror) from a signature that does
+not verify (fail), and its exceptions a changed body or an expired signature (fail) from a
+signature it cannot read (neutral). Results are RFC 8601's: pass, fail, neutral, permerror,
+temperror; `none` when there is no signature at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from mailerd.inbound.lookups import Bridge, TemporaryFailure
+
+MAX_SIGNATURES = 10  # checked per message; more are a denial of service, not authentication
+# dkimpy's ValidationErrors that mean "did not verify" (RFC 8601 fail), not "cannot be read".
+_FAILURES = ("body hash mismatch", "x= value is past", "t= value is in the future")
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    result: str
+    domain: str = ""  # d=
+    selector: str = ""  # s=
+    b: str = ""  # the first characters of b= (RFC 6008), to tell signatures apart
+    reason: str = ""
+
+
+@dataclass
+class _Seen:
+    """What the DNS function met while one signature was verified."""
+
+    temporary: str = ""
+    missing: bool = False
+    names: list[str] = field(default_factory=list)
+
+
+def present(message: bytes, header_end: int) -> bool:
+    """Whether the header section (up to `header_end`) has a DKIM-Signature field."""
+    section = message[:header_end].lower()
+    return section.startswith(b"dkim-signature:") or b"\ndkim-signature:" in section
+
+
+def verify(bridge: Bridge, message: bytes) -> list[DkimResult]:
+    """One result per signature (the topmost first), or [none]. Call it in a thread."""
+    checker = dkim.DKIM(message, timeout=bridge.timeout)
+    fields = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
+    if not fields:
+        return [DkimResult("none")]
+    checked = fields[:MAX_SIGNATURES]
+    return [_verify_one(bridge, checker, i, value) for i, value in enumerate(checked)]
+
+
+def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) -> DkimResult:
+    try:
+        tags = parse_tag_value(value)
+    except InvalidTagValueList as exc:
+        return DkimResult("neutral", reason=f"unreadable signature: {exc}")
+    domain = _tag(tags, b"d").lower()
+    selector = _tag(tags, b"s")
+    b = "".join(_tag(tags, b"b").split())[:8]
+    seen = _Seen()
+
+    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
+        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        seen.names.append(text)
+        try:
+            answer = bridge.query(text.rstrip("."), "TXT")
+        except TemporaryFailure as exc:
+            seen.temporary = str(exc)
+            return None
+        if not answer.records:
+            seen.missing = True
+            return None
+        return answer.records[0].encode("utf-8")
+
+    try:
+        good = checker.verify(idx=index, dnsfunc=dnsfunc)
+    except dkim.ValidationError as exc:  # a changed body, an expired or unreadable signature
+        text = str(exc)
+        result = "fail" if text.startswith(_FAILURES) else "neutral"
+        return DkimResult(result, domain, selector, b, text.split(" (")[0])
+    except dkim.DKIMException as exc:  # the key or the message cannot be used
+        return DkimResult("permerror", domain, selector, b, str(exc))
+    except Exception as exc:  # dkimpy on a message it cannot take apart
+        return DkimResult("neutral", domain, selector, b, f"{type(exc).__name__}: {exc}")
+    if good:
+        return DkimResult("pass", domain, selector, b)
+    if seen.temporary:
+        return DkimResult("temperror", domain, selector, b, seen.temporary)
+    if seen.missing:
+        return DkimResult("permerror", domain, selector, b, "no key for signature")
+    return DkimResult("fail", domain, selector, b, "signature did not verify")
+
+
+def _tag(tags: dict[bytes, bytes], name: bytes) -> str:
+    return tags.get(name, b"").decode("ascii", "replace").strip()

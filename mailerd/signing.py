@@ -1,0 +1,197 @@
+"""DKIM signing of the mail that leaves (RFC 6376; Ed25519 by RFC 8463): the keys, and the
+signatures the delivery process puts on a message once, when it queues it for remote
+recipients — never per delivery attempt, never on a local copy.
+
+Keys come from `--dkim-key DOMAIN:SELECTOR:FILE` (PEM: RSA of 2048 bits or more, or Ed25519;
+`mailerd dkim keygen` makes them). The master reads them as root before it forks and on every
+reload (`config.load_files`): a key that cannot be used stops the start, rather than mail going
+out unsigned. The children hold the loaded keys and never open the files.
+
+Which keys sign: those of the domain of the message's From: address (RFC 5322.From, the one
+DMARC aligns with), or else of the nearest parent domain that has keys (relaxed alignment
+accepts it). Every key of that domain signs: an RSA and an Ed25519 key give two signatures, for
+receivers that know Ed25519 and those that do not. Canonicalisation is relaxed/relaxed; the
+signed header fields are those of SIGNED_HEADERS the message has, each instance, and From once
+more (over-signed: no From can be added without breaking the signature); no l= tag.
+
+dkimpy (Debian python3-dkim) makes the signatures; Ed25519 needs PyNaCl (python3-nacl), which
+dkimpy uses for it. dkimpy computes RSA in pure Python (about 8 ms for 2048 bits here), so its
+RSA primitive is replaced by OpenSSL's through the `cryptography` package (about 1 ms); the
+result is the same RSASSA-PKCS1-v1_5 signature, and were the replacement not to take (a dkimpy
+that no longer calls it), the signatures would stay right, only slower.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dkim
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+
+from mailerd import headers
+
+MIN_RSA_BITS = 2048
+SIGNED_HEADERS = (
+    "from", "to", "cc", "subject", "date", "message-id", "reply-to", "mime-version",
+    "content-type", "in-reply-to", "references",
+)  # fmt: skip
+_SIGNED = frozenset(name.encode() for name in SIGNED_HEADERS)
+
+
+class KeyProblem(Exception):
+    """A key that cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    domain: str
+    selector: str
+    algorithm: str  # "rsa-sha256" or "ed25519-sha256"
+    public: str  # base64 of the public key (the DNS record's p=)
+    path: str
+    bits: int  # RSA modulus size; 256 for Ed25519
+    private: bytes = field(repr=False)  # for dkimpy: PEM (RSA) or the base64 seed (Ed25519)
+
+    @property
+    def kind(self) -> str:
+        return "rsa" if self.algorithm == "rsa-sha256" else "ed25519"
+
+    @property
+    def dns_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    def dns_record(self) -> str:
+        """The TXT record to publish at `dns_name`, as one string."""
+        return f"v=DKIM1; k={self.kind}; p={self.public}"
+
+
+def load_key(domain: str, selector: str, path: str) -> SigningKey:
+    """Read and check one key file; raises KeyProblem."""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as exc:
+        raise KeyProblem(f"cannot read DKIM key {path}: {exc.strerror or exc}") from exc
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyProblem(f"DKIM key {path}: not an unencrypted PEM private key") from exc
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise KeyProblem(
+                f"DKIM key {path}: RSA of {key.key_size} bits; at least {MIN_RSA_BITS} please "
+                "(receivers refuse or ignore shorter ones)"
+            )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        return SigningKey(domain, selector, "rsa-sha256", _b64(public), path, key.key_size, private)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        seed = key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        raw_public = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return SigningKey(
+            domain, selector, "ed25519-sha256", _b64(raw_public), path, 256, _b64(seed).encode()
+        )
+    raise KeyProblem(f"DKIM key {path}: neither RSA nor Ed25519")
+
+
+def keys_for(from_domain: str, keys: Sequence[SigningKey]) -> tuple[SigningKey, ...]:
+    """The keys that sign mail from `from_domain`: its own, or the nearest parent's."""
+    labels = from_domain.lower().rstrip(".").split(".")
+    for start in range(len(labels) - 1):
+        candidate = ".".join(labels[start:])
+        found = tuple(k for k in keys if k.domain == candidate)
+        if found:
+            return found
+    return ()
+
+
+def signed_headers(message: bytes) -> list[bytes]:
+    """The h= list: each present field of SIGNED_HEADERS, as many times as it occurs, in the
+    message's order, then From once more."""
+    names = [name for name, _, _ in headers.fields(message) if name in _SIGNED]
+    return [*names, b"from"]
+
+
+def sign(message: bytes, keys: Sequence[SigningKey]) -> bytes:
+    """The DKIM-Signature fields (CRLF-terminated, to go above the message) for `message`,
+    one per key; b"" without keys."""
+    if not keys:
+        return b""
+    include = signed_headers(message)
+    out = []
+    for key in keys:
+        out.append(
+            dkim.sign(
+                message,
+                key.selector.encode(),
+                key.domain.encode(),
+                key.private,
+                canonicalize=(b"relaxed", b"relaxed"),
+                include_headers=include,
+                signature_algorithm=key.algorithm.encode(),
+                linesep=b"\r\n",
+            )
+        )
+    return b"".join(out)
+
+
+def sign_message(message: bytes, keys: Sequence[SigningKey]) -> tuple[bytes, str | None]:
+    """The signatures for a message leaving through the queue, and the domain they are for
+    (None, and b"", when its From: domain has no key)."""
+    domain = headers.from_domain(message)
+    chosen = keys_for(domain, keys) if domain else ()
+    if not chosen:
+        return b"", None
+    return sign(message, chosen), chosen[0].domain
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# -- OpenSSL's RSA for dkimpy ---------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _rsa_key(n: int, e: int, d: int, p: int, q: int) -> rsa.RSAPrivateKey:
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q),
+        rsa.RSAPublicNumbers(e, n),
+    )  # fmt: skip
+    return numbers.private_key()
+
+
+def _openssl_rsa_sign(digest: Any, private_key: dict[str, int]) -> bytes:
+    """dkimpy's RSASSA_PKCS1_v1_5_sign(hash object, key dict), by OpenSSL (SHA-256, what
+    rsa-sha256 uses; anything else goes to dkimpy's own)."""
+    if getattr(digest, "name", None) != "sha256":
+        return bytes(_dkimpy_rsa_sign(digest, private_key))
+    key = _rsa_key(
+        private_key["modulus"],
+        private_key["publicExponent"],
+        private_key["privateExponent"],
+        private_key["prime1"],
+        private_key["prime2"],
+    )
+    return key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+_dkimpy_rsa_sign = dkim.RSASSA_PKCS1_v1_5_sign
+dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign

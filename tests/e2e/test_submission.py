@@ -1,0 +1,721 @@
+"""Authenticated submission: AUTH PLAIN and LOGIN (RFC 4954) on the submission listeners, where
+it is offered and where not, its errors, the delay after failures and the 421 after three, the
+log lines (and no secret in them, even with -v), the sender addresses a user may use, real mail
+clients (swaks, smtplib, msmtp, mutt, curl) verifying mailerd against a test CA, and `mailerd
+passwd` with the reload it triggers.
+
+The module's server ("sub", -v) has an RSA certificate (tests/certs.py's CA; it names
+mx.example.org, 127.0.0.1 and ::1), the submission listener (STARTTLS) and the submissions one
+(implicit TLS) on 127.0.0.1 and ::1, an aliases file, and one user with a password. mailerd
+remembers failed AUTH per client address, so the tests that fail an AUTH on purpose connect from
+loopback addresses of their own (127.0.0.10, …: `fresh_source`); over ::1 only a few failures
+happen in the whole module.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import termios
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    REPO,
+    check_stored,
+    ehlo_keywords,
+    expect,
+    finish,
+    parse_stored,
+    send_message,
+    wait_until,
+)
+from .test_tls import (
+    AUTH_LINE,
+    HELO,
+    HOSTS,
+    PKI,
+    Account,
+    Client,
+    NamedSMTP,
+    NamedSMTP_SSL,
+    TLSMailerd,
+    b64,
+    client_context,
+    fresh_source,
+    keyword_lines,
+    mailerd_passwd,
+    make_pki,
+    message,
+    new_password,
+    passwd_conf,
+    plain_blob,
+    set_password,
+)
+
+LOGIN_PROMPTS = ("VXNlcm5hbWU6", "UGFzc3dvcmQ6")  # "Username:", "Password:"
+REJECT_RE = (
+    r"NOQUEUE: reject: AUTH from unknown\[{ip}\]: {code} {enhanced} .*; "
+    r"mechanism={mechanism} user={user}\s*$"
+)
+
+
+@dataclass
+class Sub:
+    m: TLSMailerd
+    pki: PKI
+    owner: Account  # has a password; the aliases below lead to this user
+    other: str  # another local user, without a password
+    alias: str  # alias: owner
+    chain: str  # chain: alias (an alias of an alias of owner)
+    other_alias: str  # other_alias: other
+    secrets: list[str]  # every secret a test sent: none may be in the log
+
+
+@pytest.fixture(scope="module")
+def sub(tmp_path_factory) -> Iterator[Sub]:
+    base = tmp_path_factory.mktemp("submission")
+    pki = make_pki(base / "pki")
+    passwd, aliases = base / "passwd", base / "aliases"
+    m = TLSMailerd(
+        base, pairs=[pki.rsa], passwd=passwd, name="sub", extra=["-v", "--aliases", str(aliases)]
+    )
+    owner = Account(m.new_user("owner"), new_password())
+    other = m.new_user("other")
+    names = {"alias": f"{owner.user}-alias", "chain": f"{owner.user}-chain"}
+    names["other_alias"] = f"{other}-alias"
+    aliases.write_text(
+        f"{names['alias']}: {owner.user}\n{names['chain']}: {names['alias']}\n"
+        f"{names['other_alias']}: {other}\n"
+    )
+    set_password(passwd, owner.user, owner.password, passwd_conf(base))
+    m.start()
+    s = Sub(m, pki, owner, other, **names, secrets=[owner.password])
+    yield s
+    finish(m)
+    log = m.stderr_text()
+    for secret in s.secrets:
+        assert secret not in log, "a secret is in the log"
+        for blob in (b64(secret), plain_blob(owner.user, secret)):
+            assert blob not in log, "a secret (base64) is in the log"
+
+
+def tls_session(s: Sub, host: str, listener: str = "submission", **kw) -> Client:
+    """A session on a submission listener, TLS on and EHLO said."""
+    if listener == "submissions":
+        c = Client(host, s.m.submissions_port, tls=client_context(s.pki.ca), **kw)
+        expect(c.banner(), 220, conn=c)
+    else:
+        c = Client(host, s.m.listener_port(listener), **kw)
+        c.start(HELO)
+        c.starttls(client_context(s.pki.ca))
+    expect(c.ehlo(HELO), 250, conn=c)
+    return c
+
+
+def timed(c: Client, line: str) -> tuple[float, object]:
+    start = time.monotonic()
+    reply = c.cmd(line)
+    return time.monotonic() - start, reply
+
+
+def only_message(s: Sub, user: str) -> bytes:
+    numbers = s.m.wait_messages(user, 1)
+    assert len(numbers) == 1, f"{user}: {numbers}\n{s.m.stderr_text()[-3000:]}"
+    return s.m.read(user, numbers[0])
+
+
+def rejects(log: str, ip: str, mechanism: str, user: str, code: str = "535", enhanced="5.7.8"):
+    pattern = REJECT_RE.format(
+        ip=re.escape(ip),
+        code=code,
+        enhanced=re.escape(enhanced),
+        mechanism=mechanism,
+        user=re.escape(user),
+    )
+    return [line for line in log.splitlines() if re.search(pattern, line)]
+
+
+# --------------------------------------------------------------------------------------------
+# The submission listener: TLS first, then AUTH, then anywhere
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_submission_wants_tls_then_auth(sub: Sub, host: str):
+    rcpt = sub.m.new_user("rcpt")
+    sender = f"{sub.owner.user}@example.org"
+    body = message(f"submitted-{uuid.uuid4().hex}")
+    with Client(host, sub.m.submission_port) as c:
+        c.start(HELO)
+        reply = expect(c.ehlo(HELO), 250, conn=c)
+        assert "STARTTLS" in ehlo_keywords(reply) and "AUTH" not in ehlo_keywords(reply), reply
+        expect(c.auth_plain(sub.owner.user, sub.owner.password), 538, "5.7.11", conn=c)
+        expect(c.cmd(f"MAIL FROM:<{sender}>"), 530, "5.7.0", conn=c)
+        c.starttls(client_context(sub.pki.ca))
+        reply = expect(c.ehlo(HELO), 250, conn=c)
+        assert AUTH_LINE in keyword_lines(reply), reply
+        reply = expect(c.cmd(f"MAIL FROM:<{sender}>"), 530, "5.7.0", conn=c)
+        assert "Authentication required" in reply.text, reply
+        expect(c.auth_plain(sub.owner.user, sub.owner.password), 235, "2.7.0", conn=c)
+        # any destination
+        expect(c.cmd(f"MAIL FROM:<{sender}>"), 250, conn=c)
+        expect(c.cmd("RCPT TO:<someone@remote.test>"), 250, conn=c)
+        expect(c.cmd("RCPT TO:<x@[192.0.2.1]>"), 250, conn=c)
+        expect(c.cmd("RSET"), 250, conn=c)
+        send_message(c, f"{rcpt}@example.org", body, sender=sender)
+        expect(c.cmd("QUIT"), 221, conn=c)
+    check_stored(only_message(sub, rcpt), sender=sender, helo=HELO, body=body,
+                 protocols=("ESMTPSA",))  # fmt: skip
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_where_auth_is_offered(sub: Sub, host: str):
+    """AUTH PLAIN LOGIN: on the local listener with or without TLS, on submission inside TLS;
+    never on the network listener, whose AUTH command does not authenticate anyone."""
+    m = sub.m
+    with Client(host, m.trusted_port) as c:
+        c.start(HELO)
+        reply = expect(c.ehlo(HELO), 250, conn=c)
+        assert AUTH_LINE in keyword_lines(reply) and "STARTTLS" in ehlo_keywords(reply), reply
+        c.starttls(client_context(sub.pki.ca))
+        assert AUTH_LINE in keyword_lines(expect(c.ehlo(HELO), 250, conn=c))
+    with Client(host, m.untrusted_port, source=fresh_source() if "." in host else None) as c:
+        c.start(HELO)
+        assert "AUTH" not in ehlo_keywords(expect(c.ehlo(HELO), 250, conn=c))
+        c.starttls(client_context(sub.pki.ca))
+        reply = expect(c.ehlo(HELO), 250, conn=c)
+        assert "AUTH" not in ehlo_keywords(reply), reply
+        reply = c.auth_plain(sub.owner.user, sub.owner.password)
+        assert reply.code >= 500, c.dialogue()
+        expect(c.cmd(f"MAIL FROM:<{sub.owner.user}@example.org>"), 250, conn=c)
+        expect(c.cmd("RCPT TO:<someone@remote.test>"), 554, "5.7.1", conn=c)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_auth_mechanisms(sub: Sub, host: str):
+    """PLAIN with and without an initial response, LOGIN with its two prompts, the user's name
+    with a local domain; AUTH once authenticated is 503."""
+    u, p = sub.owner.user, sub.owner.password
+    for login in (u, f"{u}@example.net"):
+        with tls_session(sub, host) as c:
+            expect(c.auth_plain(login, p), 235, "2.7.0", conn=c)
+            expect(c.auth_plain(login, p), 503, "5.5.1", conn=c)
+            expect(c.cmd(f"MAIL FROM:<{u}@example.org>"), 250, conn=c)
+        with tls_session(sub, host, "submissions") as c:
+            reply = expect(c.cmd("AUTH PLAIN"), 334, conn=c)
+            assert reply.lines == [""], reply  # an empty challenge
+            expect(c.cmd(plain_blob(login, p)), 235, "2.7.0", conn=c)
+        with tls_session(sub, host) as c:
+            reply = expect(c.cmd("AUTH LOGIN"), 334, conn=c)
+            assert reply.lines == [LOGIN_PROMPTS[0]], reply
+            reply = expect(c.cmd(b64(login)), 334, conn=c)
+            assert reply.lines == [LOGIN_PROMPTS[1]], reply
+            expect(c.cmd(b64(p)), 235, "2.7.0", conn=c)
+            expect(c.cmd("AUTH LOGIN"), 503, "5.5.1", conn=c)
+    with tls_session(sub, host) as c:  # LOGIN with the user name as initial response
+        reply = expect(c.cmd(f"AUTH LOGIN {b64(u)}"), 334, conn=c)
+        assert reply.lines == [LOGIN_PROMPTS[1]], reply
+        expect(c.cmd(b64(p)), 235, "2.7.0", conn=c)
+
+
+def test_auth_protocol_errors(sub: Sub):
+    """An unknown mechanism is 504 5.5.4; `*` cancels (501 5.7.0) at any prompt; the session
+    goes on after each."""
+    with tls_session(sub, "127.0.0.1", source=fresh_source()) as c:
+        expect(c.cmd("AUTH CRAM-MD5"), 504, "5.5.4", conn=c)
+        expect(c.cmd("AUTH NO-SUCH-MECHANISM abc"), 504, "5.5.4", conn=c)
+        expect(c.cmd("NOOP"), 250, conn=c)
+    for steps in (["AUTH PLAIN"], ["AUTH LOGIN"], ["AUTH LOGIN", b64(sub.owner.user)]):
+        with tls_session(sub, "127.0.0.1", source=fresh_source()) as c:
+            for step in steps:
+                expect(c.cmd(step), 334, conn=c)
+            expect(c.cmd("*"), 501, "5.7.0", conn=c)
+            expect(c.cmd("NOOP"), 250, conn=c)
+            expect(c.cmd(f"MAIL FROM:<{sub.owner.user}@example.org>"), 530, "5.7.0", conn=c)
+
+
+# --------------------------------------------------------------------------------------------
+# Failures: 535 after a delay, logged; 421 at the third
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_wrong_password_and_unknown_user(sub: Sub, host: str):
+    source = fresh_source() if host == "127.0.0.1" else None
+    ip = source or host
+    wrong, unknown = new_password(), f"nobody{uuid.uuid4().hex[:6]}"
+    sub.secrets += [wrong]
+    mark = sub.m.log_mark()
+    with tls_session(sub, host, source=source) as c:
+        took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}")
+        expect(reply, 535, "5.7.8", conn=c)
+        assert took >= 0.4, f"the first failure was answered after {took:.2f} s"
+        expect(c.cmd("AUTH LOGIN"), 334, conn=c)
+        expect(c.cmd(b64(unknown)), 334, conn=c)
+        took, reply = timed(c, b64(sub.owner.password))
+        expect(reply, 535, "5.7.8", conn=c)
+        assert took >= 0.4, f"the second failure was answered after {took:.2f} s"
+        expect(c.cmd(f"MAIL FROM:<{sub.owner.user}@example.org>"), 530, "5.7.0", conn=c)
+        expect(c.cmd("QUIT"), 221, conn=c)
+    foreign = fresh_source()  # a name in another domain is nobody's
+    with tls_session(sub, "127.0.0.1", source=foreign) as c:
+        reply = c.auth_plain(f"{sub.owner.user}@remote.test", sub.owner.password)
+        expect(reply, 535, "5.7.8", conn=c)
+    assert wait_until(lambda: rejects(sub.m.log_since(mark), ip, "LOGIN", unknown), 5)
+    log = sub.m.log_since(mark)
+    assert len(rejects(log, ip, "PLAIN", sub.owner.user)) == 1, log
+    assert len(rejects(log, ip, "LOGIN", unknown)) == 1, log
+    assert wait_until(
+        lambda: rejects(sub.m.log_since(mark), foreign, "PLAIN", f"{sub.owner.user}@remote.test"),
+        5,
+    ), sub.m.log_since(mark)
+    for secret in (wrong, sub.owner.password):
+        assert secret not in log and b64(secret) not in log, "a password is in the log"
+    assert plain_blob(sub.owner.user, wrong) not in log
+
+
+def test_failure_delay_grows_with_the_address(sub: Sub):
+    """0.5 s, 1 s, 2 s: the delay doubles with each failure from one address, over sessions
+    (measured loosely: the server's own time comes on top)."""
+    source = fresh_source()
+    wrong = new_password()
+    sub.secrets.append(wrong)
+    times = []
+    with tls_session(sub, "127.0.0.1", source=source) as c:
+        for _ in range(2):
+            took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}")
+            expect(reply, 535, "5.7.8", conn=c)
+            times.append(took)
+        expect(c.cmd("QUIT"), 221, conn=c)
+    with tls_session(sub, "127.0.0.1", source=source) as c:  # a new session, the same address
+        took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}")
+        expect(reply, 535, "5.7.8", conn=c)  # only the first failure of this session
+        times.append(took)
+    first, second, third = times
+    assert 0.4 <= first <= 1.5, times
+    assert 0.8 <= second <= 2.5 and second >= first + 0.3, times
+    assert 1.6 <= third <= 4.5 and third >= second + 0.6, times
+    # another address is not slowed down by these
+    with tls_session(sub, "127.0.0.1", source=fresh_source()) as c:
+        took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}")
+        expect(reply, 535, "5.7.8", conn=c)
+        assert took <= 1.5, f"a fresh address waited {took:.2f} s"
+
+
+def test_third_failure_in_a_session_closes_it(sub: Sub):
+    source = fresh_source()
+    wrong = new_password()
+    sub.secrets.append(wrong)
+    mark = sub.m.log_mark()
+    with tls_session(sub, "127.0.0.1", source=source) as c:
+        for _ in range(2):
+            expect(c.auth_plain(sub.owner.user, wrong), 535, "5.7.8", conn=c)
+        expect(c.auth_plain(sub.owner.user, wrong), 421, "4.7.0", conn=c)
+        assert c.wait_eof() is not None, "the session was not closed after the 421"
+
+    def failures() -> list[str]:
+        return [
+            line
+            for line in sub.m.log_since(mark).splitlines()
+            if f"NOQUEUE: reject: AUTH from unknown[{source}]: " in line
+            and line.rstrip().endswith(f"; mechanism=PLAIN user={sub.owner.user}")
+        ]
+
+    assert wait_until(lambda: len(failures()) >= 3, 5), sub.m.log_since(mark)
+    assert len(failures()) == 3, sub.m.log_since(mark)
+    assert len(rejects(sub.m.log_since(mark), source, "PLAIN", sub.owner.user)) >= 2
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binds ports 587 and 465 (needs root)")
+def test_default_ports(mailerd_factory, sub: Sub):
+    """--listen-submission ADDR means port 587, --listen-submissions ADDR port 465."""
+    address = "127.0.0.3"  # a loopback address of its own: port 587 may be in use elsewhere
+    if not (_port_free(address, 587) and _port_free(address, 465)):
+        pytest.skip(f"{address}:587 or {address}:465 is in use")
+    pair = sub.pki.rsa
+    mailerd_factory(extra=[
+        "--tls-cert", str(pair.cert), "--tls-key", str(pair.key),
+        "--listen-submission", address, "--listen-submissions", address,
+    ])  # fmt: skip
+    with Client(address, 587) as c:
+        c.start(HELO)
+        c.starttls(client_context(sub.pki.ca))
+    with Client(address, 465, tls=client_context(sub.pki.ca)) as c:
+        expect(c.banner(), 220, conn=c)
+
+
+# --------------------------------------------------------------------------------------------
+# Whose addresses
+# --------------------------------------------------------------------------------------------
+
+
+def test_sender_must_be_the_users(sub: Sub):
+    u = sub.owner.user
+    own = [
+        f"{u}@example.org",
+        f"{u}@example.net",
+        f"{u}@mail.example.org",  # a domain is a suffix
+        f"{u}+tag@example.org",
+        f"{sub.alias}@example.org",
+        f"{sub.chain}@example.net",
+        "",
+    ]
+    foreign = [
+        f"{sub.other}@example.org",
+        f"{sub.other_alias}@example.org",
+        f"{u}@remote.test",
+        f"{u}x@example.org",
+        "postmaster@example.org",
+    ]
+    with tls_session(sub, "::1", "submissions") as c:
+        expect(c.auth_plain(u, sub.owner.password), 235, "2.7.0", conn=c)
+        for sender in own:
+            expect(c.cmd(f"MAIL FROM:<{sender}>"), 250, conn=c)
+            expect(c.cmd("RSET"), 250, conn=c)
+        for sender in foreign:
+            reply = expect(c.cmd(f"MAIL FROM:<{sender}>"), 553, "5.7.1", conn=c)
+            assert reply.text == f"5.7.1 Sender address rejected: not owned by user {u}", reply
+    # The local listener keeps its rights without AUTH: any sender, any destination.
+    with Client("127.0.0.1", sub.m.trusted_port) as c:
+        c.start(HELO)
+        expect(c.cmd(f"MAIL FROM:<{sub.other}@example.org>"), 250, conn=c)
+        expect(c.cmd("RCPT TO:<someone@remote.test>"), 250, conn=c)
+        expect(c.cmd("RSET"), 250, conn=c)
+
+
+# --------------------------------------------------------------------------------------------
+# Real clients
+# --------------------------------------------------------------------------------------------
+
+
+def needs(program: str):
+    return pytest.mark.skipif(shutil.which(program) is None, reason=f"{program} is not installed")
+
+
+def delivered_by(s: Sub, rcpt: str, token: str, protocol: str = "ESMTPSA") -> bytes:
+    raw = only_message(s, rcpt)
+    stored = parse_stored(raw)
+    assert stored.return_path == f"Return-Path: <{s.owner.user}@example.org>".encode(), raw[:300]
+    assert re.search(rf"\bwith {protocol}\b".encode(), stored.received), stored.received
+    assert token.encode() in stored.rest, stored.rest[:500]
+    return raw
+
+
+@needs("swaks")
+@pytest.mark.parametrize(
+    "mode, mechanism, host",
+    [
+        ("--tls", "PLAIN", "127.0.0.1"),
+        ("--tls", "LOGIN", "::1"),
+        ("--tlsc", "PLAIN", "::1"),
+        ("--tlsc", "LOGIN", "127.0.0.1"),
+    ],
+)
+def test_swaks(sub: Sub, mode: str, mechanism: str, host: str):
+    rcpt, token = sub.m.new_user("swaks"), uuid.uuid4().hex
+    port = sub.m.submissions_port if mode == "--tlsc" else sub.m.submission_port
+    argv = [
+        "swaks", "--server", host, "--port", str(port), mode,
+        "--tls-verify", "--tls-ca-path", str(sub.pki.ca.cert),
+        "--auth", mechanism, "--auth-user", sub.owner.user,
+        "--auth-password", sub.owner.password,
+        "--from", f"{sub.owner.user}@example.org", "--to", f"{rcpt}@example.org",
+        "--helo", HELO, "--body", f"swaks {token}", "--timeout", "15",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"swaks: {done.returncode}\n{done.stdout}\n{done.stderr}"
+    assert re.search(r"<~ +235 2\.7\.0", done.stdout), done.stdout
+    assert f"~> AUTH {mechanism}" in done.stdout, done.stdout
+    delivered_by(sub, rcpt, token)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "smtp-ssl"])
+def test_smtplib(sub: Sub, host: str, implicit: bool):
+    rcpt, token = sub.m.new_user("smtplib"), uuid.uuid4().hex
+    context = client_context(sub.pki.ca)  # verifies the chain and mx.example.org
+    sender = f"{sub.owner.user}@example.org"
+    body = message(token)
+    if implicit:
+        s = NamedSMTP_SSL(host, sub.m.submissions_port, context=context)
+    else:
+        s = NamedSMTP(host, sub.m.submission_port)
+        s.starttls(context=context)
+    with s:
+        assert isinstance(s.sock, ssl.SSLSocket)
+        if implicit:  # LOGIN, the other mechanism
+            s.ehlo()
+            s.user, s.password = sub.owner.user, sub.owner.password
+            code, _ = s.auth("LOGIN", s.auth_login, initial_response_ok=False)
+        else:
+            code, _ = s.login(sub.owner.user, sub.owner.password)
+        assert code == 235
+        assert s.sendmail(sender, [f"{rcpt}@example.org"], body) == {}
+    check_stored(only_message(sub, rcpt), sender=sender, helo=HELO, body=body,
+                 protocols=("ESMTPSA",))  # fmt: skip
+
+
+@needs("msmtp")
+@pytest.mark.parametrize(
+    "implicit, host",
+    [(False, "127.0.0.1"), (False, "::1"), (True, "127.0.0.1"), (True, "::1")],
+    ids=["starttls-ipv4", "starttls-ipv6", "implicit-ipv4", "implicit-ipv6"],
+)
+def test_msmtp(sub: Sub, tmp_path: Path, implicit: bool, host: str):
+    rcpt, token = sub.m.new_user("msmtp"), uuid.uuid4().hex
+    port = sub.m.submissions_port if implicit else sub.m.submission_port
+    conf = tmp_path / "msmtprc"
+    conf.write_text(
+        "defaults\n"
+        f"logfile {tmp_path / 'msmtp.log'}\n"
+        "account submission\n"
+        f"host {host}\nport {port}\ndomain {HELO}\n"
+        f"from {sub.owner.user}@example.org\n"
+        f"tls on\ntls_starttls {'off' if implicit else 'on'}\n"
+        f"tls_trust_file {sub.pki.ca.cert}\n"
+        f"auth on\nuser {sub.owner.user}\npassword {sub.owner.password}\n"
+        "account default : submission\n"
+    )
+    conf.chmod(0o600)
+    text = f"Subject: msmtp {token}\nTo: {rcpt}@example.org\n\nmsmtp {token}\n"
+    done = subprocess.run(
+        ["msmtp", "-C", str(conf), f"{rcpt}@example.org"],
+        input=text.encode(),
+        capture_output=True,
+        timeout=60,
+        env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]},
+    )
+    assert done.returncode == 0, f"msmtp: {done.returncode}\n{done.stdout}\n{done.stderr}"
+    delivered_by(sub, rcpt, token)
+
+
+@needs("mutt")
+@pytest.mark.parametrize("host", HOSTS)
+def test_mutt(sub: Sub, tmp_path: Path, host: str):
+    """mutt as Debian configures it (/etc/Muttrc), sending over SMTP with STARTTLS forced and
+    the test CA trusted; it checks the certificate against the address in smtp_url."""
+    rcpt, token = sub.m.new_user("mutt"), uuid.uuid4().hex
+    url_host = f"[{host}]" if ":" in host else host
+    rc = tmp_path / "muttrc"
+    rc.write_text(
+        "set ssl_force_tls=yes\n"
+        f'set smtp_url="smtp://{sub.owner.user}@{url_host}:{sub.m.submission_port}/"\n'
+        f'set smtp_pass="{sub.owner.password}"\n'
+        f'set certificate_file="{sub.pki.ca.cert}"\n'
+        f'set from="{sub.owner.user}@example.org"\n'
+        f"set hostname={HELO}\n"
+        "set copy=no\n"
+    )
+    rc.chmod(0o600)
+    done = subprocess.run(
+        ["mutt", "-F", str(rc), "-s", f"mutt {token}", "--", f"{rcpt}@example.org"],
+        input=f"mutt {token}\n".encode(),
+        capture_output=True,
+        timeout=60,
+        env={
+            "HOME": str(tmp_path),
+            "MAIL": str(tmp_path / "inbox"),
+            "TERM": "dumb",
+            "PATH": os.environ["PATH"],
+        },
+    )
+    assert done.returncode == 0, f"mutt: {done.returncode}\n{done.stdout}\n{done.stderr}"
+    raw = delivered_by(sub, rcpt, token)
+    assert f"Subject: mutt {token}".encode() in raw
+
+
+@needs("curl")
+@pytest.mark.parametrize(
+    "scheme, host, mechanism",
+    [("smtps", "127.0.0.1", None), ("smtp", "::1", "LOGIN"), ("smtps", "::1", "PLAIN")],
+)
+def test_curl(sub: Sub, tmp_path: Path, scheme: str, host: str, mechanism: str | None):
+    rcpt, token = sub.m.new_user("curl"), uuid.uuid4().hex
+    port = sub.m.submissions_port if scheme == "smtps" else sub.m.submission_port
+    url_host = f"[{host}]" if ":" in host else host
+    mail = tmp_path / "mail.eml"
+    mail.write_bytes(message(token))
+    argv = [
+        "curl", "-sS", "--max-time", "30", f"{scheme}://{url_host}:{port}/{HELO}",
+        "--cacert", str(sub.pki.ca.cert),
+        "--user", f"{sub.owner.user}:{sub.owner.password}",
+        "--mail-from", f"{sub.owner.user}@example.org", "--mail-rcpt", f"{rcpt}@example.org",
+        "--upload-file", str(mail),
+    ]  # fmt: skip
+    if scheme == "smtp":
+        argv.append("--ssl-reqd")
+    if mechanism:
+        argv += ["--login-options", f"AUTH={mechanism}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"curl: {done.returncode}\n{done.stdout}\n{done.stderr}"
+    check_stored(only_message(sub, rcpt), sender=f"{sub.owner.user}@example.org", helo=HELO,
+                 body=message(token), protocols=("ESMTPSA",))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# mailerd passwd
+# --------------------------------------------------------------------------------------------
+
+
+def passwd_entries(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            user, _, hashed = line.partition(":")
+            out[user] = hashed
+    return out
+
+
+def can_login(m: TLSMailerd, pki: PKI, user: str, password: str) -> bool:
+    """One AUTH PLAIN on the submissions listener, from a fresh address: 235 or 535."""
+    with Client("127.0.0.1", m.submissions_port, tls=client_context(pki.ca),
+                source=fresh_source()) as c:  # fmt: skip
+        expect(c.banner(), 220, conn=c)
+        expect(c.ehlo(HELO), 250, conn=c)
+        reply = c.auth_plain(user, password)
+        assert reply.code in (235, 535), c.dialogue()
+        return reply.code == 235
+
+
+def test_mailerd_passwd(mailerd_factory, tmp_path: Path):
+    """Set (from stdin), change, delete; the file is root's business (0640); each change makes
+    the running mailerd (its pid file, named in the config) reload the credentials."""
+    pki = make_pki(tmp_path / "pki")
+    passwd, pidfile = tmp_path / "etc" / "passwd", tmp_path / "mailerd.pid"
+    conf = tmp_path / "mailerd.conf"  # the daemon's and the command's: `passwd`, `pidfile`
+    conf.write_text(f"[mailerd]\npasswd = {passwd}\npidfile = {pidfile}\n")
+    m = mailerd_factory(start=False, cls=TLSMailerd, pairs=[pki.rsa], submission=False,
+                        extra=["-c", str(conf)])  # fmt: skip
+    alice, bob = m.new_user("alice"), m.new_user("bob")
+    first, second, third = new_password(), new_password(), new_password()
+
+    def command(user: str, stdin: str = "", delete: bool = False):
+        argv = [sys.executable, "-m", "mailerd", "passwd", "-c", str(conf)]
+        argv += ["--delete", user] if delete else [user]
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30,
+                              cwd=REPO)  # fmt: skip
+
+    done = command(alice, first + "\n")  # mailerd is not running yet
+    assert done.returncode == 0, done.stderr
+    assert set(passwd_entries(passwd)) == {alice}, passwd.read_text()
+    assert first not in passwd.read_text(), "the password is in the file as it is"
+    mode = stat.S_IMODE(passwd.stat().st_mode)
+    assert mode & 0o007 == 0, f"the passwd file is readable by everyone: {oct(mode)}"
+
+    m.start()
+    assert wait_until(pidfile.exists, 5)
+    assert can_login(m, pki, alice, first)
+    assert not can_login(m, pki, bob, second)
+
+    def changed(user: str, stdin: str = "", delete: bool = False) -> None:
+        mark, old = m.log_mark(), set(m.worker_pids())
+        done = command(user, stdin, delete)
+        assert done.returncode == 0, done.stderr
+        assert wait_until(lambda: "configuration reloaded" in m.log_since(mark), 15), m.log_since(
+            mark
+        )
+        # The old workers (the old passwords) may still accept a session for a moment after
+        # that line: wait until they are gone, or a check below could meet one of them.
+        assert wait_until(
+            lambda: len(now := set(m.worker_pids())) == m.workers and not now & old, 15
+        ), (old, m.worker_pids())
+
+    changed(bob, second + "\n")  # a new user
+    assert can_login(m, pki, bob, second)
+    changed(alice, third + "\n")  # a new password
+    assert can_login(m, pki, alice, third) and not can_login(m, pki, alice, first)
+    assert set(passwd_entries(passwd)) == {alice, bob}
+    changed(alice, delete=True)
+    assert set(passwd_entries(passwd)) == {bob}
+    assert not can_login(m, pki, alice, third) and can_login(m, pki, bob, second)
+
+    before = passwd.read_bytes()
+    done = command(alice, delete=True)  # nobody to delete
+    assert done.returncode == 1 and passwd.read_bytes() == before, done
+    done = command(bob, "\n")  # an empty password
+    assert done.returncode == 1 and passwd.read_bytes() == before, done
+    assert can_login(m, pki, bob, second)
+
+
+def _controlling_terminal() -> None:
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def on_a_terminal(argv: list[str], answers: list[str], timeout: float = 30.0) -> tuple[int, str]:
+    """Run argv with a pseudo-terminal as its controlling terminal; type each answer once the
+    program has asked (a prompt ending in ": ", echo off)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        argv, stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
+        start_new_session=True, preexec_fn=_controlling_terminal,
+    )  # fmt: skip
+    os.close(slave)
+    output, seen = b"", 0
+    deadline = time.monotonic() + timeout
+    try:
+        pending = list(answers)
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the program is gone
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            echo_off = not termios.tcgetattr(master)[3] & termios.ECHO
+            if pending and echo_off and output[seen:].rstrip(b" ").endswith(b":"):
+                os.write(master, pending.pop(0).encode() + b"\n")
+                seen = len(output)
+        rc = proc.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rc, output.decode("utf-8", "replace")
+
+
+def test_mailerd_passwd_on_a_terminal(tmp_path: Path):
+    """On a terminal the password is asked twice: two different answers change nothing, the
+    same twice sets it."""
+    passwd = tmp_path / "passwd"
+    conf = passwd_conf(tmp_path)
+    set_password(passwd, "carol", "first-one", conf)
+    before = passwd.read_bytes()
+    argv = [sys.executable, "-m", "mailerd", "passwd", "-c", str(conf), "--passwd", str(passwd)]
+    rc, out = on_a_terminal([*argv, "carol"], ["second-one", "something-else"])
+    assert rc == 1 and passwd.read_bytes() == before, (rc, out)
+    assert "second-one" not in out, f"the password was echoed: {out!r}"
+    rc, out = on_a_terminal([*argv, "carol"], ["second-one", "second-one"])
+    assert rc == 0, (rc, out)
+    assert passwd.read_bytes() != before and set(passwd_entries(passwd)) == {"carol"}
+    assert "second-one" not in out, f"the password was echoed: {out!r}"
+    # the stdin way on the same file still works after that
+    done = mailerd_passwd(passwd, "carol", "third-one\n", conf=conf)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,185 @@
+"""DKIM signing (mailerd.signing) and the header parsing it shares (mailerd.headers): keys,
+which key signs, what is signed, and that dkimpy (an independent implementation of the same
+RFC from the one that made the signature only as far as the canonicalisation goes) verifies
+it, for RSA (signed through OpenSSL) and Ed25519."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import dkim
+import pytest
+
+from mailerd import headers, signing
+from mailerd.commands import dkimkeys
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: bob@example.net,\r\n carol@example.net\r\n"
+    b"Cc: dave@example.net\r\n"
+    b"Subject: a  signed   message\r\n"
+    b"Date: Fri, 04 Dec 2026 10:00:00 +0000\r\n"
+    b"Message-ID: <1@example.org>\r\n"
+    b"X-Other: not signed\r\n"
+    b"\r\n"
+    b"Hello,  with   spaces \r\n\r\n\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict[str, signing.SigningKey]:
+    directory = tmp_path_factory.mktemp("dkim")
+    made = {}
+    for name, kind, domain in (
+        ("rsa", "rsa", "example.org"),
+        ("ed", "ed25519", "example.org"),
+        ("sub", "rsa", "sub.example.org"),
+    ):
+        path = directory / f"{name}.key"
+        dkimkeys.write_key(str(path), dkimkeys.new_key(kind, 2048))
+        made[name] = signing.load_key(domain, name, str(path))
+    return made
+
+
+def dnsfunc_for(*keys: signing.SigningKey):
+    records = {f"{k.dns_name}.".encode(): k.dns_record().encode() for k in keys}
+    return lambda name, timeout=5: records.get(name)
+
+
+def test_keys_load_with_their_dns_records(keys):
+    rsa, ed = keys["rsa"], keys["ed"]
+    assert (rsa.algorithm, rsa.bits, rsa.kind) == ("rsa-sha256", 2048, "rsa")
+    assert (ed.algorithm, ed.kind) == ("ed25519-sha256", "ed25519")
+    assert rsa.dns_name == "rsa._domainkey.example.org"
+    assert rsa.dns_record().startswith("v=DKIM1; k=rsa; p=MIIB")
+    assert ed.dns_record().startswith("v=DKIM1; k=ed25519; p=") and len(ed.public) == 44
+    assert b"PRIVATE" not in repr(rsa).encode()  # the key's repr shows no secret
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda d: d / "missing.key", "cannot read"),
+        (lambda d: _write(d / "junk.key", b"not a key"), "not an unencrypted PEM"),
+        (lambda d: _openssl_key(d / "short.key", "rsa:1024"), "at least 2048"),
+        (lambda d: _openssl_key(d / "ec.key", "ec"), "neither RSA nor Ed25519"),
+    ],
+)
+def test_unusable_keys_are_refused_with_the_file_named(tmp_path: Path, make, words):
+    path = make(tmp_path)
+    with pytest.raises(signing.KeyProblem, match=words) as caught:
+        signing.load_key("example.org", "s", str(path))
+    assert str(path) in str(caught.value)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _openssl_key(path: Path, kind: str) -> Path:
+    if kind == "ec":
+        args = ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    else:
+        args = ["genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{kind[4:]}"]
+    subprocess.run(["openssl", *args, "-out", str(path)], check=True, capture_output=True)
+    return path
+
+
+@pytest.mark.parametrize("name", ["rsa", "ed"])
+def test_a_signature_verifies_and_covers_what_it_should(keys, name):
+    key = keys[name]
+    signature = signing.sign(MESSAGE, [key])
+    assert signature.startswith(b"DKIM-Signature: ") and signature.endswith(b"\r\n")
+    signed = signature + MESSAGE
+    assert dkim.verify(signed, dnsfunc=dnsfunc_for(key))
+    tags = dict(
+        (k.strip(), v.strip())
+        for k, _, v in (
+            t.partition("=") for t in b"".join(signature[16:].split()).decode().split(";")
+        )
+    )
+    assert tags["c"] == "relaxed/relaxed" and tags["d"] == "example.org" and "l" not in tags
+    assert tags["h"].split(":") == ["from", "to", "cc", "subject", "date", "message-id", "from"]
+    # Relaxed: whitespace changes survive; content changes and an added From do not.
+    assert dkim.verify(
+        signature + MESSAGE.replace(b"a  signed", b"a signed"), dnsfunc=dnsfunc_for(key)
+    )
+    assert not dkim.verify(signed.replace(b"Hello", b"Hallo"), dnsfunc=dnsfunc_for(key))
+    assert not dkim.verify(signed + b"", dnsfunc=dnsfunc_for(keys["sub"]))
+    forged = signature + b"From: mallory@evil.example\r\n" + MESSAGE
+    assert not dkim.verify(forged, dnsfunc=dnsfunc_for(key))
+
+
+def test_rsa_goes_through_openssl_and_matches_dkimpys_own(keys, monkeypatch):
+    """The replacement RSA primitive gives exactly dkimpy's pure-Python signature (PKCS #1
+    v1.5 is deterministic: the same t= gives the same b=)."""
+    key = keys["rsa"]
+    monkeypatch.setattr(dkim.time, "time", lambda: 1796400000.0)
+    fast = signing.sign(MESSAGE, [key])
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", signing._dkimpy_rsa_sign)
+    slow = signing.sign(MESSAGE, [key])
+    assert fast == slow
+    assert dkim.RSASSA_PKCS1_v1_5_sign is not signing._openssl_rsa_sign
+    monkeypatch.undo()
+    assert dkim.RSASSA_PKCS1_v1_5_sign is signing._openssl_rsa_sign
+
+
+def test_two_keys_give_two_signatures(keys):
+    signature, domain = signing.sign_message(MESSAGE, [keys["rsa"], keys["ed"], keys["sub"]])
+    assert domain == "example.org"
+    assert signature.count(b"DKIM-Signature:") == 2
+    signed = signature + MESSAGE
+    for index in (0, 1):
+        checker = dkim.DKIM(signed)
+        assert checker.verify(idx=index, dnsfunc=dnsfunc_for(keys["rsa"], keys["ed"]))
+
+
+@pytest.mark.parametrize(
+    "from_line, domain",
+    [
+        (b"From: a@sub.example.org", "sub.example.org"),  # its own key first
+        (b"From: a@deep.sub.example.org", "sub.example.org"),  # the nearest parent's
+        (b"From: a@other.example.org", "example.org"),
+        (b"From: a@example.net", None),  # no key
+        (b"From: a@example.org, b@example.org", None),  # several addresses
+        (b"To: x@example.org", None),  # no From at all
+    ],
+)
+def test_which_keys_sign(keys, from_line, domain):
+    message = from_line + b"\r\nSubject: s\r\n\r\nbody\r\n"
+    signature, signed_for = signing.sign_message(message, list(keys.values()))
+    assert signed_for == domain
+    assert (signature != b"") == (domain is not None)
+
+
+def test_two_from_fields_sign_nothing(keys):
+    message = b"From: a@example.org\r\nFrom: b@example.org\r\n\r\nbody\r\n"
+    assert signing.sign_message(message, [keys["rsa"]]) == (b"", None)
+
+
+def test_header_fields_are_found_with_their_continuations():
+    found = [(name, MESSAGE[start:end]) for name, start, end in headers.fields(MESSAGE)]
+    assert [name for name, _ in found] == [
+        b"from",
+        b"to",
+        b"cc",
+        b"subject",
+        b"date",
+        b"message-id",
+        b"x-other",
+    ]
+    assert found[1][1] == b"To: bob@example.net,\r\n carol@example.net\r\n"
+    assert headers.section_end(MESSAGE) == MESSAGE.index(b"\r\n\r\n") + 2
+    assert headers.section_end(b"\r\nbody") == 0
+    assert headers.from_domain(MESSAGE) == "example.org"
+
+
+def test_keygen_output_is_a_record_in_strings_of_at_most_255(keys):
+    record = keys["rsa"].dns_record()
+    line = dkimkeys.zone_txt(keys["rsa"].dns_name, record)
+    assert line.startswith('rsa._domainkey.example.org. IN TXT ( "v=DKIM1; k=rsa; p=')
+    strings = dkimkeys.txt_strings(record)
+    assert len(strings) == 2 and all(len(s) <= 255 for s in strings)
+    assert "".join(strings) == record
