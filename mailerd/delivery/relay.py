@@ -452,13 +452,15 @@ def _send_content(client: _Client, pieces: Generator[bytes, None, None]) -> None
     assert client.sock is not None
     buffer = bytearray()
     start = True  # the piece begins a line
+    after_cr = False  # the previous piece, a cut long line, ended with the CR of its CRLF
     with contextlib.closing(pieces):
         for piece in pieces:
             if start and piece[:1] == b".":
                 buffer += b"."
             start = piece.endswith(b"\n")
-            if start and not piece.endswith(b"\r\n"):
+            if start and not piece.endswith(b"\r\n") and not (after_cr and piece == b"\n"):
                 piece = piece[:-1] + b"\r\n"
+            after_cr = piece.endswith(b"\r")
             buffer += piece
             if len(buffer) >= SEND_BUFFER:
                 client.sock.sendall(buffer)
