@@ -10,7 +10,8 @@ configured (a smarthost), and only after STARTTLS unless the policy is "none".
 
 The content goes as queued, streamed from the queue file with its dot-stuffing (memory stays
 bounded for any size), except for a server that does not offer 8BITMIME: 8-bit content is then
-converted to 7 bit for that host (`sevenbit`), or refused with 5.6.3 where it cannot be.
+converted to 7 bit for that host (`sevenbit`), or refused with 5.6.3 where it cannot be. A
+message that only mailerd's own keys signed is signed anew once converted (`Settings.dkim_keys`).
 
 For diagnosis, every address that did not take the transaction gets a log line under the
 message's queue id, in Postfix's words (`connect to mx1.example[2001:db8::25]:25: Connection
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import logging
 import smtplib
 import ssl
@@ -33,6 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mailerd import signing
 from mailerd.delivery import sevenbit
 from mailerd.log import shorten
 
@@ -106,6 +109,7 @@ class Settings:
     timeout: float = 300.0
     connect_timeout: float = 30.0
     plain_auth: bool = False  # send AUTH without TLS (only when the TLS policy is "none")
+    dkim_keys: tuple[signing.SigningKey, ...] = ()  # to sign a message converted to 7 bit anew
 
 
 class _HopFailed(Exception):
@@ -135,7 +139,7 @@ class _TLSFailed(_HopFailed):
 
 def attempt(hops: list[Hop], message: Message, settings: Settings) -> dict[str, Result]:
     """Deliver `message` via the first hop that takes it; a Result for every recipient."""
-    content = _Content(message.path)
+    content = _Content(message.path, settings.dkim_keys)
     last = Result(451, "4.4.1", "No destination could be reached", ours=True)
     for hop in hops:
         try:
@@ -156,8 +160,9 @@ class _Content:
     """The queued message as one attempt's hosts get it: looked at for 8-bit octets, and planned
     for conversion, at most once, and only when a host needs it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keys: tuple[signing.SigningKey, ...]) -> None:
         self.path = path
+        self.keys = keys
 
     @functools.cached_property
     def eight_bit(self) -> bool:
@@ -165,7 +170,21 @@ class _Content:
 
     @functools.cached_property
     def plan(self) -> sevenbit.Plan:
-        return sevenbit.plan(self.path)
+        own = frozenset((key.domain.lower(), key.selector.lower()) for key in self.keys)
+        return sevenbit.plan(self.path, own)
+
+    @functools.cached_property
+    def resigned(self) -> tuple[bytes, str | None]:
+        """The converted message under new signatures of our keys (the plan said `resign`),
+        and their domain (None: none could be made). In memory, as when it was first signed:
+        dkimpy takes the whole message."""
+        converted = b"".join(sevenbit.convert(self.path, self.plan))
+        try:
+            signature, domain = signing.sign_message(converted, self.keys)
+        except Exception as exc:  # dkimpy refuses what it cannot parse
+            log.warning("cannot DKIM-sign %s anew after converting it: %s", self.path.name, exc)
+            return b"", None
+        return signature + converted, domain
 
 
 def _try_hop(
@@ -383,10 +402,22 @@ def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> 
             f"8BITMIME, and the message cannot be converted to 7 bit: {plan.refusal}"
         )
         raise _HopFailed(_ours(hop, text, "5.6.3", 554))
-    _note(
-        message,
-        f"host {hop.name} does not support 8BITMIME: its 8-bit parts go as quoted-printable",
-    )
+    note = f"host {hop.name} does not support 8BITMIME: its 8-bit parts go as quoted-printable"
+    if plan.resign:
+        # Our own signatures, which the conversion breaks: the converted message is signed anew
+        # (RFC 6376 5.3 wants a signer to sign what is sent as 7 bit).
+        data, domain = content.resigned
+        if domain is None:
+            text = (
+                f"mailerd could not deliver the message: host {hop.name} does not support "
+                "8BITMIME, and the converted message could not be DKIM-signed anew"
+            )
+            raise _HopFailed(_ours(hop, text, "5.6.3", 554))
+        _note(message, f"{note}, DKIM-signed anew for {domain}")
+        if client.has_extn("size"):
+            options.append(f"SIZE={len(data)}")
+        return _Body(options, lambda: _lines(data))
+    _note(message, note)
     # No SIZE: the converted message is larger, by an amount known only once it is sent
     # (Postfix leaves it out too).
     return _Body(options, lambda: sevenbit.convert(message.path, plan))
@@ -395,6 +426,10 @@ def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> 
 def _raw(path: Path) -> Generator[bytes, None, None]:
     with open(path, "rb") as f:
         yield from sevenbit.pieces(f)
+
+
+def _lines(data: bytes) -> Generator[bytes, None, None]:
+    yield from sevenbit.pieces(io.BytesIO(data))
 
 
 def _mail_from(client: _Client, hop: Hop, message: Message, options: list[str]) -> None:

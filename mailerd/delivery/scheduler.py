@@ -93,6 +93,7 @@ class Scheduler:
             tls=cfg.outbound_tls,
             auth=credentials,
             plain_auth=cfg.outbound_tls == "none",
+            dkim_keys=cfg.dkim_keys,
         )
         self.own_names = frozenset({cfg.hostname.lower()})
         self.own_addresses = frozenset(own_addresses(cfg))

@@ -7,8 +7,11 @@ message/rfc822 around one that said "8bit" or "binary" is relabelled "7bit" (the
 encodings RFC 2045 6.4 allows them). Unlike Postfix, it converts only the parts that need it
 and refuses, rather than damages, what cannot be converted (the caller bounces with 5.6.3):
 
-- a message with a DKIM-Signature: the signature covers the body (RFC 6376 3.7), so any change
-  breaks it (RFC 6376 5.3 has the signer, not a relay, make the body 7-bit before signing);
+- a message with a DKIM-Signature of someone else's: the signature covers the body (RFC 6376
+  3.7), so any change breaks it (RFC 6376 5.3 has the signer, not a relay, make the body 7-bit
+  before signing). Signatures that are all mailerd's own (`own`: their d= and s= name its keys)
+  are no obstacle: the plan says `resign`, `convert()` leaves them out, and the caller signs
+  the converted message anew;
 - an 8-bit part inside multipart/signed or multipart/encrypted (RFC 1847): the signature
   covers the part as sent, transfer encoding and all;
 - 8-bit octets in a header (they would need SMTPUTF8, or RFC 2047 encoding of structured
@@ -51,6 +54,7 @@ _SIGNED = ("multipart/signed", "multipart/encrypted")
 _SEVEN_BIT_ONLY = ("message/partial", "message/external-body")
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")  # a header field's name and colon (RFC 5322 2.2)
 _CTE = b"content-transfer-encoding"
+_DKIM = b"dkim-signature"
 _UNKNOWN = bytes(range(128)) + b"?" * 128  # translate table: 8-bit octets become "?"
 
 
@@ -77,11 +81,16 @@ class Plan:
     leaves: frozenset[int] = frozenset()  # entities whose content becomes quoted-printable
     containers: frozenset[int] = frozenset()  # multipart/message entities relabelled 7bit
     charset: str = "utf-8"  # for a message without Content-Type whose body is converted
+    resign: bool = False  # the DKIM-Signature fields (all our own) go: sign the result anew
 
 
-def plan(path: Path) -> Plan:
-    """The first pass: which parts have 8-bit octets, and whether converting them is allowed."""
-    finder = _Finder()
+Signer = tuple[str, str]  # a DKIM signature's (d=, s=), lower-cased
+
+
+def plan(path: Path, own: frozenset[Signer] = frozenset()) -> Plan:
+    """The first pass: which parts have 8-bit octets, and whether converting them is allowed
+    (`own`: the signers whose signatures may be made anew, mailerd's keys)."""
+    finder = _Finder(own)
     try:
         with open(path, "rb") as f:
             for kind, entity, data in _walk(pieces(f)):
@@ -133,7 +142,7 @@ class _Entity:
     boundary: bytes | None = None
     typed: bool = False  # it has a Content-Type field
     mime: bool = False  # it has a MIME-Version field
-    dkim: bool = False  # it has a DKIM-Signature field
+    signers: tuple[Signer, ...] = ()  # of its DKIM-Signature fields
 
     def child(self, index: int) -> _Entity:
         if self.depth >= MAX_DEPTH:
@@ -155,7 +164,7 @@ class _Entity:
         self.boundary = boundary.encode("ascii", "replace") if boundary else None
         self.typed = "Content-Type" in fields
         self.mime = "MIME-Version" in fields
-        self.dkim = "DKIM-Signature" in fields
+        self.signers = tuple(_signer(str(v)) for v in fields.get_all("DKIM-Signature") or [])
 
     @property
     def multipart(self) -> bool:
@@ -295,7 +304,8 @@ def _walk(source: Iterable[bytes]) -> Iterator[_Event]:
 class _Finder:
     """Collects the plan from the walk's events; raises _Unconvertible as soon as it must."""
 
-    def __init__(self) -> None:
+    def __init__(self, own: frozenset[Signer]) -> None:
+        self.own = own
         self.top: _Entity | None = None
         self.leaves: set[int] = set()
         self.containers: set[int] = set()
@@ -331,7 +341,9 @@ class _Finder:
             parent = parent.parent
 
     def result(self) -> Plan:
-        if self.changed and self.top is not None and self.top.dkim:
+        signers = self.top.signers if self.top is not None and self.changed else ()
+        resign = bool(signers) and all(signer in self.own for signer in signers)
+        if signers and not resign:
             raise _Unconvertible("it has a DKIM signature, which converting would break")
         try:
             self.decoder.decode(b"", final=True)
@@ -341,7 +353,14 @@ class _Finder:
             leaves=frozenset(self.leaves),
             containers=frozenset(self.containers),
             charset="utf-8" if self.utf8 else "unknown-8bit",
+            resign=resign,
         )
+
+
+def _signer(value: str) -> Signer:
+    """A DKIM-Signature field's (d=, s=) (RFC 6376 3.2: tag=value; white space is folding)."""
+    tags = dict(tag.split("=", 1) for tag in "".join(value.split()).split(";") if "=" in tag)
+    return tags.get("d", "").lower(), tags.get("s", "").lower()
 
 
 def _check_convertible(entity: _Entity) -> None:
@@ -361,16 +380,21 @@ def _check_convertible(entity: _Entity) -> None:
 
 
 def _header(entity: _Entity, separator: bytes, plan: Plan) -> Iterator[bytes]:
-    """An entity's header section and the empty line after it, relabelled if the plan says."""
+    """An entity's header section and the empty line after it, relabelled if the plan says
+    (and without its DKIM-Signature fields, if it is the message and they are to be made
+    anew)."""
+    head = entity.head
+    if plan.resign and entity.index == 0:
+        head = list(_without(_DKIM, head))
     if entity.index in plan.leaves:
         label = b"quoted-printable"
     elif entity.index in plan.containers:
         label = b"7bit"
     else:
-        yield from entity.head
+        yield from head
         yield separator
         return
-    yield from _without(_CTE, entity.head)
+    yield from _without(_CTE, head)
     if entity.message and label == b"quoted-printable":
         # A message that was not MIME (plain 8-bit text) becomes MIME, RFC 1428's way.
         if not entity.mime:

@@ -21,7 +21,11 @@ import smtplib
 import subprocess
 from pathlib import Path
 
+import dkim
 import pytest
+
+from mailerd import signing
+from mailerd.commands import dkimkeys
 
 from .conftest import (
     CLIENT_HELO,
@@ -311,6 +315,33 @@ def test_8bit_mail_that_cannot_be_converted_bounces_with_5_6_3(mta: Mailerd, hos
     assert not seven.delivered(rcpt) and not seven.rcpt_events(rcpt)
     new = connections_since(seven, before)
     assert new and new <= quits(seven), f"a session without QUIT:\n{seven.summary()}"
+
+
+def test_8bit_mail_mailerd_signed_is_converted_and_signed_anew(
+    internet: Internet, mailerd_factory, tmp_path, hosts
+):
+    """mailerd's own DKIM signature is no reason to bounce: the message converted for
+    mx.seven.test carries one new signature of the same key, over what was sent, and it
+    verifies."""
+    path = tmp_path / "dkim" / "sel.key"
+    dkimkeys.write_key(str(path), dkimkeys.new_key("rsa", 2048))
+    key = signing.load_key("example.org", "sel", str(path))
+    m = mailerd_factory("--dkim-key", f"example.org:sel:{path}")
+    sender = m.add_user(token("alice"))
+    rcpt = f"{token('resign')}@seven.test"
+    body = eight_bit_message(sender, rcpt)
+    queue_id = submit(m, sender, [rcpt], body, ["BODY=8BITMIME"])
+    t = wait_delivered(internet, rcpt, "seven", m)
+    data = t["data"].encode("latin-1")
+    assert data.isascii(), "8-bit octets went to a server without 8BITMIME"
+    assert data.count(b"DKIM-Signature:") == 1, data[:2000]
+    record = {f"{key.dns_name}.".encode(): key.dns_record().encode()}
+    assert dkim.verify(data, dnsfunc=lambda name, timeout=5: record.get(name)), data[:2000]
+    relayed = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert [decoded(p) for p in leaves(relayed)] == [
+        decoded(p) for p in leaves(email.message_from_bytes(body, policy=email.policy.compat32))
+    ]
+    assert "quoted-printable, DKIM-signed anew for example.org" in "\n".join(log_lines(m, queue_id))
 
 
 def test_smtputf8_refusal_is_told_as_mailerd_s_own(mta: Mailerd, hosts):

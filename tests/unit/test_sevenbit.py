@@ -175,6 +175,27 @@ def test_what_cannot_be_converted_is_refused_with_a_reason(tmp_path, data, reaso
         next(sevenbit.convert(path, plan))
 
 
+def test_our_own_signatures_are_left_out_to_be_made_anew(tmp_path):
+    signed = crlf(
+        "DKIM-Signature: v=1; a=rsa-sha256; d=Example.org;",
+        "\ts=sel; b=AAAA",
+        "DKIM-Signature: v=1; d=example.org; s=ed; b=BBBB",
+        "Subject: s",
+        "",
+        "Grüße",
+    )
+    path = tmp_path / "m"
+    path.write_bytes(signed)
+    plan = sevenbit.plan(path, frozenset({("example.org", "sel"), ("example.org", "ed")}))
+    assert plan.refusal is None and plan.resign
+    out = b"".join(sevenbit.convert(path, plan))
+    assert_7bit(out)
+    assert b"DKIM-Signature" not in out and out.startswith(b"Subject: s\r\n")
+    # One signature that is not ours: the message cannot be converted.
+    plan = sevenbit.plan(path, frozenset({("example.org", "sel")}))
+    assert plan.refusal is not None and "DKIM signature" in plan.refusal
+
+
 def test_a_dkim_signed_message_without_8bit_content_is_no_problem(tmp_path):
     data = crlf("DKIM-Signature: v=1; d=example.org; b=AAAA", "Subject: s", "", "ascii")
     assert converted(tmp_path / "m", data) == data
