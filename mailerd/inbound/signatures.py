@@ -52,7 +52,10 @@ def present(message: bytes, header_end: int) -> bool:
 def unfinished(header_section: bytes, reason: str) -> list[DkimResult]:
     """temperror for each signature of the header section (its d=, s= and b= kept, so that a
     reader can tell which), for the checks that did not finish in time."""
-    fields = dkim.rfc822_parse(header_section + b"\r\n")[0]
+    try:
+        fields = dkim.rfc822_parse(header_section + b"\r\n")[0]
+    except dkim.MessageFormatError:  # (a header section dkimpy cannot read: no d=/s= to tell)
+        return [DkimResult("temperror", reason=reason)]
     values = [value for name, value in fields if name.lower() == b"dkim-signature"]
     out = []
     for value in values[:MAX_SIGNATURES]:

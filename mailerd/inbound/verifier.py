@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -121,8 +122,8 @@ class Verifier:
         )
         pending: list[asyncio.Future[Any]] = [spf_future, dkim_future]
         await asyncio.wait(pending, timeout=self.timeout)
-        spf = _outcome(spf_future, _spf_timeout(sender, helo, self.timeout))
-        dkim = _outcome(dkim_future, signatures.unfinished(section, "timed out"))
+        spf = _outcome(spf_future, lambda: _spf_timeout(sender, helo, self.timeout))
+        dkim = _outcome(dkim_future, lambda: signatures.unfinished(section, "timed out"))
         return spf, dkim
 
     def _dkim(self, body: durable.Body) -> list[DkimResult]:
@@ -147,10 +148,11 @@ def _done(value: list[DkimResult]) -> asyncio.Future[list[DkimResult]]:
     return future
 
 
-def _outcome(future: asyncio.Future[T], late: T) -> T:
+def _outcome(future: asyncio.Future[T], late: Callable[[], T]) -> T:
+    """The future's result, or what `late()` makes of its not being done in time."""
     if not future.done():
         future.add_done_callback(_ignore)  # (its thread finishes on its own; nobody waits)
-        return late
+        return late()
     return future.result()
 
 

@@ -291,3 +291,15 @@ def test_module_files_have_one_subject_each():
     assert {p.stem for p in package.glob("*.py")} == {
         "__init__", "dmarc", "lookups", "results", "sender_policy", "signatures", "verifier"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"a body line and no header\r\n", b"\r\nbody after an empty header section\r\n", b""],
+    ids=["no-header", "empty-header", "empty"],
+)
+def test_a_message_without_a_header_section_is_checked(dns_server, message):
+    """No header section to read (the network listener takes such a message): SPF as usual,
+    dkim=none, dmarc=permerror (no From:); never an exception (the client would hear 451)."""
+    verdict = run_check(dns_server, message, sender="a@sender.example")
+    assert methods(verdict) == {"spf": "pass", "dkim": "none", "dmarc": "permerror"}, verdict
