@@ -120,6 +120,7 @@ class Config:
     ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX_LENGTH
     min_data_rate: int = DEFAULT_MIN_DATA_RATE
     max_session_time: float = DEFAULT_MAX_SESSION_TIME
+    min_free: int = DEFAULT_MAX_MESSAGE_SIZE * 3 // 2  # bytes the spool and queue keep free
     verbose: bool = False
     relayhost: tuple[str, int] | None = None
     relay_auth: Path | None = None
@@ -223,6 +224,13 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         False,
         "an IPv6 client is its address's /N for --max-sessions-per-ip (default 64)",
     ),
+    (
+        "min-free",
+        None,
+        True,
+        False,
+        "free bytes the spool and queue keep: MAIL gets 452 below (default 1.5 x max size)",
+    ),
     ("verbose", "v", False, False, "log more, including the SMTP dialogue"),
     ("relayhost", None, True, False, "smarthost for all outbound mail instead of each domain's MX"),
     ("relay-auth", None, True, False, "file holding 'username:password' for AUTH at the relayhost"),
@@ -274,7 +282,7 @@ METAVARS = {
     "listen-local": "ADDR[:PORT]", "listen-network": "ADDR[:PORT]", "interface": "NAME",
     "hostname": "NAME", "workers": "N", "user": "NAME", "pidfile": "FILE",
     "dns-server": "IP[:PORT]", "max-message-size": "BYTES", "timeout": "DURATION",
-    "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N",
+    "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N", "min-free": "BYTES",
     "reserved-sessions": "N", "ipv6-prefix-length": "N", "min-data-rate": "BYTES",
     "max-session-time": "DURATION",
     "relayhost": "HOST[:PORT]", "relay-auth": "FILE", "outbound-tls": "POLICY",
@@ -427,6 +435,12 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         max_session_time=parse_duration(
             "max-session-time", raw.get("max_session_time", DEFAULT_MAX_SESSION_TIME)
         ),
+        min_free=_parse_int(
+            "min-free",
+            raw.get("min_free", _default_min_free(raw.get("max_message_size"))),
+            0,
+            2**50,
+        ),
         verbose=bool(raw.get("verbose", False)),
         relayhost=_parse_relayhost(str(raw["relayhost"])) if raw.get("relayhost") else None,
         relay_auth=Path(str(raw["relay_auth"])) if raw.get("relay_auth") else None,
@@ -517,6 +531,17 @@ def _reserved_sessions(
 
 
 AUTH_MODES = ("off", "header", "enforce")
+
+
+def _default_min_free(max_message_size: object) -> int:
+    """1.5 times the largest message, as Postfix's queue_minfree defaults to."""
+    try:
+        size = int(str(max_message_size)) if max_message_size is not None else 0
+    except ValueError:
+        size = 0  # (the size's own check names the bad value)
+    return (size or DEFAULT_MAX_MESSAGE_SIZE) * 3 // 2
+
+
 # A DKIM selector: DNS labels (RFC 6376 3.1), letters, digits, hyphens, underscores.
 _SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_-]+)*")
 

@@ -8,8 +8,10 @@ process (any message with a remote recipient: queue first, then the local copies
 instead of two). Both work from the same `ipc.messages.Commit`.
 
 A local copy that fails is not answered 451 (the copies already written would be delivered
-twice): the caller queues that recipient for a later local retry, and only if that fails too
-does the client get 4xx. Over the channel a failure travels as an `ipc.messages.FailedCopy`.
+twice): the delivery process writes it again at once if its writer went away (the master has
+started another), else queues that recipient for a later local retry, and only if that fails
+too does the client get 4xx. Over the channel a failure travels as an
+`ipc.messages.FailedCopy`.
 """
 
 from __future__ import annotations
@@ -129,13 +131,20 @@ async def _write_all(
     return found
 
 
+def writer_went_away(exc: BaseException) -> bool:
+    """Whether a copy failed because its writer's channel broke before the answer came (the
+    writer died): then it may have been written, or not."""
+    return isinstance(exc, ConnectionError)
+
+
 def encode_failures(failed: list[Failure]) -> tuple[FailedCopy, ...]:
-    """Failures as a worker sends them to the delivery process for a local retry."""
+    """Failures as a worker sends them to the delivery process (a writer that went away as
+    ECONNRESET, which `decode_failures` turns back into a ConnectionError)."""
     return tuple(
         FailedCopy(
             target,
             (exc.strerror if isinstance(exc, OSError) else None) or str(exc),
-            getattr(exc, "errno", None) or 5,
+            getattr(exc, "errno", None) or (errno.ECONNRESET if writer_went_away(exc) else 5),
             isinstance(exc, MailboxLocked),
         )
         for target, exc in failed
@@ -143,6 +152,7 @@ def encode_failures(failed: list[Failure]) -> tuple[FailedCopy, ...]:
 
 
 def decode_failures(items: Iterable[FailedCopy]) -> list[Failure]:
+    # (OSError(ECONNRESET, ...) is a ConnectionResetError: Python picks the subclass by errno.)
     return [(f.target, MailboxLocked() if f.locked else OSError(f.errno, f.error)) for f in items]
 
 

@@ -23,6 +23,9 @@ DRAIN_TIMEOUT = 60.0  # the delivery process finishes the commits in flight with
 # How long the master waits for each kind of child to stop before it kills it.
 STOP_WORKERS_TIMEOUT = SHUTDOWN_GRACE + COMMIT_TIMEOUT / 4
 STOP_DELIVERY_TIMEOUT = DRAIN_TIMEOUT + 5
+# A mailbox writer finishes what it was handed after its delivery process has gone: a batch may
+# wait a minute for a mailbox's lock (an IMAP server holding it), then its fsyncs.
+STOP_WRITER_TIMEOUT = 75.0
 
 _retire_requested = False
 

@@ -6,10 +6,11 @@ Who calls what:
   use `<queue>/tmp` (body spill files) and `<queue>/private` (the delivery socket).
 - Each worker calls `keep_dir()` for what it must reach after the drop, then `drop()` before its
   event loop starts: nothing accepts or parses SMTP as root.
-- The delivery process calls `drop()` itself, after forking the small root helper that writes
-  mailboxes owned by their users (the master leaves it root for that reason).
+- The delivery process calls `drop()` itself too, after opening the spool and the queue.
 
-The master itself stays root: it re-binds port 25 on SIGHUP and creates new directories.
+The master itself stays root: it re-binds port 25 on SIGHUP, creates new directories, and forks
+the small mailbox writer that writes mailboxes owned by their users (it keeps root, and is
+replaced by the master whenever it dies).
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from mailerd.spool import Spool
 
 log = logging.getLogger("mailerd.recipients")
 
+MAILBOX_WRONG_OWNER = Reply(450, "4.2.1", "Mailbox unavailable: not a mailbox mailerd may write")
+MAILBOX_DISABLED = Reply(550, "5.2.1", "Mailbox unavailable")
 CHECK_FAILED = Reply(451, "4.3.0", "Cannot check the mailbox now; try again later")
 # An mbox file where mailerd wants a mailbox directory (e.g. Debian's /var/mail/<user>): keep the
 # mail coming back (4xx) until the administrator converts or moves it.
@@ -62,7 +64,7 @@ def resolve(
         refusal = check_mailbox(spool, spool_path, mailbox, cached_only)
         if refusal is None:
             targets.append(Target(str(address), mailbox))
-        elif refusal is policy.NO_SUCH_USER:
+        elif refusal is policy.NO_SUCH_USER or refusal is MAILBOX_DISABLED:
             log.warning("alias %s: target %s has no mailbox; skipped", route.name, mailbox)
         else:
             return Resolved(refusal=refusal)  # a temporary problem: the whole alias waits
@@ -83,11 +85,27 @@ def check_mailbox(
         return CHECK_FAILED
     if state == "unknown":
         return policy.NO_SUCH_USER
+    path = os.path.join(spool_path, mailbox)
     if state == "not-a-directory":
         log.error(
             "mailbox %s is a file (an mbox?), not a directory: mail for it waits (450) until "
             "it is moved aside; see the README, 'Mailboxes'",
-            os.path.join(spool_path, mailbox),
+            path,
         )
         return MAILBOX_NOT_A_DIRECTORY
+    if state == "wrong-owner":
+        log.error(
+            "mailbox %s is a symlink or has the wrong owner (it must be its account's or "
+            "root's, never mailerd's own user's): mail for it waits (450) until that is fixed; "
+            "see the README, 'Mailboxes'",
+            path,
+        )
+        return MAILBOX_WRONG_OWNER
+    if state == "daemon-user":
+        log.warning(
+            "mail for %s refused: it is mailerd's own user, which has no mailbox (alias it to "
+            "a person in the aliases file)",
+            mailbox,
+        )
+        return MAILBOX_DISABLED
     return None

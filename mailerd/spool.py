@@ -34,8 +34,10 @@ class Spool:
     """The spool root, for lookups. A root given as /proc/self/fd/N (privileges.keep_dir) keeps
     working after the privilege drop."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, untrusted_uid: int | None = None) -> None:
+        """`untrusted_uid`: mailerd's own unprivileged user, which never owns a mailbox."""
         self.root = root
+        self.untrusted_uid = untrusted_uid
         self._prefix = os.path.join(root, "")  # state() runs for every recipient: no pathlib
         self._root_path_fd: int | None = None  # see _lookup_dir()
 
@@ -44,23 +46,49 @@ class Spool:
         return self.state(name) == "ok"
 
     def state(self, name: str, *, cached_only: bool = False) -> str:
-        """ "ok" (a mailbox, an account or postmaster), "unknown", or "not-a-directory" (an
-        mbox file sits where the mailbox directory would be). With `cached_only`, LookupNeeded
-        instead of asking the user database (only a name without a mailbox needs it)."""
+        """Whether mail for `name` can be stored, by the rules the mailbox writer applies
+        (`writer.mailbox`), so that the answer comes at RCPT and not days later in a bounce:
+
+        - "ok": a mailbox directory with a fit owner, an account (its mailbox is made on first
+          delivery), or postmaster;
+        - "unknown": neither mailbox nor account;
+        - "not-a-directory": a file (a Debian mbox) where the mailbox would be;
+        - "wrong-owner": a symlink, or a directory that belongs neither to its account nor to
+          root, or that belongs to mailerd's own user;
+        - "daemon-user": the account is mailerd's own user, which never owns a mailbox.
+
+        With `cached_only`, LookupNeeded instead of asking the user database (the owner rules
+        need the account)."""
         try:
             root = self._lookup_dir()
-            st = os.stat(name, dir_fd=root) if root is not None else os.stat(self._prefix + name)
+            st = (
+                os.stat(name, dir_fd=root, follow_symlinks=False)
+                if root is not None
+                else os.lstat(self._prefix + name)
+            )
         except FileNotFoundError:
             st = None
         except OSError as exc:
             if exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP):
                 return "unknown"  # no mailbox can have such a name
             raise
-        if st is not None:
-            return "ok" if stat.S_ISDIR(st.st_mode) else "not-a-directory"
-        if name == "postmaster":
-            return "ok"
-        return "ok" if account_owner(name, cached_only=cached_only) is not None else "unknown"
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            return "wrong-owner"
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            return "not-a-directory"
+        if st is not None and st.st_uid in (0, self.untrusted_uid) and name != "postmaster":
+            # (the common cases decided without the user database: root's, or ours)
+            return "ok" if st.st_uid == 0 else "wrong-owner"
+        account = account_owner(name, cached_only=cached_only)
+        if st is None:
+            if account is not None and account[0] == self.untrusted_uid:
+                return "daemon-user"
+            return "ok" if account is not None or name == "postmaster" else "unknown"
+        if st.st_uid == self.untrusted_uid:
+            return "wrong-owner"
+        if account is not None and st.st_uid not in (account[0], 0):
+            return "wrong-owner"
+        return "ok"
 
     def _lookup_dir(self) -> int | None:
         """An O_PATH descriptor of the root for state()'s lookups, opened once per process:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from mailerd import config
+from mailerd.master.daemon import reload_file
 
 
 def read_config(path: str | None) -> dict[str, object]:
@@ -19,12 +22,15 @@ def read_config(path: str | None) -> dict[str, object]:
 
 
 def reload(raw: dict[str, object], what: str, say: Callable[[str], None]) -> int:
-    """Have the running mailerd (its pid file's) reload `what`: SIGHUP. The exit status."""
+    """Have the running mailerd (its pid file's) reload `what`, and wait until it has: its
+    new workers accept and the old ones no longer do (the master says so in the pid file), so
+    that a session opened once this returns sees the change. The exit status."""
     pidfile = str(raw.get("pidfile") or config.DEFAULT_PIDFILE)
     pid = running_master(pidfile)
     if pid is None:
         say(f"mailerd is not running: it reads {what} when it starts")
         return 0
+    before = reload_count(pidfile)
     try:
         os.kill(pid, signal.SIGHUP)
     except PermissionError:
@@ -32,8 +38,37 @@ def reload(raw: dict[str, object], what: str, say: Callable[[str], None]) -> int
         return os.EX_NOPERM
     except ProcessLookupError:
         return 0
-    say(f"mailerd (pid {pid}) reloads {what} now")
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        count, outcome = reload_state(pidfile)
+        if count is not None and count != before:
+            if outcome == "ok":
+                say(f"mailerd (pid {pid}) reloads {what}: done")
+                return 0
+            say(f"mailerd (pid {pid}) could not reload (see its log); it runs as it did")
+            return 1
+        time.sleep(0.05)
+    say(f"mailerd (pid {pid}) reloads {what} now (not done after {RELOAD_WAIT:g} s)")
     return 0
+
+
+RELOAD_WAIT = 20.0  # seconds to wait for the reload to be done (the master settles in 15)
+
+
+def reload_count(pidfile: str) -> int | None:
+    return reload_state(pidfile)[0]
+
+
+def reload_state(pidfile: str) -> tuple[int | None, str]:
+    """From the master's reload file: how many reloads it finished, and the last one's
+    outcome ("ok" or "failed"); (None, "") before the first."""
+    try:
+        parts = reload_file(Path(pidfile)).read_text().split()
+    except OSError:
+        return None, ""
+    if len(parts) != 2 or not parts[0].isdigit():
+        return None, ""
+    return int(parts[0]), parts[1]
 
 
 def running_master(pidfile: str) -> int | None:

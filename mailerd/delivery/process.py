@@ -7,12 +7,16 @@ success is not answered with a 451 (which would duplicate the mailboxes already 
 local recipient whose mailbox failed is queued for a later local retry, and only if that fails
 too does the worker get 4xx.
 
-Mailboxes are written by the privileged mailbox writer it starts (`writer`), which batches
-what piles up for one mailbox. A message whose recipients are all local goes from the worker
-straight to that writer, over a channel this process hands out (`WriterChannel`); the worker
-comes back here only to queue copies that failed (`RetryLocal`). Queue files are written here,
-in a small thread pool, and the outbound scheduler (`scheduler`) works the queue from this
-process too.
+Mailboxes are written by the privileged mailbox writer (`writer`), which batches what piles up
+for one mailbox; the master starts it, and another at once whenever it dies, and hands each to
+this process over their link (`WriterStarted`). A message whose recipients are all local goes
+from the worker straight to that writer, over a channel this process hands out
+(`WriterChannel`); the worker comes back here only with copies that failed (`RetryLocal`).
+A copy whose writer died before answering may or may not be written: it is written again at
+once, through the next writer, as a redelivery (the writer finds it if it is there already), and
+only queued when that fails too. Queue files are written here, in a small thread pool, and the
+outbound scheduler (`scheduler`) works the queue from this process too; when a writer comes
+back, the local retries waiting in the queue go at once.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
 from mailerd import durable, eventloop, intake, privileges, signing, trace
-from mailerd import log as logsetup
 from mailerd.aliases import normal_address
 from mailerd.config import Config
 from mailerd.delivery.pickup import Pickup, Taken
@@ -49,15 +53,14 @@ from mailerd.ipc.messages import (
     RetryLocal,
     WriterChannel,
     WriterChannelGiven,
+    WriterStarted,
     decode_request,
 )
-from mailerd.ipc.writer_client import WriterClient
+from mailerd.ipc.writer_client import WriterHandle
 from mailerd.lifecycle import DRAIN_TIMEOUT
 from mailerd.signing import SigningKey
 from mailerd.smtp.events import Reply
 from mailerd.spool import MailboxLocked, Spool
-from mailerd.writer import service as writer_service
-from mailerd.writer.mailbox import MailboxStore
 
 log = logging.getLogger("mailerd.delivery")
 
@@ -69,11 +72,16 @@ HEADER_SCAN = 64 * 1024  # how much of a submission is searched for Date:/Messag
 
 
 class DeliveryService:
-    def __init__(self, cfg: Config, listener: socket.socket, writer: socket.socket) -> None:
+    def __init__(self, cfg: Config, listener: socket.socket, link: socket.socket) -> None:
+        """`link`: this process's end of the master's socketpair, over which its mailbox
+        writers come (`WriterStarted`)."""
         self.cfg = cfg
         self.listener = listener
-        self.spool = Spool(cfg.spool)  # read-only here: existence checks
-        self.writer = WriterClient(writer, self._writer_lost)
+        self.link = link
+        untrusted = privileges.lookup(cfg.user).uid if cfg.user else None
+        self.spool = Spool(cfg.spool, untrusted)  # read-only here: existence checks
+        self.writer = WriterHandle(self._writer_back, self._writer_lost)
+        self.writers_seen = 0
         self.queue = Queue(cfg.queue)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="queue")
         self.channels: set[Channel] = set()
@@ -83,13 +91,12 @@ class DeliveryService:
             cfg, self.queue, self.deliver_local, cfg.relay_credentials, self.spool
         )
         self.pickup = Pickup(cfg, self.queue, self.spool, self.executor, self._picked_up)
-        self.lost_writer = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+        master = Channel(self.link, self._from_master, self._master_gone)
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
         scheduler = asyncio.create_task(self.scheduler.run(before=self.pickup.first))
@@ -102,17 +109,14 @@ class DeliveryService:
         await stopping_outbound
         scheduler.cancel()
         self.writer.close()
+        master.close()
         self.executor.shutdown(wait=True)
 
     async def _drain(self) -> None:
-        """Finish requests in flight; workers close their channels as they exit. Without a
-        writer, only the requests in flight: the workers stay, and every moment spent waiting
-        for them is one in which no local mail can be delivered."""
+        """Finish requests in flight; workers close their channels as they exit."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT
-        while (
-            self.in_flight or (self.channels and not self.lost_writer)
-        ) and loop.time() < deadline:
+        while (self.in_flight or self.channels) and loop.time() < deadline:
             await asyncio.sleep(0.05)
 
     async def _pick_up(self) -> None:
@@ -161,20 +165,34 @@ class DeliveryService:
         bounces); `since` marks a redelivery (see mailbox.Delivery)."""
         return await self.writer.deliver(mailbox, head, body, since)
 
-    def _reopen_logs(self) -> None:
-        """SIGUSR1 (forwarded by the master): reopen ours, and tell the writer over its channel
-        (it runs as root, so the unprivileged delivery process may not signal it)."""
-        logsetup.request_reopen()
-        task = asyncio.create_task(self.writer.reopen_logs())
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    def _from_master(self, header: dict[str, Any], body: bytes, fd: int | None) -> None:
+        """A frame on the master's link: a new mailbox writer's channel."""
+        try:
+            decode_request(header, (WriterStarted,))
+            if fd is None:
+                raise BadMessage("no writer's channel beside it")
+        except BadMessage as exc:
+            log.error("the master's link: %s", exc)
+            if fd is not None:
+                os.close(fd)
+            return
+        self.writer.attach(socket.socket(fileno=fd))
+
+    def _master_gone(self) -> None:
+        """The master exited (no writer will come again): stop, as the workers do."""
+        if not self.stopping.is_set():
+            log.error("the master went away; stopping")
+            self.stopping.set()
+
+    def _writer_back(self) -> None:
+        self.writers_seen += 1
+        if self.writers_seen > 1:
+            log.info("a new mailbox writer took over")
+        self.scheduler.retry_local_now()  # what waits in the queue for a mailbox: now
 
     def _writer_lost(self) -> None:
         if not self.stopping.is_set():
-            # Fail-stop: without its writer this process cannot deliver locally, and having
-            # dropped privileges it cannot start another; the master restarts us.
-            log.error("the mailbox writer went away; restarting the delivery process")
-            self.lost_writer = True
-            self.stopping.set()
+            log.warning("the mailbox writer went away; its requests in flight are written again")
 
     async def control(self, request: Message) -> Message:
         """`mailerd queue` requests: list, flush, delete."""
@@ -252,23 +270,50 @@ class DeliveryService:
             self.scheduler.add(item)
             for r in remote:
                 log.info("%s: to=<%s>, relay=queue, status=queued", queue_id, r.address)
+        since = time.time()
         failed = await intake.write_local(
             self.writer.deliver, queue_id, request.sender, received, body, request.targets
         )
         if failed:
-            reply = await self._queue_local_retry(queue_id, request, received, body, failed)
+            reply = await self._local_failures(queue_id, request, received, body, failed, since)
             if reply is not None:
                 return reply
         return intake.queued(queue_id)
 
     async def retry_local(self, request: RetryLocal, body: durable.Body) -> Reply:
-        """A worker wrote a message's local copies itself and some failed: queue those."""
+        """A worker wrote a message's local copies itself and some failed: write again those
+        whose writer went away, queue the others."""
         failed = intake.decode_failures(request.failed)
         received = request.received.encode("utf-8")
-        reply = await self._queue_local_retry(
-            request.queue_id, request.commit, received, body, failed
+        reply = await self._local_failures(
+            request.queue_id, request.commit, received, body, failed, request.since
         )
         return reply or intake.queued(request.queue_id)
+
+    async def _local_failures(
+        self,
+        queue_id: str,
+        request: Commit,
+        received: bytes,
+        body: durable.Body,
+        failed: list[intake.Failure],
+        since: float,
+    ) -> Reply | None:
+        """Local copies that failed (first sent at `since`): those whose writer went away
+        before answering are written again at once, through the writer the master started
+        next, as redeliveries (one the dead writer committed is found, not written twice); the
+        others, and any that fail again, are queued. None if that all worked (then 250)."""
+        lost = [target for target, exc in failed if intake.writer_went_away(exc)]
+        if lost:
+
+            def again(mailbox: str, head: bytes, content: durable.Body) -> Awaitable[int]:
+                return self.writer.deliver(mailbox, head, content, since)
+
+            still = await intake.write_local(again, queue_id, request.sender, received, body, lost)
+            failed = [f for f in failed if not intake.writer_went_away(f[1])] + still
+        if not failed:
+            return None
+        return await self._queue_local_retry(queue_id, request, received, body, failed)
 
     async def _hand_out_writer(self, channel: Channel, header: dict[str, Any]) -> None:
         """A worker's own connection to the mailbox writer, for messages whose recipients are
@@ -364,21 +409,14 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
         log.error("%s failed", task.get_name(), exc_info=task.exception())
 
 
-def run(cfg: Config, listener: socket.socket) -> int:
+def run(cfg: Config, listener: socket.socket, link: socket.socket) -> int:
     """Entry point of the forked delivery process (started as root when mailerd is).
 
-    Forks the mailbox writer while still privileged, drops to the mail user (reaching the spool
-    and queue through descriptors opened before the drop, whatever their parents' modes), serves
-    until told to stop, then waits for the writer to finish what it was handed.
+    Drops to the mail user (reaching the spool and queue through descriptors opened before the
+    drop, whatever their parents' modes) and serves until told to stop. Its mailbox writers
+    come from the master over `link`.
     """
-    # mailerd's own unprivileged user may write Debian's group-writable spool: a directory it
-    # owns there is never taken for a mailbox.
-    untrusted = privileges.lookup(cfg.user).uid if cfg.user else None
-    spool = MailboxStore(cfg.spool, untrusted_uid=untrusted)
-    writer_pid, writer_sock = writer_service.start(spool, [listener])
     cfg = replace(cfg, spool=privileges.keep_dir(cfg.spool), queue=privileges.keep_dir(cfg.queue))
     privileges.drop(cfg.user)
-    service = DeliveryService(cfg, listener, writer_sock)
-    eventloop.run(service.run())
-    os.waitpid(writer_pid, 0)
-    return 1 if service.lost_writer else 0
+    eventloop.run(DeliveryService(cfg, listener, link).run())
+    return 0

@@ -114,6 +114,17 @@ class Scheduler:
         self.items[item.id] = item
         self.wake.set()
 
+    def retry_local_now(self) -> int:
+        """Retry now every item with a local recipient still pending: a mailbox writer has
+        just taken over, and what failed because there was none need not wait its back-off."""
+        due = [i for i in self.items.values() if any(r.mailbox and r.state == "pending"
+                                                     for r in i.recipients)]  # fmt: skip
+        for item in due:
+            item.next_attempt = 0.0
+        if due:
+            self.wake.set()
+        return len(due)
+
     def flush(self) -> int:
         """Retry everything now (`mailerd queue flush`)."""
         for item in self.items.values():

@@ -83,10 +83,7 @@ class Channel:
             if fd is not None:
                 os.close(fd)
             raise ConnectionError("channel closed")
-        if fd is not None:
-            header = {**header, "fd": True}
-        encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
-        self._out.append((PREFIX.pack(len(encoded), len(body)) + encoded + body, _fds(fd)))
+        self._out.append((frame(header, body, fd is not None), _fds(fd)))
         if self._writing or self._flush_soon:
             return  # (a flush is already due)
         if self._eager:
@@ -223,6 +220,22 @@ class Channel:
                     raise ChannelError("frame announces a descriptor that did not arrive")
                 fd = self._fds.popleft()
             self._on_frame(header, body, fd)
+
+
+def frame(header: dict[str, Any], body: bytes = b"", with_fd: bool = False) -> bytes:
+    """A frame's bytes; `with_fd`: a descriptor travels beside them."""
+    if with_fd:
+        header = {**header, "fd": True}
+    encoded = json.dumps(header, ensure_ascii=False).encode("utf-8")
+    return PREFIX.pack(len(encoded), len(body)) + encoded + body
+
+
+def send_packet(sock: socket.socket, header: dict[str, Any], fd: int | None = None) -> None:
+    """Send one header-only frame, and `fd` beside it (it stays the caller's), from a process
+    without an event loop (the master), over a SOCK_SEQPACKET socket: a packet leaves whole or
+    not at all (OSError), so a failure can never leave half a frame that garbles the rest."""
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", _fds(fd)))]
+    sock.sendmsg([frame(header, with_fd=fd is not None)], ancillary if fd is not None else [])
 
 
 def _expire(future: asyncio.Future[Answer]) -> None:

@@ -8,7 +8,8 @@ contract between the processes; docs/channel.md is checked against `describe()` 
     mailerd queue -> delivery ListQueue -> QueueListing, FlushQueue -> Flushed,
                               DeleteQueued -> Deleted
     worker, delivery -> writer MailboxWrite                 -> Written | WriteFailed
-    delivery -> writer        ReopenLogs, Adopt (+ descriptor) -> Done
+    delivery -> writer        Adopt (+ descriptor)          -> Done
+    master -> delivery        WriterStarted (+ descriptor)  (no answer)
 
 Each request names its kind in the header's `op`; the channel adds the request's `id`, which
 its answer repeats, and `fd: true` on a frame that carries a descriptor. `decode_request()`
@@ -55,6 +56,13 @@ def _bool(header: dict[str, Any], key: str) -> bool:
     if type(value) is not bool:
         raise BadMessage(f"{key}: not true or false")
     return value
+
+
+def _time(header: dict[str, Any], key: str) -> float:
+    value = header.get(key)
+    if value is None or type(value) not in (int, float) or not math.isfinite(value):
+        raise BadMessage(f"{key}: not a time")
+    return float(value)
 
 
 def _list(header: dict[str, Any], key: str) -> list[Any]:
@@ -176,24 +184,28 @@ class Commit(Message):
 
 @dataclass(frozen=True, slots=True)
 class RetryLocal(Message):
-    """A worker wrote a message's local copies itself and some failed: queue those for a local
-    retry. The body is the one the worker wrote; `received` its Received: header."""
+    """A worker wrote a message's local copies itself and some failed: write again those whose
+    writer went away, queue the others for a local retry. The body is the one the worker
+    wrote; `received` its Received: header; `since` when it first sent them (a copy written
+    again looks for one the dead writer committed from then on: MailboxWrite's `since`)."""
 
     op: ClassVar[str] = "retry-local"
     commit: Commit
     queue_id: str
     received: str
     failed: tuple[FailedCopy, ...]
+    since: float
 
     def encode(self) -> dict[str, Any]:
         return {
             **self.commit.encode(), "op": self.op, "queue_id": self.queue_id,
             "received": self.received, "failed": [f.encode() for f in self.failed],
+            "since": self.since,
         }  # fmt: skip
 
     @classmethod
     def wire_fields(cls) -> list[str]:
-        return [*Commit.wire_fields(), "queue_id", "received", "failed"]
+        return [*Commit.wire_fields(), "queue_id", "received", "failed", "since"]
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> RetryLocal:
@@ -201,7 +213,7 @@ class RetryLocal(Message):
         if not failed:
             raise BadMessage("failed: none")
         return cls(Commit.decode(header), _str(header, "queue_id"), _str(header, "received"),
-                   failed)  # fmt: skip
+                   failed, _time(header, "since"))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,9 +351,7 @@ class MailboxWrite(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> MailboxWrite:
-        since = header.get("since")
-        if since is not None and (type(since) not in (int, float) or not math.isfinite(since)):
-            raise BadMessage("since: not a time")
+        since = None if header.get("since") is None else _time(header, "since")
         head = _int(header, "head")
         if head < 0:
             raise BadMessage("head: negative")
@@ -386,18 +396,6 @@ def write_answer(header: dict[str, Any]) -> Written | WriteFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class ReopenLogs(Message):
-    """SIGUSR1 for the writer, which runs as root: the unprivileged delivery process may not
-    signal it."""
-
-    op: ClassVar[str] = "reopen-logs"
-
-    @classmethod
-    def decode(cls, header: dict[str, Any]) -> ReopenLogs:
-        return cls()
-
-
-@dataclass(frozen=True, slots=True)
 class Adopt(Message):
     """The frame's descriptor is one end of a worker's channel: serve it (MailboxWrite only)."""
 
@@ -410,13 +408,30 @@ class Adopt(Message):
 
 @dataclass(frozen=True, slots=True)
 class Done(Message):
-    """The answer to ReopenLogs and Adopt; `error` when it could not be done."""
+    """The answer to Adopt; `error` when it could not be done."""
 
     error: str | None = None
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> Done:
         return cls(_opt_str(header, "error"))
+
+
+# -- master -> delivery ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStarted(Message):
+    """The master started a mailbox writer for this delivery process (at its start, and again
+    whenever the last one died): the frame's descriptor is the delivery process's end of its
+    channel. It has no answer; it comes over a socketpair only the master and that delivery
+    process hold."""
+
+    op: ClassVar[str] = "writer-started"
+
+    @classmethod
+    def decode(cls, header: dict[str, Any]) -> WriterStarted:
+        return cls()
 
 
 # -- the whole contract ---------------------------------------------------------------------
@@ -431,8 +446,8 @@ REQUESTS: dict[str, type[Message]] = {
         FlushQueue,
         DeleteQueued,
         MailboxWrite,
-        ReopenLogs,
         Adopt,
+        WriterStarted,
     )  # fmt: skip
 }
 # Who sends each request, where, and what comes back.
@@ -444,8 +459,8 @@ ROUTES: tuple[tuple[type[Message], str, str, tuple[type[Message], ...]], ...] = 
     (FlushQueue, "mailerd queue", "delivery", (Flushed,)),
     (DeleteQueued, "mailerd queue", "delivery", (Deleted,)),
     (MailboxWrite, "worker, delivery", "writer", (Written, WriteFailed)),
-    (ReopenLogs, "delivery", "writer", (Done,)),
     (Adopt, "delivery", "writer", (Done,)),
+    (WriterStarted, "master", "delivery", ()),
 )
 
 
@@ -466,7 +481,7 @@ def describe() -> str:
         return ", ".join(f"`{n}`" for n in names) or "none"
 
     for kind, sender, receiver, answers in ROUTES:
-        answer = "; ".join(f"{a.__name__}: {spec(a.wire_fields())}" for a in answers)
+        answer = "; ".join(f"{a.__name__}: {spec(a.wire_fields())}" for a in answers) or "none"
         rows.append(
             f"| {kind.__name__} (`{kind.op}`) | {sender} | {receiver} "
             f"| {spec(kind.wire_fields())} | {answer} |"

@@ -1,7 +1,16 @@
-"""The master process: binds every endpoint, forks the delivery process and the workers,
-restarts children that die (with back-off), reloads on SIGHUP, and shuts everything down in
-order. It stays root (when started as root): it must re-bind port 25 on a reload; every child
-drops to the `-u` user (see `privileges`).
+"""The master process: binds every endpoint, forks the delivery process, its mailbox writer
+and the workers, restarts children that die (with back-off), reloads on SIGHUP, and shuts
+everything down in order. It stays root (when started as root): it must re-bind port 25 on a
+reload, and start a mailbox writer (root) whenever one dies; every other child drops to the
+`-u` user (see `privileges`).
+
+Each delivery process has a mailbox writer of its own, which the master forks right after it
+and hands over through a socketpair only the two of them hold (the link: one `WriterStarted`
+frame, the writer's channel as its descriptor). When that writer dies, the master forks
+another at once and hands it over the same way; the delivery process goes on and its
+requests wait for the new writer. (The delivery process, unprivileged, could not fork a root
+writer itself.) A writer exits when its delivery process closes its channel (status 0); that
+one is not replaced.
 
 Signals are only recorded by their handlers (a self-pipe wakes the loop via set_wakeup_fd); all
 work happens in the loop, as in gunicorn's arbiter: `handle_<signal>` methods, a reap loop that
@@ -44,12 +53,20 @@ from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
 from mailerd.delivery import process as delivery_process
 from mailerd.ipc.authfailures import AuthFailures
+from mailerd.ipc.channel import send_packet
+from mailerd.ipc.messages import WriterStarted
 from mailerd.ipc.sessiontable import SessionTable
-from mailerd.lifecycle import BOOT_ERROR, STOP_DELIVERY_TIMEOUT, STOP_WORKERS_TIMEOUT
+from mailerd.lifecycle import (
+    BOOT_ERROR,
+    STOP_DELIVERY_TIMEOUT,
+    STOP_WORKERS_TIMEOUT,
+    STOP_WRITER_TIMEOUT,
+)
 from mailerd.master import daemon as daemonize
 from mailerd.master import listeners
 from mailerd.spool import Spool
 from mailerd.worker import process as worker_process
+from mailerd.writer import service as writer_service
 
 log = logging.getLogger("mailerd.master")
 
@@ -57,6 +74,7 @@ getproctitle()  # initialise setproctitle before anything moves argv (gunicorn #
 
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0
+RELOAD_SETTLE_TIMEOUT = 15.0  # a reload is called done after this even if a worker is slow
 MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # Blocked across fork() until the child has its own handlers.
 FORK_BLOCKED = {*MASTER_SIGNALS, signal.SIGUSR2}
@@ -64,14 +82,22 @@ FORK_BLOCKED = {*MASTER_SIGNALS, signal.SIGUSR2}
 
 @dataclass
 class Child:
-    kind: str  # "worker" or "delivery"
-    slot: int
+    kind: str  # "worker", "delivery" or "writer"
+    slot: int  # a worker's number; a writer's delivery process (its pid); 0
     started: float
     generation: int = 0
     ready: bool = False
     retiring: bool = False
+    retired: bool = False  # a retiring worker said it no longer accepts
     deadline: float | None = None  # killed if still alive then (old generations only)
     session_row: int | None = None  # its row of the shared session table (workers)
+    link: socket.socket | None = None  # a delivery process's: where its writers are handed over
+
+    @property
+    def name(self) -> str:
+        if self.kind == "worker":
+            return f"worker {self.slot}"
+        return "delivery process" if self.kind == "delivery" else "mailbox writer"
 
 
 class Master:
@@ -105,6 +131,8 @@ class Master:
         self.stopping = False
         self.exit_code = 0
         self.status_r = self.status_w = -1
+        self.reloads = 0  # reloads finished (or failed), told in the reload file
+        self.reload_started: float | None = None  # a reload under way, not yet settled
         # Rows for the workers alive at once: this generation's, retiring ones after reloads.
         self.sessions = SessionTable(max(16, 4 * cfg.workers))
         self.auth_failures = AuthFailures()  # failed AUTH per client address, for every worker
@@ -132,6 +160,7 @@ class Master:
             self.reap()
             self._respawn_due()
             self._check_ready()
+            self._check_reloaded()
             self._enforce_deadlines()
         self._stop_all()
         return self.exit_code
@@ -168,6 +197,9 @@ class Master:
             if message == "ready":
                 if child is not None:
                     child.ready = True
+            elif message == "retired":
+                if child is not None:
+                    child.retired = True
             elif message.startswith("error "):
                 self.boot_errors.append(message[6:])
 
@@ -235,14 +267,10 @@ class Master:
                     exc.errno, f"cannot create spool {new.spool}: {exc.strerror}"
                 ) from exc
             sockets, removed = self._rebind(new.listeners)
-        except ConfigError as exc:
-            log.error("reload failed, the running configuration is kept: %s", exc)
-            return False
-        except privileges.PrivilegeError as exc:
-            log.error("reload failed, the running configuration is kept: %s", exc)
-            return False
-        except OSError as exc:
-            log.error("reload failed, the running configuration is kept: %s", exc.strerror or exc)
+        except (ConfigError, privileges.PrivilegeError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.error("reload failed, the running configuration is kept: %s", reason)
+            self._reloaded("failed")
             return False
         # Closed before forking, or the new children would inherit (and keep open, without
         # accepting) a port that is meant to be gone.
@@ -269,10 +297,31 @@ class Master:
                 self._retire(pid, child, signal.SIGUSR2, grace)
         aliases.report(new.aliases)
         report_files_in_the_way(new.spool)
+        self.reload_started = time.monotonic()
+        return True
+
+    def _check_reloaded(self) -> None:
+        """A reload is done once every new worker accepts and no old one does any longer: only
+        then is it logged, and told to whoever waits for it (`commands.daemon.reload`), so
+        that a session opened after that gets the new configuration."""
+        if self.reload_started is None:
+            return
+        workers = [c for c in self.children.values() if c.kind == "worker"]
+        new_ready = sum(1 for c in workers if c.generation == self.generation and c.ready)
+        old_accepting = any(c.generation != self.generation and not c.retired for c in workers)
+        late = time.monotonic() - self.reload_started > RELOAD_SETTLE_TIMEOUT
+        if (new_ready < self.cfg.workers or old_accepting) and not late:
+            return
+        self.reload_started = None
         log.info(
             "configuration reloaded (generation %d): %s", self.generation, self._describe_config()
         )
-        return True
+        self._reloaded("ok")
+
+    def _reloaded(self, outcome: str) -> None:
+        self.reloads += 1
+        if self.pidfile is not None and self.pidfile.fd is not None:
+            self.pidfile.record_reload(self.reloads, outcome)
 
     def _retire(self, pid: int, child: Child, sig: int, grace: float) -> None:
         child.retiring = True
@@ -340,24 +389,43 @@ class Master:
     # -- children --------------------------------------------------------------------------
 
     def spawn(self, kind: str, slot: int) -> None:
+        """Fork a child: a worker (`slot` its number), the delivery process (then its mailbox
+        writer), or a mailbox writer for the delivery process whose pid is `slot`."""
         row = None
+        generation = self.generation
         if kind == "worker":
             row = self.sessions.claim()
             if row is None:
                 log.warning("worker %d counts its sessions alone: no free session-table row", slot)
+        owner = self.children.get(slot) if kind == "writer" else None
+        if kind == "writer":
+            if owner is None or owner.link is None:
+                return  # its delivery process is gone: so is the need
+            generation = owner.generation
+        ours, theirs = _pair(kind)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
         pid = os.fork()
         if pid:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            self.children[pid] = Child(
-                kind, slot, time.monotonic(), self.generation, session_row=row
-            )
+            child = Child(kind, slot, time.monotonic(), generation, session_row=row)
+            self.children[pid] = child
+            if theirs is not None:
+                theirs.close()
+            if kind == "delivery":
+                assert ours is not None
+                ours.setblocking(False)  # a stuck delivery process never blocks the master
+                child.link = ours
+                self.spawn("writer", pid)
+            elif owner is not None and ours is not None:
+                self._hand_over(owner, ours)
             return
         code = 1
         try:
             lifecycle.child_signals()
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            code = self._child_main(kind, slot, row)
+            if ours is not None:
+                ours.close()
+            code = self._child_main(kind, slot, row, theirs)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -366,8 +434,28 @@ class Master:
             logging.shutdown()
             os._exit(code)
 
-    def _child_main(self, kind: str, slot: int, session_row: int | None = None) -> int:
+    def _hand_over(self, owner: Child, channel: socket.socket) -> None:
+        """Give a new writer's channel to its delivery process, over their link."""
+        assert owner.link is not None
+        try:
+            send_packet(owner.link, WriterStarted().encode(), channel.fileno())
+        except OSError as exc:  # it is exiting: the writer sees its channel close, and exits
+            log.warning("cannot hand a mailbox writer to the delivery process: %s", exc)
+        finally:
+            channel.close()
+
+    def _child_main(
+        self,
+        kind: str,
+        slot: int,
+        session_row: int | None = None,
+        pair: socket.socket | None = None,
+    ) -> int:
+        """The child's life; `pair`: the delivery process's end of its link to the master, a
+        writer's end of its channel."""
         own = [self.wake_r, self.wake_w, self.status_r]
+        # Other delivery processes' links: only the master may hand them writers.
+        own += [c.link.fileno() for c in self.children.values() if c.link is not None]
         if self.pidfile is not None and self.pidfile.fd is not None:
             own.append(self.pidfile.fd)  # the lock must die with the master, not linger
         if self.notifier is not None and self.notifier.fd is not None:
@@ -376,14 +464,21 @@ class Master:
             with contextlib.suppress(OSError):
                 os.close(fd)
         logsetup.pin_directories()  # before any drop: the log file stays reopenable
-        if kind == "delivery":
+        if kind in ("delivery", "writer"):
             os.close(self.status_w)
             for sock, _ in self.smtp_sockets:
                 sock.close()
+        if kind == "writer":
+            assert pair is not None
+            self.delivery_socket.close()
+            user = self.cfg.user
+            untrusted = privileges.lookup(user).uid if user else None
+            return writer_service.run(self.cfg.spool, untrusted, pair)
+        if kind == "delivery":
+            assert pair is not None
             setproctitle("mailerd: delivery")
-            # Still root here: the delivery process forks its privileged mailbox writer and
-            # then calls privileges.drop(cfg.user) itself.
-            return delivery_process.run(self.cfg, self.delivery_socket)
+            # Still root here: it opens the spool and the queue, then drops privileges itself.
+            return delivery_process.run(self.cfg, self.delivery_socket, pair)
         self.delivery_socket.close()
         return worker_process.run(
             self.cfg,
@@ -408,6 +503,8 @@ class Master:
             if child is not None:
                 if child.session_row is not None:  # its sessions ended with it
                     self.sessions.release(child.session_row)
+                if child.link is not None:  # its writer sees its channel close, and exits
+                    child.link.close()
                 self._child_exited(pid, child, status)
 
     def _child_exited(self, pid: int, child: Child, status: int) -> None:
@@ -415,19 +512,20 @@ class Master:
         code = os.waitstatus_to_exitcode(status)
         if self.stopping:
             return
+        if child.kind == "writer" and (code == 0 or child.slot not in self.children):
+            return  # let go by its delivery process, or left without one: nothing to replace
         if child.generation != self.generation or child.retiring:
             level = logging.INFO if code == 0 else logging.WARNING
             log.log(
                 level,
-                "old %s %d (pid %d, generation %d) finished with %s",
-                child.kind,
-                child.slot,
+                "old %s (pid %d, generation %d) finished with %s",
+                child.name,
                 pid,
                 child.generation,
                 _describe(code),
             )
             return
-        log.warning("%s %d (pid %d) exited with %s", child.kind, child.slot, pid, _describe(code))
+        log.warning("%s (pid %d) exited with %s", child.name, pid, _describe(code))
         if code == BOOT_ERROR:
             log.error("%s cannot start; stopping", child.kind)
             self.exit_code = 1
@@ -464,13 +562,16 @@ class Master:
             sock.close()
         self._stop_kind("worker", STOP_WORKERS_TIMEOUT)
         self._stop_kind("delivery", STOP_DELIVERY_TIMEOUT)
+        # A writer stops by itself once its delivery process has closed its channel and what
+        # it was handed is written.
+        self._stop_kind("writer", STOP_WRITER_TIMEOUT, signal_first=False)
         log.info("stopped")
 
-    def _stop_kind(self, kind: str, timeout: float) -> None:
+    def _stop_kind(self, kind: str, timeout: float, signal_first: bool = True) -> None:
         for pid, child in self.children.items():
             # A retiring worker gets TERM too (it is an escalation, not a repeat); a delivery
             # process already told to stop is not told twice.
-            if child.kind == kind and not (kind == "delivery" and child.retiring):
+            if signal_first and child.kind == kind and not (kind == "delivery" and child.retiring):
                 _kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while any(c.kind == kind for c in self.children.values()):
@@ -492,6 +593,16 @@ class Master:
         if self.exit_code == 0:
             return "stopped by a signal before it was ready"
         return "a child process could not start; see the system log (or --log-file)"
+
+
+def _pair(kind: str) -> tuple[socket.socket, socket.socket] | tuple[None, None]:
+    """The master's end and the child's of what a new child needs: the delivery process's link
+    (packets, so that a frame can only leave whole: see `send_packet`), a writer's channel."""
+    if kind == "delivery":
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if kind == "writer":
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return None, None
 
 
 def _kill(pid: int, sig: int) -> None:

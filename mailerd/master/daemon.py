@@ -85,14 +85,30 @@ class PidFile:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 
+    def record_reload(self, count: int, outcome: str) -> None:
+        """Say in the reload file beside the pid file that `count` reloads are finished, the
+        last with `outcome` ("ok" or "failed"): what `commands.daemon.reload` waits for. Its
+        own file, so that the pid file stays one number (`kill -HUP $(cat …)` is an idiom)."""
+        path = reload_file(self.path)
+        temporary = path.with_name(path.name + ".tmp")
+        with contextlib.suppress(OSError):
+            temporary.write_text(f"{count} {outcome}\n")
+            os.replace(temporary, path)
+
     def release(self) -> None:
         if self.fd is None:
             return
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 os.unlink(self.path)
+                reload_file(self.path).unlink(missing_ok=True)
         os.close(self.fd)
         self.fd = None
+
+
+def reload_file(pidfile: Path) -> Path:
+    """Where the master holding `pidfile` tells how many reloads it has finished."""
+    return pidfile.with_name(pidfile.name + ".reload")
 
 
 def _read_pid(fd: int) -> int | None:

@@ -90,7 +90,7 @@ class Commands:
 
     _config: SessionConfig
     _check_recipient: Callable[[Address], RecipientVerdict]
-    _check_sender: Callable[[Address | None, str], Reply | None] | None
+    _check_mail: Callable[[Address | None, int | None, str | None], Reply | None] | None
     _on_command: Callable[[bytes], None] | None
     _helo: str | None
     _esmtp: bool
@@ -230,8 +230,8 @@ class Commands:
         if sender is not None and not smtputf8 and not _is_ascii(sender):
             self._send(NEED_SMTPUTF8)
             return
-        if self._user is not None and self._check_sender is not None:
-            refusal = self._check_sender(sender, self._user)
+        if self._check_mail is not None:
+            refusal = self._check_mail(sender, size, self._user)
             if refusal is not None:
                 self._send(refusal)
                 return

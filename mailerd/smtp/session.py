@@ -83,13 +83,14 @@ class Session(Commands):
         config: SessionConfig,
         check_recipient: Callable[[Address], RecipientVerdict],
         on_command: Callable[[bytes], None] | None = None,
-        check_sender: Callable[[Address | None, str], Reply | None] | None = None,
+        check_mail: Callable[[Address | None, int | None, str | None], Reply | None] | None = None,
     ) -> None:
-        """`check_sender(sender, user)` says whether an authenticated user may use a sender
-        address in MAIL (None: yes; a Reply refuses it)."""
+        """`check_mail(sender, declared size, authenticated user)` has the last word on a
+        MAIL command that is otherwise right (None: accepted; a Reply refuses it): whether
+        there is room for the message, whether the user may use that sender address."""
         self._config = config
         self._check_recipient = check_recipient
-        self._check_sender = check_sender
+        self._check_mail = check_mail
         # Called with every command line (never message content nor a password), e.g. for
         # -v logging.
         self._on_command = on_command

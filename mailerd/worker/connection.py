@@ -100,7 +100,7 @@ class Connection(asyncio.Protocol):
             self.worker.session_configs[self.listen],
             self.check_recipient,
             on_command,
-            self.check_sender,
+            self.check_mail,
         )
         self.last_activity = self.worker.loop.time()
         self.timer = self.worker.loop.call_later(self.worker.cfg.timeout, self.check_timeout)
@@ -281,6 +281,16 @@ class Connection(asyncio.Protocol):
     def trusted(self) -> bool:
         """May send anywhere: on the local listener, or authenticated."""
         return self.listen.trusted or (self.session is not None and self.session.user is not None)
+
+    def check_mail(
+        self, sender: Address | None, size: int | None, user: str | None
+    ) -> Reply | None:
+        """The last word on MAIL: room for the message in the spool and the queue (see
+        `reserve.Reserve`), then, for an authenticated user, that the sender is theirs."""
+        refusal = self.worker.reserve.check(size)
+        if refusal is not None:
+            return refusal
+        return None if user is None else self.check_sender(sender, user)
 
     def check_sender(self, sender: Address | None, user: str) -> Reply | None:
         """An authenticated user sends as themselves: their name (+tag) at a local domain, an

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -43,6 +44,7 @@ from mailerd.smtp import Reply, Session, SessionConfig
 from mailerd.spool import Spool
 from mailerd.worker import admission
 from mailerd.worker.connection import SHUTTING_DOWN, Connection
+from mailerd.worker.reserve import Reserve
 
 log = logging.getLogger("mailerd.worker")
 
@@ -67,8 +69,11 @@ class Worker:
         self.listeners = listeners
         self.slot = slot
         self.spill_dir = str(spill_dir or cfg.queue / "tmp")
-        self.spool = Spool(spool or cfg.spool)
+        self.spool = Spool(spool or cfg.spool, untrusted_uid(cfg))
         self.session_configs = {listen: session_config(cfg, listen) for _, listen in listeners}
+        self.reserve = Reserve(
+            [("spool", str(spool or cfg.spool)), ("queue", self.spill_dir)], cfg.min_free
+        )
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads: a
         # flood of AUTH attempts waits in line instead of taking the worker's memory.
         self.password_checks = ThreadPoolExecutor(2, thread_name_prefix="auth")
@@ -110,9 +115,10 @@ class Worker:
     async def _commit_local(
         self, writer: WriterClient, request: Commit, body: bytes, fd: int | None
     ) -> Reply:
-        """Write each local copy; the copies that failed are queued for a local retry by the
-        delivery process (see `commit`)."""
+        """Write each local copy; the copies that failed go to the delivery process, which
+        writes again those whose writer went away and queues the others (see `commit`)."""
         content: durable.Body = body if fd is None else fd
+        since = time.time()
         try:
             queue_id, received = intake.begin(request, self.cfg.hostname, intake.body_size(content))
             failed = await intake.write_local(
@@ -127,7 +133,7 @@ class Worker:
                 os.close(fd)
             return intake.queued(queue_id)
         retry = RetryLocal(
-            request, queue_id, received.decode("utf-8"), intake.encode_failures(failed)
+            request, queue_id, received.decode("utf-8"), intake.encode_failures(failed), since
         )
         return await self._ask_delivery(retry, body, fd)
 
@@ -156,7 +162,14 @@ class Worker:
         if counted is not None:
             self.sessions.closed(*counted)
 
-    async def main(self, on_ready: Callable[[], None] | None = None) -> None:
+    async def main(
+        self,
+        on_ready: Callable[[], None] | None = None,
+        on_retired: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve until told to stop. `on_ready` is called once the listeners accept,
+        `on_retired` once they no longer do after a reload (the master waits for both before
+        it calls a reload done)."""
         self.loop = asyncio.get_running_loop()
         self.verifier = self._verifier()
         stop = asyncio.Event()
@@ -179,7 +192,7 @@ class Worker:
         if on_ready is not None:
             on_ready()
         watchdog = asyncio.create_task(self._watch_master(stop))
-        retiring = asyncio.create_task(self._retire(retire, stop, servers))
+        retiring = asyncio.create_task(self._retire(retire, stop, servers, on_retired))
         await stop.wait()
         watchdog.cancel()
         retiring.cancel()
@@ -201,7 +214,11 @@ class Worker:
         )
 
     async def _retire(
-        self, retire: asyncio.Event, stop: asyncio.Event, servers: Sequence[asyncio.AbstractServer]
+        self,
+        retire: asyncio.Event,
+        stop: asyncio.Event,
+        servers: Sequence[asyncio.AbstractServer],
+        on_retired: Callable[[], None] | None = None,
     ) -> None:
         """After a reload: stop accepting now; exit when the last session has ended by itself,
         or take the shutdown path once the idle timeout has passed (a session kept busy
@@ -210,6 +227,8 @@ class Worker:
         setproctitle(f"mailerd: worker {self.slot} (retiring)")
         for server in servers:
             server.close()
+        if on_retired is not None:
+            on_retired()
         log.info("worker %d retiring: %d session(s) to finish", self.slot, len(self.connections))
         deadline = self.loop.time() + self.cfg.timeout
         while self.connections and self.loop.time() < deadline:
@@ -244,6 +263,17 @@ class Worker:
         self.lookups.shutdown(wait=False, cancel_futures=True)
         self.password_checks.shutdown(wait=False, cancel_futures=True)
         self.checks.shutdown(wait=False, cancel_futures=True)
+
+
+def untrusted_uid(cfg: Config) -> int | None:
+    """mailerd's own unprivileged user (-u), which never owns a mailbox; None when it runs as
+    one user throughout (started without root)."""
+    if cfg.user is None:
+        return None
+    try:
+        return privileges.lookup(cfg.user).uid
+    except privileges.PrivilegeError:
+        return None
 
 
 def session_config(cfg: Config, listen: ListenAddress) -> SessionConfig:
@@ -301,5 +331,10 @@ def run(
         session_row=session_row,
         auth_failures=auth_failures,
     )
-    eventloop.run(worker.main(on_ready=lambda: report(status_fd, "ready")))
+    eventloop.run(
+        worker.main(
+            on_ready=lambda: report(status_fd, "ready"),
+            on_retired=lambda: report(status_fd, "retired"),
+        )
+    )
     return 0

@@ -10,6 +10,8 @@ Contract (an IMAP server reads it):
 - Durability: each file is written under a temporary name and fsync'd, renamed into place under
   the lock (status first, message last: the message's rename is the commit point), the counter
   is updated, and the directory is fsync'd once for the whole batch before anyone hears "done".
+- Temporary names carry the writer's pid (`.tmp.<pid>.<n>`, `.counter.tmp<pid>`): what a crashed
+  writer left is removed by the next writer that opens the mailbox (`MailboxStore.sweep`).
 
 POSIX locks belong to the process, not the thread, so within one process the caller must make
 sure only one thread works on a given mailbox at a time (delivery does, with one writer task per
@@ -24,6 +26,7 @@ import fcntl
 import itertools
 import logging
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -56,6 +59,11 @@ class MailboxUnsafe(OSError):
 
 _sequence = itertools.count(1)
 
+# What a write cut short leaves: a staged message or status (`_stage`), a counter being
+# replaced (durable.replace_synced). The group is the pid of the process that made it.
+_TEMPORARY = re.compile(r"\.tmp\.(\d+)\.\d+(?:\.status)?|\.counter\.tmp(\d+)", re.ASCII)
+SWEPT_LIMIT = 10000  # mailboxes remembered as swept (names come from the network: bounded)
+
 # Every open inside a mailbox: never follow a link, never block on a FIFO.
 _SAFE = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -70,6 +78,7 @@ class MailboxStore:
         self.root = root
         self.lock_timeout = lock_timeout
         self.untrusted_uid = untrusted_uid  # mailerd's own unprivileged user: never a mailbox owner
+        self._swept: set[str] = set()  # mailboxes whose leftovers this process has removed
 
     def deliver(self, name: str, messages: list[Copy], *, wait: bool = True) -> list[int]:
         """Store messages in mailbox `name`, durably, in order; return their numbers.
@@ -81,11 +90,30 @@ class MailboxStore:
             raise MailboxUnsafe(errno.EINVAL, f"not a mailbox name: {name!r}")
         directory = self._open_mailbox(name)
         try:
+            if name not in self._swept:
+                self.sweep(name, directory)
             owner = _owner_of(directory)
             staged = self._stage(directory, owner, messages)
             return self._commit(directory, owner, messages, staged, wait)
         finally:
             os.close(directory)
+
+    def sweep(self, name: str, directory: int) -> None:
+        """Remove the temporary files that writes cut short by a crash (a writer killed) left
+        in mailbox `name`; once per mailbox in this process's life, the first time it writes
+        there. A file is stale when no process has the pid its name carries: a live writer's
+        (another mailerd's on this spool, a retiring one's after a reload) is never touched.
+        (A pid reused since only keeps a leftover for longer. Writers sharing a spool are
+        assumed to share a pid namespace, as mailerd instances on one machine do.)"""
+        if len(self._swept) >= SWEPT_LIMIT:
+            self._swept.clear()  # (each mailbox is then looked at once more: harmless)
+        self._swept.add(name)
+        stale = [n for n in os.listdir(directory) if _left_by_the_dead(n)]
+        for leftover in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover, dir_fd=directory)
+        if stale:
+            log.info("mailbox %s: removed %d file(s) left by a crashed write", name, len(stale))
 
     def _stage(self, directory: int, owner: Owner, messages: list[Copy]) -> list[str]:
         """Write each message and its status under temporary names; fsync them all at once."""
@@ -122,9 +150,7 @@ class MailboxStore:
             lock_fd = _open_lock(directory, owner)
             try:
                 self._lock(lock_fd, wait)
-                numbers: list[int | None] = [
-                    None if m.since is None else delivered(directory, m) for m in messages
-                ]
+                numbers = delivered(directory, messages)
                 fresh = [tmp for tmp, n in zip(staged, numbers, strict=True) if n is None]
                 _discard(directory, [t for t, n in zip(staged, numbers, strict=True) if n])
                 if not fresh:
@@ -282,13 +308,22 @@ REDELIVERY_SCAN = 2000  # newest messages looked at, at most
 CLOCK_SLACK = 60.0  # seconds: a message is looked for if written this long before `since`
 
 
-def delivered(directory: int, message: Copy) -> int | None:
-    """The number of a message written since `message.since` that starts with the same bytes
-    (its Return-Path: and Received: headers, which name its queue id and date), if any. Looked
-    for among the newest messages only, and only for a redelivery: it costs a directory listing
-    and a read of a few files."""
-    assert message.since is not None
-    prefix = message.head + _body_start(message.body, REDELIVERY_PREFIX - len(message.head))
+def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
+    """For each redelivery of a batch (`since` set), the number of a message written since its
+    `since` that starts with the same bytes (its Return-Path: and Received: headers, which name
+    its queue id and date), if any; None for the others. Looked for among the newest messages
+    only, and only for a redelivery: it costs a directory listing and a read of a few files,
+    once for the whole batch (the copies a dead writer left unanswered come back together)."""
+    found: list[int | None] = [None] * len(messages)
+    # index -> (the bytes it starts with, the mtime before which a message cannot be it)
+    wanted = {
+        i: (m.head + _body_start(m.body, REDELIVERY_PREFIX - len(m.head)), m.since - CLOCK_SLACK)
+        for i, m in enumerate(messages)
+        if m.since is not None
+    }
+    if not wanted:
+        return found
+    longest = max(len(prefix) for prefix, _ in wanted.values())
     numbers = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and n.isascii())
     for number in reversed(numbers[-REDELIVERY_SCAN:]):
         try:
@@ -296,13 +331,19 @@ def delivered(directory: int, message: Copy) -> int | None:
         except OSError:
             continue
         try:
-            if os.fstat(fd).st_mtime < message.since - CLOCK_SLACK:
-                return None  # older than the message itself: it was never delivered here
-            if os.pread(fd, len(prefix), 0) == prefix:
-                return number
+            mtime = os.fstat(fd).st_mtime
+            for i in [i for i, (_, oldest) in wanted.items() if mtime < oldest]:
+                del wanted[i]  # older than that copy itself: it was never delivered here
+            start = os.pread(fd, longest, 0) if wanted else b""
         finally:
             os.close(fd)
-    return None
+        for i, (prefix, _) in list(wanted.items()):
+            if start[: len(prefix)] == prefix:
+                found[i] = number
+                del wanted[i]
+        if not wanted:
+            break
+    return found
 
 
 def _body_start(body: durable.Body, size: int) -> bytes:
@@ -332,6 +373,23 @@ def _discard(directory: int, staged: list[str]) -> None:
         for name in (tmp, tmp + ".status"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=directory)
+
+
+def _left_by_the_dead(name: str) -> bool:
+    """A temporary file (see _TEMPORARY) whose maker is no longer alive."""
+    match = _TEMPORARY.fullmatch(name)
+    if match is None:
+        return False
+    pid = int(match.group(1) or match.group(2))
+    if not 0 < pid < 1 << 22 or pid == os.getpid():  # (Linux pids stay below 2**22)
+        return False  # not a pid at all (0 would signal our process group), or our own
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
 
 
 def _owner_of(directory: int) -> Owner:

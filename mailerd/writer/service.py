@@ -1,12 +1,13 @@
 """The mailbox writer's process: the one small part of mailerd that keeps root.
 
-Mailboxes belong to their users (0700/0600), so writing them needs privilege, while the rest of
-the delivery process speaks SMTP to the Internet and must not have it. So the delivery process,
-still root, starts this writer over a socketpair (`start`) and then drops to the mail user. The
-writer parses nothing from the network: it receives `{"mailbox"}` plus the headers to prepend
-and the body (inline or as a descriptor) over a channel, writes with `mailbox.MailboxStore` under
-lockf, and answers with the message number. It exits when the delivery process closes the
-socketpair. Its clients are in `ipc.writer_client`.
+Mailboxes belong to their users (0700/0600), so writing them needs privilege, while the
+delivery process speaks SMTP to the Internet and must not have it. So the master (root) forks a
+writer for each delivery process and hands the delivery process its channel (`run`; again at
+once when a writer dies, see `master.arbiter`). The writer parses nothing from the network: it
+receives `{"mailbox"}` plus the headers to prepend and the body (inline or as a descriptor) over
+a channel, writes with `mailbox.MailboxStore` under lockf, and answers with the message number.
+It exits when the delivery process closes that channel. Its clients are in
+`ipc.writer_client`.
 
 Besides that first channel, each worker gets one of its own, which the delivery process hands
 out (an `Adopt` message carries the writer's end): a message whose recipients are all local then
@@ -30,10 +31,12 @@ import signal
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+from setproctitle import setproctitle
+
 from mailerd import eventloop
-from mailerd import log as logsetup
 from mailerd.ipc.channel import MAX_INLINE, Channel
 from mailerd.ipc.messages import (
     Adopt,
@@ -41,7 +44,6 @@ from mailerd.ipc.messages import (
     Done,
     MailboxWrite,
     Message,
-    ReopenLogs,
     WriteFailed,
     Written,
     decode_request,
@@ -221,13 +223,10 @@ class WriterService:
     def _on_control(self, header: dict[str, Any], inline: bytes, fd: int | None) -> None:
         """A frame from the delivery process: an op, or a mailbox write like a worker's."""
         try:
-            request = decode_request(header, (ReopenLogs, Adopt, MailboxWrite))
+            request = decode_request(header, (Adopt, MailboxWrite))
         except BadMessage:
             request = None  # (answered below, as a worker's would be)
-        if isinstance(request, ReopenLogs):
-            logsetup.request_reopen()
-            self._answer(self.channel, header, Done())
-        elif isinstance(request, Adopt) and fd is not None:
+        if isinstance(request, Adopt) and fd is not None:
             if len(self.workers) >= MAX_WORKER_CHANNELS:
                 os.close(fd)  # a worker asking again and again: it uses the delivery path
                 self._answer(self.channel, header, Done("too many worker channels"))
@@ -328,29 +327,16 @@ class WriterService:
         return writer
 
 
-def start(spool: MailboxStore, inherited: list[socket.socket]) -> tuple[int, socket.socket]:
-    """Fork the writer (call before dropping privileges, outside any event loop).
-
-    `inherited` are sockets of the parent the writer must not keep open.
-    """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid:
-        theirs.close()
-        return pid, ours
-    code = 1
-    try:
-        ours.close()
-        for sock in inherited:
-            sock.close()
-        from setproctitle import setproctitle
-
-        setproctitle("mailerd: mailbox writer")
-        # It stops when the delivery process closes the socketpair, never on a signal aimed at
-        # the whole process group (Ctrl-C), so no handed-over message is cut short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        eventloop.run(WriterService(spool, theirs).run())
-        code = 0
-    finally:
-        os._exit(code)
+def run(spool: Path, untrusted_uid: int | None, sock: socket.socket) -> int:
+    """Entry point of a mailbox writer, which the master forks (as root when it is) for a
+    delivery process: serve that process's channel `sock`, and the workers' channels it hands
+    over, until it closes `sock`. `untrusted_uid`: mailerd's unprivileged user (never a
+    mailbox's owner)."""
+    setproctitle("mailerd: mailbox writer")
+    # It stops when the delivery process closes its channel, never on a signal aimed at the
+    # whole process group (Ctrl-C), so no handed-over message is cut short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    store = MailboxStore(spool, untrusted_uid=untrusted_uid)
+    eventloop.run(WriterService(store, sock).run())
+    return 0

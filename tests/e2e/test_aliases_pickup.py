@@ -227,7 +227,8 @@ def test_unknown_local_recipient_is_bounced_to_the_submitter(aliased):
 
 def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_path: Path):
     """`sendmail -bi` (what `newaliases` runs) reads the file as the daemon will, reports its
-    problems, and makes the running daemon reload it: a new alias works at once."""
+    problems, and makes the running daemon reload it, returning once the reload is done: a
+    new alias works in the very next session, on every worker."""
     m: Mailerd = mailerd_factory(start=False)
     user = m.new_user("na")
     aliases_file, pidfile = tmp_path / "aliases", tmp_path / "mailerd.pid"
@@ -253,11 +254,16 @@ def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_
     assert (
         "3 aliases, 1 problem(s)" in run.stderr and "bad: target |/bin/true refused" in run.stderr
     )
-    assert f"mailerd (pid {m.pid}) reloads the aliases file now" in run.stderr
-    assert wait_until(lambda: "configuration reloaded" in m.stderr_text(), 15)
-    with m.smtp() as s:
-        assert s.sendmail("a@client.test", ["new@example.org"], b"Subject: n\r\n\r\nn\r\n") == {}
-    assert m.wait_messages(user, 1) == [1]
+    assert f"mailerd (pid {m.pid}) reloads the aliases file: done" in run.stderr
+    assert "configuration reloaded" in m.stderr_text()  # (logged before it said done)
+    assert pidfile.read_text() == f"{m.pid}\n"  # still one number: kill -HUP $(cat …) works
+    assert (tmp_path / "mailerd.pid.reload").read_text() == "1 ok\n"
+    for n in range(1, 9):  # no wait: whichever worker takes a session now has the new alias
+        with m.smtp() as s:
+            assert (
+                s.sendmail("a@client.test", ["new@example.org"], b"Subject: n\r\n\r\nn\r\n") == {}
+            )
+        assert m.wait_messages(user, n)[-1] == n
 
 
 def test_kill_9_during_pickup_loses_and_doubles_nothing(aliased):

@@ -264,9 +264,9 @@ def test_a_local_copy_that_fails_is_queued_and_delivered_later(mailerd: Mailerd)
 
 
 def test_mailbox_writer_restart(mailerd: Mailerd):
-    """kill -9 of the root mailbox writer: the delivery process gives up (it cannot fork a new
-    one unprivileged), the master starts both again, and the workers' own channels to the old
-    writer are replaced: local mail flows again on every worker."""
+    """kill -9 of the root mailbox writer: the master starts another (the delivery process,
+    unprivileged, could not), and the workers' own channels to the old writer are replaced:
+    local mail flows again on every worker. (Under load: test_writer_death.)"""
     m = mailerd
     user = m.new_user("w")
     with m.smtp() as s:

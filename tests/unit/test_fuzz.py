@@ -73,13 +73,15 @@ class Outcome:
         return [e for e in self.events if isinstance(e, Reply)]
 
 
-def check_sender(sender: Address | None, user: str) -> Reply | None:
-    owned = sender is None or sender.local == user
+def check_mail(sender: Address | None, size: int | None, user: str | None) -> Reply | None:
+    if size is not None and size > 5000:
+        return Reply(452, "4.3.1", "Insufficient system storage")
+    owned = user is None or sender is None or sender.local == user
     return None if owned else Reply(553, "5.7.1", f"Sender address rejected: not owned by {user}")
 
 
 def run(chunks: list[bytes], config: SessionConfig = CONFIGS[0], eof: bool = True) -> Outcome:
-    session = Session(config, check_recipient, check_sender=check_sender)
+    session = Session(config, check_recipient, check_mail=check_mail)
     outcome = Outcome()
     current: list[bytes] = []
     budget = 4 * sum(len(c) + 4 for c in chunks) + 50  # generous bound on events

@@ -18,15 +18,15 @@ FAILED = (m.FailedCopy(TARGETS[0], "No space left on device", 28, False),)
 
 REQUESTS = [
     COMMIT,
-    m.RetryLocal(COMMIT, "QID1", "Received: from x\r\n", FAILED),
+    m.RetryLocal(COMMIT, "QID1", "Received: from x\r\n", FAILED, 1796400000.25),
     m.WriterChannel(),
     m.ListQueue(),
     m.FlushQueue(),
     m.DeleteQueued(("Q1", "Q2")),
     m.MailboxWrite("bob", 40),
     m.MailboxWrite("bob", 0, 1796400000.5),
-    m.ReopenLogs(),
     m.Adopt(),
+    m.WriterStarted(),
 ]
 ANSWERS = [
     m.Outcome(250, "2.0.0", "Ok: queued as Q1"),
@@ -64,7 +64,7 @@ def test_write_answers_are_told_apart():
 
 
 def test_a_request_is_served_only_where_it_is_allowed():
-    header = wire(m.ReopenLogs())
+    header = wire(m.Adopt())
     with pytest.raises(m.BadMessage):
         m.decode_request(header, (m.MailboxWrite,))  # a worker's channel to the writer
     with pytest.raises(m.BadMessage):
@@ -107,11 +107,14 @@ def test_malformed_writes_are_refused(change):
         m.MailboxWrite.decode({**wire(m.MailboxWrite("bob", 0)), **change})
 
 
-def test_a_retry_needs_failed_local_copies():
-    header = wire(m.RetryLocal(COMMIT, "Q", "R", FAILED))
+def test_a_retry_needs_failed_local_copies_and_when_they_were_sent():
+    header = wire(m.RetryLocal(COMMIT, "Q", "R", FAILED, 1796400000.0))
     for failed in ([], [{"address": "a@b", "mailbox": None, "error": "x"}]):
         with pytest.raises(m.BadMessage):
             m.RetryLocal.decode({**header, "failed": failed})
+    for since in (None, "now", float("inf"), False):
+        with pytest.raises(m.BadMessage):
+            m.RetryLocal.decode({**header, "since": since})
 
 
 def test_every_request_has_a_route_and_the_document_shows_them():

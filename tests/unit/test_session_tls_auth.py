@@ -43,7 +43,7 @@ class Client:
     def __init__(self, config: SessionConfig, *, auto: bool = True, owner: str = "alice"):
         self.logged: list[bytes] = []
         self.session = Session(
-            config, lambda a: None, self.logged.append, check_sender=self.check_sender
+            config, lambda a: None, self.logged.append, check_mail=self.check_mail
         )
         self.auto = auto
         self.owner = owner
@@ -55,8 +55,10 @@ class Client:
         self.verdicts: list[Reply] = []
         assert [r.code for r in self.drain()] == [220]
 
-    def check_sender(self, sender: Address | None, user: str) -> Reply | None:
-        if sender is None or sender.local == user:
+    def check_mail(
+        self, sender: Address | None, size: int | None, user: str | None
+    ) -> Reply | None:
+        if user is None or sender is None or sender.local == user:
             return None
         return Reply(553, "5.7.1", f"Sender address rejected: not owned by user {user}")
 

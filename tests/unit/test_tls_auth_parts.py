@@ -191,8 +191,35 @@ def test_the_context_speaks_tls_12_and_13_only(ca):
     assert context.options & ssl.OP_NO_RENEGOTIATION
     names = {c["name"] for c in context.get_ciphers()}
     assert not any("CBC" in n or "RC4" in n or n.startswith(("AES", "DHE")) for n in names), names
-    assert not context.options & ssl.OP_CIPHER_SERVER_PREFERENCE  # Mozilla: the client's order
     assert tls.server_context([]) is None
+
+
+def negotiated(context: ssl.SSLContext, offer: str) -> str:
+    """The TLS 1.2 suite a client offering `offer` (in its order) gets."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers(offer)
+    a, b = socket.socketpair()
+    with a, b:
+        server = threading.Thread(target=_serve, args=(context, a))
+        server.start()
+        with client.wrap_socket(b) as conn:
+            suite = conn.cipher()
+        server.join(10)
+    assert suite is not None
+    return suite[0]
+
+
+def test_the_server_order_decides_except_for_a_client_that_puts_chacha_first(ca):
+    pair = ca.issue("mx.example.org", tag="order")
+    context = tls.server_context([(pair.cert, pair.key)])
+    assert context is not None
+    aes128, aes256 = "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384"
+    chacha = "ECDHE-RSA-CHACHA20-POLY1305"
+    assert negotiated(context, f"{aes256}:{aes128}") == aes128  # testssl: a server order
+    assert negotiated(context, f"{aes256}:{chacha}") == aes256
+    assert negotiated(context, f"{chacha}:{aes256}:{aes128}") == chacha  # no AES instructions
 
 
 def test_describe_as_postfix_writes_it(ca):

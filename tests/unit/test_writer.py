@@ -82,7 +82,7 @@ def test_a_locked_mailbox_waits_in_a_thread_not_in_the_loop(tmp_path):
 
 def test_a_worker_channel_carries_mailbox_writes_and_nothing_else(tmp_path):
     """The delivery process hands the writer a worker's end (`adopt`); on it the worker can
-    write a mailbox, but an op (here the delivery process's own reopen-logs) is refused, and
+    write a mailbox, but an op (here the delivery process's own adopt) is refused, and
     when the delivery process's channel closes the worker's closes too."""
     (tmp_path / "dave").mkdir()
 
@@ -92,7 +92,7 @@ def test_a_worker_channel_carries_mailbox_writes_and_nothing_else(tmp_path):
             {"op": "write", "mailbox": "dave", "head": 4}, b"X: 1hello\r\n"
         )
         assert number == {"id": 1, "number": 1}
-        refused = await worker.request({"op": "reopen-logs"})
+        refused = await worker.request({"op": "adopt"})
         assert refused["errno"] == 22 and "number" not in refused
         assert await delivery.deliver("dave", b"", b"second\r\n") == 2
         delivery.close()
