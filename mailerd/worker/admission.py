@@ -70,11 +70,16 @@ class Caps:
     ipv6_prefix_length: int
 
     @classmethod
-    def of(cls, cfg: Config, listeners: list[ListenAddress]) -> Caps:
-        pools = {pool_of(listen) for listen in listeners}
+    def of(cls, cfg: Config) -> Caps:
+        """From the server's listeners (every worker's, so all count alike)."""
+        pools = {pool_of(listen) for listen in cfg.listeners}
+        owners = len(pools - {NETWORK_POOL})
+        reserved = cfg.reserved_sessions
+        if NETWORK_POOL in pools and owners and reserved * owners >= cfg.max_sessions:
+            # (config refuses this; a Config made otherwise still leaves the network a place)
+            reserved = (cfg.max_sessions - 1) // owners
         reserves = tuple(
-            cfg.reserved_sessions if pool != NETWORK_POOL and pool in pools else 0
-            for pool in range(POOLS)
+            reserved if pool != NETWORK_POOL and pool in pools else 0 for pool in range(POOLS)
         )
         return cls(cfg.max_sessions, cfg.max_sessions_per_ip, reserves, cfg.ipv6_prefix_length)
 
@@ -94,9 +99,10 @@ class Caps:
     def room_in(self, counts: SessionCounter, pool: int) -> bool:
         """A place free in all, and what stays free after taking it still covers the other
         pools' unused reserves."""
-        used = counts.total()
+        in_pool = [counts.in_pool(each) for each in range(POOLS)]  # (each read once)
+        used = sum(in_pool)
         owed = sum(
-            max(0, reserve - counts.in_pool(other))
+            max(0, reserve - in_pool[other])
             for other, reserve in enumerate(self.reserves)
             if other != pool
         )

@@ -92,7 +92,7 @@ class Worker:
         # threads, so a slow NSS server holds those sessions only.
         self.lookups = ThreadPoolExecutor(2, thread_name_prefix="nss")
         self.sessions = counter(sessions, session_row)  # shared with the other workers
-        self.caps = admission.Caps.of(cfg, [listen for _, listen in listeners])
+        self.caps = admission.Caps.of(cfg)
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop  # set by main(): a worker serves inside its loop
 
