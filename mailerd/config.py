@@ -197,7 +197,7 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         None,
         True,
         False,
-        "message data slower than this many bytes/s for --timeout is cut (default 500)",
+        "message data must keep up this many bytes/s, --timeout to spare (default 500)",
     ),
     ("max-session-time", None, True, False, "no session lasts longer (default 1h)"),
     ("max-errors", None, True, False, "bad commands tolerated per session (default 20)"),
