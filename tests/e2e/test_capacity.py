@@ -12,7 +12,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .conftest import Mailerd, expect, mail_rcpt
+from certs import make_ca
+
+from .conftest import Mailerd, SMTPConn, expect, free_port, mail_rcpt
 
 HOLD = 10.0  # seconds any one wait below may take before the test fails
 
@@ -110,22 +112,30 @@ def test_no_session_lasts_longer_than_max_session_time(mailerd_factory):
     assert "session time limit for" in _log(m)
 
 
-def test_a_full_network_listener_leaves_the_local_listener_its_reserve(mailerd_factory):
+def test_a_full_network_listener_leaves_the_owner_its_reserves(mailerd_factory, tmp_path):
+    """--max-sessions 12 with 3 reserved for the local listener and 3 for the submission one:
+    the network listener holds 6 and no more; the owner's listeners still greet."""
+    pair = make_ca(tmp_path / "ca").issue("mx.example.org")
+    submission = free_port()
     m: Mailerd = mailerd_factory(
-        workers=2, extra=["--max-sessions", "10", "--reserved-sessions", "3"]
+        workers=2,
+        extra=["--max-sessions", "12", "--reserved-sessions", "3"]
+        + ["--tls-cert", str(pair.cert), "--tls-key", str(pair.key)]
+        + ["--listen-submission", f"127.0.0.1:{submission}"],
     )
-    held = _hold(m, 7, trusted=False)
+    held = _hold(m, 6, trusted=False)
     for _ in range(5):  # on either worker
         with m.connect(trusted=False) as extra:
             reply = extra.banner()
             expect(reply, 421, "4.7.0")
-            assert "Too many connections" in reply.text
-    local = [m.connect(trusted=True) for _ in range(3)]
-    for c in local:
+            assert "Too many connections, try again later" in reply.text
+    owner = [m.connect(trusted=True) for _ in range(3)]
+    owner += [SMTPConn("127.0.0.1", submission) for _ in range(3)]
+    for c in owner:
         expect(c.banner(), 220)
-    with m.connect(trusted=True) as over:  # the reserve is spent, and the rest is taken
+    with m.connect(trusted=True) as over:  # the reserves are spent, and the rest is taken
         expect(over.banner(), 421, "4.7.0")
-    for c in held + local:
+    for c in held + owner:
         c.close()
 
 
