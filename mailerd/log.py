@@ -31,6 +31,7 @@ from typing import Any, Protocol, TextIO
 SYSLOG_SOCKET = "/dev/log"
 FOREGROUND_FORMAT = "%(asctime)s mailerd[%(process)d]: %(message)s"
 SYSLOG_FORMAT = "mailerd[%(process)d]: %(message)s"
+LINE_MAX = 200  # what `shorten` keeps of a text from outside (a command, a reply)
 
 _reopen_requests = 0
 _root = logging.getLogger()
@@ -44,6 +45,15 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+def shorten(text: str, limit: int = LINE_MAX) -> str:
+    """A text from outside as a log line may show it: cut to `limit`, control characters
+    escaped (no forged log lines, no terminal escapes)."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    if cut.isprintable():
+        return cut
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut)
 
 
 def request_reopen(*_: object) -> None:

@@ -15,25 +15,23 @@ signed header fields are those of SIGNED_HEADERS the message has, each instance,
 more (over-signed: no From can be added without breaking the signature); no l= tag.
 
 dkimpy (Debian python3-dkim) makes the signatures; Ed25519 needs PyNaCl (python3-nacl), which
-dkimpy uses for it. dkimpy computes RSA in pure Python (about 8 ms for 2048 bits here), so its
-RSA primitive is replaced by OpenSSL's through the `cryptography` package (about 1 ms); the
-result is the same RSASSA-PKCS1-v1_5 signature, and were the replacement not to take (a dkimpy
-that no longer calls it), the signatures would stay right, only slower.
+dkimpy uses for it; its RSA is OpenSSL's (`dkim_rsa`).
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import dkim
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from mailerd import headers
+from mailerd import (
+    dkim_rsa,  # noqa: F401  (its import makes dkimpy's RSA OpenSSL's)
+    headers,
+)
 
 MIN_RSA_BITS = 2048
 SIGNED_HEADERS = (
@@ -164,34 +162,3 @@ def sign_message(message: bytes, keys: Sequence[SigningKey]) -> tuple[bytes, str
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-# -- OpenSSL's RSA for dkimpy ---------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=64)
-def _rsa_key(n: int, e: int, d: int, p: int, q: int) -> rsa.RSAPrivateKey:
-    numbers = rsa.RSAPrivateNumbers(
-        p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q),
-        rsa.RSAPublicNumbers(e, n),
-    )  # fmt: skip
-    return numbers.private_key()
-
-
-def _openssl_rsa_sign(digest: Any, private_key: dict[str, int]) -> bytes:
-    """dkimpy's RSASSA_PKCS1_v1_5_sign(hash object, key dict), by OpenSSL (SHA-256, what
-    rsa-sha256 uses; anything else goes to dkimpy's own)."""
-    if getattr(digest, "name", None) != "sha256":
-        return bytes(_dkimpy_rsa_sign(digest, private_key))
-    key = _rsa_key(
-        private_key["modulus"],
-        private_key["publicExponent"],
-        private_key["privateExponent"],
-        private_key["prime1"],
-        private_key["prime2"],
-    )
-    return key.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
-
-
-_dkimpy_rsa_sign = dkim.RSASSA_PKCS1_v1_5_sign
-dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign

@@ -594,6 +594,36 @@ async def _tls_message(spec: dict, ctx: ssl.SSLContext, n: int, seen: dict) -> f
             await asyncio.wait_for(writer.wait_closed(), 2)
 
 
+async def _plain_message(spec: dict, ctx: ssl.SSLContext, n: int, seen: dict) -> float:
+    """The authentication phase's message: one of the pre-made ones (spec["_msgs"], each
+    dot-terminated, DKIM-signed beforehand for the inbound runs) on a new plaintext connection:
+    banner, EHLO, MAIL, RCPT, DATA, QUIT. Returns the monotonic time of the final 250."""
+    msgs = spec["_msgs"]
+    msg = msgs[(spec.get("offset", 0) + n) % len(msgs)]
+    reader, writer = await asyncio.open_connection(HOST, spec["port"], limit=65536)
+    try:
+        await _expect(reader, b"220", "banner")
+        writer.write(f"EHLO {HELO}\r\n".encode())
+        await _expect(reader, b"250", "EHLO")
+        writer.write(f"MAIL FROM:<{spec['sender']}>\r\n".encode())
+        await _expect(reader, b"250", "MAIL")
+        writer.write(f"RCPT TO:<{spec['rcpt']}>\r\n".encode())
+        await _expect(reader, b"250", "RCPT")
+        writer.write(b"DATA\r\n")
+        await _expect(reader, b"354", "DATA")
+        writer.write(msg)
+        await _expect(reader, b"250", "end of data")
+        done = time.monotonic()
+        writer.write(b"QUIT\r\n")
+        with contextlib.suppress(asyncio.TimeoutError, SMTPFail, OSError):
+            await asyncio.wait_for(_expect(reader, b"221", "QUIT"), 5)
+        return done
+    finally:
+        writer.close()
+        with contextlib.suppress(asyncio.TimeoutError, OSError):
+            await asyncio.wait_for(writer.wait_closed(), 2)
+
+
 async def _generate(spec: dict, ctx: ssl.SSLContext) -> dict:
     """spec["clients"] sequential senders sharing spec["count"] messages; stops early after
     max(10, count/10) failed messages."""
@@ -603,6 +633,7 @@ async def _generate(spec: dict, ctx: ssl.SSLContext) -> dict:
     errors: collections.Counter = collections.Counter()
     seen = {"resumed": 0}
     cap = max(10, spec["count"] // 10)
+    one = _plain_message if spec.get("messages") else _tls_message
 
     async def client():
         nonlocal left
@@ -612,9 +643,7 @@ async def _generate(spec: dict, ctx: ssl.SSLContext) -> dict:
             if not firsts:
                 firsts.append(time.monotonic())
             try:
-                stamps.append(
-                    await asyncio.wait_for(_tls_message(spec, ctx, n, seen), spec["msg_timeout"])
-                )
+                stamps.append(await asyncio.wait_for(one(spec, ctx, n, seen), spec["msg_timeout"]))
             except TimeoutError:
                 errors[f"no 250 within {spec['msg_timeout']:g} s"] += 1
             except SMTPFail as e:
@@ -633,6 +662,8 @@ def generator_main(spec_json: str) -> int:
     """A load generator process: says "ready" once set up, starts on "go" (stdin), prints its
     result as one JSON line, with its own CPU time from "go" to the end."""
     spec = json.loads(spec_json)
+    if spec.get("messages"):  # the authentication phase's pre-made messages, base64 a line
+        spec["_msgs"] = [base64.b64decode(x) for x in Path(spec["messages"]).read_text().split()]
     factory = None
     if spec["uvloop"]:
         import uvloop
@@ -672,16 +703,19 @@ def run_generator(
     procs: int,
     timeout: float,
     use_uvloop: bool = True,
+    messages: str | None = None,
 ) -> dict:
     """The TLS counterpart of run_smtp_source: `clients` concurrent senders over `procs`
     generator processes, `count` messages in all. Only messages answered with the final 250
-    count; seconds = first connect to last 250 (over all processes, CLOCK_MONOTONIC)."""
+    count; seconds = first connect to last 250 (over all processes, CLOCK_MONOTONIC).
+    With `messages` (a file: the authentication phase), plaintext sessions sending those
+    pre-made messages in turn (no STARTTLS, no AUTH), each process from its own offset."""
     procs = max(1, min(procs, clients, count))
     shares = _split(clients, [1] * procs)
     counts = _split(count, shares)
     with contextlib.ExitStack() as stack:
         children = []
-        for share, n in zip(shares, counts, strict=True):
+        for i, (share, n) in enumerate(zip(shares, counts, strict=True)):
             spec = {
                 "port": port,
                 "rcpt": rcpt,
@@ -692,6 +726,8 @@ def run_generator(
                 "msg_timeout": 60.0,
                 "uvloop": use_uvloop,
             }
+            if messages:
+                spec |= {"messages": messages, "offset": sum(counts[:i])}
             errf = stack.enter_context(tempfile.TemporaryFile())
             p = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), "--load-generator"]
@@ -991,11 +1027,30 @@ class TLSSetup:
 class Mailerd(Server):
     name = "mailerd"
 
-    def __init__(self, base: Path, workers: int, max_sessions: int, tls: TLSSetup | None = None):
+    def __init__(
+        self,
+        base: Path,
+        workers: int,
+        max_sessions: int,
+        tls: TLSSetup | None = None,
+        *,
+        dirname: str = "",
+        network: bool = False,
+        dns_server: str = "",
+        extra: tuple[str, ...] = (),
+        label: str = "",
+    ):
         """With `tls`: the TLS phase's mailerd (its own directory), whose listener offers
-        STARTTLS, beside a submission listener and a passwd file for user@localhost."""
+        STARTTLS, beside a submission listener and a passwd file for user@localhost.
+        The authentication phase's: its own `dirname`, the load on the untrusted listener
+        (`network`: -l none -n ADDR) rather than the trusted one, its own DNS server, `extra`
+        options, and a `label` for the report."""
         self.tls = tls
-        self.base = base / ("mailerd-tls" if tls else "mailerd")
+        self.base = base / (dirname or ("mailerd-tls" if tls else "mailerd"))
+        self.network = network
+        self.dns_server = dns_server
+        self.extra = list(extra)
+        self.label = label or self.name
         self.passwd = self.base / "passwd"
         if tls:
             self.sub_user, self.sub_sender = "user", "user@localhost"
@@ -1025,14 +1080,15 @@ class Mailerd(Server):
             "-w",
             str(self.workers),
             "-l",
-            f"{HOST}:{self.port}",
+            "none" if self.network else f"{HOST}:{self.port}",
             "-n",
-            "none",
+            f"{HOST}:{self.port}" if self.network else "none",
             "--timeout",
             "5m",
             "--dns-server",
-            bench_dns(),
+            self.dns_server or bench_dns(),
         ]
+        cmd += self.extra
         if self.tls:
             cmd += [
                 "--tls-cert",
@@ -1211,12 +1267,21 @@ class Postfix(Server):
     name = "postfix"
 
     def __init__(
-        self, base: Path, process_limit: int, idle_limit: int, tls: TLSSetup | None = None
+        self,
+        base: Path,
+        process_limit: int,
+        idle_limit: int,
+        tls: TLSSetup | None = None,
+        *,
+        dirname: str = "",
+        label: str = "",
     ):
         """With `tls`: the TLS phase's instance (its own directory): STARTTLS offered on its
-        smtpd, and a submission service (STARTTLS, then Cyrus SASL against a sasldb)."""
+        smtpd, and a submission service (STARTTLS, then Cyrus SASL against a sasldb). The
+        authentication phase's: plain, as the first, in a directory (`dirname`) of its own."""
         self.tls = tls
-        self.base = base / ("postfix-tls" if tls else "postfix")
+        self.base = base / (dirname or ("postfix-tls" if tls else "postfix"))
+        self.label = label or self.name
         self.etc = self.base / "etc"
         self.queue = self.base / "queue"
         self.data = self.base / "data"
@@ -1833,6 +1898,10 @@ def throughput_run(srv: Server, c: int, args, send=None) -> dict:
         t_box = srv.wait_mailbox(before_box + ss["done"], 120)
         if t_box is not None:
             box_secs = t_box - ss["t_start"]
+    elif isinstance(srv, SigningMailerd):  # (its messages leave: until its queue is empty)
+        t_box = srv.wait_drained(120)
+        if t_box is not None:
+            box_secs = t_box - ss["t_start"]
     time.sleep(0.3)
     cpu1 = cpu_snapshot(srv.root_pid())
     disk1 = disk_snapshot()
@@ -2063,6 +2132,645 @@ def tls_level(live: list[Bench], mode: str, c: int, args) -> dict | None:
             )
             log(b.res["died"])
     return pair
+
+
+# ---------------------------------------------------------------------------------------------
+# the authentication phase (issue #15): (a) inbound SPF/DKIM/DMARC verification, (b) outbound
+# DKIM signing; each part's servers started afresh, their runs interleaved
+
+AUTH_MODES = ("inbound", "signing")
+AUTH_DOMAIN = "sender.bench.test"  # the sender domain the phase's DNS server publishes
+AUTH_SENDER = f"bench@{AUTH_DOMAIN}"
+AUTH_RCPT = "user@localhost"  # the To: of the inbound messages (Postfix's RCPT is its own)
+SINK_DOMAIN = "sink.bench.test"  # (b)'s remote recipient's domain
+SINK_HOST = f"mx.{SINK_DOMAIN}"  # mailerd's --relayhost name: A 127.0.0.1 in the phase's DNS
+SINK_RCPT = f"bench@{SINK_DOMAIN}"
+SIGN_KINDS = ("rsa", "ed25519")
+KIND_TITLE = {"rsa": "RSA-2048", "ed25519": "Ed25519", "none": "unsigned"}
+AUTH_POOL = 2000  # pre-made messages at most (more runs cycle through them)
+_AR_RESULT = re.compile(r"\b(spf|dkim|dmarc)=([a-z]+)", re.I)
+
+
+class AuthSetup:
+    """What the authentication phase's servers share: DKIM keys for AUTH_DOMAIN (RSA-2048 and
+    Ed25519, by `mailerd dkim keygen`), a DNS server of its own (tests/dnsserver.py, in this
+    process) publishing their TXT records as keygen prints them, SPF passing 127.0.0.1 and DMARC
+    p=reject for AUTH_DOMAIN, and SINK_HOST's address; and the messages the load generator
+    sends, made here once: for (a) each DKIM-signed with the RSA key (mailerd.signing), for (b)
+    unsigned, to SINK_RCPT."""
+
+    def __init__(self, base: Path, count: int):
+        self.dir = base / "auth"
+        keydir = self.dir / "keys"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.keys: dict[str, Path] = {}
+        records = []
+        for kind in SIGN_KINDS:
+            p = subprocess.run(
+                [str(ROOT / ".venv/bin/python"), "-m", "mailerd", "dkim", "keygen"]
+                + ["--dir", str(keydir), "--selector", kind, "--type", kind, AUTH_DOMAIN],
+                capture_output=True,
+                text=True,
+                cwd=str(ROOT),
+                timeout=120,
+                stdin=subprocess.DEVNULL,
+            )
+            if p.returncode != 0:
+                raise ServerError(f"mailerd dkim keygen --type {kind}: {p.stderr.strip()[-300:]}")
+            # its output: comments (;), the TXT record in zone-file form, the config line
+            records += [
+                line
+                for line in p.stdout.splitlines()
+                if line.strip() and not line.startswith((";", "dkim-key"))
+            ]
+            self.keys[kind] = keydir / f"{AUTH_DOMAIN}.{kind}.key"
+        records += [
+            f'{AUTH_DOMAIN}. IN TXT "v=spf1 ip4:{HOST} -all"',
+            f'_dmarc.{AUTH_DOMAIN}. IN TXT "v=DMARC1; p=reject"',
+            f"{SINK_DOMAIN}. IN MX 10 {SINK_HOST}.",
+            f"{SINK_HOST}. IN A {HOST}",
+        ]
+        self.zone = "\n".join(records) + "\n"
+        (self.dir / "zone.txt").write_text(self.zone)
+        self.dns = DNSServer(Records(self.zone), HOST)
+        self.dns.start()
+        self.dns_server = f"{self.dns.host}:{self.dns.port}"
+        self.signed = self.dir / "inbound.b64"
+        self.plain = self.dir / "signing.b64"
+        self.pool = max(1, min(count, AUTH_POOL))
+        self.presign_cpu = self._make_messages()
+
+    def _make_messages(self) -> float:
+        """Write both message files; returns the CPU seconds the pre-signing took."""
+        from mailerd import signing  # (the venv's mailerd: dkimpy, with OpenSSL's RSA)
+
+        key = signing.load_key(AUTH_DOMAIN, "rsa", str(self.keys["rsa"]))
+        t0 = time.process_time()
+        with open(self.signed, "w") as f:
+            for n in range(self.pool):
+                content = make_message(AUTH_RCPT, n, AUTH_SENDER)[:-3]  # (without ".\r\n")
+                signed = signing.sign(content, [key]) + content + b".\r\n"
+                f.write(base64.b64encode(signed).decode() + "\n")
+        cpu = time.process_time() - t0
+        with open(self.plain, "w") as f:
+            for n in range(self.pool):
+                f.write(base64.b64encode(make_message(SINK_RCPT, n, AUTH_SENDER)).decode() + "\n")
+        return cpu
+
+    def txt(self, name: str) -> bytes | None:
+        """A TXT record as the phase's DNS server serves it (over UDP, dnspython), for checks."""
+        import dns.resolver
+
+        r = dns.resolver.Resolver(configure=False)
+        r.nameservers, r.port, r.lifetime = [self.dns.host], self.dns.port, 5.0
+        try:
+            answer = r.resolve(name.rstrip("."), "TXT")
+        except Exception:  # (a check: whatever fails, the record is not there)
+            return None
+        return b"".join(answer.rrset[0].strings) if answer.rrset else None
+
+    def close(self) -> None:
+        self.dns.stop()
+
+
+class Sink:
+    """A tiny SMTP sink for (b): `bench.py --smtp-sink SPEC` in a process of its own on a free
+    loopback port. It takes every message, counts the DKIM-Signature algorithms it sees, keeps
+    the first message of each kind in `keep`, and reports as JSON when its stdin closes."""
+
+    def __init__(self, keep: Path):
+        keep.mkdir(parents=True, exist_ok=True)
+        self.cpu0 = 0.0
+        self.errpath = keep / "sink.err"
+        with open(self.errpath, "wb") as errf:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--smtp-sink"]
+                + [json.dumps({"keep": str(keep)})],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errf,
+            )
+        line = _read_line(self.proc, 30)
+        if not line.startswith("ready "):
+            self.close()
+            raise ServerError(f"the SMTP sink did not start: {line or self._err()}")
+        self.port = int(line.split()[1])
+        self.cpu0 = self.cpu_seconds()  # (its start-up is not per message)
+
+    def _err(self) -> str:
+        try:
+            text = self.errpath.read_text(errors="replace")
+        except OSError:
+            text = ""
+        return (text.strip().splitlines() or ["?"])[-1]
+
+    def cpu_seconds(self) -> float:
+        table = proc_table()
+        row = table.get(self.proc.pid)
+        return (row[1] + row[2]) / CLK_TCK if row else 0.0
+
+    def close(self) -> dict:
+        """End the sink (ours, by its pipe; killed after 30 s) and return its report."""
+        cpu = self.cpu_seconds() - self.cpu0 if self.proc.poll() is None else 0.0
+        out = b""
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            res = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            why = f"no report (exit {self.proc.returncode}): {self._err()}"
+            return {"error": why, "cpu_seconds": cpu}
+        res["cpu_seconds"] = cpu
+        return res
+
+
+def _read_line(p: subprocess.Popen, limit: float) -> str:
+    """A child's first line of output, waited for at most `limit` seconds ("" if none)."""
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout.fileno(), selectors.EVENT_READ)
+    data = b""
+    deadline = time.monotonic() + limit
+    try:
+        while b"\n" not in data and time.monotonic() < deadline:
+            if sel.select(max(0.0, min(1.0, deadline - time.monotonic()))):
+                chunk = os.read(p.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        sel.close()
+    return data.split(b"\n")[0].decode(errors="replace").strip()
+
+
+def sink_main(spec_json: str) -> int:
+    """The SMTP sink process (see Sink): 220, EHLO (8BITMIME only: no STARTTLS, no
+    PIPELINING), MAIL/RCPT/RSET/NOOP 250, DATA 354 ... 250, QUIT 221. Runs until stdin closes."""
+    spec = json.loads(spec_json)
+    keep = Path(spec["keep"])
+    stats = {"messages": 0, "rsa": 0, "ed25519": 0, "unsigned": 0, "kept": {}}
+
+    def take(msg: bytes) -> None:
+        end = msg.find(b"\r\n\r\n")
+        head = msg[: end if end >= 0 else len(msg)].lower()
+        head = re.sub(rb"\r\n[ \t]+", b" ", head)
+        sigs = [line for line in head.split(b"\r\n") if line.startswith(b"dkim-signature:")]
+        kinds = {k for k in SIGN_KINDS for s in sigs if re.search(rb"\ba=" + k.encode(), s)}
+        stats["messages"] += 1
+        for k in kinds or {"unsigned"}:
+            stats[k] += 1
+            if k not in stats["kept"]:
+                path = keep / f"first-{k}.eml"
+                path.write_bytes(msg)
+                stats["kept"][k] = str(path)
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"220 bench.sink ESMTP\r\n")
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-bench.sink\r\n250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    lines = []
+                    while True:
+                        data = await reader.readline()
+                        if not data or data == b".\r\n":
+                            break
+                        lines.append(data[1:] if data.startswith(b"..") else data)
+                    if not data:
+                        break
+                    take(b"".join(lines))
+                    writer.write(b"250 2.0.0 taken\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    break
+                elif verb in (b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                    writer.write(b"250 2.0.0 ok\r\n")
+                else:
+                    writer.write(b"502 5.5.2 not here\r\n")
+                await writer.drain()
+            await writer.drain()
+        except (OSError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        closed = asyncio.Event()
+        threading.Thread(
+            target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(closed.set)), daemon=True
+        ).start()
+        server = await asyncio.start_server(session, HOST, 0, limit=1 << 20, backlog=1024)
+        print(f"ready {server.sockets[0].getsockname()[1]}", flush=True)
+        await closed.wait()
+        server.close()
+
+    import uvloop
+
+    uvloop.run(main())
+    print(json.dumps(stats), flush=True)
+    return 0
+
+
+def microbench_main(spec_json: str) -> int:
+    """`bench.py --sign-microbench SPEC`, a process of its own (no other thread): per key, CPU
+    (process_time) and wall time of spec["calls"] `mailerd.signing.sign` calls on the 4 KiB
+    message, after 10 unmeasured ones; then as many dkimpy verifications of the result (the
+    key given directly: no DNS), what a receiving mailerd does per signature."""
+    import dkim
+
+    from mailerd import signing
+
+    spec = json.loads(spec_json)
+    n = spec["calls"]
+    message = make_message(SINK_RCPT, 0, AUTH_SENDER)[:-3]
+    out = {"bytes": len(message), "calls": n, "kinds": {}}
+    for kind, path in spec["keys"].items():
+        key = signing.load_key(AUTH_DOMAIN, kind, path)
+        record = key.dns_record().encode()
+
+        def dnsfunc(name, timeout=5, record=record):
+            return record
+
+        for _ in range(10):
+            signature = signing.sign(message, [key])
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            signature = signing.sign(message, [key])
+        c1, w1 = time.process_time(), time.perf_counter()
+        signed = signature + message
+        ok = dkim.verify(signed, dnsfunc=dnsfunc)
+        v0 = time.process_time()
+        for _ in range(n):
+            dkim.verify(signed, dnsfunc=dnsfunc)
+        v1 = time.process_time()
+        out["kinds"][kind] = {
+            "sign_cpu_ms": (c1 - c0) * 1000 / n,
+            "sign_wall_ms": (w1 - w0) * 1000 / n,
+            "verify_cpu_ms": (v1 - v0) * 1000 / n,
+            "verifies": bool(ok),
+            "signature_bytes": len(signature),
+        }
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def sign_microbench(setup: AuthSetup, calls: int) -> dict:
+    try:
+        p = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--sign-microbench"]
+            + [json.dumps({"calls": calls, "keys": {k: str(v) for k, v in setup.keys.items()}})],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=str(ROOT),
+            stdin=subprocess.DEVNULL,
+        )
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        err = locals().get("p")
+        why = (err.stderr.strip().splitlines() or ["?"])[-1] if err is not None else str(e)
+        return {"error": f"in-process measurement failed: {why}"}
+
+
+class SigningMailerd(Mailerd):
+    """(b): a mailerd whose trusted listener takes mail from AUTH_DOMAIN for SINK_RCPT, signed
+    with one key kind (or none: "none"), relayed (--relayhost SINK_HOST:PORT, SINK_HOST resolved
+    by the phase's DNS to 127.0.0.1; an MX would mean port 25) to a Sink of its own. Its runs
+    are measured until its queue is empty, as Postfix's until its Maildir is complete."""
+
+    def __init__(self, base: Path, workers: int, max_sessions: int, kind: str, setup: AuthSetup):
+        super().__init__(
+            base,
+            workers,
+            max_sessions,
+            dirname=f"mailerd-sign-{kind}",
+            dns_server=setup.dns_server,
+            label=f"mailerd {KIND_TITLE[kind]}",
+        )
+        self.kind = kind
+        self.setup = setup
+        self.rcpt = SINK_RCPT
+        self.sink: Sink | None = None
+        self.sink_report: dict | None = None
+
+    def start(self) -> None:
+        self.sink = Sink(self.base / "sink")
+        # AUTH_DOMAIN is this mailerd's own here (--dkim-key wants a local domain), whatever
+        # its key; it only sends from it, to SINK_DOMAIN
+        self.extra = ["-d", AUTH_DOMAIN, "--relayhost", f"{SINK_HOST}:{self.sink.port}"]
+        self.extra += ["--outbound-ip", "ipv4"]
+        if self.kind != "none":
+            self.extra += ["--dkim-key", f"{AUTH_DOMAIN}:{self.kind}:{self.setup.keys[self.kind]}"]
+        try:
+            super().start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def queued(self) -> int:
+        try:
+            return sum(1 for n in os.listdir(self.queue / "env") if ".tmp" not in n)
+        except OSError:
+            return 0
+
+    def settle(self, limit: float) -> None:
+        self.wait_drained(limit)
+
+    def wait_drained(self, limit: float) -> float | None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if self.queued() == 0:
+                return time.monotonic()
+            time.sleep(0.02)
+        return None
+
+    def stop(self) -> None:
+        super().stop()
+        if self.sink is not None:
+            self.sink_report = self.sink.close()
+            self.sink = None
+
+
+def make_auth_servers(base: Path, args, setup: AuthSetup) -> tuple[list[Server], list[Server]]:
+    """(a)'s servers: mailerd --inbound-auth header and off (the load on the untrusted
+    listener), the private Postfix without milters; (b)'s: a SigningMailerd per key kind and
+    one without a key."""
+    inbound: list[Server] = []
+    signers: list[Server] = []
+    if "inbound" in args.auth_modes:
+        if args.only in (None, "mailerd"):
+            for mode in ("header", "off"):
+                inbound.append(
+                    Mailerd(
+                        base,
+                        args.workers,
+                        args.max_sessions,
+                        dirname=f"mailerd-inbound-{mode}",
+                        network=True,
+                        dns_server=setup.dns_server,
+                        extra=("--inbound-auth", mode)
+                        + ("--max-sessions-per-ip", str(args.max_sessions)),
+                        label=f"mailerd {mode}",
+                    )
+                )
+        if args.only in (None, "postfix"):
+            inbound.append(
+                Postfix(
+                    base,
+                    args.postfix_process_limit,
+                    args.postfix_idle_limit,
+                    dirname="postfix-auth",
+                    label="postfix plain",
+                )
+            )
+    if "signing" in args.auth_modes and args.only in (None, "mailerd"):
+        for kind in (*SIGN_KINDS, "none"):
+            signers.append(SigningMailerd(base, args.workers, args.max_sessions, kind, setup))
+    return inbound, signers
+
+
+def auth_send(srv: Server, part: str, c: int, count: int, setup: AuthSetup, args):
+    """The send() of an authentication-phase run against `srv`, for throughput_run."""
+    procs = args.auth_generators or min(2, c)
+    path = setup.signed if part == "inbound" else setup.plain
+    timeout = max(60.0, count / 5)
+    return lambda: run_generator(
+        srv.port, srv.rcpt, AUTH_SENDER, None, c, count, procs, timeout, messages=str(path)
+    )
+
+
+def auth_results_check(mailbox: Path, authserv_id: str) -> dict:
+    """What the Authentication-Results fields of `authserv_id` in a mailerd mailbox say: per
+    method (spf, dkim, dmarc) a count of each result ("missing": no such result in the field),
+    how many messages pass all three, how many have no such field, and a few that do not pass."""
+    methods = ("spf", "dkim", "dmarc")
+    counts = {m: collections.Counter() for m in methods}
+    n = all_pass = without = 0
+    odd: list[str] = []
+    try:
+        entries = [e for e in os.scandir(mailbox) if e.name.isdigit() and e.is_file()]
+    except OSError:
+        entries = []
+    for e in entries:
+        with contextlib.suppress(OSError), open(e.path, "rb") as f:
+            head = f.read(65536)
+            n += 1
+            end = re.search(rb"\r?\n\r?\n", head)
+            text = head[: end.start() if end else len(head)].decode(errors="replace")
+            text = re.sub(r"\r?\n[ \t]+", " ", text)
+            ours = [
+                line.split(":", 1)[1]
+                for line in text.splitlines()
+                if line.lower().startswith("authentication-results:")
+                and line.split(":", 1)[1].split(";")[0].strip().lower() == authserv_id.lower()
+            ]
+            if not ours:
+                without += 1
+                if len(odd) < 3:
+                    odd.append(f"message {e.name}: no Authentication-Results of {authserv_id}")
+                continue
+            found = collections.defaultdict(list)
+            for method, result in _AR_RESULT.findall(ours[0]):
+                found[method.lower()].append(result.lower())
+            for m in methods:
+                counts[m][",".join(found.get(m, ["missing"]))] += 1
+            if all(found.get(m) == ["pass"] for m in methods) and len(ours) == 1:
+                all_pass += 1
+            elif len(odd) < 3:
+                odd.append(f"message {e.name}: {' '.join(ours[0].split())[:200]}")
+    return {
+        "messages": n,
+        "all_pass": all_pass,
+        "without": without,
+        "results": {m: dict(c) for m, c in counts.items()},
+        "examples_not_passing": odd,
+    }
+
+
+def bench_auth(
+    inbound: list[Server], signers: list[Server], setup: AuthSetup, args
+) -> tuple[dict, list[str]]:
+    """Both parts, one after the other, each with its own servers (started here, stopped at
+    the end of the part); then the in-process signing figures. Returns (results, failed)."""
+    out: dict = {"inbound": None, "signing": None, "microbench": None}
+    failed: list[str] = []
+    parts = (("inbound", inbound, args.auth_levels), ("signing", signers, args.sign_levels))
+    for part, servers, levels in parts:
+        if not servers:
+            continue
+        q0 = len(setup.dns.queries)
+        results, rounds, bad = auth_part(part, servers, levels, setup, args)
+        failed += [f"{label} ({part})" for label in bad]
+        out[part] = {
+            "results": results,
+            "rounds": rounds,
+            "dns_queries": len(setup.dns.queries) - q0,
+        }
+    if "signing" in args.auth_modes and args.sign_calls > 0:
+        log(f"in-process signing: {args.sign_calls} mailerd.signing.sign calls per key")
+        out["microbench"] = sign_microbench(setup, args.sign_calls)
+    return out, failed
+
+
+def auth_part(
+    part: str, servers: list[Server], levels: list[int], setup: AuthSetup, args
+) -> tuple[list[dict], list[dict], list[str]]:
+    """Start one part's servers, probe each with one message (one that fails it is left out,
+    with the reason), run the levels (auth_level), then the checks: the mailboxes' messages
+    and Authentication-Results (inbound), what each sink received (signing)."""
+    benches: list[Bench] = []
+    failed: list[str] = []
+    rounds: list[dict] = []
+    try:
+        for srv in servers:
+            b = Bench(srv)
+            b.res["label"] = srv.label
+            try:
+                b.start()
+            except ServerError as e:
+                log(f"{srv.label} ({part}) failed: {e}")
+                failed.append(srv.label)
+                shut(srv)
+                continue
+            benches.append(b)
+        usable = []
+        for b in benches:
+            probe = auth_send(b.srv, part, 1, 1, setup, args)()
+            b.accepted += probe["done"]
+            if probe["done"] != 1:
+                why = f"{part}: a first message failed: {probe['error']}"
+                log(f"{b.srv.label}: {why}")
+                b.res["notes"].append(why + "; not measured")
+                continue
+            usable.append(b)
+        for c in levels:
+            live = [b for b in usable if b.active]
+            if not live:
+                break
+            rounds += auth_level(live, part, c, setup, args)
+            for b in live:
+                if b.res.get("died"):
+                    failed.append(b.srv.label)
+                    b.finish()
+        live = [b for b in benches if b.active]
+        for b in live:
+            b.going = True
+        settle(live)
+        time.sleep(0.5)
+        for b in live:
+            if b.mailbox_start is not None and part == "inbound":
+                if isinstance(b.srv, Postfix):
+                    b.srv.wait_mailbox(b.mailbox_start + b.accepted, 60)
+                got = b.srv.mailbox_count()
+                b.res["mailbox_check"] = {
+                    "accepted_250": b.accepted,
+                    "in_mailbox": got - b.mailbox_start if got is not None else None,
+                }
+            if part == "inbound" and isinstance(b.srv, Mailerd):
+                b.res["auth_results"] = auth_results_check(b.srv.spool / "user", HELO)
+    finally:
+        for b in benches:
+            b.finish()
+    for b in benches:
+        if isinstance(b.srv, SigningMailerd):
+            rep = b.srv.sink_report or {}
+            rep["accepted_250"] = b.accepted
+            b.res["sink"] = rep
+            b.res["kind"] = b.srv.kind
+            kept = (rep.get("kept") or {}).get(b.srv.kind)
+            if kept:
+                rep["first_verifies"] = verify_kept(Path(kept), setup)
+    return [b.res for b in benches], rounds, failed
+
+
+def verify_kept(path: Path, setup: AuthSetup) -> str:
+    """dkimpy's verdict on a message the sink received, the key fetched from the phase's DNS."""
+    import dkim
+
+    try:
+        ok = dkim.verify(
+            path.read_bytes(), dnsfunc=lambda name, timeout=5: setup.txt(name.decode())
+        )
+    except Exception as e:  # (a check: say what went wrong)
+        return f"error: {type(e).__name__}: {e}"
+    return "pass" if ok else "fail"
+
+
+def auth_level(live: list[Bench], part: str, c: int, setup: AuthSetup, args) -> list[dict]:
+    """One level of one part for every server in `live`: `repeat` rounds of one run per
+    server, back to back, the order rotating by one each round (with 3 servers and 3 rounds,
+    each goes first once). Fills each server's results; returns the rounds, each the
+    msgs/s and CPU ms/msg per server label, for the paired figures."""
+    for b in live:
+        b.sampler.reset()
+        b.runs = []
+        b.going = True
+    count = args.auth_messages
+    rounds = []
+    for i in range(args.repeat):
+        k = i % len(live)
+        got = {}
+        for b in live[k:] + live[:k]:
+            if not b.going:
+                continue
+            srv = b.srv
+            settle(live)
+            time.sleep(0.5)
+            log(
+                f"{srv.label}: {part}, {c} clients: {count} messages"
+                + (f" (run {i + 1}/{args.repeat})" if args.repeat > 1 else "")
+            )
+            run = throughput_run(srv, c, args, send=auth_send(srv, part, c, count, setup, args))
+            run["error"] = run.pop("smtp_source_error")
+            run["generator"] = run.pop("smtp_source_cmd")
+            if isinstance(srv, SigningMailerd):
+                run["queue_seconds"] = run.pop("mailbox_seconds")
+            b.accepted += run["msgs"]
+            b.runs.append(run)
+            got[srv.label] = {k2: run[k2] for k2 in ("msgs_per_s", "cpu_ms_per_msg")}
+            if run["error"]:
+                log(f"{srv.label}: load generator: {run['error']} ({run['msgs']}/{count} done)")
+            if not srv.running():
+                b.going = False
+        rounds.append({"part": part, "clients": c, "round": i + 1, "runs": got})
+    for b in live:
+        srv, runs = b.srv, b.runs
+        if not runs:
+            continue
+        median = sorted(runs, key=lambda r: r["msgs_per_s"])[(len(runs) - 1) // 2]
+        peak, procs = b.sampler.peak()
+        b.res["levels"].append(
+            {
+                "part": part,
+                "clients": c,
+                "requested": count,
+                **median,
+                "gen_cpu_ms_per_msg": median["gen"]["cpu_ms_per_msg"],
+                "runs_msgs_per_s": [r["msgs_per_s"] for r in runs],
+                "runs_cpu_ms_per_msg": [r["cpu_ms_per_msg"] for r in runs],
+                "runs": list(runs),
+                "peak_mem": peak,
+                "peak_procs": procs,
+            }
+        )
+        srv.remember_pids()
+        if not srv.running():
+            b.going = False
+            b.res["died"] = (
+                f"{srv.label} stopped running during the {part} {c}-client level"
+                + srv.exit_evidence()
+            )
+            log(b.res["died"])
+    return rounds
 
 
 def _ms(x):
@@ -2454,6 +3162,336 @@ def report_tls(results: list[dict], paired: list[dict], args) -> None:
     print()
 
 
+def _paired(rounds: list[dict], part: str, c: int, ref: str, label: str, key: str, op) -> list:
+    """Per round of `part` at `c` clients: op(label's value, ref's value) of `key`."""
+    out = []
+    for r in rounds:
+        if r["part"] != part or r["clients"] != c:
+            continue
+        a, b = r["runs"].get(label), r["runs"].get(ref)
+        ok = a and b and a[key] is not None and b[key] is not None
+        out.append(op(a[key], b[key]) if ok else None)
+    return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _median(values: list) -> float | None:
+    ok = [v for v in values if v is not None]
+    return statistics.median(ok) if ok else None
+
+
+def report_auth(auth: dict, setup: AuthSetup, args) -> None:
+    """The authentication phase's two tables, its checks, and the issue's targets."""
+    print()
+    print(
+        f"Authentication phase (issue #15): {MSG_LEN}-byte messages to 127.0.0.1, "
+        f"{os.cpu_count()} CPUs; a DNS server of the benchmark's own (tests/dnsserver.py, in "
+        "its process) publishes for"
+    )
+    lines = [
+        f"{AUTH_DOMAIN}: SPF v=spf1 ip4:{HOST} -all, DMARC v=DMARC1; p=reject, and the DKIM keys'",
+        "TXT records as `mailerd dkim keygen` printed them (RSA-2048 selector rsa, Ed25519",
+        "selector ed25519). Every mailerd asks it alone (--dns-server); TTLs 300 s, and each",
+        "mailerd worker caches answers, as a real one would for a sender that writes often.",
+        "load     this script's own generator (as the TLS phase's, without TLS): Python asyncio",
+        "         on uvloop, in processes of its own; each message on a new connection:",
+        "         banner, EHLO, MAIL, RCPT, DATA, QUIT; the messages made beforehand (below)",
+        "msgs/s   messages answered with the final 250 / time from the first connect to the",
+        "         last 250; the median of the runs, which rotate between the part's servers,",
+        "         back to back (round i starts with the i-th server)",
+        "CPU      utime+stime of the server's process tree (reaped children included) over the",
+        "         run, until the server is done with the messages (Postfix: its Maildir",
+        "         complete; (b): mailerd's queue empty) / msgs",
+        "gen      the load generator's own CPU / msgs (it shares the cores with the server)",
+        "others   CPU cores kept busy by unrelated processes meanwhile (noise; in (b) this",
+        "         includes the SMTP sink)",
+    ]
+    print("\n".join("  " + line for line in lines))
+    inbound, signing = auth.get("inbound"), auth.get("signing")
+    rounds = (inbound or {}).get("rounds", []) + (signing or {}).get("rounds", [])
+    if inbound:
+        _report_auth_part(inbound, "inbound", "postfix plain", args, rounds, setup)
+    if signing:
+        _report_auth_part(signing, "signing", "mailerd unsigned", args, rounds, setup)
+    mb = auth.get("microbench")
+    if mb:
+        print()
+        if mb.get("error"):
+            print(f"in-process signing: {mb['error']}")
+        else:
+            print(
+                f"in-process (bench.py --sign-microbench, a process of its own): "
+                f"{mb['calls']} mailerd.signing.sign calls on a {mb['bytes']}-byte message "
+                "per key, after 10 unmeasured; CPU = process_time"
+            )
+            for kind, k in mb["kinds"].items():
+                print(
+                    f"  {KIND_TITLE[kind]:9} sign {k['sign_cpu_ms']:.3f} ms CPU "
+                    f"({k['sign_wall_ms']:.3f} ms wall) per message; dkimpy verify of the "
+                    f"result {k['verify_cpu_ms']:.3f} ms CPU "
+                    f"({'verifies' if k['verifies'] else 'DOES NOT VERIFY'}); "
+                    f"DKIM-Signature {k['signature_bytes']} bytes"
+                )
+    print()
+    print("targets (issue #15):")
+    for c in args.auth_levels if inbound else []:
+        paired = _median(
+            _paired(rounds, "inbound", c, "postfix plain", "mailerd header", "msgs_per_s", _ratio)
+        )
+        m = _level(inbound, "mailerd header", c)
+        p = _level(inbound, "postfix plain", c)
+        if m and p and p["msgs_per_s"]:
+            r = m["msgs_per_s"] / p["msgs_per_s"]
+            print(
+                f"  inbound with verification >= 1.5x Postfix plain, {_clients(c)}: {r:.2f}x "
+                f"(paired median {fmt(paired, '.2f')}x): {'met' if r >= 1.5 else 'NOT met'}"
+            )
+    for kind in SIGN_KINDS if signing else []:
+        label = f"mailerd {KIND_TITLE[kind]}"
+        for c in args.sign_levels:
+            d = _median(
+                _paired(
+                    rounds,
+                    "signing",
+                    c,
+                    "mailerd unsigned",
+                    label,
+                    "cpu_ms_per_msg",
+                    lambda a, b: a - b,
+                )
+            )
+            if d is not None:
+                print(
+                    f"  signing adds < 2 ms CPU per message, {KIND_TITLE[kind]}, {_clients(c)}: "
+                    f"+{d:.2f} ms (server, paired median): {'met' if d < 2 else 'NOT met'}"
+                )
+        k = ((mb or {}).get("kinds") or {}).get(kind)
+        if k:
+            ms = k["sign_cpu_ms"]
+            print(
+                f"  signing adds < 2 ms CPU per message, {KIND_TITLE[kind]}, in-process: "
+                f"{ms:.2f} ms: {'met' if ms < 2 else 'NOT met'}"
+            )
+    print()
+
+
+def _level(part: dict, label: str, c: int) -> dict | None:
+    for r in part["results"]:
+        if r.get("label") == label:
+            for L in r["levels"]:
+                if L["clients"] == c:
+                    return L
+    return None
+
+
+def _report_auth_part(
+    part: dict, name: str, ref: str, args, rounds: list[dict], setup: AuthSetup
+) -> None:
+    results = part["results"]
+    print()
+    if name == "inbound":
+        print(
+            "(a) inbound: the load on mailerd's untrusted listener (-n; -l none), MAIL FROM and "
+            f"From: {AUTH_SENDER}, each"
+        )
+        print(
+            f"    message DKIM-signed beforehand with the RSA-2048 key ({setup.pool} different "
+            f"ones, {setup.presign_cpu * 1000 / setup.pool:.2f} ms CPU each, not in any figure);"
+        )
+        print(
+            "    mailerd --inbound-auth header (SPF, DKIM, DMARC; Authentication-Results added) "
+            "and off; the private"
+        )
+        print("    Postfix as in the plaintext phase (no milters), the same messages")
+        extra_hdr, extra_w = ("x Postfix", "paired"), (9, 6)
+    else:
+        print(
+            f"(b) outbound signing: the load on mailerd's trusted listener (-l), From: "
+            f"{AUTH_SENDER}, RCPT {SINK_RCPT}; queued,"
+        )
+        print(
+            f"    signed at queueing (--dkim-key {AUTH_DOMAIN}:rsa|ed25519:FILE, or none), then "
+            f"relayed by --relayhost {SINK_HOST}:PORT"
+        )
+        print(
+            f"    ({SINK_HOST} A {HOST} in the phase's DNS) to an SMTP sink of this script; "
+            "'queue s': until mailerd's queue was"
+        )
+        print(
+            "    empty. The signing cost is the CPU above the unsigned mailerd's: median of the "
+            "paired rounds' differences"
+        )
+        extra_hdr, extra_w = ("+CPU ms", "paired"), (7, 6)
+    hdr = (
+        "server",
+        "clients",
+        "msgs",
+        "seconds",
+        "msgs/s",
+        "queue s" if name == "signing" else "mbox s",
+        "CPU ms/msg",
+        "gen ms/msg",
+        "peak MB",
+        "others",
+        *extra_hdr,
+    )
+    w = (17, 7, 6, 7, 7, 7, 10, 10, 7, 6, *extra_w)
+    print()
+    print(_row(hdr, w))
+    print("  ".join("-" * x for x in w))
+    for r in results:
+        for L in r["levels"]:
+            label, c = r["label"], L["clients"]
+            refL = _level(part, ref, c)
+            if name == "inbound":
+                a = (
+                    L["msgs_per_s"] / refL["msgs_per_s"]
+                    if refL and refL["msgs_per_s"] and label != ref
+                    else None
+                )
+                b = _median(_paired(rounds, name, c, ref, label, "msgs_per_s", _ratio))
+                extra = (fmt(a, ".2f"), fmt(b if label != ref else None, ".2f"))
+            else:
+                a = (
+                    L["cpu_ms_per_msg"] - refL["cpu_ms_per_msg"]
+                    if refL
+                    and L["cpu_ms_per_msg"] is not None
+                    and refL["cpu_ms_per_msg"] is not None
+                    and label != ref
+                    else None
+                )
+                b = _median(
+                    _paired(rounds, name, c, ref, label, "cpu_ms_per_msg", lambda x, y: x - y)
+                )
+                extra = (fmt(a, "+.2f"), fmt(b if label != ref else None, "+.2f"))
+            row = (
+                label,
+                str(c),
+                str(L["msgs"]),
+                fmt(L["seconds"], ".2f"),
+                fmt(L["msgs_per_s"], ".1f"),
+                fmt(L.get("queue_seconds", L.get("mailbox_seconds")), ".2f"),
+                fmt(L["cpu_ms_per_msg"], ".2f"),
+                fmt(L["gen_cpu_ms_per_msg"], ".2f"),
+                fmt(L["peak_mem"] / 2**20, ".1f"),
+                fmt(L["other_cores"], ".2f"),
+                *extra,
+            )
+            print(_row(row, w))
+    if name == "inbound":
+        print(
+            "  (x Postfix: msgs/s / Postfix plain's, of the medians; paired: the median of the "
+            "rounds' own ratios)"
+        )
+    else:
+        print(
+            "  (+CPU ms: CPU ms/msg minus the unsigned mailerd's, of the medians; paired: the "
+            "median of the rounds' own differences)"
+        )
+    print("  CPU ms/msg by process (a parent includes the children it reaped meanwhile):")
+    for r in results:
+        for L in r["levels"]:
+            parts = [
+                f"{k} {v:.2f}" for k, v in L["cpu_by_process_ms_per_msg"].items() if v >= 0.005
+            ]
+            print(f"    {r['label']} {L['clients']}c: " + ", ".join(parts[:8]))
+    notes = []
+    if name == "inbound":
+        notes.append(
+            f"the phase's DNS server answered {part['dns_queries']} queries during (a) "
+            "(the workers' caches answer the rest)"
+        )
+    for r in results:
+        lines = []
+        ar = r.get("auth_results")
+        if ar is not None:
+            res = ar["results"]
+            if "header" in r["label"]:
+                lines.append(
+                    f"mailbox: {ar['messages']} messages; Authentication-Results of "
+                    f"{HELO}: spf {_counts(res['spf'])}; dkim {_counts(res['dkim'])}; "
+                    f"dmarc {_counts(res['dmarc'])}; all three pass: {ar['all_pass']}; "
+                    f"without the field: {ar['without']}"
+                )
+                if ar["all_pass"] != ar["messages"]:
+                    lines.append(
+                        f"PROBLEM: {ar['messages'] - ar['all_pass']} message(s) without "
+                        "spf=pass dkim=pass dmarc=pass, e.g.:"
+                    )
+                    lines += ["  " + x for x in ar["examples_not_passing"]]
+            else:
+                n_with = ar["messages"] - ar["without"]
+                lines.append(
+                    f"mailbox: {ar['messages']} messages, {n_with} with an "
+                    f"Authentication-Results of {HELO}"
+                    + (" (expected: none)" if n_with == 0 else " (UNEXPECTED with off)")
+                )
+        sink = r.get("sink")
+        if sink:
+            if sink.get("error"):
+                lines.append(f"sink: {sink['error']}")
+            else:
+                want = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}.get(r.get("kind"), "")
+                lines.append(
+                    f"sink: {sink['messages']} messages received ({sink['accepted_250']} "
+                    f"accepted by mailerd); with an rsa-sha256 signature {sink['rsa']}, "
+                    f"ed25519-sha256 {sink['ed25519']}, unsigned {sink['unsigned']}; "
+                    f"sink CPU {sink['cpu_seconds'] * 1000 / max(1, sink['messages']):.2f} ms/msg"
+                    + (f" (expected: all {want})" if want else " (expected: all unsigned)")
+                )
+                if sink.get("first_verifies"):
+                    lines.append(
+                        "the first signed message the sink got, verified by dkimpy against the "
+                        f"key in the phase's DNS: {sink['first_verifies']}"
+                    )
+        for L in r["levels"]:
+            title = _clients(L["clients"])
+            if L["error"]:
+                lines.append(
+                    f"{title}: load generator: {L['error']} ({L['msgs']}/{L['requested']} done)"
+                )
+            if len(L["runs_msgs_per_s"]) > 1:
+                lines.append(
+                    f"{title}: msgs/s of the {len(L['runs_msgs_per_s'])} runs, in order: "
+                    + ", ".join(f"{x:.1f}" for x in L["runs_msgs_per_s"])
+                    + "; CPU ms/msg: "
+                    + ", ".join(fmt(x, ".2f") for x in L["runs_cpu_ms_per_msg"])
+                )
+            if L["max_gap"] >= 0.5:
+                lines.append(
+                    f"{title}: no 250 for {L['max_gap']:.2f} s "
+                    f"(from {L['max_gap_at']:.2f} s into the run)"
+                )
+            if "queue_seconds" in L and L["queue_seconds"] is None:
+                lines.append(f"{title}: mailerd's queue not empty within 120 s")
+            if r["server"] == "postfix" and L.get("mailbox_seconds", 0) is None:
+                lines.append(f"{title}: mailbox not complete within 120 s")
+        mc = r.get("mailbox_check")
+        if mc and mc["in_mailbox"] is not None and mc["in_mailbox"] != mc["accepted_250"]:
+            lines.append(
+                f"mailbox check: {mc['accepted_250']} messages got 250 but "
+                f"{mc['in_mailbox']} are in the mailbox"
+            )
+        if r.get("died"):
+            lines.append("FAILED: " + r["died"])
+        lines += r.get("notes", [])
+        lines += r.get("problems", [])
+        if lines:
+            notes.append(f"{r['label']}:")
+            notes += ["  " + line for line in lines]
+    if notes:
+        print(f"  notes, ({'a' if name == 'inbound' else 'b'}):")
+        for line in notes:
+            print("    " + line)
+
+
+def _counts(c: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1])) or "-"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         prog="scripts/bench",
@@ -2485,13 +3523,12 @@ def main() -> int:
         help="smtp-source runs per level and server, interleaved between the "
         "servers; the median one is reported (3; quick 1)",
     )
-    ap.add_argument(
-        "--no-tls", action="store_true", help="plaintext only: skip the TLS phase (as before #14)"
-    )
+    ap.add_argument("--no-tls", action="store_true", help="skip the TLS phase (as before #14)")
     ap.add_argument(
         "--tls-only",
         action="store_true",
-        help="the TLS phase only (STARTTLS and submission runs; no plaintext runs, no idle test)",
+        help="the TLS phase only (STARTTLS and submission runs; no plaintext runs, no idle test, "
+        "no authentication phase)",
     )
     ap.add_argument(
         "--tls-levels", default="1,10", help="the TLS phase's concurrency levels (1,10)"
@@ -2518,6 +3555,47 @@ def main() -> int:
         help="TLS phase: let Postfix send TLS 1.3 session tickets, its default (by default "
         "here it sends none, as mailerd: with them its EHLO reply after the handshake waits "
         "~40 ms for the client's delayed ACK)",
+    )
+    ap.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="skip the authentication phase (inbound verification, outbound signing; #15)",
+    )
+    ap.add_argument(
+        "--auth-only",
+        action="store_true",
+        help="the authentication phase only (no plaintext runs, no idle test, no TLS phase)",
+    )
+    ap.add_argument(
+        "--auth-modes",
+        default="inbound,signing",
+        help="the authentication phase's parts: inbound (mailerd --inbound-auth header and "
+        "off, Postfix plain, DKIM-signed messages on the untrusted listener), signing (mailerd "
+        "with an RSA-2048 key, an Ed25519 key, none; relayed to a sink) (inbound,signing)",
+    )
+    ap.add_argument(
+        "--auth-levels", default="1,10", help="the inbound part's concurrency levels (1,10)"
+    )
+    ap.add_argument(
+        "--sign-levels", default="10", help="the signing part's concurrency levels (10)"
+    )
+    ap.add_argument(
+        "--auth-messages",
+        type=int,
+        help="messages per authentication-phase run (as --messages: 2000; quick 200)",
+    )
+    ap.add_argument(
+        "--auth-generators",
+        type=int,
+        default=0,
+        help="load generator processes per authentication-phase run (default: 1 for 1 "
+        "client, else 2)",
+    )
+    ap.add_argument(
+        "--sign-calls",
+        type=int,
+        default=300,
+        help="in-process mailerd.signing.sign calls per key type (300; 0 skips)",
     )
     ap.add_argument("--workers", type=int, default=2, help="mailerd -w (2)")
     ap.add_argument("--max-sessions", type=int, default=20000, help="mailerd --max-sessions")
@@ -2553,6 +3631,18 @@ def main() -> int:
         ap.error("levels must be 1..1000 and --messages >= 1")
     if args.no_tls and args.tls_only:
         ap.error("--no-tls and --tls-only exclude each other")
+    if args.auth_only and (args.no_auth or args.tls_only):
+        ap.error("--auth-only excludes --no-auth and --tls-only")
+    args.auth_messages = args.auth_messages or args.messages
+    args.auth_levels = [int(x) for x in args.auth_levels.split(",") if x.strip()]
+    args.sign_levels = [int(x) for x in args.sign_levels.split(",") if x.strip()]
+    args.auth_modes = [x.strip() for x in args.auth_modes.split(",") if x.strip()]
+    if any(m not in AUTH_MODES for m in args.auth_modes):
+        ap.error(f"--auth-modes: {', '.join(AUTH_MODES)}")
+    if any(c < 1 or c > 1000 for c in args.auth_levels + args.sign_levels):
+        ap.error("--auth-levels and --sign-levels must be 1..1000")
+    if args.auth_messages < 1 or args.auth_generators < 0 or args.sign_calls < 0:
+        ap.error("--auth-messages >= 1, --auth-generators >= 0, --sign-calls >= 0")
     args.tls_messages = args.tls_messages or args.messages
     args.tls_levels = [int(x) for x in args.tls_levels.split(",") if x.strip()]
     args.tls_modes = [x.strip() for x in args.tls_modes.split(",") if x.strip()]
@@ -2563,6 +3653,9 @@ def main() -> int:
     if args.tls_generators < 0:
         ap.error("--tls-generators >= 0")
     args.tls_setup = None
+    run_plain = not (args.tls_only or args.auth_only)
+    run_tls = not (args.no_tls or args.auth_only)
+    run_auth = not (args.no_auth or args.tls_only)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = args.idle + 256
@@ -2607,7 +3700,10 @@ def main() -> int:
         fsinfo = str(base)
     servers: list[Server] = []
     tls_servers: list[Server] = []
-    if not args.tls_only:
+    auth_setup: AuthSetup | None = None
+    auth: dict = {}
+    auth_failed: list[str] = []
+    if run_plain:
         if args.only in (None, "mailerd"):
             servers.append(Mailerd(base, args.workers, args.max_sessions))
         if args.only in (None, "postfix"):
@@ -2620,7 +3716,7 @@ def main() -> int:
             results, paired, failed = bench_servers(servers, args)
             for srv in servers:  # (the TLS phase's Postfix needs the temporary user afresh)
                 shut(srv)
-        if not args.no_tls:
+        if run_tls:
             try:
                 args.tls_setup = TLSSetup(base, args.postfix_tickets)
             except (OSError, subprocess.SubprocessError) as e:
@@ -2642,6 +3738,18 @@ def main() -> int:
                     )
                 servers += tls_servers
                 tls_results, tls_paired, tls_failed = bench_tls(tls_servers, args)
+        if run_auth:
+            for srv in tls_servers:  # (the authentication phase's Postfix needs the user afresh)
+                shut(srv)
+            try:
+                auth_setup = AuthSetup(base, args.auth_messages)
+            except (OSError, subprocess.SubprocessError, ServerError, ValueError) as e:
+                log(f"no authentication phase: cannot set it up: {e}")
+                auth_failed.append("setup")
+            else:
+                inbound, signers = make_auth_servers(base, args, auth_setup)
+                servers += inbound + signers
+                auth, auth_failed = bench_auth(inbound, signers, auth_setup, args)
     except Interrupted as e:
         log(f"interrupted ({e}); cleaning up")
         for srv in servers:
@@ -2654,6 +3762,10 @@ def main() -> int:
         for srv in servers:
             if isinstance(srv, Postfix) and srv.created_user:
                 srv.cleanup()
+            if isinstance(srv, SigningMailerd) and srv.sink is not None:
+                srv.stop()  # (its sink, a process of ours, even after an interruption)
+        if auth_setup is not None:
+            auth_setup.close()
         if args.keep:
             log(f"kept {base}")
         else:
@@ -2663,11 +3775,15 @@ def main() -> int:
         report(results, paired, args, fsinfo)
     if tls_results:
         report_tls(tls_results, tls_paired, args)
-    if results or tls_results:
+    if auth.get("inbound") or auth.get("signing") or auth.get("microbench"):
+        report_auth(auth, auth_setup, args)
+    if results or tls_results or auth:
         print(f"(total {time.monotonic() - t0:.0f} s)")
     if args.json:
         out = {"results": results, "paired": paired, "failed": failed}
-        if not args.no_tls:
+        if run_auth:
+            out["auth"] = {**auth, "failed": auth_failed, "zone": auth_setup and auth_setup.zone}
+        if run_tls:
             out["tls"] = {
                 "results": tls_results,
                 "paired": tls_paired,
@@ -2678,6 +3794,7 @@ def main() -> int:
             }
         Path(args.json).write_text(json.dumps(out, indent=1))
     failed += [f"{name} (TLS phase)" for name in tls_failed]
+    failed += [f"{name} (authentication phase)" for name in auth_failed]
     if failed:
         print(f"FAILED (did not start or stopped running): {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -2687,4 +3804,8 @@ def main() -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--load-generator"]:
         sys.exit(generator_main(sys.argv[2]))
+    if sys.argv[1:2] == ["--smtp-sink"]:
+        sys.exit(sink_main(sys.argv[2]))
+    if sys.argv[1:2] == ["--sign-microbench"]:
+        sys.exit(microbench_main(sys.argv[2]))
     sys.exit(main())

@@ -16,9 +16,9 @@ dot are left out) it prints, in zone-file form:
   Outlook refuse mail from an address whose PTR name does not resolve back to it).
 
 The outbound addresses are those of the network listeners (-n, by default the addresses of the
-default route's interface), within --outbound-ip, but for link-local and wildcard ones; an
-address that is not public (behind NAT, say) is printed with a warning, since the world sees
-mail from another one.
+default route's interface), within --outbound-ip, but for loopback, link-local and wildcard
+ones (no mail leaves from those); an address that is not public (behind NAT, say) is printed
+with a warning, since the world sees mail from another one.
 
 With --check each record is looked up through the configured resolver (--dns-server, else the
 machine's) and reported as `OK`, `MISSING` or `WRONG` (with what is published and what is
@@ -128,7 +128,7 @@ def outbound_addresses(cfg: Config) -> list[str]:
         if listen.role != config.NETWORK:
             continue
         ip = ipaddress.ip_address(listen.host)
-        usable = not (ip.is_link_local or ip.is_unspecified or ip.is_multicast)
+        usable = not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
         if ip.version in families and usable and str(ip) not in found:
             found.append(str(ip))
     return found

@@ -10,20 +10,30 @@ Layout (all under the queue directory):
   for the pickup, and how it wakes it (see `maildrop`).
 
 Every change is write-new, fsync, rename, fsync the directory. Only the delivery process writes.
+
+A write that fails raises QueueWriteError after the queue has logged the condition, once: a full
+disk fails every write until it is freed, and one line (what failed, in which directory, why)
+says so, another when writes work again. The callers keep what they know (the scheduler its
+items' state, in memory) and try again later; they log no traceback of their own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import stat
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mailerd import durable
 from mailerd.ipc.maildrop import MAILDROP, PICKUP_FIFO, PUBLIC
+
+log = logging.getLogger("mailerd.queue")
 
 # Each directory and its mode: the children's user owns them all (privileges.prepare_queue).
 # Anyone may drop mail into the maildrop (but not list or read it) and poke the pickup.
@@ -90,9 +100,46 @@ def _make_fifo(directory: int, name: str) -> None:
     _fchmod_at(directory, name, PICKUP_MODE)
 
 
+class QueueWriteError(OSError):
+    """A write to the queue failed; the queue has logged the condition (see Conditions)."""
+
+
+class Conditions:
+    """The queue's file-system troubles, each logged once, with the directory, until it clears:
+    (what failed, where, errno) is one condition. Thread-safe (writes run in threads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active: set[tuple[str, str, int | None]] = set()
+
+    def failed(self, action: str, directory: str, exc: OSError) -> None:
+        key = (action, directory, exc.errno)
+        with self.lock:
+            if key in self.active:
+                return
+            self.active.add(key)
+        log.error(
+            "queue: cannot %s %s: %s (said once until it works again)",
+            action,
+            directory,
+            exc.strerror or exc,
+        )
+
+    def worked(self, action: str, directory: str) -> None:
+        if not self.active:  # (the usual case, without taking the lock)
+            return
+        with self.lock:
+            cleared = {key for key in self.active if key[:2] == (action, directory)}
+            self.active -= cleared
+        if cleared:
+            log.info("queue: %s %s works again", action, directory)
+
+
 class Queue:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.shown = _real_path(root)  # what the log calls it
+        self.conditions = Conditions()
 
     def create_dirs(self) -> None:
         """Make the queue's layout (SUBDIRS, the scheduler's lock, the pickup FIFO) with its
@@ -128,20 +175,34 @@ class Queue:
     def put(self, item: QueueItem, head: bytes, body: durable.Body) -> None:
         """Store a new item durably (message first, envelope last as the commit point)."""
         msg = str(self.root / "msg" / item.id)
-        durable.write_synced(msg, head, body)
-        durable.fsync_dir(str(self.root / "msg"))
-        item.size = os.path.getsize(msg)
+        with self._writing("write to", "msg"):
+            durable.write_synced(msg, head, body)
+            durable.fsync_dir(str(self.root / "msg"))
+            item.size = os.path.getsize(msg)
         self.update(item)
 
     def update(self, item: QueueItem) -> None:
         """Atomically replace an item's envelope (recipient states, next attempt)."""
-        durable.replace_synced(str(self.root / "env" / item.id), item.to_json())
-        durable.fsync_dir(str(self.root / "env"))
+        with self._writing("write to", "env"):
+            durable.replace_synced(str(self.root / "env" / item.id), item.to_json())
+            durable.fsync_dir(str(self.root / "env"))
 
     def remove(self, queue_id: str) -> None:
-        for path in (self.root / "env" / queue_id, self.root / "msg" / queue_id):
-            path.unlink(missing_ok=True)
-        durable.fsync_dir(str(self.root / "env"))
+        with self._writing("remove from", "env"):
+            for path in (self.root / "env" / queue_id, self.root / "msg" / queue_id):
+                path.unlink(missing_ok=True)
+            durable.fsync_dir(str(self.root / "env"))
+
+    @contextlib.contextmanager
+    def _writing(self, action: str, sub: str) -> Iterator[None]:
+        """Report a failed write once per condition (Conditions), as QueueWriteError."""
+        directory = f"{self.shown}/{sub}"
+        try:
+            yield
+        except OSError as exc:
+            self.conditions.failed(action, directory, exc)
+            raise QueueWriteError(exc.errno, exc.strerror or str(exc), directory) from exc
+        self.conditions.worked(action, directory)
 
     def message_path(self, queue_id: str) -> Path:
         return self.root / "msg" / queue_id
@@ -185,3 +246,12 @@ class Queue:
                     if name not in known and path.stat().st_mtime < cutoff:
                         path.unlink()
         return items
+
+
+def _real_path(root: Path) -> str:
+    """The directory's own path, also when it is reached through /proc/self/fd/N (as the
+    delivery process reaches the queue after dropping privileges: privileges.keep_dir)."""
+    if root.parent == Path("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            return os.readlink(root)
+    return str(root)

@@ -7,18 +7,48 @@ deferred or refused. Opportunistic STARTTLS by default: a certificate that does 
 blocks delivery unless the policy says "verify", and a failed handshake falls back to plain text
 (as Postfix's `smtp_tls_security_level = may` does). AUTH is used only when credentials are
 configured (a smarthost), and only after STARTTLS unless the policy is "none".
+
+The content goes as queued, streamed from the queue file with its dot-stuffing (memory stays
+bounded for any size), except for a server that does not offer 8BITMIME: 8-bit content is then
+converted to 7 bit for that host (`sevenbit`), or refused with 5.6.3 where it cannot be. A
+message that only mailerd's own keys signed is signed anew once converted (`Settings.dkim_keys`).
+
+For diagnosis, every address that did not take the transaction gets a log line under the
+message's queue id, in Postfix's words (`connect to mx1.example[2001:db8::25]:25: Connection
+refused`, `lost connection with mx1.example[192.0.2.1] while sending RCPT TO`, `certificate
+verification failed for ...`); a session whose connection still works ends with QUIT, however
+the transaction went; with -v the dialogue is logged at DEBUG (commands and replies: never the
+message, never what AUTH sends). A failure that mailerd detects itself is a Result marked
+`ours`, worded as ours: a bounce must never claim that the remote host said it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
+import logging
 import smtplib
 import ssl
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mailerd import signing
+from mailerd.delivery import sevenbit
+from mailerd.log import shorten
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+log = logging.getLogger("mailerd.outbound")
 
 TLS_POLICIES = ("may", "encrypt", "verify", "none")
 HEADER_SCAN = 256 * 1024
+SEND_BUFFER = 64 * 1024  # octets of content per write to the socket
+NOTE_MAX = 1000  # characters of a remote reply kept in a log line
+AUTH_MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")  # in smtplib's order of preference
 
 
 @dataclass(frozen=True)
@@ -26,8 +56,9 @@ class Result:
     code: int  # the reply code (ours for local failures: 4xx retry, 5xx bounce)
     status: str  # enhanced status code
     text: str  # the reply text (for logs and bounces)
-    host: str | None = None  # the host that answered, if any
+    host: str | None = None  # the host that answered, or that we were talking to
     address: str | None = None  # its IP
+    ours: bool = False  # mailerd decided this itself: no remote host said it
 
     @property
     def permanent(self) -> bool:
@@ -41,11 +72,23 @@ class Result:
         return f"{self.code} {self.status} {self.text}".strip()
 
 
+def namaddr(host: str | None, address: str | None) -> str:
+    """Postfix's `host[address]` (just `[address]` for an address literal), or "none"."""
+    if not address:
+        return "none"
+    name = "" if (host or "").startswith("[") else (host or "")
+    return f"{name}[{address}]"
+
+
 @dataclass(frozen=True)
 class Hop:
     host: str  # name for TLS SNI/verification and logs
     address: str  # IP to connect to
     port: int = 25
+
+    @property
+    def name(self) -> str:
+        return namaddr(self.host, self.address)
 
 
 @dataclass(frozen=True)
@@ -55,6 +98,7 @@ class Message:
     path: Path
     smtputf8: bool = False
     body_8bit: bool = False
+    queue_id: str = ""  # what its log lines start with
 
 
 @dataclass(frozen=True)
@@ -65,149 +109,335 @@ class Settings:
     timeout: float = 300.0
     connect_timeout: float = 30.0
     plain_auth: bool = False  # send AUTH without TLS (only when the TLS policy is "none")
+    dkim_keys: tuple[signing.SigningKey, ...] = ()  # to sign a message converted to 7 bit anew
 
 
 class _HopFailed(Exception):
-    """This host did not take the transaction (carries the reason).
+    """This host did not take the transaction: `result` for the recipients, `why` (Postfix's
+    wording, naming the host and address) for the log.
 
     `final` marks answers that would be the same at any host (a 5xx to MAIL FROM): no point
-    trying the next MX.
+    trying the next MX. `usable`: the connection can still say QUIT.
     """
 
-    def __init__(self, result: Result, final: bool = False) -> None:
+    def __init__(
+        self, result: Result, why: str = "", final: bool = False, usable: bool = True
+    ) -> None:
         super().__init__(result.line())
         self.result = result
+        self.why = why or result.text
         self.final = final
+        self.usable = usable
 
 
 class _TLSFailed(_HopFailed):
     """The STARTTLS handshake failed; with the "may" policy the hop is retried in plain text."""
 
+    def __init__(self, result: Result) -> None:
+        super().__init__(result, usable=False)  # the peer is in an unknown state
+
 
 def attempt(hops: list[Hop], message: Message, settings: Settings) -> dict[str, Result]:
     """Deliver `message` via the first hop that takes it; a Result for every recipient."""
-    last = Result(451, "4.4.1", "No destination could be reached")
+    content = _Content(message.path, settings.dkim_keys)
+    last = Result(451, "4.4.1", "No destination could be reached", ours=True)
     for hop in hops:
         try:
-            return _try_hop(hop, message, settings)
+            return _try_hop(hop, message, settings, content)
         except _HopFailed as failed:
+            _note(message, failed.why)
             last = failed.result
             if failed.final:
                 break
     return dict.fromkeys(message.recipients, last)
 
 
-def _try_hop(hop: Hop, message: Message, settings: Settings) -> dict[str, Result]:
+def _note(message: Message, text: str) -> None:
+    log.info("%s%s", f"{message.queue_id}: " if message.queue_id else "", shorten(text, NOTE_MAX))
+
+
+class _Content:
+    """The queued message as one attempt's hosts get it: looked at for 8-bit octets, and planned
+    for conversion, at most once, and only when a host needs it."""
+
+    def __init__(self, path: Path, keys: tuple[signing.SigningKey, ...]) -> None:
+        self.path = path
+        self.keys = keys
+
+    @functools.cached_property
+    def eight_bit(self) -> bool:
+        return sevenbit.has_8bit(self.path)
+
+    @functools.cached_property
+    def plan(self) -> sevenbit.Plan:
+        own = frozenset((key.domain.lower(), key.selector.lower()) for key in self.keys)
+        return sevenbit.plan(self.path, own)
+
+    @functools.cached_property
+    def resigned(self) -> tuple[bytes, str | None]:
+        """The converted message under new signatures of our keys (the plan said `resign`),
+        and their domain (None: none could be made). In memory, as when it was first signed:
+        dkimpy takes the whole message."""
+        converted = b"".join(sevenbit.convert(self.path, self.plan))
+        try:
+            signature, domain = signing.sign_message(converted, self.keys)
+        except Exception as exc:  # dkimpy refuses what it cannot parse
+            log.warning("cannot DKIM-sign %s anew after converting it: %s", self.path.name, exc)
+            return b"", None
+        return signature + converted, domain
+
+
+def _try_hop(
+    hop: Hop, message: Message, settings: Settings, content: _Content
+) -> dict[str, Result]:
     try:
-        return _transaction(hop, message, settings)
-    except _TLSFailed:
+        return _transaction(hop, message, settings, content)
+    except _TLSFailed as failed:
         if settings.tls != "may":
             raise
-        return _transaction(hop, message, replace(settings, tls="none"))
+        _note(message, f"{failed.why}; trying {hop.name} again without TLS")
+        return _transaction(hop, message, replace(settings, tls="none"), content)
 
 
-def _transaction(hop: Hop, message: Message, settings: Settings) -> dict[str, Result]:
-    client = _connect(hop, settings)
+def _transaction(
+    hop: Hop, message: Message, settings: Settings, content: _Content
+) -> dict[str, Result]:
+    client = _connect(hop, settings, message.queue_id)
     try:
-        _greet(client, hop, settings)
-        _mail_from(client, hop, message)
-        results, accepted = _rcpt_to(client, hop, message)
-        if accepted:
-            final = _data(client, hop, message)
-            results.update(dict.fromkeys(accepted, final))
+        try:
+            results = _converse(client, hop, message, settings, content)
+        except _HopFailed as failed:
+            if failed.usable:
+                _quit(client)  # RFC 5321 3.3: end the session, whatever went wrong in it
+            raise
         _quit(client)
         return results
     except (OSError, smtplib.SMTPException) as exc:
-        raise _HopFailed(_transient(hop, f"lost connection: {exc}")) from exc
+        raise _HopFailed(_lost(client, hop, exc), usable=False) from exc
     finally:
         client.close()
 
 
 class _Client(smtplib.SMTP):
-    """smtplib's client, declaring the undocumented attribute that `_connect` sets."""
+    """smtplib's client, with what the log needs: the stage of the dialogue, and (-v) the
+    dialogue itself."""
 
     # smtplib's own: connect() sets it and starttls() gives it as the TLS server name. The
     # stubs leave it out, being undocumented.
     _host: str
 
+    def __init__(self, hop: Hop, settings: Settings, queue_id: str) -> None:
+        super().__init__(timeout=settings.connect_timeout, local_hostname=settings.helo)
+        self.peer = f"{hop.name}:{hop.port}"
+        self.prefix = f"{queue_id}: " if queue_id else ""
+        self.stage = "receiving the initial server greeting"  # Postfix's words, for the log
+        self.secret = False  # in AUTH's exchange, whose lines are never logged
+        self.greeting: tuple[int, bytes] = (0, b"")
 
-def _connect(hop: Hop, settings: Settings) -> smtplib.SMTP:
-    client = _Client(timeout=settings.connect_timeout, local_hostname=settings.helo)
+    def send(self, s: ReadableBuffer | str) -> None:
+        text = s if isinstance(s, str) else bytes(s).decode("utf-8", "replace")
+        line = text.rstrip("\r\n")
+        if self.secret:
+            line = "***"
+        elif line[:5].upper() == "AUTH ":
+            self.secret = True
+            words = line.split(" ")
+            line = " ".join(words[:2]) + (" ***" if len(words) > 2 else "")
+        log.debug("%s%s > %s", self.prefix, self.peer, shorten(line))
+        super().send(s)
+
+    def getreply(self) -> tuple[int, bytes]:
+        code, text = super().getreply()
+        if code != 334:  # (334: AUTH goes on)
+            self.secret = False
+        if log.isEnabledFor(logging.DEBUG):
+            lines = text.decode("utf-8", "replace").split("\n")
+            shown = " | ".join(
+                f"{code}{'-' if n < len(lines) - 1 else ' '}{line}" for n, line in enumerate(lines)
+            )
+            log.debug("%s%s < %s", self.prefix, self.peer, shorten(shown))
+        return code, text
+
+
+def _connect(hop: Hop, settings: Settings, queue_id: str) -> _Client:
+    """A connection and its greeting (read, not yet judged: see _converse)."""
+    client = _Client(hop, settings, queue_id)
     try:
-        code, text = client.connect(hop.address, hop.port)
-    except (OSError, smtplib.SMTPException) as exc:
+        client.greeting = client.connect(hop.address, hop.port)
+    except smtplib.SMTPException as exc:  # connected, but no greeting
         client.close()
-        raise _HopFailed(_transient(hop, f"connect to {hop.address}:{hop.port}: {exc}")) from exc
+        raise _HopFailed(_lost(client, hop, exc), usable=False) from exc
+    except OSError as exc:
+        client.close()
+        result = _ours(hop, f"connect to {hop.name}:{hop.port}: {_reason(exc)}")
+        raise _HopFailed(result, usable=False) from exc
     client._host = hop.host  # smtplib uses it as the TLS server name; we connected by address
     assert client.sock is not None  # (connect() succeeded)
     client.sock.settimeout(settings.timeout)
-    if code != 220:
-        client.close()
-        raise _HopFailed(_reply(hop, code, text, "4.4.2"))
     return client
 
 
-def _greet(client: smtplib.SMTP, hop: Hop, settings: Settings) -> None:
+def _converse(
+    client: _Client, hop: Hop, message: Message, settings: Settings, content: _Content
+) -> dict[str, Result]:
+    code, text = client.greeting
+    if code != 220:
+        result = _reply(hop, code, text, "4.4.2")
+        raise _HopFailed(result, f"host {hop.name} refused to talk to me: {result.line()}")
+    _greet(client, hop, settings)
+    body = _prepare(client, hop, message, content)
+    _mail_from(client, hop, message, body.options)
+    results, accepted = _rcpt_to(client, hop, message)
+    if accepted:
+        final = _data(client, hop, body)
+        results.update(dict.fromkeys(accepted, final))
+    return results
+
+
+def _greet(client: _Client, hop: Hop, settings: Settings) -> None:
+    client.stage = "performing the EHLO handshake"
     code, text = client.ehlo(settings.helo)
     if code != 250:
+        client.stage = "performing the HELO handshake"
         code, text = client.helo(settings.helo)
         if code != 250:
-            raise _HopFailed(_reply(hop, code, text, "4.4.2"))
+            result = _reply(hop, code, text, "4.4.2")
+            raise _HopFailed(result, f"host {hop.name} refused to talk to me: {result.line()}")
     if settings.tls != "none" and client.has_extn("starttls"):
         _starttls(client, hop, settings)
     elif settings.tls in ("encrypt", "verify"):
-        raise _HopFailed(_transient(hop, "STARTTLS is required but not offered", "4.7.5"))
+        why = f"TLS is required, but was not offered by host {hop.name}"
+        raise _HopFailed(_ours(hop, why, "4.7.5"))
     if settings.auth is not None:
         _login(client, hop, settings)
 
 
-def _starttls(client: smtplib.SMTP, hop: Hop, settings: Settings) -> None:
+def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
     context = ssl.create_default_context()
     if settings.tls != "verify":
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    client.stage = "receiving the STARTTLS response"
+    where = f"{hop.name}:{hop.port}"
     try:
         code, text = client.starttls(context=context)
-    except (ssl.SSLError, OSError) as exc:
+    except ssl.SSLCertVerificationError as exc:
+        why = f"certificate verification failed for {where}: {exc.verify_message}"
+        raise _TLSFailed(_ours(hop, why, "4.7.5")) from exc
+    except ssl.SSLError as exc:
+        why = f"SSL_connect error to {where}: {exc.reason or exc}"
+        raise _TLSFailed(_ours(hop, why, "4.7.5")) from exc
+    except (OSError, smtplib.SMTPException) as exc:
         # The connection is unusable after a failed handshake: "may" reconnects in plain text.
-        raise _TLSFailed(_transient(hop, f"TLS handshake failed: {exc}", "4.7.5")) from exc
+        raise _TLSFailed(replace(_lost(client, hop, exc), status="4.7.5")) from exc
     if code != 220:
         if settings.tls in ("encrypt", "verify"):
-            raise _HopFailed(_reply(hop, code, text, "4.7.5"))
+            result = _reply(hop, code, text, "4.7.5")
+            raise _HopFailed(result, _said(hop, result, "STARTTLS"))
         return
+    client.stage = "performing the EHLO handshake"
     client.ehlo(settings.helo)
 
 
-def _login(client: smtplib.SMTP, hop: Hop, settings: Settings) -> None:
+def _login(client: _Client, hop: Hop, settings: Settings) -> None:
     assert settings.auth is not None
     if not client.has_extn("auth"):
-        raise _HopFailed(_transient(hop, "AUTH is configured but not offered", "4.7.0"))
+        text = f"AUTH is configured, but was not offered by host {hop.name}"
+        raise _HopFailed(_ours(hop, text, "4.7.0"))
     if not isinstance(client.sock, ssl.SSLSocket) and not settings.plain_auth:
-        raise _HopFailed(_transient(hop, "refusing to send a password without TLS", "4.7.0"))
+        text = f"refusing to send a password to {hop.name} without TLS"
+        raise _HopFailed(_ours(hop, text, "4.7.0"))
+    offered = client.esmtp_features["auth"].upper().split()
+    mechanism = next((m for m in AUTH_MECHANISMS if m in offered), None)
+    if mechanism is None:
+        text = f"host {hop.name} offers no AUTH mechanism mailerd knows ({' '.join(offered)})"
+        raise _HopFailed(_ours(hop, text, "4.7.0"))
+    client.stage = "authenticating"
+    client.user, client.password = settings.auth
+    authobject = getattr(client, "auth_" + mechanism.lower().replace("-", "_"))
     try:
-        client.login(*settings.auth)
+        # One mechanism, as Postfix: smtplib's login() tries each offered one in turn, and a
+        # server that stalls the second hides the first one's answer behind a timeout.
+        client.auth(mechanism, authobject)
     except smtplib.SMTPAuthenticationError as exc:
         # Deferred, not bounced: fixing the credentials should release the queue.
-        raise _HopFailed(_reply(hop, 451, exc.smtp_error, "4.7.8", prefix="AUTH failed: ")) from exc
-    except smtplib.SMTPException as exc:
-        raise _HopFailed(_transient(hop, f"AUTH failed: {exc}", "4.7.0")) from exc
+        result = _reply(hop, 451, exc.smtp_error, "4.7.8", prefix="AUTH failed: ")
+        said = _reply(hop, exc.smtp_code, exc.smtp_error, "5.7.8").line()
+        why = f"SASL authentication failed; server {hop.name} said: {said}"
+        raise _HopFailed(result, why) from exc
 
 
-def _mail_from(client: smtplib.SMTP, hop: Hop, message: Message) -> None:
+@dataclass(frozen=True)
+class _Body:
+    """What MAIL FROM announces, and the content as this host gets it."""
+
+    options: list[str]
+    pieces: Callable[[], Generator[bytes, None, None]]
+
+
+def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> _Body:
     options = []
-    if message.smtputf8 and client.has_extn("smtputf8"):
+    utf8 = client.has_extn("smtputf8")
+    if message.smtputf8 and utf8:
         options.append("SMTPUTF8")
     elif message.smtputf8 and needs_smtputf8(message):
-        result = Result(553, "5.6.7", "The recipient's server does not support SMTPUTF8", hop.host)
-        raise _HopFailed(result, final=True)
-    if message.body_8bit and client.has_extn("8bitmime"):
-        options.append("BODY=8BITMIME")
-    if client.has_extn("size"):
-        options.append(f"SIZE={message.path.stat().st_size}")
+        # Not final: another MX may offer it (Postfix tries them all too).
+        text = (
+            "mailerd could not deliver the message: it requires SMTPUTF8, but host "
+            f"{hop.name} does not support SMTPUTF8"
+        )
+        raise _HopFailed(_ours(hop, text, "5.6.7", 553))
+    # RFC 6531 3.1: a server offering SMTPUTF8 supports 8BITMIME (Postfix assumes so too).
+    eight_bit_ok = client.has_extn("8bitmime") or utf8
+    if eight_bit_ok or not content.eight_bit:
+        if eight_bit_ok and (message.body_8bit or content.eight_bit):
+            options.append("BODY=8BITMIME")
+        if client.has_extn("size"):
+            options.append(f"SIZE={message.path.stat().st_size}")
+        return _Body(options, lambda: _raw(message.path))
+    plan = content.plan
+    if plan.refusal is not None:
+        text = (
+            f"mailerd could not deliver the message: host {hop.name} does not support "
+            f"8BITMIME, and the message cannot be converted to 7 bit: {plan.refusal}"
+        )
+        raise _HopFailed(_ours(hop, text, "5.6.3", 554))
+    note = f"host {hop.name} does not support 8BITMIME: its 8-bit parts go as quoted-printable"
+    if plan.resign:
+        # Our own signatures, which the conversion breaks: the converted message is signed anew
+        # (RFC 6376 5.3 wants a signer to sign what is sent as 7 bit).
+        data, domain = content.resigned
+        if domain is None:
+            text = (
+                f"mailerd could not deliver the message: host {hop.name} does not support "
+                "8BITMIME, and the converted message could not be DKIM-signed anew"
+            )
+            raise _HopFailed(_ours(hop, text, "5.6.3", 554))
+        _note(message, f"{note}, DKIM-signed anew for {domain}")
+        if client.has_extn("size"):
+            options.append(f"SIZE={len(data)}")
+        return _Body(options, lambda: _lines(data))
+    _note(message, note)
+    # No SIZE: the converted message is larger, by an amount known only once it is sent
+    # (Postfix leaves it out too).
+    return _Body(options, lambda: sevenbit.convert(message.path, plan))
+
+
+def _raw(path: Path) -> Generator[bytes, None, None]:
+    with open(path, "rb") as f:
+        yield from sevenbit.pieces(f)
+
+
+def _lines(data: bytes) -> Generator[bytes, None, None]:
+    yield from sevenbit.pieces(io.BytesIO(data))
+
+
+def _mail_from(client: _Client, hop: Hop, message: Message, options: list[str]) -> None:
+    client.stage = "sending MAIL FROM"
     code, text = client.mail(message.sender, options)
     if code != 250:
         result = _reply(hop, code, text, "5.1.0" if code >= 500 else "4.1.0")
-        raise _HopFailed(result, final=result.permanent)
+        raise _HopFailed(result, _said(hop, result, "MAIL FROM"), final=result.permanent)
 
 
 def needs_smtputf8(message: Message) -> bool:
@@ -221,9 +451,8 @@ def needs_smtputf8(message: Message) -> bool:
     return not head.isascii()
 
 
-def _rcpt_to(
-    client: smtplib.SMTP, hop: Hop, message: Message
-) -> tuple[dict[str, Result], list[str]]:
+def _rcpt_to(client: _Client, hop: Hop, message: Message) -> tuple[dict[str, Result], list[str]]:
+    client.stage = "sending RCPT TO"
     results: dict[str, Result] = {}
     accepted: list[str] = []
     for recipient in message.recipients:
@@ -233,24 +462,53 @@ def _rcpt_to(
         else:
             results[recipient] = _reply(hop, code, text, "5.1.1" if code >= 500 else "4.1.1")
     if not accepted:
+        client.stage = "sending RSET"
         client.rset()
     return results, accepted
 
 
-def _data(client: smtplib.SMTP, hop: Hop, message: Message) -> Result:
-    content = message.path.read_bytes()
-    try:
-        code, text = client.data(content)
-    except smtplib.SMTPDataError as exc:
-        return _reply(
-            hop, exc.smtp_code, exc.smtp_error, "5.6.0" if exc.smtp_code >= 500 else "4.6.0"
-        )
-    return _reply(hop, code, text, "2.0.0" if code == 250 else "4.0.0")
+def _data(client: _Client, hop: Hop, body: _Body) -> Result:
+    client.stage = "sending DATA command"
+    code, text = client.docmd("DATA")
+    if code != 354:
+        return _reply(hop, code, text, "5.6.0" if code >= 500 else "4.6.0")
+    client.stage = "sending message body"
+    _send_content(client, body.pieces())
+    client.stage = "sending end of data -- message may be sent more than once"
+    assert client.sock is not None
+    client.sock.sendall(b".\r\n")
+    code, text = client.getreply()
+    return _reply(hop, code, text, f"{code // 100}.0.0")
 
 
-def _quit(client: smtplib.SMTP) -> None:
+def _send_content(client: _Client, pieces: Generator[bytes, None, None]) -> None:
+    """The message, dot-stuffed (RFC 5321 4.5.2) and with CRLF line ends, in writes of about
+    SEND_BUFFER octets: straight to the socket, so that -v never logs it."""
+    assert client.sock is not None
+    buffer = bytearray()
+    start = True  # the piece begins a line
+    after_cr = False  # the previous piece, a cut long line, ended with the CR of its CRLF
+    with contextlib.closing(pieces):
+        for piece in pieces:
+            if start and piece[:1] == b".":
+                buffer += b"."
+            start = piece.endswith(b"\n")
+            if start and not piece.endswith(b"\r\n") and not (after_cr and piece == b"\n"):
+                piece = piece[:-1] + b"\r\n"
+            after_cr = piece.endswith(b"\r")
+            buffer += piece
+            if len(buffer) >= SEND_BUFFER:
+                client.sock.sendall(buffer)
+                buffer.clear()
+    if not start:
+        buffer += b"\r\n"
+    client.sock.sendall(buffer)
+
+
+def _quit(client: _Client) -> None:
+    client.stage = "sending QUIT"
     with contextlib.suppress(OSError, smtplib.SMTPException):
-        client.quit()  # the transaction is already decided
+        client.quit()
 
 
 def _reply(hop: Hop, code: int, text: bytes | str, default_status: str, prefix: str = "") -> Result:
@@ -263,5 +521,29 @@ def _reply(hop: Hop, code: int, text: bytes | str, default_status: str, prefix: 
     return Result(code, status, prefix + rest, hop.host, hop.address)
 
 
-def _transient(hop: Hop, text: str, status: str = "4.4.1") -> Result:
-    return Result(451, status, text, hop.host, hop.address)
+def _said(hop: Hop, result: Result, command: str) -> str:
+    return f"host {hop.name} said: {result.line()} (in reply to {command} command)"
+
+
+def _ours(hop: Hop, text: str, status: str = "4.4.1", code: int = 451) -> Result:
+    return Result(code, status, text, hop.host, hop.address, ours=True)
+
+
+def _lost(client: _Client, hop: Hop, exc: BaseException) -> Result:
+    """The connection broke (or timed out) during the dialogue: Postfix's words for it."""
+    if _timed_out(exc):
+        return _ours(hop, f"conversation with {hop.name} timed out while {client.stage}", "4.4.2")
+    if isinstance(exc, smtplib.SMTPServerDisconnected | ConnectionError):
+        return _ours(hop, f"lost connection with {hop.name} while {client.stage}", "4.4.2")
+    return _ours(hop, f"error talking to {hop.name} while {client.stage}: {exc}", "4.4.2")
+
+
+def _timed_out(exc: BaseException) -> bool:
+    # smtplib turns a read's timeout into SMTPServerDisconnected, raised while handling it.
+    return isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError)
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "Connection timed out"
+    return exc.strerror or str(exc) or type(exc).__name__

@@ -36,7 +36,7 @@ import dns.asyncresolver
 from mailerd import names, recipients, trace
 from mailerd.config import Config
 from mailerd.delivery import dsn, mx, relay
-from mailerd.delivery.queue import Queue, QueueItem, Recipient
+from mailerd.delivery.queue import Queue, QueueItem, QueueWriteError, Recipient
 from mailerd.host import default_interface, interface_addresses, loopback_addresses
 from mailerd.ipc.messages import Target
 from mailerd.smtp.events import Address
@@ -93,6 +93,7 @@ class Scheduler:
             tls=cfg.outbound_tls,
             auth=credentials,
             plain_auth=cfg.outbound_tls == "none",
+            dkim_keys=cfg.dkim_keys,
         )
         self.own_names = frozenset({cfg.hostname.lower()})
         self.own_addresses = frozenset(own_addresses(cfg))
@@ -235,6 +236,10 @@ class Scheduler:
     async def _process(self, item: QueueItem) -> None:
         try:
             await self._attempt(item)
+        except QueueWriteError:
+            # The queue has said so, once for all items: no traceback per attempt. The item's
+            # state stays in memory, and is written when an attempt's write works again.
+            item.next_attempt = max(item.next_attempt, time.time() + self.cfg.retry_after)
         except Exception:
             log.exception("%s: delivery attempt failed", item.id)
             item.next_attempt = time.time() + self.cfg.retry_after
@@ -309,6 +314,7 @@ class Scheduler:
             path=self.queue.message_path(item.id),
             smtputf8=item.smtputf8,
             body_8bit=item.body_8bit,
+            queue_id=item.id,
         )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, relay.attempt, hops, message, self.settings)
@@ -356,7 +362,16 @@ class Scheduler:
             item.next_attempt = now + self.backoff(attempts)
         loop = asyncio.get_running_loop()
         if bounced:
-            await self._notify(item, bounced, now)
+            try:
+                await self._notify(item, bounced, now)
+            except QueueWriteError:
+                # No notice could be queued: these recipients are attempted (and bounced) again
+                # later, rather than never bounced at all.
+                again = {status.address for status in bounced}
+                for recipient in pending:
+                    if recipient.state == "bounced" and recipient.address in again:
+                        recipient.state = "pending"
+                raise
         if still and self._should_warn(item, now):
             await self._notify(item, [_delay_status(r) for r in still], now)
             item.warned = True
@@ -387,7 +402,7 @@ class Scheduler:
 
     def _log(self, item: QueueItem, recipient: Recipient, result: relay.Result, now: float) -> None:
         status = {"sent": "sent", "bounced": "bounced"}.get(recipient.state, "deferred")
-        where = "local" if recipient.mailbox else _relay_name(result)
+        where = "local" if recipient.mailbox else relay.namaddr(result.host, result.address)
         log.info(
             "%s: to=<%s>, relay=%s, delay=%.1f, status=%s (%s)",
             item.id,
@@ -498,23 +513,17 @@ class Scheduler:
         log.info("%s: bounce to <%s> queued", item.id, to)
 
 
-def _relay_name(result: relay.Result) -> str:
-    """Postfix-style `host[ip]` (just `[ip]` for an address literal), or none."""
-    if not result.address:
-        return "none"
-    host = "" if (result.host or "").startswith("[") else (result.host or "")
-    return f"{host}[{result.address}]"
-
-
 def _bounce_status(
     recipient: Recipient, result: relay.Result, expired: bool
 ) -> dsn.RecipientStatus:
     status = result.status
-    text = result.line()
+    # Our own finding is told as ours: no "host X said", no SMTP reply code it never sent.
+    text = result.text if result.ours else result.line()
     if not result.permanent:  # expired while deferred: "delivery time expired" (RFC 3463 X.4.7)
         status = "5.4.7"
-        text = f"delivery time expired; last error: {result.line()}"
-    return dsn.RecipientStatus(recipient.address, "failed", status, text, result.host)
+        text = f"delivery time expired; last error: {text}"
+    remote = None if result.ours else result.host
+    return dsn.RecipientStatus(recipient.address, "failed", status, text, remote)
 
 
 def _delay_status(recipient: Recipient) -> dsn.RecipientStatus:

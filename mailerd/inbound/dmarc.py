@@ -5,8 +5,10 @@ A small evaluator over the worker's resolver (there is no maintained DMARC libra
 the policy record at `_dmarc.<From domain>`, else at `_dmarc.<organisational domain>`, the
 organisational domain from the Public Suffix List (Debian's `publicsuffix` data, read with
 publicsuffix2); relaxed alignment (the same organisational domain) unless the record says
-`adkim=s`/`aspf=s` (the same domain); `p=`, `sp=` for a subdomain's mail, `pct=` sampling.
-Reports (rua/ruf) are not sent.
+`adkim=s`/`aspf=s` (the same domain); `p=`, `sp=` for a subdomain's mail whose policy was
+found at its organisational domain, `pct=` sampling. A From: with addresses in several domains
+has each domain checked, and the worst outcome stands (RFC 7489 6.6.1): a second author is no
+way around a p=reject. Reports (rua/ruf) are not sent.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()  # (the list bundled with publicsuffix2)
 
 
+@functools.lru_cache(maxsize=4096)  # (a few per message, for the same few domains)
 def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the public suffix plus one label (a name unknown to the list has its last
     label as its suffix)."""
@@ -102,38 +105,61 @@ def parse(record: str) -> Policy | None:
     )
 
 
-async def discover(lookups: Lookups, from_domain: str) -> Policy | None:
-    """The policy for `from_domain` (RFC 7489 6.6.3); TemporaryFailure passes through."""
+async def discover(lookups: Lookups, from_domain: str) -> tuple[Policy, bool] | None:
+    """The policy for `from_domain` (RFC 7489 6.6.3), and whether it was found at the
+    organisational domain rather than at `from_domain` itself (then its sp= applies);
+    TemporaryFailure passes through."""
     for domain in dict.fromkeys([from_domain, organizational_domain(from_domain)]):
         records = [r for r in await lookups.txt(f"_dmarc.{domain}") if r.startswith("v=DMARC1")]
         if len(records) == 1:
             policy = parse(records[0])
             if policy is not None:
-                return policy
+                return policy, domain != from_domain
         if len(records) > 1:
             return None  # several records: no policy at all (6.6.3 step 5)
     return None
 
 
+# The worse of two outcomes, for a From: of several domains: a failure the policy acts on
+# most severely first, then one the DNS left open, then the rest.
+_RANK = {"pass": 0, "none": 1, "permerror": 2, "temperror": 3, "fail": 4}
+
+
+def _severity(result: DmarcResult) -> tuple[int, int]:
+    return _RANK.get(result.result, 2), POLICIES.index(result.disposition)
+
+
 async def evaluate(
     lookups: Lookups,
-    from_domain: str | None,
+    from_domains: Sequence[str] | None,
     spf: SpfResult,
     dkim: Sequence[DkimResult],
     rng: random.Random | None = None,
 ) -> DmarcResult:
-    if from_domain is None:
-        return DmarcResult("permerror", reason="not exactly one From: address")
+    """The verdict for the message's From: domains (None: no usable From: field)."""
+    if not from_domains:
+        return DmarcResult("permerror", reason="no single From: field with usable addresses")
+    outcomes = [await _evaluate_one(lookups, d, spf, dkim, rng) for d in from_domains]
+    return max(outcomes, key=_severity)
+
+
+async def _evaluate_one(
+    lookups: Lookups,
+    from_domain: str,
+    spf: SpfResult,
+    dkim: Sequence[DkimResult],
+    rng: random.Random | None,
+) -> DmarcResult:
     try:
-        policy = await discover(lookups, from_domain)
+        found = await discover(lookups, from_domain)
     except TemporaryFailure as exc:
         return DmarcResult("temperror", from_domain, reason=str(exc))
-    if policy is None:
+    if found is None:
         return DmarcResult("none", from_domain)
+    policy, inherited = found
     spf_ok = spf.result == "pass" and aligned(spf.domain, from_domain, policy.aspf)
     dkim_ok = any(r.result == "pass" and aligned(r.domain, from_domain, policy.adkim) for r in dkim)
-    subdomain = organizational_domain(from_domain) != from_domain
-    applies = policy.sp if subdomain else policy.p
+    applies = policy.sp if inherited else policy.p
     if spf_ok or dkim_ok:
         return DmarcResult("pass", from_domain, applies, "none")
     disposition = applies

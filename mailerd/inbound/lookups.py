@@ -2,7 +2,10 @@
 `mailerd.resolver`), asked from the event loop directly (DMARC) and from the threads where
 pyspf and dkimpy run, which ask synchronously: `Bridge` turns their calls into coroutines run
 in the worker's event loop, so that every query goes through the one resolver and its cache,
-and waits at most the lookup timeout."""
+and waits at most the lookup timeout. What the cache holds, a Bridge answers at once, without
+the round trip to the event loop; a Bridge made `cache_only` answers nothing else (it raises
+NotCached), which lets the checks of a small message from a known sender run in the event loop
+itself, no thread needed (`verifier`)."""
 
 from __future__ import annotations
 
@@ -12,14 +15,21 @@ from dataclasses import dataclass
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 
 from mailerd.resolver import make_resolver
 
 
 class TemporaryFailure(Exception):
     """The DNS did not answer (a timeout, SERVFAIL, no server): try later, not "no record"."""
+
+
+class NotCached(Exception):
+    """A cache-only Bridge was asked for what its cache does not hold: ask the DNS instead.
+    (Not a TemporaryFailure: pyspf and dkimpy must not turn it into a result.)"""
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,9 @@ class Lookups:
 
     async def query(self, name: str, rdtype: str) -> Answer:
         """Records of `rdtype` at `name`; TemporaryFailure when the DNS cannot say."""
+        records = self.cached(name, rdtype)  # (the resolver's own way to its cache is longer)
+        if records is not None:
+            return Answer(tuple(_text(rdata) for rdata in records), exists=True)
         try:
             answer = await self.resolver.resolve(
                 dns.name.from_text(name), rdtype, raise_on_no_answer=False, search=False
@@ -57,6 +70,17 @@ class Lookups:
     async def txt(self, name: str) -> tuple[str, ...]:
         return (await self.query(name, "TXT")).records
 
+    def cached(self, name: str, rdtype: str) -> dns.rrset.RRset | None:
+        """The records of a positive answer the cache holds (unexpired), else None (nothing
+        cached, or a negative answer: those take the resolver's own path). Thread-safe: the
+        cache has a lock."""
+        cache = self.resolver.cache
+        if cache is None:
+            return None
+        key = (dns.name.from_text(name), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
+        answer = cache.get(key)
+        return answer.rrset if answer is not None else None
+
 
 def _text(rdata: object) -> str:
     strings = getattr(rdata, "strings", None)
@@ -69,12 +93,29 @@ class Bridge:
     """Synchronous lookups for a library running in a thread: each is a coroutine in the
     event loop `loop`, waited for at most `timeout` seconds."""
 
-    def __init__(self, lookups: Lookups, loop: asyncio.AbstractEventLoop, timeout: float):
+    def __init__(
+        self,
+        lookups: Lookups,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        *,
+        cache_only: bool = False,
+    ):
         self.lookups = lookups
         self.loop = loop
         self.timeout = timeout
+        self.cache_only = cache_only
+
+    def _cached(self, name: str, rdtype: str) -> dns.rrset.RRset | None:
+        records = self.lookups.cached(name, rdtype)
+        if records is None and self.cache_only:
+            raise NotCached(f"{name} {rdtype}")
+        return records
 
     def query(self, name: str, rdtype: str) -> Answer:
+        records = self._cached(name, rdtype)
+        if records is not None:
+            return Answer(tuple(_text(rdata) for rdata in records), exists=True)
         future = asyncio.run_coroutine_threadsafe(self.lookups.query(name, rdtype), self.loop)
         try:
             return future.result(self.timeout)
@@ -84,6 +125,9 @@ class Bridge:
 
     def rdata(self, name: str, rdtype: str) -> list[object]:
         """The parsed records (dnspython rdata), for pyspf, which wants MX preferences."""
+        records = self._cached(name, rdtype)
+        if records is not None:
+            return list(records)
         future = asyncio.run_coroutine_threadsafe(self._rdata(name, rdtype), self.loop)
         try:
             return future.result(self.timeout)

@@ -5,8 +5,9 @@ big body takes a while, and it asks DNS synchronously), and its key lookups go t
 worker's resolver (`lookups.Bridge`). dkimpy says only True or False; what our DNS function saw
 tells a missing key (permerror) and an unanswered lookup (temperror) from a signature that does
 not verify (fail), and its exceptions a changed body or an expired signature (fail) from a
-signature it cannot read (neutral). Results are RFC 8601's: pass, fail, neutral, permerror,
-temperror; `none` when there is no signature at all.
+signature it cannot read (neutral). A signature made with rsa-sha1 is not taken (RFC 8301:
+verifiers must not consider it valid): `policy`. Results are RFC 8601's: pass, fail, neutral,
+policy, permerror, temperror; `none` when there is no signature at all.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from mailerd.inbound.lookups import Bridge, TemporaryFailure
+from mailerd import dkim_rsa  # noqa: F401  (its import makes dkimpy's RSA OpenSSL's)
+from mailerd.inbound.lookups import Bridge, NotCached, TemporaryFailure
 
 MAX_SIGNATURES = 10  # checked per message; more are a denial of service, not authentication
 # dkimpy's ValidationErrors that mean "did not verify" (RFC 8601 fail), not "cannot be read".
@@ -47,8 +49,30 @@ def present(message: bytes, header_end: int) -> bool:
     return section.startswith(b"dkim-signature:") or b"\ndkim-signature:" in section
 
 
+def unfinished(header_section: bytes, reason: str) -> list[DkimResult]:
+    """temperror for each signature of the header section (its d=, s= and b= kept, so that a
+    reader can tell which), for the checks that did not finish in time."""
+    fields = dkim.rfc822_parse(header_section + b"\r\n")[0]
+    values = [value for name, value in fields if name.lower() == b"dkim-signature"]
+    out = []
+    for value in values[:MAX_SIGNATURES]:
+        try:
+            tags = parse_tag_value(value)
+        except InvalidTagValueList:
+            out.append(DkimResult("temperror", reason=reason))
+            continue
+        out.append(DkimResult("temperror", *_identity(tags), reason=reason))
+    return out or [DkimResult("temperror", reason=reason)]
+
+
+def _identity(tags: dict[bytes, bytes]) -> tuple[str, str, str]:
+    """A signature's d=, s= and the first characters of its b= (RFC 6008)."""
+    return _tag(tags, b"d").lower(), _tag(tags, b"s"), "".join(_tag(tags, b"b").split())[:8]
+
+
 def verify(bridge: Bridge, message: bytes) -> list[DkimResult]:
-    """One result per signature (the topmost first), or [none]. Call it in a thread."""
+    """One result per signature (the topmost first), or [none]. Call it in a thread (or with
+    a cache-only bridge, which raises NotCached rather than wait)."""
     checker = dkim.DKIM(message, timeout=bridge.timeout)
     fields = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
     if not fields:
@@ -62,9 +86,9 @@ def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) ->
         tags = parse_tag_value(value)
     except InvalidTagValueList as exc:
         return DkimResult("neutral", reason=f"unreadable signature: {exc}")
-    domain = _tag(tags, b"d").lower()
-    selector = _tag(tags, b"s")
-    b = "".join(_tag(tags, b"b").split())[:8]
+    domain, selector, b = _identity(tags)
+    if _tag(tags, b"a").lower() == "rsa-sha1":
+        return DkimResult("policy", domain, selector, b, "rsa-sha1 is not accepted (RFC 8301)")
     seen = _Seen()
 
     def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
@@ -88,6 +112,8 @@ def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) ->
         return DkimResult(result, domain, selector, b, text.split(" (")[0])
     except dkim.DKIMException as exc:  # the key or the message cannot be used
         return DkimResult("permerror", domain, selector, b, str(exc))
+    except NotCached:
+        raise  # (a cache-only attempt: the caller asks the DNS instead)
     except Exception as exc:  # dkimpy on a message it cannot take apart
         return DkimResult("neutral", domain, selector, b, f"{type(exc).__name__}: {exc}")
     if good:

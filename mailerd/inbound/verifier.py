@@ -1,10 +1,17 @@
 """The inbound checks of one finished message, as a worker runs them before the commit: SPF and
-the DKIM signatures at once (in threads, their DNS through the worker's event loop), then
-DMARC over both; all within --dns-timeout, after which what is unfinished counts as temperror
-(never a refusal, never a longer wait). The verdict is the Authentication-Results field to add,
-the message without forged ones when it had any, and, with `--inbound-auth enforce`, the 550
-for a DMARC failure whose domain asks for rejection — nothing else refuses mail here (a lone
-SPF or DKIM failure loses legitimate mail: forwarding, mailing lists).
+the DKIM signatures, then DMARC over both; all within --dns-timeout, after which what is
+unfinished counts as temperror (never a refusal, never a longer wait). The verdict is the
+Authentication-Results field to add, the message without forged ones when it had any, and, with
+`--inbound-auth enforce`, the 550 for a DMARC failure whose domain asks for rejection — nothing
+else refuses mail here (a lone SPF or DKIM failure loses legitimate mail: forwarding, mailing
+lists).
+
+SPF and DKIM run in threads (pyspf and dkimpy ask DNS synchronously; their queries go through
+the worker's event loop), except for a small message whose lookups the worker's cache holds
+already (a sender that writes often): that one is checked in the event loop itself, from the
+cache, because handing a message to two threads and their lookups back cost more CPU than the
+checks themselves (README, "Performance"). The first lookup the cache lacks sends the message
+down the threaded path.
 """
 
 from __future__ import annotations
@@ -12,18 +19,21 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from mailerd import durable, headers
 from mailerd.inbound import dmarc, results, sender_policy, signatures
 from mailerd.inbound.dmarc import DmarcResult
-from mailerd.inbound.lookups import Bridge, Lookups
+from mailerd.inbound.lookups import Bridge, Lookups, NotCached
 from mailerd.inbound.sender_policy import SpfResult
 from mailerd.inbound.signatures import DkimResult
 from mailerd.smtp.events import Reply
 
 T = TypeVar("T")
+# The largest message checked in the event loop when the cache allows: DKIM hashes the whole
+# body, and a session of the worker waits meanwhile (at this size, well under a millisecond).
+INLINE_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class Verifier:
         self.hostname = hostname
         self.lookups = lookups
         self.bridge = Bridge(lookups, loop, timeout)
+        self.cached = Bridge(lookups, loop, timeout, cache_only=True)
         self.loop = loop
         self.executor = executor
         self.timeout = timeout
@@ -58,6 +69,48 @@ class Verifier:
         head = _head(body)
         end = headers.section_end(head)
         signed = signatures.present(head, end)
+        found = self._from_cache(ip, helo, sender, body, signed)
+        if found is not None:
+            spf, dkim = found
+        else:
+            spf, dkim = await self._in_threads(ip, helo, sender, body, signed, head[:end])
+        remaining = max(deadline - self.loop.time(), 0.1)
+        from_domains = headers.from_domains(head)
+        try:
+            verdict = await asyncio.wait_for(
+                dmarc.evaluate(self.lookups, from_domains, spf, dkim), remaining
+            )
+        except TimeoutError:
+            verdict = DmarcResult("temperror", ",".join(from_domains or ()), reason="timed out")
+        if not self.enforce:  # dis= says what was done (OpenDMARC's meaning): nothing here
+            verdict = replace(verdict, disposition="none")
+        field = results.header(self.hostname, spf, dkim, verdict)
+        content = None
+        if b"\nauthentication-results:" in b"\n" + head[:end].lower():
+            content = results.without_forged(await self._whole(body), self.hostname)
+        refusal = _refusal(verdict) if self.enforce and verdict.rejects else None
+        summary = "spf={} dkim={} dmarc={}".format(
+            spf.result, ",".join(r.result for r in dkim), verdict.result
+        )
+        return Verdict(field, content, refusal, summary)
+
+    def _from_cache(
+        self, ip: str, helo: str, sender: str, body: durable.Body, signed: bool
+    ) -> tuple[SpfResult, list[DkimResult]] | None:
+        """SPF and DKIM in the event loop, if the message is small and the cache holds every
+        answer they need; else None."""
+        if not isinstance(body, bytes) or len(body) > INLINE_MAX:
+            return None
+        try:
+            spf = sender_policy.check(self.cached, ip, sender, helo)
+            dkim = signatures.verify(self.cached, body) if signed else [DkimResult("none")]
+        except NotCached:
+            return None
+        return spf, dkim
+
+    async def _in_threads(
+        self, ip: str, helo: str, sender: str, body: durable.Body, signed: bool, section: bytes
+    ) -> tuple[SpfResult, list[DkimResult]]:
         spf_future = self.loop.run_in_executor(
             self.executor, sender_policy.check, self.bridge, ip, sender, helo
         )
@@ -69,24 +122,8 @@ class Verifier:
         pending: list[asyncio.Future[Any]] = [spf_future, dkim_future]
         await asyncio.wait(pending, timeout=self.timeout)
         spf = _outcome(spf_future, _spf_timeout(sender, helo, self.timeout))
-        dkim = _outcome(dkim_future, [DkimResult("temperror", reason="timed out")])
-        remaining = max(deadline - self.loop.time(), 0.1)
-        from_domain = headers.from_domain(head)
-        try:
-            verdict = await asyncio.wait_for(
-                dmarc.evaluate(self.lookups, from_domain, spf, dkim), remaining
-            )
-        except TimeoutError:
-            verdict = DmarcResult("temperror", from_domain or "", reason="timed out")
-        field = results.header(self.hostname, spf, dkim, verdict)
-        content = None
-        if b"\nauthentication-results:" in b"\n" + head[:end].lower():
-            content = results.without_forged(await self._whole(body), self.hostname)
-        refusal = _refusal(verdict) if self.enforce and verdict.rejects else None
-        summary = "spf={} dkim={} dmarc={}".format(
-            spf.result, ",".join(r.result for r in dkim), verdict.result
-        )
-        return Verdict(field, content, refusal, summary)
+        dkim = _outcome(dkim_future, signatures.unfinished(section, "timed out"))
+        return spf, dkim
 
     def _dkim(self, body: durable.Body) -> list[DkimResult]:
         return signatures.verify(self.bridge, durable.read_body(body))

@@ -266,7 +266,7 @@ class Master:
                 raise OSError(
                     exc.errno, f"cannot create spool {new.spool}: {exc.strerror}"
                 ) from exc
-            sockets, removed = self._rebind(new.listeners)
+            sockets, removed = listeners.rebind(self.smtp_sockets, new.listeners)
         except (ConfigError, privileges.PrivilegeError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             log.error("reload failed, the running configuration is kept: %s", reason)
@@ -358,33 +358,6 @@ class Master:
             pidfile=self.cfg.pidfile,
             foreground=self.cfg.foreground,
         )
-
-    def _rebind(
-        self, wanted: tuple[ListenAddress, ...]
-    ) -> tuple[list[tuple[socket.socket, ListenAddress]], list[socket.socket]]:
-        """Sockets for `wanted` (unchanged addresses keep theirs) and the ones to close."""
-        current = {(listen.host, listen.port): sock for sock, listen in self.smtp_sockets}
-        result: list[tuple[socket.socket, ListenAddress]] = []
-        fresh: list[socket.socket] = []
-        try:
-            for listen in wanted:
-                sock = current.get((listen.host, listen.port))
-                if sock is None:
-                    try:
-                        sock = listeners.bind(listen)
-                    except OSError as exc:
-                        raise OSError(
-                            exc.errno, listeners.describe_bind_error(listen, exc)
-                        ) from exc
-                    fresh.append(sock)
-                result.append((sock, listen))
-        except OSError:
-            for sock in fresh:
-                sock.close()
-            raise
-        keep = {(listen.host, listen.port) for listen in wanted}
-        removed = [sock for key, sock in current.items() if key not in keep]
-        return result, removed
 
     # -- children --------------------------------------------------------------------------
 

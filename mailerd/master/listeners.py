@@ -45,6 +45,34 @@ def bind_all(listens: tuple[ListenAddress, ...]) -> list[tuple[socket.socket, Li
     return bound
 
 
+def rebind(
+    current: list[tuple[socket.socket, ListenAddress]], wanted: tuple[ListenAddress, ...]
+) -> tuple[list[tuple[socket.socket, ListenAddress]], list[socket.socket]]:
+    """At a reload: sockets for `wanted` (an unchanged address keeps its socket, so no
+    connection is refused meanwhile), and those of `current` to close. Raises OSError, with
+    `describe_bind_error`'s text, when one cannot be bound (and closes what it bound)."""
+    by_address = {(listen.host, listen.port): sock for sock, listen in current}
+    result: list[tuple[socket.socket, ListenAddress]] = []
+    fresh: list[socket.socket] = []
+    try:
+        for listen in wanted:
+            sock = by_address.get((listen.host, listen.port))
+            if sock is None:
+                try:
+                    sock = bind(listen)
+                except OSError as exc:
+                    raise OSError(exc.errno, describe_bind_error(listen, exc)) from exc
+                fresh.append(sock)
+            result.append((sock, listen))
+    except OSError:
+        for sock in fresh:
+            sock.close()
+        raise
+    keep = {(listen.host, listen.port) for listen in wanted}
+    removed = [sock for key, sock in by_address.items() if key not in keep]
+    return result, removed
+
+
 def describe_bind_error(listen: ListenAddress, exc: OSError) -> str:
     """What failed, and what the administrator can do about it."""
     text = f"cannot listen on {listen}: {exc.strerror}"

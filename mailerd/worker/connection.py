@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 from mailerd import policy, recipients, tls
 from mailerd.config import NETWORK, ListenAddress
 from mailerd.ipc.messages import Commit, Target
+from mailerd.log import shorten
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
@@ -55,7 +56,6 @@ log = logging.getLogger("mailerd.worker")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
 INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection", close=True)
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
-LOG_LINE_MAX = 200  # -v dialogue: longer command lines and replies are cut
 MAX_ROUTES = 1000  # remembered recipient routes per session (a transaction has at most 100)
 
 
@@ -124,7 +124,7 @@ class Connection(asyncio.Protocol):
 
     def log_command(self, line: bytes) -> None:
         """-v: each command line at DEBUG (the session never passes message content here)."""
-        log.debug("%s < %s", self.client, _shorten(line.decode("utf-8", "backslashreplace")))
+        log.debug("%s < %s", self.client, shorten(line.decode("utf-8", "backslashreplace")))
 
     def data_received(self, data: bytes) -> None:
         if self.session is None or self.closing:
@@ -304,7 +304,7 @@ class Connection(asyncio.Protocol):
                 self.peer,
                 _line(reply),
                 request.mechanism,
-                _shorten(request.login),
+                shorten(request.login),
             )
         self.resume()
 
@@ -355,15 +355,15 @@ class Connection(asyncio.Protocol):
             fields.append(f"helo=<{helo}>")
         log.info(
             "NOQUEUE: reject: %s from unknown[%s]: %s; %s",
-            _shorten(verb) or "command",
+            shorten(verb) or "command",
             self.peer,
             _line(reply),
-            _shorten(" ".join(fields)),
+            shorten(" ".join(fields)),
         )
 
     def log_reply(self, reply: Reply) -> None:
         text = reply.to_bytes().decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", " | ")
-        log.debug("%s > %s", self.client, _shorten(text))
+        log.debug("%s > %s", self.client, shorten(text))
 
     def close(self, out: list[bytes]) -> None:
         if self.closing:
@@ -559,7 +559,7 @@ class Connection(asyncio.Protocol):
 def _line(reply: Reply) -> str:
     """A reply on one line, for the log."""
     text = reply.text.replace("\n", " ")
-    return _shorten(" ".join(str(part) for part in (reply.code, reply.status, text) if part))
+    return shorten(" ".join(str(part) for part in (reply.code, reply.status, text) if part))
 
 
 def _reason(exc: BaseException) -> str:
@@ -573,11 +573,3 @@ def _reason(exc: BaseException) -> str:
 def _sender_of(event: Rejected) -> str | None:
     """The from= of a refusal: the address MAIL asked for, or the transaction's."""
     return event.path if event.verb == "MAIL" else event.sender
-
-
-def _shorten(text: str) -> str:
-    """Cut to LOG_LINE_MAX and escape control characters (no forged log lines, no escapes)."""
-    cut = text if len(text) <= LOG_LINE_MAX else text[:LOG_LINE_MAX] + "..."
-    if cut.isprintable():
-        return cut
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut)

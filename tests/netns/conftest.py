@@ -6,7 +6,7 @@ runs inside the namespace with `ip netns exec`. The namespace has no default rou
 in it can reach anything but its own addresses; the test process (outside) reaches it only over
 the veth pair, and never uses the machine's resolver (smtplib gets an explicit local hostname).
 
-Layout (see `outbound.zone` for the names):
+Layout (see `outbound.zone` for the names; other `*.zone` files here add more):
 
     host side of the veth   198.51.100.254/24, 2001:db8::fe/64
     namespace side          198.51.100.1 (mailerd), .10 mx1, .11 tar-pit, .12 mx2,
@@ -79,6 +79,7 @@ PYTHON = sys.executable
 DNSSERVER = REPO / "tests" / "dnsserver.py"
 RECEIVER = HERE / "receiver.py"
 ZONE_FILE = HERE / "outbound.zone"
+ZONE_FILES = sorted(HERE.glob("*.zone"))  # outbound.zone and what other test modules add
 
 HOST_V4 = "198.51.100.254"
 HOST_V6 = "2001:db8::fe"
@@ -609,7 +610,7 @@ def internet(netns: Netns, tmp_path_factory) -> Iterator[Internet]:
     # dnsserver.py is written by another engineer: give it a moment if it is not there yet.
     wait_until(DNSSERVER.exists, 5)
     cert, key = make_cert(base)
-    dns = DnsServer(netns, base, [ZONE_FILE])
+    dns = DnsServer(netns, base, ZONE_FILES)
     net = Internet(netns, base, dns, cert, key)
     try:
         dns.start()

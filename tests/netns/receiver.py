@@ -8,7 +8,8 @@
   atomically: ``mail_from`` ("" for ``<>``), ``mail_options``, ``rcpt_tos`` (accepted RCPTs),
   ``data`` (latin-1 text of the exact bytes), ``reply`` (what we answered to the data),
   ``accepted`` (bool), ``peer``, ``helo``, ``tls`` (bool), ``auth_user`` (or null), ``conn``.
-- ``events.jsonl``: one line per connection and per MAIL/RCPT/AUTH/STARTTLS/DATA with our reply.
+- ``events.jsonl``: one line per connection and per MAIL/RCPT/AUTH/STARTTLS/DATA/QUIT with our
+  reply (and a ``drop`` line where a rule dropped the connection).
 - ``ready``: written once the socket is listening.
 
 The script (JSON) is re-read whenever its mtime changes, at each connection and each MAIL:
@@ -16,6 +17,8 @@ The script (JSON) is re-read whenever its mtime changes, at each connection and 
     {
       "hostname": "mx1.pref.test",          # name in our banner and EHLO reply
       "tarpit": false,                      # accept TCP, then send nothing at all
+      "8bitmime": true,                     # false: EHLO does not offer 8BITMIME
+      "smtputf8": true,                     # false: EHLO does not offer SMTPUTF8
       "tls": {"cert": "c.pem", "key": "k.pem"},           # offer STARTTLS (optional)
       "auth": {"user": "u", "password": "p",             # require AUTH before MAIL (optional)
                "mechanisms": ["PLAIN", "LOGIN"], "require_tls": true},
@@ -31,7 +34,8 @@ A rule's ``match`` is an fnmatch pattern on the lower-cased address (the recipie
 for ``"at": "mail"``). ``at`` is ``mail``, ``rcpt`` or ``data`` (``data``: answered after the
 data of a transaction with a matching accepted recipient). ``first: N`` makes the rule apply to
 the first N transactions it matches and then never again (counted per rule ``id``); without it
-the rule always applies.
+the rule always applies. A rule whose reply is ``"drop"`` closes the connection instead of
+answering (at ``mail`` or ``rcpt``).
 """
 
 from __future__ import annotations
@@ -130,6 +134,8 @@ class Handler:
         state["rejected"] = []
         sender = "" if address in ("<>", "") else address
         rule = self.script.rule_for("mail", sender, state["counted"])
+        if rule and rule["reply"] == "drop":
+            return self._drop(server, "MAIL", sender)
         reply = _reply_text(rule, sender) if rule else "250 2.1.0 OK"
         if not rule:
             envelope.mail_from = address
@@ -140,6 +146,8 @@ class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         state = self._state(server)
         rule = self.script.rule_for("rcpt", address, state["counted"])
+        if rule and rule["reply"] == "drop":
+            return self._drop(server, "RCPT", address)
         if rule:
             reply = _reply_text(rule, address)
             state["rejected"].append([address, reply])
@@ -149,6 +157,22 @@ class Handler:
             envelope.rcpt_options.extend(rcpt_options)
         self.rec.event(server._test_conn, "RCPT", arg=address, reply=reply)
         return reply
+
+    def _drop(self, server, at: str, arg: str) -> str:
+        """Close the connection without an answer (what we return is never sent)."""
+        self.rec.event(server._test_conn, "drop", at=at, arg=arg)
+        server.transport.close()
+        return "421 4.4.2 dropped"
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname  # (this form of the hook must set it itself)
+        if not self.script.data.get("8bitmime", True):
+            responses = [r for r in responses if r[4:].upper() != "8BITMIME"]
+        return responses
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.rec.event(server._test_conn, "QUIT", reply="221 Bye")
+        return MISSING
 
     async def handle_RSET(self, server, session, envelope):
         self.rec.event(server._test_conn, "RSET", reply="250 OK")
@@ -247,7 +271,7 @@ def make_factory(script: Script, rec: Recorder, handler: Handler):
             hostname=conf.get("hostname", "receiver.test"),
             ident="test receiver",
             tls_context=tls_context,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=bool(conf.get("smtputf8", True)),
             timeout=60,
             **kwargs,
         )

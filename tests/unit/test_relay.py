@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from mailerd.delivery import relay
+from mailerd.delivery import relay, sevenbit
 
 
 class Recorder:
@@ -152,7 +152,8 @@ def authenticator(server, session, envelope, mechanism, auth_data):
         b"user",
         b"secret",
     )
-    return AuthResult(success=ok, auth_data=auth_data)
+    # handled=False: aiosmtpd then answers a failure with 535 (by default it says nothing)
+    return AuthResult(success=ok, handled=False, auth_data=auth_data)
 
 
 def test_starttls_unverified_and_auth(server, message, certificate):
@@ -167,7 +168,7 @@ def test_starttls_unverified_and_auth(server, message, certificate):
 
 def test_bad_password_defers(server, message, certificate):
     hop = server(Recorder(), tls_context=certificate, authenticator=authenticator)
-    # aiosmtpd stalls one of smtplib's mechanism attempts; a short timeout keeps this quick.
+    # (A short timeout: a server that says nothing must not hold the test for long.)
     settings = relay.Settings(helo="mx.example.org", auth=("user", "wrong"), timeout=2)
     result = relay.attempt([hop], message("bob@remote.test"), settings)["bob@remote.test"]
     assert result.code == 451 and "AUTH failed" in result.text
@@ -202,3 +203,29 @@ def test_smtputf8_only_when_the_message_needs_it(server, tmp_path):
     result = relay.attempt([hop], needs, SETTINGS)["b@remote.test"]
     assert result.permanent and result.status == "5.6.7"
     assert len(handler.messages) == 1
+
+
+def test_a_long_line_cut_between_its_cr_and_lf_keeps_its_crlf(tmp_path):
+    """The content is read in pieces of at most LINE_LIMIT octets: a cut between a line's CR
+    and its LF must not send a bare CR (CR CR LF)."""
+    long_line = b"." + b"x" * (sevenbit.LINE_LIMIT - 2)  # and its CR ends the first piece
+    path = tmp_path / "msg"
+    path.write_bytes(b"Subject: long\r\n\r\n" + long_line + b"\r\n.end\r\n")
+    handler = Recorder()
+
+    class LongLines(SMTP):
+        line_length_limit = 2 * sevenbit.LINE_LIMIT  # (aiosmtpd's default is RFC 5321's 1001)
+
+    class LongLineController(Controller):
+        def factory(self):
+            return LongLines(self.handler)
+
+    controller = LongLineController(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        hop = relay.Hop("mx.test", "127.0.0.1", controller.port)
+        message = relay.Message("alice@example.org", ("bob@remote.test",), path)
+        assert relay.attempt([hop], message, SETTINGS)["bob@remote.test"].ok
+    finally:
+        controller.stop()
+    assert handler.messages[0]["data"] == path.read_bytes()

@@ -5,13 +5,14 @@ it, for RSA (signed through OpenSSL) and Ed25519."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
 import dkim
 import pytest
 
-from mailerd import headers, signing
+from mailerd import dkim_rsa, headers, signing
 from mailerd.commands import dkimkeys
 
 MESSAGE = (
@@ -118,12 +119,36 @@ def test_rsa_goes_through_openssl_and_matches_dkimpys_own(keys, monkeypatch):
     key = keys["rsa"]
     monkeypatch.setattr(dkim.time, "time", lambda: 1796400000.0)
     fast = signing.sign(MESSAGE, [key])
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", signing._dkimpy_rsa_sign)
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_rsa._dkimpy_sign)
     slow = signing.sign(MESSAGE, [key])
     assert fast == slow
-    assert dkim.RSASSA_PKCS1_v1_5_sign is not signing._openssl_rsa_sign
+    assert dkim.RSASSA_PKCS1_v1_5_sign is not dkim_rsa.sign
     monkeypatch.undo()
-    assert dkim.RSASSA_PKCS1_v1_5_sign is signing._openssl_rsa_sign
+    assert dkim.RSASSA_PKCS1_v1_5_sign is dkim_rsa.sign
+
+
+def test_rsa_verification_goes_through_openssl_and_agrees_with_dkimpys_own(keys):
+    """OpenSSL's verification gives dkimpy's verdicts: a good signature, a changed message,
+    a signature from another key, a signature that is not one."""
+    key = keys["rsa"]
+    assert dkim.RSASSA_PKCS1_v1_5_verify is dkim_rsa.verify
+    signed = signing.sign(MESSAGE, [key]) + MESSAGE
+    tampered = signed.replace(b"Subject: ", b"Subject: Re: ", 1)
+    right = dnsfunc_for(key)
+    wrong_key = keys["sub"].dns_record().encode()  # published under the signature's name
+
+    def wrong(name, timeout=5):
+        return wrong_key
+
+    cases = [(signed, right, True), (tampered, right, False), (signed, wrong, False)]
+    for message, dnsfunc, expected in cases:
+        for primitive in (dkim_rsa.verify, dkim_rsa._dkimpy_verify):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", primitive)
+                assert dkim.verify(message, dnsfunc=dnsfunc) is expected
+    digest = hashlib.sha256(b"x")
+    public = {"modulus": 2**2047 + 1, "publicExponent": 65537}
+    assert dkim_rsa.verify(digest, b"\x00" * 256, public) is False
 
 
 def test_two_keys_give_two_signatures(keys):
@@ -143,7 +168,8 @@ def test_two_keys_give_two_signatures(keys):
         (b"From: a@deep.sub.example.org", "sub.example.org"),  # the nearest parent's
         (b"From: a@other.example.org", "example.org"),
         (b"From: a@example.net", None),  # no key
-        (b"From: a@example.org, b@example.org", None),  # several addresses
+        (b"From: a@example.org, b@example.org", "example.org"),  # several, one domain
+        (b"From: a@example.org, b@example.net", None),  # two domains: DMARC checks both
         (b"To: x@example.org", None),  # no From at all
     ],
 )

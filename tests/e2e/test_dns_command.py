@@ -1,0 +1,535 @@
+"""`mailerd dns` (issue #15): the records to publish for the local domains, and `--check`.
+
+The config has two local domains (example.org with an RSA and an Ed25519 key, example.net with
+an RSA key), hostname mx.example.org and a network listener on 192.0.2.25 and [2001:db8::25]
+(documentation addresses: `mailerd dns` only reads them, nothing binds or connects to them).
+
+The printed output is read as a zone file (tests/dnsserver.py's reader, dnspython's): every
+line that is not a `;` comment must be one record, with absolute names, and the set of records
+must be exactly what the contract asks for. `--check` is run against an in-process
+`DNSServer(Records(zone))` that the config's `dns-server` names: first with the printed output
+as the zone (what an operator pastes must pass), then with one thing wrong or missing at a
+time. A `--check` line is read as `STATUS ... OWNER ... TYPE ...`: the status first, then the
+first word containing a dot is the record's owner and the first record-type word its type.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dns.rdatatype
+import dns.reversename
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dnsserver import DNSServer, Records
+
+from .conftest import REPO
+
+HOSTNAME = "mx.example.org"
+V4 = "192.0.2.25"
+V6 = "2001:db8::25"
+OTHER_HOST = "other.example.net"
+TYPES = ("MX", "A", "AAAA", "TXT", "PTR")
+STATUSES = ("OK", "MISSING", "WRONG")
+RUN_TIMEOUT = 60.0
+
+Rec = tuple[str, str, str]  # (owner without the final dot, TYPE, normalised value)
+
+
+# --------------------------------------------------------------------------------------------
+# Keys, config, running the command
+# --------------------------------------------------------------------------------------------
+
+
+def openssl(*args: object) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=120)
+
+
+def public_record(path: Path) -> str:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if isinstance(key, rsa.RSAPrivateKey):
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+
+
+@dataclass(frozen=True)
+class Key:
+    domain: str
+    selector: str
+    path: Path
+
+    @property
+    def owner(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.domain}:{self.selector}:{self.path}"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> list[Key]:
+    d = tmp_path_factory.mktemp("dnskeys")
+    r_org, e_org, r_net, other = (d / n for n in ("org-rsa.key", "org-ed.key", "net.key", "x.key"))
+    for path in (r_org, r_net, other):
+        openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", path)
+    openssl("genpkey", "-algorithm", "ed25519", "-out", e_org)
+    return [
+        Key("example.org", "r2026", r_org),
+        Key("example.org", "e2026", e_org),
+        Key("example.net", "n2026", r_net),
+    ]
+
+
+@pytest.fixture(scope="module")
+def other_rsa(keys: list[Key]) -> Path:
+    return keys[0].path.parent / "x.key"
+
+
+@pytest.fixture(scope="module")
+def dns_server() -> Iterator[DNSServer]:
+    server = DNSServer(Records())
+    server.start()
+    yield server
+    server.stop()
+
+
+def write_config(
+    path: Path,
+    keys: list[Key],
+    dns: DNSServer,
+    *,
+    listen: str = f"{V4}:25, [{V6}]:25",
+    more: str = "",
+) -> Path:
+    path.write_text(
+        "[mailerd]\n"
+        "domain = example.org, example.net\n"
+        f"hostname = {HOSTNAME}\n"
+        f"listen-network = {listen}\n"
+        f"dkim-key = {', '.join(k.spec for k in keys)}\n"
+        f"dns-server = {dns.host}:{dns.port}\n"
+        "dns-timeout = 2s\n" + more
+    )
+    return path
+
+
+def mailerd_dns(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "mailerd", "dns", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"`mailerd dns {' '.join(args)}` did not finish in {timeout}s: {exc}")
+
+
+@pytest.fixture
+def conf(tmp_path: Path, keys: list[Key], dns_server: DNSServer) -> Path:
+    return write_config(tmp_path / "mailerd.conf", keys, dns_server)
+
+
+# --------------------------------------------------------------------------------------------
+# Records: what is wanted, what was printed
+# --------------------------------------------------------------------------------------------
+
+
+def _normal_txt(value: str) -> str:
+    """DKIM key records compare by v, k and p (spacing aside); other TXT values as they are."""
+    if not value.startswith("v=DKIM1"):
+        return value
+    tags = {}
+    for part in value.split(";"):
+        k, _, v = part.partition("=")
+        if k.strip():
+            tags[k.strip()] = re.sub(r"\s+", "", v)
+    return f"v=DKIM1; k={tags.get('k', 'rsa')}; p={tags.get('p', '')}"
+
+
+def wanted(keys: list[Key], domains=("example.org", "example.net"), addresses=(V4, V6)) -> set[Rec]:
+    out: set[Rec] = set()
+    for d in domains:
+        out.add((d, "MX", f"10 {HOSTNAME}"))
+        out.add((d, "TXT", "v=spf1 mx -all"))
+        out.add((f"_dmarc.{d}", "TXT", f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{d}"))
+        for k in keys:
+            if k.domain == d:
+                out.add((k.owner, "TXT", _normal_txt(public_record(k.path))))
+    for a in addresses:
+        ip = ipaddress.ip_address(a)
+        out.add((HOSTNAME, "A" if ip.version == 4 else "AAAA", ip.compressed))
+        out.add((reverse(a), "PTR", HOSTNAME))
+    return out
+
+
+def reverse(address: str) -> str:
+    return dns.reversename.from_address(address).to_text().rstrip(".")
+
+
+def _records_of(text: str) -> list[Rec]:
+    out = []
+    for name, node in Records(text).zone.items():
+        owner = name.to_text().rstrip(".").lower()
+        for rdataset in node:
+            rtype = dns.rdatatype.to_text(rdataset.rdtype)
+            for r in rdataset:
+                if rtype == "MX":
+                    value = f"{r.preference} {r.exchange.to_text().rstrip('.').lower()}"
+                elif rtype == "TXT":
+                    value = _normal_txt(b"".join(r.strings).decode())
+                elif rtype in ("A", "AAAA"):
+                    value = ipaddress.ip_address(r.address).compressed
+                elif rtype == "PTR":
+                    value = r.target.to_text().rstrip(".").lower()
+                else:
+                    value = r.to_text()
+                out.append((owner, rtype, value))
+    return out
+
+
+def printed_records(stdout: str) -> list[Rec]:
+    """Each non-comment line as one record (zone-file text, absolute names)."""
+    out = []
+    for line in stdout.splitlines():
+        if not line.strip() or line.lstrip().startswith(";"):
+            continue
+        recs = _records_of(line)
+        assert len(recs) == 1, f"not one record on this line: {line!r} → {recs}"
+        assert line.split()[0].endswith("."), f"owner name not absolute (no final dot): {line!r}"
+        owner, rtype, _ = recs[0]
+        if rtype in ("MX", "PTR"):
+            assert line.rstrip().endswith("."), f"{rtype} target not absolute: {line!r}"
+        out.append(recs[0])
+    return out
+
+
+def zone_text(records: set[Rec] | list[Rec]) -> str:
+    lines = []
+    for owner, rtype, value in sorted(records):
+        if rtype == "TXT":
+            data = value.encode()
+            value = " ".join(
+                '"' + data[i : i + 255].decode() + '"' for i in range(0, len(data), 255)
+            )
+        elif rtype in ("MX", "PTR"):
+            value = value + "."
+        lines.append(f"{owner}. {rtype} {value}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# --check lines
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckLine:
+    status: str
+    owner: str
+    rtype: str
+    text: str
+
+
+def check_lines(stdout: str) -> list[CheckLine]:
+    out = []
+    for line in stdout.splitlines():
+        if not line.strip() or line.lstrip().startswith(";"):
+            continue
+        words = line.split()
+        status = words[0].rstrip(":").upper()
+        assert status in STATUSES, f"a --check line must start with OK, MISSING or WRONG: {line!r}"
+        owner = next((w for w in words[1:] if "." in w), None)
+        rtype = next((w.upper() for w in words[1:] if w.upper() in TYPES), None)
+        assert owner and rtype, f"no owner or type in {line!r}"
+        out.append(CheckLine(status, owner.rstrip(".:").lower(), rtype, line))
+    return out
+
+
+def run_check(conf: Path, dns: DNSServer, zone: str, *extra: str) -> tuple[int, list[CheckLine]]:
+    dns.records = Records(zone)
+    p = mailerd_dns("-c", str(conf), "--check", *extra)
+    assert p.returncode is not None
+    assert "Traceback" not in p.stderr, p.stderr
+    return p.returncode, check_lines(p.stdout)
+
+
+def index(lines: list[CheckLine]) -> dict[tuple[str, str], list[CheckLine]]:
+    out: dict[tuple[str, str], list[CheckLine]] = {}
+    for line in lines:
+        out.setdefault((line.owner, line.rtype), []).append(line)
+    return out
+
+
+def shown(lines: list[CheckLine]) -> str:
+    return "\n".join(line.text for line in lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Printing
+# --------------------------------------------------------------------------------------------
+
+
+def test_prints_every_record(conf: Path, keys: list[Key], dns_server: DNSServer):
+    """MX, A/AAAA of the hostname, SPF, each DKIM key, DMARC and PTR: exactly those, as zone
+    file lines an operator can paste; and printing asks the DNS nothing."""
+    asked_before = len(dns_server.queries)
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    got = printed_records(p.stdout)
+    assert set(got) == wanted(keys), (
+        f"missing: {sorted(wanted(keys) - set(got))}\nextra: {sorted(set(got) - wanted(keys))}"
+        f"\n--- output ---\n{p.stdout}"
+    )
+    assert len(dns_server.queries) == asked_before, f"printing asked: {dns_server.queries}"
+
+
+def test_dkim_records_are_split_at_255(conf: Path, keys: list[Key]):
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 0, p
+    for k in keys:
+        line = next(ln for ln in p.stdout.splitlines() if ln.split()[:1] == [f"{k.owner}."])
+        strings = re.findall(r'"([^"\\]*)"', line)
+        assert strings and all(len(s.encode()) <= 255 for s in strings), line
+        assert _normal_txt("".join(strings)) == _normal_txt(public_record(k.path)), line
+
+
+def test_only_the_domains_asked_for(conf: Path, keys: list[Key]):
+    p = mailerd_dns("-c", str(conf), "example.net")
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    got = set(printed_records(p.stdout))
+    want = wanted(keys, domains=("example.net",))
+    assert got == want, f"missing {sorted(want - got)}, extra {sorted(got - want)}\n{p.stdout}"
+
+
+def test_outbound_ip_ipv4_leaves_out_ipv6(tmp_path: Path, keys: list[Key], dns_server):
+    conf = write_config(tmp_path / "v4.conf", keys, dns_server, more="outbound-ip = ipv4\n")
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 0, p
+    got = set(printed_records(p.stdout))
+    want = wanted(keys, addresses=(V4,))
+    assert got == want, f"missing {sorted(want - got)}, extra {sorted(got - want)}\n{p.stdout}"
+
+
+def test_loopback_listener_is_no_outbound_address(tmp_path: Path, keys: list[Key], dns_server):
+    """Only loopback network listeners: no address to publish A/AAAA/PTR for, and it says so."""
+    conf = write_config(tmp_path / "lo.conf", keys, dns_server, listen="127.0.0.1:2525, [::1]:2525")
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode is not None and "Traceback" not in p.stderr, p
+    got = set(printed_records(p.stdout))
+    want = wanted(keys, addresses=())
+    assert got == want, (
+        f"loopback is no outbound address: missing {sorted(want - got)}, "
+        f"extra {sorted(got - want)}\n{p.stdout}"
+    )
+    notes = [
+        ln
+        for ln in (p.stdout + "\n" + p.stderr).splitlines()
+        if ln.strip() and (ln.lstrip().startswith(";") or ln in p.stderr)
+    ]
+    assert any(re.search(r"(?i)outbound|address|loopback", ln) for ln in notes), (
+        f"it should say there is no outbound address:\n{p.stdout}\n{p.stderr}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# --check
+# --------------------------------------------------------------------------------------------
+
+
+def test_check_passes_on_the_printed_records(conf: Path, keys: list[Key], dns_server):
+    """What `mailerd dns` prints, published as is, passes `mailerd dns --check`: exit 0, one
+    OK line per record."""
+    printed = mailerd_dns("-c", str(conf))
+    assert printed.returncode == 0, printed
+    rc, lines = run_check(conf, dns_server, printed.stdout)
+    assert [ln for ln in lines if ln.status != "OK"] == [], shown(lines)
+    assert rc == 0, f"exit {rc}\n{shown(lines)}"
+    got = Counter((ln.owner, ln.rtype) for ln in lines)
+    want = Counter((o, t) for o, t, _ in wanted(keys))
+    assert got == want, f"lines {sorted(got.items())}\nrecords {sorted(want.items())}"
+
+
+def _replace(owner: str, rtype: str, *values: str) -> Callable[[set[Rec]], set[Rec]]:
+    def change(records: set[Rec]) -> set[Rec]:
+        kept = {r for r in records if (r[0], r[1]) != (owner, rtype)}
+        return kept | {(owner, rtype, v) for v in values}
+
+    return change
+
+
+def _plus(*extra: Rec, then: Callable[[set[Rec]], set[Rec]] | None = None):
+    def change(records: set[Rec]) -> set[Rec]:
+        return (then(records) if then else records) | set(extra)
+
+    return change
+
+
+OTHER_HOST_RECORDS = ((OTHER_HOST, "A", V4), (OTHER_HOST, "AAAA", V6))
+NOT_OK = "WRONG or MISSING"
+
+
+@dataclass
+class Case:
+    change: Callable[..., set[Rec]]
+    expect: dict[tuple[str, str], str]  # (owner, type) → status; all other lines OK
+    mentions: tuple[str, ...] = ()  # words the first expected line must show
+
+
+def _cases(other_rsa: Path) -> dict[str, Case]:
+    org_dkim = "r2026._domainkey.example.org"
+    return {
+        # MX to another host (which has our addresses, so SPF `mx` still passes)
+        "mx-other-host": Case(
+            _plus(*OTHER_HOST_RECORDS, then=_replace("example.org", "MX", f"10 {OTHER_HOST}")),
+            {("example.org", "MX"): "WRONG"},
+            (OTHER_HOST, HOSTNAME),
+        ),
+        "mx-missing": Case(
+            _replace("example.org", "MX"),
+            {("example.org", "MX"): "MISSING", ("example.org", "TXT"): NOT_OK},
+        ),
+        # no A: SPF `mx` no longer passes 192.0.2.25, nor does the PTR's forward check
+        "no-a": Case(
+            _replace(HOSTNAME, "A"),
+            {
+                (HOSTNAME, "A"): "MISSING",
+                ("example.org", "TXT"): NOT_OK,
+                ("example.net", "TXT"): NOT_OK,
+                (reverse(V4), "PTR"): NOT_OK,
+            },
+        ),
+        "spf-all-only": Case(
+            _replace("example.org", "TXT", "v=spf1 -all"),
+            {("example.org", "TXT"): "WRONG"},
+            ("v=spf1 -all",),
+        ),
+        "spf-missing": Case(_replace("example.net", "TXT"), {("example.net", "TXT"): "MISSING"}),
+        "dkim-other-key": Case(
+            _replace(org_dkim, "TXT", _normal_txt(public_record(other_rsa))),
+            {(org_dkim, "TXT"): "WRONG"},
+        ),
+        "dkim-missing": Case(
+            _replace("e2026._domainkey.example.org", "TXT"),
+            {("e2026._domainkey.example.org", "TXT"): "MISSING"},
+        ),
+        "dmarc-missing": Case(
+            _replace("_dmarc.example.org", "TXT"), {("_dmarc.example.org", "TXT"): "MISSING"}
+        ),
+        "dmarc-without-p": Case(
+            _replace("_dmarc.example.org", "TXT", "v=DMARC1; pct=100"),
+            {("_dmarc.example.org", "TXT"): NOT_OK},
+        ),
+        # PTR naming another host (whose A is our address: only the name is wrong)
+        "ptr-other-name": Case(
+            _plus(*OTHER_HOST_RECORDS, then=_replace(reverse(V4), "PTR", OTHER_HOST)),
+            {(reverse(V4), "PTR"): "WRONG"},
+            (OTHER_HOST,),
+        ),
+        # PTR names the hostname, but the hostname's A is another address
+        "ptr-forward-mismatch": Case(
+            _replace(HOSTNAME, "A", "192.0.2.99"),
+            {
+                (reverse(V4), "PTR"): "WRONG",
+                (HOSTNAME, "A"): "WRONG",
+                ("example.org", "TXT"): NOT_OK,
+                ("example.net", "TXT"): NOT_OK,
+            },
+        ),
+        "ptr-missing": Case(_replace(reverse(V6), "PTR"), {(reverse(V6), "PTR"): "MISSING"}),
+    }
+
+
+BROKEN = [  # the keys of _cases (which needs the keys to be made first)
+    "mx-other-host", "mx-missing", "no-a", "spf-all-only", "spf-missing", "dkim-other-key",
+    "dkim-missing", "dmarc-missing", "dmarc-without-p", "ptr-other-name",
+    "ptr-forward-mismatch", "ptr-missing",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_check_finds_what_is_wrong(conf: Path, keys: list[Key], other_rsa, dns_server, case):
+    c = _cases(other_rsa)[case]
+    zone = zone_text(c.change(wanted(keys)))
+    rc, lines = run_check(conf, dns_server, zone)
+    by = index(lines)
+    for (owner, rtype), status in c.expect.items():
+        got = by.get((owner, rtype))
+        assert got, f"{case}: no line for {owner} {rtype}:\n{shown(lines)}"
+        for line in got:
+            if status == NOT_OK:
+                assert line.status != "OK", f"{case}: {line.text}\n--- all ---\n{shown(lines)}"
+            else:
+                assert line.status == status, (
+                    f"{case}: expected {status}: {line.text}\n--- all ---\n{shown(lines)}"
+                )
+    first = by[next(iter(c.expect))][0]
+    for word in c.mentions:
+        assert word in first.text, f"{case}: the line should show {word!r}: {first.text}"
+    others = [ln for ln in lines if (ln.owner, ln.rtype) not in c.expect and ln.status != "OK"]
+    assert others == [], f"{case}: only {list(c.expect)} may fail:\n{shown(lines)}"
+    assert Counter((ln.owner, ln.rtype) for ln in lines) == Counter(
+        (o, t) for o, t, _ in wanted(keys)
+    ), f"{case}: one line per record to publish:\n{shown(lines)}"
+    assert rc == 1, f"{case}: exit {rc}, expected 1\n{shown(lines)}"
+
+
+@pytest.mark.parametrize(
+    "case, change",
+    [
+        pytest.param(
+            "dmarc-p-none",
+            _replace("_dmarc.example.org", "TXT", "v=DMARC1; p=none"),
+            id="dmarc-p-none",
+        ),
+        pytest.param(
+            "spf-by-ranges",
+            _replace("example.org", "TXT", "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::/32 -all"),
+            id="spf-by-ranges",
+        ),
+        pytest.param(
+            "spf-among-other-txt",
+            _plus(("example.org", "TXT", "site-verification=abc123")),
+            id="spf-among-other-txt",
+        ),
+    ],
+)
+def test_check_accepts_equivalent_records(conf: Path, keys: list[Key], dns_server, case, change):
+    """DMARC: any valid v=DMARC1 with p=; SPF: any record giving pass for every address."""
+    rc, lines = run_check(conf, dns_server, zone_text(change(wanted(keys))))
+    assert [ln for ln in lines if ln.status != "OK"] == [], f"{case}:\n{shown(lines)}"
+    assert rc == 0, f"{case}: exit {rc}\n{shown(lines)}"
+
+
+def test_check_is_bounded_by_dns_timeout(conf: Path, keys: list[Key], dns_server):
+    """A name whose server never answers: `dns-timeout` (2s in the config) bounds the wait;
+    that line is not OK, the others are, exit 1."""
+    records = _replace("_dmarc.example.org", "TXT")(wanted(keys))
+    zone = zone_text(records) + '_dmarc.example.org. TXT "dnsserver:timeout"\n'
+    start = time.monotonic()
+    rc, lines = run_check(conf, dns_server, zone)
+    took = time.monotonic() - start
+    assert took < 30, f"--check took {took:.1f}s with dns-timeout 2s"
+    by = index(lines)
+    assert [ln.status for ln in by[("_dmarc.example.org", "TXT")]] != ["OK"], shown(lines)
+    others = [ln for ln in lines if ln.owner != "_dmarc.example.org" and ln.status != "OK"]
+    assert others == [], shown(lines)
+    assert rc == 1, f"exit {rc}\n{shown(lines)}"
