@@ -92,6 +92,7 @@ def test_message_data_must_keep_up_the_minimum_rate(mailerd_factory):
         c.start()
         mail_rcpt(c, f"{user}@example.org")
         expect(c.cmd("DATA"), 354)
+        c.send(b"From: <sender@client.test>\r\nSubject: rate\r\n\r\n")
         for _ in range(30):  # 3 s at 400 bytes/s, well over --timeout
             c.send(b"y" * 38 + b"\r\n")
             time.sleep(0.1)
