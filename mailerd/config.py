@@ -38,6 +38,20 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_ERRORS = 20
 DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_MAX_SESSIONS_PER_IP = 50
+# Places of --max-sessions kept for each of the owner's pools (the local listeners; the
+# submission listeners) when --reserved-sessions is not given: a tenth of the total.
+RESERVED_SHARE = 10
+# The per-client cap counts an IPv6 client by this prefix: a /64 is what one customer, one
+# host, one VM gets (RFC 6177, RIPE-690), so counting single addresses would let one client
+# be 2^64 of them.
+DEFAULT_IPV6_PREFIX_LENGTH = 64
+# A data phase is cut when it falls behind this many octets per second by more than --timeout
+# (Postfix 3.7's smtpd_min_data_rate, and its default): a trickle is a few bytes a minute, the
+# slowest real link kilobytes a second.
+DEFAULT_MIN_DATA_RATE = 500
+# No session lasts longer than this: a bulk sender reuses a connection for minutes (Postfix's
+# smtp_connection_reuse_time_limit is 300 s), chasquid ends every session after 20 minutes.
+DEFAULT_MAX_SESSION_TIME = 3600.0
 DEFAULT_USER = "mail"  # the children's user when started as root without -u
 DEFAULT_PIDFILE = "/run/mailerd.pid"  # when daemonizing as root without -P
 DEFAULT_DNS_TIMEOUT = 10.0  # seconds for one DNS lookup, retries included
@@ -102,6 +116,10 @@ class Config:
     max_errors: int = DEFAULT_MAX_ERRORS
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_sessions_per_ip: int = DEFAULT_MAX_SESSIONS_PER_IP
+    reserved_sessions: int = DEFAULT_MAX_SESSIONS // RESERVED_SHARE
+    ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX_LENGTH
+    min_data_rate: int = DEFAULT_MIN_DATA_RATE
+    max_session_time: float = DEFAULT_MAX_SESSION_TIME
     min_free: int = DEFAULT_MAX_MESSAGE_SIZE * 3 // 2  # bytes the spool and queue keep free
     verbose: bool = False
     relayhost: tuple[str, int] | None = None
@@ -167,10 +185,45 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("pidfile", "P", True, False, "master's pid file (default /run/mailerd.pid for a root daemon)"),
     ("dns-server", None, True, False, "resolver IP[:PORT] instead of /etc/resolv.conf"),
     ("max-message-size", None, True, False, "SIZE limit in bytes (default 26214400)"),
-    ("timeout", None, True, False, "idle/command timeout, e.g. 30s, 5m (default 5m)"),
+    (
+        "timeout",
+        None,
+        True,
+        False,
+        "a command must arrive complete within this, e.g. 30s, 5m (default 5m)",
+    ),
+    (
+        "min-data-rate",
+        None,
+        True,
+        False,
+        "message data must keep up this many bytes/s, --timeout to spare (default 500)",
+    ),
+    ("max-session-time", None, True, False, "no session lasts longer (default 1h)"),
     ("max-errors", None, True, False, "bad commands tolerated per session (default 20)"),
     ("max-sessions", None, True, False, "total concurrent sessions (default 1000)"),
-    ("max-sessions-per-ip", None, True, False, "sessions per client IP (untrusted listeners)"),
+    (
+        "reserved-sessions",
+        None,
+        True,
+        False,
+        "of --max-sessions, kept for the local and for the submission listeners, each "
+        "(default: a tenth)",
+    ),
+    (
+        "max-sessions-per-ip",
+        None,
+        True,
+        False,
+        "sessions per client (IPv4 address, IPv6 prefix) on network and submission listeners",
+    ),
+    (
+        "ipv6-prefix-length",
+        None,
+        True,
+        False,
+        "an IPv6 client is its address's /N for --max-sessions-per-ip (default 64)",
+    ),
     (
         "min-free",
         None,
@@ -230,6 +283,8 @@ METAVARS = {
     "hostname": "NAME", "workers": "N", "user": "NAME", "pidfile": "FILE",
     "dns-server": "IP[:PORT]", "max-message-size": "BYTES", "timeout": "DURATION",
     "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N", "min-free": "BYTES",
+    "reserved-sessions": "N", "ipv6-prefix-length": "N", "min-data-rate": "BYTES",
+    "max-session-time": "DURATION",
     "relayhost": "HOST[:PORT]", "relay-auth": "FILE", "outbound-tls": "POLICY",
     "outbound-ip": "FAMILY", "retry-after": "DURATION", "max-queue-time": "DURATION",
     "delay-warning": "DURATION", "max-outbound": "N", "max-per-domain": "N", "log-file": "FILE",
@@ -340,6 +395,9 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     )
     domains = tuple(dict.fromkeys(parse_domains(raw.get("domain") or default_domains)))
     dkim_specs = _dkim_specs(raw.get("dkim_key"), domains)
+    max_sessions = _parse_int(
+        "max-sessions", raw.get("max_sessions", DEFAULT_MAX_SESSIONS), 1, 10**7
+    )
     return Config(
         spool=Path(str(raw.get("spool", DEFAULT_SPOOL))),
         queue=Path(str(raw.get("queue", DEFAULT_QUEUE))),
@@ -357,14 +415,25 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         ),
         timeout=parse_duration("timeout", raw.get("timeout", DEFAULT_TIMEOUT)),
         max_errors=_parse_int("max-errors", raw.get("max_errors", DEFAULT_MAX_ERRORS), 0, 10**6),
-        max_sessions=_parse_int(
-            "max-sessions", raw.get("max_sessions", DEFAULT_MAX_SESSIONS), 1, 10**7
-        ),
+        max_sessions=max_sessions,
         max_sessions_per_ip=_parse_int(
             "max-sessions-per-ip",
             raw.get("max_sessions_per_ip", DEFAULT_MAX_SESSIONS_PER_IP),
             1,
             10**7,
+        ),
+        reserved_sessions=_reserved_sessions(raw.get("reserved_sessions"), max_sessions, listeners),
+        ipv6_prefix_length=_parse_int(
+            "ipv6-prefix-length",
+            raw.get("ipv6_prefix_length", DEFAULT_IPV6_PREFIX_LENGTH),
+            1,
+            128,
+        ),
+        min_data_rate=_parse_int(
+            "min-data-rate", raw.get("min_data_rate", DEFAULT_MIN_DATA_RATE), 1, 2**40
+        ),
+        max_session_time=parse_duration(
+            "max-session-time", raw.get("max_session_time", DEFAULT_MAX_SESSION_TIME)
         ),
         min_free=_parse_int(
             "min-free",
@@ -441,6 +510,24 @@ def load_files(cfg: Config) -> Config:
     except signing.KeyProblem as exc:
         raise ConfigError(f"--dkim-key: {exc}") from exc
     return replace(cfg, aliases=table, tls_context=context, credentials=passwords, dkim_keys=keys)
+
+
+def _reserved_sessions(
+    value: object, max_sessions: int, listeners: tuple[ListenAddress, ...]
+) -> int:
+    """--reserved-sessions (default: a tenth of --max-sessions), checked to leave the network
+    listeners a place: each owner pool that has a listener keeps that many for itself."""
+    if value is None:
+        return max_sessions // RESERVED_SHARE
+    reserved = _parse_int("reserved-sessions", value, 0, 10**7)
+    roles = {listen.role for listen in listeners}
+    owners = (LOCAL in roles) + bool(roles & {SUBMISSION, SUBMISSIONS})
+    if NETWORK in roles and reserved * owners >= max_sessions:
+        raise ConfigError(
+            f"--reserved-sessions: {owners} × {reserved} leave the network listeners no place "
+            f"of --max-sessions {max_sessions}"
+        )
+    return reserved
 
 
 AUTH_MODES = ("off", "header", "enforce")

@@ -1,20 +1,22 @@
-"""Open-session counts shared by all workers, for the total and per-address caps at connect.
+"""Open-session counts shared by all workers, for the caps at connect (`worker.admission`):
+the sessions of each pool (the listener kinds that share --max-sessions), and per client.
 
 Each worker accepts on its own, so a cap counted inside one worker would let a client hold
 N × workers sessions. The master therefore maps one small anonymous shared table before it
 forks anything, and gives each worker a row of it:
 
-    row r:  [ sessions in all | sessions per address bucket 0 … BUCKETS-1 ]   (uint32)
+    row r:  [ sessions per pool 0 … POOLS-1 | sessions per client bucket 0 … BUCKETS-1 ]
+            (uint32 each; the total is the pools' sum)
 
 A worker writes only its own row, so no lock is needed (one writer per cell, aligned 32-bit
 stores); a check sums one column over every row. When a worker is gone — finished, retired,
 or killed with sessions open — the master zeroes its row before handing it out again, so the
 sessions of a dead worker are never counted forever.
 
-Addresses are hashed (Python's keyed hash, the same in every forked process) into BUCKETS
-buckets; two addresses sharing a bucket share a count, which can only refuse early, never let
-more in. Two workers admitting at the same instant may each see the last free place: a cap
-can be exceeded by at most one session per other worker.
+Client keys (an address, an IPv6 prefix) are hashed (Python's keyed hash, the same in every
+forked process) into BUCKETS buckets; two keys sharing a bucket share a count, which can only
+refuse early, never let more in. Two workers admitting at the same instant may each see the
+last free place: a cap can be exceeded by at most one session per other worker.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import mmap
 
 BUCKETS = 16384
+POOLS = 3  # (worker.admission names them)
 _CELL = 4  # bytes: an unsigned 32-bit count
 
 
@@ -31,7 +34,7 @@ class SessionTable:
     def __init__(self, rows: int, buckets: int = BUCKETS) -> None:
         self.rows = rows
         self.buckets = buckets
-        self.stride = buckets + 1
+        self.stride = POOLS + buckets
         # mmap(-1, ...) is MAP_SHARED | MAP_ANONYMOUS: forked children see the same pages.
         self._map = mmap.mmap(-1, rows * self.stride * _CELL)
         self.cells = memoryview(self._map).cast("I")
@@ -58,27 +61,33 @@ class SessionCounter:
         self._rows = range(0, table.rows * table.stride, table.stride)
         self._own = row * table.stride
 
-    def bucket(self, address: str) -> int:
-        return 1 + hash(address) % self._buckets
+    def bucket(self, key: str) -> int:
+        return POOLS + hash(key) % self._buckets
 
     def total(self) -> int:
-        return sum(self._cells[r] for r in self._rows)
+        return sum(self._column(pool) for pool in range(POOLS))
 
-    def for_address(self, address: str) -> int:
-        column = self.bucket(address)
+    def in_pool(self, pool: int) -> int:
+        return self._column(pool)
+
+    def for_address(self, key: str) -> int:
+        """The sessions of a client key (those sharing its bucket included)."""
+        return self._column(self.bucket(key))
+
+    def opened(self, pool: int, key: str | None) -> None:
+        """A session began in `pool`; `key` is given when it counts against a client's cap."""
+        self._cells[self._own + pool] += 1
+        if key is not None:
+            self._cells[self._own + self.bucket(key)] += 1
+
+    def closed(self, pool: int, key: str | None) -> None:
+        """The session begun with opened(pool, key) ended."""
+        self._decrement(self._own + pool)
+        if key is not None:
+            self._decrement(self._own + self.bucket(key))
+
+    def _column(self, column: int) -> int:
         return sum(self._cells[r + column] for r in self._rows)
-
-    def opened(self, address: str | None) -> None:
-        """A session began; `address` is given when it counts against its address's cap."""
-        self._cells[self._own] += 1
-        if address is not None:
-            self._cells[self._own + self.bucket(address)] += 1
-
-    def closed(self, address: str | None) -> None:
-        """The session begun with opened(address) ended."""
-        self._decrement(self._own)
-        if address is not None:
-            self._decrement(self._own + self.bucket(address))
 
     def _decrement(self, cell: int) -> None:
         if self._cells[cell] > 0:

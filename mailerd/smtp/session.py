@@ -111,6 +111,7 @@ class Session(Commands):
         self._bdat_size = 0
         self._bdat_last = False
         self._bdat_refusal: Reply | None = None  # reply for a chunk being skipped
+        self._content_octets = 0  # read of the current DATA body or BDAT chunk
         self._checking: Address | None = None  # the recipient whose verdict is PENDING
         self._verb = ""  # the command being answered, and its argument (for Rejected)
         self._argument = ""
@@ -223,18 +224,43 @@ class Session(Commands):
         """The user the client authenticated as, if it did."""
         return self._user
 
-    def timeout(self) -> Reply:
-        """The peer was idle too long: return the 421 to send; the session ends."""
+    def timeout(self, what: str = "Timeout exceeded") -> Reply:
+        """The peer took too long (the caller's clock says what: a command, the message data,
+        the session): return the 421 4.4.2 to send, its text `what`; the session ends."""
         reply = Reply(
             421,
             "4.4.2",
-            f"{self._config.hostname} Timeout exceeded, closing connection",
+            f"{self._config.hostname} {what}, closing connection",
             close=True,
         )
         if self._state is not _State.CLOSED:
             self._abort_transaction("timeout")
             self._close()
         return reply
+
+    @property
+    def reading_content(self) -> bool:
+        """Reading message content (a DATA body, a BDAT chunk): the caller's data-rate stage."""
+        return self._state is _State.DATA or self._state is _State.BDAT
+
+    @property
+    def content_octets(self) -> int:
+        """Octets read of the current DATA body or BDAT chunk (for the caller's data rate)."""
+        return self._content_octets
+
+    @property
+    def mid_command(self) -> bool:
+        """Part of a command line has arrived and not its end (the caller's command clock
+        runs from its first byte, not from the last)."""
+        return self._state is _State.COMMAND and (
+            self._discarding or self._pos < len(self._buf) or bool(self._pending)
+        )
+
+    @property
+    def waiting(self) -> bool:
+        """Waiting for the caller (a commit, a recipient check, TLS, a password): the client is
+        not the one who is late."""
+        return self._state in _WAITING
 
     @property
     def idle(self) -> bool:
@@ -300,6 +326,7 @@ class Session(Commands):
             return False
         decoder, checker = self._decoder, self._checker
         assert decoder is not None and checker is not None
+        self._content_octets += len(data)
         out = decoder.feed(data)
         if out:
             checker.feed(out)
@@ -321,6 +348,7 @@ class Session(Commands):
             if len(data) > wanted:
                 data, self._buf = data[:wanted], data[wanted:]
             self._bdat_remaining -= len(data)
+            self._content_octets += len(data)
             checker = self._checker
             if self._bdat_refusal is None and checker is not None:
                 checker.feed(data)
@@ -413,6 +441,7 @@ class Session(Commands):
     def _read_data(self) -> None:
         """DATA was accepted: what follows is dot-stuffed content up to CRLF.CRLF."""
         self._decoder = DataDecoder()
+        self._content_octets = 0
         self._state = _State.DATA
 
     def _read_chunk(self, size: int, last: bool, refusal: Reply | None) -> None:
@@ -420,6 +449,7 @@ class Session(Commands):
         self._bdat_refusal = refusal
         self._bdat_size = self._bdat_remaining = size
         self._bdat_last = last
+        self._content_octets = 0
         self._state = _State.BDAT
 
     def _envelope(self) -> Envelope:

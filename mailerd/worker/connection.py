@@ -1,9 +1,18 @@
 """One SMTP connection: bytes between the socket and a sans-I/O `smtp.Session`, and the
-decisions that need I/O or a clock: the idle timeout, whether a recipient's mailbox exists
+decisions that need I/O or a clock: the deadlines (below), whether a recipient's mailbox exists
 (`recipients`), the TLS handshake after STARTTLS, the password check of AUTH (in a thread,
 answered late after failures), whose sender addresses an authenticated user may use, and the
 commit of a finished message (the 250 only once it is durable). Every refused mail command and
 failed AUTH is logged here, in Postfix's words, and with -v the dialogue (never a password).
+
+**Deadlines** (RFC 5321 4.5.3.2's per-stage timeouts), none of which a trickled byte extends:
+a command line must arrive complete within --timeout of its first byte (and the next one
+begin within --timeout of our reply); message content (a DATA body, a BDAT chunk) must keep up
+--min-data-rate, with --timeout to spare: its n-th octet is due --timeout + n / rate after its
+start; and the whole session ends at --max-session-time. Each ends the session with its own
+421 4.4.2 and log line. The clocks are restarted once per read, never per byte, and one timer
+per session checks them (deadlines only ever move later, so it may fire early and re-arm).
+While the session waits on us (a commit, a check, a password) the client is not late.
 """
 
 from __future__ import annotations
@@ -64,7 +73,12 @@ class Connection(asyncio.Protocol):
         self.committing = False
         self.write_paused = False
         self.closing = False
-        self.last_activity = 0.0
+        # The deadlines' clocks (loop time): the session's start; the current command's (its
+        # first byte, or our last reply when none has come); the current content's start.
+        self.started = 0.0
+        self.command_since = 0.0
+        self.in_command = False  # part of a command line is in
+        self.content_since: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.handshaking = False  # between STARTTLS's 220 and the end of the handshake
         self.released = False
@@ -102,8 +116,10 @@ class Connection(asyncio.Protocol):
             on_command,
             self.check_mail,
         )
-        self.last_activity = self.worker.loop.time()
-        self.timer = self.worker.loop.call_later(self.worker.cfg.timeout, self.check_timeout)
+        loop = self.worker.loop
+        self.started = self.command_since = loop.time()
+        cfg = self.worker.cfg
+        self.timer = loop.call_later(min(cfg.timeout, cfg.max_session_time), self.check_timeout)
         self.pump()
 
     def log_command(self, line: bytes) -> None:
@@ -113,7 +129,6 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.session is None or self.closing:
             return
-        self.last_activity = self.worker.loop.time()
         self.session.receive_data(data)
         if self.handshaking:  # decrypted bytes before start_tls() returned: kept for later
             return
@@ -161,6 +176,7 @@ class Connection(asyncio.Protocol):
         """Run the session until it needs input or waits on a commit; send what it said."""
         assert self.session is not None and self.transport is not None
         out = []
+        progressed = False  # a command (or the content) was answered: a new stage's clock
         while True:
             event = self.session.next_event()
             if event is NEED_DATA:
@@ -168,6 +184,7 @@ class Connection(asyncio.Protocol):
             if event is PAUSED:
                 self.transport.pause_reading()
                 break
+            progressed = True
             if isinstance(event, Reply):
                 if self.worker.cfg.verbose:
                     self.log_reply(event)
@@ -196,8 +213,23 @@ class Connection(asyncio.Protocol):
                 return
         if out:
             self.transport.write(b"".join(out))
+        self.restart_clocks(progressed)
         if self.worker.stopping and self.idle():
             self.close([SHUTTING_DOWN.to_bytes()])
+
+    def restart_clocks(self, progressed: bool) -> None:
+        """After a read (or our answer): start the clock of a stage that has just begun, and
+        only then, so bytes that trickle in never move a deadline."""
+        session = self.session
+        assert session is not None
+        if session.reading_content:
+            if self.content_since is None:
+                self.content_since = self.worker.loop.time()
+            return
+        self.content_since = None
+        if progressed or not self.in_command:
+            self.command_since = self.worker.loop.time()
+        self.in_command = session.mid_command
 
     async def start_tls(self, discarded: int) -> None:
         """The server side of the TLS handshake after STARTTLS; then the session starts over."""
@@ -232,7 +264,6 @@ class Connection(asyncio.Protocol):
         self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
         log.info("%s: STARTTLS: %s", self.client, self.tls)
         self.session.tls_started()
-        self.last_activity = self.worker.loop.time()
         self.pump()
 
     async def authenticate(self, request: AuthRequest) -> None:
@@ -471,7 +502,6 @@ class Connection(asyncio.Protocol):
         if not self.write_paused and not self.committing:
             assert self.transport is not None  # (set with the session, in connection_made)
             self.transport.resume_reading()
-        self.last_activity = self.worker.loop.time()
         self.pump()
 
     def accept(self, address: Address, resolved: recipients.Resolved) -> Reply | None:
@@ -483,15 +513,47 @@ class Connection(asyncio.Protocol):
         return None
 
     def check_timeout(self) -> None:
-        if self.closing or self.session is None:
+        """The deadlines (see the module docstring): the first one past ends the session."""
+        session = self.session
+        if self.closing or session is None:
             return
-        loop = self.worker.loop
-        remaining = self.last_activity + self.worker.cfg.timeout - loop.time()
-        if self.committing or remaining > 0:
-            self.timer = loop.call_later(max(remaining, 1.0), self.check_timeout)
+        loop, cfg = self.worker.loop, self.worker.cfg
+        now = loop.time()
+        if self.committing or session.waiting:
+            # Our turn, not the client's. Not even the session limit cuts a commit: the
+            # client would send again a message we may have taken.
+            self.timer = loop.call_later(min(1.0, cfg.timeout), self.check_timeout)
             return
-        log.info("timeout for %s", self.client)
-        self.close([self.session.timeout().to_bytes()])
+        session_end = self.started + cfg.max_session_time
+        if self.content_since is not None:
+            octets = session.content_octets
+            deadline = self.content_since + cfg.timeout + octets / cfg.min_data_rate
+        else:
+            deadline = self.command_since + cfg.timeout
+        if now < min(deadline, session_end):
+            # (Never sooner than 50 ms: a deadline due now is not worth a busy loop.)
+            wait = max(min(deadline, session_end) - now, 0.05)
+            self.timer = loop.call_later(wait, self.check_timeout)
+            return
+        if now >= session_end:
+            log.info("session time limit for %s: %gs, closing", self.client, cfg.max_session_time)
+            reply = session.timeout("Session time limit exceeded")
+        elif self.content_since is not None:
+            log.info(
+                "timeout for %s: message data slower than %d bytes/s (%d bytes in %.1fs)",
+                self.client,
+                cfg.min_data_rate,
+                session.content_octets,
+                now - self.content_since,
+            )
+            reply = session.timeout("Timeout exceeded: message data too slow")
+        elif self.in_command:
+            log.info("timeout for %s: a command not complete within %gs", self.client, cfg.timeout)
+            reply = session.timeout()
+        else:
+            log.info("timeout for %s: no command within %gs", self.client, cfg.timeout)
+            reply = session.timeout()
+        self.close([reply.to_bytes()])
 
 
 def _line(reply: Reply) -> str:

@@ -1,7 +1,7 @@
 """A worker process: accepts on the inherited listeners and runs many SMTP sessions at once
-(one `connection.Connection` each), with the session caps at connect, and commits finished
-messages: through the delivery process, or, when every recipient is local, straight to the
-mailbox writer over the worker's own channel to it.
+(one `connection.Connection` each), with the session caps at connect (`admission`), and
+commits finished messages: through the delivery process, or, when every recipient is local,
+straight to the mailbox writer over the worker's own channel to it.
 
 Start-up (`run`): reach the spool, `<queue>/tmp` and `<queue>/private` through directories
 opened while still root (`privileges.keep_dir`), drop to the `-u` user, and only then start
@@ -42,6 +42,7 @@ from mailerd.ipc.writer_client import WriterClient, WriterLink
 from mailerd.lifecycle import BOOT_ERROR, COMMIT_TIMEOUT, SHUTDOWN_GRACE, report
 from mailerd.smtp import Reply, Session, SessionConfig
 from mailerd.spool import Spool
+from mailerd.worker import admission
 from mailerd.worker.connection import SHUTTING_DOWN, Connection
 from mailerd.worker.reserve import Reserve
 
@@ -85,11 +86,13 @@ class Worker:
         private = private_dir or cfg.queue / "private"
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
         self.writer = WriterLink(self.delivery)
-        self.connections: set[Connection] = set()
+        # The open sessions, each with what it counts under: its pool and client key.
+        self.connections: dict[Connection, tuple[int, str | None]] = {}
         # User database lookups for RCPT checks (see Connection.check_recipient): a couple of
         # threads, so a slow NSS server holds those sessions only.
         self.lookups = ThreadPoolExecutor(2, thread_name_prefix="nss")
         self.sessions = counter(sessions, session_row)  # shared with the other workers
+        self.caps = admission.Caps.of(cfg)
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop  # set by main(): a worker serves inside its loop
 
@@ -141,26 +144,23 @@ class Worker:
         return intake.reply_of(Outcome.decode(answer))
 
     def admit(self, conn: Connection) -> Reply | None:
-        """Session caps at connect, over all workers: the total, and per client address on
-        untrusted listeners."""
+        """The session caps at connect, over all workers (see `admission`): the total with the
+        owner's reserves, and per client on the network and submission listeners."""
         if self.stopping:
             return SHUTTING_DOWN
-        if self.sessions.total() >= self.cfg.max_sessions:
-            return Session.refuse(self.cfg.hostname, "Too many connections, try again later")
-        counted = None if conn.listen.trusted else conn.peer
-        if (
-            counted is not None
-            and self.sessions.for_address(counted) >= self.cfg.max_sessions_per_ip
-        ):
-            return Session.refuse(self.cfg.hostname, "Too many connections from your address")
-        self.connections.add(conn)
-        self.sessions.opened(counted)
+        pool = admission.pool_of(conn.listen)
+        key = self.caps.counted_key(conn.listen, conn.peer)
+        refusal = self.caps.refusal(self.sessions, pool, key)
+        if refusal is not None:
+            return Session.refuse(self.cfg.hostname, refusal)
+        self.connections[conn] = (pool, key)
+        self.sessions.opened(pool, key)
         return None
 
     def release(self, conn: Connection) -> None:
-        if conn in self.connections:
-            self.connections.discard(conn)
-            self.sessions.closed(None if conn.listen.trusted else conn.peer)
+        counted = self.connections.pop(conn, None)
+        if counted is not None:
+            self.sessions.closed(*counted)
 
     async def main(
         self,

@@ -927,6 +927,49 @@ def test_timeout_mid_data_aborts_the_message():
     assert client.aborted == ["timeout"] and client.closed
 
 
+def test_timeout_says_which_deadline():
+    reply = Client().ready().session.timeout("Session time limit exceeded")
+    assert status(reply) == (421, "4.4.2") and reply.close
+    assert reply.text == "mx.example Session time limit exceeded, closing connection"
+
+
+def test_what_the_io_layer_needs_for_its_deadlines():
+    """mid_command (part of a line is in), reading_content and content_octets (the data-rate
+    stage, DATA and each BDAT chunk), waiting (on the caller): what the connection's clocks
+    are restarted by, once per read."""
+    client = Client()
+    session = client.session
+    assert not session.mid_command and not session.reading_content and not session.waiting
+    client.send(b"EH")
+    assert session.mid_command
+    client.send(b"LO client.example\r\nNO")  # one line done, the next begun
+    assert session.mid_command
+    client.send(b"OP\r\n")
+    assert not session.mid_command
+    client.send(b"x" * 600)  # too long: discarded, still one command being sent
+    assert session.mid_command
+    client.send(b"\r\n")
+    assert not session.mid_command
+    client.cmd("MAIL FROM:<a@example.org>")
+    client.cmd("RCPT TO:<b@example.net>")
+    client.cmd("DATA")
+    assert session.reading_content and session.content_octets == 0 and not session.mid_command
+    client.send(b"Subject: x\r\n\r\nbody\r\n")
+    assert session.content_octets == 20
+    client.auto_commit = False
+    client.send(b".\r\n")
+    assert session.waiting and not session.reading_content
+    session.commit_done(QUEUED)
+    client.drain()
+    assert not session.waiting
+    client.cmd("MAIL FROM:<a@example.org>")
+    client.cmd("RCPT TO:<b@example.net>")
+    client.send(b"BDAT 10\r\n12345")
+    assert session.reading_content and session.content_octets == 5
+    client.send(b"67890")
+    assert not session.reading_content
+
+
 def test_refuse():
     reply = Session.refuse("mx.example", "Too many connections, try again later")
     assert status(reply) == (421, "4.7.0") and reply.close

@@ -1,8 +1,9 @@
-"""The session table shared by the workers: counts across processes, rows freed with them."""
+"""The session table shared by the workers: counts per pool and per client across processes,
+rows freed with them."""
 
 import os
 
-from mailerd.ipc.sessiontable import SessionTable, counter
+from mailerd.ipc.sessiontable import POOLS, SessionTable, counter
 
 
 def test_counts_are_seen_by_every_process_and_a_row_is_forgotten_when_released():
@@ -16,29 +17,31 @@ def test_counts_are_seen_by_every_process_and_a_row_is_forgotten_when_released()
         if pid == 0:
             own = counter(table, row)
             for _ in range(count):
-                own.opened("192.0.2.1")
-            own.opened(None)  # a trusted session: in the total only
+                own.opened(2, "192.0.2.1")
+            own.opened(0, None)  # a local session: in its pool only
             os._exit(0)
         pids.append(pid)
     for pid in pids:
         assert os.waitpid(pid, 0)[1] == 0
     view = counter(table, table.claim())
     assert view.total() == 7
+    assert [view.in_pool(pool) for pool in range(POOLS)] == [2, 0, 5]
     assert view.for_address("192.0.2.1") == 5
     assert view.for_address("192.0.2.2") in (0, 5)  # 0 unless it shares the bucket
     table.release(rows[0])  # that worker is gone, with its sessions
     assert view.total() == 3 and view.for_address("192.0.2.1") == 2
+    assert view.in_pool(0) == 1 and view.in_pool(2) == 2
     assert table.claim() == rows[0]  # reused, and zeroed
 
 
 def test_closing_never_goes_below_zero_and_a_full_table_counts_alone():
     table = SessionTable(1)
     own = counter(table, table.claim())
-    own.opened("2001:db8::1")
-    own.closed("2001:db8::1")
-    own.closed("2001:db8::1")
-    assert own.total() == 0 and own.for_address("2001:db8::1") == 0
+    own.opened(1, "2001:db8::/64")
+    own.closed(1, "2001:db8::/64")
+    own.closed(1, "2001:db8::/64")
+    assert own.total() == 0 and own.for_address("2001:db8::/64") == 0 and own.in_pool(1) == 0
     assert table.claim() is None
     alone = counter(table, None)
-    alone.opened("2001:db8::1")
+    alone.opened(1, "2001:db8::/64")
     assert alone.total() == 1 and own.total() == 0

@@ -1,0 +1,109 @@
+"""The session caps at connect: whether a new connection may have a session, counted over all
+workers (through the shared `ipc.sessiontable`), and the words of the 421 when it may not.
+
+**Capacity for the owner.** The listeners draw from three pools of --max-sessions: the local
+listeners' (the machine's own mail programs), the submission listeners' (the owner's mail
+programs away from home) and the network listeners' (the Internet's servers). The two owner
+pools each keep --reserved-sessions places (default: a tenth of the total) that no other pool
+may take, so however many sessions the Internet holds on port 25 — legitimately, or trickling
+to hold them — the loopback and submission listeners still answer. A pool may grow past its
+reserve into the free places, as long as it leaves the other pools what is left of their
+reserves. A reserve rather than pools of their own: --max-sessions stays the bound on the
+server's sessions in all (its memory, its descriptors), as it always was; an owner pool with
+no listener reserves nothing.
+
+**Per client.** --max-sessions-per-ip counts the sessions of one client on the network and
+submission listeners (the local ones are the machine's own). A client is an IPv4 address, or
+an IPv6 address's /--ipv6-prefix-length network (default /64): one host, or one customer of
+a provider, is given a whole /64, so counting each IPv6 address would make one client 2^64 of
+them. An IPv4-mapped IPv6 address is its IPv4 address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from mailerd import config
+from mailerd.config import Config, ListenAddress
+from mailerd.ipc import sessiontable
+from mailerd.ipc.sessiontable import SessionCounter
+
+# The pools, as columns of the session table.
+LOCAL_POOL, SUBMISSION_POOL, NETWORK_POOL = range(sessiontable.POOLS)
+POOLS = sessiontable.POOLS
+_POOL_OF_ROLE = {
+    config.LOCAL: LOCAL_POOL,
+    config.SUBMISSION: SUBMISSION_POOL,
+    config.SUBMISSIONS: SUBMISSION_POOL,
+    config.NETWORK: NETWORK_POOL,
+}
+
+SERVER_FULL = "Too many connections, try again later"
+CLIENT_FULL = "Too many connections from your address"
+
+
+def pool_of(listen: ListenAddress) -> int:
+    return _POOL_OF_ROLE[listen.role]
+
+
+def client_key(address: str, ipv6_prefix_length: int) -> str:
+    """What the per-client cap counts `address` as: itself (IPv4), or its IPv6 network."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])  # (no zone index: fe80::1%eth0)
+    except ValueError:
+        return address  # (not an IP address: an AF_UNIX peer, "?": counted as it is)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix_length), strict=False))
+    return str(ip)
+
+
+@dataclass(frozen=True)
+class Caps:
+    """The numbers admission works with, from the configuration and the listeners served."""
+
+    total: int
+    per_client: int
+    reserves: tuple[int, ...]  # per pool: places no other pool may take
+    ipv6_prefix_length: int
+
+    @classmethod
+    def of(cls, cfg: Config) -> Caps:
+        """From the server's listeners (every worker's, so all count alike)."""
+        pools = {pool_of(listen) for listen in cfg.listeners}
+        owners = len(pools - {NETWORK_POOL})
+        reserved = cfg.reserved_sessions
+        if NETWORK_POOL in pools and owners and reserved * owners >= cfg.max_sessions:
+            # (config refuses this; a Config made otherwise still leaves the network a place)
+            reserved = (cfg.max_sessions - 1) // owners
+        reserves = tuple(
+            reserved if pool != NETWORK_POOL and pool in pools else 0 for pool in range(POOLS)
+        )
+        return cls(cfg.max_sessions, cfg.max_sessions_per_ip, reserves, cfg.ipv6_prefix_length)
+
+    def counted_key(self, listen: ListenAddress, peer: str) -> str | None:
+        """The key a session counts under for the per-client cap; None on a local listener."""
+        return None if listen.trusted else client_key(peer, self.ipv6_prefix_length)
+
+    def refusal(self, counts: SessionCounter, pool: int, key: str | None) -> str | None:
+        """Why a new session in `pool` for client `key` is refused (the 421's text), or None
+        when it may have one."""
+        if not self.room_in(counts, pool):
+            return SERVER_FULL
+        if key is not None and counts.for_address(key) >= self.per_client:
+            return CLIENT_FULL
+        return None
+
+    def room_in(self, counts: SessionCounter, pool: int) -> bool:
+        """A place free in all, and what stays free after taking it still covers the other
+        pools' unused reserves."""
+        in_pool = [counts.in_pool(each) for each in range(POOLS)]  # (each read once)
+        used = sum(in_pool)
+        owed = sum(
+            max(0, reserve - in_pool[other])
+            for other, reserve in enumerate(self.reserves)
+            if other != pool
+        )
+        return used < self.total and self.total - used - 1 >= owed

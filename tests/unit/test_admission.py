@@ -1,0 +1,133 @@
+"""The session caps at connect (worker.admission) over a real shared session table: the
+owner's reserves, the per-client cap with IPv6 clients counted by prefix, and the options."""
+
+from dataclasses import replace
+
+import pytest
+
+from mailerd import config
+from mailerd.config import ConfigError
+from mailerd.ipc.sessiontable import SessionTable, counter
+from mailerd.worker import admission
+from mailerd.worker.admission import (
+    CLIENT_FULL,
+    LOCAL_POOL,
+    NETWORK_POOL,
+    SERVER_FULL,
+    SUBMISSION_POOL,
+    Caps,
+    client_key,
+)
+
+
+def load(*argv: str) -> config.Config:
+    return config.load(["-l", "127.0.0.1:2525", "-n", "127.0.0.1:2526", *argv])
+
+
+def fill(caps: Caps, counts, pool: int, key=None, limit: int = 10_000) -> int:
+    """Open sessions in `pool` until refused; how many were let in."""
+    n = 0
+    while caps.refusal(counts, pool, key) is None and n < limit:
+        counts.opened(pool, key)
+        n += 1
+    return n
+
+
+def test_a_full_network_pool_leaves_the_owner_its_reserves():
+    cfg = load("--max-sessions", "100", "--reserved-sessions", "10")
+    submission = config.ListenAddress("127.0.0.1", 2587, config.SUBMISSION)
+    cfg = replace(cfg, listeners=(*cfg.listeners, submission))
+    caps = Caps.of(cfg)
+    assert caps.reserves == (10, 10, 0)
+    counts = counter(SessionTable(2), 0)
+    # The Internet takes all it can: the owner's twenty places stay free.
+    assert fill(caps, counts, NETWORK_POOL) == 80
+    assert caps.refusal(counts, NETWORK_POOL, None) == SERVER_FULL
+    assert fill(caps, counts, LOCAL_POOL) == 10
+    assert fill(caps, counts, SUBMISSION_POOL) == 10
+    assert caps.refusal(counts, LOCAL_POOL, None) == SERVER_FULL
+
+
+def test_a_pool_grows_past_its_reserve_into_free_places_only():
+    cfg = replace(load(), max_sessions=20, reserved_sessions=5)
+    caps = Caps.of(cfg)
+    assert caps.reserves == (5, 0, 0)  # no submission listener: nothing kept for it
+    counts = counter(SessionTable(1), 0)
+    assert fill(caps, counts, LOCAL_POOL) == 20  # the network has no reserve
+    counts.closed(LOCAL_POOL, None)
+    assert fill(caps, counts, NETWORK_POOL) == 1
+    for _ in range(10):
+        counts.closed(LOCAL_POOL, None)
+    assert fill(caps, counts, NETWORK_POOL) == 10  # ... and the local reserve (5) is still held
+
+
+def test_reserves_hold_across_workers():
+    cfg = replace(load(), max_sessions=10, reserved_sessions=3)
+    caps = Caps.of(cfg)
+    table = SessionTable(3)
+    workers = [counter(table, table.claim()) for _ in range(2)]
+    assert fill(caps, workers[0], NETWORK_POOL, limit=4) == 4
+    assert fill(caps, workers[1], NETWORK_POOL) == 3
+    assert caps.refusal(workers[0], LOCAL_POOL, None) is None
+
+
+@pytest.mark.parametrize(
+    "address, length, key",
+    [
+        ("2001:db8:1:2:aaaa::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:aaaa::1", 48, "2001:db8:1::/48"),
+        ("2001:db8::1", 128, "2001:db8::1/128"),
+        ("fe80::1%eth0", 64, "fe80::/64"),
+        ("::ffff:192.0.2.7", 64, "192.0.2.7"),  # an IPv4 client over an IPv6 socket
+        ("192.0.2.7", 64, "192.0.2.7"),
+        ("?", 64, "?"),
+    ],
+)
+def test_a_client_is_an_ipv4_address_or_an_ipv6_prefix(address, length, key):
+    assert client_key(address, length) == key
+
+
+def test_one_ipv6_64_is_one_client_however_many_addresses_it_uses():
+    cfg = replace(load(), max_sessions_per_ip=3)
+    caps = Caps.of(cfg)
+    network = config.ListenAddress("::", 25, config.NETWORK)
+    counts = counter(SessionTable(1), 0)
+    for host in range(1, 4):
+        key = caps.counted_key(network, f"2001:db8:0:1::{host:x}")
+        assert caps.refusal(counts, NETWORK_POOL, key) is None
+        counts.opened(NETWORK_POOL, key)
+    fresh = caps.counted_key(network, "2001:db8:0:1:dead:beef:0:1")
+    assert caps.refusal(counts, NETWORK_POOL, fresh) == CLIENT_FULL
+    neighbour = caps.counted_key(network, "2001:db8:0:2::1")  # the next /64: another client
+    assert caps.refusal(counts, NETWORK_POOL, neighbour) is None
+    local = config.ListenAddress("::1", 25, config.LOCAL)
+    assert caps.counted_key(local, "::1") is None  # the machine's own: no per-client cap
+
+
+def test_the_options():
+    cfg = load()
+    assert cfg.reserved_sessions == 100 and cfg.ipv6_prefix_length == 64
+    assert cfg.min_data_rate == 500 and cfg.max_session_time == 3600
+    cfg = load(
+        "--max-sessions",
+        "50",
+        "--reserved-sessions",
+        "7",
+        "--ipv6-prefix-length",
+        "56",
+        "--min-data-rate",
+        "100",
+        "--max-session-time",
+        "10m",
+    )
+    assert (cfg.reserved_sessions, cfg.ipv6_prefix_length) == (7, 56)
+    assert (cfg.min_data_rate, cfg.max_session_time) == (100, 600)
+    assert load("--max-sessions", "50").reserved_sessions == 5
+    with pytest.raises(ConfigError, match="reserved-sessions"):
+        load("--max-sessions", "10", "--reserved-sessions", "10")  # the network: no place
+    with pytest.raises(ConfigError, match="ipv6-prefix-length"):
+        load("--ipv6-prefix-length", "129")
+    with pytest.raises(ConfigError, match="min-data-rate"):
+        load("--min-data-rate", "0")
+    assert admission.pool_of(cfg.listeners[0]) == LOCAL_POOL
