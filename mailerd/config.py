@@ -2,21 +2,20 @@
 
 `load(argv)` parses options (getopt-style, short and long, via argparse), reads the INI file
 named by `-c` (or the default one when it exists), lets the command line override it, and
-validates every value. Any problem raises `ConfigError` naming the option; `cli` turns that
-into exit status 2. Nothing here binds or opens anything except the config file itself.
+validates every value (one value at a time: `values`). Any problem raises `ConfigError` naming
+the option; `cli` turns that into exit status 2. Nothing here binds or opens anything except
+the config file itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import configparser
-import ipaddress
 import logging
 import os
 import re
 import socket
 import ssl
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -25,6 +24,22 @@ from mailerd import __version__, host, tls
 from mailerd.aliases import AliasError, Aliases
 from mailerd.credentials import DEFAULT_PASSWD, Credentials, CredentialsError
 from mailerd.names import is_local_domain
+from mailerd.values import (
+    LABEL,
+    parse_bool,
+    parse_choice,
+    parse_dns,
+    parse_hostname,
+    parse_int,
+    parse_optional_duration,
+    parse_strings,
+)
+
+# what other modules use as config.X
+from mailerd.values import ConfigError as ConfigError
+from mailerd.values import parse_address as parse_address
+from mailerd.values import parse_domains as parse_domains
+from mailerd.values import parse_duration as parse_duration
 
 if TYPE_CHECKING:
     from mailerd.signing import SigningKey
@@ -64,10 +79,6 @@ NETWORK = "network"  # the Internet's servers: mail for the local domains only
 SUBMISSION = "submission"  # mail programs: STARTTLS, then AUTH, then anywhere (port 587)
 SUBMISSIONS = "submissions"  # the same over TLS from the first byte (port 465)
 ROLES = (LOCAL, NETWORK, SUBMISSION, SUBMISSIONS)
-
-
-class ConfigError(Exception):
-    """A bad option or config value; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -358,7 +369,7 @@ def read_ini(path: str) -> dict[str, object]:
         takes_value, repeatable = known[key]
         dest = key.replace("-", "_")
         if not takes_value:
-            values[dest] = _parse_bool(key, value)
+            values[dest] = parse_bool(key, value)
         elif repeatable:
             values[dest] = [v for v in re.split(r"[,\s]+", value) if v]
         else:
@@ -368,7 +379,7 @@ def read_ini(path: str) -> dict[str, object]:
 
 def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     """Validate merged raw values (strings, lists, bools) into a Config."""
-    port = _parse_int("port", raw.get("port", "25"), 1, 65535)
+    port = parse_int("port", raw.get("port", "25"), 1, 65535)
     local = _listen_list("listen-local", raw.get("listen_local"), port, LOCAL)
     network = _listen_list("listen-network", raw.get("listen_network"), port, NETWORK)
     if local is None:
@@ -395,7 +406,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     )
     domains = tuple(dict.fromkeys(parse_domains(raw.get("domain") or default_domains)))
     dkim_specs = _dkim_specs(raw.get("dkim_key"), domains)
-    max_sessions = _parse_int(
+    max_sessions = parse_int(
         "max-sessions", raw.get("max_sessions", DEFAULT_MAX_SESSIONS), 1, 10**7
     )
     return Config(
@@ -403,39 +414,39 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         queue=Path(str(raw.get("queue", DEFAULT_QUEUE))),
         domains=domains,
         listeners=listeners,
-        hostname=_parse_hostname(str(raw.get("hostname") or default_hostname)),
-        workers=_parse_int("workers", raw.get("workers", os.cpu_count() or 1), 1, 256),
+        hostname=parse_hostname(str(raw.get("hostname") or default_hostname)),
+        workers=parse_int("workers", raw.get("workers", os.cpu_count() or 1), 1, 256),
         user=str(raw["user"]) if raw.get("user") else None,
         foreground=bool(raw.get("foreground", False)),
         pidfile=Path(str(raw["pidfile"])) if raw.get("pidfile") else None,
         config_file=config_file,
-        dns_server=_parse_dns(raw["dns_server"]) if raw.get("dns_server") else None,
-        max_message_size=_parse_int(
+        dns_server=parse_dns(raw["dns_server"]) if raw.get("dns_server") else None,
+        max_message_size=parse_int(
             "max-message-size", raw.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE), 1, 2**40
         ),
         timeout=parse_duration("timeout", raw.get("timeout", DEFAULT_TIMEOUT)),
-        max_errors=_parse_int("max-errors", raw.get("max_errors", DEFAULT_MAX_ERRORS), 0, 10**6),
+        max_errors=parse_int("max-errors", raw.get("max_errors", DEFAULT_MAX_ERRORS), 0, 10**6),
         max_sessions=max_sessions,
-        max_sessions_per_ip=_parse_int(
+        max_sessions_per_ip=parse_int(
             "max-sessions-per-ip",
             raw.get("max_sessions_per_ip", DEFAULT_MAX_SESSIONS_PER_IP),
             1,
             10**7,
         ),
         reserved_sessions=_reserved_sessions(raw.get("reserved_sessions"), max_sessions, listeners),
-        ipv6_prefix_length=_parse_int(
+        ipv6_prefix_length=parse_int(
             "ipv6-prefix-length",
             raw.get("ipv6_prefix_length", DEFAULT_IPV6_PREFIX_LENGTH),
             1,
             128,
         ),
-        min_data_rate=_parse_int(
+        min_data_rate=parse_int(
             "min-data-rate", raw.get("min_data_rate", DEFAULT_MIN_DATA_RATE), 1, 2**40
         ),
         max_session_time=parse_duration(
             "max-session-time", raw.get("max_session_time", DEFAULT_MAX_SESSION_TIME)
         ),
-        min_free=_parse_int(
+        min_free=parse_int(
             "min-free",
             raw.get("min_free", _default_min_free(raw.get("max_message_size"))),
             0,
@@ -447,20 +458,20 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         relay_credentials=read_credentials(
             str(raw["relay_auth"]) if raw.get("relay_auth") else None
         ),
-        outbound_tls=_parse_choice("outbound-tls", raw.get("outbound_tls", "may"), TLS_CHOICES),
-        outbound_ip=_parse_choice("outbound-ip", raw.get("outbound_ip", "both"), IP_CHOICES),
+        outbound_tls=parse_choice("outbound-tls", raw.get("outbound_tls", "may"), TLS_CHOICES),
+        outbound_ip=parse_choice("outbound-ip", raw.get("outbound_ip", "both"), IP_CHOICES),
         retry_after=parse_duration("retry-after", raw.get("retry_after", 300.0)),
         max_queue_time=parse_duration("max-queue-time", raw.get("max_queue_time", "5d")),
-        delay_warning=_parse_optional_duration("delay-warning", raw.get("delay_warning", "4h")),
-        max_outbound=_parse_int("max-outbound", raw.get("max_outbound", 20), 1, 10000),
-        max_per_domain=_parse_int("max-per-domain", raw.get("max_per_domain", 4), 1, 10000),
+        delay_warning=parse_optional_duration("delay-warning", raw.get("delay_warning", "4h")),
+        max_outbound=parse_int("max-outbound", raw.get("max_outbound", 20), 1, 10000),
+        max_per_domain=parse_int("max-per-domain", raw.get("max_per_domain", 4), 1, 10000),
         log_file=Path(str(raw["log_file"])) if raw.get("log_file") else None,
         aliases_file=Path(str(raw.get("aliases") or DEFAULT_ALIASES)),
         tls_pairs=pairs,
         tls_required=bool(raw.get("tls_required", False)),
         passwd_file=Path(str(raw.get("passwd") or DEFAULT_PASSWD)),
         dkim_specs=dkim_specs,
-        inbound_auth=_parse_choice("inbound-auth", raw.get("inbound_auth", "header"), AUTH_MODES),
+        inbound_auth=parse_choice("inbound-auth", raw.get("inbound_auth", "header"), AUTH_MODES),
         dns_timeout=parse_duration("dns-timeout", raw.get("dns_timeout", DEFAULT_DNS_TIMEOUT)),
     )
 
@@ -519,7 +530,7 @@ def _reserved_sessions(
     listeners a place: each owner pool that has a listener keeps that many for itself."""
     if value is None:
         return max_sessions // RESERVED_SHARE
-    reserved = _parse_int("reserved-sessions", value, 0, 10**7)
+    reserved = parse_int("reserved-sessions", value, 0, 10**7)
     roles = {listen.role for listen in listeners}
     owners = (LOCAL in roles) + bool(roles & {SUBMISSION, SUBMISSIONS})
     if NETWORK in roles and reserved * owners >= max_sessions:
@@ -549,7 +560,7 @@ _SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z
 def _dkim_specs(values: object, domains: tuple[str, ...]) -> tuple[tuple[str, str, Path], ...]:
     """--dkim-key DOMAIN:SELECTOR:FILE, each for a local domain (or one below it)."""
     specs = []
-    for text in _strings(values) if values is not None else []:
+    for text in parse_strings(values) if values is not None else []:
         domain, sep1, rest = text.partition(":")
         selector, sep2, path = rest.partition(":")
         domain = domain.strip().lower().rstrip(".")
@@ -568,8 +579,8 @@ def _dkim_specs(values: object, domains: tuple[str, ...]) -> tuple[tuple[str, st
 
 def _tls_pairs(certs: object, keys: object) -> tuple[tls.Pair, ...]:
     """--tls-cert and --tls-key, paired in the order given."""
-    cert_list = _strings(certs) if certs is not None else []
-    key_list = _strings(keys) if keys is not None else []
+    cert_list = parse_strings(certs) if certs is not None else []
+    key_list = parse_strings(keys) if keys is not None else []
     if len(cert_list) != len(key_list):
         raise ConfigError(
             f"tls-cert/tls-key: {len(cert_list)} certificate(s) but {len(key_list)} key(s): "
@@ -604,20 +615,6 @@ def read_credentials(path: str | None) -> tuple[str, str] | None:
 IP_CHOICES = ("ipv4", "ipv6", "both")
 
 
-def _parse_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    text = str(value).strip().lower()
-    if text not in choices:
-        raise ConfigError(f"--{name}: must be one of {', '.join(choices)}: '{value}'")
-    return text
-
-
-def _parse_optional_duration(name: str, value: object) -> float:
-    """A duration, or 0/never/off for "never"."""
-    if str(value).strip().lower() in ("0", "never", "off", "no"):
-        return 0.0
-    return parse_duration(name, value)
-
-
 def _parse_relayhost(value: str) -> tuple[str, int]:
     """HOST[:PORT], [IPv6]:PORT or an IP; default port 25."""
     text = value.strip()
@@ -627,98 +624,15 @@ def _parse_relayhost(value: str) -> tuple[str, int]:
         pass
     host, _, port = text.partition(":")
     host = host.strip("[]")
-    if not host or not all(_LABEL.match(label) for label in host.lower().rstrip(".").split(".")):
+    if not host or not all(LABEL.match(label) for label in host.lower().rstrip(".").split(".")):
         raise ConfigError(f"--relayhost: not HOST[:PORT]: '{value}'")
-    return host.lower().rstrip("."), _parse_int("relayhost", port, 1, 65535) if port else 25
-
-
-def _parse_int(name: str, value: object, low: int, high: int) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ConfigError(f"--{name}: not a whole number: '{value}'") from None
-    if not low <= number <= high:
-        raise ConfigError(f"--{name}: {number} is out of range {low}..{high}")
-    return number
-
-
-def _parse_bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "yes", "true", "on"):
-        return True
-    if lowered in ("0", "no", "false", "off", ""):
-        return False
-    raise ConfigError(f"--{name}: not a boolean: '{value}'")
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(name: str, value: object) -> float:
-    """'30s', '5m', '1h', '2d' or plain seconds → seconds (float, > 0)."""
-    if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"--{name}: not a duration (like 30s, 5m, 1h): '{value}'")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def parse_address(name: str, text: str, default_port: int) -> tuple[str, int]:
-    """ADDR[:PORT] → (host, port). ADDR is 1.2.3.4, ::1, [::1]:2525 or 127.0.0.1:2525."""
-    text = text.strip()
-    host, port = text, default_port
-    bracketed = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", text)
-    if bracketed:
-        host = bracketed.group(1)
-        if bracketed.group(2):
-            port = _parse_int(name, bracketed.group(2), 1, 65535)
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        port = _parse_int(name, port_text, 1, 65535)
-    try:
-        return str(ipaddress.ip_address(host)), port
-    except ValueError:
-        raise ConfigError(f"--{name}: not an IP address[:port]: '{text}'") from None
+    return host.lower().rstrip("."), parse_int("relayhost", port, 1, 65535) if port else 25
 
 
 def _listen_list(name: str, values: object, port: int, role: str) -> list[ListenAddress] | None:
     if values is None:
         return None
-    items = _strings(values)
+    items = parse_strings(values)
     if [v.lower() for v in items] == ["none"]:
         return []
     return [ListenAddress(*parse_address(name, item, port), role) for item in items]
-
-
-def _strings(values: object) -> list[str]:
-    """A repeatable option's raw values as strings (they come as a list: the command line's,
-    or the INI file's value split)."""
-    if not isinstance(values, Iterable):
-        raise TypeError(f"not a list of values: {values!r}")
-    return [str(v) for v in values]
-
-
-def _parse_dns(value: object) -> tuple[str, int]:
-    return parse_address("dns-server", str(value), 53)
-
-
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-
-
-def parse_domains(values: object) -> list[str]:
-    domains = []
-    for value in _strings(values):
-        domain = value.strip().lower().rstrip(".")
-        if not domain or not all(_LABEL.match(label) for label in domain.split(".")):
-            raise ConfigError(f"--domain: not a domain name: '{value}'")
-        domains.append(domain)
-    return domains
-
-
-def _parse_hostname(value: str) -> str:
-    name = value.strip().rstrip(".")
-    if not name or not all(_LABEL.match(label) for label in name.lower().split(".")):
-        raise ConfigError(f"--hostname: not a host name: '{value}'")
-    return name

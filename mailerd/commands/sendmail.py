@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from mailerd import config, host, trace
+from mailerd import config, host, trace, values
 from mailerd.ipc import maildrop
 from mailerd.smtp.grammar import GrammarError, parse_address
 
@@ -206,8 +206,8 @@ def load_settings(path: str | None) -> Settings:
         return Settings(
             queue=str(raw.get("queue") or config.DEFAULT_QUEUE),
             domains=domains,
-            configured_hostname=config._parse_hostname(str(hostname)) if hostname else None,
-            max_message_size=config._parse_int("max-message-size", size, 1, 2**40),
+            configured_hostname=values.parse_hostname(str(hostname)) if hostname else None,
+            max_message_size=values.parse_int("max-message-size", size, 1, 2**40),
         )
     except config.ConfigError as exc:
         raise Failure(os.EX_CONFIG, str(exc)) from None
