@@ -15,7 +15,7 @@ signed header fields are those of SIGNED_HEADERS the message has, each instance,
 more (over-signed: no From can be added without breaking the signature); no l= tag.
 
 dkimpy (Debian python3-dkim) makes the signatures; Ed25519 needs PyNaCl (python3-nacl), which
-dkimpy uses for it; its RSA is OpenSSL's (`dkim_rsa`).
+dkimpy uses for it; its RSA is OpenSSL's (`dkim_speedups`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from mailerd import (
-    dkim_rsa,  # noqa: F401  (its import makes dkimpy's RSA OpenSSL's)
+    dkim_speedups,  # noqa: F401  (its import speeds dkimpy up)
     headers,
 )
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import dkim
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from mailerd import dkim_rsa, headers, signing
+from mailerd import dkim_speedups, headers, signing
 from mailerd.commands import dkimkeys
 
 MESSAGE = (
@@ -119,19 +121,19 @@ def test_rsa_goes_through_openssl_and_matches_dkimpys_own(keys, monkeypatch):
     key = keys["rsa"]
     monkeypatch.setattr(dkim.time, "time", lambda: 1796400000.0)
     fast = signing.sign(MESSAGE, [key])
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_rsa._dkimpy_sign)
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_speedups._dkimpy_sign)
     slow = signing.sign(MESSAGE, [key])
     assert fast == slow
-    assert dkim.RSASSA_PKCS1_v1_5_sign is not dkim_rsa.sign
+    assert dkim.RSASSA_PKCS1_v1_5_sign is not dkim_speedups.sign
     monkeypatch.undo()
-    assert dkim.RSASSA_PKCS1_v1_5_sign is dkim_rsa.sign
+    assert dkim.RSASSA_PKCS1_v1_5_sign is dkim_speedups.sign
 
 
 def test_rsa_verification_goes_through_openssl_and_agrees_with_dkimpys_own(keys):
     """OpenSSL's verification gives dkimpy's verdicts: a good signature, a changed message,
     a signature from another key, a signature that is not one."""
     key = keys["rsa"]
-    assert dkim.RSASSA_PKCS1_v1_5_verify is dkim_rsa.verify
+    assert dkim.RSASSA_PKCS1_v1_5_verify is dkim_speedups.verify
     signed = signing.sign(MESSAGE, [key]) + MESSAGE
     tampered = signed.replace(b"Subject: ", b"Subject: Re: ", 1)
     right = dnsfunc_for(key)
@@ -142,13 +144,13 @@ def test_rsa_verification_goes_through_openssl_and_agrees_with_dkimpys_own(keys)
 
     cases = [(signed, right, True), (tampered, right, False), (signed, wrong, False)]
     for message, dnsfunc, expected in cases:
-        for primitive in (dkim_rsa.verify, dkim_rsa._dkimpy_verify):
+        for primitive in (dkim_speedups.verify, dkim_speedups._dkimpy_verify):
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", primitive)
                 assert dkim.verify(message, dnsfunc=dnsfunc) is expected
     digest = hashlib.sha256(b"x")
     public = {"modulus": 2**2047 + 1, "publicExponent": 65537}
-    assert dkim_rsa.verify(digest, b"\x00" * 256, public) is False
+    assert dkim_speedups.verify(digest, b"\x00" * 256, public) is False
 
 
 def test_two_keys_give_two_signatures(keys):
@@ -209,3 +211,31 @@ def test_keygen_output_is_a_record_in_strings_of_at_most_255(keys):
     strings = dkimkeys.txt_strings(record)
     assert len(strings) == 2 and all(len(s) <= 255 for s in strings)
     assert "".join(strings) == record
+
+
+@given(st.binary(max_size=200).map(lambda b: bytes(b" \t\r\na"[x % 5] for x in b)))
+def test_the_whitespace_shortcuts_give_dkimpys_results(text: bytes):
+    """Relaxed canonicalisation's whitespace passes, skipped when there is nothing to change,
+    give exactly what dkimpy's own give, on any text of spaces, tabs, CR, LF and a letter."""
+    assert dkim_speedups.compress_whitespace(text) == dkim_speedups._dkimpy_compress(text)
+    assert dkim_speedups.strip_trailing_whitespace(text) == dkim_speedups._dkimpy_strip(text)
+
+
+def test_the_whitespace_shortcuts_are_installed():
+    import dkim.canonicalization
+
+    assert dkim.canonicalization.compress_whitespace is dkim_speedups.compress_whitespace
+    assert (
+        dkim.canonicalization.strip_trailing_whitespace is dkim_speedups.strip_trailing_whitespace
+    )
+
+
+def test_a_key_record_is_parsed_once_and_a_changed_one_anew(keys):
+    assert dkim.evaluate_pk is dkim_speedups.evaluate_pk
+    rsa, sub = keys["rsa"], keys["sub"]
+    first = dkim.evaluate_pk(b"rsa._domainkey.example.org.", rsa.dns_record().encode())
+    again = dkim.evaluate_pk(b"rsa._domainkey.example.org.", rsa.dns_record().encode())
+    changed = dkim.evaluate_pk(b"rsa._domainkey.example.org.", sub.dns_record().encode())
+    assert again is first and changed != first
+    with pytest.raises(dkim.KeyFormatError):
+        dkim.evaluate_pk(b"x._domainkey.example.org.", b"v=DKIM1; k=rsa; p=")
