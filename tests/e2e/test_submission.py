@@ -306,15 +306,17 @@ def test_failure_delay_grows_with_the_address(sub: Sub):
         took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}")
         expect(reply, 535, "5.7.8", conn=c)  # only the first failure of this session
         times.append(took)
+    # The upper bounds leave a loaded machine a second for the password hash (argon2id) and
+    # the server's own time; the growth between failures is what is checked tightly.
     first, second, third = times
-    assert 0.4 <= first <= 1.5, times
-    assert 0.8 <= second <= 2.5 and second >= first + 0.3, times
-    assert 1.6 <= third <= 4.5 and third >= second + 0.6, times
-    # another address is not slowed down by these
+    assert 0.4 <= first <= 2.5, times
+    assert 0.8 <= second <= 3.5 and second >= first + 0.3, times
+    assert 1.6 <= third <= 5.5 and third >= second + 0.6, times
+    # another address is not slowed down by these (its delay would be 4 s, this one's next)
     with tls_session(sub, "127.0.0.1", source=fresh_source()) as c:
         took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}")
         expect(reply, 535, "5.7.8", conn=c)
-        assert took <= 1.5, f"a fresh address waited {took:.2f} s"
+        assert took <= 2.5, f"a fresh address waited {took:.2f} s"
 
 
 def test_third_failure_in_a_session_closes_it(sub: Sub):
