@@ -10,7 +10,9 @@ itself, no thread needed (`verifier`)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -21,6 +23,8 @@ import dns.resolver
 import dns.rrset
 
 from mailerd.resolver import make_resolver
+
+T = TypeVar("T")
 
 
 class TemporaryFailure(Exception):
@@ -50,22 +54,27 @@ class Lookups:
 
     async def query(self, name: str, rdtype: str) -> Answer:
         """Records of `rdtype` at `name`; TemporaryFailure when the DNS cannot say."""
+        records, exists = await self._records(name, rdtype)
+        return Answer(tuple(_text(rdata) for rdata in records), exists)
+
+    async def rdata(self, name: str, rdtype: str) -> list[object]:
+        """The parsed records (dnspython rdata; none for NXDOMAIN); TemporaryFailure as above."""
+        return (await self._records(name, rdtype))[0]
+
+    async def _records(self, name: str, rdtype: str) -> tuple[list[object], bool]:
+        """The records, and whether the name exists."""
         records = self.cached(name, rdtype)  # (the resolver's own way to its cache is longer)
         if records is not None:
-            return Answer(tuple(_text(rdata) for rdata in records), exists=True)
+            return list(records), True
         try:
             answer = await self.resolver.resolve(
                 dns.name.from_text(name), rdtype, raise_on_no_answer=False, search=False
             )
         except dns.resolver.NXDOMAIN:
-            return Answer((), exists=False)
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            return [], False
+        except dns.exception.DNSException as exc:  # a timeout, SERVFAIL, a bad name
             raise TemporaryFailure(f"{name} {rdtype}: {exc}") from exc
-        except dns.exception.DNSException as exc:  # a name that cannot be a DNS name, ...
-            raise TemporaryFailure(f"{name} {rdtype}: {exc}") from exc
-        if answer.rrset is None:
-            return Answer((), exists=True)
-        return Answer(tuple(_text(rdata) for rdata in answer.rrset), exists=True)
+        return (list(answer.rrset) if answer.rrset is not None else []), True
 
     async def txt(self, name: str) -> tuple[str, ...]:
         return (await self.query(name, "TXT")).records
@@ -116,32 +125,20 @@ class Bridge:
         records = self._cached(name, rdtype)
         if records is not None:
             return Answer(tuple(_text(rdata) for rdata in records), exists=True)
-        future = asyncio.run_coroutine_threadsafe(self.lookups.query(name, rdtype), self.loop)
-        try:
-            return future.result(self.timeout)
-        except TimeoutError as exc:
-            future.cancel()
-            raise TemporaryFailure(f"{name} {rdtype}: no answer in {self.timeout:g} s") from exc
+        return self._wait(self.lookups.query(name, rdtype), name, rdtype)
 
     def rdata(self, name: str, rdtype: str) -> list[object]:
         """The parsed records (dnspython rdata), for pyspf, which wants MX preferences."""
         records = self._cached(name, rdtype)
         if records is not None:
             return list(records)
-        future = asyncio.run_coroutine_threadsafe(self._rdata(name, rdtype), self.loop)
+        return self._wait(self.lookups.rdata(name, rdtype), name, rdtype)
+
+    def _wait(self, lookup: Coroutine[Any, Any, T], name: str, rdtype: str) -> T:
+        """Run `lookup` in the event loop and wait for it, at most the timeout."""
+        future = asyncio.run_coroutine_threadsafe(lookup, self.loop)
         try:
             return future.result(self.timeout)
         except TimeoutError as exc:
             future.cancel()
             raise TemporaryFailure(f"{name} {rdtype}: no answer in {self.timeout:g} s") from exc
-
-    async def _rdata(self, name: str, rdtype: str) -> list[object]:
-        try:
-            answer = await self.lookups.resolver.resolve(
-                dns.name.from_text(name), rdtype, raise_on_no_answer=False, search=False
-            )
-        except dns.resolver.NXDOMAIN:
-            return []
-        except dns.exception.DNSException as exc:
-            raise TemporaryFailure(f"{name} {rdtype}: {exc}") from exc
-        return list(answer.rrset) if answer.rrset is not None else []
