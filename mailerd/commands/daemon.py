@@ -30,7 +30,7 @@ def reload(raw: dict[str, object], what: str, say: Callable[[str], None]) -> int
     if pid is None:
         say(f"mailerd is not running: it reads {what} when it starts")
         return 0
-    before = reload_count(pidfile)
+    before, _ = reload_state(pidfile)
     try:
         os.kill(pid, signal.SIGHUP)
     except PermissionError:
@@ -53,10 +53,6 @@ def reload(raw: dict[str, object], what: str, say: Callable[[str], None]) -> int
 
 
 RELOAD_WAIT = 20.0  # seconds to wait for the reload to be done (the master settles in 15)
-
-
-def reload_count(pidfile: str) -> int | None:
-    return reload_state(pidfile)[0]
 
 
 def reload_state(pidfile: str) -> tuple[int | None, str]:

@@ -207,13 +207,17 @@ class Master:
         """Tell whoever started us (the waiting `mailerd` command) once every worker accepts."""
         if self.notifier is None or self.notifier.done:
             return
-        current = [
-            c
+        if self._workers_ready():
+            self.notifier.ready()
+
+    def _workers_ready(self) -> bool:
+        """Whether every worker of the current generation accepts."""
+        ready = sum(
+            1
             for c in self.children.values()
             if c.kind == "worker" and c.generation == self.generation and c.ready
-        ]
-        if len(current) >= self.cfg.workers:
-            self.notifier.ready()
+        )
+        return ready >= self.cfg.workers
 
     def _dispatch_signals(self) -> None:
         while self.signals:
@@ -306,11 +310,12 @@ class Master:
         that a session opened after that gets the new configuration."""
         if self.reload_started is None:
             return
-        workers = [c for c in self.children.values() if c.kind == "worker"]
-        new_ready = sum(1 for c in workers if c.generation == self.generation and c.ready)
-        old_accepting = any(c.generation != self.generation and not c.retired for c in workers)
+        old_accepting = any(
+            c.kind == "worker" and c.generation != self.generation and not c.retired
+            for c in self.children.values()
+        )
         late = time.monotonic() - self.reload_started > RELOAD_SETTLE_TIMEOUT
-        if (new_ready < self.cfg.workers or old_accepting) and not late:
+        if (not self._workers_ready() or old_accepting) and not late:
             return
         self.reload_started = None
         log.info(
