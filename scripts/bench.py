@@ -1856,13 +1856,7 @@ def bench_level(live: list[Bench], c: int, args) -> dict | None:
         b.res["levels"].append(level)
         if lr["errors"]:
             log(f"{srv.name}: latency client errors: {lr['errors']}")
-        srv.remember_pids()
-        if not srv.running():
-            b.going = False
-            b.res["died"] = (
-                f"{srv.name} stopped running during the {c}-client level" + srv.exit_evidence()
-            )
-            log(b.res["died"])
+        check_alive(b, f"the {c}-client level")
     return pair
 
 
@@ -2105,32 +2099,9 @@ def tls_level(live: list[Bench], mode: str, c: int, args) -> dict | None:
         ok = [r for r in pair["ratios"] if r is not None]
         pair["median"] = statistics.median(ok) if ok else None
     for b in live:
-        srv, runs = b.srv, b.runs
-        if not runs:
-            continue
-        median = sorted(runs, key=lambda r: r["msgs_per_s"])[(len(runs) - 1) // 2]
-        peak, procs = b.sampler.peak()
-        b.res["levels"].append(
-            {
-                "mode": mode,
-                "clients": c,
-                "requested": count,
-                **median,
-                "gen_cpu_ms_per_msg": median["gen"]["cpu_ms_per_msg"],
-                "runs_msgs_per_s": [r["msgs_per_s"] for r in runs],
-                "runs": list(runs),
-                "peak_mem": peak,
-                "peak_procs": procs,
-            }
-        )
-        srv.remember_pids()
-        if not srv.running():
-            b.going = False
-            b.res["died"] = (
-                f"{srv.name} stopped running during the {MODE_TITLE[mode]} {c}-client level"
-                + srv.exit_evidence()
-            )
-            log(b.res["died"])
+        if b.runs:
+            record_median_level(b, {"mode": mode}, c, count)
+            check_alive(b, f"the {MODE_TITLE[mode]} {c}-client level")
     return pair
 
 
@@ -2743,34 +2714,42 @@ def auth_level(live: list[Bench], part: str, c: int, setup: AuthSetup, args) -> 
                 b.going = False
         rounds.append({"part": part, "clients": c, "round": i + 1, "runs": got})
     for b in live:
-        srv, runs = b.srv, b.runs
-        if not runs:
-            continue
-        median = sorted(runs, key=lambda r: r["msgs_per_s"])[(len(runs) - 1) // 2]
-        peak, procs = b.sampler.peak()
-        b.res["levels"].append(
-            {
-                "part": part,
-                "clients": c,
-                "requested": count,
-                **median,
-                "gen_cpu_ms_per_msg": median["gen"]["cpu_ms_per_msg"],
-                "runs_msgs_per_s": [r["msgs_per_s"] for r in runs],
-                "runs_cpu_ms_per_msg": [r["cpu_ms_per_msg"] for r in runs],
-                "runs": list(runs),
-                "peak_mem": peak,
-                "peak_procs": procs,
-            }
-        )
-        srv.remember_pids()
-        if not srv.running():
-            b.going = False
-            b.res["died"] = (
-                f"{srv.label} stopped running during the {part} {c}-client level"
-                + srv.exit_evidence()
-            )
-            log(b.res["died"])
+        if b.runs:
+            record_median_level(b, {"part": part}, c, count)
+            check_alive(b, f"the {part} {c}-client level")
     return rounds
+
+
+def record_median_level(b: Bench, tag: dict, c: int, count: int) -> None:
+    """A level of the TLS or authentication phase in the results: its median run (by msgs/s),
+    every run's figures, the peak memory."""
+    runs = b.runs
+    median = sorted(runs, key=lambda r: r["msgs_per_s"])[(len(runs) - 1) // 2]
+    peak, procs = b.sampler.peak()
+    b.res["levels"].append(
+        {
+            **tag,
+            "clients": c,
+            "requested": count,
+            **median,
+            "gen_cpu_ms_per_msg": median["gen"]["cpu_ms_per_msg"],
+            "runs_msgs_per_s": [r["msgs_per_s"] for r in runs],
+            "runs_cpu_ms_per_msg": [r["cpu_ms_per_msg"] for r in runs],
+            "runs": list(runs),
+            "peak_mem": peak,
+            "peak_procs": procs,
+        }
+    )
+
+
+def check_alive(b: Bench, during: str) -> None:
+    """After a level: note the server's processes, and mark it gone if it stopped running."""
+    srv = b.srv
+    srv.remember_pids()
+    if not srv.running():
+        b.going = False
+        b.res["died"] = f"{srv.label} stopped running during {during}" + srv.exit_evidence()
+        log(b.res["died"])
 
 
 def _ms(x):
