@@ -7,18 +7,25 @@ calls these names, signing and verifying would stay right, only slower):
   (SHA-256, what rsa-sha256 uses; anything else stays with dkimpy's own code);
 - the two whitespace passes of relaxed canonicalisation (a regular expression over the whole
   body, each), skipped when the text has nothing for them to change: no tab or double space,
-  no space or tab before a line end, as most mail;
+  no space or tab before a line end, as most mail; and its unfolding of a header field, a
+  plain removal of CRLFs when the field has no bare LF;
+- its tag=value parse, with its pattern compiled once rather than looked up per tag;
 - the parse of a key record (base64, ASN.1 in Python), kept for the record's name and text:
-  a sender's key is the same message after message, and a changed record is parsed anew.
+  a sender's key is the same message after message, and a changed record is parsed anew;
+- its message parse, which splits the whole message into lines to find the header section
+  and joins the body's lines again: only the header section is split when the body's line
+  ends are all CRLF already (as SMTP's are), since the join would give it back unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import dkim
 import dkim.canonicalization
+import dkim.util
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
@@ -84,10 +91,45 @@ def strip_trailing_whitespace(content: bytes) -> bytes:
     return bytes(_dkimpy_strip(content))
 
 
+def unfold_header_value(content: bytes) -> bytes:
+    """dkimpy's: every line end (CRLF or LF) goes."""
+    if content.count(b"\n") != content.count(b"\r\n"):
+        return bytes(_dkimpy_unfold(content))
+    return content.replace(b"\r\n", b"")
+
+
 _dkimpy_compress = dkim.canonicalization.compress_whitespace
 _dkimpy_strip = dkim.canonicalization.strip_trailing_whitespace
+_dkimpy_unfold = dkim.canonicalization.unfold_header_value
 dkim.canonicalization.compress_whitespace = compress_whitespace
 dkim.canonicalization.strip_trailing_whitespace = strip_trailing_whitespace
+dkim.canonicalization.unfold_header_value = unfold_header_value
+
+_TAG_NAME = re.compile(rb"^[a-zA-Z](\w)*")
+
+
+def parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
+    """dkimpy's RFC 6376 3.2 tag=value list parse, the same to its exceptions."""
+    tags: dict[bytes, bytes] = {}
+    tag_specs = tag_list.strip().split(b";")
+    if not tag_specs[-1]:  # (a trailing semicolon is valid)
+        tag_specs.pop()
+    for tag_spec in tag_specs:
+        key, sep, value = tag_spec.partition(b"=")
+        if not sep:
+            raise dkim.util.InvalidTagSpec(tag_spec)
+        key, value = key.strip(), value.strip()
+        if _TAG_NAME.match(key) is None:
+            raise dkim.util.InvalidTagSpec(tag_spec)
+        if key in tags:
+            raise dkim.util.DuplicateTag(key)
+        tags[key] = value
+    return tags
+
+
+_dkimpy_parse_tag_value = dkim.util.parse_tag_value
+dkim.util.parse_tag_value = parse_tag_value
+dkim.parse_tag_value = parse_tag_value
 
 
 @functools.lru_cache(maxsize=256)
@@ -98,3 +140,27 @@ def evaluate_pk(name: bytes, record: bytes | str) -> Any:
 
 _dkimpy_evaluate_pk = dkim.evaluate_pk
 dkim.evaluate_pk = evaluate_pk
+
+
+def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """dkimpy's: (header fields as [name, value] lists, the body with CRLF line ends)."""
+    end = _header_end(message)
+    if end < 0 or message.count(b"\n", end) != message.count(b"\r\n", end):
+        return _dkimpy_rfc822_parse(message)  # type: ignore[no-any-return]
+    fields, _ = _dkimpy_rfc822_parse(message[:end])
+    return fields, message[end:]
+
+
+def _header_end(message: bytes) -> int:
+    """Where the body starts: after the first empty line (lines end in CRLF or LF), or -1."""
+    if message.startswith((b"\r\n", b"\n")):
+        return message.index(b"\n") + 1
+    ends = [i for i in (message.find(b"\n\r\n"), message.find(b"\n\n")) if i >= 0]
+    if not ends:
+        return -1
+    i = min(ends)
+    return i + (3 if message.startswith(b"\n\r\n", i) else 2)
+
+
+_dkimpy_rfc822_parse = dkim.rfc822_parse
+dkim.rfc822_parse = rfc822_parse

@@ -16,12 +16,12 @@ from __future__ import annotations
 import functools
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from publicsuffix2 import PublicSuffixList
 
-from mailerd.inbound.lookups import Lookups, TemporaryFailure
+from mailerd.inbound.lookups import Lookups, NotCached, TemporaryFailure
 from mailerd.inbound.sender_policy import SpfResult
 from mailerd.inbound.signatures import DkimResult
 
@@ -105,12 +105,13 @@ def parse(record: str) -> Policy | None:
     )
 
 
-async def discover(lookups: Lookups, from_domain: str) -> tuple[Policy, bool] | None:
+def discover(txt: Callable[[str], Sequence[str]], from_domain: str) -> tuple[Policy, bool] | None:
     """The policy for `from_domain` (RFC 7489 6.6.3), and whether it was found at the
-    organisational domain rather than at `from_domain` itself (then its sp= applies);
-    TemporaryFailure passes through."""
+    organisational domain rather than at `from_domain` itself (then its sp= applies).
+    `txt(name)` gives a name's TXT records; what it raises (TemporaryFailure, NotCached)
+    passes through."""
     for domain in dict.fromkeys([from_domain, organizational_domain(from_domain)]):
-        records = [r for r in await lookups.txt(f"_dmarc.{domain}") if r.startswith("v=DMARC1")]
+        records = [r for r in txt(f"_dmarc.{domain}") if r.startswith("v=DMARC1")]
         if len(records) == 1:
             policy = parse(records[0])
             if policy is not None:
@@ -136,22 +137,51 @@ async def evaluate(
     dkim: Sequence[DkimResult],
     rng: random.Random | None = None,
 ) -> DmarcResult:
-    """The verdict for the message's From: domains (None: no usable From: field)."""
+    """The verdict for the message's From: domains (None: no usable From: field), asking the
+    DNS for what the cache lacks: `judge` runs, and each record it misses is looked up
+    before it runs again (a name or two per From: domain, and most are cached)."""
+    asked: dict[str, tuple[str, ...] | TemporaryFailure] = {}
+
+    def txt(name: str) -> tuple[str, ...]:
+        answer = asked.get(name)
+        if isinstance(answer, TemporaryFailure):
+            raise answer
+        return answer if answer is not None else lookups.cached_txt(name)
+
+    while True:
+        try:
+            return judge(txt, from_domains, spf, dkim, rng)
+        except NotCached as missing:
+            try:
+                asked[missing.name] = await lookups.txt(missing.name)
+            except TemporaryFailure as exc:
+                asked[missing.name] = exc
+
+
+def judge(
+    txt: Callable[[str], Sequence[str]],
+    from_domains: Sequence[str] | None,
+    spf: SpfResult,
+    dkim: Sequence[DkimResult],
+    rng: random.Random | None = None,
+) -> DmarcResult:
+    """`evaluate` with the records from `txt` (which may raise NotCached: nothing is judged
+    then; the caller asks the DNS, or `evaluate` does)."""
     if not from_domains:
         return DmarcResult("permerror", reason="no single From: field with usable addresses")
-    outcomes = [await _evaluate_one(lookups, d, spf, dkim, rng) for d in from_domains]
+    outcomes = [_evaluate_one(txt, d, spf, dkim, rng) for d in from_domains]
     return max(outcomes, key=_severity)
 
 
-async def _evaluate_one(
-    lookups: Lookups,
+def _evaluate_one(
+    txt: Callable[[str], Sequence[str]],
     from_domain: str,
     spf: SpfResult,
     dkim: Sequence[DkimResult],
     rng: random.Random | None,
 ) -> DmarcResult:
     try:
-        found = await discover(lookups, from_domain)
+        found = discover(txt, from_domain)
     except TemporaryFailure as exc:
         return DmarcResult("temperror", from_domain, reason=str(exc))
     if found is None:

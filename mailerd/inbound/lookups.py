@@ -10,6 +10,9 @@ itself, no thread needed (`verifier`)."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,6 +28,7 @@ import dns.rrset
 from mailerd.resolver import make_resolver
 
 T = TypeVar("T")
+MAX_HITS = 1024  # cache hits remembered by name (then forgotten all at once)
 
 
 class TemporaryFailure(Exception):
@@ -32,8 +36,13 @@ class TemporaryFailure(Exception):
 
 
 class NotCached(Exception):
-    """A cache-only Bridge was asked for what its cache does not hold: ask the DNS instead.
+    """A cache-only lookup was asked for what the cache does not hold: ask the DNS instead.
     (Not a TemporaryFailure: pyspf and dkimpy must not turn it into a result.)"""
+
+    def __init__(self, name: str, rdtype: str) -> None:
+        super().__init__(f"{name} {rdtype}")
+        self.name = name
+        self.rdtype = rdtype
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,9 @@ class Answer:
 class Lookups:
     def __init__(self, resolver: dns.asyncresolver.Resolver) -> None:
         self.resolver = resolver
+        # The resolver cache's answers by (name, type) as we ask for them: its own keys are
+        # dnspython names, slow to build and to compare; an entry here is good while unexpired.
+        self._hits: dict[tuple[str, str], dns.resolver.Answer] = {}
 
     @classmethod
     def make(cls, dns_server: tuple[str, int] | None, timeout: float) -> Lookups:
@@ -63,9 +75,9 @@ class Lookups:
 
     async def _records(self, name: str, rdtype: str) -> tuple[list[object], bool]:
         """The records, and whether the name exists."""
-        records = self.cached(name, rdtype)  # (the resolver's own way to its cache is longer)
-        if records is not None:
-            return list(records), True
+        hit = self.cached(name, rdtype)  # (the resolver's own way to its cache is longer)
+        if hit is not None:
+            return list(hit[0]), True
         try:
             answer = await self.resolver.resolve(
                 dns.name.from_text(name), rdtype, raise_on_no_answer=False, search=False
@@ -79,16 +91,34 @@ class Lookups:
     async def txt(self, name: str) -> tuple[str, ...]:
         return (await self.query(name, "TXT")).records
 
-    def cached(self, name: str, rdtype: str) -> dns.rrset.RRset | None:
-        """The records of a positive answer the cache holds (unexpired), else None (nothing
-        cached, or a negative answer: those take the resolver's own path). Thread-safe: the
-        cache has a lock."""
-        cache = self.resolver.cache
-        if cache is None:
-            return None
-        key = (dns.name.from_text(name), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
-        answer = cache.get(key)
-        return answer.rrset if answer is not None else None
+    def cached(self, name: str, rdtype: str) -> tuple[dns.rrset.RRset, float] | None:
+        """The records of a positive answer the cache holds (unexpired) and when they expire
+        (time.time()), else None (nothing cached, or a negative answer: those take the
+        resolver's own path). Thread-safe: the cache has a lock."""
+        answer = self._hits.get((name, rdtype))
+        if answer is None or answer.expiration <= time.time():
+            cache = self.resolver.cache
+            answer = cache.get(_cache_key(name, rdtype)) if cache is not None else None
+            if answer is None or answer.rrset is None:
+                return None
+            if len(self._hits) >= MAX_HITS:
+                self._hits.clear()
+            self._hits[(name, rdtype)] = answer
+        assert answer.rrset is not None
+        return answer.rrset, answer.expiration
+
+    def cached_txt(self, name: str) -> tuple[str, ...]:
+        """The TXT records the cache holds for `name` (strings joined); NotCached if none."""
+        hit = self.cached(name, "TXT")
+        if hit is None:
+            raise NotCached(name, "TXT")
+        return tuple(_text(rdata) for rdata in hit[0])
+
+
+@functools.lru_cache(maxsize=1024)  # (the same few names, message after message)
+def _cache_key(name: str, rdtype: str) -> dns.resolver.CacheKey:
+    """The resolver cache's key for a query: building the name is most of a cache hit's cost."""
+    return dns.name.from_text(name), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN
 
 
 def _text(rdata: object) -> str:
@@ -100,7 +130,9 @@ def _text(rdata: object) -> str:
 
 class Bridge:
     """Synchronous lookups for a library running in a thread: each is a coroutine in the
-    event loop `loop`, waited for at most `timeout` seconds."""
+    event loop `loop`, waited for at most `timeout` seconds. `expires` is the earliest
+    expiry of the cached answers it has given since it was last set (to math.inf), so that
+    what was worked out from them can be kept as long as they would be."""
 
     def __init__(
         self,
@@ -114,11 +146,16 @@ class Bridge:
         self.loop = loop
         self.timeout = timeout
         self.cache_only = cache_only
+        self.expires = math.inf
 
     def _cached(self, name: str, rdtype: str) -> dns.rrset.RRset | None:
-        records = self.lookups.cached(name, rdtype)
-        if records is None and self.cache_only:
-            raise NotCached(f"{name} {rdtype}")
+        hit = self.lookups.cached(name, rdtype)
+        if hit is None:
+            if self.cache_only:
+                raise NotCached(name, rdtype)
+            return None
+        records, expiration = hit
+        self.expires = min(self.expires, expiration)
         return records
 
     def query(self, name: str, rdtype: str) -> Answer:

@@ -9,6 +9,7 @@ the message is stored (RFC 8601 5); fields of other authserv-ids are left alone.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ def header(authserv_id: str, spf: SpfResult, dkim: Sequence[DkimResult], dmarc: 
     return f"Authentication-Results: {authserv_id};\r\n\t" + ";\r\n\t".join(parts) + "\r\n"
 
 
+@functools.lru_cache(maxsize=256)  # (a frequent sender's verdicts repeat: authres is slow)
 def _spf(result: SpfResult) -> str:
     return str(
         AuthenticationResult(
@@ -56,6 +58,7 @@ def _dkim(result: DkimResult) -> str:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _dmarc(result: DmarcResult) -> str:
     comment = f"p={result.policy} dis={result.disposition}" if result.policy else None
     properties = [_property("header", "from", result.from_domain)] if result.from_domain else []

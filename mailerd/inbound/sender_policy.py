@@ -6,6 +6,10 @@ module-level `DNSLookup` function is the hook it offers for that (its own test s
 the same way). The identity checked is the MAIL FROM address, or, for the null sender <>, the
 HELO name (RFC 7208 2.3, 2.4). Results are RFC 7208's: pass, fail, softfail, neutral, none,
 permerror, temperror.
+
+A `Memo` keeps the verdicts worked out from cached DNS answers alone, each until the first of
+those answers expires: a sender that writes often (a mailing list, a provider's outbound
+host) then costs pyspf's evaluation once per record TTL, not once per message.
 """
 
 from __future__ import annotations
@@ -59,6 +63,31 @@ def check(bridge: Bridge, ip: str, sender: str, helo: str) -> SpfResult:
     if result not in RESULTS:  # pyspf's "ambiguous", or an old name
         result = "permerror" if result in ("unknown", "ambiguous") else "neutral"
     return SpfResult(result, kind, value, domain, str(explanation))
+
+
+class Memo:
+    """Verdicts by (client address, MAIL FROM, HELO), each with the time (time.time()) at which
+    the first DNS answer it was worked out from expires: until then, pyspf would read the same
+    answers for the same three inputs and reach the same verdict. At most `size` are kept
+    (the oldest go first)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._entries: dict[tuple[str, str, str], tuple[SpfResult, float]] = {}
+
+    def get(self, ip: str, sender: str, helo: str, now: float) -> SpfResult | None:
+        entry = self._entries.get((ip, sender, helo))
+        if entry is None:
+            return None
+        if entry[1] <= now:
+            del self._entries[(ip, sender, helo)]
+            return None
+        return entry[0]
+
+    def put(self, ip: str, sender: str, helo: str, result: SpfResult, expires: float) -> None:
+        if len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]
+        self._entries[(ip, sender, helo)] = (result, expires)
 
 
 def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list[_Pair]:

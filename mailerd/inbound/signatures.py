@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import dkim
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.util import InvalidTagValueList
 
-from mailerd import dkim_speedups  # noqa: F401  (its import speeds dkimpy up)
+from mailerd.dkim_speedups import parse_tag_value  # (its import speeds dkimpy up, too)
 from mailerd.inbound.lookups import Bridge, NotCached, TemporaryFailure
 
 MAX_SIGNATURES = 10  # checked per message; more are a denial of service, not authentication

@@ -17,7 +17,9 @@ down the threaded path.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -60,6 +62,7 @@ class Verifier:
         self.lookups = lookups
         self.bridge = Bridge(lookups, loop, timeout)
         self.cached = Bridge(lookups, loop, timeout, cache_only=True)
+        self.spf_memo = sender_policy.Memo()
         self.loop = loop
         self.executor = executor
         self.timeout = timeout
@@ -75,14 +78,11 @@ class Verifier:
             spf, dkim = found
         else:
             spf, dkim = await self._in_threads(ip, helo, sender, body, signed, head[:end])
-        remaining = max(deadline - self.loop.time(), 0.1)
         from_domains = headers.from_domains(head)
-        try:
-            verdict = await asyncio.wait_for(
-                dmarc.evaluate(self.lookups, from_domains, spf, dkim), remaining
-            )
-        except TimeoutError:
-            verdict = DmarcResult("temperror", ",".join(from_domains or ()), reason="timed out")
+        try:  # (from the cache, as most are: no task, no timer)
+            verdict = dmarc.judge(self.lookups.cached_txt, from_domains, spf, dkim)
+        except NotCached:
+            verdict = await self._dmarc(from_domains, spf, dkim, deadline)
         if not self.enforce:  # dis= says what was done (OpenDMARC's meaning): nothing here
             verdict = replace(verdict, disposition="none")
         field = results.header(self.hostname, spf, dkim, verdict)
@@ -95,6 +95,21 @@ class Verifier:
         )
         return Verdict(field, content, refusal, summary)
 
+    async def _dmarc(
+        self,
+        from_domains: list[str] | None,
+        spf: SpfResult,
+        dkim: list[DkimResult],
+        deadline: float,
+    ) -> DmarcResult:
+        remaining = max(deadline - self.loop.time(), 0.1)
+        try:
+            return await asyncio.wait_for(
+                dmarc.evaluate(self.lookups, from_domains, spf, dkim), remaining
+            )
+        except TimeoutError:
+            return DmarcResult("temperror", ",".join(from_domains or ()), reason="timed out")
+
     def _from_cache(
         self, ip: str, helo: str, sender: str, body: durable.Body, signed: bool
     ) -> tuple[SpfResult, list[DkimResult]] | None:
@@ -103,11 +118,21 @@ class Verifier:
         if not isinstance(body, bytes) or len(body) > INLINE_MAX:
             return None
         try:
-            spf = sender_policy.check(self.cached, ip, sender, helo)
+            spf = self._spf_from_cache(ip, helo, sender)
             dkim = signatures.verify(self.cached, body) if signed else [DkimResult("none")]
         except NotCached:
             return None
         return spf, dkim
+
+    def _spf_from_cache(self, ip: str, helo: str, sender: str) -> SpfResult:
+        """The memo's verdict, or pyspf's from the cache (NotCached if it lacks an answer)."""
+        now = time.time()  # (the clock of the DNS cache's expiry times)
+        spf = self.spf_memo.get(ip, sender, helo, now)
+        if spf is None:
+            self.cached.expires = math.inf
+            spf = sender_policy.check(self.cached, ip, sender, helo)
+            self.spf_memo.put(ip, sender, helo, spf, self.cached.expires)
+        return spf
 
     async def _in_threads(
         self, ip: str, helo: str, sender: str, body: durable.Body, signed: bool, section: bytes

@@ -10,8 +10,9 @@ import subprocess
 from pathlib import Path
 
 import dkim
+import dkim.util
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mailerd import dkim_speedups, headers, signing
@@ -221,6 +222,47 @@ def test_the_whitespace_shortcuts_give_dkimpys_results(text: bytes):
     assert dkim_speedups.strip_trailing_whitespace(text) == dkim_speedups._dkimpy_strip(text)
 
 
+def _parse_or_error(parse, message: bytes):
+    try:
+        return parse(message)
+    except Exception as exc:  # (the same exception, from the same line, is what counts)
+        return type(exc), str(exc)
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"\r\n", b"\n", b"\r", b"A: b", b" c", b"\t", b"x", b"From x", b":"]),
+        max_size=40,
+    ).map(b"".join)
+)
+def test_the_message_parse_shortcut_gives_dkimpys_results(message: bytes):
+    """The parse that splits only the header section gives dkimpy's fields and body, or its
+    exception, on any message of header lines, continuations, bare CR and LF, and blank lines."""
+    ours = _parse_or_error(dkim_speedups.rfc822_parse, message)
+    assert ours == _parse_or_error(dkim_speedups._dkimpy_rfc822_parse, message)
+
+
+def test_the_message_parse_shortcut_is_installed_and_skips_the_body():
+    assert dkim.rfc822_parse is dkim_speedups.rfc822_parse
+    body = b"line\r\n" * 1000
+    fields, rest = dkim.rfc822_parse(b"A: b\r\n c\r\nD: e\r\n\r\n" + body)
+    assert fields == [[b"A", b" b\r\n c\r\n"], [b"D", b" e\r\n"]] and rest == body
+    # a body with a bare LF takes dkimpy's own way, which makes its line ends CRLF
+    assert dkim.rfc822_parse(b"A: b\r\n\r\nx\ny\r\n")[1] == b"x\r\ny\r\n"
+
+
+@given(st.binary(max_size=120).map(lambda b: bytes(b" \t\r\n=;a_1\x0b"[x % 10] for x in b)))
+@example(b"a=1; a=2")  # a duplicate tag
+@example(b"1a=1;")  # a tag name that is not one
+@example(b"v=1; a=rsa-sha256;\r\n\tb=x;")
+def test_the_tag_list_and_unfolding_shortcuts_give_dkimpys_results(text: bytes):
+    """Tag=value lists (or dkimpy's exception for them) and unfolded header values are
+    exactly dkimpy's, on any text of its separators, whitespace, CR, LF and name letters."""
+    ours = _parse_or_error(dkim_speedups.parse_tag_value, text)
+    assert ours == _parse_or_error(dkim_speedups._dkimpy_parse_tag_value, text)
+    assert dkim_speedups.unfold_header_value(text) == dkim_speedups._dkimpy_unfold(text)
+
+
 def test_the_whitespace_shortcuts_are_installed():
     import dkim.canonicalization
 
@@ -228,6 +270,8 @@ def test_the_whitespace_shortcuts_are_installed():
     assert (
         dkim.canonicalization.strip_trailing_whitespace is dkim_speedups.strip_trailing_whitespace
     )
+    assert dkim.canonicalization.unfold_header_value is dkim_speedups.unfold_header_value
+    assert dkim.util.parse_tag_value is dkim.parse_tag_value is dkim_speedups.parse_tag_value
 
 
 def test_a_key_record_is_parsed_once_and_a_changed_one_anew(keys):
