@@ -10,6 +10,11 @@ calls these names, signing and verifying would stay right, only slower):
   no space or tab before a line end, as most mail; and its unfolding of a header field, a
   plain removal of CRLFs when the field has no bare LF;
 - its tag=value parse, with its pattern compiled once rather than looked up per tag;
+- the removal of b='s value from a signature field before it is hashed: dkimpy's pattern
+  tries its folding-whitespace alternatives at every character of the value (40 µs a
+  signature); the same removal by one character-class run (its FWS matches exactly the
+  runs of whitespace, so the value is its run of base64 characters and whitespace, less any
+  whitespace after the last character, plus a line end that ends the field);
 - the parse of a key record (base64, ASN.1 in Python), kept for the record's name and text:
   a sender's key is the same message after message, and a changed record is parsed anew;
 - its message parse, which splits the whole message into lines to find the header section
@@ -127,9 +132,45 @@ def parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
     return tags
 
 
+_B_TAG = re.compile(rb"[;\s]b\s*=")
+_B_VALUE = re.compile(rb"[\sa-zA-Z0-9+/=]*")
+_WHITESPACE = b" \t\r\n\x0b\x0c"  # (what \s matches in a bytes pattern)
+
+
+def without_b_values(field: bytes) -> bytes:
+    """dkimpy's RE_BTAG.sub(b"\\1", field): the field with every b= tag's value removed."""
+    out = []
+    pos = 0
+    while (tag := _B_TAG.search(field, pos)) is not None:
+        start = tag.end()
+        end = _B_VALUE.match(field, start).end()  # type: ignore[union-attr]  # (it matches "")
+        while end > start and field[end - 1] in _WHITESPACE:
+            end -= 1
+        if field[end:] in (b"\r\n", b"\n"):
+            end = len(field)
+        out.append(field[pos:start])
+        pos = end
+    out.append(field[pos:])
+    return b"".join(out)
+
+
+class _BTagRemoval:
+    """Stands in for dkimpy's RE_BTAG, whose only use is .sub(b"\\1", field)."""
+
+    def __init__(self, pattern: re.Pattern[bytes]) -> None:
+        self.pattern = pattern
+
+    def sub(self, repl: bytes, string: bytes, count: int = 0) -> bytes:
+        if repl != b"\\1" or count:
+            return self.pattern.sub(repl, string, count)
+        return without_b_values(string)
+
+
 _dkimpy_parse_tag_value = dkim.util.parse_tag_value
 dkim.util.parse_tag_value = parse_tag_value
 dkim.parse_tag_value = parse_tag_value
+_dkimpy_btag = dkim.RE_BTAG
+dkim.RE_BTAG = _BTagRemoval(_dkimpy_btag)
 
 
 @functools.lru_cache(maxsize=256)
