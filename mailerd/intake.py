@@ -68,13 +68,14 @@ def begin(request: Commit, hostname: str, size: int) -> tuple[str, bytes]:
     # The inbound checks' verdict goes right below our Received: (RFC 8601 5: with the trace).
     received += request.auth_results.encode("utf-8")
     log.info(
-        "%s: client=[%s], helo=%s, from=<%s>, size=%d, nrcpt=%d",
+        "%s: client=[%s], helo=%s, from=<%s>, size=%d, nrcpt=%d%s",
         queue_id,
         request.peer,
         request.helo,
         request.sender,
         size,
         len(targets),
+        f", {request.checks}" if request.checks else "",
     )
     return queue_id, received
 

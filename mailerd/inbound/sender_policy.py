@@ -85,9 +85,10 @@ class Memo:
         return entry[0]
 
     def put(self, ip: str, sender: str, helo: str, result: SpfResult, expires: float) -> None:
-        if len(self._entries) >= self.size:
+        key = (ip, sender, helo)
+        if self._entries.pop(key, None) is None and len(self._entries) >= self.size:
             del self._entries[next(iter(self._entries))]
-        self._entries[(ip, sender, helo)] = (result, expires)
+        self._entries[key] = (result, expires)
 
 
 def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list[_Pair]:

@@ -156,6 +156,7 @@ class Commit(Message):
     trusted: bool
     tls: str = ""  # the session's TLS, as the Received: header says it ("" without)
     auth_results: str = ""  # the inbound checks' Authentication-Results field ("" without)
+    checks: str = ""  # their verdicts for the log: "spf=pass dkim=pass dmarc=pass"
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -163,7 +164,7 @@ class Commit(Message):
             "targets": [t.encode() for t in self.targets], "helo": self.helo,
             "peer": self.peer, "protocol": self.protocol, "body": self.body,
             "smtputf8": self.smtputf8, "trusted": self.trusted, "tls": self.tls,
-            "auth_results": self.auth_results,
+            "auth_results": self.auth_results, "checks": self.checks,
         }  # fmt: skip
 
     @classmethod
@@ -175,6 +176,7 @@ class Commit(Message):
             _str(header, "sender"), targets, _str(header, "helo"), _str(header, "peer"),
             _str(header, "protocol"), _str(header, "body"), _bool(header, "smtputf8"),
             _bool(header, "trusted"), _str(header, "tls"), _str(header, "auth_results"),
+            _str(header, "checks"),
         )  # fmt: skip
 
     @property

@@ -419,8 +419,8 @@ class Connection(asyncio.Protocol):
             if fd is not None:
                 os.close(fd)
             raise
-        log.info("%s: %s, from=<%s>", self.client, verdict.summary, request.sender)
-        if verdict.refusal is not None:
+        if verdict.refusal is not None:  # (else the verdict goes into the message's log line)
+            log.info("%s: %s, from=<%s>", self.client, verdict.summary, request.sender)
             if fd is not None:
                 os.close(fd)
             return request, b"", None, verdict.refusal
@@ -429,7 +429,7 @@ class Connection(asyncio.Protocol):
             if fd is not None:
                 os.close(fd)
             body, fd = verdict.content, None
-        return replace(request, auth_results=verdict.header), body, fd, None
+        return replace(request, auth_results=verdict.header, checks=verdict.summary), body, fd, None
 
     def commit_request(self, envelope: Envelope) -> Commit:
         """What the client said, and each copy to make (resolved at RCPT), as a commit."""

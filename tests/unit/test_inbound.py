@@ -8,19 +8,23 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-from dnsserver import DNSServer, Records
+from dnsserver import DNSServer, Records, serve
 
 from mailerd import signing
 from mailerd.commands import dkimkeys
 from mailerd.inbound import dmarc, results
-from mailerd.inbound.lookups import Lookups
+from mailerd.inbound.lookups import Lookups, NotCached
+from mailerd.inbound.sender_policy import Memo, SpfResult
 from mailerd.inbound.verifier import Verdict, Verifier
 
 HOST = "mx.example.org"
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,24 @@ def run_check(
     return asyncio.run(main())
 
 
+def with_verifier(server: DNSServer, body: Callable[[Verifier], Awaitable[T]]) -> T:
+    """`body(verifier)` run with one Verifier (so its cache and memo last between checks)."""
+
+    async def main() -> T:
+        with ThreadPoolExecutor(4) as threads:
+            verifier = Verifier(
+                HOST,
+                Lookups.make((server.host, server.port), 3.0),
+                asyncio.get_running_loop(),
+                threads,
+                timeout=3.0,
+                enforce=False,
+            )
+            return await body(verifier)
+
+    return asyncio.run(main())
+
+
 def message(from_address: str, extra: bytes = b"") -> bytes:
     return (
         f"From: <{from_address}>\r\nTo: <bob@example.org>\r\nSubject: hi\r\n".encode()
@@ -127,6 +149,55 @@ def test_spf_of_the_helo_for_the_null_sender(dns_server):
         dns_server, message("x@elsewhere.example"), sender="", helo="sender.example"
     )
     assert methods(verdict)["spf"] == "pass" and "smtp.helo=sender.example" in verdict.header
+
+
+def test_spf_memo_keeps_a_verdict_until_it_expires_and_drops_the_oldest():
+    """Memo.get gives the verdict before its expiry time and None at or after it; when `size`
+    verdicts are kept, putting another drops the oldest."""
+    memo = Memo(size=2)
+    verdict = SpfResult("pass", "mailfrom", "a@x.example", "x.example")
+    memo.put("192.0.2.1", "a@x.example", "helo.test", verdict, 100.0)
+    assert memo.get("192.0.2.1", "a@x.example", "helo.test", 99.9) == verdict
+    assert memo.get("192.0.2.1", "a@x.example", "other.test", 99.9) is None  # HELO is the key
+    assert memo.get("192.0.2.1", "a@x.example", "helo.test", 100.0) is None
+    for n in range(1, 4):
+        memo.put(f"192.0.2.{n}", "a@x.example", "h", verdict, 100.0)
+    found = [memo.get(f"192.0.2.{n}", "a@x.example", "h", 0.0) for n in range(1, 4)]
+    assert found == [None, verdict, verdict]
+
+
+SHORT_TTL_ZONE = """
+$TTL 2
+$ORIGIN brief.example.
+@            TXT "v=spf1 ip4:127.0.0.1 -all"
+_dmarc       TXT "v=DMARC1; p=none"
+"""
+
+
+def test_spf_verdict_is_kept_from_the_cache_until_its_record_expires():
+    """One Verifier: once the cache is warm, checks of the same (ip, sender, helo) give the
+    same SPF verdict (kept in its memo) without a query; once the SPF record's TTL (2 s) has
+    passed, the verdict is worked out again, from the record the DNS now serves."""
+    mail = message("a@brief.example")
+
+    async def main(server: DNSServer, verifier: Verifier) -> None:
+        async def spf() -> str:
+            verdict = await verifier.check("127.0.0.1", "client.test", "a@brief.example", mail)
+            return methods(verdict)["spf"]
+
+        assert await spf() == "pass"  # a cold cache: the DNS is asked
+        asked = len(server.queries)
+        assert [await spf(), await spf()] == ["pass", "pass"]
+        assert server.queries[asked:] == []
+        kept = verifier.spf_memo.get("127.0.0.1", "a@brief.example", "client.test", time.time())
+        assert kept is not None and kept.result == "pass"
+        server.records = Records(SHORT_TTL_ZONE.replace("ip4:127.0.0.1 ", ""))
+        await asyncio.sleep(2.2)
+        assert await spf() == "fail"
+        assert ("udp", "brief.example. TXT") in server.queries[asked:]
+
+    with serve(SHORT_TTL_ZONE) as server:
+        with_verifier(server, lambda verifier: main(server, verifier))
 
 
 # --- DKIM -----------------------------------------------------------------------------------
@@ -246,6 +317,57 @@ def test_pct_samples_the_failures(dns_server):
     dispositions = asyncio.run(main())
     assert set(dispositions) == {"reject", "quarantine"}
     assert 70 < dispositions.count("reject") < 130
+
+
+def test_dmarc_judge_needs_the_cache_then_agrees_with_evaluate(dns_server):
+    """judge from an empty cache raises NotCached naming the record it lacks; once evaluate
+    has asked the DNS, judge from the cache alone gives evaluate's verdicts, asking nothing."""
+    spf = SpfResult("pass", "mailfrom", "a@sender.example", "sender.example")
+    cases = [["sender.example"], ["lenient.example"], ["strict.example", "sender.example"]]
+    lookups = Lookups.make((dns_server.host, dns_server.port), 3.0)
+    with pytest.raises(NotCached) as missing:
+        dmarc.judge(lookups.cached_txt, cases[0], spf, [])
+    assert (missing.value.name, missing.value.rdtype) == ("_dmarc.sender.example", "TXT")
+
+    async def main() -> list[dmarc.DmarcResult]:
+        return [await dmarc.evaluate(lookups, domains, spf, []) for domains in cases]
+
+    evaluated = asyncio.run(main())
+    assert [v.result for v in evaluated] == ["pass", "fail", "fail"]
+    asked = len(dns_server.queries)
+    assert [dmarc.judge(lookups.cached_txt, domains, spf, []) for domains in cases] == evaluated
+    assert len(dns_server.queries) == asked
+
+
+FAILING_DMARC_ZONE = """
+$ORIGIN good.example.
+_dmarc       TXT "v=DMARC1; p=reject"
+$ORIGIN failing.example.
+_dmarc       TXT "dnsserver:{marker}"
+"""
+
+
+@pytest.mark.parametrize("marker", ["servfail", "timeout"])
+def test_dmarc_evaluate_a_failing_lookup_is_temperror_for_its_domain_only(marker):
+    """A From domain whose policy lookup fails (SERVFAIL, or no answer) is temperror, asked
+    once, and the other From domain is still judged: the worse of the two stands."""
+    passing = SpfResult("pass", "mailfrom", "a@good.example", "good.example")
+    failing = SpfResult("fail", "mailfrom", "a@else.example", "else.example")
+    domains = ["failing.example", "good.example"]
+
+    async def main(server: DNSServer) -> list[dmarc.DmarcResult]:
+        lookups = Lookups.make((server.host, server.port), 0.5)
+        return [await dmarc.evaluate(lookups, domains, spf, []) for spf in (passing, failing)]
+
+    with serve(FAILING_DMARC_ZONE.format(marker=marker)) as server:
+        open_, failed = asyncio.run(main(server))
+    assert (open_.result, open_.from_domain) == ("temperror", "failing.example")
+    assert (failed.result, failed.from_domain, failed.disposition) == (
+        "fail",
+        "good.example",
+        "reject",
+    )
+    assert server.queries.count(("udp", "_dmarc.failing.example. TXT")) == 2  # once per call
 
 
 # --- the field, forged fields, time ---------------------------------------------------------
