@@ -11,7 +11,9 @@ the worker's event loop), except for a small message whose lookups the worker's 
 already (a sender that writes often): that one is checked in the event loop itself, from the
 cache, because handing a message to two threads and their lookups back cost more CPU than the
 checks themselves (README, "Performance"). The first lookup the cache lacks sends the message
-down the threaded path.
+down the threaded path. Such a sender's SPF verdict is kept (`sender_policy.Memo`) as long as
+the DNS answers it came from, and DMARC is judged from the cache too, the DNS asked (under the
+remaining time) only for what it lacks.
 """
 
 from __future__ import annotations
