@@ -207,7 +207,8 @@ class Connection(asyncio.Protocol):
                 self.handshaking = True
                 self.worker.loop.create_task(self.start_tls(event.discarded))
             elif isinstance(event, AuthRequest):
-                self.worker.loop.create_task(self.authenticate(event))
+                if not self.remembered_login(event):
+                    self.worker.loop.create_task(self.authenticate(event))
             elif isinstance(event, CloseConnection):
                 self.close(out)
                 return
@@ -266,35 +267,48 @@ class Connection(asyncio.Protocol):
         self.session.tls_started()
         self.pump()
 
+    def remembered_login(self, request: AuthRequest) -> bool:
+        """A login that passed a moment ago passes again at once, here (no thread, no task:
+        a mail program that logs in for every message meets this most)."""
+        worker = self.worker
+        user = worker.recent_logins.get(request.login, request.password, worker.loop.time())
+        if user is None:
+            return False
+        self.login_checked(request, user, unavailable=False)
+        return True
+
     async def authenticate(self, request: AuthRequest) -> None:
-        """Check the password in a thread (argon2 takes a tenth of a second on purpose), unless
-        the same login passed a moment ago; a failure is answered only after the client
-        address's delay, and logged."""
+        """Check the password in a thread (argon2 takes a tenth of a second on purpose); a
+        failure is answered only after the client address's delay, and logged."""
         worker = self.worker
         unavailable = False
-        user = worker.recent_logins.get(request.login, request.password, worker.loop.time())
         try:
-            if user is None:
-                user = await worker.loop.run_in_executor(
-                    worker.password_checks,
-                    worker.cfg.credentials.verify,
-                    request.login,
-                    request.password,
-                    worker.cfg.domains,
-                )
-                if user is not None:
-                    now = worker.loop.time()
-                    worker.recent_logins.add(request.login, request.password, user, now)
+            user = await worker.loop.run_in_executor(
+                worker.password_checks,
+                worker.cfg.credentials.verify,
+                request.login,
+                request.password,
+                worker.cfg.domains,
+            )
+            if user is not None:
+                now = worker.loop.time()
+                worker.recent_logins.add(request.login, request.password, user, now)
         except Exception as exc:
             log.error("checking a password for %s failed: %r", self.client, exc)
             user, unavailable = None, True
         if user is None and not unavailable:
             await asyncio.sleep(worker.auth_failures.delay(self.peer))
             worker.auth_failures.failed(self.peer)
-        elif user is not None:
-            worker.auth_failures.succeeded(self.peer)
         if self.closing or self.session is None:
             return
+        self.login_checked(request, user, unavailable=unavailable)
+        self.resume()
+
+    def login_checked(self, request: AuthRequest, user: str | None, *, unavailable: bool) -> None:
+        """Tell the session the verdict on its AuthRequest, and log it."""
+        assert self.session is not None
+        if user is not None:
+            self.worker.auth_failures.succeeded(self.peer)
         reply = self.session.auth_done(user, unavailable=unavailable)
         if user is not None:
             log.info("%s: authenticated as %s (%s)", self.client, user, request.mechanism)
@@ -306,7 +320,6 @@ class Connection(asyncio.Protocol):
                 request.mechanism,
                 shorten(request.login),
             )
-        self.resume()
 
     @property
     def trusted(self) -> bool:

@@ -319,6 +319,30 @@ def test_failure_delay_grows_with_the_address(sub: Sub):
         assert took <= 2.5, f"a fresh address waited {took:.2f} s"
 
 
+def test_a_login_repeated_soon_passes_at_once_and_is_logged_each_time(sub: Sub):
+    """A mail program that logs in for every message (Thunderbird does): a worker checks the
+    password once (argon2id, tens of milliseconds) and answers the same login again at once,
+    in the same session turn, which goes on to the message; every login is still logged."""
+    rcpt = sub.m.new_user("again")
+    sender = f"{sub.owner.user}@example.org"
+    times, clients = [], []
+    for n in range(8):
+        with tls_session(sub, "127.0.0.1") as c:
+            took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, sub.owner.password)}")
+            expect(reply, 235, "2.7.0", conn=c)
+            times.append(took)
+            clients.append(f"[127.0.0.1]:{c.sock.getsockname()[1]}")
+            send_message(c, f"{rcpt}@example.org", message(f"again-{n}"), sender=sender)
+            expect(c.cmd("QUIT"), 221, conn=c)
+    assert len(sub.m.wait_messages(rcpt, 8)) == 8
+    # two workers: at most two checks of the password, the other logins remembered
+    remembered = [t for t in times if t < max(times) / 4]
+    assert len(remembered) >= 6, times
+    log = sub.m.stderr_text()
+    for client in clients:
+        assert f"{client}: authenticated as {sub.owner.user} (PLAIN)" in log, client
+
+
 def test_third_failure_in_a_session_closes_it(sub: Sub):
     source = fresh_source()
     wrong = new_password()
