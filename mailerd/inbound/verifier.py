@@ -10,7 +10,7 @@ SPF and DKIM run in threads (pyspf and dkimpy ask DNS synchronously; their queri
 the worker's event loop), except for a small message whose lookups the worker's cache holds
 already (a sender that writes often): that one is checked in the event loop itself, from the
 cache, because handing a message to two threads and their lookups back cost more CPU than the
-checks themselves (README, "Performance"). The first lookup the cache lacks sends the message
+checks themselves (README, "Benchmark"). The first lookup the cache lacks sends the message
 down the threaded path. Such a sender's SPF verdict is kept (`sender_policy.Memo`) as long as
 the DNS answers it came from, and DMARC is judged from the cache too, the DNS asked (under the
 remaining time) only for what it lacks.
