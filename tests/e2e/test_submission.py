@@ -321,7 +321,7 @@ def test_failure_delay_grows_with_the_address(sub: Sub):
 
 def test_a_login_repeated_soon_passes_at_once_and_is_logged_each_time(sub: Sub):
     """A mail program that logs in for every message (Thunderbird does): a worker checks the
-    password once (argon2id, tens of milliseconds) and answers the same login again at once,
+    password once (argon2id, a tenth of a second) and answers the same login again at once,
     in the same session turn, which goes on to the message; every login is still logged."""
     rcpt = sub.m.new_user("again")
     sender = f"{sub.owner.user}@example.org"
@@ -335,9 +335,10 @@ def test_a_login_repeated_soon_passes_at_once_and_is_logged_each_time(sub: Sub):
             send_message(c, f"{rcpt}@example.org", message(f"again-{n}"), sender=sender)
             expect(c.cmd("QUIT"), 221, conn=c)
     assert len(sub.m.wait_messages(rcpt, 8)) == 8
-    # two workers: at most two checks of the password, the other logins remembered
-    remembered = [t for t in times if t < max(times) / 4]
-    assert len(remembered) >= 6, times
+    # Two workers: at most two checks of the password (argon2id: ~0.1 s here), fewer when an
+    # earlier test's login is still remembered; the others answered in well under 30 ms.
+    checked = [t for t in times if t >= 0.03]
+    assert len(checked) <= 2, times
     log = sub.m.stderr_text()
     for client in clients:
         assert f"{client}: authenticated as {sub.owner.user} (PLAIN)" in log, client
