@@ -43,7 +43,9 @@ Zone format: RFC 1035 master-file text, parsed by dnspython's zone-file reader, 
   allows at a zone's origin (here the root); it is not needed. ``$INCLUDE`` is refused.
 - Names not present anywhere get NXDOMAIN; a name that exists (or has names below it) but has
   no record of the asked type gets an empty NOERROR answer (NODATA). Negative answers carry no
-  SOA (so nothing caches them).
+  SOA (so nothing caches them), unless ``Records(..., negative_ttl=N)`` asks for one: then
+  they carry the root's SOA with TTL and minimum N, and resolvers cache them for N seconds
+  (RFC 2308), as they do the Internet's.
 - Markers are TXT records whose text starts with ``dnsserver:``: ``servfail``, ``refused``
   or ``timeout`` (no reply), optionally followed by the record types they apply to (default:
   all). They apply to that exact name only, and are never served as TXT data.
@@ -99,8 +101,11 @@ class Result:
 class Records:
     """The data served: zones merged into one tree under the root, plus the failure markers."""
 
-    def __init__(self, *texts: str, filenames: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, *texts: str, filenames: tuple[str, ...] = (), negative_ttl: int | None = None
+    ) -> None:
         self.zone = dns.zone.Zone(dns.name.root, relativize=False)
+        self.negative_ttl = negative_ttl
         for i, text in enumerate(texts):
             self._read(text, filenames[i] if i < len(filenames) else "<zone>")
         self._check_markers()
@@ -193,6 +198,11 @@ class Records:
                 return None
             response.set_rcode(result.rcode)
             response.answer.extend(result.answer)
+            negative = result.rcode == dns.rcode.NXDOMAIN or (
+                result.rcode == dns.rcode.NOERROR and not result.answer
+            )
+            if negative and self.negative_ttl is not None:
+                response.authority.append(_root_soa(self.negative_ttl))
         return _render(query, response, udp=udp)
 
     def describe(self, wire: bytes) -> str:
@@ -202,6 +212,13 @@ class Records:
         except (dns.exception.DNSException, IndexError):
             return "unparsable query"
         return f"{question.name} {dns.rdatatype.to_text(question.rdtype)}"
+
+
+def _root_soa(ttl: int) -> dns.rrset.RRset:
+    """The SOA of a negative answer that may be cached for `ttl` seconds (RFC 2308 5)."""
+    return dns.rrset.from_text(
+        dns.name.root, ttl, "IN", "SOA", f". hostmaster. 1 3600 600 86400 {ttl}"
+    )
 
 
 def _parse_marker(rdata) -> tuple[str | None, set[int]]:

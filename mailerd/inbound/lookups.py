@@ -15,15 +15,15 @@ import math
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
-import dns.rrset
 
 from mailerd.resolver import make_resolver
 
@@ -53,12 +53,21 @@ class Answer:
     exists: bool  # False: NXDOMAIN (the name does not exist at all)
 
 
+class Hit(NamedTuple):
+    """What the resolver's cache holds for a query: its records (none for a negative answer),
+    whether the name exists (False: a cached NXDOMAIN) and when it expires (time.time())."""
+
+    records: tuple[object, ...]
+    exists: bool
+    expiration: float
+
+
 class Lookups:
     def __init__(self, resolver: dns.asyncresolver.Resolver) -> None:
         self.resolver = resolver
         # The resolver cache's answers by (name, type) as we ask for them: its own keys are
         # dnspython names, slow to build and to compare; an entry here is good while unexpired.
-        self._hits: dict[tuple[str, str], dns.resolver.Answer] = {}
+        self._hits: dict[tuple[str, str], Hit] = {}
 
     @classmethod
     def make(cls, dns_server: tuple[str, int] | None, timeout: float) -> Lookups:
@@ -77,7 +86,7 @@ class Lookups:
         """The records, and whether the name exists."""
         hit = self.cached(name, rdtype)  # (the resolver's own way to its cache is longer)
         if hit is not None:
-            return list(hit[0]), True
+            return list(hit.records), hit.exists
         try:
             answer = await self.resolver.resolve(
                 dns.name.from_text(name), rdtype, raise_on_no_answer=False, search=False
@@ -91,28 +100,41 @@ class Lookups:
     async def txt(self, name: str) -> tuple[str, ...]:
         return (await self.query(name, "TXT")).records
 
-    def cached(self, name: str, rdtype: str) -> tuple[dns.rrset.RRset, float] | None:
-        """The records of a positive answer the cache holds (unexpired) and when they expire
-        (time.time()), else None (nothing cached, or a negative answer: those take the
-        resolver's own path). Thread-safe: the cache has a lock."""
-        answer = self._hits.get((name, rdtype))
-        if answer is None or answer.expiration <= time.time():
-            cache = self.resolver.cache
-            answer = cache.get(_cache_key(name, rdtype)) if cache is not None else None
-            if answer is None or answer.rrset is None:
+    def cached(self, name: str, rdtype: str) -> Hit | None:
+        """What the cache holds for the query, unexpired: records, or a negative answer (those
+        come with an SOA, whose minimum TTL says how long they hold: RFC 2308); else None.
+        Thread-safe: the cache has a lock."""
+        hit = self._hits.get((name, rdtype))
+        if hit is None or hit.expiration <= time.time():
+            hit = self._from_cache(name, rdtype)
+            if hit is None:
                 return None
             if len(self._hits) >= MAX_HITS:
                 self._hits.clear()
-            self._hits[(name, rdtype)] = answer
-        assert answer.rrset is not None
-        return answer.rrset, answer.expiration
+            self._hits[(name, rdtype)] = hit
+        return hit
+
+    def _from_cache(self, name: str, rdtype: str) -> Hit | None:
+        cache = self.resolver.cache
+        if cache is None:
+            return None
+        key = _cache_key(name, rdtype)
+        answer = cache.get(key)
+        if answer is not None:  # (records, or none: NODATA)
+            return Hit(tuple(answer.rrset or ()), True, answer.expiration)
+        # dnspython keeps an NXDOMAIN under the type ANY, for every type of the name
+        nxdomain = cache.get((key[0], dns.rdatatype.ANY, key[2]))
+        if nxdomain is not None and nxdomain.response.rcode() == dns.rcode.NXDOMAIN:
+            return Hit((), False, nxdomain.expiration)
+        return None
 
     def cached_txt(self, name: str) -> tuple[str, ...]:
-        """The TXT records the cache holds for `name` (strings joined); NotCached if none."""
+        """The TXT records the cache holds for `name` (strings joined; none for a negative
+        answer); NotCached if it holds nothing."""
         hit = self.cached(name, "TXT")
         if hit is None:
             raise NotCached(name, "TXT")
-        return tuple(_text(rdata) for rdata in hit[0])
+        return tuple(_text(rdata) for rdata in hit.records)
 
 
 @functools.lru_cache(maxsize=1024)  # (the same few names, message after message)
@@ -148,27 +170,26 @@ class Bridge:
         self.cache_only = cache_only
         self.expires = math.inf
 
-    def _cached(self, name: str, rdtype: str) -> dns.rrset.RRset | None:
+    def _cached(self, name: str, rdtype: str) -> Hit | None:
         hit = self.lookups.cached(name, rdtype)
         if hit is None:
             if self.cache_only:
                 raise NotCached(name, rdtype)
             return None
-        records, expiration = hit
-        self.expires = min(self.expires, expiration)
-        return records
+        self.expires = min(self.expires, hit.expiration)
+        return hit
 
     def query(self, name: str, rdtype: str) -> Answer:
-        records = self._cached(name, rdtype)
-        if records is not None:
-            return Answer(tuple(_text(rdata) for rdata in records), exists=True)
+        hit = self._cached(name, rdtype)
+        if hit is not None:
+            return Answer(tuple(_text(rdata) for rdata in hit.records), hit.exists)
         return self._wait(self.lookups.query(name, rdtype), name, rdtype)
 
     def rdata(self, name: str, rdtype: str) -> list[object]:
         """The parsed records (dnspython rdata), for pyspf, which wants MX preferences."""
-        records = self._cached(name, rdtype)
-        if records is not None:
-            return list(records)
+        hit = self._cached(name, rdtype)
+        if hit is not None:
+            return list(hit.records)
         return self._wait(self.lookups.rdata(name, rdtype), name, rdtype)
 
     def _wait(self, lookup: Coroutine[Any, Any, T], name: str, rdtype: str) -> T:

@@ -339,6 +339,39 @@ def test_dmarc_judge_needs_the_cache_then_agrees_with_evaluate(dns_server):
     assert len(dns_server.queries) == asked
 
 
+NEGATIVE_ZONE = """
+$ORIGIN org-policy.example.
+_dmarc       TXT "v=DMARC1; p=reject"
+news         TXT "v=spf1 a:gone.org-policy.example ip4:127.0.0.1 -all"
+"""
+
+
+def test_negative_answers_the_dns_lets_us_cache_are_used_from_the_cache():
+    """With negative answers that carry an SOA (as on the Internet), a subdomain whose DMARC
+    policy is at its organisational domain (NXDOMAIN for its own _dmarc) and an SPF record with
+    a void lookup are checked from the cache after the first message, in the event loop: no
+    query, the SPF verdict kept in the memo, DMARC judged with nothing missing."""
+    mail = message("a@news.org-policy.example")
+    sender = "a@news.org-policy.example"
+
+    async def main(server: DNSServer, verifier: Verifier) -> None:
+        first = await verifier.check("127.0.0.1", "client.test", sender, mail)
+        assert methods(first) == {"spf": "pass", "dkim": "none", "dmarc": "pass"}, first.header
+        asked = len(server.queries)
+        assert ("udp", "_dmarc.news.org-policy.example. TXT") in server.queries
+        again = await verifier.check("127.0.0.1", "client.test", sender, mail)
+        assert again.header == first.header
+        assert server.queries[asked:] == []
+        assert verifier.spf_memo.get("127.0.0.1", sender, "client.test", time.time()) is not None
+        spf = SpfResult("pass", "mailfrom", sender, "news.org-policy.example")
+        verdict = dmarc.judge(verifier.lookups.cached_txt, ["news.org-policy.example"], spf, [])
+        assert (verdict.result, verdict.policy) == ("pass", "reject")
+
+    with serve() as server:
+        server.records = Records(NEGATIVE_ZONE, negative_ttl=60)
+        with_verifier(server, lambda verifier: main(server, verifier))
+
+
 FAILING_DMARC_ZONE = """
 $ORIGIN good.example.
 _dmarc       TXT "v=DMARC1; p=reject"
