@@ -138,24 +138,32 @@ async def evaluate(
     rng: random.Random | None = None,
 ) -> DmarcResult:
     """The verdict for the message's From: domains (None: no usable From: field), asking the
-    DNS for what the cache lacks: `judge` runs, and each record it misses is looked up
-    before it runs again (a name or two per From: domain, and most are cached)."""
+    DNS for what the cache lacks: each domain's policy is looked for, and each record the
+    search misses is asked for before it looks again (a name or two per From: domain, most
+    of them cached); then `judge` decides from what was found."""
     asked: dict[str, tuple[str, ...] | TemporaryFailure] = {}
 
     def txt(name: str) -> tuple[str, ...]:
         answer = asked.get(name)
+        if answer is None:  # (kept: judge must see what the search saw, even if it expires)
+            answer = asked[name] = lookups.cached_txt(name)
         if isinstance(answer, TemporaryFailure):
             raise answer
-        return answer if answer is not None else lookups.cached_txt(name)
+        return answer
 
-    while True:
-        try:
-            return judge(txt, from_domains, spf, dkim, rng)
-        except NotCached as missing:
+    for domain in from_domains or ():
+        while True:
             try:
-                asked[missing.name] = await lookups.txt(missing.name)
-            except TemporaryFailure as exc:
-                asked[missing.name] = exc
+                discover(txt, domain)
+                break
+            except TemporaryFailure:
+                break  # (judge makes it this domain's temperror)
+            except NotCached as missing:
+                try:
+                    asked[missing.name] = await lookups.txt(missing.name)
+                except TemporaryFailure as exc:
+                    asked[missing.name] = exc
+    return judge(txt, from_domains, spf, dkim, rng)
 
 
 def judge(

@@ -372,6 +372,37 @@ def test_negative_answers_the_dns_lets_us_cache_are_used_from_the_cache():
         with_verifier(server, lambda verifier: main(server, verifier))
 
 
+SAMPLED_ZONE = """
+$ORIGIN org-a.example.
+_dmarc       TXT "v=DMARC1; p=reject; pct=50"
+$ORIGIN org-b.example.
+_dmarc       TXT "v=DMARC1; p=quarantine; pct=50"
+"""
+
+
+class CountingRandom(random.Random):
+    draws = 0
+
+    def randrange(self, *args, **kwargs):  # type: ignore[override]
+        self.draws += 1
+        return super().randrange(*args, **kwargs)
+
+
+def test_dmarc_samples_each_failing_domain_once_even_from_a_cold_cache():
+    """pct= sampling draws once per From: domain whose policy is found, however many lookups
+    the evaluation needed first (subdomains: each policy is at the organisational domain)."""
+    spf = SpfResult("fail", "mailfrom", "a@x.example", "x.example")
+    domains = ["news.org-a.example", "mail.org-b.example"]
+
+    async def main(lookups: Lookups) -> dmarc.DmarcResult:
+        return await dmarc.evaluate(lookups, domains, spf, [], rng)
+
+    with serve(SAMPLED_ZONE) as server:
+        rng = CountingRandom(7)
+        verdict = asyncio.run(main(Lookups.make((server.host, server.port), 3.0)))
+    assert verdict.result == "fail" and rng.draws == 2, (verdict, rng.draws)
+
+
 FAILING_DMARC_ZONE = """
 $ORIGIN good.example.
 _dmarc       TXT "v=DMARC1; p=reject"
