@@ -138,32 +138,26 @@ async def evaluate(
     rng: random.Random | None = None,
 ) -> DmarcResult:
     """The verdict for the message's From: domains (None: no usable From: field), asking the
-    DNS for what the cache lacks: each domain's policy is looked for, and each record the
-    search misses is asked for before it looks again (a name or two per From: domain, most
-    of them cached); then `judge` decides from what was found."""
+    DNS for what the cache lacks: `judge` runs, and each record it misses is looked up before
+    it runs again (a name or two per From: domain, most of them cached)."""
     asked: dict[str, tuple[str, ...] | TemporaryFailure] = {}
 
     def txt(name: str) -> tuple[str, ...]:
         answer = asked.get(name)
-        if answer is None:  # (kept: judge must see what the search saw, even if it expires)
+        if answer is None:  # (kept: a second run must see what the first saw, even if expired)
             answer = asked[name] = lookups.cached_txt(name)
         if isinstance(answer, TemporaryFailure):
             raise answer
         return answer
 
-    for domain in from_domains or ():
-        while True:
+    while True:
+        try:
+            return judge(txt, from_domains, spf, dkim, rng)
+        except NotCached as missing:
             try:
-                discover(txt, domain)
-                break
-            except TemporaryFailure:
-                break  # (judge makes it this domain's temperror)
-            except NotCached as missing:
-                try:
-                    asked[missing.name] = await lookups.txt(missing.name)
-                except TemporaryFailure as exc:
-                    asked[missing.name] = exc
-    return judge(txt, from_domains, spf, dkim, rng)
+                asked[missing.name] = await lookups.txt(missing.name)
+            except TemporaryFailure as exc:
+                asked[missing.name] = exc
 
 
 def judge(
@@ -174,24 +168,33 @@ def judge(
     rng: random.Random | None = None,
 ) -> DmarcResult:
     """`evaluate` with the records from `txt` (which may raise NotCached: nothing is judged
-    then; the caller asks the DNS, or `evaluate` does)."""
+    then, no sample drawn; the caller asks the DNS, or `evaluate` does)."""
     if not from_domains:
         return DmarcResult("permerror", reason="no single From: field with usable addresses")
-    outcomes = [_evaluate_one(txt, d, spf, dkim, rng) for d in from_domains]
+    found = [_policy(txt, d) for d in from_domains]  # (every lookup before any pct= draw)
+    outcomes = [_verdict(d, f, spf, dkim, rng) for d, f in zip(from_domains, found, strict=True)]
     return max(outcomes, key=_severity)
 
 
-def _evaluate_one(
-    txt: Callable[[str], Sequence[str]],
+_Found = tuple[Policy, bool] | None | TemporaryFailure
+
+
+def _policy(txt: Callable[[str], Sequence[str]], from_domain: str) -> _Found:
+    try:
+        return discover(txt, from_domain)
+    except TemporaryFailure as exc:
+        return exc
+
+
+def _verdict(
     from_domain: str,
+    found: _Found,
     spf: SpfResult,
     dkim: Sequence[DkimResult],
     rng: random.Random | None,
 ) -> DmarcResult:
-    try:
-        found = discover(txt, from_domain)
-    except TemporaryFailure as exc:
-        return DmarcResult("temperror", from_domain, reason=str(exc))
+    if isinstance(found, TemporaryFailure):
+        return DmarcResult("temperror", from_domain, reason=str(found))
     if found is None:
         return DmarcResult("none", from_domain)
     policy, inherited = found
