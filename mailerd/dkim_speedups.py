@@ -17,9 +17,9 @@ calls these names, signing and verifying would stay right, only slower):
   whitespace after the last character, plus a line end that ends the field);
 - the parse of a key record (base64, ASN.1 in Python), kept for the record's name and text:
   a sender's key is the same message after message, and a changed record is parsed anew;
-- its message parse, which splits the whole message into lines to find the header section
-  and joins the body's lines again: only the header section is split when the body's line
-  ends are all CRLF already (as SMTP's are), since the join would give it back unchanged.
+- its message parse, which splits the whole message into lines (a regular expression) to
+  find the header section and joins the body's lines again: a message whose lines all end in
+  CRLF, as SMTP's do, has only its header section split, by bytes.split;
 """
 
 from __future__ import annotations
@@ -184,23 +184,37 @@ dkim.evaluate_pk = evaluate_pk
 
 
 def rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
-    """dkimpy's: (header fields as [name, value] lists, the body with CRLF line ends)."""
-    end = _header_end(message)
-    if end < 0 or message.count(b"\n", end) != message.count(b"\r\n", end):
+    """dkimpy's: (header fields as [name, value] lists, the body with CRLF line ends). A
+    message whose every line ends in CRLF, as SMTP's do, with an empty line, is parsed here:
+    dkimpy's splits the whole message into lines and joins the body's again, which then
+    gives it back unchanged."""
+    if message.count(b"\n") != message.count(b"\r\n"):
         return _dkimpy_rfc822_parse(message)  # type: ignore[no-any-return]
-    fields, _ = _dkimpy_rfc822_parse(message[:end])
-    return fields, message[end:]
+    if message.startswith(b"\r\n"):
+        return [], message[2:]
+    blank = message.find(b"\r\n\r\n")
+    if blank < 0:
+        return _dkimpy_rfc822_parse(message)  # type: ignore[no-any-return]
+    return _fields(message[:blank].split(b"\r\n")), message[blank + 4 :]
 
 
-def _header_end(message: bytes) -> int:
-    """Where the body starts: after the first empty line (lines end in CRLF or LF), or -1."""
-    if message.startswith((b"\r\n", b"\n")):
-        return message.index(b"\n") + 1
-    ends = [i for i in (message.find(b"\n\r\n"), message.find(b"\n\n")) if i >= 0]
-    if not ends:
-        return -1
-    i = min(ends)
-    return i + (3 if message.startswith(b"\n\r\n", i) else 2)
+_FIELD_NAME = re.compile(rb"[\x21-\x7e]+")
+
+
+def _fields(lines: list[bytes]) -> list[list[bytes]]:
+    """dkimpy's header loop: a field per line, its continuation lines appended; a line that
+    is neither (bar an mbox "From " line) is its MessageFormatError."""
+    fields: list[list[bytes]] = []
+    for line in lines:
+        if line[0] in (0x09, 0x20):
+            fields[-1][1] += line + b"\r\n"  # (before any field: IndexError, as dkimpy's)
+            continue
+        colon = line.find(b":", 1)  # (its name pattern is lazy: up to the first colon)
+        if colon > 0 and _FIELD_NAME.fullmatch(line, 0, colon):
+            fields.append([line[:colon], line[colon + 1 :] + b"\r\n"])
+        elif not line.startswith(b"From "):
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    return fields
 
 
 _dkimpy_rfc822_parse = dkim.rfc822_parse
