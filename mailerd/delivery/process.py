@@ -366,6 +366,10 @@ class DeliveryService:
         item.next_attempt = item.created + LOCAL_RETRY_DELAY
         try:
             await self._in_thread(self.queue.put, item, received, body)
+            if self.writer.ready and any(intake.writer_went_away(e) for _, e in failed):
+                # A writer took over while these failed with the last one (or the retry went
+                # to the dying one): its _writer_back has passed, so they go now, not in a minute.
+                item.next_attempt = item.created
             self.scheduler.add(item)
             return None
         except OSError as exc:
