@@ -55,6 +55,9 @@ and 10), the servers' runs interleaved and repeated (--repeat) as above:
     run, with the reason in its notes (so is a Postfix without Cyrus SASL: sasl2-bin,
     libsasl2-modules). A mailerd worker remembers a successful login for 10 minutes, so
     argon2id's ~0.18 s of CPU (and 64 MiB) is paid once per worker, not per message.
+With --pin, every load generator (smtp-source too) runs on the last CPU and everything else
+(the servers, the DNS server, this script) on the others, so that a generator's CPU does not
+take from the server it measures; by default all share every CPU, the figures in the README.
 The generator runs as `bench.py --load-generator SPEC` (a JSON spec; internal).
 """
 
@@ -331,6 +334,19 @@ class Sampler(threading.Thread):
 # SMTP helpers
 
 
+# --pin: the load generators on the last CPU, the servers (and this script) on the others, so
+# that a generator's CPU no longer takes from the server it measures (a server's real clients
+# run on other machines). None: no pinning.
+GENERATOR_CPUS: set[int] | None = None
+PINNING = "the load generator and the servers share every CPU (no --pin)"
+
+
+def pin_generator() -> None:
+    """(preexec_fn of a load generator) onto GENERATOR_CPUS, when --pin."""
+    if GENERATOR_CPUS is not None:
+        os.sched_setaffinity(0, GENERATOR_CPUS)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -482,7 +498,13 @@ def run_smtp_source(port: int, rcpt: str, sessions: int, count: int, timeout: fl
     ]
     with tempfile.TemporaryFile() as errf:
         t0 = time.monotonic()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=errf,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=pin_generator,
+        )
         deadline = t0 + timeout
         out = bytearray()
         stamps = []  # time of each completed message
@@ -735,6 +757,7 @@ def run_generator(
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=errf,
+                preexec_fn=pin_generator,
             )
             stack.callback(_end_child, p)
             children.append((p, errf))
@@ -2785,6 +2808,7 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
         "pipelining):"
     )
     print("           M / wall time to its last 250. mailerd's 250 = fsynced into the mailbox;")
+    print(f"           CPUs: {PINNING}")
     print("           Postfix's 250 = its queue file fsynced (local delivery follows: mbox s)")
     if paired:
         print("           The servers' runs alternate, back to back (run 1: mailerd then Postfix,")
@@ -3010,6 +3034,7 @@ def report_tls(results: list[dict], paired: list[dict], args) -> None:
         "         all; each message on a new connection: banner, EHLO, STARTTLS, a full",
         "         handshake (no session resumption, no certificate check), EHLO, [AUTH PLAIN],",
         "         MAIL, RCPT, DATA, QUIT",
+        f"CPUs     {PINNING}",
         "run      STARTTLS: the listener smtp-source uses, STARTTLS offered (not required);",
         "         submission: a submission port, STARTTLS then AUTH PLAIN required (a login per",
         "         message); the same server instance for both",
@@ -3178,6 +3203,7 @@ def report_auth(auth: dict, setup: AuthSetup, args) -> None:
         "load     this script's own generator (as the TLS phase's, without TLS): Python asyncio",
         "         on uvloop, in processes of its own; each message on a new connection:",
         "         banner, EHLO, MAIL, RCPT, DATA, QUIT; the messages made beforehand (below)",
+        f"CPUs     {PINNING}",
         "msgs/s   messages answered with the final 250 / time from the first connect to the",
         "         last 250; the median of the runs, which rotate between the part's servers,",
         "         back to back (round i starts with the i-th server)",
@@ -3529,6 +3555,13 @@ def main() -> int:
         "(default: 1 for 1 client, else 2)",
     )
     ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the load generators on the last CPU and everything else (both servers, the "
+        "DNS server, this script) on the others, so that the generator's CPU does not take "
+        "from the server being measured (by default all share every CPU)",
+    )
+    ap.add_argument(
         "--postfix-tickets",
         action="store_true",
         help="TLS phase: let Postfix send TLS 1.3 session tickets, its default (by default "
@@ -3631,6 +3664,19 @@ def main() -> int:
         ap.error("--tls-levels must be 1..1000 and --tls-messages >= 1")
     if args.tls_generators < 0:
         ap.error("--tls-generators >= 0")
+    if args.pin:
+        global GENERATOR_CPUS, PINNING
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs 2 CPUs at least")
+        GENERATOR_CPUS = {cpus[-1]}
+        # (before any thread starts: the calling thread's affinity is what threads and
+        # children inherit)
+        os.sched_setaffinity(0, set(cpus[:-1]))
+        PINNING = (
+            f"--pin: load generator(s) on CPU {cpus[-1]}; the servers, the DNS server and "
+            f"this script on CPU {','.join(map(str, cpus[:-1]))}"
+        )
     args.tls_setup = None
     run_plain = not (args.tls_only or args.auth_only)
     run_tls = not (args.no_tls or args.auth_only)
@@ -3759,7 +3805,7 @@ def main() -> int:
     if results or tls_results or auth:
         print(f"(total {time.monotonic() - t0:.0f} s)")
     if args.json:
-        out = {"results": results, "paired": paired, "failed": failed}
+        out = {"results": results, "paired": paired, "failed": failed, "cpus": PINNING}
         if run_auth:
             out["auth"] = {**auth, "failed": auth_failed, "zone": auth_setup and auth_setup.zone}
         if run_tls:
