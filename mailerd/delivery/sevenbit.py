@@ -37,6 +37,7 @@ import binascii
 import codecs
 import email.parser
 import email.policy
+import io
 import re
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -68,8 +69,14 @@ def has_8bit(path: Path) -> bool:
 
 
 def pieces(f: BinaryIO) -> Iterator[bytes]:
-    """The file's lines, each with its line end; a line longer than LINE_LIMIT in pieces."""
+    """The file's lines, each with its line end; a line longer than LINE_LIMIT in pieces,
+    never cut between its CR and LF (a piece ending in CR would keep it as content)."""
     while piece := f.readline(LINE_LIMIT):
+        if piece[-1:] == b"\r":
+            if (following := f.read(1)) == b"\n":
+                piece += following
+            elif following:
+                f.seek(-1, io.SEEK_CUR)
         yield piece
 
 

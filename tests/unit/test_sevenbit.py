@@ -119,6 +119,19 @@ def test_a_line_longer_than_the_read_size_converts_whole(tmp_path):
     assert leaves(out) == [("text/plain", line + b"\n")]
 
 
+def test_a_line_whose_crlf_straddles_the_read_size_keeps_its_line_end(tmp_path):
+    # The CR is the read size's last octet and the LF the next read's first: the line must
+    # not come out with a CR of its own (quoted-printable =0D) before its line end.
+    line = ("é" * 100).encode()
+    line += b"a" * (sevenbit.LINE_LIMIT - 1 - len(line))
+    data = crlf("Subject: straddle", "MIME-Version: 1.0", "Content-Type: text/plain", "")
+    data += crlf(line, "next")
+    out = converted(tmp_path / "m", data)
+    assert_7bit(out)
+    assert b"=0D" not in out
+    assert leaves(out) == [("text/plain", line + b"\nnext\n")]
+
+
 @pytest.mark.parametrize(
     "data,reason",
     [
