@@ -2808,7 +2808,6 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
         "pipelining):"
     )
     print("           M / wall time to its last 250. mailerd's 250 = fsynced into the mailbox;")
-    print(f"           CPUs: {PINNING}")
     print("           Postfix's 250 = its queue file fsynced (local delivery follows: mbox s)")
     if paired:
         print("           The servers' runs alternate, back to back (run 1: mailerd then Postfix,")
@@ -2825,6 +2824,7 @@ def report(results: list[dict], paired: list[dict], args, fsinfo: str) -> None:
         "  others   CPU cores kept busy by unrelated processes meanwhile (noise: "
         f"{os.cpu_count()} cores in all)"
     )
+    print(f"  CPUs     {PINNING}")
     print()
     hdr = (
         "server",

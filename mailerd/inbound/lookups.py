@@ -10,7 +10,6 @@ itself, no thread needed (`verifier`)."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import time
 from collections.abc import Coroutine
@@ -137,9 +136,9 @@ class Lookups:
         return tuple(_text(rdata) for rdata in hit.records)
 
 
-@functools.lru_cache(maxsize=1024)  # (the same few names, message after message)
 def _cache_key(name: str, rdtype: str) -> dns.resolver.CacheKey:
-    """The resolver cache's key for a query: building the name is most of a cache hit's cost."""
+    """The resolver cache's key for a query (building the name is its cost: `Lookups._hits`
+    spares it while an answer is fresh)."""
     return dns.name.from_text(name), dns.rdatatype.from_text(rdtype), dns.rdataclass.IN
 
 
