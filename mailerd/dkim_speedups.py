@@ -70,6 +70,9 @@ def verify(digest: Any, signature: bytes, public_key: dict[str, int]) -> bool:
         return bool(_dkimpy_verify(digest, signature, public_key))
     try:
         key = _public_key(public_key["modulus"], public_key["publicExponent"])
+        # A signature may come without its leading zero octets (some signers drop them, once
+        # in 256 signatures); dkimpy takes it as the number it is, OpenSSL wants its full size
+        signature = signature.rjust(key.key_size // 8 + (key.key_size % 8 > 0), b"\0")
         key.verify(signature, digest.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
     except (InvalidSignature, ValueError):  # (ValueError: a key OpenSSL will not take)
         return False

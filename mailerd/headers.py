@@ -4,8 +4,11 @@ its From: addresses. Pure; the message is bytes with CRLF line ends, as mailerd 
 
 from __future__ import annotations
 
+import email.errors
+import email.header
 import email.policy
 import functools
+import re
 from collections.abc import Iterator
 
 SCAN = 256 * 1024  # a header section is looked for in the first this-many octets
@@ -38,32 +41,74 @@ def fields(message: bytes) -> Iterator[tuple[bytes, int, int]]:
 
 
 def from_domain(message: bytes) -> str | None:
-    """The domain of the message's From: addresses when there is one (one address, or several
-    of one domain), else None."""
-    domains = from_domains(message)
-    return domains[0] if domains is not None and len(domains) == 1 else None
+    """The domain of the message's From: addresses when there is one (one From: field, read
+    cleanly, with one address or several of one domain), else None."""
+    found = _from_fields(message)
+    if len(found) != 1:
+        return None
+    domains, clean = _address_domains(found[0])
+    return domains[0] if clean and len(domains) == 1 else None
 
 
 def from_domains(message: bytes) -> list[str] | None:
-    """The distinct domains of the addresses of the message's From: field, lower-cased, in
-    order; None when there is no From:, more than one, or an address without a domain or that
-    does not parse (RFC 5322 allows one From: field with one or more addresses)."""
-    found = [message[start:stop] for name, start, stop in fields(message) if name == b"from"]
-    if len(found) != 1:
-        return None
-    domains = _address_domains(found[0].split(b":", 1)[1])
-    return list(domains) if domains is not None else None
+    """The distinct domains of the addresses of the message's From: fields, lower-cased, in
+    A-labels (RFC 8616), in order; None when there is no From: or no domain can be read in it.
+
+    RFC 5322 allows one From: field; a forger's second one, an address list with a stray word,
+    an address hidden in an encoded-word or a trailing dot are all read as a reader's program
+    might show them, so that each domain a reader could take for the author's is judged: more
+    domains can only make DMARC stricter (RFC 7489 6.6.1), never let a message pass."""
+    domains: dict[str, None] = {}
+    for value in _from_fields(message):
+        domains.update(dict.fromkeys(_address_domains(value)[0]))
+    return list(domains) or None
+
+
+def _from_fields(message: bytes) -> list[bytes]:
+    """The values (after the colon) of the From: fields."""
+    return [
+        message[start:stop].split(b":", 1)[1]
+        for name, start, stop in fields(message)
+        if name == b"from"
+    ]
+
+
+# What follows an @ in a From: field read leniently: a domain as a reader's program shows it
+_AT_DOMAIN = re.compile(r"@\s*([^\s<>,;:\"()\[\]@\\]+)")
 
 
 @functools.lru_cache(maxsize=1024)  # (a sender's From: is the same message after message)
-def _address_domains(value: bytes) -> tuple[str, ...] | None:
-    """The domains of a From: field's value, by the email package's strict (RFC 5322) parser:
-    the lenient legacy one has let "a@victim"@evil read as victim (CVE-2023-27043)."""
+def _address_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
+    """The domains of a From: field's value, and whether it read cleanly: by the email
+    package's strict (RFC 5322) parser, which the lenient legacy one is not (it has let
+    "a@victim"@evil read as victim: CVE-2023-27043); when that finds no address, or one
+    without a domain, whatever follows an @ in the field, encoded-words decoded, as well."""
     text = value.decode("utf-8", "surrogateescape").replace("\r\n", "")
+    strict: list[str] = []
     try:
         addresses = email.policy.default.header_factory("From", text).addresses
+        strict = [str(a.domain) for a in addresses if a.domain]
+        clean = bool(addresses) and len(strict) == len(addresses)
     except (ValueError, TypeError, AttributeError, IndexError):
-        return None
-    if not addresses or not all(a.domain for a in addresses):
-        return None
-    return tuple(dict.fromkeys(str(a.domain).lower().rstrip(".") for a in addresses))
+        clean = False
+    found = strict if clean else strict + _AT_DOMAIN.findall(_decoded(text))
+    return tuple(dict.fromkeys(_normal(d) for d in found if _normal(d))), clean
+
+
+def _decoded(text: str) -> str:
+    """The field's text with its encoded-words (RFC 2047) decoded, as a reader would see it."""
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        return text
+
+
+def _normal(domain: str) -> str:
+    """Lower case, no final dot, A-labels for an internationalized name."""
+    domain = domain.strip().rstrip(".").lower()
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain

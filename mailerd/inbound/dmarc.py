@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ from mailerd.inbound.signatures import DkimResult
 
 PSL_FILE = "/usr/share/publicsuffix/public_suffix_list.dat"  # Debian's `publicsuffix`
 POLICIES = ("none", "quarantine", "reject")
+# A record starts with its version tag; RFC 7489's ABNF allows spaces around the "=", and its
+# "v" is case-insensitive but its DMARC1 (%x44 %x4d ...) is not.
+_VERSION = re.compile(r"[ \t]*[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|$)")
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ def discover(txt: Callable[[str], Sequence[str]], from_domain: str) -> tuple[Pol
     `txt(name)` gives a name's TXT records; what it raises (TemporaryFailure, NotCached)
     passes through."""
     for domain in dict.fromkeys([from_domain, organizational_domain(from_domain)]):
-        records = [r for r in txt(f"_dmarc.{domain}") if r.startswith("v=DMARC1")]
+        records = [r for r in txt(f"_dmarc.{domain}") if _VERSION.match(r)]
         if len(records) == 1:
             policy = parse(records[0])
             if policy is not None:
@@ -203,7 +207,23 @@ def _verdict(
     applies = policy.sp if inherited else policy.p
     if spf_ok or dkim_ok:
         return DmarcResult("pass", from_domain, applies, "none")
+    if _unanswered(from_domain, policy, spf, dkim):
+        return DmarcResult("temperror", from_domain, applies, "none", "no DNS answer for a check")
     disposition = applies
     if (rng or random).randrange(100) >= policy.pct:  # not sampled: one step milder (7.1)
         disposition = {"reject": "quarantine", "quarantine": "none"}.get(applies, "none")
     return DmarcResult("fail", from_domain, applies, disposition)
+
+
+def _unanswered(
+    from_domain: str, policy: Policy, spf: SpfResult, dkim: Sequence[DkimResult]
+) -> bool:
+    """Could an aligned SPF or DKIM check have passed, had the DNS answered? Then DMARC is a
+    temperror, not a failure: a DNS timeout never refuses mail (a DKIM result without d= is a
+    signature we could not even read in time, so it might have been aligned)."""
+    if spf.result == "temperror" and aligned(spf.domain or from_domain, from_domain, policy.aspf):
+        return True
+    return any(
+        r.result == "temperror" and (not r.domain or aligned(r.domain, from_domain, policy.adkim))
+        for r in dkim
+    )

@@ -117,7 +117,10 @@ class Lookups:
         cache = self.resolver.cache
         if cache is None:
             return None
-        key = _cache_key(name, rdtype)
+        try:
+            key = _cache_key(name, rdtype)
+        except dns.exception.DNSException:  # a label over 63 octets, a name over 255: no such
+            return Hit((), False, math.inf)  # name can exist (a sender's, not ours to retry)
         answer = cache.get(key)
         if answer is not None:  # (records, or none: NODATA)
             return Hit(tuple(answer.rrset or ()), True, answer.expiration)
@@ -162,11 +165,15 @@ class Bridge:
         timeout: float,
         *,
         cache_only: bool = False,
+        deadline: float = math.inf,
     ):
         self.lookups = lookups
         self.loop = loop
         self.timeout = timeout
         self.cache_only = cache_only
+        # (time.monotonic()) after which no lookup waits at all: a message's checks share one
+        # timeout, so that ten signatures' unanswered keys hold a thread no longer than one
+        self.deadline = deadline
         self.expires = math.inf
 
     def _cached(self, name: str, rdtype: str) -> Hit | None:
@@ -193,9 +200,13 @@ class Bridge:
 
     def _wait(self, lookup: Coroutine[Any, Any, T], name: str, rdtype: str) -> T:
         """Run `lookup` in the event loop and wait for it, at most the timeout."""
+        wait = min(self.timeout, self.deadline - time.monotonic())
+        if wait <= 0:
+            lookup.close()
+            raise TemporaryFailure(f"{name} {rdtype}: no time left ({self.timeout:g} s)")
         future = asyncio.run_coroutine_threadsafe(lookup, self.loop)
         try:
-            return future.result(self.timeout)
+            return future.result(wait)
         except TimeoutError as exc:
             future.cancel()
             raise TemporaryFailure(f"{name} {rdtype}: no answer in {self.timeout:g} s") from exc

@@ -21,8 +21,9 @@ from mailerd.inbound.sender_policy import SpfResult
 from mailerd.inbound.signatures import DkimResult
 
 NAME = b"authentication-results"
-# The authserv-id: the first token of the value, after any comments.
-_AUTHSERV_ID = re.compile(rb"\s*(?:\([^)]*\)\s*)*([^\s;()]+)")
+# The authserv-id (RFC 8601 2.2: a value, a token or a quoted-string), after the comments.
+_TOKEN = re.compile(rb'[^\s;()"]+')
+_QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"', re.DOTALL)
 
 
 def header(authserv_id: str, spf: SpfResult, dkim: Sequence[DkimResult], dmarc: DmarcResult) -> str:
@@ -83,11 +84,39 @@ def _comment(text: str | None) -> str | None:
 
 
 def ours(value: bytes, authserv_id: str) -> bool:
-    """Does an Authentication-Results value (what follows the colon) bear `authserv_id`?"""
-    match = _AUTHSERV_ID.match(value)
-    if match is None:
-        return False
-    return match.group(1).decode("ascii", "replace").lower() == authserv_id.lower()
+    """Does an Authentication-Results value (what follows the colon) bear `authserv_id`? Read
+    as a reader of the field would (authres, a mail program): comments (nested, with quoted
+    pairs) skipped, a quoted id unquoted, case and a final dot ignored."""
+    position = _after_cfws(value, 0)
+    quoted = _QUOTED.match(value, position)
+    if quoted is not None:
+        found = re.sub(rb"\\(.)", rb"\1", quoted.group(1), flags=re.DOTALL)
+    else:
+        token = _TOKEN.match(value, position)
+        if token is None:
+            return False
+        found = token.group(0)
+    text = found.decode("ascii", "replace").strip().rstrip(".").lower()
+    return text == authserv_id.lower().rstrip(".")
+
+
+def _after_cfws(value: bytes, position: int) -> int:
+    """Where the text starts after any whitespace and comments (RFC 5322 CFWS: comments nest,
+    and a backslash quotes the next character); an unclosed comment runs to the end."""
+    depth = 0
+    while position < len(value):
+        c = value[position : position + 1]
+        if depth and c == b"\\":
+            position += 2
+            continue
+        if c == b"(":
+            depth += 1
+        elif c == b")" and depth:
+            depth -= 1
+        elif not depth and not c.isspace():
+            break
+        position += 1
+    return position
 
 
 def without_forged(message: bytes, authserv_id: str) -> bytes | None:

@@ -12,6 +12,7 @@ policy, permerror, temperror; `none` when there is no signature at all.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import dkim
@@ -40,6 +41,7 @@ class _Seen:
 
     temporary: str = ""
     missing: bool = False
+    record: bytes = b""
     names: list[str] = field(default_factory=list)
 
 
@@ -92,6 +94,9 @@ def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) ->
     domain, selector, b = _identity(tags)
     if _tag(tags, b"a").lower() == "rsa-sha1":
         return DkimResult("policy", domain, selector, b, "rsa-sha1 is not accepted (RFC 8301)")
+    covered = [name.strip().lower() for name in tags.get(b"h", b"").split(b":")]
+    if b"from" not in covered:  # RFC 6376 5.4: From: must be signed; else anyone could add one
+        return DkimResult("neutral", domain, selector, b, "the signature does not cover From:")
     seen = _Seen()
 
     def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:
@@ -105,7 +110,8 @@ def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) ->
         if not answer.records:
             seen.missing = True
             return None
-        return answer.records[0].encode("utf-8")
+        seen.record = answer.records[0].encode("utf-8")
+        return seen.record
 
     try:
         good = checker.verify(idx=index, dnsfunc=dnsfunc)
@@ -120,12 +126,48 @@ def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) ->
     except Exception as exc:  # dkimpy on a message it cannot take apart
         return DkimResult("neutral", domain, selector, b, f"{type(exc).__name__}: {exc}")
     if good:
+        refused = _key_refuses(seen.record, tags, domain)
+        if refused:
+            return DkimResult("permerror", domain, selector, b, refused)
         return DkimResult("pass", domain, selector, b)
     if seen.temporary:
         return DkimResult("temperror", domain, selector, b, seen.temporary)
     if seen.missing:
         return DkimResult("permerror", domain, selector, b, "no key for signature")
     return DkimResult("fail", domain, selector, b, "signature did not verify")
+
+
+def _key_refuses(record: bytes, tags: dict[bytes, bytes], domain: str) -> str:
+    """What in the key record forbids this signature (RFC 6376 3.6.1), which dkimpy does not
+    look at: its h= (hash algorithms) lacks the signature's, or its t=s (no subdomains) meets
+    an i= in a subdomain of d=; else ""."""
+    hashes, same_domain_only = _key_limits(record)
+    if hashes is not None:
+        algorithm = _tag(tags, b"a").lower().rpartition("-")[2]
+        if algorithm not in hashes:
+            return f"the key does not allow {algorithm} (h=)"
+    if same_domain_only:
+        identity_domain = _tag(tags, b"i").rpartition("@")[2].lower().rstrip(".")
+        if identity_domain and identity_domain != domain.rstrip("."):
+            return "the key is for the domain itself only (t=s), and i= is a subdomain"
+    return ""
+
+
+@functools.lru_cache(maxsize=256)  # (a sender's key is the same message after message)
+def _key_limits(record: bytes) -> tuple[tuple[str, ...] | None, bool]:
+    """A key record's h= (None: any) and whether its t= has the flag s."""
+    try:
+        key = parse_tag_value(record)
+    except InvalidTagValueList:
+        return None, False  # (dkimpy read it, or the signature would not have verified)
+    hashes = key.get(b"h")
+    allowed = (
+        None
+        if hashes is None
+        else tuple(h.strip().lower() for h in hashes.decode("ascii", "replace").split(":"))
+    )
+    flags = [f.strip() for f in key.get(b"t", b"").decode("ascii", "replace").split(":")]
+    return allowed, "s" in flags
 
 
 def _tag(tags: dict[bytes, bytes], name: bytes) -> str:

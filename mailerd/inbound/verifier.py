@@ -4,7 +4,7 @@ unfinished counts as temperror (never a refusal, never a longer wait). The verdi
 Authentication-Results field to add, the message without forged ones when it had any, and, with
 `--inbound-auth enforce`, the 550 for a DMARC failure whose domain asks for rejection — nothing
 else refuses mail here (a lone SPF or DKIM failure loses legitimate mail: forwarding, mailing
-lists).
+lists), except, in either mode, a header section too large to be scanned (HEADER_TOO_LARGE).
 
 SPF and DKIM run in threads (pyspf and dkimpy ask DNS synchronously; their queries go through
 the worker's event loop), except for a small message whose lookups the worker's cache holds
@@ -36,6 +36,11 @@ from mailerd.inbound.signatures import DkimResult
 from mailerd.smtp.events import Reply
 
 T = TypeVar("T")
+# A header section that does not end within headers.SCAN octets is refused whatever the mode
+# (as Exim's header_maxsize does, at 1 MB): a field past the scan could not be checked.
+HEADER_TOO_LARGE = Reply(
+    552, "5.3.4", f"Message header section too large (the limit is {headers.SCAN // 1024} KiB)"
+)
 # The largest message checked in the event loop when the cache allows: DKIM hashes the whole
 # body, and a session of the worker waits meanwhile (at this size, well under a millisecond).
 INLINE_MAX = 64 * 1024
@@ -62,7 +67,6 @@ class Verifier:
     ) -> None:
         self.hostname = hostname
         self.lookups = lookups
-        self.bridge = Bridge(lookups, loop, timeout)
         self.cached = Bridge(lookups, loop, timeout, cache_only=True)
         self.spf_memo = sender_policy.Memo()
         self.loop = loop
@@ -74,6 +78,9 @@ class Verifier:
         deadline = self.loop.time() + self.timeout
         head = _head(body)
         end = headers.section_end(head)
+        if end == headers.SCAN and _size(body) > end and b"\r\n\r\n" not in head:
+            # Fields past what is scanned would go unseen: a second From:, a forged result
+            return Verdict("", None, HEADER_TOO_LARGE, "header section too large")
         signed = signatures.present(head, end)
         found = self._from_cache(ip, helo, sender, body, signed)
         if found is not None:
@@ -89,7 +96,7 @@ class Verifier:
             verdict = replace(verdict, disposition="none")
         field = results.header(self.hostname, spf, dkim, verdict)
         content = None
-        if b"\nauthentication-results:" in b"\n" + head[:end].lower():
+        if b"\nauthentication-results" in b"\n" + head[:end].lower():  # (WSP may precede ':')
             content = results.without_forged(await self._whole(body), self.hostname)
         refusal = _refusal(verdict) if self.enforce and verdict.rejects else None
         summary = "spf={} dkim={} dmarc={}".format(
@@ -139,11 +146,16 @@ class Verifier:
     async def _in_threads(
         self, ip: str, helo: str, sender: str, body: durable.Body, signed: bool, section: bytes
     ) -> tuple[SpfResult, list[DkimResult]]:
+        # One deadline for all the message's lookups, so that its threads are free again
+        # within the timeout (however many signatures, includes and keys go unanswered)
+        bridge = Bridge(
+            self.lookups, self.loop, self.timeout, deadline=time.monotonic() + self.timeout
+        )
         spf_future = self.loop.run_in_executor(
-            self.executor, sender_policy.check, self.bridge, ip, sender, helo
+            self.executor, sender_policy.check, bridge, ip, sender, helo
         )
         dkim_future = (
-            self.loop.run_in_executor(self.executor, self._dkim, body)
+            self.loop.run_in_executor(self.executor, _dkim, bridge, body)
             if signed
             else _done([DkimResult("none")])
         )
@@ -153,13 +165,18 @@ class Verifier:
         dkim = _outcome(dkim_future, lambda: signatures.unfinished(section, "timed out"))
         return spf, dkim
 
-    def _dkim(self, body: durable.Body) -> list[DkimResult]:
-        return signatures.verify(self.bridge, durable.read_body(body))
-
     async def _whole(self, body: durable.Body) -> bytes:
         if isinstance(body, bytes):
             return body
         return await self.loop.run_in_executor(self.executor, durable.read_body, body)
+
+
+def _dkim(bridge: Bridge, body: durable.Body) -> list[DkimResult]:
+    return signatures.verify(bridge, durable.read_body(body))
+
+
+def _size(body: durable.Body) -> int:
+    return len(body) if isinstance(body, bytes) else os.fstat(body).st_size
 
 
 def _head(body: durable.Body) -> bytes:

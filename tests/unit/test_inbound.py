@@ -278,8 +278,12 @@ def test_no_policy_and_no_single_from(dns_server):
     assert (
         methods(run_check(dns_server, message("a@nothing.example"), sender=""))["dmarc"] == "none"
     )
-    fields = b"From: a@sender.example\r\nFrom: b@sender.example\r\n\r\nbody\r\n"
-    assert methods(run_check(dns_server, fields, sender=""))["dmarc"] == "permerror"
+    # two From: fields (RFC 5322 allows one): both are judged, as a second address would be,
+    # so a forger's added field is no way around the other domain's p=reject
+    fields = b"From: a@nothing.example\r\nFrom: b@sender.example\r\n\r\nbody\r\n"
+    assert methods(run_check(dns_server, fields, sender=""))["dmarc"] == "fail"
+    nothing = b"From: undisclosed\r\n\r\nbody\r\n"
+    assert methods(run_check(dns_server, nothing, sender=""))["dmarc"] == "permerror"
     # one field, two addresses: each domain is checked (here one, which fails p=reject)
     two = b"From: a@sender.example, b@sender.example\r\n\r\nbody\r\n"
     assert methods(run_check(dns_server, two, sender=""))["dmarc"] == "fail"
