@@ -106,6 +106,7 @@ class Commands:
     _tls: bool
     _user: str | None
     _sasl: tuple[str, str | None] | None  # an AUTH exchange: (mechanism, login so far)
+    _unlogged: int  # lines after a refused or broken-off AUTH kept out of the -v log
 
     # -- provided by Session ------------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class Commands:
             return
         self._verb = self._argument = ""
         if self._on_command is not None:
-            self._on_command(_loggable(line))
+            self._on_command(self._loggable(line))
         if b"\r" in line or b"\n" in line:
             # Only CRLF ends a line; a bare CR/LF is never taken as a separator.
             self._send(BARE_CR_LF_COMMAND)
@@ -346,10 +347,27 @@ class Commands:
             self._send(READY_FOR_TLS)
             self._start_tls()
 
+    def _loggable(self, line: bytes) -> bytes:
+        """A command line as the -v log may show it: never a password, which is in AUTH's
+        initial response, and in the lines a client pipelined after an AUTH that was refused
+        or broken off (its user name and password, taken for commands): those are left out
+        until a line that starts with a command."""
+        if self._unlogged:
+            if (
+                line.split(None, 1)[:1]
+                and line.split(None, 1)[0].upper().decode("ascii", "replace") in HANDLERS
+            ):
+                self._unlogged = 0
+            else:
+                self._unlogged -= 1
+                return b"*** (a line after a refused AUTH, not logged)"
+        return _masked(line)
+
     def _cmd_auth(self, argument: str | None) -> None:
         config = self._config
         mechanism, _, initial = (argument or "").partition(" ")
         self._argument = mechanism.upper()  # never the response: it holds the password
+        self._unlogged = 2  # (until the exchange starts: a refusal leaves any pipelined lines)
         if not config.auth:
             self._send(NOT_IMPLEMENTED)
         elif not mechanism:
@@ -365,6 +383,7 @@ class Commands:
         elif mechanism.upper() not in auth.MECHANISMS:
             self._send(AUTH_MECHANISM)
         else:
+            self._unlogged = 0
             self._sasl = (mechanism.upper(), None)
             if initial:
                 self._sasl_answer(initial)
@@ -403,6 +422,7 @@ class Commands:
                 password = auth.decode(text)
         except auth.SASLError:
             self._sasl = None
+            self._unlogged = 1  # (LOGIN's password may follow a user name that did not decode)
             self._send(AUTH_UNDECODABLE)
             return
         self._sasl = None
@@ -450,11 +470,17 @@ def _mail_options(
 _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 
 
-def _loggable(line: bytes) -> bytes:
-    """A command line as the -v log may show it: AUTH's initial response is a password."""
-    if line[:5].upper() == b"AUTH " and line.count(b" ") > 1:
-        return b" ".join(line.split(b" ", 2)[:2]) + b" ***"
-    return line
+def _masked(line: bytes) -> bytes:
+    """A command line without what may follow AUTH's mechanism (an initial response holds a
+    password), however the client separated them (a tab, a bare CR)."""
+    if line[:4].upper() != b"AUTH":
+        return line
+    words = line[4:].split(None, 1)
+    if line[4:5] == b" " and words:
+        shown, more = b"AUTH " + words[0][:20], len(words) > 1
+    else:
+        shown, more = b"AUTH", bool(words)
+    return shown + b" ***" if more else shown
 
 
 def _is_ascii(address: Address) -> bool:

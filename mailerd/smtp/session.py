@@ -118,6 +118,7 @@ class Session(Commands):
         self._tls = config.implicit_tls
         self._user: str | None = None  # authenticated as
         self._sasl: tuple[str, str | None] | None = None
+        self._unlogged = 0
         self._auth_failures = 0
         self._clear_transaction()
 
@@ -315,6 +316,9 @@ class Session(Commands):
         if self._discarding or end + 2 - pos > limit:
             self._discarding = False
             self._verb = self._argument = ""
+            if self._sasl is not None:  # an AUTH response: the exchange ends here, or the
+                self._sasl = None  # next command would be taken for the response
+                self._unlogged = 1
             self._send(LINE_TOO_LONG)
         else:
             self._handle_command(buf[pos:end])

@@ -365,6 +365,39 @@ def test_the_password_never_reaches_the_command_log_nor_an_events_repr():
     assert "secret" not in repr(c.requests) and "wrong" not in repr(c.requests)
 
 
+@pytest.mark.parametrize(
+    "config, lines",
+    [
+        # a refused AUTH LOGIN (538 before TLS) with its answers pipelined
+        pytest.param(
+            SUBMISSION, ["AUTH LOGIN", b64("alice"), b64("secret")], id="refused-before-tls"
+        ),
+        pytest.param(LOCAL, ["AUTH\tPLAIN " + b64("\0alice\0secret")], id="tab-separated"),
+        pytest.param(LOCAL, ["AUTH PLAIN\r" + b64("\0alice\0secret")], id="bare-cr"),
+        pytest.param(LOCAL, ["AUTH LOGIN", "not base64!", b64("secret")], id="user-not-base64"),
+    ],
+)
+def test_no_password_reaches_the_log_however_the_auth_goes_wrong(config, lines):
+    c = Client(config)
+    c.ehlo()
+    c.send(b"".join(line.encode() + b"\r\n" for line in lines))
+    c.cmd("NOOP")
+    logged = b"\n".join(c.logged)
+    for secret in (b"secret", b64("secret").encode(), b64("\0alice\0secret").encode()):
+        assert secret not in logged, logged
+    assert logged.endswith(b"NOOP"), "the first command after them is logged again"
+
+
+def test_a_too_long_auth_response_ends_the_exchange():
+    """(Else the next command would be taken for the password, and answered 501.)"""
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    assert c.cmd("AUTH LOGIN").code == 334
+    assert code(c.cmd("x" * 600)) == (500, "5.5.6")
+    assert c.cmd("NOOP").code == 250
+    assert c.requests == []
+
+
 def test_mail_auth_parameter_is_taken_where_auth_is_offered():
     c = Client(SUBMISSIONS)
     c.ehlo()
