@@ -1,13 +1,18 @@
 """Failed AUTH attempts per client address, shared by all workers: each failure from an
 address makes its next answer wait longer (0.5 s, 1 s, 2 s, … up to 10 s), whichever worker
 the next session lands on, so that guessing passwords costs the guesser time, not us CPU.
+From LOCKOUT failures on, an address's logins are not even checked (454) until it is
+forgotten: the check (argon2) is what costs us, and a guesser that hangs up rather than wait
+for the delay would otherwise have as many checked as it can open sessions (mox does the same).
 
 The master maps the table before it forks (as `sessiontable`): BUCKETS cells of two doubles,
 [failures, time of the last one]. Addresses are hashed into buckets (IPv6 ones by their /64,
 what one machine is usually given); a shared bucket can only slow down an innocent address a
 little, never speed up a guesser. Any worker writes any cell without a lock: two failures at
 the same instant may count as one, which is harmless for a delay. An address's record is
-forgotten FORGET seconds after its last failure, and at once when it logs in.
+forgotten FORGET seconds after its last failure, and not when a login from it succeeds:
+anyone with one account (or one that shares the bucket) would otherwise reset the count
+between guesses at another's password.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ BUCKETS = 4096
 FIRST_DELAY = 0.5  # seconds, before the answer to the first failure
 MAX_DELAY = 10.0
 FORGET = 900.0  # seconds without a failure after which an address starts over
+LOCKOUT = 10  # failures after which an address's logins are refused unchecked
 
 
 class AuthFailures:
@@ -30,7 +36,7 @@ class AuthFailures:
         self._cells = memoryview(self._map).cast("d")
 
     def _cell(self, address: str) -> int:
-        return 2 * (hash(_key(address)) % self.buckets)
+        return 2 * (hash(key_of(address)) % self.buckets)
 
     def _count(self, cell: int, now: float) -> float:
         failures, last = self._cells[cell], self._cells[cell + 1]
@@ -49,12 +55,13 @@ class AuthFailures:
         self._cells[cell] = self._count(cell, now) + 1
         self._cells[cell + 1] = now
 
-    def succeeded(self, address: str) -> None:
-        cell = self._cell(address)
-        self._cells[cell] = 0.0
+    def locked(self, address: str, now: float | None = None) -> bool:
+        """Has `address` failed LOCKOUT times lately (its logins are then not checked)?"""
+        now = time.monotonic() if now is None else now
+        return self._count(self._cell(address), now) >= LOCKOUT
 
 
-def _key(address: str) -> str:
+def key_of(address: str) -> str:
     """What the table counts by: the address, an IPv6 one's /64."""
     try:
         ip = ipaddress.ip_address(address)

@@ -56,6 +56,13 @@ log = logging.getLogger("mailerd.worker")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
 INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection", close=True)
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
+
+
+class _Abandoned:
+    """A password check not made: its client had left."""
+
+
+ABANDONED = _Abandoned()
 MAX_ROUTES = 1000  # remembered recipient routes per session (a transaction has at most 100)
 
 
@@ -208,7 +215,7 @@ class Connection(asyncio.Protocol):
                 self.worker.loop.create_task(self.start_tls(event.discarded))
             elif isinstance(event, AuthRequest):
                 if not self.remembered_login(event):
-                    self.worker.loop.create_task(self.authenticate(event))
+                    self.check_login(event)
             elif isinstance(event, CloseConnection):
                 self.close(out)
                 return
@@ -277,19 +284,44 @@ class Connection(asyncio.Protocol):
         self.login_checked(request, user, unavailable=False)
         return True
 
-    async def authenticate(self, request: AuthRequest) -> None:
+    def check_login(self, request: AuthRequest) -> None:
+        """Have the password checked, unless the client address failed too often lately or
+        has a check waiting already, or too many are waiting (`logins`): then 454 at once."""
+        worker = self.worker
+        if worker.auth_failures.locked(self.peer):
+            self.login_checked(request, None, unavailable=True, why="too many failures lately")
+            return
+        key = worker.pending_checks.admit(self.peer)
+        if key is None:
+            self.login_checked(request, None, unavailable=True, why="too many logins at once")
+            return
+        worker.loop.create_task(self.authenticate(request, key))
+
+    def verify_if_here(self, request: AuthRequest) -> str | None | _Abandoned:
+        """(In a check thread.) The password's user, or None; not checked at all if the
+        client left while the check waited (a flood of AUTH-and-hang-up sessions)."""
+        if self.closing:
+            return ABANDONED
+        cfg = self.worker.cfg
+        return cfg.credentials.verify(request.login, request.password, cfg.domains)
+
+    async def authenticate(self, request: AuthRequest, key: str) -> None:
         """Check the password in a thread (argon2 takes a tenth of a second on purpose); a
         failure is answered only after the client address's delay, and logged."""
         worker = self.worker
         unavailable = False
         try:
-            user = await worker.loop.run_in_executor(
-                worker.password_checks,
-                worker.cfg.credentials.verify,
-                request.login,
-                request.password,
-                worker.cfg.domains,
-            )
+            try:
+                found = await worker.loop.run_in_executor(
+                    worker.password_checks, self.verify_if_here, request
+                )
+            finally:
+                worker.pending_checks.done(key)
+            if isinstance(found, _Abandoned):  # (a client that does not wait for its answer
+                worker.auth_failures.failed(self.peer)  # is taken for a guesser)
+                log.info("%s: left before its AUTH was checked: counted as failed", self.client)
+                return
+            user = found
             if user is not None:
                 now = worker.loop.time()
                 worker.recent_logins.add(request.login, request.password, user, now)
@@ -304,21 +336,23 @@ class Connection(asyncio.Protocol):
         self.login_checked(request, user, unavailable=unavailable)
         self.resume()
 
-    def login_checked(self, request: AuthRequest, user: str | None, *, unavailable: bool) -> None:
-        """Tell the session the verdict on its AuthRequest, and log it."""
+    def login_checked(
+        self, request: AuthRequest, user: str | None, *, unavailable: bool, why: str = ""
+    ) -> None:
+        """Tell the session the verdict on its AuthRequest, and log it (with `why` a login
+        was refused unchecked)."""
         assert self.session is not None
-        if user is not None:
-            self.worker.auth_failures.succeeded(self.peer)
         reply = self.session.auth_done(user, unavailable=unavailable)
         if user is not None:
             log.info("%s: authenticated as %s (%s)", self.client, user, request.mechanism)
         else:
             log.info(
-                "NOQUEUE: reject: AUTH from unknown[%s]: %s; mechanism=%s user=%s",
+                "NOQUEUE: reject: AUTH from unknown[%s]: %s; mechanism=%s user=%s%s",
                 self.peer,
                 _line(reply),
                 request.mechanism,
                 shorten(request.login),
+                f" ({why})" if why else "",
             )
 
     @property

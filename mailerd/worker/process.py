@@ -44,6 +44,7 @@ from mailerd.smtp import Reply, Session, SessionConfig
 from mailerd.spool import Spool
 from mailerd.worker import admission
 from mailerd.worker.connection import SHUTTING_DOWN, Connection
+from mailerd.worker.logins import PendingChecks
 from mailerd.worker.reserve import Reserve
 
 log = logging.getLogger("mailerd.worker")
@@ -77,6 +78,7 @@ class Worker:
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads: a
         # flood of AUTH attempts waits in line instead of taking the worker's memory.
         self.password_checks = ThreadPoolExecutor(2, thread_name_prefix="auth")
+        self.pending_checks = PendingChecks()  # (how many may wait, in all and per client)
         self.recent_logins = RecentLogins()
         # The inbound checks (SPF, DKIM, DMARC) of mail from the network listeners: made in
         # main(), with the event loop their DNS runs in; their libraries run in these threads.

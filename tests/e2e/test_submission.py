@@ -344,6 +344,52 @@ def test_a_login_repeated_soon_passes_at_once_and_is_logged_each_time(sub: Sub):
         assert f"{client}: authenticated as {sub.owner.user} (PLAIN)" in log, client
 
 
+def test_a_login_does_not_forget_the_address_failures(sub: Sub):
+    """Two wrong passwords, then a correct login from the same address (an account of the
+    guesser's own), then a wrong one again: the delay goes on growing (2 s for the third
+    failure), else one account would reset the count between guesses at another's."""
+    source = fresh_source()
+    wrong = new_password()
+    sub.secrets.append(wrong)
+    with tls_session(sub, "127.0.0.1", source=source) as c:
+        for _ in range(2):
+            expect(c.cmd(f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}"), 535, "5.7.8", conn=c)
+    with tls_session(sub, "127.0.0.1", source=source) as c:
+        reply = c.cmd(f"AUTH PLAIN {plain_blob(sub.owner.user, sub.owner.password)}")
+        expect(reply, 235, "2.7.0", conn=c)
+    with tls_session(sub, "127.0.0.1", source=source) as c:
+        took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}")
+        expect(reply, 535, "5.7.8", conn=c)
+    assert took >= 1.6, f"the third failure waited {took:.2f} s: the login reset the count"
+
+
+def test_a_flood_of_auth_and_hang_up_does_not_hold_up_anyone_else(sub: Sub):
+    """Sessions that send AUTH with a wrong password and hang up at once, 150 of them from one
+    address: their checks (argon2, ~0.1 s of CPU each) must not pile up in front of another
+    client's login. One check per address waits at a time (the others get 454 unchecked), a
+    check whose client left is not made, and such a client counts as failing."""
+    source = fresh_source()
+    wrong = new_password()
+    sub.secrets.append(wrong)
+    line = f"EHLO {HELO}\r\nAUTH PLAIN {plain_blob(sub.owner.user, wrong)}\r\n".encode()
+    context = client_context(sub.pki.ca)
+    mark = sub.m.log_mark()
+    for _ in range(150):
+        address = ("127.0.0.1", sub.m.submissions_port)
+        raw = socket.create_connection(address, timeout=10, source_address=(source, 0))
+        with context.wrap_socket(raw, server_hostname="mx.example.org") as tls:
+            tls.recv(1024)  # the banner
+            tls.sendall(line)
+    other = fresh_source()
+    with tls_session(sub, "127.0.0.1", source=other) as c:
+        took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}")
+        expect(reply, 535, "5.7.8", conn=c)
+    assert took <= 2.5, f"another address's login waited {took:.2f} s behind the flood"
+    log = wait_until(lambda: sub.m.log_since(mark), 5)
+    assert f"AUTH from unknown[{source}]: 454 4.7.0" in log, "no login refused unchecked"
+    assert "(too many logins at once)" in log or "(too many failures lately)" in log
+
+
 def test_third_failure_in_a_session_closes_it(sub: Sub):
     source = fresh_source()
     wrong = new_password()

@@ -18,8 +18,10 @@ from certs import CA, make_ca
 from mailerd import config, credentials, policy, tls
 from mailerd.aliases import Aliases
 from mailerd.config import ConfigError
+from mailerd.ipc import authfailures
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.smtp import Address
+from mailerd.worker.logins import PendingChecks
 from mailerd.worker.process import session_config
 
 BASE = ["-n", "none", "-l", "127.0.0.1:2525", "-d", "example.org", "-H", "mx.example.org"]
@@ -283,15 +285,36 @@ def test_the_delay_doubles_per_failure_up_to_ten_seconds():
     assert table.delay("192.0.2.2", now=100.0) == 0.5  # another address
 
 
-def test_failures_are_forgotten_after_a_quiet_while_or_a_login():
+def test_failures_are_forgotten_after_a_quiet_while_not_after_a_login():
     table = AuthFailures(256)
     table.failed("192.0.2.1", now=0.0)
     table.failed("192.0.2.1", now=1.0)
     assert table.delay("192.0.2.1", now=2.0) == 2.0
     assert table.delay("192.0.2.1", now=1.0 + 901) == 0.5
-    table.failed("192.0.2.1", now=1000.0)
-    table.succeeded("192.0.2.1")
-    assert table.delay("192.0.2.1", now=1000.0) == 0.5
+    # a login from the address forgets nothing: the guesser may have an account of its own
+    assert not hasattr(table, "succeeded")
+
+
+def test_an_address_that_failed_too_often_is_locked_out_until_forgotten():
+    table = AuthFailures(256)
+    for n in range(authfailures.LOCKOUT):
+        assert not table.locked("192.0.2.1", now=float(n))
+        table.failed("192.0.2.1", now=float(n))
+    assert table.locked("192.0.2.1", now=20.0)
+    assert not table.locked("192.0.2.2", now=20.0)
+    assert not table.locked("192.0.2.1", now=authfailures.LOCKOUT + authfailures.FORGET)
+
+
+def test_pending_checks_are_bounded_in_all_and_per_client():
+    pending = PendingChecks(limit=3, per_client=1)
+    first = pending.admit("192.0.2.1")
+    assert first is not None and pending.admit("192.0.2.1") is None  # one at a time
+    assert pending.admit("2001:db8:1:2::1") is not None
+    assert pending.admit("2001:db8:1:2::99") is None  # the same /64
+    assert pending.admit("192.0.2.3") is not None
+    assert pending.admit("192.0.2.4") is None  # three in all
+    pending.done(first)
+    assert pending.admit("192.0.2.1") is not None
 
 
 def test_an_ipv6_address_counts_by_its_64():
