@@ -47,6 +47,7 @@ from mailerd.smtp import (
 )
 from mailerd.spool import LookupNeeded
 from mailerd.worker.body import BodyBuffer
+from mailerd.worker.logins import Outcome, Unchecked
 
 if TYPE_CHECKING:
     from mailerd.worker.process import Worker
@@ -57,12 +58,6 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", cl
 INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection", close=True)
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
 
-
-class _Abandoned:
-    """A password check not made: its client had left."""
-
-
-ABANDONED = _Abandoned()
 MAX_ROUTES = 1000  # remembered recipient routes per session (a transaction has at most 100)
 
 
@@ -285,50 +280,30 @@ class Connection(asyncio.Protocol):
         return True
 
     def check_login(self, request: AuthRequest) -> None:
-        """Have the password checked, unless the client address failed too often lately or
-        has a check waiting already, or too many are waiting (`logins`): then 454 at once."""
+        """Have the password checked (`logins`), or say at once why it is not (454)."""
         worker = self.worker
-        if worker.auth_failures.locked(self.peer):
-            self.login_checked(request, None, unavailable=True, why="too many failures lately")
+        verdict = worker.logins.start(
+            self.peer, request.login, request.password, lambda: self.closing
+        )
+        if isinstance(verdict, Unchecked):
+            self.login_checked(request, None, unavailable=True, why=verdict.value)
             return
-        key = worker.pending_checks.admit(self.peer)
-        if key is None:
-            self.login_checked(request, None, unavailable=True, why="too many logins at once")
-            return
-        worker.loop.create_task(self.authenticate(request, key))
+        worker.loop.create_task(self.authenticate(request, verdict))
 
-    def verify_if_here(self, request: AuthRequest) -> str | None | _Abandoned:
-        """(In a check thread.) The password's user, or None; not checked at all if the
-        client left while the check waited (a flood of AUTH-and-hang-up sessions)."""
-        if self.closing:
-            return ABANDONED
-        cfg = self.worker.cfg
-        return cfg.credentials.verify(request.login, request.password, cfg.domains)
-
-    async def authenticate(self, request: AuthRequest, key: str) -> None:
-        """Check the password in a thread (argon2 takes a tenth of a second on purpose); a
-        failure is answered only after the client address's delay, and logged."""
+    async def authenticate(self, request: AuthRequest, verdict: asyncio.Future[Outcome]) -> None:
+        """Answer the login once its check is done; a failure only after the client
+        address's delay, and logged."""
         worker = self.worker
-        unavailable = False
-        try:
-            try:
-                found = await worker.loop.run_in_executor(
-                    worker.password_checks, self.verify_if_here, request
-                )
-            finally:
-                worker.pending_checks.done(key)
-            if isinstance(found, _Abandoned):  # (a client that does not wait for its answer
-                worker.auth_failures.failed(self.peer)  # is taken for a guesser)
-                log.info("%s: left before its AUTH was checked: counted as failed", self.client)
-                return
-            user = found
-            if user is not None:
-                now = worker.loop.time()
-                worker.recent_logins.add(request.login, request.password, user, now)
-        except Exception as exc:
-            log.error("checking a password for %s failed: %r", self.client, exc)
-            user, unavailable = None, True
-        if user is None and not unavailable:
+        found = await verdict
+        if found is Unchecked.LEFT and self.closing:
+            worker.auth_failures.failed(self.peer)  # (a client that does not wait for its
+            log.info("%s: left before its AUTH was checked: counted as failed", self.client)
+            return  # answer is taken for a guesser)
+        unavailable = isinstance(found, Unchecked)  # (LEFT here: another session's client)
+        user = None if isinstance(found, Unchecked) else found
+        if user is not None:
+            worker.recent_logins.add(request.login, request.password, user, worker.loop.time())
+        elif not unavailable:
             await asyncio.sleep(worker.auth_failures.delay(self.peer))
             worker.auth_failures.failed(self.peer)
         if self.closing or self.session is None:

@@ -1,37 +1,130 @@
-"""The password checks a worker lets wait: at most MAX_PENDING in all and PER_CLIENT for one
-client address (its IPv6 /64), each an argon2 check of a tenth of a second of CPU and 64 MiB
-in the worker's two check threads. Past either bound a login is answered 454 at once, without
-a check: a flood of AUTH attempts (sessions that send one and hang up) would otherwise queue
-checks without end, and a real user's login would wait behind all of them."""
+"""A worker's password checks (argon2: a tenth of a second of CPU and 64 MiB each, on purpose),
+run in its two check threads, never in its event loop, and kept from piling up:
+
+- the same login (name and password) asked by several sessions at once, as a mail program
+  that opens a few connections at start does, is checked once, and each session gets the
+  verdict;
+- at most PER_CLIENT checks wait for one client address (its IPv6 /64) and MAX_PENDING in
+  all; past either, the login is refused at once, unchecked (454), so that a flood of
+  sessions that each send AUTH and hang up cannot queue checks without end in front of a
+  real user's login;
+- a check whose client has left while it waited is not made (the caller counts it as a
+  failure: a client that does not wait for its answer is taken for a guesser);
+- an address that failed LOCKOUT times lately is not checked at all (`ipc.authfailures`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import enum
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
 
-from mailerd.ipc.authfailures import key_of
+from mailerd.ipc.authfailures import AuthFailures, key_of
+
+log = logging.getLogger("mailerd.worker")
 
 MAX_PENDING = 8  # per worker: a login waits behind at most this many checks
-PER_CLIENT = 1  # per worker and client address: one of its checks at a time
+PER_CLIENT = 2  # per worker and client address (distinct logins checked at once)
 
 
-class PendingChecks:
-    def __init__(self, limit: int = MAX_PENDING, per_client: int = PER_CLIENT) -> None:
+class Unchecked(enum.Enum):
+    """Why a login has no verdict (the value is the log's words)."""
+
+    LEFT = "the client left before the check"
+    BROKEN = "the check itself failed"
+    LOCKED = "too many failures lately"
+    BUSY = "too many logins at once"
+
+
+Outcome = str | None | Unchecked  # the user, None (a wrong name or password), or Unchecked
+
+
+@dataclass
+class _Check:
+    future: asyncio.Future[Outcome]
+    sessions: int = 1  # waiting for its verdict
+
+
+class Logins:
+    def __init__(
+        self,
+        executor: Executor,
+        verify: Callable[[str, str], str | None],
+        failures: AuthFailures,
+        *,
+        limit: int = MAX_PENDING,
+        per_client: int = PER_CLIENT,
+    ) -> None:
+        self.executor = executor
+        self.verify = verify  # (login, password) → user or None; slow
+        self.failures = failures
         self.limit = limit
         self.per_client = per_client
         self._by_client: collections.Counter[str] = collections.Counter()
-        self._total = 0
+        self._checking: dict[bytes, _Check] = {}
+        self._key = os.urandom(32)  # (in-flight logins are known by an HMAC, not a password)
 
-    def admit(self, address: str) -> str | None:
-        """The client's key, counted until `done(key)`; None when its check may not wait."""
-        key = key_of(address)
-        if self._total >= self.limit or self._by_client[key] >= self.per_client:
-            return None
-        self._by_client[key] += 1
-        self._total += 1
-        return key
+    def start(
+        self, address: str, login: str, password: str, gone: Callable[[], bool]
+    ) -> asyncio.Future[Outcome] | Unchecked:
+        """The verdict to come for a login from `address` (`gone()`: its client has left),
+        or at once why it is not checked."""
+        text = f"{login}\0{password}".encode("utf-8", "surrogatepass")
+        digest = hmac.new(self._key, text, hashlib.sha256).digest()
+        same = self._checking.get(digest)
+        if same is not None:
+            same.sessions += 1
+            return same.future
+        if self.failures.locked(address):
+            return Unchecked.LOCKED
+        client = key_of(address)
+        if len(self._checking) >= self.limit or self._by_client[client] >= self.per_client:
+            return Unchecked.BUSY
+        self._by_client[client] += 1
+        loop = asyncio.get_running_loop()
+        check = self._checking[digest] = _Check(loop.create_future())
+        loop.create_task(self._run(check, digest, client, login, password, gone))
+        return check.future
 
-    def done(self, key: str) -> None:
-        self._total -= 1
-        self._by_client[key] -= 1
-        if self._by_client[key] <= 0:
-            del self._by_client[key]
+    async def _run(
+        self,
+        check: _Check,
+        digest: bytes,
+        client: str,
+        login: str,
+        password: str,
+        gone: Callable[[], bool],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            found = await loop.run_in_executor(
+                self.executor, self._verify_if_wanted, check, login, password, gone
+            )
+        except Exception as exc:
+            log.error("checking a password failed: %r", exc)
+            found = Unchecked.BROKEN
+        finally:
+            del self._checking[digest]
+            self._by_client[client] -= 1
+            if self._by_client[client] <= 0:
+                del self._by_client[client]
+        check.future.set_result(found)
+
+    def _verify_if_wanted(
+        self, check: _Check, login: str, password: str, gone: Callable[[], bool]
+    ) -> Outcome:
+        """(In a check thread.) Not made when its only session's client has left."""
+        if check.sessions == 1 and gone():
+            return Unchecked.LEFT
+        return self.verify(login, password)
+
+    def shutdown(self) -> None:
+        """At the worker's end: checks not started are dropped."""
+        self.executor.shutdown(wait=False, cancel_futures=True)

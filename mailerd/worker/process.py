@@ -44,7 +44,7 @@ from mailerd.smtp import Reply, Session, SessionConfig
 from mailerd.spool import Spool
 from mailerd.worker import admission
 from mailerd.worker.connection import SHUTTING_DOWN, Connection
-from mailerd.worker.logins import PendingChecks
+from mailerd.worker.logins import Logins
 from mailerd.worker.reserve import Reserve
 
 log = logging.getLogger("mailerd.worker")
@@ -75,16 +75,19 @@ class Worker:
         self.reserve = Reserve(
             [("spool", str(spool or cfg.spool)), ("queue", self.spill_dir)], cfg.min_free
         )
-        # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads: a
-        # flood of AUTH attempts waits in line instead of taking the worker's memory.
-        self.password_checks = ThreadPoolExecutor(2, thread_name_prefix="auth")
-        self.pending_checks = PendingChecks()  # (how many may wait, in all and per client)
-        self.recent_logins = RecentLogins()
+        self.recent_logins = RecentLogins()  # (answered again without a check)
         # The inbound checks (SPF, DKIM, DMARC) of mail from the network listeners: made in
         # main(), with the event loop their DNS runs in; their libraries run in these threads.
         self.verifier: Verifier | None = None
         self.checks = ThreadPoolExecutor(4, thread_name_prefix="checks")
         self.auth_failures = auth_failures or AuthFailures(64)  # (alone: counts its own)
+        # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads, and
+        # `logins` keeps a flood of AUTH attempts from queueing them without end.
+        self.logins = Logins(
+            ThreadPoolExecutor(2, thread_name_prefix="auth"),
+            lambda login, password: cfg.credentials.verify(login, password, cfg.domains),
+            self.auth_failures,
+        )
         private = private_dir or cfg.queue / "private"
         self.delivery = Client(str(private / "delivery.sock"), COMMIT_TIMEOUT)
         self.writer = WriterLink(self.delivery)
@@ -263,7 +266,7 @@ class Worker:
         self.writer.close()
         self.delivery.close()
         self.lookups.shutdown(wait=False, cancel_futures=True)
-        self.password_checks.shutdown(wait=False, cancel_futures=True)
+        self.logins.shutdown()
         self.checks.shutdown(wait=False, cancel_futures=True)
 
 

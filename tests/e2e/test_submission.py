@@ -366,21 +366,23 @@ def test_a_login_does_not_forget_the_address_failures(sub: Sub):
 def test_a_flood_of_auth_and_hang_up_does_not_hold_up_anyone_else(sub: Sub):
     """Sessions that send AUTH with a wrong password and hang up at once, 150 of them from one
     address: their checks (argon2, ~0.1 s of CPU each) must not pile up in front of another
-    client's login. One check per address waits at a time (the others get 454 unchecked), a
+    client's login. Two checks per address wait at a time (the others get 454 unchecked), a
     check whose client left is not made, and such a client counts as failing."""
     source = fresh_source()
-    wrong = new_password()
-    sub.secrets.append(wrong)
-    line = f"EHLO {HELO}\r\nAUTH PLAIN {plain_blob(sub.owner.user, wrong)}\r\n".encode()
     context = client_context(sub.pki.ca)
     mark = sub.m.log_mark()
     for _ in range(150):
+        wrong = new_password()  # (a guess each: the same login at once is checked once)
+        sub.secrets.append(wrong)
+        line = f"EHLO {HELO}\r\nAUTH PLAIN {plain_blob(sub.owner.user, wrong)}\r\n".encode()
         address = ("127.0.0.1", sub.m.submissions_port)
         raw = socket.create_connection(address, timeout=10, source_address=(source, 0))
         with context.wrap_socket(raw, server_hostname="mx.example.org") as tls:
             tls.recv(1024)  # the banner
             tls.sendall(line)
     other = fresh_source()
+    wrong = new_password()
+    sub.secrets.append(wrong)
     with tls_session(sub, "127.0.0.1", source=other) as c:
         took, reply = timed(c, f"AUTH PLAIN {plain_blob(sub.owner.user, wrong)}")
         expect(reply, 535, "5.7.8", conn=c)
@@ -388,6 +390,25 @@ def test_a_flood_of_auth_and_hang_up_does_not_hold_up_anyone_else(sub: Sub):
     log = wait_until(lambda: sub.m.log_since(mark), 5)
     assert f"AUTH from unknown[{source}]: 454 4.7.0" in log, "no login refused unchecked"
     assert "(too many logins at once)" in log or "(too many failures lately)" in log
+
+
+def test_the_same_login_from_several_sessions_at_once_passes_in_each(sub: Sub):
+    """A mail program that opens a few connections at start and logs in on each at once, from
+    one address: the login is checked once and every session gets 235 (not a 454 for the
+    check that waits per address). The login's spelling is new to the server, so that no
+    worker remembers it."""
+    source = fresh_source()
+    login = f"{sub.owner.user.upper()}@example.org"
+    sessions = [tls_session(sub, "127.0.0.1", source=source) for _ in range(8)]
+    try:
+        line = f"AUTH PLAIN {b64(chr(0) + login + chr(0) + sub.owner.password)}\r\n"
+        for c in sessions:
+            c.send(line.encode())
+        for c in sessions:
+            expect(c.read_reply(), 235, "2.7.0", conn=c)
+    finally:
+        for c in sessions:
+            c.close()
 
 
 def test_third_failure_in_a_session_closes_it(sub: Sub):

@@ -5,11 +5,14 @@ what each listener role offers (worker.process.session_config)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import ssl
 import stat
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from mailerd.config import ConfigError
 from mailerd.ipc import authfailures
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.smtp import Address
-from mailerd.worker.logins import PendingChecks
+from mailerd.worker.logins import Logins, Unchecked
 from mailerd.worker.process import session_config
 
 BASE = ["-n", "none", "-l", "127.0.0.1:2525", "-d", "example.org", "-H", "mx.example.org"]
@@ -305,16 +308,72 @@ def test_an_address_that_failed_too_often_is_locked_out_until_forgotten():
     assert not table.locked("192.0.2.1", now=authfailures.LOCKOUT + authfailures.FORGET)
 
 
-def test_pending_checks_are_bounded_in_all_and_per_client():
-    pending = PendingChecks(limit=3, per_client=1)
-    first = pending.admit("192.0.2.1")
-    assert first is not None and pending.admit("192.0.2.1") is None  # one at a time
-    assert pending.admit("2001:db8:1:2::1") is not None
-    assert pending.admit("2001:db8:1:2::99") is None  # the same /64
-    assert pending.admit("192.0.2.3") is not None
-    assert pending.admit("192.0.2.4") is None  # three in all
-    pending.done(first)
-    assert pending.admit("192.0.2.1") is not None
+def _logins_run(body, *, limit=8, per_client=2, verify=None):
+    """`body(logins, calls)` in an event loop, with checks that take 0.05 s and say `alice`
+    for the password `right`."""
+    calls: list[tuple[str, str]] = []
+
+    def check(login: str, password: str) -> str | None:
+        calls.append((login, password))
+        time.sleep(0.05)
+        return "alice" if password == "right" else None
+
+    async def main():
+        with ThreadPoolExecutor(2) as threads:
+            logins = Logins(
+                threads, verify or check, AuthFailures(256), limit=limit, per_client=per_client
+            )
+            return await body(logins, calls)
+
+    return asyncio.run(main())
+
+
+def test_the_same_login_from_several_sessions_is_checked_once():
+    async def body(logins, calls):
+        first = logins.start("192.0.2.1", "alice", "right", lambda: False)
+        second = logins.start("192.0.2.1", "alice", "right", lambda: False)
+        assert second is first
+        assert await first == "alice"
+        return calls
+
+    assert _logins_run(body) == [("alice", "right")]
+
+
+def test_checks_waiting_are_bounded_per_client_and_in_all():
+    async def body(logins, calls):
+        gone = lambda: False  # noqa: E731
+        a = logins.start("192.0.2.1", "alice", "one", gone)
+        assert logins.start("192.0.2.1", "alice", "two", gone) is Unchecked.BUSY
+        assert logins.start("2001:db8:1:2::1", "alice", "three", gone) is not Unchecked.BUSY
+        assert logins.start("2001:db8:1:2::99", "bob", "x", gone) is Unchecked.BUSY  # one /64
+        assert logins.start("192.0.2.3", "carol", "y", gone) is not Unchecked.BUSY
+        assert logins.start("192.0.2.4", "dave", "z", gone) is Unchecked.BUSY  # three in all
+        assert await a is None
+        await asyncio.sleep(0.2)
+        assert logins.start("192.0.2.1", "alice", "two", gone) is not Unchecked.BUSY
+
+    _logins_run(body, limit=3, per_client=1)
+
+
+def test_a_check_whose_client_left_is_not_made_and_a_locked_address_not_checked():
+    async def body(logins, calls):
+        assert await logins.start("192.0.2.1", "alice", "right", lambda: True) is Unchecked.LEFT
+        for _ in range(authfailures.LOCKOUT):
+            logins.failures.failed("192.0.2.9")
+        assert logins.start("192.0.2.9", "alice", "right", lambda: False) is Unchecked.LOCKED
+        return calls
+
+    assert _logins_run(body) == []
+
+
+def test_a_broken_check_is_unchecked_not_a_wrong_password():
+    def broken(login: str, password: str) -> str | None:
+        raise OSError("no passwd file")
+
+    async def body(logins, calls):
+        return await logins.start("192.0.2.1", "alice", "right", lambda: False)
+
+    assert _logins_run(body, verify=broken) is Unchecked.BROKEN
 
 
 def test_an_ipv6_address_counts_by_its_64():
