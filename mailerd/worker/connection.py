@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 from dataclasses import replace
 from typing import TYPE_CHECKING, cast
@@ -84,6 +85,8 @@ class Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.handshaking = False  # between STARTTLS's 220 and the end of the handshake
         self.released = False
+        self.admitted = False  # counted against the session caps (`refused`)
+        self.refusal: Reply | None = None  # the 421 when it may not be
         self.tls = ""  # the session's TLS as Received: shows it (tls.describe), once on
         # Accepted recipients' copies: resolved once, at RCPT, for commit_request().
         self.routes: dict[Address, tuple[Target, ...]] = {}
@@ -94,17 +97,53 @@ class Connection(asyncio.Protocol):
         # A stream server's protocol is given a stream transport (uvloop's does not derive from
         # asyncio.Transport, so this is a cast, not an isinstance check).
         self.transport = cast(asyncio.Transport, transport)
+        if self.admitted:  # (implicit TLS: admitted at accept, and the handshake is done)
+            if self.closing:  # (the worker stopped meanwhile)
+                self.transport.close()
+                return
+            self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
+            self.begin()
+            return
         peer = transport.get_extra_info("peername")
+        if self.refused(peer):
+            assert self.refusal is not None
+            self.transport.write(self.refusal.to_bytes())
+            self.transport.close()
+            return
+        self.begin()
+
+    def refused(self, peer: tuple[str, int] | None) -> bool:
+        """Count the session against the caps (`Worker.admit`), or log why it may not be."""
         self.peer = peer[0] if peer else "?"
         self.client = f"[{peer[0]}]:{peer[1]}" if peer else "?"
         refusal = self.worker.admit(self)
-        if refusal is not None:
-            log.info("NOQUEUE: reject: CONNECT from unknown[%s]: %s", self.peer, _line(refusal))
-            self.transport.write(refusal.to_bytes())
-            self.transport.close()
-            return
-        if self.listen.implicit_tls:
-            self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
+        if refusal is None:
+            self.admitted = True
+            return False
+        self.refusal = refusal
+        log.info("NOQUEUE: reject: CONNECT from unknown[%s]: %s", self.peer, _line(refusal))
+        return True
+
+    async def accepted_tls(self, sock: socket.socket) -> None:
+        """An implicit-TLS connection, admitted at accept (`refused`): its handshake, within
+        the handshake timeout, then the session (`connection_made`). A connection that never
+        finishes its handshake holds its place under the caps meanwhile, like any other."""
+        try:
+            await self.worker.loop.connect_accepted_socket(
+                lambda: self,
+                sock,
+                ssl=self.worker.cfg.tls_context,
+                ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.client, _reason(exc))
+            sock.close()
+            self.closing = True
+            self.released = True
+            self.worker.release(self)
+
+    def begin(self) -> None:
+        """The session starts: the log line, the banner."""
         log.info(
             "connect from %s on %s%s",
             self.client,
@@ -244,8 +283,17 @@ class Connection(asyncio.Protocol):
                 self.client,
                 discarded,
             )
+        if await self.handshake():
+            log.info("%s: STARTTLS: %s", self.client, self.tls)
+            self.session.tls_started()
+            self.pump()
+
+    async def handshake(self) -> bool:
+        """The server side of a TLS handshake (after STARTTLS's 220, or at connect on an
+        implicit TLS listener); False when it failed (the connection is then closed)."""
+        assert self.transport is not None
         context = self.worker.cfg.tls_context
-        assert context is not None  # (STARTTLS is offered only with a certificate)
+        assert context is not None  # (TLS is offered only with a certificate)
         try:
             transport = await self.worker.loop.start_tls(
                 self.transport,
@@ -259,15 +307,13 @@ class Connection(asyncio.Protocol):
             self.closing = True
             self.transport.close()
             self.connection_lost(None)  # (asyncio calls it only for a session it handed over)
-            return
+            return False
         if transport is None or self.closing:
-            return
+            return False
         self.transport = transport
         self.handshaking = False
         self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
-        log.info("%s: STARTTLS: %s", self.client, self.tls)
-        self.session.tls_started()
-        self.pump()
+        return True
 
     def remembered_login(self, request: AuthRequest) -> bool:
         """A login that passed a moment ago passes again at once, here (no thread, no task:

@@ -411,6 +411,27 @@ def test_the_same_login_from_several_sessions_at_once_passes_in_each(sub: Sub):
             c.close()
 
 
+def test_connections_that_never_start_tls_count_against_the_caps(sub: Sub):
+    """On the implicit-TLS listener, connections that never send a ClientHello are sessions
+    like any other for --max-sessions-per-ip (50 here): the 51st from one address is turned
+    away at once (logged), not held for the 30 s handshake timeout (counted only after the
+    handshake, 14,000 such connections filled both workers' descriptors)."""
+    source = fresh_source()
+    address = ("127.0.0.1", sub.m.submissions_port)
+    mark = sub.m.log_mark()
+    held = [socket.create_connection(address, source_address=(source, 0)) for _ in range(50)]
+    try:
+        time.sleep(0.5)  # (accepted by then; nothing is logged before a handshake)
+        extra = socket.create_connection(address, timeout=5, source_address=(source, 0))
+        with extra:
+            assert extra.recv(1024) == b"", "the connection over the cap was not closed"
+        log = wait_until(lambda: sub.m.log_since(mark), 5)
+        assert f"NOQUEUE: reject: CONNECT from unknown[{source}]: 421 4.7.0" in log
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_third_failure_in_a_session_closes_it(sub: Sub):
     source = fresh_source()
     wrong = new_password()
