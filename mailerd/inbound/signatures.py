@@ -13,6 +13,7 @@ policy, permerror, temperror; `none` when there is no signature at all.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import dkim
@@ -75,15 +76,29 @@ def _identity(tags: dict[bytes, bytes]) -> tuple[str, str, str]:
     return _tag(tags, b"d").lower(), _tag(tags, b"s"), "".join(_tag(tags, b"b").split())[:8]
 
 
-def verify(bridge: Bridge, message: bytes) -> list[DkimResult]:
-    """One result per signature (the topmost first), or [none]. Call it in a thread (or with
-    a cache-only bridge, which raises NotCached rather than wait)."""
+def verify(bridge: Bridge, message: bytes, authors: Sequence[str] = ()) -> list[DkimResult]:
+    """One result per signature checked, or [none]. At most MAX_SIGNATURES are: those whose
+    d= is one of the `authors` (the From: domains), a parent or a subdomain of one first, as
+    DMARC can use only those; then the rest, topmost first. Call it in a thread (or with a
+    cache-only bridge, which raises NotCached rather than wait)."""
     checker = dkim.DKIM(message, timeout=bridge.timeout)
     fields = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
     if not fields:
         return [DkimResult("none")]
-    checked = fields[:MAX_SIGNATURES]
-    return [_verify_one(bridge, checker, i, value) for i, value in enumerate(checked)]
+    order = list(range(len(fields)))
+    if len(fields) > MAX_SIGNATURES and authors:
+        order.sort(key=lambda i: not _by_author(fields[i], authors))
+    checked = sorted(order[:MAX_SIGNATURES])
+    return [_verify_one(bridge, checker, i, fields[i]) for i in checked]
+
+
+def _by_author(value: bytes, authors: Sequence[str]) -> bool:
+    """Is the signature's d= an author's domain, a parent or a subdomain of one?"""
+    try:
+        domain = _tag(parse_tag_value(value), b"d").lower().rstrip(".")
+    except InvalidTagValueList:
+        return False
+    return any(domain == a or a.endswith("." + domain) or domain.endswith("." + a) for a in authors)
 
 
 def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) -> DkimResult:

@@ -22,7 +22,7 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -82,12 +82,13 @@ class Verifier:
             # Fields past what is scanned would go unseen: a second From:, a forged result
             return Verdict("", None, HEADER_TOO_LARGE, "header section too large")
         signed = signatures.present(head, end)
-        found = self._from_cache(ip, helo, sender, body, signed)
+        from_domains = headers.from_domains(head)
+        authors = from_domains or ()
+        found = self._from_cache(ip, helo, sender, body, signed, authors)
         if found is not None:
             spf, dkim = found
         else:
-            spf, dkim = await self._in_threads(ip, helo, sender, body, signed, head[:end])
-        from_domains = headers.from_domains(head)
+            spf, dkim = await self._in_threads(ip, helo, sender, body, signed, head[:end], authors)
         try:  # (from the cache, as most are: no task, no timer)
             verdict = dmarc.judge(self.lookups.cached_txt, from_domains, spf, dkim)
         except NotCached:
@@ -120,7 +121,13 @@ class Verifier:
             return DmarcResult("temperror", ",".join(from_domains or ()), reason="timed out")
 
     def _from_cache(
-        self, ip: str, helo: str, sender: str, body: durable.Body, signed: bool
+        self,
+        ip: str,
+        helo: str,
+        sender: str,
+        body: durable.Body,
+        signed: bool,
+        authors: Sequence[str],
     ) -> tuple[SpfResult, list[DkimResult]] | None:
         """SPF and DKIM in the event loop, if the message is small and the cache holds every
         answer they need; else None."""
@@ -128,7 +135,7 @@ class Verifier:
             return None
         try:
             spf = self._spf_from_cache(ip, helo, sender)
-            dkim = signatures.verify(self.cached, body) if signed else [DkimResult("none")]
+            dkim = signatures.verify(self.cached, body, authors) if signed else [DkimResult("none")]
         except NotCached:
             return None
         return spf, dkim
@@ -144,7 +151,14 @@ class Verifier:
         return spf
 
     async def _in_threads(
-        self, ip: str, helo: str, sender: str, body: durable.Body, signed: bool, section: bytes
+        self,
+        ip: str,
+        helo: str,
+        sender: str,
+        body: durable.Body,
+        signed: bool,
+        section: bytes,
+        authors: Sequence[str],
     ) -> tuple[SpfResult, list[DkimResult]]:
         # One deadline for all the message's lookups, so that its threads are free again
         # within the timeout (however many signatures, includes and keys go unanswered)
@@ -155,7 +169,7 @@ class Verifier:
             self.executor, sender_policy.check, bridge, ip, sender, helo
         )
         dkim_future = (
-            self.loop.run_in_executor(self.executor, _dkim, bridge, body)
+            self.loop.run_in_executor(self.executor, _dkim, bridge, body, authors)
             if signed
             else _done([DkimResult("none")])
         )
@@ -171,8 +185,8 @@ class Verifier:
         return await self.loop.run_in_executor(self.executor, durable.read_body, body)
 
 
-def _dkim(bridge: Bridge, body: durable.Body) -> list[DkimResult]:
-    return signatures.verify(bridge, durable.read_body(body))
+def _dkim(bridge: Bridge, body: durable.Body, authors: Sequence[str]) -> list[DkimResult]:
+    return signatures.verify(bridge, durable.read_body(body), authors)
 
 
 def _size(body: durable.Body) -> int:

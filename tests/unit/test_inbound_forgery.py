@@ -258,3 +258,14 @@ def test_unanswered_keys_hold_the_check_threads_no_longer_than_the_timeout(serve
     took = time.monotonic() - started
     assert methods(verdict)["dkim"] == "temperror", verdict.header
     assert took < 3.0, f"the check threads were held {took:.1f} s for a 1 s timeout"
+
+
+def test_the_authors_signature_is_checked_even_below_ten_others(server, rsa_key):
+    """At most ten signatures are checked (more are a denial of service); the author's own
+    comes first among them, wherever it is, as DMARC can use no other."""
+    message = sign(rsa_key, mail(b"<ceo@bank.example>"))
+    for _ in range(10):
+        message = sign(rsa_key, message, domain="other.example", selector="junk")
+    verdict = run_check(server, message, sender="", enforce=True)
+    assert methods(verdict)["dmarc"] == "pass", verdict.header
+    assert verdict.header.count("dkim=") == 10 and "header.d=bank.example" in verdict.header
