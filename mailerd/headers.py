@@ -74,7 +74,7 @@ def _from_fields(message: bytes) -> list[bytes]:
 
 
 # What follows an @ in a From: field read leniently: a domain as a reader's program shows it
-_AT_DOMAIN = re.compile(r"@\s*([^\s<>,;:\"()\[\]@\\]+)")
+_AT_DOMAIN = re.compile(r"@([^\s<>,;:\"()\[\]@\\]+)")
 
 
 @functools.lru_cache(maxsize=1024)  # (a sender's From: is the same message after message)
@@ -82,16 +82,21 @@ def _address_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
     """The domains of a From: field's value, and whether it read cleanly: by the email
     package's strict (RFC 5322) parser, which the lenient legacy one is not (it has let
     "a@victim"@evil read as victim: CVE-2023-27043); when that finds no address, or one
-    without a domain, whatever follows an @ in the field, encoded-words decoded, as well."""
+    without a domain, or leaves something out (a defect), whatever follows an @ in the
+    field, encoded-words decoded."""
     text = value.decode("utf-8", "surrogateescape").replace("\r\n", "")
     strict: list[str] = []
     try:
-        addresses = email.policy.default.header_factory("From", text).addresses
+        parsed = email.policy.default.header_factory("From", text)
+        addresses = parsed.addresses
         strict = [str(a.domain) for a in addresses if a.domain]
-        clean = bool(addresses) and len(strict) == len(addresses)
-    except (ValueError, TypeError, AttributeError, IndexError):
-        clean = False
-    found = strict if clean else strict + _AT_DOMAIN.findall(_decoded(text))
+        # (a defect: the parser left something out, as `x@evil <ceo@bank>` loses <ceo@bank>)
+        clean = bool(addresses) and len(strict) == len(addresses) and not parsed.defects
+    except (ValueError, TypeError, AttributeError, IndexError, RecursionError):
+        clean = False  # (RecursionError: comments nested a thousand deep)
+    # (not clean: what the strict parser made of it cannot be trusted, `Info @ Shop <…>`
+    # gave the domain "Shop"; what follows an @ is what a reader sees as an address)
+    found = strict if clean else (_AT_DOMAIN.findall(_decoded(text)) or strict)
     return tuple(dict.fromkeys(_normal(d) for d in found if _normal(d))), clean
 
 
@@ -99,7 +104,7 @@ def _decoded(text: str) -> str:
     """The field's text with its encoded-words (RFC 2047) decoded, as a reader would see it."""
     try:
         return str(email.header.make_header(email.header.decode_header(text)))
-    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError, RecursionError):
         return text
 
 

@@ -5,14 +5,18 @@ From LOCKOUT failures on, an address's logins are not even checked (454) until i
 forgotten: the check (argon2) is what costs us, and a guesser that hangs up rather than wait
 for the delay would otherwise have as many checked as it can open sessions (mox does the same).
 
-The master maps the table before it forks (as `sessiontable`): BUCKETS cells of two doubles,
-[failures, time of the last one]. Addresses are hashed into buckets (IPv6 ones by their /64,
-what one machine is usually given); a shared bucket can only slow down an innocent address a
-little, never speed up a guesser. Any worker writes any cell without a lock: two failures at
-the same instant may count as one, which is harmless for a delay. An address's record is
-forgotten FORGET seconds after its last failure, and not when a login from it succeeds:
-anyone with one account (or one that shares the bucket) would otherwise reset the count
-between guesses at another's password.
+The master maps the table before it forks (as `sessiontable`): BUCKETS cells of three
+doubles, [failures, time of the last one, the address's fingerprint]. Addresses are hashed
+into buckets (IPv6 ones by their /64, what one machine is usually given), and a cell counts
+for the address whose fingerprint it holds (the hash's other bits): another address hashed
+into the same bucket takes the cell over rather than add to its count, so that failures from
+addresses an attacker sprays cannot slow down, let alone lock out, an innocent one (with a
+lockout, a shared count would let them). Python's string hash is seeded at random per start,
+so nobody outside can aim at a bucket. Any worker writes any cell without a lock: two
+failures at the same instant may count as one, which is harmless for a delay. An address's
+record is forgotten FORGET seconds after its last failure, and not when a login from it
+succeeds: anyone with one account would otherwise reset the count between guesses at
+another's password.
 """
 
 from __future__ import annotations
@@ -21,44 +25,53 @@ import ipaddress
 import mmap
 import time
 
-BUCKETS = 4096
+BUCKETS = 65536  # (1.5 MiB, shared)
+CELL = 3  # doubles a bucket: failures, the time of the last, the address's fingerprint
 FIRST_DELAY = 0.5  # seconds, before the answer to the first failure
 MAX_DELAY = 10.0
 FORGET = 900.0  # seconds without a failure after which an address starts over
 LOCKOUT = 10  # failures after which an address's logins are refused unchecked
+_FINGERPRINT = (1 << 52) - 1  # (bits a double holds exactly)
 
 
 class AuthFailures:
     def __init__(self, buckets: int = BUCKETS) -> None:
         self.buckets = buckets
         # MAP_SHARED | MAP_ANONYMOUS: the forked workers see the same pages.
-        self._map = mmap.mmap(-1, buckets * 2 * 8)
+        self._map = mmap.mmap(-1, buckets * CELL * 8)
         self._cells = memoryview(self._map).cast("d")
 
-    def _cell(self, address: str) -> int:
-        return 2 * (hash(key_of(address)) % self.buckets)
+    def _slot(self, address: str) -> tuple[int, float]:
+        """The address's cell and its fingerprint."""
+        h = hash(key_of(address))
+        return CELL * (h % self.buckets), float((h >> 20) & _FINGERPRINT)
 
-    def _count(self, cell: int, now: float) -> float:
-        failures, last = self._cells[cell], self._cells[cell + 1]
-        return failures if now - last < FORGET else 0.0
+    def _count(self, cell: int, fingerprint: float, now: float) -> float:
+        failures, last, owner = self._cells[cell : cell + CELL]
+        return failures if owner == fingerprint and now - last < FORGET else 0.0
 
     def delay(self, address: str, now: float | None = None) -> float:
         """How long to wait before answering a failed AUTH from `address` (its earlier
         failures decide)."""
         now = time.monotonic() if now is None else now
-        failures = min(self._count(self._cell(address), now), 16.0)
+        failures = min(self._count(*self._slot(address), now), 16.0)
         return float(min(FIRST_DELAY * 2.0**failures, MAX_DELAY))
 
     def failed(self, address: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        cell = self._cell(address)
-        self._cells[cell] = self._count(cell, now) + 1
+        cell, fingerprint = self._slot(address)
+        self._cells[cell] = self._count(cell, fingerprint, now) + 1
         self._cells[cell + 1] = now
+        self._cells[cell + 2] = fingerprint
+
+    def failures(self, address: str, now: float | None = None) -> int:
+        """The address's failures lately."""
+        now = time.monotonic() if now is None else now
+        return int(self._count(*self._slot(address), now))
 
     def locked(self, address: str, now: float | None = None) -> bool:
         """Has `address` failed LOCKOUT times lately (its logins are then not checked)?"""
-        now = time.monotonic() if now is None else now
-        return self._count(self._cell(address), now) >= LOCKOUT
+        return self.failures(address, now) >= LOCKOUT
 
 
 def key_of(address: str) -> str:

@@ -248,7 +248,7 @@ class Connection(asyncio.Protocol):
                 self.handshaking = True
                 self.worker.loop.create_task(self.start_tls(event.discarded))
             elif isinstance(event, AuthRequest):
-                if not self.remembered_login(event):
+                if self.worker.logins.suspect(self.peer) or not self.remembered_login(event):
                     self.check_login(event)
             elif isinstance(event, CloseConnection):
                 self.close(out)
@@ -328,23 +328,44 @@ class Connection(asyncio.Protocol):
     def check_login(self, request: AuthRequest) -> None:
         """Have the password checked (`logins`), or say at once why it is not (454)."""
         worker = self.worker
-        verdict = worker.logins.start(
-            self.peer, request.login, request.password, lambda: self.closing
-        )
+        verdict = worker.logins.start(self.peer, request.login, request.password, self.gone)
         if isinstance(verdict, Unchecked):
             self.login_checked(request, None, unavailable=True, why=verdict.value)
             return
         worker.loop.create_task(self.authenticate(request, verdict))
+
+    def gone(self) -> bool:
+        """(From a check thread.) Has the client hung up? Reading is paused while its AUTH
+        waits, so the event loop would not have seen it: a peek at the socket does."""
+        if self.closing:
+            return True
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return False
+        try:
+            probe = socket.socket(fileno=sock.fileno())
+        except OSError:
+            return True
+        try:
+            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # (nothing to read: still there)
+        except OSError:
+            return True  # (reset)
+        finally:
+            probe.detach()
 
     async def authenticate(self, request: AuthRequest, verdict: asyncio.Future[Outcome]) -> None:
         """Answer the login once its check is done; a failure only after the client
         address's delay, and logged."""
         worker = self.worker
         found = await verdict
-        if found is Unchecked.LEFT and self.closing:
+        if found is Unchecked.LEFT and self.gone():
             worker.auth_failures.failed(self.peer)  # (a client that does not wait for its
             log.info("%s: left before its AUTH was checked: counted as failed", self.client)
-            return  # answer is taken for a guesser)
+            self.close([])  # answer is taken for a guesser)
+            return
         unavailable = isinstance(found, Unchecked)  # (LEFT here: another session's client)
         user = None if isinstance(found, Unchecked) else found
         if user is not None:

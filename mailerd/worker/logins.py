@@ -76,14 +76,14 @@ class Logins:
     ) -> asyncio.Future[Outcome] | Unchecked:
         """The verdict to come for a login from `address` (`gone()`: its client has left),
         or at once why it is not checked."""
+        if self.failures.locked(address):
+            return Unchecked.LOCKED
         text = f"{login}\0{password}".encode("utf-8", "surrogatepass")
         digest = hmac.new(self._key, text, hashlib.sha256).digest()
         same = self._checking.get(digest)
         if same is not None:
             same.sessions += 1
             return same.future
-        if self.failures.locked(address):
-            return Unchecked.LOCKED
         client = key_of(address)
         if len(self._checking) >= self.limit or self._by_client[client] >= self.per_client:
             return Unchecked.BUSY
@@ -124,6 +124,12 @@ class Logins:
         if check.sessions == 1 and gone():
             return Unchecked.LEFT
         return self.verify(login, password)
+
+    def suspect(self, address: str) -> bool:
+        """Has the address failed lately, or a check waiting? Then even a login remembered
+        as right is checked again (`start`), so that a guesser never learns at once, from the
+        memory of a user's login, what a check would have told it only after the delay."""
+        return bool(self._by_client.get(key_of(address))) or self.failures.failures(address) > 0
 
     def shutdown(self) -> None:
         """At the worker's end: checks not started are dropped."""

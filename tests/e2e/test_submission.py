@@ -370,6 +370,10 @@ def test_a_flood_of_auth_and_hang_up_does_not_hold_up_anyone_else(sub: Sub):
     check whose client left is not made, and such a client counts as failing."""
     source = fresh_source()
     context = client_context(sub.pki.ca)
+    right = f"AUTH PLAIN {plain_blob(sub.owner.user, sub.owner.password)}"
+    for _ in range(6):  # (the workers remember the owner's login: see the end)
+        with tls_session(sub, "127.0.0.1", source=fresh_source()) as c:
+            expect(c.cmd(right), 235, "2.7.0", conn=c)
     mark = sub.m.log_mark()
     for _ in range(150):
         wrong = new_password()  # (a guess each: the same login at once is checked once)
@@ -390,6 +394,22 @@ def test_a_flood_of_auth_and_hang_up_does_not_hold_up_anyone_else(sub: Sub):
     log = wait_until(lambda: sub.m.log_since(mark), 5)
     assert f"AUTH from unknown[{source}]: 454 4.7.0" in log, "no login refused unchecked"
     assert "(too many logins at once)" in log or "(too many failures lately)" in log
+    assert f"[{source}]:" in log and "left before its AUTH was checked" in log, (
+        "every check of the flood was made, though its client had left"
+    )
+    # The flooding address is locked out by now (or soon: failures whose check ran are
+    # counted after their delay): the right password gets 454 from it too, not a 235 from a
+    # worker's memory of the login, which would tell a guesser at once what a check would
+    # have told it only after the delay.
+
+    def answer_from_source() -> int | None:
+        with tls_session(sub, "127.0.0.1", source=source) as c:
+            reply = c.cmd(right)
+        return reply.code if reply.code == 454 else None
+
+    assert wait_until(answer_from_source, 30, interval=0.5) == 454, "not locked out"
+    with tls_session(sub, "127.0.0.1", source=fresh_source()) as c:  # others are not
+        expect(c.cmd(right), 235, "2.7.0", conn=c)
 
 
 def test_the_same_login_from_several_sessions_at_once_passes_in_each(sub: Sub):

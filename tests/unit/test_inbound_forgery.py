@@ -123,6 +123,9 @@ def hand_signed(key: rsa.RSAPrivateKey, message: bytes, covered: list[bytes]) ->
         pytest.param(b"=?utf-8?q?ceo=40bank.example?=", id="encoded-word"),
         pytest.param(b"<me@forwarder.example>\r\nFrom: <ceo@bank.example>", id="two-fields"),
         pytest.param(b"<ceo@bank.example>\r\nFrom: <me@forwarder.example>", id="two-fields-2"),
+        # the strict parser drops the angle address (a defect) and reads the display name
+        pytest.param(b"me@forwarder.example <ceo@bank.example>", id="address-as-name"),
+        pytest.param(b"Info @ forwarder.example <ceo@bank.example>", id="spaced-at-as-name"),
     ],
 )
 def test_odd_from_fields_are_judged_for_every_domain_a_reader_sees(server, author):
@@ -136,6 +139,19 @@ def test_an_internationalized_from_domain_aligns_with_its_a_label_signature(serv
     verdict = run_check(server, signed, sender="", enforce=True)
     assert methods(verdict)["dkim"] == "pass", verdict.header
     assert methods(verdict)["dmarc"] == "pass", verdict.header
+
+
+def test_a_display_name_with_a_spaced_at_is_not_an_author_domain(server, rsa_key):
+    """`Info @ Bank <ceo@bank.example>`: a reader sees ceo@bank.example; its signature makes
+    DMARC pass (the strict parser's reading made "Bank" an author domain)."""
+    signed = sign(rsa_key, mail(b"Info @ Bank <ceo@bank.example>"))
+    verdict = run_check(server, signed, sender="", enforce=True)
+    assert methods(verdict)["dmarc"] == "pass", verdict.header
+
+
+def test_comments_nested_a_thousand_deep_are_judged_not_a_crash(server):
+    verdict = run_check(server, mail(b"(" * 1800 + b"ceo@bank.example"), sender="")
+    assert methods(verdict)["dmarc"] in ("fail", "permerror"), verdict.header
 
 
 def test_a_from_domain_no_dns_name_can_be_is_judged_not_a_crash(server):

@@ -366,6 +366,23 @@ def test_a_check_whose_client_left_is_not_made_and_a_locked_address_not_checked(
     assert _logins_run(body) == []
 
 
+def test_a_locked_or_failing_address_gets_no_verdict_from_a_check_in_flight_or_memory():
+    async def body(logins, calls):
+        first = logins.start("192.0.2.1", "alice", "right", lambda: False)
+        for _ in range(authfailures.LOCKOUT):
+            logins.failures.failed("192.0.2.9")
+        # (the same login in flight for another address: no verdict for a locked one)
+        assert logins.start("192.0.2.9", "alice", "right", lambda: False) is Unchecked.LOCKED
+        assert logins.suspect("192.0.2.1")  # (a check waiting)
+        assert await first == "alice"
+        await asyncio.sleep(0.05)
+        assert not logins.suspect("192.0.2.1")
+        logins.failures.failed("192.0.2.1")
+        assert logins.suspect("192.0.2.1")  # (a failure lately)
+
+    _logins_run(body)
+
+
 def test_a_broken_check_is_unchecked_not_a_wrong_password():
     def broken(login: str, password: str) -> str | None:
         raise OSError("no passwd file")
@@ -374,6 +391,18 @@ def test_a_broken_check_is_unchecked_not_a_wrong_password():
         return await logins.start("192.0.2.1", "alice", "right", lambda: False)
 
     assert _logins_run(body, verify=broken) is Unchecked.BROKEN
+
+
+def test_addresses_sharing_a_bucket_count_apart():
+    """Failures sprayed from other addresses never slow down or lock out an innocent one in
+    the same bucket (here: one bucket for all)."""
+    table = AuthFailures(1)
+    for _ in range(authfailures.LOCKOUT):
+        table.failed("192.0.2.1", now=1.0)
+    assert table.locked("192.0.2.1", now=2.0)
+    assert not table.locked("192.0.2.2", now=2.0) and table.delay("192.0.2.2", now=2.0) == 0.5
+    table.failed("192.0.2.2", now=3.0)  # (it takes the bucket over)
+    assert table.delay("192.0.2.2", now=4.0) == 1.0
 
 
 def test_an_ipv6_address_counts_by_its_64():
