@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 
 SCAN = 256 * 1024  # a header section is looked for in the first this-many octets
+STRICT_MAX = 8 * 1024  # a From: field longer than this is read leniently only
 
 
 def section_end(message: bytes) -> int:
@@ -82,10 +83,12 @@ def _address_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
     """The domains of a From: field's value, and whether it read cleanly: by the email
     package's strict (RFC 5322) parser, which the lenient legacy one is not (it has let
     "a@victim"@evil read as victim: CVE-2023-27043); when that finds no address, or one
-    without a domain, or leaves something out (a defect), whatever follows an @ in the
-    field, encoded-words decoded."""
+    without a domain, or leaves something out (a defect), or the field is longer than
+    STRICT_MAX, whatever follows an @ in the field, encoded-words decoded."""
     text = value.decode("utf-8", "surrogateescape").replace("\r\n", "")
     strict: list[str] = []
+    if len(text) > STRICT_MAX:  # (the strict parser is quadratic in runs of '"' and '.')
+        return _lenient(text, strict), False
     try:
         parsed = email.policy.default.header_factory("From", text)
         addresses = parsed.addresses
@@ -96,8 +99,15 @@ def _address_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
         clean = False  # (RecursionError: comments nested a thousand deep)
     # (not clean: what the strict parser made of it cannot be trusted, `Info @ Shop <…>`
     # gave the domain "Shop"; what follows an @ is what a reader sees as an address)
-    found = strict if clean else (_AT_DOMAIN.findall(_decoded(text)) or strict)
-    return tuple(dict.fromkeys(_normal(d) for d in found if _normal(d))), clean
+    if clean:
+        return tuple(dict.fromkeys(_normal(d) for d in strict if _normal(d))), True
+    return _lenient(text, strict), False
+
+
+def _lenient(text: str, strict: list[str]) -> tuple[str, ...]:
+    """The domains after each @ a reader would see (the strict reading's when none)."""
+    found = _AT_DOMAIN.findall(_decoded(text)) or strict
+    return tuple(dict.fromkeys(_normal(d) for d in found if _normal(d)))
 
 
 def _decoded(text: str) -> str:
