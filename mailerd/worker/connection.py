@@ -335,8 +335,10 @@ class Connection(asyncio.Protocol):
         worker.loop.create_task(self.authenticate(request, verdict))
 
     def gone(self) -> bool:
-        """(From a check thread.) Has the client hung up? Reading is paused while its AUTH
-        waits, so the event loop would not have seen it: a peek at the socket does."""
+        """(From a check thread.) Has the client's connection been reset? Reading is paused
+        while its AUTH waits, so the event loop would not have seen it: a peek at the socket
+        does. An end of file is not taken for gone: a client may half-close after QUIT and
+        still read its answers."""
         if self.closing:
             return True
         transport = self.transport
@@ -345,16 +347,17 @@ class Connection(asyncio.Protocol):
             return False
         try:
             probe = socket.socket(fileno=sock.fileno())
-        except OSError:
+        except (OSError, ValueError):  # (ValueError: closed meanwhile, fileno -1)
             return True
         try:
-            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False  # (nothing to read: still there)
         except OSError:
             return True  # (reset)
         finally:
             probe.detach()
+        return False
 
     async def authenticate(self, request: AuthRequest, verdict: asyncio.Future[Outcome]) -> None:
         """Answer the login once its check is done; a failure only after the client
@@ -370,9 +373,10 @@ class Connection(asyncio.Protocol):
         user = None if isinstance(found, Unchecked) else found
         if user is not None:
             worker.recent_logins.add(request.login, request.password, user, worker.loop.time())
-        elif not unavailable:
-            await asyncio.sleep(worker.auth_failures.delay(self.peer))
-            worker.auth_failures.failed(self.peer)
+        elif not unavailable:  # counted at once (the delay only holds the answer back: a
+            delay = worker.auth_failures.delay(self.peer)  # guesser that reads the lack of a
+            worker.auth_failures.failed(self.peer)  # quick 235 as "wrong" and hangs up
+            await asyncio.sleep(delay)  # would otherwise outrun the lockout)
         if self.closing or self.session is None:
             return
         self.login_checked(request, user, unavailable=unavailable)

@@ -8,8 +8,9 @@ run in its two check threads, never in its event loop, and kept from piling up:
   all; past either, the login is refused at once, unchecked (454), so that a flood of
   sessions that each send AUTH and hang up cannot queue checks without end in front of a
   real user's login;
-- a check whose client has left while it waited is not made (the caller counts it as a
-  failure: a client that does not wait for its answer is taken for a guesser);
+- a check whose client's connection was closed or reset while it waited is not made (the
+  caller counts it as a failure: a client that does not wait for its answer is taken for a
+  guesser);
 - an address that failed LOCKOUT times lately is not checked at all (`ipc.authfailures`).
 """
 

@@ -10,6 +10,7 @@ import os
 import socket
 import ssl
 import stat
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -381,6 +382,42 @@ def test_a_locked_or_failing_address_gets_no_verdict_from_a_check_in_flight_or_m
         assert logins.suspect("192.0.2.1")  # (a failure lately)
 
     _logins_run(body)
+
+
+def test_a_client_is_gone_when_reset_not_when_it_half_closes():
+    """`Connection.gone` (asked from a check thread, reading paused): a client that shut
+    down its sending side after QUIT still reads its answers; one that reset is gone."""
+    from mailerd.worker.connection import Connection
+
+    class Transport:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def get_extra_info(self, name: str) -> object:
+            return self.sock if name == "socket" else None
+
+    def conn_over(sock: socket.socket) -> Connection:
+        conn = Connection.__new__(Connection)
+        conn.closing, conn.transport = False, Transport(sock)  # type: ignore[assignment]
+        return conn
+
+    server, client = socket.socketpair()
+    with server, client:
+        conn = conn_over(server)
+        assert not conn.gone()
+        client.sendall(b"QUIT\r\n")
+        assert server.recv(6) == b"QUIT\r\n"  # (read by the event loop before its pause)
+        client.shutdown(socket.SHUT_WR)
+        assert not conn.gone(), "a half-closed client was taken for gone"
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        peer = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        with accepted:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()  # (a reset)
+            time.sleep(0.05)
+            assert conn_over(accepted).gone()
 
 
 def test_a_broken_check_is_unchecked_not_a_wrong_password():
