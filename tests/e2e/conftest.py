@@ -518,7 +518,11 @@ class Mailerd:
             start_new_session=True,  # own process group, so cleanup can find stragglers
         )
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:  # (a server that never got ready must not outlive the test)
+                self.stop()
+                raise
         return self
 
     @property
