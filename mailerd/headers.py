@@ -100,14 +100,19 @@ def _address_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
     # (not clean: what the strict parser made of it cannot be trusted, `Info @ Shop <…>`
     # gave the domain "Shop"; what follows an @ is what a reader sees as an address)
     if clean:
-        return tuple(dict.fromkeys(_normal(d) for d in strict if _normal(d))), True
+        return _distinct(strict), True
     return _lenient(text, strict), False
 
 
 def _lenient(text: str, strict: list[str]) -> tuple[str, ...]:
     """The domains after each @ a reader would see (the strict reading's when none)."""
-    found = _AT_DOMAIN.findall(_decoded(text)) or strict
-    return tuple(dict.fromkeys(_normal(d) for d in found if _normal(d)))
+    return _distinct(_AT_DOMAIN.findall(_decoded(text)) or strict)
+
+
+def _distinct(domains: list[str]) -> tuple[str, ...]:
+    """The domains in normal form, each once, in order, none empty."""
+    normal = (_normal(d) for d in domains)
+    return tuple(dict.fromkeys(d for d in normal if d))
 
 
 def _decoded(text: str) -> str:

@@ -353,10 +353,8 @@ class Commands:
         or broken off (its user name and password, taken for commands): those are left out
         until a line that starts with a command."""
         if self._unlogged:
-            if (
-                line.split(None, 1)[:1]
-                and line.split(None, 1)[0].upper().decode("ascii", "replace") in HANDLERS
-            ):
+            verb = line.split(None, 1)[:1]
+            if verb and verb[0].upper().decode("ascii", "replace") in HANDLERS:
                 self._unlogged = 0
             else:
                 self._unlogged -= 1

@@ -58,7 +58,6 @@ log = logging.getLogger("mailerd.worker")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", close=True)
 INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection", close=True)
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
-
 MAX_ROUTES = 1000  # remembered recipient routes per session (a transaction has at most 100)
 
 
@@ -85,8 +84,6 @@ class Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.handshaking = False  # between STARTTLS's 220 and the end of the handshake
         self.released = False
-        self.admitted = False  # counted against the session caps (`refused`)
-        self.refusal: Reply | None = None  # the 421 when it may not be
         self.tls = ""  # the session's TLS as Received: shows it (tls.describe), once on
         # Accepted recipients' copies: resolved once, at RCPT, for commit_request().
         self.routes: dict[Address, tuple[Target, ...]] = {}
@@ -97,35 +94,31 @@ class Connection(asyncio.Protocol):
         # A stream server's protocol is given a stream transport (uvloop's does not derive from
         # asyncio.Transport, so this is a cast, not an isinstance check).
         self.transport = cast(asyncio.Transport, transport)
-        if self.admitted:  # (implicit TLS: admitted at accept, and the handshake is done)
+        if self.listen.implicit_tls:  # (admitted at accept: `TLSAcceptor`; handshake done)
             if self.closing:  # (the worker stopped meanwhile)
                 self.transport.close()
                 return
             self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
             self.begin()
             return
-        peer = transport.get_extra_info("peername")
-        if self.refused(peer):
-            assert self.refusal is not None
-            self.transport.write(self.refusal.to_bytes())
+        refusal = self.admit(transport.get_extra_info("peername"))
+        if refusal is not None:
+            self.transport.write(refusal.to_bytes())
             self.transport.close()
             return
         self.begin()
 
-    def refused(self, peer: tuple[str, int] | None) -> bool:
-        """Count the session against the caps (`Worker.admit`), or log why it may not be."""
+    def admit(self, peer: tuple[str, int] | None) -> Reply | None:
+        """Count the session against the caps (`Worker.admit`); else the refusal, logged."""
         self.peer = peer[0] if peer else "?"
         self.client = f"[{peer[0]}]:{peer[1]}" if peer else "?"
         refusal = self.worker.admit(self)
-        if refusal is None:
-            self.admitted = True
-            return False
-        self.refusal = refusal
-        log.info("NOQUEUE: reject: CONNECT from unknown[%s]: %s", self.peer, _line(refusal))
-        return True
+        if refusal is not None:
+            log.info("NOQUEUE: reject: CONNECT from unknown[%s]: %s", self.peer, _line(refusal))
+        return refusal
 
     async def accepted_tls(self, sock: socket.socket) -> None:
-        """An implicit-TLS connection, admitted at accept (`refused`): its handshake, within
+        """An implicit-TLS connection, admitted at accept (`admit`): its handshake, within
         the handshake timeout, then the session (`connection_made`). A connection that never
         finishes its handshake holds its place under the caps meanwhile, like any other."""
         try:
@@ -283,17 +276,8 @@ class Connection(asyncio.Protocol):
                 self.client,
                 discarded,
             )
-        if await self.handshake():
-            log.info("%s: STARTTLS: %s", self.client, self.tls)
-            self.session.tls_started()
-            self.pump()
-
-    async def handshake(self) -> bool:
-        """The server side of a TLS handshake (after STARTTLS's 220, or at connect on an
-        implicit TLS listener); False when it failed (the connection is then closed)."""
-        assert self.transport is not None
         context = self.worker.cfg.tls_context
-        assert context is not None  # (TLS is offered only with a certificate)
+        assert context is not None  # (STARTTLS is offered only with a certificate)
         try:
             transport = await self.worker.loop.start_tls(
                 self.transport,
@@ -307,13 +291,15 @@ class Connection(asyncio.Protocol):
             self.closing = True
             self.transport.close()
             self.connection_lost(None)  # (asyncio calls it only for a session it handed over)
-            return False
+            return
         if transport is None or self.closing:
-            return False
+            return
         self.transport = transport
         self.handshaking = False
         self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
-        return True
+        log.info("%s: STARTTLS: %s", self.client, self.tls)
+        self.session.tls_started()
+        self.pump()
 
     def remembered_login(self, request: AuthRequest) -> bool:
         """A login that passed a moment ago passes again at once, here (no thread, no task:

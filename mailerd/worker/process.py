@@ -299,8 +299,8 @@ class TLSAcceptor:
                 return
             conn.setblocking(False)
             session = Connection(self.worker, self.listen)
-            if session.refused(peer):
-                conn.close()
+            if session.admit(peer) is not None:
+                conn.close()  # (no 421 in clear: the client would read it for TLS)
                 continue
             self.worker.loop.create_task(session.accepted_tls(conn))
 
