@@ -502,14 +502,38 @@ def load_files(cfg: Config) -> Config:
     """The same Config with the files it names read (as root, by the master, at start-up and
     on every reload): the aliases expanded, the TLS context built from the certificates and
     keys, the passwords. ConfigError names the file that cannot be used."""
+    return _with_files(cfg, _tls_context(cfg))
+
+
+def reload_files(cfg: Config, running: Config) -> tuple[Config, str | None]:
+    """load_files at a reload, beside the `running` configuration: certificates that do not
+    load leave the running ones in use, and the rest of the reload goes on (certbot replaces
+    the files unattended, and a password deleted meanwhile must not wait for them to be
+    mended). Then the second value says why they did not load. Any other file that cannot be
+    used fails the reload (ConfigError), as do certificates when none is in use."""
+    try:
+        context = _tls_context(cfg)
+    except ConfigError as exc:
+        if running.tls_context is None:
+            raise
+        kept = replace(cfg, tls_pairs=running.tls_pairs)
+        return _with_files(kept, running.tls_context), str(exc)
+    return _with_files(cfg, context), None
+
+
+def _tls_context(cfg: Config) -> ssl.SSLContext | None:
+    try:
+        return tls.server_context(cfg.tls_pairs)
+    except tls.TLSError as exc:
+        raise ConfigError(f"--tls-cert: {exc}") from exc
+
+
+def _with_files(cfg: Config, context: ssl.SSLContext | None) -> Config:
+    """`cfg` with `context` and its other files read (see load_files)."""
     try:
         table = Aliases.load(str(cfg.aliases_file), cfg.domains)
     except AliasError as exc:
         raise ConfigError(f"--aliases: {exc}") from exc
-    try:
-        context = tls.server_context(cfg.tls_pairs)
-    except tls.TLSError as exc:
-        raise ConfigError(f"--tls-cert: {exc}") from exc
     try:
         passwords = Credentials.load(str(cfg.passwd_file))
     except CredentialsError as exc:

@@ -45,6 +45,12 @@ def reload(raw: dict[str, object], what: str, say: Callable[[str], None]) -> int
             if outcome == "ok":
                 say(f"mailerd (pid {pid}) reloads {what}: done")
                 return 0
+            if outcome == "partial":  # (config.reload_files)
+                say(
+                    f"mailerd (pid {pid}) reloads {what}: done; but its certificates did not "
+                    "load (see its log): it keeps those in use"
+                )
+                return 0
             say(f"mailerd (pid {pid}) could not reload (see its log); it runs as it did")
             return 1
         time.sleep(0.05)
@@ -57,7 +63,7 @@ RELOAD_WAIT = 20.0  # seconds to wait for the reload to be done (the master sett
 
 def reload_state(pidfile: str) -> tuple[int | None, str]:
     """From the master's reload file: how many reloads it finished, and the last one's
-    outcome ("ok" or "failed"); (None, "") before the first."""
+    outcome ("ok", "partial" or "failed"); (None, "") before the first."""
     try:
         parts = reload_file(Path(pidfile)).read_text().split()
     except OSError:

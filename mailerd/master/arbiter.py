@@ -133,6 +133,7 @@ class Master:
         self.status_r = self.status_w = -1
         self.reloads = 0  # reloads finished (or failed), told in the reload file
         self.reload_started: float | None = None  # a reload under way, not yet settled
+        self.reload_outcome = "ok"  # its outcome once settled: "partial" if certificates kept
         # Rows for the workers alive at once: this generation's, retiring ones after reloads.
         self.sessions = SessionTable(max(16, 4 * cfg.workers))
         self.auth_failures = AuthFailures()  # failed AUTH per client address, for every worker
@@ -263,7 +264,7 @@ class Master:
     def reload(self) -> bool:
         """Apply the configuration file as it is now; False (old one kept) on any error."""
         try:
-            new = self._load_config()
+            new, certificate_problem = self._load_config()
             try:
                 new.spool.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -276,6 +277,12 @@ class Master:
             log.error("reload failed, the running configuration is kept: %s", reason)
             self._reloaded("failed")
             return False
+        if certificate_problem is not None:
+            log.error(
+                "reload: %s; the certificates in use are kept, the rest is reloaded",
+                certificate_problem,
+            )
+        self.reload_outcome = "ok" if certificate_problem is None else "partial"
         # Closed before forking, or the new children would inherit (and keep open, without
         # accepting) a port that is meant to be gone.
         for sock in removed:
@@ -321,7 +328,7 @@ class Master:
         log.info(
             "configuration reloaded (generation %d): %s", self.generation, self._describe_config()
         )
-        self._reloaded("ok")
+        self._reloaded(self.reload_outcome)
 
     def _reloaded(self, outcome: str) -> None:
         self.reloads += 1
@@ -333,15 +340,18 @@ class Master:
         child.deadline = time.monotonic() + grace
         _kill(pid, sig)
 
-    def _load_config(self) -> Config:
-        """Parse the same command line (and so the same config file) again, as at start-up."""
+    def _load_config(self) -> tuple[Config, str | None]:
+        """Parse the same command line (and so the same config file) again, as at start-up;
+        and why the certificates in use are kept, if they are (`config.reload_files`)."""
         if self.argv is None:
             raise ConfigError("no command line to re-read (not started by mailerd.master.run)")
         here = os.getcwd()
         with contextlib.suppress(OSError):
             os.chdir(self.start_dir)  # relative paths mean what they meant at start-up
         try:
-            new = config.load_files(config.absolute(config.load(self.argv), self.start_dir))
+            new, certificate_problem = config.reload_files(
+                config.absolute(config.load(self.argv), self.start_dir), self.cfg
+            )
         finally:
             with contextlib.suppress(OSError):
                 os.chdir(here)
@@ -355,7 +365,7 @@ class Master:
                 log.warning("reload: a new %s takes a restart; keeping %s", name, kept)
         if new.pidfile is not None and new.pidfile != self.cfg.pidfile:
             log.warning("reload: a new pidfile takes a restart; keeping %s", self.cfg.pidfile)
-        return replace(
+        restarted_only = replace(
             new,
             queue=self.cfg.queue,
             user=self.cfg.user,
@@ -363,6 +373,7 @@ class Master:
             pidfile=self.cfg.pidfile,
             foreground=self.cfg.foreground,
         )
+        return restarted_only, certificate_problem
 
     # -- children --------------------------------------------------------------------------
 

@@ -87,8 +87,9 @@ class PidFile:
 
     def record_reload(self, count: int, outcome: str) -> None:
         """Say in the reload file beside the pid file that `count` reloads are finished, the
-        last with `outcome` ("ok" or "failed"): what `commands.daemon.reload` waits for. Its
-        own file, so that the pid file stays one number (`kill -HUP $(cat …)` is an idiom)."""
+        last with `outcome` ("ok"; "partial": the certificates in use were kept; "failed"):
+        what `commands.daemon.reload` waits for. Its own file, so that the pid file stays
+        one number (`kill -HUP $(cat …)` is an idiom)."""
         path = reload_file(self.path)
         temporary = path.with_name(path.name + ".tmp")
         with contextlib.suppress(OSError):

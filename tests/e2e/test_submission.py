@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from certs import Pair
 
 from .conftest import (
     REPO,
@@ -47,6 +48,7 @@ from .conftest import (
 from .test_tls import (
     AUTH_LINE,
     HELO,
+    HOSTNAME,
     HOSTS,
     PKI,
     Account,
@@ -56,6 +58,7 @@ from .test_tls import (
     TLSMailerd,
     b64,
     client_context,
+    der,
     fresh_source,
     keyword_lines,
     mailerd_passwd,
@@ -65,6 +68,7 @@ from .test_tls import (
     passwd_conf,
     plain_blob,
     set_password,
+    unverified_context,
 )
 
 LOGIN_PROMPTS = ("VXNlcm5hbWU6", "UGFzc3dvcmQ6")  # "Username:", "Password:"
@@ -811,6 +815,69 @@ def test_mailerd_passwd(mailerd_factory, tmp_path: Path):
     done = command(bob, "\n")  # an empty password
     assert done.returncode == 1 and passwd.read_bytes() == before, done
     assert can_login(m, pki, bob, second)
+
+
+def test_broken_certificate_at_reload_keeps_it_and_reloads_the_rest(
+    mailerd_factory, tmp_path: Path
+):
+    """Certificate files broken at a reload (a renewal gone wrong): the error is logged with
+    the file's name, the certificate in use stays (new TLS sessions still verify), and the
+    rest of the reload goes on: a password `mailerd passwd --delete` removes meanwhile no
+    longer logs in, and the command says the certificates were kept. Mended files are taken
+    at the next reload."""
+    pki = make_pki(tmp_path / "pki")
+    live = tmp_path / "live"
+    live.mkdir()
+    live_pair = Pair(live / "cert.pem", live / "key.pem")
+    shutil.copy(pki.rsa.cert, live_pair.cert)
+    shutil.copy(pki.rsa.key, live_pair.key)
+    passwd, pidfile = tmp_path / "etc" / "passwd", tmp_path / "mailerd.pid"
+    conf = tmp_path / "mailerd.conf"
+    conf.write_text(f"[mailerd]\npasswd = {passwd}\npidfile = {pidfile}\n")
+    m = mailerd_factory(start=False, cls=TLSMailerd, pairs=[live_pair], submission=False,
+                        extra=["-c", str(conf)])  # fmt: skip
+    alice, bob = m.new_user("alice"), m.new_user("bob")
+    first, second = new_password(), new_password()
+    set_password(passwd, alice, first, conf)
+    set_password(passwd, bob, second, conf)
+    m.start()
+    assert wait_until(pidfile.exists, 5)
+    assert can_login(m, pki, alice, first) and can_login(m, pki, bob, second)
+
+    live_pair.cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n")
+    mark, old = m.log_mark(), set(m.worker_pids())
+    done = mailerd_passwd(passwd, alice, conf=conf, delete=True)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    assert "certificates did not load" in said and "keeps those in use" in said, said
+    assert wait_until(
+        lambda: len(now := set(m.worker_pids())) == m.workers and not now & old, 15
+    ), (old, m.worker_pids())
+    errors = [ln for ln in m.log_since(mark).splitlines() if "reload: --tls-cert" in ln]
+    assert errors and str(live_pair.cert) in errors[0] and "kept" in errors[0], m.log_since(mark)
+    # The certificate in use still verifies (can_login checks it against the test CA), and the
+    # new credentials are in force.
+    assert not can_login(m, pki, alice, first)
+    assert can_login(m, pki, bob, second)
+    with Client("127.0.0.1", m.submissions_port, tls=client_context(pki.ca)) as c:
+        expect(c.banner(), 220, conn=c)
+        assert c.peer_der() == der(pki.rsa)
+
+    # Mended (a new certificate): the next reload is whole again and presents it.
+    new = pki.ca.issue(HOSTNAME, tag="mended")
+    shutil.copy(new.cert, live_pair.cert)
+    shutil.copy(new.key, live_pair.key)
+    mark = m.log_mark()
+    done = mailerd_passwd(passwd, bob, new_password() + "\n", conf=conf)
+    assert done.returncode == 0 and "certificates" not in done.stdout + done.stderr, done
+    assert "reload: --tls-cert" not in m.log_since(mark), m.log_since(mark)
+
+    def presented() -> bytes:
+        with Client("127.0.0.1", m.submissions_port, tls=unverified_context()) as c:
+            expect(c.banner(), 220, conn=c)
+            return c.peer_der()
+
+    assert wait_until(lambda: presented() == der(new), 15), "the mended certificate is not used"
 
 
 def _controlling_terminal() -> None:

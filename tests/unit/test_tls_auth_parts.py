@@ -110,6 +110,30 @@ def test_load_files_names_the_file_that_cannot_be_used(tmp_path: Path, ca):
         config.load_files(load("--passwd", str(broken)))
 
 
+def test_a_reload_keeps_certificates_that_do_not_load_and_reads_the_rest(tmp_path: Path, ca):
+    pair, other = ca.issue("mx.example.org", tag="r1"), ca.issue("mx.example.org", kind="ecdsa")
+    passwd = tmp_path / "passwd"
+    credentials.write(str(passwd), {"alice": credentials.hash_password("x")})
+    running = config.load_files(load("--tls-cert", str(pair.cert), "--tls-key", str(pair.key)))
+    credentials.write(str(passwd), {"bob": credentials.hash_password("y")})
+    mismatched = ("--tls-cert", str(pair.cert), "--tls-key", str(other.key))
+    broken = load(*mismatched, "--passwd", str(passwd))
+    new, why = config.reload_files(broken, running)
+    assert why is not None and str(pair.cert) in why
+    assert new.tls_context is running.tls_context and new.tls_pairs == running.tls_pairs
+    assert set(new.credentials.hashes) == {"bob"}
+    # Certificates that load replace the running ones, without a word.
+    fine = load("--tls-cert", str(other.cert), "--tls-key", str(other.key))
+    new, why = config.reload_files(fine, running)
+    assert why is None and new.tls_context is not running.tls_context
+    # Nothing to keep when no certificate is in use, and other files are not kept either.
+    with pytest.raises(ConfigError, match=str(pair.cert)):
+        config.reload_files(broken, config.load_files(load()))
+    passwd.write_text("alice:plaintext\n")
+    with pytest.raises(ConfigError, match=f"{passwd}, line 1"):
+        config.reload_files(load("--passwd", str(passwd)), running)
+
+
 def test_relative_certificate_paths_mean_the_start_directory(tmp_path: Path):
     cfg = config.absolute(load("--tls-cert", "c.pem", "--tls-key", "k.pem"), tmp_path)
     assert cfg.tls_pairs == ((tmp_path / "c.pem", tmp_path / "k.pem"),)
