@@ -46,11 +46,30 @@ def prepare(cfg: Config) -> tuple[list[tuple[socket.socket, ListenAddress]], soc
     return smtp_sockets, delivery_socket
 
 
-def raise_fd_limit() -> None:
-    """Thousands of idle sessions need thousands of descriptors: take what the hard limit allows."""
+# What one worker may need: a descriptor a session and one for the message it is receiving,
+# beside its own (listeners, channels, log, resolver sockets). The session cap is shared, so
+# one worker may hold all of --max-sessions.
+SESSION_DESCRIPTORS = 2
+WORKER_DESCRIPTORS = 64
+
+
+def raise_fd_limit(max_sessions: int) -> None:
+    """Thousands of idle sessions need thousands of descriptors: take what the hard limit
+    allows, and say so when that is too few for --max-sessions (a container's low limit):
+    past it, a worker's network listeners close new connections unanswered (libuv's way out
+    of EMFILE) and its implicit-TLS ones leave them waiting, before the 421 the cap gives."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    need = WORKER_DESCRIPTORS + SESSION_DESCRIPTORS * max_sessions
+    if hard != resource.RLIM_INFINITY and hard < need:
+        log.warning(
+            "the descriptor limit is %d, below the %d that --max-sessions %d may need: "
+            "raise it (ulimit -n, systemd's LimitNOFILE=) or lower --max-sessions",
+            hard,
+            need,
+            max_sessions,
+        )
 
 
 def read_by_children(cfg: Config) -> dict[Path, str]:
@@ -74,7 +93,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
     `argv` is what SIGHUP re-reads."""
     logsetup.setup(cfg.verbose)
     preload.preload()  # before any fork: the children may not be able to read the code
-    raise_fd_limit()
+    raise_fd_limit(cfg.max_sessions)
     start_dir = Path.cwd()
     cfg = config.absolute(cfg, start_dir)
     try:

@@ -929,3 +929,83 @@ def test_reload_presents_the_new_certificate(mailerd_factory, pki: PKI, tmp_path
     check_stored(m.read(user, n), sender="sender@client.test", helo=HELO, body=body,
                  protocols=("ESMTPS",))  # fmt: skip
     assert parse_stored(m.read(user, n)).rest == body
+
+
+# --------------------------------------------------------------------------------------------
+# Out of descriptors
+# --------------------------------------------------------------------------------------------
+
+
+class LimitedTLSMailerd(TLSMailerd):
+    """TLSMailerd with a descriptor limit its master cannot raise (prlimit sets soft and hard
+    before mailerd starts), so that its one worker runs out while connections pile up."""
+
+    NOFILE = 96
+
+    def argv(self) -> list[str]:
+        return ["prlimit", f"--nofile={self.NOFILE}:{self.NOFILE}", "--", *super().argv()]
+
+
+@pytest.mark.parametrize("listener", ["submissions", "network"])
+def test_out_of_descriptors_then_accepting_again(mailerd_factory, pki: PKI, listener: str):
+    """More connections than the worker has descriptors (a limit too low for --max-sessions,
+    which mailerd warns of at start): no crash and no busy loop; the implicit-TLS listener (our
+    own accept) logs the error and leaves the rest waiting, the network listener (libuv's)
+    closes the rest unanswered; once they are gone, the listener serves a whole session again
+    within seconds, in the same worker."""
+    caps = ["--max-sessions", "5000", "--max-sessions-per-ip", "5000"]
+    m = mailerd_factory(
+        cls=LimitedTLSMailerd, pairs=[pki.rsa], submission=False, workers=1, extra=caps
+    )
+    warning = r"descriptor limit is 96, below the \d+ that --max-sessions 5000"
+    assert re.search(warning, m.log_since(0)), m.log_since(0)
+    port = m.listener_port(listener)
+    mark = m.log_mark()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(2 * LimitedTLSMailerd.NOFILE):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        if listener == "submissions":
+            assert wait_until(lambda: "Too many open files" in m.log_since(mark), 10), (
+                f"no accept error after {len(held)} connections:\n{m.log_since(mark)[-2000:]}"
+            )
+        else:
+            assert wait_until(lambda: sum(map(_closed, held)) > 0, 10), "none was closed"
+        worker = m.worker_pids()[0]
+        cpu_before = _cpu_seconds(worker)
+        time.sleep(2)
+        assert _cpu_seconds(worker) - cpu_before < 1.0, "the worker spins while out of descriptors"
+    finally:
+        for sock in held:
+            sock.close()
+
+    def served() -> bool:
+        context = client_context(pki.ca) if listener == "submissions" else None
+        try:
+            with Client("127.0.0.1", port, tls=context) as c:
+                return c.banner().code == 220 and c.ehlo(HELO).code == 250
+        except (OSError, EOFError):
+            return False
+
+    assert wait_until(served, 15), f"not accepting again:\n{m.log_since(mark)[-2000:]}"
+    assert m.proc is not None and m.proc.poll() is None
+    assert m.worker_pids() == [worker], "the worker was replaced, not recovered"
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Has the server closed this connection without a word?"""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
