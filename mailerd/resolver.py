@@ -34,7 +34,9 @@ def make_resolver(
     `timeout` bounds each lookup as a whole (UDP queries are repeated within it). With no
     `dns_server`, /etc/resolv.conf is read now; dns.resolver.NoResolverConfiguration is
     raised if it is missing or names no nameserver. With `cache`, answers are kept for their
-    TTL (a worker asks for the same SPF and DKIM records again and again).
+    TTL (a worker asks for the same SPF and DKIM records again and again, the delivery
+    process for the same MX and addresses: a third of its CPU went to lookups when a message
+    was relayed to the same domain as the one before).
     """
     if dns_server is None:
         if os.environ.get(FORBID_SYSTEM_RESOLVER):

@@ -82,7 +82,9 @@ class Scheduler:
         )
         self.pool = ThreadPoolExecutor(cfg.max_outbound, thread_name_prefix="smtp")
         try:
-            self.resolver: dns.asyncresolver.Resolver | None = mx.make_resolver(cfg.dns_server)
+            self.resolver: dns.asyncresolver.Resolver | None = mx.make_resolver(
+                cfg.dns_server, cache=True
+            )
         except mx.SystemResolverForbidden:
             raise  # a test without its own DNS: fail loudly
         except Exception as exc:  # no /etc/resolv.conf: local mail must still work
