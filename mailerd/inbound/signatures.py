@@ -6,7 +6,8 @@ worker's resolver (`lookups.Bridge`). dkimpy says only True or False; what our D
 tells a missing key (permerror) and an unanswered lookup (temperror) from a signature that does
 not verify (fail), and its exceptions a changed body or an expired signature (fail) from a
 signature it cannot read (neutral). A signature made with rsa-sha1 is not taken (RFC 8301:
-verifiers must not consider it valid): `policy`. Results are RFC 8601's: pass, fail, neutral,
+verifiers must not consider it valid): `policy`, as is one whose l= leaves part of the body
+unsigned. Results are RFC 8601's: pass, fail, neutral,
 policy, permerror, temperror; `none` when there is no signature at all.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import dkim
+import dkim.canonicalization
 from dkim.util import InvalidTagValueList
 
 from mailerd.dkim_speedups import parse_tag_value  # (its import speeds dkimpy up, too)
@@ -144,12 +146,28 @@ def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) ->
         refused = _key_refuses(seen.record, tags, domain)
         if refused:
             return DkimResult("permerror", domain, selector, b, refused)
+        if _unsigned_tail(checker, tags):
+            return DkimResult("policy", domain, selector, b, "content after the signed length (l=)")
         return DkimResult("pass", domain, selector, b)
     if seen.temporary:
         return DkimResult("temperror", domain, selector, b, seen.temporary)
     if seen.missing:
         return DkimResult("permerror", domain, selector, b, "no key for signature")
     return DkimResult("fail", domain, selector, b, "signature did not verify")
+
+
+def _unsigned_tail(checker: dkim.DKIM, tags: dict[bytes, bytes]) -> bool:
+    """Does the body go on past the length a signature's l= covers? Then whoever appended the
+    rest (a whole new message, for a reader) had the signer's pass for it, and DMARC with it:
+    such a signature is not accepted (RFC 6376 8.2 leaves it to the verifier; `policy`)."""
+    length = tags.get(b"l")
+    if length is None:
+        return False
+    try:
+        policy = dkim.canonicalization.CanonicalizationPolicy.from_c_value(tags.get(b"c"))
+        return len(policy.canonicalize_body(checker.body)) > int(length)
+    except (ValueError, dkim.DKIMException):  # (dkimpy verified with them: not expected)
+        return True
 
 
 def _key_refuses(record: bytes, tags: dict[bytes, bytes], domain: str) -> str:

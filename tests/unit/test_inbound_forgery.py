@@ -223,6 +223,25 @@ def test_a_key_that_forbids_the_signature_never_passes(server, rsa_key):
     assert methods(run_check(server, own, sender=""))["dkim"] == "pass"
 
 
+def test_content_appended_past_a_signed_length_is_not_a_pass(server, rsa_key):
+    """l= (the signed body length) lets anyone append to a signed message: a whole new body
+    for a reader, under the signer's pass. The whole body signed with l= still passes."""
+    pem = rsa_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    message = mail(b"<ceo@bank.example>")
+    signature = dkim.sign(message, b"sel", BANK.encode(), pem, include_headers=SIGNED_HEADERS,
+                          length=True)  # fmt: skip
+    assert b" l=" in signature or b";l=" in signature.replace(b" ", b"")
+    whole = signature + message
+    assert methods(run_check(server, whole, sender=""))["dkim"] == "pass"
+    appended = whole + b"\r\nActually, wire it to account 666 instead.\r\n"
+    verdict = run_check(server, appended, sender="")
+    assert methods(verdict)["dkim"] == "policy" and methods(verdict)["dmarc"] == "fail", verdict
+
+
 def test_a_signature_without_its_leading_zero_octet_verifies_as_dkimpy_says(rsa_key):
     """Some signers drop a signature's leading zero octets (1 in 256); dkimpy verifies the
     number, and so must the OpenSSL path that replaces its arithmetic."""
