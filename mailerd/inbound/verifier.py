@@ -96,9 +96,7 @@ class Verifier:
         if not self.enforce:  # dis= says what was done (OpenDMARC's meaning): nothing here
             verdict = replace(verdict, disposition="none")
         field = results.header(self.hostname, spf, dkim, verdict)
-        content = None
-        if b"\nauthentication-results" in b"\n" + head[:end].lower():  # (WSP may precede ':')
-            content = results.without_forged(await self._whole(body), self.hostname)
+        content = await without_forged(self.hostname, body, head[:end], self.loop, self.executor)
         refusal = _refusal(verdict) if self.enforce and verdict.rejects else None
         summary = "spf={} dkim={} dmarc={}".format(
             spf.result, ",".join(r.result for r in dkim), verdict.result
@@ -179,10 +177,29 @@ class Verifier:
         dkim = _outcome(dkim_future, lambda: signatures.unfinished(section, "timed out"))
         return spf, dkim
 
-    async def _whole(self, body: durable.Body) -> bytes:
-        if isinstance(body, bytes):
-            return body
-        return await self.loop.run_in_executor(self.executor, durable.read_body, body)
+
+async def without_forged(
+    hostname: str,
+    body: durable.Body,
+    section: bytes | None,
+    loop: asyncio.AbstractEventLoop,
+    executor: Executor,
+) -> bytes | None:
+    """The message without the Authentication-Results fields that bear `hostname` as their
+    authserv-id, or None when it has none (only its header `section` is looked at, read here
+    when not given). Also with `--inbound-auth off`: a reader (or a filter) that trusts our
+    hostname's verdicts must never meet one made outside (RFC 8601 5)."""
+    if section is None:
+        head = _head(body)
+        section = head[: headers.section_end(head)]
+    if b"\nauthentication-results" not in b"\n" + section.lower():  # (WSP may precede ':')
+        return None
+    whole = (
+        body
+        if isinstance(body, bytes)
+        else await loop.run_in_executor(executor, durable.read_body, body)
+    )
+    return results.without_forged(whole, hostname)
 
 
 def _dkim(bridge: Bridge, body: durable.Body, authors: Sequence[str]) -> list[DkimResult]:

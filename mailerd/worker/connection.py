@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, cast
 
 from mailerd import policy, recipients, tls
 from mailerd.config import NETWORK, ListenAddress
+from mailerd.inbound.verifier import without_forged
 from mailerd.ipc.messages import Commit, Target
 from mailerd.log import shorten
 from mailerd.smtp import (
@@ -462,8 +463,11 @@ class Connection(asyncio.Protocol):
         try:
             request = self.commit_request(envelope)
             refusal = None
-            if self.worker.verifier is not None and self.listen.role == NETWORK:
-                request, body, fd, refusal = await self.verify(request, body, fd)
+            if self.listen.role == NETWORK:
+                if self.worker.verifier is not None:
+                    request, body, fd, refusal = await self.verify(request, body, fd)
+                else:  # --inbound-auth off: no verdict, but no forged one either
+                    body, fd = await self.without_forged(body, fd)
             if refusal is not None:
                 reply = refusal
             else:
@@ -504,11 +508,26 @@ class Connection(asyncio.Protocol):
                 os.close(fd)
             return request, b"", None, verdict.refusal
         if verdict.content is not None:
-            log.info("%s: removed a forged Authentication-Results field", self.client)
+            self.log_forged()
             if fd is not None:
                 os.close(fd)
             body, fd = verdict.content, None
         return replace(request, auth_results=verdict.header, checks=verdict.summary), body, fd, None
+
+    async def without_forged(self, body: bytes, fd: int | None) -> tuple[bytes, int | None]:
+        worker = self.worker
+        content = await without_forged(
+            worker.cfg.hostname, body if fd is None else fd, None, worker.loop, worker.checks
+        )
+        if content is None:
+            return body, fd
+        self.log_forged()
+        if fd is not None:
+            os.close(fd)
+        return content, None
+
+    def log_forged(self) -> None:
+        log.info("%s: removed a forged Authentication-Results field", self.client)
 
     def commit_request(self, envelope: Envelope) -> Commit:
         """What the client said, and each copy to make (resolved at RCPT), as a commit."""

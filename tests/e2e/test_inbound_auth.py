@@ -854,6 +854,26 @@ def test_inbound_auth_off(auth_env):
     assert not env.dns.queries, f"lookups with --inbound-auth off: {env.dns.queries}"
 
 
+def test_inbound_auth_off_still_removes_forged_results(auth_env):
+    """--inbound-auth off checks nothing, but a field claiming mailerd's authserv-id that
+    arrives from outside still goes (a reader or a filter that trusts it must not meet a
+    forged one); other ids stay."""
+    env = auth_env(REJECT_ZONE, "off")
+    forged = b"Authentication-Results: mx.example.org; dmarc=pass header.from=example.com\r\n"
+    kept = b"Authentication-Results: other.example.net; spf=pass smtp.mailfrom=a@example.com\r\n"
+    user = env.m.new_user("offforged")
+    with env.m.connect(trusted=False) as c:
+        c.start(HELO)
+        deliver(c, sender="alice@example.com", rcpt=f"{user}@example.org",
+                body=forged + kept + message("off-forged"))  # fmt: skip
+        expect(c.cmd("QUIT"), 221, conn=c)
+    (n,) = env.m.wait_messages(user, 1)
+    stored = env.m.read(user, n)
+    assert forged not in stored and kept in stored, stored[:600]
+    assert b"Authentication-Results: mx.example.org" not in stored, stored[:600]
+    assert not env.dns.queries, f"lookups with --inbound-auth off: {env.dns.queries}"
+
+
 def test_default_mode_is_header(auth_env):
     """Without --inbound-auth: header (checked and recorded, a p=reject fail not refused)."""
     env = auth_env(REJECT_ZONE, None)
