@@ -87,7 +87,11 @@ def describe_bind_error(listen: ListenAddress, exc: OSError) -> str:
 
 
 def bind_unix(path: Path) -> socket.socket:
-    """The delivery service socket (mode 0600 in a 0700 directory: only we may submit mail)."""
+    """The delivery service socket (mode 0600 in a 0700 directory: only we may submit mail).
+    One that answers belongs to another mailerd working the same queue: it is not taken over
+    (its workers find the delivery process by this path, and would lose it)."""
+    if _answers(path):
+        raise OSError(errno.EADDRINUSE, f"{path} answers: another mailerd works this queue")
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -99,3 +103,19 @@ def bind_unix(path: Path) -> socket.socket:
     sock.listen(BACKLOG)
     sock.set_inheritable(True)
     return sock
+
+
+def _answers(path: Path) -> bool:
+    """Does something accept connections on the Unix socket at `path`? A socket file left by
+    a mailerd that was killed refuses them; a busy one may not answer in time, and is in use."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except TimeoutError:
+        return True
+    except OSError:  # refused, missing, not a socket
+        return False
+    finally:
+        probe.close()
+    return True

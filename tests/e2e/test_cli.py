@@ -18,6 +18,7 @@ from .conftest import (
     free_port,
     proc_cmdline,
     run_mailerd,
+    send_message,
     wait_until,
 )
 
@@ -306,6 +307,22 @@ def test_port_in_use(tmp_path: Path, family: str):
     assert p.returncode is not None, "mailerd kept running although its port was taken"
     assert p.returncode != 0
     assert "Address already in use" in p.stderr, p.stderr
+
+
+def test_a_second_mailerd_on_the_same_queue_is_refused(mailerd_factory, tmp_path: Path):
+    """A second mailerd given the queue of a running one stops at start-up, naming it, and
+    leaves the first one's delivery socket alone: the first still queues remote mail."""
+    first = mailerd_factory(base=tmp_path / "first")
+    args = valid_args(tmp_path / "second") + ["--dns-server", "127.0.0.1:9"]
+    args[args.index("-q") + 1] = str(first.queue)
+    p = run_mailerd(args)
+    assert p.returncode is not None, "a second mailerd runs on the queue of the first"
+    assert p.returncode != 0 and "another mailerd works this queue" in p.stderr, p.stderr
+    assert str(first.queue) in p.stderr, p.stderr
+    with first.connect(trusted=True) as c:
+        c.start("client.test")
+        send_message(c, "bob@remote.example", b"Subject: still queued\r\n\r\nhi\r\n",
+                     sender="alice@example.org")  # fmt: skip
 
 
 def test_spool_cannot_be_created(tmp_path: Path):
