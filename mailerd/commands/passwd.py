@@ -26,7 +26,8 @@ from mailerd.names import mailbox_name
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="mailerd passwd", description=__doc__.split("\n")[0] if __doc__ else None
+        prog="mailerd passwd",
+        description="Set (or delete) the password USER authenticates with.",
     )
     parser.add_argument("-c", "--config", help="config file (for its passwd setting)")
     parser.add_argument("--passwd", help=f"the passwd file (default {credentials.DEFAULT_PASSWD})")
@@ -37,8 +38,14 @@ def main(argv: list[str]) -> int:
     def say(text: str) -> None:
         print(f"mailerd passwd: {text}", file=sys.stderr)
 
+    local, at, _ = args.user.rpartition("@")
+    if at:
+        parser.error(
+            f"{args.user!r} is an address: give the user name ({local!r}), which logs in as "
+            "itself or as itself@ any local domain"
+        )
     user = mailbox_name(args.user)
-    if user is None or user != args.user.lower():
+    if user is None or user != args.user.lower() or not _fits_the_file(user):
         parser.error(f"not a local user name: {args.user!r}")
     try:
         raw = daemon.read_config(args.config)
@@ -68,6 +75,12 @@ def main(argv: list[str]) -> int:
         return os.EX_CANTCREAT
     say(f"{'deleted' if args.delete else 'set'} the password of {user} in {path}")
     return daemon.reload(raw, path, say)
+
+
+def _fits_the_file(user: str) -> bool:
+    """A name the passwd file can hold (`user:hash` lines) and a login can name: no colon, no
+    white space."""
+    return ":" not in user and not any(c.isspace() for c in user)
 
 
 def _read_password() -> str | None:

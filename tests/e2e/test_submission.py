@@ -938,3 +938,25 @@ def test_mailerd_passwd_on_a_terminal(tmp_path: Path):
     # the stdin way on the same file still works after that
     done = mailerd_passwd(passwd, "carol", "third-one\n", conf=conf)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("a:b", "not a local user name"),  # (its line would break the file for every change)
+        ("bob smith", "not a local user name"),
+        ("bob@example.org", "give the user name ('bob')"),
+    ],
+)
+def test_mailerd_passwd_refuses_what_is_not_a_user_name(tmp_path: Path, name: str, said: str):
+    """A name the passwd file cannot hold, or an address, is refused (exit 2) and the file is
+    left as it was; the next change still works."""
+    passwd = tmp_path / "passwd"
+    conf = passwd_conf(tmp_path)
+    set_password(passwd, "carol", "first-one", conf)
+    before = passwd.read_bytes()
+    done = mailerd_passwd(passwd, name, "some-password\n", conf=conf)
+    assert done.returncode == 2 and said in done.stderr, done
+    assert passwd.read_bytes() == before
+    set_password(passwd, "dave", "second-one", conf)
+    assert set(passwd_entries(passwd)) == {"carol", "dave"}
