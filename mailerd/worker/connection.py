@@ -405,8 +405,10 @@ class Connection(asyncio.Protocol):
 
     def check_sender(self, sender: Address | None, user: str) -> Reply | None:
         """An authenticated user sends as themselves: their name (+tag) at a local domain, an
-        alias that leads to them, or <>. The local listener's clients may use any address."""
-        if self.listen.trusted or sender is None:
+        alias that leads to them, or <>; on every listener, the local one too (whose clients
+        may use any address as long as they do not authenticate: one who logs in is that
+        user, as with Postfix's reject_sender_login_mismatch)."""
+        if sender is None:
             return None
         cfg = self.worker.cfg
         if policy.sender_owned(sender, user, local_domains=cfg.domains, aliases=cfg.aliases):

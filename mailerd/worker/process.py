@@ -17,6 +17,7 @@ timeout fall back to the shutdown path, so a reload drops no session. SIGUSR1 = 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -340,7 +341,9 @@ def session_config(cfg: Config, listen: ListenAddress) -> SessionConfig:
         # work unchanged against localhost.
         auth=role in (config.SUBMISSION, config.SUBMISSIONS)
         or (role == config.LOCAL and len(cfg.credentials) > 0),
-        auth_in_clear=role == config.LOCAL,
+        # In clear on a loopback address only: a trusted listener on a LAN address must not
+        # take passwords over the wire unencrypted.
+        auth_in_clear=role == config.LOCAL and ipaddress.ip_address(listen.host).is_loopback,
         tls_required=role == config.SUBMISSION or (role == config.NETWORK and cfg.tls_required),
         auth_required=role in (config.SUBMISSION, config.SUBMISSIONS),
     )

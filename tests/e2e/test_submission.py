@@ -561,6 +561,14 @@ def test_sender_must_be_the_users(sub: Sub):
         expect(c.cmd(f"MAIL FROM:<{sub.other}@example.org>"), 250, conn=c)
         expect(c.cmd("RCPT TO:<someone@remote.test>"), 250, conn=c)
         expect(c.cmd("RSET"), 250, conn=c)
+    # ... but one who logs in there is that user: no authenticated user forges another.
+    with Client("127.0.0.1", sub.m.trusted_port) as c:
+        c.start(HELO)
+        expect(c.auth_plain(u, sub.owner.password), 235, "2.7.0", conn=c)
+        expect(c.cmd(f"MAIL FROM:<{u}@example.org>"), 250, conn=c)
+        expect(c.cmd("RCPT TO:<someone@remote.test>"), 250, conn=c)
+        expect(c.cmd("RSET"), 250, conn=c)
+        expect(c.cmd(f"MAIL FROM:<{sub.other}@example.org>"), 553, "5.7.1", conn=c)
 
 
 # --------------------------------------------------------------------------------------------

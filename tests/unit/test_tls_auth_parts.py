@@ -163,6 +163,13 @@ def test_session_config_by_role(tmp_path: Path, ca):
     assert flags(config.NETWORK) == (True, False, False, False, True, False)
     assert flags(config.SUBMISSION) == (True, False, True, False, True, True)
     assert flags(config.SUBMISSIONS) == (False, True, True, False, False, True)
+    # A local listener on another address than loopback takes AUTH inside TLS only.
+    lan = config.load_files(config.load([*args, "-l", "192.0.2.7:2525"]))
+    (on_lan,) = [a for a in lan.listeners if a.role == config.LOCAL and a.host == "192.0.2.7"]
+    assert (session_config(lan, on_lan).auth, session_config(lan, on_lan).auth_in_clear) == (
+        True,
+        False,
+    )
     # Without passwords the local listener offers no AUTH; without a certificate, no STARTTLS.
     plain = config.load_files(load("--passwd", str(tmp_path / "none")))
     local = session_config(plain, plain.listeners[0])
