@@ -171,7 +171,7 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("spool", "s", True, False, "mailbox root (default /var/spool/mail)"),
     ("domain", "d", True, True, "a local domain; repeatable (default: the FQDN and localhost)"),
     ("queue", "q", True, False, "outbound queue and state (default /var/spool/mailerd)"),
-    ("port", "p", True, False, "default port of every listener (default 25)"),
+    ("port", "p", True, False, "default port of the local and network listeners (default 25)"),
     ("listen-local", "l", True, True, "trusted listener ADDR[:PORT]; repeatable; 'none' for none"),
     ("listen-network", "n", True, True, "untrusted listener ADDR[:PORT]; repeatable; 'none'"),
     (

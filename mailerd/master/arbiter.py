@@ -154,6 +154,7 @@ class Master:
         log.info("mailerd started: %s", self._describe_config())
         aliases.report(self.cfg.aliases)
         report_files_in_the_way(self.cfg.spool)
+        report_no_passwords(self.cfg)
         while not self.stopping:
             self._wait(1.0)
             self._read_status()
@@ -308,6 +309,7 @@ class Master:
                 self._retire(pid, child, signal.SIGUSR2, grace)
         aliases.report(new.aliases)
         report_files_in_the_way(new.spool)
+        report_no_passwords(new)
         self.reload_started = time.monotonic()
         return True
 
@@ -612,4 +614,16 @@ def report_files_in_the_way(spool: Path) -> None:
             "until it is moved aside; see the README, 'Mailboxes'",
             spool / name,
             name,
+        )
+
+
+def report_no_passwords(cfg: Config) -> None:
+    """Warn when a submission listener waits for logins that no password allows."""
+    roles = (config.SUBMISSION, config.SUBMISSIONS)
+    submission = [str(listen) for listen in cfg.listeners if listen.role in roles]
+    if submission and len(cfg.credentials) == 0:
+        log.warning(
+            "no passwords in %s: nobody can log in on %s; set one with `mailerd passwd USER`",
+            cfg.passwd_file,
+            ", ".join(submission),
         )

@@ -543,6 +543,12 @@ def test_no_certificate_no_starttls(mailerd_factory):
             expect(c.cmd("NOOP"), 250, conn=c)
 
 
+def test_submission_without_passwords_is_warned_of(mailerd_factory, pki: PKI):
+    """A submission listener with no password to log in with starts, and says so."""
+    m = mailerd_factory(cls=TLSMailerd, pairs=[pki.rsa])
+    assert re.search(r"no passwords in \S+: nobody can log in on .*mailerd passwd", m.log_since(0))
+
+
 def test_tls_required(mailerd_factory, pki: PKI):
     """--tls-required: MAIL before STARTTLS is refused on the network listener too."""
     m = mailerd_factory(
