@@ -27,8 +27,11 @@ def reload(raw: dict[str, object], what: str, say: Callable[[str], None]) -> int
     that a session opened once this returns sees the change. The exit status."""
     pidfile = str(raw.get("pidfile") or config.DEFAULT_PIDFILE)
     pid = running_master(pidfile)
-    if pid is None:
-        say(f"mailerd is not running: it reads {what} when it starts")
+    if pid is None:  # (a mailerd started without a pid file, -f without -P, is not found)
+        say(
+            f"no mailerd runs with the pid file {pidfile}: mailerd reads {what} when it starts "
+            "(one running without that pid file, at its next SIGHUP)"
+        )
         return 0
     before, _ = reload_state(pidfile)
     try:
