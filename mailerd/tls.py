@@ -19,9 +19,12 @@ other names get contexts of their own, chosen by the client's SNI; the first is 
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+log = logging.getLogger("mailerd.tls")
 
 # Mozilla's intermediate configuration, version 5.7, without DHE (TLS 1.2 suites; TLS 1.3's
 # are OpenSSL's).
@@ -54,10 +57,28 @@ def server_context(pairs: Sequence[Pair]) -> ssl.SSLContext | None:
     contexts = [(names, _context(members)) for names, members in groups.items()]
     if not contexts:
         return None
+    for unused in _never_chosen(list(groups.items())):
+        log.warning(
+            "certificate %s is never presented: an earlier certificate is chosen for each of its "
+            "names (to serve an RSA and an ECDSA certificate for the same host, give both the "
+            "same names)",
+            unused,
+        )
     default = contexts[0][1]
     if len(contexts) > 1:
         default.sni_callback = _chooser(contexts)
     return default
+
+
+def _never_chosen(groups: list[tuple[frozenset[str], list[Pair]]]) -> list[Path]:
+    """The certificates of the groups (after the first) whose every name an earlier group's
+    names match: the SNI chooser takes the first match, so those are never presented."""
+    unused = []
+    for i, (names, members) in enumerate(groups[1:], 1):
+        earlier = [pattern for other, _ in groups[:i] for pattern in other]
+        if all(any(_matches(p, n) or p == n for p in earlier) for n in names):
+            unused += [cert for cert, _ in members]
+    return unused
 
 
 def _context(pairs: list[Pair]) -> ssl.SSLContext:

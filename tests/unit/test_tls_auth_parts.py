@@ -6,6 +6,7 @@ what each listener role offers (worker.process.session_config)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import ssl
@@ -217,6 +218,23 @@ def test_sni_chooses_among_names_and_the_first_is_the_default(ca):
     unchecked.check_hostname = False
     assert handshake(context, unchecked, None) == der(first.cert)
     assert handshake(context, unchecked, "unknown.example") == der(first.cert)
+
+
+def test_a_certificate_the_chooser_never_presents_is_warned_of(ca, caplog):
+    """An ECDSA certificate for fewer names than the RSA one before it: SNI takes the first
+    certificate that has the name, so the ECDSA one is never presented; say so at start."""
+    rsa = ca.issue("mx.example.org", "smtp.example.org", tag="w1")
+    ecdsa = ca.issue("mx.example.org", kind="ecdsa", tag="w2")
+    other = ca.issue("mail.example.net", "mx.example.org", kind="ecdsa", tag="w3")
+    with caplog.at_level(logging.WARNING, logger="mailerd.tls"):
+        tls.server_context([(rsa.cert, rsa.key), (ecdsa.cert, ecdsa.key), (other.cert, other.key)])
+    warned = [r.getMessage() for r in caplog.records if "never presented" in r.getMessage()]
+    assert len(warned) == 1 and str(ecdsa.cert) in warned[0], warned
+    caplog.clear()
+    same = ca.issue("mx.example.org", "smtp.example.org", kind="ecdsa", tag="w4")
+    with caplog.at_level(logging.WARNING, logger="mailerd.tls"):
+        tls.server_context([(rsa.cert, rsa.key), (same.cert, same.key)])  # (one context)
+    assert not [r for r in caplog.records if "never presented" in r.getMessage()]
 
 
 def test_the_context_speaks_tls_12_and_13_only(ca):
