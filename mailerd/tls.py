@@ -91,18 +91,42 @@ def _context(pairs: list[Pair]) -> ssl.SSLContext:
     for cert, key in pairs:
         try:
             context.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as exc:
-            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        except ssl.SSLError as exc:
+            raise TLSError(f"cannot use certificate {cert} with key {key}: {_reason(exc)}") from exc
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
             raise TLSError(f"cannot use certificate {cert} with key {key}: {reason}") from exc
     return context
+
+
+# OpenSSL's reasons, in an operator's words (what else it says is passed on as it is).
+_REASONS = {
+    "KEY_VALUES_MISMATCH": "the key is not the certificate's",
+    "NO_CERTIFICATE_ASSIGNED": "the key is not the certificate's (another kind of key)",
+    "PEM lib": "a file holds no PEM certificate or key where one is expected",
+    "Error decoding PEM-encoded file": "not a PEM certificate",
+}
+
+
+def _reason(exc: ssl.SSLError) -> str:
+    said = getattr(exc, "reason", None) or (exc.args[0] if len(exc.args) == 1 else str(exc))
+    if not isinstance(said, str):
+        said = str(exc)
+    if said.startswith("[SSL] "):  # "[SSL] PEM lib (_ssl.c:3926)"
+        said = said[len("[SSL] ") :].split(" (_ssl.c")[0]
+    return _REASONS.get(said, said)
 
 
 def certificate_names(cert: Path) -> list[str]:
     """The DNS names a certificate is for (its subjectAltName, else its common name)."""
     try:
+        with open(cert, "rb"):  # (for the system's words: no such file, a directory, denied)
+            pass
         decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]
-    except (OSError, ssl.SSLError) as exc:
-        raise TLSError(f"cannot read certificate {cert}: {exc}") from exc
+    except ssl.SSLError as exc:  # (its only words: 'Error decoding PEM-encoded file')
+        raise TLSError(f"cannot read certificate {cert}: {_reason(exc)}") from exc
+    except OSError as exc:
+        raise TLSError(f"cannot read certificate {cert}: {exc.strerror or exc}") from exc
     names = [value.lower() for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS"]
     if not names:
         for rdn in decoded.get("subject", ()):

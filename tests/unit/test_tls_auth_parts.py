@@ -135,6 +135,26 @@ def test_a_reload_keeps_certificates_that_do_not_load_and_reads_the_rest(tmp_pat
         config.reload_files(load("--passwd", str(passwd)), running)
 
 
+def test_a_certificate_that_cannot_be_used_is_told_in_words(tmp_path: Path, ca):
+    """The reason a pair cannot be used, as an operator can act on it (not OpenSSL's codes)."""
+    rsa, other = ca.issue("mx.example.org", tag="why1"), ca.issue("mx.example.org", tag="why2")
+    ecdsa = ca.issue("mx.example.org", kind="ecdsa", tag="why3")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    cases = [
+        ((tmp_path, rsa.key), "Is a directory"),
+        ((garbage, rsa.key), "not a PEM certificate"),
+        ((rsa.cert, rsa.cert), "holds no PEM certificate or key"),
+        ((rsa.cert, other.key), "the key is not the certificate's"),
+        ((rsa.cert, ecdsa.key), "the key is not the certificate's"),
+    ]
+    for pair, words in cases:
+        with pytest.raises(tls.TLSError) as caught:
+            tls.server_context([pair])
+        assert words in str(caught.value) and str(pair[0]) in str(caught.value), caught.value
+        assert "_ssl.c" not in str(caught.value) and "('" not in str(caught.value)
+
+
 def test_relative_certificate_paths_mean_the_start_directory(tmp_path: Path):
     cfg = config.absolute(load("--tls-cert", "c.pem", "--tls-key", "k.pem"), tmp_path)
     assert cfg.tls_pairs == ((tmp_path / "c.pem", tmp_path / "k.pem"),)
