@@ -145,6 +145,6 @@ def test_newaliases_reads_the_default_config(tmp_path: Path, monkeypatch, capsys
     assert newaliases.main([]) == 0
     err = capsys.readouterr().err
     assert f"{path}: 2 aliases, 1 problem(s)" in err
-    assert "mailerd is not running" in err
+    assert f"no mailerd runs with the pid file {tmp_path / 'none.pid'}" in err  # (the config's)
     conf.write_text("[mailerd]\nno-such-key = 1\n")
     assert newaliases.main([]) == 78  # EX_CONFIG
