@@ -6,12 +6,13 @@ mode 0600, owned by whoever runs this (root: mailerd's master reads keys as root
 forks, so nothing else needs to read them); an existing file is never replaced. The TXT record
 to publish at SELECTOR._domainkey.DOMAIN is printed in zone-file form, its value split into
 strings of at most 255 octets (one DNS character-string each, RFC 6376 3.6.2.2), then the
-config line that makes mailerd sign with the key.
+config line that makes mailerd sign with the key (the file by its absolute path: mailerd does
+not run from the directory this was run in).
 
 Defaults: RSA of 2048 bits (what every receiver verifies; Ed25519, RFC 8463, is smaller and
 faster but not yet verified everywhere: use both, two selectors), and a selector named for the
 year and month (`202612`), so that a later key can get a new name and both be published while
-the change spreads.
+the change spreads. --bits is refused with --type ed25519 (one size) rather than ignored.
 
 Exit status: 0 done; 1 the file exists or cannot be written; 2 a bad argument.
 """
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from mailerd import signing
 
 DEFAULT_DIR = "/etc/mailerd/dkim"
+DEFAULT_BITS = 2048
 TXT_STRING = 255  # octets in one DNS character-string
 
 
@@ -37,21 +39,25 @@ def main(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     keygen = commands.add_parser("keygen", help="make a key and print its DNS record")
     keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
-    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    keygen.add_argument("--bits", type=int, help=f"RSA key size (default {DEFAULT_BITS})")
     keygen.add_argument("--selector", default=time.strftime("%Y%m"), help="default: YYYYMM")
     keygen.add_argument("--dir", default=DEFAULT_DIR, help=f"default {DEFAULT_DIR}")
     keygen.add_argument("domain", metavar="DOMAIN")
     args = parser.parse_args(argv)
     domain = args.domain.lower().rstrip(".")
-    if args.type == "rsa" and args.bits < signing.MIN_RSA_BITS:
+    if args.type != "rsa" and args.bits is not None:
+        parser.error(f"--bits is for RSA keys ({args.type} keys have one size)")
+    bits = DEFAULT_BITS if args.bits is None else args.bits
+    if args.type == "rsa" and bits < signing.MIN_RSA_BITS:
         parser.error(f"--bits: at least {signing.MIN_RSA_BITS} (receivers ignore shorter keys)")
     if not domain or "/" in domain or domain.startswith("."):
         parser.error(f"not a domain: {args.domain!r}")
     if "/" in args.selector or not args.selector:
         parser.error(f"not a selector: {args.selector!r}")
-    path = os.path.join(args.dir, f"{domain}.{args.selector}.key")
+    # absolute: the printed config line is read by mailerd, which runs from another directory
+    path = os.path.join(os.path.abspath(args.dir), f"{domain}.{args.selector}.key")
     try:
-        write_key(path, new_key(args.type, args.bits))
+        write_key(path, new_key(args.type, bits))
     except FileExistsError:
         print(
             f"mailerd dkim: {path} exists; not replaced (give another --selector)", file=sys.stderr

@@ -1,33 +1,46 @@
 """`mailerd dns [-c FILE] [--check] [DOMAIN...]`: the DNS records a mail server needs, and a
 check of what is published.
 
-For each local domain of the configuration (or those named; `localhost` and names without a
-dot are left out) it prints, in zone-file form:
+For each local domain of the configuration (or those named, each a local domain or below one;
+`localhost` and names without a dot are left out) it prints, in zone-file form, with `;`
+comments where the reason is not obvious:
 
 - MX → the host name (-H): where other servers deliver;
-- A / AAAA of the host name, one per outbound address;
-- SPF `v=spf1 mx -all`: the MX hosts may send the domain's mail, nobody else;
+- A / AAAA of the host name, one per network-listener address, both families whatever
+  --outbound-ip says (those listeners receive mail);
+- SPF `v=spf1 mx -all`: the MX hosts may send the domain's mail, nobody else; with a
+  `relayhost`, mail leaves through it: `v=spf1 mx a:RELAYHOST -all` (ip4:/ip6: for an address),
+  and the comment says to use the provider's documented SPF include instead, if it has one;
 - each DKIM key's TXT record (`--dkim-key`), its value in strings of at most 255 octets;
 - DMARC `v=DMARC1; p=quarantine; rua=mailto:postmaster@DOMAIN`: mail that passes neither SPF
   nor DKIM in alignment goes to the spam folder rather than being refused outright (a
   forwarded message, a mistake in a record, costs a look in the spam folder, not lost mail),
   and receivers send their reports to postmaster; move to p=reject once the reports are clean;
 - PTR of each outbound address → the host name (set at the hosting provider: Gmail and
-  Outlook refuse mail from an address whose PTR name does not resolve back to it).
+  Outlook refuse mail from an address whose PTR name does not resolve back to it). The
+  outbound addresses are the listener addresses within --outbound-ip; with a relayhost there
+  are none (this machine's addresses send nothing), so no PTR.
 
-The outbound addresses are those of the network listeners (-n, by default the addresses of the
-default route's interface), within --outbound-ip, but for loopback, link-local and wildcard
-ones (no mail leaves from those); an address that is not public (behind NAT, say) is printed
-with a warning, since the world sees mail from another one.
+The listener addresses are those of the network listeners (-n, by default the addresses of the
+default route's interface) but for loopback, link-local and wildcard ones (the world reaches
+none of those); an address that is not public (behind NAT, say) is printed with a warning,
+since the world sees another one.
 
 With --check each record is looked up through the configured resolver (--dns-server, else the
 machine's) and reported as `OK`, `MISSING` or `WRONG` (with what is published and what is
-wanted): SPF is right when the published policy gives `pass` for every outbound address (pyspf
-evaluates it, includes and all), DMARC for any valid record with a policy, a PTR when it names
-the host and that name's A/AAAA contain the address (forward-confirmed reverse DNS).
+wanted, or why the published record does not do what it should). SPF is right when pyspf,
+evaluating the published policy (includes, redirects and all), gives `pass` for every sending
+address (the outbound addresses, or the relayhost's A/AAAA) and not for two addresses nobody
+is given (PROBES: a pass there means `+all` or the like lets any host send as the domain). A
+DKIM record is right when it has the key's p=, k= its type (absent: rsa), v= absent or DKIM1
+and h= absent or listing sha256. DMARC is right when there is exactly one record with
+v=DMARC1 first and the inbound verifier's parser (`dmarc.parse`) finds a policy in it. A PTR is
+right when it names the host and that name's A/AAAA contain the address (forward-confirmed
+reverse DNS).
 
 Exit status: 0 (with --check: only when everything is OK); 1 something is missing or wrong;
-2 a bad argument; 78 (EX_CONFIG) a configuration or key that cannot be read.
+2 a bad argument (a DOMAIN that is not local among them); 78 (EX_CONFIG) a configuration or key
+that cannot be read.
 """
 
 from __future__ import annotations
@@ -37,13 +50,13 @@ import asyncio
 import ipaddress
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import dns.reversename
 
-from mailerd import config
+from mailerd import config, names
 from mailerd.commands.dkimkeys import txt_strings, zone_txt
 from mailerd.config import Config
 from mailerd.inbound import dmarc, sender_policy
@@ -51,6 +64,10 @@ from mailerd.inbound.lookups import Answer, Bridge, Lookups, TemporaryFailure
 from mailerd.signing import SigningKey
 
 MX_PREFERENCE = 10
+# Addresses nobody is given (240.0.0.0/4 is reserved, 100::/64 is the discard prefix): an SPF
+# policy that passes them passes any host (`+all`, or a redirect to such a record).
+PROBES = ("240.0.0.1", "100::1")
+NULL_MX = "0 . (a null MX: the domain takes no mail)"
 
 
 @dataclass(frozen=True)
@@ -59,7 +76,7 @@ class Record:
     rtype: str  # MX, A, AAAA, TXT, PTR
     value: str  # as published (TXT: the whole text)
     role: str  # mx, address, spf, dkim, dmarc, ptr
-    address: str = ""  # the outbound address (address, ptr)
+    address: str = ""  # the listener address (address, ptr)
 
     def zone(self) -> str:
         if self.rtype == "TXT":
@@ -88,24 +105,27 @@ def main(argv: list[str]) -> int:
     domains = [d.lower().rstrip(".") for d in args.domains] or [
         d for d in cfg.domains if "." in d and d != "localhost"
     ]
+    strangers = [d for d in domains if not names.is_local_domain(d, cfg.domains)]
+    if strangers:
+        print(
+            f"mailerd dns: not a local domain: {', '.join(strangers)} "
+            f"(the local domains: {', '.join(cfg.domains) or 'none'})",
+            file=sys.stderr,
+        )
+        return 2
     if not domains:
         print("mailerd dns: no domain to publish (give -d/domain in the config)", file=sys.stderr)
         return 1
-    addresses = outbound_addresses(cfg)
-    if not addresses:
-        print(
-            "; no outbound address among the network listeners: no A/AAAA/PTR records "
-            "(give listen-network, or run this on the server itself)",
-        )
-    for address in addresses:
-        if not ipaddress.ip_address(address).is_global:
-            print(f"; {address} is not a public address: the world sees mail from another one")
-    records = list(wanted(cfg, domains, keys, addresses))
+    addresses = listener_addresses(cfg)
+    outbound = outbound_addresses(cfg, addresses)
+    for line in notes(cfg, addresses, outbound):
+        print(line)
+    records = list(wanted(cfg, domains, keys, addresses, outbound))
     if not args.check:
-        for record in records:
-            print(record.zone())
+        for line in zone_lines(cfg, records):
+            print(line)
         return 0
-    lines = asyncio.run(check_all(cfg, records, addresses))
+    lines = asyncio.run(check_all(cfg, records, outbound))
     for line in lines:
         print(line)
     return 0 if all(line.startswith("OK") for line in lines) else 1
@@ -120,27 +140,74 @@ def load_keys(cfg: Config) -> tuple[SigningKey, ...]:
         raise config.ConfigError(f"--dkim-key: {exc}") from exc
 
 
-def outbound_addresses(cfg: Config) -> list[str]:
-    """The network listeners' public addresses, within --outbound-ip, each once."""
-    families = {"ipv4": (4,), "ipv6": (6,), "both": (4, 6)}[cfg.outbound_ip]
+def listener_addresses(cfg: Config) -> list[str]:
+    """The network listeners' usable addresses, each once: the world delivers to them, so the
+    host name's A/AAAA list them all, whatever --outbound-ip says."""
     found = []
     for listen in cfg.listeners:
         if listen.role != config.NETWORK:
             continue
         ip = ipaddress.ip_address(listen.host)
         usable = not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
-        if ip.version in families and usable and str(ip) not in found:
+        if usable and str(ip) not in found:
             found.append(str(ip))
     return found
 
 
+def outbound_addresses(cfg: Config, addresses: list[str]) -> list[str]:
+    """Those mail leaves from (they want a PTR and an SPF pass): within --outbound-ip; none
+    with a relayhost, through which mail leaves instead."""
+    if cfg.relayhost is not None:
+        return []
+    families = {"ipv4": (4,), "ipv6": (6,), "both": (4, 6)}[cfg.outbound_ip]
+    return [a for a in addresses if ipaddress.ip_address(a).version in families]
+
+
+def notes(cfg: Config, addresses: list[str], outbound: list[str]) -> Iterator[str]:
+    """`;` lines about the addresses, printed before the records (and the check)."""
+    if not addresses:
+        yield (
+            "; no usable address among the network listeners: no A/AAAA/PTR records "
+            "(give listen-network, or run this on the server itself)"
+        )
+    for address in addresses:
+        if not ipaddress.ip_address(address).is_global:
+            yield f"; {address} is not a public address: the world sees this server at another one"
+    if cfg.relayhost is not None:
+        yield (
+            f"; mail leaves through the relayhost {cfg.relayhost[0]}: no PTR records "
+            "(this machine's own addresses send no mail)"
+        )
+    elif addresses and not outbound:
+        yield f"; no listener address within outbound-ip = {cfg.outbound_ip}: no PTR records"
+
+
+def spf_record(cfg: Config) -> str:
+    if cfg.relayhost is None:
+        return "v=spf1 mx -all"
+    return f"v=spf1 mx {relay_mechanism(cfg.relayhost[0])} -all"
+
+
+def relay_mechanism(host: str) -> str:
+    """The SPF mechanism that passes the relayhost: a:HOST, or ip4:/ip6: for an address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"a:{host}"
+    return f"ip{ip.version}:{ip}"
+
+
 def wanted(
-    cfg: Config, domains: list[str], keys: tuple[SigningKey, ...], addresses: list[str]
+    cfg: Config,
+    domains: list[str],
+    keys: tuple[SigningKey, ...],
+    addresses: list[str],
+    outbound: list[str],
 ) -> Iterator[Record]:
     host = cfg.hostname.lower().rstrip(".")
     for domain in domains:
         yield Record(domain, "MX", host, "mx")
-        yield Record(domain, "TXT", "v=spf1 mx -all", "spf")
+        yield Record(domain, "TXT", spf_record(cfg), "spf")
         for key in keys:
             if key.domain == domain:
                 yield Record(key.dns_name, "TXT", key.dns_record(), "dkim")
@@ -153,28 +220,65 @@ def wanted(
     for address in addresses:
         rtype = "AAAA" if ":" in address else "A"
         yield Record(host, rtype, address, "address", address)
-    for address in addresses:
+    for address in outbound:
         reverse = dns.reversename.from_address(address).to_text().rstrip(".")
         yield Record(reverse, "PTR", host, "ptr", address)
 
 
-async def check_all(cfg: Config, records: list[Record], addresses: list[str]) -> list[str]:
+def zone_lines(cfg: Config, records: Iterable[Record]) -> Iterator[str]:
+    """The records in zone-file form, the first of each kind after what is to know about it."""
+    explained = explanations(cfg)
+    for record in records:
+        yield from explained.pop(record.role, ())
+        yield record.zone()
+
+
+def explanations(cfg: Config) -> dict[str, list[str]]:
+    """`;` comment lines by role: why the record is as it is, where that is not obvious."""
+    out = {
+        "dmarc": [
+            "; DMARC p=quarantine: a forwarded message or a record mistake costs a look in the",
+            "; spam folder, not lost mail. Reports go to postmaster; move to p=reject once they",
+            "; show only your own mail, passing.",
+        ],
+        "ptr": [
+            "; PTR records are set at the hosting provider (who owns the address), not in your",
+            "; zone: Gmail and Outlook refuse mail whose PTR name does not resolve back to it.",
+        ],
+    }
+    if cfg.relayhost is not None:
+        relay = cfg.relayhost[0]
+        out["spf"] = [
+            f"; mail leaves through the relayhost {relay}: if its provider documents an SPF",
+            f"; include, use that in place of {relay_mechanism(relay)}.",
+        ]
+    return out
+
+
+async def check_all(cfg: Config, records: list[Record], outbound: list[str]) -> list[str]:
     lookups = Lookups.make(cfg.dns_server, cfg.dns_timeout)
     loop = asyncio.get_running_loop()
     bridge = Bridge(lookups, loop, cfg.dns_timeout)
+    relay = cfg.relayhost[0] if cfg.relayhost is not None else None
     with ThreadPoolExecutor(2) as threads:
-        checker = _Checker(lookups, bridge, threads, addresses)
+        checker = _Checker(lookups, bridge, threads, outbound, relay)
         return [await checker.check(record) for record in records]
 
 
 class _Checker:
     def __init__(
-        self, lookups: Lookups, bridge: Bridge, threads: ThreadPoolExecutor, addresses: list[str]
+        self,
+        lookups: Lookups,
+        bridge: Bridge,
+        threads: ThreadPoolExecutor,
+        outbound: list[str],
+        relay: str | None,
     ) -> None:
         self.lookups = lookups
         self.bridge = bridge
         self.threads = threads
-        self.addresses = addresses
+        self.outbound = outbound
+        self.relay = relay
 
     async def check(self, record: Record) -> str:
         try:
@@ -184,8 +288,10 @@ class _Checker:
             return f"WRONG    {_label(record)}: the DNS did not answer ({exc})"
 
     async def _mx(self, record: Record) -> str:
-        have = [v.split()[-1].lower().rstrip(".") for v in await self._records(record)]
-        return _verdict(record, have, record.value in have)
+        have = await self._records(record)
+        hosts = [v.split()[-1].lower().rstrip(".") for v in have]
+        shown = [host or NULL_MX for host in hosts]
+        return _verdict(record, shown, record.value in hosts)
 
     async def _address(self, record: Record) -> str:
         have = await self._records(record)
@@ -195,36 +301,87 @@ class _Checker:
         have = [v for v in await self._records(record) if v.lower().startswith("v=spf1")]
         if not have:
             return _verdict(record, have, False)
-        if not self.addresses:
-            return _verdict(record, have, True, note="(no outbound address to try it with)")
+        senders = await self._senders()
+        problems = await self._spf_problems(record.name, senders)
+        if not problems:
+            return _verdict(record, have, True, note=self._spf_ok_note(senders))
+        if have == [record.value]:  # then the names it points to are what is wrong
+            return (
+                f"WRONG    {_label(record)}: published as wanted, but {'; and '.join(problems)}"
+                f" ({self._spf_deciders()})"
+            )
+        return _verdict(record, have, False, note=f"({'; '.join(problems)})")
+
+    async def _spf_problems(self, domain: str, senders: list[str]) -> list[str]:
+        """What is wrong with the domain's SPF verdicts: a sender without `pass`, a probe
+        with it."""
+        problems = []
+        failing = [(a, r) for a, r in await self._spf_results(domain, senders) if r != "pass"]
+        if failing:
+            problems.append(f"not pass for {', '.join(f'{a}: {r}' for a, r in failing)}")
+        strangers = [a for a, r in await self._spf_results(domain, PROBES) if r == "pass"]
+        if strangers:
+            problems.append(
+                f"pass for {', '.join(strangers)}, which nobody is given: "
+                f"it lets any host send as {domain}"
+            )
+        return problems
+
+    async def _senders(self) -> list[str]:
+        """The addresses mail leaves from: ours, or the relayhost's A and AAAA."""
+        if self.relay is None:
+            return self.outbound
+        try:
+            return [str(ipaddress.ip_address(self.relay))]
+        except ValueError:
+            pass
+        found: list[str] = []
+        for rtype in ("A", "AAAA"):
+            found += (await self.lookups.query(self.relay, rtype)).records
+        return found
+
+    async def _spf_results(self, domain: str, addresses: Iterable[str]) -> list[tuple[str, str]]:
+        """(address, SPF result) for mail from postmaster@DOMAIN sent from each address."""
         loop = asyncio.get_running_loop()
-        failing = []
-        for address in self.addresses:
+        out = []
+        for address in addresses:
             result = await loop.run_in_executor(
                 self.threads,
                 sender_policy.check,
                 self.bridge,
                 address,
-                f"postmaster@{record.name}",
-                record.name,
+                f"postmaster@{domain}",
+                domain,
             )
-            if result.result != "pass":
-                failing.append(f"{address}: {result.result}")
-        note = (
-            f"(not pass for {', '.join(failing)})"
-            if failing
-            else "(pass for every outbound address)"
-        )
-        return _verdict(record, have, not failing, note=note)
+            out.append((address, result.result))
+        return out
+
+    def _spf_ok_note(self, senders: list[str]) -> str:
+        if senders:
+            who = "every outbound address" if self.relay is None else f"{self.relay}'s addresses"
+            return f"(pass for {who}, and for no stranger)"
+        if self.relay is None:
+            return "(no outbound address to try it with)"
+        return f"(the relayhost {self.relay} has no address to try it with)"
+
+    def _spf_deciders(self) -> str:
+        if self.relay is None:
+            return "the domain's MX and the host's A/AAAA records decide it"
+        return f"the domain's MX and {self.relay}'s A/AAAA records decide it"
 
     async def _dkim(self, record: Record) -> str:
         have = await self._records(record)
-        wanted_key = _tag(record.value, "p")
-        ok = any(_tag(v, "p") == wanted_key for v in have)
-        return _verdict(record, have, ok)
+        want = _tags(record.value)
+        same_key = [_tags(v) for v in have if _tags(v).get("p") == want["p"]]
+        if not same_key:
+            return _verdict(record, have, False)
+        problems = [_dkim_problem(tags, want["k"]) for tags in same_key]
+        if "" in problems:
+            return _verdict(record, have, True)
+        return _verdict(record, have, False, note=f"(the key is right, but {problems[0]})")
 
     async def _dmarc(self, record: Record) -> str:
-        have = [v for v in await self._records(record) if v.startswith("v=DMARC1")]
+        have = [v for v in await self._records(record) if _is_dmarc(v)]
         ok = len(have) == 1 and dmarc.parse(have[0]) is not None
         note = "" if len(have) < 2 else "(several DMARC records: receivers ignore them all)"
         return _verdict(record, have, ok, note=note)
@@ -271,9 +428,36 @@ def _show(value: str, rtype: str) -> str:
     return value
 
 
-def _tag(record: str, name: str) -> str:
+def _tags(record: str) -> dict[str, str]:
+    """A DKIM key record's tags (names as written: RFC 6376 3.2 makes them case-sensitive;
+    values without their whitespace); the first of a repeated tag."""
+    tags: dict[str, str] = {}
     for part in record.split(";"):
         key, sep, value = part.partition("=")
-        if sep and key.strip() == name:
-            return "".join(value.split())
+        if sep:
+            tags.setdefault(key.strip(), "".join(value.split()))
+    return tags
+
+
+def _dkim_problem(tags: dict[str, str], kind: str) -> str:
+    """What in a record with our key's p= keeps receivers from verifying our signatures with
+    it ("" when nothing). t= is left alone: t=s only refuses an i= in a subdomain of d=, and
+    ours is d='s own (dkimpy's default @DOMAIN, which signing.py keeps)."""
+    version = tags.get("v", "DKIM1")
+    if version.upper() != "DKIM1":
+        return f"v={version}: it must be DKIM1, or absent"
+    if "k" not in tags and kind != "rsa":
+        return f"no k=, which means rsa, for an {kind} key"
+    if tags.get("k", "rsa").lower() != kind:
+        return f"k={tags['k']} for an {kind} key"
+    hashes = tags.get("h")
+    if hashes is not None and "sha256" not in hashes.lower().split(":"):
+        return f"h={hashes}: it must list sha256 (our signatures' hash), or be absent"
     return ""
+
+
+def _is_dmarc(text: str) -> bool:
+    """Whether receivers take a TXT record for a DMARC one (valid or not): v=DMARC1 is its
+    first tag, read as dmarc.parse reads tags (the name in any case, spaces around the "=")."""
+    name, _, value = text.split(";", 1)[0].partition("=")
+    return name.strip().lower() == "v" and value.strip() == "DMARC1"

@@ -321,6 +321,27 @@ def test_keygen_refuses_short_rsa(tmp_path: Path):
     assert not list(tmp_path.iterdir()), f"files written: {os.listdir(tmp_path)}"
 
 
+def test_keygen_refuses_bits_for_ed25519(tmp_path: Path):
+    """--bits is for RSA: with --type ed25519 it is refused, not silently ignored."""
+    p = keygen("--dir", str(tmp_path), "--type", "ed25519", "--bits", "2048", "example.org")
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert "--bits" in p.stderr and "RSA" in p.stderr, f"the refusal should say why: {p.stderr!r}"
+    assert not list(tmp_path.iterdir()), f"files written: {os.listdir(tmp_path)}"
+
+
+def test_keygen_relative_dir_prints_an_absolute_path(tmp_path: Path):
+    """`--dir keys` (relative): the printed config line names the key by its absolute path,
+    since mailerd does not run from this directory."""
+    p = run_mailerd(
+        ["dkim", "keygen", "--dir", "keys", "--selector", "r1", "example.org"], cwd=tmp_path
+    )
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    path = usage_line(p.stdout, "example.org", "r1")
+    assert path.is_absolute(), f"not an absolute path: {path}"
+    assert path.resolve() == (tmp_path / "keys" / "example.org.r1.key").resolve(), path
+    check_key_file(path)
+
+
 def test_keygen_key_works_in_mailerd(tmp_path: Path, mailerd_factory, dns_stuck):
     """The operator's path: keygen, the printed config line as is, the printed record in the
     DNS: mailerd starts with that config and its signature verifies against that record."""

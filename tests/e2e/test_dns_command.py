@@ -11,6 +11,10 @@ must be exactly what the contract asks for. `--check` is run against an in-proce
 as the zone (what an operator pastes must pass), then with one thing wrong or missing at a
 time. A `--check` line is read as `STATUS ... OWNER ... TYPE ...`: the status first, then the
 first word containing a dot is the record's owner and the first record-type word its type.
+
+Some tests give the config a `relayhost` (RELAY, whose A/AAAA only the test DNS server knows)
+or `outbound-ip = ipv4`; those change which SPF, A/AAAA and PTR records are wanted (`wanted`'s
+`spf` and `ptr_addresses`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ HOSTNAME = "mx.example.org"
 V4 = "192.0.2.25"
 V6 = "2001:db8::25"
 OTHER_HOST = "other.example.net"
+RELAY = "relay.example.com"
+RELAY_ADDRESSES = ("198.51.100.7", "2001:db8:1::7")
+SPF = "v=spf1 mx -all"
 TYPES = ("MX", "A", "AAAA", "TXT", "PTR")
 STATUSES = ("OK", "MISSING", "WRONG")
 RUN_TIMEOUT = 60.0
@@ -165,11 +172,20 @@ def _normal_txt(value: str) -> str:
     return f"v=DKIM1; k={tags.get('k', 'rsa')}; p={tags.get('p', '')}"
 
 
-def wanted(keys: list[Key], domains=("example.org", "example.net"), addresses=(V4, V6)) -> set[Rec]:
+def wanted(
+    keys: list[Key],
+    domains=("example.org", "example.net"),
+    addresses=(V4, V6),
+    *,
+    ptr_addresses=None,
+    spf: str = SPF,
+) -> set[Rec]:
+    """The records to publish: A/AAAA for `addresses`, PTR for `ptr_addresses` (default: the
+    same ones)."""
     out: set[Rec] = set()
     for d in domains:
         out.add((d, "MX", f"10 {HOSTNAME}"))
-        out.add((d, "TXT", "v=spf1 mx -all"))
+        out.add((d, "TXT", spf))
         out.add((f"_dmarc.{d}", "TXT", f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{d}"))
         for k in keys:
             if k.domain == d:
@@ -177,6 +193,7 @@ def wanted(keys: list[Key], domains=("example.org", "example.net"), addresses=(V
     for a in addresses:
         ip = ipaddress.ip_address(a)
         out.add((HOSTNAME, "A" if ip.version == 4 else "AAAA", ip.compressed))
+    for a in addresses if ptr_addresses is None else ptr_addresses:
         out.add((reverse(a), "PTR", HOSTNAME))
     return out
 
@@ -320,13 +337,130 @@ def test_only_the_domains_asked_for(conf: Path, keys: list[Key]):
     assert got == want, f"missing {sorted(want - got)}, extra {sorted(got - want)}\n{p.stdout}"
 
 
-def test_outbound_ip_ipv4_leaves_out_ipv6(tmp_path: Path, keys: list[Key], dns_server):
+def test_outbound_ip_ipv4_leaves_out_the_ipv6_ptr(tmp_path: Path, keys: list[Key], dns_server):
+    """`outbound-ip = ipv4`: no mail leaves from the IPv6 address, so it wants no PTR, but the
+    IPv6 listener still receives mail, so the host name keeps its AAAA; the check asks for
+    what is printed."""
     conf = write_config(tmp_path / "v4.conf", keys, dns_server, more="outbound-ip = ipv4\n")
     p = mailerd_dns("-c", str(conf))
     assert p.returncode == 0, p
     got = set(printed_records(p.stdout))
-    want = wanted(keys, addresses=(V4,))
+    want = wanted(keys, ptr_addresses=(V4,))
     assert got == want, f"missing {sorted(want - got)}, extra {sorted(got - want)}\n{p.stdout}"
+    rc, lines = run_check(conf, dns_server, p.stdout)
+    assert [ln for ln in lines if ln.status != "OK"] == [] and rc == 0, shown(lines)
+    assert Counter((ln.owner, ln.rtype) for ln in lines) == Counter((o, t) for o, t, _ in want)
+
+
+def _is_record(line: str, owner: str, rtype: str) -> bool:
+    """Is the line an `rtype` record at `owner` (".SUFFIX": any name below it)?"""
+    if not line.strip() or line.lstrip().startswith(";"):
+        return False
+    o, t, _ = _records_of(line)[0]
+    return t == rtype and (o == owner or (owner.startswith(".") and o.endswith(owner)))
+
+
+def comments_before(stdout: str, owner: str, rtype: str) -> str:
+    """The `;` lines just above the first such record."""
+    lines = stdout.splitlines()
+    at = next((i for i, ln in enumerate(lines) if _is_record(ln, owner, rtype)), None)
+    assert at is not None, f"no {owner} {rtype} record:\n{stdout}"
+    block: list[str] = []
+    for line in reversed(lines[:at]):
+        if not line.lstrip().startswith(";"):
+            break
+        block.insert(0, line)
+    return "\n".join(block)
+
+
+def test_output_explains_dmarc_and_ptr(conf: Path, keys: list[Key]):
+    """`;` comments (the output stays a zone file): why DMARC's p=quarantine, and where PTR
+    records are set."""
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 0, p
+    assert set(printed_records(p.stdout)) == wanted(keys)
+    dmarc = comments_before(p.stdout, "_dmarc.example.org", "TXT")
+    for word in ("quarantine", "spam", "postmaster", "p=reject"):
+        assert word in dmarc, f"the DMARC comment should say {word!r}:\n{p.stdout}"
+    ptr = comments_before(p.stdout, ".arpa", "PTR")
+    assert re.search(r"(?i)provider", ptr) and re.search(r"Gmail|Outlook", ptr), p.stdout
+
+
+def test_a_domain_that_is_not_local_is_refused(conf: Path, keys: list[Key]):
+    """A DOMAIN that is not one of the configuration's: exit 2, naming it and the local
+    domains, no records. A name below a local domain is local (a DKIM key may be for it)."""
+    p = mailerd_dns("-c", str(conf), "example.org", "other.net")
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    for name in ("other.net", "example.org", "example.net"):
+        assert name in p.stderr, f"the refusal should name {name}: {p.stderr!r}"
+    assert printed_records(p.stdout) == [], p.stdout
+    sub = mailerd_dns("-c", str(conf), "news.example.org")
+    assert sub.returncode == 0, f"exit {sub.returncode}\n{sub.stdout}\n{sub.stderr}"
+    assert ("news.example.org", "MX", f"10 {HOSTNAME}") in printed_records(sub.stdout)
+
+
+@pytest.fixture
+def relay_conf(tmp_path: Path, keys: list[Key], dns_server: DNSServer) -> Path:
+    return write_config(tmp_path / "relay.conf", keys, dns_server, more=f"relayhost = {RELAY}\n")
+
+
+RELAY_SPF = f"v=spf1 mx a:{RELAY} -all"
+RELAY_RECORDS = {(RELAY, "A", RELAY_ADDRESSES[0]), (RELAY, "AAAA", RELAY_ADDRESSES[1])}
+
+
+def test_relayhost_spf_names_it_and_no_ptr(relay_conf: Path, keys: list[Key]):
+    """With a relayhost mail leaves through it: SPF `mx a:RELAY`, explained (a provider's
+    include is better); no PTR records, and a comment says why; A/AAAA stay (for receiving)."""
+    p = mailerd_dns("-c", str(relay_conf))
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    got = set(printed_records(p.stdout))
+    want = wanted(keys, ptr_addresses=(), spf=RELAY_SPF)
+    assert got == want, f"missing {sorted(want - got)}, extra {sorted(got - want)}\n{p.stdout}"
+    spf = comments_before(p.stdout, "example.org", "TXT")
+    assert RELAY in spf and "include" in spf, f"the SPF comment:\n{p.stdout}"
+    notes = [ln for ln in p.stdout.splitlines() if ln.startswith(";")]
+    assert any("PTR" in ln and RELAY in ln for ln in notes), f"no word on PTR:\n{p.stdout}"
+
+
+def test_relayhost_check_tries_the_relays_addresses(relay_conf: Path, keys: list[Key], dns_server):
+    """--check with a relayhost: SPF must pass the relay's A/AAAA (looked up through the
+    configured DNS server); passing ours is not enough. No PTR is asked for."""
+    want = wanted(keys, ptr_addresses=(), spf=RELAY_SPF)
+    rc, lines = run_check(relay_conf, dns_server, zone_text(want | RELAY_RECORDS))
+    assert [ln for ln in lines if ln.status != "OK"] == [] and rc == 0, shown(lines)
+    assert Counter((ln.owner, ln.rtype) for ln in lines) == Counter((o, t) for o, t, _ in want)
+    ours_only = _replace("example.org", "TXT", SPF)(want) | RELAY_RECORDS
+    rc, lines = run_check(relay_conf, dns_server, zone_text(ours_only))
+    spf = index(lines)[("example.org", "TXT")]
+    assert [ln.status for ln in spf] == ["WRONG"], shown(lines)
+    assert RELAY_ADDRESSES[0] in spf[0].text, spf[0].text
+    assert [ln for ln in lines if ln.status != "OK" and ln not in spf] == [], shown(lines)
+    assert rc == 1, shown(lines)
+    relay_only = _replace("example.org", "TXT", f"v=spf1 a:{RELAY} -all")(want) | RELAY_RECORDS
+    rc, lines = run_check(relay_conf, dns_server, zone_text(relay_only))
+    assert [ln for ln in lines if ln.status != "OK"] == [] and rc == 0, (
+        f"our own addresses send nothing: SPF need not pass them\n{shown(lines)}"
+    )
+
+
+def test_spf_published_as_wanted_but_not_passing_says_so(conf: Path, keys: list[Key], dns_server):
+    """The SPF text is as wanted, but the host has no A: the line says so plainly rather than
+    showing the same record as published and wanted."""
+    rc, lines = run_check(conf, dns_server, zone_text(_replace(HOSTNAME, "A")(wanted(keys))))
+    line = index(lines)[("example.org", "TXT")][0]
+    assert line.status == "WRONG", shown(lines)
+    assert "as wanted" in line.text and V4 in line.text, line.text
+    assert line.text.count(SPF) < 2, f"the same record shown twice: {line.text}"
+    assert rc == 1
+
+
+def test_null_mx_is_shown_as_one(conf: Path, keys: list[Key], dns_server):
+    """`MX 0 .` is published, not nothing: the line says it is a null MX."""
+    zone = zone_text(_replace("example.org", "MX")(wanted(keys))) + "example.org. MX 0 .\n"
+    rc, lines = run_check(conf, dns_server, zone)
+    line = index(lines)[("example.org", "MX")][0]
+    assert line.status == "WRONG" and "null MX" in line.text, line.text
+    assert rc == 1
 
 
 def test_loopback_listener_is_no_outbound_address(tmp_path: Path, keys: list[Key], dns_server):
@@ -376,6 +510,15 @@ def _replace(owner: str, rtype: str, *values: str) -> Callable[[set[Rec]], set[R
     return change
 
 
+def _edit(owner: str, rtype: str, how: Callable[[str], str]) -> Callable[[set[Rec]], set[Rec]]:
+    """Each record at (owner, rtype) with its value changed by `how`."""
+
+    def change(records: set[Rec]) -> set[Rec]:
+        return {(o, t, how(v) if (o, t) == (owner, rtype) else v) for o, t, v in records}
+
+    return change
+
+
 def _plus(*extra: Rec, then: Callable[[set[Rec]], set[Rec]] | None = None):
     def change(records: set[Rec]) -> set[Rec]:
         return (then(records) if then else records) | set(extra)
@@ -394,8 +537,12 @@ class Case:
     mentions: tuple[str, ...] = ()  # words the first expected line must show
 
 
+ORG_DKIM = "r2026._domainkey.example.org"  # the RSA key's
+ORG_ED25519 = "e2026._domainkey.example.org"
+
+
 def _cases(other_rsa: Path) -> dict[str, Case]:
-    org_dkim = "r2026._domainkey.example.org"
+    org_dkim = ORG_DKIM
     return {
         # MX to another host (which has our addresses, so SPF `mx` still passes)
         "mx-other-host": Case(
@@ -422,10 +569,45 @@ def _cases(other_rsa: Path) -> dict[str, Case]:
             {("example.org", "TXT"): "WRONG"},
             ("v=spf1 -all",),
         ),
+        # our addresses pass, and so does anyone's
+        "spf-plus-all": Case(
+            _replace("example.org", "TXT", "v=spf1 +all"),
+            {("example.org", "TXT"): "WRONG"},
+            ("any host",),
+        ),
+        "spf-redirect-to-all": Case(
+            _plus(
+                ("_spf.example.org", "TXT", "v=spf1 +all"),
+                then=_replace("example.org", "TXT", "v=spf1 mx redirect=_spf.example.org"),
+            ),
+            {("example.org", "TXT"): "WRONG"},
+            ("any host",),
+        ),
         "spf-missing": Case(_replace("example.net", "TXT"), {("example.net", "TXT"): "MISSING"}),
         "dkim-other-key": Case(
             _replace(org_dkim, "TXT", _normal_txt(public_record(other_rsa))),
             {(org_dkim, "TXT"): "WRONG"},
+        ),
+        # the right p=, but a tag that keeps receivers from verifying with it
+        "dkim-k-other-type": Case(
+            _edit(org_dkim, "TXT", lambda v: v.replace("k=rsa", "k=ed25519")),
+            {(org_dkim, "TXT"): "WRONG"},
+            ("k=",),
+        ),
+        "dkim-ed25519-without-k": Case(  # no k= means rsa
+            _edit(ORG_ED25519, "TXT", lambda v: v.replace("k=ed25519; ", "")),
+            {(ORG_ED25519, "TXT"): "WRONG"},
+            ("k=",),
+        ),
+        "dkim-h-sha1": Case(
+            _edit(org_dkim, "TXT", lambda v: v.replace("k=rsa;", "k=rsa; h=sha1;")),
+            {(org_dkim, "TXT"): "WRONG"},
+            ("h=",),
+        ),
+        "dkim-v-other": Case(
+            _edit(org_dkim, "TXT", lambda v: v.replace("v=DKIM1", "v=DKIM2")),
+            {(org_dkim, "TXT"): "WRONG"},
+            ("v=",),
         ),
         "dkim-missing": Case(
             _replace("e2026._domainkey.example.org", "TXT"),
@@ -459,8 +641,9 @@ def _cases(other_rsa: Path) -> dict[str, Case]:
 
 
 BROKEN = [  # the keys of _cases (which needs the keys to be made first)
-    "mx-other-host", "mx-missing", "no-a", "spf-all-only", "spf-missing", "dkim-other-key",
-    "dkim-missing", "dmarc-missing", "dmarc-without-p", "ptr-other-name",
+    "mx-other-host", "mx-missing", "no-a", "spf-all-only", "spf-plus-all", "spf-redirect-to-all",
+    "spf-missing", "dkim-other-key", "dkim-k-other-type", "dkim-ed25519-without-k", "dkim-h-sha1",
+    "dkim-v-other", "dkim-missing", "dmarc-missing", "dmarc-without-p", "ptr-other-name",
     "ptr-forward-mismatch", "ptr-missing",
 ]  # fmt: skip
 
@@ -501,6 +684,30 @@ def test_check_finds_what_is_wrong(conf: Path, keys: list[Key], other_rsa, dns_s
             id="dmarc-p-none",
         ),
         pytest.param(
+            "dmarc-spaced",
+            _replace("_dmarc.example.org", "TXT", "v = DMARC1 ; p = quarantine"),
+            id="dmarc-spaced",
+        ),
+        pytest.param(
+            "dmarc-upper-case-v",
+            _replace("_dmarc.example.org", "TXT", "V=DMARC1; p=quarantine"),
+            id="dmarc-upper-case-v",
+        ),
+        pytest.param(
+            "dkim-p-only",  # v= and k= may be left out (k=rsa is the default)
+            _edit(ORG_DKIM, "TXT", lambda v: "p=" + v.partition("p=")[2]),
+            id="dkim-p-only",
+        ),
+        pytest.param(
+            "dkim-more-tags",  # h= listing sha256, t=s (our i= is d='s own), v= in lower case
+            _edit(
+                ORG_DKIM,
+                "TXT",
+                lambda v: v.replace("v=DKIM1; k=rsa;", "v=dkim1; k=rsa; h=sha1:sha256; t=s;"),
+            ),
+            id="dkim-more-tags",
+        ),
+        pytest.param(
             "spf-by-ranges",
             _replace("example.org", "TXT", "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::/32 -all"),
             id="spf-by-ranges",
@@ -513,7 +720,8 @@ def test_check_finds_what_is_wrong(conf: Path, keys: list[Key], other_rsa, dns_s
     ],
 )
 def test_check_accepts_equivalent_records(conf: Path, keys: list[Key], dns_server, case, change):
-    """DMARC: any valid v=DMARC1 with p=; SPF: any record giving pass for every address."""
+    """DMARC: any valid v=DMARC1 with p= (as the inbound verifier reads it); SPF: any record
+    giving pass for every address; DKIM: any record of the key that receivers can use."""
     rc, lines = run_check(conf, dns_server, zone_text(change(wanted(keys))))
     assert [ln for ln in lines if ln.status != "OK"] == [], f"{case}:\n{shown(lines)}"
     assert rc == 0, f"{case}: exit {rc}\n{shown(lines)}"
