@@ -78,9 +78,9 @@ def main(argv: list[str]) -> int:
 
 
 def _fits_the_file(user: str) -> bool:
-    """A name the passwd file can hold (`user:hash` lines) and a login can name: no colon, no
-    white space."""
-    return ":" not in user and not any(c.isspace() for c in user)
+    """A name the passwd file can hold (`user:hash` lines, `#` comments) and a login can name:
+    no colon, no white space, no leading `#`."""
+    return ":" not in user and not user.startswith("#") and not any(c.isspace() for c in user)
 
 
 def _read_password() -> str | None:

@@ -104,6 +104,10 @@ class DeliveryService:
         await self.stopping.wait()
         pickup.cancel()
         loop.remove_reader(self.listener.fileno())
+        # Our copy only (the master keeps the socket for the next delivery process): without a
+        # master, connects are then refused at once, and a new mailerd may start on this
+        # queue while we finish (listeners.bind_unix).
+        self.listener.close()
         stopping_outbound = asyncio.create_task(self.scheduler.stop())
         await self._drain()
         await stopping_outbound

@@ -112,7 +112,7 @@ def _answers(path: Path) -> bool:
     probe.settimeout(2.0)
     try:
         probe.connect(str(path))
-    except TimeoutError:
+    except (TimeoutError, BlockingIOError):  # (a full backlog: EAGAIN)
         return True
     except OSError:  # refused, missing, not a socket
         return False

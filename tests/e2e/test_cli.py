@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import smtplib
 import socket
 import sys
@@ -16,6 +18,7 @@ from .conftest import (
     check_stored,
     expect,
     free_port,
+    pid_alive,
     proc_cmdline,
     run_mailerd,
     send_message,
@@ -323,6 +326,40 @@ def test_a_second_mailerd_on_the_same_queue_is_refused(mailerd_factory, tmp_path
         c.start("client.test")
         send_message(c, "bob@remote.example", b"Subject: still queued\r\n\r\nhi\r\n",
                      sender="alice@example.org")  # fmt: skip
+
+
+def test_a_restart_after_kill_9_is_not_taken_for_a_second_mailerd(mailerd_factory, tmp_path):
+    """The master killed (-9) while its delivery process still finishes an outbound attempt
+    (a relayhost that never greets): a new mailerd on the same queue starts at once, the old
+    delivery process having let go of the socket when it began to stop."""
+    tarpit = socket.socket()
+    tarpit.bind(("127.0.0.1", 0))
+    tarpit.listen(8)
+    held: list[socket.socket] = []
+    relay = f"[127.0.0.1]:{tarpit.getsockname()[1]}"
+    first = mailerd_factory(base=tmp_path / "first", extra=["--relayhost", relay])
+    try:
+        with first.connect(trusted=True) as c:
+            c.start("client.test")
+            send_message(c, "bob@remote.example", b"Subject: slow\r\n\r\nhi\r\n",
+                         sender="alice@example.org")  # fmt: skip
+        tarpit.settimeout(10)
+        held.append(tarpit.accept()[0])  # the delivery process is in its attempt
+        delivery = [p for p, t in first.titles().items() if t.startswith("mailerd: delivery")]
+        assert delivery, first.titles()
+        os.kill(first.pid, signal.SIGKILL)
+        first.proc.wait(5)
+        assert wait_until(lambda: "the master went away" in first.stderr_text(), 5)
+        second = mailerd_factory(base=tmp_path / "second", queue=first.queue, start=False)
+        second.start()  # (fails if it takes the old delivery process for another mailerd)
+        assert pid_alive(delivery[0]), "the old delivery process was gone: nothing was tested"
+        with second.connect(trusted=True) as c:
+            c.start("client.test")
+            send_message(c, "carol@remote.example", b"Subject: next\r\n\r\nhi\r\n",
+                         sender="alice@example.org")  # fmt: skip
+    finally:
+        for sock in [*held, tarpit]:
+            sock.close()
 
 
 def test_spool_cannot_be_created(tmp_path: Path):

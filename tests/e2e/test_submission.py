@@ -953,6 +953,7 @@ def test_mailerd_passwd_on_a_terminal(tmp_path: Path):
     [
         ("a:b", "not a local user name"),  # (its line would break the file for every change)
         ("bob smith", "not a local user name"),
+        ("#alice", "not a local user name"),  # (a comment line: no login could use it)
         ("bob@example.org", "give the user name ('bob')"),
     ],
 )
