@@ -78,8 +78,7 @@ class Verifier:
         deadline = self.loop.time() + self.timeout
         head = _head(body)
         end = headers.section_end(head)
-        if end == headers.SCAN and _size(body) > end and b"\r\n\r\n" not in head:
-            # Fields past what is scanned would go unseen: a second From:, a forged result
+        if unscannable(body, head, end):
             return Verdict("", None, HEADER_TOO_LARGE, "header section too large")
         signed = signatures.present(head, end)
         from_domains = headers.from_domains(head)
@@ -178,21 +177,40 @@ class Verifier:
         return spf, dkim
 
 
+def unscannable(body: durable.Body, head: bytes, end: int) -> bool:
+    """Does the header section go on past what is scanned (`head`, its end at `end`)? Fields
+    there would go unseen: a second From:, a forged result."""
+    return end == headers.SCAN and _size(body) > end and b"\r\n\r\n" not in head
+
+
+async def unchecked(
+    hostname: str, body: durable.Body, loop: asyncio.AbstractEventLoop, executor: Executor
+) -> tuple[bytes | None, Reply | None]:
+    """For mail that is not checked here but whose reader must not meet a forged verdict
+    (`--inbound-auth off` on the network listeners; authenticated submission): the message
+    without Authentication-Results fields of ours (None: it had none), or HEADER_TOO_LARGE for
+    a header section past the scan, where one would go unseen."""
+    head = _head(body)
+    end = headers.section_end(head)
+    if unscannable(body, head, end):
+        return None, HEADER_TOO_LARGE
+    return await without_forged(hostname, body, head[:end], loop, executor), None
+
+
 async def without_forged(
     hostname: str,
     body: durable.Body,
-    section: bytes | None,
+    section: bytes,
     loop: asyncio.AbstractEventLoop,
     executor: Executor,
 ) -> bytes | None:
     """The message without the Authentication-Results fields that bear `hostname` as their
-    authserv-id, or None when it has none (only its header `section` is looked at, read here
-    when not given). Also with `--inbound-auth off`: a reader (or a filter) that trusts our
-    hostname's verdicts must never meet one made outside (RFC 8601 5)."""
-    if section is None:
-        head = _head(body)
-        section = head[: headers.section_end(head)]
+    authserv-id, or None when its header `section` has none (RFC 8601 5: a reader or filter
+    that trusts our hostname's verdicts must never meet one made outside). The whole message
+    is read only when there is one to remove."""
     if b"\nauthentication-results" not in b"\n" + section.lower():  # (WSP may precede ':')
+        return None
+    if results.without_forged(section, hostname) is None:  # (only other hosts' results)
         return None
     whole = (
         body

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, cast
 
 from mailerd import policy, recipients, tls
 from mailerd.config import NETWORK, ListenAddress
-from mailerd.inbound.verifier import without_forged
+from mailerd.inbound.verifier import unchecked
 from mailerd.ipc.messages import Commit, Target
 from mailerd.log import shorten
 from mailerd.smtp import (
@@ -465,11 +465,10 @@ class Connection(asyncio.Protocol):
         try:
             request = self.commit_request(envelope)
             refusal = None
-            if self.listen.role == NETWORK:
-                if self.worker.verifier is not None:
-                    request, body, fd, refusal = await self.verify(request, body, fd)
-                else:  # --inbound-auth off: no verdict, but no forged one either
-                    body, fd = await self.without_forged(body, fd)
+            if self.listen.role == NETWORK and self.worker.verifier is not None:
+                request, body, fd, refusal = await self.verify(request, body, fd)
+            elif not self.listen.trusted:  # (--inbound-auth off; submission): no forged verdict
+                body, fd, refusal = await self.unchecked(body, fd)
             if refusal is not None:
                 reply = refusal
             else:
@@ -516,17 +515,23 @@ class Connection(asyncio.Protocol):
             body, fd = verdict.content, None
         return replace(request, auth_results=verdict.header, checks=verdict.summary), body, fd, None
 
-    async def without_forged(self, body: bytes, fd: int | None) -> tuple[bytes, int | None]:
+    async def unchecked(
+        self, body: bytes, fd: int | None
+    ) -> tuple[bytes, int | None, Reply | None]:
+        """A message not checked here, without forged Authentication-Results (`verifier`)."""
         worker = self.worker
-        content = await without_forged(
-            worker.cfg.hostname, body if fd is None else fd, None, worker.loop, worker.checks
+        content, refusal = await unchecked(
+            worker.cfg.hostname, body if fd is None else fd, worker.loop, worker.checks
         )
-        if content is None:
-            return body, fd
-        self.log_forged()
+        if content is None and refusal is None:
+            return body, fd, None
         if fd is not None:
             os.close(fd)
-        return content, None
+        if refusal is not None:
+            return b"", None, refusal
+        self.log_forged()
+        assert content is not None
+        return content, None, None
 
     def log_forged(self) -> None:
         log.info("%s: removed a forged Authentication-Results field", self.client)

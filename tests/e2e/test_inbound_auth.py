@@ -872,6 +872,14 @@ def test_inbound_auth_off_still_removes_forged_results(auth_env):
     assert forged not in stored and kept in stored, stored[:600]
     assert b"Authentication-Results: mx.example.org" not in stored, stored[:600]
     assert not env.dns.queries, f"lookups with --inbound-auth off: {env.dns.queries}"
+    # A forged field past the 256 KiB that are scanned would go unseen: refused, as with checks
+    padding = b"".join(b"X-Pad-%06d: " % i + b"p" * 200 + b"\r\n" for i in range(1400))
+    with env.m.connect(trusted=False) as c:
+        c.start(HELO)
+        deliver(c, sender="alice@example.com", rcpt=f"{user}@example.org",
+                body=padding + forged + message("off-too-large"), code=552,
+                enhanced="5.3.4")  # fmt: skip
+    assert env.m.messages(user) == [n]
 
 
 def test_default_mode_is_header(auth_env):

@@ -571,6 +571,22 @@ def test_sender_must_be_the_users(sub: Sub):
         expect(c.cmd(f"MAIL FROM:<{sub.other}@example.org>"), 553, "5.7.1", conn=c)
 
 
+def test_an_authenticated_user_cannot_pass_on_a_verdict_of_ours(sub: Sub):
+    """Submission mail is not checked, but an Authentication-Results field bearing our host
+    name that a user wrote is removed: it would tell the local reader a forged From: passed
+    (RFC 8601 5); other hosts' fields stay. The local listener's programs are trusted."""
+    rcpt, token = sub.m.new_user("arfrom"), uuid.uuid4().hex
+    forged = b"Authentication-Results: mx.example.org; dkim=pass header.d=bank.example\r\n"
+    kept = b"Authentication-Results: other.example.net; spf=pass smtp.mailfrom=x@bank.example\r\n"
+    body = forged + kept + f"From: ceo@bank.example\r\nSubject: {token}\r\n\r\nhi\r\n".encode()
+    with tls_session(sub, "127.0.0.1", "submissions") as c:
+        expect(c.auth_plain(sub.owner.user, sub.owner.password), 235, "2.7.0", conn=c)
+        send_message(c, f"{rcpt}@example.org", body, sender=f"{sub.owner.user}@example.org")
+        expect(c.cmd("QUIT"), 221, conn=c)
+    stored = only_message(sub, rcpt)
+    assert forged not in stored and kept in stored and token.encode() in stored, stored[:800]
+
+
 # --------------------------------------------------------------------------------------------
 # Real clients
 # --------------------------------------------------------------------------------------------
