@@ -30,13 +30,14 @@ With --check each record is looked up through the configured resolver (--dns-ser
 machine's) and reported as `OK`, `MISSING` or `WRONG` (with what is published and what is
 wanted, or why the published record does not do what it should). SPF is right when pyspf,
 evaluating the published policy (includes, redirects and all), gives `pass` for every sending
-address (the outbound addresses, or the relayhost's A/AAAA) and not for two addresses nobody
-is given (PROBES: a pass there means `+all` or the like lets any host send as the domain). A
-DKIM record is right when it has the key's p=, k= its type (absent: rsa), v= absent or DKIM1
-and h= absent or listing sha256. DMARC is right when there is exactly one record with
-v=DMARC1 first and the inbound verifier's parser (`dmarc.parse`) finds a policy in it. A PTR is
-right when it names the host and that name's A/AAAA contain the address (forward-confirmed
-reverse DNS).
+address (the outbound addresses, or the relayhost's A/AAAA) and for none of a few addresses
+nobody sends mail from (PROBES, spread over the address space: a pass there means `+all` or
+the like lets far more hosts send as the domain than its own). A DKIM record is right when it
+is the only one at its name, with the key's p=, k= its type (absent: rsa), v= absent or DKIM1,
+h= absent or listing sha256 and s= absent or for email, read as strictly as dkimpy (mailerd's
+own verifier) reads them. DMARC is right when there is exactly one record with v=DMARC1 first
+and the inbound verifier's parser (`dmarc.parse`) finds a policy in it. A PTR is right when it
+names the host and that name's A/AAAA contain the address (forward-confirmed reverse DNS).
 
 Exit status: 0 (with --check: only when everything is OK); 1 something is missing or wrong;
 2 a bad argument (a DOMAIN that is not local among them); 78 (EX_CONFIG) a configuration or key
@@ -55,18 +56,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import dns.reversename
+from dkim.util import InvalidTagValueList
 
 from mailerd import config, names
 from mailerd.commands.dkimkeys import txt_strings, zone_txt
 from mailerd.config import Config
+from mailerd.dkim_speedups import parse_tag_value
 from mailerd.inbound import dmarc, sender_policy
 from mailerd.inbound.lookups import Answer, Bridge, Lookups, TemporaryFailure
 from mailerd.signing import SigningKey
 
 MX_PREFERENCE = 10
-# Addresses nobody is given (240.0.0.0/4 is reserved, 100::/64 is the discard prefix): an SPF
-# policy that passes them passes any host (`+all`, or a redirect to such a record).
-PROBES = ("240.0.0.1", "100::1")
+# Addresses nobody sends mail from on the Internet, spread over the address space: an SPF
+# policy that passes one passes far more hosts than a domain's own (`+all`, a redirect to such a
+# record, ip4:0.0.0.0/1 and the like).
+PROBES = (
+    "240.0.0.1",  # class E, reserved
+    "100.64.0.1",  # shared address space (carrier NAT): in 0.0.0.0/1
+    "198.18.0.1",  # benchmarking: in 192.0.0.0/3
+    "100::1",  # the discard prefix
+    "3fff::1",  # documentation (RFC 9637): in 2000::/3, where every global address is
+    "fc00::1",  # unique local
+)
 NULL_MX = "0 . (a null MX: the domain takes no mail)"
 
 
@@ -372,13 +383,15 @@ class _Checker:
     async def _dkim(self, record: Record) -> str:
         have = await self._records(record)
         want = _tags(record.value)
-        same_key = [_tags(v) for v in have if _tags(v).get("p") == want["p"]]
+        same_key = [v for v in have if _tags(v).get("p") == want["p"]]
         if not same_key:
             return _verdict(record, have, False)
-        problems = [_dkim_problem(tags, want["k"]) for tags in same_key]
-        if "" in problems:
+        if len(have) > 1:  # (RFC 6376 3.6.2.2: which one a receiver reads is undefined)
+            return _verdict(record, have, False, note="(several records: receivers read any one)")
+        problem = _dkim_problem(same_key[0], want["k"])
+        if not problem:
             return _verdict(record, have, True)
-        return _verdict(record, have, False, note=f"(the key is right, but {problems[0]})")
+        return _verdict(record, have, False, note=f"(the key is right, but {problem})")
 
     async def _dmarc(self, record: Record) -> str:
         have = [v for v in await self._records(record) if _is_dmarc(v)]
@@ -439,20 +452,31 @@ def _tags(record: str) -> dict[str, str]:
     return tags
 
 
-def _dkim_problem(tags: dict[str, str], kind: str) -> str:
+def _dkim_problem(record: str, kind: str) -> str:
     """What in a record with our key's p= keeps receivers from verifying our signatures with
-    it ("" when nothing). t= is left alone: t=s only refuses an i= in a subdomain of d=, and
-    ours is d='s own (dkimpy's default @DOMAIN, which signing.py keeps)."""
+    it ("" when nothing), judged as strictly as dkimpy, mailerd's own verifier, judges: a tag
+    list with a tag twice, v= other than DKIM1 (exactly), k= other than the key's type in
+    lower case, h= without sha256, s= without email. t= is left alone: t=s only refuses an
+    i= in a subdomain of d=, and ours is d='s own (dkimpy's default @DOMAIN, which
+    signing.py keeps)."""
+    try:
+        raw = parse_tag_value(record.encode("utf-8", "replace"))
+    except InvalidTagValueList as exc:
+        return f"its tag list is invalid ({exc.__class__.__name__})"
+    tags = {k.decode("ascii", "replace"): v.decode("ascii", "replace") for k, v in raw.items()}
     version = tags.get("v", "DKIM1")
-    if version.upper() != "DKIM1":
-        return f"v={version}: it must be DKIM1, or absent"
+    if version != "DKIM1":
+        return f"v={version}: it must be DKIM1 (so written), or absent"
     if "k" not in tags and kind != "rsa":
         return f"no k=, which means rsa, for an {kind} key"
-    if tags.get("k", "rsa").lower() != kind:
-        return f"k={tags['k']} for an {kind} key"
+    if tags.get("k", "rsa") != kind:
+        return f"k={tags['k']} for an {kind} key (written in lower case)"
     hashes = tags.get("h")
-    if hashes is not None and "sha256" not in hashes.lower().split(":"):
+    if hashes is not None and "sha256" not in [h.strip() for h in hashes.split(":")]:
         return f"h={hashes}: it must list sha256 (our signatures' hash), or be absent"
+    services = tags.get("s")
+    if services is not None and not {"email", "*"} & {s.strip() for s in services.split(":")}:
+        return f"s={services}: a key for mail has s=email or *, or none"
     return ""
 
 

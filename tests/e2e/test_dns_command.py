@@ -609,6 +609,41 @@ def _cases(other_rsa: Path) -> dict[str, Case]:
             {(org_dkim, "TXT"): "WRONG"},
             ("v=",),
         ),
+        # as strict as dkimpy (mailerd's own verifier) is
+        "dkim-v-lower-case": Case(
+            _edit(org_dkim, "TXT", lambda v: v.replace("v=DKIM1", "v=dkim1")),
+            {(org_dkim, "TXT"): "WRONG"},
+            ("v=",),
+        ),
+        "dkim-k-upper-case": Case(
+            _edit(org_dkim, "TXT", lambda v: v.replace("k=rsa", "k=RSA")),
+            {(org_dkim, "TXT"): "WRONG"},
+            ("k=",),
+        ),
+        "dkim-s-not-email": Case(
+            _edit(org_dkim, "TXT", lambda v: v.replace("k=rsa;", "k=rsa; s=tlsrpt;")),
+            {(org_dkim, "TXT"): "WRONG"},
+            ("s=",),
+        ),
+        "dkim-tag-twice": Case(  # (RFC 6376 3.2: the whole list is invalid)
+            _edit(org_dkim, "TXT", lambda v: v + "; p=AAAA"),
+            {(org_dkim, "TXT"): "WRONG"},
+            ("invalid",),
+        ),
+        "dkim-two-records": Case(
+            _plus((org_dkim, "TXT", "v=DKIM1; k=rsa; p=garbage")),
+            {(org_dkim, "TXT"): "WRONG"},
+            ("several",),
+        ),
+        "spf-wide-ranges": Case(  # our addresses pass, and so does nearly everyone's
+            _replace(
+                "example.org",
+                "TXT",
+                "v=spf1 ip4:0.0.0.0/1 ip4:128.0.0.0/2 ip4:192.0.0.0/3 ip6:2000::/3 -all",
+            ),
+            {("example.org", "TXT"): "WRONG"},
+            ("any host",),
+        ),
         "dkim-missing": Case(
             _replace("e2026._domainkey.example.org", "TXT"),
             {("e2026._domainkey.example.org", "TXT"): "MISSING"},
@@ -643,8 +678,9 @@ def _cases(other_rsa: Path) -> dict[str, Case]:
 BROKEN = [  # the keys of _cases (which needs the keys to be made first)
     "mx-other-host", "mx-missing", "no-a", "spf-all-only", "spf-plus-all", "spf-redirect-to-all",
     "spf-missing", "dkim-other-key", "dkim-k-other-type", "dkim-ed25519-without-k", "dkim-h-sha1",
-    "dkim-v-other", "dkim-missing", "dmarc-missing", "dmarc-without-p", "ptr-other-name",
-    "ptr-forward-mismatch", "ptr-missing",
+    "dkim-v-other", "dkim-v-lower-case", "dkim-k-upper-case", "dkim-s-not-email", "dkim-tag-twice",
+    "dkim-two-records", "spf-wide-ranges", "dkim-missing", "dmarc-missing", "dmarc-without-p",
+    "ptr-other-name", "ptr-forward-mismatch", "ptr-missing",
 ]  # fmt: skip
 
 
@@ -699,11 +735,13 @@ def test_check_finds_what_is_wrong(conf: Path, keys: list[Key], other_rsa, dns_s
             id="dkim-p-only",
         ),
         pytest.param(
-            "dkim-more-tags",  # h= listing sha256, t=s (our i= is d='s own), v= in lower case
+            "dkim-more-tags",  # h= listing sha256, t=s (our i= is d='s own), s=email
             _edit(
                 ORG_DKIM,
                 "TXT",
-                lambda v: v.replace("v=DKIM1; k=rsa;", "v=dkim1; k=rsa; h=sha1:sha256; t=s;"),
+                lambda v: v.replace(
+                    "v=DKIM1; k=rsa;", "v=DKIM1; k=rsa; h=sha1:sha256; t=s; s=email;"
+                ),
             ),
             id="dkim-more-tags",
         ),
