@@ -90,13 +90,26 @@ def _context(pairs: list[Pair]) -> ssl.SSLContext:
     context.set_ciphers(CIPHERS)
     for cert, key in pairs:
         try:
-            context.load_cert_chain(cert, key)
+            context.load_cert_chain(cert, key, password=_no_pass_phrase)
+        except _Encrypted:
+            raise TLSError(
+                f"cannot use certificate {cert} with key {key}: the key is encrypted (mailerd "
+                "starts unattended: give it a key without a pass phrase, root's, mode 0600)"
+            ) from None
         except ssl.SSLError as exc:
             raise TLSError(f"cannot use certificate {cert} with key {key}: {_reason(exc)}") from exc
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise TLSError(f"cannot use certificate {cert} with key {key}: {reason}") from exc
     return context
+
+
+class _Encrypted(Exception):
+    """A key asks for a pass phrase (OpenSSL would otherwise ask for it on the terminal)."""
+
+
+def _no_pass_phrase() -> bytes:
+    raise _Encrypted
 
 
 # OpenSSL's reasons, in an operator's words (what else it says is passed on as it is).

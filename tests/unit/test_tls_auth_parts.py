@@ -12,6 +12,7 @@ import socket
 import ssl
 import stat
 import struct
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -148,6 +149,12 @@ def test_a_certificate_that_cannot_be_used_is_told_in_words(tmp_path: Path, ca):
         ((rsa.cert, other.key), "the key is not the certificate's"),
         ((rsa.cert, ecdsa.key), "the key is not the certificate's"),
     ]
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(rsa.key), "-aes256", "-passout", "pass:x", "-out",
+         str(encrypted)], check=True, capture_output=True,
+    )  # fmt: skip
+    cases.append(((rsa.cert, encrypted), "the key is encrypted"))  # (never a prompt)
     for pair, words in cases:
         with pytest.raises(tls.TLSError) as caught:
             tls.server_context([pair])
