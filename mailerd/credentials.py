@@ -125,8 +125,7 @@ class RecentLogins:
         self._seen: collections.OrderedDict[bytes, tuple[str, float]] = collections.OrderedDict()
 
     def _digest(self, login: str, password: str) -> bytes:
-        text = f"{login}\0{password}".encode("utf-8", "surrogatepass")
-        return hmac.digest(self._key, text, "sha256")  # (the one-shot C path)
+        return login_digest(self._key, login, password)
 
     def get(self, login: str, password: str, now: float) -> str | None:
         """The user, if this login passed the check less than TTL seconds ago."""
@@ -142,6 +141,13 @@ class RecentLogins:
         self._seen.move_to_end(key)
         while len(self._seen) > self.size:
             self._seen.popitem(last=False)
+
+
+def login_digest(key: bytes, login: str, password: str) -> bytes:
+    """A login (name and password) as a process keeps it in memory: an HMAC under a key of
+    its own, never the password."""
+    text = f"{login}\0{password}".encode("utf-8", "surrogatepass")
+    return hmac.digest(key, text, "sha256")  # (the one-shot C path)
 
 
 def hash_password(password: str) -> str:

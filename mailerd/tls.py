@@ -76,7 +76,7 @@ def _never_chosen(groups: list[tuple[frozenset[str], list[Pair]]]) -> list[Path]
     unused = []
     for i, (names, members) in enumerate(groups[1:], 1):
         earlier = [pattern for other, _ in groups[:i] for pattern in other]
-        if all(any(_matches(p, n) or p == n for p in earlier) for n in names):
+        if all(any(_matches(p, n) for p in earlier) for n in names):
             unused += [cert for cert, _ in members]
     return unused
 

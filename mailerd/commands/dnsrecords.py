@@ -394,7 +394,7 @@ class _Checker:
         return _verdict(record, have, False, note=f"(the key is right, but {problem})")
 
     async def _dmarc(self, record: Record) -> str:
-        have = [v for v in await self._records(record) if _is_dmarc(v)]
+        have = [v for v in await self._records(record) if dmarc.is_record(v)]
         ok = len(have) == 1 and dmarc.parse(have[0]) is not None
         note = "" if len(have) < 2 else "(several DMARC records: receivers ignore them all)"
         return _verdict(record, have, ok, note=note)
@@ -478,10 +478,3 @@ def _dkim_problem(record: str, kind: str) -> str:
     if services is not None and not {"email", "*"} & {s.strip() for s in services.split(":")}:
         return f"s={services}: a key for mail has s=email or *, or none"
     return ""
-
-
-def _is_dmarc(text: str) -> bool:
-    """Whether receivers take a TXT record for a DMARC one (valid or not): v=DMARC1 is its
-    first tag, read as dmarc.parse reads tags (the name in any case, spaces around the "=")."""
-    name, _, value = text.split(";", 1)[0].partition("=")
-    return name.strip().lower() == "v" and value.strip() == "DMARC1"

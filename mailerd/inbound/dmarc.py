@@ -33,6 +33,11 @@ POLICIES = ("none", "quarantine", "reject")
 _VERSION = re.compile(r"[ \t]*[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|$)")
 
 
+def is_record(text: str) -> bool:
+    """Is this TXT record a DMARC one (valid or not): v=DMARC1 its first tag?"""
+    return _VERSION.match(text) is not None
+
+
 @dataclass(frozen=True)
 class Policy:
     p: str
@@ -115,7 +120,7 @@ def discover(txt: Callable[[str], Sequence[str]], from_domain: str) -> tuple[Pol
     `txt(name)` gives a name's TXT records; what it raises (TemporaryFailure, NotCached)
     passes through."""
     for domain in dict.fromkeys([from_domain, organizational_domain(from_domain)]):
-        records = [r for r in txt(f"_dmarc.{domain}") if _VERSION.match(r)]
+        records = [r for r in txt(f"_dmarc.{domain}") if is_record(r)]
         if len(records) == 1:
             policy = parse(records[0])
             if policy is not None:

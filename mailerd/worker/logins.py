@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-import hashlib
-import hmac
 import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from mailerd.credentials import login_digest
 from mailerd.ipc.authfailures import AuthFailures, key_of
 
 log = logging.getLogger("mailerd.worker")
@@ -79,8 +78,7 @@ class Logins:
         or at once why it is not checked."""
         if self.failures.locked(address):
             return Unchecked.LOCKED
-        text = f"{login}\0{password}".encode("utf-8", "surrogatepass")
-        digest = hmac.new(self._key, text, hashlib.sha256).digest()
+        digest = login_digest(self._key, login, password)
         same = self._checking.get(digest)
         if same is not None:
             same.sessions += 1
