@@ -1,7 +1,8 @@
 """The DNS resolver every lookup goes through: MX for delivery, and SPF, DKIM, DMARC and
 `mailerd dns --check`. dnspython's asyncio resolver, asking exactly `--dns-server` when given
 (else the machine's /etc/resolv.conf), with dnspython's own cache, which keeps each answer as
-long as its TTL says (and negative answers as long as their SOA allows).
+long as its TTL says (and negative answers as long as their SOA allows), the CACHE_ENTRIES most
+recently used.
 
 The test suite sets MAILERD_FORBID_SYSTEM_RESOLVER in the environment: `make_resolver()` then
 refuses to use the machine's resolver (no --dns-server), so no test can send a query for its
@@ -20,6 +21,11 @@ from mailerd.config import DEFAULT_DNS_TIMEOUT
 FORBID_SYSTEM_RESOLVER = "MAILERD_FORBID_SYSTEM_RESOLVER"
 # A UDP query is sent again after this long (within the lookup's overall timeout).
 _RETRY_INTERVAL = 2.0
+# Answers a caching resolver keeps at most, the least recently used going first. The names
+# asked for are chosen by senders (their MAIL FROM's SPF, their DKIM selectors, their From's
+# DMARC) and so are the TTLs (up to 68 years): unbounded, a cache would grow with every new
+# name a sender makes up, for as long as the sender likes.
+CACHE_ENTRIES = 4096
 
 
 class SystemResolverForbidden(RuntimeError):
@@ -36,7 +42,7 @@ def make_resolver(
     raised if it is missing or names no nameserver. With `cache`, answers are kept for their
     TTL (a worker asks for the same SPF and DKIM records again and again, the delivery
     process for the same MX and addresses: a third of its CPU went to lookups when a message
-    was relayed to the same domain as the one before).
+    was relayed to the same domain as the one before), at most CACHE_ENTRIES of them.
     """
     if dns_server is None:
         if os.environ.get(FORBID_SYSTEM_RESOLVER):
@@ -57,5 +63,5 @@ def make_resolver(
     # EDNS with the DNS Flag Day 2020 buffer size, so that large answers rarely need TCP.
     resolver.use_edns(0, 0, 1232)
     if cache:
-        resolver.cache = dns.resolver.Cache()
+        resolver.cache = dns.resolver.LRUCache(CACHE_ENTRIES)
     return resolver

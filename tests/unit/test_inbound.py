@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import dns.resolver
 import pytest
 from dnsserver import DNSServer, Records, serve
 
-from mailerd import signing
+from mailerd import resolver, signing
 from mailerd.commands import dkimkeys
 from mailerd.inbound import dmarc, results
 from mailerd.inbound.lookups import Lookups, NotCached
@@ -374,6 +375,26 @@ def test_negative_answers_the_dns_lets_us_cache_are_used_from_the_cache():
     with serve() as server:
         server.records = Records(NEGATIVE_ZONE, negative_ttl=60)
         with_verifier(server, lambda verifier: main(server, verifier))
+
+
+def test_names_a_sender_makes_up_cannot_grow_the_cache_without_bound(monkeypatch):
+    """Every message may name new domains (its MAIL FROM, its From, its DKIM selectors) with
+    the TTLs their sender chose: the worker's cache keeps the most recently used answers only."""
+    monkeypatch.setattr(resolver, "CACHE_ENTRIES", 8, raising=False)
+    names = [f"n{i}.made-up.example" for i in range(30)]
+
+    async def main(lookups: Lookups) -> None:
+        for name in names:
+            assert await lookups.txt(name) == ("v=spf1 -all",)
+        cache = lookups.resolver.cache
+        assert isinstance(cache, dns.resolver.LRUCache)
+        assert len(cache.data) == 8
+        assert lookups.cached(names[-1], "TXT") is not None
+        assert lookups._from_cache(names[0], "TXT") is None
+
+    with serve() as server:
+        server.records = Records("".join(f'{name}. 86400 TXT "v=spf1 -all"\n' for name in names))
+        asyncio.run(main(Lookups.make((server.host, server.port), 3.0)))
 
 
 SAMPLED_ZONE = """
