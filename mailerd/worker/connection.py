@@ -50,6 +50,7 @@ from mailerd.smtp import (
 from mailerd.spool import LookupNeeded
 from mailerd.worker.body import BodyBuffer
 from mailerd.worker.logins import Outcome, Unchecked
+from mailerd.worker.tlslayer import TLSLayer
 
 if TYPE_CHECKING:
     from mailerd.worker.process import Worker
@@ -83,7 +84,8 @@ class Connection(asyncio.Protocol):
         self.in_command = False  # part of a command line is in
         self.content_since: float | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.handshaking = False  # between STARTTLS's 220 and the end of the handshake
+        self.layer: TLSLayer | None = None  # TLS, once STARTTLS or implicit TLS began it
+        self.handshake_timer: asyncio.TimerHandle | None = None
         self.released = False
         self.tls = ""  # the session's TLS as Received: shows it (tls.describe), once on
         # Accepted recipients' copies: resolved once, at RCPT, for commit_request().
@@ -95,17 +97,16 @@ class Connection(asyncio.Protocol):
         # A stream server's protocol is given a stream transport (uvloop's does not derive from
         # asyncio.Transport, so this is a cast, not an isinstance check).
         self.transport = cast(asyncio.Transport, transport)
-        if self.listen.implicit_tls:  # (admitted at accept: `TLSAcceptor`; handshake done)
-            if self.closing:  # (the worker stopped meanwhile)
-                self.transport.close()
-                return
-            self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
-            self.begin()
-            return
+        # Admitted (or not) at accept, before any handshake: a connection that never finishes
+        # one holds its place under the caps meanwhile, like any other.
         refusal = self.admit(transport.get_extra_info("peername"))
         if refusal is not None:
-            self.transport.write(refusal.to_bytes())
+            if not self.listen.implicit_tls:  # (no 421 in clear where TLS is expected)
+                self.transport.write(refusal.to_bytes())
             self.transport.close()
+            return
+        if self.listen.implicit_tls:
+            self.start_handshake()  # (the session begins once it is done: `tls_established`)
             return
         self.begin()
 
@@ -117,24 +118,6 @@ class Connection(asyncio.Protocol):
         if refusal is not None:
             log.info("NOQUEUE: reject: CONNECT from unknown[%s]: %s", self.peer, _line(refusal))
         return refusal
-
-    async def accepted_tls(self, sock: socket.socket) -> None:
-        """An implicit-TLS connection, admitted at accept (`admit`): its handshake, within
-        the handshake timeout, then the session (`connection_made`). A connection that never
-        finishes its handshake holds its place under the caps meanwhile, like any other."""
-        try:
-            await self.worker.loop.connect_accepted_socket(
-                lambda: self,
-                sock,
-                ssl=self.worker.cfg.tls_context,
-                ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT,
-            )
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.info("TLS handshake with %s failed: %s", self.client, _reason(exc))
-            sock.close()
-            self.closing = True
-            self.released = True
-            self.worker.release(self)
 
     def begin(self) -> None:
         """The session starts: the log line, the banner."""
@@ -162,11 +145,21 @@ class Connection(asyncio.Protocol):
         log.debug("%s < %s", self.client, shorten(line.decode("utf-8", "backslashreplace")))
 
     def data_received(self, data: bytes) -> None:
-        if self.session is None or self.closing:
+        if self.closing:
+            return
+        if self.layer is not None:
+            try:
+                plain = self.layer.receive(data, self.tls_established)
+            except (ssl.SSLError, OSError) as exc:
+                self.tls_failed(exc)
+                return
+            if plain is None:  # (the client's close_notify: its end of the session)
+                self.eof_received()
+                return
+            data = plain
+        if self.session is None or not data:
             return
         self.session.receive_data(data)
-        if self.handshaking:  # decrypted bytes before start_tls() returned: kept for later
-            return
         try:
             self.pump()
         except Exception:
@@ -199,6 +192,8 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.timer is not None:
             self.timer.cancel()
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
         if not self.committing:
             self.body.discard()
         if self.session is not None:
@@ -217,7 +212,8 @@ class Connection(asyncio.Protocol):
             if event is NEED_DATA:
                 break
             if event is PAUSED:
-                self.transport.pause_reading()
+                if not self.handshaking:  # (the handshake's bytes are read meanwhile)
+                    self.transport.pause_reading()
                 break
             progressed = True
             if isinstance(event, Reply):
@@ -235,12 +231,10 @@ class Connection(asyncio.Protocol):
             elif isinstance(event, Rejected):
                 self.log_rejected(event)
             elif isinstance(event, StartTLS):
-                # The 220 goes out in clear first; nothing more is read in clear after it.
+                # The 220 goes out in clear first; every byte read after it is TLS.
                 self.transport.write(b"".join(out))
                 out.clear()
-                self.transport.pause_reading()
-                self.handshaking = True
-                self.worker.loop.create_task(self.start_tls(event.discarded))
+                self.start_tls(event.discarded)
             elif isinstance(event, AuthRequest):
                 if self.worker.logins.suspect(self.peer) or not self.remembered_login(event):
                     self.check_login(event)
@@ -267,9 +261,15 @@ class Connection(asyncio.Protocol):
             self.command_since = self.worker.loop.time()
         self.in_command = session.mid_command
 
-    async def start_tls(self, discarded: int) -> None:
-        """The server side of the TLS handshake after STARTTLS; then the session starts over."""
-        assert self.transport is not None and self.session is not None
+    @property
+    def handshaking(self) -> bool:
+        """Between STARTTLS's 220 (or an implicit-TLS accept) and the end of the handshake."""
+        return self.layer is not None and self.layer.handshaking
+
+    def start_tls(self, discarded: int) -> None:
+        """STARTTLS was answered: the handshake begins. The session forgot what the client
+        sent in clear behind the command (RFC 3207 4.2; NO STARTTLS, CVE-2011-0411); it says
+        how much, logged here."""
         if discarded:
             log.warning(
                 "%s: discarded %d bytes pipelined after STARTTLS (sent before the TLS "
@@ -277,30 +277,46 @@ class Connection(asyncio.Protocol):
                 self.client,
                 discarded,
             )
+        self.start_handshake()
+
+    def start_handshake(self) -> None:
+        """The server side of a TLS handshake on this connection (`TLSLayer`), within the
+        handshake timeout: `tls_established` or `tls_failed` follows."""
+        assert self.transport is not None
         context = self.worker.cfg.tls_context
-        assert context is not None  # (STARTTLS is offered only with a certificate)
-        try:
-            transport = await self.worker.loop.start_tls(
-                self.transport,
-                self,
-                context,
-                server_side=True,
-                ssl_handshake_timeout=tls.HANDSHAKE_TIMEOUT,
-            )
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            log.info("TLS handshake with %s failed: %s", self.client, _reason(exc))
-            self.closing = True
-            self.transport.close()
-            self.connection_lost(None)  # (asyncio calls it only for a session it handed over)
+        assert context is not None  # (TLS is offered only with a certificate)
+        self.layer = TLSLayer(self.transport, context)
+        self.transport = cast(asyncio.Transport, self.layer)
+        self.handshake_timer = self.worker.loop.call_later(
+            tls.HANDSHAKE_TIMEOUT, self.tls_failed, TimeoutError()
+        )
+
+    def tls_established(self) -> None:
+        """(From `TLSLayer.receive`.) The handshake is done: the session starts over, or,
+        with implicit TLS, begins."""
+        assert self.layer is not None
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+        self.tls = tls.describe(self.layer.ssl_object) or ""
+        if self.session is None:
+            self.begin()
             return
-        if transport is None or self.closing:
-            return
-        self.transport = transport
-        self.handshaking = False
-        self.tls = tls.describe(transport.get_extra_info("ssl_object")) or ""
         log.info("%s: STARTTLS: %s", self.client, self.tls)
         self.session.tls_started()
-        self.pump()
+        self.pump()  # (the command clock starts now: the handshake was not the client's turn)
+
+    def tls_failed(self, exc: BaseException) -> None:
+        """The handshake failed or timed out, or a record was bad: logged, and the connection
+        closed (the alert that says why is already sent: `TLSLayer`)."""
+        if self.closing:
+            return
+        what = "TLS handshake with %s failed: %s" if self.handshaking else "TLS error with %s: %s"
+        log.info(what, self.client, _reason(exc))
+        self.closing = True
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+        assert self.transport is not None
+        self.transport.close()
 
     def remembered_login(self, request: AuthRequest) -> bool:
         """A login that passed a moment ago passes again at once, here (no thread, no task:
@@ -322,10 +338,12 @@ class Connection(asyncio.Protocol):
         worker.loop.create_task(self.authenticate(request, verdict))
 
     def gone(self) -> bool:
-        """(From a check thread.) Has the client's connection been reset? Reading is paused
-        while its AUTH waits, so the event loop would not have seen it: a peek at the socket
-        does. An end of file is not taken for gone: a client may half-close after QUIT and
-        still read its answers."""
+        """(From a check thread.) Has the client left: reset its connection, or, in TLS,
+        closed it without a close_notify? Reading is paused while its AUTH waits, so the event
+        loop would not have seen it: a peek at the socket does. A plain-text end of file is
+        not taken for gone: a client may half-close after QUIT and still read its answers. A
+        TLS client sends close_notify before it closes its side (RFC 8446 6.1), and the peek
+        would see that record, not the end of file."""
         if self.closing:
             return True
         transport = self.transport
@@ -337,14 +355,14 @@ class Connection(asyncio.Protocol):
         except (OSError, ValueError):  # (ValueError: closed meanwhile, fileno -1)
             return True
         try:
-            probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            peeked = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False  # (nothing to read: still there)
         except OSError:
             return True  # (reset)
         finally:
             probe.detach()
-        return False
+        return peeked == b"" and self.layer is not None
 
     async def authenticate(self, request: AuthRequest, verdict: asyncio.Future[Outcome]) -> None:
         """Answer the login once its check is done; a failure only after the client

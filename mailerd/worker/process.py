@@ -185,10 +185,8 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGUSR2, retire.set)
         if lifecycle.retire_requested():
             retire.set()
-        servers: list[asyncio.AbstractServer | TLSAcceptor] = [
-            TLSAcceptor(self, sock, listen)
-            if listen.implicit_tls
-            else await self.loop.create_server(
+        servers = [
+            await self.loop.create_server(
                 partial(Connection, self, listen), sock=sock, backlog=4096
             )
             for sock, listen in self.listeners
@@ -221,7 +219,7 @@ class Worker:
         self,
         retire: asyncio.Event,
         stop: asyncio.Event,
-        servers: Sequence[asyncio.AbstractServer | TLSAcceptor],
+        servers: Sequence[asyncio.AbstractServer],
         on_retired: Callable[[], None] | None = None,
     ) -> None:
         """After a reload: stop accepting now; exit when the last session has ended by itself,
@@ -246,7 +244,7 @@ class Worker:
             await asyncio.sleep(1.0)
         stop.set()
 
-    async def _shutdown(self, servers: Sequence[asyncio.AbstractServer | TLSAcceptor]) -> None:
+    async def _shutdown(self, servers: Sequence[asyncio.AbstractServer]) -> None:
         """Stop accepting; idle sessions get 421 now, busy ones after their transaction."""
         self.stopping = True
         for server in servers:
@@ -267,52 +265,6 @@ class Worker:
         self.lookups.shutdown(wait=False, cancel_futures=True)
         self.logins.shutdown()
         self.checks.shutdown(wait=False, cancel_futures=True)
-
-
-class TLSAcceptor:
-    """An implicit-TLS listener's accepts, made here rather than by the event loop's server:
-    a connection is admitted under the session caps (per client and in all) as it is
-    accepted, before its handshake. (The loop's TLS server hands a connection over only once
-    its handshake is done, so connections that never finish one went uncounted until the
-    handshake timeout: 14,000 of them filled both workers' descriptors. uvloop reads the first
-    bytes before a plain connection can be paused for `start_tls`, so the accept is ours.)"""
-
-    BATCH = 64  # accepts per readiness event, then the loop turns
-
-    def __init__(self, worker: Worker, sock: socket.socket, listen: ListenAddress) -> None:
-        self.worker = worker
-        self.sock = sock
-        self.listen = listen
-        self.open = True
-        sock.setblocking(False)
-        worker.loop.add_reader(sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        for _ in range(self.BATCH):
-            try:
-                conn, peer = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return  # (another worker took it)
-            except OSError as exc:  # EMFILE, ENOBUFS: pause, as asyncio's own servers do
-                log.warning("accept on %s: %s; trying again in a second", self.listen, exc)
-                self.worker.loop.remove_reader(self.sock.fileno())
-                self.worker.loop.call_later(1.0, self._resume)
-                return
-            conn.setblocking(False)
-            session = Connection(self.worker, self.listen)
-            if session.admit(peer) is not None:
-                conn.close()  # (no 421 in clear: the client would read it for TLS)
-                continue
-            self.worker.loop.create_task(session.accepted_tls(conn))
-
-    def _resume(self) -> None:
-        if self.open:
-            self.worker.loop.add_reader(self.sock.fileno(), self._accept)
-
-    def close(self) -> None:
-        if self.open:
-            self.open = False
-            self.worker.loop.remove_reader(self.sock.fileno())
 
 
 def untrusted_uid(cfg: Config) -> int | None:

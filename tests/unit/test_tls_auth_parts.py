@@ -462,7 +462,8 @@ def test_a_locked_or_failing_address_gets_no_verdict_from_a_check_in_flight_or_m
 
 def test_a_client_is_gone_when_reset_not_when_it_half_closes():
     """`Connection.gone` (asked from a check thread, reading paused): a client that shut
-    down its sending side after QUIT still reads its answers; one that reset is gone."""
+    down its sending side after QUIT still reads its answers; one that reset is gone; in TLS,
+    one that closed without a close_notify is gone (a close_notify would be there to read)."""
     from mailerd.worker.connection import Connection
 
     class Transport:
@@ -472,9 +473,10 @@ def test_a_client_is_gone_when_reset_not_when_it_half_closes():
         def get_extra_info(self, name: str) -> object:
             return self.sock if name == "socket" else None
 
-    def conn_over(sock: socket.socket) -> Connection:
+    def conn_over(sock: socket.socket, tls: bool = False) -> Connection:
         conn = Connection.__new__(Connection)
         conn.closing, conn.transport = False, Transport(sock)  # type: ignore[assignment]
+        conn.layer = object() if tls else None  # type: ignore[assignment]
         return conn
 
     server, client = socket.socketpair()
@@ -485,6 +487,12 @@ def test_a_client_is_gone_when_reset_not_when_it_half_closes():
         assert server.recv(6) == b"QUIT\r\n"  # (read by the event loop before its pause)
         client.shutdown(socket.SHUT_WR)
         assert not conn.gone(), "a half-closed client was taken for gone"
+        assert conn_over(server, tls=True).gone(), "a TLS client that left is not gone"
+    server, client = socket.socketpair()
+    with server, client:
+        client.sendall(b"\x15\x03\x03")  # (the start of a close_notify record)
+        client.shutdown(socket.SHUT_WR)
+        assert not conn_over(server, tls=True).gone()
     listener = socket.create_server(("127.0.0.1", 0))
     with listener:
         peer = socket.create_connection(listener.getsockname())

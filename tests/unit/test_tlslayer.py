@@ -1,0 +1,223 @@
+"""mailerd.worker.tlslayer: the server side of TLS over a connection's transport, against
+Python's ssl client (OpenSSL) in memory, the bytes between them handed over by the test in
+pieces of every size: the handshake, plaintext behind the client's Finished, close_notify both
+ways, alerts for a failed handshake and a bad record, a megabyte in odd pieces."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+from certs import CA, make_ca
+
+from mailerd import tls
+from mailerd.worker.tlslayer import TLSLayer
+
+
+class RawTransport:
+    """What the layer writes to: the bytes, and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+        self.closed = False
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
+        self.sent += data
+
+    def take(self) -> bytes:
+        out = bytes(self.sent)
+        self.sent.clear()
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"peername": ("192.0.2.1", 1234)}.get(name, default)
+
+
+class Client:
+    """Python's TLS client over memory BIOs."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="mx.test")
+
+    def handshake(self) -> bool:
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def take(self) -> bytes:
+        return self.outgoing.read()
+
+    def give(self, data: bytes) -> None:
+        self.incoming.write(data)
+
+    def read_all(self) -> bytes:
+        out = b""
+        try:
+            while chunk := self.tls.read(65536):
+                out += chunk
+        except ssl.SSLWantReadError:
+            pass
+        return out
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory) -> CA:
+    return make_ca(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="module")
+def server_context(ca: CA) -> ssl.SSLContext:
+    pair = ca.issue("mx.test", kind="ecdsa")
+    context = tls.server_context([(Path(pair.cert), Path(pair.key))])
+    assert context is not None
+    return context
+
+
+def client_context(ca: CA, version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    context.maximum_version = version
+    return context
+
+
+class Pair:
+    """A client and the layer, joined by the test."""
+
+    def __init__(self, server_context: ssl.SSLContext, client: ssl.SSLContext) -> None:
+        self.raw = RawTransport()
+        self.layer = TLSLayer(self.raw, server_context)  # type: ignore[arg-type]
+        self.client = Client(client)
+        self.handshakes = 0
+
+    def established(self) -> None:
+        self.handshakes += 1
+
+    def to_server(self, data: bytes, piece: int = 0) -> bytes | None:
+        """Feed `data` to the layer (in pieces of `piece` bytes when given); the plaintext."""
+        pieces = [data[i : i + piece] for i in range(0, len(data), piece)] if piece else [data]
+        out = b""
+        for part in pieces:
+            got = self.layer.receive(part, self.established)
+            if got is None:
+                return out or None
+            out += got
+        return out
+
+    def handshake(self, piece: int = 0, then: bytes = b"") -> bytes | None:
+        """Run the handshake; `then` is plaintext the client sends behind its Finished, in the
+        same feed. The plaintext the layer returned along the way."""
+        plain = b""
+        for _ in range(10):
+            done = self.client.handshake()
+            if done and then:
+                self.client.tls.write(then)
+            got = self.to_server(self.client.take(), piece)
+            plain += got or b""
+            self.client.give(self.raw.take())
+            if done:
+                break
+        assert self.client.handshake() and not self.layer.handshaking
+        return plain
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+@pytest.mark.parametrize("piece", [0, 1, 7, 1000])
+def test_handshake_then_plaintext_both_ways(server_context, ca, version, piece):
+    pair = Pair(server_context, client_context(ca, version))
+    plain = pair.handshake(piece, then=b"EHLO client.test\r\n")
+    assert pair.handshakes == 1
+    # What the client sent behind its Finished comes out after on_handshake, not lost.
+    assert plain == b"EHLO client.test\r\n"
+    assert pair.layer.get_extra_info("ssl_object").version() == pair.client.tls.version()
+    pair.layer.write(b"250 mx.test\r\n")
+    pair.client.give(pair.raw.take())
+    assert pair.client.read_all() == b"250 mx.test\r\n"
+    pair.client.tls.write(b"QUIT\r\n")
+    assert pair.to_server(pair.client.take(), piece) == b"QUIT\r\n"
+
+
+def test_a_megabyte_in_odd_pieces(server_context, ca):
+    pair = Pair(server_context, client_context(ca))
+    pair.handshake()
+    body = bytes(range(256)) * 4096
+    pair.client.tls.write(body)
+    assert pair.to_server(pair.client.take(), piece=4093) == body
+
+
+def test_close_notify_both_ways(server_context, ca):
+    pair = Pair(server_context, client_context(ca))
+    pair.handshake()
+    pair.layer.write(b"221 bye\r\n")
+    pair.layer.close()
+    assert pair.raw.closed
+    pair.client.give(pair.raw.take())
+    assert pair.client.read_all() == b"221 bye\r\n"  # (then the close_notify: b"")
+    pair.layer.write(b"too late\r\n")  # (ignored, not an error)
+    assert pair.raw.take() == b""
+    # The client's close_notify is the end of its data: None.
+    other = Pair(server_context, client_context(ca))
+    other.handshake()
+    with pytest.raises(ssl.SSLWantReadError):
+        other.client.tls.unwrap()
+    assert other.to_server(other.client.take()) is None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (TLS 1.0 and 1.1: the point)
+def test_a_failed_handshake_sends_its_alert(server_context, ca):
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname = False
+    old.verify_mode = ssl.CERT_NONE
+    old.minimum_version = ssl.TLSVersion.TLSv1
+    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    pair = Pair(server_context, old)
+    pair.client.handshake()
+    with pytest.raises(ssl.SSLError) as failed:
+        pair.to_server(pair.client.take())
+    assert failed.value.reason == "UNSUPPORTED_PROTOCOL"
+    pair.client.give(pair.raw.take())
+    with pytest.raises(ssl.SSLError) as told:
+        pair.client.handshake()
+    assert told.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION"
+
+
+def test_a_bad_record_is_an_error_with_an_alert(server_context, ca):
+    pair = Pair(server_context, client_context(ca))
+    pair.handshake()
+    pair.client.tls.write(b"MAIL FROM:<a@b>\r\n")
+    record = bytearray(pair.client.take())
+    record[-1] ^= 1  # (the AEAD tag no longer matches)
+    with pytest.raises(ssl.SSLError) as bad:
+        pair.to_server(bytes(record))
+    assert bad.value.reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+    pair.client.give(pair.raw.take())
+    with pytest.raises(ssl.SSLError) as told:
+        pair.client.read_all()
+    assert told.value.reason == "SSLV3_ALERT_BAD_RECORD_MAC"
+
+
+def test_nothing_is_written_before_the_handshake_is_done(server_context, ca):
+    """(A worker shutting down says 421 to every session: not in clear into a handshake.)"""
+    pair = Pair(server_context, client_context(ca))
+    pair.layer.write(b"421 4.3.2 Service shutting down\r\n")
+    assert pair.raw.take() == b""
+    pair.layer.close()
+    assert pair.raw.closed and pair.raw.take() == b""
