@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import heapq
 import ipaddress
 import logging
 import os
@@ -73,6 +74,11 @@ class Scheduler:
         self.spool = spool or Spool(cfg.spool)
         self.ready = asyncio.Event()  # set once this process works the queue (lock held)
         self.items: dict[str, QueueItem] = {}
+        # When each item is due, as (next_attempt, id): a heap, so that a wake-up looks at the
+        # items due, not at the whole queue (a bounce storm, a relay down for a day: thousands
+        # of items, and a wake-up after every attempt). An entry whose item has gone, or has
+        # been given another time since, is dropped when it comes up (`_schedule`).
+        self.due: list[tuple[float, str]] = []
         self.recovered: set[str] = set()  # items found on disk (see load)
         self.busy: set[str] = set()
         self.wake = asyncio.Event()
@@ -111,11 +117,18 @@ class Scheduler:
         for item in items:
             self.items[item.id] = item
             self.recovered.add(item.id)
+            self._schedule(item)
         self.wake.set()
 
     def add(self, item: QueueItem) -> None:
         self.items[item.id] = item
+        self._schedule(item)
         self.wake.set()
+
+    def _schedule(self, item: QueueItem) -> None:
+        """Have the item started at item.next_attempt: called whenever that is set, but during
+        an attempt of the item (`_process` calls it when the attempt is over)."""
+        heapq.heappush(self.due, (item.next_attempt, item.id))
 
     def retry_local_now(self) -> int:
         """Retry now every item with a local recipient still pending: a mailbox writer has
@@ -124,6 +137,7 @@ class Scheduler:
                                                      for r in i.recipients)]  # fmt: skip
         for item in due:
             item.next_attempt = 0.0
+            self._schedule(item)
         if due:
             self.wake.set()
         return len(due)
@@ -132,6 +146,7 @@ class Scheduler:
         """Retry everything now (`mailerd queue flush`)."""
         for item in self.items.values():
             item.next_attempt = 0.0
+            self._schedule(item)
         self.wake.set()
         return len(self.items)
 
@@ -169,17 +184,23 @@ class Scheduler:
                 await self.rescan()
                 next_rescan = time.monotonic() + RESCAN_INTERVAL
             now = time.time()
-            next_due = min(now + IDLE_WAKE, time.time() + RESCAN_INTERVAL)
-            for item in list(self.items.values()):
-                if item.id in self.busy:
-                    continue
-                if item.next_attempt <= now:
-                    self._start(item)
-                else:
-                    next_due = min(next_due, item.next_attempt)
+            self._start_due(now)
+            next_due = min(now + IDLE_WAKE, now + RESCAN_INTERVAL)
+            if self.due:
+                next_due = min(next_due, self.due[0][0])
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.05, next_due - time.time()))
+
+    def _start_due(self, now: float) -> None:
+        """Start every item due by `now` that no attempt holds."""
+        due = self.due
+        while due and due[0][0] <= now:
+            when, queue_id = heapq.heappop(due)
+            item = self.items.get(queue_id)
+            if item is None or item.next_attempt != when or queue_id in self.busy:
+                continue  # (gone; due at another time; or scheduled again once attempted)
+            self._start(item)
 
     async def rescan(self) -> int:
         """Pick up items on disk that this scheduler does not know: during a reload the old
@@ -192,6 +213,7 @@ class Scheduler:
             if item is not None and queue_id not in self.items:
                 self.items[queue_id] = item
                 self.recovered.add(queue_id)
+                self._schedule(item)
                 found += 1
         if found:
             log.info("picked up %d queued message(s) from disk", found)
@@ -247,6 +269,8 @@ class Scheduler:
             item.next_attempt = time.time() + self.cfg.retry_after
         finally:
             self.busy.discard(item.id)
+            if item.id in self.items:  # (not delivered or bounced, nor removed meanwhile)
+                self._schedule(item)
             self.wake.set()
 
     async def _attempt(self, item: QueueItem) -> None:

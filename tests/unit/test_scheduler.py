@@ -569,3 +569,68 @@ def test_a_recovered_local_item_is_redelivered_as_such(w):
     run(w.sched._attempt(w.sched.items[item.id]))
     [copy] = w.boxes.calls
     assert copy.since == pytest.approx(item.created)
+
+
+def _started(w: World, monkeypatch) -> list[str]:
+    """The ids `Scheduler._start` is called with (nothing is attempted)."""
+    started: list[str] = []
+    monkeypatch.setattr(w.sched, "_start", lambda item: started.append(item.id))
+    return started
+
+
+def _item(w: World, next_attempt: float) -> QueueItem:
+    item = QueueItem(trace.new_id(), ALICE, [Recipient("bob@example.net")])
+    item.next_attempt = next_attempt
+    w.sched.add(item)
+    return item
+
+
+def test_a_wake_up_starts_the_items_due_and_no_other(w, monkeypatch):
+    started = _started(w, monkeypatch)
+    now = time.time()
+    due, later, gone, busy, flushed = (
+        _item(w, t) for t in (now - 1, now + 60, now - 1, now - 1, now + 60)
+    )
+    w.sched.items.pop(gone.id)  # (delivered or removed meanwhile)
+    w.sched.busy.add(busy.id)  # (being attempted: scheduled again when that is over)
+    flushed.next_attempt = 0.0
+    w.sched._schedule(flushed)
+    moved = _item(w, now - 1)
+    moved.next_attempt = now + 30  # (its attempt set a later time: the old entry is stale)
+    w.sched._schedule(moved)
+    w.sched._start_due(now)
+    assert sorted(started) == sorted([due.id, flushed.id])
+    w.sched._start_due(now)  # (each entry starts its item once)
+    assert len(started) == 2
+    w.sched._start_due(now + 61)
+    assert sorted(started) == sorted([due.id, flushed.id, moved.id, later.id])
+
+
+def test_an_item_is_due_again_at_the_time_its_attempt_set(w, monkeypatch):
+    item = _item(w, 0.0)
+
+    async def attempt(attempted: QueueItem) -> None:
+        attempted.next_attempt = time.time() + 100
+
+    monkeypatch.setattr(w.sched, "_attempt", attempt)
+    w.sched.busy.add(item.id)
+    run(w.sched._process(item))
+    started = _started(w, monkeypatch)
+    w.sched._start_due(time.time())
+    assert started == []
+    w.sched._start_due(time.time() + 101)
+    assert started == [item.id]
+
+
+def test_a_wake_up_costs_the_items_due_not_the_whole_queue(w, monkeypatch):
+    """A big queue (a relay down for a day) is woken after every attempt: a wake-up must not
+    walk all of it. (Walking 100,000 items took 23 ms a wake-up.)"""
+    started = _started(w, monkeypatch)
+    later = time.time() + 3600
+    for _ in range(100_000):
+        _item(w, later)
+    began = time.process_time()
+    for _ in range(1000):
+        w.sched._start_due(time.time())
+    assert time.process_time() - began < 1.0
+    assert started == []
