@@ -57,7 +57,10 @@ class TLSLayer:
         try:
             while chunk := tls.read(READ_SIZE):
                 chunks.append(chunk)
-            closed = True  # (b"": the client's close_notify)
+                if not self.incoming.pending and not tls.pending():
+                    break  # (all read: one more read would only say so, by an exception)
+            else:
+                closed = True  # (b"": the client's close_notify)
         except ssl.SSLWantReadError:
             pass  # (the rest of a record is still on its way)
         finally:
