@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import socket
 import ssl
 from dataclasses import replace
@@ -147,25 +148,28 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self.layer is not None:
-            try:
-                plain = self.layer.receive(data, self.tls_established)
-            except (ssl.SSLError, OSError) as exc:
-                self.tls_failed(exc)
-                return
-            if plain is None:  # (the client's close_notify: its end of the session)
-                self.eof_received()
-                return
-            data = plain
-        if self.session is None or not data:
-            return
-        self.session.receive_data(data)
         try:
-            self.pump()
+            self.received(data)
         except Exception:
             # A bug must cost this one session, with a reply and a log line, not go unnoticed.
             log.exception("internal error in the session with %s", self.client)
             self.close([INTERNAL_ERROR.to_bytes()])
+
+    def received(self, data: bytes) -> None:
+        """The client's bytes (in TLS, decrypted first) to the session, and its answers out."""
+        ended = False
+        if self.layer is not None:
+            try:
+                data, ended = self.layer.receive(data, self.tls_established)
+            except (ssl.SSLError, OSError) as exc:
+                self.tls_failed(exc)
+                return
+        if self.session is not None and data:
+            self.session.receive_data(data)
+            if not ended:
+                self.pump()
+        if ended:  # (the client's close_notify, perhaps behind its last command)
+            self.eof_received()
 
     def pause_writing(self) -> None:
         """The client does not read its replies: stop reading its commands until it does
@@ -180,7 +184,9 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
-        if self.session is not None and not self.closing:
+        if self.handshaking:
+            self.tls_failed(EOFError("the client closed the connection"))
+        elif self.session is not None and not self.closing:
             self.session.receive_data(b"")
             self.pump()
         return False
@@ -188,6 +194,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.released:
             return
+        if self.handshaking and not self.closing:  # (a reset: an end of file is told above)
+            reason = _reason(exc) if exc is not None else "the connection was lost"
+            log.info("TLS handshake with %s failed: %s", self.client, reason)
         self.released = True
         self.closing = True
         if self.timer is not None:
@@ -339,11 +348,11 @@ class Connection(asyncio.Protocol):
 
     def gone(self) -> bool:
         """(From a check thread.) Has the client left: reset its connection, or, in TLS,
-        closed it without a close_notify? Reading is paused while its AUTH waits, so the event
-        loop would not have seen it: a peek at the socket does. A plain-text end of file is
-        not taken for gone: a client may half-close after QUIT and still read its answers. A
-        TLS client sends close_notify before it closes its side (RFC 8446 6.1), and the peek
-        would see that record, not the end of file."""
+        closed its side? Reading is paused while its AUTH waits, so the event loop would not
+        have seen it: a look at the socket does. A plain-text end of file is not taken for
+        gone: a client may half-close after QUIT and still read its answers. In TLS it is,
+        even behind unread bytes (a close_notify: RFC 8446 6.1 has a client send one before it
+        closes, and no mail client half-closes TLS to wait for an answer)."""
         if self.closing:
             return True
         transport = self.transport
@@ -355,14 +364,16 @@ class Connection(asyncio.Protocol):
         except (OSError, ValueError):  # (ValueError: closed meanwhile, fileno -1)
             return True
         try:
-            peeked = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if self.layer is not None:
+                return _closed_by_peer(probe)
+            probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False  # (nothing to read: still there)
         except OSError:
             return True  # (reset)
         finally:
             probe.detach()
-        return peeked == b"" and self.layer is not None
+        return False
 
     async def authenticate(self, request: AuthRequest, verdict: asyncio.Future[Outcome]) -> None:
         """Answer the login once its check is done; a failure only after the client
@@ -683,6 +694,17 @@ def _line(reply: Reply) -> str:
     """A reply on one line, for the log."""
     text = reply.text.replace("\n", " ")
     return shorten(" ".join(str(part) for part in (reply.code, reply.status, text) if part))
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Has the peer reset the connection, or closed its side (its FIN in, even behind bytes
+    not read yet, which a peek would show instead)?"""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(events & _GONE for _, events in poller.poll(0))
+
+
+_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 def _reason(exc: BaseException) -> str:

@@ -32,12 +32,13 @@ class TLSLayer:
         self.handshaking = True
         self.closed = False
 
-    def receive(self, data: bytes, on_handshake: Callable[[], None]) -> bytes | None:
-        """Take `data` from the client: the plaintext it completes (b"" for none yet), or None
-        once the client has said close_notify. `on_handshake` runs when the handshake is done,
-        before any plaintext is returned (a client may send its first command in the packet
-        that ends the handshake). A failed handshake or a bad record raises ssl.SSLError, the
-        alert already on its way to the client."""
+    def receive(self, data: bytes, on_handshake: Callable[[], None]) -> tuple[bytes, bool]:
+        """Take `data` from the client: the plaintext it completes (b"" for none yet), and
+        whether the client has said close_notify (the end of its data, after that plaintext).
+        `on_handshake` runs when the handshake is done, before any plaintext is returned (a
+        client may send its first command in the packet that ends the handshake). A failed
+        handshake or a bad record raises ssl.SSLError, the alert already on its way to the
+        client."""
         self.incoming.write(data)
         tls = self.ssl_object
         if self.handshaking:
@@ -45,7 +46,7 @@ class TLSLayer:
                 tls.do_handshake()
             except ssl.SSLWantReadError:
                 self.flush()
-                return b""
+                return b"", False
             except ssl.SSLError:
                 self.flush()  # (the alert that says why)
                 raise
@@ -65,9 +66,7 @@ class TLSLayer:
             pass  # (the rest of a record is still on its way)
         finally:
             self.flush()  # (what reading made OpenSSL say: a KeyUpdate's answer, an alert)
-        if closed and not chunks:
-            return None
-        return b"".join(chunks)
+        return b"".join(chunks), closed
 
     def flush(self) -> None:
         """Send what OpenSSL has written."""

@@ -15,6 +15,7 @@ test_submission.py imports the helpers of this module (`TLSMailerd`, `Client`, `
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import os
 import re
@@ -23,6 +24,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -580,6 +582,73 @@ def test_a_handshake_not_done_within_the_timeout_ends(tls_server):
     assert 29 < time.monotonic() - started < 40
     timed_out = wait_until(lambda: m.log_since(mark).count("failed: timed out") == 2, 5)
     assert timed_out, m.log_since(mark)
+
+
+def _client_hello() -> tuple[bytes, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A TLS client over memory BIOs, and its ClientHello."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = unverified_context().wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read(), tls, incoming, outgoing
+
+
+def _tls_socket(m: Mailerd, listener: str) -> socket.socket:
+    """A connection to the listener, ready for a ClientHello (after STARTTLS's 220)."""
+    if listener == "submissions":
+        return socket.create_connection(("127.0.0.1", m.submissions_port), timeout=IO_TIMEOUT)
+    c = Client("127.0.0.1", m.untrusted_port)
+    c.start(HELO)
+    expect(c.cmd("STARTTLS"), 220, conn=c)
+    return c.sock
+
+
+@pytest.mark.parametrize("listener", ["network", "submissions"])
+@pytest.mark.parametrize("how", ["closed", "reset"])
+def test_a_handshake_the_client_abandons_is_logged(tls_server, listener: str, how: str):
+    m, _ = tls_server
+    mark = m.log_mark()
+    sock = _tls_socket(m, listener)
+    port = sock.getsockname()[1]
+    sock.sendall(_client_hello()[0])
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    else:
+        assert sock.recv(65536)  # (the server's answer read: a close with it unread resets)
+    sock.close()
+    why = "the client closed the connection" if how == "closed" else "Connection reset by peer"
+    line = f"TLS handshake with [127.0.0.1]:{port} failed: "
+    assert wait_until(lambda: line in m.log_since(mark), 5), m.log_since(mark)
+    assert why in m.log_since(mark).split(line, 1)[1].splitlines()[0]
+
+
+def test_a_close_notify_behind_the_last_command_is_taken_at_once(tls_server):
+    """A client that sends a command and its close_notify in one packet gets the answer and
+    the end of the session then, not after the server's idle timeout."""
+    m, _ = tls_server
+    hello, tls, incoming, outgoing = _client_hello()
+    with socket.create_connection(("127.0.0.1", m.submissions_port), timeout=5) as sock:
+        sock.sendall(hello)
+        while True:
+            incoming.write(sock.recv(65536))
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                continue
+        sock.sendall(outgoing.read())
+        tls.write(b"NOOP\r\n")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.unwrap()
+        sock.sendall(outgoing.read())
+        started, plain = time.monotonic(), b""
+        while chunk := sock.recv(65536):
+            incoming.write(chunk)
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                while data := tls.read(65536):
+                    plain += data
+        assert time.monotonic() - started < 3, "the session was not ended at once"
+    assert plain.startswith(b"220 ") and b"\r\n250 2.0.0" in plain, plain
 
 
 def test_no_certificate_no_starttls(mailerd_factory):

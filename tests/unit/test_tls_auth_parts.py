@@ -463,7 +463,7 @@ def test_a_locked_or_failing_address_gets_no_verdict_from_a_check_in_flight_or_m
 def test_a_client_is_gone_when_reset_not_when_it_half_closes():
     """`Connection.gone` (asked from a check thread, reading paused): a client that shut
     down its sending side after QUIT still reads its answers; one that reset is gone; in TLS,
-    one that closed without a close_notify is gone (a close_notify would be there to read)."""
+    one that closed its side is gone, even behind bytes not read yet (its close_notify)."""
     from mailerd.worker.connection import Connection
 
     class Transport:
@@ -490,9 +490,11 @@ def test_a_client_is_gone_when_reset_not_when_it_half_closes():
         assert conn_over(server, tls=True).gone(), "a TLS client that left is not gone"
     server, client = socket.socketpair()
     with server, client:
-        client.sendall(b"\x15\x03\x03")  # (the start of a close_notify record)
+        client.sendall(b"\x17\x03\x03\x00\x13")  # (a record not read yet: a close_notify)
+        assert not conn_over(server, tls=True).gone(), "a TLS client still there is gone"
         client.shutdown(socket.SHUT_WR)
-        assert not conn_over(server, tls=True).gone()
+        assert conn_over(server, tls=True).gone(), "a TLS client that left is not gone"
+        assert not conn_over(server).gone(), "(in plain text, a half-close is not leaving)"
     listener = socket.create_server(("127.0.0.1", 0))
     with listener:
         peer = socket.create_connection(listener.getsockname())

@@ -111,15 +111,23 @@ class Pair:
         self.handshakes += 1
 
     def to_server(self, data: bytes, piece: int = 0) -> bytes | None:
-        """Feed `data` to the layer (in pieces of `piece` bytes when given); the plaintext."""
+        """Feed `data` to the layer (in pieces of `piece` bytes when given); the plaintext,
+        and then None if the client said close_notify."""
         pieces = [data[i : i + piece] for i in range(0, len(data), piece)] if piece else [data]
         out = b""
         for part in pieces:
-            got = self.layer.receive(part, self.established)
-            if got is None:
-                return out or None
+            got, ended = self.layer.receive(part, self.established)
             out += got
+            if ended:
+                assert out == b"", f"plaintext before the close_notify: {out!r}"
+                return None
         return out
+
+    def ends(self, data: bytes) -> bytes:
+        """Feed `data`, which ends with the client's close_notify: the plaintext before it."""
+        got, ended = self.layer.receive(data, self.established)
+        assert ended
+        return got
 
     def handshake(self, piece: int = 0, then: bytes = b"") -> bytes | None:
         """Run the handshake; `then` is plaintext the client sends behind its Finished, in the
@@ -178,6 +186,16 @@ def test_close_notify_both_ways(server_context, ca):
     with pytest.raises(ssl.SSLWantReadError):
         other.client.tls.unwrap()
     assert other.to_server(other.client.take()) is None
+
+
+def test_a_close_notify_behind_a_command_ends_the_data_after_it(server_context, ca):
+    """(A client that sends its last command and closes, in one packet.)"""
+    pair = Pair(server_context, client_context(ca))
+    pair.handshake()
+    pair.client.tls.write(b"QUIT\r\n")
+    with pytest.raises(ssl.SSLWantReadError):
+        pair.client.tls.unwrap()
+    assert pair.ends(pair.client.take()) == b"QUIT\r\n"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (TLS 1.0 and 1.1: the point)
