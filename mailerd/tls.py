@@ -10,7 +10,9 @@ it. Mozilla would let the client choose, every suite being strong, but Debian's 
 a server without an order of its own HIGH, and operators judge by it. Its DHE suites are left out:
 they would need DH parameters loaded, and Mozilla's own later versions drop them. Renegotiation and
 compression are off. Session tickets are off too: SMTP sessions are not resumed, and Microsoft's
-servers failed the STARTTLS handshake with some servers' tickets (chasquid #64, maddy #730).
+servers failed the STARTTLS handshake with some servers' tickets (chasquid #64, maddy #730). The
+key exchange is over elliptic curves only (GROUPS: TLS 1.3's finite-field groups would let a
+client make each handshake cost ~100 times more).
 
 Several pairs may be given: pairs whose certificates name the same hosts share one context (an
 RSA and an ECDSA certificate for one name: the client's signature algorithms choose); pairs for
@@ -19,6 +21,8 @@ other names get contexts of their own, chosen by the client's SNI; the first is 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -40,6 +44,14 @@ CIPHERS = ":".join(
 )
 # SSL_OP_PRIORITIZE_CHACHA (OpenSSL >= 1.1.1), which Python's ssl does not name.
 OP_PRIORITIZE_CHACHA = 1 << 21
+# The key-exchange groups: Postfix's list (tls_eecdh_auto_curves), elliptic curves only.
+# OpenSSL 3.0's own list adds TLS 1.3's finite-field groups (RFC 7919), and a client asking for
+# ffdhe8192 cost a worker ~120 ms of CPU a handshake, against ~1.5 ms with X25519: a way for
+# anyone to load the server at no cost of their own, by sending the same key share again and
+# again ("DHEat", CVE-2002-20001). Python's ssl (3.11) cannot set the groups, so OpenSSL's
+# SSL_CTX_set1_groups_list is called on the context itself (`_limit_groups`).
+GROUPS = b"X25519:X448:P-256:P-521:P-384"
+_SSL_CTRL_SET_GROUPS_LIST = 92  # (ssl.h: SSL_CTX_set1_groups_list is SSL_CTX_ctrl with this)
 HANDSHAKE_TIMEOUT = 30.0  # seconds for a client to finish its handshake
 
 Pair = tuple[Path, Path]  # a certificate chain and its private key
@@ -88,6 +100,12 @@ def _context(pairs: list[Pair]) -> ssl.SSLContext:
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | OP_PRIORITIZE_CHACHA
     context.num_tickets = 0
     context.set_ciphers(CIPHERS)
+    if not _limit_groups(context):
+        log.warning(
+            "TLS: cannot limit the key-exchange groups to %s here: TLS 1.3's finite-field "
+            "groups stay offered, and a client choosing one costs a handshake ~100 times more",
+            GROUPS.decode(),
+        )
     for cert, key in pairs:
         try:
             context.load_cert_chain(cert, key, password=_no_pass_phrase)
@@ -102,6 +120,36 @@ def _context(pairs: list[Pair]) -> ssl.SSLContext:
             reason = exc.strerror or str(exc)
             raise TLSError(f"cannot use certificate {cert} with key {key}: {reason}") from exc
     return context
+
+
+def _limit_groups(context: ssl.SSLContext) -> bool:
+    """Offer only GROUPS; False (nothing changed) where that cannot be done."""
+    try:
+        libssl = _libssl()
+    except OSError:
+        return False
+    # The SSL_CTX the context wraps: CPython's PySSLContext holds its pointer first after the
+    # object's header. The options OpenSSL has for it must be the context's, or it is not it.
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not pointer or libssl.SSL_CTX_get_options(pointer) != int(context.options):
+        return False
+    return bool(libssl.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, GROUPS) == 1)
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    """The libssl Python's ssl module runs on (loaded already: found in the process's maps,
+    so that it is that one and not another version); OSError if there is none."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/libssl.so" in line}
+    if len(paths) != 1:
+        raise OSError(f"libssl: {len(paths)} loaded")
+    libssl = ctypes.CDLL(paths.pop())
+    libssl.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+    libssl.SSL_CTX_get_options.restype = ctypes.c_uint64
+    libssl.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    libssl.SSL_CTX_ctrl.restype = ctypes.c_long
+    return libssl
 
 
 class _Encrypted(Exception):

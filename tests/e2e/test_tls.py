@@ -651,6 +651,29 @@ def test_a_close_notify_behind_the_last_command_is_taken_at_once(tls_server):
     assert plain.startswith(b"220 ") and b"\r\n250 2.0.0" in plain, plain
 
 
+@pytest.mark.parametrize("listener", ["network", "submissions"])
+def test_only_elliptic_curve_groups(tls_server, listener: str):
+    """TLS 1.3's finite-field groups are refused (a handshake with ffdhe8192 cost a worker
+    ~120 ms of CPU, a lever for anyone: "DHEat"); Postfix's elliptic curves are spoken."""
+    m, _ = tls_server
+    port = m.listener_port(listener)
+    how = ["-starttls", "smtp"] if listener == "network" else []
+    for group in ("ffdhe2048", "ffdhe8192"):
+        done = subprocess.run(
+            ["openssl", "s_client", *how, "-connect", f"127.0.0.1:{port}", "-tls1_3"]
+            + ["-groups", group, "-brief"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode != 0, f"{group} was accepted:\n{done.stdout}{done.stderr}"
+        assert "alert handshake failure" in done.stderr, done.stderr
+    for group, says in (("X25519", "X25519"), ("P-256", "prime256v1"), ("P-384", "secp384r1")):
+        output = s_client(*how, "-connect", f"127.0.0.1:{port}", "-tls1_3", "-groups", group)
+        assert f"Server Temp Key: {says}" in output or f", {says}, " in output, output
+
+
 def test_no_certificate_no_starttls(mailerd_factory):
     """Without a certificate nothing offers STARTTLS and the command starts nothing."""
     m = mailerd_factory()

@@ -592,3 +592,20 @@ def test_recent_logins_keep_successes_for_a_while_and_no_password():
     recent.add("carol", "y", "carol", now=0.0)  # the oldest goes: at most `size`
     assert recent.get("alice", "s3cret", now=1.0) is None
     assert recent.get("carol", "y", now=1.0) == "carol"
+
+
+def test_groups_that_cannot_be_limited_are_warned_of_and_tls_still_works(ca, monkeypatch, caplog):
+    """Where OpenSSL cannot be reached for the groups (another Python build), the listeners
+    still speak TLS, and the operator is told what is not limited."""
+    pair = ca.issue("mx.example.org", tag="groups")
+
+    def no_libssl() -> None:
+        raise OSError("libssl: 0 loaded")
+
+    monkeypatch.setattr(tls, "_libssl", no_libssl)
+    with caplog.at_level(logging.WARNING, logger="mailerd.tls"):
+        context = tls.server_context([(pair.cert, pair.key)])
+    assert context is not None
+    assert "cannot limit the key-exchange groups to X25519:X448:P-256:P-521:P-384" in caplog.text
+    client = ssl.create_default_context(cafile=str(ca.cert))
+    assert handshake(context, client, "mx.example.org") == der(pair.cert)
