@@ -53,6 +53,8 @@ class TLSLayer:
             self.handshaking = False
             self.flush()
             on_handshake()
+            if self.closed:  # (the session ended at once: a worker shutting down)
+                return b"", False
         chunks = []
         closed = False
         try:
@@ -69,8 +71,8 @@ class TLSLayer:
         return b"".join(chunks), closed
 
     def flush(self) -> None:
-        """Send what OpenSSL has written."""
-        if self.outgoing.pending:
+        """Send what OpenSSL has written (nothing once the connection is closing)."""
+        if self.outgoing.pending and not self.raw.is_closing():
             self.raw.write(self.outgoing.read())
 
     # -- the transport the session writes to -------------------------------------------

@@ -239,3 +239,24 @@ def test_nothing_is_written_before_the_handshake_is_done(server_context, ca):
     assert pair.raw.take() == b""
     pair.layer.close()
     assert pair.raw.closed and pair.raw.take() == b""
+
+
+def test_a_session_closed_as_the_handshake_ends_writes_nothing_after(server_context, ca):
+    """(A worker that is stopping says 421 and closes in the session's start, which runs
+    inside receive(): nothing is read or written after that.)"""
+    pair = Pair(server_context, client_context(ca))
+
+    def closes() -> None:
+        pair.layer.write(b"421 4.3.2 Service shutting down\r\n")
+        pair.layer.close()
+
+    pair.established = closes  # type: ignore[method-assign]
+    pair.client.handshake()
+    pair.to_server(pair.client.take())
+    pair.client.give(pair.raw.take())
+    pair.client.handshake()
+    pair.client.tls.write(b"EHLO client.test\r\n")
+    assert pair.to_server(pair.client.take()) == b""  # (finished, then closed: nothing more)
+    assert pair.raw.closed
+    pair.client.give(pair.raw.take())
+    assert pair.client.read_all() == b"421 4.3.2 Service shutting down\r\n"
