@@ -6,6 +6,7 @@ ways, alerts for a failed handshake and a bad record, a megabyte in odd pieces."
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -208,13 +209,8 @@ def test_a_failed_handshake_sends_its_alert(server_context, ca):
     old.set_ciphers("DEFAULT:@SECLEVEL=0")
     pair = Pair(server_context, old)
     pair.client.handshake()
-    with pytest.raises(ssl.SSLError) as failed:
-        pair.to_server(pair.client.take())
-    assert failed.value.reason == "UNSUPPORTED_PROTOCOL"
-    pair.client.give(pair.raw.take())
-    with pytest.raises(ssl.SSLError) as told:
-        pair.client.handshake()
-    assert told.value.reason == "TLSV1_ALERT_PROTOCOL_VERSION"
+    refused(pair, pair.client.take(), "UNSUPPORTED_PROTOCOL")
+    told(pair.client.handshake, "TLSV1_ALERT_PROTOCOL_VERSION")
 
 
 def test_a_bad_record_is_an_error_with_an_alert(server_context, ca):
@@ -223,13 +219,23 @@ def test_a_bad_record_is_an_error_with_an_alert(server_context, ca):
     pair.client.tls.write(b"MAIL FROM:<a@b>\r\n")
     record = bytearray(pair.client.take())
     record[-1] ^= 1  # (the AEAD tag no longer matches)
-    with pytest.raises(ssl.SSLError) as bad:
-        pair.to_server(bytes(record))
-    assert bad.value.reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+    refused(pair, bytes(record), "DECRYPTION_FAILED_OR_BAD_RECORD_MAC")
+    told(pair.client.read_all, "SSLV3_ALERT_BAD_RECORD_MAC")
+
+
+def refused(pair: Pair, data: bytes, reason: str) -> None:
+    """The layer refuses `data` for OpenSSL's `reason`; what it wrote goes to the client."""
+    with pytest.raises(ssl.SSLError) as failed:
+        pair.to_server(data)
+    assert failed.value.reason == reason
     pair.client.give(pair.raw.take())
-    with pytest.raises(ssl.SSLError) as told:
-        pair.client.read_all()
-    assert told.value.reason == "SSLV3_ALERT_BAD_RECORD_MAC"
+
+
+def told(client_step: Callable[[], object], alert: str) -> None:
+    """The client's next step meets the layer's `alert`."""
+    with pytest.raises(ssl.SSLError) as said:
+        client_step()
+    assert said.value.reason == alert
 
 
 def test_nothing_is_written_before_the_handshake_is_done(server_context, ca):
