@@ -194,9 +194,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.released:
             return
-        if self.handshaking and not self.closing:  # (a reset: an end of file is told above)
-            reason = _reason(exc) if exc is not None else "the connection was lost"
-            log.info("TLS handshake with %s failed: %s", self.client, reason)
+        if self.handshaking:  # (a reset: an end of file is told in eof_received)
+            self.tls_failed(exc or ConnectionAbortedError("the connection was lost"))
         self.released = True
         self.closing = True
         if self.timer is not None:
@@ -696,15 +695,15 @@ def _line(reply: Reply) -> str:
     return shorten(" ".join(str(part) for part in (reply.code, reply.status, text) if part))
 
 
+_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
+
 def _closed_by_peer(sock: socket.socket) -> bool:
     """Has the peer reset the connection, or closed its side (its FIN in, even behind bytes
     not read yet, which a peek would show instead)?"""
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLRDHUP)
     return any(events & _GONE for _, events in poller.poll(0))
-
-
-_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 def _reason(exc: BaseException) -> str:

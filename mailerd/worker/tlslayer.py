@@ -14,6 +14,7 @@ implicit TLS, driven without a task or a future, and cheaper per session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -90,12 +91,10 @@ class TLSLayer:
             return
         self.closed = True
         if not self.handshaking:
-            try:
+            # (It raises SSLWantReadError, ours sent and the client's not yet in, or another
+            # SSLError for a connection that has failed: nothing to close cleanly.)
+            with contextlib.suppress(ssl.SSLError):
                 self.ssl_object.unwrap()
-            except ssl.SSLWantReadError:
-                pass  # (the expected outcome: ours sent, the client's not yet in)
-            except ssl.SSLError:
-                pass  # (the connection has failed: there is nothing to close cleanly)
             self.flush()
         self.raw.close()
 
