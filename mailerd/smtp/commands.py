@@ -396,6 +396,7 @@ class Commands:
             text = line.decode("ascii")
         except UnicodeDecodeError:
             self._sasl = None
+            self._unlogged = 1  # (as in _sasl_answer: LOGIN's password may follow)
             self._send(AUTH_UNDECODABLE)
             return
         if text.strip() == auth.CANCEL:

@@ -375,6 +375,7 @@ def test_the_password_never_reaches_the_command_log_nor_an_events_repr():
         pytest.param(LOCAL, ["AUTH\tPLAIN " + b64("\0alice\0secret")], id="tab-separated"),
         pytest.param(LOCAL, ["AUTH PLAIN\r" + b64("\0alice\0secret")], id="bare-cr"),
         pytest.param(LOCAL, ["AUTH LOGIN", "not base64!", b64("secret")], id="user-not-base64"),
+        pytest.param(LOCAL, ["AUTH LOGIN", "jöhn", b64("secret")], id="user-not-ascii"),
     ],
 )
 def test_no_password_reaches_the_log_however_the_auth_goes_wrong(config, lines):
