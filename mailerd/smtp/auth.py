@@ -20,6 +20,10 @@ CANCEL = "*"  # a client's answer that gives up (RFC 4954 4)
 USERNAME_CHALLENGE = Reply(334, None, USERNAME_PROMPT)
 PASSWORD_CHALLENGE = Reply(334, None, PASSWORD_PROMPT)
 EMPTY_CHALLENGE = Reply(334, None, "")  # PLAIN without an initial response: "334 "
+# The longest line answering a 334, CRLF included. RFC 4954 4 puts no limit on it (a
+# client moves a response too long for the AUTH command line there), so not the 512 of a
+# command: a long password must still log in. 12288 is Postfix's smtpd_sasl_response_limit.
+RESPONSE_LINE_MAX = 12288
 
 
 def first_challenge(mechanism: str) -> Reply:

@@ -22,6 +22,7 @@ import enum
 from collections import deque
 from collections.abc import Callable
 
+from . import auth
 from .commands import Commands
 from .data import BodyChecker, DataDecoder
 from .events import (
@@ -302,7 +303,7 @@ class Session(Commands):
         if self._pending:
             self._buf = self._take_input()
         buf, pos = self._buf, self._pos
-        limit = self._config.max_command_line
+        limit = auth.RESPONSE_LINE_MAX if self._sasl is not None else self._config.max_command_line
         end = buf.find(b"\r\n", pos)
         if end < 0:
             if len(buf) - pos >= limit:

@@ -394,9 +394,30 @@ def test_a_too_long_auth_response_ends_the_exchange():
     c = Client(SUBMISSIONS)
     c.ehlo()
     assert c.cmd("AUTH LOGIN").code == 334
-    assert code(c.cmd("x" * 600)) == (500, "5.5.6")
+    assert code(c.cmd("x" * 12287)) == (500, "5.5.6")  # (12289 octets with its CRLF)
     assert c.cmd("NOOP").code == 250
     assert c.requests == []
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_a_long_password_is_answered_after_the_334(mechanism):
+    """RFC 4954 4: a response too long for the AUTH command line goes after the 334, and
+    there the 512 octets of a command do not apply (up to 12288, as Postfix)."""
+    password = "p" * 2000
+    c = Client(SUBMISSIONS, auto=False)
+    c.ehlo()
+    assert c.cmd(f"AUTH {mechanism}").code == 334
+    if mechanism == "PLAIN":
+        answer = b64(f"\0alice\0{password}")
+    else:
+        assert c.cmd(b64("alice")).code == 334
+        answer = b64(password)
+    assert len(answer) > 2000
+    c.send(answer.encode() + b"\r\n")
+    assert c.requests == [AuthRequest(mechanism, "alice", password)]
+    c.session.auth_done("alice")
+    assert [r.code for r in c.drain()] == [235]
+    assert code(c.cmd("NOOP " + "x" * 600)) == (500, "5.5.6")  # (commands keep their limit)
 
 
 def test_mail_auth_parameter_is_taken_where_auth_is_offered():
