@@ -353,7 +353,10 @@ def load(argv: list[str]) -> Config:
 
 def read_ini(path: str) -> dict[str, object]:
     """Read the [mailerd] section; keys are long option names, lists split on commas/space."""
-    parser = configparser.ConfigParser(interpolation=None)
+    # " # ..." and " ; ..." after a value are comments, as the README's examples write them
+    # (otherwise "queue = /tmp/q  # mine" names a directory "/tmp/q  # mine"). Only after
+    # whitespace: no value mailerd takes contains one.
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f)

@@ -94,6 +94,42 @@ def test_ini_errors(tmp_path):
         config.load(["-c", str(tmp_path / "missing.conf")])
 
 
+def test_ini_inline_comments(tmp_path):
+    """A " # ..." or " ; ..." after a value is a comment, as the README writes them, in the
+    daemon's reader and in the commands' (passwd, newaliases, sendmail -C use read_ini)."""
+    from mailerd.commands import daemon, sendmail
+
+    ini = tmp_path / "mailerd.conf"
+    ini.write_text(
+        "[mailerd]\n"
+        "queue = /tmp/q   # queue dir\n"
+        "listen-local = 127.0.0.1:2600, [::1]:2600   # port 2600\n"
+        "listen-network = none ; none\n"
+        "domain = a.example, b.example\t# two\n"
+        "verbose = yes # loud\n"
+        "max-message-size = 1000 ; small\n"
+    )
+    cfg = config.load(["-c", str(ini)])
+    assert cfg.queue.as_posix() == "/tmp/q" and cfg.verbose
+    assert cfg.domains == ("a.example", "b.example") and len(cfg.listeners) == 2
+    assert daemon.read_config(str(ini))["queue"] == "/tmp/q"
+    settings = sendmail.load_settings(str(ini))
+    assert settings.queue == "/tmp/q" and settings.max_message_size == 1000
+    # a '#' or ';' without whitespace before it stays in the value (and fails as one)
+    ini.write_text("[mailerd]\nworkers = 3#x\n")
+    with pytest.raises(ConfigError, match="workers"):
+        config.load(["-c", str(ini)])
+
+
+def test_the_example_config_loads():
+    """etc/mailerd.conf as installed is a valid config file."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "etc" / "mailerd.conf"
+    cfg = config.load(["-c", str(example), "-l", "127.0.0.1", "-n", "none"])
+    assert cfg.queue.as_posix() == config.DEFAULT_QUEUE
+
+
 def test_identity_follows_debian(tmp_path, monkeypatch):
     """Without -d/-H: /etc/mailname is the first local domain, then the FQDN, then localhost;
     the host name is the FQDN, or the mail name when the FQDN has no dot."""
