@@ -89,7 +89,7 @@ class Scheduler:
         self.pool = ThreadPoolExecutor(cfg.max_outbound, thread_name_prefix="smtp")
         try:
             self.resolver: dns.asyncresolver.Resolver | None = mx.make_resolver(
-                cfg.dns_server, cache=True
+                cfg.dns_server, cfg.dns_timeout, cache=True
             )
         except mx.SystemResolverForbidden:
             raise  # a test without its own DNS: fail loudly

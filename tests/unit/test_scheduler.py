@@ -3,7 +3,8 @@
 A real `Scheduler` with a real `Queue` in tmp_path and a real Config; only two things are
 stand-ins: the relay (a test calls `_settle` with the `relay.Result`s an attempt would have
 returned) and `deliver_local` (a coroutine that records what would have gone into a mailbox).
-DNS points at 127.0.0.1:9 (discard), and nothing here ever asks it.
+DNS points at 127.0.0.1:9 (discard), and nothing here ever asks it, but for the one test of
+--dns-timeout (a loopback socket that never answers).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import email
 import email.message
 import email.policy
+import socket
 import time
 from collections.abc import Callable
 
@@ -634,3 +636,23 @@ def test_a_wake_up_costs_the_items_due_not_the_whole_queue(w, monkeypatch):
         w.sched._start_due(time.time())
     assert time.process_time() - began < 1.0
     assert started == []
+
+
+# -- DNS -------------------------------------------------------------------------------------
+
+
+def test_an_mx_lookup_gives_up_after_the_dns_timeout(make_world):
+    """--dns-timeout bounds the outbound MX lookups as it does the inbound ones: against a DNS
+    server that never answers, the attempt is deferred after it (it took 10 s, the default)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        w = make_world("--dns-server", f"127.0.0.1:{port}", "--dns-timeout", "1s")
+        item = w.queued(ALICE, ["bob@example.net"])
+        began = time.monotonic()
+        run(w.sched._attempt(item))
+        took = time.monotonic() - began
+    bob = item.recipients[0]
+    assert bob.state == "pending" and bob.attempts == 1
+    assert "4.4.3" in bob.last_error and "timed out" in bob.last_error
+    assert 0.9 < took < 2.5
