@@ -26,6 +26,7 @@ from mailerd.credentials import DEFAULT_PASSWD, Credentials, CredentialsError
 from mailerd.names import is_local_domain
 from mailerd.values import (
     LABEL,
+    is_selector,
     parse_bool,
     parse_choice,
     parse_dns,
@@ -580,10 +581,6 @@ def _default_min_free(max_message_size: object) -> int:
     return (size or DEFAULT_MAX_MESSAGE_SIZE) * 3 // 2
 
 
-# A DKIM selector: DNS labels (RFC 6376 3.1), letters, digits, hyphens, underscores.
-_SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_-]+)*")
-
-
 def _dkim_specs(values: object, domains: tuple[str, ...]) -> tuple[tuple[str, str, Path], ...]:
     """--dkim-key DOMAIN:SELECTOR:FILE, each for a local domain (or one below it)."""
     specs = []
@@ -591,7 +588,7 @@ def _dkim_specs(values: object, domains: tuple[str, ...]) -> tuple[tuple[str, st
         domain, sep1, rest = text.partition(":")
         selector, sep2, path = rest.partition(":")
         domain = domain.strip().lower().rstrip(".")
-        if not (sep1 and sep2 and domain and _SELECTOR.fullmatch(selector.strip()) and path):
+        if not (sep1 and sep2 and domain and is_selector(selector.strip()) and path):
             raise ConfigError(f"--dkim-key: not DOMAIN:SELECTOR:FILE: '{text}'")
         selector = selector.strip()
         if not is_local_domain(domain, domains):

@@ -1,6 +1,7 @@
 """Reading one option's value, from the command line or the configuration file: whole numbers,
-booleans, choices, durations, IP[:PORT] addresses, domain and host names, repeatable options'
-lists. Each raises ConfigError naming the option and the value, which is what a user sees."""
+booleans, choices, durations, IP[:PORT] addresses, domain and host names, DKIM selectors,
+repeatable options' lists. Each raises ConfigError naming the option and the value, which is
+what a user sees."""
 
 from __future__ import annotations
 
@@ -91,6 +92,15 @@ def parse_dns(value: object) -> tuple[str, int]:
 
 
 LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+# A DKIM selector: DNS labels (RFC 6376 3.1), letters, digits, hyphens, underscores.
+_SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_-]+)*")
+
+
+def is_selector(text: str) -> bool:
+    """Is `text` a DKIM selector as --dkim-key takes it (and `mailerd dkim keygen`)?"""
+    return _SELECTOR.fullmatch(text) is not None
 
 
 def parse_domains(values: object) -> list[str]:

@@ -7,7 +7,11 @@ forks, so nothing else needs to read them); an existing file is never replaced. 
 to publish at SELECTOR._domainkey.DOMAIN is printed in zone-file form, its value split into
 strings of at most 255 octets (one DNS character-string each, RFC 6376 3.6.2.2), then the
 config line that makes mailerd sign with the key (the file by its absolute path: mailerd does
-not run from the directory this was run in).
+not run from the directory this was run in), and how to add it to a `dkim-key` line already
+there (a second such line is an error).
+
+DOMAIN and SELECTOR are checked as mailerd's --dkim-key reads them, so that the printed line
+is one mailerd takes.
 
 Defaults: RSA of 2048 bits (what every receiver verifies; Ed25519, RFC 8463, is smaller and
 faster but not yet verified everywhere: use both, two selectors), and a selector named for the
@@ -21,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from mailerd import signing
+from mailerd import signing, values
 
 DEFAULT_DIR = "/etc/mailerd/dkim"
 DEFAULT_BITS = 2048
@@ -44,18 +49,14 @@ def main(argv: list[str]) -> int:
     keygen.add_argument("--dir", default=DEFAULT_DIR, help=f"default {DEFAULT_DIR}")
     keygen.add_argument("domain", metavar="DOMAIN")
     args = parser.parse_args(argv)
-    domain = args.domain.lower().rstrip(".")
-    if args.type != "rsa" and args.bits is not None:
-        parser.error(f"--bits is for RSA keys ({args.type} keys have one size)")
     bits = DEFAULT_BITS if args.bits is None else args.bits
-    if args.type == "rsa" and bits < signing.MIN_RSA_BITS:
-        parser.error(f"--bits: at least {signing.MIN_RSA_BITS} (receivers ignore shorter keys)")
-    if not domain or "/" in domain or domain.startswith("."):
-        parser.error(f"not a domain: {args.domain!r}")
-    if "/" in args.selector or not args.selector:
-        parser.error(f"not a selector: {args.selector!r}")
+    domain = args.domain.lower().rstrip(".")
     # absolute: the printed config line is read by mailerd, which runs from another directory
     path = os.path.join(os.path.abspath(args.dir), f"{domain}.{args.selector}.key")
+    problem = bad_argument(args.type, args.bits, args.domain, args.selector, path)
+    if problem:
+        print(f"mailerd dkim keygen: {problem}", file=sys.stderr)
+        return 2
     try:
         write_key(path, new_key(args.type, bits))
     except FileExistsError:
@@ -69,9 +70,36 @@ def main(argv: list[str]) -> int:
     key = signing.load_key(domain, args.selector, path)
     print(f"; {key.kind} key written to {path}; publish this record:")
     print(zone_txt(key.dns_name, key.dns_record()))
+    spec = f"{domain}:{args.selector}:{path}"
     print("; then add to /etc/mailerd/mailerd.conf (and reload mailerd):")
-    print(f"dkim-key = {domain}:{args.selector}:{path}")
+    print(f"dkim-key = {spec}")
+    # A second "dkim-key =" line is an error (configparser: the option already exists); the
+    # keys of a repeatable option are one comma-separated list on one line.
+    print("; or, if it has a dkim-key line already, add this key to that line after a comma:")
+    print(f";   dkim-key = <the keys already there>, {spec}")
     return 0
+
+
+def bad_argument(kind: str, bits: int | None, domain: str, selector: str, path: str) -> str:
+    """Why these arguments would make a key the daemon cannot use, or "": the domain and
+    selector as mailerd's --dkim-key reads them (config.py), and a file name that survives
+    the config file's list splitting (on commas and whitespace)."""
+    if kind != "rsa" and bits is not None:
+        return f"--bits is for RSA keys ({kind} keys have one size)"
+    if kind == "rsa" and bits is not None and bits < signing.MIN_RSA_BITS:
+        return f"--bits: at least {signing.MIN_RSA_BITS} (receivers ignore shorter keys)"
+    try:
+        values.parse_domains([domain])
+    except values.ConfigError:
+        return f"not a domain name: {domain!r}"
+    if not values.is_selector(selector):
+        return (
+            f"not a selector: {selector!r} (DNS labels: letters, digits, hyphens, "
+            "underscores, separated by dots)"
+        )
+    if re.search(r"[,\s]", path):
+        return f"--dir: mailerd.conf cannot name a key file with a comma or a space: {path!r}"
+    return ""
 
 
 def new_key(kind: str, bits: int) -> bytes:

@@ -342,6 +342,67 @@ def test_keygen_relative_dir_prints_an_absolute_path(tmp_path: Path):
     check_key_file(path)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["not a domain"], id="domain-with-spaces"),
+        pytest.param(["bad-.example"], id="domain-label-hyphen"),
+        pytest.param(["example..org"], id="domain-empty-label"),
+        pytest.param(["--selector", "x:y", "example.org"], id="selector-colon"),
+        pytest.param(["--selector", "mail 1", "example.org"], id="selector-space"),
+        pytest.param(["--selector", "a,b", "example.org"], id="selector-comma"),
+        pytest.param(["--selector", "", "example.org"], id="selector-empty"),
+        pytest.param(["--selector", "../x", "example.org"], id="selector-path"),
+    ],
+)
+def test_keygen_refuses_what_mailerd_would_not_read(tmp_path: Path, args: list[str]):
+    """A DOMAIN or SELECTOR that mailerd's --dkim-key would refuse or misread (the printed
+    `dkim-key = DOMAIN:SELECTOR:FILE` line): exit 2, one line saying which, no file."""
+    p = keygen("--dir", str(tmp_path), "--type", "ed25519", *args)
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "domain" in p.stderr or "selector" in p.stderr, p.stderr
+    assert p.stdout == "" and not list(tmp_path.iterdir()), os.listdir(tmp_path)
+
+
+def test_keygen_refuses_a_dir_the_config_file_would_split(tmp_path: Path):
+    """mailerd.conf splits a dkim-key list on commas and spaces: a key file named with one
+    could not be given there."""
+    p = keygen("--dir", str(tmp_path / "my keys"), "--type", "ed25519", "example.org")
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert "--dir" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not list(tmp_path.iterdir()), os.listdir(tmp_path)
+
+
+def test_keygen_says_how_to_add_a_second_key(tmp_path: Path):
+    """A config with a dkim-key line already: a second `dkim-key =` line is an error
+    (configparser), so the advice for the second key is the comma-separated list, and the
+    config made by following it names both keys."""
+    from mailerd import config
+
+    first = keygen("--dir", str(tmp_path), "--type", "ed25519", "--selector", "a1", "example.org")
+    second = keygen("--dir", str(tmp_path), "--type", "ed25519", "--selector", "b1", "example.org")
+    assert first.returncode == second.returncode == 0, (first.stderr, second.stderr)
+    line = next(ln for ln in first.stdout.splitlines() if ln.startswith("dkim-key"))
+    conf = tmp_path / "mailerd.conf"
+    argv = ["-c", str(conf), "-d", "example.org", "-H", "mx.example.org", "-n", "none"]
+    argv += ["-l", "127.0.0.1:2525"]
+    conf.write_text(f"[mailerd]\n{line}\n" + next(
+        ln for ln in second.stdout.splitlines() if ln.startswith("dkim-key")
+    ) + "\n")  # fmt: skip
+    with pytest.raises(config.ConfigError, match="dkim-key"):
+        config.load(argv)
+    advice = [ln for ln in second.stdout.splitlines() if ln.startswith(";") and "dkim-key =" in ln]
+    assert len(advice) == 1, second.stdout
+    placeholder = "<the keys already there>"
+    assert placeholder in advice[0], advice
+    joined = advice[0].lstrip("; ").replace(placeholder, line.split("=", 1)[1].strip())
+    conf.write_text(f"[mailerd]\n{joined}\n")
+    specs = config.load(argv).dkim_specs
+    assert [(d, s) for d, s, _ in specs] == [("example.org", "a1"), ("example.org", "b1")]
+    assert all(path.exists() for _, _, path in specs), specs
+
+
 def test_keygen_key_works_in_mailerd(tmp_path: Path, mailerd_factory, dns_stuck):
     """The operator's path: keygen, the printed config line as is, the printed record in the
     DNS: mailerd starts with that config and its signature verifies against that record."""
