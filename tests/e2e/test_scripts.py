@@ -1,6 +1,7 @@
 """scripts/server as a new user runs it: it says it is listening only once it is, and every
 command it prints works (swaks, curl, sendmail, and swaks with STARTTLS and AUTH on the
-submission port) and lands a message in the mailbox it names.
+submission port) and lands a message in the mailbox it names. When its own mailerd does not
+start (another one answers on its port), it says nothing of listening and exits as mailerd did.
 
 It runs in a copy of the checkout (its `var/` is the copy's) that shares this checkout's .venv,
 on its fixed port 2525; skipped when that port is taken.
@@ -57,12 +58,28 @@ def _copy_checkout(target: Path) -> Path:
 
 
 @pytest.fixture
-def server(tmp_path: Path):
+def checkout(tmp_path: Path) -> Path:
     if _port_taken():
         pytest.skip(f"port {PORT} is taken: scripts/server uses it")
     if not (REPO / ".venv" / "bin" / "python").exists():
         pytest.skip("no .venv to share")
-    checkout = _copy_checkout(tmp_path / "checkout")
+    return _copy_checkout(tmp_path / "checkout")
+
+
+def _run_server(checkout: Path) -> subprocess.CompletedProcess[str]:
+    """scripts/server run to its end (it ends at once when its mailerd cannot start)."""
+    return subprocess.run(
+        [str(checkout / "scripts" / "server")],
+        cwd=checkout,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def server(tmp_path: Path, checkout: Path):
     out = open(tmp_path / "server.out", "w+b")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
         [str(checkout / "scripts" / "server")],
@@ -113,3 +130,29 @@ def test_scripts_server_prints_commands_that_work(server):
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(20) in (0, 130), text()
     assert "Traceback" not in text()
+
+
+def test_a_second_scripts_server_says_its_mailerd_did_not_start(server):
+    """The tester's case: a second scripts/server while one runs. Its port answers (the first
+    one's), but its own mailerd exits 1 ("already running"): no banner, and its status."""
+    checkout, proc, out = server
+    text = lambda: out.read_bytes().decode("utf-8", "replace")  # noqa: E731
+    assert wait_until(lambda: "It lands in" in text() or proc.poll() is not None, 60), text()
+    second = _run_server(checkout)
+    assert second.returncode == 1, (second.stdout, second.stderr)
+    assert "already running" in second.stderr, second.stderr
+    assert "listening" not in second.stdout + second.stderr, second.stdout
+    assert proc.poll() is None, text()  # the first one still serves
+
+
+def test_scripts_server_is_not_fooled_by_another_listener(checkout):
+    """Something else (not mailerd) answers on 127.0.0.1:2525: scripts/server's mailerd cannot
+    bind it and exits 1, and scripts/server says so rather than that it listens."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", PORT))
+        other.listen(8)
+        run = _run_server(checkout)
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert "listening" not in run.stdout + run.stderr, run.stdout
+    assert "mailerd" in run.stderr and "in use" in run.stderr, run.stderr
