@@ -1,22 +1,35 @@
-"""Failed AUTH attempts per client address, shared by all workers: each failure from an
-address makes its next answer wait longer (0.5 s, 1 s, 2 s, … up to 10 s), whichever worker
-the next session lands on, so that guessing passwords costs the guesser time, not us CPU.
-From LOCKOUT failures on, an address's logins are not even checked (454) until it is
-forgotten: the check (argon2) is what costs us, and a guesser that hangs up rather than wait
-for the delay would otherwise have as many checked as it can open sessions (mox does the same).
+"""Failed AUTH attempts, shared by all workers, per client address and per account; and the
+addresses each account logged in from lately.
 
-The master maps the table before it forks (as `sessiontable`): BUCKETS cells of three
-doubles, [failures, time of the last one, the address's fingerprint]. Addresses are hashed
-into buckets (IPv6 ones by their /64, what one machine is usually given), and a cell counts
-for the address whose fingerprint it holds (the hash's other bits): another address hashed
-into the same bucket takes the cell over rather than add to its count, so that failures from
+Per address: each failure from an address makes its next answer wait longer (0.5 s, 1 s, 2 s,
+… up to 10 s), whichever worker the next session lands on, so that guessing passwords costs
+the guesser time, not us CPU. From LOCKOUT failures on, an address's logins are not even
+checked (454) until it is forgotten: the check (argon2) is what costs us, and a guesser that
+hangs up rather than wait for the delay would otherwise have as many checked as it can open
+sessions (mox does the same). An IPv6 address counts by its prefix (--ipv6-prefix-length,
+/64 by default, as the session caps count it).
+
+Per account: a guesser who changes address for every guess (a botnet, the 65,536 /64s of one
+/48) never meets the address's lockout, so failures also count for the account named (the
+login's user part: `alice`, `Alice@example.org`, `alice+x@…` are one). From ACCOUNT_LOCKOUT
+failures on, that account's logins are checked only from an address it logged in from lately
+(KNOWN_FOR, recorded at each success: the user's own phone and laptop keep working); from any
+other they are refused unchecked (454, temporary) until the account is forgotten. That bounds
+the guesses at one password to ACCOUNT_LOCKOUT per FORGET seconds, and the checks a spray can
+make to those, whatever addresses it has.
+
+The master maps the tables before it forks (as `sessiontable`): cells of three doubles,
+[count, time of the last, the key's fingerprint]. Keys are hashed into buckets, and a cell
+counts for the key whose fingerprint it holds (the hash's other bits): another key hashed into
+the same bucket takes the cell over rather than add to its count, so that failures from
 addresses an attacker sprays cannot slow down, let alone lock out, an innocent one (with a
 lockout, a shared count would let them). Python's string hash is seeded at random per start,
 so nobody outside can aim at a bucket. Any worker writes any cell without a lock: two
-failures at the same instant may count as one, which is harmless for a delay. An address's
-record is forgotten FORGET seconds after its last failure, and not when a login from it
-succeeds: anyone with one account would otherwise reset the count between guesses at
-another's password.
+failures at the same instant may count as one, which is harmless for a delay. A record is
+forgotten FORGET seconds after its last failure, and not when a login from it succeeds: anyone
+with one account would otherwise reset the count between guesses at another's password. The
+addresses an account logged in from are a table of their own, written only by successes, so
+that failures cannot push them out.
 """
 
 from __future__ import annotations
@@ -26,62 +39,134 @@ import ipaddress
 import mmap
 import time
 
-BUCKETS = 65536  # (1.5 MiB, shared)
-CELL = 3  # doubles a bucket: failures, the time of the last, the address's fingerprint
+from mailerd.names import mailbox_name
+
+BUCKETS = 65536  # addresses (1.5 MiB, shared)
+ACCOUNT_BUCKETS = 4096  # accounts named in logins (96 KiB)
+KNOWN_BUCKETS = 16384  # (account, address) pairs that logged in (384 KiB)
+CELL = 3  # doubles a bucket: count, the time of the last, the key's fingerprint
 FIRST_DELAY = 0.5  # seconds, before the answer to the first failure
 MAX_DELAY = 10.0
-FORGET = 900.0  # seconds without a failure after which an address starts over
+FORGET = 900.0  # seconds without a failure after which an address or account starts over
 LOCKOUT = 10  # failures after which an address's logins are refused unchecked
+ACCOUNT_LOCKOUT = 100  # failures after which an account is checked from known addresses only
+KNOWN_FOR = 30 * 86400.0  # seconds an address an account logged in from stays known
+DEFAULT_IPV6_PREFIX = 64
 _FINGERPRINT = (1 << 52) - 1  # (bits a double holds exactly)
 
 
-class AuthFailures:
-    def __init__(self, buckets: int = BUCKETS) -> None:
+class _Table:
+    """Shared cells of [count, time of the last, fingerprint], one key each (see above)."""
+
+    def __init__(self, buckets: int) -> None:
         self.buckets = buckets
         # MAP_SHARED | MAP_ANONYMOUS: the forked workers see the same pages.
         self._map = mmap.mmap(-1, buckets * CELL * 8)
         self._cells = memoryview(self._map).cast("d")
 
-    def _slot(self, address: str) -> tuple[int, float]:
-        """The address's cell and its fingerprint."""
-        h = hash(key_of(address))
+    def _slot(self, key: str) -> tuple[int, float]:
+        """The key's cell and its fingerprint."""
+        h = hash(key)
         return CELL * (h % self.buckets), float((h >> 20) & _FINGERPRINT)
 
-    def _count(self, cell: int, fingerprint: float, now: float) -> float:
-        failures, last, owner = self._cells[cell : cell + CELL]
-        return failures if owner == fingerprint and now - last < FORGET else 0.0
+    def count(self, key: str, now: float, lasting: float) -> float:
+        """The key's count, if its last event is less than `lasting` seconds old."""
+        cell, fingerprint = self._slot(key)
+        count, last, owner = self._cells[cell : cell + CELL]
+        return count if owner == fingerprint and now - last < lasting else 0.0
+
+    def add(self, key: str, now: float, lasting: float) -> None:
+        """One more for `key` (which takes its cell over from another key)."""
+        count = self.count(key, now, lasting)
+        cell, fingerprint = self._slot(key)
+        self._cells[cell] = count + 1
+        self._cells[cell + 1] = now
+        self._cells[cell + 2] = fingerprint
+
+
+class AuthFailures:
+    def __init__(
+        self,
+        buckets: int = BUCKETS,
+        ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX,
+        *,
+        account_buckets: int = ACCOUNT_BUCKETS,
+        known_buckets: int = KNOWN_BUCKETS,
+    ) -> None:
+        self.ipv6_prefix_length = ipv6_prefix_length  # (the master sets it again at a reload)
+        self._addresses = _Table(buckets)
+        self._accounts = _Table(account_buckets)
+        self._known = _Table(known_buckets)
+
+    def client(self, address: str) -> str:
+        """What an address counts as: its client (`key_of`)."""
+        return key_of(address, self.ipv6_prefix_length)
 
     def delay(self, address: str, now: float | None = None) -> float:
         """How long to wait before answering a failed AUTH from `address` (its earlier
         failures decide)."""
-        now = time.monotonic() if now is None else now
-        failures = min(self._count(*self._slot(address), now), 16.0)
+        failures = min(self.failures(address, now), 16)
         return float(min(FIRST_DELAY * 2.0**failures, MAX_DELAY))
 
-    def failed(self, address: str, now: float | None = None) -> None:
+    def failed(self, address: str, login: str | None = None, now: float | None = None) -> None:
+        """A failed login from `address` (for `login`'s account, when one was named)."""
         now = time.monotonic() if now is None else now
-        cell, fingerprint = self._slot(address)
-        self._cells[cell] = self._count(cell, fingerprint, now) + 1
-        self._cells[cell + 1] = now
-        self._cells[cell + 2] = fingerprint
+        self._addresses.add(self.client(address), now, FORGET)
+        if login is not None:
+            self._accounts.add(account_of(login), now, FORGET)
 
     def failures(self, address: str, now: float | None = None) -> int:
         """The address's failures lately."""
         now = time.monotonic() if now is None else now
-        return int(self._count(*self._slot(address), now))
+        return int(self._addresses.count(self.client(address), now, FORGET))
 
     def locked(self, address: str, now: float | None = None) -> bool:
         """Has `address` failed LOCKOUT times lately (its logins are then not checked)?"""
         return self.failures(address, now) >= LOCKOUT
 
+    def account_failures(self, login: str, now: float | None = None) -> int:
+        """The failures lately of the account `login` names, from every address."""
+        now = time.monotonic() if now is None else now
+        return int(self._accounts.count(account_of(login), now, FORGET))
+
+    def succeeded(self, address: str, login: str, now: float | None = None) -> None:
+        """`login` passed from `address`: from there, its account stays checked (`known`)."""
+        now = time.monotonic() if now is None else now
+        self._known.add(self._pair(address, login), now, KNOWN_FOR)
+
+    def known(self, address: str, login: str, now: float | None = None) -> bool:
+        """Did `login`'s account log in from `address` (its client) lately?"""
+        now = time.monotonic() if now is None else now
+        return self._known.count(self._pair(address, login), now, KNOWN_FOR) > 0
+
+    def account_locked(self, address: str, login: str, now: float | None = None) -> bool:
+        """Is `login`'s account refused unchecked from `address`: ACCOUNT_LOCKOUT failures
+        lately, and no login of its own from there?"""
+        return self.account_failures(login, now) >= ACCOUNT_LOCKOUT and not self.known(
+            address, login, now
+        )
+
+    def _pair(self, address: str, login: str) -> str:
+        return f"{account_of(login)} {self.client(address)}"
+
+
+def account_of(login: str) -> str:
+    """The account a login name means, as the passwd file's users are found (`alice`,
+    `Alice@example.org` and `alice+x@example.org` are one), for names of no user too."""
+    local = login.rpartition("@")[0] or login
+    return mailbox_name(local) or login.lower()
+
 
 @functools.lru_cache(maxsize=1024)  # (two parses of the address a login; ~8 µs each)
-def key_of(address: str) -> str:
-    """What the table counts by: the address, an IPv6 one's /64."""
+def key_of(address: str, ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX) -> str:
+    """What an address counts as: itself (an IPv4-mapped one as its IPv4 address), an IPv6
+    one as its prefix."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
     if ip.version == 6:
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ipaddress.ip_network(f"{ip}/{ipv6_prefix_length}", strict=False))
     return str(ip)

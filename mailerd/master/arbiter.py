@@ -136,7 +136,8 @@ class Master:
         self.reload_outcome = "ok"  # its outcome once settled: "partial" if certificates kept
         # Rows for the workers alive at once: this generation's, retiring ones after reloads.
         self.sessions = SessionTable(max(16, 4 * cfg.workers))
-        self.auth_failures = AuthFailures()  # failed AUTH per client address, for every worker
+        # Failed AUTH per client address and account, for every worker.
+        self.auth_failures = AuthFailures(ipv6_prefix_length=cfg.ipv6_prefix_length)
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -291,6 +292,7 @@ class Master:
         old = list(self.children.items())
         grace = self.cfg.timeout + STOP_WORKERS_TIMEOUT + 30  # old sessions, old timeout
         self.cfg = new
+        self.auth_failures.ipv6_prefix_length = new.ipv6_prefix_length  # (for new workers)
         self.smtp_sockets = sockets
         self.generation += 1
         self.due.clear()

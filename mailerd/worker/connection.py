@@ -380,18 +380,22 @@ class Connection(asyncio.Protocol):
         worker = self.worker
         found = await verdict
         if found is Unchecked.LEFT and self.gone():
-            worker.auth_failures.failed(self.peer)  # (a client that does not wait for its
+            # A client that does not wait for its answer is taken for a guesser.
+            worker.auth_failures.failed(self.peer, request.login)
             log.info("%s: left before its AUTH was checked: counted as failed", self.client)
-            self.close([])  # answer is taken for a guesser)
+            self.close([])
             return
         unavailable = isinstance(found, Unchecked)  # (LEFT here: another session's client)
         user = None if isinstance(found, Unchecked) else found
         if user is not None:
             worker.recent_logins.add(request.login, request.password, user, worker.loop.time())
-        elif not unavailable:  # counted at once (the delay only holds the answer back: a
-            delay = worker.auth_failures.delay(self.peer)  # guesser that reads the lack of a
-            worker.auth_failures.failed(self.peer)  # quick 235 as "wrong" and hangs up
-            await asyncio.sleep(delay)  # would otherwise outrun the lockout)
+            worker.auth_failures.succeeded(self.peer, request.login)
+        elif not unavailable:
+            # Counted at once, the delay only holds the answer back: a guesser that reads the
+            # lack of a quick 235 as "wrong" and hangs up would otherwise outrun the lockout.
+            delay = worker.auth_failures.delay(self.peer)
+            worker.auth_failures.failed(self.peer, request.login)
+            await asyncio.sleep(delay)
         if self.closing or self.session is None:
             return
         self.login_checked(request, user, unavailable=unavailable)

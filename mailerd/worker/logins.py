@@ -4,14 +4,16 @@ run in its two check threads, never in its event loop, and kept from piling up:
 - the same login (name and password) asked by several sessions at once, as a mail program
   that opens a few connections at start does, is checked once, and each session gets the
   verdict;
-- at most PER_CLIENT checks wait for one client address (its IPv6 /64) and MAX_PENDING in
-  all; past either, the login is refused at once, unchecked (454), so that a flood of
-  sessions that each send AUTH and hang up cannot queue checks without end in front of a
-  real user's login;
+- at most PER_CLIENT checks wait for one client (an address; an IPv6 prefix; the loopback)
+  and MAX_PENDING in all; past either, the login is refused at once, unchecked (454), so that
+  a flood of sessions that each send AUTH and hang up cannot queue checks without end in front
+  of a real user's login; a login from an address its account logged in from lately may use
+  RESERVE more, so that a spray from many addresses cannot crowd out the users it is not;
 - a check whose client's connection was closed or reset while it waited is not made (the
   caller counts it as a failure: a client that does not wait for its answer is taken for a
   guesser);
-- an address that failed LOCKOUT times lately is not checked at all (`ipc.authfailures`).
+- an address that failed LOCKOUT times lately is not checked at all, nor an account that did
+  ACCOUNT_LOCKOUT times, unless from an address it logged in from (`ipc.authfailures`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from mailerd.credentials import login_digest
-from mailerd.ipc.authfailures import AuthFailures, key_of
+from mailerd.ipc.authfailures import AuthFailures
 
 log = logging.getLogger("mailerd.worker")
 
 MAX_PENDING = 8  # per worker: a login waits behind at most this many checks
 PER_CLIENT = 2  # per worker and client address (distinct logins checked at once)
+RESERVE = 2  # more, per worker, for logins from an address their account logged in from
 
 
 class Unchecked(enum.Enum):
@@ -40,6 +43,7 @@ class Unchecked(enum.Enum):
     LEFT = "the client left before the check"
     BROKEN = "the check itself failed"
     LOCKED = "too many failures lately"
+    ACCOUNT_LOCKED = "too many failures for this user lately, from other addresses"
     BUSY = "too many logins at once"
 
 
@@ -76,15 +80,20 @@ class Logins:
     ) -> asyncio.Future[Outcome] | Unchecked:
         """The verdict to come for a login from `address` (`gone()`: its client has left),
         or at once why it is not checked."""
-        if self.failures.locked(address):
+        failures = self.failures
+        if failures.locked(address):
             return Unchecked.LOCKED
+        known = failures.known(address, login)
+        if not known and failures.account_locked(address, login):
+            return Unchecked.ACCOUNT_LOCKED
         digest = login_digest(self._key, login, password)
         same = self._checking.get(digest)
         if same is not None:
             same.sessions += 1
             return same.future
-        client = key_of(address)
-        if len(self._checking) >= self.limit or self._by_client[client] >= self.per_client:
+        client = failures.client(address)
+        limit = self.limit + (RESERVE if known else 0)
+        if len(self._checking) >= limit or self._by_client[client] >= self.per_client:
             return Unchecked.BUSY
         self._by_client[client] += 1
         loop = asyncio.get_running_loop()
@@ -128,7 +137,8 @@ class Logins:
         """Has the address failed lately, or a check waiting? Then even a login remembered
         as right is checked again (`start`), so that a guesser never learns at once, from the
         memory of a user's login, what a check would have told it only after the delay."""
-        return bool(self._by_client.get(key_of(address))) or self.failures.failures(address) > 0
+        failures = self.failures
+        return bool(self._by_client.get(failures.client(address))) or failures.failures(address) > 0
 
     def shutdown(self) -> None:
         """At the worker's end: checks not started are dropped."""

@@ -367,12 +367,13 @@ def test_the_delay_doubles_per_failure_up_to_ten_seconds():
 
 def test_failures_are_forgotten_after_a_quiet_while_not_after_a_login():
     table = AuthFailures(256)
-    table.failed("192.0.2.1", now=0.0)
-    table.failed("192.0.2.1", now=1.0)
-    assert table.delay("192.0.2.1", now=2.0) == 2.0
-    assert table.delay("192.0.2.1", now=1.0 + 901) == 0.5
+    table.failed("192.0.2.1", "bob", now=0.0)
+    table.failed("192.0.2.1", "bob", now=1.0)
     # a login from the address forgets nothing: the guesser may have an account of its own
-    assert not hasattr(table, "succeeded")
+    table.succeeded("192.0.2.1", "mallory", now=1.5)
+    assert table.delay("192.0.2.1", now=2.0) == 2.0
+    assert table.account_failures("bob", now=2.0) == 2
+    assert table.delay("192.0.2.1", now=1.0 + 901) == 0.5
 
 
 def test_an_address_that_failed_too_often_is_locked_out_until_forgotten():
@@ -534,6 +535,64 @@ def test_an_ipv6_address_counts_by_its_64():
     table.failed("2001:db8:1:2:ffff::9", now=0.0)
     assert table.delay("2001:db8:1:2::77", now=1.0) == 2.0
     assert table.delay("2001:db8:1:3::1", now=1.0) == 0.5
+
+
+def test_an_ipv6_address_counts_by_the_configured_prefix():
+    table = AuthFailures(256, ipv6_prefix_length=48)
+    table.failed("2001:db8:1:2::1", now=0.0)
+    assert table.delay("2001:db8:1:ffff::9", now=1.0) == 1.0  # (the same /48)
+    assert table.delay("2001:db8:2::1", now=1.0) == 0.5
+
+
+def test_an_ipv4_mapped_address_counts_as_its_ipv4_address():
+    table = AuthFailures(256)
+    table.failed("::ffff:192.0.2.9", now=1.0)
+    assert table.delay("192.0.2.9", now=2.0) == 1.0
+
+
+def test_an_account_sprayed_from_many_addresses_is_checked_only_where_it_logged_in():
+    """A guesser with a new address for each guess never meets an address's lockout; its
+    failures count for the account too, and past ACCOUNT_LOCKOUT the account is checked
+    only from an address it logged in from lately."""
+    table = AuthFailures(1024)
+    table.succeeded("192.0.2.50", "alice", now=0.0)
+    table.succeeded("2001:db8:5:5::1", "Alice@example.org", now=0.0)
+    logins = ["alice", "ALICE@example.org", "alice+x@example.net"]  # (one account)
+    for n in range(authfailures.ACCOUNT_LOCKOUT):
+        assert not table.account_locked("203.0.113.1", "alice", now=10.0)
+        table.failed(f"198.51.100.{n}", logins[n % 3], now=10.0)
+    assert table.account_failures("alice", now=11.0) == authfailures.ACCOUNT_LOCKOUT
+    assert table.account_locked("203.0.113.1", "alice", now=11.0)
+    assert not table.locked("203.0.113.1", now=11.0)  # (no address failed often)
+    assert not table.account_locked("192.0.2.50", "alice@example.org", now=11.0)
+    assert not table.account_locked("2001:db8:5:5::99", "alice", now=11.0)  # (its /64)
+    assert not table.account_locked("203.0.113.1", "bob", now=11.0)
+    later = 10.0 + authfailures.FORGET
+    assert not table.account_locked("203.0.113.1", "alice", now=later)
+    gone = authfailures.KNOWN_FOR + 1.0  # (an address is known for a while, not for ever)
+    table.failed("198.51.100.1", "alice", now=gone)
+    assert not table.known("192.0.2.50", "alice", now=gone)
+
+
+def test_a_locked_account_is_not_checked_from_elsewhere_and_known_addresses_keep_room():
+    async def body(logins, calls):
+        gone = lambda: False  # noqa: E731
+        logins.failures.succeeded("192.0.2.50", "alice")
+        for n in range(authfailures.ACCOUNT_LOCKOUT):
+            logins.failures.failed(f"198.51.100.{n}", "alice")
+        assert logins.start("203.0.113.1", "alice", "guess", gone) is Unchecked.ACCOUNT_LOCKED
+        # Checks from a spray fill the worker (limit 1 here); alice's own address still
+        # gets hers checked (RESERVE), another user's from a new address waits its turn.
+        spray = logins.start("203.0.113.7", "bob", "guess", gone)
+        assert logins.start("203.0.113.8", "carol", "guess", gone) is Unchecked.BUSY
+        assert await logins.start("192.0.2.50", "alice", "right", gone) == "alice"
+        assert await spray is None
+        return calls
+
+    assert _logins_run(body, limit=1) == [
+        ("bob", "guess"),
+        ("alice", "right"),
+    ]
 
 
 def test_a_forked_worker_sees_the_others_failures():
