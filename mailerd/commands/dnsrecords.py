@@ -39,7 +39,12 @@ own verifier) reads them. DMARC is right when there is exactly one record with v
 and the inbound verifier's parser (`dmarc.parse`) finds a policy in it. A PTR is right when it
 names the host and that name's A/AAAA contain the address (forward-confirmed reverse DNS).
 
-Exit status: 0 (with --check: only when everything is OK); 1 something is missing or wrong;
+The host name must be one the world can look up: one without a dot (`localhost`, this
+machine's unqualified FQDN: the default when the configuration has no `hostname`), or one the
+Public Suffix List has no rule for (`localhost.localdomain`, `host.lan`), is refused, exit 1.
+
+Exit status: 0 (with --check: only when everything is OK); 1 something is missing or wrong,
+or nothing can be published (no domain, a host name the world cannot look up);
 2 a bad argument (a DOMAIN that is not local among them); 78 (EX_CONFIG) a configuration or key
 that cannot be read.
 """
@@ -125,7 +130,22 @@ def main(argv: list[str]) -> int:
         )
         return 2
     if not domains:
-        print("mailerd dns: no domain to publish (give -d/domain in the config)", file=sys.stderr)
+        print(
+            "mailerd dns: no domain to publish (localhost and names without a dot are left "
+            "out): set `domain = example.org` in the config file",
+            file=sys.stderr,
+        )
+        return 1
+    problem = unusable_hostname(cfg.hostname)
+    if problem:
+        # The MX and PTR records would name it, and the world could not look it up: refuse
+        # rather than print records that look right and deliver nothing.
+        print(
+            f"mailerd dns: the host name {cfg.hostname!r} cannot be the target of MX and PTR "
+            f"records ({problem}): set `hostname = mx.example.org` in the config file (a name "
+            "in a domain of yours, whose A/AAAA this prints)",
+            file=sys.stderr,
+        )
         return 1
     addresses = listener_addresses(cfg)
     outbound = outbound_addresses(cfg, addresses)
@@ -140,6 +160,22 @@ def main(argv: list[str]) -> int:
     for line in lines:
         print(line)
     return 0 if all(line.startswith("OK") for line in lines) else 1
+
+
+def unusable_hostname(name: str) -> str:
+    """Why the world cannot look `name` up (the default host name is this machine's FQDN,
+    often `localhost` or a name without a dot), or ""."""
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return "to every machine, localhost is itself"
+    if "." not in name:
+        return "it has no dot"
+    suffix = dmarc.listed_suffix(name)
+    if suffix is None:
+        return f"the Public Suffix List knows no .{name.rpartition('.')[2]}"
+    if suffix == name:
+        return "it is a public suffix"
+    return ""
 
 
 def load_keys(cfg: Config) -> tuple[SigningKey, ...]:

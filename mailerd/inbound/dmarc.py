@@ -79,6 +79,13 @@ def organizational_domain(domain: str) -> str:
     return f"{head.rpartition('.')[2]}.{suffix}"
 
 
+def listed_suffix(domain: str) -> str | None:
+    """The public suffix of `domain` when the Public Suffix List has a rule for it (`org`,
+    `co.uk`), else None (`localdomain`, `lan`: names the world cannot look up)."""
+    suffix: str | None = _psl().get_tld(domain.lower().rstrip("."), strict=True)
+    return suffix
+
+
 def aligned(a: str, b: str, mode: str) -> bool:
     a, b = a.lower().rstrip("."), b.lower().rstrip(".")
     if mode == "s":

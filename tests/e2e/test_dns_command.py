@@ -123,11 +123,13 @@ def write_config(
     *,
     listen: str = f"{V4}:25, [{V6}]:25",
     more: str = "",
+    hostname: str = HOSTNAME,
+    domains: str = "example.org, example.net",
 ) -> Path:
     path.write_text(
         "[mailerd]\n"
-        "domain = example.org, example.net\n"
-        f"hostname = {HOSTNAME}\n"
+        f"domain = {domains}\n"
+        f"hostname = {hostname}\n"
         f"listen-network = {listen}\n"
         f"dkim-key = {', '.join(k.spec for k in keys)}\n"
         f"dns-server = {dns.host}:{dns.port}\n"
@@ -397,6 +399,40 @@ def test_a_domain_that_is_not_local_is_refused(conf: Path, keys: list[Key]):
     sub = mailerd_dns("-c", str(conf), "news.example.org")
     assert sub.returncode == 0, f"exit {sub.returncode}\n{sub.stdout}\n{sub.stderr}"
     assert ("news.example.org", "MX", f"10 {HOSTNAME}") in printed_records(sub.stdout)
+
+
+@pytest.mark.parametrize(
+    "hostname",
+    [
+        pytest.param("localhost", id="localhost"),
+        pytest.param("mailhost", id="no-dot"),
+        pytest.param("localhost.localdomain", id="unlisted-suffix"),
+        pytest.param("co.uk", id="public-suffix"),
+    ],
+)
+@pytest.mark.parametrize("check", [False, True], ids=["print", "check"])
+def test_a_host_name_the_world_cannot_look_up_is_refused(
+    tmp_path: Path, keys: list[Key], dns_server: DNSServer, hostname: str, check: bool
+):
+    """No `hostname` in the config and an FQDN without a dot made `example.org. IN MX 10
+    localhost.` and PTRs naming localhost, exit 0: now exit 1, one line saying why and to set
+    `hostname =`, and no records (nor a check of them)."""
+    conf = write_config(tmp_path / "mailerd.conf", keys, dns_server, hostname=hostname)
+    p = mailerd_dns("-c", str(conf), *(["--check"] if check else []))
+    assert p.returncode == 1, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert hostname in p.stderr and "hostname = " in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert printed_records(p.stdout) == [] and "OK" not in p.stdout, p.stdout
+
+
+def test_no_domain_to_publish_says_how_to_give_one(tmp_path: Path, dns_server: DNSServer):
+    """Only localhost among the local domains: exit 1, and the advice names the config file's
+    `domain =` (`mailerd dns` has no -d)."""
+    conf = write_config(tmp_path / "mailerd.conf", [], dns_server, domains="localhost")
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 1, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert "domain = " in p.stderr and "-d" not in p.stderr, p.stderr
+    assert printed_records(p.stdout) == [], p.stdout
 
 
 @pytest.fixture
