@@ -95,7 +95,9 @@ def sender_owned(
 ) -> bool:
     """May authenticated `user` send as `sender`? Their own name at any local domain (with or
     without a +tag), or a local alias that delivers to their mailbox (a group alias to each
-    member). Any other address, a remote one included, is somebody else's."""
+    member). An alias named after a user it also delivers to (`alice: alice, carol`, a copy
+    of alice's mail for carol) is that user's own address, and hers alone. Any other
+    address, a remote one included, is somebody else's."""
     if not sender.domain or not is_local_domain(sender.domain, local_domains):
         return False
     if _ROUTING_CHARS.intersection(sender.local):
@@ -103,4 +105,9 @@ def sender_owned(
     found = _local(sender.local, aliases)
     if isinstance(found, Local):
         return found.mailbox == user
-    return isinstance(found, Alias) and user in found.mailboxes
+    if not isinstance(found, Alias):
+        return False
+    own = mailbox_name(sender.local)
+    if own in found.mailboxes:  # (a user's own name: who gets copies does not own it)
+        return own == user
+    return user in found.mailboxes

@@ -640,6 +640,31 @@ def test_sender_owned(tmp_path: Path, sender: str, owned: bool):
     assert result is owned
 
 
+@pytest.mark.parametrize(
+    "sender, user, owned",
+    [
+        ("alice@example.org", "alice", True),
+        ("alice@example.org", "carol", False),  # (a copy of alice's mail is not her address)
+        ("alice+x@example.org", "carol", False),
+        ("desk@example.org", "carol", True),  # (an alias named after nobody: a group's)
+        ("desk@example.org", "alice", True),
+    ],
+)
+def test_an_alias_named_after_a_user_is_that_users_alone(
+    tmp_path: Path, sender: str, user: str, owned: bool
+):
+    """`alice: alice, carol` gives carol a copy of alice's mail, not the right to send as
+    alice (found by an attacker's pass: any member of such an alias owned alice@)."""
+    path = tmp_path / "aliases"
+    path.write_text("alice: alice, carol\ndesk: alice, carol\n")
+    table = Aliases.load(str(path), ("example.org",))
+    local, _, domain = sender.rpartition("@")
+    result = policy.sender_owned(
+        Address(local, domain, False), user, local_domains=("example.org",), aliases=table
+    )
+    assert result is owned
+
+
 def test_recent_logins_keep_successes_for_a_while_and_no_password():
     recent = credentials.RecentLogins(ttl=60.0, size=2)
     recent.add("alice", "s3cret", "alice", now=0.0)
