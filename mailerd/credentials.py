@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import grp
 import hmac
 import os
@@ -90,10 +91,27 @@ class Credentials:
         user = self.user_for(login, local_domains)
         hashed = self.hashes.get(user or "")
         try:
-            _hasher().verify(hashed or _DUMMY.hash, password)
+            _hasher().verify(hashed or self.decoy, password)
         except (VerificationError, InvalidHash):
             return None
         return user if hashed else None
+
+    @functools.cached_property
+    def decoy(self) -> str:
+        """The hash an unknown name is checked against: one of the file's, of the parameters
+        most of them have, so that its check costs what a user's does (a file written with
+        other parameters than ours would otherwise tell names by the time a check takes);
+        for an empty file, one of our own."""
+        if not self.hashes:
+            return _DUMMY.hash
+        kinds = collections.Counter(_parameters(h) for h in self.hashes.values())
+        common = kinds.most_common(1)[0][0]
+        return next(h for h in self.hashes.values() if _parameters(h) == common)
+
+
+def _parameters(hashed: str) -> str:
+    """A PHC hash string's algorithm, version and parameters (`$argon2id$v=19$m=…,t=…,p=…`)."""
+    return "$".join(hashed.split("$")[:4])
 
 
 class _Dummy:
