@@ -18,10 +18,13 @@ import argparse
 import getpass
 import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from mailerd import config, credentials
 from mailerd.commands import daemon
 from mailerd.names import mailbox_name
+from mailerd.spool import Spool
 
 
 def main(argv: list[str]) -> int:
@@ -74,7 +77,31 @@ def main(argv: list[str]) -> int:
         say(f"cannot write {path}: {exc.strerror or exc}")
         return os.EX_CANTCREAT
     say(f"{'deleted' if args.delete else 'set'} the password of {user} in {path}")
+    if not args.delete:
+        _warn_if_no_mailbox(user, raw, say)
     return daemon.reload(raw, path, say)
+
+
+# What Spool.state's answers other than "ok" mean for a user who is to log in.
+_NO_MAILBOX = {
+    "unknown": "has no mailbox under {spool} and is no system account",
+    "not-a-directory": "has a file, not a mailbox directory, at {spool}/{user}",
+    "wrong-owner": "has a mailbox at {spool}/{user} that mailerd will not write to (its owner)",
+    "daemon-user": "is mailerd's own user, which never has a mailbox",
+}
+
+
+def _warn_if_no_mailbox(user: str, raw: dict[str, object], say: Callable[[str], None]) -> None:
+    """A password for a name mail cannot reach is most often a typo (`alcie`): say so. It is
+    set all the same, for a mailbox made afterwards."""
+    spool = Path(str(raw.get("spool") or config.DEFAULT_SPOOL))
+    state = Spool(spool).state(user)
+    if state != "ok":
+        why = _NO_MAILBOX.get(state, state).format(spool=spool, user=user)
+        say(
+            f"warning: {user} {why}: mail to {user}@ is refused (550 5.1.1), and a typo "
+            "in the name would go unnoticed; the password is set all the same"
+        )
 
 
 def _fits_the_file(user: str) -> bool:

@@ -1026,3 +1026,20 @@ def test_mailerd_passwd_refuses_what_is_not_a_user_name(tmp_path: Path, name: st
     assert passwd.read_bytes() == before
     set_password(passwd, "dave", "second-one", conf)
     assert set(passwd_entries(passwd)) == {"carol", "dave"}
+
+
+def test_mailerd_passwd_warns_of_a_name_mail_cannot_reach(tmp_path: Path):
+    """A password for a name with no mailbox and no account (a typo: `alcie`) is set, with a
+    warning that names the spool looked in; a user's own name gets none (found by a tester:
+    `mailerd passwd nosuchuser` said nothing, and that login could then send anywhere)."""
+    spool = tmp_path / "spool"
+    (spool / "alice").mkdir(parents=True)
+    conf = passwd_conf(tmp_path)
+    conf.write_text(conf.read_text() + f"spool = {spool}\n")
+    passwd = tmp_path / "passwd"
+    typo = mailerd_passwd(passwd, "alcie", "pw-one\n", conf=conf)
+    assert typo.returncode == 0, typo.stderr
+    assert f"warning: alcie has no mailbox under {spool} and is no system account" in typo.stderr
+    right = mailerd_passwd(passwd, "alice", "pw-two\n", conf=conf)
+    assert right.returncode == 0 and "warning" not in right.stderr, right.stderr
+    assert set(passwd_entries(passwd)) == {"alcie", "alice"}
