@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -25,6 +26,7 @@ from typing import Any
 from mailerd import config
 from mailerd.delivery.queue import Queue, QueueItem
 from mailerd.ipc.channel import Client
+from mailerd.ipc.maildrop import MAILDROP, is_submission_name
 from mailerd.ipc.messages import (
     Deleted,
     DeleteQueued,
@@ -57,8 +59,21 @@ def main(argv: list[str]) -> int:
     except (OSError, TimeoutError, ConnectionError):
         answer = None  # no daemon: the list is read, and a delete done, right here
     if args.action == "list":
+        if answer is None and not queue_dir.is_dir():
+            print(
+                f"mailerd queue: no queue at {queue_dir}: mailerd makes it when it starts "
+                "(`mailerd queue init` too); another queue is named with -c or -q",
+                file=sys.stderr,
+            )
+            return 1
         items = QueueListing.decode(answer).items if answer else None
         print(format_listing(list(items or [asdict(e) for e in _load(queue_dir)]), time.time()))
+        waiting = _in_maildrop(queue_dir)
+        if waiting:
+            print(
+                f"-- and {waiting} message(s) from sendmail in {queue_dir / MAILDROP}, "
+                + ("not picked up yet" if answer else "picked up when mailerd runs")
+            )
         return 0
     if args.action == "flush":
         if answer is None:
@@ -108,6 +123,17 @@ def _load(queue_dir: Path) -> list[QueueItem]:
         return Queue(queue_dir).load(clean=False)
     except FileNotFoundError:
         return []
+
+
+def _in_maildrop(queue_dir: Path) -> int:
+    """Submissions waiting in the maildrop (0 for one this user may not list: it is the
+    children's user's, mode 1733, so only they and root count it)."""
+    try:
+        return sum(
+            1 for entry in os.scandir(queue_dir / MAILDROP) if is_submission_name(entry.name)
+        )
+    except OSError:
+        return 0
 
 
 def _delete(queue_dir: Path, ids: list[str], answer: Deleted | None) -> int:

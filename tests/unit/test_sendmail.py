@@ -554,6 +554,24 @@ def test_mailq_and_bp_list_the_queue(tmp_path, conf, queue):
         assert done.returncode == 0 and done.stdout.strip() == b"Mail queue is empty", done
 
 
+def test_mailq_counts_what_waits_in_the_maildrop_and_says_when_there_is_no_queue(
+    tmp_path, conf, queue
+):
+    """With mailerd stopped, what sendmail took waits in the maildrop: mailq said "Mail queue
+    is empty" all the same, and the same for a queue directory that does not exist (found by
+    a tester)."""
+    assert run(conf, ["-i", "bob"], b"Subject: s\n\nx\n") == 0
+    done = execute([program(tmp_path, "mailq"), "-C", conf])
+    lines = done.stdout.decode().splitlines()
+    assert done.returncode == 0 and lines[0] == "Mail queue is empty", done
+    assert lines[1] == (
+        f"-- and 1 message(s) from sendmail in {queue / 'maildrop'}, picked up when mailerd runs"
+    )
+    done = execute([sys.executable, "-m", "mailerd", "queue", "-q", tmp_path / "nowhere"])
+    assert done.returncode == 1 and not done.stdout, done
+    assert done.stderr.decode().startswith(f"mailerd queue: no queue at {tmp_path / 'nowhere'}")
+
+
 def test_failures_are_one_line_never_a_traceback(tmp_path, conf):
     cases = [
         (["-C", conf], os.EX_USAGE),
