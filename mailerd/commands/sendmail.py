@@ -43,6 +43,7 @@ never as a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import re
@@ -511,6 +512,8 @@ def store(
                 os.unlink(os.path.join(settings.queue, maildrop.MAILDROP, name))
         where = os.path.join(settings.queue, maildrop.MAILDROP)
         reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOENT:
+            reason += " (made by mailerd at start, or `mailerd queue init`; -C names another)"
         raise Failure(os.EX_TEMPFAIL, f"cannot write to the maildrop {where}: {reason}") from None
     maildrop.poke(settings.queue)
     return names
@@ -578,6 +581,9 @@ def main(argv: list[str], stdin: BinaryIO | None = None) -> int:
 
 
 def _run(argv: list[str], stdin: BinaryIO | None) -> int:
+    if argv[:1] == ["--help"]:  # (no sendmail has it, but a person tries it first)
+        print(__doc__.split("\n\n", 2)[2].split("\nRecipients without")[0].rstrip())
+        return 0
     opts = parse_options(argv)
     if opts.mode == "aliases":
         return rebuild_aliases(opts)

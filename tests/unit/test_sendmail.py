@@ -572,6 +572,16 @@ def test_mailq_counts_what_waits_in_the_maildrop_and_says_when_there_is_no_queue
     assert done.stderr.decode().startswith(f"mailerd queue: no queue at {tmp_path / 'nowhere'}")
 
 
+def test_help_and_a_missing_maildrop_say_what_to_do(tmp_path):
+    done = execute([sys.executable, "-m", "mailerd", "sendmail", "--help"])
+    assert done.returncode == 0 and b"-t  " in done.stdout and b"-bs" in done.stdout, done
+    conf = tmp_path / "none.conf"
+    conf.write_text(f"[mailerd]\nqueue = {tmp_path / 'no-queue'}\ndomain = example.org\n")
+    done = execute([sys.executable, "-m", "mailerd", "sendmail", "-C", conf, "root"], b"x\n")
+    assert done.returncode == os.EX_TEMPFAIL, done
+    assert b"(made by mailerd at start, or `mailerd queue init`" in done.stderr, done.stderr
+
+
 def test_failures_are_one_line_never_a_traceback(tmp_path, conf):
     cases = [
         (["-C", conf], os.EX_USAGE),
