@@ -361,7 +361,11 @@ def read_ini(path: str) -> dict[str, object]:
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f)
-    except (OSError, configparser.Error, UnicodeDecodeError) as exc:
+    except OSError as exc:  # (the system's words, not Python's "[Errno 2] ...: 'path'")
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from exc
+    except configparser.Error as exc:
         raise ConfigError(f"config file {path}: {exc}".replace("\n", " ")) from exc
     if not parser.has_section("mailerd"):
         raise ConfigError(f"config file {path}: no [mailerd] section")
@@ -626,8 +630,10 @@ def read_credentials(path: str | None) -> tuple[str, str] | None:
         with open(path, encoding="utf-8") as f:
             line = f.readline().strip()
         mode = os.stat(path).st_mode
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--relay-auth: cannot read {path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"--relay-auth: cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--relay-auth: cannot read {path}: not UTF-8 text") from exc
     user, sep, password = line.partition(":")
     if not sep or not user:
         raise ConfigError(f"--relay-auth: {path}: expected 'username:password' on the first line")

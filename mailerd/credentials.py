@@ -63,8 +63,10 @@ class Credentials:
                 lines = f.read().splitlines()
         except FileNotFoundError:
             return cls(path=path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CredentialsError(f"cannot read {path}: {exc}") from exc
+        except OSError as exc:
+            raise CredentialsError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise CredentialsError(f"cannot read {path}: not UTF-8 text") from exc
         hashes = {}
         for number, line in enumerate(lines, 1):
             if not line.strip() or line.startswith("#"):

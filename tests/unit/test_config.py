@@ -90,8 +90,14 @@ def test_ini_errors(tmp_path):
     ini.write_text("[mailerd]\ncolour = blue\n")
     with pytest.raises(ConfigError, match="colour"):
         config.load(["-c", str(ini)])
-    with pytest.raises(ConfigError, match="missing.conf"):
+    with pytest.raises(ConfigError, match="missing.conf") as info:
         config.load(["-c", str(tmp_path / "missing.conf")])
+    # The system's words, once, not Python's "[Errno 2] No such file or directory: '...'"
+    assert str(info.value) == f"config file {tmp_path / 'missing.conf'}: No such file or directory"
+    ini.write_bytes(b"[mailerd]\nhostname = caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(["-c", str(ini)])
+    assert str(info.value) == f"config file {ini}: not UTF-8 text"
 
 
 def test_ini_inline_comments(tmp_path):
