@@ -65,6 +65,7 @@ class Aliases:
     table: Mapping[str, Expansion] = field(default_factory=dict)
     path: str | None = None
     problems: tuple[str, ...] = ()  # what was refused or broken, one line each
+    missing: bool = False  # the file is not there (a mistyped --aliases, say)
 
     def lookup(self, local_part: str) -> Expansion | None:
         name = local_part.lower()
@@ -84,7 +85,7 @@ class Aliases:
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 text = f.read()
         except FileNotFoundError:
-            return cls(path=path)
+            return cls(path=path, missing=True)
         except OSError as exc:
             raise AliasError(f"cannot read {path}: {exc.strerror}") from exc
         entries, problems = parse(text)
@@ -240,5 +241,7 @@ def report(aliases: Aliases) -> None:
     """Log what the file held and every problem, once (at start-up and at each reload)."""
     for problem in aliases.problems:
         log.warning("aliases %s: %s", aliases.path, problem)
-    if aliases.table or aliases.problems:
+    if aliases.missing:  # (not an error, as for Postfix; but a mistyped path must show)
+        log.info("aliases %s: no such file; no aliases", aliases.path)
+    elif aliases.table or aliases.problems:
         log.info("aliases %s: %d name(s)", aliases.path, len(aliases))

@@ -148,3 +148,15 @@ def test_newaliases_reads_the_default_config(tmp_path: Path, monkeypatch, capsys
     assert f"no mailerd runs with the pid file {tmp_path / 'none.pid'}" in err  # (the config's)
     conf.write_text("[mailerd]\nno-such-key = 1\n")
     assert newaliases.main([]) == 78  # EX_CONFIG
+
+
+def test_a_missing_file_is_no_aliases_and_is_said(tmp_path, caplog):
+    """As Postfix, a missing aliases file is no aliases, not an error; but a mistyped
+    --aliases must show in the log (it started without a word: found by a tester)."""
+    import logging
+
+    table = Aliases.load(str(tmp_path / "typo-aliases"), ("example.org",))
+    assert len(table) == 0 and table.missing
+    with caplog.at_level(logging.INFO):
+        aliases.report(table)
+    assert f"aliases {tmp_path / 'typo-aliases'}: no such file; no aliases" in caplog.text
