@@ -3,7 +3,7 @@
 sendmail …` is the machine's mail command (see `commands.sendmail`); `mailerd passwd USER` sets
 a password for authenticated submission (see `commands.passwd`); `mailerd dkim keygen` makes a
 DKIM key (`commands.dkimkeys`); `mailerd dns` prints and checks the DNS records to publish
-(`commands.dnsrecords`).
+(`commands.dnsrecords`); `mailerd mailq` and `mailerd newaliases` are those programs.
 
 Run under another name (a symlink to the `mailerd` script), it is that program: `sendmail`
 (what /usr/sbin/sendmail is), `mailq` (`sendmail -bp`, the queue listing) and `newaliases`.
@@ -32,14 +32,17 @@ def main(argv: list[str] | None = None) -> int:
         from mailerd.commands import sendmail
 
         return sendmail.main(argv if program == "sendmail" else argv[1:])
-    if program == "mailq":
-        from mailerd.commands import sendmail
+    # (`mailerd mailq`, `mailerd newaliases`: as their links, for a checkout without them.)
+    if program in ("mailq", "newaliases") or argv[:1] in (["mailq"], ["newaliases"]):
+        link = program in ("mailq", "newaliases")
+        name, args = (program, argv) if link else (argv[0], argv[1:])
+        if name == "mailq":
+            from mailerd.commands import sendmail
 
-        return sendmail.main(["-bp", *argv])
-    if program == "newaliases":
+            return sendmail.main(["-bp", *args])
         from mailerd.commands import newaliases
 
-        return newaliases.main(argv)
+        return newaliases.main(args)
     if argv[:1] == ["queue"]:
         from mailerd.commands import queue
 

@@ -549,6 +549,7 @@ def test_mailq_and_bp_list_the_queue(tmp_path, conf, queue):
     for argv in (
         [program(tmp_path, "mailq"), "-C", conf],
         [program(tmp_path, "sendmail"), "-bp", "-C", conf],
+        [sys.executable, "-m", "mailerd", "mailq", "-C", conf],  # (no link needed)
     ):
         done = execute(argv)
         assert done.returncode == 0 and done.stdout.strip() == b"Mail queue is empty", done
@@ -707,6 +708,7 @@ def test_bi_i_and_newaliases_run_newaliases(tmp_path, conf):
         [program(tmp_path, "newaliases"), "-C", conf],
         [program(tmp_path, "sendmail"), "-bi", "-C", conf],
         [program(tmp_path, "sendmail"), "-C", conf, "-I"],
+        [sys.executable, "-m", "mailerd", "newaliases", "-C", conf],  # (no link needed)
     ):
         done = execute(argv)
         assert (done.returncode, done.stdout) == (direct.returncode, direct.stdout), done
