@@ -24,9 +24,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 log = logging.getLogger("mailerd.tls")
 
@@ -53,6 +56,9 @@ OP_PRIORITIZE_CHACHA = 1 << 21
 GROUPS = b"X25519:X448:P-256:P-521:P-384"
 _SSL_CTRL_SET_GROUPS_LIST = 92  # (ssl.h: SSL_CTX_set1_groups_list is SSL_CTX_ctrl with this)
 HANDSHAKE_TIMEOUT = 30.0  # seconds for a client to finish its handshake
+EXPIRY_WARNING = (
+    14 * 86400.0
+)  # seconds left: certbot renews with 30 days to go, so 14 means it did not
 
 Pair = tuple[Path, Path]  # a certificate chain and its private key
 
@@ -64,8 +70,16 @@ class TLSError(Exception):
 def server_context(pairs: Sequence[Pair]) -> ssl.SSLContext | None:
     """The context for every TLS listener (None without certificates); raises TLSError."""
     groups: dict[frozenset[str], list[Pair]] = {}
+    seen: set[tuple[str, str]] = set()
     for cert, key in pairs:
-        groups.setdefault(frozenset(certificate_names(cert)), []).append((cert, key))
+        decoded = _decoded(cert)
+        _warn_of_dates(cert, decoded, time.time())
+        same = (os.path.realpath(cert), os.path.realpath(key))
+        if same in seen:
+            log.warning("certificate %s with key %s is given twice: once is enough", cert, key)
+            continue
+        seen.add(same)
+        groups.setdefault(frozenset(_names(decoded)), []).append((cert, key))
     contexts = [(names, _context(members)) for names, members in groups.items()]
     if not contexts:
         return None
@@ -178,8 +192,40 @@ def _reason(exc: ssl.SSLError) -> str:
     return _REASONS.get(said, said)
 
 
-def certificate_names(cert: Path) -> list[str]:
-    """The DNS names a certificate is for (its subjectAltName, else its common name)."""
+def _warn_of_dates(cert: Path, decoded: dict[str, Any], now: float) -> None:
+    """Say so when a certificate has expired, or soon will: mailerd serves it all the same
+    (refusing to start would stop mail from the servers that do not check), but every mail
+    program refuses it, and a sender that checks (DANE, MTA-STS) does not deliver."""
+    try:
+        begins = ssl.cert_time_to_seconds(decoded["notBefore"])
+        ends = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (KeyError, ValueError):
+        return
+    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ends))
+    if ends <= now:
+        log.warning(
+            "certificate %s expired on %s: mail programs refuse it, and so do servers that "
+            "check (DANE, MTA-STS); renew it (certbot renew) and reload",
+            cert,
+            until,
+        )
+    elif ends - now < EXPIRY_WARNING:
+        log.warning(
+            "certificate %s expires on %s, in %d day(s): is its renewal working?",
+            cert,
+            until,
+            int((ends - now) // 86400),
+        )
+    if begins > now:
+        log.warning(
+            "certificate %s is not valid before %s (is this machine's clock right?)",
+            cert,
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(begins)),
+        )
+
+
+def _decoded(cert: Path) -> dict[str, Any]:
+    """The certificate's fields, as the ssl module decodes them; TLSError if it cannot."""
     try:
         with open(cert, "rb"):  # (for the system's words: no such file, a directory, denied)
             pass
@@ -188,6 +234,11 @@ def certificate_names(cert: Path) -> list[str]:
         raise TLSError(f"cannot read certificate {cert}: {_reason(exc)}") from exc
     except OSError as exc:
         raise TLSError(f"cannot read certificate {cert}: {exc.strerror or exc}") from exc
+    return cast(dict[str, Any], decoded)
+
+
+def _names(decoded: dict[str, Any]) -> list[str]:
+    """The DNS names a certificate is for (its subjectAltName, else its common name)."""
     names = [value.lower() for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS"]
     if not names:
         for rdn in decoded.get("subject", ()):

@@ -22,7 +22,7 @@ class CA:
     directory: Path
 
     def issue(
-        self, name: str, *names: str, kind: str = "rsa", days: int = 3, tag: str = ""
+        self, name: str, *names: str, kind: str = "rsa", days: int = 30, tag: str = ""
     ) -> Pair:
         """A server certificate for `name` (and `names`), signed by this CA. `kind` is "rsa"
         (2048 bits) or "ecdsa" (P-256); `tag` tells files for the same names apart."""

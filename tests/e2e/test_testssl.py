@@ -19,7 +19,7 @@ contract: TLS 1.2 and 1.3 only, no cipher outside Mozilla's intermediate list, n
 client-initiated renegotiation, no compression, no session tickets.
 
 The certificate is made like a real one (90 days, key usage, a CRL distribution point) so that
-the scan judges mailerd's TLS, not the test CA's shortcuts (tests/certs.py issues 3-day
+the scan judges mailerd's TLS, not the test CA's shortcuts (tests/certs.py issues 30-day
 certificates without revocation information, which testssl rates HIGH); testssl trusts the test
 CA through ``--add-ca``.
 

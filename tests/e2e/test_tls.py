@@ -93,7 +93,7 @@ def issue_with_ips(ca: CA, name: str, kind: str, ips: Sequence[str], tag: str = 
     ext.write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n")
     _openssl(
         "x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key, "-CAcreateserial",
-        "-out", cert, "-days", "3", "-sha256", "-extfile", ext,
+        "-out", cert, "-days", "30", "-sha256", "-extfile", ext,
     )  # fmt: skip
     key.chmod(0o600)
     return Pair(cert, key)

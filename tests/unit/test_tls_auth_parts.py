@@ -264,6 +264,40 @@ def test_a_certificate_the_chooser_never_presents_is_warned_of(ca, caplog):
     assert not [r for r in caplog.records if "never presented" in r.getMessage()]
 
 
+def test_an_expiring_or_doubled_certificate_is_warned_of(ca, caplog):
+    """Found by a tester: an expired certificate, or one given twice, started without a word.
+    mailerd still serves an expired one (servers that do not check keep delivering), but says
+    so at start and at each reload."""
+    soon = ca.issue("mx.example.org", days=3, tag="soon")
+    fresh = ca.issue("mx.example.org", kind="ecdsa", tag="fresh")
+    with caplog.at_level(logging.WARNING, logger="mailerd.tls"):
+        context = tls.server_context([(soon.cert, soon.key), (fresh.cert, fresh.key)])
+    assert context is not None
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith(f"certificate {soon.cert} expires on ")
+    assert "in 2 day(s): is its renewal working?" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mailerd.tls"):
+        tls.server_context([(fresh.cert, fresh.key), (fresh.cert, fresh.key)])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"certificate {fresh.cert} with key {fresh.key} is given twice: once is enough"
+    ]
+
+
+def test_an_expired_or_future_certificate_is_warned_of(caplog):
+    dates = {"notBefore": "Jan  1 00:00:00 2020 GMT", "notAfter": "Jan  1 00:00:00 2021 GMT"}
+    now = ssl.cert_time_to_seconds("Jun  1 00:00:00 2021 GMT")
+    with caplog.at_level(logging.WARNING, logger="mailerd.tls"):
+        tls._warn_of_dates(Path("old.crt"), dates, now)
+        tls._warn_of_dates(Path("new.crt"), dates, now - 3 * 365 * 86400)
+    assert [r.getMessage() for r in caplog.records] == [
+        "certificate old.crt expired on 2021-01-01 00:00 UTC: mail programs refuse it, and so "
+        "do servers that check (DANE, MTA-STS); renew it (certbot renew) and reload",
+        "certificate new.crt is not valid before 2020-01-01 00:00 UTC (is this machine's clock "
+        "right?)",
+    ]
+
+
 def test_the_context_speaks_tls_12_and_13_only(ca):
     pair = ca.issue("mx.example.org", tag="versions")
     context = tls.server_context([(pair.cert, pair.key)])
