@@ -41,6 +41,14 @@ def is_domain(name: str) -> bool:
     return all(_LABEL.match(label) for label in name.lower().rstrip(".").split("."))
 
 
+def is_loopback(address: str) -> bool:
+    """Is `address` one of this machine's loopback addresses (127/8, ::1)?"""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 def loopback_addresses() -> list[str]:
     addresses = ["127.0.0.1"]
     if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
@@ -82,3 +90,22 @@ def interface_addresses(iface: str) -> list[str]:
             continue
         found.append(str(address))
     return found
+
+
+def unusable_hostname(name: str) -> str:
+    """Why the world cannot look `name` up (the default host name is this machine's FQDN,
+    often `localhost` or a name without a dot), or "". Other servers see the host name in
+    our banner, EHLO and Received: lines, and the MX and PTR records name it."""
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return "to every machine, localhost is itself"
+    if "." not in name:
+        return "it has no dot"
+    from mailerd.inbound import dmarc  # (the Public Suffix List: read only when asked)
+
+    suffix = dmarc.listed_suffix(name)
+    if suffix is None:
+        return f"the Public Suffix List knows no .{name.rpartition('.')[2]}"
+    if suffix == name:
+        return "it is a public suffix"
+    return ""

@@ -66,7 +66,7 @@ import dns.resolver
 import dns.reversename
 from dkim.util import InvalidTagValueList
 
-from mailerd import config, names
+from mailerd import config, host, names
 from mailerd.commands.dkimkeys import txt_strings, zone_txt
 from mailerd.config import Config
 from mailerd.dkim_speedups import parse_tag_value
@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    problem = unusable_hostname(cfg.hostname)
+    problem = host.unusable_hostname(cfg.hostname)
     if problem:
         # The MX and PTR records would name it, and the world could not look it up: refuse
         # rather than print records that look right and deliver nothing.
@@ -163,22 +163,6 @@ def main(argv: list[str]) -> int:
     for line in lines:
         print(line)
     return 0 if all(line.startswith("OK") for line in lines) else 1
-
-
-def unusable_hostname(name: str) -> str:
-    """Why the world cannot look `name` up (the default host name is this machine's FQDN,
-    often `localhost` or a name without a dot), or ""."""
-    name = name.lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return "to every machine, localhost is itself"
-    if "." not in name:
-        return "it has no dot"
-    suffix = dmarc.listed_suffix(name)
-    if suffix is None:
-        return f"the Public Suffix List knows no .{name.rpartition('.')[2]}"
-    if suffix == name:
-        return "it is a public suffix"
-    return ""
 
 
 def load_keys(cfg: Config) -> tuple[SigningKey, ...]:

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from setproctitle import getproctitle, setproctitle
 
-from mailerd import aliases, config, lifecycle, privileges
+from mailerd import aliases, config, host, lifecycle, privileges
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
 from mailerd.delivery import process as delivery_process
@@ -153,6 +153,7 @@ class Master:
         for slot in range(1, self.cfg.workers + 1):
             self.spawn("worker", slot)
         log.info("mailerd started: %s", self._describe_config())
+        self._warn_of_hostname()
         aliases.report(self.cfg.aliases)
         report_files_in_the_way(self.cfg.spool)
         report_no_passwords(self.cfg)
@@ -167,6 +168,26 @@ class Master:
             self._enforce_deadlines()
         self._stop_all()
         return self.exit_code
+
+    def _warn_of_hostname(self) -> None:
+        """A host name other servers cannot look up, on a server they can reach: they see it
+        in the banner, the EHLO and Received: lines, and some refuse mail from an EHLO that
+        is not a real name (Postfix's reject_non_fqdn_helo_hostname)."""
+        cfg = self.cfg
+        reachable = [
+            listen
+            for _, listen in self.smtp_sockets
+            if listen.role == config.NETWORK and not host.is_loopback(listen.host)
+        ]
+        problem = host.unusable_hostname(cfg.hostname) if reachable else ""
+        if problem:
+            log.warning(
+                "host name %s is no name other servers can look up (%s), yet %s listens for "
+                "them: set hostname = mx.example.org (-H), the name of this machine's MX",
+                cfg.hostname,
+                problem,
+                reachable[0],
+            )
 
     def _describe_config(self) -> str:
         cfg = self.cfg
@@ -332,6 +353,7 @@ class Master:
         log.info(
             "configuration reloaded (generation %d): %s", self.generation, self._describe_config()
         )
+        self._warn_of_hostname()
         self._reloaded(self.reload_outcome)
 
     def _reloaded(self, outcome: str) -> None:

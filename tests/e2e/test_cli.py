@@ -430,3 +430,25 @@ def test_default_port_option(mailerd_factory, tmp_path: Path):
             # the -p listeners are the trusted ones: a remote recipient is fine there
             expect(c.cmd("RCPT TO:<someone@remote.test>"), 250, conn=c)
             c.cmd("QUIT")
+
+
+@pytest.mark.parametrize("hostname, warned", [("localhost", True), ("mx.example.org", False)])
+def test_a_host_name_nobody_can_look_up_is_warned_of_when_others_can_connect(
+    mailerd_factory, hostname: str, warned: bool
+):
+    """A network listener other servers can reach (here the wildcard address, on a high
+    port: only loopback traffic is sent) and a host name such as the default FQDN `vm` or
+    `localhost`: they see it in the banner, EHLO and Received: lines (found by a tester: it
+    started without a word). Loopback-only listeners (the suite's, scripts/server's) are not
+    warned of."""
+    port = free_port()
+    m = mailerd_factory(hostname=hostname, extra=["-n", f"0.0.0.0:{port}"])
+    said = f"host name {hostname} is no name other servers can look up"
+    assert wait_until(lambda: "mailerd started" in m.stderr_text(), 5)
+    wait_until(lambda: said in m.stderr_text(), 1 if warned else 0.3)
+    text = m.stderr_text()
+    assert (said in text) is warned, text[-2000:]
+    if warned:
+        assert "(to every machine, localhost is itself)" in text and "set hostname =" in text
+    quiet = mailerd_factory(hostname="localhost")  # (loopback listeners only)
+    assert "is no name other servers can look up" not in quiet.stderr_text()
