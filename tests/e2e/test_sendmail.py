@@ -349,5 +349,7 @@ def test_missing_maildrop_exits_75(world, tmp_path):
     done = run([world / "bin" / "sendmail", "-C", conf, "-i", "a@example.org"], b"x\n")
     assert done.returncode == 75, done
     assert re.fullmatch(
-        rb"sendmail: cannot write to the maildrop \S+: No such file or directory\n", done.stderr
+        rb"sendmail: cannot write to the maildrop \S+: No such file or directory \(made by "
+        rb"mailerd at start, or `mailerd queue init`; -C names another\)\n",
+        done.stderr,
     ), done.stderr
