@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "mailq":
             from mailerd.commands import sendmail
 
+            if args[:1] in (["--help"], ["-h"]):
+                print("usage: mailq [-C FILE]: the queue, as `mailerd queue` lists it")
+                return 0
             return sendmail.main(["-bp", *args])
         from mailerd.commands import newaliases
 

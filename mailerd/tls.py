@@ -80,6 +80,14 @@ def server_context(pairs: Sequence[Pair]) -> ssl.SSLContext | None:
             continue
         seen.add(same)
         groups.setdefault(frozenset(_names(decoded)), []).append((cert, key))
+    for members in groups.values():
+        for replaced, later in _replaced(members):
+            log.warning(
+                "certificate %s is never presented: %s, for the same names and of the same key "
+                "type, replaces it (give one certificate of each key type for a set of names)",
+                replaced,
+                later,
+            )
     contexts = [(names, _context(members)) for names, members in groups.items()]
     if not contexts:
         return None
@@ -94,6 +102,38 @@ def server_context(pairs: Sequence[Pair]) -> ssl.SSLContext | None:
     if len(contexts) > 1:
         default.sni_callback = _chooser(contexts)
     return default
+
+
+def _replaced(members: list[Pair]) -> list[tuple[Path, Path]]:
+    """(certificate, the later one that replaces it) in one context: it holds one certificate
+    of each key type, the last loaded (an old and a renewed certificate both listed, say)."""
+    last: dict[str, Path] = {}
+    out = []
+    for cert, _ in reversed(members):
+        kind = _key_type(cert)
+        if not kind:
+            continue
+        if kind in last:
+            out.append((cert, last[kind]))
+        else:
+            last[kind] = cert
+    return out[::-1]
+
+
+def _key_type(cert: Path) -> str:
+    """The certificate's public key type ("RSA", "EC", …; "" when it cannot be read here)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    try:
+        key = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
+    except (OSError, ValueError):
+        return ""
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RSA"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "EC"
+    return type(key).__name__
 
 
 def _never_chosen(groups: list[tuple[frozenset[str], list[Pair]]]) -> list[Path]:
@@ -214,7 +254,7 @@ def _warn_of_dates(cert: Path, decoded: dict[str, Any], now: float) -> None:
             "certificate %s expires on %s, in %d day(s): is its renewal working?",
             cert,
             until,
-            int((ends - now) // 86400),
+            round((ends - now) / 86400),
         )
     if begins > now:
         log.warning(

@@ -19,6 +19,12 @@ def main(argv: list[str]) -> int:
     def say(text: str) -> None:
         print(f"newaliases: {text}", file=sys.stderr)
 
+    if argv[:1] in (["--help"], ["-h"]):  # (a person tries it first: it must not signal)
+        print(
+            "usage: newaliases [-C FILE]: check the aliases file as mailerd reads it, say what "
+            "it holds and what is wrong with it, and have a running mailerd reload it"
+        )
+        return 0
     path = argv[argv.index("-C") + 1] if "-C" in argv[:-1] else None
     try:
         raw = daemon.read_config(path)

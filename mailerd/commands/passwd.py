@@ -99,8 +99,8 @@ def _warn_if_no_mailbox(user: str, raw: dict[str, object], say: Callable[[str], 
     if state != "ok":
         why = _NO_MAILBOX.get(state, state).format(spool=spool, user=user)
         say(
-            f"warning: {user} {why}: mail to {user}@ is refused (550 5.1.1), and a typo "
-            "in the name would go unnoticed; the password is set all the same"
+            f"warning: {user} {why}: mail to {user} at the local domains is refused (550 "
+            "5.1.1), and a typo in the name would go unnoticed; the password is set all the same"
         )
 
 

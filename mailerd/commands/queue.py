@@ -62,18 +62,24 @@ def main(argv: list[str]) -> int:
         if answer is None and not queue_dir.is_dir():
             print(
                 f"mailerd queue: no queue at {queue_dir}: mailerd makes it when it starts "
-                "(`mailerd queue init` too); another queue is named with -c or -q",
+                "(`mailerd queue init` too); is that the configuration's queue?",
                 file=sys.stderr,
             )
             return 1
         items = QueueListing.decode(answer).items if answer else None
-        print(format_listing(list(items or [asdict(e) for e in _load(queue_dir)]), time.time()))
+        listed = list(items or [asdict(e) for e in _load(queue_dir)])
         waiting = _in_maildrop(queue_dir)
         if waiting:
-            print(
-                f"-- and {waiting} message(s) from sendmail in {queue_dir / MAILDROP}, "
-                + ("not picked up yet" if answer else "picked up when mailerd runs")
+            where = f"from sendmail wait in {queue_dir / MAILDROP}, " + (
+                "not picked up yet" if answer else "to be picked up when mailerd runs"
             )
+            if not listed:
+                print(f"No message in the queue yet: {waiting} {where}")
+                return 0
+            print(format_listing(listed, time.time()))
+            print(f"-- and {waiting} more {where}")
+            return 0
+        print(format_listing(listed, time.time()))
         return 0
     if args.action == "flush":
         if answer is None:
