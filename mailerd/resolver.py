@@ -11,7 +11,9 @@ made-up domains to the real DNS.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
 import dns.asyncresolver
 import dns.resolver
@@ -32,6 +34,18 @@ class SystemResolverForbidden(RuntimeError):
     """A resolver without --dns-server was asked for where the test suite forbids it."""
 
 
+class BoundedResolver(dns.asyncresolver.Resolver):
+    """dnspython's asyncio resolver, its `lifetime` a bound: between rounds of tries it sleeps
+    a back-off that may run past the lifetime (a lookup given 10 s took 11.6)."""
+
+    async def resolve(self, *args: Any, **kwargs: Any) -> dns.resolver.Answer:
+        lifetime = kwargs.get("lifetime") or self.lifetime
+        try:
+            return await asyncio.wait_for(super().resolve(*args, **kwargs), lifetime)
+        except TimeoutError:
+            raise dns.resolver.LifetimeTimeout(timeout=lifetime, errors=[]) from None  # type: ignore[no-untyped-call]
+
+
 def make_resolver(
     dns_server: tuple[str, int] | None, timeout: float = DEFAULT_DNS_TIMEOUT, *, cache: bool = False
 ) -> dns.asyncresolver.Resolver:
@@ -50,10 +64,10 @@ def make_resolver(
                 f"{FORBID_SYSTEM_RESOLVER} is set: give mailerd --dns-server (a test's own DNS "
                 "server), or run it in a network namespace with its own resolv.conf"
             )
-        resolver = dns.asyncresolver.Resolver()
+        resolver = BoundedResolver()
     else:
         # configure=False: never read /etc/resolv.conf, so no search list or other server.
-        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver = BoundedResolver(configure=False)
         host, port = dns_server
         # nameservers + port rather than dns.nameserver (dnspython >= 2.4): Debian 12 has 2.3.
         resolver.port = port  # first: a version may bind the port when nameservers are set
