@@ -9,7 +9,8 @@ password against what it read, in a thread, never in its event loop. `mailerd pa
 the file (`commands/passwd.py`); it is root's, group `mail`, mode 0640, replaced atomically.
 
 A user is a local user name (a mailbox name); it may log in as `user` or as `user@` any local
-domain. An unknown name costs the same check as a wrong password, so timing tells no names.
+domain. An unknown name is checked against one of the file's own hashes, of the parameters
+most of them have, so timing tells no names as long as the hashes share their parameters.
 """
 
 from __future__ import annotations

@@ -23,13 +23,15 @@ The master maps the tables before it forks (as `sessiontable`): cells of three d
 counts for the key whose fingerprint it holds (the hash's other bits): another key hashed into
 the same bucket takes the cell over rather than add to its count, so that failures from
 addresses an attacker sprays cannot slow down, let alone lock out, an innocent one (with a
-lockout, a shared count would let them). Python's string hash is seeded at random per start,
-so nobody outside can aim at a bucket. Any worker writes any cell without a lock: two
-failures at the same instant may count as one, which is harmless for a delay. A record is
-forgotten FORGET seconds after its last failure, and not when a login from it succeeds: anyone
-with one account would otherwise reset the count between guesses at another's password. The
-addresses an account logged in from are a table of their own, written only by successes, so
-that failures cannot push them out.
+lockout, a shared count would let them). Accounts are the other way round: the names of a
+bucket are counted together, so that no name can start another's count again (a lock that
+comes early only sends the account's own addresses to their checks). Python's string hash is
+seeded at random per start, so nobody outside can aim at a bucket. Any worker writes any cell
+without a lock: two failures at the same instant may count as one, which is harmless for a
+delay. A record is forgotten FORGET seconds after its last failure, and not when a login from
+it succeeds: anyone with one account would otherwise reset the count between guesses at
+another's password. The addresses an account logged in from are a table of their own, written
+only by successes, so that failures cannot push them out.
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ _FINGERPRINT = (1 << 52) - 1  # (bits a double holds exactly)
 
 
 class _Table:
-    """Shared cells of [count, time of the last, fingerprint], one key each (see above)."""
+    """Shared cells of [count, time of the last, fingerprint], one key each (see above); or,
+    `pooled`, the keys of a bucket counted together (a collision only adds)."""
 
-    def __init__(self, buckets: int) -> None:
+    def __init__(self, buckets: int, *, pooled: bool = False) -> None:
         self.buckets = buckets
+        self.pooled = pooled
         # MAP_SHARED | MAP_ANONYMOUS: the forked workers see the same pages.
         self._map = mmap.mmap(-1, buckets * CELL * 8)
         self._cells = memoryview(self._map).cast("d")
@@ -73,10 +77,11 @@ class _Table:
         """The key's count, if its last event is less than `lasting` seconds old."""
         cell, fingerprint = self._slot(key)
         count, last, owner = self._cells[cell : cell + CELL]
-        return count if owner == fingerprint and now - last < lasting else 0.0
+        mine = self.pooled or owner == fingerprint
+        return count if mine and now - last < lasting else 0.0
 
     def add(self, key: str, now: float, lasting: float) -> None:
-        """One more for `key` (which takes its cell over from another key)."""
+        """One more for `key` (which takes its cell over from another key, unless pooled)."""
         count = self.count(key, now, lasting)
         cell, fingerprint = self._slot(key)
         self._cells[cell] = count + 1
@@ -95,7 +100,11 @@ class AuthFailures:
     ) -> None:
         self.ipv6_prefix_length = ipv6_prefix_length  # (the master sets it again at a reload)
         self._addresses = _Table(buckets)
-        self._accounts = _Table(account_buckets)
+        # Pooled: were a name sharing alice's bucket to take it over, one failure of that name
+        # would start alice's count again, and a guesser who found one (an attacker's pass
+        # did, by trying names until alice's lock lifted) would have 100 guesses more each
+        # time. Pooled, it can only lock her early, which it could do by naming her.
+        self._accounts = _Table(account_buckets, pooled=True)
         self._known = _Table(known_buckets)
 
     def client(self, address: str) -> str:

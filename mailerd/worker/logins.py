@@ -8,7 +8,8 @@ run in its two check threads, never in its event loop, and kept from piling up:
   and MAX_PENDING in all; past either, the login is refused at once, unchecked (454), so that
   a flood of sessions that each send AUTH and hang up cannot queue checks without end in front
   of a real user's login; a login from an address its account logged in from lately may use
-  RESERVE more, so that a spray from many addresses cannot crowd out the users it is not;
+  one of RESERVE more (one account at a time), so that a spray from many addresses cannot
+  crowd out the users at their usual addresses;
 - a check whose client's connection was closed or reset while it waited is not made (the
   caller counts it as a failure: a client that does not wait for its answer is taken for a
   guesser);
@@ -28,7 +29,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from mailerd.credentials import login_digest
-from mailerd.ipc.authfailures import AuthFailures
+from mailerd.ipc.authfailures import AuthFailures, account_of
 
 log = logging.getLogger("mailerd.worker")
 
@@ -54,6 +55,7 @@ Outcome = str | None | Unchecked  # the user, None (a wrong name or password), o
 class _Check:
     future: asyncio.Future[Outcome]
     sessions: int = 1  # waiting for its verdict
+    reserved_for: str | None = None  # the account whose RESERVE place it takes
 
 
 class Logins:
@@ -72,6 +74,7 @@ class Logins:
         self.limit = limit
         self.per_client = per_client
         self._by_client: collections.Counter[str] = collections.Counter()
+        self._reserved: set[str] = set()  # accounts with a check in a RESERVE place
         self._checking: dict[bytes, _Check] = {}
         self._key = os.urandom(32)  # (in-flight logins are known by an HMAC, not a password)
 
@@ -92,12 +95,22 @@ class Logins:
             same.sessions += 1
             return same.future
         client = failures.client(address)
-        limit = self.limit + (RESERVE if known else 0)
-        if len(self._checking) >= limit or self._by_client[client] >= self.per_client:
+        if self._by_client[client] >= self.per_client:
             return Unchecked.BUSY
+        reserved_for = None
+        if len(self._checking) >= self.limit:
+            # A RESERVE place: for a login from an address its account logged in from, one
+            # account at a time (an account holder flooding its own logins from its own
+            # addresses took them all, an attacker's pass found).
+            account = account_of(login)
+            full = len(self._checking) >= self.limit + RESERVE
+            if not known or full or account in self._reserved:
+                return Unchecked.BUSY
+            reserved_for = account
+            self._reserved.add(account)
         self._by_client[client] += 1
         loop = asyncio.get_running_loop()
-        check = self._checking[digest] = _Check(loop.create_future())
+        check = self._checking[digest] = _Check(loop.create_future(), reserved_for=reserved_for)
         loop.create_task(self._run(check, digest, client, login, password, gone))
         return check.future
 
@@ -120,6 +133,8 @@ class Logins:
             found = Unchecked.BROKEN
         finally:
             del self._checking[digest]
+            if check.reserved_for is not None:
+                self._reserved.discard(check.reserved_for)
             self._by_client[client] -= 1
             if self._by_client[client] <= 0:
                 del self._by_client[client]

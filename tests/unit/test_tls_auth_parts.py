@@ -644,6 +644,42 @@ def test_an_account_sprayed_from_many_addresses_is_checked_only_where_it_logged_
     assert not table.known("192.0.2.50", "alice", now=gone)
 
 
+def test_a_name_sharing_a_locked_accounts_bucket_adds_to_it_never_starts_it_again():
+    """Found by an attacker's pass: with names taking cells over, as addresses do, one
+    failure of a name in alice's bucket (found by trying names until her lock lifted) started
+    her count again, for 100 guesses more each time. Here one bucket holds every name."""
+    table = AuthFailures(256, account_buckets=1)
+    for n in range(authfailures.ACCOUNT_LOCKOUT):
+        table.failed(f"198.51.100.{n}", "alice", now=1.0)
+    table.failed("203.0.113.9", "zq5612", now=2.0)
+    assert table.account_locked("203.0.113.1", "alice", now=3.0)
+    assert table.account_failures("alice", now=3.0) == authfailures.ACCOUNT_LOCKOUT + 1
+
+
+def test_the_reserve_takes_one_check_an_account():
+    """Found by an attacker's pass: an account holder, from addresses it had logged in from,
+    flooded correct logins of its own (variants of its name, each a check) and took every
+    RESERVE place; another user at her own address then got 454."""
+
+    async def body(logins, calls):
+        gone = lambda: False  # noqa: E731
+        for n in range(3):
+            logins.failures.succeeded(f"192.0.2.{n}", "mallory")
+        logins.failures.succeeded("192.0.2.50", "alice")
+        spray = logins.start("203.0.113.7", "bob", "guess", gone)  # (the limit: 1)
+        first = logins.start("192.0.2.0", "mallory+a", "right", gone)  # (a reserve place)
+        assert logins.start("192.0.2.1", "mallory+b", "right", gone) is Unchecked.BUSY
+        assert await logins.start("192.0.2.50", "alice", "right", gone) == "alice"
+        assert await first == "alice" and await spray is None  # (the fake check's answers)
+        return calls
+
+    assert sorted(_logins_run(body, limit=1)) == [
+        ("alice", "right"),
+        ("bob", "guess"),
+        ("mallory+a", "right"),
+    ]
+
+
 def test_a_locked_account_is_not_checked_from_elsewhere_and_known_addresses_keep_room():
     async def body(logins, calls):
         gone = lambda: False  # noqa: E731
