@@ -18,20 +18,20 @@ other they are refused unchecked (454, temporary) until the account is forgotten
 the guesses at one password to ACCOUNT_LOCKOUT per FORGET seconds, and the checks a spray can
 make to those, whatever addresses it has.
 
-The master maps the tables before it forks (as `sessiontable`): cells of three doubles,
-[count, time of the last, the key's fingerprint]. Keys are hashed into buckets, and a cell
-counts for the key whose fingerprint it holds (the hash's other bits): another key hashed into
-the same bucket takes the cell over rather than add to its count, so that failures from
-addresses an attacker sprays cannot slow down, let alone lock out, an innocent one (with a
-lockout, a shared count would let them). Accounts are the other way round: the names of a
-bucket are counted together, so that no name can start another's count again (a lock that
-comes early only sends the account's own addresses to their checks). Python's string hash is
-seeded at random per start, so nobody outside can aim at a bucket. Any worker writes any cell
-without a lock: two failures at the same instant may count as one, which is harmless for a
-delay. A record is forgotten FORGET seconds after its last failure, and not when a login from
-it succeeds: anyone with one account would otherwise reset the count between guesses at
-another's password. The addresses an account logged in from are a table of their own, written
-only by successes, so that failures cannot push them out.
+The master maps the tables before it forks (as `sessiontable`): cells of three doubles, [count,
+time of the last, the key's fingerprint]. Keys are hashed into buckets, and a cell counts for
+the key whose fingerprint it holds (the hash's other bits): another key hashed into the same
+bucket takes the cell over rather than add to its count, so that failures from addresses an
+attacker sprays cannot slow down, let alone lock out, an innocent one (with a lockout, a shared
+count would let them). Accounts are the other way round: the names of a bucket are counted
+together, so that no name can start another's count again (a lock that comes early only sends
+the account's own addresses to their checks). Python's string hash is seeded at random per
+start, so nobody outside can aim at a bucket. Any worker writes any cell without a lock: two
+failures at the same instant may count as one, which is harmless for a delay and lets a lockout
+come a guess or two late. A record is forgotten FORGET seconds after its last failure, and not
+when a login from it succeeds: anyone with one account would otherwise reset the count between
+guesses at another's password. The addresses an account logged in from are a table of their
+own, written only by successes, so that failures cannot push them out.
 """
 
 from __future__ import annotations
