@@ -36,11 +36,11 @@ own, written only by successes, so that failures cannot push them out.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import mmap
 import time
 
+from mailerd.config import DEFAULT_IPV6_PREFIX_LENGTH
+from mailerd.ipc.sessiontable import client_key
 from mailerd.names import mailbox_name
 
 BUCKETS = 65536  # addresses (1.5 MiB, shared)
@@ -53,7 +53,6 @@ FORGET = 900.0  # seconds without a failure after which an address or account st
 LOCKOUT = 10  # failures after which an address's logins are refused unchecked
 ACCOUNT_LOCKOUT = 100  # failures after which an account is checked from known addresses only
 KNOWN_FOR = 30 * 86400.0  # seconds an address an account logged in from stays known
-DEFAULT_IPV6_PREFIX = 64
 _FINGERPRINT = (1 << 52) - 1  # (bits a double holds exactly)
 
 
@@ -75,25 +74,26 @@ class _Table:
 
     def count(self, key: str, now: float, lasting: float) -> float:
         """The key's count, if its last event is less than `lasting` seconds old."""
-        cell, fingerprint = self._slot(key)
-        count, last, owner = self._cells[cell : cell + CELL]
-        mine = self.pooled or owner == fingerprint
-        return count if mine and now - last < lasting else 0.0
+        return self._count(*self._slot(key), now, lasting)
 
     def add(self, key: str, now: float, lasting: float) -> None:
         """One more for `key` (which takes its cell over from another key, unless pooled)."""
-        count = self.count(key, now, lasting)
         cell, fingerprint = self._slot(key)
-        self._cells[cell] = count + 1
+        self._cells[cell] = self._count(cell, fingerprint, now, lasting) + 1
         self._cells[cell + 1] = now
         self._cells[cell + 2] = fingerprint
+
+    def _count(self, cell: int, fingerprint: float, now: float, lasting: float) -> float:
+        count, last, owner = self._cells[cell : cell + CELL]
+        mine = self.pooled or owner == fingerprint
+        return count if mine and now - last < lasting else 0.0
 
 
 class AuthFailures:
     def __init__(
         self,
         buckets: int = BUCKETS,
-        ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX,
+        ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX_LENGTH,
         *,
         account_buckets: int = ACCOUNT_BUCKETS,
         known_buckets: int = KNOWN_BUCKETS,
@@ -108,8 +108,8 @@ class AuthFailures:
         self._known = _Table(known_buckets)
 
     def client(self, address: str) -> str:
-        """What an address counts as: its client (`key_of`)."""
-        return key_of(address, self.ipv6_prefix_length)
+        """What an address counts as: its client (`sessiontable.client_key`)."""
+        return client_key(address, self.ipv6_prefix_length)
 
     def delay(self, address: str, now: float | None = None) -> float:
         """How long to wait before answering a failed AUTH from `address` (its earlier
@@ -164,18 +164,3 @@ def account_of(login: str) -> str:
     `Alice@example.org` and `alice+x@example.org` are one), for names of no user too."""
     local = login.rpartition("@")[0] or login
     return mailbox_name(local) or login.lower()
-
-
-@functools.lru_cache(maxsize=1024)  # (two parses of the address a login; ~8 µs each)
-def key_of(address: str, ipv6_prefix_length: int = DEFAULT_IPV6_PREFIX) -> str:
-    """What an address counts as: itself (an IPv4-mapped one as its IPv4 address), an IPv6
-    one as its prefix."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.version == 6:
-        return str(ipaddress.ip_network(f"{ip}/{ipv6_prefix_length}", strict=False))
-    return str(ip)

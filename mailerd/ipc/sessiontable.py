@@ -21,6 +21,8 @@ last free place: a cap can be exceeded by at most one session per other worker.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import mmap
 
 BUCKETS = 16384
@@ -100,3 +102,18 @@ def counter(table: SessionTable | None, row: int | None) -> SessionCounter:
     if table is None or row is None:
         return SessionCounter(SessionTable(1), 0)
     return SessionCounter(table, row)
+
+
+@functools.lru_cache(maxsize=1024)  # (a parse is ~8 µs; the same client comes back)
+def client_key(address: str, ipv6_prefix_length: int) -> str:
+    """What a per-client count (the session caps, `authfailures`) counts `address` as: itself
+    (an IPv4-mapped one as its IPv4 address), or its IPv6 network."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])  # (no zone index: fe80::1%eth0)
+    except ValueError:
+        return address  # (not an IP address: an AF_UNIX peer, "?": counted as it is)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix_length), strict=False))
+    return str(ip)

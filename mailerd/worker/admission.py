@@ -21,13 +21,12 @@ them. An IPv4-mapped IPv6 address is its IPv4 address.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from mailerd import config
 from mailerd.config import Config, ListenAddress
 from mailerd.ipc import sessiontable
-from mailerd.ipc.sessiontable import SessionCounter
+from mailerd.ipc.sessiontable import SessionCounter, client_key
 
 # The pools, as columns of the session table.
 LOCAL_POOL, SUBMISSION_POOL, NETWORK_POOL = range(sessiontable.POOLS)
@@ -45,19 +44,6 @@ CLIENT_FULL = "Too many connections from your address"
 
 def pool_of(listen: ListenAddress) -> int:
     return _POOL_OF_ROLE[listen.role]
-
-
-def client_key(address: str, ipv6_prefix_length: int) -> str:
-    """What the per-client cap counts `address` as: itself (IPv4), or its IPv6 network."""
-    try:
-        ip = ipaddress.ip_address(address.partition("%")[0])  # (no zone index: fe80::1%eth0)
-    except ValueError:
-        return address  # (not an IP address: an AF_UNIX peer, "?": counted as it is)
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, ipv6_prefix_length), strict=False))
-    return str(ip)
 
 
 @dataclass(frozen=True)
