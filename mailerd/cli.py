@@ -32,20 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         from mailerd.commands import sendmail
 
         return sendmail.main(argv if program == "sendmail" else argv[1:])
-    # (`mailerd mailq`, `mailerd newaliases`: as their links, for a checkout without them.)
-    if program in ("mailq", "newaliases") or argv[:1] in (["mailq"], ["newaliases"]):
-        link = program in ("mailq", "newaliases")
-        name, args = (program, argv) if link else (argv[0], argv[1:])
-        if name == "mailq":
-            from mailerd.commands import sendmail
+    if program not in ("mailq", "newaliases") and argv[:1] in (["mailq"], ["newaliases"]):
+        program, argv = argv[0], argv[1:]  # (as their links: a checkout has none)
+    if program == "mailq":
+        from mailerd.commands import sendmail
 
-            if args[:1] in (["--help"], ["-h"]):
-                print("usage: mailq [-C FILE]: the queue, as `mailerd queue` lists it")
-                return 0
-            return sendmail.main(["-bp", *args])
+        if argv[:1] in (["--help"], ["-h"]):
+            print("usage: mailq [-C FILE]: the queue, as `mailerd queue` lists it")
+            return 0
+        return sendmail.main(["-bp", *argv])
+    if program == "newaliases":
         from mailerd.commands import newaliases
 
-        return newaliases.main(args)
+        return newaliases.main(argv)
     if argv[:1] == ["queue"]:
         from mailerd.commands import queue
 

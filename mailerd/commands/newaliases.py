@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
         return os.EX_OSFILE
     for problem in table.problems:
         say(f"{file}: {problem}")
-    if not os.path.exists(file):
+    if table.missing:
         say(f"{file}: no such file; no aliases")
     else:
         say(f"{file}: {len(table)} aliases, {len(table.problems)} problem(s)")

@@ -135,9 +135,8 @@ def _in_maildrop(queue_dir: Path) -> int:
     """Submissions waiting in the maildrop (0 for one this user may not list: it is the
     children's user's, mode 1733, so only they and root count it)."""
     try:
-        return sum(
-            1 for entry in os.scandir(queue_dir / MAILDROP) if is_submission_name(entry.name)
-        )
+        with os.scandir(queue_dir / MAILDROP) as entries:
+            return sum(1 for entry in entries if is_submission_name(entry.name))
     except OSError:
         return 0
 
