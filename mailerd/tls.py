@@ -56,9 +56,9 @@ OP_PRIORITIZE_CHACHA = 1 << 21
 GROUPS = b"X25519:X448:P-256:P-521:P-384"
 _SSL_CTRL_SET_GROUPS_LIST = 92  # (ssl.h: SSL_CTX_set1_groups_list is SSL_CTX_ctrl with this)
 HANDSHAKE_TIMEOUT = 30.0  # seconds for a client to finish its handshake
-EXPIRY_WARNING = (
-    14 * 86400.0
-)  # seconds left: certbot renews with 30 days to go, so 14 means it did not
+# Seconds left under which a certificate is warned of: certbot renews with 30 days to go, so
+# 14 means it did not.
+EXPIRY_WARNING = 14 * 86400.0
 
 Pair = tuple[Path, Path]  # a certificate chain and its private key
 
