@@ -13,6 +13,7 @@ import re
 import socket
 
 MAILNAME = "/etc/mailname"  # Debian's "mail name" of the machine
+HOSTS = "/etc/hosts"
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
@@ -21,10 +22,36 @@ def identity() -> tuple[list[str], str]:
     the mail name (/etc/mailname), then the FQDN, then localhost; the host name is the FQDN,
     or the mail name when the FQDN is not qualified (no dot)."""
     mailname = read_mailname()
-    fqdn = socket.getfqdn()  # may ask the resolver: only when a default is needed
+    fqdn = local_fqdn()
     domains = [name for name in (mailname, fqdn, "localhost") if name and is_domain(name)]
     hostname = fqdn if "." in fqdn or not mailname else mailname
     return list(dict.fromkeys(d.lower().rstrip(".") for d in domains)), hostname
+
+
+def local_fqdn() -> str:
+    """This machine's fully qualified name, found without asking DNS: the kernel's host name
+    when it has a dot, else the first dotted name (not localhost's) on the line of /etc/hosts
+    that lists it, as Debian's installer writes it (`127.0.1.1 mx.example.org mx`), else the
+    host name as it is. Python's socket.getfqdn goes on to the resolver, which a start-up must
+    not wait on, and which no mailerd of the test suite may ask (MAILERD_FORBID_SYSTEM_RESOLVER)."""
+    name = socket.gethostname().lower().rstrip(".")
+    if "." in name:
+        return name
+    try:
+        with open(HOSTS, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                names = [n.lower().rstrip(".") for n in line.partition("#")[0].split()[1:]]
+                if name in names:
+                    dotted = [n for n in names if "." in n and not _is_localhost(n)]
+                    if dotted:
+                        return dotted[0]
+    except OSError:
+        pass
+    return name
+
+
+def _is_localhost(name: str) -> bool:
+    return name == "localhost" or name.startswith("localhost.") or name.endswith(".localhost")
 
 
 def read_mailname(path: str | None = None) -> str | None:

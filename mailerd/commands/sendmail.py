@@ -47,7 +47,6 @@ import errno
 import os
 import pwd
 import re
-import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -168,7 +167,7 @@ def _option(opts: Options, letter: str, value: str) -> None:
 @dataclass
 class Settings:
     """What sendmail needs of the config file; the names it falls back on are found lazily,
-    since socket.getfqdn() may wait for the resolver and most mail needs neither."""
+    since most mail needs neither."""
 
     queue: str = config.DEFAULT_QUEUE
     domains: tuple[str, ...] = ()
@@ -215,7 +214,7 @@ def load_settings(path: str | None) -> Settings:
 
 
 def _fqdn() -> str:
-    name = socket.getfqdn().lower().rstrip(".")
+    name = host.local_fqdn()
     return name if name and host.is_domain(name) else "localhost"
 
 

@@ -142,19 +142,48 @@ def test_identity_follows_debian(tmp_path, monkeypatch):
     mailname = tmp_path / "mailname"
     mailname.write_text("Mail.Example.ORG.\n")
     monkeypatch.setattr(host, "MAILNAME", str(mailname))
-    monkeypatch.setattr(host.socket, "getfqdn", lambda: "host.example.net")
+    monkeypatch.setattr(host, "local_fqdn", lambda: "host.example.net")
     cfg = load()
     assert cfg.domains == ("mail.example.org", "host.example.net", "localhost")
     assert cfg.hostname == "host.example.net"
-    monkeypatch.setattr(host.socket, "getfqdn", lambda: "host")
+    monkeypatch.setattr(host, "local_fqdn", lambda: "host")
     assert load().hostname == "mail.example.org"
     assert load().domains == ("mail.example.org", "host", "localhost")
     mailname.write_text("not a domain!\n")
     assert load().domains == ("host", "localhost") and load().hostname == "host"
     mailname.unlink()
-    monkeypatch.setattr(host.socket, "getfqdn", lambda: "host.example.net")
+    monkeypatch.setattr(host, "local_fqdn", lambda: "host.example.net")
     assert load().domains == ("host.example.net", "localhost")
     assert load("-d", "given.example").domains == ("given.example",)
+
+
+def test_the_fqdn_comes_from_etc_hosts_never_from_dns(tmp_path, monkeypatch):
+    """The default FQDN is the kernel's host name when it has a dot, else the first dotted
+    name (localhost's excepted) of the /etc/hosts line that lists it, else the bare name:
+    socket.getfqdn(), which asks the resolver, is never called."""
+
+    def no_resolver(*args):
+        raise AssertionError("the resolver was asked")
+
+    monkeypatch.setattr(host.socket, "getfqdn", no_resolver)
+    monkeypatch.setattr(host.socket, "gethostbyaddr", no_resolver)
+    monkeypatch.setattr(host.socket, "getaddrinfo", no_resolver)
+    hosts = tmp_path / "hosts"
+    hosts.write_text(
+        "127.0.0.1\tlocalhost.localdomain localhost mx  # not this line\n"
+        "# 127.0.1.1 mx.commented.example mx\n"
+        "127.0.1.1\tMX mx.Example.ORG. mx.second.example\n"
+    )
+    monkeypatch.setattr(host, "HOSTS", str(hosts))
+    monkeypatch.setattr(host.socket, "gethostname", lambda: "mx")
+    assert host.local_fqdn() == "mx.example.org"
+    monkeypatch.setattr(host.socket, "gethostname", lambda: "Box.Example.NET")
+    assert host.local_fqdn() == "box.example.net"
+    monkeypatch.setattr(host.socket, "gethostname", lambda: "other")
+    assert host.local_fqdn() == "other"
+    hosts.unlink()
+    monkeypatch.setattr(host.socket, "gethostname", lambda: "mx")
+    assert host.local_fqdn() == "mx"
 
 
 def test_the_example_config_documents_every_option():

@@ -181,6 +181,27 @@ def test_make_resolver_asks_only_the_given_server():
     assert resolver.lifetime == 3.0
 
 
+def test_mailerd_never_asks_the_c_library_for_a_name():
+    """Every lookup of mailerd's goes through make_resolver (dnspython), which the suite's
+    guard (MAILERD_FORBID_SYSTEM_RESOLVER) holds to a test's own DNS server. A call that
+    asks the C library for a name would go to the machine's resolver past that guard: the
+    default host name's socket.getfqdn did, until it read /etc/hosts instead."""
+    from pathlib import Path
+
+    lookup = re.compile(
+        r"\b(getfqdn|gethostbyname\w*|gethostbyaddr|getaddrinfo|getnameinfo|create_connection"
+        r"|open_connection|create_datagram_endpoint)\s*\("
+    )
+    package = Path(mx.__file__).resolve().parents[1]
+    found = [
+        f"{path.relative_to(package.parent)}:{n}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if lookup.search(line.partition("#")[0])
+    ]
+    assert not found, "\n".join(found)
+
+
 @pytest.mark.slow
 def test_a_lookup_ends_at_its_timeout_against_a_silent_server():
     """dnspython sleeps a back-off between rounds of tries that may pass its lifetime: a
