@@ -1,0 +1,74 @@
+"""etc/letsencrypt/renewal-hooks/deploy/mailerd, the certbot deploy hook, run as certbot runs
+it (RENEWED_LINEAGE in its environment): it signals the pid in the pid file only when the
+config file or /etc/default/mailerd names the renewed lineage on a line that is not a
+comment. (The package test runs it against an installed, running mailerd.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+HOOK = REPO / "etc" / "letsencrypt" / "renewal-hooks" / "deploy" / "mailerd"
+LINEAGE = "/etc/letsencrypt/live/mx.example.org"
+
+
+def run_hook(tmp_path: Path, conf: str, defaults: str) -> tuple[bool, str]:
+    """(Was the pid file's process sent SIGHUP?, what the hook said.) The process is a
+    `sleep`, which SIGHUP ends."""
+    (tmp_path / "mailerd.conf").write_text(conf)
+    (tmp_path / "default").write_text(defaults)
+    target = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "mailerd.pid").write_text(f"{target.pid}\n")
+        env = {
+            **os.environ,
+            "RENEWED_LINEAGE": LINEAGE,
+            "MAILERD_CONF": str(tmp_path / "mailerd.conf"),
+            "MAILERD_DEFAULTS": str(tmp_path / "default"),
+            "MAILERD_PIDFILE": str(tmp_path / "mailerd.pid"),
+        }
+        done = subprocess.run([str(HOOK)], env=env, capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, done
+        try:
+            signalled = target.wait(2) == -signal.SIGHUP
+        except subprocess.TimeoutExpired:
+            signalled = False
+        return signalled, done.stderr
+    finally:
+        target.kill()
+        target.wait()
+
+
+@pytest.mark.parametrize(
+    "conf, defaults",
+    [
+        (f"tls-cert = {LINEAGE}/fullchain.pem\ntls-key = {LINEAGE}/privkey.pem\n", ""),
+        ("", f'DAEMON_OPTS="--tls-cert {LINEAGE}/fullchain.pem --tls-key {LINEAGE}/privkey.pem"\n'),
+    ],
+    ids=["config file", "defaults file"],
+)
+def test_the_hook_reloads_mailerd_for_a_lineage_it_uses(tmp_path, conf, defaults):
+    signalled, said = run_hook(tmp_path, conf, defaults)
+    assert signalled, said
+    assert "asked mailerd" in said
+
+
+def test_the_hook_leaves_mailerd_alone_for_a_lineage_named_only_in_comments(tmp_path):
+    """An operator who tried certbot's certificate and went back to another one keeps the old
+    lines commented out: a renewal of it is no reason to reload (the hook grepped them too)."""
+    conf = (
+        "tls-cert = /etc/mailerd/own.pem  # not the lineage\n"
+        f"# tls-cert = {LINEAGE}/fullchain.pem\n"
+        f"   ; tls-key = {LINEAGE}/privkey.pem\n"
+    )
+    defaults = f'#DAEMON_OPTS="--tls-cert {LINEAGE}/fullchain.pem"\nDAEMON_OPTS=""\n'
+    signalled, said = run_hook(tmp_path, conf, defaults)
+    assert not signalled, said
+    assert said == ""
