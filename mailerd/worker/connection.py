@@ -5,14 +5,10 @@ answered late after failures), whose sender addresses an authenticated user may 
 commit of a finished message (the 250 only once it is durable). Every refused mail command and
 failed AUTH is logged here, in Postfix's words, and with -v the dialogue (never a password).
 
-**Deadlines** (RFC 5321 4.5.3.2's per-stage timeouts), none of which a trickled byte extends:
-a command line must arrive complete within --timeout of its first byte (and the next one
-begin within --timeout of our reply); message content (a DATA body, a BDAT chunk) must keep up
---min-data-rate, with --timeout to spare: its n-th octet is due --timeout + n / rate after its
-start; and the whole session ends at --max-session-time. Each ends the session with its own
-421 4.4.2 and log line. The clocks are restarted once per read, never per byte, and one timer
-per session checks them (deadlines only ever move later, so it may fire early and re-arm).
-While the session waits on us (a commit, a check, a password) the client is not late.
+**Deadlines** (`deadlines`: a command's, the message content's, the session's): one timer per
+session checks them, at least once per --timeout, and each ends the session with its own
+421 4.4.2 and log line. While the session waits on us (a
+commit, a check, a password) the client is not late.
 """
 
 from __future__ import annotations
@@ -50,6 +46,7 @@ from mailerd.smtp import (
 )
 from mailerd.spool import LookupNeeded
 from mailerd.worker.body import BodyBuffer
+from mailerd.worker.deadlines import Deadlines, Expired
 from mailerd.worker.logins import Outcome, Unchecked
 from mailerd.worker.tlslayer import TLSLayer
 
@@ -78,12 +75,7 @@ class Connection(asyncio.Protocol):
         self.committing = False
         self.write_paused = False
         self.closing = False
-        # The deadlines' clocks (loop time): the session's start; the current command's (its
-        # first byte, or our last reply when none has come); the current content's start.
-        self.started = 0.0
-        self.command_since = 0.0
-        self.in_command = False  # part of a command line is in
-        self.content_since: float | None = None
+        self.deadlines: Deadlines | None = None  # (loop time; once the session begins)
         self.timer: asyncio.TimerHandle | None = None
         self.layer: TLSLayer | None = None  # TLS, once STARTTLS or implicit TLS began it
         self.handshake_timer: asyncio.TimerHandle | None = None
@@ -135,9 +127,10 @@ class Connection(asyncio.Protocol):
             on_command,
             self.check_mail,
         )
-        loop = self.worker.loop
-        self.started = self.command_since = loop.time()
-        cfg = self.worker.cfg
+        loop, cfg = self.worker.loop, self.worker.cfg
+        self.deadlines = Deadlines(
+            cfg.timeout, cfg.max_session_time, cfg.min_data_rate, loop.time()
+        )
         self.timer = loop.call_later(min(cfg.timeout, cfg.max_session_time), self.check_timeout)
         self.pump()
 
@@ -251,23 +244,15 @@ class Connection(asyncio.Protocol):
                 return
         if out:
             self.transport.write(b"".join(out))
-        self.restart_clocks(progressed)
+        assert self.deadlines is not None
+        self.deadlines.restart(
+            self.worker.loop.time(),
+            content=self.session.reading_content,
+            mid_command=self.session.mid_command,
+            progressed=progressed,
+        )
         if self.worker.stopping and self.idle():
             self.close([SHUTTING_DOWN.to_bytes()])
-
-    def restart_clocks(self, progressed: bool) -> None:
-        """After a read (or our answer): start the clock of a stage that has just begun, and
-        only then, so bytes that trickle in never move a deadline."""
-        session = self.session
-        assert session is not None
-        if session.reading_content:
-            if self.content_since is None:
-                self.content_since = self.worker.loop.time()
-            return
-        self.content_since = None
-        if progressed or not self.in_command:
-            self.command_since = self.worker.loop.time()
-        self.in_command = session.mid_command
 
     @property
     def handshaking(self) -> bool:
@@ -650,9 +635,9 @@ class Connection(asyncio.Protocol):
         return None
 
     def check_timeout(self) -> None:
-        """The deadlines (see the module docstring): the first one past ends the session."""
-        session = self.session
-        if self.closing or session is None:
+        """The deadlines (`deadlines`): the first one past ends the session."""
+        session, deadlines = self.session, self.deadlines
+        if self.closing or session is None or deadlines is None:
             return
         loop, cfg = self.worker.loop, self.worker.cfg
         now = loop.time()
@@ -661,30 +646,25 @@ class Connection(asyncio.Protocol):
             # client would send again a message we may have taken.
             self.timer = loop.call_later(min(1.0, cfg.timeout), self.check_timeout)
             return
-        session_end = self.started + cfg.max_session_time
-        if self.content_since is not None:
-            octets = session.content_octets
-            deadline = self.content_since + cfg.timeout + octets / cfg.min_data_rate
-        else:
-            deadline = self.command_since + cfg.timeout
-        if now < min(deadline, session_end):
-            # (Never sooner than 50 ms: a deadline due now is not worth a busy loop.)
-            wait = max(min(deadline, session_end) - now, 0.05)
-            self.timer = loop.call_later(wait, self.check_timeout)
+        octets = session.content_octets
+        expired = deadlines.expired(now, octets)
+        if expired is None:
+            self.timer = loop.call_later(deadlines.next_check(now, octets), self.check_timeout)
             return
-        if now >= session_end:
+        if expired is Expired.SESSION:
             log.info("session time limit for %s: %gs, closing", self.client, cfg.max_session_time)
             reply = session.timeout("Session time limit exceeded")
-        elif self.content_since is not None:
+        elif expired is Expired.CONTENT:
+            assert deadlines.content_since is not None
             log.info(
                 "timeout for %s: message data slower than %d bytes/s (%d bytes in %.1fs)",
                 self.client,
                 cfg.min_data_rate,
-                session.content_octets,
-                now - self.content_since,
+                octets,
+                now - deadlines.content_since,
             )
             reply = session.timeout("Timeout exceeded: message data too slow")
-        elif self.in_command:
+        elif expired is Expired.COMMAND:
             log.info("timeout for %s: a command not complete within %gs", self.client, cfg.timeout)
             reply = session.timeout()
         else:

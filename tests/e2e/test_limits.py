@@ -119,6 +119,28 @@ def test_idle_timeout_in_data(quick_timeout: Mailerd):
     assert m.messages("slow") == []
 
 
+def test_idle_timeout_after_a_slow_message(mailerd_factory):
+    """Content that keeps up --min-data-rate may take long, with a far deadline; once it is
+    in, the next command is due --timeout after our 250, not at the content's deadline (the
+    timer armed while the content came in was once left at it: a client could then hold its
+    session idle for as long as its content had earned)."""
+    m = mailerd_factory(extra=["--timeout", "2s", "--min-data-rate", "1000"])
+    m.add_user("slowbig")
+    with m.connect() as c:
+        c.start()
+        mail_rcpt(c, "slowbig@example.org")
+        expect(c.cmd("DATA"), 354, conn=c)
+        begun = time.monotonic()
+        c.send(b"Subject: slow but steady\r\n\r\n" + b"x" * 78 + b"\r\n")
+        c.send((b"y" * 78 + b"\r\n") * 250)  # 20 kB: the content's deadline is ~22 s away
+        while time.monotonic() - begun < 2.8:  # past the first check (2 s after the banner)
+            time.sleep(0.4)
+            c.send(b"z\r\n")
+        expect(c.cmd("."), 250, conn=c)
+        _expect_timeout(c, time.monotonic())
+    assert m.wait_messages("slowbig", 1, timeout=5)
+
+
 def test_activity_resets_timeout(quick_timeout: Mailerd):
     """The timeout is for idleness: a client that talks every second is not cut off."""
     with quick_timeout.connect() as c:
