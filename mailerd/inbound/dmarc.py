@@ -154,26 +154,61 @@ async def evaluate(
     rng: random.Random | None = None,
 ) -> DmarcResult:
     """The verdict for the message's From: domains (None: no usable From: field), asking the
-    DNS for what the cache lacks: `judge` runs, and each record it misses is looked up before
-    it runs again (a name or two per From: domain, most of them cached)."""
-    asked: dict[str, tuple[str, ...] | TemporaryFailure] = {}
+    DNS for what the cache lacks (`Evaluation.run`)."""
+    return await Evaluation(lookups, from_domains, spf, dkim, rng).run()
 
-    def txt(name: str) -> tuple[str, ...]:
-        answer = asked.get(name)
-        if answer is None:  # (kept: a second run must see what the first saw, even if expired)
-            answer = asked[name] = lookups.cached_txt(name)
+
+class Evaluation:
+    """One message's DMARC verdict over the DNS. `run`: `judge` runs, and each record it
+    misses is looked up before it runs again (a name or two per From: domain, most of them
+    cached). `so_far`, when the time is up: the verdict from what has been answered, the
+    records still missing a temperror each. Every From: domain is judged on its own, so one
+    whose record came is judged as it would have been whatever another's DNS does: an
+    attacker's pass put a second author with a silent DNS beside a forged p=reject From: to
+    turn the whole verdict into a temperror."""
+
+    def __init__(
+        self,
+        lookups: Lookups,
+        from_domains: Sequence[str] | None,
+        spf: SpfResult,
+        dkim: Sequence[DkimResult],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.lookups = lookups
+        self.from_domains = from_domains
+        self.spf = spf
+        self.dkim = dkim
+        self.rng = rng
+        # (kept: a second run must see what the first saw, even if expired meanwhile)
+        self.asked: dict[str, tuple[str, ...] | TemporaryFailure] = {}
+
+    async def run(self) -> DmarcResult:
+        while True:
+            try:
+                return judge(self._txt, self.from_domains, self.spf, self.dkim, self.rng)
+            except NotCached as missing:
+                try:
+                    self.asked[missing.name] = await self.lookups.txt(missing.name)
+                except TemporaryFailure as exc:
+                    self.asked[missing.name] = exc
+
+    def so_far(self, reason: str) -> DmarcResult:
+        def txt(name: str) -> Sequence[str]:
+            try:
+                return self._txt(name)
+            except NotCached:
+                raise TemporaryFailure(reason) from None
+
+        return judge(txt, self.from_domains, self.spf, self.dkim, self.rng)
+
+    def _txt(self, name: str) -> tuple[str, ...]:
+        answer = self.asked.get(name)
+        if answer is None:
+            answer = self.asked[name] = self.lookups.cached_txt(name)
         if isinstance(answer, TemporaryFailure):
             raise answer
         return answer
-
-    while True:
-        try:
-            return judge(txt, from_domains, spf, dkim, rng)
-        except NotCached as missing:
-            try:
-                asked[missing.name] = await lookups.txt(missing.name)
-            except TemporaryFailure as exc:
-                asked[missing.name] = exc
 
 
 def judge(

@@ -110,12 +110,11 @@ class Verifier:
         deadline: float,
     ) -> DmarcResult:
         remaining = max(deadline - self.loop.time(), 0.1)
+        evaluation = dmarc.Evaluation(self.lookups, from_domains, spf, dkim)
         try:
-            return await asyncio.wait_for(
-                dmarc.evaluate(self.lookups, from_domains, spf, dkim), remaining
-            )
+            return await asyncio.wait_for(evaluation.run(), remaining)
         except TimeoutError:
-            return DmarcResult("temperror", ",".join(from_domains or ()), reason="timed out")
+            return evaluation.so_far("timed out")
 
     def _from_cache(
         self,

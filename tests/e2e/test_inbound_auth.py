@@ -763,6 +763,19 @@ def test_dmarc_multiple_from_domains(auth_env, mode: str):
         assert auth.one("dmarc").result in ("fail", "permerror"), auth
 
 
+def test_a_second_author_with_a_silent_dns_is_no_way_around_p_reject(auth_env):
+    """An attacker's pass: beside the forged From: address (example.com, p=reject) a second
+    author whose DMARC record never comes (his own DNS stays silent). Its lookup times out,
+    but example.com's verdict is known: refused under enforce, not a temperror for both."""
+    zone = dmarc("example.com", "v=DMARC1; p=reject")
+    zone += txt("_dmarc.silent.example.edu", "dnsserver:timeout")
+    env = auth_env(zone, "enforce", dns_timeout=SHORT_DNS_TIMEOUT)
+    body = message("silent-second", author="CEO <ceo@example.com>, X <x@silent.example.edu>")
+    sent = env.send(body, sender="x@silent.example.edu", code=550, enhanced="5.7.1")
+    assert_refused(env, sent, "example.com")
+    assert env.asked("_dmarc.silent.example.edu"), env.dns.queries
+
+
 def test_dmarc_multiple_from_addresses_one_domain(auth_env):
     """From: two addresses of the same domain: one author domain, checked as usual."""
     zone = txt("example.com", SPF_PASS) + dmarc("example.com", "v=DMARC1; p=reject")
