@@ -20,6 +20,10 @@ calls these names, signing and verifying would stay right, only slower):
 - its message parse, which splits the whole message into lines (a regular expression) to
   find the header section and joins the body's lines again: a message whose lines all end in
   CRLF, as SMTP's do, has only its header section split, by bytes.split;
+- its choice of the fields a signature covers, which scans the header section back for every
+  name of h= (a name missing or used up costs a scan of all fields): a signature naming 23,000
+  fields in a message of 28,000 took 31 s of CPU (an attacker's pass). Here, one pass makes an
+  index of the fields by name, and each name of h= takes its next field from it.
 """
 
 from __future__ import annotations
@@ -222,3 +226,26 @@ def _fields(lines: list[bytes]) -> list[list[bytes]]:
 
 _dkimpy_rfc822_parse = dkim.rfc822_parse
 dkim.rfc822_parse = rfc822_parse
+
+
+def select_headers(
+    headers: list[tuple[bytes, bytes]] | list[list[bytes]], include_headers: list[bytes]
+) -> list[Any]:
+    """dkimpy's: for each name of `include_headers` (lower case), the last field of that name
+    not taken yet (RFC 6376 5.4.2: the bottom-most first), none once they are all taken."""
+    positions: dict[bytes, list[int]] = {}
+    for i, field in enumerate(headers):
+        positions.setdefault(field[0].lower(), []).append(i)
+    taken: dict[bytes, int] = {}
+    selected = []
+    for name in include_headers:
+        found = positions.get(name, ())
+        n = taken.get(name, 0)
+        if n < len(found):
+            selected.append(headers[found[-1 - n]])
+        taken[name] = n + 1
+    return selected
+
+
+_dkimpy_select_headers = dkim.select_headers
+dkim.select_headers = select_headers

@@ -174,7 +174,15 @@ class Bridge:
         # (time.monotonic()) after which no lookup waits at all: a message's checks share one
         # timeout, so that ten signatures' unanswered keys hold a thread no longer than one
         self.deadline = deadline
+        self.wait_limit = timeout  # what one lookup may wait (`share`)
         self.expires = math.inf
+
+    def share(self, parts: int) -> None:
+        """From now on, let one lookup wait at most 1/`parts` of the time left before the
+        deadline (or the timeout, if less): for `parts` checks in a row, so that a DNS that
+        never answers for one of them leaves the others their time."""
+        left = self.deadline - time.monotonic()
+        self.wait_limit = min(self.timeout, left / max(parts, 1))
 
     def _cached(self, name: str, rdtype: str) -> Hit | None:
         hit = self.lookups.cached(name, rdtype)
@@ -200,7 +208,7 @@ class Bridge:
 
     def _wait(self, lookup: Coroutine[Any, Any, T], name: str, rdtype: str) -> T:
         """Run `lookup` in the event loop and wait for it, at most the timeout."""
-        wait = min(self.timeout, self.deadline - time.monotonic())
+        wait = min(self.wait_limit, self.deadline - time.monotonic())
         if wait <= 0:
             lookup.close()
             raise TemporaryFailure(f"{name} {rdtype}: no time left ({self.timeout:g} s)")

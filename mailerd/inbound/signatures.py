@@ -25,6 +25,10 @@ from mailerd.dkim_speedups import parse_tag_value  # (its import speeds dkimpy u
 from mailerd.inbound.lookups import Bridge, NotCached, TemporaryFailure
 
 MAX_SIGNATURES = 10  # checked per message; more are a denial of service, not authentication
+# Names a signature's h= may list to be checked (a signer over-signs a few dozen at most): each
+# costs a header field's canonicalisation and hash, which a message of small fields and a list
+# of thousands would make a second of CPU (an attacker's pass).
+MAX_SIGNED_FIELDS = 256
 # dkimpy's ValidationErrors that mean "did not verify" (RFC 8601 fail), not "cannot be read".
 _FAILURES = ("body hash mismatch", "x= value is past", "t= value is in the future")
 
@@ -81,8 +85,9 @@ def _identity(tags: dict[bytes, bytes]) -> tuple[str, str, str]:
 def verify(bridge: Bridge, message: bytes, authors: Sequence[str] = ()) -> list[DkimResult]:
     """One result per signature checked, or [none]. At most MAX_SIGNATURES are: those whose
     d= is one of the `authors` (the From: domains), a parent or a subdomain of one first, as
-    DMARC can use only those; then the rest, topmost first. Call it in a thread (or with a
-    cache-only bridge, which raises NotCached rather than wait)."""
+    DMARC can use only those; then the rest, topmost first. Call it in a thread, with a bridge
+    of its own (its lookups' time is shared out), or with a cache-only bridge, which raises
+    NotCached rather than wait."""
     checker = dkim.DKIM(message, timeout=bridge.timeout)
     fields = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
     if not fields:
@@ -91,7 +96,14 @@ def verify(bridge: Bridge, message: bytes, authors: Sequence[str] = ()) -> list[
     if len(fields) > MAX_SIGNATURES and authors:
         order.sort(key=lambda i: not _by_author(fields[i], authors))
     checked = sorted(order[:MAX_SIGNATURES])
-    return [_verify_one(bridge, checker, i, fields[i]) for i in checked]
+    results = []
+    for n, i in enumerate(checked):
+        # Each signature's key lookup gets its share of the time left: an attacker's pass put
+        # a signature whose key its own DNS never gives above a forged one of the author's
+        # domain, to run out the time before that one's failure was known.
+        bridge.share(len(checked) - n)
+        results.append(_verify_one(bridge, checker, i, fields[i]))
+    return results
 
 
 def _by_author(value: bytes, authors: Sequence[str]) -> bool:
@@ -114,6 +126,10 @@ def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) ->
     covered = [name.strip().lower() for name in tags.get(b"h", b"").split(b":")]
     if b"from" not in covered:  # RFC 6376 5.4: From: must be signed; else anyone could add one
         return DkimResult("neutral", domain, selector, b, "the signature does not cover From:")
+    if len(covered) > MAX_SIGNED_FIELDS:
+        return DkimResult(
+            "policy", domain, selector, b, f"h= lists more than {MAX_SIGNED_FIELDS} fields"
+        )
     seen = _Seen()
 
     def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes | None:

@@ -158,14 +158,14 @@ class Verifier:
     ) -> tuple[SpfResult, list[DkimResult]]:
         # One deadline for all the message's lookups, so that its threads are free again
         # within the timeout (however many signatures, includes and keys go unanswered)
-        bridge = Bridge(
-            self.lookups, self.loop, self.timeout, deadline=time.monotonic() + self.timeout
-        )
+        deadline = time.monotonic() + self.timeout
+        bridge = Bridge(self.lookups, self.loop, self.timeout, deadline=deadline)
         spf_future = self.loop.run_in_executor(
             self.executor, sender_policy.check, bridge, ip, sender, helo
         )
+        keys = Bridge(self.lookups, self.loop, self.timeout, deadline=deadline)
         dkim_future = (
-            self.loop.run_in_executor(self.executor, _dkim, bridge, body, authors)
+            self.loop.run_in_executor(self.executor, _dkim, keys, body, authors)
             if signed
             else _done([DkimResult("none")])
         )

@@ -57,6 +57,7 @@ def server(rsa_key) -> DNSServer:
         + _txt("_dmarc.xn--bnk-qla.example", "v=DMARC1; p=reject")
         + _txt("sel._domainkey.xn--bnk-qla.example", f"v=DKIM1; k=rsa; p={p}")
         + _txt("forwarder.example", "v=spf1 ip4:127.0.0.1 -all")
+        + _txt("slow._domainkey.evil.example", "dnsserver:timeout")
     )
     dns = DNSServer(Records(zone))
     dns.start()
@@ -304,6 +305,36 @@ def test_the_authors_signature_is_checked_even_below_ten_others(server, rsa_key)
     verdict = run_check(server, message, sender="", enforce=True)
     assert methods(verdict)["dmarc"] == "pass", verdict.header
     assert verdict.header.count("dkim=") == 10 and "header.d=bank.example" in verdict.header
+
+
+def test_a_silent_key_above_a_forged_signature_does_not_run_out_its_time(server, rsa_key):
+    """An attacker's pass: a signature of the attacker's own domain whose key his DNS never
+    gives, above a forged one of the author's domain (no such key): the first used up the
+    whole timeout, the second was never checked, and both became temperror, which keeps
+    DMARC from failing. Each key lookup now has its share of the time: the forged one is
+    checked, and p=reject refuses the message."""
+    forged = sign(rsa_key, mail(b"<ceo@bank.example>"), selector="nokey")
+    message = sign(rsa_key, forged, domain="evil.example", selector="slow")
+    verdict = run_check(server, message, sender="", enforce=True, timeout=2.0)
+    assert methods(verdict)["dmarc"] == "fail", verdict.header
+    assert re.search(r"dkim=permerror \([^)]*\) header\.d=bank\.example", verdict.header)
+    assert verdict.refusal is not None and verdict.refusal.code == 550
+
+
+def test_a_signature_over_hundreds_of_fields_is_not_checked(server, rsa_key):
+    """h= may list MAX_SIGNED_FIELDS names (a signer over-signs a few dozen): more would make
+    each check cost a hash of every field named (an attacker's pass: thousands), so such a
+    signature is `policy`, unchecked."""
+    from mailerd.inbound.signatures import MAX_SIGNED_FIELDS
+
+    names = SIGNED_HEADERS + [b"x-%d" % i for i in range(MAX_SIGNED_FIELDS)]
+    verdict = run_check(
+        server, sign(rsa_key, mail(b"<ceo@bank.example>"), headers=names), sender=""
+    )
+    assert methods(verdict)["dkim"] == "policy", verdict.header
+    fits = names[:MAX_SIGNED_FIELDS]
+    verdict = run_check(server, sign(rsa_key, mail(b"<ceo@bank.example>"), headers=fits), sender="")
+    assert methods(verdict)["dkim"] == "pass", verdict.header
 
 
 def test_a_huge_from_field_is_read_in_linear_time(server):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from pathlib import Path
 
 import dkim
@@ -258,6 +259,35 @@ def test_the_crlf_message_parse_gives_dkimpys_results(message: bytes):
     fields, body and exceptions are dkimpy's."""
     ours = _parse_or_error(dkim_speedups.rfc822_parse, message)
     assert ours == _parse_or_error(dkim_speedups._dkimpy_rfc822_parse, message)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"From", b"from", b"To", b"X", b"Subject"]), st.binary(max_size=2)
+        ),
+        max_size=12,
+    ),
+    st.lists(st.sampled_from([b"from", b"to", b"x", b"subject", b"cc"]), max_size=12),
+)
+def test_the_linear_field_choice_gives_dkimpys(headers_: list, names: list):
+    """The fields a signature's h= covers, and in which order, are dkimpy's: repeated names
+    take the fields from the bottom up, a name beyond them takes nothing."""
+    assert dkim_speedups.select_headers(headers_, names) == dkim_speedups._dkimpy_select_headers(
+        headers_, names
+    )
+
+
+def test_a_signature_over_thousands_of_fields_costs_a_linear_pass():
+    """An attacker's pass: h= naming 23,000 fields (most of them missing) over 28,000 fields
+    took dkimpy's choice 31 s of CPU; it takes a fraction of a second now."""
+    assert dkim.select_headers is dkim_speedups.select_headers
+    fields = [(b"a", b" x\r\n")] * 28_000
+    names = [b"n%d" % i for i in range(23_000)] + [b"a"] * 5
+    start = time.process_time()
+    chosen = dkim.select_headers(fields, names)
+    assert time.process_time() - start < 0.5
+    assert len(chosen) == 5
 
 
 def test_the_message_parse_shortcut_is_installed_and_skips_the_body():
