@@ -174,6 +174,9 @@ class Queue:
 
     def put(self, item: QueueItem, head: bytes, body: durable.Body) -> None:
         """Store a new item durably (message first, envelope last as the commit point)."""
+        # An envelope that cannot be written at all (text no UTF-8 can hold) fails here,
+        # before a message is left without one.
+        item.to_json()
         msg = str(self.root / "msg" / item.id)
         with self._writing("write to", "msg"):
             durable.write_synced(msg, head, body)

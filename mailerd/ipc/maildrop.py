@@ -17,7 +17,8 @@ A file holds one line of JSON, then the message with CRLF line ends:
 
 The pickup (`read()`, in the delivery process) treats all of it as untrusted input: who
 submitted it is the file's owner, never its content; the addresses, their number, the size and
-the message's line ends are checked as for SMTP, and anything else makes the file invalid.
+the message's line ends are checked as for SMTP, and anything else makes the file invalid: so
+does an entry that is no regular file the pickup may read (`submit()` never leaves one).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import re
 import secrets
 import stat
 from dataclasses import dataclass
+from typing import NoReturn
 
 from mailerd import trace
 from mailerd.smtp.data import BodyChecker
@@ -152,7 +154,12 @@ def read(directory: int, name: str, max_size: int) -> Submission:
     match = _NAME.fullmatch(name)
     if match is None:
         raise Invalid("not a maildrop name")
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+    try:
+        fd = os.open(name, _OPEN_FLAGS, dir_fd=directory)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        _unopenable(directory, name, exc)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -183,6 +190,21 @@ def read(directory: int, name: str, max_size: int) -> Submission:
     )
 
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _unopenable(directory: int, name: str, exc: OSError) -> NoReturn:
+    """Why `name` could not be opened: Invalid if it is nothing `submit()` leaves (a link, a
+    directory the pickup may not open, a file it may not read: `submit()` makes each file 0644
+    before it gets its name), else `exc` again (a trouble of ours: the file waits)."""
+    st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        raise Invalid("not a regular file") from None
+    if not st.st_mode & stat.S_IROTH:
+        raise Invalid(f"not readable by the pickup (mode {stat.S_IMODE(st.st_mode):04o})") from None
+    raise exc
+
+
 def _read_all(fd: int, limit: int) -> bytes:
     chunks = []
     size = 0
@@ -200,6 +222,8 @@ def _header(line: bytes) -> tuple[str, list[str], str]:
         header = json.loads(line.decode("utf-8"))
     except ValueError as exc:  # (UnicodeDecodeError included)
         raise Invalid(f"header is not JSON: {exc}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise Invalid("header is not JSON: nested too deep") from None
     if not isinstance(header, dict) or header.get("version") != VERSION:
         raise Invalid("unknown header version")
     sender, recipients, body = header.get("sender"), header.get("recipients"), header.get("body")
@@ -212,13 +236,30 @@ def _header(line: bytes) -> tuple[str, list[str], str]:
     if body not in BODY_TYPES:
         raise Invalid(f"body type {body!r}")
     for address in [sender, *recipients] if sender else recipients:
+        if not _is_utf8(address):
+            raise Invalid(f"bad address <{_shown(address)}>: not UTF-8 (a lone surrogate)")
         try:
             # The whole text must be one address: nothing may follow it (no ESMTP parameters
             # smuggled in as "a@b> BODY=8BITMIME").
             parse_address(address)
         except GrammarError as exc:
-            raise Invalid(f"bad address <{address}>: {exc}") from None
+            raise Invalid(f"bad address <{_shown(address)}>: {exc}") from None
     return sender, recipients, body
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text with a lone surrogate, which JSON's \\udcff escape can carry but UTF-8
+    cannot: an address with one would make a queue item that cannot be written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    """Text for the log: what is not printable (a line break, a surrogate) as an escape."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _check_message(message: bytes, max_size: int) -> None:

@@ -337,3 +337,12 @@ def test_create_dirs_does_not_follow_a_link_in_place_of_the_lock(tmp_path, stric
     os.symlink(target, q.scheduler_lock)  # dangling: O_CREAT through it would make the target
     _outcome(q)
     assert not os.path.lexists(target)
+
+
+def test_put_of_an_item_that_cannot_be_written_leaves_nothing(q):
+    """An envelope with a lone surrogate cannot be UTF-8: refused before the message is written
+    (which would stay, without an envelope, until the next start-up an hour later)."""
+    item = QueueItem("1BAD", "a@\udcff", [Recipient("bob@example.net")])
+    with pytest.raises(UnicodeEncodeError):
+        q.put(item, HEAD, BODY)
+    assert listing(q) == {}

@@ -10,6 +10,7 @@ run it as a program.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import stat
@@ -508,6 +509,31 @@ def test_stored_file_is_readable_by_the_pickup(conf, queue):
     (name,) = [n for n in os.listdir(queue / maildrop.MAILDROP)]
     assert stat.S_IMODE(os.stat(queue / maildrop.MAILDROP / name).st_mode) == 0o644
     assert maildrop.is_submission_name(name)
+
+
+def _planted(queue: Path, content: bytes) -> list[maildrop.Submission]:
+    path = queue / maildrop.MAILDROP / maildrop.new_name()
+    path.write_bytes(content)
+    return submissions(queue)
+
+
+def test_the_pickup_refuses_a_header_nested_too_deep(queue):
+    with pytest.raises(maildrop.Invalid, match="header is not JSON: nested too deep"):
+        _planted(queue, b"[" * 100_000 + b"\nx\r\n")
+
+
+def test_the_pickup_refuses_an_address_with_a_lone_surrogate(queue):
+    """JSON's \\udcff escape makes text that UTF-8 cannot hold: the queue item's envelope could
+    not be written. (sendmail never writes one: check_address refuses it.)"""
+    header = {"version": 1, "sender": "a@\udcff", "recipients": ["b@example.org"], "body": "7BIT"}
+    with pytest.raises(maildrop.Invalid, match=r"bad address <a@\\udcff>: not UTF-8"):
+        _planted(queue, json.dumps(header).encode() + b"\nx\r\n")
+
+
+def test_the_pickup_refuses_a_link_with_a_submission_name(queue):
+    (queue / maildrop.MAILDROP / maildrop.new_name()).symlink_to("/etc/passwd")
+    with pytest.raises(maildrop.Invalid, match="not a regular file"):
+        submissions(queue)
 
 
 # -- the command as a program ------------------------------------------------------------------
