@@ -27,6 +27,11 @@ from mailerd.inbound.sender_policy import SpfResult
 from mailerd.inbound.signatures import DkimResult
 
 PSL_FILE = "/usr/share/publicsuffix/public_suffix_list.dat"  # Debian's `publicsuffix`
+# Author domains judged at most: each costs lookups (a forger chooses them), and a From: of
+# more is no real author list (an attacker's pass sent 2,000). More are a permerror, and
+# enforce refuses the message (RFC 7489 6.6.1 lets a receiver reject a multi-author From:),
+# lest a p=reject domain hide among them.
+MAX_AUTHOR_DOMAINS = 10
 POLICIES = ("none", "quarantine", "reject")
 # A record starts with its version tag; RFC 7489's ABNF allows spaces around the "=", and its
 # "v" is case-insensitive but its DMARC1 (%x44 %x4d ...) is not.
@@ -57,7 +62,9 @@ class DmarcResult:
 
     @property
     def rejects(self) -> bool:
-        return self.result == "fail" and self.disposition == "reject"
+        """Does enforce refuse the message? A failure under p=reject, or a From: of more
+        author domains than are judged (`judge`)."""
+        return self.result in ("fail", "permerror") and self.disposition == "reject"
 
 
 @functools.cache
@@ -222,6 +229,13 @@ def judge(
     then, no sample drawn; the caller asks the DNS, or `evaluate` does)."""
     if not from_domains:
         return DmarcResult("permerror", reason="no single From: field with usable addresses")
+    if len(from_domains) > MAX_AUTHOR_DOMAINS:
+        return DmarcResult(
+            "permerror",
+            ",".join(from_domains[:MAX_AUTHOR_DOMAINS]),
+            disposition="reject",
+            reason=f"{len(from_domains)} author domains, more than {MAX_AUTHOR_DOMAINS}",
+        )
     found = [_policy(txt, d) for d in from_domains]  # (every lookup before any pct= draw)
     outcomes = [_verdict(d, f, spf, dkim, rng) for d, f in zip(from_domains, found, strict=True)]
     return max(outcomes, key=_severity)

@@ -355,6 +355,24 @@ def test_many_from_fields_cost_no_strict_parse_each(server):
     assert headers._remembered_domains.cache_info().currsize == remembered
 
 
+def test_a_p_reject_domain_hidden_among_many_authors_is_refused(server):
+    """An attacker's pass: a From: of 2,000 author domains made 2,000 DMARC lookups, one after
+    another (8 s of CPU, then a temperror). More than MAX_AUTHOR_DOMAINS are not judged: a
+    permerror, refused under enforce whichever of them is the forged one; none is asked."""
+    authors = b", ".join(b"<a@d%d.example>" % i for i in range(2000))
+    for author in (authors + b", <ceo@bank.example>", b"<ceo@bank.example>, " + authors):
+        started = time.process_time()
+        asked = len(server.queries)
+        verdict = run_check(server, mail(author), sender="", enforce=True)
+        assert methods(verdict)["dmarc"] == "permerror", verdict.header
+        assert verdict.refusal is not None and verdict.refusal.code == 550, verdict
+        assert "author domains" in verdict.refusal.text
+        assert not any("_dmarc" in str(q) for q in server.queries[asked:]), server.queries[asked:]
+        assert time.process_time() - started < 1.0
+    verdict = run_check(server, mail(authors), sender="")  # (header: stored, with the verdict)
+    assert methods(verdict)["dmarc"] == "permerror" and verdict.refusal is None
+
+
 def test_a_huge_from_field_is_read_in_linear_time(server):
     """CPython's strict address parser is quadratic in runs of dots (a display name of 60
     folded lines of 990 dots, as SMTP's line limit allows, took it 17 s of CPU): a From:
