@@ -23,6 +23,13 @@ from mailerd.inbound.signatures import DkimResult
 NAME = b"authentication-results"
 # The authserv-id (RFC 8601 2.2: a value, a token or a quoted-string), after the comments.
 _TOKEN = re.compile(rb'[^\s;()"]+')
+# What a property may show of what the sender wrote: a name (d=, s=, a HELO, an author domain),
+# base64 (b=), a local part that needs no quotes. Anything else, authres would quote, and a
+# reader or a Sieve rule that splits on ";" or looks for "dmarc=pass" would take the sender's
+# text for ours (an attacker's pass: smtp.mailfrom="x;dmarc=pass header.from=bank.example;"@…).
+_NAME = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+\]|\[IPv6:[0-9A-Fa-f:.]+\]")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+")
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/?^_`{|}~.-]+")
 _QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"', re.DOTALL)
 
 
@@ -34,22 +41,29 @@ def header(authserv_id: str, spf: SpfResult, dkim: Sequence[DkimResult], dmarc: 
 
 @functools.lru_cache(maxsize=256)  # (a frequent sender's verdicts repeat: authres is slow)
 def _spf(result: SpfResult) -> str:
-    return str(
-        AuthenticationResult(
-            "spf",
-            result=result.result,
-            properties=[_property("smtp", result.identity, result.value)],
-        )
-    )
+    value = _identity_value(result)
+    properties = [_property("smtp", result.identity, value)] if value else []
+    return str(AuthenticationResult("spf", result=result.result, properties=properties))
+
+
+def _identity_value(result: SpfResult) -> str:
+    """What smtp.mailfrom or smtp.helo shows: the address, or its domain alone (RFC 8601 2.7.2
+    allows either) when its local part would need quotes; the HELO name if it is one."""
+    if result.identity == "helo":
+        return result.value if _NAME.fullmatch(result.value) else ""
+    local, at, domain = result.value.rpartition("@")
+    if not at or not _NAME.fullmatch(domain):
+        return ""
+    return result.value if _LOCAL_PART.fullmatch(local) else domain
 
 
 def _dkim(result: DkimResult) -> str:
     properties = []
-    if result.domain:
+    if _NAME.fullmatch(result.domain):
         properties.append(_property("header", "d", result.domain))
-    if result.selector:
+    if _NAME.fullmatch(result.selector):
         properties.append(_property("header", "s", result.selector))
-    if result.b:
+    if _BASE64.fullmatch(result.b):
         properties.append(_property("header", "b", result.b))
     comment = result.reason if result.result not in ("pass", "none") and result.reason else None
     return str(
@@ -62,7 +76,8 @@ def _dkim(result: DkimResult) -> str:
 @functools.lru_cache(maxsize=256)
 def _dmarc(result: DmarcResult) -> str:
     comment = f"p={result.policy} dis={result.disposition}" if result.policy else None
-    properties = [_property("header", "from", result.from_domain)] if result.from_domain else []
+    shown = [d for d in result.from_domain.split(",") if _NAME.fullmatch(d)]
+    properties = [_property("header", "from", ",".join(shown))] if shown else []
     return str(
         AuthenticationResult(
             "dmarc", result=result.result, result_comment=comment, properties=properties
@@ -75,10 +90,11 @@ def _property(kind: str, name: str, value: str) -> AuthenticationResultProperty:
 
 
 def _comment(text: str | None) -> str | None:
-    """Text fit for a header comment: one line, no parentheses or backslashes, not too long."""
+    """Text fit for a header comment: one line, no parentheses, backslashes or semicolons (a
+    reader that splits the field on them would take the rest for a result), not too long."""
     if not text:
         return None
-    clean = re.sub(r"[()\\\x00-\x1f\x7f]", " ", text)
+    clean = re.sub(r"[();\\\x00-\x1f\x7f]", " ", text)
     clean = " ".join(clean.split())
     return clean[:120] or None
 

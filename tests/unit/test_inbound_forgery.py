@@ -373,6 +373,26 @@ def test_a_p_reject_domain_hidden_among_many_authors_is_refused(server):
     assert methods(verdict)["dmarc"] == "permerror" and verdict.refusal is None
 
 
+def test_a_senders_text_never_reads_as_a_result_in_ours(server):
+    """An attacker's pass: a quoted local part and a selector with spaces, written into our
+    field by authres (quoted, valid RFC 8601), read as `dmarc=pass header.from=bank.example`
+    to a reader or a Sieve rule that splits on ";" or looks for the words. What the sender
+    wrote is shown only where it is a plain name (else the address's domain, or nothing)."""
+    injected = "x;dmarc=pass header.from=bank.example;"
+    signature = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=evil.example; s=x dkim=pass header.d=bank.example;"
+        b" h=from; bh=x; b=y;z\r\n"
+    )
+    verdict = run_check(
+        server, signature + mail(b"<me@evil.example>"), sender=f'"{injected}"@evil.example'
+    )
+    field = verdict.header
+    assert "dmarc=pass" not in field and "bank.example" not in field, field
+    assert "smtp.mailfrom=evil.example" in field, field
+    parts = [p.strip().split("=", 1)[0] for p in field.split(";")[1:]]
+    assert parts == ["spf", "dkim", "dmarc"], field
+
+
 def test_a_huge_from_field_is_read_in_linear_time(server):
     """CPython's strict address parser is quadratic in runs of dots (a display name of 60
     folded lines of 990 dots, as SMTP's line limit allows, took it 17 s of CPU): a From:
