@@ -9,6 +9,8 @@ the message is stored (RFC 8601 5); fields of other authserv-ids are left alone.
 
 from __future__ import annotations
 
+import email.errors
+import email.header
 import functools
 import re
 from collections.abc import Sequence
@@ -112,8 +114,19 @@ def ours(value: bytes, authserv_id: str) -> bool:
         if token is None:
             return False
         found = token.group(0)
-    text = found.decode("ascii", "replace").strip().rstrip(".").lower()
+    text = _decoded_word(found.decode("ascii", "replace")).strip().rstrip(".").lower()
     return text == authserv_id.lower().rstrip(".")
+
+
+def _decoded_word(text: str) -> str:
+    """An id written as an RFC 2047 encoded-word, decoded (not valid here, but a reader that
+    decodes every field would show it as ours); other text as it is."""
+    if not (text.startswith("=?") and text.endswith("?=")):
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        return text
 
 
 def _after_cfws(value: bytes, position: int) -> int:

@@ -188,8 +188,18 @@ def test_a_header_section_past_the_scan_is_refused(server):
         b'Authentication-Results: "mx.example.org"; spf=pass\r\n',
         b"Authentication-Results: mx.example.org.; spf=pass\r\n",
         b"Authentication-Results : mx.example.org; spf=pass\r\n",
+        b"Authentication-Results: =?utf-8?q?mx.example.org?=; spf=pass\r\n",
+        b"Authentication-Results: =?UTF-8?B?bXguZXhhbXBsZS5vcmc=?=; spf=pass\r\n",
     ],
-    ids=["nested-comment", "quoted-pair", "quoted-id", "final-dot", "space-before-colon"],
+    ids=[
+        "nested-comment",
+        "quoted-pair",
+        "quoted-id",
+        "final-dot",
+        "space-before-colon",
+        "encoded-word-q",
+        "encoded-word-b",
+    ],
 )
 def test_forged_results_in_any_spelling_a_reader_accepts_are_removed(server, field):
     verdict = run_check(server, mail(b"<ceo@bank.example>", field), sender="ceo@bank.example")
