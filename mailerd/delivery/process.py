@@ -68,6 +68,7 @@ log = logging.getLogger("mailerd.delivery")
 SERVED = (Commit, RetryLocal, WriterChannel, ListQueue, FlushQueue, DeleteQueued)
 
 LOCAL_RETRY_DELAY = 60.0
+PICKUP_RESTART = 60.0  # seconds before a failed pickup starts again
 HEADER_SCAN = 64 * 1024  # how much of a submission is searched for Date:/Message-ID:
 
 
@@ -100,6 +101,7 @@ class DeliveryService:
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
         scheduler = asyncio.create_task(self.scheduler.run(before=self.pickup.first))
+        scheduler.add_done_callback(_log_failure)
         pickup = asyncio.create_task(self._pick_up())
         await self.stopping.wait()
         pickup.cancel()
@@ -127,12 +129,12 @@ class DeliveryService:
         """The maildrop's pickup, once this process works the queue (after a reload the old
         delivery process may still, until it is done) and the first look is done."""
         await self.scheduler.ready.wait()
-        try:
-            await self.pickup.run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("the maildrop's pickup stopped; sendmail's mail waits for a restart")
+        while True:
+            try:
+                await self.pickup.run()
+            except Exception:  # (a file costs only itself: this is a bug, or the maildrop gone)
+                log.exception("the maildrop's pickup failed; it starts again in a minute")
+            await asyncio.sleep(PICKUP_RESTART)
 
     def _picked_up(self, taken: Taken) -> None:
         task = asyncio.create_task(self._schedule(taken))

@@ -176,7 +176,10 @@ class Scheduler:
         # A fresh view: a previous scheduler (before a reload or a crash) may just have changed it.
         self.load(await loop.run_in_executor(None, self.queue.load))
         if before is not None:
-            await before()
+            try:
+                await before()
+            except Exception:  # the queue is worked whatever it met: only `before` is lost
+                log.exception("the look before the first attempt failed; the queue is worked")
         self.ready.set()
         next_rescan = time.monotonic() + RESCAN_INTERVAL
         while not self.stopping:
