@@ -4,7 +4,9 @@ unfinished counts as temperror (never a refusal, never a longer wait). The verdi
 Authentication-Results field to add, the message without forged ones when it had any, and, with
 `--inbound-auth enforce`, the 550 for a DMARC failure whose domain asks for rejection — nothing
 else refuses mail here (a lone SPF or DKIM failure loses legitimate mail: forwarding, mailing
-lists), except, in either mode, a header section too large to be scanned (HEADER_TOO_LARGE).
+lists), except, in either mode, a header section too large to be scanned (HEADER_TOO_LARGE);
+and `enforce` defers (451, NOT_CHECKED) a DMARC temperror whose checks could not begin in time
+because the worker's check threads were all taken: that is our overload, not the sender's DNS.
 
 SPF and DKIM run in threads (pyspf and dkimpy ask DNS synchronously; their queries go through
 the worker's event loop), except for a small message whose lookups the worker's cache holds
@@ -40,6 +42,12 @@ T = TypeVar("T")
 # (as Exim's header_maxsize does, at 1 MB): a field past the scan could not be checked.
 HEADER_TOO_LARGE = Reply(
     552, "5.3.4", f"Message header section too large (the limit is {headers.SCAN // 1024} KiB)"
+)
+# Under enforce, for a DMARC temperror whose check never began: the worker's check threads were
+# all taken (an attacker's pass jammed them with sessions whose SPF includes never answer, to
+# have a forged p=reject message accepted unchecked). The sender tries again later.
+NOT_CHECKED = Reply(
+    451, "4.7.0", "Temporary local problem: the message could not be checked, try again later"
 )
 # The largest message checked in the event loop when the cache allows: DKIM hashes the whole
 # body, and a session of the worker waits meanwhile (at this size, well under a millisecond).
@@ -84,10 +92,13 @@ class Verifier:
         from_domains = headers.from_domains(head)
         authors = from_domains or ()
         found = self._from_cache(ip, helo, sender, body, signed, authors)
+        unstarted = False
         if found is not None:
             spf, dkim = found
         else:
-            spf, dkim = await self._in_threads(ip, helo, sender, body, signed, head[:end], authors)
+            spf, dkim, unstarted = await self._in_threads(
+                ip, helo, sender, body, signed, head[:end], authors
+            )
         try:  # (from the cache, as most are: no task, no timer)
             verdict = dmarc.judge(self.lookups.cached_txt, from_domains, spf, dkim)
         except NotCached:
@@ -96,7 +107,11 @@ class Verifier:
             verdict = replace(verdict, disposition="none")
         field = results.header(self.hostname, spf, dkim, verdict)
         content = await without_forged(self.hostname, body, head[:end], self.loop, self.executor)
-        refusal = _refusal(verdict) if self.enforce and verdict.rejects else None
+        refusal = None
+        if self.enforce and verdict.rejects:
+            refusal = _refusal(verdict)
+        elif self.enforce and verdict.result == "temperror" and unstarted:
+            refusal = NOT_CHECKED
         summary = "spf={} dkim={} dmarc={}".format(
             spf.result, ",".join(r.result for r in dkim), verdict.result
         )
@@ -155,17 +170,22 @@ class Verifier:
         signed: bool,
         section: bytes,
         authors: Sequence[str],
-    ) -> tuple[SpfResult, list[DkimResult]]:
+    ) -> tuple[SpfResult, list[DkimResult], bool]:
+        """SPF and DKIM in check threads, within the timeout; and whether one of them began
+        only after half of it, or not at all (the threads were all taken)."""
         # One deadline for all the message's lookups, so that its threads are free again
         # within the timeout (however many signatures, includes and keys go unanswered)
         deadline = time.monotonic() + self.timeout
         bridge = Bridge(self.lookups, self.loop, self.timeout, deadline=deadline)
+        began: dict[str, float] = {}  # (time.monotonic())
         spf_future = self.loop.run_in_executor(
-            self.executor, sender_policy.check, bridge, ip, sender, helo
+            self.executor, _begun, began, "spf", sender_policy.check, bridge, ip, sender, helo
         )
         keys = Bridge(self.lookups, self.loop, self.timeout, deadline=deadline)
         dkim_future = (
-            self.loop.run_in_executor(self.executor, _dkim, keys, body, authors)
+            self.loop.run_in_executor(
+                self.executor, _begun, began, "dkim", _dkim, keys, body, authors
+            )
             if signed
             else _done([DkimResult("none")])
         )
@@ -173,7 +193,10 @@ class Verifier:
         await asyncio.wait(pending, timeout=self.timeout)
         spf = _outcome(spf_future, lambda: _spf_timeout(sender, helo, self.timeout))
         dkim = _outcome(dkim_future, lambda: signatures.unfinished(section, "timed out"))
-        return spf, dkim
+        # Begun late, a check had too little time left to be a fair one either.
+        late = deadline - self.timeout / 2
+        waited = [began.get(job, math.inf) > late for job in ("spf", "dkim")[: 1 + signed]]
+        return spf, dkim, any(waited)
 
 
 def unscannable(body: durable.Body, head: bytes, end: int) -> bool:
@@ -217,6 +240,12 @@ async def without_forged(
         else await loop.run_in_executor(executor, durable.read_body, body)
     )
     return results.without_forged(whole, hostname)
+
+
+def _begun(began: dict[str, float], name: str, check: Callable[..., T], *args: Any) -> T:
+    """(In a check thread.) `check(*args)`, its start noted in `began`."""
+    began[name] = time.monotonic()
+    return check(*args)
 
 
 def _dkim(bridge: Bridge, body: durable.Body, authors: Sequence[str]) -> list[DkimResult]:

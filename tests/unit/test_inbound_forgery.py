@@ -7,6 +7,7 @@ real DNS server of the test's own (tests/dnsserver.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -401,6 +402,44 @@ def test_a_senders_text_never_reads_as_a_result_in_ours(server):
     assert "smtp.mailfrom=evil.example" in field, field
     parts = [p.strip().split("=", 1)[0] for p in field.split(";")[1:]]
     assert parts == ["spf", "dkim", "dmarc"], field
+
+
+def test_checks_that_cannot_begin_defer_a_forged_message_under_enforce(server):
+    """An attacker's pass: sessions whose SPF includes never answer took every check thread,
+    so a forged p=reject message behind them was never checked, and its temperror accepted.
+    Under enforce, checks that begin only after half the timeout (or never) defer it: 451."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mailerd.inbound.lookups import Lookups
+    from mailerd.inbound.verifier import Verifier
+
+    async def main(jam: bool, enforce: bool):
+        release = threading.Event()
+        with ThreadPoolExecutor(1) as threads:
+            if jam:
+                threads.submit(release.wait, 5)
+            verifier = Verifier(
+                "mx.example.org",
+                Lookups.make((server.host, server.port), 1.0),
+                asyncio.get_running_loop(),
+                threads,
+                timeout=1.0,
+                enforce=enforce,
+            )
+            try:
+                return await verifier.check(
+                    "192.0.2.7", "x", "ceo@bank.example", mail(b"<ceo@bank.example>")
+                )
+            finally:
+                release.set()
+
+    jammed = asyncio.run(main(jam=True, enforce=True))
+    assert methods(jammed)["dmarc"] == "temperror", jammed.header
+    assert jammed.refusal is not None and jammed.refusal.code == 451, jammed
+    assert asyncio.run(main(jam=True, enforce=False)).refusal is None  # (header: stored)
+    free = asyncio.run(main(jam=False, enforce=True))  # (SPF fails: refused, 550)
+    assert free.refusal is not None and free.refusal.code == 550, free
 
 
 def test_a_huge_from_field_is_read_in_linear_time(server):
