@@ -5,11 +5,18 @@ Runs in the delivery process, as the children's user, which owns `<queue>/maildr
 mailerd was stopped waits there), whenever `sendmail` writes to the FIFO `public/pickup`, and
 once a minute in case a poke was missed.
 
-Each file is untrusted input (`maildrop.read` validates it; an invalid one is logged with its
-owner and removed). Its recipients are routed as a trusted (local) client's would be, aliases
-included (`recipients.resolve`), and the message becomes one queue item (our Received: header,
-which names the submitting uid, then the message) whose local recipients the scheduler delivers
-at once and whose remote ones it relays. A recipient that cannot exist (an unknown user, an
+Anyone may create anything in the maildrop, so each entry is untrusted input (`maildrop.read`
+validates it): one with a submission's name that is no usable submission (invalid, a directory,
+a link, a file it may not read) is logged once with its owner and removed; one it cannot remove
+(a user's directory holding their files) is said once and left alone. Entries without a
+submission's name are removed once they are an hour old (`JUNK_AGE`). Nothing one file does
+stops the pickup: a failure of ours that one file meets costs that file only (it is kept and
+tried again), and pokes that come faster than the looks they cause are coalesced (`PAUSE`).
+
+A submission's recipients are routed as a trusted (local) client's would be, aliases included
+(`recipients.resolve`), and the message becomes one queue item (our Received: header, which
+names the submitting uid, then the message) whose local recipients the scheduler delivers at
+once and whose remote ones it relays. A recipient that cannot exist (an unknown user, an
 alias loop) is bounced to the sender. The queue item is durable before the file is removed,
 and its id comes from the file's name: if mailerd dies in between, the next pickup finds the
 item already queued and only removes the file, so nothing is lost and nothing is doubled.
@@ -28,9 +35,11 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mailerd import durable, policy, recipients, signing, trace
 from mailerd.aliases import normal_address
@@ -45,6 +54,16 @@ from mailerd.spool import Spool
 log = logging.getLogger("mailerd.pickup")
 
 RESCAN = 60.0  # seconds between looks without a poke
+# After a look the pickup rests at least as long as the look took (and PAUSE): pokes meanwhile
+# make one more look, not one each, so a user writing to the FIFO in a loop keeps it busy at
+# most half the time (far less, with an empty maildrop); a poke that finds it idle is served
+# at once.
+PAUSE = 0.05
+# An entry without a submission's name is removed once it is this old. `submit()` writes under
+# a dot-name and renames the file as soon as it is written and fsync'd: seconds, even on a
+# busy disk. One removed while a sendmail still writes it is no loss either: its rename then
+# fails, and sendmail says so (exit 75) rather than 0.
+JUNK_AGE = 3600.0
 
 
 @dataclass
@@ -75,6 +94,9 @@ class Pickup:
         self.queued = queued
         self.wake = asyncio.Event()
         self.reported: dict[str, str] = {}  # a file's last logged problem: said once
+        # Entries it could not remove (a user's own directory, with their files): not looked
+        # at again while the same entry (device, inode) is there.
+        self.stuck: dict[str, tuple[int, int]] = {}
 
     async def first(self) -> None:
         """The look at start-up: what was dropped while mailerd was stopped, and what it had
@@ -90,19 +112,33 @@ class Pickup:
         loop = asyncio.get_running_loop()
         directory = self._open_maildrop()
         fifo = self._open_fifo()
+        try:
+            while True:
+                started = loop.time()
+                await self.scan(directory)  # (at once too: a poke may have found no reader)
+                await asyncio.sleep(max(PAUSE, loop.time() - started))
+                if fifo is not None and _drain(fifo):
+                    continue  # poked meanwhile: one more look, for all those pokes
+                await self._wait(fifo)
+        finally:
+            if fifo is not None:
+                os.close(fifo)
+            os.close(directory)
+
+    async def _wait(self, fifo: int | None) -> None:
+        """Until a poke, or RESCAN. The FIFO is watched only here: pokes that come during a look
+        or a pause wait in it (a full FIFO is as good, see maildrop.poke), so a user poking in
+        a loop costs the pickup its looks and nothing more."""
+        loop = asyncio.get_running_loop()
+        self.wake.clear()
         if fifo is not None:
             loop.add_reader(fifo, self._poked, fifo)
         try:
-            while True:
-                self.wake.clear()
-                await self.scan(directory)  # (at once too: a poke may have found no reader)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), RESCAN)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), RESCAN)
         finally:
             if fifo is not None:
                 loop.remove_reader(fifo)
-                os.close(fifo)
-            os.close(directory)
 
     def _open_maildrop(self) -> int:
         return os.open(
@@ -119,23 +155,58 @@ class Pickup:
             return None
 
     def _poked(self, fifo: int) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while os.read(fifo, 4096):
-                pass
+        _drain(fifo)
         self.wake.set()
 
     async def scan(self, directory: int) -> int:
-        """Take every submission now in the maildrop; how many became queue items."""
+        """Take every submission now in the maildrop, and remove the old junk; how many became
+        queue items."""
         loop = asyncio.get_running_loop()
-        names = await loop.run_in_executor(self.executor, _submissions, directory)
+        look = await loop.run_in_executor(self.executor, self._look, directory)
         count = 0
-        for name in names:
-            taken = await loop.run_in_executor(self.executor, self.take, directory, name)
+        for name in look.submissions:
+            taken = await loop.run_in_executor(self.executor, self._take_one, directory, name)
             if taken is not None:
                 self.queued(taken)
                 count += 1
-        self.reported = {n: r for n, r in self.reported.items() if n in names}
+        if look.junk:
+            await loop.run_in_executor(self.executor, self._clear, directory, look.junk)
+        self.reported = {n: r for n, r in self.reported.items() if n in look.present}
+        self.stuck = {n: i for n, i in self.stuck.items() if n in look.present}
         return count
+
+    def _look(self, directory: int) -> Look:
+        """The maildrop's entries (in a thread): its submissions, oldest first (names alone
+        sort by millisecond only), and the junk old enough to go; none of those it could not
+        remove before."""
+        look = Look(present=set(os.listdir(directory)))
+        found = []
+        old = time.time() - JUNK_AGE
+        for name in look.present:
+            try:
+                st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if self.stuck.get(name) == (st.st_dev, st.st_ino):
+                continue
+            if maildrop.is_submission_name(name):
+                found.append((st.st_mtime_ns, name))
+            elif st.st_mtime < old:
+                look.junk.append(name)
+        look.submissions = [name for _, name in sorted(found)]
+        return look
+
+    def _take_one(self, directory: int, name: str) -> Taken | None:
+        """`take`, whatever happens: a failure of ours that one file meets costs that file (it
+        stays, said once with its traceback, and is tried again), never the pickup."""
+        try:
+            return self.take(directory, name)
+        except Exception as exc:
+            problem = f"failed: {type(exc).__name__}: {exc}"
+            if self.reported.get(name) != problem:
+                self.reported[name] = problem
+                log.exception("maildrop %s: %s; it stays there and is tried again", name, problem)
+            return None
 
     def take(self, directory: int, name: str) -> Taken | None:
         """Validate one file and make it a queue item, then remove it (in a thread)."""
@@ -145,7 +216,7 @@ class Pickup:
             return None
         except maildrop.Invalid as exc:
             log.warning("maildrop %s (uid %s): %s; removed", name, _owner(directory, name), exc)
-            _remove(directory, name)
+            self._discard(directory, name)
             return None
         except OSError as exc:
             self._report_once(name, f"cannot read it: {exc.strerror or exc}")
@@ -265,23 +336,76 @@ class Pickup:
         waiting = [Recipient(text, mailbox=box, last_error=_line(reply)) for box in boxes]
         return [(r, None) for r in waiting + [Recipient(f) for f in forwards]]
 
-    def _report_once(self, name: str, problem: str) -> None:
+    def _clear(self, directory: int, names: list[str]) -> None:
+        """Remove entries without a submission's name that are over JUNK_AGE old (in a
+        thread): `submit()` would have renamed them long ago."""
+        for name in names:
+            owner = _owner(directory, name)
+            log.warning(
+                "maildrop %s (uid %s): no submission, over an hour old; removed",
+                _named(name),
+                owner,
+            )
+            self._discard(directory, name)
+
+    def _discard(self, directory: int, name: str) -> None:
+        """Remove an entry that is no submission, whatever it is: the pickup owns the maildrop,
+        so it may remove anyone's entry there, and a directory with all it may remove inside.
+        One it cannot remove (a user's directory holding their files) is said once and left."""
+        try:
+            _remove_entry(directory, name)
+        except (OSError, RecursionError) as exc:  # (RecursionError: a tree too deep)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._report_once(name, f"cannot remove it: {why}", "left to the administrator")
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                self.stuck[name] = (st.st_dev, st.st_ino)
+
+    def _report_once(
+        self, name: str, problem: str, outcome: str = "it stays there and is tried again"
+    ) -> None:
         if self.reported.get(name) != problem:
             self.reported[name] = problem
-            log.error("maildrop %s: %s; it stays there and is tried again", name, problem)
+            log.error("maildrop %s: %s; %s", _named(name), problem, outcome)
+
+
+@dataclass
+class Look:
+    """What one look at the maildrop found."""
+
+    present: set[str]  # every entry's name
+    submissions: list[str] = field(default_factory=list)  # to take, oldest first
+    junk: list[str] = field(default_factory=list)  # no submissions, over JUNK_AGE old
 
 
 PICKUP = f"{maildrop.PUBLIC}/{maildrop.PICKUP_FIFO}"
 
 
-def _submissions(directory: int) -> list[str]:
-    """The maildrop's submissions, oldest first (names alone sort by millisecond only)."""
-    found = []
-    for name in os.listdir(directory):
-        if maildrop.is_submission_name(name):
-            with contextlib.suppress(FileNotFoundError):
-                found.append((os.stat(name, dir_fd=directory).st_mtime_ns, name))
-    return [name for _, name in sorted(found)]
+def _drain(fifo: int) -> bool:
+    """Read the pokes waiting in the FIFO; whether there were any."""
+    poked = False
+    with contextlib.suppress(BlockingIOError, InterruptedError):
+        while os.read(fifo, 4096):
+            poked = True
+    return poked
+
+
+def _named(name: str) -> str:
+    """A name for the log: a submission's as it is, any other quoted, what is not printable
+    escaped (a user may put a line break, or bytes that are no UTF-8, into one)."""
+    return name if maildrop.is_submission_name(name) else repr(name)
+
+
+def _remove_entry(directory: int, name: str) -> None:
+    """Unlink `name`, or remove it and what is inside when it is a directory (shutil.rmtree
+    with a descriptor follows no link planted inside)."""
+    try:
+        os.unlink(name, dir_fd=directory)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(name, dir_fd=directory)
 
 
 def _remove(directory: int, name: str) -> None:
