@@ -50,8 +50,11 @@ NOT_CHECKED = Reply(
     451, "4.7.0", "Temporary local problem: the message could not be checked, try again later"
 )
 # The largest message checked in the event loop when the cache allows: DKIM hashes the whole
-# body, and a session of the worker waits meanwhile (at this size, well under a millisecond).
+# body, and a session of the worker waits meanwhile (at this size, well under a millisecond);
+# and the most header lines it may have there: each signature indexes the fields, and an
+# attacker's pass filled 60 KB with thousands of them to stall the loop.
 INLINE_MAX = 64 * 1024
+INLINE_MAX_LINES = 300
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class Verifier:
         signed = signatures.present(head, end)
         from_domains = headers.from_domains(head)
         authors = from_domains or ()
-        found = self._from_cache(ip, helo, sender, body, signed, authors)
+        small = head.count(b"\n", 0, end) <= INLINE_MAX_LINES
+        found = self._from_cache(ip, helo, sender, body, signed, authors) if small else None
         unstarted = False
         if found is not None:
             spf, dkim = found

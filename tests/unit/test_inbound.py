@@ -201,6 +201,36 @@ def test_spf_verdict_is_kept_from_the_cache_until_its_record_expires():
         with_verifier(server, lambda verifier: main(server, verifier))
 
 
+def test_a_message_of_many_header_lines_is_checked_in_a_thread(dns_server):
+    """A small message whose answers are cached is checked in the event loop, unless its
+    header section has more than INLINE_MAX_LINES lines: each signature indexes the fields
+    (an attacker's pass filled 60 KB with thousands to stall every session of a worker)."""
+    from mailerd.inbound.verifier import INLINE_MAX_LINES
+
+    plain = message("a@sender.example")
+    many = message(
+        "a@sender.example", b"".join(b"X-%d: y\r\n" % i for i in range(INLINE_MAX_LINES))
+    )
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *args, **kwargs):  # type: ignore[override]
+            Counting.submitted += 1
+            return super().submit(*args, **kwargs)
+
+    async def main(verifier: Verifier) -> None:
+        await verifier.check("127.0.0.1", "client.test", "a@sender.example", plain)  # (warm)
+        with Counting(2) as counting:
+            verifier.executor = counting
+            await verifier.check("127.0.0.1", "client.test", "a@sender.example", plain)
+            assert Counting.submitted == 0
+            verdict = await verifier.check("127.0.0.1", "client.test", "a@sender.example", many)
+            assert Counting.submitted > 0 and methods(verdict)["spf"] == "pass"
+
+    with_verifier(dns_server, main)
+
+
 # --- DKIM -----------------------------------------------------------------------------------
 
 
