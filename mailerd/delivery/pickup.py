@@ -215,8 +215,7 @@ class Pickup:
         except FileNotFoundError:
             return None
         except maildrop.Invalid as exc:
-            log.warning("maildrop %s (uid %s): %s; removed", name, _owner(directory, name), exc)
-            self._discard(directory, name)
+            self._discard(directory, name, str(exc))
             return None
         except OSError as exc:
             self._report_once(name, f"cannot read it: {exc.strerror or exc}")
@@ -340,33 +339,29 @@ class Pickup:
         """Remove entries without a submission's name that are over JUNK_AGE old (in a
         thread): `submit()` would have renamed them long ago."""
         for name in names:
-            owner = _owner(directory, name)
-            log.warning(
-                "maildrop %s (uid %s): no submission, over an hour old; removed",
-                _named(name),
-                owner,
-            )
-            self._discard(directory, name)
+            self._discard(directory, name, "no submission, over an hour old")
 
-    def _discard(self, directory: int, name: str) -> None:
-        """Remove an entry that is no submission, whatever it is: the pickup owns the maildrop,
-        so it may remove anyone's entry there, and a directory with all it may remove inside.
-        One it cannot remove (a user's directory holding their files) is said once and left."""
+    def _discard(self, directory: int, name: str, problem: str) -> None:
+        """Remove an entry that is no submission, whatever it is, and say so with its owner:
+        the pickup owns the maildrop, so it may remove anyone's entry there, and a directory
+        with all it may remove inside. One it cannot remove (a user's directory holding their
+        files) is left, and not looked at again while it is there."""
+        said = f"maildrop {_named(name)} (uid {_owner(directory, name)}): {problem}"
         try:
             _remove_entry(directory, name)
         except (OSError, RecursionError) as exc:  # (RecursionError: a tree too deep)
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            self._report_once(name, f"cannot remove it: {why}", "left to the administrator")
+            log.error("%s; cannot remove it (%s): left to the administrator", said, why)
             with contextlib.suppress(OSError):
                 st = os.stat(name, dir_fd=directory, follow_symlinks=False)
                 self.stuck[name] = (st.st_dev, st.st_ino)
+            return
+        log.warning("%s; removed", said)
 
-    def _report_once(
-        self, name: str, problem: str, outcome: str = "it stays there and is tried again"
-    ) -> None:
+    def _report_once(self, name: str, problem: str) -> None:
         if self.reported.get(name) != problem:
             self.reported[name] = problem
-            log.error("maildrop %s: %s; %s", _named(name), problem, outcome)
+            log.error("maildrop %s: %s; it stays there and is tried again", name, problem)
 
 
 @dataclass
