@@ -28,6 +28,9 @@ from mailerd.resolver import make_resolver
 
 T = TypeVar("T")
 MAX_HITS = 1024  # cache hits remembered by name (then forgotten all at once)
+# ... if their records are no longer than this: a hit keeps its records alive after the cache
+# has let them go, and a sender chooses the records (up to the cache's 16 KiB an answer).
+MAX_HIT_BYTES = 2048
 
 
 class TemporaryFailure(Exception):
@@ -108,6 +111,8 @@ class Lookups:
             hit = self._from_cache(name, rdtype)
             if hit is None:
                 return None
+            if sum(len(_text(rdata)) for rdata in hit.records) > MAX_HIT_BYTES:
+                return hit
             if len(self._hits) >= MAX_HITS:
                 self._hits.clear()
             self._hits[(name, rdtype)] = hit

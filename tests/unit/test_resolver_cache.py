@@ -159,3 +159,25 @@ def test_the_count_follows_expiry_replacement_and_flush(small_budget):
     with serve() as server:
         server.records = Records(zone(names))
         asyncio.run(main(Lookups.make((server.host, server.port), 3.0)))
+
+
+def test_the_memo_of_hits_keeps_no_large_answer():
+    """Lookups remembers cache hits by name (a frequent sender's records, found without
+    building dnspython names); a hit keeps its records alive after the cache let them go, so
+    only answers of at most MAX_HIT_BYTES are remembered: the cache's budget then bounds
+    what the sender's records can hold."""
+    from mailerd.inbound import lookups as lookups_module
+
+    names = {f"small.{ZONE_NAME}": 100, f"large._domainkey.{ZONE_NAME}": 12_000}
+
+    async def main(lookups: Lookups) -> None:
+        for name in names:
+            await lookups.txt(name)
+            assert lookups.cached_txt(name)  # (found in the cache, by way of the memo)
+        assert (f"small.{ZONE_NAME}", "TXT") in lookups._hits
+        assert (f"large._domainkey.{ZONE_NAME}", "TXT") not in lookups._hits
+        assert lookups_module.MAX_HIT_BYTES < 12_000
+
+    with serve() as server:
+        server.records = Records(zone(names))
+        asyncio.run(main(Lookups.make((server.host, server.port), 3.0)))
