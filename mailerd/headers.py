@@ -139,10 +139,30 @@ def _distinct(domains: list[str]) -> tuple[str, ...]:
 
 def _decoded(text: str) -> str:
     """The field's text with its encoded-words (RFC 2047) decoded, as a reader would see it."""
-    try:
-        return str(email.header.make_header(email.header.decode_header(text)))
-    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError, RecursionError):
+    return decode_words(text)
+
+
+def decode_words(text: str) -> str:
+    """`text` with its encoded-words decoded (words next to each other joined, as RFC 2047 6.2
+    has them). A charset the sender names that Python has no codec for, or that a child can
+    no longer import (it dropped privileges: `preload`), is read as Latin-1: what matters here
+    is the address in it, ASCII in every charset a mail program uses."""
+    if "=?" not in text:
         return text
+    try:
+        words = email.header.decode_header(text)
+    except (ValueError, UnicodeError, email.errors.HeaderParseError, RecursionError):
+        return text
+    parts = []
+    for word, charset in words:
+        if isinstance(word, str):
+            parts.append(word)
+            continue
+        try:
+            parts.append(word.decode(charset or "ascii", "replace"))
+        except LookupError:
+            parts.append(word.decode("latin-1"))
+    return "".join(parts)
 
 
 def _normal(domain: str) -> str:

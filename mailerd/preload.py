@@ -65,6 +65,7 @@ STDLIB = (
     "encodings.idna",
     "encodings.latin_1",
     "encodings.punycode",
+    "encodings.raw_unicode_escape",  # (email.header.decode_header, for every encoded-word)
     "encodings.utf_8",
     "hashlib",
     "hmac",

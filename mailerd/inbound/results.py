@@ -9,8 +9,6 @@ the message is stored (RFC 8601 5); fields of other authserv-ids are left alone.
 
 from __future__ import annotations
 
-import email.errors
-import email.header
 import functools
 import re
 from collections.abc import Sequence
@@ -123,10 +121,7 @@ def _decoded_word(text: str) -> str:
     decodes every field would show it as ours); other text as it is."""
     if not (text.startswith("=?") and text.endswith("?=")):
         return text
-    try:
-        return str(email.header.make_header(email.header.decode_header(text)))
-    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
-        return text
+    return headers.decode_words(text)
 
 
 def _after_cfws(value: bytes, position: int) -> int:

@@ -776,6 +776,29 @@ def test_a_second_author_with_a_silent_dns_is_no_way_around_p_reject(auth_env):
     assert env.asked("_dmarc.silent.example.edu"), env.dns.queries
 
 
+@pytest.mark.parametrize(
+    "author",
+    [
+        "=?utf-8?q?ceo=40example.com?=",
+        "=?utf-8?b?Y2VvQGV4YW1wbGUuY29t?=",
+        "=?koi8-r?q?ceo=40example.com?=",
+        "=?x-no-such-charset?q?ceo=40example.com?=",
+    ],
+    ids=["q", "b", "koi8-r", "unknown-charset"],
+)
+def test_an_address_in_an_encoded_word_is_judged_in_a_worker(auth_env, author: str):
+    """A reader shows an encoded-word From: as the address in it, so DMARC judges that
+    domain: refused under enforce. A second pass found the workers could not decode one at
+    all (the codec email needs was imported only on first use, which a child that dropped
+    to `mail` cannot do from a checkout under /root), so the forged p=reject From: passed."""
+    zone = txt("example.edu", SPF_PASS) + dmarc("example.com", "v=DMARC1; p=reject")
+    env = auth_env(zone, "enforce")
+    sent = env.send(
+        message("ew", author=author), sender="me@example.edu", code=550, enhanced="5.7.1"
+    )
+    assert_refused(env, sent, "example.com")
+
+
 def test_dmarc_multiple_from_addresses_one_domain(auth_env):
     """From: two addresses of the same domain: one author domain, checked as usual."""
     zone = txt("example.com", SPF_PASS) + dmarc("example.com", "v=DMARC1; p=reject")
