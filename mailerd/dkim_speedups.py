@@ -7,8 +7,9 @@ calls these names, signing and verifying would stay right, only slower):
   (SHA-256, what rsa-sha256 uses; anything else stays with dkimpy's own code);
 - the two whitespace passes of relaxed canonicalisation (a regular expression over the whole
   body, each), skipped when the text has nothing for them to change: no tab or double space,
-  no space or tab before a line end, as most mail; and its unfolding of a header field, a
-  plain removal of CRLFs when the field has no bare LF;
+  no space or tab before a line end, as most mail; the removal of whitespace before line ends,
+  when there is some, in linear time (dkimpy's is quadratic in a run of spaces); and its
+  unfolding of a header field, a plain removal of CRLFs when the field has no bare LF;
 - its tag=value parse, with its pattern compiled once rather than looked up per tag;
 - the removal of b='s value from a signature field before it is hashed: dkimpy's pattern
   tries its folding-whitespace alternatives at every character of the value (40 µs a
@@ -97,10 +98,16 @@ def compress_whitespace(content: bytes) -> bytes:
 
 
 def strip_trailing_whitespace(content: bytes) -> bytes:
-    """dkimpy's: spaces and tabs before a line end go."""
+    """dkimpy's: spaces and tabs before a line end go. Its pattern tries every character of a
+    run of them that no line end follows, and the run again from there: a line of 996 spaces
+    and an "x" cost it 1.3 s of CPU a megabyte, holding the GIL, so the whole worker waited (a
+    second attacker's pass). Here a match starts only where a run does, and takes it whole."""
     if b" \r\n" not in content and b"\t\r\n" not in content:
         return content
-    return bytes(_dkimpy_strip(content))
+    return _TRAILING_WHITESPACE.sub(b"\r\n", content)
+
+
+_TRAILING_WHITESPACE = re.compile(rb"(?<![\t ])[\t ]++\r\n")
 
 
 def unfold_header_value(content: bytes) -> bytes:
