@@ -280,11 +280,12 @@ def _unanswered(
     from_domain: str, policy: Policy, spf: SpfResult, dkim: Sequence[DkimResult]
 ) -> bool:
     """Could an aligned SPF or DKIM check have passed, had the DNS answered? Then DMARC is a
-    temperror, not a failure: a DNS timeout never refuses mail (a DKIM result without d= is a
-    signature we could not even read in time, so it might have been aligned)."""
+    temperror, not a failure: a DNS timeout never refuses mail. (A signature without d= could
+    never pass: a second attacker's pass added one to a forged message, to count as "might
+    have been aligned" once the check thread ran late.)"""
     if spf.result == "temperror" and aligned(spf.domain or from_domain, from_domain, policy.aspf):
         return True
     return any(
-        r.result == "temperror" and (not r.domain or aligned(r.domain, from_domain, policy.adkim))
+        r.result == "temperror" and r.domain and aligned(r.domain, from_domain, policy.adkim)
         for r in dkim
     )

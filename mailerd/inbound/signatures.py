@@ -58,23 +58,50 @@ def present(message: bytes, header_end: int) -> bool:
     return section.startswith(b"dkim-signature:") or b"\ndkim-signature:" in section
 
 
+UNREADABLE_SECTION = "the header section cannot be read"
+
+
 def unfinished(header_section: bytes, reason: str) -> list[DkimResult]:
     """temperror for each signature of the header section (its d=, s= and b= kept, so that a
-    reader can tell which), for the checks that did not finish in time."""
+    reader can tell which), for checks that did not even begin in time; neutral for one that
+    cannot be read (so it could never have passed)."""
     try:
         fields = dkim.rfc822_parse(header_section + b"\r\n")[0]
-    except dkim.MessageFormatError:  # (a header section dkimpy cannot read: no d=/s= to tell)
-        return [DkimResult("temperror", reason=reason)]
+    except dkim.MessageFormatError:
+        return [DkimResult("neutral", reason=UNREADABLE_SECTION)]
     values = [value for name, value in fields if name.lower() == b"dkim-signature"]
-    out = []
-    for value in values[:MAX_SIGNATURES]:
-        try:
-            tags = parse_tag_value(value)
-        except InvalidTagValueList:
-            out.append(DkimResult("temperror", reason=reason))
-            continue
-        out.append(DkimResult("temperror", *_identity(tags), reason=reason))
-    return out or [DkimResult("temperror", reason=reason)]
+    return [_pending(value, reason) for value in values[:MAX_SIGNATURES]] or [
+        DkimResult("temperror", reason=reason)
+    ]
+
+
+def _pending(value: bytes, reason: str) -> DkimResult:
+    """The result of a signature whose check did not finish: temperror, or neutral when its
+    tags cannot be read (as its check would say)."""
+    try:
+        tags = parse_tag_value(value)
+    except InvalidTagValueList:
+        return DkimResult("neutral", reason="unreadable signature")
+    return DkimResult("temperror", *_identity(tags), reason=reason)
+
+
+class Progress:
+    """How far a verification in a check thread has come, for its caller to use when the
+    time is up: the signatures it is to check, in order, and the results it has. A result
+    known stays what it is (a second attacker's pass: when the thread ran late, every
+    signature became temperror, a forged author one that had failed at once included, and
+    DMARC with it, which enforce then let through)."""
+
+    def __init__(self) -> None:
+        self.planned: list[bytes] = []  # (the signature fields; set once, before any result)
+        self.done: list[DkimResult] = []
+
+    def so_far(self, reason: str) -> list[DkimResult] | None:
+        """The results known, then temperror for the rest; None before the plan is made."""
+        planned, done = self.planned, list(self.done)
+        if not planned:
+            return None
+        return done + [_pending(value, reason) for value in planned[len(done) :]]
 
 
 def _identity(tags: dict[bytes, bytes]) -> tuple[str, str, str]:
@@ -82,21 +109,31 @@ def _identity(tags: dict[bytes, bytes]) -> tuple[str, str, str]:
     return _tag(tags, b"d").lower(), _tag(tags, b"s"), "".join(_tag(tags, b"b").split())[:8]
 
 
-def verify(bridge: Bridge, message: bytes, authors: Sequence[str] = ()) -> list[DkimResult]:
-    """One result per signature checked, or [none]. At most MAX_SIGNATURES are: those whose
-    d= is one of the `authors` (the From: domains), a parent or a subdomain of one first, as
-    DMARC can use only those; then the rest, topmost first. Call it in a thread, with a bridge
-    of its own (its lookups' time is shared out), or with a cache-only bridge, which raises
-    NotCached rather than wait."""
-    checker = dkim.DKIM(message, timeout=bridge.timeout)
+def verify(
+    bridge: Bridge,
+    message: bytes,
+    authors: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> list[DkimResult]:
+    """One result per signature checked, or [none]. At most MAX_SIGNATURES are, in this order:
+    those whose d= is one of the `authors` (the From: domains), a parent or a subdomain of
+    one, as DMARC can use only those; then the rest, topmost first. Call it in a thread, with
+    a bridge of its own (its lookups' time is shared out) and a `progress` to read should the
+    time run out, or with a cache-only bridge, which raises NotCached rather than wait."""
+    try:
+        checker = dkim.DKIM(message, timeout=bridge.timeout)
+    except dkim.MessageFormatError:  # (a line that is no field: dkimpy reads no signature)
+        return [DkimResult("neutral", reason=UNREADABLE_SECTION)]
     fields = [value for name, value in checker.headers if name.lower() == b"dkim-signature"]
     if not fields:
         return [DkimResult("none")]
     order = list(range(len(fields)))
-    if len(fields) > MAX_SIGNATURES and authors:
+    if authors:  # (stable: topmost first within each group)
         order.sort(key=lambda i: not _by_author(fields[i], authors))
-    checked = sorted(order[:MAX_SIGNATURES])
-    results = []
+    checked = order[:MAX_SIGNATURES]
+    progress = progress or Progress()
+    progress.planned = [fields[i] for i in checked]
+    results = progress.done
     with body_memo():  # (the body canonicalised once for all the signatures)
         for n, i in enumerate(checked):
             # Each signature's key lookup gets its share of the time left: an attacker's pass

@@ -186,9 +186,10 @@ class Verifier:
             self.executor, _begun, began, "spf", sender_policy.check, bridge, ip, sender, helo
         )
         keys = Bridge(self.lookups, self.loop, self.timeout, deadline=deadline)
+        progress = signatures.Progress()
         dkim_future = (
             self.loop.run_in_executor(
-                self.executor, _begun, began, "dkim", _dkim, keys, body, authors
+                self.executor, _begun, began, "dkim", _dkim, keys, body, authors, progress
             )
             if signed
             else _done([DkimResult("none")])
@@ -196,7 +197,10 @@ class Verifier:
         pending: list[asyncio.Future[Any]] = [spf_future, dkim_future]
         await asyncio.wait(pending, timeout=self.timeout)
         spf = _outcome(spf_future, lambda: _spf_timeout(sender, helo, self.timeout))
-        dkim = _outcome(dkim_future, lambda: signatures.unfinished(section, "timed out"))
+        dkim = _outcome(
+            dkim_future,
+            lambda: progress.so_far("timed out") or signatures.unfinished(section, "timed out"),
+        )
         # Begun late, a check had too little time left to be a fair one either.
         late = deadline - self.timeout / 2
         waited = [began.get(job, math.inf) > late for job in ("spf", "dkim")[: 1 + signed]]
@@ -252,8 +256,10 @@ def _begun(began: dict[str, float], name: str, check: Callable[..., T], *args: A
     return check(*args)
 
 
-def _dkim(bridge: Bridge, body: durable.Body, authors: Sequence[str]) -> list[DkimResult]:
-    return signatures.verify(bridge, durable.read_body(body), authors)
+def _dkim(
+    bridge: Bridge, body: durable.Body, authors: Sequence[str], progress: signatures.Progress
+) -> list[DkimResult]:
+    return signatures.verify(bridge, durable.read_body(body), authors, progress)
 
 
 def _size(body: durable.Body) -> int:

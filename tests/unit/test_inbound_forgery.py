@@ -442,6 +442,46 @@ def test_checks_that_cannot_begin_defer_a_forged_message_under_enforce(server):
     assert free.refusal is not None and free.refusal.code == 550, free
 
 
+@pytest.mark.parametrize("late", ["evil.example", "no d="])
+def test_what_a_late_dkim_thread_knew_stays_known(server, rsa_key, monkeypatch, late):
+    """A second attacker's pass: a forged signature of the author's domain (no such key: a
+    permerror at once) beside one that keeps the check thread past the timeout (here, made
+    to sleep; there, a slow key or a costly body). All became temperror, DMARC with them, and
+    enforce let it through. The author's is checked first and its result stays; the late one
+    is a temperror, and without d= it could never have been aligned."""
+    from mailerd.inbound import signatures
+
+    forged = sign(rsa_key, mail(b"<ceo@bank.example>"), selector="nokey")
+    if late == "evil.example":
+        message = sign(rsa_key, forged, domain="evil.example", selector="sel")
+    else:
+        message = b"DKIM-Signature: v=1; a=rsa-sha256; s=x; h=from; bh=YQ==; b=YQ==\r\n" + forged
+    real = signatures._verify_one
+
+    def slow_unless_bank(bridge, checker, index, value):
+        if b"d=bank.example" not in value:
+            time.sleep(1.5)
+        return real(bridge, checker, index, value)
+
+    monkeypatch.setattr(signatures, "_verify_one", slow_unless_bank)
+    verdict = run_check(server, message, sender="", enforce=True, timeout=1.0)
+    assert re.search(r"dkim=permerror \([^)]*\) header\.d=bank\.example", verdict.header)
+    assert methods(verdict)["dmarc"] == "fail", verdict.header
+    assert verdict.refusal is not None and verdict.refusal.code == 550, verdict
+
+
+def test_a_header_line_that_is_no_field_is_judged_not_an_error(server):
+    """dkimpy cannot read a header section with a line that is no field (it raised, and the
+    commit answered 451 for ever): the signature is neutral, the rest is judged."""
+    message = mail(b"<ceo@bank.example>", b"Not a field\r\n")
+    message = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=bank.example; s=sel; h=from; bh=x; b=y\r\n" + message
+    )
+    verdict = run_check(server, message, sender="", enforce=True)
+    assert methods(verdict)["dkim"] == "neutral" and methods(verdict)["dmarc"] == "fail", verdict
+    assert verdict.refusal is not None and verdict.refusal.code == 550
+
+
 def test_a_huge_from_field_is_read_in_linear_time(server):
     """CPython's strict address parser is quadratic in runs of dots (a display name of 60
     folded lines of 990 dots, as SMTP's line limit allows, took it 17 s of CPU): a From:
