@@ -144,9 +144,9 @@ def _decoded(text: str) -> str:
 
 def decode_words(text: str) -> str:
     """`text` with its encoded-words decoded (words next to each other joined, as RFC 2047 6.2
-    has them). A charset the sender names that Python has no codec for, or that a child can
-    no longer import (it dropped privileges: `preload`), is read as Latin-1: what matters here
-    is the address in it, ASCII in every charset a mail program uses."""
+    has them). A charset the sender names that Python has no codec for (every one it has is
+    loaded before the children drop privileges: `preload`) is read as Latin-1, as a mail
+    program that does not know it either might show it."""
     if "=?" not in text:
         return text
     try:

@@ -783,8 +783,12 @@ def test_a_second_author_with_a_silent_dns_is_no_way_around_p_reject(auth_env):
         "=?utf-8?b?Y2VvQGV4YW1wbGUuY29t?=",
         "=?koi8-r?q?ceo=40example.com?=",
         "=?x-no-such-charset?q?ceo=40example.com?=",
+        "=?utf-16le?b?YwBlAG8AQABlAHgAYQBtAHAAbABlAC4AYwBvAG0A?=",
+        "=?utf-16be?b?AGMAZQBvAEAAZQB4AGEAbQBwAGwAZQAuAGMAbwBt?=",
+        "=?utf-7?q?ceo+AEA-example.com?=",
+        "=?cp037?b?g4WWfIWngZSXk4VLg5aU?=",
     ],
-    ids=["q", "b", "koi8-r", "unknown-charset"],
+    ids=["q", "b", "koi8-r", "unknown-charset", "utf-16le", "utf-16be", "utf-7", "ebcdic"],
 )
 def test_an_address_in_an_encoded_word_is_judged_in_a_worker(auth_env, author: str):
     """A reader shows an encoded-word From: as the address in it, so DMARC judges that
