@@ -145,12 +145,20 @@ def verify(
 
 
 def _by_author(value: bytes, authors: Sequence[str]) -> bool:
-    """Is the signature's d= an author's domain, a parent or a subdomain of one?"""
+    """Could the signature's d= align with an author's domain (the same organisational
+    domain: DMARC's relaxed alignment, which strict alignment only narrows)? A sibling such
+    as www.bank.example for mail.bank.example counts (a third attacker's pass put one last,
+    behind signatures that made the thread late)."""
+    from mailerd.inbound.dmarc import organizational_domain  # (dmarc imports this module)
+
     try:
         domain = _tag(parse_tag_value(value), b"d").lower().rstrip(".")
     except InvalidTagValueList:
         return False
-    return any(domain == a or a.endswith("." + domain) or domain.endswith("." + a) for a in authors)
+    if not domain:
+        return False
+    own = organizational_domain(domain)
+    return any(organizational_domain(a) == own for a in authors)
 
 
 def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) -> DkimResult:

@@ -43,9 +43,11 @@ T = TypeVar("T")
 HEADER_TOO_LARGE = Reply(
     552, "5.3.4", f"Message header section too large (the limit is {headers.SCAN // 1024} KiB)"
 )
-# Under enforce, for a DMARC temperror whose check never began: the worker's check threads were
-# all taken (an attacker's pass jammed them with sessions whose SPF includes never answer, to
-# have a forged p=reject message accepted unchecked). The sender tries again later.
+# Under enforce, for a DMARC temperror from checks that did not get their time: they began late
+# or never, the worker's check threads all taken (an attacker's pass jammed them with sessions
+# whose SPF includes never answer), or the DKIM thread was still at work when the time was up
+# (another made it late with costly bodies). Our overload, not the sender's DNS: the sender
+# tries again later, and a forged p=reject message does not pass unchecked.
 NOT_CHECKED = Reply(
     451, "4.7.0", "Temporary local problem: the message could not be checked, try again later"
 )
@@ -55,6 +57,7 @@ NOT_CHECKED = Reply(
 # attacker's pass filled 60 KB with thousands of them to stall the loop.
 INLINE_MAX = 64 * 1024
 INLINE_MAX_LINES = 300
+LOOKUP_SHARE = 0.9  # of the timeout, for a message's lookups in the check threads
 
 
 @dataclass(frozen=True)
@@ -96,11 +99,11 @@ class Verifier:
         authors = from_domains or ()
         small = head.count(b"\n", 0, end) <= INLINE_MAX_LINES
         found = self._from_cache(ip, helo, sender, body, signed, authors) if small else None
-        unstarted = False
+        rushed = False  # (the checks did not get their time: `_in_threads`)
         if found is not None:
             spf, dkim = found
         else:
-            spf, dkim, unstarted = await self._in_threads(
+            spf, dkim, rushed = await self._in_threads(
                 ip, helo, sender, body, signed, head[:end], authors
             )
         try:  # (from the cache, as most are: no task, no timer)
@@ -114,7 +117,7 @@ class Verifier:
         refusal = None
         if self.enforce and verdict.rejects:
             refusal = _refusal(verdict)
-        elif self.enforce and verdict.result == "temperror" and unstarted:
+        elif self.enforce and verdict.result == "temperror" and rushed:
             refusal = NOT_CHECKED
         summary = "spf={} dkim={} dmarc={}".format(
             spf.result, ",".join(r.result for r in dkim), verdict.result
@@ -175,11 +178,15 @@ class Verifier:
         section: bytes,
         authors: Sequence[str],
     ) -> tuple[SpfResult, list[DkimResult], bool]:
-        """SPF and DKIM in check threads, within the timeout; and whether one of them began
-        only after half of it, or not at all (the threads were all taken)."""
+        """SPF and DKIM in check threads, within the timeout; and whether they did not get
+        their time: one began only after half of it, or not at all (the threads were all
+        taken), or DKIM's was still at work at the end."""
         # One deadline for all the message's lookups, so that its threads are free again
-        # within the timeout (however many signatures, includes and keys go unanswered)
-        deadline = time.monotonic() + self.timeout
+        # within the timeout (however many signatures, includes and keys go unanswered); a
+        # little before it, so that a thread that waited on the DNS is done in time, and one
+        # that is not was kept by its work (or by us), not by the DNS.
+        started = time.monotonic()
+        deadline = started + self.timeout * LOOKUP_SHARE
         bridge = Bridge(self.lookups, self.loop, self.timeout, deadline=deadline)
         began: dict[str, float] = {}  # (time.monotonic())
         spf_future = self.loop.run_in_executor(
@@ -202,9 +209,9 @@ class Verifier:
             lambda: progress.so_far("timed out") or signatures.unfinished(section, "timed out"),
         )
         # Begun late, a check had too little time left to be a fair one either.
-        late = deadline - self.timeout / 2
+        late = started + self.timeout / 2
         waited = [began.get(job, math.inf) > late for job in ("spf", "dkim")[: 1 + signed]]
-        return spf, dkim, any(waited)
+        return spf, dkim, any(waited) or (signed and not dkim_future.done())
 
 
 def unscannable(body: durable.Body, head: bytes, end: int) -> bool:

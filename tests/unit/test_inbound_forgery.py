@@ -473,6 +473,53 @@ def test_what_a_late_dkim_thread_knew_stays_known(server, rsa_key, monkeypatch, 
     assert verdict.refusal is not None and verdict.refusal.code == 550, verdict
 
 
+def test_a_sibling_of_the_authors_domain_is_checked_before_the_others(server, rsa_key, monkeypatch):
+    """A third attacker's pass: From: mail.bank.example (bank.example's p=reject applies), four
+    signatures of the attacker's that keep the thread busy, then one of www.bank.example,
+    aligned under relaxed DMARC but not a parent or a subdomain of the author's: it was never
+    reached. Signatures of the author's organisational domain go first."""
+    from mailerd.inbound import signatures
+
+    message = sign(
+        rsa_key, mail(b"<ceo@mail.bank.example>"), domain="www.bank.example", selector="x"
+    )
+    for _ in range(4):
+        message = sign(rsa_key, message, domain="evil.example", selector="sel")
+    real = signatures._verify_one
+
+    def slow_unless_bank(bridge, checker, index, value):
+        if b"bank.example" not in value:
+            time.sleep(0.6)
+        return real(bridge, checker, index, value)
+
+    monkeypatch.setattr(signatures, "_verify_one", slow_unless_bank)
+    verdict = run_check(server, message, sender="", enforce=True, timeout=1.0)
+    assert re.search(r"dkim=permerror \([^)]*\) header\.d=www\.bank\.example", verdict.header)
+    assert verdict.refusal is not None and verdict.refusal.code == 550, verdict
+
+
+def test_an_author_signature_the_thread_never_reached_defers_under_enforce(
+    server, rsa_key, monkeypatch
+):
+    """When the DKIM thread is still at work at the end (made late by costly bodies) and an
+    author signature was not reached, DMARC is a temperror that is our doing, not the
+    sender's DNS: enforce answers 451, and the sender tries again; header stores it."""
+    from mailerd.inbound import signatures
+
+    message = sign(rsa_key, mail(b"<ceo@bank.example>"), selector="nokey")
+    real = signatures._verify_one
+
+    def slow(bridge, checker, index, value):
+        time.sleep(1.5)
+        return real(bridge, checker, index, value)
+
+    monkeypatch.setattr(signatures, "_verify_one", slow)
+    verdict = run_check(server, message, sender="", enforce=True, timeout=1.0)
+    assert methods(verdict)["dmarc"] == "temperror", verdict.header
+    assert verdict.refusal is not None and verdict.refusal.code == 451, verdict
+    assert run_check(server, message, sender="", timeout=1.0).refusal is None
+
+
 def test_a_header_line_that_is_no_field_is_judged_not_an_error(server):
     """dkimpy cannot read a header section with a line that is no field (it raised, and the
     commit answered 451 for ever): the signature is neutral, the rest is judged."""
