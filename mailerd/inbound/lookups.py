@@ -180,6 +180,7 @@ class Bridge:
         # timeout, so that ten signatures' unanswered keys hold a thread no longer than one
         self.deadline = deadline
         self.wait_limit = timeout  # what one lookup may wait (`share`)
+        self.ran_out = False  # a lookup was not made: the deadline had passed
         self.expires = math.inf
 
     def share(self, parts: int) -> None:
@@ -215,6 +216,7 @@ class Bridge:
         """Run `lookup` in the event loop and wait for it, at most the timeout."""
         wait = min(self.wait_limit, self.deadline - time.monotonic())
         if wait <= 0:
+            self.ran_out = True
             lookup.close()
             raise TemporaryFailure(f"{name} {rdtype}: no time left ({self.timeout:g} s)")
         future = asyncio.run_coroutine_threadsafe(lookup, self.loop)

@@ -180,7 +180,7 @@ class Verifier:
     ) -> tuple[SpfResult, list[DkimResult], bool]:
         """SPF and DKIM in check threads, within the timeout; and whether they did not get
         their time: one began only after half of it, or not at all (the threads were all
-        taken), or DKIM's was still at work at the end."""
+        taken), or DKIM's was still at work at the end or had run out of time for a lookup."""
         # One deadline for all the message's lookups, so that its threads are free again
         # within the timeout (however many signatures, includes and keys go unanswered); a
         # little before it, so that a thread that waited on the DNS is done in time, and one
@@ -211,7 +211,11 @@ class Verifier:
         # Begun late, a check had too little time left to be a fair one either.
         late = started + self.timeout / 2
         waited = [began.get(job, math.inf) > late for job in ("spf", "dkim")[: 1 + signed]]
-        return spf, dkim, any(waited) or (signed and not dkim_future.done())
+        # DKIM's lookups share the time out (`signatures.verify`): one not made for want of
+        # time means its work, not the DNS, took the time (a fourth attacker's pass: a costly
+        # body, then a forged author signature whose key lookup came too late).
+        unfinished = signed and (not dkim_future.done() or keys.ran_out)
+        return spf, dkim, any(waited) or unfinished
 
 
 def unscannable(body: durable.Body, head: bytes, end: int) -> bool:

@@ -520,6 +520,32 @@ def test_an_author_signature_the_thread_never_reached_defers_under_enforce(
     assert run_check(server, message, sender="", timeout=1.0).refusal is None
 
 
+def test_a_key_lookup_the_work_before_it_left_no_time_for_defers_under_enforce(
+    server, rsa_key, monkeypatch
+):
+    """A fourth attacker's pass: a second author makes the attacker's signatures count as the
+    author's, so they may come first; one costly to check ends past the lookups' deadline
+    (90% of the timeout) but before the end, and the forged signature after it had its key
+    lookup refused for want of time, a temperror that was taken for the DNS's. It is ours:
+    451 under enforce."""
+    from mailerd.inbound import signatures
+
+    forged = sign(rsa_key, mail(b"<ceo@bank.example>, <x@evil.example>"), selector="nokey")
+    message = sign(rsa_key, forged, domain="evil.example", selector="sel")
+    real = signatures._verify_one
+
+    def costly_unless_bank(bridge, checker, index, value):
+        if b"d=bank.example" not in value:
+            time.sleep(1.85)  # (past 90% of the 2 s, not past them)
+        return real(bridge, checker, index, value)
+
+    monkeypatch.setattr(signatures, "_verify_one", costly_unless_bank)
+    verdict = run_check(server, message, sender="", enforce=True, timeout=2.0)
+    assert "no time left" in verdict.header, verdict.header
+    assert methods(verdict)["dmarc"] == "temperror", verdict.header
+    assert verdict.refusal is not None and verdict.refusal.code == 451, verdict
+
+
 def test_a_header_line_that_is_no_field_is_judged_not_an_error(server):
     """dkimpy cannot read a header section with a line that is no field (it raised, and the
     commit answered 451 for ever): the signature is neutral, the rest is judged."""
