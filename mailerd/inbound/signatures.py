@@ -128,7 +128,7 @@ def verify(
     if not fields:
         return [DkimResult("none")]
     order = list(range(len(fields)))
-    if authors:  # (stable: topmost first within each group)
+    if authors and len(fields) > 1:  # (stable: topmost first within each group)
         order.sort(key=lambda i: not _by_author(fields[i], authors))
     checked = order[:MAX_SIGNATURES]
     progress = progress or Progress()
