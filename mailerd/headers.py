@@ -128,18 +128,13 @@ def _read_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
 
 def _lenient(text: str, strict: list[str]) -> tuple[str, ...]:
     """The domains after each @ a reader would see (the strict reading's when none)."""
-    return _distinct(_AT_DOMAIN.findall(_decoded(text)) or strict)
+    return _distinct(_AT_DOMAIN.findall(decode_words(text)) or strict)
 
 
 def _distinct(domains: list[str]) -> tuple[str, ...]:
     """The domains in normal form, each once, in order, none empty."""
     normal = (_normal(d) for d in domains)
     return tuple(dict.fromkeys(d for d in normal if d))
-
-
-def _decoded(text: str) -> str:
-    """The field's text with its encoded-words (RFC 2047) decoded, as a reader would see it."""
-    return decode_words(text)
 
 
 def decode_words(text: str) -> str:

@@ -41,10 +41,9 @@ CACHE_ENTRIES = 4096
 # answer, however small, is ~4.5 KB of objects, so ~18 MB for 4096.
 CACHE_BYTES = 8 * 1024 * 1024
 # An answer larger than this is returned to its caller but not kept (asked again next time):
-# none of the answers mailerd needs comes near it; and the inbound checks' memo of cache hits
-# (mailerd.inbound.lookups, up to 1024) keeps an answer's records until it expires, even once
-# this cache has dropped it, so this also bounds what that memo holds (with a full memo of
-# 15 KB answers, cache and memo came to 21 MB).
+# none of the answers mailerd needs comes near it. (The inbound checks' memo of cache hits,
+# which keeps an answer's records until it expires even once this cache has dropped it, keeps
+# answers of at most lookups.MAX_HIT_BYTES.)
 CACHE_ANSWER_BYTES = CACHE_BYTES // 512  # 16 KiB
 
 

@@ -202,10 +202,7 @@ class Pickup:
         try:
             return self.take(directory, name)
         except Exception as exc:
-            problem = f"failed: {type(exc).__name__}: {exc}"
-            if self.reported.get(name) != problem:
-                self.reported[name] = problem
-                log.exception("maildrop %s: %s; it stays there and is tried again", name, problem)
+            self._report_once(name, f"failed: {type(exc).__name__}: {exc}", traceback=True)
             return None
 
     def take(self, directory: int, name: str) -> Taken | None:
@@ -358,10 +355,15 @@ class Pickup:
             return
         log.warning("%s; removed", said)
 
-    def _report_once(self, name: str, problem: str) -> None:
+    def _report_once(self, name: str, problem: str, *, traceback: bool = False) -> None:
         if self.reported.get(name) != problem:
             self.reported[name] = problem
-            log.error("maildrop %s: %s; it stays there and is tried again", name, problem)
+            log.error(
+                "maildrop %s: %s; it stays there and is tried again",
+                name,
+                problem,
+                exc_info=traceback,
+            )
 
 
 @dataclass

@@ -5,8 +5,8 @@ Authentication-Results field to add, the message without forged ones when it had
 `--inbound-auth enforce`, the 550 for a DMARC failure whose domain asks for rejection — nothing
 else refuses mail here (a lone SPF or DKIM failure loses legitimate mail: forwarding, mailing
 lists), except, in either mode, a header section too large to be scanned (HEADER_TOO_LARGE);
-and `enforce` defers (451, NOT_CHECKED) a DMARC temperror whose checks could not begin in time
-because the worker's check threads were all taken: that is our overload, not the sender's DNS.
+and `enforce` defers (451, NOT_CHECKED) a DMARC temperror from checks that did not get their
+time (`_in_threads`): that is our overload, not the sender's DNS.
 
 SPF and DKIM run in threads (pyspf and dkimpy ask DNS synchronously; their queries go through
 the worker's event loop), except for a small message whose lookups the worker's cache holds
