@@ -445,6 +445,21 @@ def test_checks_that_cannot_begin_defer_a_forged_message_under_enforce(server):
     assert free.refusal is not None and free.refusal.code == 550, free
 
 
+def slow_checks(monkeypatch, seconds: float, spare: bytes | None = None) -> None:
+    """Each signature's check takes `seconds` more (those whose field holds `spare` excepted),
+    as a costly body or a slow key would make it: a check thread that runs late."""
+    from mailerd.inbound import signatures
+
+    real = signatures._verify_one
+
+    def slow(bridge, checker, index, value):
+        if spare is None or spare not in value:
+            time.sleep(seconds)
+        return real(bridge, checker, index, value)
+
+    monkeypatch.setattr(signatures, "_verify_one", slow)
+
+
 @pytest.mark.parametrize("late", ["evil.example", "no d="])
 def test_what_a_late_dkim_thread_knew_stays_known(server, rsa_key, monkeypatch, late):
     """A second attacker's pass: a forged signature of the author's domain (no such key: a
@@ -452,21 +467,13 @@ def test_what_a_late_dkim_thread_knew_stays_known(server, rsa_key, monkeypatch, 
     to sleep; there, a slow key or a costly body). All became temperror, DMARC with them, and
     enforce let it through. The author's is checked first and its result stays; the late one
     is a temperror, and without d= it could never have been aligned."""
-    from mailerd.inbound import signatures
 
     forged = sign(rsa_key, mail(b"<ceo@bank.example>"), selector="nokey")
     if late == "evil.example":
         message = sign(rsa_key, forged, domain="evil.example", selector="sel")
     else:
         message = b"DKIM-Signature: v=1; a=rsa-sha256; s=x; h=from; bh=YQ==; b=YQ==\r\n" + forged
-    real = signatures._verify_one
-
-    def slow_unless_bank(bridge, checker, index, value):
-        if b"d=bank.example" not in value:
-            time.sleep(1.5)
-        return real(bridge, checker, index, value)
-
-    monkeypatch.setattr(signatures, "_verify_one", slow_unless_bank)
+    slow_checks(monkeypatch, 1.5, spare=b"d=bank.example")
     verdict = run_check(server, message, sender="", enforce=True, timeout=1.0)
     assert re.search(r"dkim=permerror \([^)]*\) header\.d=bank\.example", verdict.header)
     assert methods(verdict)["dmarc"] == "fail", verdict.header
@@ -478,21 +485,13 @@ def test_a_sibling_of_the_authors_domain_is_checked_before_the_others(server, rs
     signatures of the attacker's that keep the thread busy, then one of www.bank.example,
     aligned under relaxed DMARC but not a parent or a subdomain of the author's: it was never
     reached. Signatures of the author's organisational domain go first."""
-    from mailerd.inbound import signatures
 
     message = sign(
         rsa_key, mail(b"<ceo@mail.bank.example>"), domain="www.bank.example", selector="x"
     )
     for _ in range(4):
         message = sign(rsa_key, message, domain="evil.example", selector="sel")
-    real = signatures._verify_one
-
-    def slow_unless_bank(bridge, checker, index, value):
-        if b"bank.example" not in value:
-            time.sleep(0.6)
-        return real(bridge, checker, index, value)
-
-    monkeypatch.setattr(signatures, "_verify_one", slow_unless_bank)
+    slow_checks(monkeypatch, 0.6, spare=b"bank.example")
     verdict = run_check(server, message, sender="", enforce=True, timeout=1.0)
     assert re.search(r"dkim=permerror \([^)]*\) header\.d=www\.bank\.example", verdict.header)
     assert verdict.refusal is not None and verdict.refusal.code == 550, verdict
@@ -504,16 +503,9 @@ def test_an_author_signature_the_thread_never_reached_defers_under_enforce(
     """When the DKIM thread is still at work at the end (made late by costly bodies) and an
     author signature was not reached, DMARC is a temperror that is our doing, not the
     sender's DNS: enforce answers 451, and the sender tries again; header stores it."""
-    from mailerd.inbound import signatures
 
     message = sign(rsa_key, mail(b"<ceo@bank.example>"), selector="nokey")
-    real = signatures._verify_one
-
-    def slow(bridge, checker, index, value):
-        time.sleep(1.5)
-        return real(bridge, checker, index, value)
-
-    monkeypatch.setattr(signatures, "_verify_one", slow)
+    slow_checks(monkeypatch, 1.5)
     verdict = run_check(server, message, sender="", enforce=True, timeout=1.0)
     assert methods(verdict)["dmarc"] == "temperror", verdict.header
     assert verdict.refusal is not None and verdict.refusal.code == 451, verdict
@@ -528,18 +520,10 @@ def test_a_key_lookup_the_work_before_it_left_no_time_for_defers_under_enforce(
     (90% of the timeout) but before the end, and the forged signature after it had its key
     lookup refused for want of time, a temperror that was taken for the DNS's. It is ours:
     451 under enforce."""
-    from mailerd.inbound import signatures
 
     forged = sign(rsa_key, mail(b"<ceo@bank.example>, <x@evil.example>"), selector="nokey")
     message = sign(rsa_key, forged, domain="evil.example", selector="sel")
-    real = signatures._verify_one
-
-    def costly_unless_bank(bridge, checker, index, value):
-        if b"d=bank.example" not in value:
-            time.sleep(1.85)  # (past 90% of the 2 s, not past them)
-        return real(bridge, checker, index, value)
-
-    monkeypatch.setattr(signatures, "_verify_one", costly_unless_bank)
+    slow_checks(monkeypatch, 1.85, spare=b"d=bank.example")  # (past 90% of the 2 s, not past them)
     verdict = run_check(server, message, sender="", enforce=True, timeout=2.0)
     assert "no time left" in verdict.header, verdict.header
     assert methods(verdict)["dmarc"] == "temperror", verdict.header
