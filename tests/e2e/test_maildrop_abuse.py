@@ -166,6 +166,9 @@ def test_junk_without_a_submission_name_goes_once_it_is_an_hour_old(mailerd):
     maildrop.poke(str(m.queue))
     assert wait_until(lambda: all(_gone(m, entry) for entry in old), 10), os.listdir(drop)
     assert (drop / young).exists() and (drop / aging).exists()
+    # (each line is written just after its entry is gone: a look at the log may come between)
+    said = [f"maildrop {entry!r} (uid 0): no submission, over an hour old" for entry in old]
+    wait_until(lambda: all(line in m.stderr_text() for line in said), 5)
     log = m.stderr_text()
     for entry in old:
         assert log.count(f"maildrop {entry!r} (uid 0): no submission, over an hour old") == 1, log
