@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -45,6 +46,37 @@ def test_guard_reports_a_late_import_once(guard, caplog) -> None:
     assert lines == [
         "late import of colorsys after dropping privileges (add it to mailerd/preload.py)"
     ]
+
+
+def test_guard_reports_a_module_the_child_cannot_read(guard, caplog, tmp_path, monkeypatch) -> None:
+    """A module that was there when preload() looked, and that a child cannot find after its
+    privilege drop (here: removed), is reported although the import fails: `email` catches
+    the failure of its codec import, and the late import went unseen."""
+    package = tmp_path / "mailerd_probe"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "hidden.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mailerd_probe", raising=False)
+    importlib.import_module("mailerd_probe")
+    monkeypatch.setattr(preload, "_on_disk", preload._modules_on_disk())
+    (package / "hidden.py").unlink()
+    importlib.invalidate_caches()
+    with caplog.at_level(logging.ERROR, logger="mailerd.preload"), pytest.raises(ImportError):
+        importlib.import_module("mailerd_probe.hidden")
+    lines = [r.getMessage() for r in caplog.records if "late import" in r.getMessage()]
+    assert (
+        "late import of mailerd_probe.hidden after dropping privileges"
+        " (add it to mailerd/preload.py)" in lines
+    )
+    sys.modules.pop("mailerd_probe", None)
+
+
+def test_modules_on_disk_knows_the_standard_library() -> None:
+    importlib.import_module("email.mime")  # a loaded package: its submodules are listed
+    names = preload._modules_on_disk()
+    assert {"colorsys", "encodings.raw_unicode_escape", "_ssl", "email.mime.audio"} <= names
+    assert "mailerd_no_such_module" not in names
 
 
 def test_guard_ignores_what_is_not_installed(guard, caplog) -> None:
