@@ -45,8 +45,9 @@ class Copy:
     """A copy of a message for one mailbox: the headers to prepend and the body.
 
     `since` marks a redelivery (from the queue, after a crash or an attempt whose outcome was
-    lost): if a message that starts with the same bytes was committed since then, it is that
-    message's number that is returned, and nothing is written twice."""
+    lost): if a message of the same octets (its Return-Path: and Received: name its queue id
+    and date) was committed since then, it is that message's number that is returned, and
+    nothing is written twice."""
 
     head: bytes
     body: durable.Body
@@ -84,7 +85,8 @@ class MailboxStore:
         """Store messages in mailbox `name`, durably, in order; return their numbers.
 
         Raises OSError (MailboxUnsafe, or MailboxLocked) if nothing of the batch was committed.
-        With `wait=False` a lock held by someone else raises MailboxLocked at once.
+        With `wait=False` a lock held by someone else raises MailboxLocked at once, before
+        anything is written (the caller tries again later, `service.MailboxQueue`).
         """
         if names.mailbox_name(name) != name:
             raise MailboxUnsafe(errno.EINVAL, f"not a mailbox name: {name!r}")
@@ -93,8 +95,15 @@ class MailboxStore:
             if name not in self._swept:
                 self.sweep(name, directory)
             owner = _owner_of(directory)
-            staged = self._stage(directory, owner, messages)
-            return self._commit(directory, owner, messages, staged, wait)
+            lock_fd = _open_lock(directory, owner)
+            try:
+                if not wait:  # (staging is the costly part: not for a lock held elsewhere)
+                    self._lock(lock_fd, wait=False)
+                    fcntl.lockf(lock_fd, fcntl.LOCK_UN)  # (taken again to commit: see _commit)
+                staged = self._stage(directory, owner, messages)
+                return self._commit(directory, lock_fd, owner, messages, staged, wait)
+            finally:
+                os.close(lock_fd)  # closing releases the lockf lock
         finally:
             os.close(directory)
 
@@ -138,6 +147,7 @@ class MailboxStore:
     def _commit(
         self,
         directory: int,
+        lock_fd: int,
         owner: Owner,
         messages: list[Copy],
         staged: list[str],
@@ -147,32 +157,28 @@ class MailboxStore:
         the message last: the commit point), update the counter, fsync the directory. A
         redelivery already there gets its existing number and its staged copy is dropped."""
         try:
-            lock_fd = _open_lock(directory, owner)
-            try:
-                self._lock(lock_fd, wait)
-                numbers = delivered(directory, messages)
-                fresh = [tmp for tmp, n in zip(staged, numbers, strict=True) if n is None]
-                _discard(directory, [t for t, n in zip(staged, numbers, strict=True) if n])
-                if not fresh:
-                    return [n for n in numbers if n is not None]
-                first = next_number(directory)
-                new = iter(range(first, first + len(fresh)))
-                numbers = [next(new) if n is None else n for n in numbers]
-                for tmp, number in zip(staged, numbers, strict=True):
-                    if tmp in fresh:
-                        _rename(directory, tmp + ".status", f"{number}.status")
-                        _rename(directory, tmp, str(number))
-                # The counter is a hint (next_number() heals a stale one), so it is not fsync'd,
-                # and failing to update it (a full disk) must not fail messages already renamed
-                # into place: that would have them delivered twice.
-                try:
-                    _store_counter(directory, first + len(fresh) - 1, owner)
-                except OSError as exc:
-                    log.warning("mailbox counter not updated (%s); it heals on the next one", exc)
-                os.fsync(directory)
+            self._lock(lock_fd, wait)
+            numbers = delivered(directory, messages)
+            fresh = [tmp for tmp, n in zip(staged, numbers, strict=True) if n is None]
+            _discard(directory, [t for t, n in zip(staged, numbers, strict=True) if n])
+            if not fresh:
                 return [n for n in numbers if n is not None]
-            finally:
-                os.close(lock_fd)  # closing releases the lockf lock
+            first = next_number(directory)
+            new = iter(range(first, first + len(fresh)))
+            numbers = [next(new) if n is None else n for n in numbers]
+            for tmp, number in zip(staged, numbers, strict=True):
+                if tmp in fresh:
+                    _rename(directory, tmp + ".status", f"{number}.status")
+                    _rename(directory, tmp, str(number))
+            # The counter is a hint (next_number() heals a stale one), so it is not fsync'd,
+            # and failing to update it (a full disk) must not fail messages already renamed
+            # into place: that would have them delivered twice.
+            try:
+                _store_counter(directory, first + len(fresh) - 1, owner)
+            except OSError as exc:
+                log.warning("mailbox counter not updated (%s); it heals on the next one", exc)
+            os.fsync(directory)
+            return [n for n in numbers if n is not None]
         except BaseException:
             _discard(directory, staged)
             raise
@@ -207,12 +213,7 @@ class MailboxStore:
             try:
                 directory = _open_dir(root, name)
             except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, 0o700, dir_fd=root)
-                directory = _open_dir(root, name)
-                if account is not None and os.geteuid() == 0:
-                    os.fchown(directory, *account)
-                os.fsync(root)
+                directory = self._make_mailbox(root, name, account)
         finally:
             os.close(root)
         st = os.fstat(directory)
@@ -222,6 +223,33 @@ class MailboxStore:
             raise MailboxUnsafe(
                 errno.EPERM, f"mailbox {name} has the wrong owner (uid {st.st_uid})"
             )
+        return directory
+
+    def _make_mailbox(self, root: int, name: str, account: Owner) -> int:
+        """Create `<spool>/<name>` and give it to the account, 0700.
+
+        Only a directory that is still root's once opened is given away: the spool is
+        group-writable for mail (Debian's /var/mail), so between the mkdir and the open the
+        unprivileged user could put a directory of its own in its place (an attacker's pass
+        won that race and had its 0777 directory chowned to the user), and one made by someone
+        else at the same moment is left as it is (the owner check in _open_mailbox judges it).
+        """
+        try:
+            os.mkdir(name, 0o700, dir_fd=root)
+        except FileExistsError:
+            return _open_dir(root, name)
+        directory = _open_dir(root, name)
+        if os.geteuid() == 0:
+            st = os.fstat(directory)
+            if st.st_uid != 0:
+                os.close(directory)
+                raise MailboxUnsafe(
+                    errno.EPERM, f"mailbox {name} was replaced as it was made (uid {st.st_uid})"
+                )
+            if account is not None:
+                os.fchown(directory, *account)
+            os.fchmod(directory, 0o700)  # (no set-group-ID bit from Debian's 2775 spool)
+        os.fsync(root)
         return directory
 
 
@@ -239,15 +267,29 @@ def _open_dir(parent: int, name: str) -> int:
 
 def _open_lock(directory: int, owner: Owner) -> int:
     """`.lock`, created if needed and owned like the mailbox, so the user's IMAP server can
-    take the same lock; a symlink or anything but a regular file is refused."""
-    fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _SAFE, 0o600, dir_fd=directory)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    take the same lock; a symlink or anything but a regular file is refused.
+
+    A `.lock` with more than one link is a hard link the user made to some other file (an
+    attacker's pass had root chown a file of root's to the user that way, where the kernel's
+    protected_hardlinks is off): its name is removed and a new lock made, so that only a file
+    whose one name is in the mailbox is ever given to its owner."""
+    for _ in range(2):
+        fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _SAFE, 0o600, dir_fd=directory)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise MailboxUnsafe(errno.EPERM, "the mailbox lock is not a regular file")
+        if st.st_nlink == 1:
+            if owner is not None and (st.st_uid, st.st_gid) != owner:
+                os.fchown(fd, *owner)
+            return fd
         os.close(fd)
-        raise MailboxUnsafe(errno.EPERM, "the mailbox lock is not a regular file")
-    if owner is not None and (st.st_uid, st.st_gid) != owner:
-        os.fchown(fd, *owner)
-    return fd
+        log.warning(
+            "mailbox lock with %d links (a hard link to another file): replaced", st.st_nlink
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(LOCK_NAME, dir_fd=directory)
+    raise MailboxUnsafe(errno.EPERM, "the mailbox lock keeps being replaced by a hard link")
 
 
 def next_number(directory: int) -> int:
@@ -303,27 +345,30 @@ def _read_counter(directory: int) -> int | None:
         os.close(fd)
 
 
-REDELIVERY_PREFIX = 4096  # octets compared to recognise a message already delivered
 REDELIVERY_SCAN = 2000  # newest messages looked at, at most
 CLOCK_SLACK = 60.0  # seconds: a message is looked for if written this long before `since`
 
 
 def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
     """For each redelivery of a batch (`since` set), the number of a message written since its
-    `since` that starts with the same bytes (its Return-Path: and Received: headers, which name
-    its queue id and date), if any; None for the others. Looked for among the newest messages
-    only, and only for a redelivery: it costs a directory listing and a read of a few files,
-    once for the whole batch (the copies a dead writer left unanswered come back together)."""
+    `since` with the same octets (its Return-Path: and Received: headers name its queue id and
+    date), if any; None for the others. Looked for among the newest messages only, and only
+    for a redelivery: it costs a directory listing and an fstat of a few files, once for the
+    whole batch (the copies a dead writer left unanswered come back together), and a read of
+    those of the same size.
+
+    The whole message is compared, not its start: the answer says whether the mailbox holds
+    that message, and a mere prefix let an attacker's pass, speaking for a compromised mail
+    user, read a user's mail it cannot open, octet by octet."""
     found: list[int | None] = [None] * len(messages)
-    # index -> (the bytes it starts with, the mtime before which a message cannot be it)
+    # index -> (its size, the mtime before which a message cannot be it)
     wanted = {
-        i: (m.head + _body_start(m.body, REDELIVERY_PREFIX - len(m.head)), m.since - CLOCK_SLACK)
+        i: (len(m.head) + durable.body_size(m.body), m.since - CLOCK_SLACK)
         for i, m in enumerate(messages)
         if m.since is not None
     }
     if not wanted:
         return found
-    longest = max(len(prefix) for prefix, _ in wanted.values())
     numbers = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and n.isascii())
     for number in reversed(numbers[-REDELIVERY_SCAN:]):
         try:
@@ -331,25 +376,37 @@ def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
         except OSError:
             continue
         try:
-            mtime = os.fstat(fd).st_mtime
-            for i in [i for i, (_, oldest) in wanted.items() if mtime < oldest]:
+            st = os.fstat(fd)
+            for i in [i for i, (_, oldest) in wanted.items() if st.st_mtime < oldest]:
                 del wanted[i]  # older than that copy itself: it was never delivered here
-            start = os.pread(fd, longest, 0) if wanted else b""
+            for i, (size, _) in list(wanted.items()):
+                if size == st.st_size and stat.S_ISREG(st.st_mode) and _holds(fd, messages[i]):
+                    found[i] = number
+                    del wanted[i]
         finally:
             os.close(fd)
-        for i, (prefix, _) in list(wanted.items()):
-            if start[: len(prefix)] == prefix:
-                found[i] = number
-                del wanted[i]
         if not wanted:
             break
     return found
 
 
-def _body_start(body: durable.Body, size: int) -> bytes:
-    if size <= 0:
-        return b""
-    return body[:size] if isinstance(body, bytes) else os.pread(body, size, 0)
+def _holds(fd: int, message: Copy) -> bool:
+    """Whether the file `fd` (of the right size) is message's head and body, octet for octet."""
+    if os.pread(fd, len(message.head), 0) != message.head:
+        return False
+    offset = len(message.head)
+    body = message.body
+    for start in range(0, durable.body_size(body), _COMPARED):
+        if isinstance(body, bytes):
+            piece = body[start : start + _COMPARED]
+        else:
+            piece = os.pread(body, _COMPARED, start)
+        if not piece or os.pread(fd, len(piece), offset + start) != piece:
+            return False
+    return True
+
+
+_COMPARED = 1 << 20  # octets read at a time when comparing a redelivery with a stored message
 
 
 def largest_number(directory: int) -> int:

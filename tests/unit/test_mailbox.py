@@ -311,3 +311,83 @@ def test_a_redelivery_already_there_is_not_written_twice(tmp_path):
     for n in (2, 5):
         os.utime(tmp_path / "bob" / str(n), (old, old))
     assert spool.deliver("bob", [Copy(head, body, since)]) == [6]
+
+
+def test_a_redelivery_must_match_the_whole_message(tmp_path):
+    """The redelivery check answers "is this message there", never "does a message start with
+    these octets": a prefix let an attacker's pass (a compromised mail user, which cannot open
+    the mailbox) read a user's mail an octet at a time."""
+    import time
+
+    spool = MailboxStore(tmp_path)
+    secret = b"Subject: the door code is 4711\r\n\r\nbody\r\n"
+    since = time.time()
+    assert spool.deliver("bob", [Copy(b"", secret)]) == [1]
+    for guess in (secret[:9], secret[:-1], secret + b"x", secret[:-1] + b"X"):
+        number = spool.deliver("bob", [Copy(b"", guess, since)])
+        assert number != [1], guess
+    assert spool.deliver("bob", [Copy(b"", secret, since)]) == [1]
+    # a body from a descriptor is compared the same way, head and all
+    body = tmp_path / "body"
+    body.write_bytes(secret[9:])
+    fd = os.open(body, os.O_RDONLY)
+    try:
+        assert spool.deliver("bob", [Copy(secret[:9], fd, since)]) == [1]
+        assert spool.deliver("bob", [Copy(secret[:8], fd, since)]) not in ([1], [])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
+def test_a_hard_linked_lock_is_replaced_never_chowned(tmp_path):
+    """A user who hard-links her mailbox's .lock to a file of root's must not get that file
+    (the writer gives the lock to the mailbox's owner)."""
+    import pwd
+
+    daemon = pwd.getpwnam("daemon")
+    box = tmp_path / "spool" / "daemon"
+    box.mkdir(parents=True)
+    os.chown(box, daemon.pw_uid, daemon.pw_gid)
+    precious = tmp_path / "spool" / "shadow"  # (same file system: a hard link needs it)
+    precious.write_bytes(b"root's secret\n")
+    os.chmod(precious, 0o600)
+    os.link(precious, box / ".lock")
+    assert MailboxStore(tmp_path / "spool").deliver("daemon", [Copy(b"", b"x")]) == [1]
+    st = os.stat(precious)
+    assert (st.st_uid, st.st_gid, st.st_nlink) == (0, 0, 1)
+    assert precious.read_bytes() == b"root's secret\n"
+    lock = os.stat(box / ".lock")
+    assert (lock.st_uid, lock.st_nlink) == (daemon.pw_uid, 1)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
+def test_a_mailbox_replaced_as_it_is_made_is_not_given_away(tmp_path, monkeypatch):
+    """The spool is group-writable for mail: a directory put in place of the one the writer
+    has just made (mkdir, then open) is neither chowned to the user nor written."""
+    import pwd
+
+    from mailerd.writer import mailbox
+
+    daemon = pwd.getpwnam("daemon")
+    nobody = pwd.getpwnam("nobody")
+    made = os.mkdir
+
+    def swapped(name, mode=0o777, *, dir_fd=None):
+        made(name, mode, dir_fd=dir_fd)
+        os.rmdir(name, dir_fd=dir_fd)  # the attacker's turn, between mkdir and open
+        made(name, 0o777, dir_fd=dir_fd)
+        os.chown(name, nobody.pw_uid, nobody.pw_gid, dir_fd=dir_fd)
+        os.chmod(name, 0o777, dir_fd=dir_fd)
+
+    monkeypatch.setattr(mailbox.os, "mkdir", swapped)
+    with pytest.raises(MailboxUnsafe):
+        MailboxStore(tmp_path).deliver("daemon", [Copy(b"", b"x")])
+    st = os.stat(tmp_path / "daemon")
+    assert (st.st_uid, st.st_mode & 0o7777) == (nobody.pw_uid, 0o777)
+    assert os.listdir(tmp_path / "daemon") == []
+    monkeypatch.undo()
+    os.rmdir(tmp_path / "daemon")
+    os.chmod(tmp_path, 0o2775)  # Debian's /var/mail: its set-group-ID bit is not passed on
+    assert MailboxStore(tmp_path).deliver("daemon", [Copy(b"", b"x")]) == [1]
+    st = os.stat(tmp_path / "daemon")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (daemon.pw_uid, daemon.pw_gid, 0o700)
