@@ -81,6 +81,10 @@ def write_new(
     return fd
 
 
+def body_size(body: Body) -> int:
+    return len(body) if isinstance(body, bytes) else os.fstat(body).st_size
+
+
 def fsync_all(fds: list[int]) -> None:
     """fsync several files at once: concurrent fsyncs share the device's cache flushes (and
     ext4's journal commits), so a batch costs about one fsync's latency instead of one per
@@ -117,23 +121,25 @@ def _write_both(fd: int, head: bytes, body: bytes) -> None:
 
 
 def copy_fd(source: int, target: int) -> None:
-    """Copy the whole of `source` (from offset 0, its offset untouched) to `target`."""
+    """Copy `source` (from offset 0, its offset untouched) to `target`, as large as it is now:
+    a file that grows meanwhile (one a compromised worker still writes to) is cut there."""
+    size = os.fstat(source).st_size
     offset = 0
-    while True:
+    while offset < size:
         try:
-            copied = os.copy_file_range(source, target, 1 << 30, offset)
+            copied = os.copy_file_range(source, target, min(size - offset, 1 << 30), offset)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
-            _copy_by_reading(source, target, offset)
+            _copy_by_reading(source, target, offset, size)
             return
         if copied == 0:
             return
         offset += copied
 
 
-def _copy_by_reading(source: int, target: int, offset: int) -> None:
-    while chunk := os.pread(source, 1 << 20, offset):
+def _copy_by_reading(source: int, target: int, offset: int, size: int) -> None:
+    while offset < size and (chunk := os.pread(source, min(size - offset, 1 << 20), offset)):
         write_all(target, chunk)
         offset += len(chunk)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 from collections.abc import Awaitable, Callable, Iterable
 
 from mailerd import durable, trace
@@ -46,10 +45,6 @@ def storage_reply(exc: BaseException) -> Reply:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DISK_FULL
     return IO_ERROR
-
-
-def body_size(body: durable.Body) -> int:
-    return len(body) if isinstance(body, bytes) else os.fstat(body).st_size
 
 
 def begin(request: Commit, hostname: str, size: int) -> tuple[str, bytes]:

@@ -24,6 +24,9 @@ class MailboxLocked(Exception):
     """The mailbox lock was held by someone else (an IMAP server) for longer than the deadline:
     raised by the writer, and by its clients when the writer answers so."""
 
+    def __init__(self, text: str = "mailbox locked") -> None:
+        super().__init__(text)  # (said in the log line of a deferred copy)
+
 
 class LookupNeeded(Exception):
     """The answer needs the user database (an account not in the cache), and the caller asked

@@ -256,7 +256,7 @@ class DeliveryService:
 
     async def commit(self, request: Commit, body: durable.Body) -> Reply:
         """Make one message durable for all its recipients; the answer for the worker."""
-        queue_id, received = intake.begin(request, self.cfg.hostname, intake.body_size(body))
+        queue_id, received = intake.begin(request, self.cfg.hostname, durable.body_size(body))
         remote = [
             Recipient(address)
             for address in dict.fromkeys(

@@ -488,7 +488,7 @@ class Master:
             self.delivery_socket.close()
             user = self.cfg.user
             untrusted = privileges.lookup(user).uid if user else None
-            return writer_service.run(self.cfg.spool, untrusted, pair)
+            return writer_service.run(self.cfg.spool, untrusted, pair, self.cfg.max_message_size)
         if kind == "delivery":
             assert pair is not None
             setproctitle("mailerd: delivery")

@@ -129,7 +129,9 @@ class Worker:
         content: durable.Body = body if fd is None else fd
         since = time.time()
         try:
-            queue_id, received = intake.begin(request, self.cfg.hostname, intake.body_size(content))
+            queue_id, received = intake.begin(
+                request, self.cfg.hostname, durable.body_size(content)
+            )
             failed = await intake.write_local(
                 writer.deliver, queue_id, request.sender, received, content, request.targets
             )

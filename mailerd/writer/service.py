@@ -17,18 +17,28 @@ from the delivery process alone.
 Requests that pile up for one mailbox are committed as one batch with one directory fsync
 (group commit), one writer task per mailbox at a time (POSIX locks do not exclude threads of one
 process). A small batch of in-memory bodies is written in the event loop's own thread, which
-saves two wake-ups per batch; a large one, or one whose lock is taken (an IMAP server holding
-it), goes to a small thread pool, so that it waits there and other mailboxes go on.
+saves two wake-ups per batch; a large one goes to a small thread pool. A mailbox whose lock is
+taken (an IMAP server holding it) is tried again and again, without a thread, until its lock
+is free or its lock timeout has passed: four users sitting on their own locks held all four threads
+for a minute in an attacker's pass, and everyone else's mail waited.
+
+What a worker sends is not trusted: it runs as the unprivileged user, which must not be able
+to make root write or read anything but what a delivery writes. A body handed over as a
+descriptor must be a regular file of at most the message size limit (one of /dev/zero made
+the writer fill the disk as root), and only the delivery process may ask for a redelivery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
+import functools
 import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,6 +73,10 @@ FINISH_QUIET = 0.1  # s without a worker's write before the writer closes its ch
 FINISH_LIMIT = 5.0
 MAX_HEAD = 64 * 1024  # Return-Path: and Received: ahead of a worker's inline body
 MAX_WORKER_CHANNELS = 256  # one per live worker is the norm; this bounds the writer's descriptors
+MAX_PAUSE = 1.0  # s between two tries of a locked mailbox, at most
+# Octets a descriptor's body may exceed the message size limit by: what mailerd prepends or
+# adds (Received:, Authentication-Results:, a DKIM signature, a DSN's own parts).
+BODY_SLACK = 1 << 20
 
 
 class MailboxQueue:
@@ -116,9 +130,7 @@ class MailboxQueue:
                 here = self._is_warm(started) and self._alone() and _small(messages)
                 numbers = self._deliver_here(messages) if here else None
                 if numbers is None:
-                    numbers = await loop.run_in_executor(
-                        self._executor, self._spool.deliver, self.name, messages
-                    )
+                    numbers = await self._deliver_in_pool(messages)
                 self._warm[self.name] = loop.time()
             except Exception as exc:  # OSError, MailboxLocked, or a bug: answered either way
                 for _, future in batch:
@@ -148,6 +160,23 @@ class MailboxQueue:
             self._warm.clear()  # (the pool then warms each mailbox again, once)
         return now - self._warm.get(self.name, -WARM_FOR) < WARM_FOR
 
+    async def _deliver_in_pool(self, messages: list[Copy]) -> list[int]:
+        """Commit a batch in the pool; while the mailbox's lock is held elsewhere, try again
+        after a pause (growing to MAX_PAUSE) without holding a thread, for the store's lock
+        timeout at most (then MailboxLocked: the copy is queued)."""
+        loop = self._loop
+        deadline = loop.time() + self._spool.lock_timeout
+        deliver = functools.partial(self._spool.deliver, self.name, messages, wait=False)
+        pause = 0.01
+        while True:
+            try:
+                return await loop.run_in_executor(self._executor, deliver)
+            except MailboxLocked:
+                if loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_PAUSE)
+
     def _deliver_here(self, messages: list[Copy]) -> list[int] | None:
         """Commit a small batch in the event loop's own thread: the handoff to a pool thread and
         back is two wake-ups, a good part of a 250's latency when both cores are busy.
@@ -157,8 +186,8 @@ class MailboxQueue:
         a minute; the first batch in a while goes through the pool) and only while no other
         mailbox is being written, whose commits would otherwise wait behind this one. It blocks
         the loop for about one batch's fsync; frames that arrive meanwhile make the next batch.
-        None when the lock is taken (an IMAP server): then the batch is written again in the
-        pool, which waits for the lock, not us."""
+        None when the lock is taken (an IMAP server): then the batch goes the pool's way,
+        which waits for the lock without blocking us (_deliver_in_pool)."""
         try:
             return self._spool.deliver(self.name, messages, wait=False)
         except MailboxLocked:
@@ -179,9 +208,12 @@ class WriterService:
     """The writer process's loop: channels in (the delivery process's, and one per worker it
     hands over), mailbox writes out."""
 
-    def __init__(self, spool: MailboxStore, sock: socket.socket) -> None:
+    def __init__(
+        self, spool: MailboxStore, sock: socket.socket, max_body: int | None = None
+    ) -> None:
         self.spool = spool
         self.sock = sock
+        self.max_body = max_body  # octets of a descriptor's body at most (None: no limit)
         self.executor = ThreadPoolExecutor(THREADS, thread_name_prefix="mailbox")
         self.writers: dict[str, MailboxQueue] = {}
         self.closed = asyncio.Event()
@@ -256,16 +288,30 @@ class WriterService:
             request = decode_request(header, (MailboxWrite,))
             if not isinstance(request, MailboxWrite) or request.head > len(inline):
                 raise BadMessage("head: longer than the frame's body")
-        except BadMessage as exc:
+            if request.since is not None and channel is not self.channel:
+                raise BadMessage("since: only the delivery process writes a message again")
+            if fd is not None:
+                self._check_body(fd)
+        except (BadMessage, OSError) as exc:
             if fd is not None:
                 os.close(fd)
-            self._answer(channel, header, WriteFailed(f"not a mailbox write: {exc}", 22))
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+            self._answer(channel, header, WriteFailed(f"not a mailbox write: {exc}", code))
             return
         head = inline[: request.head]
         body = inline[request.head :] if fd is None else fd
         future = self._writer(request.mailbox).submit(Copy(head, body, request.since))
         self.outstanding += 1
         self.asking[future] = (channel, header, fd)
+
+    def _check_body(self, fd: int) -> None:
+        """A descriptor's body must be a regular file no larger than max_body (it is copied
+        up to the size it has now, durable.copy_fd: a file still growing is cut there)."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadMessage("body: not a regular file")
+        if self.max_body is not None and st.st_size > self.max_body:
+            raise OSError(errno.EFBIG, f"body of {st.st_size} octets, more than {self.max_body}")
 
     def _settled(self, futures: list[asyncio.Future[int]]) -> None:
         """A batch is done: queue its answers, then send them, one sendmsg() per channel.
@@ -327,16 +373,16 @@ class WriterService:
         return writer
 
 
-def run(spool: Path, untrusted_uid: int | None, sock: socket.socket) -> int:
+def run(spool: Path, untrusted_uid: int | None, sock: socket.socket, max_size: int) -> int:
     """Entry point of a mailbox writer, which the master forks (as root when it is) for a
     delivery process: serve that process's channel `sock`, and the workers' channels it hands
     over, until it closes `sock`. `untrusted_uid`: mailerd's unprivileged user (never a
-    mailbox's owner)."""
+    mailbox's owner); `max_size`: the message size limit."""
     setproctitle("mailerd: mailbox writer")
     # It stops when the delivery process closes its channel, never on a signal aimed at the
     # whole process group (Ctrl-C), so no handed-over message is cut short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     store = MailboxStore(spool, untrusted_uid=untrusted_uid)
-    eventloop.run(WriterService(store, sock).run())
+    eventloop.run(WriterService(store, sock, max_size + BODY_SLACK).run())
     return 0

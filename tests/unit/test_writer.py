@@ -11,6 +11,7 @@ import re
 import select
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from mailerd.ipc.channel import PREFIX, Client
@@ -23,10 +24,10 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def _service_with_worker(tmp_path):
+async def _service_with_worker(tmp_path, max_body=None):
     """A running WriterService, the delivery process's client, and one adopted worker client."""
     control, service_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    service = WriterService(MailboxStore(tmp_path), service_end)
+    service = WriterService(MailboxStore(tmp_path), service_end, max_body)
     serving = asyncio.create_task(service.run())
     delivery = WriterClient(control, lambda: None)
     worker_end, writer_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -199,11 +200,11 @@ def test_a_mailbox_committed_lately_is_written_in_the_loop_by_the_next_writer(
     across them."""
     (tmp_path / "gus").mkdir()
     spool = MailboxStore(tmp_path)
-    waits = []
+    in_loop = []
     real = MailboxStore.deliver
 
     def deliver(self, name, messages, *, wait=True):
-        waits.append(wait)
+        in_loop.append(threading.current_thread() is threading.main_thread())
         return real(self, name, messages, wait=wait)
 
     monkeypatch.setattr(MailboxStore, "deliver", deliver)
@@ -219,7 +220,7 @@ def test_a_mailbox_committed_lately_is_written_in_the_loop_by_the_next_writer(
             executor.shutdown(wait=True)
 
     run(main())
-    assert waits[:3] == [True, False, False]  # the pool, then the loop's thread
+    assert in_loop[:3] == [False, True, True]  # the pool, then the loop's thread
 
 
 def test_a_failed_commit_does_not_warm_the_mailbox(tmp_path):
@@ -324,3 +325,123 @@ def test_a_failing_answer_stops_neither_the_others_nor_the_mailbox(tmp_path, mon
         await asyncio.wait_for(serving, 5)
 
     run(main())
+
+
+def test_a_worker_cannot_ask_for_a_redelivery(tmp_path):
+    """Only the delivery process may say `since` (a redelivery, answered with the number of the
+    same message if it is there): from a worker, which runs as the unprivileged user, that
+    answer would tell it what a mailbox it cannot open holds."""
+    (tmp_path / "dave").mkdir()
+
+    async def main():
+        serving, delivery, worker, lost = await _service_with_worker(tmp_path)
+        since = time.time() - 10
+        assert await delivery.deliver("dave", b"", b"secret\r\n") == 1
+        write = {"op": "write", "mailbox": "dave", "head": 0}
+        answer = await worker.request({**write, "since": since}, b"secret\r\n")
+        assert answer.get("errno") == 22 and "number" not in answer, answer
+        assert "redeliver" in answer["error"] or "again" in answer["error"]
+        assert await delivery.deliver("dave", b"", b"secret\r\n", since) == 1
+        assert (await worker.request(write, b"secret\r\n"))["number"] == 2
+        delivery.close()
+        await asyncio.wait_for(serving, 5)
+
+    run(main())
+    assert sorted(n for n in os.listdir(tmp_path / "dave") if n.isdigit()) == ["1", "2"]
+
+
+def test_a_body_descriptor_must_be_a_regular_file_within_the_size_limit(tmp_path):
+    """A worker hands large bodies over as descriptors: /dev/zero made the root writer fill the
+    disk (an attacker's pass), and a sparse file of any size would too. Refused before a byte
+    is written; a file that grows while it is copied is cut at the size it had."""
+    (tmp_path / "dave").mkdir()
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 40)
+    fine = tmp_path / "fine"
+    fine.write_bytes(b"x" * 1000)
+
+    async def main():
+        serving, delivery, worker, lost = await _service_with_worker(tmp_path, max_body=1000)
+        write = {"op": "write", "mailbox": "dave", "head": 0}
+        for path, error in (("/dev/zero", 22), (sparse, 27), ("/dev/null", 22)):
+            answer = await worker.request(write, b"", os.open(path, os.O_RDONLY))
+            assert answer.get("errno") == error and "number" not in answer, (path, answer)
+        assert (await worker.request(write, b"", os.open(fine, os.O_RDONLY)))["number"] == 1
+        delivery.close()
+        await asyncio.wait_for(serving, 5)
+
+    run(main())
+    assert sorted(os.listdir(tmp_path / "dave")) == [".counter", ".lock", "1", "1.status"]
+    assert (tmp_path / "dave" / "1").read_bytes() == b"x" * 1000
+
+
+def test_a_growing_body_is_copied_as_large_as_it_was(tmp_path):
+    from mailerd import durable
+
+    source = tmp_path / "source"
+    source.write_bytes(b"a" * 100)
+    target = tmp_path / "target"
+    with open(source, "ab") as grow, open(target, "wb") as out:
+        fd = os.open(source, os.O_RDONLY)
+        real = os.copy_file_range
+
+        grown = []
+
+        def copy_then_grow(*args):
+            if len(grown) < 5:  # (a compromised worker still writing)
+                grown.append(grow.write(b"b" * 100))
+                grow.flush()
+            return real(*args)
+
+        try:
+            os.copy_file_range = copy_then_grow
+            durable.copy_fd(fd, out.fileno())
+        finally:
+            os.copy_file_range = real
+            os.close(fd)
+    assert target.read_bytes() == b"a" * 100
+
+
+def test_mailboxes_whose_locks_are_held_do_not_take_the_threads(tmp_path):
+    """More mailboxes locked elsewhere than the pool has threads (users sitting on their own
+    locks): another mailbox is written at once, and each locked one when its lock goes."""
+    spool = MailboxStore(tmp_path, lock_timeout=20)
+    locked = ["bob", "carol", "dave"]
+    for name in [*locked, "erin"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".lock").touch()
+    ready = [multiprocessing.Event() for _ in locked]
+    release = multiprocessing.Event()
+    holders = [
+        multiprocessing.Process(target=_hold_lock, args=(tmp_path / name / ".lock", r, release))
+        for name, r in zip(locked, ready, strict=True)
+    ]
+
+    async def main():
+        executor = ThreadPoolExecutor(2)
+        try:
+            queues = {
+                n: MailboxQueue(n, spool, executor, lambda n: None) for n in [*locked, "erin"]
+            }
+            for holder, r in zip(holders, ready, strict=True):
+                holder.start()
+                assert await asyncio.get_running_loop().run_in_executor(None, r.wait, 10)
+            waiting = [queues[n].submit(Copy(b"", b"x\r\n")) for n in locked]
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            assert await asyncio.wait_for(queues["erin"].submit(Copy(b"", b"y\r\n")), 5) == 1
+            assert time.monotonic() - started < 1.0
+            assert not any(w.done() for w in waiting)
+            release.set()
+            assert await asyncio.wait_for(asyncio.gather(*waiting), 10) == [1, 1, 1]
+        finally:
+            executor.shutdown(wait=True)
+
+    try:
+        run(main())
+    finally:
+        release.set()
+        for holder in holders:
+            if holder.pid is not None:
+                holder.join(10)
