@@ -5,8 +5,12 @@ each with its addresses) or a `Failure` that says whether to bounce now or retry
 follows RFC 5321 5.1: MX records in preference order with equal preferences in random order,
 the implicit MX (the domain's own addresses) when there is no MX record, NXDOMAIN as an error
 and temporary DNS errors as "retry"; and it discards our own host and every less preferred one
-so that mail never loops back to us. RFC 7505 null MX bounces at once. Domain literals
-(`[192.0.2.1]`, `[IPv6:2001:db8::1]`) need no DNS. Status codes follow RFC 3463.
+so that mail never loops back to us: our own addresses and every address that means "this
+machine" (127/8, ::1, 0.0.0.0/8, ::, IPv4-mapped or not: Linux connects to 0.0.0.0 as to the
+local host, and an attacker's pass made mail loop through our own listener 750 times in 15 s
+with an MX at 0.0.0.0). Addresses no one can be reached at (multicast, link-local without its
+interface, 240/4 and the broadcast address) are left out. RFC 7505 null MX bounces at once.
+Domain literals (`[192.0.2.1]`, `[IPv6:2001:db8::1]`) need no DNS. Status codes follow RFC 3463.
 
 All DNS goes through the dnspython asyncio resolver passed in (see `mailerd.resolver`); the
 lookups for the hosts of one domain run concurrently, so one slow nameserver costs one timeout,
@@ -78,15 +82,18 @@ async def resolve(
     own_addresses: frozenset[str] = frozenset(),
     rng: random.Random | None = None,
     max_hosts: int = 5,
+    loop_check: bool = True,
 ) -> Route | Failure:
     """Where to deliver mail for `domain` (the part after the last @), or why not.
 
     `families` is "both", "ipv4" or "ipv6"; `own_names` and `own_addresses` are the names and
-    addresses this server is known by (loop detection); `rng` orders equal preferences.
+    addresses this server is known by (loop detection, which `loop_check=False` turns off
+    altogether: for a smarthost the administrator named, which may be on this machine);
+    `rng` orders equal preferences.
     """
     if families not in FAMILIES:
         raise ValueError(f"families must be one of {', '.join(FAMILIES)}, not {families!r}")
-    own = _Self.make(own_names, own_addresses)
+    own = _Self.make(own_names, own_addresses, loop_check)
     if domain.startswith("["):
         return _literal_route(domain, families, own)
     try:
@@ -144,6 +151,8 @@ def _literal_route(domain: str, families: str, own: _Self) -> Route | Failure:
         return Failure(True, 550, "5.4.4", f"{domain}: IPv{address.version} delivery is turned off")
     if own.has_address(address):
         return _loop_failure(domain)
+    if not _reachable(address):
+        return Failure(True, 553, "5.1.2", f"Bad destination address literal {domain}")
     return Route((Target(domain, 0, (str(address),)),), implicit=True)
 
 
@@ -162,26 +171,43 @@ def _parse_literal(domain: str) -> IPAddress:
 
 @dataclass(frozen=True)
 class _Self:
-    """The names and addresses this server answers to, normalised for comparison."""
+    """The names and addresses this server answers to, normalised for comparison (with
+    `this_machine`, also every address that means the local host)."""
 
     names: frozenset[str]
     addresses: frozenset[IPAddress]
+    this_machine: bool = True
 
     @classmethod
-    def make(cls, names: frozenset[str], addresses: frozenset[str]) -> _Self:
+    def make(cls, names: frozenset[str], addresses: frozenset[str], this_machine: bool) -> _Self:
         normal_names = set()
         for n in names:
             try:
                 normal_names.add(_text(_domain_name(n)))
             except ValueError:
                 normal_names.add(n.lower().rstrip("."))  # cannot match a DNS name anyway
-        return cls(frozenset(normal_names), frozenset(_unmapped(a) for a in addresses))
+        normal = frozenset(_unmapped(a) for a in addresses)
+        return cls(frozenset(normal_names), normal, this_machine)
 
     def has_name(self, name: dns.name.Name) -> bool:
         return _text(name) in self.names
 
     def has_address(self, address: IPAddress | str) -> bool:
-        return _unmapped(address) in self.addresses
+        ip = _unmapped(address)
+        return ip in self.addresses or (self.this_machine and _this_machine(ip))
+
+
+def _this_machine(ip: IPAddress) -> bool:
+    """An address that reaches this machine whoever we are: loopback or "this network"."""
+    return ip.is_loopback or ip.is_unspecified or (ip.version == 4 and ip.packed[0] == 0)
+
+
+def _reachable(ip: IPAddress) -> bool:
+    """An address a connection can be made to: not multicast, not link-local (it needs an
+    interface that a DNS answer cannot give), not IPv4's reserved 240/4 (the broadcast
+    address is in it)."""
+    ip = _unmapped(ip)
+    return not (ip.is_multicast or ip.is_link_local or (ip.version == 4 and ip.is_reserved))
 
 
 def _unmapped(address: IPAddress | str) -> IPAddress:
@@ -312,7 +338,8 @@ async def _address_records(
         return [], None  # a definite "none": this host is simply unusable
     except dns.exception.DNSException as e:
         return [], _dns_failure(host, rdtype, e).text
-    return [str(ipaddress.ip_address(rdata.address)) for rdata in answer], None
+    found = (ipaddress.ip_address(rdata.address) for rdata in answer)
+    return [str(ip) for ip in found if _reachable(ip)], None
 
 
 def _dns_failure(name: dns.name.Name, rdtype: str, error: dns.exception.DNSException) -> Failure:

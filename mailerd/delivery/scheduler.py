@@ -358,8 +358,9 @@ class Scheduler:
             families=self.cfg.outbound_ip,
             # A configured smarthost may well be on this machine (another port, a filter):
             # the administrator chose it, so no loop check.
-            own_names=frozenset() if smarthost else self.own_names,
-            own_addresses=frozenset() if smarthost else self.own_addresses,
+            own_names=self.own_names,
+            own_addresses=self.own_addresses,
+            loop_check=not smarthost,
         )
         if isinstance(route, mx.Failure):
             return route

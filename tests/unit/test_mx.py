@@ -137,6 +137,27 @@ mx       A 192.0.2.90
 $ORIGIN xn--bcher-kva.test.
 @        MX 10 mx
 mx       A 192.0.2.100
+
+$ORIGIN thismachine.test.
+@        MX 10 zero4
+@        MX 20 zero6
+@        MX 30 mapped
+@        MX 40 lo2
+zero4    A 0.0.0.0
+zero6    AAAA ::
+mapped   AAAA ::ffff:0.0.0.0
+lo2      A 127.0.0.2
+
+$ORIGIN unreachable.test.
+@        MX 10 mx
+@        MX 20 backup
+mx       A 224.0.0.1
+mx       A 255.255.255.255
+mx       A 169.254.0.9
+mx       AAAA fe80::1
+mx       AAAA ff02::1
+mx       A 192.0.2.110
+backup   A 240.0.0.1
 """
     + "$ORIGIN many.test.\n"
     + "".join(f"@ MX {i} host{i:02}\nhost{i:02} A 198.51.100.{i}\n" for i in range(MANY))
@@ -440,6 +461,41 @@ def test_unrelated_own_identity_changes_nothing(resolver):
         own_addresses=frozenset({"203.0.113.1"}),
     )
     assert len(route.targets) == 3
+
+
+@pytest.mark.parametrize("own", [frozenset(), frozenset({"192.0.2.99"})])
+def test_an_address_of_this_machine_is_a_loop_whoever_we_are(resolver, own):
+    """0.0.0.0, ::, ::ffff:0.0.0.0 and all of 127/8 reach the local host (Linux connects to the
+    unspecified address as to itself): an MX there loops back to us, through our own loopback
+    listener, which relays anywhere (an attacker's pass: 750 hops in 15 s)."""
+    failure = resolve(resolver, "thismachine.test", own_addresses=own)
+    assert failure == mx.Failure(
+        True, 554, "5.4.6", "mail for thismachine.test loops back to myself"
+    )
+    for literal in ("[0.0.0.0]", "[IPv6:::]", "[127.0.0.2]", "[IPv6:::ffff:127.0.0.1]"):
+        failure = run(mx.resolve(literal, NoDNS(), own_addresses=own))
+        assert (failure.code, failure.status) == (554, "5.4.6"), literal
+
+
+def test_a_smarthost_may_be_on_this_machine(resolver):
+    """loop_check=False (a relayhost the administrator named, a filter on another port)."""
+    route = resolve(resolver, "thismachine.test", loop_check=False)
+    assert [t.addresses for t in route.targets] == [
+        ("0.0.0.0",),
+        ("::",),
+        ("::ffff:0:0",),
+        ("127.0.0.2",),
+    ]
+
+
+def test_addresses_no_one_is_reached_at_are_left_out(resolver):
+    route = resolve(resolver, "unreachable.test")
+    assert [(t.host, t.addresses) for t in route.targets] == [
+        ("mx.unreachable.test", ("192.0.2.110",))
+    ]
+    for literal in ("[224.0.0.1]", "[255.255.255.255]", "[IPv6:ff02::1]"):
+        failure = run(mx.resolve(literal, NoDNS()))
+        assert (failure.permanent, failure.status) == (True, "5.1.2"), literal
 
 
 # --- literals and names ------------------------------------------------------------------
