@@ -20,6 +20,14 @@ verification failed for ...`); a session whose connection still works ends with 
 the transaction went; with -v the dialogue is logged at DEBUG (commands and replies: never the
 message, never what AUTH sends). A failure that mailerd detects itself is a Result marked
 `ours`, worded as ours: a bounce must never claim that the remote host said it.
+
+The remote host is not trusted (a fifth attacker's pass, /tmp/atk5a, ran a hostile MX): a
+reply is read up to REPLY_LINES lines and REPLY_SIZE octets (an endless multi-line reply grew
+the delivery process by 300 MB a second), its text is kept printable and at most REPLY_TEXT
+characters long (it goes to the log, the queue and `mailerd queue list`), and a whole session
+has a deadline (`session_time`) that every read and write keeps to: with a timeout per read
+only, a server dripping a continuation line every few seconds held an attempt, and its thread,
+for ever.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import io
 import logging
 import smtplib
 import ssl
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,6 +58,11 @@ HEADER_SCAN = 256 * 1024
 SEND_BUFFER = 64 * 1024  # octets of content per write to the socket
 NOTE_MAX = 1000  # characters of a remote reply kept in a log line
 AUTH_MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")  # in smtplib's order of preference
+REPLY_LINES = 100  # lines of one reply at most (an EHLO reply has about 20)
+REPLY_SIZE = 64 * 1024  # octets of one reply at most
+REPLY_LINE = 8192  # octets of one reply line at most (smtplib's own limit)
+REPLY_TEXT = 1000  # characters of a reply's text kept for the log, the queue and bounces
+SLOWEST_CONTENT = 10_000  # octets a second: a session's deadline grows by size / this
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,11 @@ class Settings:
     connect_timeout: float = 30.0
     plain_auth: bool = False  # send AUTH without TLS (only when the TLS policy is "none")
     dkim_keys: tuple[signing.SigningKey, ...] = ()  # to sign a message converted to 7 bit anew
+
+    def session_time(self, size: int) -> float:
+        """How long one session with one host may take, all of it: twice the timeout of a
+        read, and the content at SLOWEST_CONTENT octets a second (25 MB: 42 minutes more)."""
+        return 2 * self.timeout + size / SLOWEST_CONTENT
 
 
 class _HopFailed(Exception):
@@ -202,7 +221,8 @@ def _try_hop(
 def _transaction(
     hop: Hop, message: Message, settings: Settings, content: _Content
 ) -> dict[str, Result]:
-    client = _connect(hop, settings, message.queue_id)
+    deadline = time.monotonic() + settings.session_time(message.path.stat().st_size)
+    client = _connect(hop, settings, message.queue_id, deadline)
     try:
         try:
             results = _converse(client, hop, message, settings, content)
@@ -218,23 +238,47 @@ def _transaction(
         client.close()
 
 
+class ReplyTooLong(smtplib.SMTPException):
+    """A reply of more than REPLY_LINES lines or REPLY_SIZE octets (or a line of more than
+    REPLY_LINE): the session ends, as for a lost connection."""
+
+
 class _Client(smtplib.SMTP):
     """smtplib's client, with what the log needs: the stage of the dialogue, and (-v) the
-    dialogue itself."""
+    dialogue itself; and with bounds on what the server can make it read, and for how long
+    (`deadline`, time.monotonic())."""
 
     # smtplib's own: connect() sets it and starttls() gives it as the TLS server name. The
     # stubs leave it out, being undocumented.
     _host: str
 
-    def __init__(self, hop: Hop, settings: Settings, queue_id: str) -> None:
+    def __init__(self, hop: Hop, settings: Settings, queue_id: str, deadline: float) -> None:
         super().__init__(timeout=settings.connect_timeout, local_hostname=settings.helo)
         self.peer = f"{hop.name}:{hop.port}"
         self.prefix = f"{queue_id}: " if queue_id else ""
         self.stage = "receiving the initial server greeting"  # Postfix's words, for the log
         self.secret = False  # in AUTH's exchange, whose lines are never logged
         self.greeting: tuple[int, bytes] = (0, b"")
+        self.deadline = deadline
+        self.read_timeout = settings.timeout
+        self.unread = bytearray()  # received, not yet read as reply lines
+        self.unread_of: object = None  # the socket `unread` came from (STARTTLS makes another)
+
+    def time_left(self) -> float:
+        """The timeout for the next read or write: a read's own, or what is left of the
+        session's time if that is less (TimeoutError if none is)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the session's time ran out")
+        return min(self.read_timeout, left)
 
     def send(self, s: ReadableBuffer | str) -> None:
+        if self.sock is not None:
+            self.sock.settimeout(self.time_left())
+        self._log_command(s)
+        super().send(s)
+
+    def _log_command(self, s: ReadableBuffer | str) -> None:
         text = s if isinstance(s, str) else bytes(s).decode("utf-8", "replace")
         line = text.rstrip("\r\n")
         if self.secret:
@@ -244,10 +288,60 @@ class _Client(smtplib.SMTP):
             words = line.split(" ")
             line = " ".join(words[:2]) + (" ***" if len(words) > 2 else "")
         log.debug("%s%s > %s", self.prefix, self.peer, shorten(line))
-        super().send(s)
 
     def getreply(self) -> tuple[int, bytes]:
-        code, text = super().getreply()
+        """smtplib's, bounded (REPLY_LINES, REPLY_SIZE, the session's deadline)."""
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            line = self._line()
+            size += len(line)
+            if len(lines) >= REPLY_LINES or size > REPLY_SIZE:
+                self.close()
+                raise ReplyTooLong(
+                    f"a reply of more than {REPLY_LINES} lines or {REPLY_SIZE} octets"
+                )
+            lines.append(line[4:].strip(b" \t\r\n"))
+            try:
+                code = int(line[:3])
+            except ValueError:
+                code = -1  # (smtplib's answer to a line that has no code)
+                break
+            if line[3:4] != b"-":
+                break
+        text = b"\n".join(lines)
+        self._show(code, text)
+        return code, text
+
+    def _line(self) -> bytes:
+        """One reply line, read within the session's time."""
+        sock = self.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("please run connect() first")
+        if self.unread_of is not sock:  # (after STARTTLS, nothing said before it is read)
+            self.unread.clear()
+            self.unread_of = sock
+        unread = self.unread
+        while (end := unread.find(b"\n", 0, REPLY_LINE)) < 0 and len(unread) < REPLY_LINE:
+            try:
+                sock.settimeout(self.time_left())
+                chunk = sock.recv(65536)
+            except OSError as exc:
+                self.close()
+                closed = f"Connection unexpectedly closed: {exc}"
+                raise smtplib.SMTPServerDisconnected(closed) from exc
+            if not chunk:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            unread += chunk
+        if end < 0:
+            self.close()
+            raise ReplyTooLong(f"a reply line of more than {REPLY_LINE} octets")
+        line = bytes(unread[: end + 1])
+        del unread[: end + 1]
+        return line
+
+    def _show(self, code: int, text: bytes) -> None:
         if code != 334:  # (334: AUTH goes on)
             self.secret = False
         if log.isEnabledFor(logging.DEBUG):
@@ -256,12 +350,11 @@ class _Client(smtplib.SMTP):
                 f"{code}{'-' if n < len(lines) - 1 else ' '}{line}" for n, line in enumerate(lines)
             )
             log.debug("%s%s < %s", self.prefix, self.peer, shorten(shown))
-        return code, text
 
 
-def _connect(hop: Hop, settings: Settings, queue_id: str) -> _Client:
+def _connect(hop: Hop, settings: Settings, queue_id: str, deadline: float) -> _Client:
     """A connection and its greeting (read, not yet judged: see _converse)."""
-    client = _Client(hop, settings, queue_id)
+    client = _Client(hop, settings, queue_id, deadline)
     try:
         client.greeting = client.connect(hop.address, hop.port)
     except smtplib.SMTPException as exc:  # connected, but no greeting
@@ -272,8 +365,6 @@ def _connect(hop: Hop, settings: Settings, queue_id: str) -> _Client:
         result = _ours(hop, f"connect to {hop.name}:{hop.port}: {_reason(exc)}")
         raise _HopFailed(result, usable=False) from exc
     client._host = hop.host  # smtplib uses it as the TLS server name; we connected by address
-    assert client.sock is not None  # (connect() succeeded)
-    client.sock.settimeout(settings.timeout)
     return client
 
 
@@ -466,7 +557,7 @@ def _rcpt_to(client: _Client, hop: Hop, message: Message) -> tuple[dict[str, Res
     accepted: list[str] = []
     for recipient in message.recipients:
         code, text = client.rcpt(recipient)
-        if code in (250, 251):
+        if 200 <= code < 300:  # (252 too: "cannot verify, but will accept", as Postfix reads it)
             accepted.append(recipient)
         else:
             results[recipient] = _reply(hop, code, text, "5.1.1" if code >= 500 else "4.1.1")
@@ -479,12 +570,17 @@ def _rcpt_to(client: _Client, hop: Hop, message: Message) -> tuple[dict[str, Res
 def _data(client: _Client, hop: Hop, body: _Body) -> Result:
     client.stage = "sending DATA command"
     code, text = client.docmd("DATA")
+    if 200 <= code < 400 and code != 354:
+        # No content was sent: a 250 here must not count as "sent" (Postfix defers it too).
+        said = _reply(hop, code, text, "4.5.0").line()
+        raise _HopFailed(_ours(hop, _said_text(hop, said, "DATA", "protocol error: "), "4.5.0"))
     if code != 354:
         return _reply(hop, code, text, "5.6.0" if code >= 500 else "4.6.0")
     client.stage = "sending message body"
     _send_content(client, body.pieces())
     client.stage = "sending end of data -- message may be sent more than once"
     assert client.sock is not None
+    client.sock.settimeout(client.time_left())
     client.sock.sendall(b".\r\n")
     code, text = client.getreply()
     return _reply(hop, code, text, f"{code // 100}.0.0")
@@ -507,10 +603,12 @@ def _send_content(client: _Client, pieces: Generator[bytes, None, None]) -> None
             after_cr = piece.endswith(b"\r")
             buffer += piece
             if len(buffer) >= SEND_BUFFER:
+                client.sock.settimeout(client.time_left())
                 client.sock.sendall(buffer)
                 buffer.clear()
     if not start:
         buffer += b"\r\n"
+    client.sock.settimeout(client.time_left())
     client.sock.sendall(buffer)
 
 
@@ -524,6 +622,10 @@ def _reply(hop: Hop, code: int, text: bytes | str, default_status: str, prefix: 
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     text = " ".join(text.split())
+    if not text.isprintable():  # (escape sequences for the administrator's terminal, NULs)
+        text = "".join(c if c.isprintable() else "?" for c in text)
+    if len(text) > REPLY_TEXT:
+        text = text[: REPLY_TEXT - 3] + "..."
     status, _, rest = text.partition(" ")
     if not (len(status.split(".")) == 3 and status[:1] == str(code)[:1] and status[0] in "245"):
         status, rest = default_status, text
@@ -531,7 +633,11 @@ def _reply(hop: Hop, code: int, text: bytes | str, default_status: str, prefix: 
 
 
 def _said(hop: Hop, result: Result, command: str) -> str:
-    return f"host {hop.name} said: {result.line()} (in reply to {command} command)"
+    return _said_text(hop, result.line(), command)
+
+
+def _said_text(hop: Hop, said: str, command: str, prefix: str = "") -> str:
+    return f"{prefix}host {hop.name} said: {said} (in reply to {command} command)"
 
 
 def _ours(hop: Hop, text: str, status: str = "4.4.1", code: int = 451) -> Result:

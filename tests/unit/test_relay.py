@@ -1,5 +1,6 @@
 """One outbound attempt (relay.attempt) against real aiosmtpd servers on loopback."""
 
+import contextlib
 import socket
 import ssl
 import subprocess
@@ -229,3 +230,126 @@ def test_a_long_line_cut_between_its_cr_and_lf_keeps_its_crlf(tmp_path):
     finally:
         controller.stop()
     assert handler.messages[0]["data"] == path.read_bytes()
+
+
+# --- a hostile server (a fifth attacker's pass, /tmp/atk5a) ---------------------------------
+
+
+@pytest.fixture
+def hostile():
+    """A server on loopback that greets and answers each command with what `answers` (command
+    word -> a function of the socket) says, and "250 OK" to the rest."""
+    import threading
+
+    listeners = []
+
+    def start(answers, greeting=lambda s: s.sendall(b"220 hostile.test ESMTP\r\n")):
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def serve():
+            with contextlib.suppress(OSError):
+                conn, _ = listener.accept()
+                with conn:
+                    greeting(conn)
+                    reader = conn.makefile("rb")
+                    in_data = False
+                    for line in reader:
+                        if in_data:
+                            in_data = line != b".\r\n"
+                            if not in_data:
+                                answers.get(".", lambda s: s.sendall(b"250 2.0.0 queued\r\n"))(conn)
+                            continue
+                        word = line.split()[0].decode().upper() if line.split() else ""
+                        if word == "QUIT":
+                            conn.sendall(b"221 bye\r\n")
+                            return
+                        if word == "DATA" and "DATA" not in answers:
+                            conn.sendall(b"354 go\r\n")
+                            in_data = True
+                            continue
+                        answers.get(word, lambda s: s.sendall(b"250 OK\r\n"))(conn)
+
+        threading.Thread(target=serve, daemon=True).start()
+        return relay.Hop("hostile.test", "127.0.0.1", listener.getsockname()[1])
+
+    yield start
+    for listener in listeners:
+        listener.close()
+
+
+def _endless(line: bytes, pause: float = 0.0):
+    import time
+
+    def answer(conn):
+        while True:
+            conn.sendall(line)
+            if pause:
+                time.sleep(pause)
+
+    return answer
+
+
+def _timed(hop, message, settings):
+    import time
+
+    started = time.monotonic()
+    result = relay.attempt([hop], message("bob@remote.test"), settings)["bob@remote.test"]
+    return result, time.monotonic() - started
+
+
+def test_an_endless_reply_ends_the_session_not_the_memory(hostile, message):
+    """An EHLO reply of 8 KB lines that never ends grew the delivery process by 300 MB a
+    second: a reply is read up to REPLY_LINES lines and REPLY_SIZE octets."""
+    hop = hostile({"EHLO": _endless(b"250-" + b"x" * 8000 + b"\r\n")})
+    result, took = _timed(hop, message, SETTINGS)
+    assert result.code == 451 and not result.ok and "reply" in result.text, result
+    assert took < 5
+
+
+@pytest.mark.parametrize(
+    "drip",
+    [_endless(b"250-still here\r\n", 0.2), _endless(b"2", 0.2)],
+    ids=["continuation lines", "one octet at a time"],
+)
+def test_a_dripping_server_cannot_hold_an_attempt_past_its_time(hostile, message, drip):
+    """Every read keeps to a timeout of its own (1 s here), yet a server that sends something
+    before each runs out held the attempt, and its thread, for ever: the session has a
+    deadline (Settings.session_time: 2 s here) that every read keeps to."""
+    settings = relay.Settings(helo="mx.example.org", timeout=1, connect_timeout=5)
+    hop = hostile({"EHLO": drip})
+    result, took = _timed(hop, message, settings)
+    assert result.code == 451 and "timed out" in result.text, result
+    assert 1.5 < took < 5
+
+
+def test_a_reply_text_is_kept_printable_and_short(hostile, message):
+    """A reply's text goes to the log, the queue file and `mailerd queue list`: no terminal
+    escapes, no NULs, no line of thousands of characters."""
+    text = b"451 4.7.1 \x1b]0;owned\x07\x1b[2J\x00\x08" + b"y" * 5000 + b"\r\n"
+    hop = hostile({"RCPT": lambda conn: conn.sendall(text)})
+    result, _ = _timed(hop, message, SETTINGS)
+    assert (result.code, result.status) == (451, "4.7.1")
+    assert result.text.isprintable() and len(result.text) <= relay.REPLY_TEXT
+    assert result.text.startswith("?]0;owned??[2J??yyy") and result.text.endswith("...")
+
+
+def test_any_2xx_to_rcpt_is_an_accepted_recipient(hostile, message):
+    """252 ("cannot verify, but will accept"): the message is sent, not dropped as sent."""
+    received = []
+
+    def stored(conn):
+        received.append(True)
+        conn.sendall(b"250 2.0.0 queued\r\n")
+
+    hop = hostile({"RCPT": lambda conn: conn.sendall(b"252 2.1.5 will try\r\n"), ".": stored})
+    result, _ = _timed(hop, message, SETTINGS)
+    assert result.ok and received == [True]
+
+
+def test_a_250_to_data_is_not_a_delivery(hostile, message):
+    """No content went: Postfix defers such a session as a protocol error, and so do we."""
+    hop = hostile({"DATA": lambda conn: conn.sendall(b"250 2.0.0 whatever\r\n")})
+    result, _ = _timed(hop, message, SETTINGS)
+    assert not result.ok and (result.code, result.status) == (451, "4.5.0"), result
+    assert "protocol error" in result.text and "DATA" in result.text
