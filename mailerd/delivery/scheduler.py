@@ -39,6 +39,7 @@ from mailerd.config import Config
 from mailerd.delivery import dsn, mx, relay
 from mailerd.delivery.queue import Queue, QueueItem, QueueWriteError, Recipient
 from mailerd.host import default_interface, interface_addresses, loopback_addresses
+from mailerd.inbound.dmarc import organizational_domain
 from mailerd.ipc.messages import Target
 from mailerd.smtp.events import Address
 from mailerd.spool import Spool
@@ -56,6 +57,7 @@ MAX_HEADER_BYTES = 64 * 1024
 IDLE_WAKE = 60.0
 RESCAN_INTERVAL = 10.0  # look for items another (retiring) delivery process queued
 STOP_GRACE = 30.0  # attempts in flight at shutdown get this long to finish
+MAX_ADDRESSES = 5  # addresses one attempt tries at most, of all its MX hosts (Postfix: 5)
 
 
 class Scheduler:
@@ -308,8 +310,10 @@ class Scheduler:
         else:
             domain = name
         # The domain's own slot first: a backlog for one slow domain must wait on its own
-        # limit without holding global slots that other domains need.
-        async with self.per_domain[domain], self.total:
+        # limit without holding global slots that other domains need. Its organisational
+        # domain's, in fact: an attacker's pass sent to a0…a19.tar.test, whose MX dripped its
+        # replies, and held all the global slots with one domain of its own.
+        async with self.per_domain[organizational_domain(domain)]:
             return await self._remote(item, kind == "relayhost", domain, members)
 
     async def _retry_local(
@@ -333,7 +337,7 @@ class Scheduler:
         self, item: QueueItem, smarthost: bool, domain: str, members: list[Recipient]
     ) -> dict[str, relay.Result]:
         addresses = [r.address for r in members]
-        hops = await self._hops(domain, smarthost)
+        hops = await self._hops(domain, smarthost)  # (its DNS waits hold no global slot)
         if isinstance(hops, mx.Failure):
             result = relay.Result(hops.code, hops.status, hops.text)
             return dict.fromkeys(addresses, result)
@@ -346,7 +350,10 @@ class Scheduler:
             queue_id=item.id,
         )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, relay.attempt, hops, message, self.settings)
+        async with self.total:
+            return await loop.run_in_executor(
+                self.pool, relay.attempt, hops, message, self.settings
+            )
 
     async def _hops(self, domain: str, smarthost: bool) -> list[relay.Hop] | mx.Failure:
         port = self.cfg.relayhost[1] if smarthost and self.cfg.relayhost else 25
@@ -364,7 +371,9 @@ class Scheduler:
         )
         if isinstance(route, mx.Failure):
             return route
-        return [relay.Hop(t.host, a, port) for t in route.targets for a in t.addresses]
+        return _first_addresses(
+            [relay.Hop(t.host, a, port) for t in route.targets for a in t.addresses]
+        )
 
     # -- recording results -------------------------------------------------------------------
 
@@ -565,6 +574,20 @@ def _delay_status(recipient: Recipient) -> dsn.RecipientStatus:
 def _read_head(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(MAX_HEADER_BYTES)
+
+
+def _first_addresses(hops: list[relay.Hop]) -> list[relay.Hop]:
+    """The first MAX_ADDRESSES hops, each address once: an attempt tries no more (Postfix's
+    smtp_mx_address_limit). An attacker's pass gave five MX hosts the same 40 addresses, and
+    one attempt made 200 connections; 300 addresses that swallow connections held one for
+    12 hours."""
+    seen: set[str] = set()
+    kept = []
+    for hop in hops:
+        if hop.address not in seen:
+            seen.add(hop.address)
+            kept.append(hop)
+    return kept[:MAX_ADDRESSES]
 
 
 def _is_ip(text: str) -> bool:

@@ -656,3 +656,43 @@ def test_an_mx_lookup_gives_up_after_the_dns_timeout(make_world):
     assert bob.state == "pending" and bob.attempts == 1
     assert "4.4.3" in bob.last_error and "timed out" in bob.last_error
     assert 0.9 < took < 2.5
+
+
+def test_an_attempt_tries_each_address_once_and_five_at_most():
+    """An attacker's pass gave five MX hosts the same 40 addresses: one attempt made 200
+    connections (and 300 addresses that swallow connections held one for 12 hours)."""
+    from mailerd.delivery import relay, scheduler
+
+    hops = [relay.Hop(f"mx{h}.test", f"192.0.2.{a}") for h in range(5) for a in range(40)]
+    kept = scheduler._first_addresses(hops)
+    assert [(h.host, h.address) for h in kept] == [("mx0.test", f"192.0.2.{a}") for a in range(5)]
+    few = [relay.Hop("a.test", "192.0.2.1"), relay.Hop("b.test", "192.0.2.1")]
+    few.append(relay.Hop("b.test", "2001:db8::1"))
+    assert [h.address for h in scheduler._first_addresses(few)] == ["192.0.2.1", "2001:db8::1"]
+
+
+def test_the_subdomains_of_one_domain_share_its_slots(make_world, monkeypatch):
+    """The per-domain limit is the organisational domain's: twenty names under one domain of
+    an attacker's (a wildcard MX that dripped its replies) held all the global slots."""
+    w = make_world("--max-per-domain", "2")
+    running, peak = 0, 0
+
+    async def remote(item, smarthost, domain, members):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return {}
+
+    monkeypatch.setattr(w.sched, "_remote", remote)
+
+    async def attempts(domains):
+        nonlocal peak
+        peak = 0
+        await asyncio.gather(*(w.sched._attempt_group(None, f"domain:{d}", []) for d in domains))
+        return peak
+
+    assert run(attempts([f"a{n}.tar.test" for n in range(8)])) == 2
+    assert run(attempts([f"a.tar{n}.test" for n in range(8)])) == 8
+    assert run(attempts([f"x{n}.example.co.uk" for n in range(8)])) == 2
