@@ -47,6 +47,7 @@ from mailerd.config import Config
 from mailerd.delivery.dsn import RecipientStatus
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.ipc import maildrop
+from mailerd.smtp.data import MAX_HOPS, received_fields
 from mailerd.smtp.events import Reply
 from mailerd.smtp.grammar import GrammarError, parse_address
 from mailerd.spool import Spool
@@ -209,6 +210,7 @@ class Pickup:
         """Validate one file and make it a queue item, then remove it (in a thread)."""
         try:
             submission = maildrop.read(directory, name, self.cfg.max_message_size)
+            _check_hops(submission.message)
         except FileNotFoundError:
             return None
         except maildrop.Invalid as exc:
@@ -416,6 +418,14 @@ def _owner(directory: int, name: str) -> int | str:
         return os.stat(name, dir_fd=directory, follow_symlinks=False).st_uid
     except OSError as exc:
         return errno.errorcode.get(exc.errno or 0, "?")
+
+
+def _check_hops(message: bytes) -> None:
+    """A message that has been through too many MTAs is a mail loop: refused like any other
+    file SMTP would refuse (maildrop.read's checks), as the SMTP session refuses it (554)."""
+    hops = received_fields(message)
+    if hops > MAX_HOPS:
+        raise maildrop.Invalid(f"too many hops ({hops} Received: fields, at most {MAX_HOPS})")
 
 
 def _bounced(address: str, status: str, text: str) -> RecipientStatus:

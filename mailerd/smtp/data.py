@@ -3,24 +3,45 @@
 ``DataDecoder`` finds the end of DATA (only CRLF "." CRLF counts: a bare CR or
 LF never ends it, which defeats SMTP smuggling) and removes dot-stuffing.
 ``BodyChecker`` enforces the content policy on the decoded bytes: size limit,
-text line length limit and the rejection of bare CR / bare LF and of NUL (RFC
+text line length limit, the rejection of bare CR / bare LF and of NUL (RFC
 5322 text never contains it, and servers downstream differ on what they make
-of it).
+of it), and the hop limit that stops a mail loop (``HopCounter``).
 
-Both work on whole chunks with C-level bytes methods (find, replace, count,
-split) and hold back at most four bytes between calls, so a 25 MiB message
-arriving in 64 KiB pieces costs a few linear passes, never a quadratic
-rebuild and never a Python loop per byte.
+All work on whole chunks with C-level bytes methods (find, replace, count,
+split) and regular expressions, and hold back at most a few bytes between
+calls, so a 25 MiB message arriving in 64 KiB pieces costs a few linear
+passes, never a quadratic rebuild and never a Python loop per byte.
 """
 
 from __future__ import annotations
 
-__all__ = ["BodyChecker", "DataDecoder"]
+import re
+
+__all__ = ["MAX_HOPS", "BodyChecker", "DataDecoder", "HopCounter", "received_fields"]
 
 _END = b"\r\n.\r\n"
 # Proper prefixes of _END, longest first: a chunk ending in one of these may
 # be cut inside the terminator or inside a "\r\n." that needs unstuffing.
 _PARTIAL_ENDS = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
+
+
+# More Received: fields than this in the header section is a mail loop, refused. RFC 5321 6.3:
+# counting them "has proven to be an effective, although rarely optimal, method of detecting
+# loops", and servers "MUST contain provisions for detecting and stopping trivial loops". 50 is
+# Postfix's hopcount_limit (which counts Postfix's own field too: a message that arrives with
+# 49 is refused there); the RFC's "normally at least 100" is a SHOULD that common MTAs undercut
+# (sendmail: 25).
+MAX_HOPS = 50
+
+# A Received: field's first line (RFC 5322 3.6.7; WSP before the colon is its obsolete syntax,
+# 4.5.7, which Postfix counts too). It starts after a CRLF: a continuation line starts with WSP.
+_RECEIVED = re.compile(rb"\r\nreceived[ \t]*:", re.IGNORECASE)
+# The end of a piece that may still become a Received: field (the field name cut short) or the
+# empty line that ends the header section: held back for the next piece to decide.
+_UNDECIDED = re.compile(
+    rb"\r\n(?:\r|r(?:e(?:c(?:e(?:i(?:v(?:e(?:d[ \t]*)?)?)?)?)?)?)?)?", re.IGNORECASE
+)
+_NAME_WSP = len(b"\r\nreceived ")  # such a tail with its WSP run cut to one octet
 
 
 def _held_back(buf: bytes) -> int:
@@ -85,8 +106,8 @@ class BodyChecker:
 
     Errors are recorded, never raised, and all checks keep running to the
     end: the final verdict is then chosen by a fixed priority (bare CR/LF,
-    then NUL, then line length, then size) and does not depend on how the input was
-    split into chunks.
+    then NUL, then line length, then size, then hops) and does not depend on how the
+    input was split into chunks.
     """
 
     __slots__ = (
@@ -99,6 +120,8 @@ class BodyChecker:
         "nul",
         "line_too_long",
         "too_big",
+        "_hops",
+        "too_many_hops",
     )
 
     def __init__(self, max_size: int, max_line: int) -> None:
@@ -111,10 +134,14 @@ class BodyChecker:
         self.nul = False
         self.line_too_long = False
         self.too_big = False
+        self._hops = HopCounter()
+        self.too_many_hops = False  # more than MAX_HOPS Received: fields: a mail loop
 
     @property
     def ok(self) -> bool:
-        return not (self.bare_cr_lf or self.nul or self.line_too_long or self.too_big)
+        return not (
+            self.bare_cr_lf or self.nul or self.line_too_long or self.too_big or self.too_many_hops
+        )
 
     def feed(self, piece: bytes) -> None:
         """Account for the next piece of content."""
@@ -129,6 +156,9 @@ class BodyChecker:
             self.nul = True
         if not self.line_too_long:
             self._check_line_lengths(piece)
+        if not self.too_many_hops:
+            self._hops.feed(piece)
+            self.too_many_hops = self._hops.count > MAX_HOPS
 
     def finish(self) -> None:
         """The content is complete: a trailing CR can no longer become CRLF."""
@@ -174,3 +204,55 @@ class BodyChecker:
         # An unterminated line already at the limit cannot end in time.
         if self._line_len >= limit:
             self.line_too_long = True
+
+
+class HopCounter:
+    """Counts the Received: fields of the header section as the content goes by.
+
+    A field counts when its line starts with "Received", any WSP and ":", in any case; the
+    header section ends at the first empty line, and after it nothing is looked at. Between
+    pieces only the start of the last line is kept, and only while it may still become a
+    Received: field or the empty line (at most 11 octets), so the count does not depend on how
+    the content was cut, costs one C-level pass over the header section, and keeps no content.
+    """
+
+    __slots__ = ("count", "_tail", "_done")
+
+    def __init__(self) -> None:
+        self.count = 0
+        # The content starts at the beginning of a line: as in DataDecoder, a virtual CRLF in
+        # front makes a first line "Received:", or an empty first line, match like any other.
+        self._tail = b"\r\n"
+        self._done = False  # the header section has ended
+
+    def feed(self, piece: bytes) -> None:
+        """Account for the next piece of content."""
+        if self._done or not piece:
+            return
+        buf = self._tail + piece
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            self.count += len(_RECEIVED.findall(buf, 0, end))
+            self._tail = b""
+            self._done = True
+            return
+        # The tail never holds a whole match (no colon), so nothing is counted twice.
+        self.count += len(_RECEIVED.findall(buf))
+        self._tail = _undecided(buf)
+
+
+def _undecided(buf: bytes) -> bytes:
+    """The end of buf that the next piece may make a Received: field or the empty line."""
+    start = buf.rfind(b"\r\n")
+    if start >= 0 and _UNDECIDED.fullmatch(buf, start):
+        tail = buf[start:]
+        # Only "\r\nreceived" and WSP can be longer: how much WSP does not matter.
+        return tail if len(tail) <= _NAME_WSP else tail[: _NAME_WSP - 1] + b" "
+    return b"\r" if buf.endswith(b"\r") else b""
+
+
+def received_fields(content: bytes) -> int:
+    """How many Received: fields a whole message's header section has (HopCounter's count)."""
+    counter = HopCounter()
+    counter.feed(content)
+    return counter.count

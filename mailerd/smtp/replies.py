@@ -52,6 +52,8 @@ BARE_CR_LF_MESSAGE = Reply(
 )
 NUL_MESSAGE = Reply(550, "5.6.0", "Message rejected: NUL character found")
 TEXT_LINE_TOO_LONG = Reply(500, "5.5.6", "Message rejected: line too long")
+# More than data.MAX_HOPS Received: fields: a mail loop (Postfix's code and words).
+TOO_MANY_HOPS = Reply(554, "5.4.0", "Too many hops")
 
 # TLS (RFC 3207) and AUTH (RFC 4954; 538 and 5.7.11 from RFC 4954 6, 530 from RFC 3207 4)
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")

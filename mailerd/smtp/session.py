@@ -49,6 +49,7 @@ from .replies import (
     LINE_TOO_LONG,
     NUL_MESSAGE,
     TEXT_LINE_TOO_LONG,
+    TOO_MANY_HOPS,
     greeting,
     too_many_auth_failures,
 )
@@ -495,6 +496,8 @@ class Session(Commands):
                 f"Message too big for system (maximum {self._config.max_message_size} octets)",
             )
             reason = "message too big"
+        elif checker.too_many_hops:
+            failure, reason = TOO_MANY_HOPS, "too many hops"
         elif last:
             envelope = self._envelope()
             self._clear_transaction()  # the caller now owns the message

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 from datacases import SMUGGLING_VECTORS, decode
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mailerd.smtp.data import BodyChecker, DataDecoder
+from mailerd.smtp.data import MAX_HOPS, BodyChecker, DataDecoder, HopCounter, received_fields
 
 
 def check(*pieces: bytes, max_size: int = 10_000, max_line: int = 1000) -> BodyChecker:
@@ -152,3 +154,86 @@ def test_size_limit():
 def test_all_problems_are_recorded_independently():
     checker = check(b"x" * 2000 + b"\n", max_size=100)
     assert checker.bare_cr_lf and checker.line_too_long and checker.too_big
+
+
+# --- hop count (Received: fields of the header section) -----------------------------------
+
+
+def hops(*pieces: bytes) -> int:
+    counter = HopCounter()
+    for piece in pieces:
+        counter.feed(piece)
+    return counter.count
+
+
+def reference_hops(content: bytes) -> int:
+    """The definition, on the whole content: lines starting "Received" WSP* ":" (any case)
+    before the first empty line."""
+    count = 0
+    for line in content.split(b"\r\n"):
+        if not line:
+            break
+        name, colon, _ = line.partition(b":")
+        count += bool(colon) and name.rstrip(b" \t").lower() == b"received"
+    return count
+
+
+HEADERS = [
+    b"Received: from a by b; Mon, 1 Jan 2024 00:00:00 +0000\r\n" * 3
+    + b"Subject: x\r\n\r\nbody\r\n",
+    b"received:x\r\nRECEIVED :y\r\nReceived\t: z\r\nReCeIvEd:\r\n\r\n",
+    b"Received: first\r\n\tReceived: a continuation line\r\n Received: another\r\n\r\n",
+    b"Subject: x\r\n\r\nReceived: in the body\r\nReceived: again\r\n",
+    b"\r\nReceived: after an empty first line\r\n",
+    b"X-Received: no\r\nReceivedX: no\r\nReceived-SPF: no\r\nReceived x: no\r\nReceived: yes\r\n",
+    b"Received: the last field, unterminated",
+    b"Received" + b" " * 40 + b":\r\nReceived\r\n\r\n",
+    b"Received: a\r\n\r\n\r\nReceived: b\r\n",
+]
+
+
+@pytest.mark.parametrize("content", HEADERS)
+def test_received_fields_are_counted_in_the_header_section_only(content):
+    assert hops(content) == received_fields(content) == reference_hops(content)
+
+
+@pytest.mark.parametrize("content", HEADERS)
+def test_hop_count_does_not_depend_on_the_cuts(content):
+    expected = reference_hops(content)
+    for cut in range(len(content) + 1):
+        assert hops(content[:cut], content[cut:]) == expected, cut
+    assert hops(*(content[i : i + 1] for i in range(len(content)))) == expected
+
+
+def test_hop_counter_keeps_at_most_a_line_start():
+    counter = HopCounter()
+    counter.feed(b"Received: a\r\nReceived" + b" " * 100_000)
+    assert len(counter._tail) <= len(b"\r\nreceived ")  # white-box: no content kept
+    counter.feed(b":\r\n\r\n")
+    assert counter.count == 2 and counter._tail == b""
+
+
+def test_too_many_hops():
+    field = b"Received: from a by b\r\n"
+    assert check(field * MAX_HOPS + b"\r\nbody\r\n", max_size=10**6).ok
+    checker = check(field * (MAX_HOPS + 1) + b"\r\nbody\r\n", max_size=10**6)
+    assert checker.too_many_hops and not checker.ok
+    # in the body, any number is only text
+    assert check(b"Subject: x\r\n\r\n" + field * 100, max_size=10**6).ok
+
+
+header_bytes = st.lists(
+    st.one_of(
+        st.sampled_from([b"\r\n", b"\r", b"\n", b"Received", b"rEcEiVeD", b":", b" ", b"\t", b"x"]),
+        st.binary(max_size=4),
+    ),
+    max_size=30,
+).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(content=header_bytes, cuts=st.lists(st.integers(0, 200), max_size=8))
+def test_hop_count_matches_the_reference_however_cut(content, cuts):
+    points = sorted({min(c, len(content)) for c in cuts} | {0, len(content)})
+    pieces = [content[a:b] for a, b in zip(points, points[1:], strict=False)]
+    assert hops(*pieces) == reference_hops(content)

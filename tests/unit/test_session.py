@@ -25,6 +25,7 @@ from mailerd.smtp import (
     Session,
     SessionConfig,
 )
+from mailerd.smtp.data import MAX_HOPS
 
 QUEUED = Reply(250, "2.0.0", "Queued")
 
@@ -799,6 +800,51 @@ def test_bare_cr_lf_wins_over_other_problems():
     client = Client(max_message_size=10).transaction()
     client.cmd("DATA")
     assert client.codes(b"x" * 2000 + b"\n\r\n.\r\n") == [550]
+
+
+HOP = b"Received: from relay.example by mx.example; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+
+
+def looped(hops: int) -> bytes:
+    """A message that has been through `hops` MTAs, the last field cut by a continuation."""
+    return HOP * hops + b"\tfor <b@example.net>\r\nSubject: loop\r\n\r\n" + HOP * 100
+
+
+@pytest.mark.parametrize("piece", [1, 7, 80, 100_000])
+def test_too_many_hops_refused_and_session_continues(piece):
+    """A mail loop (more than MAX_HOPS Received: fields in the header section): 554 5.4.0
+    after the data, nothing stored, logged as a rejection; the next transaction works."""
+    client = Client(max_message_size=10**6).transaction()
+    client.cmd("DATA")
+    data = looped(MAX_HOPS + 1) + b".\r\nNOOP\r\n"
+    replies = []
+    for i in range(0, len(data), piece):
+        replies += client.send(data[i : i + piece])
+    assert [status(r) for r in replies] == [(554, "5.4.0"), (250, "2.0.0")]
+    assert replies[0].text == "Too many hops"
+    assert client.aborted == ["too many hops"] and client.messages == []
+    assert [status(r.reply) for r in client.rejected] == [(554, "5.4.0")]
+    assert client.rejected[0].verb == "DATA" and client.rejected[0].sender == "a@example.org"
+    emitted = b"".join(e.data for e in client.events if isinstance(e, BodyData))
+    assert len(emitted) < len(HOP) * (MAX_HOPS + 1)  # not handed out once doomed
+    client.transaction()  # fifty pass, and those in the body are only text
+    client.cmd("DATA")
+    assert client.send(looped(MAX_HOPS) + b".\r\n") == [QUEUED]
+    assert client.messages[0][1] == looped(MAX_HOPS)
+
+
+def test_too_many_hops_in_bdat_chunks():
+    content = looped(MAX_HOPS + 1)
+    half = len(HOP) * 30
+    client = Client(max_message_size=10**6).transaction()
+    assert client.codes(b"BDAT %d\r\n" % half + content[:half]) == [250]
+    rest = content[half:]
+    replies = client.send(b"BDAT %d LAST\r\n" % len(rest) + rest)
+    assert [status(r) for r in replies] == [(554, "5.4.0")]
+    assert client.aborted == ["too many hops"] and client.messages == []
+    client.transaction()
+    content = looped(MAX_HOPS)
+    assert client.send(b"BDAT %d LAST\r\n" % len(content) + content) == [QUEUED]
 
 
 # --- PAUSED and commit_done -------------------------------------------------------
