@@ -409,6 +409,13 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         raise ConfigError("listen-submission(s): submission needs TLS: give --tls-cert/--tls-key")
     if not pairs and raw.get("tls_required"):
         raise ConfigError("tls-required: give --tls-cert/--tls-key to offer STARTTLS")
+    if raw.get("relay_auth") and not raw.get("relayhost"):
+        # Without a smarthost the delivery process would offer its password to whatever MX a
+        # recipient's domain names: an attacker's domain would be handed it.
+        raise ConfigError(
+            "relay-auth: needs --relayhost (the credentials are for the smarthost; without one "
+            "they would be offered to each recipient domain's MX)"
+        )
     default_domains, default_hostname = (
         ([], "") if raw.get("domain") and raw.get("hostname") else host.identity()
     )

@@ -127,6 +127,28 @@ def test_ini_inline_comments(tmp_path):
         config.load(["-c", str(ini)])
 
 
+def test_relay_auth_needs_a_relayhost(tmp_path):
+    """The smarthost's credentials without a smarthost would go to every domain's MX (an
+    attacker's MX was handed the password): refused, at start-up and so at a reload, from the
+    command line or the file, naming both options."""
+    auth = tmp_path / "relay-auth"
+    auth.write_text("user:secret\n")
+    auth.chmod(0o600)
+    with pytest.raises(ConfigError) as info:
+        load("--relay-auth", str(auth))
+    message = str(info.value)
+    assert message.startswith("relay-auth: needs --relayhost") and "\n" not in message
+    ini = tmp_path / "mailerd.conf"
+    ini.write_text(f"[mailerd]\nrelay-auth = {auth}\nrelayhost =\n")
+    with pytest.raises(ConfigError, match="relay-auth: needs --relayhost"):
+        load("-c", str(ini))
+    # with a relayhost, from either place, the credentials are read
+    cfg = load("-c", str(ini), "--relayhost", "smtp.example.net:587")
+    assert cfg.relayhost == ("smtp.example.net", 587)
+    assert cfg.relay_credentials == ("user", "secret")
+    assert load("--relayhost", "smtp.example.net").relay_credentials is None
+
+
 def test_the_example_config_loads():
     """etc/mailerd.conf as installed is a valid config file."""
     from pathlib import Path
