@@ -93,7 +93,7 @@ async def resolve(
     """
     if families not in FAMILIES:
         raise ValueError(f"families must be one of {', '.join(FAMILIES)}, not {families!r}")
-    own = _Self.make(own_names, own_addresses, loop_check)
+    own = _Self.make(own_names, own_addresses) if loop_check else _NOBODY
     if domain.startswith("["):
         return _literal_route(domain, families, own)
     try:
@@ -179,15 +179,14 @@ class _Self:
     this_machine: bool = True
 
     @classmethod
-    def make(cls, names: frozenset[str], addresses: frozenset[str], this_machine: bool) -> _Self:
+    def make(cls, names: frozenset[str], addresses: frozenset[str]) -> _Self:
         normal_names = set()
         for n in names:
             try:
                 normal_names.add(_text(_domain_name(n)))
             except ValueError:
                 normal_names.add(n.lower().rstrip("."))  # cannot match a DNS name anyway
-        normal = frozenset(_unmapped(a) for a in addresses)
-        return cls(frozenset(normal_names), normal, this_machine)
+        return cls(frozenset(normal_names), frozenset(_unmapped(a) for a in addresses))
 
     def has_name(self, name: dns.name.Name) -> bool:
         return _text(name) in self.names
@@ -195,6 +194,9 @@ class _Self:
     def has_address(self, address: IPAddress | str) -> bool:
         ip = _unmapped(address)
         return ip in self.addresses or (self.this_machine and _this_machine(ip))
+
+
+_NOBODY = _Self(frozenset(), frozenset(), this_machine=False)  # no loop check at all
 
 
 def _this_machine(ip: IPAddress) -> bool:
