@@ -32,12 +32,12 @@ CRLF; a bare CR ends a line too (a progress meter's output stays readable); a li
 A leading mbox "From " line is dropped.
 
 Exit status (sysexits): 0 queued; EX_USAGE (64) a bad option or no recipient; EX_DATAERR (65) a
-bad address, a NUL, a message too large; EX_CONFIG (78) an unusable -C file; EX_TEMPFAIL (75)
-the maildrop cannot be written (missing, full, not permitted): nothing was queued, try again;
-EX_IOERR (74) standard input unreadable; EX_OSERR (71) no passwd entry for the user when one is
-needed; EX_NOPERM (77) -bp by a user who may not read the queue (its directories are the
-daemon's, 0700); EX_SOFTWARE (70) a bug. Every failure says why on stderr, in one line, and
-never as a traceback.
+bad address, a NUL, a message too large or with too many hops (data.MAX_HOPS); EX_CONFIG (78) an
+unusable -C file; EX_TEMPFAIL (75) the maildrop cannot be written (missing, full, not
+permitted): nothing was queued, try again; EX_IOERR (74) standard input unreadable; EX_OSERR
+(71) no passwd entry for the user when one is needed; EX_NOPERM (77) -bp by a user who may not
+read the queue (its directories are the daemon's, 0700); EX_SOFTWARE (70) a bug. Every failure
+says why on stderr, in one line, and never as a traceback.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from typing import BinaryIO
 
 from mailerd import config, host, trace, values
 from mailerd.ipc import maildrop
+from mailerd.smtp.data import MAX_HOPS, received_fields
 from mailerd.smtp.grammar import GrammarError, parse_address
 
 MAX_LINE = 998  # octets without CRLF (RFC 5322 2.1.1); longer lines are folded
@@ -536,6 +537,9 @@ def send(opts: Options, settings: Settings, stdin: BinaryIO | None) -> int:
     message = complete_message(fields, body, sender, identity, strip_bcc=True)
     if len(message) > settings.max_message_size:
         raise Failure(os.EX_DATAERR, f"message too large ({settings.max_message_size} max)")
+    if (hops := received_fields(message)) > MAX_HOPS:
+        # (The pickup would refuse it too, and the caller would never hear: a loop, most often.)
+        raise Failure(os.EX_DATAERR, f"too many hops ({hops} Received: fields, at most {MAX_HOPS})")
     store(settings, sender, recipients, message, body_type(message, opts.body))
     return 0
 

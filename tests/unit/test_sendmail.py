@@ -441,6 +441,16 @@ def test_message_too_large(conf, queue, capsys):
     assert "too large" in capsys.readouterr().err and submissions(queue) == []
 
 
+def test_too_many_hops(conf, queue, capsys):
+    """A message that has been through more than MAX_HOPS servers is a loop: refused here,
+    where the caller hears it, not only by the pickup after an exit status of 0."""
+    received = b"Received: from a by b; Thu, 1 Jan 2026 00:00:00 +0000\n"
+    assert run(conf, ["-i", "bob@example.org"], received * 51 + b"\nx\n") == os.EX_DATAERR
+    assert "too many hops (51 Received: fields" in capsys.readouterr().err
+    assert submissions(queue) == []
+    assert run(conf, ["-i", "bob@example.org"], received * 50 + b"\nx\n") == 0
+
+
 def test_missing_maildrop_is_a_temporary_failure(tmp_path, capsys):
     conf = tmp_path / "c.conf"
     conf.write_text(f"[mailerd]\nqueue = {tmp_path / 'nowhere'}\ndomain = example.org\n")
