@@ -101,7 +101,9 @@ class Scheduler:
         self.settings = relay.Settings(
             helo=cfg.hostname,
             tls=cfg.outbound_tls,
-            auth=credentials,
+            # Credentials are the smarthost's: never for a domain's MX (config refuses them
+            # without a relayhost; this is the second lock).
+            auth=credentials if cfg.relayhost else None,
             plain_auth=cfg.outbound_tls == "none",
             dkim_keys=cfg.dkim_keys,
         )
