@@ -353,3 +353,49 @@ def test_a_250_to_data_is_not_a_delivery(hostile, message):
     result, _ = _timed(hop, message, SETTINGS)
     assert not result.ok and (result.code, result.status) == (451, "4.5.0"), result
     assert "protocol error" in result.text and "DATA" in result.text
+
+
+def test_a_slow_reader_cannot_stretch_the_content_past_the_session(
+    certificate, tmp_path, monkeypatch
+):
+    """A server that reads the content slowly but steadily (8 KB every 0.05 s: each write of
+    64 KiB finishes within the 1 s timeout of a read) would make 16 MB last 100 s: every write
+    keeps to the session's deadline too (2 s here: the content's share is made negligible)."""
+    import threading
+    import time
+
+    monkeypatch.setattr(relay, "SLOWEST_CONTENT", 1e12)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        with contextlib.suppress(OSError), listener.accept()[0] as conn:
+            conn.sendall(b"220 slow.test ESMTP\r\n")
+            plain = conn.makefile("rb")
+            plain.readline()
+            conn.sendall(b"250-slow.test\r\n250 STARTTLS\r\n")
+            plain.readline()
+            conn.sendall(b"220 go ahead\r\n")
+            with certificate.wrap_socket(conn, server_side=True) as tls:
+                lines = tls.makefile("rb")
+                for reply in (b"250 slow.test\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+                    lines.readline()
+                    tls.sendall(reply)
+                while tls.recv(8192):
+                    time.sleep(0.05)
+
+    threading.Thread(target=serve, daemon=True).start()
+    path = tmp_path / "big"
+    path.write_bytes(b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 16000)
+    hop = relay.Hop("slow.test", "127.0.0.1", listener.getsockname()[1])
+    settings = relay.Settings(helo="mx.example.org", timeout=1, connect_timeout=5)
+    started = time.monotonic()
+    try:
+        result = relay.attempt(
+            [hop], relay.Message("a@example.org", ("b@slow.test",), path), settings
+        )
+    finally:
+        listener.close()
+    took = time.monotonic() - started
+    result = result["b@slow.test"]
+    assert not result.ok and "timed out while sending message body" in result.text, result
+    assert took < 8
