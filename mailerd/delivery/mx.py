@@ -82,18 +82,16 @@ async def resolve(
     own_addresses: frozenset[str] = frozenset(),
     rng: random.Random | None = None,
     max_hosts: int = 5,
-    loop_check: bool = True,
 ) -> Route | Failure:
     """Where to deliver mail for `domain` (the part after the last @), or why not.
 
     `families` is "both", "ipv4" or "ipv6"; `own_names` and `own_addresses` are the names and
-    addresses this server is known by (loop detection, which `loop_check=False` turns off
-    altogether: for a smarthost the administrator named, which may be on this machine);
+    addresses this server is known by (loop detection; a smarthost has none: resolve_host);
     `rng` orders equal preferences.
     """
     if families not in FAMILIES:
         raise ValueError(f"families must be one of {', '.join(FAMILIES)}, not {families!r}")
-    own = _Self.make(own_names, own_addresses) if loop_check else _NOBODY
+    own = _Self.make(own_names, own_addresses)
     if domain.startswith("["):
         return _literal_route(domain, families, own)
     try:
@@ -115,6 +113,36 @@ async def resolve(
         return Failure(True, 556, "5.1.10", f"Domain {_text(name)} does not accept mail (null MX)")
     hosts = _order(records, rng or random.Random())
     return await _mx_route(name, hosts, resolver, families, own, max_hosts)
+
+
+async def resolve_host(
+    host: str, resolver: dns.asyncresolver.Resolver, *, families: str = "both"
+) -> Route | Failure:
+    """Where a smarthost (--relayhost HOST, or a literal) is: the host's own addresses, never
+    its domain's MX records (HOST names a host; Postfix asks for MX records unless the name is
+    in brackets, which surprised those who gave the provider's domain and sent their
+    credentials to its MX), and no loop check (it may well be on this machine). Every failure
+    is temporary: it is the configuration's, and the mail waits for it to be mended (until the
+    queue lifetime) instead of all outbound mail bouncing for a typing mistake."""
+    route = await _host_route(host, resolver, families)
+    if isinstance(route, Failure) and route.permanent:
+        return Failure(False, 451, "4.4.3", f"relayhost {host}: {route.text}")
+    return route
+
+
+async def _host_route(
+    host: str, resolver: dns.asyncresolver.Resolver, families: str
+) -> Route | Failure:
+    if host.startswith("["):
+        return _literal_route(host, families, _NOBODY)
+    try:
+        name = _domain_name(host)
+    except ValueError as e:
+        return Failure(True, 553, "5.1.2", f"Bad host name {host}: {e}")
+    look = await _addresses(name, resolver, families)
+    if look.addresses:
+        return Route((Target(_text(name), 0, look.addresses),), implicit=True)
+    return _no_address_failure([look], families, f"for {_text(name)}")
 
 
 # --- names and literals -------------------------------------------------------------------
@@ -196,7 +224,7 @@ class _Self:
         return ip in self.addresses or (self.this_machine and _this_machine(ip))
 
 
-_NOBODY = _Self(frozenset(), frozenset(), this_machine=False)  # no loop check at all
+_NOBODY = _Self(frozenset(), frozenset(), this_machine=False)  # no loop check at all (a smarthost)
 
 
 def _this_machine(ip: IPAddress) -> bool:

@@ -361,15 +361,17 @@ class Scheduler:
         port = self.cfg.relayhost[1] if smarthost and self.cfg.relayhost else 25
         if self.resolver is None:
             return mx.Failure(False, 451, "4.4.3", "no DNS resolver configured")
-        route = await mx.resolve(
-            domain if not _is_ip(domain) else f"[{domain}]",
-            self.resolver,
-            families=self.cfg.outbound_ip,
-            # A configured smarthost may well be on this machine (another port, a filter):
-            # the administrator chose it, so no loop check.
-            own_names=self.own_names,
-            own_addresses=self.own_addresses,
-            loop_check=not smarthost,
+        destination = domain if not _is_ip(domain) else f"[{domain}]"
+        route = await (
+            mx.resolve_host(destination, self.resolver, families=self.cfg.outbound_ip)
+            if smarthost
+            else mx.resolve(
+                destination,
+                self.resolver,
+                families=self.cfg.outbound_ip,
+                own_names=self.own_names,
+                own_addresses=self.own_addresses,
+            )
         )
         if isinstance(route, mx.Failure):
             return route

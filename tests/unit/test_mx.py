@@ -477,17 +477,24 @@ def test_an_address_of_this_machine_is_a_loop_whoever_we_are(resolver, own):
         assert (failure.code, failure.status) == (554, "5.4.6"), literal
 
 
-def test_a_smarthost_may_be_on_this_machine(resolver):
-    """loop_check=False (a relayhost the administrator named, a filter on another port):
-    neither this machine's addresses nor our own names and addresses are a loop."""
-    own = {"own_names": frozenset({"lo2.thismachine.test"}), "own_addresses": frozenset({"::"})}
-    route = resolve(resolver, "thismachine.test", loop_check=False, **own)
-    assert [t.addresses for t in route.targets] == [
-        ("0.0.0.0",),
-        ("::",),
-        ("::ffff:0:0",),
-        ("127.0.0.2",),
-    ]
+def test_a_smarthost_is_its_own_addresses_wherever_they_are(resolver):
+    """resolve_host (--relayhost HOST): the host's A/AAAA, never its MX records, and no loop
+    check: a smarthost may be on this machine (a filter on another port)."""
+    route = run(mx.resolve_host("lo2.thismachine.test", resolver))
+    assert route == mx.Route((mx.Target("lo2.thismachine.test", 0, ("127.0.0.2",)),), implicit=True)
+    route = run(mx.resolve_host("order.test", resolver))  # MX records, and no address of its own
+    assert isinstance(route, mx.Failure)
+    for literal, address in (("[127.0.0.1]", "127.0.0.1"), ("[IPv6:::1]", "::1")):
+        route = run(mx.resolve_host(literal, NoDNS()))
+        assert [t.addresses for t in route.targets] == [(address,)]
+
+
+def test_a_smarthost_that_cannot_be_found_is_waited_for_not_bounced(resolver):
+    """Every failure is the configuration's: mail waits for it to be mended."""
+    for host in ("nosuch.test", "order.test", "noaddress.test", "[300.1.1.1]"):
+        failure = run(mx.resolve_host(host, resolver))
+        assert isinstance(failure, mx.Failure) and not failure.permanent, (host, failure)
+        assert failure.code == 451 and failure.text.startswith(f"relayhost {host}: "), failure
 
 
 def test_addresses_no_one_is_reached_at_are_left_out(resolver):
