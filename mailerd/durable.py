@@ -61,9 +61,11 @@ def write_new(
     body: Body,
     owner: tuple[int, int] | None = None,
     dir_fd: int | None = None,
+    limit: int | None = None,
 ) -> int:
     """Create `path` (must not exist; O_EXCL never follows a link) with head + body, relative
-    to `dir_fd` if given; return the open, not yet synced descriptor."""
+    to `dir_fd` if given; return the open, not yet synced descriptor. `limit`: octets of a
+    descriptor's body copied at most (copy_fd)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags, 0o600, dir_fd=dir_fd)
     try:
@@ -73,7 +75,7 @@ def write_new(
             _write_both(fd, head, body)
         else:
             write_all(fd, head)
-            copy_fd(body, fd)
+            copy_fd(body, fd, limit)
     except BaseException:
         os.close(fd)
         _unlink_quietly(path, dir_fd)
@@ -81,8 +83,12 @@ def write_new(
     return fd
 
 
-def body_size(body: Body) -> int:
-    return len(body) if isinstance(body, bytes) else os.fstat(body).st_size
+def body_size(body: Body, limit: int | None = None) -> int:
+    """A body's size (a descriptor's: what copy_fd would copy of it with `limit`)."""
+    if isinstance(body, bytes):
+        return len(body)
+    size = os.fstat(body).st_size
+    return size if limit is None else min(size, limit)
 
 
 def fsync_all(fds: list[int]) -> None:
@@ -120,10 +126,13 @@ def _write_both(fd: int, head: bytes, body: bytes) -> None:
     write_all(fd, body[done - len(head) :])
 
 
-def copy_fd(source: int, target: int) -> None:
-    """Copy `source` (from offset 0, its offset untouched) to `target`, as large as it is now:
-    a file that grows meanwhile (one a compromised worker still writes to) is cut there."""
+def copy_fd(source: int, target: int, limit: int | None = None) -> None:
+    """Copy `source` (from offset 0, its offset untouched) to `target`, as large as it is now
+    and `limit` octets at most: a file that grows meanwhile (one a compromised worker still
+    writes to, or enlarges after its size was checked: an attacker's pass) is cut there."""
     size = os.fstat(source).st_size
+    if limit is not None:
+        size = min(size, limit)
     offset = 0
     while offset < size:
         try:

@@ -20,6 +20,7 @@ mailbox); across processes and mailerd instances lockf does the work.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -52,6 +53,9 @@ class Copy:
     head: bytes
     body: durable.Body
     since: float | None = None
+    # A descriptor's body: octets copied at most (the size the writer checked it had: the
+    # file's owner may enlarge it after the check).
+    limit: int | None = None
 
 
 class MailboxUnsafe(OSError):
@@ -134,7 +138,11 @@ class MailboxStore:
                 tmp = f"{prefix}{next(_sequence)}"
                 staged.append(tmp)
                 fds.append(durable.write_new(tmp + ".status", NEW_FLAGS, b"", owner, directory))
-                fds.append(durable.write_new(tmp, message.head, message.body, owner, directory))
+                fds.append(
+                    durable.write_new(
+                        tmp, message.head, message.body, owner, directory, message.limit
+                    )
+                )
             durable.fsync_all(fds)
         except BaseException:
             _discard(directory, staged)
@@ -346,6 +354,10 @@ def _read_counter(directory: int) -> int | None:
 
 
 REDELIVERY_SCAN = 2000  # newest messages looked at, at most
+# Messages of a redelivery's size and head compared in full with it, at most: its head names
+# its queue id, so only its own copy has it, unless someone planted look-alikes (an attacker's
+# pass made root compare 2000 files of 2 MB for each copy). Then it is written again.
+MAX_COMPARED = 3
 CLOCK_SLACK = 60.0  # seconds: a message is looked for if written this long before `since`
 
 
@@ -355,7 +367,7 @@ def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
     date), if any; None for the others. Looked for among the newest messages only, and only
     for a redelivery: it costs a directory listing and an fstat of a few files, once for the
     whole batch (the copies a dead writer left unanswered come back together), and a read of
-    those of the same size.
+    those of the same size and head (MAX_COMPARED at most).
 
     The whole message is compared, not its start: the answer says whether the mailbox holds
     that message, and a mere prefix let an attacker's pass, speaking for a compromised mail
@@ -363,12 +375,13 @@ def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
     found: list[int | None] = [None] * len(messages)
     # index -> (its size, the mtime before which a message cannot be it)
     wanted = {
-        i: (len(m.head) + durable.body_size(m.body), m.since - CLOCK_SLACK)
+        i: (len(m.head) + durable.body_size(m.body, m.limit), m.since - CLOCK_SLACK)
         for i, m in enumerate(messages)
         if m.since is not None
     }
     if not wanted:
         return found
+    compared = collections.Counter[int]()  # bodies compared in full, per copy
     numbers = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and n.isascii())
     for number in reversed(numbers[-REDELIVERY_SCAN:]):
         try:
@@ -380,9 +393,17 @@ def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
             for i in [i for i, (_, oldest) in wanted.items() if st.st_mtime < oldest]:
                 del wanted[i]  # older than that copy itself: it was never delivered here
             for i, (size, _) in list(wanted.items()):
-                if size == st.st_size and stat.S_ISREG(st.st_mode) and _holds(fd, messages[i]):
+                if size != st.st_size or not stat.S_ISREG(st.st_mode):
+                    continue
+                message = messages[i]
+                if os.pread(fd, len(message.head), 0) != message.head:
+                    continue  # (the head names the queue id: only its copy has it)
+                compared[i] += 1
+                if _same_body(fd, message, size - len(message.head)):
                     found[i] = number
                     del wanted[i]
+                elif compared[i] >= MAX_COMPARED:
+                    del wanted[i]  # planted look-alikes: written again, not looked for further
         finally:
             os.close(fd)
         if not wanted:
@@ -390,18 +411,17 @@ def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
     return found
 
 
-def _holds(fd: int, message: Copy) -> bool:
-    """Whether the file `fd` (of the right size) is message's head and body, octet for octet."""
-    if os.pread(fd, len(message.head), 0) != message.head:
-        return False
+def _same_body(fd: int, message: Copy, size: int) -> bool:
+    """Whether the file `fd`, after message's head, holds its body's `size` octets."""
     offset = len(message.head)
     body = message.body
-    for start in range(0, durable.body_size(body), _COMPARED):
+    for start in range(0, size, _COMPARED):
+        length = min(_COMPARED, size - start)
         if isinstance(body, bytes):
-            piece = body[start : start + _COMPARED]
+            piece = body[start : start + length]
         else:
-            piece = os.pread(body, _COMPARED, start)
-        if not piece or os.pread(fd, len(piece), offset + start) != piece:
+            piece = os.pread(body, length, start)
+        if len(piece) != length or os.pread(fd, length, offset + start) != piece:
             return False
     return True
 

@@ -25,7 +25,11 @@ for a minute in an attacker's pass, and everyone else's mail waited.
 What a worker sends is not trusted: it runs as the unprivileged user, which must not be able
 to make root write or read anything but what a delivery writes. A body handed over as a
 descriptor must be a regular file of at most the message size limit (one of /dev/zero made
-the writer fill the disk as root), and only the delivery process may ask for a redelivery.
+the writer fill the disk as root), and no more of it is copied than it had when checked (it
+was enlarged after the check); only the delivery process may ask for a redelivery; and what
+waits to be written is bounded (`Backlog`: 8,000 frames sent to a locked mailbox grew the
+writer by 300 MB a second), a write past the bound being answered at once with EAGAIN, which
+the sender takes as any failed write: it queues the copy for a retry.
 """
 
 from __future__ import annotations
@@ -77,6 +81,38 @@ MAX_PAUSE = 1.0  # s between two tries of a locked mailbox, at most
 # Octets a descriptor's body may exceed the message size limit by: what mailerd prepends or
 # adds (Received:, Authentication-Results:, a DKIM signature, a DSN's own parts).
 BODY_SLACK = 1 << 20
+# Writes received and not yet answered (Backlog): inline octets and body descriptors, for one
+# channel and for all of them. A worker has a few of its sessions' messages waiting at once.
+CHANNEL_BACKLOG = (32 << 20, 128)
+TOTAL_BACKLOG = (256 << 20, 2048)
+
+
+class Backlog:
+    """What waits to be written, per channel and in all, in octets and descriptors."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[Channel | None, list[int]] = {}
+
+    def admit(self, channel: Channel, octets: int, fds: int) -> bool:
+        """Count a write in if it fits both bounds, or if nothing waits: one write, however
+        large (the delivery process sends a queued message inline), always goes."""
+        for key, limit in ((channel, CHANNEL_BACKLOG), (None, TOTAL_BACKLOG)):
+            held = self.waiting.get(key)
+            if held and (held[0] + octets > limit[0] or held[1] + fds > limit[1]):
+                return False
+        for key in (channel, None):
+            held = self.waiting.setdefault(key, [0, 0])
+            held[0] += octets
+            held[1] += fds
+        return True
+
+    def release(self, channel: Channel, octets: int, fds: int) -> None:
+        for key in (channel, None):
+            held = self.waiting[key]
+            held[0] -= octets
+            held[1] -= fds
+            if held == [0, 0]:
+                del self.waiting[key]
 
 
 class MailboxQueue:
@@ -220,8 +256,10 @@ class WriterService:
         self.channel: Channel | None = None
         self.workers: set[Channel] = set()
         self.outstanding = 0  # mailbox writes received and not yet answered
-        # Each write's asker, until its batch settles (_settled answers them all at once).
-        self.asking: dict[asyncio.Future[int], tuple[Channel, dict[str, Any], int | None]] = {}
+        # Each write's asker, its descriptor and its inline octets, until its batch settles
+        # (_settled answers them all at once).
+        self.asking: dict[asyncio.Future[int], tuple[Channel, dict[str, Any], int | None, int]] = {}
+        self.backlog = Backlog()
         self.warm: dict[str, float] = {}  # see MailboxQueue
 
     async def run(self) -> None:
@@ -290,28 +328,34 @@ class WriterService:
                 raise BadMessage("head: longer than the frame's body")
             if request.since is not None and channel is not self.channel:
                 raise BadMessage("since: only the delivery process writes a message again")
-            if fd is not None:
-                self._check_body(fd)
+            limit = None if fd is None else self._check_body(fd)
         except (BadMessage, OSError) as exc:
             if fd is not None:
                 os.close(fd)
             code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
             self._answer(channel, header, WriteFailed(f"not a mailbox write: {exc}", code))
             return
+        if not self.backlog.admit(channel, len(inline), 0 if fd is None else 1):
+            if fd is not None:
+                os.close(fd)
+            busy = WriteFailed("the mailbox writer has too much waiting", errno.EAGAIN)
+            self._answer(channel, header, busy)
+            return
         head = inline[: request.head]
         body = inline[request.head :] if fd is None else fd
-        future = self._writer(request.mailbox).submit(Copy(head, body, request.since))
+        future = self._writer(request.mailbox).submit(Copy(head, body, request.since, limit))
         self.outstanding += 1
-        self.asking[future] = (channel, header, fd)
+        self.asking[future] = (channel, header, fd, len(inline))
 
-    def _check_body(self, fd: int) -> None:
-        """A descriptor's body must be a regular file no larger than max_body (it is copied
-        up to the size it has now, durable.copy_fd: a file still growing is cut there)."""
+    def _check_body(self, fd: int) -> int:
+        """A descriptor's body must be a regular file no larger than max_body; its size, which
+        is all that is copied of it (the sender may enlarge it after this)."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise BadMessage("body: not a regular file")
         if self.max_body is not None and st.st_size > self.max_body:
             raise OSError(errno.EFBIG, f"body of {st.st_size} octets, more than {self.max_body}")
+        return st.st_size
 
     def _settled(self, futures: list[asyncio.Future[int]]) -> None:
         """A batch is done: queue its answers, then send them, one sendmsg() per channel.
@@ -322,8 +366,9 @@ class WriterService:
         wait but cost a sendmsg(), and a wake-up of its worker, per message."""
         channels = set()
         for future in futures:
-            channel, header, fd = self.asking.pop(future)
+            channel, header, fd, octets = self.asking.pop(future)
             self.outstanding -= 1
+            self.backlog.release(channel, octets, 0 if fd is None else 1)
             try:
                 self._written(channel, header, fd, future)
             except Exception:  # a bug: it must not stop the other answers, nor this mailbox

@@ -3,6 +3,7 @@ channels the delivery process hands it for workers."""
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import multiprocessing
@@ -445,3 +446,78 @@ def test_mailboxes_whose_locks_are_held_do_not_take_the_threads(tmp_path):
         for holder in holders:
             if holder.pid is not None:
                 holder.join(10)
+
+
+def test_a_body_enlarged_after_its_check_is_copied_as_large_as_it_was_checked(tmp_path):
+    """The size is checked when the write arrives, and the copy may come much later (here the
+    mailbox's lock is held): a worker that enlarged its file meanwhile had root write a
+    1 GiB message past the size limit (an attacker's pass). Only the checked size is copied."""
+    box = tmp_path / "dave"
+    box.mkdir()
+    (box / ".lock").touch()
+    body = tmp_path / "body"
+    body.write_bytes(b"x" * 100)
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold_lock, args=(box / ".lock", ready, release))
+
+    async def main():
+        serving, delivery, worker, lost = await _service_with_worker(tmp_path, max_body=1000)
+        holder.start()
+        assert await asyncio.get_running_loop().run_in_executor(None, ready.wait, 10)
+        write = {"op": "write", "mailbox": "dave", "head": 0}
+        answer = asyncio.ensure_future(worker.request(write, b"", os.open(body, os.O_RDONLY)))
+        await asyncio.sleep(0.3)
+        with open(body, "r+b") as f:
+            f.truncate(1 << 24)  # (sparse: it costs the attacker nothing)
+        release.set()
+        assert (await asyncio.wait_for(answer, 15))["number"] == 1
+        delivery.close()
+        await asyncio.wait_for(serving, 5)
+
+    try:
+        run(main())
+    finally:
+        release.set()
+        holder.join(10)
+    assert (box / "1").read_bytes() == b"x" * 100
+
+
+def test_what_waits_for_the_writer_is_bounded(tmp_path, monkeypatch):
+    """A worker that sends write after write to a mailbox whose lock is held grew the root
+    writer by 300 MB a second (an attacker's pass): past the channel's bound a write is
+    answered at once with EAGAIN (the worker then queues the copy); what was taken in is
+    written once the lock goes."""
+    from mailerd.writer import service
+
+    monkeypatch.setattr(service, "CHANNEL_BACKLOG", (1 << 20, 4))
+    box = tmp_path / "dave"
+    box.mkdir()
+    (box / ".lock").touch()
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold_lock, args=(box / ".lock", ready, release))
+    body = tmp_path / "body"
+    body.write_bytes(b"y\r\n")
+
+    async def main():
+        serving, delivery, worker, lost = await _service_with_worker(tmp_path)
+        holder.start()
+        assert await asyncio.get_running_loop().run_in_executor(None, ready.wait, 10)
+        write = {"op": "write", "mailbox": "dave", "head": 0}
+        inline = [worker.request(write, b"x" * (200 << 10)) for _ in range(10)]
+        fds = [worker.request(write, b"", os.open(body, os.O_RDONLY)) for _ in range(6)]
+        pending = [asyncio.ensure_future(r) for r in inline + fds]
+        await asyncio.sleep(0.5)
+        refused = [p.result() for p in pending if p.done()]
+        assert len(refused) == 5 + 2, refused  # 1 MiB holds 5 of 200 KiB; 4 descriptors
+        assert all(r["errno"] == errno.EAGAIN and "number" not in r for r in refused)
+        release.set()
+        answers = await asyncio.wait_for(asyncio.gather(*pending), 15)
+        assert sorted(a["number"] for a in answers if "number" in a) == list(range(1, 10))
+        delivery.close()
+        await asyncio.wait_for(serving, 5)
+
+    try:
+        run(main())
+    finally:
+        release.set()
+        holder.join(10)
