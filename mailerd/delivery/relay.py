@@ -63,6 +63,7 @@ REPLY_SIZE = 64 * 1024  # octets of one reply at most
 REPLY_LINE = 8192  # octets of one reply line at most (smtplib's own limit)
 REPLY_TEXT = 1000  # characters of a reply's text kept for the log, the queue and bounces
 SLOWEST_CONTENT = 10_000  # octets a second: a session's deadline grows by size / this
+QUIT_TIME = 10.0  # s to wait for the answer to QUIT (the delivery's result waits for it)
 
 
 @dataclass(frozen=True)
@@ -209,19 +210,21 @@ class _Content:
 def _try_hop(
     hop: Hop, message: Message, settings: Settings, content: _Content
 ) -> dict[str, Result]:
+    # One deadline for the host, the plain-text retry included (a sixth attacker's pass: a
+    # handshake stalled at the end of the first session's time doubled it).
+    deadline = time.monotonic() + settings.session_time(message.path.stat().st_size)
     try:
-        return _transaction(hop, message, settings, content)
+        return _transaction(hop, message, settings, content, deadline)
     except _TLSFailed as failed:
         if settings.tls != "may":
             raise
         _note(message, f"{failed.why}; trying {hop.name} again without TLS")
-        return _transaction(hop, message, replace(settings, tls="none"), content)
+        return _transaction(hop, message, replace(settings, tls="none"), content, deadline)
 
 
 def _transaction(
-    hop: Hop, message: Message, settings: Settings, content: _Content
+    hop: Hop, message: Message, settings: Settings, content: _Content, deadline: float
 ) -> dict[str, Result]:
-    deadline = time.monotonic() + settings.session_time(message.path.stat().st_size)
     client = _connect(hop, settings, message.queue_id, deadline)
     try:
         try:
@@ -613,7 +616,11 @@ def _send_content(client: _Client, pieces: Generator[bytes, None, None]) -> None
 
 
 def _quit(client: _Client) -> None:
+    """QUIT, waiting QUIT_TIME for its answer at most: the results wait for it, and a server
+    that took the message and then never answered QUIT kept them from being recorded (a
+    reload meanwhile sent the message again: a sixth attacker's pass)."""
     client.stage = "sending QUIT"
+    client.deadline = min(client.deadline, time.monotonic() + QUIT_TIME)
     with contextlib.suppress(OSError, smtplib.SMTPException):
         client.quit()
 

@@ -261,7 +261,7 @@ def hostile():
                                 answers.get(".", lambda s: s.sendall(b"250 2.0.0 queued\r\n"))(conn)
                             continue
                         word = line.split()[0].decode().upper() if line.split() else ""
-                        if word == "QUIT":
+                        if word == "QUIT" and "QUIT" not in answers:
                             conn.sendall(b"221 bye\r\n")
                             return
                         if word == "DATA" and "DATA" not in answers:
@@ -399,3 +399,53 @@ def test_a_slow_reader_cannot_stretch_the_content_past_the_session(
     result = result["b@slow.test"]
     assert not result.ok and "timed out while sending message body" in result.text, result
     assert took < 8
+
+
+def test_a_server_that_never_answers_quit_does_not_hold_the_result(hostile, message, monkeypatch):
+    """The message was taken (250 after the data): the result waits for QUIT's answer only
+    QUIT_TIME, since a reload meanwhile sent the message again (a sixth attacker's pass)."""
+    import time
+
+    monkeypatch.setattr(relay, "QUIT_TIME", 0.5)
+    hop = hostile({"QUIT": lambda conn: time.sleep(30)})
+    result, took = _timed(hop, message, SETTINGS)
+    assert result.ok and took < 3, (result, took)
+
+
+def test_the_plain_text_retry_keeps_to_the_first_sessions_deadline(message):
+    """STARTTLS that fails is tried again in plain text ("may"), within what is left of the
+    same deadline: a server that dripped its EHLO reply and then stalled the handshake had
+    twice the time (a sixth attacker's pass)."""
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drip_then_stall(conn):
+        with contextlib.suppress(OSError), conn:
+            conn.sendall(b"220 stall.test ESMTP\r\n")
+            reader = conn.makefile("rb")
+            reader.readline()
+            for _ in range(7):  # 1.4 s of an EHLO reply
+                conn.sendall(b"250-still here\r\n")
+                time.sleep(0.2)
+            conn.sendall(b"250 STARTTLS\r\n")
+            if reader.readline().upper().startswith(b"STARTTLS"):
+                conn.sendall(b"220 go ahead\r\n")
+            time.sleep(30)  # no handshake, and no plain-text reply either
+
+    def serve():
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=drip_then_stall, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    hop = relay.Hop("stall.test", "127.0.0.1", listener.getsockname()[1])
+    settings = relay.Settings(helo="mx.example.org", timeout=1, connect_timeout=5)
+    try:
+        result, took = _timed(hop, message, settings)
+    finally:
+        listener.close()
+    assert not result.ok and "timed out" in result.text, result
+    assert took < 2.8, took  # one session's 2 s, not two
