@@ -30,6 +30,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,9 +355,10 @@ def _read_counter(directory: int) -> int | None:
 
 
 REDELIVERY_SCAN = 2000  # newest messages looked at, at most
-# Messages of a redelivery's size and head compared in full with it, at most: its head names
-# its queue id, so only its own copy has it, unless someone planted look-alikes (an attacker's
-# pass made root compare 2000 files of 2 MB for each copy). Then it is written again.
+# What a redelivery's comparisons may cost, in its own sizes: its head names its queue id, so
+# only its own copy has the same start, unless someone planted look-alikes that differ at the
+# end (an attacker's pass made root compare 2000 files of 2 MB for each copy). Past that it
+# is written again.
 MAX_COMPARED = 3
 CLOCK_SLACK = 60.0  # seconds: a message is looked for if written this long before `since`
 
@@ -367,11 +369,12 @@ def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
     date), if any; None for the others. Looked for among the newest messages only, and only
     for a redelivery: it costs a directory listing and an fstat of a few files, once for the
     whole batch (the copies a dead writer left unanswered come back together), and a read of
-    those of the same size and head (MAX_COMPARED at most).
+    the start of those of a wanted size, once for all copies.
 
     The whole message is compared, not its start: the answer says whether the mailbox holds
     that message, and a mere prefix let an attacker's pass, speaking for a compromised mail
-    user, read a user's mail it cannot open, octet by octet."""
+    user, read a user's mail it cannot open, octet by octet. What one copy may cost in
+    comparisons is bounded (MAX_COMPARED times its size): past that it is written again."""
     found: list[int | None] = [None] * len(messages)
     # index -> (its size, the mtime before which a message cannot be it)
     wanted = {
@@ -381,7 +384,7 @@ def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
     }
     if not wanted:
         return found
-    compared = collections.Counter[int]()  # bodies compared in full, per copy
+    spent = collections.Counter[int]()  # octets compared, per copy
     numbers = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and n.isascii())
     for number in reversed(numbers[-REDELIVERY_SCAN:]):
         try:
@@ -392,17 +395,17 @@ def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
             st = os.fstat(fd)
             for i in [i for i, (_, oldest) in wanted.items() if st.st_mtime < oldest]:
                 del wanted[i]  # older than that copy itself: it was never delivered here
-            for i, (size, _) in list(wanted.items()):
-                if size != st.st_size or not stat.S_ISREG(st.st_mode):
-                    continue
-                message = messages[i]
-                if os.pread(fd, len(message.head), 0) != message.head:
-                    continue  # (the head names the queue id: only its copy has it)
-                compared[i] += 1
-                if _same_body(fd, message, size - len(message.head)):
+            alike = [i for i, (size, _) in wanted.items() if size == st.st_size]
+            if not alike or not stat.S_ISREG(st.st_mode):
+                continue
+            first = os.pread(fd, min(st.st_size, _COMPARED), 0)
+            for i in alike:
+                same, octets = _same_octets(fd, first, messages[i], st.st_size)
+                spent[i] += octets
+                if same:
                     found[i] = number
                     del wanted[i]
-                elif compared[i] >= MAX_COMPARED:
+                elif spent[i] > MAX_COMPARED * st.st_size + _COMPARED:
                     del wanted[i]  # planted look-alikes: written again, not looked for further
         finally:
             os.close(fd)
@@ -411,19 +414,31 @@ def delivered(directory: int, messages: list[Copy]) -> list[int | None]:
     return found
 
 
-def _same_body(fd: int, message: Copy, size: int) -> bool:
-    """Whether the file `fd`, after message's head, holds its body's `size` octets."""
-    offset = len(message.head)
-    body = message.body
-    for start in range(0, size, _COMPARED):
-        length = min(_COMPARED, size - start)
+def _same_octets(fd: int, first: bytes, message: Copy, size: int) -> tuple[bool, int]:
+    """Whether the file `fd`, whose first octets are `first`, holds message's head and body
+    (`size` octets in all); and how many octets that took to tell."""
+    offset = 0
+    for piece in _octets(message, size):
+        end = offset + len(piece)
+        stored = first[offset:end] if end <= len(first) else os.pread(fd, len(piece), offset)
+        if stored != piece:
+            return False, end
+        offset = end
+    return offset == size, offset
+
+
+def _octets(message: Copy, size: int) -> Iterator[bytes]:
+    """Message's head, then its body in pieces of _COMPARED octets, `size` octets in all."""
+    yield message.head
+    body, length = message.body, size - len(message.head)
+    for start in range(0, length, _COMPARED):
         if isinstance(body, bytes):
-            piece = body[start : start + length]
+            yield body[start : start + min(_COMPARED, length - start)]
         else:
-            piece = os.pread(body, length, start)
-        if len(piece) != length or os.pread(fd, length, offset + start) != piece:
-            return False
-    return True
+            piece = os.pread(body, min(_COMPARED, length - start), start)
+            yield piece
+            if not piece:
+                return
 
 
 _COMPARED = 1 << 20  # octets read at a time when comparing a redelivery with a stored message
