@@ -103,6 +103,13 @@ def _table(path: str) -> list[list[str]]:
         return []
 
 
+def machine_addresses() -> list[str]:
+    """Every IPv4 and global IPv6 address of every interface: all of them reach us."""
+    import psutil
+
+    return [a for iface in psutil.net_if_addrs() for a in interface_addresses(iface)]
+
+
 def interface_addresses(iface: str) -> list[str]:
     """Every IPv4 and global IPv6 address of an interface (link-local ones need a scope, and
     nothing listens on them), in the order the kernel lists them."""

@@ -38,7 +38,12 @@ from mailerd import names, recipients, trace
 from mailerd.config import Config
 from mailerd.delivery import dsn, mx, relay
 from mailerd.delivery.queue import Queue, QueueItem, QueueWriteError, Recipient
-from mailerd.host import default_interface, interface_addresses, loopback_addresses
+from mailerd.host import (
+    default_interface,
+    interface_addresses,
+    loopback_addresses,
+    machine_addresses,
+)
 from mailerd.inbound.dmarc import organizational_domain
 from mailerd.ipc.messages import Target
 from mailerd.smtp.events import Address
@@ -58,6 +63,7 @@ IDLE_WAKE = 60.0
 RESCAN_INTERVAL = 10.0  # look for items another (retiring) delivery process queued
 STOP_GRACE = 30.0  # attempts in flight at shutdown get this long to finish
 MAX_ADDRESSES = 5  # addresses one attempt tries at most, of all its MX hosts (Postfix: 5)
+LOOKUPS = 16  # destinations whose MX and addresses are looked up at once
 
 
 class Scheduler:
@@ -89,6 +95,9 @@ class Scheduler:
             lambda: asyncio.Semaphore(cfg.max_per_domain)
         )
         self.pool = ThreadPoolExecutor(cfg.max_outbound, thread_name_prefix="smtp")
+        # Destinations looked up at once: each may have 32 MX hosts' A and AAAA asked at once,
+        # and a sixth attacker's pass ran the process out of descriptors with unanswered ones.
+        self.lookups = asyncio.Semaphore(LOOKUPS)
         try:
             self.resolver: dns.asyncresolver.Resolver | None = mx.make_resolver(
                 cfg.dns_server, cfg.dns_timeout, cache=True
@@ -285,13 +294,37 @@ class Scheduler:
         groups: dict[str, list[Recipient]] = collections.defaultdict(list)
         for recipient in pending:
             groups[self._group_of(recipient)].append(recipient)
-        outcomes = await asyncio.gather(
-            *(self._attempt_group(item, key, members) for key, members in groups.items())
-        )
+        recording = asyncio.Lock()
+
+        async def attempt(key: str, members: list[Recipient]) -> dict[str, relay.Result]:
+            outcome = await self._attempt_group(item, key, members)
+            async with recording:
+                await self._record_sent(item, members, outcome)
+            return outcome
+
+        outcomes = await asyncio.gather(*(attempt(k, m) for k, m in groups.items()))
         results: dict[str, relay.Result] = {}
         for outcome in outcomes:
             results.update(outcome)
         await self._settle(item, pending, results)
+
+    async def _record_sent(
+        self, item: QueueItem, members: list[Recipient], outcome: dict[str, relay.Result]
+    ) -> None:
+        """A group's delivered recipients, recorded as soon as that group is done: another
+        group's server may keep its session going for many minutes, and a stop or a reload
+        meanwhile must not send them again (a sixth attacker's pass). The rest is _settle's."""
+        sent = [r for r in members if r.address in outcome and outcome[r.address].ok]
+        if not sent or item.id not in self.items:
+            return
+        now = time.time()
+        for recipient in sent:
+            recipient.attempts += 1
+            recipient.last_error = ""
+            recipient.state = "sent"
+            self._log(item, recipient, outcome[recipient.address], now)
+        if any(r.state == "pending" for r in item.recipients):  # (else _settle removes it)
+            await asyncio.get_running_loop().run_in_executor(None, self.queue.update, item)
 
     def _group_of(self, recipient: Recipient) -> str:
         if recipient.mailbox:
@@ -315,7 +348,7 @@ class Scheduler:
         # limit without holding global slots that other domains need. Its organisational
         # domain's, in fact: an attacker's pass sent to a0…a19.tar.test, whose MX dripped its
         # replies, and held all the global slots with one domain of its own.
-        async with self.per_domain[organizational_domain(domain)]:
+        async with self.per_domain[_slot_key(domain)]:
             return await self._remote(item, kind == "relayhost", domain, members)
 
     async def _retry_local(
@@ -339,7 +372,8 @@ class Scheduler:
         self, item: QueueItem, smarthost: bool, domain: str, members: list[Recipient]
     ) -> dict[str, relay.Result]:
         addresses = [r.address for r in members]
-        hops = await self._hops(domain, smarthost)  # (its DNS waits hold no global slot)
+        async with self.lookups:  # (its DNS waits hold no global slot, but have their own)
+            hops = await self._hops(domain, smarthost)
         if isinstance(hops, mx.Failure):
             result = relay.Result(hops.code, hops.status, hops.text)
             return dict.fromkeys(addresses, result)
@@ -389,7 +423,7 @@ class Scheduler:
         bounced: list[dsn.RecipientStatus] = []
         for recipient in pending:
             result = results.get(recipient.address)
-            if result is None:
+            if result is None or recipient.state != "pending":  # (_record_sent's already)
                 continue
             recipient.attempts += 1
             recipient.last_error = "" if result.ok else result.line()
@@ -603,9 +637,31 @@ def _is_ip(text: str) -> bool:
 
 
 def own_addresses(cfg: Config) -> set[str]:
-    """Addresses that are us: a relay to any of them would loop."""
+    """Addresses that are us: a relay to any of them would loop. Those we listen on, the
+    loopback's, the default route's interface's, and, when a listener is on a wildcard
+    address (which takes connections to any of them), every interface's (a sixth attacker's
+    pass looped mail 50 times through a listener on 0.0.0.0 with an MX at another
+    interface's address)."""
     found = {listen.host for listen in cfg.listeners} | set(loopback_addresses())
-    iface = default_interface()
-    if iface:
+    if any(ipaddress.ip_address(listen.host).is_unspecified for listen in cfg.listeners):
+        found.update(machine_addresses())
+    elif iface := default_interface():
         found.update(interface_addresses(iface))
     return found
+
+
+def _slot_key(destination: str) -> str:
+    """Whose slots an attempt takes (--max-per-domain): a domain's organisational domain, so
+    that its subdomains share them; an address literal's address, an IPv6 one's /64, so that
+    its spellings and its network's other addresses do too (a sixth attacker's pass held every
+    thread with four spellings of one IPv6 literal, each its own "domain")."""
+    text = destination.strip("[]")
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return organizational_domain(destination)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

@@ -696,3 +696,93 @@ def test_the_subdomains_of_one_domain_share_its_slots(make_world, monkeypatch):
     assert run(attempts([f"a{n}.tar.test" for n in range(8)])) == 2
     assert run(attempts([f"a.tar{n}.test" for n in range(8)])) == 8
     assert run(attempts([f"x{n}.example.co.uk" for n in range(8)])) == 2
+
+
+def test_literals_take_the_slots_of_their_address_or_network():
+    """Four spellings of one IPv6 literal held every thread, each "domain" with slots of its
+    own (a sixth attacker's pass); IPv4 literals were keyed by their last two octets."""
+    from mailerd.delivery.scheduler import _slot_key
+
+    spellings = ["[IPv6:fd77::10]", "[IPv6:fd77:0::10]", "[IPv6:FD77::0:10]", "[ipv6:fd77::99]"]
+    assert {_slot_key(s) for s in spellings} == {"fd77::/64"}
+    assert _slot_key("[192.0.2.1]") == "192.0.2.1" != _slot_key("[10.9.2.1]")
+    assert _slot_key("192.0.2.1") == "192.0.2.1"  # (a relayhost given as an address)
+    assert _slot_key("a.b.example.co.uk") == "example.co.uk"
+
+
+def test_a_groups_delivered_recipients_are_recorded_before_the_others_end(make_world, monkeypatch):
+    """A recipient one domain took is written to the queue as sent when its group is done,
+    while another domain's session goes on: a reload meanwhile sent it again (a sixth
+    attacker's pass)."""
+    w = make_world()
+    item = w.queued("alice@example.org", ["a@fast.test", "b@slow.test"])
+    slow_may_end = asyncio.Event()
+
+    async def remote(item_, smarthost, domain, members):
+        if domain == "slow.test":
+            await slow_may_end.wait()
+            return {m.address: relay.Result(451, "4.4.2", "timed out") for m in members}
+        return {m.address: relay.Result(250, "2.0.0", "Ok") for m in members}
+
+    monkeypatch.setattr(w.sched, "_remote", remote)
+
+    async def main():
+        attempt = asyncio.create_task(w.sched._attempt(item))
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            states = {r.address: r.state for r in w.on_disk(item).recipients}
+            if states["a@fast.test"] == "sent":
+                break
+        assert states == {"a@fast.test": "sent", "b@slow.test": "pending"}
+        slow_may_end.set()
+        await attempt
+
+    run(main())
+    on_disk = {r.address: (r.state, r.attempts) for r in w.on_disk(item).recipients}
+    assert on_disk == {"a@fast.test": ("sent", 1), "b@slow.test": ("pending", 1)}
+
+
+def test_destinations_are_looked_up_a_few_at_a_time(make_world, monkeypatch):
+    """A hundred domains whose DNS never answers, each with 32 MX hosts asked at once, ran the
+    delivery process out of descriptors (a sixth attacker's pass)."""
+    from mailerd.delivery import mx, scheduler
+
+    monkeypatch.setattr(scheduler, "LOOKUPS", 3)
+    w = make_world()
+    running, peak = 0, 0
+
+    async def hops(domain, smarthost):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return mx.Failure(False, 451, "4.4.3", "no answer")
+
+    monkeypatch.setattr(w.sched, "_hops", hops)
+    item = w.queued("alice@example.org", [f"x@d{n}.test" for n in range(20)])
+    run(w.sched._attempt(item))
+    assert peak == 3
+
+
+def test_with_a_wildcard_listener_every_interfaces_addresses_are_ours(make_world, monkeypatch):
+    """Not only the default route's interface: an MX at another interface's address looped
+    through a listener on 0.0.0.0 (a sixth attacker's pass). `ip` is the independent word;
+    the default route is made the loopback's, so that the others count only as "others"."""
+    import ipaddress
+    import subprocess
+
+    from mailerd import host
+    from mailerd.delivery import scheduler
+    from mailerd.delivery.scheduler import own_addresses
+
+    monkeypatch.setattr(host, "default_interface", lambda: "lo")
+    monkeypatch.setattr(scheduler, "default_interface", lambda: "lo", raising=False)
+
+    listed = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    addresses = set()
+    for fields in (line.split() for line in listed.splitlines()):
+        address = ipaddress.ip_address(fields[3].split("/")[0])
+        if not address.is_link_local:
+            addresses.add(str(address))
+    assert addresses and addresses <= own_addresses(make_world("-l", "0.0.0.0:2526").cfg)
