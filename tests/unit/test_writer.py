@@ -46,6 +46,29 @@ def _hold_lock(path, ready, release):
     release.wait(20)
 
 
+@contextlib.contextmanager
+def _locks_held(*mailboxes):
+    """Each mailbox (made if need be) with its .lock held by a process of its own, as an IMAP
+    server would hold it, until the event given to the block is set or the block ends."""
+    release = multiprocessing.Event()
+    holders = []
+    try:
+        for box in mailboxes:
+            box.mkdir(exist_ok=True)
+            (box / ".lock").touch()
+            ready = multiprocessing.Event()
+            holders.append(
+                multiprocessing.Process(target=_hold_lock, args=(box / ".lock", ready, release))
+            )
+            holders[-1].start()
+            assert ready.wait(10)
+        yield release
+    finally:
+        release.set()
+        for holder in holders:
+            holder.join(10)
+
+
 def test_a_locked_mailbox_waits_in_a_thread_not_in_the_loop(tmp_path):
     """A mailbox written back to back has its small batches written in the loop's thread, but
     one whose lock is held elsewhere (an IMAP server) must not stall the loop: it waits in the
@@ -409,25 +432,14 @@ def test_mailboxes_whose_locks_are_held_do_not_take_the_threads(tmp_path):
     locks): another mailbox is written at once, and each locked one when its lock goes."""
     spool = MailboxStore(tmp_path, lock_timeout=20)
     locked = ["bob", "carol", "dave"]
-    for name in [*locked, "erin"]:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / ".lock").touch()
-    ready = [multiprocessing.Event() for _ in locked]
-    release = multiprocessing.Event()
-    holders = [
-        multiprocessing.Process(target=_hold_lock, args=(tmp_path / name / ".lock", r, release))
-        for name, r in zip(locked, ready, strict=True)
-    ]
+    (tmp_path / "erin").mkdir()
 
-    async def main():
+    async def main(release):
         executor = ThreadPoolExecutor(2)
         try:
             queues = {
                 n: MailboxQueue(n, spool, executor, lambda n: None) for n in [*locked, "erin"]
             }
-            for holder, r in zip(holders, ready, strict=True):
-                holder.start()
-                assert await asyncio.get_running_loop().run_in_executor(None, r.wait, 10)
             waiting = [queues[n].submit(Copy(b"", b"x\r\n")) for n in locked]
             await asyncio.sleep(0.3)
             started = time.monotonic()
@@ -439,13 +451,8 @@ def test_mailboxes_whose_locks_are_held_do_not_take_the_threads(tmp_path):
         finally:
             executor.shutdown(wait=True)
 
-    try:
-        run(main())
-    finally:
-        release.set()
-        for holder in holders:
-            if holder.pid is not None:
-                holder.join(10)
+    with _locks_held(*(tmp_path / name for name in locked)) as release:
+        run(main(release))
 
 
 def test_a_body_enlarged_after_its_check_is_copied_as_large_as_it_was_checked(tmp_path):
@@ -453,17 +460,11 @@ def test_a_body_enlarged_after_its_check_is_copied_as_large_as_it_was_checked(tm
     mailbox's lock is held): a worker that enlarged its file meanwhile had root write a
     1 GiB message past the size limit (an attacker's pass). Only the checked size is copied."""
     box = tmp_path / "dave"
-    box.mkdir()
-    (box / ".lock").touch()
     body = tmp_path / "body"
     body.write_bytes(b"x" * 100)
-    ready, release = multiprocessing.Event(), multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_lock, args=(box / ".lock", ready, release))
 
-    async def main():
+    async def main(release):
         serving, delivery, worker, lost = await _service_with_worker(tmp_path, max_body=1000)
-        holder.start()
-        assert await asyncio.get_running_loop().run_in_executor(None, ready.wait, 10)
         write = {"op": "write", "mailbox": "dave", "head": 0}
         answer = asyncio.ensure_future(worker.request(write, b"", os.open(body, os.O_RDONLY)))
         await asyncio.sleep(0.3)
@@ -474,11 +475,8 @@ def test_a_body_enlarged_after_its_check_is_copied_as_large_as_it_was_checked(tm
         delivery.close()
         await asyncio.wait_for(serving, 5)
 
-    try:
-        run(main())
-    finally:
-        release.set()
-        holder.join(10)
+    with _locks_held(box) as release:
+        run(main(release))
     assert (box / "1").read_bytes() == b"x" * 100
 
 
@@ -490,18 +488,11 @@ def test_what_waits_for_the_writer_is_bounded(tmp_path, monkeypatch):
     from mailerd.writer import service
 
     monkeypatch.setattr(service, "CHANNEL_BACKLOG", (1 << 20, 4))
-    box = tmp_path / "dave"
-    box.mkdir()
-    (box / ".lock").touch()
-    ready, release = multiprocessing.Event(), multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_lock, args=(box / ".lock", ready, release))
     body = tmp_path / "body"
     body.write_bytes(b"y\r\n")
 
-    async def main():
+    async def main(release):
         serving, delivery, worker, lost = await _service_with_worker(tmp_path)
-        holder.start()
-        assert await asyncio.get_running_loop().run_in_executor(None, ready.wait, 10)
         write = {"op": "write", "mailbox": "dave", "head": 0}
         inline = [worker.request(write, b"x" * (200 << 10)) for _ in range(10)]
         fds = [worker.request(write, b"", os.open(body, os.O_RDONLY)) for _ in range(6)]
@@ -516,8 +507,5 @@ def test_what_waits_for_the_writer_is_bounded(tmp_path, monkeypatch):
         delivery.close()
         await asyncio.wait_for(serving, 5)
 
-    try:
-        run(main())
-    finally:
-        release.set()
-        holder.join(10)
+    with _locks_held(tmp_path / "dave") as release:
+        run(main(release))
