@@ -139,10 +139,7 @@ async def _host_route(
         name = _domain_name(host)
     except ValueError as e:
         return Failure(True, 553, "5.1.2", f"Bad host name {host}: {e}")
-    look = await _addresses(name, resolver, families)
-    if look.addresses:
-        return Route((Target(_text(name), 0, look.addresses),), implicit=True)
-    return _no_address_failure([look], families, f"for {_text(name)}")
+    return await _implicit_route(name, resolver, families, _NOBODY, f"for {_text(name)}")
 
 
 # --- names and literals -------------------------------------------------------------------
@@ -172,7 +169,7 @@ def _text(name: dns.name.Name) -> str:
 
 def _literal_route(domain: str, families: str, own: _Self) -> Route | Failure:
     try:
-        address = _parse_literal(domain)
+        address = parse_literal(domain)
     except ValueError:
         return Failure(True, 553, "5.1.2", f"Bad destination address literal {domain}")
     if address.version not in {_IP_VERSION[t] for t in FAMILIES[families]}:
@@ -184,7 +181,7 @@ def _literal_route(domain: str, families: str, own: _Self) -> Route | Failure:
     return Route((Target(domain, 0, (str(address),)),), implicit=True)
 
 
-def _parse_literal(domain: str) -> IPAddress:
+def parse_literal(domain: str) -> IPAddress:
     """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 4.1.3); ValueError otherwise."""
     if not (domain.startswith("[") and domain.endswith("]")):
         raise ValueError(domain)
@@ -308,15 +305,21 @@ def _cutoff(preferences: Iterable[int]) -> int | None:
 
 
 async def _implicit_route(
-    domain: dns.name.Name, resolver: dns.asyncresolver.Resolver, families: str, own: _Self
+    domain: dns.name.Name,
+    resolver: dns.asyncresolver.Resolver,
+    families: str,
+    own: _Self,
+    where: str = "",
 ) -> Route | Failure:
-    """No MX record: the domain's own addresses act as an MX of preference 0 (RFC 5321 5.1)."""
+    """No MX record: the domain's own addresses act as an MX of preference 0 (RFC 5321 5.1).
+    (A smarthost's too: resolve_host, whose failure says `where` instead.)"""
     look = await _addresses(domain, resolver, families)
     if own.has_name(domain) or any(map(own.has_address, look.addresses)):
         return _loop_failure(_text(domain))
     if look.addresses:
         return Route((Target(_text(domain), 0, look.addresses),), implicit=True)
-    return _no_address_failure([look], families, f"and no MX record for {_text(domain)}")
+    where = where or f"and no MX record for {_text(domain)}"
+    return _no_address_failure([look], families, where)
 
 
 def _no_address_failure(lookups: list[_Lookup], families: str, where: str) -> Failure:

@@ -395,7 +395,7 @@ class Scheduler:
         port = self.cfg.relayhost[1] if smarthost and self.cfg.relayhost else 25
         if self.resolver is None:
             return mx.Failure(False, 451, "4.4.3", "no DNS resolver configured")
-        destination = domain if not _is_ip(domain) else f"[{domain}]"
+        destination = _destination(domain)
         route = await (
             mx.resolve_host(destination, self.resolver, families=self.cfg.outbound_ip)
             if smarthost
@@ -628,12 +628,15 @@ def _first_addresses(hops: list[relay.Hop]) -> list[relay.Hop]:
     return kept[:MAX_ADDRESSES]
 
 
-def _is_ip(text: str) -> bool:
+def _destination(domain: str) -> str:
+    """What to resolve for a group's domain: the domain, or a relayhost given as an address
+    written as the literal RFC 5321 4.1.3 makes of it (an IPv6 one with its "IPv6:" tag:
+    without it, a relayhost such as [2001:db8::25] was a bad literal, and never reached)."""
     try:
-        ipaddress.ip_address(text)
+        ip = ipaddress.ip_address(domain)
     except ValueError:
-        return False
-    return True
+        return domain
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
 
 
 def own_addresses(cfg: Config) -> set[str]:
@@ -650,18 +653,15 @@ def own_addresses(cfg: Config) -> set[str]:
     return found
 
 
-def _slot_key(destination: str) -> str:
+def _slot_key(domain: str) -> str:
     """Whose slots an attempt takes (--max-per-domain): a domain's organisational domain, so
     that its subdomains share them; an address literal's address, an IPv6 one's /64, so that
     its spellings and its network's other addresses do too (a sixth attacker's pass held every
     thread with four spellings of one IPv6 literal, each its own "domain")."""
-    text = destination.strip("[]")
-    if text[:5].lower() == "ipv6:":
-        text = text[5:]
     try:
-        ip = ipaddress.ip_address(text)
+        ip = mx.parse_literal(_destination(domain))
     except ValueError:
-        return organizational_domain(destination)
+        return organizational_domain(domain)
     if ip.version == 6:
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)

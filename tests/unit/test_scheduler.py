@@ -786,3 +786,18 @@ def test_with_a_wildcard_listener_every_interfaces_addresses_are_ours(make_world
         if not address.is_link_local:
             addresses.add(str(address))
     assert addresses and addresses <= own_addresses(make_world("-l", "0.0.0.0:2526").cfg)
+
+
+@pytest.mark.parametrize(
+    "relayhost, literal, address",
+    [
+        ("[2001:db8::25]:587", "[IPv6:2001:db8::25]", "2001:db8::25"),
+        ("192.0.2.25:587", "[192.0.2.25]", "192.0.2.25"),
+    ],
+)
+def test_a_relayhost_given_as_an_address_is_reached_there(make_world, relayhost, literal, address):
+    """An IPv6 relayhost was made the literal [2001:db8::25], which RFC 5321 4.1.3 (and
+    mx.parse_literal) reads as a bad IPv4 one: mail for it never left. No DNS is asked."""
+    w = make_world("--relayhost", relayhost)
+    hops = run(w.sched._hops(w.cfg.relayhost[0], True))
+    assert hops == [relay.Hop(literal, address, 587)]
