@@ -281,6 +281,13 @@ class _Client(smtplib.SMTP):
         self._log_command(s)
         super().send(s)
 
+    def send_content(self, data: bytes | bytearray) -> None:
+        """Octets of the message straight to the socket (never logged), within the session's
+        time."""
+        assert self.sock is not None
+        self.sock.settimeout(self.time_left())
+        self.sock.sendall(data)
+
     def _log_command(self, s: ReadableBuffer | str) -> None:
         text = s if isinstance(s, str) else bytes(s).decode("utf-8", "replace")
         line = text.rstrip("\r\n")
@@ -582,9 +589,7 @@ def _data(client: _Client, hop: Hop, body: _Body) -> Result:
     client.stage = "sending message body"
     _send_content(client, body.pieces())
     client.stage = "sending end of data -- message may be sent more than once"
-    assert client.sock is not None
-    client.sock.settimeout(client.time_left())
-    client.sock.sendall(b".\r\n")
+    client.send_content(b".\r\n")
     code, text = client.getreply()
     return _reply(hop, code, text, f"{code // 100}.0.0")
 
@@ -592,7 +597,6 @@ def _data(client: _Client, hop: Hop, body: _Body) -> Result:
 def _send_content(client: _Client, pieces: Generator[bytes, None, None]) -> None:
     """The message, dot-stuffed (RFC 5321 4.5.2) and with CRLF line ends, in writes of about
     SEND_BUFFER octets: straight to the socket, so that -v never logs it."""
-    assert client.sock is not None
     buffer = bytearray()
     start = True  # the piece begins a line
     after_cr = False  # the previous piece, a cut long line, ended with the CR of its CRLF
@@ -606,13 +610,11 @@ def _send_content(client: _Client, pieces: Generator[bytes, None, None]) -> None
             after_cr = piece.endswith(b"\r")
             buffer += piece
             if len(buffer) >= SEND_BUFFER:
-                client.sock.settimeout(client.time_left())
-                client.sock.sendall(buffer)
+                client.send_content(buffer)
                 buffer.clear()
     if not start:
         buffer += b"\r\n"
-    client.sock.settimeout(client.time_left())
-    client.sock.sendall(buffer)
+    client.send_content(buffer)
 
 
 def _quit(client: _Client) -> None:
