@@ -54,7 +54,7 @@ from typing import BinaryIO
 
 from mailerd import config, host, trace, values
 from mailerd.ipc import maildrop
-from mailerd.smtp.data import MAX_HOPS, received_fields
+from mailerd.smtp.data import loop_problem
 from mailerd.smtp.grammar import GrammarError, parse_address
 
 MAX_LINE = 998  # octets without CRLF (RFC 5322 2.1.1); longer lines are folded
@@ -537,9 +537,9 @@ def send(opts: Options, settings: Settings, stdin: BinaryIO | None) -> int:
     message = complete_message(fields, body, sender, identity, strip_bcc=True)
     if len(message) > settings.max_message_size:
         raise Failure(os.EX_DATAERR, f"message too large ({settings.max_message_size} max)")
-    if (hops := received_fields(message)) > MAX_HOPS:
+    if problem := loop_problem(message):
         # (The pickup would refuse it too, and the caller would never hear: a loop, most often.)
-        raise Failure(os.EX_DATAERR, f"too many hops ({hops} Received: fields, at most {MAX_HOPS})")
+        raise Failure(os.EX_DATAERR, problem)
     store(settings, sender, recipients, message, body_type(message, opts.body))
     return 0
 

@@ -47,7 +47,7 @@ from mailerd.config import Config
 from mailerd.delivery.dsn import RecipientStatus
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.ipc import maildrop
-from mailerd.smtp.data import MAX_HOPS, received_fields
+from mailerd.smtp.data import loop_problem
 from mailerd.smtp.events import Reply
 from mailerd.smtp.grammar import GrammarError, parse_address
 from mailerd.spool import Spool
@@ -423,9 +423,8 @@ def _owner(directory: int, name: str) -> int | str:
 def _check_hops(message: bytes) -> None:
     """A message that has been through too many MTAs is a mail loop: refused like any other
     file SMTP would refuse (maildrop.read's checks), as the SMTP session refuses it (554)."""
-    hops = received_fields(message)
-    if hops > MAX_HOPS:
-        raise maildrop.Invalid(f"too many hops ({hops} Received: fields, at most {MAX_HOPS})")
+    if problem := loop_problem(message):
+        raise maildrop.Invalid(problem)
 
 
 def _bounced(address: str, status: str, text: str) -> RecipientStatus:

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MAX_HOPS", "BodyChecker", "DataDecoder", "HopCounter", "received_fields"]
+__all__ = [
+    "MAX_HOPS",
+    "BodyChecker",
+    "DataDecoder",
+    "HopCounter",
+    "loop_problem",
+    "received_fields",
+]
 
 _END = b"\r\n.\r\n"
 # Proper prefixes of _END, longest first: a chunk ending in one of these may
@@ -256,3 +263,12 @@ def received_fields(content: bytes) -> int:
     counter = HopCounter()
     counter.feed(content)
     return counter.count
+
+
+def loop_problem(content: bytes) -> str | None:
+    """Why a whole message is a mail loop (more than MAX_HOPS Received: fields), or None: the
+    words of the local paths that refuse one, sendmail and the maildrop's pickup."""
+    hops = received_fields(content)
+    if hops <= MAX_HOPS:
+        return None
+    return f"too many hops ({hops} Received: fields, at most {MAX_HOPS})"
