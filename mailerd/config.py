@@ -246,7 +246,13 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("verbose", "v", False, False, "log more, including the SMTP dialogue"),
     ("relayhost", None, True, False, "smarthost for all outbound mail instead of each domain's MX"),
     ("relay-auth", None, True, False, "file holding 'username:password' for AUTH at the relayhost"),
-    ("outbound-tls", None, True, False, "may (default), encrypt, verify or none"),
+    (
+        "outbound-tls",
+        None,
+        True,
+        False,
+        "may (default; verify for a relayhost with --relay-auth), encrypt, verify or none",
+    ),
     (
         "outbound-ip",
         None,

@@ -6,7 +6,8 @@ transaction, and returns one `Result` per recipient: some may be accepted while 
 deferred or refused. Opportunistic STARTTLS by default: a certificate that does not verify never
 blocks delivery unless the policy says "verify", and a failed handshake falls back to plain text
 (as Postfix's `smtp_tls_security_level = may` does). AUTH is used only when credentials are
-configured (a smarthost), and only after STARTTLS unless the policy is "none".
+configured (a smarthost), and only after STARTTLS unless the policy is "none"; with the
+default policy a password goes only to a smarthost whose certificate verifies.
 
 The content goes as queued, streamed from the queue file with its dot-stuffing (memory stays
 bounded for any size), except for a server that does not offer 8BITMIME: 8-bit content is then
@@ -413,11 +414,20 @@ def _greet(client: _Client, hop: Hop, settings: Settings) -> None:
         _login(client, hop, settings)
 
 
+def load_trust() -> None:
+    """Make both client contexts now: the delivery process calls this before it drops root,
+    so the CA certificates are read while every trust store is readable (OpenSSL's
+    SSL_CERT_FILE may name one only root can read), not at the first delivery."""
+    _client_context(True)
+    _client_context(False)
+
+
 @functools.cache
 def _client_context(verify: bool) -> ssl.SSLContext:
     """The STARTTLS context of every outbound connection, made once per process: making one
     reads the system's CA certificates, which took 20 ms of CPU a connection. Certificates are
-    checked with --outbound-tls verify only."""
+    checked with --outbound-tls verify only, and, with --relay-auth, "may" (see
+    scheduler.outbound_policy)."""
     context = ssl.create_default_context()
     if not verify:
         context.check_hostname = False
@@ -433,6 +443,11 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
         code, text = client.starttls(context=context)
     except ssl.SSLCertVerificationError as exc:
         why = f"certificate verification failed for {where}: {exc.verify_message}"
+        if settings.auth is not None:
+            why += (
+                "; the relayhost's password goes only to a host whose certificate verifies"
+                " (--outbound-tls encrypt sends it without that check)"
+            )
         raise _TLSFailed(_ours(hop, why, "4.7.5")) from exc
     except ssl.SSLError as exc:
         why = f"SSL_connect error to {where}: {exc.reason or exc}"

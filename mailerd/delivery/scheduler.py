@@ -109,7 +109,7 @@ class Scheduler:
             self.resolver = None
         self.settings = relay.Settings(
             helo=cfg.hostname,
-            tls=cfg.outbound_tls,
+            tls=outbound_policy(cfg.outbound_tls, bool(credentials and cfg.relayhost)),
             # Credentials are the smarthost's: never for a domain's MX (config refuses them
             # without a relayhost; this is the second lock).
             auth=credentials if cfg.relayhost else None,
@@ -637,6 +637,15 @@ def _destination(domain: str) -> str:
     except ValueError:
         return domain
     return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+
+
+def outbound_policy(configured: str, password: bool) -> str:
+    """The STARTTLS policy of outbound sessions. With a password for the relayhost, "may"
+    (the default) means "verify": over TLS whose certificate nobody checked, the password goes
+    to whoever answers for the relayhost's name (a spoofed DNS answer, a machine on the path).
+    "encrypt" sends it over unverified TLS, on the operator's word (a self-signed smarthost, a
+    relayhost given as an address); "none" even in plain text."""
+    return "verify" if password and configured == "may" else configured
 
 
 def own_addresses(cfg: Config) -> set[str]:

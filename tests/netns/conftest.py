@@ -653,8 +653,10 @@ class Mailerd:
         name: str = "mailerd",
         python: str = PYTHON,
         cwd: Path = REPO,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.ns = ns
+        self.env = env or {}  # added to the namespace's environment (Netns.env)
         # The interpreter, and so the installation, mailerd runs from; `python -m` also
         # imports from the working directory, so it runs in `cwd`.
         self.python = python
@@ -709,7 +711,8 @@ class Mailerd:
         self.starts += 1
         with open(self.log, "a") as f:
             f.write(f"=== test harness: start #{self.starts}: {' '.join(self.argv())}\n")
-        self.proc = self.ns.popen(self.argv(), self.log, cwd=self.cwd)
+        env = {**self.ns.env(), **self.env}
+        self.proc = self.ns.popen(self.argv(), self.log, cwd=self.cwd, env=env)
         self.wait_ready()
         return self
 
@@ -921,7 +924,13 @@ _ports = itertools.count(2526)
 def mailerd_factory(internet: Internet, tmp_path: Path) -> Iterator[Callable[..., Mailerd]]:
     made: list[Mailerd] = []
 
-    def make(*extra: str, start: bool = True, retry_after: str = "1s", name: str = "") -> Mailerd:
+    def make(
+        *extra: str,
+        start: bool = True,
+        retry_after: str = "1s",
+        name: str = "",
+        env: dict[str, str] | None = None,
+    ) -> Mailerd:
         name = name or f"mailerd{len(made) + 1}"
         base = tmp_path / name
         base.mkdir()
@@ -933,6 +942,7 @@ def mailerd_factory(internet: Internet, tmp_path: Path) -> Iterator[Callable[...
             extra=extra,
             retry_after=retry_after,
             name=name,
+            env=env,
         )
         made.append(m)
         if start:

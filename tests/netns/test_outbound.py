@@ -529,8 +529,12 @@ def test_queue_survives_kill_9(internet: Internet, mailerd_factory):
 @pytest.mark.parametrize(
     "relayhost,mechanism",
     [
+        # (An address cannot be verified against the smarthost's name: "encrypt" sends the
+        # password over TLS without that check, on the operator's word.)
         pytest.param(f"{DEAD}:587", "PLAIN", id="ip-plain"),
         pytest.param(f"{DEAD}:587", "LOGIN", id="ip-login"),
+        # (By name, with the default policy: its certificate verifies, the test's trust store
+        # holding it, as a provider's does with the system's CA certificates.)
         pytest.param("smarthost.test:587", "PLAIN", id="by-name"),
     ],
 )
@@ -541,7 +545,15 @@ def test_smarthost_with_auth(internet: Internet, mailerd_factory, tmp_path, rela
         auth = tmp_path / "relay-auth"
         auth.write_text(f"{SMARTHOST_USER}:{SMARTHOST_PASSWORD}\n")
         auth.chmod(0o600)
-        m = mailerd_factory("--relayhost", relayhost, "--relay-auth", str(auth))
+        by_address = relayhost.startswith(DEAD)
+        m = mailerd_factory(
+            "--relayhost",
+            relayhost,
+            "--relay-auth",
+            str(auth),
+            *(["--outbound-tls", "encrypt"] if by_address else []),
+            env={"SSL_CERT_FILE": str(internet.cert)},
+        )
         sender = m.add_user(token("alice"))
         rcpts = [f"{token('sh')}@pref.test", f"{token('sh')}@implicit.test"]
         sub = m.submit(sender, rcpts, subject="via smarthost")
@@ -610,6 +622,40 @@ def test_smarthost_password_never_sent_in_clear(internet: Internet, mailerd_fact
         assert m.in_queue(sub.queue_id)
     finally:
         plain.stop()
+
+
+def test_smarthost_password_needs_a_verified_certificate(
+    internet: Internet, mailerd_factory, tmp_path
+):
+    """With --relay-auth and the default --outbound-tls may, the smarthost's certificate must
+    verify for its name before the password goes: here it is self-signed and trusted by
+    nobody, so the mail waits (no AUTH, no transaction, not bounced) and the log says why and
+    what to do. The smarthost's password over TLS nobody checked goes to whoever answers for
+    the name."""
+    smarthost = internet.receivers["smarthost"]
+    smarthost.set_script(smarthost_script(internet.cert, internet.key, ["PLAIN"]))
+    try:
+        auth = tmp_path / "relay-auth"
+        auth.write_text(f"{SMARTHOST_USER}:{SMARTHOST_PASSWORD}\n")
+        auth.chmod(0o600)
+        earlier = len(smarthost.events())  # (the receiver is the module's: other tests' too)
+        m = mailerd_factory("--relayhost", "smarthost.test:587", "--relay-auth", str(auth))
+        rcpt = f"{token('unverified')}@pref.test"
+        sub = m.submit(m.add_user(token("alice")), [rcpt], subject="unverified smarthost")
+        m.wait_delivery(rcpt, "deferred")
+        ours = smarthost.events()[earlier:]
+        assert any(e["event"] == "connect" for e in ours), smarthost.summary()
+        assert not [e for e in ours if e["event"] in ("AUTH", "AUTH-RESULT", "MAIL")], (
+            f"the password went to an unverified smarthost:\n{smarthost.summary()}"
+        )
+        assert not smarthost.delivered(rcpt)
+        lines = m.log_text()
+        assert f"{sub.queue_id}: certificate verification failed for smarthost.test" in lines
+        assert "--outbound-tls encrypt sends it without that check" in lines
+        assert "bounced" not in m.statuses(rcpt)
+        assert m.in_queue(sub.queue_id)
+    finally:
+        smarthost.set_script(smarthost_script(internet.cert, internet.key))
 
 
 # --------------------------------------------------------------------------------------------
