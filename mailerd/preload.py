@@ -157,10 +157,13 @@ def preload() -> None:
 
 def _warm() -> None:
     """Data that modules read on first use, read now, once, for every child: the Public Suffix
-    List (DMARC's organisational domains)."""
+    List (DMARC's organisational domains), and the CA certificates of outbound STARTTLS
+    (`relay.load_trust`: a reload reads them again)."""
+    from mailerd.delivery import relay
     from mailerd.inbound import dmarc
 
     dmarc.organizational_domain("example.org")
+    relay.load_trust()
 
 
 def _load_dns_types() -> None:

@@ -35,7 +35,6 @@ from typing import Any
 from mailerd import durable, eventloop, intake, privileges, signing, trace
 from mailerd.aliases import normal_address
 from mailerd.config import Config
-from mailerd.delivery import relay
 from mailerd.delivery.pickup import Pickup, Taken
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.delivery.scheduler import Scheduler
@@ -428,7 +427,6 @@ def run(cfg: Config, listener: socket.socket, link: socket.socket) -> int:
     come from the master over `link`.
     """
     cfg = replace(cfg, spool=privileges.keep_dir(cfg.spool), queue=privileges.keep_dir(cfg.queue))
-    relay.load_trust()  # (the CA certificates, read as root)
     privileges.drop(cfg.user)
     eventloop.run(DeliveryService(cfg, listener, link).run())
     return 0

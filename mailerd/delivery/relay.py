@@ -414,10 +414,13 @@ def _greet(client: _Client, hop: Hop, settings: Settings) -> None:
         _login(client, hop, settings)
 
 
-def load_trust() -> None:
-    """Make both client contexts now: the delivery process calls this before it drops root,
-    so the CA certificates are read while every trust store is readable (OpenSSL's
-    SSL_CERT_FILE may name one only root can read), not at the first delivery."""
+def load_trust(fresh: bool = False) -> None:
+    """Make both client contexts now: in the master (root) before it forks, so the CA
+    certificates are read while every trust store is readable (OpenSSL's SSL_CERT_FILE may
+    name one only root can read), not by the delivery process after its privilege drop; and
+    `fresh` at each reload, so a changed trust store counts from then on."""
+    if fresh:
+        _client_context.cache_clear()
     _client_context(True)
     _client_context(False)
 

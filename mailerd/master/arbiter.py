@@ -52,6 +52,7 @@ from mailerd import aliases, config, host, lifecycle, privileges
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
 from mailerd.delivery import process as delivery_process
+from mailerd.delivery import relay
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import send_packet
 from mailerd.ipc.messages import WriterStarted
@@ -319,6 +320,7 @@ class Master:
         self.due.clear()
         self.failures.clear()
         logsetup.set_verbose(new.verbose)
+        relay.load_trust(fresh=True)  # (the CA certificates as they are now, read as root)
         # The old delivery process first (it stops accepting on the shared socket, then
         # drains), then the new one; new workers before the old ones stop accepting.
         for pid, child in old:
