@@ -18,12 +18,15 @@ line straight to the installed handler's `emit_line()`, without a LogRecord.
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
+from io import TextIOWrapper
 from pathlib import Path
 from socket import socket as Socket
 from typing import Any, Protocol, TextIO
@@ -249,6 +252,10 @@ class LineSysLogHandler(logging.handlers.SysLogHandler):
             return False
 
 
+# (O_NONBLOCK: opening a FIFO for writing would wait for a reader; it fails instead.)
+LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 class ReopeningFileHandler(_LineStream, logging.FileHandler):
     """A FileHandler that reopens its file (by name) after `request_reopen()`.
 
@@ -259,6 +266,21 @@ class ReopeningFileHandler(_LineStream, logging.FileHandler):
     def __init__(self, path: Path) -> None:
         super().__init__(str(path), mode="a", encoding="utf-8")
         self._seen = _reopen_requests
+
+    def _open(self) -> TextIOWrapper:
+        """The file by its name, never through a symlink and only a regular file: the master
+        is root, and whoever may write the log's directory must not choose what root appends
+        to (an attacker's pass, /tmp/atk7c, planted a link to a root-only file and had the
+        master crash at SIGUSR1). A FIFO is refused at once instead of blocking the open."""
+        fd = os.open(self.baseFilename, LOG_FLAGS, 0o640)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", self.baseFilename)
+            os.set_blocking(fd, True)
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)  # noqa: SIM115
+        except BaseException:
+            os.close(fd)
+            raise
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._seen != _reopen_requests:

@@ -242,6 +242,12 @@ def chown_path(path: Path, user: str | None, mode: int | None = None) -> None:
     if user is None or os.geteuid() != 0:
         return
     account = lookup(user)
-    os.chown(path, account.uid, account.gid, follow_symlinks=False)
-    if mode is not None:
-        os.chmod(path, mode, follow_symlinks=False)
+    # Through a descriptor of the file itself, never a symlink (os.chmod cannot refuse one
+    # on Linux: follow_symlinks=False raised NotImplementedError and the master died).
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, account.uid, account.gid)
+        if mode is not None:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)

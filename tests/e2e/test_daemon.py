@@ -476,6 +476,36 @@ def test_sigusr1_reopens_the_log_file(daemon_factory):
     assert "connect from" not in rotated.read_text().split("reopen")[-1]
 
 
+def test_a_symlinked_log_file_is_never_followed(daemon_factory, tmp_path):
+    """Whoever may write the log's directory must not choose what root appends to: a log file
+    that is a symlink is refused at start-up (a line, exit 1, no traceback), and one put in
+    its place before a SIGUSR1 is not reopened (the master logs on to the file it has, and
+    stays up: the chmod of a symlink raised NotImplementedError and killed it)."""
+    victim = tmp_path / "root-only"
+    victim.write_text("untouched\n")
+    victim.chmod(0o600)
+    d = daemon_factory()
+    d.log_file.symlink_to(victim)
+    p = d.command()
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    assert f"cannot open log file {d.log_file}" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert victim.read_text() == "untouched\n" and victim.stat().st_mode & 0o777 == 0o600
+
+    d.log_file.unlink()
+    d.add_user("alice")
+    d.start()
+    kept = d.log_file.with_name("mailerd.log.1")
+    d.log_file.rename(kept)
+    d.log_file.symlink_to(victim)
+    d.signal(signal.SIGUSR1)
+    assert wait_until(lambda: "SIGUSR1" in kept.read_text(), 5), kept.read_text()
+    deliver(d, "alice@example.org")
+    assert wait_until(lambda: "status=sent" in kept.read_text(), 5), kept.read_text()
+    assert victim.read_text() == "untouched\n" and victim.stat().st_mode & 0o777 == 0o600
+    assert d.master is not None and pid_alive(d.master)
+
+
 def test_verbose_logs_the_dialogue_but_not_the_content(daemon_factory):
     d = daemon_factory(extra=("-v",))
     d.add_user("alice")
