@@ -287,7 +287,10 @@ class Pickup:
             for recipient, status in self._route(text):
                 if status is not None:
                     refused.append(status)
-                key = f"/{recipient.mailbox}" if recipient.mailbox else normal_address(text)
+                # (Keyed by the target, not by what the user typed: an alias's forwards are
+                # several remote addresses for one typed name.)
+                address = recipient.address
+                key = f"/{recipient.mailbox}" if recipient.mailbox else normal_address(address)
                 queued.setdefault(key, recipient)
         item = QueueItem(
             id=submission.queue_id,

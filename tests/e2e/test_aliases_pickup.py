@@ -35,6 +35,7 @@ postmaster: root
 root: {admin}
 team: {admin}, {b}, {c}
 far: {b}, someone@remote.test
+forwards: one@remote.test, two@remote.test, Three@Other.Test, {c}
 loop1: loop2
 loop2: loop1
 runs: "|/bin/touch {marker}"
@@ -223,6 +224,25 @@ def test_unknown_local_recipient_is_bounced_to_the_submitter(aliased):
     bounce = m.read(admin, 1)
     assert b"multipart/report" in bounce and b"nosuchuser" in bounce
     assert b"Return-Path: <>" in bounce
+
+
+def test_every_forward_of_an_alias_is_queued_from_the_maildrop(aliased):
+    """`sendmail forwards` (Debian's "root: me@gmail.com, backup@elsewhere"): each remote
+    target is its own queued recipient, as over SMTP. The pickup keyed remote copies by the
+    address the user typed, so all but the first forward were dropped without a word (an
+    attacker's pass, /tmp/atk7b F5)."""
+    m, names, _ = aliased
+    name = _drop(m, "root@example.org", ["forwards@example.org"], _message("fanned out"))
+    queue_id = name.split("-")[0]
+    maildrop.poke(str(m.queue))
+    assert m.wait_messages(names["c"], 1) == [1]
+    targets = ("one@remote.test", "two@remote.test", "Three@other.test")
+    lines = [f"{queue_id}: to=<{t}>, relay=queue, status=queued" for t in targets]
+    assert wait_until(lambda: all(line in m.stderr_text() for line in lines), 10), m.stderr_text()[
+        -3000:
+    ]
+    assert f"{queue_id}: uid=0 from=<root@example.org>, size=" in m.stderr_text()
+    assert "nrcpt=4 (maildrop)" in m.stderr_text()
 
 
 def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_path: Path):
