@@ -170,6 +170,28 @@ def refusal(target: str) -> str | None:
     return None
 
 
+@dataclass
+class _Expanded:
+    """One name's expansion while the table is built: each name is expanded once (names
+    reached by many paths reuse it), targets kept in order without duplicates."""
+
+    mailboxes: dict[str, None] = field(default_factory=dict)
+    forwards: dict[str, None] = field(default_factory=dict)
+    refused: dict[tuple[str, str], None] = field(default_factory=dict)
+    loop: bool = False
+    too_many: bool = False
+
+    def add(self, other: _Expanded) -> None:
+        self.mailboxes.update(other.mailboxes)
+        self.forwards.update(other.forwards)
+        self.refused.update(other.refused)
+        self.loop = self.loop or other.loop
+        self.too_many = self.too_many or other.too_many
+
+    def full(self) -> bool:
+        return len(self.mailboxes) + len(self.forwards) > MAX_TARGETS
+
+
 def build(
     entries: Mapping[str, list[str]],
     local_domains: tuple[str, ...],
@@ -177,55 +199,69 @@ def build(
     path: str | None = None,
     problems: Iterable[str] = (),
 ) -> Aliases:
-    """Expand every entry in advance; loops and refused targets become logged problems."""
+    """Expand every entry in advance; loops and refused targets become logged problems.
+
+    Each name is expanded once and its expansion reused wherever it is a target: expanded
+    afresh along every path, overlapping nested lists cost twice as much per level (an
+    attacker's pass, /tmp/atk7b F4: a 500-byte file held the master for 11 s at start-up,
+    and each level more doubled it). A name met again while it is being expanded closes a
+    cycle: every name on it is a loop, and so is every name whose expansion reaches one. A
+    chain deeper than MAX_DEPTH counts as a loop too, and an expansion is cut short once it
+    has more than MAX_TARGETS targets."""
     found = list(problems)
-    table: dict[str, Expansion] = {}
+    done: dict[str, _Expanded] = {}
+    expanding: set[str] = set()  # the names on the current path
 
-    def expand(
-        name: str, path_: tuple[str, ...]
-    ) -> tuple[list[str], list[str], list[tuple[str, str]], bool]:
-        mailboxes: list[str] = []
-        forwards: list[str] = []
-        refused: list[tuple[str, str]] = []
-        loop = False
+    def expand(name: str, depth: int) -> _Expanded:
+        known = done.get(name)
+        if known is not None:
+            return known
+        expanding.add(name)
+        result = _Expanded()
         for target in entries[name]:
-            why = refusal(target)
-            if why is not None:
-                refused.append((target, why))
-                continue
-            bare = target.strip('"').strip()
-            local, at, domain = bare.rpartition("@")
-            if at and not is_local_domain(domain, local_domains):
-                forwards.append(bare)
-                continue
-            key = (local if at else bare).lower()
-            if key == name or key not in entries:  # itself (its own mailbox), or a mailbox
-                box = mailbox_name(key)
-                if box is None:
-                    refused.append((target, "not a mailbox name"))
-                else:
-                    mailboxes.append(box)
-            elif key in path_ or len(path_) >= MAX_DEPTH:
-                loop = True
-            else:
-                more = expand(key, (*path_, key))
-                mailboxes += more[0]
-                forwards += more[1]
-                refused += more[2]
-                loop = loop or more[3]
-        return mailboxes, forwards, refused, loop
+            _expand_target(name, target, depth, result)
+            if result.full():
+                result.too_many = True
+                break
+        expanding.discard(name)
+        done[name] = result
+        return result
 
+    def _expand_target(name: str, target: str, depth: int, result: _Expanded) -> None:
+        why = refusal(target)
+        if why is not None:
+            result.refused[(target, why)] = None
+            return
+        bare = target.strip('"').strip()
+        local, at, domain = bare.rpartition("@")
+        if at and not is_local_domain(domain, local_domains):
+            result.forwards[normal_address(bare)] = None
+            return
+        key = (local if at else bare).lower()
+        if key == name or key not in entries:  # itself (its own mailbox), or a mailbox
+            box = mailbox_name(key)
+            if box is None:
+                result.refused[(target, "not a mailbox name")] = None
+            else:
+                result.mailboxes[box] = None
+        elif key in expanding or depth >= MAX_DEPTH:
+            result.loop = True
+        else:
+            result.add(expand(key, depth + 1))
+
+    table: dict[str, Expansion] = {}
     for name in entries:
-        mailboxes, forwards, refused, loop = expand(name, (name,))
-        boxes = tuple(dict.fromkeys(mailboxes))
-        remote = tuple(dict.fromkeys(normal_address(a) for a in forwards))
-        if len(boxes) + len(remote) > MAX_TARGETS:
+        result = expand(name, 1)
+        loop = result.loop
+        if result.too_many:
             found.append(f"{name}: more than {MAX_TARGETS} targets; treated as a loop")
             loop = True
-        table[name] = Expansion(boxes, remote, tuple(refused), loop)
+        table[name] = Expansion(
+            tuple(result.mailboxes), tuple(result.forwards), tuple(result.refused), loop
+        )
         if loop:
             found.append(f"{name}: alias loop; mail for it is refused")
-        for target, why in refused:
+        for target, why in result.refused:
             found.append(f"{name}: target {target} refused ({why})")
     return Aliases(table, path, tuple(dict.fromkeys(found)))
 
