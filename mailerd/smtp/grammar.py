@@ -44,8 +44,15 @@ class GrammarError(ValueError):
 
 
 # --- character classes (RFC 5321 4.1.2, extended by RFC 6531 3.3) -----------
-# UTF8-non-ascii: after decoding, simply any code point above U+007F.
-_NON_ASCII = "\u0080-\U0010ffff"
+# UTF8-non-ascii: after decoding, any code point above U+007F, except what no name needs and
+# what makes a terminal or a viewer show something else than the text (RFC 6530 10.1: a
+# remote client's address reaches the log and `mailerd queue`; an attacker's pass, /tmp/atk7b
+# F2, cleared the administrator's screen with U+009B, CSI, and reversed a name with U+202E):
+# the C1 controls (U+0080-009F), the bidirectional marks, embeddings, overrides and isolates
+# (U+061C, U+200E-200F, U+202A-202E, U+2066-2069), the line and paragraph separators
+# (U+2028-2029) and the byte order mark (U+FEFF). (Zero-width joiners, U+200C-200D, stay:
+# some scripts' names need them.)
+_NON_ASCII = "\u00a0-\u061b\u061d-\u200d\u2010-\u2027\u202f-\u2065\u206a-\ufefe\uff00-\U0010ffff"
 _ATEXT = "A-Za-z0-9!#$%&'*+/=?^_`{|}~\\-" + _NON_ASCII
 _ATOM = "[" + _ATEXT + "]+"
 _DOT_STRING = _ATOM + r"(?:\." + _ATOM + ")*"

@@ -201,6 +201,31 @@ def test_utf8_addresses_parse_and_policy_is_left_to_the_session():
     assert parse_rcpt_to('TO:<"jö rg"@bücher.de>') == (Address("jö rg", "bücher.de", True), [])
 
 
+@pytest.mark.parametrize(
+    "char",
+    ["\u0085", "\u009b", "\u061c", "\u200e", "\u2028", "\u202e", "\u2066", "\ufeff"],
+)
+@pytest.mark.parametrize("where", ["local", "quoted", "domain"])
+def test_controls_and_bidi_overrides_are_no_address(char, where):
+    """What would act on the administrator's terminal (U+009B is CSI) or show a name other than
+    it is (U+202E reverses the text after it) is refused: an address reaches the log and
+    `mailerd queue` (an attacker's pass, /tmp/atk7b F2)."""
+    text = {
+        "local": f"TO:<ab{char}c@example.org>",
+        "quoted": f'TO:<"a{char}b"@example.org>',
+        "domain": f"TO:<abc@exa{char}mple.org>",
+    }[where]
+    with pytest.raises(GrammarError):
+        parse_rcpt_to(text)
+    with pytest.raises(GrammarError):
+        parse_mail_from(text.replace("TO:", "FROM:"))
+
+
+def test_names_that_need_joiners_still_parse():
+    # (ZWNJ in Persian, as in "mi‌ravam"; a no-break space is odd but harmless)
+    assert parse_rcpt_to("TO:<mi\u200cravam@example.ir>")[0].local == "mi\u200cravam"
+
+
 # --- domains, literals, parameters, display ----------------------------------
 
 
