@@ -59,6 +59,9 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", cl
 INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection", close=True)
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
 MAX_ROUTES = 1000  # remembered recipient routes per session (a transaction has at most 100)
+# Seconds a closed connection may take to send what is left of our replies (at most the
+# command timeout): a client that reads nothing would otherwise keep it, and its place, for ever.
+CLOSE_LINGER = 10.0
 
 
 class Connection(asyncio.Protocol):
@@ -79,6 +82,7 @@ class Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.layer: TLSLayer | None = None  # TLS, once STARTTLS or implicit TLS began it
         self.handshake_timer: asyncio.TimerHandle | None = None
+        self.linger: asyncio.TimerHandle | None = None  # (once closed: see shut)
         self.released = False
         self.tls = ""  # the session's TLS as Received: shows it (tls.describe), once on
         # Accepted recipients' copies: resolved once, at RCPT, for commit_request().
@@ -195,6 +199,8 @@ class Connection(asyncio.Protocol):
             self.timer.cancel()
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
+        if self.linger is not None:
+            self.linger.cancel()
         if not self.committing:
             self.body.discard()
         if self.session is not None:
@@ -308,8 +314,7 @@ class Connection(asyncio.Protocol):
         self.closing = True
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
-        assert self.transport is not None
-        self.transport.close()
+        self.shut()
 
     def remembered_login(self, request: AuthRequest) -> bool:
         """A login that passed a moment ago passes again at once, here (no thread, no task:
@@ -471,7 +476,28 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             if out:
                 self.transport.write(b"".join(out))
-            self.transport.close()
+            self.shut()
+
+    def shut(self) -> None:
+        """Close the connection once our last replies have gone, or drop it if they have not
+        gone within CLOSE_LINGER (or the command timeout, if shorter): a transport's close()
+        waits for its buffer to drain, and a client that pipelines commands and reads nothing
+        would keep its session, its place under the caps and its buffers for ever (an
+        attacker's pass held every network place so, at no cost: /tmp/atk7a F1)."""
+        assert self.transport is not None
+        self.transport.close()
+        wait = min(CLOSE_LINGER, self.worker.cfg.timeout)
+        self.linger = self.worker.loop.call_later(wait, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is unsent (connection_lost follows)."""
+        if self.released:
+            return
+        raw = self.layer.raw if self.layer is not None else self.transport
+        if raw is not None:
+            if raw.get_write_buffer_size():
+                log.info("%s: dropped, its replies unread", self.client)
+            raw.abort()
 
     def idle(self) -> bool:
         """Between transactions: safe to say 421 and go without losing anything in progress."""

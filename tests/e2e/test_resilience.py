@@ -209,6 +209,38 @@ def test_a_client_that_never_reads_its_replies_cannot_grow_the_worker(mailerd_fa
         assert s.noop()[0] == 250
 
 
+def test_a_client_that_never_reads_its_replies_loses_its_place(mailerd_factory):
+    """A client that pipelines commands and reads none of the replies: at the command timeout
+    its session ends, and its place under the caps comes back within the linger that follows
+    (a transport's close() waited for the replies to drain, for ever: an attacker's pass held
+    every network place so, /tmp/atk7a F1)."""
+    import socket
+
+    m: Mailerd = mailerd_factory(workers=1, extra=["--max-sessions-per-ip", "1", "--timeout", "2s"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", m.port(trusted=False)))
+    sock.setblocking(False)
+    chunk = b"HELP\r\n" * 10000
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        try:
+            sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)  # the server stopped reading: it is holding unread replies
+    try:
+        with m.connect(trusted=False) as second:
+            expect(second.banner(), 421, "4.7.0")  # the place is held meanwhile
+        started = time.monotonic()
+        assert wait_until(lambda: _greeted(m, trusted=False), timeout=15), (
+            f"the place was not given back; log:\n{m.stderr_text()[-2000:]}"
+        )
+        assert time.monotonic() - started < 8
+        assert "dropped, its replies unread" in m.stderr_text()
+    finally:
+        sock.close()
+
+
 def test_overlong_local_part_gets_a_reply(mailerd: Mailerd):
     with mailerd.connect(trusted=False) as c:
         c.start()
