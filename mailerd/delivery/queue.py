@@ -6,6 +6,9 @@ Layout (all under the queue directory):
   message and its rename is the commit point: a `msg/` file without an envelope is debris from a
   crash before the commit (nobody was told 250) and is removed at start-up.
 - `tmp/`: unlinked spill files for large bodies in transit; `private/`: the delivery socket.
+- `corrupt/`: envelopes this mailerd cannot read (`<id>.env`, beside their `<id>.msg`), set
+  aside by the delivery process with one log line each (Postfix's corrupt/): a damaged item
+  then costs only itself, and `mailerd queue` names it until a human deals with it.
 - `maildrop/` (mode 1733) and `public/pickup` (a FIFO, mode 0622): where `sendmail` leaves mail
   for the pickup, and how it wakes it (see `maildrop`).
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import stat
 import threading
@@ -29,15 +33,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from mailerd import durable
 from mailerd.ipc.maildrop import MAILDROP, PICKUP_FIFO, PUBLIC
 
 log = logging.getLogger("mailerd.queue")
+T = TypeVar("T")
 
 # Each directory and its mode: the children's user owns them all (privileges.prepare_queue).
 # Anyone may drop mail into the maildrop (but not list or read it) and poke the pickup.
-SUBDIRS = {"msg": 0o700, "env": 0o700, "tmp": 0o700, "private": 0o700}
+SUBDIRS = {"msg": 0o700, "env": 0o700, "tmp": 0o700, "private": 0o700, "corrupt": 0o700}
 SUBDIRS |= {MAILDROP: 0o1733, PUBLIC: 0o755}
 PICKUP_MODE = 0o622
 DEBRIS_AGE = 3600.0
@@ -69,9 +75,103 @@ class QueueItem:
 
     @classmethod
     def from_json(cls, data: bytes) -> QueueItem:
-        raw = json.loads(data)
-        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
-        return cls(**raw)
+        """The item an envelope holds; DamagedEnvelope if it is not one. Every field's type is
+        checked here (a `null` in a time once killed the scheduler's heap, and with it all
+        outbound mail), a field missing that has a default takes it (an older mailerd wrote
+        it), and a key we do not know is ignored (a newer one wrote it: a downgrade must not
+        strand the whole queue)."""
+        try:
+            raw = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise DamagedEnvelope(f"not JSON ({exc})") from None
+        fields = _Fields(raw, "envelope")
+        recipients = fields.take("recipients", list)
+        return cls(
+            id=fields.text("id"),
+            sender=fields.text("sender"),
+            recipients=[_recipient(r) for r in recipients],
+            created=fields.number("created"),
+            next_attempt=fields.number("next_attempt", 0.0),
+            size=fields.count("size", 0),
+            smtputf8=fields.flag("smtputf8", False),
+            body_8bit=fields.flag("body_8bit", False),
+            warned=fields.flag("warned", False),
+        )
+
+
+class DamagedEnvelope(ValueError):
+    """An envelope file this mailerd cannot read: the text says why."""
+
+
+STATES = ("pending", "sent", "bounced")
+_REQUIRED: Any = object()
+
+
+class _Fields:
+    """Typed access to one JSON object's fields, for `from_json`: each raises DamagedEnvelope
+    naming the field."""
+
+    def __init__(self, raw: object, what: str) -> None:
+        if not isinstance(raw, dict):
+            raise DamagedEnvelope(f"{what}: not an object")
+        self.raw: dict[str, object] = raw
+        self.what = what
+
+    def _get(self, name: str, default: object) -> object:
+        value = self.raw.get(name, default)
+        if value is _REQUIRED:
+            raise DamagedEnvelope(f"{self.what}: {name} missing")
+        return value
+
+    def _wrong(self, name: str, value: object, kind: str) -> DamagedEnvelope:
+        return DamagedEnvelope(f"{self.what}: {name} is {type(value).__name__}, not {kind}")
+
+    def take(self, name: str, kind: type[T], default: T = _REQUIRED) -> T:
+        value = self._get(name, default)
+        # (bool is an int to isinstance: a flag is never a count)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise self._wrong(name, value, kind.__name__)
+        return value
+
+    def text(self, name: str, default: str = _REQUIRED) -> str:
+        return self.take(name, str, default)
+
+    def optional_text(self, name: str) -> str | None:
+        value = self._get(name, None)
+        if value is not None and not isinstance(value, str):
+            raise self._wrong(name, value, "str or null")
+        return value
+
+    def number(self, name: str, default: float = _REQUIRED) -> float:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._wrong(name, value, "a number")
+        if not math.isfinite(value):  # (NaN and Infinity are JSON to Python, and no time)
+            raise DamagedEnvelope(f"{self.what}: {name} is {value}")
+        return float(value)
+
+    def count(self, name: str, default: int = _REQUIRED) -> int:
+        count = self.take(name, int, default)
+        if count < 0:
+            raise DamagedEnvelope(f"{self.what}: {name} is negative")
+        return count
+
+    def flag(self, name: str, default: bool = _REQUIRED) -> bool:
+        return self.take(name, bool, default)
+
+
+def _recipient(raw: object) -> Recipient:
+    fields = _Fields(raw, "recipient")
+    state = fields.text("state", "pending")
+    if state not in STATES:
+        raise DamagedEnvelope(f"recipient: state {state!r} unknown")
+    return Recipient(
+        address=fields.text("address"),
+        mailbox=fields.optional_text("mailbox"),
+        state=state,
+        attempts=fields.count("attempts", 0),
+        last_error=fields.text("last_error", ""),
+    )
 
 
 _NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -140,6 +240,8 @@ class Queue:
         self.root = root
         self.shown = _real_path(root)  # what the log calls it
         self.conditions = Conditions()
+        self.reported: set[str] = set()  # env/ names whose trouble is logged (`_report`)
+        self.unreadable: dict[str, str] = {}  # what the last load() could not read, and why
 
     def create_dirs(self) -> None:
         """Make the queue's layout (SUBDIRS, the scheduler's lock, the pickup FIFO) with its
@@ -214,20 +316,80 @@ class Queue:
         return {n for n in os.listdir(self.root / "env") if ".tmp" not in n}
 
     def read(self, queue_id: str) -> QueueItem | None:
+        """The item, or None: gone, unreadable or damaged (for a look only: nothing is moved)."""
         try:
-            return QueueItem.from_json((self.root / "env" / queue_id).read_bytes())
-        except (OSError, ValueError, TypeError, KeyError):
+            return self._read_envelope(queue_id)
+        except (OSError, DamagedEnvelope):
             return None
 
+    def _read_envelope(self, name: str) -> QueueItem:
+        """env/`name`'s item; OSError, or DamagedEnvelope for one this mailerd cannot use."""
+        item = QueueItem.from_json((self.root / "env" / name).read_bytes())
+        if item.id != name:  # (remove() and the scheduler go by the id: it must be the file's)
+            raise DamagedEnvelope(f"its id is {item.id!r}")
+        return item
+
+    def take(self, name: str) -> QueueItem | None:
+        """For the delivery process, the queue's only writer (the scheduler's load and rescan):
+        the item, or None. A damaged envelope is set aside into corrupt/ with its message, and
+        one that cannot be read (EACCES, EIO) is left where it is; both are logged once."""
+        try:
+            return self._read_envelope(name)
+        except FileNotFoundError:
+            return None  # (removed since the directory was listed)
+        except DamagedEnvelope as exc:
+            self.set_aside(name, str(exc))
+        except OSError as exc:
+            self._report(name, f"queue: cannot read {self.shown}/env/{name}: {exc.strerror or exc}")
+        return None
+
+    def set_aside(self, name: str, why: str) -> None:
+        """Move a damaged item's envelope and message into corrupt/: it costs only itself, is
+        never attempted, and `mailerd queue` names it (`damaged`) until a human decides."""
+        corrupt = self.root / "corrupt"
+        try:
+            corrupt.mkdir(mode=0o700, exist_ok=True)  # (a queue laid out by an older mailerd)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.root / "msg" / name, corrupt / f"{name}.msg")
+            os.rename(self.root / "env" / name, corrupt / f"{name}.env")
+            durable.fsync_dir(str(corrupt))
+        except OSError as exc:
+            why = f"{why}; cannot move it to {self.shown}/corrupt: {exc.strerror or exc}"
+            self._report(name, f"queue: {name}: damaged envelope ({why}); it is left alone")
+            return
+        log.error(
+            "queue: %s: damaged envelope (%s): set aside in %s/corrupt, not delivered",
+            name,
+            why,
+            self.shown,
+        )
+
+    def _report(self, name: str, line: str) -> None:
+        """A trouble with one file, logged once (a rescan meets it again every few seconds)."""
+        if name not in self.reported:
+            self.reported.add(name)
+            log.error("%s", line)
+
+    def damaged(self) -> list[str]:
+        """The ids of the items set aside in corrupt/ (none if it cannot be listed)."""
+        try:
+            names = os.listdir(self.root / "corrupt")
+        except OSError:
+            return []
+        return sorted(n.removesuffix(".env") for n in names if n.endswith(".env"))
+
     def load(self, clean: bool = True) -> list[QueueItem]:
-        """All committed items; with `clean`, removes crash debris (orphan messages, temp files).
+        """All committed items; with `clean` (the delivery process), removes crash debris
+        (orphan messages, temp files) and sets damaged envelopes aside (`take`).
 
         Only the delivery process may clean: another process could see a message whose envelope
-        is being written at this very moment.
+        is being written at this very moment. Without `clean`, what could not be read is in
+        `unreadable` (name: why), for `mailerd queue` to show.
         """
         items = []
         env_dir = self.root / "env"
         cutoff = time.time() - DEBRIS_AGE
+        self.unreadable = {}
         for name in sorted(os.listdir(env_dir)):
             if ".tmp" in name:
                 # Old enough that no writer can still be about to rename it into place.
@@ -236,10 +398,9 @@ class Queue:
                         if (env_dir / name).stat().st_mtime < cutoff:
                             (env_dir / name).unlink()
                 continue
-            try:
-                items.append(QueueItem.from_json((env_dir / name).read_bytes()))
-            except (OSError, ValueError, TypeError, KeyError):
-                continue  # unreadable or just removed: leave it for a human rather than lose it
+            item = self.take(name) if clean else self._look(name)
+            if item is not None:
+                items.append(item)
         if clean:
             known = set(os.listdir(env_dir))
             for name in os.listdir(self.root / "msg"):
@@ -249,6 +410,16 @@ class Queue:
                     if name not in known and path.stat().st_mtime < cutoff:
                         path.unlink()
         return items
+
+    def _look(self, name: str) -> QueueItem | None:
+        """`take` for a reader that may change nothing: what fails is noted in `unreadable`."""
+        try:
+            return self._read_envelope(name)
+        except FileNotFoundError:
+            return None
+        except (OSError, DamagedEnvelope) as exc:
+            self.unreadable[name] = str(exc)
+            return None
 
 
 def _real_path(root: Path) -> str:

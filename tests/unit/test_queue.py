@@ -131,10 +131,20 @@ def test_update_replaces_the_envelope_atomically(q):
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"", b"{not json", b'{"id": "1BAD"}', b'{"id": "1BAD", "sender": "", "recipients": [{}]}'],
-    ids=["empty", "not-json", "fields-missing", "bad-recipient"],
+    [
+        b"",
+        b"{not json",
+        b'{"id": "1BAD"}',
+        b'{"id": "1BAD", "sender": "", "recipients": [{}]}',
+        b"[1, 2]",
+        b"\xff\xfe{",
+        b"[" * 100_000,
+    ],
+    ids=["empty", "not-json", "fields-missing", "bad-recipient", "not-object", "not-utf8", "deep"],
 )
-def test_an_unreadable_envelope_is_skipped_but_left_for_a_human(q, garbage):
+def test_an_unreadable_envelope_is_set_aside_whole_for_a_human(q, garbage, caplog):
+    """A damaged item costs only itself: the others load, and its envelope and message are
+    moved, intact, into corrupt/ (never attempted, never deleted), with one log line."""
     good = full_item("1GOOD")
     q.put(good, HEAD, BODY)
     (q.root / "msg" / "1BAD").write_bytes(HEAD + BODY)
@@ -142,9 +152,113 @@ def test_an_unreadable_envelope_is_skipped_but_left_for_a_human(q, garbage):
     age(q.root / "msg" / "1BAD", 2 * DEBRIS_AGE)  # old, but it has an envelope: not debris
     assert [item.id for item in q.load(clean=True)] == ["1GOOD"]
     assert q.read("1BAD") is None
-    assert (q.root / "env" / "1BAD").read_bytes() == garbage
-    assert (q.root / "msg" / "1BAD").read_bytes() == HEAD + BODY
-    assert q.ids() == {"1GOOD", "1BAD"}
+    assert (q.root / "corrupt" / "1BAD.env").read_bytes() == garbage
+    assert (q.root / "corrupt" / "1BAD.msg").read_bytes() == HEAD + BODY
+    assert q.ids() == {"1GOOD"}
+    assert q.damaged() == ["1BAD"]
+    [line] = [r.getMessage() for r in caplog.records if "1BAD" in r.getMessage()]
+    assert "damaged envelope" in line and "corrupt" in line
+    assert [item.id for item in q.load(clean=True)] == ["1GOOD"]  # (and said once)
+    assert len([r for r in caplog.records if "1BAD" in r.getMessage()]) == 1
+
+
+class _Gone:
+    """A field left out of the envelope (None is JSON's null)."""
+
+    def __repr__(self) -> str:
+        return "GONE"
+
+
+GONE = _Gone()
+
+
+def stored(**changes) -> bytes:
+    """A good envelope's JSON (id 1X) with some fields changed, or left out (GONE)."""
+    raw = json.loads(full_item("1X").to_json())
+    for name, value in changes.items():
+        if value is GONE:
+            del raw[name]
+        else:
+            raw[name] = value
+    return json.dumps(raw).encode()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"next_attempt": None},
+        {"next_attempt": "soon"},
+        {"created": float("nan")},
+        {"created": GONE},
+        {"id": 7},
+        {"sender": None},
+        {"recipients": {}},
+        {"recipients": ["bob@example.net"]},
+        {"size": 1.5},
+        {"size": -1},
+        {"smtputf8": 1},
+        {"warned": "yes"},
+        {"id": "1OTHER"},
+    ],
+    ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()),
+)
+def test_a_field_of_the_wrong_type_makes_the_envelope_damaged(q, changes):
+    """A `null` next_attempt once loaded, and then killed the scheduler's heap (and with it
+    all outbound mail) at its first comparison: every field's type is checked at the load."""
+    (q.root / "env" / "1X").write_bytes(stored(**changes))
+    (q.root / "msg" / "1X").write_bytes(HEAD)
+    assert q.load() == []
+    assert q.damaged() == ["1X"]
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        {"address": GONE},
+        {"mailbox": 3},
+        {"state": "lost"},
+        {"attempts": True},
+        {"last_error": None},
+    ],
+    ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()),
+)
+def test_a_recipient_field_of_the_wrong_type_makes_the_envelope_damaged(q, recipient):
+    fields = {"address": "bob@example.net"} | recipient
+    fields = {k: v for k, v in fields.items() if v is not GONE}
+    (q.root / "env" / "1X").write_bytes(stored(recipients=[fields]))
+    assert q.load() == []
+    assert q.damaged() == ["1X"]
+
+
+def test_unknown_fields_are_ignored_and_missing_ones_take_their_default(q):
+    """A newer mailerd may write fields this one does not know (a downgrade must not strand
+    the queue); an older one wrote fewer."""
+    raw = json.loads(stored(warned=GONE, size=GONE, body_8bit=GONE, next_attempt=GONE))
+    raw["priority"] = 1
+    raw["recipients"][0]["dsn_notify"] = ["FAILURE"]
+    del raw["recipients"][0]["attempts"]
+    (q.root / "env" / "1X").write_bytes(json.dumps(raw).encode())
+    [item] = q.load()
+    assert (item.warned, item.size, item.body_8bit, item.next_attempt) == (False, 0, False, 0.0)
+    assert item.recipients[0] == Recipient(
+        "bob@example.net", None, "pending", 0, "451 4.3.0 try again later"
+    )
+    assert item.created == 1700000000.25 and item.smtputf8 is True
+    assert q.damaged() == []
+
+
+def test_an_integer_time_is_read_as_a_number(q):
+    (q.root / "env" / "1X").write_bytes(stored(created=1700000000, next_attempt=0))
+    [item] = q.load()
+    assert item.created == 1700000000.0 and isinstance(item.next_attempt, float)
+
+
+def test_a_look_without_clean_moves_nothing_and_says_what_it_could_not_read(q):
+    q.put(full_item("1GOOD"), HEAD, BODY)
+    (q.root / "env" / "1BAD").write_bytes(stored(next_attempt="soon"))
+    assert [item.id for item in q.load(clean=False)] == ["1GOOD"]
+    assert (q.root / "env" / "1BAD").exists() and q.damaged() == []
+    assert list(q.unreadable) == ["1BAD"] and "next_attempt" in q.unreadable["1BAD"]
 
 
 def test_remove_deletes_both_files(q):
