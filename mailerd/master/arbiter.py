@@ -76,6 +76,12 @@ getproctitle()  # initialise setproctitle before anything moves argv (gunicorn #
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0
 RELOAD_SETTLE_TIMEOUT = 15.0  # a reload is called done after this even if a worker is slow
+# The status pipe is written by every child, workers (which face the Internet) included: the
+# master reads at most this much of it per loop turn, so that a child that keeps it full can
+# neither hold the loop (reaping, respawning, signals) nor make the master buffer without end.
+STATUS_CHUNK = 65536
+STATUS_LINE = 1100  # longest line `lifecycle.report` writes (pid, space, 1000 chars, newline)
+BOOT_ERROR_KEPT = 1000  # characters kept of a child's start-up error
 MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # Blocked across fork() until the child has its own handlers.
 FORK_BLOCKED = {*MASTER_SIGNALS, signal.SIGUSR2}
@@ -128,7 +134,8 @@ class Master:
         self.failures: collections.Counter[tuple[str, int]] = collections.Counter()
         self.due: dict[tuple[str, int], float] = {}  # respawns waiting for their back-off
         self.signals: collections.deque[int] = collections.deque()
-        self.boot_errors: list[str] = []
+        self.boot_error: str | None = None  # the last start-up error a child reported
+        self.status_rest = b""  # a line cut by the end of a chunk read from the status pipe
         self.stopping = False
         self.exit_code = 0
         self.status_r = self.status_w = -1
@@ -212,21 +219,31 @@ class Master:
             pass
 
     def _read_status(self) -> None:
-        data = b""
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while chunk := os.read(self.status_r, 65536):
-                data += chunk
-        for line in data.decode("utf-8", "replace").splitlines():
-            pid_text, _, message = line.partition(" ")
-            child = self.children.get(int(pid_text)) if pid_text.isdigit() else None
-            if message == "ready":
-                if child is not None:
-                    child.ready = True
-            elif message == "retired":
-                if child is not None:
-                    child.retired = True
-            elif message.startswith("error "):
-                self.boot_errors.append(message[6:])
+        """One bounded chunk of the children's status lines (see STATUS_CHUNK)."""
+        try:
+            data = os.read(self.status_r, STATUS_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        *lines, rest = (self.status_rest + data).split(b"\n")
+        self.status_rest = rest if len(rest) < STATUS_LINE else b""  # (no such line: garbage)
+        for line in lines:
+            self._status_line(line.decode("utf-8", "replace"))
+
+    def _status_line(self, line: str) -> None:
+        """One status line: PID then "ready", "retired" or "error TEXT". A line for a pid that
+        is not a child of ours is ignored, and so is a start-up error from a child that has
+        started: what a child may tell is about itself, while it starts. (The pipe does not
+        say who wrote a line: a child can still speak for a sibling.)"""
+        pid_text, _, message = line.partition(" ")
+        child = self.children.get(int(pid_text)) if pid_text.isdigit() else None
+        if child is None:
+            return
+        if message == "ready":
+            child.ready = True
+        elif message == "retired":
+            child.retired = True
+        elif message.startswith("error ") and not child.ready:
+            self.boot_error = message[6:][:BOOT_ERROR_KEPT]  # only the last one is told
 
     def _check_ready(self) -> None:
         """Tell whoever started us (the waiting `mailerd` command) once every worker accepts."""
@@ -599,14 +616,14 @@ class Master:
                         _kill(pid, signal.SIGKILL)
                 deadline = float("inf")
             self._wait(0.1)
-            self._read_status()  # drained, or select() would return at once: a busy loop
+            self._read_status()  # read, or select() would return at once: a busy loop
             self.signals.clear()
             self.reap()
 
     def failure(self) -> str:
         """Why start-up failed, for the waiting `mailerd` command."""
-        if self.boot_errors:
-            return self.boot_errors[-1]
+        if self.boot_error is not None:
+            return self.boot_error
         if self.exit_code == 0:
             return "stopped by a signal before it was ready"
         return "a child process could not start; see the system log (or --log-file)"
