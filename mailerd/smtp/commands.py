@@ -97,6 +97,7 @@ class Commands:
     _in_mail: bool
     _sender: Address | None
     _recipients: list[Address]
+    _overshoot: int
     _body_type: str
     _smtputf8: bool
     _declared_size: int | None
@@ -262,15 +263,24 @@ class Commands:
             self._send(NEED_SMTPUTF8)
             return
         if len(self._recipients) >= self._config.max_recipients:
-            # Not an error: RFC 5321 4.5.3.1.10 expects the client to send the rest later, and
-            # counting it would end a large pipelined transaction with 421.
-            self._send(TOO_MANY_RECIPIENTS, count=False)
+            self._too_many_recipients()
             return
         verdict = self._check_recipient(recipient)
         if verdict is PENDING:  # the I/O layer answers later: the session waits for it
             self._wait_for_verdict(recipient)
             return
         self._recipient_verdict(recipient, verdict)
+
+    def _too_many_recipients(self) -> None:
+        """452 to a RCPT past the limit. Not an error for as many again (RFC 5321 4.5.3.1.10
+        expects the client to send the rest later, and counting them would end a large
+        pipelined transaction with 421), and said in the log once a transaction; past that,
+        each is an error, as Postfix's smtpd_recipient_overshoot_limit counts them: a client
+        repeating RCPT for ever wrote a log line each, 20 MB a second from one connection (an
+        attacker's pass, /tmp/atk7a F2)."""
+        self._overshoot += 1
+        beyond = self._overshoot > self._config.max_recipients
+        self._send(TOO_MANY_RECIPIENTS, count=beyond, report=beyond or self._overshoot == 1)
 
     def _recipient_verdict(self, recipient: Address, refusal: Reply | None) -> None:
         if refusal is None:

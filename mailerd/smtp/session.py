@@ -416,6 +416,7 @@ class Session(Commands):
         self._in_mail = False
         self._sender: Address | None = None
         self._recipients: list[Address] = []
+        self._overshoot = 0  # RCPTs past max_recipients in this transaction
         self._body_type = "7BIT"
         self._smtputf8 = False
         self._declared_size: int | None = None

@@ -1220,6 +1220,30 @@ def test_recipients_over_the_limit_are_not_errors():
     assert not client.closed
 
 
+def test_recipients_far_over_the_limit_are_errors_and_logged_once():
+    """As many again over the limit are let be (452, said once for the log); past that each
+    is an error, as Postfix's smtpd_recipient_overshoot_limit: a client repeating RCPT for
+    ever wrote a log line each, 20 MB a second (an attacker's pass, /tmp/atk7a F2)."""
+    client = Client(max_errors=5, max_recipients=10)
+    client.cmd("EHLO c")
+    client.cmd("MAIL FROM:<a@b>")
+    replies = client.send(b"".join(b"RCPT TO:<r%d@x>\r\n" % i for i in range(1000)))
+    codes = [r.code for r in replies]
+    assert codes == [250] * 10 + [452] * 10 + [452] * 5 + [421], codes
+    assert client.closed
+    said = [(r.verb, r.reply.code) for r in client.rejected]
+    assert said == [("RCPT", 452)] + [("RCPT", 452)] * 5 + [("RCPT", 421)], said
+    # A new transaction may overshoot again.
+    again = Client(max_errors=5, max_recipients=10)
+    again.cmd("EHLO c")
+    for _ in range(3):
+        again.cmd("MAIL FROM:<a@b>")
+        rcpts = again.send(b"".join(b"RCPT TO:<r%d@x>\r\n" % i for i in range(20)))
+        assert [r.code for r in rcpts] == [250] * 10 + [452] * 10
+        again.cmd("RSET")
+    assert not again.closed and len(again.rejected) == 3
+
+
 def test_a_delivered_message_resets_the_error_count():
     client = Client(max_errors=2)
     client.cmd("EHLO c")
