@@ -273,7 +273,7 @@ class DeliveryService:
             except OSError as exc:
                 log.error("%s: queue write failed: %s", queue_id, exc)
                 return intake.storage_reply(exc)
-            self.scheduler.add(item)
+            self._schedule_queued(item)
             for r in remote:
                 log.info("%s: to=<%s>, relay=queue, status=queued", queue_id, r.address)
         since = time.time()
@@ -285,6 +285,15 @@ class DeliveryService:
             if reply is not None:
                 return reply
         return intake.queued(queue_id)
+
+    def _schedule_queued(self, item: QueueItem) -> None:
+        """Hand a durably queued item to the scheduler. Whatever that raises, the client gets
+        its 250: a 4xx for a message already on disk makes it send the message again, and the
+        queue deliver both (an attacker's pass). A rescan finds the item on disk."""
+        try:
+            self.scheduler.add(item)
+        except Exception:
+            log.exception("%s: queued, but not scheduled; a rescan of the queue finds it", item.id)
 
     async def retry_local(self, request: RetryLocal, body: durable.Body) -> Reply:
         """A worker wrote a message's local copies itself and some failed: write again those
@@ -372,17 +381,17 @@ class DeliveryService:
         item.next_attempt = item.created + LOCAL_RETRY_DELAY
         try:
             await self._in_thread(self.queue.put, item, received, body)
-            if self.writer.ready and any(intake.writer_went_away(e) for _, e in failed):
-                # A writer took over while these failed with the last one (or the retry went
-                # to the dying one): its _writer_back has passed, so they go now, not in a minute.
-                item.next_attempt = item.created
-            self.scheduler.add(item)
-            return None
         except OSError as exc:
             log.error("%s: cannot queue local retry: %s", queue_id, exc)
             first = failed[0][1]  # (the copy's own failure says more than the queue's)
             cause = first if isinstance(first, OSError | MailboxLocked) else exc
             return intake.storage_reply(cause)
+        if self.writer.ready and any(intake.writer_went_away(e) for _, e in failed):
+            # A writer took over while these failed with the last one (or the retry went
+            # to the dying one): its _writer_back has passed, so they go now, not in a minute.
+            item.next_attempt = item.created
+        self._schedule_queued(item)
+        return None
 
     def _item(self, queue_id: str, request: Commit, recipients: list[Recipient]) -> QueueItem:
         return QueueItem(

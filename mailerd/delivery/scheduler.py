@@ -64,6 +64,7 @@ RESCAN_INTERVAL = 10.0  # look for items another (retiring) delivery process que
 STOP_GRACE = 30.0  # attempts in flight at shutdown get this long to finish
 MAX_ADDRESSES = 5  # addresses one attempt tries at most, of all its MX hosts (Postfix: 5)
 LOOKUPS = 16  # destinations whose MX and addresses are looked up at once
+LOOP_PAUSE = 1.0  # after a turn of the loop failed (a bug), before the next
 
 
 class Scheduler:
@@ -119,6 +120,8 @@ class Scheduler:
         self.own_names = frozenset({cfg.hostname.lower()})
         self.own_addresses = frozenset(own_addresses(cfg))
         self.tasks: set[asyncio.Task[None]] = set()
+        self.failed: set[str] = set()  # items whose failure's traceback is logged (`_once`)
+        self.next_rescan = 0.0
         self.stopping = False
         self.lock_fd: int | None = None
 
@@ -134,8 +137,8 @@ class Scheduler:
         self.wake.set()
 
     def add(self, item: QueueItem) -> None:
-        self.items[item.id] = item
         self._schedule(item)
+        self.items[item.id] = item  # (after: if that failed, a rescan finds it on disk)
         self.wake.set()
 
     def _schedule(self, item: QueueItem) -> None:
@@ -194,19 +197,37 @@ class Scheduler:
             except Exception:  # the queue is worked whatever it met: only `before` is lost
                 log.exception("the look before the first attempt failed; the queue is worked")
         self.ready.set()
-        next_rescan = time.monotonic() + RESCAN_INTERVAL
+        self.next_rescan = time.monotonic() + RESCAN_INTERVAL
+        failure = ""
         while not self.stopping:
-            if time.monotonic() >= next_rescan:
-                await self.rescan()
-                next_rescan = time.monotonic() + RESCAN_INTERVAL
-            now = time.time()
-            self._start_due(now)
-            next_due = min(now + IDLE_WAKE, now + RESCAN_INTERVAL)
-            if self.due:
-                next_due = min(next_due, self.due[0][0])
-            self.wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.05, next_due - time.time()))
+            # Supervised: a bug met in one turn (an item, a rescan) is logged and the next turn
+            # goes on, rather than ending the task and with it all outbound mail while the
+            # process goes on accepting (an attacker's pass).
+            try:
+                await self._turn()
+                failure = ""
+            except Exception as exc:
+                if repr(exc) != failure:  # (its traceback once, not every second)
+                    log.exception("the scheduler's loop failed; it goes on")
+                failure = repr(exc)
+                await asyncio.sleep(LOOP_PAUSE)
+
+    async def _turn(self) -> None:
+        """One turn of the loop: the items due started, a rescan when due, then a wait. (In
+        that order: a rescan that keeps failing, the queue's disk gone bad, must not keep the
+        items in memory from being attempted.)"""
+        self._start_due(time.time())
+        if time.monotonic() >= self.next_rescan:
+            self.next_rescan = time.monotonic() + RESCAN_INTERVAL
+            if await self.rescan():
+                self._start_due(time.time())
+        now = time.time()
+        next_due = min(now + IDLE_WAKE, now + RESCAN_INTERVAL)
+        if self.due:
+            next_due = min(next_due, self.due[0][0])
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), max(0.05, next_due - time.time()))
 
     def _start_due(self, now: float) -> None:
         """Start every item due by `now` that no attempt holds."""
@@ -216,7 +237,21 @@ class Scheduler:
             item = self.items.get(queue_id)
             if item is None or item.next_attempt != when or queue_id in self.busy:
                 continue  # (gone; due at another time; or scheduled again once attempted)
-            self._start(item)
+            try:
+                self._start(item)
+            except Exception:  # a bug with this item costs it its turn, not the others theirs
+                self.busy.discard(item.id)
+                self._once(item, "could not be started")
+                item.next_attempt = now + self.cfg.retry_after
+                self._schedule(item)
+
+    def _once(self, item: QueueItem, what: str) -> None:
+        """Log a failure with one item: its traceback the first time, a line after that."""
+        if item.id in self.failed:
+            log.error("%s: %s again", item.id, what)
+        else:
+            self.failed.add(item.id)
+            log.exception("%s: %s", item.id, what)
 
     async def rescan(self) -> int:
         """Pick up items on disk that this scheduler does not know: during a reload the old
@@ -225,7 +260,8 @@ class Scheduler:
         unknown = await loop.run_in_executor(None, lambda: self.queue.ids() - set(self.items))
         found = 0
         for queue_id in unknown:
-            item = await loop.run_in_executor(None, self.queue.read, queue_id)
+            # (one damaged meanwhile is set aside and logged, once: the queue's take)
+            item = await loop.run_in_executor(None, self.queue.take, queue_id)
             if item is not None and queue_id not in self.items:
                 self.items[queue_id] = item
                 self.recovered.add(queue_id)

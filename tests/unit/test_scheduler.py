@@ -10,6 +10,7 @@ DNS points at 127.0.0.1:9 (discard), and nothing here ever asks it, but for the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import email
 import email.message
@@ -801,3 +802,80 @@ def test_a_relayhost_given_as_an_address_is_reached_there(make_world, relayhost,
     w = make_world("--relayhost", relayhost)
     hops = run(w.sched._hops(w.cfg.relayhost[0], True))
     assert hops == [relay.Hop(literal, address, 587)]
+
+
+# -- the loop survives what one item or one turn meets ---------------------------------------
+
+
+async def _running(w: World, until: Callable[[], bool], timeout: float = 5.0) -> asyncio.Task:
+    """The scheduler's loop, run until `until()` holds (or `timeout`); the loop's task."""
+    task = asyncio.create_task(w.sched.run())
+    deadline = time.monotonic() + timeout
+    while not until() and not task.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return task
+
+
+async def _stopped(w: World, task: asyncio.Task) -> None:
+    alive = not task.done()
+    await w.sched.stop(grace=1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert alive, f"the scheduler's loop ended: {task.exception()!r}"
+
+
+def test_an_item_that_cannot_be_started_does_not_stop_the_others(w, monkeypatch, caplog):
+    """A bug with one item (here: starting it raises) once ended the loop's task, and with it
+    all outbound mail, while the process went on accepting (an attacker's pass, F3)."""
+    now = time.time()
+    bad, good = _item(w, now - 2), _item(w, now - 1)  # (the bad one comes up first)
+    started: list[str] = []
+
+    def start(item: QueueItem) -> None:
+        if item.id == bad.id:
+            raise TypeError("a bug with this item")
+        started.append(item.id)
+
+    monkeypatch.setattr(w.sched, "_start", start)
+
+    async def main() -> None:
+        task = await _running(w, lambda: good.id in started)
+        await _stopped(w, task)
+
+    run(main())
+    assert started == [good.id]
+    assert bad.next_attempt >= now + RETRY - 1, "the bad one waits its retry, not a busy loop"
+    assert bad.id not in w.sched.busy
+    assert sum(bad.id in r.getMessage() and r.exc_info is not None for r in caplog.records) == 1
+
+
+def test_a_turn_of_the_loop_that_fails_is_logged_and_the_loop_goes_on(w, monkeypatch, caplog):
+    from mailerd.delivery import scheduler
+
+    monkeypatch.setattr(scheduler, "RESCAN_INTERVAL", 0.01)
+    monkeypatch.setattr(scheduler, "LOOP_PAUSE", 0.01)
+
+    async def rescan() -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(w.sched, "rescan", rescan)
+    started = _started(w, monkeypatch)
+
+    async def main() -> None:
+        task = await _running(w, w.sched.ready.is_set)
+        await asyncio.sleep(0.2)  # (many turns, each failing its rescan)
+        item = _item(w, 0.0)
+        await _running_until(lambda: item.id in started)
+        await _stopped(w, task)
+
+    run(main())
+    assert len(started) == 1
+    failures = [r for r in caplog.records if "the scheduler's loop failed" in r.getMessage()]
+    assert len(failures) == 1, "the same failure's traceback once, not at every turn"
+
+
+async def _running_until(until: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)

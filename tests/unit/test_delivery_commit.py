@@ -1,0 +1,76 @@
+"""The delivery process's commit (delivery/process.py DeliveryService.commit) on a real queue in
+tmp_path: what the client is told once a message is durably queued. No root, no network: the
+scheduler is never run, and the message has no local recipient."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from mailerd import config
+from mailerd.delivery.process import DeliveryService
+from mailerd.ipc.messages import Commit, Target
+
+BODY = b"Subject: once\r\n\r\none copy, however often the client is told to try again\r\n"
+
+
+@pytest.fixture
+def service(tmp_path):
+    ini = tmp_path / "mailerd.conf"  # never the machine's /etc/mailerd/mailerd.conf
+    ini.write_text("[mailerd]\n")
+    (tmp_path / "spool").mkdir()
+    cfg = config.load(
+        [
+            *("-c", str(ini), "-s", str(tmp_path / "spool"), "-q", str(tmp_path / "queue")),
+            *("-d", "example.org", "-H", "mx.example.org", "-l", "127.0.0.1:2525"),
+            *("-n", "none", "-w", "1", "--dns-server", "127.0.0.1:9"),
+        ]
+    )
+    listener, link = socket.socketpair()
+    service = DeliveryService(cfg, listener, link)
+    service.queue.create_dirs()
+    yield service
+    service.scheduler.pool.shutdown(wait=False)
+    service.executor.shutdown(wait=False)
+    listener.close()
+    link.close()
+
+
+def commit(to: str) -> Commit:
+    return Commit(
+        sender="alice@example.org",
+        targets=(Target(to, None),),
+        helo="client.test",
+        peer="192.0.2.1",
+        protocol="ESMTP",
+        body="7BIT",
+        smtputf8=False,
+        trusted=False,
+    )
+
+
+def test_a_message_durably_queued_gets_250_whatever_the_scheduler_raises(service, caplog):
+    """After queue.put the message is on disk and will be delivered: a 451 there made the
+    client send it again, and the queue delivered both (an attacker's pass, F3)."""
+
+    def broken_add(item):
+        raise TypeError("'<=' not supported between instances of 'NoneType' and 'float'")
+
+    service.scheduler.add = broken_add
+    reply = asyncio.run(service.commit(commit("bob@example.net"), BODY))
+    assert reply.code == 250, reply
+    [queued] = service.queue.load(clean=False)
+    assert reply.text.endswith(queued.id)
+    assert [r.address for r in queued.recipients] == ["bob@example.net"]
+    assert any("not scheduled" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_message_that_cannot_be_queued_still_gets_a_4xx(service, monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(service.queue, "put", full)
+    reply = asyncio.run(service.commit(commit("bob@example.net"), BODY))
+    assert reply.code // 100 == 4, reply
