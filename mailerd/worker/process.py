@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -97,6 +98,11 @@ class Worker:
         self.writer = WriterLink(self.delivery)
         # The open sessions, each with what it counts under: its pool and client key.
         self.connections: dict[Connection, tuple[int, str | None]] = {}
+        # Connections accepted whose connection_made (and so admit) has not run yet: asyncio
+        # accepts, then makes the transport, then calls connection_made, a loop turn or more
+        # apart. A retiring worker must wait for these too (see `_retire`). Weak: one whose
+        # transport could not be made is forgotten with it.
+        self.accepted: weakref.WeakSet[Connection] = weakref.WeakSet()
         # User database lookups for RCPT checks (see Connection.check_recipient): a couple of
         # threads, so a slow NSS server holds those sessions only.
         self.lookups = ThreadPoolExecutor(2, thread_name_prefix="nss")
@@ -157,6 +163,7 @@ class Worker:
     def admit(self, conn: Connection) -> Reply | None:
         """The session caps at connect, over all workers (see `admission`): the total with the
         owner's reserves, and per client on the network and submission listeners."""
+        self.accepted.discard(conn)
         if self.stopping:
             return SHUTTING_DOWN
         pool = admission.pool_of(conn.listen)
@@ -167,6 +174,12 @@ class Worker:
         self.connections[conn] = (pool, key)
         self.sessions.opened(pool, key)
         return None
+
+    def accept(self, listen: ListenAddress) -> Connection:
+        """The protocol factory of a listener: a connection just accepted, counted from now."""
+        conn = Connection(self, listen)
+        self.accepted.add(conn)
+        return conn
 
     def release(self, conn: Connection) -> None:
         counted = self.connections.pop(conn, None)
@@ -191,9 +204,7 @@ class Worker:
         if lifecycle.retire_requested():
             retire.set()
         servers = [
-            await self.loop.create_server(
-                partial(Connection, self, listen), sock=sock, backlog=4096
-            )
+            await self.loop.create_server(partial(self.accept, listen), sock=sock, backlog=4096)
             for sock, listen in self.listeners
         ]
         if on_ready is not None:
@@ -229,18 +240,24 @@ class Worker:
     ) -> None:
         """After a reload: stop accepting now; exit when the last session has ended by itself,
         or take the shutdown path once the idle timeout has passed (a session kept busy
-        forever must not keep an old generation alive forever)."""
+        forever must not keep an old generation alive forever). A connection accepted just
+        before the listeners closed counts although it is not a session yet: seeing none, the
+        worker would stop, and that client would get 421 (or a closed connection)."""
         await retire.wait()
         setproctitle(f"mailerd: worker {self.slot} (retiring)")
         for server in servers:
             server.close()
         if on_retired is not None:
             on_retired()
-        log.info("worker %d retiring: %d session(s) to finish", self.slot, len(self.connections))
+        log.info("worker %d retiring: %d session(s) to finish", self.slot, self._sessions())
         deadline = self.loop.time() + self.cfg.timeout
-        while self.connections and self.loop.time() < deadline:
+        while self._sessions() and self.loop.time() < deadline:
             await asyncio.sleep(0.1)
         stop.set()
+
+    def _sessions(self) -> int:
+        """Sessions open, and connections accepted that are about to be."""
+        return len(self.connections) + len(self.accepted)
 
     async def _watch_master(self, stop: asyncio.Event) -> None:
         """Exit when the master is gone (we were re-parented), rather than linger unsupervised."""

@@ -9,13 +9,16 @@ it. Another session on the same worker must be answered meanwhile: the lookup ru
 from __future__ import annotations
 
 import asyncio
+import os
 import pwd
+import signal
 import socket
 import time
 from pathlib import Path
 
 from mailerd import config, spool
 from mailerd.config import ListenAddress
+from mailerd.worker import process
 from mailerd.worker.process import Worker
 
 SLOW = 0.5
@@ -80,3 +83,45 @@ def test_a_slow_account_lookup_holds_only_its_own_session(tmp_path: Path, monkey
     assert verdict.startswith(b"250 "), verdict
     assert slow_one >= SLOW
     assert other < SLOW / 2, f"the other session waited {other:.2f} s for the lookup"
+
+
+def test_a_connection_accepted_as_the_worker_retires_keeps_its_session(tmp_path: Path, monkeypatch):
+    """SIGUSR2 (retire, after a reload) between accept() and connection_made: the worker must
+    count that connection as a session to finish, not see none, stop, and answer it 421 (or
+    close it) as in a shutdown. connection_made is made late here, as a busy loop makes it."""
+
+    class LateConnection(process.Connection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            asyncio.get_running_loop().call_later(0.3, super().connection_made, transport)
+
+    monkeypatch.setattr(process, "Connection", LateConnection)
+    (tmp_path / "spool").mkdir()
+    for sub in ("tmp", "private"):
+        (tmp_path / "queue" / sub).mkdir(parents=True)
+    cfg = config.load(
+        ["-s", str(tmp_path / "spool"), "-q", str(tmp_path / "queue"), "-d", "example.org",
+         "-H", "mx.example.org", "-l", "none", "-n", "none", "--dns-server", "127.0.0.1:9"]
+    )  # fmt: skip
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    worker = Worker(cfg, [(sock, ListenAddress("127.0.0.1", port, config.LOCAL))], 1)
+
+    async def main() -> tuple[bytes, bytes]:
+        serving = asyncio.create_task(worker.main())
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)  # accepted; its connection_made still to come
+        os.kill(os.getpid(), signal.SIGUSR2)
+        banner = await _reply(reader)
+        writer.write(b"EHLO client.example\r\n")
+        ehlo = await _reply(reader)
+        writer.write(b"QUIT\r\n")
+        await _reply(reader)
+        writer.close()
+        await asyncio.wait_for(serving, 10)  # it retires once that session has ended
+        return banner, ehlo
+
+    banner, ehlo = asyncio.run(main())
+    sock.close()
+    assert banner.startswith(b"220 "), banner
+    assert ehlo.startswith(b"250"), ehlo
