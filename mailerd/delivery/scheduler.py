@@ -174,8 +174,7 @@ class Scheduler:
         self.busy.add(queue_id)  # and start none while the files go
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, queue_id)
-            self.items.pop(queue_id, None)
-            self.recovered.discard(queue_id)
+            self._forget(queue_id)
         finally:
             self.busy.discard(queue_id)
         log.info("%s: removed by administrator", queue_id)
@@ -316,16 +315,50 @@ class Scheduler:
             # The queue has said so, once for all items: no traceback per attempt. The item's
             # state stays in memory, and is written when an attempt's write works again.
             item.next_attempt = max(item.next_attempt, time.time() + self.cfg.retry_after)
-        except Exception:
-            log.exception("%s: delivery attempt failed", item.id)
-            item.next_attempt = time.time() + self.cfg.retry_after
+        except Exception as exc:
+            await self._attempt_failed(item, exc)
         finally:
             self.busy.discard(item.id)
             if item.id in self.items:  # (not delivered or bounced, nor removed meanwhile)
                 self._schedule(item)
             self.wake.set()
 
+    async def _attempt_failed(self, item: QueueItem, exc: Exception) -> None:
+        """An attempt that raised (a bug): logged, its traceback once per item, then recorded
+        as a local error for the recipients still pending, with the back-off and the
+        --max-queue-time expiry (and bounce) of any deferral. It used to be retried every
+        --retry-after for ever, with a traceback each time, and never bounced."""
+        self._once(item, "delivery attempt failed")
+        result = relay.Result(451, "4.3.0", f"local error: {_summary(exc)}", ours=True)
+        pending = [r for r in item.recipients if r.state == "pending"]
+        try:
+            await self._settle(item, pending, dict.fromkeys((r.address for r in pending), result))
+        except Exception:  # (the record failing too, a full disk: the queue said so)
+            log.error("%s: cannot record the failed attempt; it is tried again later", item.id)
+            item.next_attempt = max(item.next_attempt, time.time() + self.cfg.retry_after)
+
+    async def _message_lost(self, item: QueueItem) -> bool:
+        """Whether the item's message file is gone (removed by hand, a damaged disk)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, os.stat, self.queue.message_path(item.id))
+        except FileNotFoundError:
+            return True
+        return False
+
+    async def _bounce_lost(self, item: QueueItem) -> None:
+        """An item without its message: nothing of it can ever be delivered. Bounced at once
+        (without the original's header section, gone with the file), not retried for ever nor
+        removed in silence: the sender was told 250 and must learn to send it again."""
+        log.error("%s: message file %s lost; bouncing", item.id, self.queue.message_path(item.id))
+        result = relay.Result(554, "5.3.0", "message file lost from the queue", ours=True)
+        pending = [r for r in item.recipients if r.state == "pending"]
+        await self._settle(item, pending, dict.fromkeys((r.address for r in pending), result))
+
     async def _attempt(self, item: QueueItem) -> None:
+        if await self._message_lost(item):
+            await self._bounce_lost(item)
+            return
         pending = [r for r in item.recipients if r.state == "pending"]
         groups: dict[str, list[Recipient]] = collections.defaultdict(list)
         for recipient in pending:
@@ -493,9 +526,14 @@ class Scheduler:
         else:
             # Files first, then memory: a rescan must never find the files of a forgotten item.
             await loop.run_in_executor(None, self.queue.remove, item.id)
-            self.items.pop(item.id, None)
-            self.recovered.discard(item.id)
+            self._forget(item.id)
             log.info("%s: removed", item.id)
+
+    def _forget(self, queue_id: str) -> None:
+        """An item whose files are gone leaves memory (after them: see rescan)."""
+        self.items.pop(queue_id, None)
+        self.recovered.discard(queue_id)
+        self.failed.discard(queue_id)
 
     def backoff(self, attempts: int) -> float:
         # The exponent is capped before the power: past 2**64 the cap has long been reached, and
@@ -563,8 +601,7 @@ class Scheduler:
         await self._notify(item, statuses, time.time())
         if not any(r.state == "pending" for r in item.recipients):
             await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, item.id)
-            self.items.pop(item.id, None)
-            self.recovered.discard(item.id)
+            self._forget(item.id)
             log.info("%s: removed", item.id)
 
     async def submit_notice(self, to: str, message: bytes, smtputf8: bool) -> None:
@@ -646,8 +683,17 @@ def _delay_status(recipient: Recipient) -> dsn.RecipientStatus:
 
 
 def _read_head(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(MAX_HEADER_BYTES)
+    """The start of a queued message, for a notice; b"" if its file is lost (_bounce_lost)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_HEADER_BYTES)
+    except FileNotFoundError:
+        return b""
+
+
+def _summary(exc: BaseException) -> str:
+    """An exception in a line: its type and text (the log has its traceback)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[: relay.REPLY_TEXT]
 
 
 def _first_addresses(hops: list[relay.Hop]) -> list[relay.Hop]:

@@ -879,3 +879,91 @@ async def _running_until(until: Callable[[], bool], timeout: float = 5.0) -> Non
     deadline = time.monotonic() + timeout
     while not until() and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
+
+
+# -- attempts that raise, and items without their message ------------------------------------
+
+
+def _raising(w: World, monkeypatch) -> None:
+    """Every remote attempt of `w` raises (a bug, here a FileNotFoundError from deep down)."""
+
+    async def remote(item, smarthost, domain, members):
+        raise FileNotFoundError(2, "No such file or directory", "somewhere")
+
+    monkeypatch.setattr(w.sched, "_remote", remote)
+
+
+def _process(w: World, item: QueueItem) -> tuple[float, float]:
+    w.sched.busy.add(item.id)  # (as _start does)
+    before = time.time()
+    run(w.sched._process(item))
+    return before, time.time()
+
+
+def test_an_attempt_that_raises_backs_off_and_logs_its_traceback_once(w, monkeypatch, caplog):
+    """It was retried every --retry-after for ever, a traceback each time (an attacker's
+    pass, F7): now it is a local error with the back-off of any deferral."""
+    _raising(w, monkeypatch)
+    item = w.queued(ALICE, ["bob@example.net"])
+    for attempts in (1, 2, 3):
+        before, after = _process(w, item)
+        bob = item.recipients[0]
+        assert (bob.state, bob.attempts) == ("pending", attempts)
+        assert bob.last_error.startswith("451 4.3.0 local error: FileNotFoundError")
+        assert_next_attempt(item, attempts, before, after)
+    assert w.on_disk(item).recipients[0] == bob
+    tracebacks = [r for r in caplog.records if r.exc_info and item.id in r.getMessage()]
+    assert len(tracebacks) == 1
+    assert (
+        sum(f"{item.id}: delivery attempt failed again" in r.getMessage() for r in caplog.records)
+        == 2
+    )
+    assert w.boxes.calls == []
+
+
+def test_an_attempt_that_raises_after_the_max_queue_time_bounces_as_expired(w, monkeypatch):
+    _raising(w, monkeypatch)
+    item = w.queued(ALICE, ["bob@example.net"], age=QUEUE_TIME + 10)
+    _process(w, item)
+    assert item.recipients[0].state == "bounced"
+    assert w.queue.ids() == set() and item.id not in w.sched.items
+    [notice] = w.boxes.calls
+    report = assert_bounce(notice.body, ALICE, {"bob@example.net": "5.4.7"})
+    diagnostic = " ".join(report.per_recipient["bob@example.net"]["Diagnostic-Code"].split())
+    assert "delivery time expired" in diagnostic and "local error: FileNotFoundError" in diagnostic
+
+
+@pytest.mark.parametrize("rcpt", ["bob@example.net", Recipient("bob@example.org", "bob")])
+def test_an_item_whose_message_file_is_lost_is_bounced_at_once(w, monkeypatch, caplog, rcpt):
+    """Its message removed by hand or lost with a disk: nothing of it can ever go, and it was
+    retried for ever (F7). The sender, told 250, learns it must send it again."""
+    attempted = []
+
+    async def remote(item, smarthost, domain, members):
+        attempted.append(item.id)
+        return {}
+
+    monkeypatch.setattr(w.sched, "_remote", remote)
+    item = w.queued(ALICE, [rcpt])
+    w.queue.message_path(item.id).unlink()
+    _process(w, item)
+    assert attempted == []
+    assert item.recipients[0].state == "bounced"
+    assert w.queue.ids() == set() and item.id not in w.sched.items
+    [notice] = [c for c in w.boxes.calls if c.mailbox == "alice"]
+    address = item.recipients[0].address
+    report = parse_report(notice.body)
+    assert report.msg["To"] == f"<{ALICE}>"
+    assert report.per_recipient[address]["Status"] == "5.3.0"
+    assert "message file lost" in report.per_recipient[address]["Diagnostic-Code"]
+    assert any(
+        "message file" in r.getMessage() and "lost" in r.getMessage() for r in caplog.records
+    )
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_an_item_from_the_null_sender_whose_message_file_is_lost_goes(w):
+    item = w.queued("", ["bob@example.net"])
+    w.queue.message_path(item.id).unlink()
+    _process(w, item)
+    assert w.queue.ids() == set() and w.sched.items == {} and w.boxes.calls == []
