@@ -28,6 +28,7 @@ STOP_DELIVERY_TIMEOUT = DRAIN_TIMEOUT + 5
 STOP_WRITER_TIMEOUT = 75.0
 
 _retire_requested = False
+_stop_requested = False
 
 
 def request_retire(*_: object) -> None:
@@ -40,11 +41,27 @@ def retire_requested() -> bool:
     return _retire_requested
 
 
+def request_stop(*_: object) -> None:
+    """SIGTERM in a child before its event loop runs: remembered, acted on once it does. The
+    master may retire a delivery process it has just started (a reload right after another,
+    a stop right after a reload); the default action would kill it mid-start instead of
+    letting it stop as it should (a delivery process drains its commits first)."""
+    global _stop_requested
+    _stop_requested = True
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
+
 def child_signals() -> None:
-    """In a freshly forked child (signals still blocked): none of the master's handlers."""
+    """In a freshly forked child (signals still blocked): none of the master's handlers.
+    SIGTERM and SIGUSR2 are remembered until the child's loop has handlers of its own (a
+    mailbox writer ignores SIGTERM: it stops when its channel closes)."""
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGCHLD, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal hang-up is the master's
     signal.signal(signal.SIGUSR1, logsetup.request_reopen)
     signal.signal(signal.SIGUSR2, request_retire)

@@ -32,12 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from mailerd import durable, eventloop, intake, privileges, signing, trace
+from mailerd import durable, eventloop, intake, lifecycle, privileges, signing, trace
 from mailerd.aliases import normal_address
 from mailerd.config import Config
 from mailerd.delivery.pickup import Pickup, Taken
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
-from mailerd.delivery.scheduler import Scheduler
+from mailerd.delivery.scheduler import AFTER_ATTEMPT, Scheduler
 from mailerd.ipc.channel import Channel
 from mailerd.ipc.messages import (
     BadMessage,
@@ -97,6 +97,8 @@ class DeliveryService:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        if lifecycle.stop_requested():  # (told to stop while it started: see child_signals)
+            self.stopping.set()
         master = Channel(self.link, self._from_master, self._master_gone)
         self.listener.setblocking(False)
         loop.add_reader(self.listener.fileno(), self._accept)
@@ -209,7 +211,9 @@ class DeliveryService:
         if isinstance(request, FlushQueue):
             return Flushed(self.scheduler.flush())
         assert isinstance(request, DeleteQueued)
-        return Deleted(tuple([i for i in request.ids if await self.scheduler.delete(i)]))
+        done = {i: await self.scheduler.delete(i) for i in dict.fromkeys(request.ids)}
+        later = tuple(i for i, what in done.items() if what == AFTER_ATTEMPT)
+        return Deleted(tuple(i for i, what in done.items() if what), later)
 
     def _on_request(
         self, channel: Channel, header: dict[str, Any], body: bytes, fd: int | None

@@ -203,6 +203,8 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGUSR2, retire.set)
         if lifecycle.retire_requested():
             retire.set()
+        if lifecycle.stop_requested():  # (SIGTERM while it started: see child_signals)
+            stop.set()
         servers = [
             await self.loop.create_server(partial(self.accept, listen), sock=sock, backlog=4096)
             for sock, listen in self.listeners
