@@ -241,6 +241,49 @@ def test_a_client_that_never_reads_its_replies_loses_its_place(mailerd_factory):
         sock.close()
 
 
+PIPELINER = """
+import socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.recv(4096)
+def drain():
+    while s.recv(1 << 20):
+        pass
+threading.Thread(target=drain, daemon=True).start()
+block = b"NOOP\\r\\n" * 65536
+while True:
+    s.sendall(block)
+"""
+
+
+def test_clients_pipelining_commands_do_not_starve_the_owner(mailerd_factory):
+    """Two network clients pipeline NOOPs as fast as they are answered (and read every reply:
+    no back-pressure helps); the owner's session on the same worker still gets its replies at
+    once. A worker answered all of a 256 KB read in one go, 43,000 replies, and the owner
+    waited 10-27 s for a transaction (an attacker's pass, /tmp/atk7a F3)."""
+    m: Mailerd = mailerd_factory(workers=1)
+    port = str(m.port(trusted=False))
+    attackers = [
+        subprocess.Popen([sys.executable, "-c", PIPELINER, port], stderr=subprocess.DEVNULL)
+        for _ in range(2)
+    ]
+    try:
+        time.sleep(1.0)
+        for _ in range(3):
+            started = time.monotonic()
+            with m.connect(trusted=True) as c:
+                expect(c.banner(), 220, conn=c)
+                c.cmd("EHLO owner.test")
+                mail_rcpt(c, "friend@elsewhere.test")
+                c.cmd("QUIT")
+            took = time.monotonic() - started
+            assert took < 2.0, f"the owner's transaction took {took:.1f} s under the pipeliners"
+            assert all(a.poll() is None for a in attackers), "the pipeliners should still run"
+    finally:
+        for a in attackers:
+            a.kill()
+            a.wait()
+
+
 def test_overlong_local_part_gets_a_reply(mailerd: Mailerd):
     with mailerd.connect(trusted=False) as c:
         c.start()
