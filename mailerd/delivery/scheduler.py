@@ -64,6 +64,7 @@ RESCAN_INTERVAL = 10.0  # look for items another (retiring) delivery process que
 STOP_GRACE = 30.0  # attempts in flight at shutdown get this long to finish
 MAX_ADDRESSES = 5  # addresses one attempt tries at most, of all its MX hosts (Postfix: 5)
 LOOKUPS = 16  # destinations whose MX and addresses are looked up at once
+DELETED, AFTER_ATTEMPT = "deleted", "after attempt"  # what `delete` did
 LOOP_PAUSE = 1.0  # after a turn of the loop failed (a bug), before the next
 
 
@@ -121,6 +122,7 @@ class Scheduler:
         self.own_addresses = frozenset(own_addresses(cfg))
         self.tasks: set[asyncio.Task[None]] = set()
         self.failed: set[str] = set()  # items whose failure's traceback is logged (`_once`)
+        self.doomed: set[str] = set()  # items deleted during their attempt (`delete`)
         self.next_rescan = 0.0
         self.stopping = False
         self.lock_fd: int | None = None
@@ -166,19 +168,40 @@ class Scheduler:
         self.wake.set()
         return len(self.items)
 
-    async def delete(self, queue_id: str) -> bool:
+    async def delete(self, queue_id: str) -> str | None:
+        """`mailerd queue delete`: "deleted"; "after attempt" for an item being attempted
+        right now, removed when that attempt ends (unless it delivered every recipient); None
+        if it is not in the queue. Answered at once: an attempt lasts as long as a slow
+        server's session (45 min for a big message), and the tool, tired of waiting, once
+        took the daemon for gone and removed the files under it (an attacker's pass, F6)."""
         if queue_id not in self.items:
-            return False
-        while queue_id in self.busy:  # let an attempt in flight finish writing its state
-            await asyncio.sleep(0.05)
-        self.busy.add(queue_id)  # and start none while the files go
+            return None
+        if queue_id in self.busy:
+            self.doomed.add(queue_id)
+            log.info("%s: to be removed by administrator when its attempt ends", queue_id)
+            return AFTER_ATTEMPT
+        self.busy.add(queue_id)  # (no attempt starts while the files go)
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, queue_id)
             self._forget(queue_id)
         finally:
             self.busy.discard(queue_id)
         log.info("%s: removed by administrator", queue_id)
-        return True
+        return DELETED
+
+    async def _remove_doomed(self, item: QueueItem) -> None:
+        """After its attempt, an item the administrator deleted meanwhile (`delete`)."""
+        self.doomed.discard(item.id)
+        if item.id not in self.items:
+            log.info("%s: its attempt settled every recipient before its removal", item.id)
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.queue.remove, item.id)
+        except QueueWriteError:  # (the queue said so): removed after its next attempt, then
+            self.doomed.add(item.id)
+            return
+        self._forget(item.id)
+        log.info("%s: removed by administrator, after its attempt", item.id)
 
     # -- the scheduling loop -----------------------------------------------------------------
 
@@ -310,13 +333,16 @@ class Scheduler:
 
     async def _process(self, item: QueueItem) -> None:
         try:
-            await self._attempt(item)
-        except QueueWriteError:
-            # The queue has said so, once for all items: no traceback per attempt. The item's
-            # state stays in memory, and is written when an attempt's write works again.
-            item.next_attempt = max(item.next_attempt, time.time() + self.cfg.retry_after)
-        except Exception as exc:
-            await self._attempt_failed(item, exc)
+            try:
+                await self._attempt(item)
+            except QueueWriteError:
+                # The queue has said so, once for all items: no traceback per attempt. The
+                # item's state stays in memory, written when an attempt's write works again.
+                item.next_attempt = max(item.next_attempt, time.time() + self.cfg.retry_after)
+            except Exception as exc:
+                await self._attempt_failed(item, exc)
+            if item.id in self.doomed:
+                await self._remove_doomed(item)
         finally:
             self.busy.discard(item.id)
             if item.id in self.items:  # (not delivered or bounced, nor removed meanwhile)

@@ -321,13 +321,15 @@ class DeleteQueued(Message):
 @dataclass(frozen=True, slots=True)
 class Deleted(Message):
     ids: tuple[str, ...]  # those that were in the queue
+    later: tuple[str, ...] = ()  # of those, the ones being delivered: removed after the attempt
 
     def encode(self) -> dict[str, Any]:
-        return {"ids": list(self.ids)}
+        return {"ids": list(self.ids), "later": list(self.later)}
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> Deleted:
-        return cls(tuple(str(i) for i in _list(header, "ids")))
+        later = tuple(str(i) for i in _list(header, "later"))
+        return cls(tuple(str(i) for i in _list(header, "ids")), later)
 
 
 # -- to the mailbox writer ------------------------------------------------------------------

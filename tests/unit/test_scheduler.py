@@ -967,3 +967,43 @@ def test_an_item_from_the_null_sender_whose_message_file_is_lost_goes(w):
     w.queue.message_path(item.id).unlink()
     _process(w, item)
     assert w.queue.ids() == set() and w.sched.items == {} and w.boxes.calls == []
+
+
+# -- delete during an attempt (F6) -----------------------------------------------------------
+
+
+def _slow_attempt(w: World, monkeypatch, result: relay.Result) -> asyncio.Event:
+    """Remote attempts of `w` wait for the returned event, then give `result`."""
+    may_end = asyncio.Event()
+
+    async def remote(item, smarthost, domain, members):
+        await may_end.wait()
+        return {m.address: result for m in members}
+
+    monkeypatch.setattr(w.sched, "_remote", remote)
+    return may_end
+
+
+@pytest.mark.parametrize("result", [DEFER, OK], ids=["deferred", "delivered"])
+def test_a_delete_during_an_attempt_answers_at_once_and_removes_it_after(w, monkeypatch, result):
+    """The daemon held `mailerd queue delete` until the attempt ended (a slow server: up to
+    45 min); the tool gave up after 30 s and removed the files itself (an attacker's pass)."""
+    from mailerd.delivery.scheduler import AFTER_ATTEMPT, DELETED
+
+    item = w.queued(ALICE, ["bob@example.net"])
+    other = w.queued(ALICE, ["carol@example.net"])
+
+    async def main() -> None:
+        may_end = _slow_attempt(w, monkeypatch, result)
+        w.sched._start(item)
+        await asyncio.sleep(0.05)
+        answer = await asyncio.wait_for(w.sched.delete(item.id), 1)
+        assert answer == AFTER_ATTEMPT
+        assert w.queue.ids() == {item.id, other.id}  # (its attempt still needs them)
+        assert await w.sched.delete(other.id) == DELETED  # (one at rest goes at once)
+        may_end.set()
+        await asyncio.gather(*w.sched.tasks)
+
+    run(main())
+    assert w.queue.ids() == set() and w.sched.items == {} and not w.sched.doomed
+    assert item.recipients[0].state == ("sent" if result.ok else "pending")
