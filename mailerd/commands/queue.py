@@ -1,8 +1,15 @@
 """`mailerd queue`: list, flush and delete queued mail, like Postfix's mailq/postqueue/postsuper.
 
 It talks to the running daemon's delivery process over `<queue>/private/delivery.sock` (the same
-channel the workers use), so changes never race the scheduler. When no daemon is running, the
-list is read from the queue directory and a delete removes the files directly.
+channel the workers use), so changes never race the scheduler. Only when no daemon is there (no
+socket, or nobody accepts on it) is the list read from the queue directory, and a delete done on
+the files directly: a daemon that is slow to answer is still there, and its files are its own.
+A message being delivered when it is deleted goes when that attempt ends, if it did not deliver.
+
+What the listing shows of an envelope (senders, recipients, remote servers' replies) comes from
+outside: what str.isprintable() rejects is shown escaped, so that no envelope can put control
+sequences (U+009B CSI, a bidi override) on the administrator's terminal. Damaged envelopes, set
+aside by the daemon in `<queue>/corrupt/` (or not yet: the daemon is not running), are named.
 
     mailerd queue [-c FILE] [-q DIR]            list
     mailerd queue [-c FILE] [-q DIR] flush      retry everything now
@@ -35,8 +42,13 @@ from mailerd.ipc.messages import (
     ListQueue,
     QueueListing,
 )
+from mailerd.log import shorten
 
 TIMEOUT = 30.0
+# What connecting says when no daemon is there: no socket, or nobody accepts on it (a stale
+# one). Anything else (a timeout, EACCES, a reset) means a daemon that is there.
+NO_DAEMON = (FileNotFoundError, ConnectionRefusedError)
+_DONE = {"flush": "flushed", "delete": "deleted"}
 
 
 def main(argv: list[str]) -> int:
@@ -56,31 +68,19 @@ def main(argv: list[str]) -> int:
     request = {"list": ListQueue(), "flush": FlushQueue(), "delete": DeleteQueued(tuple(args.ids))}
     try:
         answer = asyncio.run(_ask(queue_dir, request[args.action].encode()))
-    except (OSError, TimeoutError, ConnectionError):
+    except NO_DAEMON:
         answer = None  # no daemon: the list is read, and a delete done, right here
-    if args.action == "list":
-        if answer is None and not queue_dir.is_dir():
-            print(
-                f"mailerd queue: no queue at {queue_dir}: mailerd makes it when it starts "
-                "(`mailerd queue init` too); is that the configuration's queue?",
-                file=sys.stderr,
-            )
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        # A daemon is there but did not answer (busy, or not ours to ask): its files are its
+        # own. Only a list, which changes nothing, may look at them instead.
+        print(f"mailerd queue: mailerd did not answer: {_why(exc)}", file=sys.stderr)
+        if args.action != "list":
+            print(f"mailerd queue: nothing {_DONE[args.action]}", file=sys.stderr)
             return 1
-        items = QueueListing.decode(answer).items if answer else None
-        listed = list(items or [asdict(e) for e in _load(queue_dir)])
-        waiting = _in_maildrop(queue_dir)
-        if waiting:
-            where = f"from sendmail wait in {queue_dir / MAILDROP}, " + (
-                "not picked up yet" if answer else "to be picked up when mailerd runs"
-            )
-            if not listed:
-                print(f"No message in the queue yet: {waiting} {where}")
-                return 0
-            print(format_listing(listed, time.time()))
-            print(f"-- and {waiting} more {where}")
-            return 0
-        print(format_listing(listed, time.time()))
-        return 0
+        print("mailerd queue: the queue's files, as they are:", file=sys.stderr)
+        answer = None
+    if args.action == "list":
+        return _list(queue_dir, answer)
     if args.action == "flush":
         if answer is None:
             print("mailerd queue: mailerd is not running; nothing to flush", file=sys.stderr)
@@ -88,6 +88,58 @@ def main(argv: list[str]) -> int:
         print(f"flushed: {Flushed.decode(answer).count} message(s) will be retried now")
         return 0
     return _delete(queue_dir, args.ids, Deleted.decode(answer) if answer else None)
+
+
+def _list(queue_dir: Path, answer: dict[str, Any] | None) -> int:
+    """The listing: the daemon's `answer`, or (None) the queue's files as they are."""
+    if answer is None and not queue_dir.is_dir():
+        print(
+            f"mailerd queue: no queue at {queue_dir}: mailerd makes it when it starts "
+            "(`mailerd queue init` too); is that the configuration's queue?",
+            file=sys.stderr,
+        )
+        return 1
+    queue = Queue(queue_dir)
+    items = QueueListing.decode(answer).items if answer else None
+    listed = list(items or [asdict(e) for e in _load(queue)])
+    waiting = _in_maildrop(queue_dir)
+    if waiting and not listed:
+        print(f"No message in the queue yet: {waiting} {_waiting_where(queue_dir, answer)}")
+    else:
+        print(format_listing(listed, time.time()))
+    if waiting and listed:
+        print(f"-- and {waiting} more {_waiting_where(queue_dir, answer)}")
+    for line in _damaged(queue):
+        print(line)
+    return 0
+
+
+def _waiting_where(queue_dir: Path, answer: dict[str, Any] | None) -> str:
+    return f"from sendmail wait in {queue_dir / MAILDROP}, " + (
+        "not picked up yet" if answer else "to be picked up when mailerd runs"
+    )
+
+
+def _damaged(queue: Queue) -> list[str]:
+    """What the listing says of damaged envelopes: those set aside (corrupt/), and those the
+    daemon has not seen yet (`unreadable`, from a load without the daemon)."""
+    lines = []
+    damaged = queue.damaged()
+    if damaged:
+        lines.append(
+            f"-- {len(damaged)} damaged message(s) set aside in {queue.root / 'corrupt'}, "
+            f"not delivered: {', '.join(_shown(i) for i in damaged)}"
+        )
+    for name, why in sorted(queue.unreadable.items()):
+        lines.append(
+            f"-- damaged envelope {_shown(name)} ({_shown(why)}): not delivered; "
+            "set aside in corrupt/ when mailerd starts"
+        )
+    return lines
+
+
+def _why(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
 
 
 def _init(queue_dir: Path, config_file: str | None) -> int:
@@ -124,9 +176,9 @@ async def _ask(queue_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
         client.close()
 
 
-def _load(queue_dir: Path) -> list[QueueItem]:
+def _load(queue: Queue) -> list[QueueItem]:
     try:
-        return Queue(queue_dir).load(clean=False)
+        return queue.load(clean=False)
     except FileNotFoundError:
         return []
 
@@ -142,15 +194,20 @@ def _in_maildrop(queue_dir: Path) -> int:
 
 
 def _delete(queue_dir: Path, ids: list[str], answer: Deleted | None) -> int:
+    later: set[str] = set()
     if answer is not None:
-        deleted = set(answer.ids)
+        deleted, later = set(answer.ids), set(answer.later)
     else:
         queue = Queue(queue_dir)
         deleted = {i for i in ids if (queue_dir / "env" / i).exists()}
         for queue_id in deleted:
             queue.remove(queue_id)
     for queue_id in ids:
-        print(f"{queue_id}: {'deleted' if queue_id in deleted else 'not in the queue'}")
+        if queue_id in later:
+            what = "being delivered now; removed when this attempt ends, unless it delivers it"
+        else:
+            what = "deleted" if queue_id in deleted else "not in the queue"
+        print(f"{_shown(queue_id)}: {what}")
     return 0 if deleted == set(ids) else 1
 
 
@@ -163,19 +220,26 @@ def format_listing(items: list[dict[str, Any]], now: float) -> str:
     for item in sorted(items, key=lambda i: i["created"]):
         total += item.get("size", 0)
         age = _age(now - item["created"])
-        sender = item["sender"] or "MAILER-DAEMON"
-        lines.append(f"{item['id']:<20} {age:>6} {item.get('size', 0):>9}  <{sender}>")
+        sender = _shown(item["sender"]) or "MAILER-DAEMON"
+        lines.append(f"{_shown(item['id']):<20} {age:>6} {item.get('size', 0):>9}  <{sender}>")
         next_in = item.get("next_attempt", 0) - now
         for r in item["recipients"]:
-            state = r["state"]
+            state, address = r["state"], _shown(r["address"])
             if state == "pending":
                 when = f"next try in {_age(next_in)}" if next_in > 0 else "next try now"
-                error = f": {r['last_error']}" if r.get("last_error") else ""
-                lines.append(f"{'':<38}<{r['address']}> ({when}{error})")
+                error = f": {_shown(r['last_error'])}" if r.get("last_error") else ""
+                lines.append(f"{'':<38}<{address}> ({when}{error})")
             else:
-                lines.append(f"{'':<38}<{r['address']}> ({state})")
+                lines.append(f"{'':<38}<{address}> ({_shown(state)})")
     lines.append(f"-- {total // 1024} KiB in {len(items)} message(s)")
     return "\n".join(lines)
+
+
+def _shown(text: str) -> str:
+    """Text from an envelope as a terminal may show it: escaped where str.isprintable() says
+    no (log.shorten's escapes: a C1 control such as U+009B, which xterm takes for CSI, a bidi
+    override, a line break), whole."""
+    return shorten(text, len(text))
 
 
 def _age(seconds: float) -> str:
