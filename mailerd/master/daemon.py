@@ -47,7 +47,11 @@ class PidFile:
     def acquire(self) -> None:
         for _ in range(5):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                # Never through a symlink: in a directory someone else may write, root would
+                # truncate the file it names (an attacker's pass, /tmp/atk7c F6).
+                fd = os.open(
+                    self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+                )
             except OSError as exc:
                 raise PidFileError(
                     f"cannot create pid file {self.path}: {exc.strerror}"
@@ -93,7 +97,14 @@ class PidFile:
         path = reload_file(self.path)
         temporary = path.with_name(path.name + ".tmp")
         with contextlib.suppress(OSError):
-            temporary.write_text(f"{count} {outcome}\n")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)  # (whatever is there, a planted link too: not written through)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(temporary, flags, 0o644)
+            try:
+                os.write(fd, f"{count} {outcome}\n".encode())
+            finally:
+                os.close(fd)
             os.replace(temporary, path)
 
     def release(self) -> None:
