@@ -142,6 +142,9 @@ class Master:
         self.reloads = 0  # reloads finished (or failed), told in the reload file
         self.reload_started: float | None = None  # a reload under way, not yet settled
         self.reload_outcome = "ok"  # its outcome once settled: "partial" if certificates kept
+        # A SIGHUP came while a reload was under way: one more reload follows once it is done
+        # (`_reload_pending`), whatever the number of signals.
+        self.reload_pending = False
         # Rows for the workers alive at once: this generation's, retiring ones after reloads.
         self.sessions = SessionTable(max(16, 4 * cfg.workers))
         # Failed AUTH per client address and account, for every worker.
@@ -173,6 +176,7 @@ class Master:
             self._respawn_due()
             self._check_ready()
             self._check_reloaded()
+            self._reload_pending()
             self._enforce_deadlines()
         self._stop_all()
         return self.exit_code
@@ -262,8 +266,11 @@ class Master:
         return ready >= self.cfg.workers
 
     def _dispatch_signals(self) -> None:
+        """Each signal recorded since the last turn, once (a burst of the same one is one)."""
+        received = []
         while self.signals:
-            signum = self.signals.popleft()
+            received.append(self.signals.popleft())
+        for signum in dict.fromkeys(received):
             handler = getattr(self, f"handle_{signal.Signals(signum).name.lower()}", None)
             if handler is not None:
                 handler()
@@ -284,8 +291,27 @@ class Master:
         self.stopping = True
 
     def handle_sighup(self) -> None:
-        """Reload the configuration; see the module docstring."""
+        """Reload the configuration; see the module docstring. While a reload is under way
+        (its new generation not yet accepting, or the old one still accepting), SIGHUPs are
+        folded into one more reload once it is done, as gunicorn and Postfix do not: each
+        would otherwise fork a whole generation and retire one that has barely started, so
+        a loop of `kill -HUP` (certbot renewing many certificates) made a thousand processes.
+        One more, not none: the configuration may have changed after the running reload read
+        it."""
+        if self.reload_started is not None or self.reload_pending:
+            if not self.reload_pending:
+                log.info("SIGHUP during a reload: one more follows once it is done")
+            self.reload_pending = True
+            return
         log.info("reloading the configuration (SIGHUP)")
+        self.reload()
+
+    def _reload_pending(self) -> None:
+        """The reload folded in by `handle_sighup`, once the one under way is done."""
+        if not self.reload_pending or self.reload_started is not None or self.stopping:
+            return
+        self.reload_pending = False
+        log.info("reloading the configuration (SIGHUP during the last reload)")
         self.reload()
 
     def handle_sigusr1(self) -> None:
@@ -373,7 +399,8 @@ class Master:
             "configuration reloaded (generation %d): %s", self.generation, self._describe_config()
         )
         self._warn_of_hostname()
-        self._reloaded(self.reload_outcome)
+        if not self.reload_pending:  # (else the next one is what the waiting command is told)
+            self._reloaded(self.reload_outcome)
 
     def _reloaded(self, outcome: str) -> None:
         self.reloads += 1

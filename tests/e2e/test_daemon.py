@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -452,6 +454,40 @@ def test_reload_to_a_busy_port_keeps_the_old_listeners(daemon_factory):
     with d.connect() as c:
         expect(c.banner(), 220, conn=c)
     assert d.workers_now() == workers
+
+
+def test_a_sighup_storm_is_folded_into_one_more_reload(daemon_factory):
+    """SIGHUPs that arrive while a reload is under way (its new generation not yet up, the
+    old one still accepting) are folded into one more reload once it is done: never a whole
+    new generation per signal (a loop of `kill -HUP`, certbot renewing many certificates)."""
+    d = daemon_factory(workers=2)
+    d.add_user("alice")
+    d.start()
+    mark = len(d.log())
+    for _ in range(250):  # about half a second of them
+        d.signal(signal.SIGHUP)
+        time.sleep(0.002)
+
+    def settled() -> bool:
+        tail = d.log()[mark:]
+        return (
+            "configuration reloaded" in tail
+            and len(d.titled("mailerd: worker")) == 2
+            and len(d.titled("mailerd: delivery")) == 1
+        )
+
+    assert wait_until(settled, 60), d.log()[mark:]
+    time.sleep(1.0)  # (a reload folded in at the very end would have started by now)
+    assert wait_until(settled, 30), d.log()[mark:]
+    tail = d.log()[mark:]
+    done = [int(n) for n in re.findall(r"configuration reloaded \(generation (\d+)\)", tail)]
+    # Each generation was done (accepting, the old one no longer) before the next was started;
+    # so there are as many as reloads fit in the storm, not one per signal.
+    assert done == list(range(1, len(done) + 1)), done
+    assert len(done) < 250 / 4, f"{len(done)} generations for one storm"
+    assert "finished with signal" not in tail, tail
+    deliver(d, "alice@example.org")
+    assert wait_until(lambda: d.messages("alice") == [1], 10)
 
 
 # --------------------------------------------------------------------------------------------
