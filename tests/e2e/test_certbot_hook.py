@@ -6,6 +6,7 @@ comment. (The package test runs it against an installed, running mailerd.)
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -19,13 +20,17 @@ HOOK = REPO / "etc" / "letsencrypt" / "renewal-hooks" / "deploy" / "mailerd"
 LINEAGE = "/etc/letsencrypt/live/mx.example.org"
 
 
-def run_hook(tmp_path: Path, conf: str, defaults: str) -> tuple[bool, str]:
+def run_hook(tmp_path: Path, conf: str, defaults: str, held: bool = True) -> tuple[bool, str]:
     """(Was the pid file's process sent SIGHUP?, what the hook said.) The process is a
-    `sleep`, which SIGHUP ends."""
+    `sleep`, which SIGHUP ends; the pid file is locked, as a running master holds it, unless
+    not `held` (a stale pid file, its pid some other process's now)."""
     (tmp_path / "mailerd.conf").write_text(conf)
     (tmp_path / "default").write_text(defaults)
     target = subprocess.Popen(["sleep", "60"])
+    lock = os.open(tmp_path / "mailerd.pid", os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        if held:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         (tmp_path / "mailerd.pid").write_text(f"{target.pid}\n")
         env = {
             **os.environ,
@@ -42,6 +47,7 @@ def run_hook(tmp_path: Path, conf: str, defaults: str) -> tuple[bool, str]:
             signalled = False
         return signalled, done.stderr
     finally:
+        os.close(lock)
         target.kill()
         target.wait()
 
@@ -72,3 +78,13 @@ def test_the_hook_leaves_mailerd_alone_for_a_lineage_named_only_in_comments(tmp_
     signalled, said = run_hook(tmp_path, conf, defaults)
     assert not signalled, said
     assert said == ""
+
+
+def test_the_hook_signals_no_process_for_a_stale_pid_file(tmp_path):
+    """A pid file no master holds (mailerd died; the pid is some other process's now): the
+    hook signalled it, and the unrelated process died of the SIGHUP (an attacker's pass,
+    /tmp/atk7c F7)."""
+    conf = f"tls-cert = {LINEAGE}/fullchain.pem\n"
+    signalled, said = run_hook(tmp_path, conf, "", held=False)
+    assert not signalled, said
+    assert "not running" in said
