@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import errno
 import logging
 import os
 import re
 import socket
 import ssl
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -358,6 +360,26 @@ def load(argv: list[str]) -> Config:
     return from_values(raw, Path(str(raw["config"])) if raw.get("config") else None)
 
 
+MAX_CONFIG_SIZE = 1 << 20  # octets: a config file is a few KB
+
+
+def _config_text(path: str) -> str:
+    """The file's text: a regular file of at most MAX_CONFIG_SIZE octets. The master reads it
+    at every reload, so a FIFO in its place must not block the master (no reaping, no
+    SIGTERM) nor /dev/zero fill its memory (an attacker's pass, /tmp/atk7c)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > MAX_CONFIG_SIZE:
+            raise OSError(errno.EFBIG, f"over {MAX_CONFIG_SIZE} octets")
+        data = os.read(fd, MAX_CONFIG_SIZE + 1)
+    finally:
+        os.close(fd)
+    return data.decode("utf-8")
+
+
 def read_ini(path: str) -> dict[str, object]:
     """Read the [mailerd] section; keys are long option names, lists split on commas/space."""
     # " # ..." and " ; ..." after a value are comments, as the README's examples write them
@@ -365,8 +387,7 @@ def read_ini(path: str) -> dict[str, object]:
     # whitespace: no value mailerd takes contains one.
     parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
     try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
+        parser.read_string(_config_text(path), source=path)
     except OSError as exc:  # (the system's words, not Python's "[Errno 2] ...: 'path'")
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:

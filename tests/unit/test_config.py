@@ -1,5 +1,9 @@
 """The command-line and INI contract."""
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 
 from mailerd import config, host
@@ -222,3 +226,20 @@ def test_the_example_config_documents_every_option():
     options = {name for name, *_ in config.OPTIONS}
     assert options - {"config", "foreground"} - named == set()
     assert named - options == set()
+
+
+def test_a_config_file_that_is_no_regular_file_is_refused_at_once(tmp_path: Path):
+    """The master reads the file at every reload: a FIFO in its place blocked it there (no
+    reaping, no SIGTERM), /dev/zero would have filled its memory (an attacker's pass)."""
+    fifo = tmp_path / "mailerd.conf"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(config.ConfigError, match="not a regular file"):
+        config.read_ini(str(fifo))
+    assert time.monotonic() - started < 1
+    with pytest.raises(config.ConfigError, match="not a regular file"):
+        config.read_ini("/dev/zero")
+    big = tmp_path / "big.conf"
+    big.write_text("[mailerd]\n" + "# x\n" * (config.MAX_CONFIG_SIZE // 4 + 1))
+    with pytest.raises(config.ConfigError, match="over"):
+        config.read_ini(str(big))
