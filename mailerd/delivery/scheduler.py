@@ -376,7 +376,7 @@ class Scheduler:
         """An item without its message: nothing of it can ever be delivered. Bounced at once
         (without the original's header section, gone with the file), not retried for ever nor
         removed in silence: the sender was told 250 and must learn to send it again."""
-        log.error("%s: message file %s lost; bouncing", item.id, self.queue.message_path(item.id))
+        log.error("%s: message file %s/msg/%s lost; bouncing", item.id, self.queue.shown, item.id)
         result = relay.Result(554, "5.3.0", "message file lost from the queue", ours=True)
         pending = [r for r in item.recipients if r.state == "pending"]
         await self._settle(item, pending, dict.fromkeys((r.address for r in pending), result))
