@@ -203,6 +203,18 @@ class Scheduler:
         self._forget(item.id)
         log.info("%s: removed by administrator, after its attempt", item.id)
 
+    async def _drop_doomed(self) -> None:
+        """At a stop, the items deleted during an attempt the stop cut short: removed now, as
+        the administrator was told, rather than attempted again by the next scheduler."""
+        loop = asyncio.get_running_loop()
+        for queue_id in sorted(self.doomed & set(self.items)):
+            with contextlib.suppress(QueueWriteError):  # (the queue said so)
+                await loop.run_in_executor(None, self.queue.remove, queue_id)
+                self._forget(queue_id)
+                log.info(
+                    "%s: removed by administrator, its attempt cut short by the stop", queue_id
+                )
+
     # -- the scheduling loop -----------------------------------------------------------------
 
     async def run(self, before: Callable[[], Awaitable[object]] | None = None) -> None:
@@ -326,6 +338,7 @@ class Scheduler:
             await asyncio.wait(list(self.tasks), timeout=grace)
         for task in list(self.tasks):
             task.cancel()  # its recipients stay pending: at worst one resend, never a loss
+        await self._drop_doomed()
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.lock_fd is not None:
             os.close(self.lock_fd)

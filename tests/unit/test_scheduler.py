@@ -1007,3 +1007,20 @@ def test_a_delete_during_an_attempt_answers_at_once_and_removes_it_after(w, monk
     run(main())
     assert w.queue.ids() == set() and w.sched.items == {} and not w.sched.doomed
     assert item.recipients[0].state == ("sent" if result.ok else "pending")
+
+
+def test_a_delete_during_an_attempt_that_a_stop_cuts_short_is_done_at_the_stop(w, monkeypatch):
+    """Else the next scheduler would attempt again what the administrator was told goes."""
+    item = w.queued(ALICE, ["bob@example.net"])
+    kept = w.queued(ALICE, ["carol@example.net"])
+
+    async def main() -> None:
+        _slow_attempt(w, monkeypatch, OK)  # (never let end)
+        w.sched._start(item)
+        w.sched._start(kept)
+        await asyncio.sleep(0.05)
+        await w.sched.delete(item.id)
+        await w.sched.stop(grace=0.1)
+
+    run(main())
+    assert w.queue.ids() == {kept.id}
