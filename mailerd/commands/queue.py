@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
     except (OSError, TimeoutError, ConnectionError) as exc:
         # A daemon is there but did not answer (busy, or not ours to ask): its files are its
         # own. Only a list, which changes nothing, may look at them instead.
-        print(f"mailerd queue: mailerd did not answer: {_why(exc)}", file=sys.stderr)
+        print(f"mailerd queue: no answer from mailerd: {_why(exc)}", file=sys.stderr)
         if args.action != "list":
             print(f"mailerd queue: nothing {_DONE[args.action]}", file=sys.stderr)
             return 1

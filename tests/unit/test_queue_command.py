@@ -99,7 +99,7 @@ def test_a_daemon_that_does_not_answer_in_time_keeps_its_files(q, capsys, monkey
         began = time.monotonic()
         status, out, err = mailq(q, capsys, "delete", "1BUSY")
     assert status == 1 and out == ""
-    assert "mailerd did not answer" in err and "nothing deleted" in err
+    assert "no answer from mailerd: no answer in time" in err and "nothing deleted" in err
     assert q.ids() == {"1BUSY"} and q.message_path("1BUSY").exists()
     assert time.monotonic() - began < 5
 
@@ -133,7 +133,10 @@ def test_a_list_from_a_daemon_that_does_not_answer_shows_the_files_and_says_so(
         silent.listen()
         status, out, err = mailq(q, capsys)
     assert status == 0 and "1SLOW" in out
-    assert "mailerd did not answer" in err and "the queue's files, as they are" in err
+    assert (
+        "no answer from mailerd: no answer in time" in err
+        and "the queue's files, as they are" in err
+    )
 
 
 def test_the_daemon_s_answer_for_a_message_being_delivered_is_said(tmp_path, capsys):
