@@ -46,6 +46,10 @@ class SessionTable:
         """A zeroed row for a new worker, or None when all are taken."""
         return self._free.pop() if self._free else None
 
+    def free(self) -> int:
+        """How many rows `claim()` can still hand out."""
+        return len(self._free)
+
     def release(self, row: int) -> None:
         """The worker owning `row` has exited: forget its sessions and reuse the row."""
         start = row * self.stride
@@ -97,8 +101,9 @@ class SessionCounter:
 
 
 def counter(table: SessionTable | None, row: int | None) -> SessionCounter:
-    """A worker's view: its row of the shared table or, with no table or no free row (a worker
-    started alone, a full table), a private row that counts its own sessions only."""
+    """A worker's view: its row of the shared table or, with no table or no row (a worker
+    started alone, in tests), a private row that counts its own sessions only. The master
+    never starts a worker without a row (`Master.spawn`): the caps would be per worker."""
     if table is None or row is None:
         return SessionCounter(SessionTable(1), 0)
     return SessionCounter(table, row)

@@ -25,7 +25,9 @@ of workers, and retires the old ones: the old delivery process gets SIGTERM (it 
 commits and exits; the master owns the delivery socket, so the new one accepts on it and the
 workers' channels reconnect to it), old workers get SIGUSR2 (stop accepting, finish every
 session, exit; see `worker`). Old children that exit are not respawned; one that overstays its
-deadline is killed.
+deadline is killed. SIGHUPs that come while a reload is under way are folded into one more
+reload once it is done (`handle_sighup`), and a reload waits until the shared session table has
+rows for its workers, ending the oldest retiring generations early if it must (GENERATIONS).
 
 Shutdown (SIGTERM/SIGINT): stop accepting (workers close their listeners), let live sessions
 finish within the grace period (idle ones get 421 at once), then stop the delivery process,
@@ -82,6 +84,15 @@ RELOAD_SETTLE_TIMEOUT = 15.0  # a reload is called done after this even if a wor
 STATUS_CHUNK = 65536
 STATUS_LINE = 1100  # longest line `lifecycle.report` writes (pid, space, 1000 chars, newline)
 BOOT_ERROR_KEPT = 1000  # characters kept of a child's start-up error
+# Session-table rows, per worker: enough for the generation accepting, the one a reload starts
+# and two retiring ones. A retiring generation keeps its rows while its sessions last (up to
+# the grace, 370 s by default), so the folding of SIGHUPs (handle_sighup) alone bounds nothing:
+# reloads 2 s apart would hold 185 generations. A reload that finds too few rows free ends the
+# oldest retiring generations early (as at a stop: idle sessions get 421, a transaction
+# finishes) and waits for their rows; starting workers without a row instead (each counting
+# its own sessions) made --max-sessions(-per-ip) and the reserves per worker (attacker's pass
+# 7c, F1). A row is 64 KiB of shared memory, touched only where counted.
+GENERATIONS = 4
 MASTER_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 # Blocked across fork() until the child has its own handlers.
 FORK_BLOCKED = {*MASTER_SIGNALS, signal.SIGUSR2}
@@ -96,6 +107,7 @@ class Child:
     ready: bool = False
     retiring: bool = False
     retired: bool = False  # a retiring worker said it no longer accepts
+    cut_short: bool = False  # a retiring worker told to stop now, for its row (GENERATIONS)
     deadline: float | None = None  # killed if still alive then (old generations only)
     session_row: int | None = None  # its row of the shared session table (workers)
     link: socket.socket | None = None  # a delivery process's: where its writers are handed over
@@ -145,8 +157,9 @@ class Master:
         # A SIGHUP came while a reload was under way: one more reload follows once it is done
         # (`_reload_pending`), whatever the number of signals.
         self.reload_pending = False
+        self.rows_wanted = 0  # a reload postponed until this many session-table rows are free
         # Rows for the workers alive at once: this generation's, retiring ones after reloads.
-        self.sessions = SessionTable(max(16, 4 * cfg.workers))
+        self.sessions = SessionTable(max(16, GENERATIONS * cfg.workers))
         # Failed AUTH per client address and account, for every worker.
         self.auth_failures = AuthFailures(ipv6_prefix_length=cfg.ipv6_prefix_length)
 
@@ -307,11 +320,15 @@ class Master:
         self.reload()
 
     def _reload_pending(self) -> None:
-        """The reload folded in by `handle_sighup`, once the one under way is done."""
+        """The reload folded in by `handle_sighup`, once the one under way is done; or the one
+        postponed by `_make_room`, once the rows it waits for are free."""
         if not self.reload_pending or self.reload_started is not None or self.stopping:
             return
+        if self.sessions.free() < self.rows_wanted:
+            return
         self.reload_pending = False
-        log.info("reloading the configuration (SIGHUP during the last reload)")
+        self.rows_wanted = 0
+        log.info("reloading the configuration (a SIGHUP that waited)")
         self.reload()
 
     def handle_sigusr1(self) -> None:
@@ -332,6 +349,8 @@ class Master:
         """Apply the configuration file as it is now; False (old one kept) on any error."""
         try:
             new, certificate_problem = self._load_config()
+            if not self._make_room(new.workers):
+                return False
             try:
                 new.spool.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -380,6 +399,48 @@ class Master:
         report_no_passwords(new)
         self.reload_started = time.monotonic()
         return True
+
+    def _make_room(self, workers: int) -> bool:
+        """Whether `workers` session-table rows are free for a new generation. If not, the
+        oldest retiring generations are told to stop now, and the reload waits for their rows
+        (see GENERATIONS)."""
+        free = self.sessions.free()
+        if free >= workers:
+            return True
+        retiring = sorted(
+            (c.generation, pid)
+            for pid, c in self.children.items()
+            if c.kind == "worker" and c.retiring and c.session_row is not None
+        )
+        coming = sum(1 for _, pid in retiring if self.children[pid].cut_short)
+        cut: set[int] = set()
+        for generation, pid in retiring:
+            if free + coming >= workers and generation not in cut:
+                break
+            child = self.children[pid]
+            if not child.cut_short:
+                self._cut_short(pid, child)
+                coming += 1
+                cut.add(generation)
+        log.warning(
+            "reload postponed: %d of the session table's %d rows are free, the new generation "
+            "needs %d; old workers%s still hold theirs, and it follows once they are gone",
+            free,
+            self.sessions.rows,
+            workers,
+            f" of generation {', '.join(map(str, sorted(cut)))}, told to stop now," if cut else "",
+        )
+        self.reload_pending = True
+        self.rows_wanted = workers
+        return False
+
+    def _cut_short(self, pid: int, child: Child) -> None:
+        """A retiring worker stops now, as at a stop (idle sessions get 421, a transaction
+        finishes), instead of when its last session ends."""
+        child.cut_short = True
+        deadline = time.monotonic() + STOP_WORKERS_TIMEOUT
+        child.deadline = min(child.deadline or deadline, deadline)
+        _kill(pid, signal.SIGTERM)
 
     def _check_reloaded(self) -> None:
         """A reload is done once every new worker accepts and no old one does any longer: only
@@ -437,8 +498,18 @@ class Master:
                 log.warning("reload: a new %s takes a restart; keeping %s", name, kept)
         if new.pidfile is not None and new.pidfile != self.cfg.pidfile:
             log.warning("reload: a new pidfile takes a restart; keeping %s", self.cfg.pidfile)
+        workers = new.workers
+        most = self.sessions.rows // 2  # (the generation accepting and a new one: GENERATIONS)
+        if workers > most:
+            log.warning(
+                "reload: more than %d workers takes a restart (session-table rows); keeping %d",
+                most,
+                self.cfg.workers,
+            )
+            workers = self.cfg.workers
         restarted_only = replace(
             new,
+            workers=workers,
             queue=self.cfg.queue,
             user=self.cfg.user,
             log_file=self.cfg.log_file,
@@ -456,8 +527,10 @@ class Master:
         generation = self.generation
         if kind == "worker":
             row = self.sessions.claim()
-            if row is None:
-                log.warning("worker %d counts its sessions alone: no free session-table row", slot)
+            if row is None:  # (reload waits for rows: only a bug gets here; see GENERATIONS)
+                log.error("worker %d not started: no free session-table row; trying again", slot)
+                self.due[(kind, slot)] = time.monotonic() + 1.0
+                return
         owner = self.children.get(slot) if kind == "writer" else None
         if kind == "writer":
             if owner is None or owner.link is None:

@@ -490,6 +490,48 @@ def test_a_sighup_storm_is_folded_into_one_more_reload(daemon_factory):
     assert wait_until(lambda: d.messages("alice") == [1], 10)
 
 
+def _session_from(source: str, port: int) -> socket.socket | None:
+    """A session opened from `source` (a loopback address) that got its 220; else None."""
+    s = socket.socket()
+    try:
+        s.settimeout(5)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        if s.recv(200).startswith(b"220"):
+            return s
+    except OSError:
+        pass
+    s.close()
+    return None
+
+
+def test_the_session_caps_stay_global_across_reloads(daemon_factory):
+    """Every retiring generation keeps its rows of the shared session table while its sessions
+    last; reloads that found no free row started workers that counted their sessions alone,
+    so one client got --max-sessions-per-ip per worker. Whatever the number of reloads with
+    sessions held on the old workers, a client gets its cap, once."""
+    d = daemon_factory(workers=4, extra=("--max-sessions-per-ip", "2"))  # 16 table rows
+    d.start()
+    held: list[socket.socket] = []
+    try:
+        for generation in range(6):  # 6 reloads of 4 workers each: more than 16 rows
+            for k in range(32):  # idle sessions on (very likely) every worker of it
+                s = _session_from(f"127.0.{generation + 1}.{k + 1}", d.untrusted_port)
+                if s is not None:
+                    held.append(s)
+            mark = d.reload()
+            assert "configuration reloaded" in d.log()[mark:], d.log()[mark:]
+        probe = [_session_from("127.0.9.1", d.untrusted_port) for _ in range(12)]
+        got = [s for s in probe if s is not None]
+        for s in got:
+            s.close()
+    finally:
+        for s in held:
+            s.close()
+    assert len(got) == 2, f"one address held {len(got)} sessions (cap 2)"
+    assert "counts its sessions alone" not in d.log()
+
+
 # --------------------------------------------------------------------------------------------
 # Logging
 # --------------------------------------------------------------------------------------------
