@@ -404,6 +404,8 @@ class DeliveryService:
             recipients=recipients,
             smtputf8=request.smtputf8,
             body_8bit=request.body == "8BITMIME",
+            inbound=not request.trusted,
+            sender_spf=request.sender_spf,
         )
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:

@@ -69,6 +69,12 @@ class QueueItem:
     smtputf8: bool = False
     body_8bit: bool = False
     warned: bool = False  # the delay warning has been sent
+    # From an untrusted (network) listener: another server's mail, whose only remote
+    # recipients are alias forwards; and the SPF result of its MAIL FROM there ("" if it was
+    # not checked: --inbound-auth off). The scheduler bounces such mail only to a sender SPF
+    # verified (`Scheduler._notify`). Older envelopes lack both: the owner's mail, as before.
+    inbound: bool = False
+    sender_spf: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), ensure_ascii=False).encode("utf-8")
@@ -96,6 +102,8 @@ class QueueItem:
             smtputf8=fields.flag("smtputf8", False),
             body_8bit=fields.flag("body_8bit", False),
             warned=fields.flag("warned", False),
+            inbound=fields.flag("inbound", False),
+            sender_spf=fields.text("sender_spf", ""),
         )
 
 

@@ -66,6 +66,7 @@ class Verdict:
     content: bytes | None  # the message without forged Authentication-Results, if it had some
     refusal: Reply | None  # enforce: DMARC says reject
     summary: str  # for the log: "spf=pass dkim=pass dmarc=pass"
+    sender_spf: str = ""  # SPF's result for the MAIL FROM ("" for <>, where it checks the HELO)
 
 
 class Verifier:
@@ -122,7 +123,8 @@ class Verifier:
         summary = "spf={} dkim={} dmarc={}".format(
             spf.result, ",".join(r.result for r in dkim), verdict.result
         )
-        return Verdict(field, content, refusal, summary)
+        sender_spf = spf.result if spf.identity == "mailfrom" else ""
+        return Verdict(field, content, refusal, summary, sender_spf)
 
     async def _dmarc(
         self,

@@ -30,8 +30,8 @@ class BadMessage(ValueError):
     """A header that is no message of the contract; the text says what is wrong."""
 
 
-def _str(header: dict[str, Any], key: str) -> str:
-    value = header.get(key)
+def _str(header: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = header.get(key, default)
     if type(value) is not str:
         raise BadMessage(f"{key}: not a string")
     return value
@@ -157,6 +157,7 @@ class Commit(Message):
     tls: str = ""  # the session's TLS, as the Received: header says it ("" without)
     auth_results: str = ""  # the inbound checks' Authentication-Results field ("" without)
     checks: str = ""  # their verdicts for the log: "spf=pass dkim=pass dmarc=pass"
+    sender_spf: str = ""  # their SPF result for the MAIL FROM ("" unchecked, or for <>)
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -165,6 +166,7 @@ class Commit(Message):
             "peer": self.peer, "protocol": self.protocol, "body": self.body,
             "smtputf8": self.smtputf8, "trusted": self.trusted, "tls": self.tls,
             "auth_results": self.auth_results, "checks": self.checks,
+            "sender_spf": self.sender_spf,
         }  # fmt: skip
 
     @classmethod
@@ -176,7 +178,7 @@ class Commit(Message):
             _str(header, "sender"), targets, _str(header, "helo"), _str(header, "peer"),
             _str(header, "protocol"), _str(header, "body"), _bool(header, "smtputf8"),
             _bool(header, "trusted"), _str(header, "tls"), _str(header, "auth_results"),
-            _str(header, "checks"),
+            _str(header, "checks"), _str(header, "sender_spf", ""),
         )  # fmt: skip
 
     @property

@@ -594,7 +594,13 @@ class Connection(asyncio.Protocol):
             if fd is not None:
                 os.close(fd)
             body, fd = verdict.content, None
-        return replace(request, auth_results=verdict.header, checks=verdict.summary), body, fd, None
+        checked = replace(
+            request,
+            auth_results=verdict.header,
+            checks=verdict.summary,
+            sender_spf=verdict.sender_spf,
+        )
+        return checked, body, fd, None
 
     async def unchecked(
         self, body: bytes, fd: int | None

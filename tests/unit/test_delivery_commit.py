@@ -38,7 +38,7 @@ def service(tmp_path):
     link.close()
 
 
-def commit(to: str) -> Commit:
+def commit(to: str, trusted: bool = False, **fields) -> Commit:
     return Commit(
         sender="alice@example.org",
         targets=(Target(to, None),),
@@ -47,7 +47,8 @@ def commit(to: str) -> Commit:
         protocol="ESMTP",
         body="7BIT",
         smtputf8=False,
-        trusted=False,
+        trusted=trusted,
+        **fields,
     )
 
 
@@ -74,3 +75,20 @@ def test_a_message_that_cannot_be_queued_still_gets_a_4xx(service, monkeypatch):
     monkeypatch.setattr(service.queue, "put", full)
     reply = asyncio.run(service.commit(commit("bob@example.net"), BODY))
     assert reply.code // 100 == 4, reply
+
+
+@pytest.mark.parametrize(
+    "trusted, spf, inbound",
+    [(False, "softfail", True), (False, "pass", True), (False, "", True), (True, "", False)],
+)
+def test_the_queue_item_records_an_untrusted_listener_and_the_sender_s_spf(
+    service, trusted, spf, inbound
+):
+    """Mail another server sent (an alias forward is its only way to a remote recipient) is
+    marked so in its envelope, with the SPF result of its MAIL FROM at receipt: the scheduler
+    decides by them whether a bounce may go to that sender."""
+    request = commit("bob@example.net", trusted=trusted, sender_spf=spf)
+    reply = asyncio.run(service.commit(request, BODY))
+    assert reply.code == 250, reply
+    [queued] = service.queue.load(clean=False)
+    assert (queued.inbound, queued.sender_spf) == (inbound, spf)

@@ -143,6 +143,7 @@ def test_spf_results(dns_server, sender, ip, expected):
     verdict = run_check(dns_server, message("x@elsewhere.example"), sender=sender, ip=ip)
     assert methods(verdict)["spf"] == expected, verdict.header
     assert f"smtp.mailfrom={sender}" in verdict.header
+    assert verdict.sender_spf == expected  # (kept with a queued item: who may get a bounce)
 
 
 def test_spf_of_the_helo_for_the_null_sender(dns_server):
@@ -150,6 +151,7 @@ def test_spf_of_the_helo_for_the_null_sender(dns_server):
         dns_server, message("x@elsewhere.example"), sender="", helo="sender.example"
     )
     assert methods(verdict)["spf"] == "pass" and "smtp.helo=sender.example" in verdict.header
+    assert verdict.sender_spf == ""  # (the HELO's: no MAIL FROM verified)
 
 
 def test_spf_memo_keeps_a_verdict_until_it_expires_and_drops_the_oldest():

@@ -42,6 +42,8 @@ def full_item(queue_id: str = "1ABC") -> QueueItem:
         smtputf8=True,
         body_8bit=True,
         warned=True,
+        inbound=True,
+        sender_spf="softfail",
     )
 
 
@@ -198,6 +200,8 @@ def stored(**changes) -> bytes:
         {"size": -1},
         {"smtputf8": 1},
         {"warned": "yes"},
+        {"inbound": 1},
+        {"sender_spf": None},
         {"id": "1OTHER"},
     ],
     ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()),
@@ -244,6 +248,15 @@ def test_unknown_fields_are_ignored_and_missing_ones_take_their_default(q):
         "bob@example.net", None, "pending", 0, "451 4.3.0 try again later"
     )
     assert item.created == 1700000000.25 and item.smtputf8 is True
+    assert q.damaged() == []
+
+
+def test_an_envelope_from_before_inbound_and_sender_spf_is_the_owner_s_mail(q):
+    """Envelopes an older mailerd wrote have neither field: their mail is taken for the
+    owner's (bounced as before), with no SPF result."""
+    (q.root / "env" / "1X").write_bytes(stored(inbound=GONE, sender_spf=GONE))
+    [item] = q.load()
+    assert (item.inbound, item.sender_spf) == (False, "")
     assert q.damaged() == []
 
 
