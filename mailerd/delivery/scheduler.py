@@ -10,6 +10,8 @@ Deferred recipients are retried after `--retry-after`, doubling up to an hour, w
 restart does not retry everything at the same instant (chasquid's nextDelay). Permanent failures,
 and anything still pending after `--max-queue-time`, are bounced with an RFC 3464 DSN to the
 sender (never for the null sender); a delay warning goes out once after `--delay-warning`.
+Neither goes to the sender of mail another server sent (an alias forward) unless SPF verified
+it at receipt (`_unverified`): a forged sender would otherwise get the spam back (backscatter).
 
 Concurrency is bounded in total and per domain; SMTP runs in a thread pool, so a dead or
 tar-pitting MX only ever holds its own thread and its own domain's slots.
@@ -612,6 +614,16 @@ class Scheduler:
         if item.sender == "":
             log.info("%s: not bouncing: null sender", item.id)
             return
+        if unverified := _unverified(item):
+            what = "delay warning" if statuses[0].action == "delayed" else "bounce"
+            log.info(
+                "%s: no %s to <%s>: forwarded mail from a sender SPF did not verify (%s)",
+                item.id,
+                what,
+                item.sender,
+                unverified,
+            )
+            return
         loop = asyncio.get_running_loop()
         original = await loop.run_in_executor(None, _read_head, self.queue.message_path(item.id))
         message = dsn.compose(
@@ -700,6 +712,21 @@ class Scheduler:
         await loop.run_in_executor(None, self.queue.put, item, b"", message)
         self.add(item)
         log.info("%s: bounce to <%s> queued", item.id, to)
+
+
+def _unverified(item: QueueItem) -> str:
+    """Why a notice about this item must not go to its sender ("" if it may): mail another
+    server sent us (only alias forwards make it remote) whose MAIL FROM SPF did not pass at
+    receipt. A spammer forges that sender, and a bounce of what the forward target refused
+    would reflect the spam to whoever it names (backscatter). The owner's own mail (loopback,
+    submission, sendmail) is always told.
+
+    Only SPF counts, not a DKIM pass aligned with the sender's domain: a signature vouches for
+    the message, not for the envelope, and a message once signed for any user of a big
+    provider can be sent again with MAIL FROM any other of its users, and still pass."""
+    if not item.inbound or item.sender_spf == "pass":
+        return ""
+    return item.sender_spf or "not checked: inbound-auth off"
 
 
 def _bounce_status(

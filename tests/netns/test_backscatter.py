@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 import smtplib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -28,11 +29,14 @@ from .conftest import (
     check_mailerd_runs,
     finish,
     make_message,
+    parse_dsn,
     token,
+    wait_until,
 )
 
 ALIASES = "fwd-bad: bad-forward@reject.test\nfwd-hold: held-forward@hold.test\n"
 REFUSED, HELD = "fwd-bad@example.org", "fwd-hold@example.org"
+QUIET = 2.0  # how long to keep watching for a notice that must not come
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +93,88 @@ def test_the_owner_s_mail_is_not_marked_inbound(mx: Mailerd):
     env = mx.envelope(sub.queue_id)
     assert env is not None
     assert (env["inbound"], env["sender_spf"]) == (False, ""), env
+
+
+def notices_to(net: Internet, address: str) -> list[dict]:
+    """What mx1 (every sender's MX here) accepted from <> for `address`: bounces, warnings."""
+    return [
+        t
+        for t in net.receivers["mx1"].transactions()
+        if t["mail_from"] == "" and address in t["rcpt_tos"]
+    ]
+
+
+def wait_logged(m: Mailerd, line: str, timeout: float = 15.0) -> None:
+    assert wait_until(lambda: line in m.log_text(), timeout), (
+        f"never logged {line!r}:\n{m.log_tail()}"
+    )
+
+
+def wait_status(m: Mailerd, queue_id: str, status: str, timeout: float = 15.0) -> None:
+    found = wait_until(
+        lambda: [d for d in m.deliveries(queue_id=queue_id) if d["status"] == status], timeout
+    )
+    assert found, f"{queue_id}: no status={status}\n{m.log_tail()}"
+
+
+def no_notice_line(queue_id: str, what: str, sender: str, why: str) -> str:
+    return (
+        f"{queue_id}: no {what} to <{sender}>: forwarded mail from a sender SPF did not verify "
+        f"({why})"
+    )
+
+
+@pytest.mark.parametrize(
+    "domain, spf",
+    [("spf-fail.test", "fail"), ("spf-soft.test", "softfail"), ("spf-none.test", "none")],
+)
+def test_a_refused_forward_from_a_forged_sender_is_not_bounced(
+    internet: Internet, mx: Mailerd, domain: str, spf: str
+):
+    """The forward target refuses (550): the forged sender gets nothing; the log says why."""
+    sender = f"{token('victim')}@{domain}"
+    sub = send_inbound(sender, REFUSED, subject="BUY CHEAP PILLS")
+    wait_status(mx, sub.queue_id, "bounced")
+    wait_logged(mx, no_notice_line(sub.queue_id, "bounce", sender, spf))
+    assert wait_until(lambda: not mx.in_queue(sub.queue_id), 10), mx.log_tail()
+    time.sleep(QUIET)
+    assert notices_to(internet, sender) == [], "a bounce went to the forged sender"
+    assert f"bounce to <{sender}> queued" not in mx.log_text()
+    assert mx.log_text().count(f"{sub.queue_id}: no bounce") == 1
+
+
+def test_a_refused_forward_from_an_spf_verified_sender_is_bounced(internet: Internet, mx: Mailerd):
+    sender = f"{token('honest')}@spf-pass.test"
+    send_inbound(sender, REFUSED)
+    assert wait_until(lambda: notices_to(internet, sender), 15), mx.log_tail()
+    [notice] = notices_to(internet, sender)
+    dsn = parse_dsn(notice["data"].encode("latin-1"))
+    block = dsn.recipients.get("bad-forward@reject.test")
+    assert block is not None and block["Action"].strip() == "failed", dsn.text
+
+
+def test_no_delay_warning_for_a_held_forward_from_a_forged_sender(internet: Internet, mx: Mailerd):
+    sender = f"{token('victim')}@spf-fail.test"
+    sub = send_inbound(sender, HELD)
+    wait_logged(mx, no_notice_line(sub.queue_id, "delay warning", sender, "fail"))
+    time.sleep(QUIET)
+    assert notices_to(internet, sender) == [], "a delay warning went to the forged sender"
+    assert mx.envelope(sub.queue_id)["warned"], "said once, not at every deferral"
+
+
+def test_a_delay_warning_for_a_held_forward_from_an_spf_verified_sender_goes(
+    internet: Internet, mx: Mailerd
+):
+    sender = f"{token('honest')}@spf-pass.test"
+    send_inbound(sender, HELD)
+    assert wait_until(lambda: notices_to(internet, sender), 15), mx.log_tail()
+    dsn = parse_dsn(notices_to(internet, sender)[0]["data"].encode("latin-1"))
+    block = dsn.recipients.get("held-forward@hold.test")
+    assert block is not None and block["Action"].strip() == "delayed", dsn.text
+
+
+def test_the_owner_s_mail_still_bounces(internet: Internet, mx: Mailerd):
+    """Submitted on the trusted listener: bounced to its sender, whatever SPF would say."""
+    sender = f"{token('owner')}@spf-fail.test"
+    mx.submit(sender, [f"bad-{token('o')}@reject.test"])
+    assert wait_until(lambda: notices_to(internet, sender), 15), mx.log_tail()

@@ -15,6 +15,7 @@ import dataclasses
 import email
 import email.message
 import email.policy
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -1024,3 +1025,89 @@ def test_a_delete_during_an_attempt_that_a_stop_cuts_short_is_done_at_the_stop(w
 
     run(main())
     assert w.queue.ids() == {kept.id}
+
+
+# -- backscatter: another server's mail, forwarded by an alias ------------------------------
+
+
+def _no_notice_line(caplog, item: QueueItem, what: str, why: str) -> None:
+    expected = (
+        f"{item.id}: no {what} to <{item.sender}>: forwarded mail from a sender SPF did not "
+        f"verify ({why})"
+    )
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(item.id)]
+    assert lines.count(expected) == 1, lines
+
+
+@pytest.mark.parametrize(
+    "spf, why",
+    [("fail", "fail"), ("softfail", "softfail"), ("none", "none"), ("neutral", "neutral"),
+     ("temperror", "temperror"), ("", "not checked: inbound-auth off")],
+)  # fmt: skip
+def test_a_refused_forward_from_an_unverified_sender_is_not_bounced(w, caplog, spf, why):
+    """A spammer forges the sender: a bounce would reflect the spam to it (backscatter)."""
+    caplog.set_level(logging.INFO, "mailerd.outbound")
+    item = w.queued(REMOTE_SENDER, ["bob@example.net"], inbound=True, sender_spf=spf)
+    w.settle(item, {"bob@example.net": REJECT})
+    assert item.recipients[0].state == "bounced"
+    assert w.boxes.calls == [] and w.notices_queued() == []
+    assert w.queue.ids() == set() and item.id not in w.sched.items
+    _no_notice_line(caplog, item, "bounce", why)
+
+
+def test_a_refused_forward_from_an_unverified_local_sender_is_not_bounced_either(w, caplog):
+    caplog.set_level(logging.INFO, "mailerd.outbound")
+    item = w.queued(ALICE, ["bob@example.net"], inbound=True, sender_spf="fail")
+    w.settle(item, {"bob@example.net": REJECT})
+    assert w.boxes.calls == [] and w.notices_queued() == []
+    _no_notice_line(caplog, item, "bounce", "fail")
+
+
+def test_a_refused_forward_from_an_spf_verified_sender_is_bounced(w):
+    item = w.queued(REMOTE_SENDER, ["bob@example.net"], inbound=True, sender_spf="pass")
+    w.settle(item, {"bob@example.net": REJECT})
+    [notice] = w.notices_queued()
+    assert notice.recipients == [Recipient(REMOTE_SENDER)]
+    assert_bounce(
+        w.queue.message_path(notice.id).read_bytes(), REMOTE_SENDER, {"bob@example.net": "5.1.1"}
+    )
+
+
+def test_an_expired_forward_from_an_unverified_sender_is_not_bounced(w, caplog):
+    caplog.set_level(logging.INFO, "mailerd.outbound")
+    item = w.queued(
+        REMOTE_SENDER, ["bob@example.net"], age=QUEUE_TIME + 10, inbound=True, sender_spf="none"
+    )
+    w.settle(item, {"bob@example.net": DEFER})
+    assert item.recipients[0].state == "bounced" and w.notices_queued() == []
+    _no_notice_line(caplog, item, "bounce", "none")
+
+
+def test_no_delay_warning_for_a_forward_from_an_unverified_sender(w, caplog):
+    caplog.set_level(logging.INFO, "mailerd.outbound")
+    item = w.queued(
+        REMOTE_SENDER, ["bob@example.net"], age=WARN_AFTER + 10, inbound=True, sender_spf="fail"
+    )
+    for _ in range(3):
+        w.settle(item, {"bob@example.net": DEFER})
+    assert item.recipients[0].state == "pending"
+    assert w.boxes.calls == [] and w.notices_queued() == []
+    assert w.on_disk(item).warned  # (said once, not at every deferral)
+    _no_notice_line(caplog, item, "delay warning", "fail")
+
+
+def test_a_delay_warning_for_a_forward_from_an_spf_verified_sender_goes(w):
+    item = w.queued(
+        REMOTE_SENDER, ["bob@example.net"], age=WARN_AFTER + 10, inbound=True, sender_spf="pass"
+    )
+    w.settle(item, {"bob@example.net": DEFER})
+    [notice] = w.notices_queued()
+    report = parse_report(w.queue.message_path(notice.id).read_bytes())
+    assert report.per_recipient["bob@example.net"]["Action"] == "delayed"
+
+
+def test_the_owner_s_mail_is_bounced_whatever_spf_would_say(w):
+    """Mail from loopback, submission or sendmail (not inbound) is the owner's: always told."""
+    item = w.queued(REMOTE_SENDER, ["bob@example.net"], inbound=False, sender_spf="")
+    w.settle(item, {"bob@example.net": REJECT})
+    assert len(w.notices_queued()) == 1
