@@ -284,6 +284,62 @@ def test_clients_pipelining_commands_do_not_starve_the_owner(mailerd_factory):
             a.wait()
 
 
+STREAMER = """
+import socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+f = s.makefile("rb")
+f.readline()
+rcpt = b"RCPT TO:<%s>" % sys.argv[2].encode()
+for command in (b"EHLO streamer.test", b"MAIL FROM:<a@streamer.test>", rcpt, b"DATA"):
+    s.sendall(command + b"\\r\\n")
+    while True:
+        line = f.readline()
+        if line[3:4] != b"-":
+            break
+def drain():
+    while s.recv(1 << 20):
+        pass
+threading.Thread(target=drain, daemon=True).start()
+block = b"\\n" * (1 << 20)
+while True:
+    s.sendall(block)
+"""
+
+
+def test_clients_streaming_message_content_do_not_starve_the_owner(mailerd_factory):
+    """Four network clients stream the content of a message made of empty lines as fast as
+    they can (a sender like any other until the end, which never comes); the owner's session
+    on the same worker still gets its replies at once. A worker took a whole wakeup's reads of
+    content (up to 32 of 256 KB) in one go, 260 ms of checking, and the owner's transaction
+    took seconds (an attacker's pass, /tmp/atk8 F1)."""
+    m: Mailerd = mailerd_factory(workers=1)
+    user = m.new_user("streamed")
+    port = str(m.port(trusted=False))
+    streamers = [
+        subprocess.Popen(
+            [sys.executable, "-c", STREAMER, port, f"{user}@example.org"],
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(4)
+    ]
+    try:
+        time.sleep(1.5)
+        for _ in range(3):
+            started = time.monotonic()
+            with m.connect(trusted=True) as c:
+                expect(c.banner(), 220, conn=c)
+                c.cmd("EHLO owner.test")
+                mail_rcpt(c, "friend@elsewhere.test")
+                c.cmd("QUIT")
+            took = time.monotonic() - started
+            assert took < 1.5, f"the owner's transaction took {took:.1f} s under the streamers"
+            assert all(a.poll() is None for a in streamers), "the streamers should still run"
+    finally:
+        for a in streamers:
+            a.kill()
+            a.wait()
+
+
 def test_overlong_local_part_gets_a_reply(mailerd: Mailerd):
     with mailerd.connect(trusted=False) as c:
         c.start()
