@@ -34,15 +34,9 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return lines
 
 
-def test_a_slow_account_lookup_holds_only_its_own_session(tmp_path: Path, monkeypatch):
-    real = pwd.getpwnam
-
-    def slow(name: str):
-        time.sleep(SLOW)
-        return real(name)
-
-    monkeypatch.setattr(spool.pwd, "getpwnam", slow)
-    spool._accounts.clear()
+def _local_worker(tmp_path: Path) -> tuple[Worker, socket.socket, int]:
+    """A worker (not started) with one local listener on a free loopback port, its spool and
+    queue under tmp_path; and that listener's socket and port."""
     (tmp_path / "spool").mkdir()
     for sub in ("tmp", "private"):
         (tmp_path / "queue" / sub).mkdir(parents=True)
@@ -52,7 +46,19 @@ def test_a_slow_account_lookup_holds_only_its_own_session(tmp_path: Path, monkey
     )  # fmt: skip
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    worker = Worker(cfg, [(sock, ListenAddress("127.0.0.1", port, config.LOCAL))], 1)
+    return Worker(cfg, [(sock, ListenAddress("127.0.0.1", port, config.LOCAL))], 1), sock, port
+
+
+def test_a_slow_account_lookup_holds_only_its_own_session(tmp_path: Path, monkeypatch):
+    real = pwd.getpwnam
+
+    def slow(name: str):
+        time.sleep(SLOW)
+        return real(name)
+
+    monkeypatch.setattr(spool.pwd, "getpwnam", slow)
+    spool._accounts.clear()
+    worker, sock, port = _local_worker(tmp_path)
 
     async def main() -> tuple[float, float, bytes]:
         serving = asyncio.create_task(worker.main())
@@ -95,16 +101,7 @@ def test_a_connection_accepted_as_the_worker_retires_keeps_its_session(tmp_path:
             asyncio.get_running_loop().call_later(0.3, super().connection_made, transport)
 
     monkeypatch.setattr(process, "Connection", LateConnection)
-    (tmp_path / "spool").mkdir()
-    for sub in ("tmp", "private"):
-        (tmp_path / "queue" / sub).mkdir(parents=True)
-    cfg = config.load(
-        ["-s", str(tmp_path / "spool"), "-q", str(tmp_path / "queue"), "-d", "example.org",
-         "-H", "mx.example.org", "-l", "none", "-n", "none", "--dns-server", "127.0.0.1:9"]
-    )  # fmt: skip
-    sock = socket.create_server(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    worker = Worker(cfg, [(sock, ListenAddress("127.0.0.1", port, config.LOCAL))], 1)
+    worker, sock, port = _local_worker(tmp_path)
 
     async def main() -> tuple[bytes, bytes]:
         serving = asyncio.create_task(worker.main())
