@@ -892,6 +892,13 @@ def finish(m: Mailerd) -> list[str]:
     return problems
 
 
+def finish_or_fail(m: Mailerd) -> None:
+    """A fixture's teardown: stop the instance, and fail the test on its problems (`finish`)."""
+    problems = finish(m)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
 def check_mailerd_runs(m: Mailerd) -> None:
     """Fail, never skip, when `python -m mailerd --help` does not work in the namespace (the
     package does not import, say), with what it printed: the module's tests cannot run."""
@@ -912,9 +919,7 @@ def mta(internet: Internet, tmp_path_factory) -> Iterator[Mailerd]:
     check_mailerd_runs(m)
     m.start()
     yield m
-    problems = finish(m)
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    finish_or_fail(m)
 
 
 _ports = itertools.count(2526)

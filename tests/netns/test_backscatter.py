@@ -27,7 +27,7 @@ from .conftest import (
     Mailerd,
     Submitted,
     check_mailerd_runs,
-    finish,
+    finish_or_fail,
     make_message,
     parse_dsn,
     token,
@@ -49,9 +49,7 @@ def mx(internet: Internet, tmp_path_factory) -> Iterator[Mailerd]:
     check_mailerd_runs(m)
     m.start()
     yield m
-    problems = finish(m)
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    finish_or_fail(m)
 
 
 def send_inbound(sender: str, rcpt: str, subject: str = "inbound") -> Submitted:

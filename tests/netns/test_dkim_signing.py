@@ -52,7 +52,7 @@ from .conftest import (
     Mailerd,
     Netns,
     check_mailerd_runs,
-    finish,
+    finish_or_fail,
     make_cert,
     token,
     wait_until,
@@ -199,9 +199,7 @@ def signer(internet: Internet, keys: Keys, tmp_path_factory) -> Iterator[Mailerd
     check_mailerd_runs(m)
     m.start()
     yield m
-    problems = finish(m)
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    finish_or_fail(m)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .conftest import (
     Internet,
     Mailerd,
     Submitted,
-    finish,
+    finish_or_fail,
     parse_dsn,
     return_path_of,
     smarthost_script,
@@ -735,9 +735,7 @@ def patient(internet: Internet, tmp_path_factory):
     m = Mailerd(internet.netns, base, port=2599, untrusted="none", retry_after="1h", name="patient")
     m.start()
     yield m
-    problems = finish(m)
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    finish_or_fail(m)
 
 
 @pytest.mark.parametrize(

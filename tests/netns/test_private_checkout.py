@@ -32,6 +32,7 @@ from .conftest import (
     Internet,
     Mailerd,
     finish,
+    finish_or_fail,
     make_message,
     token,
     wait_until,
@@ -117,9 +118,7 @@ def private_mailerd(internet: Internet, private_python: Path) -> Iterator[Mailer
     )
     m.start()
     yield m
-    problems = finish(m)
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    finish_or_fail(m)
 
 
 def test_every_child_path_works_from_a_private_install(
