@@ -371,9 +371,8 @@ class Scheduler:
         --retry-after for ever, with a traceback each time, and never bounced."""
         self._once(item, "delivery attempt failed")
         result = relay.Result(451, "4.3.0", f"local error: {_summary(exc)}", ours=True)
-        pending = [r for r in item.recipients if r.state == "pending"]
         try:
-            await self._settle(item, pending, dict.fromkeys((r.address for r in pending), result))
+            await self._settle_pending(item, result)
         except Exception:  # (the record failing too, a full disk: the queue said so)
             log.error("%s: cannot record the failed attempt; it is tried again later", item.id)
             item.next_attempt = max(item.next_attempt, time.time() + self.cfg.retry_after)
@@ -393,6 +392,10 @@ class Scheduler:
         removed in silence: the sender was told 250 and must learn to send it again."""
         log.error("%s: message file %s/msg/%s lost; bouncing", item.id, self.queue.shown, item.id)
         result = relay.Result(554, "5.3.0", "message file lost from the queue", ours=True)
+        await self._settle_pending(item, result)
+
+    async def _settle_pending(self, item: QueueItem, result: relay.Result) -> None:
+        """Settle every recipient still pending with one result of ours."""
         pending = [r for r in item.recipients if r.state == "pending"]
         await self._settle(item, pending, dict.fromkeys((r.address for r in pending), result))
 
