@@ -531,18 +531,23 @@ class Connection(asyncio.Protocol):
         attacker's pass held every network place so, at no cost: /tmp/atk7a F1)."""
         assert self.transport is not None
         self.transport.close()
-        wait = min(CLOSE_LINGER, self.worker.cfg.timeout)
-        self.linger = self.worker.loop.call_later(wait, self.abort)
+        if self.raw().get_write_buffer_size():  # (else closed at once: no timer a session)
+            wait = min(CLOSE_LINGER, self.worker.cfg.timeout)
+            self.linger = self.worker.loop.call_later(wait, self.abort)
+
+    def raw(self) -> asyncio.Transport:
+        """The TCP transport, under TLS if there is TLS."""
+        assert self.transport is not None
+        return self.layer.raw if self.layer is not None else self.transport
 
     def abort(self) -> None:
         """Drop the connection now, whatever is unsent (connection_lost follows)."""
         if self.released:
             return
-        raw = self.layer.raw if self.layer is not None else self.transport
-        if raw is not None:
-            if raw.get_write_buffer_size():
-                log.info("%s: dropped, its replies unread", self.client)
-            raw.abort()
+        raw = self.raw()
+        if raw.get_write_buffer_size():
+            log.info("%s: dropped, its replies unread", self.client)
+        raw.abort()
 
     def idle(self) -> bool:
         """Between transactions: safe to say 421 and go without losing anything in progress."""
