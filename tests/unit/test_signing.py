@@ -399,6 +399,18 @@ def test_the_tag_list_and_unfolding_shortcuts_give_dkimpys_results(text: bytes):
     assert dkim_speedups.unfold_header_value(text) == dkim_speedups._dkimpy_unfold(text)
 
 
+@given(st.binary(max_size=3), st.binary(max_size=3))
+@example(b"\xe9", b"")  # a letter outside ASCII (bytes.isalpha and [a-zA-Z] are ASCII only)
+@example(b"_", b"a")
+@example(b"Z", b"\xff")
+def test_a_tag_name_is_one_that_starts_with_an_ascii_letter_as_in_dkimpy(start, rest):
+    """The tag name check (no regular expression) takes exactly the names dkimpy's does, whatever
+    octets they hold."""
+    text = start + rest + b"=1; v=2"
+    ours = _parse_or_error(dkim_speedups.parse_tag_value, text)
+    assert ours == _parse_or_error(dkim_speedups._dkimpy_parse_tag_value, text)
+
+
 @given(
     st.lists(
         st.sampled_from(
