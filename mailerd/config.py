@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import configparser
 import errno
-import logging
 import os
 import re
 import socket
@@ -20,7 +19,7 @@ import ssl
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from mailerd import __version__, host, tls
 from mailerd.aliases import AliasError, Aliases
@@ -43,9 +42,6 @@ from mailerd.values import ConfigError as ConfigError
 from mailerd.values import parse_address as parse_address
 from mailerd.values import parse_domains as parse_domains
 from mailerd.values import parse_duration as parse_duration
-
-if TYPE_CHECKING:
-    from mailerd.signing import SigningKey
 
 DEFAULT_CONFIG = "/etc/mailerd/mailerd.conf"
 DEFAULT_ALIASES = "/etc/aliases"
@@ -137,9 +133,7 @@ class Config:
     min_free: int = DEFAULT_MAX_MESSAGE_SIZE * 3 // 2  # bytes the spool and queue keep free
     verbose: bool = False
     relayhost: tuple[str, int] | None = None
-    relay_auth: Path | None = None
-    # Read while loading (as root, before any privilege drop); never shown in a repr.
-    relay_credentials: tuple[str, str] | None = field(default=None, repr=False)
+    relay_auth: Path | None = None  # read by the delivery process only (delivery.secrets)
     outbound_tls: str = "may"
     outbound_ip: str = "both"
     retry_after: float = 300.0
@@ -160,9 +154,9 @@ class Config:
     passwd_file: Path = Path(DEFAULT_PASSWD)
     # The passwd file as read by the master (load_files); the workers check passwords with it.
     credentials: Credentials = field(default_factory=Credentials, compare=False, repr=False)
-    # --dkim-key DOMAIN:SELECTOR:FILE; the keys the master reads from them (load_files).
+    # --dkim-key DOMAIN:SELECTOR:FILE; the keys are read by the delivery process only
+    # (delivery.secrets).
     dkim_specs: tuple[tuple[str, str, Path], ...] = ()
-    dkim_keys: tuple[SigningKey, ...] = field(default=(), compare=False, repr=False)
     inbound_auth: str = "header"
     dns_timeout: float = DEFAULT_DNS_TIMEOUT
     extra: dict[str, str] = field(default_factory=dict, compare=False)
@@ -497,9 +491,6 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         verbose=bool(raw.get("verbose", False)),
         relayhost=_parse_relayhost(str(raw["relayhost"])) if raw.get("relayhost") else None,
         relay_auth=Path(str(raw["relay_auth"])) if raw.get("relay_auth") else None,
-        relay_credentials=read_credentials(
-            str(raw["relay_auth"]) if raw.get("relay_auth") else None
-        ),
         outbound_tls=parse_choice("outbound-tls", raw.get("outbound_tls", "may"), TLS_CHOICES),
         outbound_ip=parse_choice("outbound-ip", raw.get("outbound_ip", "both"), IP_CHOICES),
         retry_after=parse_duration("retry-after", raw.get("retry_after", 300.0)),
@@ -543,7 +534,8 @@ def absolute(cfg: Config, base: Path) -> Config:
 def load_files(cfg: Config) -> Config:
     """The same Config with the files it names read (as root, by the master, at start-up and
     on every reload): the aliases expanded, the TLS context built from the certificates and
-    keys, the passwords. ConfigError names the file that cannot be used."""
+    keys, the passwords. ConfigError names the file that cannot be used. (The secret files are
+    read by the delivery process only: `delivery.secrets`.)"""
     return _with_files(cfg, _tls_context(cfg))
 
 
@@ -580,13 +572,7 @@ def _with_files(cfg: Config, context: ssl.SSLContext | None) -> Config:
         passwords = Credentials.load(str(cfg.passwd_file))
     except CredentialsError as exc:
         raise ConfigError(f"--passwd: {exc}") from exc
-    from mailerd import signing  # (dkimpy and cryptography: not for `sendmail`'s start)
-
-    try:
-        keys = tuple(signing.load_key(d, s, str(path)) for d, s, path in cfg.dkim_specs)
-    except signing.KeyProblem as exc:
-        raise ConfigError(f"--dkim-key: {exc}") from exc
-    return replace(cfg, aliases=table, tls_context=context, credentials=passwords, dkim_keys=keys)
+    return replace(cfg, aliases=table, tls_context=context, credentials=passwords)
 
 
 def _reserved_sessions(
@@ -654,26 +640,6 @@ def _tls_pairs(certs: object, keys: object) -> tuple[tls.Pair, ...]:
 
 
 TLS_CHOICES = ("may", "encrypt", "verify", "none")
-
-
-def read_credentials(path: str | None) -> tuple[str, str] | None:
-    """`username:password` on the first line of the --relay-auth file (None: no file)."""
-    if not path:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            line = f.readline().strip()
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise ConfigError(f"--relay-auth: cannot read {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"--relay-auth: cannot read {path}: not UTF-8 text") from exc
-    user, sep, password = line.partition(":")
-    if not sep or not user:
-        raise ConfigError(f"--relay-auth: {path}: expected 'username:password' on the first line")
-    if mode & 0o077:
-        logging.getLogger("mailerd").warning("%s is readable by others: chmod 600 it", path)
-    return user, password
 
 
 IP_CHOICES = ("ipv4", "ipv6", "both")

@@ -47,6 +47,7 @@ from mailerd.config import Config
 from mailerd.delivery.dsn import RecipientStatus
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.ipc import maildrop
+from mailerd.signing import SigningKey
 from mailerd.smtp.data import loop_problem
 from mailerd.smtp.events import Reply
 from mailerd.smtp.grammar import GrammarError, parse_address
@@ -85,10 +86,13 @@ class Pickup:
         spool: Spool,
         executor: Executor,
         queued: Callable[[Taken], None],
+        dkim_keys: tuple[SigningKey, ...] = (),
     ) -> None:
         """`queue.root` and `spool.root` may be /proc/self/fd paths (privileges.keep_dir);
-        `queued` is told of each new queue item, in the event loop."""
+        `queued` is told of each new queue item, in the event loop; `dkim_keys` sign the
+        copies that leave (delivery.secrets)."""
         self.cfg = cfg
+        self.dkim_keys = dkim_keys
         self.queue = queue
         self.spool = spool
         self.executor = executor
@@ -253,7 +257,7 @@ class Pickup:
 
     def _signature(self, item: QueueItem, message: bytes) -> bytes:
         """DKIM-Signature fields for the item's remote copies, if any leave (see `signing`)."""
-        keys = self.cfg.dkim_keys
+        keys = self.dkim_keys
         if not keys or not any(r.mailbox is None and r.state == "pending" for r in item.recipients):
             return b""
         try:

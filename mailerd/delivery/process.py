@@ -34,10 +34,11 @@ from typing import Any
 
 from mailerd import durable, eventloop, intake, lifecycle, privileges, signing, trace
 from mailerd.aliases import normal_address
-from mailerd.config import Config
+from mailerd.config import Config, ConfigError
 from mailerd.delivery.pickup import Pickup, Taken
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.delivery.scheduler import AFTER_ATTEMPT, Scheduler
+from mailerd.delivery.secrets import NO_SECRETS, Secrets
 from mailerd.ipc.channel import Channel
 from mailerd.ipc.messages import (
     BadMessage,
@@ -73,10 +74,17 @@ HEADER_SCAN = 64 * 1024  # how much of a submission is searched for Date:/Messag
 
 
 class DeliveryService:
-    def __init__(self, cfg: Config, listener: socket.socket, link: socket.socket) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        listener: socket.socket,
+        link: socket.socket,
+        secrets: Secrets = NO_SECRETS,
+    ) -> None:
         """`link`: this process's end of the master's socketpair, over which its mailbox
-        writers come (`WriterStarted`)."""
+        writers come (`WriterStarted`); `secrets`: read by `run` while still root."""
         self.cfg = cfg
+        self.dkim_keys = secrets.dkim_keys
         self.listener = listener
         self.link = link
         untrusted = privileges.lookup(cfg.user).uid if cfg.user else None
@@ -88,10 +96,10 @@ class DeliveryService:
         self.channels: set[Channel] = set()
         self.in_flight = 0
         self.stopping = asyncio.Event()
-        self.scheduler = Scheduler(
-            cfg, self.queue, self.deliver_local, cfg.relay_credentials, self.spool
+        self.scheduler = Scheduler(cfg, self.queue, self.deliver_local, secrets, self.spool)
+        self.pickup = Pickup(
+            cfg, self.queue, self.spool, self.executor, self._picked_up, secrets.dkim_keys
         )
-        self.pickup = Pickup(cfg, self.queue, self.spool, self.executor, self._picked_up)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -365,7 +373,7 @@ class DeliveryService:
     ) -> bytes:
         """The DKIM-Signature fields for the outgoing copy of a trusted client's message (see
         `signing`), made in a thread (a big body takes a while to hash); b"" if none."""
-        keys = self.cfg.dkim_keys
+        keys = self.dkim_keys
         if not (keys and request.trusted):
             return b""
         signature: bytes = await self._in_thread(sign_outgoing, queue_id, completion, body, keys)
@@ -437,11 +445,17 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
 def run(cfg: Config, listener: socket.socket, link: socket.socket) -> int:
     """Entry point of the forked delivery process (started as root when mailerd is).
 
-    Drops to the mail user (reaching the spool and queue through descriptors opened before the
-    drop, whatever their parents' modes) and serves until told to stop. Its mailbox writers
-    come from the master over `link`.
+    Reads the secret files (the relayhost's login, the DKIM keys: `secrets`), then drops to
+    the mail user (reaching the spool and queue through descriptors opened before the drop,
+    whatever their parents' modes) and serves until told to stop. Its mailbox writers come
+    from the master over `link`.
     """
+    try:
+        held = Secrets.load(cfg)
+    except ConfigError as exc:  # (the master's check passed: they changed since; it retries)
+        log.error("the delivery process cannot start: %s", exc)
+        return 1
     cfg = replace(cfg, spool=privileges.keep_dir(cfg.spool), queue=privileges.keep_dir(cfg.queue))
     privileges.drop(cfg.user)
-    eventloop.run(DeliveryService(cfg, listener, link).run())
+    eventloop.run(DeliveryService(cfg, listener, link, held).run())
     return 0

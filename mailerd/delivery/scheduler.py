@@ -40,6 +40,7 @@ from mailerd import names, recipients, trace
 from mailerd.config import Config
 from mailerd.delivery import dsn, mx, relay
 from mailerd.delivery.queue import Queue, QueueItem, QueueWriteError, Recipient
+from mailerd.delivery.secrets import NO_SECRETS, Secrets
 from mailerd.host import (
     default_interface,
     interface_addresses,
@@ -76,10 +77,12 @@ class Scheduler:
         cfg: Config,
         queue: Queue,
         deliver_local: LocalDeliver,
-        credentials: tuple[str, str] | None = None,
+        secrets: Secrets = NO_SECRETS,
         spool: Spool | None = None,
     ) -> None:
-        """`spool` (read-only: existence checks) routes bounces to local senders."""
+        """`secrets`: the relayhost's login and the DKIM keys (read by the delivery process,
+        as root, at its start); `spool` (read-only: existence checks) routes bounces to local
+        senders."""
         self.cfg = cfg
         self.queue = queue
         self.deliver_local = deliver_local
@@ -113,12 +116,12 @@ class Scheduler:
             self.resolver = None
         self.settings = relay.Settings(
             helo=cfg.hostname,
-            tls=outbound_policy(cfg.outbound_tls, bool(credentials and cfg.relayhost)),
+            tls=outbound_policy(cfg.outbound_tls, bool(secrets.relay_login and cfg.relayhost)),
             # Credentials are the smarthost's: never for a domain's MX (config refuses them
             # without a relayhost; this is the second lock).
-            auth=credentials if cfg.relayhost else None,
+            auth=secrets.relay_login if cfg.relayhost else None,
             plain_auth=cfg.outbound_tls == "none",
-            dkim_keys=cfg.dkim_keys,
+            dkim_keys=secrets.dkim_keys,
         )
         self.own_names = frozenset({cfg.hostname.lower()})
         self.own_addresses = frozenset(own_addresses(cfg))

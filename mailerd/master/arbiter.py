@@ -54,7 +54,7 @@ from mailerd import aliases, config, host, lifecycle, privileges
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
 from mailerd.delivery import process as delivery_process
-from mailerd.delivery import relay
+from mailerd.delivery import relay, secrets
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import send_packet
 from mailerd.ipc.messages import WriterStarted
@@ -349,6 +349,9 @@ class Master:
         """Apply the configuration file as it is now; False (old one kept) on any error."""
         try:
             new, certificate_problem = self._load_config()
+            secrets_problem = secrets.check(new, FORK_BLOCKED)
+            if secrets_problem is not None:
+                raise ConfigError(secrets_problem)
             if not self._make_room(new.workers):
                 return False
             try:

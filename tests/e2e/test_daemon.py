@@ -663,3 +663,91 @@ def test_children_run_as_the_user(open_base: Path, daemon_factory):
         assert uids(pid) == [nobody.pw_uid] * 4
     deliver(d, "alice@example.com")
     assert wait_until(lambda: len(d.messages("alice")) == 3, 10)
+
+
+def memory_holds(pid: int, needles: dict[str, bytes]) -> dict[str, int]:
+    """How many copies of each needle the process's readable memory holds (as root reads
+    it through /proc/PID/mem: what code running inside the process could find)."""
+    found = dict.fromkeys(needles, 0)
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if "r" not in perms:
+                continue
+            low, high = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(low)
+                data = mem.read(high - low)
+            except (OSError, OverflowError, ValueError):  # ([vvar] and the like)
+                continue
+            for name, needle in needles.items():
+                found[name] += data.count(needle)
+    return found
+
+
+def test_only_the_delivery_process_holds_the_secrets(open_base: Path, daemon_factory):
+    """The relayhost's password and the DKIM private key are read by the delivery process (as
+    root, before its drop); the master only has a child check them. So neither is in the
+    memory of a worker, which parses what the Internet sends, nor in the master's (which
+    every child is forked from), nor in a mailbox writer's; and so after a reload. (An
+    attacker's pass found one copy of each in every worker.)"""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the secret files are root's, and so is /proc/PID/mem")
+    import base64
+    import secrets as tokens
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    base = open_base / "d"
+    base.mkdir()
+    password = f"relay-{tokens.token_hex(16)}"
+    login = base / "relay-auth"
+    login.write_text(f"relayuser:{password}\n")
+    login.chmod(0o600)
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    key_file = base / "example.org.s1.key"
+    key_file.write_bytes(pem)
+    key_file.chmod(0o600)
+    raw = key.private_bytes_raw()
+    needles = {
+        "relay password": password.encode(),
+        "DKIM key (raw)": raw,
+        "DKIM key (base64)": base64.b64encode(raw),
+        "DKIM key (PEM)": pem.splitlines()[1],
+    }
+    secret_options = {
+        "relayhost": f"127.0.0.1:{free_port()}",  # (nothing listens: nothing is sent)
+        "relay_auth": login,
+        "dkim_key": f"example.org:s1:{key_file}",
+    }
+    d = daemon_factory(base=base, extra=("-u", "nobody"))
+    d.write_config(**secret_options)
+    d.start()
+
+    def check(when: str) -> None:
+        assert d.master is not None
+        deliveries = d.titled("mailerd: delivery")
+        assert len(deliveries) == 1, (when, deliveries)
+        held = memory_holds(deliveries[0], needles)
+        # (the scan finds them where they are: else the zeros below would prove nothing)
+        assert held["relay password"] >= 1, (when, held)
+        assert held["DKIM key (base64)"] + held["DKIM key (raw)"] >= 1, (when, held)
+        others = [d.master, *(p for p in descendants_of(d.master) if p not in deliveries)]
+        assert len(others) >= 4, (when, others)  # the master, two workers, the writer
+        for pid in others:
+            found = {k: n for k, n in memory_holds(pid, needles).items() if n}
+            assert not found, f"{when}: {proc_cmdline(pid)} ({pid}) holds {found}"
+
+    check("at start")
+    workers = d.workers_now()
+    mark = d.reload(**secret_options)
+    assert "configuration reloaded" in d.log()[mark:], d.log()[mark:]
+    assert wait_until(lambda: d.workers_now() and not set(d.workers_now()) & set(workers))
+    assert wait_until(lambda: len(d.titled("mailerd: delivery")) == 1, 15)
+    check("after a reload")

@@ -8,6 +8,7 @@ import pytest
 
 from mailerd import config, host
 from mailerd.config import ConfigError, ListenAddress
+from mailerd.delivery.secrets import Secrets
 
 
 def load(*argv):
@@ -146,11 +147,11 @@ def test_relay_auth_needs_a_relayhost(tmp_path):
     ini.write_text(f"[mailerd]\nrelay-auth = {auth}\nrelayhost =\n")
     with pytest.raises(ConfigError, match="relay-auth: needs --relayhost"):
         load("-c", str(ini))
-    # with a relayhost, from either place, the credentials are read
+    # with a relayhost, from either place, the credentials are read (by the delivery process)
     cfg = load("-c", str(ini), "--relayhost", "smtp.example.net:587")
     assert cfg.relayhost == ("smtp.example.net", 587)
-    assert cfg.relay_credentials == ("user", "secret")
-    assert load("--relayhost", "smtp.example.net").relay_credentials is None
+    assert Secrets.load(cfg).relay_login == ("user", "secret")
+    assert Secrets.load(load("--relayhost", "smtp.example.net")).relay_login is None
 
 
 def test_the_example_config_loads():
