@@ -111,7 +111,8 @@ def strip_trailing_whitespace(content: bytes) -> bytes:
     run of them that no line end follows, and the run again from there: a line of 996 spaces
     and an "x" cost it 1.3 s of CPU a megabyte, holding the GIL, so the whole worker waited (a
     second attacker's pass). Here a match starts only where a run does, and takes it whole."""
-    if b" \r\n" not in content and b"\t\r\n" not in content:
+    # (a lone tab is found faster than a tab before a line end, and most text has none)
+    if b" \r\n" not in content and (b"\t" not in content or b"\t\r\n" not in content):
         return content
     return _TRAILING_WHITESPACE.sub(b"\r\n", content)
 
