@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import stat
 import threading
@@ -33,13 +32,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 from mailerd import durable
 from mailerd.ipc.maildrop import MAILDROP, PICKUP_FIFO, PUBLIC
+from mailerd.jsonfields import Fields
 
 log = logging.getLogger("mailerd.queue")
-T = TypeVar("T")
 
 # Each directory and its mode: the children's user owns them all (privileges.prepare_queue).
 # Anyone may drop mail into the maildrop (but not list or read it) and poke the pickup.
@@ -90,14 +88,14 @@ class QueueItem:
             raw = json.loads(data)
         except (ValueError, RecursionError) as exc:
             raise DamagedEnvelope(f"not JSON ({exc})") from None
-        fields = _Fields(raw, "envelope")
-        recipients = fields.take("recipients", list)
+        fields = Fields(raw, "envelope", DamagedEnvelope)
+        recipients = fields.array("recipients")
         return cls(
             id=fields.text("id"),
             sender=fields.text("sender"),
             recipients=[_recipient(r) for r in recipients],
-            created=fields.number("created"),
-            next_attempt=fields.number("next_attempt", 0.0),
+            created=fields.time("created"),
+            next_attempt=fields.time("next_attempt", 0.0),
             size=fields.count("size", 0),
             smtputf8=fields.flag("smtputf8", False),
             body_8bit=fields.flag("body_8bit", False),
@@ -112,64 +110,10 @@ class DamagedEnvelope(ValueError):
 
 
 STATES = ("pending", "sent", "bounced")
-_REQUIRED: Any = object()
-
-
-class _Fields:
-    """Typed access to one JSON object's fields, for `from_json`: each raises DamagedEnvelope
-    naming the field."""
-
-    def __init__(self, raw: object, what: str) -> None:
-        if not isinstance(raw, dict):
-            raise DamagedEnvelope(f"{what}: not an object")
-        self.raw: dict[str, object] = raw
-        self.what = what
-
-    def _get(self, name: str, default: object) -> object:
-        value = self.raw.get(name, default)
-        if value is _REQUIRED:
-            raise DamagedEnvelope(f"{self.what}: {name} missing")
-        return value
-
-    def _wrong(self, name: str, value: object, kind: str) -> DamagedEnvelope:
-        return DamagedEnvelope(f"{self.what}: {name} is {type(value).__name__}, not {kind}")
-
-    def take(self, name: str, kind: type[T], default: T = _REQUIRED) -> T:
-        value = self._get(name, default)
-        # (bool is an int to isinstance: a flag is never a count)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise self._wrong(name, value, kind.__name__)
-        return value
-
-    def text(self, name: str, default: str = _REQUIRED) -> str:
-        return self.take(name, str, default)
-
-    def optional_text(self, name: str) -> str | None:
-        value = self._get(name, None)
-        if value is not None and not isinstance(value, str):
-            raise self._wrong(name, value, "str or null")
-        return value
-
-    def number(self, name: str, default: float = _REQUIRED) -> float:
-        value = self._get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self._wrong(name, value, "a number")
-        if not math.isfinite(value):  # (NaN and Infinity are JSON to Python, and no time)
-            raise DamagedEnvelope(f"{self.what}: {name} is {value}")
-        return float(value)
-
-    def count(self, name: str, default: int = _REQUIRED) -> int:
-        count = self.take(name, int, default)
-        if count < 0:
-            raise DamagedEnvelope(f"{self.what}: {name} is negative")
-        return count
-
-    def flag(self, name: str, default: bool = _REQUIRED) -> bool:
-        return self.take(name, bool, default)
 
 
 def _recipient(raw: object) -> Recipient:
-    fields = _Fields(raw, "recipient")
+    fields = Fields(raw, "recipient", DamagedEnvelope)
     state = fields.text("state", "pending")
     if state not in STATES:
         raise DamagedEnvelope(f"recipient: state {state!r} unknown")

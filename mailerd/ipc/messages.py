@@ -19,57 +19,16 @@ process and the mailbox writer read these from other processes, and the writer r
 
 from __future__ import annotations
 
-import math
 from dataclasses import Field, dataclass, fields
 from typing import Any, ClassVar, TypeVar
+
+from mailerd.jsonfields import Fields
 
 M = TypeVar("M", bound="Message")
 
 
 class BadMessage(ValueError):
     """A header that is no message of the contract; the text says what is wrong."""
-
-
-def _str(header: dict[str, Any], key: str, default: str | None = None) -> str:
-    value = header.get(key, default)
-    if type(value) is not str:
-        raise BadMessage(f"{key}: not a string")
-    return value
-
-
-def _opt_str(header: dict[str, Any], key: str) -> str | None:
-    value = header.get(key)
-    if value is not None and type(value) is not str:
-        raise BadMessage(f"{key}: not a string")
-    return value
-
-
-def _int(header: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = header.get(key, default)
-    if type(value) is not int:
-        raise BadMessage(f"{key}: not a whole number")
-    return value
-
-
-def _bool(header: dict[str, Any], key: str) -> bool:
-    value = header.get(key, False)
-    if type(value) is not bool:
-        raise BadMessage(f"{key}: not true or false")
-    return value
-
-
-def _time(header: dict[str, Any], key: str) -> float:
-    value = header.get(key)
-    if value is None or type(value) not in (int, float) or not math.isfinite(value):
-        raise BadMessage(f"{key}: not a time")
-    return float(value)
-
-
-def _list(header: dict[str, Any], key: str) -> list[Any]:
-    value = header.get(key, [])
-    if type(value) is not list:
-        raise BadMessage(f"{key}: not a list")
-    return value
 
 
 class Message:
@@ -109,9 +68,8 @@ class Target:
 
     @classmethod
     def decode(cls, item: Any) -> Target:
-        if type(item) is not dict:
-            raise BadMessage("target: not an object")
-        return cls(_str(item, "address"), _opt_str(item, "mailbox"))
+        f = Fields(item, "target", BadMessage)
+        return cls(f.text("address"), f.optional_text("mailbox"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +91,8 @@ class FailedCopy:
         target = Target.decode(item)
         if target.mailbox is None:
             raise BadMessage("failed copy: no mailbox")
-        return cls(target, _str(item, "error"), _int(item, "errno", 5), _bool(item, "locked"))
+        f = Fields(item, "failed copy", BadMessage)
+        return cls(target, f.text("error"), f.whole("errno", 5), f.flag("locked", False))
 
 
 # -- worker -> delivery ---------------------------------------------------------------------
@@ -171,14 +130,14 @@ class Commit(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> Commit:
-        targets = tuple(Target.decode(t) for t in _list(header, "targets"))
+        f = Fields(header, "commit", BadMessage)
+        targets = tuple(Target.decode(t) for t in f.array("targets", []))
         if not targets:
             raise BadMessage("targets: none")
         return cls(
-            _str(header, "sender"), targets, _str(header, "helo"), _str(header, "peer"),
-            _str(header, "protocol"), _str(header, "body"), _bool(header, "smtputf8"),
-            _bool(header, "trusted"), _str(header, "tls"), _str(header, "auth_results"),
-            _str(header, "checks"), _str(header, "sender_spf", ""),
+            f.text("sender"), targets, f.text("helo"), f.text("peer"), f.text("protocol"),
+            f.text("body"), f.flag("smtputf8", False), f.flag("trusted", False), f.text("tls"),
+            f.text("auth_results"), f.text("checks"), f.text("sender_spf", ""),
         )  # fmt: skip
 
     @property
@@ -213,11 +172,12 @@ class RetryLocal(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> RetryLocal:
-        failed = tuple(FailedCopy.decode(f) for f in _list(header, "failed"))
+        f = Fields(header, "retry-local", BadMessage)
+        failed = tuple(FailedCopy.decode(c) for c in f.array("failed", []))
         if not failed:
             raise BadMessage("failed: none")
-        return cls(Commit.decode(header), _str(header, "queue_id"), _str(header, "received"),
-                   failed, _time(header, "since"))  # fmt: skip
+        return cls(Commit.decode(header), f.text("queue_id"), f.text("received"), failed,
+                   f.time("since"))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +191,8 @@ class Outcome(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> Outcome:
-        return cls(_int(header, "code"), _str(header, "status"), _str(header, "text"))
+        f = Fields(header, "outcome", BadMessage)
+        return cls(f.whole("code"), f.text("status"), f.text("text"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +215,7 @@ class WriterChannelGiven(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> WriterChannelGiven:
-        return cls(_opt_str(header, "error"))
+        return cls(Fields(header, "writer channel", BadMessage).optional_text("error"))
 
 
 # -- mailerd queue -> delivery --------------------------------------------------------------
@@ -280,7 +241,7 @@ class QueueListing(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> QueueListing:
-        items = _list(header, "items")
+        items = Fields(header, "listing", BadMessage).array("items", [])
         if not all(type(i) is dict for i in items):
             raise BadMessage("items: not objects")
         return cls(tuple(items))
@@ -301,7 +262,7 @@ class Flushed(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> Flushed:
-        return cls(_int(header, "count"))
+        return cls(Fields(header, "flushed", BadMessage).whole("count"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +275,7 @@ class DeleteQueued(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> DeleteQueued:
-        ids = _list(header, "ids")
+        ids = Fields(header, "delete", BadMessage).array("ids", [])
         if not all(type(i) is str for i in ids):
             raise BadMessage("ids: not strings")
         return cls(tuple(ids))
@@ -330,8 +291,9 @@ class Deleted(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> Deleted:
-        later = tuple(str(i) for i in _list(header, "later"))
-        return cls(tuple(str(i) for i in _list(header, "ids")), later)
+        f = Fields(header, "deleted", BadMessage)
+        later = tuple(str(i) for i in f.array("later", []))
+        return cls(tuple(str(i) for i in f.array("ids", [])), later)
 
 
 # -- to the mailbox writer ------------------------------------------------------------------
@@ -357,11 +319,9 @@ class MailboxWrite(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> MailboxWrite:
-        since = None if header.get("since") is None else _time(header, "since")
-        head = _int(header, "head")
-        if head < 0:
-            raise BadMessage("head: negative")
-        return cls(_str(header, "mailbox"), head, since)
+        f = Fields(header, "write", BadMessage)
+        since = None if header.get("since") is None else f.time("since")
+        return cls(f.text("mailbox"), f.count("head"), since)
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,7 +330,7 @@ class Written(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> Written:
-        return cls(_int(header, "number"))
+        return cls(Fields(header, "written", BadMessage).whole("number"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +343,8 @@ class WriteFailed(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> WriteFailed:
-        return cls(_str(header, "error"), _int(header, "errno", 5), _bool(header, "locked"))
+        f = Fields(header, "write failed", BadMessage)
+        return cls(f.text("error"), f.whole("errno", 5), f.flag("locked", False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,7 +355,7 @@ class Refused(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> Refused:
-        return cls(_str(header, "error"))
+        return cls(Fields(header, "refused", BadMessage).text("error"))
 
 
 def write_answer(header: dict[str, Any]) -> Written | WriteFailed:
@@ -420,7 +381,7 @@ class Done(Message):
 
     @classmethod
     def decode(cls, header: dict[str, Any]) -> Done:
-        return cls(_opt_str(header, "error"))
+        return cls(Fields(header, "done", BadMessage).optional_text("error"))
 
 
 # -- master -> delivery ---------------------------------------------------------------------

@@ -121,6 +121,7 @@ def test_malformed_commits_are_refused(change):
         {"since": "now"},
         {"since": float("nan")},
         {"since": True},
+        {"since": 10**400},  # (a whole number no float holds: once an OverflowError)
     ],
 )
 def test_malformed_writes_are_refused(change):

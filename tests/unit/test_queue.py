@@ -191,6 +191,7 @@ def stored(**changes) -> bytes:
         {"next_attempt": None},
         {"next_attempt": "soon"},
         {"created": float("nan")},
+        {"created": 10**400},  # (a whole number no float holds: once an OverflowError)
         {"created": GONE},
         {"id": 7},
         {"sender": None},
