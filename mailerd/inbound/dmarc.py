@@ -102,6 +102,16 @@ def aligned(a: str, b: str, mode: str) -> bool:
 
 def parse(record: str) -> Policy | None:
     """A DMARC record (`v=DMARC1; p=reject; ...`), or None if it is not a usable one."""
+    # (A sender's record is the same message after message: its parse was a third of judging
+    # it from the cache. Those of a real record's size are remembered, lest a sender's long
+    # ones, up to a DNS message's 64 KiB, fill the memory; a Policy is frozen, to be shared.)
+    return _remembered(record) if len(record) <= REMEMBERED_MAX else _parse(record)
+
+
+REMEMBERED_MAX = 512  # (the longest records remembered: 256 of them, 128 KiB at most)
+
+
+def _parse(record: str) -> Policy | None:
     tags: dict[str, str] = {}
     for part in record.split(";"):
         name, sep, value = part.partition("=")
@@ -126,6 +136,9 @@ def parse(record: str) -> Policy | None:
         adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
         aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
     )
+
+
+_remembered = functools.lru_cache(maxsize=256)(_parse)
 
 
 def discover(txt: Callable[[str], Sequence[str]], from_domain: str) -> tuple[Policy, bool] | None:

@@ -340,6 +340,19 @@ def test_policy_records():
     assert not dmarc.aligned("example.org", "example.net", "r")
 
 
+def test_a_policy_record_is_parsed_once_while_remembered_if_of_a_real_records_size():
+    record = "v=DMARC1; p=quarantine; pct=20"
+    first = dmarc.parse(record)
+    assert first == dmarc.Policy("quarantine", "quarantine", 20, "r", "r")
+    assert dmarc.parse(" ".join(record.split(" "))) is first  # (the same text, anew: remembered)
+    assert dmarc.parse(record + "; sp=none") == dmarc.Policy("quarantine", "none", 20, "r", "r")
+    kept = dmarc._remembered.cache_info().currsize
+    padded = record + ";" + " " * dmarc.REMEMBERED_MAX  # (a sender chooses its record's length)
+    assert dmarc.parse(padded) == first
+    assert dmarc._remembered.cache_info().currsize == kept  # (parsed, not kept)
+    assert dmarc._remembered.cache_info().maxsize * dmarc.REMEMBERED_MAX <= 128 * 1024
+
+
 def test_pct_samples_the_failures(dns_server):
     """pct=50: about half the failures get p=reject, the others one step milder."""
     from mailerd.inbound.sender_policy import SpfResult
