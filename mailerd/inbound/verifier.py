@@ -111,8 +111,8 @@ class Verifier:
             verdict = dmarc.judge(self.lookups.cached_txt, from_domains, spf, dkim)
         except NotCached:
             verdict = await self._dmarc(from_domains, spf, dkim, deadline)
-        if not self.enforce:  # dis= says what was done (OpenDMARC's meaning): nothing here
-            verdict = replace(verdict, disposition="none")
+        if not self.enforce and verdict.disposition != "none":  # dis= says what was done
+            verdict = replace(verdict, disposition="none")  # (OpenDMARC's meaning): nothing
         field = results.header(self.hostname, spf, dkim, verdict)
         content = await without_forged(self.hostname, body, head[:end], self.loop, self.executor)
         refusal = None
