@@ -1,6 +1,6 @@
 """What the master and its children agree on about their lives: the exit status that means
-"cannot start at all", how long each side waits for the other, the signals a fresh child starts
-with, and the status line a child writes to the master.
+"cannot start at all", how long each side waits for the other, and the signals a fresh child
+starts with. (What a child tells the master of itself: `ipc.reports`.)
 
 Imported by the master and by every child, so that neither reaches into the other's package for
 a constant.
@@ -8,8 +8,6 @@ a constant.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 
 from mailerd import log as logsetup
@@ -65,12 +63,3 @@ def child_signals() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal hang-up is the master's
     signal.signal(signal.SIGUSR1, logsetup.request_reopen)
     signal.signal(signal.SIGUSR2, request_retire)
-
-
-def report(status_fd: int | None, text: str) -> None:
-    """One line to the master's status pipe ("ready" or "error ..."); atomic below PIPE_BUF."""
-    if status_fd is None:
-        return
-    line = f"{os.getpid()} {text}".replace("\n", " ")[:1000] + "\n"
-    with contextlib.suppress(OSError):  # the master is gone: nothing to tell
-        os.write(status_fd, line.encode("utf-8", "replace"))

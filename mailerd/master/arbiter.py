@@ -55,6 +55,7 @@ from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
 from mailerd.delivery import process as delivery_process
 from mailerd.delivery import relay, secrets
+from mailerd.ipc import reports
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import send_packet
 from mailerd.ipc.messages import WriterStarted
@@ -78,11 +79,6 @@ getproctitle()  # initialise setproctitle before anything moves argv (gunicorn #
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 10.0
 RELOAD_SETTLE_TIMEOUT = 15.0  # a reload is called done after this even if a worker is slow
-# The status pipe is written by every child, workers (which face the Internet) included: the
-# master reads at most this much of it per loop turn, so that a child that keeps it full can
-# neither hold the loop (reaping, respawning, signals) nor make the master buffer without end.
-STATUS_CHUNK = 65536
-STATUS_LINE = 1100  # longest line `lifecycle.report` writes (pid, space, 1000 chars, newline)
 BOOT_ERROR_KEPT = 1000  # characters kept of a child's start-up error
 # Session-table rows, per worker: enough for the generation accepting, the one a reload starts
 # and two retiring ones. A retiring generation keeps its rows while its sessions last (up to
@@ -147,10 +143,12 @@ class Master:
         self.due: dict[tuple[str, int], float] = {}  # respawns waiting for their back-off
         self.signals: collections.deque[int] = collections.deque()
         self.boot_error: str | None = None  # the last start-up error a child reported
-        self.status_rest = b""  # a line cut by the end of a chunk read from the status pipe
         self.stopping = False
         self.exit_code = 0
-        self.status_r = self.status_w = -1
+        # The children's reports about themselves (ipc.reports): the master's end, and the
+        # descriptor of the children's end, which they inherit.
+        self.reports: socket.socket | None = None
+        self.reports_w = -1
         self.reloads = 0  # reloads finished (or failed), told in the reload file
         self.reload_started: float | None = None  # a reload under way, not yet settled
         self.reload_outcome = "ok"  # its outcome once settled: "partial" if certificates kept
@@ -168,8 +166,8 @@ class Master:
     def run(self) -> int:
         setproctitle("mailerd: master")
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # Children say "ready" / "error ..." here, one short line per write (atomic).
-        self.status_r, self.status_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.reports, theirs = reports.channel()
+        self.reports_w = theirs.detach()
         signal.set_wakeup_fd(self.wake_w)
         for sig in MASTER_SIGNALS:
             signal.signal(sig, self._record)
@@ -183,7 +181,7 @@ class Master:
         report_no_passwords(self.cfg)
         while not self.stopping:
             self._wait(1.0)
-            self._read_status()
+            self._read_reports()
             self._dispatch_signals()
             self.reap()
             self._respawn_due()
@@ -229,30 +227,26 @@ class Master:
 
     def _wait(self, timeout: float) -> None:
         try:
-            select.select([self.wake_r, self.status_r], [], [], timeout)
+            waited: list[int | socket.socket] = [self.wake_r]
+            if self.reports is not None:
+                waited.append(self.reports)
+            select.select(waited, [], [], timeout)
             while os.read(self.wake_r, 4096):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
 
-    def _read_status(self) -> None:
-        """One bounded chunk of the children's status lines (see STATUS_CHUNK)."""
-        try:
-            data = os.read(self.status_r, STATUS_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        *lines, rest = (self.status_rest + data).split(b"\n")
-        self.status_rest = rest if len(rest) < STATUS_LINE else b""  # (no such line: garbage)
-        for line in lines:
-            self._status_line(line.decode("utf-8", "replace"))
+    def _read_reports(self) -> None:
+        """What the children said of themselves since the last turn (a bounded number)."""
+        if self.reports is not None:
+            for pid, report in reports.receive(self.reports):
+                self._report(pid, report)
 
-    def _status_line(self, line: str) -> None:
-        """One status line: PID then "ready", "retired" or "error TEXT". A line for a pid that
-        is not a child of ours is ignored, and so is a start-up error from a child that has
-        started: what a child may tell is about itself, while it starts. (The pipe does not
-        say who wrote a line: a child can still speak for a sibling.)"""
-        pid_text, _, message = line.partition(" ")
-        child = self.children.get(int(pid_text)) if pid_text.isdigit() else None
+    def _report(self, pid: int, message: str) -> None:
+        """Child `pid` says "ready", "retired" or "error TEXT" (ipc.reports: the kernel says
+        which child spoke). A report from a process that is not a child of ours is ignored, and
+        so is a start-up error from a child that has started."""
+        child = self.children.get(pid)
         if child is None:
             return
         if message == "ready":
@@ -590,7 +584,7 @@ class Master:
     ) -> int:
         """The child's life; `pair`: the delivery process's end of its link to the master, a
         writer's end of its channel."""
-        own = [self.wake_r, self.wake_w, self.status_r]
+        own = [self.wake_r, self.wake_w, *([self.reports.fileno()] if self.reports else [])]
         # Other delivery processes' links: only the master may hand them writers.
         own += [c.link.fileno() for c in self.children.values() if c.link is not None]
         if self.pidfile is not None and self.pidfile.fd is not None:
@@ -602,7 +596,7 @@ class Master:
                 os.close(fd)
         logsetup.pin_directories()  # before any drop: the log file stays reopenable
         if kind in ("delivery", "writer"):
-            os.close(self.status_w)
+            os.close(self.reports_w)
             for sock, _ in self.smtp_sockets:
                 sock.close()
         if kind == "writer":
@@ -622,7 +616,7 @@ class Master:
             self.smtp_sockets,
             slot,
             user=self.cfg.user,
-            status_fd=self.status_w,
+            reports_fd=self.reports_w,
             sessions=self.sessions,
             session_row=session_row,
             auth_failures=self.auth_failures,
@@ -719,7 +713,7 @@ class Master:
                         _kill(pid, signal.SIGKILL)
                 deadline = float("inf")
             self._wait(0.1)
-            self._read_status()  # read, or select() would return at once: a busy loop
+            self._read_reports()  # read, or select() would return at once: a busy loop
             self.signals.clear()
             self.reap()
 

@@ -5,8 +5,9 @@ straight to the mailbox writer over the worker's own channel to it.
 
 Start-up (`run`): reach the spool, `<queue>/tmp` and `<queue>/private` through directories
 opened while still root (`privileges.keep_dir`), drop to the `-u` user, and only then start
-the event loop and accept. The worker tells the master on its status pipe when it accepts
-("ready") or why it cannot start ("error"), which is what `mailerd` waits for before it returns.
+the event loop and accept. The worker reports to the master (`ipc.reports`) when it accepts
+("ready") or why it cannot start ("error"), which is what `mailerd` waits for before it
+returns.
 
 Signals: SIGTERM/SIGINT = shut down (idle sessions get 421 now, busy ones after their
 transaction, all within SHUTDOWN_GRACE). SIGUSR2 = retire after a reload: stop accepting at
@@ -36,12 +37,13 @@ from mailerd.config import Config, ListenAddress
 from mailerd.credentials import RecentLogins
 from mailerd.inbound.lookups import Lookups
 from mailerd.inbound.verifier import Verifier
+from mailerd.ipc import reports
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import Client
 from mailerd.ipc.messages import Commit, Outcome, RetryLocal
 from mailerd.ipc.sessiontable import SessionTable, counter
 from mailerd.ipc.writer_client import WriterClient, WriterLink
-from mailerd.lifecycle import BOOT_ERROR, COMMIT_TIMEOUT, SHUTDOWN_GRACE, report
+from mailerd.lifecycle import BOOT_ERROR, COMMIT_TIMEOUT, SHUTDOWN_GRACE
 from mailerd.smtp import Reply, Session, SessionConfig
 from mailerd.spool import Spool
 from mailerd.worker import admission
@@ -331,7 +333,7 @@ def run(
     slot: int,
     *,
     user: str | None = None,
-    status_fd: int | None = None,
+    reports_fd: int | None = None,
     sessions: SessionTable | None = None,
     session_row: int | None = None,
     auth_failures: AuthFailures | None = None,
@@ -346,7 +348,7 @@ def run(
     except (OSError, privileges.PrivilegeError) as exc:
         message = f"worker {slot} cannot start: {exc}"
         log.error("%s", message)
-        report(status_fd, f"error {message}")
+        reports.tell(reports_fd, f"error {message}")
         return BOOT_ERROR
     worker = Worker(
         cfg,
@@ -361,8 +363,8 @@ def run(
     )
     eventloop.run(
         worker.main(
-            on_ready=lambda: report(status_fd, "ready"),
-            on_retired=lambda: report(status_fd, "retired"),
+            on_ready=lambda: reports.tell(reports_fd, "ready"),
+            on_retired=lambda: reports.tell(reports_fd, "retired"),
         )
     )
     return 0
