@@ -57,11 +57,13 @@ class Answer:
 
 class Hit(NamedTuple):
     """What the resolver's cache holds for a query: its records (none for a negative answer),
-    whether the name exists (False: a cached NXDOMAIN) and when it expires (time.time())."""
+    whether the name exists (False: a cached NXDOMAIN) and when it expires (time.time()); and
+    the records' texts (`Answer.records`), made once rather than at each lookup."""
 
     records: tuple[object, ...]
     exists: bool
     expiration: float
+    texts: tuple[str, ...]
 
 
 class Lookups:
@@ -111,7 +113,7 @@ class Lookups:
             hit = self._from_cache(name, rdtype)
             if hit is None:
                 return None
-            if sum(len(_text(rdata)) for rdata in hit.records) > MAX_HIT_BYTES:
+            if sum(map(len, hit.texts)) > MAX_HIT_BYTES:
                 return hit
             if len(self._hits) >= MAX_HITS:
                 self._hits.clear()
@@ -125,14 +127,15 @@ class Lookups:
         try:
             key = _cache_key(name, rdtype)
         except dns.exception.DNSException:  # a label over 63 octets, a name over 255: no such
-            return Hit((), False, math.inf)  # name can exist (a sender's, not ours to retry)
+            return Hit((), False, math.inf, ())  # name can exist (a sender's, not ours to retry)
         answer = cache.get(key)
         if answer is not None:  # (records, or none: NODATA)
-            return Hit(tuple(answer.rrset or ()), True, answer.expiration)
+            records = tuple(answer.rrset or ())
+            return Hit(records, True, answer.expiration, tuple(map(_text, records)))
         # dnspython keeps an NXDOMAIN under the type ANY, for every type of the name
         nxdomain = cache.get((key[0], dns.rdatatype.ANY, key[2]))
         if nxdomain is not None and nxdomain.response.rcode() == dns.rcode.NXDOMAIN:
-            return Hit((), False, nxdomain.expiration)
+            return Hit((), False, nxdomain.expiration, ())
         return None
 
     def cached_txt(self, name: str) -> tuple[str, ...]:
@@ -141,7 +144,7 @@ class Lookups:
         hit = self.cached(name, "TXT")
         if hit is None:
             raise NotCached(name, "TXT")
-        return tuple(_text(rdata) for rdata in hit.records)
+        return hit.texts
 
 
 def _cache_key(name: str, rdtype: str) -> dns.resolver.CacheKey:
@@ -202,7 +205,7 @@ class Bridge:
     def query(self, name: str, rdtype: str) -> Answer:
         hit = self._cached(name, rdtype)
         if hit is not None:
-            return Answer(tuple(_text(rdata) for rdata in hit.records), hit.exists)
+            return Answer(hit.texts, hit.exists)
         return self._wait(self.lookups.query(name, rdtype), name, rdtype)
 
     def rdata(self, name: str, rdtype: str) -> list[object]:

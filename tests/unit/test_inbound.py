@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from mailerd import resolver, signing
 from mailerd.commands import dkimkeys
 from mailerd.inbound import dmarc, results
-from mailerd.inbound.lookups import Lookups, NotCached
+from mailerd.inbound.lookups import Bridge, Lookups, NotCached
 from mailerd.inbound.sender_policy import RESULTS, Memo, SpfResult
 from mailerd.inbound.signatures import DkimResult
 from mailerd.inbound.verifier import Verdict, Verifier
@@ -423,6 +423,38 @@ def test_negative_answers_the_dns_lets_us_cache_are_used_from_the_cache():
     with serve() as server:
         server.records = Records(NEGATIVE_ZONE, negative_ttl=60)
         with_verifier(server, lambda verifier: main(server, verifier))
+
+
+TEXTS_ZONE = """
+$TTL 2
+$ORIGIN texts.example.
+sel._domainkey TXT "v=DKIM1; k=rsa; " "p=abc"
+"""
+
+
+def test_a_cached_answers_texts_are_made_once_and_expire_with_it(monkeypatch):
+    """A record of several strings reads as them joined, from the DNS and from the cache (for
+    DMARC's judge and for the libraries' Bridge), its text made once for the cached answer;
+    once the answer expires, so does its text, and the record the DNS now serves is read."""
+    name = "sel._domainkey.texts.example"
+
+    async def main(server: DNSServer) -> None:
+        lookups = Lookups.make((server.host, server.port), 3.0)
+        assert await lookups.txt(name) == ("v=DKIM1; k=rsa; p=abc",)
+        texts = lookups.cached_txt(name)
+        assert texts == ("v=DKIM1; k=rsa; p=abc",) and lookups.cached_txt(name) is texts
+        bridge = Bridge(lookups, asyncio.get_running_loop(), 3.0, cache_only=True)
+        assert bridge.query(name, "TXT").records is texts
+        server.records = Records(TEXTS_ZONE.replace("p=abc", "p=xyz"))
+        now = time.time()
+        monkeypatch.setattr(time, "time", lambda: now + 3)  # (past the TTL of 2 s)
+        with pytest.raises(NotCached):
+            lookups.cached_txt(name)
+        assert await lookups.txt(name) == ("v=DKIM1; k=rsa; p=xyz",)
+        assert bridge.query(name, "TXT").records == ("v=DKIM1; k=rsa; p=xyz",)
+
+    with serve(TEXTS_ZONE) as server:
+        asyncio.run(main(server))
 
 
 def test_names_a_sender_makes_up_cannot_grow_the_cache_without_bound(monkeypatch):
