@@ -2,11 +2,9 @@
 removal of any that arrives claiming to be ours.
 
 One field, our host name as its authserv-id, one result per method and DKIM signature, folded
-one per line, written here as authres (Debian python3-authres) writes them, to the character (a
-test holds the two to the same text): through authres's objects the field cost 6 µs a message,
-as much as DMARC's whole judgement. A field that arrives with our authserv-id could only be a
-forger's attempt to pre-stamp a pass: it is removed before the message is stored (RFC 8601 5);
-fields of other authserv-ids are left alone.
+one per line; the values are written by authres (Debian python3-authres). A field that arrives
+with our authserv-id could only be a forger's attempt to pre-stamp a pass: it is removed before
+the message is stored (RFC 8601 5); fields of other authserv-ids are left alone.
 """
 
 from __future__ import annotations
@@ -14,6 +12,8 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
+
+from authres.core import AuthenticationResult, AuthenticationResultProperty
 
 from mailerd import headers
 from mailerd.inbound.dmarc import DmarcResult
@@ -24,15 +24,13 @@ NAME = b"authentication-results"
 # The authserv-id (RFC 8601 2.2: a value, a token or a quoted-string), after the comments.
 _TOKEN = re.compile(rb'[^\s;()"]+')
 # What a property may show of what the sender wrote: a name (d=, s=, a HELO, an author domain),
-# base64 (b=), a local part that needs no quotes. Anything else, `_value` would quote, and a
+# base64 (b=), a local part that needs no quotes. Anything else, authres would quote, and a
 # reader or a Sieve rule that splits on ";" or looks for "dmarc=pass" would take the sender's
 # text for ours (an attacker's pass: smtp.mailfrom="x;dmarc=pass header.from=bank.example;"@…).
 _NAME = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+\]|\[IPv6:[0-9A-Fa-f:.]+\]")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+")
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/?^_`{|}~.-]+")
 _QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"', re.DOTALL)
-# A value written as it is (RFC 2045's token: printable ASCII but its specials), as authres has it
-_TOKEN_VALUE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
 
 
 def header(authserv_id: str, spf: SpfResult, dkim: Sequence[DkimResult], dmarc: DmarcResult) -> str:
@@ -41,12 +39,11 @@ def header(authserv_id: str, spf: SpfResult, dkim: Sequence[DkimResult], dmarc: 
     return f"Authentication-Results: {authserv_id};\r\n\t" + ";\r\n\t".join(parts) + "\r\n"
 
 
-@functools.lru_cache(maxsize=256)  # (a frequent sender's verdicts repeat)
+@functools.lru_cache(maxsize=256)  # (a frequent sender's verdicts repeat: authres is slow)
 def _spf(result: SpfResult) -> str:
     value = _identity_value(result)
-    return _resinfo(
-        "spf", result.result, None, [(f"smtp.{result.identity}", value)] if value else []
-    )
+    properties = [_property("smtp", result.identity, value)] if value else []
+    return str(AuthenticationResult("spf", result=result.result, properties=properties))
 
 
 def _identity_value(result: SpfResult) -> str:
@@ -63,38 +60,33 @@ def _identity_value(result: SpfResult) -> str:
 def _dkim(result: DkimResult) -> str:
     properties = []
     if _NAME.fullmatch(result.domain):
-        properties.append(("header.d", result.domain))
+        properties.append(_property("header", "d", result.domain))
     if _NAME.fullmatch(result.selector):
-        properties.append(("header.s", result.selector))
+        properties.append(_property("header", "s", result.selector))
     if _BASE64.fullmatch(result.b):
-        properties.append(("header.b", result.b))
+        properties.append(_property("header", "b", result.b))
     comment = result.reason if result.result not in ("pass", "none") and result.reason else None
-    return _resinfo("dkim", result.result, _comment(comment), properties)
+    return str(
+        AuthenticationResult(
+            "dkim", result=result.result, result_comment=_comment(comment), properties=properties
+        )
+    )
 
 
 @functools.lru_cache(maxsize=256)
 def _dmarc(result: DmarcResult) -> str:
     comment = f"p={result.policy} dis={result.disposition}" if result.policy else None
     shown = [d for d in result.from_domain.split(",") if _NAME.fullmatch(d)]
-    properties = [("header.from", ",".join(shown))] if shown else []
-    return _resinfo("dmarc", result.result, comment, properties)
+    properties = [_property("header", "from", ",".join(shown))] if shown else []
+    return str(
+        AuthenticationResult(
+            "dmarc", result=result.result, result_comment=comment, properties=properties
+        )
+    )
 
 
-def _resinfo(
-    method: str, result: str, comment: str | None, properties: Sequence[tuple[str, str]]
-) -> str:
-    """One method's result (RFC 8601 2.2), `method=result (comment) ptype.property=value ...`:
-    authres's AuthenticationResult(method, result=, result_comment=, properties=) as text."""
-    text = f"{method}={result}" + (f" ({comment})" if comment else "")
-    return text + "".join(f" {name}={_value(value)}" for name, value in properties)
-
-
-def _value(text: str) -> str:
-    """A property's value as authres writes it: as it is if it has an @ or is a token, else a
-    quoted-string (RFC 5322), its quotes and backslashes escaped."""
-    if "@" in text or _TOKEN_VALUE.fullmatch(text):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _property(kind: str, name: str, value: str) -> AuthenticationResultProperty:
+    return AuthenticationResultProperty(kind, name, value)
 
 
 def _comment(text: str | None) -> str | None:

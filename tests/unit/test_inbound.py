@@ -16,15 +16,12 @@ from typing import TypeVar
 import dns.resolver
 import pytest
 from dnsserver import DNSServer, Records, serve
-from hypothesis import example, given
-from hypothesis import strategies as st
 
 from mailerd import resolver, signing
 from mailerd.commands import dkimkeys
 from mailerd.inbound import dmarc, results
 from mailerd.inbound.lookups import Bridge, Lookups, NotCached
-from mailerd.inbound.sender_policy import RESULTS, Memo, SpfResult
-from mailerd.inbound.signatures import DkimResult
+from mailerd.inbound.sender_policy import Memo, SpfResult
 from mailerd.inbound.verifier import Verdict, Verifier
 
 HOST = "mx.example.org"
@@ -563,73 +560,6 @@ def test_the_field_is_folded_one_result_per_line(dns_server):
     assert [line.split("=")[0].strip() for line in lines[1:-1]] == ["spf", "dkim", "dmarc"]
     assert results.ours(b" mx.example.org; spf=pass", HOST)
     assert not results.ours(b" mx.example.org.evil; spf=pass", HOST)
-
-
-_TEXT = st.text(alphabet='a.-_[]:@"\\/;=,+ \xe9\n1A', max_size=12)
-_RESULT = st.sampled_from(RESULTS)
-
-
-@given(
-    st.builds(SpfResult, _RESULT, st.sampled_from(["mailfrom", "helo"]), _TEXT, _TEXT),
-    st.lists(st.builds(DkimResult, _RESULT, _TEXT, _TEXT, _TEXT, _TEXT), max_size=3),
-    st.builds(
-        dmarc.DmarcResult,
-        _RESULT,
-        _TEXT,
-        st.sampled_from(["", *dmarc.POLICIES]),
-        st.sampled_from(dmarc.POLICIES),
-        _TEXT,
-    ),
-)
-@example(
-    SpfResult("pass", "mailfrom", "a.b@x.example", "x.example"),
-    [DkimResult("pass", "[IPv6:1::2]", "s\xe9l", "ab/c+d", ""), DkimResult("fail", reason="x(y)")],
-    dmarc.DmarcResult("fail", "a.example,b.example", "reject", "reject"),
-)
-def test_the_field_is_what_authres_would_write(spf, dkim, verdict):
-    """The field, written without authres's objects, is the text they made of the same results
-    (the properties shown chosen as before: plain names, base64, a clean comment)."""
-    from authres.core import AuthenticationResult as Result
-    from authres.core import AuthenticationResultProperty as Property
-
-    def shown(kind: str, candidates: list[tuple[str, str, object]]) -> list[Property]:
-        return [Property(kind, name, value) for name, value, fit in candidates if fit]
-
-    address = results._identity_value(spf)
-    parts = [
-        Result(
-            "spf",
-            result=spf.result,
-            properties=shown("smtp", [(spf.identity, address, address)]),
-        )
-    ]
-    for r in dkim:
-        names = [
-            ("d", r.domain, results._NAME.fullmatch(r.domain)),
-            ("s", r.selector, results._NAME.fullmatch(r.selector)),
-            ("b", r.b, results._BASE64.fullmatch(r.b)),
-        ]
-        reason = r.reason if r.result not in ("pass", "none") else None
-        parts.append(
-            Result(
-                "dkim",
-                result=r.result,
-                result_comment=results._comment(reason),
-                properties=shown("header", names),
-            )
-        )
-    domains = ",".join(d for d in verdict.from_domain.split(",") if results._NAME.fullmatch(d))
-    comment = f"p={verdict.policy} dis={verdict.disposition}" if verdict.policy else None
-    parts.append(
-        Result(
-            "dmarc",
-            result=verdict.result,
-            result_comment=comment,
-            properties=shown("header", [("from", domains, domains)]),
-        )
-    )
-    expected = f"Authentication-Results: {HOST};\r\n\t" + ";\r\n\t".join(map(str, parts)) + "\r\n"
-    assert results.header(HOST, spf, dkim, verdict) == expected
 
 
 def test_an_unanswering_dns_costs_the_timeout_once_and_says_temperror(dns_server):
