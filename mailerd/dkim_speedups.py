@@ -195,9 +195,22 @@ _dkimpy_btag = dkim.RE_BTAG
 dkim.RE_BTAG = _BTagRemoval(_dkimpy_btag)
 
 
-@functools.lru_cache(maxsize=256)
-def evaluate_pk(name: bytes, record: bytes | str) -> Any:
-    """dkimpy's: the key of a DNS key record (its exceptions are not cached)."""
+# The longest key record whose key is remembered: an RSA-8192 key's is about 1.5 KB. A
+# sender's record can be a whole DNS message (64 KiB, looked up past the resolver's cache): 256
+# of those would keep 16 MiB a worker of what senders chose.
+KEY_RECORD_REMEMBERED = 2048
+
+
+def evaluate_pk(name: bytes, record: bytes | str | None) -> Any:
+    """dkimpy's: the key of a DNS key record (its exceptions are not cached; None: there is
+    no record, which dkimpy refuses)."""
+    if record is not None and len(record) > KEY_RECORD_REMEMBERED:
+        return _dkimpy_evaluate_pk(name, record)
+    return _remembered_pk(name, record)
+
+
+@functools.lru_cache(maxsize=256)  # (a sender's key is the same message after message)
+def _remembered_pk(name: bytes, record: bytes | str | None) -> Any:
     return _dkimpy_evaluate_pk(name, record)
 
 

@@ -21,7 +21,11 @@ import dkim
 import dkim.canonicalization
 from dkim.util import InvalidTagValueList
 
-from mailerd.dkim_speedups import body_memo, parse_tag_value  # (its import speeds dkimpy up)
+from mailerd.dkim_speedups import (  # (its import speeds dkimpy up)
+    KEY_RECORD_REMEMBERED,
+    body_memo,
+    parse_tag_value,
+)
 from mailerd.inbound.lookups import Bridge, NotCached, TemporaryFailure
 
 MAX_SIGNATURES = 10  # checked per message; more are a denial of service, not authentication
@@ -239,7 +243,10 @@ def _key_refuses(record: bytes, tags: dict[bytes, bytes], domain: str) -> str:
     """What in the key record forbids this signature (RFC 6376 3.6.1), which dkimpy does not
     look at: its h= (hash algorithms) lacks the signature's, or its t=s (no subdomains) meets
     an i= in a subdomain of d=; else ""."""
-    hashes, same_domain_only = _key_limits(record)
+    # (remembered as dkim_speedups remembers the key: a sender's key is the same message after
+    # message, and a long record is the sender's choice)
+    remembered = len(record) <= KEY_RECORD_REMEMBERED
+    hashes, same_domain_only = (_remembered_key_limits if remembered else _key_limits)(record)
     if hashes is not None:
         algorithm = _tag(tags, b"a").lower().rpartition("-")[2]
         if algorithm not in hashes:
@@ -251,7 +258,6 @@ def _key_refuses(record: bytes, tags: dict[bytes, bytes], domain: str) -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=256)  # (a sender's key is the same message after message)
 def _key_limits(record: bytes) -> tuple[tuple[str, ...] | None, bool]:
     """A key record's h= (None: any) and whether its t= has the flag s."""
     try:
@@ -266,6 +272,9 @@ def _key_limits(record: bytes) -> tuple[tuple[str, ...] | None, bool]:
     )
     flags = [f.strip() for f in key.get(b"t", b"").decode("ascii", "replace").split(":")]
     return allowed, "s" in flags
+
+
+_remembered_key_limits = functools.lru_cache(maxsize=256)(_key_limits)
 
 
 def _tag(tags: dict[bytes, bytes], name: bytes) -> str:

@@ -450,3 +450,25 @@ def test_a_key_record_is_parsed_once_and_a_changed_one_anew(keys):
     assert again is first and changed != first
     with pytest.raises(dkim.KeyFormatError):
         dkim.evaluate_pk(b"x._domainkey.example.org.", b"v=DKIM1; k=rsa; p=")
+
+
+def test_a_long_key_record_is_not_kept(keys):
+    """A sender's key record may be a whole DNS message (64 KiB): the key of one longer than
+    any real key's is read each time, not kept (256 such records would keep 16 MiB a
+    worker), and so are its h= and t= (`signatures`)."""
+    from mailerd.inbound import signatures
+
+    record = keys["rsa"].dns_record() + "; n=" + "x" * 60000
+    name = b"long._domainkey.example.org."
+    pk_before = dkim_speedups._remembered_pk.cache_info().currsize
+    limits_before = signatures._remembered_key_limits.cache_info().currsize
+    first = dkim.evaluate_pk(name, record.encode())
+    assert dkim.evaluate_pk(name, record.encode()) is not first  # (read anew)
+    assert signatures._key_refuses(record.encode(), {}, "example.org") == ""
+    assert dkim_speedups._remembered_pk.cache_info().currsize == pk_before
+    assert signatures._remembered_key_limits.cache_info().currsize == limits_before
+    # a real one is kept
+    short = keys["rsa"].dns_record().encode()
+    assert dkim.evaluate_pk(name, short) is dkim.evaluate_pk(name, short)
+    signatures._key_refuses(short, {}, "example.org")
+    assert signatures._remembered_key_limits.cache_info().currsize >= 1
