@@ -135,6 +135,7 @@ class Config:
     relayhost: tuple[str, int] | None = None
     relay_auth: Path | None = None  # read by the delivery process only (delivery.secrets)
     outbound_tls: str = "may"
+    outbound_ca: Path | None = None  # CA certificates beside the system's (relay.load_trust)
     outbound_ip: str = "both"
     retry_after: float = 300.0
     max_retry: float = 3600.0
@@ -250,6 +251,14 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         "may (default; verify for a relayhost with --relay-auth), encrypt, verify or none",
     ),
     (
+        "outbound-ca",
+        None,
+        True,
+        False,
+        "PEM CA certificates outbound servers' certificates may chain to, beside the system's "
+        "(a private relayhost's CA)",
+    ),
+    (
         "outbound-ip",
         None,
         True,
@@ -300,6 +309,7 @@ METAVARS = {
     "reserved-sessions": "N", "ipv6-prefix-length": "N", "min-data-rate": "BYTES",
     "max-session-time": "DURATION",
     "relayhost": "HOST[:PORT]", "relay-auth": "FILE", "outbound-tls": "POLICY",
+    "outbound-ca": "FILE",
     "outbound-ip": "FAMILY", "retry-after": "DURATION", "max-queue-time": "DURATION",
     "delay-warning": "DURATION", "max-outbound": "N", "max-per-domain": "N", "log-file": "FILE",
     "aliases": "FILE", "listen-submission": "ADDR[:PORT]", "listen-submissions": "ADDR[:PORT]",
@@ -492,6 +502,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         relayhost=_parse_relayhost(str(raw["relayhost"])) if raw.get("relayhost") else None,
         relay_auth=Path(str(raw["relay_auth"])) if raw.get("relay_auth") else None,
         outbound_tls=parse_choice("outbound-tls", raw.get("outbound_tls", "may"), TLS_CHOICES),
+        outbound_ca=Path(str(raw["outbound_ca"])) if raw.get("outbound_ca") else None,
         outbound_ip=parse_choice("outbound-ip", raw.get("outbound_ip", "both"), IP_CHOICES),
         retry_after=parse_duration("retry-after", raw.get("retry_after", 300.0)),
         max_queue_time=parse_duration("max-queue-time", raw.get("max_queue_time", "5d")),
@@ -523,6 +534,7 @@ def absolute(cfg: Config, base: Path) -> Config:
         pidfile=fix(cfg.pidfile),
         config_file=fix(cfg.config_file),
         relay_auth=fix(cfg.relay_auth),
+        outbound_ca=fix(cfg.outbound_ca),
         log_file=fix(cfg.log_file),
         aliases_file=base / cfg.aliases_file,
         tls_pairs=tuple((base / cert, base / key) for cert, key in cfg.tls_pairs),

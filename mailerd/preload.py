@@ -163,7 +163,7 @@ def _warm() -> None:
     from mailerd.inbound import dmarc
 
     dmarc.organizational_domain("example.org")
-    relay.load_trust()
+    relay.use_trust(relay.load_trust())
 
 
 def _load_dns_types() -> None:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 from mailerd import signing
 from mailerd.delivery import sevenbit
 from mailerd.log import shorten
+from mailerd.values import ConfigError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -414,28 +415,55 @@ def _greet(client: _Client, hop: Hop, settings: Settings) -> None:
         _login(client, hop, settings)
 
 
-def load_trust(fresh: bool = False) -> None:
-    """Make both client contexts now: in the master (root) before it forks, so the CA
-    certificates are read while every trust store is readable (OpenSSL's SSL_CERT_FILE may
-    name one only root can read), not by the delivery process after its privilege drop; and
-    `fresh` at each reload, so a changed trust store counts from then on."""
-    if fresh:
-        _client_context.cache_clear()
-    _client_context(True)
-    _client_context(False)
+@dataclass(frozen=True)
+class Trust:
+    """The STARTTLS contexts of outbound connections: `verified` checks the server's
+    certificate (--outbound-tls verify, and "may" with --relay-auth: see
+    scheduler.outbound_policy), `unverified` does not."""
+
+    verified: ssl.SSLContext
+    unverified: ssl.SSLContext
 
 
-@functools.cache
+def load_trust(cafile: Path | None = None) -> Trust:
+    """Both contexts, from the system's CA certificates and `cafile`'s (--outbound-ca); made
+    by the master (root) before it forks and at each reload (`use_trust`), so that every trust
+    store is read while it is readable (OpenSSL's SSL_CERT_FILE may name one only root can
+    read), not by the delivery process after its privilege drop; and once, not per
+    connection: making one took 20 ms of CPU. ConfigError if `cafile` cannot be used."""
+    verified = ssl.create_default_context()
+    if cafile is not None:
+        try:
+            verified.load_verify_locations(cafile=str(cafile))
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"--outbound-ca: {cafile}: no usable PEM CA certificate in it ({exc.reason})"
+            ) from exc
+        except OSError as exc:
+            raise ConfigError(
+                f"--outbound-ca: cannot read {cafile}: {exc.strerror or exc}"
+            ) from exc
+    unverified = ssl.create_default_context()
+    unverified.check_hostname = False
+    unverified.verify_mode = ssl.CERT_NONE
+    return Trust(verified, unverified)
+
+
+_trust: Trust | None = None  # (use_trust; else the system's, made at first use)
+
+
+def use_trust(trust: Trust) -> None:
+    """The contexts of this process's outbound connections from now on (and of the children
+    it forks from now on)."""
+    global _trust
+    _trust = trust
+
+
 def _client_context(verify: bool) -> ssl.SSLContext:
-    """The STARTTLS context of every outbound connection, made once per process: making one
-    reads the system's CA certificates, which took 20 ms of CPU a connection. Certificates are
-    checked with --outbound-tls verify only, and, with --relay-auth, "may" (see
-    scheduler.outbound_policy)."""
-    context = ssl.create_default_context()
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    if _trust is None:
+        use_trust(load_trust())
+    assert _trust is not None
+    return _trust.verified if verify else _trust.unverified
 
 
 def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
@@ -449,7 +477,8 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
         if settings.auth is not None:
             why += (
                 "; the relayhost's password goes only to a host whose certificate verifies"
-                " (--outbound-tls encrypt sends it without that check)"
+                " (--outbound-ca names a private CA; --outbound-tls encrypt sends it without"
+                " that check)"
             )
         raise _TLSFailed(_ours(hop, why, "4.7.5")) from exc
     except ssl.SSLError as exc:

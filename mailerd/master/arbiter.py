@@ -343,6 +343,7 @@ class Master:
         """Apply the configuration file as it is now; False (old one kept) on any error."""
         try:
             new, certificate_problem = self._load_config()
+            trust = relay.load_trust(new.outbound_ca)  # (read as root, as they are now)
             secrets_problem = secrets.check(new, FORK_BLOCKED)
             if secrets_problem is not None:
                 raise ConfigError(secrets_problem)
@@ -379,7 +380,7 @@ class Master:
         self.due.clear()
         self.failures.clear()
         logsetup.set_verbose(new.verbose)
-        relay.load_trust(fresh=True)  # (the CA certificates as they are now, read as root)
+        relay.use_trust(trust)
         # The old delivery process first (it stops accepting on the shared socket, then
         # drains), then the new one; new workers before the old ones stop accepting.
         for pid, child in old:

@@ -16,7 +16,7 @@ from pathlib import Path
 from mailerd import config, preload, privileges
 from mailerd import log as logsetup
 from mailerd.config import Config, ConfigError, ListenAddress
-from mailerd.delivery import secrets
+from mailerd.delivery import relay, secrets
 from mailerd.delivery.queue import Queue
 from mailerd.master import daemon as daemonize
 from mailerd.master import listeners
@@ -104,6 +104,10 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
     problem = secrets.check(cfg)
     if problem is not None:
         return _fail(problem)
+    try:
+        relay.use_trust(relay.load_trust(cfg.outbound_ca))
+    except ConfigError as exc:
+        return _fail(str(exc))
     try:
         user = privileges.resolve(cfg.user)
     except privileges.PrivilegeError as exc:

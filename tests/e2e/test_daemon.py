@@ -416,6 +416,34 @@ def test_reload_with_broken_config_keeps_the_old_one(daemon_factory):
     assert wait_until(lambda: len(d.workers_now()) == 1, 10), d.workers_now()
 
 
+def test_an_outbound_ca_that_cannot_be_used(daemon_factory, tmp_path: Path):
+    """--outbound-ca (a private relayhost's CA) is read by the master as root: a file that is
+    not there or holds no certificate stops the start (exit 1, one line naming it), and at a
+    reload is logged with the running configuration kept."""
+    from certs import make_ca
+
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    d = daemon_factory()
+    d.write_config(outbound_ca=tmp_path / "missing.pem")
+    p = d.command()
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert p.stderr.strip() == (
+        f"mailerd: --outbound-ca: cannot read {tmp_path / 'missing.pem'}: No such file or directory"
+    ), p.stderr
+    ca = make_ca(tmp_path / "ca")
+    d.write_config(outbound_ca=ca.cert)
+    d.start()
+    d.add_user("alice")
+    mark = d.reload(outbound_ca=junk)
+    tail = d.log()[mark:]
+    assert "reload failed" in tail and f"--outbound-ca: {junk}: no usable PEM" in tail, tail
+    deliver(d, "alice@example.org")
+    assert wait_until(lambda: d.messages("alice") == [1], 5)
+    mark = d.reload(outbound_ca=ca.cert)
+    assert "configuration reloaded" in d.log()[mark:], d.log()[mark:]
+
+
 def test_reload_rebinds_changed_listener(daemon_factory):
     d = daemon_factory()
     d.start()

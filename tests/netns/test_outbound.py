@@ -527,32 +527,36 @@ def test_queue_survives_kill_9(internet: Internet, mailerd_factory):
 
 
 @pytest.mark.parametrize(
-    "relayhost,mechanism",
+    "relayhost,mechanism,trust",
     [
         # (An address cannot be verified against the smarthost's name: "encrypt" sends the
         # password over TLS without that check, on the operator's word.)
-        pytest.param(f"{DEAD}:587", "PLAIN", id="ip-plain"),
-        pytest.param(f"{DEAD}:587", "LOGIN", id="ip-login"),
+        pytest.param(f"{DEAD}:587", "PLAIN", "encrypt", id="ip-plain"),
+        pytest.param(f"{DEAD}:587", "LOGIN", "encrypt", id="ip-login"),
         # (By name, with the default policy: its certificate verifies, the test's trust store
         # holding it, as a provider's does with the system's CA certificates.)
-        pytest.param("smarthost.test:587", "PLAIN", id="by-name"),
+        pytest.param("smarthost.test:587", "PLAIN", "store", id="by-name"),
+        # (The same, its CA given with --outbound-ca, as a private smarthost's is.)
+        pytest.param("smarthost.test:587", "LOGIN", "outbound-ca", id="by-name-outbound-ca"),
     ],
 )
-def test_smarthost_with_auth(internet: Internet, mailerd_factory, tmp_path, relayhost, mechanism):
+def test_smarthost_with_auth(
+    internet: Internet, mailerd_factory, tmp_path, relayhost, mechanism, trust
+):
     smarthost = internet.receivers["smarthost"]
     smarthost.set_script(smarthost_script(internet.cert, internet.key, [mechanism]))
     try:
         auth = tmp_path / "relay-auth"
         auth.write_text(f"{SMARTHOST_USER}:{SMARTHOST_PASSWORD}\n")
         auth.chmod(0o600)
-        by_address = relayhost.startswith(DEAD)
         m = mailerd_factory(
             "--relayhost",
             relayhost,
             "--relay-auth",
             str(auth),
-            *(["--outbound-tls", "encrypt"] if by_address else []),
-            env={"SSL_CERT_FILE": str(internet.cert)},
+            *(["--outbound-tls", "encrypt"] if trust == "encrypt" else []),
+            *(["--outbound-ca", str(internet.cert)] if trust == "outbound-ca" else []),
+            env={"SSL_CERT_FILE": str(internet.cert)} if trust == "store" else {},
         )
         sender = m.add_user(token("alice"))
         rcpts = [f"{token('sh')}@pref.test", f"{token('sh')}@implicit.test"]

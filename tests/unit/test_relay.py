@@ -449,3 +449,33 @@ def test_the_plain_text_retry_keeps_to_the_first_sessions_deadline(message):
         listener.close()
     assert not result.ok and "timed out" in result.text, result
     assert took < 2.8, took  # one session's 2 s, not two
+
+
+def test_outbound_ca_is_trusted_beside_the_systems(tmp_path):
+    """--outbound-ca: its certificates join the system's in the verifying context (not in
+    the other, which checks nothing); a file that cannot be used is a ConfigError naming it."""
+    from certs import make_ca
+
+    from mailerd import config
+    from mailerd.config import ConfigError
+
+    ca = make_ca(tmp_path / "ca", name="private relayhost CA")
+    ini = tmp_path / "mailerd.conf"
+    ini.write_text(f"[mailerd]\noutbound-ca = {ca.cert.name}\n")
+    cfg = config.absolute(
+        config.load(["-c", str(ini), "-l", "127.0.0.1", "-n", "none"]), ca.directory
+    )
+    assert cfg.outbound_ca == ca.cert
+    trust = relay.load_trust(cfg.outbound_ca)
+    subjects = [dict(x[0] for x in c["subject"]) for c in trust.verified.get_ca_certs()]
+    assert {"commonName": "private relayhost CA"} in subjects
+    assert trust.verified.verify_mode == ssl.CERT_REQUIRED and trust.verified.check_hostname
+    assert trust.unverified.verify_mode == ssl.CERT_NONE
+    system = [dict(x[0] for x in c["subject"]) for c in relay.load_trust().verified.get_ca_certs()]
+    assert {"commonName": "private relayhost CA"} not in system
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=f"--outbound-ca: {junk}: no usable PEM CA certificate"):
+        relay.load_trust(junk)
+    with pytest.raises(ConfigError, match="--outbound-ca: cannot read .*: No such file"):
+        relay.load_trust(tmp_path / "missing.pem")
