@@ -59,6 +59,7 @@ from mailerd.ipc import reports
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import send_packet
 from mailerd.ipc.messages import WriterStarted
+from mailerd.ipc.reports import REPORTS_MAX
 from mailerd.ipc.sessiontable import SessionTable
 from mailerd.lifecycle import (
     BOOT_ERROR,
@@ -107,6 +108,8 @@ class Child:
     deadline: float | None = None  # killed if still alive then (old generations only)
     session_row: int | None = None  # its row of the shared session table (workers)
     link: socket.socket | None = None  # a delivery process's: where its writers are handed over
+    reports: socket.socket | None = None  # a worker's: where it says how it is (ipc.reports)
+    reports_heard: int = 0
 
     @property
     def name(self) -> str:
@@ -145,10 +148,6 @@ class Master:
         self.boot_error: str | None = None  # the last start-up error a child reported
         self.stopping = False
         self.exit_code = 0
-        # The children's reports about themselves (ipc.reports): the master's end, and the
-        # descriptor of the children's end, which they inherit.
-        self.reports: socket.socket | None = None
-        self.reports_w = -1
         self.reloads = 0  # reloads finished (or failed), told in the reload file
         self.reload_started: float | None = None  # a reload under way, not yet settled
         self.reload_outcome = "ok"  # its outcome once settled: "partial" if certificates kept
@@ -166,8 +165,6 @@ class Master:
     def run(self) -> int:
         setproctitle("mailerd: master")
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.reports, theirs = reports.channel()
-        self.reports_w = theirs.detach()
         signal.set_wakeup_fd(self.wake_w)
         for sig in MASTER_SIGNALS:
             signal.signal(sig, self._record)
@@ -228,8 +225,7 @@ class Master:
     def _wait(self, timeout: float) -> None:
         try:
             waited: list[int | socket.socket] = [self.wake_r]
-            if self.reports is not None:
-                waited.append(self.reports)
+            waited += [c.reports for c in self.children.values() if c.reports is not None]
             select.select(waited, [], [], timeout)
             while os.read(self.wake_r, 4096):
                 pass
@@ -237,18 +233,30 @@ class Master:
             pass
 
     def _read_reports(self) -> None:
-        """What the children said of themselves since the last turn (a bounded number)."""
-        if self.reports is not None:
-            for pid, report in reports.receive(self.reports):
-                self._report(pid, report)
+        """What the workers said of themselves since the last turn (ipc.reports)."""
+        for pid, child in list(self.children.items()):
+            self._hear(pid, child)
 
-    def _report(self, pid: int, message: str) -> None:
-        """Child `pid` says "ready", "retired" or "error TEXT" (ipc.reports: the kernel says
-        which child spoke). A report from a process that is not a child of ours is ignored, and
-        so is a start-up error from a child that has started."""
-        child = self.children.get(pid)
-        if child is None:
+    def _hear(self, pid: int, child: Child) -> None:
+        """A worker's reports waiting on its own socket; past the most a worker has to say
+        (REPORTS_MAX: one that floods its socket, as code running in it could), it is no
+        longer listened to, lest it keep the master's loop busy."""
+        if child.reports is None:
             return
+        for message in reports.receive(child.reports, REPORTS_MAX - child.reports_heard + 1):
+            child.reports_heard += 1
+            if child.reports_heard > REPORTS_MAX:
+                log.warning(
+                    "%s (pid %d) says more than a worker does: no longer heard", child.name, pid
+                )
+                child.reports.close()
+                child.reports = None
+                return
+            self._report(child, message)
+
+    def _report(self, child: Child, message: str) -> None:
+        """`child` says "ready", "retired" or "error TEXT"; a start-up error from a child that
+        has started is ignored."""
         if message == "ready":
             child.ready = True
         elif message == "retired":
@@ -550,6 +558,8 @@ class Master:
                 self.spawn("writer", pid)
             elif owner is not None and ours is not None:
                 self._hand_over(owner, ours)
+            else:  # a worker: its reports
+                child.reports = ours
             return
         code = 1
         try:
@@ -584,10 +594,12 @@ class Master:
         pair: socket.socket | None = None,
     ) -> int:
         """The child's life; `pair`: the delivery process's end of its link to the master, a
-        writer's end of its channel."""
-        own = [self.wake_r, self.wake_w, *([self.reports.fileno()] if self.reports else [])]
+        writer's end of its channel, a worker's end of its reports socket."""
+        own = [self.wake_r, self.wake_w]
         # Other delivery processes' links: only the master may hand them writers.
         own += [c.link.fileno() for c in self.children.values() if c.link is not None]
+        # Other workers' report sockets: what each says is its own (ipc.reports).
+        own += [c.reports.fileno() for c in self.children.values() if c.reports is not None]
         if self.pidfile is not None and self.pidfile.fd is not None:
             own.append(self.pidfile.fd)  # the lock must die with the master, not linger
         if self.notifier is not None and self.notifier.fd is not None:
@@ -597,7 +609,6 @@ class Master:
                 os.close(fd)
         logsetup.pin_directories()  # before any drop: the log file stays reopenable
         if kind in ("delivery", "writer"):
-            os.close(self.reports_w)
             for sock, _ in self.smtp_sockets:
                 sock.close()
         if kind == "writer":
@@ -617,7 +628,7 @@ class Master:
             self.smtp_sockets,
             slot,
             user=self.cfg.user,
-            reports_fd=self.reports_w,
+            reports_fd=pair.detach() if pair is not None else None,
             sessions=self.sessions,
             session_row=session_row,
             auth_failures=self.auth_failures,
@@ -637,6 +648,10 @@ class Master:
                     self.sessions.release(child.session_row)
                 if child.link is not None:  # its writer sees its channel close, and exits
                     child.link.close()
+                if child.reports is not None:  # (what it said before it went counts)
+                    self._hear(pid, child)
+                    if child.reports is not None:
+                        child.reports.close()
                 self._child_exited(pid, child, status)
 
     def _child_exited(self, pid: int, child: Child, status: int) -> None:
@@ -727,14 +742,15 @@ class Master:
         return "a child process could not start; see the system log (or --log-file)"
 
 
-def _pair(kind: str) -> tuple[socket.socket, socket.socket] | tuple[None, None]:
+def _pair(kind: str) -> tuple[socket.socket, socket.socket]:
     """The master's end and the child's of what a new child needs: the delivery process's link
-    (packets, so that a frame can only leave whole: see `send_packet`), a writer's channel."""
+    (packets, so that a frame can only leave whole: see `send_packet`), a writer's channel, a
+    worker's reports socket."""
     if kind == "delivery":
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     if kind == "writer":
         return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return None, None
+    return reports.channel()
 
 
 def _kill(pid: int, sig: int) -> None:
