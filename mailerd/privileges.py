@@ -20,6 +20,7 @@ import ctypes
 import logging
 import os
 import pwd
+import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from mailerd.ipc.maildrop import MAILDROP
 
 log = logging.getLogger("mailerd.privileges")
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
 
@@ -126,6 +128,14 @@ def _no_new_privileges() -> None:
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL(None, use_errno=True)  # the C library is already loaded: no search
         libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL): this process is killed when its parent dies (best
+    effort; the caller checks that the parent was still there once it is set)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _capabilities() -> dict[str, int]:

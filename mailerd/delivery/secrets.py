@@ -20,7 +20,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mailerd import signing
+from setproctitle import setproctitle
+
+from mailerd import privileges, signing
 from mailerd.config import Config, ConfigError
 from mailerd.signing import SigningKey
 
@@ -72,11 +74,12 @@ def check(cfg: Config, blocked: Iterable[signal.Signals] = ()) -> str | None:
     _warn_if_exposed(cfg)
     reading, writing = os.pipe()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: it reads, reports, and is gone with what it read
         code = 0
         try:
-            os.close(reading)
+            _alone(parent, writing)
             Secrets.load(cfg)
         except ConfigError as exc:
             os.write(writing, str(exc).encode("utf-8", "replace")[:REPORT_LIMIT])
@@ -98,6 +101,18 @@ def check(cfg: Config, blocked: Iterable[signal.Signals] = ()) -> str | None:
     if report:
         return report.decode("utf-8", "replace")
     return None if code == 0 else f"the check of the secret files failed (exit status {code})"
+
+
+def _alone(parent: int, keep: int) -> None:
+    """The checking child keeps nothing of the master's but `keep`: no listening socket, no
+    pid-file lock, no channel, should it outlive the master (a key file that is a FIFO holds it
+    until the timeout), and it dies with the master."""
+    privileges.die_with_parent()
+    if os.getppid() != parent:  # (the master died before that was set)
+        os._exit(1)
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    setproctitle("mailerd: checking the secret files")
 
 
 def _warn_if_exposed(cfg: Config) -> None:

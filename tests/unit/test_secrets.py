@@ -3,8 +3,12 @@ has a child check them (`secrets.check`), at start-up and at each reload."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +123,66 @@ def test_check_warns_of_a_login_others_may_read(tmp_path: Path, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'relay-auth'} is readable by others: chmod 600 it"
     ]
+
+
+def test_a_check_that_hangs_keeps_nothing_of_the_master_and_dies_with_it(tmp_path: Path):
+    """A --relay-auth file that is a FIFO holds the checking child in open() until the
+    timeout. Meanwhile it holds none of the master's descriptors (a listening port, the pid
+    file's lock), says what it is, and a master killed with -9 takes it along: it once
+    outlived the master under init, holding the master's ports."""
+    fifo = tmp_path / "relay-auth"
+    os.mkfifo(fifo, 0o600)
+    cfg = load(tmp_path, "--relayhost", "smtp.example.net:587", "--relay-auth", str(fifo))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    master = os.fork()
+    if master == 0:  # the master: it holds the port, and checks
+        secrets.check(cfg)
+        os._exit(0)
+    listener.close()
+    try:
+        try:
+            checker = _wait_for(lambda: _child_titled(master, "mailerd: checking the secret files"))
+            fds = os.listdir(f"/proc/{checker}/fd")
+            held = {os.readlink(f"/proc/{checker}/fd/{fd}") for fd in fds}
+            assert not [h for h in held if h.startswith("socket:")], held
+            assert len(held - {os.readlink(f"/proc/{checker}/fd/{fd}") for fd in (0, 1, 2)}) == 1
+        finally:
+            os.kill(master, signal.SIGKILL)
+            os.waitpid(master, 0)
+        assert _wait_for(lambda: not os.path.exists(f"/proc/{checker}") or _zombie(checker), 5)
+        socket.create_server(("127.0.0.1", port)).close()  # (free again)
+    finally:  # (a checker left behind, blocked in open(), would hold pytest's output for ever)
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def _child_titled(parent: int, title: str) -> int | None:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and cmdline.startswith(title.encode()):
+            return int(pid)
+    return None
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_for(predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError("timed out")
