@@ -1,9 +1,12 @@
 """One outbound attempt (relay.attempt) against real aiosmtpd servers on loopback."""
 
 import contextlib
+import os
 import socket
 import ssl
 import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -479,3 +482,24 @@ def test_outbound_ca_is_trusted_beside_the_systems(tmp_path):
         relay.load_trust(junk)
     with pytest.raises(ConfigError, match="--outbound-ca: cannot read .*: No such file"):
         relay.load_trust(tmp_path / "missing.pem")
+    # What is no regular file is refused without waiting: a FIFO held the master in open().
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+
+    def release() -> None:  # (were it waited on, as it was: a hung test, not a failed one)
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    watchdog = threading.Timer(5.0, release)
+    watchdog.start()
+    try:
+        for path in (fifo, tmp_path, Path("/dev/zero")):
+            with pytest.raises(ConfigError, match=f"--outbound-ca: {path}: not a regular file"):
+                relay.load_trust(path)
+    finally:
+        watchdog.cancel()
+    big = tmp_path / "big.pem"
+    with open(big, "wb") as f:
+        f.truncate(relay.CA_FILE_MAX + 1)
+    with pytest.raises(ConfigError, match="over 4 MiB"):
+        relay.load_trust(big)
