@@ -210,8 +210,10 @@ class Channel:
             try:
                 # Decoded here: json.loads() of bytes first guesses their encoding.
                 header = json.loads(self._in[PREFIX.size : PREFIX.size + header_len].decode())
-            except ValueError as exc:  # (UnicodeDecodeError included)
+            except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError included)
                 raise ChannelError("bad header") from exc
+            if not isinstance(header, dict):  # (a list of lists nested 100,000 deep, a number)
+                raise ChannelError("bad header: not an object")
             body = bytes(self._in[PREFIX.size + header_len : end])
             del self._in[:end]
             fd = None

@@ -3,6 +3,9 @@
 import asyncio
 import os
 import socket
+import struct
+
+import pytest
 
 from mailerd.ipc.channel import Channel
 
@@ -96,6 +99,30 @@ def test_garbage_closes_the_channel():
         return True
 
     assert run(main())
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b"7", b'"op"'],
+    ids=["deep", "list", "number", "string"],
+)
+def test_a_header_that_is_no_object_closes_the_channel(header: bytes):
+    """JSON, but no header: an array nested past Python's recursion limit (a RecursionError
+    escaped the reader, the frame stayed, and every read raised again), or no object at all.
+    The channel closes, as for any garbage; nothing reaches the handler."""
+    frames: list[object] = []
+
+    async def main() -> bool:
+        a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        closed = asyncio.Event()
+        Channel(b_sock, lambda h, body, fd: frames.append(h), closed.set)
+        a_sock.sendall(struct.pack(">II", len(header), 0) + header)
+        await asyncio.wait_for(closed.wait(), 5)
+        a_sock.close()
+        return True
+
+    assert run(main())
+    assert frames == []
 
 
 def test_client_requests_get_their_own_answers_a_timeout_or_a_broken_channel():
