@@ -49,6 +49,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
+from mailerd.remembered import Remembered
+
 
 @functools.lru_cache(maxsize=64)
 def _private_key(n: int, e: int, d: int, p: int, q: int) -> rsa.RSAPrivateKey:
@@ -201,20 +203,9 @@ dkim.RE_BTAG = _BTagRemoval(_dkimpy_btag)
 KEY_RECORD_REMEMBERED = 2048
 
 
-def evaluate_pk(name: bytes, record: bytes | str | None) -> Any:
-    """dkimpy's: the key of a DNS key record (its exceptions are not cached; None: there is
-    no record, which dkimpy refuses)."""
-    if record is not None and len(record) > KEY_RECORD_REMEMBERED:
-        return _dkimpy_evaluate_pk(name, record)
-    return _remembered_pk(name, record)
-
-
-@functools.lru_cache(maxsize=256)  # (a sender's key is the same message after message)
-def _remembered_pk(name: bytes, record: bytes | str | None) -> Any:
-    return _dkimpy_evaluate_pk(name, record)
-
-
 _dkimpy_evaluate_pk = dkim.evaluate_pk
+# dkimpy's: the key of a DNS key record (its exceptions are not cached)
+evaluate_pk = Remembered(_dkimpy_evaluate_pk, KEY_RECORD_REMEMBERED, 256)
 dkim.evaluate_pk = evaluate_pk
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import email.errors
 import email.header
 import email.policy
-import functools
 import re
 from collections.abc import Iterator
+
+from mailerd.remembered import Remembered
 
 SCAN = 256 * 1024  # a header section is looked for in the first this-many octets
 # A From: field longer than this is read leniently only: the strict parser is quadratic in runs
@@ -82,15 +83,6 @@ def _from_fields(message: bytes) -> list[bytes]:
 
 # What follows an @ in a From: field read leniently: a domain as a reader's program shows it
 _AT_DOMAIN = re.compile(r"@([^\s<>,;:\"()\[\]@\\]+)")
-
-
-def _address_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
-    """`_read_domains`, remembered for the fields the strict parser reads (a sender's From:
-    is the same message after message; longer ones are not kept, lest a few huge fields fill
-    the memory)."""
-    if len(value) > STRICT_MAX:
-        return _read_domains(value)
-    return _remembered_domains(value)
 
 
 def _lenient_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
@@ -171,4 +163,6 @@ def _normal(domain: str) -> str:
         return domain
 
 
-_remembered_domains = functools.lru_cache(maxsize=1024)(_read_domains)
+# `_read_domains`, remembered for the fields the strict parser reads (a sender's From: is the
+# same message after message; longer ones are not kept, lest a few huge fields fill the memory)
+_address_domains = Remembered(_read_domains, STRICT_MAX, 1024)

@@ -25,6 +25,7 @@ from publicsuffix2 import PublicSuffixList
 from mailerd.inbound.lookups import Lookups, NotCached, TemporaryFailure
 from mailerd.inbound.sender_policy import SpfResult
 from mailerd.inbound.signatures import DkimResult
+from mailerd.remembered import Remembered
 
 PSL_FILE = "/usr/share/publicsuffix/public_suffix_list.dat"  # Debian's `publicsuffix`
 # Author domains judged at most: each costs lookups (a forger chooses them), and a From: of
@@ -100,18 +101,11 @@ def aligned(a: str, b: str, mode: str) -> bool:
     return organizational_domain(a) == organizational_domain(b)
 
 
-def parse(record: str) -> Policy | None:
-    """A DMARC record (`v=DMARC1; p=reject; ...`), or None if it is not a usable one."""
-    # (A sender's record is the same message after message: its parse was a third of judging
-    # it from the cache. Those of a real record's size are remembered, lest a sender's long
-    # ones, up to a DNS message's 64 KiB, fill the memory; a Policy is frozen, to be shared.)
-    return _remembered(record) if len(record) <= REMEMBERED_MAX else _parse(record)
-
-
 REMEMBERED_MAX = 512  # (the longest records remembered: 256 of them, 128 KiB at most)
 
 
 def _parse(record: str) -> Policy | None:
+    """A DMARC record (`v=DMARC1; p=reject; ...`), or None if it is not a usable one."""
     tags: dict[str, str] = {}
     for part in record.split(";"):
         name, sep, value = part.partition("=")
@@ -138,7 +132,9 @@ def _parse(record: str) -> Policy | None:
     )
 
 
-_remembered = functools.lru_cache(maxsize=256)(_parse)
+# (A sender's record is the same message after message: its parse was a third of judging it
+# from the cache. Those of a real record's size are remembered; a Policy is frozen, to be shared.)
+parse = Remembered(_parse, REMEMBERED_MAX, 256)
 
 
 def discover(txt: Callable[[str], Sequence[str]], from_domain: str) -> tuple[Policy, bool] | None:

@@ -13,7 +13,6 @@ policy, permerror, temperror; `none` when there is no signature at all.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +26,7 @@ from mailerd.dkim_speedups import (  # (its import speeds dkimpy up)
     parse_tag_value,
 )
 from mailerd.inbound.lookups import Bridge, NotCached, TemporaryFailure
+from mailerd.remembered import Remembered
 
 MAX_SIGNATURES = 10  # checked per message; more are a denial of service, not authentication
 # Names a signature's h= may list to be checked (a signer over-signs a few dozen at most): each
@@ -243,10 +243,7 @@ def _key_refuses(record: bytes, tags: dict[bytes, bytes], domain: str) -> str:
     """What in the key record forbids this signature (RFC 6376 3.6.1), which dkimpy does not
     look at: its h= (hash algorithms) lacks the signature's, or its t=s (no subdomains) meets
     an i= in a subdomain of d=; else ""."""
-    # (remembered as dkim_speedups remembers the key: a sender's key is the same message after
-    # message, and a long record is the sender's choice)
-    remembered = len(record) <= KEY_RECORD_REMEMBERED
-    hashes, same_domain_only = (_remembered_key_limits if remembered else _key_limits)(record)
+    hashes, same_domain_only = _key_limits(record)
     if hashes is not None:
         algorithm = _tag(tags, b"a").lower().rpartition("-")[2]
         if algorithm not in hashes:
@@ -258,7 +255,7 @@ def _key_refuses(record: bytes, tags: dict[bytes, bytes], domain: str) -> str:
     return ""
 
 
-def _key_limits(record: bytes) -> tuple[tuple[str, ...] | None, bool]:
+def _read_key_limits(record: bytes) -> tuple[tuple[str, ...] | None, bool]:
     """A key record's h= (None: any) and whether its t= has the flag s."""
     try:
         key = parse_tag_value(record)
@@ -274,7 +271,9 @@ def _key_limits(record: bytes) -> tuple[tuple[str, ...] | None, bool]:
     return allowed, "s" in flags
 
 
-_remembered_key_limits = functools.lru_cache(maxsize=256)(_key_limits)
+# (remembered as dkim_speedups remembers the key: a sender's key is the same message after
+# message)
+_key_limits = Remembered(_read_key_limits, KEY_RECORD_REMEMBERED, 256)
 
 
 def _tag(tags: dict[bytes, bytes], name: bytes) -> str:

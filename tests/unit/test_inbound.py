@@ -343,11 +343,11 @@ def test_a_policy_record_is_parsed_once_while_remembered_if_of_a_real_records_si
     assert first == dmarc.Policy("quarantine", "quarantine", 20, "r", "r")
     assert dmarc.parse(" ".join(record.split(" "))) is first  # (the same text, anew: remembered)
     assert dmarc.parse(record + "; sp=none") == dmarc.Policy("quarantine", "none", 20, "r", "r")
-    kept = dmarc._remembered.cache_info().currsize
+    kept = dmarc.parse.cache.cache_info().currsize
     padded = record + ";" + " " * dmarc.REMEMBERED_MAX  # (a sender chooses its record's length)
     assert dmarc.parse(padded) == first
-    assert dmarc._remembered.cache_info().currsize == kept  # (parsed, not kept)
-    assert dmarc._remembered.cache_info().maxsize * dmarc.REMEMBERED_MAX <= 128 * 1024
+    assert dmarc.parse.cache.cache_info().currsize == kept  # (parsed, not kept)
+    assert dmarc.parse.cache.cache_info().maxsize * dmarc.REMEMBERED_MAX <= 128 * 1024
 
 
 def test_pct_samples_the_failures(dns_server):

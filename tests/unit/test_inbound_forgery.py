@@ -363,9 +363,9 @@ def test_many_from_fields_cost_no_strict_parse_each(server):
     took = time.process_time() - started
     assert methods(verdict)["dmarc"] == "fail", verdict.header
     assert took < 0.5, f"{took:.2f} s of CPU for 11 long From: fields"
-    remembered = headers._remembered_domains.cache_info().currsize
+    remembered = headers._address_domains.cache.cache_info().currsize
     headers.from_domains(b"From: " + b"x" * 5000 + b" <a@b.example>\r\n\r\n")
-    assert headers._remembered_domains.cache_info().currsize == remembered
+    assert headers._address_domains.cache.cache_info().currsize == remembered
 
 
 def test_a_p_reject_domain_hidden_among_many_authors_is_refused(server):

@@ -460,15 +460,15 @@ def test_a_long_key_record_is_not_kept(keys):
 
     record = keys["rsa"].dns_record() + "; n=" + "x" * 60000
     name = b"long._domainkey.example.org."
-    pk_before = dkim_speedups._remembered_pk.cache_info().currsize
-    limits_before = signatures._remembered_key_limits.cache_info().currsize
+    pk_before = dkim_speedups.evaluate_pk.cache.cache_info().currsize
+    limits_before = signatures._key_limits.cache.cache_info().currsize
     first = dkim.evaluate_pk(name, record.encode())
     assert dkim.evaluate_pk(name, record.encode()) is not first  # (read anew)
     assert signatures._key_refuses(record.encode(), {}, "example.org") == ""
-    assert dkim_speedups._remembered_pk.cache_info().currsize == pk_before
-    assert signatures._remembered_key_limits.cache_info().currsize == limits_before
+    assert dkim_speedups.evaluate_pk.cache.cache_info().currsize == pk_before
+    assert signatures._key_limits.cache.cache_info().currsize == limits_before
     # a real one is kept
     short = keys["rsa"].dns_record().encode()
     assert dkim.evaluate_pk(name, short) is dkim.evaluate_pk(name, short)
     signatures._key_refuses(short, {}, "example.org")
-    assert signatures._remembered_key_limits.cache_info().currsize >= 1
+    assert signatures._key_limits.cache.cache_info().currsize >= 1
