@@ -157,13 +157,11 @@ def preload() -> None:
 
 def _warm() -> None:
     """Data that modules read on first use, read now, once, for every child: the Public Suffix
-    List (DMARC's organisational domains), and the CA certificates of outbound STARTTLS
-    (`relay.load_trust`: a reload reads them again)."""
-    from mailerd.delivery import relay
+    List (DMARC's organisational domains). (The CA certificates of outbound STARTTLS are read
+    by the master with the configuration's --outbound-ca: `relay.load_trust`.)"""
     from mailerd.inbound import dmarc
 
     dmarc.organizational_domain("example.org")
-    relay.use_trust(relay.load_trust())
 
 
 def _load_dns_types() -> None:
