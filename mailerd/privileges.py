@@ -125,17 +125,19 @@ def verify(account: Account) -> None:
 
 def _no_new_privileges() -> None:
     """prctl(PR_SET_NO_NEW_PRIVS): no setuid program can hand root back (best effort)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)  # the C library is already loaded: no search
-        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
 
 def die_with_parent() -> None:
     """prctl(PR_SET_PDEATHSIG, SIGKILL): this process is killed when its parent dies (best
     effort; the caller checks that the parent was still there once it is set)."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _prctl(option: int, value: int) -> None:
     with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library is already loaded: no search
+        libc.prctl(option, value, 0, 0, 0)
 
 
 def _capabilities() -> dict[str, int]:

@@ -648,10 +648,9 @@ class Master:
                     self.sessions.release(child.session_row)
                 if child.link is not None:  # its writer sees its channel close, and exits
                     child.link.close()
-                if child.reports is not None:  # (what it said before it went counts)
-                    self._hear(pid, child)
-                    if child.reports is not None:
-                        child.reports.close()
+                self._hear(pid, child)  # (what a worker said before it went counts)
+                if child.reports is not None:
+                    child.reports.close()
                 self._child_exited(pid, child, status)
 
     def _child_exited(self, pid: int, child: Child, status: int) -> None:
