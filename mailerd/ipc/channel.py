@@ -27,6 +27,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from mailerd.ipc import unixpath
+
 PREFIX = struct.Struct("!II")
 MAX_HEADER = 1 << 20
 MAX_INLINE = 256 * 1024
@@ -315,7 +317,8 @@ class Client:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(sock, self.path)
+            with unixpath.reachable(self.path) as address:
+                await asyncio.get_running_loop().sock_connect(sock, address)
         except BaseException:
             sock.close()
             raise

@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from mailerd.config import ListenAddress
+from mailerd.ipc import unixpath
 
 BACKLOG = 4096
 
@@ -97,7 +98,8 @@ def bind_unix(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        sock.bind(str(path))
+        with unixpath.reachable(str(path)) as address:
+            sock.bind(address)
     finally:
         os.umask(old)
     sock.listen(BACKLOG)
@@ -111,7 +113,8 @@ def _answers(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
-        probe.connect(str(path))
+        with unixpath.reachable(str(path)) as address:
+            probe.connect(address)
     except (TimeoutError, BlockingIOError):  # (a full backlog: EAGAIN)
         return True
     except OSError:  # refused, missing, not a socket

@@ -7,6 +7,7 @@ import re
 import signal
 import smtplib
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -326,6 +327,37 @@ def test_a_second_mailerd_on_the_same_queue_is_refused(mailerd_factory, tmp_path
         c.start("client.test")
         send_message(c, "bob@remote.example", b"Subject: still queued\r\n\r\nhi\r\n",
                      sender="alice@example.org")  # fmt: skip
+
+
+def test_a_queue_deeper_than_a_socket_address_holds(mailerd_factory, tmp_path: Path):
+    """A queue whose delivery socket's path is longer than a socket address holds (107 bytes:
+    a checkout under a long home directory): mailerd starts, a worker reaches the delivery
+    process (remote mail is queued, local mail stored), `mailerd queue` lists it, and a second
+    mailerd on the queue is refused as another's. It stopped at start-up with "cannot create
+    the delivery socket in ...: AF_UNIX path too long"."""
+    deep = tmp_path / ("d" * 50) / ("e" * 50) / "queue"
+    assert len(os.fsencode(str(deep / "private" / "delivery.sock"))) > 107
+    # (a relayhost nobody listens at: the remote message stays queued, deferred)
+    m = mailerd_factory(base=tmp_path / "m", queue=deep, extra=["--relayhost", "[127.0.0.1]:9"])
+    user = m.new_user("deep")
+    with m.connect(trusted=True) as c:
+        c.start("client.test")
+        send_message(c, f"{user}@example.org", b"Subject: here\r\n\r\nhi\r\n",
+                     sender="alice@example.org")  # fmt: skip
+        send_message(c, "bob@remote.example", b"Subject: queued\r\n\r\nhi\r\n",
+                     sender="alice@example.org")  # fmt: skip
+    assert m.wait_messages(user, 1)
+    for action, said in (("list", "bob@remote.example"), ("flush", "flushed: 1 message")):
+        asked = subprocess.run(
+            [sys.executable, "-m", "mailerd", "queue", "-q", str(deep), action],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert asked.returncode == 0 and said in asked.stdout, asked
+        assert "no answer from mailerd" not in asked.stderr, asked  # (the daemon answered)
+    args = valid_args(tmp_path / "second") + ["--dns-server", "127.0.0.1:9"]
+    args[args.index("-q") + 1] = str(deep)
+    second = run_mailerd(args)
+    assert second.returncode != 0 and "another mailerd works this queue" in second.stderr, second
 
 
 def test_a_restart_after_kill_9_is_not_taken_for_a_second_mailerd(mailerd_factory, tmp_path):
