@@ -180,6 +180,9 @@ def test_config_file(mailerd_factory, tmp_path: Path, sep: str):
         f"queue = {tmp_path / 'cfgqueue'}\n"
         f"domain = a.test{sep}b.test\n"
         f"listen-local = 127.0.0.1:{port}{sep}[::1]:{port}\n"
+        # (the default network listener is port 25 on every address of the machine: another
+        # test process may hold it, and a test has no business there)
+        "listen-network = none\n"
         "hostname = cfg.example\n"
         "workers = 1\n"
     )
@@ -222,6 +225,7 @@ def test_command_line_overrides_config(mailerd_factory, tmp_path: Path):
         f"queue = {tmp_path / 'cfgqueue'}\n"
         "domain = a.test, b.test\n"
         f"listen-local = 127.0.0.1:{port}\n"
+        "listen-network = none\n"  # (not port 25 on every address: see test_config_file)
         "hostname = cfg.example\n"
         "workers = 3\n"
     )

@@ -67,15 +67,24 @@ def checkout(tmp_path: Path) -> Path:
 
 
 def _run_server(checkout: Path) -> subprocess.CompletedProcess[str]:
-    """scripts/server run to its end (it ends at once when its mailerd cannot start)."""
-    return subprocess.run(
+    """scripts/server run to its end (it ends at once when its mailerd cannot start). One that
+    runs on instead is stopped with all it started, its mailerd too, and the test fails."""
+    proc = subprocess.Popen(
         [str(checkout / "scripts" / "server")],
         cwd=checkout,
         stdin=subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=10)
+        pytest.fail(f"scripts/server still ran after 60 s:\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture
