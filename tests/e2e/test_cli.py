@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mailerd.ipc import unixpath
+
 from .conftest import (
     Mailerd,
     SMTPConn,
@@ -340,7 +342,7 @@ def test_a_queue_deeper_than_a_socket_address_holds(mailerd_factory, tmp_path: P
     mailerd on the queue is refused as another's. It stopped at start-up with "cannot create
     the delivery socket in ...: AF_UNIX path too long"."""
     deep = tmp_path / ("d" * 50) / ("e" * 50) / "queue"
-    assert len(os.fsencode(str(deep / "private" / "delivery.sock"))) > 107
+    assert len(os.fsencode(str(deep / "private" / "delivery.sock"))) > unixpath.SUN_PATH_MAX
     # (a relayhost nobody listens at: the remote message stays queued, deferred)
     m = mailerd_factory(base=tmp_path / "m", queue=deep, extra=["--relayhost", "[127.0.0.1]:9"])
     user = m.new_user("deep")
