@@ -68,11 +68,18 @@ class Aliases:
     missing: bool = False  # the file is not there (a mistyped --aliases, say)
 
     def lookup(self, local_part: str) -> Expansion | None:
+        found = self.find(local_part)
+        return None if found is None else found[1]
+
+    def find(self, local_part: str) -> tuple[str, Expansion] | None:
+        """The alias a local part names, as (its name in the table, its expansion): the
+        whole local part, or failing that the part before a `+tag`."""
         name = local_part.lower()
         found = self.table.get(name)
         if found is None and "+" in name:
-            found = self.table.get(name.split("+", 1)[0])
-        return found
+            name = name.split("+", 1)[0]
+            found = self.table.get(name)
+        return None if found is None else (name, found)
 
     def __len__(self) -> int:
         return len(self.table)

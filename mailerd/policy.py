@@ -42,7 +42,7 @@ class Remote:
 class Alias:
     """An address of the aliases file: a copy for each mailbox and each forwarding address."""
 
-    name: str
+    name: str  # as the table has it (without a +tag the address had)
     mailboxes: tuple[str, ...]
     forwards: tuple[str, ...]
 
@@ -78,11 +78,11 @@ def route(
 
 
 def _local(local_part: str, aliases: Aliases) -> Route:
-    expansion = aliases.lookup(local_part) if aliases.table else None
-    if expansion is None:
-        name = mailbox_name(local_part)
-        return Local(name) if name is not None else Refused(BAD_MAILBOX)
-    name = local_part.lower()
+    found = aliases.find(local_part) if aliases.table else None
+    if found is None:
+        mailbox = mailbox_name(local_part)
+        return Local(mailbox) if mailbox is not None else Refused(BAD_MAILBOX)
+    name, expansion = found
     if expansion.loop:
         return Refused(ALIAS_LOOP, f"alias {name} is part of a loop")
     if not expansion.deliverable:

@@ -68,10 +68,16 @@ def resolve(
             log.warning("alias %s: target %s has no mailbox; skipped", route.name, mailbox)
         else:
             return Resolved(refusal=refusal)  # a temporary problem: the whole alias waits
-    targets += [Target(forward, None) for forward in route.forwards]
+    targets += [Target(forward, None, forwarder(route, address)) for forward in route.forwards]
     if not targets:
         return Resolved(refusal=policy.NO_SUCH_USER)
     return Resolved(tuple(targets))
+
+
+def forwarder(alias: policy.Alias, address: Address) -> str:
+    """The address an alias's forwards leave from (see `forwarding`): its name at the domain
+    the mail came to."""
+    return f"{alias.name}@{address.domain}"
 
 
 def check_mailbox(

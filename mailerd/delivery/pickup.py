@@ -322,7 +322,9 @@ class Pickup:
             spool_path=str(cfg.spool),
         )
         if resolved.refusal is None:
-            return [(Recipient(t.address, mailbox=t.mailbox), None) for t in resolved.targets]
+            return [
+                (Recipient(t.address, mailbox=t.mailbox, via=t.via), None) for t in resolved.targets
+            ]
         reply = resolved.refusal
         if reply.code >= 500:
             status = _bounced(text, reply.status or "5.0.0", reply.text)
@@ -337,9 +339,13 @@ class Pickup:
             if isinstance(route, policy.Alias)
             else ()
         )
-        forwards = route.forwards if isinstance(route, policy.Alias) else ()
+        forwards = (
+            [Recipient(f, via=recipients.forwarder(route, address)) for f in route.forwards]
+            if isinstance(route, policy.Alias)
+            else []
+        )
         waiting = [Recipient(text, mailbox=box, last_error=_line(reply)) for box in boxes]
-        return [(r, None) for r in waiting + [Recipient(f) for f in forwards]]
+        return [(r, None) for r in waiting + forwards]
 
     def _clear(self, directory: int, names: list[str]) -> None:
         """Remove entries without a submission's name that are over JUNK_AGE old (in a

@@ -269,12 +269,11 @@ class DeliveryService:
     async def commit(self, request: Commit, body: durable.Body) -> Reply:
         """Make one message durable for all its recipients; the answer for the worker."""
         queue_id, received = intake.begin(request, self.cfg.hostname, durable.body_size(body))
-        remote = [
-            Recipient(address)
-            for address in dict.fromkeys(
-                normal_address(t.address) for t in request.targets if t.mailbox is None
-            )
-        ]
+        forwarded_by: dict[str, str] = {}  # one copy per remote address (the first alias's)
+        for t in request.targets:
+            if t.mailbox is None:
+                forwarded_by.setdefault(normal_address(t.address), t.via)
+        remote = [Recipient(address, via=via) for address, via in forwarded_by.items()]
         if remote:
             item = self._item(queue_id, request, remote)
             completion = self._completion(request, queue_id, body)

@@ -54,6 +54,7 @@ class Recipient:
     state: str = "pending"  # pending | sent | bounced
     attempts: int = 0
     last_error: str = ""
+    via: str = ""  # the alias that forwards it here (`forwarding.envelope_sender`)
 
 
 @dataclass
@@ -123,6 +124,7 @@ def _recipient(raw: object) -> Recipient:
         state=state,
         attempts=fields.count("attempts", 0),
         last_error=fields.text("last_error", ""),
+        via=fields.text("via", ""),
     )
 
 

@@ -32,11 +32,11 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import dns.asyncresolver
 
-from mailerd import names, recipients, trace
+from mailerd import forwarding, names, recipients, trace
 from mailerd.config import Config
 from mailerd.delivery import dsn, mx, relay
 from mailerd.delivery.queue import Queue, QueueItem, QueueWriteError, Recipient
@@ -69,6 +69,14 @@ MAX_ADDRESSES = 5  # addresses one attempt tries at most, of all its MX hosts (P
 LOOKUPS = 16  # destinations whose MX and addresses are looked up at once
 DELETED, AFTER_ATTEMPT = "deleted", "after attempt"  # what `delete` did
 LOOP_PAUSE = 1.0  # after a turn of the loop failed (a bug), before the next
+
+
+class Group(NamedTuple):
+    """Recipients of one item tried in one go (`Scheduler._group_of`)."""
+
+    kind: str  # local | relayhost | domain
+    name: str  # the mailbox, or the domain ("" for the relayhost)
+    mail_from: str = ""  # a remote group's envelope sender
 
 
 class Scheduler:
@@ -407,12 +415,12 @@ class Scheduler:
             await self._bounce_lost(item)
             return
         pending = [r for r in item.recipients if r.state == "pending"]
-        groups: dict[str, list[Recipient]] = collections.defaultdict(list)
+        groups: dict[Group, list[Recipient]] = collections.defaultdict(list)
         for recipient in pending:
-            groups[self._group_of(recipient)].append(recipient)
+            groups[self._group_of(item, recipient)].append(recipient)
         recording = asyncio.Lock()
 
-        async def attempt(key: str, members: list[Recipient]) -> dict[str, relay.Result]:
+        async def attempt(key: Group, members: list[Recipient]) -> dict[str, relay.Result]:
             outcome = await self._attempt_group(item, key, members)
             async with recording:
                 await self._record_sent(item, members, outcome)
@@ -442,17 +450,21 @@ class Scheduler:
         if any(r.state == "pending" for r in item.recipients):  # (else _settle removes it)
             await asyncio.get_running_loop().run_in_executor(None, self.queue.update, item)
 
-    def _group_of(self, recipient: Recipient) -> str:
+    def _group_of(self, item: QueueItem, recipient: Recipient) -> Group:
+        """One transaction each: a local mailbox's copy; the remote recipients at one domain
+        (or all, through a relayhost) that leave with the same MAIL FROM (a forward's is its
+        alias's, `forwarding`)."""
         if recipient.mailbox:
-            return "local:" + recipient.mailbox
+            return Group("local", recipient.mailbox)
+        mail_from = forwarding.envelope_sender(item.sender, recipient.via, self.cfg.domains)
         if self.cfg.relayhost:
-            return "relayhost"
-        return "domain:" + recipient.address.rpartition("@")[2].lower()
+            return Group("relayhost", "", mail_from)
+        return Group("domain", recipient.address.rpartition("@")[2].lower(), mail_from)
 
     async def _attempt_group(
-        self, item: QueueItem, key: str, members: list[Recipient]
+        self, item: QueueItem, key: Group, members: list[Recipient]
     ) -> dict[str, relay.Result]:
-        kind, _, name = key.partition(":")
+        kind, name = key.kind, key.name
         if kind == "local":
             return await self._retry_local(item, name, members)
         if kind == "relayhost":
@@ -465,7 +477,7 @@ class Scheduler:
         # domain's, in fact: an attacker's pass sent to a0…a19.tar.test, whose MX dripped its
         # replies, and held all the global slots with one domain of its own.
         async with self.per_domain[_slot_key(domain)]:
-            return await self._remote(item, kind == "relayhost", domain, members)
+            return await self._remote(item, kind == "relayhost", domain, key.mail_from, members)
 
     async def _retry_local(
         self, item: QueueItem, mailbox: str, members: list[Recipient]
@@ -485,7 +497,12 @@ class Scheduler:
         return {r.address: result for r in members}
 
     async def _remote(
-        self, item: QueueItem, smarthost: bool, domain: str, members: list[Recipient]
+        self,
+        item: QueueItem,
+        smarthost: bool,
+        domain: str,
+        mail_from: str,
+        members: list[Recipient],
     ) -> dict[str, relay.Result]:
         addresses = [r.address for r in members]
         async with self.lookups:  # (its DNS waits hold no global slot, but have their own)
@@ -494,7 +511,7 @@ class Scheduler:
             result = relay.Result(hops.code, hops.status, hops.text)
             return dict.fromkeys(addresses, result)
         message = relay.Message(
-            sender=item.sender,
+            sender=mail_from,
             recipients=tuple(addresses),
             path=self.queue.message_path(item.id),
             smtputf8=item.smtputf8,

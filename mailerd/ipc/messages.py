@@ -58,18 +58,20 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One copy of a message: into a local mailbox, or relayed to `address` (mailbox None)."""
+    """One copy of a message: into a local mailbox, or relayed to `address` (mailbox None);
+    `via`: the alias (`name@domain`) that forwards a relayed copy ("" for none)."""
 
     address: str  # the recipient as given (a local copy), or where to relay it
     mailbox: str | None
+    via: str = ""
 
     def encode(self) -> dict[str, Any]:
-        return {"address": self.address, "mailbox": self.mailbox}
+        return {"address": self.address, "mailbox": self.mailbox, "via": self.via}
 
     @classmethod
     def decode(cls, item: Any) -> Target:
         f = Fields(item, "target", BadMessage)
-        return cls(f.text("address"), f.optional_text("mailbox"))
+        return cls(f.text("address"), f.optional_text("mailbox"), f.text("via", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,8 +456,8 @@ def describe() -> str:
             f"| {spec(kind.wire_fields())} | {answer} |"
         )
     rows += ["", "| part | keys |", "|---|---|"]
-    rows.append(f"| Target (each of `targets`) | {spec(['address', 'mailbox'])} |")
-    failed = ["address", "mailbox", "error", "errno", "locked"]
+    rows.append(f"| Target (each of `targets`) | {spec(['address', 'mailbox', 'via'])} |")
+    failed = ["address", "mailbox", "via", "error", "errno", "locked"]
     rows.append(f"| FailedCopy (each of `failed`) | {spec(failed)} |")
     rows.append(f"| Refused (an unreadable request) | {spec(Refused.wire_fields())} |")
     return "\n".join(rows) + "\n"

@@ -99,8 +99,9 @@ def _message(subject: str) -> bytes:
     return f"From: root@example.org\r\nSubject: {subject}\r\n\r\nbody\r\n".encode()
 
 
-def _crash_after_queueing(m: Mailerd, name: str) -> None:
-    """What a pickup that died between queueing a file and removing it leaves: both."""
+def _take(m: Mailerd, name: str) -> pickup.Taken:
+    """The pickup's work on one maildrop file, done here (the daemon stopped): queued, and
+    the file removed."""
     cfg = config.load_files(
         config.load(
             ["-s", str(m.spool), "-q", str(m.queue), "-l", "none", "-n", "none"]
@@ -109,15 +110,21 @@ def _crash_after_queueing(m: Mailerd, name: str) -> None:
         )
     )
     directory = os.open(m.queue / maildrop.MAILDROP, os.O_RDONLY | os.O_DIRECTORY)
-    path = m.queue / maildrop.MAILDROP / name
-    content = path.read_bytes()
     try:
         taken = pickup.Pickup(cfg, Queue(m.queue), Spool(m.spool), None, print).take(
             directory, name
         )
     finally:
         os.close(directory)
-    assert taken is not None and not path.exists()
+    assert taken is not None and not (m.queue / maildrop.MAILDROP / name).exists()
+    return taken
+
+
+def _crash_after_queueing(m: Mailerd, name: str) -> None:
+    """What a pickup that died between queueing a file and removing it leaves: both."""
+    path = m.queue / maildrop.MAILDROP / name
+    content = path.read_bytes()
+    _take(m, name)
     path.write_bytes(content)
     path.chmod(0o644)
 
@@ -243,6 +250,21 @@ def test_every_forward_of_an_alias_is_queued_from_the_maildrop(aliased):
     ]
     assert f"{queue_id}: uid=0 from=<root@example.org>, size=" in m.stderr_text()
     assert "nrcpt=4 (maildrop)" in m.stderr_text()
+
+
+def test_the_pickup_queues_each_forward_with_its_alias(aliased):
+    """As over SMTP: the alias a remote copy came through is what it leaves from
+    (`forwarding`), here for a submission whose sender is not local (`sendmail -f`)."""
+    m, names, _ = aliased
+    assert m.stop() == 0
+    name = _drop(m, "zed@example.net", ["Forwards+x@example.org"], _message("fanned out"))
+    taken = _take(m, name)
+    remote = [(r.address, r.via) for r in taken.item.recipients if r.mailbox is None]
+    assert remote == [
+        ("one@remote.test", "forwards@example.org"),
+        ("two@remote.test", "forwards@example.org"),
+        ("Three@other.test", "forwards@example.org"),
+    ]
 
 
 def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_path: Path):

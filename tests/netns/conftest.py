@@ -639,6 +639,29 @@ class Submitted:
     reply: str
 
 
+def send_inbound(
+    sender: str, rcpt: str, subject: str = "inbound", body: bytes | None = None
+) -> Submitted:
+    """One transaction on mailerd's untrusted listener (198.51.100.1:25), as another server
+    would send (from 198.51.100.254); a message of `make_message` unless `body` is given."""
+    if body is None:
+        body = make_message(sender, [rcpt], subject)
+    with smtplib.SMTP(NS_V4, 25, local_hostname=CLIENT_HELO, timeout=IO_TIMEOUT) as s:
+        assert s.ehlo(CLIENT_HELO)[0] == 250
+        code, text = s.mail(sender)
+        assert code == 250, (code, text)
+        code, text = s.rcpt(rcpt)
+        assert code == 250, (code, text)
+        code, text = s.data(body)
+        reply = text.decode("utf-8", "replace")
+        assert code == 250, (code, reply)
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            s.quit()
+    found = re.search(r"queued as ([0-9A-Z]+)", reply)
+    assert found, reply
+    return Submitted(found.group(1), sender, [rcpt], body, reply)
+
+
 class Mailerd:
     """mailerd in the namespace: trusted listener 198.51.100.1:<port>, reached over the veth."""
 

@@ -11,25 +11,18 @@ and mx2's hold.test (451 for ever); the senders' MX is mx1, where any notice wou
 
 from __future__ import annotations
 
-import contextlib
-import re
-import smtplib
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from .conftest import (
-    CLIENT_HELO,
-    IO_TIMEOUT,
-    NS_V4,
     Internet,
     Mailerd,
-    Submitted,
     check_mailerd_runs,
     finish_or_fail,
-    make_message,
     parse_dsn,
+    send_inbound,
     token,
     wait_until,
 )
@@ -50,25 +43,6 @@ def mx(internet: Internet, tmp_path_factory) -> Iterator[Mailerd]:
     m.start()
     yield m
     finish_or_fail(m)
-
-
-def send_inbound(sender: str, rcpt: str, subject: str = "inbound") -> Submitted:
-    """One transaction on the untrusted listener (port 25), as another server would send."""
-    body = make_message(sender, [rcpt], subject)
-    with smtplib.SMTP(NS_V4, 25, local_hostname=CLIENT_HELO, timeout=IO_TIMEOUT) as s:
-        assert s.ehlo(CLIENT_HELO)[0] == 250
-        code, text = s.mail(sender)
-        assert code == 250, (code, text)
-        code, text = s.rcpt(rcpt)
-        assert code == 250, (code, text)
-        code, text = s.data(body)
-        reply = text.decode("utf-8", "replace")
-        assert code == 250, (code, reply)
-        with contextlib.suppress(smtplib.SMTPException, OSError):
-            s.quit()
-    found = re.search(r"queued as ([0-9A-Z]+)", reply)
-    assert found, reply
-    return Submitted(found.group(1), sender, [rcpt], body, reply)
 
 
 @pytest.mark.parametrize(

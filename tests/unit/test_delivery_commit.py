@@ -39,9 +39,9 @@ def service(tmp_path):
 
 
 def commit(to: str, trusted: bool = False, **fields) -> Commit:
+    fields.setdefault("targets", (Target(to, None),))
     return Commit(
         sender="alice@example.org",
-        targets=(Target(to, None),),
         helo="client.test",
         peer="192.0.2.1",
         protocol="ESMTP",
@@ -92,3 +92,22 @@ def test_the_queue_item_records_an_untrusted_listener_and_the_sender_s_spf(
     assert reply.code == 250, reply
     [queued] = service.queue.load(clean=False)
     assert (queued.inbound, queued.sender_spf) == (inbound, spf)
+
+
+def test_each_forward_is_queued_with_the_alias_it_came_through(service):
+    """The alias a remote copy came through is what it leaves from (`forwarding`); a target
+    two aliases share is one copy, through the first of them."""
+    targets = (
+        Target("bob@example.net", None, "team@example.org"),
+        Target("carol@example.net", None, "ops@example.org"),
+        Target("bob@example.net", None, "ops@example.org"),
+        Target("dave@example.net", None),
+    )
+    reply = asyncio.run(service.commit(commit("x", targets=targets), BODY))
+    assert reply.code == 250, reply
+    [queued] = service.queue.load(clean=False)
+    assert [(r.address, r.via) for r in queued.recipients] == [
+        ("bob@example.net", "team@example.org"),
+        ("carol@example.net", "ops@example.org"),
+        ("dave@example.net", ""),
+    ]

@@ -11,7 +11,11 @@ import pytest
 
 from mailerd.ipc import messages as m
 
-TARGETS = (m.Target("a@example.org", "a"), m.Target("b@remote.example", None))
+TARGETS = (
+    m.Target("a@example.org", "a"),
+    m.Target("b@remote.example", None),
+    m.Target("c@remote.example", None, "fwd@example.org"),
+)
 COMMIT = m.Commit("s@example.org", TARGETS, "client.example", "192.0.2.7", "ESMTP", "8BITMIME",
                   False, True)  # fmt: skip
 FAILED = (m.FailedCopy(TARGETS[0], "No space left on device", 28, False),)

@@ -25,7 +25,7 @@ import pytest
 from mailerd import aliases, config, trace
 from mailerd.delivery import dsn, relay
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
-from mailerd.delivery.scheduler import Scheduler
+from mailerd.delivery.scheduler import Group, Scheduler
 
 HOSTNAME = "mx.example.org"
 DOMAIN = "example.org"
@@ -679,7 +679,7 @@ def test_the_subdomains_of_one_domain_share_its_slots(make_world, monkeypatch):
     w = make_world("--max-per-domain", "2")
     running, peak = 0, 0
 
-    async def remote(item, smarthost, domain, members):
+    async def remote(item, smarthost, domain, mail_from, members):
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -692,7 +692,9 @@ def test_the_subdomains_of_one_domain_share_its_slots(make_world, monkeypatch):
     async def attempts(domains):
         nonlocal peak
         peak = 0
-        await asyncio.gather(*(w.sched._attempt_group(None, f"domain:{d}", []) for d in domains))
+        await asyncio.gather(
+            *(w.sched._attempt_group(None, Group("domain", d), []) for d in domains)
+        )
         return peak
 
     assert run(attempts([f"a{n}.tar.test" for n in range(8)])) == 2
@@ -720,7 +722,7 @@ def test_a_groups_delivered_recipients_are_recorded_before_the_others_end(make_w
     item = w.queued("alice@example.org", ["a@fast.test", "b@slow.test"])
     slow_may_end = asyncio.Event()
 
-    async def remote(item_, smarthost, domain, members):
+    async def remote(item_, smarthost, domain, mail_from, members):
         if domain == "slow.test":
             await slow_may_end.wait()
             return {m.address: relay.Result(451, "4.4.2", "timed out") for m in members}
@@ -888,7 +890,7 @@ async def _running_until(until: Callable[[], bool], timeout: float = 5.0) -> Non
 def _raising(w: World, monkeypatch) -> None:
     """Every remote attempt of `w` raises (a bug, here a FileNotFoundError from deep down)."""
 
-    async def remote(item, smarthost, domain, members):
+    async def remote(item, smarthost, domain, mail_from, members):
         raise FileNotFoundError(2, "No such file or directory", "somewhere")
 
     monkeypatch.setattr(w.sched, "_remote", remote)
@@ -940,7 +942,7 @@ def test_an_item_whose_message_file_is_lost_is_bounced_at_once(w, monkeypatch, c
     retried for ever (F7). The sender, told 250, learns it must send it again."""
     attempted = []
 
-    async def remote(item, smarthost, domain, members):
+    async def remote(item, smarthost, domain, mail_from, members):
         attempted.append(item.id)
         return {}
 
@@ -977,7 +979,7 @@ def _slow_attempt(w: World, monkeypatch, result: relay.Result) -> asyncio.Event:
     """Remote attempts of `w` wait for the returned event, then give `result`."""
     may_end = asyncio.Event()
 
-    async def remote(item, smarthost, domain, members):
+    async def remote(item, smarthost, domain, mail_from, members):
         await may_end.wait()
         return {m.address: result for m in members}
 
@@ -1111,3 +1113,72 @@ def test_the_owner_s_mail_is_bounced_whatever_spf_would_say(w):
     item = w.queued(REMOTE_SENDER, ["bob@example.net"], inbound=False, sender_spf="")
     w.settle(item, {"bob@example.net": REJECT})
     assert len(w.notices_queued()) == 1
+
+
+# -- the envelope sender of forwards (mailerd/forwarding.py) ------------------------------------
+
+
+def attempts_made(w: World, monkeypatch, item: QueueItem) -> list[relay.Message]:
+    """One attempt of `item`, every remote transaction answered 250; the messages relayed."""
+    made: list[relay.Message] = []
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [relay.Hop(f"mx.{domain}", "192.0.2.25")]
+
+    def attempt(hops, message: relay.Message, settings) -> dict[str, relay.Result]:
+        made.append(message)
+        return dict.fromkeys(message.recipients, OK)
+
+    monkeypatch.setattr(w.sched, "_hops", hops)
+    monkeypatch.setattr(relay, "attempt", attempt)
+    run(w.sched._attempt(item))
+    return made
+
+
+def test_forwards_leave_from_their_alias_s_address_one_transaction_each(w, monkeypatch):
+    item = w.queued(
+        REMOTE_SENDER,
+        [
+            Recipient("x@example.net", via=f"fwd-a@{DOMAIN}"),
+            Recipient("y@example.net", via=f"fwd-b@{DOMAIN}"),
+            Recipient("z@example.net", via=f"fwd-a@{DOMAIN}"),
+            Recipient("w@example.net"),  # (not forwarded: as a relayhost-less owner's copy)
+        ],
+    )
+    made = attempts_made(w, monkeypatch, item)
+    assert sorted((m.sender, m.recipients) for m in made) == [
+        (f"fwd-a+fwd_from=zed=example.net@{DOMAIN}", ("x@example.net", "z@example.net")),
+        (f"fwd-b+fwd_from=zed=example.net@{DOMAIN}", ("y@example.net",)),
+        (REMOTE_SENDER, ("w@example.net",)),
+    ]
+    assert w.queue.ids() == set(), "every recipient delivered"
+
+
+def test_a_local_sender_s_forward_keeps_its_sender_in_one_transaction(w, monkeypatch):
+    item = w.queued(
+        ALICE,
+        [Recipient("x@example.net", via=f"fwd-a@{DOMAIN}"), Recipient("y@example.net")],
+    )
+    [message] = attempts_made(w, monkeypatch, item)
+    assert (message.sender, message.recipients) == (ALICE, ("x@example.net", "y@example.net"))
+
+
+def test_a_forward_through_a_relayhost_leaves_from_its_alias_too(make_world, monkeypatch):
+    w = make_world("--relayhost", "[192.0.2.99]:587")
+    item = w.queued(REMOTE_SENDER, [Recipient("x@example.net", via=f"fwd-a@{DOMAIN}")])
+    [message] = attempts_made(w, monkeypatch, item)
+    assert message.sender == f"fwd-a+fwd_from=zed=example.net@{DOMAIN}"
+
+
+def test_a_refused_forward_still_bounces_to_the_original_sender(w, monkeypatch):
+    """mailerd's own bounce of a forward goes where RFC 5321 says, to the original sender
+    (when SPF verified it, `_notify`); only the target's later bounces reach the alias."""
+    item = w.queued(REMOTE_SENDER, [Recipient("bob@example.net", via=f"fwd-a@{DOMAIN}")])
+    w.settle(item, {"bob@example.net": REJECT})
+    [notice] = w.notices_queued()
+    assert [r.address for r in notice.recipients] == [REMOTE_SENDER]
+
+
+def test_the_alias_of_a_forward_survives_the_queue_file(w):
+    item = w.queued(REMOTE_SENDER, [Recipient("x@example.net", via=f"fwd-a@{DOMAIN}")])
+    assert w.on_disk(item).recipients[0].via == f"fwd-a@{DOMAIN}"

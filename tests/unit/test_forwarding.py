@@ -1,0 +1,138 @@
+"""The envelope sender of a forwarded copy (mailerd/forwarding.py): which senders are rewritten
+and how; that the rewritten address leads back to the alias (and nowhere else) when mail
+comes to it from the Internet; and that it passes SPF where the original fails, as the forward
+target sees it (mailerd's own SPF check against a DNS server of the test's own, serving the
+records `mailerd dns` prints)."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from dnsserver import DNSServer, Records
+
+from mailerd import aliases, forwarding, policy
+from mailerd.inbound.lookups import Lookups
+from mailerd.inbound.verifier import Verifier
+from mailerd.smtp.grammar import parse_address
+
+DOMAINS = ("example.org",)
+ALIASES = "fwd: away@gmail.test\nkeep: keep, kept@backup.test\n"
+
+
+def rewritten(sender: str, via: str = "fwd@example.org") -> str:
+    return forwarding.envelope_sender(sender, via, DOMAINS)
+
+
+@pytest.mark.parametrize(
+    "sender, expected",
+    [
+        ("zed@example.net", "fwd+fwd_from=zed=example.net@example.org"),
+        ("Zed.Two@Example.NET", "fwd+fwd_from=Zed.Two=example.net@example.org"),
+        ("zed+list@example.net", "fwd+fwd_from=zed+list=example.net@example.org"),
+        # a local part that may not stand unquoted in the tag, or that routes: the bare tag
+        ('"zed doe"@example.net', "fwd+fwd_from@example.org"),
+        ("zed%other@example.net", "fwd+fwd_from@example.org"),
+        ("zed!other@example.net", "fwd+fwd_from@example.org"),
+        ("zéd@example.net", "fwd+fwd_from@example.org"),
+        ("zed@exämple.net", "fwd+fwd_from@example.org"),
+        # longer than a local part may be (64 octets): the bare tag
+        ("z" * 40 + "@example.net", "fwd+fwd_from@example.org"),
+    ],
+)
+def test_a_remote_sender_of_a_forward_becomes_the_alias_s_tagged_address(sender, expected):
+    assert rewritten(sender) == expected
+    local = expected.rpartition("@")[0]
+    assert len(local.encode()) <= forwarding.LOCAL_PART_MAX
+
+
+@pytest.mark.parametrize(
+    "sender, via",
+    [
+        ("", "fwd@example.org"),  # a bounce being forwarded stays a bounce
+        ("alice@example.org", "fwd@example.org"),  # a local domain already lists this server
+        ("alice@lists.example.org", "fwd@example.org"),  # (a subdomain of one is local too)
+        ("zed@example.net", ""),  # not a forward: the owner's own mail to a remote address
+    ],
+)
+def test_other_senders_are_kept(sender, via):
+    assert rewritten(sender, via) == sender
+
+
+def test_an_alias_with_a_plus_in_its_name_forwards_from_its_own_address():
+    """A tag after `a+b` would be read as `a` with a tag: no tag then."""
+    assert rewritten("zed@example.net", "a+b@example.org") == "a+b@example.org"
+
+
+@pytest.mark.parametrize(
+    "sender",
+    ["zed@example.net", "zed+list@example.net", '"zed doe"@example.net', "z" * 70 + "@x.net"],
+)
+@pytest.mark.parametrize("alias", ["fwd", "keep"])
+def test_mail_to_the_rewritten_address_from_the_internet_goes_to_the_alias(sender, alias):
+    """A bounce or a reply to it: the alias's own targets, never the original sender (no
+    relay: an untrusted client names any `fwd_from=` it likes)."""
+    entries, problems = aliases.parse(ALIASES)
+    assert not problems
+    table = aliases.build(entries, DOMAINS)
+    address = parse_address(rewritten(sender, f"{alias}@example.org"))
+    route = policy.route(address, trusted=False, local_domains=DOMAINS, aliases=table)
+    assert route == policy.route(
+        parse_address(f"{alias}@example.org"), trusted=False, local_domains=DOMAINS, aliases=table
+    )
+    assert isinstance(route, policy.Alias) and route.name == alias
+
+
+def test_policy_names_an_alias_as_the_table_does():
+    entries, _ = aliases.parse(ALIASES)
+    table = aliases.build(entries, DOMAINS)
+    route = policy.route(
+        parse_address("FWD+news@example.org"), trusted=False, local_domains=DOMAINS, aliases=table
+    )
+    assert route == policy.Alias("fwd", (), ("away@gmail.test",))
+
+
+# -- as the forward target sees it -------------------------------------------------------------
+
+ZONE = """
+$ORIGIN example.org.
+@            MX  10 mx
+@            TXT "v=spf1 mx -all"
+mx           A   127.0.0.1
+$ORIGIN strict.example.
+@            TXT "v=spf1 ip4:192.0.2.1 -all"
+"""
+
+
+@pytest.fixture(scope="module")
+def dns_server() -> DNSServer:
+    server = DNSServer(Records(ZONE))
+    server.start()
+    return server
+
+
+def spf_at_target(server: DNSServer, sender: str) -> str:
+    """The SPF result a server checking mail from this host (127.0.0.1) would get."""
+
+    async def main() -> str:
+        with ThreadPoolExecutor(2) as threads:
+            verifier = Verifier(
+                "mx.target.test",
+                Lookups.make((server.host, server.port), 3.0),
+                asyncio.get_running_loop(),
+                threads,
+                timeout=3.0,
+                enforce=False,
+            )
+            message = b"From: <zed@strict.example>\r\nSubject: hi\r\n\r\nbody\r\n"
+            verdict = await verifier.check("127.0.0.1", "mx.example.org", sender, message)
+            return verdict.sender_spf
+
+    return asyncio.run(main())
+
+
+def test_the_forward_passes_spf_where_the_original_sender_fails(dns_server):
+    original = "zed@strict.example"
+    assert spf_at_target(dns_server, original) == "fail"
+    assert spf_at_target(dns_server, rewritten(original)) == "pass"
