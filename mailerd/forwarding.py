@@ -43,6 +43,8 @@ def envelope_sender(sender: str, via: str, local_domains: tuple[str, ...]) -> st
     if not local or is_local_domain(domain, local_domains):
         return sender
     name, _, alias_domain = via.rpartition("@")
+    if not name or not alias_domain:
+        return sender
     if "+" in name:  # (a tag after it would be taken for part of the name's: no tag then)
         return via
     tagged = f"{name}+{TAG}={local}={domain.lower()}"

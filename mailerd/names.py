@@ -6,8 +6,13 @@ from __future__ import annotations
 
 def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
     """A domain is local if it equals, or ends in '.' + , one of the configured suffixes."""
+    return local_domain_of(domain, local_domains) is not None
+
+
+def local_domain_of(domain: str, local_domains: tuple[str, ...]) -> str | None:
+    """The configured local domain that `domain` is, or is under; None for a remote one."""
     domain = domain.lower().rstrip(".")
-    return any(domain == d or domain.endswith("." + d) for d in local_domains)
+    return next((d for d in local_domains if domain == d or domain.endswith("." + d)), None)
 
 
 def mailbox_name(local_part: str) -> str | None:

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from mailerd import policy
+from mailerd import names, policy
 from mailerd.aliases import Aliases
 from mailerd.ipc.messages import Target
 from mailerd.smtp.events import Address, Reply
@@ -68,16 +68,21 @@ def resolve(
             log.warning("alias %s: target %s has no mailbox; skipped", route.name, mailbox)
         else:
             return Resolved(refusal=refusal)  # a temporary problem: the whole alias waits
-    targets += [Target(forward, None, forwarder(route, address)) for forward in route.forwards]
+    via = forwarder(route, address, local_domains)
+    targets += [Target(forward, None, via) for forward in route.forwards]
     if not targets:
         return Resolved(refusal=policy.NO_SUCH_USER)
     return Resolved(tuple(targets))
 
 
-def forwarder(alias: policy.Alias, address: Address) -> str:
-    """The address an alias's forwards leave from (see `forwarding`): its name at the domain
-    the mail came to."""
-    return f"{alias.name}@{address.domain}"
+def forwarder(alias: policy.Alias, address: Address, local_domains: tuple[str, ...]) -> str:
+    """The address an alias's forwards leave from (see `forwarding`): its name at the local
+    domain the mail came to, as configured (mail to a subdomain of it leaves from it: the
+    configured domains are the ones `mailerd dns` gives an SPF record)."""
+    if not address.domain:  # (RCPT TO:<postmaster>, the one address without a domain)
+        return f"{alias.name}@{local_domains[0]}" if local_domains else ""
+    domain = names.local_domain_of(address.domain, local_domains) or address.domain.lower()
+    return f"{alias.name}@{domain}"
 
 
 def check_mailbox(

@@ -340,7 +340,10 @@ class Pickup:
             else ()
         )
         forwards = (
-            [Recipient(f, via=recipients.forwarder(route, address)) for f in route.forwards]
+            [
+                Recipient(f, via=recipients.forwarder(route, address, cfg.domains))
+                for f in route.forwards
+            ]
             if isinstance(route, policy.Alias)
             else []
         )

@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from dnsserver import DNSServer, Records
 
-from mailerd import aliases, forwarding, policy
+from mailerd import aliases, forwarding, policy, recipients
 from mailerd.inbound.lookups import Lookups
 from mailerd.inbound.verifier import Verifier
 from mailerd.smtp.grammar import parse_address
+from mailerd.spool import Spool
 
 DOMAINS = ("example.org",)
 ALIASES = "fwd: away@gmail.test\nkeep: keep, kept@backup.test\n"
@@ -136,3 +137,33 @@ def test_the_forward_passes_spf_where_the_original_sender_fails(dns_server):
     original = "zed@strict.example"
     assert spf_at_target(dns_server, original) == "fail"
     assert spf_at_target(dns_server, rewritten(original)) == "pass"
+
+
+@pytest.mark.parametrize(
+    "rcpt, via",
+    [
+        ("away@example.org", "away@example.org"),
+        ("Away+news@Example.ORG", "away@example.org"),
+        ("away@example.com", "away@example.com"),  # each local domain its own
+        ("away@lists.example.org", "away@example.org"),  # as configured: it has the SPF record
+        ("postmaster", "postmaster@example.org"),  # (RCPT TO:<postmaster>: the first domain)
+    ],
+)
+def test_a_forward_records_the_alias_at_the_configured_domain(tmp_path, rcpt, via):
+    entries, _ = aliases.parse("away: gone@gmail.test\npostmaster: pm@gmail.test\n")
+    domains = ("example.org", "example.com")
+    resolved = recipients.resolve(
+        parse_address(rcpt),
+        trusted=False,
+        local_domains=domains,
+        aliases=aliases.build(entries, domains),
+        spool=Spool(str(tmp_path)),
+        spool_path=str(tmp_path),
+    )
+    assert [(t.mailbox, t.via) for t in resolved.targets] == [(None, via)]
+
+
+def test_no_alias_domain_no_rewrite():
+    assert forwarding.envelope_sender("zed@example.net", "postmaster@", DOMAINS) == (
+        "zed@example.net"
+    )
