@@ -408,7 +408,7 @@ class Scheduler:
     async def _settle_pending(self, item: QueueItem, result: relay.Result) -> None:
         """Settle every recipient still pending with one result of ours."""
         pending = [r for r in item.recipients if r.state == "pending"]
-        await self._settle(item, pending, dict.fromkeys((r.address for r in pending), result))
+        await self._settle(item, pending, dict.fromkeys(map(result_key, pending), result))
 
     async def _attempt(self, item: QueueItem) -> None:
         if await self._message_lost(item):
@@ -438,7 +438,7 @@ class Scheduler:
         """A group's delivered recipients, recorded as soon as that group is done: another
         group's server may keep its session going for many minutes, and a stop or a reload
         meanwhile must not send them again (a sixth attacker's pass). The rest is _settle's."""
-        sent = [r for r in members if r.address in outcome and outcome[r.address].ok]
+        sent = [r for r in members if result_key(r) in outcome and outcome[result_key(r)].ok]
         if not sent or item.id not in self.items:
             return
         now = time.time()
@@ -446,7 +446,7 @@ class Scheduler:
             recipient.attempts += 1
             recipient.last_error = ""
             recipient.state = "sent"
-            self._log(item, recipient, outcome[recipient.address], now)
+            self._log(item, recipient, outcome[result_key(recipient)], now)
         if any(r.state == "pending" for r in item.recipients):  # (else _settle removes it)
             await asyncio.get_running_loop().run_in_executor(None, self.queue.update, item)
 
@@ -494,7 +494,7 @@ class Scheduler:
             result = relay.Result(451, "4.2.0", f"local delivery failed: {exc}")
         else:
             result = relay.Result(250, "2.0.0", f"delivered to mailbox {mailbox} as {number}")
-        return {r.address: result for r in members}
+        return {result_key(r): result for r in members}
 
     async def _remote(
         self,
@@ -555,7 +555,7 @@ class Scheduler:
         expired = now - item.created > self.cfg.max_queue_time
         bounced: list[dsn.RecipientStatus] = []
         for recipient in pending:
-            result = results.get(recipient.address)
+            result = results.get(result_key(recipient))
             if result is None or recipient.state != "pending":  # (_record_sent's already)
                 continue
             recipient.attempts += 1
@@ -735,6 +735,18 @@ class Scheduler:
         await loop.run_in_executor(None, self.queue.put, item, b"", message)
         self.add(item)
         log.info("%s: bounce to <%s> queued", item.id, to)
+
+
+def result_key(recipient: Recipient) -> str:
+    """What an attempt's result for `recipient` is found under: a remote address (one copy per
+    address in an item); a local copy's address and mailbox, since an alias's copies share its
+    address (`team` for alice and for bob: keyed by the address alone, alice's failure was
+    taken for bob's success, and her copy was dropped as sent)."""
+    return (
+        recipient.address
+        if recipient.mailbox is None
+        else f"{recipient.address}\0{recipient.mailbox}"
+    )
 
 
 def _unverified(item: QueueItem) -> str:

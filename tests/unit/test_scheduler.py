@@ -549,6 +549,29 @@ def test_a_local_retry_writes_the_copy_and_removes_the_item(w):
     assert w.queue.ids() == set() and item.id not in w.sched.items
 
 
+def test_an_alias_s_local_copies_keep_their_own_results(w):
+    """Two copies for one address (the alias `team`, for alice and for bob, both to be
+    retried): alice's failed while bob's went in. Keyed by the address alone, the last result
+    was taken for both, and alice's copy was recorded as sent and dropped (a reviewer's pass)."""
+    team = f"team@{DOMAIN}"
+    item = w.queued(
+        REMOTE_SENDER, [Recipient(team, mailbox="alice"), Recipient(team, mailbox="bob")]
+    )
+    delivered = w.boxes.__call__
+
+    async def alice_fails(mailbox, head, body, since=None):
+        if mailbox == "alice":
+            raise OSError("No space left on device")
+        await asyncio.sleep(0.05)  # (bob's answer comes last)
+        return await delivered(mailbox, head, body, since)
+
+    w.sched.deliver_local = alice_fails
+    run(w.sched._attempt(item))
+    states = [(r.mailbox, r.state) for r in w.on_disk(item).recipients]
+    assert states == [("alice", "pending"), ("bob", "sent")]
+    assert [c.mailbox for c in w.boxes.calls] == ["bob"]
+
+
 def test_a_failed_local_retry_is_deferred_then_redelivered_as_such(w):
     item = local_item(w)
     w.boxes.fail = OSError("writer gone")
