@@ -5,19 +5,28 @@ Why: the forward target checks SPF for the MAIL FROM's domain against this serve
 The original sender's domain does not list this server (a forward from a domain that says
 `-all` fails there, and Gmail or Outlook then file or refuse it); a local domain does (`mailerd
 dns` prints `v=spf1 mx -all` for each). DMARC is unchanged: it aligns the From: header, which a
-forward does not touch, so it rests on the sender's DKIM signature surviving, as before.
+forward does not touch, so it rests on the sender's DKIM signature surviving, as before. This
+departs from RFC 5321 3.9.1 (an alias keeps the return path), as every SRS does.
 
 The scheme is chasquid's "send-only SRS": `ALIAS+fwd_from=LOCAL=DOMAIN@ALIAS-DOMAIN`. The tag
 keeps the original sender readable for a person (and in the target's Return-Path:) and needs
-no secret: a bounce or a vacation reply sent back to it is mail for the alias (a `+tag` reaches
-the name before it), which delivers it to the alias's own targets, so the person who set up the
-forward hears that it failed. Nothing is relayed to the original sender, so the address is no
-relay and no source of backscatter, unlike classic SRS (SRS0=hash=time=…), which needs a key to
-stop strangers from relaying through it. mailerd's own bounces of a forward still go to the
-original sender, under the rule of `delivery.scheduler` (only a sender SPF verified).
+no secret: a bounce or an auto-reply sent back to it is mail for the alias (a `+tag` reaches
+the name before it), delivered to the alias's own targets. Nothing is relayed to the address in
+the tag, so it is no relay and no source of backscatter, unlike classic SRS (SRS0=hash=time=…),
+which needs a key to stop strangers from relaying through it. mailerd's own bounces of a
+forward still go to the original sender, under the rule of `delivery.scheduler` (only a sender
+SPF verified).
 
-Only a non-empty sender at a domain that is not local is rewritten: a local sender's domain
-already lists this server, and <> (a bounce being forwarded) stays <>.
+Which senders:
+- <> stays <>, and a sender at a local domain is kept (its domain already lists this server);
+- a sender whose SPF failed here is kept: such mail fails at the target either way, and
+  rewritten it would pass there in the name of a local domain;
+- a copy of mail that came back to a forward's address (`me+fwd_from…`: a bounce, or an
+  auto-reply that did not use <> as RFC 3834 asks) leaves from <>, as the notice it is, so
+  that no auto-reply at the target answers it again: an answering machine at each end would
+  otherwise mail each other for ever, each message a new one to the loop count;
+- a result that is not a dot-atom local part of at most 64 octets (a quoted or 8-bit sender, or
+  alias name) gives the bare `ALIAS+fwd_from`, or, failing that too, the sender as it was.
 """
 
 from __future__ import annotations
@@ -29,27 +38,58 @@ from mailerd.names import is_local_domain
 TAG = "fwd_from"
 LOCAL_PART_MAX = 64  # RFC 5321 4.5.3.1.1: longer ones are refused by some servers
 
-# What may stand in the tag: dot-atom text (RFC 5321 4.1.2) without "%" and "!", which a
-# network client's RCPT may not use here (`policy._ROUTING_CHARS`), lest the bounce be refused.
-_TAG_SAFE = re.compile(r"[A-Za-z0-9.#$&'*+/=?^_`{|}~-]+")
+# A dot-atom (RFC 5321 4.1.2) of atext without "%" and "!", which a network client's RCPT may
+# not use here (`policy._ROUTING_CHARS`), lest a bounce to the address be refused.
+_ATEXT = r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
 
 
-def envelope_sender(sender: str, via: str, local_domains: tuple[str, ...]) -> str:
-    """The MAIL FROM for a copy of mail from `sender` forwarded by the alias `via`
-    (`name@domain`, the name as the aliases file has it; "" for a copy no alias forwarded)."""
+def came_back(local_part: str) -> bool:
+    """Is this a forward's own address (`me+fwd_from…`), mail to which is a reply to it?"""
+    return local_part.lower().partition("+")[2].startswith(TAG)
+
+
+def via(alias: str, domain: str, local_part: str) -> str:
+    """What a forward records of the alias it came through (`alias@domain`), from the local
+    part the mail came to: marked when that was a forward's own address (`came_back`)."""
+    return f"{alias}+{TAG}@{domain}" if came_back(local_part) else f"{alias}@{domain}"
+
+
+def envelope_sender(
+    sender: str, via: str, local_domains: tuple[str, ...], sender_spf: str = ""
+) -> str:
+    """The MAIL FROM for a copy of mail from `sender` forwarded by `via` (see `via`; "" for a
+    copy no alias forwarded); `sender_spf`: its SPF result here, if checked."""
     if not sender or not via:
         return sender
     local, _, domain = sender.rpartition("@")
     if not local or is_local_domain(domain, local_domains):
         return sender
     name, _, alias_domain = via.rpartition("@")
-    if not name or not alias_domain:
+    if not name or not is_local_domain(alias_domain, local_domains):
+        return sender  # (the alias's domain is no longer local: mail to it would be refused)
+    if came_back(name):
+        return ""
+    if sender_spf == "fail":
         return sender
     if "+" in name:  # (a tag after it would be taken for part of the name's: no tag then)
-        return via
-    tagged = f"{name}+{TAG}={local}={domain.lower()}"
-    if len(tagged.encode()) > LOCAL_PART_MAX or not _TAG_SAFE.fullmatch(tagged):
-        # A quoted or 8-bit local part, or one too long: the alias's address alone, with the
-        # bare tag, still a local sender (the original one is in the message's headers).
-        tagged = f"{name}+{TAG}"
-    return f"{tagged}@{alias_domain}"
+        candidates = [name]
+    else:
+        ascii_domain = _ascii(domain)
+        candidates = [f"{name}+{TAG}={local}={ascii_domain}"] if ascii_domain else []
+        candidates.append(f"{name}+{TAG}")
+    for candidate in candidates:
+        if len(candidate.encode()) <= LOCAL_PART_MAX and _DOT_ATOM.fullmatch(candidate):
+            return f"{candidate}@{alias_domain}"
+    return sender
+
+
+def _ascii(domain: str) -> str:
+    """The domain in lower case, with A-labels for an internationalized one ("" where none)."""
+    domain = domain.lower()
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return ""

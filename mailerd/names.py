@@ -6,13 +6,17 @@ from __future__ import annotations
 
 def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
     """A domain is local if it equals, or ends in '.' + , one of the configured suffixes."""
-    return local_domain_of(domain, local_domains) is not None
+    domain = domain.lower().rstrip(".")
+    return any(domain == d or domain.endswith("." + d) for d in local_domains)
 
 
 def local_domain_of(domain: str, local_domains: tuple[str, ...]) -> str | None:
-    """The configured local domain that `domain` is, or is under; None for a remote one."""
+    """The configured local domain that `domain` is, or is under (the longest, when it is
+    under several: lists.example.org itself, with example.org configured too); None for a
+    remote one."""
     domain = domain.lower().rstrip(".")
-    return next((d for d in local_domains if domain == d or domain.endswith("." + d)), None)
+    found = [d for d in local_domains if domain == d or domain.endswith("." + d)]
+    return max(found, key=len) if found else None
 
 
 def mailbox_name(local_part: str) -> str | None:

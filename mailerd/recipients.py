@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from mailerd import names, policy
+from mailerd import forwarding, names, policy
 from mailerd.aliases import Aliases
 from mailerd.ipc.messages import Target
 from mailerd.smtp.events import Address, Reply
@@ -80,9 +80,10 @@ def forwarder(alias: policy.Alias, address: Address, local_domains: tuple[str, .
     domain the mail came to, as configured (mail to a subdomain of it leaves from it: the
     configured domains are the ones `mailerd dns` gives an SPF record)."""
     if not address.domain:  # (RCPT TO:<postmaster>, the one address without a domain)
-        return f"{alias.name}@{local_domains[0]}" if local_domains else ""
-    domain = names.local_domain_of(address.domain, local_domains) or address.domain.lower()
-    return f"{alias.name}@{domain}"
+        domain = local_domains[0] if local_domains else ""
+    else:
+        domain = names.local_domain_of(address.domain, local_domains) or address.domain.lower()
+    return forwarding.via(alias.name, domain, address.local) if domain else ""
 
 
 def check_mailbox(

@@ -456,7 +456,8 @@ class Scheduler:
         alias's, `forwarding`)."""
         if recipient.mailbox:
             return Group("local", recipient.mailbox)
-        mail_from = forwarding.envelope_sender(item.sender, recipient.via, self.cfg.domains)
+        spf = item.sender_spf if item.inbound else ""
+        mail_from = forwarding.envelope_sender(item.sender, recipient.via, self.cfg.domains, spf)
         if self.cfg.relayhost:
             return Group("relayhost", "", mail_from)
         return Group("domain", recipient.address.rpartition("@")[2].lower(), mail_from)

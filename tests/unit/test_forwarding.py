@@ -37,15 +37,44 @@ def rewritten(sender: str, via: str = "fwd@example.org") -> str:
         ("zed%other@example.net", "fwd+fwd_from@example.org"),
         ("zed!other@example.net", "fwd+fwd_from@example.org"),
         ("zéd@example.net", "fwd+fwd_from@example.org"),
-        ("zed@exämple.net", "fwd+fwd_from@example.org"),
-        # longer than a local part may be (64 octets): the bare tag
+        ("zed@[192.0.2.1]", "fwd+fwd_from@example.org"),
+        # an internationalized domain in its A-labels, as the tag must be ASCII
+        ("zed@exämple.net", "fwd+fwd_from=zed=xn--exmple-cua.net@example.org"),
+        # 64 octets at most (RFC 5321 4.5.3.1.1): the bare tag past that
+        ("z" * 39 + "@example.net", f"fwd+fwd_from={'z' * 39}=example.net@example.org"),
         ("z" * 40 + "@example.net", "fwd+fwd_from@example.org"),
     ],
 )
 def test_a_remote_sender_of_a_forward_becomes_the_alias_s_tagged_address(sender, expected):
     assert rewritten(sender) == expected
-    local = expected.rpartition("@")[0]
-    assert len(local.encode()) <= forwarding.LOCAL_PART_MAX
+    assert_a_reverse_path(expected)
+
+
+def assert_a_reverse_path(address: str) -> None:
+    """What mailerd's own grammar takes in MAIL FROM, unquoted, of at most 64 octets."""
+    local = address.rpartition("@")[0]
+    assert len(local.encode()) <= forwarding.LOCAL_PART_MAX, address
+    parsed = parse_address(address)
+    assert (parsed.local, parsed.quoted) == (local, False), address
+
+
+@pytest.mark.parametrize(
+    "alias, expected",
+    [
+        ("a.b", "a.b+fwd_from=zed=example.net@example.org"),
+        ("x" * 50, "x" * 50 + "+fwd_from@example.org"),  # (the tagged form is too long)
+        # names the aliases file takes that are no dot-atom, or too long: the sender as it was
+        ('"john smith"', "zed@example.net"),
+        ("john smith", "zed@example.net"),
+        (".dot", "zed@example.net"),
+        ("a..b", "zed@example.net"),
+        ("x" * 60, "zed@example.net"),
+    ],
+)
+def test_an_alias_name_that_cannot_stand_in_a_path_keeps_the_sender(alias, expected):
+    result = rewritten("zed@example.net", f"{alias}@example.org")
+    assert result == expected
+    assert_a_reverse_path(result)
 
 
 @pytest.mark.parametrize(
@@ -55,10 +84,30 @@ def test_a_remote_sender_of_a_forward_becomes_the_alias_s_tagged_address(sender,
         ("alice@example.org", "fwd@example.org"),  # a local domain already lists this server
         ("alice@lists.example.org", "fwd@example.org"),  # (a subdomain of one is local too)
         ("zed@example.net", ""),  # not a forward: the owner's own mail to a remote address
+        ("zed@example.net", "fwd@example.com"),  # an alias's domain no longer local
     ],
 )
 def test_other_senders_are_kept(sender, via):
     assert rewritten(sender, via) == sender
+
+
+def test_a_sender_whose_spf_failed_here_is_kept():
+    """It would fail at the target either way; rewritten, it would pass in our name."""
+    sender = "ceo@bank.example"
+    assert forwarding.envelope_sender(sender, "fwd@example.org", DOMAINS, "fail") == sender
+    for spf in ("pass", "softfail", "neutral", "none", "temperror", "permerror", ""):
+        assert forwarding.envelope_sender(sender, "fwd@example.org", DOMAINS, spf) == (
+            "fwd+fwd_from=ceo=bank.example@example.org"
+        ), spf
+
+
+@pytest.mark.parametrize("sender", ["auto-reply@gmail.test", "", "alice@example.org"])
+def test_mail_that_came_back_to_a_forward_s_address_leaves_as_a_notice(sender):
+    """An auto-reply sent to `fwd+fwd_from=…` (not from <>, as RFC 3834 asks) is forwarded
+    from <>, so that no auto-reply at the target answers it again, and again."""
+    via = forwarding.via("fwd", "example.org", "FWD+fwd_from=zed=example.net")
+    expected = sender if sender.endswith("@example.org") else ""
+    assert forwarding.envelope_sender(sender, via, DOMAINS) == expected
 
 
 def test_an_alias_with_a_plus_in_its_name_forwards_from_its_own_address():
@@ -145,13 +194,15 @@ def test_the_forward_passes_spf_where_the_original_sender_fails(dns_server):
         ("away@example.org", "away@example.org"),
         ("Away+news@Example.ORG", "away@example.org"),
         ("away@example.com", "away@example.com"),  # each local domain its own
-        ("away@lists.example.org", "away@example.org"),  # as configured: it has the SPF record
+        ("away@sub.example.org", "away@example.org"),  # as configured: it has the SPF record
         ("postmaster", "postmaster@example.org"),  # (RCPT TO:<postmaster>: the first domain)
+        ("away+fwd_from=zed=example.net@example.com", "away+fwd_from@example.com"),  # came back
+        ("away@mail.lists.example.org", "away@lists.example.org"),  # the longest configured
     ],
 )
 def test_a_forward_records_the_alias_at_the_configured_domain(tmp_path, rcpt, via):
     entries, _ = aliases.parse("away: gone@gmail.test\npostmaster: pm@gmail.test\n")
-    domains = ("example.org", "example.com")
+    domains = ("example.org", "example.com", "lists.example.org")
     resolved = recipients.resolve(
         parse_address(rcpt),
         trusted=False,

@@ -1143,19 +1143,7 @@ def test_the_owner_s_mail_is_bounced_whatever_spf_would_say(w):
 
 def attempts_made(w: World, monkeypatch, item: QueueItem) -> list[relay.Message]:
     """One attempt of `item`, every remote transaction answered 250; the messages relayed."""
-    made: list[relay.Message] = []
-
-    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
-        return [relay.Hop(f"mx.{domain}", "192.0.2.25")]
-
-    def attempt(hops, message: relay.Message, settings) -> dict[str, relay.Result]:
-        made.append(message)
-        return dict.fromkeys(message.recipients, OK)
-
-    monkeypatch.setattr(w.sched, "_hops", hops)
-    monkeypatch.setattr(relay, "attempt", attempt)
-    run(w.sched._attempt(item))
-    return made
+    return attempts_answered(w, monkeypatch, item, OK)
 
 
 def test_forwards_leave_from_their_alias_s_address_one_transaction_each(w, monkeypatch):
@@ -1193,13 +1181,51 @@ def test_a_forward_through_a_relayhost_leaves_from_its_alias_too(make_world, mon
     assert message.sender == f"fwd-a+fwd_from=zed=example.net@{DOMAIN}"
 
 
+def attempts_answered(
+    w: World, monkeypatch, item: QueueItem, answer: relay.Result
+) -> list[relay.Message]:
+    """One attempt of `item`, every remote recipient answered `answer`."""
+    made: list[relay.Message] = []
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [relay.Hop(f"mx.{domain}", "192.0.2.25")]
+
+    def attempt(hops, message: relay.Message, settings) -> dict[str, relay.Result]:
+        made.append(message)
+        return dict.fromkeys(message.recipients, answer)
+
+    monkeypatch.setattr(w.sched, "_hops", hops)
+    monkeypatch.setattr(relay, "attempt", attempt)
+    run(w.sched._attempt(item))
+    return made
+
+
 def test_a_refused_forward_still_bounces_to_the_original_sender(w, monkeypatch):
     """mailerd's own bounce of a forward goes where RFC 5321 says, to the original sender
-    (when SPF verified it, `_notify`); only the target's later bounces reach the alias."""
-    item = w.queued(REMOTE_SENDER, [Recipient("bob@example.net", via=f"fwd-a@{DOMAIN}")])
-    w.settle(item, {"bob@example.net": REJECT})
+    (SPF verified it at receipt: `_notify`), not to the alias's address it left from; only the
+    target's later bounces reach the alias."""
+    item = w.queued(
+        REMOTE_SENDER,
+        [Recipient("bob@example.net", via=f"fwd-a@{DOMAIN}")],
+        inbound=True,
+        sender_spf="pass",
+    )
+    [message] = attempts_answered(w, monkeypatch, item, REJECT)
+    assert message.sender == f"fwd-a+fwd_from=zed=example.net@{DOMAIN}"
     [notice] = w.notices_queued()
     assert [r.address for r in notice.recipients] == [REMOTE_SENDER]
+
+
+@pytest.mark.parametrize("spf, rewritten", [("fail", False), ("softfail", True), ("", True)])
+def test_a_forward_whose_sender_failed_spf_here_keeps_that_sender(w, monkeypatch, spf, rewritten):
+    item = w.queued(
+        REMOTE_SENDER,
+        [Recipient("bob@example.net", via=f"fwd-a@{DOMAIN}")],
+        inbound=True,
+        sender_spf=spf,
+    )
+    [message] = attempts_answered(w, monkeypatch, item, OK)
+    assert (message.sender != REMOTE_SENDER) == rewritten
 
 
 def test_the_alias_of_a_forward_survives_the_queue_file(w):
