@@ -426,9 +426,16 @@ class Scheduler:
                 await self._record_sent(item, members, outcome)
             return outcome
 
-        outcomes = await asyncio.gather(*(attempt(k, m) for k, m in groups.items()))
+        # Every group finishes before the attempt does, even when one raises (a bug, a queue
+        # write that failed): the attempt's end frees the item for the next one, and a group
+        # still sending then would have its recipients deferred under it, and sent twice.
+        outcomes = await asyncio.gather(
+            *(attempt(k, m) for k, m in groups.items()), return_exceptions=True
+        )
         results: dict[str, relay.Result] = {}
         for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
             results.update(outcome)
         await self._settle(item, pending, results)
 

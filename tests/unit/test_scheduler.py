@@ -1231,3 +1231,29 @@ def test_a_forward_whose_sender_failed_spf_here_keeps_that_sender(w, monkeypatch
 def test_the_alias_of_a_forward_survives_the_queue_file(w):
     item = w.queued(REMOTE_SENDER, [Recipient("x@example.net", via=f"fwd-a@{DOMAIN}")])
     assert w.on_disk(item).recipients[0].via == f"fwd-a@{DOMAIN}"
+
+
+def test_a_group_that_raises_waits_for_the_others_before_the_attempt_ends(w, monkeypatch):
+    """One group's bug ended the attempt while another group was still sending: its
+    recipient was deferred under it (451 local error), the item freed for the next attempt,
+    and the group's delivery recorded later, the recipient sent twice meanwhile (a
+    reviewer's pass)."""
+    item = w.queued(
+        REMOTE_SENDER,
+        [Recipient("x@example.net", via=f"fwd-a@{DOMAIN}"), Recipient("y@example.org.uk")],
+    )
+
+    async def remote(item_, smarthost, domain, mail_from, members):
+        if domain == "example.net":
+            raise RuntimeError("a bug in one group")
+        await asyncio.sleep(0.3)
+        return {m.address: OK for m in members}
+
+    monkeypatch.setattr(w.sched, "_remote", remote)
+    w.sched.busy.add(item.id)
+    run(w.sched._process(item))
+    assert item.id not in w.sched.busy
+    states = {r.address: (r.state, r.attempts) for r in item.recipients}
+    assert states == {"x@example.net": ("pending", 1), "y@example.org.uk": ("sent", 1)}
+    [x] = [r for r in w.on_disk(item).recipients if r.state == "pending"]
+    assert x.last_error.startswith("451 4.3.0 local error: RuntimeError")
