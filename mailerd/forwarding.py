@@ -19,8 +19,10 @@ SPF verified).
 
 Which senders:
 - <> stays <>, and a sender at a local domain is kept (its domain already lists this server);
-- a sender whose SPF failed here is kept: such mail fails at the target either way, and
-  rewritten it would pass there in the name of a local domain;
+- a sender whose SPF failed (or softfailed) here is kept: such mail fails at the target either
+  way, and rewritten it would pass there in the name of a local domain (mail whose SPF was not
+  checked, `--inbound-auth off`, is rewritten: the operator chose to know nothing of it);
+- an alias whose name has a `+` keeps the sender (see below);
 - a copy of mail that came back to a forward's address (`me+fwd_from…`: a bounce, or an
   auto-reply that did not use <> as RFC 3834 asks) leaves from <>, as the notice it is, so
   that no auto-reply at the target answers it again: an answering machine at each end would
@@ -49,10 +51,22 @@ def came_back(local_part: str) -> bool:
     return local_part.lower().partition("+")[2].startswith(TAG)
 
 
+def returned(via: str) -> bool:
+    """Does this `via` say the mail came back to a forward's address?"""
+    return came_back(via.rpartition("@")[0])
+
+
 def via(alias: str, domain: str, local_part: str) -> str:
     """What a forward records of the alias it came through (`alias@domain`), from the local
     part the mail came to: marked when that was a forward's own address (`came_back`)."""
     return f"{alias}+{TAG}@{domain}" if came_back(local_part) else f"{alias}@{domain}"
+
+
+def preferred(kept: str, other: str) -> str:
+    """The `via` of one copy that two aliases forward to the same address: the first's
+    (`kept`), unless the other says the mail came back (whatever the order of the RCPTs, such
+    a copy must leave from <>)."""
+    return other if returned(other) and not returned(kept) else kept
 
 
 def envelope_sender(
@@ -70,14 +84,13 @@ def envelope_sender(
         return sender  # (the alias's domain is no longer local: mail to it would be refused)
     if came_back(name):
         return ""
-    if sender_spf == "fail":
+    if sender_spf in ("fail", "softfail") or "+" in name:
+        # (A tag after `a+b` would be read as `a`'s: mail sent back to it could not be told
+        # from mail to the alias, nor kept from being forwarded again.)
         return sender
-    if "+" in name:  # (a tag after it would be taken for part of the name's: no tag then)
-        candidates = [name]
-    else:
-        ascii_domain = _ascii(domain)
-        candidates = [f"{name}+{TAG}={local}={ascii_domain}"] if ascii_domain else []
-        candidates.append(f"{name}+{TAG}")
+    ascii_domain = _ascii(domain)
+    candidates = [f"{name}+{TAG}={local}={ascii_domain}"] if ascii_domain else []
+    candidates.append(f"{name}+{TAG}")
     for candidate in candidates:
         if len(candidate.encode()) <= LOCAL_PART_MAX and _DOT_ATOM.fullmatch(candidate):
             return f"{candidate}@{alias_domain}"

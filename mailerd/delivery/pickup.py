@@ -41,7 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from mailerd import durable, policy, recipients, signing, trace
+from mailerd import durable, forwarding, policy, recipients, signing, trace
 from mailerd.aliases import normal_address
 from mailerd.config import Config
 from mailerd.delivery.dsn import RecipientStatus
@@ -295,7 +295,9 @@ class Pickup:
                 # several remote addresses for one typed name.)
                 address = recipient.address
                 key = f"/{recipient.mailbox}" if recipient.mailbox else normal_address(address)
-                queued.setdefault(key, recipient)
+                kept = queued.setdefault(key, recipient)
+                if kept is not recipient and kept.mailbox is None:
+                    kept.via = forwarding.preferred(kept.via, recipient.via)
         item = QueueItem(
             id=submission.queue_id,
             sender=submission.sender,

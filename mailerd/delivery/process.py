@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from mailerd import durable, eventloop, intake, lifecycle, privileges, signing, trace
+from mailerd import durable, eventloop, forwarding, intake, lifecycle, privileges, signing, trace
 from mailerd.aliases import normal_address
 from mailerd.config import Config, ConfigError
 from mailerd.delivery.pickup import Pickup, Taken
@@ -269,10 +269,12 @@ class DeliveryService:
     async def commit(self, request: Commit, body: durable.Body) -> Reply:
         """Make one message durable for all its recipients; the answer for the worker."""
         queue_id, received = intake.begin(request, self.cfg.hostname, durable.body_size(body))
-        forwarded_by: dict[str, str] = {}  # one copy per remote address (the first alias's)
+        forwarded_by: dict[str, str] = {}  # one copy per remote address
         for t in request.targets:
             if t.mailbox is None:
-                forwarded_by.setdefault(normal_address(t.address), t.via)
+                address = normal_address(t.address)
+                kept = forwarded_by.get(address)
+                forwarded_by[address] = t.via if kept is None else forwarding.preferred(kept, t.via)
         remote = [Recipient(address, via=via) for address, via in forwarded_by.items()]
         if remote:
             item = self._item(queue_id, request, remote)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mailerd import config
+from mailerd import config, forwarding
 from mailerd.delivery import pickup
 from mailerd.delivery.queue import Queue
 from mailerd.ipc import maildrop
@@ -257,7 +257,7 @@ def test_the_pickup_queues_each_forward_with_its_alias(aliased):
     (`forwarding`), here for a submission whose sender is not local (`sendmail -f`)."""
     m, names, _ = aliased
     assert m.stop() == 0
-    name = _drop(m, "zed@example.net", ["Forwards+x@example.org"], _message("fanned out"))
+    name = _drop(m, "zed@remote.test", ["Forwards+x@example.org"], _message("fanned out"))
     taken = _take(m, name)
     remote = [(r.address, r.via) for r in taken.item.recipients if r.mailbox is None]
     assert remote == [
@@ -265,6 +265,14 @@ def test_the_pickup_queues_each_forward_with_its_alias(aliased):
         ("two@remote.test", "forwards@example.org"),
         ("Three@other.test", "forwards@example.org"),
     ]
+    sent_as = forwarding.envelope_sender("zed@remote.test", remote[0][1], m.domains)
+    assert sent_as == "forwards+fwd_from=zed=remote.test@example.org"
+    # one copy for two names of the alias, one of them its forwards' own address: marked as
+    # mail that came back, whatever the order (it leaves from <>)
+    back = "forwards+fwd_from=zed=remote.test@example.org"
+    name = _drop(m, "vacation@remote.test", ["forwards@example.org", back], _message("away"))
+    vias = {r.via for r in _take(m, name).item.recipients if r.mailbox is None}
+    assert vias == {"forwards+fwd_from@example.org"}
 
 
 def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_path: Path):

@@ -111,3 +111,17 @@ def test_each_forward_is_queued_with_the_alias_it_came_through(service):
         ("carol@example.net", "ops@example.org"),
         ("dave@example.net", ""),
     ]
+
+
+def test_a_copy_that_came_back_through_one_of_its_aliases_is_marked_so(service):
+    """Whatever the order of the RCPTs: such a copy leaves from <> (`forwarding`)."""
+    targets = (
+        Target("bob@example.net", None, "team@example.org"),
+        Target("bob@example.net", None, "team+fwd_from@example.org"),
+    )
+    reply = asyncio.run(service.commit(commit("x", targets=targets), BODY))
+    assert reply.code == 250, reply
+    [queued] = service.queue.load(clean=False)
+    assert [(r.address, r.via) for r in queued.recipients] == [
+        ("bob@example.net", "team+fwd_from@example.org")
+    ]

@@ -562,7 +562,7 @@ def test_an_alias_s_local_copies_keep_their_own_results(w):
     async def alice_fails(mailbox, head, body, since=None):
         if mailbox == "alice":
             raise OSError("No space left on device")
-        await asyncio.sleep(0.05)  # (bob's answer comes last)
+        await asyncio.sleep(0.05)  # (a copy after alice's: its answer was taken for hers)
         return await delivered(mailbox, head, body, since)
 
     w.sched.deliver_local = alice_fails
@@ -1216,7 +1216,9 @@ def test_a_refused_forward_still_bounces_to_the_original_sender(w, monkeypatch):
     assert [r.address for r in notice.recipients] == [REMOTE_SENDER]
 
 
-@pytest.mark.parametrize("spf, rewritten", [("fail", False), ("softfail", True), ("", True)])
+@pytest.mark.parametrize(
+    "spf, rewritten", [("fail", False), ("softfail", False), ("pass", True), ("", True)]
+)
 def test_a_forward_whose_sender_failed_spf_here_keeps_that_sender(w, monkeypatch, spf, rewritten):
     item = w.queued(
         REMOTE_SENDER,
