@@ -56,7 +56,7 @@ def returned(via: str) -> bool:
     return came_back(via.rpartition("@")[0])
 
 
-def via(alias: str, domain: str, local_part: str) -> str:
+def via_of(alias: str, domain: str, local_part: str) -> str:
     """What a forward records of the alias it came through (`alias@domain`), from the local
     part the mail came to: marked when that was a forward's own address (`came_back`)."""
     return f"{alias}+{TAG}@{domain}" if came_back(local_part) else f"{alias}@{domain}"
@@ -72,7 +72,7 @@ def preferred(kept: str, other: str) -> str:
 def envelope_sender(
     sender: str, via: str, local_domains: tuple[str, ...], sender_spf: str = ""
 ) -> str:
-    """The MAIL FROM for a copy of mail from `sender` forwarded by `via` (see `via`; "" for a
+    """The MAIL FROM for a copy of mail from `sender` forwarded by `via` (see `via_of`; "" for a
     copy no alias forwarded); `sender_spf`: its SPF result here, if checked."""
     if not sender or not via:
         return sender

@@ -83,7 +83,7 @@ def forwarder(alias: policy.Alias, address: Address, local_domains: tuple[str, .
         domain = local_domains[0] if local_domains else ""
     else:
         domain = names.local_domain_of(address.domain, local_domains) or address.domain.lower()
-    return forwarding.via(alias.name, domain, address.local) if domain else ""
+    return forwarding.via_of(alias.name, domain, address.local) if domain else ""
 
 
 def check_mailbox(

@@ -106,7 +106,7 @@ def test_a_sender_whose_spf_failed_here_is_kept():
 def test_mail_that_came_back_to_a_forward_s_address_leaves_as_a_notice(spf):
     """An auto-reply sent to `fwd+fwd_from=…` (not from <>, as RFC 3834 asks) is forwarded
     from <>, so that no auto-reply at the target answers it again, and again."""
-    via = forwarding.via("fwd", "example.org", "FWD+fwd_from=zed=example.net")
+    via = forwarding.via_of("fwd", "example.org", "FWD+fwd_from=zed=example.net")
     assert via == "fwd+fwd_from@example.org"
     assert forwarding.envelope_sender("auto-reply@gmail.test", via, DOMAINS, spf) == ""
     # (a local sender writing there is forwarded as it would be to the alias)
