@@ -518,17 +518,22 @@ def test_a_sighup_storm_is_folded_into_one_more_reload(daemon_factory):
     assert wait_until(lambda: d.messages("alice") == [1], 10)
 
 
-def _session_from(source: str, port: int) -> socket.socket | None:
-    """A session opened from `source` (a loopback address) that got its 220; else None."""
+def _session_from(source: str, port: int, why: list[str] | None = None) -> socket.socket | None:
+    """A session opened from `source` (a loopback address) that got its 220; else None, and
+    what it got instead appended to `why`."""
     s = socket.socket()
     try:
         s.settimeout(5)
         s.bind((source, 0))
         s.connect(("127.0.0.1", port))
-        if s.recv(200).startswith(b"220"):
+        greeting = s.recv(200)
+        if greeting.startswith(b"220"):
             return s
-    except OSError:
-        pass
+        got = repr(greeting)
+    except OSError as exc:
+        got = f"{type(exc).__name__}: {exc}"
+    if why is not None:
+        why.append(got)
     s.close()
     return None
 
@@ -549,14 +554,15 @@ def test_the_session_caps_stay_global_across_reloads(daemon_factory):
                     held.append(s)
             mark = d.reload()
             assert "configuration reloaded" in d.log()[mark:], d.log()[mark:]
-        probe = [_session_from("127.0.9.1", d.untrusted_port) for _ in range(12)]
+        why: list[str] = []
+        probe = [_session_from("127.0.9.1", d.untrusted_port, why) for _ in range(12)]
         got = [s for s in probe if s is not None]
         for s in got:
             s.close()
     finally:
         for s in held:
             s.close()
-    assert len(got) == 2, f"one address held {len(got)} sessions (cap 2)"
+    assert len(got) == 2, f"one address held {len(got)} sessions (cap 2); the others got {why}"
     assert "counts its sessions alone" not in d.log()
 
 
