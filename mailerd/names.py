@@ -6,8 +6,7 @@ from __future__ import annotations
 
 def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
     """A domain is local if it equals, or ends in '.' + , one of the configured suffixes."""
-    domain = domain.lower().rstrip(".")
-    return any(domain == d or domain.endswith("." + d) for d in local_domains)
+    return local_domain_of(domain, local_domains) is not None
 
 
 def local_domain_of(domain: str, local_domains: tuple[str, ...]) -> str | None:
