@@ -6,15 +6,11 @@ records `mailerd dns` prints)."""
 
 from __future__ import annotations
 
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 from dnsserver import DNSServer, Records
+from test_inbound import run_check
 
 from mailerd import aliases, forwarding, policy, recipients
-from mailerd.inbound.lookups import Lookups
-from mailerd.inbound.verifier import Verifier
 from mailerd.smtp.grammar import parse_address
 from mailerd.spool import Spool
 
@@ -181,22 +177,9 @@ def dns_server() -> DNSServer:
 
 def spf_at_target(server: DNSServer, sender: str) -> str:
     """The SPF result a server checking mail from this host (127.0.0.1) would get."""
-
-    async def main() -> str:
-        with ThreadPoolExecutor(2) as threads:
-            verifier = Verifier(
-                "mx.target.test",
-                Lookups.make((server.host, server.port), 3.0),
-                asyncio.get_running_loop(),
-                threads,
-                timeout=3.0,
-                enforce=False,
-            )
-            message = b"From: <zed@strict.example>\r\nSubject: hi\r\n\r\nbody\r\n"
-            verdict = await verifier.check("127.0.0.1", "mx.example.org", sender, message)
-            return verdict.sender_spf
-
-    return asyncio.run(main())
+    message = b"From: <zed@strict.example>\r\nSubject: hi\r\n\r\nbody\r\n"
+    verdict = run_check(server, message, sender=sender, helo="mx.example.org")
+    return verdict.sender_spf
 
 
 def test_the_forward_passes_spf_where_the_original_sender_fails(dns_server):
