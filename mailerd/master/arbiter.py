@@ -334,16 +334,22 @@ class Master:
         self.reload()
 
     def handle_sigusr1(self) -> None:
-        """Reopen the log file (after logrotate moved it) here, then in every child."""
-        if logsetup.reopen():
-            if self.cfg.log_file is not None:
-                with contextlib.suppress(OSError, privileges.PrivilegeError):
-                    privileges.chown_path(self.cfg.log_file, self.cfg.user, 0o640)
+        """Reopen the log file (after logrotate moved it) here, then in every child.
+
+        The children are signalled before the line is logged: once "reopened" is in the new
+        file, every child has the signal pending, so none writes another line to the old one
+        (a CI run saw a worker's "connect from" land in the rotated file, sent while the
+        master was still between its line and its kills)."""
+        reopened = logsetup.reopen()
+        if reopened and self.cfg.log_file is not None:
+            with contextlib.suppress(OSError, privileges.PrivilegeError):
+                privileges.chown_path(self.cfg.log_file, self.cfg.user, 0o640)
+        for pid in self.children:
+            _kill(pid, signal.SIGUSR1)
+        if reopened:
             log.info("log file reopened (SIGUSR1)")
         else:
             log.info("SIGUSR1: no log file to reopen")
-        for pid in self.children:
-            _kill(pid, signal.SIGUSR1)
 
     # -- reload ----------------------------------------------------------------------------
 
