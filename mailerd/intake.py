@@ -95,7 +95,11 @@ async def write_local(
     for (name, target), result in zip(by_mailbox.items(), results, strict=True):
         if isinstance(result, Exception):
             log.warning(
-                "%s: to=<%s>, relay=local, status=deferred (%s)", queue_id, target.address, result
+                "%s: to=<%s>, relay=local, status=deferred (mailbox %s: %s)",
+                queue_id,
+                target.address,
+                name,
+                result,
             )
             failed.append((target, result))
         else:

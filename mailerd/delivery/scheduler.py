@@ -499,7 +499,10 @@ class Scheduler:
             body = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
             number = await self.deliver_local(mailbox, head, body, item.created if again else None)
         except Exception as exc:
-            result = relay.Result(451, "4.2.0", f"local delivery failed: {exc}")
+            # (The mailbox is named: an alias's copies share one address.)
+            result = relay.Result(
+                451, "4.2.0", f"local delivery to mailbox {mailbox} failed: {exc}"
+            )
         else:
             result = relay.Result(250, "2.0.0", f"delivered to mailbox {mailbox} as {number}")
         return {result_key(r): result for r in members}
@@ -641,7 +644,14 @@ class Scheduler:
     async def _notify(
         self, item: QueueItem, statuses: list[dsn.RecipientStatus], now: float
     ) -> None:
-        """Send a DSN to the sender: never for <>, and a bounce itself goes from <>."""
+        """Send a DSN to the sender: never for <>, and a bounce itself goes from <>.
+
+        Each address the sender gave is reported once: an alias's local copies share its
+        address, and the sender wrote to the alias (the first copy's diagnostic is told)."""
+        first: dict[str, dsn.RecipientStatus] = {}
+        for status in statuses:
+            first.setdefault(status.address, status)
+        statuses = list(first.values())
         if item.sender == "":
             log.info("%s: not bouncing: null sender", item.id)
             return

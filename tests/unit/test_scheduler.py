@@ -181,6 +181,7 @@ def parse_report(raw: bytes) -> Report:
     for block in blocks[1:]:
         kind, _, address = block["Final-Recipient"].partition(";")
         assert kind.strip() == "rfc822"
+        assert address.strip() not in recipients, f"{address.strip()} reported twice"
         recipients[address.strip()] = block
     return Report(msg, recipients, human.get_payload(), headers.get_payload())
 
@@ -572,6 +573,36 @@ def test_an_alias_s_local_copies_keep_their_own_results(w):
     assert [c.mailbox for c in w.boxes.calls] == ["bob"]
 
 
+def test_an_alias_s_failed_local_copies_are_logged_by_mailbox_and_bounced_once(w, caplog):
+    """The alias `team`'s copies for alice and bob both failed until they expired: each
+    failure names its mailbox (two lines `to=<team@…>` that said the same could not be told
+    apart), and the sender, who wrote to team, reads of team once in the notice."""
+    team = f"team@{DOMAIN}"
+    item = w.queued(
+        ALICE,
+        [Recipient(team, mailbox="alice"), Recipient(team, mailbox="bob")],
+        age=QUEUE_TIME + 10,
+    )
+    delivered = w.boxes.__call__
+
+    async def copies_fail(mailbox, head, body, since=None):
+        if body == HEAD + BODY:  # (the notice to alice goes in)
+            raise OSError("No space left on device")
+        return await delivered(mailbox, head, body, since)
+
+    w.sched.deliver_local = copies_fail
+    with caplog.at_level(logging.INFO, logger="mailerd"):
+        run(w.sched._attempt(item))
+    lines = [r.getMessage() for r in caplog.records if f"to=<{team}>" in r.getMessage()]
+    assert len(lines) == 2 and all("status=bounced" in line for line in lines), lines
+    assert [("mailbox alice" in line, "mailbox bob" in line) for line in lines] == [
+        (True, False),
+        (False, True),
+    ], lines
+    [notice] = w.boxes.calls
+    assert_bounce(notice.body, ALICE, {team: "5.4.7"})
+
+
 def test_a_failed_local_retry_is_deferred_then_redelivered_as_such(w):
     item = local_item(w)
     w.boxes.fail = OSError("writer gone")
@@ -579,7 +610,7 @@ def test_a_failed_local_retry_is_deferred_then_redelivered_as_such(w):
     run(w.sched._attempt(item))
     bob = item.recipients[0]
     assert bob.state == "pending" and bob.attempts == 1
-    assert bob.last_error == "451 4.2.0 local delivery failed: writer gone"
+    assert bob.last_error == "451 4.2.0 local delivery to mailbox bob failed: writer gone"
     assert_next_attempt(item, 1, before, time.time())
     assert w.on_disk(item) == item
     w.boxes.fail = None
