@@ -45,7 +45,10 @@ class Unchecked(enum.Enum):
     BROKEN = "the check itself failed"
     LOCKED = "too many failures lately"
     ACCOUNT_LOCKED = "too many failures for this user lately, from other addresses"
-    BUSY = "too many logins at once"
+    BUSY = "too many logins at once"  # from this client: its own flood (fail2ban counts it)
+    # Every place taken, by anyone: whoever meets it may be the victim of another's flood, a
+    # user from a new place while a spray goes on, so fail2ban must not count it (other words).
+    CROWDED = "too many logins waiting for a check"
 
 
 Outcome = str | None | Unchecked  # the user, None (a wrong name or password), or Unchecked
@@ -105,7 +108,7 @@ class Logins:
             account = account_of(login)
             full = len(self._checking) >= self.limit + RESERVE
             if not known or full or account in self._reserved:
-                return Unchecked.BUSY
+                return Unchecked.CROWDED
             reserved_for = account
             self._reserved.add(account)
         self._by_client[client] += 1

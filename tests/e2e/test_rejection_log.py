@@ -30,6 +30,7 @@ import pytest
 from certs import make_ca
 
 from mailerd import credentials
+from mailerd.worker.logins import Unchecked
 
 from .conftest import REPO, Mailerd, Reply, SMTPConn, expect, finish, free_port, wait_until
 
@@ -209,6 +210,26 @@ def _foreign_sender(m: Mailerd, host: str) -> Reply:
     reply = c.cmd(f"MAIL FROM:<{USER}@example.org>")
     _quit(c)
     return reply
+
+
+def _unauthenticated_mail(tls: bool) -> Callable[[Mailerd, str], Reply]:
+    """MAIL on the submission listener before STARTTLS, or inside TLS before AUTH: a mail
+    program not set up yet (or a peer that cannot do TLS, where --tls-required), no attacker."""
+
+    def provoke(m: Mailerd, host: str) -> Reply:
+        c = SMTPConn(host, SUBMISSION_PORTS[m.name])
+        c.start("laptop.test")
+        if tls:
+            expect(c.cmd("STARTTLS"), 220, conn=c)
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            c.sock = context.wrap_socket(c.sock, server_hostname="mx.example.org")
+            expect(c.cmd("EHLO laptop.test"), 250, conn=c)
+        reply = c.cmd(f"MAIL FROM:<{SUBMITTER}@example.org>")
+        _quit(c)
+        return reply
+
+    return provoke
 
 
 SUBMISSION_PORTS: dict[str, int] = {}
@@ -423,6 +444,28 @@ KINDS = [
         banned=False,
         server="auth",
     ),
+    # ... nor is a mail program (or a peer without TLS) that has not done what the listener
+    # requires before MAIL
+    Kind(
+        "mail-before-starttls",
+        _unauthenticated_mail(tls=False),
+        V6,
+        "MAIL",
+        "530 5.7.0 Must issue a STARTTLS command first",
+        _fields(f"{SUBMITTER}@example.org", None, "laptop.test"),
+        banned=False,
+        server="auth",
+    ),
+    Kind(
+        "mail-before-auth",
+        _unauthenticated_mail(tls=True),
+        V4,
+        "MAIL",
+        "530 5.7.0 Authentication required",
+        _fields(f"{SUBMITTER}@example.org", None, "laptop.test"),
+        banned=False,
+        server="auth",
+    ),
     Kind(
         "too-many-sessions-in-all",
         _total_cap,
@@ -575,7 +618,9 @@ RENDERINGS = {
 
 def _extra_lines(run: Run) -> list[str]:
     """Lines no test client can provoke, in the form of a real one: a full disk's deferral,
-    and Postfix's line for the same relay attempt in a mail.log both write to (not ours)."""
+    Postfix's line for the same relay attempt in a mail.log both write to (not ours), a 454
+    because the check itself failed (ours), and one because every check place was taken, by
+    anyone (a user meets it from a new place while another floods or sprays)."""
     queue = run.lines["queue-write-fails"][0]
     relay = run.lines["relay-denied"][0]
     auth = run.lines["auth-wrong-password"][0]
@@ -589,6 +634,11 @@ def _extra_lines(run: Run) -> list[str]:
             "535 5.7.8 Authentication credentials invalid",
             "454 4.7.0 Temporary authentication failure, try again later",
         ),
+        auth.replace(
+            "535 5.7.8 Authentication credentials invalid",
+            "454 4.7.0 Temporary authentication failure, try again later",
+        )
+        + f" ({Unchecked.CROWDED.value})",
     ]
 
 
@@ -603,8 +653,8 @@ def _extra_banned(run: Run) -> list[tuple[str, str]]:
     new = "454 4.7.0 Temporary authentication failure, try again later"
     kind = next(k for k in KINDS if k.name == "auth-wrong-password")
     return [
-        (kind.host, line.replace(old, new) + f" (too many {why})")
-        for why in ("logins at once", "failures lately")
+        (kind.host, line.replace(old, new) + f" ({why.value})")
+        for why in (Unchecked.BUSY, Unchecked.LOCKED)
     ]
 
 

@@ -495,7 +495,7 @@ def test_checks_waiting_are_bounded_per_client_and_in_all():
         assert logins.start("2001:db8:1:2::1", "alice", "three", gone) is not Unchecked.BUSY
         assert logins.start("2001:db8:1:2::99", "bob", "x", gone) is Unchecked.BUSY  # one /64
         assert logins.start("192.0.2.3", "carol", "y", gone) is not Unchecked.BUSY
-        assert logins.start("192.0.2.4", "dave", "z", gone) is Unchecked.BUSY  # three in all
+        assert logins.start("192.0.2.4", "dave", "z", gone) is Unchecked.CROWDED  # three in all
         assert await a is None
         await asyncio.sleep(0.2)
         assert logins.start("192.0.2.1", "alice", "two", gone) is not Unchecked.BUSY
@@ -668,7 +668,7 @@ def test_the_reserve_takes_one_check_an_account():
         logins.failures.succeeded("192.0.2.50", "alice")
         spray = logins.start("203.0.113.7", "bob", "guess", gone)  # (the limit: 1)
         first = logins.start("192.0.2.0", "mallory+a", "right", gone)  # (a reserve place)
-        assert logins.start("192.0.2.1", "mallory+b", "right", gone) is Unchecked.BUSY
+        assert logins.start("192.0.2.1", "mallory+b", "right", gone) is Unchecked.CROWDED
         assert await logins.start("192.0.2.50", "alice", "right", gone) == "alice"
         assert await first == "alice" and await spray is None  # (the fake check's answers)
         return calls
@@ -690,7 +690,7 @@ def test_a_locked_account_is_not_checked_from_elsewhere_and_known_addresses_keep
         # Checks from a spray fill the worker (limit 1 here); alice's own address still
         # gets hers checked (RESERVE), another user's from a new address waits its turn.
         spray = logins.start("203.0.113.7", "bob", "guess", gone)
-        assert logins.start("203.0.113.8", "carol", "guess", gone) is Unchecked.BUSY
+        assert logins.start("203.0.113.8", "carol", "guess", gone) is Unchecked.CROWDED
         assert await logins.start("192.0.2.50", "alice", "right", gone) == "alice"
         assert await spray is None
         return calls
