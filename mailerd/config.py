@@ -167,7 +167,13 @@ class Config:
 OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ("config", "c", True, False, "INI config file (default /etc/mailerd/mailerd.conf if present)"),
     ("spool", "s", True, False, "mailbox root (default /var/spool/mail)"),
-    ("domain", "d", True, True, "a local domain; repeatable (default: the FQDN and localhost)"),
+    (
+        "domain",
+        "d",
+        True,
+        True,
+        "a local domain; repeatable (default: /etc/mailname or the FQDN, and localhost)",
+    ),
     ("queue", "q", True, False, "outbound queue and state (default /var/spool/mailerd)"),
     ("port", "p", True, False, "default port of the local and network listeners (default 25)"),
     ("listen-local", "l", True, True, "trusted listener ADDR[:PORT]; repeatable; 'none' for none"),

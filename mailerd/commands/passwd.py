@@ -7,9 +7,10 @@ config's `passwd`, else /etc/mailerd/passwd: root's, group mail, mode 0640, repl
 atomically); then a running mailerd reloads it. USER is a local user name (the mailbox's); it
 logs in as USER or as USER@ any local domain.
 
-Exit status: 0 done; 1 no such user to delete, or the passwords differ; 2 a bad argument;
-78 (EX_CONFIG) an unreadable config or passwd file; 73 (EX_CANTCREAT) the file cannot be
-written.
+Exit status: 0 done; 1 no such user to delete, or the passwords differ, or the running
+mailerd could not reload (the file is written); 2 a bad argument; 78 (EX_CONFIG) an
+unreadable config or passwd file; 73 (EX_CANTCREAT) the file cannot be written; 77
+(EX_NOPERM) the running mailerd cannot be signalled (the file is written).
 """
 
 from __future__ import annotations
