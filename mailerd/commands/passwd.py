@@ -112,11 +112,15 @@ def _fits_the_file(user: str) -> bool:
 
 
 def _read_password() -> str | None:
-    """Twice from the terminal, or one line from standard input; None if they differ or the
-    password is empty."""
+    """Twice from the terminal, or one line from standard input; None if they differ, the
+    password is empty, or the user gave up at the prompt (Ctrl-D, Ctrl-C)."""
     if sys.stdin.isatty():
-        first = getpass.getpass("New password: ")
-        second = getpass.getpass("Again: ")
+        try:
+            first = getpass.getpass("New password: ")
+            second = getpass.getpass("Again: ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)  # (the prompt's line is left open)
+            return None
         return first if first and first == second else None
     line = sys.stdin.readline().rstrip("\r\n")
     return line or None

@@ -964,6 +964,20 @@ def test_mailerd_passwd_on_a_terminal(tmp_path: Path):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("key", ["\x04", "\x03"], ids=["ctrl-d", "ctrl-c"])
+def test_mailerd_passwd_given_up_at_the_prompt_changes_nothing(tmp_path: Path, key: str):
+    """Ctrl-D (end of input) or Ctrl-C at the prompt: a line saying nothing changed and exit
+    status 1, no traceback (an operator's pass met one for each)."""
+    passwd = tmp_path / "passwd"
+    conf = passwd_conf(tmp_path)
+    set_password(passwd, "carol", "first-one", conf)
+    before = passwd.read_bytes()
+    argv = [sys.executable, "-m", "mailerd", "passwd", "-c", str(conf), "--passwd", str(passwd)]
+    rc, out = on_a_terminal([*argv, "carol"], [key])
+    assert rc == 1 and passwd.read_bytes() == before, (rc, out)
+    assert "Traceback" not in out and "nothing changed" in out, out
+
+
 @pytest.mark.parametrize(
     ("name", "said"),
     [
