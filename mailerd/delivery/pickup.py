@@ -247,7 +247,7 @@ class Pickup:
             submission.uid,
             submission.sender,
             len(submission.message),
-            len(item.recipients),
+            len(item.recipients) + (len(local.recipients) if local is not None else 0),
         )
         for part in (local, item) if local is not None else (item,):
             for r in part.recipients:

@@ -12,6 +12,7 @@ submitter.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from mailerd import config, forwarding
+from mailerd import config, forwarding, signing
+from mailerd.commands import dkimkeys
 from mailerd.delivery import pickup
 from mailerd.delivery.queue import Queue
 from mailerd.ipc import maildrop
+from mailerd.signing import SigningKey
 from mailerd.spool import Spool
 
 from .conftest import Mailerd, expect, wait_until
@@ -99,7 +102,7 @@ def _message(subject: str) -> bytes:
     return f"From: root@example.org\r\nSubject: {subject}\r\n\r\nbody\r\n".encode()
 
 
-def _take(m: Mailerd, name: str) -> pickup.Taken:
+def _take(m: Mailerd, name: str, dkim_keys: tuple[SigningKey, ...] = ()) -> pickup.Taken:
     """The pickup's work on one maildrop file, done here (the daemon stopped): queued, and
     the file removed."""
     cfg = config.load_files(
@@ -111,7 +114,7 @@ def _take(m: Mailerd, name: str) -> pickup.Taken:
     )
     directory = os.open(m.queue / maildrop.MAILDROP, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        taken = pickup.Pickup(cfg, Queue(m.queue), Spool(m.spool), None, print).take(
+        taken = pickup.Pickup(cfg, Queue(m.queue), Spool(m.spool), None, print, dkim_keys).take(
             directory, name
         )
     finally:
@@ -273,6 +276,23 @@ def test_the_pickup_queues_each_forward_with_its_alias(aliased):
     name = _drop(m, "vacation@remote.test", ["forwards@example.org", back], _message("away"))
     vias = {r.via for r in _take(m, name).item.recipients if r.mailbox is None}
     assert vias == {"forwards+fwd_from@example.org"}
+
+
+def test_a_signed_submission_counts_its_local_and_remote_recipients(aliased, tmp_path, caplog):
+    """With a DKIM key, a submission's local copies become an item of their own (unsigned):
+    the pickup's line still counts every recipient (it counted the signed item's alone: an
+    operator's pass saw nrcpt=1 for alice and bob@example.net)."""
+    m, names, _ = aliased
+    assert m.stop() == 0
+    key = tmp_path / "example.org.s1.key"
+    key.write_bytes(dkimkeys.new_key("ed25519", 0))
+    signer = signing.load_key("example.org", "s1", str(key))
+    name = _drop(m, "root@example.org", ["forwards@example.org"], _message("signed"))
+    with caplog.at_level(logging.INFO, logger="mailerd"):
+        taken = _take(m, name, (signer,))
+    assert taken.local is not None and len(taken.item.recipients) == 3
+    said = [r.getMessage() for r in caplog.records if "(maildrop)" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("nrcpt=4 (maildrop)"), said
 
 
 def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_path: Path):
