@@ -577,7 +577,7 @@ def _tls_context(cfg: Config) -> ssl.SSLContext | None:
     try:
         return tls.server_context(cfg.tls_pairs)
     except tls.TLSError as exc:
-        raise ConfigError(f"--tls-cert: {exc}") from exc
+        raise ConfigError(f"{exc.option}: {exc}") from exc
 
 
 def _with_files(cfg: Config, context: ssl.SSLContext | None) -> Config:

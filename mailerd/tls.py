@@ -64,7 +64,24 @@ Pair = tuple[Path, Path]  # a certificate chain and its private key
 
 
 class TLSError(Exception):
-    """A certificate or key that cannot be used; the message names the file and the reason."""
+    """A certificate or key that cannot be used; the message names the file and the reason,
+    `option` the option that named the file at fault."""
+
+    def __init__(self, message: str, option: str = "--tls-cert") -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def _readable_key(cert: Path, key: Path) -> None:
+    """A key file that cannot be read is told as the key's (OpenSSL's error would only say
+    that the pair failed, and the certificate was read already)."""
+    try:
+        os.close(os.open(key, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))  # (a FIFO: no wait)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise TLSError(
+            f"cannot read key {key} (of certificate {cert}): {reason}", option="--tls-key"
+        ) from exc
 
 
 def server_context(pairs: Sequence[Pair]) -> ssl.SSLContext | None:
@@ -161,6 +178,7 @@ def _context(pairs: list[Pair]) -> ssl.SSLContext:
             GROUPS.decode(),
         )
     for cert, key in pairs:
+        _readable_key(cert, key)
         try:
             context.load_cert_chain(cert, key, password=_no_pass_phrase)
         except _Encrypted:

@@ -1020,6 +1020,8 @@ def test_bad_certificate_is_a_start_up_error(mailerd_factory, pki: PKI, tmp_path
     lines = err.strip().splitlines()
     assert len(lines) == 1, f"expected one line:\n{err}"
     assert any(str(path) in lines[0] for path in named), f"{named} not named: {lines[0]}"
+    if case == "missing-key":  # (the option at fault, not --tls-cert: the certificate is fine)
+        assert "--tls-key: cannot read key" in lines[0], lines[0]
 
 
 def test_reload_presents_the_new_certificate(mailerd_factory, pki: PKI, tmp_path: Path):

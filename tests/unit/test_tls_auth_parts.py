@@ -144,6 +144,7 @@ def test_a_certificate_that_cannot_be_used_is_told_in_words(tmp_path: Path, ca):
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
     cases = [
         ((tmp_path, rsa.key), "Is a directory"),
+        ((rsa.cert, tmp_path / "no-such.key"), "cannot read key"),  # (not the certificate)
         ((garbage, rsa.key), "not a PEM certificate"),
         ((rsa.cert, rsa.cert), "holds no PEM certificate or key"),
         ((rsa.cert, other.key), "the key is not the certificate's"),
