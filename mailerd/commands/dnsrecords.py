@@ -113,10 +113,18 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("-c", "--config", help="config file (default /etc/mailerd/mailerd.conf)")
     parser.add_argument("--check", action="store_true", help="look the records up and compare")
+    parser.add_argument(
+        "--dns-server",
+        metavar="IP[:PORT]",
+        help="the resolver --check asks (default: the config's dns-server, else /etc/resolv.conf)",
+    )
     parser.add_argument("domains", nargs="*", metavar="DOMAIN")
     args = parser.parse_args(argv)
+    given = ["-c", args.config] if args.config else []
+    if args.dns_server:
+        given += ["--dns-server", args.dns_server]
     try:
-        cfg = config.load(["-c", args.config] if args.config else [])
+        cfg = config.load(given)
         keys = load_keys(cfg)
     except config.ConfigError as exc:
         print(f"mailerd dns: {exc}", file=sys.stderr)

@@ -819,6 +819,25 @@ def test_check_is_bounded_by_dns_timeout(conf: Path, keys: list[Key], dns_server
     assert rc == 1, f"exit {rc}\n{shown(lines)}"
 
 
+def test_check_asks_the_dns_server_given_on_the_command_line(
+    tmp_path: Path, keys: list[Key], dns_server
+):
+    """`--dns-server` chooses the resolver for one check, over the config's (an operator's
+    pass: checking against a given server needed the live config edited, while the check's
+    own lines said to look at --dns-server)."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    with silent:
+        server = SimpleNamespace(host="127.0.0.1", port=silent.getsockname()[1])
+        conf = write_config(tmp_path / "mailerd.conf", keys, server)  # type: ignore[arg-type]
+        printed = mailerd_dns("-c", str(conf))
+        assert printed.returncode == 0, printed
+        given = f"{dns_server.host}:{dns_server.port}"
+        rc, lines = run_check(conf, dns_server, printed.stdout, "--dns-server", given)
+    assert lines and [ln for ln in lines if ln.status != "OK"] == [], shown(lines)
+    assert rc == 0
+
+
 def test_check_against_a_silent_dns_server_says_so_at_once(tmp_path: Path, keys: list[Key]):
     """A dns-server that never answers (a wrong address, a firewall): every record is
     UNKNOWN, with a short reason that points at the setting, in about one dns-timeout in all
