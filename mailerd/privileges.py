@@ -63,6 +63,30 @@ def lookup(name: str) -> Account:
     return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
+def exposed(path: Path, user: str | None) -> str | None:
+    """Why a private key that root reads is within reach of others, in a warning's words
+    (None: it is not, or it cannot be looked at, which loading it says). The unprivileged
+    user is the one the Internet's input runs as: a key it owns, or its group may read, is as
+    good as in every worker."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    try:
+        account: Account | None = lookup(user or DEFAULT_USER)
+    except PrivilegeError:
+        account = None
+    if account is not None and st.st_uid == account.uid:
+        return f"is owned by {account.name}, whom the workers run as: chown root, chmod 600"
+    if st.st_mode & 0o004:
+        return "is readable by others: chmod 600 it"
+    if st.st_mode & 0o022:
+        return "may be written by others than its owner: chmod 600 it"
+    if account is not None and st.st_mode & 0o040 and st.st_gid == account.gid:
+        return f"is readable by the group of {account.name}, whom the workers run as: chmod 600 it"
+    return None
+
+
 def resolve(user: str | None) -> str | None:
     """The user the children will run as, or None when there is nothing to drop (not root).
 

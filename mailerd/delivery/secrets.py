@@ -116,15 +116,22 @@ def _alone(parent: int, keep: int) -> None:
 
 
 def _warn_if_exposed(cfg: Config) -> None:
-    """(A stat: the content is not read here.)"""
-    if cfg.relay_auth is None:
-        return
-    try:
-        mode = os.stat(cfg.relay_auth).st_mode
-    except OSError:
-        return  # (the check says why it cannot be read)
-    if mode & 0o077:
-        log.warning("%s is readable by others: chmod 600 it", cfg.relay_auth)
+    """A warning for each secret file others may read: the relayhost's login, the DKIM keys,
+    and the TLS keys too (which the master reads itself), checked here at start and reload
+    alike. (A stat: the content is not read here.)"""
+    if cfg.relay_auth is not None:
+        try:
+            mode = os.stat(cfg.relay_auth).st_mode
+        except OSError:
+            mode = 0  # (the check says why it cannot be read)
+        if mode & 0o077:
+            log.warning("%s is readable by others: chmod 600 it", cfg.relay_auth)
+    keys = [("--dkim-key", path) for _, _, path in cfg.dkim_specs]
+    keys += [("--tls-key", key) for _, key in cfg.tls_pairs]
+    for option, path in keys:
+        why = privileges.exposed(path, cfg.user)
+        if why is not None:
+            log.warning("%s %s %s", option, path, why)
 
 
 def _read_report(fd: int, pid: int) -> bytes | None:

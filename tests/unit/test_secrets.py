@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from mailerd import config
+from mailerd import config, privileges
 from mailerd.config import ConfigError
 from mailerd.delivery import secrets
 from mailerd.delivery.secrets import Secrets
@@ -186,3 +186,43 @@ def _wait_for(predicate, timeout: float = 5.0):
             return found
         time.sleep(0.02)
     raise AssertionError("timed out")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to the workers' user needs root")
+@pytest.mark.parametrize(
+    ("mode", "owned_by_workers", "group_of_workers", "said"),
+    [
+        (0o600, False, False, None),
+        (0o640, False, False, None),  # (root's group: e.g. ssl-cert's snakeoil key, 0640)
+        (0o644, False, False, "is readable by others: chmod 600 it"),
+        (0o620, False, False, "may be written by others than its owner: chmod 600 it"),
+        (0o600, True, False, "is owned by {user}, whom the workers run as: chown root, chmod 600"),
+        (0o640, False, True, "is readable by the group of {user}, whom the workers run as"),
+    ],
+)
+def test_check_warns_of_a_key_the_workers_or_others_may_reach(
+    tmp_path: Path, caplog, mode: int, owned_by_workers: bool, group_of_workers: bool, said
+):
+    """The DKIM and TLS keys stay root's: the master reads them so that no worker holds
+    them, which is no use if the workers' user may read the file (an operator's pass found
+    a DKIM key 0644, one owned by mail and a TLS key 0644 taken without a word)."""
+    workers = privileges.lookup(config.DEFAULT_USER)
+    cert, key = tmp_path / "mx.crt", tmp_path / "mx.key"  # (only looked at: a stat)
+    cert.write_text("a certificate\n")
+    key.write_text("a key\n")
+    argv = dkim(tmp_path) + ["--tls-cert", str(cert), "--tls-key", str(key)]
+    dkim_key = tmp_path / "example.org.s1.key"
+    for path in (dkim_key, key):
+        owner = workers.uid if owned_by_workers else 0
+        os.chown(path, owner, workers.gid if group_of_workers else 0)
+        path.chmod(mode)
+    caplog.set_level(logging.WARNING)
+    assert secrets.check(load(tmp_path, *argv)) is None
+    lines = [r.getMessage() for r in caplog.records]
+    if said is None:
+        assert lines == []
+    else:
+        words = said.format(user=workers.name)
+        assert len(lines) == 2, lines
+        assert lines[0].startswith(f"--dkim-key {dkim_key} {words}"), lines
+        assert lines[1].startswith(f"--tls-key {key} {words}"), lines
