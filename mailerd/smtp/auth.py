@@ -41,9 +41,10 @@ def decode(text: str) -> str:
     if text == "=":  # RFC 4954 4: an empty initial response
         return ""
     try:
-        raw = base64.b64decode(text, validate=True)
+        # (As ASCII bytes: given text that is not ASCII, b64decode raises a bare ValueError.)
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
         return raw.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
+    except (binascii.Error, UnicodeError) as exc:
         raise SASLError("not base64 of UTF-8 text") from exc
 
 

@@ -253,6 +253,10 @@ def test_login_prompts_and_initial_user_name():
         ([f"AUTH PLAIN {b64('just-a-name')}"], (501, "5.5.2")),
         ([f"AUTH PLAIN {b64('bob' + chr(0) + 'alice' + chr(0) + 'secret')}"], (501, "5.5.2")),
         (["AUTH LOGIN", b64("alice"), "\xff"], (501, "5.5.2")),
+        # not ASCII in an initial response (UTF-8 on the wire): base64 refused the text with
+        # a bare ValueError, and the session ended in a 421 and a traceback (an RFC review)
+        (["AUTH PLAIN \u00e9"], (501, "5.5.2")),
+        (["AUTH LOGIN \u00e9"], (501, "5.5.2")),
     ],
 )
 def test_auth_errors_leave_the_session_usable(steps, expected):
