@@ -59,6 +59,7 @@ from .replies import (
     OK,
     PARAMS_NEED_EHLO,
     QUIT_SYNTAX,
+    RCPT_AFTER_BDAT,
     RCPT_OK,
     RCPT_PARAMS,
     RCPT_SYNTAX,
@@ -247,6 +248,9 @@ class Commands:
     def _cmd_rcpt(self, argument: str | None) -> None:
         if not self._in_mail:
             self._send(NEED_MAIL)
+            return
+        if self._bdat_used:  # (RFC 3030 3: MAIL, RCPTs, then the chunks; nothing between)
+            self._send(RCPT_AFTER_BDAT)
             return
         if argument is None:
             self._send(RCPT_SYNTAX)

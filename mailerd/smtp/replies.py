@@ -31,6 +31,7 @@ NEED_HELO = Reply(503, "5.5.1", "Bad sequence of commands: send EHLO or HELO fir
 NESTED_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: sender already specified")
 NEED_MAIL = Reply(503, "5.5.1", "Bad sequence of commands: send MAIL first")
 DATA_AFTER_BDAT = Reply(503, "5.5.1", "Bad sequence of commands: DATA after BDAT")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Bad sequence of commands: RCPT after BDAT")
 NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")

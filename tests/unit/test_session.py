@@ -1108,6 +1108,17 @@ def test_data_after_bdat_is_a_sequence_error():
     assert status(client.cmd("DATA")) == (503, "5.5.1")
 
 
+def test_rcpt_after_a_chunk_is_a_sequence_error():
+    """RFC 3030 3: MAIL, the RCPTs, then the chunks. A recipient added between chunks was
+    taken into the message's envelope (an RFC review)."""
+    client = Client().transaction()
+    client.send(b"BDAT 3\r\nabc")
+    assert status(client.cmd("RCPT TO:<late@example.org>")) == (503, "5.5.1")
+    assert client.send(b"BDAT 0 LAST\r\n") == [QUEUED]
+    [(envelope, _)] = client.messages
+    assert "late@example.org" not in str(envelope), envelope
+
+
 def test_bdat_too_big_aborts_at_the_chunk():
     client = Client(max_message_size=10).transaction()
     assert client.codes(b"BDAT 6\r\n123456") == [250]
