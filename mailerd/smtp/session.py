@@ -45,6 +45,7 @@ from .replies import (
     AUTH_FAILED,
     AUTH_OK,
     AUTH_UNAVAILABLE,
+    BARE_CR_LF_COMMAND,
     BARE_CR_LF_MESSAGE,
     LINE_TOO_LONG,
     NUL_MESSAGE,
@@ -103,7 +104,8 @@ class Session(Commands):
         self._pos = 0
         self._pending: list[bytes] = []
         self._eof = False
-        self._discarding = False  # inside a command line that is too long
+        self._discarding = False  # inside a command line that is too long, or answered already
+        self._answered = False  # (that line's reply is sent: its end gets none)
         self._errors = 0
         self._helo: str | None = None
         self._esmtp = False
@@ -306,6 +308,12 @@ class Session(Commands):
         buf, pos = self._buf, self._pos
         limit = auth.RESPONSE_LINE_MAX if self._sasl is not None else self._config.max_command_line
         end = buf.find(b"\r\n", pos)
+        if not self._discarding:  # (every LF before the first CRLF is a bare one)
+            bare = buf.find(b"\n", pos, min(len(buf) if end < 0 else end, pos + limit))
+            if bare >= 0:
+                self._bare_line_feed(buf[pos : bare + 1])
+                self._pos = bare + 1
+                return True
         if end < 0:
             if len(buf) - pos >= limit:
                 # Already too long even if CRLF came next: drop what we have,
@@ -315,7 +323,9 @@ class Session(Commands):
                 self._pos = 0
             return False
         self._pos = end + 2
-        if self._discarding or end + 2 - pos > limit:
+        if self._answered:  # (the end of a line a bare LF was answered in)
+            self._discarding = self._answered = False
+        elif self._discarding or end + 2 - pos > limit:
             self._discarding = False
             self._verb = self._argument = ""
             if self._sasl is not None:  # an AUTH response: the exchange ends here, or the
@@ -325,6 +335,21 @@ class Session(Commands):
         else:
             self._handle_command(buf[pos:end])
         return True
+
+    def _bare_line_feed(self, line: bytes) -> None:
+        """A bare LF in a line: no CRLF can make it a command (only CRLF ends a line), so it
+        is answered at the LF (500 5.5.2), not at a CRLF that a client ending its lines with
+        LF alone never sends: it waited for a reply until the timeout (an RFC review). The
+        rest of the line, up to a CRLF, is discarded unanswered: the LF separates nothing,
+        and one line gets one reply, the same however the reads cut it."""
+        if self._sasl is not None:  # an AUTH response: the exchange ends (as for a long one)
+            self._sasl = None
+            self._unlogged = 1
+            self._verb = self._argument = ""
+            self._send(BARE_CR_LF_COMMAND)
+        else:
+            self._handle_command(line)  # (logged, and refused for its bare LF)
+        self._discarding = self._answered = True
 
     def _data_step(self) -> bool:
         data = self._take_input()

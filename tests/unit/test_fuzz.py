@@ -253,7 +253,10 @@ def test_arbitrary_input_never_raises_and_replies_at_most_once_per_line(data, co
     outcome = run([data], config)
     replies = outcome.replies
     assert replies[0].code == 220
-    assert len(replies) <= 1 + data.count(b"\r\n")
+    # One reply per line at most: a CRLF ends one, and a line a bare LF was answered in (at
+    # the LF) may still be open at the end of the input.
+    still_open = b"\n" in data.rsplit(b"\r\n", 1)[-1]
+    assert len(replies) <= 1 + data.count(b"\r\n") + still_open
     assert isinstance(outcome.events[-1], CloseConnection)
     closing = [i for i, r in enumerate(replies) if r.close]
     assert closing in ([], [len(replies) - 1])  # nothing after a closing reply

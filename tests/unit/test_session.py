@@ -543,8 +543,23 @@ def test_bare_lf_inside_a_command_line_is_not_a_separator():
     client = Client().ready()
     replies = client.send(b"MAIL FROM:<a@b>\nRCPT TO:<c@d>\r\n")
     assert [status(r) for r in replies] == [(500, "5.5.2")]
-    assert client.send(b"NOOP\n") == []  # no CRLF yet: nothing to answer
-    assert client.codes(b"\r\n") == [500]
+    assert client.codes(b"NOOP\r\n") == [250] and client.session._in_mail is False
+
+
+def test_a_line_ended_by_a_bare_lf_is_answered_at_once():
+    """A client that ends its lines with LF alone got no reply until a CRLF, which it never
+    sends: it waited for the timeout (an RFC review). The LF is answered at once; the rest of
+    that line, up to a CRLF, is discarded, whatever the reads (the LF separates nothing)."""
+    client = Client().ready()
+    assert [status(r) for r in client.send(b"NOOP\n")] == [(500, "5.5.2")]
+    assert client.send(b"MAIL FROM:<a@b>\n") == []  # (the same line, still)
+    assert client.send(b"DATA\r\n") == []  # its end: nothing executed, nothing answered
+    assert client.codes(b"MAIL FROM:<a@b>\r\n") == [250]
+    for cut in range(1, 12):  # one reply for one line, however the reads cut it
+        client = Client().ready()
+        data = b"NOOP\nDATA\r\nNOOP\r\n"
+        codes = client.codes(data[:cut]) + client.codes(data[cut:])
+        assert codes == [500, 250], (cut, codes)
 
 
 def test_command_line_of_exactly_512_octets():

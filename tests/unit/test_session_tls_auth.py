@@ -270,6 +270,19 @@ def test_auth_errors_leave_the_session_usable(steps, expected):
     assert c.cmd(PLAIN_OK).code == 235
 
 
+def test_a_bare_lf_in_an_auth_answer_ends_the_exchange_at_once():
+    """Answered at once, as a command line is (test_session); what follows up to a CRLF is
+    the same line, never taken for the password, nor logged."""
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    assert c.cmd("AUTH LOGIN").code == 334
+    assert [code(r) for r in c.send(b64("alice").encode() + b"\n")] == [(500, "5.5.2")]
+    assert c.send(b64("secret").encode() + b"\r\n") == []
+    assert c.requests == [] and c.session.user is None
+    assert c.cmd("NOOP").code == 250
+    assert c.cmd(PLAIN_OK).code == 235
+
+
 def test_auth_sequence_errors():
     c = Client(SUBMISSIONS)
     assert code(c.cmd(PLAIN_OK)) == (503, "5.5.1")  # before EHLO
