@@ -68,10 +68,10 @@ def read_relay_login(path: str) -> tuple[str, str]:
 
 def check(cfg: Config, blocked: Iterable[signal.Signals] = ()) -> str | None:
     """Why the secrets do not load (None: they do), found by a child that reads them and
-    exits; a warning logged for a file others may read. `blocked`: signals the child must not
-    act on (the master's: their handlers would act for it), blocked across the fork as the
-    master's own children have them."""
-    _warn_if_exposed(cfg)
+    exits; when they do, a warning logged for a file others may reach (a file that does not
+    load is the one line said). `blocked`: signals the child must not act on (the master's:
+    their handlers would act for it), blocked across the fork as the master's own children
+    have them."""
     reading, writing = os.pipe()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     parent = os.getpid()
@@ -100,7 +100,10 @@ def check(cfg: Config, blocked: Iterable[signal.Signals] = ()) -> str | None:
         return f"reading the secret files took over {CHECK_TIMEOUT:.0f} s"
     if report:
         return report.decode("utf-8", "replace")
-    return None if code == 0 else f"the check of the secret files failed (exit status {code})"
+    if code != 0:
+        return f"the check of the secret files failed (exit status {code})"
+    _warn_if_exposed(cfg)
+    return None
 
 
 def _alone(parent: int, keep: int) -> None:
