@@ -197,15 +197,22 @@ def _auth_login(login: str, password: str) -> Callable[[Mailerd, str], Reply]:
     return provoke
 
 
-def _foreign_sender(m: Mailerd, host: str) -> Reply:
-    """An authenticated user on the submission listener gives another's address."""
+def _submission(m: Mailerd, host: str, tls: bool = True) -> SMTPConn:
+    """A session on the submission listener, after EHLO (and STARTTLS and EHLO again)."""
     c = SMTPConn(host, SUBMISSION_PORTS[m.name])
     c.start("laptop.test")
-    expect(c.cmd("STARTTLS"), 220, conn=c)
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    c.sock = context.wrap_socket(c.sock, server_hostname="mx.example.org")
-    expect(c.cmd("EHLO laptop.test"), 250, conn=c)
+    if tls:
+        expect(c.cmd("STARTTLS"), 220, conn=c)
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        c.sock = context.wrap_socket(c.sock, server_hostname="mx.example.org")
+        expect(c.cmd("EHLO laptop.test"), 250, conn=c)
+    return c
+
+
+def _foreign_sender(m: Mailerd, host: str) -> Reply:
+    """An authenticated user on the submission listener gives another's address."""
+    c = _submission(m, host)
     expect(c.cmd(f"AUTH PLAIN {_b64(chr(0) + SUBMITTER + chr(0) + PASSWORD)}"), 235, conn=c)
     reply = c.cmd(f"MAIL FROM:<{USER}@example.org>")
     _quit(c)
@@ -217,14 +224,7 @@ def _unauthenticated_mail(tls: bool) -> Callable[[Mailerd, str], Reply]:
     program not set up yet (or a peer that cannot do TLS, where --tls-required), no attacker."""
 
     def provoke(m: Mailerd, host: str) -> Reply:
-        c = SMTPConn(host, SUBMISSION_PORTS[m.name])
-        c.start("laptop.test")
-        if tls:
-            expect(c.cmd("STARTTLS"), 220, conn=c)
-            context = ssl.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-            c.sock = context.wrap_socket(c.sock, server_hostname="mx.example.org")
-            expect(c.cmd("EHLO laptop.test"), 250, conn=c)
+        c = _submission(m, host, tls)
         reply = c.cmd(f"MAIL FROM:<{SUBMITTER}@example.org>")
         _quit(c)
         return reply
