@@ -70,6 +70,12 @@ def main(argv: list[str]) -> int:
         answer = asyncio.run(_ask(queue_dir, request[args.action].encode()))
     except NO_DAEMON:
         answer = None  # no daemon: the list is read, and a delete done, right here
+    except PermissionError as exc:  # (its files would be refused as well: said once)
+        print(
+            f"mailerd queue: cannot read the queue {queue_dir}: {exc.strerror}: run it as root",
+            file=sys.stderr,
+        )
+        return os.EX_NOPERM
     except (OSError, TimeoutError, ConnectionError) as exc:
         # A daemon is there but did not answer (busy, or not ours to ask): its files are its
         # own. Only a list, which changes nothing, may look at them instead.

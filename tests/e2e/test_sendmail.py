@@ -343,6 +343,22 @@ def test_queue_listing_and_flush(world, mailerd_factory):
     assert done.returncode == 0 and b"1 message(s) will be retried" in done.stdout, done
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs mailq as nobody (needs root)")
+def test_mailq_by_another_user_says_to_run_it_as_root(world, daemon):
+    """The queue is root's (mode 0700): a user's mailq says so in one line, exit 77 (an
+    operator's pass got three lines under three prefixes, the first 'no answer from
+    mailerd')."""
+    conf = sendmail_conf(daemon)
+    for argv in (
+        [world / "bin" / "mailq", "-C", conf],
+        [world / "bin" / "sendmail", "-C", conf, "-bp"],
+    ):
+        done = run(argv, user="nobody")
+        lines = done.stderr.decode().splitlines()
+        assert done.returncode == 77 and len(lines) == 1, done
+        assert "run it as root" in lines[0] and str(daemon.queue) in lines[0], lines
+
+
 def test_missing_maildrop_exits_75(world, tmp_path):
     conf = tmp_path / "sendmail.conf"
     conf.write_text(f"[mailerd]\nqueue = {tmp_path / 'never-started'}\ndomain = example.org\n")
