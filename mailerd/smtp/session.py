@@ -327,11 +327,7 @@ class Session(Commands):
             self._discarding = self._answered = False
         elif self._discarding or end + 2 - pos > limit:
             self._discarding = False
-            self._verb = self._argument = ""
-            if self._sasl is not None:  # an AUTH response: the exchange ends here, or the
-                self._sasl = None  # next command would be taken for the response
-                self._unlogged = 1
-            self._send(LINE_TOO_LONG)
+            self._refuse_line(LINE_TOO_LONG)
         else:
             self._handle_command(buf[pos:end])
         return True
@@ -342,14 +338,21 @@ class Session(Commands):
         LF alone never sends: it waited for a reply until the timeout (an RFC review). The
         rest of the line, up to a CRLF, is discarded unanswered: the LF separates nothing,
         and one line gets one reply, the same however the reads cut it."""
-        if self._sasl is not None:  # an AUTH response: the exchange ends (as for a long one)
-            self._sasl = None
-            self._unlogged = 1
-            self._verb = self._argument = ""
-            self._send(BARE_CR_LF_COMMAND)
+        if self._sasl is not None:
+            self._refuse_line(BARE_CR_LF_COMMAND)
         else:
             self._handle_command(line)  # (logged, and refused for its bare LF)
         self._discarding = self._answered = True
+
+    def _refuse_line(self, reply: Reply) -> None:
+        """A line that cannot be read as a command (too long, a bare LF) is refused unread.
+        In an AUTH exchange the exchange ends here, or the next command would be taken for
+        the response (and kept out of the -v log: it may be a password)."""
+        self._verb = self._argument = ""
+        if self._sasl is not None:
+            self._sasl = None
+            self._unlogged = 1
+        self._send(reply)
 
     def _data_step(self) -> bool:
         data = self._take_input()
