@@ -334,21 +334,14 @@ class Pickup:
         # A mailbox that cannot take mail now (an mbox file in its place): its copies wait in
         # the queue and are retried like any other, so the sender hears of the delay.
         route = policy.route(address, trusted=True, local_domains=cfg.domains, aliases=cfg.aliases)
-        boxes = (
-            (route.mailbox,)
-            if isinstance(route, policy.Local)
-            else route.mailboxes
-            if isinstance(route, policy.Alias)
-            else ()
-        )
-        forwards = (
-            [
-                Recipient(f, via=recipients.forwarder(route, address, cfg.domains))
-                for f in route.forwards
-            ]
-            if isinstance(route, policy.Alias)
-            else []
-        )
+        boxes: tuple[str, ...] = ()
+        forwards: list[Recipient] = []
+        if isinstance(route, policy.Local):
+            boxes = (route.mailbox,)
+        elif isinstance(route, policy.Alias):
+            boxes = route.mailboxes
+            via = recipients.forwarder(route, address, cfg.domains)
+            forwards = [Recipient(f, via=via) for f in route.forwards]
         waiting = [Recipient(text, mailbox=box, last_error=_line(reply)) for box in boxes]
         return [(r, None) for r in waiting + forwards]
 
