@@ -83,7 +83,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.peer = "?"
-        self.client = "?"  # [ip]:port, what the log calls this connection
+        self.client = "?"  # [ip]:port, what the log calls this connection (once made)
         self.body = BodyBuffer(worker.spill_dir)
         self.committing = False
         self.write_paused = False
@@ -106,9 +106,16 @@ class Connection(asyncio.Protocol):
         # A stream server's protocol is given a stream transport (uvloop's does not derive from
         # asyncio.Transport, so this is a cast, not an isinstance check).
         self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if not peer:
+            # Reset by its client before this worker took it up: the kernel forgets the peer's
+            # address with the reset, so there is no one to count, answer or log it by.
+            log.info("a connection on %s was reset by its client before it began", self.listen)
+            self.transport.close()
+            return
         # Admitted (or not) at accept, before any handshake: a connection that never finishes
         # one holds its place under the caps meanwhile, like any other.
-        refusal = self.admit(transport.get_extra_info("peername"))
+        refusal = self.admit(peer)
         if refusal is not None:
             if not self.listen.implicit_tls:  # (no 421 in clear where TLS is expected)
                 self.transport.write(refusal.to_bytes())
@@ -119,10 +126,10 @@ class Connection(asyncio.Protocol):
             return
         self.begin()
 
-    def admit(self, peer: tuple[str, int] | None) -> Reply | None:
+    def admit(self, peer: tuple[str, int]) -> Reply | None:
         """Count the session against the caps (`Worker.admit`); else the refusal, logged."""
-        self.peer = peer[0] if peer else "?"
-        self.client = f"[{peer[0]}]:{peer[1]}" if peer else "?"
+        self.peer = peer[0]
+        self.client = f"[{peer[0]}]:{peer[1]}"
         refusal = self.worker.admit(self)
         if refusal is not None:
             log.info("NOQUEUE: reject: CONNECT from unknown[%s]: %s", self.peer, _line(refusal))

@@ -184,6 +184,7 @@ class Worker:
         return conn
 
     def release(self, conn: Connection) -> None:
+        self.accepted.discard(conn)  # (one gone before it began was never admitted)
         counted = self.connections.pop(conn, None)
         if counted is not None:
             self.sessions.closed(*counted)
