@@ -366,8 +366,21 @@ def load(argv: list[str]) -> Config:
     raw: dict[str, object] = {}
     if config_path is not None or os.path.exists(DEFAULT_CONFIG):
         raw.update(read_ini(config_path or DEFAULT_CONFIG))
+    from_file = raw.keys() - args.keys() - {"config"}
     raw.update(args)
-    return from_values(raw, Path(str(raw["config"])) if raw.get("config") else None)
+    try:
+        return from_values(raw, Path(str(raw["config"])) if raw.get("config") else None)
+    except ConfigError as exc:
+        raise _placed(exc, str(raw.get("config")), from_file) from exc
+
+
+def _placed(exc: ConfigError, path: str, from_file: set[str]) -> ConfigError:
+    """A bad value the config file gave is named as its key in that file, not as the option
+    (the operator who wrote 'workers = many' looks for no '-w' or '--workers')."""
+    option, sep, why = str(exc).partition(": ")
+    if sep and option.startswith("--") and option[2:].replace("-", "_") in from_file:
+        return ConfigError(f"config file {path}: {option[2:]}: {why}")
+    return exc
 
 
 MAX_CONFIG_SIZE = 1 << 20  # octets: a config file is a few KB
@@ -414,7 +427,10 @@ def read_ini(path: str) -> dict[str, object]:
         takes_value, repeatable = known[key]
         dest = key.replace("-", "_")
         if not takes_value:
-            values[dest] = parse_bool(key, value)
+            try:
+                values[dest] = parse_bool(key, value)
+            except ConfigError as exc:
+                raise _placed(exc, path, {dest}) from exc
         elif repeatable:
             values[dest] = [v for v in re.split(r"[,\s]+", value) if v]
         else:

@@ -105,6 +105,33 @@ def test_ini_errors(tmp_path):
     assert str(info.value) == f"config file {ini}: not UTF-8 text"
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("workers", "many"),
+        ("max-message-size", "lots"),
+        ("listen-local", "1.2.3.999"),
+        ("inbound-auth", "strict"),
+        ("timeout", "5parsecs"),
+        ("verbose", "maybe"),
+    ],
+)
+def test_a_bad_value_from_the_file_is_named_as_its_key_there(tmp_path, key, value):
+    """Not as the option (an operator who wrote 'workers = many' has no '--workers' to find),
+    unless the command line gave it."""
+    ini = tmp_path / "mailerd.conf"
+    ini.write_text(f"[mailerd]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(["-c", str(ini)])
+    assert str(info.value).startswith(f"config file {ini}: {key}: "), str(info.value)
+    assert value in str(info.value)
+    if key == "verbose":
+        return  # (a flag: the command line gives it no value)
+    with pytest.raises(ConfigError) as info:
+        config.load(["-c", str(ini), f"--{key}", "bad value"])
+    assert str(info.value).startswith(f"--{key}: "), str(info.value)
+
+
 def test_ini_inline_comments(tmp_path):
     """A " # ..." or " ; ..." after a value is a comment, as the README writes them, in the
     daemon's reader and in the commands' (passwd, newaliases, sendmail -C use read_ini)."""
