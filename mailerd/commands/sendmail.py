@@ -27,8 +27,10 @@ library, and the other modes' (-bs, -bp, -q, -bi) only when asked for.
 
 Recipients without a domain (cron gives a user name) get DOMAIN: the config's first `domain`,
 else /etc/mailname, else the host's FQDN. Input lines may end in LF or CRLF and are stored with
-CRLF; a bare CR ends a line too (a progress meter's output stays readable); a line longer than
-998 octets is folded with CRLF SPACE, as Postfix's smtp_line_length_limit does; a NUL is refused.
+CRLF; a bare CR ends a line too (a progress meter's output stays readable); a header field's
+line longer than 998 octets is folded before white space in it (RFC 5322 2.2.3), after -t read
+it; a longer body line is folded with CRLF SPACE, as Postfix's smtp_line_length_limit does (so
+is a header line without white space); a NUL is refused.
 A leading mbox "From " line is dropped.
 
 Exit status (sysexits): 0 queued; EX_USAGE (64) a bad option or no recipient; EX_DATAERR (65) a
@@ -393,6 +395,22 @@ def fold_long_lines(lines: list[bytes]) -> list[bytes]:
 Field = list[bytes]  # a header field's lines: the first, then its folded continuations
 
 
+def fold_field(field: Field) -> Field:
+    """A header field's lines over 998 octets folded before white space they have, as RFC 5322
+    2.2.3 folds (unfolding gives the field back: a long To: keeps its addresses whole); a line
+    without any is cut as a body line is."""
+    out: Field = []
+    for line in field:
+        while len(line) > MAX_LINE:
+            cut = max(line.rfind(b" ", 1, MAX_LINE + 1), line.rfind(b"\t", 1, MAX_LINE + 1))
+            if cut <= 0 or not line[:cut].strip():
+                break
+            out.append(line[:cut])
+            line = line[cut:]
+        out += fold_long_lines([line])
+    return out
+
+
 def split_header(lines: list[bytes]) -> tuple[list[Field], list[bytes]]:
     """(header fields, body lines). The header ends at an empty line (dropped) or at the first
     line that is no field, which then starts the body; a leading mbox From_ line is dropped."""
@@ -458,15 +476,15 @@ def complete_message(
     if strip_bcc:
         fields = [f for f in fields if field_name(f) not in ("bcc", "resent-bcc")]
     names = {field_name(f) for f in fields}
-    lines = [line for f in fields for line in f]
+    lines = [line for f in fields for line in fold_field(f)]
     if "from" not in names:
-        lines += fold_long_lines([author_field(sender or identity.address(), identity)])
+        lines += fold_field([author_field(sender or identity.address(), identity)])
     if "date" not in names:
         lines.append(f"Date: {trace.rfc5322_date()}".encode())
     if "message-id" not in names:
         lines.append(f"Message-ID: <{trace.new_id()}@{identity.settings.hostname()}>".encode())
     lines.append(b"")
-    lines += body
+    lines += fold_long_lines(body)
     return b"\r\n".join(lines) + b"\r\n"
 
 
@@ -528,7 +546,7 @@ def send(opts: Options, settings: Settings, stdin: BinaryIO | None) -> int:
         raise Failure(os.EX_USAGE, "no recipient addresses given (or -t)")
     limit = settings.max_message_size + SIZE_SLACK
     data = read_input(stdin, stop_at_dot=not opts.ignore_dots, limit=limit)
-    fields, body = split_header(fold_long_lines(split_lines(data)))
+    fields, body = split_header(split_lines(data))  # (folded once the recipients are read)
     if opts.extract:
         recipients += header_recipients(fields, settings)
     recipients = list(dict.fromkeys(recipients))
