@@ -26,7 +26,8 @@ library, and the other modes' (-bs, -bp, -q, -bi) only when asked for.
     -c, -G, -m, -n, -U, -x   accepted and ignored
 
 Recipients without a domain (cron gives a user name) get DOMAIN: the config's first `domain`,
-else /etc/mailname, else the host's FQDN. Input lines may end in LF or CRLF and are stored with
+else /etc/mailname, else the host's FQDN; so do addresses without one in the header's address
+fields (cron's `From: root (Cron Daemon)`), as Postfix's cleanup does for local mail. Input lines may end in LF or CRLF and are stored with
 CRLF; a bare CR ends a line too (a progress meter's output stays readable); a header field's
 line longer than 998 octets is folded before white space in it (RFC 5322 2.2.3), after -t read
 it; a longer body line is folded with CRLF SPACE, as Postfix's smtp_line_length_limit does (so
@@ -467,6 +468,92 @@ def _addresses(field: str) -> list[str]:
 
 _NO_DOMAIN = "local part with no domain"
 
+# The fields whose addresses a local submission's missing domain is added to (RFC 5322 3.6.2-3,
+# 3.6.6).
+_ADDRESS_FIELDS = frozenset(
+    ("from", "sender", "reply-to", "to", "cc", "bcc")
+    + ("resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc")
+)
+
+
+def qualify_field(field: Field, domain: Callable[[], str]) -> Field:
+    """An address field whose addresses lack a domain (cron's `From: root (Cron Daemon)`,
+    mdadm's `<root>`, `To: root`) with DOMAIN added to each, as Postfix's cleanup does for
+    local mail: mail that leaves must name a domain in From: (DKIM signs for it, DMARC aligns
+    on it, and receivers refuse it otherwise). Nothing else in the field changes; a field the
+    parser does not read back as exactly that is kept as it was."""
+    text = b"\r\n".join(field).decode("utf-8", "surrogateescape")
+    name, colon, value = text.partition(":")
+    ends = _bare_address_ends(value)
+    if not colon or not ends:  # (most fields: then the parser, 15 ms to import, is not needed)
+        return field
+    before = _parsed_addresses(name, value)
+    if before is None:
+        return field
+    suffix = "@" + domain()
+    for end in reversed(ends):
+        value = value[:end] + suffix + value[end:]
+    if _parsed_addresses(name, value) != [qualify(a, domain) for a in before]:
+        return field
+    return (name + colon + value).encode("utf-8", "surrogateescape").split(b"\r\n")
+
+
+def _parsed_addresses(name: str, value: str) -> list[str] | None:
+    """The field's addr-specs, by the parser `_addresses` uses; None if it finds the field
+    broken (other than for an address without a domain)."""
+    from email import errors, policy
+
+    header = policy.default.header_factory(name, value.replace("\r\n", "").strip())
+    for defect in header.defects:
+        if isinstance(defect, errors.InvalidHeaderDefect) and _NO_DOMAIN not in str(defect):
+            return None
+    return [a.addr_spec for a in header.addresses]
+
+
+def _bare_address_ends(value: str) -> list[int]:
+    """Where in a field's value each address without an @ ends (outside comments, quoted
+    strings' quotes and domain literals): inside `<root>` before the `>`, after `root` in
+    `root (Cron Daemon)`. Addresses are separated by commas; a group's name ends at `:`."""
+    ends: list[int] = []
+    comment = 0
+    quoted = escaped = literal = angle = False
+    has_at = has_angle = False
+    last = -1  # just after the current address's last character, if it has any yet
+    for i, ch in enumerate(value):
+        if escaped:
+            escaped = False
+            last = i + 1 if not comment else last
+        elif ch == "\\" and (quoted or comment):
+            escaped = True
+        elif comment:
+            comment += {"(": 1, ")": -1}.get(ch, 0)
+        elif quoted or literal:
+            quoted = quoted and ch != '"'
+            literal = literal and ch != "]"
+            last = i + 1
+        elif ch in '(["':
+            comment, literal, quoted = int(ch == "("), ch == "[", ch == '"'
+        elif ch == "<":
+            angle = has_angle = True
+            has_at, last = False, -1
+        elif angle and ch == ">":
+            angle = False
+            if not has_at and last >= 0:
+                ends.append(last)
+            has_at = True  # (what follows the angle address is no address of its own)
+        elif not angle and ch in ",;:":
+            if not has_at and not has_angle and last >= 0 and ch != ":":
+                ends.append(last)
+            has_at = has_angle = False
+            last = -1
+        elif ch == "@":
+            has_at = True
+        elif not ch.isspace():
+            last = i + 1
+    if not has_at and not has_angle and not angle and last >= 0:
+        ends.append(last)
+    return ends
+
 
 def complete_message(
     fields: list[Field], body: list[bytes], sender: str, identity: Identity, *, strip_bcc: bool
@@ -475,6 +562,8 @@ def complete_message(
     Message-ID: added at the end of the header when they are missing."""
     if strip_bcc:
         fields = [f for f in fields if field_name(f) not in ("bcc", "resent-bcc")]
+    domain = identity.settings.domain
+    fields = [qualify_field(f, domain) if field_name(f) in _ADDRESS_FIELDS else f for f in fields]
     names = {field_name(f) for f in fields}
     lines = [line for f in fields for line in fold_field(f)]
     if "from" not in names:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from mailerd import headers
 from mailerd.commands import sendmail
 from mailerd.commands.sendmail import Failure, parse_options
 from mailerd.ipc import maildrop
@@ -303,6 +304,47 @@ def test_t_ignores_empty_groups_and_qualifies_names(conf, queue):
     data = b"To: undisclosed-recipients:;\nCc: root\n\nx\n"
     assert run(conf, ["-t", "-i"], data) == 0
     assert only(queue).recipients == ("root@example.org",)
+
+
+def test_addresses_without_a_domain_in_the_header_get_the_first_domain(conf, queue):
+    """As Postfix's cleanup does for local mail: cron's and mdadm's From: and To: name a user
+    alone, and mail that leaves (root forwarded elsewhere) needs a domain in From: to be
+    signed and accepted. The rest of each field stays as written."""
+    data = (
+        b"From: root (Cron Daemon)\n"
+        b"To: root,\n  Bob <bob>, carl@example.net, team: eve;\n"
+        b"Reply-To: mdadm monitoring <root>\n"
+        b"Cc: ann@example.net\n"
+        b"Subject: Cron <root@host> run-parts\n"
+        b"\n"
+        b"To: root\n"
+    )
+    assert run(conf, ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"], data) == 0
+    message = only(queue).message
+    assert header(message).split(b"\r\n")[:5] == [
+        b"From: root@example.org (Cron Daemon)",
+        b"To: root@example.org,",
+        b"  Bob <bob@example.org>, carl@example.net, team: eve@example.org;",
+        b"Reply-To: mdadm monitoring <root@example.org>",
+        b"Cc: ann@example.net",
+    ]
+    assert field(message, "Subject") == "Cron <root@host> run-parts"
+    assert body(message) == b"To: root\r\n"
+    assert headers.from_domain(message) == "example.org"  # (what DKIM signs for)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"From: undisclosed-recipients:;",
+        b"To: ann@example.net (no domain here)",
+        b"To: garbage <<",
+        b'From: "Smith, John" <jsmith@example.net>',
+    ],
+)
+def test_header_fields_with_nothing_to_qualify_are_kept_as_written(conf, queue, line):
+    assert run(conf, ["-i", "bob@example.org"], line + b"\nSubject: s\n\nb\n") == 0
+    assert header(only(queue).message).split(b"\r\n")[0] == line
 
 
 def test_t_reads_comments_quotes_and_groups(conf, queue):
