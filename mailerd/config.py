@@ -172,7 +172,7 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         "d",
         True,
         True,
-        "a local domain; repeatable (default: /etc/mailname or the FQDN, and localhost)",
+        "a local domain; repeatable (default: /etc/mailname or the FQDN; localhost always)",
     ),
     ("queue", "q", True, False, "outbound queue and state (default /var/spool/mailerd)"),
     ("port", "p", True, False, "default port of the local and network listeners (default 25)"),
@@ -472,7 +472,11 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     default_domains, default_hostname = (
         ([], "") if raw.get("domain") and raw.get("hostname") else host.identity()
     )
-    domains = tuple(dict.fromkeys(parse_domains(raw.get("domain") or default_domains)))
+    # localhost is always local, as in Debian's Postfix (mydestination): mail for it can go
+    # nowhere else, and fail2ban, logcheck and scripts write to root@localhost.
+    domains = tuple(
+        dict.fromkeys([*parse_domains(raw.get("domain") or default_domains), "localhost"])
+    )
     dkim_specs = _dkim_specs(raw.get("dkim_key"), domains)
     max_sessions = parse_int(
         "max-sessions", raw.get("max_sessions", DEFAULT_MAX_SESSIONS), 1, 10**7

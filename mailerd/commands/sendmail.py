@@ -27,12 +27,12 @@ library, and the other modes' (-bs, -bp, -q, -bi) only when asked for.
 
 Recipients without a domain (cron gives a user name) get DOMAIN: the config's first `domain`,
 else /etc/mailname, else the host's FQDN; so do addresses without one in the header's address
-fields (cron's `From: root (Cron Daemon)`), as Postfix's cleanup does for local mail. Input lines may end in LF or CRLF and are stored with
-CRLF; a bare CR ends a line too (a progress meter's output stays readable); a header field's
-line longer than 998 octets is folded before white space in it (RFC 5322 2.2.3), after -t read
-it; a longer body line is folded with CRLF SPACE, as Postfix's smtp_line_length_limit does (so
-is a header line without white space); a NUL is refused.
-A leading mbox "From " line is dropped.
+fields (cron's `From: root (Cron Daemon)`), as Postfix's cleanup does for local mail.
+Input lines may end in LF or CRLF and are stored with CRLF; a bare CR ends a line too (a
+progress meter's output stays readable); a header field's line longer than 998 octets is folded
+before white space in it (RFC 5322 2.2.3), after -t read it; a longer body line is folded with
+CRLF SPACE, as Postfix's smtp_line_length_limit does (so is a header line without white space);
+a NUL is refused. A leading mbox "From " line is dropped.
 
 Exit status (sysexits): 0 queued; EX_USAGE (64) a bad option or no recipient; EX_DATAERR (65) a
 bad address, a NUL, a message too large or with too many hops (data.MAX_HOPS); EX_CONFIG (78) an

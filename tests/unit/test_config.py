@@ -50,7 +50,7 @@ def test_listener_roles_come_from_the_option():
 
 def test_repeatable_domains_and_durations():
     cfg = load("-d", "Example.org", "--domain", "example.net", "--timeout", "30s")
-    assert cfg.domains == ("example.org", "example.net") and cfg.timeout == 30
+    assert cfg.domains == ("example.org", "example.net", "localhost") and cfg.timeout == 30
     assert config.parse_duration("timeout", "5m") == 300
     assert config.parse_duration("timeout", "1h") == 3600
 
@@ -81,10 +81,10 @@ def test_ini_file_and_command_line_override(tmp_path):
     )
     cfg = config.load(["-c", str(ini)])
     assert cfg.spool.as_posix() == "/srv/mail" and cfg.workers == 3
-    assert cfg.domains == ("a.example", "b.example", "c.example")
+    assert cfg.domains == ("a.example", "b.example", "c.example", "localhost")
     assert len(cfg.listeners) == 2
     cfg = config.load(["-c", str(ini), "-w", "1", "-d", "z.example"])
-    assert cfg.workers == 1 and cfg.domains == ("z.example",)
+    assert cfg.workers == 1 and cfg.domains == ("z.example", "localhost")
 
 
 def test_ini_errors(tmp_path):
@@ -149,7 +149,7 @@ def test_ini_inline_comments(tmp_path):
     )
     cfg = config.load(["-c", str(ini)])
     assert cfg.queue.as_posix() == "/tmp/q" and cfg.verbose
-    assert cfg.domains == ("a.example", "b.example") and len(cfg.listeners) == 2
+    assert cfg.domains == ("a.example", "b.example", "localhost") and len(cfg.listeners) == 2
     assert daemon.read_config(str(ini))["queue"] == "/tmp/q"
     settings = sendmail.load_settings(str(ini))
     assert settings.queue == "/tmp/q" and settings.max_message_size == 1000
@@ -208,7 +208,7 @@ def test_identity_follows_debian(tmp_path, monkeypatch):
     mailname.unlink()
     monkeypatch.setattr(host, "local_fqdn", lambda: "host.example.net")
     assert load().domains == ("host.example.net", "localhost")
-    assert load("-d", "given.example").domains == ("given.example",)
+    assert load("-d", "given.example").domains == ("given.example", "localhost")
 
 
 def test_the_fqdn_comes_from_etc_hosts_never_from_dns(tmp_path, monkeypatch):
