@@ -46,15 +46,30 @@ def _copy_checkout(target: Path) -> Path:
         if source.is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target / name)
-    # The checkout's virtualenv, shared, with a set-up stamp of the copy's own: scripts/setup
-    # must not reinstall mailerd into it from the copy (an editable install pointing here).
+    # The checkout's virtualenv, shared, with a set-up stamp of the copy's own (naming the
+    # copy): scripts/setup must not reinstall mailerd into it from the copy (an editable
+    # install pointing here, gone with the test: `_assert_venv_untouched`).
     venv = target / ".venv"
     venv.mkdir()
     for entry in (REPO / ".venv").iterdir():
         if entry.name != ".mailerd-setup":
             (venv / entry.name).symlink_to(entry)
-    (venv / ".mailerd-setup").touch()
+    (venv / ".mailerd-setup").write_text(os.path.realpath(target) + "\n")
     return target
+
+
+def _assert_venv_untouched() -> None:
+    """The shared .venv still imports this checkout's mailerd (asked from /, where no
+    checkout is on the path)."""
+    found = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-c", "import mailerd; print(mailerd.__file__)"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    expected = os.path.realpath(REPO / "mailerd" / "__init__.py")
+    assert os.path.realpath(found.stdout.strip()) == expected, found
 
 
 @pytest.fixture
@@ -139,6 +154,7 @@ def test_scripts_server_prints_commands_that_work(server):
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(20) in (0, 130), text()
     assert "Traceback" not in text()
+    _assert_venv_untouched()
 
 
 def test_a_second_scripts_server_says_its_mailerd_did_not_start(server):
@@ -165,3 +181,4 @@ def test_scripts_server_is_not_fooled_by_another_listener(checkout):
     assert run.returncode == 1, (run.stdout, run.stderr)
     assert "listening" not in run.stdout + run.stderr, run.stdout
     assert "mailerd" in run.stderr and "in use" in run.stderr, run.stderr
+    _assert_venv_untouched()
