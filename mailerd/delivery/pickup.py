@@ -17,9 +17,11 @@ A submission's recipients are routed as a trusted (local) client's would be, ali
 (`recipients.resolve`), and the message becomes one queue item (our Received: header, which
 names the submitting uid, then the message) whose local recipients the scheduler delivers at
 once and whose remote ones it relays. A recipient that cannot exist (an unknown user, an
-alias loop) is bounced to the sender. The queue item is durable before the file is removed,
-and its id comes from the file's name: if mailerd dies in between, the next pickup finds the
-item already queued and only removes the file, so nothing is lost and nothing is doubled.
+alias loop) is bounced to the sender, and so is a whole message over the size limit (one that
+a `sendmail` reading another configuration took). The queue item is durable before the file is
+removed, and its id comes from the file's name: if mailerd dies in between, the next pickup
+finds the item already queued and only removes the file, so nothing is lost and nothing is
+doubled.
 
 Mail that leaves is DKIM-signed here, as a trusted client's is at its commit (`signing`). Local
 copies are not signed: a message for both local and remote recipients becomes two items, the
@@ -217,6 +219,8 @@ class Pickup:
             _check_hops(submission.message)
         except FileNotFoundError:
             return None
+        except maildrop.TooBig as exc:
+            return self._too_big(directory, name, exc)
         except maildrop.Invalid as exc:
             self._discard(directory, name, str(exc))
             return None
@@ -254,6 +258,45 @@ class Pickup:
                 if r.state == "pending":
                     log.info("%s: to=<%s>, relay=queue, status=queued", part.id, r.address)
         return Taken(item, refused, local)
+
+    def _too_big(self, directory: int, name: str, exc: maildrop.TooBig) -> Taken | None:
+        """A submission over the size limit, bounced to its sender with its header (queued as
+        an item of bounced recipients, as an unknown user's are), not removed unheard: its
+        `sendmail` took it, under a limit of its own configuration."""
+        submission = exc.submission
+        if self.queue.read(submission.queue_id) is not None:  # (bounced before a crash)
+            _remove(directory, name)
+            return None
+        limit = self.cfg.max_message_size
+        text = f"Message too big for system ({exc.size} octets; maximum {limit})"
+        addresses = list(dict.fromkeys(submission.recipients))
+        item = QueueItem(
+            id=submission.queue_id,
+            sender=submission.sender,
+            recipients=[
+                Recipient(a, state="bounced", last_error=f"552 5.3.4 {text}") for a in addresses
+            ],
+            smtputf8=submission.smtputf8,
+            body_8bit=submission.body == "8BITMIME",
+        )
+        head = trace.received_local(
+            uid=submission.uid, hostname=self.cfg.hostname, queue_id=submission.queue_id
+        )
+        try:
+            self.queue.put(item, head, submission.message)
+        except OSError as error:
+            self._report_once(name, f"cannot queue its bounce: {error.strerror or error}")
+            return None
+        _remove(directory, name)
+        log.warning(
+            "%s: uid=%d from=<%s>, size=%d, nrcpt=%d (maildrop): too big, bounced",
+            item.id,
+            submission.uid,
+            submission.sender,
+            exc.size,
+            len(addresses),
+        )
+        return Taken(item, [_bounced(a, "5.3.4", text) for a in addresses])
 
     def _signature(self, item: QueueItem, message: bytes) -> bytes:
         """DKIM-Signature fields for the item's remote copies, if any leave (see `signing`)."""

@@ -30,7 +30,7 @@ import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from mailerd import trace
@@ -44,6 +44,7 @@ VERSION = 1
 MAX_HEADER = 256 * 1024  # the JSON line
 MAX_RECIPIENTS = 1000
 MAX_LINE = 1000  # octets with CRLF (RFC 5321 4.5.3.1.6)
+HEAD_KEPT = 64 * 1024  # octets of a message too big that are read, for its bounce
 BODY_TYPES = ("7BIT", "8BITMIME")
 
 _NAME = re.compile(r"(?P<id>[0-9A-Z]{8,20})-[0-9a-z]{26}")
@@ -52,6 +53,17 @@ _SECRET_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 
 class Invalid(ValueError):
     """A maildrop file that is not a submission; the message says why."""
+
+
+class TooBig(Invalid):
+    """A submission whose message is over the daemon's size limit (its `sendmail` read another
+    configuration): refused, but from a sender who hears of it, unlike junk. `submission`'s
+    message is the message's header section only (at most HEAD_KEPT octets), for the bounce."""
+
+    def __init__(self, submission: Submission, size: int, max_size: int) -> None:
+        super().__init__(f"message larger than {max_size} bytes ({size})")
+        self.submission = submission
+        self.size = size
 
 
 @dataclass(frozen=True)
@@ -166,9 +178,8 @@ def read(directory: int, name: str, max_size: int) -> Submission:
             raise Invalid("not a regular file")
         if st.st_nlink != 1:
             raise Invalid("has other links (a hard link to someone else's file?)")
-        if st.st_size > max_size + MAX_HEADER:
-            raise Invalid(f"too large ({st.st_size} bytes)")
-        data = _read_all(fd, max_size + MAX_HEADER + 1)
+        over = st.st_size > max_size + MAX_HEADER  # (too big, whatever its header's length)
+        data = _read_all(fd, MAX_HEADER + HEAD_KEPT if over else max_size + MAX_HEADER + 1)
     finally:
         os.close(fd)
     end = data.find(b"\n", 0, MAX_HEADER)
@@ -176,18 +187,30 @@ def read(directory: int, name: str, max_size: int) -> Submission:
         raise Invalid("no header line")
     sender, recipients, body = _header(data[:end])
     message = data[end + 1 :]
-    _check_message(message, max_size)
-    addresses = [sender, *recipients]
-    return Submission(
+    size = max(st.st_size, len(data)) - (end + 1)
+    submission = Submission(
         name=name,
         queue_id=match["id"],
         uid=st.st_uid,
         sender=sender,
         recipients=tuple(recipients),
         body=body,
-        smtputf8=not all(a.isascii() for a in addresses),
+        smtputf8=not all(a.isascii() for a in [sender, *recipients]),
         message=message,
     )
+    if size > max_size:
+        raise TooBig(replace(submission, message=_header_section(message)), size, max_size)
+    _check_message(message, max_size)
+    return submission
+
+
+def _header_section(message: bytes) -> bytes:
+    """The message's header section (its first HEAD_KEPT octets, to their last whole line)."""
+    kept = message[:HEAD_KEPT]
+    end = kept.find(b"\r\n\r\n")
+    if end < 0:
+        end = kept.rfind(b"\r\n")
+    return kept[: end + 2] if end >= 0 else b""
 
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

@@ -334,6 +334,25 @@ def test_mail_waits_while_the_daemon_is_stopped(world, mailerd_factory):
     assert wait_until(lambda: os.listdir(m.queue / "maildrop") == [], 10)
 
 
+def test_a_message_over_the_daemons_limit_is_bounced_to_its_sender(world, mailerd_factory):
+    """`sendmail` read a configuration with a larger --max-message-size than the daemon runs
+    with (a command-line option, /etc/default/mailerd's DAEMON_OPTS): it took the message and
+    exited 0. The pickup, which may not queue it, bounces it to the sender with its header
+    (552 5.3.4), as Postfix's cleanup does; it used to remove it with a log line alone."""
+    m = mailerd_factory(base=world / "small", extra=["--max-message-size", "20000"])
+    sender, recipient = m.new_user("big"), m.new_user("never")
+    data = b"Subject: the holiday photos\n\n" + (b"y" * 70 + b"\n") * 700  # (50 KB)
+    done = run([wrapper(world, m), "-i", "-f", f"{sender}@example.org", recipient], data)
+    assert done.returncode == 0, done  # (its configuration's limit is the default, 10 MB)
+    (bounce,) = delivered(m, sender)
+    assert b"5.3.4" in bounce and b"Message too big for system" in bounce, bounce[:3000]
+    assert b"Subject: the holiday photos" in bounce  # (the header, quoted)
+    assert b"yyyy" not in bounce  # (not the body)
+    assert m.messages(recipient) == []
+    assert wait_until(lambda: os.listdir(m.queue / "maildrop") == [], 10)
+    assert "too big, bounced" in m.stderr_text(), m.stderr_text()[-2000:]
+
+
 def test_queue_listing_and_flush(world, mailerd_factory):
     """Mail for a smarthost that refuses connections waits in the queue: `sendmail -bp` and
     `mailq` list it, `sendmail -q` has it retried."""

@@ -147,6 +147,7 @@ def test_modes(argv, mode):
     [
         ["-oee", "-odb", "-odi", "-om", "-oQ/x", "-v", "-N", "success,delay", "-R", "hdrs"],
         ["-V", "envid", "-X", "/tmp/log", "-L", "label", "-h", "5", "-O", "x=y", "-U", "-n"],
+        ["-Am", "-Ac", "-A", "m"],
     ],
 )
 def test_ignored_options(argv):
@@ -580,6 +581,26 @@ def _planted(queue: Path, content: bytes) -> list[maildrop.Submission]:
     path = queue / maildrop.MAILDROP / maildrop.new_name()
     path.write_bytes(content)
     return submissions(queue)
+
+
+@pytest.mark.parametrize("size", [200_001, 200_000 + maildrop.MAX_HEADER + 1, 5_000_000])
+def test_a_message_over_the_pickups_limit_comes_back_with_its_sender_and_header(conf, queue, size):
+    """(`submissions` reads with a 200,000-octet limit; this sendmail's is 100,000 + slack,
+    so the message is written by hand.) The pickup bounces it: it needs the sender, the
+    recipients and the header section, and reads no more than HEAD_KEPT of the rest."""
+    head = b"From: ann@example.org\r\nSubject: big\r\n\r\n"
+    message = head + (b"z" * 98 + b"\r\n") * ((size - len(head)) // 100 + 1)
+    maildrop.submit(str(queue), "ann@example.org", ["bob@example.org"], message)
+    with pytest.raises(maildrop.TooBig) as info:
+        submissions(queue)
+    big = info.value
+    assert (
+        big.size == len(message)
+        and str(big) == f"message larger than 200000 bytes ({len(message)})"
+    )
+    assert big.submission.sender == "ann@example.org"
+    assert big.submission.recipients == ("bob@example.org",)
+    assert big.submission.message == head[:-2]  # (the header's lines, each with its CRLF)
 
 
 def test_the_pickup_refuses_a_header_nested_too_deep(queue):
