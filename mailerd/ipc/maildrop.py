@@ -109,7 +109,7 @@ def submit(
             os.fsync(fd)
             os.rename(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
             current = name
-            _syncfs(fd)  # the rename too: the submitter cannot open the directory to fsync it
+            _sync_rename(queue, fd)
         except BaseException:
             # Whatever was written goes: the caller hears of a failure and will submit again,
             # and a copy left behind would then be delivered twice.
@@ -144,6 +144,24 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _sync_rename(queue: str, fd: int) -> None:
+    """Make the rename durable: an fsync of the maildrop when the submitter may open it (root,
+    who runs most of a machine's mail: cron, fail2ban, mdadm), else a syncfs of its file
+    system (others may not read the 1733 directory, and an O_PATH descriptor cannot be
+    fsync'd), which also writes whatever else is waiting there: slower on a busy disk."""
+    try:
+        directory = os.open(
+            os.path.join(queue, MAILDROP), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        )
+    except PermissionError:
+        _syncfs(fd)
+        return
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _syncfs(fd: int) -> None:
