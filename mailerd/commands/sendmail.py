@@ -22,7 +22,7 @@ library, and the other modes' (-bs, -bp, -q, -bi) only when asked for.
                     (From:, Date:, Message-ID: added as for -bm; a Bcc: is the client's affair)
     -bp             list the queue (as `mailq`)      -q    deliver the queue now
     -bi, -I         rebuild the aliases (as `newaliases`)
-    -oX, -v, -N dsn, -R ret, -V envid, -X log, -L label, -h N, -O opt, -p proto, -e x,
+    -oX, -v, -Am, -Ac, -N dsn, -R ret, -V envid, -X log, -L label, -h N, -O opt, -p proto, -e x,
     -c, -G, -m, -n, -U, -x   accepted and ignored
 
 Recipients without a domain (cron gives a user name) get DOMAIN: the config's first `domain`,
@@ -64,7 +64,7 @@ MAX_LINE = 998  # octets without CRLF (RFC 5322 2.1.1); longer lines are folded
 SIZE_SLACK = 65536  # input beyond the size limit that Bcc:/From_ removal might still save
 
 # getopt-style letters: those that take a value (attached or the next argument), and flags.
-_WITH_VALUE = frozenset("BCFLNORVXbefhoprq")
+_WITH_VALUE = frozenset("ABCFLNORVXbefhoprq")
 _FLAGS = frozenset("GIUcimntvx")
 _MODES = {"m": "send", "s": "smtp", "p": "list", "i": "aliases"}
 
@@ -162,7 +162,8 @@ def _option(opts: Options, letter: str, value: str) -> None:
         opts.mode = _MODES[value]
     elif letter == "o" and value == "i":
         opts.ignore_dots = True
-    # -oX (error and delivery modes...), -N, -R, -V, -X, -L, -h, -O, -p, -e: ignored
+    # -oX (error and delivery modes...), -A (sendmail 8.12's submit.cf or sendmail.cf: -Am,
+    # -Ac), -N, -R, -V, -X, -L, -h, -O, -p, -e: ignored
 
 
 # -- settings ----------------------------------------------------------------------------------
