@@ -81,6 +81,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,17 @@ def unjournalled_ext4(path: Path) -> bool:
     jbd2 = Path("/proc/fs/jbd2")
     journalled = jbd2.is_dir() and any(e.name.startswith(f"{name}-") for e in jbd2.iterdir())
     return fstype.startswith("ext2/ext3") and not journalled
+
+
+def bench_parent() -> Path:
+    """Where the runs' files go: the checkout's var/, unless a directory above it is closed to
+    other users (a clone in /root, mode 0700): the reference Postfix opens its files by path
+    as its own users, so the runs then go below /var/tmp, said once."""
+    for directory in [ROOT / "var", *(ROOT / "var").parents]:
+        if not os.stat(directory).st_mode & stat.S_IXOTH:
+            log(f"{directory} is closed to other users (Postfix's among them): runs go in /var/tmp")
+            return Path("/var/tmp")
+    return ROOT / "var"
 
 
 def wait_for_deleted_inodes() -> None:
@@ -3709,7 +3721,7 @@ def main() -> int:
     (ROOT / "var").mkdir(exist_ok=True)
     if not args.no_wait:
         wait_for_deleted_inodes()
-    base = Path(tempfile.mkdtemp(prefix="bench-", dir=ROOT / "var"))
+    base = Path(tempfile.mkdtemp(prefix="bench-", dir=bench_parent()))
     global DISK_STAT
     dev = os.stat(base).st_dev
     stat_file = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
