@@ -245,14 +245,8 @@ class Pickup:
             self._report_once(name, f"cannot queue it: {exc.strerror or exc}")
             return None
         _remove(directory, name)
-        log.info(
-            "%s: uid=%d from=<%s>, size=%d, nrcpt=%d (maildrop)",
-            item.id,
-            submission.uid,
-            submission.sender,
-            len(submission.message),
-            len(item.recipients) + (len(local.recipients) if local is not None else 0),
-        )
+        nrcpt = len(item.recipients) + (len(local.recipients) if local is not None else 0)
+        _log_receipt(submission, len(submission.message), nrcpt)
         for part in (local, item) if local is not None else (item,):
             for r in part.recipients:
                 if r.state == "pending":
@@ -288,14 +282,7 @@ class Pickup:
             self._report_once(name, f"cannot queue its bounce: {error.strerror or error}")
             return None
         _remove(directory, name)
-        log.warning(
-            "%s: uid=%d from=<%s>, size=%d, nrcpt=%d (maildrop): too big, bounced",
-            item.id,
-            submission.uid,
-            submission.sender,
-            exc.size,
-            len(addresses),
-        )
+        _log_receipt(submission, exc.size, len(addresses), ": too big, bounced")
         return Taken(item, [_bounced(a, "5.3.4", text) for a in addresses])
 
     def _signature(self, item: QueueItem, message: bytes) -> bytes:
@@ -472,6 +459,19 @@ def _owner(directory: int, name: str) -> int | str:
         return os.stat(name, dir_fd=directory, follow_symlinks=False).st_uid
     except OSError as exc:
         return errno.errorcode.get(exc.errno or 0, "?")
+
+
+def _log_receipt(submission: maildrop.Submission, size: int, nrcpt: int, what: str = "") -> None:
+    log.log(
+        logging.WARNING if what else logging.INFO,
+        "%s: uid=%d from=<%s>, size=%d, nrcpt=%d (maildrop)%s",
+        submission.queue_id,
+        submission.uid,
+        submission.sender,
+        size,
+        nrcpt,
+        what,
+    )
 
 
 def _check_hops(message: bytes) -> None:
