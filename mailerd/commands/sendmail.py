@@ -453,18 +453,31 @@ def header_recipients(fields: list[Field], settings: Settings) -> list[str]:
 def _addresses(field: str) -> list[str]:
     """The addresses of one To:/Cc:/Bcc: field, by the email package's RFC 5322 parser
     (groups, comments, quoted names, encoded words). A field it finds broken is refused rather
-    than guessed at: email.utils.getaddresses() answers differently across Python's security
-    releases (CVE-2023-27043), the header registry does not."""
-    from email import errors, policy
-
+    than guessed at (email.utils.getaddresses() answers differently across Python's security
+    releases, CVE-2023-27043; the header registry does not), but for one guess every MTA makes:
+    addresses separated by semicolons (`a@x; b@y`, as Outlook users and web forms write them)."""
     name, _, value = field.partition(":")
-    header = policy.default.header_factory(name, value.strip())
-    for defect in header.defects:
-        # A user name without a domain ("To: root") is what local mail looks like: qualified
-        # by the caller, as on the command line.
-        if isinstance(defect, errors.InvalidHeaderDefect) and _NO_DOMAIN not in str(defect):
-            raise Failure(os.EX_DATAERR, f"bad address in {name.strip()}: {value.strip()}")
-    return [a.addr_spec for a in header.addresses if a.addr_spec]
+    found = _parsed_addresses(name, value)
+    if found is None and (commas := _semicolons_as_commas(value)) is not None:
+        found = _parsed_addresses(name, commas)
+    if found is None:
+        raise Failure(os.EX_DATAERR, f"bad address in {name.strip()}: {value.strip()}")
+    # A user name without a domain ("To: root") is what local mail looks like: qualified by
+    # the caller, as on the command line.
+    return [a for a in found if a]
+
+
+def _semicolons_as_commas(value: str) -> str | None:
+    """The field with its semicolons outside quotes as commas; None if it has a group (a
+    `:`), whose `;` ends it, or no semicolon."""
+    outside = list(_unquoted(value))
+    if not any(ch == ";" for _, ch in outside) or any(ch == ":" for _, ch in outside):
+        return None
+    text = list(value)
+    for i, ch in outside:
+        if ch == ";":
+            text[i] = ","
+    return "".join(text)
 
 
 _NO_DOMAIN = "local part with no domain"
@@ -504,7 +517,10 @@ def _parsed_addresses(name: str, value: str) -> list[str] | None:
     broken (other than for an address without a domain)."""
     from email import errors, policy
 
-    header = policy.default.header_factory(name, value.replace("\r\n", "").strip())
+    try:
+        header = policy.default.header_factory(name, value.replace("\r\n", "").strip())
+    except Exception:  # (3.11's parser fails on some odd fields: `g: a@x; b`, AttributeError)
+        return None
     for defect in header.defects:
         if isinstance(defect, errors.InvalidHeaderDefect) and _NO_DOMAIN not in str(defect):
             return None

@@ -492,6 +492,30 @@ def test_bad_addresses(conf, queue, capsys, args):
     assert "sendmail: bad" in capsys.readouterr().err and submissions(queue) == []
 
 
+def test_t_reads_addresses_separated_by_semicolons(conf, queue):
+    """As Outlook users and web forms write them; the field itself is kept as written."""
+    data = b"To: ann@example.org; Bob <bob@example.net>;\nSubject: s\n\nb\n"
+    assert run(conf, ["-t", "-i"], data) == 0
+    sub = only(queue)
+    assert sub.recipients == ("ann@example.org", "bob@example.net")
+    assert field(sub.message, "To") == "ann@example.org; Bob <bob@example.net>;"
+
+
+@pytest.mark.parametrize("extract", [True, False])
+def test_a_field_the_parser_fails_on_is_a_bad_address_not_a_bug(conf, queue, capsys, extract):
+    """Python 3.11's header parser raises AttributeError on a group followed by more (`g: a;
+    b`): with -t that is a bad address (65), without it the field is kept as written."""
+    data = b"To: team: ann@example.org; bob\nSubject: s\n\nb\n"
+    args = ["-t", "-i"] if extract else ["-i", "carl@example.org"]
+    code = run(conf, args, data)
+    err = capsys.readouterr().err
+    if extract:
+        assert code == os.EX_DATAERR and err.startswith("sendmail: bad address in To:"), err
+    else:
+        assert code == 0, err
+        assert field(only(queue).message, "To") == "team: ann@example.org; bob"
+
+
 def test_message_too_large(conf, queue, capsys):
     assert run(conf, ["-i", "bob@example.org"], b"x" * 80 + b"\n" * 100000) == os.EX_DATAERR
     assert "too large" in capsys.readouterr().err and submissions(queue) == []
