@@ -494,37 +494,76 @@ def qualify_field(field: Field, domain: Callable[[], str]) -> Field:
     """An address field whose addresses lack a domain (cron's `From: root (Cron Daemon)`,
     mdadm's `<root>`, `To: root`) with DOMAIN added to each, as Postfix's cleanup does for
     local mail: mail that leaves must name a domain in From: (DKIM signs for it, DMARC aligns
-    on it, and receivers refuse it otherwise). Nothing else in the field changes; a field the
-    parser does not read back as exactly that is kept as it was."""
+    on it, and receivers refuse it otherwise). Nothing else in the field changes. It is kept as
+    it was when the parser does not read it back as exactly that (the same names and groups,
+    the addresses with DOMAIN added), when the domains would make a line too long to fold at
+    white space, and when it is over MAX_QUALIFIED octets (the parser's time grows with the
+    square of a field's length: 16 s for 48 KB of names)."""
     text = b"\r\n".join(field).decode("utf-8", "surrogateescape")
     name, colon, value = text.partition(":")
-    ends = _bare_address_ends(value)
+    ends = _bare_address_ends(value) if len(text) <= MAX_QUALIFIED else []
     if not colon or not ends:  # (most fields: then the parser, 15 ms to import, is not needed)
         return field
-    before = _parsed_addresses(name, value)
+    before = _parsed(name, value)
     if before is None:
         return field
     suffix = "@" + domain()
-    for end in reversed(ends):
-        value = value[:end] + suffix + value[end:]
-    if _parsed_addresses(name, value) != [qualify(a, domain) for a in before]:
+    pieces, start = [], 0
+    for end in ends:
+        pieces += [value[start:end], suffix]
+        start = end
+    value = "".join(pieces) + value[start:]
+    expected = [(group, display, qualify(address, domain)) for group, display, address in before]
+    qualified = (name + colon + value).encode("utf-8", "surrogateescape").split(b"\r\n")
+    if _parsed(name, value) != expected or (_folds(field) and not _folds(qualified)):
         return field
-    return (name + colon + value).encode("utf-8", "surrogateescape").split(b"\r\n")
+    return qualified
 
 
-def _parsed_addresses(name: str, value: str) -> list[str] | None:
-    """The field's addr-specs, by the parser `_addresses` uses; None if it finds the field
-    broken (other than for an address without a domain)."""
+MAX_QUALIFIED = 4096  # octets of a field whose addresses `qualify_field` completes
+
+
+def _folds(field: Field) -> bool:
+    """Whether `fold_field` folds the field at white space alone (inserting nothing)."""
+    return b"".join(fold_field(field)) == b"".join(field)
+
+
+def _parsed(name: str, value: str) -> list[tuple[str | None, str, str]] | None:
+    """(group name, display name, addr-spec) of each address of an address field, by the
+    email package's parser; None if it finds the field broken (other than for an address
+    without a domain), or fails on it."""
     from email import errors, policy
 
     try:
-        header = policy.default.header_factory(name, value.replace("\r\n", "").strip())
+        header = policy.default.header_factory(name.strip(), value.replace("\r\n", "").strip())
+        if any(
+            isinstance(defect, errors.InvalidHeaderDefect) and _NO_DOMAIN not in str(defect)
+            for defect in header.defects
+        ):
+            return None
+        return [
+            (group.display_name, address.display_name, address.addr_spec)
+            for group in header.groups
+            for address in group.addresses
+        ] + [(group.display_name, "", "") for group in header.groups if not group.addresses]
     except Exception:  # (3.11's parser fails on some odd fields: `g: a@x; b`, AttributeError)
         return None
-    for defect in header.defects:
-        if isinstance(defect, errors.InvalidHeaderDefect) and _NO_DOMAIN not in str(defect):
-            return None
-    return [a.addr_spec for a in header.addresses]
+
+
+def _parsed_addresses(name: str, value: str) -> list[str] | None:
+    """The addr-specs of an address field (`_parsed`)."""
+    found = _parsed(name, value)
+    return None if found is None else [address for _, display, address in found if address]
+
+
+def _encoded_word_end(value: str, i: int) -> int:
+    """Where an RFC 2047 encoded word (`=?charset?q?text?=`, no white space) starting at `i`
+    ends; 0 if none starts there."""
+    match = _ENCODED_WORD.match(value, i)
+    return match.end() if match else 0
+
+
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[^?\s]+\?\S*?\?=")
 
 
 def _bare_address_ends(value: str) -> list[int]:
@@ -536,7 +575,10 @@ def _bare_address_ends(value: str) -> list[int]:
     quoted = escaped = literal = angle = False
     has_at = has_angle = False
     last = -1  # just after the current address's last character, if it has any yet
+    skip = 0  # (the end of an encoded word: its text may hold a "," or a "(", RFC 2047 or not)
     for i, ch in enumerate(value):
+        if i < skip:
+            continue
         if escaped:
             escaped = False
             last = i + 1 if not comment else last
@@ -548,6 +590,8 @@ def _bare_address_ends(value: str) -> list[int]:
             quoted = quoted and ch != '"'
             literal = literal and ch != "]"
             last = i + 1
+        elif ch == "=" and (skip := _encoded_word_end(value, i)):
+            last = skip
         elif ch in '(["':
             comment, literal, quoted = int(ch == "("), ch == "[", ch == '"'
         elif ch == "<":

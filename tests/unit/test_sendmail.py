@@ -16,6 +16,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -346,6 +347,36 @@ def test_addresses_without_a_domain_in_the_header_get_the_first_domain(conf, que
 def test_header_fields_with_nothing_to_qualify_are_kept_as_written(conf, queue, line):
     assert run(conf, ["-i", "bob@example.org"], line + b"\nSubject: s\n\nb\n") == 0
     assert header(only(queue).message).split(b"\r\n")[0] == line
+
+
+@pytest.mark.parametrize(
+    "line, stored",
+    [
+        # white space before the colon (RFC 5322's obsolete syntax): read, not a crash (70)
+        (b"To : root", b"To : root@example.org"),
+        # an encoded word is one token, whatever its text holds (a raw "," is not RFC 2047's,
+        # but Python reads it): the display name stays as written
+        (
+            b"From: =?utf-8?q?Smith,_John?= <root>",
+            b"From: =?utf-8?q?Smith,_John?= <root@example.org>",
+        ),
+        (b"From: =?utf-8?q?Smith,_John?= <john@example.net>", None),
+        (b"Cc: =?utf-8?q?a,b?= undisclosed-recipients:;", None),
+        # the domains would make the line too long to fold at white space: kept as written
+        (b"To: " + b",".join(b"admin%d" % n for n in range(101)), None),
+        # too long to qualify in time (the parser's time grows with the square of the length)
+        (b"Reply-To: " + b", ".join([b"a"] * 16000), None),
+    ],
+    ids=["space-before-colon", "encoded-word", "encoded-word-qualified", "group", "no-fold", "big"],
+)
+def test_address_fields_are_qualified_only_where_that_is_clean(conf, queue, line, stored):
+    data = line + b"\nSubject: s\n\nb\n"
+    began = time.monotonic()
+    assert run(conf, ["-i", "bob@example.org"], data) == 0
+    assert time.monotonic() - began < 5
+    message = only(queue).message
+    lines = header(message).split(b"\r\n")
+    assert b"".join(lines[: lines.index(b"Subject: s")]) == (stored or line)
 
 
 def test_t_reads_comments_quotes_and_groups(conf, queue):
