@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NoReturn
 
-from mailerd import __version__, host, tls
+from mailerd import __version__, host, names, tls
 from mailerd.aliases import AliasError, Aliases
 from mailerd.credentials import DEFAULT_PASSWD, Credentials, CredentialsError
 from mailerd.names import is_local_domain
@@ -475,7 +475,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     # localhost is always local, as in Debian's Postfix (mydestination): mail for it can go
     # nowhere else, and fail2ban, logcheck and scripts write to root@localhost.
     domains = tuple(
-        dict.fromkeys([*parse_domains(raw.get("domain") or default_domains), "localhost"])
+        dict.fromkeys([*parse_domains(raw.get("domain") or default_domains), names.LOCALHOST])
     )
     dkim_specs = _dkim_specs(raw.get("dkim_key"), domains)
     max_sessions = parse_int(

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 
-from mailerd.names import is_local_domain
+from mailerd.names import LOCALHOST, is_local_domain, local_domain_of
 
 TAG = "fwd_from"
 LOCAL_PART_MAX = 64  # RFC 5321 4.5.3.1.1: longer ones are refused by some servers
@@ -77,7 +77,8 @@ def envelope_sender(
     if not sender or not via:
         return sender
     local, _, domain = sender.rpartition("@")
-    if not local or is_local_domain(domain, local_domains):
+    ours = local_domain_of(domain, local_domains)
+    if not local or (ours is not None and ours != LOCALHOST):  # (localhost: no SPF passes it)
         return sender
     name, _, alias_domain = via.rpartition("@")
     if not name or not is_local_domain(alias_domain, local_domains):

@@ -3,6 +3,8 @@ local part names (or none, when it could escape the spool). Pure."""
 
 from __future__ import annotations
 
+LOCALHOST = "localhost"  # always a local domain (config), and one only this machine knows
+
 
 def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
     """A domain is local if it equals, or ends in '.' + , one of the configured suffixes."""

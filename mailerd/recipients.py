@@ -78,11 +78,14 @@ def resolve(
 def forwarder(alias: policy.Alias, address: Address, local_domains: tuple[str, ...]) -> str:
     """The address an alias's forwards leave from (see `forwarding`): its name at the local
     domain the mail came to, as configured (mail to a subdomain of it leaves from it: the
-    configured domains are the ones `mailerd dns` gives an SPF record)."""
+    configured domains are the ones `mailerd dns` gives an SPF record), or, for localhost, the
+    first configured domain."""
     if not address.domain:  # (RCPT TO:<postmaster>, the one address without a domain)
         domain = local_domains[0] if local_domains else ""
     else:
         domain = names.local_domain_of(address.domain, local_domains) or address.domain.lower()
+    if domain == names.LOCALHOST:  # (the machine's name for itself: no one else can check it)
+        domain = next((d for d in local_domains if d != names.LOCALHOST), domain)
     return forwarding.via_of(alias.name, domain, address.local) if domain else ""
 
 

@@ -87,6 +87,18 @@ def test_other_senders_are_kept(sender, via):
     assert rewritten(sender, via) == sender
 
 
+def test_a_localhost_sender_of_a_forward_leaves_from_the_alias():
+    """(`sendmail -f root@localhost`, fail2ban's.) localhost is a local domain, but no receiver
+    can check it: the copy leaves from the alias's tagged address, as a remote sender's does."""
+    domains = ("example.org", "localhost")
+    assert forwarding.envelope_sender("root@localhost", "fwd@example.org", domains) == (
+        "fwd+fwd_from=root=localhost@example.org"
+    )
+    assert forwarding.envelope_sender("alice@example.org", "fwd@example.org", domains) == (
+        "alice@example.org"
+    )
+
+
 def test_a_sender_whose_spf_failed_here_is_kept():
     """It would fail at the target either way; rewritten, it would pass in our name."""
     sender = "ceo@bank.example"
@@ -198,11 +210,15 @@ def test_the_forward_passes_spf_where_the_original_sender_fails(dns_server):
         ("postmaster", "postmaster@example.org"),  # (RCPT TO:<postmaster>: the first domain)
         ("away+fwd_from=zed=example.net@example.com", "away+fwd_from@example.com"),  # came back
         ("away@mail.lists.example.org", "away@lists.example.org"),  # the longest configured
+        # localhost (always local) is this machine's name for itself, which no receiver can
+        # check SPF for or send a bounce back to: the first configured domain
+        ("away@localhost", "away@example.org"),
+        ("away@mail.localhost", "away@example.org"),
     ],
 )
 def test_a_forward_records_the_alias_at_the_configured_domain(tmp_path, rcpt, via):
     entries, _ = aliases.parse("away: gone@gmail.test\npostmaster: pm@gmail.test\n")
-    domains = ("example.org", "example.com", "lists.example.org")
+    domains = ("example.org", "example.com", "lists.example.org", "localhost")
     resolved = recipients.resolve(
         parse_address(rcpt),
         trusted=False,
