@@ -2,12 +2,13 @@
 
 Every Debian program that mails runs /usr/sbin/sendmail (a link to the `mailerd` script, which
 dispatches on its name; also `mailerd sendmail`). It reads one message from standard input,
-completes its header (From:, Date:, Message-ID: when missing; Bcc: removed), stores it in the
-maildrop with `maildrop.submit()`, which returns only once the file is durable, and then wakes
-a running daemon (`maildrop.poke()`). It exits 0 only then; with the daemon stopped the mail
-waits in the maildrop. Any local user may run it, even as /usr/bin/python3 without any
-third-party package: this module imports only mailerd modules that import only the standard
-library, and the other modes' (-bs, -bp, -q, -bi) only when asked for.
+completes its header (From:, Date:, Message-ID: when missing; Bcc:, Return-Path: and
+Content-Length: removed), stores it in the maildrop with `maildrop.submit()`, which returns
+only once the file is durable, and then wakes a running daemon (`maildrop.poke()`). It exits 0
+only then; with the daemon stopped the mail waits in the maildrop. Any local user may run it,
+even as /usr/bin/python3 without any third-party package: this module imports only mailerd
+modules that import only the standard library, and the other modes' (-bs, -bp, -q, -bi) only
+when asked for.
 
     sendmail [options] [--] [recipient ...]
 
@@ -616,13 +617,18 @@ def _bare_address_ends(value: str) -> list[int]:
     return ends
 
 
+_DROPPED = ("return-path", "content-length")
+
+
 def complete_message(
     fields: list[Field], body: list[bytes], sender: str, identity: Identity, *, strip_bcc: bool
 ) -> bytes:
-    """The message with CRLF line ends: Bcc: removed (when asked), then From:, Date: and
-    Message-ID: added at the end of the header when they are missing."""
-    if strip_bcc:
-        fields = [f for f in fields if field_name(f) not in ("bcc", "resent-bcc")]
+    """The message with CRLF line ends: Bcc: removed (when asked), and Return-Path: and
+    Content-Length: (as Postfix's cleanup does: a saved message sent again carries its old
+    ones, which delivery here would leave below its own), addresses qualified, then From:,
+    Date: and Message-ID: added at the end of the header when they are missing."""
+    dropped = ("bcc", "resent-bcc", *_DROPPED) if strip_bcc else _DROPPED
+    fields = [f for f in fields if field_name(f) not in dropped]
     domain = identity.settings.domain
     fields = [qualify_field(f, domain) if field_name(f) in _ADDRESS_FIELDS else f for f in fields]
     names = {field_name(f) for f in fields}

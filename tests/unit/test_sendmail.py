@@ -289,6 +289,20 @@ def test_t_takes_to_cc_and_bcc_and_removes_bcc(conf, queue):
     assert body(sub.message) == b"Bcc: this is body text\r\n"
 
 
+def test_an_old_return_path_and_content_length_are_removed(conf, queue):
+    """A saved message sent again (`sendmail -t < saved.eml`) carries the Return-Path: its
+    delivery added, and an mbox's Content-Length:: delivery here would leave both below its
+    own. Removed, as Postfix's cleanup removes them."""
+    data = (
+        b"Return-Path: <old@elsewhere.example>\nContent-Length: 3\nTo: bob@example.org\n"
+        b"Subject: again\n\nbody text\n"
+    )
+    assert run(conf, ["-t", "-i"], data) == 0
+    message = only(queue).message
+    assert field(message, "Return-Path") is None and field(message, "Content-Length") is None
+    assert field(message, "Subject") == "again" and body(message) == b"body text\r\n"
+
+
 def test_bcc_is_removed_without_t_too(conf, queue):
     assert run(conf, ["-i", "bob@example.org"], b"Bcc: hidden@example.net\nSubject: s\n\nb\n") == 0
     assert b"hidden" not in only(queue).message
