@@ -71,10 +71,7 @@ def main(argv: list[str]) -> int:
     except NO_DAEMON:
         answer = None  # no daemon: the list is read, and a delete done, right here
     except PermissionError as exc:  # (its files would be refused as well: said once)
-        print(
-            f"mailerd queue: cannot read the queue {queue_dir}: {exc.strerror}: run it as root",
-            file=sys.stderr,
-        )
+        print(f"mailerd queue: {cannot_read(queue_dir, exc)}", file=sys.stderr)
         return os.EX_NOPERM
     except (OSError, TimeoutError, ConnectionError) as exc:
         # A daemon is there but did not answer (busy, or not ours to ask): its files are its
@@ -94,6 +91,12 @@ def main(argv: list[str]) -> int:
         print(f"flushed: {Flushed.decode(answer).count} message(s) will be retried now")
         return 0
     return _delete(queue_dir, args.ids, Deleted.decode(answer) if answer else None)
+
+
+def cannot_read(queue_dir: Path | str, exc: OSError) -> str:
+    """Why the queue cannot be read, and, when it is a permission, who may."""
+    advice = ": run it as root" if isinstance(exc, PermissionError) else ""
+    return f"cannot read the queue {queue_dir}: {exc.strerror}{advice}"
 
 
 def _list(queue_dir: Path, answer: dict[str, Any] | None) -> int:

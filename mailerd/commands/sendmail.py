@@ -728,10 +728,8 @@ def queue_command(settings: Settings, action: str) -> int:
     try:
         return queue.main(["-q", settings.queue, action])
     except OSError as exc:
-        denied = isinstance(exc, PermissionError)
-        status = os.EX_NOPERM if denied else os.EX_TEMPFAIL
-        why = f"{exc.strerror}: run it as root" if denied else exc.strerror
-        raise Failure(status, f"cannot read the queue {settings.queue}: {why}") from None
+        status = os.EX_NOPERM if isinstance(exc, PermissionError) else os.EX_TEMPFAIL
+        raise Failure(status, queue.cannot_read(settings.queue, exc)) from None
 
 
 def rebuild_aliases(opts: Options) -> int:

@@ -214,27 +214,30 @@ class Pickup:
 
     def take(self, directory: int, name: str) -> Taken | None:
         """Validate one file and make it a queue item, then remove it (in a thread)."""
+        too_big: maildrop.TooBig | None = None
         try:
             submission = maildrop.read(directory, name, self.cfg.max_message_size)
             _check_hops(submission.message)
         except FileNotFoundError:
             return None
         except maildrop.TooBig as exc:
-            return self._too_big(directory, name, exc)
+            submission, too_big = exc.submission, exc
         except maildrop.Invalid as exc:
             self._discard(directory, name, str(exc))
             return None
         except OSError as exc:
             self._report_once(name, f"cannot read it: {exc.strerror or exc}")
             return None
-        if self.queue.read(submission.queue_id) is not None:
+        if self.queue.read(submission.queue_id) is not None:  # (queued, or bounced, then a crash)
             log.info("%s: already queued from the maildrop; removing its file", name)
             _remove(directory, name)
             return None
-        item, refused = self._item(submission)
         head = trace.received_local(
             uid=submission.uid, hostname=self.cfg.hostname, queue_id=submission.queue_id
         )
+        if too_big is not None:
+            return self._too_big(directory, name, too_big, head)
+        item, refused = self._item(submission)
         signature = self._signature(item, submission.message)
         local = self._local_part(item) if signature else None
         try:
@@ -253,14 +256,13 @@ class Pickup:
                     log.info("%s: to=<%s>, relay=queue, status=queued", part.id, r.address)
         return Taken(item, refused, local)
 
-    def _too_big(self, directory: int, name: str, exc: maildrop.TooBig) -> Taken | None:
+    def _too_big(
+        self, directory: int, name: str, exc: maildrop.TooBig, head: bytes
+    ) -> Taken | None:
         """A submission over the size limit, bounced to its sender with its header (queued as
         an item of bounced recipients, as an unknown user's are), not removed unheard: its
         `sendmail` took it, under a limit of its own configuration."""
         submission = exc.submission
-        if self.queue.read(submission.queue_id) is not None:  # (bounced before a crash)
-            _remove(directory, name)
-            return None
         limit = self.cfg.max_message_size
         text = f"Message too big for system ({exc.size} octets; maximum {limit})"
         addresses = list(dict.fromkeys(submission.recipients))
@@ -272,9 +274,6 @@ class Pickup:
             ],
             smtputf8=submission.smtputf8,
             body_8bit=submission.body == "8BITMIME",
-        )
-        head = trace.received_local(
-            uid=submission.uid, hostname=self.cfg.hostname, queue_id=submission.queue_id
         )
         try:
             self.queue.put(item, head, submission.message)
