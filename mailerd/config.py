@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import errno
+import ipaddress
 import os
 import re
 import socket
@@ -137,6 +138,9 @@ class Config:
     outbound_tls: str = "may"
     outbound_ca: Path | None = None  # CA certificates beside the system's (relay.load_trust)
     outbound_ip: str = "both"
+    # Where the world reaches the network listeners when their own addresses are private (1:1
+    # NAT): what `mailerd dns` publishes and checks in their place. The daemon never uses it.
+    public_addresses: tuple[str, ...] = ()
     retry_after: float = 300.0
     max_retry: float = 3600.0
     max_queue_time: float = 5 * 86400.0
@@ -193,6 +197,14 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         "submission listener with implicit TLS ADDR[:PORT] (port 465); repeatable",
     ),
     ("interface", "i", True, False, "interface of the default untrusted listener"),
+    (
+        "public-address",
+        None,
+        True,
+        True,
+        "the public address the world reaches the network listeners at, where theirs are "
+        "private (1:1 NAT); repeatable; for `mailerd dns`'s records",
+    ),
     ("hostname", "H", True, False, "name in the banner, EHLO reply and Received headers"),
     ("workers", "w", True, False, "worker processes (default: CPU count)"),
     ("user", "u", True, False, "children run as this user (default mail when started as root)"),
@@ -309,6 +321,7 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
 METAVARS = {
     "config": "FILE", "spool": "DIR", "domain": "SUFFIX", "queue": "DIR", "port": "PORT",
     "listen-local": "ADDR[:PORT]", "listen-network": "ADDR[:PORT]", "interface": "NAME",
+    "public-address": "ADDR",
     "hostname": "NAME", "workers": "N", "user": "NAME", "pidfile": "FILE",
     "dns-server": "IP[:PORT]", "max-message-size": "BYTES", "timeout": "DURATION",
     "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N", "min-free": "BYTES",
@@ -530,6 +543,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         outbound_tls=parse_choice("outbound-tls", raw.get("outbound_tls", "may"), TLS_CHOICES),
         outbound_ca=Path(str(raw["outbound_ca"])) if raw.get("outbound_ca") else None,
         outbound_ip=parse_choice("outbound-ip", raw.get("outbound_ip", "both"), IP_CHOICES),
+        public_addresses=_public_addresses(raw.get("public_address")),
         retry_after=parse_duration("retry-after", raw.get("retry_after", 300.0)),
         max_queue_time=parse_duration("max-queue-time", raw.get("max_queue_time", "5d")),
         delay_warning=parse_optional_duration("delay-warning", raw.get("delay_warning", "4h")),
@@ -695,6 +709,22 @@ def _parse_relayhost(value: str) -> tuple[str, int]:
     if not host or not all(LABEL.match(label) for label in host.lower().rstrip(".").split(".")):
         raise ConfigError(f"--relayhost: not HOST[:PORT]: '{value}'")
     return host.lower().rstrip("."), parse_int("relayhost", port, 1, 65535) if port else 25
+
+
+def _public_addresses(values: object) -> tuple[str, ...]:
+    """--public-address: addresses the world can reach (not loopback, link-local, a wildcard,
+    multicast, or one of the private ranges a NAT hides)."""
+    out: list[str] = []
+    for item in parse_strings(values) if values is not None else []:
+        try:
+            ip = ipaddress.ip_address(item.strip("[]"))
+        except ValueError:
+            raise ConfigError(f"--public-address: not an IP address: '{item}'") from None
+        if host.behind_nat(ip) or not host.reachable(ip):
+            raise ConfigError(f"--public-address: {ip} is not an address the world can reach")
+        if str(ip) not in out:
+            out.append(str(ip))
+    return tuple(out)
 
 
 def _listen_list(name: str, values: object, port: int, role: str) -> list[ListenAddress] | None:

@@ -76,6 +76,24 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+# The ranges a NAT hides a machine behind (RFC 1918, the carrier-grade NAT's RFC 6598, IPv6
+# unique local addresses): the world reaches such a machine at another address.
+NAT_RANGES = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                      "100.64.0.0/10", "fc00::/7")
+)  # fmt: skip
+
+
+def behind_nat(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(ip in net for net in NAT_RANGES if net.version == ip.version)
+
+
+def reachable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Could another machine reach this address at all (not loopback, link-local, a wildcard
+    or multicast)? Private ones count: another machine of the same network reaches them."""
+    return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
+
+
 def loopback_addresses() -> list[str]:
     addresses = ["127.0.0.1"]
     if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):

@@ -21,24 +21,32 @@ comments where the reason is not obvious:
   outbound addresses are the listener addresses within --outbound-ip; with a relayhost there
   are none (this machine's addresses send nothing), so no PTR.
 
-The listener addresses are those of the network listeners (-n, by default the addresses of the
-default route's interface) but for loopback, link-local and wildcard ones (the world reaches
-none of those); an address that is not public (behind NAT, say) is printed with a warning,
-since the world sees another one.
+The listener addresses are those given as public-address (a server behind a 1:1 NAT, as at
+most cloud providers), else those of the network listeners (-n, by default the addresses of the
+default route's interface; a wildcard one stands for the machine's addresses of its family)
+but for loopback and link-local ones (the world reaches none of those); a private address
+(RFC 1918, shared, unique local) is printed with a warning that asks for public-address.
 
 With --check each record is looked up through the configured resolver (--dns-server, else the
 machine's) and reported as `OK`, `MISSING` or `WRONG` (with what is published and what is
-wanted, or why the published record does not do what it should), or `UNKNOWN` when the DNS
-did not answer; all at once, so a silent server costs one --dns-timeout. SPF is right when pyspf,
-evaluating the published policy (includes, redirects and all), gives `pass` for every sending
-address (the outbound addresses, or the relayhost's A/AAAA) and for none of a few addresses
-nobody sends mail from (PROBES, spread over the address space: a pass there means `+all` or
-the like lets far more hosts send as the domain than its own). A DKIM record is right when it
-is the only one at its name, with the key's p=, k= its type (absent: rsa), v= absent or DKIM1,
-h= absent or listing sha256 and s= absent or for email, read as strictly as dkimpy (mailerd's
-own verifier) reads them. DMARC is right when there is exactly one record with v=DMARC1 first
-and the inbound verifier's parser (`dmarc.parse`) finds a policy in it. A PTR is right when it
-names the host and that name's A/AAAA contain the address (forward-confirmed reverse DNS).
+wanted, or why the published record does not do what it should), or `UNKNOWN` when the DNS did
+not answer (SPF too when a name its evaluation needs did not: temperror), or when there is no
+address of this server to check against; all at once, so a silent server costs one
+--dns-timeout. The MX is right when the host is among those of the lowest preference and every
+other one there leads to this server's addresses (senders try those first, at random among
+equals; the others are backups); the host's A/AAAA when they hold this address and none that is
+not this server's. SPF is right when pyspf, evaluating the published policy (includes,
+redirects and all), gives `pass` for every sending address (the outbound addresses, or the
+relayhost's A/AAAA) and for none of a few addresses nobody sends mail from (PROBES, spread over
+the address space: a pass there means `+all` or the like lets far more hosts send as the domain
+than its own). A DKIM record is right when it is the only one at its name, with the key's p=,
+k= its type (absent: rsa), v= absent or DKIM1, h= absent or listing sha256 and s= absent or for
+email, read as strictly as dkimpy (mailerd's own verifier) reads them, and without t=y (testing
+mode, which receivers treat as unsigned). DMARC is right when there is exactly one record with
+v=DMARC1 first and the inbound verifier's parser (`dmarc.parse`) finds a policy in it, or, for
+a subdomain without one, when its organisational domain's record is right (receivers fall back
+to it: RFC 7489 6.6.3). A PTR is right when it names the host and that name's A/AAAA contain
+the address (forward-confirmed reverse DNS).
 
 The host name must be one the world can look up: one without a dot (`localhost`, this
 machine's unqualified FQDN: the default when the configuration has no `hostname`), or one the
@@ -75,6 +83,7 @@ from mailerd.inbound.lookups import Answer, Bridge, Lookups, TemporaryFailure
 from mailerd.signing import SigningKey
 
 MX_PREFERENCE = 10
+SPF_THREADS = 16  # SPF evaluations at once (a domain's senders and PROBES)
 # Addresses nobody sends mail from on the Internet, spread over the address space: an SPF
 # policy that passes one passes far more hosts than a domain's own (`+all`, a redirect to such a
 # record, ip4:0.0.0.0/1 and the like).
@@ -167,7 +176,7 @@ def main(argv: list[str]) -> int:
         for line in zone_lines(cfg, records):
             print(line)
         return 0
-    lines = asyncio.run(check_all(cfg, records, outbound))
+    lines = asyncio.run(check_all(cfg, records, addresses, outbound))
     for line in lines:
         print(line)
     return 0 if all(line.startswith("OK") for line in lines) else 1
@@ -183,16 +192,22 @@ def load_keys(cfg: Config) -> tuple[SigningKey, ...]:
 
 
 def listener_addresses(cfg: Config) -> list[str]:
-    """The network listeners' usable addresses, each once: the world delivers to them, so the
-    host name's A/AAAA list them all, whatever --outbound-ip says."""
-    found = []
+    """The addresses the world reaches this server at, each once: the host name's A/AAAA list
+    them all, whatever --outbound-ip says. Those given as public-address (behind a 1:1 NAT),
+    else the network listeners' own, a wildcard one standing for every address of the
+    machine in its family."""
+    if cfg.public_addresses:
+        return list(cfg.public_addresses)
+    found: list[str] = []
     for listen in cfg.listeners:
         if listen.role != config.NETWORK:
             continue
         ip = ipaddress.ip_address(listen.host)
-        usable = not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
-        if usable and str(ip) not in found:
-            found.append(str(ip))
+        candidates = [ip]
+        if ip.is_unspecified:
+            everyone = (ipaddress.ip_address(a) for a in host.machine_addresses())
+            candidates = [a for a in everyone if a.version == ip.version]
+        found += [str(a) for a in candidates if host.reachable(a) and str(a) not in found]
     return found
 
 
@@ -210,10 +225,17 @@ def notes(cfg: Config, addresses: list[str], outbound: list[str]) -> Iterator[st
     if not addresses:
         yield (
             "; no usable address among the network listeners: no A/AAAA/PTR records "
-            "(give listen-network, or run this on the server itself)"
+            "(give listen-network, or public-address behind a NAT, or run this on the server "
+            "itself)"
         )
     for address in addresses:
-        if not ipaddress.ip_address(address).is_global:
+        ip = ipaddress.ip_address(address)
+        if host.behind_nat(ip):
+            yield (
+                f"; {address} is private: behind a NAT the world reaches this server at another "
+                "address; give that as public-address (the records name this one meanwhile)"
+            )
+        elif not ip.is_global:
             yield f"; {address} is not a public address: the world sees this server at another one"
     if cfg.relayhost is not None:
         yield (
@@ -297,16 +319,28 @@ def explanations(cfg: Config) -> dict[str, list[str]]:
     return out
 
 
-async def check_all(cfg: Config, records: list[Record], outbound: list[str]) -> list[str]:
+async def check_all(
+    cfg: Config, records: list[Record], addresses: list[str], outbound: list[str]
+) -> list[str]:
     lookups = Lookups.make(cfg.dns_server, cfg.dns_timeout)
     loop = asyncio.get_running_loop()
     bridge = Bridge(lookups, loop, cfg.dns_timeout)
     relay = cfg.relayhost[0] if cfg.relayhost is not None else None
-    with ThreadPoolExecutor(2) as threads:
-        checker = _Checker(lookups, bridge, threads, outbound, relay)
+    # A thread for each SPF evaluation of a domain (its senders and the probes) at once: one
+    # after another, a name that does not answer cost a --dns-timeout each (8 × 10 s).
+    with ThreadPoolExecutor(SPF_THREADS) as threads:
+        checker = _Checker(lookups, bridge, threads, addresses, outbound, relay)
         # All at once: against a server that does not answer, one --dns-timeout in all, not
         # one a record (it was 9 × 11.6 s, found by a tester).
-        return list(await asyncio.gather(*(checker.check(record) for record in records)))
+        lines = list(await asyncio.gather(*(checker.check(record) for record in records)))
+    if not addresses:
+        name = cfg.hostname.lower().rstrip(".")
+        lines.append(
+            f"UNKNOWN  {name} A (address): no address of this server to check its A/AAAA, "
+            "PTR and SPF records against (give listen-network, or public-address behind a "
+            "NAT)"
+        )
+    return lines
 
 
 class _Checker:
@@ -315,12 +349,14 @@ class _Checker:
         lookups: Lookups,
         bridge: Bridge,
         threads: ThreadPoolExecutor,
+        addresses: list[str],
         outbound: list[str],
         relay: str | None,
     ) -> None:
         self.lookups = lookups
         self.bridge = bridge
         self.threads = threads
+        self.addresses = {ipaddress.ip_address(a) for a in addresses}
         self.outbound = outbound
         self.relay = relay
 
@@ -332,21 +368,80 @@ class _Checker:
             return f"UNKNOWN  {_label(record)}: the DNS did not answer ({_why(exc)})"
 
     async def _mx(self, record: Record) -> str:
-        have = await self._records(record)
-        hosts = [v.split()[-1].lower().rstrip(".") for v in have]
-        shown = [host or NULL_MX for host in hosts]
-        return _verdict(record, shown, record.value in hosts)
+        """Right when the host is among the MX hosts of the lowest preference value and
+        every other host there is this server too: senders try those first (RFC 5321 5.1),
+        at random among equals. Hosts with a higher value are backups, tried only when these
+        do not answer."""
+        entries = [_mx_entry(v) for v in await self._records(record)]
+        hosts = [name for _, name in entries]
+        shown = [name or NULL_MX for name in hosts]
+        if record.value not in hosts:
+            note = ""
+            first = [name for name in hosts if name]
+            if len(first) == 1 and await self._ours(first[0]):
+                note = (
+                    f"(its addresses are this server's, so mail arrives; but {record.value} "
+                    "is the name this server's greeting, PTR and certificate carry, which a "
+                    "sender that checks certificates (MTA-STS, DANE) looks for)"
+                )
+            return _verdict(record, shown, False, note=note)
+        best = min(preference for preference, _ in entries)
+        ours = min(preference for preference, name in entries if name == record.value)
+        first = [name for preference, name in entries if preference == best]
+        if ours > best:
+            return _verdict(
+                record,
+                shown,
+                False,
+                note=f"({record.value} is only a backup: senders try {', '.join(first)} first, "
+                f"whose preference {best} is lower than its {ours})",
+            )
+        strangers = [n for n in first if n != record.value and not await self._ours(n)]
+        if strangers:
+            return _verdict(
+                record,
+                shown,
+                False,
+                note=f"({', '.join(strangers)} has the same preference, {best}: senders "
+                "deliver part of the mail there, not here)",
+            )
+        backups = [name for preference, name in entries if preference > best]
+        note = f"(and backups, tried when it does not answer: {', '.join(backups)})"
+        return _verdict(record, shown, True, note=note if backups else "")
+
+    async def _ours(self, name: str) -> bool:
+        """Does `name` lead to this server: has it addresses, all of them ours?"""
+        found: list[str] = []
+        for rtype in ("A", "AAAA"):
+            found += (await self.lookups.query(name, rtype)).records
+        return bool(found) and {ipaddress.ip_address(a) for a in found} <= self.addresses
 
     async def _address(self, record: Record) -> str:
+        """Right when the host has this address and no other that is not this server's
+        (senders try each of them: RFC 5321 5.1)."""
         have = await self._records(record)
-        return _verdict(record, have, record.value in have)
+        if ipaddress.ip_address(record.value) not in {ipaddress.ip_address(a) for a in have}:
+            return _verdict(record, have, False)
+        strangers = [a for a in have if ipaddress.ip_address(a) not in self.addresses]
+        if strangers:
+            note = f"(senders also try {', '.join(strangers)}, which is not this server)"
+            return _verdict(record, have, False, note=note)
+        return _verdict(record, have, True)
 
     async def _spf(self, record: Record) -> str:
         have = [v for v in await self._records(record) if v.lower().startswith("v=spf1")]
         if not have:
             return _verdict(record, have, False)
         senders = await self._senders()
-        problems = await self._spf_problems(record.name, senders)
+        results = await self._spf_results(record.name, [*senders, *PROBES])
+        unanswered = [address for address, result in results if result == "temperror"]
+        if unanswered:  # (RFC 7208 2.6.6: a transient DNS error, not the record's fault)
+            shown = "; ".join(_show(v, record.rtype) for v in have)
+            return (
+                f"UNKNOWN  {_label(record)}: published {shown}; a name its evaluation needs "
+                f"did not answer (temperror for {_addresses(unanswered)}): check again later"
+            )
+        problems = self._spf_problems(record.name, results[: len(senders)], results[len(senders) :])
         if not problems:
             return _verdict(record, have, True, note=self._spf_ok_note(senders))
         if have == [record.value]:  # then the names it points to are what is wrong
@@ -356,14 +451,16 @@ class _Checker:
             )
         return _verdict(record, have, False, note=f"({'; '.join(problems)})")
 
-    async def _spf_problems(self, domain: str, senders: list[str]) -> list[str]:
+    def _spf_problems(
+        self, domain: str, senders: list[tuple[str, str]], probes: list[tuple[str, str]]
+    ) -> list[str]:
         """What is wrong with the domain's SPF verdicts: a sender without `pass`, a probe
         with it."""
         problems = []
-        failing = [(a, r) for a, r in await self._spf_results(domain, senders) if r != "pass"]
+        failing = [(a, r) for a, r in senders if r != "pass"]
         if failing:
             problems.append(f"not pass for {', '.join(f'{a}: {r}' for a, r in failing)}")
-        strangers = [a for a, r in await self._spf_results(domain, PROBES) if r == "pass"]
+        strangers = [a for a, r in probes if r == "pass"]
         if strangers:
             problems.append(
                 f"pass for {', '.join(strangers)}, which nobody is given: "
@@ -384,21 +481,24 @@ class _Checker:
             found += (await self.lookups.query(self.relay, rtype)).records
         return found
 
-    async def _spf_results(self, domain: str, addresses: Iterable[str]) -> list[tuple[str, str]]:
-        """(address, SPF result) for mail from postmaster@DOMAIN sent from each address."""
+    async def _spf_results(self, domain: str, addresses: list[str]) -> list[tuple[str, str]]:
+        """(address, SPF result) for mail from postmaster@DOMAIN sent from each address, the
+        evaluations at once."""
         loop = asyncio.get_running_loop()
-        out = []
-        for address in addresses:
-            result = await loop.run_in_executor(
-                self.threads,
-                sender_policy.check,
-                self.bridge,
-                address,
-                f"postmaster@{domain}",
-                domain,
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self.threads,
+                    sender_policy.check,
+                    self.bridge,
+                    address,
+                    f"postmaster@{domain}",
+                    domain,
+                )
+                for address in addresses
             )
-            out.append((address, result.result))
-        return out
+        )
+        return [(a, result.result) for a, result in zip(addresses, results, strict=True)]
 
     def _spf_ok_note(self, senders: list[str]) -> str:
         if senders:
@@ -428,9 +528,25 @@ class _Checker:
 
     async def _dmarc(self, record: Record) -> str:
         have = [v for v in await self._records(record) if dmarc.is_record(v)]
+        if not have:
+            # RFC 7489 6.6.3: receivers then use the organisational domain's record.
+            covered = await self._dmarc_above(record.name.removeprefix("_dmarc."))
+            if covered:
+                return _verdict(record, have, True, note=covered)
         ok = len(have) == 1 and dmarc.parse(have[0]) is not None
         note = "" if len(have) < 2 else "(several DMARC records: receivers ignore them all)"
         return _verdict(record, have, ok, note=note)
+
+    async def _dmarc_above(self, domain: str) -> str:
+        """The note for a subdomain that the organisational domain's record covers, or ""."""
+        above = dmarc.organizational_domain(domain)
+        if above == domain:
+            return ""
+        name = f"_dmarc.{above}"
+        found = [v for v in (await self.lookups.query(name, "TXT")).records if dmarc.is_record(v)]
+        if len(found) != 1 or dmarc.parse(found[0]) is None:
+            return ""
+        return f"(none of its own: {name}'s record covers it)"
 
     async def _ptr(self, record: Record) -> str:
         have = [v.lower().rstrip(".") for v in await self._records(record)]
@@ -500,9 +616,9 @@ def _dkim_problem(record: str, kind: str) -> str:
     """What in a record with our key's p= keeps receivers from verifying our signatures with
     it ("" when nothing), judged as strictly as dkimpy, mailerd's own verifier, judges: a tag
     list with a tag twice, v= other than DKIM1 (exactly), k= other than the key's type in
-    lower case, h= without sha256, s= without email. t= is left alone: t=s only refuses an
-    i= in a subdomain of d=, and ours is d='s own (dkimpy's default @DOMAIN, which
-    signing.py keeps)."""
+    lower case, h= without sha256, s= without email, t= with y (testing: RFC 6376 3.6.1 has
+    receivers treat the mail as unsigned). t=s is fine: it only refuses an i= in a subdomain
+    of d=, and ours is d='s own (dkimpy's default @DOMAIN, which signing.py keeps)."""
     try:
         raw = parse_tag_value(record.encode("utf-8", "replace"))
     except InvalidTagValueList as exc:
@@ -521,4 +637,25 @@ def _dkim_problem(record: str, kind: str) -> str:
     services = tags.get("s")
     if services is not None and not {"email", "*"} & {s.strip() for s in services.split(":")}:
         return f"s={services}: a key for mail has s=email or *, or none"
+    flags = tags.get("t")
+    if flags is not None and "y" in [f.strip() for f in flags.split(":")]:
+        return (
+            f"t={flags}: y is testing mode, in which receivers treat the mail as unsigned "
+            "(RFC 6376 3.6.1): remove it"
+        )
     return ""
+
+
+def _addresses(addresses: list[str]) -> str:
+    """Addresses for a line: ours named, PROBES counted."""
+    probes = sum(a in PROBES for a in addresses)
+    named = [a for a in addresses if a not in PROBES]
+    if probes:
+        named.append(f"{probes} address{'es' if probes > 1 else ''} nobody sends from")
+    return ", ".join(named)
+
+
+def _mx_entry(value: str) -> tuple[int, str]:
+    """(preference, host) of an MX record's text; the host "" for a null MX."""
+    preference, _, name = value.partition(" ")
+    return int(preference), name.strip().lower().rstrip(".")

@@ -36,6 +36,7 @@ LONG_OPTIONS = [
     "--port",
     "--listen-local",
     "--listen-network",
+    "--public-address",
     "--hostname",
     "--workers",
     "--foreground",

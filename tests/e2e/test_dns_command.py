@@ -565,6 +565,8 @@ def _plus(*extra: Rec, then: Callable[[set[Rec]], set[Rec]] | None = None):
 
 
 OTHER_HOST_RECORDS = ((OTHER_HOST, "A", V4), (OTHER_HOST, "AAAA", V6))
+STRANGER = "mx.elsewhere.example"  # another server altogether
+STRANGER_RECORDS = ((STRANGER, "A", "203.0.113.25"),)
 NOT_OK = "WRONG or MISSING"
 
 
@@ -587,6 +589,30 @@ def _cases(other_rsa: Path) -> dict[str, Case]:
             _plus(*OTHER_HOST_RECORDS, then=_replace("example.org", "MX", f"10 {OTHER_HOST}")),
             {("example.org", "MX"): "WRONG"},
             (OTHER_HOST, HOSTNAME),
+        ),
+        # (a helper's pass as operators: each of these four was OK, exit 0)
+        # ours only as a backup: senders try the lower preference first (RFC 5321 5.1)
+        "mx-backup-only": Case(
+            _plus(*STRANGER_RECORDS, ("example.org", "MX", f"5 {STRANGER}")),
+            {("example.org", "MX"): "WRONG"},
+            ("backup", STRANGER),
+        ),
+        # another server at the same preference: it gets part of the mail
+        "mx-shared": Case(
+            _plus(*STRANGER_RECORDS, ("example.org", "MX", f"10 {STRANGER}")),
+            {("example.org", "MX"): "WRONG"},
+            (STRANGER, "part of the mail"),
+        ),
+        # an old server's address left beside ours: senders try it too
+        "a-extra": Case(
+            _plus((HOSTNAME, "A", "203.0.113.50")),
+            {(HOSTNAME, "A"): "WRONG"},
+            ("203.0.113.50",),
+        ),
+        "dkim-testing-mode": Case(  # (RFC 6376 3.6.1: receivers treat it as unsigned)
+            _edit(org_dkim, "TXT", lambda v: v.replace("k=rsa;", "k=rsa; t=y;")),
+            {(org_dkim, "TXT"): "WRONG"},
+            ("t=y",),
         ),
         "mx-missing": Case(
             _replace("example.org", "MX"),
@@ -714,7 +740,8 @@ def _cases(other_rsa: Path) -> dict[str, Case]:
 
 
 BROKEN = [  # the keys of _cases (which needs the keys to be made first)
-    "mx-other-host", "mx-missing", "no-a", "spf-all-only", "spf-plus-all", "spf-redirect-to-all",
+    "mx-other-host", "mx-backup-only", "mx-shared", "a-extra", "dkim-testing-mode",
+    "mx-missing", "no-a", "spf-all-only", "spf-plus-all", "spf-redirect-to-all",
     "spf-missing", "dkim-other-key", "dkim-k-other-type", "dkim-ed25519-without-k", "dkim-h-sha1",
     "dkim-v-other", "dkim-v-lower-case", "dkim-k-upper-case", "dkim-s-not-email", "dkim-tag-twice",
     "dkim-two-records", "spf-wide-ranges", "dkim-missing", "dmarc-missing", "dmarc-without-p",
@@ -789,6 +816,16 @@ def test_check_finds_what_is_wrong(conf: Path, keys: list[Key], other_rsa, dns_s
             id="spf-by-ranges",
         ),
         pytest.param(
+            "mx-backup-elsewhere",  # a backup MX at another server: ours is tried first
+            _plus(*STRANGER_RECORDS, ("example.org", "MX", f"20 {STRANGER}")),
+            id="mx-backup-elsewhere",
+        ),
+        pytest.param(
+            "mx-two-names-one-server",  # another name at the same preference, our addresses
+            _plus(*OTHER_HOST_RECORDS, ("example.org", "MX", f"10 {OTHER_HOST}")),
+            id="mx-two-names-one-server",
+        ),
+        pytest.param(
             "spf-among-other-txt",
             _plus(("example.org", "TXT", "site-verification=abc123")),
             id="spf-among-other-txt",
@@ -856,3 +893,95 @@ def test_check_against_a_silent_dns_server_says_so_at_once(tmp_path: Path, keys:
     assert all(len(ln.text) < 200 and "dns-server" in ln.text for ln in lines), p.stdout
     assert p.returncode == 1
     assert took < 12, f"--check took {took:.1f}s against a silent server, dns-timeout 2s"
+
+
+def test_spf_whose_include_does_not_answer_is_unknown_at_once(
+    conf: Path, keys: list[Key], dns_server
+):
+    """A provider's include that does not answer is a temperror (RFC 7208 2.6.6), not a wrong
+    record: UNKNOWN, in about one dns-timeout (2 s here). It was WRONG, "not pass ...:
+    temperror", telling the operator to remove the include, after one dns-timeout for each
+    of the 8 addresses tried (a helper's pass: 81 s at the default 10 s)."""
+    spf = "v=spf1 include:_spf.provider.example mx -all"
+    records = _replace("example.org", "TXT", spf)(wanted(keys))
+    zone = zone_text(records) + '_spf.provider.example. TXT "dnsserver:timeout"\n'
+    start = time.monotonic()
+    rc, lines = run_check(conf, dns_server, zone)
+    took = time.monotonic() - start
+    line = index(lines)[("example.org", "TXT")][0]
+    assert line.status == "UNKNOWN" and "temperror" in line.text, shown(lines)
+    others = [ln for ln in lines if ln is not line and ln.status != "OK"]
+    assert others == [], shown(lines)
+    assert rc == 1
+    assert took < 9, f"--check took {took:.1f}s with dns-timeout 2s"
+
+
+def test_a_subdomain_is_covered_by_its_organisational_domains_dmarc(
+    tmp_path: Path, keys: list[Key], dns_server
+):
+    """Receivers fall back to the organisational domain's DMARC record (RFC 7489 6.6.3): a
+    subdomain without its own is OK when that one is right (it was MISSING), and MISSING when
+    neither has one."""
+    conf = write_config(
+        tmp_path / "sub.conf",
+        [k for k in keys if k.domain == "example.org"],
+        dns_server,
+        domains="example.org, shop.example.org",
+    )
+    printed = mailerd_dns("-c", str(conf))
+    assert printed.returncode == 0, printed
+    records = set(printed_records(printed.stdout))
+    own = ("_dmarc.shop.example.org", "TXT")
+    covered = {r for r in records if (r[0], r[1]) != own}
+    rc, lines = run_check(conf, dns_server, zone_text(covered))
+    line = index(lines)[own][0]
+    assert line.status == "OK" and "_dmarc.example.org" in line.text, shown(lines)
+    assert rc == 0, shown(lines)
+    bare = {r for r in covered if r[0] != "_dmarc.example.org"}
+    rc, lines = run_check(conf, dns_server, zone_text(bare))
+    assert [ln.status for ln in index(lines)[own]] == ["MISSING"], shown(lines)
+    assert rc == 1
+
+
+PRIVATE = "10.0.0.5"
+
+
+def test_behind_a_nat_public_address_stands_for_the_listeners(
+    tmp_path: Path, keys: list[Key], dns_server
+):
+    """At a cloud provider the machine's own address is private and the world reaches it at
+    another (1:1 NAT): a helper's pass found no configuration that passed the check but one
+    naming an address mailerd cannot listen on. `public-address` gives the world's
+    addresses: the records name them, and the check passes on them."""
+    conf = write_config(tmp_path / "nat.conf", keys, dns_server, listen=f"{PRIVATE}:25")
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 0, p
+    assert re.search(rf"(?m)^; {re.escape(PRIVATE)} is private: .*public-address", p.stdout), (
+        p.stdout
+    )
+    conf = write_config(
+        tmp_path / "nat2.conf",
+        keys,
+        dns_server,
+        listen=f"{PRIVATE}:25",
+        more=f"public-address = {V4}, {V6}\n",
+    )
+    printed = mailerd_dns("-c", str(conf))
+    assert printed.returncode == 0, printed
+    assert set(printed_records(printed.stdout)) == wanted(keys), printed.stdout
+    assert PRIVATE not in printed.stdout
+    rc, lines = run_check(conf, dns_server, printed.stdout)
+    assert [ln for ln in lines if ln.status != "OK"] == [], shown(lines)
+    assert rc == 0
+
+
+def test_check_without_an_address_of_ours_is_not_ok(tmp_path: Path, keys: list[Key], dns_server):
+    """Only loopback network listeners: nothing to compare the host's records, PTR and SPF
+    with. It exited 0 with those never looked at; now a line says so, exit 1."""
+    conf = write_config(tmp_path / "lo.conf", keys, dns_server, listen="127.0.0.1:2525")
+    printed = mailerd_dns("-c", str(conf))
+    rc, lines = run_check(conf, dns_server, printed.stdout)
+    unknown = [ln for ln in lines if ln.status != "OK"]
+    assert len(unknown) == 1 and unknown[0].status == "UNKNOWN", shown(lines)
+    assert "public-address" in unknown[0].text
+    assert rc == 1

@@ -271,3 +271,13 @@ def test_a_config_file_that_is_no_regular_file_is_refused_at_once(tmp_path: Path
     big.write_text("[mailerd]\n" + "# x\n" * (config.MAX_CONFIG_SIZE // 4 + 1))
     with pytest.raises(config.ConfigError, match="over"):
         config.read_ini(str(big))
+
+
+def test_public_address_takes_only_addresses_the_world_can_reach():
+    cfg = config.load(["-d", "example.org", "-H", "mx.example.org", "--public-address",
+                       "203.0.113.9", "--public-address", "[2001:db8::9]"])  # fmt: skip
+    assert cfg.public_addresses == ("203.0.113.9", "2001:db8::9")
+    for bad in ("10.0.0.5", "192.168.1.2", "100.64.0.1", "fd00::1", "127.0.0.1", "0.0.0.0",
+                "fe80::1", "mx.example.org"):  # fmt: skip
+        with pytest.raises(config.ConfigError, match="public-address"):
+            config.load(["-d", "example.org", "-H", "mx.example.org", "--public-address", bad])
