@@ -65,11 +65,21 @@ _DOMAIN = _SUB_DOMAIN + r"(?:\." + _SUB_DOMAIN + ")*"
 # dcontent is %d33-90 / %d94-126; the content is validated separately.
 _ADDRESS_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
 _ADL = "@" + _DOMAIN + "(?:,@" + _DOMAIN + ")*:"
+# What a path takes beyond the RFC's grammar, as Postfix does (strict_rfc821_envelopes = no):
+# dots anywhere in a local part (NTT docomo and au gave out addresses like foo..bar@ and
+# foo.@ for years, and their owners still write from and to them), an underscore inside a
+# domain label (names that are not host names), and one dot ending the domain (dropped). Each is an
+# address the strict grammar refuses with 501 or 553, losing the message for good, while it
+# means no other mailbox than the one intended: a local part of atext and dots can be written
+# as a quoted string already, and is written so when mailerd sends it on (format_local_part).
+_LAX_DOT_STRING = r"\.*[" + _ATEXT + "][" + _ATEXT + ".]*"
+_LAX_SUB_DOMAIN = _LET_DIG + "(?:[A-Za-z0-9_" + _NON_ASCII + "-]*" + _LET_DIG + ")?"
+_LAX_DOMAIN = _LAX_SUB_DOMAIN + r"(?:\." + _LAX_SUB_DOMAIN + ")*"
 
 _PATH_RE = re.compile(
     "<(?:" + _ADL + ")?"  # source route: accepted and ignored (RFC 5321 C)
-    "(?P<local>" + _DOT_STRING + "|" + _QUOTED + ")"
-    "@(?P<domain>" + _DOMAIN + "|" + _ADDRESS_LITERAL + ")>"
+    "(?P<local>" + _LAX_DOT_STRING + "|" + _QUOTED + ")"
+    "@(?P<domain>" + _LAX_DOMAIN + r"(?=\.?>)|" + _ADDRESS_LITERAL + r"(?=>))\.?>"
 )
 _POSTMASTER_RE = re.compile("<(postmaster)>", re.IGNORECASE)
 _DOT_STRING_RE = re.compile(_DOT_STRING)

@@ -142,6 +142,35 @@ def test_null_sender(shared_mailerd: Mailerd):
     check_stored(raw, sender="", helo="client.test", body=body)
 
 
+@pytest.mark.parametrize(
+    "sender, stored",
+    [
+        ("foo..bar@docomo.ne.jp", '"foo..bar"@docomo.ne.jp'),
+        ("foo.@ezweb.ne.jp", '"foo."@ezweb.ne.jp'),
+        ("bounce@mail_out.example.com", "bounce@mail_out.example.com"),
+        ("sender@client.test.", "sender@client.test"),
+    ],
+)
+def test_senders_beyond_the_grammar_are_taken_as_postfix_takes_them(
+    shared_mailerd: Mailerd, sender: str, stored: str
+):
+    """Addresses in use that RFC 5321's grammar has no room for got 501 5.1.7 at MAIL, and the
+    message was lost (a helper's pass as the big providers); Postfix takes them. A recipient
+    written with a final dot is the same mailbox."""
+    m = shared_mailerd
+    user = m.new_user("lax")
+    body = make_body(uuid.uuid4().hex)
+    with m.connect(trusted=False) as c:
+        c.start()
+        expect(c.cmd(f"MAIL FROM:<{sender}>"), 250, conn=c)
+        expect(c.cmd(f"RCPT TO:<{user}@example.org.>"), 250, conn=c)
+        send_data(c, body)
+        c.cmd("QUIT")
+    raw = only_message(m, user)
+    assert raw.startswith(f"Return-Path: <{stored}>\r\n".encode()), raw[:120]
+    assert raw.endswith(body)
+
+
 def test_several_recipients_in_two_domains(shared_mailerd: Mailerd):
     m = shared_mailerd
     users = [m.new_user("multi") for _ in range(4)]

@@ -320,7 +320,7 @@ def test_null_sender_is_none():
         ("MAIL", (501, "5.5.4")),
         ("MAIL TO:<a@b>", (501, "5.5.4")),
         ("MAIL FROM:a@b", (501, "5.1.7")),
-        ("MAIL FROM:<a..b@c>", (501, "5.1.7")),
+        ("MAIL FROM:<a@b..c>", (501, "5.1.7")),
         ("MAIL FROM:<a@b", (501, "5.1.7")),
         ("MAIL FROM:<a@[1.2.3.4.5]>", (501, "5.1.7")),
         ("MAIL FROM:<jörg@b>", (553, "5.6.7")),
