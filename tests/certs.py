@@ -4,6 +4,7 @@ they would a real server (`CA.cert`). Importable as `certs` from every test dire
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,13 @@ class CA:
     def issue(
         self, name: str, *names: str, kind: str = "rsa", days: int = 30, tag: str = ""
     ) -> Pair:
-        """A server certificate for `name` (and `names`), signed by this CA. `kind` is "rsa"
+        """A server certificate for `name` (and `names`: host names or IP addresses), signed by
+        this CA. `kind` is "rsa"
         (2048 bits) or "ecdsa" (P-256); `tag` tells files for the same names apart."""
         stem = f"{name}{'-' + tag if tag else ''}-{kind}"
         key, csr, cert, ext = (self.directory / f"{stem}.{s}" for s in ("key", "csr", "crt", "ext"))
         _openssl(*_newkey(kind), "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
-        sans = ",".join(f"DNS:{n}" for n in (name, *names))
+        sans = ",".join(f"{_san_kind(n)}:{n}" for n in (name, *names))
         ext.write_text(f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n")
         _openssl(
             "x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
@@ -48,6 +50,15 @@ def make_ca(directory: Path, name: str = "mailerd test CA") -> CA:
         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=keyCertSign,cRLSign",
     )  # fmt: skip
     return CA(cert, key, directory)
+
+
+def _san_kind(name: str) -> str:
+    """A subjectAltName entry's kind: IP for an address, DNS for a name."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return "DNS"
+    return "IP"
 
 
 def _newkey(kind: str) -> list[str]:

@@ -378,8 +378,20 @@ def _connect(hop: Hop, settings: Settings, queue_id: str, deadline: float) -> _C
         client.close()
         result = _ours(hop, f"connect to {hop.name}:{hop.port}: {_reason(exc)}")
         raise _HopFailed(result, usable=False) from exc
-    client._host = hop.host  # smtplib uses it as the TLS server name; we connected by address
+    client._host = tls_name(hop.host)  # smtplib's TLS server name: we connected by address
     return client
+
+
+def tls_name(host: str) -> str:
+    """The name a server's certificate must carry: the host name, or, for a host given as an
+    address ([192.0.2.1], [IPv6:2001:db8::1], as a relayhost may be), the bare address, which
+    the ssl module checks against the certificate's IP addresses (and sends no SNI for). With
+    the brackets, no certificate could match, and a relayhost given as an address never
+    verified: with --relay-auth, nothing was ever sent."""
+    if not (host.startswith("[") and host.endswith("]")):
+        return host
+    inner = host[1:-1]
+    return inner[5:] if inner[:5].lower() == "ipv6:" else inner
 
 
 def _converse(

@@ -186,6 +186,51 @@ def test_verify_policy_refuses_a_self_signed_certificate(server, message, certif
     assert not result.ok and not result.permanent and not handler.messages
 
 
+@pytest.mark.parametrize(
+    "literal, address", [("[127.0.0.1]", "127.0.0.1"), ("[IPv6:::1]", "::1")], ids=["v4", "v6"]
+)
+def test_a_host_given_as_an_address_verifies_by_that_address(
+    server, message, tmp_path, monkeypatch, literal, address
+):
+    """A relayhost given as an address is reached as its literal, and its certificate must
+    name that address (an IP subjectAltName): TLS checked the name "[127.0.0.1]", brackets
+    and all, which no certificate can carry, so with --relay-auth nothing was ever sent (a
+    helper's pass at the README)."""
+    from certs import make_ca
+
+    ca = make_ca(tmp_path / "ca")
+    pair = ca.issue(address, tag="ip")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pair.cert, pair.key)
+    handler = Recorder()
+    port = free_port()
+    controller = Controller(
+        handler,
+        hostname=address,
+        port=port,
+        tls_context=context,
+        authenticator=authenticator,
+        auth_require_tls=True,
+    )
+    controller.start()
+    monkeypatch.setattr(relay, "_trust", relay.load_trust(ca.cert))
+    try:
+        hop = relay.Hop(literal, address, port)
+        settings = relay.Settings(
+            helo="mx.example.org", tls="verify", auth=("user", "secret"), timeout=10
+        )
+        result = relay.attempt([hop], message("bob@remote.test"), settings)["bob@remote.test"]
+        assert result.ok, result
+        assert handler.messages[0]["tls"] and handler.messages[0]["auth"].login == b"user"
+        other = ca.issue("192.0.2.1", tag="other")  # a certificate for another address
+        assert relay.tls_name(literal) == address
+        context.load_cert_chain(other.cert, other.key)
+        result = relay.attempt([hop], message("carol@remote.test"), settings)["carol@remote.test"]
+        assert not result.ok and "certificate verification failed" in result.text, result
+    finally:
+        controller.stop()
+
+
 def test_password_never_sent_in_clear(server, message):
     handler = Recorder()
     hop = server(handler, authenticator=authenticator, auth_require_tls=False)
