@@ -219,6 +219,16 @@ def _foreign_sender(m: Mailerd, host: str) -> Reply:
     return reply
 
 
+def _second_mail(m: Mailerd, host: str) -> Reply:
+    """An authenticated user's mail program says MAIL twice (a client's bug, no attack)."""
+    c = _submission(m, host)
+    expect(c.cmd(f"AUTH PLAIN {_b64(chr(0) + SUBMITTER + chr(0) + PASSWORD)}"), 235, conn=c)
+    expect(c.cmd(f"MAIL FROM:<{SUBMITTER}@example.org>"), 250, conn=c)
+    reply = c.cmd(f"MAIL FROM:<{SUBMITTER}@example.org>")
+    _quit(c)
+    return reply
+
+
 def _unauthenticated_mail(tls: bool) -> Callable[[Mailerd, str], Reply]:
     """MAIL on the submission listener before STARTTLS, or inside TLS before AUTH: a mail
     program not set up yet (or a peer that cannot do TLS, where --tls-required), no attacker."""
@@ -295,11 +305,11 @@ KINDS = [
     ),
     Kind(
         "bad-recipient-syntax",
-        _rcpt("a..b@example.org"),
+        _rcpt("a@example..org"),
         V4,
         "RCPT",
         "550 5.1.3 Bad recipient address syntax",
-        _fields("probe@remote.test", "a..b@example.org", "probe.test"),
+        _fields("probe@remote.test", "a@example..org", "probe.test"),
         banned=True,
     ),
     # ... but an alias loop is the administrator's doing
@@ -441,6 +451,18 @@ KINDS = [
         "MAIL",
         f"553 5.7.1 Sender address rejected: not owned by user {SUBMITTER}",
         _fields(f"{USER}@example.org", None, "laptop.test"),
+        banned=False,
+        server="auth",
+    ),
+    # ... nor is one whose mail program says MAIL twice (a helper's pass: five such in ten
+    # minutes banned the user's own address)
+    Kind(
+        "second-mail",
+        _second_mail,
+        V6,
+        "MAIL",
+        "503 5.5.1 Bad sequence of commands: sender already specified",
+        _fields(f"{SUBMITTER}@example.org", None, "laptop.test"),
         banned=False,
         server="auth",
     ),
