@@ -66,6 +66,21 @@ def test_the_hook_reloads_mailerd_for_a_lineage_it_uses(tmp_path, conf, defaults
     assert "asked mailerd" in said
 
 
+@pytest.mark.parametrize("option", ["-c {}", "--config {}", "--config={}", "-c{}"])
+def test_the_hook_reads_the_config_file_that_daemon_opts_names(tmp_path, option):
+    """/etc/default/mailerd's own example, DAEMON_OPTS="-c /etc/mailerd/other.conf -v": the
+    certificate named there was renewed, and the hook, which read only /etc/mailerd/mailerd.conf,
+    did nothing; mailerd served the old certificate until it expired (a helper's pass)."""
+    other = tmp_path / "other.conf"
+    other.write_text(f"tls-cert = {LINEAGE}/fullchain.pem\ntls-key = {LINEAGE}/privkey.pem\n")
+    defaults = f'DAEMON_OPTS="{option.format(other)} -v"\n'
+    signalled, said = run_hook(tmp_path, "", defaults)
+    assert signalled, said
+    other.write_text("tls-cert = /etc/mailerd/own.pem\n")
+    signalled, said = run_hook(tmp_path, "", defaults)
+    assert not signalled, said
+
+
 def test_the_hook_leaves_mailerd_alone_for_a_lineage_named_only_in_comments(tmp_path):
     """An operator who tried certbot's certificate and went back to another one keeps the old
     lines commented out: a renewal of it is no reason to reload (the hook grepped them too)."""
