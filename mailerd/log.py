@@ -18,6 +18,7 @@ line straight to the installed handler's `emit_line()`, without a LogRecord.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import logging.handlers
@@ -210,6 +211,35 @@ class LineStreamHandler(_LineStream, logging.StreamHandler[TextIO]):
     """StreamHandler with the lean path (MailLogger)."""
 
 
+class StartupHandler(LineStreamHandler):
+    """stderr while mailerd starts, keeping its warnings (at most STARTUP_KEPT) for the log
+    that `setup()` installs next (--log-file, or syslog once detached): a certificate about
+    to expire, a key others can read or a low descriptor limit is found before that log is
+    open, and an administrator reads the log, not the terminal the init script had."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.kept: list[tuple[int, float, str]] = []
+
+    def _keep(self, level: int, created: float, text: str) -> None:
+        if level >= logging.WARNING and len(self.kept) < STARTUP_KEPT:
+            self.kept.append((level, created, text))
+
+    def emit_line(self, level: int, created: float, text: str) -> bool:
+        if not super().emit_line(level, created, text):
+            return False
+        self._keep(level, created, text)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        with contextlib.suppress(Exception):  # (emit() reported any error already)
+            self._keep(record.levelno, record.created, record.getMessage())
+
+
+STARTUP_KEPT = 100
+
+
 class LineSysLogHandler(logging.handlers.SysLogHandler):
     """SysLogHandler with the lean path (MailLogger): the datagram emit() would send."""
 
@@ -311,10 +341,17 @@ class ReopeningFileHandler(_LineStream, logging.FileHandler):
             self.release()
 
 
-def setup(verbose: bool, *, log_file: Path | None = None, syslog: bool = False) -> None:
-    """Install the one root handler; raises OSError if `log_file` cannot be opened."""
-    handler: logging.Handler
-    if log_file is not None:
+def setup(
+    verbose: bool, *, log_file: Path | None = None, syslog: bool = False, startup: bool = False
+) -> None:
+    """Install the one root handler; raises OSError if `log_file` cannot be opened. With
+    `startup`, it is stderr's that keeps the warnings (StartupHandler); the next call writes
+    them to its log first, unless that is stderr again."""
+    handler: LineStreamHandler | LineSysLogHandler | ReopeningFileHandler
+    if startup:
+        handler = StartupHandler()
+        handler.setFormatter(LineFormatter(stamped=True))
+    elif log_file is not None:
         handler = ReopeningFileHandler(log_file)
         handler.setFormatter(LineFormatter(stamped=True))
     elif syslog and syslog_available():
@@ -333,6 +370,9 @@ def setup(verbose: bool, *, log_file: Path | None = None, syslog: bool = False) 
     logging.logProcesses = False  # LineFormatter has the process id
     root = logging.getLogger()
     for old in root.handlers:
+        if isinstance(old, StartupHandler) and not isinstance(handler, LineStreamHandler):
+            for level, created, text in old.kept:
+                handler.emit_line(level, created, text)
         old.close()
     root.handlers[:] = [handler]
     global _lean

@@ -92,7 +92,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
     """Start mailerd: everything that can fail is checked while still at the terminal
     (user, pid file, log file, directories, every bind); then detach unless -f; then supervise.
     `argv` is what SIGHUP re-reads."""
-    logsetup.setup(cfg.verbose)
+    logsetup.setup(cfg.verbose, startup=True)
     preload.preload()  # before any fork: the children may not be able to read the code
     raise_fd_limit(cfg.max_sessions)
     start_dir = Path.cwd()

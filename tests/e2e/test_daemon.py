@@ -447,6 +447,22 @@ def test_an_outbound_ca_that_cannot_be_used(daemon_factory, tmp_path: Path):
     assert "configuration reloaded" in d.log()[mark:], d.log()[mark:]
 
 
+def test_start_up_warnings_reach_the_log_file(daemon_factory, tmp_path: Path):
+    """A key others can read is warned of at start, before the log file is open: the warning
+    went to the terminal only (the init script's, or none), never to the log an administrator
+    reads (a helper's pass at the README). Now it is in the log file too, once."""
+    from certs import make_ca
+
+    pair = make_ca(tmp_path / "ca").issue(HOSTNAME)
+    pair.key.chmod(0o644)
+    d = daemon_factory()
+    d.write_config(tls_cert=pair.cert, tls_key=pair.key)
+    p = d.start()
+    warning = f"--tls-key {pair.key} is readable by others: chmod 600 it"
+    assert warning in p.stderr, p.stderr
+    assert d.log().count(warning) == 1, d.log()
+
+
 def test_reload_rebinds_changed_listener(daemon_factory):
     d = daemon_factory()
     d.start()
