@@ -176,7 +176,7 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         "d",
         True,
         True,
-        "a local domain; repeatable (default: /etc/mailname or the FQDN; localhost always)",
+        "a local domain; repeatable (default: /etc/mailname and the FQDN; localhost always)",
     ),
     ("queue", "q", True, False, "outbound queue and state (default /var/spool/mailerd)"),
     ("port", "p", True, False, "default port of the local and network listeners (default 25)"),
@@ -242,7 +242,8 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         None,
         True,
         False,
-        "sessions per client (IPv4 address, IPv6 prefix) on network and submission listeners",
+        "sessions per client (IPv4 address, IPv6 prefix) on network and submission listeners "
+        f"(default {DEFAULT_MAX_SESSIONS_PER_IP})",
     ),
     (
         "ipv6-prefix-length",
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mailerd",
         description="A lightweight personal mail server.",
-        epilog="Subcommands: mailerd queue [-c FILE] [-q DIR] [list | flush | delete ID...] "
+        epilog="Subcommands: mailerd queue [-c FILE] [-q DIR] [list | flush | delete ID... | init] "
         "shows and manages the outbound queue; mailerd sendmail [options] [recipient...] is "
         "the machine's mail command (also run as sendmail, mailq = sendmail -bp, and "
         "newaliases); mailerd passwd [--delete] USER sets the password USER authenticates with; "
