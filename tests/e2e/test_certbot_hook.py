@@ -66,7 +66,10 @@ def test_the_hook_reloads_mailerd_for_a_lineage_it_uses(tmp_path, conf, defaults
     assert "asked mailerd" in said
 
 
-@pytest.mark.parametrize("option", ["-c {}", "--config {}", "--config={}", "-c{}"])
+@pytest.mark.parametrize(
+    "option",
+    ["-c {}", "--config {}", "--config={}", "-c{}", "-c={}", "--conf {}", "--conf={}"],
+)
 def test_the_hook_reads_the_config_file_that_daemon_opts_names(tmp_path, option):
     """/etc/default/mailerd's own example, DAEMON_OPTS="-c /etc/mailerd/other.conf -v": the
     certificate named there was renewed, and the hook, which read only /etc/mailerd/mailerd.conf,
@@ -78,6 +81,35 @@ def test_the_hook_reads_the_config_file_that_daemon_opts_names(tmp_path, option)
     assert signalled, said
     other.write_text("tls-cert = /etc/mailerd/own.pem\n")
     signalled, said = run_hook(tmp_path, "", defaults)
+    assert not signalled, said
+
+
+def test_options_run_together_make_the_hook_reload_rather_than_miss(tmp_path):
+    """-vc FILE names a config file too; the hook does not take such forms apart, and reloads
+    for any renewal then (a SIGHUP drops no session; a missed one serves an expired
+    certificate)."""
+    signalled, said = run_hook(tmp_path, "", 'DAEMON_OPTS="-vc /etc/mailerd/other.conf"\n')
+    assert signalled, said
+
+
+@pytest.mark.parametrize(
+    "defaults",
+    [
+        'DAEMON_OPTS="$DAEMON_OPTS -v"\n',  # the init script sources it: shell works there
+        "DAEMON_OPTS=-v -H mx.example.org\n",  # systemd's EnvironmentFile: no quotes needed
+        'DAEMON_OPTS="-v"\nfalse\n',
+        "DAEMON_OPTS='-v'\n",
+    ],
+    ids=["shell-expansion", "unquoted", "a-false-command", "single-quotes"],
+)
+def test_the_defaults_file_is_read_not_run(tmp_path, defaults):
+    """The hook sourced /etc/default/mailerd under `set -eu` to read DAEMON_OPTS: a line the
+    init script takes (an expansion, a command) ended the hook before it looked at the config
+    file, and the renewed certificate was never loaded (an attacker's pass)."""
+    conf = f"tls-cert = {LINEAGE}/fullchain.pem\n"
+    signalled, said = run_hook(tmp_path, conf, defaults)
+    assert signalled, said
+    signalled, said = run_hook(tmp_path, "", defaults)  # (and a renewal of nothing it uses)
     assert not signalled, said
 
 
