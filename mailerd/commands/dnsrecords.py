@@ -83,7 +83,7 @@ from mailerd.inbound.lookups import Answer, Bridge, Lookups, TemporaryFailure
 from mailerd.signing import SigningKey
 
 MX_PREFERENCE = 10
-SPF_THREADS = 16  # SPF evaluations at once (a domain's senders and PROBES)
+SPF_THREADS = 128  # SPF evaluations at once, at most (each domain's senders and PROBES)
 # Addresses nobody sends mail from on the Internet, spread over the address space: an SPF
 # policy that passes one passes far more hosts than a domain's own (`+all`, a redirect to such a
 # record, ip4:0.0.0.0/1 and the like).
@@ -193,22 +193,34 @@ def load_keys(cfg: Config) -> tuple[SigningKey, ...]:
 
 def listener_addresses(cfg: Config) -> list[str]:
     """The addresses the world reaches this server at, each once: the host name's A/AAAA list
-    them all, whatever --outbound-ip says. Those given as public-address (behind a 1:1 NAT),
-    else the network listeners' own, a wildcard one standing for every address of the
-    machine in its family."""
-    if cfg.public_addresses:
-        return list(cfg.public_addresses)
+    them all, whatever --outbound-ip says. The network listeners' own (a wildcard one stands
+    for the machine's public addresses of its family: `_wildcard`), those behind a NAT
+    replaced by the public-address ones (1:1 NAT; a public IPv6 address beside a NATed IPv4
+    one stays)."""
     found: list[str] = []
     for listen in cfg.listeners:
         if listen.role != config.NETWORK:
             continue
         ip = ipaddress.ip_address(listen.host)
-        candidates = [ip]
-        if ip.is_unspecified:
-            everyone = (ipaddress.ip_address(a) for a in host.machine_addresses())
-            candidates = [a for a in everyone if a.version == ip.version]
-        found += [str(a) for a in candidates if host.reachable(a) and str(a) not in found]
+        for address in _wildcard(ip)[0] if ip.is_unspecified else [ip]:
+            if host.reachable(address) and str(address) not in found:
+                found.append(str(address))
+    if cfg.public_addresses:
+        found = [a for a in found if not host.behind_nat(ipaddress.ip_address(a))]
+        found += [a for a in cfg.public_addresses if a not in found]
     return found
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _wildcard(ip: Address) -> tuple[list[Address], list[Address]]:
+    """(Used, left out): the machine's addresses of `ip`'s family that other machines can
+    reach; its private ones (a container bridge's, a VPN's, a unique local IPv6 address) are
+    left out, since the world reaches none of them (behind a NAT: give public-address)."""
+    family = [ipaddress.ip_address(a) for a in host.machine_addresses()]
+    family = [a for a in family if a.version == ip.version and host.reachable(a)]
+    return [a for a in family if not host.behind_nat(a)], [a for a in family if host.behind_nat(a)]
 
 
 def outbound_addresses(cfg: Config, addresses: list[str]) -> list[str]:
@@ -222,6 +234,12 @@ def outbound_addresses(cfg: Config, addresses: list[str]) -> list[str]:
 
 def notes(cfg: Config, addresses: list[str], outbound: list[str]) -> Iterator[str]:
     """`;` lines about the addresses, printed before the records (and the check)."""
+    for listen in cfg.listeners:
+        ip = ipaddress.ip_address(listen.host)
+        if listen.role == config.NETWORK and ip.is_unspecified and _wildcard(ip)[1]:
+            skipped = ", ".join(str(a) for a in _wildcard(ip)[1])
+            shown = f"[{ip}]" if ip.version == 6 else str(ip)
+            yield f"; the wildcard listener {shown}: private addresses left out ({skipped})"
     if not addresses:
         yield (
             "; no usable address among the network listeners: no A/AAAA/PTR records "
@@ -326,9 +344,11 @@ async def check_all(
     loop = asyncio.get_running_loop()
     bridge = Bridge(lookups, loop, cfg.dns_timeout)
     relay = cfg.relayhost[0] if cfg.relayhost is not None else None
-    # A thread for each SPF evaluation of a domain (its senders and the probes) at once: one
-    # after another, a name that does not answer cost a --dns-timeout each (8 × 10 s).
-    with ThreadPoolExecutor(SPF_THREADS) as threads:
+    # A thread for each SPF evaluation (every domain's, of its senders and the probes) at
+    # once: one after another, a name that does not answer cost a --dns-timeout each (8 × 10 s
+    # a domain), and 16 shared by six domains still cost three.
+    evaluations = sum(r.role == "spf" for r in records) * (len(outbound) + len(PROBES) + 2)
+    with ThreadPoolExecutor(max(1, min(SPF_THREADS, evaluations))) as threads:
         checker = _Checker(lookups, bridge, threads, addresses, outbound, relay)
         # All at once: against a server that does not answer, one --dns-timeout in all, not
         # one a record (it was 9 × 11.6 s, found by a tester).
@@ -402,7 +422,8 @@ class _Checker:
                 record,
                 shown,
                 False,
-                note=f"({', '.join(strangers)} has the same preference, {best}: senders "
+                note=f"({', '.join(n or NULL_MX for n in strangers)} has the same preference, "
+                f"{best}: senders "
                 "deliver part of the mail there, not here)",
             )
         backups = [name for preference, name in entries if preference > best]

@@ -975,6 +975,26 @@ def test_behind_a_nat_public_address_stands_for_the_listeners(
     assert rc == 0
 
 
+def test_public_address_replaces_only_the_addresses_behind_the_nat(
+    tmp_path: Path, keys: list[Key], dns_server
+):
+    """A private IPv4 address and a public IPv6 one: public-address stands for the first; the
+    second stays (it was dropped, with its AAAA, PTR and SPF unchecked: an attacker's pass)."""
+    conf = write_config(
+        tmp_path / "nat6.conf",
+        keys,
+        dns_server,
+        listen=f"{PRIVATE}:25, [{V6}]:25",
+        more=f"public-address = {V4}\n",
+    )
+    printed = mailerd_dns("-c", str(conf))
+    assert printed.returncode == 0, printed
+    assert set(printed_records(printed.stdout)) == wanted(keys), printed.stdout
+    rc, lines = run_check(conf, dns_server, zone_text(_replace(HOSTNAME, "AAAA")(wanted(keys))))
+    assert [ln.status for ln in index(lines)[(HOSTNAME, "AAAA")]] == ["MISSING"], shown(lines)
+    assert rc == 1
+
+
 def test_check_without_an_address_of_ours_is_not_ok(tmp_path: Path, keys: list[Key], dns_server):
     """Only loopback network listeners: nothing to compare the host's records, PTR and SPF
     with. It exited 0 with those never looked at; now a line says so, exit 1."""

@@ -281,3 +281,25 @@ def test_public_address_takes_only_addresses_the_world_can_reach():
                 "fe80::1", "mx.example.org"):  # fmt: skip
         with pytest.raises(config.ConfigError, match="public-address"):
             config.load(["-d", "example.org", "-H", "mx.example.org", "--public-address", bad])
+
+
+def test_a_wildcard_listener_stands_for_the_machines_public_addresses(monkeypatch):
+    """`mailerd dns`: 0.0.0.0 and :: are the machine's addresses of their family, but for the
+    private ones (a container bridge's, a VPN's, a unique local IPv6 address), which the world
+    reaches none of (it asked for an AAAA of fd00::2: an attacker's pass); behind a NAT,
+    public-address."""
+    from mailerd.commands import dnsrecords
+
+    monkeypatch.setattr(
+        host,
+        "machine_addresses",
+        lambda: ["127.0.0.1", "203.0.113.9", "172.17.0.1", "::1", "2001:db8::9", "fd00::2"],
+    )
+    cfg = config.load(["-d", "example.org", "-H", "mx.example.org", "-n", "0.0.0.0", "-n", "::"])
+    assert dnsrecords.listener_addresses(cfg) == ["203.0.113.9", "2001:db8::9"]
+    notes = list(dnsrecords.notes(cfg, ["203.0.113.9", "2001:db8::9"], []))
+    assert any("172.17.0.1" in n for n in notes) and any("fd00::2" in n for n in notes), notes
+    monkeypatch.setattr(host, "machine_addresses", lambda: ["10.0.0.5", "fd00::2"])
+    cfg = config.load(["-d", "example.org", "-H", "mx.example.org", "-n", "0.0.0.0", "-n", "::",
+                       "--public-address", "203.0.113.7"])  # fmt: skip
+    assert dnsrecords.listener_addresses(cfg) == ["203.0.113.7"]
