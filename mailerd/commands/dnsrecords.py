@@ -21,11 +21,12 @@ comments where the reason is not obvious:
   outbound addresses are the listener addresses within --outbound-ip; with a relayhost there
   are none (this machine's addresses send nothing), so no PTR.
 
-The listener addresses are those given as public-address (a server behind a 1:1 NAT, as at
-most cloud providers), else those of the network listeners (-n, by default the addresses of the
-default route's interface; a wildcard one stands for the machine's addresses of its family)
-but for loopback and link-local ones (the world reaches none of those); a private address
-(RFC 1918, shared, unique local) is printed with a warning that asks for public-address.
+The listener addresses are those of the network listeners (-n, by default the addresses of the
+default route's interface; a wildcard one stands for the machine's public addresses of its
+family) but for loopback and link-local ones (the world reaches none of those), those behind a
+NAT replaced by the ones given as public-address (a server behind a 1:1 NAT, as at most cloud
+providers); a private address (RFC 1918, shared, unique local) left without one is printed with
+a warning that asks for public-address.
 
 With --check each record is looked up through the configured resolver (--dns-server, else the
 machine's) and reported as `OK`, `MISSING` or `WRONG` (with what is published and what is

@@ -471,6 +471,20 @@ def test_default_port_option(mailerd_factory, tmp_path: Path):
             c.cmd("QUIT")
 
 
+def _on_a_wildcard_port(mailerd_factory, hostname: str) -> Mailerd:
+    """A mailerd with a network listener on 0.0.0.0 and a free port. A port free a moment ago
+    may have become the local end of some connection meanwhile (free ports and outgoing
+    connections share the ephemeral range, and the suite runs in parallel), which a wildcard
+    bind then meets: "Address already in use" (seen once). Another port is tried then."""
+    for _ in range(3):
+        try:
+            return mailerd_factory(hostname=hostname, extra=["-n", f"0.0.0.0:{free_port()}"])
+        except RuntimeError as exc:
+            if "Address already in use" not in str(exc):
+                raise
+    pytest.fail("no free port for a wildcard listener in three tries")
+
+
 @pytest.mark.parametrize("hostname, warned", [("localhost", True), ("mx.example.org", False)])
 def test_a_host_name_nobody_can_look_up_is_warned_of_when_others_can_connect(
     mailerd_factory, hostname: str, warned: bool
@@ -480,8 +494,7 @@ def test_a_host_name_nobody_can_look_up_is_warned_of_when_others_can_connect(
     `localhost`: they see it in the banner, EHLO and Received: lines (found by a tester: it
     started without a word). Loopback-only listeners (the suite's, scripts/server's) are not
     warned of."""
-    port = free_port()
-    m = mailerd_factory(hostname=hostname, extra=["-n", f"0.0.0.0:{port}"])
+    m = _on_a_wildcard_port(mailerd_factory, hostname)
     said = f"host name {hostname} is no name other servers can look up"
     assert wait_until(lambda: "mailerd started" in m.stderr_text(), 5)
     wait_until(lambda: said in m.stderr_text(), 1 if warned else 0.3)
