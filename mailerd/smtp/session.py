@@ -56,6 +56,14 @@ from .replies import (
 )
 from .settings import SessionConfig
 
+# What MAIL's line may grow by beyond the 512 octets of a command (RFC 5321 4.5.3.1.4: "SMTP
+# extensions may be used to increase this limit"), for the parameters of the extensions
+# offered: SIZE= 26 octets (RFC 1870 6), BODY= 16 (RFC 6152 2), SMTPUTF8 10 (RFC 6531 3.4);
+# and AUTH= 500 when AUTH is offered (RFC 4954 5). A sender with a long address and all of
+# them was refused "line too long" and lost its message (a helper's pass as the providers).
+MAIL_PARAMETERS = 26 + 16 + 10
+AUTH_PARAMETER = 500
+
 __all__ = ["Session", "SessionConfig"]
 
 
@@ -306,7 +314,7 @@ class Session(Commands):
         if self._pending:
             self._buf = self._take_input()
         buf, pos = self._buf, self._pos
-        limit = auth.RESPONSE_LINE_MAX if self._sasl is not None else self._config.max_command_line
+        limit = self._line_limit(buf, pos)
         end = buf.find(b"\r\n", pos)
         if not self._discarding:  # (every LF before the first CRLF is a bare one)
             bare = buf.find(b"\n", pos, min(len(buf) if end < 0 else end, pos + limit))
@@ -331,6 +339,16 @@ class Session(Commands):
         else:
             self._handle_command(buf[pos:end])
         return True
+
+    def _line_limit(self, buf: bytes, pos: int) -> int:
+        """Octets the line at `pos` may take with its CRLF: an AUTH response's, or a
+        command's, MAIL's grown by the parameters the extensions offered add to it."""
+        if self._sasl is not None:
+            return auth.RESPONSE_LINE_MAX
+        limit = self._config.max_command_line
+        if buf[pos : pos + 5].upper() == b"MAIL ":
+            limit += MAIL_PARAMETERS + (AUTH_PARAMETER if self._config.auth else 0)
+        return limit
 
     def _bare_line_feed(self, line: bytes) -> None:
         """A bare LF in a line: no CRLF can make it a command (only CRLF ends a line), so it

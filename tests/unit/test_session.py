@@ -577,6 +577,26 @@ def test_long_command_line_gets_one_500(length):
     assert [status(r) for r in replies] == [(500, "5.5.6"), (250, "2.0.0")]
 
 
+@pytest.mark.parametrize("auth", [False, True])
+def test_mail_takes_the_octets_its_parameters_add(auth):
+    """RFC 1870 6, RFC 6152 2 and RFC 6531 3.4 let MAIL's line grow by 26, 16 and 10 octets
+    for SIZE=, BODY= and SMTPUTF8, RFC 4954 5 by 500 for AUTH= when AUTH is offered; RCPT
+    keeps 512."""
+    params = " SIZE=1000 BODY=8BITMIME SMTPUTF8" + (" AUTH=<>" if auth else "")
+    limit = 512 + 52 + (500 if auth else 0)
+    head = b"MAIL FROM:<"
+    tail = b"@example.org>" + params.encode()
+    local = b"a" * (limit - 2 - len(head) - len(tail))
+    client = Client(auth=auth, auth_in_clear=auth)
+    client.cmd("EHLO client.example")
+    assert len(head + local + tail + b"\r\n") == limit
+    assert client.cmd(head + local + tail).code == 250
+    client.cmd("RSET")
+    assert status(client.cmd(head + b"a" + local + tail)) == (500, "5.5.6")
+    rcpt = b"RCPT TO:<" + b"a" * (512 - 2 - len(b"RCPT TO:<@example.org>") + 1) + b"@example.org>"
+    assert status(client.cmd(rcpt)) == (500, "5.5.6")
+
+
 @pytest.mark.parametrize("piece", [1, 7, 511, 512, 513, 4096])
 def test_long_command_line_in_pieces(piece):
     data = b"MAIL FROM:<" + b"a" * 3000 + b"@b>\r\nNOOP\r\n"
