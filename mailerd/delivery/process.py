@@ -359,14 +359,18 @@ class DeliveryService:
         channel.send({"id": header.get("id"), **WriterChannelGiven().encode()}, fd=ours.detach())
 
     def _completion(self, request: Commit, queue_id: str, body: durable.Body) -> bytes:
-        """Date:/Message-ID: for a submission from a local program that lacks them, as an MTA
-        should add them before mail leaves (big providers refuse mail without a Message-ID).
-        Only on the outgoing copy: a local mailbox gets the message as received."""
+        """Date:/Message-ID:/From: for a submission from a local program that lacks them, as an
+        MTA should add them before mail leaves (big providers refuse mail without a Message-ID
+        or a From:). Only on the outgoing copy: a local mailbox gets the message as received."""
         if not request.trusted:
             return b""
         scan = body[:HEADER_SCAN] if isinstance(body, bytes) else os.pread(body, HEADER_SCAN, 0)
         return trace.missing_headers(
-            scan, queue_id=queue_id, hostname=self.cfg.hostname, when=time.time()
+            scan,
+            queue_id=queue_id,
+            hostname=self.cfg.hostname,
+            when=time.time(),
+            sender=request.sender,
         )
 
     async def _signature(

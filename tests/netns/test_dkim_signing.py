@@ -595,6 +595,23 @@ def test_missing_date_and_message_id_are_added_and_signed(internet: Internet, si
         assert {"date", "message-id"} <= set(signed_names(raw)), signed_names(raw)
 
 
+def test_a_missing_from_is_the_sender_and_signed(internet: Internet, signer: Mailerd):
+    """A script's message without From: (the README's curl example to a remote address) left
+    without one, and unsigned, since DKIM signs for the From: domain: Gmail refuses such mail
+    (a helper's pass with mail programs). It gets the envelope sender, as Postfix's cleanup
+    adds it for local clients, and is signed."""
+    rcpt = f"{token('nofrom')}@rcpt.test"
+    body = crlf(f"To: <{rcpt}>", "Subject: no from", "", "Hi.")
+    submit(signer, "alice@example.org", [rcpt], body)
+    data = delivered(internet, signer, "mx1", rcpt)
+    fields, rest = split(data)
+    assert [raw for n, raw in fields if n == "from"] == [b"From: alice@example.org"], fields
+    assert rest == b"Hi.\r\n", rest
+    check_signatures(internet, data)
+    for raw in signature_fields(data):
+        assert "from" in signed_names(raw), signed_names(raw)
+
+
 def test_sendmail_maildrop_mail_is_signed(internet: Internet, signer: Mailerd, tmp_path: Path):
     """`mailerd sendmail` (the maildrop, then the pickup) with LF line ends and no Date: or
     Message-ID: (sendmail adds them): signed like SMTP submissions."""

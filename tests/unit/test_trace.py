@@ -10,6 +10,20 @@ def test_missing_date_and_message_id_are_added():
     assert added.startswith(b"Date: ") and added.endswith(b"Message-ID: <Q1@mx.test>\r\n")
 
 
+def test_a_missing_from_is_the_envelope_sender():
+    """A script's message without From: left without one, and unsigned (DKIM signs for the
+    From: domain); Gmail refuses such mail (a helper's pass with mail programs)."""
+    start = b"Subject: hi\r\nDate: x\r\nMessage-ID: <x@y>\r\n\r\nbody\r\n"
+    added = trace.missing_headers(start, queue_id="Q", hostname="h", when=0, sender="a@ex.org")
+    assert added == b"From: a@ex.org\r\n"
+    for sender in ("", "j\u00f6rg@ex.org"):  # <>, and one a header could carry only in UTF-8
+        none = trace.missing_headers(start, queue_id="Q", hostname="h", when=0, sender=sender)
+        assert none == b""
+    start = b"FROM: b@ex.org\r\nDate: x\r\nMessage-ID: <x@y>\r\n\r\n"
+    kept = trace.missing_headers(start, queue_id="Q", hostname="h", when=0, sender="a@ex.org")
+    assert kept == b""
+
+
 def test_present_headers_are_kept_in_any_case():
     start = b"DATE: Thu, 1 Jan 1970 00:00:00 +0000\r\nmessage-id: <x@y>\r\n\r\nbody\r\n"
     assert trace.missing_headers(start, queue_id="Q", hostname="h", when=0) == b""
