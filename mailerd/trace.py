@@ -99,14 +99,17 @@ def return_path(sender: str) -> bytes:
     return f"Return-Path: <{_path(sender)}>\r\n".encode()
 
 
+PATH_MAX = 256  # octets of a reverse-path at most (RFC 5321 4.5.3.1.3)
+
+
 def missing_headers(
     message_start: bytes, *, queue_id: str, hostname: str, when: float, sender: str = ""
 ) -> bytes:
     """`Date:`, `Message-ID:` and `From:` lines for a submission that lacks them (as Postfix's
     cleanup adds for local clients: big providers refuse mail without a Message-ID or a From:,
     and without From: there is no domain to DKIM-sign for). From: is the envelope `sender`
-    (none for <>, or for a sender that is not ASCII: a header may carry UTF-8 only in an
-    SMTPUTF8 message).
+    (none for <>, for a sender that is not ASCII: a header may carry UTF-8 only in an
+    SMTPUTF8 message, or for one longer than a path may be, whose line could pass 998 octets).
 
     `message_start` is the beginning of the message; only its header section is looked at.
     """
@@ -124,6 +127,6 @@ def missing_headers(
         added += f"Date: {rfc5322_date(when)}\r\n".encode()
     if b"message-id" not in names:
         added += f"Message-ID: <{queue_id}@{hostname}>\r\n".encode()
-    if b"from" not in names and sender and sender.isascii():
+    if b"from" not in names and sender and sender.isascii() and len(sender) <= PATH_MAX:
         added += f"From: {sender}\r\n".encode()
     return added
