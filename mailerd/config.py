@@ -51,6 +51,7 @@ DEFAULT_QUEUE = "/var/spool/mailerd"
 DEFAULT_MAX_MESSAGE_SIZE = 26214400
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_ERRORS = 20
+DEFAULT_MAX_RECIPIENTS = 100  # RFC 5321 4.5.3.1.8's minimum (Postfix: 1000)
 DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_MAX_SESSIONS_PER_IP = 50
 # Places of --max-sessions kept for each of the owner's pools (the local listeners; the
@@ -125,6 +126,7 @@ class Config:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     timeout: float = DEFAULT_TIMEOUT
     max_errors: int = DEFAULT_MAX_ERRORS
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_sessions_per_ip: int = DEFAULT_MAX_SESSIONS_PER_IP
     reserved_sessions: int = DEFAULT_MAX_SESSIONS // RESERVED_SHARE
@@ -228,6 +230,13 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ),
     ("max-session-time", None, True, False, "no session lasts longer (default 1h)"),
     ("max-errors", None, True, False, "bad commands tolerated per session (default 20)"),
+    (
+        "max-recipients",
+        None,
+        True,
+        False,
+        f"recipients of one message, the rest 452 4.5.3 (default {DEFAULT_MAX_RECIPIENTS})",
+    ),
     ("max-sessions", None, True, False, "total concurrent sessions (default 1000)"),
     (
         "reserved-sessions",
@@ -325,7 +334,8 @@ METAVARS = {
     "public-address": "ADDR",
     "hostname": "NAME", "workers": "N", "user": "NAME", "pidfile": "FILE",
     "dns-server": "IP[:PORT]", "max-message-size": "BYTES", "timeout": "DURATION",
-    "max-errors": "N", "max-sessions": "N", "max-sessions-per-ip": "N", "min-free": "BYTES",
+    "max-errors": "N", "max-recipients": "N", "max-sessions": "N", "max-sessions-per-ip": "N",
+    "min-free": "BYTES",
     "reserved-sessions": "N", "ipv6-prefix-length": "N", "min-data-rate": "BYTES",
     "max-session-time": "DURATION",
     "relayhost": "HOST[:PORT]", "relay-auth": "FILE", "outbound-tls": "POLICY",
@@ -512,6 +522,9 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         ),
         timeout=parse_duration("timeout", raw.get("timeout", DEFAULT_TIMEOUT)),
         max_errors=parse_int("max-errors", raw.get("max_errors", DEFAULT_MAX_ERRORS), 0, 10**6),
+        max_recipients=parse_int(
+            "max-recipients", raw.get("max_recipients", DEFAULT_MAX_RECIPIENTS), 100, 100_000
+        ),
         max_sessions=max_sessions,
         max_sessions_per_ip=parse_int(
             "max-sessions-per-ip",

@@ -313,6 +313,7 @@ def session_config(cfg: Config, listen: ListenAddress) -> SessionConfig:
         hostname=cfg.hostname,
         max_message_size=cfg.max_message_size,
         max_errors=cfg.max_errors,
+        max_recipients=cfg.max_recipients,
         starttls=certificate and role != config.SUBMISSIONS,
         implicit_tls=role == config.SUBMISSIONS,
         # On the local listener only once someone has a password: it changes nothing there

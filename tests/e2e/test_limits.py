@@ -12,6 +12,7 @@ from .conftest import (
     check_stored,
     expect,
     mail_rcpt,
+    run_mailerd,
     send_data,
     send_message,
 )
@@ -73,6 +74,26 @@ def test_too_many_recipients(shared_mailerd: Mailerd):
         send_data(c, b"Subject: many\r\n\r\nmany\r\n")
         expect(c.cmd("QUIT"), 221, conn=c)
     assert m.wait_messages(user, 1, timeout=5), "the message was not delivered"
+
+
+def test_max_recipients_raises_the_limit(mailerd_factory):
+    """--max-recipients: an operator whose users write to larger lists raises it (msmtp, curl
+    and git send-email give up at the 452 rather than send the rest in another transaction:
+    a helper's pass with mail programs); below RFC 5321's 100 it is refused."""
+    m = mailerd_factory(extra=["--max-recipients", "150"])
+    user = m.new_user("list")
+    with m.connect() as c:
+        c.start()
+        expect(c.cmd("MAIL FROM:<sender@client.test>"), 250, conn=c)
+        c.send(b"".join(f"RCPT TO:<{user}+{i}@example.org>\r\n".encode() for i in range(151)))
+        replies = c.read_replies(151)
+        assert [r.code for r in replies[:150]] == [250] * 150, replies[:150]
+        expect(replies[150], 452, "4.5.3", conn=c)
+        send_data(c, b"Subject: list\r\n\r\nmany\r\n")
+        expect(c.cmd("QUIT"), 221, conn=c)
+    assert m.wait_messages(user, 1, timeout=5), "the message was not delivered"
+    low = run_mailerd(["--max-recipients", "99", "-l", "127.0.0.1:1", "-n", "none"])
+    assert low.returncode == 2 and "max-recipients" in low.stderr, low
 
 
 # --------------------------------------------------------------------------------------------
