@@ -237,10 +237,12 @@ def notes(cfg: Config, addresses: list[str], outbound: list[str]) -> Iterator[st
     """`;` lines about the addresses, printed before the records (and the check)."""
     for listen in cfg.listeners:
         ip = ipaddress.ip_address(listen.host)
-        if listen.role == config.NETWORK and ip.is_unspecified and _wildcard(ip)[1]:
-            skipped = ", ".join(str(a) for a in _wildcard(ip)[1])
-            shown = f"[{ip}]" if ip.version == 6 else str(ip)
-            yield f"; the wildcard listener {shown}: private addresses left out ({skipped})"
+        if listen.role == config.NETWORK and ip.is_unspecified:
+            _, private = _wildcard(ip)
+            if private:
+                skipped = ", ".join(str(a) for a in private)
+                shown = f"[{ip}]" if ip.version == 6 else str(ip)
+                yield f"; the wildcard listener {shown}: private addresses left out ({skipped})"
     if not addresses:
         yield (
             "; no usable address among the network listeners: no A/AAAA/PTR records "
@@ -433,10 +435,15 @@ class _Checker:
 
     async def _ours(self, name: str) -> bool:
         """Does `name` lead to this server: has it addresses, all of them ours?"""
+        found = await self._addresses_of(name)
+        return bool(found) and {ipaddress.ip_address(a) for a in found} <= self.addresses
+
+    async def _addresses_of(self, name: str) -> list[str]:
+        """The A and AAAA records of `name`."""
         found: list[str] = []
         for rtype in ("A", "AAAA"):
             found += (await self.lookups.query(name, rtype)).records
-        return bool(found) and {ipaddress.ip_address(a) for a in found} <= self.addresses
+        return found
 
     async def _address(self, record: Record) -> str:
         """Right when the host has this address and no other that is not this server's
@@ -497,11 +504,7 @@ class _Checker:
         try:
             return [str(ipaddress.ip_address(self.relay))]
         except ValueError:
-            pass
-        found: list[str] = []
-        for rtype in ("A", "AAAA"):
-            found += (await self.lookups.query(self.relay, rtype)).records
-        return found
+            return await self._addresses_of(self.relay)
 
     async def _spf_results(self, domain: str, addresses: list[str]) -> list[tuple[str, str]]:
         """(address, SPF result) for mail from postmaster@DOMAIN sent from each address, the
@@ -555,9 +558,8 @@ class _Checker:
             covered = await self._dmarc_above(record.name.removeprefix("_dmarc."))
             if covered:
                 return _verdict(record, have, True, note=covered)
-        ok = len(have) == 1 and dmarc.parse(have[0]) is not None
         note = "" if len(have) < 2 else "(several DMARC records: receivers ignore them all)"
-        return _verdict(record, have, ok, note=note)
+        return _verdict(record, have, _one_policy(have), note=note)
 
     async def _dmarc_above(self, domain: str) -> str:
         """The note for a subdomain that the organisational domain's record covers, or ""."""
@@ -566,9 +568,7 @@ class _Checker:
             return ""
         name = f"_dmarc.{above}"
         found = [v for v in (await self.lookups.query(name, "TXT")).records if dmarc.is_record(v)]
-        if len(found) != 1 or dmarc.parse(found[0]) is None:
-            return ""
-        return f"(none of its own: {name}'s record covers it)"
+        return f"(none of its own: {name}'s record covers it)" if _one_policy(found) else ""
 
     async def _ptr(self, record: Record) -> str:
         have = [v.lower().rstrip(".") for v in await self._records(record)]
@@ -666,6 +666,12 @@ def _dkim_problem(record: str, kind: str) -> str:
             "(RFC 6376 3.6.1): remove it"
         )
     return ""
+
+
+def _one_policy(records: list[str]) -> bool:
+    """Do these DMARC records (v=DMARC1 first) give a receiver a policy: exactly one, with a
+    p= the inbound verifier's parser finds?"""
+    return len(records) == 1 and dmarc.parse(records[0]) is not None
 
 
 def _addresses(addresses: list[str]) -> str:

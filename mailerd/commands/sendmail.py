@@ -465,7 +465,7 @@ def _addresses(field: str) -> list[str]:
         raise Failure(os.EX_DATAERR, f"bad address in {name.strip()}: {value.strip()}")
     # A user name without a domain ("To: root") is what local mail looks like: qualified by
     # the caller, as on the command line.
-    return [a for a in found if a]
+    return found
 
 
 def _semicolons_as_commas(value: str) -> str | None:
