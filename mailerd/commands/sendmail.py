@@ -499,8 +499,8 @@ def qualify_field(field: Field, domain: Callable[[], str]) -> Field:
     on it, and receivers refuse it otherwise). Nothing else in the field changes. It is kept as
     it was when the parser does not read it back as exactly that (the same names and groups,
     the addresses with DOMAIN added), when the domains would make a line too long to fold at
-    white space, and when it is over MAX_QUALIFIED octets (the parser's time grows with the
-    square of a field's length: 16 s for 48 KB of names)."""
+    white space, and when it is over MAX_QUALIFIED octets (the field is read twice, each
+    time at about 0.1 ms an address: 4 s for 16,000 names, for a field no program writes)."""
     text = b"\r\n".join(field).decode("utf-8", "surrogateescape")
     name, colon, value = text.partition(":")
     ends = _bare_address_ends(value) if len(text) <= MAX_QUALIFIED else []
