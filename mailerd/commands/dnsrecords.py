@@ -391,10 +391,10 @@ class _Checker:
             return f"UNKNOWN  {_label(record)}: the DNS did not answer ({_why(exc)})"
 
     async def _mx(self, record: Record) -> str:
-        """Right when the host is among the MX hosts of the lowest preference value and
-        every other host there is this server too: senders try those first (RFC 5321 5.1),
-        at random among equals. Hosts with a higher value are backups, tried only when these
-        do not answer."""
+        """Right when the host is among the MX hosts of the lowest preference value, every
+        other host there is this server too, and the host's name is no alias: senders try
+        those first (RFC 5321 5.1), at random among equals. Hosts with a higher value are
+        backups, tried only when these do not answer."""
         entries = [_mx_entry(v) for v in await self._records(record)]
         hosts = [name for _, name in entries]
         shown = [name or NULL_MX for name in hosts]
@@ -428,6 +428,17 @@ class _Checker:
                 note=f"({', '.join(n or NULL_MX for n in strangers)} has the same preference, "
                 f"{best}: senders "
                 "deliver part of the mail there, not here)",
+            )
+        alias = (await self.lookups.query(record.value, "CNAME")).records
+        if alias:
+            return _verdict(
+                record,
+                shown,
+                False,
+                note=f"({record.value} is an alias, a CNAME of {alias[0].rstrip('.')}: an MX "
+                "must name a host with A/AAAA records of its own (RFC 2181 10.3, RFC 5321 "
+                "5.1), and some senders refuse mail to one that does not; publish its A/AAAA "
+                "records in place of the CNAME)",
             )
         backups = [name for preference, name in entries if preference > best]
         note = f"(and backups, tried when it does not answer: {', '.join(backups)})"

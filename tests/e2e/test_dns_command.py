@@ -501,6 +501,22 @@ def test_null_mx_is_shown_as_one(conf: Path, keys: list[Key], dns_server):
     assert rc == 1
 
 
+def test_an_mx_naming_an_alias_is_wrong(conf: Path, keys: list[Key], dns_server):
+    """The hostname published as a CNAME of the provider's name for the machine (which has
+    the right addresses): mail arrives and the A/AAAA and PTR checks pass through the alias,
+    but an MX must not name an alias (RFC 2181 10.3), so the MX lines say so."""
+    machine = "vps123.provider.example"
+    want = _replace(HOSTNAME, "A")(_replace(HOSTNAME, "AAAA")(wanted(keys)))
+    want |= {(machine, "A", V4), (machine, "AAAA", V6)}
+    zone = zone_text(want) + f"{HOSTNAME}. CNAME {machine}.\n"
+    rc, lines = run_check(conf, dns_server, zone)
+    for domain in ("example.org", "example.net"):
+        line = index(lines)[(domain, "MX")][0]
+        assert line.status == "WRONG" and "CNAME" in line.text and machine in line.text, line
+    assert {ln.status for ln in lines if ln.rtype != "MX"} == {"OK"}, shown(lines)
+    assert rc == 1
+
+
 def test_loopback_listener_is_no_outbound_address(tmp_path: Path, keys: list[Key], dns_server):
     """Only loopback network listeners: no address to publish A/AAAA/PTR for, and it says so."""
     conf = write_config(tmp_path / "lo.conf", keys, dns_server, listen="127.0.0.1:2525, [::1]:2525")
