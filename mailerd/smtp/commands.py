@@ -84,6 +84,9 @@ _BDAT_RE = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 # Known to SMTP but deliberately unsupported: 502 rather than 500.
 _UNSUPPORTED_VERBS = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
+# Commands whose argument changes nothing: an argument that is no UTF-8 is no error there
+# (RFC 5321 4.1.1.9: NOOP's "SHOULD be ignored"; HELP's reply is the same for any topic).
+_ARGUMENT_IGNORED = frozenset({"NOOP", "HELP"})
 
 
 class Commands:
@@ -164,9 +167,11 @@ class Commands:
             try:
                 argument = decode_argument(raw)
             except GrammarError:
-                self._argument = raw.decode("utf-8", "backslashreplace")
-                self._send(BAD_UTF8)
-                return
+                argument = raw.decode("utf-8", "backslashreplace")
+                if verb not in _ARGUMENT_IGNORED:
+                    self._argument = argument
+                    self._send(BAD_UTF8)
+                    return
             self._argument = argument
         handler(self, argument)
 

@@ -89,8 +89,9 @@ VRFY_SYNTAX = syntax("VRFY address")
 STARTTLS_SYNTAX = syntax("STARTTLS")
 AUTH_SYNTAX = syntax("AUTH mechanism [initial-response]")
 # Without a valid size the chunk cannot be skipped; reading its octets as
-# commands would be command injection, so the connection is closed.
-BDAT_SYNTAX = syntax("BDAT size [LAST], closing connection", close=True)
+# commands would be command injection, so the connection is closed: with 521,
+# as Postfix does, since only 421 and 521 may close it (RFC 5321 3.8, RFC 7504).
+BDAT_SYNTAX = Reply(521, "5.5.4", "Syntax: BDAT size [LAST], closing connection", close=True)
 
 
 @lru_cache(maxsize=64)

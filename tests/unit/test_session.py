@@ -1132,9 +1132,20 @@ def test_bdat_refused_chunk_is_still_read(setup, expected):
 
 
 def test_bdat_bad_syntax_closes():
+    """With 521, as Postfix: a reply that closes must be 421 or 521 (RFC 5321 3.8, 4.1.1.10;
+    RFC 7504), and the client's error will not go away on a retry."""
     client = Client().transaction()
     reply = client.cmd("BDAT x")
-    assert status(reply) == (501, "5.5.4") and reply.close and client.closed
+    assert status(reply) == (521, "5.5.4") and reply.close and client.closed
+
+
+@pytest.mark.parametrize("verb", [b"NOOP", b"HELP"])
+def test_an_argument_that_is_no_utf8_is_ignored_where_arguments_are(verb):
+    """RFC 5321 4.1.1.9: NOOP's argument SHOULD be ignored (so is HELP's topic here)."""
+    client = Client().ready()
+    replies = client.send(verb + b" \xff\xfe\r\n")
+    assert [r.code for r in replies] == [250 if verb == b"NOOP" else 214]
+    assert status(client.cmd(b"VRFY \xff")) == (501, "5.5.2")  # (an argument used: refused)
 
 
 def test_data_after_bdat_is_a_sequence_error():
