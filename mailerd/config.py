@@ -734,6 +734,9 @@ def _public_addresses(values: object) -> tuple[str, ...]:
             ip = ipaddress.ip_address(item.strip("[]"))
         except ValueError:
             raise ConfigError(f"--public-address: not an IP address: '{item}'") from None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            # (the world reaches it as the IPv4 address; in ::ffff:10.0.0.1 the NAT range hid)
+            raise ConfigError(f"--public-address: {ip} is IPv4-mapped: give {ip.ipv4_mapped}")
         if host.behind_nat(ip) or not host.reachable(ip):
             raise ConfigError(f"--public-address: {ip} is not an address the world can reach")
         if str(ip) not in out:
