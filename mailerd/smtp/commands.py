@@ -429,9 +429,10 @@ class Commands:
         the request to check the password."""
         assert self._sasl is not None
         mechanism, login = self._sasl
+        authzid = ""
         try:
             if mechanism == "PLAIN":
-                login, password = auth.plain(text)
+                authzid, login, password = auth.plain(text)
             elif login is None:  # LOGIN, the user name
                 self._sasl = (mechanism, auth.decode(text))
                 self._send(auth.PASSWORD_CHALLENGE)
@@ -444,7 +445,7 @@ class Commands:
             self._send(AUTH_UNDECODABLE)
             return
         self._sasl = None
-        self._wait_for_auth(AuthRequest(mechanism, login, password))
+        self._wait_for_auth(AuthRequest(mechanism, login, password, authzid))
 
 
 def _grammar_reply(exc: GrammarError, usage: Reply, bad_address: Reply) -> Reply:

@@ -214,6 +214,7 @@ class AuthRequest:
     mechanism: str  # PLAIN or LOGIN
     login: str  # the name the client gave
     password: str = field(repr=False)  # never shown, never logged
+    authzid: str = ""  # PLAIN's authorization identity, if the client gave one
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,9 @@ class Connection(asyncio.Protocol):
                 out.clear()
                 self.start_tls(event.discarded)
             elif isinstance(event, AuthRequest):
-                if self.worker.logins.suspect(self.peer) or not self.remembered_login(event):
+                if not self.for_itself(event):
+                    self.refuse_login(event)
+                elif self.worker.logins.suspect(self.peer) or not self.remembered_login(event):
                     self.check_login(event)
             elif isinstance(event, CloseConnection):
                 self.close(out)
@@ -368,6 +370,23 @@ class Connection(asyncio.Protocol):
             self.handshake_timer.cancel()
         self.shut()
 
+    def for_itself(self, request: AuthRequest) -> bool:
+        """Does the login ask to act as its own user (no authorization identity, or one naming
+        the same user: `alice@example.org` for `alice`)?"""
+        if not request.authzid:
+            return True
+        cfg = self.worker.cfg
+        user = cfg.credentials.user_for(request.login, cfg.domains)
+        return user is not None and cfg.credentials.user_for(request.authzid, cfg.domains) == user
+
+    def refuse_login(self, request: AuthRequest) -> None:
+        """A login that asks to act for another user: refused unchecked, as a wrong password
+        is (after the address's delay, counted, logged)."""
+        refused: asyncio.Future[Outcome] = self.worker.loop.create_future()
+        refused.set_result(None)
+        why = f"authorization identity {shorten(request.authzid)} is another user"
+        self.worker.loop.create_task(self.authenticate(request, refused, why=why))
+
     def remembered_login(self, request: AuthRequest) -> bool:
         """A login that passed a moment ago passes again at once, here (no thread, no task:
         a mail program that logs in for every message meets this most)."""
@@ -416,9 +435,11 @@ class Connection(asyncio.Protocol):
             probe.detach()
         return False
 
-    async def authenticate(self, request: AuthRequest, verdict: asyncio.Future[Outcome]) -> None:
+    async def authenticate(
+        self, request: AuthRequest, verdict: asyncio.Future[Outcome], why: str = ""
+    ) -> None:
         """Answer the login once its check is done; a failure only after the client
-        address's delay, and logged."""
+        address's delay, and logged (with `why`, if it was refused unchecked)."""
         worker = self.worker
         found = await verdict
         if found is Unchecked.LEFT and self.gone():
@@ -440,7 +461,7 @@ class Connection(asyncio.Protocol):
             await asyncio.sleep(delay)
         if self.closing or self.session is None:
             return
-        self.login_checked(request, user, unavailable=unavailable)
+        self.login_checked(request, user, unavailable=unavailable, why=why)
         self.resume()
 
     def login_checked(

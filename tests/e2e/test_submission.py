@@ -237,6 +237,27 @@ def test_auth_mechanisms(sub: Sub, host: str):
         expect(c.cmd(b64(p)), 235, "2.7.0", conn=c)
 
 
+def test_an_authorization_identity_must_be_the_users_own(sub: Sub):
+    """PLAIN's authzid naming the user itself (as a name at a local domain) is taken; one
+    naming another user is refused as a wrong password is (535 after the address's delay,
+    logged: RFC 4616 2), not as an undecodable answer (501), which it is not."""
+    u, p = sub.owner.user, sub.owner.password
+    with tls_session(sub, "127.0.0.1", source=fresh_source()) as c:
+        expect(c.cmd(f"AUTH PLAIN {b64(f'{u}@example.org' + chr(0) + u + chr(0) + p)}"), 235)
+    source = fresh_source()
+    mark = sub.m.log_mark()
+    with tls_session(sub, "127.0.0.1", source=source) as c:
+        took, reply = timed(c, f"AUTH PLAIN {b64(sub.other + chr(0) + u + chr(0) + p)}")
+        expect(reply, 535, "5.7.8", conn=c)
+        assert took >= 0.4, f"the failure was answered after {took:.2f} s"
+        expect(c.cmd(f"MAIL FROM:<{sub.other}@example.org>"), 530, "5.7.0", conn=c)
+    line = (
+        f"NOQUEUE: reject: AUTH from unknown[{source}]: 535 5.7.8 Authentication credentials "
+        f"invalid; mechanism=PLAIN user={u} (authorization identity {sub.other} is another user)"
+    )
+    assert wait_until(lambda: line in sub.m.log_since(mark), 5), sub.m.log_since(mark)
+
+
 def test_auth_protocol_errors(sub: Sub):
     """An unknown mechanism is 504 5.5.4; `*` cancels (501 5.7.0) at any prompt; the session
     goes on after each."""

@@ -251,7 +251,8 @@ def test_login_prompts_and_initial_user_name():
         (["AUTH PLAIN !!!"], (501, "5.5.2")),
         (["AUTH PLAIN", "not base64"], (501, "5.5.2")),
         ([f"AUTH PLAIN {b64('just-a-name')}"], (501, "5.5.2")),
-        ([f"AUTH PLAIN {b64('bob' + chr(0) + 'alice' + chr(0) + 'secret')}"], (501, "5.5.2")),
+        ([f"AUTH PLAIN {b64(chr(0) * 2 + 'secret')}"], (501, "5.5.2")),  # (no user)
+        (["AUTH PLAIN ="], (501, "5.5.2")),  # (an empty answer: no PLAIN message at all)
         (["AUTH LOGIN", b64("alice"), "\xff"], (501, "5.5.2")),
         # not ASCII in an initial response (UTF-8 on the wire): base64 refused the text with
         # a bare ValueError, and the session ended in a 421 and a traceback (an RFC review)
@@ -268,6 +269,19 @@ def test_auth_errors_leave_the_session_usable(steps, expected):
     assert c.requests == [] and c.session.user is None
     assert c.cmd("NOOP").code == 250
     assert c.cmd(PLAIN_OK).code == 235
+
+
+def test_plains_authorization_identity_is_handed_on_with_the_login():
+    """Whether `bob` may be acted for by `alice` (only if bob is alice: `alice@example.org`)
+    is the I/O layer's to decide, which knows the users (tests/e2e/test_submission.py)."""
+    c = Client(SUBMISSIONS, auto=False)
+    c.ehlo()
+    c.send(f"AUTH PLAIN {b64('bob' + chr(0) + 'alice' + chr(0) + 'secret')}\r\n".encode())
+    assert [(r.mechanism, r.login, r.password, r.authzid) for r in c.requests] == [
+        ("PLAIN", "alice", "secret", "bob")
+    ]
+    c.send(PLAIN_OK.encode() + b"\r\n")  # (answered only once the first has its verdict)
+    assert len(c.requests) == 1
 
 
 def test_a_bare_lf_in_an_auth_answer_ends_the_exchange_at_once():
