@@ -381,11 +381,17 @@ class Connection(asyncio.Protocol):
 
     def refuse_login(self, request: AuthRequest) -> None:
         """A login that asks to act for another user: refused unchecked, as a wrong password
-        is (after the address's delay, counted, logged)."""
-        refused: asyncio.Future[Outcome] = self.worker.loop.create_future()
+        is (after the address's delay, counted, logged), or at once where a login would not
+        be looked at (454, not counted: `Logins.barred`)."""
+        worker = self.worker
+        barred = worker.logins.barred(self.peer, request.login)
+        if barred is not None:
+            self.login_checked(request, None, unavailable=True, why=barred.value)
+            return
+        refused: asyncio.Future[Outcome] = worker.loop.create_future()
         refused.set_result(None)
-        why = f"authorization identity {shorten(request.authzid)} is another user"
-        self.worker.loop.create_task(self.authenticate(request, refused, why=why))
+        why = f"authorization identity {shorten(request.authzid)} is not this login's user"
+        worker.loop.create_task(self.authenticate(request, refused, why=why))
 
     def remembered_login(self, request: AuthRequest) -> bool:
         """A login that passed a moment ago passes again at once, here (no thread, no task:

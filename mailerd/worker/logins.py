@@ -87,11 +87,10 @@ class Logins:
         """The verdict to come for a login from `address` (`gone()`: its client has left),
         or at once why it is not checked."""
         failures = self.failures
-        if failures.locked(address):
-            return Unchecked.LOCKED
+        barred = self.barred(address, login)
+        if barred is not None:
+            return barred
         known = failures.known(address, login)
-        if not known and failures.account_locked(address, login):
-            return Unchecked.ACCOUNT_LOCKED
         digest = login_digest(self._key, login, password)
         same = self._checking.get(digest)
         if same is not None:
@@ -150,6 +149,17 @@ class Logins:
         if check.sessions == 1 and gone():
             return Unchecked.LEFT
         return self.verify(login, password)
+
+    def barred(self, address: str, login: str) -> Unchecked | None:
+        """Why no login for `login` from `address` is looked at now (nor counted): the
+        address, or the account from an address it has not logged in from, failed too often
+        lately. Else None."""
+        failures = self.failures
+        if failures.locked(address):
+            return Unchecked.LOCKED
+        if not failures.known(address, login) and failures.account_locked(address, login):
+            return Unchecked.ACCOUNT_LOCKED
+        return None
 
     def suspect(self, address: str) -> bool:
         """Has the address failed lately, or a check waiting? Then even a login remembered

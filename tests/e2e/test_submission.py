@@ -253,9 +253,43 @@ def test_an_authorization_identity_must_be_the_users_own(sub: Sub):
         expect(c.cmd(f"MAIL FROM:<{sub.other}@example.org>"), 530, "5.7.0", conn=c)
     line = (
         f"NOQUEUE: reject: AUTH from unknown[{source}]: 535 5.7.8 Authentication credentials "
-        f"invalid; mechanism=PLAIN user={u} (authorization identity {sub.other} is another user)"
+        f"invalid; mechanism=PLAIN user={u} (authorization identity {sub.other} is not this "
+        "login's user)"
     )
     assert wait_until(lambda: line in sub.m.log_since(mark), 5), sub.m.log_since(mark)
+
+
+def test_an_address_locked_out_is_not_heard_with_an_authorization_identity_either(sub: Sub):
+    """From an address that failed too often lately a login is answered 454 at once and not
+    counted; so is one asking to act for another user, which would otherwise count against
+    that account from an address that may no longer add to its count (an attacker's pass
+    locked a user out of new addresses so, from one address)."""
+    source = fresh_source()
+    u, p = sub.owner.user, sub.owner.password
+    context = client_context(sub.pki.ca)
+
+    def hang_up() -> None:  # (a client that does not wait for its answer counts as failing)
+        wrong = new_password()
+        sub.secrets.append(wrong)
+        line = f"EHLO {HELO}\r\nAUTH PLAIN {plain_blob(u, wrong)}\r\n".encode()
+        address = ("127.0.0.1", sub.m.submissions_port)
+        raw = socket.create_connection(address, timeout=10, source_address=(source, 0))
+        with context.wrap_socket(raw, server_hostname="mx.example.org") as tls:
+            tls.recv(1024)
+            tls.sendall(line)
+
+    def locked() -> bool:
+        hang_up()
+        with tls_session(sub, "127.0.0.1", source=source) as c:
+            return c.cmd(f"AUTH PLAIN {plain_blob(u, p)}").code == 454
+
+    assert wait_until(locked, 60, interval=0.2), "not locked out"
+    mark = sub.m.log_mark()
+    with tls_session(sub, "127.0.0.1", source=source) as c:
+        took, reply = timed(c, f"AUTH PLAIN {b64(sub.other + chr(0) + u + chr(0) + p)}")
+        expect(reply, 454, "4.7.0", conn=c)
+        assert took < 0.4, f"answered after {took:.2f} s"
+    assert wait_until(lambda: "(too many failures lately)" in sub.m.log_since(mark), 5)
 
 
 def test_auth_protocol_errors(sub: Sub):
