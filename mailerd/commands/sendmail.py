@@ -51,7 +51,6 @@ import errno
 import os
 import pwd
 import re
-import string
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -588,21 +587,28 @@ def _pieces(value: str) -> Iterator[str]:
 
 def _element_commas(value: str) -> Iterator[int]:
     """Where the commas between the elements of an address list are: outside quoted strings,
-    comments, domain literals, angle brackets and groups. A backslash outside those, or a
-    delimiter inside what the parser may read as an RFC 2047 encoded word, ends the search:
-    past it the parser's reading is not certain."""
+    comments, domain literals, angle brackets and groups. Past a backslash outside those, or
+    anything the parser may read as an RFC 2047 encoded word other than a well-formed one
+    with no delimiter in it and no comma right after it, the search ends: the parser's reading
+    there depends on more than a piece would hold (a word that fails to decode is read as text
+    in which another may start and run on past a comma; a comma right after a word is a
+    defect the word's piece would not see)."""
     comment = angle = 0
     quoted = literal = group = escaped = False
     skip = 0
+    closes = value.rfind("?=")  # (no encoded word can start past the last `?=`)
     for i, ch in enumerate(value):
         if i < skip:
             continue
         if escaped:
             escaped = False
-        elif ch == "=" and not (comment or literal) and (end := _parser_encoded_word_end(value, i)):
-            if any(c in _DELIMITERS for c in value[i:end]):
+        elif (
+            ch == "=" and value.startswith("=?", i) and i + 2 <= closes and not (comment or literal)
+        ):
+            word = _PLAIN_ENCODED_WORD.match(value, i)
+            if word is None or value.startswith(",", word.end()):
                 return
-            skip = end
+            skip = word.end()
         elif quoted or comment or literal:
             if ch == "\\":
                 escaped = True
@@ -630,23 +636,11 @@ def _element_commas(value: str) -> Iterator[int]:
             yield i
 
 
-_DELIMITERS = frozenset('"()<>[]:;,\\')  # what opens, closes or separates an element
-
-
-def _parser_encoded_word_end(value: str, i: int) -> int:
-    """Where the email package's parser would end an encoded word starting at `i` (in an atom
-    or a quoted string; email._header_value_parser.get_encoded_word): at the first `?=`, or at
-    the next when hex digits follow it and the charset or encoding has not ended; 0 if no
-    encoded word can start there."""
-    if not value.startswith("=?", i) or (first := value.find("?=", i + 2)) < 0:
-        return 0
-    after = value[first + 2 : first + 4]
-    if len(after) < 2 or any(c not in string.hexdigits for c in after):
-        return first + 2
-    if value.count("?", i + 2, first) >= 2:
-        return first + 2
-    second = value.find("?=", first + 2)
-    return second + 2 if second >= 0 else len(value)
+# A well-formed encoded word (charset, Q or B, text) without white space or a delimiter: the
+# parser reads it as one word of that extent, decoded or not, and nothing in it opens, closes or
+# separates anything. (Its text holds no `?`, so its first `?=` after a charset ends it, or the
+# hex digits of `?=41` there make the parser read on to the next, as this does.)
+_PLAIN_ENCODED_WORD = re.compile(r'=\?[^?\s"()<>\[\]:;,\\]+\?[BbQq]\?[^?\s"()<>\[\]:;,\\]*\?=')
 
 
 def _parsed_addresses(name: str, value: str) -> list[str] | None:
