@@ -84,9 +84,11 @@ _BDAT_RE = re.compile(r"([0-9]{1,20})(?: (LAST))?", re.IGNORECASE)
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 # Known to SMTP but deliberately unsupported: 502 rather than 500.
 _UNSUPPORTED_VERBS = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
-# Commands whose argument changes nothing: an argument that is no UTF-8 is no error there
-# (RFC 5321 4.1.1.9: NOOP's "SHOULD be ignored"; HELP's reply is the same for any topic).
-_ARGUMENT_IGNORED = frozenset({"NOOP", "HELP"})
+# Commands whose handler takes an argument that is no UTF-8 (backslash-escaped) rather than
+# the 501 of others: NOOP and HELP ignore it (RFC 5321 4.1.1.9: NOOP's "SHOULD be ignored";
+# HELP's reply is the same for any topic); BDAT refuses it and closes, since the chunk behind
+# it cannot be skipped and must not be read as commands.
+_ANY_ARGUMENT = frozenset({"NOOP", "HELP", "BDAT"})
 
 
 class Commands:
@@ -168,7 +170,7 @@ class Commands:
                 argument = decode_argument(raw)
             except GrammarError:
                 argument = raw.decode("utf-8", "backslashreplace")
-                if verb not in _ARGUMENT_IGNORED:
+                if verb not in _ANY_ARGUMENT:
                     self._argument = argument
                     self._send(BAD_UTF8)
                     return

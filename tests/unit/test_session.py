@@ -1131,12 +1131,15 @@ def test_bdat_refused_chunk_is_still_read(setup, expected):
     assert not client.closed and client.messages == []
 
 
-def test_bdat_bad_syntax_closes():
+@pytest.mark.parametrize("size", [b"x", b"5\xff", b"\xff"])
+def test_bdat_bad_syntax_closes(size):
     """With 521, as Postfix: a reply that closes must be 421 or 521 (RFC 5321 3.8, 4.1.1.10;
-    RFC 7504), and the client's error will not go away on a retry."""
+    RFC 7504), and the client's error will not go away on a retry. A size that is no UTF-8
+    got the 501 of any such argument, and the chunk's octets were read as commands (an
+    attacker's pass)."""
     client = Client().transaction()
-    reply = client.cmd("BDAT x")
-    assert status(reply) == (521, "5.5.4") and reply.close and client.closed
+    replies = client.send(b"BDAT " + size + b"\r\nRSET\r\n")
+    assert [status(r) for r in replies] == [(521, "5.5.4")] and client.closed
 
 
 @pytest.mark.parametrize("verb", [b"NOOP", b"HELP"])
