@@ -734,14 +734,28 @@ def _public_addresses(values: object) -> tuple[str, ...]:
             ip = ipaddress.ip_address(item.strip("[]"))
         except ValueError:
             raise ConfigError(f"--public-address: not an IP address: '{item}'") from None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            # (the world reaches it as the IPv4 address; in ::ffff:10.0.0.1 the NAT range hid)
-            raise ConfigError(f"--public-address: {ip} is IPv4-mapped: give {ip.ipv4_mapped}")
         if host.behind_nat(ip) or not host.reachable(ip):
             raise ConfigError(f"--public-address: {ip} is not an address the world can reach")
+        if isinstance(ip, ipaddress.IPv6Address) and _holds_ipv4(ip):
+            # (whose IPv4 address, private or not, the NAT check above does not see)
+            raise ConfigError(
+                f"--public-address: {ip} is an IPv6 form of an IPv4 address: give the IPv4 "
+                "address the world reaches this machine at"
+            )
         if str(ip) not in out:
             out.append(str(ip))
     return tuple(out)
+
+
+_IPV4_FORMS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48")
+)  # IPv4-compatible, -mapped, -translated (RFC 4291 2.5.5, RFC 2765), NAT64 (RFC 6052, 8215)
+
+
+def _holds_ipv4(ip: ipaddress.IPv6Address) -> bool:
+    """An IPv6 address that stands for an IPv4 one (those above, 6to4, Teredo)."""
+    return bool(ip.sixtofour or ip.teredo) or any(ip in net for net in _IPV4_FORMS)
 
 
 def _listen_list(name: str, values: object, port: int, role: str) -> list[ListenAddress] | None:

@@ -278,7 +278,9 @@ def test_public_address_takes_only_addresses_the_world_can_reach():
                        "203.0.113.9", "--public-address", "[2001:db8::9]"])  # fmt: skip
     assert cfg.public_addresses == ("203.0.113.9", "2001:db8::9")
     for bad in ("10.0.0.5", "192.168.1.2", "100.64.0.1", "fd00::1", "127.0.0.1", "0.0.0.0",
-                "fe80::1", "mx.example.org", "::ffff:10.0.0.1", "::ffff:203.0.113.9"):  # fmt: skip
+                "fe80::1", "mx.example.org", "::ffff:10.0.0.1", "::ffff:203.0.113.9",
+                "::10.0.0.1", "64:ff9b::10.0.0.1", "2002:a00:1::1", "::ffff:0:10.0.0.1",
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2"):  # fmt: skip
         with pytest.raises(config.ConfigError, match="public-address"):
             config.load(["-d", "example.org", "-H", "mx.example.org", "--public-address", bad])
 
