@@ -68,6 +68,9 @@ REPLY_LINE = 8192  # octets of one reply line at most (smtplib's own limit)
 REPLY_TEXT = 1000  # characters of a reply's text kept for the log, the queue and bounces
 SLOWEST_CONTENT = 10_000  # octets a second: a session's deadline grows by size / this
 QUIT_TIME = 10.0  # s to wait for the answer to QUIT (the delivery's result waits for it)
+# Hosts an attempt holds a session with at most (Postfix's smtp_mx_session_limit): each may
+# take its whole session time, and an attempt holds a delivery slot and a thread meanwhile.
+MX_SESSIONS = 2
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,9 @@ class Settings:
     auth: tuple[str, str] | None = None
     timeout: float = 300.0
     connect_timeout: float = 30.0
+    # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot, which a server may spend
+    # checking the message; giving up sooner sends it again (Postfix's smtp_data_done_timeout).
+    data_done_timeout: float = 600.0
     plain_auth: bool = False  # send AUTH without TLS (only when the TLS policy is "none")
     dkim_keys: tuple[signing.SigningKey, ...] = ()  # to sign a message converted to 7 bit anew
 
@@ -141,17 +147,29 @@ class _HopFailed(Exception):
     wording, naming the host and address) for the log.
 
     `final` marks answers that would be the same at any host (a 5xx to MAIL FROM): no point
-    trying the next MX. `usable`: the connection can still say QUIT.
+    trying the next MX. `usable`: the connection can still say QUIT. `settled`: recipients the
+    host refused for good before the session failed (no other host is asked for them).
+    `connected`: a session was held (it counts toward MX_SESSIONS).
     """
 
     def __init__(
-        self, result: Result, why: str = "", final: bool = False, usable: bool = True
+        self,
+        result: Result,
+        why: str = "",
+        final: bool = False,
+        usable: bool = True,
+        connected: bool = True,
     ) -> None:
+        if result.ok:  # (a host's 2xx where it may not be one: never taken for a delivery)
+            said = result.line()
+            result = Result(451, "4.5.0", f"protocol error: {said}", result.host, result.address)
         super().__init__(result.line())
         self.result = result
         self.why = why or result.text
         self.final = final
         self.usable = usable
+        self.connected = connected
+        self.settled: dict[str, Result] = {}
 
 
 class _TLSFailed(_HopFailed):
@@ -162,18 +180,31 @@ class _TLSFailed(_HopFailed):
 
 
 def attempt(hops: list[Hop], message: Message, settings: Settings) -> dict[str, Result]:
-    """Deliver `message` via the first hop that takes it; a Result for every recipient."""
+    """Deliver `message` via the first hop that takes it; a Result for every recipient. A
+    recipient a host refused for good stays refused, whatever happens after; at most
+    MX_SESSIONS hosts are talked to."""
     content = _Content(message.path, settings.dkim_keys)
     last = Result(451, "4.4.1", "No destination could be reached", ours=True)
+    settled: dict[str, Result] = {}
+    sessions = 0
     for hop in hops:
+        rest = tuple(r for r in message.recipients if r not in settled)
+        if not rest:
+            break
         try:
-            return _try_hop(hop, message, settings, content)
+            return {
+                **settled,
+                **_try_hop(hop, replace(message, recipients=rest), settings, content),
+            }
         except _HopFailed as failed:
             _note(message, failed.why)
             last = failed.result
-            if failed.final:
+            settled.update(failed.settled)
+            sessions += failed.connected
+            if failed.final or sessions >= MX_SESSIONS:
                 break
-    return dict.fromkeys(message.recipients, last)
+    rest = tuple(r for r in message.recipients if r not in settled)
+    return {**settled, **dict.fromkeys(rest, last)}
 
 
 def _note(message: Message, text: str) -> None:
@@ -234,13 +265,16 @@ def _transaction(
         try:
             results = _converse(client, hop, message, settings, content)
         except _HopFailed as failed:
+            failed.settled = client.refused
             if failed.usable:
                 _quit(client)  # RFC 5321 3.3: end the session, whatever went wrong in it
             raise
         _quit(client)
         return results
     except (OSError, smtplib.SMTPException) as exc:
-        raise _HopFailed(_lost(client, hop, exc), usable=False) from exc
+        lost = _HopFailed(_lost(client, hop, exc), usable=False)
+        lost.settled = client.refused
+        raise lost from exc
     finally:
         client.close()
 
@@ -268,8 +302,10 @@ class _Client(smtplib.SMTP):
         self.greeting: tuple[int, bytes] = (0, b"")
         self.deadline = deadline
         self.read_timeout = settings.timeout
+        self.data_done_timeout = settings.data_done_timeout
         self.unread = bytearray()  # received, not yet read as reply lines
         self.unread_of: object = None  # the socket `unread` came from (STARTTLS makes another)
+        self.refused: dict[str, Result] = {}  # recipients refused for good (5xx to RCPT)
 
     def time_left(self) -> float:
         """The timeout for the next read or write: a read's own, or what is left of the
@@ -377,7 +413,7 @@ def _connect(hop: Hop, settings: Settings, queue_id: str, deadline: float) -> _C
     except OSError as exc:
         client.close()
         result = _ours(hop, f"connect to {hop.name}:{hop.port}: {_reason(exc)}")
-        raise _HopFailed(result, usable=False) from exc
+        raise _HopFailed(result, usable=False, connected=False) from exc
     client._host = tls_name(hop.host)  # smtplib's TLS server name: we connected by address
     return client
 
@@ -398,8 +434,12 @@ def _converse(
     client: _Client, hop: Hop, message: Message, settings: Settings, content: _Content
 ) -> dict[str, Result]:
     code, text = client.greeting
-    if code != 220:
+    if code // 100 != 2:
         result = _reply(hop, code, text, "4.4.2")
+        if result.permanent:
+            # As Postfix's smtp_skip_5xx_greeting: a server that will not talk now (a blocklist,
+            # an overload) is not a verdict on the message: the next host, or a later try.
+            result = replace(result, code=result.code - 100, status="4" + result.status[1:])
         raise _HopFailed(result, f"host {hop.name} refused to talk to me: {result.line()}")
     _greet(client, hop, settings)
     body = _prepare(client, hop, message, content)
@@ -414,12 +454,12 @@ def _converse(
 def _greet(client: _Client, hop: Hop, settings: Settings) -> None:
     client.stage = "performing the EHLO handshake"
     code, text = client.ehlo(settings.helo)
-    if code != 250:
+    if code // 100 == 5:  # (an old server that knows no EHLO: RFC 5321 3.2)
         client.stage = "performing the HELO handshake"
         code, text = client.helo(settings.helo)
-        if code != 250:
-            result = _reply(hop, code, text, "4.4.2")
-            raise _HopFailed(result, f"host {hop.name} refused to talk to me: {result.line()}")
+    if code // 100 != 2:
+        result = _reply(hop, code, text, "4.4.2")
+        raise _HopFailed(result, f"host {hop.name} refused to talk to me: {result.line()}")
     if settings.tls != "none" and client.has_extn("starttls"):
         _starttls(client, hop, settings)
     elif settings.tls in ("encrypt", "verify"):
@@ -517,14 +557,18 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
     except ssl.SSLError as exc:
         why = f"SSL_connect error to {where}: {exc.reason or exc}"
         raise _TLSFailed(_ours(hop, why, "4.7.5")) from exc
+    except smtplib.SMTPResponseException as exc:
+        # Refused (454 TLS not available): no handshake began, so with "may" the session goes
+        # on in plain text, as Postfix's does.
+        if settings.tls in ("encrypt", "verify"):
+            result = _reply(hop, exc.smtp_code, exc.smtp_error, "4.7.5")
+            raise _HopFailed(result, _said(hop, result, "STARTTLS")) from exc
+        return
     except (OSError, smtplib.SMTPException) as exc:
         # The connection is unusable after a failed handshake: "may" reconnects in plain text.
         raise _TLSFailed(replace(_lost(client, hop, exc), status="4.7.5")) from exc
-    if code != 220:
-        if settings.tls in ("encrypt", "verify"):
-            result = _reply(hop, code, text, "4.7.5")
-            raise _HopFailed(result, _said(hop, result, "STARTTLS"))
-        return
+    if code != 220:  # (smtplib raises for any other: a second lock)
+        raise _TLSFailed(_reply(hop, code, text, "4.7.5"))
     client.stage = "performing the EHLO handshake"
     client.ehlo(settings.helo)
 
@@ -555,6 +599,9 @@ def _login(client: _Client, hop: Hop, settings: Settings) -> None:
         said = _reply(hop, exc.smtp_code, exc.smtp_error, "5.7.8").line()
         why = f"SASL authentication failed; server {hop.name} said: {said}"
         raise _HopFailed(result, why) from exc
+    except ValueError as exc:  # (a challenge that is no base64: binascii.Error)
+        why = f"SASL authentication failed; server {hop.name} sent a challenge that is no base64"
+        raise _HopFailed(_ours(hop, why, "4.7.0"), usable=False) from exc
 
 
 @dataclass(frozen=True)
@@ -625,7 +672,7 @@ def _lines(data: bytes) -> Generator[bytes, None, None]:
 def _mail_from(client: _Client, hop: Hop, message: Message, options: list[str]) -> None:
     client.stage = "sending MAIL FROM"
     code, text = client.mail(message.sender, options)
-    if code != 250:
+    if code // 100 != 2:
         result = _reply(hop, code, text, "5.1.0" if code >= 500 else "4.1.0")
         raise _HopFailed(result, _said(hop, result, "MAIL FROM"), final=result.permanent)
 
@@ -651,9 +698,13 @@ def _rcpt_to(client: _Client, hop: Hop, message: Message) -> tuple[dict[str, Res
             accepted.append(recipient)
         else:
             results[recipient] = _reply(hop, code, text, "5.1.1" if code >= 500 else "4.1.1")
+            if results[recipient].permanent:
+                client.refused[recipient] = results[recipient]
     if not accepted:
         client.stage = "sending RSET"
-        client.rset()
+        # (The refusals stand even if the server closes after them, as Exim's `drop` does.)
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            client.rset()
     return results, accepted
 
 
@@ -670,6 +721,8 @@ def _data(client: _Client, hop: Hop, body: _Body) -> Result:
     _send_content(client, body.pieces())
     client.stage = "sending end of data -- message may be sent more than once"
     client.send_content(b".\r\n")
+    client.read_timeout = client.data_done_timeout
+    client.deadline = max(client.deadline, time.monotonic() + client.data_done_timeout)
     code, text = client.getreply()
     return _reply(hop, code, text, f"{code // 100}.0.0")
 
@@ -715,9 +768,12 @@ def _reply(hop: Hop, code: int, text: bytes | str, default_status: str, prefix: 
         text = "".join(c if c.isprintable() else "?" for c in text)
     if len(text) > REPLY_TEXT:
         text = text[: REPLY_TEXT - 3] + "..."
+    if not 200 <= code < 600:  # (no reply code: smtplib's -1 for a line without one)
+        return Result(451, "4.5.0", f"{prefix}protocol error: {text}", hop.host, hop.address)
     status, _, rest = text.partition(" ")
     if not (len(status.split(".")) == 3 and status[:1] == str(code)[:1] and status[0] in "245"):
-        status, rest = default_status, text
+        # (of the reply's class: a 554 without a status of its own is no 4.4.2)
+        status, rest = str(code)[0] + default_status[1:], text
     return Result(code, status, prefix + rest, hop.host, hop.address)
 
 

@@ -548,3 +548,176 @@ def test_outbound_ca_is_trusted_beside_the_systems(tmp_path):
         f.truncate(relay.CA_FILE_MAX + 1)
     with pytest.raises(ConfigError, match="over 4 MiB"):
         relay.load_trust(big)
+
+
+# --- quirky and hostile receivers (a pass with scripted peers, /tmp/h2) ---------------------
+
+
+def _said(text: bytes):
+    return lambda conn: conn.sendall(text)
+
+
+def _stored(received: list):
+    def answer(conn):
+        received.append(True)
+        conn.sendall(b"250 2.0.0 queued\r\n")
+
+    return answer
+
+
+def test_a_2xx_greeting_other_than_220_is_no_delivery(hostile, message):
+    """`250 peer ready` as a greeting, then a 5xx to EHLO and HELO: nothing was sent, yet the
+    250 was kept as the recipients' result and logged `status=sent`: mail lost."""
+    hop = hostile(
+        {"EHLO": _said(b"502 no\r\n"), "HELO": _said(b"502 no\r\n")},
+        greeting=_said(b"250 peer ready\r\n"),
+    )
+    result, _ = _timed(hop, message, SETTINGS)
+    assert not result.ok and result.code == 502, result
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [{"EHLO": _said(b"220 peer here\r\n")}, {"MAIL": _said(b"251 2.1.0 sender ok\r\n")}],
+    ids=["220 to EHLO", "251 to MAIL"],
+)
+def test_any_2xx_to_ehlo_or_mail_goes_on(hostile, message, answers):
+    """As Postfix reads them (`case 2: break`): the transaction goes on and the message goes.
+    A 2xx other than 250 was a failure whose 2xx result was taken for a delivery."""
+    received: list = []
+    hop = hostile({**answers, ".": _stored(received)})
+    result, _ = _timed(hop, message, SETTINGS)
+    assert result.ok and received == [True], result
+
+
+def test_a_2xx_never_comes_out_of_a_failed_host():
+    """The second lock: a host's failure that carries a 2xx is a protocol error, deferred."""
+    failed = relay._HopFailed(relay.Result(250, "2.0.0", "ok", "mx.test", "192.0.2.1"))
+    assert (failed.result.code, failed.result.status) == (451, "4.5.0")
+    assert not failed.result.ok and "protocol error: 250 2.0.0 ok" in failed.result.text
+
+
+def test_a_refusal_stands_when_the_server_then_closes(hostile, message):
+    """Exim's `drop`: 550 to RCPT, then the connection closes. The RSET that followed failed,
+    and the recipient was deferred as a lost connection for up to 5 days; it bounces now."""
+
+    def refuse_and_close(conn):
+        conn.sendall(b"550 5.7.1 go away\r\n")
+        conn.shutdown(socket.SHUT_RDWR)
+
+    hop = hostile({"RCPT": refuse_and_close})
+    result, _ = _timed(hop, message, SETTINGS)
+    assert (result.code, result.status) == (550, "5.7.1") and "go away" in result.text, result
+
+
+def test_a_recipient_refused_for_good_is_not_asked_again_when_the_session_breaks(hostile, message):
+    """One recipient refused (550), the other taken, then the connection is lost in DATA: the
+    refusal is kept (Postfix's smtp_rcpt_fail), and the next host is asked only for the other."""
+    seen: list = []
+
+    def rcpt(conn):
+        seen.append(1)
+        conn.sendall(b"550 5.1.1 no such user\r\n" if len(seen) == 1 else b"250 OK\r\n")
+
+    def lose(conn):
+        conn.shutdown(socket.SHUT_RDWR)
+
+    first = hostile({"RCPT": rcpt, "DATA": lose})
+    received: list = []
+    asked: list = []
+
+    def second_rcpt(conn):
+        asked.append(1)
+        conn.sendall(b"250 OK\r\n")
+
+    second = hostile({"RCPT": second_rcpt, ".": _stored(received)})
+    results = relay.attempt(
+        [first, second], message("gone@remote.test", "bob@remote.test"), SETTINGS
+    )
+    assert (results["gone@remote.test"].code, results["gone@remote.test"].status) == (
+        550,
+        "5.1.1",
+    )
+    assert results["bob@remote.test"].ok and received == [True] and len(asked) == 1, results
+
+
+def test_the_reply_to_the_final_dot_is_awaited_ten_minutes(hostile, message):
+    """RFC 5321 4.5.3.2.6: a server may take 10 minutes to answer the final dot; giving up after
+    the 5 of other replies sent the message again and again (a slow checker of content saw
+    two copies). Here: 1 s for a read, 3 s for the dot, answered after 2 s."""
+    import time
+
+    def slow(conn):
+        time.sleep(2)
+        conn.sendall(b"250 2.0.0 queued\r\n")
+
+    settings = relay.Settings(
+        helo="mx.example.org", timeout=1, connect_timeout=5, data_done_timeout=3
+    )
+    result, took = _timed(hostile({".": slow}), message, settings)
+    assert result.ok and took >= 2, (result, took)
+
+
+def test_an_attempt_holds_sessions_with_two_hosts_at_most(hostile, message):
+    """Postfix's smtp_mx_session_limit: five MX hosts that each stall until the session's
+    deadline held one attempt, its delivery slot and its thread, five times as long."""
+    connected: list = []
+
+    def greet_421(conn):
+        connected.append(1)
+        conn.sendall(b"421 4.3.2 busy\r\n")
+
+    hops = [hostile({}, greeting=greet_421) for _ in range(4)]
+    results = relay.attempt(hops, message("bob@remote.test"), SETTINGS)
+    assert results["bob@remote.test"].code == 421 and len(connected) == 2, results
+
+
+def test_a_5xx_greeting_defers_and_the_next_host_is_tried(hostile, message):
+    """As Postfix's smtp_skip_5xx_greeting: a host that will not talk now (its blocklist, its
+    load) is no verdict on the message; the mail was bounced at once."""
+    refusing = hostile({}, greeting=_said(b"554 5.7.1 go away\r\n"))
+    result, _ = _timed(refusing, message, SETTINGS)
+    assert (result.code, result.status) == (454, "4.7.1") and not result.permanent, result
+    received: list = []
+    hops = [
+        hostile({}, greeting=_said(b"554 5.7.1 go away\r\n")),
+        hostile({".": _stored(received)}),
+    ]
+    assert relay.attempt(hops, message("bob@remote.test"), SETTINGS)["bob@remote.test"].ok
+    assert received == [True]
+
+
+def test_a_reply_without_a_status_gets_one_of_its_own_class(hostile, message):
+    """`554 No SMTP service here` to EHLO and HELO was stored and bounced as `554 4.4.2`: a
+    permanent failure with a temporary status (RFC 3464 wants 5.x.x with Action: failed)."""
+    no = _said(b"554 No SMTP service here\r\n")
+    result, _ = _timed(hostile({"EHLO": no, "HELO": no}), message, SETTINGS)
+    assert (result.code, result.status) == (554, "5.4.2"), result
+
+
+def test_a_reply_without_a_code_is_a_protocol_error(hostile, message):
+    """`garbage` after the final dot was stored as `-1 -1.0.0 garbage`."""
+    result, _ = _timed(hostile({".": _said(b"garbage\r\n")}), message, SETTINGS)
+    assert (result.code, result.status) == (451, "4.5.0") and "protocol error" in result.text
+
+
+def test_a_starttls_refused_with_a_reply_goes_on_in_plain_text(hostile, message):
+    """454 to STARTTLS: no handshake began, so the session goes on in plain text on the same
+    connection (Postfix's way), rather than reconnecting."""
+    received: list = []
+    ehlo = _said(b"250-hostile.test\r\n250 STARTTLS\r\n")
+    hop = hostile({"EHLO": ehlo, "STARTTLS": _said(b"454 4.7.0 TLS not available\r\n"),
+                   ".": _stored(received)})  # fmt: skip
+    result, _ = _timed(hop, message, relay.Settings(helo="mx.example.org", timeout=10))
+    assert result.ok and received == [True], result  # (one connection: `hostile` takes one)
+
+
+def test_a_challenge_that_is_no_base64_fails_the_login_not_the_attempt(hostile, message):
+    """A relayhost answering `334 abc`: binascii.Error escaped the attempt as a bug."""
+    ehlo = _said(b"250-hostile.test\r\n250 AUTH LOGIN\r\n")
+    hop = hostile({"EHLO": ehlo, "AUTH": _said(b"334 abc\r\n")})
+    settings = relay.Settings(
+        helo="mx.example.org", tls="none", auth=("user", "pw"), plain_auth=True, timeout=5
+    )
+    result, _ = _timed(hop, message, settings)
+    assert result.code == 451 and "no base64" in result.text, result
