@@ -72,6 +72,15 @@ QUIT_TIME = 10.0  # s to wait for the answer to QUIT (the delivery's result wait
 # take its whole session time, and an attempt holds a delivery slot and a thread meanwhile.
 MX_SESSIONS = 2
 
+# Queue ids of the attempts waiting for the reply to their final dot, which a stop that cuts
+# them short must name: the host may have the message already (`awaiting_end_of_data`).
+_awaiting_end_of_data: set[str] = set()
+
+
+def awaiting_end_of_data() -> list[str]:
+    """(Thread-safe enough: the attempts' threads add and discard single ids.)"""
+    return sorted(_awaiting_end_of_data)
+
 
 @dataclass(frozen=True)
 class Result:
@@ -149,7 +158,9 @@ class _HopFailed(Exception):
     `final` marks answers that would be the same at any host (a 5xx to MAIL FROM): no point
     trying the next MX. `usable`: the connection can still say QUIT. `settled`: recipients the
     host refused for good before the session failed (no other host is asked for them).
-    `connected`: a session was held (it counts toward MX_SESSIONS).
+    `counted`: the session counts toward MX_SESSIONS: it got past EHLO (and STARTTLS), as
+    Postfix counts them, or it ran out of time (a host that stalls takes a session's time; one
+    that refuses at once, at its greeting say, takes nothing).
     """
 
     def __init__(
@@ -158,7 +169,7 @@ class _HopFailed(Exception):
         why: str = "",
         final: bool = False,
         usable: bool = True,
-        connected: bool = True,
+        counted: bool = False,
     ) -> None:
         if result.ok:  # (a host's 2xx where it may not be one: never taken for a delivery)
             said = result.line()
@@ -168,7 +179,7 @@ class _HopFailed(Exception):
         self.why = why or result.text
         self.final = final
         self.usable = usable
-        self.connected = connected
+        self.counted = counted
         self.settled: dict[str, Result] = {}
 
 
@@ -200,7 +211,7 @@ def attempt(hops: list[Hop], message: Message, settings: Settings) -> dict[str, 
             _note(message, failed.why)
             last = failed.result
             settled.update(failed.settled)
-            sessions += failed.connected
+            sessions += failed.counted
             if failed.final or sessions >= MX_SESSIONS:
                 break
     rest = tuple(r for r in message.recipients if r not in settled)
@@ -266,13 +277,16 @@ def _transaction(
             results = _converse(client, hop, message, settings, content)
         except _HopFailed as failed:
             failed.settled = client.refused
+            failed.counted = failed.counted or client.greeted
             if failed.usable:
                 _quit(client)  # RFC 5321 3.3: end the session, whatever went wrong in it
             raise
         _quit(client)
         return results
     except (OSError, smtplib.SMTPException) as exc:
-        lost = _HopFailed(_lost(client, hop, exc), usable=False)
+        lost = _HopFailed(
+            _lost(client, hop, exc), usable=False, counted=client.greeted or _timed_out(exc)
+        )
         lost.settled = client.refused
         raise lost from exc
     finally:
@@ -306,6 +320,8 @@ class _Client(smtplib.SMTP):
         self.unread = bytearray()  # received, not yet read as reply lines
         self.unread_of: object = None  # the socket `unread` came from (STARTTLS makes another)
         self.refused: dict[str, Result] = {}  # recipients refused for good (5xx to RCPT)
+        self.greeted = False  # past EHLO (and STARTTLS): the session counts (MX_SESSIONS)
+        self.queue_id = queue_id
 
     def time_left(self) -> float:
         """The timeout for the next read or write: a read's own, or what is left of the
@@ -351,12 +367,15 @@ class _Client(smtplib.SMTP):
                 raise ReplyTooLong(
                     f"a reply of more than {REPLY_LINES} lines or {REPLY_SIZE} octets"
                 )
+            if not line[:3].isdigit():
+                # A line without a code is read as a continuation line, as Postfix reads it:
+                # ending the reply there left its rest to answer the next command (a 550 to
+                # one recipient became the next one's, a multi-line 250 to the final dot a
+                # protocol error, and the message was sent at every retry).
+                lines.append(line.strip(b" \t\r\n"))
+                continue
             lines.append(line[4:].strip(b" \t\r\n"))
-            try:
-                code = int(line[:3])
-            except ValueError:
-                code = -1  # (smtplib's answer to a line that has no code)
-                break
+            code = int(line[:3])
             if line[3:4] != b"-":
                 break
         text = b"\n".join(lines)
@@ -409,11 +428,11 @@ def _connect(hop: Hop, settings: Settings, queue_id: str, deadline: float) -> _C
         client.greeting = client.connect(hop.address, hop.port)
     except smtplib.SMTPException as exc:  # connected, but no greeting
         client.close()
-        raise _HopFailed(_lost(client, hop, exc), usable=False) from exc
+        raise _HopFailed(_lost(client, hop, exc), usable=False, counted=_timed_out(exc)) from exc
     except OSError as exc:
         client.close()
         result = _ours(hop, f"connect to {hop.name}:{hop.port}: {_reason(exc)}")
-        raise _HopFailed(result, usable=False, connected=False) from exc
+        raise _HopFailed(result, usable=False) from exc
     client._host = tls_name(hop.host)  # smtplib's TLS server name: we connected by address
     return client
 
@@ -436,11 +455,13 @@ def _converse(
     code, text = client.greeting
     if code // 100 != 2:
         result = _reply(hop, code, text, "4.4.2")
+        why = f"host {hop.name} refused to talk to me: {result.line()}"
         if result.permanent:
             # As Postfix's smtp_skip_5xx_greeting: a server that will not talk now (a blocklist,
             # an overload) is not a verdict on the message: the next host, or a later try.
-            result = replace(result, code=result.code - 100, status="4" + result.status[1:])
-        raise _HopFailed(result, f"host {hop.name} refused to talk to me: {result.line()}")
+            taken = f"{result.text} (its greeting's {result.code}, taken as temporary)"
+            result = replace(result, code=451, status="4" + result.status[1:], text=taken)
+        raise _HopFailed(result, why)
     _greet(client, hop, settings)
     body = _prepare(client, hop, message, content)
     _mail_from(client, hop, message, body.options)
@@ -465,6 +486,7 @@ def _greet(client: _Client, hop: Hop, settings: Settings) -> None:
     elif settings.tls in ("encrypt", "verify"):
         why = f"TLS is required, but was not offered by host {hop.name}"
         raise _HopFailed(_ours(hop, why, "4.7.5"))
+    client.greeted = True
     if settings.auth is not None:
         _login(client, hop, settings)
 
@@ -544,7 +566,7 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
     client.stage = "receiving the STARTTLS response"
     where = f"{hop.name}:{hop.port}"
     try:
-        code, text = client.starttls(context=context)
+        client.starttls(context=context)
     except ssl.SSLCertVerificationError as exc:
         why = f"certificate verification failed for {where}: {exc.verify_message}"
         if settings.auth is not None:
@@ -558,6 +580,12 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
         why = f"SSL_connect error to {where}: {exc.reason or exc}"
         raise _TLSFailed(_ours(hop, why, "4.7.5")) from exc
     except smtplib.SMTPResponseException as exc:
+        if 200 <= exc.smtp_code < 300:
+            # (smtplib starts TLS on 220 only: the server may now wait for a handshake that
+            # will not come, so "may" starts again in plain text, on a new connection)
+            said = _reply(hop, exc.smtp_code, exc.smtp_error, "4.5.0").line()
+            why = _said_text(hop, said, "STARTTLS", "protocol error: ")
+            raise _TLSFailed(_ours(hop, why, "4.5.0")) from exc
         # Refused (454 TLS not available): no handshake began, so with "may" the session goes
         # on in plain text, as Postfix's does.
         if settings.tls in ("encrypt", "verify"):
@@ -567,8 +595,6 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
     except (OSError, smtplib.SMTPException) as exc:
         # The connection is unusable after a failed handshake: "may" reconnects in plain text.
         raise _TLSFailed(replace(_lost(client, hop, exc), status="4.7.5")) from exc
-    if code != 220:  # (smtplib raises for any other: a second lock)
-        raise _TLSFailed(_reply(hop, code, text, "4.7.5"))
     client.stage = "performing the EHLO handshake"
     client.ehlo(settings.helo)
 
@@ -599,6 +625,9 @@ def _login(client: _Client, hop: Hop, settings: Settings) -> None:
         said = _reply(hop, exc.smtp_code, exc.smtp_error, "5.7.8").line()
         why = f"SASL authentication failed; server {hop.name} said: {said}"
         raise _HopFailed(result, why) from exc
+    except UnicodeEncodeError as exc:  # (smtplib sends ASCII only)
+        why = "SASL authentication failed: the --relay-auth name or password is not ASCII"
+        raise _HopFailed(_ours(hop, why, "4.7.0"), usable=False) from exc
     except ValueError as exc:  # (a challenge that is no base64: binascii.Error)
         why = f"SASL authentication failed; server {hop.name} sent a challenge that is no base64"
         raise _HopFailed(_ours(hop, why, "4.7.0"), usable=False) from exc
@@ -723,7 +752,11 @@ def _data(client: _Client, hop: Hop, body: _Body) -> Result:
     client.send_content(b".\r\n")
     client.read_timeout = client.data_done_timeout
     client.deadline = max(client.deadline, time.monotonic() + client.data_done_timeout)
-    code, text = client.getreply()
+    _awaiting_end_of_data.add(client.queue_id)
+    try:
+        code, text = client.getreply()
+    finally:
+        _awaiting_end_of_data.discard(client.queue_id)
     return _reply(hop, code, text, f"{code // 100}.0.0")
 
 
@@ -768,8 +801,9 @@ def _reply(hop: Hop, code: int, text: bytes | str, default_status: str, prefix: 
         text = "".join(c if c.isprintable() else "?" for c in text)
     if len(text) > REPLY_TEXT:
         text = text[: REPLY_TEXT - 3] + "..."
-    if not 200 <= code < 600:  # (no reply code: smtplib's -1 for a line without one)
-        return Result(451, "4.5.0", f"{prefix}protocol error: {text}", hop.host, hop.address)
+    if not (200 <= code < 300 or 400 <= code < 600):  # (a 1xx, a 3xx where none is due)
+        said = f"{code} {text}"
+        return Result(451, "4.5.0", f"{prefix}protocol error: {said}", hop.host, hop.address)
     status, _, rest = text.partition(" ")
     if not (len(status.split(".")) == 3 and status[:1] == str(code)[:1] and status[0] in "245"):
         # (of the reply's class: a 554 without a status of its own is no 4.4.2)

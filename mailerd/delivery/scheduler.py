@@ -349,6 +349,12 @@ class Scheduler:
         self.wake.set()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=grace)
+        for queue_id in relay.awaiting_end_of_data():
+            log.warning(
+                "%s: the stop cuts its attempt short while it waits for the reply to the end "
+                "of its data: the message may be sent more than once",
+                queue_id,
+            )
         for task in list(self.tasks):
             task.cancel()  # its recipients stay pending: at worst one resend, never a loss
         await self._drop_doomed()

@@ -647,29 +647,61 @@ def test_the_reply_to_the_final_dot_is_awaited_ten_minutes(hostile, message):
     two copies). Here: 1 s for a read, 3 s for the dot, answered after 2 s."""
     import time
 
-    def slow(conn):
-        time.sleep(2)
+    waiting: list = []
+
+    def slow_and_seen(conn):
+        time.sleep(1)
+        waiting.append(relay.awaiting_end_of_data())
+        time.sleep(1)
         conn.sendall(b"250 2.0.0 queued\r\n")
 
     settings = relay.Settings(
         helo="mx.example.org", timeout=1, connect_timeout=5, data_done_timeout=3
     )
-    result, took = _timed(hostile({".": slow}), message, settings)
+    hop = hostile({".": slow_and_seen})
+    path = message("bob@remote.test").path
+    queued = relay.Message("alice@example.org", ("bob@remote.test",), path, queue_id="Q1")
+    started = time.monotonic()
+    result = relay.attempt([hop], queued, settings)["bob@remote.test"]
+    took = time.monotonic() - started
     assert result.ok and took >= 2, (result, took)
+    assert waiting == [["Q1"]] and relay.awaiting_end_of_data() == []  # (for a stop to name)
 
 
 def test_an_attempt_holds_sessions_with_two_hosts_at_most(hostile, message):
     """Postfix's smtp_mx_session_limit: five MX hosts that each stall until the session's
-    deadline held one attempt, its delivery slot and its thread, five times as long."""
-    connected: list = []
+    deadline held one attempt, its delivery slot and its thread, five times as long. A session
+    counts once past EHLO, or when it ran out of time; a host that refuses at its greeting
+    takes nothing, and does not count (an attacker's pass: a working third MX was never
+    tried behind two that refused at once)."""
+    import time
 
-    def greet_421(conn):
-        connected.append(1)
-        conn.sendall(b"421 4.3.2 busy\r\n")
+    talked: list = []
 
-    hops = [hostile({}, greeting=greet_421) for _ in range(4)]
+    def defer_mail(conn):
+        talked.append(1)
+        conn.sendall(b"451 4.3.0 later\r\n")
+
+    hops = [hostile({"MAIL": defer_mail}) for _ in range(3)]
     results = relay.attempt(hops, message("bob@remote.test"), SETTINGS)
-    assert results["bob@remote.test"].code == 421 and len(connected) == 2, results
+    assert results["bob@remote.test"].code == 451 and len(talked) == 2, results
+
+    stalled: list = []
+
+    def stall(conn):
+        stalled.append(1)
+        time.sleep(5)
+
+    settings = relay.Settings(helo="mx.example.org", timeout=0.5, connect_timeout=5)
+    hops = [hostile({"EHLO": stall}) for _ in range(3)]
+    results = relay.attempt(hops, message("bob@remote.test"), settings)
+    assert not results["bob@remote.test"].ok and len(stalled) == 2, (results, stalled)
+
+    refusing = [hostile({}, greeting=_said(b"554 5.7.1 go away\r\n")) for _ in range(3)]
+    received: list = []
+    hops = refusing + [hostile({".": _stored(received)})]
+    assert relay.attempt(hops, message("bob@remote.test"), SETTINGS)["bob@remote.test"].ok
+    assert received == [True]
 
 
 def test_a_5xx_greeting_defers_and_the_next_host_is_tried(hostile, message):
@@ -677,7 +709,8 @@ def test_a_5xx_greeting_defers_and_the_next_host_is_tried(hostile, message):
     load) is no verdict on the message; the mail was bounced at once."""
     refusing = hostile({}, greeting=_said(b"554 5.7.1 go away\r\n"))
     result, _ = _timed(refusing, message, SETTINGS)
-    assert (result.code, result.status) == (454, "4.7.1") and not result.permanent, result
+    assert (result.code, result.status) == (451, "4.7.1") and not result.permanent, result
+    assert result.text == "go away (its greeting's 554, taken as temporary)", result
     received: list = []
     hops = [
         hostile({}, greeting=_said(b"554 5.7.1 go away\r\n")),
@@ -695,9 +728,35 @@ def test_a_reply_without_a_status_gets_one_of_its_own_class(hostile, message):
     assert (result.code, result.status) == (554, "5.4.2"), result
 
 
-def test_a_reply_without_a_code_is_a_protocol_error(hostile, message):
-    """`garbage` after the final dot was stored as `-1 -1.0.0 garbage`."""
-    result, _ = _timed(hostile({".": _said(b"garbage\r\n")}), message, SETTINGS)
+def test_a_line_without_a_code_is_read_as_a_continuation_line(hostile, message):
+    """As Postfix reads it. Ending the reply there left its last line to answer the next
+    command: a 550 to one recipient was taken as the next one's, and a 250 to the final dot
+    spread over such lines became a protocol error, the message sent again at every retry
+    (an attacker's pass)."""
+    received: list = []
+
+    def rcpt(conn):
+        received.append("rcpt")
+        if len(received) == 1:
+            conn.sendall(b"550-5.1.1 first line\r\nno code here\r\n550 5.1.1 last line\r\n")
+        else:
+            conn.sendall(b"250 2.1.5 ok\r\n")
+
+    def dot(conn):
+        received.append("dot")
+        conn.sendall(b"250-2.0.0 queued\r\n\r\n250 2.0.0 as X\r\n")
+
+    hop = hostile({"RCPT": rcpt, ".": dot})
+    results = relay.attempt([hop], message("no@remote.test", "ok@remote.test"), SETTINGS)
+    no, ok = results["no@remote.test"], results["ok@remote.test"]
+    assert (no.code, no.status) == (550, "5.1.1") and "no code here" in no.text, no
+    assert ok.ok and received == ["rcpt", "rcpt", "dot"], (ok, received)
+
+
+@pytest.mark.parametrize("reply", [b"999 what\r\n", b"354 3.0.0 again?\r\n"])
+def test_a_reply_code_that_is_no_answer_there_is_a_protocol_error(hostile, message, reply):
+    """No 3.x.x status (an attacker's pass: `354 3.0.0` reached the queue's last error)."""
+    result, _ = _timed(hostile({".": _said(reply)}), message, SETTINGS)
     assert (result.code, result.status) == (451, "4.5.0") and "protocol error" in result.text
 
 
@@ -721,3 +780,64 @@ def test_a_challenge_that_is_no_base64_fails_the_login_not_the_attempt(hostile, 
     )
     result, _ = _timed(hop, message, settings)
     assert result.code == 451 and "no base64" in result.text, result
+
+
+def test_a_2xx_to_starttls_other_than_220_starts_again_in_plain_text(message):
+    """smtplib starts TLS on 220 only; after a 250 the server may wait for a handshake, and
+    the session went on in plain text into it (an attacker's pass). Now the host is tried
+    again without TLS, on a new connection, as a failed handshake is."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    sessions: list = []
+
+    def serve(conn):
+        with contextlib.suppress(OSError), conn:
+            conn.sendall(b"220 odd.test ESMTP\r\n")
+            reader = conn.makefile("rb")
+            sessions.append([])
+            in_data = False
+            for line in reader:
+                word = line.split(b" ")[0].strip().upper()
+                sessions[-1].append(word)
+                if in_data:
+                    in_data = line != b".\r\n"
+                    if not in_data:
+                        conn.sendall(b"250 2.0.0 queued\r\n")
+                elif word == b"EHLO":
+                    conn.sendall(b"250-odd.test\r\n250 STARTTLS\r\n")
+                elif word == b"STARTTLS":
+                    conn.sendall(b"250 go ahead\r\n")
+                elif word == b"DATA":
+                    conn.sendall(b"354 go\r\n")
+                    in_data = True
+                elif word == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 OK\r\n")
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    hop = relay.Hop("odd.test", "127.0.0.1", listener.getsockname()[1])
+    try:
+        result, _ = _timed(hop, message, relay.Settings(helo="mx.example.org", timeout=5))
+    finally:
+        listener.close()
+    assert result.ok, result
+    assert b"STARTTLS" in sessions[0] and b"STARTTLS" not in sessions[1], sessions
+
+
+def test_a_relay_password_that_is_no_ascii_is_said_to_be_ours(hostile, message):
+    """smtplib sends ASCII only: the UnicodeEncodeError was reported as the relayhost's bad
+    challenge (an attacker's pass)."""
+    hop = hostile({"EHLO": _said(b"250-hostile.test\r\n250 AUTH PLAIN\r\n")})
+    settings = relay.Settings(
+        helo="mx.example.org", tls="none", auth=("user", "pässword"), plain_auth=True, timeout=5
+    )
+    result, _ = _timed(hop, message, settings)
+    assert result.code == 451 and result.ours and "not ASCII" in result.text, result

@@ -1083,6 +1083,29 @@ def test_a_delete_during_an_attempt_that_a_stop_cuts_short_is_done_at_the_stop(w
     assert w.queue.ids() == {kept.id}
 
 
+def test_a_stop_that_cuts_an_attempt_waiting_for_the_final_dots_reply_says_so(
+    w, monkeypatch, caplog
+):
+    """The host may have the message already; the next scheduler sends it again. That was
+    silent (an attacker's pass: a reload during a slow checker's 100 s, two copies)."""
+    item = w.queued(ALICE, ["bob@example.net"])
+
+    async def main() -> None:
+        _slow_attempt(w, monkeypatch, OK)  # (never let end)
+        monkeypatch.setattr(relay, "_awaiting_end_of_data", {item.id})
+        w.sched._start(item)
+        await asyncio.sleep(0.05)
+        with caplog.at_level(logging.WARNING, logger="mailerd.outbound"):
+            await w.sched.stop(grace=0.1)
+
+    run(main())
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(item.id)]
+    assert said == [
+        f"{item.id}: the stop cuts its attempt short while it waits for the reply to the end "
+        "of its data: the message may be sent more than once"
+    ], said
+
+
 # -- backscatter: another server's mail, forwarded by an alias ------------------------------
 
 
