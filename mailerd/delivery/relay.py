@@ -33,6 +33,7 @@ for ever.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import io
@@ -41,6 +42,7 @@ import os
 import smtplib
 import ssl
 import stat
+import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
@@ -72,14 +74,24 @@ QUIT_TIME = 10.0  # s to wait for the answer to QUIT (the delivery's result wait
 # take its whole session time, and an attempt holds a delivery slot and a thread meanwhile.
 MX_SESSIONS = 2
 
-# Queue ids of the attempts waiting for the reply to their final dot, which a stop that cuts
-# them short must name: the host may have the message already (`awaiting_end_of_data`).
-_awaiting_end_of_data: set[str] = set()
+# Queue ids of the sessions whose data went (from the final dot to the session's end), which a
+# stop that cuts them short must name: the host may have the message already. Counted: the
+# groups of one item (one per domain) run at once under its id.
+_awaiting_end_of_data: collections.Counter[str] = collections.Counter()
+_awaiting_lock = threading.Lock()
 
 
 def awaiting_end_of_data() -> list[str]:
-    """(Thread-safe enough: the attempts' threads add and discard single ids.)"""
-    return sorted(_awaiting_end_of_data)
+    with _awaiting_lock:
+        return sorted(+_awaiting_end_of_data)
+
+
+def _await_end_of_data(client: _Client, awaiting: bool) -> None:
+    if awaiting == client.awaiting:
+        return
+    client.awaiting = awaiting
+    with _awaiting_lock:
+        _awaiting_end_of_data[client.queue_id] += 1 if awaiting else -1
 
 
 @dataclass(frozen=True)
@@ -172,8 +184,9 @@ class _HopFailed(Exception):
         counted: bool = False,
     ) -> None:
         if result.ok:  # (a host's 2xx where it may not be one: never taken for a delivery)
-            said = result.line()
-            result = Result(451, "4.5.0", f"protocol error: {said}", result.host, result.address)
+            host = namaddr(result.host, result.address)
+            said = f"protocol error: host {host} said {result.line()}"
+            result = Result(451, "4.5.0", said, result.host, result.address, ours=True)
         super().__init__(result.line())
         self.result = result
         self.why = why or result.text
@@ -186,8 +199,8 @@ class _HopFailed(Exception):
 class _TLSFailed(_HopFailed):
     """The STARTTLS handshake failed; with the "may" policy the hop is retried in plain text."""
 
-    def __init__(self, result: Result) -> None:
-        super().__init__(result, usable=False)  # the peer is in an unknown state
+    def __init__(self, result: Result, counted: bool = False) -> None:
+        super().__init__(result, usable=False, counted=counted)  # (the peer's state: unknown)
 
 
 def attempt(hops: list[Hop], message: Message, settings: Settings) -> dict[str, Result]:
@@ -265,7 +278,11 @@ def _try_hop(
         if settings.tls != "may":
             raise
         _note(message, f"{failed.why}; trying {hop.name} again without TLS")
-        return _transaction(hop, message, replace(settings, tls="none"), content, deadline)
+        try:
+            return _transaction(hop, message, replace(settings, tls="none"), content, deadline)
+        except _HopFailed as again:
+            again.counted = again.counted or failed.counted
+            raise
 
 
 def _transaction(
@@ -277,19 +294,18 @@ def _transaction(
             results = _converse(client, hop, message, settings, content)
         except _HopFailed as failed:
             failed.settled = client.refused
-            failed.counted = failed.counted or client.greeted
+            failed.counted = failed.counted or client.counts()
             if failed.usable:
                 _quit(client)  # RFC 5321 3.3: end the session, whatever went wrong in it
             raise
         _quit(client)
         return results
     except (OSError, smtplib.SMTPException) as exc:
-        lost = _HopFailed(
-            _lost(client, hop, exc), usable=False, counted=client.greeted or _timed_out(exc)
-        )
+        lost = _HopFailed(_lost(client, hop, exc), usable=False, counted=client.counts(exc))
         lost.settled = client.refused
         raise lost from exc
     finally:
+        _await_end_of_data(client, False)
         client.close()
 
 
@@ -320,8 +336,19 @@ class _Client(smtplib.SMTP):
         self.unread = bytearray()  # received, not yet read as reply lines
         self.unread_of: object = None  # the socket `unread` came from (STARTTLS makes another)
         self.refused: dict[str, Result] = {}  # recipients refused for good (5xx to RCPT)
-        self.greeted = False  # past EHLO (and STARTTLS): the session counts (MX_SESSIONS)
+        self.greeted = False  # past EHLO (and STARTTLS)
+        self.started = time.monotonic()
+        self.quick = settings.connect_timeout  # (a session shorter than this takes nothing)
         self.queue_id = queue_id
+        self.awaiting = False  # its data went: registered in `_awaiting_end_of_data`
+
+    def counts(self, exc: BaseException | None = None) -> bool:
+        """Does the session count toward MX_SESSIONS: past EHLO (and STARTTLS), as Postfix
+        counts them, or one that took time (ran out of it, or lasted longer than opening a
+        connection may)? A host that refuses at once takes nothing and does not count; one
+        that stalls, then refuses or closes just before the deadline, does."""
+        took = time.monotonic() - self.started
+        return self.greeted or (exc is not None and _timed_out(exc)) or took > self.quick
 
     def time_left(self) -> float:
         """The timeout for the next read or write: a read's own, or what is left of the
@@ -367,7 +394,7 @@ class _Client(smtplib.SMTP):
                 raise ReplyTooLong(
                     f"a reply of more than {REPLY_LINES} lines or {REPLY_SIZE} octets"
                 )
-            if not line[:3].isdigit():
+            if not (line[:3].isdigit() and line[3:4] in (b" ", b"-", b"\r", b"\n")):
                 # A line without a code is read as a continuation line, as Postfix reads it:
                 # ending the reply there left its rest to answer the next command (a 550 to
                 # one recipient became the next one's, a multi-line 250 to the final dot a
@@ -375,7 +402,7 @@ class _Client(smtplib.SMTP):
                 lines.append(line.strip(b" \t\r\n"))
                 continue
             lines.append(line[4:].strip(b" \t\r\n"))
-            code = int(line[:3])
+            code = int(line[:3])  # (ASCII digits: isdigit() took others, int() reads them)
             if line[3:4] != b"-":
                 break
         text = b"\n".join(lines)
@@ -428,7 +455,7 @@ def _connect(hop: Hop, settings: Settings, queue_id: str, deadline: float) -> _C
         client.greeting = client.connect(hop.address, hop.port)
     except smtplib.SMTPException as exc:  # connected, but no greeting
         client.close()
-        raise _HopFailed(_lost(client, hop, exc), usable=False, counted=_timed_out(exc)) from exc
+        raise _HopFailed(_lost(client, hop, exc), usable=False, counted=client.counts(exc)) from exc
     except OSError as exc:
         client.close()
         result = _ours(hop, f"connect to {hop.name}:{hop.port}: {_reason(exc)}")
@@ -580,9 +607,10 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
         why = f"SSL_connect error to {where}: {exc.reason or exc}"
         raise _TLSFailed(_ours(hop, why, "4.7.5")) from exc
     except smtplib.SMTPResponseException as exc:
-        if 200 <= exc.smtp_code < 300:
-            # (smtplib starts TLS on 220 only: the server may now wait for a handshake that
-            # will not come, so "may" starts again in plain text, on a new connection)
+        if not 400 <= exc.smtp_code < 600:
+            # (smtplib starts TLS on 220 only: after another 2xx the server may wait for a
+            # handshake that will not come, and after a 1xx or 3xx no one knows; so "may"
+            # starts again in plain text, on a new connection)
             said = _reply(hop, exc.smtp_code, exc.smtp_error, "4.5.0").line()
             why = _said_text(hop, said, "STARTTLS", "protocol error: ")
             raise _TLSFailed(_ours(hop, why, "4.5.0")) from exc
@@ -594,7 +622,8 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
         return
     except (OSError, smtplib.SMTPException) as exc:
         # The connection is unusable after a failed handshake: "may" reconnects in plain text.
-        raise _TLSFailed(replace(_lost(client, hop, exc), status="4.7.5")) from exc
+        lost = replace(_lost(client, hop, exc), status="4.7.5")
+        raise _TLSFailed(lost, counted=client.counts(exc)) from exc
     client.stage = "performing the EHLO handshake"
     client.ehlo(settings.helo)
 
@@ -752,11 +781,8 @@ def _data(client: _Client, hop: Hop, body: _Body) -> Result:
     client.send_content(b".\r\n")
     client.read_timeout = client.data_done_timeout
     client.deadline = max(client.deadline, time.monotonic() + client.data_done_timeout)
-    _awaiting_end_of_data.add(client.queue_id)
-    try:
-        code, text = client.getreply()
-    finally:
-        _awaiting_end_of_data.discard(client.queue_id)
+    _await_end_of_data(client, True)  # (until the session ends: see `_transaction`)
+    code, text = client.getreply()
     return _reply(hop, code, text, f"{code // 100}.0.0")
 
 
@@ -802,8 +828,8 @@ def _reply(hop: Hop, code: int, text: bytes | str, default_status: str, prefix: 
     if len(text) > REPLY_TEXT:
         text = text[: REPLY_TEXT - 3] + "..."
     if not (200 <= code < 300 or 400 <= code < 600):  # (a 1xx, a 3xx where none is due)
-        said = f"{code} {text}"
-        return Result(451, "4.5.0", f"{prefix}protocol error: {said}", hop.host, hop.address)
+        said = f"{prefix}protocol error: host {hop.name} said {code} {text}"
+        return Result(451, "4.5.0", said, hop.host, hop.address, ours=True)
     status, _, rest = text.partition(" ")
     if not (len(status.split(".")) == 3 and status[:1] == str(code)[:1] and status[0] in "245"):
         # (of the reply's class: a 554 without a status of its own is no 4.4.2)

@@ -351,8 +351,8 @@ class Scheduler:
             await asyncio.wait(list(self.tasks), timeout=grace)
         for queue_id in relay.awaiting_end_of_data():
             log.warning(
-                "%s: the stop cuts its attempt short while it waits for the reply to the end "
-                "of its data: the message may be sent more than once",
+                "%s: the stop cuts its attempt short after its data went to a host, which may "
+                "have it: the message may be sent more than once",
                 queue_id,
             )
         for task in list(self.tasks):

@@ -594,7 +594,8 @@ def test_a_2xx_never_comes_out_of_a_failed_host():
     """The second lock: a host's failure that carries a 2xx is a protocol error, deferred."""
     failed = relay._HopFailed(relay.Result(250, "2.0.0", "ok", "mx.test", "192.0.2.1"))
     assert (failed.result.code, failed.result.status) == (451, "4.5.0")
-    assert not failed.result.ok and "protocol error: 250 2.0.0 ok" in failed.result.text
+    said = "protocol error: host mx.test[192.0.2.1] said 250 2.0.0 ok"
+    assert not failed.result.ok and failed.result.ours and failed.result.text == said
 
 
 def test_a_refusal_stands_when_the_server_then_closes(hostile, message):
@@ -782,10 +783,12 @@ def test_a_challenge_that_is_no_base64_fails_the_login_not_the_attempt(hostile, 
     assert result.code == 451 and "no base64" in result.text, result
 
 
-def test_a_2xx_to_starttls_other_than_220_starts_again_in_plain_text(message):
+@pytest.mark.parametrize("answer", [b"250 go ahead\r\n", b"354 what\r\n"])
+def test_a_2xx_to_starttls_other_than_220_starts_again_in_plain_text(message, answer):
     """smtplib starts TLS on 220 only; after a 250 the server may wait for a handshake, and
-    the session went on in plain text into it (an attacker's pass). Now the host is tried
-    again without TLS, on a new connection, as a failed handshake is."""
+    the session went on in plain text into it (an attacker's pass; then a 354, by a second).
+    Now the host is tried again without TLS, on a new connection, as a failed handshake is;
+    only a 4xx or 5xx refusal goes on in the same session."""
     import threading
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -807,7 +810,7 @@ def test_a_2xx_to_starttls_other_than_220_starts_again_in_plain_text(message):
                 elif word == b"EHLO":
                     conn.sendall(b"250-odd.test\r\n250 STARTTLS\r\n")
                 elif word == b"STARTTLS":
-                    conn.sendall(b"250 go ahead\r\n")
+                    conn.sendall(answer)
                 elif word == b"DATA":
                     conn.sendall(b"354 go\r\n")
                     in_data = True
@@ -841,3 +844,85 @@ def test_a_relay_password_that_is_no_ascii_is_said_to_be_ours(hostile, message):
     )
     result, _ = _timed(hop, message, settings)
     assert result.code == 451 and result.ours and "not ASCII" in result.text, result
+
+
+def test_a_session_that_took_its_time_counts_though_refused_in_the_end(hostile, message):
+    """A host that drips its greeting and refuses (or closes) just before the session's
+    deadline held the attempt a whole session without counting: five such hosts held it five
+    times as long (a second attacker's pass). Past opening a connection's time, it counts."""
+    import time
+
+    slow: list = []
+
+    def slow_refusal(conn):
+        slow.append(1)
+        time.sleep(0.8)
+        conn.sendall(b"554 5.7.1 go away\r\n")
+
+    settings = relay.Settings(helo="mx.example.org", timeout=2, connect_timeout=0.5)
+    hops = [hostile({}, greeting=slow_refusal) for _ in range(3)]
+    results = relay.attempt(hops, message("bob@remote.test"), settings)
+    assert not results["bob@remote.test"].ok and len(slow) == 2, (results, slow)
+
+
+def test_a_tls_handshake_that_times_out_counts(hostile, message):
+    """Under `encrypt` (no plain-text retry): each stalled handshake is a session's time."""
+    import time
+
+    stalled: list = []
+
+    def go_ahead_and_stall(conn):
+        stalled.append(1)
+        conn.sendall(b"220 go ahead\r\n")
+        time.sleep(5)
+
+    ehlo = _said(b"250-hostile.test\r\n250 STARTTLS\r\n")
+    hops = [hostile({"EHLO": ehlo, "STARTTLS": go_ahead_and_stall}) for _ in range(3)]
+    settings = relay.Settings(helo="mx.example.org", tls="encrypt", timeout=0.5, connect_timeout=5)
+    results = relay.attempt(hops, message("bob@remote.test"), settings)
+    assert not results["bob@remote.test"].ok and len(stalled) == 2, (results, stalled)
+
+
+def test_sessions_whose_data_went_are_counted_per_queue_id_until_they_end():
+    """One item's groups (a domain each) run at once under its id: the first to finish took
+    the id off while the other still waited (a second attacker's pass)."""
+    from types import SimpleNamespace
+
+    first, second = (SimpleNamespace(queue_id="Q7", awaiting=False) for _ in range(2))
+    relay._await_end_of_data(first, True)
+    relay._await_end_of_data(second, True)
+    relay._await_end_of_data(first, True)  # (once per session)
+    relay._await_end_of_data(first, False)
+    assert relay.awaiting_end_of_data() == ["Q7"]
+    relay._await_end_of_data(second, False)
+    relay._await_end_of_data(second, False)
+    assert relay.awaiting_end_of_data() == []
+
+
+def test_a_session_whose_data_went_is_named_until_its_quit_is_answered(
+    hostile, message, monkeypatch
+):
+    """The message is the host's once it answered the dot; the results are recorded only after
+    QUIT's answer (up to QUIT_TIME): a stop meanwhile must name it too."""
+    import time
+
+    monkeypatch.setattr(relay, "QUIT_TIME", 1.0)
+    seen: list = []
+
+    def slow_quit(conn):
+        time.sleep(0.3)
+        seen.append(relay.awaiting_end_of_data())
+
+    hop = hostile({"QUIT": slow_quit})
+    path = message("bob@remote.test").path
+    queued = relay.Message("alice@example.org", ("bob@remote.test",), path, queue_id="Q2")
+    assert relay.attempt([hop], queued, SETTINGS)["bob@remote.test"].ok
+    assert seen == [["Q2"]] and relay.awaiting_end_of_data() == []
+
+
+@pytest.mark.parametrize("shape", [b"2500 x\r\n", b"250x y\r\n"])
+def test_a_line_whose_code_runs_on_is_no_code_line(hostile, message, shape):
+    """Three digits, then a space, a hyphen or the line's end: else a continuation line, as
+    Postfix reads `2500 x` (it ended the reply with 250)."""
+    result, _ = _timed(hostile({".": _said(shape + b"554 5.7.1 no\r\n")}), message, SETTINGS)
+    assert result.code == 554 and result.text.endswith("5.7.1 no"), result
