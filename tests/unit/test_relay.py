@@ -308,7 +308,9 @@ def hostile():
                             if not in_data:
                                 answers.get(".", lambda s: s.sendall(b"250 2.0.0 queued\r\n"))(conn)
                             continue
-                        word = line.split()[0].decode().upper() if line.split() else ""
+                        # (errors replaced: a TLS ClientHello after a 220 to STARTTLS is no text)
+                        words = line.split()
+                        word = words[0].decode(errors="replace").upper() if words else ""
                         if word == "QUIT" and "QUIT" not in answers:
                             conn.sendall(b"221 bye\r\n")
                             return
