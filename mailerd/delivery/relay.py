@@ -402,7 +402,7 @@ class _Client(smtplib.SMTP):
                 lines.append(line.strip(b" \t\r\n"))
                 continue
             lines.append(line[4:].strip(b" \t\r\n"))
-            code = int(line[:3])  # (ASCII digits: isdigit() took others, int() reads them)
+            code = int(line[:3])  # (bytes.isdigit(): ASCII digits only)
             if line[3:4] != b"-":
                 break
         text = b"\n".join(lines)
@@ -611,8 +611,12 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
             # (smtplib starts TLS on 220 only: after another 2xx the server may wait for a
             # handshake that will not come, and after a 1xx or 3xx no one knows; so "may"
             # starts again in plain text, on a new connection)
-            said = _reply(hop, exc.smtp_code, exc.smtp_error, "4.5.0").line()
-            why = _said_text(hop, said, "STARTTLS", "protocol error: ")
+            said = _reply(hop, exc.smtp_code, exc.smtp_error, "4.5.0")  # (1xx, 3xx: ours)
+            why = (
+                said.text
+                if said.ours
+                else _said_text(hop, said.line(), "STARTTLS", "protocol error: ")
+            )
             raise _TLSFailed(_ours(hop, why, "4.5.0")) from exc
         # Refused (454 TLS not available): no handshake began, so with "may" the session goes
         # on in plain text, as Postfix's does.
