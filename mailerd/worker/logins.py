@@ -90,7 +90,6 @@ class Logins:
         barred = self.barred(address, login)
         if barred is not None:
             return barred
-        known = failures.known(address, login)
         digest = login_digest(self._key, login, password)
         same = self._checking.get(digest)
         if same is not None:
@@ -106,7 +105,7 @@ class Logins:
             # addresses took them all, an attacker's pass found).
             account = account_of(login)
             full = len(self._checking) >= self.limit + RESERVE
-            if not known or full or account in self._reserved:
+            if full or account in self._reserved or not failures.known(address, login):
                 return Unchecked.CROWDED
             reserved_for = account
             self._reserved.add(account)
@@ -157,7 +156,7 @@ class Logins:
         failures = self.failures
         if failures.locked(address):
             return Unchecked.LOCKED
-        if not failures.known(address, login) and failures.account_locked(address, login):
+        if failures.account_locked(address, login):  # (from an address it is not known at)
             return Unchecked.ACCOUNT_LOCKED
         return None
 
