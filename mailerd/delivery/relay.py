@@ -184,9 +184,7 @@ class _HopFailed(Exception):
         counted: bool = False,
     ) -> None:
         if result.ok:  # (a host's 2xx where it may not be one: never taken for a delivery)
-            host = namaddr(result.host, result.address)
-            said = f"protocol error: host {host} said {result.line()}"
-            result = Result(451, "4.5.0", said, result.host, result.address, ours=True)
+            result = _protocol_error(result.host, result.address, result.line())
         super().__init__(result.line())
         self.result = result
         self.why = why or result.text
@@ -832,13 +830,18 @@ def _reply(hop: Hop, code: int, text: bytes | str, default_status: str, prefix: 
     if len(text) > REPLY_TEXT:
         text = text[: REPLY_TEXT - 3] + "..."
     if not (200 <= code < 300 or 400 <= code < 600):  # (a 1xx, a 3xx where none is due)
-        said = f"{prefix}protocol error: host {hop.name} said {code} {text}"
-        return Result(451, "4.5.0", said, hop.host, hop.address, ours=True)
+        return _protocol_error(hop.host, hop.address, f"{code} {text}", prefix)
     status, _, rest = text.partition(" ")
     if not (len(status.split(".")) == 3 and status[:1] == str(code)[:1] and status[0] in "245"):
         # (of the reply's class: a 554 without a status of its own is no 4.4.2)
         status, rest = str(code)[0] + default_status[1:], text
     return Result(code, status, prefix + rest, hop.host, hop.address)
+
+
+def _protocol_error(host: str | None, address: str | None, said: str, prefix: str = "") -> Result:
+    """A host's reply that is no answer where it came (deferred), worded as ours, quoting it."""
+    text = f"{prefix}protocol error: host {namaddr(host, address)} said {said}"
+    return Result(451, "4.5.0", text, host, address, ours=True)
 
 
 def _said(hop: Hop, result: Result, command: str) -> str:
