@@ -114,18 +114,20 @@ def _parse(record: str) -> Policy | None:
     if tags.get("v") != "DMARC1":
         return None
     p = tags.get("p", "").lower()
-    if p not in POLICIES:
+    sp = tags.get("sp", p).lower()
+    if p not in POLICIES or sp not in POLICIES:
+        # RFC 7489 6.6.3 step 6: a record without a valid p=, or with an sp= that is not
+        # valid, is read as p=none if it asks for reports, else as no policy at all.
         if "rua" not in tags:
             return None
-        p = "none"  # RFC 7489 6.6.3: a record with reports but no valid p= means "none"
-    sp = tags.get("sp", "").lower()
+        p = sp = "none"
     try:
         pct = max(0, min(100, int(tags.get("pct", "100"))))
     except ValueError:
         pct = 100
     return Policy(
         p=p,
-        sp=sp if sp in POLICIES else p,
+        sp=sp,
         pct=pct,
         adkim="s" if tags.get("adkim", "r").lower() == "s" else "r",
         aspf="s" if tags.get("aspf", "r").lower() == "s" else "r",
@@ -140,14 +142,15 @@ parse = Remembered(_parse, REMEMBERED_MAX, 256)
 def discover(txt: Callable[[str], Sequence[str]], from_domain: str) -> tuple[Policy, bool] | None:
     """The policy for `from_domain` (RFC 7489 6.6.3), and whether it was found at the
     organisational domain rather than at `from_domain` itself (then its sp= applies).
+    The organisational domain is asked only when `from_domain` has no DMARC record: one there
+    that is no usable policy means none (step 6), never the organisational domain's sp=.
     `txt(name)` gives a name's TXT records; what it raises (TemporaryFailure, NotCached)
     passes through."""
     for domain in dict.fromkeys([from_domain, organizational_domain(from_domain)]):
         records = [r for r in txt(f"_dmarc.{domain}") if is_record(r)]
         if len(records) == 1:
             policy = parse(records[0])
-            if policy is not None:
-                return policy, domain != from_domain
+            return None if policy is None else (policy, domain != from_domain)
         if len(records) > 1:
             return None  # several records: no policy at all (6.6.3 step 5)
     return None

@@ -743,6 +743,19 @@ def test_dmarc_unusable_record_never_refuses(auth_env, record: str):
     assert auth.one("dmarc").result in ("none", "permerror"), auth
 
 
+def test_an_unusable_record_of_a_subdomain_is_not_its_organisational_domains_reject(auth_env):
+    """A reviewer's finding: the From: domain's own record has no valid p=, and its
+    organisational domain says sp=reject. RFC 7489 6.6.3 asks the organisational domain only
+    when the From: domain has no record: this one means no DMARC processing, so the message
+    is stored (it was refused, "fails DMARC for sub.example.com")."""
+    zone = txt("sub.example.com", SPF_FAIL) + dmarc("sub.example.com", "v=DMARC1; p=bogus")
+    zone += dmarc("example.com", "v=DMARC1; p=none; sp=reject")
+    env = auth_env(zone, "enforce")
+    body = message("sub-bad-record", author="Alice <alice@sub.example.com>")
+    auth = env.stored(env.send(body, sender="alice@sub.example.com"))
+    assert_dmarc(auth, "none", "sub.example.com", None)
+
+
 @pytest.mark.parametrize("mode", ["header", "enforce"])
 def test_dmarc_multiple_from_domains(auth_env, mode: str):
     """From: two addresses in two domains. The spoofer adds his own (example.edu, SPF-aligned)

@@ -610,3 +610,35 @@ def test_a_message_without_a_header_section_is_checked(dns_server, message):
     dkim=none, dmarc=permerror (no From:); never an exception (the client would hear 451)."""
     verdict = run_check(dns_server, message, sender="a@sender.example")
     assert methods(verdict) == {"spf": "pass", "dkim": "none", "dmarc": "permerror"}, verdict
+
+
+INHERITED = {"_dmarc.inv.example": ["v=DMARC1; p=none; sp=reject"]}
+NONE = dmarc.Policy("none", "none", 100, "r", "r")
+
+
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ("v=DMARC1; p=bogus", None),
+        ("v=DMARC1", None),
+        ("v=DMARC1; p=reject; sp=bogus", None),
+        ("v=DMARC1; p=bogus; rua=mailto:d@inv.example", NONE),
+        ("v=DMARC1; p=reject; sp=rejects; rua=mailto:d@inv.example", NONE),
+        ("v=DMARC1; p=reject; sp=none", dmarc.Policy("reject", "none", 100, "r", "r")),
+    ],
+    ids=["bad-p", "no-p", "bad-sp", "bad-p-rua", "bad-sp-rua", "good"],
+)
+def test_a_record_at_the_from_domain_is_never_passed_over_for_the_organisational_one(
+    record: str, expected: dmarc.Policy | None
+):
+    """RFC 7489 6.6.3: the organisational domain is asked only when the From: domain has no
+    DMARC record at all. One there without a valid p= or sp= means no DMARC processing, or
+    p=none when it asks for reports (rua=); it is never read as leave to apply the
+    organisational domain's sp=reject (a reviewer's finding)."""
+    records = INHERITED | {"_dmarc.sub.inv.example": [record]}
+    found = dmarc.discover(lambda name: records.get(name, []), "sub.inv.example")
+    assert found == (None if expected is None else (expected, False))
+    assert dmarc.discover(lambda name: INHERITED.get(name, []), "sub.inv.example") == (
+        dmarc.Policy("none", "reject", 100, "r", "r"),
+        True,
+    )
