@@ -33,6 +33,7 @@ Zone format: RFC 1035 master-file text, parsed by dnspython's zone-file reader, 
     alias      CNAME mx2                       ; CNAMEs are followed within the data
     broken     TXT  "dnsserver:servfail"       ; every query for this name: SERVFAIL
     slow       TXT  "dnsserver:timeout"        ; every query for this name: no reply at all
+    late       TXT  "dnsserver:slow"           ; every query: the answer, SLOW_SECONDS late
     half       A    192.0.2.30
     half       TXT  "dnsserver:servfail AAAA"  ; only AAAA queries fail; A answers normally
 
@@ -46,9 +47,10 @@ Zone format: RFC 1035 master-file text, parsed by dnspython's zone-file reader, 
   SOA (so nothing caches them), unless ``Records(..., negative_ttl=N)`` asks for one: then
   they carry the root's SOA with TTL and minimum N, and resolvers cache them for N seconds
   (RFC 2308), as they do the Internet's.
-- Markers are TXT records whose text starts with ``dnsserver:``: ``servfail``, ``refused``
-  or ``timeout`` (no reply), optionally followed by the record types they apply to (default:
-  all). They apply to that exact name only, and are never served as TXT data.
+- Markers are TXT records whose text starts with ``dnsserver:``: ``servfail``, ``refused``,
+  ``timeout`` (no reply) or ``slow`` (the answer, after SLOW_SECONDS), optionally followed
+  by the record types they apply to (default: all). They apply to that exact name only,
+  and are never served as TXT data.
 - Replies have AA (authoritative) and RA set. A UDP reply larger than the query allows (512
   bytes, or its EDNS payload) is sent empty with TC set, so clients retry over TCP.
 """
@@ -64,6 +66,7 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +86,8 @@ import dns.zone
 import dns.zonefile
 
 MARKER = "dnsserver:"
-ACTIONS = ("servfail", "refused", "timeout")
+ACTIONS = ("servfail", "refused", "timeout", "slow")
+SLOW_SECONDS = 0.6  # how late a "slow" name's answers come
 DEFAULT_TTL = 300
 _MAX_CNAME_CHAIN = 8
 _TCP_IDLE = 30.0  # seconds a TCP client may stay silent before we hang up
@@ -96,6 +100,7 @@ class Result:
     rcode: int = dns.rcode.NOERROR
     answer: list[dns.rrset.RRset] = field(default_factory=list)
     silent: bool = False
+    delay: float = 0.0  # seconds to wait before answering
 
 
 class Records:
@@ -136,12 +141,14 @@ class Records:
 
     def lookup(self, qname: dns.name.Name, qtype: int) -> Result:
         result = Result()
+        if self._marker(qname, qtype) == "slow":
+            result.delay = SLOW_SECONDS
         name = qname
         for _ in range(_MAX_CNAME_CHAIN):
             action = self._marker(name, qtype)
             if action == "timeout":
                 return Result(silent=True)
-            if action is not None:
+            if action not in (None, "slow"):
                 rcode = dns.rcode.SERVFAIL if action == "servfail" else dns.rcode.REFUSED
                 return Result(rcode=rcode)
             node = self.zone.get_node(name)
@@ -196,6 +203,7 @@ class Records:
             result = self.lookup(question.name, question.rdtype)
             if result.silent:
                 return None
+            time.sleep(result.delay)  # (each query has a thread of its own)
             response.set_rcode(result.rcode)
             response.answer.extend(result.answer)
             negative = result.rcode == dns.rcode.NXDOMAIN or (

@@ -101,16 +101,23 @@ class Verifier:
         small = head.count(b"\n", 0, end) <= INLINE_MAX_LINES
         found = self._from_cache(ip, helo, sender, body, signed, authors) if small else None
         rushed = False  # (the checks did not get their time: `_in_threads`)
-        if found is not None:
-            spf, dkim = found
-        else:
-            spf, dkim, rushed = await self._in_threads(
-                ip, helo, sender, body, signed, head[:end], authors
-            )
-        try:  # (from the cache, as most are: no task, no timer)
-            verdict = dmarc.judge(self.lookups.cached_txt, from_domains, spf, dkim)
-        except NotCached:
-            verdict = await self._dmarc(from_domains, spf, dkim, deadline)
+        records = dmarc.PolicyRecords(self.lookups)
+        fetching = None  # (the policy lookups, beside the threads' SPF and DKIM)
+        try:
+            if found is not None:
+                spf, dkim = found
+            else:
+                fetching = self.loop.create_task(records.fetch(from_domains))
+                spf, dkim, rushed = await self._in_threads(
+                    ip, helo, sender, body, signed, head[:end], authors
+                )
+            try:  # (from the cache, as most are, or from what was fetched: no timer)
+                verdict = dmarc.judge(records.txt, from_domains, spf, dkim)
+            except NotCached:
+                verdict = await self._dmarc(records, fetching, from_domains, spf, dkim, deadline)
+        finally:
+            if fetching is not None:
+                fetching.cancel()  # (done, or ended by an error or by the session's end)
         if not self.enforce and verdict.disposition != "none":  # dis= says what was done
             verdict = replace(verdict, disposition="none")  # (OpenDMARC's meaning): nothing
         field = results.header(self.hostname, spf, dkim, verdict)
@@ -128,15 +135,24 @@ class Verifier:
 
     async def _dmarc(
         self,
+        records: dmarc.PolicyRecords,
+        fetching: asyncio.Task[None] | None,
         from_domains: list[str] | None,
         spf: SpfResult,
         dkim: list[DkimResult],
         deadline: float,
     ) -> DmarcResult:
+        """The verdict once the policy records come, by the check's deadline."""
         remaining = max(deadline - self.loop.time(), 0.1)
-        evaluation = dmarc.Evaluation(self.lookups, from_domains, spf, dkim)
+        evaluation = dmarc.Evaluation(self.lookups, from_domains, spf, dkim, records=records)
+
+        async def run() -> DmarcResult:
+            if fetching is not None:
+                await fetching  # (then `run` asks for nothing, or for what a race left out)
+            return await evaluation.run()
+
         try:
-            return await asyncio.wait_for(evaluation.run(), remaining)
+            return await asyncio.wait_for(run(), remaining)
         except TimeoutError:
             return evaluation.so_far("timed out")
 

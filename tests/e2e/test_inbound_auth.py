@@ -743,6 +743,23 @@ def test_dmarc_unusable_record_never_refuses(auth_env, record: str):
     assert auth.one("dmarc").result in ("none", "permerror"), auth
 
 
+def test_a_sender_whose_spf_never_answers_leaves_dmarc_its_time(auth_env):
+    """A reviewer's finding: a forger's SPF record includes a name that never answers, which
+    held SPF's check for 0.9 of --dns-timeout; DMARC's lookups began only after it, with a
+    tenth of the time left, so a policy domain whose DNS takes longer than that (0.6 s here,
+    and the forger picks a new subdomain each time so that nothing is cached) became a
+    temperror, and a p=reject forgery was stored under enforce. Discovery needs the From:
+    domains alone: it now runs beside SPF and DKIM, with the whole timeout."""
+    zone = txt("example.com", SPF_FAIL) + dmarc("example.com", "v=DMARC1; p=reject")
+    zone += txt("_dmarc.example.com", "dnsserver:slow")
+    zone += txt("forger.example", "v=spf1 include:silent.forger.example -all")
+    zone += txt("silent.forger.example", "dnsserver:timeout")
+    env = auth_env(zone, "enforce", dns_timeout=SHORT_DNS_TIMEOUT)
+    body = message("slow-policy", author="CEO <ceo@r1.example.com>")
+    sent = env.send(body, sender="x@forger.example", code=550, enhanced="5.7.1")
+    env.nothing_stored(sent)
+
+
 def test_an_unusable_record_of_a_subdomain_is_not_its_organisational_domains_reject(auth_env):
     """A reviewer's finding: the From: domain's own record has no valid p=, and its
     organisational domain says sp=reject. RFC 7489 6.6.3 asks the organisational domain only
