@@ -537,6 +537,12 @@ class Scheduler:
         )
         loop = asyncio.get_running_loop()
         async with self.total:
+            if self.stopping:
+                # The slots came during a stop's grace: a session begun now would be cut short
+                # at its end, perhaps after its data went (a reviewer's finding: each such
+                # message sent twice). Ended as the stop ends what it cuts, unrecorded: its
+                # recipients stay pending for the next scheduler.
+                raise asyncio.CancelledError
             return await loop.run_in_executor(
                 self.pool, relay.attempt, hops, message, self.settings
             )

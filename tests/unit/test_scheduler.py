@@ -1107,6 +1107,46 @@ def test_a_stop_that_cuts_an_attempt_waiting_for_the_final_dots_reply_says_so(
     ], said
 
 
+def test_a_stop_starts_no_session_for_attempts_that_were_waiting_for_a_slot(
+    make_world, monkeypatch
+):
+    """A reviewer's finding: attempts already waiting for their domain's slot (a backlog to a
+    slow domain) took it during the stop's grace and began new sessions, which the stop then
+    cut short after their data went: each such message was sent twice, and the next scheduler
+    (after a reload) waited the whole grace before any other mail moved. Postfix's queue
+    manager starts no delivery once told to stop; neither does this now: those attempts end
+    untried, their recipients pending, for the next scheduler."""
+    w = make_world("--max-per-domain", "1")
+    items = [w.queued(ALICE, [f"r{n}@slow.example"]) for n in range(3)]
+    sessions: list[str] = []
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [relay.Hop(f"mx.{domain}", "192.0.2.25")]
+
+    def attempt(hops, message: relay.Message, settings) -> dict[str, relay.Result]:
+        sessions.append(message.queue_id)
+        time.sleep(0.3)  # (a slow host's reply to the final dot)
+        return dict.fromkeys(message.recipients, OK)
+
+    monkeypatch.setattr(w.sched, "_hops", hops)
+    monkeypatch.setattr(relay, "attempt", attempt)
+
+    async def main() -> None:
+        for item in items:
+            w.sched._start(item)
+        while not sessions:
+            await asyncio.sleep(0.01)
+        await w.sched.stop(grace=5)
+
+    run(main())
+    assert sessions == [items[0].id]
+    assert items[0].recipients[0].state == "sent"
+    for item in items[1:]:
+        [recipient] = item.recipients
+        assert (recipient.state, recipient.attempts) == ("pending", 0)
+        assert item.id in w.queue.ids()
+
+
 # -- backscatter: another server's mail, forwarded by an alias ------------------------------
 
 
