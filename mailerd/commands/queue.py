@@ -208,7 +208,10 @@ def _delete(queue_dir: Path, ids: list[str], answer: Deleted | None) -> int:
         deleted, later = set(answer.ids), set(answer.later)
     else:
         queue = Queue(queue_dir)
-        deleted = {i for i in ids if (queue_dir / "env" / i).exists()}
+        try:  # (only a name the queue lists: an ID with a `/` or `..` named any file)
+            deleted = set(ids) & queue.ids()
+        except OSError:
+            deleted = set()
         for queue_id in deleted:
             queue.remove(queue_id)
     for queue_id in ids:

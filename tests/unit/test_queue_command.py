@@ -113,6 +113,25 @@ def test_with_no_daemon_a_delete_removes_the_files(q, capsys):
     assert q.ids() == {"1KEEP"}
 
 
+def test_with_no_daemon_a_delete_takes_only_the_queues_own_ids(q, capsys, tmp_path):
+    """A reviewer's finding: the ID was joined to the queue's env/ and msg/ unchecked, so an
+    absolute path or one with `..` deleted any file the user may delete (root's, run as
+    root), and "" died with a traceback. Only a name the queue lists is one of its IDs."""
+    queued(q, "1KEEP")
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (q.root / "zz").mkdir()
+    (q.root / "zz" / "victim").write_text("keep me too")
+    names = [str(victim), "../zz/victim", "", ".", "..", "1KEEP/../1KEEP"]
+    status, out, err = mailq(q, capsys, "delete", *names)
+    assert status == 1, err
+    assert out.splitlines() == [f"{name}: not in the queue" for name in names], out
+    assert victim.read_text() == "keep me"
+    assert (q.root / "zz" / "victim").exists()
+    assert q.ids() == {"1KEEP"} and q.message_path("1KEEP").exists()
+    assert "Traceback" not in err
+
+
 def test_a_socket_nobody_listens_on_is_no_daemon(q, capsys):
     """A daemon that died left its socket: connecting is refused, and the tool does it."""
     queued(q, "1GONE")
