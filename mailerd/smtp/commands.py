@@ -385,7 +385,7 @@ class Commands:
     def _cmd_auth(self, argument: str | None) -> None:
         config = self._config
         mechanism, _, initial = (argument or "").partition(" ")
-        self._argument = mechanism.upper()  # never the response: it holds the password
+        self._argument = _logged_mechanism(mechanism)  # never a response: it holds a password
         self._unlogged = 2  # (until the exchange starts: a refusal leaves any pipelined lines)
         if not config.auth:
             self._send(NOT_IMPLEMENTED)
@@ -491,17 +491,38 @@ def _mail_options(
 _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 
 
+# The SASL mechanisms a log line may name (IANA's registry, those in use). Anything else after
+# AUTH may be a response written without its space, a password in it (a reviewer's finding: the
+# first 20 characters were logged as the mechanism, upper-cased in the refusal's line).
+_LOGGED_MECHANISMS = frozenset(
+    {
+        *("PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "XOAUTH2", "OAUTHBEARER", "GSSAPI"),
+        *("SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"),
+        *("NTLM", "EXTERNAL", "ANONYMOUS"),
+    }
+)
+
+
+def _logged_mechanism(name: str) -> str:
+    """What a log line shows of a mechanism's name: the name if a known one, else ***."""
+    upper = name.upper()
+    return upper if upper in _LOGGED_MECHANISMS else "***"
+
+
 def _masked(line: bytes) -> bytes:
     """A command line without what may follow AUTH's mechanism (an initial response holds a
-    password), however the client separated them (a tab, a bare CR)."""
-    if line[:4].upper() != b"AUTH":
+    password), however the client separated them (a tab, a bare CR, white space before AUTH,
+    none after the mechanism)."""
+    stripped = line.lstrip()
+    if stripped[:4].upper() != b"AUTH":
         return line
-    words = line[4:].split(None, 1)
-    if line[4:5] == b" " and words:
-        shown, more = b"AUTH " + words[0][:20], len(words) > 1
-    else:
-        shown, more = b"AUTH", bool(words)
-    return shown + b" ***" if more else shown
+    words = stripped[4:].split(None, 1)
+    if not words:
+        return b"AUTH"
+    shown = _logged_mechanism(words[0].decode("ascii", "replace"))
+    if shown == "***" or not stripped[4:5].isspace():
+        return b"AUTH ***"
+    return b"AUTH " + shown.encode() + (b" ***" if len(words) > 1 else b"")
 
 
 def _is_ascii(address: Address) -> bool:

@@ -20,6 +20,7 @@ from mailerd.smtp import (
     Session,
     SessionConfig,
     StartTLS,
+    commands,
 )
 
 SUBMISSION = SessionConfig(
@@ -394,6 +395,40 @@ def test_the_password_never_reaches_the_command_log_nor_an_events_repr():
         assert secret not in logged
     assert b"AUTH PLAIN ***" in logged and b"AUTH LOGIN" in logged
     assert "secret" not in repr(c.requests) and "wrong" not in repr(c.requests)
+
+
+@pytest.mark.parametrize(
+    "line, shown",
+    [
+        (b"AUTH PLAINAGFsaWNlAHNlY3JldA==", b"AUTH ***"),  # (no space after the mechanism)
+        (b"AUTH PLAINAGFSAWNL", b"AUTH ***"),
+        (b"AUTH FOO", b"AUTH ***"),
+        (b" AUTH PLAIN AGFsaWNlAHNlY3JldA==", b"AUTH PLAIN ***"),  # (a space before it)
+        (b"\tauth plain AGFsaWNlAHNlY3JldA==", b"AUTH PLAIN ***"),
+        (b"AUTH PLAIN AGFsaWNlAHNlY3JldA==", b"AUTH PLAIN ***"),
+        (b"AUTH CRAM-MD5", b"AUTH CRAM-MD5"),
+        (b"AUTH", b"AUTH"),
+    ],
+)
+def test_the_command_log_shows_a_mechanism_never_a_response_stuck_to_it(line, shown):
+    """A reviewer's finding: a response written right after the mechanism, with no space,
+    was logged in part (its first 20 characters with the mechanism's), and a line with a
+    space before AUTH was logged whole. Only a mechanism name we offer, or one spelled as
+    SASL names are (RFC 4422 3.1: upper case, digits, - and _), is shown."""
+    assert commands._masked(line) == shown
+
+
+def test_a_refused_auth_logs_no_response_stuck_to_its_mechanism():
+    """The line of a session closed for its errors (at the default level) named the
+    "mechanism" of the AUTH that ended it, upper-cased: a response written without its
+    space, the password in it."""
+    for line, shown in [("AUTH PLAINAGFsaWNlAHNlY3JldA==", "***"), ("AUTH cram-md5", "CRAM-MD5")]:
+        c = Client(SUBMISSIONS)
+        c.ehlo()
+        for _ in range(SUBMISSIONS.max_errors):
+            assert c.cmd("AUTH").code == 501
+        assert c.cmd(line).code == 421
+        assert [(r.verb, r.argument) for r in c.rejected] == [("AUTH", shown)]
 
 
 @pytest.mark.parametrize(
