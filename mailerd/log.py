@@ -378,6 +378,23 @@ def setup(
     global _lean
     _lean = handler
     set_verbose(verbose)
+    sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """An exception Python could not raise, in a call from C: one log line, where Python's
+    own hook wrote "Exception ignored in" and a traceback to stderr, outside the log's format.
+    A client can cause one: a TLS server name that is not ASCII fails in Python's SNI callback
+    before ours runs (a reviewer's finding)."""
+    exc = unraisable.exc_value
+    what = f"{type(exc).__name__}: {exc}" if exc is not None else unraisable.exc_type.__name__
+    context = f"{unraisable.err_msg} " if unraisable.err_msg else ""  # (None: the default)
+    logging.getLogger("mailerd").warning(
+        "a callback's exception was ignored (%sat %s): %s",
+        shorten(context, 80),
+        shorten(repr(unraisable.object), 120),
+        shorten(what, 200),
+    )
 
 
 def set_verbose(verbose: bool) -> None:

@@ -1021,6 +1021,34 @@ def test_sni_with_openssl(multi_server, pki: PKI, host: str):
     assert served_certificate(out) == der(pki.other), out
 
 
+def test_a_server_name_that_is_not_ascii_is_one_log_line(multi_server, pki: PKI):
+    """A reviewer's finding: with more than one certificate, a ClientHello whose server_name
+    is not ASCII made Python's SNI callback fail before ours ran, and Python wrote its
+    "Exception ignored in: ..." and a traceback to stderr, outside the log's format (anyone
+    could add them). Now one log line, and the handshake fails as before."""
+    m = multi_server
+    name = b"aaaa.example.net"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name.decode())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    mark = m.log_mark()
+    for raw in (b"\xe9aaa.example.net", b"\xff\xfe\xfd\xfc.example.net"):
+        with socket.create_connection(("127.0.0.1", m.submissions_port), timeout=10) as sock:
+            sock.sendall(hello.replace(name, raw))
+            answer = sock.recv(4096)
+        assert answer[:1] == b"\x15", answer  # (a TLS alert: the handshake failed)
+    assert wait_until(lambda: m.log_since(mark).count("CALLBACK_FAILED") == 2, 5)
+    assert wait_until(lambda: m.log_since(mark).count("a callback") == 2, 5), m.log_since(mark)
+    added = m.log_since(mark)
+    assert "Traceback" not in added and "Exception ignored" not in added, added
+    assert all(line[:4].isdigit() for line in added.splitlines()), added  # (all stamped lines)
+    assert "\\xe9aaa.example.net" in added, added
+
+
 # --------------------------------------------------------------------------------------------
 # Certificates at start-up and on SIGHUP
 # --------------------------------------------------------------------------------------------
