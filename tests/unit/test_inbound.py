@@ -572,6 +572,19 @@ def test_forged_fields_with_our_id_are_removed_others_kept(dns_server):
     assert run_check(dns_server, message("a@sender.example"), sender="").content is None
 
 
+def test_a_field_whose_id_is_behind_a_long_comment_is_removed_unread():
+    """A reviewer's finding: a comment of 250 KB, "((((...", was read a byte at a time in the
+    event loop, twice a message (60 ms each): every session of the worker waited. Past
+    CFWS_MAX octets of white space and comments before the id, the field is taken for ours,
+    unread: no real one has such, and a forged one must go whatever hides behind them."""
+    assert results.ours(b" (" + b"x" * 500 + b") mx.example.org; spf=pass", HOST)
+    long = b" " + b"(" * 200_000 + b")" * 200_000 + b" other.example; spf=pass"
+    assert results.ours(long, HOST)
+    assert results.ours(b" " + b"(" * (results.CFWS_MAX + 1), HOST)
+    assert results.ours(b" " * (results.CFWS_MAX + 1) + b"other.example; spf=pass", HOST)
+    assert not results.ours(b" " * (results.CFWS_MAX - 1) + b"other.example; spf=pass", HOST)
+
+
 def test_the_field_is_folded_one_result_per_line(dns_server):
     verdict = run_check(dns_server, message("a@sender.example"), sender="b@sender.example")
     lines = verdict.header.split("\r\n")
