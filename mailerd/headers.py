@@ -125,7 +125,7 @@ def _lenient(text: str, strict: list[str]) -> tuple[str, ...]:
 
 def _distinct(domains: list[str]) -> tuple[str, ...]:
     """The domains in normal form, each once, in order, none empty."""
-    normal = (_normal(d) for d in domains)
+    normal = (normal_domain(d) for d in domains)
     return tuple(dict.fromkeys(d for d in normal if d))
 
 
@@ -152,7 +152,7 @@ def decode_words(text: str) -> str:
     return "".join(parts)
 
 
-def _normal(domain: str) -> str:
+def normal_domain(domain: str) -> str:
     """Lower case, no final dot, A-labels for an internationalized name."""
     domain = domain.strip().rstrip(".").lower()
     if domain.isascii():

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from publicsuffix2 import PublicSuffixList
 
+from mailerd.headers import normal_domain
 from mailerd.inbound.lookups import Lookups, NotCached, TemporaryFailure
 from mailerd.inbound.sender_policy import SpfResult
 from mailerd.inbound.signatures import DkimResult
@@ -96,7 +97,7 @@ def listed_suffix(domain: str) -> str | None:
 
 
 def aligned(a: str, b: str, mode: str) -> bool:
-    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    a, b = normal_domain(a), normal_domain(b)  # (A-labels: a d= may be in U-labels)
     if mode == "s":
         return a == b
     return organizational_domain(a) == organizational_domain(b)

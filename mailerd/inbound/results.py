@@ -27,7 +27,9 @@ _TOKEN = re.compile(rb'[^\s;()"]+')
 # base64 (b=), a local part that needs no quotes. Anything else, authres would quote, and a
 # reader or a Sieve rule that splits on ";" or looks for "dmarc=pass" would take the sender's
 # text for ours (an attacker's pass: smtp.mailfrom="x;dmarc=pass header.from=bank.example;"@…).
-_NAME = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+\]|\[IPv6:[0-9A-Fa-f:.]+\]")
+# (ASCII: a value is an RFC 2045 token, which no U-label fits; RFC 6532 extends only quoted
+# strings. A-labels are shown instead.)
+_NAME = re.compile(r"[\w.-]+|\[[0-9A-Fa-f:.]+\]|\[IPv6:[0-9A-Fa-f:.]+\]", re.ASCII)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+")
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/?^_`{|}~.-]+")
 _QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"', re.DOTALL)
@@ -50,11 +52,13 @@ def _identity_value(result: SpfResult) -> str:
     """What smtp.mailfrom or smtp.helo shows: the address, or its domain alone (RFC 8601 2.7.2
     allows either) when its local part would need quotes; the HELO name if it is one."""
     if result.identity == "helo":
-        return result.value if _NAME.fullmatch(result.value) else ""
+        name = result.value if result.value.isascii() else result.domain
+        return name if _NAME.fullmatch(name) else ""
     local, at, domain = result.value.rpartition("@")
+    domain = domain if domain.isascii() else result.domain
     if not at or not _NAME.fullmatch(domain):
         return ""
-    return result.value if _LOCAL_PART.fullmatch(local) else domain
+    return f"{local}@{domain}" if _LOCAL_PART.fullmatch(local) else domain
 
 
 def _dkim(result: DkimResult) -> str:

@@ -120,7 +120,8 @@ def deliver(
 ) -> tuple[Reply, float]:
     """One transaction; the reply to the final dot must be `code` (and `enhanced`)."""
     assert body.endswith(b"\r\n"), body[-20:]
-    expect(c.cmd(f"MAIL FROM:<{sender}>"), 250, conn=c)
+    utf8 = "" if sender.isascii() else " SMTPUTF8"
+    expect(c.cmd(f"MAIL FROM:<{sender}>{utf8}"), 250, conn=c)
     expect(c.cmd(f"RCPT TO:<{rcpt}>"), 250, conn=c)
     expect(c.cmd("DATA"), 354, conn=c)
     c.send(dot_stuffed(body) + b".\r\n")
@@ -758,6 +759,22 @@ def test_a_sender_whose_spf_never_answers_leaves_dmarc_its_time(auth_env):
     body = message("slow-policy", author="CEO <ceo@r1.example.com>")
     sent = env.send(body, sender="x@forger.example", code=550, enhanced="5.7.1")
     env.nothing_stored(sent)
+
+
+@pytest.mark.parametrize("mode", ["header", "enforce"])
+def test_an_internationalized_sender_domain_aligns_with_its_from_domain(auth_env, mode: str):
+    """A reviewer's finding: the MAIL FROM domain in U-labels (SMTPUTF8) was compared with
+    the From: domain in A-labels, so SPF's pass never aligned: dmarc=fail, and refused under
+    enforce for a p=reject domain. The header showed the U-labels, which no RFC 8601 token
+    may hold (authres could not read the field). Every domain is compared, and shown, in
+    A-labels."""
+    zone = txt("xn--bnk-qla.example", SPF_PASS) + dmarc("xn--bnk-qla.example", "v=DMARC1; p=reject")
+    env = auth_env(zone, mode)
+    body = message("idn", author="CEO <ceo@xn--bnk-qla.example>")
+    auth = env.stored(env.send(body, sender="ceo@bänk.example"))  # (authres reads it too)
+    spf = auth.one("spf")
+    assert (spf.result, spf.props.get("smtp.mailfrom")) == ("pass", "ceo@xn--bnk-qla.example")
+    assert_dmarc(auth, "pass", "xn--bnk-qla.example", "reject", "none")
 
 
 def test_an_unusable_record_of_a_subdomain_is_not_its_organisational_domains_reject(auth_env):
