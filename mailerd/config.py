@@ -243,8 +243,8 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         None,
         True,
         False,
-        "of --max-sessions, kept for the local and for the submission listeners, each "
-        "(default: a tenth)",
+        "of --max-sessions, kept for the local, the submission and the network listeners, "
+        "each (default: a tenth)",
     ),
     (
         "max-sessions-per-ip",
@@ -644,17 +644,17 @@ def _with_files(cfg: Config, context: ssl.SSLContext | None) -> Config:
 def _reserved_sessions(
     value: object, max_sessions: int, listeners: tuple[ListenAddress, ...]
 ) -> int:
-    """--reserved-sessions (default: a tenth of --max-sessions), checked to leave the network
-    listeners a place: each owner pool that has a listener keeps that many for itself."""
+    """--reserved-sessions (default: a tenth of --max-sessions), checked to fit: each pool of
+    listeners (local, submission, network) that has one keeps that many for itself."""
     if value is None:
         return max_sessions // RESERVED_SHARE
     reserved = parse_int("reserved-sessions", value, 0, 10**7)
     roles = {listen.role for listen in listeners}
-    owners = (LOCAL in roles) + bool(roles & {SUBMISSION, SUBMISSIONS})
-    if NETWORK in roles and reserved * owners >= max_sessions:
+    pools = (LOCAL in roles) + bool(roles & {SUBMISSION, SUBMISSIONS}) + (NETWORK in roles)
+    if pools > 1 and reserved * pools > max_sessions:
         raise ConfigError(
-            f"--reserved-sessions: {owners} × {reserved} leave the network listeners no place "
-            f"of --max-sessions {max_sessions}"
+            f"--reserved-sessions: {pools} pools of listeners × {reserved} are more than "
+            f"--max-sessions {max_sessions}"
         )
     return reserved
 

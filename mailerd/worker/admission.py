@@ -1,16 +1,19 @@
 """The session caps at connect: whether a new connection may have a session, counted over all
 workers (through the shared `ipc.sessiontable`), and the words of the 421 when it may not.
 
-**Capacity for the owner.** The listeners draw from three pools of --max-sessions: the local
-listeners' (the machine's own mail programs), the submission listeners' (the owner's mail
-programs away from home) and the network listeners' (the Internet's servers). The two owner
-pools each keep --reserved-sessions places (default: a tenth of the total) that no other pool
-may take, so however many sessions the Internet holds on port 25 — legitimately, or trickling
-to hold them — the loopback and submission listeners still answer. A pool may grow past its
-reserve into the free places, as long as it leaves the other pools what is left of their
-reserves. A reserve rather than pools of their own: --max-sessions stays the bound on the
-server's sessions in all (its memory, its descriptors), as it always was; an owner pool with
-no listener reserves nothing.
+**Capacity for each kind of client.** The listeners draw from three pools of --max-sessions:
+the local listeners' (the machine's own mail programs), the submission listeners' (the owner's
+mail programs away from home) and the network listeners' (the Internet's servers). Each pool
+keeps --reserved-sessions places (default: a tenth of the total) that no other pool may take,
+so however many sessions the Internet holds on port 25 — legitimately, or trickling to hold
+them — the loopback and submission listeners still answer; and however many it holds on the
+submission ports, which anyone may open before logging in, port 25 still takes mail (a
+reviewer's finding: 1,000 silent connections to port 465 from 20 addresses had every place, and
+port 25 answered 421, as Postfix's separate process limits per service would not). A pool may
+grow past its reserve into the free places, as long as it leaves the other pools what is left
+of their reserves. A reserve rather than pools of their own: --max-sessions stays the bound on
+the server's sessions in all (its memory, its descriptors), as it always was; a pool with no
+listener reserves nothing.
 
 **Per client.** --max-sessions-per-ip counts the sessions of one client on the network and
 submission listeners (the local ones are the machine's own). A client is an IPv4 address, or
@@ -59,14 +62,11 @@ class Caps:
     def of(cls, cfg: Config) -> Caps:
         """From the server's listeners (every worker's, so all count alike)."""
         pools = {pool_of(listen) for listen in cfg.listeners}
-        owners = len(pools - {NETWORK_POOL})
         reserved = cfg.reserved_sessions
-        if NETWORK_POOL in pools and owners and reserved * owners >= cfg.max_sessions:
-            # (config refuses this; a Config made otherwise still leaves the network a place)
-            reserved = (cfg.max_sessions - 1) // owners
-        reserves = tuple(
-            reserved if pool != NETWORK_POOL and pool in pools else 0 for pool in range(POOLS)
-        )
+        if len(pools) > 1 and reserved * len(pools) > cfg.max_sessions:
+            # (config refuses this; a Config made otherwise still gives each pool its share)
+            reserved = cfg.max_sessions // len(pools)
+        reserves = tuple(reserved if pool in pools else 0 for pool in range(POOLS))
         return cls(cfg.max_sessions, cfg.max_sessions_per_ip, reserves, cfg.ipv6_prefix_length)
 
     def counted_key(self, listen: ListenAddress, peer: str) -> str | None:

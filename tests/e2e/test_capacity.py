@@ -142,6 +142,30 @@ def test_a_full_network_listener_leaves_the_owner_its_reserves(mailerd_factory, 
         c.close()
 
 
+def test_a_full_submission_listener_leaves_the_network_its_reserve(mailerd_factory, tmp_path):
+    """A reviewer's finding: anyone may open a submission port (the login comes later), and a
+    crowd of silent connections there took every place, so port 25 answered 421 to the
+    Internet's servers. --max-sessions 12 with 3 reserved for each pool: the submission
+    listener holds 6 and no more, and the network and local listeners still greet."""
+    pair = make_ca(tmp_path / "ca").issue("mx.example.org")
+    submission = free_port()
+    m: Mailerd = mailerd_factory(
+        workers=2,
+        extra=["--max-sessions", "12", "--reserved-sessions", "3"]
+        + ["--tls-cert", str(pair.cert), "--tls-key", str(pair.key)]
+        + ["--listen-submission", f"127.0.0.1:{submission}"],
+    )
+    held = _hold(m, 6, connect=lambda: SMTPConn("127.0.0.1", submission))
+    for _ in range(5):  # on either worker
+        with SMTPConn("127.0.0.1", submission) as extra:
+            expect(extra.banner(), 421, "4.7.0")
+    held += _hold(m, 3, trusted=False) + _hold(m, 3, trusted=True)
+    with m.connect(trusted=False) as over:  # the network's reserve is spent, the rest taken
+        expect(over.banner(), 421, "4.7.0")
+    for c in held:
+        c.close()
+
+
 def _hold(
     m: Mailerd, n: int, trusted: bool = False, connect: Callable[[], SMTPConn] | None = None
 ) -> list:

@@ -38,7 +38,7 @@ def test_a_full_network_pool_leaves_the_owner_its_reserves():
     submission = config.ListenAddress("127.0.0.1", 2587, config.SUBMISSION)
     cfg = replace(cfg, listeners=(*cfg.listeners, submission))
     caps = Caps.of(cfg)
-    assert caps.reserves == (10, 10, 0)
+    assert caps.reserves == (10, 10, 10)
     counts = counter(SessionTable(2), 0)
     # The Internet takes all it can: the owner's twenty places stay free.
     assert fill(caps, counts, NETWORK_POOL) == 80
@@ -51,14 +51,28 @@ def test_a_full_network_pool_leaves_the_owner_its_reserves():
 def test_a_pool_grows_past_its_reserve_into_free_places_only():
     cfg = replace(load(), max_sessions=20, reserved_sessions=5)
     caps = Caps.of(cfg)
-    assert caps.reserves == (5, 0, 0)  # no submission listener: nothing kept for it
+    assert caps.reserves == (5, 0, 5)  # no submission listener: nothing kept for it
     counts = counter(SessionTable(1), 0)
-    assert fill(caps, counts, LOCAL_POOL) == 20  # the network has no reserve
+    assert fill(caps, counts, LOCAL_POOL) == 15  # the network's reserve stays free
+    assert fill(caps, counts, NETWORK_POOL) == 5
     counts.closed(LOCAL_POOL, None)
     assert fill(caps, counts, NETWORK_POOL) == 1
     for _ in range(10):
         counts.closed(LOCAL_POOL, None)
-    assert fill(caps, counts, NETWORK_POOL) == 10  # ... and the local reserve (5) is still held
+    assert fill(caps, counts, NETWORK_POOL) == 9  # ... 4 local in use: 1 of its reserve kept
+
+
+def test_a_full_submission_pool_leaves_the_network_its_reserve():
+    """A reviewer's finding: anyone may open the submission ports (a login comes later), and
+    1,000 silent connections to port 465 had every place: port 25 answered 421 to the
+    Internet's servers. The network pool keeps its reserve as the owner's pools keep theirs."""
+    cfg = load("--max-sessions", "100", "--reserved-sessions", "10")
+    submission = config.ListenAddress("127.0.0.1", 2465, config.SUBMISSIONS)
+    caps = Caps.of(replace(cfg, listeners=(*cfg.listeners, submission)))
+    counts = counter(SessionTable(2), 0)
+    assert fill(caps, counts, SUBMISSION_POOL) == 80
+    assert fill(caps, counts, NETWORK_POOL) == 10
+    assert fill(caps, counts, LOCAL_POOL) == 10
 
 
 def test_reserves_hold_across_workers():
@@ -126,6 +140,9 @@ def test_the_options():
     assert load("--max-sessions", "50").reserved_sessions == 5
     with pytest.raises(ConfigError, match="reserved-sessions"):
         load("--max-sessions", "10", "--reserved-sessions", "10")  # the network: no place
+    with pytest.raises(ConfigError, match="reserved-sessions"):
+        load("--max-sessions", "10", "--reserved-sessions", "6")  # two pools × 6 > 10
+    assert load("--max-sessions", "10", "--reserved-sessions", "5").reserved_sessions == 5
     with pytest.raises(ConfigError, match="ipv6-prefix-length"):
         load("--ipv6-prefix-length", "129")
     with pytest.raises(ConfigError, match="min-data-rate"):
