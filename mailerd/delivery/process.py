@@ -211,7 +211,13 @@ class DeliveryService:
             log.warning("the mailbox writer went away; its requests in flight are written again")
 
     async def control(self, request: Message) -> Message:
-        """`mailerd queue` requests: list, flush, delete."""
+        """`mailerd queue` requests: list, flush, delete. A flush or a delete waits until this
+        process has the queue (after a reload, the previous one may hold it for the grace of
+        its stop): answered before, it found nothing, and said "not in the queue" of an item
+        the previous process then delivered (a reviewer's finding). The tool's wait is bounded:
+        past it, it says nothing was done."""
+        if isinstance(request, FlushQueue | DeleteQueued):
+            await self.scheduler.taken.wait()
         if isinstance(request, ListQueue | FlushQueue) and self.scheduler.lock_fd is not None:
             await self.scheduler.rescan()
         if isinstance(request, ListQueue):

@@ -139,6 +139,7 @@ class Scheduler:
         self.next_rescan = 0.0
         self.stopping = False
         self.lock_fd: int | None = None
+        self.taken = asyncio.Event()  # set once this process holds the queue and has loaded it
 
     # -- queue membership --------------------------------------------------------------------
 
@@ -238,6 +239,7 @@ class Scheduler:
         self.lock_fd = await self._lock_queue()
         # A fresh view: a previous scheduler (before a reload or a crash) may just have changed it.
         self.load(await loop.run_in_executor(None, self.queue.load))
+        self.taken.set()
         if before is not None:
             try:
                 await before()

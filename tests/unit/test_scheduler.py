@@ -16,7 +16,9 @@ import dataclasses
 import email
 import email.message
 import email.policy
+import fcntl
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -1145,6 +1147,39 @@ def test_a_stop_starts_no_session_for_attempts_that_were_waiting_for_a_slot(
         [recipient] = item.recipients
         assert (recipient.state, recipient.attempts) == ("pending", 0)
         assert item.id in w.queue.ids()
+
+
+def test_a_queue_request_waits_until_the_process_has_the_queue(w):
+    """A reviewer's finding: after a reload, while the previous delivery process held the
+    queue for its stop's grace, `mailerd queue delete` was answered from the new process's
+    empty view, "not in the queue", and the item was then delivered; a flush said 0. A flush
+    or a delete now waits until the process has the queue."""
+    from mailerd.delivery.process import DeliveryService
+    from mailerd.ipc.messages import Deleted, DeleteQueued
+
+    item = w.queued(ALICE, ["bob@example.net"])
+    ours, theirs = socket.socketpair()
+
+    async def main() -> Deleted:
+        service = DeliveryService(w.cfg, socket.socket(), ours)
+        previous = os.open(w.queue.scheduler_lock, os.O_RDONLY | os.O_CREAT, 0o600)
+        fcntl.flock(previous, fcntl.LOCK_EX)  # (the previous process's scheduler)
+        runner = asyncio.create_task(service.scheduler.run())
+        answer = asyncio.create_task(service.control(DeleteQueued((item.id,))))
+        await asyncio.sleep(0.5)
+        assert not answer.done(), answer
+        os.close(previous)
+        deleted = await asyncio.wait_for(answer, 5)
+        await service.scheduler.stop(grace=1)
+        runner.cancel()
+        return deleted
+
+    try:
+        deleted = run(main())
+    finally:
+        ours.close()
+        theirs.close()
+    assert isinstance(deleted, Deleted) and deleted.ids == (item.id,), deleted
 
 
 # -- backscatter: another server's mail, forwarded by an alias ------------------------------
