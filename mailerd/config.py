@@ -617,8 +617,25 @@ def reload_files(cfg: Config, running: Config) -> tuple[Config, str | None]:
         if running.tls_context is None:
             raise
         kept = replace(cfg, tls_pairs=running.tls_pairs)
-        return _with_files(kept, running.tls_context), str(exc)
-    return _with_files(cfg, context), None
+        return _gone_aliases(_with_files(kept, running.tls_context), running), str(exc)
+    return _gone_aliases(_with_files(cfg, context), running), None
+
+
+def _gone_aliases(cfg: Config, running: Config) -> Config:
+    """`cfg`, unless its aliases file is gone since the running configuration read it: that
+    fails the reload, as a file that cannot be read does (a reviewer's finding: read as none,
+    with an info line, it had every alias refused, the postmaster's too). A file absent from
+    the start means no aliases, as for Postfix."""
+    if (
+        cfg.aliases.missing
+        and not running.aliases.missing
+        and cfg.aliases_file == running.aliases_file
+    ):
+        raise ConfigError(
+            f"--aliases: {cfg.aliases_file}: no such file, since it was last read; the aliases "
+            "in use are kept (to have none, leave the file empty)"
+        )
+    return cfg
 
 
 def _tls_context(cfg: Config) -> ssl.SSLContext | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -334,6 +335,30 @@ def test_newaliases_checks_the_file_and_reloads_the_daemon(mailerd_factory, tmp_
                 s.sendmail("a@client.test", ["new@example.org"], b"Subject: n\r\n\r\nn\r\n") == {}
             )
         assert m.wait_messages(user, n)[-1] == n
+
+
+def test_an_aliases_file_gone_at_a_reload_keeps_the_aliases_in_use(mailerd_factory, tmp_path):
+    """A reviewer's finding: removed (a mistaken `mv`, a package's upgrade between two steps),
+    the file read as none at the reload, with one info line, and mail for every alias (the
+    postmaster's too) was refused 550 at once, where a file that could not be read (a
+    directory) failed the reload. Gone since it was read, it now fails the reload likewise:
+    the aliases in use are kept, and the log says why. A file absent from the start still
+    means no aliases, as Postfix's."""
+    m: Mailerd = mailerd_factory(start=False)
+    user = m.new_user("ag")
+    aliases_file, pidfile = tmp_path / "aliases", tmp_path / "mailerd.pid"
+    aliases_file.write_text(f"sales: {user}\n")
+    m.extra += ["--aliases", str(aliases_file), "-P", str(pidfile)]
+    m.start()
+    aliases_file.unlink()
+    os.kill(m.pid, signal.SIGHUP)
+    assert wait_until(lambda: (tmp_path / "mailerd.pid.reload").exists(), 20)
+    assert (tmp_path / "mailerd.pid.reload").read_text() == "1 failed\n"
+    assert wait_until(lambda: "reload failed" in m.stderr_text(), 5), m.stderr_text()[-2000:]
+    assert f"{aliases_file}" in m.stderr_text().split("reload failed")[-1].splitlines()[0]
+    with m.smtp() as s:
+        assert s.sendmail("a@client.test", ["sales@example.org"], b"Subject: a\r\n\r\na\r\n") == {}
+    assert m.wait_messages(user, 1) == [1]
 
 
 def test_kill_9_during_pickup_loses_and_doubles_nothing(aliased):
