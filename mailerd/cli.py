@@ -3,7 +3,8 @@
 sendmail …` is the machine's mail command (see `commands.sendmail`); `mailerd passwd USER` sets
 a password for authenticated submission (see `commands.passwd`); `mailerd dkim keygen` makes a
 DKIM key (`commands.dkimkeys`); `mailerd dns` prints and checks the DNS records to publish
-(`commands.dnsrecords`); `mailerd mailq` and `mailerd newaliases` are those programs.
+(`commands.dnsrecords`); `mailerd reload` has the running daemon reload, and says how it went
+(`commands.daemon`); `mailerd mailq` and `mailerd newaliases` are those programs.
 
 Run under another name (a symlink to the `mailerd` script), it is that program: `sendmail`
 (what /usr/sbin/sendmail is), `mailq` (`sendmail -bp`, the queue listing) and `newaliases`.
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from mailerd.commands import dkimkeys
 
         return dkimkeys.main(argv[1:])
+    if argv[:1] == ["reload"]:
+        from mailerd.commands import daemon
+
+        return daemon.reload_main(argv[1:])
     if argv[:1] == ["dns"]:
         from mailerd.commands import dnsrecords
 

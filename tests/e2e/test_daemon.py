@@ -419,6 +419,35 @@ def test_reload_with_broken_config_keeps_the_old_one(daemon_factory):
     assert wait_until(lambda: len(d.workers_now()) == 1, 10), d.workers_now()
 
 
+def test_mailerd_reload_says_how_the_reload_went(daemon_factory):
+    """`mailerd reload` (what the init script and systemd's ExecReload run): SIGHUP, then the
+    master's word on it as the exit status. They sent the signal and said "reloaded" whatever
+    the master then logged (a reviewer's finding). The daemon's own options, as DAEMON_OPTS
+    passes them, are left alone."""
+    d = daemon_factory()
+    d.add_user("alice")
+
+    def reload(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "mailerd", "reload", "-c", str(d.config), *extra],
+            cwd=REPO, env=d.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    p = reload()
+    assert p.returncode == 7 and "no mailerd runs with the pid file" in p.stderr, p
+    d.start()
+    d.write_config(workers="lots")
+    p = reload("-w", "2", "--timeout", "5m")
+    assert p.returncode == 1, p
+    assert f"mailerd (pid {d.master}) could not reload (see its log)" in p.stderr, p.stderr
+    assert "reload failed" in d.log()
+    d.write_config(workers=1)
+    p = reload("-P", str(d.pidfile))
+    assert p.returncode == 0, p
+    assert f"mailerd (pid {d.master}) reloads its configuration: done" in p.stderr, p.stderr
+    assert wait_until(lambda: len(d.workers_now()) == 1, 10), d.workers_now()
+
+
 def test_an_outbound_ca_that_cannot_be_used(daemon_factory, tmp_path: Path):
     """--outbound-ca (a private relayhost's CA) is read by the master as root: a file that is
     not there or holds no certificate stops the start (exit 1, one line naming it), and at a
