@@ -219,7 +219,27 @@ def _verify_one(bridge: Bridge, checker: dkim.DKIM, index: int, value: bytes) ->
         return DkimResult("temperror", domain, selector, b, seen.temporary)
     if seen.missing:
         return DkimResult("permerror", domain, selector, b, "no key for signature")
+    unusable = _unusable_key(seen.record)
+    if unusable:
+        return DkimResult("permerror", domain, selector, b, unusable)
     return DkimResult("fail", domain, selector, b, "signature did not verify")
+
+
+def _unusable_key(record: bytes | None) -> str:
+    """Why a key record that did not verify a signature can verify none (RFC 6376 3.6.1,
+    6.1.2: a PERMFAIL, `permerror`, rather than a signature that did not verify, `fail`): its
+    key revoked (p= empty), or a version other than DKIM1; else "" (a reviewer's finding)."""
+    if record is None:
+        return ""
+    try:
+        key = parse_tag_value(record)
+    except InvalidTagValueList:
+        return "key record unreadable"
+    if key.get(b"v", b"DKIM1").strip() != b"DKIM1":
+        return "key record of another version than DKIM1"
+    if not key.get(b"p", b"x").strip():
+        return "key revoked"
+    return ""
 
 
 def _unsigned_tail(checker: dkim.DKIM, tags: dict[bytes, bytes]) -> bool:

@@ -256,6 +256,30 @@ def test_dkim_without_a_key_is_permerror_and_none_without_a_signature(dns_server
     assert "dkim=none" in run_check(dns_server, original, sender="").header
 
 
+@pytest.mark.parametrize(
+    "record, reason",
+    [("v=DKIM1; k=ed25519; p=", "key revoked"), (None, "key record of another version")],
+    ids=["revoked", "v=DKIM2"],
+)
+def test_a_key_record_that_can_verify_nothing_is_permerror(tmp_path, record, reason):
+    """A reviewer's finding: a revoked key (p= empty) and a record of another version than
+    DKIM1 gave `fail`, "signature did not verify"; RFC 6376 6.1.2 and 3.6.1 make them a
+    PERMFAIL, `permerror`, with the reason."""
+    path = tmp_path / "k.key"
+    dkimkeys.write_key(str(path), dkimkeys.new_key("ed25519", 0))
+    key = signing.load_key("sender.example", "sel", str(path))
+    published = record or key.dns_record().replace("v=DKIM1", "v=DKIM2")
+    server = DNSServer(Records(f'sel._domainkey.sender.example. TXT "{published}"\n'))
+    server.start()
+    try:
+        original = message("a@sender.example")
+        verdict = run_check(server, signing.sign(original, [key]) + original, sender="")
+    finally:
+        server.stop()
+    assert methods(verdict)["dkim"] == "permerror", verdict.header
+    assert reason in verdict.header, verdict.header
+
+
 # --- DMARC ----------------------------------------------------------------------------------
 
 
