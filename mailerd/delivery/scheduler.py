@@ -445,6 +445,8 @@ class Scheduler:
             if isinstance(outcome, BaseException):
                 raise outcome
             results.update(outcome)
+        if not results:  # (nothing tried, a stop began: the item stays as it was, its retry too)
+            return
         await self._settle(item, pending, results)
 
     async def _record_sent(
@@ -542,9 +544,10 @@ class Scheduler:
             if self.stopping:
                 # The slots came during a stop's grace: a session begun now would be cut short
                 # at its end, perhaps after its data went (a reviewer's finding: each such
-                # message sent twice). Ended as the stop ends what it cuts, unrecorded: its
-                # recipients stay pending for the next scheduler.
-                raise asyncio.CancelledError
+                # message sent twice). Not tried: no result, so its recipients stay pending,
+                # untouched, for the next scheduler, while the item's other groups' results
+                # are recorded (an attacker's pass: ending the attempt lost a 550 beside it).
+                return {}
             return await loop.run_in_executor(
                 self.pool, relay.attempt, hops, message, self.settings
             )

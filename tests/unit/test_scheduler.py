@@ -1149,6 +1149,53 @@ def test_a_stop_starts_no_session_for_attempts_that_were_waiting_for_a_slot(
         assert item.id in w.queue.ids()
 
 
+def test_a_group_not_started_at_a_stop_loses_no_result_of_another(make_world, monkeypatch):
+    """An attacker's pass at the test above's fix: one group's session ended in a 550 during
+    the stop while the item's other group, waiting for its slot, was ended untried, which
+    threw the 550 away (the recipient stayed pending, no bounce: sent again at every
+    reload). The 550 is recorded now; the untried recipient is left as it was."""
+    w = make_world("--max-per-domain", "1")
+    blocker = w.queued(ALICE, ["r0@slow.example"])
+    item = w.queued(ALICE, ["bob@hard.example", "carol@slow.example"])
+    next_attempt = item.next_attempt
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [relay.Hop(f"mx.{domain}", "192.0.2.25")]
+
+    def attempt(hops, message: relay.Message, settings) -> dict[str, relay.Result]:
+        time.sleep(0.3)
+        answer = REJECT if "hard" in message.recipients[0] else OK
+        return dict.fromkeys(message.recipients, answer)
+
+    monkeypatch.setattr(w.sched, "_hops", hops)
+    monkeypatch.setattr(relay, "attempt", attempt)
+
+    async def main() -> None:
+        w.sched._start(blocker)
+        await asyncio.sleep(0.05)
+        w.sched._start(item)
+        await asyncio.sleep(0.1)
+        await w.sched.stop(grace=5)
+
+    run(main())
+    disk = w.on_disk(item)
+    assert disk is not None
+    states = {r.address: (r.state, r.attempts) for r in disk.recipients}
+    assert states == {"bob@hard.example": ("bounced", 1), "carol@slow.example": ("pending", 0)}
+    assert len(w.boxes.to("alice")) == 1  # (the bounce, to a local sender's mailbox)
+    untried = w.queued(ALICE, ["dave@slow.example"])
+    untried_at = untried.next_attempt
+    assert next_attempt <= untried_at
+    w.sched.stopping = True
+
+    async def untouched() -> None:
+        await w.sched._attempt(untried)
+
+    run(untouched())
+    assert untried.next_attempt == untried_at and untried.recipients[0].attempts == 0
+    assert w.on_disk(untried).recipients[0].state == "pending"
+
+
 def test_a_queue_request_waits_until_the_process_has_the_queue(w):
     """A reviewer's finding: after a reload, while the previous delivery process held the
     queue for its stop's grace, `mailerd queue delete` was answered from the new process's
