@@ -114,6 +114,8 @@ class Verifier:
             try:  # (from the cache, as most are, or from what was fetched: no timer)
                 verdict = dmarc.judge(records.txt, from_domains, spf, dkim)
             except NotCached:
+                if fetching is None:  # (from the cache: every author's policy at once too)
+                    fetching = self.loop.create_task(records.fetch(from_domains))
                 verdict = await self._dmarc(records, fetching, from_domains, spf, dkim, deadline)
         finally:
             if fetching is not None:

@@ -777,6 +777,21 @@ def test_an_internationalized_sender_domain_aligns_with_its_from_domain(auth_env
     assert_dmarc(auth, "pass", "xn--bnk-qla.example", "reject", "none")
 
 
+def test_a_silent_second_author_leaves_dmarc_its_time_on_the_cached_path(auth_env):
+    """An attacker's pass at the test above's fix: a sender whose SPF the worker has cached
+    has a small unsigned message checked from the cache, where DMARC asked for one author's
+    policy after another; a silent author first took the whole timeout, and the p=reject
+    author behind it was never asked: a temperror, stored under enforce. Every author's
+    policy is now asked at once there too."""
+    zone = txt("forger.example", SPF_PASS) + dmarc("example.com", "v=DMARC1; p=reject")
+    zone += txt("_dmarc.silent.example", "dnsserver:timeout")
+    env = auth_env(zone, "enforce", dns_timeout=SHORT_DNS_TIMEOUT)
+    env.stored(env.send(message("warm", author="<a@forger.example>"), sender="a@forger.example"))
+    body = message("two-authors", author="<x@silent.example>, CEO <ceo@example.com>")
+    sent = env.send(body, sender="a@forger.example", code=550, enhanced="5.7.1")
+    env.nothing_stored(sent)
+
+
 def test_an_unusable_record_of_a_subdomain_is_not_its_organisational_domains_reject(auth_env):
     """A reviewer's finding: the From: domain's own record has no valid p=, and its
     organisational domain says sp=reject. RFC 7489 6.6.3 asks the organisational domain only
