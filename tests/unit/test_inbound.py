@@ -607,6 +607,14 @@ def test_a_field_whose_id_is_behind_a_long_comment_is_removed_unread():
     assert results.ours(b" " + b"(" * (results.CFWS_MAX + 1), HOST)
     assert results.ours(b" " * (results.CFWS_MAX + 1) + b"other.example; spf=pass", HOST)
     assert not results.ours(b" " * (results.CFWS_MAX - 1) + b"other.example; spf=pass", HOST)
+    # An attacker's pass: the id itself made long, a quoted string of 250 KB of quoted pairs,
+    # or a token of encoded-words, was read whole (100-200 ms a message): past ID_MAX, ours.
+    assert results.ours(b' "' + b"\\a" * 125_000 + b'"; spf=pass', HOST)
+    assert results.ours(b' "' + b"a" * (results.ID_MAX + 1), HOST)
+    assert results.ours(b" " + b"=?utf-8?q?a?=" * 20_000 + b"; spf=pass", HOST)
+    assert results.ours(b' "mx.example.org"; spf=pass', HOST)
+    assert not results.ours(b' "' + b"a" * 100 + b'"; spf=pass', HOST)
+    assert not results.ours(b' "other.example', HOST)  # (unclosed, short: not an id of ours)
 
 
 def test_the_field_is_folded_one_result_per_line(dns_server):
