@@ -148,8 +148,9 @@ class Commands:
             self._auth_response(line)
             return
         self._verb = self._argument = ""
+        hidden = self._hidden(line)
         if self._on_command is not None:
-            self._on_command(self._loggable(line))
+            self._on_command(_HIDDEN_LINE if hidden else _masked(line))
         if b"\r" in line or b"\n" in line:
             # Only CRLF ends a line; a bare CR/LF is never taken as a separator.
             self._send(BARE_CR_LF_COMMAND)
@@ -159,7 +160,9 @@ class Commands:
         except GrammarError:
             self._send(UNKNOWN_COMMAND)
             return
-        self._verb, self._argument = verb, ""
+        # (A hidden line's first word may be a password: never in a log line either, as the
+        # refusal of the line that ends the session for its errors is; an attacker's pass.)
+        self._verb, self._argument = ("***" if hidden else verb), ""
         handler = HANDLERS.get(verb)
         if handler is None:
             self._send(NOT_IMPLEMENTED if verb in _UNSUPPORTED_VERBS else UNKNOWN_COMMAND)
@@ -171,7 +174,7 @@ class Commands:
             except GrammarError:
                 argument = raw.decode("utf-8", "backslashreplace")
                 if verb not in _ANY_ARGUMENT:
-                    self._argument = argument
+                    self._argument = argument if verb != "AUTH" else "***"  # (a password)
                     self._send(BAD_UTF8)
                     return
             self._argument = argument
@@ -368,19 +371,19 @@ class Commands:
             self._send(READY_FOR_TLS)
             self._start_tls()
 
-    def _loggable(self, line: bytes) -> bytes:
-        """A command line as the -v log may show it: never a password, which is in AUTH's
-        initial response, and in the lines a client pipelined after an AUTH that was refused
-        or broken off (its user name and password, taken for commands): those are left out
-        until a line that starts with a command."""
-        if self._unlogged:
-            verb = line.split(None, 1)[:1]
-            if verb and verb[0].upper().decode("ascii", "replace") in HANDLERS:
-                self._unlogged = 0
-            else:
-                self._unlogged -= 1
-                return b"*** (a line after a refused AUTH, not logged)"
-        return _masked(line)
+    def _hidden(self, line: bytes) -> bool:
+        """Is this one of the lines a client pipelined after an AUTH that was refused or
+        broken off (its user name and password, taken for commands)? Those are left out of
+        the -v log, and their words out of every log line, until a line that starts with a
+        command. (AUTH's initial response is masked in any line: `_masked`.)"""
+        if not self._unlogged:
+            return False
+        verb = line.split(None, 1)[:1]
+        if verb and verb[0].upper().decode("ascii", "replace") in HANDLERS:
+            self._unlogged = 0
+            return False
+        self._unlogged -= 1
+        return True
 
     def _cmd_auth(self, argument: str | None) -> None:
         config = self._config
@@ -509,13 +512,20 @@ def _logged_mechanism(name: str) -> str:
     return upper if upper in _LOGGED_MECHANISMS else "***"
 
 
+_HIDDEN_LINE = b"*** (a line after a refused AUTH, not logged)"
+# AUTH behind anything but letters and digits (white space, a NUL, an escape, a no-break
+# space): a line a log line must read as AUTH's (an attacker's pass).
+_AUTH_START = re.compile(rb"[^A-Za-z0-9]*(?=AUTH)", re.IGNORECASE)
+
+
 def _masked(line: bytes) -> bytes:
     """A command line without what may follow AUTH's mechanism (an initial response holds a
-    password), however the client separated them (a tab, a bare CR, white space before AUTH,
-    none after the mechanism)."""
-    stripped = line.lstrip()
-    if stripped[:4].upper() != b"AUTH":
+    password), however the client separated them (a tab, a bare CR, white space or other
+    bytes before AUTH, none after the mechanism)."""
+    start = _AUTH_START.match(line)
+    if start is None:
         return line
+    stripped = line[start.end() :]
     words = stripped[4:].split(None, 1)
     if not words:
         return b"AUTH"

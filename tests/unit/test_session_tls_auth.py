@@ -407,6 +407,10 @@ def test_the_password_never_reaches_the_command_log_nor_an_events_repr():
         (b"\tauth plain AGFsaWNlAHNlY3JldA==", b"AUTH PLAIN ***"),
         (b"AUTH PLAIN AGFsaWNlAHNlY3JldA==", b"AUTH PLAIN ***"),
         (b"AUTH CRAM-MD5", b"AUTH CRAM-MD5"),
+        (b"\x00AUTH PLAIN AGFsaWNlAHNlY3JldA==", b"AUTH PLAIN ***"),  # (bytes before AUTH)
+        (b"\x1bAUTH PLAIN AGFsaWNlAHNlY3JldA==", b"AUTH PLAIN ***"),
+        ("\u00a0AUTH PLAIN AGFsaWNlAHNlY3JldA==".encode(), b"AUTH PLAIN ***"),
+        (b"MAIL FROM:<auth@example.org>", b"MAIL FROM:<auth@example.org>"),
         (b"AUTH", b"AUTH"),
     ],
 )
@@ -429,6 +433,28 @@ def test_a_refused_auth_logs_no_response_stuck_to_its_mechanism():
             assert c.cmd("AUTH").code == 501
         assert c.cmd(line).code == 421
         assert [(r.verb, r.argument) for r in c.rejected] == [("AUTH", shown)]
+
+
+def test_no_word_of_a_line_after_a_refused_auth_reaches_a_log_line():
+    """An attacker's pass: LOGIN's password, pipelined after an AUTH that was refused and so
+    taken for a command, named the refusal of the line that ended the session for its
+    errors (its verb: the password's base64, upper-cased, when all letters); and AUTH with
+    a response that is not UTF-8 named the whole response as its argument."""
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    for _ in range(SUBMISSIONS.max_errors - 2):  # (then AUTH BOGUS, the user name: 2 more)
+        assert c.cmd("AUTH").code == 501
+    password = b64("hunter").upper()  # ("AHVUDGVY": all letters, a word like a verb)
+    replies = c.send(f"AUTH BOGUS\r\n{b64('alice')}\r\n{password}\r\n".encode())
+    assert [r.code for r in replies][-1] == 421, replies
+    assert [(r.verb, r.argument) for r in c.rejected] == [("***", "")], c.rejected
+    assert not any(password.encode() in line for line in c.logged), c.logged
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    for _ in range(SUBMISSIONS.max_errors):
+        assert c.cmd("AUTH").code == 501
+    c.send(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\xff\r\n")
+    assert [(r.verb, r.argument) for r in c.rejected] == [("AUTH", "***")], c.rejected
 
 
 @pytest.mark.parametrize(
