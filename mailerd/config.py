@@ -662,17 +662,18 @@ def _with_files(cfg: Config, context: ssl.SSLContext | None) -> Config:
 def _reserved_sessions(
     value: object, max_sessions: int, listeners: tuple[ListenAddress, ...]
 ) -> int:
-    """--reserved-sessions (default: a tenth of --max-sessions), checked to fit: each pool of
-    listeners (local, submission, network) that has one keeps that many for itself."""
+    """--reserved-sessions (default: a tenth of --max-sessions), checked to leave the network
+    listeners a place: each owner pool that has a listener keeps that many for itself (and the
+    network pool as many, or what the owners leave: `admission.Caps`)."""
     if value is None:
         return max_sessions // RESERVED_SHARE
     reserved = parse_int("reserved-sessions", value, 0, 10**7)
     roles = {listen.role for listen in listeners}
-    pools = (LOCAL in roles) + bool(roles & {SUBMISSION, SUBMISSIONS}) + (NETWORK in roles)
-    if pools > 1 and reserved * pools > max_sessions:
+    owners = (LOCAL in roles) + bool(roles & {SUBMISSION, SUBMISSIONS})
+    if NETWORK in roles and reserved * owners >= max_sessions:
         raise ConfigError(
-            f"--reserved-sessions: {pools} pools of listeners × {reserved} are more than "
-            f"--max-sessions {max_sessions}"
+            f"--reserved-sessions: {owners} × {reserved} leave the network listeners no place "
+            f"of --max-sessions {max_sessions}"
         )
     return reserved
 

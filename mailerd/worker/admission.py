@@ -13,7 +13,8 @@ port 25 answered 421, as Postfix's separate process limits per service would not
 grow past its reserve into the free places, as long as it leaves the other pools what is left
 of their reserves. A reserve rather than pools of their own: --max-sessions stays the bound on
 the server's sessions in all (its memory, its descriptors), as it always was; a pool with no
-listener reserves nothing.
+listener reserves nothing. The network pool's reserve is what the owner pools' leave when
+that is less (--reserved-sessions is checked against theirs alone, as before it had one).
 
 **Per client.** --max-sessions-per-ip counts the sessions of one client on the network and
 submission listeners (the local ones are the machine's own). A client is an IPv4 address, or
@@ -62,11 +63,18 @@ class Caps:
     def of(cls, cfg: Config) -> Caps:
         """From the server's listeners (every worker's, so all count alike)."""
         pools = {pool_of(listen) for listen in cfg.listeners}
+        owners = len(pools - {NETWORK_POOL})
         reserved = cfg.reserved_sessions
-        if len(pools) > 1 and reserved * len(pools) > cfg.max_sessions:
-            # (config refuses this; a Config made otherwise still gives each pool its share)
-            reserved = cfg.max_sessions // len(pools)
-        reserves = tuple(reserved if pool in pools else 0 for pool in range(POOLS))
+        if NETWORK_POOL in pools and owners and reserved * owners >= cfg.max_sessions:
+            # (config refuses this; a Config made otherwise still leaves the network a place)
+            reserved = (cfg.max_sessions - 1) // owners
+        # The network's reserve: as many, or what the owners' leave (a configuration that was
+        # valid before the network had one stays valid; an attacker's pass).
+        network = min(reserved, cfg.max_sessions - reserved * owners) if owners else 0
+        reserves = tuple(
+            (network if pool == NETWORK_POOL else reserved) if pool in pools else 0
+            for pool in range(POOLS)
+        )
         return cls(cfg.max_sessions, cfg.max_sessions_per_ip, reserves, cfg.ipv6_prefix_length)
 
     def counted_key(self, listen: ListenAddress, peer: str) -> str | None:

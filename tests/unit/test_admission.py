@@ -140,9 +140,12 @@ def test_the_options():
     assert load("--max-sessions", "50").reserved_sessions == 5
     with pytest.raises(ConfigError, match="reserved-sessions"):
         load("--max-sessions", "10", "--reserved-sessions", "10")  # the network: no place
-    with pytest.raises(ConfigError, match="reserved-sessions"):
-        load("--max-sessions", "10", "--reserved-sessions", "6")  # two pools × 6 > 10
-    assert load("--max-sessions", "10", "--reserved-sessions", "5").reserved_sessions == 5
+    # The network's reserve is what the owners' leave, when less: a configuration valid before
+    # it had one stays valid (an attacker's pass: 20 sessions, 8 reserved, three pools).
+    assert Caps.of(load("--max-sessions", "10", "--reserved-sessions", "6")).reserves == (6, 0, 4)
+    cfg = load("--max-sessions", "20", "--reserved-sessions", "8")
+    submission = config.ListenAddress("127.0.0.1", 2587, config.SUBMISSION)
+    assert Caps.of(replace(cfg, listeners=(*cfg.listeners, submission))).reserves == (8, 8, 4)
     with pytest.raises(ConfigError, match="ipv6-prefix-length"):
         load("--ipv6-prefix-length", "129")
     with pytest.raises(ConfigError, match="min-data-rate"):
