@@ -381,19 +381,38 @@ def setup(
     sys.unraisablehook = _unraisable
 
 
+UNRAISABLE_EVERY = 60.0  # seconds between two lines of one kind of ignored exception
+_unraisable_seen: dict[str, tuple[float, int]] = {}  # kind: (when last logged, left out since)
+
+
 def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
     """An exception Python could not raise, in a call from C: one log line, where Python's
     own hook wrote "Exception ignored in" and a traceback to stderr, outside the log's format.
     A client can cause one: a TLS server name that is not ASCII fails in Python's SNI callback
-    before ours runs (a reviewer's finding)."""
+    before ours runs (a reviewer's finding). One line a minute of each kind, with how many
+    were left out: a client can cause thousands a second (an attacker's pass), and each of
+    their handshakes is logged as failed already."""
+    kind = unraisable.exc_type.__name__
+    now = time.monotonic()
+    last, left_out = _unraisable_seen.get(kind, (-UNRAISABLE_EVERY, 0))
+    if now - last < UNRAISABLE_EVERY:
+        _unraisable_seen[kind] = (last, left_out + 1)
+        return
+    _unraisable_seen[kind] = (now, 0)
     exc = unraisable.exc_value
-    what = f"{type(exc).__name__}: {exc}" if exc is not None else unraisable.exc_type.__name__
+    what = f"{kind}: {exc}" if exc is not None else kind
     context = f"{unraisable.err_msg} " if unraisable.err_msg else ""  # (None: the default)
+    try:
+        where = repr(unraisable.object)
+    except Exception:  # (its repr may fail too: this hook must not)
+        where = f"a {type(unraisable.object).__name__}"
+    more = f" ({left_out} more since the last such line, not logged)" if left_out else ""
     logging.getLogger("mailerd").warning(
-        "a callback's exception was ignored (%sat %s): %s",
+        "a callback's exception was ignored (%sat %s): %s%s",
         shorten(context, 80),
-        shorten(repr(unraisable.object), 120),
+        shorten(where, 120),
         shorten(what, 200),
+        more,
     )
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import time
+import types
 
 import pytest
 
@@ -192,3 +193,36 @@ def test_another_formatter_on_the_handler_takes_the_standard_path(installed):
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logging.getLogger("mailerd.test-formatter").info("to=<%s>", "a@b")
     assert out.getvalue() == "INFO to=<a@b>\n"
+
+
+class _BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_ignored_exceptions_are_one_line_a_minute_of_each_kind(monkeypatch, caplog):
+    """Python's unraisable exceptions (a TLS server name that is not ASCII, in Python's SNI
+    callback) as log lines: a client can cause thousands a second (an attacker's pass), so
+    one line a minute of each kind, saying how many were left out; and an object whose repr
+    fails is no failure of the hook."""
+    now = [1000.0]
+    monkeypatch.setattr(log.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(log, "_unraisable_seen", {})
+
+    def ignored(exc: BaseException, obj: object) -> None:
+        hook = types.SimpleNamespace(
+            exc_type=type(exc), exc_value=exc, exc_traceback=None, err_msg=None, object=obj
+        )  # (what Python hands sys.unraisablehook)
+        log._unraisable(hook)  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.WARNING, logger="mailerd"):
+        for _ in range(100):
+            ignored(UnicodeDecodeError("ascii", b"\xe9", 0, 1, "no"), b"\xe9aaa.example.net")
+        ignored(ValueError("other"), _BadRepr())
+        now[0] += log.UNRAISABLE_EVERY
+        ignored(UnicodeDecodeError("ascii", b"\xe9", 0, 1, "no"), b"\xe9aaa.example.net")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "b'\\xe9aaa.example.net'" in lines[0] and "UnicodeDecodeError" in lines[0]
+    assert "a _BadRepr" in lines[1] and "ValueError: other" in lines[1]
+    assert lines[2].endswith("(99 more since the last such line, not logged)"), lines[2]
