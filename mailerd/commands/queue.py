@@ -204,19 +204,26 @@ def _in_maildrop(queue_dir: Path) -> int:
 
 def _delete(queue_dir: Path, ids: list[str], answer: Deleted | None) -> int:
     later: set[str] = set()
+    failed: dict[str, str] = {}
     if answer is not None:
         deleted, later = set(answer.ids), set(answer.later)
     else:
         queue = Queue(queue_dir)
         try:  # (only a name the queue lists: an ID with a `/` or `..` named any file)
-            deleted = set(ids) & queue.ids()
+            deleted = {i for i in set(ids) & queue.ids() if not i.startswith(".")}
         except OSError:
             deleted = set()
-        for queue_id in deleted:
-            queue.remove(queue_id)
+        for queue_id in sorted(deleted):
+            try:
+                queue.remove(queue_id)
+            except OSError as exc:  # (a name that is no file of ours, a permission)
+                failed[queue_id] = _why(exc)
+        deleted -= set(failed)
     for queue_id in ids:
         if queue_id in later:
             what = "being delivered now; removed when this attempt ends, unless it delivers it"
+        elif queue_id in failed:
+            what = f"cannot delete: {_shown(failed[queue_id])}"
         else:
             what = "deleted" if queue_id in deleted else "not in the queue"
         print(f"{_shown(queue_id)}: {what}")

@@ -130,6 +130,15 @@ def test_with_no_daemon_a_delete_takes_only_the_queues_own_ids(q, capsys, tmp_pa
     assert (q.root / "zz" / "victim").exists()
     assert q.ids() == {"1KEEP"} and q.message_path("1KEEP").exists()
     assert "Traceback" not in err
+    # An attacker's pass: a name the queue lists that is no envelope (a directory there, a
+    # dot file) died with a traceback, or was deleted.
+    (q.root / "env" / "1DIR").mkdir()
+    (q.root / "env" / ".hidden").write_text("x")
+    status, out, err = mailq(q, capsys, "delete", "1DIR", ".hidden")
+    assert status == 1 and "Traceback" not in err, err
+    lines = out.splitlines()
+    assert lines[0].startswith("1DIR: cannot delete: ") and lines[1] == ".hidden: not in the queue"
+    assert (q.root / "env" / ".hidden").exists()
 
 
 def test_a_socket_nobody_listens_on_is_no_daemon(q, capsys):
