@@ -41,6 +41,9 @@ POLICIES = ("none", "quarantine", "reject")
 _VERSION = re.compile(r"[ \t]*[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|$)")
 
 
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S")  # (a scheme, and something after it)
+
+
 def is_record(text: str) -> bool:
     """Is this TXT record a DMARC one (valid or not): v=DMARC1 its first tag?"""
     return _VERSION.match(text) is not None
@@ -119,8 +122,8 @@ def _parse(record: str) -> Policy | None:
     sp = tags.get("sp", p).lower()
     if p not in POLICIES or sp not in POLICIES:
         # RFC 7489 6.6.3 step 6: a record without a valid p=, or with an sp= that is not
-        # valid, is read as p=none if it asks for reports, else as no policy at all.
-        if "rua" not in tags:
+        # valid, is read as p=none if it asks for reports (a URI in rua=), else as no policy.
+        if not any(_URI.match(uri.strip()) for uri in tags.get("rua", "").split(",")):
             return None
         p = sp = "none"
     try:

@@ -668,10 +668,12 @@ NONE = dmarc.Policy("none", "none", 100, "r", "r")
         ("v=DMARC1", None),
         ("v=DMARC1; p=reject; sp=bogus", None),
         ("v=DMARC1; p=bogus; rua=mailto:d@inv.example", NONE),
+        ("v=DMARC1; p=bogus; rua=", None),  # (no report URI: no request for reports)
+        ("v=DMARC1; p=bogus; rua=nonsense", None),
         ("v=DMARC1; p=reject; sp=rejects; rua=mailto:d@inv.example", NONE),
         ("v=DMARC1; p=reject; sp=none", dmarc.Policy("reject", "none", 100, "r", "r")),
     ],
-    ids=["bad-p", "no-p", "bad-sp", "bad-p-rua", "bad-sp-rua", "good"],
+    ids=["bad-p", "no-p", "bad-sp", "bad-p-rua", "empty-rua", "bad-rua", "bad-sp-rua", "good"],
 )
 def test_a_record_at_the_from_domain_is_never_passed_over_for_the_organisational_one(
     record: str, expected: dmarc.Policy | None
