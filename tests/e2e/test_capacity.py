@@ -120,14 +120,7 @@ def test_no_session_lasts_longer_than_max_session_time(mailerd_factory):
 def test_a_full_network_listener_leaves_the_owner_its_reserves(mailerd_factory, tmp_path):
     """--max-sessions 12 with 3 reserved for the local listener and 3 for the submission one:
     the network listener holds 6 and no more; the owner's listeners still greet."""
-    pair = make_ca(tmp_path / "ca").issue("mx.example.org")
-    submission = free_port()
-    m: Mailerd = mailerd_factory(
-        workers=2,
-        extra=["--max-sessions", "12", "--reserved-sessions", "3"]
-        + ["--tls-cert", str(pair.cert), "--tls-key", str(pair.key)]
-        + ["--listen-submission", f"127.0.0.1:{submission}"],
-    )
+    m, submission = _twelve_places(mailerd_factory, tmp_path)
     held = _hold(m, 6, trusted=False)
     for _ in range(5):  # on either worker
         with m.connect(trusted=False) as extra:
@@ -147,14 +140,7 @@ def test_a_full_submission_listener_leaves_the_network_its_reserve(mailerd_facto
     crowd of silent connections there took every place, so port 25 answered 421 to the
     Internet's servers. --max-sessions 12 with 3 reserved for each pool: the submission
     listener holds 6 and no more, and the network and local listeners still greet."""
-    pair = make_ca(tmp_path / "ca").issue("mx.example.org")
-    submission = free_port()
-    m: Mailerd = mailerd_factory(
-        workers=2,
-        extra=["--max-sessions", "12", "--reserved-sessions", "3"]
-        + ["--tls-cert", str(pair.cert), "--tls-key", str(pair.key)]
-        + ["--listen-submission", f"127.0.0.1:{submission}"],
-    )
+    m, submission = _twelve_places(mailerd_factory, tmp_path)
     held = _hold(m, 6, connect=lambda: SMTPConn("127.0.0.1", submission))
     for _ in range(5):  # on either worker
         with SMTPConn("127.0.0.1", submission) as extra:
@@ -164,6 +150,20 @@ def test_a_full_submission_listener_leaves_the_network_its_reserve(mailerd_facto
         expect(over.banner(), 421, "4.7.0")
     for c in held:
         c.close()
+
+
+def _twelve_places(mailerd_factory, tmp_path) -> tuple[Mailerd, int]:
+    """A mailerd of --max-sessions 12, 3 reserved for each pool, with a submission listener;
+    and that listener's port."""
+    pair = make_ca(tmp_path / "ca").issue("mx.example.org")
+    submission = free_port()
+    m: Mailerd = mailerd_factory(
+        workers=2,
+        extra=["--max-sessions", "12", "--reserved-sessions", "3"]
+        + ["--tls-cert", str(pair.cert), "--tls-key", str(pair.key)]
+        + ["--listen-submission", f"127.0.0.1:{submission}"],
+    )
+    return m, submission
 
 
 def _hold(
