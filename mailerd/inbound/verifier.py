@@ -14,8 +14,9 @@ already (a sender that writes often): that one is checked in the event loop itse
 cache, because handing a message to two threads and their lookups back cost more CPU than the
 checks themselves (README, "Benchmark"). The first lookup the cache lacks sends the message
 down the threaded path. Such a sender's SPF verdict is kept (`sender_policy.Memo`) as long as
-the DNS answers it came from, and DMARC is judged from the cache too, the DNS asked (under the
-remaining time) only for what it lacks.
+the DNS answers it came from, and DMARC is judged from the cache too; what the cache lacks of
+the policy records is asked of the DNS at once, every author's, beside SPF and DKIM when those
+go to the threads.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class Verifier:
     async def _dmarc(
         self,
         records: dmarc.PolicyRecords,
-        fetching: asyncio.Task[None] | None,
+        fetching: asyncio.Task[None],
         from_domains: list[str] | None,
         spf: SpfResult,
         dkim: list[DkimResult],
@@ -149,8 +150,7 @@ class Verifier:
         evaluation = dmarc.Evaluation(self.lookups, from_domains, spf, dkim, records=records)
 
         async def run() -> DmarcResult:
-            if fetching is not None:
-                await fetching  # (then `run` asks for nothing, or for what a race left out)
+            await fetching  # (then `run` asks for nothing, or for what a race left out)
             return await evaluation.run()
 
         try:
