@@ -9,7 +9,7 @@ so however many sessions the Internet holds on port 25 — legitimately, or tric
 them — the loopback and submission listeners still answer; and however many it holds on the
 submission ports, which anyone may open before logging in, port 25 still takes mail (a
 reviewer's finding: 1,000 silent connections to port 465 from 20 addresses had every place, and
-port 25 answered 421, as Postfix's separate process limits per service would not). A pool may
+port 25 answered 421; Postfix's process limit per service keeps its services apart). A pool may
 grow past its reserve into the free places, as long as it leaves the other pools what is left
 of their reserves. A reserve rather than pools of their own: --max-sessions stays the bound on
 the server's sessions in all (its memory, its descriptors), as it always was; a pool with no
