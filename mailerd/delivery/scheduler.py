@@ -445,8 +445,8 @@ class Scheduler:
             if isinstance(outcome, BaseException):
                 raise outcome
             results.update(outcome)
-        if not results:  # (nothing tried, a stop began: the item stays as it was, its retry too)
-            return
+        if groups and not results:  # (nothing tried, a stop began: the item stays as it was)
+            return  # (an item with no group, nothing pending, is settled: removed)
         await self._settle(item, pending, results)
 
     async def _record_sent(

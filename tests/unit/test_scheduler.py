@@ -1196,6 +1196,33 @@ def test_a_group_not_started_at_a_stop_loses_no_result_of_another(make_world, mo
     assert w.on_disk(untried).recipients[0].state == "pending"
 
 
+def test_an_item_with_nothing_pending_is_removed_not_attempted_again_and_again(make_world):
+    """A second attacker's pass at the test above's fix: an item with no recipient pending
+    (its removal had failed, a crash between a record and the removal) has no group to
+    attempt, so no result; read as "nothing tried", it was left as it was and started again
+    at once, thousands of times a second, never removed. It is removed."""
+    w = make_world()
+    item = w.queued(ALICE, [Recipient("bob@far.example", state="sent", attempts=1)])
+    looks: list[str] = []
+    lost = w.sched._message_lost
+
+    async def counted(it: QueueItem) -> bool:
+        looks.append(it.id)
+        return await lost(it)
+
+    w.sched._message_lost = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        running = asyncio.create_task(w.sched.run())
+        await asyncio.sleep(1)
+        await w.sched.stop(grace=1)
+        await running
+
+    run(main())
+    assert item.id not in w.queue.ids() and item.id not in w.sched.items
+    assert len(looks) < 5, f"{len(looks)} attempts in a second"
+
+
 def test_a_queue_request_waits_until_the_process_has_the_queue(w):
     """A reviewer's finding: after a reload, while the previous delivery process held the
     queue for its stop's grace, `mailerd queue delete` was answered from the new process's
