@@ -65,9 +65,12 @@ class Caps:
         pools = {pool_of(listen) for listen in cfg.listeners}
         owners = len(pools - {NETWORK_POOL})
         reserved = cfg.reserved_sessions
-        if NETWORK_POOL in pools and owners and reserved * owners >= cfg.max_sessions:
-            # (config refuses this; a Config made otherwise still leaves the network a place)
-            reserved = (cfg.max_sessions - 1) // owners
+        # What the owners' reserves may take: all, or all but one place for the network.
+        room = cfg.max_sessions - (NETWORK_POOL in pools)
+        if owners and reserved * owners > room:
+            # (config refuses this with a network listener; without one, reserves past the
+            # total would admit nobody at all: a second attacker's pass)
+            reserved = room // owners
         # The network's reserve: as many, or what the owners' leave (a configuration that was
         # valid before the network had one stays valid; an attacker's pass).
         network = min(reserved, cfg.max_sessions - reserved * owners) if owners else 0

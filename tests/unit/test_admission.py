@@ -146,6 +146,17 @@ def test_the_options():
     cfg = load("--max-sessions", "20", "--reserved-sessions", "8")
     submission = config.ListenAddress("127.0.0.1", 2587, config.SUBMISSION)
     assert Caps.of(replace(cfg, listeners=(*cfg.listeners, submission))).reserves == (8, 8, 4)
+    # Without a network listener, reserves past the total are cut to fit: those admitted
+    # nobody at all (a second attacker's pass).
+    owners_only = replace(
+        load("--max-sessions", "10"),
+        reserved_sessions=10,
+        listeners=(cfg.listeners[0], submission),
+    )
+    caps = Caps.of(owners_only)
+    assert caps.reserves == (5, 5, 0)
+    counts = counter(SessionTable(1), 0)
+    assert fill(caps, counts, LOCAL_POOL) == 5 and fill(caps, counts, SUBMISSION_POOL) == 5
     with pytest.raises(ConfigError, match="ipv6-prefix-length"):
         load("--ipv6-prefix-length", "129")
     with pytest.raises(ConfigError, match="min-data-rate"):
