@@ -4,6 +4,7 @@ does, without validating what they do not use), and how they ask the daemon to r
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import sys
@@ -76,7 +77,7 @@ def reload(
         say(f"cannot tell mailerd (pid {pid}) to reload: run this as root")
         return os.EX_NOPERM
     except ProcessLookupError:
-        return 0
+        return NOT_RUNNING if whole else 0
     deadline = time.monotonic() + RELOAD_WAIT
     while time.monotonic() < deadline:
         count, outcome = reload_state(pidfile)
@@ -94,7 +95,7 @@ def reload(
             return 1
         time.sleep(0.05)
     say(f"mailerd (pid {pid}) reloads {what} now (not done after {RELOAD_WAIT:g} s)")
-    return 0
+    return 1 if whole else 0  # (`mailerd reload` cannot say it went well: a second pass)
 
 
 RELOAD_WAIT = 20.0  # seconds to wait for the reload to be done (the master settles in 15)
@@ -113,9 +114,18 @@ def reload_state(pidfile: str) -> tuple[int | None, str]:
 
 
 def running_master(pidfile: str) -> int | None:
-    """The pid in `pidfile` if that process is a mailerd master."""
+    """The pid in `pidfile` if that process is a mailerd master: one holds the file's lock
+    (flock) for its whole life, so a file nobody holds is stale (a crash, a power cut), its
+    pid maybe another process's by now, never to be signalled (a second attacker's pass: an
+    editor with a mailerd file open had "mailerd" in its command line, and was sent SIGHUP)."""
     try:
         with open(pidfile) as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # (held: a master runs)
+            else:
+                return None
             pid = int(f.read().split()[0])
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             title = f.read()

@@ -435,6 +435,19 @@ def test_mailerd_reload_says_how_the_reload_went(daemon_factory):
 
     p = reload()
     assert p.returncode == 7 and "no mailerd runs with the pid file" in p.stderr, p
+    # A stale pid file (nobody holds its lock) whose pid is now another process, one with
+    # "mailerd" in its command line (an editor on a mailerd file): never signalled (a second
+    # attacker's pass: it was sent SIGHUP, and the command said 0 after its 20 s).
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mailerd"])
+    try:
+        stale = d.pidfile.with_name("stale.pid")
+        stale.write_text(f"{decoy.pid}\n")
+        p = reload("-P", str(stale))
+        assert p.returncode == 7 and "no mailerd runs with the pid file" in p.stderr, p
+        assert decoy.poll() is None, "the decoy was signalled"
+    finally:
+        decoy.kill()
+        decoy.wait()
     d.start()
     d.write_config(workers="lots")
     p = reload("-w", "2", "--timeout", "5m")
