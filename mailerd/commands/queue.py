@@ -41,6 +41,7 @@ from mailerd.ipc.messages import (
     FlushQueue,
     ListQueue,
     QueueListing,
+    Refused,
 )
 from mailerd.log import shorten
 
@@ -82,6 +83,9 @@ def main(argv: list[str]) -> int:
             return 1
         print("mailerd queue: the queue's files, as they are:", file=sys.stderr)
         answer = None
+    if answer is not None and "error" in answer:  # (Refused: the daemon did not do it)
+        print(f"mailerd queue: mailerd: {_shown(Refused.decode(answer).error)}", file=sys.stderr)
+        return 1
     if args.action == "list":
         return _list(queue_dir, answer)
     if args.action == "flush":

@@ -73,6 +73,9 @@ PICKUP_RESTART = 60.0  # seconds before a failed pickup starts again
 HEADER_SCAN = 64 * 1024  # how much of a submission is searched for Date:/Message-ID:
 
 
+QUEUE_WAIT = 20.0  # seconds a queue request waits for the queue (the tool waits 30)
+
+
 class DeliveryService:
     def __init__(
         self,
@@ -214,10 +217,17 @@ class DeliveryService:
         """`mailerd queue` requests: list, flush, delete. A flush or a delete waits until this
         process has the queue (after a reload, the previous one may hold it for the grace of
         its stop): answered before, it found nothing, and said "not in the queue" of an item
-        the previous process then delivered (a reviewer's finding). The tool's wait is bounded:
-        past it, it says nothing was done."""
+        the previous process then delivered (a reviewer's finding). It waits QUEUE_WAIT at
+        most, less than the tool does, and is then refused: done after the tool had given up,
+        it deleted what the tool had said it did not (a second attacker's pass)."""
         if isinstance(request, FlushQueue | DeleteQueued):
-            await self.scheduler.taken.wait()
+            try:
+                await asyncio.wait_for(self.scheduler.taken.wait(), QUEUE_WAIT)
+            except TimeoutError:
+                return Refused(
+                    "the previous delivery process (before a reload) still has the queue; "
+                    "nothing done: try again in a minute"
+                )
         if isinstance(request, ListQueue | FlushQueue) and self.scheduler.lock_fd is not None:
             await self.scheduler.rescan()
         if isinstance(request, ListQueue):

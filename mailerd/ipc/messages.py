@@ -351,7 +351,9 @@ class WriteFailed(Message):
 
 @dataclass(frozen=True, slots=True)
 class Refused(Message):
-    """The answer to a request its receiver does not serve, or cannot read."""
+    """The answer to a request its receiver does not serve, or cannot read; and to a queue
+    flush or delete the delivery process cannot do in time (the previous one, before a
+    reload, still has the queue)."""
 
     error: str
 
@@ -459,7 +461,10 @@ def describe() -> str:
     rows.append(f"| Target (each of `targets`) | {spec(['address', 'mailbox', 'via'])} |")
     failed = ["address", "mailbox", "via", "error", "errno", "locked"]
     rows.append(f"| FailedCopy (each of `failed`) | {spec(failed)} |")
-    rows.append(f"| Refused (an unreadable request) | {spec(Refused.wire_fields())} |")
+    rows.append(
+        f"| Refused (an unreadable request; a flush or delete not done) | "
+        f"{spec(Refused.wire_fields())} |"
+    )
     return "\n".join(rows) + "\n"
 
 

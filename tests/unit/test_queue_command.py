@@ -177,3 +177,21 @@ def test_the_daemon_s_answer_for_a_message_being_delivered_is_said(tmp_path, cap
         "1B: being delivered now; removed when this attempt ends, unless it delivers it",
         "1C: not in the queue",
     ]
+
+
+@pytest.mark.parametrize("action", [["flush"], ["delete", "1KEEP"]])
+def test_a_refusal_from_the_daemon_is_said_and_nothing_is_done(q, capsys, monkeypatch, action):
+    """The daemon refuses a flush or a delete it cannot do in time (its queue still the
+    previous process's, after a reload): the tool says so and exits 1, and does not take the
+    refusal for an answer (it read "flushed: 0", "not in the queue")."""
+    queued(q, "1KEEP")
+
+    async def refused(queue_dir, request):
+        return {"error": "the previous delivery process still has the queue; nothing done"}
+
+    monkeypatch.setattr(command, "_ask", refused)
+    status, out, err = mailq(q, capsys, *action)
+    assert (status, out) == (1, ""), (status, out, err)
+    said = "the previous delivery process still has the queue; nothing done"
+    assert err == f"mailerd queue: mailerd: {said}\n"
+    assert q.ids() == {"1KEEP"}

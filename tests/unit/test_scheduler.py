@@ -1256,6 +1256,41 @@ def test_a_queue_request_waits_until_the_process_has_the_queue(w):
     assert isinstance(deleted, Deleted) and deleted.ids == (item.id,), deleted
 
 
+def test_a_queue_request_that_waits_too_long_is_refused_and_not_done(w, monkeypatch):
+    """A second attacker's pass: the wait above had no bound, so a delete the tool had given
+    up on (after its 30 s: "nothing deleted") was done once the queue came. Past QUEUE_WAIT,
+    less than the tool's, it is refused, and nothing is done."""
+    from mailerd.delivery import process
+    from mailerd.ipc.messages import DeleteQueued, Refused
+
+    monkeypatch.setattr(process, "QUEUE_WAIT", 0.3)
+    item = w.queued(ALICE, ["bob@example.net"])
+    ours, theirs = socket.socketpair()
+
+    async def main() -> object:
+        service = process.DeliveryService(w.cfg, socket.socket(), ours)
+        previous = os.open(w.queue.scheduler_lock, os.O_RDONLY | os.O_CREAT, 0o600)
+        fcntl.flock(previous, fcntl.LOCK_EX)  # (the previous process's scheduler, for good)
+        runner = asyncio.create_task(service.scheduler.run())
+        try:
+            return await asyncio.wait_for(service.control(DeleteQueued((item.id,))), 5)
+        finally:
+            runner.cancel()
+            os.close(previous)
+
+    try:
+        answer = run(main())
+    finally:
+        ours.close()
+        theirs.close()
+    assert isinstance(answer, Refused) and "nothing done" in answer.error, answer
+    monkeypatch.undo()
+    from mailerd.commands import queue as tool
+
+    assert process.QUEUE_WAIT < tool.TIMEOUT  # (the real wait is less than the tool's)
+    assert item.id in w.queue.ids()
+
+
 # -- backscatter: another server's mail, forwarded by an alias ------------------------------
 
 
