@@ -151,6 +151,10 @@ class Commands:
         hidden = self._hidden(line)
         if self._on_command is not None:
             self._on_command(_HIDDEN_LINE if hidden else _masked(line))
+        if is_auth_line(line):
+            # (also when refused before its handler runs, for a bare CR or bytes that are not
+            # UTF-8: the lines after it may be its user name and password; a second pass)
+            self._unlogged = 2
         if b"\r" in line or b"\n" in line:
             # Only CRLF ends a line; a bare CR/LF is never taken as a separator.
             self._send(BARE_CR_LF_COMMAND)
@@ -516,6 +520,11 @@ _HIDDEN_LINE = b"*** (a line after a refused AUTH, not logged)"
 # AUTH behind anything but letters and digits (white space, a NUL, an escape, a no-break
 # space): a line a log line must read as AUTH's (an attacker's pass).
 _AUTH_START = re.compile(rb"[^A-Za-z0-9]*(?=AUTH)", re.IGNORECASE)
+
+
+def is_auth_line(line: bytes) -> bool:
+    """Does a log line have to read this line (or its start) as AUTH's (`_AUTH_START`)?"""
+    return _AUTH_START.match(line[:64]) is not None
 
 
 def _masked(line: bytes) -> bytes:

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 
 from . import auth
-from .commands import Commands
+from .commands import Commands, is_auth_line
 from .data import BodyChecker, DataDecoder
 from .events import (
     NEED_DATA,
@@ -326,6 +326,8 @@ class Session(Commands):
             if len(buf) - pos >= limit:
                 # Already too long even if CRLF came next: drop what we have,
                 # keeping a CR that may pair with a LF in the next chunk.
+                if not self._discarding and self._sasl is None and is_auth_line(buf[pos:]):
+                    self._unlogged = 2  # (refused unread: the lines after it, kept out of logs)
                 self._discarding = True
                 self._buf = b"\r" if buf.endswith(b"\r") else b""
                 self._pos = 0
@@ -334,6 +336,8 @@ class Session(Commands):
         if self._answered:  # (the end of a line a bare LF was answered in)
             self._discarding = self._answered = False
         elif self._discarding or end + 2 - pos > limit:
+            if not self._discarding and self._sasl is None and is_auth_line(buf[pos:end]):
+                self._unlogged = 2  # (refused unread: the lines after it, kept out of logs)
             self._discarding = False
             self._refuse_line(LINE_TOO_LONG)
         else:

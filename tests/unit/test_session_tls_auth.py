@@ -435,6 +435,30 @@ def test_a_refused_auth_logs_no_response_stuck_to_its_mechanism():
         assert [(r.verb, r.argument) for r in c.rejected] == [("AUTH", shown)]
 
 
+@pytest.mark.parametrize(
+    "auth",
+    [b"AUTH LOGIN\r", b"AUTH LOGIN \xff", b"AUTH PLAIN " + b"A" * 1000],
+    ids=["bare-cr", "not-utf-8", "too-long"],
+)
+def test_the_lines_after_an_auth_refused_before_its_handler_are_not_logged(auth):
+    """A second attacker's pass: an AUTH line refused before its handler ran (a bare CR,
+    bytes that are not UTF-8, a line too long) did not keep the lines pipelined after it
+    out of the -v log: LOGIN's user name and password, whole."""
+    c = Client(SUBMISSIONS)
+    c.ehlo()
+    user, password = b64("alice").encode(), b64("secret").encode()
+    c.send(auth + b"\r\n" + user + b"\r\n" + password + b"\r\n")
+    logged = b"\n".join(c.logged)
+    assert user not in logged and password not in logged, c.logged
+    if len(auth) > 512:  # (and the long line in two reads, the first without its end)
+        c = Client(SUBMISSIONS)
+        c.ehlo()
+        c.send(auth)
+        c.send(b"\r\n" + user + b"\r\n" + password + b"\r\n")
+        logged = b"\n".join(c.logged)
+        assert user not in logged and password not in logged, c.logged
+
+
 def test_no_word_of_a_line_after_a_refused_auth_reaches_a_log_line():
     """An attacker's pass: LOGIN's password, pipelined after an AUTH that was refused and so
     taken for a command, named the refusal of the line that ended the session for its
