@@ -44,6 +44,17 @@ _VERSION = re.compile(r"[ \t]*[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|$)")
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S")  # (a scheme, and something after it)
 
 
+def is_dns_name(domain: str) -> bool:
+    """Can an author domain (in A-labels, as `headers.from_domains` gives it) be looked up? An
+    ASCII name of 253 octets at most, its labels of 1 to 63. One that cannot has no policy to
+    find, and a forger may pad a victim's name to that end: invisible characters, which IDNA
+    maps to nothing, past the length that is converted (a third attacker's pass); so it is a
+    permerror, refused under enforce (RFC 7489 6.6.1 lets a receiver refuse such a From:)."""
+    if not domain.isascii() or not 0 < len(domain) <= 253:
+        return False
+    return all(0 < len(label) <= 63 for label in domain.split("."))
+
+
 def is_record(text: str) -> bool:
     """Is this TXT record a DMARC one (valid or not): v=DMARC1 its first tag?"""
     return _VERSION.match(text) is not None
@@ -214,7 +225,8 @@ class PolicyRecords:
         """Ask for every record that discovering the policies of `from_domains` reads, the
         domains at once (`judge` looks up none for more than MAX_AUTHOR_DOMAINS)."""
         if from_domains and len(from_domains) <= MAX_AUTHOR_DOMAINS:
-            await asyncio.gather(*(self._discover(d) for d in dict.fromkeys(from_domains)))
+            names = [d for d in dict.fromkeys(from_domains) if is_dns_name(d)]
+            await asyncio.gather(*(self._discover(d) for d in names))
 
     async def _discover(self, from_domain: str) -> None:
         while True:
@@ -283,6 +295,14 @@ def judge(
             ",".join(from_domains[:MAX_AUTHOR_DOMAINS]),
             disposition="reject",
             reason=f"{len(from_domains)} author domains, more than {MAX_AUTHOR_DOMAINS}",
+        )
+    nameless = [d for d in from_domains if not is_dns_name(d)]
+    if nameless:
+        return DmarcResult(
+            "permerror",
+            ",".join(d for d in from_domains if is_dns_name(d)),
+            disposition="reject",
+            reason="an author domain that no DNS name can be",
         )
     found = [_policy(txt, d) for d in from_domains]  # (every lookup before any pct= draw)
     outcomes = [_verdict(d, f, spf, dkim, rng) for d, f in zip(from_domains, found, strict=True)]

@@ -329,12 +329,11 @@ def _spf_timeout(sender: str, helo: str, timeout: float) -> SpfResult:
 
 
 def _refusal(verdict: DmarcResult) -> Reply:
-    if verdict.result == "permerror":  # (too many author domains to judge: `dmarc.judge`)
+    if verdict.result == "permerror":  # (too many author domains, or one no DNS name can be)
         return Reply(
             550,
             "5.7.1",
-            f"Message rejected: its From: names more than {dmarc.MAX_AUTHOR_DOMAINS} "
-            "author domains, which DMARC cannot vouch for",
+            f"Message rejected: DMARC cannot vouch for its From: ({verdict.reason})",
         )
     return Reply(
         550,

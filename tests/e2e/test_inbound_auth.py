@@ -792,6 +792,27 @@ def test_a_silent_second_author_leaves_dmarc_its_time_on_the_cached_path(auth_en
     env.nothing_stored(sent)
 
 
+@pytest.mark.parametrize("hyphens", [10, 1100])
+def test_an_author_domain_padded_with_invisible_characters_is_no_way_around_p_reject(
+    auth_env, hyphens: int
+):
+    """A third attacker's pass: a From: of encoded-words that decode to ceo@b, soft hyphens
+    (U+00AD: invisible in a reader, mapped to nothing by IDNA), then ank.example. Past 253
+    characters the name was no longer converted, its policy lookup found nothing, and a
+    p=reject forgery was stored. An author domain that no DNS name can be is a permerror,
+    refused under enforce, as a From: of too many author domains is; the reply line stays a
+    reply line (it carried the name, 2 KB of UTF-8)."""
+    zone = txt("example.com", SPF_FAIL) + dmarc("example.com", "v=DMARC1; p=reject")
+    zone += txt("forger.example", SPF_PASS)
+    words = ["=?utf-8?q?ceo=40e?="] + ["=?utf-8?q?" + "=C2=AD" * 10 + "?="] * (hyphens // 10)
+    author = "\r\n ".join([*words, "=?utf-8?q?xample.com?="])
+    env = auth_env(zone, "enforce")
+    body = message(f"shy{hyphens}", author=author)
+    sent = env.send(body, sender="a@forger.example", code=550, enhanced="5.7.1")
+    assert len(sent.reply.raw) < 512 and sent.reply.raw.isascii(), sent.reply.raw
+    env.nothing_stored(sent)
+
+
 def test_an_unusable_record_of_a_subdomain_is_not_its_organisational_domains_reject(auth_env):
     """A reviewer's finding: the From: domain's own record has no valid p=, and its
     organisational domain says sp=reject. RFC 7489 6.6.3 asks the organisational domain only
