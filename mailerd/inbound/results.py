@@ -109,22 +109,36 @@ def _comment(text: str | None) -> str | None:
 _NOT_IN_COMMENT = re.compile(r"[^\w .,:@/+-]")
 
 
-def ours(value: bytes, authserv_id: str) -> bool:
+# The most white space and comments read before an authserv-id: a field whose id is further
+# is taken for ours (removed) unread. No real field has such; reading 256 KB of "((((" a byte
+# at a time held a worker's event loop 60 ms, twice a message (a reviewer's finding).
+CFWS_MAX = 4096
+ID_MAX = 1024  # the longest authserv-id read (a host name has 253 octets at most)
+
+
+def ours(value: bytes, authserv_id: str, cfws_max: int = CFWS_MAX) -> bool:
     """Does an Authentication-Results value (what follows the colon) bear `authserv_id`? Read
     as a reader of the field would (authres, a mail program): comments (nested, with quoted
-    pairs) skipped, a quoted id unquoted, case and a final dot ignored."""
-    position = _after_cfws(value, 0)
-    if position > CFWS_MAX:
-        return True
+    pairs) skipped, a quoted id unquoted, case and a final dot ignored. An id behind more
+    than `cfws_max` octets of white space and comments is taken for ours, unread."""
+    position = _after_cfws(value, 0, cfws_max)
+    return position > cfws_max or _bears(value, position, authserv_id)
+
+
+def _bears(value: bytes, position: int, authserv_id: str) -> bool:
+    """Is the id at `position` of the value `authserv_id`?"""
     # The id is read within ID_MAX octets: one that goes on past them is taken for ours too,
     # unread (an attacker's pass: a quoted id of 250 KB of quoted pairs, or of encoded-words,
-    # held the event loop 100-200 ms a message, where the comment above was capped).
+    # held the event loop 100-200 ms a message, where the comment before it was capped).
     head = value[position : position + ID_MAX + 1]
     quoted = _QUOTED.match(head)
     if quoted is not None:
         found = re.sub(rb"\\(.)", rb"\1", quoted.group(1), flags=re.DOTALL)
     else:
-        token = _TOKEN.match(head)
+        # Encoded-words next to each other are one text to a reader that decodes them (RFC
+        # 2047 6.2: the white space between them goes): an id split in two is read whole (a
+        # third attacker's pass: "=?utf-8?q?mx.?= =?utf-8?q?example.org?=" was kept).
+        token = _ENCODED_WORDS.match(head) or _TOKEN.match(head)
         if token is None:
             return head.startswith(b'"') and len(head) > ID_MAX  # (a quote not closed in time)
         found = token.group(0)
@@ -134,27 +148,24 @@ def ours(value: bytes, authserv_id: str) -> bool:
     return text == authserv_id.lower().rstrip(".")
 
 
+_ENCODED_WORD = rb"=\?[^?\s]*\?[^?\s]*\?[^?\s]*\?="
+_ENCODED_WORDS = re.compile(_ENCODED_WORD + rb"(?:\s+" + _ENCODED_WORD + rb")*(?=[\s;(]|$)")
+
+
 def _decoded_word(text: str) -> str:
-    """An id written as an RFC 2047 encoded-word, decoded (not valid here, but a reader that
+    """An id written as RFC 2047 encoded-words, decoded (not valid here, but a reader that
     decodes every field would show it as ours); other text as it is."""
     if not (text.startswith("=?") and text.endswith("?=")):
         return text
     return headers.decode_words(text)
 
 
-# The most white space and comments read before an authserv-id: a field whose id is further
-# is taken for ours (removed) unread. No real field has such; reading 256 KB of "((((" a byte
-# at a time held a worker's event loop 60 ms, twice a message (a reviewer's finding).
-CFWS_MAX = 4096
-ID_MAX = 1024  # the longest authserv-id read (a host name has 253 octets at most)
-
-
-def _after_cfws(value: bytes, position: int) -> int:
+def _after_cfws(value: bytes, position: int, limit: int) -> int:
     """Where the text starts after any whitespace and comments (RFC 5322 CFWS: comments nest,
     and a backslash quotes the next character); an unclosed comment runs to the end. Past
-    CFWS_MAX octets, a position past that (the rest is not read)."""
+    `limit` octets, a position past that (the rest is not read)."""
     depth = 0
-    end = min(len(value), position + CFWS_MAX + 1)
+    end = min(len(value), position + limit + 1)
     while position < end:
         c = value[position : position + 1]
         if depth and c == b"\\":
@@ -172,12 +183,20 @@ def _after_cfws(value: bytes, position: int) -> int:
 
 def without_forged(message: bytes, authserv_id: str) -> bytes | None:
     """The message without the Authentication-Results fields bearing our authserv-id, or None
-    when it has none (nothing to change)."""
-    cuts = [
-        (start, end)
-        for name, start, end in headers.fields(message)
-        if name == NAME and ours(message[start:end].split(b":", 1)[1], authserv_id)
-    ]
+    when it has none (nothing to change). The white space and comments read before the ids
+    are CFWS_MAX octets for the whole message: past them, the remaining fields are taken for
+    ours, unread (a third attacker's pass: 60 fields of 4 KB of "((((" each, under the cap of
+    one, held the event loop 100 ms). An honest field has a space there."""
+    cuts = []
+    left = CFWS_MAX
+    for name, start, end in headers.fields(message):
+        if name != NAME:
+            continue
+        value = message[start:end].split(b":", 1)[1]
+        position = _after_cfws(value, 0, left)
+        if position > left or _bears(value, position, authserv_id):
+            cuts.append((start, end))
+        left -= min(position, left)
     if not cuts:
         return None
     out = []

@@ -617,6 +617,29 @@ def test_a_field_whose_id_is_behind_a_long_comment_is_removed_unread():
     assert not results.ours(b' "other.example', HOST)  # (unclosed, short: not an id of ours)
 
 
+def test_the_comments_read_before_the_ids_are_capped_for_the_whole_message():
+    """A third attacker's pass: 60 fields, each with 4 KB of "((((" before its id (under the
+    cap of one field), held the event loop 100 ms. The cap is the message's: past it, the
+    remaining fields are taken for ours, unread; honest fields, a space before the id, are
+    read (and kept) whatever their number."""
+    honest = b"Authentication-Results: other.example; spf=pass\r\n" * 100
+    padded = b"Authentication-Results: " + b"(" * 3990 + b" other.example; spf=pass\r\n"
+    message = honest + padded * 60 + b"Subject: s\r\n\r\nbody\r\n"
+    kept = results.without_forged(message, HOST)
+    assert kept is not None
+    assert kept.count(b"Authentication-Results: other.example") == 100
+    assert kept.count(b"((((") == 0  # (the honest fields' spaces left less than one needs)
+
+
+def test_an_id_split_into_encoded_words_is_read_whole():
+    """A third attacker's pass: RFC 2047 6.2 joins encoded-words next to each other, so a
+    reader that decodes the field shows "mx.example.org; dmarc=pass"; it was kept."""
+    assert results.ours(b" =?utf-8?q?mx.?= =?utf-8?q?example.org?=; dmarc=pass", HOST)
+    assert results.ours(b" =?utf-8?q?mx.?=\r\n =?utf-8?b?ZXhhbXBsZS5vcmc=?=; x=y", HOST)
+    assert not results.ours(b" =?utf-8?q?other.?= =?utf-8?q?example?=; dmarc=pass", HOST)
+    assert not results.ours(b" =?utf-8?q?mx.?= example.org; dmarc=pass", HOST)
+
+
 def test_the_field_is_folded_one_result_per_line(dns_server):
     verdict = run_check(dns_server, message("a@sender.example"), sender="b@sender.example")
     lines = verdict.header.split("\r\n")
