@@ -149,12 +149,10 @@ class Verifier:
         remaining = max(deadline - self.loop.time(), 0.1)
         evaluation = dmarc.Evaluation(self.lookups, from_domains, spf, dkim, records=records)
 
-        async def run() -> DmarcResult:
-            await fetching  # (then `run` asks for nothing, or for what a race left out)
-            return await evaluation.run()
-
         try:
-            return await asyncio.wait_for(run(), remaining)
+            async with asyncio.timeout(remaining):  # (no task of its own: see BoundedResolver)
+                await fetching  # (then `run` asks for nothing, or for what a race left out)
+                return await evaluation.run()
         except TimeoutError:
             return evaluation.so_far("timed out")
 
