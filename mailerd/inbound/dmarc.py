@@ -223,10 +223,9 @@ class PolicyRecords:
 
     async def fetch(self, from_domains: Sequence[str] | None) -> None:
         """Ask for every record that discovering the policies of `from_domains` reads, the
-        domains at once (`judge` looks up none for more than MAX_AUTHOR_DOMAINS)."""
-        if from_domains and len(from_domains) <= MAX_AUTHOR_DOMAINS:
-            names = [d for d in dict.fromkeys(from_domains) if is_dns_name(d)]
-            await asyncio.gather(*(self._discover(d) for d in names))
+        domains at once (none when `judge` looks none up: `_unjudged`)."""
+        if from_domains and _unjudged(from_domains) is None:
+            await asyncio.gather(*(self._discover(d) for d in dict.fromkeys(from_domains)))
 
     async def _discover(self, from_domain: str) -> None:
         while True:
@@ -287,6 +286,18 @@ def judge(
 ) -> DmarcResult:
     """`evaluate` with the records from `txt` (which may raise NotCached: nothing is judged
     then, no sample drawn; the caller asks the DNS, or `evaluate` does)."""
+    unjudged = _unjudged(from_domains)
+    if unjudged is not None:
+        return unjudged
+    assert from_domains  # (_unjudged has answered for none)
+    found = [_policy(txt, d) for d in from_domains]  # (every lookup before any pct= draw)
+    outcomes = [_verdict(d, f, spf, dkim, rng) for d, f in zip(from_domains, found, strict=True)]
+    return max(outcomes, key=_severity)
+
+
+def _unjudged(from_domains: Sequence[str] | None) -> DmarcResult | None:
+    """The verdict of a From: whose domains are not looked up (none usable, too many, one no
+    DNS name can be), or None for one whose are."""
     if not from_domains:
         return DmarcResult("permerror", reason="no single From: field with usable addresses")
     if len(from_domains) > MAX_AUTHOR_DOMAINS:
@@ -296,17 +307,15 @@ def judge(
             disposition="reject",
             reason=f"{len(from_domains)} author domains, more than {MAX_AUTHOR_DOMAINS}",
         )
-    nameless = [d for d in from_domains if not is_dns_name(d)]
-    if nameless:
+    named = [d for d in from_domains if is_dns_name(d)]
+    if len(named) < len(from_domains):
         return DmarcResult(
             "permerror",
-            ",".join(d for d in from_domains if is_dns_name(d)),
+            ",".join(named),
             disposition="reject",
             reason="an author domain that no DNS name can be",
         )
-    found = [_policy(txt, d) for d in from_domains]  # (every lookup before any pct= draw)
-    outcomes = [_verdict(d, f, spf, dkim, rng) for d, f in zip(from_domains, found, strict=True)]
-    return max(outcomes, key=_severity)
+    return None
 
 
 _Found = tuple[Policy, bool] | None | TemporaryFailure
