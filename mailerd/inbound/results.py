@@ -116,13 +116,14 @@ CFWS_MAX = 4096
 ID_MAX = 1024  # the longest authserv-id read (a host name has 253 octets at most)
 
 
-def ours(value: bytes, authserv_id: str, cfws_max: int = CFWS_MAX) -> bool:
+def ours(value: bytes, authserv_id: str) -> bool:
     """Does an Authentication-Results value (what follows the colon) bear `authserv_id`? Read
     as a reader of the field would (authres, a mail program): comments (nested, with quoted
     pairs) skipped, a quoted id unquoted, case and a final dot ignored. An id behind more
-    than `cfws_max` octets of white space and comments is taken for ours, unread."""
-    position = _after_cfws(value, 0, cfws_max)
-    return position > cfws_max or _bears(value, position, authserv_id)
+    than CFWS_MAX octets of white space and comments is taken for ours, unread. (One field;
+    `without_forged` reads a message's, with CFWS_MAX for them all.)"""
+    position = _after_cfws(value, 0, CFWS_MAX)
+    return position > CFWS_MAX or _bears(value, position, authserv_id)
 
 
 def _bears(value: bytes, position: int, authserv_id: str) -> bool:

@@ -152,8 +152,9 @@ class Commands:
         if self._on_command is not None:
             self._on_command(_HIDDEN_LINE if hidden else _masked(line))
         if is_auth_line(line):
-            # (also when refused before its handler runs, for a bare CR or bytes that are not
-            # UTF-8: the lines after it may be its user name and password; a second pass)
+            # Until the exchange starts (`_cmd_auth`): the lines after an AUTH that is refused,
+            # before its handler runs too (a bare CR, bytes that are not UTF-8: a second pass),
+            # may be its user name and password.
             self._unlogged = 2
         if b"\r" in line or b"\n" in line:
             # Only CRLF ends a line; a bare CR/LF is never taken as a separator.
@@ -393,7 +394,6 @@ class Commands:
         config = self._config
         mechanism, _, initial = (argument or "").partition(" ")
         self._argument = _logged_mechanism(mechanism)  # never a response: it holds a password
-        self._unlogged = 2  # (until the exchange starts: a refusal leaves any pipelined lines)
         if not config.auth:
             self._send(NOT_IMPLEMENTED)
         elif not mechanism:

@@ -326,8 +326,7 @@ class Session(Commands):
             if len(buf) - pos >= limit:
                 # Already too long even if CRLF came next: drop what we have,
                 # keeping a CR that may pair with a LF in the next chunk.
-                if not self._discarding and self._sasl is None and is_auth_line(buf[pos:]):
-                    self._unlogged = 2  # (refused unread: the lines after it, kept out of logs)
+                self._long_line_starts(buf[pos:])
                 self._discarding = True
                 self._buf = b"\r" if buf.endswith(b"\r") else b""
                 self._pos = 0
@@ -336,13 +335,19 @@ class Session(Commands):
         if self._answered:  # (the end of a line a bare LF was answered in)
             self._discarding = self._answered = False
         elif self._discarding or end + 2 - pos > limit:
-            if not self._discarding and self._sasl is None and is_auth_line(buf[pos:end]):
-                self._unlogged = 2  # (refused unread: the lines after it, kept out of logs)
+            self._long_line_starts(buf[pos:end])
             self._discarding = False
             self._refuse_line(LINE_TOO_LONG)
         else:
             self._handle_command(buf[pos:end])
         return True
+
+    def _long_line_starts(self, start: bytes) -> None:
+        """A line too long to read begins with `start` (unless its start came in an earlier
+        read): an AUTH's, refused unread, keeps the lines after it out of the log, as any AUTH
+        refused before its handler runs does (`Commands._handle_command`)."""
+        if not self._discarding and self._sasl is None and is_auth_line(start):
+            self._unlogged = 2
 
     def _line_limit(self, buf: bytes, pos: int) -> int:
         """Octets the line at `pos` may take with its CRLF: an AUTH response's, or a
