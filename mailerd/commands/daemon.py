@@ -48,11 +48,9 @@ def reload_main(argv: list[str]) -> int:
     except config.ConfigError as exc:
         say(str(exc))
         return os.EX_CONFIG
-    pidfile = args.pidfile or str(raw.get("pidfile") or config.DEFAULT_PIDFILE)
-    if running_master(pidfile) is None:
-        say(f"no mailerd runs with the pid file {pidfile}")
-        return NOT_RUNNING
-    return reload({**raw, "pidfile": pidfile}, "its configuration", say, whole=True)
+    if args.pidfile:
+        raw = {**raw, "pidfile": args.pidfile}
+    return reload(raw, "its configuration", say, whole=True)
 
 
 def reload(
@@ -60,8 +58,9 @@ def reload(
 ) -> int:
     """Have the running mailerd (its pid file's) reload `what`, and wait until it has: its
     new workers accept and the old ones no longer do (the master says so in the pid file), so
-    that a session opened once this returns sees the change. The exit status; with `whole`,
-    1 for a reload that kept the certificates in use (they did not load)."""
+    that a session opened once this returns sees the change. The exit status; with `whole`
+    (`mailerd reload`), NOT_RUNNING when none runs, and 1 for a reload not known to be done
+    or that kept the certificates in use (they did not load)."""
     pidfile = str(raw.get("pidfile") or config.DEFAULT_PIDFILE)
     pid = running_master(pidfile)
     if pid is None:  # (a mailerd started without a pid file, -f without -P, is not found)
@@ -69,7 +68,7 @@ def reload(
             f"no mailerd runs with the pid file {pidfile}: mailerd reads {what} when it starts "
             "(one running without that pid file, at its next SIGHUP)"
         )
-        return 0
+        return NOT_RUNNING if whole else 0
     before, _ = reload_state(pidfile)
     try:
         os.kill(pid, signal.SIGHUP)
