@@ -153,6 +153,11 @@ def _copy_by_reading(source: int, target: int, offset: int, size: int) -> None:
         offset += len(chunk)
 
 
+def head(body: Body, size: int) -> bytes:
+    """The first `size` octets of a body (without moving its descriptor's offset)."""
+    return body[:size] if isinstance(body, bytes) else os.pread(body, size, 0)
+
+
 def read_body(body: Body) -> bytes:
     """A body's octets, from memory or from its file (read from offset 0, without moving the
     descriptor's offset: the file is copied from there later)."""

@@ -1,6 +1,7 @@
-"""A message's header section, read the way the DKIM signer and the inbound checks need it:
-where it ends, its fields (name and raw value, continuation lines included), and the domain of
-its From: addresses. Pure; the message is bytes with CRLF line ends, as mailerd stores it."""
+"""A message's header section, read the way the DKIM signer, the inbound checks and the check
+of an authenticated user's From: need it: where it ends, its fields (name and raw value,
+continuation lines included), and the domains (or the addresses) of its From: field. Pure; the
+message is bytes with CRLF line ends, as mailerd stores it."""
 
 from __future__ import annotations
 
@@ -70,6 +71,29 @@ def from_domains(message: bytes) -> list[str] | None:
     for value in values:
         domains.update(dict.fromkeys(read(value)[0]))
     return list(domains) or None
+
+
+def from_addresses(message: bytes) -> list[tuple[str, str]] | None:
+    """(local part, domain) of each address of the message's From: field, as the strict
+    (RFC 5322) parser reads them; [] when there is no From: field; None when the authors cannot
+    be told for sure: more than one From: field, or one not read cleanly (see `_read_domains`:
+    a defect, an address without a domain, a field longer than STRICT_MAX)."""
+    values = _from_fields(message)
+    if len(values) != 1:
+        return [] if not values else None
+    text = _field_text(values[0])
+    if len(text) > STRICT_MAX:
+        return None
+    try:
+        parsed = email.policy.default.header_factory("From", text)
+        found = [(str(a.username), str(a.domain)) for a in parsed.addresses]
+    except (ValueError, TypeError, AttributeError, IndexError, RecursionError):
+        return None
+    # (a local part in UTF-8 is no defect in a message sent with SMTPUTF8: RFC 6532)
+    defects = [d for d in parsed.defects if not isinstance(d, email.errors.NonASCIILocalPartDefect)]
+    if not found or defects or not all(domain for _, domain in found):
+        return None
+    return found
 
 
 def _from_fields(message: bytes) -> list[bytes]:

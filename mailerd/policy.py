@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailerd.aliases import Aliases
+from mailerd.headers import normal_domain
 from mailerd.names import is_local_domain, mailbox_name
 from mailerd.smtp.events import Address, Reply
 
@@ -111,3 +112,30 @@ def sender_owned(
     if own in found.mailboxes:  # (a user's own name: who gets copies does not own it)
         return own == user
     return user in found.mailboxes
+
+
+def author_refusal(
+    authors: list[tuple[str, str]] | None,
+    user: str,
+    *,
+    local_domains: tuple[str, ...],
+    aliases: Aliases = _NO_ALIASES,
+) -> Reply | None:
+    """Why authenticated `user`'s message is refused for its From: field (`authors`, as
+    `headers.from_addresses` reads it), or None: every address there must be one the user may
+    send as (`sender_owned`), as the envelope sender must. Else a user would send as another
+    one (or as the domain's postmaster) in the field readers see and DMARC checks, and our DKIM
+    signature and SPF would make it pass. No From: field claims no one (one is added then)."""
+    if authors is None:
+        return Reply(
+            550,
+            "5.7.1",
+            f"From: header rejected: must be one well-formed field of addresses of user {user}",
+        )
+    # (a domain in U-labels or A-labels, either way round from the configuration's)
+    domains = tuple({*local_domains, *map(normal_domain, local_domains)})
+    for local, domain in authors:
+        address = Address(local, normal_domain(domain), False)
+        if not sender_owned(address, user, local_domains=domains, aliases=aliases):
+            return Reply(550, "5.7.1", f"From: address rejected: not owned by user {user}")
+    return None

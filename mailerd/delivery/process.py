@@ -380,7 +380,7 @@ class DeliveryService:
         or a From:). Only on the outgoing copy: a local mailbox gets the message as received."""
         if not request.trusted:
             return b""
-        scan = body[:HEADER_SCAN] if isinstance(body, bytes) else os.pread(body, HEADER_SCAN, 0)
+        scan = durable.head(body, HEADER_SCAN)
         return trace.missing_headers(
             scan,
             queue_id=queue_id,

@@ -297,9 +297,7 @@ def _size(body: durable.Body) -> int:
 
 def _head(body: durable.Body) -> bytes:
     """The start of the message, where its header section is."""
-    if isinstance(body, bytes):
-        return body[: headers.SCAN]
-    return os.pread(body, headers.SCAN, 0)
+    return durable.head(body, headers.SCAN)
 
 
 def _done(value: list[DkimResult]) -> asyncio.Future[list[DkimResult]]:

@@ -22,9 +22,9 @@ import ssl
 from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
-from mailerd import policy, recipients, tls
+from mailerd import durable, headers, policy, recipients, tls
 from mailerd.config import NETWORK, ListenAddress
-from mailerd.inbound.verifier import unchecked
+from mailerd.inbound.verifier import HEADER_TOO_LARGE, unchecked, unscannable
 from mailerd.ipc.messages import Commit, Target
 from mailerd.log import shorten
 from mailerd.smtp import (
@@ -516,6 +516,17 @@ class Connection(asyncio.Protocol):
             return None
         return Reply(553, "5.7.1", f"Sender address rejected: not owned by user {user}")
 
+    def check_author(self, body: durable.Body, user: str) -> Reply | None:
+        """An authenticated user's message is theirs in its From: field too (see
+        `policy.author_refusal`); a header section past the scan could hide a second one."""
+        head = durable.head(body, headers.SCAN)
+        if unscannable(body, head, headers.section_end(head)):
+            return HEADER_TOO_LARGE
+        cfg = self.worker.cfg
+        return policy.author_refusal(
+            headers.from_addresses(head), user, local_domains=cfg.domains, aliases=cfg.aliases
+        )
+
     def log_rejected(self, event: Rejected) -> None:
         """One line per refused or deferred mail command, in Postfix's words (fail2ban's
         filter in etc/fail2ban reads them)."""
@@ -596,6 +607,11 @@ class Connection(asyncio.Protocol):
                 request, body, fd, refusal = await self.verify(request, body, fd)
             elif not self.listen.trusted:  # (--inbound-auth off; submission): no forged verdict
                 body, fd, refusal = await self.unchecked(body, fd)
+            user = None if self.session is None else self.session.user
+            if refusal is None and user is not None:
+                refusal = self.check_author(body if fd is None else fd, user)
+                if refusal is not None and fd is not None:
+                    os.close(fd)
             if refusal is not None:
                 reply = refusal
             else:

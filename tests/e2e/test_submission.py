@@ -163,7 +163,7 @@ def rejects(log: str, ip: str, mechanism: str, user: str, code: str = "535", enh
 def test_submission_wants_tls_then_auth(sub: Sub, host: str):
     rcpt = sub.m.new_user("rcpt")
     sender = f"{sub.owner.user}@example.org"
-    body = message(f"submitted-{uuid.uuid4().hex}")
+    body = message(f"submitted-{uuid.uuid4().hex}", sender)
     with Client(host, sub.m.submission_port) as c:
         c.start(HELO)
         reply = expect(c.ehlo(HELO), 250, conn=c)
@@ -391,7 +391,7 @@ def test_a_login_repeated_soon_passes_at_once_and_is_logged_each_time(sub: Sub):
             expect(reply, 235, "2.7.0", conn=c)
             times.append(took)
             clients.append(f"[127.0.0.1]:{c.sock.getsockname()[1]}")
-            send_message(c, f"{rcpt}@example.org", message(f"again-{n}"), sender=sender)
+            send_message(c, f"{rcpt}@example.org", message(f"again-{n}", sender), sender=sender)
             expect(c.cmd("QUIT"), 221, conn=c)
     assert len(sub.m.wait_messages(rcpt, 8)) == 8
     # Two workers: at most two checks of the password (argon2id: ~0.1 s here), fewer when an
@@ -626,6 +626,53 @@ def test_sender_must_be_the_users(sub: Sub):
         expect(c.cmd(f"MAIL FROM:<{sub.other}@example.org>"), 553, "5.7.1", conn=c)
 
 
+def test_the_from_field_must_be_the_users_too(sub: Sub):
+    """A user sent as another one in the From: field that readers see and DMARC checks, with
+    their own envelope sender: the message went out with our DKIM signature and an SPF pass of
+    our domain, so it passed DMARC as the other user's (or the postmaster's). Now each address
+    of the From: field must be the user's, as the envelope sender must; on the local listener
+    too once the client logs in, and not before."""
+    u, rcpt = sub.owner.user, sub.m.new_user("fromrcpt")
+    own = [
+        f"{u}@example.org",
+        f"Owner <{u}+tag@example.net>",
+        f"=?utf-8?q?Ow=C3=B1er?= <{sub.alias}@example.org>, {sub.chain}@mail.example.org",
+        f'"{u}" <{u.upper()}@EXAMPLE.ORG>',
+    ]
+    foreign = {
+        f"{sub.other}@example.org": "address",
+        f"Owner <{u}@example.org>, {sub.other_alias}@example.org": "address",
+        "postmaster@example.org": "address",
+        f"{u}@remote.test": "address",
+        f"{u}@example.org\r\nFrom: {sub.other}@example.org": "header",  # two From: fields
+        f"x@evil <{u}@example.org>": "header",  # a defect: readers differ on the author
+        "undisclosed-senders:;": "header",
+    }
+    sender = f"{u}@example.org"
+    with tls_session(sub, "127.0.0.1", "submission") as c:
+        expect(c.auth_plain(u, sub.owner.password), 235, "2.7.0", conn=c)
+        for n, author in enumerate(own):
+            body = f"From: {author}\r\nSubject: own {n}\r\n\r\nhi\r\n".encode()
+            send_message(c, f"{rcpt}@example.org", body, sender=sender)
+        for author, what in foreign.items():
+            body = f"From: {author}\r\nSubject: foreign\r\n\r\nhi\r\n".encode()
+            reply = send_message(c, f"{rcpt}@example.org", body, sender=sender, code=550)
+            assert reply.text.startswith(f"5.7.1 From: {what} rejected"), (author, reply)
+            assert reply.text.endswith(f"of user {u}" if what == "header" else f"user {u}")
+        # No From: at all names nobody (the outgoing copy gets the user's).
+        send_message(c, f"{rcpt}@example.org", b"Subject: none\r\n\r\nhi\r\n", sender=sender)
+    forged = f"From: {sub.other}@example.org\r\nSubject: local\r\n\r\nhi\r\n".encode()
+    with Client("127.0.0.1", sub.m.trusted_port) as c:  # the machine's programs: any From:
+        c.start(HELO)
+        send_message(c, f"{rcpt}@example.org", forged, sender=sender)
+        expect(c.auth_plain(u, sub.owner.password), 235, "2.7.0", conn=c)
+        send_message(c, f"{rcpt}@example.org", forged, sender=sender, code=550)
+    stored = sub.m.wait_messages(rcpt, len(own) + 2)
+    assert len(stored) == len(own) + 2, stored
+    log = sub.m.stderr_text()
+    assert f"550 5.7.1 From: address rejected: not owned by user {u}; from=<{sender}>" in log
+
+
 def test_an_authenticated_user_cannot_pass_on_a_verdict_of_ours(sub: Sub):
     """Submission mail is not checked, but an Authentication-Results field bearing our host
     name that a user wrote is removed: it would tell the local reader a forged From: passed
@@ -633,7 +680,8 @@ def test_an_authenticated_user_cannot_pass_on_a_verdict_of_ours(sub: Sub):
     rcpt, token = sub.m.new_user("arfrom"), uuid.uuid4().hex
     forged = b"Authentication-Results: mx.example.org; dkim=pass header.d=bank.example\r\n"
     kept = b"Authentication-Results: other.example.net; spf=pass smtp.mailfrom=x@bank.example\r\n"
-    body = forged + kept + f"From: ceo@bank.example\r\nSubject: {token}\r\n\r\nhi\r\n".encode()
+    own = f"From: {sub.owner.user}@example.org\r\nSubject: {token}\r\n\r\nhi\r\n".encode()
+    body = forged + kept + own
     with tls_session(sub, "127.0.0.1", "submissions") as c:
         expect(c.auth_plain(sub.owner.user, sub.owner.password), 235, "2.7.0", conn=c)
         send_message(c, f"{rcpt}@example.org", body, sender=f"{sub.owner.user}@example.org")
@@ -694,7 +742,7 @@ def test_smtplib(sub: Sub, host: str, implicit: bool):
     rcpt, token = sub.m.new_user("smtplib"), uuid.uuid4().hex
     context = client_context(sub.pki.ca)  # verifies the chain and mx.example.org
     sender = f"{sub.owner.user}@example.org"
-    body = message(token)
+    body = message(token, sender)
     if implicit:
         s = NamedSMTP_SSL(host, sub.m.submissions_port, context=context)
     else:
@@ -793,7 +841,7 @@ def test_curl(sub: Sub, tmp_path: Path, scheme: str, host: str, mechanism: str |
     port = sub.m.submissions_port if scheme == "smtps" else sub.m.submission_port
     url_host = f"[{host}]" if ":" in host else host
     mail = tmp_path / "mail.eml"
-    mail.write_bytes(message(token))
+    mail.write_bytes(message(token, f"{sub.owner.user}@example.org"))
     argv = [
         "curl", "-sS", "--max-time", "30", f"{scheme}://{url_host}:{port}/{HELO}",
         "--cacert", str(sub.pki.ca.cert),
@@ -808,7 +856,8 @@ def test_curl(sub: Sub, tmp_path: Path, scheme: str, host: str, mechanism: str |
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"curl: {done.returncode}\n{done.stdout}\n{done.stderr}"
     check_stored(only_message(sub, rcpt), sender=f"{sub.owner.user}@example.org", helo=HELO,
-                 body=message(token), protocols=("ESMTPSA",))  # fmt: skip
+                 body=message(token, f"{sub.owner.user}@example.org"),
+                 protocols=("ESMTPSA",))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -390,8 +390,9 @@ def expected_using(sock: ssl.SSLSocket) -> tuple[str, str, int, int]:
     return version, cipher[0], cipher[2], cipher[2]
 
 
-def message(token: str) -> bytes:
-    return f"Subject: {token}\r\nFrom: <sender@{HELO}>\r\n\r\n{token}\r\n".encode()
+def message(token: str, author: str = f"sender@{HELO}") -> bytes:
+    """A small message; an authenticated user's must have an `author` of theirs."""
+    return f"Subject: {token}\r\nFrom: <{author}>\r\n\r\n{token}\r\n".encode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -871,8 +872,8 @@ def test_received_esmtps(tls_server, pki: PKI, host: str, version: ssl.TLSVersio
 def test_received_esmtpsa(tls_server, pki: PKI, listener: str):
     m, account = tls_server
     rcpt = m.new_user("esmtpsa")
-    body = message(f"esmtpsa-{uuid.uuid4().hex}")
     sender = f"{account.user}@example.org"
+    body = message(f"esmtpsa-{uuid.uuid4().hex}", sender)
     if listener == "submissions":
         c = Client("::1", m.submissions_port, tls=client_context(pki.ca))
         expect(c.banner(), 220, conn=c)
@@ -897,7 +898,7 @@ def test_received_esmtpa_and_esmtp(tls_server):
     m, account = tls_server
     rcpt = m.new_user("esmtpa")
     sender = f"{account.user}@example.org"
-    bodies = [message(f"esmtpa-{uuid.uuid4().hex}"), message(f"esmtp-{uuid.uuid4().hex}")]
+    bodies = [message(f"esmtpa-{uuid.uuid4().hex}", sender), message(f"esmtp-{uuid.uuid4().hex}")]
     with Client("127.0.0.1", m.trusted_port) as c:
         c.start(HELO)
         expect(c.auth_plain(account.user, account.password), 235, "2.7.0", conn=c)

@@ -966,7 +966,8 @@ def check_submission(t: Target, ports: dict[str, int], mx_port: int, box: str) -
             with smtp(ports["submission"]) as s:
                 s.starttls(context=context)
                 s.login(USER, password)
-                s.sendmail(f"{USER}@{DOMAIN}", [f"{USER}@{DOMAIN}"], message(USER, token))
+                sender = f"{USER}@{DOMAIN}"  # (the From: of an authenticated user is theirs)
+                s.sendmail(sender, [sender], message(USER, token, sender))
         except (OSError, smtplib.SMTPException):
             return False
         return True
@@ -1105,9 +1106,9 @@ def rcpt_code(port: int, rcpt: str) -> int:
         return 0
 
 
-def message(to: str, token: str) -> bytes:
+def message(to: str, token: str, author: str = f"someone <someone@{REMOTE}>") -> bytes:
     return (
-        f"From: someone <someone@{REMOTE}>\r\nTo: <{to}>\r\nSubject: package test {token}\r\n"
+        f"From: {author}\r\nTo: <{to}>\r\nSubject: package test {token}\r\n"
         f"Message-ID: <{token}@{CLIENT_NAME}>\r\n\r\nbody {token}\r\n"
     ).encode()
 

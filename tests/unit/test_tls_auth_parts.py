@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from certs import CA, make_ca
 
-from mailerd import config, credentials, policy, tls
+from mailerd import config, credentials, headers, policy, tls
 from mailerd.aliases import Aliases
 from mailerd.config import ConfigError
 from mailerd.ipc import authfailures
@@ -770,6 +770,53 @@ def test_an_alias_named_after_a_user_is_that_users_alone(
         Address(local, domain, False), user, local_domains=("example.org",), aliases=table
     )
     assert result is owned
+
+
+@pytest.mark.parametrize(
+    "field, authors",
+    [
+        ("Alice <alice@example.org>", [("alice", "example.org")]),
+        ('alice@example.org, "B" <sales@b\u00fccher.example>',
+         [("alice", "example.org"), ("sales", "b\u00fccher.example")]),
+        ("=?utf-8?q?Al=C3=AFce?= <al\u00efce@example.org>", [("al\u00efce", "example.org")]),
+        ('"bob@example.org" <alice@example.org>', [("alice", "example.org")]),
+        ("x@evil <alice@example.org>", None),  # a defect: readers differ on the author
+        ("alice", None),  # no domain
+        ("undisclosed:;", None),
+        ("<@route.example:alice@example.org>", None),
+        ("a" * 2000 + "@example.org", None),  # past STRICT_MAX
+    ],
+)  # fmt: skip
+def test_from_addresses(field: str, authors):
+    message = f"Subject: x\r\nFrom: {field}\r\n\r\nbody\r\n".encode()
+    assert headers.from_addresses(message) == authors
+    assert headers.from_addresses(b"Subject: none\r\n\r\n") == []
+    assert headers.from_addresses(b"From: a@example.org\r\nFrom: a@example.org\r\n\r\n") is None
+
+
+@pytest.mark.parametrize(
+    "authors, refused",
+    [
+        ([], None),
+        ([("alice", "example.org"), ("Sales", "MAIL.example.org")], None),
+        ([("alice", "xn--bcher-kva.example")], None),  # configured in U-labels
+        ([("alice", "example.org"), ("bob", "example.org")], "address"),
+        ([("alice", "remote.example")], "address"),
+        ([("postmaster", "example.org")], "address"),
+        (None, "header"),
+    ],
+)
+def test_author_refusal(tmp_path: Path, authors, refused):
+    path = tmp_path / "aliases"
+    path.write_text(ALIASES)
+    domains = ("example.org", "b\u00fccher.example")
+    table = Aliases.load(str(path), domains)
+    reply = policy.author_refusal(authors, "alice", local_domains=domains, aliases=table)
+    if refused is None:
+        assert reply is None
+    else:
+        assert reply is not None and (reply.code, reply.status) == (550, "5.7.1")
+        assert reply.text.startswith(f"From: {refused} rejected")
 
 
 def test_recent_logins_keep_successes_for_a_while_and_no_password():
