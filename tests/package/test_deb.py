@@ -978,10 +978,11 @@ def check_submission(t: Target, ports: dict[str, int], mx_port: int, box: str) -
 
     hook = "/etc/letsencrypt/renewal-hooks/deploy/mailerd"
     assert t.run(["test", "-x", hook], check=False).returncode == 0, f"{hook}: not executable"
-    said = t.run(f"RENEWED_LINEAGE={LINEAGE} {hook}")
-    assert b"asked mailerd" in said.stderr, said
+    # (with the PATH certbot's timer may give it: it finds /usr/sbin/mailerd all the same)
+    said = t.run(f"PATH=/usr/bin:/bin RENEWED_LINEAGE={LINEAGE} {hook}")
+    assert b"mailerd loaded the renewed certificate" in said.stderr, said
     ignored = t.run(f"RENEWED_LINEAGE=/etc/letsencrypt/live/other.example {hook}")
-    assert b"asked mailerd" not in ignored.stderr, ignored
+    assert ignored.stderr == b"", ignored
 
 
 def ssl_client():
