@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 
+from mailerd.idn import a_labels
 from mailerd.names import LOCALHOST, is_local_domain, local_domain_of
 
 TAG = "fwd_from"
@@ -101,9 +102,4 @@ def envelope_sender(
 def _ascii(domain: str) -> str:
     """The domain in lower case, with A-labels for an internationalized one ("" where none)."""
     domain = domain.lower()
-    if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return ""
+    return domain if domain.isascii() else a_labels(domain) or ""

@@ -11,6 +11,7 @@ import email.policy
 import re
 from collections.abc import Iterator
 
+from mailerd.idn import a_labels
 from mailerd.remembered import Remembered
 
 SCAN = 256 * 1024  # a header section is looked for in the first this-many octets
@@ -183,14 +184,12 @@ NAME_MAX = 253
 
 
 def normal_domain(domain: str) -> str:
-    """Lower case, no final dot, A-labels for an internationalized name."""
+    """Lower case, no final dot, A-labels for an internationalized name (as given when it
+    has none: no DNS name, which `dmarc.is_dns_name` tells)."""
     domain = domain.strip().rstrip(".").lower()
     if domain.isascii() or len(domain) > NAME_MAX:
         return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
+    return a_labels(domain) or domain
 
 
 # `_read_domains`, remembered for the fields the strict parser reads (a sender's From: is the

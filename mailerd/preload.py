@@ -119,6 +119,8 @@ LIBRARIES = (
     "dns.rdatatype",
     "dns.resolver",
     "dns.reversename",
+    "idna",
+    "idna.uts46data",  # (imported at the first mapping)
     "psutil",
     "publicsuffix2",
     "setproctitle",

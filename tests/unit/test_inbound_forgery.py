@@ -58,6 +58,8 @@ def server(rsa_key) -> DNSServer:
         + _txt("_dmarc.xn--bnk-qla.example", "v=DMARC1; p=reject")
         + _txt("sel._domainkey.xn--bnk-qla.example", f"v=DKIM1; k=rsa; p={p}")
         + _txt("forwarder.example", "v=spf1 ip4:127.0.0.1 -all")
+        + _txt("_dmarc.xn--fa-hia.example", "v=DMARC1; p=reject")  # faß.example
+        + _txt("fass.example", "v=spf1 ip4:127.0.0.1 -all")  # another domain
         + _txt("slow._domainkey.evil.example", "dnsserver:timeout")
         + _txt("explained.example", "v=spf1 -all exp=why.explained.example")
         + _txt("why.explained.example", "%{s}" * 2400)
@@ -143,6 +145,22 @@ def test_an_internationalized_from_domain_aligns_with_its_a_label_signature(serv
     verdict = run_check(server, signed, sender="", enforce=True)
     assert methods(verdict)["dkim"] == "pass", verdict.header
     assert methods(verdict)["dmarc"] == "pass", verdict.header
+
+
+@pytest.mark.parametrize(
+    "author",
+    ["<ceo@faß.example>", "=?utf-8?q?ceo=40fa=C3=9F=2Eexample?= <ceo@faß.example>",
+     "<ceo@FAß.example>"],
+)  # fmt: skip
+def test_an_internationalized_from_domain_is_no_other_domain_by_idna_2003(server, author):
+    """`faß.example` is `xn--fa-hia.example` in IDNA 2008 (as mail programs show it and look
+    it up), but Python's codec, IDNA 2003, makes it `fass.example`, another domain: its owner's
+    SPF pass aligned, and a message shown as from faß.example passed DMARC."""
+    verdict = run_check(server, mail(author.encode()), sender="ceo@fass.example", enforce=True)
+    assert methods(verdict)["spf"] == "pass", verdict.header
+    assert methods(verdict)["dmarc"] == "fail", verdict.header
+    assert "header.from=xn--fa-hia.example" in verdict.header, verdict.header
+    assert verdict.refusal is not None and verdict.refusal.code == 550, verdict
 
 
 def test_a_display_name_with_a_spaced_at_is_not_an_author_domain(server, rsa_key):
