@@ -75,10 +75,10 @@ def from_domains(message: bytes) -> list[str] | None:
 
 
 def from_addresses(message: bytes) -> list[tuple[str, str]] | None:
-    """(local part, domain) of each address of the message's From: field, as the strict
-    (RFC 5322) parser reads them; [] when there is no From: field; None when the authors cannot
-    be told for sure: more than one From: field, or one not read cleanly (see `_read_domains`:
-    a defect, an address without a domain, a field longer than STRICT_MAX)."""
+    """(local part, domain in normal form) of each address of the message's From: field, as
+    the strict (RFC 5322) parser reads them; [] when there is no From: field; None when the
+    authors cannot be told for sure: more than one From: field, or one not read cleanly (see
+    `_read_domains`: a defect, an address without a domain, a field longer than STRICT_MAX)."""
     values = _from_fields(message)
     if len(values) != 1:
         return [] if not values else None
@@ -94,7 +94,7 @@ def from_addresses(message: bytes) -> list[tuple[str, str]] | None:
     defects = [d for d in parsed.defects if not isinstance(d, email.errors.NonASCIILocalPartDefect)]
     if not found or defects or not all(domain for _, domain in found):
         return None
-    return found
+    return [(local, normal_domain(domain)) for local, domain in found]
 
 
 def _from_fields(message: bytes) -> list[bytes]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailerd.aliases import Aliases
-from mailerd.headers import normal_domain
 from mailerd.names import is_local_domain, mailbox_name
 from mailerd.smtp.events import Address, Reply
 
@@ -132,10 +131,8 @@ def author_refusal(
             "5.7.1",
             f"From: header rejected: must be one well-formed field of addresses of user {user}",
         )
-    # (a domain in U-labels or A-labels, either way round from the configuration's)
-    domains = tuple({*local_domains, *map(normal_domain, local_domains)})
     for local, domain in authors:
-        address = Address(local, normal_domain(domain), False)
-        if not sender_owned(address, user, local_domains=domains, aliases=aliases):
+        address = Address(local, domain, False)
+        if not sender_owned(address, user, local_domains=local_domains, aliases=aliases):
             return Reply(550, "5.7.1", f"From: address rejected: not owned by user {user}")
     return None

@@ -14,6 +14,7 @@ commit, a check, a password) the client is not late.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import select
@@ -524,7 +525,10 @@ class Connection(asyncio.Protocol):
             return HEADER_TOO_LARGE
         cfg = self.worker.cfg
         return policy.author_refusal(
-            headers.from_addresses(head), user, local_domains=cfg.domains, aliases=cfg.aliases
+            headers.from_addresses(head),
+            user,
+            local_domains=_with_a_labels(cfg.domains),
+            aliases=cfg.aliases,
         )
 
     def log_rejected(self, event: Rejected) -> None:
@@ -803,6 +807,13 @@ class Connection(asyncio.Protocol):
             log.info("timeout for %s: no command within %gs", self.client, cfg.timeout)
             reply = session.timeout()
         self.close([reply.to_bytes()])
+
+
+@functools.lru_cache(maxsize=4)
+def _with_a_labels(domains: tuple[str, ...]) -> tuple[str, ...]:
+    """The local domains as configured and in A-labels, as `headers.from_addresses` gives a
+    From: field's (a domain may be configured in U-labels)."""
+    return tuple(dict.fromkeys((*domains, *map(headers.normal_domain, domains))))
 
 
 def _line(reply: Reply) -> str:

@@ -919,6 +919,22 @@ def test_plain_send_imports_only_the_standard_library(conf, queue):
     assert only(queue).recipients == ("bob@example.org",)
 
 
+def test_smtp_on_standard_input_imports_only_the_standard_library(conf, queue):
+    """`sendmail -bs` too, by /usr/bin/python3 -S, with the recipient checks its session makes
+    (`policy`): an import of a third-party module there failed after MAIL (idna, through a
+    module policy imported)."""
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    code = "import sys\nfrom mailerd.cli import main\nsys.argv[0] = 'sendmail'\nmain()\n"
+    dialogue = (
+        b"EHLO client.test\r\nMAIL FROM:<robot@example.net>\r\nRCPT TO:<bob@example.org>\r\n"
+        b"DATA\r\nSubject: s\r\n\r\nx\r\n.\r\nQUIT\r\n"
+    )
+    done = execute([python, "-S", "-c", code, "-C", conf, "-bs"], dialogue)
+    assert done.returncode == 0 and b"Error" not in done.stderr, done.stderr
+    assert b"250 2.0.0 Ok: queued as" in done.stdout, done.stdout
+    assert only(queue).recipients == ("bob@example.org",)
+
+
 # -- sendmail -bs ------------------------------------------------------------------------------
 
 

@@ -776,8 +776,8 @@ def test_an_alias_named_after_a_user_is_that_users_alone(
     "field, authors",
     [
         ("Alice <alice@example.org>", [("alice", "example.org")]),
-        ('alice@example.org, "B" <sales@b\u00fccher.example>',
-         [("alice", "example.org"), ("sales", "b\u00fccher.example")]),
+        ('alice@example.org, "B" <sales@B\u00fccher.example>',
+         [("alice", "example.org"), ("sales", "xn--bcher-kva.example")]),  # in normal form
         ("=?utf-8?q?Al=C3=AFce?= <al\u00efce@example.org>", [("al\u00efce", "example.org")]),
         ('"bob@example.org" <alice@example.org>', [("alice", "example.org")]),
         ("x@evil <alice@example.org>", None),  # a defect: readers differ on the author
@@ -799,7 +799,6 @@ def test_from_addresses(field: str, authors):
     [
         ([], None),
         ([("alice", "example.org"), ("Sales", "MAIL.example.org")], None),
-        ([("alice", "xn--bcher-kva.example")], None),  # configured in U-labels
         ([("alice", "example.org"), ("bob", "example.org")], "address"),
         ([("alice", "remote.example")], "address"),
         ([("postmaster", "example.org")], "address"),
@@ -809,7 +808,7 @@ def test_from_addresses(field: str, authors):
 def test_author_refusal(tmp_path: Path, authors, refused):
     path = tmp_path / "aliases"
     path.write_text(ALIASES)
-    domains = ("example.org", "b\u00fccher.example")
+    domains = ("example.org",)
     table = Aliases.load(str(path), domains)
     reply = policy.author_refusal(authors, "alice", local_domains=domains, aliases=table)
     if refused is None:
