@@ -9,7 +9,8 @@ pickup FIFO), and /usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq and /usr
 must be links to mailerd. With /etc/aliases sending root's mail to the test user, mail to root
 is sent before the daemon ever ran (as cron sends it, and through /usr/lib/sendmail); then
 mailerd is configured for the test (loopback-only high ports, no ``domain``: the mail name is
-the local domain, a smarthost that is an aiosmtpd receiver run by the test), and driven through
+the local domain, a smarthost that is an aiosmtpd receiver run by the test, a DNS server the test
+runs: tests/dnsserver.py, with no records), and driven through
 ``/etc/init.d/mailerd``: start (the waiting mail is delivered), deliver one message to a local
 user, mail root with ``mail`` (bsd-mailx, installed with apt), ``mailq``, ``newaliases`` (the
 daemon reloads the aliases), relay one to the fake MX, reload after adding a domain, status,
@@ -63,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from dnsserver import DNSServer, Records
 from harness import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,6 +110,10 @@ ENV = {
     "HOME": "/root",
     "DEBIAN_FRONTEND": "noninteractive",
     "APT_LISTCHANGES_FRONTEND": "none",
+    # The suite's guard (tests/conftest.py), which this fixed environment would drop: every
+    # mailerd started here (the init script's daemon too) refuses the machine's resolver, the
+    # sandbox's /etc/resolv.conf being the machine's. The test's config names its DNS server.
+    "MAILERD_FORBID_SYSTEM_RESOLVER": "1",
 }
 APT = ["apt-get", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=120"]
 DEBCONF_PURGE = ["debconf-communicate", "mailerd"]  # with "PURGE" on its input
@@ -618,6 +624,17 @@ def fake_mx() -> Iterator[FakeMX]:
     mx.stop()
 
 
+@pytest.fixture
+def dns_server() -> Iterator[DNSServer]:
+    """The daemon's DNS server (the sandbox shares this machine's network): no records, so
+    the inbound checks' lookups (SPF, DMARC of remote.example...) get NXDOMAIN, as the real DNS
+    would say of .example, without the question leaving the machine."""
+    server = DNSServer(Records())
+    server.start()
+    yield server
+    server.stop()
+
+
 # --------------------------------------------------------------------------------------------
 # The tests
 # --------------------------------------------------------------------------------------------
@@ -691,7 +708,7 @@ def test_man_page_documents_every_option():
     assert not missing, f"docs/mailerd.8 does not document {missing}"
 
 
-def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
+def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX, dns_server: DNSServer):
     t = machine.target
     ports = {"local": free_port("127.0.0.1"), "network": free_port("127.0.0.1")}
 
@@ -757,8 +774,9 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
 
     # -- start -----------------------------------------------------------------------------
     # Without `domain` in the config: the local domain is the mail name, the debconf answer.
-    t.write(CONF, config_text(ports, None, fake_mx.port).encode())
-    start = t.run([INIT, "start"], check=False, timeout=60)
+    t.write(CONF, config_text(ports, None, fake_mx.port, dns_server.port).encode())
+    # (longer than the 60 s mailerd waits for its workers: a start that fails says why)
+    start = t.run([INIT, "start"], check=False, timeout=90)
     assert start.returncode == 0, (
         f"{INIT} start exited {start.returncode}:\n{_text(start.stdout)}{_text(start.stderr)}"
         f"{syslog_tail(t)}"
@@ -784,6 +802,8 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
     with smtp(ports["network"]) as s:
         s.sendmail(f"someone@{REMOTE}", [f"{USER}@{DOMAIN}"], message(f"{USER}@{DOMAIN}", token))
     first = stored(t, box, token)
+    asked = [question for _, question in dns_server.queries]
+    assert any(REMOTE in question for question in asked), f"no lookup of {REMOTE}: {asked}"
     assert t.stat(first)[0] == USER, "a mailbox belongs to its user"
     assert t.stat(box)[0] == USER
 
@@ -843,7 +863,7 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
 
     # -- reload after adding a domain ------------------------------------------------------
     assert rcpt_code(ports["network"], f"{USER}@{DOMAIN2}") == 554, "not a local domain yet"
-    t.write(CONF, config_text(ports, [DOMAIN, DOMAIN2], fake_mx.port).encode())
+    t.write(CONF, config_text(ports, [DOMAIN, DOMAIN2], fake_mx.port, dns_server.port).encode())
     reload = t.run([INIT, "reload"], check=False)
     assert reload.returncode == 0, reload
     accepted = wait_until(
@@ -859,7 +879,7 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
     assert status.returncode == 0 and "running" in _text(status.stdout), status
 
     # -- TLS and authenticated submission: a certificate, a password, a reload ---------------
-    check_submission(t, ports, fake_mx.port, box)
+    check_submission(t, ports, fake_mx.port, dns_server.port, box)
     assert int(t.read(PIDFILE).split()[0]) == master, "reloads, not restarts"
 
     # syslog, facility mail (the sandbox has its own /dev/log and records what arrives)
@@ -939,7 +959,9 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX):
 # --------------------------------------------------------------------------------------------
 
 
-def check_submission(t: Target, ports: dict[str, int], mx_port: int, box: str) -> None:
+def check_submission(
+    t: Target, ports: dict[str, int], mx_port: int, dns_port: int, box: str
+) -> None:
     """`mailerd passwd` (python3-argon2 came with the package), a certificate in the config,
     the submission listener after a reload: STARTTLS, AUTH, a message stored; then the certbot
     deploy hook the package installs makes mailerd reload the renewed certificate."""
@@ -956,7 +978,7 @@ def check_submission(t: Target, ports: dict[str, int], mx_port: int, box: str) -
         t.write(f"{LINEAGE}/fullchain.pem", pair.cert.read_bytes())
         t.write(f"{LINEAGE}/privkey.pem", pair.key.read_bytes(), "600")
     ports["submission"] = free_port("127.0.0.1")
-    t.write(CONF, config_text(ports, [DOMAIN, DOMAIN2], mx_port).encode())
+    t.write(CONF, config_text(ports, [DOMAIN, DOMAIN2], mx_port, dns_port).encode())
     assert t.run([INIT, "reload"], check=False).returncode == 0
     context = ssl_client()
     token = uuid.uuid4().hex
@@ -993,9 +1015,12 @@ def ssl_client():
     return context
 
 
-def config_text(ports: dict[str, int], domains: list[str] | None, mx_port: int) -> str:
+def config_text(
+    ports: dict[str, int], domains: list[str] | None, mx_port: int, dns_port: int
+) -> str:
     """The test's config; without `domains`, mailerd's default (/etc/mailname first). With a
-    submission port, the certificate of LINEAGE and the submission listener."""
+    submission port, the certificate of LINEAGE and the submission listener. Every lookup goes
+    to the test's DNS server on 127.0.0.1:`dns_port`, never to the machine's resolver."""
     domain = f"domain = {', '.join(domains)}\n" if domains else ""
     tls = (
         f"tls-cert = {LINEAGE}/fullchain.pem\ntls-key = {LINEAGE}/privkey.pem\n"
@@ -1014,6 +1039,7 @@ def config_text(ports: dict[str, int], domains: list[str] | None, mx_port: int) 
         f"listen-network = 127.0.0.1:{ports['network']}\n"
         "workers = 1\n"
         f"relayhost = {MX_HOST}:{mx_port}\n"
+        f"dns-server = 127.0.0.1:{dns_port}\n"
         f"{tls}"
     )
 
