@@ -82,7 +82,13 @@ def from_addresses(message: bytes) -> list[tuple[str, str]] | None:
     values = _from_fields(message)
     if len(values) != 1:
         return [] if not values else None
-    text = _field_text(values[0])
+    found = _authors(values[0])
+    return None if found is None else list(found)
+
+
+def _read_authors(value: bytes) -> tuple[tuple[str, str], ...] | None:
+    """`from_addresses` of one From: field's value."""
+    text = _field_text(value)
     if len(text) > STRICT_MAX:
         return None
     try:
@@ -94,7 +100,7 @@ def from_addresses(message: bytes) -> list[tuple[str, str]] | None:
     defects = [d for d in parsed.defects if not isinstance(d, email.errors.NonASCIILocalPartDefect)]
     if not found or defects or not all(domain for _, domain in found):
         return None
-    return [(local, normal_domain(domain)) for local, domain in found]
+    return tuple((local, normal_domain(domain)) for local, domain in found)
 
 
 def _from_fields(message: bytes) -> list[bytes]:
@@ -195,3 +201,5 @@ def normal_domain(domain: str) -> str:
 # `_read_domains`, remembered for the fields the strict parser reads (a sender's From: is the
 # same message after message; longer ones are not kept, lest a few huge fields fill the memory)
 _address_domains = Remembered(_read_domains, STRICT_MAX, 1024)
+# and `_read_authors`, for an authenticated user's From: field (the same at every message)
+_authors = Remembered(_read_authors, STRICT_MAX, 1024)
