@@ -14,8 +14,19 @@ import idna
 
 def a_labels(domain: str) -> str | None:
     """`domain` in A-labels (lower case; UTS 46 maps case and compatibility forms); None when
-    no DNS name has it (a character IDNA 2008 disallows, an empty or too long label)."""
+    no DNS name has it (an empty or too long label).
+
+    A name IDNA 2008 refuses but IDNA 2003 takes is converted as IDNA 2003 converts it: such
+    names were registered (`i❤.ws` is `xn--i-7iq.ws`), browsers and mail programs still show
+    them (UTS 46 lets symbols through that IDNA 2008 disallows), and a character between
+    letters that shows as nothing (a zero-width joiner out of place) is dropped, so that the
+    name judged is the one a reader sees. Where the two differ on a name both take (ß, ς, a
+    joiner IDNA 2008 allows), IDNA 2008's stands."""
     try:
         return idna.encode(domain, uts46=True).decode("ascii")
     except (idna.IDNAError, UnicodeError, ValueError):
+        pass
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
         return None
