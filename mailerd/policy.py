@@ -121,17 +121,20 @@ def author_refusal(
     aliases: Aliases = _NO_ALIASES,
 ) -> Reply | None:
     """Why authenticated `user`'s message is refused for its From: field (`authors`, as
-    `headers.from_addresses` reads it), or None: every address there must be one the user may
-    send as (`sender_owned`), as the envelope sender must. Else a user would send as another
-    one (or as the domain's postmaster) in the field readers see and DMARC checks, and our DKIM
-    signature and SPF would make it pass. No From: field claims no one (one is added then)."""
+    `headers.from_addresses` reads it), or None: every address there at a local domain must
+    be one the user may send as (`sender_owned`), as the envelope sender must. Else a user
+    would send as another one (or as the postmaster) in the field readers see and DMARC
+    checks, and our DKIM signature and SPF would make it pass. An author at another domain
+    is let through (a redirect keeps the original author; a form sends for its visitor): our
+    signature and SPF cannot pass DMARC for it, which its own domain's policy decides. No
+    From: field claims no one (one is added then)."""
     if authors is None:
         return Reply(
-            550,
-            "5.7.1",
-            f"From: header rejected: must be one well-formed field of addresses of user {user}",
+            550, "5.7.1", f"From: header rejected: must be one well-formed field (user {user})"
         )
     for local, domain in authors:
+        if not is_local_domain(domain, local_domains):
+            continue
         address = Address(local, domain, False)
         if not sender_owned(address, user, local_domains=local_domains, aliases=aliases):
             return Reply(550, "5.7.1", f"From: address rejected: not owned by user {user}")

@@ -603,6 +603,9 @@ class Connection(asyncio.Protocol):
         return self.session is not None and not self.committing and self.session.idle
 
     async def commit(self, envelope: Envelope) -> None:
+        # A body spooled to a file (`fd`) is closed here unless the commit takes it, whatever
+        # fails before: an attacker's pass made a check raise, and each 25 MB message left a
+        # deleted file open (the queue's disk filled, or the worker ran out of descriptors).
         body, fd = self.body.take()
         try:
             request = self.commit_request(envelope)
@@ -614,17 +617,19 @@ class Connection(asyncio.Protocol):
             user = None if self.session is None else self.session.user
             if refusal is None and user is not None:
                 refusal = self.check_author(body if fd is None else fd, user)
-                if refusal is not None and fd is not None:
-                    os.close(fd)
             if refusal is not None:
                 reply = refusal
             else:
-                reply = await self.worker.commit(request, body, fd)
+                taken, fd = fd, None
+                reply = await self.worker.commit(request, body, taken)
         except Exception as exc:  # timeout, broken channel: 451, never a 250 we cannot back
             log.warning(
                 "commit for %s failed, answered 451 (the client will retry): %r", self.client, exc
             )
             reply = COMMIT_FAILED
+        finally:
+            if fd is not None:
+                os.close(fd)
         if reply.code >= 400:  # a deferral: logged like a refusal
             sender = str(envelope.sender) if envelope.sender else ""
             verb = "BDAT" if envelope.chunked else "DATA"
@@ -642,14 +647,9 @@ class Connection(asyncio.Protocol):
         with its Authentication-Results field, the body without forged ones, and the refusal
         that `--inbound-auth enforce` makes of a DMARC reject (the body is then closed)."""
         assert self.worker.verifier is not None
-        try:
-            verdict = await self.worker.verifier.check(
-                self.peer, request.helo, request.sender, body if fd is None else fd
-            )
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            raise
+        verdict = await self.worker.verifier.check(
+            self.peer, request.helo, request.sender, body if fd is None else fd
+        )
         if verdict.refusal is not None:  # (else the verdict goes into the message's log line)
             log.info("%s: %s, from=<%s>", self.client, verdict.summary, request.sender)
             if fd is not None:
