@@ -171,6 +171,14 @@ def test_a_display_name_with_a_spaced_at_is_not_an_author_domain(server, rsa_key
     assert methods(verdict)["dmarc"] == "pass", verdict.header
 
 
+def test_a_field_the_strict_parser_fails_on_is_judged_not_a_crash(server):
+    """`From: ceo@[ ` made Python's strict parser raise UnboundLocalError, which the check let
+    through: the message was answered 451, and its sender tried again for ever (an
+    attacker's pass)."""
+    verdict = run_check(server, mail(b"ceo@bank.example, x@[ "), sender="", enforce=True)
+    assert methods(verdict)["dmarc"] == "fail", verdict.header
+
+
 def test_comments_nested_a_thousand_deep_are_judged_not_a_crash(server):
     verdict = run_check(server, mail(b"(" * 1800 + b"ceo@bank.example"), sender="")
     assert methods(verdict)["dmarc"] in ("fail", "permerror"), verdict.header
