@@ -32,7 +32,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from mailerd import durable, eventloop, forwarding, intake, lifecycle, privileges, signing, trace
+from mailerd import (
+    durable,
+    eventloop,
+    forwarding,
+    headers,
+    intake,
+    lifecycle,
+    privileges,
+    signing,
+    trace,
+)
 from mailerd.aliases import normal_address
 from mailerd.config import Config, ConfigError
 from mailerd.delivery.pickup import Pickup, Taken
@@ -70,7 +80,6 @@ SERVED = (Commit, RetryLocal, WriterChannel, ListQueue, FlushQueue, DeleteQueued
 
 LOCAL_RETRY_DELAY = 60.0
 PICKUP_RESTART = 60.0  # seconds before a failed pickup starts again
-HEADER_SCAN = 64 * 1024  # how much of a submission is searched for Date:/Message-ID:
 
 
 QUEUE_WAIT = 20.0  # seconds a queue request waits for the queue (the tool waits 30)
@@ -380,7 +389,8 @@ class DeliveryService:
         or a From:). Only on the outgoing copy: a local mailbox gets the message as received."""
         if not request.trusted:
             return b""
-        scan = durable.head(body, HEADER_SCAN)
+        # (as far as the signer and the From: check look: past 64 KiB, a From: was added again)
+        scan = durable.head(body, headers.SCAN)
         return trace.missing_headers(
             scan,
             queue_id=queue_id,

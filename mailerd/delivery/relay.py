@@ -49,7 +49,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailerd import signing
+from mailerd import headers, signing
 from mailerd.delivery import sevenbit
 from mailerd.log import shorten
 from mailerd.values import ConfigError
@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailerd.outbound")
 
 TLS_POLICIES = ("may", "encrypt", "verify", "none")
-HEADER_SCAN = 256 * 1024
 SEND_BUFFER = 64 * 1024  # octets of content per write to the socket
 NOTE_MAX = 1000  # characters of a remote reply kept in a log line
 AUTH_MECHANISMS = ("CRAM-MD5", "PLAIN", "LOGIN")  # in smtplib's order of preference
@@ -744,7 +743,7 @@ def needs_smtputf8(message: Message) -> bool:
     if not all(a.isascii() for a in addresses):
         return True
     with open(message.path, "rb") as f:
-        head = f.read(HEADER_SCAN).split(b"\r\n\r\n", 1)[0]
+        head = f.read(headers.SCAN).split(b"\r\n\r\n", 1)[0]
     return not head.isascii()
 
 

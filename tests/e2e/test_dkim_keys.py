@@ -560,6 +560,22 @@ def test_queued_file_layout(mailerd_factory, dns_stuck, tmp_path: Path):
     assert names == ["received", "dkim-signature"], names
 
 
+def test_a_long_header_section_is_signed_and_gets_no_second_from(
+    mailerd_factory, dns_stuck, tmp_path: Path
+):
+    """A header section past 64 KiB, its From: after that: the outgoing copy was completed
+    from the first 64 KiB only, so it got a From: of the envelope sender beside the message's
+    own, and went out unsigned (two From: fields sign nothing), where big providers refuse
+    it (an attacker's pass). The completion looks as far as the signer does."""
+    key = rsa_key(tmp_path / "r.key")
+    m = signer(mailerd_factory, dns_stuck, "--dkim-key", f"example.org:r1:{key}")
+    body = (b"X-Pad: " + b"p" * 900 + b"\r\n") * 80 + message()
+    queued = queue_mail(m, body)
+    names = [name for name, _ in header_fields(queued)]
+    assert names.count("from") == 1, names
+    assert len(signatures(queued)) == 1, queued[:600]
+
+
 def _install(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".new")
     shutil.copyfile(src, tmp)
