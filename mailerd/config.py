@@ -243,8 +243,8 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         None,
         True,
         False,
-        "of --max-sessions, kept for the local, the submission and the network listeners, "
-        "each (default: a tenth)",
+        "of --max-sessions, kept for the local, the submission (half for addresses that "
+        "logged in lately) and the network listeners, each (default: a tenth)",
     ),
     (
         "max-sessions-per-ip",

@@ -1,5 +1,5 @@
 """Failed AUTH attempts, shared by all workers, per client address and per account; and the
-addresses each account logged in from lately.
+addresses each account logged in from lately, and the addresses any account did.
 
 Per address: each failure from an address makes its next answer wait longer (0.5 s, 1 s, 2 s,
 … up to 10 s), whichever worker the next session lands on, so that guessing passwords costs
@@ -32,6 +32,12 @@ come a guess or two late. A record is forgotten FORGET seconds after its last fa
 when a login from it succeeds: anyone with one account would otherwise reset the count between
 guesses at another's password. The addresses an account logged in from are a table of their
 own, written only by successes, so that failures cannot push them out.
+
+Known clients: the addresses (clients, as above) from which any account logged in within
+KNOWN_FOR are a third table, also written only by successes, and only read at connect (a
+lookup writes nothing), so neither failures nor connections from addresses never seen can push
+a known one out. The session caps keep a part of the submission listeners' places for them
+(`worker.admission`): the owner's laptop gets in when a crowd holds the rest.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from mailerd.names import mailbox_name
 BUCKETS = 65536  # addresses (1.5 MiB, shared)
 ACCOUNT_BUCKETS = 4096  # accounts named in logins (96 KiB)
 KNOWN_BUCKETS = 16384  # (account, address) pairs that logged in (384 KiB)
+CLIENT_BUCKETS = 16384  # addresses any account logged in from (384 KiB)
 CELL = 3  # doubles a bucket: count, the time of the last, the key's fingerprint
 FIRST_DELAY = 0.5  # seconds, before the answer to the first failure
 MAX_DELAY = 10.0
@@ -97,6 +104,7 @@ class AuthFailures:
         *,
         account_buckets: int = ACCOUNT_BUCKETS,
         known_buckets: int = KNOWN_BUCKETS,
+        client_buckets: int = CLIENT_BUCKETS,
     ) -> None:
         self.ipv6_prefix_length = ipv6_prefix_length  # (the master sets it again at a reload)
         self._addresses = _Table(buckets)
@@ -106,6 +114,7 @@ class AuthFailures:
         # time. Pooled, it can only lock her early, which it could do by naming her.
         self._accounts = _Table(account_buckets, pooled=True)
         self._known = _Table(known_buckets)
+        self._clients = _Table(client_buckets)
 
     def client(self, address: str) -> str:
         """What an address counts as: its client (`sessiontable.client_key`)."""
@@ -139,9 +148,16 @@ class AuthFailures:
         return int(self._accounts.count(account_of(login), now, FORGET))
 
     def succeeded(self, address: str, login: str, now: float | None = None) -> None:
-        """`login` passed from `address`: from there, its account stays checked (`known`)."""
+        """`login` passed from `address`: from there, its account stays checked (`known`), and
+        the address is a known client (`known_client`)."""
         now = time.monotonic() if now is None else now
         self._known.add(self._pair(address, login), now, KNOWN_FOR)
+        self._clients.add(self.client(address), now, KNOWN_FOR)
+
+    def known_client(self, address: str, now: float | None = None) -> bool:
+        """Did any account log in from `address` (its client) lately?"""
+        now = time.monotonic() if now is None else now
+        return self._clients.count(self.client(address), now, KNOWN_FOR) > 0
 
     def known(self, address: str, login: str, now: float | None = None) -> bool:
         """Did `login`'s account log in from `address` (its client) lately?"""

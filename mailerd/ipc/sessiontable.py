@@ -26,7 +26,7 @@ import ipaddress
 import mmap
 
 BUCKETS = 16384
-POOLS = 3  # (worker.admission names them)
+POOLS = 4  # (worker.admission names them)
 _CELL = 4  # bytes: an unsigned 32-bit count
 
 

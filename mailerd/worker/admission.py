@@ -1,8 +1,8 @@
 """The session caps at connect: whether a new connection may have a session, counted over all
 workers (through the shared `ipc.sessiontable`), and the words of the 421 when it may not.
 
-**Capacity for each kind of client.** The listeners draw from three pools of --max-sessions:
-the local listeners' (the machine's own mail programs), the submission listeners' (the owner's
+**Capacity for each kind of client.** The listeners draw from pools of --max-sessions: the
+local listeners' (the machine's own mail programs), the submission listeners' (the owner's
 mail programs away from home) and the network listeners' (the Internet's servers). Each pool
 keeps --reserved-sessions places (default: a tenth of the total) that no other pool may take,
 so however many sessions the Internet holds on port 25 — legitimately, or trickling to hold
@@ -15,6 +15,18 @@ of their reserves. A reserve rather than pools of their own: --max-sessions stay
 the server's sessions in all (its memory, its descriptors), as it always was; a pool with no
 listener reserves nothing. The network pool's reserve is what the owner pools' leave when
 that is less (--reserved-sessions is checked against theirs alone, as before it had one).
+
+**Known clients.** The submission listeners' reserve is split in two pools: half of it
+(rounded up) is kept for known clients — addresses from which an account logged in within
+`authfailures.KNOWN_FOR` (30 days: `AuthFailures.known_client`) — and the rest for any client.
+The crowd of silent connections from a few dozen addresses that anyone may open on 587 and 465
+took the submission reserve and every free place, and the owner's own mail program was refused
+there; it now finds its part kept, which nobody else may take. A known client counts in the
+known pool for its whole session, and when that pool has no room it may still take a place as
+any client (its own reserve is a floor, never less than it had); an unknown client that logs in
+stays counted where it began (its next connection is known). The limit: an owner on a network
+it never logged in from (a hotel's) is not known yet, and competes with the crowd for the rest.
+The submission listeners together keep --reserved-sessions, as before.
 
 **Per client.** --max-sessions-per-ip counts the sessions of one client on the network and
 submission listeners (the local ones are the machine's own). A client is an IPv4 address, or
@@ -32,8 +44,9 @@ from mailerd.config import Config, ListenAddress
 from mailerd.ipc import sessiontable
 from mailerd.ipc.sessiontable import SessionCounter, client_key
 
-# The pools, as columns of the session table.
-LOCAL_POOL, SUBMISSION_POOL, NETWORK_POOL = range(sessiontable.POOLS)
+# The pools, as columns of the session table: KNOWN_POOL is the submission listeners' sessions
+# of known clients (`pool_of` never gives it: the worker moves a known client there).
+LOCAL_POOL, SUBMISSION_POOL, NETWORK_POOL, KNOWN_POOL = range(sessiontable.POOLS)
 POOLS = sessiontable.POOLS
 _POOL_OF_ROLE = {
     config.LOCAL: LOCAL_POOL,
@@ -74,9 +87,13 @@ class Caps:
         # The network's reserve: as many, or what the owners' leave (a configuration that was
         # valid before the network had one stays valid; an attacker's pass).
         network = min(reserved, cfg.max_sessions - reserved * owners) if owners else 0
-        reserves = tuple(
-            (network if pool == NETWORK_POOL else reserved) if pool in pools else 0
-            for pool in range(POOLS)
+        # The submission listeners' reserve, split: half (rounded up) for known clients.
+        known = (reserved + 1) // 2
+        reserves = (
+            reserved if LOCAL_POOL in pools else 0,
+            reserved - known if SUBMISSION_POOL in pools else 0,
+            network if NETWORK_POOL in pools else 0,
+            known if SUBMISSION_POOL in pools else 0,
         )
         return cls(cfg.max_sessions, cfg.max_sessions_per_ip, reserves, cfg.ipv6_prefix_length)
 
@@ -92,6 +109,16 @@ class Caps:
         if key is not None and counts.for_address(key) >= self.per_client:
             return CLIENT_FULL
         return None
+
+    def admit(self, counts: SessionCounter, pool: int, key: str | None) -> tuple[int, str | None]:
+        """The pool a new session counts in, and why it is refused (None: it may have one).
+        A known client takes a place of its own pool or, when that has no room, one of any
+        submission client (its part of the reserve is kept for it, not all it may have)."""
+        refusal = self.refusal(counts, pool, key)
+        if pool == KNOWN_POOL and refusal == SERVER_FULL:
+            pool = SUBMISSION_POOL
+            refusal = self.refusal(counts, pool, key)
+        return pool, refusal
 
     def room_in(self, counts: SessionCounter, pool: int) -> bool:
         """A place free in all, and what stays free after taking it still covers the other

@@ -86,7 +86,7 @@ class Worker:
         self.checks = ThreadPoolExecutor(4, thread_name_prefix="checks")
         # (Alone, without the master's shared table: it counts its own.)
         self.auth_failures = auth_failures or AuthFailures(
-            64, cfg.ipv6_prefix_length, account_buckets=64, known_buckets=64
+            64, cfg.ipv6_prefix_length, account_buckets=64, known_buckets=64, client_buckets=64
         )
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads, and
         # `logins` keeps a flood of AUTH attempts from queueing them without end.
@@ -164,13 +164,16 @@ class Worker:
 
     def admit(self, conn: Connection) -> Reply | None:
         """The session caps at connect, over all workers (see `admission`): the total with the
-        owner's reserves, and per client on the network and submission listeners."""
+        owner's reserves (a submission client that logged in lately has a part of its own),
+        and per client on the network and submission listeners."""
         self.accepted.discard(conn)
         if self.stopping:
             return SHUTTING_DOWN
         pool = admission.pool_of(conn.listen)
+        if pool == admission.SUBMISSION_POOL and self.auth_failures.known_client(conn.peer):
+            pool = admission.KNOWN_POOL
         key = self.caps.counted_key(conn.listen, conn.peer)
-        refusal = self.caps.refusal(self.sessions, pool, key)
+        pool, refusal = self.caps.admit(self.sessions, pool, key)
         if refusal is not None:
             return Session.refuse(self.cfg.hostname, refusal)
         self.connections[conn] = (pool, key)

@@ -10,12 +10,25 @@ import selectors
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from certs import make_ca
 
-from .conftest import Mailerd, SMTPConn, expect, free_port, mail_rcpt
+from .conftest import Mailerd, SMTPConn, expect, free_port, mail_rcpt, send_message
+from .test_tls import (
+    HELO,
+    Account,
+    Client,
+    TLSMailerd,
+    client_context,
+    make_pki,
+    message,
+    new_password,
+    passwd_conf,
+    set_password,
+)
 
 HOLD = 10.0  # seconds any one wait below may take before the test fails
 
@@ -119,7 +132,9 @@ def test_no_session_lasts_longer_than_max_session_time(mailerd_factory):
 
 def test_a_full_network_listener_leaves_the_owner_its_reserves(mailerd_factory, tmp_path):
     """--max-sessions 12 with 3 reserved for the local listener and 3 for the submission one:
-    the network listener holds 6 and no more; the owner's listeners still greet."""
+    the network listener holds 6 and no more; the owner's listeners still greet (of the
+    submission listener's 3, 2 are kept for clients that logged in lately, none here: see
+    test_a_crowd_on_the_submission_ports_leaves_a_known_client_its_place)."""
     m, submission = _twelve_places(mailerd_factory, tmp_path)
     held = _hold(m, 6, trusted=False)
     for _ in range(5):  # on either worker
@@ -128,7 +143,9 @@ def test_a_full_network_listener_leaves_the_owner_its_reserves(mailerd_factory, 
             expect(reply, 421, "4.7.0")
             assert "Too many connections, try again later" in reply.text
     owner = _hold(m, 3, trusted=True)
-    owner += _hold(m, 3, connect=lambda: SMTPConn("127.0.0.1", submission))
+    owner += _hold(m, 1, connect=lambda: SMTPConn("127.0.0.1", submission))
+    with SMTPConn("127.0.0.1", submission) as unknown:  # (the known clients' 2 stay free)
+        expect(unknown.banner(), 421, "4.7.0")
     with m.connect(trusted=True) as over:  # the reserves are spent, and the rest is taken
         expect(over.banner(), 421, "4.7.0")
     for c in held + owner:
@@ -138,10 +155,11 @@ def test_a_full_network_listener_leaves_the_owner_its_reserves(mailerd_factory, 
 def test_a_full_submission_listener_leaves_the_network_its_reserve(mailerd_factory, tmp_path):
     """A reviewer's finding: anyone may open a submission port (the login comes later), and a
     crowd of silent connections there took every place, so port 25 answered 421 to the
-    Internet's servers. --max-sessions 12 with 3 reserved for each pool: the submission
-    listener holds 6 and no more, and the network and local listeners still greet."""
+    Internet's servers. --max-sessions 12 with 3 reserved for each kind of listener: the
+    submission listener holds 4 (6 less the 2 kept for known clients) and no more, and the
+    network and local listeners still greet."""
     m, submission = _twelve_places(mailerd_factory, tmp_path)
-    held = _hold(m, 6, connect=lambda: SMTPConn("127.0.0.1", submission))
+    held = _hold(m, 4, connect=lambda: SMTPConn("127.0.0.1", submission))
     for _ in range(5):  # on either worker
         with SMTPConn("127.0.0.1", submission) as extra:
             expect(extra.banner(), 421, "4.7.0")
@@ -150,6 +168,94 @@ def test_a_full_submission_listener_leaves_the_network_its_reserve(mailerd_facto
         expect(over.banner(), 421, "4.7.0")
     for c in held:
         c.close()
+
+
+OWNER = "127.0.0.250"  # the owner's laptop: it logged in from here before
+STRANGER = "127.0.0.249"  # never logged in
+CROWD = [f"127.0.0.{i}" for i in range(2, 40)]
+
+
+def test_a_crowd_on_the_submission_ports_leaves_a_known_client_its_place(mailerd_factory, tmp_path):
+    """Anyone may open a submission port (the login comes after): a crowd of silent connections
+    from many addresses took the submission listeners' reserve and every free place, and the
+    owner's own mail program got 421 there. --max-sessions 12, 3 reserved for each listener
+    kind: of the submission listeners' 3, 2 are kept for clients that logged in lately, so the
+    crowd holds 4 places and no more; the owner's laptop, which logged in from 127.0.0.250
+    before, is greeted and sends; an address never seen is refused."""
+    pki = make_pki(tmp_path / "pki")
+    passwd = tmp_path / "passwd"
+    m: TLSMailerd = mailerd_factory(
+        start=False,
+        cls=TLSMailerd,
+        pairs=[pki.rsa],
+        passwd=passwd,
+        extra=["--max-sessions", "12", "--reserved-sessions", "3"],
+    )
+    owner = Account(m.new_user("owner"), new_password())
+    set_password(passwd, owner.user, owner.password, passwd_conf(tmp_path))
+    m.start()
+    sender = f"{owner.user}@example.org"
+
+    def owner_session(source: str) -> Client:
+        c = Client("127.0.0.1", m.submissions_port, source=source, tls=client_context(pki.ca))
+        expect(c.banner(), 220, conn=c)
+        expect(c.ehlo(HELO), 250, conn=c)
+        expect(c.auth_plain(owner.user, owner.password), 235, "2.7.0", conn=c)
+        return c
+
+    with owner_session(OWNER) as c:  # (the laptop at home, the day before)
+        expect(c.cmd("QUIT"), 221, conn=c)
+    # The crowd: silent sessions on the STARTTLS listener from many addresses, until the
+    # server has been refusing them for a second (the start-up probes' sessions and the
+    # owner's end asynchronously).
+    crowd: list[SMTPConn] = []
+    refusals: list[str] = []
+    deadline = time.monotonic() + HOLD
+    while len(refusals) < 10:
+        assert time.monotonic() < deadline, "the crowd was never refused"
+        c = Client("127.0.0.1", m.submission_port, source=CROWD[len(crowd) % len(CROWD)])
+        reply = c.banner()
+        if reply.code == 220:
+            crowd.append(c)
+            refusals.clear()
+            continue
+        c.close()
+        expect(reply, 421, "4.7.0")
+        refusals.append(reply.text)
+        time.sleep(0.1)
+    try:
+        assert "Too many connections, try again later" in refusals[-1]
+        # Silent connections to the implicit-TLS listener are refused at once too.
+        with socket.create_connection(
+            ("127.0.0.1", m.submissions_port), timeout=5, source_address=(CROWD[-1], 0)
+        ) as silent:
+            assert silent.recv(1024) == b"", "a connection past the crowd's places was taken"
+        # The owner's laptop, known by its address, is greeted, logs in and sends.
+        rcpt = m.new_user("rcpt")
+        token = f"known-{uuid.uuid4().hex}"
+        with owner_session(OWNER) as c:
+            send_message(c, f"{rcpt}@example.org", message(token, sender), sender=sender)
+            expect(c.cmd("QUIT"), 221, conn=c)
+        assert token.encode() in m.read(rcpt, m.wait_messages(rcpt, 1)[0])
+        # An address never seen competes with the crowd: refused, with the usual words.
+        with Client("127.0.0.1", m.submission_port, source=STRANGER) as c:
+            reply = expect(c.banner(), 421, "4.7.0")
+            assert "Too many connections, try again later" in reply.text
+        with socket.create_connection(
+            ("127.0.0.1", m.submissions_port), timeout=5, source_address=(STRANGER, 0)
+        ) as silent:
+            assert silent.recv(1024) == b"", "a stranger took the known clients' place"
+        # The crowd held the submission listeners' free places and their shared reserve,
+        # from many addresses; the local and network listeners keep theirs.
+        assert len(crowd) == 4 and len({c.sock.getsockname()[0] for c in crowd}) == 4
+        with m.connect(trusted=True) as c:
+            expect(c.banner(), 220)
+        with m.connect(trusted=False) as c:
+            expect(c.banner(), 220)
+    finally:
+        for c in crowd:
+            c.close()
+    assert not m.crashes()
 
 
 def _twelve_places(mailerd_factory, tmp_path) -> tuple[Mailerd, int]:

@@ -1,5 +1,6 @@
 """The session caps at connect (worker.admission) over a real shared session table: the
-owner's reserves, the per-client cap with IPv6 clients counted by prefix, and the options."""
+owner's reserves (the known clients' part of the submission listeners'), the per-client cap
+with IPv6 clients counted by prefix, and the options."""
 
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ from mailerd.ipc.sessiontable import SessionTable, counter
 from mailerd.worker import admission
 from mailerd.worker.admission import (
     CLIENT_FULL,
+    KNOWN_POOL,
     LOCAL_POOL,
     NETWORK_POOL,
     SERVER_FULL,
@@ -25,12 +27,21 @@ def load(*argv: str) -> config.Config:
 
 
 def fill(caps: Caps, counts, pool: int, key=None, limit: int = 10_000) -> int:
-    """Open sessions in `pool` until refused; how many were let in."""
+    """Open sessions of `pool`'s clients until refused (each counted where `Caps.admit` puts
+    it, as the worker does); how many were let in."""
     n = 0
-    while caps.refusal(counts, pool, key) is None and n < limit:
-        counts.opened(pool, key)
+    while n < limit:
+        counted, refusal = caps.admit(counts, pool, key)
+        if refusal is not None:
+            break
+        counts.opened(counted, key)
         n += 1
     return n
+
+
+def with_submission(cfg: config.Config, role: str = config.SUBMISSION) -> config.Config:
+    submission = config.ListenAddress("127.0.0.1", 2587, role)
+    return replace(cfg, listeners=(*cfg.listeners, submission))
 
 
 def test_a_full_network_pool_leaves_the_owner_its_reserves():
@@ -38,20 +49,24 @@ def test_a_full_network_pool_leaves_the_owner_its_reserves():
     submission = config.ListenAddress("127.0.0.1", 2587, config.SUBMISSION)
     cfg = replace(cfg, listeners=(*cfg.listeners, submission))
     caps = Caps.of(cfg)
-    assert caps.reserves == (10, 10, 10)
+    assert caps.reserves == (10, 5, 10, 5)  # (the submission listeners': 5 for known clients)
     counts = counter(SessionTable(2), 0)
     # The Internet takes all it can: the owner's twenty places stay free.
     assert fill(caps, counts, NETWORK_POOL) == 80
     assert caps.refusal(counts, NETWORK_POOL, None) == SERVER_FULL
     assert fill(caps, counts, LOCAL_POOL) == 10
-    assert fill(caps, counts, SUBMISSION_POOL) == 10
+    # A known client has the submission listeners' whole reserve when nobody else wants it:
+    # its own part, then the part of any client.
+    assert fill(caps, counts, KNOWN_POOL) == 10
+    assert (counts.in_pool(KNOWN_POOL), counts.in_pool(SUBMISSION_POOL)) == (5, 5)
     assert caps.refusal(counts, LOCAL_POOL, None) == SERVER_FULL
+    assert caps.admit(counts, SUBMISSION_POOL, None) == (SUBMISSION_POOL, SERVER_FULL)
 
 
 def test_a_pool_grows_past_its_reserve_into_free_places_only():
     cfg = replace(load(), max_sessions=20, reserved_sessions=5)
     caps = Caps.of(cfg)
-    assert caps.reserves == (5, 0, 5)  # no submission listener: nothing kept for it
+    assert caps.reserves == (5, 0, 5, 0)  # no submission listener: nothing kept for it
     counts = counter(SessionTable(1), 0)
     assert fill(caps, counts, LOCAL_POOL) == 15  # the network's reserve stays free
     assert fill(caps, counts, NETWORK_POOL) == 5
@@ -70,9 +85,53 @@ def test_a_full_submission_pool_leaves_the_network_its_reserve():
     submission = config.ListenAddress("127.0.0.1", 2465, config.SUBMISSIONS)
     caps = Caps.of(replace(cfg, listeners=(*cfg.listeners, submission)))
     counts = counter(SessionTable(2), 0)
-    assert fill(caps, counts, SUBMISSION_POOL) == 80
+    assert fill(caps, counts, SUBMISSION_POOL) == 75  # (5 kept for known clients)
     assert fill(caps, counts, NETWORK_POOL) == 10
     assert fill(caps, counts, LOCAL_POOL) == 10
+    assert fill(caps, counts, KNOWN_POOL) == 5
+
+
+def test_a_crowd_on_the_submission_listeners_leaves_known_clients_their_part():
+    """Anyone may open a submission port (the login comes after): a crowd of silent
+    connections from a few dozen addresses took the submission listeners' reserve and every
+    free place, and the owner's mail program got 421 there. Half of that reserve (rounded up)
+    is now kept for clients that logged in lately; the other pools' reserves are unchanged."""
+    cfg = with_submission(load("--max-sessions", "100", "--reserved-sessions", "10"))
+    caps = Caps.of(cfg)
+    counts = counter(SessionTable(2), 0)
+    listen = cfg.listeners[-1]
+    crowd = [caps.counted_key(listen, f"198.51.100.{n}") for n in range(30)]
+    admitted = sum(fill(caps, counts, SUBMISSION_POOL, key, limit=50) for key in crowd)
+    assert admitted == 75  # the free places, and the part of the reserve for any client
+    stranger = caps.counted_key(listen, "203.0.113.9")
+    assert caps.admit(counts, SUBMISSION_POOL, stranger) == (SUBMISSION_POOL, SERVER_FULL)
+    owner = caps.counted_key(listen, "192.0.2.50")
+    assert caps.admit(counts, KNOWN_POOL, owner) == (KNOWN_POOL, None)
+    assert fill(caps, counts, KNOWN_POOL, owner) == 5
+    assert caps.admit(counts, KNOWN_POOL, owner) == (SUBMISSION_POOL, SERVER_FULL)
+    # The network's and the local listeners' reserves are theirs as before.
+    assert fill(caps, counts, NETWORK_POOL) == 10 and fill(caps, counts, LOCAL_POOL) == 10
+    assert counts.total() == 100
+
+
+def test_a_known_client_is_held_to_its_cap_per_client():
+    cfg = replace(with_submission(load()), max_sessions_per_ip=2)
+    caps = Caps.of(cfg)
+    counts = counter(SessionTable(1), 0)
+    assert fill(caps, counts, KNOWN_POOL, "192.0.2.50") == 2
+    assert caps.admit(counts, KNOWN_POOL, "192.0.2.50") == (KNOWN_POOL, CLIENT_FULL)
+
+
+@pytest.mark.parametrize(
+    "reserved, reserves",
+    [(0, (0, 0, 0, 0)), (1, (1, 0, 1, 1)), (2, (2, 1, 2, 1)), (3, (3, 1, 3, 2))],
+)
+def test_the_known_clients_part_is_half_the_reserve_rounded_up(reserved, reserves):
+    for role in (config.SUBMISSION, config.SUBMISSIONS):  # (587 and 465 share the pool)
+        cfg = with_submission(
+            load("--max-sessions", "12", "--reserved-sessions", str(reserved)), role
+        )
+        assert Caps.of(cfg).reserves == reserves
 
 
 def test_reserves_hold_across_workers():
@@ -142,10 +201,17 @@ def test_the_options():
         load("--max-sessions", "10", "--reserved-sessions", "10")  # the network: no place
     # The network's reserve is what the owners' leave, when less: a configuration valid before
     # it had one stays valid (an attacker's pass: 20 sessions, 8 reserved, three pools).
-    assert Caps.of(load("--max-sessions", "10", "--reserved-sessions", "6")).reserves == (6, 0, 4)
+    caps = Caps.of(load("--max-sessions", "10", "--reserved-sessions", "6"))
+    assert caps.reserves == (6, 0, 4, 0)
     cfg = load("--max-sessions", "20", "--reserved-sessions", "8")
     submission = config.ListenAddress("127.0.0.1", 2587, config.SUBMISSION)
-    assert Caps.of(replace(cfg, listeners=(*cfg.listeners, submission))).reserves == (8, 8, 4)
+    caps = Caps.of(replace(cfg, listeners=(*cfg.listeners, submission)))
+    assert caps.reserves == (8, 4, 4, 4)  # (the submission listeners' 8: 4 for known clients)
+    counts = counter(SessionTable(1), 0)
+    assert fill(caps, counts, SUBMISSION_POOL) == 4  # (no place is free: the reserves are all)
+    assert fill(caps, counts, KNOWN_POOL) == 4  # (together, the 8 they had before)
+    assert fill(caps, counts, NETWORK_POOL) == 4 and fill(caps, counts, LOCAL_POOL) == 8
+    assert counts.total() == 20
     # Without a network listener, reserves past the total are cut to fit: those admitted
     # nobody at all (a second attacker's pass).
     owners_only = replace(
@@ -154,9 +220,12 @@ def test_the_options():
         listeners=(cfg.listeners[0], submission),
     )
     caps = Caps.of(owners_only)
-    assert caps.reserves == (5, 5, 0)
+    assert caps.reserves == (5, 2, 0, 3)
     counts = counter(SessionTable(1), 0)
-    assert fill(caps, counts, LOCAL_POOL) == 5 and fill(caps, counts, SUBMISSION_POOL) == 5
+    assert fill(caps, counts, LOCAL_POOL) == 5 and fill(caps, counts, KNOWN_POOL) == 5
+    counts = counter(SessionTable(1), 0)
+    assert fill(caps, counts, SUBMISSION_POOL) == 2 and fill(caps, counts, KNOWN_POOL) == 3
+    assert fill(caps, counts, LOCAL_POOL) == 5
     with pytest.raises(ConfigError, match="ipv6-prefix-length"):
         load("--ipv6-prefix-length", "129")
     with pytest.raises(ConfigError, match="min-data-rate"):

@@ -645,6 +645,40 @@ def test_an_account_sprayed_from_many_addresses_is_checked_only_where_it_logged_
     assert not table.known("192.0.2.50", "alice", now=gone)
 
 
+def test_an_address_any_account_logged_in_from_is_a_known_client_for_a_while():
+    """What the session caps ask at connect (a part of the submission listeners' places is
+    kept for known clients): a success makes its address known, for KNOWN_FOR; failures from
+    it do not, nor does asking."""
+    table = AuthFailures(256)
+    assert not table.known_client("192.0.2.50", now=0.0)  # (asking writes nothing)
+    for _ in range(authfailures.LOCKOUT):
+        table.failed("192.0.2.50", "alice", now=1.0)
+    assert not table.known_client("192.0.2.50", now=2.0)
+    table.succeeded("192.0.2.60", "Alice@example.org", now=2.0)
+    table.succeeded("2001:db8:5:5::1", "bob", now=2.0)
+    assert table.known_client("192.0.2.60", now=3.0)
+    assert table.known_client("::ffff:192.0.2.60", now=3.0)  # (its IPv4 address)
+    assert table.known_client("2001:db8:5:5:ffff::9", now=3.0)  # (its /64)
+    assert not table.known_client("2001:db8:5:6::1", now=3.0)
+    assert not table.known_client("192.0.2.61", now=3.0)
+    assert table.known_client("192.0.2.60", now=2.0 + authfailures.KNOWN_FOR - 1)
+    assert not table.known_client("192.0.2.60", now=2.0 + authfailures.KNOWN_FOR)
+    table.succeeded("192.0.2.60", "alice", now=authfailures.KNOWN_FOR)  # (each login renews)
+    assert table.known_client("192.0.2.60", now=2.0 + authfailures.KNOWN_FOR)
+
+
+def test_addresses_sprayed_at_the_server_never_make_a_known_client_unknown():
+    """Connections, failures and guessed accounts from many addresses write nothing in the
+    known clients' table, whose cells only a login takes over (here: one bucket for all)."""
+    table = AuthFailures(1, account_buckets=1, known_buckets=1, client_buckets=1)
+    table.succeeded("192.0.2.50", "alice", now=0.0)
+    for n in range(2000):
+        source = f"198.51.{n // 250}.{n % 250}"
+        assert not table.known_client(source, now=1.0)
+        table.failed(source, "alice" if n % 2 else f"guess{n}", now=1.0)
+    assert table.known_client("192.0.2.50", now=2.0)
+
+
 def test_a_name_sharing_a_locked_accounts_bucket_adds_to_it_never_starts_it_again():
     """Found by an attacker's pass: with names taking cells over, as addresses do, one
     failure of a name in alice's bucket (found by trying names until her lock lifted) started
