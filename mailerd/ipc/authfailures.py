@@ -34,7 +34,7 @@ guesses at another's password. The addresses an account logged in from are a tab
 own, written only by successes, so that failures cannot push them out.
 
 Known clients: the addresses (clients, as above) from which any account logged in within
-KNOWN_FOR are a third table, also written only by successes, and only read at connect (a
+KNOWN_FOR are a fourth table, also written only by successes, and only read at connect (a
 lookup writes nothing), so neither failures nor connections from addresses never seen can push
 a known one out. The session caps keep a part of the submission listeners' places for them
 (`worker.admission`): the owner's laptop gets in when a crowd holds the rest.

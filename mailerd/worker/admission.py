@@ -17,7 +17,7 @@ listener reserves nothing. The network pool's reserve is what the owner pools' l
 that is less (--reserved-sessions is checked against theirs alone, as before it had one).
 
 **Known clients.** The submission listeners' reserve is split in two pools: half of it
-(rounded up) is kept for known clients — addresses from which an account logged in within
+(rounded down) is kept for known clients — addresses from which an account logged in within
 `authfailures.KNOWN_FOR` (30 days: `AuthFailures.known_client`) — and the rest for any client.
 The crowd of silent connections from a few dozen addresses that anyone may open on 587 and 465
 took the submission reserve and every free place, and the owner's own mail program was refused
@@ -87,8 +87,11 @@ class Caps:
         # The network's reserve: as many, or what the owners' leave (a configuration that was
         # valid before the network had one stays valid; an attacker's pass).
         network = min(reserved, cfg.max_sessions - reserved * owners) if owners else 0
-        # The submission listeners' reserve, split: half (rounded up) for known clients.
-        known = (reserved + 1) // 2
+        # The submission listeners' reserve, split: half (rounded down) for known clients, so
+        # that any client keeps at least one place when there is a reserve (rounded up, a
+        # reserve of 1 was all known clients', and after a start, when nobody is known yet,
+        # nobody could log in where the reserves fill --max-sessions: an attacker's pass).
+        known = reserved // 2
         reserves = (
             reserved if LOCAL_POOL in pools else 0,
             reserved - known if SUBMISSION_POOL in pools else 0,

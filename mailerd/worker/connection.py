@@ -401,6 +401,9 @@ class Connection(asyncio.Protocol):
         user = worker.recent_logins.get(request.login, request.password, worker.loop.time())
         if user is None:
             return False
+        # (a success as any: its address becomes known, for the account's lockout and for the
+        # submission places kept for known clients; an attacker's pass found it was not)
+        worker.auth_failures.succeeded(self.peer, request.login)
         self.login_checked(request, user, unavailable=False)
         return True
 

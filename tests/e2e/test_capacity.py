@@ -133,7 +133,7 @@ def test_no_session_lasts_longer_than_max_session_time(mailerd_factory):
 def test_a_full_network_listener_leaves_the_owner_its_reserves(mailerd_factory, tmp_path):
     """--max-sessions 12 with 3 reserved for the local listener and 3 for the submission one:
     the network listener holds 6 and no more; the owner's listeners still greet (of the
-    submission listener's 3, 2 are kept for clients that logged in lately, none here: see
+    submission listener's 3, 1 is kept for clients that logged in lately, none here: see
     test_a_crowd_on_the_submission_ports_leaves_a_known_client_its_place)."""
     m, submission = _twelve_places(mailerd_factory, tmp_path)
     held = _hold(m, 6, trusted=False)
@@ -143,8 +143,8 @@ def test_a_full_network_listener_leaves_the_owner_its_reserves(mailerd_factory, 
             expect(reply, 421, "4.7.0")
             assert "Too many connections, try again later" in reply.text
     owner = _hold(m, 3, trusted=True)
-    owner += _hold(m, 1, connect=lambda: SMTPConn("127.0.0.1", submission))
-    with SMTPConn("127.0.0.1", submission) as unknown:  # (the known clients' 2 stay free)
+    owner += _hold(m, 2, connect=lambda: SMTPConn("127.0.0.1", submission))
+    with SMTPConn("127.0.0.1", submission) as unknown:  # (the known clients' 1 stays free)
         expect(unknown.banner(), 421, "4.7.0")
     with m.connect(trusted=True) as over:  # the reserves are spent, and the rest is taken
         expect(over.banner(), 421, "4.7.0")
@@ -156,10 +156,10 @@ def test_a_full_submission_listener_leaves_the_network_its_reserve(mailerd_facto
     """A reviewer's finding: anyone may open a submission port (the login comes later), and a
     crowd of silent connections there took every place, so port 25 answered 421 to the
     Internet's servers. --max-sessions 12 with 3 reserved for each kind of listener: the
-    submission listener holds 4 (6 less the 2 kept for known clients) and no more, and the
+    submission listener holds 5 (6 less the 1 kept for known clients) and no more, and the
     network and local listeners still greet."""
     m, submission = _twelve_places(mailerd_factory, tmp_path)
-    held = _hold(m, 4, connect=lambda: SMTPConn("127.0.0.1", submission))
+    held = _hold(m, 5, connect=lambda: SMTPConn("127.0.0.1", submission))
     for _ in range(5):  # on either worker
         with SMTPConn("127.0.0.1", submission) as extra:
             expect(extra.banner(), 421, "4.7.0")
@@ -179,8 +179,8 @@ def test_a_crowd_on_the_submission_ports_leaves_a_known_client_its_place(mailerd
     """Anyone may open a submission port (the login comes after): a crowd of silent connections
     from many addresses took the submission listeners' reserve and every free place, and the
     owner's own mail program got 421 there. --max-sessions 12, 3 reserved for each listener
-    kind: of the submission listeners' 3, 2 are kept for clients that logged in lately, so the
-    crowd holds 4 places and no more; the owner's laptop, which logged in from 127.0.0.250
+    kind: of the submission listeners' 3, 1 is kept for clients that logged in lately, so the
+    crowd holds 5 places and no more; the owner's laptop, which logged in from 127.0.0.250
     before, is greeted and sends; an address never seen is refused."""
     pki = make_pki(tmp_path / "pki")
     passwd = tmp_path / "passwd"
@@ -247,7 +247,7 @@ def test_a_crowd_on_the_submission_ports_leaves_a_known_client_its_place(mailerd
             assert silent.recv(1024) == b"", "a stranger took the known clients' place"
         # The crowd held the submission listeners' free places and their shared reserve,
         # from many addresses; the local and network listeners keep theirs.
-        assert len(crowd) == 4 and len({c.sock.getsockname()[0] for c in crowd}) == 4
+        assert len(crowd) == 5 and len({c.sock.getsockname()[0] for c in crowd}) == 5
         with m.connect(trusted=True) as c:
             expect(c.banner(), 220)
         with m.connect(trusted=False) as c:
@@ -512,3 +512,57 @@ def _probe(m: Mailerd, out: list[tuple[str, float, int]], stop: threading.Event)
             code = -1
         out.append((host, time.monotonic() - start, code))
         stop.wait(0.2)
+
+
+def test_a_login_answered_from_memory_makes_its_address_known_too(mailerd_factory, tmp_path):
+    """A login repeated within minutes is answered from the worker's memory of recent logins
+    (no argon2 check): that path did not record its address, so the owner who logged in at
+    home and then at a hotel was still a stranger at the hotel once a crowd came (an
+    attacker's pass). --max-sessions 12, 4 reserved for each listener kind: 2 known places."""
+    pki = make_pki(tmp_path / "pki")
+    passwd = tmp_path / "passwd"
+    m: TLSMailerd = mailerd_factory(
+        start=False,
+        cls=TLSMailerd,
+        pairs=[pki.rsa],
+        passwd=passwd,
+        workers=1,  # (the second login lands where the first is remembered)
+        extra=["--max-sessions", "12", "--reserved-sessions", "4"],
+    )
+    owner = Account(m.new_user("owner"), new_password())
+    set_password(passwd, owner.user, owner.password, passwd_conf(tmp_path))
+    m.start()
+    hotel = "127.0.0.248"
+
+    def login(source: str) -> None:
+        with Client(
+            "127.0.0.1", m.submissions_port, source=source, tls=client_context(pki.ca)
+        ) as c:
+            expect(c.banner(), 220, conn=c)
+            expect(c.ehlo(HELO), 250, conn=c)
+            expect(c.auth_plain(owner.user, owner.password), 235, "2.7.0", conn=c)
+            expect(c.cmd("QUIT"), 221, conn=c)
+
+    login(OWNER)  # checked: known
+    login(hotel)  # the same login a moment later: answered from memory
+    crowd: list[Client] = []
+    refusals = 0
+    deadline = time.monotonic() + HOLD
+    while refusals < 10:
+        assert time.monotonic() < deadline, "the crowd was never refused"
+        c = Client("127.0.0.1", m.submission_port, source=CROWD[len(crowd) % len(CROWD)])
+        if c.banner().code == 220:
+            crowd.append(c)
+            refusals = 0
+            continue
+        c.close()
+        refusals += 1
+        time.sleep(0.1)
+    try:
+        with Client("127.0.0.1", m.submission_port, source=hotel) as c:
+            expect(c.banner(), 220, conn=c)
+        with Client("127.0.0.1", m.submission_port, source=STRANGER) as c:
+            expect(c.banner(), 421, "4.7.0")
+    finally:
+        for c in crowd:
+            c.close()

@@ -124,9 +124,9 @@ def test_a_known_client_is_held_to_its_cap_per_client():
 
 @pytest.mark.parametrize(
     "reserved, reserves",
-    [(0, (0, 0, 0, 0)), (1, (1, 0, 1, 1)), (2, (2, 1, 2, 1)), (3, (3, 1, 3, 2))],
+    [(0, (0, 0, 0, 0)), (1, (1, 1, 1, 0)), (2, (2, 1, 2, 1)), (3, (3, 2, 3, 1))],
 )
-def test_the_known_clients_part_is_half_the_reserve_rounded_up(reserved, reserves):
+def test_the_known_clients_part_is_half_the_reserve_rounded_down(reserved, reserves):
     for role in (config.SUBMISSION, config.SUBMISSIONS):  # (587 and 465 share the pool)
         cfg = with_submission(
             load("--max-sessions", "12", "--reserved-sessions", str(reserved)), role
@@ -220,14 +220,35 @@ def test_the_options():
         listeners=(cfg.listeners[0], submission),
     )
     caps = Caps.of(owners_only)
-    assert caps.reserves == (5, 2, 0, 3)
+    assert caps.reserves == (5, 3, 0, 2)
     counts = counter(SessionTable(1), 0)
     assert fill(caps, counts, LOCAL_POOL) == 5 and fill(caps, counts, KNOWN_POOL) == 5
     counts = counter(SessionTable(1), 0)
-    assert fill(caps, counts, SUBMISSION_POOL) == 2 and fill(caps, counts, KNOWN_POOL) == 3
+    assert fill(caps, counts, SUBMISSION_POOL) == 3 and fill(caps, counts, KNOWN_POOL) == 2
     assert fill(caps, counts, LOCAL_POOL) == 5
     with pytest.raises(ConfigError, match="ipv6-prefix-length"):
         load("--ipv6-prefix-length", "129")
     with pytest.raises(ConfigError, match="min-data-rate"):
         load("--min-data-rate", "0")
     assert admission.pool_of(cfg.listeners[0]) == LOCAL_POOL
+
+
+@pytest.mark.parametrize(
+    "roles, total",
+    [
+        ((config.LOCAL, config.NETWORK, config.SUBMISSION), 3),
+        ((config.LOCAL, config.SUBMISSION), 2),
+        ((config.SUBMISSION,), 1),
+        ((config.NETWORK, config.SUBMISSIONS), 2),
+    ],
+)
+def test_after_a_start_a_submission_client_gets_in_where_reserves_fill_the_total(roles, total):
+    """Nobody is known after a start. With the known part rounded up, a reserve of 1 was all
+    known clients', and where the reserves fill --max-sessions nobody could ever log in on
+    587 or 465 (an attacker's pass); these configurations admitted one before the split."""
+    listeners = tuple(
+        config.ListenAddress("127.0.0.1", 2500 + n, role) for n, role in enumerate(roles)
+    )
+    cfg = replace(load(), listeners=listeners, max_sessions=total, reserved_sessions=1)
+    counts = counter(SessionTable(1), 0)
+    assert Caps.of(cfg).admit(counts, SUBMISSION_POOL, "192.0.2.1") == (SUBMISSION_POOL, None)
