@@ -31,6 +31,7 @@ import dns.exception
 import dns.name
 import dns.resolver
 
+from mailerd.idn import a_labels
 from mailerd.resolver import SystemResolverForbidden, make_resolver
 
 __all__ = ["Failure", "Route", "SystemResolverForbidden", "Target", "make_resolver", "resolve"]
@@ -150,6 +151,12 @@ def _domain_name(domain: str) -> dns.name.Name:
     text = domain.strip()
     if text in ("", ".") or text.startswith("."):
         raise ValueError("empty or malformed name")
+    if not text.isascii():  # (in A-labels by IDNA 2008: dnspython's own is IDNA 2003, which
+        # would look up faß.example's mail exchangers at fass.example, another domain)
+        converted = a_labels(text.rstrip("."))
+        if converted is None:
+            raise ValueError("cannot be encoded as IDNA")
+        text = converted
     try:
         # An absolute name: the resolver's search list must never be applied to mail domains.
         name = dns.name.from_text(text, origin=dns.name.root)

@@ -23,18 +23,13 @@ from dataclasses import dataclass
 
 from publicsuffix2 import PublicSuffixList
 
-from mailerd.headers import normal_domain
+from mailerd.headers import MAX_AUTHOR_DOMAINS, normal_domain
 from mailerd.inbound.lookups import Lookups, NotCached, TemporaryFailure
 from mailerd.inbound.sender_policy import SpfResult
 from mailerd.inbound.signatures import DkimResult
 from mailerd.remembered import Remembered
 
 PSL_FILE = "/usr/share/publicsuffix/public_suffix_list.dat"  # Debian's `publicsuffix`
-# Author domains judged at most: each costs lookups (a forger chooses them), and a From: of
-# more is no real author list (an attacker's pass sent 2,000). More are a permerror, and
-# enforce refuses the message (RFC 7489 6.6.1 lets a receiver reject a multi-author From:),
-# lest a p=reject domain hide among them.
-MAX_AUTHOR_DOMAINS = 10
 POLICIES = ("none", "quarantine", "reject")
 # A record starts with its version tag; RFC 7489's ABNF allows spaces around the "=", and its
 # "v" is case-insensitive but its DMARC1 (%x44 %x4d ...) is not.

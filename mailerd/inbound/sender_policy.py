@@ -49,12 +49,16 @@ def identity(sender: str, helo: str) -> tuple[str, str, str]:
 def check(bridge: Bridge, ip: str, sender: str, helo: str) -> SpfResult:
     """The SPF verdict (call it in a thread: it waits on DNS)."""
     kind, value, domain = identity(sender, helo)
-    if not domain or domain.startswith("[") or "." not in domain:
+    if not domain or domain.startswith("[") or "." not in domain or not domain.isascii():
         return SpfResult("none", kind, value, domain, "no domain to check")
     _local.bridge = bridge
+    # pyspf's query: `s` the sender (postmaster@HELO for <>, RFC 7208 2.4), `h` the HELO. The
+    # sender's domain in the A-labels DMARC aligns: given in U-labels, pyspf had dnspython
+    # convert it by IDNA 2003, and a MAIL FROM at faß.example was checked against fass.example's
+    # record, whose pass then aligned with a From: at faß.example (an attacker's pass).
+    local = sender.rpartition("@")[0] if sender else "postmaster"
     try:
-        # pyspf's query: `s` the sender (postmaster@HELO for <>, RFC 7208 2.4), `h` the HELO.
-        query = _Query(i=ip, s=sender or f"postmaster@{domain}", h=helo, timeout=bridge.timeout)
+        query = _Query(i=ip, s=f"{local}@{domain}", h=helo, timeout=bridge.timeout)
         result, _code, explanation = query.check()
     except TemporaryFailure as exc:
         return SpfResult("temperror", kind, value, domain, str(exc))

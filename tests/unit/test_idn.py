@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mailerd.headers import normal_domain
 from mailerd.idn import a_labels
 
 
@@ -20,10 +21,27 @@ from mailerd.idn import a_labels
         # IDNA 2003 for what IDNA 2008 refuses and readers still show
         ("i❤.ws", "xn--i-7iq.ws"),
         ("exa\u200dmple.com", "example.com"),  # a joiner out of place: a reader sees example.com
+        # label by label: one label IDNA 2008 refuses does not send the others to IDNA 2003
+        ("faß.exa\u200dmple", "xn--fa-hia.example"),
+        ("faß.example\u200d", "xn--fa-hia.example"),
+        ("faß\u200d.example", "xn--fa-hia.example"),  # a joiner out of place: dropped
+        ("faß❤.example", None),  # IDNA 2003 would make the ß ss: no name
+        ("ΟΔΟΣ.example", "xn--pxavbq.example"),  # Σ: σ (str.lower() makes a final one ς)
+        ("faß\u3002example", "xn--fa-hia.example"),  # an ideographic full stop is a dot
         # no name at all
         ("a..example", None),
         ("é" + "x" * 70 + ".example", None),  # a label over 63 octets
+        ("bank.example\uff3c", None),  # a wide backslash: mapped to one, no label has it
+        ("\u0915\u094d\u0937" * 20 + ".faß.example", None),  # too long once in A-labels
     ],
 )
 def test_a_labels(domain: str, expected: str | None):
     assert a_labels(domain) == expected
+
+
+def test_a_domain_is_not_lower_cased_before_uts_46_maps_it():
+    """str.lower() makes a final Σ ς, where UTS 46 (what readers resolve) makes σ: the domain
+    judged was another than the one readers look up. (ẞ is left out: UTS 46 maps it to ss
+    before Unicode 15.1, to ß since, and the idna package follows the data it ships.)"""
+    assert normal_domain("ΟΔΟΣ.Example.") == "xn--pxavbq.example"
+    assert normal_domain("BANK.Example") == "bank.example"

@@ -140,6 +140,14 @@ $ORIGIN xn--bcher-kva.test.
 @        MX 10 mx
 mx       A 192.0.2.100
 
+$ORIGIN xn--fa-hia.test.
+@        MX 10 mx
+mx       A 192.0.2.101
+
+$ORIGIN fass.test.
+@        MX 10 mx
+mx       A 192.0.2.102
+
 $ORIGIN thismachine.test.
 @        MX 10 zero4
 @        MX 20 zero6
@@ -582,6 +590,13 @@ def test_malformed_literal_is_permanent(literal):
 def test_non_ascii_domain_is_looked_up_as_idna(resolver):
     route = resolve(resolver, "Bücher.test")
     assert route.targets == (mx.Target("mx.xn--bcher-kva.test", 10, ("192.0.2.100",)),)
+
+
+def test_a_domain_with_eszett_is_looked_up_by_idna_2008(resolver):
+    """dnspython converts by IDNA 2003, which makes faß.test fass.test, another domain: its
+    mail exchangers got faß.test's mail."""
+    route = resolve(resolver, "faß.test")
+    assert route.targets == (mx.Target("mx.xn--fa-hia.test", 10, ("192.0.2.101",)),)
 
 
 @pytest.mark.parametrize("domain", ["a..b.test", "x" * 64 + ".test", "", ".test", "sp ace.test"])
