@@ -71,6 +71,8 @@ def from_domains(message: bytes) -> list[str] | None:
     read = _address_domains if len(values) == 1 else _lenient_domains
     for value in values:
         domains.update(dict.fromkeys(read(value)[0]))
+        if len(domains) > MAX_AUTHOR_DOMAINS:  # (judged a permerror: no need to read on)
+            break
     return list(domains) or None
 
 
@@ -88,22 +90,34 @@ def from_addresses(message: bytes) -> list[tuple[str, str]] | None:
 
 def _read_authors(value: bytes) -> tuple[tuple[str, str], ...] | None:
     """`from_addresses` of one From: field's value: None for a named group (a reader may show
-    its name as the author), a defect other than a display name's (`_phrase_defect`), or a
-    domain that is no DNS name (an encoded-word there is read as text, not decoded)."""
+    its name as the author), a defect other than a display name's (`_phrase_defect`), a
+    domain that is no DNS name (an encoded-word there is read as text, not decoded), white
+    space other than SP and HTAB (`_ODD_SPACE`), or an angle bracket in a display name."""
     text = _field_text(value)
     if len(text) > STRICT_MAX:
+        return None
+    if _ODD_SPACE.search(text):
         return None
     try:
         parsed = email.policy.default.header_factory("From", text)
         found = [(str(a.username), str(a.domain)) for a in parsed.addresses]
         grouped = any(group.display_name is not None for group in parsed.groups)
+        names = "".join(str(a.display_name) for a in parsed.addresses)
     except Exception:  # (its bugs: `a@[ ` raised UnboundLocalError, an attacker's pass)
         return None
     if not found or grouped or not all(map(_phrase_defect, parsed.defects)):
         return None
+    if "<" in names or ">" in names:  # (`"Bob <bob@…>" <alice@…>`: an older parser's Bob)
+        return None
     authors = tuple((local, normal_domain(domain)) for local, domain in found)
     return authors if all(_DNS_NAME.fullmatch(domain) for _, domain in authors) else None
 
+
+# White space other than SP, HTAB and the CRLF of a fold: the strict parser drops a no-break
+# space inside an address (`bob@example.org\xa0x` read as bob@example.orgx, another domain),
+# where readers end the address there (an attacker's pass). Such a field is not read cleanly.
+# (A no-break space or a next line in Latin-1, a byte no UTF-8 reading takes, is one too.)
+_ODD_SPACE = re.compile("[^\\S \t\r\n]|[\udca0\udc85]")
 
 # A domain name in A-labels: letters, digits and hyphens, labels of 1 to 63, 253 in all
 _DNS_NAME = re.compile(r"(?=.{1,253}\Z)(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
@@ -142,10 +156,10 @@ def _from_fields(message: bytes) -> list[bytes]:
     values = []
     for match in _FROM_NAME.finditer(message, 0, end):
         stop = match.end()
-        while True:  # (to the end of the field: its continuation lines begin with SP or HTAB)
+        while True:  # (to the end of the field: see _CONTINUED)
             stop = message.find(b"\r\n", stop, end)
             stop = end if stop < 0 else stop + 2
-            if stop >= end or message[stop : stop + 1] not in (b" ", b"\t"):
+            if stop >= end or not _CONTINUED.match(message, stop, end):
                 break
         values.append(message[match.end() : stop])
     return values
@@ -155,14 +169,23 @@ def _from_fields(message: bytes) -> list[bytes]:
 # as a reader that trims Unicode white space takes it, a no-break space or another space
 # before or after it: an attacker's pass hid a second author in `From\xa0:`, which Node's
 # mail parsers read as From:). A line that begins with SP or HTAB continues the field before.
+# The name may be folded before its colon (`From` CRLF SP `:`), as `fields` and readers take
+# it (an attacker's pass hid the other user's address there).
 _SPACE = rb"(?:\xc2\xa0|[\xa0\x85\x0b\x0c\x1c-\x1f])"
 _FROM_NAME = re.compile(
-    rb"(?:\A|(?<=\n))" + _SPACE + rb"*from(?:[ \t]|" + _SPACE + rb")*:", re.IGNORECASE
+    rb"(?:\A|(?<=\n))" + _SPACE + rb"*from(?:[ \t]|\r\n[ \t]|" + _SPACE + rb")*:",
+    re.IGNORECASE,
 )
+# A line that continues a From: field: it begins with SP or HTAB, or, for a reader that takes
+# other white space for a fold (mailauth), with one of _SPACE: the From: field is read to its
+# end either way (more addresses can only make the reading stricter).
+_CONTINUED = re.compile(rb"[ \t]|" + _SPACE)
 
 
 # What follows an @ in a From: field read leniently: a domain as a reader's program shows it
-_AT_DOMAIN = re.compile(r"@([^\s<>,;:\"()\[\]@\\]+)")
+# (a byte that is no UTF-8, kept as a surrogate, ends it too: a Latin-1 no-break space is
+# white space to a reader that decodes Latin-1)
+_AT_DOMAIN = re.compile('@([^\\s<>,;:"()\\[\\]@\\\\\udc80-\udcff]+)')
 
 
 def _lenient_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
@@ -187,8 +210,14 @@ def _read_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
         parsed = email.policy.default.header_factory("From", text)
         addresses = parsed.addresses
         strict = [str(a.domain) for a in addresses if a.domain]
-        # (a defect: the parser left something out, as `x@evil <ceo@bank>` loses <ceo@bank>)
-        clean = bool(addresses) and len(strict) == len(addresses) and not parsed.defects
+        # (a defect: the parser left something out, as `x@evil <ceo@bank>` loses <ceo@bank>;
+        # a display name's leave the addresses as they are)
+        clean = (
+            bool(addresses)
+            and len(strict) == len(addresses)
+            and all(map(_phrase_defect, parsed.defects))
+            and not _ODD_SPACE.search(text)
+        )
     except Exception:  # (comments nested a thousand deep: RecursionError; `a@[ `: its bug)
         clean = False
     # (not clean: what the strict parser made of it cannot be trusted, `Info @ Shop <…>`

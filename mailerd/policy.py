@@ -10,6 +10,7 @@ re-parsed as routing. Whether a local mailbox *exists* is I/O and is asked by th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailerd.aliases import Aliases
@@ -119,21 +120,23 @@ def author_refusal(
     *,
     local_domains: tuple[str, ...],
     aliases: Aliases = _NO_ALIASES,
+    aligned: Callable[[str], bool] = lambda domain: False,
 ) -> Reply | None:
     """Why authenticated `user`'s message is refused for its From: field (`authors`, as
-    `headers.from_addresses` reads it), or None: every address there at a local domain must
-    be one the user may send as (`sender_owned`), as the envelope sender must. Else a user
-    would send as another one (or as the postmaster) in the field readers see and DMARC
-    checks, and our DKIM signature and SPF would make it pass. An author at another domain
-    is let through (a redirect keeps the original author; a form sends for its visitor): our
-    signature and SPF cannot pass DMARC for it, which its own domain's policy decides. No
-    From: field claims no one (one is added then)."""
+    `headers.from_addresses` reads it), or None: every address there at a local domain, or at
+    one DMARC would align with ours (`aligned`: the same organisational domain, where relaxed
+    alignment passes on our SPF), must be one the user may send as (`sender_owned`), as the
+    envelope sender must. Else a user would send as another one (or as the postmaster) in the
+    field readers see and DMARC checks, and our DKIM signature and SPF would make it pass. An
+    author at another domain is let through (a redirect keeps the original author; a form
+    sends for its visitor): our signature and SPF cannot pass DMARC for it, which its own
+    domain's policy decides. No From: field claims no one (one is added then)."""
     if authors is None:
         return Reply(
             550, "5.7.1", f"From: header rejected: must be one well-formed field (user {user})"
         )
     for local, domain in authors:
-        if not is_local_domain(domain, local_domains):
+        if not is_local_domain(domain, local_domains) and not aligned(domain):
             continue
         address = Address(local, domain, False)
         if not sender_owned(address, user, local_domains=local_domains, aliases=aliases):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 
 from mailerd import durable, headers, policy, recipients, tls
 from mailerd.config import NETWORK, ListenAddress
+from mailerd.inbound import dmarc
 from mailerd.inbound.verifier import HEADER_TOO_LARGE, unchecked, unscannable
 from mailerd.ipc.messages import Commit, Target
 from mailerd.log import shorten
@@ -527,11 +528,14 @@ class Connection(asyncio.Protocol):
         if unscannable(body, head, headers.section_end(head)):
             return HEADER_TOO_LARGE
         cfg = self.worker.cfg
+        local = _with_a_labels(cfg.domains)
+        ours = _organisations(local)
         return policy.author_refusal(
             headers.from_addresses(head),
             user,
-            local_domains=_with_a_labels(cfg.domains),
+            local_domains=local,
             aliases=cfg.aliases,
+            aligned=lambda domain: dmarc.organizational_domain(domain) in ours,
         )
 
     def log_rejected(self, event: Rejected) -> None:
@@ -817,6 +821,14 @@ def _with_a_labels(domains: tuple[str, ...]) -> tuple[str, ...]:
     """The local domains as configured and in A-labels, as `headers.from_addresses` gives a
     From: field's (a domain may be configured in U-labels)."""
     return tuple(dict.fromkeys((*domains, *map(headers.normal_domain, domains))))
+
+
+@functools.lru_cache(maxsize=4)
+def _organisations(domains: tuple[str, ...]) -> frozenset[str]:
+    """The organisational domains of the local domains: an author at any domain under one of
+    them aligns with ours by DMARC's relaxed rule (serving lists.example.org, our SPF passes
+    DMARC for ceo@example.org: an attacker's pass)."""
+    return frozenset(dmarc.organizational_domain(domain) for domain in domains)
 
 
 def _line(reply: Reply) -> str:

@@ -821,6 +821,9 @@ def test_an_alias_named_after_a_user_is_that_users_alone(
         ('"bob@example.org": alice@example.org;', None),  # a named group: its name may show
         ("alice@[ ", None),  # the parser's UnboundLocalError: not read
         ("alice@=?utf-8?q?x=3Cbob=40example.org=3E.example.org?=", None),  # no DNS name
+        ("bob@example.org\u00a0Bob", None),  # read as bob@example.orgbob by the parser
+        ('"Bob <bob@example.org>" <alice@example.org>', None),  # an older parser's Bob
+        ('"Bob\r\n <bob@example.org>" <alice@example.org>', None),
         ("alice", None),  # no domain
         ("undisclosed:;", None),
         ("<@route.example:alice@example.org>", None),
@@ -834,7 +837,9 @@ def test_from_addresses(field: str, authors):
     assert headers.from_addresses(b"From: a@example.org\r\nFrom: a@example.org\r\n\r\n") is None
 
 
-@pytest.mark.parametrize("name", [b"From\xa0", b"\xa0from", b"FROM\xc2\xa0", b"From \t"])
+@pytest.mark.parametrize(
+    "name", [b"From\xa0", b"\xa0from", b"FROM\xc2\xa0", b"From \t", b"From\r\n ", b"From \r\n\t"]
+)
 def test_a_field_a_reader_may_take_for_from_counts_as_one(name: bytes):
     """`From\xa0:` is no From: field to Python or dkimpy, but Node's mail parsers trim the
     no-break space and show its address (an attacker's pass hid another user there)."""
@@ -843,6 +848,18 @@ def test_a_field_a_reader_may_take_for_from_counts_as_one(name: bytes):
     assert headers.from_domains(message) == ["example.org", "evil.example"]
     continued = b"From: alice@example.org\r\nX: y\r\n From: bob@evil.example\r\n\r\n"
     assert headers.from_addresses(continued) == [("alice", "example.org")]
+    # A line begun by other white space continues the field for some readers (mailauth).
+    for space in (b"\x0c", b"\x0b", b"\xa0", b"\xc2\xa0"):
+        folded = b"From: alice@example.org\r\n" + space + b"bob@evil.example\r\n\r\nhi\r\n"
+        assert headers.from_addresses(folded) is None
+        assert headers.from_domains(folded) == ["example.org", "evil.example"]
+
+
+def test_the_readings_of_port_25_and_of_the_signer():
+    """A no-break space ends an address for readers; the strict parser read past it, to
+    another domain (bank.examplex). A display name's defects leave a From: signable."""
+    assert headers.from_domains(b"From: ceo@bank.example\xc2\xa0x\r\n\r\n") == ["bank.example"]
+    assert headers.from_domain(b"From: Dr. Alice <a@example.org>\r\n\r\n") == "example.org"
 
 
 @pytest.mark.parametrize(
@@ -853,6 +870,7 @@ def test_a_field_a_reader_may_take_for_from_counts_as_one(name: bytes):
         ([("alice", "example.org"), ("bob", "example.org")], "address"),
         ([("alice", "remote.example")], None),  # another domain's own policy decides
         ([("alice", "remote.example"), ("bob", "mail.example.org")], "address"),
+        ([("ceo", "parent.example")], "address"),  # aligned with lists.parent.example
         ([("postmaster", "example.org")], "address"),
         (None, "header"),
     ],
@@ -862,7 +880,13 @@ def test_author_refusal(tmp_path: Path, authors, refused):
     path.write_text(ALIASES)
     domains = ("example.org",)
     table = Aliases.load(str(path), domains)
-    reply = policy.author_refusal(authors, "alice", local_domains=domains, aliases=table)
+    reply = policy.author_refusal(
+        authors,
+        "alice",
+        local_domains=domains,
+        aliases=table,
+        aligned=lambda domain: domain.endswith("parent.example"),
+    )
     if refused is None:
         assert reply is None
     else:
