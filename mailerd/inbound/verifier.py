@@ -186,6 +186,25 @@ class Verifier:
             self.spf_memo.put(ip, sender, helo, spf, self.cached.expires)
         return spf
 
+    def _dkim_thread(
+        self,
+        began: dict[str, float],
+        keys: Bridge,
+        body: durable.Body,
+        authors: Sequence[str],
+        progress: signatures.Progress,
+    ) -> asyncio.Future[list[DkimResult]]:
+        """`_dkim` in a check thread. A body in a file is read there through a descriptor of
+        its own, closed when the job ends: one still queued when the time is up runs after
+        the commit has closed the body's, whose number may be another session's socket by then
+        (an attacker's pass saw it read one)."""
+        own = os.dup(body) if isinstance(body, int) else body
+        job = self.executor.submit(_begun, began, "dkim", _dkim, keys, own, authors, progress)
+        if isinstance(own, int):
+            fd = own
+            job.add_done_callback(lambda _job: os.close(fd))
+        return asyncio.wrap_future(job, loop=self.loop)
+
     async def _in_threads(
         self,
         ip: str,
@@ -213,9 +232,7 @@ class Verifier:
         keys = Bridge(self.lookups, self.loop, self.timeout, deadline=deadline)
         progress = signatures.Progress()
         dkim_future = (
-            self.loop.run_in_executor(
-                self.executor, _begun, began, "dkim", _dkim, keys, body, authors, progress
-            )
+            self._dkim_thread(began, keys, body, authors, progress)
             if signed
             else _done([DkimResult("none")])
         )
@@ -288,6 +305,7 @@ def _begun(began: dict[str, float], name: str, check: Callable[..., T], *args: A
 def _dkim(
     bridge: Bridge, body: durable.Body, authors: Sequence[str], progress: signatures.Progress
 ) -> list[DkimResult]:
+    """(In a check thread.) The DKIM results of the message."""
     return signatures.verify(bridge, durable.read_body(body), authors, progress)
 
 

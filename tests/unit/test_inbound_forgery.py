@@ -519,6 +519,55 @@ def test_checks_that_cannot_begin_defer_a_forged_message_under_enforce(server):
     assert free.refusal is not None and free.refusal.code == 550, free
 
 
+def test_a_dkim_check_run_late_reads_the_body_it_was_given(server, rsa_key, monkeypatch, tmp_path):
+    """A DKIM check still queued when the time is up ran after the commit had closed the
+    body's descriptor, whose number was another file's or another session's socket by then
+    (an attacker's pass saw one read): the check reads a descriptor of its own."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mailerd.inbound import verifier as verifier_module
+    from mailerd.inbound.lookups import Lookups
+    from mailerd.inbound.verifier import DkimResult, Verifier
+
+    read: list[bytes] = []
+
+    def recording(bridge, body, authors, progress):
+        read.append(os.pread(body, 5, 0))
+        return [DkimResult("none")]
+
+    monkeypatch.setattr(verifier_module, "_dkim", recording)
+    message = tmp_path / "message"
+    message.write_bytes(sign(rsa_key, mail(b"<ceo@bank.example>")))
+    other = tmp_path / "other"
+    other.write_bytes(b"OTHER")
+
+    async def main() -> None:
+        release = threading.Event()
+        with ThreadPoolExecutor(1) as threads:
+            threads.submit(release.wait, 5)  # (the only thread: SPF and DKIM wait behind it)
+            verifier = Verifier(
+                "mx.example.org",
+                Lookups.make((server.host, server.port), 0.3),
+                asyncio.get_running_loop(),
+                threads,
+                timeout=0.3,
+                enforce=False,
+            )
+            fd = os.open(message, os.O_RDONLY)
+            try:
+                await verifier.check("127.0.0.1", "client.test", "", fd)
+            finally:
+                os.close(fd)
+            reused = os.open(other, os.O_RDONLY)  # (the lowest number free: the body's)
+            release.set()
+        os.close(reused)
+
+    asyncio.run(main())
+    assert read == [b"DKIM-"], read
+
+
 def slow_checks(monkeypatch, seconds: float, spare: bytes | None = None) -> None:
     """Each signature's check takes `seconds` more (those whose field holds `spare` excepted),
     as a costly body or a slow key would make it: a check thread that runs late."""
