@@ -102,12 +102,12 @@ def _read_authors(value: bytes) -> tuple[tuple[str, str], ...] | None:
         parsed = email.policy.default.header_factory("From", text)
         found = [(str(a.username), str(a.domain)) for a in parsed.addresses]
         grouped = any(group.display_name is not None for group in parsed.groups)
-        names = "".join(str(a.display_name) for a in parsed.addresses)
+        named = [(str(a.display_name), f"{a.username}@{a.domain}") for a in parsed.addresses]
     except Exception:  # (its bugs: `a@[ ` raised UnboundLocalError, an attacker's pass)
         return None
     if not found or grouped or not all(map(_phrase_defect, parsed.defects)):
         return None
-    if "<" in names or ">" in names:  # (`"Bob <bob@…>" <alice@…>`: an older parser's Bob)
+    if any(_other_address_in(name, address) for name, address in named):
         return None
     authors = tuple((local, normal_domain(domain)) for local, domain in found)
     return authors if all(_DNS_NAME.fullmatch(domain) for _, domain in authors) else None
@@ -117,10 +117,23 @@ def _read_authors(value: bytes) -> tuple[tuple[str, str], ...] | None:
 # space inside an address (`bob@example.org\xa0x` read as bob@example.orgx, another domain),
 # where readers end the address there (an attacker's pass). Such a field is not read cleanly.
 # (A no-break space or a next line in Latin-1, a byte no UTF-8 reading takes, is one too.)
-_ODD_SPACE = re.compile("[^\\S \t\r\n]|[\udca0\udc85]")
+# (And U+FEFF, U+180E: white space to JavaScript's readers, not to Python: a third pass.)
+_ODD_SPACE = re.compile("[^\\S \t\r\n]|[\udca0\udc85\ufeff\u180e]")
 
 # A domain name in A-labels: letters, digits and hyphens, labels of 1 to 63, 253 in all
 _DNS_NAME = re.compile(r"(?=.{1,253}\Z)(?!-)[a-z0-9-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+
+
+def _other_address_in(name: str, address: str) -> bool:
+    """Does a display name with angle brackets hold an address other than its own? An older
+    parser (email.utils.getaddresses) reads `"Bob <bob@…>" <alice@…>` as Bob's; Outlook
+    writes `"Alice <alice@…>" <alice@…>`, which is no other."""
+    if "<" not in name and ">" not in name:
+        return False
+    return any(found.lower() != address.lower() for found in _NAMED_ADDRESS.findall(name))
+
+
+_NAMED_ADDRESS = re.compile(r'[^\s<>"(),;:]+@[^\s<>"(),;:]+')
 
 
 def _phrase_defect(defect: email.errors.MessageDefect) -> bool:
@@ -185,7 +198,7 @@ _CONTINUED = re.compile(rb"[ \t]|" + _SPACE)
 # What follows an @ in a From: field read leniently: a domain as a reader's program shows it
 # (a byte that is no UTF-8, kept as a surrogate, ends it too: a Latin-1 no-break space is
 # white space to a reader that decodes Latin-1)
-_AT_DOMAIN = re.compile('@([^\\s<>,;:"()\\[\\]@\\\\\udc80-\udcff]+)')
+_AT_DOMAIN = re.compile('@([^\\s<>,;:"()\\[\\]@\\\\\udc80-\udcff\ufeff\u180e]+)')
 
 
 def _lenient_domains(value: bytes) -> tuple[tuple[str, ...], bool]:

@@ -39,13 +39,16 @@ def a_labels(domain: str) -> str | None:
     except (idna.IDNAError, UnicodeError, ValueError):  # (a character UTS 46 disallows)
         mapped = domain
     labels = []
+    length = -1
     for label in _DOTS.split(mapped):
         converted = _label(label)
         if converted is None or not _LABEL.fullmatch(converted):
             return None
         labels.append(converted)
-    name = ".".join(labels)
-    return name if len(name) <= NAME_MAX else None
+        length += 1 + len(converted)
+        if length > NAME_MAX:  # (no need to convert the rest: 124 labels cost 3.9 ms)
+            return None
+    return ".".join(labels)
 
 
 def _label(label: str) -> str | None:

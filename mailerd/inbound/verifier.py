@@ -199,7 +199,12 @@ class Verifier:
         the commit has closed the body's, whose number may be another session's socket by then
         (an attacker's pass saw it read one)."""
         own = os.dup(body) if isinstance(body, int) else body
-        job = self.executor.submit(_begun, began, "dkim", _dkim, keys, own, authors, progress)
+        try:
+            job = self.executor.submit(_begun, began, "dkim", _dkim, keys, own, authors, progress)
+        except BaseException:  # (the executor shut down: a worker stopping)
+            if isinstance(own, int):
+                os.close(own)
+            raise
         if isinstance(own, int):
             fd = own
             job.add_done_callback(lambda _job: os.close(fd))

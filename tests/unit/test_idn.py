@@ -45,3 +45,16 @@ def test_a_domain_is_not_lower_cased_before_uts_46_maps_it():
     before Unicode 15.1, to ß since, and the idna package follows the data it ships.)"""
     assert normal_domain("ΟΔΟΣ.Example.") == "xn--pxavbq.example"
     assert normal_domain("BANK.Example") == "bank.example"
+
+
+def test_a_name_too_long_is_given_up_before_all_its_labels_are_converted(monkeypatch):
+    """124 labels of ❤ cost 3.9 ms a name, converted whole before the length was measured
+    (a third attacker's pass: 11 such names a From: field held the event loop 45-70 ms). The
+    conversion stops once the name is past 253 octets: 32 labels of xn--qei."""
+    from mailerd import idn
+
+    converted = []
+    real = idn._label
+    monkeypatch.setattr(idn, "_label", lambda label: converted.append(label) or real(label))
+    assert a_labels(".".join(["\u2764"] * 124) + ".example") is None
+    assert len(converted) == 32, len(converted)

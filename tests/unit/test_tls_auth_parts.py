@@ -823,6 +823,9 @@ def test_an_alias_named_after_a_user_is_that_users_alone(
         ("alice@=?utf-8?q?x=3Cbob=40example.org=3E.example.org?=", None),  # no DNS name
         ("bob@example.org\u00a0Bob", None),  # read as bob@example.orgbob by the parser
         ('"Bob <bob@example.org>" <alice@example.org>', None),  # an older parser's Bob
+        ('"Alice <alice@example.org>" <alice@example.org>', [("alice", "example.org")]),
+        ('"Sales <sales>" <alice@example.org>', [("alice", "example.org")]),
+        ("bob@example.org\ufeffBob", None),  # U+FEFF: white space to JavaScript's readers
         ('"Bob\r\n <bob@example.org>" <alice@example.org>', None),
         ("alice", None),  # no domain
         ("undisclosed:;", None),
@@ -859,6 +862,9 @@ def test_the_readings_of_port_25_and_of_the_signer():
     """A no-break space ends an address for readers; the strict parser read past it, to
     another domain (bank.examplex). A display name's defects leave a From: signable."""
     assert headers.from_domains(b"From: ceo@bank.example\xc2\xa0x\r\n\r\n") == ["bank.example"]
+    assert headers.from_domains("From: ceo@bank.example\ufeffx\r\n\r\n".encode()) == [
+        "bank.example"
+    ]
     assert headers.from_domain(b"From: Dr. Alice <a@example.org>\r\n\r\n") == "example.org"
 
 
