@@ -19,6 +19,7 @@ from certs import make_ca
 from .conftest import Mailerd, SMTPConn, expect, free_port, mail_rcpt, send_message
 from .test_tls import (
     HELO,
+    PKI,
     Account,
     Client,
     TLSMailerd,
@@ -170,6 +171,27 @@ def test_a_full_submission_listener_leaves_the_network_its_reserve(mailerd_facto
         c.close()
 
 
+def _owner_server(
+    mailerd_factory, tmp_path, reserved: int, **kw
+) -> tuple[TLSMailerd, PKI, Account]:
+    """A TLS mailerd of 12 sessions, `reserved` for each listener kind, with a user who has a
+    password (the owner), started."""
+    pki = make_pki(tmp_path / "pki")
+    passwd = tmp_path / "passwd"
+    m: TLSMailerd = mailerd_factory(
+        start=False,
+        cls=TLSMailerd,
+        pairs=[pki.rsa],
+        passwd=passwd,
+        extra=["--max-sessions", "12", "--reserved-sessions", str(reserved)],
+        **kw,
+    )
+    owner = Account(m.new_user("owner"), new_password())
+    set_password(passwd, owner.user, owner.password, passwd_conf(tmp_path))
+    m.start()
+    return m, pki, owner
+
+
 OWNER = "127.0.0.250"  # the owner's laptop: it logged in from here before
 STRANGER = "127.0.0.249"  # never logged in
 CROWD = [f"127.0.0.{i}" for i in range(2, 40)]
@@ -182,18 +204,7 @@ def test_a_crowd_on_the_submission_ports_leaves_a_known_client_its_place(mailerd
     kind: of the submission listeners' 3, 1 is kept for clients that logged in lately, so the
     crowd holds 5 places and no more; the owner's laptop, which logged in from 127.0.0.250
     before, is greeted and sends; an address never seen is refused."""
-    pki = make_pki(tmp_path / "pki")
-    passwd = tmp_path / "passwd"
-    m: TLSMailerd = mailerd_factory(
-        start=False,
-        cls=TLSMailerd,
-        pairs=[pki.rsa],
-        passwd=passwd,
-        extra=["--max-sessions", "12", "--reserved-sessions", "3"],
-    )
-    owner = Account(m.new_user("owner"), new_password())
-    set_password(passwd, owner.user, owner.password, passwd_conf(tmp_path))
-    m.start()
+    m, pki, owner = _owner_server(mailerd_factory, tmp_path, reserved=3)
     sender = f"{owner.user}@example.org"
 
     def owner_session(source: str) -> Client:
@@ -519,19 +530,8 @@ def test_a_login_answered_from_memory_makes_its_address_known_too(mailerd_factor
     (no argon2 check): that path did not record its address, so the owner who logged in at
     home and then at a hotel was still a stranger at the hotel once a crowd came (an
     attacker's pass). --max-sessions 12, 4 reserved for each listener kind: 2 known places."""
-    pki = make_pki(tmp_path / "pki")
-    passwd = tmp_path / "passwd"
-    m: TLSMailerd = mailerd_factory(
-        start=False,
-        cls=TLSMailerd,
-        pairs=[pki.rsa],
-        passwd=passwd,
-        workers=1,  # (the second login lands where the first is remembered)
-        extra=["--max-sessions", "12", "--reserved-sessions", "4"],
-    )
-    owner = Account(m.new_user("owner"), new_password())
-    set_password(passwd, owner.user, owner.password, passwd_conf(tmp_path))
-    m.start()
+    # (one worker: the second login lands where the first is remembered)
+    m, pki, owner = _owner_server(mailerd_factory, tmp_path, reserved=4, workers=1)
     hotel = "127.0.0.248"
 
     def login(source: str) -> None:
