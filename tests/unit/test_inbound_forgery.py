@@ -481,6 +481,21 @@ def test_a_senders_explanation_is_neither_looked_up_nor_kept(server):
     assert not any("why.explained" in str(q) for q in server.queries[asked:]), server.queries
 
 
+def one_thread_verifier(server, threads, timeout: float, enforce: bool):
+    """A Verifier of the test's DNS server over `threads` (a pool a test jams), in this loop."""
+    from mailerd.inbound.lookups import Lookups
+    from mailerd.inbound.verifier import Verifier
+
+    return Verifier(
+        "mx.example.org",
+        Lookups.make((server.host, server.port), timeout),
+        asyncio.get_running_loop(),
+        threads,
+        timeout=timeout,
+        enforce=enforce,
+    )
+
+
 def test_checks_that_cannot_begin_defer_a_forged_message_under_enforce(server):
     """An attacker's pass: sessions whose SPF includes never answer took every check thread,
     so a forged p=reject message behind them was never checked, and its temperror accepted.
@@ -488,22 +503,12 @@ def test_checks_that_cannot_begin_defer_a_forged_message_under_enforce(server):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from mailerd.inbound.lookups import Lookups
-    from mailerd.inbound.verifier import Verifier
-
     async def main(jam: bool, enforce: bool):
         release = threading.Event()
         with ThreadPoolExecutor(1) as threads:
             if jam:
                 threads.submit(release.wait, 5)
-            verifier = Verifier(
-                "mx.example.org",
-                Lookups.make((server.host, server.port), 1.0),
-                asyncio.get_running_loop(),
-                threads,
-                timeout=1.0,
-                enforce=enforce,
-            )
+            verifier = one_thread_verifier(server, threads, 1.0, enforce)
             try:
                 return await verifier.check(
                     "192.0.2.7", "x", "ceo@bank.example", mail(b"<ceo@bank.example>")
@@ -528,8 +533,7 @@ def test_a_dkim_check_run_late_reads_the_body_it_was_given(server, rsa_key, monk
     from concurrent.futures import ThreadPoolExecutor
 
     from mailerd.inbound import verifier as verifier_module
-    from mailerd.inbound.lookups import Lookups
-    from mailerd.inbound.verifier import DkimResult, Verifier
+    from mailerd.inbound.verifier import DkimResult
 
     read: list[bytes] = []
 
@@ -547,14 +551,7 @@ def test_a_dkim_check_run_late_reads_the_body_it_was_given(server, rsa_key, monk
         release = threading.Event()
         with ThreadPoolExecutor(1) as threads:
             threads.submit(release.wait, 5)  # (the only thread: SPF and DKIM wait behind it)
-            verifier = Verifier(
-                "mx.example.org",
-                Lookups.make((server.host, server.port), 0.3),
-                asyncio.get_running_loop(),
-                threads,
-                timeout=0.3,
-                enforce=False,
-            )
+            verifier = one_thread_verifier(server, threads, 0.3, enforce=False)
             fd = os.open(message, os.O_RDONLY)
             try:
                 await verifier.check("127.0.0.1", "client.test", "", fd)
