@@ -10,6 +10,7 @@ import email.header
 import email.policy
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from mailerd.idn import NAME_MAX, a_labels
 from mailerd.remembered import Remembered
@@ -94,23 +95,41 @@ def _read_authors(value: bytes) -> tuple[tuple[str, str], ...] | None:
     domain that is no DNS name (an encoded-word there is read as text, not decoded), white
     space other than SP and HTAB (`_ODD_SPACE`), or an angle bracket in a display name."""
     text = _field_text(value)
-    if len(text) > STRICT_MAX:
+    parsed = None if len(text) > STRICT_MAX else _strict(text)
+    if parsed is None or not _clean(parsed, text):
         return None
-    if _ODD_SPACE.search(text):
+    if any(group.display_name is not None for group in parsed.groups):
         return None
-    try:
-        parsed = email.policy.default.header_factory("From", text)
-        found = [(str(a.username), str(a.domain)) for a in parsed.addresses]
-        grouped = any(group.display_name is not None for group in parsed.groups)
-        named = [(str(a.display_name), f"{a.username}@{a.domain}") for a in parsed.addresses]
-    except Exception:  # (its bugs: `a@[ ` raised UnboundLocalError, an attacker's pass)
+    addresses = parsed.addresses
+    if any(_other_address_in(str(a.display_name), f"{a.username}@{a.domain}") for a in addresses):
         return None
-    if not found or grouped or not all(map(_phrase_defect, parsed.defects)):
-        return None
-    if any(_other_address_in(name, address) for name, address in named):
-        return None
-    authors = tuple((local, normal_domain(domain)) for local, domain in found)
+    authors = tuple((str(a.username), normal_domain(str(a.domain))) for a in addresses)
     return authors if all(_DNS_NAME.fullmatch(domain) for _, domain in authors) else None
+
+
+def _strict(text: str) -> Any:
+    """The strict (RFC 5322) parser's reading of a From: field's text, or None when it fails:
+    comments nested a thousand deep raise RecursionError, and it has its bugs (`a@[ ` raised
+    UnboundLocalError: an attacker's pass). (Typed Any: typeshed's AddressHeader has no
+    `defects`.)"""
+    try:
+        return email.policy.default.header_factory("From", text)
+    except Exception:
+        return None
+
+
+def _clean(parsed: Any, text: str) -> bool:
+    """Did the strict parser read the field (`text`) cleanly, for the inbound checks, the
+    signer and the author check alike: addresses, each with a domain; no defect but a display
+    name's (`_phrase_defect`; another means it left something out, as `x@evil <ceo@bank>` loses
+    <ceo@bank>); no white space but SP and HTAB (`_ODD_SPACE`)?"""
+    addresses = parsed.addresses
+    return (
+        bool(addresses)
+        and all(a.domain for a in addresses)
+        and all(map(_phrase_defect, parsed.defects))
+        and not _ODD_SPACE.search(text)
+    )
 
 
 # White space other than SP, HTAB and the CRLF of a fold: the strict parser drops a no-break
@@ -216,27 +235,12 @@ def _read_domains(value: bytes) -> tuple[tuple[str, ...], bool]:
     without a domain, or leaves something out (a defect), or the field is longer than
     STRICT_MAX, whatever follows an @ in the field, encoded-words decoded."""
     text = _field_text(value)
-    strict: list[str] = []
-    if len(text) > STRICT_MAX:
-        return _lenient(text, strict), False
-    try:
-        parsed = email.policy.default.header_factory("From", text)
-        addresses = parsed.addresses
-        strict = [str(a.domain) for a in addresses if a.domain]
-        # (a defect: the parser left something out, as `x@evil <ceo@bank>` loses <ceo@bank>;
-        # a display name's leave the addresses as they are)
-        clean = (
-            bool(addresses)
-            and len(strict) == len(addresses)
-            and all(map(_phrase_defect, parsed.defects))
-            and not _ODD_SPACE.search(text)
-        )
-    except Exception:  # (comments nested a thousand deep: RecursionError; `a@[ `: its bug)
-        clean = False
+    parsed = None if len(text) > STRICT_MAX else _strict(text)
+    strict = [] if parsed is None else [str(a.domain) for a in parsed.addresses if a.domain]
+    if parsed is not None and _clean(parsed, text):
+        return _distinct(strict), True
     # (not clean: what the strict parser made of it cannot be trusted, `Info @ Shop <…>`
     # gave the domain "Shop"; what follows an @ is what a reader sees as an address)
-    if clean:
-        return _distinct(strict), True
     return _lenient(text, strict), False
 
 

@@ -80,8 +80,6 @@ SERVED = (Commit, RetryLocal, WriterChannel, ListQueue, FlushQueue, DeleteQueued
 
 LOCAL_RETRY_DELAY = 60.0
 PICKUP_RESTART = 60.0  # seconds before a failed pickup starts again
-
-
 QUEUE_WAIT = 20.0  # seconds a queue request waits for the queue (the tool waits 30)
 
 
