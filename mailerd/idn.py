@@ -51,6 +51,29 @@ def a_labels(domain: str) -> str | None:
     return ".".join(labels)
 
 
+@functools.lru_cache(maxsize=1024)
+def readings(domain: str) -> tuple[str, ...]:
+    """`domain` (in A-labels, as `a_labels` gives it) and, when it is another name, the one a
+    reader converting by IDNA 2003 sees in it (Python's codec, older libraries): ß and ς
+    become ss and σ there, joiners vanish. `xn--stra-yna.example` is `straße.example` to one
+    reader and `strasse.example` to the other, which DMARC then aligns with strasse.example's
+    SPF and signatures."""
+    if "xn--" not in domain:
+        return (domain,)
+    labels = []
+    for label in domain.split("."):
+        if not label.startswith("xn--"):
+            labels.append(label)
+            continue
+        try:
+            older = encodings.idna.ToASCII(label[4:].encode("ascii").decode("punycode"))
+        except UnicodeError:  # (no name to IDNA 2003: nothing it reads otherwise)
+            return (domain,)
+        labels.append(older.decode("ascii").lower())
+    older_name = ".".join(labels)
+    return (domain,) if older_name == domain else (domain, older_name)
+
+
 def _label(label: str) -> str | None:
     """One label in A-labels (see the module's docstring), or None."""
     if label.isascii():

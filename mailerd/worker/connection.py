@@ -23,7 +23,7 @@ import ssl
 from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
-from mailerd import durable, headers, policy, recipients, tls
+from mailerd import durable, headers, idn, policy, recipients, tls
 from mailerd.config import NETWORK, ListenAddress
 from mailerd.inbound import dmarc
 from mailerd.inbound.verifier import HEADER_TOO_LARGE, unchecked, unscannable
@@ -530,8 +530,9 @@ class Connection(asyncio.Protocol):
         cfg = self.worker.cfg
         local = _with_a_labels(cfg.domains)
         ours = _organisations(local)
+        authors = headers.from_addresses(head)
         return policy.author_refusal(
-            headers.from_addresses(head),
+            None if authors is None else _as_read_by_idna_2003_too(authors),
             user,
             local_domains=local,
             aliases=cfg.aliases,
@@ -821,6 +822,14 @@ def _with_a_labels(domains: tuple[str, ...]) -> tuple[str, ...]:
     """The local domains as configured and in A-labels, as `headers.from_addresses` gives a
     From: field's (a domain may be configured in U-labels)."""
     return tuple(dict.fromkeys((*domains, *map(headers.normal_domain, domains))))
+
+
+def _as_read_by_idna_2003_too(authors: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each author, and the same as a receiver converting by IDNA 2003 reads it where that is
+    another address (`idn.readings`): serving strasse.example, `From: bob@straße.example`
+    passed as a remote author, and such a receiver saw bob@strasse.example, which our SPF
+    aligned with."""
+    return [(local, read) for local, domain in authors for read in idn.readings(domain)]
 
 
 @functools.lru_cache(maxsize=4)

@@ -97,7 +97,11 @@ def sub(tmp_path_factory) -> Iterator[Sub]:
     pki = make_pki(base / "pki")
     passwd, aliases = base / "passwd", base / "aliases"
     m = TLSMailerd(
-        base, pairs=[pki.rsa], passwd=passwd, name="sub", extra=["-v", "--aliases", str(aliases)]
+        base,
+        pairs=[pki.rsa],
+        passwd=passwd,
+        name="sub",
+        extra=["-v", "--aliases", str(aliases), "-d", "strasse.example"],
     )
     owner = Account(m.new_user("owner"), new_password())
     other = m.new_user("other")
@@ -644,11 +648,13 @@ def test_the_from_field_must_be_the_users_too(sub: Sub):
         f'"=?utf-8?q?J=C3=B6rg?=" <{u}@example.org>',  # an encoded-word in quotes (PHP mailers)
         f"=?utf-8?b?SsO2cmc?= <{u}@example.org>",  # base64 without its padding
         "Original Author <author@remote.test>",  # redirected: its author's domain decides
+        f"{u}@straße.example",  # strasse.example to a receiver converting by IDNA 2003
     ]
     foreign = {
         f"{sub.other}@example.org": "address",
         f"Owner <{u}@example.org>, {sub.other_alias}@example.org": "address",
         "postmaster@example.org": "address",
+        f"{sub.other}@straße.example": "address",  # (as above)
         f"{u}@example.org\r\nFrom: {sub.other}@example.org": "header",  # two From: fields
         f"{u}@example.org\r\nFrom\xa0: {sub.other}@example.org": "header",  # one seen by some
         f"x@evil <{u}@example.org>": "header",  # a defect: readers differ on the author

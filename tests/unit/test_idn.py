@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mailerd.headers import normal_domain
-from mailerd.idn import a_labels
+from mailerd.idn import a_labels, readings
 
 
 @pytest.mark.parametrize(
@@ -58,3 +58,21 @@ def test_a_name_too_long_is_given_up_before_all_its_labels_are_converted(monkeyp
     monkeypatch.setattr(idn, "_label", lambda label: converted.append(label) or real(label))
     assert a_labels(".".join(["\u2764"] * 124) + ".example") is None
     assert len(converted) == 32, len(converted)
+
+
+@pytest.mark.parametrize(
+    ("domain", "expected"),
+    [
+        ("example.org", ("example.org",)),
+        ("xn--strae-oqa.example", ("xn--strae-oqa.example", "strasse.example")),  # straße
+        ("mail.xn--strae-oqa.example", ("mail.xn--strae-oqa.example", "mail.strasse.example")),
+        ("xn--pxavbm.example", ("xn--pxavbm.example", "xn--pxavbq.example")),  # οδος: ς, σ
+        ("xn--caf-dma.example", ("xn--caf-dma.example",)),  # café: one reading
+        ("xn--i-7iq.ws", ("xn--i-7iq.ws",)),  # i❤.ws: IDNA 2003's already
+        ("xn--.example", ("xn--.example",)),  # no punycode: nothing to read otherwise
+    ],
+)
+def test_readings(domain: str, expected: tuple[str, ...]):
+    """A receiver converting by IDNA 2003 reads straße.example as strasse.example: serving
+    strasse.example, `From: bob@straße.example` is bob's address to it."""
+    assert readings(domain) == expected
