@@ -100,6 +100,6 @@ def envelope_sender(
 
 
 def _ascii(domain: str) -> str:
-    """The domain in lower case, with A-labels for an internationalized one ("" where none)."""
-    domain = domain.lower()
-    return domain if domain.isascii() else a_labels(domain) or ""
+    """The domain in lower case, with A-labels for an internationalized one ("" where none).
+    (Not lower-cased before UTS 46 maps it: str.lower() makes a final Σ ς, another name.)"""
+    return domain.lower() if domain.isascii() else a_labels(domain) or ""

@@ -37,6 +37,7 @@ def rewritten(sender: str, via: str = "fwd@example.org") -> str:
         # an internationalized domain in its A-labels, as the tag must be ASCII
         ("zed@exämple.net", "fwd+fwd_from=zed=xn--exmple-cua.net@example.org"),
         ("zed@faß.example", "fwd+fwd_from=zed=xn--fa-hia.example@example.org"),  # IDNA 2008
+        ("zed@ΟΔΟΣ-1.example", "fwd+fwd_from=zed=xn---1-k9b7bby.example@example.org"),  # σ, not ς
         # 64 octets at most (RFC 5321 4.5.3.1.1): the bare tag past that
         ("z" * 39 + "@example.net", f"fwd+fwd_from={'z' * 39}=example.net@example.org"),
         ("z" * 40 + "@example.net", "fwd+fwd_from@example.org"),

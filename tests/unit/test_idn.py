@@ -26,7 +26,8 @@ from mailerd.idn import a_labels, readings
         ("faß.example\u200d", "xn--fa-hia.example"),
         ("faß\u200d.example", "xn--fa-hia.example"),  # a joiner out of place: dropped
         ("faß❤.example", None),  # IDNA 2003 would make the ß ss: no name
-        ("ΟΔΟΣ.example", "xn--pxavbq.example"),  # Σ: σ (str.lower() makes a final one ς)
+        ("ΟΔΟΣ.example", "xn--pxavbq.example"),  # Σ: σ
+        ("example.ΟΔΟΣ", "example.xn--pxavbq"),  # σ, where str.lower() makes a final Σ ς
         ("faß\u3002example", "xn--fa-hia.example"),  # an ideographic full stop is a dot
         # no name at all
         ("a..example", None),
@@ -43,7 +44,8 @@ def test_a_domain_is_not_lower_cased_before_uts_46_maps_it():
     """str.lower() makes a final Σ ς, where UTS 46 (what readers resolve) makes σ: the domain
     judged was another than the one readers look up. (ẞ is left out: UTS 46 maps it to ss
     before Unicode 15.1, to ß since, and the idna package follows the data it ships.)"""
-    assert normal_domain("ΟΔΟΣ.Example.") == "xn--pxavbq.example"
+    assert normal_domain("Example.ΟΔΟΣ.") == "example.xn--pxavbq"
+    assert normal_domain("ΟΔΟΣ-1.Example") == "xn---1-k9b7bby.example"  # (Σ before a hyphen)
     assert normal_domain("BANK.Example") == "bank.example"
 
 
