@@ -37,7 +37,16 @@ Known clients: the addresses (clients, as above) from which any account logged i
 KNOWN_FOR are a fourth table, also written only by successes, and only read at connect (a
 lookup writes nothing), so neither failures nor connections from addresses never seen can push
 a known one out. The session caps keep a part of the submission listeners' places for them
-(`worker.admission`): the owner's laptop gets in when a crowd holds the rest.
+(`worker.admission`): the owner's laptop gets in when a crowd holds the rest. Its cells are
+taken over, as the addresses' are, so one account logging in from thousands of addresses (a
+stolen password, the 65,536 /64s of one /48) would push the owner's out: an account makes at
+most NEW_CLIENTS_A_DAY new addresses known a day, counted in a fifth table (pooled, keyed by
+the account and the day, the day's number as its time, so that a count is the day's alone). A
+login from a further new address still counts for the account (`known`, for its lockout), but
+makes it a known client only at a login on a later day; a login refreshing an address already
+known counts nothing. One account then writes at most about 500 cells of the 16,384 in the 30
+days an address stays known (3%: the owner's address is out only if one of them hits its cell,
+and back at its next login); many accounts, each adding as many, can still push more out.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ BUCKETS = 65536  # addresses (1.5 MiB, shared)
 ACCOUNT_BUCKETS = 4096  # accounts named in logins (96 KiB)
 KNOWN_BUCKETS = 16384  # (account, address) pairs that logged in (384 KiB)
 CLIENT_BUCKETS = 16384  # addresses any account logged in from (384 KiB)
+NEWCOMER_BUCKETS = 4096  # (account, day) pairs: the known clients each account added (96 KiB)
 CELL = 3  # doubles a bucket: count, the time of the last, the key's fingerprint
 FIRST_DELAY = 0.5  # seconds, before the answer to the first failure
 MAX_DELAY = 10.0
@@ -60,6 +70,13 @@ FORGET = 900.0  # seconds without a failure after which an address or account st
 LOCKOUT = 10  # failures after which an address's logins are refused unchecked
 ACCOUNT_LOCKOUT = 100  # failures after which an account is checked from known addresses only
 KNOWN_FOR = 30 * 86400.0  # seconds an address an account logged in from stays known
+# New known clients an account may add a day: a phone on mobile data (a carrier's NAT, a new
+# /64 at each reconnect) and a laptop travelling (home, train, café, hotel, office) make a
+# handful; 16 leaves room for both and for a few people sharing an account, and bounds one
+# account to 16 × 30 = 480 of CLIENT_BUCKETS' 16,384 cells. Past it, a login only misses the
+# kept places (as every login did before there were any), so a cap a little low costs little.
+NEW_CLIENTS_A_DAY = 16
+DAY = 86400.0
 _FINGERPRINT = (1 << 52) - 1  # (bits a double holds exactly)
 
 
@@ -105,6 +122,7 @@ class AuthFailures:
         account_buckets: int = ACCOUNT_BUCKETS,
         known_buckets: int = KNOWN_BUCKETS,
         client_buckets: int = CLIENT_BUCKETS,
+        newcomer_buckets: int = NEWCOMER_BUCKETS,
     ) -> None:
         self.ipv6_prefix_length = ipv6_prefix_length  # (the master sets it again at a reload)
         self._addresses = _Table(buckets)
@@ -115,6 +133,11 @@ class AuthFailures:
         self._accounts = _Table(account_buckets, pooled=True)
         self._known = _Table(known_buckets)
         self._clients = _Table(client_buckets)
+        # Pooled, as accounts are: an account sharing a bucket with another could otherwise
+        # take the cell over and start the other's count again. Sharing, a heavy account can
+        # only stop another adding new addresses early, for that day (the day is in the key,
+        # so buckets are dealt again the next).
+        self._newcomers = _Table(newcomer_buckets, pooled=True)
 
     def client(self, address: str) -> str:
         """What an address counts as: its client (`sessiontable.client_key`)."""
@@ -149,10 +172,12 @@ class AuthFailures:
 
     def succeeded(self, address: str, login: str, now: float | None = None) -> None:
         """`login` passed from `address`: from there, its account stays checked (`known`), and
-        the address is a known client (`known_client`)."""
+        the address is a known client (`known_client`), unless new and past the account's
+        NEW_CLIENTS_A_DAY."""
         now = time.monotonic() if now is None else now
         self._known.add(self._pair(address, login), now, KNOWN_FOR)
-        self._clients.add(self.client(address), now, KNOWN_FOR)
+        if self.known_client(address, now) or self._newcomer(login, now):
+            self._clients.add(self.client(address), now, KNOWN_FOR)
 
     def known_client(self, address: str, now: float | None = None) -> bool:
         """Did any account log in from `address` (its client) lately?"""
@@ -170,6 +195,19 @@ class AuthFailures:
         return self.account_failures(login, now) >= ACCOUNT_LOCKOUT and not self.known(
             address, login, now
         )
+
+    def _newcomer(self, login: str, now: float) -> bool:
+        """May `login`'s account make one more address known today? (It is then counted.)
+        Two workers at the same instant may both say yes to the last one: one too many."""
+        day = now // DAY
+        # The day's number (of the monotonic clock: 24 hours, not midnight to midnight) is the
+        # count's time, lasting 1: yesterday's count is not today's, so the cap starts again
+        # each day, however often the account logged in (a sliding count would never end).
+        key = f"{account_of(login)} {day:.0f}"
+        if self._newcomers.count(key, day, 1.0) >= NEW_CLIENTS_A_DAY:
+            return False
+        self._newcomers.add(key, day, 1.0)
+        return True
 
     def _pair(self, address: str, login: str) -> str:
         return f"{account_of(login)} {self.client(address)}"

@@ -86,7 +86,12 @@ class Worker:
         self.checks = ThreadPoolExecutor(4, thread_name_prefix="checks")
         # (Alone, without the master's shared table: it counts its own.)
         self.auth_failures = auth_failures or AuthFailures(
-            64, cfg.ipv6_prefix_length, account_buckets=64, known_buckets=64, client_buckets=64
+            64,
+            cfg.ipv6_prefix_length,
+            account_buckets=64,
+            known_buckets=64,
+            client_buckets=64,
+            newcomer_buckets=64,
         )
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads, and
         # `logins` keeps a flood of AUTH attempts from queueing them without end.

@@ -679,6 +679,77 @@ def test_addresses_sprayed_at_the_server_never_make_a_known_client_unknown():
     assert table.known_client("192.0.2.50", now=2.0)
 
 
+def _slash48(n: int) -> str:
+    """The n-th /64 of one /48 (an attacker's 65,536 clients)."""
+    return f"2001:db8:7:{n:x}::1"
+
+
+def test_one_account_from_a_whole_48_cannot_push_out_where_another_logged_in():
+    """A stolen password, used from thousands of addresses: past NEW_CLIENTS_A_DAY new known
+    clients a day its logins make none, so they cannot take over the cell of the owner's
+    laptop (here: one cell for all known clients, so that any new one would)."""
+    table = AuthFailures(256, client_buckets=1, newcomer_buckets=65536)
+    cap = authfailures.NEW_CLIENTS_A_DAY
+    for n in range(cap):
+        table.succeeded(_slash48(n), "mallory", now=10.0)
+    # (alice's own count: unless it shares mallory's bucket, 1 in 65,536, pooled)
+    table.succeeded("192.0.2.50", "alice", now=20.0)
+    assert table.known_client("192.0.2.50", now=20.0)
+    for n in range(cap, 4096):
+        table.succeeded(_slash48(n), "mallory", now=30.0)
+        assert table.known(_slash48(n), "mallory", now=30.0)  # (its lockout still knows it)
+    assert table.known_client("192.0.2.50", now=40.0)
+    assert not table.known_client(_slash48(4095), now=40.0)
+
+
+def test_an_accounts_new_known_clients_are_capped_per_day_and_the_cap_starts_again():
+    """Past NEW_CLIENTS_A_DAY new addresses in a day, a login from another makes it no known
+    client (it is the account's login all the same); the next day's may again."""
+    table = AuthFailures(256)
+    cap = authfailures.NEW_CLIENTS_A_DAY
+    for day in range(3):
+        now = day * authfailures.DAY + 10.0
+        for n in range(cap):
+            table.succeeded(_slash48(day * 100 + n), "Alice@example.org", now=now)
+            assert table.known_client(_slash48(day * 100 + n), now=now)
+        further = _slash48(day * 100 + cap)
+        table.succeeded(further, "alice", now=now)
+        assert not table.known_client(further, now=now)
+        assert table.known(further, "alice", now=now)  # (a login of alice's all the same)
+    later = 3 * authfailures.DAY
+    table.succeeded(further, "alice", now=later)  # (a login on a later day makes it known)
+    assert table.known_client(further, now=later)
+
+
+def test_a_phone_given_a_new_address_every_20_hours_stays_a_known_client():
+    """A count sliding over the last 24 hours, renewed by each new address, would never end for
+    a phone given one more often than that; the count is the day's."""
+    table = AuthFailures(256)
+    for n in range(3 * authfailures.NEW_CLIENTS_A_DAY):
+        now = n * 20 * 3600.0
+        table.succeeded(_slash48(n), "alice", now=now)
+        assert table.known_client(_slash48(n), now=now)
+
+
+def test_a_login_from_an_address_already_known_is_not_counted_as_a_new_one():
+    """Refreshing a known client, however often, leaves the account its day's new ones; and
+    past the cap, it still refreshes."""
+    table = AuthFailures(256)
+    half = authfailures.NEW_CLIENTS_A_DAY // 2
+    for n in range(half):
+        table.succeeded(_slash48(n), "alice", now=10.0)
+    for _ in range(10):
+        for n in range(half):
+            table.succeeded(_slash48(n), "alice", now=20.0)
+    for n in range(half, authfailures.NEW_CLIENTS_A_DAY):
+        table.succeeded(_slash48(n), "alice", now=30.0)
+        assert table.known_client(_slash48(n), now=30.0)
+    table.succeeded(_slash48(99), "alice", now=40.0)
+    assert not table.known_client(_slash48(99), now=40.0)  # (the day's are spent)
+    table.succeeded(_slash48(0), "alice", now=50.0)
+    assert table.known_client(_slash48(0), now=50.0 + authfailures.KNOWN_FOR - 1)
+
+
 def test_a_name_sharing_a_locked_accounts_bucket_adds_to_it_never_starts_it_again():
     """Found by an attacker's pass: with names taking cells over, as addresses do, one
     failure of a name in alice's bucket (found by trying names until her lock lifted) started
