@@ -15,6 +15,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -637,7 +638,8 @@ def test_an_account_sprayed_from_many_addresses_is_checked_only_where_it_logged_
     assert not table.locked("203.0.113.1", now=11.0)  # (no address failed often)
     assert not table.account_locked("192.0.2.50", "alice@example.org", now=11.0)
     assert not table.account_locked("2001:db8:5:5::99", "alice", now=11.0)  # (its /64)
-    assert not table.account_locked("203.0.113.1", "bob", now=11.0)
+    bob = _apart("bob", "alice", authfailures.ACCOUNT_BUCKETS)  # (pooled: not alice's bucket)
+    assert not table.account_locked("203.0.113.1", bob, now=11.0)
     later = 10.0 + authfailures.FORGET
     assert not table.account_locked("203.0.113.1", "alice", now=later)
     gone = authfailures.KNOWN_FOR + 1.0  # (an address is known for a while, not for ever)
@@ -679,6 +681,17 @@ def test_addresses_sprayed_at_the_server_never_make_a_known_client_unknown():
     assert table.known_client("192.0.2.50", now=2.0)
 
 
+def _apart(name: str, other: str, buckets: int, key: Callable[[str], str] = str) -> str:
+    """`name`, or `name` with a number, whose key falls in another of `buckets` than `other`
+    (Python seeds its string hash at random at each start: in 1 run of `buckets`, two given
+    names would share a bucket, and a pooled one counts them together)."""
+    for n in range(100):
+        candidate = f"{name}{n or ''}"
+        if hash(key(candidate)) % buckets != hash(other) % buckets:
+            return candidate
+    raise AssertionError("no name apart")
+
+
 def _slash48(n: int) -> str:
     """The n-th /64 of one /48 (an attacker's 65,536 clients)."""
     return f"2001:db8:7:{n:x}::1"
@@ -692,8 +705,8 @@ def test_one_account_from_a_whole_48_cannot_push_out_where_another_logged_in():
     cap = authfailures.NEW_CLIENTS_A_DAY
     for n in range(cap):
         table.succeeded(_slash48(n), "mallory", now=10.0)
-    # (alice's own count: unless it shares mallory's bucket, 1 in 65,536, pooled)
-    table.succeeded("192.0.2.50", "alice", now=20.0)
+    alice = _apart("alice", "mallory 0", 65536, key=lambda name: f"{name} 0")  # (its own count)
+    table.succeeded("192.0.2.50", alice, now=20.0)
     assert table.known_client("192.0.2.50", now=20.0)
     for n in range(cap, 4096):
         table.succeeded(_slash48(n), "mallory", now=30.0)
