@@ -19,7 +19,11 @@ comments where the reason is not obvious:
 - PTR of each outbound address → the host name (set at the hosting provider: Gmail and
   Outlook refuse mail from an address whose PTR name does not resolve back to it). The
   outbound addresses are the listener addresses within --outbound-ip; with a relayhost there
-  are none (this machine's addresses send nothing), so no PTR.
+  are none (this machine's addresses send nothing), so no PTR;
+- SRV `_submissions._tcp` (priority 0) and `_submission._tcp` (priority 10) → the host name and
+  each port of the submission listeners a mail program reaches at the host name (RFC 6186:
+  Thunderbird and others set themselves up from them); those it does not reach (loopback, an
+  address the A/AAAA do not lead to) get none, with a note.
 
 The listener addresses are those of the network listeners (-n, by default the addresses of the
 default route's interface; a wildcard one stands for the machine's public addresses of its
@@ -47,16 +51,19 @@ mode, which receivers treat as unsigned). DMARC is right when there is exactly o
 v=DMARC1 first and the inbound verifier's parser (`dmarc.parse`) finds a policy in it, or, for
 a subdomain without one, when its organisational domain's record is right (receivers fall back
 to it: RFC 7489 6.6.3). A PTR is right when it names the host and that name's A/AAAA contain
-the address (forward-confirmed reverse DNS).
+the address (forward-confirmed reverse DNS). An SRV record is right when one at its name leads
+to the host and port, and none leads elsewhere at the same or a lower priority (clients try
+the lowest first); a missing one is reported but does not count against the exit status:
+mail programs are then set up by hand, and mail flows all the same.
 
 The host name must be one the world can look up: one without a dot (`localhost`, this
 machine's unqualified FQDN: the default when the configuration has no `hostname`), or one the
 Public Suffix List has no rule for (`localhost.localdomain`, `host.lan`), is refused, exit 1.
 
-Exit status: 0 (with --check: only when everything is OK); 1 something is missing or wrong,
-or nothing can be published (no domain, a host name the world cannot look up);
-2 a bad argument (a DOMAIN that is not local among them); 78 (EX_CONFIG) a configuration or key
-that cannot be read.
+Exit status: 0 (with --check: only when everything is OK, missing SRV records aside); 1
+something is missing or wrong, or nothing can be published (no domain, a host name the world
+cannot look up); 2 a bad argument (a DOMAIN that is not local among them); 78 (EX_CONFIG) a
+configuration or key that cannot be read.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import dns.exception
 import dns.resolver
@@ -97,14 +105,28 @@ PROBES = (
     "fc00::1",  # unique local
 )
 NULL_MX = "0 . (a null MX: the domain takes no mail)"
+# The SRV records by which mail programs find the submission service (RFC 6186; _submissions,
+# for implicit TLS, is RFC 8314 5.1's addition), by listener role: (service, priority). Clients
+# try the lowest priority first (RFC 2782), and RFC 6186 lets priorities rank one service
+# against another; RFC 8314 (section 1) wants implicit TLS in preference to STARTTLS (no
+# plaintext step for an attacker to strip), so it gets 0 and STARTTLS 10, the fallback.
+# Weight 1 as in RFC 6186's examples: one host, nothing to share out.
+SUBMISSION_SRV = {
+    config.SUBMISSIONS: ("_submissions._tcp", 0),
+    config.SUBMISSION: ("_submission._tcp", 10),
+}
+SRV_WEIGHT = 1
+SRV_OPTIONAL = (
+    "(optional: without it mail programs are set up by hand; not counted in the exit status)"
+)
 
 
 @dataclass(frozen=True)
 class Record:
     name: str  # without the final dot
-    rtype: str  # MX, A, AAAA, TXT, PTR
-    value: str  # as published (TXT: the whole text)
-    role: str  # mx, address, spf, dkim, dmarc, ptr
+    rtype: str  # MX, A, AAAA, TXT, PTR, SRV
+    value: str  # as published (TXT: the whole text), names without the final dot
+    role: str  # mx, address, spf, dkim, dmarc, ptr, srv
     address: str = ""  # the listener address (address, ptr)
 
     def zone(self) -> str:
@@ -112,8 +134,8 @@ class Record:
             return zone_txt(self.name, self.value)
         if self.rtype == "MX":
             return f"{self.name}. IN MX {MX_PREFERENCE} {self.value}."
-        if self.rtype == "PTR":
-            return f"{self.name}. IN PTR {self.value}."
+        if self.rtype in ("PTR", "SRV"):
+            return f"{self.name}. IN {self.rtype} {self.value}."
         return f"{self.name}. IN {self.rtype} {self.value}"
 
 
@@ -177,10 +199,10 @@ def main(argv: list[str]) -> int:
         for line in zone_lines(cfg, records):
             print(line)
         return 0
-    lines = asyncio.run(check_all(cfg, records, addresses, outbound))
+    lines, passed = asyncio.run(check_all(cfg, records, addresses, outbound))
     for line in lines:
         print(line)
-    return 0 if all(line.startswith("OK") for line in lines) else 1
+    return 0 if passed else 1
 
 
 def load_keys(cfg: Config) -> tuple[SigningKey, ...]:
@@ -233,6 +255,28 @@ def outbound_addresses(cfg: Config, addresses: list[str]) -> list[str]:
     return [a for a in addresses if ipaddress.ip_address(a).version in families]
 
 
+def submission_listeners(cfg: Config, addresses: list[str]) -> list[config.ListenAddress]:
+    """The submission listeners a mail program reaches at the host name, whose A/AAAA are
+    `addresses` (those `listener_addresses` found public): one on such an address, or on the
+    wildcard of its family, or on a private address that a public-address stands for (a 1:1
+    NAT forwards there). The others (loopback, an address the A/AAAA do not lead to) are not
+    worth advertising: a client sent to the host name would not find them there."""
+    published = [ipaddress.ip_address(a) for a in addresses]
+    public = {ipaddress.ip_address(a) for a in cfg.public_addresses}
+    found = []
+    for listen in cfg.listeners:
+        if listen.role not in SUBMISSION_SRV:
+            continue
+        ip = ipaddress.ip_address(listen.host)
+        for address in published:
+            if address.version != ip.version:
+                continue
+            if ip.is_unspecified or ip == address or (address in public and host.behind_nat(ip)):
+                found.append(listen)
+                break
+    return found
+
+
 def notes(cfg: Config, addresses: list[str], outbound: list[str]) -> Iterator[str]:
     """`;` lines about the addresses, printed before the records (and the check)."""
     for listen in cfg.listeners:
@@ -265,6 +309,12 @@ def notes(cfg: Config, addresses: list[str], outbound: list[str]) -> Iterator[st
         )
     elif addresses and not outbound:
         yield f"; no listener address within outbound-ip = {cfg.outbound_ip}: no PTR records"
+    unreached = [str(a) for a in cfg.listeners if a.role in SUBMISSION_SRV]
+    if unreached and not submission_listeners(cfg, addresses):
+        yield (
+            f"; no SRV records: the submission listeners ({', '.join(unreached)}) are not on an "
+            "address of the host name's A/AAAA, where mail programs would look"
+        )
 
 
 def spf_record(cfg: Config) -> str:
@@ -290,6 +340,7 @@ def wanted(
     outbound: list[str],
 ) -> Iterator[Record]:
     host = cfg.hostname.lower().rstrip(".")
+    submission = submission_listeners(cfg, addresses)
     for domain in domains:
         yield Record(domain, "MX", host, "mx")
         yield Record(domain, "TXT", spf_record(cfg), "spf")
@@ -302,12 +353,22 @@ def wanted(
             f"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}",
             "dmarc",
         )
+        yield from srv_records(domain, host, submission)
     for address in addresses:
         rtype = "AAAA" if ":" in address else "A"
         yield Record(host, rtype, address, "address", address)
     for address in outbound:
         reverse = dns.reversename.from_address(address).to_text().rstrip(".")
         yield Record(reverse, "PTR", host, "ptr", address)
+
+
+def srv_records(domain: str, host: str, submission: list[config.ListenAddress]) -> Iterator[Record]:
+    """One SRV record for each port of each kind of submission listener (a listener on two
+    addresses, or on both families, is one port), implicit TLS first."""
+    for role, (service, priority) in SUBMISSION_SRV.items():
+        for port in sorted({listen.port for listen in submission if listen.role == role}):
+            value = f"{priority} {SRV_WEIGHT} {port} {host}"
+            yield Record(f"{service}.{domain}", "SRV", value, "srv")
 
 
 def zone_lines(cfg: Config, records: Iterable[Record]) -> Iterator[str]:
@@ -330,6 +391,11 @@ def explanations(cfg: Config) -> dict[str, list[str]]:
             "; PTR records are set at the hosting provider (who owns the address), not in your",
             "; zone: Gmail and Outlook refuse mail whose PTR name does not resolve back to it.",
         ],
+        "srv": [
+            "; SRV records let mail programs find where to submit mail (RFC 6186), implicit",
+            "; TLS first (RFC 8314). Optional: mail flows without them, and --check's exit",
+            "; status does not count a missing one (a wrong one it does).",
+        ],
     }
     if cfg.relayhost is not None:
         relay = cfg.relayhost[0]
@@ -342,7 +408,8 @@ def explanations(cfg: Config) -> dict[str, list[str]]:
 
 async def check_all(
     cfg: Config, records: list[Record], addresses: list[str], outbound: list[str]
-) -> list[str]:
+) -> tuple[list[str], bool]:
+    """The lines of the check, and whether it passed (the exit status: `_passes`)."""
     lookups = Lookups.make(cfg.dns_server, cfg.dns_timeout)
     loop = asyncio.get_running_loop()
     bridge = Bridge(lookups, loop, cfg.dns_timeout)
@@ -352,10 +419,11 @@ async def check_all(
     # a domain), and 16 shared by six domains still cost three.
     evaluations = sum(r.role == "spf" for r in records) * (len(outbound) + len(PROBES) + 2)
     with ThreadPoolExecutor(max(1, min(SPF_THREADS, evaluations))) as threads:
-        checker = _Checker(lookups, bridge, threads, addresses, outbound, relay)
+        checker = _Checker(lookups, bridge, threads, addresses, outbound, relay, records)
         # All at once: against a server that does not answer, one --dns-timeout in all, not
         # one a record (it was 9 × 11.6 s, found by a tester).
         lines = list(await asyncio.gather(*(checker.check(record) for record in records)))
+    passed = all(_passes(record, line) for record, line in zip(records, lines, strict=True))
     if not addresses:
         name = cfg.hostname.lower().rstrip(".")
         lines.append(
@@ -363,7 +431,15 @@ async def check_all(
             "PTR and SPF records against (give listen-network, or public-address behind a "
             "NAT)"
         )
-    return lines
+        passed = False
+    return lines, passed
+
+
+def _passes(record: Record, line: str) -> bool:
+    """Does this line leave the exit status 0? OK does, and so does a missing SRV record: mail
+    programs are then set up by hand, and mail flows all the same. A wrong one sends them (and
+    their users' passwords) elsewhere, and counts."""
+    return line.startswith("OK") or (record.role == "srv" and line.startswith("MISSING"))
 
 
 class _Checker:
@@ -375,6 +451,7 @@ class _Checker:
         addresses: list[str],
         outbound: list[str],
         relay: str | None,
+        records: list[Record],
     ) -> None:
         self.lookups = lookups
         self.bridge = bridge
@@ -382,6 +459,13 @@ class _Checker:
         self.addresses = {ipaddress.ip_address(a) for a in addresses}
         self.outbound = outbound
         self.relay = relay
+        # The (port, target) pairs wanted at each SRV name: two ports of ours are no stranger
+        # to each other.
+        self.services: dict[str, set[tuple[int, str]]] = {}
+        for record in records:
+            if record.role == "srv":
+                entry = _srv_entry(record.value)
+                self.services.setdefault(record.name, set()).add((entry.port, entry.target))
 
     async def check(self, record: Record) -> str:
         try:
@@ -594,6 +678,29 @@ class _Checker:
             )
         return _verdict(record, have, True, note=f"(and {record.value} resolves back to it)")
 
+    async def _srv(self, record: Record) -> str:
+        """Right when a record at the name leads to the host and port, and none leads elsewhere
+        at the same or a lower priority value: clients try the lowest first, and pick among
+        equals by weight (RFC 2782). Missing is reported, but does not count (`_passes`)."""
+        entries = [_srv_entry(v) for v in await self._records(record)]
+        shown = [_srv_shown(e) for e in entries]
+        if not entries:
+            return _verdict(record, shown, False, note=SRV_OPTIONAL)
+        want = _srv_entry(record.value)
+        ours = [e for e in entries if (e.port, e.target) == (want.port, want.target)]
+        if not ours:
+            return _verdict(record, shown, False)
+        best = min(e.priority for e in ours)
+        mine = self.services[record.name]
+        elsewhere = [e for e in entries if e.priority <= best and (e.port, e.target) not in mine]
+        if elsewhere:
+            note = (
+                f"({'; '.join(_srv_shown(e) for e in elsewhere)}: tried before this one, or as "
+                "well, by the mail programs that look these up)"
+            )
+            return _verdict(record, shown, False, note=note)
+        return _verdict(record, shown, True)
+
     async def _records(self, record: Record) -> list[str]:
         answer: Answer = await self.lookups.query(record.name, record.rtype)
         return list(answer.records)
@@ -692,6 +799,25 @@ def _addresses(addresses: list[str]) -> str:
     if probes:
         named.append(f"{probes} address{'es' if probes > 1 else ''} nobody sends from")
     return ", ".join(named)
+
+
+class _Srv(NamedTuple):
+    priority: int
+    weight: int
+    port: int
+    target: str  # lower case, without the final dot; "" for "." (the service is not offered)
+
+
+def _srv_entry(value: str) -> _Srv:
+    """An SRV record's text (`priority weight port target`) read."""
+    priority, weight, port, target = value.split()
+    return _Srv(int(priority), int(weight), int(port), target.lower().rstrip("."))
+
+
+def _srv_shown(entry: _Srv) -> str:
+    if not entry.target:  # (RFC 2782: "decidedly not available")
+        return f"{entry.priority} {entry.weight} {entry.port} . (the service is not offered)"
+    return f"{entry.priority} {entry.weight} {entry.port} {entry.target}"
 
 
 def _mx_entry(value: str) -> tuple[int, str]:

@@ -14,7 +14,8 @@ first word containing a dot is the record's owner and the first record-type word
 
 Some tests give the config a `relayhost` (RELAY, whose A/AAAA only the test DNS server knows)
 or `outbound-ip = ipv4`; those change which SPF, A/AAAA and PTR records are wanted (`wanted`'s
-`spf` and `ptr_addresses`).
+`spf` and `ptr_addresses`). The last ones give it submission listeners, which add SRV records
+(`srv_records`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ OTHER_HOST = "other.example.net"
 RELAY = "relay.example.com"
 RELAY_ADDRESSES = ("198.51.100.7", "2001:db8:1::7")
 SPF = "v=spf1 mx -all"
-TYPES = ("MX", "A", "AAAA", "TXT", "PTR")
+TYPES = ("MX", "A", "AAAA", "TXT", "PTR", "SRV")
 STATUSES = ("OK", "MISSING", "WRONG", "UNKNOWN")
 RUN_TIMEOUT = 60.0
 
@@ -221,6 +222,9 @@ def _records_of(text: str) -> list[Rec]:
                     value = ipaddress.ip_address(r.address).compressed
                 elif rtype == "PTR":
                     value = r.target.to_text().rstrip(".").lower()
+                elif rtype == "SRV":
+                    target = r.target.to_text().rstrip(".").lower()
+                    value = f"{r.priority} {r.weight} {r.port} {target}"
                 else:
                     value = r.to_text()
                 out.append((owner, rtype, value))
@@ -237,7 +241,7 @@ def printed_records(stdout: str) -> list[Rec]:
         assert len(recs) == 1, f"not one record on this line: {line!r} → {recs}"
         assert line.split()[0].endswith("."), f"owner name not absolute (no final dot): {line!r}"
         owner, rtype, _ = recs[0]
-        if rtype in ("MX", "PTR"):
+        if rtype in ("MX", "PTR", "SRV"):
             assert line.rstrip().endswith("."), f"{rtype} target not absolute: {line!r}"
         out.append(recs[0])
     return out
@@ -251,7 +255,7 @@ def zone_text(records: set[Rec] | list[Rec]) -> str:
             value = " ".join(
                 '"' + data[i : i + 255].decode() + '"' for i in range(0, len(data), 255)
             )
-        elif rtype in ("MX", "PTR"):
+        elif rtype in ("MX", "PTR", "SRV"):
             value = value + "."
         lines.append(f"{owner}. {rtype} {value}")
     return "\n".join(lines) + "\n"
@@ -1020,4 +1024,162 @@ def test_check_without_an_address_of_ours_is_not_ok(tmp_path: Path, keys: list[K
     unknown = [ln for ln in lines if ln.status != "OK"]
     assert len(unknown) == 1 and unknown[0].status == "UNKNOWN", shown(lines)
     assert "public-address" in unknown[0].text
+    assert rc == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Submission: SRV records by which mail programs find it (RFC 6186, RFC 8314)
+# --------------------------------------------------------------------------------------------
+
+SUBMISSION_PRIORITY = {"_submissions._tcp": 0, "_submission._tcp": 10}  # implicit TLS first
+PUBLIC_SUBMISSION = f"listen-submission = {V4}, [{V6}]\nlisten-submissions = {V4}, [{V6}]\n"
+
+
+def submission_conf(tmp_path: Path, keys: list[Key], dns: DNSServer, listeners: str) -> Path:
+    """The config with submission listeners (and the TLS they need: `mailerd dns` reads
+    neither file, so neither exists)."""
+    tls = f"tls-cert = {tmp_path}/cert.pem\ntls-key = {tmp_path}/key.pem\n"
+    return write_config(tmp_path / "submission.conf", keys, dns, more=tls + listeners)
+
+
+def srv_records(
+    domains=("example.org", "example.net"), *, submissions=(465,), submission=(587,)
+) -> set[Rec]:
+    """The SRV records naming the host, one for each port of each kind of listener."""
+    out: set[Rec] = set()
+    for d in domains:
+        for service, ports in (
+            ("_submissions._tcp", submissions),
+            ("_submission._tcp", submission),
+        ):
+            for port in ports:
+                out.add(
+                    (f"{service}.{d}", "SRV", f"{SUBMISSION_PRIORITY[service]} 1 {port} {HOSTNAME}")
+                )
+    return out
+
+
+def test_public_submission_listeners_get_srv_records(tmp_path: Path, keys: list[Key], dns_server):
+    """Submission listeners on the host's addresses (a wildcard one stands for those of its
+    family): each domain gets a _submissions and a _submission SRV record naming the host and
+    the configured port, once however many addresses share it, implicit TLS at the lower
+    priority (clients try it first), explained; and what is printed passes the check."""
+    conf = submission_conf(
+        tmp_path,
+        keys,
+        dns_server,
+        f"listen-submission = {V4}, [{V6}]\nlisten-submissions = 0.0.0.0:4465\n",
+    )
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    got = printed_records(p.stdout)
+    want = wanted(keys) | srv_records(submissions=(4465,))
+    assert set(got) == want, f"missing {sorted(want - set(got))}, extra {sorted(set(got) - want)}"
+    assert len(got) == len(set(got)), f"a record printed twice:\n{p.stdout}"
+    why = comments_before(p.stdout, "_submissions._tcp.example.org", "SRV")
+    assert "RFC 6186" in why and "Optional" in why, f"the SRV comment:\n{p.stdout}"
+    rc, lines = run_check(conf, dns_server, p.stdout)
+    assert [ln for ln in lines if ln.status != "OK"] == [] and rc == 0, shown(lines)
+    assert Counter((ln.owner, ln.rtype) for ln in lines) == Counter((o, t) for o, t, _ in want)
+
+
+@pytest.mark.parametrize(
+    "listeners",
+    [
+        # scripts/server's: only this machine reaches it
+        pytest.param("listen-submission = 127.0.0.1:2587, [::1]:2587\n", id="loopback"),
+        # an address the host name's A/AAAA do not lead to
+        pytest.param("listen-submissions = 192.0.2.99\n", id="other-address"),
+    ],
+)
+def test_a_submission_listener_the_world_does_not_reach_gets_no_srv_record(
+    tmp_path: Path, keys: list[Key], dns_server, listeners: str
+):
+    """A mail program that looks up the host name does not reach such a listener: no SRV
+    record names it, a note says so, and the check asks for none."""
+    conf = submission_conf(tmp_path, keys, dns_server, listeners)
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
+    assert set(printed_records(p.stdout)) == wanted(keys), p.stdout
+    notes = [ln for ln in p.stdout.splitlines() if ln.startswith(";") and "SRV" in ln]
+    address = listeners.split("=")[1].split(",")[0].strip()
+    assert len(notes) == 1 and address in notes[0], f"one note naming {address}:\n{p.stdout}"
+    rc, lines = run_check(conf, dns_server, p.stdout)
+    assert [ln for ln in lines if ln.status != "OK" or ln.rtype == "SRV"] == [], shown(lines)
+    assert rc == 0
+
+
+SRV_ORG = "_submissions._tcp.example.org"
+SRV_NET = "_submission._tcp.example.net"
+
+
+def _without_srv(records: set[Rec]) -> set[Rec]:
+    return {r for r in records if r[1] != "SRV"}
+
+
+@pytest.mark.parametrize(
+    "change, expect, rc_wanted, mentions",
+    [
+        # published as anywhere else, to another port or host: clients fail there
+        pytest.param(
+            _replace(SRV_NET, "SRV", f"10 1 25 {HOSTNAME}"),
+            {(SRV_NET, "SRV"): "WRONG"},
+            1,
+            ("25", "587"),
+            id="wrong-port",
+        ),
+        pytest.param(
+            _replace(SRV_ORG, "SRV", "0 1 465 smtp.provider.example"),
+            {(SRV_ORG, "SRV"): "WRONG"},
+            1,
+            ("smtp.provider.example", HOSTNAME),
+            id="wrong-target",
+        ),
+        # an old provider's record left beside ours, at a lower priority: clients go there
+        pytest.param(
+            _plus((SRV_NET, "SRV", "5 1 587 smtp.provider.example")),
+            {(SRV_NET, "SRV"): "WRONG"},
+            1,
+            ("smtp.provider.example",),
+            id="another-server-first",
+        ),
+        # missing: a convenience for mail programs, not needed for mail: exit 0 all the same
+        pytest.param(
+            _without_srv,
+            {(o, "SRV"): "MISSING" for o, _, _ in srv_records()},
+            0,
+            ("exit status",),
+            id="missing",
+        ),
+    ],
+)
+def test_check_finds_srv_records_missing_or_wrong(
+    tmp_path: Path, keys: list[Key], dns_server, change, expect, rc_wanted, mentions
+):
+    """A missing SRV record is MISSING, and costs the exit status nothing (mail programs that
+    find none ask for the server); a wrong one (another port, another host, another server
+    tried first) is WRONG, showing what is published and what is wanted, and does."""
+    conf = submission_conf(tmp_path, keys, dns_server, PUBLIC_SUBMISSION)
+    rc, lines = run_check(conf, dns_server, zone_text(change(wanted(keys) | srv_records())))
+    by = index(lines)
+    for key, status in expect.items():
+        assert [ln.status for ln in by.get(key, [])] == [status], f"{key}:\n{shown(lines)}"
+    first = by[next(iter(expect))][0]
+    for word in mentions:
+        assert word in first.text, f"the line should show {word!r}: {first.text}"
+    others = [ln for ln in lines if (ln.owner, ln.rtype) not in expect and ln.status != "OK"]
+    assert others == [], shown(lines)
+    assert rc == rc_wanted, f"exit {rc}\n{shown(lines)}"
+
+
+def test_check_of_an_srv_record_saying_no_service_is_wrong(
+    tmp_path: Path, keys: list[Key], dns_server
+):
+    """Target `.` says the service is not offered at all (RFC 2782; mox prints it for
+    _submission): wrong for a listener that is there, and the line says what it means."""
+    conf = submission_conf(tmp_path, keys, dns_server, PUBLIC_SUBMISSION)
+    zone = zone_text(_replace(SRV_NET, "SRV")(wanted(keys) | srv_records()))
+    rc, lines = run_check(conf, dns_server, zone + f"{SRV_NET}. SRV 0 0 0 .\n")
+    line = index(lines)[(SRV_NET, "SRV")][0]
+    assert line.status == "WRONG" and "not offered" in line.text, shown(lines)
     assert rc == 1

@@ -305,3 +305,22 @@ def test_a_wildcard_listener_stands_for_the_machines_public_addresses(monkeypatc
     cfg = config.load(["-d", "example.org", "-H", "mx.example.org", "-n", "0.0.0.0", "-n", "::",
                        "--public-address", "203.0.113.7"])  # fmt: skip
     assert dnsrecords.listener_addresses(cfg) == ["203.0.113.7"]
+
+
+def test_the_submission_listeners_an_srv_record_names(monkeypatch):
+    """`mailerd dns`: a mail program sent to the host name reaches a submission listener on one
+    of its A/AAAA addresses, or on the wildcard of that family, or, behind a 1:1 NAT, on the
+    private address public-address stands for (so 0.0.0.0, as the README has it, at a cloud
+    provider); not one on loopback, nor one of a family the A/AAAA do not have."""
+    from mailerd.commands import dnsrecords
+
+    monkeypatch.setattr(host, "machine_addresses", lambda: ["10.0.0.5", "fd00::2"])
+    cfg = config.load(["-d", "example.org", "-H", "mx.example.org", "-n", "10.0.0.5",
+                       "--public-address", "203.0.113.7", "--tls-cert", "c", "--tls-key", "k",
+                       "--listen-submissions", "0.0.0.0", "--listen-submission", "10.0.0.5",
+                       "--listen-submission", "127.0.0.1:2587",
+                       "--listen-submission", "[::]"])  # fmt: skip
+    addresses = dnsrecords.listener_addresses(cfg)
+    assert addresses == ["203.0.113.7"]
+    found = [str(a) for a in dnsrecords.submission_listeners(cfg, addresses)]
+    assert found == ["10.0.0.5:587", "0.0.0.0:465"]
