@@ -53,25 +53,50 @@ def a_labels(domain: str) -> str | None:
 
 @functools.lru_cache(maxsize=1024)
 def readings(domain: str) -> tuple[str, ...]:
-    """`domain` (in A-labels, as `a_labels` gives it) and, when it is another name, the one a
-    reader converting by IDNA 2003 sees in it (Python's codec, older libraries): ß and ς
-    become ss and σ there, joiners vanish. `xn--stra-yna.example` is `straße.example` to one
-    reader and `strasse.example` to the other, which DMARC then aligns with strasse.example's
-    SPF and signatures."""
+    """`domain` (in A-labels, as `a_labels` gives it) and the other names readers that
+    convert otherwise see in it: by IDNA 2003 (Python's codec, older libraries) and by UTS 46's
+    transitional processing (ICU's), ß becomes ss, ς σ, and joiners vanish. So
+    `xn--strae-oqa.example` is `straße.example` to one reader and `strasse.example` to the
+    others, which DMARC then aligns with strasse.example's SPF and signatures. Label by label:
+    a label such a reader refuses, or that does not decode, it passes on as written (Python's
+    codec leaves an ASCII label alone), so it is kept here, not a reason to give up the
+    name's other labels (an attacker's pass: `xn--a.straße.example` was judged as itself
+    alone, and Python's codec reads it as `xn--a.strasse.example`)."""
     if "xn--" not in domain:
         return (domain,)
-    labels = []
+    older, transitional = [], []
     for label in domain.split("."):
-        if not label.startswith("xn--"):
-            labels.append(label)
-            continue
-        try:
-            older = encodings.idna.ToASCII(label[4:].encode("ascii").decode("punycode"))
-        except UnicodeError:  # (no name to IDNA 2003: nothing it reads otherwise)
-            return (domain,)
-        labels.append(older.decode("ascii").lower())
-    older_name = ".".join(labels)
-    return (domain,) if older_name == domain else (domain, older_name)
+        text = _decoded(label)
+        older.append(label if text is None else _idna_2003(text) or label)
+        transitional.append(label if text is None else _transitional(text) or label)
+    return tuple(dict.fromkeys((domain, ".".join(older), ".".join(transitional))))
+
+
+def _decoded(label: str) -> str | None:
+    """An A-label's Unicode text, or None (no A-label, or one that does not decode)."""
+    if not label.startswith("xn--"):
+        return None
+    try:
+        return label[4:].encode("ascii").decode("punycode")
+    except UnicodeError:
+        return None
+
+
+def _idna_2003(text: str) -> str | None:
+    """A label as IDNA 2003 converts it (None when it refuses)."""
+    try:
+        return encodings.idna.ToASCII(text).decode("ascii").lower()
+    except UnicodeError:
+        return None
+
+
+def _transitional(text: str) -> str | None:
+    """A label as UTS 46's transitional processing converts it (None when it refuses)."""
+    try:
+        mapped = idna.uts46_remap(text, std3_rules=False, transitional=True)
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return None
+    return _label(mapped)
 
 
 def _label(label: str) -> str | None:

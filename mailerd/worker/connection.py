@@ -532,7 +532,7 @@ class Connection(asyncio.Protocol):
         ours = _organisations(local)
         authors = headers.from_addresses(head)
         return policy.author_refusal(
-            None if authors is None else _as_read_by_idna_2003_too(authors),
+            None if authors is None else _with_other_readings(authors),
             user,
             local_domains=local,
             aliases=cfg.aliases,
@@ -824,11 +824,11 @@ def _with_a_labels(domains: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*domains, *map(headers.normal_domain, domains))))
 
 
-def _as_read_by_idna_2003_too(authors: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Each author, and the same as a receiver converting by IDNA 2003 reads it where that is
-    another address (`idn.readings`): serving strasse.example, `From: bob@straße.example`
-    passed as a remote author, and such a receiver saw bob@strasse.example, which our SPF
-    aligned with."""
+def _with_other_readings(authors: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each author, and the same as receivers converting by IDNA 2003 or UTS 46's transitional
+    processing read it where that is another address (`idn.readings`): serving
+    strasse.example, `From: bob@straße.example` passed as a remote author, and such a receiver
+    saw bob@strasse.example, which our SPF aligned with."""
     return [(local, read) for local, domain in authors for read in idn.readings(domain)]
 
 

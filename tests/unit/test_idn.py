@@ -72,6 +72,17 @@ def test_a_name_too_long_is_given_up_before_all_its_labels_are_converted(monkeyp
         ("xn--caf-dma.example", ("xn--caf-dma.example",)),  # café: one reading
         ("xn--i-7iq.ws", ("xn--i-7iq.ws",)),  # i❤.ws: IDNA 2003's already
         ("xn--.example", ("xn--.example",)),  # no punycode: nothing to read otherwise
+        # a label a reader cannot read, it passes on as written: the others are read all the
+        # same (Python's codec leaves an ASCII label alone; ICU's transitional takes اب1)
+        ("xn--a.xn--strae-oqa.example", ("xn--a.xn--strae-oqa.example", "xn--a.strasse.example")),
+        (
+            "xn--1-ymcd.xn--strae-oqa.example",  # اب1: IDNA 2003's bidi rule refuses it
+            ("xn--1-ymcd.xn--strae-oqa.example", "xn--1-ymcd.strasse.example"),
+        ),
+        (
+            "xn--zz.xn--strae-oqa.example",
+            ("xn--zz.xn--strae-oqa.example", "xn--zz.strasse.example"),
+        ),
     ],
 )
 def test_readings(domain: str, expected: tuple[str, ...]):
