@@ -66,6 +66,7 @@ from .replies import (
     READY_FOR_TLS,
     RESET_OK,
     RSET_SYNTAX,
+    SEND_LIMIT,
     START_DATA,
     STARTTLS_SYNTAX,
     TLS_ACTIVE,
@@ -104,6 +105,7 @@ class Commands:
     _sender: Address | None
     _recipients: list[Address]
     _overshoot: int
+    _deferred: int
     _body_type: str
     _smtputf8: bool
     _declared_size: int | None
@@ -308,7 +310,19 @@ class Commands:
             return
         if refusal.code < 400:  # a custom positive answer (e.g. 251) still accepts
             self._recipients.append(recipient)
-        self._send(refusal)
+        self._send(refusal, count=self._an_error(refusal))
+
+    def _an_error(self, refusal: Reply) -> bool:
+        """Does a recipient's refusal count as the client's error? Not a recipient deferred
+        for its account's daily limit (SEND_LIMIT), for as many as one message may have in a
+        session: the user's own mail program sending what it has would otherwise end with
+        421 "Too many errors", which fail2ban counts against the user's address. Past that
+        each one counts, as the overshoot of --max-recipients does, so that a client that
+        repeats them for ever still meets the end of its session (and of its log lines)."""
+        if refusal is not SEND_LIMIT:
+            return True
+        self._deferred += 1
+        return self._deferred > self._config.max_recipients
 
     def _cmd_data(self, argument: str | None) -> None:
         if argument is not None:

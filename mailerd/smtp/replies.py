@@ -34,6 +34,15 @@ DATA_AFTER_BDAT = Reply(503, "5.5.1", "Bad sequence of commands: DATA after BDAT
 RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Bad sequence of commands: RCPT after BDAT")
 NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+# An authenticated account's recipients at other domains over --max-recipients-per-day
+# (`worker.sendlimit`): temporary, since it lifts as the oldest leave the 24-hour window. 450,
+# RFC 5321's "temporarily blocked for policy reasons", and 4.7.1, RFC 3463's policy refusal;
+# not 4.5.3, whose client splits the message and sends the rest at once.
+SEND_LIMIT = Reply(
+    450,
+    "4.7.1",
+    "Recipient deferred: daily limit of recipients at other domains reached, try again later",
+)
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 # 550 rather than 501: the same answer the recipient policy gives for an

@@ -132,6 +132,7 @@ class Session(Commands):
         self._sasl: tuple[str, str | None] | None = None
         self._unlogged = 0
         self._auth_failures = 0
+        self._deferred = 0  # recipients deferred for the account's daily limit (not errors)
         self._clear_transaction()
 
     # --- public API ---------------------------------------------------------
@@ -236,6 +237,11 @@ class Session(Commands):
     def user(self) -> str | None:
         """The user the client authenticated as, if it did."""
         return self._user
+
+    @property
+    def recipients(self) -> tuple[Address, ...]:
+        """The recipients accepted so far in the mail transaction."""
+        return tuple(self._recipients)
 
     def timeout(self, what: str = "Timeout exceeded") -> Reply:
         """The peer took too long (the caller's clock says what: a command, the message data,

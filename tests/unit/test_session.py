@@ -26,6 +26,7 @@ from mailerd.smtp import (
     SessionConfig,
 )
 from mailerd.smtp.data import MAX_HOPS
+from mailerd.smtp.replies import SEND_LIMIT
 
 QUEUED = Reply(250, "2.0.0", "Queued")
 
@@ -1302,6 +1303,30 @@ def test_recipients_far_over_the_limit_are_errors_and_logged_once():
         assert [r.code for r in rcpts] == [250] * 10 + [452] * 10
         again.cmd("RSET")
     assert not again.closed and len(again.rejected) == 3
+
+
+def test_recipients_deferred_for_the_daily_limit_are_not_errors_for_a_while():
+    """The user's own mail program sending what it has after the account reached its daily
+    limit (SEND_LIMIT, from the worker's check): each deferral is logged, but not an error
+    for --max-recipients of them in a session (a 421 "Too many errors" is what fail2ban
+    bans for); past that each is, so that repeating them still ends the session."""
+
+    def check(address: Address) -> Reply | None:
+        return SEND_LIMIT if address.domain == "remote.test" else None
+
+    client = Client(check, max_errors=2, max_recipients=10)
+    client.cmd("EHLO c")
+    for _ in range(2):  # RSET does not start the allowance again
+        client.cmd("MAIL FROM:<a@example.org>")
+        rcpts = client.send(b"".join(b"RCPT TO:<r%d@remote.test>\r\n" % i for i in range(5)))
+        assert [status(r) for r in rcpts] == [(450, "4.7.1")] * 5
+        assert client.cmd("RCPT TO:<local@example.org>").code == 250
+        client.cmd("RSET")
+    assert not client.closed
+    assert [(r.verb, r.reply.code) for r in client.rejected] == [("RCPT", 450)] * 10
+    client.cmd("MAIL FROM:<a@example.org>")
+    codes = client.codes(b"RCPT TO:<more@remote.test>\r\n" * 3)
+    assert codes == [450, 450, 421] and client.closed
 
 
 def test_a_delivered_message_resets_the_error_count():
