@@ -52,6 +52,10 @@ DEFAULT_MAX_MESSAGE_SIZE = 26214400
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_MAX_ERRORS = 20
 DEFAULT_MAX_RECIPIENTS = 100  # RFC 5321 4.5.3.1.8's minimum (Postfix: 1000)
+# Recipients at other domains one authenticated account may send to in 24 hours (mox's
+# MaxOutgoingMessagesPerDay, which counts recipients too; Gmail allows about 2000): more than a
+# person writes, far less than a spammer with a stolen password wants.
+DEFAULT_MAX_RECIPIENTS_PER_DAY = 1000
 DEFAULT_MAX_SESSIONS = 1000
 DEFAULT_MAX_SESSIONS_PER_IP = 50
 # Places of --max-sessions kept for each of the owner's pools (the local listeners; the
@@ -127,6 +131,7 @@ class Config:
     timeout: float = DEFAULT_TIMEOUT
     max_errors: int = DEFAULT_MAX_ERRORS
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
+    max_recipients_per_day: int = DEFAULT_MAX_RECIPIENTS_PER_DAY  # 0: no limit
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_sessions_per_ip: int = DEFAULT_MAX_SESSIONS_PER_IP
     reserved_sessions: int = DEFAULT_MAX_SESSIONS // RESERVED_SHARE
@@ -237,6 +242,14 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         False,
         f"recipients of one message, the rest 452 4.5.3 (default {DEFAULT_MAX_RECIPIENTS})",
     ),
+    (
+        "max-recipients-per-day",
+        None,
+        True,
+        False,
+        "recipients at other domains one authenticated user may send to in 24 hours, the "
+        f"rest 450 4.7.1 (default {DEFAULT_MAX_RECIPIENTS_PER_DAY}; 0 = no limit)",
+    ),
     ("max-sessions", None, True, False, "total concurrent sessions (default 1000)"),
     (
         "reserved-sessions",
@@ -335,6 +348,7 @@ METAVARS = {
     "hostname": "NAME", "workers": "N", "user": "NAME", "pidfile": "FILE",
     "dns-server": "IP[:PORT]", "max-message-size": "BYTES", "timeout": "DURATION",
     "max-errors": "N", "max-recipients": "N", "max-sessions": "N", "max-sessions-per-ip": "N",
+    "max-recipients-per-day": "N",
     "min-free": "BYTES",
     "reserved-sessions": "N", "ipv6-prefix-length": "N", "min-data-rate": "BYTES",
     "max-session-time": "DURATION",
@@ -525,6 +539,12 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         max_errors=parse_int("max-errors", raw.get("max_errors", DEFAULT_MAX_ERRORS), 0, 10**6),
         max_recipients=parse_int(
             "max-recipients", raw.get("max_recipients", DEFAULT_MAX_RECIPIENTS), 100, 100_000
+        ),
+        max_recipients_per_day=parse_int(
+            "max-recipients-per-day",
+            raw.get("max_recipients_per_day", DEFAULT_MAX_RECIPIENTS_PER_DAY),
+            0,
+            10**9,
         ),
         max_sessions=max_sessions,
         max_sessions_per_ip=parse_int(

@@ -60,6 +60,7 @@ from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import send_packet
 from mailerd.ipc.messages import WriterStarted
 from mailerd.ipc.reports import REPORTS_MAX
+from mailerd.ipc.sentcounts import SentCounts
 from mailerd.ipc.sessiontable import SessionTable
 from mailerd.lifecycle import (
     BOOT_ERROR,
@@ -159,6 +160,9 @@ class Master:
         self.sessions = SessionTable(max(16, GENERATIONS * cfg.workers))
         # Failed AUTH per client address and account, for every worker.
         self.auth_failures = AuthFailures(ipv6_prefix_length=cfg.ipv6_prefix_length)
+        # Authenticated users' recipients at other domains lately, for every worker (kept
+        # across reloads, forgotten at a restart).
+        self.sent_counts = SentCounts()
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -638,6 +642,7 @@ class Master:
             sessions=self.sessions,
             session_row=session_row,
             auth_failures=self.auth_failures,
+            sent_counts=self.sent_counts,
         )
 
     def reap(self) -> None:

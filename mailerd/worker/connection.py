@@ -1,8 +1,9 @@
 """One SMTP connection: bytes between the socket and a sans-I/O `smtp.Session`, and the
 decisions that need I/O or a clock: the deadlines (below), whether a recipient's mailbox exists
-(`recipients`), the TLS handshake after STARTTLS, the password check of AUTH (in a thread,
-answered late after failures), whose sender addresses an authenticated user may use, and the
-commit of a finished message (the 250 only once it is durable). Every refused mail command and
+(`recipients`), an authenticated user's daily limit of remote recipients (`sendlimit`), the
+TLS handshake after STARTTLS, the password check of AUTH (in a thread, answered late after
+failures), whose sender addresses an authenticated user may use, and the commit of a finished
+message (the 250 only once it is durable). Every refused mail command and
 failed AUTH is logged here, in Postfix's words, and with -v the dialogue (never a password).
 
 **Deadlines** (`deadlines`: a command's, the message content's, the session's): one timer per
@@ -615,6 +616,7 @@ class Connection(asyncio.Protocol):
         # fails before: an attacker's pass made a check raise, and each 25 MB message left a
         # deleted file open (the queue's disk filled, or the worker ran out of descriptors).
         body, fd = self.body.take()
+        user = None if self.session is None else self.session.user
         try:
             request = self.commit_request(envelope)
             refusal = None
@@ -622,7 +624,6 @@ class Connection(asyncio.Protocol):
                 request, body, fd, refusal = await self.verify(request, body, fd)
             elif not self.listen.trusted:  # (--inbound-auth off; submission): no forged verdict
                 body, fd, refusal = await self.unchecked(body, fd)
-            user = None if self.session is None else self.session.user
             if refusal is None and user is not None:
                 refusal = self.check_author(body if fd is None else fd, user)
             if refusal is not None:
@@ -642,6 +643,8 @@ class Connection(asyncio.Protocol):
             sender = str(envelope.sender) if envelope.sender else ""
             verb = "BDAT" if envelope.chunked else "DATA"
             self.log_reject(verb, reply, sender, envelope.esmtp, envelope.helo)
+        elif user is not None:  # (only what was taken counts against the daily limit)
+            self.worker.send_limit.sent(user, self.peer, envelope.recipients)
         self.committing = False
         if self.closing or self.session is None:
             return
@@ -773,10 +776,20 @@ class Connection(asyncio.Protocol):
     def accept(self, address: Address, resolved: recipients.Resolved) -> Reply | None:
         if resolved.refusal is not None:
             return resolved.refusal
+        refusal = self.over_the_limit(address)
+        if refusal is not None:
+            return refusal
         if len(self.routes) >= MAX_ROUTES:  # transactions reset without a message
             self.routes.clear()
         self.routes[address] = resolved.targets  # for commit_request(), so resolved once
         return None
+
+    def over_the_limit(self, address: Address) -> Reply | None:
+        """An authenticated user's recipient past their daily limit (`sendlimit`): deferred."""
+        session = self.session
+        if session is None or session.user is None:
+            return None
+        return self.worker.send_limit.refusal(session.user, self.peer, address, session.recipients)
 
     def check_timeout(self) -> None:
         """The deadlines (`deadlines`): the first one past ends the session."""

@@ -41,6 +41,7 @@ from mailerd.ipc import reports
 from mailerd.ipc.authfailures import AuthFailures
 from mailerd.ipc.channel import Client
 from mailerd.ipc.messages import Commit, Outcome, RetryLocal
+from mailerd.ipc.sentcounts import SentCounts
 from mailerd.ipc.sessiontable import SessionTable, counter
 from mailerd.ipc.writer_client import WriterClient, WriterLink
 from mailerd.lifecycle import BOOT_ERROR, COMMIT_TIMEOUT, SHUTDOWN_GRACE
@@ -50,6 +51,7 @@ from mailerd.worker import admission
 from mailerd.worker.connection import SHUTTING_DOWN, Connection
 from mailerd.worker.logins import Logins
 from mailerd.worker.reserve import Reserve
+from mailerd.worker.sendlimit import SendLimit
 
 log = logging.getLogger("mailerd.worker")
 
@@ -67,6 +69,7 @@ class Worker:
         sessions: SessionTable | None = None,
         session_row: int | None = None,
         auth_failures: AuthFailures | None = None,
+        sent_counts: SentCounts | None = None,
     ) -> None:
         """`spool`, `spill_dir` and `private_dir` default to the configured paths; `run` passes
         the /proc/self/fd forms that keep working after the privilege drop."""
@@ -92,6 +95,11 @@ class Worker:
             known_buckets=64,
             client_buckets=64,
             newcomer_buckets=64,
+        )
+        # Authenticated users' recipients at other domains, for --max-recipients-per-day
+        # (alone, without the master's shared table: this worker's own).
+        self.send_limit = SendLimit(
+            sent_counts or SentCounts(64), cfg.max_recipients_per_day, cfg.domains
         )
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads, and
         # `logins` keeps a flood of AUTH attempts from queueing them without end.
@@ -347,6 +355,7 @@ def run(
     sessions: SessionTable | None = None,
     session_row: int | None = None,
     auth_failures: AuthFailures | None = None,
+    sent_counts: SentCounts | None = None,
 ) -> int:
     """Entry point of a forked worker process (still root when the master is)."""
     setproctitle(f"mailerd: worker {slot}")
@@ -370,6 +379,7 @@ def run(
         sessions=sessions,
         session_row=session_row,
         auth_failures=auth_failures,
+        sent_counts=sent_counts,
     )
     eventloop.run(
         worker.main(

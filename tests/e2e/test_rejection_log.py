@@ -5,9 +5,10 @@ One module-scoped run provokes each rejection kind once, with real clients over 
 127.0.0.1 and ::1, against three servers started without -v: "main" (--max-errors 2, an aliases
 file with a loop, --max-message-size), "caps" (one worker, --max-sessions-per-ip 1,
 --max-sessions 2) and "auth" (a certificate, a submission listener, a user with a password:
-AUTH failures are abuse, an authenticated user's wrong sender address is not). The kinds run
-one after the other, each in sessions that are over (QUIT or the server's close, then EOF)
-before the next starts, so the log lines that appear during one kind are that kind's alone.
+AUTH failures are abuse, an authenticated user's wrong sender address is not, nor a recipient
+past the user's --max-recipients-per-day 1). The kinds run one after the other, each in
+sessions that are over (QUIT or the server's close, then EOF) before the next starts, so the
+log lines that appear during one kind are that kind's alone.
 The tests then check those lines, and run Debian's fail2ban-regex over the servers' whole
 logs: as written (the foreground and --log-file format) and rewritten the way syslog stores
 the same lines in /var/log/mail.log; and the example jail's settings as fail2ban-client reads
@@ -225,6 +226,18 @@ def _second_mail(m: Mailerd, host: str) -> Reply:
     expect(c.cmd(f"AUTH PLAIN {_b64(chr(0) + SUBMITTER + chr(0) + PASSWORD)}"), 235, conn=c)
     expect(c.cmd(f"MAIL FROM:<{SUBMITTER}@example.org>"), 250, conn=c)
     reply = c.cmd(f"MAIL FROM:<{SUBMITTER}@example.org>")
+    _quit(c)
+    return reply
+
+
+def _over_the_daily_limit(m: Mailerd, host: str) -> Reply:
+    """An authenticated user's second remote recipient, past --max-recipients-per-day 1: the
+    user's own mail program, no attacker, whose address must not be banned."""
+    c = _submission(m, host)
+    expect(c.cmd(f"AUTH PLAIN {_b64(chr(0) + SUBMITTER + chr(0) + PASSWORD)}"), 235, conn=c)
+    expect(c.cmd(f"MAIL FROM:<{SUBMITTER}@example.org>"), 250, conn=c)
+    expect(c.cmd("RCPT TO:<friend@remote.test>"), 250, conn=c)
+    reply = c.cmd("RCPT TO:<another@remote.test>")
     _quit(c)
     return reply
 
@@ -466,6 +479,18 @@ KINDS = [
         banned=False,
         server="auth",
     ),
+    # ... nor is one past its daily limit of recipients at other domains
+    Kind(
+        "over-the-daily-limit",
+        _over_the_daily_limit,
+        V4,
+        "RCPT",
+        "450 4.7.1 Recipient deferred: daily limit of recipients at other domains reached, "
+        "try again later",
+        _fields(f"{SUBMITTER}@example.org", "another@remote.test", "laptop.test"),
+        banned=False,
+        server="auth",
+    ),
     # ... nor is a mail program (or a peer without TLS) that has not done what the listener
     # requires before MAIL
     Kind(
@@ -555,7 +580,8 @@ def run(tmp_path_factory) -> Iterator[Run]:
         base / "auth",
         name="auth",
         extra=["--tls-cert", str(pair.cert), "--tls-key", str(pair.key), "--passwd", str(passwd)]
-        + ["--listen-submission", f"127.0.0.1:{port}", "--listen-submission", f"[::1]:{port}"],
+        + ["--listen-submission", f"127.0.0.1:{port}", "--listen-submission", f"[::1]:{port}"]
+        + ["--max-recipients-per-day", "1"],
     )
     auth.add_user(SUBMITTER)
     servers = {"main": main, "caps": caps, "auth": auth}

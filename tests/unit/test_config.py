@@ -55,6 +55,15 @@ def test_repeatable_domains_and_durations():
     assert config.parse_duration("timeout", "1h") == 3600
 
 
+def test_max_recipients_per_day():
+    """1000 by default (mox's), 0 for no limit, never negative."""
+    assert load().max_recipients_per_day == 1000
+    assert load("--max-recipients-per-day", "0").max_recipients_per_day == 0
+    assert load("--max-recipients-per-day", "3").max_recipients_per_day == 3
+    with pytest.raises(ConfigError, match="max-recipients-per-day"):
+        load("--max-recipients-per-day", "-1")
+
+
 @pytest.mark.parametrize(
     "argv, names",
     [

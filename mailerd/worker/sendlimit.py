@@ -1,0 +1,79 @@
+"""--max-recipients-per-day: the recipients at other domains that one authenticated account may
+send to within 24 hours (counted over every worker in `ipc.sentcounts`), so that a stolen
+password sends a day's worth of spam at most, not enough to land our address on blocklists.
+
+Checked at RCPT, for an authenticated session's remote recipient: when the account's count
+plus the transaction's remote recipients accepted so far reach the limit, that recipient is
+deferred (`replies.SEND_LIMIT`) and the session goes on; local recipients are not limited
+(nor, so, a local alias that forwards: the administrator wrote its targets). Counted once the
+message is accepted, each remote address once: what was queued, not what was asked for. The
+local listener's clients that do not log in (the machine's own programs) are not limited.
+
+When an account first reaches its limit in a window, one warning says so, with the account
+and the client's address: a user who never sends that much probably lost a password.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from mailerd.aliases import normal_address
+from mailerd.ipc.sentcounts import SentCounts
+from mailerd.names import is_local_domain
+from mailerd.smtp.events import Address, Reply
+from mailerd.smtp.replies import SEND_LIMIT
+
+log = logging.getLogger("mailerd.worker")
+
+
+class SendLimit:
+    def __init__(self, counts: SentCounts, limit: int, local_domains: tuple[str, ...]) -> None:
+        """`limit` 0: no limit."""
+        self.counts = counts
+        self.limit = limit
+        self.local_domains = local_domains
+
+    def refusal(
+        self, user: str, client: str, recipient: Address, accepted: Iterable[Address]
+    ) -> Reply | None:
+        """SEND_LIMIT if `user` may not send to `recipient` now, `accepted` being the
+        transaction's recipients so far (from `client`, for the log); else None."""
+        if not self.limit or not self._remote(recipient):
+            return None
+        pending = self._distinct(accepted)
+        if normal_address(str(recipient)) in pending:
+            return None  # (counted once: the same copy)
+        sent = self.counts.count(user)
+        if sent + len(pending) < self.limit:
+            return None
+        self._reached(user, client)
+        return SEND_LIMIT
+
+    def sent(self, user: str, client: str, recipients: Iterable[Address]) -> None:
+        """`user`'s message to `recipients` was accepted: its remote ones count."""
+        remote = len(self._distinct(recipients))
+        if not self.limit or not remote:
+            return
+        if self.counts.add(user, remote) >= self.limit:
+            self._reached(user, client)
+
+    def _reached(self, user: str, client: str) -> None:
+        if self.counts.first_report(user):
+            log.warning(
+                "limit reached: user %s has sent to the %d recipients at other domains that "
+                "max-recipients-per-day allows within 24 hours, lately from [%s]; more are "
+                "deferred (450 4.7.1) until the oldest leave the window. Not the user? Then "
+                "the password is stolen: change it (mailerd passwd %s)",
+                user,
+                self.limit,
+                client,
+                user,
+            )
+
+    def _distinct(self, recipients: Iterable[Address]) -> set[str]:
+        """The remote ones, each once (as the queue takes them: the domain's case aside)."""
+        return {normal_address(str(a)) for a in recipients if self._remote(a)}
+
+    def _remote(self, address: Address) -> bool:
+        return bool(address.domain) and not is_local_domain(address.domain, self.local_domains)
