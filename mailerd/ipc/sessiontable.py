@@ -1,11 +1,13 @@
 """Open-session counts shared by all workers, for the caps at connect (`worker.admission`):
-the sessions of each pool (the listener kinds that share --max-sessions), and per client.
+the sessions of each pool (the listener kinds that share --max-sessions), and per client —
+in all, and in the last pool alone (`SHARED_POOL`: admission's known clients', shared out).
 
 Each worker accepts on its own, so a cap counted inside one worker would let a client hold
 N × workers sessions. The master therefore maps one small anonymous shared table before it
 forks anything, and gives each worker a row of it:
 
-    row r:  [ sessions per pool 0 … POOLS-1 | sessions per client bucket 0 … BUCKETS-1 ]
+    row r:  [ sessions per pool 0 … POOLS-1 | sessions per client bucket 0 … BUCKETS-1
+              | SHARED_POOL's sessions per client bucket 0 … BUCKETS-1 ]
             (uint32 each; the total is the pools' sum)
 
 A worker writes only its own row, so no lock is needed (one writer per cell, aligned 32-bit
@@ -27,6 +29,7 @@ import mmap
 
 BUCKETS = 16384
 POOLS = 4  # (worker.admission names them)
+SHARED_POOL = POOLS - 1  # its sessions are counted per client a second time, on their own
 _CELL = 4  # bytes: an unsigned 32-bit count
 
 
@@ -36,7 +39,7 @@ class SessionTable:
     def __init__(self, rows: int, buckets: int = BUCKETS) -> None:
         self.rows = rows
         self.buckets = buckets
-        self.stride = POOLS + buckets
+        self.stride = POOLS + 2 * buckets
         # mmap(-1, ...) is MAP_SHARED | MAP_ANONYMOUS: forked children see the same pages.
         self._map = mmap.mmap(-1, rows * self.stride * _CELL)
         self.cells = memoryview(self._map).cast("I")
@@ -80,17 +83,25 @@ class SessionCounter:
         """The sessions of a client key (those sharing its bucket included)."""
         return self._column(self.bucket(key))
 
+    def in_shared_pool(self, key: str) -> int:
+        """The sessions of a client key in SHARED_POOL (those sharing its bucket included)."""
+        return self._column(self.bucket(key) + self._buckets)
+
     def opened(self, pool: int, key: str | None) -> None:
         """A session began in `pool`; `key` is given when it counts against a client's cap."""
         self._cells[self._own + pool] += 1
         if key is not None:
             self._cells[self._own + self.bucket(key)] += 1
+            if pool == SHARED_POOL:
+                self._cells[self._own + self.bucket(key) + self._buckets] += 1
 
     def closed(self, pool: int, key: str | None) -> None:
         """The session begun with opened(pool, key) ended."""
         self._decrement(self._own + pool)
         if key is not None:
             self._decrement(self._own + self.bucket(key))
+            if pool == SHARED_POOL:
+                self._decrement(self._own + self.bucket(key) + self._buckets)
 
     def _column(self, column: int) -> int:
         return sum(self._cells[r + column] for r in self._rows)

@@ -3,7 +3,7 @@ rows freed with them."""
 
 import os
 
-from mailerd.ipc.sessiontable import POOLS, SessionTable, counter
+from mailerd.ipc.sessiontable import POOLS, SHARED_POOL, SessionTable, counter
 
 
 def test_counts_are_seen_by_every_process_and_a_row_is_forgotten_when_released():
@@ -45,3 +45,20 @@ def test_closing_never_goes_below_zero_and_a_full_table_counts_alone():
     alone = counter(table, None)
     alone.opened(1, "2001:db8::/64")
     assert alone.total() == 1 and own.total() == 0
+
+
+def test_the_shared_pools_sessions_are_counted_per_client_too():
+    table = SessionTable(2)
+    rows = [table.claim(), table.claim()]
+    first, second = (counter(table, row) for row in rows)
+    first.opened(SHARED_POOL, "192.0.2.1")
+    second.opened(SHARED_POOL, "192.0.2.1")
+    second.opened(1, "192.0.2.1")  # (another pool: per client in all only)
+    first.opened(SHARED_POOL, None)
+    assert first.in_shared_pool("192.0.2.1") == 2 and first.for_address("192.0.2.1") == 3
+    first.closed(1, "192.0.2.1")  # (not its pool: nothing of the shared count)
+    assert first.in_shared_pool("192.0.2.1") == 2
+    first.closed(SHARED_POOL, "192.0.2.1")
+    assert first.in_shared_pool("192.0.2.1") == 1 and first.in_pool(SHARED_POOL) == 2
+    table.release(rows[1])
+    assert first.in_shared_pool("192.0.2.1") == 0 and first.for_address("192.0.2.1") == 0
