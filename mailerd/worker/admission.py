@@ -28,6 +28,17 @@ stays counted where it began (its next connection is known). The limit: an owner
 it never logged in from (a hotel's) is not known yet, and competes with the crowd for the rest.
 The submission listeners together keep --reserved-sessions, as before.
 
+Each known client has a share of the known pool (`Caps.known_share`: KNOWN_SHARE, 4 places,
+and never more than half the pool), its sessions past it counted as any client's: an
+attacker's pass found one known address (one stolen password, any user of a shared server)
+holding all 50 places of the default pool — --max-sessions-per-ip is as many — and the
+owner's laptop refused behind a crowd. A mail program opens one or two connections at a time,
+a household behind one NAT address has a few devices: 4 covers them, and it takes 13 known
+addresses to fill the default pool. A share that grew with the pool (a sixteenth) would give
+one address more of a larger server's without protecting anyone better. What remains: many
+known clients at once can still hold the known pool (a server of many users, or one stolen
+password used from 13 new addresses in a day: each account makes 16 known a day).
+
 **Per client.** --max-sessions-per-ip counts the sessions of one client on the network and
 submission listeners (the local ones are the machine's own). A client is an IPv4 address, or
 an IPv6 address's /--ipv6-prefix-length network (default /64): one host, or one customer of
@@ -54,6 +65,10 @@ _POOL_OF_ROLE = {
     config.SUBMISSIONS: SUBMISSION_POOL,
     config.NETWORK: NETWORK_POOL,
 }
+
+# A known client's places in the known pool (its further sessions compete as any client's).
+KNOWN_SHARE = 4
+assert KNOWN_POOL == sessiontable.SHARED_POOL  # (the table counts it per client)
 
 SERVER_FULL = "Too many connections, try again later"
 CLIENT_FULL = "Too many connections from your address"
@@ -100,6 +115,12 @@ class Caps:
         )
         return cls(cfg.max_sessions, cfg.max_sessions_per_ip, reserves, cfg.ipv6_prefix_length)
 
+    @property
+    def known_share(self) -> int:
+        """A known client's places in the known pool: KNOWN_SHARE, and at most half the pool,
+        so that no one client holds it all (at least one place where there is one)."""
+        return max(1, min(KNOWN_SHARE, self.reserves[KNOWN_POOL] // 2))
+
     def counted_key(self, listen: ListenAddress, peer: str) -> str | None:
         """The key a session counts under for the per-client cap; None on a local listener."""
         return None if listen.trusted else client_key(peer, self.ipv6_prefix_length)
@@ -116,7 +137,14 @@ class Caps:
     def admit(self, counts: SessionCounter, pool: int, key: str | None) -> tuple[int, str | None]:
         """The pool a new session counts in, and why it is refused (None: it may have one).
         A known client takes a place of its own pool or, when that has no room, one of any
-        submission client (its part of the reserve is kept for it, not all it may have)."""
+        submission client (its part of the reserve is kept for it, not all it may have), as
+        it does past its share of the known pool."""
+        if (
+            pool == KNOWN_POOL
+            and key is not None
+            and counts.in_shared_pool(key) >= self.known_share
+        ):
+            pool = SUBMISSION_POOL  # (past its share)
         refusal = self.refusal(counts, pool, key)
         if pool == KNOWN_POOL and refusal == SERVER_FULL:
             pool = SUBMISSION_POOL

@@ -566,3 +566,43 @@ def test_a_login_answered_from_memory_makes_its_address_known_too(mailerd_factor
     finally:
         for c in crowd:
             c.close()
+
+
+def test_one_known_address_cannot_hold_every_known_clients_place(mailerd_factory, tmp_path):
+    """An attacker's pass: one known address (one stolen password, any user of a shared server)
+    held all the known clients' places, and the owner's laptop, known too, got 421 behind a
+    crowd. --max-sessions 12, 4 reserved for each listener kind: 2 known places, 1 a client;
+    the attacker's address holds every session it can get, and the owner is still greeted."""
+    m, pki, owner = _owner_server(mailerd_factory, tmp_path, reserved=4)
+    attacker = "127.0.0.247"
+    for source in (OWNER, attacker):
+        with Client(
+            "127.0.0.1", m.submissions_port, source=source, tls=client_context(pki.ca)
+        ) as c:
+            expect(c.banner(), 220, conn=c)
+            expect(c.ehlo(HELO), 250, conn=c)
+            expect(c.auth_plain(owner.user, owner.password), 235, "2.7.0", conn=c)
+            expect(c.cmd("QUIT"), 221, conn=c)
+    held: list[Client] = []
+    refusals = 0
+    deadline = time.monotonic() + HOLD
+    while refusals < 10:
+        assert time.monotonic() < deadline, "the attacker was never refused"
+        c = Client("127.0.0.1", m.submission_port, source=attacker)
+        if c.banner().code == 220:
+            held.append(c)
+            refusals = 0
+            continue
+        c.close()
+        refusals += 1
+        time.sleep(0.1)
+    try:
+        assert len(held) == 3  # its known place, and the 2 of any client
+        with Client("127.0.0.1", m.submission_port, source=OWNER) as c:
+            expect(c.banner(), 220, conn=c)
+        with Client("127.0.0.1", m.submission_port, source=STRANGER) as c:
+            expect(c.banner(), 421, "4.7.0")
+    finally:
+        for c in held:
+            c.close()
+    assert not m.crashes()

@@ -94,8 +94,9 @@ def test_a_full_submission_pool_leaves_the_network_its_reserve():
 def test_a_crowd_on_the_submission_listeners_leaves_known_clients_their_part():
     """Anyone may open a submission port (the login comes after): a crowd of silent
     connections from a few dozen addresses took the submission listeners' reserve and every
-    free place, and the owner's mail program got 421 there. Half of that reserve (rounded up)
-    is now kept for clients that logged in lately; the other pools' reserves are unchanged."""
+    free place, and the owner's mail program got 421 there. Half of that reserve (rounded down)
+    is now kept for clients that logged in lately, a share for each; the other pools' reserves
+    are unchanged."""
     cfg = with_submission(load("--max-sessions", "100", "--reserved-sessions", "10"))
     caps = Caps.of(cfg)
     counts = counter(SessionTable(2), 0)
@@ -107,11 +108,52 @@ def test_a_crowd_on_the_submission_listeners_leaves_known_clients_their_part():
     assert caps.admit(counts, SUBMISSION_POOL, stranger) == (SUBMISSION_POOL, SERVER_FULL)
     owner = caps.counted_key(listen, "192.0.2.50")
     assert caps.admit(counts, KNOWN_POOL, owner) == (KNOWN_POOL, None)
-    assert fill(caps, counts, KNOWN_POOL, owner) == 5
+    assert caps.known_share == 2  # (half the 5)
+    assert fill(caps, counts, KNOWN_POOL, owner) == 2
     assert caps.admit(counts, KNOWN_POOL, owner) == (SUBMISSION_POOL, SERVER_FULL)
+    phone, tablet = (caps.counted_key(listen, f"192.0.2.{n}") for n in (51, 52))
+    assert fill(caps, counts, KNOWN_POOL, phone) == 2
+    assert fill(caps, counts, KNOWN_POOL, tablet) == 1
+    assert counts.in_pool(KNOWN_POOL) == 5
     # The network's and the local listeners' reserves are theirs as before.
     assert fill(caps, counts, NETWORK_POOL) == 10 and fill(caps, counts, LOCAL_POOL) == 10
     assert counts.total() == 100
+
+
+def test_one_known_client_has_a_share_of_the_known_clients_part_not_all_of_it():
+    """An attacker's pass: one known address (one stolen password, or any user of a shared
+    server) opened 50 sessions, all in the known clients' 50 places (the defaults; the
+    per-client cap is as many), a crowd took the rest, and the owner's laptop, known too, got
+    421. Now a known client has KNOWN_SHARE places there; its others compete as anyone's."""
+    cfg = with_submission(load())
+    caps = Caps.of(cfg)
+    assert caps.reserves == (100, 50, 100, 50) and caps.per_client == 50
+    counts = counter(SessionTable(2), 0)
+    listen = cfg.listeners[-1]
+    attacker = caps.counted_key(listen, "198.51.100.7")
+    assert fill(caps, counts, KNOWN_POOL, attacker) == 50
+    assert counts.in_pool(KNOWN_POOL) == 4 and counts.in_pool(SUBMISSION_POOL) == 46
+    crowd = [caps.counted_key(listen, f"203.0.113.{n}") for n in range(30)]
+    assert sum(fill(caps, counts, SUBMISSION_POOL, key) for key in crowd) == 704
+    assert caps.admit(counts, KNOWN_POOL, attacker) == (SUBMISSION_POOL, SERVER_FULL)
+    owner = caps.counted_key(listen, "2001:db8:1:2::50")
+    assert caps.admit(counts, KNOWN_POOL, owner) == (KNOWN_POOL, None)
+    assert fill(caps, counts, KNOWN_POOL, owner) == 4
+    assert caps.admit(counts, KNOWN_POOL, owner) == (SUBMISSION_POOL, SERVER_FULL)
+    # A session of the known part ended gives the client its place there again; one counted
+    # as any client's gives a place as any client's.
+    counts.closed(SUBMISSION_POOL, attacker)
+    assert caps.admit(counts, KNOWN_POOL, attacker) == (SUBMISSION_POOL, None)
+    counts.closed(KNOWN_POOL, attacker)
+    assert caps.admit(counts, KNOWN_POOL, attacker) == (KNOWN_POOL, None)
+
+
+@pytest.mark.parametrize(
+    "reserved, share", [(2, 1), (3, 1), (4, 1), (8, 2), (12, 3), (16, 4), (100, 4), (400, 4)]
+)
+def test_a_known_clients_share_is_at_most_half_the_known_part(reserved, share):
+    cfg = with_submission(load("--max-sessions", "1000", "--reserved-sessions", str(reserved)))
+    assert Caps.of(cfg).known_share == share  # (the known part is half the reserve)
 
 
 def test_a_known_client_is_held_to_its_cap_per_client():
