@@ -42,11 +42,13 @@ taken over, as the addresses' are, so one account logging in from thousands of a
 stolen password, the 65,536 /64s of one /48) would push the owner's out: an account makes at
 most NEW_CLIENTS_A_DAY new addresses known a day, counted in a fifth table (pooled, keyed by
 the account and the day, the day's number as its time, so that a count is the day's alone). A
-login from a further new address still counts for the account (`known`, for its lockout), but
-makes it a known client only at a login on a later day; a login refreshing an address already
-known counts nothing. One account then writes at most about 500 cells of the 16,384 in the 30
-days an address stays known (3%: the owner's address is out only if one of them hits its cell,
-and back at its next login); many accounts, each adding as many, can still push more out.
+login from a further new address is remembered in neither table that day (the account's
+addresses, `known`, have cells taken over too: one account's thousands would push out the
+addresses other accounts' lockouts let in); a login on a later day remembers it. A login from
+an address already known, by this account or by any, counts nothing. One account then writes
+at most about 500 cells of each table in the 30 days an address stays known (3% of 16,384:
+another's address is out only if one of them hits its cell, and back at its next login); many
+accounts, each adding as many, can still push more out.
 """
 
 from __future__ import annotations
@@ -172,11 +174,12 @@ class AuthFailures:
 
     def succeeded(self, address: str, login: str, now: float | None = None) -> None:
         """`login` passed from `address`: from there, its account stays checked (`known`), and
-        the address is a known client (`known_client`), unless new and past the account's
-        NEW_CLIENTS_A_DAY."""
+        the address is a known client (`known_client`), unless both are new and the account
+        is past its NEW_CLIENTS_A_DAY."""
         now = time.monotonic() if now is None else now
-        self._known.add(self._pair(address, login), now, KNOWN_FOR)
-        if self.known_client(address, now) or self._newcomer(login, now):
+        seen = self.known(address, login, now) or self.known_client(address, now)
+        if seen or self._newcomer(login, now):
+            self._known.add(self._pair(address, login), now, KNOWN_FOR)
             self._clients.add(self.client(address), now, KNOWN_FOR)
 
     def known_client(self, address: str, now: float | None = None) -> bool:

@@ -700,8 +700,9 @@ def _slash48(n: int) -> str:
 def test_one_account_from_a_whole_48_cannot_push_out_where_another_logged_in():
     """A stolen password, used from thousands of addresses: past NEW_CLIENTS_A_DAY new known
     clients a day its logins make none, so they cannot take over the cell of the owner's
-    laptop (here: one cell for all known clients, so that any new one would)."""
-    table = AuthFailures(256, client_buckets=1, newcomer_buckets=65536)
+    laptop (here: one cell for all known clients, so that any new one would); nor the cell
+    that lets her in when her account is locked (one cell for all accounts' addresses)."""
+    table = AuthFailures(256, client_buckets=1, known_buckets=1, newcomer_buckets=65536)
     cap = authfailures.NEW_CLIENTS_A_DAY
     for n in range(cap):
         table.succeeded(_slash48(n), "mallory", now=10.0)
@@ -710,14 +711,16 @@ def test_one_account_from_a_whole_48_cannot_push_out_where_another_logged_in():
     assert table.known_client("192.0.2.50", now=20.0)
     for n in range(cap, 4096):
         table.succeeded(_slash48(n), "mallory", now=30.0)
-        assert table.known(_slash48(n), "mallory", now=30.0)  # (its lockout still knows it)
+        assert not table.known(_slash48(n), "mallory", now=30.0)
     assert table.known_client("192.0.2.50", now=40.0)
+    assert table.known("192.0.2.50", alice, now=40.0)
     assert not table.known_client(_slash48(4095), now=40.0)
 
 
 def test_an_accounts_new_known_clients_are_capped_per_day_and_the_cap_starts_again():
     """Past NEW_CLIENTS_A_DAY new addresses in a day, a login from another makes it no known
-    client (it is the account's login all the same); the next day's may again."""
+    client, nor one of the account's addresses; the next day's may again, and a login from an
+    address another account made known costs nothing."""
     table = AuthFailures(256)
     cap = authfailures.NEW_CLIENTS_A_DAY
     for day in range(3):
@@ -728,7 +731,9 @@ def test_an_accounts_new_known_clients_are_capped_per_day_and_the_cap_starts_aga
         further = _slash48(day * 100 + cap)
         table.succeeded(further, "alice", now=now)
         assert not table.known_client(further, now=now)
-        assert table.known(further, "alice", now=now)  # (a login of alice's all the same)
+        assert not table.known(further, "alice", now=now)
+        table.succeeded(_slash48(day * 100), "bob", now=now)  # (alice's: known, no new one)
+        assert table.known(_slash48(day * 100), "bob", now=now)
     later = 3 * authfailures.DAY
     table.succeeded(further, "alice", now=later)  # (a login on a later day makes it known)
     assert table.known_client(further, now=later)
