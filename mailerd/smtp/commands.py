@@ -314,11 +314,12 @@ class Commands:
 
     def _an_error(self, refusal: Reply) -> bool:
         """Does a recipient's refusal count as the client's error? Not a recipient deferred
-        for its account's daily limit (SEND_LIMIT), for as many as one message may have in a
-        session: the user's own mail program sending what it has would otherwise end with
-        421 "Too many errors", which fail2ban counts against the user's address. Past that
-        each one counts, as the overshoot of --max-recipients does, so that a client that
-        repeats them for ever still meets the end of its session (and of its log lines)."""
+        for its account's daily limit (SEND_LIMIT), for as many as one message may have: the
+        user's own mail program sending what it has would otherwise end with 421 "Too many
+        errors", which fail2ban counts against the user's address (counted per session, an
+        attacker's pass had it after three messages of 45). Past that each one counts, as the
+        overshoot of --max-recipients does, so that a client that repeats them for ever in
+        one transaction still meets the end of its session (and of its log lines)."""
         if refusal is not SEND_LIMIT:
             return True
         self._deferred += 1
@@ -332,7 +333,7 @@ class Commands:
         elif self._bdat_used:
             self._send(DATA_AFTER_BDAT)
         elif not self._recipients:
-            self._send(NO_RECIPIENTS)
+            self._send(NO_RECIPIENTS, count=not self._deferred)  # (see `_an_error`)
         else:
             self._send(START_DATA)
             self._start_content()

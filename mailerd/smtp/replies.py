@@ -43,6 +43,13 @@ SEND_LIMIT = Reply(
     "4.7.1",
     "Recipient deferred: daily limit of recipients at other domains reached, try again later",
 )
+# ... and a message whose remote recipients would pass it, at the end of its data (other
+# sessions of the account's may have sent since its RCPTs were answered).
+SEND_LIMIT_DATA = Reply(
+    450,
+    "4.7.1",
+    "Message deferred: daily limit of recipients at other domains reached, try again later",
+)
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 # 550 rather than 501: the same answer the recipient policy gives for an

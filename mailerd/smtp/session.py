@@ -48,6 +48,7 @@ from .replies import (
     BARE_CR_LF_COMMAND,
     BARE_CR_LF_MESSAGE,
     LINE_TOO_LONG,
+    NO_RECIPIENTS,
     NUL_MESSAGE,
     TEXT_LINE_TOO_LONG,
     TOO_MANY_HOPS,
@@ -132,7 +133,6 @@ class Session(Commands):
         self._sasl: tuple[str, str | None] | None = None
         self._unlogged = 0
         self._auth_failures = 0
-        self._deferred = 0  # recipients deferred for the account's daily limit (not errors)
         self._clear_transaction()
 
     # --- public API ---------------------------------------------------------
@@ -426,7 +426,7 @@ class Session(Commands):
         self._state = _State.COMMAND
         if self._bdat_refusal is not None:
             refusal, self._bdat_refusal = self._bdat_refusal, None
-            self._send(refusal)
+            self._send(refusal, count=not (refusal is NO_RECIPIENTS and self._deferred))
         else:
             self._end_of_content(last=self._bdat_last)
         return True
@@ -478,6 +478,7 @@ class Session(Commands):
         self._sender: Address | None = None
         self._recipients: list[Address] = []
         self._overshoot = 0  # RCPTs past max_recipients in this transaction
+        self._deferred = 0  # and those deferred for the account's daily limit (not errors)
         self._body_type = "7BIT"
         self._smtputf8 = False
         self._declared_size: int | None = None

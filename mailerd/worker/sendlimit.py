@@ -5,9 +5,14 @@ password sends a day's worth of spam at most, not enough to land our address on 
 Checked at RCPT, for an authenticated session's remote recipient: when the account's count
 plus the transaction's remote recipients accepted so far reach the limit, that recipient is
 deferred (`replies.SEND_LIMIT`) and the session goes on; local recipients are not limited
-(nor, so, a local alias that forwards: the administrator wrote its targets). Counted once the
-message is accepted, each remote address once: what was queued, not what was asked for. The
-local listener's clients that do not log in (the machine's own programs) are not limited.
+(nor, so, a local alias that forwards: the administrator wrote its targets). Counted at the end
+of the data, each remote address once, before the message is committed (`reserve`), and taken
+back when the commit fails (`release`): what was queued, not what was asked for. Counting at
+RCPT alone let sessions side by side each have their transaction's recipients accepted
+against the same count (an attacker's pass: 8 sessions of one account sent 24 with a limit of
+3; 50 × 100 at the defaults); at the end of the data, the message that would pass the limit is
+deferred whole (`replies.SEND_LIMIT_DATA`), as mox does. The local listener's clients that do
+not log in (the machine's own programs) are not limited.
 
 When an account first reaches its limit in a window, one warning says so, with the account
 and the client's address: a user who never sends that much probably lost a password.
@@ -22,7 +27,7 @@ from mailerd.aliases import normal_address
 from mailerd.ipc.sentcounts import SentCounts
 from mailerd.names import is_local_domain
 from mailerd.smtp.events import Address, Reply
-from mailerd.smtp.replies import SEND_LIMIT
+from mailerd.smtp.replies import SEND_LIMIT, SEND_LIMIT_DATA
 
 log = logging.getLogger("mailerd.worker")
 
@@ -50,19 +55,34 @@ class SendLimit:
         self._reached(user, client)
         return SEND_LIMIT
 
-    def sent(self, user: str, client: str, recipients: Iterable[Address]) -> None:
-        """`user`'s message to `recipients` was accepted: its remote ones count."""
+    def reserve(self, user: str, client: str, recipients: Iterable[Address]) -> Reply | None:
+        """`user`'s message to `recipients` is about to be committed: its remote ones count
+        from now on (`release` takes them back if the commit fails), or, were they to pass the
+        limit, SEND_LIMIT_DATA and nothing counts. Between workers the count is read and
+        written without a lock: two messages at the same instant may both pass."""
         remote = len(self._distinct(recipients))
         if not self.limit or not remote:
-            return
-        if self.counts.add(user, remote) >= self.limit:
+            return None
+        count = self.counts.add(user, remote)
+        if count > self.limit:
+            self.counts.add(user, -remote)
             self._reached(user, client)
+            return SEND_LIMIT_DATA
+        if count == self.limit:
+            self._reached(user, client)
+        return None
+
+    def release(self, user: str, recipients: Iterable[Address]) -> None:
+        """The message `reserve` counted was not committed after all: it does not count."""
+        remote = len(self._distinct(recipients))
+        if self.limit and remote:
+            self.counts.add(user, -remote)
 
     def _reached(self, user: str, client: str) -> None:
         if self.counts.first_report(user):
             log.warning(
                 "limit reached: user %s has sent to the %d recipients at other domains that "
-                "max-recipients-per-day allows within 24 hours, lately from [%s]; more are "
+                "max-recipients-per-day allows within 24 hours, the last from [%s]; more are "
                 "deferred (450 4.7.1) until the oldest leave the window. Not the user? Then "
                 "the password is stolen: change it (mailerd passwd %s)",
                 user,

@@ -37,7 +37,7 @@ from .test_tls import (
 
 LIMIT = 3
 DEFERRED = ("450", "4.7.1")
-ACCOUNTS = ("past", "local", "apart", "other", "loopback", "refused", "reload")
+ACCOUNTS = ("past", "local", "apart", "other", "loopback", "refused", "reload", "parallel")
 
 
 @dataclass
@@ -135,6 +135,36 @@ def test_an_account_past_its_limit_is_deferred_at_rcpt_and_warned_of_once(limite
     reached = reached_lines(log, account.user)
     assert len(reached) == 1 and "[127.0.0.1]" in reached[0], log
     assert account.password not in log
+
+
+def test_sessions_side_by_side_share_the_limit(limited: Limited):
+    """An attacker's pass: 8 sessions of one account, each with its 3 RCPTs answered before
+    any of them sent its data, sent to 24 with a limit of 3 (RCPT counted what was taken
+    only; 50 sessions of 100 at the defaults). The end of the data counts too: the first
+    message is taken, the others are deferred whole, and logged."""
+    s, account = limited, limited.accounts["parallel"]
+    sender = f"{account.user}@example.org"
+    mark = s.m.log_mark()
+    sessions = [session(s, account) for _ in range(4)]
+    try:
+        for c in sessions:
+            expect(c.cmd(f"MAIL FROM:<{sender}>"), 250, conn=c)
+            for n in range(LIMIT):
+                expect(c.cmd(f"RCPT TO:<{remote(n)}>"), 250, conn=c)
+        first, *others = sessions
+        send_data(first, message(f"parallel-{uuid.uuid4().hex}", sender), 250)
+        for c in others:
+            reply = send_data(c, message(f"parallel-{uuid.uuid4().hex}", sender), 450, "4.7.1")
+            assert "daily limit" in reply.text, reply
+            expect(c.cmd("NOOP"), 250, conn=c)  # the session goes on
+    finally:
+        for c in sessions:
+            c.close()
+    with session(s, account) as c:
+        assert codes(transaction(c, sender, [remote(9)])) == [DEFERRED]
+    log = s.m.log_since(mark)
+    assert log.count("NOQUEUE: reject: DATA from unknown[127.0.0.1]: 450 4.7.1 ") == 3, log
+    assert len(reached_lines(log, account.user)) == 1, log
 
 
 def test_local_recipients_are_never_limited(limited: Limited):

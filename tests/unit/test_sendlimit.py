@@ -10,7 +10,7 @@ import pytest
 
 from mailerd.ipc.sentcounts import SentCounts
 from mailerd.smtp.events import Address
-from mailerd.smtp.replies import SEND_LIMIT
+from mailerd.smtp.replies import SEND_LIMIT, SEND_LIMIT_DATA
 from mailerd.worker.sendlimit import SendLimit
 
 HOUR = 3600.0
@@ -41,7 +41,7 @@ def clock() -> Clock:
 def test_remote_recipients_are_deferred_at_the_limit_local_ones_never(clock, caplog):
     limit = SendLimit(SentCounts(64, clock), 3, DOMAINS)
     alice = [address(a) for a in ("a@remote.test", "b@remote.test")]
-    limit.sent("alice", "192.0.2.7", [*alice, address("alice@example.org")])
+    limit.reserve("alice", "192.0.2.7", [*alice, address("alice@example.org")])
     assert limit.refusal("alice", "192.0.2.7", address("c@remote.test"), []) is None
     # In the transaction: c@remote.test accepted, so d@ would be the fourth.
     pending = [address("c@remote.test"), address("bob@example.org")]
@@ -62,20 +62,36 @@ def test_remote_recipients_are_deferred_at_the_limit_local_ones_never(clock, cap
 def test_each_remote_address_counts_once_and_the_limit_lifts_a_day_later(clock):
     table = SentCounts(64, clock)
     limit = SendLimit(table, 3, DOMAINS)
-    limit.sent("alice", "192.0.2.7", [address(a) for a in ("a@x.test", "a@X.TEST", "b@x.test")])
+    limit.reserve("alice", "192.0.2.7", [address(a) for a in ("a@x.test", "a@X.TEST", "b@x.test")])
     assert table.count("alice") == 2
     assert limit.refusal("alice", "192.0.2.7", address("c@x.test"), [address("b@y.test")])
     clock.now += 25 * HOUR
     assert limit.refusal("alice", "192.0.2.7", address("c@x.test"), [address("b@y.test")]) is None
 
 
+def test_a_message_past_the_limit_at_the_end_of_its_data_counts_nothing(clock):
+    """Other sessions of the account's may have sent since its RCPTs were answered: at the end
+    of the data, a message whose remote recipients would pass the limit is deferred whole and
+    counts nothing; one that was counted and then not committed is taken back."""
+    table = SentCounts(64, clock)
+    limit = SendLimit(table, 3, DOMAINS)
+    two = [address("a@x.test"), address("b@x.test")]
+    assert limit.reserve("alice", "192.0.2.7", two) is None
+    assert limit.reserve("alice", "192.0.2.7", two) is SEND_LIMIT_DATA
+    assert table.count("alice") == 2
+    assert limit.reserve("alice", "192.0.2.7", two[:1] + [address("c@example.org")]) is None
+    assert table.count("alice") == 3
+    limit.release("alice", two[:1])  # (its commit failed: 451)
+    assert table.count("alice") == 2
+
+
 def test_reaching_the_limit_by_a_message_is_logged_without_a_refusal(clock, caplog):
     """A thief who sends exactly the limit and stops is noticed too."""
     limit = SendLimit(SentCounts(64, clock), 2, DOMAINS)
     with caplog.at_level(logging.WARNING, "mailerd.worker"):
-        limit.sent("alice", "2001:db8::7", [address("a@x.test")])
+        limit.reserve("alice", "2001:db8::7", [address("a@x.test")])
         assert not caplog.records
-        limit.sent("alice", "2001:db8::7", [address("b@x.test")])
+        limit.reserve("alice", "2001:db8::7", [address("b@x.test")])
         limit.refusal("alice", "2001:db8::7", address("c@x.test"), [])
     assert [r.getMessage()[:46] for r in caplog.records] == [
         "limit reached: user alice has sent to the 2 re"
@@ -88,6 +104,6 @@ def test_limit_0_is_no_limit(clock, caplog):
     limit = SendLimit(table, 0, DOMAINS)
     many = [address(f"r{i}@x.test") for i in range(5000)]
     with caplog.at_level(logging.WARNING, "mailerd.worker"):
-        limit.sent("alice", "192.0.2.7", many)
+        limit.reserve("alice", "192.0.2.7", many)
         assert limit.refusal("alice", "192.0.2.7", address("one@more.test"), many) is None
     assert table.count("alice") == 0 and not caplog.records

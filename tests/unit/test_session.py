@@ -1308,25 +1308,42 @@ def test_recipients_far_over_the_limit_are_errors_and_logged_once():
 def test_recipients_deferred_for_the_daily_limit_are_not_errors_for_a_while():
     """The user's own mail program sending what it has after the account reached its daily
     limit (SEND_LIMIT, from the worker's check): each deferral is logged, but not an error
-    for --max-recipients of them in a session (a 421 "Too many errors" is what fail2ban
-    bans for); past that each is, so that repeating them still ends the session."""
+    for --max-recipients of them in a transaction, nor the 554 of the DATA or BDAT that
+    follows when all were deferred (a 421 "Too many errors" is what fail2ban bans for; counted
+    per session, an attacker's pass had it after three messages of 45 recipients); past that
+    each is, so that repeating them in one transaction still ends the session."""
 
     def check(address: Address) -> Reply | None:
         return SEND_LIMIT if address.domain == "remote.test" else None
 
     client = Client(check, max_errors=2, max_recipients=10)
     client.cmd("EHLO c")
-    for _ in range(2):  # RSET does not start the allowance again
+    for _ in range(3):  # each transaction has its allowance
         client.cmd("MAIL FROM:<a@example.org>")
-        rcpts = client.send(b"".join(b"RCPT TO:<r%d@remote.test>\r\n" % i for i in range(5)))
-        assert [status(r) for r in rcpts] == [(450, "4.7.1")] * 5
-        assert client.cmd("RCPT TO:<local@example.org>").code == 250
+        rcpts = client.send(b"".join(b"RCPT TO:<r%d@remote.test>\r\n" % i for i in range(10)))
+        assert [status(r) for r in rcpts] == [(450, "4.7.1")] * 10
+        assert client.cmd("DATA").code == 554
         client.cmd("RSET")
-    assert not client.closed
-    assert [(r.verb, r.reply.code) for r in client.rejected] == [("RCPT", 450)] * 10
     client.cmd("MAIL FROM:<a@example.org>")
-    codes = client.codes(b"RCPT TO:<more@remote.test>\r\n" * 3)
-    assert codes == [450, 450, 421] and client.closed
+    client.cmd("RCPT TO:<r@remote.test>")
+    assert [r.code for r in client.send(b"BDAT 2 LAST\r\nhi")] == [554]
+    client.cmd("RSET")
+    assert not client.closed
+    assert [(r.verb, r.reply.code) for r in client.rejected][:11] == [("RCPT", 450)] * 10 + [
+        ("DATA", 554)
+    ]
+    client.cmd("MAIL FROM:<a@example.org>")
+    codes = client.codes(b"RCPT TO:<more@remote.test>\r\n" * 13)
+    assert codes == [450] * 12 + [421] and client.closed
+
+
+def test_a_data_without_recipients_is_an_error_unless_they_were_deferred_for_the_limit():
+    """(The allowance above is for deferred recipients only.)"""
+    client = Client(max_errors=2)
+    client.cmd("EHLO c")
+    client.cmd("MAIL FROM:<a@b>")
+    codes = client.codes(b"DATA\r\n" * 3)
+    assert codes == [554, 554, 421] and client.closed
 
 
 def test_a_delivered_message_resets_the_error_count():
