@@ -37,7 +37,9 @@ a household behind one NAT address has a few devices: 4 covers them, and it take
 addresses to fill the default pool. A share that grew with the pool (a sixteenth) would give
 one address more of a larger server's without protecting anyone better. What remains: many
 known clients at once can still hold the known pool (a server of many users, or one stolen
-password used from 13 new addresses in a day: each account makes 16 known a day).
+password used from 13 new addresses in a day: each account makes 16 known a day). Workers
+admitting the same client at the same instant may each give it a place past its share, as
+with the other caps: at most one a worker.
 
 **Per client.** --max-sessions-per-ip counts the sessions of one client on the network and
 submission listeners (the local ones are the machine's own). A client is an IPv4 address, or
