@@ -52,9 +52,13 @@ v=DMARC1 first and the inbound verifier's parser (`dmarc.parse`) finds a policy 
 a subdomain without one, when its organisational domain's record is right (receivers fall back
 to it: RFC 7489 6.6.3). A PTR is right when it names the host and that name's A/AAAA contain
 the address (forward-confirmed reverse DNS). An SRV record is right when one at its name leads
-to the host and port, and none leads elsewhere at the same or a lower priority (clients try
-the lowest first); a missing one is reported but does not count against the exit status:
-mail programs are then set up by hand, and mail flows all the same.
+to the host and port, and none leads elsewhere at the same or a lower priority than ours at
+either service's name (clients try the lowest first, ranking both together); with only one
+kind of submission listener, the other kind's name (printed nothing) is looked up too, and a
+record there leading to another host is WRONG (an old provider's: the clients that try that
+service send their users' passwords there), `.` there OK; a missing one is reported but
+does not count against the exit status: mail programs are then set up by hand, and mail flows
+all the same.
 
 The host name must be one the world can look up: one without a dot (`localhost`, this
 machine's unqualified FQDN: the default when the configuration has no `hostname`), or one the
@@ -116,6 +120,9 @@ SUBMISSION_SRV = {
     config.SUBMISSION: ("_submission._tcp", 10),
 }
 SRV_WEIGHT = 1
+# What an unconfigured service's name is checked against (not printed: a client that finds
+# nothing there turns to the other service just as it does on this "not offered" record).
+NOT_OFFERED = "0 0 0 ."
 SRV_OPTIONAL = (
     "(optional: without it mail programs are set up by hand; not counted in the exit status)"
 )
@@ -364,8 +371,13 @@ def wanted(
 
 def srv_records(domain: str, host: str, submission: list[config.ListenAddress]) -> Iterator[Record]:
     """One SRV record for each port of each kind of submission listener (a listener on two
-    addresses, or on both families, is one port), implicit TLS first."""
+    addresses, or on both families, is one port), implicit TLS first; with any, the other
+    kind's name as NOT_OFFERED, for --check: a record left there by an old provider draws
+    the clients that try that service first (and their users' passwords) away."""
+    roles = {listen.role for listen in submission}
     for role, (service, priority) in SUBMISSION_SRV.items():
+        if roles and role not in roles:
+            yield Record(f"{service}.{domain}", "SRV", NOT_OFFERED, "srv")
         for port in sorted({listen.port for listen in submission if listen.role == role}):
             value = f"{priority} {SRV_WEIGHT} {port} {host}"
             yield Record(f"{service}.{domain}", "SRV", value, "srv")
@@ -375,6 +387,8 @@ def zone_lines(cfg: Config, records: Iterable[Record]) -> Iterator[str]:
     """The records in zone-file form, the first of each kind after what is to know about it."""
     explained = explanations(cfg)
     for record in records:
+        if record.value == NOT_OFFERED:  # (checked only: see NOT_OFFERED)
+            continue
         yield from explained.pop(record.role, ())
         yield record.zone()
 
@@ -424,6 +438,7 @@ async def check_all(
         # one a record (it was 9 × 11.6 s, found by a tester).
         lines = list(await asyncio.gather(*(checker.check(record) for record in records)))
     passed = all(_passes(record, line) for record, line in zip(records, lines, strict=True))
+    lines = [line for line in lines if line]  # ("": nothing to report)
     if not addresses:
         name = cfg.hostname.lower().rstrip(".")
         lines.append(
@@ -438,8 +453,11 @@ async def check_all(
 def _passes(record: Record, line: str) -> bool:
     """Does this line leave the exit status 0? OK does, and so does a missing SRV record: mail
     programs are then set up by hand, and mail flows all the same. A wrong one sends them (and
-    their users' passwords) elsewhere, and counts."""
-    return line.startswith("OK") or (record.role == "srv" and line.startswith("MISSING"))
+    their users' passwords) elsewhere, and counts. "" (nothing at a NOT_OFFERED name) does
+    not."""
+    return (
+        not line or line.startswith("OK") or (record.role == "srv" and line.startswith("MISSING"))
+    )
 
 
 class _Checker:
@@ -460,12 +478,17 @@ class _Checker:
         self.outbound = outbound
         self.relay = relay
         # The (port, target) pairs wanted at each SRV name: two ports of ours are no stranger
-        # to each other.
+        # to each other. And the highest priority value wanted at a domain's SRV names: clients
+        # rank both services together (RFC 6186), so another server is tried before ours
+        # when it is no higher than our best at either name.
         self.services: dict[str, set[tuple[int, str]]] = {}
+        self.ranked: dict[str, int] = {}
         for record in records:
-            if record.role == "srv":
+            if record.role == "srv" and record.value != NOT_OFFERED:
                 entry = _srv_entry(record.value)
                 self.services.setdefault(record.name, set()).add((entry.port, entry.target))
+                domain = _srv_domain(record.name)
+                self.ranked[domain] = max(self.ranked.get(domain, 0), entry.priority)
 
     async def check(self, record: Record) -> str:
         try:
@@ -684,22 +707,47 @@ class _Checker:
         equals by weight (RFC 2782). Missing is reported, but does not count (`_passes`)."""
         entries = [_srv_entry(v) for v in await self._records(record)]
         shown = [_srv_shown(e) for e in entries]
+        if record.value == NOT_OFFERED:
+            return self._not_offered(record, entries)
         if not entries:
             return _verdict(record, shown, False, note=SRV_OPTIONAL)
         want = _srv_entry(record.value)
         ours = [e for e in entries if (e.port, e.target) == (want.port, want.target)]
         if not ours:
             return _verdict(record, shown, False)
-        best = min(e.priority for e in ours)
+        best = max(min(e.priority for e in ours), self.ranked[_srv_domain(record.name)])
         mine = self.services[record.name]
         elsewhere = [e for e in entries if e.priority <= best and (e.port, e.target) not in mine]
         if elsewhere:
             note = (
-                f"({'; '.join(_srv_shown(e) for e in elsewhere)}: tried before this one, or as "
-                "well, by the mail programs that look these up)"
+                f"({'; '.join(_srv_shown(e) for e in elsewhere)}: tried before this one, or "
+                "as well, or before ours at the other service's name (clients rank "
+                "_submissions._tcp and _submission._tcp together), by the mail programs that "
+                "look these up)"
             )
             return _verdict(record, shown, False, note=note)
         return _verdict(record, shown, True)
+
+    def _not_offered(self, record: Record, entries: list[_Srv]) -> str:
+        """A service with no listener here: nothing at its name, or `.`, is right (not
+        reported when nothing: no record was printed); a record leading to another host is
+        WRONG whatever its priority, since the clients that try this service first go there
+        with their users' passwords."""
+        if not entries:
+            return ""
+        ours = {target for pairs in self.services.values() for _, target in pairs}
+        strangers = [e for e in entries if e.target and e.target not in ours]
+        shown = "; ".join(_srv_shown(e) for e in entries)
+        if not strangers:
+            note = ""
+            if any(e.target for e in entries):
+                note = " (this host, where nothing listens for it: clients turn to the other one)"
+            return f"OK       {_label(record)}: published {shown}{note}"
+        return (
+            f"WRONG    {_label(record)}: published {shown}; wanted none, or {NOT_OFFERED} (the "
+            f"service is not offered here: mail programs that try it send their users' "
+            f"passwords to {', '.join(e.target for e in strangers)}; remove it)"
+        )
 
     async def _records(self, record: Record) -> list[str]:
         answer: Answer = await self.lookups.query(record.name, record.rtype)
@@ -812,6 +860,11 @@ def _srv_entry(value: str) -> _Srv:
     """An SRV record's text (`priority weight port target`) read."""
     priority, weight, port, target = value.split()
     return _Srv(int(priority), int(weight), int(port), target.lower().rstrip("."))
+
+
+def _srv_domain(name: str) -> str:
+    """The domain of an SRV name (`_service._tcp.DOMAIN`)."""
+    return name.split(".", 2)[2]
 
 
 def _srv_shown(entry: _Srv) -> str:

@@ -1143,6 +1143,15 @@ def _without_srv(records: set[Rec]) -> set[Rec]:
             ("smtp.provider.example",),
             id="another-server-first",
         ),
+        # clients rank both services together (RFC 6186): another server at _submissions
+        # ahead of our _submission (10) is tried before it when our 465 does not answer
+        pytest.param(
+            _plus((SRV_ORG, "SRV", "5 1 465 smtp.provider.example")),
+            {(SRV_ORG, "SRV"): "WRONG"},
+            1,
+            ("smtp.provider.example", "_submission._tcp"),
+            id="another-server-before-the-other-service",
+        ),
         # missing: a convenience for mail programs, not needed for mail: exit 0 all the same
         pytest.param(
             _without_srv,
@@ -1183,3 +1192,40 @@ def test_check_of_an_srv_record_saying_no_service_is_wrong(
     line = index(lines)[(SRV_NET, "SRV")][0]
     assert line.status == "WRONG" and "not offered" in line.text, shown(lines)
     assert rc == 1
+
+
+OLD_PROVIDER = "0 1 465 smtp.oldprovider.example"
+
+
+@pytest.mark.parametrize(
+    "there, status",
+    [
+        pytest.param(OLD_PROVIDER, "WRONG", id="an-old-providers-record"),
+        pytest.param(f"20 1 465 {OTHER_HOST}", "WRONG", id="even-at-a-higher-priority"),
+        pytest.param("0 0 0 .", "OK", id="not-offered"),
+        # this host: nothing listens there, no password goes elsewhere
+        pytest.param(f"0 1 465 {HOSTNAME}", "OK", id="this-host"),
+        pytest.param(None, None, id="nothing"),
+    ],
+)
+def test_check_of_the_service_that_is_not_configured(
+    tmp_path: Path, keys: list[Key], dns_server, there: str | None, status: str | None
+):
+    """Only a submission listener (587): a record at _submissions leading elsewhere, left
+    from an old provider, sends the users' passwords there from mail programs that try
+    implicit TLS first (an attacker's pass: it was not looked at, exit 0). Any record there
+    leading elsewhere is WRONG, saying the service is not offered here; `.` (not offered), or
+    this host, is right; nothing there is not reported, and is not printed either."""
+    conf = submission_conf(tmp_path, keys, dns_server, f"listen-submission = {V4}, [{V6}]\n")
+    want = wanted(keys) | srv_records(submissions=())
+    p = mailerd_dns("-c", str(conf))
+    assert set(printed_records(p.stdout)) == want, p.stdout
+    stale = f"{SRV_ORG}. SRV {there}{'' if there.endswith('.') else '.'}\n" if there else ""
+    rc, lines = run_check(conf, dns_server, zone_text(want) + stale)
+    got = [ln for ln in lines if ln.owner == SRV_ORG]
+    assert [ln.status for ln in got] == ([status] if status else []), shown(lines)
+    assert [ln for ln in lines if ln.owner != SRV_ORG and ln.status != "OK"] == [], shown(lines)
+    if status == "WRONG":
+        target = there.split()[-1] if there else ""
+        assert target in got[0].text and "not offered" in got[0].text, got[0].text
+    assert rc == (1 if status == "WRONG" else 0), shown(lines)
