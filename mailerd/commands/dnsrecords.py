@@ -265,11 +265,20 @@ def outbound_addresses(cfg: Config, addresses: list[str]) -> list[str]:
 def submission_listeners(cfg: Config, addresses: list[str]) -> list[config.ListenAddress]:
     """The submission listeners a mail program reaches at the host name, whose A/AAAA are
     `addresses` (those `listener_addresses` found public): one on such an address, or on the
-    wildcard of its family, or on a private address that a public-address stands for (a 1:1
-    NAT forwards there). The others (loopback, an address the A/AAAA do not lead to) are not
-    worth advertising: a client sent to the host name would not find them there."""
+    wildcard of its family, or on a network listener's private address that a public-address
+    stands for (a 1:1 NAT forwards there; not to another private address of the machine, a
+    second interface's or a container bridge's). The others (loopback, an address the A/AAAA
+    do not lead to) are not worth advertising: a client sent to the host name would not find
+    them there."""
     published = [ipaddress.ip_address(a) for a in addresses]
     public = {ipaddress.ip_address(a) for a in cfg.public_addresses}
+    # (As `listener_addresses` replaced them; a wildcard network listener's private addresses
+    # it left out, not knowing which one the NAT forwards to.)
+    forwarded = {
+        ip
+        for ip in (ipaddress.ip_address(a.host) for a in cfg.listeners if a.role == config.NETWORK)
+        if host.behind_nat(ip)
+    }
     found = []
     for listen in cfg.listeners:
         if listen.role not in SUBMISSION_SRV:
@@ -278,7 +287,7 @@ def submission_listeners(cfg: Config, addresses: list[str]) -> list[config.Liste
         for address in published:
             if address.version != ip.version:
                 continue
-            if ip.is_unspecified or ip == address or (address in public and host.behind_nat(ip)):
+            if ip.is_unspecified or ip == address or (address in public and ip in forwarded):
                 found.append(listen)
                 break
     return found

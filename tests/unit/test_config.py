@@ -333,3 +333,22 @@ def test_the_submission_listeners_an_srv_record_names(monkeypatch):
     assert addresses == ["203.0.113.7"]
     found = [str(a) for a in dnsrecords.submission_listeners(cfg, addresses)]
     assert found == ["10.0.0.5:587", "0.0.0.0:465"]
+
+
+def test_behind_a_nat_only_the_network_listeners_private_address_gets_srv_records(monkeypatch):
+    """`mailerd dns`: public-address stands for the private addresses the network listeners
+    are on (what the 1:1 NAT forwards to), not for any private address: submission listeners
+    on another one (a second interface, a container bridge) are not reached at the host name
+    (an attacker's pass: both got SRV records)."""
+    from mailerd.commands import dnsrecords
+
+    monkeypatch.setattr(host, "machine_addresses", lambda: ["10.0.0.5", "10.0.0.9", "172.17.0.1"])
+    cfg = config.load(["-d", "example.org", "-H", "mx.example.org", "-n", "10.0.0.5:25",
+                       "--public-address", "203.0.113.5", "--tls-cert", "c", "--tls-key", "k",
+                       "--listen-submission", "10.0.0.9:587",
+                       "--listen-submissions", "172.17.0.1:465",
+                       "--listen-submissions", "10.0.0.5:465"])  # fmt: skip
+    addresses = dnsrecords.listener_addresses(cfg)
+    assert addresses == ["203.0.113.5"]
+    found = [str(a) for a in dnsrecords.submission_listeners(cfg, addresses)]
+    assert found == ["10.0.0.5:465"]
