@@ -229,9 +229,9 @@ def listener_addresses(cfg: Config) -> list[str]:
     one stays)."""
     found: list[str] = []
     for listen in cfg.listeners:
-        if listen.role != config.NETWORK:
+        ip = dns_address(listen)
+        if listen.role != config.NETWORK or ip is None:
             continue
-        ip = ipaddress.ip_address(listen.host)
         for address in _wildcard(ip)[0] if ip.is_unspecified else [ip]:
             if host.reachable(address) and str(address) not in found:
                 found.append(str(address))
@@ -242,6 +242,17 @@ def listener_addresses(cfg: Config) -> list[str]:
 
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def dns_address(listen: config.ListenAddress) -> Address | None:
+    """A listener's address as the DNS has it: without an IPv6 scope (`%eth0` names a local
+    interface, not part of the address the world sees; a PTR name cannot hold it). None for
+    an IPv4 address in IPv6 form, where mailerd does not listen (its IPv6 sockets take IPv6
+    only: the bind fails), as --public-address refuses one (a note says so)."""
+    ip = ipaddress.ip_address(listen.host.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return None
+    return ip
 
 
 def _wildcard(ip: Address) -> tuple[list[Address], list[Address]]:
@@ -274,16 +285,13 @@ def submission_listeners(cfg: Config, addresses: list[str]) -> list[config.Liste
     public = {ipaddress.ip_address(a) for a in cfg.public_addresses}
     # (As `listener_addresses` replaced them; a wildcard network listener's private addresses
     # it left out, not knowing which one the NAT forwards to.)
-    forwarded = {
-        ip
-        for ip in (ipaddress.ip_address(a.host) for a in cfg.listeners if a.role == config.NETWORK)
-        if host.behind_nat(ip)
-    }
+    network = [dns_address(a) for a in cfg.listeners if a.role == config.NETWORK]
+    forwarded = {ip for ip in network if ip is not None and host.behind_nat(ip)}
     found = []
     for listen in cfg.listeners:
-        if listen.role not in SUBMISSION_SRV:
+        ip = dns_address(listen)
+        if listen.role not in SUBMISSION_SRV or ip is None:
             continue
-        ip = ipaddress.ip_address(listen.host)
         for address in published:
             if address.version != ip.version:
                 continue
@@ -296,8 +304,15 @@ def submission_listeners(cfg: Config, addresses: list[str]) -> list[config.Liste
 def notes(cfg: Config, addresses: list[str], outbound: list[str]) -> Iterator[str]:
     """`;` lines about the addresses, printed before the records (and the check)."""
     for listen in cfg.listeners:
-        ip = ipaddress.ip_address(listen.host)
-        if listen.role == config.NETWORK and ip.is_unspecified:
+        ip = dns_address(listen)
+        if ip is None and listen.role != config.LOCAL:
+            mapped = ipaddress.IPv6Address(listen.host.partition("%")[0]).ipv4_mapped
+            yield (
+                f"; [::ffff:{mapped}]:{listen.port} is an IPv4 address in IPv6 form, where "
+                "mailerd cannot listen (its IPv6 sockets take IPv6 only): no records for it; "
+                f"give {mapped}:{listen.port}"
+            )
+        elif ip is not None and listen.role == config.NETWORK and ip.is_unspecified:
             _, private = _wildcard(ip)
             if private:
                 skipped = ", ".join(str(a) for a in private)

@@ -1229,3 +1229,29 @@ def test_check_of_the_service_that_is_not_configured(
         target = there.split()[-1] if there else ""
         assert target in got[0].text and "not offered" in got[0].text, got[0].text
     assert rc == (1 if status == "WRONG" else 0), shown(lines)
+
+
+def test_a_scoped_or_ipv4_mapped_listener(tmp_path: Path, keys: list[Key], dns_server):
+    """A scope (`%eth0`) names a local interface, not part of the address the world sees: the
+    records are the address's, and a submission listener there gets its SRV record (it was a
+    traceback building the PTR name). An IPv4 address in IPv6 form is no address mailerd
+    listens on (its IPv6 sockets take IPv6 only, as --public-address refuses one): no
+    records for it, and a note that says to give the IPv4 address."""
+    conf = submission_conf(
+        tmp_path, keys, dns_server, f"listen-submission = [{V6}%eth0]:587\n"
+    ).read_text()
+    conf = conf.replace(
+        f"listen-network = {V4}:25, [{V6}]:25",
+        f"listen-network = {V4}:25, [{V6}%eth0]:25, [::ffff:198.51.100.25]:25",
+    )
+    path = tmp_path / "scoped.conf"
+    path.write_text(conf)
+    p = mailerd_dns("-c", str(path))
+    assert p.returncode == 0 and "Traceback" not in p.stderr, f"{p.stdout}\n{p.stderr}"
+    want = wanted(keys) | srv_records(submissions=())
+    assert set(printed_records(p.stdout)) == want, p.stdout
+    notes = [ln for ln in p.stdout.splitlines() if "::ffff:198.51.100.25" in ln]
+    assert len(notes) == 1 and notes[0].startswith(";"), p.stdout
+    assert "give 198.51.100.25" in notes[0], notes[0]
+    rc, lines = run_check(path, dns_server, p.stdout)
+    assert [ln for ln in lines if ln.status != "OK"] == [] and rc == 0, shown(lines)
