@@ -230,7 +230,7 @@ def listener_addresses(cfg: Config) -> list[str]:
     found: list[str] = []
     for listen in cfg.listeners:
         ip = dns_address(listen)
-        if listen.role != config.NETWORK or ip is None:
+        if listen.role != config.NETWORK:
             continue
         for address in _wildcard(ip)[0] if ip.is_unspecified else [ip]:
             if host.reachable(address) and str(address) not in found:
@@ -244,15 +244,11 @@ def listener_addresses(cfg: Config) -> list[str]:
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def dns_address(listen: config.ListenAddress) -> Address | None:
+def dns_address(listen: config.ListenAddress) -> Address:
     """A listener's address as the DNS has it: without an IPv6 scope (`%eth0` names a local
-    interface, not part of the address the world sees; a PTR name cannot hold it). None for
-    an IPv4 address in IPv6 form, where mailerd does not listen (its IPv6 sockets take IPv6
-    only: the bind fails), as --public-address refuses one (a note says so)."""
-    ip = ipaddress.ip_address(listen.host.partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return None
-    return ip
+    interface, not part of the address the world sees; a PTR name cannot hold it). (An IPv4
+    address in IPv6 form is no listener: the configuration refuses it.)"""
+    return ipaddress.ip_address(listen.host.partition("%")[0])
 
 
 def _wildcard(ip: Address) -> tuple[list[Address], list[Address]]:
@@ -286,11 +282,11 @@ def submission_listeners(cfg: Config, addresses: list[str]) -> list[config.Liste
     # (As `listener_addresses` replaced them; a wildcard network listener's private addresses
     # it left out, not knowing which one the NAT forwards to.)
     network = [dns_address(a) for a in cfg.listeners if a.role == config.NETWORK]
-    forwarded = {ip for ip in network if ip is not None and host.behind_nat(ip)}
+    forwarded = {ip for ip in network if host.behind_nat(ip)}
     found = []
     for listen in cfg.listeners:
         ip = dns_address(listen)
-        if listen.role not in SUBMISSION_SRV or ip is None:
+        if listen.role not in SUBMISSION_SRV:
             continue
         for address in published:
             if address.version != ip.version:
@@ -305,14 +301,7 @@ def notes(cfg: Config, addresses: list[str], outbound: list[str]) -> Iterator[st
     """`;` lines about the addresses, printed before the records (and the check)."""
     for listen in cfg.listeners:
         ip = dns_address(listen)
-        if ip is None and listen.role != config.LOCAL:
-            mapped = ipaddress.IPv6Address(listen.host.partition("%")[0]).ipv4_mapped
-            yield (
-                f"; [::ffff:{mapped}]:{listen.port} is an IPv4 address in IPv6 form, where "
-                "mailerd cannot listen (its IPv6 sockets take IPv6 only): no records for it; "
-                f"give {mapped}:{listen.port}"
-            )
-        elif ip is not None and listen.role == config.NETWORK and ip.is_unspecified:
+        if listen.role == config.NETWORK and ip.is_unspecified:
             _, private = _wildcard(ip)
             if private:
                 skipped = ", ".join(str(a) for a in private)

@@ -48,6 +48,14 @@ def test_listener_roles_come_from_the_option():
     )
 
 
+@pytest.mark.parametrize("option", ["-l", "--listen-submission", "--listen-submissions"])
+def test_an_ipv4_address_in_ipv6_form_is_no_listener(option):
+    """mailerd's IPv6 sockets take IPv6 only: `[::ffff:192.0.2.25]` failed at its bind, after
+    the start had begun; now the configuration says so, and which address to give."""
+    with pytest.raises(ConfigError, match=r"IPv4 address in IPv6 form.*give 192\.0\.2\.25$"):
+        load(option, "[::ffff:192.0.2.25]:2525")
+
+
 def test_repeatable_domains_and_durations():
     cfg = load("-d", "Example.org", "--domain", "example.net", "--timeout", "30s")
     assert cfg.domains == ("example.org", "example.net", "localhost") and cfg.timeout == 30
