@@ -25,6 +25,8 @@ import idna
 NAME_MAX = 253  # octets of a domain name (RFC 1035), in A-labels
 _JOINERS = dict.fromkeys(map(ord, "\u200c\u200d"))  # (str.translate: removed)
 _DEVIATIONS = frozenset("\u00df\u03c2")  # ß, ς: IDNA 2003 makes them ss, σ
+# UTS 46's transitional processing: ß, ς and the joiners as IDNA 2003 has them
+_TRANSITIONAL = {0xDF: "ss", 0x3C2: "\u03c3", 0x200C: None, 0x200D: None}
 _LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # what a label of a name looked up may be
 _DOTS = re.compile("[.\u3002\uff0e\uff61]")  # (IDNA's: the full stop, its CJK and wide forms)
 
@@ -91,12 +93,14 @@ def _idna_2003(text: str) -> str | None:
 
 
 def _transitional(text: str) -> str | None:
-    """A label as UTS 46's transitional processing converts it (None when it refuses)."""
+    """A label as UTS 46's transitional processing converts it (None when it refuses): its
+    mapping, then the deviations' (written out here: the idna package's `transitional` flag
+    does nothing since its 3.8, where the one Debian 12 ships still honours it)."""
     try:
-        mapped = idna.uts46_remap(text, std3_rules=False, transitional=True)
+        mapped = idna.uts46_remap(text, std3_rules=False, transitional=False)
     except (idna.IDNAError, UnicodeError, ValueError):
         return None
-    return _label(mapped)
+    return _label(mapped.translate(_TRANSITIONAL))
 
 
 def _label(label: str) -> str | None:

@@ -89,3 +89,12 @@ def test_readings(domain: str, expected: tuple[str, ...]):
     """A receiver converting by IDNA 2003 reads straße.example as strasse.example: serving
     strasse.example, `From: bob@straße.example` is bob's address to it."""
     assert readings(domain) == expected
+
+
+def test_the_transitional_reading_drops_a_joiner_that_idna_2003_cannot_read_past():
+    """بب1 with a ZWNJ between its letters (valid in IDNA 2008's joining context): IDNA 2003's
+    bidi rule refuses the label (a digit at its end), and UTS 46's transitional processing
+    drops the joiner: another name. (The idna package's own transitional flag does nothing
+    since its 3.8: the PyPI one the suite's environment installs gave this one reading.)"""
+    domain = a_labels("\u0628\u200c\u06281.example")
+    assert readings(domain) == (domain, a_labels("\u0628\u06281.example"))
