@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from certs import make_ca
@@ -525,6 +525,41 @@ def _probe(m: Mailerd, out: list[tuple[str, float, int]], stop: threading.Event)
         stop.wait(0.2)
 
 
+def _log_in(m: TLSMailerd, pki: PKI, account: Account, source: str) -> None:
+    """`account` logs in from `source` (on the implicit-TLS listener): a known client now."""
+    with Client("127.0.0.1", m.submissions_port, source=source, tls=client_context(pki.ca)) as c:
+        expect(c.banner(), 220, conn=c)
+        expect(c.ehlo(HELO), 250, conn=c)
+        expect(c.auth_plain(account.user, account.password), 235, "2.7.0", conn=c)
+        expect(c.cmd("QUIT"), 221, conn=c)
+
+
+def _held_until_refused(m: TLSMailerd, sources: Sequence[str]) -> list[Client]:
+    """Sessions on the submission listener from `sources` in turn, each greeted one held,
+    until ten in a row are refused (within HOLD)."""
+    held: list[Client] = []
+    refusals = 0
+    deadline = time.monotonic() + HOLD
+    while refusals < 10:
+        assert time.monotonic() < deadline, "never refused"
+        c = Client("127.0.0.1", m.submission_port, source=sources[len(held) % len(sources)])
+        if c.banner().code == 220:
+            held.append(c)
+            refusals = 0
+            continue
+        c.close()
+        refusals += 1
+        time.sleep(0.1)
+    return held
+
+
+def _known_greeted_stranger_not(m: TLSMailerd, known: str) -> None:
+    with Client("127.0.0.1", m.submission_port, source=known) as c:
+        expect(c.banner(), 220, conn=c)
+    with Client("127.0.0.1", m.submission_port, source=STRANGER) as c:
+        expect(c.banner(), 421, "4.7.0")
+
+
 def test_a_login_answered_from_memory_makes_its_address_known_too(mailerd_factory, tmp_path):
     """A login repeated within minutes is answered from the worker's memory of recent logins
     (no argon2 check): that path did not record its address, so the owner who logged in at
@@ -533,36 +568,11 @@ def test_a_login_answered_from_memory_makes_its_address_known_too(mailerd_factor
     # (one worker: the second login lands where the first is remembered)
     m, pki, owner = _owner_server(mailerd_factory, tmp_path, reserved=4, workers=1)
     hotel = "127.0.0.248"
-
-    def login(source: str) -> None:
-        with Client(
-            "127.0.0.1", m.submissions_port, source=source, tls=client_context(pki.ca)
-        ) as c:
-            expect(c.banner(), 220, conn=c)
-            expect(c.ehlo(HELO), 250, conn=c)
-            expect(c.auth_plain(owner.user, owner.password), 235, "2.7.0", conn=c)
-            expect(c.cmd("QUIT"), 221, conn=c)
-
-    login(OWNER)  # checked: known
-    login(hotel)  # the same login a moment later: answered from memory
-    crowd: list[Client] = []
-    refusals = 0
-    deadline = time.monotonic() + HOLD
-    while refusals < 10:
-        assert time.monotonic() < deadline, "the crowd was never refused"
-        c = Client("127.0.0.1", m.submission_port, source=CROWD[len(crowd) % len(CROWD)])
-        if c.banner().code == 220:
-            crowd.append(c)
-            refusals = 0
-            continue
-        c.close()
-        refusals += 1
-        time.sleep(0.1)
+    _log_in(m, pki, owner, OWNER)  # checked: known
+    _log_in(m, pki, owner, hotel)  # the same login a moment later: answered from memory
+    crowd = _held_until_refused(m, CROWD)
     try:
-        with Client("127.0.0.1", m.submission_port, source=hotel) as c:
-            expect(c.banner(), 220, conn=c)
-        with Client("127.0.0.1", m.submission_port, source=STRANGER) as c:
-            expect(c.banner(), 421, "4.7.0")
+        _known_greeted_stranger_not(m, hotel)
     finally:
         for c in crowd:
             c.close()
@@ -576,32 +586,11 @@ def test_one_known_address_cannot_hold_every_known_clients_place(mailerd_factory
     m, pki, owner = _owner_server(mailerd_factory, tmp_path, reserved=4)
     attacker = "127.0.0.247"
     for source in (OWNER, attacker):
-        with Client(
-            "127.0.0.1", m.submissions_port, source=source, tls=client_context(pki.ca)
-        ) as c:
-            expect(c.banner(), 220, conn=c)
-            expect(c.ehlo(HELO), 250, conn=c)
-            expect(c.auth_plain(owner.user, owner.password), 235, "2.7.0", conn=c)
-            expect(c.cmd("QUIT"), 221, conn=c)
-    held: list[Client] = []
-    refusals = 0
-    deadline = time.monotonic() + HOLD
-    while refusals < 10:
-        assert time.monotonic() < deadline, "the attacker was never refused"
-        c = Client("127.0.0.1", m.submission_port, source=attacker)
-        if c.banner().code == 220:
-            held.append(c)
-            refusals = 0
-            continue
-        c.close()
-        refusals += 1
-        time.sleep(0.1)
+        _log_in(m, pki, owner, source)
+    held = _held_until_refused(m, (attacker,))
     try:
         assert len(held) == 3  # its known place, and the 2 of any client
-        with Client("127.0.0.1", m.submission_port, source=OWNER) as c:
-            expect(c.banner(), 220, conn=c)
-        with Client("127.0.0.1", m.submission_port, source=STRANGER) as c:
-            expect(c.banner(), 421, "4.7.0")
+        _known_greeted_stranger_not(m, OWNER)
     finally:
         for c in held:
             c.close()
