@@ -130,7 +130,8 @@ def machine_addresses() -> list[str]:
 
 def interface_addresses(iface: str) -> list[str]:
     """Every IPv4 and global IPv6 address of an interface (link-local ones need a scope, and
-    nothing listens on them), in the order the kernel lists them."""
+    nothing listens on them; an IPv4 address in IPv6 form, which Linux lets an interface have,
+    no IPv6-only socket can bind), in the order the kernel lists them."""
     import psutil  # (here: sendmail imports this module and must need nothing beyond the stdlib)
 
     found = []
@@ -138,7 +139,7 @@ def interface_addresses(iface: str) -> list[str]:
         if entry.family not in (socket.AF_INET, socket.AF_INET6):
             continue
         address = ipaddress.ip_address(entry.address.split("%", 1)[0])
-        if address.is_link_local:
+        if address.is_link_local or getattr(address, "ipv4_mapped", None) is not None:
             continue
         found.append(str(address))
     return found
