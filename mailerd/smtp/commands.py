@@ -90,6 +90,9 @@ _UNSUPPORTED_VERBS = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", 
 # HELP's reply is the same for any topic); BDAT refuses it and closes, since the chunk behind
 # it cannot be skipped and must not be read as commands.
 _ANY_ARGUMENT = frozenset({"NOOP", "HELP", "BDAT"})
+# Recipients deferred for the daily limit that a session may have before they are errors, in
+# --max-recipients: the user's outbox of that many messages, sent in one session.
+DEFERRALS_PER_SESSION = 10
 
 
 class Commands:
@@ -106,6 +109,7 @@ class Commands:
     _recipients: list[Address]
     _overshoot: int
     _deferred: int
+    _session_deferred: int
     _body_type: str
     _smtputf8: bool
     _declared_size: int | None
@@ -310,20 +314,30 @@ class Commands:
             return
         if refusal.code < 400:  # a custom positive answer (e.g. 251) still accepts
             self._recipients.append(recipient)
-        self._send(refusal, count=self._an_error(refusal))
+        if refusal is SEND_LIMIT:
+            self._deferred_for_the_limit()
+        else:
+            self._send(refusal)
 
-    def _an_error(self, refusal: Reply) -> bool:
-        """Does a recipient's refusal count as the client's error? Not a recipient deferred
-        for its account's daily limit (SEND_LIMIT), for as many as one message may have: the
-        user's own mail program sending what it has would otherwise end with 421 "Too many
-        errors", which fail2ban counts against the user's address (counted per session, an
-        attacker's pass had it after three messages of 45). Past that each one counts, as the
-        overshoot of --max-recipients does, so that a client that repeats them for ever in
-        one transaction still meets the end of its session (and of its log lines)."""
-        if refusal is not SEND_LIMIT:
-            return True
+    def _deferred_for_the_limit(self) -> None:
+        """SEND_LIMIT, for a recipient past its account's daily limit. Not an error within
+        the transaction's --max-recipients and the session's DEFERRALS_PER_SESSION times as
+        many: the user's own mail program sending its outbox would otherwise end with 421
+        "Too many errors", which fail2ban bans for (an attacker's pass had it after three
+        messages of 45). Said in the log once a transaction, as the overshoot is: a client
+        repeating them wrote a line each, 3.4 MB a second (another pass). Past either
+        allowance each is an error, so that repeating them ends the session."""
         self._deferred += 1
-        return self._deferred > self._config.max_recipients
+        self._session_deferred += 1
+        beyond = not self._deferrals_excused()
+        self._send(SEND_LIMIT, count=beyond, report=beyond or self._deferred == 1)
+
+    def _deferrals_excused(self) -> bool:
+        """Were recipients of this transaction deferred for the daily limit, within the
+        allowances (`_deferred_for_the_limit`)? Then its DATA's "no valid recipients" is no
+        error either."""
+        most = self._config.max_recipients
+        return 0 < self._deferred <= most and self._session_deferred <= DEFERRALS_PER_SESSION * most
 
     def _cmd_data(self, argument: str | None) -> None:
         if argument is not None:
@@ -333,7 +347,7 @@ class Commands:
         elif self._bdat_used:
             self._send(DATA_AFTER_BDAT)
         elif not self._recipients:
-            self._send(NO_RECIPIENTS, count=not self._deferred)  # (see `_an_error`)
+            self._send(NO_RECIPIENTS, count=not self._deferrals_excused())
         else:
             self._send(START_DATA)
             self._start_content()

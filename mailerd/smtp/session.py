@@ -133,6 +133,7 @@ class Session(Commands):
         self._sasl: tuple[str, str | None] | None = None
         self._unlogged = 0
         self._auth_failures = 0
+        self._session_deferred = 0  # recipients deferred for the daily limit, in all
         self._clear_transaction()
 
     # --- public API ---------------------------------------------------------
@@ -426,7 +427,8 @@ class Session(Commands):
         self._state = _State.COMMAND
         if self._bdat_refusal is not None:
             refusal, self._bdat_refusal = self._bdat_refusal, None
-            self._send(refusal, count=not (refusal is NO_RECIPIENTS and self._deferred))
+            excused = refusal is NO_RECIPIENTS and self._deferrals_excused()
+            self._send(refusal, count=not excused)
         else:
             self._end_of_content(last=self._bdat_last)
         return True

@@ -617,7 +617,6 @@ class Connection(asyncio.Protocol):
         # deleted file open (the queue's disk filled, or the worker ran out of descriptors).
         body, fd = self.body.take()
         user = None if self.session is None else self.session.user
-        reserved = False  # (the recipients counted against the user's daily limit)
         try:
             request = self.commit_request(envelope)
             refusal = None
@@ -627,9 +626,8 @@ class Connection(asyncio.Protocol):
                 body, fd, refusal = await self.unchecked(body, fd)
             if refusal is None and user is not None:
                 refusal = self.check_author(body if fd is None else fd, user)
-                if refusal is None:
+                if refusal is None:  # (counted from here, whatever the commit's outcome)
                     refusal = self.worker.send_limit.reserve(user, self.peer, envelope.recipients)
-                    reserved = refusal is None
             if refusal is not None:
                 reply = refusal
             else:
@@ -647,8 +645,6 @@ class Connection(asyncio.Protocol):
             sender = str(envelope.sender) if envelope.sender else ""
             verb = "BDAT" if envelope.chunked else "DATA"
             self.log_reject(verb, reply, sender, envelope.esmtp, envelope.helo)
-            if reserved and user is not None:  # (only what was taken counts)
-                self.worker.send_limit.release(user, envelope.recipients)
         self.committing = False
         if self.closing or self.session is None:
             return

@@ -6,8 +6,11 @@ Checked at RCPT, for an authenticated session's remote recipient: when the accou
 plus the transaction's remote recipients accepted so far reach the limit, that recipient is
 deferred (`replies.SEND_LIMIT`) and the session goes on; local recipients are not limited
 (nor, so, a local alias that forwards: the administrator wrote its targets). Counted at the end
-of the data, each remote address once, before the message is committed (`reserve`), and taken
-back when the commit fails (`release`): what was queued, not what was asked for. Counting at
+of the data, each remote address once, before the message is committed (`reserve`): what
+was taken, not what was asked for. A commit that fails counts all the same: its outcome may be
+unknown (a timeout or a broken channel, after which the delivery process may still queue it),
+and taken back in another hour's slot its count would have gone negative for a day (an
+attacker's pass); counting a rare failure defers early, never lets more through. Counting at
 RCPT alone let sessions side by side each have their transaction's recipients accepted
 against the same count (an attacker's pass: 8 sessions of one account sent 24 with a limit of
 3; 50 × 100 at the defaults); at the end of the data, the message that would pass the limit is
@@ -57,9 +60,9 @@ class SendLimit:
 
     def reserve(self, user: str, client: str, recipients: Iterable[Address]) -> Reply | None:
         """`user`'s message to `recipients` is about to be committed: its remote ones count
-        from now on (`release` takes them back if the commit fails), or, were they to pass the
-        limit, SEND_LIMIT_DATA and nothing counts. Between workers the count is read and
-        written without a lock: two messages at the same instant may both pass."""
+        from now on, or, were they to pass the limit, SEND_LIMIT_DATA and nothing counts.
+        Between workers the count is read and written without a lock: two messages at the
+        same instant may both pass."""
         remote = len(self._distinct(recipients))
         if not self.limit or not remote:
             return None
@@ -71,12 +74,6 @@ class SendLimit:
         if count == self.limit:
             self._reached(user, client)
         return None
-
-    def release(self, user: str, recipients: Iterable[Address]) -> None:
-        """The message `reserve` counted was not committed after all: it does not count."""
-        remote = len(self._distinct(recipients))
-        if self.limit and remote:
-            self.counts.add(user, -remote)
 
     def _reached(self, user: str, client: str) -> None:
         if self.counts.first_report(user):

@@ -24,6 +24,7 @@ from mailerd.smtp import (
     Reply,
     Session,
     SessionConfig,
+    commands,
 )
 from mailerd.smtp.data import MAX_HOPS
 from mailerd.smtp.replies import SEND_LIMIT
@@ -1307,11 +1308,12 @@ def test_recipients_far_over_the_limit_are_errors_and_logged_once():
 
 def test_recipients_deferred_for_the_daily_limit_are_not_errors_for_a_while():
     """The user's own mail program sending what it has after the account reached its daily
-    limit (SEND_LIMIT, from the worker's check): each deferral is logged, but not an error
-    for --max-recipients of them in a transaction, nor the 554 of the DATA or BDAT that
-    follows when all were deferred (a 421 "Too many errors" is what fail2ban bans for; counted
-    per session, an attacker's pass had it after three messages of 45 recipients); past that
-    each is, so that repeating them in one transaction still ends the session."""
+    limit (SEND_LIMIT, from the worker's check): not an error for --max-recipients of them in
+    a transaction, nor the 554 of the DATA or BDAT that follows when all were deferred (a 421
+    "Too many errors" is what fail2ban bans for; counted per session with no more allowance,
+    an attacker's pass had it after three messages of 45 recipients), and logged once a
+    transaction (a line each was 3.4 MB of log a second); past that each is an error, so that
+    repeating them in one transaction still ends the session."""
 
     def check(address: Address) -> Reply | None:
         return SEND_LIMIT if address.domain == "remote.test" else None
@@ -1329,12 +1331,31 @@ def test_recipients_deferred_for_the_daily_limit_are_not_errors_for_a_while():
     assert [r.code for r in client.send(b"BDAT 2 LAST\r\nhi")] == [554]
     client.cmd("RSET")
     assert not client.closed
-    assert [(r.verb, r.reply.code) for r in client.rejected][:11] == [("RCPT", 450)] * 10 + [
-        ("DATA", 554)
-    ]
+    logged = [(r.verb, r.reply.code) for r in client.rejected]
+    assert logged == [("RCPT", 450), ("DATA", 554)] * 3 + [("RCPT", 450), ("BDAT", 554)]
     client.cmd("MAIL FROM:<a@example.org>")
     codes = client.codes(b"RCPT TO:<more@remote.test>\r\n" * 13)
     assert codes == [450] * 12 + [421] and client.closed
+    assert len(client.rejected) == len(logged) + 4  # (the first, the two errors, the 421)
+
+
+def test_recipients_deferred_for_the_daily_limit_in_a_session_are_errors_past_its_allowance():
+    """A session's deferrals are not errors up to DEFERRALS_PER_SESSION times
+    --max-recipients (the user's outbox), then each is: a client cycling through transactions
+    of deferred recipients for ever meets the end of its session."""
+
+    def check(address: Address) -> Reply | None:
+        return SEND_LIMIT
+
+    client = Client(check, max_errors=2, max_recipients=10)
+    client.cmd("EHLO c")
+    for _ in range(commands.DEFERRALS_PER_SESSION):
+        client.cmd("MAIL FROM:<a@example.org>")
+        assert client.codes(b"RCPT TO:<r@remote.test>\r\n" * 10) == [450] * 10
+        client.cmd("RSET")
+    assert not client.closed
+    client.cmd("MAIL FROM:<a@example.org>")
+    assert client.codes(b"RCPT TO:<r@remote.test>\r\n" * 3) == [450, 450, 421]
 
 
 def test_a_data_without_recipients_is_an_error_unless_they_were_deferred_for_the_limit():
