@@ -19,6 +19,7 @@ from __future__ import annotations
 import encodings.idna
 import functools
 import re
+from collections.abc import Callable
 
 import idna
 
@@ -66,12 +67,36 @@ def readings(domain: str) -> tuple[str, ...]:
     alone, and Python's codec reads it as `xn--a.strasse.example`)."""
     if "xn--" not in domain:
         return (domain,)
+    texts = [_decoded(label) for label in domain.split(".")]
     older, transitional = [], []
-    for label in domain.split("."):
-        text = _decoded(label)
-        older.append(label if text is None else _idna_2003(text) or label)
-        transitional.append(label if text is None else _transitional(text) or label)
-    return tuple(dict.fromkeys((domain, ".".join(older), ".".join(transitional))))
+    for label, text in zip(domain.split("."), texts, strict=True):
+        older.append(label if text is None else _read(text, label, _idna_2003))
+        transitional.append(label if text is None else _read(text, label, _transitional))
+    # (and as readers that decode the name and convert it again by IDNA 2008 see it: a dot
+    # inside an A-label splits it there too)
+    again = a_labels(
+        ".".join(
+            label if text is None else text
+            for label, text in zip(domain.split("."), texts, strict=True)
+        )
+    )
+    names = (domain, ".".join(older), ".".join(transitional), again)
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
+def _read(text: str, label: str, convert: Callable[[str], str | None]) -> str:
+    """An A-label (`label`, whose text is `text`) as a reader converting by `convert` reads
+    it: one it refuses as written; one whose text holds a dot (U+3002, the ideographic full
+    stop, is one to IDNA) as the labels it splits into (an attacker's pass:
+    `xn--strasse-9xa7269h` is `é。strasse`, which Python's codec reads as `xn--9ca.strasse`,
+    under strasse.example)."""
+    pieces = _DOTS.split(text)
+    if len(pieces) == 1:
+        return convert(text) or label
+    return ".".join(
+        piece.lower() if piece.isascii() else convert(piece) or _label(piece) or label
+        for piece in pieces
+    )
 
 
 def _decoded(label: str) -> str | None:

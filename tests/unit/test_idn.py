@@ -83,6 +83,11 @@ def test_a_name_too_long_is_given_up_before_all_its_labels_are_converted(monkeyp
             "xn--zz.xn--strae-oqa.example",
             ("xn--zz.xn--strae-oqa.example", "xn--zz.strasse.example"),
         ),
+        # an A-label whose text holds a dot (U+3002) is two labels to readers: é。strasse
+        (
+            "xn--strasse-9xa7269h.example",
+            ("xn--strasse-9xa7269h.example", "xn--9ca.strasse.example"),
+        ),
     ],
 )
 def test_readings(domain: str, expected: tuple[str, ...]):
