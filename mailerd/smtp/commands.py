@@ -110,6 +110,7 @@ class Commands:
     _overshoot: int
     _deferred: int
     _session_deferred: int
+    _excused_no_recipients: bool
     _body_type: str
     _smtputf8: bool
     _declared_size: int | None
@@ -334,10 +335,18 @@ class Commands:
 
     def _deferrals_excused(self) -> bool:
         """Were recipients of this transaction deferred for the daily limit, within the
-        allowances (`_deferred_for_the_limit`)? Then its DATA's "no valid recipients" is no
-        error either."""
+        allowances (`_deferred_for_the_limit`)?"""
         most = self._config.max_recipients
         return 0 < self._deferred <= most and self._session_deferred <= DEFERRALS_PER_SESSION * most
+
+    def _no_recipients_excused(self) -> bool:
+        """Is this DATA's (or BDAT's) "no valid recipients" no error? The first of a
+        transaction whose recipients were deferred within the allowances is not; a second one
+        is (an attacker's pass: DATA repeated after one deferral wrote a log line each, for
+        ever)."""
+        first = not self._excused_no_recipients
+        self._excused_no_recipients = True
+        return first and self._deferrals_excused()
 
     def _cmd_data(self, argument: str | None) -> None:
         if argument is not None:
@@ -347,7 +356,7 @@ class Commands:
         elif self._bdat_used:
             self._send(DATA_AFTER_BDAT)
         elif not self._recipients:
-            self._send(NO_RECIPIENTS, count=not self._deferrals_excused())
+            self._send(NO_RECIPIENTS, count=not self._no_recipients_excused())
         else:
             self._send(START_DATA)
             self._start_content()

@@ -427,7 +427,7 @@ class Session(Commands):
         self._state = _State.COMMAND
         if self._bdat_refusal is not None:
             refusal, self._bdat_refusal = self._bdat_refusal, None
-            excused = refusal is NO_RECIPIENTS and self._deferrals_excused()
+            excused = refusal is NO_RECIPIENTS and self._no_recipients_excused()
             self._send(refusal, count=not excused)
         else:
             self._end_of_content(last=self._bdat_last)
@@ -481,6 +481,7 @@ class Session(Commands):
         self._recipients: list[Address] = []
         self._overshoot = 0  # RCPTs past max_recipients in this transaction
         self._deferred = 0  # and those deferred for the account's daily limit (not errors)
+        self._excused_no_recipients = False  # (a DATA after them: `_deferrals_excused`)
         self._body_type = "7BIT"
         self._smtputf8 = False
         self._declared_size: int | None = None

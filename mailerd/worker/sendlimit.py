@@ -66,9 +66,10 @@ class SendLimit:
         remote = len(self._distinct(recipients))
         if not self.limit or not remote:
             return None
-        count = self.counts.add(user, remote)
+        now = self.counts.clock()  # (both in one hour's slot)
+        count = self.counts.add(user, remote, now)
         if count > self.limit:
-            self.counts.add(user, -remote)
+            self.counts.add(user, -remote, now)
             self._reached(user, client)
             return SEND_LIMIT_DATA
         if count == self.limit:

@@ -1358,6 +1358,18 @@ def test_recipients_deferred_for_the_daily_limit_in_a_session_are_errors_past_it
     assert client.codes(b"RCPT TO:<r@remote.test>\r\n" * 3) == [450, 450, 421]
 
 
+@pytest.mark.parametrize("command", [b"DATA\r\n", b"BDAT 0\r\n"])
+def test_only_the_first_data_after_deferred_recipients_is_excused(command: bytes):
+    """An attacker's pass: after one recipient deferred for the daily limit, DATA (or an
+    empty BDAT) repeated 5,000 times was answered 554 and logged each time, and the session
+    never ended: only the first of a transaction is no error."""
+    client = Client(lambda address: SEND_LIMIT, max_errors=2, max_recipients=100)
+    client.cmd("EHLO c")
+    client.cmd("MAIL FROM:<a@example.org>")
+    assert client.cmd("RCPT TO:<r@remote.test>").code == 450
+    assert client.codes(command * 5) == [554, 554, 554, 421] and client.closed
+
+
 def test_a_data_without_recipients_is_an_error_unless_they_were_deferred_for_the_limit():
     """(The allowance above is for deferred recipients only.)"""
     client = Client(max_errors=2)
