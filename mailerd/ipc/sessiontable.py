@@ -91,17 +91,19 @@ class SessionCounter:
         """A session began in `pool`; `key` is given when it counts against a client's cap."""
         self._cells[self._own + pool] += 1
         if key is not None:
-            self._cells[self._own + self.bucket(key)] += 1
+            column = self._own + self.bucket(key)
+            self._cells[column] += 1
             if pool == SHARED_POOL:
-                self._cells[self._own + self.bucket(key) + self._buckets] += 1
+                self._cells[column + self._buckets] += 1
 
     def closed(self, pool: int, key: str | None) -> None:
         """The session begun with opened(pool, key) ended."""
         self._decrement(self._own + pool)
         if key is not None:
-            self._decrement(self._own + self.bucket(key))
+            column = self._own + self.bucket(key)
+            self._decrement(column)
             if pool == SHARED_POOL:
-                self._decrement(self._own + self.bucket(key) + self._buckets)
+                self._decrement(column + self._buckets)
 
     def _column(self, column: int) -> int:
         return sum(self._cells[r + column] for r in self._rows)

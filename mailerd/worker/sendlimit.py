@@ -24,7 +24,7 @@ and the client's address: a user who never sends that much probably lost a passw
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from mailerd.aliases import normal_address
 from mailerd.ipc.sentcounts import SentCounts
@@ -43,16 +43,18 @@ class SendLimit:
         self.local_domains = local_domains
 
     def refusal(
-        self, user: str, client: str, recipient: Address, accepted: Iterable[Address]
+        self, user: str, client: str, recipient: Address, accepted: Sequence[Address]
     ) -> Reply | None:
         """SEND_LIMIT if `user` may not send to `recipient` now, `accepted` being the
         transaction's recipients so far (from `client`, for the log); else None."""
         if not self.limit or not self._remote(recipient):
             return None
+        sent = self.counts.count(user)
+        if sent + len(accepted) < self.limit:  # (its remote ones, each once, are no more)
+            return None
         pending = self._distinct(accepted)
         if normal_address(str(recipient)) in pending:
             return None  # (counted once: the same copy)
-        sent = self.counts.count(user)
         if sent + len(pending) < self.limit:
             return None
         self._reached(user, client)
