@@ -805,11 +805,10 @@ def _listen_list(name: str, values: object, port: int, role: str) -> list[Listen
         return []
     found = [ListenAddress(*parse_address(name, item, port), role) for item in items]
     for listen in found:
-        mapped = ipaddress.ip_address(listen.host.partition("%")[0])
-        if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
-            # (mailerd's IPv6 sockets take IPv6 only: the bind would fail at start, EINVAL)
+        mapped = host.mapped_ipv4(ipaddress.ip_address(listen.host.partition("%")[0]))
+        if mapped is not None:  # (the bind would fail at start, EINVAL)
             raise ConfigError(
                 f"--{name}: [{listen.host}] is an IPv4 address in IPv6 form, which an IPv6 "
-                f"socket cannot listen on: give {mapped.ipv4_mapped}"
+                f"socket cannot listen on: give {mapped}"
             )
     return found

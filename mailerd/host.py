@@ -88,6 +88,12 @@ def behind_nat(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return any(ip in net for net in NAT_RANGES if net.version == ip.version)
 
 
+def mapped_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one is in IPv6 form (`::ffff:192.0.2.25`), which mailerd's
+    IPv6 sockets (IPv6 only) cannot bind; None for any other."""
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+
+
 def reachable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Could another machine reach this address at all (not loopback, link-local, a wildcard
     or multicast)? Private ones count: another machine of the same network reaches them."""
@@ -139,7 +145,7 @@ def interface_addresses(iface: str) -> list[str]:
         if entry.family not in (socket.AF_INET, socket.AF_INET6):
             continue
         address = ipaddress.ip_address(entry.address.split("%", 1)[0])
-        if address.is_link_local or getattr(address, "ipv4_mapped", None) is not None:
+        if address.is_link_local or mapped_ipv4(address) is not None:
             continue
         found.append(str(address))
     return found

@@ -67,19 +67,15 @@ def readings(domain: str) -> tuple[str, ...]:
     alone, and Python's codec reads it as `xn--a.strasse.example`)."""
     if "xn--" not in domain:
         return (domain,)
-    texts = [_decoded(label) for label in domain.split(".")]
-    older, transitional = [], []
-    for label, text in zip(domain.split("."), texts, strict=True):
+    older, transitional, decoded = [], [], []
+    for label in domain.split("."):
+        text = _decoded(label)
         older.append(label if text is None else _read(text, label, _idna_2003))
         transitional.append(label if text is None else _read(text, label, _transitional))
+        decoded.append(label if text is None else text)
     # (and as readers that decode the name and convert it again by IDNA 2008 see it: a dot
     # inside an A-label splits it there too)
-    again = a_labels(
-        ".".join(
-            label if text is None else text
-            for label, text in zip(domain.split("."), texts, strict=True)
-        )
-    )
+    again = a_labels(".".join(decoded))
     names = (domain, ".".join(older), ".".join(transitional), again)
     return tuple(dict.fromkeys(name for name in names if name))
 

@@ -229,9 +229,9 @@ def listener_addresses(cfg: Config) -> list[str]:
     one stays)."""
     found: list[str] = []
     for listen in cfg.listeners:
-        ip = dns_address(listen)
         if listen.role != config.NETWORK:
             continue
+        ip = dns_address(listen)
         for address in _wildcard(ip)[0] if ip.is_unspecified else [ip]:
             if host.reachable(address) and str(address) not in found:
                 found.append(str(address))
@@ -285,9 +285,9 @@ def submission_listeners(cfg: Config, addresses: list[str]) -> list[config.Liste
     forwarded = {ip for ip in network if host.behind_nat(ip)}
     found = []
     for listen in cfg.listeners:
-        ip = dns_address(listen)
         if listen.role not in SUBMISSION_SRV:
             continue
+        ip = dns_address(listen)
         for address in published:
             if address.version != ip.version:
                 continue
@@ -719,9 +719,9 @@ class _Checker:
         at the same or a lower priority value: clients try the lowest first, and pick among
         equals by weight (RFC 2782). Missing is reported, but does not count (`_passes`)."""
         entries = [_srv_entry(v) for v in await self._records(record)]
-        shown = [_srv_shown(e) for e in entries]
         if record.value == NOT_OFFERED:
             return self._not_offered(record, entries)
+        shown = [_srv_shown(e) for e in entries]
         if not entries:
             return _verdict(record, shown, False, note=SRV_OPTIONAL)
         want = _srv_entry(record.value)
