@@ -661,7 +661,7 @@ def _gone_aliases(cfg: Config, running: Config) -> Config:
 
 def _tls_context(cfg: Config) -> ssl.SSLContext | None:
     try:
-        return tls.server_context(cfg.tls_pairs)
+        return tls.server_context(cfg.tls_pairs, cfg.hostname)
     except tls.TLSError as exc:
         raise ConfigError(f"{exc.option}: {exc}") from exc
 

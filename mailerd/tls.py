@@ -21,6 +21,7 @@ other names get contexts of their own, chosen by the client's SNI; the first is 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -84,8 +85,10 @@ def _readable_key(cert: Path, key: Path) -> None:
         ) from exc
 
 
-def server_context(pairs: Sequence[Pair]) -> ssl.SSLContext | None:
-    """The context for every TLS listener (None without certificates); raises TLSError."""
+def server_context(pairs: Sequence[Pair], hostname: str = "") -> ssl.SSLContext | None:
+    """The context for every TLS listener (None without certificates); raises TLSError.
+    A `hostname` (the greeting's, the one the MX and SRV records name) that no certificate is
+    for is warned of: the server serves one all the same, but clients that check refuse it."""
     groups: dict[frozenset[str], list[Pair]] = {}
     seen: set[tuple[str, str]] = set()
     for cert, key in pairs:
@@ -114,6 +117,15 @@ def server_context(pairs: Sequence[Pair]) -> ssl.SSLContext | None:
             "names (to serve an RSA and an ECDSA certificate for the same host, give both the "
             "same names)",
             unused,
+        )
+    host = hostname.lower().rstrip(".")
+    if host and not any(_matches(p, host) for names in groups for p in names):
+        log.warning(
+            "no certificate is for the host name %s (they are for %s): mail programs, and "
+            "servers that check certificates (MTA-STS), refuse the connection; get one for "
+            "it, or set hostname to a name one is for (mailerd dns --check checks it)",
+            host,
+            ", ".join(sorted({n for names in groups for n in names})) or "no name",
         )
     default = contexts[0][1]
     if len(contexts) > 1:
@@ -324,6 +336,94 @@ def _matches(pattern: str, name: str) -> bool:
     if pattern.startswith("*."):
         return "." in name and name.split(".", 1)[1] == pattern[2:]
     return pattern == name
+
+
+# OpenSSL's verify messages, in an operator's words: why a client that checks refuses a chain.
+_INCOMPLETE = (
+    "its issuer is neither in the file nor a CA clients trust: give the whole chain (certbot's "
+    "fullchain.pem, not cert.pem)"
+)
+_VERIFY_REASONS = {
+    "unable to get local issuer certificate": _INCOMPLETE,
+    "unable to verify the first certificate": _INCOMPLETE,
+    "self-signed certificate": (
+        "it is self-signed: mail programs refuse it (or ask their users to trust it), and so do "
+        "senders that check; get one from a CA (certbot certonly --standalone -d HOST)"
+    ),
+    "self-signed certificate in certificate chain": (
+        "its chain ends at a CA that clients do not trust"
+    ),
+    "certificate has expired": "it has expired: renew it (certbot renew) and reload mailerd",
+    "certificate is not yet valid": "it is not valid yet (is this machine's clock right?)",
+}
+
+
+def presented(pairs: Sequence[Pair], hostname: str) -> list[Pair]:
+    """The pairs a client asking for `hostname` (by SNI) is served from, as the chooser picks
+    them: those of the first set of names that covers it (one certificate a key type); [] when
+    no certificate is for it. Raises TLSError for a certificate that cannot be read."""
+    groups: dict[frozenset[str], list[Pair]] = {}
+    for cert, key in pairs:
+        groups.setdefault(frozenset(names_of(cert)), []).append((cert, key))
+    for patterns, members in groups.items():
+        if any(_matches(pattern, hostname.lower()) for pattern in patterns):
+            kinds: dict[str, Pair] = {}
+            for cert, key in members:  # (the last of a key type is the one loaded)
+                kinds[_key_type(cert) or str(cert)] = (cert, key)
+            return list(kinds.values())
+    return []
+
+
+def names_of(cert: Path) -> list[str]:
+    """The DNS names a certificate file is for; raises TLSError if it cannot be read."""
+    return _names(_decoded(cert))
+
+
+def refusal(pair: Pair, hostname: str) -> str:
+    """Why a client that checks certificates for `hostname` (a mail program; a sender under
+    MTA-STS) refuses the pair's certificate, in an operator's words; "" when it accepts it.
+    OpenSSL checks it as such clients do (the chain against the system's trust anchors, or
+    SSL_CERT_FILE's where set; the name; the dates), in a handshake in memory between a
+    context of the pair and a client's. Raises TLSError when the pair cannot be loaded."""
+    server = _context([pair])
+    client = ssl.create_default_context()
+    try:
+        _handshake(server, client, hostname)
+    except ssl.SSLCertVerificationError as exc:
+        said = exc.verify_message or _reason(exc)
+        return _VERIFY_REASONS.get(said, said).replace("HOST", hostname)
+    except ssl.SSLError as exc:
+        return f"the handshake failed: {_reason(exc)}"
+    return ""
+
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str) -> None:
+    """A TLS handshake between the two contexts through memory; raises what the client
+    raises (SSLCertVerificationError when it refuses the certificate)."""
+    to_server, to_client, from_server, from_client = (ssl.MemoryBIO() for _ in range(4))
+    ours = server.wrap_bio(to_server, from_server, server_side=True)
+    theirs = client.wrap_bio(to_client, from_client, server_hostname=hostname)
+    for _ in range(8):  # (TLS 1.3 takes two flights each way, TLS 1.2 three)
+        try:
+            theirs.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            pass
+        to_server.write(from_client.read())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            ours.do_handshake()
+        to_client.write(from_server.read())
+    raise ssl.SSLError("the handshake did not finish")
+
+
+def summary(cert: Path) -> str:
+    """The key type and the end of validity of a certificate, for an OK line."""
+    kind = {"EC": "ECDSA"}.get(_key_type(cert), _key_type(cert)) or "?"
+    try:
+        ends = ssl.cert_time_to_seconds(_decoded(cert)["notAfter"])
+    except (TLSError, KeyError, ValueError):
+        return kind
+    return f"{kind}, until {time.strftime('%Y-%m-%d', time.gmtime(ends))}"
 
 
 def describe(sslobj: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:

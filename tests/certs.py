@@ -40,6 +40,39 @@ class CA:
         key.chmod(0o600)
         return Pair(cert, key)
 
+    def intermediate(self, name: str = "mailerd test intermediate CA") -> CA:
+        """A CA this one signs (as Let's Encrypt's R10 is signed by ISRG Root X1): what it
+        issues chains to this one only with its certificate beside it (`full_chain`)."""
+        directory = self.directory / "intermediate"
+        directory.mkdir(exist_ok=True)
+        key, csr, cert, ext = (directory / f"ca.{s}" for s in ("key", "csr", "crt", "ext"))
+        _openssl(*_newkey("rsa"), "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+        ext.write_text("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n")
+        _openssl(
+            "x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
+            "-CAcreateserial", "-out", cert, "-days", "3", "-sha256", "-extfile", ext,
+        )  # fmt: skip
+        return CA(cert, key, directory)
+
+    def full_chain(self, pair: Pair) -> Pair:
+        """The pair with this CA's certificate after the leaf's (certbot's fullchain.pem)."""
+        chain = pair.cert.with_suffix(".fullchain.crt")
+        chain.write_bytes(pair.cert.read_bytes() + self.cert.read_bytes())
+        return Pair(chain, pair.key)
+
+
+def self_signed(directory: Path, name: str) -> Pair:
+    """A certificate for `name` that signs itself (what scripts/server makes for localhost)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key, cert = directory / f"{name}-self.key", directory / f"{name}-self.crt"
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", key, "-out", cert, "-days", "3", "-subj", f"/CN={name}",
+        "-addext", f"subjectAltName=DNS:{name}",
+    )  # fmt: skip
+    key.chmod(0o600)
+    return Pair(cert, key)
+
 
 def make_ca(directory: Path, name: str = "mailerd test CA") -> CA:
     directory.mkdir(parents=True, exist_ok=True)

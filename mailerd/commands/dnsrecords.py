@@ -60,11 +60,20 @@ service send their users' passwords there), `.` there OK; a missing one is repor
 does not count against the exit status: mail programs are then set up by hand, and mail flows
 all the same.
 
+Last, --check checks the TLS certificate a client asking for the host name is served (the
+one the SNI chooser picks; with an RSA and an ECDSA one, both) as a client that checks does:
+a handshake in memory against OpenSSL's default trust anchors (the system's CA certificates,
+SSL_CERT_FILE's where set). OK; WRONG when no certificate is for the host name, or its chain
+is incomplete, self-signed, from a CA clients do not trust or out of date; UNKNOWN when its
+key cannot be read (not run as root); MISSING, not counted, when none is configured (mail
+then comes in clear, and nothing else breaks).
+
 The host name must be one the world can look up: one without a dot (`localhost`, this
 machine's unqualified FQDN: the default when the configuration has no `hostname`), or one the
 Public Suffix List has no rule for (`localhost.localdomain`, `host.lan`), is refused, exit 1.
 
-Exit status: 0 (with --check: only when everything is OK, missing SRV records aside); 1
+Exit status: 0 (with --check: only when everything is OK, missing SRV records and
+certificate aside); 1
 something is missing or wrong, or nothing can be published (no domain, a host name the world
 cannot look up); 2 a bad argument (a DOMAIN that is not local among them); 78 (EX_CONFIG) a
 configuration or key that cannot be read.
@@ -87,7 +96,7 @@ import dns.resolver
 import dns.reversename
 from dkim.util import InvalidTagValueList
 
-from mailerd import config, host, names
+from mailerd import config, host, names, tls
 from mailerd.commands.dkimkeys import txt_strings, zone_txt
 from mailerd.config import Config
 from mailerd.dkim_speedups import parse_tag_value
@@ -207,6 +216,9 @@ def main(argv: list[str]) -> int:
             print(line)
         return 0
     lines, passed = asyncio.run(check_all(cfg, records, addresses, outbound))
+    for line, ok in certificate_lines(cfg):
+        lines.append(line)
+        passed = passed and ok
     for line in lines:
         print(line)
     return 0 if passed else 1
@@ -461,6 +473,54 @@ async def check_all(
         )
         passed = False
     return lines, passed
+
+
+def certificate_lines(cfg: Config) -> list[tuple[str, bool]]:
+    """--check's lines on the TLS certificate, each with whether it passes. The MX and SRV
+    records lead clients to the host name, and those that check certificates (mail programs
+    always; senders under MTA-STS) want one for that name, chaining to a CA they trust, in
+    date; the server serves any certificate all the same, so only this tells. No certificate
+    at all is reported but not counted: mail flows without TLS (in clear)."""
+    host = cfg.hostname.lower().rstrip(".")
+    label = f"{host} certificate"
+    if not cfg.tls_pairs:
+        return [
+            (
+                f"MISSING  {label}: none configured (tls-cert, tls-key): other servers deliver "
+                "here in clear (Gmail shows its red lock) and mail programs cannot submit "
+                "(not counted in the exit status)",
+                True,
+            )
+        ]
+    try:
+        chosen = tls.presented(cfg.tls_pairs, host)
+    except tls.TLSError as exc:
+        return [(f"WRONG    {label}: {exc}", False)]
+    if not chosen:
+        others = sorted({n for cert, _ in cfg.tls_pairs for n in tls.names_of(cert)})
+        return [
+            (
+                f"WRONG    {label}: no certificate is for {host} (they are for "
+                f"{', '.join(others) or 'no name'}): mail programs, and senders that check, "
+                f"refuse the connection; get one for {host} (certbot certonly --standalone "
+                f"-d {host})",
+                False,
+            )
+        ]
+    return [_certificate_line(label, host, pair) for pair in chosen]
+
+
+def _certificate_line(label: str, host: str, pair: tls.Pair) -> tuple[str, bool]:
+    cert, key = pair
+    try:
+        why = tls.refusal(pair, host)
+    except tls.TLSError as exc:
+        if exc.option == "--tls-key" and os.geteuid() != 0:
+            return (f"UNKNOWN  {label} {cert}: {exc} (run mailerd dns as root)", False)
+        return (f"WRONG    {label} {cert}: {exc}", False)
+    if why:
+        return (f"WRONG    {label} {cert}: {why}", False)
+    return (f"OK       {label} {cert} ({tls.summary(cert)})", True)
 
 
 def _passes(record: Record, line: str) -> bool:

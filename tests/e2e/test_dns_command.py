@@ -15,12 +15,15 @@ first word containing a dot is the record's owner and the first record-type word
 Some tests give the config a `relayhost` (RELAY, whose A/AAAA only the test DNS server knows)
 or `outbound-ip = ipv4`; those change which SPF, A/AAAA and PTR records are wanted (`wanted`'s
 `spf` and `ptr_addresses`). The last ones give it submission listeners, which add SRV records
-(`srv_records`).
+(`srv_records`), and TLS certificates, whose --check lines (`STATUS host certificate ...`) are
+read apart from the records' (`certificate_lines`); `mailerd dns` trusts the test CA (`pki`),
+never the machine's CA certificates.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import ipaddress
 import re
 import socket
@@ -33,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import certs
 import dns.rdatatype
 import dns.reversename
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from dnsserver import DNSServer, Records
 
 from .conftest import REPO
@@ -109,6 +114,29 @@ def keys(tmp_path_factory) -> list[Key]:
 @pytest.fixture(scope="module")
 def other_rsa(keys: list[Key]) -> Path:
     return keys[0].path.parent / "x.key"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pki(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """The TLS certificates: a test CA that `mailerd dns` trusts in place of the machine's
+    (SSL_CERT_FILE, and an empty SSL_CERT_DIR: OpenSSL's default trust anchors), an intermediate
+    CA under it (as Let's Encrypt's are), and a certificate for HOSTNAME with its full chain."""
+    global PKI
+    base = tmp_path_factory.mktemp("pki")
+    ca = certs.make_ca(base / "ca")
+    mid = ca.intermediate()
+    (base / "nothing").mkdir()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SSL_CERT_FILE", str(ca.cert))
+        env.setenv("SSL_CERT_DIR", str(base / "nothing"))
+        PKI = SimpleNamespace(
+            ca=ca, mid=mid, good=mid.full_chain(mid.issue(HOSTNAME, kind="ecdsa")), base=base
+        )
+        yield PKI
+    PKI = None
+
+
+PKI: SimpleNamespace | None = None
 
 
 @pytest.fixture(scope="module")
@@ -275,9 +303,10 @@ class CheckLine:
 
 
 def check_lines(stdout: str) -> list[CheckLine]:
+    """The lines on records (those on the certificate: `certificate_lines`)."""
     out = []
     for line in stdout.splitlines():
-        if not line.strip() or line.lstrip().startswith(";"):
+        if not line.strip() or line.lstrip().startswith(";") or _on_certificate(line):
             continue
         words = line.split()
         status = words[0].rstrip(":").upper()
@@ -287,6 +316,15 @@ def check_lines(stdout: str) -> list[CheckLine]:
         assert owner and rtype, f"no owner or type in {line!r}"
         out.append(CheckLine(status, owner.rstrip(".:").lower(), rtype, line))
     return out
+
+
+def _on_certificate(line: str) -> bool:
+    words = line.split()
+    return len(words) > 2 and words[2].rstrip(":") == "certificate"
+
+
+def certificate_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if _on_certificate(line)]
 
 
 def run_check(conf: Path, dns: DNSServer, zone: str, *extra: str) -> tuple[int, list[CheckLine]]:
@@ -1036,9 +1074,9 @@ PUBLIC_SUBMISSION = f"listen-submission = {V4}, [{V6}]\nlisten-submissions = {V4
 
 
 def submission_conf(tmp_path: Path, keys: list[Key], dns: DNSServer, listeners: str) -> Path:
-    """The config with submission listeners (and the TLS they need: `mailerd dns` reads
-    neither file, so neither exists)."""
-    tls = f"tls-cert = {tmp_path}/cert.pem\ntls-key = {tmp_path}/key.pem\n"
+    """The config with submission listeners, and the certificate they need (`pki`'s)."""
+    assert PKI is not None
+    tls = f"tls-cert = {PKI.good.cert}\ntls-key = {PKI.good.key}\n"
     return write_config(tmp_path / "submission.conf", keys, dns, more=tls + listeners)
 
 
@@ -1260,3 +1298,110 @@ def test_a_scoped_listener_and_no_ipv4_mapped_one(tmp_path: Path, keys: list[Key
     assert set(printed_records(p.stdout)) == want, p.stdout
     rc, lines = run_check(path, dns_server, p.stdout)
     assert [ln for ln in lines if ln.status != "OK"] == [] and rc == 0, shown(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The TLS certificate: the one a client that comes by the MX or SRV records is given
+# --------------------------------------------------------------------------------------------
+
+
+def expired(ca: certs.CA, name: str) -> certs.Pair:
+    """A certificate for `name` from `ca`, with its chain, that expired yesterday (openssl's
+    x509 command cannot date one in the past)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = time.time()
+    issuer = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    signer = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
+    assert isinstance(signer, rsa.RSAPrivateKey)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime.fromtimestamp(now - 30 * 86400, datetime.UTC))
+        .not_valid_after(datetime.datetime.fromtimestamp(now - 86400, datetime.UTC))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(signer, hashes.SHA256())
+    )
+    cert_path, key_path = ca.directory / f"{name}-expired.crt", ca.directory / f"{name}-expired.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.cert.read_bytes())
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return certs.Pair(cert_path, key_path)
+
+
+def _certificates(pki: SimpleNamespace, case: str) -> list[certs.Pair]:
+    mid = pki.mid
+    if case == "none":
+        return []
+    if case == "full-chain":
+        return [pki.good]
+    if case == "rsa-and-ecdsa":
+        return [mid.full_chain(mid.issue(HOSTNAME, tag="rsa2")), pki.good]
+    if case == "wildcard":
+        return [mid.full_chain(mid.issue("*.example.org", kind="ecdsa", tag="wild"))]
+    if case == "another-name-first":  # the SNI chooser gives the host name's to its clients
+        return [mid.full_chain(mid.issue("mail.example.net", kind="ecdsa", tag="o1")), pki.good]
+    if case == "leaf-only":  # certbot's cert.pem given in place of fullchain.pem
+        return [mid.issue(HOSTNAME, kind="ecdsa", tag="leaf")]
+    if case == "self-signed":
+        return [certs.self_signed(pki.base / "self", HOSTNAME)]
+    if case == "other-name":
+        return [mid.full_chain(mid.issue("mail.example.net", kind="ecdsa", tag="o2"))]
+    if case == "expired":
+        return [expired(mid, HOSTNAME)]
+    if case == "untrusted-ca":  # a chain to a CA that no client trusts
+        stranger = certs.make_ca(pki.base / "stranger", name="stranger CA")
+        return [stranger.full_chain(stranger.issue(HOSTNAME, kind="ecdsa"))]
+    if case == "unreadable":
+        return [certs.Pair(pki.base / "missing.crt", pki.good.key)]
+    raise AssertionError(case)
+
+
+# case: (the statuses of the certificate lines, a word each WRONG line must show, exit status)
+CERTIFICATE_CASES = {
+    "full-chain": (["OK"], "", 0),
+    "rsa-and-ecdsa": (["OK", "OK"], "", 0),
+    "wildcard": (["OK"], "", 0),
+    "another-name-first": (["OK"], "", 0),
+    "none": (["MISSING"], "none configured", 0),
+    "leaf-only": (["WRONG"], "fullchain.pem", 1),
+    "self-signed": (["WRONG"], "self-signed", 1),
+    "other-name": (["WRONG"], "no certificate is for mx.example.org", 1),
+    "expired": (["WRONG"], "expired", 1),
+    "untrusted-ca": (["WRONG"], "chain ends at a CA that clients do not trust", 1),
+    "unreadable": (["WRONG"], "missing.crt", 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CERTIFICATE_CASES))
+def test_check_of_the_certificate(tmp_path: Path, keys: list[Key], dns_server, pki, case):
+    """--check says whether a client that checks certificates (a mail program, a sender under
+    MTA-STS) accepts the one the host name is served: for that name, a whole chain to a CA it
+    trusts, in date; with the DNS records all right, that decides the exit status. No
+    certificate at all is reported, not counted (mail flows in clear)."""
+    pairs = _certificates(pki, case)
+    tls = ""
+    if pairs:
+        tls = f"tls-cert = {', '.join(str(p.cert) for p in pairs)}\n"
+        tls += f"tls-key = {', '.join(str(p.key) for p in pairs)}\n"
+    conf = write_config(tmp_path / "mailerd.conf", keys, dns_server, more=tls)
+    dns_server.records = Records(zone_text(wanted(keys)))
+    p = mailerd_dns("-c", str(conf), "--check")
+    assert "Traceback" not in p.stderr, p.stderr
+    records = check_lines(p.stdout)
+    assert [ln for ln in records if ln.status != "OK"] == [], shown(records)
+    lines = certificate_lines(p.stdout)
+    statuses, word, status = CERTIFICATE_CASES[case]
+    assert [line.split()[0] for line in lines] == statuses, p.stdout
+    assert all(line.split()[1] == HOSTNAME for line in lines), lines
+    for line in lines:
+        assert word in line, f"{case}: the line should say {word!r}: {line}"
+    assert p.returncode == status, f"{case}: exit {p.returncode}\n{p.stdout}"

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from certs import CA, make_ca
+from certs import CA, Pair, make_ca
 
 from mailerd import config, credentials, headers, policy, tls
 from mailerd.aliases import Aliases
@@ -264,6 +264,29 @@ def test_a_certificate_the_chooser_never_presents_is_warned_of(ca, caplog):
     with caplog.at_level(logging.WARNING, logger="mailerd.tls"):
         tls.server_context([(rsa.cert, rsa.key), (same.cert, same.key)])  # (one context)
     assert not [r for r in caplog.records if "never presented" in r.getMessage()]
+
+
+def test_a_host_name_no_certificate_is_for_is_warned_of(ca, caplog, tmp_path):
+    """The host name (the greeting's, the MX and SRV records' target) that no certificate is
+    for: clients that check refuse what is served, and the server cannot tell; say so at start
+    (and at each reload: the same load). A wildcard covers it; another name does not."""
+    other = ca.issue("mail.example.net", "*.example.com", kind="ecdsa", tag="h1")
+    wild = ca.issue("*.example.org", kind="ecdsa", tag="h2")
+
+    def warned(*pairs: Pair, hostname: str = "mx.example.org") -> list[str]:
+        caplog.clear()
+        certs = ", ".join(str(p.cert) for p in pairs)
+        keys = ", ".join(str(p.key) for p in pairs)
+        ini = tmp_path / "tls.conf"
+        ini.write_text(f"[mailerd]\ntls-cert = {certs}\ntls-key = {keys}\n")
+        with caplog.at_level(logging.WARNING, logger="mailerd.tls"):
+            config.load_files(load("-c", str(ini), "-H", hostname))
+        return [r.getMessage() for r in caplog.records if "host name" in r.getMessage()]
+
+    said = warned(other)
+    assert len(said) == 1 and "mx.example.org" in said[0] and "mail.example.net" in said[0], said
+    assert warned(other, wild) == [] and warned(wild) == []
+    assert warned(other, hostname="smtp.example.com.") == []
 
 
 def test_an_expiring_or_doubled_certificate_is_warned_of(ca, caplog):
