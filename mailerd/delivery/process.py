@@ -423,7 +423,17 @@ class DeliveryService:
         try:
             await self._in_thread(self.queue.put, item, received, body)
         except OSError as exc:
-            log.error("%s: cannot queue local retry: %s", queue_id, exc)
+            # The client is told to send again (4xx), and so every recipient whose copy is
+            # kept already (written, or queued for a remote one) gets it twice: RFC 5321 6.1's
+            # choice, a duplicate rather than a loss, but the operator hears of it.
+            kept = len(request.targets) - len(failed)
+            log.error(
+                "%s: cannot queue local retry: %s; the client is told to try again, and the "
+                "%d recipient(s) whose copy is kept already will get the message twice",
+                queue_id,
+                exc,
+                kept,
+            )
             first = failed[0][1]  # (the copy's own failure says more than the queue's)
             cause = first if isinstance(first, OSError | MailboxLocked) else exc
             return intake.storage_reply(cause)

@@ -125,3 +125,32 @@ def test_a_copy_that_came_back_through_one_of_its_aliases_is_marked_so(service):
     assert [(r.address, r.via) for r in queued.recipients] == [
         ("bob@example.net", "team+fwd_from@example.org")
     ]
+
+
+def test_a_local_retry_that_cannot_be_queued_says_who_gets_the_message_twice(
+    service, monkeypatch, caplog
+):
+    """The remote copy queued, a local copy failed and its retry cannot be queued (the disk
+    filled in between): the client gets 4xx and sends the message again, so the remote
+    recipient gets it twice. RFC 5321 6.1 prefers that to a loss; the log says so (an
+    attacker's pass found it in the code)."""
+    puts = []
+    put = service.queue.put
+
+    def fills(*args):
+        puts.append(args)
+        if len(puts) > 1:
+            raise OSError(28, "No space left on device")
+        return put(*args)
+
+    async def unwritable(mailbox, head, body, since=None):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(service.queue, "put", fills)
+    monkeypatch.setattr(service.writer, "deliver", unwritable)
+    targets = (Target("bob@example.net", None), Target("alice@example.org", "alice"))
+    reply = asyncio.run(service.commit(commit("", targets=targets), BODY))
+    assert reply.code // 100 == 4, reply
+    assert len(puts) == 2 and len(service.queue.load(clean=False)) == 1  # the remote copy
+    said = [r.getMessage() for r in caplog.records if "local retry" in r.getMessage()]
+    assert len(said) == 1 and "1 recipient(s)" in said[0] and "twice" in said[0], said
