@@ -66,7 +66,6 @@ from .replies import (
     READY_FOR_TLS,
     RESET_OK,
     RSET_SYNTAX,
-    SEND_LIMIT,
     START_DATA,
     STARTTLS_SYNTAX,
     TLS_ACTIVE,
@@ -90,8 +89,9 @@ _UNSUPPORTED_VERBS = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", 
 # HELP's reply is the same for any topic); BDAT refuses it and closes, since the chunk behind
 # it cannot be skipped and must not be read as commands.
 _ANY_ARGUMENT = frozenset({"NOOP", "HELP", "BDAT"})
-# Recipients deferred for the daily limit that a session may have before they are errors, in
-# --max-recipients: the user's outbox of that many messages, sent in one session.
+# Deferrals (`Commands._defer`) a session may have before they are errors, in --max-recipients:
+# the user's outbox of that many messages sent in one session, a peer's queue for us while a
+# mailbox or the disk is broken.
 DEFERRALS_PER_SESSION = 10
 
 
@@ -258,7 +258,7 @@ class Commands:
         if self._check_mail is not None:
             refusal = self._check_mail(sender, size, self._user)
             if refusal is not None:
-                self._send(refusal)
+                self._send_verdict(refusal)
                 return
         self._in_mail = True
         self._sender = sender
@@ -315,29 +315,43 @@ class Commands:
             return
         if refusal.code < 400:  # a custom positive answer (e.g. 251) still accepts
             self._recipients.append(recipient)
-        if refusal is SEND_LIMIT:
-            self._deferred_for_the_limit()
+        self._send_verdict(refusal)
+
+    def _send_verdict(self, refusal: Reply) -> None:
+        """Send a refusal of the caller's checks (`check_mail`, `check_recipient`). A
+        temporary one is no fault of the client's but a deferral (`_defer`): a mailbox that
+        cannot be written or checked now, a disk that is full or failed, less free space than
+        --min-free, the account's daily limit. A 5xx (an unknown user, relaying, a sender not
+        the user's) is the client's error."""
+        if 400 <= refusal.code < 500:
+            self._defer(refusal)
         else:
             self._send(refusal)
 
-    def _deferred_for_the_limit(self) -> None:
-        """SEND_LIMIT, for a recipient past its account's daily limit. Not an error within
-        the transaction's --max-recipients and the session's DEFERRALS_PER_SESSION times as
-        many: the user's own mail program sending its outbox would otherwise end with 421
-        "Too many errors", which fail2ban bans for (an attacker's pass had it after three
-        messages of 45). Said in the log once a transaction, as the overshoot is: a client
-        repeating them wrote a line each, 3.4 MB a second (another pass). Past either
-        allowance each is an error, so that repeating them ends the session."""
-        self._deferred += 1
-        self._session_deferred += 1
-        beyond = not self._deferrals_excused()
-        self._send(SEND_LIMIT, count=beyond, report=beyond or self._deferred == 1)
+    def _defer(self, reply: Reply) -> None:
+        """A deferral: a temporary refusal that is our doing. Not an error within the
+        allowances (`_deferral_excused`): counted, a peer delivering one message to 25 local
+        users whose mailboxes cannot be checked now, or the user's mail program sending its
+        outbox past the daily limit, would end with 421 "Too many errors", which fail2ban bans
+        for (an attacker's pass had it after three messages of 45). Said in the log once a
+        transaction (a deferred MAIL is one of its own), as the overshoot is: a client
+        repeating them wrote a line each, 3.4 MB a second (another pass). Past an allowance
+        each is an error again, so that repeating them ends the session."""
+        excused = self._deferral_excused()
+        self._send(reply, count=not excused, report=not excused or self._deferred <= 1)
 
-    def _deferrals_excused(self) -> bool:
-        """Were recipients of this transaction deferred for the daily limit, within the
-        allowances (`_deferred_for_the_limit`)?"""
+    def _deferral_excused(self) -> bool:
+        """Count a deferral (`_defer`; at the end of the data, `Session.commit_done`): is it
+        within the transaction's --max-recipients and the session's DEFERRALS_PER_SESSION
+        times as many?"""
+        if self._in_mail:
+            self._deferred += 1
+        self._session_deferred += 1
+        return self._within_allowances()
+
+    def _within_allowances(self) -> bool:
         most = self._config.max_recipients
-        return 0 < self._deferred <= most and self._session_deferred <= DEFERRALS_PER_SESSION * most
+        return self._deferred <= most and self._session_deferred <= DEFERRALS_PER_SESSION * most
 
     def _no_recipients_excused(self) -> bool:
         """Is this DATA's (or BDAT's) "no valid recipients" no error? The first of a
@@ -346,7 +360,7 @@ class Commands:
         ever)."""
         first = not self._excused_no_recipients
         self._excused_no_recipients = True
-        return first and self._deferrals_excused()
+        return first and self._deferred > 0 and self._within_allowances()
 
     def _cmd_data(self, argument: str | None) -> None:
         if argument is not None:

@@ -133,7 +133,7 @@ class Session(Commands):
         self._sasl: tuple[str, str | None] | None = None
         self._unlogged = 0
         self._auth_failures = 0
-        self._session_deferred = 0  # recipients deferred for the daily limit, in all
+        self._session_deferred = 0  # deferrals (`Commands._defer`), in all
         self._clear_transaction()
 
     # --- public API ---------------------------------------------------------
@@ -176,9 +176,14 @@ class Session(Commands):
             # A delivered message shows a working client: only errors since then count
             # (as Postfix does), so a long session with an occasional unknown recipient lives.
             self._errors = 0
-        # Storage errors are not the client's fault, and the caller, who holds the message,
-        # reports them.
-        self._send(reply, count=False, report=False)
+        # The caller, who holds the message, reports it. A refusal of its content is no
+        # error; a temporary one (a full disk, a failed write) is ours, a deferral, an error
+        # only past the allowances (`_defer`), which may make it the 421 the caller has not
+        # reported.
+        given = reply
+        if 400 <= reply.code < 500 and not self._deferral_excused():
+            reply = self._counted(reply)
+        self._send(reply, count=False, report=reply is not given)
 
     def recipient_checked(self, refusal: Reply | None) -> None:
         """The verdict on the recipient whose check answered PENDING: None accepts it, a Reply
@@ -480,8 +485,8 @@ class Session(Commands):
         self._sender: Address | None = None
         self._recipients: list[Address] = []
         self._overshoot = 0  # RCPTs past max_recipients in this transaction
-        self._deferred = 0  # and those deferred for the account's daily limit (not errors)
-        self._excused_no_recipients = False  # (a DATA after them: `_deferrals_excused`)
+        self._deferred = 0  # and those deferred (`_defer`: our doing, not errors)
+        self._excused_no_recipients = False  # (a DATA after them: `_no_recipients_excused`)
         self._body_type = "7BIT"
         self._smtputf8 = False
         self._declared_size: int | None = None

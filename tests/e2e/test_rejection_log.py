@@ -33,7 +33,17 @@ from certs import make_ca
 from mailerd import credentials
 from mailerd.worker.logins import Unchecked
 
-from .conftest import REPO, Mailerd, Reply, SMTPConn, expect, finish, free_port, wait_until
+from .conftest import (
+    REPO,
+    Mailerd,
+    Reply,
+    SMTPConn,
+    expect,
+    finish,
+    free_port,
+    send_data,
+    wait_until,
+)
 
 FILTER = REPO / "etc" / "fail2ban" / "filter.d" / "mailerd.conf"
 JAIL = REPO / "etc" / "fail2ban" / "jail.d" / "mailerd.conf"
@@ -546,6 +556,11 @@ def _noqueue(m: Mailerd) -> list[str]:
     return [line for line in m.stderr_text().splitlines() if "NOQUEUE: reject:" in line]
 
 
+def _rejections(lines: list[str]) -> list[str]:
+    """What follows "NOQUEUE: reject: " in each line."""
+    return [line.split("NOQUEUE: reject: ", 1)[1] for line in lines]
+
+
 def _sessions_over(m: Mailerd) -> bool:
     """Every session the server logged has ended (the start-up probes' included)."""
     text = m.stderr_text()
@@ -641,6 +656,48 @@ def test_too_many_errors_at_the_end_of_a_message_is_logged_as_such(run: Run):
     assert ": 421 4.7.0 mx.example.org Too many errors, closing connection;" in lines[0]
 
 
+def test_deferrals_of_ours_are_no_errors_until_past_their_allowance(run: Run, tmp_path: Path):
+    """--max-errors 2, and a mailbox that is an mbox file: each RCPT for it is 450 4.2.0, our
+    fault, not the client's. A peer delivering two messages, each to five such recipients and
+    one good one, is not closed (were they errors, the third would end its session with the
+    421 that fail2ban bans for), its good recipient gets both, and each transaction is one
+    line of log, not five. A client repeating them past the transaction's allowance
+    (--max-recipients, 100) is closed all the same, and that 421 is what fail2ban matches."""
+    m = run.servers["main"]
+    deferred = "450 4.2.0 Mailbox unavailable: it is not a directory"
+    before, delivered = len(_noqueue(m)), len(m.messages(USER))
+    c = _open(m, V4, helo="mx.peer.test")
+    for n in range(2):
+        expect(c.cmd("MAIL FROM:<list@peer.test>"), 250, conn=c)
+        c.send(f"RCPT TO:<{MBOX_USER}@example.org>\r\n".encode() * 5)
+        for reply in c.read_replies(5):
+            expect(reply, 450, "4.2.0", conn=c)
+        expect(c.cmd(f"RCPT TO:<{USER}@example.org>"), 250, conn=c)
+        send_data(c, f"Subject: message {n}\r\n\r\nfor the one who can take it\r\n".encode())
+    _quit(c)
+    assert len(m.wait_messages(USER, delivered + 2)) == delivered + 2
+    peer = _noqueue(m)[before:]
+    fields = _fields("list@peer.test", f"{MBOX_USER}@example.org", "mx.peer.test")
+    assert _rejections(peer) == [f"RCPT from unknown[{V4}]: {deferred}; {fields}"] * 2, peer
+
+    before = len(_noqueue(m))
+    c = _open(m, V6, helo="repeater.test")
+    expect(c.cmd("MAIL FROM:<again@remote.test>"), 250, conn=c)
+    c.send(f"RCPT TO:<{MBOX_USER}@example.org>\r\n".encode() * 110)
+    replies, eof = c.read_all_replies()
+    assert [r.code for r in replies] == [450] * 102 + [421] and eof, c.dialogue()
+    c.close()
+    repeater = _noqueue(m)[before:]
+    fields = _fields("again@remote.test", f"{MBOX_USER}@example.org", "repeater.test")
+    too_many = "421 4.7.0 mx.example.org Too many errors, closing connection"
+    # the first, the two errors past the allowance, the 421
+    assert _rejections(repeater) == [
+        f"RCPT from unknown[{V6}]: {said}; {fields}" for said in [deferred] * 3 + [too_many]
+    ], repeater
+    if FAIL2BAN_REGEX is not None:
+        assert _fail2ban_matches(tmp_path, peer + repeater) == [(V6, repeater[-1])]
+
+
 # --------------------------------------------------------------------------------------------
 # fail2ban
 # --------------------------------------------------------------------------------------------
@@ -730,28 +787,39 @@ def test_fail2ban_matches_the_abuse_and_nothing_else(run: Run, tmp_path: Path, r
     expected = sorted(provoked + banned_extra)
     assert len(expected) == sum(kind.banned for kind in KINDS) + len(banned_extra)
     filter_file = _installed_filter(tmp_path)
-    # "<ip> <msg>": for each match, the address fail2ban would ban and the whole line.
+    matched = _matches(_fail2ban_regex(logfile, filter_file, "-o", "<ip> <msg>"))
+    assert matched == expected, f"fail2ban-regex matched:\n{matched}"
+    # And the summary agrees, with no line taken for another reason (ignored, an error).
+    summary = _fail2ban_regex(logfile, filter_file)
+    counts = f"Lines: {len(log)} lines, 0 ignored, {len(expected)} matched, "
+    assert counts + f"{len(log) - len(expected)} missed" in summary, summary
+
+
+def _fail2ban_regex(logfile: Path, filter_file: Path, *options: str) -> str:
+    """What fail2ban-regex prints for `logfile` read with `filter_file` and `options`."""
     result = subprocess.run(
-        [FAIL2BAN_REGEX, "-o", "<ip> <msg>", str(logfile), str(filter_file)],
+        [FAIL2BAN_REGEX, *options, str(logfile), str(filter_file)],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "LANG": "C.UTF-8"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    matched = sorted(tuple(out.split(" ", 1)) for out in result.stdout.splitlines())
-    assert matched == expected, f"fail2ban-regex output:\n{result.stdout}{result.stderr}"
-    # And the summary agrees, with no line taken for another reason (ignored, an error).
-    summary = subprocess.run(
-        [FAIL2BAN_REGEX, str(logfile), str(filter_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "LANG": "C.UTF-8"},
-    )
-    assert summary.returncode == 0, summary.stdout + summary.stderr
-    counts = f"Lines: {len(log)} lines, 0 ignored, {len(expected)} matched, "
-    assert counts + f"{len(log) - len(expected)} missed" in summary.stdout, summary.stdout
+    return result.stdout
+
+
+def _matches(output: str) -> list[tuple[str, ...]]:
+    """fail2ban-regex's "-o '<ip> <msg>'" output: for each match, the address fail2ban would
+    ban and the whole line."""
+    return sorted(tuple(line.split(" ", 1)) for line in output.splitlines())
+
+
+def _fail2ban_matches(tmp_path: Path, lines: list[str]) -> list[tuple[str, ...]]:
+    """The (address, line) of each of `lines` that the installed filter matches."""
+    logfile = tmp_path / "mail.log"
+    logfile.write_text("".join(line + "\n" for line in lines), "utf-8")
+    filter_file = _installed_filter(tmp_path)
+    return _matches(_fail2ban_regex(logfile, filter_file, "-o", "<ip> <msg>"))
 
 
 FAIL2BAN_CLIENT = shutil.which("fail2ban-client")

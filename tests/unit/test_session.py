@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 from datacases import SMUGGLING_VECTORS
 
+from mailerd import intake, recipients
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
@@ -46,9 +47,12 @@ class Client:
         *,
         auto_commit: bool = True,
         commit_reply: Reply = QUEUED,
+        check_mail: Callable[[Address | None, int | None, str | None], Reply | None] | None = None,
         **config: int,
     ) -> None:
-        self.session = Session(SessionConfig("mx.example", **config), check or (lambda a: None))
+        self.session = Session(
+            SessionConfig("mx.example", **config), check or (lambda a: None), check_mail=check_mail
+        )
         self.auto_commit = auto_commit
         self.commit_reply = commit_reply
         self.events: list[object] = []
@@ -1306,24 +1310,37 @@ def test_recipients_far_over_the_limit_are_errors_and_logged_once():
     assert not again.closed and len(again.rejected) == 3
 
 
-def test_recipients_deferred_for_the_daily_limit_are_not_errors_for_a_while():
-    """The user's own mail program sending what it has after the account reached its daily
-    limit (SEND_LIMIT, from the worker's check): not an error for --max-recipients of them in
-    a transaction, nor the 554 of the DATA or BDAT that follows when all were deferred (a 421
-    "Too many errors" is what fail2ban bans for; counted per session with no more allowance,
-    an attacker's pass had it after three messages of 45 recipients), and logged once a
-    transaction (a line each was 3.4 MB of log a second); past that each is an error, so that
-    repeating them in one transaction still ends the session."""
+# What the worker's checks defer a recipient for: its doing, never the client's (a mailbox that is
+# an mbox file or has the wrong owner, or cannot be checked now; the account's daily limit).
+DEFERRALS = [
+    SEND_LIMIT,
+    recipients.MAILBOX_NOT_A_DIRECTORY,
+    recipients.MAILBOX_WRONG_OWNER,
+    recipients.CHECK_FAILED,
+]
+deferrals = pytest.mark.parametrize("deferral", DEFERRALS, ids=lambda r: f"{r.code}-{r.status}")
+
+
+@deferrals
+def test_deferred_recipients_are_not_errors_for_a_while(deferral: Reply):
+    """A recipient deferred by the worker's check, through no fault of the client's (the
+    user's own mail program sending what it has past the account's daily limit; a peer
+    delivering to mailboxes that cannot be written or checked now): not an error for
+    --max-recipients of them in a transaction, nor the 554 of the DATA or BDAT that follows
+    when all were deferred (a 421 "Too many errors" is what fail2ban bans for; counted per
+    session with no more allowance, an attacker's pass had it after three messages of 45
+    recipients), and logged once a transaction (a line each was 3.4 MB of log a second); past
+    that each is an error, so that repeating them in one transaction still ends the session."""
 
     def check(address: Address) -> Reply | None:
-        return SEND_LIMIT if address.domain == "remote.test" else None
+        return deferral if address.domain == "remote.test" else None
 
     client = Client(check, max_errors=2, max_recipients=10)
     client.cmd("EHLO c")
     for _ in range(3):  # each transaction has its allowance
         client.cmd("MAIL FROM:<a@example.org>")
         rcpts = client.send(b"".join(b"RCPT TO:<r%d@remote.test>\r\n" % i for i in range(10)))
-        assert [status(r) for r in rcpts] == [(450, "4.7.1")] * 10
+        assert rcpts == [deferral] * 10
         assert client.cmd("DATA").code == 554
         client.cmd("RSET")
     client.cmd("MAIL FROM:<a@example.org>")
@@ -1332,30 +1349,125 @@ def test_recipients_deferred_for_the_daily_limit_are_not_errors_for_a_while():
     client.cmd("RSET")
     assert not client.closed
     logged = [(r.verb, r.reply.code) for r in client.rejected]
-    assert logged == [("RCPT", 450), ("DATA", 554)] * 3 + [("RCPT", 450), ("BDAT", 554)]
+    code = deferral.code
+    assert logged == [("RCPT", code), ("DATA", 554)] * 3 + [("RCPT", code), ("BDAT", 554)]
     client.cmd("MAIL FROM:<a@example.org>")
     codes = client.codes(b"RCPT TO:<more@remote.test>\r\n" * 13)
-    assert codes == [450] * 12 + [421] and client.closed
+    assert codes == [code] * 12 + [421] and client.closed
     assert len(client.rejected) == len(logged) + 4  # (the first, the two errors, the 421)
 
 
-def test_recipients_deferred_for_the_daily_limit_in_a_session_are_errors_past_its_allowance():
+@deferrals
+def test_deferred_recipients_in_a_session_are_errors_past_its_allowance(deferral: Reply):
     """A session's deferrals are not errors up to DEFERRALS_PER_SESSION times
-    --max-recipients (the user's outbox), then each is: a client cycling through transactions
-    of deferred recipients for ever meets the end of its session."""
-
-    def check(address: Address) -> Reply | None:
-        return SEND_LIMIT
-
-    client = Client(check, max_errors=2, max_recipients=10)
+    --max-recipients (the user's outbox, a peer's queue for a broken mailbox), then each is:
+    a client cycling through transactions of deferred recipients for ever meets the end of its
+    session."""
+    client = Client(lambda address: deferral, max_errors=2, max_recipients=10)
     client.cmd("EHLO c")
     for _ in range(commands.DEFERRALS_PER_SESSION):
         client.cmd("MAIL FROM:<a@example.org>")
-        assert client.codes(b"RCPT TO:<r@remote.test>\r\n" * 10) == [450] * 10
+        assert client.codes(b"RCPT TO:<r@remote.test>\r\n" * 10) == [deferral.code] * 10
         client.cmd("RSET")
     assert not client.closed
+    assert len(client.rejected) == commands.DEFERRALS_PER_SESSION  # one a transaction
     client.cmd("MAIL FROM:<a@example.org>")
-    assert client.codes(b"RCPT TO:<r@remote.test>\r\n" * 3) == [450, 450, 421]
+    codes = client.codes(b"RCPT TO:<r@remote.test>\r\n" * 3)
+    assert codes == [deferral.code] * 2 + [421] and client.closed
+
+
+def test_a_peer_delivering_to_25_users_whose_mailboxes_cannot_be_checked_is_not_closed():
+    """The defaults (--max-errors 20, --max-recipients 100): a peer (Gmail) delivers one
+    message to 25 local users while their mailboxes cannot be checked (the spool cannot be
+    read), then another, pipelined. Their 451s are ours: the session goes on, the users that
+    could be checked get the messages, and each transaction is one line of log, not 25."""
+    good = {"alice", "bob"}
+
+    def check(address: Address) -> Reply | None:
+        return None if address.local in good else recipients.CHECK_FAILED
+
+    client = Client(check)
+    client.cmd("EHLO mail.example.com")
+    for n in range(2):
+        rcpts = [f"user{i}" for i in range(25)] + sorted(good)
+        lines = [b"MAIL FROM:<sender@example.com>"]
+        lines += [f"RCPT TO:<{r}@example.org>".encode() for r in rcpts] + [b"DATA"]
+        replies = client.send(b"".join(line + b"\r\n" for line in lines))
+        assert [status(r) for r in replies] == (
+            [(250, "2.1.0")] + [(451, "4.3.0")] * 25 + [(250, "2.1.5")] * 2 + [(354, None)]
+        )
+        assert [r.code for r in client.send(b"Subject: hi\r\n\r\nhi\r\n.\r\n")] == [250]
+        assert [str(r) for r in client.messages[n][0].recipients] == [
+            "alice@example.org",
+            "bob@example.org",
+        ]
+    assert not client.closed and client.cmd("NOOP").code == 250
+    assert [(r.verb, r.path) for r in client.rejected] == [("RCPT", "user0@example.org")] * 2
+
+
+def test_client_errors_still_count_among_deferrals():
+    """Only the deferrals are excused: an unknown user, relaying, a bad command count as they
+    did, however many deferrals came between."""
+
+    def check(address: Address) -> Reply | None:
+        if address.local == "nobody":
+            return Reply(550, "5.1.1", "No such user here")
+        return recipients.MAILBOX_NOT_A_DIRECTORY
+
+    client = Client(check, max_errors=2)
+    client.cmd("EHLO c")
+    client.cmd("MAIL FROM:<a@b>")
+    assert client.codes(b"RCPT TO:<box@example.org>\r\n" * 30) == [450] * 30
+    assert client.cmd("RCPT TO:<nobody@example.org>").code == 550
+    assert client.codes(b"RCPT TO:<box@example.org>\r\n" * 30) == [450] * 30
+    assert client.cmd("BOGUS").code == 500
+    assert client.codes(b"RCPT TO:<box@example.org>\r\n" * 30) == [450] * 30
+    assert client.cmd("RCPT TO:<nobody@example.org>").code == 421 and client.closed
+    said = [(r.verb, r.reply.code) for r in client.rejected]
+    assert said == [("RCPT", 450), ("RCPT", 550), ("RCPT", 421)], said
+
+
+def test_a_mail_deferred_for_want_of_space_is_no_error_and_a_foreign_sender_still_is():
+    """check_mail's 452 4.3.1 (less free space than --min-free: `worker.reserve`) is ours: a
+    peer sending its queue for us in one session, a MAIL after the other (with or without
+    RSET between), is not closed for it, and each MAIL is logged (a transaction of its own);
+    past the session's allowance each is an error. Its 553 (an authenticated user's sender
+    that is not theirs) counts as it did."""
+
+    def check_mail(sender: Address | None, size: int | None, user: str | None) -> Reply | None:
+        if sender is not None and sender.local == "mallory":
+            return Reply(553, "5.7.1", "Sender address rejected: not owned by user alice")
+        return intake.DISK_FULL
+
+    client = Client(check_mail=check_mail, max_errors=2, max_recipients=5)
+    client.cmd("EHLO c")
+    allowance = commands.DEFERRALS_PER_SESSION * 5
+    mails = b"MAIL FROM:<a@example.com>\r\nRSET\r\n" * 10
+    mails += b"MAIL FROM:<a@example.com>\r\n" * (allowance - 10)
+    assert client.codes(mails) == [452, 250] * 10 + [452] * (allowance - 10)
+    assert not client.closed and len(client.rejected) == allowance
+    assert client.cmd("MAIL FROM:<mallory@example.org>").code == 553
+    assert client.codes(b"MAIL FROM:<a@example.com>\r\n" * 2) == [452, 421] and client.closed
+
+
+def test_a_commit_deferred_is_no_error_until_past_the_sessions_allowance():
+    """The end of the data answered 451/452 (a mailbox that could not be written, a full
+    disk): ours, and reported by the caller, who holds the message; but a client repeating
+    such messages for ever meets the end of its session past DEFERRALS_PER_SESSION times
+    --max-recipients, and the 421 is reported (the caller logged only the 452)."""
+    client = Client(commit_reply=intake.DISK_FULL, max_errors=2, max_recipients=1)
+    client.cmd("EHLO c")
+    for _ in range(commands.DEFERRALS_PER_SESSION + 2):
+        client.cmd("MAIL FROM:<a@b>")
+        client.cmd("RCPT TO:<x@y>")
+        client.cmd("DATA")
+        assert client.send(b"x\r\n.\r\n") == [intake.DISK_FULL]
+    assert not client.closed and client.rejected == []
+    client.cmd("MAIL FROM:<a@b>")
+    client.cmd("RCPT TO:<x@y>")
+    client.cmd("DATA")
+    assert [r.code for r in client.send(b"x\r\n.\r\n")] == [421] and client.closed
+    assert [(r.verb, r.reply.code) for r in client.rejected] == [("DATA", 421)]
 
 
 @pytest.mark.parametrize("command", [b"DATA\r\n", b"BDAT 0\r\n"])
@@ -1370,13 +1482,22 @@ def test_only_the_first_data_after_deferred_recipients_is_excused(command: bytes
     assert client.codes(command * 5) == [554, 554, 554, 421] and client.closed
 
 
-def test_a_data_without_recipients_is_an_error_unless_they_were_deferred_for_the_limit():
-    """(The allowance above is for deferred recipients only.)"""
+def test_a_data_without_recipients_is_an_error_unless_they_were_deferred():
+    """(The allowance above is for deferred recipients only, and a deferred MAIL is none.)"""
     client = Client(max_errors=2)
     client.cmd("EHLO c")
     client.cmd("MAIL FROM:<a@b>")
     codes = client.codes(b"DATA\r\n" * 3)
     assert codes == [554, 554, 421] and client.closed
+    full = [True]
+    deferred = Client(
+        check_mail=lambda s, n, u: intake.DISK_FULL if full[0] else None, max_errors=2
+    )
+    deferred.cmd("EHLO c")
+    assert deferred.cmd("MAIL FROM:<a@b>").code == 452
+    full[0] = False  # (room again)
+    assert deferred.cmd("MAIL FROM:<a@b>").code == 250
+    assert deferred.codes(b"DATA\r\n" * 3) == [554, 554, 421] and deferred.closed
 
 
 def test_a_delivered_message_resets_the_error_count():
