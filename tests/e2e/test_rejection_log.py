@@ -662,9 +662,11 @@ def test_deferrals_of_ours_are_no_errors_until_past_their_allowance(run: Run, tm
     one good one, is not closed (were they errors, the third would end its session with the
     421 that fail2ban bans for), its good recipient gets both, and each transaction is one
     line of log, not five. A client repeating them past the transaction's allowance
-    (--max-recipients, 100) is closed all the same, and that 421 is what fail2ban matches."""
+    (--max-recipients, 100) is closed all the same, and that 421 is what fail2ban matches. The
+    error that names the mbox file is said once a minute by a worker, not once a RCPT."""
     m = run.servers["main"]
     deferred = "450 4.2.0 Mailbox unavailable: it is not a directory"
+    start = len(m.stderr_text().splitlines())
     before, delivered = len(_noqueue(m)), len(m.messages(USER))
     c = _open(m, V4, helo="mx.peer.test")
     for n in range(2):
@@ -696,6 +698,8 @@ def test_deferrals_of_ours_are_no_errors_until_past_their_allowance(run: Run, tm
     ], repeater
     if FAIL2BAN_REGEX is not None:
         assert _fail2ban_matches(tmp_path, peer + repeater) == [(V6, repeater[-1])]
+    errors = [line for line in m.stderr_text().splitlines()[start:] if "is a file" in line]
+    assert len(errors) <= m.workers, errors
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """The spool contract: numbering, counter, status files, lockf between processes, durability."""
 
+import errno
 import fcntl
 import multiprocessing
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from mailerd import recipients
 from mailerd.spool import MailboxLocked, Spool
 from mailerd.writer.mailbox import Copy, MailboxStore, MailboxUnsafe, next_number
 
@@ -98,6 +101,39 @@ def test_state_through_a_kept_directory(tmp_path):
         assert spool.state("erin") == "ok"
     finally:
         os.close(fd)
+
+
+class BrokenSpool(Spool):
+    def state(self, name: str, *, cached_only: bool = False) -> str:
+        raise OSError(errno.EIO, "Input/output error", name)
+
+
+def test_a_mailbox_problem_is_logged_once_a_minute(tmp_path, monkeypatch, caplog):
+    """Every RCPT for a mailbox that is a file (or cannot be checked) meets its problem, and
+    a client may repeat those deferrals a thousand times a session before they count as its
+    errors: the log says each problem once a minute in a process, not once a RCPT."""
+    now = [1000.0]
+    monkeypatch.setattr(recipients, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(recipients, "_reported", {})
+    (tmp_path / "mbox").write_bytes(b"")
+    (tmp_path / "other").write_bytes(b"")
+    spool, broken, path = Spool(tmp_path), BrokenSpool(tmp_path), str(tmp_path)
+
+    def said(what: str) -> int:
+        return sum(what in record.getMessage() for record in caplog.records)
+
+    for n in range(100):
+        assert recipients.check_mailbox(spool, path, "mbox") is recipients.MAILBOX_NOT_A_DIRECTORY
+        assert recipients.check_mailbox(broken, path, f"made-up{n}") is recipients.CHECK_FAILED
+    assert recipients.check_mailbox(spool, path, "other") is recipients.MAILBOX_NOT_A_DIRECTORY
+    assert (said("mbox is a file"), said("other is a file"), said("cannot check")) == (1, 1, 1)
+    now[0] += 59
+    recipients.check_mailbox(spool, path, "mbox")
+    assert said("mbox is a file") == 1
+    now[0] += 2
+    recipients.check_mailbox(spool, path, "mbox")
+    recipients.check_mailbox(broken, path, "made-up")
+    assert (said("mbox is a file"), said("cannot check")) == (2, 2)
 
 
 def test_lock_held_elsewhere_times_out(tmp_path):
