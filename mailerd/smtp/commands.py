@@ -334,11 +334,14 @@ class Commands:
         users whose mailboxes cannot be checked now, or the user's mail program sending its
         outbox past the daily limit, would end with 421 "Too many errors", which fail2ban bans
         for (an attacker's pass had it after three messages of 45). Said in the log once a
-        transaction (a deferred MAIL is one of its own), as the overshoot is: a client
-        repeating them wrote a line each, 3.4 MB a second (another pass). Past an allowance
-        each is an error again, so that repeating them ends the session."""
+        transaction, as the overshoot is: a client repeating them wrote a line each, 3.4 MB a
+        second (another pass); a deferred MAIL (less free space than --min-free, which the
+        worker logs once a minute besides) only when it is the session's first deferral,
+        else a client repeating MAIL wrote a thousand lines a session. Past an allowance each
+        is an error again, so that repeating them ends the session."""
         excused = self._deferral_excused()
-        self._send(reply, count=not excused, report=not excused or self._deferred <= 1)
+        first = self._deferred == 1 if self._in_mail else self._session_deferred == 1
+        self._send(reply, count=not excused, report=not excused or first)
 
     def _deferral_excused(self) -> bool:
         """Count a deferral (`_defer`; at the end of the data, `Session.commit_done`): is it
