@@ -334,13 +334,14 @@ class Commands:
         users whose mailboxes cannot be checked now, or the user's mail program sending its
         outbox past the daily limit, would end with 421 "Too many errors", which fail2ban bans
         for (an attacker's pass had it after three messages of 45). Said in the log once a
-        transaction, as the overshoot is: a client repeating them wrote a line each, 3.4 MB a
-        second (another pass); a deferred MAIL (less free space than --min-free, which the
-        worker logs once a minute besides) only when it is the session's first deferral,
-        else a client repeating MAIL wrote a thousand lines a session. Past an allowance each
-        is an error again, so that repeating them ends the session."""
+        session, its first: a client repeating them wrote a line each, 3.4 MB a second
+        (another pass), and once a transaction still let MAIL, RCPT, RSET repeated write a
+        thousand lines a session, 1.6 MB a second over sessions, without the 421 (a third).
+        Their causes are logged besides: a mailbox's problem and a shortage of space once a
+        minute, the daily limit once a window. Past an allowance each is an error again, and
+        logged, so that repeating them ends the session."""
         excused = self._deferral_excused()
-        first = self._deferred == 1 if self._in_mail else self._session_deferred == 1
+        first = self._session_deferred == 1
         self._send(reply, count=not excused, report=not excused or first)
 
     def _deferral_excused(self) -> bool:
@@ -357,10 +358,10 @@ class Commands:
         return self._deferred <= most and self._session_deferred <= DEFERRALS_PER_SESSION * most
 
     def _no_recipients_excused(self) -> bool:
-        """Is this DATA's (or BDAT's) "no valid recipients" no error? The first of a
-        transaction whose recipients were deferred within the allowances is not; a second one
-        is (an attacker's pass: DATA repeated after one deferral wrote a log line each, for
-        ever)."""
+        """Is this DATA's (or BDAT's) "no valid recipients" no error (nor logged: its
+        deferrals were)? The first of a transaction whose recipients were deferred within the
+        allowances is not; a second one is (an attacker's pass: DATA repeated after one
+        deferral wrote a log line each, for ever)."""
         first = not self._excused_no_recipients
         self._excused_no_recipients = True
         return first and self._deferred > 0 and self._within_allowances()
@@ -373,7 +374,8 @@ class Commands:
         elif self._bdat_used:
             self._send(DATA_AFTER_BDAT)
         elif not self._recipients:
-            self._send(NO_RECIPIENTS, count=not self._no_recipients_excused())
+            excused = self._no_recipients_excused()
+            self._send(NO_RECIPIENTS, count=not excused, report=not excused)
         else:
             self._send(START_DATA)
             self._start_content()

@@ -433,7 +433,7 @@ class Session(Commands):
         if self._bdat_refusal is not None:
             refusal, self._bdat_refusal = self._bdat_refusal, None
             excused = refusal is NO_RECIPIENTS and self._no_recipients_excused()
-            self._send(refusal, count=not excused)
+            self._send(refusal, count=not excused, report=not excused)
         else:
             self._end_of_content(last=self._bdat_last)
         return True
