@@ -423,13 +423,18 @@ class DeliveryService:
         try:
             await self._in_thread(self.queue.put, item, received, body)
         except OSError as exc:
-            # The client is told to send again (4xx), and so every recipient whose copy is
-            # kept already (written, or queued for a remote one) gets it twice: RFC 5321 6.1's
-            # choice, a duplicate rather than a loss, but the operator hears of it.
-            kept = len(request.targets) - len(failed)
+            # The client is told to send again (4xx), and so every copy kept already (written
+            # to a mailbox, or queued for a remote address) is made twice: RFC 5321 6.1's
+            # choice, a duplicate rather than a loss, but the operator hears of it. Counted as
+            # the copies are made: one a mailbox, one a remote address (an attacker's pass).
+            written = {t.mailbox for t in request.targets if t.mailbox is not None}
+            written -= {t.mailbox for t, _ in failed}
+            remote = {normal_address(t.address) for t in request.targets if t.mailbox is None}
+            kept = len(written) + len(remote)
             log.error(
-                "%s: cannot queue local retry: %s; the client is told to try again, and the "
-                "%d recipient(s) whose copy is kept already will get the message twice",
+                "%s: cannot queue local retry: %s; the client is told to try again, so the "
+                "copies kept already (%d: mailboxes written, remote addresses queued) will be "
+                "made twice",
                 queue_id,
                 exc,
                 kept,
