@@ -16,17 +16,20 @@ client make each handshake cost ~100 times more).
 
 Several pairs may be given: pairs whose certificates name the same hosts share one context (an
 RSA and an ECDSA certificate for one name: the client's signature algorithms choose); pairs for
-other names get contexts of their own, chosen by the client's SNI; the first is the default.
+other names get contexts of their own, chosen by the client's SNI; the default, for clients that
+send none (Postfix by default), is the host name's, else the first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import logging
 import os
 import ssl
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,11 +76,30 @@ class TLSError(Exception):
         self.option = option
 
 
-def _readable_key(cert: Path, key: Path) -> None:
-    """A key file that cannot be read is told as the key's (OpenSSL's error would only say
-    that the pair failed, and the certificate was read already)."""
+def _regular_file(path: Path) -> None:
+    """Raise OSError unless `path` opens, without waiting, as a regular file: OpenSSL opens
+    the path itself, and a FIFO there held the start (and `mailerd dns`) for ever (an
+    attacker's pass)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        os.close(os.open(key, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))  # (a FIFO: no wait)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    finally:
+        os.close(fd)
+
+
+def _readable(cert: Path, key: Path) -> None:
+    """Files that cannot be read are told as such, the key's as the key's (OpenSSL's error
+    would only say that the pair failed)."""
+    try:
+        _regular_file(cert)
+    except OSError as exc:
+        raise TLSError(f"cannot read certificate {cert}: {exc.strerror or exc}") from exc
+    try:
+        _regular_file(key)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise TLSError(
@@ -118,8 +140,14 @@ def server_context(pairs: Sequence[Pair], hostname: str = "") -> ssl.SSLContext 
             "same names)",
             unused,
         )
+    default = contexts[0][1]
     host = hostname.lower().rstrip(".")
-    if host and not any(_matches(p, host) for names in groups for p in names):
+    ours = [context for names, context in contexts if any(_matches(p, host) for p in names)]
+    if ours:
+        # The default, for clients that send no SNI (Postfix sends none by default, an
+        # attacker's pass found): servers delivering here come by the MX, to the host name.
+        default = ours[0]
+    elif host:
         log.warning(
             "no certificate is for the host name %s (they are for %s): mail programs, and "
             "servers that check certificates (MTA-STS), refuse the connection; get one for "
@@ -127,7 +155,6 @@ def server_context(pairs: Sequence[Pair], hostname: str = "") -> ssl.SSLContext 
             host,
             ", ".join(sorted({n for names in groups for n in names})) or "no name",
         )
-    default = contexts[0][1]
     if len(contexts) > 1:
         default.sni_callback = _chooser(contexts)
     return default
@@ -152,11 +179,12 @@ def _replaced(members: list[Pair]) -> list[tuple[Path, Path]]:
 def _key_type(cert: Path) -> str:
     """The certificate's public key type ("RSA", "EC", …; "" when it cannot be read here)."""
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     try:
         key = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnsupportedAlgorithm):  # (a curve it does not know)
         return ""
     if isinstance(key, rsa.RSAPublicKey):
         return "RSA"
@@ -190,7 +218,7 @@ def _context(pairs: list[Pair]) -> ssl.SSLContext:
             GROUPS.decode(),
         )
     for cert, key in pairs:
-        _readable_key(cert, key)
+        _readable(cert, key)
         try:
             context.load_cert_chain(cert, key, password=_no_pass_phrase)
         except _Encrypted:
@@ -245,10 +273,18 @@ def _no_pass_phrase() -> bytes:
 
 
 # OpenSSL's reasons, in an operator's words (what else it says is passed on as it is).
+# (The first certificate of the file is the one the key must match: a chain in the wrong
+# order fails so, an attacker's pass found.)
+_FIRST = "the first in the file: the server's own certificate comes first, then its chain"
 _REASONS = {
-    "KEY_VALUES_MISMATCH": "the key is not the certificate's",
-    "NO_CERTIFICATE_ASSIGNED": "the key is not the certificate's (another kind of key)",
+    "KEY_VALUES_MISMATCH": f"the key is not the certificate's ({_FIRST})",
+    "NO_CERTIFICATE_ASSIGNED": f"the key is not the certificate's (another kind of key; {_FIRST})",
     "PEM lib": "a file holds no PEM certificate or key where one is expected",
+    "EE_KEY_TOO_SMALL": (
+        "its key is too weak for OpenSSL (RSA of 2048 bits or more, or ECDSA P-256: certbot's "
+        "keys are)"
+    ),
+    "CA_MD_TOO_WEAK": "it is signed with a digest OpenSSL refuses (SHA-1 or MD5)",
     "Error decoding PEM-encoded file": "not a PEM certificate",
 }
 
@@ -297,8 +333,7 @@ def _warn_of_dates(cert: Path, decoded: dict[str, Any], now: float) -> None:
 def _decoded(cert: Path) -> dict[str, Any]:
     """The certificate's fields, as the ssl module decodes them; TLSError if it cannot."""
     try:
-        with open(cert, "rb"):  # (for the system's words: no such file, a directory, denied)
-            pass
+        _regular_file(cert)  # (for the system's words: no such file, a directory, denied)
         decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]
     except ssl.SSLError as exc:  # (its only words: 'Error decoding PEM-encoded file')
         raise TLSError(f"cannot read certificate {cert}: {_reason(exc)}") from exc
@@ -332,8 +367,9 @@ def _chooser(contexts: list[tuple[frozenset[str], ssl.SSLContext]]) -> SNICallba
 
 
 def _matches(pattern: str, name: str) -> bool:
-    """A certificate name against a host name: exact, or a wildcard for one leftmost label."""
-    if pattern.startswith("*."):
+    """A certificate name against a host name: exact, or a wildcard for one leftmost label
+    above two or more (OpenSSL's clients take no `*.org`)."""
+    if pattern.startswith("*.") and "." in pattern[2:]:
         return "." in name and name.split(".", 1)[1] == pattern[2:]
     return pattern == name
 
@@ -356,6 +392,26 @@ _VERIFY_REASONS = {
     "certificate has expired": "it has expired: renew it (certbot renew) and reload mailerd",
     "certificate is not yet valid": "it is not valid yet (is this machine's clock right?)",
 }
+
+
+# OpenSSL says "certificate has expired" of any certificate of the chain, at any depth.
+_CHAIN_EXPIRED = (
+    "a CA certificate in the file has expired, not the server's own: take the chain again "
+    "(certbot's fullchain.pem is kept current)"
+)
+
+
+def _expired(cert: Path) -> bool:
+    """Has the first certificate of the file (the server's own) expired?"""
+    try:
+        return ssl.cert_time_to_seconds(_decoded(cert)["notAfter"]) <= time.time()
+    except (TLSError, KeyError, ValueError):
+        return True
+
+
+def check_pair(pair: Pair) -> None:
+    """Raise TLSError, saying why, if the pair cannot be served (what the start would say)."""
+    _context([pair])
 
 
 def presented(pairs: Sequence[Pair], hostname: str) -> list[Pair]:
@@ -387,10 +443,13 @@ def refusal(pair: Pair, hostname: str) -> str:
     context of the pair and a client's. Raises TLSError when the pair cannot be loaded."""
     server = _context([pair])
     client = ssl.create_default_context()
+    client.hostname_checks_common_name = False  # (as browsers' and Go's libraries do)
     try:
         _handshake(server, client, hostname)
     except ssl.SSLCertVerificationError as exc:
         said = exc.verify_message or _reason(exc)
+        if said == "certificate has expired" and not _expired(pair[0]):
+            return _CHAIN_EXPIRED
         return _VERIFY_REASONS.get(said, said).replace("HOST", hostname)
     except ssl.SSLError as exc:
         return f"the handshake failed: {_reason(exc)}"

@@ -492,13 +492,19 @@ def certificate_lines(cfg: Config) -> list[tuple[str, bool]]:
                 True,
             )
         ]
-    try:
-        chosen = tls.presented(cfg.tls_pairs, host)
-    except tls.TLSError as exc:
-        return [(f"WRONG    {label}: {exc}", False)]
-    if not chosen:
-        others = sorted({n for cert, _ in cfg.tls_pairs for n in tls.names_of(cert)})
-        return [
+    # Each pair loaded first, as the start loads it: a chain in the wrong order, read for
+    # its names, looked like a certificate for another name (an attacker's pass).
+    lines, usable = [], []
+    for pair in cfg.tls_pairs:
+        try:
+            tls.check_pair(pair)
+            usable.append(pair)
+        except tls.TLSError as exc:
+            lines.append(_unusable(label, pair, exc))
+    chosen = tls.presented(usable, host)
+    if usable and not chosen:
+        others = sorted({n for cert, _ in usable for n in tls.names_of(cert)})
+        lines.append(
             (
                 f"WRONG    {label}: no certificate is for {host} (they are for "
                 f"{', '.join(others) or 'no name'}): mail programs, and senders that check, "
@@ -506,18 +512,22 @@ def certificate_lines(cfg: Config) -> list[tuple[str, bool]]:
                 f"-d {host})",
                 False,
             )
-        ]
-    return [_certificate_line(label, host, pair) for pair in chosen]
+        )
+    return lines + [_certificate_line(label, host, pair) for pair in chosen]
+
+
+def _unusable(label: str, pair: tls.Pair, exc: tls.TLSError) -> tuple[str, bool]:
+    if exc.option == "--tls-key" and os.geteuid() != 0:
+        return (f"UNKNOWN  {label} {pair[0]}: {exc} (run mailerd dns as root)", False)
+    return (f"WRONG    {label} {pair[0]}: {exc}", False)
 
 
 def _certificate_line(label: str, host: str, pair: tls.Pair) -> tuple[str, bool]:
-    cert, key = pair
+    cert = pair[0]
     try:
         why = tls.refusal(pair, host)
     except tls.TLSError as exc:
-        if exc.option == "--tls-key" and os.geteuid() != 0:
-            return (f"UNKNOWN  {label} {cert}: {exc} (run mailerd dns as root)", False)
-        return (f"WRONG    {label} {cert}: {exc}", False)
+        return _unusable(label, pair, exc)
     if why:
         return (f"WRONG    {label} {cert}: {why}", False)
     return (f"OK       {label} {cert} ({tls.summary(cert)})", True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
+import os
 import re
 import socket
 import subprocess
@@ -1305,36 +1306,65 @@ def test_a_scoped_listener_and_no_ipv4_mapped_one(tmp_path: Path, keys: list[Key
 # --------------------------------------------------------------------------------------------
 
 
-def expired(ca: certs.CA, name: str) -> certs.Pair:
-    """A certificate for `name` from `ca`, with its chain, that expired yesterday (openssl's
-    x509 command cannot date one in the past)."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _signed(
+    ca: certs.CA,
+    subject: str,
+    public_key,
+    *,
+    days: tuple[float, float] = (-1, 30),
+    san: bool = True,
+    is_ca: bool = False,
+) -> x509.Certificate:
+    """A certificate `ca` signs, valid from days[0] to days[1] days from now (openssl's x509
+    command cannot date one in the past): for the name `subject` (in a subjectAltName too,
+    unless not `san`), or a CA's."""
     now = time.time()
     issuer = x509.load_pem_x509_certificate(ca.cert.read_bytes())
     signer = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
     assert isinstance(signer, rsa.RSAPrivateKey)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)]))
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, subject)]))
         .issuer_name(issuer.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.datetime.fromtimestamp(now - 30 * 86400, datetime.UTC))
-        .not_valid_after(datetime.datetime.fromtimestamp(now - 86400, datetime.UTC))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(signer, hashes.SHA256())
+        .not_valid_before(datetime.datetime.fromtimestamp(now + days[0] * 86400, datetime.UTC))
+        .not_valid_after(datetime.datetime.fromtimestamp(now + days[1] * 86400, datetime.UTC))
     )
-    cert_path, key_path = ca.directory / f"{name}-expired.crt", ca.directory / f"{name}-expired.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + ca.cert.read_bytes())
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+    if san:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False
         )
-    )
+    if is_ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def made(ca: certs.CA, name: str, tag: str, *, chain: bytes = b"", **how) -> certs.Pair:
+    """A certificate for `name` from `ca` (`_signed`'s `how`), with `chain` after it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _signed(ca, name, key.public_key(), **how)
+    cert_path, key_path = ca.directory / f"{name}-{tag}.crt", ca.directory / f"{name}-{tag}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + chain)
+    key_path.write_bytes(_pem_key(key))
     key_path.chmod(0o600)
     return certs.Pair(cert_path, key_path)
+
+
+def expired_intermediate(pki: SimpleNamespace) -> bytes:
+    """The intermediate's certificate again (its key, its name), signed by the CA but expired:
+    an old chain file kept beside a renewed certificate."""
+    key = serialization.load_pem_private_key(pki.mid.key.read_bytes(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    name = x509.load_pem_x509_certificate(pki.mid.cert.read_bytes()).subject.rfc4514_string()
+    old = _signed(pki.ca, name.removeprefix("CN="), key.public_key(), days=(-60, -1), is_ca=True)
+    return old.public_bytes(serialization.Encoding.PEM)
 
 
 def _certificates(pki: SimpleNamespace, case: str) -> list[certs.Pair]:
@@ -1356,7 +1386,21 @@ def _certificates(pki: SimpleNamespace, case: str) -> list[certs.Pair]:
     if case == "other-name":
         return [mid.full_chain(mid.issue("mail.example.net", kind="ecdsa", tag="o2"))]
     if case == "expired":
-        return [expired(mid, HOSTNAME)]
+        return [made(mid, HOSTNAME, "expired", days=(-30, -1), chain=mid.cert.read_bytes())]
+    if case == "expired-intermediate":  # the server's own in date, an old chain beside it
+        return [made(mid, HOSTNAME, "oldchain", chain=expired_intermediate(pki))]
+    if case == "common-name-only":  # no subjectAltName: today's clients ignore the CN
+        return [made(mid, HOSTNAME, "cn", san=False, chain=mid.cert.read_bytes())]
+    if case == "wrong-order":  # the chain before the server's own certificate
+        pair = mid.issue(HOSTNAME, kind="ecdsa", tag="order")
+        swapped = pair.cert.with_suffix(".swapped.crt")
+        swapped.write_bytes(mid.cert.read_bytes() + pair.cert.read_bytes())
+        return [certs.Pair(swapped, pair.key)]
+    if case == "fifo":  # (it held `mailerd dns` for ever, as it did the start)
+        fifo = pki.base / "fifo.crt"
+        if not fifo.exists():
+            os.mkfifo(fifo)
+        return [certs.Pair(fifo, pki.good.key)]
     if case == "untrusted-ca":  # a chain to a CA that no client trusts
         stranger = certs.make_ca(pki.base / "stranger", name="stranger CA")
         return [stranger.full_chain(stranger.issue(HOSTNAME, kind="ecdsa"))]
@@ -1375,7 +1419,11 @@ CERTIFICATE_CASES = {
     "leaf-only": (["WRONG"], "fullchain.pem", 1),
     "self-signed": (["WRONG"], "self-signed", 1),
     "other-name": (["WRONG"], "no certificate is for mx.example.org", 1),
-    "expired": (["WRONG"], "expired", 1),
+    "expired": (["WRONG"], "it has expired", 1),
+    "expired-intermediate": (["WRONG"], "a CA certificate in the file has expired", 1),
+    "common-name-only": (["WRONG"], "not valid for 'mx.example.org'", 1),
+    "wrong-order": (["WRONG"], "the server's own certificate comes first", 1),
+    "fifo": (["WRONG"], "not a regular file", 1),
     "untrusted-ca": (["WRONG"], "chain ends at a CA that clients do not trust", 1),
     "unreadable": (["WRONG"], "missing.crt", 1),
 }

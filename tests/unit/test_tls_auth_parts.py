@@ -249,6 +249,23 @@ def test_sni_chooses_among_names_and_the_first_is_the_default(ca):
     assert handshake(context, unchecked, "unknown.example") == der(first.cert)
 
 
+def test_the_host_names_certificate_is_the_default_for_clients_without_sni(ca):
+    """Postfix sends no SNI by default: a server delivering here by the MX gets the default
+    certificate, which is the host name's wherever it is listed (an attacker's pass: the first
+    listed, a webmail's, was served to them, while `mailerd dns --check` said OK)."""
+    webmail = ca.issue("webmail.example.org", kind="ecdsa", tag="nosni1")
+    mx = ca.issue("mx.example.org", kind="ecdsa", tag="nosni2")
+    pairs = [(webmail.cert, webmail.key), (mx.cert, mx.key)]
+    unchecked = ssl.create_default_context(cafile=str(ca.cert))
+    unchecked.check_hostname = False
+    context = tls.server_context(pairs, "mx.example.org")
+    assert context is not None
+    assert handshake(context, unchecked, None) == der(mx.cert)
+    assert handshake(context, unchecked, "webmail.example.org") == der(webmail.cert)
+    first = tls.server_context(pairs)  # (no host name: the first, as before)
+    assert first is not None and handshake(first, unchecked, None) == der(webmail.cert)
+
+
 def test_a_certificate_the_chooser_never_presents_is_warned_of(ca, caplog):
     """An ECDSA certificate for fewer names than the RSA one before it: SNI takes the first
     certificate that has the name, so the ECDSA one is never presented; say so at start."""
@@ -287,6 +304,8 @@ def test_a_host_name_no_certificate_is_for_is_warned_of(ca, caplog, tmp_path):
     assert len(said) == 1 and "mx.example.org" in said[0] and "mail.example.net" in said[0], said
     assert warned(other, wild) == [] and warned(wild) == []
     assert warned(other, hostname="smtp.example.com.") == []
+    tld = ca.issue("*.org", kind="ecdsa", tag="h3")  # (clients take no wildcard of one label)
+    assert len(warned(tld, hostname="example.org")) == 1
 
 
 def test_an_expiring_or_doubled_certificate_is_warned_of(ca, caplog):
