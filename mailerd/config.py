@@ -170,6 +170,8 @@ class Config:
     # (delivery.secrets).
     dkim_specs: tuple[tuple[str, str, Path], ...] = ()
     inbound_auth: str = "header"
+    # DNS blocklists the network listeners' clients are looked up in (inbound.blocklists).
+    dnsbl: tuple[str, ...] = ()
     dns_timeout: float = DEFAULT_DNS_TIMEOUT
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -337,6 +339,14 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         False,
         "off, header (default: add Authentication-Results) or enforce (and apply DMARC reject)",
     ),
+    (
+        "dnsbl",
+        None,
+        True,
+        True,
+        "DNS blocklist ZONE whose listed clients the network listeners refuse at RCPT (554 "
+        "5.7.1); repeatable (default none)",
+    ),
     ("dns-timeout", None, True, False, "bound on each DNS lookup (default 10s)"),
 )
 
@@ -359,6 +369,7 @@ METAVARS = {
     "aliases": "FILE", "listen-submission": "ADDR[:PORT]", "listen-submissions": "ADDR[:PORT]",
     "tls-cert": "FILE", "tls-key": "FILE", "passwd": "FILE",
     "dkim-key": "DOMAIN:SELECTOR:FILE", "inbound-auth": "MODE", "dns-timeout": "DURATION",
+    "dnsbl": "ZONE",
 }  # fmt: skip
 
 
@@ -591,6 +602,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         passwd_file=Path(str(raw.get("passwd") or DEFAULT_PASSWD)),
         dkim_specs=dkim_specs,
         inbound_auth=parse_choice("inbound-auth", raw.get("inbound_auth", "header"), AUTH_MODES),
+        dnsbl=_zones(raw.get("dnsbl")),
         dns_timeout=parse_duration("dns-timeout", raw.get("dns_timeout", DEFAULT_DNS_TIMEOUT)),
     )
 
@@ -762,6 +774,18 @@ def _parse_relayhost(value: str) -> tuple[str, int]:
     if not host or not all(LABEL.match(label) for label in host.lower().rstrip(".").split(".")):
         raise ConfigError(f"--relayhost: not HOST[:PORT]: '{value}'")
     return host.lower().rstrip("."), parse_int("relayhost", port, 1, 65535) if port else 25
+
+
+def _zones(values: object) -> tuple[str, ...]:
+    """--dnsbl: DNS zones, each once, in the order given."""
+    out: list[str] = []
+    for value in parse_strings(values) if values is not None else []:
+        zone = value.strip().lower().rstrip(".")
+        if "." not in zone or not all(LABEL.match(label) for label in zone.split(".")):
+            raise ConfigError(f"--dnsbl: not a DNS zone: '{value}'")
+        if zone not in out:
+            out.append(zone)
+    return tuple(out)
 
 
 def _public_addresses(values: object) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 
 from mailerd import durable, headers, idn, policy, recipients, tls
 from mailerd.config import NETWORK, ListenAddress
-from mailerd.inbound import dmarc
+from mailerd.inbound import blocklists, dmarc
 from mailerd.inbound.verifier import HEADER_TOO_LARGE, unchecked, unscannable
 from mailerd.ipc.messages import Commit, Target
 from mailerd.log import shorten
@@ -102,6 +102,8 @@ class Connection(asyncio.Protocol):
         self.tls = ""  # the session's TLS as Received: shows it (tls.describe), once on
         # Accepted recipients' copies: resolved once, at RCPT, for commit_request().
         self.routes: dict[Address, tuple[Target, ...]] = {}
+        # The --dnsbl lookup of a network client, begun at its connect, awaited at RCPT.
+        self.listing: asyncio.Task[str | None] | None = None
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -158,6 +160,9 @@ class Connection(asyncio.Protocol):
             cfg.timeout, cfg.max_session_time, cfg.min_data_rate, loop.time()
         )
         self.timer = loop.call_later(min(cfg.timeout, cfg.max_session_time), self.check_timeout)
+        blocklists = self.worker.blocklists
+        if blocklists is not None and self.listen.role == NETWORK:
+            self.listing = loop.create_task(blocklists.listing(self.peer))
         self.pump()
 
     def log_command(self, line: bytes) -> None:
@@ -230,6 +235,8 @@ class Connection(asyncio.Protocol):
             self.linger.cancel()
         if self.turn is not None:
             self.turn.cancel()
+        if self.listing is not None:
+            self.listing.cancel()
         if not self.committing:
             self.body.discard()
         if self.session is not None:
@@ -743,7 +750,17 @@ class Connection(asyncio.Protocol):
     def check_recipient(self, address: Address) -> RecipientVerdict:
         """The RCPT verdict, now if it needs no user database lookup (a mailbox that exists, an
         account looked up in the last minute); otherwise PENDING, and the lookup runs in a
-        thread: a cold NSS lookup (LDAP, sssd) must not stall every session of this worker."""
+        thread: a cold NSS lookup (LDAP, sssd) must not stall every session of this worker.
+        A network client that a --dnsbl zone lists is refused before that (`listing`, asked
+        at its connect: PENDING until it is answered). Never a submission client: a user's
+        home address is often on Spamhaus's PBL, and logs in."""
+        listing = self.listing
+        if listing is not None:
+            if not listing.done():
+                listing.add_done_callback(lambda _: self.listing_known(address))
+                return PENDING
+            if not listing.cancelled() and listing.result() is not None:
+                return blocklists.blocked(self.peer, listing.result() or "")
         try:
             resolved = self.resolve(address, cached_only=True)
         except LookupNeeded:
@@ -751,6 +768,16 @@ class Connection(asyncio.Protocol):
             future.add_done_callback(lambda f: self.recipient_checked(address, f))
             return PENDING
         return self.accept(address, resolved)
+
+    def listing_known(self, address: Address) -> None:
+        """The --dnsbl lookup a RCPT waited for is answered: that RCPT's verdict."""
+        if self.closing or self.session is None:
+            return
+        verdict = self.check_recipient(address)
+        if verdict is PENDING:
+            return  # (a user database lookup: `recipient_checked` gives it)
+        self.session.recipient_checked(verdict)
+        self.resume()
 
     def recipient_checked(
         self, address: Address, future: asyncio.Future[recipients.Resolved]

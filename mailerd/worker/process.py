@@ -35,6 +35,7 @@ from setproctitle import setproctitle
 from mailerd import config, durable, eventloop, intake, lifecycle, privileges
 from mailerd.config import Config, ListenAddress
 from mailerd.credentials import RecentLogins
+from mailerd.inbound.blocklists import Blocklists
 from mailerd.inbound.lookups import Lookups
 from mailerd.inbound.verifier import Verifier
 from mailerd.ipc import reports
@@ -86,6 +87,7 @@ class Worker:
         # The inbound checks (SPF, DKIM, DMARC) of mail from the network listeners: made in
         # main(), with the event loop their DNS runs in; their libraries run in these threads.
         self.verifier: Verifier | None = None
+        self.blocklists: Blocklists | None = None  # (--dnsbl: made in main() too)
         self.checks = ThreadPoolExecutor(4, thread_name_prefix="checks")
         # (Alone, without the master's shared table: it counts its own.)
         self.auth_failures = auth_failures or AuthFailures(
@@ -215,6 +217,7 @@ class Worker:
         it calls a reload done)."""
         self.loop = asyncio.get_running_loop()
         self.verifier = self._verifier()
+        self.blocklists = self._blocklists()
         stop = asyncio.Event()
         retire = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -251,6 +254,12 @@ class Worker:
             timeout=cfg.dns_timeout,
             enforce=cfg.inbound_auth == "enforce",
         )
+
+    def _blocklists(self) -> Blocklists | None:
+        cfg = self.cfg
+        if not cfg.dnsbl or not any(listen.role == config.NETWORK for _, listen in self.listeners):
+            return None
+        return Blocklists(cfg.dnsbl, Lookups.make(cfg.dns_server, cfg.dns_timeout))
 
     async def _retire(
         self,

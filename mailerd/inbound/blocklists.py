@@ -1,0 +1,86 @@
+"""DNS blocklists (`--dnsbl ZONE`, RFC 5782): whether a network client's address is listed.
+
+Asked once a session, at its connect, from the worker's event loop through the inbound checks'
+caching resolver (`lookups`), every zone at once; the answer is awaited only at the first RCPT,
+which a listed client gets `554 5.7.1 Service unavailable; Client host [IP] blocked using ZONE`
+(Postfix's `reject_rbl_client`, in its words, so that the operator's and fail2ban's habits
+apply). Refused at RCPT rather than at the greeting, as Postfix's smtpd does, so that the log
+shows whom the mail was from and for.
+
+A zone lists an address with an A record in 127.0.0.0/8 at the address's name under it
+(`2.0.0.127.zone` for 127.0.0.2; an IPv6 address's 32 nibbles, reversed). Spamhaus answers
+127.255.255.252–255 for a query it refuses (a typo in the zone, a query through a public
+resolver, too many queries): those are no listing, and a warning says why, once an hour a zone
+in each worker. A zone that does not answer in --dns-timeout lists nothing: mail is never
+refused because a blocklist is down (the fail-open every MTA chooses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Sequence
+
+from mailerd.inbound.lookups import Lookups, TemporaryFailure
+from mailerd.smtp.events import Reply
+
+log = logging.getLogger("mailerd.blocklists")
+
+LISTED = ipaddress.ip_network("127.0.0.0/8")
+# Spamhaus's return codes for a query it refuses (not a listing).
+REFUSED = {
+    "127.255.255.252": "the zone's name is mistyped",
+    "127.255.255.254": (
+        "queries through a public resolver are refused: give dns-server a resolver of your own "
+        "(Spamhaus's DQS, or unbound on this machine)"
+    ),
+    "127.255.255.255": "too many queries from this resolver",
+}
+WARN_EVERY = 3600.0  # seconds between warnings about one zone's refusals, in a worker
+
+
+def query_name(address: str, zone: str) -> str:
+    """The name under `zone` at which a listing of `address` would be (RFC 5782 2.1, 2.4)."""
+    ip = ipaddress.ip_address(address)
+    labels = str(ip).split(".") if ip.version == 4 else list(ip.exploded.replace(":", ""))
+    return ".".join([*reversed(labels), zone])
+
+
+def blocked(address: str, zone: str) -> Reply:
+    return Reply(554, "5.7.1", f"Service unavailable; Client host [{address}] blocked using {zone}")
+
+
+class Blocklists:
+    def __init__(self, zones: Sequence[str], lookups: Lookups) -> None:
+        self.zones = tuple(zones)
+        self.lookups = lookups
+        self._warned: dict[tuple[str, str], float] = {}
+
+    async def listing(self, address: str) -> str | None:
+        """The first zone (in the order given) that lists `address`; None if none does, or
+        none could say."""
+        found = await asyncio.gather(*(self._lists(zone, address) for zone in self.zones))
+        return next((zone for zone, listed in zip(self.zones, found, strict=True) if listed), None)
+
+    async def _lists(self, zone: str, address: str) -> bool:
+        try:
+            records = (await self.lookups.query(query_name(address, zone), "A")).records
+        except (TemporaryFailure, ValueError):  # (no answer; a scoped address: no query)
+            return False
+        listed = False
+        for record in records:
+            if record in REFUSED:
+                self._warn(zone, record)
+            elif ipaddress.ip_address(record) in LISTED:
+                listed = True
+        return listed
+
+    def _warn(self, zone: str, code: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get((zone, code), -WARN_EVERY) < WARN_EVERY:
+            return
+        self._warned[(zone, code)] = now
+        reason = REFUSED[code]
+        log.warning("dnsbl %s answered %s: %s; nothing is refused for it", zone, code, reason)
