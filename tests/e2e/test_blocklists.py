@@ -18,7 +18,7 @@ from dnsserver import DNSServer, Records
 
 from mailerd.inbound.blocklists import query_name
 
-from .conftest import Mailerd, expect, send_data, wait_until
+from .conftest import Mailerd, expect, send_message, wait_until
 
 LISTS = "listed.test"  # lists both loopback addresses
 CLEAN = "clean.test"  # lists nothing
@@ -84,26 +84,23 @@ def test_a_listed_client_of_the_network_listener_is_refused_at_rcpt(m: Mailerd, 
     assert len(warned) == 1 and "public resolver" in warned[0], warned
 
 
+def delivered(server: Mailerd, trusted: bool) -> bool:
+    """One message from 127.0.0.1 to a new user, taken (250s) and stored?"""
+    user = server.new_user("bl")
+    with server.connect(trusted=trusted) as c:
+        c.start("mx.example.com")
+        send_message(c, f"{user}@example.org", b"Subject: hi\r\n\r\nhi\r\n")
+    return wait_until(lambda: len(server.messages(user)) == 1)
+
+
 def test_the_local_listener_is_not_looked_up(m: Mailerd):
-    user = m.new_user("bl")
-    with m.connect(trusted=True) as c:
-        c.start("localhost")
-        expect(c.cmd("MAIL FROM:<cron@example.org>"), 250, conn=c)
-        expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-        send_data(c, b"Subject: from this machine\r\n\r\nhi\r\n")
-    assert wait_until(lambda: len(m.messages(user)) == 1)
+    assert delivered(m, trusted=True)
 
 
 def test_zones_that_list_nothing_or_refuse_the_query_refuse_nothing(tmp_path, dns: DNSServer):
     server = start(tmp_path, dns, CLEAN, REFUSES)
     try:
-        user = server.new_user("bl")
-        with server.connect(trusted=False) as c:
-            c.start("mx.example.com")
-            expect(c.cmd("MAIL FROM:<a@example.com>"), 250, conn=c)
-            expect(c.cmd(f"RCPT TO:<{user}@example.org>"), 250, conn=c)
-            send_data(c, b"Subject: clean\r\n\r\nhi\r\n")
-        assert wait_until(lambda: len(server.messages(user)) == 1)
+        assert delivered(server, trusted=False)
     finally:
         server.stop()
 
