@@ -116,6 +116,8 @@ def server_context(pairs: Sequence[Pair], hostname: str = "") -> ssl.SSLContext 
     for cert, key in pairs:
         decoded = _decoded(cert)
         _warn_of_dates(cert, decoded, time.time())
+        if _common_name_only(decoded):
+            log.warning("certificate %s: %s", cert, _COMMON_NAME_ONLY)
         same = (os.path.realpath(cert), os.path.realpath(key))
         if same in seen:
             log.warning("certificate %s with key %s is given twice: once is enough", cert, key)
@@ -401,6 +403,17 @@ _CHAIN_EXPIRED = (
 )
 
 
+_COMMON_NAME_ONLY = (
+    "its names are in its common name only, which clients no longer read: it needs them in a "
+    "subjectAltName (certbot's certificates have one)"
+)
+
+
+def _common_name_only(decoded: dict[str, Any]) -> bool:
+    """Has the certificate no DNS name but in its subject's common name (`_names`' fallback)?"""
+    return not any(kind == "DNS" for kind, _ in decoded.get("subjectAltName", ()))
+
+
 def _expired(cert: Path) -> bool:
     """Has the first certificate of the file (the server's own) expired?"""
     try:
@@ -450,6 +463,8 @@ def refusal(pair: Pair, hostname: str) -> str:
         said = exc.verify_message or _reason(exc)
         if said == "certificate has expired" and not _expired(pair[0]):
             return _CHAIN_EXPIRED
+        if said.startswith("Hostname mismatch") and _common_name_only(_decoded(pair[0])):
+            return _COMMON_NAME_ONLY
         return _VERIFY_REASONS.get(said, said).replace("HOST", hostname)
     except ssl.SSLError as exc:
         return f"the handshake failed: {_reason(exc)}"

@@ -91,7 +91,7 @@ def parse_dns(value: object) -> tuple[str, int]:
     return parse_address("dns-server", str(value), 53)
 
 
-LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")  # (\Z: `$` takes a final newline too)
 
 
 # A DKIM selector: DNS labels (RFC 6376 3.1), letters, digits, hyphens, underscores.

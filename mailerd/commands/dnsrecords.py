@@ -517,7 +517,8 @@ def certificate_lines(cfg: Config) -> list[tuple[str, bool]]:
 
 
 def _unusable(label: str, pair: tls.Pair, exc: tls.TLSError) -> tuple[str, bool]:
-    if exc.option == "--tls-key" and os.geteuid() != 0:
+    # (certbot's live/ and archive/ are root's alone: the certificate too, not just the key)
+    if isinstance(exc.__cause__, PermissionError) and os.geteuid() != 0:
         return (f"UNKNOWN  {label} {pair[0]}: {exc} (run mailerd dns as root)", False)
     return (f"WRONG    {label} {pair[0]}: {exc}", False)
 

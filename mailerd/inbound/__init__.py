@@ -3,5 +3,6 @@ envelope sender (`sender_policy`), the DKIM signatures (`signatures`), DMARC ove
 (`dmarc`), and the Authentication-Results header that records them (`results`). `verifier`
 runs them for a finished message, in a worker, over the worker's DNS (`lookups`: the
 asynchronous resolver with a TTL cache, and a bridge for the libraries that ask synchronously
-from a thread), within --dns-timeout.
+from a thread), within --dns-timeout. `blocklists` looks the client's address up in the
+--dnsbl zones, at its connect, over the same DNS.
 """

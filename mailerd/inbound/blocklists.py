@@ -9,10 +9,11 @@ shows whom the mail was from and for.
 
 A zone lists an address with an A record in 127.0.0.0/8 at the address's name under it
 (`2.0.0.127.zone` for 127.0.0.2; an IPv6 address's 32 nibbles, reversed). Spamhaus answers
-127.255.255.252–255 for a query it refuses (a typo in the zone, a query through a public
-resolver, too many queries): those are no listing, and a warning says why, once an hour a zone
-in each worker. A zone that does not answer in --dns-timeout lists nothing: mail is never
-refused because a blocklist is down (the fail-open every MTA chooses).
+from 127.255.255.0/24 for a query it refuses (.252 a typo in the zone, .254 a query through a
+public resolver, .255 too many queries): those are no listing, and a warning says why, once an
+hour a zone in each worker. A zone that does not answer in --dns-timeout lists nothing: mail
+is never refused because a blocklist is down (the fail-open every MTA chooses), and the zone
+is not asked again for a minute (RESTING), so that sessions do not each wait the timeout.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from mailerd.smtp.events import Reply
 log = logging.getLogger("mailerd.blocklists")
 
 LISTED = ipaddress.ip_network("127.0.0.0/8")
-# Spamhaus's return codes for a query it refuses (not a listing).
+# Spamhaus keeps this range for the errors of a query it refuses, "not to be interpreted as any
+# sort of reputation": none is a listing (an attacker's pass: .253, or a code added later,
+# refused every client), and those known are said in words.
+ERRORS = ipaddress.ip_network("127.255.255.0/24")
 REFUSED = {
     "127.255.255.252": "the zone's name is mistyped",
     "127.255.255.254": (
@@ -39,6 +43,9 @@ REFUSED = {
     "127.255.255.255": "too many queries from this resolver",
 }
 WARN_EVERY = 3600.0  # seconds between warnings about one zone's refusals, in a worker
+# Seconds a zone that did not answer (in --dns-timeout) is not asked, in a worker: while a
+# blocklist is down, each session's first RCPT would otherwise wait the whole timeout.
+RESTING = 60.0
 
 
 def query_name(address: str, zone: str) -> str:
@@ -57,6 +64,7 @@ class Blocklists:
         self.zones = tuple(zones)
         self.lookups = lookups
         self._warned: dict[tuple[str, str], float] = {}
+        self._resting: dict[str, float] = {}  # zone -> until when it is not asked
 
     async def listing(self, address: str) -> str | None:
         """The first zone (in the order given) that lists `address`; None if none does, or
@@ -65,22 +73,39 @@ class Blocklists:
         return next((zone for zone, listed in zip(self.zones, found, strict=True) if listed), None)
 
     async def _lists(self, zone: str, address: str) -> bool:
+        if time.monotonic() < self._resting.get(zone, 0.0):
+            return False
         try:
             records = (await self.lookups.query(query_name(address, zone), "A")).records
-        except (TemporaryFailure, ValueError):  # (no answer; a scoped address: no query)
+        except TemporaryFailure as exc:
+            self._rest(zone, exc)
+            return False
+        except ValueError:  # (a scoped address: no query)
             return False
         listed = False
         for record in records:
-            if record in REFUSED:
+            ip = ipaddress.ip_address(record)
+            if ip in ERRORS:
                 self._warn(zone, record)
-            elif ipaddress.ip_address(record) in LISTED:
+            elif ip in LISTED:
                 listed = True
         return listed
+
+    def _rest(self, zone: str, exc: TemporaryFailure) -> None:
+        if time.monotonic() < self._resting.get(zone, 0.0):
+            return  # (sessions that asked before it was found silent)
+        self._resting[zone] = time.monotonic() + RESTING
+        log.warning(
+            "dnsbl %s did not answer (%s): nothing is refused for it, and it is not asked for %d s",
+            zone,
+            exc,
+            RESTING,
+        )
 
     def _warn(self, zone: str, code: str) -> None:
         now = time.monotonic()
         if now - self._warned.get((zone, code), -WARN_EVERY) < WARN_EVERY:
             return
         self._warned[(zone, code)] = now
-        reason = REFUSED[code]
+        reason = REFUSED.get(code, "an error code of the zone's")
         log.warning("dnsbl %s answered %s: %s; nothing is refused for it", zone, code, reason)

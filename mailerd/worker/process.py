@@ -216,8 +216,10 @@ class Worker:
         `on_retired` once they no longer do after a reload (the master waits for both before
         it calls a reload done)."""
         self.loop = asyncio.get_running_loop()
-        self.verifier = self._verifier()
-        self.blocklists = self._blocklists()
+        # One caching resolver for the inbound checks and the blocklists.
+        dns = Lookups.make(self.cfg.dns_server, self.cfg.dns_timeout)
+        self.verifier = self._verifier(dns)
+        self.blocklists = self._blocklists(dns)
         stop = asyncio.Event()
         retire = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -240,7 +242,7 @@ class Worker:
         retiring.cancel()
         await self._shutdown(servers)
 
-    def _verifier(self) -> Verifier | None:
+    def _verifier(self, dns: Lookups) -> Verifier | None:
         cfg = self.cfg
         if cfg.inbound_auth == "off" or not any(
             listen.role == config.NETWORK for _, listen in self.listeners
@@ -248,18 +250,18 @@ class Worker:
             return None
         return Verifier(
             cfg.hostname,
-            Lookups.make(cfg.dns_server, cfg.dns_timeout),
+            dns,
             self.loop,
             self.checks,
             timeout=cfg.dns_timeout,
             enforce=cfg.inbound_auth == "enforce",
         )
 
-    def _blocklists(self) -> Blocklists | None:
+    def _blocklists(self, dns: Lookups) -> Blocklists | None:
         cfg = self.cfg
         if not cfg.dnsbl or not any(listen.role == config.NETWORK for _, listen in self.listeners):
             return None
-        return Blocklists(cfg.dnsbl, Lookups.make(cfg.dns_server, cfg.dns_timeout))
+        return Blocklists(cfg.dnsbl, dns)
 
     async def _retire(
         self,

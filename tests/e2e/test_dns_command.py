@@ -30,6 +30,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -1421,7 +1422,7 @@ CERTIFICATE_CASES = {
     "other-name": (["WRONG"], "no certificate is for mx.example.org", 1),
     "expired": (["WRONG"], "it has expired", 1),
     "expired-intermediate": (["WRONG"], "a CA certificate in the file has expired", 1),
-    "common-name-only": (["WRONG"], "not valid for 'mx.example.org'", 1),
+    "common-name-only": (["WRONG"], "in its common name only", 1),
     "wrong-order": (["WRONG"], "the server's own certificate comes first", 1),
     "fifo": (["WRONG"], "not a regular file", 1),
     "untrusted-ca": (["WRONG"], "chain ends at a CA that clients do not trust", 1),
@@ -1453,3 +1454,39 @@ def test_check_of_the_certificate(tmp_path: Path, keys: list[Key], dns_server, p
     for line in lines:
         assert word in line, f"{case}: the line should say {word!r}: {line}"
     assert p.returncode == status, f"{case}: exit {p.returncode}\n{p.stdout}"
+
+
+def test_a_certificate_only_root_may_read_is_unknown_to_another_user(
+    keys: list[Key], dns_server, pki
+):
+    """certbot's live/ and archive/ are root's alone (0700): run as another user, the check
+    cannot read the certificate either, and says to run it as root (UNKNOWN), not WRONG (an
+    attacker's pass). Everything else the check reads is open to that user here."""
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    if subprocess.run([*nobody, sys.executable, "-c", "import mailerd"], cwd=REPO).returncode:
+        pytest.skip("this checkout cannot be read by another user (a clone in root's home)")
+    with tempfile.TemporaryDirectory(prefix="mailerd-certbot-") as tmp:
+        base = Path(tmp)
+        base.chmod(0o755)
+        live = base / "live"
+        live.mkdir(mode=0o700)
+        for name, source in (("fullchain.pem", pki.good.cert), ("privkey.pem", pki.good.key)):
+            (live / name).write_bytes(source.read_bytes())
+        opened = []
+        for k in keys:
+            (base / k.path.name).write_bytes(k.path.read_bytes())
+            (base / k.path.name).chmod(0o644)  # (DKIM keys: not the point here)
+            opened.append(Key(k.domain, k.selector, base / k.path.name))
+        tls = f"tls-cert = {live}/fullchain.pem\ntls-key = {live}/privkey.pem\n"
+        conf = write_config(base / "mailerd.conf", opened, dns_server, more=tls)
+        conf.chmod(0o644)
+        dns_server.records = Records(zone_text(wanted(opened)))
+        p = subprocess.run(
+            [*nobody, sys.executable, "-m", "mailerd", "dns", "-c", str(conf), "--check"],
+            capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = certificate_lines(p.stdout)
+    assert len(lines) == 1 and lines[0].startswith("UNKNOWN"), p.stdout + p.stderr
+    assert "run mailerd dns as root" in lines[0] and p.returncode == 1

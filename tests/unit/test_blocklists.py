@@ -34,7 +34,9 @@ def test_zones_are_taken_once_each_in_their_order():
     assert config.load(BASE).dnsbl == ()
 
 
-@pytest.mark.parametrize("zone", ["spamhaus", "zen..spamhaus.org", "-bad.example", "a b.example"])
+@pytest.mark.parametrize(
+    "zone", ["spamhaus", "zen..spamhaus.org", "-bad.example", "a b.example", "zen\n.spamhaus.org"]
+)
 def test_a_zone_that_is_no_dns_name_is_refused(zone: str):
     with pytest.raises(config.ConfigError, match="--dnsbl: not a DNS zone"):
         config.load([*BASE, f"--dnsbl={zone}"])

@@ -664,7 +664,8 @@ def test_module_files_have_one_subject_each():
     """(A guard on the package's layout: each module names the method it owns.)"""
     package = Path(results.__file__).parent
     assert {p.stem for p in package.glob("*.py")} == {
-        "__init__", "dmarc", "lookups", "results", "sender_policy", "signatures", "verifier"
+        "__init__", "blocklists", "dmarc", "lookups", "results", "sender_policy", "signatures",
+        "verifier",
     }  # fmt: skip
 
 

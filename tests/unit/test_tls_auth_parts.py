@@ -308,6 +308,22 @@ def test_a_host_name_no_certificate_is_for_is_warned_of(ca, caplog, tmp_path):
     assert len(warned(tld, hostname="example.org")) == 1
 
 
+def test_a_certificate_named_in_its_common_name_only_is_warned_of(tmp_path: Path, caplog):
+    """No subjectAltName: clients no longer read the common name (an attacker's pass: it was
+    served as the host name's, with no word at start, and `mailerd dns --check` said only
+    OpenSSL's "Hostname mismatch")."""
+    cert, key = tmp_path / "cn.crt", tmp_path / "cn.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3",
+         "-subj", "/CN=mx.example.org"], check=True, capture_output=True,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="mailerd.tls"):
+        assert tls.server_context([(cert, key)], "mx.example.org") is not None
+    warned = [r.getMessage() for r in caplog.records if "common name only" in r.getMessage()]
+    assert len(warned) == 1 and str(cert) in warned[0], warned
+
+
 def test_an_expiring_or_doubled_certificate_is_warned_of(ca, caplog):
     """Found by a tester: an expired certificate, or one given twice, started without a word.
     mailerd still serves an expired one (servers that do not check keep delivering), but says
