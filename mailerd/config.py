@@ -236,7 +236,13 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         "message data must keep up this many bytes/s, --timeout to spare (default 500)",
     ),
     ("max-session-time", None, True, False, "no session lasts longer (default 1h)"),
-    ("max-errors", None, True, False, "bad commands tolerated per session (default 20)"),
+    (
+        "max-errors",
+        None,
+        True,
+        False,
+        "errors (not our own deferrals) tolerated since the last delivered message (default 20)",
+    ),
     (
         "max-recipients",
         None,
