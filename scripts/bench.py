@@ -2516,8 +2516,9 @@ def make_auth_servers(base: Path, args, setup: AuthSetup) -> tuple[list[Server],
     if "inbound" in args.auth_modes:
         if args.only in (None, "mailerd"):
             # header+dnsbl: each connection's address looked up in BENCH_DNSBL too, where it is
-            # not listed (NXDOMAIN, which the DNS server gives uncached: as for mail from many
-            # addresses, a lookup a connection).
+            # not listed (NXDOMAIN). smtp-source connects from one address, so after the first
+            # lookup a worker's cache answers: this is the cost of the check itself, not of a
+            # DNS round trip a connection (mail from many addresses pays that too).
             for mode, more in (
                 ("header", ()),
                 ("off", ()),
@@ -3331,7 +3332,10 @@ def _report_auth_part(
             "    mailerd --inbound-auth header (SPF, DKIM, DMARC; Authentication-Results added), "
             f"off, and header with --dnsbl {BENCH_DNSBL}"
         )
-        print("    (a lookup each connection, answered NXDOMAIN, not listed); the private")
+        print(
+            "    (one client address, not listed: the workers' caches answer after the first "
+            "lookup); the private"
+        )
         print("    Postfix as in the plaintext phase (no milters), the same messages")
         extra_hdr, extra_w = ("x Postfix", "paired"), (9, 6)
     else:
