@@ -60,6 +60,33 @@ def shorten(text: str, limit: int = LINE_MAX) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in cut)
 
 
+class Throttle:
+    """Which of a repeated problem's log lines are due: one a key every `every` seconds. A
+    problem met at every RCPT or connection (a broken mailbox, a shortage of space, a
+    blocklist's refusals, a bug) must not write a line each: a client repeating them would
+    choose how much is written. Bounded: past `most` keys it forgets them all."""
+
+    def __init__(
+        self, every: float, most: int = 1000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.every = every
+        self.most = most
+        self.clock = clock
+        self._last: dict[object, float] = {}
+
+    def due(self, key: object = None) -> bool:
+        """Is a line about `key` due now (none in the last `every` seconds)? If so, it is
+        counted as written."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            return False
+        if len(self._last) >= self.most:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
 def request_reopen(*_: object) -> None:
     """Ask every file handler to reopen its file at its next record (signal-handler safe)."""
     global _reopen_requests

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 
 from mailerd import forwarding, names, policy
 from mailerd.aliases import Aliases
 from mailerd.ipc.messages import Target
+from mailerd.log import Throttle
 from mailerd.smtp.events import Address, Reply
 from mailerd.spool import Spool
 
@@ -28,13 +28,10 @@ CHECK_FAILED = Reply(451, "4.3.0", "Cannot check the mailbox now; try again late
 # mail coming back (4xx) until the administrator converts or moves it.
 MAILBOX_NOT_A_DIRECTORY = Reply(450, "4.2.0", "Mailbox unavailable: it is not a directory")
 
-# Seconds between log lines about the same problem of a mailbox, in one process. It is met at
-# every RCPT for the mailbox, and a client may repeat those deferrals a thousand times a session
-# before they count as its errors (`smtp.commands.DEFERRALS_PER_SESSION`): a line each would
-# let it write as much log out of one broken mailbox (the NOQUEUE lines say it once a
-# transaction). As `worker.reserve` says a shortage of space.
-REPORT_EVERY = 60.0
-_reported: dict[tuple[str, str], float] = {}  # (problem, mailbox or errno) -> when last logged
+# A mailbox's problem is logged once a minute in a process, by (problem, mailbox or errno): it
+# is met at every RCPT for the mailbox, and a client may repeat those deferrals a thousand
+# times a session before they count as its errors (`smtp.commands.DEFERRALS_PER_SESSION`).
+_REPORTS = Throttle(60.0)
 
 
 @dataclass(frozen=True)
@@ -106,14 +103,14 @@ def check_mailbox(
         state = spool.state(mailbox, cached_only=cached_only)
     except OSError as exc:
         # (by its errno: the spool fails for any name a client may make up)
-        if _time_to_report("cannot check", str(exc.errno)):
+        if _REPORTS.due(("cannot check", exc.errno)):
             log.error("cannot check mailbox %s: %s", mailbox, exc)
         return CHECK_FAILED
     if state == "unknown":
         return policy.NO_SUCH_USER
     path = os.path.join(spool_path, mailbox)
     if state == "not-a-directory":
-        if _time_to_report(state, mailbox):
+        if _REPORTS.due((state, mailbox)):
             log.error(
                 "mailbox %s is a file (an mbox?), not a directory: mail for it waits (450) "
                 "until it is moved aside; see the README, 'Mailboxes'",
@@ -121,7 +118,7 @@ def check_mailbox(
             )
         return MAILBOX_NOT_A_DIRECTORY
     if state == "wrong-owner":
-        if _time_to_report(state, mailbox):
+        if _REPORTS.due((state, mailbox)):
             log.error(
                 "mailbox %s is a symlink or has the wrong owner (it must be its account's or "
                 "root's, never mailerd's own user's): mail for it waits (450) until that is "
@@ -137,14 +134,3 @@ def check_mailbox(
         )
         return MAILBOX_DISABLED
     return None
-
-
-def _time_to_report(problem: str, key: str) -> bool:
-    """Has this problem not been logged within REPORT_EVERY seconds in this process?"""
-    now = time.monotonic()
-    if now - _reported.get((problem, key), -REPORT_EVERY) < REPORT_EVERY:
-        return False
-    if len(_reported) >= 1000:  # (the mailboxes are files in the spool; bounded all the same)
-        _reported.clear()
-    _reported[(problem, key)] = now
-    return True

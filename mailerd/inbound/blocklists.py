@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 
 from mailerd.inbound.lookups import Lookups, TemporaryFailure
+from mailerd.log import Throttle
 from mailerd.smtp.events import Reply
 
 log = logging.getLogger("mailerd.blocklists")
@@ -63,7 +64,7 @@ class Blocklists:
     def __init__(self, zones: Sequence[str], lookups: Lookups) -> None:
         self.zones = tuple(zones)
         self.lookups = lookups
-        self._warned: dict[tuple[str, str], float] = {}
+        self._warnings = Throttle(WARN_EVERY)  # by (zone, code)
         self._resting: dict[str, float] = {}  # zone -> until when it is not asked
 
     async def listing(self, address: str) -> str | None:
@@ -103,9 +104,7 @@ class Blocklists:
         )
 
     def _warn(self, zone: str, code: str) -> None:
-        now = time.monotonic()
-        if now - self._warned.get((zone, code), -WARN_EVERY) < WARN_EVERY:
+        if not self._warnings.due((zone, code)):
             return
-        self._warned[(zone, code)] = now
         reason = REFUSED.get(code, "an error code of the zone's")
         log.warning("dnsbl %s answered %s: %s; nothing is refused for it", zone, code, reason)

@@ -29,7 +29,7 @@ from mailerd.config import NETWORK, ListenAddress
 from mailerd.inbound import blocklists, dmarc
 from mailerd.inbound.verifier import HEADER_TOO_LARGE, unchecked, unscannable
 from mailerd.ipc.messages import Commit, Target
-from mailerd.log import shorten
+from mailerd.log import Throttle, shorten
 from mailerd.smtp import (
     NEED_DATA,
     PAUSED,
@@ -62,6 +62,7 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later", cl
 INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection", close=True)
 COMMIT_FAILED = Reply(451, "4.3.0", "Local error in processing; try again later")
 MAX_ROUTES = 1000  # remembered recipient routes per session (a transaction has at most 100)
+_FAILED_CHECKS = Throttle(60.0)  # a recipient check's bug: its traceback once a minute
 # Seconds a closed connection may take to send what is left of our replies (at most the
 # command timeout): a client that reads nothing would otherwise keep it, and its place, for ever.
 CLOSE_LINGER = 10.0
@@ -787,7 +788,9 @@ class Connection(asyncio.Protocol):
         try:
             reply = self.accept(address, future.result())
         except Exception:
-            log.exception("checking <%s> failed", address)
+            # (its 451 is a deferral: a client may meet it a thousand times a session)
+            if _FAILED_CHECKS.due():
+                log.exception("checking <%s> failed (said once a minute)", address)
             reply = recipients.CHECK_FAILED
         self.session.recipient_checked(reply)
         self.resume()

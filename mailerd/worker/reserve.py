@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from mailerd.intake import DISK_FULL
+from mailerd.log import Throttle
 from mailerd.smtp.events import Reply
 
 log = logging.getLogger("mailerd.worker")
@@ -39,7 +40,7 @@ class Reserve:
         self.clock = clock
         self._checked = -TTL
         self._free: list[int | None] = []
-        self._reported = -REPORT_EVERY
+        self._reports = Throttle(REPORT_EVERY, clock=clock)
 
     def check(self, size: int | None) -> Reply | None:
         """None when a message of `size` (if declared) leaves the reserve intact; else 452."""
@@ -59,10 +60,8 @@ class Reserve:
         return self._free
 
     def _report(self, name: str, path: str, free: int, needed: int) -> None:
-        now = self.clock()
-        if now - self._reported < REPORT_EVERY:
+        if not self._reports.due():
             return
-        self._reported = now
         log.warning(
             "the %s's file system has %d MB free, less than the %d MB needed (--min-free and "
             "the declared size): MAIL is answered 452 4.3.1 until there is room (%s)",

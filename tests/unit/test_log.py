@@ -226,3 +226,15 @@ def test_ignored_exceptions_are_one_line_a_minute_of_each_kind(monkeypatch, capl
     assert "b'\\xe9aaa.example.net'" in lines[0] and "UnicodeDecodeError" in lines[0]
     assert "a _BadRepr" in lines[1] and "ValueError: other" in lines[1]
     assert lines[2].endswith("(99 more since the last such line, not logged)"), lines[2]
+
+
+def test_a_throttle_lets_one_line_a_key_through_each_period_and_forgets_past_its_bound():
+    now = [100.0]
+    throttle = log.Throttle(60.0, most=3, clock=lambda: now[0])
+    assert throttle.due("a") and not throttle.due("a") and throttle.due("b")
+    now[0] += 59.9
+    assert not throttle.due("a")
+    now[0] += 0.2
+    assert throttle.due("a") and not throttle.due("a")
+    assert throttle.due() and throttle.due("c")  # (the fourth key: all forgotten, then kept)
+    assert throttle.due("a") and not throttle.due("c")

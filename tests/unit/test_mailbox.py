@@ -6,11 +6,11 @@ import multiprocessing
 import os
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from mailerd import recipients
+from mailerd.log import Throttle
 from mailerd.spool import MailboxLocked, Spool
 from mailerd.writer.mailbox import Copy, MailboxStore, MailboxUnsafe, next_number
 
@@ -113,8 +113,7 @@ def test_a_mailbox_problem_is_logged_once_a_minute(tmp_path, monkeypatch, caplog
     a client may repeat those deferrals a thousand times a session before they count as its
     errors: the log says each problem once a minute in a process, not once a RCPT."""
     now = [1000.0]
-    monkeypatch.setattr(recipients, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    monkeypatch.setattr(recipients, "_reported", {})
+    monkeypatch.setattr(recipients, "_REPORTS", Throttle(60.0, clock=lambda: now[0]))
     (tmp_path / "mbox").write_bytes(b"")
     (tmp_path / "other").write_bytes(b"")
     spool, broken, path = Spool(tmp_path), BrokenSpool(tmp_path), str(tmp_path)
