@@ -1141,9 +1141,12 @@ def test_a_stop_starts_no_session_for_attempts_that_were_waiting_for_a_slot(
         await w.sched.stop(grace=5)
 
     run(main())
-    assert sessions == [items[0].id]
-    assert items[0].recipients[0].state == "sent"
-    for item in items[1:]:
+    # One session, the first attempt's to take the slot: which one that is, the three stat
+    # calls in threads decide (`_message_lost`), not the order they were started in (a CI
+    # run had the second first).
+    [first] = [item for item in items if item.id in sessions]
+    assert len(sessions) == 1 and first.recipients[0].state == "sent"
+    for item in (item for item in items if item is not first):
         [recipient] = item.recipients
         assert (recipient.state, recipient.attempts) == ("pending", 0)
         assert item.id in w.queue.ids()
