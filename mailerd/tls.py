@@ -31,7 +31,7 @@ import os
 import ssl
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -144,7 +144,7 @@ def server_context(pairs: Sequence[Pair], hostname: str = "") -> ssl.SSLContext 
         )
     default = contexts[0][1]
     host = hostname.lower().rstrip(".")
-    ours = [context for names, context in contexts if any(_matches(p, host) for p in names)]
+    ours = [context for names, context in contexts if _covers(names, host)]
     if ours:
         # The default, for clients that send no SNI (Postfix sends none by default, an
         # attacker's pass found): servers delivering here come by the MX, to the host name.
@@ -201,7 +201,7 @@ def _never_chosen(groups: list[tuple[frozenset[str], list[Pair]]]) -> list[Path]
     unused = []
     for i, (names, members) in enumerate(groups[1:], 1):
         earlier = [pattern for other, _ in groups[:i] for pattern in other]
-        if all(any(_matches(p, n) for p in earlier) for n in names):
+        if all(_covers(earlier, n) for n in names):
             unused += [cert for cert, _ in members]
     return unused
 
@@ -361,11 +361,16 @@ def _chooser(contexts: list[tuple[frozenset[str], ssl.SSLContext]]) -> SNICallba
         if name is None:
             return  # no SNI: the default context
         for names, context in contexts:
-            if any(_matches(pattern, name.lower()) for pattern in names):
+            if _covers(names, name.lower()):
                 sock.context = context
                 return
 
     return choose
+
+
+def _covers(patterns: Iterable[str], name: str) -> bool:
+    """Is `name` (lower case) one of a certificate's names, or under one of its wildcards?"""
+    return any(_matches(pattern, name) for pattern in patterns)
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -416,10 +421,16 @@ def _common_name_only(decoded: dict[str, Any]) -> bool:
 
 def _expired(cert: Path) -> bool:
     """Has the first certificate of the file (the server's own) expired?"""
+    ends = _end(cert)
+    return ends is None or ends <= time.time()
+
+
+def _end(cert: Path) -> float | None:
+    """When the first certificate of the file (the server's own) expires; None if unreadable."""
     try:
-        return ssl.cert_time_to_seconds(_decoded(cert)["notAfter"]) <= time.time()
+        return ssl.cert_time_to_seconds(_decoded(cert)["notAfter"])
     except (TLSError, KeyError, ValueError):
-        return True
+        return None
 
 
 def check_pair(pair: Pair) -> None:
@@ -435,7 +446,7 @@ def presented(pairs: Sequence[Pair], hostname: str) -> list[Pair]:
     for cert, key in pairs:
         groups.setdefault(frozenset(names_of(cert)), []).append((cert, key))
     for patterns, members in groups.items():
-        if any(_matches(pattern, hostname.lower()) for pattern in patterns):
+        if _covers(patterns, hostname.lower()):
             kinds: dict[str, Pair] = {}
             for cert, key in members:  # (the last of a key type is the one loaded)
                 kinds[_key_type(cert) or str(cert)] = (cert, key)
@@ -492,10 +503,10 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, hostname: str) ->
 
 def summary(cert: Path) -> str:
     """The key type and the end of validity of a certificate, for an OK line."""
-    kind = {"EC": "ECDSA"}.get(_key_type(cert), _key_type(cert)) or "?"
-    try:
-        ends = ssl.cert_time_to_seconds(_decoded(cert)["notAfter"])
-    except (TLSError, KeyError, ValueError):
+    kind = _key_type(cert)
+    kind = {"EC": "ECDSA"}.get(kind, kind) or "?"
+    ends = _end(cert)
+    if ends is None:
         return kind
     return f"{kind}, until {time.strftime('%Y-%m-%d', time.gmtime(ends))}"
 

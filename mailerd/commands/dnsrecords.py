@@ -64,9 +64,9 @@ Last, --check checks the TLS certificate a client asking for the host name is se
 one the SNI chooser picks; with an RSA and an ECDSA one, both) as a client that checks does:
 a handshake in memory against OpenSSL's default trust anchors (the system's CA certificates,
 SSL_CERT_FILE's where set). OK; WRONG when no certificate is for the host name, or its chain
-is incomplete, self-signed, from a CA clients do not trust or out of date; UNKNOWN when its
-key cannot be read (not run as root); MISSING, not counted, when none is configured (mail
-then comes in clear, and nothing else breaks).
+is incomplete, self-signed, from a CA clients do not trust or out of date; UNKNOWN when it or
+its key may not be read (not run as root: certbot's files are root's alone); MISSING, not
+counted, when none is configured (mail then comes in clear, and nothing else breaks).
 
 The host name must be one the world can look up: one without a dot (`localhost`, this
 machine's unqualified FQDN: the default when the configuration has no `hostname`), or one the

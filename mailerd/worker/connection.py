@@ -161,9 +161,9 @@ class Connection(asyncio.Protocol):
             cfg.timeout, cfg.max_session_time, cfg.min_data_rate, loop.time()
         )
         self.timer = loop.call_later(min(cfg.timeout, cfg.max_session_time), self.check_timeout)
-        blocklists = self.worker.blocklists
-        if blocklists is not None and self.listen.role == NETWORK:
-            self.listing = loop.create_task(blocklists.listing(self.peer))
+        zones = self.worker.blocklists
+        if zones is not None and self.listen.role == NETWORK:
+            self.listing = loop.create_task(zones.listing(self.peer))
         self.pump()
 
     def log_command(self, line: bytes) -> None:
@@ -760,8 +760,9 @@ class Connection(asyncio.Protocol):
             if not listing.done():
                 listing.add_done_callback(lambda _: self.listing_known(address))
                 return PENDING
-            if not listing.cancelled() and listing.result() is not None:
-                return blocklists.blocked(self.peer, listing.result() or "")
+            zone = None if listing.cancelled() else listing.result()
+            if zone is not None:
+                return blocklists.blocked(self.peer, zone)
         try:
             resolved = self.resolve(address, cached_only=True)
         except LookupNeeded:

@@ -216,10 +216,7 @@ class Worker:
         `on_retired` once they no longer do after a reload (the master waits for both before
         it calls a reload done)."""
         self.loop = asyncio.get_running_loop()
-        # One caching resolver for the inbound checks and the blocklists.
-        dns = Lookups.make(self.cfg.dns_server, self.cfg.dns_timeout)
-        self.verifier = self._verifier(dns)
-        self.blocklists = self._blocklists(dns)
+        self.verifier, self.blocklists = self._inbound()
         stop = asyncio.Event()
         retire = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -242,26 +239,23 @@ class Worker:
         retiring.cancel()
         await self._shutdown(servers)
 
-    def _verifier(self, dns: Lookups) -> Verifier | None:
+    def _inbound(self) -> tuple[Verifier | None, Blocklists | None]:
+        """The network listeners' checks, each where configured: of a message (SPF, DKIM,
+        DMARC) and of a client's address (--dnsbl), over one caching resolver. None of them
+        (and no resolver) without a network listener."""
         cfg = self.cfg
-        if cfg.inbound_auth == "off" or not any(
-            listen.role == config.NETWORK for _, listen in self.listeners
-        ):
-            return None
-        return Verifier(
-            cfg.hostname,
-            dns,
-            self.loop,
-            self.checks,
-            timeout=cfg.dns_timeout,
-            enforce=cfg.inbound_auth == "enforce",
-        )
-
-    def _blocklists(self, dns: Lookups) -> Blocklists | None:
-        cfg = self.cfg
-        if not cfg.dnsbl or not any(listen.role == config.NETWORK for _, listen in self.listeners):
-            return None
-        return Blocklists(cfg.dnsbl, dns)
+        if not any(listen.role == config.NETWORK for _, listen in self.listeners):
+            return None, None
+        if cfg.inbound_auth == "off" and not cfg.dnsbl:
+            return None, None
+        dns = Lookups.make(cfg.dns_server, cfg.dns_timeout)
+        verifier = None
+        if cfg.inbound_auth != "off":
+            enforce = cfg.inbound_auth == "enforce"
+            verifier = Verifier(
+                cfg.hostname, dns, self.loop, self.checks, timeout=cfg.dns_timeout, enforce=enforce
+            )
+        return verifier, Blocklists(cfg.dnsbl, dns) if cfg.dnsbl else None
 
     async def _retire(
         self,
