@@ -62,16 +62,13 @@ class SendLimit:
 
     def reserve(self, user: str, client: str, recipients: Iterable[Address]) -> Reply | None:
         """`user`'s message to `recipients` is about to be committed: its remote ones count
-        from now on, or, were they to pass the limit, SEND_LIMIT_DATA and nothing counts.
-        Between workers the count is read and written without a lock: two messages at the
-        same instant may both pass."""
+        from now on, or, were they to pass the limit, SEND_LIMIT_DATA and nothing counts
+        (two messages at the same instant on two workers: the table's lock orders them)."""
         remote = len(self._distinct(recipients))
         if not self.limit or not remote:
             return None
-        now = self.counts.clock()  # (both in one hour's slot)
-        count = self.counts.add(user, remote, now)
+        count = self.counts.add(user, remote, limit=self.limit)
         if count > self.limit:
-            self.counts.add(user, -remote, now)
             self._reached(user, client)
             return SEND_LIMIT_DATA
         if count == self.limit:

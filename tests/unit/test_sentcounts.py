@@ -61,6 +61,67 @@ def test_counts_are_shared_by_forked_workers():
     assert table.count("alice", T0) == 6
 
 
+def test_workers_adding_at_the_same_instant_lose_nothing():
+    """The limit is exact between workers: a thief's sessions on several workers, their
+    messages committed at once, each count (the table's first claim of a cell among them).
+    Without the lock, two processes' read-add-write lost counts here, and the first claims
+    of a cell wiped each other's (in most rounds: three are run)."""
+    for _ in range(3):
+        table = SentCounts(64)
+        go_r, go_w = os.pipe()
+        pids = []
+        for _ in range(4):
+            pid = os.fork()
+            if pid == 0:
+                os.close(go_w)
+                os.read(go_r, 1)  # (all start together)
+                for _ in range(5000):
+                    table.add("alice", 1, T0)
+                os._exit(0)
+            pids.append(pid)
+        os.close(go_r)
+        os.close(go_w)  # (end of file: go)
+        for pid in pids:
+            assert os.waitpid(pid, 0)[1] == 0
+        assert table.count("alice", T0) == 4 * 5000
+
+
+def test_an_add_past_the_limit_adds_nothing():
+    table = SentCounts(64)
+    assert table.add("alice", 8, T0, limit=10) == 8
+    assert table.add("alice", 3, T0, limit=10) == 11  # (what it would make: refused)
+    assert table.count("alice", T0) == 8
+    assert table.add("alice", 2, T0, limit=10) == 10
+    assert table.add("alice", 1, T0) == 11  # (no limit given: added)
+
+
+def test_the_limit_holds_exactly_between_workers_at_once():
+    """Four workers' messages of one recipient each, at the same instant, against a limit of
+    150: exactly 150 pass, none more (a check and an add apart let two through) and none
+    fewer (an add undone after the check let a third see it and defer early)."""
+    table = SentCounts(64)
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pids = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.read(go_r, 1)
+            passed = sum(table.add("alice", 1, T0, limit=150) <= 150 for _ in range(100))
+            os.write(done_w, bytes([passed]))
+            os._exit(0)
+        pids.append(pid)
+    os.close(go_r)
+    os.close(go_w)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    os.close(done_w)
+    with os.fdopen(done_r, "rb") as results:
+        assert sum(results.read()) == 150
+    assert table.count("alice", T0) == 150
+
+
 def test_reaching_the_limit_is_news_once_a_window():
     table = SentCounts(64)
     assert table.first_report("alice", T0)
