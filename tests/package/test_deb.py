@@ -460,16 +460,28 @@ def deb(tmp_path_factory) -> Path:
     """Built from a private clone: lintian runs as nobody, who cannot enter root's home."""
     out = tmp_path_factory.mktemp("deb")
     clone = private_clone(tmp_path_factory.mktemp("private") / "home")
+    # (a TMPDIR of its own, that nobody, who runs lintian, may enter: not under pytest's)
+    temporary = Path(tempfile.mkdtemp(prefix="mailerd-test-tmpdir."))
+    temporary.chmod(0o755)
+    lintian_leftovers = set(Path("/tmp").glob("mldbm-*"))
     try:
         result = subprocess.run(
             [str(clone / "scripts" / "build-deb"), str(out)],
             capture_output=True,
             text=True,
             timeout=600,
+            env={**os.environ, "TMPDIR": str(temporary)},
         )
+        left = list(temporary.iterdir())
     except subprocess.TimeoutExpired:
         pytest.fail("scripts/build-deb took more than 10 minutes")
+    finally:
+        shutil.rmtree(temporary)
     assert result.returncode == 0, f"scripts/build-deb failed:\n{result.stderr[-6000:]}"
+    # It leaves nothing in the temporary directory, nor lintian's files in /tmp.
+    assert not left, left
+    new = set(Path("/tmp").glob("mldbm-*")) - lintian_leftovers
+    assert not new, new
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.name == f"mailerd_{version()}_all.deb", path
     assert path.is_file(), path
