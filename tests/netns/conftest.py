@@ -305,6 +305,8 @@ def _machine_lock() -> Iterator[None]:
     engineers) would route each other's packets. Another run's holding it is waited for."""
     global _lock_depth, _lock_fd
     if _lock_depth == 0:
+        # (/run/lock is every booted Debian's; a container or chroot may lack it)
+        os.makedirs(os.path.dirname(LOCK_FILE), mode=0o1777, exist_ok=True)
         fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         deadline = time.monotonic() + LOCK_WAIT
         while True:
