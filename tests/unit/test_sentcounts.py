@@ -4,7 +4,9 @@ account, across processes, and the report once a window."""
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 from mailerd.ipc.sentcounts import SLOTS, SentCounts
 
@@ -61,6 +63,29 @@ def test_counts_are_shared_by_forked_workers():
     assert table.count("alice", T0) == 6
 
 
+def at_once(processes: int, work: Callable[[], None]) -> None:
+    """Fork `processes` "workers" that run `work` from the same instant; wait for them all."""
+    go_r, go_w = os.pipe()
+    pids = []
+    for _ in range(processes):
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.read(go_r, 1)  # (all start together: at the end of file)
+            work()
+            os._exit(0)
+        pids.append(pid)
+    os.close(go_r)
+    os.close(go_w)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+
+
+def add_one_by_one(table: SentCounts, times: int) -> None:
+    for _ in range(times):
+        table.add("alice", 1, T0)
+
+
 def test_workers_adding_at_the_same_instant_lose_nothing():
     """The limit is exact between workers: a thief's sessions on several workers, their
     messages committed at once, each count (the table's first claim of a cell among them).
@@ -68,21 +93,7 @@ def test_workers_adding_at_the_same_instant_lose_nothing():
     of a cell wiped each other's (in most rounds: three are run)."""
     for _ in range(3):
         table = SentCounts(64)
-        go_r, go_w = os.pipe()
-        pids = []
-        for _ in range(4):
-            pid = os.fork()
-            if pid == 0:
-                os.close(go_w)
-                os.read(go_r, 1)  # (all start together)
-                for _ in range(5000):
-                    table.add("alice", 1, T0)
-                os._exit(0)
-            pids.append(pid)
-        os.close(go_r)
-        os.close(go_w)  # (end of file: go)
-        for pid in pids:
-            assert os.waitpid(pid, 0)[1] == 0
+        at_once(4, functools.partial(add_one_by_one, table, 5000))
         assert table.count("alice", T0) == 4 * 5000
 
 
@@ -100,22 +111,13 @@ def test_the_limit_holds_exactly_between_workers_at_once():
     150: exactly 150 pass, none more (a check and an add apart let two through) and none
     fewer (an add undone after the check let a third see it and defer early)."""
     table = SentCounts(64)
-    go_r, go_w = os.pipe()
     done_r, done_w = os.pipe()
-    pids = []
-    for _ in range(4):
-        pid = os.fork()
-        if pid == 0:
-            os.close(go_w)
-            os.read(go_r, 1)
-            passed = sum(table.add("alice", 1, T0, limit=150) <= 150 for _ in range(100))
-            os.write(done_w, bytes([passed]))
-            os._exit(0)
-        pids.append(pid)
-    os.close(go_r)
-    os.close(go_w)
-    for pid in pids:
-        assert os.waitpid(pid, 0)[1] == 0
+
+    def send() -> None:
+        passed = sum(table.add("alice", 1, T0, limit=150) <= 150 for _ in range(100))
+        os.write(done_w, bytes([passed]))
+
+    at_once(4, send)
     os.close(done_w)
     with os.fdopen(done_r, "rb") as results:
         assert sum(results.read()) == 150
