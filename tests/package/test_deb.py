@@ -460,9 +460,9 @@ def deb(tmp_path_factory) -> Path:
     """Built from a private clone: lintian runs as nobody, who cannot enter root's home."""
     out = tmp_path_factory.mktemp("deb")
     clone = private_clone(tmp_path_factory.mktemp("private") / "home")
-    # (a TMPDIR of its own, that nobody, who runs lintian, may enter: not under pytest's)
+    # A TMPDIR of its own, that nobody, who runs lintian, may not enter (root's with
+    # libpam-tmpdir: /tmp/user/0, 0700): the build goes elsewhere.
     temporary = Path(tempfile.mkdtemp(prefix="mailerd-test-tmpdir."))
-    temporary.chmod(0o755)
     lintian_leftovers = set(Path("/tmp").glob("mldbm-*"))
     try:
         result = subprocess.run(
