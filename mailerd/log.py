@@ -72,19 +72,25 @@ class Throttle:
         self.every = every
         self.most = most
         self.clock = clock
-        self._last: dict[object, float] = {}
+        self._last: dict[object, tuple[float, int]] = {}  # key: (when written, held back since)
 
     def due(self, key: object = None) -> bool:
         """Is a line about `key` due now (none in the last `every` seconds)? If so, it is
         counted as written."""
+        return self.held_back(key) is not None
+
+    def held_back(self, key: object = None) -> int | None:
+        """As `due`, None when the line is not due; else how many about `key` were held back
+        since the last one written (for a line that says so)."""
         now = self.clock()
         last = self._last.get(key)
-        if last is not None and now - last < self.every:
-            return False
+        if last is not None and now - last[0] < self.every:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
         if len(self._last) >= self.most:
             self._last.clear()
-        self._last[key] = now
-        return True
+        self._last[key] = (now, 0)
+        return 0 if last is None else last[1]
 
 
 def request_reopen(*_: object) -> None:
@@ -409,7 +415,7 @@ def setup(
 
 
 UNRAISABLE_EVERY = 60.0  # seconds between two lines of one kind of ignored exception
-_unraisable_seen: dict[str, tuple[float, int]] = {}  # kind: (when last logged, left out since)
+_UNRAISABLE = Throttle(UNRAISABLE_EVERY)  # by kind
 
 
 def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
@@ -420,12 +426,9 @@ def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
     were left out: a client can cause thousands a second (an attacker's pass), and each of
     their handshakes is logged as failed already."""
     kind = unraisable.exc_type.__name__
-    now = time.monotonic()
-    last, left_out = _unraisable_seen.get(kind, (-UNRAISABLE_EVERY, 0))
-    if now - last < UNRAISABLE_EVERY:
-        _unraisable_seen[kind] = (last, left_out + 1)
+    left_out = _UNRAISABLE.held_back(kind)
+    if left_out is None:
         return
-    _unraisable_seen[kind] = (now, 0)
     exc = unraisable.exc_value
     what = f"{kind}: {exc}" if exc is not None else kind
     context = f"{unraisable.err_msg} " if unraisable.err_msg else ""  # (None: the default)

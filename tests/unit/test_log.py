@@ -206,8 +206,9 @@ def test_ignored_exceptions_are_one_line_a_minute_of_each_kind(monkeypatch, capl
     one line a minute of each kind, saying how many were left out; and an object whose repr
     fails is no failure of the hook."""
     now = [1000.0]
-    monkeypatch.setattr(log.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(log, "_unraisable_seen", {})
+    monkeypatch.setattr(
+        log, "_UNRAISABLE", log.Throttle(log.UNRAISABLE_EVERY, clock=lambda: now[0])
+    )
 
     def ignored(exc: BaseException, obj: object) -> None:
         hook = types.SimpleNamespace(
@@ -238,3 +239,7 @@ def test_a_throttle_lets_one_line_a_key_through_each_period_and_forgets_past_its
     assert throttle.due("a") and not throttle.due("a")
     assert throttle.due() and throttle.due("c")  # (the fourth key: all forgotten, then kept)
     assert throttle.due("a") and not throttle.due("c")
+    # How many it held back, for a line that says so:
+    assert not throttle.due("c") and throttle.held_back("c") is None
+    now[0] += 60.0
+    assert throttle.held_back("c") == 3 and throttle.held_back("d") == 0
