@@ -49,20 +49,6 @@ def test_accounts_count_apart_and_an_idle_cell_is_taken_over():
     assert table.count("eve", later) == 1
 
 
-def test_counts_are_shared_by_forked_workers():
-    table = SentCounts(64)
-    pids = []
-    for _ in range(3):
-        pid = os.fork()
-        if pid == 0:
-            table.add("alice", 2, T0)
-            os._exit(0)
-        pids.append(pid)
-    for pid in pids:
-        assert os.waitpid(pid, 0)[1] == 0
-    assert table.count("alice", T0) == 6
-
-
 def at_once(processes: int, work: Callable[[], None]) -> None:
     """Fork `processes` "workers" that run `work` from the same instant; wait for them all."""
     go_r, go_w = os.pipe()
@@ -79,6 +65,12 @@ def at_once(processes: int, work: Callable[[], None]) -> None:
     os.close(go_w)
     for pid in pids:
         assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_counts_are_shared_by_forked_workers():
+    table = SentCounts(64)
+    at_once(3, functools.partial(table.add, "alice", 2, T0))
+    assert table.count("alice", T0) == 6
 
 
 def add_one_by_one(table: SentCounts, times: int) -> None:
