@@ -69,7 +69,7 @@ def reload(
             "(one running without that pid file, at its next SIGHUP)"
         )
         return NOT_RUNNING if whole else 0
-    before, _ = reload_state(pidfile)
+    before, _, _ = reload_state(pidfile)
     try:
         os.kill(pid, signal.SIGHUP)
     except PermissionError:
@@ -79,18 +79,20 @@ def reload(
         return NOT_RUNNING if whole else 0
     deadline = time.monotonic() + RELOAD_WAIT
     while time.monotonic() < deadline:
-        count, outcome = reload_state(pidfile)
+        count, outcome, notes = reload_state(pidfile)
         if count is not None and count != before:
-            if outcome == "ok":
-                say(f"mailerd (pid {pid}) reloads {what}: done")
+            why = f" ({notes})" if notes else " (see its log)"
+            if outcome == "ok":  # (notes: what takes a restart; the rest is applied)
+                but = f"; but {notes}" if notes else ""
+                say(f"mailerd (pid {pid}) reloads {what}: done{but}")
                 return 0
             if outcome == "partial":  # (config.reload_files)
                 say(
                     f"mailerd (pid {pid}) reloads {what}: done; but its certificates did not "
-                    "load (see its log): it keeps those in use"
+                    f"load{why}: it keeps those in use"
                 )
                 return 1 if whole else 0
-            say(f"mailerd (pid {pid}) could not reload (see its log); it runs as it did")
+            say(f"mailerd (pid {pid}) could not reload{why}; it runs as it did")
             return 1
         time.sleep(0.05)
     say(f"mailerd (pid {pid}) reloads {what} now (not done after {RELOAD_WAIT:g} s)")
@@ -100,16 +102,17 @@ def reload(
 RELOAD_WAIT = 20.0  # seconds to wait for the reload to be done (the master settles in 15)
 
 
-def reload_state(pidfile: str) -> tuple[int | None, str]:
-    """From the master's reload file: how many reloads it finished, and the last one's
-    outcome ("ok", "partial" or "failed"); (None, "") before the first."""
+def reload_state(pidfile: str) -> tuple[int | None, str, str]:
+    """From the master's reload file: how many reloads it finished, the last one's outcome
+    ("ok", "partial" or "failed") and its notes (why; what takes a restart: `record_reload`);
+    (None, "", "") before the first."""
     try:
-        parts = reload_file(Path(pidfile)).read_text().split()
+        parts = reload_file(Path(pidfile)).read_text("utf-8", "replace").split(maxsplit=2)
     except OSError:
-        return None, ""
-    if len(parts) != 2 or not parts[0].isdigit():
-        return None, ""
-    return int(parts[0]), parts[1]
+        return None, "", ""
+    if len(parts) < 2 or not parts[0].isdigit():
+        return None, "", ""
+    return int(parts[0]), parts[1], parts[2].strip() if len(parts) > 2 else ""
 
 
 def running_master(pidfile: str) -> int | None:

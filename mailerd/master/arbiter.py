@@ -152,6 +152,10 @@ class Master:
         self.reloads = 0  # reloads finished (or failed), told in the reload file
         self.reload_started: float | None = None  # a reload under way, not yet settled
         self.reload_outcome = "ok"  # its outcome once settled: "partial" if certificates kept
+        # What the reload under way has to say beside its outcome, as logged: why it failed,
+        # why the certificates in use were kept, what takes a restart. Told in the reload file
+        # too, so that `mailerd reload` (and certbot's hook) say why, not only "see its log".
+        self.reload_notes: list[str] = []
         # A SIGHUP came while a reload was under way: one more reload follows once it is done
         # (`_reload_pending`), whatever the number of signals.
         self.reload_pending = False
@@ -359,6 +363,7 @@ class Master:
 
     def reload(self) -> bool:
         """Apply the configuration file as it is now; False (old one kept) on any error."""
+        self.reload_notes = []
         try:
             new, certificate_problem = self._load_config()
             trust = relay.load_trust(new.outbound_ca)  # (read as root, as they are now)
@@ -377,6 +382,7 @@ class Master:
         except (ConfigError, privileges.PrivilegeError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             log.error("reload failed, the running configuration is kept: %s", reason)
+            self.reload_notes.append(str(reason))
             self._reloaded("failed")
             return False
         if certificate_problem is not None:
@@ -384,6 +390,7 @@ class Master:
                 "reload: %s; the certificates in use are kept, the rest is reloaded",
                 certificate_problem,
             )
+            self.reload_notes.append(certificate_problem)
         self.reload_outcome = "ok" if certificate_problem is None else "partial"
         # Closed before forking, or the new children would inherit (and keep open, without
         # accepting) a port that is meant to be gone.
@@ -482,7 +489,7 @@ class Master:
     def _reloaded(self, outcome: str) -> None:
         self.reloads += 1
         if self.pidfile is not None and self.pidfile.fd is not None:
-            self.pidfile.record_reload(self.reloads, outcome)
+            self.pidfile.record_reload(self.reloads, outcome, "; ".join(self.reload_notes))
 
     def _retire(self, pid: int, child: Child, sig: int, grace: float) -> None:
         child.retiring = True
@@ -505,22 +512,22 @@ class Master:
             with contextlib.suppress(OSError):
                 os.chdir(here)
         user = privileges.resolve(new.user)
-        for name, value, kept in (
-            ("queue", new.queue, self.cfg.queue),
-            ("user", user, self.cfg.user),
-            ("log-file", new.log_file, self.cfg.log_file),
+        log_place = self.cfg.log_file or ("standard error" if self.cfg.foreground else "syslog")
+        for name, value, kept, shown in (
+            ("queue", new.queue, self.cfg.queue, self.cfg.queue),
+            ("user", user, self.cfg.user, self.cfg.user),
+            ("log-file", new.log_file, self.cfg.log_file, log_place),
         ):
             if value != kept:
-                log.warning("reload: a new %s takes a restart; keeping %s", name, kept)
+                self._needs_restart(f"a new {name} takes a restart; keeping {shown}")
         if new.pidfile is not None and new.pidfile != self.cfg.pidfile:
-            log.warning("reload: a new pidfile takes a restart; keeping %s", self.cfg.pidfile)
+            self._needs_restart(f"a new pidfile takes a restart; keeping {self.cfg.pidfile}")
         workers = new.workers
         most = self.sessions.rows // 2  # (the generation accepting and a new one: GENERATIONS)
         if workers > most:
-            log.warning(
-                "reload: more than %d workers takes a restart (session-table rows); keeping %d",
-                most,
-                self.cfg.workers,
+            self._needs_restart(
+                f"more than {most} workers takes a restart (session-table rows); "
+                f"keeping {self.cfg.workers}"
             )
             workers = self.cfg.workers
         restarted_only = replace(
@@ -533,6 +540,12 @@ class Master:
             foreground=self.cfg.foreground,
         )
         return restarted_only, certificate_problem
+
+    def _needs_restart(self, what: str) -> None:
+        """A change the reload cannot apply (the rest is applied): logged, and told with the
+        reload's outcome."""
+        log.warning("reload: %s", what)
+        self.reload_notes.append(what)
 
     # -- children --------------------------------------------------------------------------
 

@@ -89,20 +89,23 @@ class PidFile:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 
-    def record_reload(self, count: int, outcome: str) -> None:
+    def record_reload(self, count: int, outcome: str, notes: str = "") -> None:
         """Say in the reload file beside the pid file that `count` reloads are finished, the
-        last with `outcome` ("ok"; "partial": the certificates in use were kept; "failed"):
-        what `commands.daemon.reload` waits for. Its own file, so that the pid file stays
-        one number (`kill -HUP $(cat …)` is an idiom)."""
+        last with `outcome` ("ok"; "partial": the certificates in use were kept; "failed")
+        and `notes` (why, as logged; what takes a restart): what `commands.daemon.reload`
+        waits for, and says. Its own file, so that the pid file stays one number
+        (`kill -HUP $(cat …)` is an idiom). Readable by its owner only, as the log is not
+        by everyone: whoever may signal the master may read it."""
+        notes = " ".join(notes.split())[:NOTES_MAX]  # (one line)
         path = reload_file(self.path)
         temporary = path.with_name(path.name + ".tmp")
         with contextlib.suppress(OSError):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)  # (whatever is there, a planted link too: not written through)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(temporary, flags, 0o644)
+            fd = os.open(temporary, flags, 0o600)
             try:
-                os.write(fd, f"{count} {outcome}\n".encode())
+                os.write(fd, f"{count} {outcome} {notes}".rstrip().encode() + b"\n")
             finally:
                 os.close(fd)
             os.replace(temporary, path)
@@ -116,6 +119,9 @@ class PidFile:
                 reload_file(self.path).unlink(missing_ok=True)
         os.close(self.fd)
         self.fd = None
+
+
+NOTES_MAX = 2000  # characters of a reload's notes in the reload file
 
 
 def reload_file(pidfile: Path) -> Path:

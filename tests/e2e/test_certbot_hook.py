@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -325,7 +326,14 @@ def test_a_renewed_certificate_that_does_not_load_fails_the_hook(served: Served,
     done = hook(served.env)
     assert done.returncode != 0, done
     assert "did not load the renewed certificate" in done.stderr, done.stderr
-    assert "certificates did not load" in done.stderr, done.stderr  # (mailerd reload's why)
+    assert "certificates did not load" in done.stderr, done.stderr  # (mailerd reload's word)
+    # and why, as mailerd logged it (its log alone said it: certbot's report, which has the
+    # hook's standard error, said "see its log")
+    logged = re.findall(
+        r"reload: (.+); the certificates in use are kept", served.mailerd.stderr_text()
+    )
+    assert logged and str(served.lineage.live) in logged[-1], served.mailerd.stderr_text()
+    assert f"did not load ({logged[-1]})" in done.stderr, done.stderr
     assert served.presented() == before
     assert served.mailerd.proc is not None and served.mailerd.proc.poll() is None
 
