@@ -26,6 +26,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,13 @@ NO_DAEMON = (FileNotFoundError, ConnectionRefusedError)
 _DONE = {"flush": "flushed", "delete": "deleted"}
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mailerd queue", description=__doc__.split("\n")[0])
+def main(argv: list[str], prog: str = "mailerd queue") -> int:
+    """`prog` names the command in what it says (`mailq` runs this too)."""
+
+    def say(text: str) -> None:
+        print(f"{prog}: {text}", file=sys.stderr)
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", help="config file (for its queue setting)")
     parser.add_argument("-q", "--queue", help="queue directory")
     parser.add_argument(
@@ -72,25 +78,25 @@ def main(argv: list[str]) -> int:
     except NO_DAEMON:
         answer = None  # no daemon: the list is read, and a delete done, right here
     except PermissionError as exc:  # (its files would be refused as well: said once)
-        print(f"mailerd queue: {cannot_read(queue_dir, exc)}", file=sys.stderr)
+        say(cannot_read(queue_dir, exc))
         return os.EX_NOPERM
     except (OSError, TimeoutError, ConnectionError) as exc:
         # A daemon is there but did not answer (busy, or not ours to ask): its files are its
         # own. Only a list, which changes nothing, may look at them instead.
-        print(f"mailerd queue: no answer from mailerd: {_why(exc)}", file=sys.stderr)
+        say(f"no answer from mailerd: {_why(exc)}")
         if args.action != "list":
-            print(f"mailerd queue: nothing {_DONE[args.action]}", file=sys.stderr)
+            say(f"nothing {_DONE[args.action]}")
             return 1
-        print("mailerd queue: the queue's files, as they are:", file=sys.stderr)
+        say("the queue's files, as they are:")
         answer = None
     if answer is not None and "error" in answer:  # (Refused: the daemon did not do it)
-        print(f"mailerd queue: mailerd: {_shown(Refused.decode(answer).error)}", file=sys.stderr)
+        say(f"mailerd: {_shown(Refused.decode(answer).error)}")
         return 1
     if args.action == "list":
-        return _list(queue_dir, answer)
+        return _list(queue_dir, answer, say)
     if args.action == "flush":
         if answer is None:
-            print("mailerd queue: mailerd is not running; nothing to flush", file=sys.stderr)
+            say("mailerd is not running; nothing to flush")
             return 1
         print(f"flushed: {Flushed.decode(answer).count} message(s) will be retried now")
         return 0
@@ -103,13 +109,12 @@ def cannot_read(queue_dir: Path | str, exc: OSError) -> str:
     return f"cannot read the queue {queue_dir}: {exc.strerror}{advice}"
 
 
-def _list(queue_dir: Path, answer: dict[str, Any] | None) -> int:
+def _list(queue_dir: Path, answer: dict[str, Any] | None, say: Callable[[str], None]) -> int:
     """The listing: the daemon's `answer`, or (None) the queue's files as they are."""
     if answer is None and not queue_dir.is_dir():
-        print(
-            f"mailerd queue: no queue at {queue_dir}: mailerd makes it when it starts "
-            "(`mailerd queue init` too); is that the configuration's queue?",
-            file=sys.stderr,
+        say(
+            f"no queue at {queue_dir}: mailerd makes it when it starts "
+            "(`mailerd queue init` too); is that the configuration's queue?"
         )
         return 1
     queue = Queue(queue_dir)
@@ -254,7 +259,8 @@ def format_listing(items: list[dict[str, Any]], now: float) -> str:
                 lines.append(f"{'':<38}<{address}> ({when}{error})")
             else:
                 lines.append(f"{'':<38}<{address}> ({_shown(state)})")
-    lines.append(f"-- {total // 1024} KiB in {len(items)} message(s)")
+    kib = -(-total // 1024)  # (rounded up, as Postfix's mailq: a small message is not 0)
+    lines.append(f"-- {kib} KiB in {len(items)} message(s)")
     return "\n".join(lines)
 
 

@@ -817,8 +817,10 @@ def queue_command(settings: Settings, action: str) -> int:
     """-bp / mailq and -q: `mailerd queue list|flush` on this config's queue."""
     from mailerd.commands import queue
 
-    try:
-        return queue.main(["-q", settings.queue, action])
+    try:  # (-bp is mailq, whose name its user knows; -q is sendmail's)
+        return queue.main(
+            ["-q", settings.queue, action], "mailq" if action == "list" else "sendmail"
+        )
     except OSError as exc:
         status = os.EX_NOPERM if isinstance(exc, PermissionError) else os.EX_TEMPFAIL
         raise Failure(status, queue.cannot_read(settings.queue, exc)) from None

@@ -392,6 +392,8 @@ def test_mailq_by_another_user_says_to_run_it_as_root(world, daemon):
         lines = done.stderr.decode().splitlines()
         assert done.returncode == 77 and len(lines) == 1, done
         assert "run it as root" in lines[0] and str(daemon.queue) in lines[0], lines
+        assert lines[0].startswith("mailq: "), lines  # (it said "mailerd queue: ", a name its
+        # user never typed: an operator's walk-through)
 
 
 def test_missing_maildrop_exits_75(world, tmp_path):

@@ -52,6 +52,7 @@ def test_the_listing_names_damaged_envelopes_and_does_not_crash_on_them(q, capsy
     status, out, err = mailq(q, capsys)
     assert status == 0, err
     assert "1GOOD" in out and "1 message(s)" in out
+    assert "-- 1 KiB in 1 message(s)" in out  # (rounded up: a small message said "0 KiB")
     assert f"-- 1 damaged message(s) set aside in {q.root / 'corrupt'}, not delivered: 1OLD" in out
     [cut] = [line for line in out.splitlines() if "1CUT" in line]
     [null] = [line for line in out.splitlines() if "1NULL" in line]
