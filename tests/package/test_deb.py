@@ -944,11 +944,22 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX, dns_se
     edited = f"edited.{DOMAIN}"
     t.write(MAILNAME_FILE, f"{edited}\n".encode())
     inode = t.out(["stat", "-c", "%i", MAILNAME_FILE])
-    t.run(["dpkg-reconfigure", "-f", "noninteractive", "mailerd"], timeout=120)
+    done = t.run(["dpkg-reconfigure", "-f", "noninteractive", "mailerd"], timeout=120)
     assert t.read(MAILNAME_FILE) == f"{edited}\n".encode()
     assert t.out(["stat", "-c", "%i", MAILNAME_FILE]) == inode, "rewritten though unchanged"
     assert f"mailerd/mailname: {edited}" in t.out(["debconf-show", "mailerd"])
     check_queue_layout(t)  # the postinst again, on the existing queue
+    assert "no dot" not in _text(done.stderr), done.stderr
+    # A one-label name (what `hostname --fqdn` gives many a new machine, and so a
+    # non-interactive install) is kept, and warned of at every configure (it was taken
+    # silently: an operator's walk-through).
+    t.write(MAILNAME_FILE, b"vm\n")
+    done = t.run(["dpkg-reconfigure", "-f", "noninteractive", "mailerd"], timeout=120)
+    said = _text(done.stderr)
+    assert "mailerd: warning: the mail name 'vm' has no dot" in said, said
+    assert "dpkg-reconfigure mailerd" in said, said
+    assert t.read(MAILNAME_FILE) == b"vm\n"
+    t.write(MAILNAME_FILE, f"{edited}\n".encode())
 
     # -- purge: config and queue go, the users' mailboxes and /etc/mailname stay ------------
     t.run(APT + ["purge", "mailerd"], timeout=120)  # (bsd-mailx, needing an MTA, goes too)
