@@ -80,6 +80,7 @@ MX_HOST = "127.0.0.2"  # the fake MX; not 127.0.0.1, which mailerd knows as itse
 SPOOL = "/var/spool/mail"
 QUEUE = "/var/spool/mailerd"
 CONF = "/etc/mailerd/mailerd.conf"
+LOGROTATE = "/etc/logrotate.d/mailerd"
 MAILNAME = DOMAIN  # the debconf answer, preseeded: mailerd's first local domain through it
 MAILNAME_FILE = "/etc/mailname"
 ALIASES = "/etc/aliases"
@@ -908,12 +909,15 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX, dns_se
     assert again.returncode == 0 and "already running" in _text(again.stdout), again
     assert t.run([INIT, "force-reload"], check=False).returncode == 0
     old = [master, *descendants(t, master)]
+    # (the restart takes the config's example log file, which a reload cannot: see below)
+    t.write(CONF, t.read(CONF) + f"log-file = {LOG_FILE}\n".encode())
     restart = t.run([INIT, "restart"], check=False, timeout=90)
     assert restart.returncode == 0, restart
     master = int(t.read(PIDFILE).split()[0])
     assert master not in old, "restart must start a new master"
     assert not [pid for pid in old if t.exists(f"/proc/{pid}")], "the old processes are gone"
     assert rcpt_code(ports["network"], f"{USER}@{DOMAIN2}") == 250, "serving after restart"
+    check_log_rotation(t, ports, box)
 
     # -- stop ------------------------------------------------------------------------------
     processes = [master, *descendants(t, master)]
@@ -1065,6 +1069,41 @@ def config_text(
         f"dns-server = 127.0.0.1:{dns_port}\n"
         f"{tls}"
     )
+
+
+LOG_FILE = "/var/log/mailerd.log"  # (the config's example, which the logrotate file names)
+
+
+def check_log_rotation(t: Target, ports: dict[str, int], box: str) -> None:
+    """The package's /etc/logrotate.d/mailerd, run by Debian's logrotate (forced, its own state
+    file): the log moves aside and mailerd, told by the file's postrotate, writes a new one
+    as its own user; a log that only grew was one an operator's walk-through found."""
+    apt_install(t, "logrotate")
+    state = "/tmp/pkgtest-logrotate.state"
+    try:
+        _check_log_rotation(t, ports, box, state)
+    finally:  # (back to syslog at the next start; no file of the test's left behind)
+        t.write(CONF, t.read(CONF).replace(f"log-file = {LOG_FILE}\n".encode(), b""))
+        t.run(["rm", "-f", LOG_FILE, f"{LOG_FILE}.1", state])
+
+
+def _check_log_rotation(t: Target, ports: dict[str, int], box: str, state: str) -> None:
+    def deliver() -> None:
+        token = uuid.uuid4().hex
+        with smtp(ports["network"]) as s:
+            rcpt = f"{USER}@{DOMAIN}"
+            s.sendmail(f"someone@{REMOTE}", [rcpt], message(rcpt, token))
+        stored(t, box, token)
+
+    deliver()
+    assert "relay=local" in _text(t.read(LOG_FILE)), _text(t.read(LOG_FILE))[-2000:]
+    t.run(["logrotate", "--force", "--state", state, LOGROTATE])
+    assert "relay=local" in _text(t.read(f"{LOG_FILE}.1")), "rotated aside"
+    reopened = wait_until(lambda: t.exists(LOG_FILE), 10, 0.2)
+    assert reopened, f"no new {LOG_FILE} after the rotation{syslog_tail(t)}"
+    deliver()
+    assert wait_until(lambda: "relay=local" in _text(t.read(LOG_FILE)), 10, 0.2), "not written"
+    assert t.out(["stat", "-c", "%U:%G %a", LOG_FILE]).split() == ["mail:mail", "640"]
 
 
 def apt_install(t: Target, package: str) -> None:
