@@ -259,7 +259,7 @@ def format_listing(items: list[dict[str, Any]], now: float) -> str:
                 lines.append(f"{'':<38}<{address}> ({when}{error})")
             else:
                 lines.append(f"{'':<38}<{address}> ({_shown(state)})")
-    kib = -(-total // 1024)  # (rounded up, as Postfix's mailq: a small message is not 0)
+    kib = -(-total // 1024)  # (rounded up: a queue of small messages is not "0 KiB")
     lines.append(f"-- {kib} KiB in {len(items)} message(s)")
     return "\n".join(lines)
 
