@@ -148,6 +148,10 @@ class Config:
     # Where the world reaches the network listeners when their own addresses are private (1:1
     # NAT): what `mailerd dns` publishes and checks in their place. The daemon never uses it.
     public_addresses: tuple[str, ...] = ()
+    # Why the default network listener (no listen-network given) has no address: the machine
+    # had no default route, or its interface no address, when the config was read (a network
+    # that comes up late). The master warns of it; a reload reads the interface again.
+    unlistened: str = ""
     retry_after: float = 300.0
     max_retry: float = 3600.0
     max_queue_time: float = 5 * 86400.0
@@ -501,9 +505,12 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     network = _listen_list("listen-network", raw.get("listen_network"), port, NETWORK)
     if local is None:
         local = [ListenAddress(h, port, LOCAL) for h in host.loopback_addresses()]
+    unlistened = ""
     if network is None:
         iface = str(raw.get("interface") or host.default_interface() or "")
         network = [ListenAddress(h, port, NETWORK) for h in host.interface_addresses(iface)]
+        if not network:
+            unlistened = f"interface {iface} has no address" if iface else "no default route"
     submission = _listen_list(
         "listen-submission", raw.get("listen_submission"), SUBMISSION_PORT, SUBMISSION
     )
@@ -596,6 +603,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
         outbound_ca=Path(str(raw["outbound_ca"])) if raw.get("outbound_ca") else None,
         outbound_ip=parse_choice("outbound-ip", raw.get("outbound_ip", "both"), IP_CHOICES),
         public_addresses=_public_addresses(raw.get("public_address")),
+        unlistened=unlistened,
         retry_after=parse_duration("retry-after", raw.get("retry_after", 300.0)),
         max_queue_time=parse_duration("max-queue-time", raw.get("max_queue_time", "5d")),
         delay_warning=parse_optional_duration("delay-warning", raw.get("delay_warning", "4h")),

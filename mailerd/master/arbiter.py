@@ -181,6 +181,7 @@ class Master:
             self.spawn("worker", slot)
         log.info("mailerd started: %s", self._describe_config())
         self._warn_of_hostname()
+        self._warn_of_no_network()
         aliases.report(self.cfg.aliases)
         report_files_in_the_way(self.cfg.spool)
         report_no_passwords(self.cfg)
@@ -215,6 +216,18 @@ class Master:
                 cfg.hostname,
                 problem,
                 reachable[0],
+            )
+
+    def _warn_of_no_network(self) -> None:
+        """No listen-network given and none found (a network that came up after mailerd, a
+        DHCP lease late for network-online.target): other servers cannot deliver, and
+        nothing else would say so."""
+        if self.cfg.unlistened:
+            log.warning(
+                "no network listener: %s when the configuration was read, so no other server "
+                "can deliver here; set listen-network = ADDR (-n), or reload once the network "
+                "is up",
+                self.cfg.unlistened,
             )
 
     def _describe_config(self) -> str:
@@ -483,6 +496,7 @@ class Master:
             "configuration reloaded (generation %d): %s", self.generation, self._describe_config()
         )
         self._warn_of_hostname()
+        self._warn_of_no_network()
         if not self.reload_pending:  # (else the next one is what the waiting command is told)
             self._reloaded(self.reload_outcome)
 

@@ -504,3 +504,23 @@ def test_a_host_name_nobody_can_look_up_is_warned_of_when_others_can_connect(
         assert "(to every machine, localhost is itself)" in text and "set hostname =" in text
     quiet = mailerd_factory(hostname="localhost")  # (loopback listeners only)
     assert "is no name other servers can look up" not in quiet.stderr_text()
+
+
+def test_no_network_listener_found_is_warned_of(mailerd_factory):
+    """No listen-network given, and the default found no address (here an interface that has
+    none; on a server, a network up after mailerd, a DHCP lease late for network-online):
+    it started on loopback alone without a word, and no other server could deliver (a
+    systemd walk-through met it). A listen-network given, even "none", is not warned of."""
+    m = mailerd_factory(start=False, extra=["-i", "nosuch0"])
+    argv = m.argv()
+    at = argv.index("-n")
+    m.argv = lambda: argv[:at] + argv[at + 4 :]  # (without the suite's two -n)
+    m.endpoints = lambda: [("127.0.0.1", m.trusted_port), ("::1", m.trusted_port)]
+    assert "-n" not in m.argv(), m.argv()
+    m.start()
+    said = "no network listener: interface nosuch0 has no address when the configuration was read"
+    assert wait_until(lambda: said in m.stderr_text(), 5), m.stderr_text()[-2000:]
+    assert "set listen-network = ADDR (-n), or reload once the network is up" in m.stderr_text()
+    quiet = mailerd_factory(extra=["-i", "nosuch0"])  # (the suite's -n: given, not defaulted)
+    assert wait_until(lambda: "mailerd started" in quiet.stderr_text(), 5)
+    assert "no network listener" not in quiet.stderr_text()
