@@ -16,6 +16,7 @@ import pytest
 from mailerd.ipc import unixpath
 
 from .conftest import (
+    REPO,
     Mailerd,
     SMTPConn,
     check_stored,
@@ -524,3 +525,17 @@ def test_no_network_listener_found_is_warned_of(mailerd_factory):
     quiet = mailerd_factory(extra=["-i", "nosuch0"])  # (the suite's -n: given, not defaulted)
     assert wait_until(lambda: "mailerd started" in quiet.stderr_text(), 5)
     assert "no network listener" not in quiet.stderr_text()
+
+
+def test_a_configuration_mailerd_refuses_is_not_restarted_by_systemd(tmp_path):
+    """The unit's Restart=on-failure retried a refused configuration every 5 s, forever, and
+    started a half-edited file the moment it parsed (a systemd walk-through): the exit status
+    of a refused configuration is one the unit does not restart on."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mailerd", "-f", "--max-message-size", "oops"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "max-message-size" in done.stderr and done.returncode not in (0, 1), done
+    unit = (REPO / "etc" / "mailerd.service").read_text()
+    assert "\nRestart=on-failure\n" in unit
+    assert re.findall(r"^RestartPreventExitStatus=(.+)$", unit, re.M) == [str(done.returncode)]
