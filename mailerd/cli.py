@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(argv)
     except config.ConfigError as exc:
-        print(f"mailerd: error: {exc}", file=sys.stderr)
+        from mailerd import log
+
+        log.complain(f"error: {exc}")
         return 2
     from mailerd.master import startup
 

@@ -211,10 +211,34 @@ class _StreamHandler(Protocol):
     def stream(self) -> TextIO | None: ...  # (a FileHandler's is None until opened)
     def acquire(self) -> None: ...
     def release(self) -> None: ...
+    def _prefix(self, level: int) -> str: ...
+
+
+def journal_prefix(level: int) -> str:
+    """sd-daemon(3)'s "<N>" before a line to stderr when stderr is the journal (systemd names
+    it in JOURNAL_STREAM, "device:inode"), which journald reads as the line's priority: else
+    a start's errors were info there, unseen by `journalctl -p err` (a systemd walk-through).
+    "" anywhere else (a terminal, a file, a pipe)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return ""
+    if stream != f"{st.st_dev}:{st.st_ino}":
+        return ""
+    return "<3>" if level >= logging.ERROR else "<4>" if level >= logging.WARNING else "<6>"
+
+
+def complain(text: str, level: int = logging.ERROR) -> None:
+    """A start-up line to stderr, where the log is not open yet: "mailerd: TEXT"."""
+    print(f"{journal_prefix(level)}mailerd: {text}", file=sys.stderr)
 
 
 class _LineStream:
     """emit_line() for the stream handlers (stderr and the log file)."""
+
+    def _prefix(self, level: int) -> str:
+        return ""
 
     def emit_line(self: _StreamHandler, level: int, created: float, text: str) -> bool:
         """Write one line as emit() would; False (nothing written) on any error, for the
@@ -223,7 +247,7 @@ class _LineStream:
         if not isinstance(formatter, LineFormatter):  # someone set another: the standard path
             return False
         try:
-            line = formatter.line(created, text) + "\n"
+            line = self._prefix(level) + formatter.line(created, text) + "\n"
         except Exception:
             return False
         self.acquire()
@@ -253,6 +277,12 @@ class StartupHandler(LineStreamHandler):
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.kept: list[tuple[int, float, str]] = []
+
+    def _prefix(self, level: int) -> str:
+        return journal_prefix(level)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return journal_prefix(record.levelno) + super().format(record)
 
     def _keep(self, level: int, created: float, text: str) -> None:
         if level >= logging.WARNING and len(self.kept) < STARTUP_KEPT:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import daemon
 
+from mailerd import log
+
 READY_TIMEOUT = 60.0
 
 
@@ -197,10 +199,9 @@ def _wait_ready(fd: int, child: int) -> int:
     while b"\n" not in data:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            print(
-                f"mailerd: not ready after {READY_TIMEOUT:.0f} s; it may still be starting: "
-                "see the system log (or --log-file)",
-                file=sys.stderr,
+            log.complain(
+                f"not ready after {READY_TIMEOUT:.0f} s; it may still be starting: "
+                "see the system log (or --log-file)"
             )
             return 1
         ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
@@ -217,10 +218,7 @@ def _wait_ready(fd: int, child: int) -> int:
     if line.startswith("ok"):
         return 0
     if line.startswith("error "):
-        print(f"mailerd: {line[6:]}", file=sys.stderr)
+        log.complain(line[6:])
     else:
-        print(
-            "mailerd: the daemon exited during start-up; see the system log (or --log-file)",
-            file=sys.stderr,
-        )
+        log.complain("the daemon exited during start-up; see the system log (or --log-file)")
     return 1

@@ -9,7 +9,6 @@ import logging
 import os
 import resource
 import socket
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def read_by_children(cfg: Config) -> dict[Path, str]:
 
 
 def _fail(message: str) -> int:
-    print(f"mailerd: {message}", file=sys.stderr)
+    logsetup.complain(message)
     return 1
 
 
@@ -151,10 +150,10 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
     notifier: daemonize.Notifier | None = None
     if not cfg.foreground:
         if cfg.log_file is None and not logsetup.syslog_available():
-            print(
-                f"mailerd: warning: no {logsetup.SYSLOG_SOCKET} (is a syslog daemon running?): "
+            logsetup.complain(
+                f"warning: no {logsetup.SYSLOG_SOCKET} (is a syslog daemon running?): "
                 "the daemon's log is lost; use --log-file FILE, or -f to log to stderr",
-                file=sys.stderr,
+                logging.WARNING,
             )
         preserve = [*(sock.fileno() for sock in bound), *logsetup.file_descriptors()]
         if pidfile is not None and pidfile.fd is not None:

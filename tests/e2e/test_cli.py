@@ -539,3 +539,43 @@ def test_a_configuration_mailerd_refuses_is_not_restarted_by_systemd(tmp_path):
     unit = (REPO / "etc" / "mailerd.service").read_text()
     assert "\nRestart=on-failure\n" in unit
     assert re.findall(r"^RestartPreventExitStatus=(.+)$", unit, re.M) == [str(done.returncode)]
+
+
+def _stderr_as_the_journal(tmp_path: Path, name: str, *args: str) -> tuple[int, str]:
+    """mailerd with `args`, its stderr a file that JOURNAL_STREAM names, as systemd names the
+    journal's stream to a unit's processes: its exit status and what it wrote there."""
+    err = tmp_path / f"{name}.stderr"
+    with open(err, "wb") as f:
+        st = os.fstat(f.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        done = subprocess.run(
+            [sys.executable, "-m", "mailerd", *args],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=f, env=env, timeout=60,
+        )  # fmt: skip
+    return done.returncode, err.read_text()
+
+
+def test_a_failed_start_is_an_error_in_the_journal(tmp_path: Path):
+    """Under systemd, stderr is the journal, which took every line for info: `journalctl -p
+    err -u mailerd` did not show why a start failed (a systemd walk-through). With
+    JOURNAL_STREAM naming stderr, each start-up line carries its priority (sd-daemon's
+    "<3>" for an error); anywhere else, none."""
+    status, said = _stderr_as_the_journal(tmp_path, "config", "-f", "--max-message-size", "oops")
+    assert status == 2 and said.startswith("<3>mailerd: error: "), said
+    assert "max-message-size" in said
+    with socket.socket() as busy:  # (a start that fails after the configuration: a bind)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        status, said = _stderr_as_the_journal(
+            tmp_path, "bind", "-f", "-s", str(tmp_path / "spool"), "-q", str(tmp_path / "q"),
+            "-l", f"127.0.0.1:{port}", "-n", "none", "--dns-server", "127.0.0.1:9",
+            "--aliases", str(tmp_path / "none"), "--passwd", str(tmp_path / "none"),
+        )  # fmt: skip
+    assert status == 1 and "<3>mailerd: " in said and str(port) in said, said
+    plain = subprocess.run(
+        [sys.executable, "-m", "mailerd", "-f", "--max-message-size", "oops"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"},
+    )  # fmt: skip
+    assert plain.stderr.startswith("mailerd: error: "), plain.stderr
