@@ -718,9 +718,11 @@ def test_no_certificate_no_starttls(mailerd_factory):
 
 
 def test_submission_without_passwords_is_warned_of(mailerd_factory, pki: PKI):
-    """A submission listener with no password to log in with starts, and says so."""
+    """A submission listener with no password to log in with starts, and says so (the master
+    says it after its children's start: their banners can come first, as in one CI run)."""
     m = mailerd_factory(cls=TLSMailerd, pairs=[pki.rsa])
-    assert re.search(r"no passwords in \S+: nobody can log in on .*mailerd passwd", m.log_since(0))
+    said = r"no passwords in \S+: nobody can log in on .*mailerd passwd"
+    assert wait_until(lambda: re.search(said, m.log_since(0)), 5), m.log_since(0)[-2000:]
 
 
 def test_tls_required(mailerd_factory, pki: PKI):
