@@ -281,8 +281,8 @@ class StartupHandler(LineStreamHandler):
     def _prefix(self, level: int) -> str:
         return journal_prefix(level)
 
-    def format(self, record: logging.LogRecord) -> str:
-        return journal_prefix(record.levelno) + super().format(record)
+    def format(self, record: logging.LogRecord) -> str:  # (emit's path; emit_line's: _prefix)
+        return self._prefix(record.levelno) + super().format(record)
 
     def _keep(self, level: int, created: float, text: str) -> None:
         if level >= logging.WARNING and len(self.kept) < STARTUP_KEPT:

@@ -846,9 +846,13 @@ def _jail_conf(tmp_path: Path, local: str | None, *, debian_jails: bool = False)
 
 
 def _fail2ban(tmp_path: Path, local: str | None, option: str) -> subprocess.CompletedProcess:
+    """`_fail2ban_client` for `_jail_conf`'s configuration."""
+    return _fail2ban_client(_jail_conf(tmp_path, local), option)
+
+
+def _fail2ban_client(conf: Path, option: str) -> subprocess.CompletedProcess:
     """fail2ban-client with `option` (-d: dump the commands it would send its server, -t: its
-    configuration test; neither starts anything) for `_jail_conf`'s configuration."""
-    conf = _jail_conf(tmp_path, local)
+    configuration test; neither starts anything) for the configuration directory `conf`."""
     return subprocess.run(
         [FAIL2BAN_CLIENT, "-c", str(conf), option],
         capture_output=True,
@@ -909,15 +913,11 @@ def test_the_readmes_step_passes_fail2bans_configuration_test_with_debians_own_j
     assert "`mailerd.local` saying `[mailerd]` and\n   `enabled = true`" in readme
     conf = _jail_conf(tmp_path / "step", ENABLED, debian_jails=True)
     (conf / "jail.d" / "sshd.local").write_text(SSHD_LOCAL)
-    result = subprocess.run(
-        [FAIL2BAN_CLIENT, "-c", str(conf), "-t"], capture_output=True, text=True, timeout=60
-    )
+    result = _fail2ban_client(conf, "-t")
     assert result.returncode == 0, result.stdout + result.stderr
     if not Path("/var/log/auth.log").exists():  # (this machine as Debian 12 installs it)
         conf = _jail_conf(tmp_path / "sshd-as-shipped", ENABLED, debian_jails=True)
-        shipped = subprocess.run(
-            [FAIL2BAN_CLIENT, "-c", str(conf), "-t"], capture_output=True, text=True, timeout=60
-        )
+        shipped = _fail2ban_client(conf, "-t")
         assert shipped.returncode != 0, "Debian's sshd jail without auth.log passed"
         assert "sshd" in shipped.stdout + shipped.stderr, shipped.stdout + shipped.stderr
 
