@@ -214,19 +214,27 @@ class _StreamHandler(Protocol):
     def _prefix(self, level: int) -> str: ...
 
 
-def journal_prefix(level: int) -> str:
-    """sd-daemon(3)'s "<N>" before a line to stderr when stderr is the journal (systemd names
-    it in JOURNAL_STREAM, "device:inode"), which journald reads as the line's priority: else
-    a start's errors were info there, unseen by `journalctl -p err` (a systemd walk-through).
-    "" anywhere else (a terminal, a file, a pipe)."""
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal: systemd names it in JOURNAL_STREAM, "device:inode"."""
     stream = os.environ.get("JOURNAL_STREAM", "")
     try:
         st = os.fstat(2)
     except OSError:
-        return ""
-    if stream != f"{st.st_dev}:{st.st_ino}":
-        return ""
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def journal_priority(level: int) -> str:
+    """sd-daemon(3)'s "<N>" before a line to the journal, which journald reads as the line's
+    priority: else a start's errors were info there, unseen by `journalctl -p err` (a
+    systemd walk-through)."""
     return "<3>" if level >= logging.ERROR else "<4>" if level >= logging.WARNING else "<6>"
+
+
+def journal_prefix(level: int) -> str:
+    """journal_priority() when stderr is the journal; "" anywhere else (a terminal, a file,
+    a pipe)."""
+    return journal_priority(level) if stderr_is_journal() else ""
 
 
 def complain(text: str, level: int = logging.ERROR) -> None:
@@ -277,9 +285,12 @@ class StartupHandler(LineStreamHandler):
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.kept: list[tuple[int, float, str]] = []
+        # Asked once: in the foreground this handler writes every line of the run (a
+        # system call per line was a cost of each message).
+        self.journal = stderr_is_journal()
 
     def _prefix(self, level: int) -> str:
-        return journal_prefix(level)
+        return journal_priority(level) if self.journal else ""
 
     def format(self, record: logging.LogRecord) -> str:  # (emit's path; emit_line's: _prefix)
         return self._prefix(record.levelno) + super().format(record)

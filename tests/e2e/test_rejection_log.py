@@ -939,25 +939,32 @@ def test_the_example_jail_reads_a_log_file_as_its_comment_says(tmp_path: Path):
 
 FAIL2BAN_SERVER = shutil.which("fail2ban-server")
 NFT = shutil.which("nft")
-BANNED = "198.51.100.7"  # (the tests' clients are 127.0.0.1 and ::1, which fail2ban never bans)
+# (The tests' clients are 127.0.0.1 and ::1, which fail2ban never bans: their lines are given
+# one of these addresses instead.) nftables keeps each family's bans in a set of its own.
+BANNED = {
+    "IPv4": ("198.51.100.7", "addr-set-mailerd", "ip saddr"),
+    "IPv6": ("2001:db8::7", "addr6-set-mailerd", "ip6 saddr"),
+}
 
 
 @pytest.mark.skipif(FAIL2BAN_SERVER is None, reason="fail2ban-server missing (Debian's fail2ban)")
 @pytest.mark.skipif(NFT is None, reason="nft missing (Debian's nftables)")
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a network namespace for the ban")
-def test_the_example_jail_bans_with_what_debian_12_has(run: Run, tmp_path: Path):
+@pytest.mark.parametrize("family", BANNED)
+def test_the_example_jail_bans_with_what_debian_12_has(run: Run, tmp_path: Path, family: str):
     """A real fail2ban server with the example jail enabled, reading five real wrong-password
     lines (their address made one fail2ban does not take for its own), bans the address in
-    nftables on every mail port. Debian 12's fail2ban bans with iptables unless told
-    otherwise (jail.conf's banaction), and Debian 12 installs nftables, not iptables: a jail
-    left with that default finds the abuser and bans no one ("iptables: not found" in its
-    log; an operator's walk-through of the README met it). The server runs in a network
-    namespace of its own, where its rules touch nothing else, with its socket, log and
-    database (in memory) under tmp_path."""
+    nftables on every mail port, an IPv4 address and an IPv6 one. Debian 12's fail2ban bans
+    with iptables unless told otherwise (jail.conf's banaction), and Debian 12 installs
+    nftables, not iptables: a jail left with that default finds the abuser and bans no one
+    ("iptables: not found" in its log; an operator's walk-through of the README met it).
+    The server runs in a network namespace of its own, where its rules touch nothing else,
+    with its socket, log and database (in memory) under tmp_path."""
     line = run.lines["auth-wrong-password"][0]
     assert f"unknown[{V4}]" in line or f"unknown[{V6}]" in line, line
     now = datetime.now().strftime("%Y-%m-%d %H:%M:%S,000")  # (inside the jail's findtime)
-    line = re.sub(r"unknown\[[^]]+\]", f"unknown[{BANNED}]", line)
+    banned, nft_set, match = BANNED[family]
+    line = re.sub(r"unknown\[[^]]+\]", f"unknown[{banned}]", line)
     line = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", now, line)
     assert line.startswith(now), line
     log = tmp_path / "mail.log"
@@ -981,8 +988,8 @@ def test_the_example_jail_bans_with_what_debian_12_has(run: Run, tmp_path: Path)
         return out.stdout
 
     try:
-        banned = wait_until(
-            lambda: BANNED in nft("list", "set", "inet", "f2b-table", "addr-set-mailerd"),
+        in_set = wait_until(
+            lambda: banned in nft("list", "set", "inet", "f2b-table", nft_set),
             timeout=30,
         )
         chain = nft("list", "chain", "inet", "f2b-table", "f2b-chain")
@@ -990,6 +997,6 @@ def test_the_example_jail_bans_with_what_debian_12_has(run: Run, tmp_path: Path)
     finally:
         server.terminate()
         _, err = server.communicate(timeout=30)
-    assert banned, f"{BANNED} not banned; fail2ban's log:\n{journal}\n{err.decode()}"
-    assert "tcp dport { 25, 465, 587 } ip saddr @addr-set-mailerd reject" in chain, chain
+    assert in_set, f"{banned} not banned; fail2ban's log:\n{journal}\n{err.decode()}"
+    assert f"tcp dport {{ 25, 465, 587 }} {match} @{nft_set} reject" in chain, chain
     assert "ERROR" not in journal, journal
