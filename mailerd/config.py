@@ -498,6 +498,15 @@ def read_ini(path: str) -> dict[str, object]:
     return values
 
 
+def local_domains(raw: dict[str, object], default: list[str] | None = None) -> tuple[str, ...]:
+    """The local domains of a configuration: its `domain`s, else `default` (the machine's
+    mail name, `host.identity`, when not given), and localhost always, as in Debian's Postfix
+    (mydestination): mail for it can go nowhere else, and fail2ban, logcheck and scripts write
+    to root@localhost."""
+    given = raw.get("domain") or (host.identity()[0] if default is None else default)
+    return tuple(dict.fromkeys([*parse_domains(given), names.LOCALHOST]))
+
+
 def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     """Validate merged raw values (strings, lists, bools) into a Config."""
     port = parse_int("port", raw.get("port", "25"), 1, 65535)
@@ -535,11 +544,7 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     default_domains, default_hostname = (
         ([], "") if raw.get("domain") and raw.get("hostname") else host.identity()
     )
-    # localhost is always local, as in Debian's Postfix (mydestination): mail for it can go
-    # nowhere else, and fail2ban, logcheck and scripts write to root@localhost.
-    domains = tuple(
-        dict.fromkeys([*parse_domains(raw.get("domain") or default_domains), names.LOCALHOST])
-    )
+    domains = local_domains(raw, default_domains)
     dkim_specs = _dkim_specs(raw.get("dkim_key"), domains)
     max_sessions = parse_int(
         "max-sessions", raw.get("max_sessions", DEFAULT_MAX_SESSIONS), 1, 10**7

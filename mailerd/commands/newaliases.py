@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from mailerd import config, host
+from mailerd import config
 from mailerd.aliases import AliasError, Aliases
 from mailerd.commands import daemon
 
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     path = argv[argv.index("-C") + 1] if "-C" in argv[:-1] else None
     try:
         raw = daemon.read_config(path)
-        domains = tuple(config.parse_domains(raw.get("domain") or [])) or tuple(host.identity()[0])
+        domains = config.local_domains(raw)  # (the daemon's: localhost among them)
     except config.ConfigError as exc:
         say(str(exc))
         return os.EX_CONFIG

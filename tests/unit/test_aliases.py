@@ -151,6 +151,27 @@ def test_newaliases_reads_the_default_config(tmp_path: Path, monkeypatch, capsys
     assert newaliases.main([]) == 78  # EX_CONFIG
 
 
+def test_newaliases_reads_localhost_as_local_as_the_daemon_does(tmp_path: Path, capsys):
+    """localhost is always a local domain of the daemon's, beside the configured ones, so
+    `newaliases` reads the file with it too: a loop through @localhost, which the daemon
+    refuses mail for, passed its check as "0 problem(s)" (an audit of the docs against the
+    code found it)."""
+    from mailerd import config
+
+    path = tmp_path / "aliases"
+    path.write_text("a: b@localhost\nb: a@localhost\n")
+    conf = tmp_path / "mailerd.conf"
+    conf.write_text(
+        f"[mailerd]\naliases = {path}\npidfile = {tmp_path / 'none.pid'}\ndomain = example.org\n"
+    )
+    assert newaliases.main(["-C", str(conf)]) == 0
+    err = capsys.readouterr().err
+    daemons = config.load(["-c", str(conf), "-n", "none", "--dns-server", "127.0.0.1:9"])
+    assert "localhost" in daemons.domains
+    assert len(Aliases.load(str(path), daemons.domains).problems) == 2  # (both loop)
+    assert f"{path}: 2 aliases, 2 problem(s)" in err, err
+
+
 def test_a_missing_file_is_no_aliases_and_is_said(tmp_path, caplog):
     """As Postfix, a missing aliases file is no aliases, not an error; but a mistyped
     --aliases must show in the log (it started without a word: found by a tester)."""
