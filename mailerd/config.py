@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         "newaliases); mailerd passwd [--delete] USER sets the password USER authenticates with; "
         "mailerd dkim keygen DOMAIN makes a DKIM key; mailerd dns [--check] prints (and checks) "
         "the DNS records to publish; mailerd reload [-c FILE] [-P PIDFILE] has the running "
-        "mailerd reload and says how it went (exit 0 done, 1 not, 7 not running). "
+        "mailerd reload and says how it went (exit 0 done, 1 not, 7 not running, 77 not "
+        "permitted, 78 a configuration file it cannot use). "
         "Signals: HUP reloads, TERM stops, USR1 reopens logs.",
         argument_default=argparse.SUPPRESS,
     )

@@ -435,6 +435,9 @@ def test_mailerd_reload_says_how_the_reload_went(daemon_factory):
 
     p = reload()
     assert p.returncode == 7 and "no mailerd runs with the pid file" in p.stderr, p
+    missing = d.base / "missing.conf"  # (the last -c is the one read, as the daemon's)
+    p = reload("-c", str(missing))
+    assert p.returncode == 78 and str(missing) in p.stderr, p  # EX_CONFIG, as documented
     # A stale pid file (nobody holds its lock) whose pid is now another process, one with
     # "mailerd" in its command line (an editor on a mailerd file): never signalled (a second
     # attacker's pass: it was sent SIGHUP, and the command said 0 after its 20 s).
