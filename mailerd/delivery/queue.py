@@ -23,6 +23,7 @@ items' state, in memory) and try again later; they log no traceback of their own
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -278,7 +279,7 @@ class Queue:
 
     def _read_envelope(self, name: str) -> QueueItem:
         """env/`name`'s item; OSError, or DamagedEnvelope for one this mailerd cannot use."""
-        item = QueueItem.from_json((self.root / "env" / name).read_bytes())
+        item = QueueItem.from_json(_read_plain(self.root / "env" / name))
         if item.id != name:  # (remove() and the scheduler go by the id: it must be the file's)
             raise DamagedEnvelope(f"its id is {item.id!r}")
         return item
@@ -374,6 +375,34 @@ class Queue:
         except (OSError, DamagedEnvelope) as exc:
             self.unreadable[name] = str(exc)
             return None
+
+
+MAX_ENVELOPE = 64 << 20  # octets: far more than 1,000 recipients with their last errors
+
+
+def _read_plain(path: Path) -> bytes:
+    """An envelope's octets: a regular file's, never through a link and never more than
+    MAX_ENVELOPE. env/ belongs to the children's user, and `mailerd queue` (root) reads it
+    too: a link planted there to a FIFO hung it, to /dev/zero it ate memory, to a root-only
+    file it was read as root."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DamagedEnvelope("a symbolic link") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DamagedEnvelope("not a regular file")
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 20, MAX_ENVELOPE + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ENVELOPE:
+                raise DamagedEnvelope(f"larger than {MAX_ENVELOPE} octets")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _real_path(root: Path) -> str:

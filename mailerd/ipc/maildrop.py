@@ -124,13 +124,27 @@ def submit(
 
 
 def poke(queue: str) -> bool:
-    """Tell a running daemon to look at the maildrop now; False if none is listening."""
+    """Tell a running daemon to look at the maildrop now; False if none is listening.
+
+    `<queue>/public` belongs to the children's user (`mail`), and `sendmail` runs as root
+    (cron, unattended-upgrades): whatever stands at `public/pickup` was put there by that user,
+    who could make it a symlink to /etc/passwd, or a hard link to one of root's files. So the
+    name is looked at without following a link (O_PATH | O_NOFOLLOW: opening nothing yet, no
+    device's open runs), must be a FIFO, and only that very FIFO is then opened for writing."""
     try:
-        fd = os.open(
-            os.path.join(queue, PUBLIC, PICKUP_FIFO), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        path_fd = os.open(
+            os.path.join(queue, PUBLIC, PICKUP_FIFO), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
         )
-    except OSError:  # ENXIO: no reader (the daemon is not running); ENOENT: never started
+    except OSError:  # ENOENT: never started; ELOOP: a symlink (not ours to write through)
         return False
+    try:
+        if not stat.S_ISFIFO(os.fstat(path_fd).st_mode):
+            return False
+        fd = os.open(f"/proc/self/fd/{path_fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # ENXIO: no reader (the daemon is not running)
+        return False
+    finally:
+        os.close(path_fd)
     try:
         os.write(fd, b"!")
     except OSError:  # EAGAIN: the FIFO is full of pokes already, which is just as good

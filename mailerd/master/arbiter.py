@@ -710,7 +710,11 @@ class Master:
             )
             return
         log.warning("%s (pid %d) exited with %s", child.name, pid, _describe(code))
-        if code == BOOT_ERROR:
+        # BOOT_ERROR means "cannot start at all", and only a worker that has not started yet
+        # (not said "ready") can mean it: one that served the Internet may run an attacker's
+        # code, which would otherwise stop the whole server with one exit(3). From it, this is
+        # a crash like any other: respawned, with the back-off.
+        if code == BOOT_ERROR and not child.ready:
             log.error("%s cannot start; stopping", child.kind)
             self.exit_code = 1
             self.stopping = True

@@ -219,6 +219,9 @@ class MailboxStore:
         root = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             account = account_owner(name)
+            if account is not None and account[0] == self.untrusted_uid:
+                # (refused below anyway, but only after _make_mailbox gave it the directory)
+                raise MailboxUnsafe(errno.EPERM, f"mailbox {name}: mailerd's own user")
             try:
                 directory = _open_dir(root, name)
             except FileNotFoundError:
@@ -250,7 +253,10 @@ class MailboxStore:
         directory = _open_dir(root, name)
         if os.geteuid() == 0:
             st = os.fstat(directory)
-            if st.st_uid != 0:
+            # Another root-owned directory renamed to the name in between (root's or
+            # postmaster's mailbox, by the mail user, who may write the spool) is root's too,
+            # but not empty: only the directory just made, still empty, is given away.
+            if st.st_uid != 0 or os.listdir(directory):
                 os.close(directory)
                 raise MailboxUnsafe(
                     errno.EPERM, f"mailbox {name} was replaced as it was made (uid {st.st_uid})"
