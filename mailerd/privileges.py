@@ -255,20 +255,23 @@ def prepare_queue(queue: Path, user: str | None) -> None:
 
 
 def _hand_over(path: str, account: Account) -> None:
+    """Give the account one entry of a queue directory: a regular file, the pickup's FIFO or
+    the delivery socket, with a single link. Looked at through an O_PATH descriptor (opening
+    nothing, following no symlink) and chowned through it, so that what is judged is what is
+    changed: a name the children's user swapped for another file between a look by path and
+    a chown by path, or a hard link it made to a file of root's (where protected_hardlinks is
+    off), is never handed to it (an attacker's pass)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        # A socket (the delivery socket: it cannot be opened) or a symlink: a socket is
-        # chowned by path, without following links; anything else is left alone.
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.chown(path, account.uid, account.gid, follow_symlinks=False)
         return
     try:
         st = os.fstat(fd)
-        ours = stat.S_ISFIFO(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)
-        if ours and st.st_uid != account.uid:  # (the FIFO: the pickup's)
-            os.fchown(fd, account.uid, account.gid)
+        kind = stat.S_IFMT(st.st_mode)  # (a symlink is itself here: S_IFLNK, left alone)
+        ours = kind in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK) and st.st_nlink == 1
+        if ours and st.st_uid != account.uid:
+            # (fchown refuses an O_PATH descriptor; its /proc name is that very file)
+            os.chown(f"/proc/self/fd/{fd}", account.uid, account.gid)
     finally:
         os.close(fd)
 

@@ -133,9 +133,15 @@ _NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _fchmod_at(directory: int, name: str, mode: int, kind: int = 0) -> None:
-    """chmod `name` below `directory`, refusing a link (ELOOP) rather than following it."""
+    """chmod `name` below `directory`, refusing a link (ELOOP) rather than following it, and
+    a file of more than one name: where protected_hardlinks is off, the children's user may
+    put a hard link to any file at a name of a directory it owns (public/pickup) between
+    root's mkfifo and this chmod (an attacker's pass)."""
     fd = os.open(name, _NOFOLLOW | kind, dir_fd=directory)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISDIR(st.st_mode) and st.st_nlink != 1:
+            raise OSError(errno.EMLINK, f"{name} has {st.st_nlink} links; its mode is left alone")
         os.fchmod(fd, mode)
     finally:
         os.close(fd)

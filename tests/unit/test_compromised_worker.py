@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mailerd import config
+from mailerd import config, privileges
+from mailerd.delivery import queue as queue_module
 from mailerd.delivery.queue import Queue
 from mailerd.ipc import maildrop
 from mailerd.lifecycle import BOOT_ERROR
@@ -192,3 +193,39 @@ def test_a_link_to_another_file_is_not_read(queue, tmp_path):
     os.symlink(secret, queue.root / "env" / "1L97BBBBBBBBBBBBB")
     assert queue.load(clean=False) == []
     assert "the root-only secret" not in queue.unreadable["1L97BBBBBBBBBBBBB"]
+
+
+# -- root's start-up in the queue: no second name of another file is chmod'ed or chowned -----
+# (Where fs.protected_hardlinks is off, the children's user may link any file into a
+# directory it owns; root makes such links in these tests, as it may anyway.)
+
+
+@AS_ROOT
+def test_a_hard_link_put_at_the_pickup_fifo_as_it_is_made_is_not_chmoded(tmp_path, monkeypatch):
+    victim = tmp_path / "shadow"
+    victim.write_text("root:secret\n")
+    victim.chmod(0o600)
+
+    def link_instead(name, mode=0o666, *, dir_fd=None):  # (the swap, won after the mkfifo)
+        os.link(victim, name, dst_dir_fd=dir_fd)
+
+    monkeypatch.setattr(queue_module.os, "mkfifo", link_instead)
+    with pytest.raises(OSError):
+        Queue(tmp_path / "queue").create_dirs()
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
+
+
+@AS_ROOT
+def test_only_single_named_files_of_the_queue_are_handed_to_the_children(tmp_path):
+    q = Queue(tmp_path / "queue")
+    q.create_dirs()
+    elsewhere = tmp_path / "root's fifo"
+    os.mkfifo(elsewhere, 0o600)
+    os.link(elsewhere, q.root / maildrop.PUBLIC / "second-name")
+    victim = tmp_path / "root's file"
+    victim.write_text("x")
+    os.link(victim, q.root / "env" / "1L97CCCCCCCCCCCCC")
+    privileges.prepare_queue(q.root, "mail")
+    assert os.stat(elsewhere).st_uid == 0 and os.stat(victim).st_uid == 0
+    fifo = q.root / maildrop.PUBLIC / maildrop.PICKUP_FIFO
+    assert os.stat(fifo).st_uid == MAIL_UID  # (the queue's own are handed over)
