@@ -33,10 +33,10 @@ Input lines may end in LF or CRLF and are stored with CRLF; a bare CR ends a lin
 progress meter's output stays readable); a header field's line longer than 998 octets is folded
 before white space in it (RFC 5322 2.2.3), after -t read it; a longer body line is folded with
 CRLF SPACE, as Postfix's smtp_line_length_limit does (so is a header line without white space);
-a NUL is refused. A leading mbox "From " line is dropped.
+a NUL is removed. A leading mbox "From " line is dropped.
 
 Exit status (sysexits): 0 queued; EX_USAGE (64) a bad option or no recipient; EX_DATAERR (65) a
-bad address, a NUL, a message too large or with too many hops (data.MAX_HOPS); EX_CONFIG (78) an
+bad address, a message too large or with too many hops (data.MAX_HOPS); EX_CONFIG (78) an
 unusable -C file; EX_TEMPFAIL (75) the maildrop cannot be written (missing, full, not
 permitted): nothing was queued, try again; EX_IOERR (74) standard input unreadable; EX_OSERR
 (71) no passwd entry for the user when one is needed; EX_NOPERM (77) -bp by a user who may not
@@ -71,7 +71,7 @@ _MODES = {"m": "send", "s": "smtp", "p": "list", "i": "aliases"}
 
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _CR_BEFORE_LF = re.compile(rb"\r+\n")
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
 class Failure(Exception):
@@ -254,7 +254,18 @@ class Identity:
             # GECOS: the name is the first comma-separated field; "&" stands for the login.
             login = entry.pw_name
             name = entry.pw_gecos.split(",", 1)[0].replace("&", login[:1].upper() + login[1:])
-        return _CONTROLS.sub(" ", name).strip()  # never a line break into the header
+        return _CONTROLS.sub(" ", _text(name)).strip()  # never a line break into the header
+
+
+def _text(text: str) -> str:
+    """A name from the system (-F's argument, the GECOS field) as text: Python reads both as
+    UTF-8, with the bytes that are not kept as surrogates, which no header can be encoded
+    with. Such bytes are a legacy locale's, Latin-1 most often: read as that, never a crash."""
+    raw = text.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def envelope_sender(opts: Options, identity: Identity) -> str:
@@ -368,9 +379,10 @@ def read_input(stream: BinaryIO | None, *, stop_at_dot: bool, limit: int) -> byt
 
 
 def split_lines(data: bytes) -> list[bytes]:
-    """The lines of the input without their ends (LF, CRLF, or a bare CR); NUL refused."""
-    if b"\0" in data:
-        raise Failure(os.EX_DATAERR, "the message contains a NUL character; nothing sent")
+    """The lines of the input without their ends (LF, CRLF, or a bare CR); a NUL removed, as
+    Postfix's `message_strip_characters = \\0` does (its sendmail takes one too). Refused, a
+    cron job's output was lost: cron only logs a mailer's failure."""
+    data = data.replace(b"\0", b"")
     if b"\r" in data:
         data = _CR_BEFORE_LF.sub(b"\n", data).replace(b"\r", b"\n")
     lines = data.split(b"\n")

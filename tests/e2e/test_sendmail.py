@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from email.header import decode_header, make_header
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,37 @@ def test_swaks_through_bs(world, daemon, sendmail):
     assert stored.return_path == b"Return-Path: <robot@example.net>"
     assert b"from userid 0" in stored.received and queued.group(1).encode() in stored.received
     assert field(raw, "Subject") == "via -bs" and b"piped" in body(raw)
+
+
+def test_cron_output_with_a_nul_is_delivered(world, daemon, sendmail):
+    """A job's output with a NUL byte in it (`find -print0`, a binary file cat'd, tar's
+    names): Debian's cron hands it to `sendmail -FCronDaemon -i -B8BITMIME -oem` as it is.
+    Postfix's sendmail takes it (exit 0); ours refused it with 65, and cron only logs a
+    mailer's failure: the job's output was lost. The NUL is dropped (Postfix's
+    `message_strip_characters = \\0`), the rest delivered."""
+    user = daemon.new_user("cronnul")
+    data = (
+        f"From: root (Cron Daemon)\nTo: {user}\nSubject: Cron <root@host> backup\n\n"
+        "backup failed:\ntar: ./data/file\0name: Cannot stat\n"
+    ).encode()
+    done = run([sendmail, "-FCronDaemon", "-i", "-B8BITMIME", "-oem", user], data)
+    assert done.returncode == 0 and done.stderr == b"", done
+    (raw,) = delivered(daemon, user)
+    assert b"\0" not in raw
+    assert body(raw) == b"backup failed:\r\ntar: ./data/filename: Cannot stat\r\n"
+
+
+def test_a_full_name_that_is_not_utf8_is_read_as_latin1(world, daemon, sendmail):
+    """-F (or the GECOS field, for mail without From:) in Latin-1, as a script in a legacy
+    locale passes it: the name is read as Latin-1 and encoded. It used to end in
+    `internal error: UnicodeEncodeError` (status 70), nothing sent."""
+    user = daemon.new_user("latin1")
+    done = run([sendmail, "-F", b"J\xf6rg M\xfcller", "-i", user], b"Subject: s\n\nx\n")
+    assert done.returncode == 0 and done.stderr == b"", done
+    (raw,) = delivered(daemon, user)
+    value = field(raw, "From")
+    assert value.isascii(), value
+    assert str(make_header(decode_header(value))) == "J\u00f6rg M\u00fcller <root@example.org>"
 
 
 # -- another user ------------------------------------------------------------------------------
