@@ -37,7 +37,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -436,15 +435,42 @@ def _named(name: str) -> str:
 
 
 def _remove_entry(directory: int, name: str) -> None:
-    """Unlink `name`, or remove it and what is inside when it is a directory (shutil.rmtree
-    with a descriptor follows no link planted inside)."""
+    """Unlink `name`, or remove it and what is inside when it is a directory (`_remove_tree`)."""
     try:
         os.unlink(name, dir_fd=directory)
     except FileNotFoundError:
         pass
     except IsADirectoryError:
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(name, dir_fd=directory)
+            _remove_tree(directory, name)
+
+
+# Every directory of a user's tree is opened so: never through a link, and never an open that
+# waits (a FIFO, a device). shutil.rmtree opens each with O_RDONLY alone, after an lstat: a user
+# swapping a directory of theirs for a FIFO in between (renameat2 RENAME_EXCHANGE, in a loop)
+# had the pickup's thread wait for a writer for ever, and with it every later look (a local
+# user's pass, on a running instance: the 10th second of its loop).
+_TREE_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _remove_tree(parent: int, name: str) -> None:
+    """Remove the directory `name` below `parent` and what is inside, through descriptors: each
+    entry is unlinked (a name, never opened), each directory opened with _TREE_FLAGS, so that
+    whatever is swapped in meanwhile fails at once (ENOTDIR, ELOOP) instead of blocking.
+    RecursionError for a tree too deep, OSError for what cannot be removed."""
+    fd = os.open(name, _TREE_FLAGS, dir_fd=parent)
+    try:
+        for entry in os.listdir(fd):
+            try:
+                os.unlink(entry, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                with contextlib.suppress(FileNotFoundError):
+                    _remove_tree(fd, entry)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent)
 
 
 def _remove(directory: int, name: str) -> None:
