@@ -269,11 +269,35 @@ def _hand_over(path: str, account: Account) -> None:
         st = os.fstat(fd)
         kind = stat.S_IFMT(st.st_mode)  # (a symlink is itself here: S_IFLNK, left alone)
         ours = kind in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK) and st.st_nlink == 1
+        if ours and st.st_uid != account.uid and kind == stat.S_IFREG and not _links_guarded():
+            # One name is no proof where protected_hardlinks is off: the user links a file
+            # of root's here and waits for root to replace the original by a rename (passwd
+            # rewrites /etc/shadow so), and the planted name is then the old file's only one
+            # (a reviewer's pass). Left as it is: root's start-up leaves no regular file the
+            # children need (the scheduler's lock is 0644: flock takes a read-only descriptor).
+            log.warning(
+                "%s: not handed to %s (owned by uid %d, and fs.protected_hardlinks is off: "
+                "it may be another file's last name); chown it by hand if it is mailerd's",
+                path,
+                account.name,
+                st.st_uid,
+            )
+            return
         if ours and st.st_uid != account.uid:
             # (fchown refuses an O_PATH descriptor; its /proc name is that very file)
             os.chown(f"/proc/self/fd/{fd}", account.uid, account.gid)
     finally:
         os.close(fd)
+
+
+def _links_guarded() -> bool:
+    """Whether the kernel keeps users from linking files they could not write
+    (fs.protected_hardlinks = 1, Debian's default); False when it cannot be told."""
+    try:
+        with open("/proc/sys/fs/protected_hardlinks", "rb") as f:
+            return f.read().strip() not in (b"", b"0")
+    except OSError:
+        return False
 
 
 def chown_path(path: Path, user: str | None, mode: int | None = None) -> None:

@@ -224,7 +224,9 @@ class Queue:
             os.close(root)
         # Made here, at start-up, rather than by the first scheduler: the queue's layout is
         # complete before anything is accepted.
-        lock = os.open(self.scheduler_lock, os.O_RDONLY | os.O_CREAT | _NOFOLLOW, 0o600)
+        # 0644: the scheduler (the children's user) flocks it through a read-only descriptor,
+        # whoever owns it (privileges._hand_over may leave it root's).
+        lock = os.open(self.scheduler_lock, os.O_RDONLY | os.O_CREAT | _NOFOLLOW, 0o644)
         os.close(lock)
 
     @property

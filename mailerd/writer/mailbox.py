@@ -284,27 +284,46 @@ def _open_lock(directory: int, owner: Owner) -> int:
     """`.lock`, created if needed and owned like the mailbox, so the user's IMAP server can
     take the same lock; a symlink or anything but a regular file is refused.
 
-    A `.lock` with more than one link is a hard link the user made to some other file (an
-    attacker's pass had root chown a file of root's to the user that way, where the kernel's
-    protected_hardlinks is off): its name is removed and a new lock made, so that only a file
-    whose one name is in the mailbox is ever given to its owner."""
-    for _ in range(2):
-        fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | _SAFE, 0o600, dir_fd=directory)
+    Only a lock made here (O_EXCL: a new file, whatever name was planted) is ever chowned. An
+    existing one is used as it is when it already is a plain file of the mailbox's owner with
+    one name; anything else is removed and a new one made. A `.lock` with more than one link
+    is a hard link the user made to some other file, and one with a single link may be one
+    too: where the kernel's protected_hardlinks is off, the user links a file of root's there
+    and waits until root replaces the original by a rename (passwd rewrites /etc/shadow so),
+    which leaves the planted name the old file's only one (a reviewer's pass: the old shadow
+    was chowned to the user). So no existing file is ever given away."""
+    for _ in range(3):
+        made = True
+        try:
+            fd = os.open(
+                LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | _SAFE, 0o600, dir_fd=directory
+            )
+        except FileExistsError:
+            made = False
+            try:
+                fd = os.open(LOCK_NAME, os.O_RDWR | _SAFE, dir_fd=directory)
+            except FileNotFoundError:
+                continue  # (removed meanwhile: made anew)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise MailboxUnsafe(errno.EPERM, "the mailbox lock is not a regular file")
-        if st.st_nlink == 1:
-            if owner is not None and (st.st_uid, st.st_gid) != owner:
+        if made:
+            if owner is not None:
                 os.fchown(fd, *owner)
+            return fd
+        if st.st_nlink == 1 and (owner is None or (st.st_uid, st.st_gid) == owner):
             return fd
         os.close(fd)
         log.warning(
-            "mailbox lock with %d links (a hard link to another file): replaced", st.st_nlink
+            "mailbox lock with %d link(s), owned by %d:%d, not the mailbox's: replaced",
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
         )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(LOCK_NAME, dir_fd=directory)
-    raise MailboxUnsafe(errno.EPERM, "the mailbox lock keeps being replaced by a hard link")
+    raise MailboxUnsafe(errno.EPERM, "the mailbox lock keeps being replaced by another file")
 
 
 def next_number(directory: int) -> int:

@@ -229,3 +229,30 @@ def test_only_single_named_files_of_the_queue_are_handed_to_the_children(tmp_pat
     assert os.stat(elsewhere).st_uid == 0 and os.stat(victim).st_uid == 0
     fifo = q.root / maildrop.PUBLIC / maildrop.PICKUP_FIFO
     assert os.stat(fifo).st_uid == MAIL_UID  # (the queue's own are handed over)
+
+
+@AS_ROOT
+def test_a_file_that_is_another_files_last_name_is_not_handed_over(tmp_path, monkeypatch):
+    """Where protected_hardlinks is off, mail links a file of root's into env/ and waits for
+    root to replace the original by a rename (passwd rewrites /etc/shadow so): the planted name
+    is then the old file's only one, and one link proves nothing (a reviewer's pass)."""
+    monkeypatch.setattr(privileges, "_links_guarded", lambda: False)
+    q = Queue(tmp_path / "queue")
+    q.create_dirs()
+    shadow = tmp_path / "shadow"
+    shadow.write_text("root:old hash\n")
+    shadow.chmod(0o600)
+    old = os.open(shadow, os.O_RDONLY)
+    try:
+        os.link(shadow, q.root / "env" / "1L97DDDDDDDDDDDDD")
+        (tmp_path / "shadow+").write_text("root:new hash\n")
+        os.replace(tmp_path / "shadow+", shadow)
+        assert os.fstat(old).st_nlink == 1
+        privileges.prepare_queue(q.root, "mail")
+        assert os.fstat(old).st_uid == 0, "root's old file was given to mail"
+    finally:
+        os.close(old)
+    fifo = q.root / maildrop.PUBLIC / maildrop.PICKUP_FIFO
+    assert os.stat(fifo).st_uid == MAIL_UID  # (the queue's own are handed over)
+    lock = os.stat(q.scheduler_lock)  # (left root's, but the scheduler, as mail, can flock it)
+    assert lock.st_uid == MAIL_UID or lock.st_mode & 0o004

@@ -396,6 +396,35 @@ def test_a_hard_linked_lock_is_replaced_never_chowned(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
+def test_a_lock_that_is_another_files_last_name_is_replaced_never_chowned(tmp_path):
+    """Where protected_hardlinks is off, a user links a file of root's at her .lock and waits
+    for root to replace the original by a rename (passwd rewrites /etc/shadow so): the planted
+    name is then the old file's only one, and one link proves nothing (a reviewer's pass)."""
+    import pwd
+
+    daemon = pwd.getpwnam("daemon")
+    box = tmp_path / "spool" / "daemon"
+    box.mkdir(parents=True)
+    os.chown(box, daemon.pw_uid, daemon.pw_gid)
+    shadow = tmp_path / "spool" / "shadow"  # (same file system: a hard link needs it)
+    shadow.write_bytes(b"root:old hash\n")
+    os.chmod(shadow, 0o600)
+    old = os.open(shadow, os.O_RDONLY)
+    try:
+        os.link(shadow, box / ".lock")
+        (tmp_path / "spool" / "shadow+").write_bytes(b"root:new hash\n")
+        os.replace(tmp_path / "spool" / "shadow+", shadow)  # (the original, renamed over)
+        assert os.fstat(old).st_nlink == 1
+        assert MailboxStore(tmp_path / "spool").deliver("daemon", [Copy(b"", b"x")]) == [1]
+        st = os.fstat(old)
+        assert (st.st_uid, st.st_gid) == (0, 0), "root's old file was given to the user"
+    finally:
+        os.close(old)
+    lock = os.stat(box / ".lock")
+    assert (lock.st_uid, lock.st_nlink, lock.st_size) == (daemon.pw_uid, 1, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
 def test_a_mailbox_replaced_as_it_is_made_is_not_given_away(tmp_path, monkeypatch):
     """The spool is group-writable for mail: a directory put in place of the one the writer
     has just made (mkdir, then open) is neither chowned to the user nor written."""
