@@ -461,13 +461,7 @@ def _remove_tree(parent: int, name: str) -> None:
     fd = os.open(name, _TREE_FLAGS, dir_fd=parent)
     try:
         for entry in os.listdir(fd):
-            try:
-                os.unlink(entry, dir_fd=fd)
-            except FileNotFoundError:
-                pass
-            except IsADirectoryError:
-                with contextlib.suppress(FileNotFoundError):
-                    _remove_tree(fd, entry)
+            _remove_entry(fd, entry)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=parent)

@@ -4,6 +4,7 @@ import errno
 import fcntl
 import multiprocessing
 import os
+import pwd
 import threading
 from pathlib import Path
 
@@ -257,8 +258,6 @@ def test_names_are_checked_by_the_writer_too(tmp_path, name):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
 def test_account_mailbox_with_a_foreign_owner_is_refused(tmp_path):
-    import pwd
-
     daemon = pwd.getpwnam("daemon")
     nobody = pwd.getpwnam("nobody")
     box = tmp_path / "daemon"
@@ -275,8 +274,6 @@ def test_account_mailbox_with_a_foreign_owner_is_refused(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
 def test_mailbox_owned_by_mailerds_own_user_is_refused(tmp_path):
-    import pwd
-
     mail = pwd.getpwnam("mail")
     box = tmp_path / "virtual"
     box.mkdir()
@@ -373,16 +370,20 @@ def test_a_redelivery_must_match_the_whole_message(tmp_path):
         os.close(fd)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
-def test_a_hard_linked_lock_is_replaced_never_chowned(tmp_path):
-    """A user who hard-links her mailbox's .lock to a file of root's must not get that file
-    (the writer gives the lock to the mailbox's owner)."""
-    import pwd
-
+def _daemons_mailbox(tmp_path: Path) -> tuple[pwd.struct_passwd, Path]:
+    """The account `daemon` and its mailbox, made under tmp_path/spool and given to it."""
     daemon = pwd.getpwnam("daemon")
     box = tmp_path / "spool" / "daemon"
     box.mkdir(parents=True)
     os.chown(box, daemon.pw_uid, daemon.pw_gid)
+    return daemon, box
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks need root")
+def test_a_hard_linked_lock_is_replaced_never_chowned(tmp_path):
+    """A user who hard-links her mailbox's .lock to a file of root's must not get that file
+    (the writer gives the lock to the mailbox's owner)."""
+    daemon, box = _daemons_mailbox(tmp_path)
     precious = tmp_path / "spool" / "shadow"  # (same file system: a hard link needs it)
     precious.write_bytes(b"root's secret\n")
     os.chmod(precious, 0o600)
@@ -400,12 +401,7 @@ def test_a_lock_that_is_another_files_last_name_is_replaced_never_chowned(tmp_pa
     """Where protected_hardlinks is off, a user links a file of root's at her .lock and waits
     for root to replace the original by a rename (passwd rewrites /etc/shadow so): the planted
     name is then the old file's only one, and one link proves nothing (a reviewer's pass)."""
-    import pwd
-
-    daemon = pwd.getpwnam("daemon")
-    box = tmp_path / "spool" / "daemon"
-    box.mkdir(parents=True)
-    os.chown(box, daemon.pw_uid, daemon.pw_gid)
+    daemon, box = _daemons_mailbox(tmp_path)
     shadow = tmp_path / "spool" / "shadow"  # (same file system: a hard link needs it)
     shadow.write_bytes(b"root:old hash\n")
     os.chmod(shadow, 0o600)
@@ -428,8 +424,6 @@ def test_a_lock_that_is_another_files_last_name_is_replaced_never_chowned(tmp_pa
 def test_a_mailbox_replaced_as_it_is_made_is_not_given_away(tmp_path, monkeypatch):
     """The spool is group-writable for mail: a directory put in place of the one the writer
     has just made (mkdir, then open) is neither chowned to the user nor written."""
-    import pwd
-
     from mailerd.writer import mailbox
 
     daemon = pwd.getpwnam("daemon")
