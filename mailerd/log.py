@@ -378,8 +378,11 @@ class ReopeningFileHandler(_LineStream, logging.FileHandler):
         master crash at SIGUSR1). A FIFO is refused at once instead of blocking the open."""
         fd = os.open(self.baseFilename, LOG_FLAGS, 0o640)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", self.baseFilename)
+            if st.st_nlink > 1:  # (a hard link to another file, where protected_hardlinks is off)
+                raise OSError(errno.EMLINK, "a file of more than one name", self.baseFilename)
             os.set_blocking(fd, True)
             return open(fd, "a", encoding=self.encoding, errors=self.errors)  # noqa: SIM115
         except BaseException:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import pwd
@@ -309,6 +310,13 @@ def chown_path(path: Path, user: str | None, mode: int | None = None) -> None:
     # on Linux: follow_symlinks=False raised NotImplementedError and the master died).
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            # (in a directory the user may write, where protected_hardlinks is off, a hard
+            # link to a file of root's: never handed over)
+            raise OSError(
+                errno.EPERM, f"{path}: not a regular file of one name; not given to {user}"
+            )
         os.fchown(fd, account.uid, account.gid)
         if mode is not None:
             os.fchmod(fd, mode)

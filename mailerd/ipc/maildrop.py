@@ -138,7 +138,8 @@ def poke(queue: str) -> bool:
     except OSError:  # ENOENT: never started; ELOOP: a symlink (not ours to write through)
         return False
     try:
-        if not stat.S_ISFIFO(os.fstat(path_fd).st_mode):
+        st = os.fstat(path_fd)
+        if not stat.S_ISFIFO(st.st_mode) or st.st_nlink != 1:  # (a hard link: another's FIFO)
             return False
         fd = os.open(f"/proc/self/fd/{path_fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:  # ENXIO: no reader (the daemon is not running)

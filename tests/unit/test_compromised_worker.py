@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from mailerd import config, privileges
+from mailerd import log as logsetup
 from mailerd.delivery import queue as queue_module
 from mailerd.delivery.queue import Queue
 from mailerd.ipc import maildrop
@@ -256,3 +257,30 @@ def test_a_file_that_is_another_files_last_name_is_not_handed_over(tmp_path, mon
     assert os.stat(fifo).st_uid == MAIL_UID  # (the queue's own are handed over)
     lock = os.stat(q.scheduler_lock)  # (left root's, but the scheduler, as mail, can flock it)
     assert lock.st_uid == MAIL_UID or lock.st_mode & 0o004
+
+
+@AS_ROOT
+def test_no_second_name_of_a_file_is_the_log_or_the_pickup_fifo(tmp_path):
+    """The log file (its directory the operator's choice: one the children's user may write)
+    and the pickup FIFO: a hard link there to a file or FIFO of root's is neither appended
+    to, chowned nor written to by root (where protected_hardlinks is off, mail can make one)."""
+    victim = tmp_path / "shadow"
+    victim.write_text("root:secret\n")
+    victim.chmod(0o600)
+    logfile = tmp_path / "mailerd.log"
+    os.link(victim, logfile)
+    with pytest.raises(OSError):
+        logsetup.ReopeningFileHandler(logfile)._open()
+    with pytest.raises(OSError):
+        privileges.chown_path(logfile, "mail", 0o640)
+    st = os.stat(victim)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode), victim.read_text()) == (0, 0o600, "root:secret\n")
+    roots_fifo = tmp_path / "root's fifo"
+    os.mkfifo(roots_fifo, 0o600)
+    reader = os.open(roots_fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.link(roots_fifo, _public(tmp_path) / maildrop.PICKUP_FIFO)
+        assert maildrop.poke(str(tmp_path)) is False
+        assert os.read(reader, 10) == b""  # (nothing was written: no writer, no data)
+    finally:
+        os.close(reader)
