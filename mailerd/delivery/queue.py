@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mailerd import durable
-from mailerd.ipc.maildrop import MAILDROP, PICKUP_FIFO, PUBLIC
+from mailerd.ipc.maildrop import MAILDROP, PICKUP_FIFO, PUBLIC, read_at_most
 from mailerd.jsonfields import Fields
 
 log = logging.getLogger("mailerd.queue")
@@ -402,13 +402,10 @@ def _read_plain(path: Path) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise DamagedEnvelope("not a regular file")
-        chunks, size = [], 0
-        while chunk := os.read(fd, min(1 << 20, MAX_ENVELOPE + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_ENVELOPE:
-                raise DamagedEnvelope(f"larger than {MAX_ENVELOPE} octets")
-        return b"".join(chunks)
+        data = read_at_most(fd, MAX_ENVELOPE + 1)
+        if len(data) > MAX_ENVELOPE:
+            raise DamagedEnvelope(f"larger than {MAX_ENVELOPE} octets")
+        return data
     finally:
         os.close(fd)
 

@@ -212,7 +212,7 @@ def read(directory: int, name: str, max_size: int) -> Submission:
         if st.st_nlink != 1:
             raise Invalid("has other links (a hard link to someone else's file?)")
         over = st.st_size > max_size + MAX_HEADER  # (too big, whatever its header's length)
-        data = _read_all(fd, MAX_HEADER + HEAD_KEPT if over else max_size + MAX_HEADER + 1)
+        data = read_at_most(fd, MAX_HEADER + HEAD_KEPT if over else max_size + MAX_HEADER + 1)
     finally:
         os.close(fd)
     end = data.find(b"\n", 0, MAX_HEADER)
@@ -261,7 +261,9 @@ def _unopenable(directory: int, name: str, exc: OSError) -> NoReturn:
     raise exc
 
 
-def _read_all(fd: int, limit: int) -> bytes:
+def read_at_most(fd: int, limit: int) -> bytes:
+    """What `fd` holds from its offset on, to its end or to `limit` octets, whichever is first
+    (a file someone else may have made huge, or sparse, is never read whole)."""
     chunks = []
     size = 0
     while size < limit:
