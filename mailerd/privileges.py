@@ -270,7 +270,9 @@ def _hand_over(path: str, account: Account) -> None:
         st = os.fstat(fd)
         kind = stat.S_IFMT(st.st_mode)  # (a symlink is itself here: S_IFLNK, left alone)
         ours = kind in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK) and st.st_nlink == 1
-        if ours and st.st_uid != account.uid and kind == stat.S_IFREG and not _links_guarded():
+        if not ours or st.st_uid == account.uid:
+            return
+        if kind == stat.S_IFREG and not _links_guarded():
             # One name is no proof where protected_hardlinks is off: the user links a file
             # of root's here and waits for root to replace the original by a rename (passwd
             # rewrites /etc/shadow so), and the planted name is then the old file's only one
@@ -284,9 +286,8 @@ def _hand_over(path: str, account: Account) -> None:
                 st.st_uid,
             )
             return
-        if ours and st.st_uid != account.uid:
-            # (fchown refuses an O_PATH descriptor; its /proc name is that very file)
-            os.chown(f"/proc/self/fd/{fd}", account.uid, account.gid)
+        # (fchown refuses an O_PATH descriptor; its /proc name is that very file)
+        os.chown(f"/proc/self/fd/{fd}", account.uid, account.gid)
     finally:
         os.close(fd)
 
