@@ -402,9 +402,7 @@ class Session(Commands):
         self._content_octets += len(data)
         out = decoder.feed(data)
         if out:
-            checker.feed(out)
-            if checker.ok:  # once doomed, stop handing out content
-                self._events.append(BodyData(out))
+            self._content(out, checker)
         if decoder.finished:
             self._buf = decoder.rest
             self._decoder = None
@@ -424,9 +422,7 @@ class Session(Commands):
             self._content_octets += len(data)
             checker = self._checker
             if self._bdat_refusal is None and checker is not None:
-                checker.feed(data)
-                if checker.ok:
-                    self._events.append(BodyData(data))
+                self._content(data, checker)
             if self._bdat_remaining:
                 return True
         self._state = _State.COMMAND
@@ -491,6 +487,7 @@ class Session(Commands):
         self._smtputf8 = False
         self._declared_size: int | None = None
         self._body_started = False  # the caller holds partial content
+        self._at_content_start = False  # no piece of the content handed out yet
         self._bdat_used = False
         self._checker = None
 
@@ -543,8 +540,26 @@ class Session(Commands):
 
     def _start_content(self) -> None:
         self._body_started = True
+        self._at_content_start = True
         config = self._config
         self._checker = BodyChecker(config.max_message_size, config.max_text_line)
+
+    def _content(self, piece: bytes, checker: BodyChecker) -> None:
+        """Hand out the next non-empty piece of the message's content, checked.
+
+        Content whose first line starts with a space or a tab has no header section (that line
+        continues no field): it gets an empty line in front, as Postfix's smtpd gives it, so that
+        it becomes body. Without it the line would continue the Received: and
+        Authentication-Results: fields we put above it, and a sender could append to our own
+        verdict (" ; dkim=pass header.d=bank.example").
+        """
+        if self._at_content_start:
+            self._at_content_start = False
+            if piece[:1] in (b" ", b"\t"):
+                piece = b"\r\n" + piece
+        checker.feed(piece)
+        if checker.ok:  # once doomed, stop handing out content
+            self._events.append(BodyData(piece))
 
     def _end_of_content(self, *, last: bool) -> None:
         """A DATA body or a BDAT chunk has been read completely."""

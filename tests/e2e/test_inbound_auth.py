@@ -947,6 +947,27 @@ def test_forged_authentication_results_are_removed(auth_env):
     )
 
 
+def test_a_message_starting_with_whitespace_cannot_continue_our_fields(auth_env):
+    """Content whose first line starts with WSP would, as it stands, continue the last field
+    mailerd puts above it: a sender could append " ; dkim=pass ..." to our own verdict, or text
+    to our Received:. It gets an empty line in front instead (Postfix's smtpd does the same):
+    no header section, the line is body. On both listeners, the checks' verdict intact."""
+    env = auth_env(txt("example.com", SPF_FAIL))
+    appended = b" ; dkim=pass header.d=example.com;\r\n\tdmarc=pass header.from=example.com\r\n"
+    body = appended + message("wsp")
+    sent = env.send(body, sender="ceo@example.com")
+    a = split_stored(env.raw(sent))
+    assert a.after == b"\r\n" + body, a.after[:300]
+    assert_spf(a.auth, "fail", smtp_mailfrom="ceo@example.com")
+    assert_dkim_none(a.auth)
+    assert [r.result for r in a.auth.results if r.method == "dmarc"] != ["pass"], a.auth
+    local = env.send(b"\t(forged by a local client)\r\n" + message("wsp-local"),
+                     sender="ceo@example.com", trusted=True)  # fmt: skip
+    st = split_trace(env.raw(local))
+    assert st.received.endswith(b"\r\n") and b"forged" not in st.received, st.received
+    assert st.rest == b"\r\n" + local.body, st.rest[:300]
+
+
 # --------------------------------------------------------------------------------------------
 # Where and when nothing is checked
 # --------------------------------------------------------------------------------------------

@@ -1194,6 +1194,26 @@ def test_bdat_crlf_may_straddle_chunks_but_bare_ends_are_rejected():
     assert client.messages[0][1] == b"a\r\nbc"
 
 
+@pytest.mark.parametrize("first", [b" ", b"\t"])
+def test_content_starting_with_whitespace_gets_an_empty_line_in_front(first):
+    """A first line that starts with WSP continues no field: it must become body, or it would
+    continue the Received: (and Authentication-Results:) fields put above it (Postfix's smtpd
+    does the same). DATA and BDAT alike, whatever the first piece's size; nothing else moves."""
+    text = first + b"; dkim=pass header.d=bank.example\r\nSubject: s\r\n\r\nbody\r\n"
+    expected = b"\r\n" + text
+    client = Client().transaction()
+    assert client.cmd("DATA").code == 354
+    client.send(text[:1])  # the WSP alone: the decision is on the first octet of content
+    assert client.send(text[1:] + b".\r\n") == [QUEUED]
+    client.transaction("<a@example.org>", "<c@example.net>")
+    assert client.send(b"BDAT 0\r\nBDAT %d LAST\r\n" % len(text) + text)[-1] == QUEUED
+    plain = b"Subject: s\r\n" + text
+    client.transaction("<a@example.org>", "<d@example.net>")
+    assert client.cmd("DATA").code == 354
+    assert client.send(plain + b".\r\n") == [QUEUED]
+    assert [body for _, body in client.messages] == [expected, expected, plain]
+
+
 def test_rset_between_bdat_chunks_aborts():
     client = Client().transaction()
     client.send(b"BDAT 2\r\nab")
