@@ -42,7 +42,11 @@ def serve(settings: Settings, identity: Identity, infd: int = 0, outfd: int = 1)
         verdict = policy.route(address, trusted=True, local_domains=domains)
         return verdict.reply if isinstance(verdict, policy.Refused) else None
 
-    cfg = SessionConfig(hostname=settings.hostname(), max_message_size=settings.max_message_size)
+    cfg = SessionConfig(
+        hostname=settings.hostname(),
+        max_message_size=settings.max_message_size,
+        qualify_domain=settings.domain(),  # (a local program's <root>, as on the local listener)
+    )
     session = Session(cfg, check_recipient)
     pending = bytearray()
     body: list[bytes] = []

@@ -230,7 +230,7 @@ class Commands:
             self._send(MAIL_SYNTAX)
             return
         try:
-            sender, params = parse_mail_from(argument)
+            sender, params = parse_mail_from(argument, self._config.qualify_domain)
         except GrammarError as exc:
             self._send(_grammar_reply(exc, MAIL_SYNTAX, BAD_SENDER))
             return
@@ -278,7 +278,7 @@ class Commands:
             self._send(RCPT_SYNTAX)
             return
         try:
-            recipient, params = parse_rcpt_to(argument)
+            recipient, params = parse_rcpt_to(argument, self._config.qualify_domain)
         except GrammarError as exc:
             self._send(_grammar_reply(exc, RCPT_SYNTAX, BAD_RECIPIENT))
             return

@@ -82,6 +82,10 @@ _PATH_RE = re.compile(
     "@(?P<domain>" + _LAX_DOMAIN + r"(?=\.?>)|" + _ADDRESS_LITERAL + r"(?=>))\.?>"
 )
 _POSTMASTER_RE = re.compile("<(postmaster)>", re.IGNORECASE)
+# A path without a domain (`<root>`): the RFC's grammar has none but <Postmaster>; what a local
+# program gives (Python's smtplib.sendmail("root", ["root"], ...), a cron script, a monitoring
+# tool), qualified where the session is told to (SessionConfig.qualify_domain).
+_BARE_PATH_RE = re.compile("<(?P<local>" + _LAX_DOT_STRING + "|" + _QUOTED + ")>")
 _DOT_STRING_RE = re.compile(_DOT_STRING)
 _QUOTED_PAIR_RE = re.compile(r"\\(.)")
 _FROM_RE = re.compile("FROM: ?", re.IGNORECASE)
@@ -171,12 +175,16 @@ def parse_params(text: str) -> list[Param]:
     return params
 
 
-def _parse_path(text: str) -> tuple[Address, str]:
-    """Parse a Path at the start of text; return the mailbox and what follows."""
+def _parse_path(text: str, bare_domain: str = "") -> tuple[Address, str]:
+    """Parse a Path at the start of text; return the mailbox and what follows. With
+    `bare_domain`, a path of a local part alone gets that domain."""
     match = _PATH_RE.match(text)
-    if match is None:
+    if match is not None:
+        local, domain = match.group("local", "domain")
+    elif bare_domain and (match := _BARE_PATH_RE.match(text)) is not None:
+        local, domain = match.group("local"), bare_domain
+    else:
         raise GrammarError("address", "malformed address")
-    local, domain = match.group("local", "domain")
     if domain[0] == "[" and not is_address_literal(domain):
         raise GrammarError("address", "invalid address literal")
     quoted = local[0] == '"'
@@ -197,23 +205,25 @@ def parse_address(text: str) -> Address:
     return address
 
 
-def parse_mail_from(argument: str) -> tuple[Address | None, list[Param]]:
-    """Parse the MAIL argument "FROM:<reverse-path> [params]"; None is <>."""
+def parse_mail_from(argument: str, bare_domain: str = "") -> tuple[Address | None, list[Param]]:
+    """Parse the MAIL argument "FROM:<reverse-path> [params]"; None is <>. With `bare_domain`,
+    a path without a domain (<root>) is taken as local-part@bare_domain."""
     prefix = _FROM_RE.match(argument)
     if prefix is None:
         raise GrammarError("command", "expected FROM:<address>")
     rest = argument[prefix.end() :]
     if rest.startswith("<>"):
         return None, parse_params(rest[2:])
-    address, rest = _parse_path(rest)
+    address, rest = _parse_path(rest, bare_domain)
     return address, parse_params(rest)
 
 
-def parse_rcpt_to(argument: str) -> tuple[Address, list[Param]]:
+def parse_rcpt_to(argument: str, bare_domain: str = "") -> tuple[Address, list[Param]]:
     """Parse the RCPT argument "TO:<forward-path> [params]".
 
     A bare <Postmaster> (any case) is allowed without a domain (RFC 5321
-    4.1.1.3) and yields Address("Postmaster", "", False) with case kept.
+    4.1.1.3) and yields Address("Postmaster", "", False) with case kept. With `bare_domain`,
+    any other path without a domain (<root>) is taken as local-part@bare_domain.
     """
     prefix = _TO_RE.match(argument)
     if prefix is None:
@@ -222,5 +232,5 @@ def parse_rcpt_to(argument: str) -> tuple[Address, list[Param]]:
     postmaster = _POSTMASTER_RE.match(rest)
     if postmaster is not None:
         return Address(postmaster.group(1), "", False), parse_params(rest[postmaster.end() :])
-    address, rest = _parse_path(rest)
+    address, rest = _parse_path(rest, bare_domain)
     return address, parse_params(rest)

@@ -30,3 +30,8 @@ class SessionConfig:
     tls_required: bool = False  # MAIL needs TLS first
     auth_required: bool = False  # MAIL needs AUTH first
     max_auth_failures: int = 3  # the session ends at this failed AUTH
+    # The domain of a MAIL or RCPT path that has none (`<root>`), as every MTA qualifies a
+    # local program's addresses (Postfix: append_at_myorigin); "" refuses such a path with
+    # 553/501 as RFC 5321 4.1.2 has it, <Postmaster> excepted. Set for the local listener
+    # and `sendmail -bs` only: from the network an unqualified address is a client's error.
+    qualify_domain: str = ""

@@ -347,6 +347,7 @@ def session_config(cfg: Config, listen: ListenAddress) -> SessionConfig:
         auth_in_clear=role == config.LOCAL and ipaddress.ip_address(listen.host).is_loopback,
         tls_required=role == config.SUBMISSION or (role == config.NETWORK and cfg.tls_required),
         auth_required=role in (config.SUBMISSION, config.SUBMISSIONS),
+        qualify_domain=cfg.domains[0] if role == config.LOCAL else "",
     )
 
 

@@ -277,6 +277,19 @@ def test_swaks_through_bs(world, daemon, sendmail):
     assert field(raw, "Subject") == "via -bs" and b"piped" in body(raw)
 
 
+def test_swaks_through_bs_with_unqualified_addresses(world, daemon, sendmail):
+    """`sendmail -bs` qualifies a path without a domain with the first local domain, as the
+    command line does for `sendmail root` (it refused <root> with 553 5.1.3)."""
+    user = daemon.new_user("swaksbare")
+    done = run(
+        ["swaks", "--pipe", f"{sendmail} -bs", "--to", user, "--from", "robot"]
+        + ["--header", "Subject: bare", "--body", "bare"]
+    )
+    assert done.returncode == 0, done.stdout.decode()[-2000:]
+    (raw,) = delivered(daemon, user)
+    assert parse_stored(raw).return_path == b"Return-Path: <robot@example.org>"
+
+
 def test_cron_output_with_a_nul_is_delivered(world, daemon, sendmail):
     """A job's output with a NUL byte in it (`find -print0`, a binary file cat'd, tar's
     names): Debian's cron hands it to `sendmail -FCronDaemon -i -B8BITMIME -oem` as it is.

@@ -418,6 +418,32 @@ def test_postmaster_always_accepted(mailerd: Mailerd, rcpt: str):
         )
 
 
+@pytest.mark.parametrize("host", HOSTS)
+def test_a_local_programs_unqualified_addresses_get_the_first_domain(
+    shared_mailerd: Mailerd, host: str
+):
+    """smtplib.sendmail("root", ["alice"], ...) on the local listener, as monitoring scripts
+    and cron jobs write it: both addresses get the first local domain (Postfix appends
+    @$myorigin), where they were refused 553/550 5.1.3. The network listener still refuses an
+    unqualified recipient (RFC 5321 4.1.2: only <Postmaster> may lack a domain)."""
+    m = shared_mailerd
+    user = m.new_user("bare")
+    body = make_body("bare")
+    with m.smtp(trusted=True, host=host, helo="client.test") as s:
+        assert s.sendmail("robot", [user], body) == {}
+        s.quit()
+    check_stored(only_message(m, user), sender="robot@example.org", helo="client.test", body=body)
+    with m.connect(trusted=False, host=host) as c:
+        c.start()
+        reply = c.cmd("MAIL FROM:<robot>")
+        assert reply.code in (501, 553), reply
+        expect(c.cmd("MAIL FROM:<robot@client.test>"), 250, conn=c)
+        reply = c.cmd(f"RCPT TO:<{user}>")
+        assert reply.code in (501, 550, 553), reply
+        c.cmd("QUIT")
+    assert m.messages(user) == [1]
+
+
 @pytest.mark.parametrize("trusted", LISTENERS)
 def test_unknown_user_rejected(shared_mailerd: Mailerd, trusted: bool):
     m = shared_mailerd

@@ -177,6 +177,26 @@ def test_rcpt_other_local_part_needs_domain():
         parse_rcpt_to("TO:<abuse>")
 
 
+def test_a_path_without_domain_gets_the_bare_domain_when_given():
+    """A local program's <root> (SessionConfig.qualify_domain): the domain given, the local
+    part as written (quoted ones too), parameters kept; <Postmaster> stays the RFC's own, and
+    an empty path or a stray "@" is no address still."""
+    assert parse_rcpt_to("TO:<abuse>", "ex.org") == (Address("abuse", "ex.org", False), [])
+    assert parse_rcpt_to('TO:<"a b">', "ex.org") == (Address("a b", "ex.org", True), [])
+    assert parse_rcpt_to("TO:<Postmaster>", "ex.org") == (Address("Postmaster", "", False), [])
+    assert parse_mail_from("FROM:<root> SIZE=10", "ex.org") == (
+        Address("root", "ex.org", False),
+        [("SIZE", "10")],
+    )
+    assert parse_mail_from("FROM:<>", "ex.org") == (None, [])
+    assert parse_rcpt_to("TO:<a@b>", "ex.org") == (Address("a", "b", False), [])
+    for bad in ("TO:<>", "TO:<a@>", "TO:<@ex.org>", "TO:<a b>", "TO:root"):
+        with pytest.raises(GrammarError):
+            parse_rcpt_to(bad, "ex.org")
+    with pytest.raises(GrammarError):
+        parse_mail_from("FROM:<root>")
+
+
 def test_rcpt_null_path_is_not_a_recipient():
     with pytest.raises(GrammarError):
         parse_rcpt_to("TO:<>")
