@@ -112,6 +112,7 @@ def fsync_all(fds: list[int]) -> None:
 
 
 def write_all(fd: int, data: bytes) -> None:
+    """All of `data` to `fd` (os.write() may take only part of it)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

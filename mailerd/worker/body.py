@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from mailerd.durable import write_all
 from mailerd.ipc.channel import MAX_INLINE
 
 
@@ -23,9 +24,9 @@ class BodyBuffer:
             return
         if self._fd is None:
             self._fd = os.open(self._spill_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-            _write_all(self._fd, bytes(self._memory))
+            write_all(self._fd, bytes(self._memory))
             self._memory = bytearray()
-        _write_all(self._fd, data)
+        write_all(self._fd, data)
 
     def take(self) -> tuple[bytes, int | None]:
         """Hand over the body (bytes, or a descriptor the caller now owns) and reset."""
@@ -37,10 +38,3 @@ class BodyBuffer:
         if self._fd is not None:
             os.close(self._fd)
         self._memory, self._fd = bytearray(), None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """All of `data` to `fd` (os.write() may take only part of it)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
