@@ -24,6 +24,7 @@ __all__ = [
     "HopCounter",
     "loop_problem",
     "received_fields",
+    "starts_no_field",
 ]
 
 _END = b"\r\n.\r\n"
@@ -49,6 +50,21 @@ _UNDECIDED = re.compile(
     rb"\r\n(?:\r|r(?:e(?:c(?:e(?:i(?:v(?:e(?:d[ \t]*)?)?)?)?)?)?)?)?", re.IGNORECASE
 )
 _NAME_WSP = len(b"\r\nreceived ")  # such a tail with its WSP run cut to one octet
+
+# The octets a message's first line may begin with and be read as a line of its own by every
+# reader: a field name's (RFC 5322 ftext, printable ASCII but the colon), or the CR of the
+# empty line that ends an empty header section.
+_OWN_LINE_STARTS = (frozenset(range(0x21, 0x7F)) - {ord(":")}) | {ord("\r")}
+
+
+def starts_no_field(content: bytes) -> bool:
+    """Does the content's first line begin with an octet no field name begins with? Such a
+    line is no field, and a reader may take it for the continuation of the field above it:
+    SP and HTAB are RFC 5322's fold, and readers fold on more, VT, FF and a no-break space
+    (JavaScript's \\s, which mailauth's and libmime's unfolding use). The message then needs
+    an empty line in front, or the line continues the last field mailerd puts above it. Any
+    such octet is taken alike, so the answer is the first octet's, whatever the pieces."""
+    return bool(content) and content[0] not in _OWN_LINE_STARTS
 
 
 def _held_back(buf: bytes) -> int:

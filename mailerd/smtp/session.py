@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from . import auth
 from .commands import Commands, is_auth_line
-from .data import BodyChecker, DataDecoder
+from .data import BodyChecker, DataDecoder, starts_no_field
 from .events import (
     NEED_DATA,
     PAUSED,
@@ -551,11 +551,14 @@ class Session(Commands):
         continues no field): it gets an empty line in front, as Postfix's smtpd gives it, so that
         it becomes body. Without it the line would continue the Received: and
         Authentication-Results: fields we put above it, and a sender could append to our own
-        verdict (" ; dkim=pass header.d=bank.example").
+        verdict (" ; dkim=pass header.d=bank.example"). So does content whose first line starts
+        with any other octet that no field name starts with (`data.starts_no_field`): a reader
+        of JavaScript's white space folds on a VT, a FF or a no-break space too (an attacker's
+        pass appended the verdict after a VT, in mailauth's reading).
         """
         if self._at_content_start:
             self._at_content_start = False
-            if piece[:1] in (b" ", b"\t"):
+            if starts_no_field(piece):
                 piece = b"\r\n" + piece
         checker.feed(piece)
         if checker.ok:  # once doomed, stop handing out content

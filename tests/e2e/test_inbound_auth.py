@@ -968,6 +968,20 @@ def test_a_message_starting_with_whitespace_cannot_continue_our_fields(auth_env)
     assert st.rest == b"\r\n" + local.body, st.rest[:300]
 
 
+@pytest.mark.parametrize("first", [b"\x0b", b"\x0c", b"\xc2\xa0", b"\xa0"])
+def test_a_message_starting_with_other_white_space_cannot_continue_our_fields(auth_env, first):
+    """As above, for the white space other readers fold on: mailauth and libmime unfold any
+    line that starts with JavaScript's \\s (VT, FF, a no-break space), and read the line after
+    a VT as part of our verdict (an attacker's pass: " ; dkim=pass" after a VT was kept right
+    below our Authentication-Results:). Any first octet no field name starts with is taken so."""
+    env = auth_env(txt("example.com", SPF_FAIL))
+    appended = first + b"; dkim=pass header.d=example.com; dmarc=pass header.from=example.com\r\n"
+    body = appended + message("other-white-space")
+    a = split_stored(env.raw(env.send(body, sender="ceo@example.com")))
+    assert a.after == b"\r\n" + body, a.after[:300]
+    assert [r.result for r in a.auth.results if r.method == "dmarc"] != ["pass"], a.auth
+
+
 # --------------------------------------------------------------------------------------------
 # Where and when nothing is checked
 # --------------------------------------------------------------------------------------------

@@ -1194,11 +1194,13 @@ def test_bdat_crlf_may_straddle_chunks_but_bare_ends_are_rejected():
     assert client.messages[0][1] == b"a\r\nbc"
 
 
-@pytest.mark.parametrize("first", [b" ", b"\t"])
+@pytest.mark.parametrize("first", [b" ", b"\t", b"\x0b", b"\x0c", b"\xc2\xa0", b"\xa0", b":"])
 def test_content_starting_with_whitespace_gets_an_empty_line_in_front(first):
     """A first line that starts with WSP continues no field: it must become body, or it would
     continue the Received: (and Authentication-Results:) fields put above it (Postfix's smtpd
-    does the same). DATA and BDAT alike, whatever the first piece's size; nothing else moves."""
+    does the same). So must one that starts with other white space a reader folds on (VT, FF,
+    a no-break space), or any octet no field name starts with. DATA and BDAT alike, whatever
+    the first piece's size; nothing else moves."""
     text = first + b"; dkim=pass header.d=bank.example\r\nSubject: s\r\n\r\nbody\r\n"
     expected = b"\r\n" + text
     client = Client().transaction()
