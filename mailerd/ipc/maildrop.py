@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from mailerd import trace
-from mailerd.smtp.data import BodyChecker
+from mailerd.smtp.data import BodyChecker, starts_no_field
 from mailerd.smtp.grammar import GrammarError, parse_address
 
 MAILDROP = "maildrop"  # below the queue directory
@@ -234,6 +234,10 @@ def read(directory: int, name: str, max_size: int) -> Submission:
     if size > max_size:
         raise TooBig(replace(submission, message=_header_section(message)), size, max_size)
     _check_message(message, max_size)
+    if starts_no_field(message):
+        # (As SMTP's session does: a first line that is no field would continue the Received:
+        # put above it; a local user wrote " (mailerd, from userid 0)" below the uid of ours.)
+        submission = replace(submission, message=b"\r\n" + message)
     return submission
 
 

@@ -102,6 +102,24 @@ def test_a_bad_entry_is_logged_once_and_removed_and_the_pickup_goes_on(mailerd, 
     assert not list((m.queue / "msg").iterdir())  # (no debris of a failed queue write)
 
 
+@pytest.mark.parametrize("first", [b" ", b"\t", b"\x0c"])
+def test_a_message_starting_with_white_space_cannot_continue_our_received(mailerd, first):
+    """A maildrop file's message is written below our Received: (the uid that submitted it)
+    as the SMTP session's is below ours: a first line that is no field gets an empty line in
+    front there too. Written by a local user straight into the maildrop, past `sendmail`,
+    " (mailerd, from userid 0)" was read as part of our field, below the real uid."""
+    m: Mailerd = mailerd
+    user = m.new_user("ws")
+    message = first + b"(mailerd, from userid 4242)\r\nSubject: s\r\n\r\nbody\r\n"
+    maildrop.submit(str(m.queue), "root@example.org", [f"{user}@example.org"], message)
+    maildrop.poke(str(m.queue))
+    assert m.wait_messages(user, 1) == [1], m.stderr_text()[-2000:]
+    stored = m.read(user, 1)
+    received = stored.split(b"\r\n", 1)[1]  # (after Return-Path:)
+    assert received.startswith(b"Received: by ") and b"from userid 0)\r\n\tid " in received
+    assert received.split(b"\r\n", 2)[2] == b"\r\n" + message, stored
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_bad_entry_at_start_up_does_not_keep_the_scheduler_from_starting(mailerd, kind):
     """The first look runs before the scheduler's first attempt: what it meets must not keep
