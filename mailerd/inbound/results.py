@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from authres.core import AuthenticationResult, AuthenticationResultProperty
 
 from mailerd import headers
-from mailerd.inbound.dmarc import DmarcResult
+from mailerd.inbound.dmarc import DmarcResult, is_dns_name
 from mailerd.inbound.sender_policy import SpfResult
 from mailerd.inbound.signatures import DkimResult
 
@@ -63,9 +63,9 @@ def _identity_value(result: SpfResult) -> str:
 
 def _dkim(result: DkimResult) -> str:
     properties = []
-    if _NAME.fullmatch(result.domain):
+    if _dns_name(result.domain):
         properties.append(_property("header", "d", result.domain))
-    if _NAME.fullmatch(result.selector):
+    if _dns_name(result.selector):
         properties.append(_property("header", "s", result.selector))
     if _BASE64.fullmatch(result.b):
         properties.append(_property("header", "b", result.b))
@@ -77,16 +77,43 @@ def _dkim(result: DkimResult) -> str:
     )
 
 
+def _dns_name(value: str) -> bool:
+    """May a signature's d= or s= be shown: a name (`_NAME`) that the DNS could hold, of 253
+    octets at most and labels of 63? Only the line's length is at stake: a sender's d= and s=
+    of 900 octets each (one line each of theirs) made one line of ours 1,881 octets long, where
+    RFC 5322 2.1.1 allows 998."""
+    return bool(_NAME.fullmatch(value)) and is_dns_name(value.removesuffix("."))
+
+
+# Octets of header.from's domains shown at most: a From: of ten author domains of 253 octets
+# each (`headers.MAX_AUTHOR_DOMAINS`) made a line of 2,550, where RFC 5322 2.1.1 allows 998.
+FROM_SHOWN_MAX = 800
+
+
 @functools.lru_cache(maxsize=256)
 def _dmarc(result: DmarcResult) -> str:
     comment = f"p={result.policy} dis={result.disposition}" if result.policy else None
-    shown = [d for d in result.from_domain.split(",") if _NAME.fullmatch(d)]
+    shown = _within(
+        FROM_SHOWN_MAX, [d for d in result.from_domain.split(",") if _NAME.fullmatch(d)]
+    )
     properties = [_property("header", "from", ",".join(shown))] if shown else []
     return str(
         AuthenticationResult(
             "dmarc", result=result.result, result_comment=comment, properties=properties
         )
     )
+
+
+def _within(limit: int, domains: list[str]) -> list[str]:
+    """The first of `domains` whose list, joined by commas, is `limit` octets at most."""
+    shown: list[str] = []
+    size = -1
+    for domain in domains:
+        size += 1 + len(domain)
+        if size > limit:
+            break
+        shown.append(domain)
+    return shown
 
 
 def _property(kind: str, name: str, value: str) -> AuthenticationResultProperty:

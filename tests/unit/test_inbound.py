@@ -596,6 +596,32 @@ def test_forged_fields_with_our_id_are_removed_others_kept(dns_server):
     assert run_check(dns_server, message("a@sender.example"), sender="").content is None
 
 
+@pytest.mark.parametrize("authors", [1, 11])
+def test_no_line_of_the_field_is_longer_than_998_octets(dns_server, authors):
+    """What a sender writes shown in our field keeps each of its lines within RFC 5322's 998
+    octets: a signature's d= and s= of 900 octets each (each on its own line of the sender's,
+    which SMTP's 1,000 allow) made a line of 1,881, and a From: of more author domains than
+    are judged, each of 253 octets, a line of 2,550. A d= or s= no DNS name can be is not
+    shown (the signature is still told apart by its b=), nor the domains past 800 octets."""
+    long_d, long_s = "d" * 900 + ".example", "s" * 900
+    label = "a" * 60
+    domains = [".".join([f"{label[:-2]}{i:02d}", label, label, label]) + ".example"
+               for i in range(authors)]  # fmt: skip
+    incoming = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; h=from;\r\n"
+        + f" d={long_d};\r\n s={long_s};\r\n bh=AAAA; b=QUJDRA\r\n".encode()
+        + b"From: "
+        + b",\r\n ".join(f"x@{d}".encode() for d in domains)
+        + b"\r\nSubject: hi\r\n\r\nbody\r\n"
+    )
+    verdict = run_check(dns_server, incoming, sender="a@sender.example")
+    lines = verdict.header.split("\r\n")
+    assert max(len(line.encode()) for line in lines) <= 998, [len(line) for line in lines]
+    dkim = next(line for line in lines if line.lstrip().startswith("dkim="))
+    assert "header.b=QUJDRA" in dkim and long_d not in dkim and long_s not in dkim, dkim
+    assert domains[0] in verdict.header, verdict.header  # (the first is shown)
+
+
 def test_a_field_whose_id_is_behind_a_long_comment_is_removed_unread():
     """A reviewer's finding: a comment of 250 KB, "((((...", was read a byte at a time in the
     event loop, twice a message (60 ms each): every session of the worker waited. Past
