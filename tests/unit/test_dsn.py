@@ -331,6 +331,16 @@ def test_undecodable_original_headers_become_valid_utf8():
     assert "Subject: caf\ufffd" in raw.decode("utf-8")
 
 
+def test_undecodable_original_headers_keep_their_lines_legal():
+    """Each octet that is no UTF-8 becomes U+FFFD, three octets: a returned header line of 990
+    such octets (under SMTP's 1,000) made a line of 2,950 in the notification. Cut again."""
+    raw = compose(original=b"Subject: " + b"\xff" * 980 + b"\r\nTo: <a@example.org>\r\n\r\nx\r\n")
+    assert max(len(line) for line in lines(raw)) <= 998
+    returned = raw.decode("utf-8").split("\r\n")
+    assert any(line.startswith("Subject: \ufffd\ufffd") for line in returned)
+    assert "To: <a@example.org>" in returned
+
+
 # --- injection -----------------------------------------------------------------------------
 
 
