@@ -536,6 +536,31 @@ def qualify_field(field: Field, domain: Callable[[], str]) -> Field:
 MAX_QUALIFIED = 4096  # octets of a field whose addresses `qualify_field` completes
 
 
+def qualify_header(section: bytes, domain: Callable[[], str]) -> bytes | None:
+    """A header section as SMTP delivered it (CRLF line ends, through the CRLF of its last
+    field) with DOMAIN added to the addresses of its address fields that have none, field by
+    field as `qualify_field` does; None when no field changes (most messages: then nothing is
+    parsed). For a local program's SMTP mail (`From: root`, as a script's smtplib writes it),
+    which Postfix's cleanup qualifies as it does sendmail's: the delivery process applies it
+    to the copy that leaves."""
+    lines = section.split(b"\r\n")
+    out: list[bytes] = []
+    changed = False
+    i = 0
+    while i < len(lines):
+        field = [lines[i]]
+        i += 1
+        while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
+            field.append(lines[i])
+            i += 1
+        if _FIELD_NAME.match(field[0]) and field_name(field) in _ADDRESS_FIELDS:
+            qualified = qualify_field(field, domain)
+            changed = changed or qualified is not field
+            field = qualified
+        out += field
+    return b"\r\n".join(out) if changed else None
+
+
 def _folds(field: Field) -> bool:
     """Whether `fold_field` folds the field at white space alone (inserting nothing)."""
     return b"".join(fold_field(field)) == b"".join(field)

@@ -44,6 +44,7 @@ from mailerd import (
     trace,
 )
 from mailerd.aliases import normal_address
+from mailerd.commands.sendmail import qualify_header
 from mailerd.config import Config, ConfigError
 from mailerd.delivery.pickup import Pickup, Taken
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
@@ -301,11 +302,12 @@ class DeliveryService:
         remote = [Recipient(address, via=via) for address, via in forwarded_by.items()]
         if remote:
             item = self._item(queue_id, request, remote)
-            completion = self._completion(request, queue_id, body)
-            head = received + await self._signature(queue_id, request, completion, body)
+            outgoing = await self._outgoing(request, body)
+            completion = self._completion(request, queue_id, outgoing)
+            head = received + await self._signature(queue_id, request, completion, outgoing)
             head += completion
             try:
-                await self._in_thread(self.queue.put, item, head, body)
+                await self._in_thread(self.queue.put, item, head, outgoing)
             except OSError as exc:
                 log.error("%s: queue write failed: %s", queue_id, exc)
                 return intake.storage_reply(exc)
@@ -380,6 +382,17 @@ class DeliveryService:
             ours.close()
             return
         channel.send({"id": header.get("id"), **WriterChannelGiven().encode()}, fd=ours.detach())
+
+    async def _outgoing(self, request: Commit, body: durable.Body) -> durable.Body:
+        """The body of the copy that leaves: a trusted client's with the addresses of its
+        header's address fields qualified where they lack a domain (`From: root`, which
+        receivers refuse), as `sendmail` and Postfix's cleanup do for local mail; others' as
+        received. In a thread: the parser reads such a field at about 0.1 ms an address."""
+        if not request.trusted:
+            return body
+        domain: str = self.cfg.domains[0]
+        outgoing: durable.Body = await self._in_thread(qualified_body, body, domain)
+        return outgoing
 
     def _completion(self, request: Commit, queue_id: str, body: durable.Body) -> bytes:
         """Date:/Message-ID:/From: for a submission from a local program that lacks them, as an
@@ -462,6 +475,20 @@ class DeliveryService:
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
+
+
+def qualified_body(body: durable.Body, domain: str) -> durable.Body:
+    """`body` with DOMAIN added to its header's addresses that have none
+    (sendmail.qualify_header), or `body` itself when none lacks one or the header section
+    does not end within what is scanned (a field cut there is not read)."""
+    scan = durable.head(body, headers.SCAN)
+    end = headers.section_end(scan)
+    if end == len(scan) == headers.SCAN:
+        return body
+    section = qualify_header(scan[:end], lambda: domain)
+    if section is None:
+        return body
+    return section + durable.read_body(body)[end:]
 
 
 def sign_outgoing(

@@ -104,7 +104,8 @@ class FailedCopy:
 class Commit(Message):
     """A finished message (the body beside it) to make durable for every target: remote ones
     into the queue, local ones into their mailboxes. `trusted`: from a trusted listener (the
-    outgoing copy then gets a Date:/Message-ID: it lacks)."""
+    outgoing copy then gets a Date:/Message-ID: it lacks, and a domain for its header's bare
+    addresses)."""
 
     op: ClassVar[str] = "commit"
     sender: str  # "" for <>

@@ -612,6 +612,34 @@ def test_a_missing_from_is_the_sender_and_signed(internet: Internet, signer: Mai
         assert "from" in signed_names(raw), signed_names(raw)
 
 
+def test_a_local_programs_bare_addresses_are_qualified_and_signed(
+    internet: Internet, signer: Mailerd
+):
+    """A script's smtplib.sendmail("root", [rcpt], "From: root\\r\\nCc: admin (Ops)...") on the
+    local listener: the envelope sender and the header's bare addresses get the first local
+    domain on the copy that leaves, as sendmail's and Postfix's cleanup's (Gmail refuses a
+    From: without a domain, and without one there is nothing to sign for); addresses that
+    have one, and the rest of the message, stay as written. The local copy is not changed."""
+    rcpt = f"{token('bare')}@rcpt.test"
+    body = crlf("From: root", f"To: <{rcpt}>", "Cc: admin (Ops), <x@rcpt.test>",
+                "Subject: bare", "", "From: body text stays")  # fmt: skip
+    submit(signer, "root", [rcpt, "postmaster"], body)
+    data = delivered(internet, signer, "mx1", rcpt)
+    fields, rest = split(data)
+    by_name = {n: raw for n, raw in fields}
+    assert by_name["from"] == b"From: root@example.org", fields
+    assert by_name["cc"] == b"Cc: admin@example.org (Ops), <x@rcpt.test>", fields
+    assert by_name["to"] == f"To: <{rcpt}>".encode() and rest == b"From: body text stays\r\n"
+    check_signatures(internet, data)
+    box = signer.spool / "postmaster"
+
+    def local_copy() -> bool:  # (the mailbox may hold other tests' mail: this message's copy)
+        found = box.glob("[0-9]*") if box.is_dir() else []
+        return any(f.read_bytes().endswith(body) for f in found if f.name.isdigit())
+
+    assert wait_until(local_copy, timeout=10), "the local copy must be stored as received"
+
+
 def test_sendmail_maildrop_mail_is_signed(internet: Internet, signer: Mailerd, tmp_path: Path):
     """`mailerd sendmail` (the maildrop, then the pickup) with LF line ends and no Date: or
     Message-ID: (sendmail adds them): signed like SMTP submissions."""

@@ -1034,3 +1034,40 @@ def test_a_full_name_that_is_not_utf8_is_read_as_latin1(conf, queue):
     assert run(conf, ["-F", "J\udcf6rg", "-i", "bob@example.org"], b"x\n") == 0
     value = field(only(queue).message, "From")
     assert str(make_header(decode_header(value))) == "Jörg <root@example.org>"
+
+
+def test_qualify_header_completes_an_smtp_messages_address_fields():
+    """qualify_header (the delivery process's, for a trusted client's copy that leaves):
+    only address fields change, continuation lines stay with their field, a line of no field
+    is kept, and a header with nothing to add gives None (nothing to copy)."""
+    domain = lambda: "example.org"  # noqa: E731
+    section = (
+        b"From: root\r\nSubject: root\r\nX-Note: no field follows\r\nTo: a@x.example,\r\n"
+        b" bob\r\nnot a field\r\nReply-To: <ops>\r\n"
+    )
+    assert sendmail.qualify_header(section, domain) == (
+        b"From: root@example.org\r\nSubject: root\r\nX-Note: no field follows\r\n"
+        b"To: a@x.example,\r\n bob@example.org\r\nnot a field\r\nReply-To: <ops@example.org>\r\n"
+    )
+    assert sendmail.qualify_header(b"From: a@b.example\r\nSubject: root\r\n", domain) is None
+    assert sendmail.qualify_header(b"", domain) is None
+
+
+def test_the_outgoing_body_is_qualified_from_memory_or_file(tmp_path):
+    """delivery.process.qualified_body: bytes or a descriptor alike; a header section that
+    does not end within what is scanned is left (a field cut there is not read)."""
+    from mailerd.delivery.process import qualified_body
+
+    message = b"From: root\r\nTo: x@y.example\r\n\r\nFrom: body\r\n"
+    expected = b"From: root@example.org\r\nTo: x@y.example\r\n\r\nFrom: body\r\n"
+    assert qualified_body(message, "example.org") == expected
+    path = tmp_path / "body"
+    path.write_bytes(message)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert qualified_body(fd, "example.org") == expected
+    finally:
+        os.close(fd)
+    endless = b"From: root\r\n" + b"X-Pad: " + b"p" * headers.SCAN + b"\r\n\r\nbody\r\n"
+    assert qualified_body(endless, "example.org") == endless
+    assert qualified_body(b"\r\nFrom: root\r\n", "example.org") == b"\r\nFrom: root\r\n"
