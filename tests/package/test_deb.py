@@ -608,11 +608,11 @@ class Received:
 class FakeMX:
     """An aiosmtpd receiver standing in for the smarthost / the recipient's MX."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, port: int = 0) -> None:
         from aiosmtpd.controller import Controller
 
         self.messages: list[Received] = []
-        self.port = free_port(host)
+        self.port = port or free_port(host)
         mx = self
 
         class Handler:
