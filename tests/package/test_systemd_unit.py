@@ -242,8 +242,11 @@ class Container(Target):
             return _text(up.stdout).strip()
 
         said = wait_until(state, BOOT_TIMEOUT, 0.1)
-        assert said == "running", f"the container's systemd is {said!r}:\n" + self.out(
-            ["systemctl", "--failed", "--no-pager"], check=False
+        # "degraded": one of the machine's own units failed to start in a container (its
+        # business, not the unit's under test, which is not installed yet): booted all the same.
+        assert said in ("running", "degraded"), (
+            f"the container's systemd is {said!r}:\n"
+            + self.out(["systemctl", "--failed", "--no-pager"], check=False)
         )
 
     def prefix(self) -> list[str]:
