@@ -518,7 +518,14 @@ def from_values(raw: dict[str, object], config_file: Path | None) -> Config:
     unlistened = ""
     if network is None:
         iface = str(raw.get("interface") or host.default_interface() or "")
-        network = [ListenAddress(h, port, NETWORK) for h in host.interface_addresses(iface)]
+        try:
+            addresses = host.interface_addresses(iface)
+        except OSError as exc:  # (netlink refused: a sandbox, RestrictAddressFamilies=)
+            raise ConfigError(
+                f"listen-network: cannot read the addresses of interface {iface} ({exc}); "
+                "name the addresses to listen on"
+            ) from None
+        network = [ListenAddress(h, port, NETWORK) for h in addresses]
         if not network:
             unlistened = f"interface {iface} has no address" if iface else "no default route"
     submission = _listen_list(

@@ -360,3 +360,19 @@ def test_behind_a_nat_only_the_network_listeners_private_address_gets_srv_record
     assert addresses == ["203.0.113.5"]
     found = [str(a) for a in dnsrecords.submission_listeners(cfg, addresses)]
     assert found == ["10.0.0.5:465"]
+
+
+def test_unreadable_interface_addresses_are_a_config_error(monkeypatch):
+    """The default network listener's addresses come from netlink (psutil); where sockets of
+    that family are refused (a sandbox: systemd's RestrictAddressFamilies= without AF_NETLINK)
+    mailerd said so with a traceback. Now a message naming the way out, at start and reload."""
+    import psutil
+
+    def refused() -> dict:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(psutil, "net_if_addrs", refused)
+    with pytest.raises(ConfigError, match="listen-network: cannot read the addresses of"):
+        config.load(["-i", "eth0", "-d", "example.org"])
+    named = config.load(["-n", "192.0.2.1", "-d", "example.org"])
+    assert [a.host for a in named.listeners if a.role == config.NETWORK] == ["192.0.2.1"]
