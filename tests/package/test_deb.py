@@ -67,6 +67,8 @@ import pytest
 from dnsserver import DNSServer, Records
 from harness import wait_until
 
+from .conftest import version
+
 REPO = Path(__file__).resolve().parents[2]
 
 USER = "mdpkgtest"  # the local recipient; created for the test, removed after
@@ -127,13 +129,6 @@ pytestmark = [
         reason="not a Debian system (no dpkg/apt-get)",
     ),
 ]
-
-
-def version() -> str:
-    text = (REPO / "mailerd" / "__init__.py").read_text()
-    match = re.search(r'^__version__ = "([^"]+)"', text, re.M)
-    assert match, "no __version__ in mailerd/__init__.py"
-    return match.group(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,58 +430,6 @@ def make_target() -> Target:
 # --------------------------------------------------------------------------------------------
 # Fixtures: the .deb, the machine it goes on, the fake MX
 # --------------------------------------------------------------------------------------------
-
-
-def private_clone(home: Path) -> Path:
-    """The checkout's files (tracked, and new ones not ignored) copied below `home`, made mode
-    0700 as root's home is: what `git clone` into /root gives, with this tree's changes."""
-    home.mkdir(parents=True, exist_ok=True)
-    home.chmod(0o700)
-    listed = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    clone = home / "mailerd"
-    for name in filter(None, listed.decode().split("\0")):
-        source = REPO / name
-        if source.is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, clone / name)
-    return clone
-
-
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory) -> Path:
-    """Built from a private clone: lintian runs as nobody, who cannot enter root's home."""
-    out = tmp_path_factory.mktemp("deb")
-    clone = private_clone(tmp_path_factory.mktemp("private") / "home")
-    # A TMPDIR of its own, that nobody, who runs lintian, may not enter (root's with
-    # libpam-tmpdir: /tmp/user/0, 0700): the build goes elsewhere.
-    temporary = Path(tempfile.mkdtemp(prefix="mailerd-test-tmpdir."))
-    lintian_leftovers = set(Path("/tmp").glob("mldbm-*"))
-    try:
-        result = subprocess.run(
-            [str(clone / "scripts" / "build-deb"), str(out)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "TMPDIR": str(temporary)},
-        )
-        left = list(temporary.iterdir())
-    except subprocess.TimeoutExpired:
-        pytest.fail("scripts/build-deb took more than 10 minutes")
-    finally:
-        shutil.rmtree(temporary)
-    assert result.returncode == 0, f"scripts/build-deb failed:\n{result.stderr[-6000:]}"
-    # It leaves nothing in the temporary directory, nor lintian's files in /tmp.
-    assert not left, left
-    new = set(Path("/tmp").glob("mldbm-*")) - lintian_leftovers
-    assert not new, new
-    path = Path(result.stdout.strip().splitlines()[-1])
-    assert path.name == f"mailerd_{version()}_all.deb", path
-    assert path.is_file(), path
-    return path
 
 
 @dataclass

@@ -62,7 +62,6 @@ import pytest
 from dnsserver import DNSServer, Records
 from harness import wait_until
 
-from . import test_deb
 from .test_deb import (
     ENV,
     QUEUE,
@@ -107,7 +106,6 @@ BOOT_TIMEOUT = 60.0
 DOWNLOAD_TIMEOUT = 300.0
 IO_TIMEOUT = 15.0
 
-deb = test_deb.deb  # the fixture that builds the package (scripts/build-deb), test_deb.py's
 
 pytestmark = [
     pytest.mark.slow,
