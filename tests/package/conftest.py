@@ -3,6 +3,7 @@ and test_systemd_unit.py install the same .deb)."""
 
 from __future__ import annotations
 
+import email.utils
 import os
 import re
 import shutil
@@ -41,11 +42,42 @@ def private_clone(home: Path) -> Path:
     return clone
 
 
+UPGRADE_SUFFIX = "+upgradetest1"  # the upgraded package's version: the same code, later
+
+
 @pytest.fixture(scope="session")
 def deb(tmp_path_factory) -> Path:
     """Built from a private clone: lintian runs as nobody, who cannot enter root's home."""
-    out = tmp_path_factory.mktemp("deb")
     clone = private_clone(tmp_path_factory.mktemp("private") / "home")
+    return build_deb(clone, tmp_path_factory.mktemp("deb"), version())
+
+
+@pytest.fixture(scope="session")
+def upgrade_deb(tmp_path_factory) -> Path:
+    """The same package at a later version (mailerd.__version__ and a debian/changelog entry
+    of its own, UPGRADE_SUFFIX added): what an upgrade installs over `deb`."""
+    clone = private_clone(tmp_path_factory.mktemp("private-upgrade") / "home")
+    later = version() + UPGRADE_SUFFIX
+    init = clone / "mailerd" / "__init__.py"
+    text = init.read_text()
+    init.write_text(re.sub(r'^__version__ = "[^"]+"', f'__version__ = "{later}"', text, flags=re.M))
+    changelog = clone / "debian" / "changelog"
+    text = changelog.read_text()
+    # (signed as the last entry is: lintian takes another name for a non-maintainer upload)
+    # and dated now (lintian: a later entry must have a later date)
+    signer = next(line for line in text.splitlines() if line.startswith(" -- "))
+    trailer = signer.split("  ")[0] + "  " + email.utils.formatdate()
+    entry = (
+        f"mailerd ({later}) unstable; urgency=medium\n\n"
+        "  * The same code at a later version: tests/package's upgrade.\n\n"
+        f"{trailer}\n\n"
+    )
+    changelog.write_text(entry + text)
+    return build_deb(clone, tmp_path_factory.mktemp("deb-upgrade"), later)
+
+
+def build_deb(clone: Path, out: Path, expected_version: str) -> Path:
+    """scripts/build-deb of `clone` into `out`; the .deb's path."""
     # A TMPDIR of its own, that nobody, who runs lintian, may not enter (root's with
     # libpam-tmpdir: /tmp/user/0, 0700): the build goes elsewhere.
     temporary = Path(tempfile.mkdtemp(prefix="mailerd-test-tmpdir."))
@@ -69,6 +101,6 @@ def deb(tmp_path_factory) -> Path:
     new = set(Path("/tmp").glob("mldbm-*")) - lintian_leftovers
     assert not new, new
     path = Path(result.stdout.strip().splitlines()[-1])
-    assert path.name == f"mailerd_{version()}_all.deb", path
+    assert path.name == f"mailerd_{expected_version}_all.deb", path
     assert path.is_file(), path
     return path

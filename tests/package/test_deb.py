@@ -13,7 +13,9 @@ the local domain, a smarthost that is an aiosmtpd receiver run by the test, a DN
 runs: tests/dnsserver.py, with no records), and driven through
 ``/etc/init.d/mailerd``: start (the waiting mail is delivered), deliver one message to a local
 user, mail root with ``mail`` (bsd-mailx, installed with apt), ``mailq``, ``newaliases`` (the
-daemon reloads the aliases), relay one to the fake MX, reload after adding a domain, status,
+daemon reloads the aliases), relay one to the fake MX, upgrade to the same code at a later
+version (``conftest.upgrade_deb``) with a message waiting in the queue (its MX down: it leaves
+afterwards; the configuration, aliases and mailboxes kept), reload after adding a domain, status,
 stop; ``dpkg-reconfigure`` keeps a hand-edited /etc/mailname; then ``apt-get purge mailerd`` —
 which must remove the configuration, the queue and the debconf answers but never the users'
 mailboxes nor /etc/mailname — and the test removes what it made itself (its user and that
@@ -62,6 +64,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dnsserver import DNSServer, Records
@@ -552,9 +555,8 @@ class FakeMX:
     """An aiosmtpd receiver standing in for the smarthost / the recipient's MX."""
 
     def __init__(self, host: str, port: int = 0) -> None:
-        from aiosmtpd.controller import Controller
-
         self.messages: list[Received] = []
+        self.host = host
         self.port = port or free_port(host)
         mx = self
 
@@ -565,11 +567,21 @@ class FakeMX:
                 )
                 return "250 2.0.0 Ok: queued"
 
-        self.controller = Controller(Handler(), hostname=host, port=self.port)
+        self.handler = Handler()
+        self.controller: Any = None
+        self.start()
+
+    def start(self) -> None:
+        """Serving (again: an aiosmtpd Controller does not start twice, so a new one)."""
+        from aiosmtpd.controller import Controller
+
+        self.controller = Controller(self.handler, hostname=self.host, port=self.port)
         self.controller.start()
 
     def stop(self) -> None:
-        self.controller.stop()
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
 
 
 @pytest.fixture
@@ -664,7 +676,9 @@ def test_man_page_documents_every_option():
     assert not missing, f"docs/mailerd.8 does not document {missing}"
 
 
-def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX, dns_server: DNSServer):
+def test_install_run_reload_stop_purge(
+    machine: Machine, fake_mx: FakeMX, dns_server: DNSServer, upgrade_deb: Path
+):
     t = machine.target
     ports = {"local": free_port("127.0.0.1"), "network": free_port("127.0.0.1")}
 
@@ -817,6 +831,9 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX, dns_se
         "the relayed message is still queued" + queue_state(t)
     )
 
+    # -- upgrade, with a message waiting in the queue ---------------------------------------
+    master = check_upgrade(machine, ports, fake_mx, upgrade_deb, master, box)
+
     # -- reload after adding a domain ------------------------------------------------------
     assert rcpt_code(ports["network"], f"{USER}@{DOMAIN2}") == 554, "not a local domain yet"
     t.write(CONF, config_text(ports, [DOMAIN, DOMAIN2], fake_mx.port, dns_server.port).encode())
@@ -927,6 +944,54 @@ def test_install_run_reload_stop_purge(machine: Machine, fake_mx: FakeMX, dns_se
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def check_upgrade(
+    machine: Machine, ports: dict[str, int], mx: FakeMX, later: Path, master: int, box: str
+) -> int:
+    """`apt-get install` of a later version over the running daemon, as an upgrade does, then
+    a restart on the new code: the queue with a message waiting in it (its MX down), the
+    hand-written configuration (a conffile the package did not change: kept, no question
+    asked), the aliases, the mailboxes and /etc/mailname stay; the message leaves once the MX
+    is back and the queue is flushed. The new master's pid."""
+    t = machine.target
+    mx.stop()
+    token = uuid.uuid4().hex
+    with smtp(ports["local"]) as s:
+        s.sendmail(f"{USER}@{DOMAIN}", [f"friend@{REMOTE}"], message(f"friend@{REMOTE}", token))
+
+    def deferred() -> bool:
+        return f"friend@{REMOTE}" in _text(t.run(["/usr/bin/mailq"], check=False).stdout)
+
+    assert wait_until(deferred, 30, 0.2), f"not waiting in the queue{queue_state(t)}"
+    waiting = t.out(["ls", "-A", f"{QUEUE}/env"]).split()
+    before = {path: t.read(path) for path in (CONF, MAILNAME_FILE, ALIASES)}
+    mail = {name: t.read(f"{box}/{name}") for name in t.out(["ls", box]).split()}
+    old = [master, *descendants(t, master)]
+    package = f"/tmp/{later.name}"
+    t.write(package, later.read_bytes())
+    apt_install(t, package)
+    t.run(["rm", "-f", package])
+    version = t.out(["dpkg-query", "-W", "-f", "${Version}", "mailerd"]).strip()
+    assert version == later.name.split("_")[1], version
+    # The postinst's restart is invoke-rc.d's, which acts on no init here (no runlevel: it
+    # says so, and does nothing): the administrator's restart, on the new code.
+    # (test_systemd_unit.py upgrades under systemd, where the postinst restarts it.)
+    assert t.run([INIT, "restart"], check=False, timeout=90).returncode == 0, syslog_tail(t)
+    new = int(t.read(PIDFILE).split()[0])
+    assert new not in old, "the upgrade must restart the daemon on the new code"
+    assert not [pid for pid in old if t.exists(f"/proc/{pid}")], "old processes left running"
+    for path, content in before.items():
+        assert t.read(path) == content, f"the upgrade changed {path}"
+    for name, content in mail.items():
+        assert t.read(f"{box}/{name}") == content, f"the upgrade changed {box}/{name}"
+    check_queue_layout(t)
+    assert t.out(["ls", "-A", f"{QUEUE}/env"]).split() == waiting, "the queue changed"
+    mx.start()
+    t.run(["/usr/sbin/sendmail", "-q"])
+    got = wait_until(lambda: [m for m in mx.messages if token.encode() in m.data], 30, 0.2)
+    assert got, f"the queued message did not leave after the upgrade{queue_state(t)}"
+    return new
 
 
 def check_submission(

@@ -29,7 +29,9 @@ namespace of the test's own, and nothing is written to the machine.
   ``systemctl stop`` (clean, nothing left). The journal must have the daemon's syslog lines
   and no error. The master must be confined as the unit says (no new privileges, a seccomp
   filter, its capability bounding set) and ``systemd-analyze security`` must rate the unit
-  no worse than EXPOSURE_MAX.
+  no worse than EXPOSURE_MAX. Last, an upgrade to a later version (``conftest.upgrade_deb``)
+  while it runs: the postinst restarts it through systemd (a new main process), the
+  configuration kept.
 
 Teardown kills the container (and everything in it) even when the test fails: nspawn is PID 1
 of a PID namespace of the test's (``unshare --pid --kill-child``), and that unshare dies with
@@ -305,13 +307,35 @@ def container(deb: Path) -> Iterator[Container]:
 # --------------------------------------------------------------------------------------------
 
 
-def test_hardened_unit_under_systemd(container: Container, deb: Path):
+def test_hardened_unit_under_systemd(container: Container, deb: Path, upgrade_deb: Path):
     c = container
     prepare(c)
     install(c, deb)
     with c.network(), services() as (dns, mx):
         exercise(c, dns, mx)
     check_confinement(c)
+    upgrade(c, upgrade_deb)
+
+
+def upgrade(c: Container, later: Path) -> None:
+    """An upgrade under systemd, the daemon running: the postinst restarts it (a new main
+    process, on the new code), the configuration is kept, and it serves."""
+    assert c.run(["systemctl", "start", UNIT], check=False, timeout=120).returncode == 0
+    before = main_pid(c)
+    conf = c.read(CONF)
+    package = f"/var/tmp/{later.name}"
+    c.write(package, later.read_bytes())
+    apt = ["apt-get", "-y", "-q", "--no-install-recommends"]  # (offline: nothing new needed)
+    c.run([*apt, "install", package], timeout=300)
+    version = c.out(["dpkg-query", "-W", "-f", "${Version}", "mailerd"]).strip()
+    assert version == later.name.split("_")[1], version
+    assert active(c), status(c)
+    assert main_pid(c) != before, "the upgrade's postinst must restart the daemon"
+    assert not c.exists(f"/proc/{before}"), "the old master outlived the upgrade"
+    assert c.read(CONF) == conf, "the upgrade changed the configuration"
+    with c.network():
+        assert rcpt_code(f"{USER}@{DOMAIN}") == 250, f"not serving after the upgrade{journal(c)}"
+    assert c.run(["systemctl", "stop", UNIT], check=False, timeout=120).returncode == 0
 
 
 def prepare(c: Container) -> None:
