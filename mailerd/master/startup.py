@@ -5,6 +5,7 @@ bind); then the master detaches (unless -f) and supervises (`arbiter.Master`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -24,16 +25,35 @@ from mailerd.master.arbiter import Master
 log = logging.getLogger("mailerd.master")
 
 
+# What a read-only file system most often is for a daemon started by systemd: the unit's
+# ProtectSystem=strict, which leaves writable only the default spool, queue, /run and /var/log.
+READ_ONLY_HINT = (
+    " (if mailerd runs under its systemd unit, which makes the file system read-only but for "
+    "the default spool, queue and /var/log: `systemctl edit mailerd`, then [Service] and "
+    "ReadWritePaths=PATH)"
+)
+
+
+def _failure(what: str, path: Path, exc: OSError) -> OSError:
+    """`exc` saying what and where, and what a read-only file system most likely is."""
+    hint = READ_ONLY_HINT if exc.errno == errno.EROFS else ""
+    return OSError(exc.errno, f"cannot {what} {path}: {exc.strerror}{hint}")
+
+
 def prepare(cfg: Config) -> tuple[list[tuple[socket.socket, ListenAddress]], socket.socket]:
     """Create the directories and bind every endpoint; OSError says what failed."""
     try:
         cfg.spool.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot create spool {cfg.spool}: {exc.strerror}") from exc
+        raise _failure("create spool", cfg.spool, exc) from exc
+    # (an existing spool on a read-only file system is no error above, and mail for every
+    # local user would wait in the queue, each copy "deferred": said now instead)
+    if os.statvfs(cfg.spool).f_flag & os.ST_RDONLY:
+        raise _failure("write to spool", cfg.spool, OSError(errno.EROFS, os.strerror(errno.EROFS)))
     try:
         Queue(cfg.queue).create_dirs()
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot create queue {cfg.queue}: {exc.strerror}") from exc
+        raise _failure("create queue", cfg.queue, exc) from exc
     smtp_sockets = listeners.bind_all(cfg.listeners)
     try:
         delivery_socket = listeners.bind_unix(cfg.queue / "private" / "delivery.sock")
@@ -132,9 +152,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
             try:
                 logsetup.setup(cfg.verbose, log_file=cfg.log_file)
             except OSError as exc:
-                raise OSError(
-                    exc.errno, f"cannot open log file {cfg.log_file}: {exc.strerror}"
-                ) from exc
+                raise _failure("open log file", cfg.log_file, exc) from exc
             privileges.chown_path(cfg.log_file, user, 0o640)
         smtp_sockets, delivery_socket = prepare(cfg)
         bound = [sock for sock, _ in smtp_sockets] + [delivery_socket]

@@ -700,6 +700,30 @@ def test_sigusr1_reopens_the_log_file(daemon_factory):
     assert "connect from" not in rotated.read_text().split("reopen")[-1]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a read-only bind of the spool: root")
+def test_a_read_only_spool_is_a_start_up_error(daemon_factory):
+    """A spool on a read-only file system (most often systemd's ProtectSystem=strict, with the
+    spool elsewhere than the unit lets mailerd write) was no start-up error: every local copy
+    then waited in the queue, "deferred". The start fails with one line that says where and
+    how to let it write (a read-only bind mount in a mount namespace of the test's own)."""
+    d = daemon_factory()
+    spool = str(d.spool)
+    script = f'mount --bind "{spool}" "{spool}" && mount -o remount,bind,ro "{spool}" && exec "$@"'
+    p = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         sys.executable, "-m", "mailerd", "-c", str(d.config)],  # fmt: skip
+        cwd=REPO, env=d.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=START_TIMEOUT + 10,
+    )  # fmt: skip
+    if p.returncode == 0 and d.pidfile.exists():  # (started after all: the teardown stops it)
+        d.master = int(d.pidfile.read_text().split()[0])
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    assert f"cannot write to spool {spool}: Read-only file system" in p.stderr, p.stderr
+    assert "ReadWritePaths=" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not d.pidfile.exists()
+
+
 def test_a_symlinked_log_file_is_never_followed(daemon_factory, tmp_path):
     """Whoever may write the log's directory must not choose what root appends to: a log file
     that is a symlink is refused at start-up (a line, exit 1, no traceback), and one put in

@@ -314,7 +314,26 @@ def test_hardened_unit_under_systemd(container: Container, deb: Path, upgrade_de
     with c.network(), services() as (dns, mx):
         exercise(c, dns, mx)
     check_confinement(c)
+    read_only_spool(c)
     upgrade(c, upgrade_deb)
+
+
+def read_only_spool(c: Container) -> None:
+    """A spool elsewhere than the unit lets mailerd write (ProtectSystem=strict): the start
+    fails and says how to let it (every local copy was deferred, "Read-only file system")."""
+    conf = c.read(CONF)
+    c.run(["mkdir", "-p", "/srv/mailerd-unittest-spool"])
+    c.write(CONF, conf + b"spool = /srv/mailerd-unittest-spool\n")
+    try:
+        start = c.run(["systemctl", "start", UNIT], check=False, timeout=120)
+        assert start.returncode != 0, "started with a spool it cannot write"
+        said = c.out(["journalctl", "-q", "--no-pager", "-n", "20", "-u", UNIT], check=False)
+        assert "cannot write to spool /srv/mailerd-unittest-spool" in said, said
+        assert "ReadWritePaths=" in said, said
+    finally:
+        c.write(CONF, conf)
+        c.run(["rm", "-rf", "/srv/mailerd-unittest-spool"])
+        c.run(["systemctl", "reset-failed", UNIT], check=False)
 
 
 def upgrade(c: Container, later: Path) -> None:
