@@ -22,7 +22,8 @@ namespace of the test's own, and nothing is written to the machine.
 - Then through systemctl: the start by the postinst, a restart with the test's config, mail to
   a local user on port 25 (stored in /var/spool/mail, i.e. /var/mail, owned by the user),
   ``sendmail`` as root and as a user (the pickup), ``mailq``, ``newaliases`` (a reload), a
-  password from ``mailerd passwd``, a DKIM key from ``mailerd dkim keygen``, a certificate
+  new host name (a reload: the daemon sees it), a password from ``mailerd passwd``, a DKIM
+  key from ``mailerd dkim keygen``, a certificate
   where certbot keeps them and ``systemctl reload``: authenticated submission over STARTTLS,
   relayed to the remote MX with a DKIM signature; a renewed certificate and another reload
   (the new one is served); the log file the config's example names (logrotate's SIGUSR1);
@@ -101,8 +102,8 @@ LOGROTATE = "/etc/logrotate.d/mailerd"
 UNIT = "mailerd.service"
 TARGET = "mailerd-unit-test.target"  # what the container boots into
 # `systemd-analyze security` of the unit (systemd 252, in the booted container): 9.1 before
-# the hardening, 2.7 with it (--offline: 9.3 and 2.9); a change that loses a directive should
-# be noticed.
+# the hardening, 2.7 with it (--offline: 9.3 and 2.9), 2.8 (3.0) without ProtectHostname=
+# (which froze the host name); a change that loses a directive should be noticed.
 EXPOSURE_MAX = 3.5
 BOOT_TIMEOUT = 60.0
 DOWNLOAD_TIMEOUT = 300.0
@@ -442,6 +443,17 @@ def exercise(c: Container, dns: DNSServer, mx: FakeMX) -> None:
     said = c.run(["/usr/bin/newaliases"])
     assert "reloads" in _text(said.stderr), said
     assert wait_until(lambda: rcpt_code(alias) == 250, 20, 0.2), f"{alias}\n{journal(c)}"
+
+    # -- a new host name (hostnamectl set-hostname), then a reload: the FQDN is a local domain
+    # (the unit's ProtectHostname= froze the name the daemon saw at its start)
+    old_name = c.out(["hostname"]).strip()
+    c.run(["hostname", "mx-renamed.unit.example"])
+    try:
+        reload(c)
+        renamed = wait_until(lambda: "mx-renamed.unit.example, localhost" in journal(c), 10, 0.2)
+        assert renamed, f"the reload kept the old host name{journal(c)}"
+    finally:
+        c.run(["hostname", old_name])
 
     # -- a password, a DKIM key, a certificate: systemctl reload -----------------------------
     password = f"Pw-{uuid.uuid4().hex[:10]}"
