@@ -321,16 +321,32 @@ def test_hardened_unit_under_systemd(container: Container, deb: Path, upgrade_de
 
 def read_only_spool(c: Container) -> None:
     """A spool elsewhere than the unit lets mailerd write (ProtectSystem=strict): the start
-    fails and says how to let it (every local copy was deferred, "Read-only file system")."""
+    fails and says how to let it (every local copy was deferred, "Read-only file system"), in
+    `systemctl status`; and so does a configuration it refuses (exit 2). Neither start is
+    retried: Restart=on-failure retried both every 5 s for ever (RestartPreventExitStatus=2
+    judges the main process, which a failed Type=forking start has not), and `systemctl
+    status` then showed systemd's lines of the latest try, never mailerd's reason."""
     conf = c.read(CONF)
     c.run(["mkdir", "-p", "/srv/mailerd-unittest-spool"])
-    c.write(CONF, conf + b"spool = /srv/mailerd-unittest-spool\n")
+    cases = [
+        (
+            b"spool = /srv/mailerd-unittest-spool\n",
+            "cannot write to spool /srv/mailerd-unittest-spool",
+        ),
+        (b"tls-requird = yes\n", "unknown key 'tls-requird'"),
+    ]
     try:
-        start = c.run(["systemctl", "start", UNIT], check=False, timeout=120)
-        assert start.returncode != 0, "started with a spool it cannot write"
-        said = c.out(["journalctl", "-q", "--no-pager", "-n", "20", "-u", UNIT], check=False)
-        assert "cannot write to spool /srv/mailerd-unittest-spool" in said, said
-        assert "ReadWritePaths=" in said, said
+        for line, reason in cases:
+            c.write(CONF, conf + line)
+            start = c.run(["systemctl", "start", UNIT], check=False, timeout=120)
+            assert start.returncode != 0, f"started with {line!r}"
+            state = c.out(["systemctl", "show", "-p", "SubState", "--value", UNIT]).strip()
+            assert state == "failed", f"{line!r}: {state}, not failed: systemd retries it"
+            said = c.out(["systemctl", "status", "--no-pager", "-l", UNIT], check=False)
+            assert reason in said, said
+            if b"spool" in line:
+                assert "ReadWritePaths=" in said, said
+            c.run(["systemctl", "reset-failed", UNIT], check=False)
     finally:
         c.write(CONF, conf)
         c.run(["rm", "-rf", "/srv/mailerd-unittest-spool"])
