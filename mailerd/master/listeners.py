@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 from pathlib import Path
 
+from mailerd import host
 from mailerd.config import ListenAddress
 from mailerd.ipc import unixpath
 
 BACKLOG = 4096
+
+
+# Linux's "bind to an address the machine does not have (yet)": socket.py names neither.
+IP_FREEBIND = 15
+IPV6_FREEBIND = 78
 
 
 def bind(listen: ListenAddress) -> socket.socket:
@@ -22,13 +29,39 @@ def bind(listen: ListenAddress) -> socket.socket:
         if listen.family == socket.AF_INET6:
             # One socket per family, so [::] never swallows the IPv4 port (and vice versa).
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((listen.host, listen.port))
+        try:
+            sock.bind((listen.host, listen.port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL or not _tentative(listen.host):
+                raise
+            # The interface has the address, but the kernel does not let it be used yet: an
+            # IPv6 address stays "tentative" for a second or more after its interface comes
+            # up, until duplicate address detection is done, and a boot starts mailerd then.
+            # The start failed (and the unit does not retry a start): listen all the same,
+            # the connections come once the address is usable. An address the machine does
+            # not have at all is still refused.
+            level, option = (
+                (socket.IPPROTO_IPV6, IPV6_FREEBIND)
+                if listen.family == socket.AF_INET6
+                else (socket.IPPROTO_IP, IP_FREEBIND)
+            )
+            sock.setsockopt(level, option, 1)
+            sock.bind((listen.host, listen.port))
         sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def _tentative(address: str) -> bool:
+    """Is `address` one of the machine's interfaces' (which a bind refused: not usable yet)?"""
+    try:
+        wanted = ipaddress.ip_address(address)
+        return any(wanted == ipaddress.ip_address(a) for a in host.machine_addresses())
+    except (OSError, ValueError):  # (netlink refused; not an address)
+        return False
 
 
 def bind_all(listens: tuple[ListenAddress, ...]) -> list[tuple[socket.socket, ListenAddress]]:

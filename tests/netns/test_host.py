@@ -7,7 +7,9 @@ from __future__ import annotations
 import ipaddress
 import json
 
-from .conftest import NS_V4, NS_V4_EXTRA, NS_V6, PYTHON, Netns
+from harness import wait_until
+
+from .conftest import NS_V4, NS_V4_EXTRA, NS_V6, PYTHON, Mailerd, Netns
 
 INTERFACE_ADDRESSES = (
     "import json; from mailerd import host; "
@@ -42,3 +44,53 @@ def test_an_ipv4_address_in_ipv6_form_is_no_interface_address(netns: Netns):
         assert ipaddress.ip_address(mapped) not in addresses, found
     finally:
         netns.run(["ip", "-6", "addr", "del", f"{mapped}/128", "dev", netns.veth_ns])
+
+
+def test_a_tentative_ipv6_address_is_listened_on(netns: Netns, tmp_path):
+    """At boot an interface's IPv6 address stays "tentative" until duplicate address detection
+    is done (a second or more), and a bind to it fails (EADDRNOTAVAIL): mailerd, started then
+    on its default listeners, exited 1, and the unit does not retry a start. It listens all the
+    same (IPV6_FREEBIND, for an address the machine has), and serves once the address is
+    usable; an address the machine does not have is still refused."""
+    veth, address = netns.veth_ns, "2001:db8::7"
+    sysctls = {f"net.ipv6.conf.{veth}.dad_transmits": "6",
+               f"net.ipv6.neigh.{veth}.retrans_time_ms": "1000"}  # fmt: skip
+    before = {k: netns.run(["sysctl", "-n", k]).stdout.strip() for k in sysctls}
+    for key, value in sysctls.items():
+        assert netns.run(["sysctl", "-qw", f"{key}={value}"]).returncode == 0
+    m = Mailerd(netns, tmp_path, port=free_port_in(netns), untrusted=f"[{address}]:25",
+                extra=["--dns-server", "127.0.0.1:9"])  # fmt: skip
+    try:
+        add = netns.run(["ip", "-6", "addr", "add", f"{address}/64", "dev", veth])
+        assert add.returncode == 0, add.stderr
+        m.start()
+        shown = netns.run(["ip", "-6", "addr", "show", "dev", veth]).stdout
+        assert f"{address}/64 scope global tentative" in shown, "no longer tentative: too late"
+
+        def usable() -> bool:
+            return "tentative" not in netns.run(["ip", "-6", "addr", "show", "to", address]).stdout
+
+        assert wait_until(usable, 15, 0.2), "duplicate address detection never ended"
+        banner = netns.run([PYTHON, "-c", BANNER.format(host=address, port=25)])
+        assert banner.stdout.startswith("220 "), (banner.stdout, banner.stderr, m.log_tail())
+    finally:
+        m.stop()
+        netns.run(["ip", "-6", "addr", "del", f"{address}/64", "dev", veth])
+        for key, value in before.items():
+            netns.run(["sysctl", "-qw", f"{key}={value}"])
+    absent = Mailerd(netns, tmp_path / "absent", untrusted="[2001:db8::8]:25")
+    done = netns.run(absent.argv(), timeout=60)
+    assert done.returncode == 1 and "cannot listen on [2001:db8::8]:25" in done.stderr, done
+
+
+BANNER = (
+    "import socket; s = socket.create_connection(({host!r}, {port}), 5); "
+    "print(s.recv(512).decode())"
+)
+
+
+def free_port_in(netns: Netns) -> int:
+    """A port free on the namespace's address (the trusted listener's)."""
+    run = netns.run([PYTHON, "-c", "import socket; s = socket.socket(); "
+                     f"s.bind(({NS_V4!r}, 0)); print(s.getsockname()[1])"])  # fmt: skip
+    return int(run.stdout)
