@@ -1142,8 +1142,15 @@ def check_queue_layout(t: Target) -> None:
     assert got == expected
 
 
-def stored(t: Target, box: str, token: str, timeout: float = 30.0) -> str:
-    """The path of the message in mailbox `box` that holds `token`, once it has arrived."""
+def stored(
+    t: Target,
+    box: str,
+    token: str,
+    timeout: float = 30.0,
+    diagnose: Callable[[], str] | None = None,
+) -> str:
+    """The path of the message in mailbox `box` that holds `token`, once it has arrived;
+    `diagnose` (default: the queue and the syslog) says what went on when it does not."""
 
     def find() -> str | None:
         found = t.run(["grep", "-rlF", "--", token, box], check=False)
@@ -1151,9 +1158,9 @@ def stored(t: Target, box: str, token: str, timeout: float = 30.0) -> str:
         return paths[0] if paths else None
 
     path = wait_until(find, timeout, interval=0.2)
-    assert path, (
-        f"nothing with {token} in {box} after {timeout:.0f} s{queue_state(t)}{syslog_tail(t)}"
-    )
+    if not path:
+        said = diagnose() if diagnose else queue_state(t) + syslog_tail(t)
+        pytest.fail(f"nothing with {token} in {box} after {timeout:.0f} s{said}")
     return path
 
 

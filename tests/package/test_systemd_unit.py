@@ -65,6 +65,7 @@ import pytest
 from dnsserver import DNSServer, Records
 from harness import wait_until
 
+from . import test_deb
 from .test_deb import (
     ENV,
     QUEUE,
@@ -633,14 +634,7 @@ def rcpt_code(rcpt: str) -> int:
 
 
 def stored(c: Container, box: str, token: str, timeout: float = 30.0) -> str:
-    def find() -> str | None:
-        found = c.run(["grep", "-rlF", "--", token, box], check=False)
-        paths = [p for p in _text(found.stdout).split() if not p.endswith(".status")]
-        return paths[0] if paths else None
-
-    path = wait_until(find, timeout, interval=0.2)
-    assert path, f"nothing with {token} in {box} after {timeout:.0f} s\n{queue(c)}{journal(c)}"
-    return path
+    return test_deb.stored(c, box, token, timeout, lambda: f"\n{queue(c)}{journal(c)}")
 
 
 def active(c: Container) -> bool:
