@@ -487,7 +487,6 @@ class Session(Commands):
         self._smtputf8 = False
         self._declared_size: int | None = None
         self._body_started = False  # the caller holds partial content
-        self._at_content_start = False  # no piece of the content handed out yet
         self._bdat_used = False
         self._checker = None
 
@@ -540,7 +539,6 @@ class Session(Commands):
 
     def _start_content(self) -> None:
         self._body_started = True
-        self._at_content_start = True
         config = self._config
         self._checker = BodyChecker(config.max_message_size, config.max_text_line)
 
@@ -556,10 +554,8 @@ class Session(Commands):
         of JavaScript's white space folds on a VT, a FF or a no-break space too (an attacker's
         pass appended the verdict after a VT, in mailauth's reading).
         """
-        if self._at_content_start:
-            self._at_content_start = False
-            if starts_no_field(piece):
-                piece = b"\r\n" + piece
+        if checker.size == 0 and starts_no_field(piece):  # (the content's first piece)
+            piece = b"\r\n" + piece
         checker.feed(piece)
         if checker.ok:  # once doomed, stop handing out content
             self._events.append(BodyData(piece))

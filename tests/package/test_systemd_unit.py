@@ -67,6 +67,7 @@ from harness import wait_until
 
 from . import test_deb
 from .test_deb import (
+    APT,
     ENV,
     QUEUE,
     SPOOL,
@@ -362,8 +363,7 @@ def upgrade(c: Container, later: Path) -> None:
     conf = c.read(CONF)
     package = f"/var/tmp/{later.name}"
     c.write(package, later.read_bytes())
-    apt = ["apt-get", "-y", "-q", "--no-install-recommends"]  # (offline: nothing new needed)
-    c.run([*apt, "install", package], timeout=300)
+    c.run([*APT, "install", package], timeout=300)  # (offline: nothing new needed)
     version = c.out(["dpkg-query", "-W", "-f", "${Version}", "mailerd"]).strip()
     assert version == later.name.split("_")[1], version
     assert active(c), status(c)
@@ -394,8 +394,8 @@ def install(c: Container, deb: Path) -> None:
     """apt-get install of the .deb (from what the download left in apt's cache): the postinst
     enables the unit and starts it through systemd, with the package's configuration."""
     c.run(["debconf-set-selections"], input=f"mailerd mailerd/mailname string {DOMAIN}\n".encode())
-    apt = ["apt-get", "-y", "-q", "--no-install-recommends"]  # (offline: all is in the cache)
-    c.run([*apt, "install", f"/var/tmp/mailerd-unittest/{deb.name}"], timeout=300)
+    # (offline: all is in the cache)
+    c.run([*APT, "install", f"/var/tmp/mailerd-unittest/{deb.name}"], timeout=300)
     assert c.out(["systemctl", "is-enabled", UNIT], check=False).strip() == "enabled"
     assert active(c), status(c)
     assert main_pid(c) == int(c.read(PIDFILE).split()[0]), "Type=forking's PIDFile"
