@@ -146,7 +146,8 @@ class Config:
     outbound_ca: Path | None = None  # CA certificates beside the system's (relay.load_trust)
     outbound_ip: str = "both"
     # Where the world reaches the network listeners when their own addresses are private (1:1
-    # NAT): what `mailerd dns` publishes and checks in their place. The daemon never uses it.
+    # NAT): what `mailerd dns` publishes and checks in their place; the daemon takes them for
+    # its own (own_addresses).
     public_addresses: tuple[str, ...] = ()
     # Why the default network listener (no listen-network given) has no address: the machine
     # had no default route, or its interface no address, when the config was read (a network
@@ -170,6 +171,9 @@ class Config:
     passwd_file: Path = Path(DEFAULT_PASSWD)
     # The passwd file as read by the master (load_files); the workers check passwords with it.
     credentials: Credentials = field(default_factory=Credentials, compare=False, repr=False)
+    # The addresses that are this machine's (host.own_addresses), read by the master
+    # (load_files) before it forks: their literals are local domains, and relaying to them loops.
+    own_addresses: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     # --dkim-key DOMAIN:SELECTOR:FILE; the keys are read by the delivery process only
     # (delivery.secrets).
     dkim_specs: tuple[tuple[str, str, Path], ...] = ()
@@ -660,8 +664,10 @@ def absolute(cfg: Config, base: Path) -> Config:
 def load_files(cfg: Config) -> Config:
     """The same Config with the files it names read (as root, by the master, at start-up and
     on every reload): the aliases expanded, the TLS context built from the certificates and
-    keys, the passwords. ConfigError names the file that cannot be used. (The secret files are
-    read by the delivery process only: `delivery.secrets`.)"""
+    keys, the passwords; and the machine's own addresses (`own_addresses`: not a file, but read
+    here so that the workers and the delivery process share one reading, renewed at each
+    reload). ConfigError names the file that cannot be used. (The secret files are read by
+    the delivery process only: `delivery.secrets`.)"""
     return _with_files(cfg, _tls_context(cfg))
 
 
@@ -715,7 +721,10 @@ def _with_files(cfg: Config, context: ssl.SSLContext | None) -> Config:
         passwords = Credentials.load(str(cfg.passwd_file))
     except CredentialsError as exc:
         raise ConfigError(f"--passwd: {exc}") from exc
-    return replace(cfg, aliases=table, tls_context=context, credentials=passwords)
+    own = host.own_addresses([listen.host for listen in cfg.listeners], cfg.public_addresses)
+    return replace(
+        cfg, aliases=table, tls_context=context, credentials=passwords, own_addresses=own
+    )
 
 
 def _reserved_sessions(

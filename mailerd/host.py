@@ -1,8 +1,8 @@
 """This machine, as mailerd needs to know it: its names (the mail name in /etc/mailname, the
 FQDN) and its addresses (the loopback's, and every address of an interface, from psutil: the
 secondary IPv4 addresses too, which the old SIOCGIFADDR ioctl could not see). Used for the
-defaults of -d, -H, -l and -n, and by the scheduler to recognise mail that would loop back to
-us.
+defaults of -d, -H, -l and -n, and for the addresses that are us (`own_addresses`): mail to
+their literals is local, and a relay to any of them would loop.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Iterable
 
 MAILNAME = "/etc/mailname"  # Debian's "mail name" of the machine
 HOSTS = "/etc/hosts"
@@ -132,6 +133,28 @@ def machine_addresses() -> list[str]:
     import psutil
 
     return [a for iface in psutil.net_if_addrs() for a in interface_addresses(iface)]
+
+
+def own_addresses(listening: Iterable[str], public: Iterable[str] = ()) -> frozenset[str]:
+    """This machine's addresses as mail sees them (`str(ipaddress.ip_address(...))`, IPv4 as
+    IPv4): mail to their literals (user@[192.0.2.1]) is local (`names.is_own_literal`), and a
+    relay to any of them would loop. Those we listen on, the loopback's, the public ones a 1:1
+    NAT forwards to us (--public-address, Postfix's $proxy_interfaces), the default route's
+    interface's, and, when a listener is on a wildcard address (which takes connections to any
+    of them), every interface's (a sixth attacker's pass looped mail 50 times through a
+    listener on 0.0.0.0 with an MX at another interface's address). Where the interfaces cannot
+    be read (netlink refused: a sandbox), the named ones only: the way out that a default
+    listener's error names (give the addresses) must not fail here in turn."""
+    named = [ipaddress.ip_address(a) for a in (*listening, *public, *loopback_addresses())]
+    found = [str(ip) for ip in named if not ip.is_unspecified]
+    try:
+        if any(ip.is_unspecified for ip in named):
+            found += machine_addresses()
+        elif iface := default_interface():
+            found += interface_addresses(iface)
+    except OSError:
+        pass
+    return frozenset(str(mapped_ipv4(ip) or ip) for ip in map(ipaddress.ip_address, found))
 
 
 def interface_addresses(iface: str) -> list[str]:

@@ -1,9 +1,19 @@
-"""Local names, the rules everyone applies alike: which domains are ours, and which mailbox a
-local part names (or none, when it could escape the spool). Pure."""
+"""Local names, the rules everyone applies alike: which domains are ours (and which address
+literals), and which mailbox a local part names (or none, when it could escape the spool). Pure."""
 
 from __future__ import annotations
 
+import ipaddress
+
 LOCALHOST = "localhost"  # always a local domain (config), and one only this machine knows
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def is_local(domain: str, local_domains: tuple[str, ...], own_addresses: frozenset[str]) -> bool:
+    """Whether mail to `domain` is delivered here: a local domain, or an address literal of
+    this machine's (`is_own_literal`)."""
+    return is_local_domain(domain, local_domains) or is_own_literal(domain, own_addresses)
 
 
 def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:
@@ -18,6 +28,32 @@ def local_domain_of(domain: str, local_domains: tuple[str, ...]) -> str | None:
     domain = domain.lower().rstrip(".")
     found = [d for d in local_domains if domain == d or domain.endswith("." + d)]
     return max(found, key=len) if found else None
+
+
+def is_own_literal(domain: str, own_addresses: frozenset[str]) -> bool:
+    """Whether `domain` is an address literal (RFC 5321 4.1.3) of this machine: one of
+    `own_addresses` (`host.own_addresses`, as `str(ipaddress.ip_address(...))`) or a loopback
+    address. Mail to user@[192.0.2.1] is then as local as mail to user@ a local domain, as
+    Postfix treats a literal of $inet_interfaces or $proxy_interfaces: RFC 1123 5.2.17 asks a
+    server to accept it, and postmaster@[address] is how to reach us when our DNS is broken
+    (relayed instead, it looped back to us and bounced)."""
+    try:
+        ip = parse_literal(domain)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or str(ip) in own_addresses
+
+
+def parse_literal(domain: str) -> IPAddress:
+    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 4.1.3); ValueError otherwise."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        raise ValueError(domain)
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        return ipaddress.IPv6Address(inner[5:])
+    return ipaddress.IPv4Address(inner)
 
 
 def mailbox_name(local_part: str) -> str | None:

@@ -1,8 +1,9 @@
 """Relay policy and local-recipient naming: pure verdicts, no I/O ("never an open relay").
 
 `route()` decides, for one RCPT address and the trust of the listener it arrived on, whether it
-is a local mailbox, an alias (`aliases`: mailboxes and forwarding addresses), a remote address to
-queue, or refused (with the exact reply). Only the domain after the last `@` decides (the SMTP
+(at a local domain, or at an address literal of this machine's) is a local mailbox, an alias
+(`aliases`: mailboxes and forwarding addresses), a remote address to queue, or refused (with
+the exact reply). Only the domain after the last `@` decides (the SMTP
 grammar has already stripped any source route); `%`, `!` and quoted local parts are never
 re-parsed as routing. Whether a local mailbox *exists* is I/O and is asked by the caller
 (`spool.Spool.state`).
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailerd.aliases import Aliases
-from mailerd.names import is_local_domain, mailbox_name
+from mailerd.names import is_local, is_local_domain, mailbox_name
 from mailerd.smtp.events import Address, Reply
 
 POSTMASTER = "postmaster"
@@ -65,13 +66,15 @@ def route(
     trusted: bool,
     local_domains: tuple[str, ...],
     aliases: Aliases = _NO_ALIASES,
+    own_addresses: frozenset[str] = frozenset(),
 ) -> Route:
+    """`own_addresses`: this machine's (`host.own_addresses`), whose literals are local."""
     if address.domain == "":
         # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted.
         if address.local.lower() == POSTMASTER:
             return _local(POSTMASTER, aliases)
         return Refused(BAD_MAILBOX)
-    if not is_local_domain(address.domain, local_domains):
+    if not is_local(address.domain, local_domains, own_addresses):
         return Remote(address.domain.lower()) if trusted else Refused(RELAY_DENIED)
     if not trusted and _ROUTING_CHARS.intersection(address.local):
         return Refused(ROUTING_DENIED)

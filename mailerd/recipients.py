@@ -49,11 +49,19 @@ def resolve(
     spool: Spool,
     spool_path: str,
     cached_only: bool = False,
+    own_addresses: frozenset[str] = frozenset(),
 ) -> Resolved:
     """Where mail for `address` goes, or why it cannot. `spool_path` names the spool in log
     lines (`spool.root` may be a /proc/self/fd path). With `cached_only`, spool.LookupNeeded
-    when the answer needs the user database (see Spool.state)."""
-    route = policy.route(address, trusted=trusted, local_domains=local_domains, aliases=aliases)
+    when the answer needs the user database (see Spool.state). `own_addresses`: see
+    `policy.route`."""
+    route = policy.route(
+        address,
+        trusted=trusted,
+        local_domains=local_domains,
+        aliases=aliases,
+        own_addresses=own_addresses,
+    )
     if isinstance(route, policy.Refused):
         if route.why:
             log.warning("<%s>: %s", address, route.why)
@@ -84,13 +92,15 @@ def resolve(
 def forwarder(alias: policy.Alias, address: Address, local_domains: tuple[str, ...]) -> str:
     """The address an alias's forwards leave from (see `forwarding`): its name at the local
     domain the mail came to, as configured (mail to a subdomain of it leaves from it: the
-    configured domains are the ones `mailerd dns` gives an SPF record), or, for localhost, the
-    first configured domain."""
+    configured domains are the ones `mailerd dns` gives an SPF record), or, for localhost and
+    for an address literal of ours, the first configured domain."""
     if not address.domain:  # (RCPT TO:<postmaster>, the one address without a domain)
         domain = local_domains[0] if local_domains else ""
     else:
         domain = names.local_domain_of(address.domain, local_domains) or address.domain.lower()
-    if domain == names.LOCALHOST:  # (the machine's name for itself: no one else can check it)
+    if domain == names.LOCALHOST or domain.startswith("["):
+        # (localhost: the machine's name for itself, no one else can check it; an address
+        # literal of ours: no domain to publish SPF at)
         domain = next((d for d in local_domains if d != names.LOCALHOST), domain)
     return forwarding.via_of(alias.name, domain, address.local) if domain else ""
 

@@ -32,6 +32,7 @@ import dns.name
 import dns.resolver
 
 from mailerd.idn import a_labels
+from mailerd.names import parse_literal
 from mailerd.resolver import SystemResolverForbidden, make_resolver
 
 __all__ = ["Failure", "Route", "SystemResolverForbidden", "Target", "make_resolver", "resolve"]
@@ -186,16 +187,6 @@ def _literal_route(domain: str, families: str, own: _Self) -> Route | Failure:
     if not _reachable(address):
         return Failure(True, 553, "5.1.2", f"Bad destination address literal {domain}")
     return Route((Target(domain, 0, (str(address),)),), implicit=True)
-
-
-def parse_literal(domain: str) -> IPAddress:
-    """`[192.0.2.1]` or `[IPv6:2001:db8::1]` (RFC 5321 4.1.3); ValueError otherwise."""
-    if not (domain.startswith("[") and domain.endswith("]")):
-        raise ValueError(domain)
-    inner = domain[1:-1]
-    if inner[:5].lower() == "ipv6:":
-        return ipaddress.IPv6Address(inner[5:])
-    return ipaddress.IPv4Address(inner)
 
 
 # --- ourselves -----------------------------------------------------------------------------

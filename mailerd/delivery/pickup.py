@@ -350,6 +350,7 @@ class Pickup:
             aliases=cfg.aliases,
             spool=self.spool,
             spool_path=str(cfg.spool),
+            own_addresses=cfg.own_addresses,
         )
         if resolved.refusal is None:
             return [
@@ -361,7 +362,13 @@ class Pickup:
             return [(Recipient(text, state="bounced", last_error=_line(reply)), status)]
         # A mailbox that cannot take mail now (an mbox file in its place): its copies wait in
         # the queue and are retried like any other, so the sender hears of the delay.
-        route = policy.route(address, trusted=True, local_domains=cfg.domains, aliases=cfg.aliases)
+        route = policy.route(
+            address,
+            trusted=True,
+            local_domains=cfg.domains,
+            aliases=cfg.aliases,
+            own_addresses=cfg.own_addresses,
+        )
         boxes: tuple[str, ...] = ()
         forwards: list[Recipient] = []
         if isinstance(route, policy.Local):

@@ -41,12 +41,6 @@ from mailerd.config import Config
 from mailerd.delivery import dsn, mx, relay
 from mailerd.delivery.queue import Queue, QueueItem, QueueWriteError, Recipient
 from mailerd.delivery.secrets import NO_SECRETS, Secrets
-from mailerd.host import (
-    default_interface,
-    interface_addresses,
-    loopback_addresses,
-    machine_addresses,
-)
 from mailerd.inbound.dmarc import organizational_domain
 from mailerd.ipc.messages import Target
 from mailerd.smtp.events import Address
@@ -132,7 +126,7 @@ class Scheduler:
             dkim_keys=secrets.dkim_keys,
         )
         self.own_names = frozenset({cfg.hostname.lower()})
-        self.own_addresses = frozenset(own_addresses(cfg))
+        self.own_addresses = cfg.own_addresses
         self.tasks: set[asyncio.Task[None]] = set()
         self.failed: set[str] = set()  # items whose failure's traceback is logged (`_once`)
         self.doomed: set[str] = set()  # items deleted during their attempt (`delete`)
@@ -743,16 +737,18 @@ class Scheduler:
     def _local_targets(self, to: str) -> tuple[Target, ...] | None:
         """Where a notice to a local address goes (empty: nowhere); None for a remote one."""
         local, _, domain = to.rpartition("@")
-        if domain and not names.is_local_domain(domain, self.cfg.domains):
+        cfg = self.cfg
+        if domain and not names.is_local(domain, cfg.domains, cfg.own_addresses):
             return None
         address = Address(local or to, domain, False)
         resolved = recipients.resolve(
             address,
             trusted=True,
-            local_domains=self.cfg.domains,
-            aliases=self.cfg.aliases,
+            local_domains=cfg.domains,
+            aliases=cfg.aliases,
             spool=self.spool,
-            spool_path=str(self.cfg.spool),
+            spool_path=str(cfg.spool),
+            own_addresses=cfg.own_addresses,
         )
         return resolved.targets
 
@@ -866,27 +862,13 @@ def outbound_policy(configured: str, password: bool) -> str:
     return "verify" if password and configured == "may" else configured
 
 
-def own_addresses(cfg: Config) -> set[str]:
-    """Addresses that are us: a relay to any of them would loop. Those we listen on, the
-    loopback's, the default route's interface's, and, when a listener is on a wildcard
-    address (which takes connections to any of them), every interface's (a sixth attacker's
-    pass looped mail 50 times through a listener on 0.0.0.0 with an MX at another
-    interface's address)."""
-    found = {listen.host for listen in cfg.listeners} | set(loopback_addresses())
-    if any(ipaddress.ip_address(listen.host).is_unspecified for listen in cfg.listeners):
-        found.update(machine_addresses())
-    elif iface := default_interface():
-        found.update(interface_addresses(iface))
-    return found
-
-
 def _slot_key(domain: str) -> str:
     """Whose slots an attempt takes (--max-per-domain): a domain's organisational domain, so
     that its subdomains share them; an address literal's address, an IPv6 one's /64, so that
     its spellings and its network's other addresses do too (a sixth attacker's pass held every
     thread with four spellings of one IPv6 literal, each its own "domain")."""
     try:
-        ip = mx.parse_literal(_destination(domain))
+        ip = names.parse_literal(_destination(domain))
     except ValueError:
         return organizational_domain(domain)
     if ip.version == 6:

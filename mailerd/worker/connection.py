@@ -746,6 +746,7 @@ class Connection(asyncio.Protocol):
             spool=self.worker.spool,
             spool_path=str(cfg.spool),
             cached_only=cached_only,
+            own_addresses=cfg.own_addresses,
         )
 
     def check_recipient(self, address: Address) -> RecipientVerdict:

@@ -101,7 +101,10 @@ class Worker:
         # Authenticated users' recipients at other domains, for --max-recipients-per-day
         # (alone, without the master's shared table: this worker's own).
         self.send_limit = SendLimit(
-            sent_counts or SentCounts(64), cfg.max_recipients_per_day, cfg.domains
+            sent_counts or SentCounts(64),
+            cfg.max_recipients_per_day,
+            cfg.domains,
+            cfg.own_addresses,
         )
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads, and
         # `logins` keeps a flood of AUTH attempts from queueing them without end.

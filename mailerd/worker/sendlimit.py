@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 
 from mailerd.aliases import normal_address
 from mailerd.ipc.sentcounts import SentCounts
-from mailerd.names import is_local_domain
+from mailerd.names import is_local
 from mailerd.smtp.events import Address, Reply
 from mailerd.smtp.replies import SEND_LIMIT, SEND_LIMIT_DATA
 
@@ -36,11 +36,18 @@ log = logging.getLogger("mailerd.worker")
 
 
 class SendLimit:
-    def __init__(self, counts: SentCounts, limit: int, local_domains: tuple[str, ...]) -> None:
-        """`limit` 0: no limit."""
+    def __init__(
+        self,
+        counts: SentCounts,
+        limit: int,
+        local_domains: tuple[str, ...],
+        own_addresses: frozenset[str] = frozenset(),
+    ) -> None:
+        """`limit` 0: no limit; `own_addresses`: whose literals are local too."""
         self.counts = counts
         self.limit = limit
         self.local_domains = local_domains
+        self.own_addresses = own_addresses
 
     def refusal(
         self, user: str, client: str, recipient: Address, accepted: Sequence[Address]
@@ -93,4 +100,6 @@ class SendLimit:
         return {normal_address(str(a)) for a in recipients if self._remote(a)}
 
     def _remote(self, address: Address) -> bool:
-        return bool(address.domain) and not is_local_domain(address.domain, self.local_domains)
+        return bool(address.domain) and not is_local(
+            address.domain, self.local_domains, self.own_addresses
+        )

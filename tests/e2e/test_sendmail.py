@@ -191,6 +191,18 @@ def test_mail_for_root_at_localhost_is_local_whatever_the_domains(world, daemon,
     assert field(raw, "Subject") == "[Fail2Ban] sshd: banned 192.0.2.7"
 
 
+def test_mail_for_an_address_literal_of_ours_is_local(world, daemon, sendmail):
+    """`sendmail 'root@[127.0.0.1]'` is delivered here, as Postfix does: the delivery
+    process's pickup bounced it as mail that loops back to us."""
+    users = [daemon.new_user("literal"), daemon.new_user("literal")]
+    data = b"Subject: to our own address\n\nhello\n"
+    done = run([sendmail, "-i", f"{users[0]}@[127.0.0.1]", f"{users[1]}@[IPv6:::1]"], data)
+    assert done.returncode == 0 and done.stderr == b"", done
+    for user in users:
+        (raw,) = delivered(daemon, user)
+        assert field(raw, "Subject") == "to our own address"
+
+
 def test_s_nail(world, daemon, sendmail, tmp_path):
     """mail(1) as Debian installs it (s-nail, its /etc/s-nail.rc), with mta= our sendmail."""
     if shutil.which("s-nail") is None:

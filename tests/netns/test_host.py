@@ -6,10 +6,22 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import smtplib
 
 from harness import wait_until
 
-from .conftest import NS_V4, NS_V4_EXTRA, NS_V6, PYTHON, Mailerd, Netns
+from .conftest import (
+    CLIENT_HELO,
+    HOST_V4,
+    IO_TIMEOUT,
+    NS_V4,
+    NS_V4_EXTRA,
+    NS_V6,
+    PYTHON,
+    Mailerd,
+    Netns,
+    send_inbound,
+)
 
 INTERFACE_ADDRESSES = (
     "import json; from mailerd import host; "
@@ -81,6 +93,34 @@ def test_a_tentative_ipv6_address_is_listened_on(netns: Netns, tmp_path):
     absent = Mailerd(netns, tmp_path / "absent", untrusted="[2001:db8::8]:25")
     done = netns.run(absent.argv(), timeout=60)
     assert done.returncode == 1 and "cannot listen on [2001:db8::8]:25" in done.stderr, done
+
+
+def test_an_address_literal_of_ours_is_local_on_the_network_listener(netns: Netns, tmp_path):
+    """Mail from another server to user@[an address of ours] is delivered here (Postfix's
+    $inet_interfaces and $proxy_interfaces): the listeners' addresses, IPv4 and IPv6 (in
+    another spelling), and the public address a 1:1 NAT forwards; the master reads them
+    and the workers route by them (over loopback, the e2e tests cannot tell them apart from the
+    loopback's, always ours). A literal of another machine's address is still refused."""
+    m = Mailerd(netns, tmp_path, port=free_port_in(netns),
+                extra=["-n", f"[{NS_V6[0]}]:25", "--public-address", "203.0.113.5",
+                       "--dns-server", "127.0.0.1:9", "--inbound-auth", "off"])  # fmt: skip
+    assert NS_V6[0] == "2001:db8::1"
+    literals = [f"[{NS_V4}]", "[IPv6:2001:DB8:0::1]", "[203.0.113.5]"]
+    users = [f"lit{n}" for n in range(len(literals))]
+    for user in users:
+        m.add_user(user)
+    m.start()
+    try:
+        for user, literal in zip(users, literals, strict=True):
+            send_inbound("a@remote.test", f"{user}@{literal}", body=b"Subject: x\r\n\r\nx\r\n")
+        for user, literal in zip(users, literals, strict=True):
+            assert wait_until(lambda u=user: m.mailbox(u), 10, 0.05), (literal, m.log_tail())
+        with smtplib.SMTP(NS_V4, 25, local_hostname=CLIENT_HELO, timeout=IO_TIMEOUT) as s:
+            assert s.ehlo(CLIENT_HELO)[0] == 250 and s.mail("a@remote.test")[0] == 250
+            code, text = s.rcpt(f"{users[0]}@[{HOST_V4}]")
+            assert (code, text[:5]) == (554, b"5.7.1"), text
+    finally:
+        m.stop()
 
 
 BANNER = (

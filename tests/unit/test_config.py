@@ -376,3 +376,46 @@ def test_unreadable_interface_addresses_are_a_config_error(monkeypatch):
         config.load(["-i", "eth0", "-d", "example.org"])
     named = config.load(["-n", "192.0.2.1", "-d", "example.org"])
     assert [a.host for a in named.listeners if a.role == config.NETWORK] == ["192.0.2.1"]
+
+
+def test_own_addresses_are_read_with_the_files(tmp_path, monkeypatch):
+    """The master reads the machine's addresses with the files it reads before it forks:
+    the listeners' (not a wildcard itself), the loopback's, the public ones of a 1:1 NAT, the
+    default route's interface's; written as ipaddress writes them, IPv4 as IPv4."""
+    monkeypatch.setattr(host, "default_interface", lambda: "eth9")
+    seen = []
+
+    def addresses(iface: str) -> list[str]:
+        seen.append(iface)
+        return ["10.0.0.5", "2001:db8::5"]
+
+    monkeypatch.setattr(host, "interface_addresses", addresses)
+    (tmp_path / "aliases").write_text("")
+    argv = ["-l", "127.0.0.1", "-n", "[2001:DB8:0::25]", "--public-address", "203.0.113.5"]
+    argv += ["--aliases", str(tmp_path / "aliases"), "--passwd", str(tmp_path / "passwd")]
+    argv += ["-d", "ex.org"]
+    cfg = config.load(argv)
+    assert cfg.own_addresses == frozenset()  # (not a file the configuration names)
+    own = config.load_files(cfg).own_addresses
+    expected = {"127.0.0.1", "2001:db8::25", "203.0.113.5", "10.0.0.5", "2001:db8::5"}
+    assert own - {"::1"} == expected and seen == ["eth9"]
+    assert host.own_addresses(["::ffff:198.51.100.1", "0.0.0.0"]) >= {"198.51.100.1"}
+    assert "0.0.0.0" not in host.own_addresses(["0.0.0.0"])
+
+
+def test_own_addresses_without_netlink_are_the_named_ones(monkeypatch):
+    """Where the interfaces cannot be read (netlink refused: a sandbox), the way out the
+    default listener's error names, listeners given by address, must not fail in turn."""
+    import psutil
+
+    def refused() -> dict:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(psutil, "net_if_addrs", refused)
+    monkeypatch.setattr(host, "default_interface", lambda: "eth0")
+    assert host.own_addresses(["192.0.2.1"], ["203.0.113.5"]) - {"::1"} == {
+        "192.0.2.1",
+        "203.0.113.5",
+        "127.0.0.1",
+    }
+    assert host.own_addresses(["0.0.0.0"]) - {"::1"} == {"127.0.0.1"}

@@ -32,6 +32,46 @@ def test_remote_refused_untrusted_accepted_trusted(domain):
     assert route("user", domain, True) == policy.Remote(domain.lower())
 
 
+OWN = frozenset({"192.0.2.1", "2001:db8::1"})  # (host.own_addresses: as ipaddress writes them)
+
+
+@pytest.mark.parametrize(
+    "domain",
+    [
+        "[192.0.2.1]",
+        "[IPv6:2001:db8::1]",
+        "[ipv6:2001:DB8:0:0::1]",  # (the tag is case-insensitive; another spelling of it)
+        "[IPv6:::ffff:192.0.2.1]",  # (the IPv4 address in IPv6 form)
+        "[127.0.0.1]",  # (loopback: always this machine's)
+        "[127.1.2.3]",
+        "[IPv6:::1]",
+    ],
+)
+def test_an_address_literal_of_ours_is_local(domain):
+    """RFC 5321 4.1.3, RFC 1123 5.2.17; Postfix's $inet_interfaces and $proxy_interfaces."""
+    for trusted in (True, False):
+        address = Address("Alice", domain, False)
+        verdict = policy.route(address, trusted=trusted, local_domains=DOMAINS, own_addresses=OWN)
+        assert verdict == policy.Local("alice"), domain
+
+
+@pytest.mark.parametrize(
+    "domain", ["[192.0.2.2]", "[0.0.0.0]", "[IPv6:::]", "[192.0.2.1.]", "[IPv6:192.0.2.1]"]
+)
+def test_other_address_literals_are_not(domain):
+    address = Address("alice", domain, False)
+    verdict = policy.route(address, trusted=False, local_domains=DOMAINS, own_addresses=OWN)
+    assert verdict == policy.Refused(policy.RELAY_DENIED)
+    verdict = policy.route(address, trusted=True, local_domains=DOMAINS, own_addresses=OWN)
+    assert verdict == policy.Remote(domain.lower())
+
+
+def test_at_an_address_literal_of_ours_routing_tricks_are_refused_too():
+    address = Address("user%remote.test", "[192.0.2.1]", False)
+    verdict = policy.route(address, trusted=False, local_domains=DOMAINS, own_addresses=OWN)
+    assert verdict == policy.Refused(policy.ROUTING_DENIED)
+
+
 @pytest.mark.parametrize("local", ["user%remote.test", "remote.test!user", "user@remote.test"])
 def test_routing_tricks_refused_untrusted(local):
     verdict = route(local, "example.org", False, quoted="@" in local)

@@ -126,7 +126,9 @@ class World:
 def make_world(tmp_path) -> Callable[..., World]:
     made: list[Scheduler] = []
 
-    def make(*extra: str, alias_text: str | None = None) -> World:
+    def make(
+        *extra: str, alias_text: str | None = None, own_addresses: frozenset[str] = frozenset()
+    ) -> World:
         base = tmp_path / f"w{len(made)}"
         (base / "spool" / "alice").mkdir(parents=True)
         (base / "spool" / "bob").mkdir()
@@ -145,6 +147,7 @@ def make_world(tmp_path) -> Callable[..., World]:
             entries, problems = aliases.parse(alias_text)
             assert not problems
             cfg = dataclasses.replace(cfg, aliases=aliases.build(entries, cfg.domains))
+        cfg = dataclasses.replace(cfg, own_addresses=own_addresses)  # (load_files reads them)
         queue = Queue(cfg.queue)
         queue.create_dirs()
         boxes = Mailboxes()
@@ -304,6 +307,16 @@ def test_a_5xx_bounces_to_a_local_sender_s_mailbox(w):
     assert block["Diagnostic-Code"] == f"smtp; {REJECT.line()}"
     assert "no such user here" in report.human
     assert w.notices_queued() == []
+
+
+def test_a_bounce_to_a_sender_at_an_address_literal_of_ours_goes_to_the_mailbox(make_world):
+    """A local program's sender alice@[192.0.2.1], one of our addresses: the bounce is hers
+    (relayed to the literal, it loops back to us, and a bounce's bounce is dropped)."""
+    w = make_world(own_addresses=frozenset({"192.0.2.1"}))
+    item = w.queued("alice@[192.0.2.1]", ["bob@example.net"])
+    w.settle(item, {"bob@example.net": REJECT})
+    [notice] = w.boxes.calls
+    assert notice.mailbox == "alice" and w.notices_queued() == []
 
 
 def test_a_5xx_bounce_to_a_remote_sender_is_queued_from_the_null_sender(w):
@@ -829,16 +842,14 @@ def test_destinations_are_looked_up_a_few_at_a_time(make_world, monkeypatch):
 def test_with_a_wildcard_listener_every_interfaces_addresses_are_ours(make_world, monkeypatch):
     """Not only the default route's interface: an MX at another interface's address looped
     through a listener on 0.0.0.0 (a sixth attacker's pass). `ip` is the independent word;
-    the default route is made the loopback's, so that the others count only as "others"."""
+    the default route is made the loopback's, so that the others count only as "others".
+    (The master reads them, `config.load_files`; the scheduler takes its configuration's.)"""
     import ipaddress
     import subprocess
 
     from mailerd import host
-    from mailerd.delivery import scheduler
-    from mailerd.delivery.scheduler import own_addresses
 
     monkeypatch.setattr(host, "default_interface", lambda: "lo")
-    monkeypatch.setattr(scheduler, "default_interface", lambda: "lo", raising=False)
 
     listed = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True).stdout
     addresses = set()
@@ -846,7 +857,12 @@ def test_with_a_wildcard_listener_every_interfaces_addresses_are_ours(make_world
         address = ipaddress.ip_address(fields[3].split("/")[0])
         if not address.is_link_local:
             addresses.add(str(address))
-    assert addresses and addresses <= own_addresses(make_world("-l", "0.0.0.0:2526").cfg)
+    cfg = make_world("-l", "0.0.0.0:2526").cfg
+    own = host.own_addresses([listen.host for listen in cfg.listeners])
+    assert addresses and addresses <= own
+    assert host.own_addresses(["127.0.0.1"]) < own  # (the loopback's, not the others)
+    world = make_world("-l", "0.0.0.0:2526", own_addresses=own)
+    assert world.sched.own_addresses == own
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ def clock() -> Clock:
 
 
 def test_remote_recipients_are_deferred_at_the_limit_local_ones_never(clock, caplog):
-    limit = SendLimit(SentCounts(64, clock), 3, DOMAINS)
+    limit = SendLimit(SentCounts(64, clock), 3, DOMAINS, frozenset({"192.0.2.25"}))
     alice = [address(a) for a in ("a@remote.test", "b@remote.test")]
     limit.reserve("alice", "192.0.2.7", [*alice, address("alice@example.org")])
     assert limit.refusal("alice", "192.0.2.7", address("c@remote.test"), []) is None
@@ -51,7 +51,8 @@ def test_remote_recipients_are_deferred_at_the_limit_local_ones_never(clock, cap
     # the same recipient again is the same copy; local ones, postmaster, subdomains are ours
     assert limit.refusal("alice", "192.0.2.7", address("C@REMOTE.test"), pending) is not None
     assert limit.refusal("alice", "192.0.2.7", address("c@Remote.Test"), pending) is None
-    for local in ("carol@example.org", "x@lists.example.org", "root@localhost", "postmaster"):
+    ours = ("carol@example.org", "x@lists.example.org", "root@localhost", "postmaster")
+    for local in (*ours, "bob@[192.0.2.25]", "root@[127.0.0.1]"):  # (literals of ours too)
         assert limit.refusal("alice", "192.0.2.7", address(local), pending) is None
     assert limit.refusal("bob", "192.0.2.7", address("d@remote.test"), pending) is None
     lines = [r.getMessage() for r in caplog.records if "limit reached" in r.getMessage()]
