@@ -865,6 +865,36 @@ def test_with_a_wildcard_listener_every_interfaces_addresses_are_ours(make_world
     assert world.sched.own_addresses == own
 
 
+def test_every_interfaces_addresses_are_read_at_once(monkeypatch):
+    """With a listener on a wildcard address the master reads every interface's addresses
+    before it listens (own_addresses): one reading of them all, not one more for each
+    interface (on a host of 2,000 interfaces the master took 67 s to start, where it took
+    0.5 s before it read them). Each interface's link-local and IPv4-in-IPv6 ones still left."""
+    import socket
+    from types import SimpleNamespace
+
+    import psutil
+
+    from mailerd.host import own_addresses
+
+    def entry(address: str):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return SimpleNamespace(family=family, address=address)
+
+    interfaces = {f"veth{n}": [entry(f"10.{n // 250}.{n % 250}.1")] for n in range(500)}
+    interfaces["eth0"] = [entry("fe80::1%eth0"), entry("::ffff:192.0.2.9"), entry("2001:db8::5")]
+    readings = []
+
+    def net_if_addrs() -> dict:
+        readings.append(1)
+        return interfaces
+
+    monkeypatch.setattr(psutil, "net_if_addrs", net_if_addrs)
+    own = own_addresses(["0.0.0.0"])
+    assert len(readings) == 1
+    assert {"10.0.0.1", "10.1.249.1", "2001:db8::5"} <= own and len(own - {"::1"}) == 502
+
+
 @pytest.mark.parametrize(
     "relayhost, literal, address",
     [
