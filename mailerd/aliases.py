@@ -12,7 +12,8 @@ reload (SIGHUP; `newaliases` sends one):
 
 A name applies to every local domain and is matched without regard to case, first as given and
 then without its `+tag` (`team+x` finds `team`). A target is a local name (itself looked up
-again: aliases of aliases), an address in a local domain (the same), or a remote address (the
+again: aliases of aliases), an address in a local domain or at an address literal of this
+machine's (`root: admin@[127.0.0.1]`; the same), or a remote address (the
 message is forwarded there). A name that lists itself (`alice: alice, alice@backup.example`)
 delivers to its own mailbox, as sendmail does. Any other cycle is a loop: mail for every name in
 it is refused (550 5.4.6) and the loop is logged when the file is read.
@@ -32,7 +33,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from mailerd.names import is_local_domain, mailbox_name
+from mailerd.names import is_local, mailbox_name
 
 log = logging.getLogger("mailerd.aliases")
 
@@ -85,9 +86,14 @@ class Aliases:
         return len(self.table)
 
     @classmethod
-    def load(cls, path: str, local_domains: tuple[str, ...]) -> Aliases:
+    def load(
+        cls,
+        path: str,
+        local_domains: tuple[str, ...],
+        own_addresses: frozenset[str] = frozenset(),
+    ) -> Aliases:
         """Read and expand `path`; a missing file is an empty table. Raises AliasError when the
-        file exists but cannot be read."""
+        file exists but cannot be read. `own_addresses`: see `build`."""
         try:
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 text = f.read()
@@ -96,7 +102,9 @@ class Aliases:
         except OSError as exc:
             raise AliasError(f"cannot read {path}: {exc.strerror}") from exc
         entries, problems = parse(text)
-        return build(entries, local_domains, path=path, problems=problems)
+        return build(
+            entries, local_domains, path=path, problems=problems, own_addresses=own_addresses
+        )
 
 
 # -- reading the file -------------------------------------------------------------------------
@@ -205,8 +213,11 @@ def build(
     *,
     path: str | None = None,
     problems: Iterable[str] = (),
+    own_addresses: frozenset[str] = frozenset(),
 ) -> Aliases:
-    """Expand every entry in advance; loops and refused targets become logged problems.
+    """Expand every entry in advance; loops and refused targets become logged problems. A
+    target at an address literal of this machine's (`own_addresses`: `root: admin@[127.0.0.1]`)
+    is local, as it is everywhere else (`names.is_local`), not a forward that loops back.
 
     Each name is expanded once and its expansion reused wherever it is a target: expanded
     afresh along every path, overlapping nested lists cost twice as much per level (an
@@ -241,7 +252,7 @@ def build(
             return
         bare = target.strip('"').strip()
         local, at, domain = bare.rpartition("@")
-        if at and not is_local_domain(domain, local_domains):
+        if at and not is_local(domain, local_domains, own_addresses):
             result.forwards[normal_address(bare)] = None
             return
         key = (local if at else bare).lower()

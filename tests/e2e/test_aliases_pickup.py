@@ -388,3 +388,19 @@ def test_kill_9_during_pickup_loses_and_doubles_nothing(aliased):
     ]
     assert sorted(seen) == sorted(subjects), f"{len(seen)} copies of {len(subjects)} messages"
     assert not any((m.queue / maildrop.MAILDROP).iterdir())
+
+
+def test_an_alias_target_at_an_address_literal_of_ours_is_delivered_here(mailerd_factory, tmp_path):
+    """`lit: user@[127.0.0.1]` is user's mailbox, as RCPT TO:<user@[127.0.0.1]> and
+    `sendmail user@[127.0.0.1]` are: it was queued as a forward, bounced as mail that loops
+    back to us, and the bounce of network mail dropped (its sender's SPF not verified)."""
+    m: Mailerd = mailerd_factory(start=False)
+    user = m.new_user("lit")
+    path = tmp_path / "aliases"
+    path.write_text(f"lit: {user}@[127.0.0.1]\n")
+    m.extra += ["--aliases", str(path)]
+    m.start()
+    queue_before = m.queue_files()
+    _deliver(m, "lit@example.org", "to an alias at our literal")
+    assert m.wait_messages(user, 1, timeout=5) == [1], m.stderr_text()[-2000:]
+    assert m.queue_files() == queue_before

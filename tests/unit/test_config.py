@@ -419,3 +419,26 @@ def test_own_addresses_without_netlink_are_the_named_ones(monkeypatch):
         "127.0.0.1",
     }
     assert host.own_addresses(["0.0.0.0"]) - {"::1"} == {"127.0.0.1"}
+
+
+def test_an_alias_target_at_an_address_literal_of_ours_is_local(tmp_path, monkeypatch):
+    """`root: admin@[127.0.0.1]` delivers to admin, as Postfix does and as mail to
+    admin@[127.0.0.1] does everywhere else (policy.route): read as a forward, the copy looped
+    back to us and bounced (network mail: dropped, as forwarded mail SPF did not verify). A
+    name that lists itself at a literal is its own mailbox; another machine's is forwarded."""
+    from mailerd.aliases import Expansion
+
+    monkeypatch.setattr(host, "default_interface", lambda: None)
+    (tmp_path / "aliases").write_text(
+        "root: admin@[127.0.0.1], bob@[IPv6:::1]\n"
+        "public: carol@[203.0.113.5]\n"
+        "self: self@[127.0.0.1]\n"
+        "far: dave@[192.0.2.99]\n"
+    )
+    argv = ["-l", "127.0.0.1", "-n", "none", "--public-address", "203.0.113.5", "-d", "ex.org"]
+    argv += ["--aliases", str(tmp_path / "aliases"), "--passwd", str(tmp_path / "passwd")]
+    table = config.load_files(config.load(argv)).aliases
+    assert table.lookup("root") == Expansion(mailboxes=("admin", "bob"))
+    assert table.lookup("public") == Expansion(mailboxes=("carol",))
+    assert table.lookup("self") == Expansion(mailboxes=("self",))
+    assert table.lookup("far") == Expansion(forwards=("dave@[192.0.2.99]",))
