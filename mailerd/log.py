@@ -376,7 +376,7 @@ class ReopeningFileHandler(_LineStream, logging.FileHandler):
         is root, and whoever may write the log's directory must not choose what root appends
         to (an attacker's pass, /tmp/atk7c, planted a link to a root-only file and had the
         master crash at SIGUSR1). A FIFO is refused at once instead of blocking the open."""
-        fd = os.open(self.baseFilename, LOG_FLAGS, 0o640)
+        fd = os.open(self.baseFilename, LOG_FLAGS, 0o600)  # (privileges.LOG_MODE)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

@@ -1,4 +1,5 @@
-"""Privileges: the master binds as root; every child that talks to the network runs as `-u`.
+"""Privileges: the master binds as root; every child that talks to the network runs as `-u`,
+in no group but `nogroup` (`CHILDREN_GROUP`): not even its user's own.
 
 Who calls what:
 - `master.startup.run` calls `resolve()` once (the `-u` user, `mail` by default when started as
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import grp
 import logging
 import os
 import pwd
@@ -36,6 +38,16 @@ log = logging.getLogger("mailerd.privileges")
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
+# The children's one group. Not their user's own: Debian's `mail` user's group may write
+# /var/mail (root:mail 2775, no sticky bit) and read and write the mbox files there (user:mail
+# 0660), so a worker running an attacker's code in it could rename or empty every user's
+# mailbox. They need no group: everything of theirs is their user's (the queue, the log file),
+# and the spool is opened before they drop (keep_dir) and only looked at.
+CHILDREN_GROUP = "nogroup"
+# The log file's mode: its user's alone (the children reopen it), readable by root (fail2ban,
+# logrotate); not by the children's group, which other daemons share (nobody:nogroup).
+LOG_MODE = 0o600
+
 
 class PrivilegeError(Exception):
     """The user cannot be used, or the switch did not (fully) happen; the message says why."""
@@ -45,7 +57,7 @@ class PrivilegeError(Exception):
 class Account:
     name: str
     uid: int
-    gid: int
+    gid: int  # the children's group (CHILDREN_GROUP), not the user's own
 
 
 def lookup(name: str) -> Account:
@@ -61,7 +73,22 @@ def lookup(name: str) -> Account:
         raise PrivilegeError(
             f"-u {name}: refusing to run the workers as root; name an unprivileged user"
         )
-    return Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
+    return Account(entry.pw_name, entry.pw_uid, _children_gid(entry.pw_gid))
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _children_gid(own: int) -> int:
+    """CHILDREN_GROUP's id; the user's own group where the system has none of that name."""
+    try:
+        return grp.getgrnam(CHILDREN_GROUP).gr_gid
+    except KeyError:
+        return own
 
 
 def exposed(path: Path, user: str | None) -> str | None:
@@ -84,7 +111,7 @@ def exposed(path: Path, user: str | None) -> str | None:
     if st.st_mode & 0o022:
         return "may be written by others than its owner: chmod 600 it"
     if account is not None and st.st_mode & 0o040 and st.st_gid == account.gid:
-        return f"is readable by the group of {account.name}, whom the workers run as: chmod 600 it"
+        return f"is readable by group {_group_name(account.gid)}, the workers': chmod 600 it"
     return None
 
 
@@ -114,14 +141,19 @@ def drop(user: str | None) -> None:
             return
         raise PrivilegeError(f"cannot switch to user '{user}': not running as root")
     try:
-        os.initgroups(account.name, account.gid)
-        os.setresgid(account.gid, account.gid, account.gid)
-        os.setresuid(account.uid, account.uid, account.uid)
+        _become(account)
     except OSError as exc:
         raise PrivilegeError(f"cannot switch to user '{user}': {exc.strerror}") from exc
     _no_new_privileges()
     verify(account)
     preload.guard()
+
+
+def _become(account: Account) -> None:
+    """The switch itself (root only): no supplementary group, the children's group, the uid."""
+    os.setgroups([])
+    os.setresgid(account.gid, account.gid, account.gid)
+    os.setresuid(account.uid, account.uid, account.uid)
 
 
 def verify(account: Account) -> None:
@@ -130,6 +162,8 @@ def verify(account: Account) -> None:
         raise PrivilegeError(
             f"switch to '{account.name}' incomplete: uids {os.getresuid()}, gids {os.getresgid()}"
         )
+    if os.getgroups() not in ([], [account.gid]):
+        raise PrivilegeError(f"switch to '{account.name}' kept the groups {os.getgroups()}")
     for regain in (os.setuid, os.seteuid):
         try:
             regain(0)
@@ -196,7 +230,7 @@ def keep_dir(path: Path) -> Path:
 
 def unreadable(user: str | None, paths: list[Path]) -> list[tuple[Path, str]]:
     """Which of `paths` `user` cannot read, each with the reason: asked by a child process
-    that becomes the user (its groups included), as the children will. Call before forking
+    that becomes the user (in the children's group), as the children will. Call before forking
     anything else: the answer decides whether mailerd can start at all."""
     if user is None or not paths:
         return []
@@ -207,9 +241,7 @@ def unreadable(user: str | None, paths: list[Path]) -> list[tuple[Path, str]]:
         code = 1
         try:
             os.close(read_end)
-            os.initgroups(account.name, account.gid)
-            os.setresgid(account.gid, account.gid, account.gid)
-            os.setresuid(account.uid, account.uid, account.uid)
+            _become(account)
             report = []
             for path in paths:
                 try:

@@ -836,6 +836,27 @@ def test_children_run_as_the_user(open_base: Path, daemon_factory):
     assert wait_until(lambda: len(d.messages("alice")) == 3, 10)
 
 
+def test_the_children_are_in_no_group_but_nogroup(daemon_factory):
+    """As `mail` by default, but not in its group, which may write Debian's /var/mail (2775
+    root:mail) and read its mbox files: the workers and the delivery process ran in it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: privileges are only dropped when started as root")
+    import grp
+
+    d = daemon_factory()
+    d.add_user("alice")
+    d.start()
+    mail, nogroup = pwd.getpwnam("mail").pw_uid, grp.getgrnam("nogroup").gr_gid
+    children = [*d.workers_now(), *d.titled("mailerd: delivery")]
+    assert len(children) == 3, children
+    for pid in children:
+        status = proc_status(pid)
+        assert uids(pid) == [mail] * 4, (pid, status)
+        assert status["Gid"].split() == [str(nogroup)] * 4, (pid, status)
+        assert status["Groups"] == "", (pid, status)
+    deliver(d, "alice@example.org")
+
+
 def memory_holds(pid: int, needles: dict[str, bytes]) -> dict[str, int] | None:
     """How many copies of each needle the process's readable memory holds (as root reads
     it through /proc/PID/mem: what code running inside the process could find); None if

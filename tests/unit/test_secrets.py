@@ -197,7 +197,7 @@ def _wait_for(predicate, timeout: float = 5.0):
         (0o644, False, False, "is readable by others: chmod 600 it"),
         (0o620, False, False, "may be written by others than its owner: chmod 600 it"),
         (0o600, True, False, "is owned by {user}, whom the workers run as: chown root, chmod 600"),
-        (0o640, False, True, "is readable by the group of {user}, whom the workers run as"),
+        (0o640, False, True, "is readable by group nogroup, the workers': chmod 600 it"),
     ],
 )
 def test_check_warns_of_a_key_the_workers_or_others_may_reach(
