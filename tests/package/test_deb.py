@@ -1111,7 +1111,8 @@ def _check_log_rotation(t: Target, ports: dict[str, int], box: str, state: str) 
     assert reopened, f"no new {LOG_FILE} after the rotation{syslog_tail(t)}"
     deliver()
     assert wait_until(lambda: "relay=local" in _text(t.read(LOG_FILE)), 10, 0.2), "not written"
-    assert t.out(["stat", "-c", "%U:%G %a", LOG_FILE]).split() == ["mail:mail", "640"]
+    owner = t.out(["stat", "-c", "%U:%G %a", LOG_FILE]).split()
+    assert owner == ["mail:nogroup", "600"]  # (the children's: privileges.LOG_MODE)
 
 
 def apt_install(t: Target, package: str) -> None:
@@ -1124,7 +1125,8 @@ def apt_install(t: Target, package: str) -> None:
 
 def check_queue_layout(t: Target) -> None:
     """The queue as mailerd lays it out (mailerd.queue.SUBDIRS, with their modes, and the pickup
-    FIFO), every entry owned by the daemon's user: what `sendmail` needs before a first start.
+    FIFO), every entry owned by the daemon's user and the children's group (nogroup, not the
+    user's own: privileges.CHILDREN_GROUP): what `sendmail` needs before a first start.
     The queue directory itself is root's, as when the daemon makes it: its user cannot replace
     an entry by a link for root to follow."""
     from mailerd.delivery import queue
@@ -1137,7 +1139,7 @@ def check_queue_layout(t: Target) -> None:
     paths = [f"{QUEUE}/{name}".rstrip("/") for name in want]
     out = t.out(["stat", "-c", "%U %G %a %F", *paths]).splitlines()  # (links not followed)
     got = dict(zip(want, [tuple(line.split(" ", 3)) for line in out], strict=True))
-    expected = {name: ("mail", "mail", *mode_type) for name, mode_type in want.items()}
+    expected = {name: ("mail", "nogroup", *mode_type) for name, mode_type in want.items()}
     expected[""] = ("root", "root", "755", "directory")
     assert got == expected
 
