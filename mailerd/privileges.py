@@ -47,6 +47,7 @@ CHILDREN_GROUP = "nogroup"
 # The log file's mode: its user's alone (the children reopen it), readable by root (fail2ban,
 # logrotate); not by the children's group, which other daemons share (nobody:nogroup).
 LOG_MODE = 0o600
+OVERFLOW_GID = 65534  # (the kernel's default overflowgid)
 
 
 class PrivilegeError(Exception):
@@ -73,7 +74,7 @@ def lookup(name: str) -> Account:
         raise PrivilegeError(
             f"-u {name}: refusing to run the workers as root; name an unprivileged user"
         )
-    return Account(entry.pw_name, entry.pw_uid, _children_gid(entry.pw_gid))
+    return Account(entry.pw_name, entry.pw_uid, _children_gid())
 
 
 def _group_name(gid: int) -> str:
@@ -83,12 +84,14 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def _children_gid(own: int) -> int:
-    """CHILDREN_GROUP's id; the user's own group where the system has none of that name."""
+def _children_gid() -> int:
+    """CHILDREN_GROUP's id; where the system has no group of that name, the kernel's overflow
+    group (65534, what nogroup is on Debian: no file is that group's), never the user's own:
+    the `mail` user's is the one that may write Debian's /var/mail and its mbox files."""
     try:
         return grp.getgrnam(CHILDREN_GROUP).gr_gid
     except KeyError:
-        return own
+        return OVERFLOW_GID
 
 
 def exposed(path: Path, user: str | None) -> str | None:
@@ -228,11 +231,20 @@ def keep_dir(path: Path) -> Path:
     return Path(f"/proc/self/fd/{fd}")
 
 
-def unreadable(user: str | None, paths: list[Path]) -> list[tuple[Path, str]]:
-    """Which of `paths` `user` cannot read, each with the reason: asked by a child process
-    that becomes the user (in the children's group), as the children will. Call before forking
-    anything else: the answer decides whether mailerd can start at all."""
-    if user is None or not paths:
+_LOOK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def unreadable(
+    user: str | None, paths: list[Path], directories: list[Path] | None = None
+) -> list[tuple[Path, str]]:
+    """Which of `paths` `user` cannot read, and which of `directories` it cannot look into,
+    each with the reason: asked by a child process that becomes the user (in the children's
+    group), as the children will. A directory is opened before the switch, as `keep_dir()`
+    opens it for the children: only its own permissions count, not its parents' (one root
+    cannot open is left out: making it says why). Call before forking anything else: the
+    answer decides whether mailerd can start at all."""
+    directories = directories or []
+    if user is None or not (paths or directories):
         return []
     account = lookup(user)
     read_end, write_end = os.pipe()
@@ -241,6 +253,10 @@ def unreadable(user: str | None, paths: list[Path]) -> list[tuple[Path, str]]:
         code = 1
         try:
             os.close(read_end)
+            held = []
+            for directory in directories:
+                with contextlib.suppress(OSError):
+                    held.append((directory, os.open(directory, _LOOK_FLAGS)))
             _become(account)
             report = []
             for path in paths:
@@ -248,6 +264,11 @@ def unreadable(user: str | None, paths: list[Path]) -> list[tuple[Path, str]]:
                     os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
                 except OSError as exc:
                     report.append(f"{path}\0{exc.strerror}")
+            for directory, fd in held:
+                try:  # (any name looked up in it needs its search permission: "." too)
+                    os.stat(".", dir_fd=fd)
+                except OSError as exc:
+                    report.append(f"{directory}\0{exc.strerror}")
             os.write(write_end, "\n".join(report).encode("utf-8", "surrogateescape"))
             code = 0
         finally:
@@ -257,7 +278,7 @@ def unreadable(user: str | None, paths: list[Path]) -> list[tuple[Path, str]]:
         data = pipe.read()
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        return [(path, "cannot check (the probe process failed)") for path in paths]
+        return [(path, "cannot check (the probe process failed)") for path in paths + directories]
     found = []
     for line in data.decode("utf-8", "surrogateescape").splitlines():
         name, _, reason = line.partition("\0")

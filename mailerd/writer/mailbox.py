@@ -77,7 +77,7 @@ _SAFE = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 class MailboxStore:
     """The spool root, for writing. `deliver()` runs as root in the mailbox writer, so
     everything below the root is reached through directory descriptors and opened with
-    O_NOFOLLOW: a user (or the unprivileged mail user, which may write Debian's group-writable
+    O_NOFOLLOW: a user (or a program of the mail group, which may write Debian's group-writable
     spool) cannot turn a symlink, a FIFO or a planted directory into a root write elsewhere."""
 
     def __init__(self, root: Path, lock_timeout: float = 60.0, untrusted_uid: int | None = None):
@@ -241,8 +241,8 @@ class MailboxStore:
         """Create `<spool>/<name>` and give it to the account, 0700.
 
         Only a directory that is still root's once opened is given away: the spool is
-        group-writable for mail (Debian's /var/mail), so between the mkdir and the open the
-        unprivileged user could put a directory of its own in its place (an attacker's pass
+        group-writable for mail (Debian's /var/mail), so between the mkdir and the open a program
+        of that group could put a directory of its own in its place (an attacker's pass
         won that race and had its 0777 directory chowned to the user), and one made by someone
         else at the same moment is left as it is (the owner check in _open_mailbox judges it).
         """

@@ -857,6 +857,44 @@ def test_the_children_are_in_no_group_but_nogroup(daemon_factory):
     deliver(d, "alice@example.org")
 
 
+def test_directories_only_the_mail_group_may_search(daemon_factory):
+    """The children look into the spool and the queue through descriptors opened before their
+    drop, and into the log file's directory to reopen it: a directory of root's group `mail`
+    (0770) let them in while they ran in that group; in no group but nogroup they cannot
+    (every local RCPT was 451 4.3.0, the workers' log lines went to the rotated file, and the
+    start said nothing). A spool or queue they cannot look into fails the start in one line
+    that says which and what to do; such a log directory is warned of."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: privileges are only dropped when started as root")
+    import grp
+
+    mail_group = grp.getgrnam("mail").gr_gid
+    d = daemon_factory()
+    os.chown(d.spool, 0, mail_group)
+    d.spool.chmod(0o770)
+    p = d.command()
+    if p.returncode == 0 and d.pidfile.exists():  # (started after all: the teardown stops it)
+        d.master = int(d.pidfile.read_text().split()[0])
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    assert f"cannot look into {d.spool} (Permission denied)" in p.stderr, p.stderr
+    assert f"chmod o+x {d.spool}" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not d.pidfile.exists()
+
+    d.spool.chmod(0o755)
+    logs = d.base / "logs"
+    logs.mkdir()
+    os.chown(logs, 0, mail_group)
+    logs.chmod(0o770)
+    d.log_file = logs / "mailerd.log"
+    d.write_config()
+    d.add_user("alice")
+    d.start()
+    assert d.wait_log(f"cannot look into {logs} (Permission denied)"), d.log()
+    deliver(d, "alice@example.org")
+    assert wait_until(lambda: d.messages("alice") == [1], 10)
+
+
 def memory_holds(pid: int, needles: dict[str, bytes]) -> dict[str, int] | None:
     """How many copies of each needle the process's readable memory holds (as root reads
     it through /proc/PID/mem: what code running inside the process could find); None if

@@ -1,9 +1,10 @@
 """What a worker's user (`mail`), running an attacker's code in a compromised worker, must not
 be able to make the rest of mailerd do (an attacker's pass at the privilege separation: each
 test here failed before its fix). The workers speak to the Internet as `mail`, who owns
-<queue>/public, env/ and private/, and may write Debian's spool (2775 root:mail); root's
-parts (sendmail run by cron, `mailerd queue`, the mailbox writer, the master) meet what that
-user left there, or what it says, and must not take it on trust."""
+<queue>/public, env/ and private/ (but no longer writes Debian's spool, 2775 root:mail: the
+children run in group nogroup, test_privileges; the writer's checks stay, for the mail group's
+other programs); root's parts (sendmail run by cron, `mailerd queue`, the mailbox writer, the
+master) meet what that user left there, or what it says, and must not take it on trust."""
 
 from __future__ import annotations
 

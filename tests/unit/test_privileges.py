@@ -90,3 +90,16 @@ def test_the_children_cannot_touch_debians_spool() -> None:
         assert groups == str(([], grp.getgrnam("nogroup").gr_gid)), groups
     finally:
         shutil.rmtree(here)
+
+
+def test_without_a_nogroup_the_children_are_still_not_in_the_mail_group(monkeypatch) -> None:
+    """Where the system has no group named nogroup, the children ran in their user's own group:
+    `mail`'s, the very group that may write Debian's /var/mail and its mbox files."""
+    monkeypatch.setattr(privileges, "CHILDREN_GROUP", "no-such-group-here")
+    mail = pwd.getpwnam("mail")
+    account = privileges.lookup("mail")
+    assert account.gid != mail.pw_gid, account
+    assert account.gid != 0, account
+    if os.geteuid() == 0:
+        groups = _as_the_children("mail", lambda: (os.getgroups(), os.getgid()))
+        assert groups == str(([], account.gid)), groups
