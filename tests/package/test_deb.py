@@ -575,7 +575,13 @@ class FakeMX:
         """Serving (again: an aiosmtpd Controller does not start twice, so a new one)."""
         from aiosmtpd.controller import Controller
 
-        self.controller = Controller(self.handler, hostname=self.host, port=self.port)
+        # (server_hostname: its greeting's name, which aiosmtpd would otherwise take from
+        # socket.getfqdn(), a lookup of this machine's name: where /etc/hosts lacks it, the DNS
+        # is asked, and inside test_systemd_unit's network, whose default route leads nowhere,
+        # that waits out the resolver's timeout, past the Controller's 5 s to respond)
+        self.controller = Controller(
+            self.handler, hostname=self.host, port=self.port, server_hostname="mx.remote.example"
+        )
         self.controller.start()
 
     def stop(self) -> None:
