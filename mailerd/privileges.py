@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailerd import preload
-from mailerd.config import DEFAULT_USER
+from mailerd.config import DEFAULT_USER, Config
 from mailerd.delivery.queue import SUBDIRS as QUEUE_SUBDIRS
 from mailerd.ipc.maildrop import MAILDROP
 
@@ -284,6 +284,32 @@ def unreadable(
         name, _, reason = line.partition("\0")
         found.append((Path(name), reason))
     return found
+
+
+def looked_into_by_children(cfg: Config) -> list[Path]:
+    """Directories the children reach through descriptors opened before the drop and look
+    into after it (`privileges.keep_dir`: the spool, the queue; `log.pin_directories`: the log
+    file's, to reopen it after a rotation). Only their own permissions count, and the children
+    are in no group but nogroup: a directory of root's group `mail` (0770, 0750) let them in
+    while they ran in that group, and now shuts them out."""
+    found = [cfg.spool, cfg.queue]
+    if cfg.log_file is not None:
+        found.append(cfg.log_file.parent)
+    return found
+
+
+def check_looked_into(cfg: Config, user: str | None) -> None:
+    """Raise PrivilegeError when the children cannot look into the spool or the queue (every
+    local recipient would be 451, every queued message too); warn when they cannot look into
+    the log file's directory (after a rotation their lines would go on to the old file). At
+    start-up (the start fails) and at each reload (the running configuration is kept)."""
+    for path, reason in unreadable(user, [], looked_into_by_children(cfg)):
+        said = f"the children run as {user} and cannot look into {path} ({reason})"
+        fix = f"let others search it (chmod o+x {path}): the children are in no group of it"
+        if cfg.log_file is not None and path == cfg.log_file.parent:
+            log.warning("%s: they will not reopen %s after a rotation; %s", said, cfg.log_file, fix)
+        else:
+            raise PrivilegeError(f"{said}: {fix}")
 
 
 def prepare_queue(queue: Path, user: str | None) -> None:

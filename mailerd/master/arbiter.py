@@ -391,6 +391,7 @@ class Master:
                 raise OSError(
                     exc.errno, f"cannot create spool {new.spool}: {exc.strerror}"
                 ) from exc
+            privileges.check_looked_into(new, self.cfg.user)  # (a new spool, or new modes)
             sockets, removed = listeners.rebind(self.smtp_sockets, new.listeners)
         except (ConfigError, privileges.PrivilegeError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc

@@ -102,31 +102,6 @@ def read_by_children(cfg: Config) -> dict[Path, str]:
     return found
 
 
-def looked_into_by_children(cfg: Config) -> list[Path]:
-    """Directories the children reach through descriptors opened before the drop and look
-    into after it (`privileges.keep_dir`: the spool, the queue; `log.pin_directories`: the log
-    file's, to reopen it after a rotation). Only their own permissions count, and the children
-    are in no group but nogroup: a directory of root's group `mail` (0770, 0750) let them in
-    while they ran in that group, and now shuts them out."""
-    found = [cfg.spool, cfg.queue]
-    if cfg.log_file is not None:
-        found.append(cfg.log_file.parent)
-    return found
-
-
-def check_looked_into(cfg: Config, user: str | None) -> None:
-    """Raise PrivilegeError when the children cannot look into the spool or the queue (every
-    local recipient would be 451, every queued message too); warn when they cannot look into
-    the log file's directory (after a rotation their lines would go on to the old file)."""
-    for path, reason in privileges.unreadable(user, [], looked_into_by_children(cfg)):
-        said = f"the children run as {user} and cannot look into {path} ({reason})"
-        fix = f"let others search it (chmod o+x {path}): the children are in no group of it"
-        if cfg.log_file is not None and path == cfg.log_file.parent:
-            log.warning("%s: they will not reopen %s after a rotation; %s", said, cfg.log_file, fix)
-        else:
-            raise privileges.PrivilegeError(f"{said}: {fix}")
-
-
 def _fail(message: str) -> int:
     logsetup.complain(message)
     return 1
@@ -182,7 +157,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
         smtp_sockets, delivery_socket = prepare(cfg)
         bound = [sock for sock, _ in smtp_sockets] + [delivery_socket]
         privileges.prepare_queue(cfg.queue, user)
-        check_looked_into(cfg, user)
+        privileges.check_looked_into(cfg, user)
     except (OSError, daemonize.PidFileError, privileges.PrivilegeError) as exc:
         for sock in bound:
             sock.close()

@@ -894,6 +894,18 @@ def test_directories_only_the_mail_group_may_search(daemon_factory):
     deliver(d, "alice@example.org")
     assert wait_until(lambda: d.messages("alice") == [1], 10)
 
+    # A reload to such a spool fails, and the running one is kept (it answered 451 for all).
+    shut = d.base / "shut-spool"
+    (shut / "alice").mkdir(parents=True)
+    os.chown(shut, 0, mail_group)
+    shut.chmod(0o770)
+    mark = d.reload(spool=shut)
+    said = d.log()[mark:]
+    assert "reload failed, the running configuration is kept" in said, said
+    assert f"cannot look into {shut} (Permission denied)" in said, said
+    deliver(d, "alice@example.org")
+    assert wait_until(lambda: d.messages("alice") == [1, 2], 10)
+
 
 def memory_holds(pid: int, needles: dict[str, bytes]) -> dict[str, int] | None:
     """How many copies of each needle the process's readable memory holds (as root reads
