@@ -219,6 +219,9 @@ def _current_user() -> str | None:
         return None
 
 
+_LOOK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC  # (a directory to look into later)
+
+
 def keep_dir(path: Path) -> Path:
     """A path to `path` that keeps working after the drop, whatever its parents' modes.
 
@@ -227,11 +230,8 @@ def keep_dir(path: Path) -> Path:
     stays usable: only the directory's own permissions count from then on. Call it in the
     process that will use the path (descriptors are per process), before `drop()`.
     """
-    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(path, _LOOK_FLAGS)
     return Path(f"/proc/self/fd/{fd}")
-
-
-_LOOK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def unreadable(
@@ -241,8 +241,8 @@ def unreadable(
     each with the reason: asked by a child process that becomes the user (in the children's
     group), as the children will. A directory is opened before the switch, as `keep_dir()`
     opens it for the children: only its own permissions count, not its parents' (one root
-    cannot open is left out: making it says why). Call before forking anything else: the
-    answer decides whether mailerd can start at all."""
+    cannot open is left out: making it says why). At start-up, before forking anything else
+    (the answer decides whether mailerd can start at all), and at a reload."""
     directories = directories or []
     if user is None or not (paths or directories):
         return []
