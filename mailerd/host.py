@@ -14,6 +14,8 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from mailerd.names import unmapped
+
 MAILNAME = "/etc/mailname"  # Debian's "mail name" of the machine
 HOSTS = "/etc/hosts"
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -130,9 +132,10 @@ def _table(path: str) -> list[list[str]]:
 
 
 def machine_addresses() -> list[str]:
-    """Every IPv4 and global IPv6 address of every interface: all of them reach us. Read once:
-    each reading lists every interface, and a reading for each interface made the master take
-    67 s to start (before it listens: `config.load_files`) on a host of 2,000 interfaces."""
+    """Every IPv4 and global IPv6 address of every interface: all of them reach us. Read at
+    once: each reading lists every interface, and a reading for each one made the master's
+    start (it reads them before it listens: `config.load_files`) grow with the square of the
+    number of interfaces (an attacker's pass)."""
     import psutil
 
     return [a for entries in psutil.net_if_addrs().values() for a in _usable(entries)]
@@ -157,7 +160,7 @@ def own_addresses(listening: Iterable[str], public: Iterable[str] = ()) -> froze
             found += interface_addresses(iface)
     except OSError:
         pass
-    return frozenset(str(mapped_ipv4(ip) or ip) for ip in map(ipaddress.ip_address, found))
+    return frozenset(str(unmapped(a)) for a in found)
 
 
 def interface_addresses(iface: str) -> list[str]:

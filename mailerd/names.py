@@ -38,12 +38,18 @@ def is_own_literal(domain: str, own_addresses: frozenset[str]) -> bool:
     server to accept it, and postmaster@[address] is how to reach us when our DNS is broken
     (relayed instead, it looped back to us and bounced)."""
     try:
-        ip = parse_literal(domain)
+        ip = unmapped(parse_literal(domain))
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return ip.is_loopback or str(ip) in own_addresses
+
+
+def unmapped(address: IPAddress | str) -> IPAddress:
+    """An address with IPv4-mapped IPv6 (::ffff:192.0.2.1) turned into plain IPv4."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def parse_literal(domain: str) -> IPAddress:

@@ -32,7 +32,7 @@ import dns.name
 import dns.resolver
 
 from mailerd.idn import a_labels
-from mailerd.names import parse_literal
+from mailerd.names import IPAddress, parse_literal, unmapped
 from mailerd.resolver import SystemResolverForbidden, make_resolver
 
 __all__ = ["Failure", "Route", "SystemResolverForbidden", "Target", "make_resolver", "resolve"]
@@ -50,8 +50,6 @@ MAX_MX_CONSIDERED = 32
 # tolerated, as resolvers do).
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -209,13 +207,13 @@ class _Self:
                 normal_names.add(_text(_domain_name(n)))
             except ValueError:
                 normal_names.add(n.lower().rstrip("."))  # cannot match a DNS name anyway
-        return cls(frozenset(normal_names), frozenset(_unmapped(a) for a in addresses))
+        return cls(frozenset(normal_names), frozenset(unmapped(a) for a in addresses))
 
     def has_name(self, name: dns.name.Name) -> bool:
         return _text(name) in self.names
 
     def has_address(self, address: IPAddress | str) -> bool:
-        ip = _unmapped(address)
+        ip = unmapped(address)
         return ip in self.addresses or (self.this_machine and _this_machine(ip))
 
 
@@ -231,16 +229,8 @@ def _reachable(ip: IPAddress) -> bool:
     """An address a connection can be made to: not multicast, not link-local (it needs an
     interface that a DNS answer cannot give), not IPv4's reserved 240/4 (the broadcast
     address is in it)."""
-    ip = _unmapped(ip)
+    ip = unmapped(ip)
     return not (ip.is_multicast or ip.is_link_local or (ip.version == 4 and ip.is_reserved))
-
-
-def _unmapped(address: IPAddress | str) -> IPAddress:
-    """An address with IPv4-mapped IPv6 (::ffff:192.0.2.1) turned into plain IPv4."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 def _loop_failure(domain: str) -> Failure:
