@@ -263,9 +263,8 @@ def _clean(text: str, utf8: bool) -> str:
     text = " ".join(_CONTROLS.sub(" ", text).split())
     if not utf8:
         text = text.encode("ascii", "replace").decode("ascii")
-    encoded = text.encode("utf-8")
-    if len(encoded) > FIELD_LIMIT:
-        text = encoded[: FIELD_LIMIT - 3].decode("utf-8", "ignore") + "..."
+    if len(text.encode("utf-8")) > FIELD_LIMIT:
+        text = _at_most(text, FIELD_LIMIT - 3) + "..."
     return text
 
 
