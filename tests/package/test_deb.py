@@ -124,13 +124,16 @@ ENV = {
 APT = ["apt-get", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=120"]
 DEBCONF_PURGE = ["debconf-communicate", "mailerd"]  # with "PURGE" on its input
 
+# (test_systemd_unit's too)
+ON_DEBIAN = pytest.mark.skipif(
+    not (shutil.which("dpkg") and shutil.which("apt-get")),
+    reason="not a Debian system (no dpkg/apt-get)",
+)
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="installs a Debian package: needs root"),
-    pytest.mark.skipif(
-        not (shutil.which("dpkg") and shutil.which("apt-get")),
-        reason="not a Debian system (no dpkg/apt-get)",
-    ),
+    ON_DEBIAN,
 ]
 
 

@@ -115,10 +115,7 @@ IO_TIMEOUT = 15.0
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="boots a container: needs root"),
-    pytest.mark.skipif(
-        not (shutil.which("dpkg") and shutil.which("apt-get")),
-        reason="not a Debian system (no dpkg/apt-get)",
-    ),
+    test_deb.ON_DEBIAN,
 ]
 
 # Run as root on the machine, in the new mount and PID namespaces (the shell is PID 1 there):
