@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from mailerd.names import is_local, mailbox_name
+from mailerd.names import Locality, mailbox_name
 
 log = logging.getLogger("mailerd.aliases")
 
@@ -86,14 +86,9 @@ class Aliases:
         return len(self.table)
 
     @classmethod
-    def load(
-        cls,
-        path: str,
-        local_domains: tuple[str, ...],
-        own_addresses: frozenset[str] = frozenset(),
-    ) -> Aliases:
+    def load(cls, path: str, locality: Locality) -> Aliases:
         """Read and expand `path`; a missing file is an empty table. Raises AliasError when the
-        file exists but cannot be read. `own_addresses`: see `build`."""
+        file exists but cannot be read. `locality`: see `build`."""
         try:
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 text = f.read()
@@ -102,9 +97,7 @@ class Aliases:
         except OSError as exc:
             raise AliasError(f"cannot read {path}: {exc.strerror}") from exc
         entries, problems = parse(text)
-        return build(
-            entries, local_domains, path=path, problems=problems, own_addresses=own_addresses
-        )
+        return build(entries, locality, path=path, problems=problems)
 
 
 # -- reading the file -------------------------------------------------------------------------
@@ -209,15 +202,14 @@ class _Expanded:
 
 def build(
     entries: Mapping[str, list[str]],
-    local_domains: tuple[str, ...],
+    locality: Locality,
     *,
     path: str | None = None,
     problems: Iterable[str] = (),
-    own_addresses: frozenset[str] = frozenset(),
 ) -> Aliases:
     """Expand every entry in advance; loops and refused targets become logged problems. A
-    target at an address literal of this machine's (`own_addresses`: `root: admin@[127.0.0.1]`)
-    is local, as it is everywhere else (`names.is_local`), not a forward that loops back.
+    target is local as `locality` says, as it is everywhere else: one at an address literal
+    of this machine's (`root: admin@[127.0.0.1]`) too, not a forward that loops back.
 
     Each name is expanded once and its expansion reused wherever it is a target: expanded
     afresh along every path, overlapping nested lists cost twice as much per level (an
@@ -252,7 +244,7 @@ def build(
             return
         bare = target.strip('"').strip()
         local, at, domain = bare.rpartition("@")
-        if at and not is_local(domain, local_domains, own_addresses):
+        if at and not locality.is_local(domain):
             result.forwards[normal_address(bare)] = None
             return
         key = (local if at else bare).lower()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import errno
+import functools
 import ipaddress
 import os
 import re
@@ -172,7 +173,8 @@ class Config:
     # The passwd file as read by the master (load_files); the workers check passwords with it.
     credentials: Credentials = field(default_factory=Credentials, compare=False, repr=False)
     # The addresses that are this machine's (host.own_addresses), read by the master
-    # (load_files) before it forks: their literals are local domains, and relaying to them loops.
+    # (load_files) before it forks: their literals are local (`locality`), and relaying to
+    # them loops.
     own_addresses: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     # --dkim-key DOMAIN:SELECTOR:FILE; the keys are read by the delivery process only
     # (delivery.secrets).
@@ -182,6 +184,11 @@ class Config:
     dnsbl: tuple[str, ...] = ()
     dns_timeout: float = DEFAULT_DNS_TIMEOUT
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @functools.cached_property
+    def locality(self) -> names.Locality:
+        """What is delivered here: mail to `domains`, and to literals of `own_addresses`."""
+        return names.Locality(self.domains, self.own_addresses)
 
 
 # (long name, short letter or None, takes a value, repeatable, help)
@@ -715,7 +722,7 @@ def _with_files(cfg: Config, context: ssl.SSLContext | None) -> Config:
     """`cfg` with `context` and its other files read (see load_files)."""
     own = host.own_addresses([listen.host for listen in cfg.listeners], cfg.public_addresses)
     try:
-        table = Aliases.load(str(cfg.aliases_file), cfg.domains, own)
+        table = Aliases.load(str(cfg.aliases_file), names.Locality(cfg.domains, own))
     except AliasError as exc:
         raise ConfigError(f"--aliases: {exc}") from exc
     try:

@@ -4,16 +4,26 @@ literals), and which mailbox a local part names (or none, when it could escape t
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
 LOCALHOST = "localhost"  # always a local domain (config), and one only this machine knows
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def is_local(domain: str, local_domains: tuple[str, ...], own_addresses: frozenset[str]) -> bool:
-    """Whether mail to `domain` is delivered here: a local domain, or an address literal of
-    this machine's (`is_own_literal`)."""
-    return is_local_domain(domain, local_domains) or is_own_literal(domain, own_addresses)
+@dataclass(frozen=True)
+class Locality:
+    """What mail is delivered here: mail to one of `domains` (or under one), and mail to an
+    address literal of this machine's (`addresses`: see `is_own_literal`). One value, so that
+    every part that asks "is this ours?" asks it of the same two things: the daemon's is
+    `Config.locality`, its addresses as the master read them."""
+
+    domains: tuple[str, ...]
+    addresses: frozenset[str] = frozenset()  # (the loopback's literals are ours without them)
+
+    def is_local(self, domain: str) -> bool:
+        """Whether mail to `domain` is delivered here."""
+        return is_local_domain(domain, self.domains) or is_own_literal(domain, self.addresses)
 
 
 def is_local_domain(domain: str, local_domains: tuple[str, ...]) -> bool:

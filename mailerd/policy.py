@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailerd.aliases import Aliases
-from mailerd.names import is_local, is_local_domain, mailbox_name
+from mailerd.names import Locality, is_local_domain, mailbox_name
 from mailerd.smtp.events import Address, Reply
 
 POSTMASTER = "postmaster"
@@ -64,17 +64,15 @@ def route(
     address: Address,
     *,
     trusted: bool,
-    local_domains: tuple[str, ...],
+    locality: Locality,
     aliases: Aliases = _NO_ALIASES,
-    own_addresses: frozenset[str] = frozenset(),
 ) -> Route:
-    """`own_addresses`: this machine's (`host.own_addresses`), whose literals are local."""
     if address.domain == "":
         # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted.
         if address.local.lower() == POSTMASTER:
             return _local(POSTMASTER, aliases)
         return Refused(BAD_MAILBOX)
-    if not is_local(address.domain, local_domains, own_addresses):
+    if not locality.is_local(address.domain):
         return Remote(address.domain.lower()) if trusted else Refused(RELAY_DENIED)
     if not trusted and _ROUTING_CHARS.intersection(address.local):
         return Refused(ROUTING_DENIED)

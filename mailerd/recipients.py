@@ -44,24 +44,16 @@ def resolve(
     address: Address,
     *,
     trusted: bool,
-    local_domains: tuple[str, ...],
+    locality: names.Locality,
     aliases: Aliases,
     spool: Spool,
     spool_path: str,
     cached_only: bool = False,
-    own_addresses: frozenset[str] = frozenset(),
 ) -> Resolved:
     """Where mail for `address` goes, or why it cannot. `spool_path` names the spool in log
     lines (`spool.root` may be a /proc/self/fd path). With `cached_only`, spool.LookupNeeded
-    when the answer needs the user database (see Spool.state). `own_addresses`: see
-    `policy.route`."""
-    route = policy.route(
-        address,
-        trusted=trusted,
-        local_domains=local_domains,
-        aliases=aliases,
-        own_addresses=own_addresses,
-    )
+    when the answer needs the user database (see Spool.state)."""
+    route = policy.route(address, trusted=trusted, locality=locality, aliases=aliases)
     if isinstance(route, policy.Refused):
         if route.why:
             log.warning("<%s>: %s", address, route.why)
@@ -82,7 +74,7 @@ def resolve(
             log.warning("alias %s: target %s has no mailbox; skipped", route.name, mailbox)
         else:
             return Resolved(refusal=refusal)  # a temporary problem: the whole alias waits
-    via = forwarder(route, address, local_domains)
+    via = forwarder(route, address, locality.domains)
     targets += [Target(forward, None, via) for forward in route.forwards]
     if not targets:
         return Resolved(refusal=policy.NO_SUCH_USER)

@@ -9,6 +9,7 @@ import sys
 from mailerd import config
 from mailerd.aliases import AliasError, Aliases
 from mailerd.commands import daemon
+from mailerd.names import Locality
 
 
 def main(argv: list[str]) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
         return os.EX_CONFIG
     file = str(raw.get("aliases") or config.DEFAULT_ALIASES)
     try:
-        table = Aliases.load(file, domains)
+        table = Aliases.load(file, Locality(domains))
     except AliasError as exc:
         say(str(exc))
         return os.EX_OSFILE

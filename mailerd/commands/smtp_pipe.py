@@ -25,6 +25,7 @@ def serve(settings: Settings, identity: Identity, infd: int = 0, outfd: int = 1)
     """SMTP on a pipe (`sendmail -bs`, as MUAs and swaks use it): the server's own Session,
     with each message submitted to the maildrop before its 250."""
     from mailerd import policy
+    from mailerd.names import Locality
     from mailerd.smtp import (
         NEED_DATA,
         BodyData,
@@ -35,11 +36,14 @@ def serve(settings: Settings, identity: Identity, infd: int = 0, outfd: int = 1)
         SessionConfig,
     )
 
-    domains = settings.domains or (settings.domain(),)
+    # Without the machine's other addresses (reading them takes psutil, which sendmail must
+    # not need): a literal of one of them passes here as remote, and the pickup, which knows
+    # them, delivers it locally (or bounces a malformed mailbox name there).
+    locality = Locality(settings.domains or (settings.domain(),))
 
     def check_recipient(address: Address) -> Reply | None:
         # As on a trusted listener: only a malformed local mailbox name is refused here.
-        verdict = policy.route(address, trusted=True, local_domains=domains)
+        verdict = policy.route(address, trusted=True, locality=locality)
         return verdict.reply if isinstance(verdict, policy.Refused) else None
 
     cfg = SessionConfig(

@@ -346,11 +346,10 @@ class Pickup:
         resolved = recipients.resolve(
             address,
             trusted=True,
-            local_domains=cfg.domains,
+            locality=cfg.locality,
             aliases=cfg.aliases,
             spool=self.spool,
             spool_path=str(cfg.spool),
-            own_addresses=cfg.own_addresses,
         )
         if resolved.refusal is None:
             return [
@@ -362,13 +361,7 @@ class Pickup:
             return [(Recipient(text, state="bounced", last_error=_line(reply)), status)]
         # A mailbox that cannot take mail now (an mbox file in its place): its copies wait in
         # the queue and are retried like any other, so the sender hears of the delay.
-        route = policy.route(
-            address,
-            trusted=True,
-            local_domains=cfg.domains,
-            aliases=cfg.aliases,
-            own_addresses=cfg.own_addresses,
-        )
+        route = policy.route(address, trusted=True, locality=cfg.locality, aliases=cfg.aliases)
         boxes: tuple[str, ...] = ()
         forwards: list[Recipient] = []
         if isinstance(route, policy.Local):

@@ -738,17 +738,16 @@ class Scheduler:
         """Where a notice to a local address goes (empty: nowhere); None for a remote one."""
         local, _, domain = to.rpartition("@")
         cfg = self.cfg
-        if domain and not names.is_local(domain, cfg.domains, cfg.own_addresses):
+        if domain and not cfg.locality.is_local(domain):
             return None
         address = Address(local or to, domain, False)
         resolved = recipients.resolve(
             address,
             trusted=True,
-            local_domains=cfg.domains,
+            locality=cfg.locality,
             aliases=cfg.aliases,
             spool=self.spool,
             spool_path=str(cfg.spool),
-            own_addresses=cfg.own_addresses,
         )
         return resolved.targets
 

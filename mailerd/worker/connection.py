@@ -741,12 +741,11 @@ class Connection(asyncio.Protocol):
         return recipients.resolve(
             address,
             trusted=self.trusted,
-            local_domains=cfg.domains,
+            locality=cfg.locality,
             aliases=cfg.aliases,
             spool=self.worker.spool,
             spool_path=str(cfg.spool),
             cached_only=cached_only,
-            own_addresses=cfg.own_addresses,
         )
 
     def check_recipient(self, address: Address) -> RecipientVerdict:

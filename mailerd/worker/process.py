@@ -103,8 +103,7 @@ class Worker:
         self.send_limit = SendLimit(
             sent_counts or SentCounts(64),
             cfg.max_recipients_per_day,
-            cfg.domains,
-            cfg.own_addresses,
+            cfg.locality,
         )
         # Password checks (argon2: CPU and 64 MiB each, on purpose) run in two threads, and
         # `logins` keeps a flood of AUTH attempts from queueing them without end.

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 
 from mailerd.aliases import normal_address
 from mailerd.ipc.sentcounts import SentCounts
-from mailerd.names import is_local
+from mailerd.names import Locality
 from mailerd.smtp.events import Address, Reply
 from mailerd.smtp.replies import SEND_LIMIT, SEND_LIMIT_DATA
 
@@ -40,14 +40,12 @@ class SendLimit:
         self,
         counts: SentCounts,
         limit: int,
-        local_domains: tuple[str, ...],
-        own_addresses: frozenset[str] = frozenset(),
+        locality: Locality,
     ) -> None:
-        """`limit` 0: no limit; `own_addresses`: whose literals are local too."""
+        """`limit` 0: no limit; `locality`: which recipients are not counted."""
         self.counts = counts
         self.limit = limit
-        self.local_domains = local_domains
-        self.own_addresses = own_addresses
+        self.locality = locality
 
     def refusal(
         self, user: str, client: str, recipient: Address, accepted: Sequence[Address]
@@ -100,6 +98,4 @@ class SendLimit:
         return {normal_address(str(a)) for a in recipients if self._remote(a)}
 
     def _remote(self, address: Address) -> bool:
-        return bool(address.domain) and not is_local(
-            address.domain, self.local_domains, self.own_addresses
-        )
+        return bool(address.domain) and not self.locality.is_local(address.domain)

@@ -10,6 +10,7 @@ import pytest
 from mailerd import aliases, policy
 from mailerd.aliases import Aliases, Expansion
 from mailerd.commands import newaliases
+from mailerd.names import Locality
 from mailerd.smtp.events import Address
 
 LOCAL = ("example.org",)
@@ -34,7 +35,7 @@ root: alice
 
 def table(text: str) -> Aliases:
     entries, problems = aliases.parse(text)
-    return aliases.build(entries, LOCAL, problems=problems)
+    return aliases.build(entries, Locality(LOCAL), problems=problems)
 
 
 def test_debian_default_file_resolves_through_root():
@@ -73,7 +74,7 @@ def test_loops_are_found_and_refused():
     assert t.lookup("ok").deliverable
     assert any("a: alias loop" in p for p in t.problems)
     route = policy.route(
-        Address("a", "example.org", False), trusted=False, local_domains=LOCAL, aliases=t
+        Address("a", "example.org", False), trusted=False, locality=Locality(LOCAL), aliases=t
     )
     assert isinstance(route, policy.Refused) and route.reply.code == 550
     assert route.reply.status == "5.4.6" and "loop" in route.why
@@ -90,7 +91,7 @@ def test_programs_files_and_includes_are_refused(target):
     )
     assert sum(target in p for p in t.problems) == 2
     route = policy.route(
-        Address("x", "example.org", False), trusted=True, local_domains=LOCAL, aliases=t
+        Address("x", "example.org", False), trusted=True, locality=Locality(LOCAL), aliases=t
     )
     assert isinstance(route, policy.Refused) and route.reply.status == "5.1.1"
 
@@ -107,27 +108,29 @@ def test_broken_lines_are_problems_not_errors():
 
 
 def test_load_missing_file_is_empty_and_unreadable_is_an_error(tmp_path: Path):
-    assert len(Aliases.load(str(tmp_path / "none"), LOCAL)) == 0
+    assert len(Aliases.load(str(tmp_path / "none"), Locality(LOCAL))) == 0
     with pytest.raises(aliases.AliasError):
-        Aliases.load(str(tmp_path), LOCAL)  # a directory
+        Aliases.load(str(tmp_path), Locality(LOCAL))  # a directory
     path = tmp_path / "aliases"
     path.write_text(DEBIAN_DEFAULT)
-    assert Aliases.load(str(path), LOCAL).lookup("root") == Expansion(mailboxes=("alice",))
+    assert Aliases.load(str(path), Locality(LOCAL)).lookup("root") == Expansion(
+        mailboxes=("alice",)
+    )
 
 
 def test_route_applies_aliases_to_every_local_domain_and_postmaster():
     t = table("postmaster: root\nroot: alice\nlist: alice, bob@far.example\n")
     for address in (Address("postmaster", "", False), Address("Root", "sub.example.org", False)):
-        assert policy.route(address, trusted=False, local_domains=LOCAL, aliases=t) == (
+        assert policy.route(address, trusted=False, locality=Locality(LOCAL), aliases=t) == (
             policy.Alias(address.local.lower(), ("alice",), ())
         )
     route = policy.route(
-        Address("list", "example.org", False), trusted=False, local_domains=LOCAL, aliases=t
+        Address("list", "example.org", False), trusted=False, locality=Locality(LOCAL), aliases=t
     )
     assert route == policy.Alias("list", ("alice",), ("bob@far.example",))
     # the relay rules still come first
     route = policy.route(
-        Address("list", "far.example", False), trusted=False, local_domains=LOCAL, aliases=t
+        Address("list", "far.example", False), trusted=False, locality=Locality(LOCAL), aliases=t
     )
     assert route == policy.Refused(policy.RELAY_DENIED)
 
@@ -168,7 +171,7 @@ def test_newaliases_reads_localhost_as_local_as_the_daemon_does(tmp_path: Path, 
     err = capsys.readouterr().err
     daemons = config.load(["-c", str(conf), "-n", "none", "--dns-server", "127.0.0.1:9"])
     assert "localhost" in daemons.domains
-    assert len(Aliases.load(str(path), daemons.domains).problems) == 2  # (both loop)
+    assert len(Aliases.load(str(path), Locality(daemons.domains)).problems) == 2  # (both loop)
     assert f"{path}: 2 aliases, 2 problem(s)" in err, err
 
 
@@ -177,7 +180,7 @@ def test_a_missing_file_is_no_aliases_and_is_said(tmp_path, caplog):
     --aliases must show in the log (it started without a word: found by a tester)."""
     import logging
 
-    table = Aliases.load(str(tmp_path / "typo-aliases"), ("example.org",))
+    table = Aliases.load(str(tmp_path / "typo-aliases"), Locality(("example.org",)))
     assert len(table) == 0 and table.missing
     with caplog.at_level(logging.INFO):
         aliases.report(table)

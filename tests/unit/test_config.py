@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mailerd import config, host
+from mailerd import config, host, names
 from mailerd.config import ConfigError, ListenAddress
 from mailerd.delivery.secrets import Secrets
 
@@ -396,9 +396,13 @@ def test_own_addresses_are_read_with_the_files(tmp_path, monkeypatch):
     argv += ["-d", "ex.org"]
     cfg = config.load(argv)
     assert cfg.own_addresses == frozenset()  # (not a file the configuration names)
-    own = config.load_files(cfg).own_addresses
+    loaded = config.load_files(cfg)
+    own = loaded.own_addresses
     expected = {"127.0.0.1", "2001:db8::25", "203.0.113.5", "10.0.0.5", "2001:db8::5"}
     assert own - {"::1"} == expected and seen == ["eth9"]
+    # (what every part asks "is this ours?" of: the domains and the addresses as read)
+    assert loaded.locality == names.Locality(cfg.domains, own)
+    assert loaded.locality.is_local("[10.0.0.5]") and not cfg.locality.is_local("[10.0.0.5]")
     assert host.own_addresses(["::ffff:198.51.100.1", "0.0.0.0"]) >= {"198.51.100.1"}
     assert "0.0.0.0" not in host.own_addresses(["0.0.0.0"])
 

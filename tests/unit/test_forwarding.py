@@ -11,6 +11,7 @@ from dnsserver import DNSServer, Records
 from test_inbound import run_check
 
 from mailerd import aliases, forwarding, policy, recipients
+from mailerd.names import Locality
 from mailerd.smtp.grammar import parse_address
 from mailerd.spool import Spool
 
@@ -152,20 +153,26 @@ def test_mail_to_the_rewritten_address_from_the_internet_goes_to_the_alias(sende
     relay: an untrusted client names any `fwd_from=` it likes)."""
     entries, problems = aliases.parse(ALIASES)
     assert not problems
-    table = aliases.build(entries, DOMAINS)
+    table = aliases.build(entries, Locality(DOMAINS))
     address = parse_address(rewritten(sender, f"{alias}@example.org"))
-    route = policy.route(address, trusted=False, local_domains=DOMAINS, aliases=table)
+    route = policy.route(address, trusted=False, locality=Locality(DOMAINS), aliases=table)
     assert route == policy.route(
-        parse_address(f"{alias}@example.org"), trusted=False, local_domains=DOMAINS, aliases=table
+        parse_address(f"{alias}@example.org"),
+        trusted=False,
+        locality=Locality(DOMAINS),
+        aliases=table,
     )
     assert isinstance(route, policy.Alias) and route.name == alias
 
 
 def test_policy_names_an_alias_as_the_table_does():
     entries, _ = aliases.parse(ALIASES)
-    table = aliases.build(entries, DOMAINS)
+    table = aliases.build(entries, Locality(DOMAINS))
     route = policy.route(
-        parse_address("FWD+news@example.org"), trusted=False, local_domains=DOMAINS, aliases=table
+        parse_address("FWD+news@example.org"),
+        trusted=False,
+        locality=Locality(DOMAINS),
+        aliases=table,
     )
     assert route == policy.Alias("fwd", (), ("away@gmail.test",))
 
@@ -224,8 +231,8 @@ def test_a_forward_records_the_alias_at_the_configured_domain(tmp_path, rcpt, vi
     resolved = recipients.resolve(
         parse_address(rcpt),
         trusted=False,
-        local_domains=domains,
-        aliases=aliases.build(entries, domains),
+        locality=Locality(domains),
+        aliases=aliases.build(entries, Locality(domains)),
         spool=Spool(str(tmp_path)),
         spool_path=str(tmp_path),
     )

@@ -3,13 +3,14 @@
 import pytest
 
 from mailerd import policy
+from mailerd.names import Locality
 from mailerd.smtp.events import Address
 
 DOMAINS = ("example.org", "example.net")
 
 
 def route(local: str, domain: str, trusted: bool, quoted: bool = False) -> policy.Route:
-    return policy.route(Address(local, domain, quoted), trusted=trusted, local_domains=DOMAINS)
+    return policy.route(Address(local, domain, quoted), trusted=trusted, locality=Locality(DOMAINS))
 
 
 def test_local_recipient_on_either_listener():
@@ -51,7 +52,7 @@ def test_an_address_literal_of_ours_is_local(domain):
     """RFC 5321 4.1.3, RFC 1123 5.2.17; Postfix's $inet_interfaces and $proxy_interfaces."""
     for trusted in (True, False):
         address = Address("Alice", domain, False)
-        verdict = policy.route(address, trusted=trusted, local_domains=DOMAINS, own_addresses=OWN)
+        verdict = policy.route(address, trusted=trusted, locality=Locality(DOMAINS, OWN))
         assert verdict == policy.Local("alice"), domain
 
 
@@ -60,15 +61,15 @@ def test_an_address_literal_of_ours_is_local(domain):
 )
 def test_other_address_literals_are_not(domain):
     address = Address("alice", domain, False)
-    verdict = policy.route(address, trusted=False, local_domains=DOMAINS, own_addresses=OWN)
+    verdict = policy.route(address, trusted=False, locality=Locality(DOMAINS, OWN))
     assert verdict == policy.Refused(policy.RELAY_DENIED)
-    verdict = policy.route(address, trusted=True, local_domains=DOMAINS, own_addresses=OWN)
+    verdict = policy.route(address, trusted=True, locality=Locality(DOMAINS, OWN))
     assert verdict == policy.Remote(domain.lower())
 
 
 def test_at_an_address_literal_of_ours_routing_tricks_are_refused_too():
     address = Address("user%remote.test", "[192.0.2.1]", False)
-    verdict = policy.route(address, trusted=False, local_domains=DOMAINS, own_addresses=OWN)
+    verdict = policy.route(address, trusted=False, locality=Locality(DOMAINS, OWN))
     assert verdict == policy.Refused(policy.ROUTING_DENIED)
 
 

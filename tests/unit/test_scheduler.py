@@ -29,6 +29,7 @@ from mailerd import aliases, config, trace
 from mailerd.delivery import dsn, relay
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.delivery.scheduler import Group, Scheduler
+from mailerd.names import Locality
 
 HOSTNAME = "mx.example.org"
 DOMAIN = "example.org"
@@ -146,7 +147,7 @@ def make_world(tmp_path) -> Callable[..., World]:
         if alias_text is not None:
             entries, problems = aliases.parse(alias_text)
             assert not problems
-            cfg = dataclasses.replace(cfg, aliases=aliases.build(entries, cfg.domains))
+            cfg = dataclasses.replace(cfg, aliases=aliases.build(entries, Locality(cfg.domains)))
         cfg = dataclasses.replace(cfg, own_addresses=own_addresses)  # (load_files reads them)
         queue = Queue(cfg.queue)
         queue.create_dirs()

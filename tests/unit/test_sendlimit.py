@@ -9,6 +9,7 @@ import logging
 import pytest
 
 from mailerd.ipc.sentcounts import SentCounts
+from mailerd.names import Locality
 from mailerd.smtp.events import Address
 from mailerd.smtp.replies import SEND_LIMIT, SEND_LIMIT_DATA
 from mailerd.worker.sendlimit import SendLimit
@@ -39,7 +40,7 @@ def clock() -> Clock:
 
 
 def test_remote_recipients_are_deferred_at_the_limit_local_ones_never(clock, caplog):
-    limit = SendLimit(SentCounts(64, clock), 3, DOMAINS, frozenset({"192.0.2.25"}))
+    limit = SendLimit(SentCounts(64, clock), 3, Locality(DOMAINS, frozenset({"192.0.2.25"})))
     alice = [address(a) for a in ("a@remote.test", "b@remote.test")]
     limit.reserve("alice", "192.0.2.7", [*alice, address("alice@example.org")])
     assert limit.refusal("alice", "192.0.2.7", address("c@remote.test"), []) is None
@@ -62,7 +63,7 @@ def test_remote_recipients_are_deferred_at_the_limit_local_ones_never(clock, cap
 
 def test_each_remote_address_counts_once_and_the_limit_lifts_a_day_later(clock):
     table = SentCounts(64, clock)
-    limit = SendLimit(table, 3, DOMAINS)
+    limit = SendLimit(table, 3, Locality(DOMAINS))
     limit.reserve("alice", "192.0.2.7", [address(a) for a in ("a@x.test", "a@X.TEST", "b@x.test")])
     assert table.count("alice") == 2
     assert limit.refusal("alice", "192.0.2.7", address("c@x.test"), [address("b@y.test")])
@@ -75,7 +76,7 @@ def test_a_message_past_the_limit_at_the_end_of_its_data_counts_nothing(clock):
     of the data, a message whose remote recipients would pass the limit is deferred whole and
     counts nothing."""
     table = SentCounts(64, clock)
-    limit = SendLimit(table, 3, DOMAINS)
+    limit = SendLimit(table, 3, Locality(DOMAINS))
     two = [address("a@x.test"), address("b@x.test")]
     assert limit.reserve("alice", "192.0.2.7", two) is None
     assert limit.reserve("alice", "192.0.2.7", two) is SEND_LIMIT_DATA
@@ -86,7 +87,7 @@ def test_a_message_past_the_limit_at_the_end_of_its_data_counts_nothing(clock):
 
 def test_reaching_the_limit_by_a_message_is_logged_without_a_refusal(clock, caplog):
     """A thief who sends exactly the limit and stops is noticed too."""
-    limit = SendLimit(SentCounts(64, clock), 2, DOMAINS)
+    limit = SendLimit(SentCounts(64, clock), 2, Locality(DOMAINS))
     with caplog.at_level(logging.WARNING, "mailerd.worker"):
         limit.reserve("alice", "2001:db8::7", [address("a@x.test")])
         assert not caplog.records
@@ -100,7 +101,7 @@ def test_reaching_the_limit_by_a_message_is_logged_without_a_refusal(clock, capl
 
 def test_limit_0_is_no_limit(clock, caplog):
     table = SentCounts(64, clock)
-    limit = SendLimit(table, 0, DOMAINS)
+    limit = SendLimit(table, 0, Locality(DOMAINS))
     many = [address(f"r{i}@x.test") for i in range(5000)]
     with caplog.at_level(logging.WARNING, "mailerd.worker"):
         limit.reserve("alice", "192.0.2.7", many)

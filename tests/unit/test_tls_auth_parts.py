@@ -27,6 +27,7 @@ from mailerd.aliases import Aliases
 from mailerd.config import ConfigError
 from mailerd.ipc import authfailures
 from mailerd.ipc.authfailures import AuthFailures
+from mailerd.names import Locality
 from mailerd.smtp import Address
 from mailerd.worker.logins import Logins, Unchecked
 from mailerd.worker.process import session_config
@@ -920,7 +921,7 @@ ALIASES = "team: alice, bob\nsales: alice\nother: bob\nchain: sales\n"
 def test_sender_owned(tmp_path: Path, sender: str, owned: bool):
     path = tmp_path / "aliases"
     path.write_text(ALIASES)
-    table = Aliases.load(str(path), ("example.org",))
+    table = Aliases.load(str(path), Locality(("example.org",)))
     local, _, domain = sender.rpartition("@")
     result = policy.sender_owned(
         Address(local, domain, False), "alice", local_domains=("example.org",), aliases=table
@@ -945,7 +946,7 @@ def test_an_alias_named_after_a_user_is_that_users_alone(
     alice (found by an attacker's pass: any member of such an alias owned alice@)."""
     path = tmp_path / "aliases"
     path.write_text("alice: alice, carol\ndesk: alice, carol\n")
-    table = Aliases.load(str(path), ("example.org",))
+    table = Aliases.load(str(path), Locality(("example.org",)))
     local, _, domain = sender.rpartition("@")
     result = policy.sender_owned(
         Address(local, domain, False), user, local_domains=("example.org",), aliases=table
@@ -1032,7 +1033,7 @@ def test_author_refusal(tmp_path: Path, authors, refused):
     path = tmp_path / "aliases"
     path.write_text(ALIASES)
     domains = ("example.org",)
-    table = Aliases.load(str(path), domains)
+    table = Aliases.load(str(path), Locality(domains))
     reply = policy.author_refusal(
         authors,
         "alice",
