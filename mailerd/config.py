@@ -204,8 +204,21 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
     ),
     ("queue", "q", True, False, "outbound queue and state (default /var/spool/mailerd)"),
     ("port", "p", True, False, "default port of the local and network listeners (default 25)"),
-    ("listen-local", "l", True, True, "trusted listener ADDR[:PORT]; repeatable; 'none' for none"),
-    ("listen-network", "n", True, True, "untrusted listener ADDR[:PORT]; repeatable; 'none'"),
+    (
+        "listen-local",
+        "l",
+        True,
+        True,
+        "trusted listener ADDR[:PORT]; repeatable; 'none' for none (default 127.0.0.1 and ::1)",
+    ),
+    (
+        "listen-network",
+        "n",
+        True,
+        True,
+        "untrusted listener ADDR[:PORT]; repeatable; 'none' for none (default: the addresses "
+        "of the interface, -i)",
+    ),
     (
         "listen-submission",
         None,
@@ -220,7 +233,13 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         True,
         "submission listener with implicit TLS ADDR[:PORT] (port 465); repeatable",
     ),
-    ("interface", "i", True, False, "interface of the default untrusted listener"),
+    (
+        "interface",
+        "i",
+        True,
+        False,
+        "interface of the default untrusted listener (default: that of the default route)",
+    ),
     (
         "public-address",
         None,
@@ -229,7 +248,13 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         "the public address the world reaches the network listeners at, where theirs are "
         "private (1:1 NAT); repeatable; for `mailerd dns`'s records",
     ),
-    ("hostname", "H", True, False, "name in the banner, EHLO reply and Received headers"),
+    (
+        "hostname",
+        "H",
+        True,
+        False,
+        "name in the banner, EHLO reply and Received headers (default: the FQDN)",
+    ),
     ("workers", "w", True, False, "worker processes (default: CPU count)"),
     ("user", "u", True, False, "children run as this user (default mail when started as root)"),
     ("foreground", "f", False, False, "do not daemonize; log to stderr"),
@@ -263,7 +288,8 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         None,
         True,
         False,
-        f"recipients of one message, the rest 452 4.5.3 (default {DEFAULT_MAX_RECIPIENTS})",
+        "recipients of one message, the rest 452 4.5.3 (default and least "
+        f"{DEFAULT_MAX_RECIPIENTS})",
     ),
     (
         "max-recipients-per-day",
@@ -302,11 +328,17 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         None,
         True,
         False,
-        "free bytes the spool and queue keep: MAIL gets 452 below (default 1.5 x max size)",
+        "free bytes the spool and queue keep: MAIL gets 452 below (default 1.5 x max size; 0: off)",
     ),
     ("verbose", "v", False, False, "log more, including the SMTP dialogue"),
     ("relayhost", None, True, False, "smarthost for all outbound mail instead of each domain's MX"),
-    ("relay-auth", None, True, False, "file holding 'username:password' for AUTH at the relayhost"),
+    (
+        "relay-auth",
+        None,
+        True,
+        False,
+        "file holding 'username:password' for AUTH at the relayhost (with --relayhost only)",
+    ),
     (
         "outbound-tls",
         None,
@@ -368,7 +400,13 @@ OPTIONS: tuple[tuple[str, str | None, bool, bool, str], ...] = (
         "DNS blocklist ZONE whose listed clients the network listeners refuse at RCPT (554 "
         "5.7.1); repeatable (default none)",
     ),
-    ("dns-timeout", None, True, False, "bound on each DNS lookup (default 10s)"),
+    (
+        "dns-timeout",
+        None,
+        True,
+        False,
+        "bound on each DNS lookup, and on one message's checks (default 10s)",
+    ),
 )
 
 
