@@ -497,14 +497,7 @@ def _converse(
 
 
 def _greet(client: _Client, hop: Hop, settings: Settings) -> None:
-    client.stage = "performing the EHLO handshake"
-    code, text = client.ehlo(settings.helo)
-    if code // 100 == 5:  # (an old server that knows no EHLO: RFC 5321 3.2)
-        client.stage = "performing the HELO handshake"
-        code, text = client.helo(settings.helo)
-    if code // 100 != 2:
-        result = _reply(hop, code, text, "4.4.2")
-        raise _HopFailed(result, f"host {hop.name} refused to talk to me: {result.line()}")
+    _hello(client, hop, settings)
     if settings.tls != "none" and client.has_extn("starttls"):
         _starttls(client, hop, settings)
     elif settings.tls in ("encrypt", "verify"):
@@ -513,6 +506,19 @@ def _greet(client: _Client, hop: Hop, settings: Settings) -> None:
     client.greeted = True
     if settings.auth is not None:
         _login(client, hop, settings)
+
+
+def _hello(client: _Client, hop: Hop, settings: Settings) -> None:
+    """EHLO, or HELO to an old server that knows no EHLO (RFC 5321 3.2); any other answer
+    than a 2xx ends the session with this host."""
+    client.stage = "performing the EHLO handshake"
+    code, text = client.ehlo(settings.helo)
+    if code // 100 == 5:
+        client.stage = "performing the HELO handshake"
+        code, text = client.helo(settings.helo)
+    if code // 100 != 2:
+        result = _reply(hop, code, text, "4.4.2")
+        raise _HopFailed(result, f"host {hop.name} refused to talk to me: {result.line()}")
 
 
 @dataclass(frozen=True)
@@ -625,8 +631,10 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
         # The connection is unusable after a failed handshake: "may" reconnects in plain text.
         lost = replace(_lost(client, hop, exc), status="4.7.5")
         raise _TLSFailed(lost, counted=client.counts(exc)) from exc
-    client.stage = "performing the EHLO handshake"
-    client.ehlo(settings.helo)
+    # The EHLO after the handshake is judged as the first one is (RFC 3207 4.2: the client
+    # SHOULD send it): unread, a 4xx to it (a server busy now) went on to MAIL FROM without
+    # a greeting, whose 503 "send HELO first" bounced the message, and no other MX was asked.
+    _hello(client, hop, settings)
 
 
 def _login(client: _Client, hop: Hop, settings: Settings) -> None:
@@ -674,9 +682,14 @@ class _Body:
 def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> _Body:
     options = []
     utf8 = client.has_extn("smtputf8")
-    if message.smtputf8 and utf8:
+    # A non-ASCII address needs SMTPUTF8 whatever the message came with: an alias may forward
+    # an ASCII message to one (`me: jörg@example.de`), and smtplib, not asked for SMTPUTF8,
+    # sends its commands in ASCII: its UnicodeEncodeError escaped the attempt as a bug, every
+    # retry, until the queue time ran out (even to a server that offers SMTPUTF8).
+    wanted = message.smtputf8 or not _ascii_addresses(message)
+    if wanted and utf8:
         options.append("SMTPUTF8")
-    elif message.smtputf8 and needs_smtputf8(message):
+    elif wanted and needs_smtputf8(message):
         # Not final: another MX may offer it (Postfix tries them all too).
         text = (
             "mailerd could not deliver the message: it requires SMTPUTF8, but host "
@@ -736,11 +749,14 @@ def _mail_from(client: _Client, hop: Hop, message: Message, options: list[str]) 
         raise _HopFailed(result, _said(hop, result, "MAIL FROM"), final=result.permanent)
 
 
+def _ascii_addresses(message: Message) -> bool:
+    return all(a.isascii() for a in (message.sender, *message.recipients))
+
+
 def needs_smtputf8(message: Message) -> bool:
     """Whether the message really needs SMTPUTF8 (RFC 6531): a client may ask for it even when
     every address and header is ASCII, and such mail can go to any server."""
-    addresses = [message.sender, *message.recipients]
-    if not all(a.isascii() for a in addresses):
+    if not _ascii_addresses(message):
         return True
     with open(message.path, "rb") as f:
         head = f.read(headers.SCAN).split(b"\r\n\r\n", 1)[0]
@@ -797,6 +813,9 @@ def _send_content(client: _Client, pieces: Generator[bytes, None, None]) -> None
         for piece in pieces:
             if start and piece[:1] == b".":
                 buffer += b"."
+            # A converted piece holds several lines (quoted-printable's soft line breaks), each
+            # stuffed too: one that began with "." lost it at the receiver (RFC 5321 4.5.2).
+            piece = piece.replace(b"\r\n.", b"\r\n..")
             start = piece.endswith(b"\n")
             if start and not piece.endswith(b"\r\n") and not (after_cr and piece == b"\n"):
                 piece = piece[:-1] + b"\r\n"

@@ -186,6 +186,38 @@ def test_verify_policy_refuses_a_self_signed_certificate(server, message, certif
     assert not result.ok and not result.permanent and not handler.messages
 
 
+class RefusesEhloInTls(Recorder):
+    """A server whose EHLO after STARTTLS gets `answer` (one busy now, say)."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        if session.ssl is not None:
+            return [self.answer]
+        session.host_name = hostname  # (aiosmtpd leaves it to the hook)
+        return responses
+
+
+@pytest.mark.parametrize("answer", ["451 4.3.2 busy, try later", "421 4.3.2 closing"])
+def test_a_refused_ehlo_after_starttls_defers_and_the_next_host_is_tried(
+    server, message, certificate, answer
+):
+    """RFC 3207 4.2: the EHLO after the handshake is answered as the first one is. Its 4xx was
+    not read: MAIL FROM followed without a greeting, the server's 503 "send HELO first" was
+    taken for a verdict on the message (final: no other MX asked) and it bounced."""
+    refusing = server(RefusesEhloInTls(answer), tls_context=certificate)
+    settings = relay.Settings(helo="mx.example.org", timeout=10)
+    result = relay.attempt([refusing], message("bob@remote.test"), settings)["bob@remote.test"]
+    assert result.code == int(answer[:3]) and not result.permanent, result
+    assert "busy" in result.text or "closing" in result.text, result
+    handler = Recorder()
+    hops = [server(RefusesEhloInTls(answer), tls_context=certificate), server(handler)]
+    assert relay.attempt(hops, message("bob@remote.test"), settings)["bob@remote.test"].ok
+    assert len(handler.messages) == 1
+
+
 @pytest.mark.parametrize(
     "literal, address", [("[127.0.0.1]", "127.0.0.1"), ("[IPv6:::1]", "::1")], ids=["v4", "v6"]
 )
@@ -252,6 +284,40 @@ def test_smtputf8_only_when_the_message_needs_it(server, tmp_path):
     result = relay.attempt([hop], needs, SETTINGS)["b@remote.test"]
     assert result.permanent and result.status == "5.6.7"
     assert len(handler.messages) == 1
+
+
+def test_a_non_ascii_address_asks_for_smtputf8_though_the_message_did_not(server, message):
+    """An ASCII message forwarded by an alias to a non-ASCII address (`me: jörg@remote.test`)
+    comes without SMTPUTF8. smtplib then sent RCPT TO in ASCII: UnicodeEncodeError escaped
+    the attempt (a bug, retried until the queue time ran out), even to a server offering
+    SMTPUTF8. Now SMTPUTF8 is asked for; a server without it refuses with 5.6.7."""
+    rcpt = "j\u00f6rg@remote.test"
+    handler = Recorder()
+    hop = server(handler, enable_SMTPUTF8=True)
+    assert not message(rcpt).smtputf8
+    assert relay.attempt([hop], message(rcpt), SETTINGS)[rcpt].ok
+    assert handler.messages[0]["to"] == [rcpt]
+    plain = Recorder()
+    hop = server(plain, enable_SMTPUTF8=False)
+    result = relay.attempt([hop], message(rcpt), SETTINGS)[rcpt]
+    assert (result.code, result.status) == (553, "5.6.7") and result.ours, result
+    assert plain.messages == []
+
+
+def test_every_line_of_a_converted_message_is_dot_stuffed(server, tmp_path):
+    """8-bit content for a server without 8BITMIME goes as quoted-printable, a long line in
+    several lines joined by soft line breaks: one of them that began with "." went unstuffed,
+    and the receiver took the dot away (the text said "x" where it had said ".x")."""
+    path = tmp_path / "msg"
+    line = "\u00e9".encode() + b"a" * 69 + b".x and more text after it"
+    path.write_bytes(b"Subject: t\r\n\r\n" + line + b"\r\n")
+    converted = b"".join(sevenbit.convert(path, sevenbit.plan(path)))
+    assert b"=\r\n.x" in converted  # (the case at hand: a soft line break before the dot)
+    handler = Recorder()
+    hop = server(handler, decode_data=True, enable_SMTPUTF8=False)  # (no 8BITMIME then)
+    message = relay.Message("a@example.org", ("b@remote.test",), path)
+    assert relay.attempt([hop], message, SETTINGS)["b@remote.test"].ok
+    assert handler.messages[0]["data"] == converted
 
 
 def test_a_long_line_cut_between_its_cr_and_lf_keeps_its_crlf(tmp_path):
