@@ -55,6 +55,9 @@ class Recipient:
     state: str = "pending"  # pending | sent | bounced
     attempts: int = 0
     last_error: str = ""
+    # The host that said last_error; "" when mailerd found it itself (a refused connection,
+    # a DNS verdict, a mailbox that failed), which a delay warning must not give as a reply.
+    last_remote: str = ""
     via: str = ""  # the alias that forwards it here (`forwarding.envelope_sender`)
 
 
@@ -125,6 +128,7 @@ def _recipient(raw: object) -> Recipient:
         state=state,
         attempts=fields.count("attempts", 0),
         last_error=fields.text("last_error", ""),
+        last_remote=fields.text("last_remote", ""),
         via=fields.text("via", ""),
     )
 

@@ -455,7 +455,7 @@ class Scheduler:
         now = time.time()
         for recipient in sent:
             recipient.attempts += 1
-            recipient.last_error = ""
+            recipient.last_error = recipient.last_remote = ""
             recipient.state = "sent"
             self._log(item, recipient, outcome[result_key(recipient)], now)
         if any(r.state == "pending" for r in item.recipients):  # (else _settle removes it)
@@ -523,7 +523,9 @@ class Scheduler:
         async with self.lookups:  # (its DNS waits hold no global slot, but have their own)
             hops = await self._hops(domain, smarthost)
         if isinstance(hops, mx.Failure):
-            result = relay.Result(hops.code, hops.status, hops.text)
+            # Ours: no host said it (a bounce's Diagnostic-Code was "smtp; 556 5.1.10 ...",
+            # an SMTP reply nobody sent, RFC 3464 2.3.6; Postfix gives no "smtp" type either).
+            result = relay.Result(hops.code, hops.status, hops.text, ours=True)
             return dict.fromkeys(addresses, result)
         message = relay.Message(
             sender=mail_from,
@@ -582,6 +584,7 @@ class Scheduler:
                 continue
             recipient.attempts += 1
             recipient.last_error = "" if result.ok else result.line()
+            recipient.last_remote = "" if result.ok or result.ours else (result.host or "")
             if result.ok:
                 recipient.state = "sent"
             elif result.permanent or expired:
@@ -810,7 +813,10 @@ def _bounce_status(
 def _delay_status(recipient: Recipient) -> dsn.RecipientStatus:
     code = recipient.last_error.split(" ", 2)
     status = code[1] if len(code) > 1 and code[1][:1] == "4" else "4.0.0"
-    return dsn.RecipientStatus(recipient.address, "delayed", status, recipient.last_error, None)
+    remote = recipient.last_remote or None
+    # Our own finding is told as ours, as in a bounce (_bounce_status): without the code.
+    text = recipient.last_error if remote or len(code) < 3 else code[2]
+    return dsn.RecipientStatus(recipient.address, "delayed", status, text, remote)
 
 
 def _read_head(path: Path) -> bytes:
