@@ -68,6 +68,11 @@ REPLY_SIZE = 64 * 1024  # octets of one reply at most
 REPLY_LINE = 8192  # octets of one reply line at most (smtplib's own limit)
 REPLY_TEXT = 1000  # characters of a reply's text kept for the log, the queue and bounces
 SLOWEST_CONTENT = 10_000  # octets a second: a session's deadline grows by size / this
+# Seconds a session's deadline grows by for each recipient after the first: a server may
+# check each RCPT for seconds (Postfix's reject_unverified_recipient with a cold cache takes
+# about 6), and a hundred of them outlasted the base deadline at every attempt, until the
+# mail bounced.
+RCPT_TIME = 10.0
 QUIT_TIME = 10.0  # s to wait for the answer to QUIT (the delivery's result waits for it)
 # Hosts an attempt holds a session with at most (Postfix's smtp_mx_session_limit): each may
 # take its whole session time, and an attempt holds a delivery slot and a thread meanwhile.
@@ -156,10 +161,12 @@ class Settings:
     plain_auth: bool = False  # send AUTH without TLS (only when the TLS policy is "none")
     dkim_keys: tuple[signing.SigningKey, ...] = ()  # to sign a message converted to 7 bit anew
 
-    def session_time(self, size: int) -> float:
+    def session_time(self, size: int, recipients: int = 1) -> float:
         """How long one session with one host may take, all of it: twice the timeout of a
-        read, and the content at SLOWEST_CONTENT octets a second (25 MB: 42 minutes more)."""
-        return 2 * self.timeout + size / SLOWEST_CONTENT
+        read, RCPT_TIME for each recipient after the first, and the content at SLOWEST_CONTENT
+        octets a second (25 MB: 42 minutes more)."""
+        more = max(recipients - 1, 0) * RCPT_TIME
+        return 2 * self.timeout + more + size / SLOWEST_CONTENT
 
 
 class _HopFailed(Exception):
@@ -268,7 +275,8 @@ def _try_hop(
 ) -> dict[str, Result]:
     # One deadline for the host, the plain-text retry included (a sixth attacker's pass: a
     # handshake stalled at the end of the first session's time doubled it).
-    deadline = time.monotonic() + settings.session_time(message.path.stat().st_size)
+    size = message.path.stat().st_size
+    deadline = time.monotonic() + settings.session_time(size, len(message.recipients))
     try:
         return _transaction(hop, message, settings, content, deadline)
     except _TLSFailed as failed:

@@ -710,6 +710,24 @@ def test_a_recipient_refused_for_good_is_not_asked_again_when_the_session_breaks
     assert results["bob@remote.test"].ok and received == [True] and len(asked) == 1, results
 
 
+def test_a_server_slow_to_check_each_recipient_gets_time_for_them_all(hostile, message):
+    """Each RCPT answered after 0.6 s, six of them, with 1 s for a read: 3.6 s, beyond the
+    base deadline of two reads' time. That deadline did not grow with the recipients, so a
+    server that checks each one slowly (a cold verification cache) cut every attempt short
+    before DATA, until the mail bounced."""
+    import time
+
+    def slow(conn):
+        time.sleep(0.6)
+        conn.sendall(b"250 OK\r\n")
+
+    rcpts = [f"r{n}@remote.test" for n in range(6)]
+    settings = relay.Settings(helo="mx.example.org", timeout=1, connect_timeout=5)
+    results = relay.attempt([hostile({"RCPT": slow})], message(*rcpts), settings)
+    assert all(results[r].ok for r in rcpts), results
+    assert settings.session_time(0, 6) - settings.session_time(0, 1) == 5 * relay.RCPT_TIME
+
+
 def test_the_reply_to_the_final_dot_is_awaited_ten_minutes(hostile, message):
     """RFC 5321 4.5.3.2.6: a server may take 10 minutes to answer the final dot; giving up after
     the 5 of other replies sent the message again and again (a slow checker of content saw
