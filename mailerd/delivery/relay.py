@@ -49,7 +49,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailerd import headers, signing
+from mailerd import headers, idn, signing
 from mailerd.delivery import sevenbit
 from mailerd.log import shorten
 from mailerd.values import ConfigError
@@ -496,8 +496,8 @@ def _converse(
         raise _HopFailed(result, why)
     _greet(client, hop, settings)
     body = _prepare(client, hop, message, content)
-    _mail_from(client, hop, message, body.options)
-    results, accepted = _rcpt_to(client, hop, message)
+    _mail_from(client, hop, message, body)
+    results, accepted = _rcpt_to(client, hop, message, body)
     if accepted:
         final = _data(client, hop, body)
         results.update(dict.fromkeys(accepted, final))
@@ -681,10 +681,12 @@ def _login(client: _Client, hop: Hop, settings: Settings) -> None:
 
 @dataclass(frozen=True)
 class _Body:
-    """What MAIL FROM announces, and the content as this host gets it."""
+    """What MAIL FROM announces, and the content as this host gets it; `ascii`: the envelope's
+    addresses go with their domains in A-labels (no SMTPUTF8 with this host)."""
 
     options: list[str]
     pieces: Callable[[], Generator[bytes, None, None]]
+    ascii: bool = True
 
 
 def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> _Body:
@@ -695,7 +697,9 @@ def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> 
     # sends its commands in ASCII: its UnicodeEncodeError escaped the attempt as a bug, every
     # retry, until the queue time ran out (even to a server that offers SMTPUTF8).
     wanted = message.smtputf8 or not _ascii_addresses(message)
-    if wanted and utf8:
+    # Without SMTPUTF8, bob@bücher.example goes as bob@xn--bcher-kva.example (the same name).
+    ascii = not (wanted and utf8)
+    if not ascii:
         options.append("SMTPUTF8")
     elif wanted and needs_smtputf8(message):
         # Not final: another MX may offer it (Postfix tries them all too).
@@ -711,7 +715,7 @@ def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> 
             options.append("BODY=8BITMIME")
         if client.has_extn("size"):
             options.append(f"SIZE={message.path.stat().st_size}")
-        return _Body(options, lambda: _raw(message.path))
+        return _Body(options, lambda: _raw(message.path), ascii)
     plan = content.plan
     if plan.refusal is not None:
         text = (
@@ -733,11 +737,11 @@ def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> 
         _note(message, f"{note}, DKIM-signed anew for {domain}")
         if client.has_extn("size"):
             options.append(f"SIZE={len(data)}")
-        return _Body(options, lambda: _lines(data))
+        return _Body(options, lambda: _lines(data), ascii)
     _note(message, note)
     # No SIZE: the converted message is larger, by an amount known only once it is sent
     # (Postfix leaves it out too).
-    return _Body(options, lambda: sevenbit.convert(message.path, plan))
+    return _Body(options, lambda: sevenbit.convert(message.path, plan), ascii)
 
 
 def _raw(path: Path) -> Generator[bytes, None, None]:
@@ -749,9 +753,10 @@ def _lines(data: bytes) -> Generator[bytes, None, None]:
     yield from sevenbit.pieces(io.BytesIO(data))
 
 
-def _mail_from(client: _Client, hop: Hop, message: Message, options: list[str]) -> None:
+def _mail_from(client: _Client, hop: Hop, message: Message, body: _Body) -> None:
     client.stage = "sending MAIL FROM"
-    code, text = client.mail(message.sender, options)
+    sender = _in_ascii(message.sender) if body.ascii else None
+    code, text = client.mail(sender or message.sender, body.options)
     if code // 100 != 2:
         result = _reply(hop, code, text, "5.1.0" if code >= 500 else "4.1.0")
         raise _HopFailed(result, _said(hop, result, "MAIL FROM"), final=result.permanent)
@@ -761,22 +766,35 @@ def _ascii_addresses(message: Message) -> bool:
     return all(a.isascii() for a in (message.sender, *message.recipients))
 
 
+def _in_ascii(address: str) -> str | None:
+    """`address` as a server without SMTPUTF8 takes it: its domain in A-labels (RFC 5890: the
+    same name); None if its local part is not ASCII, which only SMTPUTF8 can carry."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    converted = idn.a_labels(domain) if at and local.isascii() else None
+    return f"{local}@{converted}" if converted else None
+
+
 def needs_smtputf8(message: Message) -> bool:
     """Whether the message really needs SMTPUTF8 (RFC 6531): a client may ask for it even when
-    every address and header is ASCII, and such mail can go to any server."""
-    if not _ascii_addresses(message):
+    every header is ASCII and every address is or has an ASCII form (an internationalized
+    domain in A-labels), and such mail can go to any server."""
+    if any(_in_ascii(a) is None for a in (message.sender, *message.recipients)):
         return True
     with open(message.path, "rb") as f:
         head = f.read(headers.SCAN).split(b"\r\n\r\n", 1)[0]
     return not head.isascii()
 
 
-def _rcpt_to(client: _Client, hop: Hop, message: Message) -> tuple[dict[str, Result], list[str]]:
+def _rcpt_to(
+    client: _Client, hop: Hop, message: Message, body: _Body
+) -> tuple[dict[str, Result], list[str]]:
     client.stage = "sending RCPT TO"
     results: dict[str, Result] = {}
     accepted: list[str] = []
     for recipient in message.recipients:
-        code, text = client.rcpt(recipient)
+        code, text = client.rcpt((_in_ascii(recipient) if body.ascii else None) or recipient)
         if 200 <= code < 300:  # (252 too: "cannot verify, but will accept", as Postfix reads it)
             accepted.append(recipient)
         else:

@@ -286,6 +286,32 @@ def test_smtputf8_only_when_the_message_needs_it(server, tmp_path):
     assert len(handler.messages) == 1
 
 
+@pytest.mark.parametrize("flagged", [True, False], ids=["smtputf8", "plain"])
+def test_an_internationalized_domain_goes_in_a_labels_to_a_server_without_smtputf8(
+    server, tmp_path, flagged
+):
+    """bob@bücher.test is bob@xn--bcher-kva.test (RFC 5890: the same name), which any server
+    takes: mail that needs SMTPUTF8 for nothing else was refused with 5.6.7 by a server
+    without it, as only a non-ASCII local part must be. A server with SMTPUTF8 gets the name
+    as written."""
+    path = tmp_path / "msg"
+    path.write_bytes(b"Subject: plain\r\n\r\nbody\r\n")
+    sender, rcpt = "alice@\u00e9cole.example", "bob@B\u00fccher.test"
+    queued = relay.Message(sender, (rcpt,), path, smtputf8=flagged)
+    plain = Recorder()
+    hop = server(plain, enable_SMTPUTF8=False)
+    assert relay.attempt([hop], queued, SETTINGS)[rcpt].ok
+    [got] = plain.messages
+    assert (got["from"], got["to"]) == ("alice@xn--cole-9oa.example", ["bob@xn--bcher-kva.test"])
+    utf8 = Recorder()
+    hop = server(utf8, enable_SMTPUTF8=True)
+    assert relay.attempt([hop], queued, SETTINGS)[rcpt].ok
+    assert (utf8.messages[0]["from"], utf8.messages[0]["to"]) == (sender, [rcpt])
+    mixed = relay.Message(sender, (rcpt, "j\u00f6rg@remote.test"), path, smtputf8=flagged)
+    results = relay.attempt([server(Recorder(), enable_SMTPUTF8=False)], mixed, SETTINGS)
+    assert {r.status for r in results.values()} == {"5.6.7"}  # (jörg has no ASCII form)
+
+
 def test_a_non_ascii_address_asks_for_smtputf8_though_the_message_did_not(server, message):
     """An ASCII message forwarded by an alias to a non-ASCII address (`me: jörg@remote.test`)
     comes without SMTPUTF8. smtplib then sent RCPT TO in ASCII: UnicodeEncodeError escaped
