@@ -209,30 +209,44 @@ class _TLSFailed(_HopFailed):
 
 def attempt(hops: list[Hop], message: Message, settings: Settings) -> dict[str, Result]:
     """Deliver `message` via the first hop that takes it; a Result for every recipient. A
-    recipient a host refused for good stays refused, whatever happens after; at most
-    MX_SESSIONS hosts are talked to."""
+    recipient a host refused for good stays refused, whatever happens after. When a host took
+    none, those it deferred are asked of the next host, as Postfix does (smtp_rcpt_fail: a
+    soft error qualifies for the other servers: a primary that greylists, a backup MX that
+    queues). At most MX_SESSIONS hosts are talked to."""
     content = _Content(message.path, settings.dkim_keys)
-    last = Result(451, "4.4.1", "No destination could be reached", ours=True)
+    nowhere = Result(451, "4.4.1", "No destination could be reached", ours=True)
+    last: dict[str, Result] = {}  # the latest deferral of each recipient not settled
     settled: dict[str, Result] = {}
     sessions = 0
-    for hop in hops:
+    for number, hop in enumerate(hops, 1):
         rest = tuple(r for r in message.recipients if r not in settled)
         if not rest:
             break
         try:
-            return {
-                **settled,
-                **_try_hop(hop, replace(message, recipients=rest), settings, content),
-            }
+            results = _try_hop(hop, replace(message, recipients=rest), settings, content)
         except _HopFailed as failed:
             _note(message, failed.why)
-            last = failed.result
+            last.update(dict.fromkeys(rest, failed.result))
             settled.update(failed.settled)
             sessions += failed.counted
             if failed.final or sessions >= MX_SESSIONS:
                 break
-    rest = tuple(r for r in message.recipients if r not in settled)
-    return {**settled, **dict.fromkeys(rest, last)}
+            continue
+        sessions += 1
+        deferred = {r: result for r, result in results.items() if _deferral(result)}
+        settled.update((r, result) for r, result in results.items() if r not in deferred)
+        last.update(deferred)
+        # Not after a delivery: the scheduler records it when the attempt returns
+        # (`Scheduler._record_sent`), and a stop during another session would send it again.
+        delivered = any(result.ok for result in results.values())
+        if delivered or not deferred or sessions >= MX_SESSIONS or number == len(hops):
+            break
+        _note(message, f"host {hop.name} deferred {len(deferred)} recipient(s); asking the next")
+    return {r: settled.get(r) or last.get(r, nowhere) for r in message.recipients}
+
+
+def _deferral(result: Result) -> bool:
+    return not result.ok and not result.permanent
 
 
 def _note(message: Message, text: str) -> None:

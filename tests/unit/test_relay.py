@@ -102,6 +102,39 @@ def test_per_recipient_results_in_one_transaction(server, message):
     assert len(handler.messages) == 1 and handler.messages[0]["to"] == ["ok@remote.test"]
 
 
+def test_a_recipient_one_host_deferred_is_asked_of_the_next(server, message):
+    """As Postfix (smtp_rcpt_fail): a 4xx at RCPT or to the data qualifies the recipient for
+    the next MX (a primary that greylists, a backup that queues); one refused for good is not
+    asked again. It waited for the next attempt, minutes later. Not once the host took
+    someone: that delivery is recorded when the attempt ends, and a stop during a second
+    session would send it again."""
+    first = Recorder(refuse={"gone@remote.test"}, defer={"later@remote.test"})
+    second = Recorder()
+    rcpts = ("gone@remote.test", "later@remote.test")
+    results = relay.attempt([server(first), server(second)], message(*rcpts), SETTINGS)
+    assert results["later@remote.test"].ok and results["gone@remote.test"].permanent, results
+    assert [m["to"] for m in second.messages] == [["later@remote.test"]]
+    busy = Recorder(data_reply="451 4.3.0 try again later")
+    taken = Recorder()
+    results = relay.attempt([server(busy), server(taken)], message("ok@remote.test"), SETTINGS)
+    assert results["ok@remote.test"].ok and len(taken.messages) == 1
+    first, second = Recorder(defer={"later@remote.test"}), Recorder()
+    both = message("ok@remote.test", "later@remote.test")
+    results = relay.attempt([server(first), server(second)], both, SETTINGS)
+    assert results["ok@remote.test"].ok and not results["later@remote.test"].ok
+    assert second.messages == []
+
+
+def test_deferrals_ask_no_more_hosts_than_the_session_limit(server, message):
+    """At most MX_SESSIONS hosts (2) are talked to in an attempt; the last deferral stands."""
+    from dataclasses import replace
+
+    handlers = [Recorder(defer={"later@remote.test"}) for _ in range(3)]
+    hops = [replace(server(h), host=f"mx{n}.test") for n, h in enumerate(handlers, 1)]
+    later = relay.attempt(hops, message("later@remote.test"), SETTINGS)["later@remote.test"]
+    assert later.code == 451 and later.host == "mx2.test", later
+
+
 def test_refused_connection_falls_back_to_next_hop(server, message):
     dead = relay.Hop("dead.test", "127.0.0.1", free_port())
     handler = Recorder()
