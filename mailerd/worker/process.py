@@ -266,11 +266,13 @@ class Worker:
         servers: Sequence[asyncio.AbstractServer],
         on_retired: Callable[[], None] | None = None,
     ) -> None:
-        """After a reload: stop accepting now; exit when the last session has ended by itself,
-        or take the shutdown path once the idle timeout has passed (a session kept busy
-        forever must not keep an old generation alive forever). A connection accepted just
-        before the listeners closed counts although it is not a session yet: seeing none, the
-        worker would stop, and that client would get 421 (or a closed connection)."""
+        """After a reload: stop accepting now; exit when the last session has ended by itself.
+        Once the idle timeout has passed, sessions between transactions are ended, and the
+        others when their transaction is (a session kept busy forever must not keep an old
+        generation alive forever); past --max-session-time, the shutdown path. A connection
+        accepted just before the listeners closed counts although it is not a session yet:
+        seeing none, the worker would stop, and that client would get 421 (or a closed
+        connection)."""
         await retire.wait()
         setproctitle(f"mailerd: worker {self.slot} (retiring)")
         for server in servers:
@@ -281,7 +283,25 @@ class Worker:
         deadline = self.loop.time() + self.cfg.timeout
         while self._sessions() and self.loop.time() < deadline:
             await asyncio.sleep(0.1)
+        # The idle timeout has passed: the sessions between transactions get 421 now, and one in
+        # the middle of a transaction (its message still arriving at a healthy rate) after its
+        # end (`Connection.pump` closes a session that becomes idle once `stopping`), within
+        # that session's own deadlines, --max-session-time at most. The shutdown path would cut
+        # it SHUTDOWN_GRACE later, and the peer would send the whole message again: a 25 MB
+        # upload takes longer than --timeout on a slow line, and certbot's hook reloads.
+        self._end_idle_sessions()
+        deadline = self.loop.time() + self.cfg.max_session_time
+        while self._sessions() and self.loop.time() < deadline:
+            await asyncio.sleep(0.1)
         stop.set()
+
+    def _end_idle_sessions(self) -> None:
+        """Sessions between transactions get 421 now; the others once their transaction ends
+        (`Connection.pump`, seeing `stopping`)."""
+        self.stopping = True
+        for conn in list(self.connections):
+            if conn.idle():
+                conn.close([SHUTTING_DOWN.to_bytes()])
 
     def _sessions(self) -> int:
         """Sessions open, and connections accepted that are about to be."""
@@ -296,12 +316,9 @@ class Worker:
 
     async def _shutdown(self, servers: Sequence[asyncio.AbstractServer]) -> None:
         """Stop accepting; idle sessions get 421 now, busy ones after their transaction."""
-        self.stopping = True
         for server in servers:
             server.close()
-        for conn in list(self.connections):
-            if conn.idle():
-                conn.close([SHUTTING_DOWN.to_bytes()])
+        self._end_idle_sessions()
         deadline = self.loop.time() + SHUTDOWN_GRACE
         while self.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.05)

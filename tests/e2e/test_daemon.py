@@ -402,6 +402,39 @@ def test_reload_adds_domain_and_keeps_sessions(daemon_factory):
     assert wait_until(lambda: "old worker" in d.log()[mark:], 10), d.log()[mark:]
 
 
+def test_reload_lets_a_message_arriving_past_the_idle_timeout_finish(daemon_factory):
+    """A retiring worker's idle timeout ends its idle sessions, not one whose message is still
+    arriving at a healthy rate: that one finishes its transaction, gets its 250, and only then
+    the 421 (an attacker's pass: a message arriving across a reload was cut with 421 4.3.2
+    --timeout plus SHUTDOWN_GRACE after it, and its sender would send it all again; a 25 MB
+    upload takes longer than the default 5 minutes on a slow line)."""
+    d = daemon_factory(extra=("--timeout", "2s"))
+    d.add_user("alice")
+    d.start()
+    old_workers = d.workers_now()
+    busy = d.connect()
+    busy.start()
+    mail_rcpt(busy, "alice@example.org")
+    expect(busy.cmd("DATA"), 354, conn=busy)
+    busy.send(b"Subject: across a reload\r\n\r\n")
+    idle = d.connect()
+    idle.start()
+    d.reload()
+    began = time.monotonic()
+    while time.monotonic() - began < 15:  # past --timeout + SHUTDOWN_GRACE (10 s)
+        busy.send(b"x" * 70 + b"\r\n")
+        time.sleep(0.05)
+    busy.send(b".\r\n")
+    expect(busy.read_reply(), 250, conn=busy)
+    assert wait_until(lambda: len(d.messages("alice")) == 1, 10), d.messages("alice")
+    # Then the retiring worker's 421, and the idle session had its own long before.
+    expect(busy.read_reply(), 421, "4.3.2", conn=busy)
+    assert idle.wait_eof(1) is not None, "the idle session was not closed"
+    busy.close()
+    idle.close()
+    assert wait_until(lambda: not any(pid_alive(p) for p in old_workers), 15), old_workers
+
+
 def test_reload_with_broken_config_keeps_the_old_one(daemon_factory):
     d = daemon_factory()
     d.add_user("alice")
