@@ -95,6 +95,14 @@ _ANY_ARGUMENT = frozenset({"NOOP", "HELP", "BDAT"})
 DEFERRALS_PER_SESSION = 10
 
 
+def _unreadable_bdat(line: bytes) -> bool:
+    """Is the line a BDAT command that `split_command` would not read as one: the verb
+    followed by white space other than SP, or with a bare CR or LF in it?"""
+    if line[:4].upper() != b"BDAT" or line[4:5].isalpha():
+        return False
+    return line[4:5] in (b"\t", b"\v", b"\f") or b"\r" in line or b"\n" in line
+
+
 class Commands:
     """The command handlers of `session.Session` (a mixin: the state lives there)."""
 
@@ -163,6 +171,13 @@ class Commands:
             # before its handler runs too (a bare CR, bytes that are not UTF-8: a second pass),
             # may be its user name and password.
             self._unlogged = 2
+        if _unreadable_bdat(line):
+            # A BDAT whose words are not SP-separated (a TAB: Postfix splits on any white
+            # space and reads the chunk) or that a bare CR/LF cuts: its chunk cannot be skipped
+            # and must not be read as commands (an attacker's pass: `BDAT<TAB>5`'s octets were).
+            self._verb, self._argument = "BDAT", ""
+            self._send(BDAT_SYNTAX)
+            return
         if b"\r" in line or b"\n" in line:
             # Only CRLF ends a line; a bare CR/LF is never taken as a separator.
             self._send(BARE_CR_LF_COMMAND)

@@ -1148,6 +1148,19 @@ def test_bdat_bad_syntax_closes(size):
     assert [status(r) for r in replies] == [(521, "5.5.4")] and client.closed
 
 
+@pytest.mark.parametrize(
+    "line", [b"BDAT\t6 LAST", b"bdat\t6", b"BDAT 6\rLAST", b"BDAT 6 LAST\n", b"BDAT\x0b6"]
+)
+def test_bdat_that_is_not_sp_separated_or_has_a_bare_cr_lf_closes(line):
+    """A BDAT line the verb cannot be split from at a SP (Postfix splits at any white space,
+    a TAB too, and reads the chunk), or cut by a bare CR or LF: 521, closed, as for any size
+    that cannot be read. It got 500 and the chunk's octets were read as commands, here a
+    RSET (an attacker's pass)."""
+    client = Client().transaction()
+    replies = client.send(line + b"\r\nRSET\r\n")
+    assert [status(r) for r in replies] == [(521, "5.5.4")] and client.closed
+
+
 @pytest.mark.parametrize("verb", [b"NOOP", b"HELP"])
 def test_an_argument_that_is_no_utf8_is_ignored_where_arguments_are(verb):
     """RFC 5321 4.1.1.9: NOOP's argument SHOULD be ignored (so is HELP's topic here)."""
