@@ -55,9 +55,9 @@ class Recipient:
     state: str = "pending"  # pending | sent | bounced
     attempts: int = 0
     last_error: str = ""
-    # The host that said last_error; "" when mailerd found it itself (a refused connection,
-    # a DNS verdict, a mailbox that failed), which a delay warning must not give as a reply.
-    last_remote: str = ""
+    # last_error is mailerd's own finding (relay.Result.ours: a refused connection, a TLS
+    # failure), which a delay warning tells as its own, as a bounce does, not as a reply.
+    last_error_ours: bool = False
     via: str = ""  # the alias that forwards it here (`forwarding.envelope_sender`)
 
 
@@ -128,7 +128,7 @@ def _recipient(raw: object) -> Recipient:
         state=state,
         attempts=fields.count("attempts", 0),
         last_error=fields.text("last_error", ""),
-        last_remote=fields.text("last_remote", ""),
+        last_error_ours=fields.flag("last_error_ours", False),
         via=fields.text("via", ""),
     )
 

@@ -455,7 +455,8 @@ class Scheduler:
         now = time.time()
         for recipient in sent:
             recipient.attempts += 1
-            recipient.last_error = recipient.last_remote = ""
+            recipient.last_error = ""
+            recipient.last_error_ours = False
             recipient.state = "sent"
             self._log(item, recipient, outcome[result_key(recipient)], now)
         if any(r.state == "pending" for r in item.recipients):  # (else _settle removes it)
@@ -523,9 +524,7 @@ class Scheduler:
         async with self.lookups:  # (its DNS waits hold no global slot, but have their own)
             hops = await self._hops(domain, smarthost)
         if isinstance(hops, mx.Failure):
-            # Ours: no host said it (a bounce's Diagnostic-Code was "smtp; 556 5.1.10 ...",
-            # an SMTP reply nobody sent, RFC 3464 2.3.6; Postfix gives no "smtp" type either).
-            result = relay.Result(hops.code, hops.status, hops.text, ours=True)
+            result = relay.Result(hops.code, hops.status, hops.text)
             return dict.fromkeys(addresses, result)
         message = relay.Message(
             sender=mail_from,
@@ -584,7 +583,7 @@ class Scheduler:
                 continue
             recipient.attempts += 1
             recipient.last_error = "" if result.ok else result.line()
-            recipient.last_remote = "" if result.ok or result.ours else (result.host or "")
+            recipient.last_error_ours = result.ours and not result.ok
             if result.ok:
                 recipient.state = "sent"
             elif result.permanent or expired:
@@ -813,10 +812,10 @@ def _bounce_status(
 def _delay_status(recipient: Recipient) -> dsn.RecipientStatus:
     code = recipient.last_error.split(" ", 2)
     status = code[1] if len(code) > 1 and code[1][:1] == "4" else "4.0.0"
-    remote = recipient.last_remote or None
     # Our own finding is told as ours, as in a bounce (_bounce_status): without the code.
-    text = recipient.last_error if remote or len(code) < 3 else code[2]
-    return dsn.RecipientStatus(recipient.address, "delayed", status, text, remote)
+    ours = recipient.last_error_ours and len(code) == 3
+    text = code[2] if ours else recipient.last_error
+    return dsn.RecipientStatus(recipient.address, "delayed", status, text, None)
 
 
 def _read_head(path: Path) -> bytes:
