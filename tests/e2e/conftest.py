@@ -10,6 +10,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import os
+import random
 import re
 import signal
 import smtplib
@@ -59,26 +60,38 @@ _handed_out: set[int] = set()
 _port_lock = threading.Lock()
 
 
+def _below_ephemeral() -> range:
+    """Ports the kernel never picks by itself: below its ephemeral range, from which it takes
+    the source port of every outbound connection and the port of every bind to port 0. A port
+    found free there, as those are, was taken by another test's client between here and the
+    daemon's bind (CI: "cannot listen on 127.0.0.1:55523: Address already in use")."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+_PORTS = _below_ephemeral()
+_RANDOM = random.SystemRandom()  # (not the shared generator, which a test may seed)
+
+
 def free_port() -> int:
-    """A TCP port that is free on both 127.0.0.1 and ::1 (bound to port 0, then closed)."""
+    """A TCP port that is free on both 127.0.0.1 and ::1, outside the ephemeral range."""
     with _port_lock:
         for _ in range(200):
-            s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            port = _RANDOM.choice(_PORTS)
+            if port in _handed_out:
+                continue
             try:
-                s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s6.bind(("::1", 0))
-                port = s6.getsockname()[1]
-                if port in _handed_out:
-                    continue
-                s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                try:
-                    s4.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                finally:
-                    s4.close()
-            finally:
-                s6.close()
+                for family, address in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+                    with socket.socket(family, socket.SOCK_STREAM) as s:
+                        if family == socket.AF_INET6:
+                            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        s.bind((address, port))
+            except OSError:
+                continue
             _handed_out.add(port)
             return port
     raise RuntimeError("could not find a free port on 127.0.0.1 and ::1")
