@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 
 # No mailerd started by a test may ask the machine's resolver about the suite's made-up
@@ -18,3 +19,12 @@ os.environ["MAILERD_FORBID_SYSTEM_RESOLVER"] = "1"
 for _sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
     if signal.getsignal(_sig) is signal.SIG_IGN:
         signal.signal(_sig, signal.default_int_handler if _sig == signal.SIGINT else signal.SIG_DFL)
+
+# A stock Debian 12 session (systemd's DefaultLimitNOFILE=1024:524288, which a login, sshd and
+# a CI runner's service inherit) may open 1,024 files; test_capacity's slowloris test alone
+# holds 1,150 sockets. Raise the soft limit towards the hard one, as scripts/bench does (and
+# mailerd itself, mailerd/master/startup.py); xdist's workers import this file too.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+_want = 65536 if _hard == resource.RLIM_INFINITY else min(_hard, 65536)
+if _soft != resource.RLIM_INFINITY and _soft < _want:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_want, _hard))
