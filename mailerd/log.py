@@ -358,6 +358,9 @@ class LineSysLogHandler(logging.handlers.SysLogHandler):
 
 # (O_NONBLOCK: opening a FIFO for writing would wait for a reader; it fails instead.)
 LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# The log file's mode: its user's alone (the children reopen it), readable by root (fail2ban,
+# logrotate); not by the children's group, which other daemons share (nobody:nogroup).
+LOG_MODE = 0o600
 
 
 class ReopeningFileHandler(_LineStream, logging.FileHandler):
@@ -376,7 +379,7 @@ class ReopeningFileHandler(_LineStream, logging.FileHandler):
         is root, and whoever may write the log's directory must not choose what root appends
         to (an attacker's pass, /tmp/atk7c, planted a link to a root-only file and had the
         master crash at SIGUSR1). A FIFO is refused at once instead of blocking the open."""
-        fd = os.open(self.baseFilename, LOG_FLAGS, 0o600)  # (privileges.LOG_MODE)
+        fd = os.open(self.baseFilename, LOG_FLAGS, LOG_MODE)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

@@ -44,9 +44,6 @@ _PR_SET_NO_NEW_PRIVS = 38
 # mailbox. They need no group: everything of theirs is their user's (the queue, the log file),
 # and the spool is opened before they drop (keep_dir) and only looked at.
 CHILDREN_GROUP = "nogroup"
-# The log file's mode: its user's alone (the children reopen it), readable by root (fail2ban,
-# logrotate); not by the children's group, which other daemons share (nobody:nogroup).
-LOG_MODE = 0o600
 OVERFLOW_GID = 65534  # (the kernel's default overflowgid)
 
 

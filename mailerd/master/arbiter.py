@@ -364,7 +364,7 @@ class Master:
         reopened = logsetup.reopen()
         if reopened and self.cfg.log_file is not None:
             with contextlib.suppress(OSError, privileges.PrivilegeError):
-                privileges.chown_path(self.cfg.log_file, self.cfg.user, privileges.LOG_MODE)
+                privileges.chown_path(self.cfg.log_file, self.cfg.user, logsetup.LOG_MODE)
         for pid in self.children:
             _kill(pid, signal.SIGUSR1)
         if reopened:

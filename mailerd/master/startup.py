@@ -153,7 +153,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> int:
                 logsetup.setup(cfg.verbose, log_file=cfg.log_file)
             except OSError as exc:
                 raise _failure("open log file", cfg.log_file, exc) from exc
-            privileges.chown_path(cfg.log_file, user, privileges.LOG_MODE)
+            privileges.chown_path(cfg.log_file, user, logsetup.LOG_MODE)
         smtp_sockets, delivery_socket = prepare(cfg)
         bound = [sock for sock, _ in smtp_sockets] + [delivery_socket]
         privileges.prepare_queue(cfg.queue, user)

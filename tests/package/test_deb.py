@@ -1121,7 +1121,7 @@ def _check_log_rotation(t: Target, ports: dict[str, int], box: str, state: str) 
     deliver()
     assert wait_until(lambda: "relay=local" in _text(t.read(LOG_FILE)), 10, 0.2), "not written"
     owner = t.out(["stat", "-c", "%U:%G %a", LOG_FILE]).split()
-    assert owner == ["mail:nogroup", "600"]  # (the children's: privileges.LOG_MODE)
+    assert owner == ["mail:nogroup", "600"]  # (the children's: log.LOG_MODE)
 
 
 def apt_install(t: Target, package: str) -> None:
