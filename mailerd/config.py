@@ -759,17 +759,16 @@ def _tls_context(cfg: Config) -> ssl.SSLContext | None:
 def _with_files(cfg: Config, context: ssl.SSLContext | None) -> Config:
     """`cfg` with `context` and its other files read (see load_files)."""
     own = host.own_addresses([listen.host for listen in cfg.listeners], cfg.public_addresses)
+    cfg = replace(cfg, own_addresses=own)  # (first: the aliases' targets are local by it)
     try:
-        table = Aliases.load(str(cfg.aliases_file), names.Locality(cfg.domains, own))
+        table = Aliases.load(str(cfg.aliases_file), cfg.locality)
     except AliasError as exc:
         raise ConfigError(f"--aliases: {exc}") from exc
     try:
         passwords = Credentials.load(str(cfg.passwd_file))
     except CredentialsError as exc:
         raise ConfigError(f"--passwd: {exc}") from exc
-    return replace(
-        cfg, aliases=table, tls_context=context, credentials=passwords, own_addresses=own
-    )
+    return replace(cfg, aliases=table, tls_context=context, credentials=passwords)
 
 
 def _reserved_sessions(
