@@ -702,6 +702,10 @@ class _Body:
     pieces: Callable[[], Generator[bytes, None, None]]
     ascii: bool = True
 
+    def address(self, address: str) -> str:
+        """`address` as MAIL FROM or RCPT TO gives it to this host."""
+        return (_in_ascii(address) if self.ascii else None) or address
+
 
 def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> _Body:
     options = []
@@ -769,8 +773,7 @@ def _lines(data: bytes) -> Generator[bytes, None, None]:
 
 def _mail_from(client: _Client, hop: Hop, message: Message, body: _Body) -> None:
     client.stage = "sending MAIL FROM"
-    sender = _in_ascii(message.sender) if body.ascii else None
-    code, text = client.mail(sender or message.sender, body.options)
+    code, text = client.mail(body.address(message.sender), body.options)
     if code // 100 != 2:
         result = _reply(hop, code, text, "5.1.0" if code >= 500 else "4.1.0")
         raise _HopFailed(result, _said(hop, result, "MAIL FROM"), final=result.permanent)
@@ -808,7 +811,7 @@ def _rcpt_to(
     results: dict[str, Result] = {}
     accepted: list[str] = []
     for recipient in message.recipients:
-        code, text = client.rcpt((_in_ascii(recipient) if body.ascii else None) or recipient)
+        code, text = client.rcpt(body.address(recipient))
         if 200 <= code < 300:  # (252 too: "cannot verify, but will accept", as Postfix reads it)
             accepted.append(recipient)
         else:
