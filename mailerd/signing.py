@@ -1,6 +1,7 @@
 """DKIM signing of the mail that leaves (RFC 6376; Ed25519 by RFC 8463): the keys, and the
 signatures the delivery process puts on a message once, when it queues it for remote
-recipients — never per delivery attempt, never on a local copy.
+recipients — never per delivery attempt, never on a local copy. Its own bounces and delay
+warnings to remote senders are signed the same way (From: MAILER-DAEMON at the host name).
 
 Keys come from `--dkim-key DOMAIN:SELECTOR:FILE` (PEM: RSA of 2048 bits or more, or Ed25519;
 `mailerd dkim keygen` makes them). The master reads them as root before it forks and on every
@@ -21,6 +22,7 @@ dkimpy uses for it; its RSA is OpenSSL's (`dkim_speedups`).
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +34,8 @@ from mailerd import (
     dkim_speedups,  # noqa: F401  (its import speeds dkimpy up)
     headers,
 )
+
+log = logging.getLogger("mailerd.signing")
 
 MIN_RSA_BITS = 2048
 SIGNED_HEADERS = (
@@ -158,6 +162,22 @@ def sign_message(message: bytes, keys: Sequence[SigningKey]) -> tuple[bytes, str
     if not chosen:
         return b"", None
     return sign(message, chosen), chosen[0].domain
+
+
+def sign_queued(queue_id: str, message: bytes, keys: Sequence[SigningKey]) -> bytes:
+    """`sign_message` for a message about to be queued, logged: for which domain, or why it
+    goes unsigned (dkimpy refuses what it cannot parse: the message then leaves as it would
+    without keys, rather than not at all)."""
+    if not keys:
+        return b""
+    try:
+        signature, domain = sign_message(message, keys)
+    except Exception as exc:
+        log.warning("%s: not DKIM-signed: %s", queue_id, exc)
+        return b""
+    if domain is not None:
+        log.info("%s: DKIM-signed for %s", queue_id, domain)
+    return signature
 
 
 def _b64(data: bytes) -> str:

@@ -288,14 +288,7 @@ class Pickup:
         keys = self.dkim_keys
         if not keys or not any(r.mailbox is None and r.state == "pending" for r in item.recipients):
             return b""
-        try:
-            signature, domain = signing.sign_message(durable.read_body(message), keys)
-        except Exception as exc:  # dkimpy refuses what it cannot parse: unsigned, and say why
-            log.warning("%s: not DKIM-signed: %s", item.id, exc)
-            return b""
-        if domain is not None:
-            log.info("%s: DKIM-signed for %s", item.id, domain)
-        return signature
+        return signing.sign_queued(item.id, durable.read_body(message), keys)
 
     @staticmethod
     def _local_part(item: QueueItem) -> QueueItem | None:

@@ -494,17 +494,8 @@ def qualified_body(body: durable.Body, domain: str) -> durable.Body:
 def sign_outgoing(
     queue_id: str, completion: bytes, body: durable.Body, keys: tuple[SigningKey, ...]
 ) -> bytes:
-    """The signatures of a message about to be queued (its added headers, then its body);
-    logged. A message that cannot be signed (no single From: address with a key) goes
-    unsigned, as it would without keys."""
-    try:
-        signature, domain = signing.sign_message(completion + durable.read_body(body), keys)
-    except Exception as exc:  # dkimpy refuses what it cannot parse: unsigned, and say why
-        log.warning("%s: not DKIM-signed: %s", queue_id, exc)
-        return b""
-    if domain is not None:
-        log.info("%s: DKIM-signed for %s", queue_id, domain)
-    return signature
+    """The signatures of a message about to be queued (its added headers, then its body)."""
+    return signing.sign_queued(queue_id, completion + durable.read_body(body), keys)
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

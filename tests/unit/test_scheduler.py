@@ -23,12 +23,15 @@ import socket
 import time
 from collections.abc import Callable
 
+import dkim
 import pytest
 
-from mailerd import aliases, config, trace
+from mailerd import aliases, config, signing, trace
+from mailerd.commands import dkimkeys
 from mailerd.delivery import dsn, relay
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
 from mailerd.delivery.scheduler import Group, Scheduler
+from mailerd.delivery.secrets import NO_SECRETS, Secrets
 from mailerd.names import Locality
 
 HOSTNAME = "mx.example.org"
@@ -128,7 +131,10 @@ def make_world(tmp_path) -> Callable[..., World]:
     made: list[Scheduler] = []
 
     def make(
-        *extra: str, alias_text: str | None = None, own_addresses: frozenset[str] = frozenset()
+        *extra: str,
+        alias_text: str | None = None,
+        own_addresses: frozenset[str] = frozenset(),
+        secrets: Secrets = NO_SECRETS,
     ) -> World:
         base = tmp_path / f"w{len(made)}"
         (base / "spool" / "alice").mkdir(parents=True)
@@ -152,7 +158,7 @@ def make_world(tmp_path) -> Callable[..., World]:
         queue = Queue(cfg.queue)
         queue.create_dirs()
         boxes = Mailboxes()
-        sched = Scheduler(cfg, queue, boxes)
+        sched = Scheduler(cfg, queue, boxes, secrets)
         made.append(sched)
         return World(cfg, queue, sched, boxes)
 
@@ -331,6 +337,31 @@ def test_a_5xx_bounce_to_a_remote_sender_is_queued_from_the_null_sender(w):
     assert_bounce(
         w.queue.message_path(notice.id).read_bytes(), REMOTE_SENDER, {"bob@example.net": "5.1.1"}
     )
+
+
+def test_a_bounce_to_a_remote_sender_is_dkim_signed_for_the_host_name_s_domain(
+    make_world, tmp_path
+):
+    """Its From: is MAILER-DAEMON@mx.example.org and its MAIL FROM empty: a signature by
+    example.org's key (relaxed alignment) is what receivers can pass it on; one to a local
+    sender's mailbox stays unsigned, as all local copies do."""
+    path = tmp_path / "example.org.s1.key"
+    dkimkeys.write_key(str(path), dkimkeys.new_key("ed25519", 0))
+    key = signing.load_key(DOMAIN, "s1", str(path))
+    w = make_world(secrets=Secrets(dkim_keys=(key,)))
+    item = w.queued(REMOTE_SENDER, ["bob@example.net"])
+    w.settle(item, {"bob@example.net": REJECT})
+    [notice] = w.notices_queued()
+    raw = w.queue.message_path(notice.id).read_bytes()
+    assert raw.startswith(b"DKIM-Signature:") and b" d=example.org;" in raw.split(b"\r\n\r\n")[0]
+    record = {f"{key.dns_name}.".encode(): key.dns_record().encode()}
+    assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: record.get(name))
+    assert_bounce(raw, REMOTE_SENDER, {"bob@example.net": "5.1.1"})
+
+    local = w.queued(ALICE, ["bob@example.net"])
+    w.settle(local, {"bob@example.net": REJECT})
+    [delivered] = w.boxes.calls
+    assert b"DKIM-Signature" not in delivered.body
 
 
 def test_mail_from_the_null_sender_is_never_bounced(w):
