@@ -11,6 +11,10 @@ comments where the reason is not obvious:
 - SPF `v=spf1 mx -all`: the MX hosts may send the domain's mail, nobody else; with a
   `relayhost`, mail leaves through it: `v=spf1 mx a:RELAYHOST -all` (ip4:/ip6: for an address),
   and the comment says to use the provider's documented SPF include instead, if it has one;
+- SPF of the host name, `v=spf1 a -all` (without a relayhost, and unless the host name is a
+  local domain, whose own SPF covers it): bounces and delay notices go with an empty MAIL FROM,
+  so receivers check the name in our HELO (RFC 7208 2.3), and DMARC aligns that with their
+  From: MAILER-DAEMON@HOST (RFC 7489 4.1), as mox's quickstart has it;
 - each DKIM key's TXT record (`--dkim-key`), its value in strings of at most 255 octets;
 - DMARC `v=DMARC1; p=quarantine; rua=mailto:postmaster@DOMAIN`: mail that passes neither SPF
   nor DKIM in alignment goes to the spam folder rather than being refused outright (a
@@ -118,6 +122,7 @@ PROBES = (
     "fc00::1",  # unique local
 )
 NULL_MX = "0 . (a null MX: the domain takes no mail)"
+HELO_SPF = "v=spf1 a -all"  # the host name's: its own addresses send as it
 # The SRV records by which mail programs find the submission service (RFC 6186; _submissions,
 # for implicit TLS, is RFC 8314 5.1's addition), by listener role: (service, priority). Clients
 # try the lowest priority first (RFC 2782), and RFC 6186 lets priorities rank one service
@@ -142,7 +147,7 @@ class Record:
     name: str  # without the final dot
     rtype: str  # MX, A, AAAA, TXT, PTR, SRV
     value: str  # as published (TXT: the whole text), names without the final dot
-    role: str  # mx, address, spf, dkim, dmarc, ptr, srv
+    role: str  # mx, address, spf, helo (the host name's SPF), dkim, dmarc, ptr, srv
     address: str = ""  # the listener address (address, ptr)
 
     def zone(self) -> str:
@@ -386,6 +391,8 @@ def wanted(
             "dmarc",
         )
         yield from srv_records(domain, host, submission)
+    if cfg.relayhost is None and host not in {d.lower().rstrip(".") for d in cfg.domains}:
+        yield Record(host, "TXT", HELO_SPF, "helo")
     for address in addresses:
         rtype = "AAAA" if ":" in address else "A"
         yield Record(host, rtype, address, "address", address)
@@ -426,6 +433,11 @@ def explanations(cfg: Config) -> dict[str, list[str]]:
             "; spam folder, not lost mail. Reports go to postmaster; move to p=reject once they",
             "; show only your own mail, passing.",
         ],
+        "helo": [
+            "; SPF of the host name: bounces go with an empty MAIL FROM, so receivers check",
+            "; the name this server greets them with (HELO), and DMARC aligns it with their",
+            f"; From: MAILER-DAEMON@{cfg.hostname.lower().rstrip('.')}.",
+        ],
         "ptr": [
             "; PTR records are set at the hosting provider (who owns the address), not in your",
             "; zone: Gmail and Outlook refuse mail whose PTR name does not resolve back to it.",
@@ -456,7 +468,9 @@ async def check_all(
     # A thread for each SPF evaluation (every domain's, of its senders and the probes) at
     # once: one after another, a name that does not answer cost a --dns-timeout each (8 × 10 s
     # a domain), and 16 shared by six domains still cost three.
-    evaluations = sum(r.role == "spf" for r in records) * (len(outbound) + len(PROBES) + 2)
+    evaluations = sum(r.role in ("spf", "helo") for r in records) * (
+        len(outbound) + len(PROBES) + 2
+    )
     with ThreadPoolExecutor(max(1, min(SPF_THREADS, evaluations))) as threads:
         checker = _Checker(lookups, bridge, threads, addresses, outbound, relay, records)
         # All at once: against a server that does not answer, one --dns-timeout in all, not
@@ -678,7 +692,7 @@ class _Checker:
         if have == [record.value]:  # then the names it points to are what is wrong
             return (
                 f"WRONG    {_label(record)}: published as wanted, but {'; and '.join(problems)}"
-                f" ({self._spf_deciders()})"
+                f" ({self._spf_deciders(record)})"
             )
         return _verdict(record, have, False, note=f"({'; '.join(problems)})")
 
@@ -735,7 +749,13 @@ class _Checker:
             return "(no outbound address to try it with)"
         return f"(the relayhost {self.relay} has no address to try it with)"
 
-    def _spf_deciders(self) -> str:
+    async def _helo(self, record: Record) -> str:
+        """The host name's SPF, checked as a domain's is: its A/AAAA decide it."""
+        return await self._spf(record)
+
+    def _spf_deciders(self, record: Record) -> str:
+        if record.role == "helo":
+            return "the host's A/AAAA records decide it"
         if self.relay is None:
             return "the domain's MX and the host's A/AAAA records decide it"
         return f"the domain's MX and {self.relay}'s A/AAAA records decide it"
@@ -862,7 +882,8 @@ def _why(exc: TemporaryFailure) -> str:
 
 
 def _label(record: Record) -> str:
-    return f"{record.name} {record.rtype} ({record.role})"
+    role = "spf of the HELO name" if record.role == "helo" else record.role
+    return f"{record.name} {record.rtype} ({role})"
 
 
 def _show(value: str, rtype: str) -> str:

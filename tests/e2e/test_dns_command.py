@@ -56,6 +56,7 @@ OTHER_HOST = "other.example.net"
 RELAY = "relay.example.com"
 RELAY_ADDRESSES = ("198.51.100.7", "2001:db8:1::7")
 SPF = "v=spf1 mx -all"
+HELO_SPF = "v=spf1 a -all"  # the host name's, for bounces (MAIL FROM <>: the HELO is checked)
 TYPES = ("MX", "A", "AAAA", "TXT", "PTR", "SRV")
 STATUSES = ("OK", "MISSING", "WRONG", "UNKNOWN")
 RUN_TIMEOUT = 60.0
@@ -214,9 +215,10 @@ def wanted(
     *,
     ptr_addresses=None,
     spf: str = SPF,
+    helo_spf: bool = True,
 ) -> set[Rec]:
     """The records to publish: A/AAAA for `addresses`, PTR for `ptr_addresses` (default: the
-    same ones)."""
+    same ones), the host name's SPF with `helo_spf` (not with a relayhost)."""
     out: set[Rec] = set()
     for d in domains:
         out.add((d, "MX", f"10 {HOSTNAME}"))
@@ -225,6 +227,8 @@ def wanted(
         for k in keys:
             if k.domain == d:
                 out.add((k.owner, "TXT", _normal_txt(public_record(k.path))))
+    if helo_spf:
+        out.add((HOSTNAME, "TXT", HELO_SPF))
     for a in addresses:
         ip = ipaddress.ip_address(a)
         out.add((HOSTNAME, "A" if ip.version == 4 else "AAAA", ip.compressed))
@@ -434,6 +438,27 @@ def test_output_explains_dmarc_and_ptr(conf: Path, keys: list[Key]):
     assert re.search(r"(?i)provider", ptr) and re.search(r"Gmail|Outlook", ptr), p.stdout
 
 
+def test_the_host_name_s_spf_is_explained_and_left_to_a_domain_of_that_name(
+    tmp_path: Path, keys: list[Key], dns_server: DNSServer
+):
+    """Bounces leave with MAIL FROM <> and From: MAILER-DAEMON@HOST: receivers check the HELO
+    name's SPF, so the host name gets `v=spf1 a -all`, with a comment saying why. When the host
+    name is itself a local domain, its own SPF record serves (a second TXT record beginning
+    v=spf1 at one name would make SPF permerror: RFC 7208 4.5)."""
+    p = mailerd_dns("-c", str(write_config(tmp_path / "a.conf", keys, dns_server)))
+    assert p.returncode == 0, p
+    assert (HOSTNAME, "TXT", HELO_SPF) in printed_records(p.stdout), p.stdout
+    why = comments_before(p.stdout, HOSTNAME, "TXT")
+    assert "HELO" in why and f"MAILER-DAEMON@{HOSTNAME}" in why, p.stdout
+    conf = write_config(
+        tmp_path / "b.conf", keys, dns_server, domains=f"example.org, example.net, {HOSTNAME}"
+    )
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 0, p
+    host_txt = [r for r in printed_records(p.stdout) if r[:2] == (HOSTNAME, "TXT")]
+    assert host_txt == [(HOSTNAME, "TXT", SPF)], p.stdout
+
+
 def test_a_domain_that_is_not_local_is_refused(conf: Path, keys: list[Key]):
     """A DOMAIN that is not one of the configuration's: exit 2, naming it and the local
     domains, no records. A name below a local domain is local (a DKIM key may be for it)."""
@@ -496,7 +521,7 @@ def test_relayhost_spf_names_it_and_no_ptr(relay_conf: Path, keys: list[Key]):
     p = mailerd_dns("-c", str(relay_conf))
     assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     got = set(printed_records(p.stdout))
-    want = wanted(keys, ptr_addresses=(), spf=RELAY_SPF)
+    want = wanted(keys, ptr_addresses=(), spf=RELAY_SPF, helo_spf=False)
     assert got == want, f"missing {sorted(want - got)}, extra {sorted(got - want)}\n{p.stdout}"
     spf = comments_before(p.stdout, "example.org", "TXT")
     assert RELAY in spf and "include" in spf, f"the SPF comment:\n{p.stdout}"
@@ -507,7 +532,7 @@ def test_relayhost_spf_names_it_and_no_ptr(relay_conf: Path, keys: list[Key]):
 def test_relayhost_check_tries_the_relays_addresses(relay_conf: Path, keys: list[Key], dns_server):
     """--check with a relayhost: SPF must pass the relay's A/AAAA (looked up through the
     configured DNS server); passing ours is not enough. No PTR is asked for."""
-    want = wanted(keys, ptr_addresses=(), spf=RELAY_SPF)
+    want = wanted(keys, ptr_addresses=(), spf=RELAY_SPF, helo_spf=False)
     rc, lines = run_check(relay_conf, dns_server, zone_text(want | RELAY_RECORDS))
     assert [ln for ln in lines if ln.status != "OK"] == [] and rc == 0, shown(lines)
     assert Counter((ln.owner, ln.rtype) for ln in lines) == Counter((o, t) for o, t, _ in want)
@@ -551,7 +576,9 @@ def test_an_mx_naming_an_alias_is_wrong(conf: Path, keys: list[Key], dns_server)
     but an MX must not name an alias (RFC 2181 10.3), so the MX lines say so."""
     machine = "vps123.provider.example"
     want = _replace(HOSTNAME, "A")(_replace(HOSTNAME, "AAAA")(wanted(keys)))
-    want |= {(machine, "A", V4), (machine, "AAAA", V6)}
+    # (no other record may stand beside a CNAME: the host name's SPF goes with the machine)
+    want = _replace(HOSTNAME, "TXT")(want)
+    want |= {(machine, "A", V4), (machine, "AAAA", V6), (machine, "TXT", HELO_SPF)}
     zone = zone_text(want) + f"{HOSTNAME}. CNAME {machine}.\n"
     rc, lines = run_check(conf, dns_server, zone)
     for domain in ("example.org", "example.net"):
@@ -685,6 +712,7 @@ def _cases(other_rsa: Path) -> dict[str, Case]:
                 (HOSTNAME, "A"): "MISSING",
                 ("example.org", "TXT"): NOT_OK,
                 ("example.net", "TXT"): NOT_OK,
+                (HOSTNAME, "TXT"): NOT_OK,
                 (reverse(V4), "PTR"): NOT_OK,
             },
         ),
@@ -793,9 +821,17 @@ def _cases(other_rsa: Path) -> dict[str, Case]:
                 (HOSTNAME, "A"): "WRONG",
                 ("example.org", "TXT"): NOT_OK,
                 ("example.net", "TXT"): NOT_OK,
+                (HOSTNAME, "TXT"): NOT_OK,
             },
         ),
         "ptr-missing": Case(_replace(reverse(V6), "PTR"), {(reverse(V6), "PTR"): "MISSING"}),
+        # (an acceptance tester's finding: without it a bounce, MAIL FROM <>, failed DMARC)
+        "helo-spf-missing": Case(_replace(HOSTNAME, "TXT"), {(HOSTNAME, "TXT"): "MISSING"}),
+        "helo-spf-all-only": Case(
+            _replace(HOSTNAME, "TXT", "v=spf1 -all"),
+            {(HOSTNAME, "TXT"): "WRONG"},
+            ("v=spf1 -all", "HELO"),
+        ),
     }
 
 
@@ -805,7 +841,8 @@ BROKEN = [  # the keys of _cases (which needs the keys to be made first)
     "spf-missing", "dkim-other-key", "dkim-k-other-type", "dkim-ed25519-without-k", "dkim-h-sha1",
     "dkim-v-other", "dkim-v-lower-case", "dkim-k-upper-case", "dkim-s-not-email", "dkim-tag-twice",
     "dkim-two-records", "spf-wide-ranges", "dkim-missing", "dmarc-missing", "dmarc-without-p",
-    "ptr-other-name", "ptr-forward-mismatch", "ptr-missing",
+    "ptr-other-name", "ptr-forward-mismatch", "ptr-missing", "helo-spf-missing",
+    "helo-spf-all-only",
 ]  # fmt: skip
 
 
