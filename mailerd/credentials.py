@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import functools
 import grp
 import hmac
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -173,6 +174,21 @@ def login_digest(key: bytes, login: str, password: str) -> bytes:
 
 def hash_password(password: str) -> str:
     return str(_hasher().hash(password))
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of the passwd file at `path`: a `flock`
+    of its directory (made if missing), which no other program locks, so that no lock file
+    is left beside it."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(dfd)
 
 
 def write(path: str, hashes: Mapping[str, str]) -> None:

@@ -58,22 +58,36 @@ def main(argv: list[str]) -> int:
         return os.EX_CONFIG
     path = args.passwd or str(raw.get("passwd") or credentials.DEFAULT_PASSWD)
     try:
-        known = dict(credentials.Credentials.load(path).hashes)
+        credentials.Credentials.load(path)  # (a file that cannot be read: said before asking)
     except credentials.CredentialsError as exc:
         say(str(exc))
         return os.EX_CONFIG
-    if args.delete:
-        if known.pop(user, None) is None:
-            say(f"{user} has no password in {path}")
-            return 1
-    else:
+    hashed = None
+    if not args.delete:
+        # Asked (and hashed) before the file is read: whatever another `mailerd passwd` writes
+        # while this one waits at its prompt is kept, not overwritten with what was read first.
         password = _read_password()
         if password is None:
             say("the passwords differ, or none was given; nothing changed")
             return 1
-        known[user] = credentials.hash_password(password)
+        hashed = credentials.hash_password(password)
     try:
-        credentials.write(path, known)
+        # One read-modify-write at a time: two runs at once (a script setting several users'
+        # passwords in parallel, a --delete beside a set) must not each write the file as it
+        # was before the other, losing one's change or bringing back a deleted password.
+        with credentials.locked(path):
+            try:
+                known = dict(credentials.Credentials.load(path).hashes)
+            except credentials.CredentialsError as exc:
+                say(str(exc))
+                return os.EX_CONFIG
+            if hashed is None:
+                if known.pop(user, None) is None:
+                    say(f"{user} has no password in {path}")
+                    return 1
+            else:
+                known[user] = hashed
+            credentials.write(path, known)
     except OSError as exc:
         say(f"cannot write {path}: {exc.strerror or exc}")
         return os.EX_CANTCREAT
