@@ -176,6 +176,23 @@ def hash_password(password: str) -> str:
     return str(_hasher().hash(password))
 
 
+def exposed(path: str) -> str | None:
+    """Why the file at `path` is open to more than root and group mail reading it, in a
+    warning's words (None: it is not, or it is not there). Its owner can add a login for any
+    user; whoever reads it can guess at the hashes offline, unhurried by the server's delays."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {st.st_uid}, who may add a login for any user: chown root it"
+    if st.st_mode & 0o004:
+        return "is readable by others, who may guess at its hashes offline: chmod 640 it"
+    if st.st_mode & 0o022:
+        return "may be written by others than its owner, who may add logins: chmod 640 it"
+    return None
+
+
 @contextlib.contextmanager
 def locked(path: str) -> Iterator[None]:
     """Hold an exclusive lock for a read-modify-write of the passwd file at `path`: a `flock`

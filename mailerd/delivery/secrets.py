@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
 
-from mailerd import privileges, signing
+from mailerd import credentials, privileges, signing
 from mailerd.config import Config, ConfigError
 from mailerd.signing import SigningKey
 
@@ -120,8 +120,11 @@ def _alone(parent: int, keep: int) -> None:
 
 def _warn_if_exposed(cfg: Config) -> None:
     """A warning for each secret file others may read: the relayhost's login, the DKIM keys,
-    and the TLS keys too (which the master reads itself), checked here at start and reload
-    alike. (A stat: the content is not read here.)"""
+    and the TLS keys and the passwd file too (which the master reads itself), checked here at
+    start and reload alike. (A stat: the content is not read here.)"""
+    why = credentials.exposed(str(cfg.passwd_file))
+    if why is not None:  # (an acceptance tester's finding: keys were warned of, this not)
+        log.warning("--passwd %s %s", cfg.passwd_file, why)
     if cfg.relay_auth is not None:
         try:
             mode = os.stat(cfg.relay_auth).st_mode

@@ -24,7 +24,10 @@ from mailerd.delivery.secrets import Secrets
 def load(tmp_path: Path, *argv: str) -> config.Config:
     ini = tmp_path / "mailerd.conf"  # never the machine's /etc/mailerd/mailerd.conf
     ini.write_text("[mailerd]\n")
-    return config.load(["-c", str(ini), "-l", "127.0.0.1", "-n", "none", *argv])
+    given = ["-c", str(ini), "-l", "127.0.0.1", "-n", "none"]
+    if "--passwd" not in argv:  # (never the machine's /etc/mailerd/passwd either)
+        given += ["--passwd", str(tmp_path / "passwd")]
+    return config.load([*given, *argv])
 
 
 def relay(tmp_path: Path, line: str = "user:secret", mode: int = 0o600) -> list[str]:
@@ -186,6 +189,38 @@ def _wait_for(predicate, timeout: float = 5.0):
             return found
         time.sleep(0.02)
     raise AssertionError("timed out")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.parametrize(
+    ("mode", "owner", "said"),
+    [
+        (0o640, "root", None),  # (as `mailerd passwd` writes it, group mail)
+        (0o600, "root", None),
+        (0o644, "root", "is readable by others, who may guess at its hashes offline"),
+        (0o660, "root", "may be written by others than its owner, who may add logins"),
+        (0o640, "workers", "is owned by uid {uid}, who may add a login for any user"),
+    ],
+)
+def test_check_warns_of_a_passwd_file_others_may_read_or_change(
+    tmp_path: Path, caplog, mode: int, owner: str, said: str | None
+):
+    """The passwd file is root:mail 0640: a hand-made one that others may read or change
+    is warned of, as the keys are (an acceptance tester's finding: it was not)."""
+    path = tmp_path / "passwd"
+    path.write_text("alice:$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA\n")
+    uid = privileges.lookup(config.DEFAULT_USER).uid if owner == "workers" else 0
+    os.chown(path, uid, 0)
+    path.chmod(mode)
+    caplog.set_level(logging.WARNING)
+    assert secrets.check(load(tmp_path, "--passwd", str(path))) is None
+    lines = [r.getMessage() for r in caplog.records]
+    if said is None:
+        assert lines == []
+    else:
+        assert lines == [lines[0]] and lines[0].startswith(
+            f"--passwd {path} {said.format(uid=uid)}"
+        ), lines
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to the workers' user needs root")
