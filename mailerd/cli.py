@@ -19,9 +19,14 @@ on stderr. `sendmail`'s are those of sysexits.h (see `sendmail`).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Callable
 
 from mailerd import config
+
+# What a shell reports for a program a closed pipe ended (SIGPIPE), as `dig | head` ends.
+PIPE_CLOSED = 128 + signal.SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] in (["--help"], ["-h"]):
             print("usage: mailq [-C FILE]: the queue, as `mailerd queue` lists it")
             return 0
-        return sendmail.main(["-bp", *argv])
+        return _printing(sendmail.main, ["-bp", *argv])
     if program == "newaliases":
         from mailerd.commands import newaliases
 
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["queue"]:
         from mailerd.commands import queue
 
-        return queue.main(argv[1:])
+        return _printing(queue.main, argv[1:])
     if argv[:1] == ["passwd"]:
         from mailerd.commands import passwd
 
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["dkim"]:
         from mailerd.commands import dkimkeys
 
-        return dkimkeys.main(argv[1:])
+        return _printing(dkimkeys.main, argv[1:])
     if argv[:1] == ["reload"]:
         from mailerd.commands import daemon
 
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["dns"]:
         from mailerd.commands import dnsrecords
 
-        return dnsrecords.main(argv[1:])
+        return _printing(dnsrecords.main, argv[1:])
     try:
         cfg = config.load(argv)
     except config.ConfigError as exc:
@@ -78,8 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     return startup.run(cfg, argv)
 
 
+def _printing(command: Callable[[list[str]], int], args: list[str]) -> int:
+    """Run a command that prints for a reader who may stop early (`mailerd dns | head`): it
+    then ends quietly, as other Unix tools do, not with a BrokenPipeError traceback (an
+    acceptance tester's finding)."""
+    try:
+        status = command(args)
+        sys.stdout.flush()  # (here, while the error can still be caught)
+        return status
+    except BrokenPipeError:
+        # Python would try the flush once more at exit and report that one: nothing is left
+        # to say, so stdout goes nowhere (the `signal` module documentation's recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return PIPE_CLOSED
+
+
 def queue_main() -> int:
     """The `mailerd-queue` console script: the same as `mailerd queue`."""
     from mailerd.commands import queue
 
-    return queue.main(sys.argv[1:])
+    return _printing(queue.main, sys.argv[1:])

@@ -27,6 +27,7 @@ import datetime
 import ipaddress
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -457,6 +458,22 @@ def test_the_host_name_s_spf_is_explained_and_left_to_a_domain_of_that_name(
     assert p.returncode == 0, p
     host_txt = [r for r in printed_records(p.stdout) if r[:2] == (HOSTNAME, "TXT")]
     assert host_txt == [(HOSTNAME, "TXT", SPF)], p.stdout
+
+
+def test_a_reader_that_stops_early_ends_it_quietly(conf: Path):
+    """`mailerd dns | head -1`: no BrokenPipeError traceback, and the status a shell gives a
+    program a closed pipe ended (an acceptance tester's finding: a traceback, status 1)."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "mailerd", "dns", "-c", str(conf)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # (before it writes: every write meets the closed pipe)
+    err = p.stderr.read()
+    assert p.wait(timeout=RUN_TIMEOUT) == 128 + signal.SIGPIPE, err
+    assert err == b""
 
 
 def test_a_domain_that_is_not_local_is_refused(conf: Path, keys: list[Key]):
