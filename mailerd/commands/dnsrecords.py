@@ -15,7 +15,8 @@ comments where the reason is not obvious:
   local domain, whose own SPF covers it): bounces and delay notices go with an empty MAIL FROM,
   so receivers check the name in our HELO (RFC 7208 2.3), and DMARC aligns that with their
   From: MAILER-DAEMON@HOST (RFC 7489 4.1), as mox's quickstart has it;
-- each DKIM key's TXT record (`--dkim-key`), its value in strings of at most 255 octets;
+- each DKIM key's TXT record (`--dkim-key`), its value in strings of at most 255 octets (a
+  domain whose mail no key signs gets a note saying how to make one);
 - DMARC `v=DMARC1; p=quarantine; rua=mailto:postmaster@DOMAIN`: mail that passes neither SPF
   nor DKIM in alignment goes to the spam folder rather than being refused outright (a
   forwarded message, a mistake in a record, costs a look in the spam folder, not lost mail),
@@ -100,7 +101,7 @@ import dns.resolver
 import dns.reversename
 from dkim.util import InvalidTagValueList
 
-from mailerd import config, host, names, tls
+from mailerd import config, host, names, signing, tls
 from mailerd.commands.dkimkeys import txt_strings, zone_txt
 from mailerd.config import Config
 from mailerd.dkim_speedups import parse_tag_value
@@ -215,6 +216,8 @@ def main(argv: list[str]) -> int:
     outbound = outbound_addresses(cfg, addresses)
     for line in notes(cfg, addresses, outbound):
         print(line)
+    for line in unsigned_notes(domains, keys):
+        print(line)
     records = list(wanted(cfg, domains, keys, addresses, outbound))
     if not args.check:
         for line in zone_lines(cfg, records):
@@ -230,8 +233,6 @@ def main(argv: list[str]) -> int:
 
 
 def load_keys(cfg: Config) -> tuple[SigningKey, ...]:
-    from mailerd import signing
-
     try:
         return tuple(signing.load_key(d, s, str(p)) for d, s, p in cfg.dkim_specs)
     except signing.KeyProblem as exc:
@@ -352,6 +353,18 @@ def notes(cfg: Config, addresses: list[str], outbound: list[str]) -> Iterator[st
             f"; no SRV records: the submission listeners ({', '.join(unreached)}) are not on an "
             "address of the host name's A/AAAA, where mail programs would look"
         )
+
+
+def unsigned_notes(domains: list[str], keys: tuple[SigningKey, ...]) -> Iterator[str]:
+    """A `;` line for each domain whose mail would go out unsigned (no key of its own or of a
+    parent domain): nothing is wrong to check, but DMARC then rests on SPF alone, which a
+    forward breaks (an acceptance tester's finding: nothing was said)."""
+    for domain in domains:
+        if not signing.keys_for(domain, keys):
+            yield (
+                f"; no DKIM key for {domain}: its mail goes out unsigned (make one with "
+                f"`mailerd dkim keygen {domain}`)"
+            )
 
 
 def spf_record(cfg: Config) -> str:

@@ -460,6 +460,23 @@ def test_the_host_name_s_spf_is_explained_and_left_to_a_domain_of_that_name(
     assert host_txt == [(HOSTNAME, "TXT", SPF)], p.stdout
 
 
+def test_a_domain_no_key_signs_for_gets_a_note(tmp_path: Path, keys: list[Key], dns_server):
+    """example.net without a key: its mail would leave unsigned, which nothing in the DNS
+    can show, so a note says so and how to make one; example.org's keys, and a subdomain
+    covered by them, get none. The exit status is not affected."""
+    org_keys = [k for k in keys if k.domain == "example.org"]
+    conf = write_config(
+        tmp_path / "m.conf", org_keys, dns_server, domains="example.org, example.net, a.example.org"
+    )
+    p = mailerd_dns("-c", str(conf))
+    assert p.returncode == 0, p
+    notes = [ln for ln in p.stdout.splitlines() if ln.startswith("; no DKIM key")]
+    assert notes == [
+        "; no DKIM key for example.net: its mail goes out unsigned (make one with "
+        "`mailerd dkim keygen example.net`)"
+    ], p.stdout
+
+
 def test_a_reader_that_stops_early_ends_it_quietly(conf: Path):
     """`mailerd dns | head -1`: no BrokenPipeError traceback, and the status a shell gives a
     program a closed pipe ended (an acceptance tester's finding: a traceback, status 1)."""
