@@ -40,13 +40,14 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mailerd import durable, forwarding, policy, recipients, signing, trace
 from mailerd.aliases import normal_address
 from mailerd.config import Config
 from mailerd.delivery.dsn import RecipientStatus
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
+from mailerd.inbound import results
 from mailerd.ipc import maildrop
 from mailerd.signing import SigningKey
 from mailerd.smtp.data import loop_problem
@@ -217,6 +218,7 @@ class Pickup:
         try:
             submission = maildrop.read(directory, name, self.cfg.max_message_size)
             _check_hops(submission.message)
+            submission = self._without_forged(submission)
         except FileNotFoundError:
             return None
         except maildrop.TooBig as exc:
@@ -254,6 +256,17 @@ class Pickup:
                 if r.state == "pending":
                     log.info("%s: to=<%s>, relay=queue, status=queued", part.id, r.address)
         return Taken(item, refused, local)
+
+    def _without_forged(self, submission: maildrop.Submission) -> maildrop.Submission:
+        """The submission without Authentication-Results fields bearing our host name: a
+        local program may be handing on mail from elsewhere (fetchmail's `mda` runs
+        sendmail), and a forger's pre-stamped pass must not reach the reader as ours
+        (`inbound.results`), as on every listener."""
+        content = results.without_forged(submission.message, self.cfg.hostname)
+        if content is None:
+            return submission
+        log.info("%s: removed a forged Authentication-Results field", submission.queue_id)
+        return replace(submission, message=content)
 
     def _too_big(
         self, directory: int, name: str, exc: maildrop.TooBig, head: bytes

@@ -265,16 +265,25 @@ def unscannable(body: durable.Body, head: bytes, end: int) -> bool:
 
 
 async def unchecked(
-    hostname: str, body: durable.Body, loop: asyncio.AbstractEventLoop, executor: Executor
+    hostname: str,
+    body: durable.Body,
+    loop: asyncio.AbstractEventLoop,
+    executor: Executor,
+    *,
+    trusted: bool = False,
 ) -> tuple[bytes | None, Reply | None]:
     """For mail that is not checked here but whose reader must not meet a forged verdict
-    (`--inbound-auth off` on the network listeners; authenticated submission): the message
+    (`--inbound-auth off` on the network listeners; authenticated submission; a `trusted`
+    local client, which may be handing on mail from elsewhere, as fetchmail does): the message
     without Authentication-Results fields of ours (None: it had none), or HEADER_TOO_LARGE for
-    a header section past the scan, where one would go unseen."""
+    a header section past the scan, where one would go unseen. A trusted client's such
+    message is not refused but kept as it is: the owner's own programs are never refused for
+    the shape of their header, and what a fetched message's provider took has passed its
+    limits (Postfix's is 100 KiB)."""
     head = _head(body)
     end = headers.section_end(head)
     if unscannable(body, head, end):
-        return None, HEADER_TOO_LARGE
+        return None, None if trusted else HEADER_TOO_LARGE
     return await without_forged(hostname, body, head[:end], loop, executor), None
 
 

@@ -630,7 +630,7 @@ class Connection(asyncio.Protocol):
             refusal = None
             if self.listen.role == NETWORK and self.worker.verifier is not None:
                 request, body, fd, refusal = await self.verify(request, body, fd)
-            elif not self.listen.trusted:  # (--inbound-auth off; submission): no forged verdict
+            else:  # (--inbound-auth off; submission; the local listener): no forged verdict
                 body, fd, refusal = await self.unchecked(body, fd)
             if refusal is None and user is not None:
                 refusal = self.check_author(body if fd is None else fd, user)
@@ -693,7 +693,11 @@ class Connection(asyncio.Protocol):
         """A message not checked here, without forged Authentication-Results (`verifier`)."""
         worker = self.worker
         content, refusal = await unchecked(
-            worker.cfg.hostname, body if fd is None else fd, worker.loop, worker.checks
+            worker.cfg.hostname,
+            body if fd is None else fd,
+            worker.loop,
+            worker.checks,
+            trusted=self.listen.trusted,
         )
         if content is None and refusal is None:
             return body, fd, None

@@ -1003,6 +1003,32 @@ def test_trusted_listener_is_not_checked(auth_env):
     assert_refused(env, control, "example.com")
 
 
+def test_trusted_listener_still_removes_forged_results(auth_env):
+    """Nothing is checked on the local listener, but a field claiming mailerd's authserv-id
+    goes there too: a local program may hand on mail from elsewhere (fetchmail delivers to
+    localhost:25), and a forger's pre-stamped pass must not reach the reader as ours (an
+    acceptance tester's finding). Other ids stay; a header section past the scan is not
+    refused there, as it is on the untrusted listeners: the owner's programs are not."""
+    env = auth_env(REJECT_ZONE, "header")
+    forged = b"Authentication-Results: mx.example.org; dmarc=pass header.from=example.com\r\n"
+    kept = b"Authentication-Results: other.example.net; spf=pass smtp.mailfrom=a@example.com\r\n"
+    user = env.m.new_user("trustedforged")
+    with env.m.connect(trusted=True) as c:
+        c.start(HELO)
+        deliver(c, sender="alice@example.com", rcpt=f"{user}@example.org",
+                body=forged + kept + message("trusted-forged"))  # fmt: skip
+        padding = b"".join(b"X-Pad-%06d: " % i + b"p" * 200 + b"\r\n" for i in range(1400))
+        deliver(c, sender="alice@example.com", rcpt=f"{user}@example.org",
+                body=padding + message("trusted-large"))  # fmt: skip
+        expect(c.cmd("QUIT"), 221, conn=c)
+    first, second = env.m.wait_messages(user, 2)
+    stored = env.m.read(user, first)
+    assert forged not in stored and kept in stored, stored[:600]
+    assert b"Authentication-Results: mx.example.org" not in stored, stored[:600]
+    assert env.m.read(user, second).endswith(message("trusted-large")[-200:])
+    assert not env.dns.queries, f"the local listener made lookups: {env.dns.queries}"
+
+
 def test_inbound_auth_off(auth_env):
     """--inbound-auth off: the untrusted listener neither looks up nor adds anything."""
     env = auth_env(REJECT_ZONE, "off")

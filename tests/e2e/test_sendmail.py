@@ -178,6 +178,23 @@ def test_cron(world, daemon, sendmail):
     assert text.endswith(b"x" * 998 + b"\r\n " + b"x" * 502 + b"\r\n")
 
 
+def test_a_forged_authentication_results_is_removed(world, daemon, sendmail):
+    """fetchmail's `mda "/usr/sbin/sendmail -i -f %F %T"` hands on mail fetched from
+    elsewhere: a field bearing mailerd's authserv-id is removed, as on every listener (an
+    acceptance tester's finding, for the local listener); another server's stays."""
+    user = daemon.new_user("fetched")
+    forged = f"Authentication-Results: {daemon.hostname}; dmarc=pass header.from=bank.example"
+    kept = "Authentication-Results: mx.bank.example; spf=pass smtp.mailfrom=a@bank.example"
+    data = (
+        f"{forged}\n{kept}\nFrom: a@bank.example\nTo: {user}@example.org\nSubject: fetched\n"
+        "\nthe body\n"
+    ).encode()
+    done = run([sendmail, "-i", "-f", "a@bank.example", user], data)
+    assert done.returncode == 0 and done.stderr == b"", done
+    (raw,) = delivered(daemon, user)
+    assert forged.encode() not in raw and kept.encode() + b"\r\n" in raw, raw[:800]
+
+
 def test_mail_for_root_at_localhost_is_local_whatever_the_domains(world, daemon, sendmail):
     """fail2ban's `destemail = root@localhost`, and scripts': localhost is always a local
     domain, as in Debian's Postfix, though the configuration names others (this daemon's:
