@@ -185,7 +185,7 @@ def exposed(path: str) -> str | None:
     except OSError:
         return None
     if st.st_uid not in (0, os.geteuid()):
-        return f"is owned by uid {st.st_uid}, who may add a login for any user: chown root it"
+        return f"is owned by uid {st.st_uid}, who may add a login for any user: chown root:mail it"
     if st.st_mode & 0o004:
         return "is readable by others, who may guess at its hashes offline: chmod 640 it"
     if st.st_mode & 0o022:
