@@ -9,8 +9,10 @@ decade speak. The server's order of preference decides (Mozilla's list order), w
 it. Mozilla would let the client choose, every suite being strong, but Debian's testssl.sh 3.0 rates
 a server without an order of its own HIGH, and operators judge by it. Its DHE suites are left out:
 they would need DH parameters loaded, and Mozilla's own later versions drop them. Renegotiation and
-compression are off. Session tickets are off too: SMTP sessions are not resumed, and Microsoft's
-servers failed the STARTTLS handshake with some servers' tickets (chasquid #64, maddy #730). The
+compression are off. Session tickets are off too: SMTP sessions are seldom resumed, and Microsoft's
+servers failed the STARTTLS handshake with some servers' tickets (chasquid #64, maddy #730). (A TLS
+1.2 client may still resume by session id, from the cache of the worker it meets again: OpenSSL's
+default, harmless, and a handshake saved.) The
 key exchange is over elliptic curves only (GROUPS: TLS 1.3's finite-field groups would let a
 client make each handshake cost ~100 times more).
 
