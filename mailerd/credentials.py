@@ -176,6 +176,29 @@ def hash_password(password: str) -> str:
     return str(_hasher().hash(password))
 
 
+def _text(path: str, hashes: Mapping[str, str]) -> str:
+    """The file's new text: its lines as they are, each user's with its new hash (gone when
+    the user is), then the new users (an acceptance tester's finding: `mailerd passwd` wrote
+    the users alone, and the comments were lost)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):  # (none yet; or unreadable, which load() said)
+        lines = []
+    out = []
+    written = set()
+    for line in lines:
+        user = "" if line.startswith("#") else line.partition(":")[0]
+        if user in hashes:
+            if user not in written:  # (a user given twice keeps one line)
+                out.append(f"{user}:{hashes[user]}")
+                written.add(user)
+        elif not line.strip() or line.startswith("#"):
+            out.append(line)
+    out += [f"{user}:{hashes[user]}" for user in sorted(hashes) if user not in written]
+    return "".join(f"{line}\n" for line in out)
+
+
 def exposed(path: str) -> str | None:
     """Why the file at `path` is open to more than root and group mail reading it, in a
     warning's words (None: it is not, or it is not there). Its owner can add a login for any
@@ -210,11 +233,12 @@ def locked(path: str) -> Iterator[None]:
 
 def write(path: str, hashes: Mapping[str, str]) -> None:
     """Replace the file atomically: root's, group `mail`, mode 0640 (the group when it exists
-    and we may give it)."""
+    and we may give it), its users those of `hashes`. What the administrator wrote stays:
+    comments, empty lines and the users' order (`_text`)."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o755, exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
-    text = "".join(f"{user}:{hashed}\n" for user, hashed in sorted(hashes.items()))
+    text = _text(path, hashes)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with contextlib.suppress(KeyError, PermissionError):

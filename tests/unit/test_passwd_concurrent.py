@@ -1,4 +1,5 @@
-"""`mailerd passwd` runs at once must not lose each other's changes.
+"""`mailerd passwd` changes one user's line: runs at once must not lose each other's changes,
+and what else the file holds (comments) stays.
 
 Each run reads the passwd file, changes one line and replaces the file; without a lock
 around that read-modify-write (and with the password asked for in between), a run wrote
@@ -74,3 +75,36 @@ def test_runs_at_once_for_several_users_keep_every_password(tmp_path: Path) -> N
         run.stdin.close()
     assert [run.wait(timeout=60) for run in runs] == [0] * len(users)
     assert sorted(credentials.Credentials.load(str(path)).hashes) == users
+
+
+def test_comments_and_the_users_order_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An administrator's comments stay where they were, the users keep their order, a deleted
+    user's line goes and a new one comes last (an acceptance tester's finding: the file was
+    written anew from its users alone)."""
+    conf = _config(tmp_path)
+    path = tmp_path / "etc" / "passwd"
+    old = {u: credentials.hash_password(u) for u in ("carol", "alice", "bob")}
+    path.parent.mkdir()
+    path.write_text(
+        "# mail programs' logins; see mailerd(8)\n"
+        f"carol:{old['carol']}\n\n# alice, since 2026-12\nalice:{old['alice']}\n"
+        f"bob:{old['bob']}\n"
+    )
+    monkeypatch.setattr(daemon, "reload", lambda raw, path, say: 0)
+    monkeypatch.setattr(passwd_command, "_read_password", lambda: "new")
+    assert passwd_command.main(["-c", str(conf), "alice"]) == 0
+    assert passwd_command.main(["-c", str(conf), "--delete", "bob"]) == 0
+    (tmp_path / "spool" / "dave").mkdir()  # (a user with a mailbox: no warning)
+    assert passwd_command.main(["-c", str(conf), "dave"]) == 0
+    lines = path.read_text().splitlines()
+    assert [ln.partition(":")[0] if ":" in ln else ln for ln in lines] == [
+        "# mail programs' logins; see mailerd(8)",
+        "carol",
+        "",
+        "# alice, since 2026-12",
+        "alice",
+        "dave",
+    ], lines
+    assert lines[1] == f"carol:{old['carol']}" and lines[4] != f"alice:{old['alice']}"
+    table = credentials.Credentials.load(str(path))
+    assert table.verify("alice", "new", ("example.org",)) is not None
