@@ -135,6 +135,9 @@ class Commands:
     def _send(self, reply: Reply, *, count: bool = True, report: bool = True) -> None:
         raise NotImplementedError
 
+    def _report(self, reply: Reply) -> None:
+        raise NotImplementedError
+
     def _abort_transaction(self, reason: str) -> None:
         raise NotImplementedError
 
@@ -477,6 +480,10 @@ class Commands:
         elif self._in_mail:
             self._send(AUTH_IN_MAIL)
         elif not (self._tls or config.auth_in_clear):
+            # Logged (a Rejected event), unlike the other refusals of AUTH's form: a mail
+            # program set to send its password in clear is what its owner must hear of (an
+            # acceptance tester's finding: nothing was logged).
+            self._report(AUTH_NEEDS_TLS)
             self._send(AUTH_NEEDS_TLS)
         elif mechanism.upper() not in auth.MECHANISMS:
             self._send(AUTH_MECHANISM)

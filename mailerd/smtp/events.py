@@ -178,7 +178,8 @@ class MessageAborted:
 @dataclass(frozen=True)
 class Rejected:
     """A mail command (MAIL, RCPT, DATA, BDAT, the end of a message) was refused or deferred,
-    or the session is closed for too many errors: the I/O layer logs it (Postfix's
+    or AUTH before TLS (538: a password sent in clear), or the session is closed for too many
+    errors: the I/O layer logs it (Postfix's
     "NOQUEUE: reject:" line, what an operator and fail2ban read). It comes right before the
     Reply it describes."""
 

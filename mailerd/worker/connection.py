@@ -565,6 +565,8 @@ class Connection(asyncio.Protocol):
         fields = [] if sender is None else [f"from=<{sender}>"]
         if event is not None and event.verb == "RCPT" and event.path is not None:
             fields.append(f"to=<{event.path}>")
+        if event is not None and event.verb == "AUTH":  # (a known mechanism's name, or ***)
+            fields.append(f"mechanism={event.argument}")
         fields.append("proto=ESMTP" if esmtp else "proto=SMTP")
         if helo:
             fields.append(f"helo=<{helo}>")

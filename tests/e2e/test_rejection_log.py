@@ -222,6 +222,14 @@ def _submission(m: Mailerd, host: str, tls: bool = True) -> SMTPConn:
     return c
 
 
+def _auth_before_tls(m: Mailerd, host: str) -> Reply:
+    """AUTH with the password on the submission listener before STARTTLS."""
+    c = _submission(m, host, tls=False)
+    reply = c.cmd(f"AUTH PLAIN {_b64(chr(0) + SUBMITTER + chr(0) + PASSWORD)}")
+    _quit(c)
+    return reply
+
+
 def _foreign_sender(m: Mailerd, host: str) -> Reply:
     """An authenticated user on the submission listener gives another's address."""
     c = _submission(m, host)
@@ -467,7 +475,19 @@ KINDS = [
         banned=True,
         server="auth",
     ),
-    # ... but an authenticated user who picked the wrong From address is no attacker
+    # ... but a mail program that sends its password before STARTTLS is set up wrongly, not
+    # guessing: logged for its owner to see (an acceptance tester's finding), never banned
+    Kind(
+        "auth-before-tls",
+        _auth_before_tls,
+        V6,
+        "AUTH",
+        "538 5.7.11 Encryption required for requested authentication mechanism",
+        "mechanism=PLAIN proto=ESMTP helo=<laptop.test>",
+        banned=False,
+        server="auth",
+    ),
+    # ... nor is an authenticated user who picked the wrong From address
     Kind(
         "sender-not-owned",
         _foreign_sender,

@@ -173,7 +173,12 @@ def test_submission_wants_tls_then_auth(sub: Sub, host: str):
         c.start(HELO)
         reply = expect(c.ehlo(HELO), 250, conn=c)
         assert "STARTTLS" in ehlo_keywords(reply) and "AUTH" not in ehlo_keywords(reply), reply
+        mark = sub.m.log_mark()
         expect(c.auth_plain(sub.owner.user, sub.owner.password), 538, "5.7.11", conn=c)
+        line = f"NOQUEUE: reject: AUTH from unknown[{host}]: 538 5.7.11 "
+        assert wait_until(lambda: line in sub.m.log_since(mark), 5), sub.m.log_since(mark)
+        assert "mechanism=PLAIN" in sub.m.log_since(mark)
+        assert sub.owner.password not in sub.m.log_since(mark)
         expect(c.cmd(f"MAIL FROM:<{sender}>"), 530, "5.7.0", conn=c)
         c.starttls(client_context(sub.pki.ca))
         reply = expect(c.ehlo(HELO), 250, conn=c)

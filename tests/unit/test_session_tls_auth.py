@@ -210,6 +210,9 @@ def test_submission_wants_tls_then_auth():
     c = Client(SUBMISSION)
     c.ehlo()
     assert code(c.cmd(PLAIN_OK)) == (538, "5.7.11")
+    # logged: a mail program sending its password in clear is for its owner to hear of
+    [refused] = c.rejected
+    assert (refused.verb, refused.argument, refused.reply.code) == ("AUTH", "PLAIN", 538)
     assert code(c.cmd("MAIL FROM:<alice@example.org>")) == (530, "5.7.0")
     c.cmd("STARTTLS")
     c.ehlo()
