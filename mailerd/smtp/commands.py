@@ -132,10 +132,9 @@ class Commands:
 
     # -- provided by Session ------------------------------------------------------------------
 
-    def _send(self, reply: Reply, *, count: bool = True, report: bool = True) -> None:
-        raise NotImplementedError
-
-    def _report(self, reply: Reply) -> None:
+    def _send(
+        self, reply: Reply, *, count: bool = True, report: bool = True, logged: bool = False
+    ) -> None:
         raise NotImplementedError
 
     def _abort_transaction(self, reason: str) -> None:
@@ -483,8 +482,7 @@ class Commands:
             # Logged (a Rejected event), unlike the other refusals of AUTH's form: a mail
             # program set to send its password in clear is what its owner must hear of (an
             # acceptance tester's finding: nothing was logged).
-            self._report(AUTH_NEEDS_TLS)
-            self._send(AUTH_NEEDS_TLS)
+            self._send(AUTH_NEEDS_TLS, logged=True)
         elif mechanism.upper() not in auth.MECHANISMS:
             self._send(AUTH_MECHANISM)
         else:

@@ -436,12 +436,16 @@ class Session(Commands):
 
     # --- replies and transaction state --------------------------------------
 
-    def _send(self, reply: Reply, *, count: bool = True, report: bool = True) -> None:
+    def _send(
+        self, reply: Reply, *, count: bool = True, report: bool = True, logged: bool = False
+    ) -> None:
         """Queue a reply, enforcing the error limit and closing replies; a refused mail
-        command, or the end of a session for its errors, comes with a Rejected event."""
+        command, or the end of a session for its errors, comes with a Rejected event (and
+        another refusal when `logged`)."""
         if count:
             reply = self._counted(reply)
-        if report and reply.code >= 400 and (self._verb in _MAIL_VERBS or reply.code == 421):
+        wanted = logged or self._verb in _MAIL_VERBS or reply.code == 421
+        if report and reply.code >= 400 and wanted:
             self._report(reply)
         if reply.close:
             self._abort_transaction("connection closing")

@@ -5,6 +5,7 @@ reaches the command log. Pure: the handshake and the password check are the test
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import pytest
 
@@ -204,6 +205,16 @@ def test_starttls_is_refused_before_ehlo_nowhere():
 
 
 # --- AUTH -------------------------------------------------------------------------------------
+
+
+def test_an_auth_before_tls_that_ends_the_session_is_logged_as_what_was_sent():
+    """The error limit turns the last 538 into the 421 that closes the session: one Rejected
+    event, for the 421 the client got, not one for a 538 it never saw."""
+    c = Client(replace(SUBMISSION, max_errors=1))
+    c.ehlo()
+    assert code(c.cmd(PLAIN_OK)) == (538, "5.7.11")
+    assert c.cmd(PLAIN_OK).code == 421
+    assert [r.reply.code for r in c.rejected] == [538, 421]
 
 
 def test_submission_wants_tls_then_auth():
