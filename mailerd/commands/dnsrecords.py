@@ -404,7 +404,7 @@ def wanted(
             "dmarc",
         )
         yield from srv_records(domain, host, submission)
-    if cfg.relayhost is None and host not in {d.lower().rstrip(".") for d in cfg.domains}:
+    if cfg.relayhost is None and host not in cfg.domains:  # (domains are read in this form)
         yield Record(host, "TXT", HELO_SPF, "helo")
     for address in addresses:
         rtype = "AAAA" if ":" in address else "A"

@@ -283,7 +283,7 @@ async def unchecked(
     head = _head(body)
     end = headers.section_end(head)
     if unscannable(body, head, end):
-        return None, None if trusted else HEADER_TOO_LARGE
+        return None, (None if trusted else HEADER_TOO_LARGE)
     return await without_forged(hostname, body, head[:end], loop, executor), None
 
 
