@@ -207,12 +207,22 @@ class _TLSFailed(_HopFailed):
         super().__init__(result, usable=False, counted=counted)  # (the peer's state: unknown)
 
 
-def attempt(hops: list[Hop], message: Message, settings: Settings) -> dict[str, Result]:
+def attempt(
+    hops: list[Hop],
+    message: Message,
+    settings: Settings,
+    record: Callable[[dict[str, Result]], bool] | None = None,
+) -> dict[str, Result]:
     """Deliver `message` via the first hop that takes it; a Result for every recipient. A
-    recipient a host refused for good stays refused, whatever happens after. When a host took
-    none, those it deferred are asked of the next host, as Postfix does (smtp_rcpt_fail: a
-    soft error qualifies for the other servers: a primary that greylists, a backup MX that
-    queues). At most MX_SESSIONS hosts are talked to."""
+    recipient a host refused for good stays refused, whatever happens after. Those a host
+    deferred are asked of the next host, as Postfix does (smtp_rcpt_fail: a soft error
+    qualifies for the other servers: a primary that greylists, a backup MX that queues). At
+    most MX_SESSIONS hosts are talked to.
+
+    When a host took some recipients and deferred others, `record` gets its deliveries before
+    the next host is asked for the rest, and says whether to go on: they must be on disk first,
+    or a stop during the second session would send them again. Without `record`, or when it
+    says no (a stop began, the queue cannot be written), the rest wait for the next attempt."""
     content = _Content(message.path, settings.dkim_keys)
     nowhere = Result(451, "4.4.1", "No destination could be reached", ours=True)
     last: dict[str, Result] = {}  # the latest deferral of each recipient not settled
@@ -236,10 +246,10 @@ def attempt(hops: list[Hop], message: Message, settings: Settings) -> dict[str, 
         deferred = {r: result for r, result in results.items() if _deferral(result)}
         settled.update((r, result) for r, result in results.items() if r not in deferred)
         last.update(deferred)
-        # Not after a delivery: the scheduler records it when the attempt returns
-        # (`Scheduler._record_sent`), and a stop during another session would send it again.
-        delivered = any(result.ok for result in results.values())
-        if delivered or not deferred or sessions >= MX_SESSIONS or number == len(hops):
+        if not deferred or sessions >= MX_SESSIONS or number == len(hops):
+            break
+        delivered = {r: result for r, result in results.items() if result.ok}
+        if delivered and (record is None or not record(delivered)):
             break
         _note(message, f"host {hop.name} deferred {len(deferred)} recipient(s); asking the next")
     return {r: settled.get(r) or last.get(r, nowhere) for r in message.recipients}

@@ -29,10 +29,10 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import dns.asyncresolver
 
@@ -50,6 +50,9 @@ from mailerd.spool import Spool
 log = logging.getLogger("mailerd.outbound")
 
 
+Record = Callable[[list[Recipient], dict[str, relay.Result]], Coroutine[Any, Any, None]]
+
+
 class LocalDeliver(Protocol):
     async def __call__(
         self, mailbox: str, head: bytes, body: bytes | int, since: float | None = None
@@ -60,6 +63,7 @@ MAX_HEADER_BYTES = 64 * 1024
 IDLE_WAKE = 60.0
 RESCAN_INTERVAL = 10.0  # look for items another (retiring) delivery process queued
 STOP_GRACE = 30.0  # attempts in flight at shutdown get this long to finish
+RECORD_TIME = 30.0  # a host's deliveries recorded within this, or no next host is asked
 MAX_ADDRESSES = 5  # addresses one attempt tries at most, of all its MX hosts (Postfix: 5)
 LOOKUPS = 16  # destinations whose MX and addresses are looked up at once
 DELETED, AFTER_ATTEMPT = "deleted", "after attempt"  # what `delete` did
@@ -423,10 +427,13 @@ class Scheduler:
             groups[self._group_of(item, recipient)].append(recipient)
         recording = asyncio.Lock()
 
-        async def attempt(key: Group, members: list[Recipient]) -> dict[str, relay.Result]:
-            outcome = await self._attempt_group(item, key, members)
+        async def record(members: list[Recipient], outcome: dict[str, relay.Result]) -> None:
             async with recording:
                 await self._record_sent(item, members, outcome)
+
+        async def attempt(key: Group, members: list[Recipient]) -> dict[str, relay.Result]:
+            outcome = await self._attempt_group(item, key, members, record)
+            await record(members, outcome)
             return outcome
 
         # Every group finishes before the attempt does, even when one raises (a bug, a queue
@@ -447,10 +454,15 @@ class Scheduler:
     async def _record_sent(
         self, item: QueueItem, members: list[Recipient], outcome: dict[str, relay.Result]
     ) -> None:
-        """A group's delivered recipients, recorded as soon as that group is done: another
-        group's server may keep its session going for many minutes, and a stop or a reload
-        meanwhile must not send them again (a sixth attacker's pass). The rest is _settle's."""
-        sent = [r for r in members if result_key(r) in outcome and outcome[result_key(r)].ok]
+        """A group's delivered recipients, recorded as soon as that group is done, or as soon
+        as one of its hosts took them (`_recorder`): another group's server, or the next MX,
+        may keep its session going for many minutes, and a stop or a reload meanwhile must not
+        send them again (a sixth attacker's pass). The rest is _settle's."""
+        sent = [
+            r
+            for r in members
+            if r.state == "pending" and result_key(r) in outcome and outcome[result_key(r)].ok
+        ]
         if not sent or item.id not in self.items:
             return
         now = time.time()
@@ -476,7 +488,7 @@ class Scheduler:
         return Group("domain", recipient.address.rpartition("@")[2].lower(), mail_from)
 
     async def _attempt_group(
-        self, item: QueueItem, key: Group, members: list[Recipient]
+        self, item: QueueItem, key: Group, members: list[Recipient], record: Record
     ) -> dict[str, relay.Result]:
         kind, name = key.kind, key.name
         if kind == "local":
@@ -491,7 +503,9 @@ class Scheduler:
         # domain's, in fact: an attacker's pass sent to a0…a19.tar.test, whose MX dripped its
         # replies, and held all the global slots with one domain of its own.
         async with self.per_domain[_slot_key(domain)]:
-            return await self._remote(item, kind == "relayhost", domain, key.mail_from, members)
+            return await self._remote(
+                item, kind == "relayhost", domain, key.mail_from, members, record
+            )
 
     async def _retry_local(
         self, item: QueueItem, mailbox: str, members: list[Recipient]
@@ -520,6 +534,7 @@ class Scheduler:
         domain: str,
         mail_from: str,
         members: list[Recipient],
+        record: Record,
     ) -> dict[str, relay.Result]:
         addresses = [r.address for r in members]
         async with self.lookups:  # (its DNS waits hold no global slot, but have their own)
@@ -544,9 +559,38 @@ class Scheduler:
                 # untouched, for the next scheduler, while the item's other groups' results
                 # are recorded (an attacker's pass: ending the attempt lost a 550 beside it).
                 return {}
+            recorder = self._recorder(item, members, record, loop)
             return await loop.run_in_executor(
-                self.pool, relay.attempt, hops, message, self.settings
+                self.pool, relay.attempt, hops, message, self.settings, recorder
             )
+
+    def _recorder(
+        self,
+        item: QueueItem,
+        members: list[Recipient],
+        record: Record,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Callable[[dict[str, relay.Result]], bool]:
+        """For the relay's thread: a host took some of `members` and deferred others; record
+        its deliveries (on the event loop, waiting for the queue's write) before the next host
+        is asked for the rest. False: ask none, the rest wait for the next attempt (a stop or
+        a delete began, or the deliveries could not be recorded in time)."""
+
+        def going_on() -> bool:
+            return not self.stopping and item.id not in self.doomed
+
+        def recorded(delivered: dict[str, relay.Result]) -> bool:
+            if not going_on():
+                return False
+            future = asyncio.run_coroutine_threadsafe(record(members, delivered), loop)
+            try:
+                future.result(RECORD_TIME)
+            except Exception as exc:  # (QueueWriteError, a timeout: the attempt's end records)
+                log.warning("%s: not asking the next host now: %s", item.id, _summary(exc))
+                return False
+            return going_on()
+
+        return recorded
 
     async def _hops(self, domain: str, smarthost: bool) -> list[relay.Hop] | mx.Failure:
         port = self.cfg.relayhost[1] if smarthost and self.cfg.relayhost else 25

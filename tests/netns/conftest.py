@@ -132,6 +132,12 @@ RULES_MX1: list[dict[str, Any]] = [
         "at": "data",
         "reply": "554 5.6.0 mx1 refuses this content",
     },
+    {
+        "id": "greylist",
+        "match": "later-*@split.test",
+        "at": "rcpt",
+        "reply": "450 4.2.0 <{rcpt}>: Recipient address rejected: greylisted by mx1",
+    },
 ]
 RULES_MX2: list[dict[str, Any]] = [
     {

@@ -412,6 +412,27 @@ def test_partial_rejection(internet: Internet, mta: Mailerd):
     assert len(mta.mailbox(user)) == 1, "one DSN only"
 
 
+def test_a_recipient_the_primary_deferred_goes_to_the_backup_mx_at_once(
+    internet: Internet, mta: Mailerd
+):
+    """The primary took one recipient and greylisted the other (450 at RCPT): the other is
+    asked of the backup MX in the same attempt, as Postfix does, after the first delivery is
+    recorded; it waited for the next attempt before. Each is delivered once."""
+    sender = mta.add_user(token("alice"))
+    now = f"now-{token('split')}@split.test"
+    later = f"later-{token('split')}@split.test"
+    sub = mta.submit(sender, [now, later], subject="split")
+    wait_delivered(internet, later, "mx2", mta)
+    assert_exactly_once(internet, now, "mx1")
+    t = assert_exactly_once(internet, later, "mx2")
+    check_relayed_copy(t, sub, [later])
+    assert mta.statuses(now) == ["sent"] and mta.statuses(later) == ["sent"], [
+        d["line"] for d in mta.deliveries(now) + mta.deliveries(later)
+    ]
+    assert len(internet.receivers["mx1"].rcpt_events(later)) == 1, "mx1 asked for it once"
+    wait_gone_from_queue(mta, sub.queue_id)
+
+
 @pytest.mark.parametrize(
     "domain",
     [pytest.param("loop.test", id="by-address"), pytest.param("loopname.test", id="by-name")],

@@ -105,9 +105,9 @@ def test_per_recipient_results_in_one_transaction(server, message):
 def test_a_recipient_one_host_deferred_is_asked_of_the_next(server, message):
     """As Postfix (smtp_rcpt_fail): a 4xx at RCPT or to the data qualifies the recipient for
     the next MX (a primary that greylists, a backup that queues); one refused for good is not
-    asked again. It waited for the next attempt, minutes later. Not once the host took
-    someone: that delivery is recorded when the attempt ends, and a stop during a second
-    session would send it again."""
+    asked again. It waited for the next attempt, minutes later. Without a `record` for what
+    the host took, not once it took someone: a stop during a second session would send it
+    again (test_a_host_s_deliveries_are_recorded_before_the_next_host_is_asked)."""
     first = Recorder(refuse={"gone@remote.test"}, defer={"later@remote.test"})
     second = Recorder()
     rcpts = ("gone@remote.test", "later@remote.test")
@@ -123,6 +123,40 @@ def test_a_recipient_one_host_deferred_is_asked_of_the_next(server, message):
     results = relay.attempt([server(first), server(second)], both, SETTINGS)
     assert results["ok@remote.test"].ok and not results["later@remote.test"].ok
     assert second.messages == []
+
+
+def test_a_host_s_deliveries_are_recorded_before_the_next_host_is_asked(server, message):
+    """A host took one recipient and deferred the other (per-recipient greylisting, a full
+    mailbox): `record` gets the delivery, and then the next MX is asked for the other, in
+    the same attempt, as Postfix does. When `record` says no (a stop began, the queue could
+    not be written), nobody else is asked: the rest wait for the next attempt."""
+    for go_on in (True, False):
+        first, second = Recorder(defer={"later@remote.test"}), Recorder()
+        recorded = []
+
+        def record(delivered, go_on=go_on, second=second, recorded=recorded):
+            assert second.messages == [], "recorded before the next host is asked"
+            recorded.append(sorted(delivered))
+            return go_on
+
+        both = message("ok@remote.test", "later@remote.test")
+        results = relay.attempt([server(first), server(second)], both, SETTINGS, record)
+        assert recorded == [["ok@remote.test"]]
+        assert results["ok@remote.test"].ok
+        assert [m["to"] for m in first.messages] == [["ok@remote.test"]]
+        if go_on:
+            assert results["later@remote.test"].ok
+            assert [m["to"] for m in second.messages] == [["later@remote.test"]]
+        else:
+            assert results["later@remote.test"].code == 451 and second.messages == []
+    # Nothing to record when the host took nobody; nothing to ask when it deferred nobody.
+    first, second = Recorder(defer={"later@remote.test"}), Recorder()
+    never = relay.attempt(
+        [server(first), server(second)], message("later@remote.test"), SETTINGS, pytest.fail
+    )
+    assert never["later@remote.test"].ok and len(second.messages) == 1
+    alone = relay.attempt([server(Recorder())], message("ok@remote.test"), SETTINGS, pytest.fail)
+    assert alone["ok@remote.test"].ok
 
 
 def test_deferrals_ask_no_more_hosts_than_the_session_limit(server, message):

@@ -804,7 +804,7 @@ def test_the_subdomains_of_one_domain_share_its_slots(make_world, monkeypatch):
     w = make_world("--max-per-domain", "2")
     running, peak = 0, 0
 
-    async def remote(item, smarthost, domain, mail_from, members):
+    async def remote(item, smarthost, domain, mail_from, members, record):
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -818,7 +818,7 @@ def test_the_subdomains_of_one_domain_share_its_slots(make_world, monkeypatch):
         nonlocal peak
         peak = 0
         await asyncio.gather(
-            *(w.sched._attempt_group(None, Group("domain", d), []) for d in domains)
+            *(w.sched._attempt_group(None, Group("domain", d), [], None) for d in domains)
         )
         return peak
 
@@ -847,7 +847,7 @@ def test_a_groups_delivered_recipients_are_recorded_before_the_others_end(make_w
     item = w.queued("alice@example.org", ["a@fast.test", "b@slow.test"])
     slow_may_end = asyncio.Event()
 
-    async def remote(item_, smarthost, domain, mail_from, members):
+    async def remote(item_, smarthost, domain, mail_from, members, record):
         if domain == "slow.test":
             await slow_may_end.wait()
             return {m.address: relay.Result(451, "4.4.2", "timed out") for m in members}
@@ -869,6 +869,46 @@ def test_a_groups_delivered_recipients_are_recorded_before_the_others_end(make_w
     run(main())
     on_disk = {r.address: (r.state, r.attempts) for r in w.on_disk(item).recipients}
     assert on_disk == {"a@fast.test": ("sent", 1), "b@slow.test": ("pending", 1)}
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["next-host", "stop-began"])
+def test_a_host_s_deliveries_are_on_disk_before_the_next_host_is_asked(
+    make_world, monkeypatch, caplog, stop
+):
+    """The first MX took a@ and deferred b@ (per-recipient greylisting): a@ is written to the
+    queue as sent, and logged, before the next MX is asked for b@ in the same attempt, so a
+    stop or reload during that second session cannot send a@ again. Once a stop began, no
+    next host is asked: b@ waits, pending, for the next scheduler."""
+    w = make_world()
+    item = w.queued(ALICE, ["a@split.test", "b@split.test"])
+    on_disk_when_asked = []
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [
+            relay.Hop("mx1.split.test", "192.0.2.25"),
+            relay.Hop("mx2.split.test", "192.0.2.26"),
+        ]
+
+    def attempt(hops, message: relay.Message, settings, record) -> dict[str, relay.Result]:
+        w.sched.stopping = stop
+        if not record({"a@split.test": OK}):
+            return {"a@split.test": OK, "b@split.test": DEFER}
+        on_disk_when_asked.append({r.address: r.state for r in w.on_disk(item).recipients})
+        return {"a@split.test": OK, "b@split.test": dataclasses.replace(OK, host="mx2")}
+
+    monkeypatch.setattr(w.sched, "_hops", hops)
+    monkeypatch.setattr(relay, "attempt", attempt)
+    with caplog.at_level(logging.INFO, logger="mailerd"):
+        run(w.sched._attempt(item))
+    sent_lines = [r.getMessage() for r in caplog.records if "to=<a@split.test>" in r.getMessage()]
+    assert len(sent_lines) == 1 and "status=sent" in sent_lines[0], sent_lines
+    if stop:
+        assert on_disk_when_asked == []
+        left = {r.address: (r.state, r.attempts) for r in w.on_disk(item).recipients}
+        assert left == {"a@split.test": ("sent", 1), "b@split.test": ("pending", 1)}
+    else:
+        assert on_disk_when_asked == [{"a@split.test": "sent", "b@split.test": "pending"}]
+        assert w.on_disk(item) is None, "both delivered: the item is gone"
 
 
 def test_destinations_are_looked_up_a_few_at_a_time(make_world, monkeypatch):
@@ -1048,7 +1088,7 @@ async def _running_until(until: Callable[[], bool], timeout: float = 5.0) -> Non
 def _raising(w: World, monkeypatch) -> None:
     """Every remote attempt of `w` raises (a bug, here a FileNotFoundError from deep down)."""
 
-    async def remote(item, smarthost, domain, mail_from, members):
+    async def remote(item, smarthost, domain, mail_from, members, record):
         raise FileNotFoundError(2, "No such file or directory", "somewhere")
 
     monkeypatch.setattr(w.sched, "_remote", remote)
@@ -1100,7 +1140,7 @@ def test_an_item_whose_message_file_is_lost_is_bounced_at_once(w, monkeypatch, c
     retried for ever (F7). The sender, told 250, learns it must send it again."""
     attempted = []
 
-    async def remote(item, smarthost, domain, mail_from, members):
+    async def remote(item, smarthost, domain, mail_from, members, record):
         attempted.append(item.id)
         return {}
 
@@ -1137,7 +1177,7 @@ def _slow_attempt(w: World, monkeypatch, result: relay.Result) -> asyncio.Event:
     """Remote attempts of `w` wait for the returned event, then give `result`."""
     may_end = asyncio.Event()
 
-    async def remote(item, smarthost, domain, mail_from, members):
+    async def remote(item, smarthost, domain, mail_from, members, record):
         await may_end.wait()
         return {m.address: result for m in members}
 
@@ -1226,7 +1266,7 @@ def test_a_stop_starts_no_session_for_attempts_that_were_waiting_for_a_slot(
     async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
         return [relay.Hop(f"mx.{domain}", "192.0.2.25")]
 
-    def attempt(hops, message: relay.Message, settings) -> dict[str, relay.Result]:
+    def attempt(hops, message: relay.Message, settings, record) -> dict[str, relay.Result]:
         sessions.append(message.queue_id)
         time.sleep(0.3)  # (a slow host's reply to the final dot)
         return dict.fromkeys(message.recipients, OK)
@@ -1266,7 +1306,7 @@ def test_a_group_not_started_at_a_stop_loses_no_result_of_another(make_world, mo
     async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
         return [relay.Hop(f"mx.{domain}", "192.0.2.25")]
 
-    def attempt(hops, message: relay.Message, settings) -> dict[str, relay.Result]:
+    def attempt(hops, message: relay.Message, settings, record) -> dict[str, relay.Result]:
         time.sleep(0.3)
         answer = REJECT if "hard" in message.recipients[0] else OK
         return dict.fromkeys(message.recipients, answer)
@@ -1533,7 +1573,7 @@ def attempts_answered(
     async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
         return [relay.Hop(f"mx.{domain}", "192.0.2.25")]
 
-    def attempt(hops, message: relay.Message, settings) -> dict[str, relay.Result]:
+    def attempt(hops, message: relay.Message, settings, record) -> dict[str, relay.Result]:
         made.append(message)
         return dict.fromkeys(message.recipients, answer)
 
@@ -1588,7 +1628,7 @@ def test_a_group_that_raises_waits_for_the_others_before_the_attempt_ends(w, mon
         [Recipient("x@example.net", via=f"fwd-a@{DOMAIN}"), Recipient("y@example.org.uk")],
     )
 
-    async def remote(item_, smarthost, domain, mail_from, members):
+    async def remote(item_, smarthost, domain, mail_from, members, record):
         if domain == "example.net":
             raise RuntimeError("a bug in one group")
         await asyncio.sleep(0.3)
