@@ -582,9 +582,10 @@ class Scheduler:
         def recorded(delivered: dict[str, relay.Result]) -> bool:
             if not going_on():
                 return False
-            future = asyncio.run_coroutine_threadsafe(record(members, delivered), loop)
             try:
-                future.result(RECORD_TIME)
+                asyncio.run_coroutine_threadsafe(record(members, delivered), loop).result(
+                    RECORD_TIME
+                )
             except Exception as exc:  # (QueueWriteError, a timeout: the attempt's end records)
                 log.warning("%s: not asking the next host now: %s", item.id, _summary(exc))
                 return False

@@ -29,7 +29,7 @@ import pytest
 from mailerd import aliases, config, signing, trace
 from mailerd.commands import dkimkeys
 from mailerd.delivery import dsn, relay
-from mailerd.delivery.queue import Queue, QueueItem, Recipient
+from mailerd.delivery.queue import Queue, QueueItem, QueueWriteError, Recipient
 from mailerd.delivery.scheduler import Group, Scheduler
 from mailerd.delivery.secrets import NO_SECRETS, Secrets
 from mailerd.names import Locality
@@ -909,6 +909,40 @@ def test_a_host_s_deliveries_are_on_disk_before_the_next_host_is_asked(
     else:
         assert on_disk_when_asked == [{"a@split.test": "sent", "b@split.test": "pending"}]
         assert w.on_disk(item) is None, "both delivered: the item is gone"
+
+
+def test_no_next_host_is_asked_when_a_host_s_deliveries_cannot_be_recorded(
+    make_world, monkeypatch, caplog
+):
+    """The queue cannot be written (a full disk) when the first MX took a@ and deferred b@:
+    nobody else is asked for b@, since a stop during that session would send a@ again; a
+    warning says so."""
+    w = make_world()
+    item = w.queued(ALICE, ["a@split.test", "b@split.test"])
+    went_on = []
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [
+            relay.Hop("mx1.split.test", "192.0.2.25"),
+            relay.Hop("mx2.split.test", "192.0.2.26"),
+        ]
+
+    def attempt(hops, message: relay.Message, settings, record) -> dict[str, relay.Result]:
+        went_on.append(record({"a@split.test": OK}))
+        return {"a@split.test": OK, "b@split.test": DEFER}
+
+    def full(item_: QueueItem) -> None:
+        raise QueueWriteError(28, "No space left on device")
+
+    monkeypatch.setattr(w.sched, "_hops", hops)
+    monkeypatch.setattr(relay, "attempt", attempt)
+    monkeypatch.setattr(w.queue, "update", full)
+    with caplog.at_level(logging.INFO, logger="mailerd"), contextlib.suppress(QueueWriteError):
+        run(w.sched._attempt(item))
+    assert went_on == [False]
+    assert any(
+        f"{item.id}: not asking the next host now" in r.getMessage() for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
 
 
 def test_destinations_are_looked_up_a_few_at_a_time(make_world, monkeypatch):
