@@ -71,6 +71,9 @@ class DmarcResult:
     policy: str = ""  # the policy that applies to this From domain (p= or sp=), if any
     disposition: str = "none"  # what the policy asks for this message: none/quarantine/reject
     reason: str = ""
+    # The record's p= when `policy` is its sp= (a subdomain's mail, the record found at the
+    # organisational domain): the comment shows both, as Gmail does, to match the record.
+    p: str = ""
 
     @property
     def rejects(self) -> bool:
@@ -338,14 +341,16 @@ def _verdict(
     spf_ok = spf.result == "pass" and aligned(spf.domain, from_domain, policy.aspf)
     dkim_ok = any(r.result == "pass" and aligned(r.domain, from_domain, policy.adkim) for r in dkim)
     applies = policy.sp if inherited else policy.p
+    p = policy.p if inherited else ""
     if spf_ok or dkim_ok:
-        return DmarcResult("pass", from_domain, applies, "none")
+        return DmarcResult("pass", from_domain, applies, "none", p=p)
     if _unanswered(from_domain, policy, spf, dkim):
-        return DmarcResult("temperror", from_domain, applies, "none", "no DNS answer for a check")
+        why = "no DNS answer for a check"
+        return DmarcResult("temperror", from_domain, applies, "none", why, p=p)
     disposition = applies
     if (rng or random).randrange(100) >= policy.pct:  # not sampled: one step milder (7.1)
         disposition = {"reject": "quarantine", "quarantine": "none"}.get(applies, "none")
-    return DmarcResult("fail", from_domain, applies, disposition)
+    return DmarcResult("fail", from_domain, applies, disposition, p=p)
 
 
 def _unanswered(

@@ -92,7 +92,8 @@ FROM_SHOWN_MAX = 800
 
 @functools.lru_cache(maxsize=256)
 def _dmarc(result: DmarcResult) -> str:
-    comment = f"p={result.policy} dis={result.disposition}" if result.policy else None
+    policy = f"p={result.p} sp={result.policy}" if result.p else f"p={result.policy}"
+    comment = f"{policy} dis={result.disposition}" if result.policy else None
     shown = _within(
         FROM_SHOWN_MAX, [d for d in result.from_domain.split(",") if _NAME.fullmatch(d)]
     )

@@ -310,7 +310,9 @@ def test_dmarc_fail_reject_is_refused_only_when_enforcing(dns_server):
 @pytest.mark.parametrize(
     "from_address, policy",
     [
-        ("a@sub.sender.example", "(p=quarantine dis=quarantine)"),  # sp= for a subdomain
+        # sp= for a subdomain, shown beside the record's p= (as Gmail does: the record reads
+        # p=reject; sp=quarantine, and "p=quarantine" alone would not match it)
+        ("a@sub.sender.example", "(p=reject sp=quarantine dis=quarantine)"),
         ("a@lenient.example", "(p=none dis=none)"),
         ("a@sampled.example", "(p=reject dis=quarantine)"),  # pct=0: one step milder
     ],
