@@ -816,6 +816,14 @@ class _Checker:
                 f"{', '.join(forward.records) or 'nothing'}, not {record.address} "
                 "(forward-confirmed reverse DNS fails)"
             )
+        others = sorted(set(have) - {record.value})
+        if others:  # (a receiver reads any one: its checks of the name would fail by turns)
+            return (
+                f"WRONG    {_label(record)}: {record.address} has other names too "
+                f"({', '.join(others)}): a receiver takes any one of them for its name, and "
+                f"its checks of it (that it resolves back, that it is the HELO name) fail by "
+                f"turns; keep only {record.value}"
+            )
         return _verdict(record, have, True, note=f"(and {record.value} resolves back to it)")
 
     async def _srv(self, record: Record) -> str:

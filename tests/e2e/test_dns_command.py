@@ -859,6 +859,12 @@ def _cases(other_rsa: Path) -> dict[str, Case]:
             },
         ),
         "ptr-missing": Case(_replace(reverse(V6), "PTR"), {(reverse(V6), "PTR"): "MISSING"}),
+        # a second name beside ours (an old one, the provider's default): receivers take either
+        "ptr-two-names": Case(
+            _plus(*OTHER_HOST_RECORDS, (reverse(V4), "PTR", OTHER_HOST)),
+            {(reverse(V4), "PTR"): "WRONG"},
+            (OTHER_HOST, f"keep only {HOSTNAME}"),
+        ),
         # (an acceptance tester's finding: without it a bounce, MAIL FROM <>, failed DMARC)
         "helo-spf-missing": Case(_replace(HOSTNAME, "TXT"), {(HOSTNAME, "TXT"): "MISSING"}),
         "helo-spf-all-only": Case(
@@ -875,7 +881,7 @@ BROKEN = [  # the keys of _cases (which needs the keys to be made first)
     "spf-missing", "dkim-other-key", "dkim-k-other-type", "dkim-ed25519-without-k", "dkim-h-sha1",
     "dkim-v-other", "dkim-v-lower-case", "dkim-k-upper-case", "dkim-s-not-email", "dkim-tag-twice",
     "dkim-two-records", "spf-wide-ranges", "dkim-missing", "dmarc-missing", "dmarc-without-p",
-    "ptr-other-name", "ptr-forward-mismatch", "ptr-missing", "helo-spf-missing",
+    "ptr-other-name", "ptr-forward-mismatch", "ptr-missing", "ptr-two-names", "helo-spf-missing",
     "helo-spf-all-only",
 ]  # fmt: skip
 
