@@ -235,7 +235,7 @@ def attempt(
         try:
             results = _try_hop(hop, replace(message, recipients=rest), settings, content)
         except _HopFailed as failed:
-            _note(message, failed.why)
+            _note(message.queue_id, failed.why)
             last.update(dict.fromkeys(rest, failed.result))
             settled.update(failed.settled)
             sessions += failed.counted
@@ -251,7 +251,10 @@ def attempt(
         delivered = {r: result for r, result in results.items() if result.ok}
         if delivered and (record is None or not record(delivered)):
             break
-        _note(message, f"host {hop.name} deferred {len(deferred)} recipient(s); asking the next")
+        _note(
+            message.queue_id,
+            f"host {hop.name} deferred {len(deferred)} recipient(s); asking the next",
+        )
     return {r: settled.get(r) or last.get(r, nowhere) for r in message.recipients}
 
 
@@ -259,8 +262,8 @@ def _deferral(result: Result) -> bool:
     return not result.ok and not result.permanent
 
 
-def _note(message: Message, text: str) -> None:
-    log.info("%s%s", f"{message.queue_id}: " if message.queue_id else "", shorten(text, NOTE_MAX))
+def _note(queue_id: str, text: str) -> None:
+    log.info("%s%s", f"{queue_id}: " if queue_id else "", shorten(text, NOTE_MAX))
 
 
 class _Content:
@@ -306,7 +309,7 @@ def _try_hop(
     except _TLSFailed as failed:
         if settings.tls != "may":
             raise
-        _note(message, f"{failed.why}; trying {hop.name} again without TLS")
+        _note(message.queue_id, f"{failed.why}; trying {hop.name} again without TLS")
         try:
             return _transaction(hop, message, replace(settings, tls="none"), content, deadline)
         except _HopFailed as again:
@@ -654,10 +657,12 @@ def _starttls(client: _Client, hop: Hop, settings: Settings) -> None:
             )
             raise _TLSFailed(_ours(hop, why, "4.5.0")) from exc
         # Refused (454 TLS not available): no handshake began, so with "may" the session goes
-        # on in plain text, as Postfix's does.
+        # on in plain text, as Postfix's does; the log says so (a mail that left in plain text
+        # from a host that offers TLS has its reason written down; Postfix's says nothing).
+        result = _reply(hop, exc.smtp_code, exc.smtp_error, "4.7.5")
         if settings.tls in ("encrypt", "verify"):
-            result = _reply(hop, exc.smtp_code, exc.smtp_error, "4.7.5")
             raise _HopFailed(result, _said(hop, result, "STARTTLS")) from exc
+        _note(client.queue_id, f"{_said(hop, result, 'STARTTLS')}; going on without TLS")
         return
     except (OSError, smtplib.SMTPException) as exc:
         # The connection is unusable after a failed handshake: "may" reconnects in plain text.
@@ -762,11 +767,11 @@ def _prepare(client: _Client, hop: Hop, message: Message, content: _Content) -> 
                 "8BITMIME, and the converted message could not be DKIM-signed anew"
             )
             raise _HopFailed(_ours(hop, text, "5.6.3", 554))
-        _note(message, f"{note}, DKIM-signed anew for {domain}")
+        _note(message.queue_id, f"{note}, DKIM-signed anew for {domain}")
         if client.has_extn("size"):
             options.append(f"SIZE={len(data)}")
         return _Body(options, lambda: _lines(data), ascii)
-    _note(message, note)
+    _note(message.queue_id, note)
     # No SIZE: the converted message is larger, by an amount known only once it is sent
     # (Postfix leaves it out too).
     return _Body(options, lambda: sevenbit.convert(message.path, plan), ascii)
