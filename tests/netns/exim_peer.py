@@ -13,7 +13,9 @@ namespace of its own (``unshare -m``) where copies of /etc/passwd and /etc/group
 (``EXIM_UID``, a free id) are bind-mounted over the real ones; the machine's files are never
 written. Whatever Exim reads after giving up root (the spool, its TLS key, DKIM keys) is under
 ``base``, owned by that id: a directory of its own under /tmp, since pytest's tmp directories
-are root's, mode 0700, and so closed to it.
+are root's, mode 0700, and so closed to it. So is the binary that runs (``binary``): Exim
+executes itself again, as that user, to deliver (``-Mc``), and a checkout in root's home (mode
+0700) is closed to it; the unpacked one is copied into ``base``.
 
 ``EximPeer(netns, name)``:
 - ``write(conf_text)`` → the configuration's path (``{BASE}``, ``{EXIM}``, ``{UID}`` in the
@@ -91,6 +93,9 @@ class EximPeer:
         (self.base / "group").write_text(
             Path("/etc/group").read_text() + f"{EXIM_USER}:x:{EXIM_UID}:\n"
         )
+        self.binary = self.base / "exim4"
+        shutil.copyfile(EXIM, self.binary)
+        os.chmod(self.binary, 0o755)
         self.own(self.base)
         self.daemon: subprocess.Popen | None = None
 
@@ -110,7 +115,7 @@ class EximPeer:
 
     def write(self, conf_name: str, text: str) -> Path:
         path = self.base / conf_name
-        path.write_text(text.replace("{BASE}", str(self.base)).replace("{EXIM}", str(EXIM)))
+        path.write_text(text.replace("{BASE}", str(self.base)).replace("{EXIM}", str(self.binary)))
         return path
 
     # -- running ----------------------------------------------------------------------------
@@ -120,7 +125,7 @@ class EximPeer:
             f'mount --bind "{self.base}/passwd" /etc/passwd && '
             f'mount --bind "{self.base}/group" /etc/group && exec "$0" "$@"'
         )
-        return self.ns.cmd("unshare", "-m", "sh", "-c", script, str(EXIM), *args)
+        return self.ns.cmd("unshare", "-m", "sh", "-c", script, str(self.binary), *args)
 
     def version(self) -> str:
         proc = subprocess.run(
