@@ -96,6 +96,10 @@ def _await_end_of_data(client: _Client, awaiting: bool) -> None:
     client.awaiting = awaiting
     with _awaiting_lock:
         _awaiting_end_of_data[client.queue_id] += 1 if awaiting else -1
+        if _awaiting_end_of_data[client.queue_id] <= 0:
+            # (a Counter keeps a key at 0: one per queue id ever sent, for the delivery
+            # process's life, which is weeks where nobody reloads)
+            del _awaiting_end_of_data[client.queue_id]
 
 
 @dataclass(frozen=True)

@@ -1087,6 +1087,20 @@ def test_sessions_whose_data_went_are_counted_per_queue_id_until_they_end():
     assert relay.awaiting_end_of_data() == []
 
 
+def test_a_session_that_ended_leaves_nothing_behind_in_the_count():
+    """The count is the delivery process's for its life: a queue id kept at 0 once its
+    sessions ended was one entry more for every message ever sent (a soak's finding: the
+    table grows without bound where nobody reloads)."""
+    from types import SimpleNamespace
+
+    for n in range(100):
+        client = SimpleNamespace(queue_id=f"Q{n}", awaiting=False)
+        relay._await_end_of_data(client, True)
+        relay._await_end_of_data(client, False)
+    assert relay.awaiting_end_of_data() == []
+    assert len(relay._awaiting_end_of_data) == 0
+
+
 def test_a_session_whose_data_went_is_named_until_its_quit_is_answered(
     hostile, message, monkeypatch
 ):
