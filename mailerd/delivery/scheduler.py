@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import heapq
 import ipaddress
@@ -29,7 +30,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -105,9 +106,10 @@ class Scheduler:
         self.busy: set[str] = set()
         self.wake = asyncio.Event()
         self.total = asyncio.Semaphore(cfg.max_outbound)
-        self.per_domain: dict[str, asyncio.Semaphore] = collections.defaultdict(
-            lambda: asyncio.Semaphore(cfg.max_per_domain)
-        )
+        # Each destination's slots (--max-per-domain), there only while an attempt holds or
+        # awaits them: kept, one was left behind for every domain ever sent to, for the
+        # process's life (weeks where nobody reloads; a soak's finding).
+        self.per_domain: dict[str, _Slots] = {}
         self.pool = ThreadPoolExecutor(cfg.max_outbound, thread_name_prefix="smtp")
         # Destinations looked up at once: each may have 32 MX hosts' A and AAAA asked at once,
         # and a sixth attacker's pass ran the process out of descriptors with unanswered ones.
@@ -502,10 +504,25 @@ class Scheduler:
         # limit without holding global slots that other domains need. Its organisational
         # domain's, in fact: an attacker's pass sent to a0…a19.tar.test, whose MX dripped its
         # replies, and held all the global slots with one domain of its own.
-        async with self.per_domain[_slot_key(domain)]:
+        async with self._domain_slot(_slot_key(domain)):
             return await self._remote(
                 item, kind == "relayhost", domain, key.mail_from, members, record
             )
+
+    @contextlib.asynccontextmanager
+    async def _domain_slot(self, key: str) -> AsyncIterator[None]:
+        """One of the destination's --max-per-domain slots, for as long as the block runs."""
+        slots = self.per_domain.get(key)
+        if slots is None:
+            slots = self.per_domain[key] = _Slots(asyncio.Semaphore(self.cfg.max_per_domain))
+        slots.users += 1
+        try:
+            async with slots.semaphore:
+                yield
+        finally:
+            slots.users -= 1
+            if slots.users == 0:
+                del self.per_domain[key]
 
     async def _retry_local(
         self, item: QueueItem, mailbox: str, members: list[Recipient]
@@ -920,6 +937,14 @@ def outbound_policy(configured: str, password: bool) -> str:
     "encrypt" sends it over unverified TLS, on the operator's word (a self-signed smarthost, a
     relayhost given as an address); "none" even in plain text."""
     return "verify" if password and configured == "may" else configured
+
+
+@dataclasses.dataclass
+class _Slots:
+    """A destination's semaphore, and the attempts holding or awaiting it."""
+
+    semaphore: asyncio.Semaphore
+    users: int = 0
 
 
 def _slot_key(domain: str) -> str:

@@ -827,6 +827,29 @@ def test_the_subdomains_of_one_domain_share_its_slots(make_world, monkeypatch):
     assert run(attempts([f"x{n}.example.co.uk" for n in range(8)])) == 2
 
 
+def test_no_slots_are_kept_for_the_domains_once_their_attempts_end(make_world, monkeypatch):
+    """The delivery process lives for weeks where nobody reloads: a semaphore kept for each
+    domain ever sent to was memory without bound (a soak's finding)."""
+    w = make_world("--max-per-domain", "2")
+
+    async def remote(item, smarthost, domain, mail_from, members, record):
+        await asyncio.sleep(0.01)
+        return {}
+
+    monkeypatch.setattr(w.sched, "_remote", remote)
+
+    async def attempts():
+        await asyncio.gather(
+            *(
+                w.sched._attempt_group(None, Group("domain", f"d{n % 50}.test"), [], None)
+                for n in range(200)
+            )
+        )
+
+    run(attempts())
+    assert len(w.sched.per_domain) == 0
+
+
 def test_literals_take_the_slots_of_their_address_or_network():
     """Four spellings of one IPv6 literal held every thread, each "domain" with slots of its
     own (a sixth attacker's pass); IPv4 literals were keyed by their last two octets."""
