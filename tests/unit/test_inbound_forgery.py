@@ -345,6 +345,17 @@ def test_a_dns_timeout_is_temperror_never_a_dmarc_refusal(server, rsa_key, what)
     assert verdict.refusal is None
 
 
+@pytest.mark.parametrize("selector", ["slow", "absent"])
+def test_a_key_that_cannot_be_had_writes_no_line_of_dkimpys(server, rsa_key, selector, caplog):
+    """dkimpy logged "missing public key: b'slow._domainkey.bank.example.'" at ERROR, with no
+    queue id, for every such message (a soak's finding): the verdict says it already."""
+    caplog.set_level("DEBUG")
+    verdict = run_check(server, sign(rsa_key, mail(b"<ceo@bank.example>"), selector=selector),
+                        sender="", timeout=1.0)  # fmt: skip
+    assert methods(verdict)["dkim"] in ("temperror", "permerror"), verdict.header
+    assert [r.getMessage() for r in caplog.records if "public key" in r.getMessage()] == []
+
+
 def test_unanswered_keys_hold_the_check_threads_no_longer_than_the_timeout(server, rsa_key):
     """Ten signatures whose keys never answer: the threads are free again within about one
     timeout, not ten (run_check returns once its thread pool has finished)."""
