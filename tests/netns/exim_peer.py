@@ -121,11 +121,16 @@ class EximPeer:
     # -- running ----------------------------------------------------------------------------
     def argv(self, *args: str) -> list[str]:
         """`exim ARGS` in the namespace, with the passwd and group that name EXIM_USER."""
+        return self.ns.cmd(*self._exim(*args))
+
+    def _exim(self, *args: str) -> list[str]:
+        """`exim ARGS` with the passwd and group that name EXIM_USER (`Netns.cmd` puts it in
+        the namespace)."""
         script = (
             f'mount --bind "{self.base}/passwd" /etc/passwd && '
             f'mount --bind "{self.base}/group" /etc/group && exec "$0" "$@"'
         )
-        return self.ns.cmd("unshare", "-m", "sh", "-c", script, str(self.binary), *args)
+        return ["unshare", "-m", "sh", "-c", script, str(self.binary), *args]
 
     def version(self) -> str:
         proc = subprocess.run(
@@ -143,17 +148,7 @@ class EximPeer:
 
     def start_daemon(self, conf: Path) -> EximPeer:
         log = self.base / "daemon.out"
-        out = open(log, "ab")  # noqa: SIM115 - closed below, the child has its own copy
-        try:
-            self.daemon = subprocess.Popen(
-                self.argv("-C", str(conf), "-bdf"),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            out.close()
+        self.daemon = self.ns.popen(self._exim("-C", str(conf), "-bdf"), log)
         started = wait_until(
             lambda: "daemon started" in self.mainlog() or self.daemon.poll() is not None,
             START_TIMEOUT,
