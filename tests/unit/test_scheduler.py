@@ -894,6 +894,11 @@ def test_a_groups_delivered_recipients_are_recorded_before_the_others_end(make_w
     assert on_disk == {"a@fast.test": ("sent", 1), "b@slow.test": ("pending", 1)}
 
 
+async def two_mx_hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+    """`Scheduler._hops` for a domain with a primary and a backup MX."""
+    return [relay.Hop("mx1.split.test", "192.0.2.25"), relay.Hop("mx2.split.test", "192.0.2.26")]
+
+
 @pytest.mark.parametrize("stop", [False, True], ids=["next-host", "stop-began"])
 def test_a_host_s_deliveries_are_on_disk_before_the_next_host_is_asked(
     make_world, monkeypatch, caplog, stop
@@ -906,12 +911,6 @@ def test_a_host_s_deliveries_are_on_disk_before_the_next_host_is_asked(
     item = w.queued(ALICE, ["a@split.test", "b@split.test"])
     on_disk_when_asked = []
 
-    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
-        return [
-            relay.Hop("mx1.split.test", "192.0.2.25"),
-            relay.Hop("mx2.split.test", "192.0.2.26"),
-        ]
-
     def attempt(hops, message: relay.Message, settings, record) -> dict[str, relay.Result]:
         w.sched.stopping = stop
         if not record({"a@split.test": OK}):
@@ -919,7 +918,7 @@ def test_a_host_s_deliveries_are_on_disk_before_the_next_host_is_asked(
         on_disk_when_asked.append({r.address: r.state for r in w.on_disk(item).recipients})
         return {"a@split.test": OK, "b@split.test": dataclasses.replace(OK, host="mx2")}
 
-    monkeypatch.setattr(w.sched, "_hops", hops)
+    monkeypatch.setattr(w.sched, "_hops", two_mx_hops)
     monkeypatch.setattr(relay, "attempt", attempt)
     with caplog.at_level(logging.INFO, logger="mailerd"):
         run(w.sched._attempt(item))
@@ -944,12 +943,6 @@ def test_no_next_host_is_asked_when_a_host_s_deliveries_cannot_be_recorded(
     item = w.queued(ALICE, ["a@split.test", "b@split.test"])
     went_on = []
 
-    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
-        return [
-            relay.Hop("mx1.split.test", "192.0.2.25"),
-            relay.Hop("mx2.split.test", "192.0.2.26"),
-        ]
-
     def attempt(hops, message: relay.Message, settings, record) -> dict[str, relay.Result]:
         went_on.append(record({"a@split.test": OK}))
         return {"a@split.test": OK, "b@split.test": DEFER}
@@ -957,7 +950,7 @@ def test_no_next_host_is_asked_when_a_host_s_deliveries_cannot_be_recorded(
     def full(item_: QueueItem) -> None:
         raise QueueWriteError(28, "No space left on device")
 
-    monkeypatch.setattr(w.sched, "_hops", hops)
+    monkeypatch.setattr(w.sched, "_hops", two_mx_hops)
     monkeypatch.setattr(relay, "attempt", attempt)
     monkeypatch.setattr(w.queue, "update", full)
     with caplog.at_level(logging.INFO, logger="mailerd"), contextlib.suppress(QueueWriteError):
