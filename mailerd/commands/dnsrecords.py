@@ -794,7 +794,10 @@ class _Checker:
             if covered:
                 return _verdict(record, have, True, note=covered)
         note = "" if len(have) < 2 else "(several DMARC records: receivers ignore them all)"
-        return _verdict(record, have, _one_policy(have), note=note)
+        ok = _one_policy(have)
+        if ok and _policy_of(have[0]) == "none":
+            note = P_NONE_NOTE
+        return _verdict(record, have, ok, note=note)
 
     async def _dmarc_above(self, domain: str) -> str:
         """The note for a subdomain that the organisational domain's record covers, or ""."""
@@ -958,6 +961,20 @@ def _dkim_problem(record: str, kind: str) -> str:
             "(RFC 6376 3.6.1): remove it"
         )
     return ""
+
+
+# p=none is a policy (Gmail's and Yahoo's senders' rules take it), so it is OK; but it asks
+# receivers to do nothing with a forgery, so the operator is told.
+P_NONE_NOTE = (
+    "(p=none: receivers treat mail in this domain's name that fails DMARC as if it had "
+    "passed, forgeries included; p=quarantine once the reports show only your own mail)"
+)
+
+
+def _policy_of(text: str) -> str:
+    """The p= of a DMARC record that has one, "" else."""
+    policy = dmarc.parse(text)
+    return policy.p if policy is not None else ""
 
 
 def _one_policy(records: list[str]) -> bool:

@@ -977,6 +977,19 @@ def test_check_accepts_equivalent_records(conf: Path, keys: list[Key], dns_serve
     assert rc == 0, f"{case}: exit {rc}\n{shown(lines)}"
 
 
+def test_check_says_what_dmarc_p_none_does(conf: Path, keys: list[Key], dns_server):
+    """p=none is a policy, so it is OK, but the line says that it stops no forgery (it read
+    as plain OK); the printed p=quarantine gets no such word."""
+    change = _replace("_dmarc.example.org", "TXT", "v=DMARC1; p=none; rua=mailto:a@example.org")
+    rc, lines = run_check(conf, dns_server, zone_text(change(wanted(keys))))
+    (line,) = index(lines)[("_dmarc.example.org", "TXT")]
+    assert line.status == "OK" and "p=none" in line.text and "forger" in line.text, line.text
+    assert rc == 0, shown(lines)
+    rc, lines = run_check(conf, dns_server, zone_text(wanted(keys)))
+    (line,) = index(lines)[("_dmarc.example.org", "TXT")]
+    assert line.status == "OK" and "forger" not in line.text, line.text
+
+
 def test_check_is_bounded_by_dns_timeout(conf: Path, keys: list[Key], dns_server):
     """A name whose server never answers: `dns-timeout` (2s in the config) bounds the wait;
     that line is not OK, the others are, exit 1."""
