@@ -794,10 +794,10 @@ class _Checker:
             if covered:
                 return _verdict(record, have, True, note=covered)
         note = "" if len(have) < 2 else "(several DMARC records: receivers ignore them all)"
-        ok = _one_policy(have)
-        if ok and _policy_of(have[0]) == "none":
+        policy = _one_policy(have)
+        if policy is not None and policy.p == "none":
             note = P_NONE_NOTE
-        return _verdict(record, have, ok, note=note)
+        return _verdict(record, have, policy is not None, note=note)
 
     async def _dmarc_above(self, domain: str) -> str:
         """The note for a subdomain that the organisational domain's record covers, or ""."""
@@ -806,7 +806,8 @@ class _Checker:
             return ""
         name = f"_dmarc.{above}"
         found = [v for v in (await self.lookups.query(name, "TXT")).records if dmarc.is_record(v)]
-        return f"(none of its own: {name}'s record covers it)" if _one_policy(found) else ""
+        covered = _one_policy(found) is not None
+        return f"(none of its own: {name}'s record covers it)" if covered else ""
 
     async def _ptr(self, record: Record) -> str:
         have = [v.lower().rstrip(".") for v in await self._records(record)]
@@ -971,16 +972,10 @@ P_NONE_NOTE = (
 )
 
 
-def _policy_of(text: str) -> str:
-    """The p= of a DMARC record that has one, "" else."""
-    policy = dmarc.parse(text)
-    return policy.p if policy is not None else ""
-
-
-def _one_policy(records: list[str]) -> bool:
-    """Do these DMARC records (v=DMARC1 first) give a receiver a policy: exactly one, with a
-    p= the inbound verifier's parser finds?"""
-    return len(records) == 1 and dmarc.parse(records[0]) is not None
+def _one_policy(records: list[str]) -> dmarc.Policy | None:
+    """The policy these DMARC records (v=DMARC1 first) give a receiver, if any: that of
+    exactly one, with a p= the inbound verifier's parser finds."""
+    return dmarc.parse(records[0]) if len(records) == 1 else None
 
 
 def _addresses(addresses: list[str]) -> str:
