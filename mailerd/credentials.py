@@ -216,14 +216,20 @@ def exposed(path: str) -> str | None:
     return None
 
 
+def _directory(path: str) -> str:
+    """The directory of the passwd file at `path`, made if missing (/etc/mailerd before the
+    first `mailerd passwd`)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    return directory
+
+
 @contextlib.contextmanager
 def locked(path: str) -> Iterator[None]:
     """Hold an exclusive lock for a read-modify-write of the passwd file at `path`: a `flock`
     of its directory (made if missing), which no other program locks, so that no lock file
     is left beside it."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dfd = os.open(_directory(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(dfd, fcntl.LOCK_EX)
         yield
@@ -235,8 +241,7 @@ def write(path: str, hashes: Mapping[str, str]) -> None:
     """Replace the file atomically: root's, group `mail`, mode 0640 (the group when it exists
     and we may give it), its users those of `hashes`. What the administrator wrote stays:
     comments, empty lines and the users' order (`_text`)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    directory = _directory(path)
     temporary = f"{path}.tmp{os.getpid()}"
     text = _text(path, hashes)
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
