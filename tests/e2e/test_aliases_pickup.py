@@ -130,8 +130,16 @@ def _crash_after_queueing(m: Mailerd, name: str) -> None:
     path = m.queue / maildrop.MAILDROP / name
     content = path.read_bytes()
     _take(m, name)
-    path.write_bytes(content)
-    path.chmod(0o644)
+    _place(path, content)
+
+
+def _place(path: Path, content: bytes) -> None:
+    """Put a maildrop file in place as `maildrop.submit` does: written under a dot-name, then
+    renamed. (Written in place, a running pickup could take it before its mode was set.)"""
+    temporary = path.with_name(f".{path.name}")
+    temporary.write_bytes(content)
+    temporary.chmod(0o644)
+    temporary.rename(path)
 
 
 def test_dropped_while_stopped_is_delivered_at_start_once(aliased):
@@ -211,8 +219,7 @@ def test_invalid_files_are_logged_and_removed(aliased, content: bytes, why: str)
     m, names, _ = aliased
     name = maildrop.new_name()
     path = m.queue / maildrop.MAILDROP / name
-    path.write_bytes(content)
-    path.chmod(0o644)
+    _place(path, content)
     maildrop.poke(str(m.queue))
     assert wait_until(lambda: not path.exists(), 10)
     assert wait_until(lambda: f"maildrop {name} (uid 0): {why}" in m.stderr_text(), 5), (
