@@ -377,6 +377,16 @@ def check_stored(
 # --------------------------------------------------------------------------------------------
 
 
+def place(path: Path, content: bytes, mode: int = 0o644) -> None:
+    """Put a file where a running mailerd watches (its maildrop) as `maildrop.submit` does:
+    written under a dot-name, its mode set, then renamed. Written in place, it could be taken
+    between the write and the chmod."""
+    temporary = path.with_name(f".{path.name}")
+    temporary.write_bytes(content)
+    temporary.chmod(mode)
+    temporary.rename(path)
+
+
 def proc_cmdline(pid: int) -> str | None:
     """The process title as shown by ps (NULs → spaces, stripped); None if the pid is gone."""
     try:

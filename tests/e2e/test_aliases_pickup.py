@@ -31,7 +31,7 @@ from mailerd.ipc import maildrop
 from mailerd.signing import SigningKey
 from mailerd.spool import Spool
 
-from .conftest import Mailerd, expect, wait_until
+from .conftest import Mailerd, expect, place, wait_until
 
 ALIASES = """\
 # like Debian's
@@ -130,16 +130,7 @@ def _crash_after_queueing(m: Mailerd, name: str) -> None:
     path = m.queue / maildrop.MAILDROP / name
     content = path.read_bytes()
     _take(m, name)
-    _place(path, content)
-
-
-def _place(path: Path, content: bytes) -> None:
-    """Put a maildrop file in place as `maildrop.submit` does: written under a dot-name, then
-    renamed. (Written in place, a running pickup could take it before its mode was set.)"""
-    temporary = path.with_name(f".{path.name}")
-    temporary.write_bytes(content)
-    temporary.chmod(0o644)
-    temporary.rename(path)
+    place(path, content)
 
 
 def test_dropped_while_stopped_is_delivered_at_start_once(aliased):
@@ -219,7 +210,7 @@ def test_invalid_files_are_logged_and_removed(aliased, content: bytes, why: str)
     m, names, _ = aliased
     name = maildrop.new_name()
     path = m.queue / maildrop.MAILDROP / name
-    _place(path, content)
+    place(path, content)
     maildrop.poke(str(m.queue))
     assert wait_until(lambda: not path.exists(), 10)
     assert wait_until(lambda: f"maildrop {name} (uid 0): {why}" in m.stderr_text(), 5), (

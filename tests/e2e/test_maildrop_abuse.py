@@ -29,7 +29,7 @@ from mailerd.delivery.scheduler import Scheduler
 from mailerd.ipc import maildrop
 from mailerd.spool import Spool
 
-from .conftest import Mailerd, suite_dns, wait_until
+from .conftest import Mailerd, place, suite_dns, wait_until
 
 HOUR = 3600
 
@@ -52,21 +52,19 @@ def _plant(m: Mailerd, kind: str) -> tuple[str, str]:
         path.mkdir()
         return name, "not a regular file"
     if kind == "deep JSON":
-        path.write_bytes(b"[" * 100_000 + b"\nx\r\n")
+        place(path, b"[" * 100_000 + b"\nx\r\n")
         why = "header is not JSON"
     elif kind == "surrogate":
         # json.dumps writes the lone surrogate as the escape \udcff, as an attacker would
-        path.write_bytes(_header(sender="a@\udcff") + b"\nx\r\n")
+        place(path, _header(sender="a@\udcff") + b"\nx\r\n")
         why = "bad address"
     elif kind == "unreadable":
-        path.write_bytes(_header() + b"\nx\r\n")
-        path.chmod(0)
-        return name, "not readable by the pickup (mode 0000)"
+        place(path, _header() + b"\nx\r\n", mode=0)
+        why = "not readable by the pickup (mode 0000)"
     else:
         assert kind == "symlink"
         path.symlink_to("/etc/passwd")
-        return name, "not a regular file"
-    path.chmod(0o644)
+        why = "not a regular file"
     return name, why
 
 
