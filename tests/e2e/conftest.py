@@ -73,7 +73,22 @@ def _below_ephemeral() -> range:
     return range(max(1024, low - 12000), low)
 
 
-_PORTS = _below_ephemeral()
+def _this_process_share(ports: range) -> range:
+    """This test process's own part of `ports`, none of which another process of the same run
+    (pytest-xdist's -n: gw0, gw1, ...) ever hands out. Two processes each found a port free
+    and handed it to a mailerd of theirs, which both bind only once started: the second to
+    start failed with "Address already in use"; a check in this process alone (`_handed_out`)
+    cannot see the other's choice, made in the same second."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        index = int(worker.removeprefix("gw"))
+    except ValueError:
+        return ports
+    return ports[index % count :: count] if count > 1 else ports
+
+
+_PORTS = _this_process_share(_below_ephemeral())
 _RANDOM = random.SystemRandom()  # (not the shared generator, which a test may seed)
 
 
