@@ -141,8 +141,12 @@ def test_a_directory_it_cannot_empty_is_logged_once_and_left(mailerd):
     user = m.new_user("dir")
     name = maildrop.new_name()
     path = m.queue / maildrop.MAILDROP / name
-    path.mkdir(mode=0o755)
-    (path / "inside").write_bytes(b"x")
+    # Filled under a dot-name, then renamed: made in place, it could be taken (empty, so
+    # removed) by a look of the running pickup between the mkdir and the write.
+    building = path.with_name(f".{name}")
+    building.mkdir(mode=0o755)
+    (building / "inside").write_bytes(b"x")
+    building.rename(path)
     maildrop.poke(str(m.queue))
     _submit(m, user, "one")
     assert m.wait_messages(user, 1) == [1], m.stderr_text()[-2000:]
