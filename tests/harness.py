@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -137,3 +139,61 @@ def descendants_of(pid: int) -> list[int]:
 def group_members(pgid: int) -> list[int]:
     """Live processes in process group ``pgid`` (orphans that left their parent included)."""
     return sorted(p for p, (_, group) in _live_processes().items() if group == pgid)
+
+
+# Ports
+
+_handed_out: set[int] = set()
+_port_lock = threading.Lock()
+
+
+def _below_ephemeral() -> range:
+    """Ports the kernel never picks by itself: below its ephemeral range, from which it takes
+    the source port of every outbound connection and the port of every bind to port 0. A port
+    found free there, as those are, was taken by another test's client between here and the
+    daemon's bind (CI: "cannot listen on 127.0.0.1:55523: Address already in use")."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 12000), low)
+
+
+def _this_process_share(ports: range) -> range:
+    """This test process's own part of `ports`, none of which another process of the same run
+    (pytest-xdist's -n: gw0, gw1, ...) ever hands out. Two processes each found a port free
+    and handed it to a mailerd of theirs, which both bind only once started: the second to
+    start failed with "Address already in use"; a check in this process alone (`_handed_out`)
+    cannot see the other's choice, made in the same second."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        index = int(worker.removeprefix("gw"))
+    except ValueError:
+        return ports
+    return ports[index % count :: count] if count > 1 else ports
+
+
+_PORTS = _this_process_share(_below_ephemeral())
+_RANDOM = random.SystemRandom()  # (not the shared generator, which a test may seed)
+
+
+def free_port() -> int:
+    """A TCP port that is free on both 127.0.0.1 and ::1, outside the ephemeral range."""
+    with _port_lock:
+        for _ in range(200):
+            port = _RANDOM.choice(_PORTS)
+            if port in _handed_out:
+                continue
+            try:
+                for family, address in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+                    with socket.socket(family, socket.SOCK_STREAM) as s:
+                        if family == socket.AF_INET6:
+                            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        s.bind((address, port))
+            except OSError:
+                continue
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("could not find a free port on 127.0.0.1 and ::1")

@@ -68,7 +68,7 @@ from typing import Any
 
 import pytest
 from dnsserver import DNSServer, Records
-from harness import wait_until
+from harness import free_port, wait_until
 
 from .conftest import version
 
@@ -560,7 +560,7 @@ class FakeMX:
     def __init__(self, host: str, port: int = 0) -> None:
         self.messages: list[Received] = []
         self.host = host
-        self.port = port or free_port(host)
+        self.port = port or free_port()
         mx = self
 
         class Handler:
@@ -689,7 +689,7 @@ def test_install_run_reload_stop_purge(
     machine: Machine, fake_mx: FakeMX, dns_server: DNSServer, upgrade_deb: Path
 ):
     t = machine.target
-    ports = {"local": free_port("127.0.0.1"), "network": free_port("127.0.0.1")}
+    ports = {"local": free_port(), "network": free_port()}
 
     # -- install ---------------------------------------------------------------------------
     # No daemon may start with the shipped config (port 25) during the install: the test
@@ -1021,7 +1021,7 @@ def check_submission(
         t.run(["mkdir", "-p", LINEAGE])
         t.write(f"{LINEAGE}/fullchain.pem", pair.cert.read_bytes())
         t.write(f"{LINEAGE}/privkey.pem", pair.key.read_bytes(), "600")
-    ports["submission"] = free_port("127.0.0.1")
+    ports["submission"] = free_port()
     t.write(CONF, config_text(ports, [DOMAIN, DOMAIN2], mx_port, dns_port).encode())
     assert t.run([INIT, "reload"], check=False).returncode == 0
     context = ssl_client()
@@ -1196,12 +1196,6 @@ def cron_message(token: str) -> bytes:
         "\n"
         f"job output {token}: ünïcødé\n"
     ).encode()
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
