@@ -6,6 +6,8 @@ import os
 import resource
 import signal
 
+import hypothesis
+
 # No mailerd started by a test may ask the machine's resolver about the suite's made-up
 # domains: with this set, mailerd refuses a resolver without --dns-server (mailerd/mx.py). A
 # test gives it its own DNS server, or runs it in a network namespace with its own resolv.conf
@@ -28,3 +30,10 @@ _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 _want = 65536 if _hard == resource.RLIM_INFINITY else min(_hard, 65536)
 if _soft != resource.RLIM_INFINITY and _soft < _want:
     resource.setrlimit(resource.RLIMIT_NOFILE, (_want, _hard))
+
+# Hypothesis fails an example that takes over 200 ms (DeadlineExceeded, or Flaky when its
+# replay is quicker). Beside the namespace tests on a CI runner's two loaded cores, an example
+# can wait that long for the CPU alone: a failure the code did not cause. What must be quick
+# is timed by tests of its own; the property tests check what comes out.
+hypothesis.settings.register_profile("suite", deadline=None)
+hypothesis.settings.load_profile("suite")
