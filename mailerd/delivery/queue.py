@@ -347,36 +347,47 @@ class Queue:
 
     def load(self, clean: bool = True) -> list[QueueItem]:
         """All committed items; with `clean` (the delivery process), removes crash debris
-        (orphan messages, temp files) and sets damaged envelopes aside (`take`).
+        (`clean`) and sets damaged envelopes aside (`take`).
 
         Only the delivery process may clean: another process could see a message whose envelope
         is being written at this very moment. Without `clean`, what could not be read is in
         `unreadable` (name: why), for `mailerd queue` to show.
         """
         items = []
-        env_dir = self.root / "env"
-        cutoff = time.time() - DEBRIS_AGE
         self.unreadable = {}
-        for name in sorted(os.listdir(env_dir)):
+        for name in sorted(os.listdir(self.root / "env")):
             if ".tmp" in name:
-                # Old enough that no writer can still be about to rename it into place.
-                if clean:
-                    with contextlib.suppress(FileNotFoundError):
-                        if (env_dir / name).stat().st_mtime < cutoff:
-                            (env_dir / name).unlink()
                 continue
             item = self.take(name) if clean else self._look(name)
             if item is not None:
                 items.append(item)
         if clean:
-            known = set(os.listdir(env_dir))
-            for name in os.listdir(self.root / "msg"):
-                path = self.root / "msg" / name
-                # Old enough that no put() can still be between its message and its envelope.
-                with contextlib.suppress(FileNotFoundError):
-                    if name not in known and path.stat().st_mtime < cutoff:
-                        path.unlink()
+            self.clean()
         return items
+
+    def clean(self) -> int:
+        """Remove crash debris over DEBRIS_AGE old (logged), and say how many files went:
+        envelopes' temporary files never renamed, and messages without an envelope (a kill
+        between a put()'s two writes, or between a remove()'s two unlinks). The delivery
+        process's alone, at its start and once an hour after (the scheduler): debris of a
+        crash goes however long the next run lasts. Younger files may be a put() under way."""
+        env_dir, msg_dir = self.root / "env", self.root / "msg"
+        cutoff = time.time() - DEBRIS_AGE
+        removed = 0
+        for name in os.listdir(env_dir):
+            # Old enough that no writer can still be about to rename it into place.
+            if ".tmp" in name and _unlink_if_older(env_dir / name, cutoff):
+                removed += 1
+        known = set(os.listdir(env_dir))
+        for name in os.listdir(msg_dir):
+            # Old enough that no put() can still be between its message and its envelope.
+            if name not in known and _unlink_if_older(msg_dir / name, cutoff):
+                removed += 1
+        if removed:
+            log.info(
+                "queue: removed %d file(s) an interrupted write left over an hour ago", removed
+            )
+        return removed
 
     def _look(self, name: str) -> QueueItem | None:
         """`take` for a reader that may change nothing: what fails is noted in `unreadable`."""
@@ -387,6 +398,15 @@ class Queue:
         except (OSError, DamagedEnvelope) as exc:
             self.unreadable[name] = str(exc)
             return None
+
+
+def _unlink_if_older(path: Path, cutoff: float) -> bool:
+    """Remove `path` if it was last changed before `cutoff`; whether it was."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_mtime < cutoff:
+            path.unlink()
+            return True
+    return False
 
 
 MAX_ENVELOPE = 64 << 20  # octets: far more than 1,000 recipients with their last errors

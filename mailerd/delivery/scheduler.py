@@ -63,6 +63,7 @@ class LocalDeliver(Protocol):
 MAX_HEADER_BYTES = 64 * 1024
 IDLE_WAKE = 60.0
 RESCAN_INTERVAL = 10.0  # look for items another (retiring) delivery process queued
+CLEAN_INTERVAL = 3600.0  # seconds between removals of the queue's crash debris (Queue.clean)
 STOP_GRACE = 30.0  # attempts in flight at shutdown get this long to finish
 RECORD_TIME = 30.0  # a host's deliveries recorded within this, or no next host is asked
 MAX_ADDRESSES = 5  # addresses one attempt tries at most, of all its MX hosts (Postfix: 5)
@@ -138,6 +139,7 @@ class Scheduler:
         self.failed: set[str] = set()  # items whose failure's traceback is logged (`_once`)
         self.doomed: set[str] = set()  # items deleted during their attempt (`delete`)
         self.next_rescan = 0.0
+        self.next_clean = 0.0  # (the queue's debris: cleaned at the load, then once an hour)
         self.stopping = False
         self.lock_fd: int | None = None
         self.taken = asyncio.Event()  # set once this process holds the queue and has loaded it
@@ -248,6 +250,7 @@ class Scheduler:
                 log.exception("the look before the first attempt failed; the queue is worked")
         self.ready.set()
         self.next_rescan = time.monotonic() + RESCAN_INTERVAL
+        self.next_clean = time.monotonic() + CLEAN_INTERVAL
         failure = ""
         while not self.stopping:
             # Supervised: a bug met in one turn (an item, a rescan) is logged and the next turn
@@ -271,6 +274,9 @@ class Scheduler:
             self.next_rescan = time.monotonic() + RESCAN_INTERVAL
             if await self.rescan():
                 self._start_due(time.time())
+        if time.monotonic() >= self.next_clean:
+            self.next_clean = time.monotonic() + CLEAN_INTERVAL
+            await self.clean()
         now = time.time()
         next_due = min(now + IDLE_WAKE, now + RESCAN_INTERVAL)
         if self.due:
@@ -302,6 +308,12 @@ class Scheduler:
         else:
             self.failed.add(item.id)
             log.exception("%s: %s", item.id, what)
+
+    async def clean(self) -> None:
+        """Remove the queue's crash debris (`Queue.clean`): a kill leaves a message file
+        without its envelope, which only the load at a start removed, and a daemon that
+        then ran for months kept it for months."""
+        await asyncio.get_running_loop().run_in_executor(None, self.queue.clean)
 
     async def rescan(self) -> int:
         """Pick up items on disk that this scheduler does not know: during a reload the old

@@ -5,6 +5,7 @@ without following a link planted in it. Needs no root."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import time
@@ -328,6 +329,23 @@ def test_load_cleans_crash_debris(q):
     assert env_names(q) == {"1OK", "1NOW.tmp2"}
     assert set(os.listdir(q.root / "msg")) == {"1OK", "1FRESH"}
     assert q.message_path("1OK").read_bytes() == HEAD + BODY
+
+
+def test_clean_says_how_many_files_went_and_logs_it(q, caplog):
+    old = q.root / "msg" / "1OLD"  # a kill between a remove()'s two unlinks, long ago
+    old.write_bytes(HEAD)
+    age(old, DEBRIS_AGE + 60)
+    tmp = q.root / "env" / "1OLD.tmp7"
+    tmp.write_bytes(b"{")
+    age(tmp, DEBRIS_AGE + 60)
+    fresh = q.root / "msg" / "1FRESH"
+    fresh.write_bytes(HEAD)
+    with caplog.at_level(logging.INFO, logger="mailerd.queue"):
+        assert q.clean() == 2
+        assert q.clean() == 0
+    assert not old.exists() and not tmp.exists() and fresh.exists()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["queue: removed 2 file(s) an interrupted write left over an hour ago"]
 
 
 def test_load_without_clean_changes_nothing(q):

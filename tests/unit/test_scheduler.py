@@ -22,6 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import dkim
 import pytest
@@ -29,7 +30,7 @@ import pytest
 from mailerd import aliases, config, signing, trace
 from mailerd.commands import dkimkeys
 from mailerd.delivery import dsn, relay
-from mailerd.delivery.queue import Queue, QueueItem, QueueWriteError, Recipient
+from mailerd.delivery.queue import DEBRIS_AGE, Queue, QueueItem, QueueWriteError, Recipient
 from mailerd.delivery.scheduler import Group, Scheduler
 from mailerd.delivery.secrets import NO_SECRETS, Secrets
 from mailerd.names import Locality
@@ -1124,6 +1125,36 @@ def test_a_turn_of_the_loop_that_fails_is_logged_and_the_loop_goes_on(w, monkeyp
     assert len(started) == 1
     failures = [r for r in caplog.records if "the scheduler's loop failed" in r.getMessage()]
     assert len(failures) == 1, "the same failure's traceback once, not at every turn"
+
+
+def test_a_running_scheduler_removes_the_queues_crash_debris_once_it_is_old(w, monkeypatch):
+    """A kill between a remove()'s two unlinks leaves the message of a delivered item (the
+    chaos test met one); only the load at a start removed such debris, so a daemon that then
+    ran for months kept it. The running scheduler looks again every CLEAN_INTERVAL."""
+    from mailerd.delivery import scheduler
+
+    monkeypatch.setattr(scheduler, "CLEAN_INTERVAL", 0.05)
+    monkeypatch.setattr(scheduler, "RESCAN_INTERVAL", 0.01)
+    msg_dir = w.queue.root / "msg"
+
+    def debris(name: str, seconds_ago: float) -> Path:
+        path = msg_dir / name
+        path.write_bytes(HEAD)
+        when = time.time() - seconds_ago
+        os.utime(path, (when, when))
+        return path
+
+    async def main() -> tuple[Path, Path]:
+        task = await _running(w, w.sched.ready.is_set)
+        old = debris("1OLDDEBRIS", DEBRIS_AGE + 60)  # (made after the load's own clean)
+        young = debris("1YOUNG", DEBRIS_AGE - 60)  # (perhaps a put() under way)
+        await _running_until(lambda: not old.exists())
+        await _stopped(w, task)
+        return old, young
+
+    old, young = run(main())
+    assert not old.exists(), "an hour-old message without an envelope is still there"
+    assert young.exists()
 
 
 async def _running_until(until: Callable[[], bool], timeout: float = 5.0) -> None:
