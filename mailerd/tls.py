@@ -19,7 +19,13 @@ client make each handshake cost ~100 times more).
 Several pairs may be given: pairs whose certificates name the same hosts share one context (an
 RSA and an ECDSA certificate for one name: the client's signature algorithms choose); pairs for
 other names get contexts of their own, chosen by the client's SNI; the default, for clients that
-send none (Postfix by default), is the host name's, else the first.
+send none (Postfix by default), is the host name's, else the first. A context without an RSA
+certificate also holds the default's (else the first given) as a fallback, for a client that
+takes no ECDSA, as Go's crypto/tls (chasquid, mox) falls back to a certificate the client can
+use: a sending server, which checks no name, then gets TLS rather than a failed handshake. It is
+only ever presented to such a client: the server's order of preference puts ECDSA before RSA
+(in TLS 1.3's signature algorithms and TLS 1.2's suites alike). The reverse, an ECDSA fallback
+for an RSA-only name, would be presented to every client, which all take ECDSA: none is added.
 """
 
 from __future__ import annotations
@@ -134,8 +140,7 @@ def server_context(pairs: Sequence[Pair], hostname: str = "") -> ssl.SSLContext 
                 replaced,
                 later,
             )
-    contexts = [(names, _context(members)) for names, members in groups.items()]
-    if not contexts:
+    if not groups:
         return None
     for unused in _never_chosen(list(groups.items())):
         log.warning(
@@ -144,14 +149,15 @@ def server_context(pairs: Sequence[Pair], hostname: str = "") -> ssl.SSLContext 
             "same names)",
             unused,
         )
-    default = contexts[0][1]
     host = hostname.lower().rstrip(".")
-    ours = [context for names, context in contexts if _covers(names, host)]
-    if ours:
-        # The default, for clients that send no SNI (Postfix sends none by default, an
-        # attacker's pass found): servers delivering here come by the MX, to the host name.
-        default = ours[0]
-    elif host:
+    ours = [names for names in groups if _covers(names, host)]
+    # The default, for clients that send no SNI (Postfix sends none by default, an attacker's
+    # pass found): servers delivering here come by the MX, to the host name.
+    default_names = ours[0] if ours else next(iter(groups))
+    fallback = _rsa_fallback(groups[default_names], [p for m in groups.values() for p in m])
+    contexts = [(names, _context(_with(members, fallback))) for names, members in groups.items()]
+    default = dict(contexts)[default_names]
+    if not ours and host:
         log.warning(
             "no certificate is for the host name %s (they are for %s): mail programs, and "
             "servers that check certificates (MTA-STS), refuse the connection; get one for "
@@ -162,6 +168,24 @@ def server_context(pairs: Sequence[Pair], hostname: str = "") -> ssl.SSLContext 
     if len(contexts) > 1:
         default.sni_callback = _chooser(contexts)
     return default
+
+
+def _rsa_fallback(default: list[Pair], given: list[Pair]) -> Pair | None:
+    """The RSA pair presented to a client that takes no ECDSA wherever no RSA certificate is
+    for its name: the default context's (the last of them, which that context holds), else
+    the first given; None without any."""
+    rsa = [pair for pair in default if _key_type(pair[0]) == "RSA"]
+    if rsa:
+        return rsa[-1]
+    return next((pair for pair in given if _key_type(pair[0]) == "RSA"), None)
+
+
+def _with(members: list[Pair], fallback: Pair | None) -> list[Pair]:
+    """A context's pairs, with the RSA fallback first when none of its own is RSA (loaded first,
+    so that a later RSA pair of the context's own would replace it, were there one)."""
+    if fallback is None or any(_key_type(cert) == "RSA" for cert, _ in members):
+        return members
+    return [fallback, *members]
 
 
 def _replaced(members: list[Pair]) -> list[tuple[Path, Path]]:

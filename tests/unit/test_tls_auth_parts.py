@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import ssl
 import stat
@@ -265,6 +266,78 @@ def test_the_host_names_certificate_is_the_default_for_clients_without_sni(ca):
     assert handshake(context, unchecked, "webmail.example.org") == der(webmail.cert)
     first = tls.server_context(pairs)  # (no host name: the first, as before)
     assert first is not None and handshake(first, unchecked, None) == der(webmail.cert)
+
+
+def rsa_only_client(ca: CA) -> ssl.SSLContext:
+    """A TLS 1.2 client that takes no ECDSA (its suites are ECDHE-RSA only) and checks no name,
+    as a sending server does not."""
+    client = ssl.create_default_context(cafile=str(ca.cert))
+    client.check_hostname = False
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    return client
+
+
+def s_client_certificate(context: ssl.SSLContext, name: str, *args: str) -> bytes:
+    """The certificate the context presents to `openssl s_client -servername name args`."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        server = threading.Thread(target=lambda: _serve(context, listener.accept()[0]))
+        server.start()
+        done = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{listener.getsockname()[1]}",
+             "-servername", name, *args],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        server.join(10)
+    pem = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", done.stdout, re.S)
+    assert pem, done.stdout + done.stderr
+    return ssl.PEM_cert_to_DER_cert(pem.group(0))
+
+
+def test_a_client_without_ecdsa_gets_the_default_rsa_certificate_for_an_ecdsa_only_name(ca):
+    """An acceptance finding: a name served by an ECDSA certificate only failed the handshake of
+    a client that takes no ECDSA ("handshake failure"), where Go's servers (chasquid, mox) fall
+    back to a certificate it can use. The default's RSA certificate now serves it; a client
+    that takes ECDSA still gets the name's own, whatever order it lists its algorithms in."""
+    mx = ca.issue("mx.example.org", tag="fb1")
+    other = ca.issue("mail.example.net", kind="ecdsa", tag="fb2")
+    context = tls.server_context([(mx.cert, mx.key), (other.cert, other.key)], "mx.example.org")
+    assert context is not None
+    assert handshake(context, rsa_only_client(ca), "mail.example.net") == der(mx.cert)
+    client = ssl.create_default_context(cafile=str(ca.cert))
+    assert handshake(context, client, "mail.example.net") == der(other.cert)
+    for sigalgs, served in (
+        ("rsa_pss_rsae_sha256:rsa_pkcs1_sha256", mx),  # TLS 1.3, no ECDSA
+        ("rsa_pss_rsae_sha256:ecdsa_secp256r1_sha256", other),  # RSA-PSS listed first
+    ):
+        got = s_client_certificate(context, "mail.example.net", "-tls1_3", "-sigalgs", sigalgs)
+        assert got == der(served.cert), sigalgs
+    got = s_client_certificate(
+        context, "mail.example.net", "-tls1_2", "-cipher",
+        "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256",
+    )  # fmt: skip
+    assert got == der(other.cert)
+
+
+def test_the_rsa_fallback_is_the_first_rsa_certificate_when_the_default_has_none(ca):
+    """The host name's certificate is ECDSA only: a client without SNI that takes no ECDSA gets
+    the first RSA certificate given; an RSA-only name gets no ECDSA fallback (every client
+    would be served it, server preference putting ECDSA first)."""
+    web = ca.issue("webmail.example.org", tag="fb3")
+    mx = ca.issue("mx.example.org", kind="ecdsa", tag="fb4")
+    context = tls.server_context([(web.cert, web.key), (mx.cert, mx.key)], "mx.example.org")
+    assert context is not None
+    assert handshake(context, rsa_only_client(ca), None) == der(web.cert)
+    unchecked = ssl.create_default_context(cafile=str(ca.cert))
+    unchecked.check_hostname = False
+    assert handshake(context, unchecked, None) == der(mx.cert)
+    client = ssl.create_default_context(cafile=str(ca.cert))
+    assert handshake(context, client, "webmail.example.org") == der(web.cert)
+    ecdsa_only = tls.server_context([(mx.cert, mx.key)], "mx.example.org")
+    assert ecdsa_only is not None
+    with pytest.raises(ssl.SSLError):  # (no RSA certificate at all: nothing to fall back to)
+        handshake(ecdsa_only, rsa_only_client(ca), None)
 
 
 def test_a_certificate_the_chooser_never_presents_is_warned_of(ca, caplog):
