@@ -21,19 +21,20 @@ SCAN = 256 * 1024  # a header section is looked for in the first this-many octet
 STRICT_MAX = 1024
 
 
-def section_end(message: bytes) -> int:
+def section_end(message: bytes, limit: int = SCAN) -> int:
     """Where the header section ends (after the CRLF of its last field, before the empty line);
-    a message without an empty line within SCAN octets is taken as all header."""
+    a message without an empty line within `limit` octets is taken as all header."""
     if message.startswith(b"\r\n"):
         return 0
-    end = message.find(b"\r\n\r\n", 0, SCAN)
-    return end + 2 if end >= 0 else min(len(message), SCAN)
+    end = message.find(b"\r\n\r\n", 0, limit)
+    return end + 2 if end >= 0 else min(len(message), limit)
 
 
-def fields(message: bytes) -> Iterator[tuple[bytes, int, int]]:
-    """(lower-cased name, start, end) of each field of the header section; [start:end] is the
-    whole field with its continuation lines and final CRLF."""
-    end = section_end(message)
+def fields(message: bytes, limit: int = SCAN) -> Iterator[tuple[bytes, int, int]]:
+    """(lower-cased name, start, end) of each field of the header section (looked for in the
+    first `limit` octets); [start:end] is the whole field with its continuation lines and
+    final CRLF."""
+    end = section_end(message, limit)
     start = 0
     while start < end:
         stop = message.find(b"\r\n", start, end)

@@ -262,7 +262,8 @@ class Pickup:
         local program may be handing on mail from elsewhere (fetchmail's `mda` runs
         sendmail), and a forger's pre-stamped pass must not reach the reader as ours
         (`inbound.results`), as on every listener."""
-        content = results.without_forged(submission.message, self.cfg.hostname)
+        message = submission.message  # (its whole header section: it may be past the scan)
+        content = results.without_forged(message, self.cfg.hostname, len(message))
         if content is None:
             return submission
         log.info("%s: removed a forged Authentication-Results field", submission.queue_id)

@@ -210,15 +210,20 @@ def _after_cfws(value: bytes, position: int, limit: int) -> int:
     return position
 
 
-def without_forged(message: bytes, authserv_id: str) -> bytes | None:
+def without_forged(message: bytes, authserv_id: str, limit: int = headers.SCAN) -> bytes | None:
     """The message without the Authentication-Results fields bearing our authserv-id, or None
-    when it has none (nothing to change). The white space and comments read before the ids
-    are CFWS_MAX octets for the whole message: past them, the remaining fields are taken for
-    ours, unread (a third attacker's pass: 60 fields of 4 KB of "((((" each, under the cap of
-    one, held the event loop 100 ms). An honest field has a space there."""
+    when it has none (nothing to change); its header section is looked for in the first
+    `limit` octets (a trusted client's may be longer than the scan: `len(message)`). The
+    white space and comments read before the ids are CFWS_MAX octets for the whole message:
+    past them, the remaining fields are taken for ours, unread (a third attacker's pass: 60
+    fields of 4 KB of "((((" each, under the cap of one, held the event loop 100 ms). An
+    honest field has a space there."""
+    section = message[: headers.section_end(message, limit)].lower()
+    if b"\nauthentication-results" not in b"\n" + section:  # (a field's name begins a line)
+        return None
     cuts = []
     left = CFWS_MAX
-    for name, start, end in headers.fields(message):
+    for name, start, end in headers.fields(message, limit):
         if name != NAME:
             continue
         value = message[start:end].split(b":", 1)[1]

@@ -277,13 +277,24 @@ async def unchecked(
     local client, which may be handing on mail from elsewhere, as fetchmail does): the message
     without Authentication-Results fields of ours (None: it had none), or HEADER_TOO_LARGE for
     a header section past the scan, where one would go unseen. A trusted client's such
-    message is not refused but kept as it is: the owner's own programs are never refused for
-    the shape of their header, and what a fetched message's provider took has passed its
-    limits (Postfix's is 100 KiB)."""
+    message is not refused (the owner's own programs are never refused for the shape of their
+    header, and what a fetched message's provider took has passed its limits), but read whole
+    for forged fields, in a check thread: kept as it was, padding was all a forger needed to
+    bring a pre-stamped pass to the reader through fetchmail."""
     head = _head(body)
     end = headers.section_end(head)
     if unscannable(body, head, end):
-        return None, (None if trusted else HEADER_TOO_LARGE)
+        if not trusted:
+            return None, HEADER_TOO_LARGE
+        whole = (
+            body
+            if isinstance(body, bytes)
+            else await loop.run_in_executor(executor, durable.read_body, body)
+        )
+        content = await loop.run_in_executor(
+            executor, results.without_forged, whole, hostname, len(whole)
+        )
+        return content, None
     return await without_forged(hostname, body, head[:end], loop, executor), None
 
 

@@ -1012,6 +1012,28 @@ def test_trusted_listener_is_not_checked(auth_env):
     assert_refused(env, control, "example.com")
 
 
+def test_trusted_listener_removes_forged_results_past_the_scan(auth_env):
+    """A header section past the 256 KiB scan is taken on the local listener, not refused; a
+    forged field in it goes all the same, above the padding or below it (an acceptance
+    re-check: the message was kept whole, so padding brought a pre-stamped pass through
+    fetchmail to the reader)."""
+    env = auth_env(REJECT_ZONE, "header")
+    forged = b"Authentication-Results: mx.example.org; dmarc=pass header.from=example.com\r\n"
+    padding = b"".join(b"X-Pad-%06d: " % i + b"p" * 200 + b"\r\n" for i in range(1400))
+    user = env.m.new_user("trustedlong")
+    with env.m.connect(trusted=True) as c:
+        c.start(HELO)
+        for token, head in (("long-above", forged + padding), ("long-below", padding + forged)):
+            deliver(c, sender="alice@example.com", rcpt=f"{user}@example.org",
+                    body=head + message(token))  # fmt: skip
+        expect(c.cmd("QUIT"), 221, conn=c)
+    numbers = env.m.wait_messages(user, 2)
+    for number, token in zip(numbers, ("long-above", "long-below"), strict=True):
+        stored = env.m.read(user, number)
+        assert b"Authentication-Results: mx.example.org" not in stored, token
+        assert stored.endswith(message(token)[-200:]) and padding in stored, token
+
+
 def test_inbound_auth_off(auth_env):
     """--inbound-auth off: the untrusted listener neither looks up nor adds anything."""
     env = auth_env(REJECT_ZONE, "off")

@@ -195,6 +195,23 @@ def test_a_forged_authentication_results_is_removed(world, daemon, sendmail):
     assert forged.encode() not in raw and kept.encode() + b"\r\n" in raw, raw[:800]
 
 
+def test_a_forged_authentication_results_past_the_scan_is_removed(world, daemon, sendmail):
+    """sendmail's mail is never refused for its header's shape, so a forger's field below
+    256 KiB of padding was kept: the pickup looked for it where the listeners scan, in the
+    first 256 KiB (an acceptance re-check). The whole header section is read."""
+    user = daemon.new_user("fetchedlong")
+    forged = f"Authentication-Results: {daemon.hostname}; dmarc=pass header.from=bank.example"
+    padding = "".join(f"X-Pad-{i:06d}: {'p' * 200}\n" for i in range(1400))
+    data = (
+        f"{padding}{forged}\nFrom: a@bank.example\nTo: {user}@example.org\n"
+        "Subject: fetched long\n\nthe body\n"
+    ).encode()
+    done = run([sendmail, "-i", "-f", "a@bank.example", user], data)
+    assert done.returncode == 0 and done.stderr == b"", done
+    (raw,) = delivered(daemon, user)
+    assert forged.encode() not in raw and raw.endswith(b"\r\nthe body\r\n"), raw[-800:]
+
+
 def test_mail_for_root_at_localhost_is_local_whatever_the_domains(world, daemon, sendmail):
     """fail2ban's `destemail = root@localhost`, and scripts': localhost is always a local
     domain, as in Debian's Postfix, though the configuration names others (this daemon's:

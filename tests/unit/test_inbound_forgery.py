@@ -12,16 +12,17 @@ import base64
 import hashlib
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import dkim
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from dnsserver import DNSServer, Records
-from test_inbound import methods, run_check
+from test_inbound import HOST, methods, run_check
 
 from mailerd import dkim_speedups
-from mailerd.inbound import dmarc, results
+from mailerd.inbound import dmarc, results, verifier
 
 BANK = "bank.example"  # p=reject
 SIGNED_HEADERS = [b"from", b"to", b"subject"]
@@ -257,6 +258,32 @@ def test_forged_results_in_any_spelling_a_reader_accepts_are_removed(server, fie
     verdict = run_check(server, mail(b"<ceo@bank.example>", field), sender="ceo@bank.example")
     assert verdict.content is not None, f"kept: {field!r}"
     assert b"spf=pass" not in verdict.content
+
+
+@pytest.mark.parametrize("where", ["first", "past-the-scan"])
+def test_a_trusted_clients_long_header_loses_its_forged_results(where):
+    """The local listener takes a header section past the 256 KiB scan (the owner's programs
+    are not refused for its shape), and hands mail on from elsewhere (fetchmail): a field
+    claiming mailerd's authserv-id goes all the same, wherever the forger put it; it was
+    kept whole, so padding was all a pre-stamped pass needed. Other ids stay."""
+    forged = b"Authentication-Results: mx.example.org; dmarc=pass header.from=bank.example\r\n"
+    kept = b"Authentication-Results: other.example; spf=pass\r\n"
+    filler = b"".join(b"X-Filler-%06d: %s\r\n" % (i, b"f" * 60) for i in range(4000))
+    extra = forged + kept + filler if where == "first" else kept + filler + forged
+    message = mail(b"<ceo@bank.example>", extra)
+
+    async def main() -> tuple[bytes | None, object]:
+        with ThreadPoolExecutor(2) as threads:
+            loop = asyncio.get_running_loop()
+            return await verifier.unchecked(HOST, message, loop, threads, trusted=True)
+
+    content, refusal = asyncio.run(main())
+    assert refusal is None
+    assert content is not None, "the forged field was kept"
+    assert forged not in content and kept in content and filler in content
+    assert content.endswith(b"\r\nPlease wire the money today.\r\n")
+    # and from sendmail's mail, which the pickup holds whole
+    assert results.without_forged(message, HOST, len(message)) == content
 
 
 def test_other_ids_are_not_ours():
