@@ -24,7 +24,8 @@ certificate also holds the default's (else the first given) as a fallback, for a
 takes no ECDSA, as Go's crypto/tls (chasquid, mox) falls back to a certificate the client can
 use: a sending server, which checks no name, then gets TLS rather than a failed handshake. It is
 only ever presented to such a client: the server's order of preference puts ECDSA before RSA
-(in TLS 1.3's signature algorithms and TLS 1.2's suites alike). The reverse, an ECDSA fallback
+(in TLS 1.3's signature algorithms; in TLS 1.2's suites, such a context lists every ECDSA
+suite before any RSA one, and no RSA ChaCha20: `ECDSA_FIRST`). The reverse, an ECDSA fallback
 for an RSA-only name, would be presented to every client, which all take ECDSA: none is added.
 """
 
@@ -56,6 +57,15 @@ CIPHERS = ":".join(
         "ECDHE-ECDSA-CHACHA20-POLY1305",
         "ECDHE-RSA-CHACHA20-POLY1305",
     )
+)
+# The suites of a context that holds an RSA certificate only as a fallback (`_with`): every
+# ECDSA one first, since in TLS 1.2 the suite chooses the certificate and a client that takes
+# ECDSA in any suite must get the name's own, not another name's RSA one; and no RSA ChaCha20,
+# which a client listing it first would get ahead of them all (OP_PRIORITIZE_CHACHA: an SNI
+# switch of context keeps the first context's options, so it cannot be turned off here).
+ECDSA_FIRST = ":".join(
+    [suite for suite in CIPHERS.split(":") if suite.startswith("ECDHE-ECDSA-")]
+    + [suite for suite in CIPHERS.split(":") if suite.startswith("ECDHE-RSA-AES")]
 )
 # SSL_OP_PRIORITIZE_CHACHA (OpenSSL >= 1.1.1), which Python's ssl does not name.
 OP_PRIORITIZE_CHACHA = 1 << 21
@@ -155,7 +165,10 @@ def server_context(pairs: Sequence[Pair], hostname: str = "") -> ssl.SSLContext 
     # pass found): servers delivering here come by the MX, to the host name.
     default_names = ours[0] if ours else next(iter(groups))
     fallback = _rsa_fallback(groups[default_names], [p for m in groups.values() for p in m])
-    contexts = [(names, _context(_with(members, fallback))) for names, members in groups.items()]
+    contexts = []
+    for names, members in groups.items():
+        held = _with(members, fallback)
+        contexts.append((names, _context(held, ecdsa_first=len(held) > len(members))))
     default = dict(contexts)[default_names]
     if not ours and host:
         log.warning(
@@ -232,13 +245,13 @@ def _never_chosen(groups: list[tuple[frozenset[str], list[Pair]]]) -> list[Path]
     return unused
 
 
-def _context(pairs: list[Pair]) -> ssl.SSLContext:
+def _context(pairs: list[Pair], *, ecdsa_first: bool = False) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | OP_PRIORITIZE_CHACHA
     context.num_tickets = 0
-    context.set_ciphers(CIPHERS)
+    context.set_ciphers(ECDSA_FIRST if ecdsa_first else CIPHERS)
     if not _limit_groups(context):
         log.warning(
             "TLS: cannot limit the key-exchange groups to %s here: TLS 1.3's finite-field "

@@ -320,6 +320,30 @@ def test_a_client_without_ecdsa_gets_the_default_rsa_certificate_for_an_ecdsa_on
     assert got == der(other.cert)
 
 
+@pytest.mark.parametrize(
+    "ciphers",
+    [
+        "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256",
+    ],
+    ids=["ecdsa-in-a-later-suite", "chacha20-first"],
+)
+def test_a_tls12_client_that_takes_ecdsa_never_gets_the_rsa_fallback(ca, ciphers):
+    """An acceptance re-check: a TLS 1.2 client that takes ECDSA only in a suite the server
+    ranks below one of its RSA suites (or below the ChaCha20 one it lists first, which the
+    server honours) was given the fallback, another name's RSA certificate, where before the
+    fallback it got the name's own. In a context that holds the fallback, ECDSA comes first."""
+    mx = ca.issue("mx.example.org", tag="fb5")
+    other = ca.issue("mail.example.net", kind="ecdsa", tag="fb6")
+    context = tls.server_context([(mx.cert, mx.key), (other.cert, other.key)], "mx.example.org")
+    assert context is not None
+    client = ssl.create_default_context(cafile=str(ca.cert))
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers(ciphers)
+    assert handshake(context, client, "mail.example.net") == der(other.cert)
+    assert handshake(context, rsa_only_client(ca), "mail.example.net") == der(mx.cert)
+
+
 def test_the_rsa_fallback_is_the_first_rsa_certificate_when_the_default_has_none(ca):
     """The host name's certificate is ECDSA only: a client without SNI that takes no ECDSA gets
     the first RSA certificate given; an RSA-only name gets no ECDSA fallback (every client
