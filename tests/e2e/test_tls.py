@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import itertools
 import os
 import re
@@ -27,6 +28,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -37,6 +39,7 @@ import pytest
 from certs import CA, Pair, make_ca
 
 from .conftest import (
+    CRLF,
     HOSTNAME,
     IO_TIMEOUT,
     REPO,
@@ -680,6 +683,128 @@ def test_a_close_notify_behind_the_last_command_is_taken_at_once(tls_server):
                     plain += data
         assert time.monotonic() - started < 3, "the session was not ended at once"
     assert plain.startswith(b"220 ") and b"\r\n250 2.0.0" in plain, plain
+
+
+class RecordClient:
+    """A TLS 1.3 client after STARTTLS whose records the test cuts: OpenSSL over memory BIOs,
+    every record it writes sent, or kept to be sent at once (`records`, `key_updates`)."""
+
+    def __init__(self, port: int):
+        c = Client("127.0.0.1", port)
+        c.start(HELO)
+        expect(c.cmd("STARTTLS"), 220, conn=c)
+        self.sock, self.incoming, self.outgoing = c.sock, ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = unverified_context()
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.tls = context.wrap_bio(self.incoming, self.outgoing)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                self.incoming.write(self.sock.recv(65536))
+        self.sock.sendall(self.outgoing.read())
+
+    def cmd(self, line: bytes) -> bytes:
+        self.tls.write(line + CRLF)
+        self.sock.sendall(self.outgoing.read())
+        answer = b""
+        while not re.search(rb"(^|\n)[0-9]{3} [^\n]*\n$", answer):
+            self.incoming.write(self.sock.recv(65536))
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while data := self.tls.read(65536):
+                    answer += data
+        return answer
+
+    def records(self, data: bytes, size: int) -> bytes:
+        """The records of `data`, `size` octets of it in each."""
+        for start in range(0, len(data), size):
+            self.tls.write(data[start : start + size])
+        return self.outgoing.read()
+
+    def key_updates(self, count: int) -> bytes:
+        """`count` KeyUpdate records (no answer asked), which carry no data."""
+        lib = ctypes.CDLL(ssl._ssl.__file__)  # (OpenSSL, as Python's ssl module links it)
+        lib.SSL_version.argtypes = lib.SSL_do_handshake.argtypes = [ctypes.c_void_p]
+        lib.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        # The SSL the object wraps: CPython's _ssl._SSLSocket holds it after a weak reference.
+        sslobj = self.tls._sslobj  # type: ignore[attr-defined]
+        where = id(sslobj) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
+        pointer = ctypes.c_void_p.from_address(where).value
+        assert pointer and lib.SSL_version(pointer) == 0x0304, "not this TLS 1.3 connection"
+        for _ in range(count):
+            assert lib.SSL_key_update(pointer, 0) == 1 and lib.SSL_do_handshake(pointer) == 1
+        return self.outgoing.read()
+
+
+def _unread(sock: socket.socket) -> int:
+    """Octets a client sent on an IPv4 connection that its server has not read yet (the
+    rx_queue of the server's end in /proc/net/tcp)."""
+    ends = [
+        ":".join((socket.inet_aton(host)[::-1].hex().upper(), f"{port:04X}"))
+        for host, port in (sock.getpeername(), sock.getsockname())
+    ]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1:3] == ends:
+            return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+@pytest.mark.parametrize("records", ["one-octet", "key-update"])
+def test_clients_sending_costly_records_do_not_starve_the_owner(
+    mailerd_factory, pki: PKI, records: str
+):
+    """Two clients send TLS records that cost much to read for what they carry: message
+    content one octet a record, or KeyUpdates, which carry none. The owner's session on the
+    same worker still gets its replies at once. A TLS read's turn was charged for its
+    plaintext: 256 KB of records came a read (11,000 of them, or 9,700 key updates) and 32
+    reads a wakeup, and the owner's transaction took 3 s (an attacker's pass at the TLS
+    layer)."""
+    m = mailerd_factory(
+        cls=TLSMailerd, pairs=[pki.rsa], workers=1, submission=False, submissions=False
+    )
+    user = m.new_user("records")
+    streams = []
+    for _ in range(2):
+        c = RecordClient(m.untrusted_port)
+        c.cmd(b"EHLO streamer.test")
+        if records == "one-octet":
+            c.cmd(b"MAIL FROM:<a@streamer.test>")
+            c.cmd(f"RCPT TO:<{user}@example.org>".encode())
+            c.cmd(b"DATA")
+            content = b"Subject: x\r\n\r\n" + (b"x" * 70 + CRLF) * 30_000
+            wire = c.records(content, 1)  # (2 MB of content, 50 MB of records)
+        else:
+            wire = c.key_updates(150_000)  # (4 MB)
+        streams.append((c.sock, wire))
+    senders = [threading.Thread(target=_send, args=stream, daemon=True) for stream in streams]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        with m.connect(trusted=True) as c:
+            expect(c.banner(), 220, conn=c)
+            c.cmd("EHLO owner.test")
+            mail_rcpt(c, "friend@elsewhere.test")
+            c.cmd("QUIT")
+        took = time.monotonic() - started
+        assert took < 1.0, f"the owner's transaction took {took:.1f} s under the streams"
+        assert any(_unread(sock) for sock, _ in streams), "the streams should still be read"
+    finally:
+        for sock, _ in streams:
+            sock.shutdown(socket.SHUT_RDWR)  # (the senders stop)
+        for sender in senders:
+            sender.join(IO_TIMEOUT)
+        for sock, _ in streams:
+            sock.close()
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
 
 
 @pytest.mark.parametrize("listener", ["network", "submissions"])
