@@ -325,8 +325,11 @@ def test_a_client_without_ecdsa_gets_the_default_rsa_certificate_for_an_ecdsa_on
     [
         "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384",
         "ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384",
     ],
-    ids=["ecdsa-in-a-later-suite", "chacha20-first"],
+    ids=["ecdsa-in-a-later-suite", "chacha20-first", "ecdsa-first", "ecdsa-chacha20", "three"],
 )
 def test_a_tls12_client_that_takes_ecdsa_never_gets_the_rsa_fallback(ca, ciphers):
     """An acceptance re-check: a TLS 1.2 client that takes ECDSA only in a suite the server
