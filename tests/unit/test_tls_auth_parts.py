@@ -6,6 +6,7 @@ what each listener role offers (worker.process.session_config)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -345,6 +346,88 @@ def test_a_tls12_client_that_takes_ecdsa_never_gets_the_rsa_fallback(ca, ciphers
     client.set_ciphers(ciphers)
     assert handshake(context, client, "mail.example.net") == der(other.cert)
     assert handshake(context, rsa_only_client(ca), "mail.example.net") == der(mx.cert)
+
+
+def test_every_tls12_offer_that_takes_ecdsa_gets_the_names_own_certificate(ca):
+    """Every ordered choice of our six TLS 1.2 suites (1956 offers, in memory): one with an
+    ECDSA suite is served the name's own certificate, whatever else it lists and in whatever
+    order; one without is served the fallback, or fails when it offers RSA ChaCha20 alone (the
+    fallback's context has none). On d860183, 218 of them got the fallback, another name's."""
+    mx = ca.issue("mx.example.org", tag="fb9")
+    other = ca.issue("mail.example.net", kind="ecdsa", tag="fb10")
+    context = tls.server_context([(mx.cert, mx.key), (other.cert, other.key)], "mx.example.org")
+    assert context is not None
+    own, fallback = der(other.cert), der(mx.cert)
+    wrong = []
+    for size in range(1, 7):
+        for offer in itertools.permutations(tls.CIPHERS.split(":"), size):
+            served = memory_handshake(context, ":".join(offer), "mail.example.net")
+            if any(suite.startswith("ECDHE-ECDSA-") for suite in offer):
+                expected = own
+            elif offer == ("ECDHE-RSA-CHACHA20-POLY1305",):
+                expected = None
+            else:
+                expected = fallback
+            if served != expected:
+                wrong.append(":".join(offer))
+    assert not wrong, f"{len(wrong)} offers served another certificate, e.g. {wrong[:3]}"
+
+
+def memory_handshake(context: ssl.SSLContext, ciphers: str, name: str) -> bytes | None:
+    """The certificate `context` presents to a TLS 1.2 client offering `ciphers` and asking for
+    `name`, through memory BIOs; None if the handshake fails."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers(ciphers)
+    to_server, to_client, from_server, from_client = (ssl.MemoryBIO() for _ in range(4))
+    ours = context.wrap_bio(to_server, from_server, server_side=True)
+    theirs = client.wrap_bio(to_client, from_client, server_hostname=name)
+    for _ in range(4):
+        try:
+            theirs.do_handshake()
+            return theirs.getpeercert(binary_form=True)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:
+            return None
+        to_server.write(from_client.read())
+        try:
+            ours.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:
+            return None
+        to_client.write(from_server.read())
+    return None
+
+
+def test_the_rsa_fallback_keeps_chacha_first_for_ecdsa_clients(ca):
+    """A name with a fallback: a client that puts ECDSA ChaCha20 first still gets it; one that
+    takes no ECDSA and puts RSA ChaCha20 first gets the fallback over AES-GCM."""
+    mx = ca.issue("mx.example.org", tag="fb7")
+    other = ca.issue("mail.example.net", kind="ecdsa", tag="fb8")
+    context = tls.server_context([(mx.cert, mx.key), (other.cert, other.key)], "mx.example.org")
+    assert context is not None
+    chacha, aes = "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-ECDSA-AES128-GCM-SHA256"
+    rsa_chacha, rsa_aes = "ECDHE-RSA-CHACHA20-POLY1305", "ECDHE-RSA-AES128-GCM-SHA256"
+    for offer, served, suite in (
+        (f"{chacha}:{aes}", other, chacha),
+        (f"{rsa_chacha}:{rsa_aes}", mx, rsa_aes),
+    ):
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        client.maximum_version = ssl.TLSVersion.TLSv1_2
+        client.set_ciphers(offer)
+        a, b = socket.socketpair()
+        with a, b:
+            server = threading.Thread(target=_serve, args=(context, a))
+            server.start()
+            with client.wrap_socket(b, server_hostname="mail.example.net") as conn:
+                got, cert = conn.cipher(), conn.getpeercert(binary_form=True)
+            server.join(10)
+        assert got is not None and got[0] == suite, offer
+        assert cert == der(served.cert), offer
 
 
 def test_the_rsa_fallback_is_the_first_rsa_certificate_when_the_default_has_none(ca):
