@@ -399,8 +399,10 @@ def _chooser(contexts: list[tuple[frozenset[str], ssl.SSLContext]]) -> SNICallba
     def choose(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: ssl.SSLContext) -> None:
         if name is None:
             return  # no SNI: the default context
+        # (RFC 6066 3 forbids a final dot, but some clients send one: the same name.)
+        wanted = name.lower().rstrip(".")
         for names, context in contexts:
-            if _covers(names, name.lower()):
+            if _covers(names, wanted):
                 sock.context = context
                 return
 

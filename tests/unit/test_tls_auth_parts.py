@@ -246,6 +246,9 @@ def test_sni_chooses_among_names_and_the_first_is_the_default(ca):
     assert handshake(context, client, "mail.example.net") == der(second.cert)
     assert handshake(context, client, "mx.example.com") == der(second.cert)  # the wildcard
     assert handshake(context, client, "smtp.example.org") == der(first.cert)
+    unchecked_sni = ssl.create_default_context(cafile=str(ca.cert))
+    unchecked_sni.check_hostname = False  # (a final dot, which some clients send: the same name)
+    assert handshake(context, unchecked_sni, "Mail.Example.NET.") == der(second.cert)
     unchecked = ssl.create_default_context(cafile=str(ca.cert))
     unchecked.check_hostname = False
     assert handshake(context, unchecked, None) == der(first.cert)
