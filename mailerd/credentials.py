@@ -211,9 +211,28 @@ def exposed(path: str) -> str | None:
         return f"is owned by uid {st.st_uid}, who may add a login for any user: chown root:mail it"
     if st.st_mode & 0o004:
         return "is readable by others, who may guess at its hashes offline: chmod 640 it"
+    if st.st_mode & 0o040 and st.st_gid not in (0, _gid(GROUP)):
+        return (
+            f"is readable by group {_group_name(st.st_gid)}, whose members may guess at its "
+            f"hashes offline: chgrp {GROUP} it"
+        )
     if st.st_mode & 0o022:
         return "may be written by others than its owner, who may add logins: chmod 640 it"
     return None
+
+
+def _gid(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _directory(path: str) -> str:

@@ -4,6 +4,7 @@ has a child check them (`secrets.check`), at start-up and at each reload."""
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
 import os
 import signal
@@ -221,6 +222,30 @@ def test_check_warns_of_a_passwd_file_others_may_read_or_change(
         assert lines == [lines[0]] and lines[0].startswith(
             f"--passwd {path} {said.format(uid=uid)}"
         ), lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chgrp to another group needs root")
+@pytest.mark.parametrize(
+    ("group", "said"),
+    [
+        ("mail", None),
+        ("root", None),
+        ("users", "is readable by group users, whose members may guess at its hashes offline"),
+    ],
+)
+def test_check_warns_of_a_passwd_file_another_group_may_read(
+    tmp_path: Path, caplog, group: str, said: str | None
+):
+    """root:users 0640 lets every member of users read the hashes: warned of like a file
+    others may read (an acceptance re-check's finding: only other-read was looked at)."""
+    path = tmp_path / "passwd"
+    path.write_text("alice:$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA\n")
+    os.chown(path, 0, grp.getgrnam(group).gr_gid)
+    path.chmod(0o640)
+    caplog.set_level(logging.WARNING)
+    assert secrets.check(load(tmp_path, "--passwd", str(path))) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ([] if said is None else [f"--passwd {path} {said}: chgrp mail it"]), lines
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to the workers' user needs root")
