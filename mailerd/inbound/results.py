@@ -219,7 +219,8 @@ def without_forged(message: bytes, authserv_id: str, limit: int = headers.SCAN) 
     fields of 4 KB of "((((" each, under the cap of one, held the event loop 100 ms). An
     honest field has a space there."""
     section = message[: headers.section_end(message, limit)].lower()
-    if b"\nauthentication-results" not in b"\n" + section:  # (a field's name begins a line)
+    # (A field's name begins a line; white space may come before its colon.)
+    if b"\nauthentication-results" not in b"\n" + section:
         return None
     cuts = []
     left = CFWS_MAX

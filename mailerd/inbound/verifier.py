@@ -286,11 +286,7 @@ async def unchecked(
     if unscannable(body, head, end):
         if not trusted:
             return None, HEADER_TOO_LARGE
-        whole = (
-            body
-            if isinstance(body, bytes)
-            else await loop.run_in_executor(executor, durable.read_body, body)
-        )
+        whole = await _whole(body, loop, executor)
         content = await loop.run_in_executor(
             executor, results.without_forged, whole, hostname, len(whole)
         )
@@ -309,16 +305,16 @@ async def without_forged(
     authserv-id, or None when its header `section` has none (RFC 8601 5: a reader or filter
     that trusts our hostname's verdicts must never meet one made outside). The whole message
     is read only when there is one to remove."""
-    if b"\nauthentication-results" not in b"\n" + section.lower():  # (WSP may precede ':')
+    if results.without_forged(section, hostname) is None:  # (none, or other hosts' only)
         return None
-    if results.without_forged(section, hostname) is None:  # (only other hosts' results)
-        return None
-    whole = (
-        body
-        if isinstance(body, bytes)
-        else await loop.run_in_executor(executor, durable.read_body, body)
-    )
-    return results.without_forged(whole, hostname)
+    return results.without_forged(await _whole(body, loop, executor), hostname)
+
+
+async def _whole(body: durable.Body, loop: asyncio.AbstractEventLoop, executor: Executor) -> bytes:
+    """The whole message, read from its spill file in a check thread if it is not in memory."""
+    if isinstance(body, bytes):
+        return body
+    return await loop.run_in_executor(executor, durable.read_body, body)
 
 
 def _begun(began: dict[str, float], name: str, check: Callable[..., T], *args: Any) -> T:
