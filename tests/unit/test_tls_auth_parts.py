@@ -379,13 +379,9 @@ def test_every_tls12_offer_that_takes_ecdsa_gets_the_names_own_certificate(ca):
 def memory_handshake(context: ssl.SSLContext, ciphers: str, name: str) -> bytes | None:
     """The certificate `context` presents to a TLS 1.2 client offering `ciphers` and asking for
     `name`, through memory BIOs; None if the handshake fails."""
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-    client.maximum_version = ssl.TLSVersion.TLSv1_2
-    client.set_ciphers(ciphers)
     to_server, to_client, from_server, from_client = (ssl.MemoryBIO() for _ in range(4))
     ours = context.wrap_bio(to_server, from_server, server_side=True)
-    theirs = client.wrap_bio(to_client, from_client, server_hostname=name)
+    theirs = tls12_client(ciphers).wrap_bio(to_client, from_client, server_hostname=name)
     for _ in range(4):
         try:
             theirs.do_handshake()
@@ -418,18 +414,8 @@ def test_the_rsa_fallback_keeps_chacha_first_for_ecdsa_clients(ca):
         (f"{chacha}:{aes}", other, chacha),
         (f"{rsa_chacha}:{rsa_aes}", mx, rsa_aes),
     ):
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-        client.maximum_version = ssl.TLSVersion.TLSv1_2
-        client.set_ciphers(offer)
-        a, b = socket.socketpair()
-        with a, b:
-            server = threading.Thread(target=_serve, args=(context, a))
-            server.start()
-            with client.wrap_socket(b, server_hostname="mail.example.net") as conn:
-                got, cert = conn.cipher(), conn.getpeercert(binary_form=True)
-            server.join(10)
-        assert got is not None and got[0] == suite, offer
+        got, cert = tls12_session(context, offer, "mail.example.net")
+        assert got == suite, offer
         assert cert == der(served.cert), offer
 
 
@@ -572,21 +558,34 @@ def test_the_context_speaks_tls_12_and_13_only(ca):
     assert tls.server_context([]) is None
 
 
-def negotiated(context: ssl.SSLContext, offer: str) -> str:
-    """The TLS 1.2 suite a client offering `offer` (in its order) gets."""
+def tls12_client(offer: str) -> ssl.SSLContext:
+    """A TLS 1.2 client offering the suites of `offer`, in its order, that checks nothing."""
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
     client.maximum_version = ssl.TLSVersion.TLSv1_2
     client.set_ciphers(offer)
+    return client
+
+
+def tls12_session(
+    context: ssl.SSLContext, offer: str, name: str | None = None
+) -> tuple[str, bytes | None]:
+    """The TLS 1.2 suite a client offering `offer` (in its order, asking for `name`) gets, and
+    the certificate it is presented (DER)."""
     a, b = socket.socketpair()
     with a, b:
         server = threading.Thread(target=_serve, args=(context, a))
         server.start()
-        with client.wrap_socket(b) as conn:
-            suite = conn.cipher()
+        with tls12_client(offer).wrap_socket(b, server_hostname=name) as conn:
+            suite, cert = conn.cipher(), conn.getpeercert(binary_form=True)
         server.join(10)
     assert suite is not None
-    return suite[0]
+    return suite[0], cert
+
+
+def negotiated(context: ssl.SSLContext, offer: str) -> str:
+    """The TLS 1.2 suite a client offering `offer` (in its order) gets."""
+    return tls12_session(context, offer)[0]
 
 
 def test_the_server_order_decides_except_for_a_client_that_puts_chacha_first(ca):
