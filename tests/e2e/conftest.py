@@ -227,6 +227,18 @@ def mail_rcpt(
     expect(c.cmd(f"RCPT TO:<{rcpt}>"), 250, conn=c)
 
 
+def owner_transaction(m: Mailerd) -> float:
+    """Seconds the owner's transaction takes on the loopback listener (banner, EHLO, MAIL,
+    RCPT, QUIT): what the tests of one client starving the others time."""
+    started = time.monotonic()
+    with m.connect(trusted=True) as c:
+        expect(c.banner(), 220, conn=c)
+        c.cmd("EHLO owner.test")
+        mail_rcpt(c, "friend@elsewhere.test")
+        c.cmd("QUIT")
+    return time.monotonic() - started
+
+
 def send_data(c: SMTPConn, body: bytes, code: int = 250, enhanced: str | None = None) -> Reply:
     """Send DATA (expecting 354), then ``body`` and the final dot; expect ``code`` at the end."""
     expect(c.cmd("DATA"), 354, conn=c)
