@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mailerd import durable
 from mailerd.names import is_local_domain, mailbox_name
 
 if TYPE_CHECKING:
@@ -261,23 +262,20 @@ def write(path: str, hashes: Mapping[str, str]) -> None:
     and we may give it), its users those of `hashes`. What the administrator wrote stays:
     comments, empty lines and the users' order (`_text`)."""
     directory = _directory(path)
-    temporary = f"{path}.tmp{os.getpid()}"
-    text = _text(path, hashes)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    data = _text(path, hashes).encode("utf-8")
+    durable.replace_synced(path, data, _owner(), mode=0o640)
+    durable.fsync_dir(directory)
+
+
+def _owner() -> tuple[int, int] | None:
+    """root and group `mail` (run by another user: that user, who may give the group only if
+    a member of it); None when there is no such group, or it may not be given."""
     try:
-        with contextlib.suppress(KeyError, PermissionError):
-            os.fchown(fd, 0 if os.geteuid() == 0 else -1, grp.getgrnam(GROUP).gr_gid)
-        os.fchmod(fd, 0o640)
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(temporary)
-        raise
-    os.close(fd)
-    os.rename(temporary, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        gid = grp.getgrnam(GROUP).gr_gid
+    except KeyError:
+        return None
+    if os.geteuid() == 0:
+        return 0, gid
+    if gid != os.getegid() and gid not in os.getgroups():
+        return None
+    return -1, gid

@@ -43,9 +43,10 @@ def write_synced(
     body: Body,
     owner: tuple[int, int] | None = None,
     dir_fd: int | None = None,
+    mode: int = 0o600,
 ) -> None:
     """Create `path` (must not exist) with head + body, chown it if asked, and fsync it."""
-    fd = write_new(path, head, body, owner, dir_fd)
+    fd = write_new(path, head, body, owner, dir_fd, mode=mode)
     try:
         os.fsync(fd)
     except BaseException:
@@ -62,15 +63,19 @@ def write_new(
     owner: tuple[int, int] | None = None,
     dir_fd: int | None = None,
     limit: int | None = None,
+    mode: int = 0o600,
 ) -> int:
     """Create `path` (must not exist; O_EXCL never follows a link) with head + body, relative
     to `dir_fd` if given; return the open, not yet synced descriptor. `limit`: octets of a
-    descriptor's body copied at most (copy_fd)."""
+    descriptor's body copied at most (copy_fd). `mode` is given once the owner is (before,
+    the file is 0600), and the umask does not narrow it."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(path, flags, 0o600, dir_fd=dir_fd)
     try:
         if owner is not None:
             os.fchown(fd, *owner)
+        if mode != 0o600:
+            os.fchmod(fd, mode)
         if isinstance(body, bytes):
             _write_both(fd, head, body)
         else:
@@ -186,6 +191,7 @@ def replace_synced(
     owner: tuple[int, int] | None = None,
     sync: bool = True,
     dir_fd: int | None = None,
+    mode: int = 0o600,
 ) -> None:
     """Atomically replace a small file's content (tmp [+ fsync] + rename); caller fsyncs the dir.
 
@@ -195,9 +201,9 @@ def replace_synced(
     tmp = f"{path}.tmp{os.getpid()}"
     _unlink_quietly(tmp, dir_fd)
     if sync:
-        write_synced(tmp, data, b"", owner, dir_fd)
+        write_synced(tmp, data, b"", owner, dir_fd, mode)
     else:
-        os.close(write_new(tmp, data, b"", owner, dir_fd))
+        os.close(write_new(tmp, data, b"", owner, dir_fd, mode=mode))
     os.rename(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 

@@ -634,6 +634,25 @@ def test_passwords_round_trip_and_the_file_is_not_for_everyone(tmp_path: Path):
     assert credentials.Credentials.load(str(tmp_path / "missing")).hashes == {}
 
 
+def test_the_passwd_file_is_replaced_whatever_the_umask_or_debris_of_a_crash(tmp_path: Path):
+    """A tight umask does not narrow the file to 0600 (group `mail` reads it), and a temporary
+    file an earlier run of the same pid left, or a link planted there, does not stop the write
+    (it was FileExistsError) and is not followed."""
+    path = tmp_path / "passwd"
+    outside = tmp_path / "outside"
+    outside.write_text("untouched\n")
+    (tmp_path / f"passwd.tmp{os.getpid()}").symlink_to(outside)
+    old = os.umask(0o077)
+    try:
+        credentials.write(str(path), {"alice": credentials.hash_password("x")})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert outside.read_text() == "untouched\n" and not path.is_symlink()
+    assert list(credentials.Credentials.load(str(path)).hashes) == ["alice"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "passwd"]
+
+
 def test_an_unknown_name_is_checked_against_a_hash_of_the_files_own_parameters(tmp_path: Path):
     """So that its check costs what a user's does: with a file written with other parameters
     than ours, a dummy of our own made unknown names slower than users (found by an
