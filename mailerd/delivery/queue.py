@@ -251,7 +251,15 @@ class Queue:
             durable.write_synced(msg, head, body)
             durable.fsync_dir(str(self.root / "msg"))
             item.size = os.path.getsize(msg)
-        self.update(item)
+        try:
+            self.update(item)
+        except QueueWriteError:
+            # Without its envelope the message is debris nobody was told 250 for: removed now
+            # rather than by the clean an hour later, for on a full disk it holds the very
+            # space (or the last inode) that the client's retry needs.
+            with contextlib.suppress(OSError):
+                os.unlink(msg)
+            raise
 
     def update(self, item: QueueItem) -> None:
         """Atomically replace an item's envelope (recipient states, next attempt)."""

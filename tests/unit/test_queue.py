@@ -4,6 +4,7 @@ without following a link planted in it. Needs no root."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -491,4 +492,18 @@ def test_put_of_an_item_that_cannot_be_written_leaves_nothing(q):
     item = QueueItem("1BAD", "a@\udcff", [Recipient("bob@example.net")])
     with pytest.raises(UnicodeEncodeError):
         q.put(item, HEAD, BODY)
+    assert listing(q) == {}
+
+
+def test_put_whose_envelope_cannot_be_written_removes_its_message(q, monkeypatch):
+    """A full disk (or no inode left) after the message was written: the message file goes
+    at once, not at the clean an hour later, for it holds the very space a retry needs (a
+    scale pass: on a queue out of inodes, each 452 could leave one message file behind)."""
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(queue_mod.durable, "replace_synced", full)
+    with pytest.raises(queue_mod.QueueWriteError):
+        q.put(QueueItem("1FULL", "a@example.org", [Recipient("bob@example.net")]), HEAD, BODY)
     assert listing(q) == {}
