@@ -47,6 +47,10 @@ from mailerd.ipc.messages import (
 from mailerd.log import shorten
 
 TIMEOUT = 30.0
+# The largest answer taken from the daemon: its listing is every item's envelope, about 300
+# octets each, and the channel's usual 1 MiB held some 3,000; a queue of tens of thousands
+# (a destination down for days) came back as "no answer" and the files were listed instead.
+MAX_ANSWER = 256 << 20
 # What connecting says when no daemon is there: no socket, or nobody accepts on it (a stale
 # one). Anything else (a timeout, EACCES, a reset) means a daemon that is there.
 NO_DAEMON = (FileNotFoundError, ConnectionRefusedError)
@@ -187,7 +191,7 @@ def _queue_dir(args: argparse.Namespace) -> Path:
 
 
 async def _ask(queue_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
-    client = Client(str(queue_dir / "private" / "delivery.sock"), TIMEOUT)
+    client = Client(str(queue_dir / "private" / "delivery.sock"), TIMEOUT, max_header=MAX_ANSWER)
     try:
         return await client.request(request)
     finally:

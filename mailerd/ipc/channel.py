@@ -55,9 +55,11 @@ class Channel:
         on_close: Callable[[], None],
         max_body: int | None = None,
         eager: bool = False,
+        max_header: int = MAX_HEADER,
     ) -> None:
         sock.setblocking(False)
         self._max_body = max_body
+        self._max_header = max_header
         # Eager: each frame is sent at once, not at the end of the loop iteration. For a
         # worker's requests, on a message's way to its 250, where waiting for the iteration to
         # end added its other work to every wait. (The writer's answers: see flush().)
@@ -202,7 +204,7 @@ class Channel:
     def _parse(self) -> None:
         while len(self._in) >= PREFIX.size and not self.closed:
             header_len, body_len = PREFIX.unpack_from(self._in)
-            if header_len > MAX_HEADER:
+            if header_len > self._max_header:
                 raise ChannelError("header too large")
             if self._max_body is not None and body_len > self._max_body:
                 raise ChannelError("inline body too large")
@@ -264,9 +266,13 @@ class Client:
         timeout: float,
         sock: socket.socket | None = None,
         on_broken: Callable[[], None] | None = None,
+        max_header: int = MAX_HEADER,
     ) -> None:
+        """`max_header`: the largest answer header taken (`mailerd queue`'s listing of a big
+        queue is far more than a request's)."""
         self.path = path
         self.timeout = timeout
+        self._max_header = max_header
         self._sock = sock
         self._on_broken = on_broken
         self._channel: Channel | None = None
@@ -313,7 +319,9 @@ class Client:
             sock, self._sock = self._sock, None
             if sock is None:
                 raise ConnectionError("channel closed")
-            return Channel(sock, self._answered, self._broken, eager=True)
+            return Channel(
+                sock, self._answered, self._broken, eager=True, max_header=self._max_header
+            )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
@@ -322,7 +330,7 @@ class Client:
         except BaseException:
             sock.close()
             raise
-        return Channel(sock, self._answered, self._broken, eager=True)
+        return Channel(sock, self._answered, self._broken, eager=True, max_header=self._max_header)
 
     def _answered(self, header: dict[str, Any], body: bytes, fd: int | None) -> None:
         future = self._pending.get(header.get("id", -1))

@@ -4,14 +4,17 @@ run: a socket that never answers, or one nobody listens on, stands in for what t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
+import threading
 import time
 
 import pytest
 
 from mailerd.commands import queue as command
 from mailerd.delivery.queue import Queue, QueueItem, Recipient
+from mailerd.ipc import channel
 from mailerd.ipc.messages import Deleted
 
 HEAD = b"Received: from client.test by mx.example.org; Mon, 20 Nov 2023 10:00:00 +0000\r\n"
@@ -196,3 +199,33 @@ def test_a_refusal_from_the_daemon_is_said_and_nothing_is_done(q, capsys, monkey
     said = "the previous delivery process still has the queue; nothing done"
     assert err == f"mailerd queue: mailerd: {said}\n"
     assert q.ids() == {"1KEEP"}
+
+
+def test_a_daemon_s_listing_of_a_big_queue_is_shown(q, capsys):
+    """Thousands of messages for a destination down for days: the daemon's listing is larger
+    than a request's header may be (1 MiB, from about 3,000 messages on), and the tool read it
+    as a broken channel ("no answer from mailerd: peer process went away") and listed the
+    files instead, without what only the daemon knows (a scale pass)."""
+    items = [
+        dataclasses.asdict(QueueItem(f"1BIG{n:05d}", "alice@example.org", [Recipient("b@x.test")]))
+        for n in range(5000)
+    ]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as daemon:
+        daemon.bind(str(q.root / "private" / "delivery.sock"))
+        daemon.listen()
+
+        def answer() -> None:
+            conn, _ = daemon.accept()
+            with conn:
+                length = channel.PREFIX.unpack(conn.recv(channel.PREFIX.size))[0]
+                request = json.loads(conn.recv(length, socket.MSG_WAITALL))
+                conn.sendall(channel.frame({"id": request["id"], "items": items}))
+                conn.recv(1)  # (until the tool has read it and closed)
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        status, out, err = mailq(q, capsys)
+        thread.join()
+    assert len(channel.frame({"items": items})) > channel.MAX_HEADER
+    assert (status, err) == (0, "")
+    assert "1BIG04999" in out and "in 5000 message(s)" in out
