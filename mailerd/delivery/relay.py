@@ -44,7 +44,7 @@ import ssl
 import stat
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -264,6 +264,14 @@ def attempt(
 
 def _deferral(result: Result) -> bool:
     return not result.ok and not result.permanent
+
+
+def unreachable(results: Mapping[str, Result]) -> bool:
+    """Whether an attempt connected to none of its hosts: every recipient's result is a
+    connect failure of ours (refused, timed out, no route), or "no destination could be
+    reached". Not a greeting or a dialogue that failed: a host that answers may take the next
+    message."""
+    return bool(results) and all(r.ours and r.status == "4.4.1" for r in results.values())
 
 
 def _note(queue_id: str, text: str) -> None:

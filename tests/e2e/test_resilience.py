@@ -408,3 +408,46 @@ def test_queue_lists_offline(mailerd: Mailerd):
     assert listed.returncode == 0, listed.stderr
     assert f"<{bad}@example.org>" in listed.stdout and "<a@client.test>" in listed.stdout
     assert "1 message(s)" in listed.stdout
+
+
+def test_a_relayhost_that_takes_no_connection_is_suspended_until_a_flush(mailerd_factory):
+    """Its first message's attempt is refused; the rest are deferred without a connection
+    ("delivery temporarily suspended") until `mailerd queue flush`, which ends the suspension:
+    the relayhost, listening by then, gets them all."""
+    from aiosmtpd.controller import Controller
+
+    from .conftest import free_port
+
+    port = free_port()  # (nothing listens there yet: connections are refused)
+    extra = ["--relayhost", f"127.0.0.1:{port}", "--max-per-domain", "1", "--retry-after", "1h"]
+    m: Mailerd = mailerd_factory(workers=1, extra=extra)
+    rcpts = [f"r{n}@remote.test" for n in range(5)]
+    with m.connect() as c:
+        c.start()
+        for rcpt in rcpts:
+            mail_rcpt(c, rcpt, sender="a@example.org")
+            send_data(c, b"Subject: " + rcpt.encode() + b"\r\n\r\nhello\r\n")
+    deferred = lambda: m.stderr_text().count("status=deferred")  # noqa: E731
+    assert wait_until(lambda: deferred() >= len(rcpts), timeout=15), m.stderr_text()
+    lines = [line for line in m.stderr_text().splitlines() if "status=deferred" in line]
+    suspended = [line for line in lines if "delivery temporarily suspended: connect to" in line]
+    assert len(lines) == 5 and len(suspended) == 4, lines
+    assert all("relay=none," in line for line in suspended), suspended
+    assert "Connection refused" in suspended[0], suspended
+
+    recorder = _Recorder()
+    relayhost = Controller(recorder, hostname="127.0.0.1", port=port)
+    relayhost.start()
+    try:
+        flushed = subprocess.run(
+            [sys.executable, "-m", "mailerd", "queue", "-q", str(m.queue), "flush"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert flushed.returncode == 0, flushed
+        assert wait_until(lambda: len(recorder.rcpts) == len(rcpts), timeout=15), (
+            recorder.rcpts,
+            m.stderr_text()[-3000:],
+        )
+        assert sorted(recorder.rcpts) == rcpts
+    finally:
+        relayhost.stop()

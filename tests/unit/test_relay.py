@@ -180,8 +180,23 @@ def test_refused_connection_falls_back_to_next_hop(server, message):
 
 def test_all_hops_dead_is_transient(message):
     dead = relay.Hop("dead.test", "127.0.0.1", free_port())
-    result = relay.attempt([dead], message("bob@remote.test"), SETTINGS)["bob@remote.test"]
+    results = relay.attempt([dead], message("bob@remote.test"), SETTINGS)
+    result = results["bob@remote.test"]
     assert result.code == 451 and not result.permanent and "connect" in result.text
+    assert relay.unreachable(results)  # (the scheduler suspends such a destination)
+
+
+def test_a_host_that_answers_is_not_unreachable(hostile, message):
+    """Whatever it answers: only an attempt that connected to no host suspends the
+    destination's other mail (scheduler._reached)."""
+    dead = relay.Hop("dead.test", "127.0.0.1", free_port())
+    refusing = hostile({}, greeting=_said(b"421 4.3.2 busy\r\n"))
+    results = relay.attempt([dead, refusing], message("bob@remote.test"), SETTINGS)
+    assert not results["bob@remote.test"].ok and not relay.unreachable(results), results
+    deferring = hostile({"MAIL": lambda conn: conn.sendall(b"451 4.3.0 later\r\n")})
+    results = relay.attempt([deferring], message("bob@remote.test"), SETTINGS)
+    assert not results["bob@remote.test"].ok and not relay.unreachable(results), results
+    assert not relay.unreachable({})
 
 
 def test_data_rejection_applies_to_all_accepted(server, message):

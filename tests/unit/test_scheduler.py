@@ -1723,3 +1723,92 @@ def test_a_group_that_raises_waits_for_the_others_before_the_attempt_ends(w, mon
     assert states == {"x@example.net": ("pending", 1), "y@example.org.uk": ("sent", 1)}
     [x] = [r for r in w.on_disk(item).recipients if r.state == "pending"]
     assert x.last_error.startswith("451 4.3.0 local error: RuntimeError")
+
+
+# -- a destination none of whose hosts takes a connection ------------------------------------
+
+UNREACHABLE = relay.Result(
+    451, "4.4.1", "connect to mx1.example.net[192.0.2.25]:25: Connection timed out", *MX, ours=True
+)
+
+
+class FakeRelay:
+    """relay.attempt, in the scheduler's thread pool: each call is counted and given `result`
+    for every recipient, after a moment (a connection's time)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.result = UNREACHABLE
+
+    def __call__(self, hops, message, settings, record=None):
+        self.calls.append(message.recipients)
+        time.sleep(0.05)
+        return dict.fromkeys(message.recipients, self.result)
+
+
+@pytest.fixture
+def fake_relay(monkeypatch) -> FakeRelay:
+    fake = FakeRelay()
+    monkeypatch.setattr(relay, "attempt", fake)
+    return fake
+
+
+def attempt_all(w: World, items: list[QueueItem]) -> None:
+    """The items' attempts, all at once, as a retry round or a flush starts them."""
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [relay.Hop(*MX)]
+
+    async def all_at_once() -> None:
+        await asyncio.gather(*(w.sched._attempt(item) for item in items))
+
+    w.sched._hops = hops  # type: ignore[method-assign]  (no DNS)
+    run(all_at_once())
+
+
+def test_a_destination_whose_hosts_take_no_connection_is_suspended(w, fake_relay, caplog):
+    """Postfix's dead destination: once an attempt connected to none of a destination's hosts,
+    its other mail is deferred without a connection ("delivery temporarily suspended") until
+    --retry-after has passed. Each item made its own connection: a helper's 30,000 items for
+    a relayhost that dropped connections took their 30 s timeouts four at a time, some 62
+    hours a retry round. Other destinations are tried as before."""
+    caplog.set_level(logging.INFO, logger="mailerd.outbound")
+    items = [w.queued(ALICE, ["bob@example.net"]) for _ in range(20)]
+    other = w.queued(ALICE, ["carol@example.com"])
+    before = time.time()
+    attempt_all(w, [*items, other])
+    # The first attempts, one a slot (--max-per-domain), were under way before any had failed.
+    assert fake_relay.calls.count(("bob@example.net",)) == w.cfg.max_per_domain
+    assert fake_relay.calls.count(("carol@example.com",)) == 1
+    suspended = "451 4.4.1 delivery temporarily suspended: " + UNREACHABLE.text
+    errors = [item.recipients[0].last_error for item in items]
+    assert errors.count(suspended) == 20 - w.cfg.max_per_domain, errors
+    assert errors.count(UNREACHABLE.line()) == w.cfg.max_per_domain, errors
+    for item in items:  # deferred as any deferral is: counted, backed off, kept on disk
+        assert item.recipients[0].state == "pending" and item.recipients[0].attempts == 1
+        assert_next_attempt(item, 1, before, time.time())
+        assert w.on_disk(item).recipients[0].last_error == item.recipients[0].last_error
+    logged = [r.getMessage() for r in caplog.records if "suspended" in r.getMessage()]
+    assert len(logged) == 20 - w.cfg.max_per_domain and all(
+        "relay=none," in line and "status=deferred" in line for line in logged
+    ), logged
+
+
+def test_a_suspension_ends_after_the_retry_time_and_when_a_host_answers(make_world, fake_relay):
+    w = make_world("--retry-after", "1s")
+    attempt_all(w, [w.queued(ALICE, ["bob@example.net"])])
+    attempt_all(w, [w.queued(ALICE, ["bob@example.net"])])
+    assert len(fake_relay.calls) == 1  # (the second: suspended)
+    time.sleep(1.05)
+    fake_relay.result = DEFER  # (a host that answers, whatever it answers)
+    attempt_all(w, [w.queued(ALICE, ["bob@example.net"])])
+    attempt_all(w, [w.queued(ALICE, ["bob@example.net"])])
+    assert len(fake_relay.calls) == 3, fake_relay.calls  # (tried again, then not suspended)
+
+
+def test_a_host_that_answers_suspends_nothing(w, fake_relay):
+    fake_relay.result = DEFER
+    items = [w.queued(ALICE, ["bob@example.net"]) for _ in range(8)]
+    attempt_all(w, items)
+    assert len(fake_relay.calls) == 8
+    assert {item.recipients[0].last_error for item in items} == {DEFER.line()}
