@@ -1812,3 +1812,90 @@ def test_a_host_that_answers_suspends_nothing(w, fake_relay):
     attempt_all(w, items)
     assert len(fake_relay.calls) == 8
     assert {item.recipients[0].last_error for item in items} == {DEFER.line()}
+
+
+# -- how many of one destination's items are in flight ---------------------------------------
+
+
+class SlowRelay(FakeRelay):
+    """A host that answers (DEFER), `pause` seconds a session; when each call began."""
+
+    def __init__(self, pause: float) -> None:
+        super().__init__()
+        self.result = DEFER
+        self.pause = pause
+        self.began: dict[str, float] = {}
+
+    def __call__(self, hops, message, settings, record=None):
+        self.began.update(dict.fromkeys(message.recipients, time.monotonic()))
+        time.sleep(self.pause)
+        return super().__call__(hops, message, settings, record)
+
+
+def _attempted(w: World, address: str) -> int:
+    """Items of `address`'s domain the scheduler has attempted (its own objects: the loop
+    reads the queue from disk at its start)."""
+    domain = address.rpartition("@")[2]
+    return sum(
+        1
+        for item in w.sched.items.values()
+        if item.recipients[0].address.endswith("@" + domain) and item.recipients[0].attempts
+    )
+
+
+def test_a_backlog_for_one_destination_starts_a_few_items_at_a_time(w, monkeypatch):
+    """A retry round or a flush started every due item at once, a task each: a helper's 30,000
+    for one relayhost held the delivery process's loop, and every mailbox write and 250 with
+    it, for up to 3 s, and grew it by 240 MB it kept. Now at most two items a slot of one
+    destination are in flight (IN_FLIGHT_PER_SLOT), the rest wait aside without a task and
+    all are attempted in the end; another destination's item, due last, is not held behind
+    them."""
+    slow = SlowRelay(0.1)
+    monkeypatch.setattr(relay, "attempt", slow)
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [relay.Hop(*MX)]
+
+    w.sched._hops = hops  # type: ignore[method-assign]
+    backlog = [w.queued(ALICE, [f"r{n}@example.net"]) for n in range(40)]
+    w.queued(ALICE, ["carol@example.com"])
+    most = 0
+
+    def done() -> bool:
+        nonlocal most
+        most = max(most, len(w.sched.tasks))
+        return _attempted(w, "x@example.net") == len(backlog) and not w.sched.busy
+
+    async def main() -> float:
+        began = time.monotonic()
+        await _stopped(w, await _running(w, done, timeout=20))
+        return began
+
+    began = run(main())
+    assert _attempted(w, "x@example.net") == len(backlog)
+    assert most <= 2 * w.cfg.max_per_domain + 1, f"{most} attempts in flight at once"
+    assert slow.began["carol@example.com"] - began < 1.0, "held behind example.net's backlog"
+    assert not w.sched.held and not w.sched.held_ids and not w.sched.in_flight
+
+
+def test_an_item_deleted_while_set_aside_strands_none_of_the_others(w, monkeypatch):
+    monkeypatch.setattr(relay, "attempt", SlowRelay(0.1))
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [relay.Hop(*MX)]
+
+    w.sched._hops = hops  # type: ignore[method-assign]
+    backlog = [w.queued(ALICE, [f"r{n}@example.net"]) for n in range(20)]
+
+    async def main() -> None:
+        task = await _running(w, lambda: len(w.sched.held_ids) >= 10)
+        for queue_id in list(w.sched.held_ids)[:5]:
+            assert await w.sched.delete(queue_id) == "deleted"
+        deadline = time.monotonic() + 20
+        while _attempted(w, "x@example.net") < len(backlog) - 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await _stopped(w, task)
+
+    run(main())
+    assert _attempted(w, "x@example.net") == len(backlog) - 5
+    assert len(w.sched.items) == len(backlog) - 5
