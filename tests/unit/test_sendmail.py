@@ -575,6 +575,33 @@ def test_long_lines_are_folded(conf, queue):
     assert sub.body == "8BITMIME"
 
 
+def _unfolded_body_line(pieces: list[bytes]) -> bytes:
+    return b"".join(p[1:] if i else p for i, p in enumerate(pieces))  # (the space put in)
+
+
+@pytest.mark.parametrize(
+    "fold, word, unfold",
+    [
+        (sendmail.fold_long_lines, b"x", _unfolded_body_line),
+        (sendmail.fold_field, b"word ", b"".join),  # (folded before its own spaces)
+    ],
+)
+def test_a_long_line_is_folded_in_time_that_grows_with_its_length(fold, word, unfold):
+    """A cron job's output of one line (a JSON dump, a file cat'd): each piece cut off copied
+    the rest of the line again, and 16 MB took `sendmail` 20 s of CPU (the square of its
+    length: 1 MB took 0.03 s). Measured as a ratio, which the machine's speed does not
+    change: linear, 16 times the line takes about 16 times as long (it took 400 times)."""
+    took = []
+    for size in (500_000, 8_000_000):
+        line = b"X-Dump: " + word * (size // len(word))
+        began = time.monotonic()
+        pieces = fold([line])
+        took.append(time.monotonic() - began)
+        assert unfold(pieces) == line
+        assert all(len(p) <= sendmail.MAX_LINE for p in pieces)
+    assert took[1] / took[0] < 60, took
+
+
 def test_a_long_subject_is_folded_and_stays_in_the_header(conf, queue):
     subject = "word " * 400
     assert run(conf, ["-i", "bob@example.org"], f"Subject: {subject}\n\nb\n".encode()) == 0
