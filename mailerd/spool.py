@@ -28,6 +28,18 @@ class MailboxLocked(Exception):
         super().__init__(text)  # (said in the log line of a deferred copy)
 
 
+def shown_path(root: Path) -> str:
+    """The directory's own path, also when it is reached through /proc/self/fd/N (as the
+    delivery process reaches the spool and the queue after dropping privileges:
+    privileges.keep_dir), for the log: an administrator cannot find /proc/self/fd/3/alice."""
+    if root.parent == Path("/proc/self/fd"):
+        try:
+            return os.readlink(root)
+        except OSError:
+            pass
+    return str(root)
+
+
 class LookupNeeded(Exception):
     """The answer needs the user database (an account not in the cache), and the caller asked
     for none: a cold NSS lookup may take long (LDAP, sssd), so the worker makes it in a thread."""
@@ -40,6 +52,7 @@ class Spool:
     def __init__(self, root: Path, untrusted_uid: int | None = None) -> None:
         """`untrusted_uid`: mailerd's own unprivileged user, which never owns a mailbox."""
         self.root = root
+        self.shown = shown_path(root)  # what the log calls it
         self.untrusted_uid = untrusted_uid
         self._prefix = os.path.join(root, "")  # state() runs for every recipient: no pathlib
         self._root_path_fd: int | None = None  # see _lookup_dir()

@@ -356,7 +356,7 @@ class Pickup:
             locality=cfg.locality,
             aliases=cfg.aliases,
             spool=self.spool,
-            spool_path=str(cfg.spool),
+            spool_path=self.spool.shown,  # (cfg.spool: /proc/self/fd/N here)
         )
         if resolved.refusal is None:
             return [

@@ -37,6 +37,7 @@ from pathlib import Path
 from mailerd import durable
 from mailerd.ipc.maildrop import MAILDROP, PICKUP_FIFO, PUBLIC, read_at_most
 from mailerd.jsonfields import Fields
+from mailerd.spool import shown_path
 
 log = logging.getLogger("mailerd.queue")
 
@@ -203,7 +204,7 @@ class Conditions:
 class Queue:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.shown = _real_path(root)  # what the log calls it
+        self.shown = shown_path(root)  # what the log calls it
         self.conditions = Conditions()
         self.reported: set[str] = set()  # env/ names whose trouble is logged (`_report`)
         self.unreadable: dict[str, str] = {}  # what the last load() could not read, and why
@@ -440,12 +441,3 @@ def _read_plain(path: Path) -> bytes:
         return data
     finally:
         os.close(fd)
-
-
-def _real_path(root: Path) -> str:
-    """The directory's own path, also when it is reached through /proc/self/fd/N (as the
-    delivery process reaches the queue after dropping privileges: privileges.keep_dir)."""
-    if root.parent == Path("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            return os.readlink(root)
-    return str(root)

@@ -919,7 +919,7 @@ class Scheduler:
             locality=cfg.locality,
             aliases=cfg.aliases,
             spool=self.spool,
-            spool_path=str(cfg.spool),
+            spool_path=self.spool.shown,  # (cfg.spool: /proc/self/fd/N here)
         )
         return resolved.targets
 

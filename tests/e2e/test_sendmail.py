@@ -425,6 +425,24 @@ def test_mail_waits_while_the_daemon_is_stopped(world, mailerd_factory):
     assert wait_until(lambda: os.listdir(m.queue / "maildrop") == [], 10)
 
 
+def test_a_mailbox_in_the_way_is_logged_with_its_path(world, daemon, sendmail):
+    """An mbox file where a mailbox should be: the pickup's log line says where, as the README
+    promises, so that the administrator can move it aside. It named the delivery process's
+    way to the spool instead (/proc/self/fd/3/alice), which no one can look for."""
+    user = daemon.new_user("mbox")
+    (daemon.spool / user).rmdir()
+    (daemon.spool / user).write_bytes(b"From old\n")
+    done = run([sendmail, "-i", user], b"Subject: s\n\nx\n")
+    assert done.returncode == 0, done
+
+    def said() -> list[str]:
+        return [line for line in daemon.stderr_text().splitlines() if "is a file" in line]
+
+    assert wait_until(lambda: any(user in line for line in said()), 10), said()
+    assert any(f"mailbox {daemon.spool / user} is a file" in line for line in said()), said()
+    assert not any("/proc/self/fd" in line for line in said()), said()
+
+
 def test_a_message_over_the_daemons_limit_is_bounced_to_its_sender(world, mailerd_factory):
     """`sendmail` read a configuration with a larger --max-message-size than the daemon runs
     with (a command-line option, /etc/default/mailerd's DAEMON_OPTS): it took the message and
