@@ -32,7 +32,7 @@ def shown_path(root: Path) -> str:
     """The directory's own path, also when it is reached through /proc/self/fd/N (as the
     delivery process reaches the spool and the queue after dropping privileges:
     privileges.keep_dir), for the log: an administrator cannot find /proc/self/fd/3/alice."""
-    if root.parent == Path("/proc/self/fd"):
+    if os.path.dirname(root) == "/proc/self/fd":
         try:
             return os.readlink(root)
         except OSError:
