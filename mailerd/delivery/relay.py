@@ -240,7 +240,14 @@ def attempt(
             results = _try_hop(hop, replace(message, recipients=rest), settings, content)
         except _HopFailed as failed:
             _note(message.queue_id, failed.why)
-            last.update(dict.fromkeys(rest, failed.result))
+            # A host that took no connection does not hide what an earlier one answered (a
+            # primary that greylists, a backup that is down): that answer is the recipients'
+            # result, and the attempt is not one that reached no host (`unreachable`).
+            last.update(
+                (r, failed.result)
+                for r in rest
+                if not _no_connection(failed.result) or r not in last or _no_connection(last[r])
+            )
             settled.update(failed.settled)
             sessions += failed.counted
             if failed.final or sessions >= MX_SESSIONS:
@@ -271,7 +278,12 @@ def unreachable(results: Mapping[str, Result]) -> bool:
     connect failure of ours (refused, timed out, no route), or "no destination could be
     reached". Not a greeting or a dialogue that failed: a host that answers may take the next
     message."""
-    return bool(results) and all(r.ours and r.status == "4.4.1" for r in results.values())
+    return bool(results) and all(map(_no_connection, results.values()))
+
+
+def _no_connection(result: Result) -> bool:
+    """A connect failure of ours, or "no destination could be reached"."""
+    return result.ours and result.status == "4.4.1"
 
 
 def _note(queue_id: str, text: str) -> None:

@@ -199,6 +199,22 @@ def test_a_host_that_answers_is_not_unreachable(hostile, message):
     assert not relay.unreachable({})
 
 
+def test_a_host_that_answers_before_one_that_is_down_is_not_unreachable(hostile, message):
+    """The other order: the first host answers (a 421 greeting, a 451 to RCPT: greylisting),
+    the next takes no connection. Its connect failure was the recipients' result, and the
+    scheduler suspended a destination whose primary answers. What the host said is kept."""
+    dead = relay.Hop("dead.test", "127.0.0.1", free_port())
+    busy = hostile({}, greeting=_said(b"421 4.3.2 busy\r\n"))
+    results = relay.attempt([busy, dead], message("bob@remote.test"), SETTINGS)
+    assert not relay.unreachable(results) and "busy" in results["bob@remote.test"].text, results
+    grey = hostile({"RCPT": _said(b"451 4.7.1 greylisted\r\n")})
+    results = relay.attempt([grey, dead], message("bob@remote.test"), SETTINGS)
+    assert not relay.unreachable(results), results
+    assert results["bob@remote.test"].line() == "451 4.7.1 greylisted", results
+    results = relay.attempt([dead, dead], message("bob@remote.test"), SETTINGS)
+    assert relay.unreachable(results), results  # (still: no host answered)
+
+
 def test_data_rejection_applies_to_all_accepted(server, message):
     hop = server(Recorder(data_reply="554 5.6.0 content rejected"))
     results = relay.attempt([hop], message("a@remote.test", "b@remote.test"), SETTINGS)

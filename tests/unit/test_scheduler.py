@@ -1899,3 +1899,70 @@ def test_an_item_deleted_while_set_aside_strands_none_of_the_others(w, monkeypat
     run(main())
     assert _attempted(w, "x@example.net") == len(backlog) - 5
     assert len(w.sched.items) == len(backlog) - 5
+
+
+# -- a reviewer's pass over the suspension and the items set aside ---------------------------
+
+
+def _fake_hops(w: World) -> None:
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [relay.Hop(*MX)]
+
+    w.sched._hops = hops  # type: ignore[method-assign]  (no DNS)
+
+
+class _Greylister:
+    """A host on loopback that answers every RCPT with 451 (greylisting); how many sessions."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sessions = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                self.sessions += 1
+                with conn, conn.makefile("rb") as reader:
+                    conn.sendall(b"220 grey.test ESMTP\r\n")
+                    for line in reader:
+                        verb = line[:4].upper()
+                        if verb == b"RCPT":
+                            conn.sendall(b"451 4.7.1 greylisted, try again later\r\n")
+                        elif verb == b"QUIT":
+                            conn.sendall(b"221 bye\r\n")
+                            break
+                        else:
+                            conn.sendall(b"250 grey.test\r\n")
+
+
+def test_a_destination_whose_first_host_answers_is_not_suspended(w):
+    """Its primary MX greylists (451 to RCPT), its backup refuses connections (down, or
+    firewalled as backups often are): the backup's refusal was the recipients' result, the
+    attempt counted as one that connected to no host, and the destination was suspended,
+    its other mail deferred for --retry-after without a connection, 'suspended: connect to
+    mx2…' (the README: "a host that answers at all, even to refuse, suspends nothing"). Each
+    message must reach the greylister to be let through later."""
+    grey = _Greylister()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # (closed: nothing listens there)
+
+    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
+        return [relay.Hop("mx1.example.net", "127.0.0.1", grey.port),
+                relay.Hop("mx2.example.net", "127.0.0.1", dead)]  # fmt: skip
+
+    w.sched._hops = hops  # type: ignore[method-assign]
+    try:
+        first, second = (w.queued(ALICE, ["bob@example.net"]) for _ in range(2))
+        run(w.sched._attempt(first))
+        run(w.sched._attempt(second))
+    finally:
+        grey.listener.close()
+    assert "suspended" not in second.recipients[0].last_error, second.recipients[0].last_error
+    assert grey.sessions == 2 and not w.sched.suspended
+    assert "greylisted" in first.recipients[0].last_error, first.recipients[0].last_error
