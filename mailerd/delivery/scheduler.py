@@ -129,6 +129,7 @@ class Scheduler:
         # own connection: a helper's 30,000 items for a relayhost that dropped connections
         # took their 30 s timeouts four at a time, some 62 hours a retry round.
         self.suspended: dict[str, tuple[float, relay.Result]] = {}
+        self.flushes = 0  # (an attempt under way since before a flush suspends nothing)
         self.pool = ThreadPoolExecutor(cfg.max_outbound, thread_name_prefix="smtp")
         # Destinations looked up at once: each may have 32 MX hosts' A and AAAA asked at once,
         # and a sixth attacker's pass ran the process out of descriptors with unanswered ones.
@@ -199,6 +200,7 @@ class Scheduler:
         """Retry everything now (`mailerd queue flush`), suspended destinations too: the
         operator who flushes has mended one, as Postfix's flush revives dead destinations."""
         self.suspended.clear()
+        self.flushes += 1
         for item in self.items.values():
             item.next_attempt = 0.0
             self._schedule(item)
@@ -648,6 +650,7 @@ class Scheduler:
             queue_id=item.id,
         )
         loop = asyncio.get_running_loop()
+        flushes = self.flushes
         async with self.total:
             if self.stopping:
                 # The slots came during a stop's grace: a session begun now would be cut short
@@ -660,7 +663,10 @@ class Scheduler:
             outcome = await loop.run_in_executor(
                 self.pool, relay.attempt, hops, message, self.settings, recorder
             )
-        self._reached(domain, outcome)  # (in the domain's slot: before its next item looks)
+        # (In the domain's slot: before its next item looks. No suspension after a flush
+        # meanwhile: the operator who flushed has mended the destination since this began.)
+        if flushes == self.flushes or not relay.unreachable(outcome):
+            self._reached(domain, outcome)
         return outcome
 
     def _suspension(self, destination: str) -> relay.Result | None:

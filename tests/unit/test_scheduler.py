@@ -1966,3 +1966,39 @@ def test_a_destination_whose_first_host_answers_is_not_suspended(w):
     assert "suspended" not in second.recipients[0].last_error, second.recipients[0].last_error
     assert grey.sessions == 2 and not w.sched.suspended
     assert "greylisted" in first.recipients[0].last_error, first.recipients[0].last_error
+
+
+def test_a_flush_is_not_undone_by_an_attempt_that_began_before_it(w, monkeypatch):
+    """`mailerd queue flush` ends every suspension (the operator has mended the relayhost), but
+    an attempt under way since before it (a connect that times out after 30 s) that then ends
+    unreachable suspended the destination again: the flushed mail was deferred, 'delivery
+    temporarily suspended', without a connection, for --retry-after and more (its backoff
+    doubled), although the relayhost answered by then."""
+    import threading
+
+    gate, entered = threading.Event(), threading.Event()
+    calls: list[tuple[str, ...]] = []
+
+    def attempt(hops, message, settings, record=None):
+        calls.append(message.recipients)
+        if len(calls) == 1:  # the attempt under way when the relayhost is mended
+            entered.set()
+            gate.wait(10)
+            return dict.fromkeys(message.recipients, UNREACHABLE)
+        return dict.fromkeys(message.recipients, OK)
+
+    monkeypatch.setattr(relay, "attempt", attempt)
+    _fake_hops(w)
+    stale, flushed = (w.queued(ALICE, ["bob@example.net"]) for _ in range(2))
+
+    async def main() -> None:
+        under_way = asyncio.create_task(w.sched._attempt(stale))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        w.sched.flush()  # the relayhost is mended
+        gate.set()
+        await under_way
+        await w.sched._attempt(flushed)
+
+    run(main())
+    assert len(calls) == 2, flushed.recipients[0].last_error
+    assert flushed.recipients[0].state == "sent" and not w.sched.suspended
