@@ -378,14 +378,18 @@ class Scheduler:
                 await asyncio.sleep(0.2)
 
     def _hold(self, item: QueueItem) -> bool:
-        """Set a due item aside if one of its destinations has its fill of items in flight."""
+        """Set a due item aside if none of its deliveries could go now: each of its
+        destinations has its fill of items in flight, and it has no local copy pending. (Its
+        local copy, or its mail for another destination, waited behind one destination's
+        whole backlog: as Postfix, whose queue manager queues each destination's recipients,
+        not whole messages.)"""
         keys = self._destinations(item)
         limit = IN_FLIGHT_PER_SLOT * self.cfg.max_per_domain
-        for key in keys:
-            if self.in_flight[key] >= limit:
-                self.held.setdefault(key, collections.deque()).append(item.id)
-                self.held_ids.add(item.id)
-                return True
+        local = any(r.mailbox and r.state == "pending" for r in item.recipients)
+        if keys and not local and all(self.in_flight[key] >= limit for key in keys):
+            self.held.setdefault(keys[0], collections.deque()).append(item.id)
+            self.held_ids.add(item.id)
+            return True
         self.flight_keys[item.id] = keys
         self.in_flight.update(keys)
         return False

@@ -2002,3 +2002,50 @@ def test_a_flush_is_not_undone_by_an_attempt_that_began_before_it(w, monkeypatch
     run(main())
     assert len(calls) == 2, flushed.recipients[0].last_error
     assert flushed.recipients[0].state == "sent" and not w.sched.suspended
+
+
+def _backlog_then(w: World, monkeypatch, rcpts: list[str | Recipient]) -> dict[str, float]:
+    """A backlog of 12 items for example.net (sessions of 0.4 s, two in flight), then one item
+    for `rcpts`; how long after the loop's start each address was tried (or delivered)."""
+    slow = SlowRelay(0.4)
+    monkeypatch.setattr(relay, "attempt", slow)
+    _fake_hops(w)
+    for n in range(12):
+        w.queued(ALICE, [f"r{n}@example.net"], age=10)
+    w.queued(ALICE, rcpts)
+    when: dict[str, float] = {}
+    deliver = w.sched.deliver_local
+
+    async def deliver_local(mailbox, head, body, since=None):
+        when[mailbox] = time.monotonic()
+        return await deliver(mailbox, head, body, since)
+
+    w.sched.deliver_local = deliver_local
+
+    async def main() -> float:
+        began = time.monotonic()
+        task = await _running(w, lambda: len(when) + len(slow.began) >= 14, timeout=10)
+        await _stopped(w, task)
+        return began
+
+    began = run(main())
+    return {k: v - began for k, v in [*slow.began.items(), *when.items()]}
+
+
+def test_a_local_copy_is_not_set_aside_behind_a_remote_backlog(make_world, monkeypatch):
+    """An item with a local copy still pending (its mailbox write failed at receipt) and a
+    remote recipient waited, whole, behind that recipient's destination's backlog: the copy,
+    written at once before 89b3390 (retry_local_now's very purpose), waited for every item
+    ahead, hours behind a slow relayhost's backlog."""
+    w = make_world("--max-per-domain", "1")
+    local = Recipient(ALICE, mailbox="alice", last_error="451 4.2.0 no writer")
+    tried = _backlog_then(w, monkeypatch, [local, "x@example.net"])
+    assert tried["alice"] < 0.5, f"the local copy was written after {tried['alice']:.1f} s"
+
+
+def test_an_items_other_destination_is_not_set_aside_behind_a_backlog(make_world, monkeypatch):
+    """An item for bob@example.net and carol@example.com: example.com's session waited behind
+    example.net's whole backlog (the README: "while other destinations' mail goes on")."""
+    w = make_world("--max-per-domain", "1")
+    tried = _backlog_then(w, monkeypatch, ["x@example.net", "carol@example.com"])
+    assert tried["carol@example.com"] < 0.5, f"tried after {tried['carol@example.com']:.1f} s"
