@@ -308,7 +308,15 @@ class Scheduler:
             await asyncio.wait_for(self.wake.wait(), max(0.05, next_due - time.time()))
 
     def _start_due(self, now: float) -> None:
-        """Start every item due by `now` that no attempt holds, or set it aside (`_hold`)."""
+        """Start every item due by `now` that no attempt holds, or set it aside (`_hold`);
+        items set aside are let go as their destinations have room (`_release`)."""
+        while True:
+            released = self._release()
+            self._start_popped(now)
+            if not released:
+                return
+
+    def _start_popped(self, now: float) -> None:
         due = self.due
         while due and due[0][0] <= now:
             when, queue_id = heapq.heappop(due)
@@ -395,23 +403,37 @@ class Scheduler:
         return False
 
     def _landed(self, queue_id: str) -> None:
-        """An item's attempt ended: each of its destinations has a place for one set aside.
-        (One set aside only where its destination is full: an item of it is in flight, whose
-        end lets the next one go, so none is left behind.)"""
+        """An item's attempt ended: each of its destinations has a place for one set aside,
+        let go at the loop's next turn (`_release`; the item's end wakes it)."""
         for key in self.flight_keys.pop(queue_id, ()):
             self.in_flight[key] -= 1
             if not self.in_flight[key]:
                 del self.in_flight[key]
-            waiting = self.held.get(key)
-            while waiting:
-                released = waiting.popleft()
-                self.held_ids.discard(released)
-                item = self.items.get(released)
-                if item is not None:  # (not deleted meanwhile)
-                    self._schedule(item)
-                    break
+
+    def _release(self) -> int:
+        """Put items set aside back among the due, as many of each destination's as it has
+        places: counted from what is in flight, not one for each item's end. (The end let go
+        its next item only: one being deleted then, or deleted before it started, took that
+        place with it, and two such left a destination with nothing in flight and the rest of
+        its backlog set aside for ever, a flush or not.) How many were let go."""
+        limit = IN_FLIGHT_PER_SLOT * self.cfg.max_per_domain
+        released = 0
+        for key in list(self.held):
+            waiting = self.held[key]
+            room = limit - self.in_flight[key]
+            while waiting and room > 0:
+                queue_id = waiting.popleft()
+                self.held_ids.discard(queue_id)
+                item = self.items.get(queue_id)
+                if item is None:
+                    continue  # (deleted meanwhile)
+                self._schedule(item)
+                if queue_id not in self.busy:  # (one being deleted takes no place)
+                    room -= 1
+                    released += 1
             if not waiting:
-                self.held.pop(key, None)
+                del self.held[key]
+        return released
 
     def _destinations(self, item: QueueItem) -> tuple[str, ...]:
         """The destinations (`_slot_key`) of an item's pending remote recipients."""

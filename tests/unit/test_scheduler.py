@@ -2049,3 +2049,41 @@ def test_an_items_other_destination_is_not_set_aside_behind_a_backlog(make_world
     w = make_world("--max-per-domain", "1")
     tried = _backlog_then(w, monkeypatch, ["x@example.net", "carol@example.com"])
     assert tried["carol@example.com"] < 0.5, f"tried after {tried['carol@example.com']:.1f} s"
+
+
+def test_items_set_aside_are_not_stranded_by_deletes_as_they_are_let_go(make_world, monkeypatch):
+    """An item's end let go only the next item set aside of its destination: one being deleted
+    then (its files going, the item busy) was skipped, and that place was lost. Two such, with
+    two places (--max-per-domain 1), and once the two in flight were delivered the rest of
+    the destination's backlog was set aside for ever: never started again, not by a flush,
+    never bounced (only new mail for the destination, or a restart, let it go)."""
+    w = make_world("--max-per-domain", "1")
+    fast = SlowRelay(0.3)
+    fast.result = OK
+    monkeypatch.setattr(relay, "attempt", fast)
+    _fake_hops(w)
+    remove, deleted = w.queue.remove, set()
+
+    def slow_remove(queue_id: str) -> None:
+        if queue_id in deleted:
+            time.sleep(1.0)  # (a slow disk: the two in flight end meanwhile)
+        remove(queue_id)
+
+    monkeypatch.setattr(w.queue, "remove", slow_remove)
+    for n in range(8):
+        w.queued(ALICE, [f"r{n}@example.net"])
+
+    async def main() -> None:
+        task = await _running(w, lambda: len(w.sched.held_ids) == 6)
+        first, second = list(w.sched.held["example.net"])[:2]  # (the next two let go)
+        deleted.update((first, second))
+        await asyncio.gather(w.sched.delete(first), w.sched.delete(second))
+        w.sched.flush()
+        deadline = time.monotonic() + 5
+        while w.sched.items and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await _stopped(w, task)
+
+    run(main())
+    assert not w.sched.items, f"set aside for ever: {sorted(w.sched.held_ids & set(w.sched.items))}"
+    assert len(fast.calls) == 6 and not w.queue.ids()
