@@ -129,7 +129,6 @@ class Scheduler:
         # own connection: a helper's 30,000 items for a relayhost that dropped connections
         # took their 30 s timeouts four at a time, some 62 hours a retry round.
         self.suspended: dict[str, tuple[float, relay.Result]] = {}
-        self.flushes = 0  # (an attempt under way since before a flush suspends nothing)
         self.pool = ThreadPoolExecutor(cfg.max_outbound, thread_name_prefix="smtp")
         # Destinations looked up at once: each may have 32 MX hosts' A and AAAA asked at once,
         # and a sixth attacker's pass ran the process out of descriptors with unanswered ones.
@@ -200,7 +199,9 @@ class Scheduler:
         """Retry everything now (`mailerd queue flush`), suspended destinations too: the
         operator who flushes has mended one, as Postfix's flush revives dead destinations."""
         self.suspended.clear()
-        self.flushes += 1
+        now = time.monotonic()
+        for slots in self.per_domain.values():  # (attempts under way now suspend nothing)
+            slots.alive = now
         for item in self.items.values():
             item.next_attempt = 0.0
             self._schedule(item)
@@ -676,7 +677,7 @@ class Scheduler:
             queue_id=item.id,
         )
         loop = asyncio.get_running_loop()
-        flushes = self.flushes
+        began = time.monotonic()
         async with self.total:
             if self.stopping:
                 # The slots came during a stop's grace: a session begun now would be cut short
@@ -689,10 +690,7 @@ class Scheduler:
             outcome = await loop.run_in_executor(
                 self.pool, relay.attempt, hops, message, self.settings, recorder
             )
-        # (In the domain's slot: before its next item looks. No suspension after a flush
-        # meanwhile: the operator who flushed has mended the destination since this began.)
-        if flushes == self.flushes or not relay.unreachable(outcome):
-            self._reached(domain, outcome)
+        self._reached(domain, outcome, began)  # (in the domain's slot: before its next looks)
         return outcome
 
     def _suspension(self, destination: str) -> relay.Result | None:
@@ -706,13 +704,21 @@ class Scheduler:
             return None
         return result
 
-    def _reached(self, destination: str, outcome: dict[str, relay.Result]) -> None:
+    def _reached(self, destination: str, outcome: dict[str, relay.Result], began: float) -> None:
         """Suspend a destination none of whose hosts took a connection, for --retry-after (its
-        first item due after that tries again); lift the suspension once one did."""
+        first item due after that tries again); lift the suspension once one did. Not for a
+        failure older than the news that the destination lives (`_Slots.alive`): an attempt
+        under way since before a host of it answered another, or since a flush (the operator
+        mended it), suspended the mail that had just begun to go (a reviewer's finding)."""
+        now = time.monotonic()
+        slots = self.per_domain.get(_slot_key(destination))
         if not relay.unreachable(outcome):
             self.suspended.pop(destination, None)
+            if slots is not None:
+                slots.alive = now
             return
-        now = time.monotonic()
+        if slots is not None and slots.alive > began:
+            return
         self.suspended = {k: v for k, v in self.suspended.items() if v[0] > now}
         failure = next(iter(outcome.values()))
         text = f"delivery temporarily suspended: {failure.text}"
@@ -1084,6 +1090,7 @@ class _Slots:
 
     semaphore: asyncio.Semaphore
     users: int = 0
+    alive: float = 0.0  # (monotonic) when a host of it last answered, or a flush came
 
 
 def _slot_key(domain: str) -> str:

@@ -2087,3 +2087,37 @@ def test_items_set_aside_are_not_stranded_by_deletes_as_they_are_let_go(make_wor
     run(main())
     assert not w.sched.items, f"set aside for ever: {sorted(w.sched.held_ids & set(w.sched.items))}"
     assert len(fast.calls) == 6 and not w.queue.ids()
+
+
+def test_a_stale_connect_failure_does_not_suspend_a_destination_that_answered(w, monkeypatch):
+    """An attempt under way while the host was down ends, with its connect failure, after
+    another attempt begun later was answered: the destination lives, and its next item goes
+    (it was suspended for --retry-after: a reviewer's finding)."""
+    import threading
+
+    gate, entered = threading.Event(), threading.Event()
+    calls = []
+
+    def attempt(hops, message, settings, record=None):
+        calls.append(message.recipients)
+        if len(calls) == 1:
+            entered.set()
+            gate.wait(10)
+            return dict.fromkeys(message.recipients, UNREACHABLE)
+        return dict.fromkeys(message.recipients, OK)
+
+    monkeypatch.setattr(relay, "attempt", attempt)
+    _fake_hops(w)
+    stale, fresh, third = (w.queued(ALICE, ["bob@example.net"]) for _ in range(3))
+
+    async def main() -> None:
+        under_way = asyncio.create_task(w.sched._attempt(stale))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        await w.sched._attempt(fresh)
+        gate.set()
+        await under_way
+        await w.sched._attempt(third)
+
+    run(main())
+    assert stale.recipients[0].last_error == UNREACHABLE.line()
+    assert len(calls) == 3 and third.id not in w.sched.items, third.recipients[0].last_error
