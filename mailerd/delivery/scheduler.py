@@ -325,7 +325,7 @@ class Scheduler:
             if item is None or item.next_attempt != when or queue_id in self.busy:
                 continue  # (gone; due at another time; or scheduled again once attempted)
             if queue_id in self.held_ids:
-                continue  # (set aside until an item of its destination ends: _landed)
+                continue  # (set aside until its destination has room: _release)
             try:
                 if not self._hold(item):
                     self._start(item)
