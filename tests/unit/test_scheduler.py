@@ -1756,13 +1756,10 @@ def fake_relay(monkeypatch) -> FakeRelay:
 def attempt_all(w: World, items: list[QueueItem]) -> None:
     """The items' attempts, all at once, as a retry round or a flush starts them."""
 
-    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
-        return [relay.Hop(*MX)]
-
     async def all_at_once() -> None:
         await asyncio.gather(*(w.sched._attempt(item) for item in items))
 
-    w.sched._hops = hops  # type: ignore[method-assign]  (no DNS)
+    _fake_hops(w)
     run(all_at_once())
 
 
@@ -1853,10 +1850,7 @@ def test_a_backlog_for_one_destination_starts_a_few_items_at_a_time(w, monkeypat
     slow = SlowRelay(0.1)
     monkeypatch.setattr(relay, "attempt", slow)
 
-    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
-        return [relay.Hop(*MX)]
-
-    w.sched._hops = hops  # type: ignore[method-assign]
+    _fake_hops(w)
     backlog = [w.queued(ALICE, [f"r{n}@example.net"]) for n in range(40)]
     w.queued(ALICE, ["carol@example.com"])
     most = 0
@@ -1881,10 +1875,7 @@ def test_a_backlog_for_one_destination_starts_a_few_items_at_a_time(w, monkeypat
 def test_an_item_deleted_while_set_aside_strands_none_of_the_others(w, monkeypatch):
     monkeypatch.setattr(relay, "attempt", SlowRelay(0.1))
 
-    async def hops(domain: str, smarthost: bool) -> list[relay.Hop]:
-        return [relay.Hop(*MX)]
-
-    w.sched._hops = hops  # type: ignore[method-assign]
+    _fake_hops(w)
     backlog = [w.queued(ALICE, [f"r{n}@example.net"]) for n in range(20)]
 
     async def main() -> None:
@@ -1902,6 +1893,26 @@ def test_an_item_deleted_while_set_aside_strands_none_of_the_others(w, monkeypat
 
 
 # -- a reviewer's pass over the suspension and the items set aside ---------------------------
+
+
+class GatedRelay:
+    """relay.attempt whose first call is under way until `gate` is set (`entered` says it
+    began), then reaches no host; every later call is answered (OK): a destination that was
+    down when an attempt began, and is back."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.calls: list[tuple[str, ...]] = []
+
+    def __call__(self, hops, message, settings, record=None):
+        self.calls.append(message.recipients)
+        if len(self.calls) == 1:
+            self.entered.set()
+            self.gate.wait(10)
+            return dict.fromkeys(message.recipients, UNREACHABLE)
+        return dict.fromkeys(message.recipients, OK)
 
 
 def _fake_hops(w: World) -> None:
@@ -1974,33 +1985,21 @@ def test_a_flush_is_not_undone_by_an_attempt_that_began_before_it(w, monkeypatch
     unreachable suspended the destination again: the flushed mail was deferred, 'delivery
     temporarily suspended', without a connection, for --retry-after and more (its backoff
     doubled), although the relayhost answered by then."""
-    import threading
-
-    gate, entered = threading.Event(), threading.Event()
-    calls: list[tuple[str, ...]] = []
-
-    def attempt(hops, message, settings, record=None):
-        calls.append(message.recipients)
-        if len(calls) == 1:  # the attempt under way when the relayhost is mended
-            entered.set()
-            gate.wait(10)
-            return dict.fromkeys(message.recipients, UNREACHABLE)
-        return dict.fromkeys(message.recipients, OK)
-
-    monkeypatch.setattr(relay, "attempt", attempt)
+    relay_ = GatedRelay()
+    monkeypatch.setattr(relay, "attempt", relay_)
     _fake_hops(w)
     stale, flushed = (w.queued(ALICE, ["bob@example.net"]) for _ in range(2))
 
     async def main() -> None:
         under_way = asyncio.create_task(w.sched._attempt(stale))
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        await asyncio.get_running_loop().run_in_executor(None, relay_.entered.wait, 10)
         w.sched.flush()  # the relayhost is mended
-        gate.set()
+        relay_.gate.set()
         await under_way
         await w.sched._attempt(flushed)
 
     run(main())
-    assert len(calls) == 2, flushed.recipients[0].last_error
+    assert len(relay_.calls) == 2, flushed.recipients[0].last_error
     assert flushed.recipients[0].state == "sent" and not w.sched.suspended
 
 
@@ -2093,31 +2092,19 @@ def test_a_stale_connect_failure_does_not_suspend_a_destination_that_answered(w,
     """An attempt under way while the host was down ends, with its connect failure, after
     another attempt begun later was answered: the destination lives, and its next item goes
     (it was suspended for --retry-after: a reviewer's finding)."""
-    import threading
-
-    gate, entered = threading.Event(), threading.Event()
-    calls = []
-
-    def attempt(hops, message, settings, record=None):
-        calls.append(message.recipients)
-        if len(calls) == 1:
-            entered.set()
-            gate.wait(10)
-            return dict.fromkeys(message.recipients, UNREACHABLE)
-        return dict.fromkeys(message.recipients, OK)
-
-    monkeypatch.setattr(relay, "attempt", attempt)
+    relay_ = GatedRelay()
+    monkeypatch.setattr(relay, "attempt", relay_)
     _fake_hops(w)
     stale, fresh, third = (w.queued(ALICE, ["bob@example.net"]) for _ in range(3))
 
     async def main() -> None:
         under_way = asyncio.create_task(w.sched._attempt(stale))
-        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        await asyncio.get_running_loop().run_in_executor(None, relay_.entered.wait, 10)
         await w.sched._attempt(fresh)
-        gate.set()
+        relay_.gate.set()
         await under_way
         await w.sched._attempt(third)
 
     run(main())
     assert stale.recipients[0].last_error == UNREACHABLE.line()
-    assert len(calls) == 3 and third.id not in w.sched.items, third.recipients[0].last_error
+    assert len(relay_.calls) == 3 and third.id not in w.sched.items, third.recipients[0].last_error
