@@ -270,9 +270,8 @@ def write(path: str, hashes: Mapping[str, str]) -> None:
 def _owner() -> tuple[int, int] | None:
     """root and group `mail` (run by another user: that user, who may give the group only if
     a member of it); None when there is no such group, or it may not be given."""
-    try:
-        gid = grp.getgrnam(GROUP).gr_gid
-    except KeyError:
+    gid = _gid(GROUP)
+    if gid is None:
         return None
     if os.geteuid() == 0:
         return 0, gid
