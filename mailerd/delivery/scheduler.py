@@ -393,9 +393,8 @@ class Scheduler:
         whole backlog: as Postfix, whose queue manager queues each destination's recipients,
         not whole messages.)"""
         keys = self._destinations(item)
-        limit = IN_FLIGHT_PER_SLOT * self.cfg.max_per_domain
         local = any(r.mailbox and r.state == "pending" for r in item.recipients)
-        if keys and not local and all(self.in_flight[key] >= limit for key in keys):
+        if keys and not local and all(self._room(key) <= 0 for key in keys):
             self.held.setdefault(keys[0], collections.deque()).append(item.id)
             self.held_ids.add(item.id)
             return True
@@ -417,11 +416,10 @@ class Scheduler:
         its next item only: one being deleted then, or deleted before it started, took that
         place with it, and two such left a destination with nothing in flight and the rest of
         its backlog set aside for ever, a flush or not.) How many were let go."""
-        limit = IN_FLIGHT_PER_SLOT * self.cfg.max_per_domain
         released = 0
         for key in list(self.held):
             waiting = self.held[key]
-            room = limit - self.in_flight[key]
+            room = self._room(key)
             while waiting and room > 0:
                 queue_id = waiting.popleft()
                 self.held_ids.discard(queue_id)
@@ -435,6 +433,10 @@ class Scheduler:
             if not waiting:
                 del self.held[key]
         return released
+
+    def _room(self, key: str) -> int:
+        """How many more items of a destination may be in flight (IN_FLIGHT_PER_SLOT)."""
+        return IN_FLIGHT_PER_SLOT * self.cfg.max_per_domain - self.in_flight[key]
 
     def _destinations(self, item: QueueItem) -> tuple[str, ...]:
         """The destinations (`_slot_key`) of an item's pending remote recipients."""
