@@ -782,7 +782,7 @@ JOIN_STEP = 65536  # lines joined at once (`crlf_joined`)
 
 
 def crlf_joined(lines: list[bytes]) -> bytes:
-    """The lines, each ended with CRLF. Joined a few thousand at a time: bytes.join holds a
+    """The lines, each ended with CRLF. Joined JOIN_STEP at a time: bytes.join holds a
     buffer view (80 octets) of every item at once, and a message of 12 million empty lines
     took a gigabyte that way."""
     return b"".join(
